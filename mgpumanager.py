@@ -1,0 +1,1920 @@
+#!/usr/bin/env python3
+"""mgpumanager: one door in front of the inference services that share a GPU.
+
+Several services (TTS/STT, whisper.cpp, Ollama, ComfyUI) each load their model into the same GPU and know
+nothing of each other. The broker is the only way in: clients call ``POST /v1/<kind>``, the broker routes the
+request to the consumer that ``routing`` names, and runs it as a *job* through one queue and one GPU lock.
+
+The model, in one paragraph: the lock is held by one consumer at a time, which may run up to its
+``max_concurrency`` jobs. Waiting jobs are ordered by effective priority (the consumer's priority plus one
+level per ``aging_s`` waited) and then by arrival. Before a job runs, the broker makes room: unless the target
+is known to be resident, it reads free VRAM from nvidia-smi and, while the target does not fit, unloads the
+least recently used consumer that may not coexist with it, through that consumer's own unload route, then
+polls until the memory really shows up as free. Then it loads the target if it is known to be unloaded, and
+forwards the request, streaming the answer back unchanged. Every failure of the broker's own is a JSON error
+``{error, message, consumer, retryable}``; whatever a consumer answers passes through untouched.
+
+Known limits: one broker per machine (its state is in memory; a restart forgets residency and last use);
+memory held by processes outside the broker is seen only as "not free"; a consumer that allocates more than
+its ``vram_resident_mib`` can still run the GPU out of memory; consumers without an unload route are never
+evicted; request bodies are held in memory (bounded by ``max_body_mib``) before a job is queued.
+
+Sections, in dependency order: constants and config; errors; GPU reading; consumers and health; the
+scheduler; the proxy; the HTTP app; the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import aiohttp
+import yaml
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+VERSION = "0.1.0"
+log = logging.getLogger("mgpumanager")
+
+# =====================================================================================================
+# Constants and config
+# =====================================================================================================
+
+MiB = 1024 * 1024
+PRIORITY_MAX = 4
+#: Kinds that are (or will be) routes of their own under /v1/.
+RESERVED_KINDS = frozenset({"status", "consumers", "events", "reload"})
+KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+#: How often free VRAM is polled after an unload, and which share of the victim's memory counts as "freed".
+VRAM_POLL_S = 0.1
+FREED_SHARE = 0.75
+#: /v1/status reads the GPU at most this often, however often it is asked.
+STATUS_MAX_AGE_S = 1.0
+#: Largest consumer answer kept in memory to fill a hold_until path (ComfyUI's /prompt answer is tiny).
+HOLD_ANSWER_LIMIT = 1 * MiB
+#: Connecting to a consumer must not take longer than this (or its timeout_s, if shorter).
+CONNECT_TIMEOUT_S = 10.0
+
+GPU_FIELDS = (
+    "index",
+    "uuid",
+    "name",
+    "memory.total",
+    "memory.used",
+    "memory.free",
+    "utilization.gpu",
+    "temperature.gpu",
+)
+APP_FIELDS = ("pid", "process_name", "used_memory", "gpu_uuid")
+
+
+@dataclass(frozen=True)
+class Route:
+    """An HTTP call the broker makes to a consumer of its own accord: health, load, unload."""
+
+    method: str
+    path: str
+    #: Sent as JSON when not None.
+    body: Any = None
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Keep the GPU lock after the answer until GET ``path`` returns a non-empty JSON object or list."""
+
+    method: str
+    path: str
+    poll_s: float
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class JobPath:
+    """Where a kind of job goes on its consumer."""
+
+    method: str
+    path: str
+    hold_until: Hold | None = None
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    name: str
+    #: Base URL without a trailing slash; route paths are appended to it.
+    url: str
+    health: Route
+    paths: dict[str, JobPath]
+    vram_resident_mib: int
+    unload: Route | None = None
+    load: Route | None = None
+    #: Symmetric: the loader adds the consumers that name this one.
+    can_coexist_with: frozenset[str] = frozenset()
+    priority: int = 2
+    max_concurrency: int = 1
+    #: Longest silence tolerated from the consumer while it answers.
+    timeout_s: float = 300.0
+    #: Runs its own model LRU: never evicted by the broker.
+    vram_managed: bool = False
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    nvidia_smi: tuple[str, ...] = ("nvidia-smi",)
+    index: int = 0
+    cushion_mib: int = 256
+    query_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_queue: int = 64
+    queue_timeout_s: float = 300.0
+    max_evictions: int = 5
+    vram_wait_s: float = 10.0
+    aging_s: float = 60.0
+    max_body_mib: int = 64
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    interval_s: float = 5.0
+    timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class Config:
+    listen_host: str
+    listen_port: int
+    gpu: GpuConfig
+    scheduler: SchedulerConfig
+    health: HealthConfig
+    routing: dict[str, str]
+    audio_proxy: str | None
+    #: In the order the file lists them: ties in last use go to the one listed first.
+    consumers: dict[str, ConsumerConfig]
+
+
+class ConfigError(Exception):
+    """The config is unusable; ``problems`` lists every reason, each naming its key."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+_REQUIRED = object()
+
+
+class _Checker:
+    """Collects every problem of a raw config instead of stopping at the first."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def problem(self, where: str, message: str) -> None:
+        self.problems.append(f"{where}: {message}")
+
+    def mapping(self, value: Any, where: str, allowed: Sequence[str], *, required: bool = False) -> dict:
+        """A mapping with only ``allowed`` keys; anything else is reported and an empty dict returned."""
+        if value is None:
+            if required:
+                self.problem(where, "missing")
+            return {}
+        if not isinstance(value, dict):
+            self.problem(where, f"must be a mapping, not {type(value).__name__}")
+            return {}
+        for key in value:
+            if key not in allowed:
+                self.problem(f"{where}.{key}", f"unknown key (allowed: {', '.join(allowed)})")
+        return value
+
+    def number(
+        self, d: dict, key: str, where: str, default: Any, *, integer: bool, zero_ok: bool = False
+    ) -> Any:
+        """A positive number (or >= 0 with ``zero_ok``); ``integer`` refuses fractions."""
+        value = d.get(key, default)
+        if value is _REQUIRED:
+            self.problem(f"{where}.{key}", "missing")
+            return 0
+        ok_type = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, ok_type):
+            self.problem(
+                f"{where}.{key}", f"must be {'an integer' if integer else 'a number'}, not {value!r}"
+            )
+            return default if default is not _REQUIRED else 0
+        if value < 0 or (value == 0 and not zero_ok):
+            self.problem(f"{where}.{key}", f"must be {'>= 0' if zero_ok else 'positive'}, not {value!r}")
+        return value
+
+    def string(self, d: dict, key: str, where: str, default: Any = _REQUIRED) -> str:
+        value = d.get(key, default)
+        if value is _REQUIRED:
+            self.problem(f"{where}.{key}", "missing")
+            return ""
+        if not isinstance(value, str) or not value:
+            self.problem(f"{where}.{key}", f"must be a non-empty string, not {value!r}")
+            return ""
+        return value
+
+    def method(self, d: dict, where: str, default: str) -> str:
+        value = d.get("method", default)
+        if not isinstance(value, str) or value.upper() not in HTTP_METHODS:
+            self.problem(f"{where}.method", f"must be one of {', '.join(HTTP_METHODS)}, not {value!r}")
+            return default
+        return value.upper()
+
+    def path(self, d: dict, where: str) -> str:
+        value = self.string(d, "path", where)
+        if value and not value.startswith("/"):
+            self.problem(f"{where}.path", f"must start with '/', not {value!r}")
+        return value
+
+    def kind(self, name: Any, where: str) -> None:
+        if not isinstance(name, str) or not KIND_RE.match(name):
+            self.problem(where, "kinds are lowercase words (a-z, 0-9, _), starting with a letter")
+        elif name in RESERVED_KINDS:
+            self.problem(where, f"'{name}' is reserved (/v1/{name} is a route of its own)")
+
+
+def _parse_route(ck: _Checker, raw: Any, where: str, default_method: str, *, extra: bool) -> Route | None:
+    allowed = ("method", "path", "body", "timeout_s") if extra else ("method", "path")
+    d = ck.mapping(raw, where, allowed, required=True)
+    if not d:
+        return None
+    method = ck.method(d, where, default_method)
+    path = ck.path(d, where)
+    timeout_s = ck.number(d, "timeout_s", where, 60.0, integer=False) if extra else 60.0
+    return Route(method=method, path=path, body=d.get("body"), timeout_s=timeout_s)
+
+
+def _parse_consumer(ck: _Checker, name: str, raw: Any) -> ConsumerConfig | None:
+    where = f"consumers.{name}"
+    allowed = (
+        "url",
+        "health",
+        "paths",
+        "vram_resident_mib",
+        "unload",
+        "load",
+        "can_coexist_with",
+        "priority",
+        "max_concurrency",
+        "timeout_s",
+        "vram_managed",
+    )
+    d = ck.mapping(raw, where, allowed, required=True)
+    if not d:
+        return None
+    url = ck.string(d, "url", where)
+    if url:
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 (raises on a bad port)
+            bad_port = False
+        except ValueError:
+            bad_port = True
+        if parts.scheme not in ("http", "https") or not parts.hostname or bad_port:
+            ck.problem(f"{where}.url", f"must be an http(s) URL with a host, not {url!r}")
+        elif parts.query or parts.fragment:
+            ck.problem(f"{where}.url", "must not carry a query string or fragment")
+    health = _parse_route(ck, d.get("health"), f"{where}.health", "GET", extra=False)
+    paths: dict[str, JobPath] = {}
+    raw_paths = ck.mapping(d.get("paths"), f"{where}.paths", list(d.get("paths") or {}), required=True)
+    if "paths" in d and isinstance(raw_paths, dict) and not raw_paths:
+        ck.problem(f"{where}.paths", "needs at least one path")
+    for kind, spec in raw_paths.items():
+        pwhere = f"{where}.paths.{kind}"
+        ck.kind(kind, pwhere)
+        pd = ck.mapping(spec, pwhere, ("method", "path", "hold_until"), required=True)
+        if not pd:
+            continue
+        hold = None
+        if "hold_until" in pd:
+            hwhere = f"{pwhere}.hold_until"
+            hd = ck.mapping(
+                pd["hold_until"], hwhere, ("method", "path", "poll_s", "timeout_s"), required=True
+            )
+            if hd:
+                hold = Hold(
+                    method=ck.method(hd, hwhere, "GET"),
+                    path=ck.path(hd, hwhere),
+                    poll_s=ck.number(hd, "poll_s", hwhere, 0.5, integer=False),
+                    timeout_s=ck.number(hd, "timeout_s", hwhere, 600.0, integer=False),
+                )
+        paths[str(kind)] = JobPath(
+            method=ck.method(pd, pwhere, "POST"), path=ck.path(pd, pwhere), hold_until=hold
+        )
+    coexist = d.get("can_coexist_with", [])
+    if not isinstance(coexist, list) or not all(isinstance(n, str) for n in coexist):
+        ck.problem(f"{where}.can_coexist_with", "must be a list of consumer names")
+        coexist = []
+    vram_managed = d.get("vram_managed", False)
+    if not isinstance(vram_managed, bool):
+        ck.problem(f"{where}.vram_managed", f"must be true or false, not {vram_managed!r}")
+    priority = d.get("priority", 2)
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= PRIORITY_MAX:
+        ck.problem(f"{where}.priority", f"must be an integer from 0 to {PRIORITY_MAX}, not {priority!r}")
+        priority = 2
+    return ConsumerConfig(
+        name=name,
+        url=url.rstrip("/"),
+        health=health or Route("GET", "/"),
+        paths=paths,
+        vram_resident_mib=ck.number(d, "vram_resident_mib", where, _REQUIRED, integer=True),
+        unload=_parse_route(ck, d["unload"], f"{where}.unload", "POST", extra=True)
+        if "unload" in d
+        else None,
+        load=_parse_route(ck, d["load"], f"{where}.load", "POST", extra=True) if "load" in d else None,
+        can_coexist_with=frozenset(coexist),
+        priority=priority,
+        max_concurrency=ck.number(d, "max_concurrency", where, 1, integer=True),
+        timeout_s=ck.number(d, "timeout_s", where, 300.0, integer=False),
+        vram_managed=bool(vram_managed),
+    )
+
+
+def _parse_listen(ck: _Checker, value: Any) -> tuple[str, int]:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        ck.problem("listen", f"must be HOST:PORT, not {value!r}")
+        return "127.0.0.1", 8770
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def parse_config(raw: Any) -> Config:
+    """Validate a config as loaded from YAML; raise ConfigError naming every problem."""
+    ck = _Checker()
+    top = ck.mapping(
+        raw,
+        "config",
+        ("listen", "gpu", "scheduler", "health", "routing", "audio_proxy", "consumers"),
+        required=True,
+    )
+    host, port = _parse_listen(ck, top.get("listen", "0.0.0.0:8770"))
+
+    g = ck.mapping(top.get("gpu"), "gpu", ("nvidia_smi", "index", "cushion_mib", "query_timeout_s"))
+    smi = g.get("nvidia_smi", "nvidia-smi")
+    argv: tuple[str, ...] = ()
+    if isinstance(smi, str) and smi.strip():
+        argv = tuple(shlex.split(smi))
+    elif isinstance(smi, list) and smi and all(isinstance(a, str) and a for a in smi):
+        argv = tuple(smi)
+    else:
+        ck.problem("gpu.nvidia_smi", f"must be a command (a string or a list of strings), not {smi!r}")
+    gpu = GpuConfig(
+        nvidia_smi=argv,
+        index=ck.number(g, "index", "gpu", 0, integer=True, zero_ok=True),
+        cushion_mib=ck.number(g, "cushion_mib", "gpu", 256, integer=True, zero_ok=True),
+        query_timeout_s=ck.number(g, "query_timeout_s", "gpu", 5.0, integer=False),
+    )
+
+    fields = SchedulerConfig.__dataclass_fields__
+    s = ck.mapping(top.get("scheduler"), "scheduler", list(fields))
+    scheduler = SchedulerConfig(
+        **{
+            name: ck.number(s, name, "scheduler", f.default, integer=isinstance(f.default, int))
+            for name, f in fields.items()
+        }
+    )
+    h = ck.mapping(top.get("health"), "health", ("interval_s", "timeout_s"))
+    health = HealthConfig(
+        interval_s=ck.number(h, "interval_s", "health", 5.0, integer=False),
+        timeout_s=ck.number(h, "timeout_s", "health", 2.0, integer=False),
+    )
+
+    raw_consumers = top.get("consumers")
+    consumers: dict[str, ConsumerConfig] = {}
+    if not isinstance(raw_consumers, dict) or not raw_consumers:
+        ck.problem("consumers", "must be a mapping with at least one consumer")
+        raw_consumers = {}
+    for name, spec in raw_consumers.items():
+        if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
+            ck.problem(f"consumers.{name}", "names are letters, digits, '_', '.', '-'")
+            continue
+        parsed = _parse_consumer(ck, name, spec)
+        if parsed is not None:
+            consumers[name] = parsed
+
+    # Coexistence is symmetric: declaring it on either side is enough.
+    pairs: dict[str, set[str]] = {name: set() for name in consumers}
+    for name, c in consumers.items():
+        for other in sorted(c.can_coexist_with):
+            if other not in consumers:
+                ck.problem(f"consumers.{name}.can_coexist_with", f"names unknown consumer {other!r}")
+            elif other == name:
+                ck.problem(f"consumers.{name}.can_coexist_with", "names the consumer itself")
+            else:
+                pairs[name].add(other)
+                pairs[other].add(name)
+    consumers = {name: replace(c, can_coexist_with=frozenset(pairs[name])) for name, c in consumers.items()}
+
+    routing_raw = ck.mapping(top.get("routing"), "routing", list(top.get("routing") or {}))
+    routing: dict[str, str] = {}
+    for kind, target in routing_raw.items():
+        ck.kind(kind, f"routing.{kind}")
+        if not isinstance(target, str) or target not in consumers:
+            if raw_consumers and isinstance(target, str) and target in raw_consumers:
+                continue  # that consumer has problems of its own, already reported
+            ck.problem(f"routing.{kind}", f"names unknown consumer {target!r}")
+        elif kind not in consumers[target].paths:
+            ck.problem(f"routing.{kind}", f"consumer {target!r} has no path for kind {kind!r}")
+        else:
+            routing[str(kind)] = target
+
+    audio = top.get("audio_proxy")
+    if audio is not None and (not isinstance(audio, str) or audio not in consumers):
+        ck.problem("audio_proxy", f"names unknown consumer {audio!r}")
+
+    if ck.problems:
+        raise ConfigError(ck.problems)
+    return Config(
+        listen_host=host,
+        listen_port=port,
+        gpu=gpu,
+        scheduler=scheduler,
+        health=health,
+        routing=routing,
+        audio_proxy=audio,
+        consumers=consumers,
+    )
+
+
+def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config; ``overrides`` maps dotted keys (``gpu.nvidia_smi``) to values."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError([f"{path}: {e.strerror or e}"]) from e
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
+    for dotted, value in (overrides or {}).items():
+        if not isinstance(raw, dict):
+            break
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for key in parents:
+            node = node.setdefault(key, {}) if isinstance(node.get(key, {}), dict) else {}
+        node[leaf] = value
+    return parse_config(raw)
+
+
+def summary(config: Config) -> str:
+    """The one-screen overview that ``--check`` prints."""
+    lines = [f"listen {config.listen_host}:{config.listen_port}", ""]
+    lines.append(f"{'consumer':<12} {'vram MiB':>9} {'prio':>4} {'conc':>4}  eviction")
+    for c in config.consumers.values():
+        if c.vram_managed:
+            how = "never (vram_managed)"
+        elif c.unload is None:
+            how = "never (no unload route)"
+        else:
+            how = f"{c.unload.method} {c.unload.path}" + (
+                f", load {c.load.method} {c.load.path}" if c.load else ""
+            )
+        lines.append(f"{c.name:<12} {c.vram_resident_mib:>9} {c.priority:>4} {c.max_concurrency:>4}  {how}")
+    lines += ["", "routing:"]
+    for kind, name in config.routing.items():
+        p = config.consumers[name].paths[kind]
+        hold = f"  (holds until {p.hold_until.method} {p.hold_until.path})" if p.hold_until else ""
+        lines.append(f"  POST /v1/{kind:<8} -> {name} {p.method} {p.path}{hold}")
+    if config.audio_proxy:
+        lines.append(f"  GET  /audio/*    -> {config.audio_proxy} GET /audio/*")
+    pairs = sorted(
+        {tuple(sorted((c.name, o))) for c in config.consumers.values() for o in c.can_coexist_with}
+    )
+    lines += ["", "may coexist: " + (", ".join(f"{a}+{b}" for a, b in pairs) if pairs else "(none)")]
+    return "\n".join(lines)
+
+
+# =====================================================================================================
+# Errors
+# =====================================================================================================
+
+#: code -> (HTTP status, retryable). The public list of what the broker itself can answer.
+ERROR_CODES: dict[str, tuple[int, bool]] = {
+    "bad_request": (400, False),
+    "not_found": (404, False),
+    "no_consumer": (404, False),
+    "method_not_allowed": (405, False),
+    "payload_too_large": (413, False),
+    "consumer_unreachable": (502, True),
+    "load_failed": (502, True),
+    "bad_consumer_url": (502, False),
+    "scheduler_error": (500, False),
+    "queue_full": (503, True),
+    "queue_timeout": (503, True),
+    "insufficient_vram": (503, True),
+    "gpu_unavailable": (503, True),
+    "consumer_timeout": (504, True),
+}
+
+
+class BrokerError(Exception):
+    """Every error the broker itself answers; one path turns it into a response."""
+
+    def __init__(self, code: str, message: str, consumer: str | None = None, *, retry_after: int = 1):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.consumer = consumer
+        self.status, self.retryable = ERROR_CODES[code]
+        self.retry_after = retry_after
+
+    def response(self) -> web.Response:
+        body = {
+            "error": self.code,
+            "message": self.message,
+            "consumer": self.consumer,
+            "retryable": self.retryable,
+        }
+        headers = {"Retry-After": str(self.retry_after)} if self.status == 503 else None
+        return web.json_response(body, status=self.status, headers=headers)
+
+
+#: aiohttp >= 3.10 tells a failed name lookup apart; older ones (Debian's) do not.
+_DNSError: Any = getattr(aiohttp, "ClientConnectorDNSError", ())
+
+
+class GpuError(Exception):
+    """nvidia-smi could not be run, failed, hung or printed something unreadable."""
+
+
+class CallError(Exception):
+    """A call the broker made to a consumer of its own accord (load, unload) failed."""
+
+
+def describe(exc: BaseException) -> str:
+    """A short human reason for a failed connection: 'connection refused', 'timed out', ..."""
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "timed out"
+    if isinstance(exc, _DNSError):
+        return f"cannot resolve host {exc.host}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return "connection refused"
+        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "connection closed by the consumer"
+    if isinstance(exc, (aiohttp.ClientOSError, ConnectionResetError)):
+        return "connection reset"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "answer cut short"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def logfmt(**fields: Any) -> str:
+    """key=value pairs, values quoted when they need it."""
+    out = []
+    for key, value in fields.items():
+        text = "" if value is None else str(value)
+        if not text or any(c in text for c in ' "=\\') or not text.isprintable():
+            text = json.dumps(text)
+        out.append(f"{key}={text}")
+    return " ".join(out)
+
+
+# =====================================================================================================
+# GPU reading
+# =====================================================================================================
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    pid: int | None
+    name: str | None
+    used_mib: int | None
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    index: int | None
+    uuid: str | None
+    name: str | None
+    total_mib: int | None
+    used_mib: int | None
+    free_mib: int | None
+    utilization_pct: int | None
+    temperature_c: int | None
+    processes: tuple[GpuProcess, ...]
+    #: Wall-clock time the query started (for people) and its monotonic twin (for freshness).
+    read_at: float
+    started: float
+
+
+_UNITS = (" MiB", " %", " W")
+
+
+def parse_smi_csv(text: str, fields: Sequence[str]) -> list[dict[str, str | None]]:
+    """Rows of nvidia-smi's ``--format=csv[,noheader][,nounits]`` output, keyed by the fields asked for.
+
+    ``[N/A]``-style values become None; a header line and unit suffixes are tolerated; anything else that
+    does not fit the fields is a GpuError quoting the output.
+    """
+    rows = []
+    for number, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        cells = [cell.strip() for cell in line.split(", ")]
+        if number == 0 and cells and cells[0].split(" [")[0] == fields[0]:
+            continue  # header line of --format=csv
+        if len(cells) > len(fields) and ("name" in fields or "process_name" in fields):
+            # A name may itself contain ", ": give the surplus back to it.
+            i = fields.index("name" if "name" in fields else "process_name")
+            extra = len(cells) - len(fields)
+            cells[i : i + extra + 1] = [", ".join(cells[i : i + extra + 1])]
+        if len(cells) != len(fields):
+            raise GpuError(
+                f"unexpected nvidia-smi output (wanted {len(fields)} fields): {text.strip()[:300]!r}"
+            )
+        row: dict[str, str | None] = {}
+        for key, raw in zip(fields, cells, strict=True):
+            value = raw
+            for unit in _UNITS:
+                value = value.removesuffix(unit)
+            na = value in ("N/A", "") or (value.startswith("[") and value.endswith("]"))
+            row[key] = None if na else value
+        rows.append(row)
+    return rows
+
+
+def _int(row: Mapping[str, str | None], key: str) -> int | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    try:
+        return round(float(value))
+    except ValueError:
+        raise GpuError(f"unexpected nvidia-smi value for {key}: {value!r}") from None
+
+
+def parse_gpu_reading(
+    gpu_text: str, apps_text: str, *, index: int, started: float, read_at: float
+) -> GpuReading:
+    """One GpuReading from the outputs of the --query-gpu and --query-compute-apps queries."""
+    rows = parse_smi_csv(gpu_text, GPU_FIELDS)
+    row = next((r for r in rows if _int(r, "index") == index), rows[0] if len(rows) == 1 else None)
+    if row is None:
+        raise GpuError(f"nvidia-smi printed no line for GPU {index}: {gpu_text.strip()[:300]!r}")
+    apps = parse_smi_csv(apps_text, APP_FIELDS)
+    processes = tuple(
+        GpuProcess(pid=_int(a, "pid"), name=a["process_name"], used_mib=_int(a, "used_memory"))
+        for a in apps
+        if a["gpu_uuid"] in (None, row["uuid"])
+    )
+    return GpuReading(
+        index=_int(row, "index"),
+        uuid=row["uuid"],
+        name=row["name"],
+        total_mib=_int(row, "memory.total"),
+        used_mib=_int(row, "memory.used"),
+        free_mib=_int(row, "memory.free"),
+        utilization_pct=_int(row, "utilization.gpu"),
+        temperature_c=_int(row, "temperature.gpu"),
+        processes=processes,
+        read_at=read_at,
+        started=started,
+    )
+
+
+async def run_nvidia_smi(argv: Sequence[str], timeout_s: float) -> str:
+    """Run one nvidia-smi query as a subprocess; kill it if it outlives ``timeout_s``."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as e:
+        raise GpuError(f"cannot run {argv[0]}: {e.strerror or e}") from e
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await asyncio.shield(proc.wait())
+        if isinstance(e, asyncio.CancelledError):
+            raise
+        raise GpuError(f"nvidia-smi did not answer within {timeout_s:g} s (killed)") from None
+    if proc.returncode != 0:
+        # nvidia-smi writes its errors to stdout.
+        text = (out.decode(errors="replace").strip() or err.decode(errors="replace").strip())[:300]
+        raise GpuError(f"nvidia-smi exited with status {proc.returncode}: {text or '(no output)'}")
+    return out.decode(errors="replace")
+
+
+class GpuReader:
+    """Reads one GPU through nvidia-smi; concurrent readers share one running query.
+
+    ``read(max_age=...)`` may answer from a reading (or error) started less than ``max_age`` seconds ago;
+    ``read(fresh=True)`` only takes a reading started by this call, for polling after an unload.
+    """
+
+    def __init__(self, config: GpuConfig, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.clock = clock
+        #: How many nvidia-smi processes were started, for tests and the bench.
+        self.queries = 0
+        self._inflight: asyncio.Task[GpuReading] | None = None
+        self._last: tuple[float, GpuReading | GpuError] | None = None
+        self._tasks: set[asyncio.Task[GpuReading]] = set()
+
+    def __repr__(self) -> str:
+        busy = "querying" if self._inflight is not None else "idle"
+        return f"<GpuReader index={self.config.index} {busy} queries:{self.queries}>"
+
+    async def read(self, *, max_age: float = 0.0, fresh: bool = False) -> GpuReading:
+        task = None if fresh else self._inflight
+        if task is None and not fresh and self._last is not None and self.clock() - self._last[0] < max_age:
+            result = self._last[1]
+            if isinstance(result, GpuError):
+                raise result
+            return result
+        if task is None:
+            task = self._start()
+        return await asyncio.shield(task)
+
+    def _start(self) -> asyncio.Task[GpuReading]:
+        started = self.clock()
+        task = asyncio.get_running_loop().create_task(self._query(started))
+        self._inflight = task
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[GpuReading]) -> None:
+        self._tasks.discard(task)
+        if self._inflight is task:
+            self._inflight = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, GpuError):
+            log.error(logfmt(msg="gpu read crashed", error=describe(exc)))
+        result = (
+            exc if isinstance(exc, GpuError) else task.result() if exc is None else GpuError(describe(exc))
+        )
+        started = getattr(task, "started", None)
+        if started is not None and (self._last is None or started >= self._last[0]):
+            self._last = (started, result)
+
+    async def _query(self, started: float) -> GpuReading:
+        task = asyncio.current_task()
+        task.started = started  # type: ignore[union-attr]
+        cfg = self.config
+        base = [*cfg.nvidia_smi, "-i", str(cfg.index)]
+        fmt = "--format=csv,noheader,nounits"
+        self.queries += 2
+        read_at = time.time()
+        results = await asyncio.gather(
+            run_nvidia_smi([*base, f"--query-gpu={','.join(GPU_FIELDS)}", fmt], cfg.query_timeout_s),
+            run_nvidia_smi([*base, f"--query-compute-apps={','.join(APP_FIELDS)}", fmt], cfg.query_timeout_s),
+            return_exceptions=True,
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return parse_gpu_reading(results[0], results[1], index=cfg.index, started=started, read_at=read_at)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+# =====================================================================================================
+# Consumers and health
+# =====================================================================================================
+
+
+@dataclass
+class ConsumerState:
+    """What the broker knows of one consumer. ``loaded`` is residency: True, False or None (unknown)."""
+
+    healthy: bool | None = None
+    loaded: bool | None = None
+    last_probe: float | None = None
+    last_error: str | None = None
+    #: Monotonic time of the last successfully finished job (for LRU) and its wall-clock twin (for people).
+    last_used: float | None = None
+    last_used_at: float | None = None
+    #: Monotonic time of the broker's own last residency record; probes started before it do not override.
+    record_at: float = float("-inf")
+    #: Jobs (and holds) of this consumer holding the GPU lock now; the scheduler keeps it.
+    jobs: int = 0
+
+
+class Consumers:
+    """The broker's HTTP calls to consumers of its own accord (health, load, unload) and their state."""
+
+    def __init__(
+        self, config: Config, session: aiohttp.ClientSession, clock: Callable[[], float] = time.monotonic
+    ):
+        self.config = config
+        self.session = session
+        self.clock = clock
+        self.states: dict[str, ConsumerState] = {name: ConsumerState() for name in config.consumers}
+
+    async def unload(self, name: str) -> None:
+        c = self.config.consumers[name]
+        assert c.unload is not None
+        await self._call(c, c.unload, "unload")
+
+    async def load(self, name: str) -> None:
+        c = self.config.consumers[name]
+        assert c.load is not None
+        await self._call(c, c.load, "load")
+
+    async def _call(self, c: ConsumerConfig, route: Route, what: str) -> None:
+        url = c.url + route.path
+        timeout = aiohttp.ClientTimeout(total=route.timeout_s)
+        try:
+            async with self.session.request(
+                route.method, url, json=route.body, timeout=timeout, allow_redirects=False
+            ) as resp:
+                body = await resp.content.read(2000)
+                if not 200 <= resp.status < 300:
+                    text = body.decode(errors="replace").strip()[:200]
+                    raise CallError(f"{what} answered {resp.status}: {text}")
+        except asyncio.TimeoutError:
+            raise CallError(f"{what} did not answer within {route.timeout_s:g} s") from None
+        except (aiohttp.ClientError, ValueError) as e:
+            raise CallError(f"{what} failed: {describe(e)}") from e
+
+    def mark_unhealthy(self, name: str, reason: str) -> None:
+        state = self.states[name]
+        if state.healthy is not False:
+            log.warning(logfmt(msg="health", consumer=name, healthy=False, reason=reason))
+        state.healthy, state.last_error = False, reason
+
+    async def probe(self, name: str) -> None:
+        """One health probe; updates healthy, last_error and (from a ``loaded`` field) residency."""
+        c = self.config.consumers.get(name)
+        state = self.states.get(name)
+        if c is None or state is None:
+            return
+        started = self.clock()
+        loaded: Any = None
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.config.health.timeout_s)
+            async with self.session.request(
+                c.health.method, c.url + c.health.path, timeout=timeout, allow_redirects=False
+            ) as resp:
+                body = await resp.content.read(64 * 1024)
+                ok = 200 <= resp.status < 300
+                reason = None if ok else f"health answered {resp.status}"
+                if ok and resp.content_type == "application/json":
+                    with contextlib.suppress(ValueError):
+                        data = json.loads(body)
+                        loaded = data.get("loaded") if isinstance(data, dict) else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            ok, reason = False, describe(e)
+            if isinstance(e, asyncio.TimeoutError) and state.jobs > 0:
+                # A consumer busy with a GPU job may answer its health route slowly: not a failure.
+                log.debug(logfmt(msg="health probe timed out while busy", consumer=name))
+                return
+        state.last_probe = time.time()
+        if ok != state.healthy:
+            log.log(
+                logging.INFO if ok else logging.WARNING,
+                logfmt(msg="health", consumer=name, healthy=ok, reason=reason),
+            )
+        state.healthy, state.last_error = ok, reason
+        if isinstance(loaded, bool) and started >= state.record_at and loaded != state.loaded:
+            log.info(logfmt(msg="residency", consumer=name, loaded=loaded, source="health"))
+            state.loaded = loaded
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self.probe(name) for name in self.config.consumers))
+
+    async def run_health(self) -> None:
+        """Probe every consumer every ``health.interval_s``, forever; owned by the app."""
+        while True:
+            try:
+                await self.probe_all()
+            except Exception as e:
+                log.error(logfmt(msg="health round crashed", error=describe(e)))
+            await asyncio.sleep(self.config.health.interval_s)
+
+
+# =====================================================================================================
+# The scheduler
+# =====================================================================================================
+
+
+@dataclass(eq=False)
+class Job:
+    """One GPU request, from admission to its end."""
+
+    id: int
+    consumer: str
+    kind: str
+    priority: int
+    arrived: float
+    granted: asyncio.Future[None]
+    #: queued -> running -> ended
+    state: str = "queued"
+    started: float | None = None
+    evictions: int = 0
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.consumer}/{self.kind} {self.state}>"
+
+
+@dataclass
+class Stats:
+    jobs: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+    evictions: int = 0
+    unload_failures: int = 0
+    loads: int = 0
+    load_failures: int = 0
+    hold_timeouts: int = 0
+    hold_poll_errors: int = 0
+    internal_errors: int = 0
+
+
+class UnloadOps:
+    """What the scheduler needs from consumers: ``Consumers`` in production, a recording fake in tests."""
+
+    states: dict[str, ConsumerState]
+
+    async def unload(self, name: str) -> None: ...
+
+    async def load(self, name: str) -> None: ...
+
+
+class Scheduler:
+    """The queue and the GPU lock, with eviction and load before a job runs.
+
+    The clock, the GPU reader and the consumer calls are injected, so the whole decision logic runs in tests
+    without sockets. Waiters are futures; a waiter cancelled while being woken passes its grant on.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        gpu: Any,
+        ops: UnloadOps,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
+        self.config = config
+        self.gpu = gpu
+        self.ops = ops
+        self.states = ops.states
+        self.clock = clock
+        self.sleep = sleep
+        self.stats = Stats()
+        #: The consumer holding the GPU lock, and how many of its slots (jobs and holds) are taken.
+        self.holder: str | None = None
+        self.slots = 0
+        self.holds = 0
+        self._waiting: list[Job] = []
+        self._ids = itertools.count(1)
+        self._prepare_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"<Scheduler holder={self.holder} slots={self.slots} waiters:{len(self._waiting)}>"
+
+    # ---- ordering ----------------------------------------------------------------------------------
+
+    def effective_priority(self, job: Job, now: float) -> int:
+        aged = int((now - job.arrived) // self.config.scheduler.aging_s)
+        return min(PRIORITY_MAX, job.priority + aged)
+
+    def _order(self, job: Job, now: float) -> tuple[int, float, int]:
+        return (-self.effective_priority(job, now), job.arrived, job.id)
+
+    def queue(self) -> list[Job]:
+        """Waiting jobs in the order they would be granted (ignoring max_concurrency joins)."""
+        now = self.clock()
+        return sorted(self._waiting, key=lambda j: self._order(j, now))
+
+    @property
+    def running(self) -> int:
+        return self.slots - self.holds
+
+    # ---- admission and the lock ----------------------------------------------------------------------
+
+    async def acquire(self, consumer: str, kind: str) -> Job:
+        """Queue a job, wait for the lock, make room and load; the caller must then call ``finish``."""
+        cfg = self.config
+        self.stats.jobs += 1
+        job = Job(
+            id=next(self._ids),
+            consumer=consumer,
+            kind=kind,
+            priority=cfg.consumers[consumer].priority,
+            arrived=self.clock(),
+            granted=asyncio.get_running_loop().create_future(),
+        )
+        if len(self._waiting) >= cfg.scheduler.max_queue:
+            self._end(job, "rejected", "queue_full")
+            raise BrokerError("queue_full", f"{len(self._waiting)} jobs are waiting already", consumer)
+        self._waiting.append(job)
+        timer = asyncio.get_running_loop().call_later(cfg.scheduler.queue_timeout_s, self._expire, job)
+        self._dispatch()
+        try:
+            await job.granted
+        except asyncio.CancelledError:
+            self._leave_queue(job)
+            self._end(job, "cancelled")
+            raise
+        except BrokerError as e:  # queue_timeout, set by _expire
+            self._end(job, "failed", e.code)
+            raise
+        finally:
+            timer.cancel()
+        return await self._prepared(job)
+
+    async def _prepared(self, job: Job) -> Job:
+        """Make room and load for a granted job; any failure gives the slot back and ends the job."""
+        consumer = job.consumer
+        try:
+            await self._prepare(job)
+        except BaseException as e:
+            self._release_slot(job)
+            if isinstance(e, asyncio.CancelledError):
+                self._end(job, "cancelled")
+            elif isinstance(e, BrokerError):
+                self._end(job, "failed", e.code)
+            else:
+                self.stats.internal_errors += 1
+                log.exception(logfmt(msg="prepare crashed", consumer=consumer, job=job.id))
+                self._end(job, "failed", "scheduler_error")
+                raise BrokerError("scheduler_error", f"internal error: {describe(e)}", consumer) from e
+            raise
+        return job
+
+    def _leave_queue(self, job: Job) -> None:
+        """A cancelled waiter leaves: dequeued, or its grant passed on if it was granted meanwhile."""
+        if job.state == "running":
+            self._release_slot(job)
+        elif job in self._waiting:
+            self._waiting.remove(job)
+            # A job that left may have been what kept a join of the holder out.
+            self._dispatch()
+
+    def _expire(self, job: Job) -> None:
+        """The queue timer of a job ran out: answer it with queue_timeout unless it was granted."""
+        if job.state != "queued" or job.granted.done():
+            return
+        self._waiting.remove(job)
+        waited = self.config.scheduler.queue_timeout_s
+        job.granted.set_exception(
+            BrokerError("queue_timeout", f"waited {waited:g} s for the GPU", job.consumer)
+        )
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Grant the lock (or a further slot of the holder) to whoever the documented order says."""
+        now = self.clock()
+        # A waiter whose task was cancelled has a cancelled future until its task runs again: skip it.
+        self._waiting = [j for j in self._waiting if not j.granted.done()]
+        while self._waiting:
+            if self.holder is None:
+                job = min(self._waiting, key=lambda j: self._order(j, now))
+            else:
+                holder = self.config.consumers.get(self.holder)
+                if holder is None or self.slots >= holder.max_concurrency:
+                    return
+                mine = [j for j in self._waiting if j.consumer == self.holder]
+                if not mine:
+                    return
+                job = min(mine, key=lambda j: self._order(j, now))
+                level = self.effective_priority(job, now)
+                if any(
+                    self.effective_priority(j, now) >= level
+                    for j in self._waiting
+                    if j.consumer != self.holder
+                ):
+                    return
+            self._waiting.remove(job)
+            self.holder = job.consumer
+            self.slots += 1
+            self.states[job.consumer].jobs += 1
+            job.state, job.started = "running", now
+            job.granted.set_result(None)
+
+    def _release_slot(self, job: Job | None, consumer: str | None = None) -> None:
+        name = job.consumer if job is not None else consumer
+        assert name is not None and name == self.holder, (name, self.holder)
+        self.slots -= 1
+        self.states[name].jobs -= 1
+        if self.slots == 0:
+            self.holder = None
+        self._dispatch()
+
+    # ---- making room ---------------------------------------------------------------------------------
+
+    async def _prepare(self, job: Job) -> None:
+        """Make room for the target and load it; serialised, so two jobs never evict at once."""
+        async with self._prepare_lock:
+            state = self.states[job.consumer]
+            if state.loaded is True:
+                return  # known resident: no GPU read, no eviction
+            await self._make_room(job)
+            target = self.config.consumers[job.consumer]
+            if state.loaded is False and target.load is not None:
+                await self._load(target.name)
+
+    def victims(self, target: str, exclude: set[str]) -> tuple[list[str], dict[str, str]]:
+        """Eviction candidates for ``target``, least recently used first, and why the others are not."""
+        cfg = self.config
+        candidates, why_not = [], {}
+        for order, (name, c) in enumerate(cfg.consumers.items()):
+            state = self.states[name]
+            if name == target:
+                continue
+            if c.vram_managed:
+                why_not[name] = "vram_managed"
+            elif c.unload is None:
+                why_not[name] = "no unload route"
+            elif name in cfg.consumers[target].can_coexist_with:
+                why_not[name] = f"may coexist with {target}"
+            elif state.jobs > 0:
+                why_not[name] = "has jobs running"
+            elif name in exclude:
+                why_not[name] = "unload failed" if state.loaded is None else "already unloaded"
+            elif state.loaded is False:
+                why_not[name] = "not resident"
+            else:
+                last = state.last_used if state.last_used is not None else -math.inf
+                candidates.append((last, order, name))
+        return [name for _, _, name in sorted(candidates)], why_not
+
+    async def _read_gpu(self, job: Job, *, fresh: bool = False) -> GpuReading:
+        try:
+            return await self.gpu.read(fresh=fresh)
+        except GpuError as e:
+            raise BrokerError("gpu_unavailable", f"cannot read the GPU: {e}", job.consumer) from e
+
+    async def _make_room(self, job: Job) -> None:
+        cfg = self.config
+        target = cfg.consumers[job.consumer]
+        need = target.vram_resident_mib + cfg.gpu.cushion_mib
+        reading = await self._read_gpu(job)
+        tried: set[str] = set()
+        while reading.free_mib is None or reading.free_mib < need:
+            if reading.free_mib is None:
+                raise BrokerError("gpu_unavailable", "nvidia-smi reports no free memory figure", job.consumer)
+            victims, why_not = self.victims(target.name, tried)
+            if not victims or len(tried) >= cfg.scheduler.max_evictions:
+                raise self._insufficient(job, reading, need, why_not, victims)
+            victim = victims[0]
+            tried.add(victim)
+            if await self._unload(job, victim):
+                reading = await self._wait_for_memory(job, victim, reading.free_mib, need)
+
+    def _insufficient(
+        self, job: Job, reading: GpuReading, need: int, why_not: dict[str, str], left: list[str]
+    ) -> BrokerError:
+        target = self.config.consumers[job.consumer]
+        parts = [
+            f"{reading.free_mib} MiB free, {need} MiB needed"
+            f" ({target.name} {target.vram_resident_mib} + cushion {self.config.gpu.cushion_mib})"
+        ]
+        if left:
+            parts.append(f"gave up after {self.config.scheduler.max_evictions} unload attempts")
+        if why_not:
+            parts.append("not evictable: " + ", ".join(f"{n} ({why})" for n, why in why_not.items()))
+        procs = ", ".join(f"pid {p.pid} {p.name} {p.used_mib} MiB" for p in reading.processes)
+        parts.append(f"GPU processes: {procs or 'none listed'}")
+        return BrokerError("insufficient_vram", "; ".join(parts), job.consumer)
+
+    async def _unload(self, job: Job, victim: str) -> bool:
+        """Unload one victim through its route; False (counted and logged) when that fails."""
+        state = self.states[victim]
+        log.info(logfmt(msg="evicting", consumer=victim, for_consumer=job.consumer, job=job.id))
+        try:
+            await self.ops.unload(victim)
+        except asyncio.CancelledError:
+            state.loaded, state.record_at = None, self.clock()
+            raise
+        except Exception as e:
+            self.stats.unload_failures += 1
+            state.loaded, state.record_at = None, self.clock()
+            log.warning(logfmt(msg="unload failed", consumer=victim, for_consumer=job.consumer, error=str(e)))
+            return False
+        self.stats.evictions += 1
+        job.evictions += 1
+        state.loaded, state.record_at = False, self.clock()
+        return True
+
+    async def _wait_for_memory(self, job: Job, victim: str, before: int, need: int) -> GpuReading:
+        """Poll until the target fits, the victim's memory shows up as free, or ``vram_wait_s`` passed."""
+        cfg = self.config
+        deadline = self.clock() + cfg.scheduler.vram_wait_s
+        enough_freed = FREED_SHARE * cfg.consumers[victim].vram_resident_mib
+        while True:
+            reading = await self._read_gpu(job, fresh=True)
+            free = reading.free_mib if reading.free_mib is not None else before
+            if free >= need or free - before >= enough_freed:
+                break
+            if self.clock() >= deadline:
+                log.warning(
+                    logfmt(
+                        msg="memory not freed in time",
+                        consumer=victim,
+                        free_mib=free,
+                        waited_s=cfg.scheduler.vram_wait_s,
+                    )
+                )
+                break
+            await self.sleep(VRAM_POLL_S)
+        log.info(logfmt(msg="evicted", consumer=victim, for_consumer=job.consumer, free_mib=reading.free_mib))
+        return reading
+
+    async def _load(self, name: str) -> None:
+        state = self.states[name]
+        log.info(logfmt(msg="loading", consumer=name))
+        try:
+            await self.ops.load(name)
+        except asyncio.CancelledError:
+            state.loaded, state.record_at = None, self.clock()
+            raise
+        except Exception as e:
+            self.stats.load_failures += 1
+            state.loaded, state.record_at = None, self.clock()
+            log.warning(logfmt(msg="load failed", consumer=name, error=str(e)))
+            raise BrokerError("load_failed", f"{name} {e}", name) from e
+        self.stats.loads += 1
+        state.loaded, state.record_at = True, self.clock()
+        log.info(logfmt(msg="loaded", consumer=name))
+
+    # ---- the end of a job --------------------------------------------------------------------------
+
+    def finish(
+        self,
+        job: Job,
+        outcome: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        success: bool = False,
+        hold: Callable[[], Awaitable[None]] | None = None,
+        hold_timeout_s: float = 0.0,
+    ) -> None:
+        """End a running job. Synchronous, so it runs even in a cancelled handler's ``finally``.
+
+        ``hold`` keeps the job's slot in a task the scheduler owns until it returns or ``hold_timeout_s``.
+        """
+        if success:
+            state = self.states[job.consumer]
+            state.loaded, state.record_at = True, self.clock()
+            state.last_used, state.last_used_at = self.clock(), time.time()
+        self._end(job, outcome, code, status)
+        if hold is None:
+            self._release_slot(job)
+            return
+        self.holds += 1
+        task = asyncio.get_running_loop().create_task(self._hold(job, hold, hold_timeout_s))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _hold(self, job: Job, hold: Callable[[], Awaitable[None]], timeout_s: float) -> None:
+        started = self.clock()
+        try:
+            await asyncio.wait_for(hold(), timeout_s)
+            log.info(
+                logfmt(msg="hold released", consumer=job.consumer, job=job.id, hold_ms=self._ms(started))
+            )
+        except asyncio.TimeoutError:
+            self.stats.hold_timeouts += 1
+            log.warning(logfmt(msg="hold timed out", consumer=job.consumer, job=job.id, timeout_s=timeout_s))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.stats.internal_errors += 1
+            log.exception(logfmt(msg="hold crashed", consumer=job.consumer, job=job.id, error=describe(e)))
+        finally:
+            self.holds -= 1
+            self._release_slot(job)
+
+    def _ms(self, since: float | None) -> int | None:
+        return None if since is None else round((self.clock() - since) * 1000)
+
+    def _end(self, job: Job, outcome: str, code: str | None = None, status: int | None = None) -> None:
+        """Count the job's outcome once and write its log line."""
+        assert job.state != "ended", job
+        job.state = "ended"
+        setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+        wait_end = job.started if job.started is not None else self.clock()
+        log.info(
+            logfmt(
+                msg="job",
+                id=job.id,
+                consumer=job.consumer,
+                kind=job.kind,
+                status=outcome,
+                code=code,
+                http=status,
+                wait_ms=round((wait_end - job.arrived) * 1000),
+                run_ms=self._ms(job.started),
+                evictions=job.evictions,
+            )
+        )
+
+    async def close(self) -> None:
+        """Cancel the holds the scheduler owns."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def snapshot(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "holder": None
+            if self.holder is None
+            else {"consumer": self.holder, "jobs": self.running, "holds": self.holds},
+            "queue": [
+                {
+                    "consumer": j.consumer,
+                    "kind": j.kind,
+                    "priority": self.effective_priority(j, now),
+                    "waited_s": round(now - j.arrived, 3),
+                }
+                for j in self.queue()
+            ],
+            "stats": {**self.stats.__dict__, "running": self.running, "queued": len(self._waiting)},
+        }
+
+
+# =====================================================================================================
+# The proxy
+# =====================================================================================================
+
+#: RFC 7230 6.1: never forwarded, either way; nor is any header that ``Connection`` names.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer"}
+    | {"transfer-encoding", "upgrade"}
+)
+#: Headers aiohttp would add on its own; the consumer gets only what the client sent.
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+def _pass_headers(headers: Mapping[str, str], drop: frozenset[str]) -> CIMultiDict[str]:
+    named = {
+        token.strip().lower() for value in headers.getall("Connection", []) for token in value.split(",")
+    }  # type: ignore[attr-defined]
+    return CIMultiDict(
+        (key, value)
+        for key, value in headers.items()
+        if (k := key.lower()) not in HOP_BY_HOP and k not in named and k not in drop
+    )
+
+
+def request_headers(request: web.Request) -> CIMultiDict[str]:
+    """The client's headers as the consumer gets them: without hop-by-hop ones, Host and Content-Length."""
+    return _pass_headers(request.headers, frozenset({"host", "content-length"}))
+
+
+def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    """The consumer's headers as the client gets them: without hop-by-hop ones."""
+    return _pass_headers(upstream.headers, frozenset())
+
+
+async def open_upstream(
+    session: aiohttp.ClientSession,
+    consumer: ConsumerConfig,
+    method: str,
+    path_qs: str,
+    headers: Mapping[str, str],
+    body: bytes | bytearray | None,
+) -> aiohttp.ClientResponse:
+    """Send a request to a consumer and wait for its answer's headers; failures become BrokerErrors."""
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=min(CONNECT_TIMEOUT_S, consumer.timeout_s), sock_read=consumer.timeout_s
+    )
+    try:
+        url = URL(consumer.url + path_qs, encoded=True)
+        return await session.request(
+            method,
+            url,
+            headers=headers,
+            data=body,
+            timeout=timeout,
+            allow_redirects=False,
+            skip_auto_headers=SKIP_AUTO_HEADERS,
+        )
+    except asyncio.TimeoutError:
+        raise BrokerError(
+            "consumer_timeout",
+            f"upstream {consumer.name} sent nothing for {consumer.timeout_s:g} s",
+            consumer.name,
+        ) from None
+    except (_DNSError, aiohttp.InvalidURL, ValueError) as e:
+        raise BrokerError(
+            "bad_consumer_url", f"upstream {consumer.name} URL unusable: {describe(e)}", consumer.name
+        ) from e
+    except aiohttp.ClientError as e:
+        raise BrokerError(
+            "consumer_unreachable", f"upstream {consumer.name} {describe(e)}", consumer.name
+        ) from e
+
+
+class UpstreamBroke(Exception):
+    """The consumer failed after its answer began; the client's connection has been cut."""
+
+    def __init__(self, error: BrokerError):
+        super().__init__(error.message)
+        self.error = error
+
+
+async def relay(
+    request: web.Request, upstream: aiohttp.ClientResponse, consumer: str, capture: bytearray | None = None
+) -> web.StreamResponse:
+    """Stream the consumer's answer to the client chunk by chunk, as it comes.
+
+    A failure after the answer began cannot become an error response: the client's connection is cut
+    without the final chunk, so it sees a truncated answer, and UpstreamBroke is raised.
+    """
+    resp = web.StreamResponse(
+        status=upstream.status, reason=upstream.reason, headers=response_headers(upstream)
+    )
+    await resp.prepare(request)
+    while True:
+        try:
+            chunk = await upstream.content.readany()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            if request.transport is not None:
+                request.transport.abort()
+            code = "consumer_timeout" if isinstance(e, asyncio.TimeoutError) else "consumer_unreachable"
+            raise UpstreamBroke(
+                BrokerError(code, f"upstream {consumer} {describe(e)} mid-answer", consumer)
+            ) from e
+        if not chunk:
+            break
+        if capture is not None and len(capture) + len(chunk) <= HOLD_ANSWER_LIMIT:
+            capture += chunk
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+def hold_poller(
+    session: aiohttp.ClientSession, consumer: ConsumerConfig, hold: Hold, answer: bytes, stats: Stats
+) -> Callable[[], Awaitable[None]] | None:
+    """A coroutine function that returns once ``hold.path`` answers a non-empty JSON object or list.
+
+    None (logged) when the consumer's answer cannot fill the path's placeholders.
+    """
+    names = re.findall(r"{(\w+)}", hold.path)
+    try:
+        data = json.loads(answer)
+    except ValueError:
+        data = None
+    if names and (not isinstance(data, dict) or any(n not in data for n in names)):
+        log.warning(
+            logfmt(
+                msg="no hold: answer lacks the placeholder fields",
+                consumer=consumer.name,
+                fields=",".join(names),
+            )
+        )
+        return None
+    path = re.sub(r"{(\w+)}", lambda m: quote(str(data[m.group(1)]), safe=""), hold.path)  # type: ignore[index]
+    url = URL(consumer.url + path, encoded=True)
+    timeout = aiohttp.ClientTimeout(total=min(consumer.timeout_s, hold.timeout_s))
+
+    async def poll() -> None:
+        while True:
+            try:
+                async with session.request(hold.method, url, timeout=timeout, allow_redirects=False) as resp:
+                    body = await resp.read()
+                    if 200 <= resp.status < 300:
+                        result = json.loads(body)
+                        if isinstance(result, (dict, list)) and result:
+                            return
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+                stats.hold_poll_errors += 1
+                log.debug(logfmt(msg="hold poll failed", consumer=consumer.name, error=describe(e)))
+            await asyncio.sleep(hold.poll_s)
+
+    return poll
+
+
+def audio_upstream_path(raw_path: str) -> str:
+    """The consumer path for ``GET /audio/<file>``; bad_request for anything that could leave /audio/."""
+    path, sep, query = raw_path.partition("?")
+    rest = path.removeprefix("/audio/")
+    lowered = rest.lower()
+    refuse = (
+        not path.startswith("/audio/")
+        or not rest
+        or any(bad in lowered for bad in ("%2f", "%5c", "%25", "\\", ";", "%3b"))
+        or rest.startswith("/")
+    )
+    if not refuse:
+        try:
+            decoded = unquote(rest, errors="strict")
+        except UnicodeDecodeError:
+            refuse = True
+        else:
+            segments = decoded.split("/")
+            refuse = any(s in ("", ".", "..") for s in segments) or not decoded.isprintable()
+    if refuse:
+        raise BrokerError("bad_request", "audio path must name a file below /audio/")
+    return "/audio/" + rest + sep + query
+
+
+# =====================================================================================================
+# The HTTP app
+# =====================================================================================================
+
+
+@dataclass
+class Broker:
+    """Everything the handlers share; made and closed by the app's cleanup context."""
+
+    config: Config
+    session: aiohttp.ClientSession
+    gpu: GpuReader
+    consumers: Consumers
+    scheduler: Scheduler
+    started: float = field(default_factory=time.monotonic)
+
+    def check_reachable(self, name: str) -> None:
+        """consumer_unreachable at once when the consumer's last health probe failed."""
+        state = self.consumers.states[name]
+        if state.healthy is False:
+            raise BrokerError(
+                "consumer_unreachable", f"upstream {name} last probe failed: {state.last_error}", name
+            )
+
+
+CONFIG = web.AppKey("config", Config)
+BROKER = web.AppKey("broker", Broker)
+#: HTTP statuses aiohttp raises on its own (unknown route, wrong method, ...) -> our error codes.
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+):
+    """The one path from an error to a response: every error the broker makes has the same JSON shape."""
+    try:
+        return await handler(request)
+    except BrokerError as e:
+        return e.response()
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        err = BrokerError(HTTP_ERROR_CODES.get(e.status, "bad_request"), e.reason)
+        resp = err.response()
+        if "Allow" in e.headers:
+            resp.headers["Allow"] = e.headers["Allow"]
+        return resp
+    except Exception as e:
+        request.app[BROKER].scheduler.stats.internal_errors += 1
+        log.exception(logfmt(msg="internal error", path=request.path))
+        return BrokerError("scheduler_error", f"internal error: {describe(e)}").response()
+
+
+async def read_body(request: web.Request, max_mib: int) -> bytes | bytearray:
+    """The whole request body, read before the job is queued, so a slow upload never holds the GPU."""
+    limit = max_mib * MiB
+    length = request.content_length
+    if length is not None and length > limit:
+        raise BrokerError(
+            "payload_too_large", f"request body of {length} bytes exceeds max_body_mib {max_mib}"
+        )
+    if length is not None:
+        try:
+            return await request.content.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise BrokerError("bad_request", "request body ended before its Content-Length") from None
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise BrokerError("payload_too_large", f"request body exceeds max_body_mib {max_mib}")
+    return body
+
+
+async def handle_job(request: web.Request) -> web.StreamResponse:
+    """POST /v1/{kind}: a GPU job for the consumer that routing.{kind} names."""
+    broker = request.app[BROKER]
+    kind = request.match_info["kind"]
+    if kind in RESERVED_KINDS:
+        raise BrokerError("method_not_allowed", f"{request.method} /v1/{kind} is not allowed")
+    name = broker.config.routing.get(kind)
+    if name is None:
+        raise BrokerError("no_consumer", f"no consumer is routed for kind {kind!r}")
+    consumer = broker.config.consumers[name]
+    broker.check_reachable(name)
+    body = await read_body(request, broker.config.scheduler.max_body_mib)
+    job = await broker.scheduler.acquire(name, kind)
+    return await _run_job(request, broker, job, consumer, consumer.paths[kind], body)
+
+
+async def _run_job(
+    request: web.Request,
+    broker: Broker,
+    job: Job,
+    consumer: ConsumerConfig,
+    path: JobPath,
+    body: bytes | bytearray,
+) -> web.StreamResponse:
+    """Forward a granted job and stream its answer; always ends the job exactly once."""
+    outcome, code, upstream, done = "failed", None, None, False
+    capture: bytearray | None = None
+    try:
+        query = "?" + request.query_string if request.query_string else ""
+        upstream = await open_upstream(
+            broker.session, consumer, path.method, path.path + query, request_headers(request), body
+        )
+        if path.hold_until is not None and 200 <= upstream.status < 300:
+            capture = bytearray()
+        resp = await relay(request, upstream, consumer.name, capture)
+        done, outcome = True, "completed"
+        return resp
+    except BrokerError as e:
+        code = e.code
+        if e.code in ("consumer_unreachable", "consumer_timeout"):
+            broker.consumers.mark_unhealthy(consumer.name, e.message)
+        raise
+    except UpstreamBroke as e:
+        code = e.error.code
+        broker.consumers.mark_unhealthy(consumer.name, e.error.message)
+        log.warning(logfmt(msg="answer cut short", consumer=consumer.name, error=e.error.message))
+        return web.Response(status=499)  # never sent: the connection is already closed
+    except (asyncio.CancelledError, ConnectionResetError):
+        outcome = "cancelled"
+        if upstream is not None and upstream.content.at_eof():
+            done = True
+        raise
+    finally:
+        status = upstream.status if upstream is not None else None
+        hold = None
+        if capture is not None and path.hold_until is not None and upstream is not None:
+            hold = _hold_after(broker, consumer, path.hold_until, upstream, capture, done)
+        elif upstream is not None:
+            if done:
+                upstream.release()
+            else:
+                upstream.close()
+        broker.scheduler.finish(
+            job,
+            outcome,
+            code=code,
+            status=status,
+            success=done and status is not None and 200 <= status < 300,
+            hold=hold,
+            hold_timeout_s=path.hold_until.timeout_s if path.hold_until else 0.0,
+        )
+
+
+def _hold_after(
+    broker: Broker,
+    consumer: ConsumerConfig,
+    hold: Hold,
+    upstream: aiohttp.ClientResponse,
+    captured: bytearray,
+    done: bool,
+) -> Callable[[], Awaitable[None]]:
+    """The hold for a 2xx answer; it first reads the rest of the answer if the client left before it ended."""
+
+    async def run() -> None:
+        try:
+            if not done:
+                while chunk := await upstream.content.readany():
+                    if len(captured) + len(chunk) <= HOLD_ANSWER_LIMIT:
+                        captured.extend(chunk)
+        finally:
+            upstream.release()
+        poll = hold_poller(broker.session, consumer, hold, bytes(captured), broker.scheduler.stats)
+        if poll is not None:
+            await poll()
+
+    return run
+
+
+async def handle_audio(request: web.Request) -> web.StreamResponse:
+    """GET /audio/{file}: proxied to the audio_proxy consumer, unscheduled."""
+    broker = request.app[BROKER]
+    name = broker.config.audio_proxy
+    if name is None:
+        raise BrokerError("no_consumer", "no audio_proxy consumer is configured")
+    path = audio_upstream_path(request.raw_path)
+    broker.check_reachable(name)
+    consumer = broker.config.consumers[name]
+    try:
+        upstream = await open_upstream(
+            broker.session, consumer, request.method, path, request_headers(request), None
+        )
+    except BrokerError as e:
+        if e.code in ("consumer_unreachable", "consumer_timeout"):
+            broker.consumers.mark_unhealthy(name, e.message)
+        raise
+    done = False
+    try:
+        resp = await relay(request, upstream, name)
+        done = True
+        return resp
+    except UpstreamBroke as e:
+        broker.consumers.mark_unhealthy(name, e.error.message)
+        return web.Response(status=499)  # never sent: the connection is already closed
+    finally:
+        if done:
+            upstream.release()
+        else:
+            upstream.close()
+
+
+async def handle_status(request: web.Request) -> web.Response:
+    """GET /v1/status: a live snapshot; the GPU is read at most once per second however often it is asked."""
+    broker = request.app[BROKER]
+    cfg = broker.config
+    try:
+        r = await broker.gpu.read(max_age=STATUS_MAX_AGE_S)
+        gpu: dict[str, Any] = {
+            "index": r.index,
+            "name": r.name,
+            "uuid": r.uuid,
+            "total_mib": r.total_mib,
+            "used_mib": r.used_mib,
+            "free_mib": r.free_mib,
+            "utilization_pct": r.utilization_pct,
+            "temperature_c": r.temperature_c,
+            "processes": [{"pid": p.pid, "name": p.name, "used_mib": p.used_mib} for p in r.processes],
+            "read_at": _iso(r.read_at),
+            "error": None,
+        }
+    except GpuError as e:
+        gpu = dict.fromkeys(
+            ("name", "uuid", "total_mib", "used_mib", "free_mib", "utilization_pct", "temperature_c")
+        )
+        gpu.update(index=cfg.gpu.index, processes=[], read_at=None, error=str(e))
+    consumers = {}
+    for name, c in cfg.consumers.items():
+        state = broker.consumers.states[name]
+        consumers[name] = {
+            "url": c.url,
+            "kinds": list(c.paths),
+            "healthy": state.healthy,
+            "loaded": state.loaded,
+            "last_probe": _iso(state.last_probe),
+            "last_error": state.last_error,
+            "last_used": _iso(state.last_used_at),
+            "vram_resident_mib": c.vram_resident_mib,
+            "vram_managed": c.vram_managed,
+            "priority": c.priority,
+            "can_coexist_with": sorted(c.can_coexist_with),
+        }
+    body = {
+        "version": VERSION,
+        "uptime_s": round(time.monotonic() - broker.started, 1),
+        "gpu": gpu,
+        "consumers": consumers,
+        "scheduler": broker.scheduler.snapshot(),
+    }
+    return web.Response(text=json.dumps(body, indent=2) + "\n", content_type="application/json")
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    """GET /healthz: the broker itself is up; touches no consumer and no GPU."""
+    return web.Response(text="ok\n")
+
+
+async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Own every resource: the client session, the GPU reader, the health task, the scheduler's holds."""
+    config = app[CONFIG]
+    session = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+    gpu = GpuReader(config.gpu)
+    consumers = Consumers(config, session)
+    scheduler = Scheduler(config, gpu, consumers)
+    app[BROKER] = Broker(config=config, session=session, gpu=gpu, consumers=consumers, scheduler=scheduler)
+    health = asyncio.create_task(consumers.run_health(), name="health")
+    try:
+        yield
+    finally:
+        health.cancel()
+        await asyncio.gather(health, return_exceptions=True)
+        await scheduler.close()
+        await gpu.close()
+        await session.close()
+
+
+def create_app(config: Config) -> web.Application:
+    """The production app; tests build theirs with this same factory."""
+    app = web.Application(middlewares=[error_middleware])
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_broker_ctx)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/v1/status", handle_status)
+    app.router.add_post("/v1/{kind}", handle_job)
+    app.router.add_get("/audio/{path:.+}", handle_audio)
+    return app
+
+
+# =====================================================================================================
+# The CLI
+# =====================================================================================================
+
+
+#: Python log levels -> syslog priorities, for journald's ``<N>`` prefix.
+SYSLOG_PRIORITIES = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+class LogfmtFormatter(logging.Formatter):
+    """logfmt lines; under journald (JOURNAL_STREAM set) the ``<N>`` priority prefix, not a timestamp."""
+
+    def __init__(self, journal: bool):
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = f"level={record.levelname.lower()} {record.getMessage()}"
+        if record.exc_info:
+            text += " traceback=" + json.dumps(self.formatException(record.exc_info))
+        if self.journal:
+            return f"<{SYSLOG_PRIORITIES.get(record.levelno, 6)}>{text}"
+        return f"ts={_iso(record.created)} {text}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mgpumanager", description="GPU-inference broker: one door to one GPU."
+    )
+    parser.add_argument("--config", default="consumers.yaml", help="YAML config (default: ./consumers.yaml)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen")
+    parser.add_argument(
+        "--nvidia-smi", metavar="CMD", help="override gpu.nvidia_smi (split like a shell would)"
+    )
+    parser.add_argument("--check", action="store_true", help="validate the config, print a summary, exit")
+    parser.add_argument(
+        "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    args = parser.parse_args(argv)
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogfmtFormatter(journal="JOURNAL_STREAM" in os.environ))
+    logging.basicConfig(level=args.log_level, handlers=[handler], force=True)
+
+    overrides: dict[str, Any] = {}
+    if args.listen is not None:
+        overrides["listen"] = args.listen
+    if args.nvidia_smi is not None:
+        overrides["gpu.nvidia_smi"] = args.nvidia_smi
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"{args.config}: {problem}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(summary(config))
+        return 0
+    log.info(logfmt(msg="starting", version=VERSION, listen=f"{config.listen_host}:{config.listen_port}"))
+    web.run_app(
+        create_app(config),
+        host=config.listen_host,
+        port=config.listen_port,
+        handler_cancellation=True,
+        access_log=None,
+        print=None,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

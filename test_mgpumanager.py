@@ -1,0 +1,847 @@
+"""Tests for mgpumanager: real HTTP servers on port 0, real subprocesses, the real nvidia-smi captures.
+
+Sections follow the daemon's: config; GPU reading; the scheduler on its own (injected clock, GPU and
+consumer calls, no sockets); the broker end to end against mgpusim's consumers; the CLI as a subprocess.
+No test asserts wall-clock speed: they assert order, counts and structure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp.test_utils import TestServer
+
+import mgpumanager as m
+import mgpusim
+
+HERE = Path(__file__).resolve().parent
+FIXTURES = HERE / "fixtures" / "nvidia-smi"
+PY = sys.executable
+
+# The field list the fixtures were captured with (see fixtures/nvidia-smi/README.md).
+FIXTURE_GPU_FIELDS = (
+    "index",
+    "uuid",
+    "name",
+    "memory.total",
+    "memory.used",
+    "memory.free",
+    "memory.reserved",
+    "utilization.gpu",
+    "temperature.gpu",
+    "power.draw",
+    "pstate",
+)
+
+
+def base_raw(**urls: str) -> dict[str, Any]:
+    """The shape of mrock's config, with URLs to fill in (defaults point nowhere useful)."""
+    url = {
+        name: urls.get(name, f"http://127.0.0.1:9/{name}")
+        for name in ("mvoice", "comfyui", "ollama", "whisper")
+    }
+    return {
+        "listen": "127.0.0.1:0",
+        "gpu": {"nvidia_smi": "nvidia-smi", "index": 0, "cushion_mib": 256, "query_timeout_s": 5},
+        "scheduler": {
+            "max_queue": 64,
+            "queue_timeout_s": 300,
+            "max_evictions": 5,
+            "vram_wait_s": 10,
+            "aging_s": 60,
+            "max_body_mib": 64,
+        },
+        "health": {"interval_s": 5, "timeout_s": 2},
+        "routing": {"tts": "mvoice", "stt": "mvoice", "llm": "ollama", "image": "comfyui"},
+        "audio_proxy": "mvoice",
+        "consumers": {
+            "mvoice": {
+                "url": url["mvoice"],
+                "health": {"method": "GET", "path": "/health"},
+                "paths": {
+                    "tts": {"method": "POST", "path": "/api/synthesize"},
+                    "stt": {"method": "POST", "path": "/api/transcribe"},
+                },
+                "vram_resident_mib": 2800,
+                "unload": {"method": "POST", "path": "/api/admin/unload"},
+                "load": {"method": "POST", "path": "/api/admin/load"},
+                "can_coexist_with": ["ollama", "whisper"],
+                "priority": 3,
+            },
+            "comfyui": {
+                "url": url["comfyui"],
+                "health": {"path": "/system_stats"},
+                "paths": {
+                    "image": {
+                        "path": "/prompt",
+                        "hold_until": {"path": "/history/{prompt_id}", "poll_s": 0.02, "timeout_s": 30},
+                    }
+                },
+                "vram_resident_mib": 13000,
+                "unload": {"path": "/free", "body": {"unload_models": True, "free_memory": True}},
+            },
+            "ollama": {
+                "url": url["ollama"],
+                "health": {"path": "/"},
+                "paths": {"llm": {"path": "/api/generate"}},
+                "vram_resident_mib": 8000,
+                "vram_managed": True,
+            },
+            "whisper": {
+                "url": url["whisper"],
+                "health": {"path": "/health"},
+                "paths": {"stt": {"path": "/inference"}},
+                "vram_resident_mib": 1500,
+            },
+        },
+    }
+
+
+def problems_of(raw: Any) -> list[str]:
+    with pytest.raises(m.ConfigError) as info:
+        m.parse_config(raw)
+    return info.value.problems
+
+
+# =====================================================================================================
+# Config
+# =====================================================================================================
+
+
+def test_shipped_config_is_valid_and_check_prints_summary():
+    config = m.load_config(HERE / "consumers.yaml")
+    assert list(config.consumers) == ["mvoice", "comfyui", "ollama", "whisper"]
+    assert config.routing == {"tts": "mvoice", "stt": "mvoice", "llm": "ollama", "image": "comfyui"}
+    text = m.summary(config)
+    for expected in (
+        "mvoice",
+        "never (vram_managed)",
+        "never (no unload route)",
+        "mvoice+ollama",
+        "/v1/image",
+    ):
+        assert expected in text
+
+
+def test_defaults_are_the_documented_ones():
+    raw = base_raw()
+    del raw["scheduler"], raw["health"], raw["gpu"]
+    config = m.parse_config(raw)
+    assert config.scheduler == m.SchedulerConfig(64, 300, 5, 10, 60, 64)
+    assert config.health == m.HealthConfig(5, 2)
+    assert config.gpu == m.GpuConfig(("nvidia-smi",), 0, 256, 5)
+    whisper = config.consumers["whisper"]
+    assert (whisper.priority, whisper.max_concurrency, whisper.timeout_s, whisper.vram_managed) == (
+        2,
+        1,
+        300,
+        False,
+    )
+    assert whisper.health.method == "GET" and whisper.paths["stt"].method == "POST"
+    comfy = config.consumers["comfyui"]
+    assert comfy.unload == m.Route("POST", "/free", {"unload_models": True, "free_memory": True}, 60)
+    raw = base_raw()
+    raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"] = {"path": "/history/{prompt_id}"}
+    hold = m.parse_config(raw).consumers["comfyui"].paths["image"].hold_until
+    assert hold == m.Hold("GET", "/history/{prompt_id}", 0.5, 600)
+
+
+def test_coexistence_is_symmetric():
+    config = m.parse_config(base_raw())
+    assert config.consumers["ollama"].can_coexist_with == {"mvoice"}
+    assert config.consumers["whisper"].can_coexist_with == {"mvoice"}
+    assert config.consumers["comfyui"].can_coexist_with == set()
+
+
+def _mutated(path: str, value: Any) -> dict[str, Any]:
+    raw = base_raw()
+    *parents, leaf = path.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    if value is KeyError:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("scheduler.max_queu", 3, "scheduler.max_queu: unknown key"),
+        ("consumers.mvoice.pririty", 3, "consumers.mvoice.pririty: unknown key"),
+        ("consumers.mvoice.paths.tts.methd", "POST", "consumers.mvoice.paths.tts.methd: unknown key"),
+        ("consumers.mvoice.paths.tts.method", "FETCH", "consumers.mvoice.paths.tts.method: must be one of"),
+        ("consumers.mvoice.url", "ftp://host/", "consumers.mvoice.url: must be an http(s) URL with a host"),
+        ("consumers.mvoice.url", "http://", "consumers.mvoice.url: must be an http(s) URL with a host"),
+        ("routing.tts", "nobody", "routing.tts: names unknown consumer 'nobody'"),
+        ("routing.image", "mvoice", "routing.image: consumer 'mvoice' has no path for kind 'image'"),
+        ("audio_proxy", "nobody", "audio_proxy: names unknown consumer 'nobody'"),
+        ("consumers.mvoice.can_coexist_with", ["ghost"], "consumers.mvoice.can_coexist_with: names unknown"),
+        ("consumers.mvoice.priority", 5, "consumers.mvoice.priority: must be an integer from 0 to 4"),
+        ("consumers.mvoice.priority", -1, "consumers.mvoice.priority: must be an integer from 0 to 4"),
+        ("scheduler.max_queue", 0, "scheduler.max_queue: must be positive"),
+        ("scheduler.aging_s", -1, "scheduler.aging_s: must be positive"),
+        ("health.timeout_s", "2s", "health.timeout_s: must be a number"),
+        ("consumers.mvoice.max_concurrency", 1.5, "consumers.mvoice.max_concurrency: must be an integer"),
+        ("gpu.index", -1, "gpu.index: must be >= 0"),
+        ("consumers.mvoice.vram_resident_mib", KeyError, "consumers.mvoice.vram_resident_mib: missing"),
+        ("consumers.mvoice.url", KeyError, "consumers.mvoice.url: missing"),
+        ("consumers.mvoice.health", KeyError, "consumers.mvoice.health: missing"),
+        ("consumers.mvoice.health", {"method": "GET"}, "consumers.mvoice.health.path: missing"),
+        ("consumers.mvoice.paths", {}, "consumers.mvoice.paths: needs at least one path"),
+        ("consumers.mvoice.paths", KeyError, "consumers.mvoice.paths: missing"),
+        (
+            "consumers.mvoice.paths.tts.path",
+            "api/synthesize",
+            "consumers.mvoice.paths.tts.path: must start with",
+        ),
+        ("consumers.mvoice.unload.timeout_s", 0, "consumers.mvoice.unload.timeout_s: must be positive"),
+        ("consumers.mvoice.vram_managed", "yes", "consumers.mvoice.vram_managed: must be true or false"),
+        (
+            "consumers.mvoice.paths.Tts",
+            {"path": "/x"},
+            "consumers.mvoice.paths.Tts: kinds are lowercase words",
+        ),
+        (
+            "consumers.mvoice.paths.status",
+            {"path": "/x"},
+            "consumers.mvoice.paths.status: 'status' is reserved",
+        ),
+        ("routing.events", "mvoice", "routing.events: 'events' is reserved"),
+        ("consumers.comfyui.paths.image.hold_until.poll_s", 0, "hold_until.poll_s: must be positive"),
+        ("listen", "8770", "listen: must be HOST:PORT"),
+        ("gpu.nvidia_smi", "", "gpu.nvidia_smi: must be a command"),
+    ],
+)
+def test_each_config_rule_names_the_key(path, value, expected):
+    problems = problems_of(_mutated(path, value))
+    assert any(expected in p for p in problems), problems
+
+
+def test_every_problem_is_reported_at_once():
+    raw = _mutated("scheduler.max_queu", 3)
+    raw["consumers"]["mvoice"]["priority"] = 9
+    raw["routing"]["tts"] = "nobody"
+    assert len(problems_of(raw)) == 3
+
+
+def test_cli_check_exits_0_or_2_naming_the_key(tmp_path):
+    ok = subprocess.run(
+        [PY, "mgpumanager.py", "--check"], cwd=HERE, capture_output=True, text=True, timeout=30
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "routing:" in ok.stdout and "comfyui" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((HERE / "consumers.yaml").read_text().replace("max_queue:", "max_queu:"))
+    res = subprocess.run(
+        [PY, str(HERE / "mgpumanager.py"), "--check", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 2
+    assert "scheduler.max_queu: unknown key" in res.stderr
+    # A bad config at start-up (no --check) exits 2 the same way and never serves.
+    res = subprocess.run(
+        [PY, str(HERE / "mgpumanager.py"), "--config", str(bad)], capture_output=True, text=True, timeout=30
+    )
+    assert res.returncode == 2 and "scheduler.max_queu: unknown key" in res.stderr
+
+
+def test_cli_overrides_listen_and_nvidia_smi(tmp_path):
+    config = m.load_config(
+        HERE / "consumers.yaml",
+        overrides={
+            "listen": "127.0.0.1:9999",
+            "gpu.nvidia_smi": "python3 mgpusim.py nvidia-smi --state 's s.json'",
+        },
+    )
+    assert (config.listen_host, config.listen_port) == ("127.0.0.1", 9999)
+    assert config.gpu.nvidia_smi == ("python3", "mgpusim.py", "nvidia-smi", "--state", "s s.json")
+
+
+# =====================================================================================================
+# GPU reading
+# =====================================================================================================
+
+
+def fixture(name: str) -> str:
+    return (FIXTURES / name).read_text()
+
+
+def test_parse_every_gpu_fixture():
+    idle = m.parse_smi_csv(fixture("query_gpu_idle.csv"), FIXTURE_GPU_FIELDS)
+    assert idle == [
+        {
+            "index": "0",
+            "uuid": "GPU-d6a06d66-1d66-7b88-4bcc-675c6e19fb1a",
+            "name": "NVIDIA H100 80GB HBM3",
+            "memory.total": "81559",
+            "memory.used": "0",
+            "memory.free": "81079",
+            "memory.reserved": "480",
+            "utilization.gpu": "0",
+            "temperature.gpu": "39",
+            "power.draw": "73.46",
+            "pstate": "P0",
+        }
+    ]
+    # The header-and-units form reads the same.
+    assert m.parse_smi_csv(fixture("query_gpu_idle_header.csv"), FIXTURE_GPU_FIELDS) == idle
+    two = m.parse_smi_csv(fixture("query_gpu_two_procs.csv"), FIXTURE_GPU_FIELDS)[0]
+    assert (two["memory.used"], two["memory.free"]) == ("17415", "63665")
+    end = m.parse_smi_csv(fixture("query_gpu_end.csv"), FIXTURE_GPU_FIELDS)[0]
+    assert (end["memory.used"], end["utilization.gpu"]) == ("0", "9")
+
+
+def test_parse_every_apps_fixture():
+    assert m.parse_smi_csv(fixture("query_apps_idle.csv"), m.APP_FIELDS) == []
+    two = m.parse_smi_csv(fixture("query_apps_two_procs.csv"), m.APP_FIELDS)
+    assert [(r["pid"], r["used_memory"]) for r in two] == [("678", "13922"), ("699", "3478")]
+    after = m.parse_smi_csv(fixture("query_apps_after_empty_cache.csv"), m.APP_FIELDS)
+    assert [(r["pid"], r["used_memory"]) for r in after] == [("678", "610"), ("699", "3478")]
+
+
+def _as_daemon_query(name: str) -> str:
+    """A fixture line cut down to the daemon's own field list (the captures asked for more fields)."""
+    rows = m.parse_smi_csv(fixture(name), FIXTURE_GPU_FIELDS)
+    return "".join(", ".join(str(r[f]) for f in m.GPU_FIELDS) + "\n" for r in rows)
+
+
+def test_gpu_reading_from_fixtures():
+    r = m.parse_gpu_reading(
+        _as_daemon_query("query_gpu_two_procs.csv"),
+        fixture("query_apps_two_procs.csv"),
+        index=0,
+        started=1.0,
+        read_at=2.0,
+    )
+    assert (r.total_mib, r.used_mib, r.free_mib, r.utilization_pct, r.temperature_c) == (
+        81559,
+        17415,
+        63665,
+        0,
+        41,
+    )
+    assert r.name == "NVIDIA H100 80GB HBM3"
+    assert r.processes == (
+        m.GpuProcess(678, "/opt/torch/.venv/bin/python3", 13922),
+        m.GpuProcess(699, "/opt/torch/.venv/bin/python3", 3478),
+    )
+
+
+def test_na_values_become_none():
+    line = "0, GPU-x, Some GPU, 16384, 100, 16000, [N/A], [Not Supported]\n"
+    r = m.parse_gpu_reading(line, "", index=0, started=0, read_at=0)
+    assert r.utilization_pct is None and r.temperature_c is None and r.free_mib == 16000
+
+
+@pytest.mark.parametrize(
+    "name", ["q_memory_idle.txt", "smi_plain_two_procs.txt", "smi_dash_version.txt", "err_bad_field.txt"]
+)
+def test_other_outputs_are_refused_as_unparsable(name):
+    with pytest.raises(m.GpuError, match="unexpected nvidia-smi output"):
+        m.parse_smi_csv(fixture(name), FIXTURE_GPU_FIELDS)
+
+
+def _smi_script(tmp_path: Path, body: str) -> tuple[str, ...]:
+    script = tmp_path / "fake-smi.sh"
+    script.write_text("#!/bin/sh\n" + body + "\n")
+    script.chmod(0o755)
+    return (str(script),)
+
+
+async def test_nvidia_smi_error_exit_carries_its_own_message(tmp_path):
+    argv = _smi_script(tmp_path, f"cat {FIXTURES / 'err_bad_index.txt'}; exit 6")
+    with pytest.raises(m.GpuError, match="exited with status 6: No devices were found"):
+        await m.run_nvidia_smi(argv, 5)
+    argv = _smi_script(tmp_path, f"cat {FIXTURES / 'err_bad_field.txt'}; exit 2")
+    with pytest.raises(m.GpuError, match='status 2: Field "bogus_field" is not a valid field'):
+        await m.run_nvidia_smi(argv, 5)
+
+
+async def test_nvidia_smi_missing_is_a_gpu_error(tmp_path):
+    with pytest.raises(m.GpuError, match="cannot run"):
+        await m.run_nvidia_smi([str(tmp_path / "no-such-nvidia-smi")], 5)
+
+
+async def test_nvidia_smi_garbage_is_a_gpu_error(tmp_path):
+    reader = m.GpuReader(
+        m.GpuConfig(nvidia_smi=_smi_script(tmp_path, "echo 'hello, world'"), query_timeout_s=5)
+    )
+    with pytest.raises(m.GpuError, match="unexpected nvidia-smi output"):
+        await reader.read()
+
+
+async def test_nvidia_smi_timeout_kills_the_process(tmp_path):
+    pidfile = tmp_path / "pid"
+    argv = _smi_script(tmp_path, f"echo $$ > {pidfile}; exec sleep 30")
+    with pytest.raises(m.GpuError, match="did not answer within 0.3 s"):
+        await m.run_nvidia_smi(argv, 0.3)
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):  # killed and reaped: no zombie left behind
+        os.kill(pid, 0)
+
+
+async def test_reader_against_mgpusim_subprocess(tmp_path):
+    gpu = mgpusim.SimGPU(tmp_path / "gpu.json", total_mib=16384, reserved_mib=480)
+    gpu.allocate("comfyui", 13000)
+    reader = m.GpuReader(m.GpuConfig(nvidia_smi=sim_smi(tmp_path / "gpu.json")))
+    r = await reader.read()
+    assert (r.total_mib, r.used_mib, r.free_mib) == (16384, 13000, 16384 - 480 - 13000)
+    assert [p.used_mib for p in r.processes] == [13000]
+    assert r.processes[0].name == "mgpusim-comfyui"
+
+
+async def test_concurrent_readers_share_one_query_and_fresh_reads_do_not(tmp_path):
+    gpu = mgpusim.SimGPU(tmp_path / "gpu.json")
+    reader = m.GpuReader(m.GpuConfig(nvidia_smi=sim_smi(tmp_path / "gpu.json")))
+    readings = await asyncio.gather(*(reader.read() for _ in range(10)))
+    assert reader.queries == 2  # one --query-gpu and one --query-compute-apps, shared by all ten
+    assert len({r.started for r in readings}) == 1
+    # A fresh read started after the memory changed sees the change, even with one in flight.
+    inflight = asyncio.ensure_future(reader.read())
+    await asyncio.sleep(0)
+    gpu.allocate("mvoice", 2800)
+    fresh = await reader.read(fresh=True)
+    older = await inflight
+    assert fresh.used_mib == 2800 and fresh.started > older.started and reader.queries == 6
+    # max_age answers from the last reading without a new query.
+    again = await reader.read(max_age=60)
+    assert again is fresh and reader.queries == 6
+
+
+def sim_smi(state: Path) -> tuple[str, ...]:
+    return (PY, str(HERE / "mgpusim.py"), "nvidia-smi", "--state", str(state))
+
+
+# =====================================================================================================
+# The scheduler on its own: injected clock, GPU and consumer calls; no sockets
+# =====================================================================================================
+
+
+class FakeClock:
+    """Simulated time: ``sleep`` advances it instead of waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+class FakeGpu:
+    """A GPU whose memory is what the fake consumers hold; counts reads and which were fresh."""
+
+    def __init__(self, total: int = 16384, reserved: int = 480) -> None:
+        self.total, self.reserved = total, reserved
+        self.held: dict[str, int] = {}
+        self.reads: list[bool] = []
+        #: Memory still held by unloaded consumers, released after this many further reads.
+        self.releasing: dict[str, int] = {}
+        self.error: str | None = None
+
+    async def read(self, *, max_age: float = 0.0, fresh: bool = False) -> m.GpuReading:
+        self.reads.append(fresh)
+        if self.error:
+            raise m.GpuError(self.error)
+        for name in list(self.releasing):
+            self.releasing[name] -= 1
+            if self.releasing[name] < 0:
+                del self.releasing[name]
+                self.held.pop(name, None)
+        used = sum(self.held.values())
+        procs = tuple(
+            m.GpuProcess(100 + i, f"/usr/bin/{n}", mib) for i, (n, mib) in enumerate(self.held.items())
+        )
+        return m.GpuReading(
+            0, "GPU-x", "Fake", self.total, used, self.total - self.reserved - used, 0, 40, procs, 0, 0
+        )
+
+
+class FakeOps:
+    """Consumer calls that record themselves and move memory on the FakeGpu."""
+
+    def __init__(self, config: m.Config, gpu: FakeGpu) -> None:
+        self.config, self.gpu = config, gpu
+        self.states = {name: m.ConsumerState() for name in config.consumers}
+        self.calls: list[tuple[str, str]] = []
+        #: name -> "fail" | "hang" | "keep" (answers ok, never frees) | int (frees after that many reads)
+        self.unload_behaviour: dict[str, Any] = {}
+        self.load_fails: set[str] = set()
+
+    async def unload(self, name: str) -> None:
+        self.calls.append(("unload", name))
+        how = self.unload_behaviour.get(name)
+        if how == "fail":
+            raise m.CallError("unload answered 500: boom")
+        if how == "hang":
+            await asyncio.Event().wait()
+        if isinstance(how, int):
+            self.gpu.releasing[name] = how
+        elif how != "keep":
+            self.gpu.held.pop(name, None)
+
+    async def load(self, name: str) -> None:
+        self.calls.append(("load", name))
+        if name in self.load_fails:
+            raise m.CallError("load answered 503: no")
+        self.gpu.held[name] = self.config.consumers[name].vram_resident_mib
+
+
+def small_config(**tweaks: Any) -> m.Config:
+    """Target t and three others x, y, z of 4000 MiB each, all with unload routes."""
+    consumers = {}
+    for name in ("t", "x", "y", "z"):
+        consumers[name] = {
+            "url": f"http://127.0.0.1:9/{name}",
+            "health": {"path": "/health"},
+            "paths": {f"k{name}": {"path": "/work"}},
+            "vram_resident_mib": 4000,
+            "unload": {"path": "/unload"},
+            "load": {"path": "/load"},
+        }
+    raw = {
+        "gpu": {"cushion_mib": 256},
+        "scheduler": {"aging_s": 60, "vram_wait_s": 1, "queue_timeout_s": 300},
+        "routing": {},
+        "consumers": consumers,
+    }
+    for dotted, value in tweaks.items():
+        *parents, leaf = dotted.split("__")
+        node = raw
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return m.parse_config(raw)
+
+
+def make_scheduler(config: m.Config) -> tuple[m.Scheduler, FakeGpu, FakeOps, FakeClock]:
+    clock = FakeClock()
+    gpu = FakeGpu()
+    ops = FakeOps(config, gpu)
+    return m.Scheduler(config, gpu, ops, clock=clock, sleep=clock.sleep), gpu, ops, clock
+
+
+def books_balance(s: m.Scheduler) -> bool:
+    st = s.stats
+    return st.jobs == st.completed + st.failed + st.cancelled + st.rejected + s.running + len(s.queue())
+
+
+def crowd(gpu: FakeGpu, ops: FakeOps, used: dict[str, float]) -> None:
+    """x, y, z resident with 4000 MiB each (free 3904 < t's 4256); ``used`` stamps their last use."""
+    for name in ("x", "y", "z"):
+        gpu.held[name] = 4000
+        ops.states[name].loaded = True
+        ops.states[name].last_used = used.get(name)
+    ops.states["t"].loaded = False
+
+
+async def test_resident_target_reads_no_gpu_and_unloads_nothing():
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {})
+    ops.states["t"].loaded = True
+    job = await s.acquire("t", "kt")
+    assert gpu.reads == [] and ops.calls == []
+    s.finish(job, "completed", status=200, success=True)
+    assert s.holder is None and books_balance(s)
+
+
+async def test_lru_victim_is_unloaded_then_target_loaded():
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {"x": 3.0, "y": 1.0, "z": 2.0})
+    job = await s.acquire("t", "kt")
+    assert ops.calls == [("unload", "y"), ("load", "t")]
+    assert (s.stats.evictions, s.stats.loads, job.evictions) == (1, 1, 1)
+    assert ops.states["y"].loaded is False and ops.states["t"].loaded is True
+    s.finish(job, "completed", status=200, success=True)
+    assert ops.states["t"].last_used is not None
+
+
+async def test_never_used_loses_first_and_ties_go_to_config_order():
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {"x": 5.0})  # y and z never used: y is listed first
+    job = await s.acquire("t", "kt")
+    assert ops.calls[0] == ("unload", "y")
+    s.finish(job, "completed")
+
+
+async def test_coexistent_consumer_is_never_picked_even_when_least_recently_used():
+    s, gpu, ops, _ = make_scheduler(small_config(consumers__t__can_coexist_with=["x"]))
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    job = await s.acquire("t", "kt")
+    assert ops.calls[0] == ("unload", "y")
+    s.finish(job, "completed")
+
+
+async def test_vram_managed_is_never_picked():
+    s, gpu, ops, _ = make_scheduler(small_config(consumers__x__vram_managed=True))
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    job = await s.acquire("t", "kt")
+    assert ops.calls[0] == ("unload", "y")
+    s.finish(job, "completed")
+
+
+async def test_failing_unload_moves_on_to_the_next_candidate():
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    ops.unload_behaviour["x"] = "fail"
+    job = await s.acquire("t", "kt")
+    assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
+    assert (s.stats.unload_failures, s.stats.evictions) == (1, 1)
+    assert ops.states["x"].loaded is None  # unknown after a failed unload
+    s.finish(job, "completed")
+
+
+async def test_nothing_evictable_is_insufficient_vram_naming_processes_and_reasons():
+    cfg = small_config(consumers__x__vram_managed=True, consumers__t__can_coexist_with=["y"])
+    raw_z = cfg.consumers["z"]
+    cfg.consumers["z"] = m.replace(raw_z, unload=None)
+    s, gpu, ops, _ = make_scheduler(cfg)
+    crowd(gpu, ops, {})
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")
+    e = info.value
+    assert (e.code, e.status, e.retryable, e.consumer) == ("insufficient_vram", 503, True, "t")
+    assert "3904 MiB free, 4256 MiB needed" in e.message
+    assert "x (vram_managed)" in e.message and "y (may coexist with t)" in e.message
+    assert "z (no unload route)" in e.message
+    assert "pid 100 /usr/bin/x 4000 MiB" in e.message
+    assert ops.calls == [] and s.holder is None and s.stats.failed == 1 and books_balance(s)
+
+
+async def test_max_evictions_bounds_the_attempts():
+    s, gpu, ops, _ = make_scheduler(small_config(scheduler__max_evictions=2))
+    crowd(gpu, ops, {})
+    for name in ("x", "y", "z"):
+        ops.unload_behaviour[name] = "fail"
+    with pytest.raises(m.BrokerError, match="gave up after 2 unload attempts"):
+        await s.acquire("t", "kt")
+    assert len(ops.calls) == 2 and s.stats.unload_failures == 2 and s.holder is None
+
+
+async def test_memory_is_polled_with_fresh_readings_until_it_shows_up_free():
+    s, gpu, ops, clock = make_scheduler(small_config())
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    ops.unload_behaviour["x"] = 3  # frees its memory on the fourth reading after the unload
+    t0 = clock.now
+    job = await s.acquire("t", "kt")
+    assert gpu.reads == [False, True, True, True, True]  # one reading before, then only fresh ones
+    assert ops.calls == [("unload", "x"), ("load", "t")]
+    assert clock.now - t0 == pytest.approx(3 * m.VRAM_POLL_S)  # polled every 100 ms, no fixed sleep
+    s.finish(job, "completed")
+
+
+async def test_unload_that_never_frees_waits_vram_wait_s_then_tries_the_next():
+    s, gpu, ops, clock = make_scheduler(small_config(scheduler__vram_wait_s=1))
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    ops.unload_behaviour["x"] = "keep"
+    t0 = clock.now
+    job = await s.acquire("t", "kt")
+    assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
+    assert 1.0 <= clock.now - t0 < 1.2
+    s.finish(job, "completed")
+
+
+async def test_gpu_error_is_gpu_unavailable():
+    s, gpu, ops, _ = make_scheduler(small_config())
+    gpu.error = "nvidia-smi exited with status 15: Unknown Error"
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")
+    assert info.value.code == "gpu_unavailable" and "Unknown Error" in info.value.message
+    assert s.holder is None and books_balance(s)
+
+
+async def test_failing_load_is_load_failed_and_state_unknown():
+    s, gpu, ops, _ = make_scheduler(small_config())
+    ops.states["t"].loaded = False
+    ops.load_fails.add("t")
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")
+    assert (info.value.code, info.value.status) == ("load_failed", 502)
+    assert ops.states["t"].loaded is None and s.holder is None and s.stats.failed == 1
+
+
+async def test_target_of_unknown_state_without_pressure_is_not_loaded():
+    s, gpu, ops, _ = make_scheduler(small_config())
+    job = await s.acquire("t", "kt")  # unknown residency, plenty of room: cold start on first request
+    assert ops.calls == [] and gpu.reads == [False]
+    s.finish(job, "completed", status=200, success=True)
+    assert ops.states["t"].loaded is True
+
+
+async def _queued(s: m.Scheduler, consumer: str) -> asyncio.Task[m.Job]:
+    task = asyncio.ensure_future(s.acquire(consumer, "k" + consumer))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    return task
+
+
+async def _grants(s: m.Scheduler, tasks: list[asyncio.Task[m.Job]]) -> list[str]:
+    """Finish jobs one at a time as they are granted; the order in which tasks got the lock."""
+    order = []
+    pending = list(tasks)
+    while pending:
+        done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1, "two jobs held the lock at once"
+        task = done.pop()
+        pending.remove(task)
+        job = task.result()
+        order.append(job.consumer)
+        s.finish(job, "completed")
+    return order
+
+
+async def test_grant_order_is_effective_priority_then_arrival():
+    cfg = small_config(consumers__x__priority=1, consumers__y__priority=3, consumers__z__priority=3)
+    s, _, ops, clock = make_scheduler(cfg)
+    for name in ops.states:
+        ops.states[name].loaded = True
+    first = await s.acquire("t", "kt")
+    x = await _queued(s, "x")
+    clock.now += 1
+    z = await _queued(s, "z")
+    clock.now += 1
+    y = await _queued(s, "y")
+    assert [j.consumer for j in s.queue()] == ["z", "y", "x"]
+    s.finish(first, "completed")
+    assert await _grants(s, [x, y, z]) == ["z", "y", "x"]
+    assert books_balance(s)
+
+
+async def test_aging_raises_a_waiting_jobs_priority():
+    cfg = small_config(consumers__x__priority=1, consumers__y__priority=3)
+    s, _, ops, clock = make_scheduler(cfg)
+    for name in ops.states:
+        ops.states[name].loaded = True
+    first = await s.acquire("t", "kt")
+    x = await _queued(s, "x")  # priority 1
+    clock.now += 130  # two aging steps: x is at 3 now
+    y = await _queued(s, "y")  # priority 3, arrived later
+    assert s.snapshot()["queue"][0] == {"consumer": "x", "kind": "kx", "priority": 3, "waited_s": 130.0}
+    s.finish(first, "completed")
+    assert await _grants(s, [x, y]) == ["x", "y"]
+
+
+async def test_queue_full_rejects_beyond_max_queue():
+    s, _, ops, _ = make_scheduler(small_config(scheduler__max_queue=2))
+    ops.states["t"].loaded = True
+    first = await s.acquire("t", "kt")
+    waiting = [await _queued(s, "t"), await _queued(s, "t")]
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")
+    assert (info.value.code, info.value.status, info.value.retryable) == ("queue_full", 503, True)
+    assert s.stats.rejected == 1 and books_balance(s)
+    s.finish(first, "completed")
+    assert await _grants(s, waiting) == ["t", "t"]
+    assert books_balance(s) and s.stats.jobs == 4
+
+
+async def test_queue_timeout_answers_a_job_that_waited_too_long():
+    s, _, ops, _ = make_scheduler(small_config(scheduler__queue_timeout_s=0.05))
+    ops.states["t"].loaded = True
+    first = await s.acquire("t", "kt")
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")
+    assert info.value.code == "queue_timeout" and s.stats.failed == 1
+    assert s.queue() == [] and books_balance(s)
+    s.finish(first, "completed")
+
+
+async def test_cancelled_waiter_leaves_no_trace_and_the_lock_passes_on():
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded = True
+    first = await s.acquire("t", "kt")
+    x = await _queued(s, "x")
+    y = await _queued(s, "y")
+    x.cancel()
+    await asyncio.gather(x, return_exceptions=True)
+    assert [j.consumer for j in s.queue()] == ["y"] and s.stats.cancelled == 1
+    s.finish(first, "completed")
+    job = await y
+    assert job.consumer == "y" and s.holder == "y" and books_balance(s)
+    s.finish(job, "completed")
+
+
+async def test_waiter_cancelled_while_being_granted_passes_the_grant_on():
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded = True
+    first = await s.acquire("t", "kt")
+    x = await _queued(s, "x")
+    y = await _queued(s, "y")
+    s.finish(first, "completed")  # grants x ...
+    x.cancel()  # ... which is cancelled before it runs again
+    await asyncio.gather(x, return_exceptions=True)
+    job = await asyncio.wait_for(y, 5)
+    assert job.consumer == "y" and s.stats.cancelled == 1 and books_balance(s)
+    s.finish(job, "completed")
+
+
+async def test_cancel_during_unload_leaves_the_victim_unknown_and_the_lock_free():
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    ops.unload_behaviour["x"] = "hang"
+    task = await _queued(s, "t")
+    assert ops.calls == [("unload", "x")]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert ops.states["x"].loaded is None and ops.states["t"].loaded is False
+    assert s.holder is None and s.stats.cancelled == 1 and books_balance(s)
+
+
+async def test_max_concurrency_lets_the_holder_join_but_never_another_consumer():
+    s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=2))
+    for name in ops.states:
+        ops.states[name].loaded = True
+    a = await s.acquire("t", "kt")
+    b = await s.acquire("t", "kt")  # joins: nobody else waits
+    assert (s.holder, s.running) == ("t", 2)
+    x = await _queued(s, "x")
+    c = await _queued(s, "t")  # x waits with equal priority: t may not join any more
+    s.finish(a, "completed")
+    await asyncio.sleep(0)
+    assert not c.done() and not x.done() and s.running == 1
+    s.finish(b, "completed")
+    assert (await x).consumer == "x" and not c.done()
+    s.finish(x.result(), "completed")
+    s.finish(await c, "completed")
+    assert books_balance(s)
+
+
+async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded = True
+    job = await s.acquire("t", "kt")
+    release = asyncio.Event()
+    s.finish(job, "completed", status=200, success=True, hold=release.wait, hold_timeout_s=30)
+    x = await _queued(s, "x")
+    assert not x.done() and s.snapshot()["holder"] == {"consumer": "t", "jobs": 0, "holds": 1}
+    release.set()
+    s.finish(await x, "completed")
+    job = await s.acquire("t", "kt")
+    s.finish(job, "completed", hold=asyncio.Event().wait, hold_timeout_s=0.05)
+    y = await _queued(s, "y")
+    s.finish(await asyncio.wait_for(y, 5), "completed")
+    assert s.stats.hold_timeouts == 1 and books_balance(s)
