@@ -833,6 +833,8 @@ class Consumers:
         self.session = session
         self.clock = clock
         self.states: dict[str, ConsumerState] = {name: ConsumerState() for name in config.consumers}
+        #: Health rounds that crashed (a bug, not a consumer failure): logged and counted.
+        self.health_errors = 0
 
     async def unload(self, name: str) -> None:
         c = self.config.consumers[name]
@@ -907,13 +909,14 @@ class Consumers:
         await asyncio.gather(*(self.probe(name) for name in self.config.consumers))
 
     async def run_health(self) -> None:
-        """Probe every consumer every ``health.interval_s``, forever; owned by the app."""
+        """After the first round, probe every consumer every ``health.interval_s``; owned by the app."""
         while True:
+            await asyncio.sleep(self.config.health.interval_s)
             try:
                 await self.probe_all()
             except Exception as e:
+                self.health_errors += 1
                 log.error(logfmt(msg="health round crashed", error=describe(e)))
-            await asyncio.sleep(self.config.health.interval_s)
 
 
 # =====================================================================================================
@@ -1652,9 +1655,9 @@ async def _run_job(
     outcome, code, upstream, done = "failed", None, None, False
     capture: bytearray | None = None
     try:
-        query = "?" + request.query_string if request.query_string else ""
+        _, sep, query = request.raw_path.partition("?")  # kept as the client encoded it
         upstream = await open_upstream(
-            broker.session, consumer, path.method, path.path + query, request_headers(request), body
+            broker.session, consumer, path.method, path.path + sep + query, request_headers(request), body
         )
         if path.hold_until is not None and 200 <= upstream.status < 300:
             capture = bytearray()
@@ -1817,6 +1820,9 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     consumers = Consumers(config, session)
     scheduler = Scheduler(config, gpu, consumers)
     app[BROKER] = Broker(config=config, session=session, gpu=gpu, consumers=consumers, scheduler=scheduler)
+    # The first health round completes before serving (bounded by health.timeout_s), so the first jobs
+    # already know who is up and who reports itself loaded.
+    await consumers.probe_all()
     health = asyncio.create_task(consumers.run_health(), name="health")
     try:
         yield

@@ -8,11 +8,9 @@ No test asserts wall-clock speed: they assert order, counts and structure.
 from __future__ import annotations
 
 import asyncio
-import copy
+import itertools
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 import mgpumanager as m
@@ -391,7 +389,7 @@ async def test_nvidia_smi_garbage_is_a_gpu_error(tmp_path):
 async def test_nvidia_smi_timeout_kills_the_process(tmp_path):
     pidfile = tmp_path / "pid"
     argv = _smi_script(tmp_path, f"echo $$ > {pidfile}; exec sleep 30")
-    with pytest.raises(m.GpuError, match="did not answer within 0.3 s"):
+    with pytest.raises(m.GpuError, match=r"did not answer within 0\.3 s"):
         await m.run_nvidia_smi(argv, 0.3)
     pid = int(pidfile.read_text())
     with pytest.raises(ProcessLookupError):  # killed and reaped: no zombie left behind
@@ -663,7 +661,7 @@ async def test_unload_that_never_frees_waits_vram_wait_s_then_tries_the_next():
 
 
 async def test_gpu_error_is_gpu_unavailable():
-    s, gpu, ops, _ = make_scheduler(small_config())
+    s, gpu, _, _ = make_scheduler(small_config())
     gpu.error = "nvidia-smi exited with status 15: Unknown Error"
     with pytest.raises(m.BrokerError) as info:
         await s.acquire("t", "kt")
@@ -672,7 +670,7 @@ async def test_gpu_error_is_gpu_unavailable():
 
 
 async def test_failing_load_is_load_failed_and_state_unknown():
-    s, gpu, ops, _ = make_scheduler(small_config())
+    s, _, ops, _ = make_scheduler(small_config())
     ops.states["t"].loaded = False
     ops.load_fails.add("t")
     with pytest.raises(m.BrokerError) as info:
@@ -845,3 +843,294 @@ async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
     y = await _queued(s, "y")
     s.finish(await asyncio.wait_for(y, 5), "completed")
     assert s.stats.hold_timeouts == 1 and books_balance(s)
+
+
+# =====================================================================================================
+# The broker end to end: mgpusim's consumers on port 0, the production app in-process
+# =====================================================================================================
+
+
+class Rig:
+    """Simulated GPU and consumers, and the broker in front of them, all on real sockets."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.servers: list[TestServer] = []
+        self.sims: dict[str, mgpusim.SimConsumer] = {}
+        self.sim_servers: dict[str, TestServer] = {}
+
+    async def start(
+        self,
+        *,
+        total_mib: int = 16384,
+        sims: dict[str, dict[str, Any]] | None = None,
+        tweak: Any = None,
+        urls: dict[str, str] | None = None,
+    ) -> Rig:
+        self.state = self.tmp_path / "gpu.json"
+        self.gpu = mgpusim.SimGPU(self.state, total_mib=total_mib, reserved_mib=480)
+        kinds = {
+            "mvoice": mgpusim.MvoiceSim,
+            "comfyui": mgpusim.ComfySim,
+            "ollama": mgpusim.OllamaSim,
+            "whisper": mgpusim.WhisperSim,
+        }
+        options = {"ollama": {"vram_mib": 8000}} | (sims or {})
+        for name, cls in kinds.items():
+            sim = cls(name, self.gpu, **options.get(name, {}))
+            server = TestServer(sim.app, host="127.0.0.1", port=0)
+            await server.start_server()
+            self.sims[name], self.sim_servers[name] = sim, server
+        raw = base_raw(
+            **{n: str(s.make_url("")).rstrip("/") for n, s in self.sim_servers.items()} | (urls or {})
+        )
+        raw["gpu"]["nvidia_smi"] = list(sim_smi(self.state))
+        raw["health"] = {"interval_s": 3600, "timeout_s": 2}  # tests probe explicitly
+        if tweak:
+            tweak(raw)
+        self.config = m.parse_config(raw)
+        self.app = m.create_app(self.config)
+        self.server = TestServer(self.app, host="127.0.0.1", port=0)
+        await self.server.start_server()
+        self.broker = self.app[m.BROKER]
+        self.session = aiohttp.ClientSession(auto_decompress=False)
+        return self
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    @property
+    def stats(self) -> m.Stats:
+        return self.broker.scheduler.stats
+
+    async def post(self, kind: str, payload: Any = None, **kw: Any) -> tuple[int, dict[str, str], bytes]:
+        async with self.session.post(self.url(f"/v1/{kind}"), json=payload, **kw) as resp:
+            return resp.status, dict(resp.headers), await resp.read()
+
+    async def status(self) -> dict[str, Any]:
+        async with self.session.get(self.url("/v1/status")) as resp:
+            assert resp.status == 200
+            return await resp.json()
+
+    async def close(self) -> None:
+        await self.session.close()
+        await self.server.close()
+        for server in self.sim_servers.values():
+            await server.close()
+
+
+@pytest.fixture
+async def rig(tmp_path):
+    rigs: list[Rig] = []
+
+    async def make(**kw: Any) -> Rig:
+        home = tmp_path / f"rig{len(rigs)}"
+        home.mkdir()
+        r = await Rig(home).start(**kw)
+        rigs.append(r)
+        return r
+
+    yield make
+    for r in rigs:
+        await r.close()
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    """Wait for a condition the broker reaches on its own (bounded: a hang fails the test)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def error_of(status: int, headers: dict[str, str], body: bytes, code: str) -> dict[str, Any]:
+    """Assert the broker's error shape and code; return the parsed error."""
+    data = json.loads(body)
+    assert set(data) == {"error", "message", "consumer", "retryable"}, data
+    assert data["error"] == code, data
+    assert status == m.ERROR_CODES[code][0] and data["retryable"] is m.ERROR_CODES[code][1]
+    assert isinstance(data["message"], str) and data["message"]
+    if status == 503:
+        assert headers["Retry-After"].isdigit()
+    return data
+
+
+def overlaps(records: list[mgpusim.Record]) -> list[tuple[mgpusim.Record, mgpusim.Record]]:
+    spans = sorted(records, key=lambda r: r.start)
+    return [(a, b) for a, b in itertools.pairwise(spans) if b.start < (a.end or float("inf"))]
+
+
+async def test_tts_job_passes_through_with_headers_and_body(rig):
+    r = await rig()
+    status, headers, body = await r.post(
+        "tts",
+        {"text": "hello"},
+        headers={"X-Custom": "1", "Connection": "keep-alive, X-Secret", "X-Secret": "s"},
+    )
+    assert status == 200 and body.startswith(b"RIFF") and headers["Content-Type"] == "audio/wav"
+    assert headers["X-Audio-Path"].startswith("/audio/")
+    seen = r.sims["mvoice"].records[-1]
+    assert seen.path == "/api/synthesize" and json.loads(seen.body) == {"text": "hello"}
+    assert seen.headers["X-Custom"] == "1"
+    assert "X-Secret" not in seen.headers  # named in Connection: hop-by-hop
+    assert seen.headers["Host"] != r.url("/").split("/")[2]  # the consumer's own host, not the broker's
+    assert "User-Agent" not in seen.headers or "Python" in seen.headers.get("User-Agent", "")
+    st = await r.status()
+    assert st["scheduler"]["stats"]["completed"] == 1 and st["consumers"]["mvoice"]["loaded"] is True
+    # The audio the job made is fetched through the broker, unscheduled.
+    async with r.session.get(r.url(headers["X-Audio-Path"])) as resp:
+        assert resp.status == 200 and await resp.read() == body
+    assert r.stats.jobs == 1
+
+
+async def test_query_string_is_kept(rig):
+    r = await rig()
+    async with r.session.post(r.url("/v1/stt?lang=de&x=%20y"), data=b"\x00\x01audio") as resp:
+        assert resp.status == 200 and (await resp.json())["bytes"] == 7
+    assert r.sims["mvoice"].records[-1].query == "lang=de&x=%20y"
+
+
+async def test_comfyui_evicted_to_fit_mvoice_one_unload_one_load(rig):
+    r = await rig(sims={"comfyui": {"loaded": True, "release_s": 0.05}, "mvoice": {"loaded": False}})
+    assert r.gpu.free_mib() == 16384 - 480 - 13000  # 2904 MiB: mvoice's 2800 + 256 do not fit
+    status, _, body = await r.post("tts", {"text": "hi"})
+    assert status == 200 and body.startswith(b"RIFF")
+    comfy, mvoice = r.sims["comfyui"], r.sims["mvoice"]
+    assert (comfy.unloads, mvoice.loads) == (1, 1)
+    assert [rec.path for rec in mvoice.records] == ["/api/admin/load", "/api/synthesize"]
+    assert comfy.records[-1].path == "/free" and json.loads(comfy.records[-1].body) == {
+        "unload_models": True,
+        "free_memory": True,
+    }
+    assert (r.stats.evictions, r.stats.loads, r.stats.unload_failures) == (1, 1, 0)
+    st = await r.status()
+    assert st["consumers"]["comfyui"]["loaded"] is False and st["consumers"]["mvoice"]["loaded"] is True
+
+
+async def test_image_job_evicts_mvoice_and_holds_until_history(rig):
+    r = await rig(sims={"comfyui": {"work_s": 0.3}, "mvoice": {"loaded": True}})
+    status, _, body = await r.post("image", {"prompt": {"1": {}}})
+    assert status == 200
+    prompt_id = json.loads(body)["prompt_id"]
+    assert r.sims["mvoice"].unloads == 1 and r.stats.evictions == 1
+    # The client has its answer; the render goes on and the hold keeps the next job out.
+    st = await r.status()
+    assert st["scheduler"]["holder"] == {"consumer": "comfyui", "jobs": 0, "holds": 1}
+    status, _, _ = await r.post("tts", {"text": "after"})
+    assert status == 200
+    render = r.sims["comfyui"].work[0]
+    synth = next(rec for rec in r.sims["mvoice"].records if rec.path == "/api/synthesize")
+    assert render.end is not None and synth.start >= render.end
+    history = [rec for rec in r.sims["comfyui"].records if rec.path == f"/history/{prompt_id}"]
+    assert len(history) >= 2  # polled while empty, then once non-empty
+
+
+async def test_jobs_of_different_consumers_never_overlap(rig):
+    r = await rig(sims={"mvoice": {"work_s": 0.03}, "ollama": {"work_s": 0.03, "line_interval_s": 0.005}})
+    calls = [r.post("tts", {"text": "a"}) for _ in range(3)] + [
+        r.post("llm", {"model": "m", "prompt": "p"}) for _ in range(3)
+    ]
+    calls += [r.post("stt", None, data=b"x") for _ in range(2)]
+    results = await asyncio.gather(*calls)
+    assert [s for s, _, _ in results] == [200] * 8
+    work = r.sims["mvoice"].work + r.sims["ollama"].work
+    assert len(work) == 8 and overlaps(work) == []
+
+
+async def test_max_concurrency_two_overlaps_one_consumer_never_another(rig):
+    def two(raw):
+        raw["consumers"]["mvoice"]["max_concurrency"] = 2
+
+    r = await rig(sims={"mvoice": {"work_s": 0.2, "loaded": True}, "ollama": {"work_s": 0.05}}, tweak=two)
+    results = await asyncio.gather(
+        r.post("tts", {"text": "a"}),
+        r.post("tts", {"text": "b"}),
+        r.post("llm", {"model": "m", "prompt": "p"}),
+    )
+    assert [s for s, _, _ in results] == [200, 200, 200]
+    mvoice, ollama = r.sims["mvoice"], r.sims["ollama"]
+    assert mvoice.max_active == 2
+    for a in mvoice.work:
+        for b in ollama.work:
+            assert b.start >= a.end or a.start >= b.end
+
+
+async def test_streaming_first_line_arrives_before_the_last_is_produced(rig):
+    r = await rig(sims={"ollama": {"lines": 6, "line_interval_s": 0.1}})
+    async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("application/x-ndjson")
+        first = await resp.content.readline()
+        got_first = time.monotonic()
+        assert json.loads(first)["done"] is False
+        rest = await resp.read()
+    line_times = r.sims["ollama"].line_times[0]
+    assert len(line_times) == 7 and got_first < line_times[-1]
+    assert rest.count(b"\n") == 6 and json.loads(rest.splitlines()[-1])["done"] is True
+
+
+async def test_consumer_error_status_passes_through_unchanged(rig):
+    r = await rig()
+    r.sims["mvoice"].faults["status"] = 422
+    status, headers, body = await r.post("tts", {"text": "x"})
+    assert status == 422 and json.loads(body) == {"error": "simulated"}
+    assert headers["Content-Type"].startswith("application/json")
+    assert r.stats.completed == 1 and r.stats.failed == 0
+
+
+async def test_disconnect_while_queued_never_reaches_the_consumer(rig):
+    r = await rig(sims={"mvoice": {"work_s": 0.5, "loaded": True}})
+    busy = asyncio.ensure_future(r.post("tts", {"text": "long"}))
+    await until(lambda: r.broker.scheduler.holder is not None)
+    with pytest.raises(asyncio.TimeoutError):
+        await r.post("llm", {"model": "m", "prompt": "p"}, timeout=aiohttp.ClientTimeout(total=0.1))
+    await until(lambda: r.stats.cancelled > 0)
+    assert r.broker.scheduler.queue() == []
+    assert (await busy)[0] == 200
+    assert r.sims["ollama"].records == []
+    st = await r.status()
+    assert st["scheduler"]["stats"]["cancelled"] == 1 and st["scheduler"]["holder"] is None
+
+
+async def test_disconnect_mid_stream_releases_the_lock(rig):
+    r = await rig(sims={"ollama": {"lines": 50, "line_interval_s": 0.05}})
+    resp = await r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"})
+    await resp.content.readline()
+    resp.close()  # the client leaves mid-stream
+    await until(lambda: r.stats.cancelled > 0)
+    assert r.broker.scheduler.holder is None
+    status, _, _ = await r.post("tts", {"text": "next"})
+    assert status == 200 and len(r.sims["ollama"].line_times[0]) < 51
+
+
+async def _cut_off_upstream(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    await resp.write(b'{"response": "tok", "done": false}\n')
+    await asyncio.sleep(0.05)
+    request.transport.abort()  # the consumer dies mid-stream
+    return resp
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def test_consumer_dying_mid_stream_truncates_the_answer_and_frees_the_lock(rig):
+    dying = web.Application()
+    dying.router.add_post("/api/generate", _cut_off_upstream)
+    dying.router.add_get("/", _ok)
+    server = TestServer(dying, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        r = await rig(urls={"ollama": str(server.make_url("")).rstrip("/")})
+        async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as resp:
+            assert resp.status == 200
+            assert await resp.content.readline() == b'{"response": "tok", "done": false}\n'
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        assert r.stats.failed == 1 and r.broker.scheduler.holder is None
+        st = await r.status()
+        assert st["consumers"]["ollama"]["healthy"] is False
+        assert (await r.post("tts", {"text": "next"}))[0] == 200
+    finally:
+        await server.close()

@@ -1,0 +1,47 @@
+# mgpumanager: `make demo` and `make test` are all a newcomer needs; each makes .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+HOST   ?= mrock
+CONFIG ?= consumers.yaml
+
+.PHONY: demo test lint run check deploy clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python mgpusim.py demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+run: $(STAMP)
+	$(BIN)/python mgpumanager.py --config $(CONFIG)
+
+check: $(STAMP)
+	$(BIN)/python mgpumanager.py --check --config $(CONFIG)
+
+# Copies the daemon, the config and the unit; validates the config there before restarting.
+deploy: check
+	ssh $(HOST) 'mkdir -p /tmp/mgpumanager-deploy'
+	scp mgpumanager.py consumers.yaml mgpumanager.service $(HOST):/tmp/mgpumanager-deploy/
+	ssh $(HOST) 'cd /tmp/mgpumanager-deploy \
+	  && python3 mgpumanager.py --check --config consumers.yaml >/dev/null \
+	  && sudo install -D -m 0644 mgpumanager.py /opt/mgpumanager/mgpumanager.py \
+	  && sudo install -D -m 0644 consumers.yaml /etc/mgpumanager/consumers.yaml \
+	  && sudo install -D -m 0644 mgpumanager.service /etc/systemd/system/mgpumanager.service \
+	  && sudo systemctl daemon-reload && sudo systemctl enable --quiet mgpumanager \
+	  && sudo systemctl restart mgpumanager'
+	ssh $(HOST) 'for i in 1 2 3 4 5 6 7 8 9 10; do curl -fsS http://127.0.0.1:8770/healthz && exit 0; sleep 1; done; \
+	  sudo journalctl -u mgpumanager -n 30 --no-pager; exit 1'
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache __pycache__

@@ -1,0 +1,1119 @@
+"""mgpusim: a simulated NVIDIA GPU and simulated GPU-inference services, for testing mgpumanager.
+
+One file, three parts:
+
+* ``SimGPU`` keeps a fake GPU (or several) in a small JSON state file: its memory, and the processes
+  holding some of it.  ``TorchVRAM`` has the same allocate/release interface but holds real GPU memory
+  through PyTorch, for runs on a machine with a real GPU.
+* ``python3 mgpusim.py nvidia-smi --state FILE [nvidia-smi arguments]`` answers ``--query-gpu`` and
+  ``--query-compute-apps`` queries from that file, in exactly the output format of the real tool (see
+  fixtures/nvidia-smi/), so the broker can be pointed at it instead of nvidia-smi.
+* ``SimConsumer`` and its subclasses ``MvoiceSim``, ``OllamaSim``, ``ComfySim`` and ``WhisperSim`` are
+  aiohttp apps that imitate the services the broker fronts: they take VRAM when they load, give it back
+  when told to unload, record every request with its timing, and have fault switches.  Tests run them
+  in-process (``aiohttp.test_utils.TestServer(sim.app)``); ``python3 mgpusim.py consumers ...`` runs
+  them as one process.
+
+The nvidia-smi mode runs as a subprocess on every GPU reading, so it must start fast: it is answered
+before asyncio and aiohttp are imported (see "Fast path" below).
+"""
+
+# Most imports come after the nvidia-smi fast path, on purpose (annotations are not evaluated, so the
+# names they use may be imported there):
+# ruff: noqa: E402
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+# ---- GPU state file ----
+# {"gpus": [{"index": 0, "uuid": "GPU-...", "name": "NVIDIA SIM 16GB", "total_mib": 16384,
+#            "reserved_mib": 480, "utilization_pct": 0, "temperature_c": 35, "power_w": 60.5,
+#            "pstate": "P0"}],
+#  "processes": [{"pid": 41001, "name": "mgpusim-mvoice", "used_mib": 2800, "gpu_uuid": "GPU-..."}],
+#  "faults": {"smi": "hang" | "fail" | "garbage", "smi_delay_s": 0.2}}
+# memory.used = the GPU's processes' used_mib summed; memory.free = total - reserved - used (at least 0).
+
+UUID_PREFIX = "GPU-5157a3c0-0000-4000-8000-"
+PROCESS_PREFIX = "mgpusim-"
+
+
+def read_state(path: Path | str) -> dict[str, Any]:
+    """Read a state file; writers replace it atomically, so reading needs no lock."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def used_mib_on(state: dict[str, Any], gpu: dict[str, Any]) -> int:
+    """memory.used of one GPU: the sum of its processes' memory."""
+    return sum(p["used_mib"] for p in state["processes"] if p["gpu_uuid"] == gpu["uuid"])
+
+
+def free_mib_on(state: dict[str, Any], gpu: dict[str, Any]) -> int:
+    """memory.free of one GPU: total - reserved - used, never below 0."""
+    return max(0, gpu["total_mib"] - gpu["reserved_mib"] - used_mib_on(state, gpu))
+
+
+# ---- nvidia-smi ----
+
+# Field -> unit, as --format=csv shows it ("" for none).
+GPU_FIELDS = {
+    "index": "",
+    "uuid": "",
+    "name": "",
+    "memory.total": "MiB",
+    "memory.used": "MiB",
+    "memory.free": "MiB",
+    "memory.reserved": "MiB",
+    "utilization.gpu": "%",
+    "temperature.gpu": "",
+    "power.draw": "W",
+    "pstate": "",
+}
+APP_FIELDS = {"pid": "", "process_name": "", "used_memory": "MiB", "gpu_uuid": ""}
+HEADER_NAMES = {"used_memory": "used_gpu_memory"}  # where the csv header differs from the field name
+
+NO_DEVICES = "No devices were found\n"
+INVALID_ARGS = "Invalid combination of input arguments. Please run 'nvidia-smi -h' for help.\n\n"
+NO_DRIVER = (
+    "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
+    "Make sure that the latest NVIDIA driver is installed and running.\n\n"
+)
+FAIL_TEXT = "Unable to determine the device handle for GPU0000:00:06.0: Unknown Error\n"
+VERSION_TEXT = (
+    "NVIDIA-SMI version  : 580.159.04\n"
+    "NVML version        : 580.159\n"
+    "DRIVER version      : 580.159.04\n"
+    "CUDA Version        : 13.0\n"
+)
+SMI_OPTIONS = {"-i": "ids", "--id": "ids", "--query-gpu": "query_gpu", "--query-compute-apps": "query_apps"}
+
+
+class SmiExit(Exception):
+    """Ends an nvidia-smi answer early: `text` goes to stdout, `code` is the exit status."""
+
+    def __init__(self, text: str, code: int) -> None:
+        super().__init__(text)
+        self.text = text
+        self.code = code
+
+
+class SmiArgs:
+    """The parsed nvidia-smi command line."""
+
+    def __init__(self) -> None:
+        self.state: str | None = os.environ.get("MGPUSIM_STATE")
+        self.ids: list[str] | None = None
+        self.query_gpu: list[str] | None = None
+        self.query_apps: list[str] | None = None
+        self.header = True
+        self.units = True
+        self.version = False
+
+
+def parse_smi_args(argv: list[str]) -> SmiArgs:
+    """Parse nvidia-smi arguments by hand: both `--opt=value` and `--opt value` are accepted."""
+    args = SmiArgs()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--version":
+            args.version = True
+            continue
+        key, has_value, value = arg.partition("=")
+        if key not in (*SMI_OPTIONS, "--format", "--state"):
+            raise SmiExit(INVALID_ARGS, 2)
+        if not has_value:
+            if i >= len(argv):
+                raise SmiExit(INVALID_ARGS, 2)
+            value = argv[i]
+            i += 1
+        if key == "--state":
+            args.state = value
+        elif key == "--format":
+            parts = [p.strip() for p in value.split(",")]
+            if "csv" not in parts or not set(parts) <= {"csv", "noheader", "nounits"}:
+                raise SmiExit(INVALID_ARGS, 2)
+            args.header = "noheader" not in parts
+            args.units = "nounits" not in parts
+        else:
+            setattr(args, SMI_OPTIONS[key], [v.strip() for v in value.split(",") if v.strip()])
+    return args
+
+
+def apply_smi_faults(faults: dict[str, Any]) -> None:
+    """Act out the nvidia-smi faults set in the state file."""
+    if faults.get("smi") == "hang":
+        while True:
+            time.sleep(3600)
+    if faults.get("smi") == "fail":
+        raise SmiExit(FAIL_TEXT, 15)
+    if faults.get("smi") == "garbage":
+        raise SmiExit("\x00\x01garbage output\n", 0)
+    if faults.get("smi_delay_s"):
+        time.sleep(float(faults["smi_delay_s"]))
+
+
+def check_fields(fields: list[str], known: dict[str, str]) -> None:
+    """Reject the first unknown field exactly as nvidia-smi does."""
+    for field in fields:
+        if field not in known:
+            raise SmiExit(f'Field "{field}" is not a valid field to query.\n\n', 2)
+
+
+def select_gpus(state: dict[str, Any], ids: list[str] | None) -> list[dict[str, Any]]:
+    """The GPUs named by -i (index or uuid), or all of them."""
+    if ids is None:
+        return list(state["gpus"])
+    chosen = []
+    for wanted in ids:
+        match = [g for g in state["gpus"] if wanted in (str(g["index"]), g["uuid"])]
+        if not match:
+            raise SmiExit(NO_DEVICES, 6)
+        chosen.extend(match)
+    return chosen
+
+
+def gpu_value(state: dict[str, Any], gpu: dict[str, Any], field: str) -> str:
+    """One --query-gpu value, without its unit."""
+    values = {
+        "index": gpu["index"],
+        "uuid": gpu["uuid"],
+        "name": gpu["name"],
+        "memory.total": gpu["total_mib"],
+        "memory.used": used_mib_on(state, gpu),
+        "memory.free": free_mib_on(state, gpu),
+        "memory.reserved": gpu["reserved_mib"],
+        "utilization.gpu": gpu.get("utilization_pct", 0),
+        "temperature.gpu": gpu.get("temperature_c", 35),
+        "power.draw": f"{float(gpu.get('power_w', 60.5)):.2f}",
+        "pstate": gpu.get("pstate", "P0"),
+    }
+    return str(values[field])
+
+
+def app_value(proc: dict[str, Any], field: str) -> str:
+    """One --query-compute-apps value, without its unit."""
+    values = {
+        "pid": proc["pid"],
+        "process_name": proc["name"],
+        "used_memory": proc["used_mib"],
+        "gpu_uuid": proc["gpu_uuid"],
+    }
+    return str(values[field])
+
+
+def format_csv(fields: list[str], units: dict[str, str], rows: list[list[str]], args: SmiArgs) -> str:
+    """Lay out rows as nvidia-smi's csv: values joined by ", ", an optional header, optional units."""
+    lines = []
+    if args.header:
+        names = [HEADER_NAMES.get(f, f) + (f" [{units[f]}]" if units[f] else "") for f in fields]
+        lines.append(", ".join(names))
+    for row in rows:
+        if args.units:
+            row_with_units = [f"{v} {units[f]}" if units[f] else v for f, v in zip(fields, row, strict=True)]
+            lines.append(", ".join(row_with_units))
+        else:
+            lines.append(", ".join(row))
+    return "".join(line + "\n" for line in lines)
+
+
+def answer_smi(argv: list[str]) -> str:
+    """What nvidia-smi would print for these arguments (SmiExit for an error or a fault)."""
+    args = parse_smi_args(argv)
+    if args.version:
+        return VERSION_TEXT
+    if args.state is None:
+        raise SmiExit("mgpusim nvidia-smi: --state FILE (or $MGPUSIM_STATE) is required\n", 2)
+    try:
+        state = read_state(args.state)
+    except (OSError, ValueError):
+        raise SmiExit(NO_DRIVER, 9) from None
+    apply_smi_faults(state.get("faults") or {})
+    if (args.query_gpu is None) == (args.query_apps is None):
+        raise SmiExit(INVALID_ARGS, 2)
+    if args.query_gpu is not None:
+        check_fields(args.query_gpu, GPU_FIELDS)
+        gpus = select_gpus(state, args.ids)
+        rows = [[gpu_value(state, gpu, f) for f in args.query_gpu] for gpu in gpus]
+        return format_csv(args.query_gpu, GPU_FIELDS, rows, args)
+    fields = args.query_apps or []
+    check_fields(fields, APP_FIELDS)
+    procs = state["processes"]
+    if args.ids is not None:
+        uuids = {g["uuid"] for g in select_gpus(state, args.ids)}
+        procs = [p for p in procs if p["gpu_uuid"] in uuids]
+    rows = [[app_value(proc, f) for f in fields] for proc in procs]
+    return format_csv(fields, APP_FIELDS, rows, args)
+
+
+def smi_main(argv: list[str]) -> int:
+    """`mgpusim.py nvidia-smi ...`: print the answer to stdout and return the exit status."""
+    try:
+        text, code = answer_smi(argv), 0
+    except SmiExit as e:
+        text, code = e.text, e.code
+    sys.stdout.buffer.write(text.encode())
+    sys.stdout.buffer.flush()
+    return code
+
+
+# ---- Fast path ----
+# Everything above needs only the standard library: answer nvidia-smi before importing the rest.
+if __name__ == "__main__" and sys.argv[1:2] == ["nvidia-smi"]:
+    sys.exit(smi_main(sys.argv[2:]))
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import io
+import shutil
+import signal
+import tempfile
+import uuid
+import wave
+import weakref
+import zlib
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NoReturn
+
+from aiohttp import web
+
+# ---- GPU state: SimGPU and TorchVRAM ----
+
+
+def gpu_uuid(index: int) -> str:
+    """The fake, stable uuid of simulated GPU number `index`."""
+    return f"{UUID_PREFIX}{index:012d}"
+
+
+def fake_pid(owner: str) -> int:
+    """A fake pid for an owner, the same in every process."""
+    return 40000 + zlib.crc32(owner.encode()) % 20000
+
+
+class SimGPU:
+    """Simulated GPUs kept in a JSON state file that `mgpusim.py nvidia-smi` reads.
+
+    Every read-modify-write holds an exclusive flock on `<path>.lock` and replaces the file atomically.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        total_mib: int = 16384,
+        reserved_mib: int = 480,
+        gpus: int = 1,
+        create: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self.lock_path = Path(f"{self.path}.lock")
+        if create:
+            state = {
+                "gpus": [self._new_gpu(i, total_mib, reserved_mib) for i in range(gpus)],
+                "processes": [],
+                "faults": {},
+            }
+            with self._locked():
+                self._write(state)
+
+    @staticmethod
+    def _new_gpu(index: int, total_mib: int, reserved_mib: int) -> dict[str, Any]:
+        """A fresh, idle GPU entry."""
+        return {
+            "index": index,
+            "uuid": gpu_uuid(index),
+            "name": f"NVIDIA SIM {round(total_mib / 1024)}GB",
+            "total_mib": total_mib,
+            "reserved_mib": reserved_mib,
+            "utilization_pct": 0,
+            "temperature_c": 35,
+            "power_w": 60.5,
+            "pstate": "P0",
+        }
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the exclusive lock on the sidecar lock file."""
+        with open(self.lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _write(self, state: dict[str, Any]) -> None:
+        """Write the state to a temporary file in the same directory, then rename it over the old one."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    @contextlib.contextmanager
+    def edit(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write under the lock: `with sim_gpu.edit() as state: state["gpus"][0][...] = ...`."""
+        with self._locked():
+            state = read_state(self.path)
+            yield state
+            self._write(state)
+
+    def read(self) -> dict[str, Any]:
+        """The whole state, as stored."""
+        return read_state(self.path)
+
+    @staticmethod
+    def _gpu(state: dict[str, Any], index: int) -> dict[str, Any]:
+        """The GPU entry with that index (ValueError if there is none)."""
+        for gpu in state["gpus"]:
+            if gpu["index"] == index:
+                return gpu
+        raise ValueError(f"no simulated GPU with index {index}")
+
+    def allocate(self, owner: str, mib: int, gpu: int = 0) -> None:
+        """Make process `mgpusim-<owner>` hold `mib` MiB on GPU `gpu` (replacing what it held before)."""
+        with self.edit() as state:
+            uuid = self._gpu(state, gpu)["uuid"]
+            name = PROCESS_PREFIX + owner
+            for proc in state["processes"]:
+                if proc["name"] == name:
+                    proc.update(used_mib=int(mib), gpu_uuid=uuid)
+                    return
+            taken = {p["pid"] for p in state["processes"]}
+            pid = fake_pid(owner)
+            while pid in taken:
+                pid += 1
+            state["processes"].append({"pid": pid, "name": name, "used_mib": int(mib), "gpu_uuid": uuid})
+
+    def release(self, owner: str) -> None:
+        """Remove the owner's process entry (its memory becomes free)."""
+        name = PROCESS_PREFIX + owner
+        with self.edit() as state:
+            state["processes"] = [p for p in state["processes"] if p["name"] != name]
+
+    def used_mib(self, owner: str) -> int:
+        """MiB the owner holds now (0 if none)."""
+        name = PROCESS_PREFIX + owner
+        return sum(p["used_mib"] for p in self.read()["processes"] if p["name"] == name)
+
+    def free_mib(self, gpu: int = 0) -> int:
+        """memory.free of GPU `gpu`, as nvidia-smi would report it."""
+        state = self.read()
+        return free_mib_on(state, self._gpu(state, gpu))
+
+    def total_mib(self, gpu: int = 0) -> int:
+        """memory.total of GPU `gpu`."""
+        return self._gpu(self.read(), gpu)["total_mib"]
+
+    def set_fault(self, name: str | None, *, smi_delay_s: float = 0.0) -> None:
+        """Set the nvidia-smi fault ("hang", "fail", "garbage" or None) and an answer delay."""
+        faults: dict[str, Any] = {}
+        if name:
+            faults["smi"] = name
+        if smi_delay_s:
+            faults["smi_delay_s"] = smi_delay_s
+        with self.edit() as state:
+            state["faults"] = faults
+
+
+class TorchVRAM:
+    """Holds real GPU memory through PyTorch, with SimGPU's allocate/release/used_mib interface."""
+
+    def __init__(self) -> None:
+        import torch  # noqa: PLC0415 (only this code path needs torch)
+
+        self._torch = torch
+        self._held: dict[str, tuple[int, Any]] = {}  # owner -> (MiB, tensor)
+
+    def allocate(self, owner: str, mib: int, gpu: int = 0) -> None:
+        """Hold `mib` MiB on cuda:`gpu` for the owner (dropping what it held before)."""
+        self.release(owner)
+        tensor = self._torch.empty(mib * 2**20, dtype=self._torch.uint8, device=f"cuda:{gpu}")
+        self._held[owner] = (mib, tensor)
+
+    def release(self, owner: str) -> None:
+        """Drop the owner's tensor and give the memory back to the driver."""
+        if self._held.pop(owner, None) is not None:
+            self._torch.cuda.empty_cache()
+
+    def used_mib(self, owner: str) -> int:
+        """MiB the owner holds now (0 if none)."""
+        held = self._held.get(owner)
+        return held[0] if held else 0
+
+    def free_mib(self, gpu: int = 0) -> int:
+        """Free memory of the real GPU, as the driver reports it."""
+        return self._torch.cuda.mem_get_info(gpu)[0] // 2**20
+
+    def total_mib(self, gpu: int = 0) -> int:
+        """Total memory of the real GPU."""
+        return self._torch.cuda.mem_get_info(gpu)[1] // 2**20
+
+
+# ---- Simulated consumers: common part ----
+
+
+@dataclasses.dataclass
+class Record:
+    """One HTTP request a simulated consumer received; times are time.monotonic()."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    start: float
+    end: float | None = None
+
+
+#: Where the recording middleware leaves a request's Record for its handler.
+RECORD = web.RequestKey("record", Record)
+
+
+def error_response(status: int) -> web.Response:
+    """The answer of a simulated failure."""
+    return web.json_response({"error": "simulated"}, status=status)
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object body, or {} if it has none (400 if it is not JSON)."""
+    body = await request.read()
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise web.HTTPBadRequest(text='{"error": "invalid JSON"}', content_type="application/json") from None
+    return data if isinstance(data, dict) else {}
+
+
+class SimConsumer:
+    """Base of the simulated services: VRAM bookkeeping, request recording and fault switches.
+
+    Subclasses add their routes in `add_routes`; inference handlers call `inference_fault()` and then
+    run inside `gpu_work(record)`.  Faults (set in `faults`): "status", "hang", "unload_status",
+    "unload_hang", "unload_no_release", "load_status", "load_hang", "health_status".
+    """
+
+    health_path = "/health"
+    default_vram_mib = 1000
+
+    def __init__(
+        self,
+        name: str,
+        vram: SimGPU | TorchVRAM,
+        *,
+        vram_mib: int | None = None,
+        gpu: int = 0,
+        load_s: float = 0.0,
+        work_s: float = 0.0,
+        release_s: float = 0.0,
+        loaded: bool = False,
+    ) -> None:
+        self.name = name
+        self.vram = vram
+        self.vram_mib = self.default_vram_mib if vram_mib is None else vram_mib
+        self.gpu = gpu
+        self.load_s = load_s
+        self.work_s = work_s
+        self.release_s = release_s
+        self.loaded = loaded
+        self.faults: dict[str, Any] = {}
+        self.records: list[Record] = []
+        self.work: list[Record] = []
+        self.probes = 0
+        self.active = 0
+        self.max_active = 0
+        self.loads = 0
+        self.unloads = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._release_task: asyncio.Task[None] | None = None
+        self._load_lock = asyncio.Lock()
+        self._shutting_down = asyncio.Event()
+        if loaded:
+            vram.allocate(name, self.vram_mib, gpu)
+        self.app = web.Application(middlewares=[self._recorder()])
+        self.app.on_shutdown.append(self._on_shutdown)
+        self.app.on_cleanup.append(self._on_cleanup)
+        self.add_routes(self.app.router)
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        """Add the service's routes (subclasses)."""
+        raise NotImplementedError
+
+    # -- recording --
+
+    def _recorder(self) -> Any:
+        """The middleware that records requests and counts health probes."""
+
+        @web.middleware
+        async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+            if request.path == self.health_path:
+                self.probes += 1
+                if self.faults.get("health_status"):
+                    return error_response(self.faults["health_status"])
+                return await handler(request)
+            headers = {str(k): v for k, v in request.headers.items()}
+            body = await request.read()
+            rec = Record(
+                request.method,
+                request.path,
+                request.raw_path.partition("?")[2],
+                headers,
+                body,
+                time.monotonic(),
+            )
+            self.records.append(rec)
+            request[RECORD] = rec
+            try:
+                return await handler(request)
+            finally:
+                rec.end = time.monotonic()
+
+        return record
+
+    @contextlib.contextmanager
+    def gpu_work(self, record: Record) -> Iterator[None]:
+        """Count the block as GPU work: add `record` to `work`, keep `active` and `max_active`."""
+        self.work.append(record)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+    async def run_work(self, request: web.Request) -> None:
+        """The GPU part of an inference request: load if needed (cold start), then work for work_s."""
+        with self.gpu_work(request[RECORD]):
+            await self.do_load()
+            await asyncio.sleep(self.work_s)
+
+    # -- faults --
+
+    async def hang(self) -> NoReturn:
+        """Never answer; when the app shuts down, fail with 503 so the server can stop at once."""
+        await self._shutting_down.wait()
+        raise web.HTTPServiceUnavailable()
+
+    async def inference_fault(self) -> web.Response | None:
+        """Apply the "status" and "hang" switches to an inference request."""
+        if self.faults.get("status"):
+            return error_response(self.faults["status"])
+        if self.faults.get("hang"):
+            await self.hang()
+        return None
+
+    async def admin_fault(self, action: str) -> web.Response | None:
+        """Apply the "<action>_status" and "<action>_hang" switches; action is "load" or "unload"."""
+        if self.faults.get(f"{action}_status"):
+            return error_response(self.faults[f"{action}_status"])
+        if self.faults.get(f"{action}_hang"):
+            await self.hang()
+        return None
+
+    # -- VRAM --
+
+    async def do_load(self) -> None:
+        """Load the model: after load_s, hold vram_mib on the GPU."""
+        async with self._load_lock:
+            if self.loaded:
+                return
+            await asyncio.sleep(self.load_s)
+            if self._release_task is not None:
+                self._release_task.cancel()
+                self._release_task = None
+            self.vram.allocate(self.name, self.vram_mib, self.gpu)
+            self.loaded = True
+            self.loads += 1
+
+    async def do_unload(self) -> None:
+        """Unload the model and return at once; the memory is freed after release_s."""
+        if not self.loaded:
+            return
+        self.loaded = False
+        self.unloads += 1
+        if self.faults.get("unload_no_release"):
+            return
+        if self.release_s <= 0:
+            self.vram.release(self.name)
+        else:
+            self._release_task = self.spawn(self._release_later())
+
+    async def _release_later(self) -> None:
+        """Free the memory release_s after an unload."""
+        await asyncio.sleep(self.release_s)
+        self.vram.release(self.name)
+        self._release_task = None
+
+    # -- tasks and shutdown --
+
+    def spawn(self, coro: Any) -> asyncio.Task[None]:
+        """Start a background task that the consumer owns and cancels on cleanup."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        """Let hung requests fail, so that the server does not wait for them."""
+        self._shutting_down.set()
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        """Cancel the background tasks (pending releases, renders)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# ---- mvoice ----
+
+
+def make_wav(text: str) -> bytes:
+    """A valid WAV of silence, 16 kHz mono 16-bit, 20 ms per character of text (at least 0.1 s)."""
+    frames = int(16000 * max(0.1, 0.02 * len(text)))
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\0\0" * frames)
+    return buf.getvalue()
+
+
+class MvoiceSim(SimConsumer):
+    """mvoice (TTS/STT): synthesize, transcribe, explicit load/unload, audio files."""
+
+    default_vram_mib = 2800
+
+    def __init__(
+        self, name: str, vram: SimGPU | TorchVRAM, *, audio_dir: Path | str | None = None, **kw: Any
+    ) -> None:
+        if audio_dir is None:  # a directory of our own, removed with this object
+            audio_dir = tempfile.mkdtemp(prefix="mgpusim-audio-")
+            weakref.finalize(self, shutil.rmtree, audio_dir, ignore_errors=True)
+        self.audio_dir = Path(audio_dir)
+        self._audio_count = 0
+        super().__init__(name, vram, **kw)
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        """mvoice's routes."""
+        router.add_get("/health", self.health)
+        router.add_post("/api/synthesize", self.synthesize)
+        router.add_post("/api/transcribe", self.transcribe)
+        router.add_post("/api/admin/unload", self.admin_unload)
+        router.add_post("/api/admin/load", self.admin_load)
+        router.add_get("/audio/{name}", self.audio)
+        router.add_get("/api/admin/secret", self.secret)
+        router.add_post("/api/admin/shutdown", self.secret)
+
+    async def health(self, request: web.Request) -> web.Response:
+        """GET /health."""
+        return web.json_response({"status": "ok", "loaded": self.loaded})
+
+    def save_audio(self, wav: bytes) -> str:
+        """Write a WAV into the audio dir; return its file name."""
+        self._audio_count += 1
+        name = f"sim-{self._audio_count:04d}-{uuid.uuid4().hex[:8]}.wav"
+        (self.audio_dir / name).write_bytes(wav)
+        return name
+
+    async def synthesize(self, request: web.Request) -> web.Response:
+        """POST /api/synthesize {"text": ...} -> audio/wav, also saved under /audio/."""
+        if (fault := await self.inference_fault()) is not None:
+            return fault
+        text = str((await read_json(request)).get("text", ""))
+        await self.run_work(request)
+        wav = make_wav(text)
+        name = self.save_audio(wav)
+        return web.Response(body=wav, content_type="audio/wav", headers={"X-Audio-Path": f"/audio/{name}"})
+
+    async def transcribe(self, request: web.Request) -> web.Response:
+        """POST /api/transcribe (audio body) -> a fixed transcript."""
+        if (fault := await self.inference_fault()) is not None:
+            return fault
+        body = await request.read()
+        await self.run_work(request)
+        return web.json_response({"text": "simulated transcript", "bytes": len(body)})
+
+    async def admin_unload(self, request: web.Request) -> web.Response:
+        """POST /api/admin/unload."""
+        if (fault := await self.admin_fault("unload")) is not None:
+            return fault
+        await self.do_unload()
+        return web.json_response({"loaded": self.loaded})
+
+    async def admin_load(self, request: web.Request) -> web.Response:
+        """POST /api/admin/load."""
+        if (fault := await self.admin_fault("load")) is not None:
+            return fault
+        await self.do_load()
+        return web.json_response({"loaded": self.loaded})
+
+    async def audio(self, request: web.Request) -> web.StreamResponse:
+        """GET /audio/{name}: a file of the audio dir."""
+        name = request.match_info["name"]
+        path = self.audio_dir / name
+        if name.startswith(".") or "/" in name or "\\" in name or not path.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
+    async def secret(self, request: web.Request) -> web.Response:
+        """GET /api/admin/secret, POST /api/admin/shutdown: exist only to be recorded."""
+        return web.json_response({"secret": True})
+
+
+# ---- ollama ----
+
+
+class OllamaSim(SimConsumer):
+    """ollama: /api/generate (streamed ndjson or one object); loads itself on the first request."""
+
+    health_path = "/"
+    default_vram_mib = 5000
+
+    def __init__(
+        self,
+        name: str,
+        vram: SimGPU | TorchVRAM,
+        *,
+        lines: int = 5,
+        line_interval_s: float = 0.01,
+        **kw: Any,
+    ) -> None:
+        self.lines = lines
+        self.line_interval_s = line_interval_s
+        self.line_times: list[list[float]] = []
+        super().__init__(name, vram, **kw)
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        """ollama's routes."""
+        router.add_get("/", self.root)
+        router.add_post("/api/generate", self.generate)
+        router.add_post("/api/show", self.show)
+
+    async def root(self, request: web.Request) -> web.Response:
+        """GET / (ollama's health check)."""
+        return web.Response(text="Ollama is running")
+
+    @staticmethod
+    def chunk(model: str, response: str, done: bool, **extra: Any) -> dict[str, Any]:
+        """One generate answer object."""
+        now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+        return {"model": model, "created_at": now, "response": response, "done": done, **extra}
+
+    @staticmethod
+    def ndjson(obj: dict[str, Any]) -> bytes:
+        """One ndjson line, compact like ollama's."""
+        return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        """POST /api/generate {"model", "prompt", "stream" (default true), "keep_alive"}."""
+        if (fault := await self.inference_fault()) is not None:
+            return fault
+        data = await read_json(request)
+        model = str(data.get("model", "sim"))
+        unload_after = data.get("keep_alive") in (0, "0", "0s")
+        if not data.get("prompt"):  # ollama's way to load (or, with keep_alive 0, unload) a model
+            if unload_after:
+                if (fault := await self.admin_fault("unload")) is not None:
+                    return fault
+                await self.do_unload()
+                return web.json_response(self.chunk(model, "", True, done_reason="unload"))
+            await self.do_load()
+            return web.json_response(self.chunk(model, "", True, done_reason="load"))
+        tokens = [f"tok{i} " for i in range(self.lines)]
+        final = {"done_reason": "stop", "eval_count": self.lines}
+        with self.gpu_work(request[RECORD]):
+            await self.do_load()
+            await asyncio.sleep(self.work_s)
+            if not data.get("stream", True):
+                await asyncio.sleep(self.lines * self.line_interval_s)
+                answer: web.StreamResponse = web.json_response(
+                    self.chunk(model, "".join(tokens), True, **final)
+                )
+            else:
+                answer = await self.stream(request, model, tokens, final)
+        if unload_after:
+            await self.do_unload()
+        return answer
+
+    async def stream(
+        self, request: web.Request, model: str, tokens: list[str], final: dict[str, Any]
+    ) -> web.StreamResponse:
+        """Write the tokens as ndjson lines, one every line_interval_s, then the final "done" line."""
+        times: list[float] = []
+        self.line_times.append(times)
+        resp = web.StreamResponse()
+        resp.content_type = "application/x-ndjson"
+        await resp.prepare(request)
+        for token in tokens:
+            await resp.write(self.ndjson(self.chunk(model, token, False)))
+            times.append(time.monotonic())
+            await asyncio.sleep(self.line_interval_s)
+        await resp.write(self.ndjson(self.chunk(model, "", True, **final)))
+        times.append(time.monotonic())
+        await resp.write_eof()
+        return resp
+
+    async def show(self, request: web.Request) -> web.Response:
+        """POST /api/show: a little model information."""
+        details = {"format": "gguf", "family": "sim", "parameter_size": "1B", "quantization_level": "Q4_0"}
+        return web.json_response({"modelfile": "# simulated", "parameters": "", "details": details})
+
+
+# ---- ComfyUI ----
+
+
+class ComfySim(SimConsumer):
+    """ComfyUI: POST /prompt queues a render that runs in the background; /history tells when done."""
+
+    health_path = "/system_stats"
+    default_vram_mib = 13000
+
+    def __init__(self, name: str, vram: SimGPU | TorchVRAM, **kw: Any) -> None:
+        self.number = 0
+        self.running: dict[str, int] = {}  # prompt_id -> number
+        self.finished: set[str] = set()
+        super().__init__(name, vram, **kw)
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        """ComfyUI's routes."""
+        router.add_get("/system_stats", self.system_stats)
+        router.add_post("/prompt", self.prompt)
+        router.add_get("/history/{prompt_id}", self.history)
+        router.add_get("/queue", self.queue)
+        router.add_post("/free", self.free)
+
+    async def system_stats(self, request: web.Request) -> web.Response:
+        """GET /system_stats (ComfyUI's health check)."""
+        total = self.vram.total_mib(self.gpu) * 2**20
+        free = self.vram.free_mib(self.gpu) * 2**20
+        device = {"name": f"cuda:{self.gpu} NVIDIA SIM", "type": "cuda", "index": self.gpu}
+        device |= {"vram_total": total, "vram_free": free, "torch_vram_total": total, "torch_vram_free": free}
+        system = {"os": "posix", "comfyui_version": "0.0.0-sim", "python_version": sys.version.split()[0]}
+        return web.json_response({"system": system, "devices": [device]})
+
+    async def prompt(self, request: web.Request) -> web.Response:
+        """POST /prompt: answer at once, render in the background."""
+        if (fault := await self.inference_fault()) is not None:
+            return fault
+        await read_json(request)
+        prompt_id = str(uuid.uuid4())
+        number = self.number
+        self.number += 1
+        self.running[prompt_id] = number
+        self.spawn(self._render(prompt_id, dataclasses.replace(request[RECORD])))
+        return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": {}})
+
+    async def _render(self, prompt_id: str, record: Record) -> None:
+        """The render: GPU work from the POST until work_s after the model is loaded."""
+        try:
+            with self.gpu_work(record):
+                await self.do_load()
+                await asyncio.sleep(self.work_s)
+            self.finished.add(prompt_id)
+        finally:
+            record.end = time.monotonic()
+            self.running.pop(prompt_id, None)
+
+    async def history(self, request: web.Request) -> web.Response:
+        """GET /history/{prompt_id}: {} until that render has finished."""
+        prompt_id = request.match_info["prompt_id"]
+        if prompt_id not in self.finished:
+            return web.json_response({})
+        status = {"status_str": "success", "completed": True, "messages": []}
+        return web.json_response({prompt_id: {"status": status, "outputs": {}}})
+
+    async def queue(self, request: web.Request) -> web.Response:
+        """GET /queue: the renders in progress."""
+        running = [[number, prompt_id] for prompt_id, number in self.running.items()]
+        return web.json_response({"queue_running": running, "queue_pending": []})
+
+    async def free(self, request: web.Request) -> web.Response:
+        """POST /free {"unload_models": true, "free_memory": true}: unload."""
+        data = await read_json(request)
+        if data.get("unload_models") or data.get("free_memory"):
+            if (fault := await self.admin_fault("unload")) is not None:
+                return fault
+            await self.do_unload()
+        return web.json_response({})
+
+
+# ---- whisper ----
+
+
+class WhisperSim(SimConsumer):
+    """whisper.cpp server: POST /inference -> a transcript."""
+
+    default_vram_mib = 1500
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        """whisper's routes."""
+        router.add_get("/health", self.health)
+        router.add_post("/inference", self.inference)
+
+    async def health(self, request: web.Request) -> web.Response:
+        """GET /health."""
+        return web.json_response({"status": "ok"})
+
+    async def inference(self, request: web.Request) -> web.Response:
+        """POST /inference (multipart audio) -> {"text": ...} after work_s."""
+        if (fault := await self.inference_fault()) is not None:
+            return fault
+        await self.run_work(request)
+        return web.json_response({"text": "simulated transcript"})
+
+
+# ---- consumers command ----
+
+KINDS: dict[str, type[SimConsumer]] = {
+    "mvoice": MvoiceSim,
+    "ollama": OllamaSim,
+    "comfyui": ComfySim,
+    "whisper": WhisperSim,
+}
+SPEC_OPTIONS: dict[str, Any] = {
+    "load_s": float,
+    "work_s": float,
+    "release_s": float,
+    "line_interval_s": float,
+    "vram_mib": int,
+    "lines": int,
+    "gpu": int,
+}
+OLLAMA_ONLY = {"lines", "line_interval_s"}
+
+
+@dataclasses.dataclass
+class ConsumerSpec:
+    """One `name=kind:port[,opt=value...]` argument of the consumers command."""
+
+    name: str
+    kind: str
+    port: int
+    options: dict[str, Any]
+
+
+def parse_spec(text: str) -> ConsumerSpec:
+    """Parse `name=kind:port[,opt=value...]`, e.g. `mvoice=mvoice:8765,vram_mib=2800,loaded=true`."""
+    name, _, rest = text.partition("=")
+    head, *opts = rest.split(",")
+    kind, _, port = head.partition(":")
+    if not name or kind not in KINDS or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"bad spec {text!r}: want name=KIND:PORT[,opt=value...]")
+    options: dict[str, Any] = {}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        try:
+            if key == "loaded" and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                options[key] = value.lower() in ("true", "1", "yes")
+            elif key in SPEC_OPTIONS and (kind == "ollama" or key not in OLLAMA_ONLY):
+                options[key] = SPEC_OPTIONS[key](value)
+            else:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad option {opt!r} in {text!r}") from None
+    return ConsumerSpec(name, kind, int(port), options)
+
+
+async def run_consumers(args: argparse.Namespace) -> int:
+    """Start every consumer, print the READY lines, run until SIGTERM or SIGINT."""
+    specs: list[ConsumerSpec] = args.specs
+    if len({s.name for s in specs}) != len(specs):
+        raise SystemExit("consumers: two consumers have the same name")
+    vram: SimGPU | TorchVRAM
+    if args.vram == "torch":
+        try:
+            vram = TorchVRAM()
+        except ImportError as e:
+            raise SystemExit(f"consumers: --vram torch needs PyTorch ({e})") from e
+    elif args.state is None:
+        raise SystemExit("consumers: --state FILE is required with --vram state")
+    else:
+        gpus = args.gpus or 1 + max((s.options.get("gpu", 0) for s in specs), default=0)
+        vram = SimGPU(args.state, total_mib=args.gpu_total_mib, reserved_mib=args.reserved_mib, gpus=gpus)
+    sims = [KINDS[s.kind](s.name, vram, **s.options) for s in specs]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runners: list[web.AppRunner] = []
+    ready = []
+    try:
+        for spec, sim in zip(specs, sims, strict=True):
+            runner = web.AppRunner(sim.app, access_log=None, shutdown_timeout=2.0)
+            await runner.setup()
+            runners.append(runner)
+            try:
+                await web.TCPSite(runner, args.host, spec.port).start()
+            except OSError as e:
+                raise SystemExit(
+                    f"consumers: {spec.name} cannot listen on {args.host}:{spec.port}: {e}"
+                ) from e
+            ready.append(f"READY {spec.name} http://{args.host}:{runner.addresses[0][1]}\n")
+        sys.stdout.write("".join(ready) + "READY all\n")
+        sys.stdout.flush()
+        await stop.wait()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+        for sim in sims:
+            sim.vram.release(sim.name)
+    return 0
+
+
+def consumers(args: argparse.Namespace) -> int:
+    """`mgpusim.py consumers ...`."""
+    return asyncio.run(run_consumers(args))
+
+
+# ---- demo ----
+
+
+def demo(args: argparse.Namespace) -> int:
+    """`mgpusim.py demo [--once]`: a broker and simulated consumers, end to end."""
+    raise SystemExit("demo: not written yet")
+
+
+# ---- command line ----
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the consumers and demo commands (nvidia-smi arguments are parsed by hand)."""
+    parser = argparse.ArgumentParser(prog="mgpusim.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("nvidia-smi", help="answer nvidia-smi queries from --state FILE", add_help=False)
+    cons = sub.add_parser("consumers", help="run simulated consumers until SIGTERM")
+    cons.add_argument("--state", help="GPU state file to create (not with --vram torch)")
+    cons.add_argument("--vram", choices=("state", "torch"), default="state")
+    cons.add_argument("--gpu-total-mib", type=int, default=16384)
+    cons.add_argument("--reserved-mib", type=int, default=480)
+    cons.add_argument("--gpus", type=int, default=0, help="number of GPUs (default: enough for the specs)")
+    cons.add_argument("--host", default="127.0.0.1")
+    cons.add_argument(
+        "specs", nargs="+", type=parse_spec, metavar="SPEC", help="name=KIND:PORT[,opt=value...]"
+    )
+    cons.set_defaults(func=consumers)
+    dem = sub.add_parser("demo", help="an end-to-end demonstration")
+    dem.add_argument("--once", action="store_true")
+    dem.set_defaults(func=demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to nvidia-smi, consumers or demo."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["nvidia-smi"]:
+        return smi_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
