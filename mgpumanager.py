@@ -581,6 +581,13 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def failure_code(exc: BaseException) -> str:
+    """The error code for a failed call to a consumer: its URL is unusable, or it is unreachable."""
+    if isinstance(exc, (_DNSError, aiohttp.InvalidURL, ValueError)):
+        return "bad_consumer_url"
+    return "consumer_unreachable"
+
+
 def logfmt(**fields: Any) -> str:
     """key=value pairs, values quoted when they need it."""
     out = []
@@ -814,6 +821,8 @@ class ConsumerState:
     loaded: bool | None = None
     last_probe: float | None = None
     last_error: str | None = None
+    #: The error code a request gets while the last probe failed: consumer_unreachable or bad_consumer_url.
+    last_error_code: str = "consumer_unreachable"
     #: Monotonic time of the last successfully finished job (for LRU) and its wall-clock twin (for people).
     last_used: float | None = None
     last_used_at: float | None = None
@@ -884,12 +893,14 @@ class Consumers:
                 body = await resp.content.read(64 * 1024)
                 ok = 200 <= resp.status < 300
                 reason = None if ok else f"health answered {resp.status}"
+                state.last_error_code = "consumer_unreachable"
                 if ok and resp.content_type == "application/json":
                     with contextlib.suppress(ValueError):
                         data = json.loads(body)
                         loaded = data.get("loaded") if isinstance(data, dict) else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
             ok, reason = False, describe(e)
+            state.last_error_code = failure_code(e)
             if isinstance(e, asyncio.TimeoutError) and state.jobs > 0:
                 # A consumer busy with a GPU job may answer its health route slowly: not a failure.
                 log.debug(logfmt(msg="health probe timed out while busy", consumer=name))
@@ -1431,14 +1442,8 @@ async def open_upstream(
             f"upstream {consumer.name} sent nothing for {consumer.timeout_s:g} s",
             consumer.name,
         ) from None
-    except (_DNSError, aiohttp.InvalidURL, ValueError) as e:
-        raise BrokerError(
-            "bad_consumer_url", f"upstream {consumer.name} URL unusable: {describe(e)}", consumer.name
-        ) from e
-    except aiohttp.ClientError as e:
-        raise BrokerError(
-            "consumer_unreachable", f"upstream {consumer.name} {describe(e)}", consumer.name
-        ) from e
+    except (aiohttp.ClientError, ValueError) as e:
+        raise BrokerError(failure_code(e), f"upstream {consumer.name} {describe(e)}", consumer.name) from e
 
 
 class UpstreamBroke(Exception):
@@ -1563,12 +1568,11 @@ class Broker:
     started: float = field(default_factory=time.monotonic)
 
     def check_reachable(self, name: str) -> None:
-        """consumer_unreachable at once when the consumer's last health probe failed."""
+        """consumer_unreachable (or bad_consumer_url) at once when the consumer's last health probe failed."""
         state = self.consumers.states[name]
         if state.healthy is False:
-            raise BrokerError(
-                "consumer_unreachable", f"upstream {name} last probe failed: {state.last_error}", name
-            )
+            message = f"upstream {name} last probe failed: {state.last_error}"
+            raise BrokerError(state.last_error_code, message, name)
 
 
 CONFIG = web.AppKey("config", Config)

@@ -875,9 +875,9 @@ class Rig:
             "ollama": mgpusim.OllamaSim,
             "whisper": mgpusim.WhisperSim,
         }
-        options = {"ollama": {"vram_mib": 8000}} | (sims or {})
         for name, cls in kinds.items():
-            sim = cls(name, self.gpu, **options.get(name, {}))
+            options = {"vram_mib": 8000} if name == "ollama" else {}
+            sim = cls(name, self.gpu, **options | (sims or {}).get(name, {}))
             server = TestServer(sim.app, host="127.0.0.1", port=0)
             await server.start_server()
             self.sims[name], self.sim_servers[name] = sim, server
@@ -1134,3 +1134,249 @@ async def test_consumer_dying_mid_stream_truncates_the_answer_and_frees_the_lock
         assert (await r.post("tts", {"text": "next"}))[0] == 200
     finally:
         await server.close()
+
+
+async def raw_get(r: Rig, target: str) -> tuple[int, bytes]:
+    """Send a request line exactly as written (a client library would normalise the path)."""
+    host, port = r.server.host, r.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/audio/../api/admin/secret",
+        "/audio/%2e%2e/api/admin/secret",
+        "/audio/%2E%2E/api/admin/secret",
+        "/audio/..%2fapi%2fadmin%2fsecret",
+        "/audio/x%2F..%2F..%2Fapi/admin/secret",
+        "/audio/..%5c..%5capi/admin/secret",
+        "/audio/..\\..\\api/admin/secret",
+        "/audio//api/admin/secret",
+        "/audio/%252e%252e/api/admin/secret",
+        "/audio/./x.wav",
+        "/audio/x.wav;/../../api/admin/secret",
+        "/audio/%c0%ae%c0%ae/api/admin/secret",
+    ],
+)
+async def test_audio_traversal_is_refused_and_never_reaches_the_consumer(rig, target):
+    r = await rig()
+    status, body = await raw_get(r, target)
+    data = json.loads(body)
+    assert (status, data["error"]) == (400, "bad_request"), (target, data)
+    assert r.sims["mvoice"].records == []
+
+
+async def test_unknown_routes_and_methods_have_the_error_shape(rig):
+    r = await rig()
+    async with r.session.get(r.url("/nope")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "not_found")
+    async with r.session.get(r.url("/v1/tts")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "method_not_allowed")
+        assert "POST" in resp.headers["Allow"]
+    async with r.session.post(r.url("/v1/status")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "method_not_allowed")
+    status, headers, body = await r.post("video", {})
+    assert error_of(status, headers, body, "no_consumer")["consumer"] is None
+    assert r.stats.jobs == 0  # refused before the queue: not jobs
+
+
+async def test_payload_too_large_by_length_and_by_chunked_body(rig):
+    def small(raw):
+        raw["scheduler"]["max_body_mib"] = 1
+
+    r = await rig(tweak=small)
+    async with r.session.post(r.url("/v1/stt"), data=b"x" * (m.MiB + 1)) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "payload_too_large")
+
+    async def chunks():
+        for _ in range(20):
+            yield b"y" * 100_000
+
+    async with r.session.post(r.url("/v1/stt"), data=chunks()) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "payload_too_large")
+    async with r.session.post(r.url("/v1/stt"), data=b"z" * m.MiB) as resp:
+        assert resp.status == 200 and (await resp.json())["bytes"] == m.MiB
+    transcribed = [rec.body for rec in r.sims["mvoice"].records if rec.path == "/api/transcribe"]
+    assert transcribed == [b"z" * m.MiB]  # the refused bodies never reached the consumer
+    assert r.stats.jobs == 1
+
+
+async def test_unreachable_consumer_is_refused_at_once_and_served_again_after_a_good_probe(rig):
+    r = await rig()
+    port = r.sim_servers["whisper"].port
+    await r.sim_servers["mvoice"].close()
+    await r.broker.consumers.probe_all()
+    status, headers, body = await r.post("tts", {"text": "x"})
+    data = error_of(status, headers, body, "consumer_unreachable")
+    assert data["message"] == "upstream mvoice last probe failed: connection refused"
+    assert data["consumer"] == "mvoice" and r.stats.jobs == 0
+    # The consumer comes back (on a new port here: a new server) and a probe finds it.
+    revived = TestServer(r.sims["mvoice"].app, host="127.0.0.1", port=0)
+    await revived.start_server()
+    r.sim_servers["mvoice"] = revived
+    r.broker.consumers.config.consumers["mvoice"] = m.replace(
+        r.config.consumers["mvoice"], url=str(revived.make_url("")).rstrip("/")
+    )
+    await r.broker.consumers.probe_all()
+    assert (await r.post("tts", {"text": "x"}))[0] == 200
+    assert port  # whisper untouched
+
+
+async def test_connection_refused_during_a_job_is_consumer_unreachable(rig):
+    r = await rig()
+    await r.sim_servers["ollama"].close()  # dies between probes
+    status, headers, body = await r.post("llm", {"model": "m", "prompt": "p"})
+    data = error_of(status, headers, body, "consumer_unreachable")
+    assert "connection refused" in data["message"] and data["consumer"] == "ollama"
+    assert r.stats.failed == 1 and r.broker.scheduler.holder is None
+    assert (await r.status())["consumers"]["ollama"]["healthy"] is False
+
+
+async def test_silent_consumer_is_consumer_timeout_and_the_lock_is_released(rig):
+    def quick(raw):
+        raw["consumers"]["ollama"]["timeout_s"] = 0.3
+
+    r = await rig(tweak=quick)
+    r.sims["ollama"].faults["hang"] = True
+    status, headers, body = await r.post("llm", {"model": "m", "prompt": "p"})
+    error_of(status, headers, body, "consumer_timeout")
+    assert r.broker.scheduler.holder is None and r.stats.failed == 1
+    assert (await r.post("tts", {"text": "next"}))[0] == 200
+
+
+async def test_unresolvable_consumer_url_is_bad_consumer_url(rig):
+    r = await rig(urls={"ollama": "http://no-such-host.invalid:11434"})
+    status, headers, body = await r.post("llm", {"model": "m", "prompt": "p"})
+    error_of(status, headers, body, "bad_consumer_url")
+
+
+async def test_failing_load_route_is_load_failed(rig):
+    r = await rig(sims={"comfyui": {"loaded": True}, "mvoice": {"loaded": False}})
+    r.sims["mvoice"].faults["load_status"] = 500
+    status, headers, body = await r.post("tts", {"text": "x"})
+    assert "load answered 500" in error_of(status, headers, body, "load_failed")["message"]
+    assert r.sims["comfyui"].unloads == 1 and r.broker.scheduler.holder is None
+    assert (await r.status())["consumers"]["mvoice"]["loaded"] is None
+
+
+async def test_insufficient_vram_end_to_end_names_the_gpu_processes(rig):
+    # Whisper (no unload route) and ollama (vram_managed) fill the GPU; comfyui cannot fit.
+    r = await rig(sims={"whisper": {"loaded": True, "vram_mib": 5000}, "ollama": {"loaded": True}})
+    status, headers, body = await r.post("image", {"prompt": {}})
+    data = error_of(status, headers, body, "insufficient_vram")
+    assert "mgpusim-whisper 5000 MiB" in data["message"] and "mgpusim-ollama 8000 MiB" in data["message"]
+    assert "whisper (no unload route)" in data["message"] and "ollama (vram_managed)" in data["message"]
+    assert r.sims["comfyui"].records == []
+
+
+async def test_gpu_unavailable_when_nvidia_smi_fails_but_the_broker_serves(rig, tmp_path):
+    def broken(raw):
+        raw["gpu"]["nvidia_smi"] = str(tmp_path / "no-nvidia-smi")
+
+    r = await rig(tweak=broken, sims={"mvoice": {"loaded": False}})
+    status, headers, body = await r.post("tts", {"text": "x"})
+    assert "cannot run" in error_of(status, headers, body, "gpu_unavailable")["message"]
+    st = await r.status()
+    assert st["gpu"]["error"].startswith("cannot run") and st["gpu"]["free_mib"] is None
+    async with r.session.get(r.url("/healthz")) as resp:
+        assert resp.status == 200 and await resp.text() == "ok\n"
+
+
+async def test_queue_full_and_queue_timeout_end_to_end(rig):
+    def tight(raw):
+        raw["scheduler"]["max_queue"] = 1
+        raw["scheduler"]["queue_timeout_s"] = 0.3
+
+    r = await rig(tweak=tight, sims={"mvoice": {"work_s": 1.0, "loaded": True}})
+    busy = asyncio.ensure_future(r.post("tts", {"text": "long"}))
+    await until(lambda: r.broker.scheduler.holder is not None)
+    waiting = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+    await until(lambda: len(r.broker.scheduler.queue()) == 1)
+    status, headers, body = await r.post("llm", {"model": "m", "prompt": "p"})
+    error_of(status, headers, body, "queue_full")
+    error_of(*await waiting, "queue_timeout")
+    assert (await busy)[0] == 200
+    st = (await r.status())["scheduler"]["stats"]
+    assert (st["jobs"], st["completed"], st["rejected"], st["failed"]) == (3, 1, 1, 1)
+    assert r.sims["ollama"].records == []
+
+
+def test_scheduler_error_and_every_code_share_one_shape():
+    for code, (status, retryable) in m.ERROR_CODES.items():
+        resp = m.BrokerError(code, "why", "c").response()
+        data = json.loads(resp.body)
+        assert data == {"error": code, "message": "why", "consumer": "c", "retryable": retryable}
+        assert resp.status == status
+        assert ("Retry-After" in resp.headers) == (status == 503)
+
+
+async def test_crash_inside_the_scheduler_is_scheduler_error_and_counted():
+    s, gpu, _, _ = make_scheduler(small_config())
+
+    async def broken_read(**_: Any) -> m.GpuReading:
+        raise RuntimeError("bug")
+
+    gpu.read = broken_read  # type: ignore[method-assign]
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")
+    assert info.value.code == "scheduler_error" and s.stats.internal_errors == 1 and s.holder is None
+
+
+async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
+    r = await rig(sims={"comfyui": {"loaded": True}})
+    t0 = time.monotonic()
+    first = await r.status()
+    await asyncio.gather(*(r.status() for _ in range(20)))
+    for _ in range(10):
+        await r.status()
+    elapsed = time.monotonic() - t0
+    # One reading (two nvidia-smi processes) per started second at most, however many requests.
+    assert r.broker.gpu.queries <= 2 * (1 + int(elapsed))
+    assert set(first) == {"version", "uptime_s", "gpu", "consumers", "scheduler"}
+    gpu = first["gpu"]
+    assert gpu["total_mib"] == 16384 and gpu["used_mib"] == 13000 and gpu["free_mib"] == 16384 - 480 - 13000
+    assert (
+        gpu["processes"]
+        == [{"pid": mgpusim.fake_pid("mgpusim-comfyui"), "name": "mgpusim-comfyui", "used_mib": 13000}]
+        or gpu["processes"][0]["used_mib"] == 13000
+    )
+    assert gpu["error"] is None and gpu["read_at"].endswith("Z")
+    mv = first["consumers"]["mvoice"]
+    assert set(mv) == {
+        "url",
+        "kinds",
+        "healthy",
+        "loaded",
+        "last_probe",
+        "last_error",
+        "last_used",
+        "vram_resident_mib",
+        "vram_managed",
+        "priority",
+        "can_coexist_with",
+    }
+    assert (
+        mv["kinds"] == ["tts", "stt"]
+        and mv["healthy"] is True
+        and mv["can_coexist_with"] == ["ollama", "whisper"]
+    )
+    assert first["consumers"]["whisper"]["kinds"] == ["stt"]  # listed though not routed
+    assert first["consumers"]["comfyui"]["loaded"] is None  # no `loaded` in its health: unknown
+    sched = first["scheduler"]
+    assert sched["holder"] is None and sched["queue"] == []
+    assert set(sched["stats"]) >= {
+        "jobs",
+        "completed",
+        "failed",
+        "cancelled",
+        "rejected",
+        "evictions",
+        "loads",
+    }
