@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -739,8 +740,9 @@ class GpuReader:
     def __init__(self, config: GpuConfig, clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.clock = clock
-        #: How many nvidia-smi processes were started, for tests and the bench.
+        #: How many nvidia-smi processes were started (for tests and the bench), and reads that crashed.
         self.queries = 0
+        self.crashes = 0
         self._inflight: asyncio.Task[GpuReading] | None = None
         self._last: tuple[float, GpuReading | GpuError] | None = None
         self._tasks: set[asyncio.Task[GpuReading]] = set()
@@ -765,28 +767,30 @@ class GpuReader:
         task = asyncio.get_running_loop().create_task(self._query(started))
         self._inflight = task
         self._tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(functools.partial(self._done, started))
         return task
 
-    def _done(self, task: asyncio.Task[GpuReading]) -> None:
+    def _done(self, started: float, task: asyncio.Task[GpuReading]) -> None:
+        """Keep the newest finished reading (or its error) for ``max_age`` readers."""
         self._tasks.discard(task)
         if self._inflight is task:
             self._inflight = None
         if task.cancelled():
             return
+        result: GpuReading | GpuError
         exc = task.exception()
-        if exc is not None and not isinstance(exc, GpuError):
+        if exc is None:
+            result = task.result()
+        elif isinstance(exc, GpuError):
+            result = exc
+        else:
+            self.crashes += 1
             log.error(logfmt(msg="gpu read crashed", error=describe(exc)))
-        result = (
-            exc if isinstance(exc, GpuError) else task.result() if exc is None else GpuError(describe(exc))
-        )
-        started = getattr(task, "started", None)
-        if started is not None and (self._last is None or started >= self._last[0]):
+            result = GpuError(describe(exc))
+        if self._last is None or started >= self._last[0]:
             self._last = (started, result)
 
     async def _query(self, started: float) -> GpuReading:
-        task = asyncio.current_task()
-        task.started = started  # type: ignore[union-attr]
         cfg = self.config
         base = [*cfg.nvidia_smi, "-i", str(cfg.index)]
         fmt = "--format=csv,noheader,nounits"
@@ -1404,8 +1408,9 @@ def _pass_headers(headers: Mapping[str, str], drop: frozenset[str]) -> CIMultiDi
 
 
 def request_headers(request: web.Request) -> CIMultiDict[str]:
-    """The client's headers as the consumer gets them: without hop-by-hop ones, Host and Content-Length."""
-    return _pass_headers(request.headers, frozenset({"host", "content-length"}))
+    """The client's headers as the consumer gets them, without hop-by-hop ones, Host, Content-Length and
+    Expect (the broker holds the whole body already)."""
+    return _pass_headers(request.headers, frozenset({"host", "content-length", "expect"}))
 
 
 def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
@@ -1557,6 +1562,30 @@ def audio_upstream_path(raw_path: str) -> str:
 
 
 @dataclass
+class Exchange:
+    """One request forwarded to a consumer, and what became of it."""
+
+    #: Keep a copy of a 2xx answer (for a hold's placeholders).
+    capture: bool = False
+    upstream: aiohttp.ClientResponse | None = None
+    captured: bytearray | None = None
+    #: The consumer's whole answer was read.
+    done: bool = False
+    #: The client left while its answer was being written.
+    client_gone: bool = False
+    #: The broker's error, when forwarding failed (before or after the answer began).
+    error: BrokerError | None = None
+
+    def close(self) -> None:
+        """Give the upstream connection back to the pool when its answer was read whole, else drop it."""
+        if self.upstream is not None:
+            if self.done:
+                self.upstream.release()
+            else:
+                self.upstream.close()
+
+
+@dataclass
 class Broker:
     """Everything the handlers share; made and closed by the app's cleanup context."""
 
@@ -1573,6 +1602,41 @@ class Broker:
         if state.healthy is False:
             message = f"upstream {name} last probe failed: {state.last_error}"
             raise BrokerError(state.last_error_code, message, name)
+
+    async def forward(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        consumer: ConsumerConfig,
+        method: str,
+        path_qs: str,
+        body: bytes | bytearray | None,
+    ) -> web.StreamResponse:
+        """Send a request to a consumer and stream its answer back; a failing consumer is marked unhealthy."""
+        try:
+            ex.upstream = await open_upstream(
+                self.session, consumer, method, path_qs, request_headers(request), body
+            )
+            if ex.capture and 200 <= ex.upstream.status < 300:
+                ex.captured = bytearray()
+            resp = await relay(request, ex.upstream, consumer.name, ex.captured)
+            ex.done = True
+            return resp
+        except BrokerError as e:
+            ex.error = e
+            if e.code in ("consumer_unreachable", "consumer_timeout"):
+                reason = (
+                    describe(e.__cause__) if e.__cause__ else f"no answer within {consumer.timeout_s:g} s"
+                )
+                self.consumers.mark_unhealthy(consumer.name, reason)
+            raise
+        except UpstreamBroke as e:
+            ex.error = e.error
+            self.consumers.mark_unhealthy(consumer.name, f"{describe(e.__cause__)} mid-answer")
+            log.warning(logfmt(msg="answer cut short", consumer=consumer.name, error=e.error.message))
+        except ConnectionResetError:
+            ex.client_gone = True
+        return web.Response(status=499)  # never sent: the client's connection is closed
 
 
 CONFIG = web.AppKey("config", Config)
@@ -1599,7 +1663,14 @@ async def error_middleware(
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        err = BrokerError(HTTP_ERROR_CODES.get(e.status, "bad_request"), e.reason)
+        code = HTTP_ERROR_CODES.get(e.status, "bad_request")
+        if code == "not_found":
+            message = f"no route for {request.method} {request.path}"
+        elif code == "method_not_allowed":
+            message = f"{request.method} is not allowed on {request.path}"
+        else:
+            message = e.reason
+        err = BrokerError(code, message)
         resp = err.response()
         if "Allow" in e.headers:
             resp.headers["Allow"] = e.headers["Allow"]
@@ -1656,73 +1727,49 @@ async def _run_job(
     body: bytes | bytearray,
 ) -> web.StreamResponse:
     """Forward a granted job and stream its answer; always ends the job exactly once."""
-    outcome, code, upstream, done = "failed", None, None, False
-    capture: bytearray | None = None
+    ex = Exchange(capture=path.hold_until is not None)
+    outcome = "failed"
     try:
         _, sep, query = request.raw_path.partition("?")  # kept as the client encoded it
-        upstream = await open_upstream(
-            broker.session, consumer, path.method, path.path + sep + query, request_headers(request), body
-        )
-        if path.hold_until is not None and 200 <= upstream.status < 300:
-            capture = bytearray()
-        resp = await relay(request, upstream, consumer.name, capture)
-        done, outcome = True, "completed"
+        resp = await broker.forward(request, ex, consumer, path.method, path.path + sep + query, body)
+        outcome = "cancelled" if ex.client_gone else "completed"
         return resp
-    except BrokerError as e:
-        code = e.code
-        if e.code in ("consumer_unreachable", "consumer_timeout"):
-            broker.consumers.mark_unhealthy(consumer.name, e.message)
-        raise
-    except UpstreamBroke as e:
-        code = e.error.code
-        broker.consumers.mark_unhealthy(consumer.name, e.error.message)
-        log.warning(logfmt(msg="answer cut short", consumer=consumer.name, error=e.error.message))
-        return web.Response(status=499)  # never sent: the connection is already closed
-    except (asyncio.CancelledError, ConnectionResetError):
+    except asyncio.CancelledError:
         outcome = "cancelled"
-        if upstream is not None and upstream.content.at_eof():
-            done = True
         raise
     finally:
-        status = upstream.status if upstream is not None else None
+        status = ex.upstream.status if ex.upstream is not None else None
         hold = None
-        if capture is not None and path.hold_until is not None and upstream is not None:
-            hold = _hold_after(broker, consumer, path.hold_until, upstream, capture, done)
-        elif upstream is not None:
-            if done:
-                upstream.release()
-            else:
-                upstream.close()
+        if ex.error is None and ex.captured is not None and path.hold_until is not None:
+            hold = _hold_after(broker, consumer, path.hold_until, ex)
+        else:
+            ex.close()
         broker.scheduler.finish(
             job,
-            outcome,
-            code=code,
+            "failed" if ex.error is not None else outcome,
+            code=ex.error.code if ex.error is not None else None,
             status=status,
-            success=done and status is not None and 200 <= status < 300,
+            success=ex.done and status is not None and 200 <= status < 300,
             hold=hold,
             hold_timeout_s=path.hold_until.timeout_s if path.hold_until else 0.0,
         )
 
 
 def _hold_after(
-    broker: Broker,
-    consumer: ConsumerConfig,
-    hold: Hold,
-    upstream: aiohttp.ClientResponse,
-    captured: bytearray,
-    done: bool,
+    broker: Broker, consumer: ConsumerConfig, hold: Hold, ex: Exchange
 ) -> Callable[[], Awaitable[None]]:
-    """The hold for a 2xx answer; it first reads the rest of the answer if the client left before it ended."""
+    """The hold after a 2xx answer; it first reads the rest of the answer if the client left early."""
 
     async def run() -> None:
+        assert ex.upstream is not None and ex.captured is not None
         try:
-            if not done:
-                while chunk := await upstream.content.readany():
-                    if len(captured) + len(chunk) <= HOLD_ANSWER_LIMIT:
-                        captured.extend(chunk)
+            while not ex.done and (chunk := await ex.upstream.content.readany()):
+                if len(ex.captured) + len(chunk) <= HOLD_ANSWER_LIMIT:
+                    ex.captured.extend(chunk)
+            ex.done = True
         finally:
-            upstream.release()
-        poll = hold_poller(broker.session, consumer, hold, bytes(captured), broker.scheduler.stats)
+            ex.close()
+        poll = hold_poller(broker.session, consumer, hold, bytes(ex.captured), broker.scheduler.stats)
         if poll is not None:
             await poll()
 
@@ -1737,28 +1784,11 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
         raise BrokerError("no_consumer", "no audio_proxy consumer is configured")
     path = audio_upstream_path(request.raw_path)
     broker.check_reachable(name)
-    consumer = broker.config.consumers[name]
+    ex = Exchange()
     try:
-        upstream = await open_upstream(
-            broker.session, consumer, request.method, path, request_headers(request), None
-        )
-    except BrokerError as e:
-        if e.code in ("consumer_unreachable", "consumer_timeout"):
-            broker.consumers.mark_unhealthy(name, e.message)
-        raise
-    done = False
-    try:
-        resp = await relay(request, upstream, name)
-        done = True
-        return resp
-    except UpstreamBroke as e:
-        broker.consumers.mark_unhealthy(name, e.error.message)
-        return web.Response(status=499)  # never sent: the connection is already closed
+        return await broker.forward(request, ex, broker.config.consumers[name], request.method, path, None)
     finally:
-        if done:
-            upstream.release()
-        else:
-            upstream.close()
+        ex.close()
 
 
 async def handle_status(request: web.Request) -> web.Response:
@@ -1824,15 +1854,17 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     consumers = Consumers(config, session)
     scheduler = Scheduler(config, gpu, consumers)
     app[BROKER] = Broker(config=config, session=session, gpu=gpu, consumers=consumers, scheduler=scheduler)
-    # The first health round completes before serving (bounded by health.timeout_s), so the first jobs
-    # already know who is up and who reports itself loaded.
-    await consumers.probe_all()
-    health = asyncio.create_task(consumers.run_health(), name="health")
+    health: asyncio.Task[None] | None = None
     try:
+        # The first health round completes before serving (bounded by health.timeout_s), so the first
+        # jobs already know who is up and who reports itself loaded.
+        await consumers.probe_all()
+        health = asyncio.create_task(consumers.run_health(), name="health")
         yield
     finally:
-        health.cancel()
-        await asyncio.gather(health, return_exceptions=True)
+        if health is not None:
+            health.cancel()
+            await asyncio.gather(health, return_exceptions=True)
         await scheduler.close()
         await gpu.close()
         await session.close()

@@ -273,9 +273,17 @@ import contextlib
 import dataclasses
 import fcntl
 import io
+import re
+import select
+import shlex
 import shutil
 import signal
+import socket
+import string
+import subprocess
 import tempfile
+import urllib.error
+import urllib.request
 import uuid
 import wave
 import weakref
@@ -1075,10 +1083,329 @@ def consumers(args: argparse.Namespace) -> int:
 
 # ---- demo ----
 
+DEMO_DIR = Path("demo-run")
+BROKER_LOG = DEMO_DIR / "broker.log"
+HERE = Path(__file__).resolve()
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 never via a proxy
+JSON_HEADER = {"Content-Type": "application/json"}
+TTS_BODY = {"text": "Hallo from mgpumanager"}
+LLM_BODY = {"model": "demo", "prompt": "why is the sky blue"}
+STATUS_AGE_S = 1.0  # mgpumanager's STATUS_MAX_AGE_S
+DEMO_CONSUMERS = {
+    "mvoice": "vram_mib=2800,loaded=true,work_s=0.3,release_s=0.3",
+    "comfyui": "vram_mib=13000,work_s=2,load_s=0.5,release_s=0.3",
+    "ollama": "vram_mib=8000,lines=8,line_interval_s=0.05",
+    "whisper": "vram_mib=1500",
+}
+DEMO_CONFIG = string.Template("""\
+# Written by `mgpusim.py demo`: consumers.yaml's shape, pointed at simulated services (ports picked
+# at random) and a simulated 16 GiB GPU that `mgpusim.py nvidia-smi` reads from gpu.json.
+listen: 127.0.0.1:$broker
+gpu:
+  nvidia_smi: $smi
+  index: 0
+  cushion_mib: 256              # head-room kept free on top of a consumer's vram_resident_mib
+  query_timeout_s: 5
+scheduler: {max_queue: 64, queue_timeout_s: 60, max_evictions: 5, vram_wait_s: 10, aging_s: 60}
+health: {interval_s: 1, timeout_s: 2}
+routing: {tts: mvoice, stt: mvoice, llm: ollama, image: comfyui}
+audio_proxy: mvoice             # GET /audio/* goes to mvoice, unscheduled
+consumers:
+  mvoice:                       # TTS and STT; reports its residency in /health's "loaded"
+    url: http://127.0.0.1:$mvoice
+    health: {method: GET, path: /health}
+    paths:
+      tts: {method: POST, path: /api/synthesize}
+      stt: {method: POST, path: /api/transcribe}
+    vram_resident_mib: 2800
+    unload: {method: POST, path: /api/admin/unload}
+    load: {method: POST, path: /api/admin/load}
+    can_coexist_with: [ollama, whisper]
+    priority: 3
+  comfyui:                      # /prompt answers at once; the job holds the GPU until /history/<id> is set
+    url: http://127.0.0.1:$comfyui
+    health: {method: GET, path: /system_stats}
+    paths:
+      image:
+        method: POST
+        path: /prompt
+        hold_until: {method: GET, path: "/history/{prompt_id}", poll_s: 0.2, timeout_s: 60}
+    vram_resident_mib: 13000
+    unload: {method: POST, path: /free, body: {unload_models: true, free_memory: true}}
+  ollama:                       # runs its own model LRU: never evicted by the broker
+    url: http://127.0.0.1:$ollama
+    health: {method: GET, path: /}
+    paths:
+      llm: {method: POST, path: /api/generate}
+    vram_resident_mib: 8000
+    vram_managed: true
+  whisper:                      # no unload route: never evicted
+    url: http://127.0.0.1:$whisper
+    health: {method: GET, path: /health}
+    paths:
+      stt: {method: POST, path: /inference}
+    vram_resident_mib: 1500
+""")
+
+
+class DemoError(Exception):
+    """A demo step failed; the message says what was expected."""
+
+
+def check(ok: bool, claim: str) -> None:
+    """Fail the demo unless `claim` holds."""
+    if not ok:
+        raise DemoError(f"expected {claim}")
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (bind port 0, read it, close)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def http(url: str, body: Any = None, timeout: float = 15.0) -> tuple[Any, bytes]:
+    """GET `url`, or POST `body` as JSON; anything but 200 is a DemoError."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data, JSON_HEADER if data else {})
+    try:
+        with OPENER.open(req, timeout=timeout) as resp:
+            return resp.headers, resp.read()
+    except urllib.error.HTTPError as e:
+        raise DemoError(f"{url} answered {e.code}: {e.read()[:300].decode(errors='replace')}") from None
+
+
+def wait_for_line(proc: subprocess.Popen[bytes], line: bytes, timeout_s: float) -> None:
+    """Read the process's stdout until `line` (DemoError if it exits or `timeout_s` passes first)."""
+    assert proc.stdout is not None
+    deadline, seen = time.monotonic() + timeout_s, b""
+    while line not in seen.splitlines():
+        left = deadline - time.monotonic()
+        if proc.poll() is not None or left <= 0:
+            raise DemoError(f"no {line.decode()!r} from the consumers within {timeout_s:g} s")
+        if select.select([proc.stdout], [], [], min(left, 0.2))[0]:
+            seen += os.read(proc.stdout.fileno(), 4096)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it is still there after 5 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def log_msg(line: str) -> str:
+    """The msg field of a logfmt line."""
+    match = re.search(r'\bmsg=("[^"]*"|\S+)', line)
+    return match.group(1).strip('"') if match else ""
+
+
+def interrupt(signum: int, frame: Any) -> NoReturn:
+    """SIGTERM behaves like Ctrl-C."""
+    raise KeyboardInterrupt
+
+
+class DemoRun:
+    """The demo's child processes and the scripted steps against the broker."""
+
+    def __init__(self) -> None:
+        broker, *ports = free_ports(1 + len(DEMO_CONSUMERS))
+        self.base = f"http://127.0.0.1:{broker}"
+        self.ports = dict(zip(DEMO_CONSUMERS, ports, strict=True))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.log_pos = 0
+        self.audio_path = "/audio/..."
+
+    def spawn(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        """Start a child in a session of its own (Ctrl-C reaches only the demo, which stops it)."""
+        self.procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, **kw))
+        return self.procs[-1]
+
+    def start(self) -> None:
+        """Run directory, consumers, config, broker: everything up and answering."""
+        shutil.rmtree(DEMO_DIR, ignore_errors=True)
+        DEMO_DIR.mkdir()
+        state = DEMO_DIR / "gpu.json"
+        specs = [f"{name}={name}:{self.ports[name]},{opts}" for name, opts in DEMO_CONSUMERS.items()]
+        argv = [sys.executable, str(HERE), "consumers", "--state", str(state), "--gpu-total-mib", "16384"]
+        with open(DEMO_DIR / "consumers.log", "wb") as err:
+            cons = self.spawn([*argv, "--reserved-mib", "480", *specs], stdout=subprocess.PIPE, stderr=err)
+        wait_for_line(cons, b"READY all", 15)
+        smi = shlex.join([sys.executable, str(HERE), "nvidia-smi", "--state", str(state.resolve())])
+        config = DEMO_DIR / "demo.yaml"
+        config.write_text(
+            DEMO_CONFIG.substitute(broker=self.base.rsplit(":", 1)[1], smi=json.dumps(smi), **self.ports)
+        )
+        manager = [sys.executable, str(HERE.with_name("mgpumanager.py")), "--config", str(config)]
+        checked = subprocess.run(
+            [*manager, "--check"], check=False, capture_output=True, text=True, timeout=15
+        )
+        if checked.returncode != 0:
+            raise DemoError(f"mgpumanager --check rejected {config}:\n{checked.stdout}{checked.stderr}")
+        with open(BROKER_LOG, "wb") as log:
+            broker = self.spawn(manager, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while True:
+            with contextlib.suppress(OSError, DemoError):
+                http(self.base + "/healthz", timeout=1)
+                return
+            check(broker.poll() is None, f"the broker to keep running (it exited with {broker.returncode})")
+            check(time.monotonic() < deadline, "GET /healthz to answer 200 within 15 s")
+            time.sleep(0.1)
+
+    def curl(self, path: str, body: Any = None, out: str = "") -> str:
+        """The curl command line of a request to the broker."""
+        post = f"-X POST {self.base}{path} -H 'Content-Type: application/json' -d '{json.dumps(body)}'"
+        return f"curl -s {post if body is not None else self.base + path}" + (f" -o {out}" if out else "")
+
+    def step(self, title: str, path: str, body: Any = None, out: str = "") -> tuple[Any, bytes]:
+        """Print a step and its curl command, make that request, save the answer to `out` if given."""
+        print(f"\n{title}\n  $ {self.curl(path, body, out)}")
+        headers, data = http(self.base + path, body)
+        if out:
+            Path(out).write_bytes(data)
+        return headers, data
+
+    def new_log(self, *msgs: str) -> list[str]:
+        """Print the new broker.log lines with one of these msgs (since the last call); return their msgs."""
+        text = BROKER_LOG.read_text(errors="replace")
+        end = text.rfind("\n") + 1
+        lines = [line for line in text[self.log_pos : end].splitlines() if log_msg(line) in msgs]
+        self.log_pos = end
+        for line in lines:
+            print("    log: " + re.sub(r"^ts=\S+ ", "", line))
+        return [log_msg(line) for line in lines]
+
+    def status(self) -> dict[str, Any]:
+        """GET /v1/status, parsed."""
+        return json.loads(http(self.base + "/v1/status")[1])
+
+    def residency(self, evictions: int, loaded: dict[str, bool]) -> None:
+        """Print and check the status's eviction count and consumers' `loaded`."""
+        st = self.status()
+        now = {name: st["consumers"][name]["loaded"] for name in loaded}
+        got = st["scheduler"]["stats"]["evictions"]
+        print(f"    /v1/status: evictions={got}, " + ", ".join(f"{n} loaded={v}" for n, v in now.items()))
+        check(got == evictions and now == loaded, f"evictions={evictions} and {loaded} in /v1/status")
+
+    def script(self) -> None:
+        """The scripted tour; every claim it prints is checked."""
+        print(f"mgpumanager listens on {self.base}, in front of simulated mvoice, comfyui, ollama and")
+        print(f"whisper on a simulated 16 GiB GPU (15904 MiB usable). Files: {DEMO_DIR}/")
+        self.residency(0, {"mvoice": True})
+
+        title = "1. Speech: mvoice is resident, so the job runs at once."
+        headers, wav = self.step(title, "/v1/tts", TTS_BODY, f"{DEMO_DIR}/hello.wav")
+        self.audio_path = headers.get("X-Audio-Path", "")
+        print(
+            f"    HTTP 200, {len(wav)} bytes ({headers.get_content_type()}), X-Audio-Path: {self.audio_path}"
+        )
+        check(wav[:4] == b"RIFF" and self.audio_path.startswith("/audio/"), "a WAV and an X-Audio-Path")
+        title = "   The same file through the broker (proxied to mvoice, not scheduled):"
+        again = self.step(title, self.audio_path, out=f"{DEMO_DIR}/fetched.wav")[1]
+        check(again == wav, "GET /audio/... to return the bytes of hello.wav")
+        print("    HTTP 200, the same bytes as hello.wav")
+
+        title = "2. An image: comfyui's 13000 MiB (+256 cushion) do not fit beside mvoice's 2800."
+        prompt_id = json.loads(self.step(title, "/v1/image", {"prompt": {}})[1])["prompt_id"]
+        print(f"    prompt_id: {prompt_id}; the render goes on and holds the GPU until it ends.")
+        print("    Before forwarding the job, the broker unloaded mvoice:")
+        check(self.new_log("evicting", "evicted") == ["evicting", "evicted"], "mvoice evicted in broker.log")
+        self.residency(1, {"mvoice": False})
+
+        title = "3. Speech again: it waits for the render, then comfyui is evicted and mvoice loaded."
+        started = time.monotonic()
+        wav = self.step(title, "/v1/tts", TTS_BODY, f"{DEMO_DIR}/again.wav")[1]
+        print(f"    HTTP 200, {len(wav)} bytes after {time.monotonic() - started:.1f} s")
+        msgs = self.new_log("hold released", "evicting", "evicted", "loading", "loaded")
+        want = ["hold released", "evicting", "evicted", "loading", "loaded"]
+        check(msgs == want, f"broker.log to show {want}, not {msgs}")
+        self.residency(2, {"mvoice": True, "comfyui": False})
+
+        print("\n4. A streamed LLM answer: ollama manages its own VRAM and fits beside mvoice.")
+        print(f"  $ {self.curl('/v1/llm', LLM_BODY)}\n    ", end="", flush=True)
+        started, lines = time.monotonic(), []
+        req = urllib.request.Request(self.base + "/v1/llm", json.dumps(LLM_BODY).encode(), JSON_HEADER)
+        with OPENER.open(req, timeout=15) as resp:
+            for line in resp:  # each NDJSON line as soon as it arrives
+                lines.append(json.loads(line))
+                print(lines[-1]["response"] or "[done]", end="", flush=True)
+        print(f"\n    {len(lines)} NDJSON lines in {time.monotonic() - started:.2f} s, as ollama sent them")
+        check(len(lines) == 9 and lines[-1]["done"], "8 tokens and a final done line")
+
+        time.sleep(STATUS_AGE_S)  # /v1/status reads the GPU at most once a second
+        st = json.loads(self.step("5. What the broker knows now:", "/v1/status")[1])
+        gpu, stats = st["gpu"], st["scheduler"]["stats"]
+        print(f"    GPU {gpu['name']}: {gpu['used_mib']} MiB used, {gpu['free_mib']} MiB free")
+        for name, c in st["consumers"].items():
+            print(f"    {name:<8} healthy={c['healthy']!s:<5} loaded={c['loaded']}")
+        print(
+            "    stats: " + " ".join(f"{k}={stats[k]}" for k in ("jobs", "completed", "failed", "evictions"))
+        )
+        check(gpu["used_mib"] == 2800 + 8000, "mvoice's and ollama's 10800 MiB in use")
+        check(all(c["healthy"] for c in st["consumers"].values()), "four healthy consumers")
+        check(stats["completed"] == 4 and stats["failed"] == 0, "4 jobs completed, none failed")
+
+    def box(self) -> None:
+        """The curl commands to try by hand."""
+        lines = [
+            f"mgpumanager is running on {self.base}; try:",
+            self.curl("/v1/tts", {"text": "Hallo"}, "hello.wav"),
+            self.curl("/v1/image", {"prompt": {}}),
+            self.curl("/v1/llm", {"model": "demo", "prompt": "hi"}),
+            self.curl("/v1/status"),
+            self.curl(self.audio_path, out="fetched.wav"),
+            f"Broker log: {BROKER_LOG}.  Ctrl-C to stop.",
+        ]
+        width = max(map(len, lines))
+        rule = "+" + "-" * (width + 2) + "+"
+        print("\n" + "\n".join([rule, *(f"| {line:<{width}} |" for line in lines), rule]), flush=True)
+
+    def wait(self) -> None:
+        """Until Ctrl-C or SIGTERM; a child exiting meanwhile is a failure."""
+        while all(p.poll() is None for p in self.procs):
+            time.sleep(0.5)
+        raise DemoError("the broker and the consumers to keep running, but one exited")
+
 
 def demo(args: argparse.Namespace) -> int:
     """`mgpusim.py demo [--once]`: a broker and simulated consumers, end to end."""
-    raise SystemExit("demo: not written yet")
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
+    run, scripted, failed = DemoRun(), False, False
+    try:
+        run.start()
+        run.script()
+        scripted = True
+        if not args.once:
+            run.box()
+            run.wait()
+    except KeyboardInterrupt:
+        print("\ndemo: stopping" if scripted else "\ndemo: interrupted", file=sys.stderr)
+    except Exception as e:
+        failed = True
+        print(f"\ndemo FAILED: {e if isinstance(e, DemoError) else repr(e)}", file=sys.stderr)
+        if BROKER_LOG.exists():
+            tail = BROKER_LOG.read_text(errors="replace").splitlines()[-20:]
+            print(f"last lines of {BROKER_LOG}:\n" + "\n".join(tail), file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for proc in reversed(run.procs):
+            stop_process(proc)
+    return 0 if scripted and not failed else 1
 
 
 # ---- command line ----

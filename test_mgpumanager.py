@@ -11,6 +11,8 @@ import asyncio
 import itertools
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -1380,3 +1383,61 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
         "evictions",
         "loads",
     }
+
+
+# =====================================================================================================
+# The daemon as a subprocess
+# =====================================================================================================
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_daemon_subprocess_evicts_through_real_nvidia_smi_subprocess_and_stops_on_sigterm(
+    rig, tmp_path
+):
+    r = await rig(sims={"comfyui": {"loaded": True, "release_s": 0.1}, "mvoice": {"loaded": False}})
+    raw = base_raw(**{n: str(s.make_url("")).rstrip("/") for n, s in r.sim_servers.items()})
+    config = tmp_path / "consumers.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        PY,
+        str(HERE / "mgpumanager.py"),
+        "--config",
+        str(config),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--nvidia-smi",
+        " ".join(sim_smi(r.state)),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                async with r.session.get(base + "/healthz") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                assert time.monotonic() < deadline and proc.returncode is None, "daemon did not start"
+                await asyncio.sleep(0.05)
+        async with r.session.post(base + "/v1/tts", json={"text": "hi"}) as resp:
+            assert resp.status == 200 and (await resp.read()).startswith(b"RIFF")
+        assert (r.sims["comfyui"].unloads, r.sims["mvoice"].loads) == (1, 1)
+        async with r.session.get(base + "/v1/status") as resp:
+            st = await resp.json()
+        assert st["scheduler"]["stats"]["evictions"] == 1 and st["gpu"]["total_mib"] == 16384
+        assert r.gpu.used_mib("mvoice") == 2800 and r.gpu.used_mib("comfyui") == 0
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    log = err.decode()
+    assert proc.returncode == 0, log
+    assert "msg=evicting consumer=comfyui for_consumer=mvoice" in log
+    assert "msg=job id=1 consumer=mvoice kind=tts status=completed" in log and "evictions=1" in log
