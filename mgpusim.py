@@ -1309,9 +1309,7 @@ class DemoRun:
         title = "1. Speech: mvoice is resident, so the job runs at once."
         headers, wav = self.step(title, "/v1/tts", TTS_BODY, f"{DEMO_DIR}/hello.wav")
         self.audio_path = headers.get("X-Audio-Path", "")
-        print(
-            f"    HTTP 200, {len(wav)} bytes ({headers.get_content_type()}), X-Audio-Path: {self.audio_path}"
-        )
+        print(f"    HTTP 200, {len(wav)} bytes of WAV, X-Audio-Path: {self.audio_path}")
         check(wav[:4] == b"RIFF" and self.audio_path.startswith("/audio/"), "a WAV and an X-Audio-Path")
         title = "   The same file through the broker (proxied to mvoice, not scheduled):"
         again = self.step(title, self.audio_path, out=f"{DEMO_DIR}/fetched.wav")[1]

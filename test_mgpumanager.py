@@ -1441,3 +1441,19 @@ async def test_daemon_subprocess_evicts_through_real_nvidia_smi_subprocess_and_s
     assert proc.returncode == 0, log
     assert "msg=evicting consumer=comfyui for_consumer=mvoice" in log
     assert "msg=job id=1 consumer=mvoice kind=tts status=completed" in log and "evictions=1" in log
+
+
+def test_make_demo_shows_the_eviction_cycle(tmp_path):
+    """`make demo` without a GPU: consumers, broker and nvidia-smi simulated, each its own process."""
+    res = subprocess.run(
+        [PY, str(HERE / "mgpusim.py"), "demo", "--once"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    assert "msg=evicting consumer=mvoice for_consumer=comfyui" in out
+    assert "msg=evicting consumer=comfyui for_consumer=mvoice" in out
+    assert "/v1/status" in out and "/v1/tts" in out and "/v1/image" in out
