@@ -54,6 +54,9 @@ from yarl import URL
 VERSION = "0.1.0"
 log = logging.getLogger("mgpumanager")
 
+if not hasattr(web, "AppKey"):  # handler_cancellation and AppKey came with aiohttp 3.9
+    sys.exit(f"mgpumanager needs aiohttp >= 3.9 (Debian 13's python3-aiohttp); this is {aiohttp.__version__}")
+
 # =====================================================================================================
 # Constants and config
 # =====================================================================================================
