@@ -1760,23 +1760,30 @@ async def _run_job(
 
 def _hold_after(
     broker: Broker, consumer: ConsumerConfig, hold: Hold, ex: Exchange
-) -> Callable[[], Awaitable[None]]:
-    """The hold after a 2xx answer; it first reads the rest of the answer if the client left early."""
+) -> Callable[[], Awaitable[None]] | None:
+    """The hold after a 2xx answer, or None when the answer cannot fill the hold's path.
 
-    async def run() -> None:
-        assert ex.upstream is not None and ex.captured is not None
+    If the client left before the answer ended, the hold first reads the rest of it itself.
+    """
+    assert ex.upstream is not None and ex.captured is not None
+    upstream, captured = ex.upstream, ex.captured
+    if ex.done:
+        ex.close()
+        return hold_poller(broker.session, consumer, hold, bytes(captured), broker.scheduler.stats)
+
+    async def read_rest_then_poll() -> None:
         try:
-            while not ex.done and (chunk := await ex.upstream.content.readany()):
-                if len(ex.captured) + len(chunk) <= HOLD_ANSWER_LIMIT:
-                    ex.captured.extend(chunk)
+            while chunk := await upstream.content.readany():
+                if len(captured) + len(chunk) <= HOLD_ANSWER_LIMIT:
+                    captured.extend(chunk)
             ex.done = True
         finally:
             ex.close()
-        poll = hold_poller(broker.session, consumer, hold, bytes(ex.captured), broker.scheduler.stats)
+        poll = hold_poller(broker.session, consumer, hold, bytes(captured), broker.scheduler.stats)
         if poll is not None:
             await poll()
 
-    return run
+    return read_rest_then_poll
 
 
 async def handle_audio(request: web.Request) -> web.StreamResponse:

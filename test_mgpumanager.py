@@ -8,6 +8,7 @@ No test asserts wall-clock speed: they assert order, counts and structure.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import itertools
 import json
 import os
@@ -652,6 +653,19 @@ async def test_memory_is_polled_with_fresh_readings_until_it_shows_up_free():
     s.finish(job, "completed")
 
 
+async def test_polling_stops_once_most_of_the_victims_memory_is_free_then_evicts_more():
+    cfg = small_config(consumers__t__vram_resident_mib=9000)  # needs two victims
+    s, gpu, ops, clock = make_scheduler(cfg)
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    gpu.held["x"] = 3500  # x frees 3500 of its declared 4000: 87% counts as freed
+    t0 = clock.now
+    job = await s.acquire("t", "kt")
+    assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
+    assert clock.now - t0 < s.config.scheduler.vram_wait_s  # did not wait for the full fit
+    assert s.stats.evictions == 2
+    s.finish(job, "completed")
+
+
 async def test_unload_that_never_frees_waits_vram_wait_s_then_tries_the_next():
     s, gpu, ops, clock = make_scheduler(small_config(scheduler__vram_wait_s=1))
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
@@ -976,14 +990,64 @@ async def test_tts_job_passes_through_with_headers_and_body(rig):
     assert seen.path == "/api/synthesize" and json.loads(seen.body) == {"text": "hello"}
     assert seen.headers["X-Custom"] == "1"
     assert "X-Secret" not in seen.headers  # named in Connection: hop-by-hop
-    assert seen.headers["Host"] != r.url("/").split("/")[2]  # the consumer's own host, not the broker's
-    assert "User-Agent" not in seen.headers or "Python" in seen.headers.get("User-Agent", "")
+    assert seen.headers["Host"] == f"127.0.0.1:{r.sim_servers['mvoice'].port}"  # never the client's Host
+    assert seen.headers["User-Agent"].startswith("Python/")  # the client's own, passed through
     st = await r.status()
     assert st["scheduler"]["stats"]["completed"] == 1 and st["consumers"]["mvoice"]["loaded"] is True
     # The audio the job made is fetched through the broker, unscheduled.
     async with r.session.get(r.url(headers["X-Audio-Path"])) as resp:
         assert resp.status == 200 and await resp.read() == body
     assert r.stats.jobs == 1
+
+
+async def test_only_what_the_client_sent_reaches_the_consumer(rig):
+    r = await rig()
+    skip = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+    async with r.session.post(r.url("/v1/stt"), data=b"RIFF", skip_auto_headers=skip) as resp:
+        assert resp.status == 200
+    seen = r.sims["mvoice"].records[-1].headers
+    assert [h for h in skip if h in seen] == []  # aiohttp's client added none of its own
+    async with r.session.post(r.url("/v1/stt"), data=b"RIFF", headers={"Expect": "100-continue"}) as resp:
+        assert resp.status == 200
+    assert "Expect" not in r.sims["mvoice"].records[-1].headers
+
+
+async def _gzip_answer(request: web.Request) -> web.Response:
+    body = gzip.compress(b'{"text": "compressed"}')
+    headers = {"Content-Encoding": "gzip", "Keep-Alive": "timeout=5", "X-Upstream": "yes"}
+    return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+async def test_answer_bytes_and_headers_pass_unchanged_but_hop_by_hop(rig):
+    app = web.Application()
+    app.router.add_post("/inference", _gzip_answer)
+    app.router.add_get("/health", _ok)
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+
+        def whisper_stt(raw):
+            raw["routing"]["stt"] = "whisper"
+
+        r = await rig(urls={"whisper": str(server.make_url("")).rstrip("/")}, tweak=whisper_stt)
+        status, headers, body = await r.post("stt", None, data=b"audio")
+        assert status == 200 and body == gzip.compress(b'{"text": "compressed"}')  # not decompressed
+        assert headers["Content-Encoding"] == "gzip" and headers["X-Upstream"] == "yes"
+        assert headers["Content-Length"] == str(len(body)) and "Keep-Alive" not in headers
+    finally:
+        await server.close()
+
+
+async def test_audio_is_served_while_the_gpu_is_busy(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}, "ollama": {"lines": 40, "line_interval_s": 0.05}})
+    (r.sims["mvoice"].audio_dir / "old.wav").write_bytes(b"RIFFold")
+    async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as stream:
+        await stream.content.readline()
+        assert r.broker.scheduler.holder == "ollama"
+        async with r.session.get(r.url("/audio/old.wav?x=1")) as resp:
+            assert resp.status == 200 and await resp.read() == b"RIFFold"
+        assert r.broker.scheduler.holder == "ollama" and not stream.content.at_eof()
+    assert r.sims["mvoice"].records[-1].query == "x=1" and r.stats.jobs == 1
 
 
 async def test_query_string_is_kept(rig):
@@ -1008,6 +1072,20 @@ async def test_comfyui_evicted_to_fit_mvoice_one_unload_one_load(rig):
     assert (r.stats.evictions, r.stats.loads, r.stats.unload_failures) == (1, 1, 0)
     st = await r.status()
     assert st["consumers"]["comfyui"]["loaded"] is False and st["consumers"]["mvoice"]["loaded"] is True
+
+
+@pytest.mark.parametrize("fault", ["status", "no_field"])
+async def test_an_answer_without_the_placeholder_field_starts_no_hold(rig, fault):
+    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 30}})
+    if fault == "status":
+        r.sims["comfyui"].faults["status"] = 400
+    else:
+        r.broker.config.consumers["comfyui"].paths["image"] = m.JobPath(
+            "POST", "/prompt", m.Hold("GET", "/history/{missing}", 0.02, 30)
+        )
+    status, _, _ = await r.post("image", {"prompt": {}})
+    assert status == (400 if fault == "status" else 200)
+    assert r.broker.scheduler.holder is None and r.broker.scheduler.holds == 0
 
 
 async def test_image_job_evicts_mvoice_and_holds_until_history(rig):
@@ -1232,6 +1310,20 @@ async def test_unreachable_consumer_is_refused_at_once_and_served_again_after_a_
     assert port  # whisper untouched
 
 
+async def test_health_loaded_reports_residency_but_the_brokers_own_record_wins_until_the_next_probe(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    states = r.broker.consumers.states
+    assert states["mvoice"].loaded is True  # from /health's "loaded"
+    assert states["comfyui"].loaded is None  # its health has no such field
+    # The broker's own record, made after a probe started, is not overwritten by that probe.
+    states["mvoice"].loaded, states["mvoice"].record_at = False, time.monotonic() + 3600
+    await r.broker.consumers.probe("mvoice")
+    assert states["mvoice"].loaded is False
+    states["mvoice"].record_at = time.monotonic()
+    await r.broker.consumers.probe("mvoice")  # a probe started after the record wins
+    assert states["mvoice"].loaded is True
+
+
 async def test_connection_refused_during_a_job_is_consumer_unreachable(rig):
     r = await rig()
     await r.sim_servers["ollama"].close()  # dies between probes
@@ -1399,7 +1491,13 @@ def free_port() -> int:
 async def test_daemon_subprocess_evicts_through_real_nvidia_smi_subprocess_and_stops_on_sigterm(
     rig, tmp_path
 ):
-    r = await rig(sims={"comfyui": {"loaded": True, "release_s": 0.1}, "mvoice": {"loaded": False}})
+    r = await rig(
+        sims={
+            "comfyui": {"loaded": True, "release_s": 0.1},
+            "mvoice": {"loaded": False},
+            "ollama": {"lines": 30, "line_interval_s": 0.05},
+        }
+    )
     raw = base_raw(**{n: str(s.make_url("")).rstrip("/") for n, s in r.sim_servers.items()})
     config = tmp_path / "consumers.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -1433,6 +1531,22 @@ async def test_daemon_subprocess_evicts_through_real_nvidia_smi_subprocess_and_s
             st = await resp.json()
         assert st["scheduler"]["stats"]["evictions"] == 1 and st["gpu"]["total_mib"] == 16384
         assert r.gpu.used_mib("mvoice") == 2800 and r.gpu.used_mib("comfyui") == 0
+        # In production too, a client that leaves while queued is dropped (handler_cancellation).
+        async with r.session.post(base + "/v1/llm", json={"model": "m", "prompt": "p"}) as stream:
+            await stream.content.readline()
+            with pytest.raises(asyncio.TimeoutError):
+                await r.session.post(
+                    base + "/v1/tts", json={"text": "x"}, timeout=aiohttp.ClientTimeout(total=0.2)
+                )
+            for _ in range(100):
+                async with r.session.get(base + "/v1/status") as resp:
+                    stats = (await resp.json())["scheduler"]["stats"]
+                if stats["cancelled"] == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert stats["cancelled"] == 1 and stats["queued"] == 0 and not stream.content.at_eof()
+            await stream.read()
+        assert [rec.path for rec in r.sims["mvoice"].records].count("/api/synthesize") == 1
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
