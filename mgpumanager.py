@@ -1115,24 +1115,23 @@ class Scheduler:
     def _dispatch(self) -> None:
         """Grant the lock (or a further slot of the holder) to whoever the documented order says."""
         now = self.clock()
-        # A waiter whose task was cancelled has a cancelled future until its task runs again: skip it.
-        self._waiting = [j for j in self._waiting if not j.granted.done()]
-        while self._waiting:
+        while True:
+            # A waiter whose task was cancelled has a cancelled future; it stays queued (and counted)
+            # until its task runs again and takes itself out.
+            waiting = [j for j in self._waiting if not j.granted.done()]
+            if not waiting:
+                return
             if self.holder is None:
-                job = min(self._waiting, key=lambda j: self._order(j, now))
+                job = min(waiting, key=lambda j: self._order(j, now))
             else:
                 holder = self.config.consumers.get(self.holder)
-                if holder is None or self.slots >= holder.max_concurrency:
-                    return
-                mine = [j for j in self._waiting if j.consumer == self.holder]
-                if not mine:
+                mine = [j for j in waiting if j.consumer == self.holder]
+                if holder is None or self.slots >= holder.max_concurrency or not mine:
                     return
                 job = min(mine, key=lambda j: self._order(j, now))
                 level = self.effective_priority(job, now)
                 if any(
-                    self.effective_priority(j, now) >= level
-                    for j in self._waiting
-                    if j.consumer != self.holder
+                    self.effective_priority(j, now) >= level for j in waiting if j.consumer != self.holder
                 ):
                     return
             self._waiting.remove(job)
@@ -1142,16 +1141,16 @@ class Scheduler:
             job.state, job.started = "running", now
             job.granted.set_result(None)
 
-    def _release_slot(self, job: Job | None, consumer: str | None = None) -> None:
-        name = job.consumer if job is not None else consumer
-        assert name is not None and name == self.holder, (name, self.holder)
+    def _release_slot(self, job: Job) -> None:
+        """A job or hold gives its slot back; the last one frees the lock."""
+        assert job.consumer == self.holder, (job, self.holder)
         self.slots -= 1
-        self.states[name].jobs -= 1
+        self.states[job.consumer].jobs -= 1
         if self.slots == 0:
             self.holder = None
         self._dispatch()
 
-    # ---- making room ---------------------------------------------------------------------------------
+    # ---- making room---------------------------------------------------------------------------------
 
     async def _prepare(self, job: Job) -> None:
         """Make room for the target and load it; serialised, so two jobs never evict at once."""
@@ -1229,17 +1228,18 @@ class Scheduler:
         return BrokerError("insufficient_vram", "; ".join(parts), job.consumer)
 
     async def _unload(self, job: Job, victim: str) -> bool:
-        """Unload one victim through its route; False (counted and logged) when that fails."""
+        """Unload one victim through its route; False (counted and logged) when that fails.
+
+        While the call is under way the victim's residency is unknown, and it stays so unless the call
+        succeeds (a failed or interrupted unload may or may not have freed anything).
+        """
         state = self.states[victim]
         log.info(logfmt(msg="evicting", consumer=victim, for_consumer=job.consumer, job=job.id))
+        state.loaded, state.record_at = None, self.clock()
         try:
             await self.ops.unload(victim)
-        except asyncio.CancelledError:
-            state.loaded, state.record_at = None, self.clock()
-            raise
         except Exception as e:
             self.stats.unload_failures += 1
-            state.loaded, state.record_at = None, self.clock()
             log.warning(logfmt(msg="unload failed", consumer=victim, for_consumer=job.consumer, error=str(e)))
             return False
         self.stats.evictions += 1
@@ -1272,16 +1272,14 @@ class Scheduler:
         return reading
 
     async def _load(self, name: str) -> None:
+        """Load the target through its route; residency is unknown until the call succeeds."""
         state = self.states[name]
         log.info(logfmt(msg="loading", consumer=name))
+        state.loaded, state.record_at = None, self.clock()
         try:
             await self.ops.load(name)
-        except asyncio.CancelledError:
-            state.loaded, state.record_at = None, self.clock()
-            raise
         except Exception as e:
             self.stats.load_failures += 1
-            state.loaded, state.record_at = None, self.clock()
             log.warning(logfmt(msg="load failed", consumer=name, error=str(e)))
             raise BrokerError("load_failed", f"{name} {e}", name) from e
         self.stats.loads += 1

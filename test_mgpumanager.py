@@ -25,6 +25,8 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import mgpumanager as m
 import mgpusim
@@ -496,7 +498,8 @@ class FakeOps:
         how = self.unload_behaviour.get(name)
         if how == "fail":
             raise m.CallError("unload answered 500: boom")
-        if how == "hang":
+        if how == "hang":  # the unload takes effect, but its answer never comes
+            self.gpu.held.pop(name, None)
             await asyncio.Event().wait()
         if isinstance(how, int):
             self.gpu.releasing[name] = how
@@ -1571,3 +1574,294 @@ def test_make_demo_shows_the_eviction_cycle(tmp_path):
     assert "msg=evicting consumer=mvoice for_consumer=comfyui" in out
     assert "msg=evicting consumer=comfyui for_consumer=mvoice" in out
     assert "/v1/status" in out and "/v1/tts" in out and "/v1/image" in out
+
+
+# =====================================================================================================
+# Invariants: the scheduler driven through hypothesis-generated interleavings
+# =====================================================================================================
+
+INV_NAMES = ("a", "b", "c", "d", "e")
+END_CODES = {"queue_full", "queue_timeout", "insufficient_vram", "gpu_unavailable", "load_failed"}
+
+
+def invariant_config() -> m.Config:
+    def consumer(mib: int, **extra: Any) -> dict[str, Any]:
+        return {
+            "url": "http://127.0.0.1:9",
+            "health": {"path": "/health"},
+            "paths": {"k": {"path": "/work"}},
+            "vram_resident_mib": mib,
+            **extra,
+        }
+
+    route = {"path": "/r"}
+    return m.parse_config(
+        {
+            "scheduler": {"max_queue": 6, "max_evictions": 3, "vram_wait_s": 1, "aging_s": 10},
+            "consumers": {
+                "a": consumer(
+                    6000, priority=1, max_concurrency=2, can_coexist_with=["b"], unload=route, load=route
+                ),
+                "b": consumer(3000, priority=3, unload=route, load=route),
+                "c": consumer(5000, vram_managed=True, unload=route),
+                "d": consumer(4000, unload=route, max_concurrency=3),
+                "e": consumer(2000, priority=0),
+            },
+        }
+    )
+
+
+class InvariantBroken(AssertionError):
+    pass
+
+
+class CheckedScheduler(m.Scheduler):
+    """The real scheduler, with every grant and every end checked against the documented rules."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.ended: dict[int, str] = {}
+        self.granted: dict[int, m.Job] = {}
+
+    def _dispatch(self) -> None:
+        now = self.clock()
+        waiting = [j for j in self._waiting if not j.granted.done()]
+        holder = self.holder
+        super()._dispatch()
+        granted = [j for j in waiting if j.state == "running"]
+        self.granted.update((j.id, j) for j in granted)
+
+        def order(j: m.Job) -> tuple[int, float, int]:
+            return (-self.effective_priority(j, now), j.arrived, j.id)
+
+        joins, first = granted, None
+        if holder is None and waiting:
+            first = min(waiting, key=order)
+            if first not in granted:
+                raise InvariantBroken(f"{first} should have been granted before {granted}")
+            joins = [j for j in granted if j is not first]
+        mine = sorted((j for j in waiting if j.consumer == self.holder and j is not first), key=order)
+        others = [j for j in waiting if j.consumer != self.holder]
+        if joins != mine[: len(joins)]:
+            raise InvariantBroken(f"joins {joins} are not the holder's first waiting jobs {mine}")
+        for j in joins:
+            if any(self.effective_priority(o, now) >= self.effective_priority(j, now) for o in others):
+                raise InvariantBroken(f"{j} joined while another consumer's job of equal priority waited")
+        left = mine[len(joins) :]
+        if self.holder is None and any(not j.granted.done() for j in self._waiting):
+            raise InvariantBroken("lock free while jobs wait")
+        if (
+            self.holder is not None
+            and left
+            and self.slots < self.config.consumers[self.holder].max_concurrency
+            and not any(
+                self.effective_priority(o, now) >= self.effective_priority(left[0], now) for o in others
+            )
+        ):
+            raise InvariantBroken(f"{left[0]} should have joined")
+
+    def _end(self, job: m.Job, outcome: str, code: str | None = None, status: int | None = None) -> None:
+        if job.id in self.ended:
+            raise InvariantBroken(f"{job} ended twice")
+        if outcome == "failed" and code not in END_CODES | {"consumer_unreachable", "scheduler_error"}:
+            raise InvariantBroken(f"{job} failed with undocumented code {code}")
+        self.ended[job.id] = outcome
+        super()._end(job, outcome, code, status)
+
+
+class CheckingOps(FakeOps):
+    """Consumer calls that check every victim against the rules at the moment it is unloaded."""
+
+    scheduler: CheckedScheduler
+    violations: list[str]
+
+    async def unload(self, name: str) -> None:
+        s, cfg = self.scheduler, self.config
+        target = s.holder
+        victim = cfg.consumers[name]
+        if (
+            name == target
+            or victim.vram_managed
+            or victim.unload is None
+            or target is None
+            or name in cfg.consumers[target].can_coexist_with
+            or self.states[name].jobs > 0
+        ):
+            # Recorded, not raised: the scheduler rightly treats an exception here as a failed unload.
+            self.violations.append(f"{name} is no valid victim for {target}")
+        await super().unload(name)
+
+    async def load(self, name: str) -> None:
+        self.gpu.releasing.pop(name, None)  # a reload cancels a pending release, as real services do
+        await super().load(name)
+
+
+class InvariantDriver:
+    def __init__(self) -> None:
+        self.config = invariant_config()
+        self.clock = FakeClock()
+        self.gpu = FakeGpu(total=11000)  # tight: most targets need an eviction
+        self.ops = CheckingOps(self.config, self.gpu)
+        for name in ("b", "d", "e"):  # resident from the start, never used
+            self.gpu.held[name] = self.config.consumers[name].vram_resident_mib
+            self.ops.states[name].loaded = True
+        self.s = CheckedScheduler(self.config, self.gpu, self.ops, clock=self.clock, sleep=self.clock.sleep)
+        self.ops.scheduler, self.ops.violations = self.s, []
+        self.tasks: list[asyncio.Task[m.Job]] = []
+        self.finished: set[int] = set()
+        self.holds: list[asyncio.Event] = []
+
+    async def settle(self) -> None:
+        for _ in range(12):
+            await asyncio.sleep(0)
+
+    def granted_unfinished(self) -> list[m.Job]:
+        jobs = []
+        for t in self.tasks:
+            if (
+                t.done()
+                and not t.cancelled()
+                and t.exception() is None
+                and t.result().id not in self.finished
+            ):
+                jobs.append(t.result())
+        return jobs
+
+    async def apply(self, op: tuple[Any, ...]) -> None:
+        kind, *args = op
+        s = self.s
+        if kind == "arrive":
+            self.tasks.append(asyncio.ensure_future(s.acquire(args[0], "k")))
+        elif kind == "cancel":
+            live = [t for t in self.tasks if not t.done()]
+            if live:
+                live[args[0] % len(live)].cancel()
+        elif kind == "finish":
+            jobs = self.granted_unfinished()
+            if jobs:
+                job = jobs[args[0] % len(jobs)]
+                self.finished.add(job.id)
+                how = args[1]
+                if how in ("ok", "hold"):
+                    self.gpu.held[job.consumer] = self.config.consumers[job.consumer].vram_resident_mib
+                    self.gpu.releasing.pop(job.consumer, None)
+                if how == "ok":
+                    s.finish(job, "completed", status=200, success=True)
+                elif how == "error_status":
+                    s.finish(job, "completed", status=500)
+                elif how == "failed":
+                    s.finish(job, "failed", code="consumer_unreachable")
+                else:
+                    event = asyncio.Event()
+                    self.holds.append(event)
+                    s.finish(job, "completed", status=200, success=True, hold=event.wait, hold_timeout_s=1e6)
+        elif kind == "release_hold":
+            pending = [e for e in self.holds if not e.is_set()]
+            if pending:
+                pending[args[0] % len(pending)].set()
+        elif kind == "advance":
+            self.clock.now += args[0]
+        elif kind == "unload_behaviour":
+            name, how = args
+            if how is None:
+                self.ops.unload_behaviour.pop(name, None)
+            else:
+                self.ops.unload_behaviour[name] = how
+        elif kind == "load_fails":
+            (self.ops.load_fails.add if args[1] else self.ops.load_fails.discard)(args[0])
+        elif kind == "outside":
+            self.gpu.held["outside-process"] = args[0]
+        elif kind == "settle":
+            for _ in range(args[0]):
+                await asyncio.sleep(0)
+
+    def check(self) -> None:
+        s, cfg = self.s, self.config
+        if self.ops.violations:
+            raise InvariantBroken(self.ops.violations[0])
+        if (s.holder is None) != (s.slots == 0):
+            raise InvariantBroken(f"holder {s.holder} with {s.slots} slots")
+        if s.holder is not None and s.slots > cfg.consumers[s.holder].max_concurrency:
+            raise InvariantBroken(f"{s.holder} runs {s.slots} jobs")
+        for name, state in self.ops.states.items():
+            if name != s.holder and state.jobs != 0:
+                raise InvariantBroken(f"{name} has {state.jobs} jobs but does not hold the lock")
+            if state.loaded is True and name not in self.gpu.held:
+                raise InvariantBroken(f"{name} is recorded resident but holds no memory")
+        running = [j for i, j in s.granted.items() if i not in s.ended]
+        if s.slots != len(running) + s.holds:
+            raise InvariantBroken(f"{s.slots} slots for {len(running)} running jobs and {s.holds} holds")
+        if not books_balance(s):
+            raise InvariantBroken(
+                f"books do not balance: {s.stats} running={s.running} queued={len(s.queue())}"
+            )
+        for job in s.queue():
+            if job.id in s.ended:
+                raise InvariantBroken(f"{job} ended but still queued")
+        for t in self.tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                e = t.exception()
+                if not isinstance(e, m.BrokerError) or e.code not in END_CODES | {"scheduler_error"}:
+                    raise InvariantBroken(f"a job ended with {e!r}")
+
+    async def run(self, ops: list[tuple[Any, ...]]) -> None:
+        for op in ops:
+            # Tasks run only at "settle" steps, so cancels and ends also land between a grant and the
+            # granted task running again: the races a real event loop produces.
+            await self.apply(op)
+            self.check()
+        # Wind down: every hold released, every waiter cancelled, every granted job finished.
+        for _ in range(50):
+            for e in self.holds:
+                e.set()
+            for t in self.tasks:
+                if not t.done():
+                    t.cancel()
+            for job in self.granted_unfinished():
+                self.finished.add(job.id)
+                self.s.finish(job, "completed")
+            await self.settle()
+            self.check()
+            if all(t.done() for t in self.tasks) and self.s.holder is None and not self.s._tasks:
+                break
+        st = self.s.stats
+        assert self.s.holder is None and self.s.slots == 0 and self.s.queue() == []
+        # A task cancelled before it first ran never became a job (its client left before admission).
+        assert st.jobs == st.completed + st.failed + st.cancelled + st.rejected == len(self.s.ended)
+        assert st.jobs >= len([t for t in self.tasks if not t.cancelled()])
+
+
+_ARRIVE = st.tuples(st.just("arrive"), st.sampled_from(INV_NAMES))
+_FINISH = st.tuples(
+    st.just("finish"), st.integers(0, 30), st.sampled_from(["ok", "error_status", "failed", "hold"])
+)
+_SETTLE = st.tuples(st.just("settle"), st.integers(0, 12))
+INV_OPS = st.one_of(
+    # Weighted towards what makes the queue interesting: arrivals, ends and letting tasks run.
+    _ARRIVE,
+    _ARRIVE,
+    _FINISH,
+    _FINISH,
+    _SETTLE,
+    _SETTLE,
+    st.tuples(st.just("cancel"), st.integers(0, 30)),
+    st.tuples(st.just("release_hold"), st.integers(0, 30)),
+    st.tuples(st.just("advance"), st.floats(0, 3)),
+    st.tuples(
+        st.just("unload_behaviour"),
+        st.sampled_from(INV_NAMES),
+        st.sampled_from([None, "fail", "hang", "keep", 2, 30]),
+    ),
+    st.tuples(st.just("load_fails"), st.sampled_from(INV_NAMES), st.booleans()),
+    st.tuples(st.just("outside"), st.integers(0, 9000)),
+)
+
+
+@settings(
+    max_examples=int(os.environ.get("MGPU_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(ops=st.lists(INV_OPS, min_size=20, max_size=100))
+def test_scheduler_invariants_hold_under_any_interleaving(ops):
+    asyncio.run(InvariantDriver().run(ops))
