@@ -32,10 +32,11 @@ check: $(STAMP)
 # Copies the daemon, the config and the unit; validates the config there before restarting.
 deploy: check
 	ssh $(HOST) 'mkdir -p /tmp/mgpumanager-deploy'
-	scp mgpumanager.py consumers.yaml mgpumanager.service $(HOST):/tmp/mgpumanager-deploy/
+	scp mgpumanager.py consumers.yaml mgpumanager.service README.md $(HOST):/tmp/mgpumanager-deploy/
 	ssh $(HOST) 'cd /tmp/mgpumanager-deploy \
 	  && python3 mgpumanager.py --check --config consumers.yaml >/dev/null \
 	  && sudo install -D -m 0644 mgpumanager.py /opt/mgpumanager/mgpumanager.py \
+	  && sudo install -D -m 0644 README.md /opt/mgpumanager/README.md \
 	  && sudo install -D -m 0644 consumers.yaml /etc/mgpumanager/consumers.yaml \
 	  && sudo install -D -m 0644 mgpumanager.service /etc/systemd/system/mgpumanager.service \
 	  && sudo systemctl daemon-reload && sudo systemctl enable --quiet mgpumanager \

@@ -36,6 +36,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -70,10 +71,14 @@ HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 #: How often free VRAM is polled after an unload, and which share of the victim's memory counts as "freed".
 VRAM_POLL_S = 0.1
 FREED_SHARE = 0.75
+#: After killing a hung nvidia-smi, how long to wait for it to be reaped before going on without it.
+REAP_TIMEOUT_S = 1.0
 #: /v1/status reads the GPU at most this often, however often it is asked.
 STATUS_MAX_AGE_S = 1.0
 #: Largest consumer answer kept in memory to fill a hold_until path (ComfyUI's /prompt answer is tiny).
 HOLD_ANSWER_LIMIT = 1 * MiB
+#: How long a stopping broker lets running answers finish (aiohttp applies it twice).
+SHUTDOWN_TIMEOUT_S = 10.0
 #: Connecting to a consumer must not take longer than this (or its timeout_s, if shorter).
 CONNECT_TIMEOUT_S = 10.0
 
@@ -197,8 +202,10 @@ class _Checker:
     def problem(self, where: str, message: str) -> None:
         self.problems.append(f"{where}: {message}")
 
-    def mapping(self, value: Any, where: str, allowed: Sequence[str], *, required: bool = False) -> dict:
-        """A mapping with only ``allowed`` keys; anything else is reported and an empty dict returned."""
+    def mapping(
+        self, value: Any, where: str, allowed: Sequence[str] | None, *, required: bool = False
+    ) -> dict:
+        """A mapping with only ``allowed`` keys (any, for None); anything else is reported, {} returned."""
         if value is None:
             if required:
                 self.problem(where, "missing")
@@ -207,7 +214,7 @@ class _Checker:
             self.problem(where, f"must be a mapping, not {type(value).__name__}")
             return {}
         for key in value:
-            if key not in allowed:
+            if allowed is not None and key not in allowed:
                 self.problem(f"{where}.{key}", f"unknown key (allowed: {', '.join(allowed)})")
         return value
 
@@ -302,7 +309,7 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any) -> ConsumerConfig | None:
             ck.problem(f"{where}.url", "must not carry a query string or fragment")
     health = _parse_route(ck, d.get("health"), f"{where}.health", "GET", extra=False)
     paths: dict[str, JobPath] = {}
-    raw_paths = ck.mapping(d.get("paths"), f"{where}.paths", list(d.get("paths") or {}), required=True)
+    raw_paths = ck.mapping(d.get("paths"), f"{where}.paths", None, required=True)
     if "paths" in d and isinstance(raw_paths, dict) and not raw_paths:
         ck.problem(f"{where}.paths", "needs at least one path")
     for kind, spec in raw_paths.items():
@@ -431,7 +438,7 @@ def parse_config(raw: Any) -> Config:
                 pairs[other].add(name)
     consumers = {name: replace(c, can_coexist_with=frozenset(pairs[name])) for name, c in consumers.items()}
 
-    routing_raw = ck.mapping(top.get("routing"), "routing", list(top.get("routing") or {}))
+    routing_raw = ck.mapping(top.get("routing"), "routing", None)
     routing: dict[str, str] = {}
     for kind, target in routing_raw.items():
         ck.kind(kind, f"routing.{kind}")
@@ -535,13 +542,22 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
 class BrokerError(Exception):
     """Every error the broker itself answers; one path turns it into a response."""
 
-    def __init__(self, code: str, message: str, consumer: str | None = None, *, retry_after: int = 1):
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        consumer: str | None = None,
+        *,
+        retry_after: int = 1,
+        headers: Mapping[str, str] | None = None,
+    ):
         super().__init__(message)
         self.code = code
         self.message = message
         self.consumer = consumer
         self.status, self.retryable = ERROR_CODES[code]
         self.retry_after = retry_after
+        self.headers = dict(headers or {})
 
     def response(self) -> web.Response:
         body = {
@@ -550,12 +566,13 @@ class BrokerError(Exception):
             "consumer": self.consumer,
             "retryable": self.retryable,
         }
-        headers = {"Retry-After": str(self.retry_after)} if self.status == 503 else None
-        return web.json_response(body, status=self.status, headers=headers)
+        headers = {"Retry-After": str(self.retry_after)} if self.status == 503 else {}
+        return web.json_response(body, status=self.status, headers=headers | self.headers)
 
 
-#: aiohttp >= 3.10 tells a failed name lookup apart; older ones (Debian's) do not.
+#: aiohttp >= 3.10 tells a failed name lookup and a connect timeout apart; older ones do not.
 _DNSError: Any = getattr(aiohttp, "ClientConnectorDNSError", ())
+_ConnectTimeout: Any = getattr(aiohttp, "ConnectionTimeoutError", ())
 
 
 class GpuError(Exception):
@@ -568,6 +585,8 @@ class CallError(Exception):
 
 def describe(exc: BaseException) -> str:
     """A short human reason for a failed connection: 'connection refused', 'timed out', ..."""
+    if isinstance(exc, _ConnectTimeout):
+        return "connect timed out"
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return "timed out"
     if isinstance(exc, _DNSError):
@@ -590,6 +609,14 @@ def failure_code(exc: BaseException) -> str:
     if isinstance(exc, (_DNSError, aiohttp.InvalidURL, ValueError)):
         return "bad_consumer_url"
     return "consumer_unreachable"
+
+
+def parse_json(body: bytes | bytearray) -> Any:
+    """A consumer's JSON answer, or None when it is not JSON (or nested too deep to parse)."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
 
 
 def logfmt(**fields: Any) -> str:
@@ -707,22 +734,27 @@ def parse_gpu_reading(
 
 
 async def run_nvidia_smi(argv: Sequence[str], timeout_s: float) -> str:
-    """Run one nvidia-smi query as a subprocess; kill it if it outlives ``timeout_s``."""
+    """Run one nvidia-smi query as a subprocess; kill it (and anything it started) past ``timeout_s``."""
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its own process group, so a kill reaches its children too
         )
     except OSError as e:
         raise GpuError(f"cannot run {argv[0]}: {e.strerror or e}") from e
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
     except (asyncio.TimeoutError, asyncio.CancelledError) as e:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await asyncio.shield(proc.wait())
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            # Reaped at once normally; a process stuck in the kernel is left to the child watcher.
+            await asyncio.wait_for(asyncio.shield(proc.wait()), REAP_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.error(logfmt(msg="nvidia-smi survived SIGKILL", pid=proc.pid))
         if isinstance(e, asyncio.CancelledError):
             raise
         raise GpuError(f"nvidia-smi did not answer within {timeout_s:g} s (killed)") from None
@@ -835,6 +867,8 @@ class ConsumerState:
     last_used_at: float | None = None
     #: Monotonic time of the broker's own last residency record; probes started before it do not override.
     record_at: float = float("-inf")
+    #: Monotonic time a job last found the consumer failing; probes started before it do not heal it.
+    unhealthy_at: float = float("-inf")
     #: Jobs (and holds) of this consumer holding the GPU lock now; the scheduler keeps it.
     jobs: int = 0
 
@@ -879,19 +913,25 @@ class Consumers:
             raise CallError(f"{what} failed: {describe(e)}") from e
 
     def mark_unhealthy(self, name: str, reason: str) -> None:
+        """A job found the consumer failing: unhealthy until a probe started after now succeeds."""
         state = self.states[name]
         if state.healthy is not False:
             log.warning(logfmt(msg="health", consumer=name, healthy=False, reason=reason))
-        state.healthy, state.last_error = False, reason
+        state.healthy, state.last_error, state.last_error_code = False, reason, "consumer_unreachable"
+        state.unhealthy_at = self.clock()
 
     async def probe(self, name: str) -> None:
-        """One health probe; updates healthy, last_error and (from a ``loaded`` field) residency."""
+        """One health probe; updates healthy, last_error and (from a ``loaded`` field) residency.
+
+        A probe that started before a job found the consumer failing does not make it healthy again.
+        """
         c = self.config.consumers.get(name)
         state = self.states.get(name)
         if c is None or state is None:
             return
         started = self.clock()
         loaded: Any = None
+        code = "consumer_unreachable"
         try:
             timeout = aiohttp.ClientTimeout(total=self.config.health.timeout_s)
             async with self.session.request(
@@ -900,25 +940,24 @@ class Consumers:
                 body = await resp.content.read(64 * 1024)
                 ok = 200 <= resp.status < 300
                 reason = None if ok else f"health answered {resp.status}"
-                state.last_error_code = "consumer_unreachable"
                 if ok and resp.content_type == "application/json":
-                    with contextlib.suppress(ValueError):
-                        data = json.loads(body)
-                        loaded = data.get("loaded") if isinstance(data, dict) else None
+                    data = parse_json(body)
+                    loaded = data.get("loaded") if isinstance(data, dict) else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
-            ok, reason = False, describe(e)
-            state.last_error_code = failure_code(e)
+            ok, reason, code = False, describe(e), failure_code(e)
             if isinstance(e, asyncio.TimeoutError) and state.jobs > 0:
                 # A consumer busy with a GPU job may answer its health route slowly: not a failure.
                 log.debug(logfmt(msg="health probe timed out while busy", consumer=name))
                 return
         state.last_probe = time.time()
+        if ok and started < state.unhealthy_at:
+            return
         if ok != state.healthy:
             log.log(
                 logging.INFO if ok else logging.WARNING,
                 logfmt(msg="health", consumer=name, healthy=ok, reason=reason),
             )
-        state.healthy, state.last_error = ok, reason
+        state.healthy, state.last_error, state.last_error_code = ok, reason, code
         if isinstance(loaded, bool) and started >= state.record_at and loaded != state.loaded:
             log.info(logfmt(msg="residency", consumer=name, loaded=loaded, source="health"))
             state.loaded = loaded
@@ -1442,6 +1481,10 @@ async def open_upstream(
             allow_redirects=False,
             skip_auto_headers=SKIP_AUTO_HEADERS,
         )
+    except _ConnectTimeout as e:  # before the answer began: unreachable, not slow
+        raise BrokerError(
+            "consumer_unreachable", f"upstream {consumer.name} {describe(e)}", consumer.name
+        ) from e
     except asyncio.TimeoutError:
         raise BrokerError(
             "consumer_timeout",
@@ -1461,32 +1504,49 @@ class UpstreamBroke(Exception):
 
 
 async def relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, consumer: str, capture: bytearray | None = None
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    consumer: ConsumerConfig,
+    capture: bytearray | None = None,
 ) -> web.StreamResponse:
     """Stream the consumer's answer to the client chunk by chunk, as it comes.
 
     A failure after the answer began cannot become an error response: the client's connection is cut
-    without the final chunk, so it sees a truncated answer, and UpstreamBroke is raised.
+    without the final chunk, so it sees a truncated answer, and UpstreamBroke is raised. A client that
+    accepts nothing for the consumer's ``timeout_s`` is cut off too (ConnectionResetError), so it cannot
+    hold the GPU by not reading.
     """
     resp = web.StreamResponse(
         status=upstream.status, reason=upstream.reason, headers=response_headers(upstream)
     )
     await resp.prepare(request)
+    transport = request.transport
     while True:
         try:
             chunk = await upstream.content.readany()
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            if request.transport is not None:
-                request.transport.abort()
+            if transport is not None:
+                transport.abort()
             code = "consumer_timeout" if isinstance(e, asyncio.TimeoutError) else "consumer_unreachable"
-            raise UpstreamBroke(
-                BrokerError(code, f"upstream {consumer} {describe(e)} mid-answer", consumer)
-            ) from e
+            error = BrokerError(
+                code, f"upstream {consumer.name} failed mid-answer: {describe(e)}", consumer.name
+            )
+            raise UpstreamBroke(error) from e
         if not chunk:
             break
         if capture is not None and len(capture) + len(chunk) <= HOLD_ANSWER_LIMIT:
             capture += chunk
-        await resp.write(chunk)
+        if transport is None or transport.get_write_buffer_size() == 0:
+            await resp.write(chunk)  # nothing pending: this write cannot stall
+            continue
+        try:
+            await asyncio.wait_for(resp.write(chunk), consumer.timeout_s)
+        except asyncio.TimeoutError:
+            transport.abort()
+            log.warning(
+                logfmt(msg="client stopped reading", consumer=consumer.name, timeout_s=consumer.timeout_s)
+            )
+            raise ConnectionResetError("client stopped reading") from None
     await resp.write_eof()
     return resp
 
@@ -1499,10 +1559,7 @@ def hold_poller(
     None (logged) when the consumer's answer cannot fill the path's placeholders.
     """
     names = re.findall(r"{(\w+)}", hold.path)
-    try:
-        data = json.loads(answer)
-    except ValueError:
-        data = None
+    data = parse_json(answer)
     if names and (not isinstance(data, dict) or any(n not in data for n in names)):
         log.warning(
             logfmt(
@@ -1521,11 +1578,10 @@ def hold_poller(
             try:
                 async with session.request(hold.method, url, timeout=timeout, allow_redirects=False) as resp:
                     body = await resp.read()
-                    if 200 <= resp.status < 300:
-                        result = json.loads(body)
-                        if isinstance(result, (dict, list)) and result:
-                            return
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+                    result = parse_json(body) if 200 <= resp.status < 300 else None
+                    if isinstance(result, (dict, list)) and result:
+                        return
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 stats.hold_poll_errors += 1
                 log.debug(logfmt(msg="hold poll failed", consumer=consumer.name, error=describe(e)))
             await asyncio.sleep(hold.poll_s)
@@ -1620,7 +1676,7 @@ class Broker:
             )
             if ex.capture and 200 <= ex.upstream.status < 300:
                 ex.captured = bytearray()
-            resp = await relay(request, ex.upstream, consumer.name, ex.captured)
+            resp = await relay(request, ex.upstream, consumer, ex.captured)
             ex.done = True
             return resp
         except BrokerError as e:
@@ -1671,11 +1727,8 @@ async def error_middleware(
             message = f"{request.method} is not allowed on {request.path}"
         else:
             message = e.reason
-        err = BrokerError(code, message)
-        resp = err.response()
-        if "Allow" in e.headers:
-            resp.headers["Allow"] = e.headers["Allow"]
-        return resp
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+        return BrokerError(code, message, headers=allow).response()
     except Exception as e:
         request.app[BROKER].scheduler.stats.internal_errors += 1
         log.exception(logfmt(msg="internal error", path=request.path))
@@ -1707,8 +1760,13 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
     """POST /v1/{kind}: a GPU job for the consumer that routing.{kind} names."""
     broker = request.app[BROKER]
     kind = request.match_info["kind"]
-    if kind in RESERVED_KINDS:
-        raise BrokerError("method_not_allowed", f"{request.method} /v1/{kind} is not allowed")
+    if kind in RESERVED_KINDS or request.method != "POST":
+        # A reserved kind is a route of its own (or will be); other methods are not jobs.
+        allowed = _methods_of(request.app, request.path) if kind in RESERVED_KINDS else ["POST"]
+        if not allowed:
+            raise BrokerError("not_found", f"no route for {request.method} {request.path}")
+        message = f"{request.method} is not allowed on {request.path}"
+        raise BrokerError("method_not_allowed", message, headers={"Allow": ", ".join(allowed)})
     name = broker.config.routing.get(kind)
     if name is None:
         raise BrokerError("no_consumer", f"no consumer is routed for kind {kind!r}")
@@ -1717,6 +1775,19 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, broker.config.scheduler.max_body_mib)
     job = await broker.scheduler.acquire(name, kind)
     return await _run_job(request, broker, job, consumer, consumer.paths[kind], body)
+
+
+def _methods_of(app: web.Application, path: str) -> list[str]:
+    """The methods a fixed route (not the /v1/{kind} catch-all) answers at ``path``."""
+    return sorted(
+        {
+            route.method
+            for r in app.router.resources()
+            if r.canonical == path
+            for route in r
+            if route.method != "*"
+        }
+    )
 
 
 async def _run_job(
@@ -1740,20 +1811,26 @@ async def _run_job(
         raise
     finally:
         status = ex.upstream.status if ex.upstream is not None else None
+        answered = ex.error is None and status is not None and 200 <= status < 300
         hold = None
-        if ex.error is None and ex.captured is not None and path.hold_until is not None:
-            hold = _hold_after(broker, consumer, path.hold_until, ex)
-        else:
-            ex.close()
-        broker.scheduler.finish(
-            job,
-            "failed" if ex.error is not None else outcome,
-            code=ex.error.code if ex.error is not None else None,
-            status=status,
-            success=ex.done and status is not None and 200 <= status < 300,
-            hold=hold,
-            hold_timeout_s=path.hold_until.timeout_s if path.hold_until else 0.0,
-        )
+        try:
+            if path.hold_until is not None and answered:
+                hold = _hold_after(broker, consumer, path.hold_until, ex)
+            elif path.hold_until is not None and status is not None:
+                log.info(logfmt(msg="no hold: the answer was not 2xx", consumer=consumer.name, http=status))
+        finally:
+            if hold is None:
+                ex.close()
+            broker.scheduler.finish(
+                job,
+                "failed" if ex.error is not None else outcome,
+                code=ex.error.code if ex.error is not None else None,
+                status=status,
+                # A hold means the consumer took the work even if the client left mid-answer.
+                success=answered and (ex.done or hold is not None),
+                hold=hold,
+                hold_timeout_s=path.hold_until.timeout_s if path.hold_until else 0.0,
+            )
 
 
 def _hold_after(
@@ -1775,6 +1852,10 @@ def _hold_after(
                 if len(captured) + len(chunk) <= HOLD_ANSWER_LIMIT:
                     captured.extend(chunk)
             ex.done = True
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            broker.scheduler.stats.hold_poll_errors += 1
+            log.warning(logfmt(msg="no hold: answer cut short", consumer=consumer.name, error=describe(e)))
+            return
         finally:
             ex.close()
         poll = hold_poller(broker.session, consumer, hold, bytes(captured), broker.scheduler.stats)
@@ -1885,7 +1966,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_broker_ctx)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/v1/status", handle_status)
-    app.router.add_post("/v1/{kind}", handle_job)
+    app.router.add_route("*", "/v1/{kind}", handle_job)
     app.router.add_get("/audio/{path:.+}", handle_audio)
     return app
 
@@ -1962,6 +2043,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler_cancellation=True,
         access_log=None,
         print=None,
+        # aiohttp waits this long twice on shutdown; keep twice it under the unit's TimeoutStopSec.
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
     return 0
 

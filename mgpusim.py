@@ -476,6 +476,8 @@ class Record:
     body: bytes
     start: float
     end: float | None = None
+    #: The client's (host, port): the same port on two requests means one reused connection.
+    peer: tuple[str, int] | None = None
 
 
 #: Where the recording middleware leaves a request's Record for its handler.
@@ -574,6 +576,7 @@ class SimConsumer:
                 headers,
                 body,
                 time.monotonic(),
+                peer=request.transport.get_extra_info("peername") if request.transport else None,
             )
             self.records.append(rec)
             request[RECORD] = rec
