@@ -988,6 +988,7 @@ class Rig:
         self.servers: list[TestServer] = []
         self.sims: dict[str, mgpusim.SimConsumer] = {}
         self.sim_servers: dict[str, TestServer] = {}
+        self.expected_internal_errors = 0
 
     async def start(
         self,
@@ -1063,6 +1064,8 @@ async def rig(tmp_path):
     yield make
     for r in rigs:
         await r.close()
+    # Whatever a test did, the broker itself must not have crashed (unless the test made it).
+    assert [r.stats.internal_errors for r in rigs] == [r.expected_internal_errors for r in rigs]
 
 
 async def until(condition: Any, timeout: float = 10.0) -> None:
@@ -1560,6 +1563,7 @@ async def test_a_crash_in_a_handler_is_scheduler_error_in_the_shape_and_counted(
     async with r.session.get(r.url("/v1/status")) as resp:
         error_of(resp.status, dict(resp.headers), await resp.read(), "scheduler_error")
     assert r.stats.internal_errors == 1
+    r.expected_internal_errors = 1
 
 
 async def test_crash_inside_the_scheduler_is_scheduler_error_and_counted():
@@ -2012,3 +2016,240 @@ INV_OPS = st.one_of(
 @given(ops=st.lists(INV_OPS, min_size=20, max_size=100))
 def test_scheduler_invariants_hold_under_any_interleaving(ops):
     asyncio.run(InvariantDriver().run(ops))
+
+
+# =====================================================================================================
+# Faults end to end, with small stand-in consumers where mgpusim has no switch for the fault
+# =====================================================================================================
+
+
+class StandIn:
+    """A tiny consumer written for one fault: an aiohttp app on port 0 whose routes the test gives."""
+
+    def __init__(self, routes: list[tuple[str, str, Any]]) -> None:
+        self.app = web.Application()
+        for method, path, handler in routes:
+            self.app.router.add_route(method, path, handler)
+        self.server = TestServer(self.app, host="127.0.0.1", port=0)
+        self.hits: list[str] = []
+
+    async def __aenter__(self) -> StandIn:
+        await self.server.start_server()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.server.close()
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+
+async def test_health_is_probed_periodically_and_a_consumer_that_comes_back_is_served(rig):
+    def often(raw):
+        raw["health"]["interval_s"] = 0.05
+
+    r = await rig(tweak=often)
+    state = r.broker.consumers.states["mvoice"]
+    r.sims["mvoice"].faults["health_status"] = 503
+    await until(lambda: state.healthy is False)
+    status, headers, body = await r.post("tts", {"text": "x"})
+    assert "health answered 503" in error_of(status, headers, body, "consumer_unreachable")["message"]
+    del r.sims["mvoice"].faults["health_status"]
+    await until(lambda: state.healthy is True)
+    assert (await r.post("tts", {"text": "x"}))[0] == 200
+
+
+async def test_a_probe_timing_out_while_the_consumer_works_does_not_mark_it_unhealthy(tmp_path):
+    busy = asyncio.Event()
+    probed_while_busy = []
+
+    async def health(request: web.Request) -> web.Response:
+        if busy.is_set():
+            probed_while_busy.append(1)
+            await asyncio.sleep(1)  # a single-threaded service answers late while it renders
+        return web.json_response({"ok": True})
+
+    async def work(request: web.Request) -> web.Response:
+        busy.set()
+        await asyncio.sleep(0.6)
+        busy.clear()
+        return web.json_response({"text": "done"})
+
+    async with StandIn([("GET", "/health", health), ("POST", "/inference", work)]) as whisper:
+        raw = base_raw(whisper=whisper.url)
+        raw["routing"] = {"stt": "whisper"}
+        raw["gpu"]["nvidia_smi"] = str(tmp_path / "none")  # never read: whisper fits, and it is resident
+        raw["health"] = {"interval_s": 0.05, "timeout_s": 0.1}
+        app = m.create_app(m.parse_config(raw))
+        async with TestServer(app, host="127.0.0.1", port=0) as server, aiohttp.ClientSession() as session:
+            broker = app[m.BROKER]
+            broker.consumers.states["whisper"].loaded = True
+            async with session.post(server.make_url("/v1/stt"), data=b"x") as resp:
+                assert resp.status == 200
+            assert broker.consumers.states["whisper"].healthy is True
+            assert len(probed_while_busy) >= 2  # probes ran, and timed out, during the job
+            busy.set()  # now slow without a job: that is a failure
+            await until(lambda: broker.consumers.states["whisper"].healthy is False)
+            assert broker.consumers.states["whisper"].last_error == "timed out"
+
+
+async def test_a_probe_older_than_a_job_failure_does_not_heal_the_consumer(rig):
+    r = await rig()
+    consumers = r.broker.consumers
+    gate = asyncio.Event()
+    sim = r.sims["whisper"]
+
+    async def slow_health(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.json_response({"status": "ok"})
+
+    # Swap whisper for a stand-in whose health answers only when told to.
+    async with StandIn([("GET", "/health", slow_health)]) as stand_in:
+        consumers.config.consumers["whisper"] = m.replace(r.config.consumers["whisper"], url=stand_in.url)
+        probe = asyncio.ensure_future(consumers.probe("whisper"))
+        await asyncio.sleep(0.05)
+        consumers.mark_unhealthy("whisper", "connection reset")  # a job failed meanwhile
+        gate.set()
+        await probe
+        assert consumers.states["whisper"].healthy is False
+        await consumers.probe("whisper")  # the next probe heals it
+        assert consumers.states["whisper"].healthy is True
+    assert sim.records == []
+
+
+async def test_upstream_connections_are_reused_between_jobs(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    for _ in range(3):
+        assert (await r.post("tts", {"text": "x"}))[0] == 200
+    peers = {rec.peer for rec in r.sims["mvoice"].records if rec.path == "/api/synthesize"}
+    assert len(peers) == 1  # one pooled connection, not a new TCP connect per job
+
+
+async def test_connect_timeout_is_consumer_unreachable(rig):
+    # A listener that never accepts, with its backlog full: connecting hangs until the connect timeout.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(8):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(listener.getsockname())
+        fillers.append(f)
+    try:
+
+        def quick(raw):
+            raw["consumers"]["ollama"]["timeout_s"] = 0.3
+
+        host, port = listener.getsockname()
+        r = await rig(urls={"ollama": f"http://{host}:{port}"}, tweak=quick)
+        r.broker.consumers.states["ollama"].healthy = None  # its first probe timed out too; forget it
+        status, headers, body = await r.post("llm", {"model": "m", "prompt": "p"})
+        data = error_of(status, headers, body, "consumer_unreachable")
+        assert data["message"] == "upstream ollama connect timed out"
+        assert r.broker.consumers.states["ollama"].last_error == "connect timed out"
+    finally:
+        for f in fillers:
+            f.close()
+        listener.close()
+
+
+async def _prompt_in_two_halves(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await resp.prepare(request)
+    await resp.write(b'{"prompt_id": ')
+    await asyncio.sleep(0.3)
+    await resp.write(b'"p1", "number": 0}')
+    return resp
+
+
+async def test_a_client_leaving_mid_answer_still_starts_the_hold(rig):
+    rendered = asyncio.Event()
+
+    async def history(request: web.Request) -> web.Response:
+        assert request.match_info["id"] == "p1"
+        return web.json_response({"p1": {}} if rendered.is_set() else {})
+
+    routes = [("POST", "/prompt", _prompt_in_two_halves), ("GET", "/history/{id}", history)]
+    routes.append(("GET", "/system_stats", _ok))
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        resp = await r.session.post(r.url("/v1/image"), json={"prompt": {}})
+        assert await resp.content.readexactly(14) == b'{"prompt_id": '
+        resp.close()  # the client leaves before the answer ended
+        await until(lambda: r.stats.cancelled == 1)
+        await asyncio.sleep(0.5)
+        assert r.broker.scheduler.snapshot()["holder"] == {"consumer": "comfyui", "jobs": 0, "holds": 1}
+        rendered.set()
+        await until(lambda: r.broker.scheduler.holder is None)
+        assert r.broker.consumers.states["comfyui"].loaded is True
+
+
+async def test_hold_poll_errors_are_retried_and_counted(rig):
+    polls = []
+
+    async def prompt(request: web.Request) -> web.Response:
+        return web.json_response({"prompt_id": "p2"})
+
+    async def history(request: web.Request) -> web.Response:
+        polls.append(1)
+        if len(polls) <= 4:
+            request.transport.abort()  # the consumer drops the connection
+        return web.json_response({"p2": {"done": True}})
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        assert (await r.post("image", {"prompt": {}}))[0] == 200
+        await until(lambda: r.broker.scheduler.holder is None)
+        # aiohttp itself retries a GET once on a dropped pooled connection, so 4 drops are 2+ errors.
+        assert len(polls) == 5 and r.stats.hold_poll_errors >= 2 and r.stats.hold_timeouts == 0
+
+
+async def test_hold_that_never_completes_releases_the_lock_at_its_timeout(rig):
+    def short(raw):
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 0.3
+
+    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 3600}}, tweak=short)
+    assert (await r.post("image", {"prompt": {}}))[0] == 200
+    assert r.broker.scheduler.holds == 1
+    await until(lambda: r.broker.scheduler.holder is None)
+    assert r.stats.hold_timeouts == 1
+    assert (await r.post("tts", {"text": "next"}))[0] == 200
+
+
+async def test_an_absurdly_nested_answer_starts_no_hold_and_frees_the_lock(rig):
+    async def prompt(request: web.Request) -> web.Response:
+        return web.Response(body=b"[" * 100_000 + b"]" * 100_000, content_type="application/json")
+
+    async with StandIn([("POST", "/prompt", prompt), ("GET", "/system_stats", _ok)]) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        assert (await r.post("image", {"prompt": {}}))[0] == 200
+        assert r.broker.scheduler.holder is None and r.stats.completed == 1
+
+
+async def test_a_client_that_stops_reading_cannot_keep_the_gpu(rig):
+    async def firehose(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await resp.prepare(request)
+        for _ in range(256):
+            await resp.write(b"x" * m.MiB)
+        return resp
+
+    async with StandIn([("POST", "/api/generate", firehose), ("GET", "/", _ok)]) as ollama:
+
+        def quick(raw):
+            raw["consumers"]["ollama"]["timeout_s"] = 0.5
+
+        r = await rig(urls={"ollama": ollama.url}, tweak=quick)
+        reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
+        body = b'{"model": "m", "prompt": "p"}'
+        head = f"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        writer.write(head.encode() + body)
+        await writer.drain()
+        await reader.read(1000)  # the answer begins ... and the client reads no more
+        await until(lambda: r.stats.cancelled == 1, timeout=20)
+        assert r.broker.scheduler.holder is None
+        writer.close()
+        assert (await r.post("tts", {"text": "next"}))[0] == 200
