@@ -386,7 +386,10 @@ def parse_config(raw: Any) -> Config:
     smi = g.get("nvidia_smi", "nvidia-smi")
     argv: tuple[str, ...] = ()
     if isinstance(smi, str) and smi.strip():
-        argv = tuple(shlex.split(smi))
+        try:
+            argv = tuple(shlex.split(smi))
+        except ValueError as e:
+            ck.problem("gpu.nvidia_smi", f"cannot split {smi!r} like a shell would: {e}")
     elif isinstance(smi, list) and smi and all(isinstance(a, str) and a for a in smi):
         argv = tuple(smi)
     else:

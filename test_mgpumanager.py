@@ -1076,6 +1076,31 @@ async def until(condition: Any, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _ok(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+class StandIn:
+    """A tiny consumer written for one fault: an aiohttp app on port 0 whose routes the test gives."""
+
+    def __init__(self, routes: list[tuple[str, str, Any]]) -> None:
+        self.app = web.Application()
+        for method, path, handler in routes:
+            self.app.router.add_route(method, path, handler)
+        self.server = TestServer(self.app, host="127.0.0.1", port=0)
+
+    async def __aenter__(self) -> StandIn:
+        await self.server.start_server()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.server.close()
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+
 #: The issue's table of error codes, written out again so that a change in the daemon shows up here.
 SPEC_ERRORS = {
     "bad_request": 400,
@@ -1156,23 +1181,16 @@ async def _gzip_answer(request: web.Request) -> web.Response:
 
 
 async def test_answer_bytes_and_headers_pass_unchanged_but_hop_by_hop(rig):
-    app = web.Application()
-    app.router.add_post("/inference", _gzip_answer)
-    app.router.add_get("/health", _ok)
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
-    try:
+    async with StandIn([("POST", "/inference", _gzip_answer), ("GET", "/health", _ok)]) as whisper:
 
         def whisper_stt(raw):
             raw["routing"]["stt"] = "whisper"
 
-        r = await rig(urls={"whisper": str(server.make_url("")).rstrip("/")}, tweak=whisper_stt)
+        r = await rig(urls={"whisper": whisper.url}, tweak=whisper_stt)
         status, headers, body = await r.post("stt", None, data=b"audio")
         assert status == 200 and body == gzip.compress(b'{"text": "compressed"}')  # not decompressed
         assert headers["Content-Encoding"] == "gzip" and headers["X-Upstream"] == "yes"
         assert headers["Content-Length"] == str(len(body)) and "Keep-Alive" not in headers
-    finally:
-        await server.close()
 
 
 async def test_audio_is_served_while_the_gpu_is_busy(rig):
@@ -1333,18 +1351,9 @@ async def _cut_off_upstream(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def _ok(request: web.Request) -> web.Response:
-    return web.Response(text="ok")
-
-
 async def test_consumer_dying_mid_stream_truncates_the_answer_and_frees_the_lock(rig):
-    dying = web.Application()
-    dying.router.add_post("/api/generate", _cut_off_upstream)
-    dying.router.add_get("/", _ok)
-    server = TestServer(dying, host="127.0.0.1", port=0)
-    await server.start_server()
-    try:
-        r = await rig(urls={"ollama": str(server.make_url("")).rstrip("/")})
+    async with StandIn([("POST", "/api/generate", _cut_off_upstream), ("GET", "/", _ok)]) as dying:
+        r = await rig(urls={"ollama": dying.url})
         async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as resp:
             assert resp.status == 200
             assert await resp.content.readline() == b'{"response": "tok", "done": false}\n'
@@ -1354,8 +1363,6 @@ async def test_consumer_dying_mid_stream_truncates_the_answer_and_frees_the_lock
         st = await r.status()
         assert st["consumers"]["ollama"]["healthy"] is False
         assert (await r.post("tts", {"text": "next"}))[0] == 200
-    finally:
-        await server.close()
 
 
 async def raw_get(r: Rig, target: str) -> tuple[int, bytes]:
@@ -2021,28 +2028,6 @@ def test_scheduler_invariants_hold_under_any_interleaving(ops):
 # =====================================================================================================
 # Faults end to end, with small stand-in consumers where mgpusim has no switch for the fault
 # =====================================================================================================
-
-
-class StandIn:
-    """A tiny consumer written for one fault: an aiohttp app on port 0 whose routes the test gives."""
-
-    def __init__(self, routes: list[tuple[str, str, Any]]) -> None:
-        self.app = web.Application()
-        for method, path, handler in routes:
-            self.app.router.add_route(method, path, handler)
-        self.server = TestServer(self.app, host="127.0.0.1", port=0)
-        self.hits: list[str] = []
-
-    async def __aenter__(self) -> StandIn:
-        await self.server.start_server()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.server.close()
-
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("")).rstrip("/")
 
 
 async def test_health_is_probed_periodically_and_a_consumer_that_comes_back_is_served(rig):
