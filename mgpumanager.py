@@ -29,6 +29,8 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -64,6 +66,8 @@ if not hasattr(web, "AppKey"):  # handler_cancellation and AppKey came with aioh
 
 MiB = 1024 * 1024
 PRIORITY_MAX = 4
+#: A bearer token shorter than this is refused: it would be guessable.
+MIN_TOKEN_LENGTH = 16
 #: Kinds that are (or will be) routes of their own under /v1/.
 RESERVED_KINDS = frozenset({"status", "consumers", "events", "reload"})
 KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -170,6 +174,12 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    #: The bearer token every route but /healthz requires; None: no auth, admin routes loopback-only.
+    token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class Config:
     listen_host: str
     listen_port: int
@@ -180,6 +190,7 @@ class Config:
     audio_proxy: str | None
     #: In the order the file lists them: ties in last use go to the one listed first.
     consumers: dict[str, ConsumerConfig]
+    auth: AuthConfig = AuthConfig()
 
 
 class ConfigError(Exception):
@@ -363,6 +374,28 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any) -> ConsumerConfig | None:
     )
 
 
+def _parse_auth(ck: _Checker, raw: Any) -> AuthConfig:
+    """auth.token, or auth.token_file (read now, so a secret can live outside the config)."""
+    d = ck.mapping(raw, "auth", ("token", "token_file"))
+    if "token" in d and "token_file" in d:
+        ck.problem("auth", "set token or token_file, not both")
+        return AuthConfig()
+    token = None
+    if "token" in d:
+        token = ck.string(d, "token", "auth")
+    elif "token_file" in d:
+        path = ck.string(d, "token_file", "auth")
+        try:
+            token = Path(path).read_text().strip() if path else ""
+        except OSError as e:
+            ck.problem("auth.token_file", f"cannot read {path}: {e.strerror or e}")
+            return AuthConfig()
+    if token is not None and (len(token) < MIN_TOKEN_LENGTH or not token.isprintable() or " " in token):
+        key = "auth.token" if "token" in d else "auth.token_file"
+        ck.problem(key, f"the token must be at least {MIN_TOKEN_LENGTH} printable characters, without spaces")
+    return AuthConfig(token=token or None)
+
+
 def _parse_listen(ck: _Checker, value: Any) -> tuple[str, int]:
     host, sep, port = str(value).rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
@@ -377,7 +410,7 @@ def parse_config(raw: Any) -> Config:
     top = ck.mapping(
         raw,
         "config",
-        ("listen", "gpu", "scheduler", "health", "routing", "audio_proxy", "consumers"),
+        ("listen", "gpu", "scheduler", "health", "routing", "audio_proxy", "consumers", "auth"),
         required=True,
     )
     host, port = _parse_listen(ck, top.get("listen", "0.0.0.0:8770"))
@@ -458,6 +491,8 @@ def parse_config(raw: Any) -> Config:
     if audio is not None and (not isinstance(audio, str) or audio not in consumers):
         ck.problem("audio_proxy", f"names unknown consumer {audio!r}")
 
+    auth = _parse_auth(ck, top.get("auth"))
+
     if ck.problems:
         raise ConfigError(ck.problems)
     return Config(
@@ -469,6 +504,7 @@ def parse_config(raw: Any) -> Config:
         routing=routing,
         audio_proxy=audio,
         consumers=consumers,
+        auth=auth,
     )
 
 
@@ -528,10 +564,14 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "bad_request": (400, False),
     "not_found": (404, False),
     "no_consumer": (404, False),
+    "unauthorized": (401, False),
+    "forbidden": (403, False),
     "method_not_allowed": (405, False),
     "payload_too_large": (413, False),
+    "bad_config": (422, False),
     "consumer_unreachable": (502, True),
     "load_failed": (502, True),
+    "unload_failed": (502, True),
     "bad_consumer_url": (502, False),
     "scheduler_error": (500, False),
     "queue_full": (503, True),
@@ -989,15 +1029,22 @@ class Job:
     """One GPU request, from admission to its end."""
 
     id: int
-    consumer: str
+    #: The consumer's config as it was at admission (a reload may change or remove it meanwhile).
+    target: ConsumerConfig
     kind: str
     priority: int
     arrived: float
     granted: asyncio.Future[None]
+    #: An admin operation: holds the lock alone, no job of its consumer joins it.
+    exclusive: bool = False
     #: queued -> running -> ended
     state: str = "queued"
     started: float | None = None
     evictions: int = 0
+
+    @property
+    def consumer(self) -> str:
+        return self.target.name
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.consumer}/{self.kind} {self.state}>"
@@ -1014,6 +1061,7 @@ class Stats:
     unload_failures: int = 0
     loads: int = 0
     load_failures: int = 0
+    admin_unloads: int = 0
     hold_timeouts: int = 0
     hold_poll_errors: int = 0
     internal_errors: int = 0
@@ -1056,6 +1104,8 @@ class Scheduler:
         self.holder: str | None = None
         self.slots = 0
         self.holds = 0
+        #: The holder is an admin operation that holds the lock alone.
+        self.exclusive = False
         self._waiting: list[Job] = []
         self._ids = itertools.count(1)
         self._prepare_lock = asyncio.Lock()
@@ -1086,19 +1136,54 @@ class Scheduler:
 
     async def acquire(self, consumer: str, kind: str) -> Job:
         """Queue a job, wait for the lock, make room and load; the caller must then call ``finish``."""
-        cfg = self.config
+        job = self._admit(consumer, kind)
+        await self._wait_for_grant(job)
+        await self._guarded(job, self._prepare(job))
+        return job
+
+    async def unload_now(self, name: str) -> Job:
+        """Admin: unload a consumer through its route, holding the lock alone so no job races it."""
+        job = self._admit(name, "unload", exclusive=True)
+        await self._wait_for_grant(job)
+
+        async def unload() -> None:
+            async with self._prepare_lock:
+                error = await self._unload(job, name, evicting=False)
+            if error is not None:
+                raise BrokerError("unload_failed", f"{name} {error}", name)
+
+        await self._guarded(job, unload())
+        self.finish(job, "completed")
+        return job
+
+    async def load_now(self, name: str) -> Job:
+        """Admin: make room for a consumer and load it (warm-up), holding the lock alone."""
+        job = self._admit(name, "load", exclusive=True)
+        await self._wait_for_grant(job)
+        await self._guarded(job, self._prepare(job, warm=True))
+        self.finish(job, "completed")
+        return job
+
+    def _admit(self, consumer: str, kind: str, *, exclusive: bool = False) -> Job:
+        """A new job for a configured consumer; counted from here on."""
         self.stats.jobs += 1
-        job = Job(
+        target = self.config.consumers[consumer]
+        return Job(
             id=next(self._ids),
-            consumer=consumer,
+            target=target,
             kind=kind,
-            priority=cfg.consumers[consumer].priority,
+            priority=PRIORITY_MAX if exclusive else target.priority,
             arrived=self.clock(),
             granted=asyncio.get_running_loop().create_future(),
+            exclusive=exclusive,
         )
+
+    async def _wait_for_grant(self, job: Job) -> None:
+        """Queue the job and wait for the lock; queue_full, queue_timeout or cancellation end it."""
+        cfg = self.config
         if len(self._waiting) >= cfg.scheduler.max_queue:
             self._end(job, "rejected", "queue_full")
-            raise BrokerError("queue_full", f"{len(self._waiting)} jobs are waiting already", consumer)
+            raise BrokerError("queue_full", f"{len(self._waiting)} jobs are waiting already", job.consumer)
         self._waiting.append(job)
         timer = asyncio.get_running_loop().call_later(cfg.scheduler.queue_timeout_s, self._expire, job)
         self._dispatch()
@@ -1108,18 +1193,16 @@ class Scheduler:
             self._leave_queue(job)
             self._end(job, "cancelled")
             raise
-        except BrokerError as e:  # queue_timeout, set by _expire
+        except BrokerError as e:  # queue_timeout from _expire, no_consumer from forget
             self._end(job, "failed", e.code)
             raise
         finally:
             timer.cancel()
-        return await self._prepared(job)
 
-    async def _prepared(self, job: Job) -> Job:
-        """Make room and load for a granted job; any failure gives the slot back and ends the job."""
-        consumer = job.consumer
+    async def _guarded(self, job: Job, step: Awaitable[None]) -> None:
+        """Run a step of a granted job; any failure gives the slot back and ends the job, then re-raises."""
         try:
-            await self._prepare(job)
+            await step
         except BaseException as e:
             self._release_slot(job)
             if isinstance(e, asyncio.CancelledError):
@@ -1128,11 +1211,18 @@ class Scheduler:
                 self._end(job, "failed", e.code)
             else:
                 self.stats.internal_errors += 1
-                log.exception(logfmt(msg="prepare crashed", consumer=consumer, job=job.id))
+                log.exception(logfmt(msg="scheduler crashed", consumer=job.consumer, job=job.id))
                 self._end(job, "failed", "scheduler_error")
-                raise BrokerError("scheduler_error", f"internal error: {describe(e)}", consumer) from e
+                raise BrokerError("scheduler_error", f"internal error: {describe(e)}", job.consumer) from e
             raise
-        return job
+
+    def forget(self, names: set[str]) -> None:
+        """After a reload: jobs waiting for consumers that are gone are answered with no_consumer."""
+        for job in [j for j in self._waiting if j.consumer in names and not j.granted.done()]:
+            self._waiting.remove(job)
+            error = BrokerError("no_consumer", f"{job.consumer} was removed from the config", job.consumer)
+            job.granted.set_exception(error)
+        self._dispatch()
 
     def _leave_queue(self, job: Job) -> None:
         """A cancelled waiter leaves: dequeued, or its grant passed on if it was granted meanwhile."""
@@ -1168,16 +1258,18 @@ class Scheduler:
             else:
                 holder = self.config.consumers.get(self.holder)
                 mine = [j for j in waiting if j.consumer == self.holder]
-                if holder is None or self.slots >= holder.max_concurrency or not mine:
+                if self.exclusive or holder is None or self.slots >= holder.max_concurrency or not mine:
                     return
                 job = min(mine, key=lambda j: self._order(j, now))
+                if job.exclusive:
+                    return
                 level = self.effective_priority(job, now)
                 if any(
                     self.effective_priority(j, now) >= level for j in waiting if j.consumer != self.holder
                 ):
                     return
             self._waiting.remove(job)
-            self.holder = job.consumer
+            self.holder, self.exclusive = job.consumer, job.exclusive
             self.slots += 1
             self.states[job.consumer].jobs += 1
             job.state, job.started = "running", now
@@ -1189,36 +1281,37 @@ class Scheduler:
         self.slots -= 1
         self.states[job.consumer].jobs -= 1
         if self.slots == 0:
-            self.holder = None
+            self.holder, self.exclusive = None, False
         self._dispatch()
 
     # ---- making room---------------------------------------------------------------------------------
 
-    async def _prepare(self, job: Job) -> None:
-        """Make room for the target and load it; serialised, so two jobs never evict at once."""
+    async def _prepare(self, job: Job, *, warm: bool = False) -> None:
+        """Make room for the target and load it; serialised, so two jobs never evict at once.
+
+        ``warm`` (an admin load) also loads a target of unknown residency.
+        """
         async with self._prepare_lock:
             state = self.states[job.consumer]
             if state.loaded is True:
                 return  # known resident: no GPU read, no eviction
             await self._make_room(job)
-            target = self.config.consumers[job.consumer]
-            if state.loaded is False and target.load is not None:
-                await self._load(target.name)
+            if job.target.load is not None and (state.loaded is False or warm):
+                await self._load(job.consumer)
 
-    def victims(self, target: str, exclude: set[str]) -> tuple[list[str], dict[str, str]]:
+    def victims(self, target: ConsumerConfig, exclude: set[str]) -> tuple[list[str], dict[str, str]]:
         """Eviction candidates for ``target``, least recently used first, and why the others are not."""
-        cfg = self.config
         candidates, why_not = [], {}
-        for order, (name, c) in enumerate(cfg.consumers.items()):
+        for order, (name, c) in enumerate(self.config.consumers.items()):
             state = self.states[name]
-            if name == target:
+            if name == target.name:
                 continue
             if c.vram_managed:
                 why_not[name] = "vram_managed"
             elif c.unload is None:
                 why_not[name] = "no unload route"
-            elif name in cfg.consumers[target].can_coexist_with:
-                why_not[name] = f"may coexist with {target}"
+            elif name in target.can_coexist_with or target.name in c.can_coexist_with:
+                why_not[name] = f"may coexist with {target.name}"
             elif state.jobs > 0:
                 why_not[name] = "has jobs running"
             elif name in exclude:
@@ -1237,26 +1330,27 @@ class Scheduler:
             raise BrokerError("gpu_unavailable", f"cannot read the GPU: {e}", job.consumer) from e
 
     async def _make_room(self, job: Job) -> None:
+        """While the target does not fit, unload the least recently used victim and wait for its memory."""
         cfg = self.config
-        target = cfg.consumers[job.consumer]
+        target = job.target
         need = target.vram_resident_mib + cfg.gpu.cushion_mib
         reading = await self._read_gpu(job)
         tried: set[str] = set()
         while reading.free_mib is None or reading.free_mib < need:
             if reading.free_mib is None:
                 raise BrokerError("gpu_unavailable", "nvidia-smi reports no free memory figure", job.consumer)
-            victims, why_not = self.victims(target.name, tried)
+            victims, why_not = self.victims(target, tried)
             if not victims or len(tried) >= cfg.scheduler.max_evictions:
                 raise self._insufficient(job, reading, need, why_not, victims)
             victim = victims[0]
             tried.add(victim)
-            if await self._unload(job, victim):
+            if await self._unload(job, victim) is None:
                 reading = await self._wait_for_memory(job, victim, reading.free_mib, need)
 
     def _insufficient(
         self, job: Job, reading: GpuReading, need: int, why_not: dict[str, str], left: list[str]
     ) -> BrokerError:
-        target = self.config.consumers[job.consumer]
+        target = job.target
         parts = [
             f"{reading.free_mib} MiB free, {need} MiB needed"
             f" ({target.name} {target.vram_resident_mib} + cushion {self.config.gpu.cushion_mib})"
@@ -1269,25 +1363,30 @@ class Scheduler:
         parts.append(f"GPU processes: {procs or 'none listed'}")
         return BrokerError("insufficient_vram", "; ".join(parts), job.consumer)
 
-    async def _unload(self, job: Job, victim: str) -> bool:
-        """Unload one victim through its route; False (counted and logged) when that fails.
+    async def _unload(self, job: Job, victim: str, *, evicting: bool = True) -> str | None:
+        """Unload one consumer through its route (for ``job``'s room, or by an admin); None on success,
+        else why not (counted and logged).
 
         While the call is under way the victim's residency is unknown, and it stays so unless the call
         succeeds (a failed or interrupted unload may or may not have freed anything).
         """
         state = self.states[victim]
-        log.info(logfmt(msg="evicting", consumer=victim, for_consumer=job.consumer, job=job.id))
+        why = {"for_consumer": job.consumer} if evicting else {"by": "admin"}
+        log.info(logfmt(msg="evicting" if evicting else "unloading", consumer=victim, **why, job=job.id))
         state.loaded, state.record_at = None, self.clock()
         try:
             await self.ops.unload(victim)
         except Exception as e:
             self.stats.unload_failures += 1
-            log.warning(logfmt(msg="unload failed", consumer=victim, for_consumer=job.consumer, error=str(e)))
-            return False
-        self.stats.evictions += 1
-        job.evictions += 1
+            log.warning(logfmt(msg="unload failed", consumer=victim, **why, error=str(e)))
+            return str(e)
+        if evicting:
+            self.stats.evictions += 1
+            job.evictions += 1
+        else:
+            self.stats.admin_unloads += 1
         state.loaded, state.record_at = False, self.clock()
-        return True
+        return None
 
     async def _wait_for_memory(self, job: Job, victim: str, before: int, need: int) -> GpuReading:
         """Poll until the target fits, the victim's memory shows up as free, or ``vram_wait_s`` passed."""
@@ -1450,10 +1549,19 @@ def _pass_headers(headers: Mapping[str, str], drop: frozenset[str]) -> CIMultiDi
     )
 
 
-def request_headers(request: web.Request) -> CIMultiDict[str]:
-    """The client's headers as the consumer gets them, without hop-by-hop ones, Host, Content-Length and
-    Expect (the broker holds the whole body already)."""
-    return _pass_headers(request.headers, frozenset({"host", "content-length", "expect"}))
+def request_headers(request: web.Request, *, strip_auth: bool) -> CIMultiDict[str]:
+    """The client's headers as the consumer gets them.
+
+    Without hop-by-hop ones, Host, Content-Length and Expect (the broker holds the whole body already),
+    nor the broker's own bearer token; with X-Forwarded-For (appended to) and X-Forwarded-Proto.
+    """
+    drop = {"host", "content-length", "expect"} | ({"authorization"} if strip_auth else set())
+    headers = _pass_headers(request.headers, frozenset(drop))
+    before = request.headers.get("X-Forwarded-For")
+    remote = request.remote or "unknown"
+    headers["X-Forwarded-For"] = f"{before}, {remote}" if before else remote
+    headers["X-Forwarded-Proto"] = request.scheme
+    return headers
 
 
 def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
@@ -1654,7 +1762,50 @@ class Broker:
     gpu: GpuReader
     consumers: Consumers
     scheduler: Scheduler
+    #: Where a reload reads the config again; None for an app made from a Config alone.
+    source: ConfigSource | None = None
     started: float = field(default_factory=time.monotonic)
+
+    def reload(self) -> list[str]:
+        """Read the config again and apply it in place; ConfigError (logged) leaves the old one."""
+        if self.source is None:
+            raise ConfigError(["this broker was not started from a config file"])
+        try:
+            new = self.source.load()
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
+            raise
+        changes = self.apply(new)
+        log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
+        return changes
+
+    def apply(self, new: Config) -> list[str]:
+        """Use ``new`` from the next decision on, keeping queued and running jobs.
+
+        Consumers whose URL did not change keep what the broker knows of them (health, residency, last
+        use); jobs waiting for a consumer that is gone are answered with no_consumer.
+        """
+        old, states, changes = self.config, self.consumers.states, []
+        for name, c in new.consumers.items():
+            before = old.consumers.get(name)
+            if before is None or before.url != c.url:
+                states[name] = ConsumerState(jobs=states[name].jobs if name in states else 0)
+                changes.append(f"{'added' if before is None else 'new url for'} {name}")
+            elif before != c:
+                changes.append(f"changed {name}")
+        removed = set(old.consumers) - set(new.consumers)
+        changes += [f"removed {name}" for name in sorted(removed)]
+        if (new.listen_host, new.listen_port) != (old.listen_host, old.listen_port):
+            listen = f"{old.listen_host}:{old.listen_port}"
+            log.warning(logfmt(msg="reload: listen changes only with a restart", listen=listen))
+        for part in ("gpu", "scheduler", "health", "routing", "audio_proxy", "auth"):
+            if getattr(new, part) != getattr(old, part):
+                changes.append(f"changed {part}")
+        self.config = self.consumers.config = self.scheduler.config = new
+        self.gpu.config = new.gpu
+        self.scheduler.forget(removed)
+        return changes
 
     def check_reachable(self, name: str) -> None:
         """consumer_unreachable (or bad_consumer_url) at once when the consumer's last health probe failed."""
@@ -1674,9 +1825,8 @@ class Broker:
     ) -> web.StreamResponse:
         """Send a request to a consumer and stream its answer back; a failing consumer is marked unhealthy."""
         try:
-            ex.upstream = await open_upstream(
-                self.session, consumer, method, path_qs, request_headers(request), body
-            )
+            headers = request_headers(request, strip_auth=self.config.auth.token is not None)
+            ex.upstream = await open_upstream(self.session, consumer, method, path_qs, headers, body)
             if ex.capture and 200 <= ex.upstream.status < 300:
                 ex.captured = bytearray()
             resp = await relay(request, ex.upstream, consumer, ex.captured)
@@ -1699,7 +1849,19 @@ class Broker:
         return web.Response(status=499)  # never sent: the client's connection is closed
 
 
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where the config comes from, so that a reload reads it the same way: the file and the CLI overrides."""
+
+    path: Path
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Config:
+        return load_config(self.path, overrides=self.overrides)
+
+
 CONFIG = web.AppKey("config", Config)
+SOURCE: web.AppKey[ConfigSource | None] = web.AppKey("source")
 BROKER = web.AppKey("broker", Broker)
 #: HTTP statuses aiohttp raises on its own (unknown route, wrong method, ...) -> our error codes.
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
@@ -1736,6 +1898,67 @@ async def error_middleware(
         request.app[BROKER].scheduler.stats.internal_errors += 1
         log.exception(logfmt(msg="internal error", path=request.path))
         return BrokerError("scheduler_error", f"internal error: {describe(e)}").response()
+
+
+@web.middleware
+async def auth_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """With auth.token set, every route but /healthz needs ``Authorization: Bearer <token>``."""
+    token = request.app[BROKER].config.auth.token
+    if token is not None and request.path != "/healthz":
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            challenge = {"WWW-Authenticate": 'Bearer realm="mgpumanager"'}
+            raise BrokerError(
+                "unauthorized", "a valid Authorization: Bearer token is required", headers=challenge
+            )
+    return await handler(request)
+
+
+def require_admin(request: web.Request) -> None:
+    """Admin routes: with a token, the token is enough; without one, only clients on loopback."""
+    if request.app[BROKER].config.auth.token is not None:
+        return
+    try:
+        local = ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        local = False
+    if not local:
+        raise BrokerError("forbidden", "admin routes answer only loopback clients unless auth.token is set")
+
+
+async def handle_admin_consumer(request: web.Request) -> web.Response:
+    """POST /v1/consumers/{name}/unload|load: manual eviction and warm-up, through the scheduler's lock."""
+    require_admin(request)
+    broker = request.app[BROKER]
+    name, action = request.match_info["name"], request.match_info["action"]
+    consumer = broker.config.consumers.get(name)
+    if consumer is None:
+        raise BrokerError("no_consumer", f"no consumer named {name!r}")
+    if action == "unload" and consumer.unload is None:
+        raise BrokerError("bad_request", f"{name} has no unload route", name)
+    if action == "unload":
+        job = await broker.scheduler.unload_now(name)
+    else:
+        job = await broker.scheduler.load_now(name)
+    body = {
+        "consumer": name,
+        "action": action,
+        "loaded": broker.consumers.states[name].loaded,
+        "evictions": job.evictions,
+    }
+    return web.json_response(body)
+
+
+async def handle_reload(request: web.Request) -> web.Response:
+    """POST /v1/reload: re-read the config; a bad one is refused whole and the old one stays."""
+    require_admin(request)
+    try:
+        changes = request.app[BROKER].reload()
+    except ConfigError as e:
+        raise BrokerError("bad_config", "config refused, the old one stays: " + "; ".join(e.problems)) from e
+    return web.json_response({"reloaded": True, "changes": changes})
 
 
 async def read_body(request: web.Request, max_mib: int) -> bytes | bytearray:
@@ -1945,7 +2168,9 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     gpu = GpuReader(config.gpu)
     consumers = Consumers(config, session)
     scheduler = Scheduler(config, gpu, consumers)
-    app[BROKER] = Broker(config=config, session=session, gpu=gpu, consumers=consumers, scheduler=scheduler)
+    app[BROKER] = Broker(
+        config=config, session=session, gpu=gpu, consumers=consumers, scheduler=scheduler, source=app[SOURCE]
+    )
     health: asyncio.Task[None] | None = None
     try:
         # The first health round completes before serving (bounded by health.timeout_s), so the first
@@ -1962,13 +2187,16 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         await session.close()
 
 
-def create_app(config: Config) -> web.Application:
-    """The production app; tests build theirs with this same factory."""
-    app = web.Application(middlewares=[error_middleware])
+def create_app(config: Config, source: ConfigSource | None = None) -> web.Application:
+    """The production app; tests build theirs with this same factory. ``source`` enables reloads."""
+    app = web.Application(middlewares=[error_middleware, auth_middleware])
     app[CONFIG] = config
+    app[SOURCE] = source
     app.cleanup_ctx.append(_broker_ctx)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/v1/status", handle_status)
+    app.router.add_post("/v1/reload", handle_reload)
+    app.router.add_post("/v1/consumers/{name}/{action:unload|load}", handle_admin_consumer)
     app.router.add_route("*", "/v1/{kind}", handle_job)
     app.router.add_get("/audio/{path:.+}", handle_audio)
     return app
@@ -2005,6 +2233,16 @@ class LogfmtFormatter(logging.Formatter):
         return f"ts={_iso(record.created)} {text}"
 
 
+async def _reload_on_sighup(app: web.Application) -> None:
+    """SIGHUP re-reads the config, like POST /v1/reload (a refused config is logged, the old one stays)."""
+
+    def reload() -> None:
+        with contextlib.suppress(ConfigError):
+            app[BROKER].reload()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mgpumanager", description="GPU-inference broker: one door to one GPU."
@@ -2029,8 +2267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["listen"] = args.listen
     if args.nvidia_smi is not None:
         overrides["gpu.nvidia_smi"] = args.nvidia_smi
+    source = ConfigSource(Path(args.config), overrides)
     try:
-        config = load_config(args.config, overrides=overrides)
+        config = source.load()
     except ConfigError as e:
         for problem in e.problems:
             print(f"{args.config}: {problem}", file=sys.stderr)
@@ -2039,8 +2278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(summary(config))
         return 0
     log.info(logfmt(msg="starting", version=VERSION, listen=f"{config.listen_host}:{config.listen_port}"))
+    app = create_app(config, source)
+    app.on_startup.append(_reload_on_sighup)
     web.run_app(
-        create_app(config),
+        app,
         host=config.listen_host,
         port=config.listen_port,
         handler_cancellation=True,

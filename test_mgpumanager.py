@@ -1117,6 +1117,11 @@ SPEC_ERRORS = {
     "insufficient_vram": 503,
     "gpu_unavailable": 503,
     "consumer_timeout": 504,
+    # Issue 3 (security) and the admin API:
+    "unauthorized": 401,
+    "forbidden": 403,
+    "bad_config": 422,
+    "unload_failed": 502,
 }
 #: Retryable as the README documents it (load_failed and insufficient_vram as the issue says).
 SPEC_RETRYABLE = {c for c, st in SPEC_ERRORS.items() if st >= 500} - {"bad_consumer_url", "scheduler_error"}
