@@ -12,6 +12,7 @@ import gzip
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -997,6 +998,7 @@ class Rig:
         sims: dict[str, dict[str, Any]] | None = None,
         tweak: Any = None,
         urls: dict[str, str] | None = None,
+        remote: str | None = None,
     ) -> Rig:
         self.state = self.tmp_path / "gpu.json"
         self.gpu = mgpusim.SimGPU(self.state, total_mib=total_mib, reserved_mib=480)
@@ -1019,8 +1021,14 @@ class Rig:
         raw["health"] = {"interval_s": 3600, "timeout_s": 2}  # tests probe explicitly
         if tweak:
             tweak(raw)
-        self.config = m.parse_config(raw)
-        self.app = m.create_app(self.config)
+        # The config goes through a file, as in production, so that reloads can read it again.
+        self.raw, self.config_path = raw, self.tmp_path / "consumers.yaml"
+        self.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        source = m.ConfigSource(self.config_path)
+        self.config = source.load()
+        self.app = m.create_app(self.config, source)
+        if remote is not None:  # every client looks as if it came from elsewhere than loopback
+            self.app.middlewares.insert(0, from_elsewhere(remote))
         self.server = TestServer(self.app, host="127.0.0.1", port=0)
         await self.server.start_server()
         self.broker = self.app[m.BROKER]
@@ -2243,3 +2251,183 @@ async def test_a_client_that_stops_reading_cannot_keep_the_gpu(rig):
         assert r.broker.scheduler.holder is None
         writer.close()
         assert (await r.post("tts", {"text": "next"}))[0] == 200
+
+
+# =====================================================================================================
+# Security: bearer auth, the admin API, forwarding rules, the unit's hardening
+# =====================================================================================================
+
+TOKEN = "s3cret-token-0123456789"
+
+
+def with_token(raw: dict[str, Any]) -> None:
+    raw["auth"] = {"token": TOKEN}
+
+
+def from_elsewhere(address: str = "192.0.2.7") -> Any:
+    """A middleware that makes every request look as if it came from ``address`` (not loopback)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        return await handler(request.clone(remote=address))
+
+    return middleware
+
+
+async def test_with_a_token_every_route_but_healthz_needs_it(rig):
+    r = await rig(tweak=with_token)
+    for method, path in [
+        ("GET", "/v1/status"),
+        ("POST", "/v1/tts"),
+        ("GET", "/audio/x.wav"),
+        ("GET", "/nope"),
+    ]:
+        for auth in (None, "Bearer wrong-token-0123456789", f"Basic {TOKEN}", TOKEN):
+            headers = {"Authorization": auth} if auth else {}
+            async with r.session.request(method, r.url(path), headers=headers) as resp:
+                error_of(resp.status, dict(resp.headers), await resp.read(), "unauthorized")
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    async with r.session.get(r.url("/healthz")) as resp:
+        assert resp.status == 200
+    assert r.sims["mvoice"].records == [] and r.stats.jobs == 0
+
+
+async def test_the_token_is_stripped_before_forwarding_and_never_logged(rig, caplog):
+    r = await rig(tweak=with_token, sims={"mvoice": {"loaded": True}})
+    headers = {"Authorization": f"bearer {TOKEN}"}
+    status, _, _ = await r.post("tts", {"text": "x"}, headers=headers)
+    assert status == 200
+    assert "Authorization" not in r.sims["mvoice"].records[-1].headers
+    async with r.session.get(r.url("/v1/status"), headers=headers) as resp:
+        assert resp.status == 200
+    assert TOKEN not in caplog.text and TOKEN not in repr(r.broker.config)
+
+
+async def test_without_a_token_the_authorization_header_is_the_consumers_business(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    assert (await r.post("tts", {"text": "x"}, headers={"Authorization": "Bearer for-mvoice"}))[0] == 200
+    assert r.sims["mvoice"].records[-1].headers["Authorization"] == "Bearer for-mvoice"
+
+
+def test_token_file_and_token_rules(tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN + "\n")
+    raw = base_raw()
+    raw["auth"] = {"token_file": str(secret)}
+    assert m.parse_config(raw).auth.token == TOKEN
+    raw["auth"] = {"token_file": str(tmp_path / "missing")}
+    assert any(p.startswith("auth.token_file: cannot read") for p in problems_of(raw))
+    raw["auth"] = {"token": "short"}
+    assert any(p.startswith("auth.token: the token must be at least 16") for p in problems_of(raw))
+    raw["auth"] = {"token": TOKEN, "token_file": str(secret)}
+    assert any("not both" in p for p in problems_of(raw))
+
+
+async def test_admin_routes_answer_only_loopback_without_a_token(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}}, remote="192.0.2.7")
+    async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
+    assert r.sims["mvoice"].unloads == 0
+    # With a token, the token is what counts, wherever the client is.
+    r2 = await rig(sims={"mvoice": {"loaded": True}}, remote="192.0.2.7", tweak=with_token)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with r2.session.post(r2.url("/v1/consumers/mvoice/unload"), headers=headers) as resp:
+        assert resp.status == 200 and (await resp.json())["loaded"] is False
+
+
+async def test_admin_unload_and_load_go_through_the_lock(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}, "ollama": {"lines": 20, "line_interval_s": 0.03}})
+    async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as stream:
+        await stream.content.readline()
+        unload = asyncio.ensure_future(r.session.post(r.url("/v1/consumers/mvoice/unload")))
+        await until(lambda: len(r.broker.scheduler.queue()) == 1)
+        assert r.sims["mvoice"].unloads == 0  # waits for the running job: never races it
+        await stream.read()
+    resp = await unload
+    assert resp.status == 200
+    assert await resp.json() == {"consumer": "mvoice", "action": "unload", "loaded": False, "evictions": 0}
+    assert r.sims["mvoice"].unloads == 1 and r.stats.admin_unloads == 1 and r.stats.evictions == 0
+    # Warm-up: comfyui fills the GPU, so loading mvoice evicts it first.
+    await r.sims["comfyui"].do_load()
+    r.broker.consumers.states["comfyui"].loaded = True
+    async with r.session.post(r.url("/v1/consumers/mvoice/load")) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"consumer": "mvoice", "action": "load", "loaded": True, "evictions": 1}
+    assert r.sims["mvoice"].loads == 1 and r.sims["comfyui"].unloads == 1
+    async with r.session.post(r.url("/v1/consumers/ghost/unload")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "no_consumer")
+    async with r.session.post(r.url("/v1/consumers/whisper/unload")) as resp:
+        assert (
+            "no unload route"
+            in error_of(resp.status, dict(resp.headers), await resp.read(), "bad_request")["message"]
+        )
+    r.sims["mvoice"].faults["unload_status"] = 500
+    async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "unload_failed")
+    assert r.broker.scheduler.holder is None
+
+
+async def test_an_admin_operation_holds_the_lock_alone():
+    s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=3))
+    for name in ops.states:
+        ops.states[name].loaded = True
+    ops.unload_behaviour["t"] = "hang"
+    unload = asyncio.ensure_future(s.unload_now("t"))
+    await asyncio.sleep(0)
+    t = await _queued(s, "t")
+    assert s.holder == "t" and s.exclusive and s.slots == 1 and not t.done()  # no job of t joins
+    unload.cancel()
+    await asyncio.gather(unload, return_exceptions=True)
+    job = await asyncio.wait_for(t, 5)
+    assert ops.states["t"].loaded is None  # interrupted unload: unknown
+    s.finish(job, "completed")
+    assert books_balance(s)
+
+
+async def test_forwarding_adds_x_forwarded_and_never_follows_redirects_or_keeps_cookies(rig):
+    seen: list[dict[str, str]] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        resp = web.Response(status=302, headers={"Location": "/api/admin/secret"})
+        resp.set_cookie("session", "whisper-private")
+        return resp
+
+    async with StandIn([("POST", "/inference", redirect), ("GET", "/health", _ok)]) as whisper:
+
+        def whisper_stt(raw):
+            raw["routing"]["stt"] = "whisper"
+
+        r = await rig(urls={"whisper": whisper.url}, tweak=whisper_stt)
+        headers = {"X-Forwarded-For": "203.0.113.9"}
+        async with r.session.post(
+            r.url("/v1/stt"), data=b"x", headers=headers, allow_redirects=False
+        ) as resp:
+            assert resp.status == 302 and resp.headers["Location"] == "/api/admin/secret"
+            assert "whisper-private" in resp.headers["Set-Cookie"]  # the client's business, passed on
+        async with (
+            aiohttp.ClientSession() as other_client,
+            other_client.post(r.url("/v1/stt"), data=b"y", allow_redirects=False) as resp,
+        ):
+            assert resp.status == 302
+    assert len(seen) == 2  # the redirect was not followed by the broker
+    assert seen[0]["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1" and seen[0]["X-Forwarded-Proto"] == "http"
+    assert seen[1]["X-Forwarded-For"] == "127.0.0.1"
+    assert "Cookie" not in seen[1]  # the first client's cookie was never kept for the second
+
+
+def test_the_unit_file_verifies_where_systemd_is_present():
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed here")
+    res = subprocess.run(
+        [analyze, "verify", str(HERE / "mgpumanager.service")], capture_output=True, text=True
+    )
+    problems = [
+        line for line in res.stderr.splitlines() if "mgpumanager.service" in line and "/opt/" not in line
+    ]
+    assert res.returncode == 0 or not problems, res.stderr
+    directives = [line.split("=")[0] for line in (HERE / "mgpumanager.service").read_text().splitlines()]
+    assert "PrivateDevices" not in directives and "DevicePolicy" not in directives  # /dev/nvidia* stays
