@@ -1710,6 +1710,7 @@ def audio_upstream_path(raw_path: str) -> str:
         or not rest
         or any(bad in lowered for bad in ("%2f", "%5c", "%25", "\\", ";", "%3b"))
         or rest.startswith("/")
+        or re.search(r"%(?![0-9A-Fa-f]{2})", rest) is not None  # malformed, such as IIS's %u002e
     )
     if not refuse:
         try:

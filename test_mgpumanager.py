@@ -1405,13 +1405,22 @@ async def raw_get(r: Rig, target: str) -> tuple[int, bytes]:
         "/audio/./x.wav",
         "/audio/x.wav;/../../api/admin/secret",
         "/audio/%c0%ae%c0%ae/api/admin/secret",
+        "/audio/%2e%2e%2f%2e%2e%2fapi/admin/secret",
+        "/audio/..;/api/admin/secret",
+        "/audio/x.wav%00",
+        "http://127.0.0.1/audio/../api/admin/secret",
+        "http://evil.example/audio/%2e%2e/api/admin/secret",
+        "//audio/../api/admin/secret",
+        "/audio/%u002e%u002e/api/admin/secret",
     ],
 )
 async def test_audio_traversal_is_refused_and_never_reaches_the_consumer(rig, target):
     r = await rig()
     status, body = await raw_get(r, target)
     data = json.loads(body)
-    assert (status, data["error"]) == (400, "bad_request"), (target, data)
+    # "//audio/..." is no /audio/ path at all: no route, not even the audio proxy's.
+    expected = (404, "not_found") if target.startswith("//") else (400, "bad_request")
+    assert (status, data["error"]) == expected, (target, data)
     assert r.sims["mvoice"].records == []
 
 
@@ -2431,3 +2440,165 @@ def test_the_unit_file_verifies_where_systemd_is_present():
     assert res.returncode == 0 or not problems, res.stderr
     directives = [line.split("=")[0] for line in (HERE / "mgpumanager.service").read_text().splitlines()]
     assert "PrivateDevices" not in directives and "DevicePolicy" not in directives  # /dev/nvidia* stays
+
+
+# =====================================================================================================
+# More faults end to end: each asserts the client's exact answer and that the next job is served
+# =====================================================================================================
+
+
+async def test_consumer_resetting_while_it_reads_the_body_is_consumer_unreachable(rig):
+    async def reset(request: web.Request) -> web.Response:
+        await request.content.read(10)
+        request.transport.abort()
+        return web.Response()
+
+    async with StandIn([("POST", "/api/generate", reset), ("GET", "/", _ok)]) as ollama:
+        r = await rig(urls={"ollama": ollama.url})
+        status, headers, body = await r.post("llm", None, data=b"p" * 2_000_000)
+        data = error_of(status, headers, body, "consumer_unreachable")
+        assert data["consumer"] == "ollama" and r.broker.scheduler.holder is None
+        assert r.broker.consumers.states["ollama"].healthy is False
+        assert (await r.post("tts", {"text": "next"}))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type"),
+    [
+        (500, b'{"error": "CUDA out of memory"}', "application/json"),
+        (200, b"\x00\xffnot json{", "application/json"),
+    ],
+)
+async def test_consumer_errors_and_garbage_pass_through_unchanged(rig, status, body, content_type):
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(status=status, body=body, content_type=content_type)
+
+    async with StandIn([("POST", "/api/generate", answer), ("GET", "/", _ok)]) as ollama:
+        r = await rig(urls={"ollama": ollama.url})
+        got_status, headers, got_body = await r.post("llm", {"model": "m", "prompt": "p"})
+        assert (got_status, got_body, headers["Content-Type"]) == (status, body, content_type)
+        assert r.stats.completed == 1 and r.broker.scheduler.holder is None
+        assert (await r.post("tts", {"text": "next"}))[0] == 200
+
+
+async def test_a_body_that_is_not_json_reaches_the_consumer_unparsed(rig):
+    r = await rig()
+    status, _, body = await r.post(
+        "llm", None, data=b'{"model": broken', headers={"Content-Type": "application/json"}
+    )
+    assert status == 400 and json.loads(body) == {"error": "invalid JSON"}  # the consumer's own answer
+    assert r.sims["ollama"].records[-1].body == b'{"model": broken'
+
+
+def _two_candidates(raw: dict[str, Any]) -> None:
+    """whisper (no unload route) as the target; mvoice (listed first) and comfyui as its victims."""
+    raw["consumers"]["mvoice"]["can_coexist_with"] = ["ollama"]
+    raw["routing"]["stt"] = "whisper"
+    raw["scheduler"]["vram_wait_s"] = 0.3
+    raw["consumers"]["mvoice"]["unload"]["timeout_s"] = 0.3
+    raw["consumers"]["comfyui"]["unload"]["timeout_s"] = 0.3
+
+
+@pytest.mark.parametrize("fault", ["unload_hang", "unload_status", "unload_no_release"])
+async def test_unloads_that_hang_fail_or_free_nothing_end_in_insufficient_vram(rig, fault):
+    r = await rig(sims={"mvoice": {"loaded": True}, "comfyui": {"loaded": True}}, tweak=_two_candidates)
+    for name in ("mvoice", "comfyui"):
+        r.sims[name].faults[fault] = 500 if fault == "unload_status" else True
+    status, headers, body = await r.post("stt", None, data=b"audio")
+    data = error_of(status, headers, body, "insufficient_vram")
+    assert "mgpusim-comfyui 13000 MiB" in data["message"] and "mgpusim-mvoice 2800 MiB" in data["message"]
+    attempts = [rec.path for name in ("mvoice", "comfyui") for rec in r.sims[name].records]
+    assert [p for p in attempts if p in ("/api/admin/unload", "/free")] == ["/api/admin/unload", "/free"]
+    assert r.sims["whisper"].records == [] and r.broker.scheduler.holder is None
+    assert r.stats.unload_failures + r.stats.evictions == 2
+    for name in ("mvoice", "comfyui"):
+        r.sims[name].faults.clear()
+    if fault == "unload_no_release":  # they are unloaded already; their memory never came back
+        r.gpu.release("mvoice")
+        r.gpu.release("comfyui")
+    assert (await r.post("stt", None, data=b"audio"))[0] == 200
+
+
+async def test_a_hanging_load_route_is_load_failed(rig):
+    def quick_load(raw):
+        raw["consumers"]["mvoice"]["load"]["timeout_s"] = 0.3
+
+    r = await rig(sims={"mvoice": {"loaded": False}}, tweak=quick_load)
+    r.sims["mvoice"].faults["load_hang"] = True
+    status, headers, body = await r.post("tts", {"text": "x"})
+    assert "did not answer within 0.3 s" in error_of(status, headers, body, "load_failed")["message"]
+    assert r.broker.scheduler.holder is None
+    del r.sims["mvoice"].faults["load_hang"]
+    assert (await r.post("tts", {"text": "x"}))[0] == 200
+
+
+def children() -> set[int]:
+    """This process's child processes, living or zombie."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        found.update(int(pid) for pid in (task / "children").read_text().split())
+    return found
+
+
+@pytest.mark.parametrize("fault", ["fail", "garbage", "hang"])
+async def test_nvidia_smi_failing_is_gpu_unavailable_and_leaves_no_process(rig, fault):
+    def quick_smi(raw):
+        raw["gpu"]["query_timeout_s"] = 0.5
+
+    r = await rig(sims={"mvoice": {"loaded": False}}, tweak=quick_smi)
+    before = children()
+    r.gpu.set_fault(fault)
+    status, headers, body = await r.post("tts", {"text": "x"})
+    message = error_of(status, headers, body, "gpu_unavailable")["message"]
+    expected = {"fail": "exited with status 15", "garbage": "unexpected nvidia-smi output", "hang": "killed"}
+    assert expected[fault] in message
+    await until(lambda: children() <= before)  # every nvidia-smi reaped: no zombie left
+    r.gpu.set_fault(None)
+    assert (await r.post("tts", {"text": "x"}))[0] == 200
+
+
+async def test_a_slow_uploader_holds_no_lock_and_blocks_nobody(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
+    body = b'{"model": "m", "prompt": "slowly"}'
+    writer.write(f"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+    for byte in body[:10]:
+        writer.write(bytes([byte]))
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        assert r.broker.scheduler.holder is None and r.stats.jobs == 0  # not even queued yet
+    assert (await r.post("tts", {"text": "meanwhile"}))[0] == 200  # others are served meanwhile
+    writer.write(body[10:])
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readline(), 10)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.close()
+
+
+async def test_oversized_headers_are_refused_by_the_parser_and_the_broker_goes_on(rig):
+    r = await rig()
+    reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
+    writer.write(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    # aiohttp's parser answers before any handler runs: its own plain-text 400 (README, "Known limits").
+    assert answer.startswith(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain")
+    writer.close()
+    assert (await r.status())["scheduler"]["stats"]["jobs"] == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("PUT", "/v1/tts"),
+        ("DELETE", "/v1/llm"),
+        ("POST", "/healthz"),
+        ("POST", "/audio/x.wav"),
+        ("GET", "/v1/reload"),
+    ],
+)
+async def test_unknown_methods_on_known_paths_are_405_in_the_error_shape(rig, method, path):
+    r = await rig()
+    async with r.session.request(method, r.url(path)) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "method_not_allowed")
+        assert resp.headers["Allow"]
