@@ -8,6 +8,7 @@ No test asserts wall-clock speed: they assert order, counts and structure.
 from __future__ import annotations
 
 import asyncio
+import copy
 import gzip
 import itertools
 import json
@@ -1671,9 +1672,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_daemon_subprocess_evicts_through_real_nvidia_smi_subprocess_and_stops_on_sigterm(
-    rig, tmp_path
-):
+class Daemon:
+    """mgpumanager.py as its own process on a free port, for what only a real process shows."""
+
+    def __init__(self, raw: dict[str, Any], home: Path, smi: tuple[str, ...]) -> None:
+        self.config = home / "daemon.yaml"
+        self.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        self.port = free_port()
+        self.smi = smi
+        self.log = ""
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def rss_mib(self) -> float:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
+
+    async def status(self, session: aiohttp.ClientSession) -> dict[str, Any]:
+        async with session.get(self.url("/v1/status")) as resp:
+            return await resp.json()
+
+    async def __aenter__(self) -> Daemon:
+        self.proc = await asyncio.create_subprocess_exec(
+            PY,
+            str(HERE / "mgpumanager.py"),
+            "--config",
+            str(self.config),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--nvidia-smi",
+            " ".join(self.smi),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    async with session.get(self.url("/healthz")) as resp:
+                        if resp.status == 200:
+                            return self
+                except aiohttp.ClientConnectionError:
+                    pass
+                if time.monotonic() > deadline or self.proc.returncode is not None:
+                    await self.__aexit__()
+                    raise AssertionError(f"the daemon did not start:\n{self.log}")
+                await asyncio.sleep(0.05)
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(self.proc.communicate(), 30)
+        self.log = err.decode()
+
+
+async def test_daemon_subprocess_evicts_through_real_nvidia_smi_subprocess_and_stops_on_sigterm(rig):
     r = await rig(
         sims={
             "comfyui": {"loaded": True, "release_s": 0.1},
@@ -1681,63 +1734,82 @@ async def test_daemon_subprocess_evicts_through_real_nvidia_smi_subprocess_and_s
             "ollama": {"lines": 30, "line_interval_s": 0.05},
         }
     )
-    raw = base_raw(**{n: str(s.make_url("")).rstrip("/") for n, s in r.sim_servers.items()})
-    config = tmp_path / "consumers.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        PY,
-        str(HERE / "mgpumanager.py"),
-        "--config",
-        str(config),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--nvidia-smi",
-        " ".join(sim_smi(r.state)),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                async with r.session.get(base + "/healthz") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                assert time.monotonic() < deadline and proc.returncode is None, "daemon did not start"
-                await asyncio.sleep(0.05)
-        async with r.session.post(base + "/v1/tts", json={"text": "hi"}) as resp:
+    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
+    async with daemon:
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "hi"}) as resp:
             assert resp.status == 200 and (await resp.read()).startswith(b"RIFF")
         assert (r.sims["comfyui"].unloads, r.sims["mvoice"].loads) == (1, 1)
-        async with r.session.get(base + "/v1/status") as resp:
-            st = await resp.json()
+        st = await daemon.status(r.session)
         assert st["scheduler"]["stats"]["evictions"] == 1 and st["gpu"]["total_mib"] == 16384
         assert r.gpu.used_mib("mvoice") == 2800 and r.gpu.used_mib("comfyui") == 0
         # In production too, a client that leaves while queued is dropped (handler_cancellation).
-        async with r.session.post(base + "/v1/llm", json={"model": "m", "prompt": "p"}) as stream:
+        async with r.session.post(daemon.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as stream:
             await stream.content.readline()
             with pytest.raises(asyncio.TimeoutError):
                 await r.session.post(
-                    base + "/v1/tts", json={"text": "x"}, timeout=aiohttp.ClientTimeout(total=0.2)
+                    daemon.url("/v1/tts"), json={"text": "x"}, timeout=aiohttp.ClientTimeout(total=0.2)
                 )
             for _ in range(100):
-                async with r.session.get(base + "/v1/status") as resp:
-                    stats = (await resp.json())["scheduler"]["stats"]
+                stats = (await daemon.status(r.session))["scheduler"]["stats"]
                 if stats["cancelled"] == 1:
                     break
                 await asyncio.sleep(0.05)
             assert stats["cancelled"] == 1 and stats["queued"] == 0 and not stream.content.at_eof()
             await stream.read()
         assert [rec.path for rec in r.sims["mvoice"].records].count("/api/synthesize") == 1
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 20)
-    log = err.decode()
-    assert proc.returncode == 0, log
-    assert "msg=evicting consumer=comfyui for_consumer=mvoice" in log
-    assert "msg=job id=1 consumer=mvoice kind=tts status=completed" in log and "evictions=1" in log
+    assert daemon.proc.returncode == 0, daemon.log
+    assert "msg=evicting consumer=comfyui for_consumer=mvoice" in daemon.log
+    assert (
+        "msg=job id=1 consumer=mvoice kind=tts status=completed" in daemon.log and "evictions=1" in daemon.log
+    )
+
+
+async def test_a_thousand_clients_at_once_get_exactly_one_answer_each_with_bounded_memory(rig):
+    gate = asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        await gate.wait()  # keeps the GPU lock until every client has been queued or refused
+        return web.json_response({"response": "done"})
+
+    async with StandIn([("POST", "/api/generate", held), ("GET", "/", _ok)]) as ollama:
+        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
+        async with (
+            Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon,
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
+            ) as clients,
+        ):
+            first = asyncio.ensure_future(
+                clients.post(daemon.url("/v1/llm"), json={"model": "m", "prompt": "p"})
+            )
+            for _ in range(200):
+                if (await daemon.status(clients))["scheduler"]["holder"] is not None:
+                    break
+                await asyncio.sleep(0.05)
+            rss_before = daemon.rss_mib()
+
+            async def one(i: int) -> tuple[int, str | None]:
+                async with clients.post(daemon.url("/v1/tts"), json={"text": f"client {i}"}) as resp:
+                    body = await resp.read()
+                    return resp.status, (json.loads(body)["error"] if resp.status != 200 else None)
+
+            calls = [asyncio.ensure_future(one(i)) for i in range(1000)]
+            for _ in range(600):
+                stats = (await daemon.status(clients))["scheduler"]["stats"]
+                if stats["queued"] + stats["rejected"] == 1000:
+                    break
+                await asyncio.sleep(0.05)
+            rss_peak = daemon.rss_mib()
+            assert (stats["queued"], stats["rejected"]) == (64, 936)
+            gate.set()
+            answers = await asyncio.gather(*calls)
+            assert (await first).status == 200
+        assert sorted(set(answers)) == [(200, None), (503, "queue_full")]
+        assert answers.count((200, None)) == 64 and answers.count((503, "queue_full")) == 936
+        synthesized = [rec for rec in r.sims["mvoice"].records if rec.path == "/api/synthesize"]
+        assert len(synthesized) == 64  # none lost, none run twice
+        print(f"broker RSS {rss_before:.1f} MiB idle, {rss_peak:.1f} MiB with 1,000 clients in")
+        assert rss_peak - rss_before < 60, (rss_before, rss_peak)
 
 
 def test_make_demo_shows_the_eviction_cycle(tmp_path):
@@ -2602,3 +2674,84 @@ async def test_unknown_methods_on_known_paths_are_405_in_the_error_shape(rig, me
     async with r.session.request(method, r.url(path)) as resp:
         error_of(resp.status, dict(resp.headers), await resp.read(), "method_not_allowed")
         assert resp.headers["Allow"]
+
+
+# =====================================================================================================
+# Reload: POST /v1/reload and SIGHUP
+# =====================================================================================================
+
+
+async def test_reload_applies_in_place_keeping_jobs_and_what_the_broker_knows(rig):
+    gate = asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.json_response({"response": "done"})
+
+    async with StandIn([("POST", "/api/generate", held), ("GET", "/", _ok)]) as ollama:
+        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
+        assert (await r.post("tts", {"text": "first"}))[0] == 200
+        mvoice = r.broker.consumers.states["mvoice"]
+        last_used = mvoice.last_used
+        running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+        await until(lambda: r.broker.scheduler.holder == "ollama")
+        queued_tts = asyncio.ensure_future(r.post("tts", {"text": "queued"}))
+        queued_image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+        await until(lambda: len(r.broker.scheduler.queue()) == 2)
+
+        raw = copy.deepcopy(r.raw)
+        del raw["consumers"]["comfyui"], raw["routing"]["image"]
+        raw["scheduler"]["max_queue"] = 1
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert resp.status == 200
+            changes = ["removed comfyui", "changed scheduler", "changed routing"]
+            assert await resp.json() == {"reloaded": True, "changes": changes}
+
+        status, headers, body = await queued_image
+        assert error_of(status, headers, body, "no_consumer")["consumer"] == "comfyui"
+        assert not queued_tts.done() and not running.done()  # kept, in place
+        assert mvoice.last_used == last_used and mvoice.loaded is True  # unchanged: state kept
+        error_of(*await r.post("image", {"prompt": {}}), "no_consumer")  # no route for it any more
+        status, headers, body = await r.post("stt", None, data=b"x")  # the new max_queue applies at once
+        error_of(status, headers, body, "queue_full")
+        gate.set()
+        assert (await running)[0] == 200 and (await queued_tts)[0] == 200
+    assert r.sims["comfyui"].records == []
+    assert books_balance(r.broker.scheduler) and r.stats.failed == 1 and r.stats.rejected == 1
+
+
+async def test_a_bad_config_is_refused_whole_and_the_old_one_stays(rig, caplog):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    raw = copy.deepcopy(r.raw)
+    raw["scheduler"]["max_queu"] = 3
+    raw["routing"]["image"] = "ghost"
+    r.config_path.write_text(yaml.safe_dump(raw))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+    assert "scheduler.max_queu: unknown key" in data["message"] and "routing.image" in data["message"]
+    assert 'msg="reload refused"' in caplog.text and "scheduler.max_queu: unknown key" in caplog.text
+    assert r.broker.config is r.config
+    assert (await r.post("tts", {"text": "still served"}))[0] == 200
+
+
+async def test_sighup_reloads_the_daemon(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["mvoice"]["priority"] = 4
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        daemon.proc.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            if (await daemon.status(r.session))["consumers"]["mvoice"]["priority"] == 4:
+                break
+            await asyncio.sleep(0.05)
+        assert (await daemon.status(r.session))["consumers"]["mvoice"]["priority"] == 4
+        daemon.config.write_text("consumers: {")
+        daemon.proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.3)
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+            assert resp.status == 200  # the old config serves on
+    assert daemon.proc.returncode == 0
+    assert 'msg=reload changes="changed mvoice"' in daemon.log
+    assert 'msg="reload refused"' in daemon.log and "not valid YAML" in daemon.log
