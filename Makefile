@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= mrock
 CONFIG ?= consumers.yaml
 
-.PHONY: demo test lint run check deploy clean
+.PHONY: demo test lint fuzz run check deploy clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The property tests (scheduler invariants, config loader) with fresh examples for FUZZ_SECONDS.
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	MGPU_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q -s -p no:cacheprovider -k test_fuzz
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

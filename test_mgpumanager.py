@@ -2755,3 +2755,25 @@ async def test_sighup_reloads_the_daemon(rig):
     assert daemon.proc.returncode == 0
     assert 'msg=reload changes="changed mvoice"' in daemon.log
     assert 'msg="reload refused"' in daemon.log and "not valid YAML" in daemon.log
+
+
+FUZZ_SECONDS = float(os.environ.get("MGPU_FUZZ_SECONDS", "0"))
+
+
+@pytest.mark.skipif(not FUZZ_SECONDS, reason="`make fuzz` runs this for MGPU_FUZZ_SECONDS")
+@pytest.mark.timeout(FUZZ_SECONDS + 300)
+def test_fuzz_scheduler_invariants_and_config_for_a_while():
+    """The property tests above, over and over with fresh random examples, until time is up."""
+    examples = st.lists(INV_OPS, min_size=20, max_size=100)
+
+    @settings(max_examples=500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(ops=examples)
+    def scheduler_round(ops: list[tuple[Any, ...]]) -> None:
+        asyncio.run(InvariantDriver().run(ops))
+
+    deadline, rounds = time.monotonic() + FUZZ_SECONDS, 0
+    while time.monotonic() < deadline:
+        scheduler_round()
+        test_any_malformed_config_is_a_config_error_never_a_crash()
+        rounds += 1
+    print(f"fuzz: {rounds} rounds of 500 scheduler interleavings and 300 configs, no counter-example")
