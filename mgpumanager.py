@@ -51,6 +51,7 @@ from urllib.parse import quote, unquote, urlsplit
 import aiohttp
 import yaml
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -2234,6 +2235,21 @@ class LogfmtFormatter(logging.Formatter):
         return f"ts={_iso(record.created)} {text}"
 
 
+class OneLineBadRequests(logging.Filter):
+    """aiohttp logs an unparsable request with a traceback; one logfmt line says it (and cannot flood)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args, record.exc_info = (
+                logfmt(msg="bad http request", error=exc.message),
+                (),
+                None,
+            )
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 async def _reload_on_sighup(app: web.Application) -> None:
     """SIGHUP re-reads the config, like POST /v1/reload (a refused config is logged, the old one stays)."""
 
@@ -2262,6 +2278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter(journal="JOURNAL_STREAM" in os.environ))
     logging.basicConfig(level=args.log_level, handlers=[handler], force=True)
+    logging.getLogger("aiohttp.server").addFilter(OneLineBadRequests())
 
     overrides: dict[str, Any] = {}
     if args.listen is not None:
