@@ -1550,6 +1550,8 @@ async def test_gpu_unavailable_when_nvidia_smi_fails_but_the_broker_serves(rig, 
     assert "cannot run" in error_of(status, headers, body, "gpu_unavailable")["message"]
     st = await r.status()
     assert st["gpu"]["error"].startswith("cannot run") and st["gpu"]["free_mib"] is None
+    r.broker.consumers.states["mvoice"].loaded = True  # a resident target needs no reading
+    assert (await r.post("tts", {"text": "x"}))[0] == 200
     async with r.session.get(r.url("/healthz")) as resp:
         assert resp.status == 200 and await resp.text() == "ok\n"
 
@@ -1833,7 +1835,14 @@ def test_make_demo_shows_the_eviction_cycle(tmp_path):
 # =====================================================================================================
 
 INV_NAMES = ("a", "b", "c", "d", "e")
-END_CODES = {"queue_full", "queue_timeout", "insufficient_vram", "gpu_unavailable", "load_failed"}
+END_CODES = {
+    "queue_full",
+    "queue_timeout",
+    "insufficient_vram",
+    "gpu_unavailable",
+    "load_failed",
+    "unload_failed",
+}
 
 
 def invariant_config() -> m.Config:
@@ -1894,6 +1903,10 @@ class CheckedScheduler(m.Scheduler):
             joins = [j for j in granted if j is not first]
         mine = sorted((j for j in waiting if j.consumer == self.holder and j is not first), key=order)
         others = [j for j in waiting if j.consumer != self.holder]
+        if self.exclusive and joins:
+            raise InvariantBroken(f"{joins} joined an admin operation that holds the lock alone")
+        if any(j.exclusive for j in joins):
+            raise InvariantBroken(f"an admin operation joined a holder: {joins}")
         if joins != mine[: len(joins)]:
             raise InvariantBroken(f"joins {joins} are not the holder's first waiting jobs {mine}")
         for j in joins:
@@ -1905,6 +1918,8 @@ class CheckedScheduler(m.Scheduler):
         if (
             self.holder is not None
             and left
+            and not self.exclusive
+            and not left[0].exclusive
             and self.slots < self.config.consumers[self.holder].max_concurrency
             and not any(
                 self.effective_priority(o, now) >= self.effective_priority(left[0], now) for o in others
@@ -1931,6 +1946,9 @@ class CheckingOps(FakeOps):
         s, cfg = self.scheduler, self.config
         target = s.holder
         victim = cfg.consumers[name]
+        if s.exclusive and name == target:  # an admin unload of the lock holder itself
+            await super().unload(name)
+            return
         if (
             name == target
             or victim.vram_managed
@@ -1960,6 +1978,8 @@ class InvariantDriver:
         self.s = CheckedScheduler(self.config, self.gpu, self.ops, clock=self.clock, sleep=self.clock.sleep)
         self.ops.scheduler, self.ops.violations = self.s, []
         self.tasks: list[asyncio.Task[m.Job]] = []
+        #: Admin operations: they end their own jobs.
+        self.admin: list[asyncio.Task[m.Job]] = []
         self.finished: set[int] = set()
         self.holds: list[asyncio.Event] = []
 
@@ -1984,8 +2004,13 @@ class InvariantDriver:
         s = self.s
         if kind == "arrive":
             self.tasks.append(asyncio.ensure_future(s.acquire(args[0], "k")))
+        elif kind == "admin":
+            name, action = args
+            if action == "load" or self.config.consumers[name].unload is not None:
+                op = s.load_now(name) if action == "load" else s.unload_now(name)
+                self.admin.append(asyncio.ensure_future(op))
         elif kind == "cancel":
-            live = [t for t in self.tasks if not t.done()]
+            live = [t for t in self.tasks + self.admin if not t.done()]
             if live:
                 live[args[0] % len(live)].cancel()
         elif kind == "finish":
@@ -2050,7 +2075,7 @@ class InvariantDriver:
         for job in s.queue():
             if job.id in s.ended:
                 raise InvariantBroken(f"{job} ended but still queued")
-        for t in self.tasks:
+        for t in self.tasks + self.admin:
             if t.done() and not t.cancelled() and t.exception() is not None:
                 e = t.exception()
                 if not isinstance(e, m.BrokerError) or e.code not in END_CODES | {"scheduler_error"}:
@@ -2066,7 +2091,7 @@ class InvariantDriver:
         for _ in range(50):
             for e in self.holds:
                 e.set()
-            for t in self.tasks:
+            for t in self.tasks + self.admin:
                 if not t.done():
                     t.cancel()
             for job in self.granted_unfinished():
@@ -2074,13 +2099,13 @@ class InvariantDriver:
                 self.s.finish(job, "completed")
             await self.settle()
             self.check()
-            if all(t.done() for t in self.tasks) and self.s.holder is None and not self.s._tasks:
+            if all(t.done() for t in self.tasks + self.admin) and self.s.holder is None and not self.s._tasks:
                 break
         st = self.s.stats
         assert self.s.holder is None and self.s.slots == 0 and self.s.queue() == []
         # A task cancelled before it first ran never became a job (its client left before admission).
         assert st.jobs == st.completed + st.failed + st.cancelled + st.rejected == len(self.s.ended)
-        assert st.jobs >= len([t for t in self.tasks if not t.cancelled()])
+        assert st.jobs >= len([t for t in self.tasks + self.admin if not t.cancelled()])
 
 
 _ARRIVE = st.tuples(st.just("arrive"), st.sampled_from(INV_NAMES))
@@ -2106,6 +2131,7 @@ INV_OPS = st.one_of(
     ),
     st.tuples(st.just("load_fails"), st.sampled_from(INV_NAMES), st.booleans()),
     st.tuples(st.just("outside"), st.integers(0, 9000)),
+    st.tuples(st.just("admin"), st.sampled_from(INV_NAMES), st.sampled_from(["unload", "load"])),
 )
 
 
