@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import functools
 import hmac
@@ -675,6 +676,147 @@ def logfmt(**fields: Any) -> str:
 
 
 # =====================================================================================================
+# Events and metrics
+# =====================================================================================================
+
+#: What /v1/events sends, and what a subscriber that falls this far behind is dropped for.
+EVENT_BUFFER = 256
+#: A stream with nothing to say sends a comment this often, so proxies and browsers keep it open.
+HEARTBEAT_S = 15.0
+_DROPPED = {"event": "dropped"}
+
+
+class Events:
+    """Fan-out of the broker's events to /v1/events subscribers and other listeners.
+
+    Publishing never waits: a subscriber whose buffer is full is dropped (its stream ends) rather than
+    slowing the scheduler.
+    """
+
+    def __init__(self, buffer: int = EVENT_BUFFER):
+        self.buffer = buffer
+        self.subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        #: Called with every event (the systemd status line listens here).
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.dropped = 0
+
+    def publish(self, name: str, /, **fields: Any) -> None:
+        event = {"event": name, "ts": _iso(time.time()), **fields}
+        for queue in list(self.subscribers):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self.subscribers.discard(queue)
+                self.dropped += 1
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(_DROPPED)
+                log.warning(logfmt(msg="event subscriber dropped", buffer=self.buffer))
+        for listener in self.listeners:
+            listener(event)
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self.buffer)
+        self.subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        self.subscribers.discard(queue)
+
+
+#: Histogram buckets in seconds: from a short TTS job to a long FLUX render.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+#: Every metric the broker exports: name -> (type, help).
+METRIC_HELP = {
+    "mgpumanager_info": ("gauge", "The running broker; its version is a label."),
+    "mgpumanager_jobs_total": ("counter", "GPU jobs that ended, by consumer and outcome."),
+    "mgpumanager_queue_wait_seconds": ("histogram", "Time jobs waited for the GPU lock."),
+    "mgpumanager_run_seconds": ("histogram", "Time jobs held the GPU lock, from grant to the last byte."),
+    "mgpumanager_hold_seconds": ("histogram", "Time holds kept the GPU lock after the answer."),
+    "mgpumanager_hold_timeouts_total": ("counter", "Holds released at their timeout."),
+    "mgpumanager_evictions_total": ("counter", "Consumers unloaded to make room, by the consumer unloaded."),
+    "mgpumanager_loads_total": ("counter", "Load calls that succeeded, by consumer."),
+    "mgpumanager_unload_failures_total": ("counter", "Unload calls that failed, by consumer."),
+    "mgpumanager_internal_errors_total": (
+        "counter",
+        "Bugs in the broker (each also logged with a traceback).",
+    ),
+    "mgpumanager_consumer_healthy": ("gauge", "1 if the last health probe succeeded, 0 if not, NaN unknown."),
+    "mgpumanager_consumer_resident": ("gauge", "1 if the consumer is resident, 0 if not, NaN unknown."),
+    "mgpumanager_queue_length": ("gauge", "Jobs waiting for the GPU lock."),
+    "mgpumanager_running_jobs": ("gauge", "Jobs holding the GPU lock now."),
+    "mgpumanager_gpu_memory_total_bytes": (
+        "gauge",
+        "GPU memory in all (nvidia-smi, read at most once a second).",
+    ),
+    "mgpumanager_gpu_memory_used_bytes": ("gauge", "GPU memory in use."),
+    "mgpumanager_gpu_memory_free_bytes": ("gauge", "GPU memory free."),
+    "mgpumanager_gpu_utilization_ratio": ("gauge", "GPU utilisation, 0 to 1."),
+    "mgpumanager_gpu_up": ("gauge", "1 if the last GPU reading succeeded, else 0."),
+}
+
+Labels = tuple[tuple[str, str], ...]
+
+
+class Metrics:
+    """Counters and histograms, labelled by consumer, written in Prometheus' text format 0.0.4."""
+
+    def __init__(self) -> None:
+        self.counters: dict[tuple[str, Labels], float] = {}
+        #: (name, labels) -> [count per bucket (cumulative when written), sum, count]
+        self.histograms: dict[tuple[str, Labels], list[Any]] = {}
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        self.counters[key] = self.counters.get(key, 0.0) + value
+
+    def observe(self, name: str, seconds: float, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        h = self.histograms.setdefault(key, [[0] * len(BUCKETS), 0.0, 0])
+        slot = bisect.bisect_left(BUCKETS, seconds)
+        if slot < len(BUCKETS):  # beyond the last bucket: counted in +Inf (the count) only
+            h[0][slot] += 1
+        h[1] += seconds
+        h[2] += 1
+
+    def render(self, gauges: Sequence[tuple[str, Labels, float]]) -> str:
+        """The exposition: these counters and histograms, and the gauges the caller read just now."""
+        samples: dict[str, list[str]] = {name: [] for name in METRIC_HELP}
+        for name, labels, value in gauges:
+            samples[name].append(_sample(name, labels, value))
+        for (name, labels), value in sorted(self.counters.items()):
+            samples[name].append(_sample(name, labels, value))
+        for (name, labels), (buckets, total, count) in sorted(self.histograms.items()):
+            cumulative = 0
+            for bound, n in zip(BUCKETS, buckets, strict=True):
+                cumulative += n
+                samples[name].append(_sample(f"{name}_bucket", (*labels, ("le", f"{bound:g}")), cumulative))
+            samples[name].append(_sample(f"{name}_bucket", (*labels, ("le", "+Inf")), count))
+            samples[name].append(_sample(f"{name}_sum", labels, total))
+            samples[name].append(_sample(f"{name}_count", labels, count))
+        out = []
+        for name, (kind, text) in METRIC_HELP.items():
+            out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples[name]]
+        return "\n".join(out) + "\n"
+
+
+def _sample(name: str, labels: Labels, value: float) -> str:
+    def escape(v: str) -> str:
+        return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+    text = "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels) + "}" if labels else ""
+    number = (
+        "NaN"
+        if math.isnan(value)
+        else repr(float(value))
+        if not float(value).is_integer()
+        else str(int(value))
+    )
+    return f"{name}{text} {number}"
+
+
+# =====================================================================================================
 # GPU reading
 # =====================================================================================================
 
@@ -1038,10 +1180,17 @@ class Job:
     granted: asyncio.Future[None]
     #: An admin operation: holds the lock alone, no job of its consumer joins it.
     exclusive: bool = False
+    #: The client's X-Request-ID (or one made up), for the logs.
+    request_id: str | None = None
     #: queued -> running -> ended
     state: str = "queued"
     started: float | None = None
+    ended: float | None = None
     evictions: int = 0
+    #: How it ended, kept for its log line (written when a hold after it ends).
+    outcome: str | None = None
+    code: str | None = None
+    http: int | None = None
 
     @property
     def consumer(self) -> str:
@@ -1093,6 +1242,8 @@ class Scheduler:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        events: Events | None = None,
+        metrics: Metrics | None = None,
     ):
         self.config = config
         self.gpu = gpu
@@ -1100,6 +1251,8 @@ class Scheduler:
         self.states = ops.states
         self.clock = clock
         self.sleep = sleep
+        self.events = events or Events()
+        self.metrics = metrics or Metrics()
         self.stats = Stats()
         #: The consumer holding the GPU lock, and how many of its slots (jobs and holds) are taken.
         self.holder: str | None = None
@@ -1135,11 +1288,12 @@ class Scheduler:
 
     # ---- admission and the lock ----------------------------------------------------------------------
 
-    async def acquire(self, consumer: str, kind: str) -> Job:
+    async def acquire(self, consumer: str, kind: str, request_id: str | None = None) -> Job:
         """Queue a job, wait for the lock, make room and load; the caller must then call ``finish``."""
-        job = self._admit(consumer, kind)
+        job = self._admit(consumer, kind, request_id=request_id)
         await self._wait_for_grant(job)
         await self._guarded(job, self._prepare(job))
+        self._publish("started", job)
         return job
 
     async def unload_now(self, name: str) -> Job:
@@ -1165,7 +1319,9 @@ class Scheduler:
         self.finish(job, "completed")
         return job
 
-    def _admit(self, consumer: str, kind: str, *, exclusive: bool = False) -> Job:
+    def _admit(
+        self, consumer: str, kind: str, *, exclusive: bool = False, request_id: str | None = None
+    ) -> Job:
         """A new job for a configured consumer; counted from here on."""
         self.stats.jobs += 1
         target = self.config.consumers[consumer]
@@ -1177,7 +1333,11 @@ class Scheduler:
             arrived=self.clock(),
             granted=asyncio.get_running_loop().create_future(),
             exclusive=exclusive,
+            request_id=request_id,
         )
+
+    def _publish(self, name: str, job: Job, **fields: Any) -> None:
+        self.events.publish(name, job=job.id, consumer=job.consumer, kind=job.kind, **fields)
 
     async def _wait_for_grant(self, job: Job) -> None:
         """Queue the job and wait for the lock; queue_full, queue_timeout or cancellation end it."""
@@ -1186,6 +1346,7 @@ class Scheduler:
             self._end(job, "rejected", "queue_full")
             raise BrokerError("queue_full", f"{len(self._waiting)} jobs are waiting already", job.consumer)
         self._waiting.append(job)
+        self._publish("queued", job, priority=job.priority, request_id=job.request_id)
         timer = asyncio.get_running_loop().call_later(cfg.scheduler.queue_timeout_s, self._expire, job)
         self._dispatch()
         try:
@@ -1275,6 +1436,7 @@ class Scheduler:
             self.states[job.consumer].jobs += 1
             job.state, job.started = "running", now
             job.granted.set_result(None)
+            self._publish("granted", job, waited_s=round(now - job.arrived, 3))
 
     def _release_slot(self, job: Job) -> None:
         """A job or hold gives its slot back; the last one frees the lock."""
@@ -1374,15 +1536,18 @@ class Scheduler:
         state = self.states[victim]
         why = {"for_consumer": job.consumer} if evicting else {"by": "admin"}
         log.info(logfmt(msg="evicting" if evicting else "unloading", consumer=victim, **why, job=job.id))
+        self.events.publish("evicting" if evicting else "unloading", consumer=victim, job=job.id, **why)
         state.loaded, state.record_at = None, self.clock()
         try:
             await self.ops.unload(victim)
         except Exception as e:
             self.stats.unload_failures += 1
+            self.metrics.inc("mgpumanager_unload_failures_total", consumer=victim)
             log.warning(logfmt(msg="unload failed", consumer=victim, **why, error=str(e)))
             return str(e)
         if evicting:
             self.stats.evictions += 1
+            self.metrics.inc("mgpumanager_evictions_total", consumer=victim)
             job.evictions += 1
         else:
             self.stats.admin_unloads += 1
@@ -1411,12 +1576,14 @@ class Scheduler:
                 break
             await self.sleep(VRAM_POLL_S)
         log.info(logfmt(msg="evicted", consumer=victim, for_consumer=job.consumer, free_mib=reading.free_mib))
+        self.events.publish("evicted", consumer=victim, for_consumer=job.consumer, free_mib=reading.free_mib)
         return reading
 
     async def _load(self, name: str) -> None:
         """Load the target through its route; residency is unknown until the call succeeds."""
         state = self.states[name]
         log.info(logfmt(msg="loading", consumer=name))
+        self.events.publish("loading", consumer=name)
         state.loaded, state.record_at = None, self.clock()
         try:
             await self.ops.load(name)
@@ -1425,8 +1592,10 @@ class Scheduler:
             log.warning(logfmt(msg="load failed", consumer=name, error=str(e)))
             raise BrokerError("load_failed", f"{name} {e}", name) from e
         self.stats.loads += 1
+        self.metrics.inc("mgpumanager_loads_total", consumer=name)
         state.loaded, state.record_at = True, self.clock()
         log.info(logfmt(msg="loaded", consumer=name))
+        self.events.publish("loaded", consumer=name)
 
     # ---- the end of a job --------------------------------------------------------------------------
 
@@ -1449,7 +1618,7 @@ class Scheduler:
             state = self.states[job.consumer]
             state.loaded, state.record_at = True, self.clock()
             state.last_used, state.last_used_at = self.clock(), time.time()
-        self._end(job, outcome, code, status)
+        self._end(job, outcome, code, status, log_now=hold is None)
         if hold is None:
             self._release_slot(job)
             return
@@ -1459,6 +1628,7 @@ class Scheduler:
         task.add_done_callback(self._tasks.discard)
 
     async def _hold(self, job: Job, hold: Callable[[], Awaitable[None]], timeout_s: float) -> None:
+        """Keep the job's slot while ``hold`` runs (at most ``timeout_s``); then write the job's log line."""
         started = self.clock()
         try:
             await asyncio.wait_for(hold(), timeout_s)
@@ -1467,6 +1637,7 @@ class Scheduler:
             )
         except asyncio.TimeoutError:
             self.stats.hold_timeouts += 1
+            self.metrics.inc("mgpumanager_hold_timeouts_total", consumer=job.consumer)
             log.warning(logfmt(msg="hold timed out", consumer=job.consumer, job=job.id, timeout_s=timeout_s))
         except asyncio.CancelledError:
             raise
@@ -1475,29 +1646,57 @@ class Scheduler:
             log.exception(logfmt(msg="hold crashed", consumer=job.consumer, job=job.id, error=describe(e)))
         finally:
             self.holds -= 1
+            held = self.clock() - started
+            self.metrics.observe("mgpumanager_hold_seconds", held, consumer=job.consumer)
+            self._log_job(job, hold_ms=round(held * 1000))
             self._release_slot(job)
 
     def _ms(self, since: float | None) -> int | None:
         return None if since is None else round((self.clock() - since) * 1000)
 
-    def _end(self, job: Job, outcome: str, code: str | None = None, status: int | None = None) -> None:
-        """Count the job's outcome once and write its log line."""
+    def _end(
+        self,
+        job: Job,
+        outcome: str,
+        code: str | None = None,
+        status: int | None = None,
+        *,
+        log_now: bool = True,
+    ) -> None:
+        """Count the job's outcome once (stats, metrics, an event) and write its log line (unless a hold
+        follows: then the line waits for the hold's end, to carry its length)."""
         assert job.state != "ended", job
-        job.state = "ended"
+        job.state, job.ended = "ended", self.clock()
+        job.outcome, job.code, job.http = outcome, code, status
         setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
-        wait_end = job.started if job.started is not None else self.clock()
+        self.metrics.inc("mgpumanager_jobs_total", consumer=job.consumer, outcome=outcome)
+        wait_end = job.started if job.started is not None else job.ended
+        self.metrics.observe("mgpumanager_queue_wait_seconds", wait_end - job.arrived, consumer=job.consumer)
+        if job.started is not None:
+            self.metrics.observe("mgpumanager_run_seconds", job.ended - job.started, consumer=job.consumer)
+        event = {"completed": "finished"}.get(outcome, outcome)
+        self._publish(event, job, code=code, http=status)
+        if log_now:
+            self._log_job(job, hold_ms=None)
+
+    def _log_job(self, job: Job, hold_ms: int | None) -> None:
+        """The one line per job that the README's logs section describes."""
+        assert job.ended is not None
+        wait_end = job.started if job.started is not None else job.ended
         log.info(
             logfmt(
                 msg="job",
                 id=job.id,
                 consumer=job.consumer,
                 kind=job.kind,
-                status=outcome,
-                code=code,
-                http=status,
+                status=job.outcome,
+                code=job.code,
+                http=job.http,
                 wait_ms=round((wait_end - job.arrived) * 1000),
-                run_ms=self._ms(job.started),
+                run_ms=None if job.started is None else round((job.ended - job.started) * 1000),
+                hold_ms=hold_ms,
                 evictions=job.evictions,
+                request_id=job.request_id,
             )
         )
 

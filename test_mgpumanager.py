@@ -1927,13 +1927,21 @@ class CheckedScheduler(m.Scheduler):
         ):
             raise InvariantBroken(f"{left[0]} should have joined")
 
-    def _end(self, job: m.Job, outcome: str, code: str | None = None, status: int | None = None) -> None:
+    def _end(
+        self,
+        job: m.Job,
+        outcome: str,
+        code: str | None = None,
+        status: int | None = None,
+        *,
+        log_now: bool = True,
+    ) -> None:
         if job.id in self.ended:
             raise InvariantBroken(f"{job} ended twice")
         if outcome == "failed" and code not in END_CODES | {"consumer_unreachable", "scheduler_error"}:
             raise InvariantBroken(f"{job} failed with undocumented code {code}")
         self.ended[job.id] = outcome
-        super()._end(job, outcome, code, status)
+        super()._end(job, outcome, code, status, log_now=log_now)
 
 
 class CheckingOps(FakeOps):
