@@ -40,8 +40,10 @@ import os
 import re
 import shlex
 import signal
+import socket
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -83,8 +85,9 @@ REAP_TIMEOUT_S = 1.0
 STATUS_MAX_AGE_S = 1.0
 #: Largest consumer answer kept in memory to fill a hold_until path (ComfyUI's /prompt answer is tiny).
 HOLD_ANSWER_LIMIT = 1 * MiB
-#: How long a stopping broker lets running answers finish (aiohttp applies it twice).
-SHUTDOWN_TIMEOUT_S = 10.0
+#: After the drain (scheduler.shutdown_timeout_s), how long aiohttp lets other answers (audio, event
+#: streams) finish; it applies it twice. The unit's TimeoutStopSec covers the drain plus twice this.
+SHUTDOWN_GRACE_S = 5.0
 #: Connecting to a consumer must not take longer than this (or its timeout_s, if shorter).
 CONNECT_TIMEOUT_S = 10.0
 
@@ -167,6 +170,8 @@ class SchedulerConfig:
     vram_wait_s: float = 10.0
     aging_s: float = 60.0
     max_body_mib: int = 64
+    #: On SIGTERM, how long running jobs and holds may go on before the broker exits anyway.
+    shutdown_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -578,6 +583,7 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "scheduler_error": (500, False),
     "queue_full": (503, True),
     "queue_timeout": (503, True),
+    "shutting_down": (503, True),
     "insufficient_vram": (503, True),
     "gpu_unavailable": (503, True),
     "consumer_timeout": (504, True),
@@ -668,7 +674,10 @@ def logfmt(**fields: Any) -> str:
     """key=value pairs, values quoted when they need it."""
     out = []
     for key, value in fields.items():
-        text = "" if value is None else str(value)
+        if value is None:
+            out.append(f"{key}=")  # absent: an empty value, as logfmt readers expect
+            continue
+        text = str(value)
         if not text or any(c in text for c in ' "=\\') or not text.isprintable():
             text = json.dumps(text)
         out.append(f"{key}={text}")
@@ -722,6 +731,55 @@ class Events:
 
     def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
         self.subscribers.discard(queue)
+
+    def close(self) -> None:
+        """End every stream (on shutdown)."""
+        for queue in list(self.subscribers):
+            self.subscribers.discard(queue)
+            while not queue.empty():
+                queue.get_nowait()
+            queue.put_nowait(_DROPPED)
+
+
+class Notifier:
+    """systemd's notify protocol: datagrams to NOTIFY_SOCKET (also its abstract ``@`` form), else silent."""
+
+    def __init__(self, environ: Mapping[str, str] = os.environ):
+        address = environ.get("NOTIFY_SOCKET") or None
+        self.address = "\0" + address[1:] if address and address.startswith("@") else address
+        usec, pid = environ.get("WATCHDOG_USEC"), environ.get("WATCHDOG_PID")
+        mine = usec is not None and usec.isdigit() and pid in (None, str(os.getpid()))
+        #: Ping the watchdog this often (half of WATCHDOG_USEC), or None.
+        self.watchdog_s = int(usec) / 2e6 if mine and usec else None
+        self.status: str | None = None
+        #: Datagrams that could not be sent (logged, never fatal).
+        self.errors = 0
+
+    def send(self, *lines: str) -> bool:
+        if self.address is None:
+            return False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.setblocking(False)
+                sock.sendto("\n".join(lines).encode(), self.address)
+        except OSError as e:
+            self.errors += 1
+            log.warning(logfmt(msg="sd_notify failed", error=describe(e)))
+            return False
+        return True
+
+    def set_status(self, text: str) -> None:
+        """STATUS=, only when it changed."""
+        if text != self.status:
+            self.status = text
+            self.send(f"STATUS={text}")
+
+    async def watchdog(self) -> None:
+        """WATCHDOG=1 from the event loop itself: a blocked loop misses it and systemd restarts us."""
+        assert self.watchdog_s is not None
+        while True:
+            self.send("WATCHDOG=1")
+            await asyncio.sleep(self.watchdog_s)
 
 
 #: Histogram buckets in seconds: from a short TTS job to a long FLUX render.
@@ -1011,6 +1069,11 @@ class GpuReader:
         if self._last is None or started >= self._last[0]:
             self._last = (started, result)
 
+    def last_free_mib(self) -> int | None:
+        """Free MiB from the newest finished reading, without reading again."""
+        result = self._last[1] if self._last else None
+        return result.free_mib if isinstance(result, GpuReading) else None
+
     async def _query(self, started: float) -> GpuReading:
         cfg = self.config
         base = [*cfg.nvidia_smi, "-i", str(cfg.index)]
@@ -1063,11 +1126,16 @@ class Consumers:
     """The broker's HTTP calls to consumers of its own accord (health, load, unload) and their state."""
 
     def __init__(
-        self, config: Config, session: aiohttp.ClientSession, clock: Callable[[], float] = time.monotonic
+        self,
+        config: Config,
+        session: aiohttp.ClientSession,
+        clock: Callable[[], float] = time.monotonic,
+        events: Events | None = None,
     ):
         self.config = config
         self.session = session
         self.clock = clock
+        self.events = events or Events()
         self.states: dict[str, ConsumerState] = {name: ConsumerState() for name in config.consumers}
         #: Health rounds that crashed (a bug, not a consumer failure): logged and counted.
         self.health_errors = 0
@@ -1103,6 +1171,7 @@ class Consumers:
         state = self.states[name]
         if state.healthy is not False:
             log.warning(logfmt(msg="health", consumer=name, healthy=False, reason=reason))
+            self.events.publish("health", consumer=name, healthy=False, reason=reason)
         state.healthy, state.last_error, state.last_error_code = False, reason, "consumer_unreachable"
         state.unhealthy_at = self.clock()
 
@@ -1143,6 +1212,7 @@ class Consumers:
                 logging.INFO if ok else logging.WARNING,
                 logfmt(msg="health", consumer=name, healthy=ok, reason=reason),
             )
+            self.events.publish("health", consumer=name, healthy=ok, reason=reason)
         state.healthy, state.last_error, state.last_error_code = ok, reason, code
         if isinstance(loaded, bool) and started >= state.record_at and loaded != state.loaded:
             log.info(logfmt(msg="residency", consumer=name, loaded=loaded, source="health"))
@@ -1260,6 +1330,11 @@ class Scheduler:
         self.holds = 0
         #: The holder is an admin operation that holds the lock alone.
         self.exclusive = False
+        #: Shutting down: no job is admitted any more.
+        self.closing = False
+        self._held_since = 0.0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._waiting: list[Job] = []
         self._ids = itertools.count(1)
         self._prepare_lock = asyncio.Lock()
@@ -1342,6 +1417,9 @@ class Scheduler:
     async def _wait_for_grant(self, job: Job) -> None:
         """Queue the job and wait for the lock; queue_full, queue_timeout or cancellation end it."""
         cfg = self.config
+        if self.closing:
+            self._end(job, "failed", "shutting_down")
+            raise BrokerError("shutting_down", "the broker is shutting down", job.consumer)
         if len(self._waiting) >= cfg.scheduler.max_queue:
             self._end(job, "rejected", "queue_full")
             raise BrokerError("queue_full", f"{len(self._waiting)} jobs are waiting already", job.consumer)
@@ -1377,6 +1455,23 @@ class Scheduler:
                 self._end(job, "failed", "scheduler_error")
                 raise BrokerError("scheduler_error", f"internal error: {describe(e)}", job.consumer) from e
             raise
+
+    def shut_down(self) -> None:
+        """Admit nothing more, and answer every queued job with shutting_down."""
+        self.closing = True
+        for job in [j for j in self._waiting if not j.granted.done()]:
+            self._waiting.remove(job)
+            job.granted.set_exception(
+                BrokerError("shutting_down", "the broker is shutting down", job.consumer)
+            )
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no job or hold holds the lock, at most ``timeout_s``; whether it got idle."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def forget(self, names: set[str]) -> None:
         """After a reload: jobs waiting for consumers that are gone are answered with no_consumer."""
@@ -1431,8 +1526,11 @@ class Scheduler:
                 ):
                     return
             self._waiting.remove(job)
+            if self.holder is None:
+                self._held_since = now
             self.holder, self.exclusive = job.consumer, job.exclusive
             self.slots += 1
+            self._idle.clear()
             self.states[job.consumer].jobs += 1
             job.state, job.started = "running", now
             job.granted.set_result(None)
@@ -1445,6 +1543,7 @@ class Scheduler:
         self.states[job.consumer].jobs -= 1
         if self.slots == 0:
             self.holder, self.exclusive = None, False
+            self._idle.set()
         self._dispatch()
 
     # ---- making room---------------------------------------------------------------------------------
@@ -1711,7 +1810,12 @@ class Scheduler:
         return {
             "holder": None
             if self.holder is None
-            else {"consumer": self.holder, "jobs": self.running, "holds": self.holds},
+            else {
+                "consumer": self.holder,
+                "jobs": self.running,
+                "holds": self.holds,
+                "held_s": round(now - self._held_since, 3),
+            },
             "queue": [
                 {
                     "consumer": j.consumer,
@@ -1761,6 +1865,7 @@ def request_headers(request: web.Request, *, strip_auth: bool) -> CIMultiDict[st
     remote = request.remote or "unknown"
     headers["X-Forwarded-For"] = f"{before}, {remote}" if before else remote
     headers["X-Forwarded-Proto"] = request.scheme
+    headers["X-Request-ID"] = request[REQUEST_ID]
     return headers
 
 
@@ -1880,7 +1985,8 @@ def hold_poller(
             )
         )
         return None
-    path = re.sub(r"{(\w+)}", lambda m: quote(str(data[m.group(1)]), safe=""), hold.path)  # type: ignore[index]
+    fill = {name: quote(str(data[name]), safe="") for name in names}  # type: ignore[index]
+    path = re.sub(r"{(\w+)}", lambda m: fill[m.group(1)], hold.path)
     url = URL(consumer.url + path, encoded=True)
     timeout = aiohttp.ClientTimeout(total=min(consumer.timeout_s, hold.timeout_s))
 
@@ -1965,21 +2071,38 @@ class Broker:
     scheduler: Scheduler
     #: Where a reload reads the config again; None for an app made from a Config alone.
     source: ConfigSource | None = None
+    notifier: Notifier = field(default_factory=Notifier)
     started: float = field(default_factory=time.monotonic)
 
     def reload(self) -> list[str]:
         """Read the config again and apply it in place; ConfigError (logged) leaves the old one."""
         if self.source is None:
             raise ConfigError(["this broker was not started from a config file"])
+        self.notifier.send(
+            "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+        )
         try:
             new = self.source.load()
         except ConfigError as e:
             for problem in e.problems:
                 log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
+            self.scheduler.events.publish("reload", ok=False, problems=e.problems)
             raise
+        finally:
+            self.notifier.send("READY=1")
         changes = self.apply(new)
         log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
+        self.scheduler.events.publish("reload", ok=True, changes=changes)
         return changes
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: who holds the GPU, the queue, free VRAM."""
+        s = self.scheduler
+        holder = f"{s.holder} holds the GPU" if s.holder else "GPU idle"
+        free = self.gpu.last_free_mib()
+        return f"{holder}, {len(s.queue())} queued, " + (
+            f"{free} MiB free" if free is not None else "VRAM unknown"
+        )
 
     def apply(self, new: Config) -> list[str]:
         """Use ``new`` from the next decision on, keeping queued and running jobs.
@@ -2105,9 +2228,9 @@ async def error_middleware(
 async def auth_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """With auth.token set, every route but /healthz needs ``Authorization: Bearer <token>``."""
+    """With auth.token set, every route but /healthz (and the static page at /) needs the bearer token."""
     token = request.app[BROKER].config.auth.token
-    if token is not None and request.path != "/healthz":
+    if token is not None and request.path not in ("/healthz", "/"):
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
             challenge = {"WWW-Authenticate": 'Bearer realm="mgpumanager"'}
@@ -2200,7 +2323,7 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
     consumer = broker.config.consumers[name]
     broker.check_reachable(name)
     body = await read_body(request, broker.config.scheduler.max_body_mib)
-    job = await broker.scheduler.acquire(name, kind)
+    job = await broker.scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
     return await _run_job(request, broker, job, consumer, consumer.paths[kind], body)
 
 
@@ -2357,6 +2480,117 @@ async def handle_status(request: web.Request) -> web.Response:
     return web.Response(text=json.dumps(body, indent=2) + "\n", content_type="application/json")
 
 
+#: The request's X-Request-ID (the client's, or one made up): logged, forwarded and returned.
+REQUEST_ID: Any = (
+    web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "mgpumanager.request_id"
+)
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+
+@web.middleware
+async def request_id_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Take the client's X-Request-ID if it is a sane token, else make one."""
+    given = request.headers.get("X-Request-ID", "")
+    request[REQUEST_ID] = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+    return await handler(request)
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    if REQUEST_ID in request:
+        response.headers["X-Request-ID"] = request[REQUEST_ID]
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus' text format 0.0.4."""
+    broker = request.app[BROKER]
+    s = broker.scheduler
+    gauges: list[tuple[str, Labels, float]] = [
+        ("mgpumanager_info", (("version", VERSION),), 1),
+        ("mgpumanager_queue_length", (), len(s.queue())),
+        ("mgpumanager_running_jobs", (), s.running),
+        ("mgpumanager_internal_errors_total", (), s.stats.internal_errors),
+    ]
+    for name in broker.config.consumers:
+        state = broker.consumers.states[name]
+        for metric, value in (("healthy", state.healthy), ("resident", state.loaded)):
+            gauges.append(
+                (
+                    f"mgpumanager_consumer_{metric}",
+                    (("consumer", name),),
+                    math.nan if value is None else value,
+                )
+            )
+    try:
+        r = await broker.gpu.read(max_age=STATUS_MAX_AGE_S)
+    except GpuError:
+        gauges.append(("mgpumanager_gpu_up", (), 0))
+    else:
+        gauges.append(("mgpumanager_gpu_up", (), 1))
+        for metric, mib in (("total", r.total_mib), ("used", r.used_mib), ("free", r.free_mib)):
+            if mib is not None:
+                gauges.append((f"mgpumanager_gpu_memory_{metric}_bytes", (), mib * MiB))
+        if r.utilization_pct is not None:
+            gauges.append(("mgpumanager_gpu_utilization_ratio", (), r.utilization_pct / 100))
+    return web.Response(
+        text=s.metrics.render(gauges),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def handle_events(request: web.Request) -> web.StreamResponse:
+    """GET /v1/events: server-sent events, one JSON object each, a heartbeat comment every 15 s."""
+    events = request.app[BROKER].scheduler.events
+    queue = events.subscribe()
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    try:
+        await resp.prepare(request)
+        await resp.write(b": mgpumanager events\n\n")
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
+            except asyncio.TimeoutError:
+                await resp.write(b": heartbeat\n\n")
+                continue
+            if event is _DROPPED:
+                break  # it fell behind: the client reconnects and reads /v1/status again
+            await resp.write(f"event: {event['event']}\ndata: {json.dumps(event)}\n\n".encode())
+    except ConnectionResetError:
+        pass  # the client left
+    finally:
+        events.unsubscribe(queue)
+    return resp
+
+
+async def handle_dashboard(request: web.Request) -> web.Response:
+    """GET /: the live page. Static: what it shows comes from /v1/status and /v1/events."""
+    return web.Response(text=DASHBOARD_HTML, content_type="text/html", headers={"Cache-Control": "no-cache"})
+
+
+async def _drain(app: web.Application) -> None:
+    """On shutdown: refuse new jobs, answer queued ones, let running jobs and holds finish (bounded)."""
+    broker = app[BROKER]
+    s = broker.scheduler
+    s.shut_down()
+    s.events.close()
+    timeout = broker.config.scheduler.shutdown_timeout_s
+    if s.holder is not None:
+        log.info(
+            logfmt(
+                msg="shutting down: waiting for running jobs", holder=s.holder, jobs=s.running, holds=s.holds
+            )
+        )
+    if not await s.wait_idle(timeout):
+        log.warning(
+            logfmt(
+                msg="shutting down: cutting what still runs", timeout_s=timeout, jobs=s.running, holds=s.holds
+            )
+        )
+
+
 async def handle_healthz(request: web.Request) -> web.Response:
     """GET /healthz: the broker itself is up; touches no consumer and no GPU."""
     return web.Response(text="ok\n")
@@ -2366,12 +2600,14 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     """Own every resource: the client session, the GPU reader, the health task, the scheduler's holds."""
     config = app[CONFIG]
     session = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+    events = Events()
     gpu = GpuReader(config.gpu)
-    consumers = Consumers(config, session)
-    scheduler = Scheduler(config, gpu, consumers)
-    app[BROKER] = Broker(
+    consumers = Consumers(config, session, events=events)
+    scheduler = Scheduler(config, gpu, consumers, events=events)
+    broker = Broker(
         config=config, session=session, gpu=gpu, consumers=consumers, scheduler=scheduler, source=app[SOURCE]
     )
+    app[BROKER] = broker
     health: asyncio.Task[None] | None = None
     try:
         # The first health round completes before serving (bounded by health.timeout_s), so the first
@@ -2390,17 +2626,186 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: Config, source: ConfigSource | None = None) -> web.Application:
     """The production app; tests build theirs with this same factory. ``source`` enables reloads."""
-    app = web.Application(middlewares=[error_middleware, auth_middleware])
+    app = web.Application(middlewares=[request_id_middleware, error_middleware, auth_middleware])
     app[CONFIG] = config
     app[SOURCE] = source
     app.cleanup_ctx.append(_broker_ctx)
+    app.on_shutdown.append(_drain)
+    app.on_response_prepare.append(_add_request_id)
+    app.router.add_get("/", handle_dashboard)
     app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/v1/status", handle_status)
+    app.router.add_get("/v1/events", handle_events)
     app.router.add_post("/v1/reload", handle_reload)
     app.router.add_post("/v1/consumers/{name}/{action:unload|load}", handle_admin_consumer)
     app.router.add_route("*", "/v1/{kind}", handle_job)
     app.router.add_get("/audio/{path:.+}", handle_audio)
     return app
+
+
+#: The dashboard: one self-contained page (no file, no network beyond this broker). It reads /v1/status
+#: and follows /v1/events; with auth.token set it asks for the token once and keeps it in the tab.
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>mgpumanager</title>
+<style>
+:root { --bg:#111418; --card:#1b2027; --fg:#e6e9ee; --dim:#8b95a3; --ok:#3fb950; --bad:#f85149;
+        --free:#2b323c; --unknown:#5a6370; }
+* { box-sizing:border-box; }
+body { margin:0; font:15px/1.4 system-ui, sans-serif; background:var(--bg); color:var(--fg); }
+header { display:flex; flex-wrap:wrap; gap:.5rem 1rem; align-items:baseline; padding:.8rem 1rem; }
+header h1 { font-size:1.2rem; margin:0; } header span { color:var(--dim); font-size:.85rem; }
+main { display:grid; gap:.8rem; padding:0 1rem 1rem;
+       grid-template-columns:repeat(auto-fit, minmax(300px, 1fr)); }
+section { background:var(--card); border-radius:8px; padding:.8rem; }
+section.wide { grid-column:1 / -1; }
+h2 { font-size:.8rem; text-transform:uppercase; letter-spacing:.05em; color:var(--dim); margin:0 0 .5rem; }
+#bar { display:flex; height:28px; border-radius:5px; overflow:hidden; background:var(--free); }
+#bar div { height:100%; min-width:2px; }
+#legend { display:flex; flex-wrap:wrap; gap:.3rem .9rem; margin-top:.5rem; font-size:.85rem; }
+#legend i { display:inline-block; width:.8em; height:.8em; border-radius:2px; margin-right:.3em; }
+table { width:100%; border-collapse:collapse; font-size:.9rem; }
+td, th { text-align:left; padding:.3rem .4rem; border-top:1px solid #2a313b; vertical-align:top; }
+th { color:var(--dim); font-weight:normal; border-top:none; }
+.ok { color:var(--ok); } .bad { color:var(--bad); } .dim { color:var(--dim); }
+#holder { font-size:1.1rem; }
+#stats { display:grid; grid-template-columns:repeat(auto-fill, minmax(110px,1fr)); gap:.4rem; }
+#stats div { background:#232a33; border-radius:5px; padding:.35rem .5rem; }
+#stats b { display:block; font-size:1.2rem; }
+#log { font:12px/1.5 ui-monospace, monospace; max-height:14rem; overflow:auto; color:var(--dim);
+       white-space:pre-wrap; }
+#error { color:var(--bad); padding:0 1rem; }
+</style></head>
+<body>
+<header><h1>mgpumanager</h1><span id="gpu-name"></span><span id="updated"></span></header>
+<div id="error"></div>
+<main>
+<section class="wide"><h2>GPU memory</h2><div id="bar"></div><div id="legend"></div></section>
+<section><h2>Holder</h2><div id="holder">-</div><h2 style="margin-top:.8rem">Queue</h2>
+<table><thead><tr><th>consumer</th><th>kind</th><th>prio</th><th>waiting</th></tr></thead>
+<tbody id="queue"></tbody></table></section>
+<section><h2>Counters</h2><div id="stats"></div></section>
+<section class="wide"><h2>Consumers</h2><table><thead><tr><th>name</th><th>health</th><th>resident</th>
+<th>kinds</th><th>VRAM</th><th>last use</th></tr></thead><tbody id="consumers"></tbody></table></section>
+<section class="wide"><h2>Events</h2><div id="log"></div></section>
+</main>
+<script>
+"use strict";
+const COLORS = ["#58a6ff", "#bc8cff", "#3fb950", "#d29922", "#f778ba", "#39c5cf", "#ff7b72", "#a5d6ff"];
+const $ = (id) => document.getElementById(id);
+const ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"};
+const esc = (v) => String(v ?? "").replace(/[&<>"]/g, (c) => ENTITIES[c]);
+let token = sessionStorage.getItem("mgpumanager-token") || "";
+const auth = () => (token ? {Authorization: "Bearer " + token} : {});
+
+function ago(iso) {
+  if (!iso) return "never";
+  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  if (s < 60) return Math.round(s) + " s ago";
+  return s < 3600 ? Math.round(s / 60) + " min ago" : Math.round(s / 3600) + " h ago";
+}
+function yesno(v, yes, no) {
+  if (v === null || v === undefined) return '<span class="dim">unknown</span>';
+  return v ? '<span class="ok">' + yes + "</span>" : '<span class="bad">' + no + "</span>";
+}
+async function get(path) {
+  const resp = await fetch(path, {headers: auth(), cache: "no-store"});
+  if (resp.status === 401) { askToken(); throw new Error("unauthorized"); }
+  return resp;
+}
+function askToken() {
+  const given = prompt("This broker needs its bearer token (auth.token):");
+  if (given) { token = given.trim(); sessionStorage.setItem("mgpumanager-token", token); }
+}
+
+function memoryParts(st) {
+  const gpu = st.gpu, parts = [];
+  let resident = 0;
+  Object.keys(st.consumers).forEach((name, i) => {
+    const c = st.consumers[name];
+    if (!c.loaded) return;
+    parts.push({label: name, mib: c.vram_resident_mib, color: COLORS[i % COLORS.length]});
+    resident += c.vram_resident_mib;
+  });
+  if (gpu.free_mib !== null) {
+    const other = Math.max(0, gpu.total_mib - gpu.free_mib - resident);
+    parts.push({label: "other / unknown", mib: other, color: "var(--unknown)"});
+    parts.push({label: "free", mib: gpu.free_mib, color: "var(--free)"});
+  }
+  return parts;
+}
+function renderGpu(st) {
+  const gpu = st.gpu, total = gpu.total_mib || 1, parts = memoryParts(st);
+  $("gpu-name").textContent = (gpu.name || "GPU") + " #" + gpu.index;
+  $("updated").textContent = "v" + st.version + ", up " + Math.round(st.uptime_s) + " s";
+  $("error").textContent = gpu.error ? "GPU: " + gpu.error : "";
+  $("bar").innerHTML = parts.map((p) => '<div title="' + esc(p.label) + " " + p.mib + ' MiB" style="width:' +
+    (100 * p.mib / total).toFixed(2) + "%;background:" + p.color + '"></div>').join("");
+  $("legend").innerHTML = parts.map((p) => '<span><i style="background:' + p.color + '"></i>' +
+    esc(p.label) + " " + p.mib + " MiB</span>").join("") +
+    (gpu.total_mib ? '<span class="dim">of ' + gpu.total_mib + " MiB</span>" : "");
+}
+function renderScheduler(sched) {
+  const h = sched.holder;
+  $("holder").innerHTML = !h ? '<span class="dim">idle</span>' : "<b>" + esc(h.consumer) + "</b> " +
+    h.jobs + " job(s)" + (h.holds ? ", " + h.holds + " hold(s)" : "") +
+    ' <span class="dim">for ' + h.held_s.toFixed(1) + " s</span>";
+  $("queue").innerHTML = sched.queue.map((q) => "<tr><td>" + esc(q.consumer) + "</td><td>" + esc(q.kind) +
+    "</td><td>" + q.priority + "</td><td>" + q.waited_s.toFixed(1) + " s</td></tr>").join("") ||
+    '<tr><td colspan="4" class="dim">empty</td></tr>';
+  $("stats").innerHTML = Object.entries(sched.stats).map(([k, v]) =>
+    '<div id="stat-' + k + '"><b>' + v + "</b>" + k.replaceAll("_", " ") + "</div>").join("");
+}
+function renderConsumers(consumers) {
+  $("consumers").innerHTML = Object.entries(consumers).map(([name, c]) =>
+    '<tr data-consumer="' + esc(name) + '"><td><b>' + esc(name) + "</b>" +
+    (c.vram_managed ? ' <span class="dim">(manages its VRAM)</span>' : "") +
+    "</td><td>" + yesno(c.healthy, "healthy", "down") +
+    (c.last_error ? '<br><span class="dim">' + esc(c.last_error) + "</span>" : "") +
+    "</td><td>" + yesno(c.loaded, "resident", "unloaded") + "</td><td>" + esc(c.kinds.join(", ")) +
+    "</td><td>" + c.vram_resident_mib + " MiB</td><td>" + ago(c.last_used) + "</td></tr>").join("");
+}
+async function refresh() {
+  try {
+    const st = await (await get("/v1/status")).json();
+    renderGpu(st); renderScheduler(st.scheduler); renderConsumers(st.consumers);
+  } catch (e) { $("error").textContent = "status: " + e.message; }
+}
+let pending = null;
+function soon() { if (!pending) pending = setTimeout(() => { pending = null; refresh(); }, 150); }
+function logEvent(ev) {
+  const fields = Object.entries(ev).filter(([k]) => k !== "event" && k !== "ts")
+    .map(([k, v]) => k + "=" + (typeof v === "object" ? JSON.stringify(v) : v));
+  const log = $("log");
+  log.textContent = (ev.ts.slice(11, 23) + " " + ev.event + " " + fields.join(" ") + "\\n" +
+    log.textContent).slice(0, 20000);
+}
+async function follow() {
+  try {
+    const resp = await get("/v1/events");
+    const reader = resp.body.getReader(), decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, {stream: true});
+      let cut;
+      while ((cut = buffer.indexOf("\\n\\n")) >= 0) {
+        const block = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        const data = block.split("\\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("");
+        if (data) { logEvent(JSON.parse(data)); soon(); }
+      }
+    }
+  } catch (e) { $("error").textContent = "events: " + e.message; }
+  setTimeout(follow, 1000);
+}
+refresh(); follow(); setInterval(refresh, 2000);
+</script>
+</body></html>
+"""
 
 
 # =====================================================================================================
@@ -2449,14 +2854,54 @@ class OneLineBadRequests(logging.Filter):
         return True
 
 
-async def _reload_on_sighup(app: web.Application) -> None:
-    """SIGHUP re-reads the config, like POST /v1/reload (a refused config is logged, the old one stays)."""
+async def serve(config: Config, source: ConfigSource) -> int:
+    """Run the broker until SIGTERM or SIGINT; SIGHUP reloads. Speaks systemd's notify protocol."""
+    app = create_app(config, source)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+    await runner.setup()  # the first health round runs here
+    broker = app[BROKER]
+    notifier = broker.notifier
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    watchdog: asyncio.Task[None] | None = None
 
     def reload() -> None:
-        with contextlib.suppress(ConfigError):
-            app[BROKER].reload()
+        with contextlib.suppress(ConfigError):  # logged by reload; the old config stays
+            broker.reload()
 
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+    try:
+        try:
+            await web.TCPSite(runner, config.listen_host, config.listen_port).start()
+        except OSError as e:
+            log.error(
+                logfmt(
+                    msg="cannot listen",
+                    listen=f"{config.listen_host}:{config.listen_port}",
+                    error=describe(e),
+                )
+            )
+            return 1
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        broker.scheduler.events.listeners.append(lambda _: notifier.set_status(broker.status_line()))
+        notifier.status = broker.status_line()
+        notifier.send("READY=1", f"STATUS={notifier.status}")
+        if notifier.watchdog_s:
+            watchdog = asyncio.create_task(notifier.watchdog(), name="watchdog")
+        log.info(
+            logfmt(msg="listening", listen=f"{config.listen_host}:{config.listen_port}", version=VERSION)
+        )
+        await stop.wait()
+        notifier.send("STOPPING=1")
+        log.info(logfmt(msg="stopping", timeout_s=config.scheduler.shutdown_timeout_s))
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+        await runner.cleanup()  # stops listening, drains (see _drain), closes everything
+    log.info(logfmt(msg="stopped"))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -2495,19 +2940,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(summary(config))
         return 0
     log.info(logfmt(msg="starting", version=VERSION, listen=f"{config.listen_host}:{config.listen_port}"))
-    app = create_app(config, source)
-    app.on_startup.append(_reload_on_sighup)
-    web.run_app(
-        app,
-        host=config.listen_host,
-        port=config.listen_port,
-        handler_cancellation=True,
-        access_log=None,
-        print=None,
-        # aiohttp waits this long twice on shutdown; keep twice it under the unit's TimeoutStopSec.
-        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-    )
-    return 0
+    return asyncio.run(serve(config, source))
 
 
 if __name__ == "__main__":

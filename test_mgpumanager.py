@@ -967,7 +967,7 @@ async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
     release = asyncio.Event()
     s.finish(job, "completed", status=200, success=True, hold=release.wait, hold_timeout_s=30)
     x = await _queued(s, "x")
-    assert not x.done() and s.snapshot()["holder"] == {"consumer": "t", "jobs": 0, "holds": 1}
+    assert not x.done() and s.snapshot()["holder"].items() >= {"consumer": "t", "jobs": 0, "holds": 1}.items()
     release.set()
     s.finish(await x, "completed")
     job = await s.acquire("t", "kt")
@@ -1131,6 +1131,8 @@ SPEC_ERRORS = {
     "forbidden": 403,
     "bad_config": 422,
     "unload_failed": 502,
+    # Issue 4 (graceful shutdown):
+    "shutting_down": 503,
 }
 #: Retryable as the README documents it (load_failed and insufficient_vram as the issue says).
 SPEC_RETRYABLE = {c for c, st in SPEC_ERRORS.items() if st >= 500} - {"bad_consumer_url", "scheduler_error"}
@@ -1265,7 +1267,7 @@ async def test_image_job_evicts_mvoice_and_holds_until_history(rig):
     assert r.sims["mvoice"].unloads == 1 and r.stats.evictions == 1
     # The client has its answer; the render goes on and the hold keeps the next job out.
     st = await r.status()
-    assert st["scheduler"]["holder"] == {"consumer": "comfyui", "jobs": 0, "holds": 1}
+    assert st["scheduler"]["holder"].items() >= {"consumer": "comfyui", "jobs": 0, "holds": 1}.items()
     status, _, _ = await r.post("tts", {"text": "after"})
     assert status == 200
     render = r.sims["comfyui"].work[0]
@@ -1677,11 +1679,16 @@ def free_port() -> int:
 class Daemon:
     """mgpumanager.py as its own process on a free port, for what only a real process shows."""
 
-    def __init__(self, raw: dict[str, Any], home: Path, smi: tuple[str, ...]) -> None:
+    def __init__(
+        self, raw: dict[str, Any], home: Path, smi: tuple[str, ...], env: dict[str, str] | None = None
+    ) -> None:
+        self.env = {**os.environ, **(env or {})}
         self.config = home / "daemon.yaml"
         self.config.write_text(yaml.safe_dump(raw, sort_keys=False))
         self.port = free_port()
         self.smi = smi
+        #: Its stderr goes to a file: a pipe nobody reads would fill up and block its logging.
+        self.log_path = home / "daemon.log"
         self.log = ""
 
     def url(self, path: str) -> str:
@@ -1696,6 +1703,7 @@ class Daemon:
             return await resp.json()
 
     async def __aenter__(self) -> Daemon:
+        self.log_file = self.log_path.open("wb")
         self.proc = await asyncio.create_subprocess_exec(
             PY,
             str(HERE / "mgpumanager.py"),
@@ -1705,7 +1713,8 @@ class Daemon:
             f"127.0.0.1:{self.port}",
             "--nvidia-smi",
             " ".join(self.smi),
-            stderr=asyncio.subprocess.PIPE,
+            stderr=self.log_file,
+            env=self.env,
         )
         deadline = time.monotonic() + 20
         async with aiohttp.ClientSession() as session:
@@ -1724,8 +1733,9 @@ class Daemon:
     async def __aexit__(self, *exc: Any) -> None:
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(self.proc.communicate(), 30)
-        self.log = err.decode()
+        await asyncio.wait_for(self.proc.wait(), 60)
+        self.log_file.close()
+        self.log = self.log_path.read_text()
 
 
 async def test_daemon_subprocess_evicts_through_real_nvidia_smi_subprocess_and_stops_on_sigterm(rig):
@@ -2293,7 +2303,10 @@ async def test_a_client_leaving_mid_answer_still_starts_the_hold(rig):
         resp.close()  # the client leaves before the answer ended
         await until(lambda: r.stats.cancelled == 1)
         await asyncio.sleep(0.5)
-        assert r.broker.scheduler.snapshot()["holder"] == {"consumer": "comfyui", "jobs": 0, "holds": 1}
+        assert (
+            r.broker.scheduler.snapshot()["holder"].items()
+            >= {"consumer": "comfyui", "jobs": 0, "holds": 1}.items()
+        )
         rendered.set()
         await until(lambda: r.broker.scheduler.holder is None)
         assert r.broker.consumers.states["comfyui"].loaded is True
