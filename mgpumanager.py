@@ -389,7 +389,9 @@ def _parse_auth(ck: _Checker, raw: Any) -> AuthConfig:
         return AuthConfig()
     token = None
     if "token" in d:
-        token = ck.string(d, "token", "auth")
+        token = d["token"] if isinstance(d["token"], str) else ""  # never echoed in a message
+        if not token:
+            ck.problem("auth.token", "must be a non-empty string")
     elif "token_file" in d:
         path = ck.string(d, "token_file", "auth")
         try:
@@ -522,7 +524,11 @@ def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None)
     except OSError as e:
         raise ConfigError([f"{path}: {e.strerror or e}"]) from e
     except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
+        # Where, but not the line itself: it may hold a secret.
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or "syntax error"
+        raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from e
     for dotted, value in (overrides or {}).items():
         if not isinstance(raw, dict):
             break
@@ -1141,13 +1147,15 @@ class Consumers:
         self.health_errors = 0
 
     async def unload(self, name: str) -> None:
-        c = self.config.consumers[name]
-        assert c.unload is not None
+        c = self.config.consumers.get(name)
+        if c is None or c.unload is None:
+            raise CallError("unload: no unload route (any more)")
         await self._call(c, c.unload, "unload")
 
     async def load(self, name: str) -> None:
-        c = self.config.consumers[name]
-        assert c.load is not None
+        c = self.config.consumers.get(name)
+        if c is None or c.load is None:
+            raise CallError("load: no load route (any more)")
         await self._call(c, c.load, "load")
 
     async def _call(self, c: ConsumerConfig, route: Route, what: str) -> None:
@@ -1398,8 +1406,10 @@ class Scheduler:
         self, consumer: str, kind: str, *, exclusive: bool = False, request_id: str | None = None
     ) -> Job:
         """A new job for a configured consumer; counted from here on."""
+        target = self.config.consumers.get(consumer)
+        if target is None:  # removed by a reload since the request was routed
+            raise BrokerError("no_consumer", f"{consumer} is no longer configured", consumer)
         self.stats.jobs += 1
-        target = self.config.consumers[consumer]
         return Job(
             id=next(self._ids),
             target=target,
@@ -1585,6 +1595,10 @@ class Scheduler:
                 candidates.append((last, order, name))
         return [name for _, _, name in sorted(candidates)], why_not
 
+    def _may_hold_itself(self, target: ConsumerConfig, tried: set[str]) -> bool:
+        state = self.states[target.name]
+        return state.loaded is None and target.unload is not None and target.name not in tried
+
     async def _read_gpu(self, job: Job, *, fresh: bool = False) -> GpuReading:
         try:
             return await self.gpu.read(fresh=fresh)
@@ -1602,12 +1616,17 @@ class Scheduler:
             if reading.free_mib is None:
                 raise BrokerError("gpu_unavailable", "nvidia-smi reports no free memory figure", job.consumer)
             victims, why_not = self.victims(target, tried)
+            if not victims and self._may_hold_itself(target, tried):
+                # Last resort: the target, of unknown residency (after a restart, say), may itself be
+                # what fills the GPU. Unloading it makes its state known; it is loaded again below.
+                victims = [target.name]
             if not victims or len(tried) >= cfg.scheduler.max_evictions:
                 raise self._insufficient(job, reading, need, why_not, victims)
             victim = victims[0]
             tried.add(victim)
+            size = cfg.consumers[victim].vram_resident_mib  # before any await: a reload may remove it
             if await self._unload(job, victim) is None:
-                reading = await self._wait_for_memory(job, victim, reading.free_mib, need)
+                reading = await self._wait_for_memory(job, victim, size, reading.free_mib, need)
 
     def _insufficient(
         self, job: Job, reading: GpuReading, need: int, why_not: dict[str, str], left: list[str]
@@ -1653,11 +1672,12 @@ class Scheduler:
         state.loaded, state.record_at = False, self.clock()
         return None
 
-    async def _wait_for_memory(self, job: Job, victim: str, before: int, need: int) -> GpuReading:
-        """Poll until the target fits, the victim's memory shows up as free, or ``vram_wait_s`` passed."""
+    async def _wait_for_memory(self, job: Job, victim: str, size: int, before: int, need: int) -> GpuReading:
+        """Poll until the target fits, the victim's memory (``size`` MiB) shows up as free, or
+        ``vram_wait_s`` passed."""
         cfg = self.config
         deadline = self.clock() + cfg.scheduler.vram_wait_s
-        enough_freed = FREED_SHARE * cfg.consumers[victim].vram_resident_mib
+        enough_freed = FREED_SHARE * size
         while True:
             reading = await self._read_gpu(job, fresh=True)
             free = reading.free_mib if reading.free_mib is not None else before
@@ -1859,9 +1879,10 @@ def request_headers(request: web.Request, *, strip_auth: bool) -> CIMultiDict[st
     Without hop-by-hop ones, Host, Content-Length and Expect (the broker holds the whole body already),
     nor the broker's own bearer token; with X-Forwarded-For (appended to) and X-Forwarded-Proto.
     """
-    drop = {"host", "content-length", "expect"} | ({"authorization"} if strip_auth else set())
-    headers = _pass_headers(request.headers, frozenset(drop))
-    before = request.headers.get("X-Forwarded-For")
+    drop = {"host", "content-length", "expect", "forwarded", "x-real-ip", "x-forwarded-host"}
+    headers = _pass_headers(request.headers, frozenset(drop | ({"authorization"} if strip_auth else set())))
+    headers.popall("X-Forwarded-For", None)
+    before = ", ".join(request.headers.getall("X-Forwarded-For", []))
     remote = request.remote or "unknown"
     headers["X-Forwarded-For"] = f"{before}, {remote}" if before else remote
     headers["X-Forwarded-Proto"] = request.scheme
@@ -2232,7 +2253,8 @@ async def auth_middleware(
     token = request.app[BROKER].config.auth.token
     if token is not None and request.path not in ("/healthz", "/"):
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token.encode()):
             challenge = {"WWW-Authenticate": 'Bearer realm="mgpumanager"'}
             raise BrokerError(
                 "unauthorized", "a valid Authorization: Bearer token is required", headers=challenge
@@ -2245,9 +2267,12 @@ def require_admin(request: web.Request) -> None:
     if request.app[BROKER].config.auth.token is not None:
         return
     try:
-        local = ipaddress.ip_address(request.remote or "").is_loopback
+        address = ipaddress.ip_address(request.remote or "")
     except ValueError:
         local = False
+    else:
+        mapped = getattr(address, "ipv4_mapped", None)  # a [::] listener sees 127.0.0.1 as ::ffff:127.0.0.1
+        local = address.is_loopback or (mapped is not None and mapped.is_loopback)
     if not local:
         raise BrokerError("forbidden", "admin routes answer only loopback clients unless auth.token is set")
 
@@ -2317,14 +2342,20 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
             raise BrokerError("not_found", f"no route for {request.method} {request.path}")
         message = f"{request.method} is not allowed on {request.path}"
         raise BrokerError("method_not_allowed", message, headers={"Allow": ", ".join(allowed)})
-    name = broker.config.routing.get(kind)
-    if name is None:
-        raise BrokerError("no_consumer", f"no consumer is routed for kind {kind!r}")
-    consumer = broker.config.consumers[name]
-    broker.check_reachable(name)
+    route(broker.config, kind)  # refuse early what cannot be served ...
     body = await read_body(request, broker.config.scheduler.max_body_mib)
+    name = route(broker.config, kind)  # ... and route for real after the body: a reload may have come
+    broker.check_reachable(name)
     job = await broker.scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
-    return await _run_job(request, broker, job, consumer, consumer.paths[kind], body)
+    return await _run_job(request, broker, job, job.target, job.target.paths[kind], body)
+
+
+def route(config: Config, kind: str) -> str:
+    """The consumer routed for ``kind``, or no_consumer."""
+    name = config.routing.get(kind)
+    if name is None or name not in config.consumers:
+        raise BrokerError("no_consumer", f"no consumer is routed for kind {kind!r}")
+    return name
 
 
 def _methods_of(app: web.Application, path: str) -> list[str]:
@@ -2533,12 +2564,9 @@ async def handle_metrics(request: web.Request) -> web.Response:
                 gauges.append((f"mgpumanager_gpu_memory_{metric}_bytes", (), mib * MiB))
         if r.utilization_pct is not None:
             gauges.append(("mgpumanager_gpu_utilization_ratio", (), r.utilization_pct / 100))
-    return web.Response(
-        text=s.metrics.render(gauges),
-        content_type="text/plain",
-        charset="utf-8",
-        headers={"Cache-Control": "no-store"},
-    )
+    body = s.metrics.render(gauges).encode()
+    headers = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8", "Cache-Control": "no-store"}
+    return web.Response(body=body, headers=headers)
 
 
 async def handle_events(request: web.Request) -> web.StreamResponse:
@@ -2845,11 +2873,9 @@ class OneLineBadRequests(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
-            record.msg, record.args, record.exc_info = (
-                logfmt(msg="bad http request", error=exc.message),
-                (),
-                None,
-            )
+            # Only the reason: aiohttp quotes the offending line, which may carry a token.
+            reason = str(exc.message).split(":", 1)[0]
+            record.msg, record.args, record.exc_info = logfmt(msg="bad http request", error=reason), (), None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
@@ -2884,7 +2910,21 @@ async def serve(config: Config, source: ConfigSource) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload)
-        broker.scheduler.events.listeners.append(lambda _: notifier.set_status(broker.status_line()))
+        status_due = False
+
+        def update_status() -> None:
+            nonlocal status_due
+            status_due = False
+            notifier.set_status(broker.status_line())
+
+        def status_soon(_: dict[str, Any]) -> None:
+            # Once per burst of events, after the burst: the line then shows a settled state.
+            nonlocal status_due
+            if not status_due:
+                status_due = True
+                loop.call_soon(update_status)
+
+        broker.scheduler.events.listeners.append(status_soon)
         notifier.status = broker.status_line()
         notifier.send("READY=1", f"STATUS={notifier.status}")
         if notifier.watchdog_s:
@@ -2940,7 +2980,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(summary(config))
         return 0
     log.info(logfmt(msg="starting", version=VERSION, listen=f"{config.listen_host}:{config.listen_port}"))
-    return asyncio.run(serve(config, source))
+    code = asyncio.run(serve(config, source))
+    # The loop is gone and with it the signal handlers: a late SIGTERM must not turn a clean exit into a kill.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
 
 
 if __name__ == "__main__":
