@@ -2765,7 +2765,9 @@ function memoryParts(st) {
   return parts;
 }
 function renderGpu(st) {
-  const gpu = st.gpu, total = gpu.total_mib || 1, parts = memoryParts(st);
+  // A reading can be a second older than the residency it is drawn with: scale so the bar never overflows.
+  const gpu = st.gpu, parts = memoryParts(st);
+  const total = Math.max(gpu.total_mib || 1, parts.reduce((sum, p) => sum + p.mib, 0));
   $("gpu-name").textContent = (gpu.name || "GPU") + " #" + gpu.index;
   $("updated").textContent = "v" + st.version + ", up " + Math.round(st.uptime_s) + " s";
   $("error").textContent = gpu.error ? "GPU: " + gpu.error : "";

@@ -3209,7 +3209,7 @@ class Browser:
 
 
 async def test_dashboard_in_a_real_browser_shows_consumers_holder_and_evictions(rig, tmp_path):
-    r = await rig(sims={"mvoice": {"loaded": True}, "comfyui": {"work_s": 2.0}})
+    r = await rig(sims={"mvoice": {"loaded": True}, "comfyui": {"work_s": 4.0}})
     assert (await r.post("tts", {"text": "warm"}))[0] == 200
     async with Browser(tmp_path) as browser:
         await browser.call("Page.navigate", url=r.url("/"))
@@ -3220,7 +3220,7 @@ async def test_dashboard_in_a_real_browser_shows_consumers_holder_and_evictions(
         assert names == ["mvoice", "comfyui", "ollama", "whisper"]
         assert await browser.evaluate("document.querySelector('#stat-evictions b').textContent") == "0"
         assert "idle" in await browser.evaluate("document.getElementById('holder').textContent")
-        image = asyncio.ensure_future(r.post("image", {"prompt": {}}))  # evicts mvoice, then renders 2 s
+        image = asyncio.ensure_future(r.post("image", {"prompt": {}}))  # evicts mvoice, then renders 4 s
         holder = await browser.wait_for(
             "document.getElementById('holder').textContent.includes('comfyui')"
             " && document.getElementById('holder').textContent"
@@ -3234,6 +3234,8 @@ async def test_dashboard_in_a_real_browser_shows_consumers_holder_and_evictions(
         )
         assert "free" in legend and "mvoice" not in legend
         assert "evicting" in await browser.evaluate("document.getElementById('log').textContent")
+        # A second later a new GPU reading shows comfyui's memory as used.
+        await browser.wait_for("document.getElementById('legend').textContent.includes('free 2904 MiB')")
         await browser.screenshot(tmp_path / "dashboard.png")
         assert (await image)[0] == 200
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
