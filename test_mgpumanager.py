@@ -1725,6 +1725,16 @@ class Daemon:
         async with session.get(self.url("/v1/status")) as resp:
             return await resp.json()
 
+    async def until(
+        self, session: aiohttp.ClientSession, predicate: Any, timeout: float = 10
+    ) -> dict[str, Any]:
+        """Poll /v1/status until ``predicate(status)`` holds; that status."""
+        deadline = time.monotonic() + timeout
+        while not predicate(status := await self.status(session)):
+            assert time.monotonic() < deadline, f"status never matched: {status['scheduler']}"
+            await asyncio.sleep(0.05)
+        return status
+
     async def __aenter__(self) -> Daemon:
         self.log_file = self.log_path.open("wb")
         self.proc = await asyncio.create_subprocess_exec(
@@ -1790,11 +1800,9 @@ async def test_daemon_subprocess_evicts_through_real_nvidia_smi_subprocess_and_s
                 await r.session.post(
                     daemon.url("/v1/tts"), json={"text": "x"}, timeout=aiohttp.ClientTimeout(total=0.2)
                 )
-            for _ in range(100):
-                stats = (await daemon.status(r.session))["scheduler"]["stats"]
-                if stats["cancelled"] == 1:
-                    break
-                await asyncio.sleep(0.05)
+            stats = (await daemon.until(r.session, lambda st: st["scheduler"]["stats"]["cancelled"] == 1))[
+                "scheduler"
+            ]["stats"]
             assert stats["cancelled"] == 1 and stats["queued"] == 0 and not stream.content.at_eof()
             await stream.read()
         assert [rec.path for rec in r.sims["mvoice"].records].count("/api/synthesize") == 1
@@ -1823,10 +1831,7 @@ async def test_a_thousand_clients_at_once_get_exactly_one_answer_each_with_bound
             first = asyncio.ensure_future(
                 clients.post(daemon.url("/v1/llm"), json={"model": "m", "prompt": "p"})
             )
-            for _ in range(200):
-                if (await daemon.status(clients))["scheduler"]["holder"] is not None:
-                    break
-                await asyncio.sleep(0.05)
+            await daemon.until(clients, lambda st: st["scheduler"]["holder"] is not None)
             rss_before = daemon.rss_mib()
 
             async def one(i: int) -> tuple[int, str | None]:
@@ -1835,11 +1840,12 @@ async def test_a_thousand_clients_at_once_get_exactly_one_answer_each_with_bound
                     return resp.status, (json.loads(body)["error"] if resp.status != 200 else None)
 
             calls = [asyncio.ensure_future(one(i)) for i in range(1000)]
-            for _ in range(600):
-                stats = (await daemon.status(clients))["scheduler"]["stats"]
-                if stats["queued"] + stats["rejected"] == 1000:
-                    break
-                await asyncio.sleep(0.05)
+            done = await daemon.until(
+                clients,
+                lambda st: st["scheduler"]["stats"]["queued"] + st["scheduler"]["stats"]["rejected"] == 1000,
+                60,
+            )
+            stats = done["scheduler"]["stats"]
             rss_peak = daemon.rss_mib()
             assert (stats["queued"], stats["rejected"]) == (64, 936)
             gate.set()
@@ -2832,11 +2838,7 @@ async def test_sighup_reloads_the_daemon(rig):
         raw["consumers"]["mvoice"]["priority"] = 4
         daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
         daemon.proc.send_signal(signal.SIGHUP)
-        for _ in range(100):
-            if (await daemon.status(r.session))["consumers"]["mvoice"]["priority"] == 4:
-                break
-            await asyncio.sleep(0.05)
-        assert (await daemon.status(r.session))["consumers"]["mvoice"]["priority"] == 4
+        await daemon.until(r.session, lambda st: st["consumers"]["mvoice"]["priority"] == 4)
         daemon.config.write_text("consumers: {")
         daemon.proc.send_signal(signal.SIGHUP)
         await asyncio.sleep(0.3)
@@ -2951,10 +2953,7 @@ async def test_sigterm_drains_the_queue_lets_the_running_job_finish_and_exits_0(
         daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
         async with daemon:
             running = asyncio.ensure_future(r.session.post(daemon.url("/v1/llm"), json={"model": "m"}))
-            for _ in range(100):
-                if (await daemon.status(r.session))["scheduler"]["holder"]:
-                    break
-                await asyncio.sleep(0.05)
+            await daemon.until(r.session, lambda st: st["scheduler"]["holder"])
             queued = asyncio.ensure_future(r.session.post(daemon.url("/v1/tts"), json={"text": "x"}))
             await asyncio.sleep(0.3)
             daemon.terminate()
@@ -2990,10 +2989,7 @@ async def test_shutdown_waits_for_a_hold_but_not_longer_than_shutdown_timeout_s(
         daemon = Daemon(r2.raw, r2.tmp_path, sim_smi(r2.state))
         async with daemon:
             stuck = asyncio.ensure_future(r2.session.post(daemon.url("/v1/llm"), json={"model": "m"}))
-            for _ in range(100):
-                if (await daemon.status(r2.session))["scheduler"]["holder"]:
-                    break
-                await asyncio.sleep(0.05)
+            await daemon.until(r2.session, lambda st: st["scheduler"]["holder"])
             daemon.terminate()
         assert daemon.proc.returncode == 0
         assert "shutting down: cutting what still runs" in daemon.log
