@@ -19,8 +19,11 @@ memory held by processes outside the broker is seen only as "not free"; a consum
 its ``vram_resident_mib`` can still run the GPU out of memory; consumers without an unload route are never
 evicted; request bodies are held in memory (bounded by ``max_body_mib``) before a job is queued.
 
-Sections, in dependency order: constants and config; errors; GPU reading; consumers and health; the
-scheduler; the proxy; the HTTP app; the CLI.
+Around it: /v1/status, an event stream (/v1/events), Prometheus metrics (/metrics), a live page (/),
+systemd's notify protocol and watchdog, reload in place (SIGHUP) and a graceful drain on SIGTERM.
+
+Sections, in dependency order: constants and config; errors; events and metrics; GPU reading; consumers and
+health; the scheduler; the proxy; the HTTP app (with the dashboard page); the CLI.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
@@ -1295,7 +1298,7 @@ class Stats:
     internal_errors: int = 0
 
 
-class UnloadOps:
+class UnloadOps(Protocol):
     """What the scheduler needs from consumers: ``Consumers`` in production, a recording fake in tests."""
 
     states: dict[str, ConsumerState]
