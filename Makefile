@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= mrock
 CONFIG ?= consumers.yaml
 
-.PHONY: demo test lint fuzz run check deploy clean
+.PHONY: demo test lint fuzz bench run check deploy clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 FUZZ_SECONDS ?= 600
 fuzz: $(STAMP)
 	MGPU_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q -s -p no:cacheprovider -k test_fuzz
+
+# Measures what the broker costs against direct access, nginx and a bare aiohttp proxy; writes BENCH.md.
+bench: $(STAMP)
+	$(BIN)/python bench.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

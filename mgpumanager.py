@@ -1682,6 +1682,7 @@ class Scheduler:
         deadline = self.clock() + cfg.scheduler.vram_wait_s
         enough_freed = FREED_SHARE * size
         while True:
+            started = self.clock()
             reading = await self._read_gpu(job, fresh=True)
             free = reading.free_mib if reading.free_mib is not None else before
             if free >= need or free - before >= enough_freed:
@@ -1696,7 +1697,8 @@ class Scheduler:
                     )
                 )
                 break
-            await self.sleep(VRAM_POLL_S)
+            # A reading starts every VRAM_POLL_S (not VRAM_POLL_S after the last one ended).
+            await self.sleep(max(0.0, VRAM_POLL_S - (self.clock() - started)))
         log.info(logfmt(msg="evicted", consumer=victim, for_consumer=job.consumer, free_mib=reading.free_mib))
         self.events.publish("evicted", consumer=victim, for_consumer=job.consumer, free_mib=reading.free_mib)
         return reading
@@ -2985,7 +2987,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(summary(config))
         return 0
     log.info(logfmt(msg="starting", version=VERSION, listen=f"{config.listen_host}:{config.listen_port}"))
-    code = asyncio.run(serve(config, source))
+    try:
+        import uvloop  # noqa: PLC0415 (optional: Debian's python3-uvloop makes the loop faster)
+    except ImportError:
+        uvloop = None
+    log.info(logfmt(msg="event loop", loop="uvloop" if uvloop is not None else "asyncio"))
+    code = (uvloop.run if uvloop is not None else asyncio.run)(serve(config, source))
     # The loop is gone and with it the signal handlers: a late SIGTERM must not turn a clean exit into a kill.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return code

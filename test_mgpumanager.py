@@ -1242,6 +1242,16 @@ async def test_audio_is_served_while_the_gpu_is_busy(rig):
     assert r.sims["mvoice"].records[-1].query == "x=1" and r.stats.jobs == 1
 
 
+async def test_fast_path_structure_no_gpu_reading_one_session_one_connection(rig):
+    """What keeps a resident job cheap: no nvidia-smi, the app's one ClientSession, a pooled connection."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    session, queries = r.broker.session, r.broker.gpu.queries
+    for _ in range(5):
+        assert (await r.post("stt", None, data=b"x" * 1024))[0] == 200
+    assert r.broker.gpu.queries == queries and r.broker.session is session
+    assert len({rec.peer for rec in r.sims["mvoice"].records}) == 1
+
+
 async def test_query_string_is_kept(rig):
     r = await rig()
     async with r.session.post(r.url("/v1/stt?lang=de&x=%20y"), data=b"\x00\x01audio") as resp:
