@@ -2121,6 +2121,10 @@ class Broker:
         self.scheduler.events.publish("reload", ok=True, changes=changes)
         return changes
 
+    def internal_errors(self) -> int:
+        """Bugs caught anywhere (each logged with its traceback): scheduler, health rounds, GPU reads."""
+        return self.scheduler.stats.internal_errors + self.consumers.health_errors + self.gpu.crashes
+
     def status_line(self) -> str:
         """One line for systemd's STATUS=: who holds the GPU, the queue, free VRAM."""
         s = self.scheduler
@@ -2506,12 +2510,14 @@ async def handle_status(request: web.Request) -> web.Response:
             "priority": c.priority,
             "can_coexist_with": sorted(c.can_coexist_with),
         }
+    scheduler = broker.scheduler.snapshot()
+    scheduler["stats"]["internal_errors"] = broker.internal_errors()
     body = {
         "version": VERSION,
         "uptime_s": round(time.monotonic() - broker.started, 1),
         "gpu": gpu,
         "consumers": consumers,
-        "scheduler": broker.scheduler.snapshot(),
+        "scheduler": scheduler,
     }
     return web.Response(text=json.dumps(body, indent=2) + "\n", content_type="application/json")
 
@@ -2546,7 +2552,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
         ("mgpumanager_info", (("version", VERSION),), 1),
         ("mgpumanager_queue_length", (), len(s.queue())),
         ("mgpumanager_running_jobs", (), s.running),
-        ("mgpumanager_internal_errors_total", (), s.stats.internal_errors),
+        ("mgpumanager_internal_errors_total", (), broker.internal_errors()),
     ]
     for name in broker.config.consumers:
         state = broker.consumers.states[name]
