@@ -546,7 +546,8 @@ class SimConsumer:
         self._shutting_down = asyncio.Event()
         if loaded:
             vram.allocate(name, self.vram_mib, gpu)
-        self.app = web.Application(middlewares=[self._recorder()])
+        # Large bodies (a long recording to transcribe) are fine, as for the real services.
+        self.app = web.Application(middlewares=[self._recorder()], client_max_size=256 * 2**20)
         self.app.on_shutdown.append(self._on_shutdown)
         self.app.on_cleanup.append(self._on_cleanup)
         self.add_routes(self.app.router)
