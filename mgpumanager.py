@@ -719,6 +719,8 @@ class Events:
         self.dropped = 0
 
     def publish(self, name: str, /, **fields: Any) -> None:
+        if not self.subscribers and not self.listeners:
+            return  # nobody listens: build nothing (this is on every job's path)
         event = {"event": name, "ts": _iso(time.time()), **fields}
         for queue in list(self.subscribers):
             try:
@@ -1799,9 +1801,11 @@ class Scheduler:
         if job.started is not None:
             self.metrics.observe("mgpumanager_run_seconds", job.ended - job.started, consumer=job.consumer)
         event = {"completed": "finished"}.get(outcome, outcome)
-        self._publish(event, job, code=code, http=status)
+        # The event and the log line wait one turn of the loop: the job granted next starts first.
+        loop = asyncio.get_running_loop()
+        loop.call_soon(functools.partial(self._publish, event, job, code=code, http=status))
         if log_now:
-            self._log_job(job, hold_ms=None)
+            loop.call_soon(self._log_job, job, None)
 
     def _log_job(self, job: Job, hold_ms: int | None) -> None:
         """The one line per job that the README's logs section describes."""
@@ -1900,6 +1904,14 @@ def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
     return _pass_headers(upstream.headers, frozenset())
 
 
+@functools.lru_cache(maxsize=64)
+def _forward_timeout(timeout_s: float) -> aiohttp.ClientTimeout:
+    """No total (answers stream for minutes); bounded connect, and silence bounded by ``timeout_s``."""
+    return aiohttp.ClientTimeout(
+        total=None, sock_connect=min(CONNECT_TIMEOUT_S, timeout_s), sock_read=timeout_s
+    )
+
+
 async def open_upstream(
     session: aiohttp.ClientSession,
     consumer: ConsumerConfig,
@@ -1909,9 +1921,7 @@ async def open_upstream(
     body: bytes | bytearray | None,
 ) -> aiohttp.ClientResponse:
     """Send a request to a consumer and wait for its answer's headers; failures become BrokerErrors."""
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=min(CONNECT_TIMEOUT_S, consumer.timeout_s), sock_read=consumer.timeout_s
-    )
+    timeout = _forward_timeout(consumer.timeout_s)
     data: Any = body
     if body is not None and len(body) > BODY_SLICE:
         # Sent in slices, each written when the last has drained: the socket layer never holds a copy of
@@ -2957,7 +2967,8 @@ async def serve(config: Config, source: ConfigSource) -> int:
                 status_due = True
                 loop.call_soon(update_status)
 
-        broker.scheduler.events.listeners.append(status_soon)
+        if notifier.address is not None:  # without systemd there is no one to tell
+            broker.scheduler.events.listeners.append(status_soon)
         notifier.status = broker.status_line()
         notifier.send("READY=1", f"STATUS={notifier.status}")
         if notifier.watchdog_s:

@@ -1,0 +1,1643 @@
+#!/usr/bin/env python3
+"""bench.py: what the broker costs, beside direct access, nginx and a bare aiohttp proxy (issue 5).
+
+    .venv/bin/python bench.py              # every measurement; prints one table and writes BENCH.md
+    .venv/bin/python bench.py --quick      # fewer rounds: a smoke run (writes BENCH.md only with --md)
+
+Every server runs as its own process on 127.0.0.1: mgpusim's simulated consumers and GPU, an echo consumer
+of our own (``bench.py echo-consumer``), the broker (``mgpumanager.py``, once per event loop), nginx as a
+plain reverse proxy (Debian's, when installed or installable), and a bare aiohttp proxy (``bench.py
+bare-proxy``: one shared ClientSession, read the body, forward it, answer), which is the floor any Python
+proxy can reach. The client is this process: one aiohttp ClientSession with keep-alive.
+
+Contenders are interleaved round by round (the order rotates), each round's figures are compared within
+the round, and the tables show medians of the per-round figures, so that drift hits all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+MGPUSIM = HERE / "mgpusim.py"
+MANAGER = HERE / "mgpumanager.py"
+KiB = 1024
+MiB = 1024 * KiB
+LOOPBACK = "127.0.0.1"
+
+#: The simulated GPU and the swap: a 16 GiB card, comfyui's 13 GiB freed 300 ms after its unload returns.
+GPU_TOTAL_MIB = 16384
+GPU_RESERVED_MIB = 480
+RELEASE_S = 0.3
+SWAP_SLACK_S = 0.150
+SEED_SLEEP_S = 1.0
+#: Streaming: 200 token lines 5 ms apart (ollama's sim adds a final "done" line).
+STREAM_LINES = 200
+STREAM_INTERVAL_S = 0.005
+#: How the broker is started when its loop is forced (the plain command line uses the daemon's own choice).
+BROKER_SHIM = """\
+import runpy, sys
+mode = sys.argv[1]
+if mode == "asyncio":
+    sys.modules["uvloop"] = None  # the daemon's `import uvloop` fails: the default loop
+elif mode == "uvloop":
+    import asyncio, uvloop
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+PROFILE_INTERVAL_S = 0.001
+#: What the broker asks nvidia-smi for (mgpumanager.GPU_FIELDS).
+SMI_GPU_FIELDS = (
+    "index",
+    "uuid",
+    "name",
+    "memory.total",
+    "memory.used",
+    "memory.free",
+    "utilization.gpu",
+    "temperature.gpu",
+)
+#: Frames where an event loop waits for work: not where the broker spends its CPU.
+IDLE_FRAMES = re.compile(
+    r"select|epoll|poll\b|run_forever|run_until_complete|_run_once|runners|<module>|run_path"
+)
+
+
+# =====================================================================================================
+# Small helpers
+# =====================================================================================================
+
+
+def component(filename: str) -> str:
+    """Which part of the program a profiled frame's file belongs to."""
+    for marker, name in (
+        ("mgpumanager.py", "mgpumanager.py"),
+        ("/aiohttp/", "aiohttp"),
+        ("/multidict/", "multidict/yarl"),
+        ("/yarl/", "multidict/yarl"),
+        ("/logging/", "logging"),
+        ("/asyncio/", "asyncio"),
+        ("/uvloop/", "uvloop"),
+    ):
+        if marker in filename:
+            return name
+    return "other (stdlib, C calls)"
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on loopback."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((LOOPBACK, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of values."""
+    s = sorted(values)
+    if not s:
+        return math.nan
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+def med(values: Sequence[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def proc_status_kib(pid: int, key: str) -> int:
+    """A field of /proc/<pid>/status in KiB (VmRSS, VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def uses_uvloop(pid: int) -> bool:
+    """Whether uvloop's extension is mapped into the process (so its loop is uvloop's)."""
+    try:
+        return "uvloop" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs); whether it worked."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def count_lines(path: Path) -> int:
+    try:
+        return len(path.read_bytes().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def write_text(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy (all CPUs), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this process and of its children that have been waited for (servers, nvidia-smi)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def have_module(name: str) -> bool:
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True
+
+
+def ms(seconds: float, digits: int = 2) -> str:
+    return "n/a" if seconds is None or math.isnan(seconds) else f"{seconds * 1000:.{digits}f} ms"
+
+
+def plus_ms(seconds: float, digits: int = 2) -> str:
+    return "n/a" if seconds is None or math.isnan(seconds) else f"{seconds * 1000:+.{digits}f} ms"
+
+
+# =====================================================================================================
+# The servers of our own: echo consumer and bare proxy (each run as its own process)
+# =====================================================================================================
+
+
+async def serve_app(app: web.Application, port: int) -> None:
+    """Serve app on loopback:port, print READY, run until SIGTERM or SIGINT."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await web.TCPSite(runner, LOOPBACK, port, backlog=2048).start()
+        sys.stdout.write("READY\n")
+        sys.stdout.flush()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def echo_app() -> web.Application:
+    """A consumer that answers fast and records, in its own process, when each /echo began and ended.
+
+    POST /echo?n=N[&sleep=S]   read the body, answer N bytes; the span (request received, answer written)
+                               is kept for GET /gaps
+    POST /sink                 read the body as it comes without keeping it, answer its length
+    POST /slow?max=S           answer once POST /release is called (or after S seconds, at most 120)
+    GET  /state, /gaps, /health
+    """
+    spans: list[tuple[float, float]] = []
+    slow: dict[str, Any] = {"event": asyncio.Event(), "waiting": 0}
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "loaded": True})
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        start = time.monotonic()
+        await request.read()
+        n = min(int(request.query.get("n", "1024")), 64 * MiB)
+        pause = min(float(request.query.get("sleep", "0")), 10.0)
+        if pause > 0:
+            await asyncio.sleep(pause)
+        resp = web.Response(body=b"x" * n, content_type="application/octet-stream")
+        await resp.prepare(request)
+        await resp.write_eof()
+        if len(spans) < 100_000:
+            spans.append((start, time.monotonic()))
+        return resp
+
+    async def sink(request: web.Request) -> web.Response:
+        n = 0
+        async for chunk in request.content.iter_any():
+            n += len(chunk)
+        return web.json_response({"bytes": n})
+
+    async def slow_route(request: web.Request) -> web.Response:
+        await request.read()
+        event = slow["event"]
+        slow["waiting"] += 1
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(event.wait(), min(float(request.query.get("max", "60")), 120.0))
+        finally:
+            slow["waiting"] -= 1
+        return web.json_response({"released": event.is_set()})
+
+    async def release(request: web.Request) -> web.Response:
+        slow["event"].set()
+        slow["event"] = asyncio.Event()
+        return web.json_response({"released": True})
+
+    async def state(request: web.Request) -> web.Response:
+        return web.json_response({"slow_waiting": slow["waiting"], "spans": len(spans)})
+
+    async def gaps(request: web.Request) -> web.Response:
+        data = list(spans)
+        spans.clear()
+        return web.json_response({"spans": data})
+
+    app = web.Application(client_max_size=128 * MiB)
+    app.router.add_get("/health", health)
+    app.router.add_post("/echo", echo)
+    app.router.add_post("/sink", sink)
+    app.router.add_post("/slow", slow_route)
+    app.router.add_post("/release", release)
+    app.router.add_get("/state", state)
+    app.router.add_get("/gaps", gaps)
+    return app
+
+
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+
+def bare_proxy_app(upstream: str, lock: bool) -> web.Application:
+    """The floor: one shared session; read the body, forward it, read the answer, answer.
+
+    With ``lock``, one asyncio.Lock around the forward serialises the jobs as the broker's GPU lock does.
+    """
+    gate = asyncio.Lock() if lock else None
+    upstream = upstream.rstrip("/")
+
+    async def forward(request: web.Request) -> web.Response:
+        body = await request.read()
+        session = request.app[SESSION]
+        headers = {"Content-Type": request.headers.get("Content-Type", "application/octet-stream")}
+
+        async def go() -> web.Response:
+            async with session.request(
+                request.method, upstream + request.path_qs, data=body, headers=headers
+            ) as r:
+                data = await r.read()
+                ctype = r.headers.get("Content-Type", "application/octet-stream")
+                return web.Response(body=data, status=r.status, headers={"Content-Type": ctype})
+
+        if gate is None:
+            return await go()
+        async with gate:
+            return await go()
+
+    async def session_ctx(app: web.Application) -> Any:
+        app[SESSION] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+        yield
+        await app[SESSION].close()
+
+    app = web.Application(client_max_size=128 * MiB)
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    return app
+
+
+def run_server(app_factory: Callable[[], web.Application], port: int, use_uvloop: bool) -> int:
+    if use_uvloop:
+        import uvloop  # noqa: PLC0415 (optional)
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+    async def main() -> None:
+        await serve_app(app_factory(), port)
+
+    asyncio.run(main())
+    return 0
+
+
+# =====================================================================================================
+# Child processes
+# =====================================================================================================
+
+
+def open_log(path: Path) -> Any:
+    return open(path, "wb")  # the caller's with-block closes it
+
+
+@dataclass
+class Child:
+    name: str
+    proc: asyncio.subprocess.Process
+    log: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class Children:
+    """Every server the benchmark starts; all stopped (by their pid) at the end."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.children: list[Child] = []
+        self._drains: set[asyncio.Task[None]] = set()
+
+    async def spawn(self, name: str, argv: Sequence[str], *, ready_line: bytes | None = None) -> Child:
+        """Start a child; with ready_line, wait (at most 30 s) until its stdout prints that line."""
+        log = self.workdir / f"{name}.log"
+        with open_log(log) as err:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE if ready_line else err,
+                stderr=err,
+                start_new_session=True,
+                cwd=HERE,
+            )
+        child = Child(name, proc, log)
+        self.children.append(child)
+        if ready_line is not None:
+            assert proc.stdout is not None
+            deadline = time.monotonic() + 30
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(f"{name} did not print {ready_line!r} within 30 s; see {log}")
+                try:
+                    line = await asyncio.wait_for(proc.stdout.readline(), left)
+                except asyncio.TimeoutError:
+                    continue
+                if not line:
+                    raise RuntimeError(f"{name} exited before it was ready: {log.read_text()[-2000:]}")
+                if line.strip() == ready_line:
+                    break
+            task = asyncio.create_task(self._drain(proc.stdout))
+            self._drains.add(task)
+            task.add_done_callback(self._drains.discard)
+        return child
+
+    @staticmethod
+    async def _drain(stream: asyncio.StreamReader) -> None:
+        while await stream.read(65536):
+            pass
+
+    async def stop(self, child: Child) -> None:
+        if child.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(child.proc.wait(), 10)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.kill()
+                await asyncio.wait_for(child.proc.wait(), 5)
+        if child in self.children:
+            self.children.remove(child)
+
+    async def stop_all(self) -> None:
+        for child in reversed(list(self.children)):
+            await self.stop(child)
+        for task in list(self._drains):
+            task.cancel()
+        await asyncio.gather(*self._drains, return_exceptions=True)
+
+
+# =====================================================================================================
+# The setup: config, nginx
+# =====================================================================================================
+
+
+def broker_config(port: int, smi: str, ports: dict[str, int]) -> str:
+    """The broker's config: consumers.yaml's shape, pointed at the simulated consumers and the echo one."""
+    q = json.dumps
+    return f"""\
+# Written by bench.py: mgpusim's consumers on a simulated 16 GiB GPU, and bench.py's echo consumer.
+listen: {LOOPBACK}:{port}
+gpu: {{nvidia_smi: {q(smi)}, index: 0, cushion_mib: 256, query_timeout_s: 5}}
+scheduler: {{max_queue: 1100, queue_timeout_s: 120, max_evictions: 5, vram_wait_s: 10, aging_s: 60,
+            max_body_mib: 64}}
+health: {{interval_s: 5, timeout_s: 2}}
+routing: {{echo: echo, slow: echo, sink: echo, stt: mvoice, tts: mvoice, llm: ollama, image: comfyui}}
+consumers:
+  echo:                         # bench.py echo-consumer: reports loaded=true, never evicted
+    url: http://{LOOPBACK}:{ports["echo"]}
+    health: {{method: GET, path: /health}}
+    paths:
+      echo: {{method: POST, path: /echo}}
+      slow: {{method: POST, path: /slow}}
+      sink: {{method: POST, path: /sink}}
+    vram_resident_mib: 100
+    can_coexist_with: [mvoice, comfyui, ollama]
+  mvoice:
+    url: http://{LOOPBACK}:{ports["mvoice"]}
+    health: {{method: GET, path: /health}}
+    paths:
+      tts: {{method: POST, path: /api/synthesize}}
+      stt: {{method: POST, path: /api/transcribe}}
+    vram_resident_mib: 2800
+    unload: {{method: POST, path: /api/admin/unload}}
+    load: {{method: POST, path: /api/admin/load}}
+    can_coexist_with: [ollama]
+    priority: 3
+  comfyui:
+    url: http://{LOOPBACK}:{ports["comfyui"]}
+    health: {{method: GET, path: /system_stats}}
+    paths:
+      image:
+        method: POST
+        path: /prompt
+        hold_until: {{method: GET, path: "/history/{{prompt_id}}", poll_s: 0.05, timeout_s: 30}}
+    vram_resident_mib: 13000
+    unload: {{method: POST, path: /free, body: {{unload_models: true, free_memory: true}}}}
+    can_coexist_with: [ollama]
+  ollama:
+    url: http://{LOOPBACK}:{ports["ollama"]}
+    health: {{method: GET, path: /}}
+    paths:
+      llm: {{method: POST, path: /api/generate}}
+    vram_resident_mib: 100
+    vram_managed: true
+"""
+
+
+def nginx_config(workdir: Path, port: int, upstream_port: int) -> str:
+    tmp = workdir / "nginx"
+    return f"""\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    client_max_body_size 128m;
+    upstream consumer {{ server {LOOPBACK}:{upstream_port}; keepalive 32; }}
+    server {{
+        listen {LOOPBACK}:{port};
+        location / {{
+            proxy_pass http://consumer;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def nginx_version(path: str) -> str:
+    done = subprocess.run([path, "-v"], capture_output=True, text=True, check=False, timeout=10)
+    return (done.stderr or done.stdout).strip()
+
+
+def find_nginx(notes: list[str]) -> str | None:
+    """Debian's nginx: on the PATH, in /usr/sbin, or installed now with apt-get (as root, if quick)."""
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        notes.append("nginx is not installed (and this is not root with apt-get): its column is skipped.")
+        return None
+    print("bench: nginx not found; trying `apt-get install -y nginx` (at most 150 s) ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        done = subprocess.run(
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", "nginx"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=150,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        notes.append(f"nginx is not installed and `apt-get install nginx` failed ({e}): skipped.")
+        return None
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    if done.returncode != 0 or not found:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
+        notes.append(f"nginx is not installed and `apt-get install nginx` failed ({tail[0]}): skipped.")
+        return None
+    notes.append("nginx was not installed; bench.py installed Debian's package with apt-get.")
+    return found
+
+
+# =====================================================================================================
+# The benchmark
+# =====================================================================================================
+
+
+@dataclass
+class Row:
+    measurement: str
+    broker: str
+    contenders: str
+    target: str
+    met: bool | None  # None: no target
+
+
+@dataclass
+class Bench:
+    quick: bool
+    workdir: Path
+    children: Children
+    notes: list[str] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+    targets: list[tuple[str, bool | None, str]] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+    profile: list[str] = field(default_factory=list)
+    urls: dict[str, str] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+    loops: dict[str, str] = field(default_factory=dict)
+    session: aiohttp.ClientSession | None = None
+    counter: Path = Path()
+    broker_log: Path = Path()
+    ports: dict[str, int] = field(default_factory=dict)
+    smi: str = ""
+    config: Path = Path()
+    nginx: str | None = None
+
+    # ---- setup ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        names = [
+            "mvoice",
+            "comfyui",
+            "ollama",
+            "echo",
+            "broker",
+            "broker_alt",
+            "bare",
+            "bare_uv",
+            "bare_lock",
+        ]
+        names += ["nginx", "profiled"]
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
+        state = self.workdir / "gpu.json"
+        self.counter = self.workdir / "nvidia-smi.count"
+        wrapper = self.workdir / "nvidia-smi"
+        wrapper.write_text(
+            "#!/bin/sh\n# Counts every nvidia-smi process the broker starts, then answers as mgpusim.\n"
+            f"echo x >> {shlex.quote(str(self.counter))}\n"
+            f"exec {shlex.quote(PY)} {shlex.quote(str(MGPUSIM))} nvidia-smi"
+            f' --state {shlex.quote(str(state))} "$@"\n'
+        )
+        wrapper.chmod(0o755)
+        self.smi = str(wrapper)
+        p = self.ports
+        specs = [
+            f"mvoice=mvoice:{p['mvoice']}",
+            f"comfyui=comfyui:{p['comfyui']},vram_mib=13000,release_s={RELEASE_S},loaded=true,work_s=0.05",
+            f"ollama=ollama:{p['ollama']},vram_mib=100,lines={STREAM_LINES},line_interval_s={STREAM_INTERVAL_S}",
+        ]
+        argv = [PY, str(MGPUSIM), "consumers", "--state", str(state)]
+        argv += ["--gpu-total-mib", str(GPU_TOTAL_MIB), "--reserved-mib", str(GPU_RESERVED_MIB), *specs]
+        await self.children.spawn("consumers", argv, ready_line=b"READY all")
+        await self.children.spawn(
+            "echo",
+            [PY, str(HERE / "bench.py"), "echo-consumer", "--port", str(p["echo"])],
+            ready_line=b"READY",
+        )
+        self.urls["direct"] = f"http://{LOOPBACK}:{p['echo']}"
+        self.urls["mvoice"] = f"http://{LOOPBACK}:{p['mvoice']}"
+        self.urls["ollama"] = f"http://{LOOPBACK}:{p['ollama']}"
+
+        self.config = self.workdir / "broker.yaml"
+        self.config.write_text(broker_config(p["broker"], "nvidia-smi", p))
+        check = await asyncio.create_subprocess_exec(
+            PY, str(MANAGER), "--check", "--config", str(self.config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(check.communicate(), 30)
+        if check.returncode != 0:
+            raise RuntimeError(f"mgpumanager --check refused the generated config:\n{out.decode()}")
+
+        # The broker as the daemon runs itself (uvloop when it is installed), and once with the other loop.
+        self.broker_log = await self.start_broker("broker", [PY, str(MANAGER)])
+        have_uv = have_module("uvloop")
+        if have_uv:
+            other = "asyncio" if self.loops["broker"] == "uvloop" else "uvloop"
+            await self.start_broker("broker_alt", [PY, "-c", BROKER_SHIM, other, str(MANAGER)])
+        else:
+            self.notes.append(
+                "uvloop is not installed in .venv: measurement 1 ran with asyncio's default loop only."
+            )
+
+        direct = self.urls["direct"]
+        bench = [PY, str(HERE / "bench.py"), "bare-proxy", "--upstream", direct]
+        await self.children.spawn("bare", [*bench, "--port", str(p["bare"])], ready_line=b"READY")
+        self.urls["bare"] = f"http://{LOOPBACK}:{p['bare']}"
+        self.loops["bare"] = "asyncio"
+        if have_uv:
+            await self.children.spawn(
+                "bare_uv", [*bench, "--port", str(p["bare_uv"]), "--uvloop"], ready_line=b"READY"
+            )
+            self.urls["bare_uv"] = f"http://{LOOPBACK}:{p['bare_uv']}"
+            self.loops["bare_uv"] = "uvloop"
+        child = await self.children.spawn(
+            "bare_lock", [*bench, "--port", str(p["bare_lock"]), "--lock"], ready_line=b"READY"
+        )
+        self.pids["bare_lock"] = child.pid
+        self.urls["bare_lock"] = f"http://{LOOPBACK}:{p['bare_lock']}"
+
+        self.nginx = find_nginx(self.notes)
+        if self.nginx:
+            (self.workdir / "nginx").mkdir()
+            conf = self.workdir / "nginx" / "nginx.conf"
+            conf.write_text(nginx_config(self.workdir, p["nginx"], p["echo"]))
+            argv = [self.nginx, "-p", str(self.workdir / "nginx"), "-c", str(conf)]
+            argv += ["-e", str(self.workdir / "nginx" / "error.log")]
+            await self.children.spawn("nginx", argv)
+            self.urls["nginx"] = f"http://{LOOPBACK}:{p['nginx']}"
+            await self.wait_http(self.urls["nginx"] + "/health", "nginx")
+            self.notes.append(
+                f"nginx: {nginx_version(self.nginx)}, master_process off, upstream keepalive 32."
+            )
+
+    async def start_broker(self, name: str, argv: list[str], extra: Sequence[str] = ()) -> Path:
+        port = self.ports[name]
+        full = [
+            *argv,
+            "--config",
+            str(self.config),
+            "--listen",
+            f"{LOOPBACK}:{port}",
+            "--nvidia-smi",
+            self.smi,
+        ]
+        child = await self.children.spawn(name, [*full, *extra])
+        self.urls[name] = f"http://{LOOPBACK}:{port}"
+        await self.wait_http(self.urls[name] + "/healthz", name, child)
+        self.pids[name] = child.pid
+        self.loops[name] = "uvloop" if uses_uvloop(child.pid) else "asyncio"
+        assert child.log is not None
+        return child.log
+
+    async def wait_http(self, url: str, name: str, child: Child | None = None) -> None:
+        assert self.session is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if child is not None and child.proc.returncode is not None:
+                log = child.log.read_text()[-3000:] if child.log else ""
+                raise RuntimeError(f"{name} exited with {child.proc.returncode}:\n{log}")
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"{name} did not answer {url} within 30 s")
+
+    # ---- client helpers ----------------------------------------------------------------------------
+
+    async def post(self, url: str, body: bytes, *, timeout: float = 30) -> tuple[int, bytes]:
+        assert self.session is not None
+        headers = {"Content-Type": "application/octet-stream"}
+        async with self.session.post(
+            url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as r:
+            return r.status, await r.read()
+
+    async def get_json(self, url: str) -> Any:
+        assert self.session is not None
+        async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as r:
+            return await r.json(content_type=None)
+
+    async def status(self) -> dict[str, Any]:
+        return await self.get_json(self.urls["broker"] + "/v1/status")
+
+    def rounds(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+    def label(self, name: str) -> str:
+        return {
+            "direct": "direct",
+            "nginx": "nginx",
+            "bare": "bare aiohttp proxy (asyncio)",
+            "bare_uv": "bare aiohttp proxy (uvloop)",
+            "broker": f"broker ({self.loops.get('broker')})",
+            "broker_alt": f"broker ({self.loops.get('broker_alt')})",
+        }.get(name, name)
+
+    # ---- 1: added latency of a small job -------------------------------------------------------------
+
+    async def m1_latency(self) -> None:
+        body = b"b" * KiB
+        contenders = {"direct": self.urls["direct"] + "/echo?n=1024"}
+        if "nginx" in self.urls:
+            contenders["nginx"] = self.urls["nginx"] + "/echo?n=1024"
+        for name in ("bare", "bare_uv"):
+            if name in self.urls:
+                contenders[name] = self.urls[name] + "/echo?n=1024"
+        for name in ("broker", "broker_alt"):
+            if name in self.urls:
+                contenders[name] = self.urls[name] + "/v1/echo?n=1024"
+        for url in contenders.values():  # warm-up: connections, first-job paths
+            for _ in range(30):
+                status, data = await self.post(url, body)
+                assert status == 200 and len(data) == KiB, (url, status, data[:200])
+        # As issue 5 asks: per round, each contender in turn gets a block of sequential requests.
+        rounds, n = self.rounds(12, 3), self.rounds(200, 60)
+        p50, p99 = await self.latency_rounds(contenders, body, rounds, n, alternate=False)
+        self.report_latency(contenders, p50, p99, n, alternate=False)
+        # Another view: the contenders take turns request by request, so each request finds its proxy
+        # idle since its previous one (as a job arriving now and then does), not warm from a burst.
+        rounds, n = self.rounds(8, 2), self.rounds(60, 20)
+        p50, p99 = await self.latency_rounds(contenders, body, rounds, n, alternate=True)
+        self.report_latency(contenders, p50, p99, n, alternate=True)
+
+    async def latency_rounds(
+        self, contenders: dict[str, str], body: bytes, rounds: int, n: int, *, alternate: bool
+    ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+        """Per contender, the p50 and p99 latency of each round (the contenders' order rotates)."""
+        names = list(contenders)
+        p50: dict[str, list[float]] = {k: [] for k in names}
+        p99: dict[str, list[float]] = {k: [] for k in names}
+        deadline = time.monotonic() + 45
+
+        async def one(name: str) -> float:
+            t0 = time.perf_counter()
+            status, data = await self.post(contenders[name], body)
+            took = time.perf_counter() - t0
+            assert status == 200 and len(data) == KiB, (name, status)
+            return took
+
+        for r in range(rounds):
+            if time.monotonic() > deadline:
+                self.notes.append(f"measurement 1 stopped after {r} rounds (its time budget)")
+                break
+            order = names[r % len(names) :] + names[: r % len(names)]
+            lat: dict[str, list[float]] = {k: [] for k in names}
+            if alternate:
+                for _ in range(n):
+                    for name in order:
+                        lat[name].append(await one(name))
+            else:
+                for name in order:
+                    lat[name] = [await one(name) for _ in range(n)]
+            for name in names:
+                p50[name].append(pct(lat[name], 50))
+                p99[name].append(pct(lat[name], 99))
+        return p50, p99
+
+    def report_latency(
+        self,
+        contenders: dict[str, str],
+        p50: dict[str, list[float]],
+        p99: dict[str, list[float]],
+        n: int,
+        *,
+        alternate: bool,
+    ) -> None:
+        rounds_done = len(p50["direct"])
+
+        def added(name: str, q: dict[str, list[float]]) -> float:
+            return med([q[name][i] - q["direct"][i] for i in range(rounds_done)])
+
+        if alternate:
+            self.details.append(
+                f"Measurement 1, alternating: {rounds_done} rounds x {n} turns; in each turn every contender"
+                " serves one request, so each request finds its proxy idle since its previous one (about"
+                f" {len(contenders)} requests ago) rather than warm from a burst. Same figures as above."
+            )
+        else:
+            self.details.append(
+                f"Measurement 1: {rounds_done} rounds x {n} sequential requests per contender (1 KiB in,"
+                " 1 KiB out; echo consumer, resident); added = contender - direct in the same round;"
+                " medians of the rounds. The target rows use these figures."
+            )
+        lines = ["| contender | p50 | p99 | added p50 | added p99 |", "|---|---|---|---|---|"]
+        for name in contenders:
+            lines.append(
+                f"| {self.label(name)} | {ms(med(p50[name]))} | {ms(med(p99[name]))} |"
+                f" {plus_ms(added(name, p50)) if name != 'direct' else '-'} |"
+                f" {plus_ms(added(name, p99)) if name != 'direct' else '-'} |"
+            )
+        self.details.append("\n".join(lines))
+        bare_for = {"asyncio": "bare", "uvloop": "bare_uv"}
+        for name in ("broker", "broker_alt"):
+            if name not in contenders:
+                continue
+            loop = self.loops[name]
+            bare = bare_for[loop] if bare_for[loop] in contenders else "bare"
+            b50, b99, f50 = added(name, p50), added(name, p99), added(bare, p50)
+            ratio = b50 / f50 if f50 > 0 else math.inf
+            ok50 = b50 <= 1.3 * f50 and b50 <= 0.002
+            cont = f"bare {plus_ms(f50)}, direct {ms(med(p50['direct']))}"
+            if "nginx" in contenders:
+                cont += f", nginx {plus_ms(added('nginx', p50))}"
+            how = ", alternating" if alternate else ""
+            self.rows.append(
+                Row(
+                    f"1 added latency p50, {loop}{how}",
+                    f"{plus_ms(b50)} ({ratio:.2f}x bare)",
+                    cont,
+                    "<= 1.3x bare and <= 2 ms",
+                    ok50,
+                )
+            )
+            cont99 = f"bare {plus_ms(added(bare, p99))}, direct p99 {ms(med(p99['direct']))}"
+            self.rows.append(
+                Row(f"1 added latency p99, {loop}{how}", plus_ms(b99), cont99, "<= 5 ms", b99 <= 0.005)
+            )
+            per_round = sorted(
+                (p50[name][i] - p50["direct"][i]) / (p50[bare][i] - p50["direct"][i])
+                for i in range(rounds_done)
+                if p50[bare][i] > p50["direct"][i]
+            )
+            spread = f"; per-round ratios {per_round[0]:.2f}-{per_round[-1]:.2f}" if per_round else ""
+            view = " (alternating view, not the issue's figure)" if alternate else ""
+            self.targets.append(
+                (
+                    f"Added latency per small job, p50 ({loop} loop){view}: within 1.3x of the bare aiohttp"
+                    " proxy and <= 2 ms",
+                    ok50,
+                    f"broker {plus_ms(b50)} vs bare aiohttp proxy ({self.loops[bare]}) {plus_ms(f50)}"
+                    f" = {ratio:.2f}x (limit 1.30x){spread}",
+                )
+            )
+            self.targets.append(
+                (
+                    f"Added latency per small job, p99 ({loop} loop){view}: <= 5 ms",
+                    b99 <= 0.005,
+                    f"broker p99 {ms(med(p99[name]))} vs direct p99 {ms(med(p99['direct']))}: {plus_ms(b99)}",
+                )
+            )
+
+    # ---- profile (during a measurement-1 workload) ---------------------------------------------------
+
+    async def profile_broker(self) -> None:
+        if not have_module("pyinstrument"):
+            self.profile.append(
+                "pyinstrument is not installed in .venv (`.venv/bin/pip install pyinstrument`): no profile."
+            )
+            return
+        out = self.workdir / "profile.pstats"
+        argv = [PY, "-m", "pyinstrument", "-i", str(PROFILE_INTERVAL_S), "-r", "pstats", "-o", str(out)]
+        argv.append(str(MANAGER))
+        port = self.ports["profiled"]
+        full = [
+            *argv,
+            "--config",
+            str(self.config),
+            "--listen",
+            f"{LOOPBACK}:{port}",
+            "--nvidia-smi",
+            self.smi,
+        ]
+        child = await self.children.spawn("profiled", full)
+        url = f"http://{LOOPBACK}:{port}"
+        await self.wait_http(url + "/healthz", "profiled broker", child)
+        loop = "uvloop" if uses_uvloop(child.pid) else "asyncio"
+        body = b"b" * KiB
+        n = self.rounds(1500, 200)
+        cpu0 = cpu_seconds(child.pid)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            status, _ = await self.post(url + "/v1/echo?n=1024", body)
+            assert status == 200
+        wall = time.perf_counter() - t0
+        cpu = cpu_seconds(child.pid) - cpu0
+        await self.children.stop(child)
+        if not out.exists():
+            self.profile.append(f"pyinstrument wrote no profile (see {child.log}).")
+            return
+        import pstats  # noqa: PLC0415 (only here)
+
+        stats = pstats.Stats(str(out))
+        rows = []  # (own s, cumulative s, "file:line function", component)
+        for (filename, line, func), (_, _, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
+            rows.append((tottime, cumtime, f"{Path(filename).name}:{line} {func}", component(filename)))
+        busy = sorted((r for r in rows if not IDLE_FRAMES.search(r[2])), reverse=True)
+        total = sum(r[0] for r in rows)
+        busy_total = sum(r[0] for r in busy) or math.nan
+        self.profile.append(
+            f"The broker ran under pyinstrument (`-i {PROFILE_INTERVAL_S}`, {loop} loop) while it served {n}"
+            f" small jobs one at a time (measurement 1's workload): {wall:.1f} s wall, {cpu:.2f} s CPU of the"
+            f" broker ({cpu / n * 1e6:.0f} us per job including the profiler's own overhead); {total:.1f} s"
+            f" sampled, {busy_total:.2f} s of it outside the event loop's wait for I/O. Top 5 frames by own"
+            " time (the loop's wait excluded):"
+        )
+        self.profile += ["", "| own time | share | frame |", "|---|---|---|"]
+        for tottime, _, where, _ in busy[:5]:
+            self.profile.append(f"| {tottime * 1000:.0f} ms | {tottime / busy_total:.0%} | `{where}` |")
+        shares: dict[str, float] = {}
+        for tottime, _, _, comp in busy:
+            shares[comp] = shares.get(comp, 0.0) + tottime
+        ranked = sorted(shares.items(), key=lambda x: -x[1])
+        own = [f"`{w.split(' ', 1)[1]}` {t * 1000:.0f} ms" for t, _, w, c in busy if c == "mgpumanager.py"]
+        self.profile.append("")
+        self.profile.append(
+            "Own time by component: "
+            + ", ".join(f"{c} {t / busy_total:.0%}" for c, t in ranked)
+            + ". mgpumanager.py's functions by own time: "
+            + ", ".join(own[:10])
+            + "."
+        )
+
+    # ---- 2: hand-over gap ------------------------------------------------------------------------------
+
+    async def m2_gap(self) -> None:
+        direct = self.urls["direct"]
+        body = b"g" * KiB
+        ways = {
+            "broker": (self.urls["broker"] + "/v1/slow?max=20", self.urls["broker"] + "/v1/echo?n=1024"),
+            "bare_lock": (self.urls["bare_lock"] + "/slow?max=20", self.urls["bare_lock"] + "/echo?n=1024"),
+        }
+        rounds = self.rounds(8, 2)
+        p50: dict[str, list[float]] = {k: [] for k in ways}
+        p99: dict[str, list[float]] = {k: [] for k in ways}
+        for r in range(rounds):
+            order = list(ways) if r % 2 == 0 else list(reversed(ways))
+            for name in order:
+                slow_url, echo_url = ways[name]
+                await self.get_json(direct + "/gaps")  # clear
+                plug = asyncio.create_task(self.post(slow_url, body, timeout=60))
+                for _ in range(100):  # until the plug holds the lock (at most 5 s)
+                    if (await self.get_json(direct + "/state"))["slow_waiting"] >= 1:
+                        break
+                    await asyncio.sleep(0.05)
+                jobs = [asyncio.create_task(self.post(echo_url, body, timeout=60)) for _ in range(40)]
+                await asyncio.sleep(0.5)  # all 40 queued behind the plug
+                await self.post(direct + "/release", b"")
+                results = await asyncio.wait_for(asyncio.gather(plug, *jobs), 60)
+                assert all(s == 200 for s, _ in results), [s for s, _ in results]
+                spans = sorted((await self.get_json(direct + "/gaps"))["spans"])
+                assert len(spans) == 40, len(spans)
+                gaps = [spans[k + 1][0] - spans[k][1] for k in range(len(spans) - 1)]
+                assert min(gaps) >= 0, "jobs overlapped at the consumer"
+                p50[name].append(pct(gaps, 50))
+                p99[name].append(pct(gaps, 99))
+        b50, b99, f50, f99 = (
+            med(p50["broker"]),
+            med(p99["broker"]),
+            med(p50["bare_lock"]),
+            med(p99["bare_lock"]),
+        )
+        ok = b50 <= f50
+        ratio = med([p50["broker"][i] / p50["bare_lock"][i] for i in range(len(p50["broker"]))])
+        self.rows.append(
+            Row(
+                "2 hand-over gap p50 / p99",
+                f"{ms(b50)} / {ms(b99)}",
+                f"bare+lock {ms(f50)} / {ms(f99)}",
+                "p50 <= bare+lock",
+                ok,
+            )
+        )
+        self.targets.append(
+            (
+                "Hand-over gap p50 no worse than the bare proxy with one asyncio.Lock",
+                ok,
+                f"broker {ms(b50)} (p99 {ms(b99)}) vs bare+lock {ms(f50)} (p99 {ms(f99)});"
+                f" per-round ratio median {ratio:.2f}x",
+            )
+        )
+        self.details.append(
+            f"Measurement 2: {len(p50['broker'])} rounds per contender; each round a plug job (`/slow`) holds"
+            " the lock while 40 small jobs queue behind it for 0.5 s, then the plug is released; the echo"
+            " consumer records, in its own process, when it received each request and when it had written"
+            " its answer; gap = receipt of job k+1 - end of job k's answer (39 gaps per round)."
+            f" Per round p50 broker: {', '.join(ms(v) for v in p50['broker'])};"
+            f" bare+lock: {', '.join(ms(v) for v in p50['bare_lock'])}."
+        )
+
+    # ---- 3: streaming -------------------------------------------------------------------------------
+
+    async def stream_once(self, url: str) -> tuple[float, float, list[float], int, float]:
+        """POST a generate request: (first line s, last line s, per-line lag after its creation s, lines,
+        answer's headers s)."""
+        assert self.session is not None
+        body = json.dumps({"model": "bench", "prompt": "why is the sky blue"}).encode()
+        lags = []
+        first = last = math.nan
+        n = 0
+        t0 = time.perf_counter()
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with self.session.post(
+            url, data=body, headers={"Content-Type": "application/json"}, timeout=timeout
+        ) as r:
+            headers = time.perf_counter() - t0
+            assert r.status == 200, r.status
+            async for line in r.content:
+                now_wall, now = time.time(), time.perf_counter()
+                if not line.strip():
+                    continue
+                if n == 0:
+                    first = now - t0
+                last = now - t0
+                n += 1
+                created = datetime.datetime.fromisoformat(
+                    json.loads(line)["created_at"].replace("Z", "+00:00")
+                )
+                lags.append(now_wall - created.timestamp())
+        return first, last, lags, n, headers
+
+    async def m3_stream(self) -> None:
+        ways = {"direct": self.urls["ollama"] + "/api/generate", "broker": self.urls["broker"] + "/v1/llm"}
+        for url in ways.values():
+            await self.stream_once(url)  # warm-up (the broker's first ollama job reads the GPU)
+        rounds = self.rounds(8, 2)
+        first: dict[str, list[float]] = {k: [] for k in ways}
+        last: dict[str, list[float]] = {k: [] for k in ways}
+        lags: dict[str, list[list[float]]] = {k: [] for k in ways}
+        counts: dict[str, list[int]] = {k: [] for k in ways}
+        heads: dict[str, list[float]] = {k: [] for k in ways}
+        for r in range(rounds):
+            for name in list(ways) if r % 2 == 0 else list(reversed(ways)):
+                f, la, lg, n, h = await self.stream_once(ways[name])
+                heads[name].append(h)
+                first[name].append(f)
+                last[name].append(la)
+                lags[name].append(lg)
+                counts[name].append(n)
+        rounds_done = len(first["direct"])
+        d_first = med([first["broker"][i] - first["direct"][i] for i in range(rounds_done)])
+        d_last = med([last["broker"][i] - last["direct"][i] for i in range(rounds_done)])
+        all_lag = {k: [x for lg in v for x in lg] for k, v in lags.items()}
+        late = {k: sum(1 for x in v if x > STREAM_INTERVAL_S) for k, v in all_lag.items()}
+        extra = [
+            b - d
+            for i in range(rounds_done)
+            for b, d in zip(lags["broker"][i], lags["direct"][i], strict=False)
+        ]
+        total_lines = len(all_lag["broker"])
+        # A line held back (coalesced with the next one) arrives at least one interval (5 ms) after it was
+        # written; machine noise can do that to a line now and then, direct or not.
+        held_ok = late["broker"] <= late["direct"] + rounds_done
+        ok_first = d_first <= 0.001
+        self.rows.append(
+            Row(
+                "3 stream: first line",
+                f"{ms(med(first['broker']))} ({plus_ms(d_first)})",
+                f"direct {ms(med(first['direct']))}",
+                "<= direct + 1 ms",
+                ok_first,
+            )
+        )
+        self.rows.append(
+            Row(
+                "3 stream: last line",
+                f"{ms(med(last['broker']), 1)} ({plus_ms(d_last)})",
+                f"direct {ms(med(last['direct']), 1)}",
+                "-",
+                None,
+            )
+        )
+        self.rows.append(
+            Row(
+                "3 stream: line lag p50/p99/max",
+                f"{ms(pct(all_lag['broker'], 50))}/{ms(pct(all_lag['broker'], 99))}/"
+                f"{ms(max(all_lag['broker']), 1)}; {late['broker']} > 5 ms",
+                f"direct {ms(pct(all_lag['direct'], 50))}/{ms(pct(all_lag['direct'], 99))}/"
+                f"{ms(max(all_lag['direct']), 1)}; {late['direct']} > 5 ms",
+                "no line held back",
+                held_ok,
+            )
+        )
+        self.targets.append(
+            (
+                "Streaming: first line within 1 ms of direct",
+                ok_first,
+                f"broker {ms(med(first['broker']))} vs direct {ms(med(first['direct']))}: {plus_ms(d_first)}"
+                " (median of per-round differences)",
+            )
+        )
+        self.targets.append(
+            (
+                "Streaming: no line held back",
+                held_ok,
+                f"of {total_lines} lines per contender, {late['broker']} (broker) and {late['direct']}"
+                f" (direct) arrived more than one interval (5 ms) after the consumer wrote them; per-line lag"
+                f" p50"
+                f" {ms(pct(all_lag['broker'], 50))} vs {ms(pct(all_lag['direct'], 50))}, p99"
+                f" {ms(pct(all_lag['broker'], 99))} vs {ms(pct(all_lag['direct'], 99))}; broker minus direct"
+                f" for the same line of the same round: p50 {plus_ms(pct(extra, 50))}, p99"
+                f" {plus_ms(pct(extra, 99))}, max {plus_ms(max(extra))}",
+            )
+        )
+        self.details.append(
+            f"Measurement 3: mgpusim's ollama ({STREAM_LINES} lines {STREAM_INTERVAL_S * 1000:g} ms apart,"
+            f" plus the final line: {counts['broker'][0]} lines), {rounds_done} rounds per contender;"
+            " first/last ="
+            " time from sending the request to the line's arrival; lag = arrival (client's wall clock) -"
+            " the line's created_at (the consumer's wall clock just before it wrote the line). The answer's"
+            f" headers arrived after {ms(med(heads['broker']))} through the broker,"
+            f" {ms(med(heads['direct']))} direct. The last line comes later through the broker because the"
+            " simulated consumer's own 5 ms sleeps drift when three processes share two CPUs; the per-line"
+            " lag, measured against each line's own creation time, is what shows holding back."
+        )
+
+    # ---- 4: the swap ---------------------------------------------------------------------------------
+
+    async def wait_unheld(self) -> None:
+        """Until the broker's GPU lock is free (holds included), then let any GPU reading settle."""
+        for _ in range(200):
+            st = await self.status()
+            if st["scheduler"]["holder"] is None:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise RuntimeError("the broker's lock stayed held for 10 s")
+        await asyncio.sleep(0.3)
+
+    async def image_job(self) -> None:
+        """comfyui renders: it is resident afterwards and mvoice is not (the broker evicts it)."""
+        body = json.dumps({"prompt": {}}).encode()
+        status, data = await self.post(self.urls["broker"] + "/v1/image", body)
+        assert status == 200, (status, data[:300])
+        await self.wait_unheld()
+        st = await self.status()
+        loaded = {n: st["consumers"][n]["loaded"] for n in ("comfyui", "mvoice")}
+        assert loaded == {"comfyui": True, "mvoice": False}, loaded
+
+    def log_times(self, since: int) -> dict[str, float]:
+        """Wall-clock times of the first evicting/evicted/loading/loaded lines after byte `since`."""
+        text = self.broker_log.read_bytes()[since:].decode(errors="replace")
+        found: dict[str, float] = {}
+        for line in text.splitlines():
+            m = re.match(r"ts=(\S+) level=\w+ msg=(\w+)", line)
+            if m and m.group(2) in ("evicting", "evicted", "loading", "loaded") and m.group(2) not in found:
+                ts = datetime.datetime.fromisoformat(m.group(1).replace("Z", "+00:00"))
+                found[m.group(2)] = ts.timestamp()
+        return found
+
+    async def m4_swap(self) -> None:
+        stt = self.urls["broker"] + "/v1/stt"
+        audio = b"a" * KiB
+        rounds = self.rounds(5, 2)
+        swap, seed, unload_call = [], [], []
+        parts: dict[str, list[float]] = {"read": [], "unload+wait": [], "load+forward": []}
+        for _ in range(rounds):
+            # The broker's cycle: mvoice is not resident, comfyui's 13000 MiB must go first.
+            await self.image_job()
+            since = self.broker_log.stat().st_size
+            wall0, t0 = time.time(), time.perf_counter()
+            status, data = await self.post(stt, audio)
+            t1 = time.perf_counter()
+            assert status == 200, (status, data[:300])
+            swap.append(t1 - t0)
+            await asyncio.sleep(0.1)  # the log lines are written
+            times = self.log_times(since)
+            if {"evicting", "evicted", "loaded"} <= times.keys():
+                parts["read"].append(times["evicting"] - wall0)
+                parts["unload+wait"].append(times["evicted"] - times["evicting"])
+                parts["load+forward"].append(wall0 + (t1 - t0) - times["evicted"])
+            await self.wait_unheld()
+            # The seed's cycle: the unload call, a fixed 1 s, then the same job (GPU read, load, forward).
+            await self.image_job()
+            t0 = time.perf_counter()
+            status, data = await self.post(self.urls["broker"] + "/v1/consumers/comfyui/unload", b"")
+            assert status == 200, (status, data[:300])
+            unload_call.append(time.perf_counter() - t0)
+            await asyncio.sleep(SEED_SLEEP_S)
+            status, data = await self.post(stt, audio)
+            assert status == 200, (status, data[:300])
+            seed.append(time.perf_counter() - t0)
+            await self.wait_unheld()
+        reading = await self.time_reading()
+        b, s = med(swap), med(seed)
+        limit = RELEASE_S + SWAP_SLACK_S
+        ok = b <= limit
+        self.rows.append(
+            Row(
+                "4 swap (13 GiB victim, 300 ms release)",
+                ms(b, 0),
+                f"fixed 1 s wait {ms(s, 0)} ({s / b:.1f}x slower)",
+                f"<= {limit * 1000:.0f} ms",
+                ok,
+            )
+        )
+        self.targets.append(
+            (
+                "Swap: <= the consumer's own release time + 150 ms",
+                ok,
+                f"request -> answer {ms(b, 0)} (rounds: {', '.join(ms(v, 0) for v in swap)}),"
+                f" limit {ms(limit, 0)}; the seed's fixed 1 s cycle {ms(s, 0)}, {s / b:.1f}x slower;"
+                f" beyond the release itself: {ms(b - RELEASE_S, 0)} vs {ms(s - RELEASE_S, 0)}"
+                f" ({(s - RELEASE_S) / (b - RELEASE_S):.1f}x; the issue's '>= 5x' can hold only for"
+                " this part: a cycle that contains the consumer's 300 ms release cannot be 5x shorter"
+                " than one that contains a 1 s sleep, about 1.1 s / 0.3 s = 3.7x at best). Where the"
+                " broker's time went (its log): GPU reading before the unload"
+                f" {ms(med(parts['read']), 0)}, unload call + wait for the memory"
+                f" {ms(med(parts['unload+wait']), 0)}, load + forward {ms(med(parts['load+forward']), 0)};"
+                " one reading (two nvidia-smi processes at once, as the broker runs them) takes"
+                f" {ms(reading, 0)} here on an idle machine",
+            )
+        )
+        breakdown = ", ".join(f"{k} {ms(med(v), 0)}" for k, v in parts.items() if v)
+        self.details.append(
+            f"Measurement 4: {len(swap)} rounds. Each round an image job makes comfyui resident (13000 MiB;"
+            " mvoice evicted), then `POST /v1/stt` for mvoice (not resident, 2800 MiB + 256 cushion do not"
+            " fit beside comfyui) is timed from request to answer; mvoice's own work is 0 s, so this is"
+            " request -> target received plus one small answer's way back. Where the broker's time went"
+            f" (from its log, ms resolution): {breakdown}. The seed's cycle is emulated on the same broker"
+            " and consumers: `POST /v1/consumers/comfyui/unload` (the unload call, median"
+            f" {ms(med(unload_call), 1)}), a fixed {SEED_SLEEP_S:g} s sleep in the benchmark, then the same"
+            " `POST /v1/stt` (GPU reading, load, forward), timed from the unload request to the answer."
+        )
+
+    async def time_reading(self) -> float:
+        """How long one GPU reading takes here: both nvidia-smi queries at once, as the broker runs them."""
+        fmt = "--format=csv,noheader,nounits"
+        queries = [
+            [self.smi, "-i", "0", "--query-gpu=" + ",".join(SMI_GPU_FIELDS), fmt],
+            [self.smi, "-i", "0", "--query-compute-apps=pid,process_name,used_memory,gpu_uuid", fmt],
+        ]
+
+        async def one(argv: list[str]) -> None:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+            )
+            await asyncio.wait_for(proc.wait(), 10)
+
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(q) for q in queries))
+            times.append(time.perf_counter() - t0)
+            await asyncio.sleep(0.05)
+        return med(times)
+
+    # ---- 5: memory ----------------------------------------------------------------------------------
+
+    async def m5_memory(self) -> None:
+        pid = self.pids["broker"]
+        await asyncio.sleep(1.0)
+        idle = proc_status_kib(pid, "VmRSS")
+        reset = reset_peak_rss(pid)
+        rss0, hwm0 = proc_status_kib(pid, "VmRSS"), proc_status_kib(pid, "VmHWM")
+        big = bytes(64 * MiB)
+        status, data = await self.post(self.urls["broker"] + "/v1/sink", big, timeout=120)
+        assert status == 200 and json.loads(data)["bytes"] == len(big), (status, data[:300])
+        del big
+        hwm1 = proc_status_kib(pid, "VmHWM")
+        rise = (hwm1 - (rss0 if reset else hwm0)) / KiB
+        after_body = proc_status_kib(pid, "VmRSS")
+
+        # 1,000 clients queued behind a job that holds the lock.
+        clients = 1000
+        body = b"q" * KiB
+        direct = self.urls["direct"]
+        conn = aiohttp.TCPConnector(limit=0)
+        queued_rss = math.nan
+        peak_queued = 0
+        async with aiohttp.ClientSession(connector=conn) as crowd:
+
+            async def one(url: str) -> int:
+                async with crowd.post(url, data=body, timeout=aiohttp.ClientTimeout(total=120)) as r:
+                    await r.read()
+                    return r.status
+
+            plug = asyncio.create_task(one(self.urls["broker"] + "/v1/slow?max=60"))
+            for _ in range(100):
+                if (await self.get_json(direct + "/state"))["slow_waiting"] >= 1:
+                    break
+                await asyncio.sleep(0.05)
+            jobs = [asyncio.create_task(one(self.urls["broker"] + "/v1/echo?n=1024")) for _ in range(clients)]
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                peak_queued = max(peak_queued, (await self.status())["scheduler"]["stats"]["queued"])
+                if peak_queued >= clients:
+                    break
+            await asyncio.sleep(0.5)
+            queued_rss = proc_status_kib(pid, "VmRSS") / KiB
+            await self.post(direct + "/release", b"")
+            results = await asyncio.wait_for(asyncio.gather(plug, *jobs, return_exceptions=True), 120)
+        served = sum(1 for r in results[1:] if r == 200)
+        await asyncio.sleep(0.5)
+        drained = proc_status_kib(pid, "VmRSS") / KiB
+        ok_q = queued_rss <= 80 and peak_queued >= clients
+        ok_b = rise <= 80
+        self.rows.append(Row("5 RSS idle", f"{idle / KiB:.1f} MiB", "-", "-", None))
+        self.rows.append(
+            Row(f"5 RSS, {peak_queued} clients queued", f"{queued_rss:.1f} MiB", "-", "<= 80 MiB", ok_q)
+        )
+        self.rows.append(Row("5 peak RSS rise, 64 MiB body", f"+{rise:.1f} MiB", "-", "<= 80 MiB", ok_b))
+        self.targets.append(
+            (
+                "RSS <= 80 MiB with 1,000 clients queued",
+                ok_q,
+                f"VmRSS {queued_rss:.1f} MiB with {peak_queued} jobs queued behind a lock-holding job (idle:"
+                f" {idle / KiB:.1f} MiB; {served} of {clients} answered 200 once the lock was released; VmRSS"
+                f" {drained:.1f} MiB after they drained)",
+            )
+        )
+        how = "VmHWM reset to VmRSS via /proc/PID/clear_refs before" if reset else "VmHWM before/after"
+        self.targets.append(
+            (
+                "A 64 MiB body raises peak RSS by <= 80 MiB",
+                ok_b,
+                f"VmHWM rose {rise:.1f} MiB ({how}; VmRSS {rss0 / KiB:.1f} MiB before, VmHWM"
+                f" {hwm1 / KiB:.1f} MiB after, VmRSS {after_body / KiB:.1f} MiB once answered); the body went"
+                " client -> broker -> echo consumer's /sink",
+            )
+        )
+
+    # ---- 6: /v1/status under load -------------------------------------------------------------------
+
+    async def m6_status(self) -> None:
+        rate, seconds = 500, 5.0
+        total = int(rate * seconds)
+        url = self.urls["broker"] + "/v1/status"
+        await asyncio.sleep(1.2)  # the last reading is older than the status cache's second
+        before = count_lines(self.counter)
+        served = 0
+        conn = aiohttp.TCPConnector(limit=64)
+        async with aiohttp.ClientSession(connector=conn) as s:
+
+            async def one() -> None:
+                nonlocal served
+                async with s.get(url, timeout=aiohttp.ClientTimeout(total=30)) as r:
+                    await r.read()
+                    served += r.status == 200
+
+            tasks = []
+            start = time.perf_counter()
+            for i in range(total):
+                delay = start + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one()))
+            offered = time.perf_counter() - start
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+            elapsed = time.perf_counter() - start
+        await asyncio.sleep(0.5)
+        procs = count_lines(self.counter) - before
+        readings = procs / 2
+        ok = readings <= math.floor(elapsed) + 1
+        self.rows.append(
+            Row(
+                f"6 /v1/status {rate}/s for {seconds:g} s",
+                f"{served} served in {elapsed:.1f} s; {procs} nvidia-smi = {readings:g} readings",
+                "-",
+                f"<= 1 reading/s (<= {math.floor(elapsed) + 1})",
+                ok,
+            )
+        )
+        self.targets.append(
+            (
+                "<= 1 nvidia-smi reading per second whatever the status load",
+                ok,
+                f"{total} requests offered over {offered:.1f} s ({total / offered:.0f}/s), {served} answered"
+                f" 200 by {elapsed:.1f} s; {procs} nvidia-smi processes = {readings:g} readings (2 processes"
+                " each), counted by the --nvidia-smi wrapper script",
+            )
+        )
+
+    # ---- 7: CPU per job ---------------------------------------------------------------------------------
+
+    async def m7_cpu(self) -> None:
+        body = b"c" * KiB
+        ways = {
+            "broker": (self.pids["broker"], self.urls["broker"] + "/v1/echo?n=1024"),
+            "bare_lock": (self.pids["bare_lock"], self.urls["bare_lock"] + "/echo?n=1024"),
+        }
+        rounds, n, conc = self.rounds(3, 1), self.rounds(800, 200), 8
+        per_job: dict[str, list[float]] = {k: [] for k in ways}
+        rate: dict[str, list[float]] = {k: [] for k in ways}
+        for r in range(rounds):
+            for name in list(ways) if r % 2 == 0 else list(reversed(ways)):
+                pid, url = ways[name]
+                left = n
+
+                async def worker(url: str = url) -> None:
+                    nonlocal left
+                    while left > 0:
+                        left -= 1
+                        status, _ = await self.post(url, body)
+                        assert status == 200
+
+                c0, t0 = cpu_seconds(pid), time.perf_counter()
+                await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(conc))), 120)
+                c1, t1 = cpu_seconds(pid), time.perf_counter()
+                per_job[name].append((c1 - c0) / n)
+                rate[name].append(n / (t1 - t0))
+        b, f = med(per_job["broker"]), med(per_job["bare_lock"])
+        self.rows.append(
+            Row(
+                "7 CPU per job at saturation (conc. 8)",
+                f"{b * 1e6:.0f} us ({med(rate['broker']):.0f} jobs/s)",
+                f"bare+lock {f * 1e6:.0f} us ({med(rate['bare_lock']):.0f} jobs/s)",
+                "-",
+                None,
+            )
+        )
+        self.details.append(
+            f"Measurement 7: {rounds} rounds x {n} small jobs at concurrency {conc} per contender; CPU ="
+            " utime + stime of the proxy's process from /proc/PID/stat (10 ms ticks) over the round. Both"
+            " serialise"
+            " the jobs on the consumer (the broker's lock, max_concurrency 1; the bare proxy's asyncio.Lock)."
+        )
+
+    # ---- report ------------------------------------------------------------------------------------
+
+    def table(self) -> str:
+        head = ("measurement", "broker", "contender(s)", "target", "met?")
+        cells = [
+            (
+                r.measurement,
+                r.broker,
+                r.contenders,
+                r.target,
+                "-" if r.met is None else ("yes" if r.met else "NO"),
+            )
+            for r in self.rows
+        ]
+        widths = [max(len(str(c[i])) for c in [head, *cells]) for i in range(5)]
+        lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+        lines.append("-+-".join("-" * w for w in widths))
+        lines += [" | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+        return "\n".join(lines)
+
+    def markdown(self, machine: list[str], elapsed: float) -> str:
+        out = ["# BENCH: what the broker costs", ""]
+        out.append(
+            "Written by `bench.py` (`make bench`): every server its own process on 127.0.0.1, the client is"
+            " the benchmark (one aiohttp session, keep-alive). Contenders are interleaved round by round and"
+            " compared within each round; figures are medians of the per-round figures. See issue 5."
+        )
+        out += ["", "## Machine", ""]
+        out += [f"- {m}" for m in machine]
+        out.append(f"- run took {elapsed:.0f} s")
+        out += ["", "## Results", ""]
+        out.append("| measurement | broker | contender(s) | target | met? |")
+        out.append("|---|---|---|---|---|")
+        for r in self.rows:
+            met = "-" if r.met is None else ("met" if r.met else "**not met**")
+            out.append(f"| {r.measurement} | {r.broker} | {r.contenders} | {r.target} | {met} |")
+        out += ["", "## Targets (issue 5)", ""]
+        for name, ok, evidence in self.targets:
+            mark = "n/a" if ok is None else ("**met**" if ok else "**not met**")
+            out.append(f"- {name}: {mark}. {evidence}.")
+        out += ["", "## How each figure was taken", ""]
+        for d in self.details:
+            out += [d, ""]
+        out += ["## Profile", ""]
+        out += self.profile or ["(not run)"]
+        if self.notes:
+            out += ["", "## Notes", ""]
+            out += [f"- {n}" for n in self.notes]
+        return "\n".join(out).rstrip() + "\n"
+
+
+def package_notes() -> list[str]:
+    """Optional packages this run used that the pinned requirements do not (yet) name."""
+    pinned = ""
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        with contextlib.suppress(OSError):
+            pinned += (HERE / name).read_text().lower()
+    notes = []
+    for module in ("uvloop", "pyinstrument"):
+        if have_module(module) and module not in pinned:
+            version = getattr(__import__(module), "__version__", "?")
+            notes.append(f"{module} {version} is installed in .venv but not pinned in requirements*.txt.")
+    return notes
+
+
+def machine_lines() -> list[str]:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    loops = "uvloop " + __import__("uvloop").__version__ if have_module("uvloop") else "uvloop not installed"
+    return [
+        f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {model}",
+        f"Linux {platform.release()}",
+        f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}, {loops}",
+        f"date {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+    ]
+
+
+async def run_bench(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    busy0, own0 = busy_cpu_seconds(), own_cpu_seconds()
+    workdir = Path(tempfile.mkdtemp(prefix="mgpu-bench-"))
+    children = Children(workdir)
+    bench = Bench(quick=args.quick, workdir=workdir, children=children)
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+        ("1 added latency", bench.m1_latency),
+        ("profile", bench.profile_broker),
+        ("2 hand-over gap", bench.m2_gap),
+        ("3 streaming", bench.m3_stream),
+        ("4 swap", bench.m4_swap),
+        ("5 memory", bench.m5_memory),
+        ("6 status load", bench.m6_status),
+        ("7 CPU per job", bench.m7_cpu),
+    ]
+    failed = False
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, auto_decompress=False) as session:
+        bench.session = session
+        try:
+            print(f"bench: starting the servers (files in {workdir}) ...", flush=True)
+            await bench.start()
+            bench.notes += package_notes()
+            loops = ", ".join(f"{k}={v}" for k, v in bench.loops.items() if k.startswith("broker"))
+            print(f"bench: ready ({loops}); measuring", flush=True)
+            for name, step in steps:
+                t0 = time.monotonic()
+                try:
+                    await step()
+                except Exception as e:
+                    failed = True
+                    bench.notes.append(f"measurement {name} failed: {type(e).__name__}: {e}")
+                    print(f"bench: {name} FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                print(f"bench: {name}: {time.monotonic() - t0:.1f} s", flush=True)
+        finally:
+            await children.stop_all()
+    elapsed = time.monotonic() - started
+    busy, own = busy_cpu_seconds() - busy0, own_cpu_seconds() - own0
+    others = max(0.0, busy - own)
+    bench.notes.append(
+        f"CPU time during the run: {busy:.0f} s busy on this machine, {own:.0f} s of it the benchmark and its"
+        f" servers, {others:.0f} s other processes ({others / elapsed:.0%} of one CPU on average"
+        f"{'; the figures may be disturbed' if others / elapsed > 0.1 else ''})."
+    )
+    print()
+    print(bench.table())
+    for n in bench.notes:
+        print(f"note: {n}")
+    print(f"\nbench: {elapsed:.0f} s")
+    md = args.md if args.md is not None else (None if args.quick else HERE / "BENCH.md")
+    if md is not None:
+        write_text(Path(md), bench.markdown(machine_lines(), elapsed))
+        print(f"bench: wrote {md}")
+    if failed:
+        return 1
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument(
+        "--md", type=Path, help="where to write the report (default BENCH.md; none with --quick)"
+    )
+    sub = parser.add_subparsers(dest="command")
+    echo = sub.add_parser("echo-consumer", help="the echo consumer, as its own process")
+    echo.add_argument("--port", type=int, required=True)
+    bare = sub.add_parser("bare-proxy", help="the bare aiohttp proxy, as its own process")
+    bare.add_argument("--port", type=int, required=True)
+    bare.add_argument("--upstream", required=True)
+    bare.add_argument("--lock", action="store_true", help="one asyncio.Lock around the forward")
+    bare.add_argument("--uvloop", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "echo-consumer":
+        return run_server(echo_app, args.port, False)
+    if args.command == "bare-proxy":
+        if not args.upstream.startswith(f"http://{LOOPBACK}:"):
+            parser.error("--upstream must be on 127.0.0.1")
+        return run_server(lambda: bare_proxy_app(args.upstream, args.lock), args.port, args.uvloop)
+    return asyncio.run(run_bench(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
