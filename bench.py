@@ -43,6 +43,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+import mgpumanager
+
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 MGPUSIM = HERE / "mgpusim.py"
@@ -73,17 +75,6 @@ sys.argv = sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 PROFILE_INTERVAL_S = 0.001
-#: What the broker asks nvidia-smi for (mgpumanager.GPU_FIELDS).
-SMI_GPU_FIELDS = (
-    "index",
-    "uuid",
-    "name",
-    "memory.total",
-    "memory.used",
-    "memory.free",
-    "utilization.gpu",
-    "temperature.gpu",
-)
 #: Frames where an event loop waits for work: not where the broker spends its CPU.
 IDLE_FRAMES = re.compile(
     r"select|epoll|poll\b|run_forever|run_until_complete|_run_once|runners|<module>|run_path"
@@ -1284,7 +1275,7 @@ class Bench:
         """How long one GPU reading takes here: both nvidia-smi queries at once, as the broker runs them."""
         fmt = "--format=csv,noheader,nounits"
         queries = [
-            [self.smi, "-i", "0", "--query-gpu=" + ",".join(SMI_GPU_FIELDS), fmt],
+            [self.smi, "-i", "0", "--query-gpu=" + ",".join(mgpumanager.GPU_FIELDS), fmt],
             [self.smi, "-i", "0", "--query-compute-apps=pid,process_name,used_memory,gpu_uuid", fmt],
         ]
 
