@@ -14,7 +14,9 @@ import copy
 import gzip
 import itertools
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -3396,3 +3398,24 @@ async def test_a_large_body_is_held_once_not_copied(rig):
     assert "Transfer-Encoding" not in r.sims["mvoice"].records[-1].headers
     print(f"peak RSS grew {grown:.1f} MiB for a 48 MiB body")
     assert grown < 72, grown
+
+
+def test_log_lines_carry_a_timestamp_or_journald_priority():
+    record = logging.LogRecord(
+        "mgpumanager", logging.WARNING, __file__, 1, m.logfmt(msg="x", a=None), (), None
+    )
+    plain = m.LogfmtFormatter(journal=False).format(record)
+    assert plain.startswith("ts=") and plain.endswith(" level=warning msg=x a=")
+    journal = m.LogfmtFormatter(journal=True).format(record)
+    assert journal == "<4>level=warning msg=x a="  # journald adds the time itself
+    assert m.logfmt(reason="connection refused", n=3, q='a"b') == 'reason="connection refused" n=3 q="a\\"b"'
+
+
+async def test_under_journald_the_daemon_logs_without_timestamps(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state), env={"JOURNAL_STREAM": "8:12345"})
+    async with daemon, r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+        assert resp.status == 200
+    lines = [line for line in daemon.log.splitlines() if line]
+    assert lines and all(re.match(r"^<[0-7]>level=", line) for line in lines), lines[:3]
+    assert any(line.startswith("<6>level=info msg=job ") for line in lines)
