@@ -2807,6 +2807,7 @@ async def test_reload_applies_in_place_keeping_jobs_and_what_the_broker_knows(ri
         queued_image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
         await until(lambda: len(r.broker.scheduler.queue()) == 2)
 
+        r.broker.consumers.mark_unhealthy("whisper", "connection refused")
         raw = copy.deepcopy(r.raw)
         del raw["consumers"]["comfyui"], raw["routing"]["image"]
         raw["scheduler"]["max_queue"] = 1
@@ -2820,6 +2821,7 @@ async def test_reload_applies_in_place_keeping_jobs_and_what_the_broker_knows(ri
         assert error_of(status, headers, body, "no_consumer")["consumer"] == "comfyui"
         assert not queued_tts.done() and not running.done()  # kept, in place
         assert mvoice.last_used == last_used and mvoice.loaded is True  # unchanged: state kept
+        assert r.broker.consumers.states["whisper"].healthy is False  # health kept too
         error_of(*await r.post("image", {"prompt": {}}), "no_consumer")  # no route for it any more
         status, headers, body = await r.post("stt", None, data=b"x")  # the new max_queue applies at once
         error_of(status, headers, body, "queue_full")
@@ -3067,6 +3069,31 @@ async def test_metrics_after_a_scripted_sequence_of_jobs(rig):
         assert name.startswith("mgpumanager_"), name
         if family.type == "counter":
             assert all(s.name.endswith("_total") for s in family.samples), name
+
+
+async def test_metrics_for_holds_unload_failures_and_the_gpu(rig):
+    def short_hold(raw):
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 0.3
+
+    r = await rig(
+        sims={"mvoice": {"loaded": True}, "comfyui": {"work_s": 3600}}, total_mib=40000, tweak=short_hold
+    )
+    assert (await r.post("image", {"prompt": {}}))[0] == 200
+    await until(lambda: r.broker.scheduler.holder is None)  # the hold timed out
+    r.sims["mvoice"].faults["unload_status"] = 500
+    async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:
+        assert resp.status == 502
+    async with r.session.get(r.url("/metrics")) as resp:
+        families = _families(await resp.text())
+    assert _value(families, "mgpumanager_hold_seconds_count", consumer="comfyui") == 1
+    assert _value(families, "mgpumanager_hold_seconds_sum", consumer="comfyui") >= 0.3
+    assert _value(families, "mgpumanager_hold_timeouts_total", consumer="comfyui") == 1
+    assert _value(families, "mgpumanager_unload_failures_total", consumer="mvoice") == 1
+    used = _value(families, "mgpumanager_gpu_memory_used_bytes")
+    free = _value(families, "mgpumanager_gpu_memory_free_bytes")
+    # A reading up to a second old (before or after comfyui took its memory): consistent either way.
+    assert used in (2800 * m.MiB, 15800 * m.MiB) and used + free == (40000 - 480) * m.MiB
+    assert _value(families, "mgpumanager_gpu_utilization_ratio") == 0
 
 
 async def _read_events(resp: aiohttp.ClientResponse, until_event: str) -> list[dict[str, Any]]:
