@@ -689,9 +689,9 @@ class Bench:
                 f"nginx: {nginx_version(self.nginx)}, master_process off, upstream keepalive 32."
             )
 
-    async def start_broker(self, name: str, argv: list[str], extra: Sequence[str] = ()) -> Path:
-        port = self.ports[name]
-        full = [
+    def broker_argv(self, argv: list[str], port: int) -> list[str]:
+        """The broker's command line after ``argv`` (the interpreter, maybe a profiler, the script)."""
+        return [
             *argv,
             "--config",
             str(self.config),
@@ -700,7 +700,10 @@ class Bench:
             "--nvidia-smi",
             self.smi,
         ]
-        child = await self.children.spawn(name, [*full, *extra])
+
+    async def start_broker(self, name: str, argv: list[str], extra: Sequence[str] = ()) -> Path:
+        port = self.ports[name]
+        child = await self.children.spawn(name, [*self.broker_argv(argv, port), *extra])
         self.urls[name] = f"http://{LOOPBACK}:{port}"
         await self.wait_http(self.urls[name] + "/healthz", name, child)
         self.pids[name] = child.pid
@@ -910,16 +913,7 @@ class Bench:
         argv = [PY, "-m", "pyinstrument", "-i", str(PROFILE_INTERVAL_S), "-r", "pstats", "-o", str(out)]
         argv.append(str(MANAGER))
         port = self.ports["profiled"]
-        full = [
-            *argv,
-            "--config",
-            str(self.config),
-            "--listen",
-            f"{LOOPBACK}:{port}",
-            "--nvidia-smi",
-            self.smi,
-        ]
-        child = await self.children.spawn("profiled", full)
+        child = await self.children.spawn("profiled", self.broker_argv(argv, port))
         url = f"http://{LOOPBACK}:{port}"
         await self.wait_http(url + "/healthz", "profiled broker", child)
         loop = "uvloop" if uses_uvloop(child.pid) else "asyncio"
