@@ -2186,6 +2186,10 @@ class Broker:
         self.scheduler.forget(removed)
         return changes
 
+    def scheduler_for(self, name: str) -> Scheduler:
+        """The scheduler (queue, lock, eviction) of the GPU that consumer ``name`` runs on."""
+        return self.scheduler
+
     def check_reachable(self, name: str) -> None:
         """consumer_unreachable (or bad_consumer_url) at once when the consumer's last health probe failed."""
         state = self.consumers.states[name]
@@ -2329,10 +2333,11 @@ async def handle_admin_consumer(request: web.Request) -> web.Response:
         raise BrokerError("no_consumer", f"no consumer named {name!r}")
     if action == "unload" and consumer.unload is None:
         raise BrokerError("bad_request", f"{name} has no unload route", name)
+    scheduler = broker.scheduler_for(name)
     if action == "unload":
-        job = await broker.scheduler.unload_now(name)
+        job = await scheduler.unload_now(name)
     else:
-        job = await broker.scheduler.load_now(name)
+        job = await scheduler.load_now(name)
     body = {
         "consumer": name,
         "action": action,
@@ -2392,8 +2397,9 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, broker.config.scheduler.max_body_mib)
     name = route(broker.config, kind)  # ... and route for real after the body: a reload may have come
     broker.check_reachable(name)
-    job = await broker.scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
-    return await _run_job(request, broker, job, job.target, job.target.paths[kind], body)
+    scheduler = broker.scheduler_for(name)
+    job = await scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
+    return await _run_job(request, broker, scheduler, job, job.target.paths[kind], body)
 
 
 def route(config: Config, kind: str) -> str:
@@ -2420,12 +2426,13 @@ def _methods_of(app: web.Application, path: str) -> list[str]:
 async def _run_job(
     request: web.Request,
     broker: Broker,
+    scheduler: Scheduler,
     job: Job,
-    consumer: ConsumerConfig,
     path: JobPath,
     body: bytes | bytearray,
 ) -> web.StreamResponse:
     """Forward a granted job and stream its answer; always ends the job exactly once."""
+    consumer = job.target
     ex = Exchange(capture=path.hold_until is not None)
     outcome = "failed"
     try:
@@ -2442,13 +2449,13 @@ async def _run_job(
         hold = None
         try:
             if path.hold_until is not None and answered:
-                hold = _hold_after(broker, consumer, path.hold_until, ex)
+                hold = _hold_after(broker, scheduler, consumer, path.hold_until, ex)
             elif path.hold_until is not None and status is not None:
                 log.info(logfmt(msg="no hold: the answer was not 2xx", consumer=consumer.name, http=status))
         finally:
             if hold is None:
                 ex.close()
-            broker.scheduler.finish(
+            scheduler.finish(
                 job,
                 "failed" if ex.error is not None else outcome,
                 code=ex.error.code if ex.error is not None else None,
@@ -2461,7 +2468,7 @@ async def _run_job(
 
 
 def _hold_after(
-    broker: Broker, consumer: ConsumerConfig, hold: Hold, ex: Exchange
+    broker: Broker, scheduler: Scheduler, consumer: ConsumerConfig, hold: Hold, ex: Exchange
 ) -> Callable[[], Awaitable[None]] | None:
     """The hold after a 2xx answer, or None when the answer cannot fill the hold's path.
 
@@ -2471,7 +2478,7 @@ def _hold_after(
     upstream, captured = ex.upstream, ex.captured
     if ex.done:
         ex.close()
-        return hold_poller(broker.session, consumer, hold, bytes(captured), broker.scheduler.stats)
+        return hold_poller(broker.session, consumer, hold, bytes(captured), scheduler.stats)
 
     async def read_rest_then_poll() -> None:
         try:
@@ -2480,12 +2487,12 @@ def _hold_after(
                     captured.extend(chunk)
             ex.done = True
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            broker.scheduler.stats.hold_poll_errors += 1
+            scheduler.stats.hold_poll_errors += 1
             log.warning(logfmt(msg="no hold: answer cut short", consumer=consumer.name, error=describe(e)))
             return
         finally:
             ex.close()
-        poll = hold_poller(broker.session, consumer, hold, bytes(captured), broker.scheduler.stats)
+        poll = hold_poller(broker.session, consumer, hold, bytes(captured), scheduler.stats)
         if poll is not None:
             await poll()
 
