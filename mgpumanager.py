@@ -154,11 +154,14 @@ class ConsumerConfig:
     timeout_s: float = 300.0
     #: Runs its own model LRU: never evicted by the broker.
     vram_managed: bool = False
+    #: The GPU (nvidia-smi index) it runs on: its queue, lock and eviction are that GPU's.
+    gpu: int = 0
 
 
 @dataclass(frozen=True)
 class GpuConfig:
     nvidia_smi: tuple[str, ...] = ("nvidia-smi",)
+    #: The GPU of consumers that do not name one (``gpu: N``).
     index: int = 0
     cushion_mib: int = 256
     query_timeout_s: float = 5.0
@@ -297,7 +300,7 @@ def _parse_route(ck: _Checker, raw: Any, where: str, default_method: str, *, ext
     return Route(method=method, path=path, body=d.get("body"), timeout_s=timeout_s)
 
 
-def _parse_consumer(ck: _Checker, name: str, raw: Any) -> ConsumerConfig | None:
+def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> ConsumerConfig | None:
     where = f"consumers.{name}"
     allowed = (
         "url",
@@ -311,6 +314,7 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any) -> ConsumerConfig | None:
         "max_concurrency",
         "timeout_s",
         "vram_managed",
+        "gpu",
     )
     d = ck.mapping(raw, where, allowed, required=True)
     if not d:
@@ -370,7 +374,7 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any) -> ConsumerConfig | None:
         url=url.rstrip("/"),
         health=health or Route("GET", "/"),
         paths=paths,
-        vram_resident_mib=ck.number(d, "vram_resident_mib", where, _REQUIRED, integer=True),
+        vram_resident_mib=ck.number(d, "vram_resident_mib", where, _REQUIRED, integer=True, zero_ok=True),
         unload=_parse_route(ck, d["unload"], f"{where}.unload", "POST", extra=True)
         if "unload" in d
         else None,
@@ -380,6 +384,7 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any) -> ConsumerConfig | None:
         max_concurrency=ck.number(d, "max_concurrency", where, 1, integer=True),
         timeout_s=ck.number(d, "timeout_s", where, 300.0, integer=False),
         vram_managed=bool(vram_managed),
+        gpu=ck.number(d, "gpu", where, default_gpu, integer=True, zero_ok=True),
     )
 
 
@@ -468,7 +473,7 @@ def parse_config(raw: Any) -> Config:
         if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
             ck.problem(f"consumers.{name}", "names are letters, digits, '_', '.', '-'")
             continue
-        parsed = _parse_consumer(ck, name, spec)
+        parsed = _parse_consumer(ck, name, spec, gpu.index)
         if parsed is not None:
             consumers[name] = parsed
 
@@ -480,6 +485,12 @@ def parse_config(raw: Any) -> Config:
                 ck.problem(f"consumers.{name}.can_coexist_with", f"names unknown consumer {other!r}")
             elif other == name:
                 ck.problem(f"consumers.{name}.can_coexist_with", "names the consumer itself")
+            elif consumers[other].gpu != c.gpu:
+                ck.problem(
+                    f"consumers.{name}.can_coexist_with",
+                    f"names {other}, which runs on GPU {consumers[other].gpu}, not {c.gpu}: coexistence is"
+                    " a question for one GPU (consumers on different GPUs never wait for each other)",
+                )
             else:
                 pairs[name].add(other)
                 pairs[other].add(name)
@@ -542,9 +553,15 @@ def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None)
     return parse_config(raw)
 
 
+def gpu_indexes(config: Config) -> list[int]:
+    """The GPUs the broker schedules: the default one and every one a consumer names."""
+    return sorted({config.gpu.index, *(c.gpu for c in config.consumers.values())})
+
+
 def summary(config: Config) -> str:
     """The one-screen overview that ``--check`` prints."""
     lines = [f"listen {config.listen_host}:{config.listen_port}", ""]
+    several = len(gpu_indexes(config)) > 1
     lines.append(f"{'consumer':<12} {'vram MiB':>9} {'prio':>4} {'conc':>4}  eviction")
     for c in config.consumers.values():
         if c.vram_managed:
@@ -555,7 +572,10 @@ def summary(config: Config) -> str:
             how = f"{c.unload.method} {c.unload.path}" + (
                 f", load {c.load.method} {c.load.path}" if c.load else ""
             )
-        lines.append(f"{c.name:<12} {c.vram_resident_mib:>9} {c.priority:>4} {c.max_concurrency:>4}  {how}")
+        where = f"  (GPU {c.gpu})" if several else ""
+        lines.append(
+            f"{c.name:<12} {c.vram_resident_mib:>9} {c.priority:>4} {c.max_concurrency:>4}  {how}{where}"
+        )
     lines += ["", "routing:"]
     for kind, name in config.routing.items():
         p = config.consumers[name].paths[kind]
@@ -1026,8 +1046,12 @@ class GpuReader:
     ``read(fresh=True)`` only takes a reading started by this call, for polling after an unload.
     """
 
-    def __init__(self, config: GpuConfig, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, config: GpuConfig, clock: Callable[[], float] = time.monotonic, *, index: int | None = None
+    ):
         self.config = config
+        #: The nvidia-smi index read (``-i``): gpu.index unless given.
+        self.index = config.index if index is None else index
         self.clock = clock
         #: How many nvidia-smi processes were started (for tests and the bench), and reads that crashed.
         self.queries = 0
@@ -1038,7 +1062,7 @@ class GpuReader:
 
     def __repr__(self) -> str:
         busy = "querying" if self._inflight is not None else "idle"
-        return f"<GpuReader index={self.config.index} {busy} queries:{self.queries}>"
+        return f"<GpuReader index={self.index} {busy} queries:{self.queries}>"
 
     async def read(self, *, max_age: float = 0.0, fresh: bool = False) -> GpuReading:
         task = None if fresh else self._inflight
@@ -1086,7 +1110,7 @@ class GpuReader:
 
     async def _query(self, started: float) -> GpuReading:
         cfg = self.config
-        base = [*cfg.nvidia_smi, "-i", str(cfg.index)]
+        base = [*cfg.nvidia_smi, "-i", str(self.index)]
         fmt = "--format=csv,noheader,nounits"
         self.queries += 2
         read_at = time.time()
@@ -1098,7 +1122,7 @@ class GpuReader:
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-        return parse_gpu_reading(results[0], results[1], index=cfg.index, started=started, read_at=read_at)
+        return parse_gpu_reading(results[0], results[1], index=self.index, started=started, read_at=read_at)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -1326,8 +1350,11 @@ class Scheduler:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         events: Events | None = None,
         metrics: Metrics | None = None,
+        index: int | None = None,
     ):
         self.config = config
+        #: The GPU this scheduler owns (gpu.index unless given): only consumers on it are its business.
+        self.index = config.gpu.index if index is None else index
         self.gpu = gpu
         self.ops = ops
         self.states = ops.states
@@ -1353,7 +1380,10 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
-        return f"<Scheduler holder={self.holder} slots={self.slots} waiters:{len(self._waiting)}>"
+        return (
+            f"<Scheduler gpu={self.index} holder={self.holder} slots={self.slots}"
+            f" waiters:{len(self._waiting)}>"
+        )
 
     # ---- ordering ----------------------------------------------------------------------------------
 
@@ -1413,6 +1443,8 @@ class Scheduler:
         target = self.config.consumers.get(consumer)
         if target is None:  # removed by a reload since the request was routed
             raise BrokerError("no_consumer", f"{consumer} is no longer configured", consumer)
+        if target.gpu != self.index:  # moved to another GPU by a reload meanwhile
+            raise BrokerError("no_consumer", f"{consumer} runs on GPU {target.gpu} now", consumer)
         self.stats.jobs += 1
         return Job(
             id=next(self._ids),
@@ -1426,7 +1458,7 @@ class Scheduler:
         )
 
     def _publish(self, name: str, job: Job, **fields: Any) -> None:
-        self.events.publish(name, job=job.id, consumer=job.consumer, kind=job.kind, **fields)
+        self.events.publish(name, job=job.id, consumer=job.consumer, kind=job.kind, gpu=self.index, **fields)
 
     async def _wait_for_grant(self, job: Job) -> None:
         """Queue the job and wait for the lock; queue_full, queue_timeout or cancellation end it."""
@@ -1487,12 +1519,15 @@ class Scheduler:
             return False
         return True
 
-    def forget(self, names: set[str]) -> None:
-        """After a reload: jobs waiting for consumers that are gone are answered with no_consumer."""
-        for job in [j for j in self._waiting if j.consumer in names and not j.granted.done()]:
+    def forget(self) -> None:
+        """After a reload: jobs waiting for a consumer gone (or on another GPU now) get no_consumer."""
+        for job in [j for j in self._waiting if not j.granted.done()]:
+            now = self.config.consumers.get(job.consumer)
+            if now is not None and now.gpu == self.index:
+                continue
+            why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
             self._waiting.remove(job)
-            error = BrokerError("no_consumer", f"{job.consumer} was removed from the config", job.consumer)
-            job.granted.set_exception(error)
+            job.granted.set_exception(BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
         self._dispatch()
 
     def _leave_queue(self, job: Job) -> None:
@@ -1569,8 +1604,8 @@ class Scheduler:
         """
         async with self._prepare_lock:
             state = self.states[job.consumer]
-            if state.loaded is True:
-                return  # known resident: no GPU read, no eviction
+            if state.loaded is True or job.target.vram_resident_mib == 0:
+                return  # known resident, or its memory is elsewhere (a remote broker): no GPU read
             await self._make_room(job)
             if job.target.load is not None and (state.loaded is False or warm):
                 await self._load(job.consumer)
@@ -1579,9 +1614,9 @@ class Scheduler:
         """Eviction candidates for ``target``, least recently used first, and why the others are not."""
         candidates, why_not = [], {}
         for order, (name, c) in enumerate(self.config.consumers.items()):
+            if name == target.name or c.gpu != self.index:
+                continue  # a consumer on another GPU takes none of this one's memory
             state = self.states[name]
-            if name == target.name:
-                continue
             if c.vram_managed:
                 why_not[name] = "vram_managed"
             elif c.unload is None:
@@ -2117,13 +2152,42 @@ class Broker:
 
     config: Config
     session: aiohttp.ClientSession
-    gpu: GpuReader
     consumers: Consumers
-    scheduler: Scheduler
+    events: Events
+    metrics: Metrics
     #: Where a reload reads the config again; None for an app made from a Config alone.
     source: ConfigSource | None = None
     notifier: Notifier = field(default_factory=Notifier)
     started: float = field(default_factory=time.monotonic)
+    #: One reader and one scheduler (queue, lock, eviction) per GPU, by nvidia-smi index.
+    gpus: dict[int, GpuReader] = field(default_factory=dict)
+    schedulers: dict[int, Scheduler] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.add_gpus()
+
+    def add_gpus(self) -> list[int]:
+        """A reader and a scheduler for each GPU the config uses that has none yet; their indexes."""
+        added = []
+        for index in gpu_indexes(self.config):
+            if index not in self.schedulers:
+                reader = GpuReader(self.config.gpu, index=index)
+                self.gpus[index] = reader
+                self.schedulers[index] = Scheduler(
+                    self.config, reader, self.consumers, events=self.events, metrics=self.metrics, index=index
+                )
+                added.append(index)
+        return added
+
+    @property
+    def gpu(self) -> GpuReader:
+        """The default GPU's reader (gpu.index): what the single-GPU fields of /v1/status show."""
+        return self.gpus[self.config.gpu.index]
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The default GPU's scheduler."""
+        return self.schedulers[self.config.gpu.index]
 
     def reload(self) -> list[str]:
         """Read the config again and apply it in place; ConfigError (logged) leaves the old one."""
@@ -2137,40 +2201,48 @@ class Broker:
         except ConfigError as e:
             for problem in e.problems:
                 log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
-            self.scheduler.events.publish("reload", ok=False, problems=e.problems)
+            self.events.publish("reload", ok=False, problems=e.problems)
             raise
         finally:
             self.notifier.send("READY=1")
         changes = self.apply(new)
         log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
-        self.scheduler.events.publish("reload", ok=True, changes=changes)
+        self.events.publish("reload", ok=True, changes=changes)
         return changes
 
     def internal_errors(self) -> int:
-        """Bugs caught anywhere (each logged with its traceback): scheduler, health rounds, GPU reads."""
-        return self.scheduler.stats.internal_errors + self.consumers.health_errors + self.gpu.crashes
+        """Bugs caught anywhere (each logged with its traceback): schedulers, health rounds, GPU reads."""
+        return (
+            sum(s.stats.internal_errors for s in self.schedulers.values())
+            + self.consumers.health_errors
+            + sum(r.crashes for r in self.gpus.values())
+        )
 
     def status_line(self) -> str:
-        """One line for systemd's STATUS=: who holds the GPU, the queue, free VRAM."""
-        s = self.scheduler
-        holder = f"{s.holder} holds the GPU" if s.holder else "GPU idle"
-        free = self.gpu.last_free_mib()
-        return f"{holder}, {len(s.queue())} queued, " + (
-            f"{free} MiB free" if free is not None else "VRAM unknown"
-        )
+        """One line for systemd's STATUS=: who holds each GPU, the queue, free VRAM."""
+        parts = []
+        for index, s in sorted(self.schedulers.items()):
+            holder = f"{s.holder} holds the GPU" if s.holder else "GPU idle"
+            free = self.gpus[index].last_free_mib()
+            text = f"{holder}, {len(s.queue())} queued, " + (
+                f"{free} MiB free" if free is not None else "VRAM unknown"
+            )
+            parts.append(text if len(self.schedulers) == 1 else f"GPU {index}: {text}")
+        return "; ".join(parts)
 
     def apply(self, new: Config) -> list[str]:
         """Use ``new`` from the next decision on, keeping queued and running jobs.
 
-        Consumers whose URL did not change keep what the broker knows of them (health, residency, last
-        use); jobs waiting for a consumer that is gone are answered with no_consumer.
+        Consumers whose URL and GPU did not change keep what the broker knows of them (health, residency,
+        last use); jobs waiting for a consumer that is gone (or moved to another GPU) get no_consumer.
         """
         old, states, changes = self.config, self.consumers.states, []
         for name, c in new.consumers.items():
             before = old.consumers.get(name)
-            if before is None or before.url != c.url:
+            if before is None or before.url != c.url or before.gpu != c.gpu:
                 states[name] = ConsumerState(jobs=states[name].jobs if name in states else 0)
-                changes.append(f"{'added' if before is None else 'new url for'} {name}")
+                what = "added" if before is None else "new url for" if before.url != c.url else "new GPU for"
+                changes.append(f"{what} {name}")
             elif before != c:
                 changes.append(f"changed {name}")
         removed = set(old.consumers) - set(new.consumers)
@@ -2181,14 +2253,20 @@ class Broker:
         for part in ("gpu", "scheduler", "health", "routing", "audio_proxy", "auth"):
             if getattr(new, part) != getattr(old, part):
                 changes.append(f"changed {part}")
-        self.config = self.consumers.config = self.scheduler.config = new
-        self.gpu.config = new.gpu
-        self.scheduler.forget(removed)
+        self.config = self.consumers.config = new
+        for reader in self.gpus.values():
+            reader.config = new.gpu
+        for scheduler in self.schedulers.values():
+            scheduler.config = new
+        changes += [f"added GPU {index}" for index in self.add_gpus()]
+        for scheduler in self.schedulers.values():
+            scheduler.forget()
         return changes
 
     def scheduler_for(self, name: str) -> Scheduler:
         """The scheduler (queue, lock, eviction) of the GPU that consumer ``name`` runs on."""
-        return self.scheduler
+        c = self.config.consumers.get(name)
+        return self.schedulers[c.gpu if c is not None else self.config.gpu.index]
 
     def check_reachable(self, name: str) -> None:
         """consumer_unreachable (or bad_consumer_url) at once when the consumer's last health probe failed."""
@@ -2514,13 +2592,11 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
         ex.close()
 
 
-async def handle_status(request: web.Request) -> web.Response:
-    """GET /v1/status: a live snapshot; the GPU is read at most once per second however often it is asked."""
-    broker = request.app[BROKER]
-    cfg = broker.config
+async def _gpu_status(reader: GpuReader) -> dict[str, Any]:
+    """One GPU for /v1/status, read at most once per STATUS_MAX_AGE_S however often it is asked."""
     try:
-        r = await broker.gpu.read(max_age=STATUS_MAX_AGE_S)
-        gpu: dict[str, Any] = {
+        r = await reader.read(max_age=STATUS_MAX_AGE_S)
+        return {
             "index": r.index,
             "name": r.name,
             "uuid": r.uuid,
@@ -2537,7 +2613,25 @@ async def handle_status(request: web.Request) -> web.Response:
         gpu = dict.fromkeys(
             ("name", "uuid", "total_mib", "used_mib", "free_mib", "utilization_pct", "temperature_c")
         )
-        gpu.update(index=cfg.gpu.index, processes=[], read_at=None, error=str(e))
+        gpu.update(index=reader.index, processes=[], read_at=None, error=str(e))
+        return gpu
+
+
+async def handle_status(request: web.Request) -> web.Response:
+    """GET /v1/status: a live snapshot. ``gpu`` and ``scheduler`` are the default GPU's (gpu.index);
+    ``gpus`` lists every GPU with its own reading, consumers and scheduler."""
+    broker = request.app[BROKER]
+    cfg = broker.config
+    indexes = sorted(broker.schedulers)
+    readings = await asyncio.gather(*(_gpu_status(broker.gpus[i]) for i in indexes))
+    gpus = []
+    internal_errors = broker.internal_errors()
+    for index, reading in zip(indexes, readings, strict=True):
+        scheduler = broker.schedulers[index].snapshot()
+        scheduler["stats"]["internal_errors"] = internal_errors
+        names = [name for name, c in cfg.consumers.items() if c.gpu == index]
+        gpus.append({**reading, "consumers": names, "scheduler": scheduler})
+    default = gpus[indexes.index(cfg.gpu.index)]
     consumers = {}
     for name, c in cfg.consumers.items():
         state = broker.consumers.states[name]
@@ -2553,15 +2647,15 @@ async def handle_status(request: web.Request) -> web.Response:
             "vram_managed": c.vram_managed,
             "priority": c.priority,
             "can_coexist_with": sorted(c.can_coexist_with),
+            "gpu": c.gpu,
         }
-    scheduler = broker.scheduler.snapshot()
-    scheduler["stats"]["internal_errors"] = broker.internal_errors()
     body = {
         "version": VERSION,
         "uptime_s": round(time.monotonic() - broker.started, 1),
-        "gpu": gpu,
+        "gpu": {k: v for k, v in default.items() if k not in ("consumers", "scheduler")},
         "consumers": consumers,
-        "scheduler": scheduler,
+        "scheduler": default["scheduler"],
+        "gpus": gpus,
     }
     return web.Response(text=json.dumps(body, indent=2) + "\n", content_type="application/json")
 
@@ -2574,13 +2668,13 @@ async def _add_request_id(request: web.Request, response: web.StreamResponse) ->
 async def handle_metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus' text format 0.0.4."""
     broker = request.app[BROKER]
-    s = broker.scheduler
     gauges: list[tuple[str, Labels, float]] = [
         ("mgpumanager_info", (("version", VERSION),), 1),
-        ("mgpumanager_queue_length", (), len(s.queue())),
-        ("mgpumanager_running_jobs", (), s.running),
         ("mgpumanager_internal_errors_total", (), broker.internal_errors()),
     ]
+    for index, s in sorted(broker.schedulers.items()):
+        gauges.append(("mgpumanager_queue_length", (("gpu", str(index)),), len(s.queue())))
+        gauges.append(("mgpumanager_running_jobs", (("gpu", str(index)),), s.running))
     for name in broker.config.consumers:
         state = broker.consumers.states[name]
         for metric, value in (("healthy", state.healthy), ("resident", state.loaded)):
@@ -2591,25 +2685,31 @@ async def handle_metrics(request: web.Request) -> web.Response:
                     math.nan if value is None else value,
                 )
             )
-    try:
-        r = await broker.gpu.read(max_age=STATUS_MAX_AGE_S)
-    except GpuError:
-        gauges.append(("mgpumanager_gpu_up", (), 0))
-    else:
-        gauges.append(("mgpumanager_gpu_up", (), 1))
+    indexes = sorted(broker.gpus)
+    readings = await asyncio.gather(
+        *(broker.gpus[i].read(max_age=STATUS_MAX_AGE_S) for i in indexes), return_exceptions=True
+    )
+    for index, r in zip(indexes, readings, strict=True):
+        gpu: Labels = (("gpu", str(index)),)
+        if isinstance(r, GpuError):
+            gauges.append(("mgpumanager_gpu_up", gpu, 0))
+            continue
+        if isinstance(r, BaseException):
+            raise r
+        gauges.append(("mgpumanager_gpu_up", gpu, 1))
         for metric, mib in (("total", r.total_mib), ("used", r.used_mib), ("free", r.free_mib)):
             if mib is not None:
-                gauges.append((f"mgpumanager_gpu_memory_{metric}_bytes", (), mib * MiB))
+                gauges.append((f"mgpumanager_gpu_memory_{metric}_bytes", gpu, mib * MiB))
         if r.utilization_pct is not None:
-            gauges.append(("mgpumanager_gpu_utilization_ratio", (), r.utilization_pct / 100))
-    body = s.metrics.render(gauges).encode()
+            gauges.append(("mgpumanager_gpu_utilization_ratio", gpu, r.utilization_pct / 100))
+    body = broker.metrics.render(gauges).encode()
     headers = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8", "Cache-Control": "no-store"}
     return web.Response(body=body, headers=headers)
 
 
 async def handle_events(request: web.Request) -> web.StreamResponse:
     """GET /v1/events: server-sent events, one JSON object each, a heartbeat comment every 15 s."""
-    events = request.app[BROKER].scheduler.events
+    events = request.app[BROKER].events
     queue = events.subscribe()
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     try:
@@ -2639,22 +2739,34 @@ async def handle_dashboard(request: web.Request) -> web.Response:
 async def _drain(app: web.Application) -> None:
     """On shutdown: refuse new jobs, answer queued ones, let running jobs and holds finish (bounded)."""
     broker = app[BROKER]
-    s = broker.scheduler
-    s.shut_down()
-    s.events.close()
+    schedulers = list(broker.schedulers.values())
+    for s in schedulers:
+        s.shut_down()
+    broker.events.close()
     timeout = broker.config.scheduler.shutdown_timeout_s
-    if s.holder is not None:
-        log.info(
-            logfmt(
-                msg="shutting down: waiting for running jobs", holder=s.holder, jobs=s.running, holds=s.holds
+    for s in schedulers:
+        if s.holder is not None:
+            log.info(
+                logfmt(
+                    msg="shutting down: waiting for running jobs",
+                    gpu=s.index,
+                    holder=s.holder,
+                    jobs=s.running,
+                    holds=s.holds,
+                )
             )
-        )
-    if not await s.wait_idle(timeout):
-        log.warning(
-            logfmt(
-                msg="shutting down: cutting what still runs", timeout_s=timeout, jobs=s.running, holds=s.holds
+    idle = await asyncio.gather(*(s.wait_idle(timeout) for s in schedulers))
+    for s, done in zip(schedulers, idle, strict=True):
+        if not done:
+            log.warning(
+                logfmt(
+                    msg="shutting down: cutting what still runs",
+                    gpu=s.index,
+                    timeout_s=timeout,
+                    jobs=s.running,
+                    holds=s.holds,
+                )
             )
-        )
 
 
 async def handle_healthz(request: web.Request) -> web.Response:
@@ -2667,11 +2779,14 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     session = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
     events = Events()
-    gpu = GpuReader(config.gpu)
     consumers = Consumers(config, session, events=events)
-    scheduler = Scheduler(config, gpu, consumers, events=events)
     broker = Broker(
-        config=config, session=session, gpu=gpu, consumers=consumers, scheduler=scheduler, source=app[SOURCE]
+        config=config,
+        session=session,
+        consumers=consumers,
+        events=events,
+        metrics=Metrics(),
+        source=app[SOURCE],
     )
     app[BROKER] = broker
     health: asyncio.Task[None] | None = None
@@ -2685,8 +2800,10 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         if health is not None:
             health.cancel()
             await asyncio.gather(health, return_exceptions=True)
-        await scheduler.close()
-        await gpu.close()
+        for scheduler in broker.schedulers.values():
+            await scheduler.close()
+        for reader in broker.gpus.values():
+            await reader.close()
         await session.close()
 
 
@@ -2965,7 +3082,7 @@ async def serve(config: Config, source: ConfigSource) -> int:
                 loop.call_soon(update_status)
 
         if notifier.address is not None:  # without systemd there is no one to tell
-            broker.scheduler.events.listeners.append(status_soon)
+            broker.events.listeners.append(status_soon)
         notifier.status = broker.status_line()
         notifier.send("READY=1", f"STATUS={notifier.status}")
         if notifier.watchdog_s:

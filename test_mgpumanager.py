@@ -210,6 +210,8 @@ def _mutated(path: str, value: Any) -> dict[str, Any]:
         ("health.timeout_s", "2s", "health.timeout_s: must be a number"),
         ("consumers.mvoice.max_concurrency", 1.5, "consumers.mvoice.max_concurrency: must be an integer"),
         ("gpu.index", -1, "gpu.index: must be >= 0"),
+        ("consumers.comfyui.gpu", -1, "consumers.comfyui.gpu: must be >= 0"),
+        ("consumers.comfyui.gpu", "1", "consumers.comfyui.gpu: must be an integer"),
         ("consumers.mvoice.vram_resident_mib", KeyError, "consumers.mvoice.vram_resident_mib: missing"),
         ("consumers.mvoice.url", KeyError, "consumers.mvoice.url: missing"),
         ("consumers.mvoice.health", KeyError, "consumers.mvoice.health: missing"),
@@ -729,6 +731,60 @@ async def test_nothing_evictable_is_insufficient_vram_naming_processes_and_reaso
     assert ops.calls == [] and s.holder is None and s.stats.failed == 1 and books_balance(s)
 
 
+async def test_a_scheduler_evicts_only_on_its_own_gpu():
+    """x and z are resident on GPU 0 and least recently used; t on GPU 1 may only evict y, its neighbour."""
+    cfg = small_config(consumers__t__gpu=1, consumers__y__gpu=1)
+    clock, gpu1 = FakeClock(), FakeGpu(total=8000)  # GPU 1: y's 4000 leave 3520 < t's 4256
+    ops = FakeOps(cfg, gpu1)
+    s1 = m.Scheduler(cfg, gpu1, ops, clock=clock, sleep=clock.sleep, index=1)
+    gpu1.held["y"] = 4000
+    for name, last in (("x", 1.0), ("y", 5.0), ("z", 2.0)):
+        ops.states[name].loaded, ops.states[name].last_used = True, last
+    ops.states["t"].loaded = False
+    assert s1.victims(cfg.consumers["t"], set()) == (["y"], {})  # x and z are not even considered
+    job = await s1.acquire("t", "kt")
+    assert ops.calls == [("unload", "y"), ("load", "t")] and job.evictions == 1
+    assert ops.states["x"].loaded is True and ops.states["z"].loaded is True
+    s1.finish(job, "completed", success=True)
+    # A job for a consumer of GPU 0 is not this scheduler's to run.
+    with pytest.raises(m.BrokerError, match="x runs on GPU 0 now") as info:
+        await s1.acquire("x", "kx")
+    assert info.value.code == "no_consumer" and books_balance(s1)
+
+
+def test_consumers_run_on_the_default_gpu_unless_they_name_one_and_coexist_only_on_one():
+    raw = base_raw()
+    raw["gpu"]["index"] = 1
+    raw["consumers"]["comfyui"]["gpu"] = 0
+    config = m.parse_config(raw)
+    assert {n: c.gpu for n, c in config.consumers.items()} == {
+        "mvoice": 1,
+        "comfyui": 0,
+        "ollama": 1,
+        "whisper": 1,
+    }
+    assert m.gpu_indexes(config) == [0, 1]
+    assert "(GPU 0)" in m.summary(config) and "(GPU 1)" in m.summary(config)
+    raw["consumers"]["whisper"]["gpu"] = 0  # mvoice (GPU 1) names whisper in can_coexist_with
+    with pytest.raises(m.ConfigError) as info:
+        m.parse_config(raw)
+    assert info.value.problems == [
+        "consumers.mvoice.can_coexist_with: names whisper, which runs on GPU 0, not 1: coexistence is a"
+        " question for one GPU (consumers on different GPUs never wait for each other)"
+    ]
+
+
+async def test_a_consumer_of_zero_mib_needs_no_room_and_no_gpu_reading():
+    """A consumer whose memory is elsewhere (another host's broker) is served even without a GPU here."""
+    s, gpu, ops, _ = make_scheduler(small_config(consumers__t__vram_resident_mib=0))
+    gpu.error = "nvidia-smi: not found"
+    job = await s.acquire("t", "kt")
+    assert gpu.reads == [] and ops.calls == [] and s.holder == "t"
+    s.finish(job, "completed", success=True)
+    with pytest.raises(m.BrokerError, match="cannot read the GPU"):
+        await s.acquire("x", "kx")  # the others still need the GPU read
+
+
 async def test_max_evictions_bounds_the_attempts():
     s, gpu, ops, _ = make_scheduler(small_config(scheduler__max_evictions=2))
     crowd(gpu, ops, {})
@@ -1023,9 +1079,10 @@ class Rig:
         tweak: Any = None,
         urls: dict[str, str] | None = None,
         remote: str | None = None,
+        gpus: int = 1,
     ) -> Rig:
         self.state = self.tmp_path / "gpu.json"
-        self.gpu = mgpusim.SimGPU(self.state, total_mib=total_mib, reserved_mib=480)
+        self.gpu = mgpusim.SimGPU(self.state, total_mib=total_mib, reserved_mib=480, gpus=gpus)
         kinds = {
             "mvoice": mgpusim.MvoiceSim,
             "comfyui": mgpusim.ComfySim,
@@ -1656,7 +1713,7 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
     elapsed = time.monotonic() - t0
     # One reading (two nvidia-smi processes) per started second at most, however many requests.
     assert r.broker.gpu.queries <= 2 * (1 + int(elapsed))
-    assert set(first) == {"version", "uptime_s", "gpu", "consumers", "scheduler"}
+    assert set(first) == {"version", "uptime_s", "gpu", "consumers", "scheduler", "gpus"}
     gpu = first["gpu"]
     assert gpu["total_mib"] == 16384 and gpu["used_mib"] == 13000 and gpu["free_mib"] == 16384 - 480 - 13000
     assert (
@@ -1678,6 +1735,7 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
         "vram_managed",
         "priority",
         "can_coexist_with",
+        "gpu",
     }
     assert (
         mv["kinds"] == ["tts", "stt"]
@@ -1697,6 +1755,58 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
         "evictions",
         "loads",
     }
+    # One GPU: `gpus` holds the same GPU and scheduler as the single-GPU fields, with its consumers.
+    (only,) = first["gpus"]
+    assert {k: v for k, v in only.items() if k not in ("consumers", "scheduler")} == gpu
+    assert only["scheduler"] == sched and only["consumers"] == list(first["consumers"])
+
+
+async def test_two_gpus_run_jobs_in_parallel_and_evict_each_on_its_own(rig):
+    """GPU 0: ollama and whisper; GPU 1: mvoice (resident) and comfyui, which must evict mvoice."""
+
+    def two_gpus(raw: dict[str, Any]) -> None:
+        for name in ("mvoice", "comfyui"):
+            raw["consumers"][name]["gpu"] = 1
+        raw["consumers"]["mvoice"]["can_coexist_with"] = []
+
+    r = await rig(
+        gpus=2,
+        sims={
+            "mvoice": {"loaded": True, "gpu": 1},
+            "comfyui": {"gpu": 1, "work_s": 0.05},
+            "ollama": {"lines": 200, "line_interval_s": 0.05},
+            "whisper": {"loaded": True},
+        },
+        tweak=two_gpus,
+    )
+    gpu0, gpu1 = r.broker.schedulers[0], r.broker.schedulers[1]
+    assert r.gpu.free_mib(1) == 16384 - 480 - 2800  # 13104 < comfyui's 13000 + 256
+    async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as stream:
+        await stream.content.readline()
+        assert gpu0.holder == "ollama"
+        queries0 = r.broker.gpus[0].queries
+        # GPU 1 does not wait for GPU 0's job: the image job evicts, loads, renders and holds meanwhile.
+        status, _, body = await r.post("image", {"prompt": {}})
+        assert status == 200 and "prompt_id" in json.loads(body)
+        await until(lambda: gpu1.holder is None)
+        assert gpu0.holder == "ollama" and not stream.content.at_eof()
+        assert r.broker.gpus[0].queries == queries0  # GPU 1's eviction read GPU 1 only
+        during = await r.status()
+    assert r.sims["mvoice"].unloads == 1 and r.gpu.used_mib("mvoice") == 0
+    assert r.gpu.used_mib("ollama") == 8000 and r.gpu.used_mib("whisper") == 1500
+    assert r.sims["ollama"].unloads == 0 and r.sims["whisper"].unloads == 0
+    assert (gpu1.stats.evictions, gpu1.stats.completed, gpu0.stats.evictions) == (1, 1, 0)
+    by_index = {g["index"]: g for g in during["gpus"]}
+    assert by_index[0]["consumers"] == ["ollama", "whisper"]
+    assert by_index[1]["consumers"] == ["mvoice", "comfyui"]
+    assert by_index[0]["scheduler"]["holder"]["consumer"] == "ollama"
+    assert by_index[1]["scheduler"]["holder"] is None
+    # Each GPU read by its own index (the reading may be up to a second old: not its free figure).
+    assert [by_index[i]["uuid"] for i in (0, 1)] == [mgpusim.gpu_uuid(0), mgpusim.gpu_uuid(1)]
+    assert "mgpusim-whisper" in {p["name"] for p in by_index[0]["processes"]}
+    assert not {p["name"] for p in by_index[0]["processes"]} & {"mgpusim-mvoice", "mgpusim-comfyui"}
+    assert r.gpu.free_mib(1) == 16384 - 480 - 13000
+    assert during["gpu"]["index"] == 0 and during["consumers"]["comfyui"]["gpu"] == 1
 
 
 # =====================================================================================================
