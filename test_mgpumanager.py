@@ -2941,6 +2941,36 @@ async def test_reload_applies_in_place_keeping_jobs_and_what_the_broker_knows(ri
     assert books_balance(r.broker.scheduler) and r.stats.failed == 1 and r.stats.rejected == 1
 
 
+async def test_a_reload_that_moves_a_consumer_to_a_new_gpu_gives_that_gpu_a_queue(rig):
+    gate = asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.json_response({"response": "done"})
+
+    async with StandIn([("POST", "/api/generate", held), ("GET", "/", _ok)]) as ollama:
+        r = await rig(gpus=2, sims={"comfyui": {"gpu": 1, "work_s": 0.02}}, urls={"ollama": ollama.url})
+        assert list(r.broker.schedulers) == [0]
+        running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+        await until(lambda: r.broker.scheduler.holder == "ollama")
+        queued_image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+        await until(lambda: len(r.broker.scheduler.queue()) == 1)
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["comfyui"]["gpu"] = 1
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert (await resp.json())["changes"] == ["new GPU for comfyui", "added GPU 1"]
+        # The job queued on GPU 0 is answered (its consumer is elsewhere now) ...
+        status, headers, body = await queued_image
+        assert "was moved to GPU 1" in error_of(status, headers, body, "no_consumer")["message"]
+        # ... and a new one runs on GPU 1 while GPU 0 is still held.
+        assert (await r.post("image", {"prompt": {}}))[0] == 200
+        assert not running.done() and r.broker.schedulers[1].stats.completed == 1
+        gate.set()
+        assert (await running)[0] == 200
+    assert r.gpu.used_mib("comfyui") == 13000 and r.sims["comfyui"].gpu == 1
+
+
 async def test_a_bad_config_is_refused_whole_and_the_old_one_stays(rig, caplog):
     r = await rig(sims={"mvoice": {"loaded": True}})
     raw = copy.deepcopy(r.raw)
