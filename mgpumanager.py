@@ -78,8 +78,9 @@ MIN_TOKEN_LENGTH = 16
 RESERVED_KINDS = frozenset({"status", "consumers", "events", "reload"})
 KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
-#: How often free VRAM is polled after an unload, and which share of the victim's memory counts as "freed".
-VRAM_POLL_S = 0.1
+#: How often free VRAM is polled after an unload (one nvidia-smi each, the GPU line alone), and which
+#: share of the victim's memory counts as "freed".
+VRAM_POLL_S = 0.05
 FREED_SHARE = 0.75
 #: After killing a hung nvidia-smi, how long to wait for it to be reaped before going on without it.
 REAP_TIMEOUT_S = 1.0
@@ -1043,7 +1044,7 @@ class GpuReader:
     """Reads one GPU through nvidia-smi; concurrent readers share one running query.
 
     ``read(max_age=...)`` may answer from a reading (or error) started less than ``max_age`` seconds ago;
-    ``read(fresh=True)`` only takes a reading started by this call, for polling after an unload.
+    ``read_memory()`` always starts its own, smaller reading, for making room.
     """
 
     def __init__(
@@ -1064,9 +1065,9 @@ class GpuReader:
         busy = "querying" if self._inflight is not None else "idle"
         return f"<GpuReader index={self.index} {busy} queries:{self.queries}>"
 
-    async def read(self, *, max_age: float = 0.0, fresh: bool = False) -> GpuReading:
-        task = None if fresh else self._inflight
-        if task is None and not fresh and self._last is not None and self.clock() - self._last[0] < max_age:
+    async def read(self, *, max_age: float = 0.0) -> GpuReading:
+        task = self._inflight
+        if task is None and self._last is not None and self.clock() - self._last[0] < max_age:
             result = self._last[1]
             if isinstance(result, GpuError):
                 raise result
@@ -1102,6 +1103,16 @@ class GpuReader:
             result = GpuError(describe(exc))
         if self._last is None or started >= self._last[0]:
             self._last = (started, result)
+
+    async def read_memory(self) -> GpuReading:
+        """A reading of its own of the GPU's line alone (one nvidia-smi, no process list), not shared or
+        kept: what making room needs, at half the cost of a whole reading."""
+        cfg = self.config
+        started, read_at = self.clock(), time.time()
+        self.queries += 1
+        argv = [*cfg.nvidia_smi, "-i", str(self.index), f"--query-gpu={','.join(GPU_FIELDS)}"]
+        text = await run_nvidia_smi([*argv, "--format=csv,noheader,nounits"], cfg.query_timeout_s)
+        return parse_gpu_reading(text, "", index=self.index, started=started, read_at=read_at)
 
     def last_free_mib(self) -> int | None:
         """Free MiB from the newest finished reading, without reading again."""
@@ -1638,9 +1649,10 @@ class Scheduler:
         state = self.states[target.name]
         return state.loaded is None and target.unload is not None and target.name not in tried
 
-    async def _read_gpu(self, job: Job, *, fresh: bool = False) -> GpuReading:
+    async def _read_gpu(self, job: Job, *, memory_only: bool = True) -> GpuReading:
+        """A fresh reading: the GPU line alone to decide, a whole one (with processes) to explain."""
         try:
-            return await self.gpu.read(fresh=fresh)
+            return await (self.gpu.read_memory() if memory_only else self.gpu.read())
         except GpuError as e:
             raise BrokerError("gpu_unavailable", f"cannot read the GPU: {e}", job.consumer) from e
 
@@ -1660,7 +1672,8 @@ class Scheduler:
                 # what fills the GPU. Unloading it makes its state known; it is loaded again below.
                 victims = [target.name]
             if not victims or len(tried) >= cfg.scheduler.max_evictions:
-                raise self._insufficient(job, reading, need, why_not, victims)
+                whole = await self._read_gpu(job, memory_only=False)  # the processes, for the message
+                raise self._insufficient(job, whole, need, why_not, victims)
             victim = victims[0]
             tried.add(victim)
             size = cfg.consumers[victim].vram_resident_mib  # before any await: a reload may remove it
@@ -1719,7 +1732,7 @@ class Scheduler:
         enough_freed = FREED_SHARE * size
         while True:
             started = self.clock()
-            reading = await self._read_gpu(job, fresh=True)
+            reading = await self._read_gpu(job)
             free = reading.free_mib if reading.free_mib is not None else before
             if free >= need or free - before >= enough_freed:
                 break

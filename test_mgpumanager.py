@@ -491,22 +491,24 @@ async def test_reader_against_mgpusim_subprocess(tmp_path):
     assert r.processes[0].name == "mgpusim-comfyui"
 
 
-async def test_concurrent_readers_share_one_query_and_fresh_reads_do_not(tmp_path):
+async def test_concurrent_readers_share_one_query_and_memory_readings_do_not(tmp_path):
     gpu = mgpusim.SimGPU(tmp_path / "gpu.json")
     reader = m.GpuReader(m.GpuConfig(nvidia_smi=sim_smi(tmp_path / "gpu.json")))
     readings = await asyncio.gather(*(reader.read() for _ in range(10)))
     assert reader.queries == 2  # one --query-gpu and one --query-compute-apps, shared by all ten
     assert len({r.started for r in readings}) == 1
-    # A fresh read started after the memory changed sees the change, even with one in flight.
+    # A memory reading started after the memory changed sees the change, even with one in flight, and
+    # costs one nvidia-smi (the GPU line, no process list).
     inflight = asyncio.ensure_future(reader.read())
     await asyncio.sleep(0)
     gpu.allocate("mvoice", 2800)
-    fresh = await reader.read(fresh=True)
+    memory = await reader.read_memory()
     older = await inflight
-    assert fresh.used_mib == 2800 and fresh.started > older.started and reader.queries == 6
-    # max_age answers from the last reading without a new query.
+    assert memory.used_mib == 2800 and memory.processes == () and memory.started > older.started
+    assert reader.queries == 5
+    # max_age answers from the last whole reading (memory readings are not kept) without a new query.
     again = await reader.read(max_age=60)
-    assert again is fresh and reader.queries == 6
+    assert again is older and reader.queries == 5
 
 
 def sim_smi(state: Path) -> tuple[str, ...]:
@@ -533,18 +535,25 @@ class FakeClock:
 
 
 class FakeGpu:
-    """A GPU whose memory is what the fake consumers hold; counts reads and which were fresh."""
+    """A GPU whose memory is what the fake consumers hold; records which readings were asked for."""
 
     def __init__(self, total: int = 16384, reserved: int = 480) -> None:
         self.total, self.reserved = total, reserved
         self.held: dict[str, int] = {}
-        self.reads: list[bool] = []
+        #: "memory" (the GPU line alone) or "whole" (with the process list), in order.
+        self.reads: list[str] = []
         #: Memory still held by unloaded consumers, released after this many further reads.
         self.releasing: dict[str, int] = {}
         self.error: str | None = None
 
-    async def read(self, *, max_age: float = 0.0, fresh: bool = False) -> m.GpuReading:
-        self.reads.append(fresh)
+    async def read_memory(self) -> m.GpuReading:
+        return await self._read("memory")
+
+    async def read(self, *, max_age: float = 0.0) -> m.GpuReading:
+        return await self._read("whole")
+
+    async def _read(self, what: str) -> m.GpuReading:
+        self.reads.append(what)
         if self.error:
             raise m.GpuError(self.error)
         for name in list(self.releasing):
@@ -795,15 +804,15 @@ async def test_max_evictions_bounds_the_attempts():
     assert len(ops.calls) == 2 and s.stats.unload_failures == 2 and s.holder is None
 
 
-async def test_memory_is_polled_with_fresh_readings_until_it_shows_up_free():
+async def test_memory_is_polled_with_readings_of_its_own_until_it_shows_up_free():
     s, gpu, ops, clock = make_scheduler(small_config())
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
     ops.unload_behaviour["x"] = 3  # frees its memory on the fourth reading after the unload
     t0 = clock.now
     job = await s.acquire("t", "kt")
-    assert gpu.reads == [False, True, True, True, True]  # one reading before, then only fresh ones
+    assert gpu.reads == ["memory"] * 5  # one reading before, four after: the GPU line alone
     assert ops.calls == [("unload", "x"), ("load", "t")]
-    assert clock.now - t0 == pytest.approx(3 * m.VRAM_POLL_S)  # polled every 100 ms, no fixed sleep
+    assert clock.now - t0 == pytest.approx(3 * m.VRAM_POLL_S)  # polled every 50 ms, no fixed sleep
     s.finish(job, "completed")
 
 
@@ -853,7 +862,7 @@ async def test_failing_load_is_load_failed_and_state_unknown():
 async def test_target_of_unknown_state_without_pressure_is_not_loaded():
     s, gpu, ops, _ = make_scheduler(small_config())
     job = await s.acquire("t", "kt")  # unknown residency, plenty of room: cold start on first request
-    assert ops.calls == [] and gpu.reads == [False]
+    assert ops.calls == [] and gpu.reads == ["memory"]
     s.finish(job, "completed", status=200, success=True)
     assert ops.states["t"].loaded is True
 
@@ -1697,7 +1706,7 @@ async def test_crash_inside_the_scheduler_is_scheduler_error_and_counted():
     async def broken_read(**_: Any) -> m.GpuReading:
         raise RuntimeError("bug")
 
-    gpu.read = broken_read  # type: ignore[method-assign]
+    gpu.read_memory = broken_read  # type: ignore[method-assign]
     with pytest.raises(m.BrokerError) as info:
         await s.acquire("t", "kt")
     assert info.value.code == "scheduler_error" and s.stats.internal_errors == 1 and s.holder is None
