@@ -871,6 +871,10 @@ METRIC_HELP = {
     "mgpumanager_evictions_total": ("counter", "Consumers unloaded to make room, by the consumer unloaded."),
     "mgpumanager_loads_total": ("counter", "Load calls that succeeded, by consumer."),
     "mgpumanager_unload_failures_total": ("counter", "Unload calls that failed, by consumer."),
+    "mgpumanager_idle_unloads_total": (
+        "counter",
+        "Consumers unloaded for being idle idle_unload_s, by consumer.",
+    ),
     "mgpumanager_internal_errors_total": (
         "counter",
         "Bugs in the broker (each also logged with a traceback).",
