@@ -15,6 +15,7 @@ import gzip
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -1918,11 +1919,17 @@ def invariant_config() -> m.Config:
             "scheduler": {"max_queue": 6, "max_evictions": 3, "vram_wait_s": 1, "aging_s": 10},
             "consumers": {
                 "a": consumer(
-                    6000, priority=1, max_concurrency=2, can_coexist_with=["b"], unload=route, load=route
+                    6000,
+                    priority=1,
+                    max_concurrency=2,
+                    can_coexist_with=["b"],
+                    unload=route,
+                    load=route,
+                    idle_unload_s=5,
                 ),
                 "b": consumer(3000, priority=3, unload=route, load=route),
                 "c": consumer(5000, vram_managed=True, unload=route),
-                "d": consumer(4000, unload=route, max_concurrency=3),
+                "d": consumer(4000, unload=route, max_concurrency=3, idle_unload_s=2),
                 "e": consumer(2000, priority=0),
             },
         }
@@ -1942,6 +1949,22 @@ class CheckedScheduler(m.Scheduler):
         self.granted: dict[int, m.Job] = {}
         #: The target the scheduler chose to unload itself (its residency unknown, nothing else left).
         self.resetting: str | None = None
+
+    async def _unload(
+        self, job: m.Job, victim: str, *, evicting: bool = True, by: str = "admin"
+    ) -> str | None:
+        violations = self.ops.violations  # type: ignore[attr-defined]
+        if job.kind == "preload":
+            violations.append(f"a preload of {job.consumer} unloaded {victim}")
+        if by == "idle" and not (
+            self.holder == victim == job.consumer
+            and self.exclusive
+            and self.states[victim].loaded is True
+            and self.clock() >= (self.idle_deadline(victim) or math.inf)
+            and not any(j.consumer == victim for j in self._waiting)
+        ):
+            violations.append(f"idle unload of {victim} while not idle, not resident or wanted")
+        return await super()._unload(job, victim, evicting=evicting, by=by)
 
     def _may_hold_itself(self, target: m.ConsumerConfig, tried: set[str]) -> bool:
         allowed = super()._may_hold_itself(target, tried)
@@ -2050,7 +2073,7 @@ class InvariantDriver:
         self.ops = CheckingOps(self.config, self.gpu)
         for name in ("b", "d", "e"):  # resident from the start, never used
             self.gpu.held[name] = self.config.consumers[name].vram_resident_mib
-            self.ops.states[name].loaded = True
+            self.ops.states[name].set_loaded(True, self.clock.now, record=False)
         self.s = CheckedScheduler(self.config, self.gpu, self.ops, clock=self.clock, sleep=self.clock.sleep)
         self.ops.scheduler, self.ops.violations = self.s, []
         self.tasks: list[asyncio.Task[m.Job]] = []
@@ -2085,6 +2108,13 @@ class InvariantDriver:
             if action == "load" or self.config.consumers[name].unload is not None:
                 op = s.load_now(name) if action == "load" else s.unload_now(name)
                 self.admin.append(asyncio.ensure_future(op))
+        elif kind == "internal":
+            name, what = args
+            op = s.idle_unload(name) if what == "idle_unload" else s.preload(name)
+            if what == "idle_unload" or self.config.consumers[name].load is not None:
+                self.admin.append(asyncio.ensure_future(op))
+            else:
+                op.close()
         elif kind == "cancel":
             live = [t for t in self.tasks + self.admin if not t.done()]
             if live:
@@ -2181,7 +2211,13 @@ class InvariantDriver:
         assert self.s.holder is None and self.s.slots == 0 and self.s.queue() == []
         # A task cancelled before it first ran never became a job (its client left before admission).
         assert st.jobs == st.completed + st.failed + st.cancelled + st.rejected == len(self.s.ended)
-        assert st.jobs >= len([t for t in self.tasks + self.admin if not t.cancelled()])
+        # An idle unload or preload that was not due (None) never became a job either.
+        became_jobs = [
+            t
+            for t in self.tasks + self.admin
+            if not t.cancelled() and (t.exception() is not None or t.result() is not None)
+        ]
+        assert st.jobs >= len(became_jobs)
 
 
 _ARRIVE = st.tuples(st.just("arrive"), st.sampled_from(INV_NAMES))
@@ -2208,6 +2244,7 @@ INV_OPS = st.one_of(
     st.tuples(st.just("load_fails"), st.sampled_from(INV_NAMES), st.booleans()),
     st.tuples(st.just("outside"), st.integers(0, 9000)),
     st.tuples(st.just("admin"), st.sampled_from(INV_NAMES), st.sampled_from(["unload", "load"])),
+    st.tuples(st.just("internal"), st.sampled_from(INV_NAMES), st.sampled_from(["idle_unload", "preload"])),
 )
 
 
