@@ -16,8 +16,12 @@ forwards the request, streaming the answer back unchanged. Every failure of the 
 
 Known limits: one broker per machine (its state is in memory; a restart forgets residency and last use);
 memory held by processes outside the broker is seen only as "not free"; a consumer that allocates more than
-its ``vram_resident_mib`` can still run the GPU out of memory; consumers without an unload route are never
-evicted; request bodies are held in memory (bounded by ``max_body_mib``) before a job is queued.
+its ``vram_resident_mib`` can still run the GPU out of memory; consumers without an unload route or command
+are never evicted; request bodies are held in memory (bounded by ``max_body_mib``) before a job is queued.
+
+Load and unload are HTTP calls or commands (``systemctl stop whisper-server``: a consumer loaded by a command
+whose health fails is stopped, not unreachable, and a job starts it). Consumers may be unloaded after
+``idle_unload_s`` unused and preloaded when they fit; both are internal jobs of the lowest priority.
 
 Around it: /v1/status, an event stream (/v1/events), Prometheus metrics (/metrics), a live page (/),
 systemd's notify protocol and watchdog, reload in place (SIGHUP) and a graceful drain on SIGTERM.
