@@ -2531,17 +2531,27 @@ class Broker:
             now = time.monotonic()
             periods = [c.idle_unload_s for c in self.config.consumers.values() if c.idle_unload_s]
             wake = now + min([IDLE_CHECK_S, *periods])
-            for name in self.config.consumers:
-                scheduler = self.scheduler_for(name)
-                due = scheduler.idle_deadline(name)
-                if due is None:
-                    continue
-                if due <= now and scheduler.idle_due(name):
-                    if not any(t.get_name() == f"idle unload {name}" for t in self.tasks):
-                        self.spawn(self._internal_job("idle_unload", name), f"idle unload {name}")
-                elif due > now:
-                    wake = min(wake, due)
+            try:
+                wake = min(wake, self._ask_for_idle_unloads(now))
+            except Exception as e:
+                self.scheduler.stats.internal_errors += 1
+                log.exception(logfmt(msg="idle unload round crashed", error=describe(e)))
             await asyncio.sleep(max(0.01, wake - time.monotonic()))
+
+    def _ask_for_idle_unloads(self, now: float) -> float:
+        """Queue an idle unload for every consumer that is due; the earliest deadline still to come."""
+        wake = math.inf
+        for name in self.config.consumers:
+            scheduler = self.scheduler_for(name)
+            due = scheduler.idle_deadline(name)
+            if due is None:
+                continue
+            if due <= now and scheduler.idle_due(name):
+                if not any(t.get_name() == f"idle unload {name}" for t in self.tasks):
+                    self.spawn(self._internal_job("idle_unload", name), f"idle unload {name}")
+            elif due > now:
+                wake = min(wake, due)
+        return wake
 
     async def forward(
         self,
