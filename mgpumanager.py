@@ -16,8 +16,12 @@ forwards the request, streaming the answer back unchanged. Every failure of the 
 
 Known limits: one broker per machine (its state is in memory; a restart forgets residency and last use);
 memory held by processes outside the broker is seen only as "not free"; a consumer that allocates more than
-its ``vram_resident_mib`` can still run the GPU out of memory; consumers without an unload route are never
-evicted; request bodies are held in memory (bounded by ``max_body_mib``) before a job is queued.
+its ``vram_resident_mib`` can still run the GPU out of memory; consumers without an unload route or command
+are never evicted; request bodies are held in memory (bounded by ``max_body_mib``) before a job is queued.
+
+Load and unload are HTTP calls or commands (``systemctl stop whisper-server``: a consumer loaded by a command
+whose health fails is stopped, not unreachable, and a job starts it). Consumers may be unloaded after
+``idle_unload_s`` unused and preloaded when they fit; both are internal jobs of the lowest priority.
 
 Around it: /v1/status, an event stream (/v1/events), Prometheus metrics (/metrics), a live page (/),
 systemd's notify protocol and watchdog, reload in place (SIGHUP) and a graceful drain on SIGTERM.
@@ -82,8 +86,16 @@ HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 #: share of the victim's memory counts as "freed".
 VRAM_POLL_S = 0.05
 FREED_SHARE = 0.75
-#: After killing a hung nvidia-smi, how long to wait for it to be reaped before going on without it.
+#: After killing a hung nvidia-smi or command, how long to wait for it to be reaped before going on.
 REAP_TIMEOUT_S = 1.0
+#: What the broker keeps of a subprocess's stdout and of its stderr (the tail, for commands' error messages).
+OUTPUT_LIMIT = 1 * MiB
+#: How much of a failed command's stderr goes into its error message and log line.
+STDERR_TAIL = 500
+#: After a command-started load, how often the consumer's health route is asked until it answers 2xx.
+HEALTH_WAIT_POLL_S = 0.2
+#: The idle-unload task looks at the deadlines at least this often (reloads are picked up this way).
+IDLE_CHECK_S = 5.0
 #: /v1/status reads the GPU at most this often, however often it is asked.
 STATUS_MAX_AGE_S = 1.0
 #: Largest consumer answer kept in memory to fill a hold_until path (ComfyUI's /prompt answer is tiny).
@@ -119,6 +131,15 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Command:
+    """A load or unload done by running a program (``systemctl stop whisper-server``): no shell, exit 0 is
+    success, killed with everything it started past ``timeout_s``."""
+
+    argv: tuple[str, ...]
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Hold:
     """Keep the GPU lock after the answer until GET ``path`` returns a non-empty JSON object or list."""
 
@@ -145,8 +166,8 @@ class ConsumerConfig:
     health: Route
     paths: dict[str, JobPath]
     vram_resident_mib: int
-    unload: Route | None = None
-    load: Route | None = None
+    unload: Route | Command | None = None
+    load: Route | Command | None = None
     #: Symmetric: the loader adds the consumers that name this one.
     can_coexist_with: frozenset[str] = frozenset()
     priority: int = 2
@@ -157,6 +178,15 @@ class ConsumerConfig:
     vram_managed: bool = False
     #: The GPU (nvidia-smi index) it runs on: its queue, lock and eviction are that GPU's.
     gpu: int = 0
+    #: Unloaded by the broker after this many seconds resident and unused; 0: never.
+    idle_unload_s: float = 0.0
+    #: Loaded at start-up and after a reload when it fits without evicting anything.
+    preload: bool = False
+
+    @property
+    def started_by_command(self) -> bool:
+        """Loaded by starting a process: a failing health route means "stopped", not "unreachable"."""
+        return isinstance(self.load, Command)
 
 
 @dataclass(frozen=True)
@@ -301,6 +331,22 @@ def _parse_route(ck: _Checker, raw: Any, where: str, default_method: str, *, ext
     return Route(method=method, path=path, body=d.get("body"), timeout_s=timeout_s)
 
 
+def _parse_action(ck: _Checker, raw: Any, where: str) -> Route | Command | None:
+    """``load``/``unload``: an HTTP call ``{method, path, body, timeout_s}`` or ``{command, timeout_s}``."""
+    if not isinstance(raw, dict) or "command" not in raw:
+        return _parse_route(ck, raw, where, "POST", extra=True)
+    d = ck.mapping(raw, where, ("command", "timeout_s", "method", "path", "body"))
+    both = [key for key in ("method", "path", "body") if key in d]
+    if both:
+        ck.problem(where, f"set command or an HTTP call ({', '.join(both)}), not both")
+    argv = d["command"]
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) and a for a in argv):
+        ck.problem(f"{where}.command", f"must be a list of non-empty strings (argv, no shell), not {argv!r}")
+        argv = []
+    timeout_s = ck.number(d, "timeout_s", where, 60.0, integer=False)
+    return Command(argv=tuple(argv), timeout_s=timeout_s)
+
+
 def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> ConsumerConfig | None:
     where = f"consumers.{name}"
     allowed = (
@@ -316,6 +362,8 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         "timeout_s",
         "vram_managed",
         "gpu",
+        "idle_unload_s",
+        "preload",
     )
     d = ck.mapping(raw, where, allowed, required=True)
     if not d:
@@ -370,22 +418,34 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= PRIORITY_MAX:
         ck.problem(f"{where}.priority", f"must be an integer from 0 to {PRIORITY_MAX}, not {priority!r}")
         priority = 2
+    unload = _parse_action(ck, d["unload"], f"{where}.unload") if "unload" in d else None
+    load = _parse_action(ck, d["load"], f"{where}.load") if "load" in d else None
+    idle_unload_s = ck.number(d, "idle_unload_s", where, 0.0, integer=False, zero_ok=True)
+    if idle_unload_s and "unload" not in d:
+        ck.problem(f"{where}.idle_unload_s", "needs an unload route or command")
+    if idle_unload_s and vram_managed is True:
+        ck.problem(f"{where}.idle_unload_s", "a vram_managed consumer unloads itself (Ollama's keep_alive)")
+    preload = d.get("preload", False)
+    if not isinstance(preload, bool):
+        ck.problem(f"{where}.preload", f"must be true or false, not {preload!r}")
+    elif preload and "load" not in d:
+        ck.problem(f"{where}.preload", "needs a load route or command")
     return ConsumerConfig(
         name=name,
         url=url.rstrip("/"),
         health=health or Route("GET", "/"),
         paths=paths,
         vram_resident_mib=ck.number(d, "vram_resident_mib", where, _REQUIRED, integer=True, zero_ok=True),
-        unload=_parse_route(ck, d["unload"], f"{where}.unload", "POST", extra=True)
-        if "unload" in d
-        else None,
-        load=_parse_route(ck, d["load"], f"{where}.load", "POST", extra=True) if "load" in d else None,
+        unload=unload,
+        load=load,
         can_coexist_with=frozenset(coexist),
         priority=priority,
         max_concurrency=ck.number(d, "max_concurrency", where, 1, integer=True),
         timeout_s=ck.number(d, "timeout_s", where, 300.0, integer=False),
         vram_managed=bool(vram_managed),
         gpu=ck.number(d, "gpu", where, default_gpu, integer=True, zero_ok=True),
+        idle_unload_s=idle_unload_s,
+        preload=preload is True,
     )
 
 
@@ -559,6 +619,13 @@ def gpu_indexes(config: Config) -> list[int]:
     return sorted({config.gpu.index, *(c.gpu for c in config.consumers.values())})
 
 
+def describe_action(action: Route | Command) -> str:
+    """``POST /api/admin/unload`` or ``command: systemctl stop whisper-server``, for people."""
+    if isinstance(action, Command):
+        return f"command: {shlex.join(action.argv)}"
+    return f"{action.method} {action.path}"
+
+
 def summary(config: Config) -> str:
     """The one-screen overview that ``--check`` prints."""
     lines = [f"listen {config.listen_host}:{config.listen_port}", ""]
@@ -570,9 +637,11 @@ def summary(config: Config) -> str:
         elif c.unload is None:
             how = "never (no unload route)"
         else:
-            how = f"{c.unload.method} {c.unload.path}" + (
-                f", load {c.load.method} {c.load.path}" if c.load else ""
-            )
+            how = describe_action(c.unload) + (f", load {describe_action(c.load)}" if c.load else "")
+        if c.idle_unload_s:
+            how += f"; idle unload after {c.idle_unload_s:g} s"
+        if c.preload:
+            how += "; preload"
         where = f"  (GPU {c.gpu})" if several else ""
         lines.append(
             f"{c.name:<12} {c.vram_resident_mib:>9} {c.priority:>4} {c.max_concurrency:>4}  {how}{where}"
@@ -827,6 +896,10 @@ METRIC_HELP = {
     "mgpumanager_evictions_total": ("counter", "Consumers unloaded to make room, by the consumer unloaded."),
     "mgpumanager_loads_total": ("counter", "Load calls that succeeded, by consumer."),
     "mgpumanager_unload_failures_total": ("counter", "Unload calls that failed, by consumer."),
+    "mgpumanager_idle_unloads_total": (
+        "counter",
+        "Consumers unloaded for being idle idle_unload_s, by consumer.",
+    ),
     "mgpumanager_internal_errors_total": (
         "counter",
         "Bugs in the broker (each also logged with a traceback).",
@@ -1008,20 +1081,52 @@ def parse_gpu_reading(
     )
 
 
-async def run_nvidia_smi(argv: Sequence[str], timeout_s: float) -> str:
-    """Run one nvidia-smi query as a subprocess; kill it (and anything it started) past ``timeout_s``."""
+@dataclass(frozen=True)
+class Finished:
+    """A subprocess that exited: its status and (the tails of) what it wrote."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    def stderr_tail(self) -> str:
+        text = self.stderr.decode(errors="replace").strip()
+        return text[-STDERR_TAIL:] or "(no output on stderr)"
+
+
+class ProcessTimeout(Exception):
+    """A subprocess ran past its time and was killed, with its process group."""
+
+
+async def _keep_tail(stream: asyncio.StreamReader | None, limit: int) -> bytes:
+    """Read a pipe to its end, keeping its last ``limit`` bytes: a chatty process cannot fill memory."""
+    kept = bytearray()
+    while stream is not None and (chunk := await stream.read(64 * 1024)):
+        kept += chunk
+        if len(kept) > limit:
+            del kept[: len(kept) - limit]
+    return bytes(kept)
+
+
+async def run_process(argv: Sequence[str], timeout_s: float, *, limit: int = OUTPUT_LIMIT) -> Finished:
+    """Run a program without a shell, stdin from /dev/null, its output captured (bounded).
+
+    It gets a process group of its own: past ``timeout_s`` (or when the caller is cancelled) the whole
+    group is SIGKILLed and reaped, so nothing it started outlives it. OSError when it cannot be started,
+    ProcessTimeout when it was killed.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own process group, so a kill reaches its children too
+    )
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,  # its own process group, so a kill reaches its children too
+        out, err, _ = await asyncio.wait_for(
+            asyncio.gather(_keep_tail(proc.stdout, limit), _keep_tail(proc.stderr, limit), proc.wait()),
+            timeout_s,
         )
-    except OSError as e:
-        raise GpuError(f"cannot run {argv[0]}: {e.strerror or e}") from e
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
     except (asyncio.TimeoutError, asyncio.CancelledError) as e:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -1029,15 +1134,27 @@ async def run_nvidia_smi(argv: Sequence[str], timeout_s: float) -> str:
             # Reaped at once normally; a process stuck in the kernel is left to the child watcher.
             await asyncio.wait_for(asyncio.shield(proc.wait()), REAP_TIMEOUT_S)
         except asyncio.TimeoutError:
-            log.error(logfmt(msg="nvidia-smi survived SIGKILL", pid=proc.pid))
+            log.error(logfmt(msg="process survived SIGKILL", argv=shlex.join(argv), pid=proc.pid))
         if isinstance(e, asyncio.CancelledError):
             raise
+        raise ProcessTimeout(f"{argv[0]} did not finish within {timeout_s:g} s (killed)") from None
+    assert proc.returncode is not None
+    return Finished(proc.returncode, out, err)
+
+
+async def run_nvidia_smi(argv: Sequence[str], timeout_s: float) -> str:
+    """Run one nvidia-smi query as a subprocess; kill it (and anything it started) past ``timeout_s``."""
+    try:
+        done = await run_process(argv, timeout_s)
+    except OSError as e:
+        raise GpuError(f"cannot run {argv[0]}: {e.strerror or e}") from e
+    except ProcessTimeout:
         raise GpuError(f"nvidia-smi did not answer within {timeout_s:g} s (killed)") from None
-    if proc.returncode != 0:
+    if done.returncode != 0:
         # nvidia-smi writes its errors to stdout.
-        text = (out.decode(errors="replace").strip() or err.decode(errors="replace").strip())[:300]
-        raise GpuError(f"nvidia-smi exited with status {proc.returncode}: {text or '(no output)'}")
-    return out.decode(errors="replace")
+        text = done.stdout.decode(errors="replace").strip() or done.stderr.decode(errors="replace").strip()
+        raise GpuError(f"nvidia-smi exited with status {done.returncode}: {text[:300] or '(no output)'}")
+    return done.stdout.decode(errors="replace")
 
 
 class GpuReader:
@@ -1165,6 +1282,21 @@ class ConsumerState:
     unhealthy_at: float = float("-inf")
     #: Jobs (and holds) of this consumer holding the GPU lock now; the scheduler keeps it.
     jobs: int = 0
+    #: Monotonic time the broker last saw it become resident (its own load, or a probe saying so).
+    resident_at: float | None = None
+
+    def set_loaded(self, loaded: bool | None, now: float, *, record: bool = True) -> None:
+        """Residency changes here: stamps when it became resident, and (``record``) the broker's record."""
+        if loaded is True and self.loaded is not True:
+            self.resident_at = now
+        self.loaded = loaded
+        if record:
+            self.record_at = now
+
+    def idle_since(self) -> float | None:
+        """Since when a resident consumer has not been used: its last job's end or its becoming resident."""
+        times = [t for t in (self.last_used, self.resident_at) if t is not None]
+        return max(times) if times else None
 
 
 class Consumers:
@@ -1189,13 +1321,69 @@ class Consumers:
         c = self.config.consumers.get(name)
         if c is None or c.unload is None:
             raise CallError("unload: no unload route (any more)")
-        await self._call(c, c.unload, "unload")
+        if isinstance(c.unload, Command):
+            await self._run(c, c.unload, "unload")
+        else:
+            await self._call(c, c.unload, "unload")
 
     async def load(self, name: str) -> None:
+        """Load through the route, or run the command and then wait for the health route to answer 2xx,
+        all within the load's ``timeout_s``."""
         c = self.config.consumers.get(name)
         if c is None or c.load is None:
             raise CallError("load: no load route (any more)")
-        await self._call(c, c.load, "load")
+        if not isinstance(c.load, Command):
+            await self._call(c, c.load, "load")
+            return
+        deadline = self.clock() + c.load.timeout_s
+        await self._run(c, c.load, "load")
+        await self._wait_healthy(c, deadline, c.load.timeout_s)
+
+    async def _run(self, c: ConsumerConfig, command: Command, what: str) -> None:
+        """Run a load or unload command; anything but exit 0 in time is a CallError with its stderr."""
+        started = self.clock()
+        try:
+            done = await run_process(command.argv, command.timeout_s)
+        except OSError as e:
+            raise CallError(f"{what} command cannot run {command.argv[0]}: {e.strerror or e}") from e
+        except ProcessTimeout:
+            raise CallError(
+                f"{what} command did not finish within {command.timeout_s:g} s (killed)"
+            ) from None
+        log.info(
+            logfmt(
+                msg="command",
+                consumer=c.name,
+                action=what,
+                argv=shlex.join(command.argv),
+                exit=done.returncode,
+                ms=round((self.clock() - started) * 1000),
+            )
+        )
+        if done.returncode != 0:
+            raise CallError(f"{what} command exited with status {done.returncode}: {done.stderr_tail()}")
+
+    async def _wait_healthy(self, c: ConsumerConfig, deadline: float, timeout_s: float) -> None:
+        """Poll the health route every HEALTH_WAIT_POLL_S until it answers 2xx, at most until ``deadline``."""
+        reason = "not asked"
+        while True:
+            left = deadline - self.clock()
+            if left <= 0:
+                raise CallError(f"load: not healthy within {timeout_s:g} s of the command's start ({reason})")
+            started = self.clock()
+            try:
+                timeout = aiohttp.ClientTimeout(total=min(left, self.config.health.timeout_s))
+                async with self.session.request(
+                    c.health.method, c.url + c.health.path, timeout=timeout, allow_redirects=False
+                ) as resp:
+                    await resp.content.read(64 * 1024)
+                    if 200 <= resp.status < 300:
+                        self._record_health(c.name, True, None, "consumer_unreachable")
+                        return
+                    reason = f"health answered {resp.status}"
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+                reason = describe(e)
+            await asyncio.sleep(max(0.0, min(HEALTH_WAIT_POLL_S - (self.clock() - started), left)))
 
     async def _call(self, c: ConsumerConfig, route: Route, what: str) -> None:
         url = c.url + route.path
@@ -1221,6 +1409,11 @@ class Consumers:
             self.events.publish("health", consumer=name, healthy=False, reason=reason)
         state.healthy, state.last_error, state.last_error_code = False, reason, "consumer_unreachable"
         state.unhealthy_at = self.clock()
+        c = self.config.consumers.get(name)
+        if c is not None and c.started_by_command and state.loaded is not False:
+            # Its process is gone (or going): the next job starts it again with the load command.
+            log.info(logfmt(msg="residency", consumer=name, loaded=False, source="job failure"))
+            state.set_loaded(False, self.clock())
 
     async def probe(self, name: str) -> None:
         """One health probe; updates healthy, last_error and (from a ``loaded`` field) residency.
@@ -1254,6 +1447,17 @@ class Consumers:
         state.last_probe = time.time()
         if ok and started < state.unhealthy_at:
             return
+        self._record_health(name, ok, reason, code)
+        if c.started_by_command and not isinstance(loaded, bool):
+            # A service started by command holds its model while it runs: up is resident, down is not.
+            loaded = ok
+        if isinstance(loaded, bool) and started >= state.record_at and loaded != state.loaded:
+            log.info(logfmt(msg="residency", consumer=name, loaded=loaded, source="health"))
+            state.set_loaded(loaded, self.clock(), record=False)
+
+    def _record_health(self, name: str, ok: bool, reason: str | None, code: str) -> None:
+        """A probe's (or a health wait's) verdict; a change is logged and published."""
+        state = self.states[name]
         if ok != state.healthy:
             log.log(
                 logging.INFO if ok else logging.WARNING,
@@ -1261,9 +1465,6 @@ class Consumers:
             )
             self.events.publish("health", consumer=name, healthy=ok, reason=reason)
         state.healthy, state.last_error, state.last_error_code = ok, reason, code
-        if isinstance(loaded, bool) and started >= state.record_at and loaded != state.loaded:
-            log.info(logfmt(msg="residency", consumer=name, loaded=loaded, source="health"))
-            state.loaded = loaded
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self.probe(name) for name in self.config.consumers))
@@ -1329,6 +1530,8 @@ class Stats:
     loads: int = 0
     load_failures: int = 0
     admin_unloads: int = 0
+    idle_unloads: int = 0
+    preload_skips: int = 0
     hold_timeouts: int = 0
     hold_poll_errors: int = 0
     internal_errors: int = 0
@@ -1389,6 +1592,8 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._prepare_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Consumers with an idle unload or a preload queued or running: never two for one consumer.
+        self._internal: set[tuple[str, str]] = set()
 
     def __repr__(self) -> str:
         return (
@@ -1447,8 +1652,93 @@ class Scheduler:
         self.finish(job, "completed")
         return job
 
+    def idle_deadline(self, name: str) -> float | None:
+        """When a resident consumer with ``idle_unload_s`` becomes due for its idle unload (None: never)."""
+        c = self.config.consumers.get(name)
+        state = self.states.get(name)
+        if c is None or state is None or not c.idle_unload_s or c.unload is None or state.loaded is not True:
+            return None
+        since = state.idle_since()
+        return None if since is None else since + c.idle_unload_s
+
+    def _busy_with(self, name: str) -> str | None:
+        """Why ``name`` is not idle: a job or hold of it holds the lock, or one waits for it."""
+        if self.holder == name and not self.exclusive:
+            return "has jobs running"
+        if any(j.consumer == name for j in self._waiting):
+            return "a job waits for it"
+        return None
+
+    def idle_due(self, name: str) -> bool:
+        due = self.idle_deadline(name)
+        return due is not None and self.clock() >= due and self._busy_with(name) is None
+
+    async def idle_unload(self, name: str) -> Job | None:
+        """Unload a consumer unused for its ``idle_unload_s``: an exclusive job of the lowest priority, so
+        anything else goes first; checked again once granted. None when it is not due (or one is pending)."""
+        if ("idle_unload", name) in self._internal or not self.idle_due(name):
+            return None
+        self._internal.add(("idle_unload", name))
+        try:
+            job = self._admit(name, "idle_unload", exclusive=True, priority=0)
+            await self._wait_for_grant(job)
+
+            async def unload() -> None:
+                async with self._prepare_lock:
+                    # While it waited, a job may have come, used the consumer or be waiting for it.
+                    if not self.idle_due(name):
+                        why = self._busy_with(name) or "no longer idle or resident"
+                        log.info(logfmt(msg="idle unload skipped", consumer=name, reason=why, job=job.id))
+                        return
+                    error = await self._unload(job, name, evicting=False, by="idle")
+                if error is not None:
+                    raise BrokerError("unload_failed", f"{name} {error}", name)
+
+            await self._guarded(job, unload())
+            self.finish(job, "completed")
+            return job
+        finally:
+            self._internal.discard(("idle_unload", name))
+
+    async def preload(self, name: str) -> Job | None:
+        """Load a consumer if it fits as things are, never evicting: an exclusive job of the lowest
+        priority. None when one is pending already."""
+        if ("preload", name) in self._internal:
+            return None
+        self._internal.add(("preload", name))
+        try:
+            job = self._admit(name, "preload", exclusive=True, priority=0)
+            await self._wait_for_grant(job)
+
+            async def load() -> None:
+                async with self._prepare_lock:
+                    if self.states[name].loaded is True:
+                        log.info(logfmt(msg="preload: already resident", consumer=name, job=job.id))
+                        return
+                    reading = await self._read_gpu(job)
+                    need = job.target.vram_resident_mib + self.config.gpu.cushion_mib
+                    if reading.free_mib is None or reading.free_mib < need:
+                        self.stats.preload_skips += 1
+                        why = {"free_mib": reading.free_mib, "need_mib": need}
+                        log.warning(logfmt(msg="preload skipped: it does not fit", consumer=name, **why))
+                        self.events.publish("preload_skipped", consumer=name, job=job.id, **why)
+                        return
+                    await self._load(name)
+
+            await self._guarded(job, load())
+            self.finish(job, "completed")
+            return job
+        finally:
+            self._internal.discard(("preload", name))
+
     def _admit(
-        self, consumer: str, kind: str, *, exclusive: bool = False, request_id: str | None = None
+        self,
+        consumer: str,
+        kind: str,
+        *,
+        exclusive: bool = False,
+        request_id: str | None = None,
+        priority: int | None = None,
     ) -> Job:
         """A new job for a configured consumer; counted from here on."""
         target = self.config.consumers.get(consumer)
@@ -1461,7 +1751,7 @@ class Scheduler:
             id=next(self._ids),
             target=target,
             kind=kind,
-            priority=PRIORITY_MAX if exclusive else target.priority,
+            priority=priority if priority is not None else PRIORITY_MAX if exclusive else target.priority,
             arrived=self.clock(),
             granted=asyncio.get_running_loop().create_future(),
             exclusive=exclusive,
@@ -1696,18 +1986,18 @@ class Scheduler:
         parts.append(f"GPU processes: {procs or 'none listed'}")
         return BrokerError("insufficient_vram", "; ".join(parts), job.consumer)
 
-    async def _unload(self, job: Job, victim: str, *, evicting: bool = True) -> str | None:
-        """Unload one consumer through its route (for ``job``'s room, or by an admin); None on success,
-        else why not (counted and logged).
+    async def _unload(self, job: Job, victim: str, *, evicting: bool = True, by: str = "admin") -> str | None:
+        """Unload one consumer through its route or command (for ``job``'s room, or ``by`` an admin or
+        idleness); None on success, else why not (counted and logged).
 
         While the call is under way the victim's residency is unknown, and it stays so unless the call
         succeeds (a failed or interrupted unload may or may not have freed anything).
         """
         state = self.states[victim]
-        why = {"for_consumer": job.consumer} if evicting else {"by": "admin"}
+        why = {"for_consumer": job.consumer} if evicting else {"by": by}
         log.info(logfmt(msg="evicting" if evicting else "unloading", consumer=victim, **why, job=job.id))
         self.events.publish("evicting" if evicting else "unloading", consumer=victim, job=job.id, **why)
-        state.loaded, state.record_at = None, self.clock()
+        state.set_loaded(None, self.clock())
         try:
             await self.ops.unload(victim)
         except Exception as e:
@@ -1719,9 +2009,12 @@ class Scheduler:
             self.stats.evictions += 1
             self.metrics.inc("mgpumanager_evictions_total", consumer=victim)
             job.evictions += 1
+        elif by == "idle":
+            self.stats.idle_unloads += 1
+            self.metrics.inc("mgpumanager_idle_unloads_total", consumer=victim)
         else:
             self.stats.admin_unloads += 1
-        state.loaded, state.record_at = False, self.clock()
+        state.set_loaded(False, self.clock())
         return None
 
     async def _wait_for_memory(self, job: Job, victim: str, size: int, before: int, need: int) -> GpuReading:
@@ -1757,7 +2050,7 @@ class Scheduler:
         state = self.states[name]
         log.info(logfmt(msg="loading", consumer=name))
         self.events.publish("loading", consumer=name)
-        state.loaded, state.record_at = None, self.clock()
+        state.set_loaded(None, self.clock())
         try:
             await self.ops.load(name)
         except Exception as e:
@@ -1766,7 +2059,7 @@ class Scheduler:
             raise BrokerError("load_failed", f"{name} {e}", name) from e
         self.stats.loads += 1
         self.metrics.inc("mgpumanager_loads_total", consumer=name)
-        state.loaded, state.record_at = True, self.clock()
+        state.set_loaded(True, self.clock())
         log.info(logfmt(msg="loaded", consumer=name))
         self.events.publish("loaded", consumer=name)
 
@@ -1789,7 +2082,7 @@ class Scheduler:
         """
         if success:
             state = self.states[job.consumer]
-            state.loaded, state.record_at = True, self.clock()
+            state.set_loaded(True, self.clock())
             state.last_used, state.last_used_at = self.clock(), time.time()
         self._end(job, outcome, code, status, log_now=hold is None)
         if hold is None:
@@ -2175,6 +2468,8 @@ class Broker:
     #: One reader and one scheduler (queue, lock, eviction) per GPU, by nvidia-smi index.
     gpus: dict[int, GpuReader] = field(default_factory=dict)
     schedulers: dict[int, Scheduler] = field(default_factory=dict)
+    #: Background work the broker owns (idle unloads, preloads); cancelled and awaited on cleanup.
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.add_gpus()
@@ -2221,6 +2516,7 @@ class Broker:
         changes = self.apply(new)
         log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
         self.events.publish("reload", ok=True, changes=changes)
+        self.start_preloads()
         return changes
 
     def internal_errors(self) -> int:
@@ -2282,11 +2578,71 @@ class Broker:
         return self.schedulers[c.gpu if c is not None else self.config.gpu.index]
 
     def check_reachable(self, name: str) -> None:
-        """consumer_unreachable (or bad_consumer_url) at once when the consumer's last health probe failed."""
+        """consumer_unreachable (or bad_consumer_url) at once when the consumer's last health probe failed.
+
+        Not for a consumer started by a load command: failing health means it is stopped (by the broker,
+        or before the broker started), and the job starts it.
+        """
         state = self.consumers.states[name]
-        if state.healthy is False:
+        if state.healthy is False and not self.config.consumers[name].started_by_command:
             message = f"upstream {name} last probe failed: {state.last_error}"
             raise BrokerError(state.last_error_code, message, name)
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        """Start background work the broker owns until it ends or the broker closes."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def start_preloads(self) -> None:
+        """Preload (in the background) every ``preload`` consumer that is not known to be resident."""
+        for name, c in self.config.consumers.items():
+            if c.preload and self.consumers.states[name].loaded is not True:
+                self.spawn(self._internal_job("preload", name), f"preload {name}")
+
+    async def _internal_job(self, kind: str, name: str) -> None:
+        """An idle unload or a preload; its failure was logged and counted by the scheduler, and is
+        logged here once more with what it was."""
+        scheduler = self.scheduler_for(name)
+        try:
+            await (scheduler.preload(name) if kind == "preload" else scheduler.idle_unload(name))
+        except BrokerError as e:
+            log.warning(logfmt(msg=f"{kind} failed", consumer=name, code=e.code, error=e.message))
+
+    async def run_idle_unloads(self) -> None:
+        """Unload consumers resident and unused for their ``idle_unload_s``; owned by the app.
+
+        Sleeps until the earliest deadline, but at most IDLE_CHECK_S (or the shortest ``idle_unload_s``), so
+        that new residency and reloads are picked up. The scheduler decides, through its lock, whether an
+        unload is still due; this loop only asks.
+        """
+        while True:
+            now = time.monotonic()
+            periods = [c.idle_unload_s for c in self.config.consumers.values() if c.idle_unload_s]
+            wake = now + min([IDLE_CHECK_S, *periods])
+            try:
+                wake = min(wake, self._ask_for_idle_unloads(now))
+            except Exception as e:
+                self.scheduler.stats.internal_errors += 1
+                log.exception(logfmt(msg="idle unload round crashed", error=describe(e)))
+            await asyncio.sleep(max(0.01, wake - time.monotonic()))
+
+    def _ask_for_idle_unloads(self, now: float) -> float:
+        """Queue an idle unload for every consumer that is due; the earliest deadline still to come."""
+        wake = math.inf
+        for name in self.config.consumers:
+            scheduler = self.scheduler_for(name)
+            due = scheduler.idle_deadline(name)
+            if due is None:
+                continue
+            if due <= now and scheduler.idle_due(name):
+                if not any(t.get_name() == f"idle unload {name}" for t in self.tasks):
+                    self.spawn(self._internal_job("idle_unload", name), f"idle unload {name}")
+            elif due > now:
+                wake = min(wake, due)
+        return wake
 
     async def forward(
         self,
@@ -2808,11 +3164,16 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         # jobs already know who is up and who reports itself loaded.
         await consumers.probe_all()
         health = asyncio.create_task(consumers.run_health(), name="health")
+        broker.spawn(broker.run_idle_unloads(), "idle unloads")
+        broker.start_preloads()  # in the background: serving is not delayed
         yield
     finally:
         if health is not None:
             health.cancel()
             await asyncio.gather(health, return_exceptions=True)
+        for task in list(broker.tasks):
+            task.cancel()
+        await asyncio.gather(*broker.tasks, return_exceptions=True)
         for scheduler in broker.schedulers.values():
             await scheduler.close()
         for reader in broker.gpus.values():

@@ -12,7 +12,9 @@ One file, three parts:
   aiohttp apps that imitate the services the broker fronts: they take VRAM when they load, give it back
   when told to unload, record every request with its timing, and have fault switches.  Tests run them
   in-process (``aiohttp.test_utils.TestServer(sim.app)``); ``python3 mgpusim.py consumers ...`` runs
-  them as one process.
+  them as one process.  ``mgpusim.py start --pidfile F ...`` and ``mgpusim.py stop --pidfile F`` start
+  such a process detached and stop it again, the way ``systemctl start/stop`` treat a service (for the
+  broker's command eviction); the process gives its simulated VRAM back when it exits.
 
 The nvidia-smi mode runs as a subprocess on every GPU reading, so it must start fast: it is answered
 before asyncio and aiohttp are imported (see "Fast path" below).
@@ -1047,6 +1049,8 @@ async def run_consumers(args: argparse.Namespace) -> int:
             raise SystemExit(f"consumers: --vram torch needs PyTorch ({e})") from e
     elif args.state is None:
         raise SystemExit("consumers: --state FILE is required with --vram state")
+    elif args.attach:
+        vram = SimGPU(args.state, create=False)
     else:
         gpus = args.gpus or 1 + max((s.options.get("gpu", 0) for s in specs), default=0)
         vram = SimGPU(args.state, total_mib=args.gpu_total_mib, reserved_mib=args.reserved_mib, gpus=gpus)
@@ -1082,7 +1086,69 @@ async def run_consumers(args: argparse.Namespace) -> int:
 
 def consumers(args: argparse.Namespace) -> int:
     """`mgpusim.py consumers ...`."""
+    if args.attach and not (args.state and Path(args.state).exists()):
+        raise SystemExit(f"consumers: --attach needs an existing --state file, not {args.state!r}")
     return asyncio.run(run_consumers(args))
+
+
+# ---- start and stop: a consumer as a service ----
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited orphan waiting for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def read_pidfile(path: Path) -> int | None:
+    """The pid in a pidfile if that process still runs, else None."""
+    try:
+        pid = int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if alive(pid) else None
+
+
+def start(args: argparse.Namespace) -> int:
+    """`mgpusim.py start`: like `systemctl start` of a Type=simple unit, it returns once the process is
+    started, not once it serves (the broker waits for its health route). Already running: nothing to do."""
+    pidfile = Path(args.pidfile)
+    if (pid := read_pidfile(pidfile)) is not None:
+        print(f"start: already running (pid {pid})", file=sys.stderr)
+        return 0
+    argv = [sys.executable, str(Path(__file__).resolve()), "consumers", "--attach", "--state", args.state]
+    argv += ["--host", args.host, *args.specs]
+    log = open(args.log, "ab") if args.log else subprocess.DEVNULL  # noqa: SIM115 (handed to the child)
+    try:
+        # A session of its own: not in the caller's process group, so killing the caller spares it.
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    finally:
+        if args.log:
+            log.close()  # type: ignore[union-attr]
+    pidfile.write_text(f"{proc.pid}\n")
+    return 0
+
+
+def stop(args: argparse.Namespace) -> int:
+    """`mgpusim.py stop`: SIGTERM, then wait until the process is gone (exit 1 past --timeout)."""
+    pidfile = Path(args.pidfile)
+    pid = read_pidfile(pidfile)
+    if pid is None:
+        pidfile.unlink(missing_ok=True)
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            print(f"stop: pid {pid} still running {args.timeout:g} s after SIGTERM", file=sys.stderr)
+            return 1
+        time.sleep(0.02)
+    pidfile.unlink(missing_ok=True)
+    return 0
 
 
 # ---- demo ----
@@ -1426,9 +1492,25 @@ def build_parser() -> argparse.ArgumentParser:
     cons.add_argument("--gpus", type=int, default=0, help="number of GPUs (default: enough for the specs)")
     cons.add_argument("--host", default="127.0.0.1")
     cons.add_argument(
+        "--attach", action="store_true", help="use the existing --state file (do not create it)"
+    )
+    cons.add_argument(
         "specs", nargs="+", type=parse_spec, metavar="SPEC", help="name=KIND:PORT[,opt=value...]"
     )
     cons.set_defaults(func=consumers)
+    sta = sub.add_parser("start", help="start `consumers --attach` detached, like systemctl start")
+    sta.add_argument("--pidfile", required=True)
+    sta.add_argument("--state", required=True, help="existing GPU state file")
+    sta.add_argument("--log", help="where its output goes (default: nowhere)")
+    sta.add_argument("--host", default="127.0.0.1")
+    sta.add_argument("specs", nargs="+", metavar="SPEC", help="name=KIND:PORT[,opt=value...]")
+    sta.set_defaults(func=start)
+    sto = sub.add_parser(
+        "stop", help="SIGTERM what start started and wait for it to exit, like systemctl stop"
+    )
+    sto.add_argument("--pidfile", required=True)
+    sto.add_argument("--timeout", type=float, default=10.0)
+    sto.set_defaults(func=stop)
     dem = sub.add_parser("demo", help="an end-to-end demonstration")
     dem.add_argument("--once", action="store_true")
     dem.set_defaults(func=demo)

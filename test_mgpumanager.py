@@ -15,6 +15,7 @@ import gzip
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -140,7 +141,7 @@ def test_shipped_config_is_valid_and_check_prints_summary():
     for expected in (
         "mvoice",
         "never (vram_managed)",
-        "never (no unload route)",
+        "command: systemctl stop whisper-server, load command: systemctl start whisper-server",
         "mvoice+ollama",
         "/v1/image",
     ):
@@ -2037,11 +2038,17 @@ def invariant_config() -> m.Config:
             "scheduler": {"max_queue": 6, "max_evictions": 3, "vram_wait_s": 1, "aging_s": 10},
             "consumers": {
                 "a": consumer(
-                    6000, priority=1, max_concurrency=2, can_coexist_with=["b"], unload=route, load=route
+                    6000,
+                    priority=1,
+                    max_concurrency=2,
+                    can_coexist_with=["b"],
+                    unload=route,
+                    load=route,
+                    idle_unload_s=5,
                 ),
                 "b": consumer(3000, priority=3, unload=route, load=route),
                 "c": consumer(5000, vram_managed=True, unload=route),
-                "d": consumer(4000, unload=route, max_concurrency=3),
+                "d": consumer(4000, unload=route, max_concurrency=3, idle_unload_s=2),
                 "e": consumer(2000, priority=0),
             },
         }
@@ -2061,6 +2068,22 @@ class CheckedScheduler(m.Scheduler):
         self.granted: dict[int, m.Job] = {}
         #: The target the scheduler chose to unload itself (its residency unknown, nothing else left).
         self.resetting: str | None = None
+
+    async def _unload(
+        self, job: m.Job, victim: str, *, evicting: bool = True, by: str = "admin"
+    ) -> str | None:
+        violations = self.ops.violations  # type: ignore[attr-defined]
+        if job.kind == "preload":
+            violations.append(f"a preload of {job.consumer} unloaded {victim}")
+        if by == "idle" and not (
+            self.holder == victim == job.consumer
+            and self.exclusive
+            and self.states[victim].loaded is True
+            and self.clock() >= (self.idle_deadline(victim) or math.inf)
+            and not any(j.consumer == victim for j in self._waiting)
+        ):
+            violations.append(f"idle unload of {victim} while not idle, not resident or wanted")
+        return await super()._unload(job, victim, evicting=evicting, by=by)
 
     def _may_hold_itself(self, target: m.ConsumerConfig, tried: set[str]) -> bool:
         allowed = super()._may_hold_itself(target, tried)
@@ -2169,7 +2192,7 @@ class InvariantDriver:
         self.ops = CheckingOps(self.config, self.gpu)
         for name in ("b", "d", "e"):  # resident from the start, never used
             self.gpu.held[name] = self.config.consumers[name].vram_resident_mib
-            self.ops.states[name].loaded = True
+            self.ops.states[name].set_loaded(True, self.clock.now, record=False)
         self.s = CheckedScheduler(self.config, self.gpu, self.ops, clock=self.clock, sleep=self.clock.sleep)
         self.ops.scheduler, self.ops.violations = self.s, []
         self.tasks: list[asyncio.Task[m.Job]] = []
@@ -2204,6 +2227,13 @@ class InvariantDriver:
             if action == "load" or self.config.consumers[name].unload is not None:
                 op = s.load_now(name) if action == "load" else s.unload_now(name)
                 self.admin.append(asyncio.ensure_future(op))
+        elif kind == "internal":
+            name, what = args
+            op = s.idle_unload(name) if what == "idle_unload" else s.preload(name)
+            if what == "idle_unload" or self.config.consumers[name].load is not None:
+                self.admin.append(asyncio.ensure_future(op))
+            else:
+                op.close()
         elif kind == "cancel":
             live = [t for t in self.tasks + self.admin if not t.done()]
             if live:
@@ -2300,7 +2330,13 @@ class InvariantDriver:
         assert self.s.holder is None and self.s.slots == 0 and self.s.queue() == []
         # A task cancelled before it first ran never became a job (its client left before admission).
         assert st.jobs == st.completed + st.failed + st.cancelled + st.rejected == len(self.s.ended)
-        assert st.jobs >= len([t for t in self.tasks + self.admin if not t.cancelled()])
+        # An idle unload or preload that was not due (None) never became a job either.
+        became_jobs = [
+            t
+            for t in self.tasks + self.admin
+            if not t.cancelled() and (t.exception() is not None or t.result() is not None)
+        ]
+        assert st.jobs >= len(became_jobs)
 
 
 _ARRIVE = st.tuples(st.just("arrive"), st.sampled_from(INV_NAMES))
@@ -2327,6 +2363,7 @@ INV_OPS = st.one_of(
     st.tuples(st.just("load_fails"), st.sampled_from(INV_NAMES), st.booleans()),
     st.tuples(st.just("outside"), st.integers(0, 9000)),
     st.tuples(st.just("admin"), st.sampled_from(INV_NAMES), st.sampled_from(["unload", "load"])),
+    st.tuples(st.just("internal"), st.sampled_from(INV_NAMES), st.sampled_from(["idle_unload", "preload"])),
 )
 
 
@@ -3032,6 +3069,300 @@ def test_fuzz_scheduler_invariants_and_config_for_a_while():
         test_any_malformed_config_is_a_config_error_never_a_crash()
         rounds += 1
     print(f"fuzz: {rounds} rounds of 500 scheduler interleavings and 300 configs, no counter-example")
+
+
+# =====================================================================================================
+# Command eviction, idle unload and preload
+# =====================================================================================================
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (
+            "consumers.whisper.unload",
+            {"command": "systemctl stop w"},
+            "whisper.unload.command: must be a list",
+        ),
+        ("consumers.whisper.unload", {"command": []}, "consumers.whisper.unload.command: must be a list"),
+        ("consumers.whisper.load", {"command": ["systemctl", ""]}, "consumers.whisper.load.command: must be"),
+        ("consumers.whisper.unload", {"command": ["x"], "path": "/u"}, "whisper.unload: set command or an"),
+        (
+            "consumers.whisper.unload",
+            {"command": ["x"], "timeout_s": 0},
+            "unload.timeout_s: must be positive",
+        ),
+        ("consumers.whisper.unload", {"command": ["x"], "shell": True}, "whisper.unload.shell: unknown key"),
+        ("consumers.mvoice.idle_unload_s", -1, "consumers.mvoice.idle_unload_s: must be >= 0"),
+        ("consumers.mvoice.idle_unload_s", "10m", "consumers.mvoice.idle_unload_s: must be a number"),
+        ("consumers.whisper.idle_unload_s", 60, "consumers.whisper.idle_unload_s: needs an unload route"),
+        ("consumers.ollama.idle_unload_s", 60, "consumers.ollama.idle_unload_s: a vram_managed consumer"),
+        ("consumers.mvoice.preload", "yes", "consumers.mvoice.preload: must be true or false"),
+        ("consumers.comfyui.preload", True, "consumers.comfyui.preload: needs a load route or command"),
+    ],
+)
+def test_command_idle_and_preload_config_rules_name_the_key(path, value, expected):
+    problems = problems_of(_mutated(path, value))
+    assert any(expected in p for p in problems), problems
+
+
+def test_command_routes_parse_and_show_in_the_summary():
+    raw = base_raw()
+    whisper = raw["consumers"]["whisper"]
+    whisper["unload"] = {"command": ["systemctl", "stop", "whisper-server"], "timeout_s": 30}
+    whisper["load"] = {"command": ["systemctl", "start", "whisper server"]}
+    whisper["idle_unload_s"] = 600
+    raw["consumers"]["mvoice"]["preload"] = True
+    config = m.parse_config(raw)
+    c = config.consumers["whisper"]
+    assert c.unload == m.Command(("systemctl", "stop", "whisper-server"), 30)
+    assert c.load == m.Command(("systemctl", "start", "whisper server"), 60.0)
+    assert c.started_by_command and not config.consumers["mvoice"].started_by_command
+    assert (c.idle_unload_s, c.preload, config.consumers["mvoice"].preload) == (600, False, True)
+    assert config.consumers["mvoice"].idle_unload_s == 0  # absent: never
+    text = m.summary(config)
+    assert "command: systemctl stop whisper-server, load command: systemctl start 'whisper server'" in text
+    assert "idle unload after 600 s" in text and "load POST /api/admin/load; preload" in text
+
+
+# ---- the scheduler's idle unload, on simulated time ----
+
+
+async def test_idle_unload_waits_for_idle_unload_s_since_the_last_use_then_unloads_counted():
+    s, gpu, ops, clock = make_scheduler(small_config(consumers__x__idle_unload_s=10))
+    crowd(gpu, ops, {})
+    ops.states["x"].loaded = None
+    ops.states["x"].set_loaded(True, clock.now, record=False)  # a probe finds it resident; never used
+    assert s.idle_deadline("x") == clock.now + 10 and s.idle_deadline("y") is None
+    clock.now += 9
+    assert await s.idle_unload("x") is None and ops.calls == []  # not due yet
+    job = await s.acquire("x", "kx")
+    clock.now += 5
+    assert await s.idle_unload("x") is None  # never while it has a job
+    s.finish(job, "completed", status=200, success=True)
+    assert s.idle_deadline("x") == clock.now + 10  # counted again from the job's end
+    clock.now += 10
+    done = await s.idle_unload("x")
+    assert done is not None and done.kind == "idle_unload" and done.priority == 0
+    assert ops.calls == [("unload", "x")] and ops.states["x"].loaded is False and "x" not in gpu.held
+    assert (s.stats.idle_unloads, s.stats.admin_unloads, s.stats.evictions) == (1, 0, 0)
+    assert 'mgpumanager_idle_unloads_total{consumer="x"} 1' in s.metrics.render([])
+    assert s.idle_deadline("x") is None and await s.idle_unload("x") is None  # not resident: nothing due
+    assert s.holder is None and books_balance(s)
+
+
+async def test_a_job_queued_while_the_idle_unload_waits_goes_first_and_cancels_it():
+    s, gpu, ops, clock = make_scheduler(small_config(consumers__x__idle_unload_s=10))
+    crowd(gpu, ops, {"x": clock.now})
+    ops.states["t"].loaded = True
+    clock.now += 11
+    running = await s.acquire("t", "kt")  # the lock is busy: the idle unload has to queue
+    idle = asyncio.ensure_future(s.idle_unload("x"))
+    await asyncio.sleep(0)
+    assert [j.kind for j in s.queue()] == ["idle_unload"]
+    assert await s.idle_unload("x") is None  # never two pending for one consumer
+    job_for_x = await _queued(s, "x")
+    assert [j.kind for j in s.queue()] == ["kx", "idle_unload"]  # priority 0: everything goes first
+    s.finish(running, "completed", status=200, success=True)
+    job = await asyncio.wait_for(job_for_x, 5)
+    assert not idle.done()
+    s.finish(job, "completed", status=200, success=True)
+    skipped = await asyncio.wait_for(idle, 5)
+    assert skipped is not None and skipped.outcome == "completed"
+    assert ("unload", "x") not in ops.calls and ops.states["x"].loaded is True  # just used: not idle
+    assert s.stats.idle_unloads == 0 and books_balance(s)
+
+
+async def test_a_job_arriving_while_the_idle_unload_runs_waits_and_loads_the_consumer_again():
+    s, gpu, ops, clock = make_scheduler(small_config(consumers__x__idle_unload_s=10))
+    crowd(gpu, ops, {"x": clock.now})
+    clock.now += 10
+    gate = asyncio.Event()
+    unload = ops.unload
+
+    async def slow_unload(name: str) -> None:
+        await gate.wait()
+        await unload(name)
+
+    ops.unload = slow_unload  # type: ignore[method-assign]
+    idle = asyncio.ensure_future(s.idle_unload("x"))
+    await until(lambda: s.holder == "x" and s.exclusive)
+    job_for_x = await _queued(s, "x")
+    assert not job_for_x.done()  # the unload holds the lock alone: nothing joins it
+    gate.set()
+    assert (await asyncio.wait_for(idle, 5)).outcome == "completed"
+    job = await asyncio.wait_for(job_for_x, 5)
+    assert ops.calls == [("unload", "x"), ("load", "x")] and ops.states["x"].loaded is True
+    s.finish(job, "completed", status=200, success=True)
+    assert s.stats.idle_unloads == 1 and books_balance(s)
+
+
+async def test_preload_loads_only_what_fits_without_evicting_anything():
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {})  # 3904 MiB free: t's 4000 + 256 do not fit
+    assert (await s.preload("t")).outcome == "completed"
+    assert ops.calls == [] and s.stats.preload_skips == 1 and ops.states["t"].loaded is False
+    gpu.held.pop("z")
+    ops.states["z"].loaded = False
+    await s.preload("t")
+    assert ops.calls == [("load", "t")] and ops.states["t"].loaded is True and gpu.reads[-1] == "memory"
+    await s.preload("t")  # resident already: nothing to do
+    assert ops.calls == [("load", "t")] and s.stats.loads == 1 and books_balance(s)
+
+
+# ---- end to end ----
+
+
+async def test_idle_consumer_is_unloaded_by_the_broker_and_loaded_again_by_the_next_job(rig):
+    def idle_mvoice(raw):
+        raw["consumers"]["mvoice"]["idle_unload_s"] = 0.5
+
+    r = await rig(sims={"mvoice": {"loaded": False}}, tweak=idle_mvoice)
+    assert (await r.post("tts", {"text": "one"}))[0] == 200
+    assert r.gpu.used_mib("mvoice") == 2800
+    await until(lambda: r.stats.idle_unloads == 1)
+    assert r.sims["mvoice"].unloads == 1 and r.gpu.used_mib("mvoice") == 0  # its VRAM is released
+    st = await r.status()
+    assert st["consumers"]["mvoice"]["loaded"] is False and st["scheduler"]["stats"]["idle_unloads"] == 1
+    async with r.session.get(r.url("/metrics")) as resp:
+        families = _families(await resp.text())
+    assert _value(families, "mgpumanager_idle_unloads_total", consumer="mvoice") == 1
+    assert (await r.post("tts", {"text": "two"}))[0] == 200
+    assert r.sims["mvoice"].loads == 2 and r.gpu.used_mib("mvoice") == 2800
+    assert [rec.path for rec in r.sims["mvoice"].records] == [
+        "/api/admin/load",
+        "/api/synthesize",
+        "/api/admin/unload",
+        "/api/admin/load",
+        "/api/synthesize",
+    ]
+    assert r.stats.evictions == 0 and r.stats.admin_unloads == 0
+
+
+async def test_preload_at_start_up_and_after_a_reload_never_evicts(rig):
+    def preload_mvoice(raw):
+        raw["consumers"]["mvoice"]["preload"] = True
+
+    # comfyui fills the GPU: mvoice does not fit without evicting it, so it is skipped.
+    r = await rig(sims={"comfyui": {"loaded": True}, "mvoice": {"loaded": False}}, tweak=preload_mvoice)
+    await until(lambda: r.stats.preload_skips == 1 and r.broker.scheduler.holder is None)
+    assert r.sims["comfyui"].unloads == 0 and r.sims["mvoice"].loads == 0 and r.stats.evictions == 0
+    await r.sims["comfyui"].do_unload()  # the GPU gets free, outside the broker
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert resp.status == 200
+    await until(lambda: r.broker.consumers.states["mvoice"].loaded is True)
+    assert r.sims["mvoice"].loads == 1 and r.gpu.used_mib("mvoice") == 2800 and r.stats.jobs == 2
+    assert [rec.path for rec in r.sims["mvoice"].records] == ["/api/admin/load"]  # no job did it
+
+
+def _whisper_as_a_service(r_home: Path, port: int) -> Any:
+    """A tweak: whisper is a process of its own, stopped and started with mgpusim's stop and start."""
+    pidfile = r_home / "whisper.pid"
+    sim = [PY, str(HERE / "mgpusim.py")]
+
+    def tweak(raw: dict[str, Any]) -> None:
+        whisper = raw["consumers"]["whisper"]
+        whisper["url"] = f"http://127.0.0.1:{port}"
+        whisper["unload"] = {"command": [*sim, "stop", "--pidfile", str(pidfile)], "timeout_s": 30}
+        start = [*sim, "start", "--pidfile", str(pidfile), "--state", str(r_home / "gpu.json")]
+        start += ["--log", str(r_home / "whisper.log"), f"whisper=whisper:{port},loaded=true"]
+        whisper["load"] = {"command": start, "timeout_s": 30}
+        raw["routing"]["stt"] = "whisper"
+
+    return tweak
+
+
+async def test_whisper_is_evicted_by_stopping_its_process_and_started_again_for_its_next_job(
+    rig, tmp_path, caplog
+):
+    port = free_port()
+    home = tmp_path / "rig0"  # where the rig fixture puts its first rig
+    # 14000 MiB: comfyui (13000) and whisper (1500) do not fit together.
+    r = await rig(total_mib=14000, tweak=_whisper_as_a_service(home, port))
+    pidfile = home / "whisper.pid"
+    try:
+        # The service is stopped when the broker starts: stopped is "not resident", not "unreachable".
+        whisper = r.broker.consumers.states["whisper"]
+        assert whisper.healthy is False and whisper.loaded is False
+        status, _, body = await r.post("stt", None, data=b"audio")
+        assert status == 200 and json.loads(body) == {"text": "simulated transcript"}
+        first = int(pidfile.read_text())
+        assert mgpusim.alive(first) and r.gpu.used_mib("whisper") == 1500
+        assert whisper.healthy is True and whisper.loaded is True
+
+        assert (await r.post("image", {"prompt": {}}))[0] == 200  # evicts whisper: its process exits
+        assert not mgpusim.alive(first) and r.gpu.used_mib("whisper") == 0 and not pidfile.exists()
+        await r.broker.consumers.probe("whisper")  # its health fails now: that changes nothing
+        assert whisper.loaded is False
+        await until(lambda: r.broker.scheduler.holder is None)
+
+        status, _, body = await r.post("stt", None, data=b"again")  # evicts comfyui, starts whisper
+        assert status == 200, body
+        second = int(pidfile.read_text())
+        assert second != first and mgpusim.alive(second) and r.gpu.used_mib("whisper") == 1500
+        assert (r.stats.evictions, r.stats.loads, r.sims["comfyui"].unloads) == (2, 2, 1)
+    finally:
+        stop = await asyncio.create_subprocess_exec(
+            PY, str(HERE / "mgpusim.py"), "stop", "--pidfile", str(pidfile)
+        )
+        assert await asyncio.wait_for(stop.wait(), 30) == 0
+    commands = [line for line in caplog.text.splitlines() if "msg=command consumer=whisper" in line]
+    assert [re.search(r"action=(\w+)", line)[1] for line in commands] == ["load", "unload", "load"]
+    assert all("exit=0" in line for line in commands)
+    # Each start was followed by waiting for the health route: the job came after a good health answer.
+    log_text = caplog.text
+    assert log_text.index("msg=health consumer=whisper healthy=True") < log_text.index("msg=job id=1")
+
+
+@pytest.mark.parametrize(
+    ("action", "script", "code", "expected"),
+    [
+        ("unload", "echo cannot stop whisper-server >&2; exit 1", "unload_failed", "status 1: cannot stop"),
+        ("load", "echo Unit whisper-server.service not found. >&2; exit 5", "load_failed", "status 5: Unit"),
+        ("load", "exit 0", "load_failed", "not healthy within 0.5 s"),
+    ],
+)
+async def test_a_failing_command_is_unload_failed_or_load_failed_with_its_stderr(
+    rig, caplog, action, script, code, expected
+):
+    def failing(raw):
+        whisper = raw["consumers"]["whisper"]
+        whisper["url"] = f"http://127.0.0.1:{free_port()}"  # nothing listens: stopped
+        whisper[action] = {"command": ["sh", "-c", script], "timeout_s": 0.5}
+        raw["routing"]["stt"] = "whisper"
+
+    r = await rig(tweak=failing)
+    if action == "unload":
+        async with r.session.post(r.url("/v1/consumers/whisper/unload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), code)
+    else:
+        data = error_of(*await r.post("stt", None, data=b"x"), code)
+    assert expected in data["message"]
+    assert expected in caplog.text and f'msg="{action} failed" consumer=whisper' in caplog.text
+    assert r.broker.scheduler.holder is None and books_balance(r.broker.scheduler)
+    assert r.broker.consumers.states["whisper"].loaded is None  # unknown after a failed call
+
+
+async def test_a_hanging_command_is_killed_at_its_timeout_with_everything_it_started(rig, tmp_path):
+    pids = tmp_path / "pids"
+
+    def hanging(raw):
+        script = f"sleep 30 & echo $! >> {pids}; echo $$ >> {pids}; wait"
+        raw["consumers"]["whisper"]["unload"] = {"command": ["sh", "-c", script], "timeout_s": 0.5}
+
+    r = await rig(tweak=hanging)
+    async with r.session.post(r.url("/v1/consumers/whisper/unload")) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "unload_failed")
+    assert "did not finish within 0.5 s (killed)" in data["message"]
+    started = [int(pid) for pid in pids.read_text().split()]
+    assert len(started) == 2 and [pid for pid in started if running(pid)] == []
+    assert r.stats.unload_failures == 1 and r.broker.consumers.states["whisper"].loaded is None
+
+
+async def test_run_process_keeps_only_the_tail_of_a_chatty_process():
+    script = "head -c 3000000 /dev/zero | tr '\\0' a; echo; echo the end >&2; exit 3"
+    done = await m.run_process(["sh", "-c", script], 10, limit=1000)
+    assert done.returncode == 3 and len(done.stdout) == 1000 and done.stderr_tail() == "the end"
 
 
 # =====================================================================================================
