@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -295,25 +296,33 @@ def echo_app() -> web.Application:
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
 
-def bare_proxy_app(upstream: str, lock: bool) -> web.Application:
+def bare_proxy_app(upstream: str, lock: bool, stream: bool = False) -> web.Application:
     """The floor: one shared session; read the body, forward it, read the answer, answer.
 
     With ``lock``, one asyncio.Lock around the forward serialises the jobs as the broker's GPU lock does.
+    With ``stream``, the answer is relayed chunk by chunk as it comes (the floor for streaming).
     """
     gate = asyncio.Lock() if lock else None
     upstream = upstream.rstrip("/")
 
-    async def forward(request: web.Request) -> web.Response:
+    async def forward(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         session = request.app[SESSION]
         headers = {"Content-Type": request.headers.get("Content-Type", "application/octet-stream")}
 
-        async def go() -> web.Response:
+        async def go() -> web.StreamResponse:
             async with session.request(
                 request.method, upstream + request.path_qs, data=body, headers=headers
             ) as r:
-                data = await r.read()
                 ctype = r.headers.get("Content-Type", "application/octet-stream")
+                if stream:
+                    resp = web.StreamResponse(status=r.status, headers={"Content-Type": ctype})
+                    await resp.prepare(request)
+                    while chunk := await r.content.readany():
+                        await resp.write(chunk)
+                    await resp.write_eof()
+                    return resp
+                data = await r.read()
                 return web.Response(body=data, status=r.status, headers={"Content-Type": ctype})
 
         if gate is None:
@@ -605,6 +614,7 @@ class Bench:
             "bare",
             "bare_uv",
             "bare_lock",
+            "bare_stream",
         ]
         names += ["nginx", "profiled"]
         self.ports = dict(zip(names, free_ports(len(names)), strict=True))
@@ -674,6 +684,11 @@ class Bench:
         )
         self.pids["bare_lock"] = child.pid
         self.urls["bare_lock"] = f"http://{LOOPBACK}:{p['bare_lock']}"
+        # The streaming floor, in front of the simulated ollama, on the broker's own loop.
+        argv = [PY, str(HERE / "bench.py"), "bare-proxy", "--upstream", self.urls["ollama"], "--stream"]
+        argv += ["--port", str(p["bare_stream"])] + (["--uvloop"] if self.loops["broker"] == "uvloop" else [])
+        await self.children.spawn("bare_stream", argv, ready_line=b"READY")
+        self.urls["bare_stream"] = f"http://{LOOPBACK}:{p['bare_stream']}"
 
         self.nginx = find_nginx(self.notes)
         if self.nginx:
@@ -1062,7 +1077,11 @@ class Bench:
         return first, last, lags, n, headers
 
     async def m3_stream(self) -> None:
-        ways = {"direct": self.urls["ollama"] + "/api/generate", "broker": self.urls["broker"] + "/v1/llm"}
+        ways = {
+            "direct": self.urls["ollama"] + "/api/generate",
+            "broker": self.urls["broker"] + "/v1/llm",
+            "bare": self.urls["bare_stream"] + "/api/generate",
+        }
         for url in ways.values():
             await self.stream_once(url)  # warm-up (the broker's first ollama job reads the GPU)
         rounds = self.rounds(8, 2)
@@ -1081,6 +1100,7 @@ class Bench:
                 counts[name].append(n)
         rounds_done = len(first["direct"])
         d_first = med([first["broker"][i] - first["direct"][i] for i in range(rounds_done)])
+        d_bare = med([first["bare"][i] - first["direct"][i] for i in range(rounds_done)])
         d_last = med([last["broker"][i] - last["direct"][i] for i in range(rounds_done)])
         all_lag = {k: [x for lg in v for x in lg] for k, v in lags.items()}
         late = {k: sum(1 for x in v if x > STREAM_INTERVAL_S) for k, v in all_lag.items()}
@@ -1098,7 +1118,8 @@ class Bench:
             Row(
                 "3 stream: first line",
                 f"{ms(med(first['broker']))} ({plus_ms(d_first)})",
-                f"direct {ms(med(first['direct']))}",
+                f"direct {ms(med(first['direct']))}, bare streaming proxy {ms(med(first['bare']))}"
+                f" ({plus_ms(d_bare)})",
                 "<= direct + 1 ms",
                 ok_first,
             )
@@ -1128,7 +1149,9 @@ class Bench:
                 "Streaming: first line within 1 ms of direct",
                 ok_first,
                 f"broker {ms(med(first['broker']))} vs direct {ms(med(first['direct']))}: {plus_ms(d_first)}"
-                " (median of per-round differences)",
+                " (median of per-round differences); the floor, a bare aiohttp proxy that relays each chunk"
+                f" as it comes (same loop), {ms(med(first['bare']))}: {plus_ms(d_bare)}, so the broker's own"
+                f" share is {plus_ms(d_first - d_bare)}",
             )
         )
         self.targets.append(
@@ -1151,7 +1174,8 @@ class Bench:
             " time from sending the request to the line's arrival; lag = arrival (client's wall clock) -"
             " the line's created_at (the consumer's wall clock just before it wrote the line). The answer's"
             f" headers arrived after {ms(med(heads['broker']))} through the broker,"
-            f" {ms(med(heads['direct']))} direct. The last line comes later through the broker because the"
+            f" {ms(med(heads['bare']))} through the bare streaming proxy, {ms(med(heads['direct']))} direct."
+            " The last line comes later through the broker because the"
             " simulated consumer's own 5 ms sleeps drift when three processes share two CPUs; the per-line"
             " lag, measured against each line's own creation time, is what shows holding back."
         )
@@ -1555,6 +1579,9 @@ async def run_bench(args: argparse.Namespace) -> int:
         ("6 status load", bench.m6_status),
         ("7 CPU per job", bench.m7_cpu),
     ]
+    if args.only:
+        wanted = {part.strip() for part in args.only.split(",")}
+        steps = [(name, step) for name, step in steps if name.split()[0] in wanted]
     failed = False
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, auto_decompress=False) as session:
@@ -1589,7 +1616,7 @@ async def run_bench(args: argparse.Namespace) -> int:
     for n in bench.notes:
         print(f"note: {n}")
     print(f"\nbench: {elapsed:.0f} s")
-    md = args.md if args.md is not None else (None if args.quick else HERE / "BENCH.md")
+    md = args.md if args.md is not None else (None if args.quick or args.only else HERE / "BENCH.md")
     if md is not None:
         write_text(Path(md), bench.markdown(machine_lines(), elapsed))
         print(f"bench: wrote {md}")
@@ -1603,7 +1630,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     parser.add_argument(
-        "--md", type=Path, help="where to write the report (default BENCH.md; none with --quick)"
+        "--md", type=Path, help="where to write the report (default BENCH.md; none with --quick or --only)"
+    )
+    parser.add_argument(
+        "--only", metavar="N,N", help="run only these measurements (1-7, profile): a developer's look"
     )
     sub = parser.add_subparsers(dest="command")
     echo = sub.add_parser("echo-consumer", help="the echo consumer, as its own process")
@@ -1613,13 +1643,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     bare.add_argument("--upstream", required=True)
     bare.add_argument("--lock", action="store_true", help="one asyncio.Lock around the forward")
     bare.add_argument("--uvloop", action="store_true")
+    bare.add_argument("--stream", action="store_true", help="relay the answer chunk by chunk")
     args = parser.parse_args(argv)
     if args.command == "echo-consumer":
         return run_server(echo_app, args.port, False)
     if args.command == "bare-proxy":
         if not args.upstream.startswith(f"http://{LOOPBACK}:"):
             parser.error("--upstream must be on 127.0.0.1")
-        return run_server(lambda: bare_proxy_app(args.upstream, args.lock), args.port, args.uvloop)
+        app = functools.partial(bare_proxy_app, args.upstream, args.lock, args.stream)
+        return run_server(app, args.port, args.uvloop)
     return asyncio.run(run_bench(args))
 
 
