@@ -19,6 +19,9 @@ memory held by processes outside the broker is seen only as "not free"; a consum
 its ``vram_resident_mib`` can still run the GPU out of memory; consumers without an unload route are never
 evicted; request bodies are held in memory (bounded by ``max_body_mib``) before a job is queued.
 
+Clients that speak a consumer's own API use its mount, ``/c/<name>/<path>``: reads (GET, HEAD, OPTIONS),
+the consumer's ``unscheduled`` calls and WebSockets are forwarded at once, every other request is a job.
+
 Around it: /v1/status, an event stream (/v1/events), Prometheus metrics (/metrics), a live page (/),
 systemd's notify protocol and watchdog, reload in place (SIGHUP) and a graceful drain on SIGTERM.
 
