@@ -23,6 +23,9 @@ Load and unload are HTTP calls or commands (``systemctl stop whisper-server``: a
 whose health fails is stopped, not unreachable, and a job starts it). Consumers may be unloaded after
 ``idle_unload_s`` unused and preloaded when they fit; both are internal jobs of the lowest priority.
 
+Clients that speak a consumer's own API use its mount, ``/c/<name>/<path>``: reads (GET, HEAD, OPTIONS),
+the consumer's ``unscheduled`` calls and WebSockets are forwarded at once, every other request is a job.
+
 Around it: /v1/status, an event stream (/v1/events), Prometheus metrics (/metrics), a live page (/),
 systemd's notify protocol and watchdog, reload in place (SIGHUP) and a graceful drain on SIGTERM.
 
@@ -50,6 +53,7 @@ import signal
 import socket
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -159,6 +163,22 @@ class JobPath:
 
 
 @dataclass(frozen=True)
+class Unscheduled:
+    """A cheap, non-GPU call of a consumer's own API, forwarded through its mount without the lock."""
+
+    method: str
+    #: An exact path, or a prefix when it ends with ``*`` (``/upload/*``).
+    path: str
+
+    def matches(self, method: str, path: str) -> bool:
+        if method != self.method:
+            return False
+        if self.path.endswith("*"):
+            return path.startswith(self.path[:-1])
+        return path == self.path
+
+
+@dataclass(frozen=True)
 class ConsumerConfig:
     name: str
     #: Base URL without a trailing slash; route paths are appended to it.
@@ -182,6 +202,8 @@ class ConsumerConfig:
     idle_unload_s: float = 0.0
     #: Loaded at start-up and after a reload when it fits without evicting anything.
     preload: bool = False
+    #: Calls through its mount (/c/{name}/...) that are forwarded at once, besides GET, HEAD and OPTIONS.
+    unscheduled: tuple[Unscheduled, ...] = ()
 
     @property
     def started_by_command(self) -> bool:
@@ -364,6 +386,7 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         "gpu",
         "idle_unload_s",
         "preload",
+        "unscheduled",
     )
     d = ck.mapping(raw, where, allowed, required=True)
     if not d:
@@ -446,7 +469,32 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         gpu=ck.number(d, "gpu", where, default_gpu, integer=True, zero_ok=True),
         idle_unload_s=idle_unload_s,
         preload=preload is True,
+        unscheduled=_parse_unscheduled(ck, d.get("unscheduled", []), where, paths),
     )
+
+
+def _parse_unscheduled(
+    ck: _Checker, raw: Any, where: str, paths: Mapping[str, JobPath]
+) -> tuple[Unscheduled, ...]:
+    """``unscheduled: [{method: POST, path: /api/show}, ...]``; a path may end in ``*`` (a prefix)."""
+    where = f"{where}.unscheduled"
+    if not isinstance(raw, list):
+        ck.problem(where, f"must be a list of {{method, path}} mappings, not {raw!r}")
+        return ()
+    out = []
+    for i, spec in enumerate(raw):
+        iwhere = f"{where}[{i}]"
+        d = ck.mapping(spec, iwhere, ("method", "path"), required=True)
+        if not d:
+            continue
+        entry = Unscheduled(method=ck.method(d, iwhere, "POST"), path=ck.path(d, iwhere))
+        if "*" in entry.path[:-1]:
+            ck.problem(f"{iwhere}.path", f"'*' may only end a path (a prefix), not {entry.path!r}")
+        for kind, p in paths.items():
+            if entry.path and entry.matches(p.method, p.path):
+                ck.problem(iwhere, f"{p.method} {p.path} is the path of kind {kind!r}: GPU work is scheduled")
+        out.append(entry)
+    return tuple(out)
 
 
 def _parse_auth(ck: _Checker, raw: Any) -> AuthConfig:
@@ -893,6 +941,11 @@ METRIC_HELP = {
     "mgpumanager_run_seconds": ("histogram", "Time jobs held the GPU lock, from grant to the last byte."),
     "mgpumanager_hold_seconds": ("histogram", "Time holds kept the GPU lock after the answer."),
     "mgpumanager_hold_timeouts_total": ("counter", "Holds released at their timeout."),
+    "mgpumanager_websockets_total": ("counter", "WebSockets proxied through a mount, by consumer."),
+    "mgpumanager_websocket_failures_total": (
+        "counter",
+        "WebSockets through a mount that failed to connect or broke, by consumer.",
+    ),
     "mgpumanager_evictions_total": ("counter", "Consumers unloaded to make room, by the consumer unloaded."),
     "mgpumanager_loads_total": ("counter", "Load calls that succeeded, by consumer."),
     "mgpumanager_unload_failures_total": ("counter", "Unload calls that failed, by consumer."),
@@ -2423,6 +2476,157 @@ def audio_upstream_path(raw_path: str) -> str:
     return "/audio/" + rest + sep + query
 
 
+#: Methods a mount forwards at once: they read, they never start GPU work.
+UNSCHEDULED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: The kind a mount job has when its method and path are none of its consumer's ``paths``.
+MOUNT_KIND = "mount"
+
+
+def mount_upstream_path(raw_path: str, name: str) -> tuple[str, str]:
+    """For ``/c/{name}/{path}``: the consumer's path as the client encoded it (query kept), and its decoded
+    form (what ``paths`` and ``unscheduled`` are matched with); bad_request for '.' or '..' segments."""
+    path, sep, query = raw_path.partition("?")
+    raw_name, _, tail = path.removeprefix("/c/").partition("/")
+    upstream = "/" + tail
+    try:
+        decoded = unquote(upstream, errors="strict")
+        same_name = unquote(raw_name, errors="strict") == name
+    except UnicodeDecodeError:
+        decoded, same_name = "", False
+    if not path.startswith("/c/") or not same_name or any(s in (".", "..") for s in decoded.split("/")):
+        raise BrokerError("bad_request", f"a mount path must not leave /c/{name}/", name)
+    return upstream + sep + query, decoded
+
+
+def mount_job_path(consumer: ConsumerConfig, method: str, path: str) -> tuple[str, JobPath]:
+    """The kind and JobPath of a scheduled mount request.
+
+    A ``paths`` entry's (with its hold) when method and decoded path equal it; else kind ``mount``, no hold.
+    """
+    for kind, p in consumer.paths.items():
+        if p.method == method and p.path == path:
+            return kind, p
+    return MOUNT_KIND, JobPath(method, path)
+
+
+#: Negotiated by each of the two WebSocket connections on its own, never copied from one to the other.
+WS_OWN_HEADERS = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions")
+WS_OWN_HEADERS += ("Sec-WebSocket-Protocol", "Sec-WebSocket-Accept")
+#: Close codes that may not be sent in a close frame (RFC 6455 7.4.1), and what the other side gets instead.
+WS_UNSENDABLE = frozenset({1005, 1006, 1015})
+
+
+def websocket_protocols(request: web.Request) -> list[str]:
+    """The subprotocols the client offers (Sec-WebSocket-Protocol), in its order."""
+    values = request.headers.getall("Sec-WebSocket-Protocol", [])
+    return [p.strip() for value in values for p in value.split(",") if p.strip()]
+
+
+async def open_websocket(
+    session: aiohttp.ClientSession,
+    consumer: ConsumerConfig,
+    path_qs: str,
+    headers: CIMultiDict[str],
+    protocols: Sequence[str],
+    max_msg_size: int,
+) -> aiohttp.ClientWebSocketResponse:
+    """Open the consumer's side of a proxied WebSocket; failures become BrokerErrors.
+
+    The handshake (connect and the consumer's 101) is bounded like a connect: it must answer at once.
+    """
+    for header in WS_OWN_HEADERS:
+        headers.popall(header, None)
+    url = URL("ws" + consumer.url.removeprefix("http") + path_qs, encoded=True)
+    limit = min(CONNECT_TIMEOUT_S, consumer.timeout_s)
+    try:
+        return await asyncio.wait_for(
+            session.ws_connect(
+                url,
+                protocols=protocols,
+                headers=headers,
+                max_msg_size=max_msg_size,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CONNECT_TIMEOUT_S),
+            ),
+            limit,
+        )
+    except aiohttp.WSServerHandshakeError as e:
+        message = f"upstream {consumer.name} refused the WebSocket upgrade: HTTP {e.status} {e.message}"
+        raise BrokerError("consumer_unreachable", message, consumer.name) from e
+    except asyncio.TimeoutError as e:
+        message = f"upstream {consumer.name} did not complete the WebSocket handshake within {limit:g} s"
+        raise BrokerError("consumer_unreachable", message, consumer.name) from e
+    except (aiohttp.ClientError, ValueError) as e:
+        raise BrokerError(failure_code(e), f"upstream {consumer.name} {describe(e)}", consumer.name) from e
+
+
+WebSocketSide = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+async def _pump(source: WebSocketSide, sink: WebSocketSide) -> int:
+    """Copy text and binary messages from ``source`` to ``sink`` until ``source`` closes; return the code
+    to close the other side with. ConnectionResetError when either side broke instead."""
+    async for msg in source:  # ends at CLOSE, CLOSING and CLOSED
+        if msg.type == aiohttp.WSMsgType.TEXT:
+            await sink.send_str(msg.data)
+        elif msg.type == aiohttp.WSMsgType.BINARY:
+            await sink.send_bytes(msg.data)
+        elif msg.type == aiohttp.WSMsgType.ERROR:
+            raise ConnectionResetError(describe(msg.data))
+    code = source.close_code
+    if code is None or code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE:
+        raise ConnectionResetError("connection lost")
+    return 1000 if code in WS_UNSENDABLE else code
+
+
+@dataclass(eq=False)
+class ProxiedWebSocket:
+    """A WebSocket relayed through a mount: the client's side and the consumer's."""
+
+    client: web.WebSocketResponse
+    upstream: aiohttp.ClientWebSocketResponse
+    #: Set to a close code to end the relay from outside (the broker shutting down).
+    stop: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    async def relay(self) -> None:
+        """Relay both ways until either side closes or ``stop`` is set, then close both with that code.
+
+        Both pumps are owned: cancelled and awaited before the sides are closed, so no close races a read.
+        Raises ConnectionResetError when a side broke (both are then closed with 1011).
+        """
+        pumps = [
+            asyncio.create_task(_pump(self.client, self.upstream), name="ws client->consumer"),
+            asyncio.create_task(_pump(self.upstream, self.client), name="ws consumer->client"),
+        ]
+        try:
+            await asyncio.wait([*pumps, self.stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Also when the handler is cancelled (the client's connection closed right after its close
+            # frame): what a pump already got still decides the code.
+            code, error = self._outcome(pumps)
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            closed = await asyncio.gather(
+                self.upstream.close(code=code), self.client.close(code=code), return_exceptions=True
+            )
+            for result in closed:
+                if isinstance(result, Exception):
+                    log.warning(logfmt(msg="websocket close failed", error=describe(result)))
+        if error is not None:
+            raise ConnectionResetError(describe(error)) from error
+
+    def _outcome(self, pumps: list[asyncio.Task[int]]) -> tuple[int, BaseException | None]:
+        """The close code for both sides, and the error when a side broke: ``stop``'s code, else that of
+        the first pump that ended; 1001 (going away) when none did (the relay was cancelled)."""
+        if self.stop.done():
+            return self.stop.result(), None
+        for pump in pumps:
+            if pump.done() and not pump.cancelled():
+                error = pump.exception()
+                return (aiohttp.WSCloseCode.INTERNAL_ERROR, error) if error else (pump.result(), None)
+        return aiohttp.WSCloseCode.GOING_AWAY, None
+
+
 # =====================================================================================================
 # The HTTP app
 # =====================================================================================================
@@ -2961,6 +3165,94 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
         ex.close()
 
 
+async def handle_mount(request: web.Request) -> web.StreamResponse:
+    """Any method on /c/{name}/{path}: the consumer's own API, its GPU work scheduled like /v1 jobs.
+
+    GET, HEAD, OPTIONS and the consumer's ``unscheduled`` calls are forwarded at once; WebSocket upgrades
+    are proxied both ways, unscheduled; every other request is a job of that consumer.
+    """
+    broker = request.app[BROKER]
+    name = request.match_info["name"]
+    consumer = broker.config.consumers.get(name)
+    if consumer is None:
+        raise BrokerError("no_consumer", f"no consumer named {name!r}")
+    path_qs, decoded = mount_upstream_path(request.raw_path, name)
+    method = request.method
+    if method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
+        return await proxy_websocket(request, broker, consumer, path_qs)
+    max_mib = broker.config.scheduler.max_body_mib
+    if method in UNSCHEDULED_METHODS or any(u.matches(method, decoded) for u in consumer.unscheduled):
+        body = await read_body(request, max_mib) if request.body_exists else None
+        broker.check_reachable(name)
+        ex = Exchange()
+        try:
+            return await broker.forward(request, ex, consumer, method, path_qs, body)
+        finally:
+            ex.close()
+    body = await read_body(request, max_mib)
+    consumer = broker.config.consumers.get(name)  # a reload may have come while the body was read
+    if consumer is None:
+        raise BrokerError("no_consumer", f"{name} is no longer configured", name)
+    broker.check_reachable(name)
+    kind, path = mount_job_path(consumer, method, decoded)
+    scheduler = broker.scheduler_for(name)
+    job = await scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
+    # The client's encoding of the path goes to the consumer; _run_job adds the query.
+    upstream = replace(path, path=path_qs.partition("?")[0])
+    return await _run_job(request, broker, scheduler, job, upstream, body)
+
+
+#: The open WebSockets of mounts, closed (going away) when the broker shuts down.
+WEBSOCKETS: web.AppKey[weakref.WeakSet[ProxiedWebSocket]] = web.AppKey("websockets")
+
+
+async def proxy_websocket(
+    request: web.Request, broker: Broker, consumer: ConsumerConfig, path_qs: str
+) -> web.StreamResponse:
+    """A WebSocket through a mount, unscheduled. The consumer's side is opened first, so that a consumer
+    that is down or refuses is answered with the broker's JSON error, not an upgrade that closes at once."""
+    broker.check_reachable(consumer.name)
+    metrics = broker.scheduler_for(consumer.name).metrics
+    headers = request_headers(request, strip_auth=broker.config.auth.token is not None)
+    max_size = broker.config.scheduler.max_body_mib * MiB
+    try:
+        upstream = await open_websocket(
+            broker.session, consumer, path_qs, headers, websocket_protocols(request), max_size
+        )
+    except BrokerError as e:
+        metrics.inc("mgpumanager_websocket_failures_total", consumer=consumer.name)
+        log.warning(logfmt(msg="websocket refused", consumer=consumer.name, error=e.message))
+        if e.code == "consumer_unreachable" and not isinstance(e.__cause__, aiohttp.WSServerHandshakeError):
+            broker.consumers.mark_unhealthy(consumer.name, describe(e.__cause__ or e))
+        raise
+    try:
+        client = web.WebSocketResponse(
+            protocols=[upstream.protocol] if upstream.protocol else (), max_msg_size=max_size
+        )
+        await client.prepare(request)
+    except BaseException:
+        await upstream.close()
+        raise
+    metrics.inc("mgpumanager_websockets_total", consumer=consumer.name)
+    proxied = ProxiedWebSocket(client, upstream)
+    request.app[WEBSOCKETS].add(proxied)
+    try:
+        await proxied.relay()
+    except ConnectionResetError as e:
+        metrics.inc("mgpumanager_websocket_failures_total", consumer=consumer.name)
+        log.warning(logfmt(msg="websocket broke", consumer=consumer.name, error=str(e)))
+    return client
+
+
+async def _close_websockets(app: web.Application) -> None:
+    """On shutdown: close the mounts' open WebSockets (going away), so that none keeps the broker up."""
+    sockets = [p for p in app[WEBSOCKETS] if not p.stop.done()]
+    for proxied in sockets:
+        proxied.stop.set_result(aiohttp.WSCloseCode.GOING_AWAY)
+    if sockets:
+        log.info(logfmt(msg="shutting down: closing websockets", websockets=len(sockets)))
+
+
 async def _gpu_status(reader: GpuReader) -> dict[str, Any]:
     """One GPU for /v1/status, read at most once per STATUS_MAX_AGE_S however often it is asked."""
     try:
@@ -3186,7 +3478,9 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     app = web.Application(middlewares=[front_door])
     app[CONFIG] = config
     app[SOURCE] = source
+    app[WEBSOCKETS] = weakref.WeakSet()
     app.cleanup_ctx.append(_broker_ctx)
+    app.on_shutdown.append(_close_websockets)
     app.on_shutdown.append(_drain)
     app.on_response_prepare.append(_add_request_id)
     app.router.add_get("/", handle_dashboard)
@@ -3198,6 +3492,8 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     app.router.add_post("/v1/consumers/{name}/{action:unload|load}", handle_admin_consumer)
     app.router.add_route("*", "/v1/{kind}", handle_job)
     app.router.add_get("/audio/{path:.+}", handle_audio)
+    app.router.add_route("*", "/c/{name}", handle_mount)
+    app.router.add_route("*", "/c/{name}/{path:.*}", handle_mount)
     return app
 
 

@@ -674,8 +674,10 @@ class SimConsumer:
         return task
 
     async def _on_shutdown(self, app: web.Application) -> None:
-        """Let hung requests fail, so that the server does not wait for them."""
+        """Let hung requests fail, so that the server does not wait for them; close open WebSockets."""
         self._shutting_down.set()
+        for ws in list(getattr(self, "sockets", ())):
+            await ws.close(code=1001)
 
     async def _on_cleanup(self, app: web.Application) -> None:
         """Cancel the background tasks (pending releases, renders)."""
@@ -786,10 +788,16 @@ class MvoiceSim(SimConsumer):
 
 
 class OllamaSim(SimConsumer):
-    """ollama: /api/generate (streamed ndjson or one object); loads itself on the first request."""
+    """ollama: its own API (/api/generate, /api/chat, /api/tags, /api/show) and the OpenAI-compatible one
+    it serves beside it (/v1/chat/completions, /v1/models); loads itself on the first request.
+
+    Answers are streamed (ndjson, or server-sent events for /v1) one token every line_interval_s, or sent
+    as one object; the shapes are those the ``ollama`` and ``openai`` Python clients parse.
+    """
 
     health_path = "/"
     default_vram_mib = 5000
+    model = "sim:latest"
 
     def __init__(
         self,
@@ -809,22 +817,32 @@ class OllamaSim(SimConsumer):
         """ollama's routes."""
         router.add_get("/", self.root)
         router.add_post("/api/generate", self.generate)
+        router.add_post("/api/chat", self.chat)
+        router.add_get("/api/tags", self.tags)
         router.add_post("/api/show", self.show)
+        router.add_post("/v1/chat/completions", self.chat_completions)
+        router.add_get("/v1/models", self.models)
 
     async def root(self, request: web.Request) -> web.Response:
         """GET / (ollama's health check)."""
         return web.Response(text="Ollama is running")
 
     @staticmethod
-    def chunk(model: str, response: str, done: bool, **extra: Any) -> dict[str, Any]:
+    def now() -> str:
+        return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+    @classmethod
+    def chunk(cls, model: str, response: str, done: bool, **extra: Any) -> dict[str, Any]:
         """One generate answer object."""
-        now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-        return {"model": model, "created_at": now, "response": response, "done": done, **extra}
+        return {"model": model, "created_at": cls.now(), "response": response, "done": done, **extra}
 
     @staticmethod
     def ndjson(obj: dict[str, Any]) -> bytes:
         """One ndjson line, compact like ollama's."""
         return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+
+    def tokens(self) -> list[str]:
+        return [f"tok{i} " for i in range(self.lines)]
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """POST /api/generate {"model", "prompt", "stream" (default true), "keep_alive"}."""
@@ -841,51 +859,119 @@ class OllamaSim(SimConsumer):
                 return web.json_response(self.chunk(model, "", True, done_reason="unload"))
             await self.do_load()
             return web.json_response(self.chunk(model, "", True, done_reason="load"))
-        tokens = [f"tok{i} " for i in range(self.lines)]
-        final = {"done_reason": "stop", "eval_count": self.lines}
-        with self.gpu_work(request[RECORD]):
-            await self.do_load()
-            await asyncio.sleep(self.work_s)
-            if not data.get("stream", True):
-                await asyncio.sleep(self.lines * self.line_interval_s)
-                answer: web.StreamResponse = web.json_response(
-                    self.chunk(model, "".join(tokens), True, **final)
-                )
-            else:
-                answer = await self.stream(request, model, tokens, final)
+        tokens = self.tokens()
+        final = self.chunk(model, "", True, done_reason="stop", eval_count=self.lines)
+        lines = [self.ndjson(self.chunk(model, t, False)) for t in tokens] + [self.ndjson(final)]
+        whole = self.chunk(model, "".join(tokens), True, done_reason="stop", eval_count=self.lines)
+        answer = await self.infer(request, data.get("stream", True), lines, "application/x-ndjson", whole)
         if unload_after:
             await self.do_unload()
         return answer
 
-    async def stream(
-        self, request: web.Request, model: str, tokens: list[str], final: dict[str, Any]
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        """POST /api/chat {"model", "messages", "stream" (default true)}: the reply as message chunks."""
+        if (fault := await self.inference_fault()) is not None:
+            return fault
+        data = await read_json(request)
+        model = str(data.get("model", "sim"))
+
+        def line(content: str, done: bool, **extra: Any) -> dict[str, Any]:
+            message = {"role": "assistant", "content": content}
+            return {"model": model, "created_at": self.now(), "message": message, "done": done, **extra}
+
+        tokens = self.tokens()
+        final = {"done_reason": "stop", "eval_count": self.lines}
+        lines = [self.ndjson(line(t, False)) for t in tokens] + [self.ndjson(line("", True, **final))]
+        whole = line("".join(tokens), True, **final)
+        return await self.infer(request, data.get("stream", True), lines, "application/x-ndjson", whole)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions (OpenAI's API): one chat.completion, or chat.completion.chunk events
+        as server-sent events ending with ``data: [DONE]``."""
+        if (fault := await self.inference_fault()) is not None:
+            return fault
+        data = await read_json(request)
+        model = str(data.get("model", "sim"))
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:8]}", "created": int(time.time()), "model": model}
+        head["system_fingerprint"] = "fp_ollama"
+
+        def event(delta: dict[str, Any], finish: str | None) -> bytes:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            chunk = head | {"object": "chat.completion.chunk", "choices": [choice]}
+            return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+        tokens = self.tokens()
+        lines = [event({"role": "assistant", "content": t}, None) for t in tokens]
+        lines += [event({"role": "assistant", "content": ""}, "stop"), b"data: [DONE]\n\n"]
+        message = {"role": "assistant", "content": "".join(tokens)}
+        usage = {"prompt_tokens": 1, "completion_tokens": self.lines, "total_tokens": self.lines + 1}
+        whole = head | {
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": usage,
+        }
+        return await self.infer(request, bool(data.get("stream", False)), lines, "text/event-stream", whole)
+
+    async def infer(
+        self, request: web.Request, stream: Any, lines: list[bytes], content_type: str, whole: dict[str, Any]
     ) -> web.StreamResponse:
-        """Write the tokens as ndjson lines, one every line_interval_s, then the final "done" line."""
+        """The GPU part of every inference route: load, work, then stream ``lines`` or answer ``whole``."""
+        with self.gpu_work(request[RECORD]):
+            await self.do_load()
+            await asyncio.sleep(self.work_s)
+            if not stream:
+                await asyncio.sleep(self.lines * self.line_interval_s)
+                return web.json_response(whole)
+            return await self.stream(request, lines, content_type)
+
+    async def stream(self, request: web.Request, lines: list[bytes], content_type: str) -> web.StreamResponse:
+        """Write the lines, the token lines one every line_interval_s, what follows them at once."""
         times: list[float] = []
         self.line_times.append(times)
         resp = web.StreamResponse()
-        resp.content_type = "application/x-ndjson"
+        resp.content_type = content_type
         await resp.prepare(request)
-        for token in tokens:
-            await resp.write(self.ndjson(self.chunk(model, token, False)))
+        for i, line in enumerate(lines):
+            await resp.write(line)
             times.append(time.monotonic())
-            await asyncio.sleep(self.line_interval_s)
-        await resp.write(self.ndjson(self.chunk(model, "", True, **final)))
-        times.append(time.monotonic())
+            if i < self.lines:
+                await asyncio.sleep(self.line_interval_s)
         await resp.write_eof()
         return resp
 
+    def details(self) -> dict[str, Any]:
+        return {"format": "gguf", "family": "sim", "parameter_size": "1B", "quantization_level": "Q4_0"}
+
+    async def tags(self, request: web.Request) -> web.Response:
+        """GET /api/tags: the one simulated model."""
+        model = {"name": self.model, "model": self.model, "modified_at": self.now(), "size": 1 << 30}
+        model |= {"digest": "0" * 64, "details": self.details()}
+        return web.json_response({"models": [model]})
+
     async def show(self, request: web.Request) -> web.Response:
-        """POST /api/show: a little model information."""
-        details = {"format": "gguf", "family": "sim", "parameter_size": "1B", "quantization_level": "Q4_0"}
-        return web.json_response({"modelfile": "# simulated", "parameters": "", "details": details})
+        """POST /api/show: a little model information (no GPU work)."""
+        body = {"modelfile": "# simulated", "parameters": "", "details": self.details()}
+        body |= {"model_info": {"general.architecture": "sim"}, "capabilities": ["completion"]}
+        return web.json_response(body)
+
+    async def models(self, request: web.Request) -> web.Response:
+        """GET /v1/models (OpenAI's API)."""
+        model = {"id": self.model, "object": "model", "created": int(time.time()), "owned_by": "library"}
+        return web.json_response({"object": "list", "data": [model]})
 
 
 # ---- ComfyUI ----
 
 
 class ComfySim(SimConsumer):
-    """ComfyUI: POST /prompt queues a render that runs in the background; /history tells when done."""
+    """ComfyUI: POST /prompt queues a render that runs in the background; /history tells when done.
+
+    GET /ws?clientId=... is its WebSocket: a ``status`` message on connect, ``execution_start``,
+    ``executing`` (node "1") and ``executing`` (node null: done) messages around every render, sent to
+    every open socket. What a client sends comes back unchanged (text as text, binary as binary); the
+    text ``close <code>`` makes the sim close the socket with that code. ``ws_closes`` records the close
+    codes the sim saw from its peers.
+    """
 
     health_path = "/system_stats"
     default_vram_mib = 13000
@@ -894,6 +980,8 @@ class ComfySim(SimConsumer):
         self.number = 0
         self.running: dict[str, int] = {}  # prompt_id -> number
         self.finished: set[str] = set()
+        self.sockets: set[web.WebSocketResponse] = set()
+        self.ws_closes: list[int | None] = []
         super().__init__(name, vram, **kw)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
@@ -903,6 +991,7 @@ class ComfySim(SimConsumer):
         router.add_get("/history/{prompt_id}", self.history)
         router.add_get("/queue", self.queue)
         router.add_post("/free", self.free)
+        router.add_get("/ws", self.ws)
 
     async def system_stats(self, request: web.Request) -> web.Response:
         """GET /system_stats (ComfyUI's health check)."""
@@ -928,13 +1017,43 @@ class ComfySim(SimConsumer):
     async def _render(self, prompt_id: str, record: Record) -> None:
         """The render: GPU work from the POST until work_s after the model is loaded."""
         try:
+            await self.broadcast("execution_start", {"prompt_id": prompt_id})
             with self.gpu_work(record):
+                await self.broadcast("executing", {"node": "1", "prompt_id": prompt_id})
                 await self.do_load()
                 await asyncio.sleep(self.work_s)
             self.finished.add(prompt_id)
+            await self.broadcast("executing", {"node": None, "prompt_id": prompt_id})
         finally:
             record.end = time.monotonic()
             self.running.pop(prompt_id, None)
+
+    async def broadcast(self, kind: str, data: dict[str, Any]) -> None:
+        """Send a ComfyUI-style message to every open WebSocket."""
+        for ws in list(self.sockets):
+            with contextlib.suppress(ConnectionError):  # a socket closing meanwhile misses it
+                await ws.send_json({"type": kind, "data": data})
+
+    async def ws(self, request: web.Request) -> web.WebSocketResponse:
+        """GET /ws?clientId=...: progress messages out, what the client sends echoed back."""
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.sockets.add(ws)
+        try:
+            sid = request.query.get("clientId", uuid.uuid4().hex)
+            status = {"status": {"exec_info": {"queue_remaining": len(self.running)}}, "sid": sid}
+            await ws.send_json({"type": "status", "data": status})
+            async for msg in ws:
+                if msg.type == web.WSMsgType.TEXT and msg.data.startswith("close "):
+                    await ws.close(code=int(msg.data.split()[1]))
+                elif msg.type == web.WSMsgType.TEXT:
+                    await ws.send_str(msg.data)
+                elif msg.type == web.WSMsgType.BINARY:
+                    await ws.send_bytes(msg.data)
+        finally:
+            self.sockets.discard(ws)
+            self.ws_closes.append(ws.close_code)
+        return ws
 
     async def history(self, request: web.Request) -> web.Response:
         """GET /history/{prompt_id}: {} until that render has finished."""

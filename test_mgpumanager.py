@@ -35,6 +35,7 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
 
 import mgpumanager as m
 import mgpusim
@@ -2005,6 +2006,357 @@ def test_make_demo_shows_the_eviction_cycle(tmp_path):
     assert "msg=evicting consumer=mvoice for_consumer=comfyui" in out
     assert "msg=evicting consumer=comfyui for_consumer=mvoice" in out
     assert "/v1/status" in out and "/v1/tts" in out and "/v1/image" in out
+
+
+# =====================================================================================================
+# Mounts: unmodified clients through /c/{name}/, real ollama and openai clients, WebSockets
+# =====================================================================================================
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ({"path": "/api/show"}, "consumers.ollama.unscheduled: must be a list"),
+        ([{"path": "/api/show", "verb": "POST"}], "consumers.ollama.unscheduled[0].verb: unknown key"),
+        ([{"method": "POST"}], "consumers.ollama.unscheduled[0].path: missing"),
+        ([{"path": "api/show"}], "consumers.ollama.unscheduled[0].path: must start with '/'"),
+        ([{"path": "/a/*/b"}], "consumers.ollama.unscheduled[0].path: '*' may only end a path"),
+        ([{"method": "FETCH", "path": "/x"}], "consumers.ollama.unscheduled[0].method: must be one of"),
+        (["/api/show"], "consumers.ollama.unscheduled[0]: must be a mapping"),
+        (
+            [{"path": "/api/show"}, {"path": "/api/gen*"}],
+            "consumers.ollama.unscheduled[1]: POST /api/generate is the path of kind 'llm'",
+        ),
+    ],
+)
+def test_unscheduled_config_rules_name_the_key(value, expected):
+    problems = problems_of(_mutated("consumers.ollama.unscheduled", value))
+    assert any(expected in p for p in problems), problems
+
+
+def test_unscheduled_defaults_to_post_and_a_trailing_star_is_a_prefix():
+    config = m.parse_config(
+        _mutated("consumers.comfyui.unscheduled", [{"path": "/upload/*"}, {"path": "/x"}])
+    )
+    prefix, exact = config.consumers["comfyui"].unscheduled
+    assert (prefix.method, exact.method) == ("POST", "POST")
+    assert prefix.matches("POST", "/upload/image") and not prefix.matches("POST", "/uploadx")
+    assert exact.matches("POST", "/x") and not exact.matches("POST", "/x/y")
+    assert not exact.matches("PUT", "/x")
+    assert config.consumers["mvoice"].unscheduled == ()
+    shipped = m.load_config(HERE / "consumers.yaml").consumers
+    assert any(u.matches("POST", "/api/show") for u in shipped["ollama"].unscheduled)
+
+
+def _unscheduled_show(raw: dict[str, Any]) -> None:
+    raw["consumers"]["ollama"]["unscheduled"] = [{"method": "POST", "path": "/api/show"}]
+
+
+def job_lines(caplog: Any) -> list[str]:
+    return [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("msg=job ")]
+
+
+async def test_mount_ollama_client_generate_and_streaming_chat(rig, caplog):
+    import ollama  # noqa: PLC0415 (a dev dependency, needed here only)
+
+    r = await rig(sims={"ollama": {"lines": 4}})
+    client = ollama.AsyncClient(host=r.url("/c/ollama"))
+    try:
+        answer = await client.generate(model="sim", prompt="hi", stream=False)
+        assert answer.response == "tok0 tok1 tok2 tok3 " and answer.done
+        parts = [
+            part
+            async for part in await client.chat(
+                model="sim", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+        ]
+        assert "".join(p.message.content for p in parts) == "tok0 tok1 tok2 tok3 " and parts[-1].done
+        assert len(parts) == 5 and all(p.message.role == "assistant" for p in parts)
+        listed = await client.list()
+        assert [model.model for model in listed.models] == ["sim:latest"]
+    finally:
+        await client._client.aclose()
+    sim = r.sims["ollama"]
+    assert [(rec.method, rec.path) for rec in sim.records] == [
+        ("POST", "/api/generate"),
+        ("POST", "/api/chat"),
+        ("GET", "/api/tags"),
+    ]
+    assert [rec.path for rec in sim.work] == ["/api/generate", "/api/chat"]
+    assert sim.records[1].headers["User-Agent"].startswith("ollama-python/")
+    # Two GPU jobs: /api/generate is ollama's path for kind llm, /api/chat is a plain mount job.
+    assert r.stats.jobs == 2 and r.stats.completed == 2
+    await until(lambda: len(job_lines(caplog)) == 2)
+    kinds = [re.search(r" kind=(\w+)", line).group(1) for line in job_lines(caplog)]
+    assert kinds == ["llm", "mount"]
+
+
+async def test_mount_openai_client_streams_chat_completions_with_the_brokers_token(rig):
+    import openai  # noqa: PLC0415 (a dev dependency, needed here only)
+
+    r = await rig(tweak=with_token, sims={"ollama": {"lines": 3}})
+    client = openai.AsyncOpenAI(base_url=r.url("/c/ollama/v1"), api_key=TOKEN, max_retries=0)
+    stranger = openai.AsyncOpenAI(base_url=r.url("/c/ollama/v1"), api_key="not-the-token", max_retries=0)
+    try:
+        stream = await client.chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "tok0 tok1 tok2 "
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert {c.object for c in chunks} == {"chat.completion.chunk"}
+        whole = await client.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
+        assert whole.choices[0].message.content == "tok0 tok1 tok2 "
+        assert [model.id async for model in client.models.list()] == ["sim:latest"]
+        with pytest.raises(openai.AuthenticationError):
+            await stranger.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
+    finally:
+        await client.close()
+        await stranger.close()
+    sim = r.sims["ollama"]
+    assert [(rec.method, rec.path) for rec in sim.records] == [
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/models"),
+    ]
+    assert all("Authorization" not in rec.headers for rec in sim.records)  # the token stays at the broker
+    assert sim.records[0].headers["X-Forwarded-For"] == "127.0.0.1"
+    assert r.stats.jobs == 2  # the two completions; the model list is a read
+
+
+async def test_mount_jobs_wait_for_the_lock_but_reads_and_unscheduled_calls_do_not(rig):
+    import ollama  # noqa: PLC0415
+
+    gate, synthesizing = asyncio.Event(), asyncio.Event()
+
+    async def slow_synthesize(request: web.Request) -> web.Response:
+        synthesizing.set()
+        await gate.wait()
+        return web.Response(body=b"RIFF", content_type="audio/wav")
+
+    stand_in = StandIn([("GET", "/health", _ok), ("POST", "/api/synthesize", slow_synthesize)])
+    async with stand_in as mvoice:
+        r = await rig(urls={"mvoice": mvoice.url}, tweak=_unscheduled_show)
+        client = ollama.AsyncClient(host=r.url("/c/ollama"))
+        try:
+            tts = asyncio.create_task(r.post("tts", {"text": "slow"}))
+            await asyncio.wait_for(synthesizing.wait(), 10)
+            generate = asyncio.create_task(client.generate(model="sim", prompt="hi", stream=False))
+            chat = asyncio.create_task(
+                client.chat(model="sim", messages=[{"role": "user", "content": "x"}], stream=False)
+            )
+            await until(lambda: len(r.broker.scheduler.queue()) == 2)
+            # While mvoice holds the lock, a read and a listed unscheduled call are answered at once.
+            assert [m.model for m in (await client.list()).models] == ["sim:latest"]
+            assert (await client.show("sim")).details.family == "sim"
+            async with r.session.head(r.url("/c/ollama/api/tags")) as resp:
+                assert resp.status == 200
+            assert r.broker.scheduler.holder == "mvoice" and not tts.done()
+            assert [rec.path for rec in r.sims["ollama"].records] == ["/api/tags", "/api/show", "/api/tags"]
+            assert [j.kind for j in r.broker.scheduler.queue()] == ["llm", "mount"]
+            gate.set()
+            assert (await tts)[0] == 200
+            assert (await generate).response and (await chat).message.content
+        finally:
+            await client._client.aclose()
+    sim = r.sims["ollama"]
+    assert [rec.path for rec in sim.work] == ["/api/generate", "/api/chat"]
+    assert not overlaps(sim.work) and r.stats.jobs == 3 and r.stats.completed == 3
+
+
+async def test_mount_query_head_options_root_and_refusals(rig):
+    r = await rig()
+    root = r.url("/").rstrip("/")  # r.url() would re-encode the query: these go as written
+    tags = URL(root + "/c/ollama/api/tags?x=%20y&b&c=%2F", encoded=True)
+    async with r.session.get(tags) as resp:
+        assert resp.status == 200 and "models" in await resp.json()
+    chat = URL(root + "/c/ollama/api/chat?keep=%41&z", encoded=True)
+    async with r.session.post(chat, json={"stream": False}) as resp:
+        assert resp.status == 200
+    probes = r.sims["ollama"].probes
+    async with r.session.get(r.url("/c/ollama")) as resp:  # "/", ollama's health path: counted, not recorded
+        assert resp.status == 200 and await resp.text() == "Ollama is running"
+    assert r.sims["ollama"].probes == probes + 1
+    async with r.session.options(r.url("/c/ollama/api/tags")) as resp:
+        assert resp.status == 405  # the consumer's own answer, passed through
+    async with r.session.head(r.url("/c/ollama/api/tags")) as resp:
+        assert resp.status == 200
+    sim = r.sims["ollama"]
+    assert [(rec.method, rec.path, rec.query) for rec in sim.records] == [
+        ("GET", "/api/tags", "x=%20y&b&c=%2F"),
+        ("POST", "/api/chat", "keep=%41&z"),
+        ("OPTIONS", "/api/tags", ""),
+        ("HEAD", "/api/tags", ""),
+    ]
+    assert r.stats.jobs == 1  # only the POST
+    async with r.session.post(r.url("/c/nobody/api/generate"), json={}) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "no_consumer")
+        assert "nobody" in data["message"]
+    for target in ("/c/ollama/a/%2e%2e/%2e%2e/v1/status", "/c/ollama/x/..%2F..%2Fapi/chat"):
+        status, body = await raw_get(r, target)
+        error_of(status, {}, body, "bad_request")
+    assert len(sim.records) == 4 and r.stats.jobs == 1
+
+
+async def test_mount_unscheduled_exact_and_prefix_entries_skip_the_lock(rig):
+    def listed(raw):
+        raw["consumers"]["comfyui"]["unscheduled"] = [{"path": "/upload/*"}, {"path": "/interrupt"}]
+
+    r = await rig(tweak=listed)
+    for path in ("/upload/image", "/upload/mask?overwrite=1", "/interrupt", "/interrupt/x", "/uploads"):
+        async with r.session.post(r.url("/c/comfyui" + path), data=b"x") as resp:
+            assert resp.status == 404  # ComfySim has none of these routes; what matters is who waited
+    assert [rec.path for rec in r.sims["comfyui"].records] == [
+        "/upload/image",
+        "/upload/mask",
+        "/interrupt",
+        "/interrupt/x",
+        "/uploads",
+    ]
+    assert r.stats.jobs == 2  # /interrupt/x and /uploads match no entry: GPU jobs
+
+
+async def test_mount_comfyui_prompt_holds_until_history_like_v1_image(rig, caplog):
+    r = await rig(sims={"comfyui": {"work_s": 0.3}, "mvoice": {"loaded": True}})
+    async with r.session.post(r.url("/c/comfyui/prompt"), json={"prompt": {"1": {}}}) as resp:
+        assert resp.status == 200
+        prompt_id = (await resp.json())["prompt_id"]
+    assert r.sims["mvoice"].unloads == 1 and r.stats.evictions == 1
+    st = await r.status()
+    assert st["scheduler"]["holder"].items() >= {"consumer": "comfyui", "jobs": 0, "holds": 1}.items()
+    status, _, _ = await r.post("tts", {"text": "after"})
+    assert status == 200
+    render = r.sims["comfyui"].work[0]
+    synth = next(rec for rec in r.sims["mvoice"].records if rec.path == "/api/synthesize")
+    assert render.end is not None and synth.start >= render.end
+    history = [rec for rec in r.sims["comfyui"].records if rec.path == f"/history/{prompt_id}"]
+    assert len(history) >= 2
+    await until(lambda: len(job_lines(caplog)) == 2)
+    assert " kind=image " in job_lines(caplog)[0] and "hold_ms=" in job_lines(caplog)[0]
+
+
+async def _ws_open(r: Rig, path: str, **kw: Any) -> aiohttp.ClientWebSocketResponse:
+    url = URL(r.url("/").rstrip("/") + path, encoded=True)  # the query as written
+    return await r.session.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=5), **kw)
+
+
+async def _ws_json(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    msg = await ws.receive(timeout=10)
+    assert msg.type == aiohttp.WSMsgType.TEXT, msg
+    return json.loads(msg.data)
+
+
+async def test_mount_websocket_relays_both_ways_and_close_codes(rig):
+    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 0.05}})
+    sim = r.sims["comfyui"]
+    ws = await _ws_open(r, "/c/comfyui/ws?clientId=abc%20d")
+    first = await _ws_json(ws)
+    assert first["type"] == "status" and first["data"]["sid"] == "abc d"  # the query string was kept
+    await ws.send_str("hello")
+    assert (await ws.receive(timeout=10)).data == "hello"
+    await ws.send_bytes(b"\x00\xff" * 1000)
+    msg = await ws.receive(timeout=10)
+    assert msg.type == aiohttp.WSMsgType.BINARY and msg.data == b"\x00\xff" * 1000
+    # Progress of a render started through the mount reaches the socket.
+    async with r.session.post(r.url("/c/comfyui/prompt"), json={"prompt": {}}) as resp:
+        prompt_id = (await resp.json())["prompt_id"]
+    seen = [await _ws_json(ws) for _ in range(3)]
+    assert [(s["type"], s["data"].get("node", "-")) for s in seen] == [
+        ("execution_start", "-"),
+        ("executing", "1"),
+        ("executing", None),
+    ]
+    assert {s["data"]["prompt_id"] for s in seen} == {prompt_id}
+    # The consumer closes with a code: the client gets it.
+    await ws.send_str("close 4001")
+    msg = await ws.receive(timeout=10)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4001
+    # The client closes with a code: the consumer gets it.
+    ws2 = await _ws_open(r, "/c/comfyui/ws")
+    await _ws_json(ws2)
+    await ws2.close(code=4002)
+    await until(lambda: 4002 in sim.ws_closes)
+    await until(lambda: not list(r.app[m.WEBSOCKETS]) and not sim.sockets)
+    assert r.stats.jobs == 1  # the prompt; WebSockets are not jobs
+    assert [rec.path for rec in sim.records].count("/ws") == 2
+
+
+async def test_mount_websocket_passes_subprotocol_and_headers_but_not_the_token(rig):
+    seen: list[dict[str, str]] = []
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        seen.append(dict(request.headers))
+        ws = web.WebSocketResponse(protocols=("comfy.v2",))
+        await ws.prepare(request)
+        await ws.send_str(request.raw_path.partition("?")[2])
+        async for msg in ws:
+            await ws.send_str(msg.data.upper())
+        return ws
+
+    async with StandIn([("GET", "/system_stats", _ok), ("GET", "/ws", socket)]) as comfy:
+        host = comfy.url.removeprefix("http://")
+        r = await rig(urls={"comfyui": comfy.url}, tweak=with_token)
+        auth = {"Authorization": f"Bearer {TOKEN}", "X-Custom": "1"}
+        ws = await _ws_open(r, "/c/comfyui/ws?a=%2F", protocols=("comfy.v1", "comfy.v2"), headers=auth)
+        assert ws.protocol == "comfy.v2"
+        assert (await ws.receive(timeout=10)).data == "a=%2F"
+        await ws.send_str("up")
+        assert (await ws.receive(timeout=10)).data == "UP"
+        await ws.close()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await _ws_open(r, "/c/comfyui/ws")
+        assert refused.value.status == 401
+    (headers,) = seen
+    assert "Authorization" not in headers and headers["X-Custom"] == "1"
+    assert headers["Sec-WebSocket-Protocol"] == "comfy.v1,comfy.v2"
+    assert headers["X-Forwarded-For"] == "127.0.0.1" and headers["Host"] == host
+
+
+async def test_mount_websocket_to_a_consumer_that_is_down_is_a_json_error(rig):
+    r = await rig()
+    await r.sim_servers["comfyui"].close()  # the broker still believes it healthy
+    upgrade = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+        "Sec-WebSocket-Version": "13",
+    }
+    async with r.session.get(r.url("/c/comfyui/ws"), headers=upgrade) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "consumer_unreachable")
+        assert data["consumer"] == "comfyui" and "refused" in data["message"]
+    assert r.broker.consumers.states["comfyui"].healthy is False
+    # A consumer that answers but has no WebSocket there refuses the upgrade: a JSON error too.
+    async with r.session.get(r.url("/c/ollama/api/tags"), headers=upgrade) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "consumer_unreachable")
+        assert "refused the WebSocket upgrade" in data["message"]
+    assert r.broker.consumers.states["ollama"].healthy is not False
+    assert r.stats.jobs == 0
+
+
+async def test_broker_shutting_down_closes_open_websockets_going_away(rig):
+    r = await rig()
+    ws = await _ws_open(r, "/c/comfyui/ws")
+    await _ws_json(ws)
+    await until(lambda: len(r.app[m.WEBSOCKETS]) == 1)
+    closing = asyncio.create_task(r.server.close())
+    msg = await ws.receive(timeout=20)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY
+    await asyncio.wait_for(closing, 20)
+    await until(lambda: 1001 in r.sims["comfyui"].ws_closes)
+
+
+async def test_daemon_with_an_open_websocket_exits_on_sigterm(rig):
+    r = await rig()
+    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
+    async with daemon:
+        ws = await r.session.ws_connect(daemon.url("/c/comfyui/ws"))
+        await _ws_json(ws)
+        daemon.terminate()
+        msg = await ws.receive(timeout=20)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY
+        await asyncio.wait_for(daemon.proc.wait(), 30)
+    assert daemon.proc.returncode == 0, daemon.log
+    assert 'msg="shutting down: closing websockets" websockets=1' in daemon.log
 
 
 # =====================================================================================================
