@@ -54,7 +54,7 @@ import socket
 import sys
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -90,6 +90,8 @@ HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 #: share of the victim's memory counts as "freed".
 VRAM_POLL_S = 0.05
 FREED_SHARE = 0.75
+#: After a command exited, how long its output is still read (a service it started may hold the pipes).
+PIPE_GRACE_S = 0.5
 #: After killing a hung nvidia-smi or command, how long to wait for it to be reaped before going on.
 REAP_TIMEOUT_S = 1.0
 #: What the broker keeps of a subprocess's stdout and of its stderr (the tail, for commands' error messages).
@@ -443,6 +445,9 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         priority = 2
     unload = _parse_action(ck, d["unload"], f"{where}.unload") if "unload" in d else None
     load = _parse_action(ck, d["load"], f"{where}.load") if "load" in d else None
+    if isinstance(unload, Command) and not isinstance(load, Command):
+        # Stopped by a command, nothing would ever start it again: every job would find it down.
+        ck.problem(f"{where}.load", "a consumer unloaded by a command needs a load command to start it again")
     idle_unload_s = ck.number(d, "idle_unload_s", where, 0.0, integer=False, zero_ok=True)
     if idle_unload_s and "unload" not in d:
         ck.problem(f"{where}.idle_unload_s", "needs an unload route or command")
@@ -1151,22 +1156,22 @@ class ProcessTimeout(Exception):
     """A subprocess ran past its time and was killed, with its process group."""
 
 
-async def _keep_tail(stream: asyncio.StreamReader | None, limit: int) -> bytes:
-    """Read a pipe to its end, keeping its last ``limit`` bytes: a chatty process cannot fill memory."""
-    kept = bytearray()
+async def _keep_tail(stream: asyncio.StreamReader | None, kept: bytearray, limit: int) -> None:
+    """Read a pipe to its end into ``kept``, keeping its last ``limit`` bytes: a chatty process cannot
+    fill memory, and what was read is there even if the reading is cut short."""
     while stream is not None and (chunk := await stream.read(64 * 1024)):
         kept += chunk
         if len(kept) > limit:
             del kept[: len(kept) - limit]
-    return bytes(kept)
 
 
 async def run_process(argv: Sequence[str], timeout_s: float, *, limit: int = OUTPUT_LIMIT) -> Finished:
     """Run a program without a shell, stdin from /dev/null, its output captured (bounded).
 
-    It gets a process group of its own: past ``timeout_s`` (or when the caller is cancelled) the whole
-    group is SIGKILLed and reaped, so nothing it started outlives it. OSError when it cannot be started,
-    ProcessTimeout when it was killed.
+    It gets a process group of its own: if it has not exited after ``timeout_s`` (or when the caller is
+    cancelled) the whole group is SIGKILLed and reaped, so nothing it started outlives it. Once it has
+    exited, whatever it left running (a service it started, holding the pipes) is left alone; its output
+    is read for PIPE_GRACE_S more at most. OSError when it cannot be started, ProcessTimeout when killed.
     """
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -1175,24 +1180,35 @@ async def run_process(argv: Sequence[str], timeout_s: float, *, limit: int = OUT
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,  # its own process group, so a kill reaches its children too
     )
+    out, err = bytearray(), bytearray()
+    readers = asyncio.gather(_keep_tail(proc.stdout, out, limit), _keep_tail(proc.stderr, err, limit))
     try:
-        out, err, _ = await asyncio.wait_for(
-            asyncio.gather(_keep_tail(proc.stdout, limit), _keep_tail(proc.stderr, limit), proc.wait()),
-            timeout_s,
-        )
-    except (asyncio.TimeoutError, asyncio.CancelledError) as e:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        try:
-            # Reaped at once normally; a process stuck in the kernel is left to the child watcher.
-            await asyncio.wait_for(asyncio.shield(proc.wait()), REAP_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            log.error(logfmt(msg="process survived SIGKILL", argv=shlex.join(argv), pid=proc.pid))
-        if isinstance(e, asyncio.CancelledError):
-            raise
-        raise ProcessTimeout(f"{argv[0]} did not finish within {timeout_s:g} s (killed)") from None
-    assert proc.returncode is not None
-    return Finished(proc.returncode, out, err)
+        await asyncio.wait_for(proc.wait(), timeout_s)
+        await asyncio.wait_for(asyncio.shield(readers), PIPE_GRACE_S)
+    except asyncio.TimeoutError:
+        if proc.returncode is None:
+            await _kill_group(proc, argv)
+            raise ProcessTimeout(f"{argv[0]} did not finish within {timeout_s:g} s (killed)") from None
+        log.info(logfmt(msg="process left its output open", argv=shlex.join(argv), pid=proc.pid))
+    except asyncio.CancelledError:
+        if proc.returncode is None:
+            await _kill_group(proc, argv)
+        raise
+    finally:
+        readers.cancel()
+        await asyncio.gather(readers, return_exceptions=True)
+    return Finished(proc.returncode, bytes(out), bytes(err))
+
+
+async def _kill_group(proc: asyncio.subprocess.Process, argv: Sequence[str]) -> None:
+    """SIGKILL a process's group and reap it (bounded)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        # Reaped at once normally; a process stuck in the kernel is left to the child watcher.
+        await asyncio.wait_for(asyncio.shield(proc.wait()), REAP_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        log.error(logfmt(msg="process survived SIGKILL", argv=shlex.join(argv), pid=proc.pid))
 
 
 async def run_nvidia_smi(argv: Sequence[str], timeout_s: float) -> str:
@@ -1333,6 +1349,9 @@ class ConsumerState:
     record_at: float = float("-inf")
     #: Monotonic time a job last found the consumer failing; probes started before it do not heal it.
     unhealthy_at: float = float("-inf")
+    #: Monotonic time a health wait (after a load command) found it up; failing probes started before
+    #: it do not mark it down.
+    healthy_at: float = float("-inf")
     #: Jobs (and holds) of this consumer holding the GPU lock now; the scheduler keeps it.
     jobs: int = 0
     #: Monotonic time the broker last saw it become resident (its own load, or a probe saying so).
@@ -1432,6 +1451,7 @@ class Consumers:
                     await resp.content.read(64 * 1024)
                     if 200 <= resp.status < 300:
                         self._record_health(c.name, True, None, "consumer_unreachable")
+                        self.states[c.name].healthy_at = self.clock()
                         return
                     reason = f"health answered {resp.status}"
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
@@ -1498,8 +1518,8 @@ class Consumers:
                 log.debug(logfmt(msg="health probe timed out while busy", consumer=name))
                 return
         state.last_probe = time.time()
-        if ok and started < state.unhealthy_at:
-            return
+        if (ok and started < state.unhealthy_at) or (not ok and started < state.healthy_at):
+            return  # overtaken by what a job or a health wait found since it started
         self._record_health(name, ok, reason, code)
         if c.started_by_command and not isinstance(loaded, bool):
             # A service started by command holds its model while it runs: up is resident, down is not.
@@ -1590,6 +1610,62 @@ class Stats:
     internal_errors: int = 0
 
 
+def _after_handover(*steps: Callable[[], None] | None) -> None:
+    """Run bookkeeping (a job's event and log line) two turns of the loop from now.
+
+    The job granted next wakes in the next turn and its request goes out in the one after (aiohttp writes
+    it from a task of its own): the GPU changes hands first, the books follow.
+    """
+    loop = asyncio.get_running_loop()
+
+    def later() -> None:
+        for step in steps:
+            if step is not None:
+                step()
+
+    loop.call_soon(loop.call_soon, later)
+
+
+class WaitQueue:
+    """Waiting jobs, one first-in-first-out list per base priority.
+
+    Within a level, the job that came first has waited longest, so it has the highest effective priority
+    (aging adds the same to all of a level): whoever the documented order picks is the first of some
+    level. A grant looks at five jobs, not at every waiting one.
+    """
+
+    def __init__(self) -> None:
+        self._levels: list[list[Job]] = [[] for _ in range(PRIORITY_MAX + 1)]
+        self._count = 0
+
+    def append(self, job: Job) -> None:
+        self._levels[job.priority].append(job)
+        self._count += 1
+
+    def remove(self, job: Job) -> None:
+        self._levels[job.priority].remove(job)
+        self._count -= 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, job: Job) -> bool:
+        return job in self._levels[job.priority]
+
+    def __iter__(self) -> Iterator[Job]:
+        return itertools.chain.from_iterable(self._levels)
+
+    def firsts(self, wanted: Callable[[Job], bool]) -> list[Job]:
+        """The first job of each level that is still waiting (not cancelled) and ``wanted``."""
+        found = []
+        for level in self._levels:
+            for job in level:
+                if not job.granted.done() and wanted(job):
+                    found.append(job)
+                    break
+        return found
+
+
 class UnloadOps(Protocol):
     """What the scheduler needs from consumers: ``Consumers`` in production, a recording fake in tests."""
 
@@ -1641,7 +1717,7 @@ class Scheduler:
         self._held_since = 0.0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._waiting: list[Job] = []
+        self._waiting = WaitQueue()
         self._ids = itertools.count(1)
         self._prepare_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -1678,7 +1754,8 @@ class Scheduler:
         """Queue a job, wait for the lock, make room and load; the caller must then call ``finish``."""
         job = self._admit(consumer, kind, request_id=request_id)
         await self._wait_for_grant(job)
-        await self._guarded(job, self._prepare(job))
+        if not self._needs_no_room(job):  # checked again under the lock; the common case skips it
+            await self._guarded(job, self._prepare(job))
         self._publish("started", job)
         return job
 
@@ -1716,7 +1793,8 @@ class Scheduler:
 
     def _busy_with(self, name: str) -> str | None:
         """Why ``name`` is not idle: a job or hold of it holds the lock, or one waits for it."""
-        if self.holder == name and not self.exclusive:
+        own = 1 if self.holder == name and self.exclusive else 0  # the idle unload asking
+        if self.states[name].jobs > own:  # on this GPU, or on another one a reload moved it from
             return "has jobs running"
         if any(j.consumer == name for j in self._waiting):
             return "a job waits for it"
@@ -1728,7 +1806,8 @@ class Scheduler:
 
     async def idle_unload(self, name: str) -> Job | None:
         """Unload a consumer unused for its ``idle_unload_s``: an exclusive job of the lowest priority, so
-        anything else goes first; checked again once granted. None when it is not due (or one is pending)."""
+        jobs waiting go first (unless it aged past them); checked again once granted. None when it is not due
+        (or one is pending)."""
         if ("idle_unload", name) in self._internal or not self.idle_due(name):
             return None
         self._internal.add(("idle_unload", name))
@@ -1768,9 +1847,10 @@ class Scheduler:
                     if self.states[name].loaded is True:
                         log.info(logfmt(msg="preload: already resident", consumer=name, job=job.id))
                         return
-                    reading = await self._read_gpu(job)
                     need = job.target.vram_resident_mib + self.config.gpu.cushion_mib
-                    if reading.free_mib is None or reading.free_mib < need:
+                    # (A consumer whose memory is elsewhere fits whatever this GPU holds.)
+                    reading = await self._read_gpu(job) if job.target.vram_resident_mib else None
+                    if reading is not None and (reading.free_mib is None or reading.free_mib < need):
                         self.stats.preload_skips += 1
                         why = {"free_mib": reading.free_mib, "need_mib": need}
                         log.warning(logfmt(msg="preload skipped: it does not fit", consumer=name, **why))
@@ -1910,23 +1990,24 @@ class Scheduler:
         while True:
             # A waiter whose task was cancelled has a cancelled future; it stays queued (and counted)
             # until its task runs again and takes itself out.
-            waiting = [j for j in self._waiting if not j.granted.done()]
-            if not waiting:
-                return
             if self.holder is None:
-                job = min(waiting, key=lambda j: self._order(j, now))
+                firsts = self._waiting.firsts(lambda j: True)
+                if not firsts:
+                    return
+                job = min(firsts, key=lambda j: self._order(j, now))
             else:
                 holder = self.config.consumers.get(self.holder)
-                mine = [j for j in waiting if j.consumer == self.holder]
-                if self.exclusive or holder is None or self.slots >= holder.max_concurrency or not mine:
+                if self.exclusive or holder is None or self.slots >= holder.max_concurrency:
+                    return
+                mine = self._waiting.firsts(lambda j: j.consumer == self.holder)
+                if not mine:
                     return
                 job = min(mine, key=lambda j: self._order(j, now))
                 if job.exclusive:
                     return
                 level = self.effective_priority(job, now)
-                if any(
-                    self.effective_priority(j, now) >= level for j in waiting if j.consumer != self.holder
-                ):
+                others = self._waiting.firsts(lambda j: j.consumer != self.holder)
+                if any(self.effective_priority(j, now) >= level for j in others):
                     return
             self._waiting.remove(job)
             if self.holder is None:
@@ -1958,11 +2039,18 @@ class Scheduler:
         """
         async with self._prepare_lock:
             state = self.states[job.consumer]
-            if state.loaded is True or job.target.vram_resident_mib == 0:
-                return  # known resident, or its memory is elsewhere (a remote broker): no GPU read
+            if self._needs_no_room(job):
+                return
             await self._make_room(job)
-            if job.target.load is not None and (state.loaded is False or warm):
+            # A service started by command whose health fails is stopped, even when an unload command
+            # failed half-way and left its residency unknown.
+            stopped = job.target.started_by_command and state.loaded is None and state.healthy is False
+            if job.target.load is not None and (state.loaded is False or warm or stopped):
                 await self._load(job.consumer)
+
+    def _needs_no_room(self, job: Job) -> bool:
+        """Known resident, or its memory is elsewhere (a remote broker): no GPU reading, no eviction."""
+        return self.states[job.consumer].loaded is True or job.target.vram_resident_mib == 0
 
     def victims(self, target: ConsumerConfig, exclude: set[str]) -> tuple[list[str], dict[str, str]]:
         """Eviction candidates for ``target``, least recently used first, and why the others are not."""
@@ -2137,10 +2225,12 @@ class Scheduler:
             state = self.states[job.consumer]
             state.set_loaded(True, self.clock())
             state.last_used, state.last_used_at = self.clock(), time.time()
-        self._end(job, outcome, code, status, log_now=hold is None)
         if hold is None:
+            # The slot first: the job granted next is woken before this one's event and log line.
             self._release_slot(job)
+            self._end(job, outcome, code, status)
             return
+        self._end(job, outcome, code, status, log_now=False)
         self.holds += 1
         task = asyncio.get_running_loop().create_task(self._hold(job, hold, hold_timeout_s))
         self._tasks.add(task)
@@ -2165,6 +2255,9 @@ class Scheduler:
             log.exception(logfmt(msg="hold crashed", consumer=job.consumer, job=job.id, error=describe(e)))
         finally:
             self.holds -= 1
+            # The consumer worked until now: for idle unloads and the LRU order, this is its last use.
+            state = self.states[job.consumer]
+            state.last_used, state.last_used_at = self.clock(), time.time()
             held = self.clock() - started
             self.metrics.observe("mgpumanager_hold_seconds", held, consumer=job.consumer)
             self._log_job(job, hold_ms=round(held * 1000))
@@ -2194,11 +2287,9 @@ class Scheduler:
         if job.started is not None:
             self.metrics.observe("mgpumanager_run_seconds", job.ended - job.started, consumer=job.consumer)
         event = {"completed": "finished"}.get(outcome, outcome)
-        # The event and the log line wait one turn of the loop: the job granted next starts first.
-        loop = asyncio.get_running_loop()
-        loop.call_soon(functools.partial(self._publish, event, job, code=code, http=status))
-        if log_now:
-            loop.call_soon(self._log_job, job, None)
+        publish = functools.partial(self._publish, event, job, code=code, http=status)
+        log_line = functools.partial(self._log_job, job, None) if log_now else None
+        _after_handover(publish, log_line)
 
     def _log_job(self, job: Job, hold_ms: int | None) -> None:
         """The one line per job that the README's logs section describes."""
@@ -2369,8 +2460,12 @@ async def relay(
     upstream: aiohttp.ClientResponse,
     consumer: ConsumerConfig,
     capture: bytearray | None = None,
+    answered: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
     """Stream the consumer's answer to the client chunk by chunk, as it comes.
+
+    ``answered`` is called once the consumer's answer is read whole, before its last chunk is written to
+    the client: the GPU is free from the consumer's last byte on, not the client's.
 
     A failure after the answer began cannot become an error response: the client's connection is cut
     without the final chunk, so it sees a truncated answer, and UpstreamBroke is raised. A client that
@@ -2393,21 +2488,30 @@ async def relay(
                 code, f"upstream {consumer.name} failed mid-answer: {describe(e)}", consumer.name
             )
             raise UpstreamBroke(error) from e
-        if not chunk:
-            break
         if capture is not None and len(capture) + len(chunk) <= HOLD_ANSWER_LIMIT:
             capture += chunk
+        whole = not chunk or upstream.content.at_eof()
+        if whole and answered is not None:
+            answered()
+            # Two turns of the loop: the job granted next wakes in the first and its request goes out in
+            # the second (aiohttp sends it from a task of its own) before this client gets its last bytes.
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        if not chunk:
+            break
         if transport is None or transport.get_write_buffer_size() == 0:
             await resp.write(chunk)  # nothing pending: this write cannot stall
-            continue
-        try:
-            await asyncio.wait_for(resp.write(chunk), consumer.timeout_s)
-        except asyncio.TimeoutError:
-            transport.abort()
-            log.warning(
-                logfmt(msg="client stopped reading", consumer=consumer.name, timeout_s=consumer.timeout_s)
-            )
-            raise ConnectionResetError("client stopped reading") from None
+        else:
+            try:
+                await asyncio.wait_for(resp.write(chunk), consumer.timeout_s)
+            except asyncio.TimeoutError:
+                transport.abort()
+                log.warning(
+                    logfmt(msg="client stopped reading", consumer=consumer.name, timeout_s=consumer.timeout_s)
+                )
+                raise ConnectionResetError("client stopped reading") from None
+        if whole:
+            break
     await resp.write_eof()
     return resp
 
@@ -2710,6 +2814,7 @@ class Broker:
         )
         try:
             new = self.source.load()
+            self._check_moves(new)
         except ConfigError as e:
             for problem in e.problems:
                 log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
@@ -2722,6 +2827,19 @@ class Broker:
         self.events.publish("reload", ok=True, changes=changes)
         self.start_preloads()
         return changes
+
+    def _check_moves(self, new: Config) -> None:
+        """A consumer moves to another GPU only while none of its jobs runs: two GPUs' locks must never
+        both let it work (ConfigError otherwise; the reload is refused whole)."""
+        problems = [
+            f"consumers.{name}.gpu: {name} has a job running on GPU {old.gpu}; reload again once it is idle"
+            for name, c in new.consumers.items()
+            if (old := self.config.consumers.get(name)) is not None
+            and old.gpu != c.gpu
+            and self.consumers.states[name].jobs > 0
+        ]
+        if problems:
+            raise ConfigError(problems)
 
     def internal_errors(self) -> int:
         """Bugs caught anywhere (each logged with its traceback): schedulers, health rounds, GPU reads."""
@@ -2814,6 +2932,9 @@ class Broker:
             await (scheduler.preload(name) if kind == "preload" else scheduler.idle_unload(name))
         except BrokerError as e:
             log.warning(logfmt(msg=f"{kind} failed", consumer=name, code=e.code, error=e.message))
+        except Exception as e:  # a bug outside the scheduler's guarded steps
+            scheduler.stats.internal_errors += 1
+            log.exception(logfmt(msg=f"{kind} crashed", consumer=name, error=describe(e)))
 
     async def run_idle_unloads(self) -> None:
         """Unload consumers resident and unused for their ``idle_unload_s``; owned by the app.
@@ -2842,8 +2963,8 @@ class Broker:
             if due is None:
                 continue
             if due <= now and scheduler.idle_due(name):
-                if not any(t.get_name() == f"idle unload {name}" for t in self.tasks):
-                    self.spawn(self._internal_job("idle_unload", name), f"idle unload {name}")
+                # The scheduler keeps one idle unload per consumer pending; a second ask returns at once.
+                self.spawn(self._internal_job("idle_unload", name), f"idle unload {name}")
             elif due > now:
                 wake = min(wake, due)
         return wake
@@ -2856,16 +2977,24 @@ class Broker:
         method: str,
         path_qs: str,
         body: bytes | bytearray | None,
+        answered: Callable[[], None] | None = None,
     ) -> web.StreamResponse:
-        """Send a request to a consumer and stream its answer back; a failing consumer is marked unhealthy."""
+        """Send a request to a consumer and stream its answer back; a failing consumer is marked unhealthy.
+
+        ``answered`` is called (once) as soon as the consumer's answer has been read whole.
+        """
+
+        def whole() -> None:
+            ex.done = True
+            if answered is not None:
+                answered()
+
         try:
             headers = request_headers(request, strip_auth=self.config.auth.token is not None)
             ex.upstream = await open_upstream(self.session, consumer, method, path_qs, headers, body)
             if ex.capture and 200 <= ex.upstream.status < 300:
                 ex.captured = bytearray()
-            resp = await relay(request, ex.upstream, consumer, ex.captured)
-            ex.done = True
-            return resp
+            return await relay(request, ex.upstream, consumer, ex.captured, whole)
         except BrokerError as e:
             ex.error = e
             if e.code in ("consumer_unreachable", "consumer_timeout"):
@@ -3082,40 +3211,62 @@ async def _run_job(
     path: JobPath,
     body: bytes | bytearray,
 ) -> web.StreamResponse:
-    """Forward a granted job and stream its answer; always ends the job exactly once."""
+    """Forward a granted job and stream its answer; ends the job exactly once: as soon as the consumer's
+    answer is read whole (the next job may start while its last bytes go to the client), else when
+    forwarding ends."""
     consumer = job.target
     ex = Exchange(capture=path.hold_until is not None)
     outcome = "failed"
+
+    def end() -> None:
+        if job.state != "ended":
+            _end_job(broker, scheduler, job, path, ex, outcome)
+
+    def answered() -> None:
+        nonlocal outcome
+        outcome = "completed"
+        end()
+
     try:
         _, sep, query = request.raw_path.partition("?")  # kept as the client encoded it
-        resp = await broker.forward(request, ex, consumer, path.method, path.path + sep + query, body)
+        resp = await broker.forward(
+            request, ex, consumer, path.method, path.path + sep + query, body, answered
+        )
         outcome = "cancelled" if ex.client_gone else "completed"
         return resp
     except asyncio.CancelledError:
         outcome = "cancelled"
         raise
     finally:
-        status = ex.upstream.status if ex.upstream is not None else None
-        answered = ex.error is None and status is not None and 200 <= status < 300
-        hold = None
-        try:
-            if path.hold_until is not None and answered:
-                hold = _hold_after(broker, scheduler, consumer, path.hold_until, ex)
-            elif path.hold_until is not None and status is not None:
-                log.info(logfmt(msg="no hold: the answer was not 2xx", consumer=consumer.name, http=status))
-        finally:
-            if hold is None:
-                ex.close()
-            scheduler.finish(
-                job,
-                "failed" if ex.error is not None else outcome,
-                code=ex.error.code if ex.error is not None else None,
-                status=status,
-                # A hold means the consumer took the work even if the client left mid-answer.
-                success=answered and (ex.done or hold is not None),
-                hold=hold,
-                hold_timeout_s=path.hold_until.timeout_s if path.hold_until else 0.0,
-            )
+        end()
+
+
+def _end_job(
+    broker: Broker, scheduler: Scheduler, job: Job, path: JobPath, ex: Exchange, outcome: str
+) -> None:
+    """End a forwarded job: its outcome, and the hold that keeps the GPU after a 2xx answer if any."""
+    consumer = job.target
+    status = ex.upstream.status if ex.upstream is not None else None
+    answered = ex.error is None and status is not None and 200 <= status < 300
+    hold = None
+    try:
+        if path.hold_until is not None and answered:
+            hold = _hold_after(broker, scheduler, consumer, path.hold_until, ex)
+        elif path.hold_until is not None and status is not None:
+            log.info(logfmt(msg="no hold: the answer was not 2xx", consumer=consumer.name, http=status))
+    finally:
+        if hold is None:
+            ex.close()
+        scheduler.finish(
+            job,
+            "failed" if ex.error is not None else outcome,
+            code=ex.error.code if ex.error is not None else None,
+            status=status,
+            # A hold means the consumer took the work even if the client left mid-answer.
+            success=answered and (ex.done or hold is not None),
+            hold=hold,
+            hold_timeout_s=path.hold_until.timeout_s if path.hold_until else 0.0,
+        )
 
 
 def _hold_after(
@@ -3400,6 +3551,10 @@ async def handle_dashboard(request: web.Request) -> web.Response:
 async def _drain(app: web.Application) -> None:
     """On shutdown: refuse new jobs, answer queued ones, let running jobs and holds finish (bounded)."""
     broker = app[BROKER]
+    # Idle unloads and preloads first: nothing new starts (one running is cut short).
+    for task in list(broker.tasks):
+        task.cancel()
+    await asyncio.gather(*broker.tasks, return_exceptions=True)
     schedulers = list(broker.schedulers.values())
     for s in schedulers:
         s.shut_down()
