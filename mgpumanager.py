@@ -53,7 +53,6 @@ import signal
 import socket
 import sys
 import time
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -111,6 +110,9 @@ HOLD_ANSWER_LIMIT = 1 * MiB
 SHUTDOWN_GRACE_S = 5.0
 #: Connecting to a consumer must not take longer than this (or its timeout_s, if shorter).
 CONNECT_TIMEOUT_S = 10.0
+#: A proxied WebSocket pings both sides this often: a peer gone without a close (a laptop put to sleep) is
+#: noticed within about twice this, not at TCP keepalive's two hours.
+WEBSOCKET_HEARTBEAT_S = 30.0
 
 GPU_FIELDS = (
     "index",
@@ -2650,6 +2652,7 @@ async def open_websocket(
                 headers=headers,
                 max_msg_size=max_msg_size,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CONNECT_TIMEOUT_S),
+                heartbeat=WEBSOCKET_HEARTBEAT_S,
             ),
             limit,
         )
@@ -2688,6 +2691,8 @@ class ProxiedWebSocket:
 
     client: web.WebSocketResponse
     upstream: aiohttp.ClientWebSocketResponse
+    consumer: str
+    metrics: Metrics
     #: Set to a close code to end the relay from outside (the broker shutting down).
     stop: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -2695,18 +2700,25 @@ class ProxiedWebSocket:
         """Relay both ways until either side closes or ``stop`` is set, then close both with that code.
 
         Both pumps are owned: cancelled and awaited before the sides are closed, so no close races a read.
-        Raises ConnectionResetError when a side broke (both are then closed with 1011).
+        A side that broke is logged and counted first (the closing may cancel this handler), and both are
+        closed with 1011.
         """
+        ended: list[asyncio.Task[int]] = []
         pumps = [
             asyncio.create_task(_pump(self.client, self.upstream), name="ws client->consumer"),
             asyncio.create_task(_pump(self.upstream, self.client), name="ws consumer->client"),
         ]
+        for pump in pumps:
+            pump.add_done_callback(ended.append)
         try:
             await asyncio.wait([*pumps, self.stop], return_when=asyncio.FIRST_COMPLETED)
         finally:
             # Also when the handler is cancelled (the client's connection closed right after its close
             # frame): what a pump already got still decides the code.
-            code, error = self._outcome(pumps)
+            code, error = self._outcome(ended)
+            if error is not None:
+                self.metrics.inc("mgpumanager_websocket_failures_total", consumer=self.consumer)
+                log.warning(logfmt(msg="websocket broke", consumer=self.consumer, error=describe(error)))
             for pump in pumps:
                 pump.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
@@ -2716,16 +2728,14 @@ class ProxiedWebSocket:
             for result in closed:
                 if isinstance(result, Exception):
                     log.warning(logfmt(msg="websocket close failed", error=describe(result)))
-        if error is not None:
-            raise ConnectionResetError(describe(error)) from error
 
-    def _outcome(self, pumps: list[asyncio.Task[int]]) -> tuple[int, BaseException | None]:
+    def _outcome(self, ended: list[asyncio.Task[int]]) -> tuple[int, BaseException | None]:
         """The close code for both sides, and the error when a side broke: ``stop``'s code, else that of
         the first pump that ended; 1001 (going away) when none did (the relay was cancelled)."""
         if self.stop.done():
             return self.stop.result(), None
-        for pump in pumps:
-            if pump.done() and not pump.cancelled():
+        for pump in ended:
+            if not pump.cancelled():
                 error = pump.exception()
                 return (aiohttp.WSCloseCode.INTERNAL_ERROR, error) if error else (pump.result(), None)
         return aiohttp.WSCloseCode.GOING_AWAY, None
@@ -3329,32 +3339,46 @@ async def handle_mount(request: web.Request) -> web.StreamResponse:
         raise BrokerError("no_consumer", f"no consumer named {name!r}")
     path_qs, decoded = mount_upstream_path(request.raw_path, name)
     method = request.method
+    _refuse_own_routes(consumer, method, decoded)
     if method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
         return await proxy_websocket(request, broker, consumer, path_qs)
-    max_mib = broker.config.scheduler.max_body_mib
-    if method in UNSCHEDULED_METHODS or any(u.matches(method, decoded) for u in consumer.unscheduled):
-        body = await read_body(request, max_mib) if request.body_exists else None
-        broker.check_reachable(name)
-        ex = Exchange()
-        try:
-            return await broker.forward(request, ex, consumer, method, path_qs, body)
-        finally:
-            ex.close()
-    body = await read_body(request, max_mib)
+    body = await read_body(request, broker.config.scheduler.max_body_mib) if request.body_exists else b""
     consumer = broker.config.consumers.get(name)  # a reload may have come while the body was read
     if consumer is None:
         raise BrokerError("no_consumer", f"{name} is no longer configured", name)
     broker.check_reachable(name)
-    kind, path = mount_job_path(consumer, method, decoded)
+    kind, _ = mount_job_path(consumer, method, decoded)
+    if kind == MOUNT_KIND and (
+        method in UNSCHEDULED_METHODS or any(u.matches(method, decoded) for u in consumer.unscheduled)
+    ):
+        ex = Exchange()
+        try:
+            return await broker.forward(request, ex, consumer, method, path_qs, body or None)
+        finally:
+            ex.close()
     scheduler = broker.scheduler_for(name)
     job = await scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
+    _, path = mount_job_path(job.target, method, decoded)  # the config the job was admitted with
     # The client's encoding of the path goes to the consumer; _run_job adds the query.
     upstream = replace(path, path=path_qs.partition("?")[0])
     return await _run_job(request, broker, scheduler, job, upstream, body)
 
 
+def _refuse_own_routes(consumer: ConsumerConfig, method: str, path: str) -> None:
+    """The consumer's unload and load routes are the broker's to call: through the mount they would
+    change residency behind its back. forbidden, pointing at the admin routes."""
+    for action, route in (("unload", consumer.unload), ("load", consumer.load)):
+        if isinstance(route, Route) and route.method == method and route.path == path:
+            raise BrokerError(
+                "forbidden",
+                f"{method} {path} is {consumer.name}'s {action} route: use POST /v1/consumers/"
+                f"{consumer.name}/{action}, which goes through the GPU lock",
+                consumer.name,
+            )
+
+
 #: The open WebSockets of mounts, closed (going away) when the broker shuts down.
-WEBSOCKETS: web.AppKey[weakref.WeakSet[ProxiedWebSocket]] = web.AppKey("websockets")
+WEBSOCKETS: web.AppKey[set[ProxiedWebSocket]] = web.AppKey("websockets")
 
 
 async def proxy_websocket(
@@ -3362,6 +3386,9 @@ async def proxy_websocket(
 ) -> web.StreamResponse:
     """A WebSocket through a mount, unscheduled. The consumer's side is opened first, so that a consumer
     that is down or refuses is answered with the broker's JSON error, not an upgrade that closes at once."""
+    client = web.WebSocketResponse(max_msg_size=0, heartbeat=WEBSOCKET_HEARTBEAT_S)
+    if not client.can_prepare(request).ok:  # not a valid upgrade: the consumer is never bothered
+        raise BrokerError("bad_request", "not a valid WebSocket upgrade request", consumer.name)
     broker.check_reachable(consumer.name)
     metrics = broker.scheduler_for(consumer.name).metrics
     headers = request_headers(request, strip_auth=broker.config.auth.token is not None)
@@ -3378,20 +3405,22 @@ async def proxy_websocket(
         raise
     try:
         client = web.WebSocketResponse(
-            protocols=[upstream.protocol] if upstream.protocol else (), max_msg_size=max_size
+            protocols=[upstream.protocol] if upstream.protocol else (),
+            max_msg_size=max_size,
+            heartbeat=WEBSOCKET_HEARTBEAT_S,
         )
         await client.prepare(request)
     except BaseException:
         await upstream.close()
         raise
     metrics.inc("mgpumanager_websockets_total", consumer=consumer.name)
-    proxied = ProxiedWebSocket(client, upstream)
-    request.app[WEBSOCKETS].add(proxied)
+    proxied = ProxiedWebSocket(client, upstream, consumer.name, metrics)
+    sockets = request.app[WEBSOCKETS]
+    sockets.add(proxied)
     try:
         await proxied.relay()
-    except ConnectionResetError as e:
-        metrics.inc("mgpumanager_websocket_failures_total", consumer=consumer.name)
-        log.warning(logfmt(msg="websocket broke", consumer=consumer.name, error=str(e)))
+    finally:
+        sockets.discard(proxied)
     return client
 
 
@@ -3633,7 +3662,7 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     app = web.Application(middlewares=[front_door])
     app[CONFIG] = config
     app[SOURCE] = source
-    app[WEBSOCKETS] = weakref.WeakSet()
+    app[WEBSOCKETS] = set()
     app.cleanup_ctx.append(_broker_ctx)
     app.on_shutdown.append(_close_websockets)
     app.on_shutdown.append(_drain)

@@ -2094,14 +2094,20 @@ async def test_mount_ollama_client_generate_and_streaming_chat(rig, caplog):
 async def test_mount_openai_client_streams_chat_completions_with_the_brokers_token(rig):
     import openai  # noqa: PLC0415 (a dev dependency, needed here only)
 
-    r = await rig(tweak=with_token, sims={"ollama": {"lines": 3}})
+    r = await rig(tweak=with_token, sims={"ollama": {"lines": 3, "line_interval_s": 0.05}})
     client = openai.AsyncOpenAI(base_url=r.url("/c/ollama/v1"), api_key=TOKEN, max_retries=0)
     stranger = openai.AsyncOpenAI(base_url=r.url("/c/ollama/v1"), api_key="not-the-token", max_retries=0)
     try:
+        # A /v1 job of the same consumer, sent first: the client's completion waits for it.
+        v1 = asyncio.create_task(
+            r.post("llm", {"model": "m", "prompt": "p"}, headers={"Authorization": f"Bearer {TOKEN}"})
+        )
+        await until(lambda: r.broker.scheduler.holder == "ollama")
         stream = await client.chat.completions.create(
             model="sim", messages=[{"role": "user", "content": "hi"}], stream=True
         )
         chunks = [chunk async for chunk in stream]
+        assert (await v1)[0] == 200
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == "tok0 tok1 tok2 "
         assert chunks[-1].choices[0].finish_reason == "stop"
         assert {c.object for c in chunks} == {"chat.completion.chunk"}
@@ -2115,13 +2121,15 @@ async def test_mount_openai_client_streams_chat_completions_with_the_brokers_tok
         await stranger.close()
     sim = r.sims["ollama"]
     assert [(rec.method, rec.path) for rec in sim.records] == [
+        ("POST", "/api/generate"),
         ("POST", "/v1/chat/completions"),
         ("POST", "/v1/chat/completions"),
         ("GET", "/v1/models"),
     ]
+    assert not overlaps(sim.work)  # serialised with the /v1 job, through the same lock
     assert all("Authorization" not in rec.headers for rec in sim.records)  # the token stays at the broker
-    assert sim.records[0].headers["X-Forwarded-For"] == "127.0.0.1"
-    assert r.stats.jobs == 2  # the two completions; the model list is a read
+    assert sim.records[1].headers["X-Forwarded-For"] == "127.0.0.1"
+    assert r.stats.jobs == 3  # the /v1 job and the two completions; the model list is a read
 
 
 async def test_mount_jobs_wait_for_the_lock_but_reads_and_unscheduled_calls_do_not(rig):
@@ -2142,6 +2150,7 @@ async def test_mount_jobs_wait_for_the_lock_but_reads_and_unscheduled_calls_do_n
             tts = asyncio.create_task(r.post("tts", {"text": "slow"}))
             await asyncio.wait_for(synthesizing.wait(), 10)
             generate = asyncio.create_task(client.generate(model="sim", prompt="hi", stream=False))
+            await until(lambda: len(r.broker.scheduler.queue()) == 1)  # so that the order is known
             chat = asyncio.create_task(
                 client.chat(model="sim", messages=[{"role": "user", "content": "x"}], stream=False)
             )
@@ -2217,7 +2226,7 @@ async def test_mount_unscheduled_exact_and_prefix_entries_skip_the_lock(rig):
 
 
 async def test_mount_comfyui_prompt_holds_until_history_like_v1_image(rig, caplog):
-    r = await rig(sims={"comfyui": {"work_s": 0.3}, "mvoice": {"loaded": True}})
+    r = await rig(sims={"comfyui": {"work_s": 3}, "mvoice": {"loaded": True}})  # renders long enough
     async with r.session.post(r.url("/c/comfyui/prompt"), json={"prompt": {"1": {}}}) as resp:
         assert resp.status == 200
         prompt_id = (await resp.json())["prompt_id"]
@@ -2331,6 +2340,66 @@ async def test_mount_websocket_to_a_consumer_that_is_down_is_a_json_error(rig):
         assert "refused the WebSocket upgrade" in data["message"]
     assert r.broker.consumers.states["ollama"].healthy is not False
     assert r.stats.jobs == 0
+
+
+async def test_mount_websocket_that_breaks_is_logged_counted_and_closed_1011(rig, caplog):
+    async def breaking(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str("one")
+        assert request.transport is not None
+        request.transport.abort()  # gone without a close frame
+        return ws
+
+    async with StandIn([("GET", "/system_stats", _ok), ("GET", "/ws", breaking)]) as comfy:
+        r = await rig(urls={"comfyui": comfy.url})
+        ws = await _ws_open(r, "/c/comfyui/ws")
+        assert (await ws.receive(timeout=10)).data == "one"
+        closing = await ws.receive(timeout=10)
+        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1011
+        await ws.close()
+        await until(lambda: 'msg="websocket broke" consumer=comfyui' in caplog.text)
+        async with r.session.get(r.url("/metrics")) as resp:
+            families = _families(await resp.text())
+        assert _value(families, "mgpumanager_websocket_failures_total", consumer="comfyui") == 1
+        assert _value(families, "mgpumanager_websockets_total", consumer="comfyui") == 1
+        assert r.app[m.WEBSOCKETS] == set()
+
+
+async def test_mount_websocket_upgrade_without_a_key_never_reaches_the_consumer(rig):
+    r = await rig()
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"}
+    async with r.session.get(r.url("/c/comfyui/ws"), headers=upgrade) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "bad_request")
+    assert r.sims["comfyui"].records == []
+
+
+async def test_mount_schedules_every_paths_entry_and_refuses_the_brokers_own_routes(rig):
+    def get_path(raw: dict[str, Any]) -> None:  # a service that synthesises on GET is still GPU work
+        raw["consumers"]["mvoice"]["paths"]["speak"] = {"method": "GET", "path": "/api/synthesize"}
+
+    r = await rig(tweak=get_path)
+    async with r.session.get(r.url("/c/mvoice/api/synthesize?text=x")) as resp:
+        assert resp.status == 405  # mvoice's own answer (it wants POST): what matters is the job
+    assert r.stats.jobs == 1 and r.stats.completed == 1
+    async with r.session.post(r.url("/c/comfyui/free"), json={"unload_models": True}) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
+    assert "POST /v1/consumers/comfyui/unload" in data["message"]
+    async with r.session.post(r.url("/c/mvoice/api/admin/%75nload")) as resp:  # encoded, still refused
+        error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
+    assert r.sims["comfyui"].records == [] and r.sims["mvoice"].unloads == 0 and r.stats.jobs == 1
+
+
+async def test_mount_unscheduled_calls_match_decoded_paths_and_respect_known_failures(rig):
+    r = await rig(tweak=_unscheduled_show)
+    async with r.session.post(r.url("/c/ollama/api/%73how"), json={"model": "sim"}) as resp:
+        assert resp.status == 200  # /api/show, as ollama will read it: unscheduled
+    assert r.stats.jobs == 0 and r.sims["ollama"].records[-1].path == "/api/show"
+    r.broker.consumers.mark_unhealthy("ollama", "connection refused")
+    async with r.session.get(r.url("/c/ollama/api/tags")) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "consumer_unreachable")
+    assert "last probe failed: connection refused" in data["message"]
+    assert len(r.sims["ollama"].records) == 1 and r.stats.jobs == 0
 
 
 async def test_broker_shutting_down_closes_open_websockets_going_away(rig):
