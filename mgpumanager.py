@@ -823,6 +823,10 @@ def parse_json(body: bytes | bytearray) -> Any:
         return None
 
 
+#: A logfmt value with any of these is quoted (as JSON).
+_LOGFMT_QUOTE = re.compile(r'[ "=\\]')
+
+
 def logfmt(**fields: Any) -> str:
     """key=value pairs, values quoted when they need it."""
     out = []
@@ -831,7 +835,7 @@ def logfmt(**fields: Any) -> str:
             out.append(f"{key}=")  # absent: an empty value, as logfmt readers expect
             continue
         text = str(value)
-        if not text or any(c in text for c in ' "=\\') or not text.isprintable():
+        if not text or _LOGFMT_QUOTE.search(text) or not text.isprintable():
             text = json.dumps(text)
         out.append(f"{key}={text}")
     return " ".join(out)
@@ -2988,10 +2992,12 @@ class Broker:
         path_qs: str,
         body: bytes | bytearray | None,
         answered: Callable[[], None] | None = None,
+        headers: CIMultiDict[str] | None = None,
     ) -> web.StreamResponse:
         """Send a request to a consumer and stream its answer back; a failing consumer is marked unhealthy.
 
-        ``answered`` is called (once) as soon as the consumer's answer has been read whole.
+        ``answered`` is called (once) as soon as the consumer's answer has been read whole. ``headers``:
+        the request's as ``request_headers`` makes them, when they were made already (before queueing).
         """
 
         def whole() -> None:
@@ -3000,7 +3006,8 @@ class Broker:
                 answered()
 
         try:
-            headers = request_headers(request, strip_auth=self.config.auth.token is not None)
+            if headers is None:
+                headers = request_headers(request, strip_auth=self.config.auth.token is not None)
             ex.upstream = await open_upstream(self.session, consumer, method, path_qs, headers, body)
             if ex.capture and 200 <= ex.upstream.status < 300:
                 ex.captured = bytearray()
@@ -3188,8 +3195,9 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
     name = route(broker.config, kind)  # ... and route for real after the body: a reload may have come
     broker.check_reachable(name)
     scheduler = broker.scheduler_for(name)
+    headers = request_headers(request, strip_auth=broker.config.auth.token is not None)  # before waiting
     job = await scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
-    return await _run_job(request, broker, scheduler, job, job.target.paths[kind], body)
+    return await _run_job(request, broker, scheduler, job, job.target.paths[kind], body, headers)
 
 
 def route(config: Config, kind: str) -> str:
@@ -3220,6 +3228,7 @@ async def _run_job(
     job: Job,
     path: JobPath,
     body: bytes | bytearray,
+    headers: CIMultiDict[str],
 ) -> web.StreamResponse:
     """Forward a granted job and stream its answer; ends the job exactly once: as soon as the consumer's
     answer is read whole (the next job may start while its last bytes go to the client), else when
@@ -3240,7 +3249,7 @@ async def _run_job(
     try:
         _, sep, query = request.raw_path.partition("?")  # kept as the client encoded it
         resp = await broker.forward(
-            request, ex, consumer, path.method, path.path + sep + query, body, answered
+            request, ex, consumer, path.method, path.path + sep + query, body, answered, headers
         )
         outcome = "cancelled" if ex.client_gone else "completed"
         return resp
@@ -3357,11 +3366,12 @@ async def handle_mount(request: web.Request) -> web.StreamResponse:
         finally:
             ex.close()
     scheduler = broker.scheduler_for(name)
+    headers = request_headers(request, strip_auth=broker.config.auth.token is not None)  # before waiting
     job = await scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
     _, path = mount_job_path(job.target, method, decoded)  # the config the job was admitted with
     # The client's encoding of the path goes to the consumer; _run_job adds the query.
     upstream = replace(path, path=path_qs.partition("?")[0])
-    return await _run_job(request, broker, scheduler, job, upstream, body)
+    return await _run_job(request, broker, scheduler, job, upstream, body, headers)
 
 
 def _refuse_own_routes(consumer: ConsumerConfig, method: str, path: str) -> None:
