@@ -1616,20 +1616,14 @@ class Stats:
     internal_errors: int = 0
 
 
-def _after_handover(*steps: Callable[[], None] | None) -> None:
-    """Run bookkeeping (a job's event and log line) two turns of the loop from now.
+def _after_handover(step: Callable[[], None]) -> None:
+    """Run bookkeeping (a job's metrics, event and log line) two turns of the loop from now.
 
     The job granted next wakes in the next turn and its request goes out in the one after (aiohttp writes
     it from a task of its own): the GPU changes hands first, the books follow.
     """
     loop = asyncio.get_running_loop()
-
-    def later() -> None:
-        for step in steps:
-            if step is not None:
-                step()
-
-    loop.call_soon(loop.call_soon, later)
+    loop.call_soon(loop.call_soon, step)
 
 
 class WaitQueue:
@@ -2281,21 +2275,26 @@ class Scheduler:
         *,
         log_now: bool = True,
     ) -> None:
-        """Count the job's outcome once (stats, metrics, an event) and write its log line (unless a hold
-        follows: then the line waits for the hold's end, to carry its length)."""
+        """Count the job's outcome once: its stats now, its metrics, event and log line (unless a hold
+        follows: then the line waits for the hold's end, to carry its length) once the GPU changed hands."""
         assert job.state != "ended", job
         job.state, job.ended = "ended", self.clock()
         job.outcome, job.code, job.http = outcome, code, status
         setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
-        self.metrics.inc("mgpumanager_jobs_total", consumer=job.consumer, outcome=outcome)
+        _after_handover(functools.partial(self._account, job, log_now))
+
+    def _account(self, job: Job, log_now: bool) -> None:
+        """A job's metrics, its end event and (``log_now``) its log line."""
+        assert job.ended is not None and job.outcome is not None
+        self.metrics.inc("mgpumanager_jobs_total", consumer=job.consumer, outcome=job.outcome)
         wait_end = job.started if job.started is not None else job.ended
         self.metrics.observe("mgpumanager_queue_wait_seconds", wait_end - job.arrived, consumer=job.consumer)
         if job.started is not None:
             self.metrics.observe("mgpumanager_run_seconds", job.ended - job.started, consumer=job.consumer)
-        event = {"completed": "finished"}.get(outcome, outcome)
-        publish = functools.partial(self._publish, event, job, code=code, http=status)
-        log_line = functools.partial(self._log_job, job, None) if log_now else None
-        _after_handover(publish, log_line)
+        event = {"completed": "finished"}.get(job.outcome, job.outcome)
+        self._publish(event, job, code=job.code, http=job.http)
+        if log_now:
+            self._log_job(job, None)
 
     def _log_job(self, job: Job, hold_ms: int | None) -> None:
         """The one line per job that the README's logs section describes."""
