@@ -2477,9 +2477,19 @@ async def relay(
     accepts nothing for the consumer's ``timeout_s`` is cut off too (ConnectionResetError), so it cannot
     hold the GPU by not reading.
     """
-    resp = web.StreamResponse(
-        status=upstream.status, reason=upstream.reason, headers=response_headers(upstream)
-    )
+    headers = response_headers(upstream)
+    if upstream.content.is_eof() and request.method != "HEAD":
+        # The whole answer came with its headers (a small one): headers and body go out in one write.
+        body = await upstream.content.read()
+        if capture is not None and len(body) <= HOLD_ANSWER_LIMIT:
+            capture += body
+        if answered is not None:
+            await _hand_over(answered)
+        whole = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+        await whole.prepare(request)
+        await whole.write_eof()
+        return whole
+    resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     await resp.prepare(request)
     transport = request.transport
     while True:
@@ -2497,11 +2507,7 @@ async def relay(
             capture += chunk
         whole = not chunk or upstream.content.at_eof()
         if whole and answered is not None:
-            answered()
-            # Two turns of the loop: the job granted next wakes in the first and its request goes out in
-            # the second (aiohttp sends it from a task of its own) before this client gets its last bytes.
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
+            await _hand_over(answered)
         if not chunk:
             break
         if transport is None or transport.get_write_buffer_size() == 0:
@@ -2519,6 +2525,17 @@ async def relay(
             break
     await resp.write_eof()
     return resp
+
+
+async def _hand_over(answered: Callable[[], None]) -> None:
+    """The consumer's answer is whole: end the job, then let the job granted next go first.
+
+    Two turns of the loop: it wakes in the first and its request goes out in the second (aiohttp sends it
+    from a task of its own), before this client gets its last bytes.
+    """
+    answered()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
 
 
 def hold_poller(
