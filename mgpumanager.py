@@ -1984,31 +1984,33 @@ class Scheduler:
         )
         self._dispatch()
 
-    def _dispatch(self) -> None:
-        """Grant the lock (or a further slot of the holder) to whoever the documented order says."""
+    def _dispatch(self) -> bool:
+        """Grant the lock (or a further slot of the holder) to whoever the documented order says; whether
+        anyone was granted."""
         now = self.clock()
+        granted = False
         while True:
             # A waiter whose task was cancelled has a cancelled future; it stays queued (and counted)
             # until its task runs again and takes itself out.
             if self.holder is None:
                 firsts = self._waiting.firsts(lambda j: True)
                 if not firsts:
-                    return
+                    return granted
                 job = min(firsts, key=lambda j: self._order(j, now))
             else:
                 holder = self.config.consumers.get(self.holder)
                 if self.exclusive or holder is None or self.slots >= holder.max_concurrency:
-                    return
+                    return granted
                 mine = self._waiting.firsts(lambda j: j.consumer == self.holder)
                 if not mine:
-                    return
+                    return granted
                 job = min(mine, key=lambda j: self._order(j, now))
                 if job.exclusive:
-                    return
+                    return granted
                 level = self.effective_priority(job, now)
                 others = self._waiting.firsts(lambda j: j.consumer != self.holder)
                 if any(self.effective_priority(j, now) >= level for j in others):
-                    return
+                    return granted
             self._waiting.remove(job)
             if self.holder is None:
                 self._held_since = now
@@ -2018,17 +2020,18 @@ class Scheduler:
             self.states[job.consumer].jobs += 1
             job.state, job.started = "running", now
             job.granted.set_result(None)
+            granted = True
             self._publish("granted", job, waited_s=round(now - job.arrived, 3))
 
-    def _release_slot(self, job: Job) -> None:
-        """A job or hold gives its slot back; the last one frees the lock."""
+    def _release_slot(self, job: Job) -> bool:
+        """A job or hold gives its slot back; the last one frees the lock. Whether another job got it."""
         assert job.consumer == self.holder, (job, self.holder)
         self.slots -= 1
         self.states[job.consumer].jobs -= 1
         if self.slots == 0:
             self.holder, self.exclusive = None, False
             self._idle.set()
-        self._dispatch()
+        return self._dispatch()
 
     # ---- making room---------------------------------------------------------------------------------
 
@@ -2216,10 +2219,11 @@ class Scheduler:
         success: bool = False,
         hold: Callable[[], Awaitable[None]] | None = None,
         hold_timeout_s: float = 0.0,
-    ) -> None:
+    ) -> bool:
         """End a running job. Synchronous, so it runs even in a cancelled handler's ``finally``.
 
         ``hold`` keeps the job's slot in a task the scheduler owns until it returns or ``hold_timeout_s``.
+        Whether another job was granted the slot.
         """
         if success:
             state = self.states[job.consumer]
@@ -2227,14 +2231,15 @@ class Scheduler:
             state.last_used, state.last_used_at = self.clock(), time.time()
         if hold is None:
             # The slot first: the job granted next is woken before this one's event and log line.
-            self._release_slot(job)
+            granted = self._release_slot(job)
             self._end(job, outcome, code, status)
-            return
+            return granted
         self._end(job, outcome, code, status, log_now=False)
         self.holds += 1
         task = asyncio.get_running_loop().create_task(self._hold(job, hold, hold_timeout_s))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return False
 
     async def _hold(self, job: Job, hold: Callable[[], Awaitable[None]], timeout_s: float) -> None:
         """Keep the job's slot while ``hold`` runs (at most ``timeout_s``); then write the job's log line."""
@@ -2465,12 +2470,13 @@ async def relay(
     upstream: aiohttp.ClientResponse,
     consumer: ConsumerConfig,
     capture: bytearray | None = None,
-    answered: Callable[[], None] | None = None,
+    answered: Callable[[], bool] | None = None,
 ) -> web.StreamResponse:
     """Stream the consumer's answer to the client chunk by chunk, as it comes.
 
     ``answered`` is called once the consumer's answer is read whole, before its last chunk is written to
-    the client: the GPU is free from the consumer's last byte on, not the client's.
+    the client: the GPU is free from the consumer's last byte on, not the client's. It says whether a job
+    waiting for the GPU was granted it; if so that job goes first.
 
     A failure after the answer began cannot become an error response: the client's connection is cut
     without the final chunk, so it sees a truncated answer, and UpstreamBroke is raised. A client that
@@ -2527,15 +2533,15 @@ async def relay(
     return resp
 
 
-async def _hand_over(answered: Callable[[], None]) -> None:
-    """The consumer's answer is whole: end the job, then let the job granted next go first.
+async def _hand_over(answered: Callable[[], bool]) -> None:
+    """The consumer's answer is whole: end the job; if that granted a waiting job, let it go first.
 
     Two turns of the loop: it wakes in the first and its request goes out in the second (aiohttp sends it
-    from a task of its own), before this client gets its last bytes.
+    from a task of its own), before this client gets its last bytes. Nobody waiting: no detour.
     """
-    answered()
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    if answered():
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
 
 
 def hold_poller(
@@ -3007,7 +3013,7 @@ class Broker:
         method: str,
         path_qs: str,
         body: bytes | bytearray | None,
-        answered: Callable[[], None] | None = None,
+        answered: Callable[[], bool] | None = None,
         headers: CIMultiDict[str] | None = None,
     ) -> web.StreamResponse:
         """Send a request to a consumer and stream its answer back; a failing consumer is marked unhealthy.
@@ -3016,10 +3022,9 @@ class Broker:
         the request's as ``request_headers`` makes them, when they were made already (before queueing).
         """
 
-        def whole() -> None:
+        def whole() -> bool:
             ex.done = True
-            if answered is not None:
-                answered()
+            return answered() if answered is not None else False
 
         try:
             if headers is None:
@@ -3253,14 +3258,13 @@ async def _run_job(
     ex = Exchange(capture=path.hold_until is not None)
     outcome = "failed"
 
-    def end() -> None:
-        if job.state != "ended":
-            _end_job(broker, scheduler, job, path, ex, outcome)
+    def end() -> bool:
+        return job.state != "ended" and _end_job(broker, scheduler, job, path, ex, outcome)
 
-    def answered() -> None:
+    def answered() -> bool:
         nonlocal outcome
         outcome = "completed"
-        end()
+        return end()
 
     try:
         _, sep, query = request.raw_path.partition("?")  # kept as the client encoded it
@@ -3278,8 +3282,9 @@ async def _run_job(
 
 def _end_job(
     broker: Broker, scheduler: Scheduler, job: Job, path: JobPath, ex: Exchange, outcome: str
-) -> None:
-    """End a forwarded job: its outcome, and the hold that keeps the GPU after a 2xx answer if any."""
+) -> bool:
+    """End a forwarded job: its outcome, and the hold that keeps the GPU after a 2xx answer if any.
+    Whether a waiting job was granted the GPU."""
     consumer = job.target
     status = ex.upstream.status if ex.upstream is not None else None
     answered = ex.error is None and status is not None and 200 <= status < 300
@@ -3292,7 +3297,7 @@ def _end_job(
     finally:
         if hold is None:
             ex.close()
-        scheduler.finish(
+        granted = scheduler.finish(
             job,
             "failed" if ex.error is not None else outcome,
             code=ex.error.code if ex.error is not None else None,
@@ -3302,6 +3307,7 @@ def _end_job(
             hold=hold,
             hold_timeout_s=path.hold_until.timeout_s if path.hold_until else 0.0,
         )
+    return granted
 
 
 def _hold_after(

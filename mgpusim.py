@@ -274,6 +274,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import io
 import re
 import select
@@ -290,7 +291,7 @@ import uuid
 import wave
 import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
@@ -861,7 +862,9 @@ class OllamaSim(SimConsumer):
             return web.json_response(self.chunk(model, "", True, done_reason="load"))
         tokens = self.tokens()
         final = self.chunk(model, "", True, done_reason="stop", eval_count=self.lines)
-        lines = [self.ndjson(self.chunk(model, t, False)) for t in tokens] + [self.ndjson(final)]
+        # Each line is made when it is written: its created_at is when it left, as with ollama.
+        lines = [functools.partial(lambda t: self.ndjson(self.chunk(model, t, False)), t) for t in tokens]
+        lines.append(lambda: self.ndjson(final | {"created_at": self.now()}))
         whole = self.chunk(model, "".join(tokens), True, done_reason="stop", eval_count=self.lines)
         answer = await self.infer(request, data.get("stream", True), lines, "application/x-ndjson", whole)
         if unload_after:
@@ -881,7 +884,8 @@ class OllamaSim(SimConsumer):
 
         tokens = self.tokens()
         final = {"done_reason": "stop", "eval_count": self.lines}
-        lines = [self.ndjson(line(t, False)) for t in tokens] + [self.ndjson(line("", True, **final))]
+        lines = [functools.partial(lambda t: self.ndjson(line(t, False)), t) for t in tokens]
+        lines.append(lambda: self.ndjson(line("", True, **final)))
         whole = line("".join(tokens), True, **final)
         return await self.infer(request, data.get("stream", True), lines, "application/x-ndjson", whole)
 
@@ -901,8 +905,11 @@ class OllamaSim(SimConsumer):
             return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
         tokens = self.tokens()
-        lines = [event({"role": "assistant", "content": t}, None) for t in tokens]
-        lines += [event({"role": "assistant", "content": ""}, "stop"), b"data: [DONE]\n\n"]
+        lines = [functools.partial(event, {"role": "assistant", "content": t}, None) for t in tokens]
+        lines += [
+            functools.partial(event, {"role": "assistant", "content": ""}, "stop"),
+            lambda: b"data: [DONE]\n\n",
+        ]
         message = {"role": "assistant", "content": "".join(tokens)}
         usage = {"prompt_tokens": 1, "completion_tokens": self.lines, "total_tokens": self.lines + 1}
         whole = head | {
@@ -913,7 +920,12 @@ class OllamaSim(SimConsumer):
         return await self.infer(request, bool(data.get("stream", False)), lines, "text/event-stream", whole)
 
     async def infer(
-        self, request: web.Request, stream: Any, lines: list[bytes], content_type: str, whole: dict[str, Any]
+        self,
+        request: web.Request,
+        stream: Any,
+        lines: list[Callable[[], bytes]],
+        content_type: str,
+        whole: dict[str, Any],
     ) -> web.StreamResponse:
         """The GPU part of every inference route: load, work, then stream ``lines`` or answer ``whole``."""
         with self.gpu_work(request[RECORD]):
@@ -924,15 +936,18 @@ class OllamaSim(SimConsumer):
                 return web.json_response(whole)
             return await self.stream(request, lines, content_type)
 
-    async def stream(self, request: web.Request, lines: list[bytes], content_type: str) -> web.StreamResponse:
-        """Write the lines, the token lines one every line_interval_s, what follows them at once."""
+    async def stream(
+        self, request: web.Request, lines: list[Callable[[], bytes]], content_type: str
+    ) -> web.StreamResponse:
+        """Write the lines, each made as it is written: the token lines one every line_interval_s, what
+        follows them at once."""
         times: list[float] = []
         self.line_times.append(times)
         resp = web.StreamResponse()
         resp.content_type = content_type
         await resp.prepare(request)
         for i, line in enumerate(lines):
-            await resp.write(line)
+            await resp.write(line())
             times.append(time.monotonic())
             if i < self.lines:
                 await asyncio.sleep(self.line_interval_s)
