@@ -3731,10 +3731,11 @@ main { display:grid; gap:.8rem; padding:0 1rem 1rem;
 section { background:var(--card); border-radius:8px; padding:.8rem; }
 section.wide { grid-column:1 / -1; }
 h2 { font-size:.8rem; text-transform:uppercase; letter-spacing:.05em; color:var(--dim); margin:0 0 .5rem; }
-#bar { display:flex; height:28px; border-radius:5px; overflow:hidden; background:var(--free); }
-#bar div { height:100%; min-width:2px; }
-#legend { display:flex; flex-wrap:wrap; gap:.3rem .9rem; margin-top:.5rem; font-size:.85rem; }
-#legend i { display:inline-block; width:.8em; height:.8em; border-radius:2px; margin-right:.3em; }
+.bar { display:flex; height:28px; border-radius:5px; overflow:hidden; background:var(--free); }
+.bar div { height:100%; min-width:2px; }
+.legend { display:flex; flex-wrap:wrap; gap:.3rem .9rem; margin-top:.5rem; font-size:.85rem; }
+.legend i { display:inline-block; width:.8em; height:.8em; border-radius:2px; margin-right:.3em; }
+.gpu + .gpu { margin-top:.8rem; } h3 { font-size:.9rem; margin:0 0 .3rem; font-weight:normal; }
 table { width:100%; border-collapse:collapse; font-size:.9rem; }
 td, th { text-align:left; padding:.3rem .4rem; border-top:1px solid #2a313b; vertical-align:top; }
 th { color:var(--dim); font-weight:normal; border-top:none; }
@@ -3751,7 +3752,7 @@ th { color:var(--dim); font-weight:normal; border-top:none; }
 <header><h1>mgpumanager</h1><span id="gpu-name"></span><span id="updated"></span></header>
 <div id="error"></div>
 <main>
-<section class="wide"><h2>GPU memory</h2><div id="bar"></div><div id="legend"></div></section>
+<section class="wide"><h2>GPU memory</h2><div id="gpus"></div></section>
 <section><h2>Holder</h2><div id="holder">-</div><h2 style="margin-top:.8rem">Queue</h2>
 <table><thead><tr><th>consumer</th><th>kind</th><th>prio</th><th>waiting</th></tr></thead>
 <tbody id="queue"></tbody></table></section>
@@ -3789,12 +3790,12 @@ function askToken() {
   if (given) { token = given.trim(); sessionStorage.setItem("mgpumanager-token", token); }
 }
 
-function memoryParts(st) {
-  const gpu = st.gpu, parts = [];
+function memoryParts(st, gpu) {
+  const parts = [];
   let resident = 0;
   Object.keys(st.consumers).forEach((name, i) => {
     const c = st.consumers[name];
-    if (!c.loaded) return;
+    if (!c.loaded || (c.gpu ?? gpu.index) !== gpu.index) return;
     parts.push({label: name, mib: c.vram_resident_mib, color: COLORS[i % COLORS.length]});
     resident += c.vram_resident_mib;
   });
@@ -3805,33 +3806,49 @@ function memoryParts(st) {
   }
   return parts;
 }
-function renderGpu(st) {
+function gpuHtml(st, gpu, titled) {
   // A reading can be a second older than the residency it is drawn with: scale so the bar never overflows.
-  const gpu = st.gpu, parts = memoryParts(st);
+  const parts = memoryParts(st, gpu);
   const total = Math.max(gpu.total_mib || 1, parts.reduce((sum, p) => sum + p.mib, 0));
-  $("gpu-name").textContent = (gpu.name || "GPU") + " #" + gpu.index;
-  $("updated").textContent = "v" + st.version + ", up " + Math.round(st.uptime_s) + " s";
-  $("error").textContent = gpu.error ? "GPU: " + gpu.error : "";
-  $("bar").innerHTML = parts.map((p) => '<div title="' + esc(p.label) + " " + p.mib + ' MiB" style="width:' +
-    (100 * p.mib / total).toFixed(2) + "%;background:" + p.color + '"></div>').join("");
-  $("legend").innerHTML = parts.map((p) => '<span><i style="background:' + p.color + '"></i>' +
+  return '<div class="gpu">' + (titled ? "<h3>GPU " + gpu.index + " " + esc(gpu.name || "") + "</h3>" : "") +
+    '<div class="bar">' + parts.map((p) => '<div title="' + esc(p.label) + " " + p.mib +
+    ' MiB" style="width:' + (100 * p.mib / total).toFixed(2) + "%;background:" + p.color + '"></div>')
+    .join("") +
+    '</div><div class="legend">' + parts.map((p) => '<span><i style="background:' + p.color + '"></i>' +
     esc(p.label) + " " + p.mib + " MiB</span>").join("") +
-    (gpu.total_mib ? '<span class="dim">of ' + gpu.total_mib + " MiB</span>" : "");
+    (gpu.total_mib ? '<span class="dim">of ' + gpu.total_mib + " MiB</span>" : "") + "</div></div>";
 }
-function renderScheduler(sched) {
-  const h = sched.holder;
-  $("holder").innerHTML = !h ? '<span class="dim">idle</span>' : "<b>" + esc(h.consumer) + "</b> " +
-    h.jobs + " job(s)" + (h.holds ? ", " + h.holds + " hold(s)" : "") +
+function renderGpus(st, gpus) {
+  $("gpu-name").textContent = gpus.map((g) => (g.name || "GPU") + " #" + g.index).join(", ");
+  $("updated").textContent = "v" + st.version + ", up " + Math.round(st.uptime_s) + " s";
+  $("error").textContent = gpus.filter((g) => g.error)
+    .map((g) => "GPU " + g.index + ": " + g.error).join("; ");
+  $("gpus").innerHTML = gpus.map((g) => gpuHtml(st, g, gpus.length > 1)).join("");
+}
+function holderHtml(h) {
+  return !h ? '<span class="dim">idle</span>' : "<b>" + esc(h.consumer) + "</b> " + h.jobs + " job(s)" +
+    (h.holds ? ", " + h.holds + " hold(s)" : "") +
     ' <span class="dim">for ' + h.held_s.toFixed(1) + " s</span>";
-  $("queue").innerHTML = sched.queue.map((q) => "<tr><td>" + esc(q.consumer) + "</td><td>" + esc(q.kind) +
-    "</td><td>" + q.priority + "</td><td>" + q.waited_s.toFixed(1) + " s</td></tr>").join("") ||
+}
+function renderScheduler(gpus) {
+  // One GPU: as it always was. Several: each GPU's holder, one queue tagged by GPU, the counters summed.
+  const several = gpus.length > 1, tag = (i) => (several ? '<span class="dim">GPU ' + i + "</span> " : "");
+  $("holder").innerHTML = gpus.map((g) => tag(g.index) + holderHtml(g.scheduler.holder)).join("<br>");
+  const queue = gpus.flatMap((g) => g.scheduler.queue.map((q) => Object.assign({gpu: g.index}, q)));
+  $("queue").innerHTML = queue.map((q) => "<tr><td>" + tag(q.gpu) + esc(q.consumer) + "</td><td>" +
+    esc(q.kind) + "</td><td>" + q.priority + "</td><td>" + q.waited_s.toFixed(1) + " s</td></tr>").join("") ||
     '<tr><td colspan="4" class="dim">empty</td></tr>';
-  $("stats").innerHTML = Object.entries(sched.stats).map(([k, v]) =>
+  const stats = {};
+  gpus.forEach((g) => Object.entries(g.scheduler.stats)
+    .forEach(([k, v]) => { stats[k] = (stats[k] || 0) + v; }));
+  stats.internal_errors = gpus[0].scheduler.stats.internal_errors;  // the broker's, not per GPU
+  $("stats").innerHTML = Object.entries(stats).map(([k, v]) =>
     '<div id="stat-' + k + '"><b>' + v + "</b>" + k.replaceAll("_", " ") + "</div>").join("");
 }
-function renderConsumers(consumers) {
+function renderConsumers(consumers, several) {
   $("consumers").innerHTML = Object.entries(consumers).map(([name, c]) =>
     '<tr data-consumer="' + esc(name) + '"><td><b>' + esc(name) + "</b>" +
+    (several ? ' <span class="dim">GPU ' + c.gpu + "</span>" : "") +
     (c.vram_managed ? ' <span class="dim">(manages its VRAM)</span>' : "") +
     "</td><td>" + yesno(c.healthy, "healthy", "down") +
     (c.last_error ? '<br><span class="dim">' + esc(c.last_error) + "</span>" : "") +
@@ -3841,7 +3858,8 @@ function renderConsumers(consumers) {
 async function refresh() {
   try {
     const st = await (await get("/v1/status")).json();
-    renderGpu(st); renderScheduler(st.scheduler); renderConsumers(st.consumers);
+    const gpus = st.gpus || [Object.assign({scheduler: st.scheduler}, st.gpu)];
+    renderGpus(st, gpus); renderScheduler(gpus); renderConsumers(st.consumers, gpus.length > 1);
   } catch (e) { $("error").textContent = "status: " + e.message; }
 }
 let pending = null;

@@ -4259,18 +4259,45 @@ async def test_dashboard_in_a_real_browser_shows_consumers_holder_and_evictions(
         await browser.wait_for("document.querySelector('#stat-evictions b').textContent === '1'")
         # Once comfyui answered it is resident: its share of the memory bar is coloured, not "unknown".
         legend = await browser.wait_for(
-            "document.getElementById('legend').textContent.includes('comfyui 13000 MiB')"
-            " && document.getElementById('legend').textContent"
+            "document.querySelector('.legend').textContent.includes('comfyui 13000 MiB')"
+            " && document.querySelector('.legend').textContent"
         )
         assert "free" in legend and "mvoice" not in legend
         assert "evicting" in await browser.evaluate("document.getElementById('log').textContent")
         # A second later a new GPU reading shows comfyui's memory as used.
-        await browser.wait_for("document.getElementById('legend').textContent.includes('free 2904 MiB')")
+        await browser.wait_for("document.querySelector('.legend').textContent.includes('free 2904 MiB')")
         await browser.screenshot(tmp_path / "dashboard.png")
         assert (await image)[0] == 200
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
     if os.environ.get("MGPU_SCREENSHOT"):  # how README's picture is made
         shutil.copy(tmp_path / "dashboard.png", os.environ["MGPU_SCREENSHOT"])
+
+
+async def test_dashboard_with_two_gpus_draws_each_with_its_own_holder(rig, tmp_path):
+    def two_gpus(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["gpu"] = 1
+
+    r = await rig(gpus=2, sims={"comfyui": {"gpu": 1, "work_s": 4.0}}, tweak=two_gpus)
+    async with Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=r.url("/"))
+        titles = await browser.wait_for(
+            "document.querySelectorAll('.gpu h3').length === 2 &&"
+            " [...document.querySelectorAll('.gpu h3')].map(h => h.textContent)"
+        )
+        assert [t.split()[:2] for t in titles] == [["GPU", "0"], ["GPU", "1"]]
+        image = asyncio.ensure_future(r.post("image", {"prompt": {}}))  # renders 4 s on GPU 1
+        holder = await browser.wait_for(
+            "document.getElementById('holder').textContent.includes('comfyui')"
+            " && document.getElementById('holder').textContent"
+        )
+        assert "GPU 0 idle" in holder and "GPU 1 comfyui" in holder
+        # comfyui's memory is drawn on GPU 1's bar only.
+        legends = await browser.wait_for(
+            "[...document.querySelectorAll('.legend')].map(l => l.textContent).join('|').includes('comfyui')"
+            " && [...document.querySelectorAll('.legend')].map(l => l.textContent)"
+        )
+        assert "comfyui" not in legends[0] and "comfyui 13000 MiB" in legends[1]
+        assert (await image)[0] == 200
 
 
 async def test_with_a_token_the_page_loads_but_its_data_needs_the_token(rig):
