@@ -2512,12 +2512,14 @@ class CheckedScheduler(m.Scheduler):
             self.resetting = target.name
         return allowed
 
-    def _dispatch(self) -> None:
+    def _dispatch(self) -> bool:
         now = self.clock()
         waiting = [j for j in self._waiting if not j.granted.done()]
         holder = self.holder
-        super()._dispatch()
+        result = super()._dispatch()
         granted = [j for j in waiting if j.state == "running"]
+        if result != bool(granted):
+            raise InvariantBroken(f"_dispatch said {result} but granted {granted}")
         self.granted.update((j.id, j) for j in granted)
 
         def order(j: m.Job) -> tuple[int, float, int]:
@@ -2554,6 +2556,7 @@ class CheckedScheduler(m.Scheduler):
             )
         ):
             raise InvariantBroken(f"{left[0]} should have joined")
+        return result
 
     def _end(
         self,
@@ -2648,6 +2651,12 @@ class InvariantDriver:
             if action == "load" or self.config.consumers[name].unload is not None:
                 op = s.load_now(name) if action == "load" else s.unload_now(name)
                 self.admin.append(asyncio.ensure_future(op))
+        elif kind == "idle_race":
+            # A job of e takes the lock if it is free; behind it an idle unload, and a job for the same
+            # consumer right behind that: the unload must find it wanted when its turn comes.
+            self.tasks.append(asyncio.ensure_future(s.acquire("e", "k")))
+            self.admin.append(asyncio.ensure_future(s.idle_unload(args[0])))
+            self.tasks.append(asyncio.ensure_future(s.acquire(args[0], "k")))
         elif kind == "internal":
             name, what = args
             op = s.idle_unload(name) if what == "idle_unload" else s.preload(name)
@@ -2775,7 +2784,10 @@ INV_OPS = st.one_of(
     _SETTLE,
     st.tuples(st.just("cancel"), st.integers(0, 30)),
     st.tuples(st.just("release_hold"), st.integers(0, 30)),
-    st.tuples(st.just("advance"), st.floats(0, 3)),
+    st.tuples(st.just("advance"), st.floats(0, 6)),
+    st.tuples(st.just("advance"), st.floats(0, 6)),
+    st.tuples(st.just("idle_race"), st.sampled_from(["a", "d"])),
+    st.tuples(st.just("idle_race"), st.sampled_from(["a", "d"])),
     st.tuples(
         st.just("unload_behaviour"),
         st.sampled_from(INV_NAMES),
