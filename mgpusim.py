@@ -1560,6 +1560,17 @@ class DemoRun:
         check(all(c["healthy"] for c in st["consumers"].values()), "four healthy consumers")
         check(stats["completed"] == 4 and stats["failed"] == 0, "4 jobs completed, none failed")
 
+        title = "6. Ollama's own API through its mount (a client only changes its base URL):"
+        chat = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+        answer = json.loads(self.step(title, "/c/ollama/api/chat", chat)[1])
+        print(f"    {answer['message']['content'].strip()!r}: a GPU job like /v1/llm (same queue and lock)")
+        models = json.loads(
+            self.step("   A read through the mount is not scheduled:", "/c/ollama/api/tags")[1]
+        )
+        print(f"    models: {', '.join(m['name'] for m in models['models'])}")
+        stats = json.loads(http(self.base + "/v1/status")[1])["scheduler"]["stats"]
+        check(stats["jobs"] == 5, "the chat counted as the fifth job, the model list as none")
+
     def box(self) -> None:
         """The curl commands to try by hand."""
         lines = [
