@@ -1051,14 +1051,14 @@ class Bench:
 
     # ---- 3: streaming -------------------------------------------------------------------------------
 
-    async def stream_once(self, url: str) -> tuple[float, float, list[float], int, float]:
+    async def stream_once(self, url: str) -> tuple[float, float, list[float], int, float, int]:
         """POST a generate request: (first line s, last line s, per-line lag after its creation s, lines,
-        answer's headers s)."""
+        answer's headers s, lines that arrived within 1 ms of the one before though written 5 ms apart)."""
         assert self.session is not None
         body = json.dumps({"model": "bench", "prompt": "why is the sky blue"}).encode()
         lags = []
         first = last = math.nan
-        n = 0
+        n = together = 0
         t0 = time.perf_counter()
         timeout = aiohttp.ClientTimeout(total=30)
         async with self.session.post(
@@ -1072,13 +1072,15 @@ class Bench:
                     continue
                 if n == 0:
                     first = now - t0
+                elif now - t0 - last < 0.001:
+                    together += 1
                 last = now - t0
                 n += 1
                 created = datetime.datetime.fromisoformat(
                     json.loads(line)["created_at"].replace("Z", "+00:00")
                 )
                 lags.append(now_wall - created.timestamp())
-        return first, last, lags, n, headers
+        return first, last, lags, n, headers, together
 
     async def m3_stream(self) -> None:
         ways = {
@@ -1094,9 +1096,11 @@ class Bench:
         lags: dict[str, list[list[float]]] = {k: [] for k in ways}
         counts: dict[str, list[int]] = {k: [] for k in ways}
         heads: dict[str, list[float]] = {k: [] for k in ways}
+        together = dict.fromkeys(ways, 0)
         for r in range(rounds):
             for name in list(ways) if r % 2 == 0 else list(reversed(ways)):
-                f, la, lg, n, h = await self.stream_once(ways[name])
+                f, la, lg, n, h, t = await self.stream_once(ways[name])
+                together[name] += t
                 heads[name].append(h)
                 first[name].append(f)
                 last[name].append(la)
@@ -1115,9 +1119,10 @@ class Bench:
             for b, d in zip(lags["broker"][i], lags["direct"][i], strict=False)
         ]
         total_lines = len(all_lag["broker"])
-        # A line held back (coalesced with the next one) arrives at least one interval (5 ms) after it was
-        # written; machine noise can do that to a line now and then, direct or not.
-        held_ok = late["broker"] <= late["direct"] + rounds_done
+        # A line held back is released together with a later one: it arrives with it, although they were
+        # written 5 ms apart. Lines late by more than an interval are counted too, but on a shared machine
+        # the scheduler's noise does that to a line now and then, direct or not.
+        held_ok = together["broker"] <= together["direct"] + rounds_done
         ok_first = d_first <= 0.001
         self.rows.append(
             Row(
@@ -1142,9 +1147,9 @@ class Bench:
             Row(
                 "3 stream: line lag p50/p99/max",
                 f"{ms(pct(all_lag['broker'], 50))}/{ms(pct(all_lag['broker'], 99))}/"
-                f"{ms(max(all_lag['broker']), 1)}; {late['broker']} > 5 ms",
+                f"{ms(max(all_lag['broker']), 1)}; {late['broker']} > 5 ms; {together['broker']} together",
                 f"direct {ms(pct(all_lag['direct'], 50))}/{ms(pct(all_lag['direct'], 99))}/"
-                f"{ms(max(all_lag['direct']), 1)}; {late['direct']} > 5 ms",
+                f"{ms(max(all_lag['direct']), 1)}; {late['direct']} > 5 ms; {together['direct']} together",
                 "no line held back",
                 held_ok,
             )
@@ -1163,8 +1168,11 @@ class Bench:
             (
                 "Streaming: no line held back",
                 held_ok,
-                f"of {total_lines} lines per contender, {late['broker']} (broker) and {late['direct']}"
-                f" (direct) arrived more than one interval (5 ms) after the consumer wrote them; per-line lag"
+                f"of {total_lines} lines per contender, {together['broker']} (broker) and"
+                f" {together['direct']} (direct) arrived within 1 ms of the line before them though written"
+                f" 5 ms apart (a line held back arrives with the next one); {late['broker']} (broker) and"
+                f" {late['direct']} (direct) arrived more than one interval (5 ms) after the consumer wrote"
+                " them; per-line lag"
                 f" p50"
                 f" {ms(pct(all_lag['broker'], 50))} vs {ms(pct(all_lag['direct'], 50))}, p99"
                 f" {ms(pct(all_lag['broker'], 99))} vs {ms(pct(all_lag['direct'], 99))}; broker minus direct"
