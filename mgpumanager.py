@@ -1805,64 +1805,58 @@ class Scheduler:
         return due is not None and self.clock() >= due and self._busy_with(name) is None
 
     async def idle_unload(self, name: str) -> Job | None:
-        """Unload a consumer unused for its ``idle_unload_s``: an exclusive job of the lowest priority, so
-        jobs waiting go first (unless it aged past them); checked again once granted. None when it is not due
-        (or one is pending)."""
-        if ("idle_unload", name) in self._internal or not self.idle_due(name):
+        """Unload a consumer unused for its ``idle_unload_s``: jobs waiting go first (unless it aged past
+        them); checked again once granted. None when it is not due (or one is pending)."""
+        if not self.idle_due(name):
             return None
-        self._internal.add(("idle_unload", name))
-        try:
-            job = self._admit(name, "idle_unload", exclusive=True, priority=0)
-            await self._wait_for_grant(job)
-
-            async def unload() -> None:
-                async with self._prepare_lock:
-                    # While it waited, a job may have come, used the consumer or be waiting for it.
-                    if not self.idle_due(name):
-                        why = self._busy_with(name) or "no longer idle or resident"
-                        log.info(logfmt(msg="idle unload skipped", consumer=name, reason=why, job=job.id))
-                        return
-                    error = await self._unload(job, name, evicting=False, by="idle")
-                if error is not None:
-                    raise BrokerError("unload_failed", f"{name} {error}", name)
-
-            await self._guarded(job, unload())
-            self.finish(job, "completed")
-            return job
-        finally:
-            self._internal.discard(("idle_unload", name))
+        return await self._run_internal("idle_unload", name, self._unload_if_idle)
 
     async def preload(self, name: str) -> Job | None:
-        """Load a consumer if it fits as things are, never evicting: an exclusive job of the lowest
-        priority. None when one is pending already."""
-        if ("preload", name) in self._internal:
+        """Load a consumer if it fits as things are, never evicting. None when one is pending already."""
+        return await self._run_internal("preload", name, self._load_if_fits)
+
+    async def _run_internal(self, kind: str, name: str, step: Callable[[Job], Awaitable[None]]) -> Job | None:
+        """An idle unload or a preload: an exclusive job of the lowest priority, one pending per consumer."""
+        if (kind, name) in self._internal:
             return None
-        self._internal.add(("preload", name))
+        self._internal.add((kind, name))
         try:
-            job = self._admit(name, "preload", exclusive=True, priority=0)
+            job = self._admit(name, kind, exclusive=True, priority=0)
             await self._wait_for_grant(job)
-
-            async def load() -> None:
-                async with self._prepare_lock:
-                    if self.states[name].loaded is True:
-                        log.info(logfmt(msg="preload: already resident", consumer=name, job=job.id))
-                        return
-                    need = job.target.vram_resident_mib + self.config.gpu.cushion_mib
-                    # (A consumer whose memory is elsewhere fits whatever this GPU holds.)
-                    reading = await self._read_gpu(job) if job.target.vram_resident_mib else None
-                    if reading is not None and (reading.free_mib is None or reading.free_mib < need):
-                        self.stats.preload_skips += 1
-                        why = {"free_mib": reading.free_mib, "need_mib": need}
-                        log.warning(logfmt(msg="preload skipped: it does not fit", consumer=name, **why))
-                        self.events.publish("preload_skipped", consumer=name, job=job.id, **why)
-                        return
-                    await self._load(name)
-
-            await self._guarded(job, load())
+            await self._guarded(job, step(job))
             self.finish(job, "completed")
             return job
         finally:
-            self._internal.discard(("preload", name))
+            self._internal.discard((kind, name))
+
+    async def _unload_if_idle(self, job: Job) -> None:
+        name = job.consumer
+        async with self._prepare_lock:
+            # While it waited, a job may have come, used the consumer or be waiting for it.
+            if not self.idle_due(name):
+                why = self._busy_with(name) or "no longer idle or resident"
+                log.info(logfmt(msg="idle unload skipped", consumer=name, reason=why, job=job.id))
+                return
+            error = await self._unload(job, name, evicting=False, by="idle")
+        if error is not None:
+            raise BrokerError("unload_failed", f"{name} {error}", name)
+
+    async def _load_if_fits(self, job: Job) -> None:
+        name = job.consumer
+        async with self._prepare_lock:
+            if self.states[name].loaded is True:
+                log.info(logfmt(msg="preload: already resident", consumer=name, job=job.id))
+                return
+            need = job.target.vram_resident_mib + self.config.gpu.cushion_mib
+            # (A consumer whose memory is elsewhere fits whatever this GPU holds.)
+            reading = await self._read_gpu(job) if job.target.vram_resident_mib else None
+            if reading is not None and (reading.free_mib is None or reading.free_mib < need):
+                self.stats.preload_skips += 1
+                why = {"free_mib": reading.free_mib, "need_mib": need}
+                log.warning(logfmt(msg="preload skipped: it does not fit", consumer=name, **why))
+                self.events.publish("preload_skipped", consumer=name, job=job.id, **why)
+                return
+            await self._load(name)
 
     def _admit(
         self,

@@ -1201,6 +1201,16 @@ class StandIn:
         return str(self.server.make_url("")).rstrip("/")
 
 
+def held_llm(gate: asyncio.Event) -> StandIn:
+    """A stand-in ollama whose /api/generate answers only once ``gate`` is set: it holds the GPU lock."""
+
+    async def held(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.json_response({"response": "done"})
+
+    return StandIn([("POST", "/api/generate", held), ("GET", "/", _ok)])
+
+
 #: The issue's table of error codes, written out again so that a change in the daemon shows up here.
 SPEC_ERRORS = {
     "bad_request": 400,
@@ -1360,11 +1370,13 @@ async def test_an_answer_without_the_placeholder_field_starts_no_hold(rig, fault
     assert r.broker.scheduler.holder is None and r.broker.scheduler.holds == 0
 
 
-async def test_image_job_evicts_mvoice_and_holds_until_history(rig):
-    r = await rig(sims={"comfyui": {"work_s": 0.3}, "mvoice": {"loaded": True}})
-    status, _, body = await r.post("image", {"prompt": {"1": {}}})
-    assert status == 200
-    prompt_id = json.loads(body)["prompt_id"]
+@pytest.mark.parametrize("path", ["/v1/image", "/c/comfyui/prompt"])
+async def test_image_job_evicts_mvoice_and_holds_until_history(rig, caplog, path):
+    """/v1/image, and ComfyUI's own /prompt through its mount, which takes the image path's hold."""
+    r = await rig(sims={"comfyui": {"work_s": 3}, "mvoice": {"loaded": True}})  # renders long enough
+    async with r.session.post(r.url(path), json={"prompt": {"1": {}}}) as resp:
+        assert resp.status == 200
+        prompt_id = (await resp.json())["prompt_id"]
     assert r.sims["mvoice"].unloads == 1 and r.stats.evictions == 1
     # The client has its answer; the render goes on and the hold keeps the next job out.
     st = await r.status()
@@ -1376,6 +1388,8 @@ async def test_image_job_evicts_mvoice_and_holds_until_history(rig):
     assert render.end is not None and synth.start >= render.end
     history = [rec for rec in r.sims["comfyui"].records if rec.path == f"/history/{prompt_id}"]
     assert len(history) >= 2  # polled while empty, then once non-empty
+    await until(lambda: len(job_lines(caplog)) == 2)
+    assert " kind=image " in job_lines(caplog)[0] and "hold_ms=" in job_lines(caplog)[0]
 
 
 async def test_jobs_of_different_consumers_never_overlap(rig):
@@ -1947,13 +1961,8 @@ async def test_daemon_subprocess_evicts_through_real_nvidia_smi_subprocess_and_s
 
 
 async def test_a_thousand_clients_at_once_get_exactly_one_answer_each_with_bounded_memory(rig):
-    gate = asyncio.Event()
-
-    async def held(request: web.Request) -> web.Response:
-        await gate.wait()  # keeps the GPU lock until every client has been queued or refused
-        return web.json_response({"response": "done"})
-
-    async with StandIn([("POST", "/api/generate", held), ("GET", "/", _ok)]) as ollama:
+    gate = asyncio.Event()  # the llm job holds the GPU lock until it is set
+    async with held_llm(gate) as ollama:
         r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
         async with (
             Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon,
@@ -2223,25 +2232,6 @@ async def test_mount_unscheduled_exact_and_prefix_entries_skip_the_lock(rig):
         "/uploads",
     ]
     assert r.stats.jobs == 2  # /interrupt/x and /uploads match no entry: GPU jobs
-
-
-async def test_mount_comfyui_prompt_holds_until_history_like_v1_image(rig, caplog):
-    r = await rig(sims={"comfyui": {"work_s": 3}, "mvoice": {"loaded": True}})  # renders long enough
-    async with r.session.post(r.url("/c/comfyui/prompt"), json={"prompt": {"1": {}}}) as resp:
-        assert resp.status == 200
-        prompt_id = (await resp.json())["prompt_id"]
-    assert r.sims["mvoice"].unloads == 1 and r.stats.evictions == 1
-    st = await r.status()
-    assert st["scheduler"]["holder"].items() >= {"consumer": "comfyui", "jobs": 0, "holds": 1}.items()
-    status, _, _ = await r.post("tts", {"text": "after"})
-    assert status == 200
-    render = r.sims["comfyui"].work[0]
-    synth = next(rec for rec in r.sims["mvoice"].records if rec.path == "/api/synthesize")
-    assert render.end is not None and synth.start >= render.end
-    history = [rec for rec in r.sims["comfyui"].records if rec.path == f"/history/{prompt_id}"]
-    assert len(history) >= 2
-    await until(lambda: len(job_lines(caplog)) == 2)
-    assert " kind=image " in job_lines(caplog)[0] and "hold_ms=" in job_lines(caplog)[0]
 
 
 async def _ws_open(r: Rig, path: str, **kw: Any) -> aiohttp.ClientWebSocketResponse:
@@ -3379,13 +3369,8 @@ async def test_unknown_methods_on_known_paths_are_405_in_the_error_shape(rig, me
 
 
 async def test_reload_applies_in_place_keeping_jobs_and_what_the_broker_knows(rig):
-    gate = asyncio.Event()
-
-    async def held(request: web.Request) -> web.Response:
-        await gate.wait()
-        return web.json_response({"response": "done"})
-
-    async with StandIn([("POST", "/api/generate", held), ("GET", "/", _ok)]) as ollama:
+    gate = asyncio.Event()  # the llm job holds the GPU lock until it is set
+    async with held_llm(gate) as ollama:
         r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
         assert (await r.post("tts", {"text": "first"}))[0] == 200
         mvoice = r.broker.consumers.states["mvoice"]
@@ -3421,13 +3406,8 @@ async def test_reload_applies_in_place_keeping_jobs_and_what_the_broker_knows(ri
 
 
 async def test_a_reload_that_moves_a_consumer_to_a_new_gpu_gives_that_gpu_a_queue(rig):
-    gate = asyncio.Event()
-
-    async def held(request: web.Request) -> web.Response:
-        await gate.wait()
-        return web.json_response({"response": "done"})
-
-    async with StandIn([("POST", "/api/generate", held), ("GET", "/", _ok)]) as ollama:
+    gate = asyncio.Event()  # the llm job holds the GPU lock until it is set
+    async with held_llm(gate) as ollama:
         r = await rig(gpus=2, sims={"comfyui": {"gpu": 1, "work_s": 0.02}}, urls={"ollama": ollama.url})
         assert list(r.broker.schedulers) == [0]
         running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
@@ -3451,13 +3431,8 @@ async def test_a_reload_that_moves_a_consumer_to_a_new_gpu_gives_that_gpu_a_queu
 
 
 async def test_a_consumer_moves_to_another_gpu_only_while_none_of_its_jobs_runs(rig):
-    gate = asyncio.Event()
-
-    async def held(request: web.Request) -> web.Response:
-        await gate.wait()
-        return web.json_response({"response": "done"})
-
-    async with StandIn([("POST", "/api/generate", held), ("GET", "/", _ok)]) as ollama:
+    gate = asyncio.Event()  # the llm job holds the GPU lock until it is set
+    async with held_llm(gate) as ollama:
         r = await rig(gpus=2, urls={"ollama": ollama.url})
         running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
         await until(lambda: r.broker.scheduler.holder == "ollama")
@@ -3958,17 +3933,9 @@ def test_notify_speaks_the_abstract_socket_form_and_is_silent_without_a_socket()
     assert m.Notifier({"NOTIFY_SOCKET": "/nonexistent/socket"}).send("READY=1") is False
 
 
-async def _held_llm(gate: asyncio.Event) -> StandIn:
-    async def held(request: web.Request) -> web.Response:
-        await gate.wait()
-        return web.json_response({"response": "done"})
-
-    return StandIn([("POST", "/api/generate", held), ("GET", "/", _ok)])
-
-
 async def test_sigterm_drains_the_queue_lets_the_running_job_finish_and_exits_0(rig):
     gate = asyncio.Event()
-    async with await _held_llm(gate) as ollama:
+    async with held_llm(gate) as ollama:
         r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
         daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
         async with daemon:
@@ -4004,7 +3971,7 @@ async def test_shutdown_waits_for_a_hold_but_not_longer_than_shutdown_timeout_s(
     assert daemon.log.index('msg="hold released"') < daemon.log.index("msg=stopped")
 
     gate = asyncio.Event()  # never set: this job outlives shutdown_timeout_s
-    async with await _held_llm(gate) as ollama:
+    async with held_llm(gate) as ollama:
         r2 = await rig(urls={"ollama": ollama.url}, tweak=quick)
         daemon = Daemon(r2.raw, r2.tmp_path, sim_smi(r2.state))
         async with daemon:
