@@ -1162,13 +1162,30 @@ class ProcessTimeout(Exception):
     """A subprocess ran past its time and was killed, with its process group."""
 
 
-async def _keep_tail(stream: asyncio.StreamReader | None, kept: bytearray, limit: int) -> None:
-    """Read a pipe to its end into ``kept``, keeping its last ``limit`` bytes: a chatty process cannot
-    fill memory, and what was read is there even if the reading is cut short."""
-    while stream is not None and (chunk := await stream.read(64 * 1024)):
-        kept += chunk
-        if len(kept) > limit:
-            del kept[: len(kept) - limit]
+class _Captured(asyncio.SubprocessProtocol):
+    """What a subprocess writes, its last ``limit`` bytes per stream (a chatty one cannot fill memory),
+    and when it exited and when its output ended."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.output: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.closed: dict[int, asyncio.Future[None]] = {1: loop.create_future(), 2: loop.create_future()}
+
+    def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
+        kept = self.output[fd]
+        kept += data
+        if len(kept) > self.limit:
+            del kept[: len(kept) - self.limit]
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd in self.closed and not self.closed[fd].done():
+            self.closed[fd].set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
 
 
 async def run_process(argv: Sequence[str], timeout_s: float, *, limit: int = OUTPUT_LIMIT) -> Finished:
@@ -1179,42 +1196,45 @@ async def run_process(argv: Sequence[str], timeout_s: float, *, limit: int = OUT
     exited, whatever it left running (a service it started, holding the pipes) is left alone; its output
     is read for PIPE_GRACE_S more at most. OSError when it cannot be started, ProcessTimeout when killed.
     """
-    proc = await asyncio.create_subprocess_exec(
+    loop = asyncio.get_running_loop()
+    transport, captured = await loop.subprocess_exec(
+        lambda: _Captured(limit),
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,  # its own process group, so a kill reaches its children too
     )
-    out, err = bytearray(), bytearray()
-    readers = asyncio.gather(_keep_tail(proc.stdout, out, limit), _keep_tail(proc.stderr, err, limit))
     try:
-        await asyncio.wait_for(proc.wait(), timeout_s)
-        await asyncio.wait_for(asyncio.shield(readers), PIPE_GRACE_S)
-    except asyncio.TimeoutError:
-        if proc.returncode is None:
-            await _kill_group(proc, argv)
+        try:
+            await asyncio.wait_for(asyncio.shield(captured.exited), timeout_s)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+            await _kill_group(transport.get_pid(), captured.exited, argv)
+            if isinstance(e, asyncio.CancelledError):
+                raise
             raise ProcessTimeout(f"{argv[0]} did not finish within {timeout_s:g} s (killed)") from None
-        log.info(logfmt(msg="process left its output open", argv=shlex.join(argv), pid=proc.pid))
-    except asyncio.CancelledError:
-        if proc.returncode is None:
-            await _kill_group(proc, argv)
-        raise
+        try:
+            await asyncio.wait_for(asyncio.gather(*captured.closed.values()), PIPE_GRACE_S)
+        except asyncio.TimeoutError:
+            log.info(
+                logfmt(msg="process left its output open", argv=shlex.join(argv), pid=transport.get_pid())
+            )
+        returncode = transport.get_returncode()
+        assert returncode is not None
+        return Finished(returncode, bytes(captured.output[1]), bytes(captured.output[2]))
     finally:
-        readers.cancel()
-        await asyncio.gather(readers, return_exceptions=True)
-    return Finished(proc.returncode, bytes(out), bytes(err))
+        transport.close()  # our ends of the pipes; never the process group of a command that exited
 
 
-async def _kill_group(proc: asyncio.subprocess.Process, argv: Sequence[str]) -> None:
-    """SIGKILL a process's group and reap it (bounded)."""
+async def _kill_group(pid: int, exited: asyncio.Future[None], argv: Sequence[str]) -> None:
+    """SIGKILL a process's group and wait for it to be reaped (bounded)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)
     try:
         # Reaped at once normally; a process stuck in the kernel is left to the child watcher.
-        await asyncio.wait_for(asyncio.shield(proc.wait()), REAP_TIMEOUT_S)
+        await asyncio.wait_for(asyncio.shield(exited), REAP_TIMEOUT_S)
     except asyncio.TimeoutError:
-        log.error(logfmt(msg="process survived SIGKILL", argv=shlex.join(argv), pid=proc.pid))
+        log.error(logfmt(msg="process survived SIGKILL", argv=shlex.join(argv), pid=pid))
 
 
 async def run_nvidia_smi(argv: Sequence[str], timeout_s: float) -> str:
