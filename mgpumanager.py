@@ -5,7 +5,7 @@ Several services (TTS/STT, whisper.cpp, Ollama, ComfyUI) each load their model i
 nothing of each other. The broker is the only way in: clients call ``POST /v1/<kind>``, the broker routes the
 request to the consumer that ``routing`` names, and runs it as a *job* through one queue and one GPU lock.
 
-The model, in one paragraph: the lock is held by one consumer at a time, which may run up to its
+The model, in one paragraph: a GPU's lock is held by one consumer at a time, which may run up to its
 ``max_concurrency`` jobs. Waiting jobs are ordered by effective priority (the consumer's priority plus one
 level per ``aging_s`` waited) and then by arrival. Before a job runs, the broker makes room: unless the target
 is known to be resident, it reads free VRAM from nvidia-smi and, while the target does not fit, unloads the
@@ -25,6 +25,9 @@ whose health fails is stopped, not unreachable, and a job starts it). Consumers 
 
 Clients that speak a consumer's own API use its mount, ``/c/<name>/<path>``: reads (GET, HEAD, OPTIONS),
 the consumer's ``unscheduled`` calls and WebSockets are forwarded at once, every other request is a job.
+
+Several GPUs: a consumer names its GPU (``gpu: N``, else ``gpu.index``); each GPU has its own reader, queue,
+lock and eviction, so consumers on different GPUs never wait for each other.
 
 Around it: /v1/status, an event stream (/v1/events), Prometheus metrics (/metrics), a live page (/),
 systemd's notify protocol and watchdog, reload in place (SIGHUP) and a graceful drain on SIGTERM.
