@@ -973,11 +973,11 @@ METRIC_HELP = {
     ),
     "mgpumanager_consumer_healthy": ("gauge", "1 if the last health probe succeeded, 0 if not, NaN unknown."),
     "mgpumanager_consumer_resident": ("gauge", "1 if the consumer is resident, 0 if not, NaN unknown."),
-    "mgpumanager_queue_length": ("gauge", "Jobs waiting for the GPU lock."),
-    "mgpumanager_running_jobs": ("gauge", "Jobs holding the GPU lock now."),
+    "mgpumanager_queue_length": ("gauge", "Jobs waiting for the GPU lock, by GPU."),
+    "mgpumanager_running_jobs": ("gauge", "Jobs holding the GPU lock now, by GPU."),
     "mgpumanager_gpu_memory_total_bytes": (
         "gauge",
-        "GPU memory in all (nvidia-smi, read at most once a second).",
+        "GPU memory in all, by GPU (nvidia-smi, read at most once a second).",
     ),
     "mgpumanager_gpu_memory_used_bytes": ("gauge", "GPU memory in use."),
     "mgpumanager_gpu_memory_free_bytes": ("gauge", "GPU memory free."),
@@ -2510,7 +2510,7 @@ async def relay(
             await _hand_over(answered)
         whole = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
         await whole.prepare(request)
-        await whole.write_eof()
+        await _to_client(request, whole.write_eof(), consumer)
         return whole
     resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     await resp.prepare(request)
@@ -2536,18 +2536,25 @@ async def relay(
         if transport is None or transport.get_write_buffer_size() == 0:
             await resp.write(chunk)  # nothing pending: this write cannot stall
         else:
-            try:
-                await asyncio.wait_for(resp.write(chunk), consumer.timeout_s)
-            except asyncio.TimeoutError:
-                transport.abort()
-                log.warning(
-                    logfmt(msg="client stopped reading", consumer=consumer.name, timeout_s=consumer.timeout_s)
-                )
-                raise ConnectionResetError("client stopped reading") from None
+            await _to_client(request, resp.write(chunk), consumer)
         if whole:
             break
     await resp.write_eof()
     return resp
+
+
+async def _to_client(request: web.Request, write: Awaitable[None], consumer: ConsumerConfig) -> None:
+    """A write to a client that may stall: a client that accepts nothing for the consumer's ``timeout_s`` is
+    cut off (ConnectionResetError)."""
+    try:
+        await asyncio.wait_for(write, consumer.timeout_s)
+    except asyncio.TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        log.warning(
+            logfmt(msg="client stopped reading", consumer=consumer.name, timeout_s=consumer.timeout_s)
+        )
+        raise ConnectionResetError("client stopped reading") from None
 
 
 async def _hand_over(answered: Callable[[], bool]) -> None:
