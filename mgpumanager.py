@@ -2533,14 +2533,22 @@ async def relay(
             await _hand_over(answered)
         if not chunk:
             break
-        if transport is None or transport.get_write_buffer_size() == 0:
-            await resp.write(chunk)  # nothing pending: this write cannot stall
+        if transport is not None and _fits_unpaused(transport, len(chunk)):
+            await resp.write(chunk)  # stays under the transport's high-water mark: this write cannot stall
         else:
             await _to_client(request, resp.write(chunk), consumer)
         if whole:
             break
     await resp.write_eof()
     return resp
+
+
+def _fits_unpaused(transport: asyncio.BaseTransport, size: int) -> bool:
+    """Whether ``size`` more bytes keep the transport's buffer under its high-water mark: then aiohttp's
+    write cannot wait for the client (it waits only while the transport is paused). A large chunk on an
+    empty buffer can still fill the client's socket and pause it."""
+    assert isinstance(transport, asyncio.WriteTransport)
+    return transport.get_write_buffer_size() + size <= transport.get_write_buffer_limits()[1]
 
 
 async def _to_client(request: web.Request, write: Awaitable[None], consumer: ConsumerConfig) -> None:
