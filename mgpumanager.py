@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import fnmatch
 import functools
 import hmac
 import ipaddress
@@ -56,7 +57,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,11 +88,18 @@ MIN_TOKEN_LENGTH = 16
 #: Kinds that are (or will be) routes of their own under /v1/.
 RESERVED_KINDS = frozenset({"status", "consumers", "events", "reload"})
 KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+#: The kind a mount job has when its method and path are none of its consumer's ``paths``.
+MOUNT_KIND = "mount"
+#: Kinds of job that only unload: granting one changes nothing another consumer's record relies on.
+UNLOAD_KINDS = frozenset({"unload", "idle_unload"})
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 #: How often free VRAM is polled after an unload (one nvidia-smi each, the GPU line alone), and which
 #: share of the victim's memory counts as "freed".
 VRAM_POLL_S = 0.05
 FREED_SHARE = 0.75
+#: An evicted consumer whose unload answered but freed less than this share of its memory in vram_wait_s
+#: held (almost) nothing: it is recorded not resident rather than unknown.
+NOTHING_FREED_SHARE = 0.1
 #: After a command exited, how long its output is still read (a service it started may hold the pipes).
 PIPE_GRACE_S = 0.5
 #: After killing a hung nvidia-smi or command, how long to wait for it to be reaped before going on.
@@ -186,6 +194,16 @@ class Unscheduled:
 
 
 @dataclass(frozen=True)
+class ProcessMatch:
+    """How to recognise a consumer's processes in nvidia-smi's list; each key given must match."""
+
+    #: A shell pattern for a component of the process's cgroup path: its systemd unit or container scope.
+    unit: str | None = None
+    #: A shell pattern for nvidia-smi's process name (the executable's path).
+    name: str | None = None
+
+
+@dataclass(frozen=True)
 class ConsumerConfig:
     name: str
     #: Base URL without a trailing slash; route paths are appended to it.
@@ -211,6 +229,8 @@ class ConsumerConfig:
     preload: bool = False
     #: Calls through its mount (/c/{name}/...) that are forwarded at once, besides GET, HEAD and OPTIONS.
     unscheduled: tuple[Unscheduled, ...] = ()
+    #: How its processes are recognised in the GPU's process list: then its memory is measured.
+    processes: ProcessMatch | None = None
 
     @property
     def started_by_command(self) -> bool:
@@ -394,6 +414,7 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         "idle_unload_s",
         "preload",
         "unscheduled",
+        "processes",
     )
     d = ck.mapping(raw, where, allowed, required=True)
     if not d:
@@ -480,7 +501,21 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         idle_unload_s=idle_unload_s,
         preload=preload is True,
         unscheduled=_parse_unscheduled(ck, d.get("unscheduled", []), where, paths),
+        processes=_parse_processes(ck, d["processes"], where) if "processes" in d else None,
     )
+
+
+def _parse_processes(ck: _Checker, raw: Any, where: str) -> ProcessMatch | None:
+    """``processes: {unit: comfyui.service, name: "*/python3*"}``: at least one key, shell patterns."""
+    where = f"{where}.processes"
+    d = ck.mapping(raw, where, ("unit", "name"), required=True)
+    if not d:
+        if isinstance(raw, dict):
+            ck.problem(where, "give unit, name or both")
+        return None
+    unit = ck.string(d, "unit", where, None) if "unit" in d else None
+    name = ck.string(d, "name", where, None) if "name" in d else None
+    return ProcessMatch(unit=unit or None, name=name or None)
 
 
 def _parse_unscheduled(
@@ -790,6 +825,14 @@ class CallError(Exception):
     """A call the broker made to a consumer of its own accord (load, unload) failed."""
 
 
+class ConsumerGone(Exception):
+    """A consumer the broker was waiting on is gone (its connection refused or reset): its work died."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 def describe(exc: BaseException) -> str:
     """A short human reason for a failed connection: 'connection refused', 'timed out', ..."""
     if isinstance(exc, _ConnectTimeout):
@@ -809,6 +852,21 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "answer cut short"
     return f"{type(exc).__name__}: {exc}"
+
+
+def gone_reason(exc: BaseException, *, refused_only: bool = False) -> str | None:
+    """Why a failed call means the consumer is gone, or None when it may be alive but slow (a timeout) or
+    the URL is wrong (a name that does not resolve). Gone: nothing accepts the connection, or (unless
+    ``refused_only``) the one it had was reset or closed on it."""
+    if isinstance(exc, (_DNSError, aiohttp.InvalidURL, TimeoutError, asyncio.TimeoutError)):
+        return None
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return describe(exc)
+    if refused_only:
+        return None
+    if isinstance(exc, (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, ConnectionResetError)):
+        return describe(exc)
+    return None
 
 
 def failure_code(exc: BaseException) -> str:
@@ -1275,14 +1333,18 @@ class GpuReader:
         self._inflight: asyncio.Task[GpuReading] | None = None
         self._last: tuple[float, GpuReading | GpuError] | None = None
         self._tasks: set[asyncio.Task[GpuReading]] = set()
+        #: Told of every whole reading (the broker measures its consumers' processes from it).
+        self.listeners: list[Callable[[GpuReading], None]] = []
 
     def __repr__(self) -> str:
         busy = "querying" if self._inflight is not None else "idle"
         return f"<GpuReader index={self.index} {busy} queries:{self.queries}>"
 
-    async def read(self, *, max_age: float = 0.0) -> GpuReading:
-        task = self._inflight
-        if task is None and self._last is not None and self.clock() - self._last[0] < max_age:
+    async def read(self, *, max_age: float = 0.0, own: bool = False) -> GpuReading:
+        """A whole reading (the GPU's line and its processes). It shares one under way, or answers from one
+        started less than ``max_age`` seconds ago; ``own``: a reading of its own, started now."""
+        task = None if own else self._inflight
+        if task is None and self._last is not None and self.clock() - self._last[0] < max_age and not own:
             result = self._last[1]
             if isinstance(result, GpuError):
                 raise result
@@ -1294,7 +1356,8 @@ class GpuReader:
     def _start(self) -> asyncio.Task[GpuReading]:
         started = self.clock()
         task = asyncio.get_running_loop().create_task(self._query(started))
-        self._inflight = task
+        if self._inflight is None or self._inflight.done():
+            self._inflight = task
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._done, started))
         return task
@@ -1310,6 +1373,12 @@ class GpuReader:
         exc = task.exception()
         if exc is None:
             result = task.result()
+            for listener in self.listeners:
+                try:
+                    listener(result)
+                except Exception as e:
+                    self.crashes += 1
+                    log.exception(logfmt(msg="gpu reading listener crashed", error=describe(e)))
         elif isinstance(exc, GpuError):
             result = exc
         else:
@@ -1361,41 +1430,231 @@ class GpuReader:
 # =====================================================================================================
 
 
-@dataclass
 class ConsumerState:
-    """What the broker knows of one consumer. ``loaded`` is residency: True, False or None (unknown)."""
+    """What the broker knows of one consumer. Residency, health and measured memory change only through
+    the transitions below (named for what happened); the health probes, the GPU readings and the
+    scheduler call them, and nothing else writes these fields.
 
-    healthy: bool | None = None
-    loaded: bool | None = None
-    last_probe: float | None = None
-    last_error: str | None = None
-    #: The error code a request gets while the last probe failed: consumer_unreachable or bad_consumer_url.
-    last_error_code: str = "consumer_unreachable"
-    #: Monotonic time of the last successfully finished job (for LRU) and its wall-clock twin (for people).
-    last_used: float | None = None
-    last_used_at: float | None = None
-    #: Monotonic time of the broker's own last residency record; probes started before it do not override.
-    record_at: float = float("-inf")
-    #: Monotonic time a job last found the consumer failing; probes started before it do not heal it.
-    unhealthy_at: float = float("-inf")
-    #: Monotonic time a health wait (after a load command) found it up; failing probes started before
-    #: it do not mark it down.
-    healthy_at: float = float("-inf")
-    #: Jobs (and holds) of this consumer holding the GPU lock now; the scheduler keeps it.
-    jobs: int = 0
-    #: Monotonic time the broker last saw it become resident (its own load, or a probe saying so).
-    resident_at: float | None = None
+    ``resident`` and ``healthy`` are True, False or None (unknown). ``trusted`` says whether a resident
+    record may be acted on without reading the GPU: only while nothing since the record could have changed
+    it (see ``touched``).
 
-    def set_loaded(self, loaded: bool | None, now: float, *, record: bool = True) -> None:
-        """Residency changes here: stamps when it became resident, and (``record``) the broker's record."""
-        if loaded is True and self.loaded is not True:
+    ==============  ========================================  ===============  =======  =========
+    transition      when                                      resident         healthy  trusted
+    ==============  ========================================  ===============  =======  =========
+    probed          a health probe ended                      as reported [1]  verdict  [4]
+    came_up         a health wait after a load command: 2xx                    True
+    seen_down       a job, hold or WebSocket found it gone    unknown [2]      False    cleared
+    timed_out       a job got no answer in its timeout_s      (kept) [2]       False    cleared
+    touched         something may have changed its memory                               cleared [3]
+    unloading       the broker starts an unload               unknown                   cleared
+    unloaded        its unload succeeded (and freed) [5]      False
+    unconfirmed     its unload answered, too little came free unknown
+    unload_failed   its unload failed or was cut              unknown
+    loading         the broker starts a load                  unknown                   cleared
+    loaded          its load succeeded                        True                      set
+    load_failed     its load failed or was cut                unknown
+    served          a job on one of its paths answered 2xx    True, last use            set
+    used            a hold of it ended                        last use
+    measured        a reading attributed its processes        as measured [1]           [4]
+    ==============  ========================================  ===============  =======  =========
+
+    [1] Observations (a probe's report, a reading's measurement) change residency only when they started
+    after the broker's own last record (unloaded, loaded, served...), so an answer already on its way when
+    the broker acted cannot undo what it did; among observations the latest wins. A consumer with
+    ``processes`` is resident exactly when a reading finds its processes holding at least half its
+    ``vram_resident_mib``; what it reports of itself is then not asked (memory cannot be wrong about
+    memory).
+    [2] Not resident for a consumer started by a command: its process is gone, a job starts it again.
+    [3] Another consumer's job or load on its GPU, a mount call outside its paths, its processes changing
+    between readings (a restart), a health round missed.
+    [4] A failed probe clears it. An observation that finds it resident sets it, unless something put it
+    in doubt after that observation began.
+    [5] An eviction also waits for its memory to show up free; if some but not most does in vram_wait_s,
+    it is ``unconfirmed``.
+    While the broker unloads or loads it, observations change its memory figures but not its residency.
+    """
+
+    def __init__(
+        self, name: str = "", clock: Callable[[], float] = time.monotonic, events: Events | None = None
+    ) -> None:
+        self.name = name
+        self.clock = clock
+        #: Where a change of health is published (None: nowhere, as in the scheduler's unit tests).
+        self.events = events
+        self.resident: bool | None = None
+        self.trusted = False
+        self.healthy: bool | None = None
+        #: Wall-clock time of the last probe (for people), its failure reason and the error code a request
+        #: gets while it failed: consumer_unreachable or bad_consumer_url.
+        self.last_probe: float | None = None
+        self.last_error: str | None = None
+        self.last_error_code = "consumer_unreachable"
+        #: Monotonic time of the last use (a job's 2xx answer or a hold's end: for LRU and idleness), and
+        #: its wall-clock twin (for people).
+        self.last_used: float | None = None
+        self.last_used_at: float | None = None
+        #: Monotonic time the broker last saw it become resident (for idleness).
+        self.resident_at: float | None = None
+        #: MiB its processes held at the last reading (None: not measured), and the most ever seen.
+        self.used_mib: int | None = None
+        self.peak_mib: int | None = None
+        #: The pids seen holding its memory at the last reading (a change is a restart).
+        self.pids: frozenset[int] = frozenset()
+        #: Jobs (and holds) of this consumer holding the GPU lock now; the scheduler keeps it.
+        self.jobs = 0
+        #: When the residency was last decided (a record or an observation); older observations lose.
+        self._decided_at = float("-inf")
+        #: The broker's own unload or load of it is under way: observations wait for its end.
+        self._acting = False
+        #: When something last put its residency in doubt: older observations do not restore trust.
+        self._touched_at = float("-inf")
+        #: A job found it failing at this time: only probes started later may make it healthy again.
+        self._down_at = float("-inf")
+        #: A health wait found it up at this time: failing probes started earlier do not mark it down.
+        self._up_at = float("-inf")
+
+    def __repr__(self) -> str:
+        return (
+            f"<ConsumerState {self.name} resident={self.resident} healthy={self.healthy}"
+            f" trusted={self.trusted} used_mib={self.used_mib} jobs={self.jobs}>"
+        )
+
+    # ---- residency ----------------------------------------------------------------------------------
+
+    def _set_resident(self, resident: bool | None, source: str, at: float | None = None) -> None:
+        """The one place residency is written; a change is logged with what decided it."""
+        now = self.clock()
+        self._decided_at = now if at is None else at
+        if resident == self.resident:
+            return
+        if resident is True:
             self.resident_at = now
-        self.loaded = loaded
-        if record:
-            self.record_at = now
+        self.resident = resident
+        log.info(logfmt(msg="residency", consumer=self.name, loaded=resident, source=source))
+
+    def _observed(self, resident: bool, source: str, started: float) -> None:
+        """What the consumer said or a reading showed, as of when that began: resident or not, and (if
+        nothing has put it in doubt since it began) to be trusted."""
+        if started >= self._decided_at and not self._acting:
+            self._set_resident(resident, source, started)
+            if resident and started >= self._touched_at:
+                self.trusted = True
+
+    def _acted(self, resident: bool | None, source: str) -> None:
+        """The broker's own unload or load ended: it decides residency (as of now)."""
+        self._acting = False
+        self._set_resident(resident, source)
+
+    def unloading(self) -> None:
+        self.trusted = False
+        self._set_resident(None, "unloading")
+        self._acting = True
+
+    def unloaded(self) -> None:
+        self._acted(False, "unloaded")
+
+    def unconfirmed(self) -> None:
+        self._acted(None, "unload answered, memory not freed")
+
+    def unload_failed(self) -> None:
+        self._acted(None, "unload failed")
+
+    def loading(self) -> None:
+        self.trusted = False
+        self._set_resident(None, "loading")
+        self._acting = True
+
+    def loaded(self) -> None:
+        self._acted(True, "loaded")
+        self.trusted = True
+
+    def load_failed(self) -> None:
+        self._acted(None, "load failed")
+
+    def served(self) -> None:
+        """A job on one of its paths answered 2xx: it is resident (it just worked) and was used now."""
+        self._set_resident(True, "served")
+        self.trusted = True
+        self.used()
+
+    def used(self) -> None:
+        self.last_used, self.last_used_at = self.clock(), time.time()
+
+    def touched(self, why: str) -> None:
+        """Something may have changed its memory unseen: act on its residency only after a reading."""
+        if self.trusted:
+            log.debug(logfmt(msg="residency unverified", consumer=self.name, reason=why))
+        self.trusted = False
+        self._touched_at = self.clock()
+
+    def measured(self, mib: int, pids: frozenset[int], resident: bool, started: float) -> None:
+        """A reading (started at ``started``) found its processes holding ``mib`` MiB."""
+        if self.pids and not self.pids <= pids:
+            self.touched("its processes changed (restarted?)")
+        self.used_mib, self.pids = mib, pids
+        self.peak_mib = max(self.peak_mib or 0, mib)
+        self._observed(resident, "measured", started)
+
+    # ---- health -------------------------------------------------------------------------------------
+
+    def probed(
+        self, ok: bool, reason: str | None, code: str, started: float, reported: bool | None = None
+    ) -> bool:
+        """A probe that started at ``started`` ended; ``reported``: the residency it told. Whether it
+        counted (a probe older than what a job or a health wait found since is ignored)."""
+        self.last_probe = time.time()
+        if (ok and started < self._down_at) or (not ok and started < self._up_at):
+            return False
+        self._set_health(ok, reason, code)
+        if not ok:
+            self.touched(f"probe failed: {reason}")
+        if reported is not None:
+            self._observed(reported, "health", started)
+        return True
+
+    def came_up(self) -> None:
+        """A health wait after a load command found it answering."""
+        self._up_at = self.clock()
+        self._set_health(True, None, "consumer_unreachable")
+
+    def seen_down(self, reason: str, *, stopped: bool = False) -> None:
+        """A job, a hold or a WebSocket found it gone (refused, reset): unhealthy until a probe started
+        after now succeeds; its residency unknown (``stopped``: not resident, a service started by
+        command)."""
+        self._down_at = self.clock()
+        self._set_health(False, reason, "consumer_unreachable")
+        self.trusted = False
+        self._set_resident(False if stopped else None, "seen down")
+
+    def timed_out(self, reason: str, *, stopped: bool = False) -> None:
+        """A job got no answer in time: unhealthy until a later probe succeeds; alive perhaps, so its
+        residency stays (``stopped``: not resident, a service started by command)."""
+        self._down_at = self.clock()
+        self._set_health(False, reason, "consumer_unreachable")
+        self.trusted = False
+        if stopped:
+            self._set_resident(False, "timed out")
+
+    def _set_health(self, ok: bool, reason: str | None, code: str) -> None:
+        """The one place health is written; a change is logged and published."""
+        if ok != self.healthy:
+            log.log(
+                logging.INFO if ok else logging.WARNING,
+                logfmt(msg="health", consumer=self.name, healthy=ok, reason=reason),
+            )
+            if self.events is not None:
+                self.events.publish("health", consumer=self.name, healthy=ok, reason=reason)
+        self.healthy, self.last_error, self.last_error_code = ok, reason, code
+
+    # ---- derived ------------------------------------------------------------------------------------
+
+    def known_resident(self) -> bool:
+        """Resident by a record nothing has put in doubt since: a job may go without a GPU reading."""
+        return self.resident is True and self.trusted
 
     def idle_since(self) -> float | None:
-        """Since when a resident consumer has not been used: its last job's end or its becoming resident."""
+        """Since when a resident consumer has not been used: its last use or its becoming resident."""
         times = [t for t in (self.last_used, self.resident_at) if t is not None]
         return max(times) if times else None
 
@@ -1414,9 +1673,22 @@ class Consumers:
         self.session = session
         self.clock = clock
         self.events = events or Events()
-        self.states: dict[str, ConsumerState] = {name: ConsumerState() for name in config.consumers}
+        self.states: dict[str, ConsumerState] = {name: self.new_state(name) for name in config.consumers}
         #: Health rounds that crashed (a bug, not a consumer failure): logged and counted.
         self.health_errors = 0
+        #: Told when a consumer is seen gone (the broker ends its holds): (name, reason).
+        self.gone_listeners: list[Callable[[str, str], None]] = []
+        #: On-demand probes under way, shared by the jobs that wait for them.
+        self._probing: dict[str, asyncio.Task[None]] = {}
+        #: pid -> consumer, from each GPU's latest reading with a process list.
+        self._owners: dict[int, dict[int, str]] = {}
+        #: Consumers measured above their declared vram_resident_mib (warned once).
+        self._over: set[str] = set()
+        #: Where a process's cgroups are read (``/proc``; a test may point it elsewhere).
+        self.proc_root = Path("/proc")
+
+    def new_state(self, name: str) -> ConsumerState:
+        return ConsumerState(name, self.clock, self.events)
 
     async def unload(self, name: str) -> None:
         c = self.config.consumers.get(name)
@@ -1479,8 +1751,7 @@ class Consumers:
                 ) as resp:
                     await resp.content.read(64 * 1024)
                     if 200 <= resp.status < 300:
-                        self._record_health(c.name, True, None, "consumer_unreachable")
-                        self.states[c.name].healthy_at = self.clock()
+                        self.states[c.name].came_up()
                         return
                     reason = f"health answered {resp.status}"
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
@@ -1503,25 +1774,30 @@ class Consumers:
         except (aiohttp.ClientError, ValueError) as e:
             raise CallError(f"{what} failed: {describe(e)}") from e
 
-    def mark_unhealthy(self, name: str, reason: str) -> None:
-        """A job found the consumer failing: unhealthy until a probe started after now succeeds."""
-        state = self.states[name]
-        if state.healthy is not False:
-            log.warning(logfmt(msg="health", consumer=name, healthy=False, reason=reason))
-            self.events.publish("health", consumer=name, healthy=False, reason=reason)
-        state.healthy, state.last_error, state.last_error_code = False, reason, "consumer_unreachable"
-        state.unhealthy_at = self.clock()
-        c = self.config.consumers.get(name)
-        if c is not None and c.started_by_command and state.loaded is not False:
-            # Its process is gone (or going): the next job starts it again with the load command.
-            log.info(logfmt(msg="residency", consumer=name, loaded=False, source="job failure"))
-            state.set_loaded(False, self.clock())
+    def job_failed(self, name: str, exc: BaseException | None, reason: str) -> None:
+        """A job (or a WebSocket) could not reach the consumer or got no answer: unhealthy until a probe
+        started after now succeeds; gone (refused, reset) also ends its holds."""
+        c, state = self.config.consumers.get(name), self.states.get(name)
+        if c is None or state is None:
+            return
+        if exc is not None and gone_reason(exc) is not None:
+            self.gone(name, reason)
+        else:
+            state.timed_out(reason, stopped=c.started_by_command)
+
+    def gone(self, name: str, reason: str) -> None:
+        """The consumer was seen gone: its state says so, and whoever waits on its work is told."""
+        c, state = self.config.consumers.get(name), self.states.get(name)
+        if c is None or state is None:
+            return
+        state.seen_down(reason, stopped=c.started_by_command)
+        for listener in self.gone_listeners:
+            listener(name, reason)
 
     async def probe(self, name: str) -> None:
-        """One health probe; updates healthy, last_error and (from a ``loaded`` field) residency.
-
-        A probe that started before a job found the consumer failing does not make it healthy again.
-        """
+        """One health probe: its verdict, and the residency the consumer reports (health's ``loaded``;
+        a command-started service: up is resident, down is not). A consumer measured by its processes
+        reports nothing here: the readings tell."""
         c = self.config.consumers.get(name)
         state = self.states.get(name)
         if c is None or state is None:
@@ -1529,6 +1805,7 @@ class Consumers:
         started = self.clock()
         loaded: Any = None
         code = "consumer_unreachable"
+        error: BaseException | None = None
         try:
             timeout = aiohttp.ClientTimeout(total=self.config.health.timeout_s)
             async with self.session.request(
@@ -1541,45 +1818,119 @@ class Consumers:
                     data = parse_json(body)
                     loaded = data.get("loaded") if isinstance(data, dict) else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
-            ok, reason, code = False, describe(e), failure_code(e)
+            ok, reason, code, error = False, describe(e), failure_code(e), e
             if isinstance(e, asyncio.TimeoutError) and state.jobs > 0:
                 # A consumer busy with a GPU job may answer its health route slowly: not a failure.
                 log.debug(logfmt(msg="health probe timed out while busy", consumer=name))
                 return
-        state.last_probe = time.time()
-        if (ok and started < state.unhealthy_at) or (not ok and started < state.healthy_at):
-            return  # overtaken by what a job or a health wait found since it started
-        self._record_health(name, ok, reason, code)
         if c.started_by_command and not isinstance(loaded, bool):
             # A service started by command holds its model while it runs: up is resident, down is not.
             loaded = ok
-        if isinstance(loaded, bool) and started >= state.record_at and loaded != state.loaded:
-            log.info(logfmt(msg="residency", consumer=name, loaded=loaded, source="health"))
-            state.set_loaded(loaded, self.clock(), record=False)
+        reported = loaded if isinstance(loaded, bool) and c.processes is None else None
+        counted = state.probed(ok, reason, code, started, reported)
+        if counted and error is not None and gone_reason(error, refused_only=True) is not None:
+            for listener in self.gone_listeners:
+                listener(name, reason or "gone")
 
-    def _record_health(self, name: str, ok: bool, reason: str | None, code: str) -> None:
-        """A probe's (or a health wait's) verdict; a change is logged and published."""
-        state = self.states[name]
-        if ok != state.healthy:
-            log.log(
-                logging.INFO if ok else logging.WARNING,
-                logfmt(msg="health", consumer=name, healthy=ok, reason=reason),
-            )
-            self.events.publish("health", consumer=name, healthy=ok, reason=reason)
-        state.healthy, state.last_error, state.last_error_code = ok, reason, code
+    async def probe_now(self, name: str) -> None:
+        """Probe once more right away (a job for a consumer marked unhealthy asks before refusing it);
+        jobs that ask at once share one probe. Bounded by health.timeout_s, like every probe."""
+        task = self._probing.get(name)
+        if task is None:
+            task = asyncio.ensure_future(self.probe(name))
+            self._probing[name] = task
+            task.add_done_callback(lambda _: self._probing.pop(name, None))
+        await asyncio.shield(task)
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self.probe(name) for name in self.config.consumers))
 
     async def run_health(self) -> None:
-        """After the first round, probe every consumer every ``health.interval_s``; owned by the app."""
+        """After the first round, probe every consumer every ``health.interval_s``; owned by the app.
+
+        A round that starts much later than due (the event loop stalled, the machine slept) may have missed
+        a restart: every resident record then needs a reading before it is acted on.
+        """
         while True:
+            due = self.clock() + self.config.health.interval_s
             await asyncio.sleep(self.config.health.interval_s)
+            late = self.clock() - due
             try:
+                if late > self.config.health.interval_s + self.config.health.timeout_s:
+                    log.warning(logfmt(msg="health round late", late_s=round(late, 1)))
+                    for state in self.states.values():
+                        state.touched("a health round was missed")
                 await self.probe_all()
             except Exception as e:
                 self.health_errors += 1
-                log.error(logfmt(msg="health round crashed", error=describe(e)))
+                log.exception(logfmt(msg="health round crashed", error=describe(e)))
+
+    # ---- measuring ----------------------------------------------------------------------------------
+
+    def measure(self, reading: GpuReading) -> None:
+        """A reading with its process list: attribute the processes to the consumers of that GPU that
+        say how to recognise theirs (``processes``), and record what each holds."""
+        measured = [
+            c for c in self.config.consumers.values() if c.gpu == reading.index and c.processes is not None
+        ]
+        owners = process_owners(reading.processes, measured, self.cgroups_of)
+        self._owners[reading.index if reading.index is not None else -1] = owners
+        for c in measured:
+            mine = [p for p in reading.processes if p.pid is not None and owners.get(p.pid) == c.name]
+            mib = sum(p.used_mib or 0 for p in mine)
+            if mib > c.vram_resident_mib and c.name not in self._over:
+                self._over.add(c.name)
+                log.warning(
+                    logfmt(
+                        msg=f"{c.name} holds {mib} MiB, declared {c.vram_resident_mib}",
+                        consumer=c.name,
+                        used_mib=mib,
+                        vram_resident_mib=c.vram_resident_mib,
+                    )
+                )
+            pids = frozenset(p.pid for p in mine if p.pid is not None)
+            self.states[c.name].measured(mib, pids, mib * 2 >= c.vram_resident_mib, reading.started)
+
+    def owners(self) -> dict[int, str]:
+        """pid -> consumer, from the latest readings of every GPU."""
+        return {pid: name for owners in self._owners.values() for pid, name in owners.items()}
+
+    def cgroups_of(self, pid: int) -> list[str]:
+        """The cgroup paths of a process (``/proc/<pid>/cgroup``); [] when it cannot be read."""
+        try:
+            text = (self.proc_root / str(pid) / "cgroup").read_text(errors="replace")
+        except OSError:
+            return []
+        return [line.split(":", 2)[2] for line in text.splitlines() if line.count(":") >= 2]
+
+
+def process_owners(
+    processes: Sequence[GpuProcess],
+    consumers: Sequence[ConsumerConfig],
+    cgroups_of: Callable[[int], list[str]],
+) -> dict[int, str]:
+    """pid -> the consumer whose ``processes`` match it (the first in config order). A consumer matches
+    a process when every key it gives matches: ``name`` (a shell pattern) against nvidia-smi's process
+    name, ``unit`` (a shell pattern too) against a component of one of the process's cgroup paths (the
+    systemd unit, or a container's scope, it runs in)."""
+    owners: dict[int, str] = {}
+    for p in processes:
+        if p.pid is None:
+            continue
+        units: list[str] | None = None
+        for c in consumers:
+            match = c.processes
+            assert match is not None
+            if match.name is not None and not fnmatch.fnmatchcase(p.name or "", match.name):
+                continue
+            if match.unit is not None:
+                if units is None:
+                    units = [part for path in cgroups_of(p.pid) for part in path.split("/") if part]
+                if not any(fnmatch.fnmatchcase(unit, match.unit) for unit in units):
+                    continue
+            owners[p.pid] = c.name
+            break
+    return owners
 
 
 # =====================================================================================================
@@ -1607,6 +1958,8 @@ class Job:
     started: float | None = None
     ended: float | None = None
     evictions: int = 0
+    #: Its caller (the client's request) went away while a step of it ran on (see Scheduler._guarded).
+    left: bool = False
     #: How it ended, kept for its log line (written when a hold after it ends).
     outcome: str | None = None
     code: str | None = None
@@ -1635,8 +1988,165 @@ class Stats:
     idle_unloads: int = 0
     preload_skips: int = 0
     hold_timeouts: int = 0
+    hold_abandoned: int = 0
     hold_poll_errors: int = 0
     internal_errors: int = 0
+
+
+# ---- the recorder: one record of each fact, four views of it ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One kind of thing the scheduler does or sees, and how each view shows it."""
+
+    #: The /v1/events name (facts may share one: their fields tell them apart).
+    event: str
+    #: The log line's ``msg`` and its level.
+    msg: str
+    level: int = logging.INFO
+    #: The Stats counter it counts in, and the counter metric (by consumer) it adds to.
+    stat: str | None = None
+    metric: str | None = None
+    #: Fields every record of it carries.
+    extra: tuple[tuple[str, Any], ...] = ()
+
+
+#: Everything the scheduler records besides jobs' own lines: each fact is written once, with
+#: ``Recorder.record``, and becomes a Stats count, a metric, a log line and an event from that one call.
+FACTS: dict[str, Fact] = {
+    "evicting": Fact("evicting", "evicting"),
+    "evicted": Fact("evicted", "evicted", stat="evictions", metric="mgpumanager_evictions_total"),
+    "memory_not_freed": Fact("memory_not_freed", "memory not freed in time", logging.WARNING),
+    "unloading": Fact("unloading", "unloading"),
+    "unloaded_admin": Fact(
+        "unloaded", "unloaded", stat="admin_unloads", metric="mgpumanager_admin_unloads_total"
+    ),
+    "unloaded_idle": Fact(
+        "unloaded", "unloaded", stat="idle_unloads", metric="mgpumanager_idle_unloads_total"
+    ),
+    "unload_failed": Fact(
+        "unload_failed",
+        "unload failed",
+        logging.WARNING,
+        "unload_failures",
+        "mgpumanager_unload_failures_total",
+    ),
+    "idle_unload_skipped": Fact("idle_unload_skipped", "idle unload skipped"),
+    "loading": Fact("loading", "loading"),
+    "loaded": Fact("loaded", "loaded", stat="loads", metric="mgpumanager_loads_total"),
+    "load_failed": Fact(
+        "load_failed", "load failed", logging.WARNING, "load_failures", "mgpumanager_load_failures_total"
+    ),
+    "preload_skipped": Fact(
+        "preload_skipped",
+        "preload skipped: it does not fit",
+        logging.WARNING,
+        "preload_skips",
+        "mgpumanager_preload_skips_total",
+    ),
+    "hold_released": Fact("hold_ended", "hold released", extra=(("outcome", "released"),)),
+    "hold_timed_out": Fact(
+        "hold_ended",
+        "hold timed out",
+        logging.WARNING,
+        "hold_timeouts",
+        "mgpumanager_hold_timeouts_total",
+        (("outcome", "timeout"),),
+    ),
+    "hold_abandoned": Fact(
+        "hold_ended",
+        "hold abandoned",
+        logging.WARNING,
+        "hold_abandoned",
+        "mgpumanager_hold_abandoned_total",
+        (("outcome", "abandoned"),),
+    ),
+    "hold_poll_failed": Fact(
+        "hold_poll_failed",
+        "hold poll failed",
+        logging.DEBUG,
+        "hold_poll_errors",
+        "mgpumanager_hold_poll_errors_total",
+    ),
+}
+
+
+class Recorder:
+    """What one GPU's scheduler did, written once and shown four ways: its Stats, the broker's metrics,
+    the log and /v1/events. Jobs have their own record (``job_ended``): their outcome counts at once, and
+    their metrics, end event and log line follow once the GPU changed hands."""
+
+    def __init__(self, gpu: int, events: Events, metrics: Metrics) -> None:
+        self.gpu = gpu
+        self.events = events
+        self.metrics = metrics
+        self.stats = Stats()
+
+    def record(self, name: str, /, level: int | None = None, **fields: Any) -> None:
+        """One fact (a key of FACTS); ``consumer`` is among its fields. ``level`` overrides the fact's."""
+        fact = FACTS[name]
+        fields.update(fact.extra)
+        if fact.stat is not None:
+            setattr(self.stats, fact.stat, getattr(self.stats, fact.stat) + 1)
+        if fact.metric is not None:
+            self.metrics.inc(fact.metric, consumer=fields["consumer"])
+        level = fact.level if level is None else level
+        if log.isEnabledFor(level):
+            log.log(level, logfmt(msg=fact.msg, **fields))
+        self.events.publish(fact.event, gpu=self.gpu, **fields)
+
+    def internal_error(self, msg: str, **fields: Any) -> None:
+        """A bug in the broker, caught: counted, and logged with its traceback (call from an except)."""
+        self.stats.internal_errors += 1
+        log.exception(logfmt(msg=msg, **fields))
+
+    def job_event(self, name: str, job: Job, **fields: Any) -> None:
+        """A job's own events (queued, granted, started, and its end): /v1/events only."""
+        self.events.publish(name, job=job.id, consumer=job.consumer, kind=job.kind, gpu=self.gpu, **fields)
+
+    def job_admitted(self) -> None:
+        self.stats.jobs += 1
+
+    def job_ended(self, job: Job, log_now: bool) -> None:
+        """Count the job's outcome now; its metrics, end event and (``log_now``, else when its hold ends)
+        its log line once the GPU changed hands."""
+        assert job.outcome is not None
+        setattr(self.stats, job.outcome, getattr(self.stats, job.outcome) + 1)
+        _after_handover(functools.partial(self._account, job, log_now))
+
+    def _account(self, job: Job, log_now: bool) -> None:
+        assert job.ended is not None and job.outcome is not None
+        self.metrics.inc("mgpumanager_jobs_total", consumer=job.consumer, outcome=job.outcome)
+        wait_end = job.started if job.started is not None else job.ended
+        self.metrics.observe("mgpumanager_queue_wait_seconds", wait_end - job.arrived, consumer=job.consumer)
+        if job.started is not None:
+            self.metrics.observe("mgpumanager_run_seconds", job.ended - job.started, consumer=job.consumer)
+        event = {"completed": "finished"}.get(job.outcome, job.outcome)
+        self.job_event(event, job, code=job.code, http=job.http)
+        if log_now:
+            self.job_line(job, None)
+
+    def job_line(self, job: Job, hold_ms: int | None) -> None:
+        """The one line per job that the README's logs section describes."""
+        assert job.ended is not None
+        wait_end = job.started if job.started is not None else job.ended
+        log.info(
+            logfmt(
+                msg="job",
+                id=job.id,
+                consumer=job.consumer,
+                kind=job.kind,
+                status=job.outcome,
+                code=job.code,
+                http=job.http,
+                wait_ms=round((wait_end - job.arrived) * 1000),
+                run_ms=None if job.started is None else round((job.ended - job.started) * 1000),
+                hold_ms=hold_ms,
+                evictions=job.evictions,
+                request_id=job.request_id,
+            )
+        )
 
 
 def _after_handover(step: Callable[[], None]) -> None:
@@ -1647,6 +2157,204 @@ def _after_handover(step: Callable[[], None]) -> None:
     """
     loop = asyncio.get_running_loop()
     loop.call_soon(loop.call_soon, step)
+
+
+# ---- making room: the decision, a pure function of a snapshot ---------------------------------------
+
+
+@dataclass(frozen=True)
+class ConsumerView:
+    """One consumer as the eviction planner sees it: its config and what the broker knows of it now."""
+
+    config: ConsumerConfig
+    resident: bool | None
+    #: Its resident record may be acted on without a reading (nothing since could have changed it).
+    trusted: bool = False
+    #: Jobs and holds of it holding the GPU lock.
+    jobs: int = 0
+    last_used: float | None = None
+    #: MiB its processes held at the last reading (None: not measured), and the most ever seen.
+    used_mib: int | None = None
+    peak_mib: int | None = None
+
+    @staticmethod
+    def of(config: ConsumerConfig, state: ConsumerState) -> ConsumerView:
+        return ConsumerView(
+            config,
+            state.resident,
+            state.trusted,
+            state.jobs,
+            state.last_used,
+            state.used_mib,
+            state.peak_mib,
+        )
+
+    @property
+    def size_mib(self) -> int:
+        """What it takes when loaded: its declared vram_resident_mib, or more if it was seen holding more."""
+        return max(self.config.vram_resident_mib, self.peak_mib or 0)
+
+    @property
+    def holds_mib(self) -> int:
+        """What unloading it is expected to free: what it was measured holding, else its size."""
+        return self.used_mib if self.used_mib is not None else self.size_mib
+
+
+@dataclass(frozen=True)
+class RoomSnapshot:
+    """Everything the eviction decision depends on, at one moment."""
+
+    target: str
+    #: The GPU's consumers (the target among them), in config order: ties in last use go to the first.
+    consumers: Mapping[str, ConsumerView]
+    #: Free MiB in the latest reading.
+    free_mib: int
+    cushion_mib: int
+    #: Consumers already unloaded (or tried) for this job, and what became of each.
+    tried: Mapping[str, str] = field(default_factory=dict)
+    max_evictions: int = 5
+    #: Used MiB in the latest reading (None: not reported).
+    used_mib: int | None = None
+
+
+@dataclass(frozen=True)
+class RoomPlan:
+    """What making room for the target takes: nothing (it fits), victims in order, or why none is left."""
+
+    #: Free MiB the target needs (its size, less what its processes hold already, plus the cushion).
+    need_mib: int
+    free_mib: int
+    #: Whom to unload, in order, until it fits as far as the figures tell (the executor unloads the first
+    #: and plans again with a fresh reading). Empty when it fits, or when nothing is left to unload.
+    victims: tuple[str, ...] = ()
+    #: Why each other consumer is not a victim.
+    why_not: Mapping[str, str] = field(default_factory=dict)
+    #: max_evictions unloads were tried already.
+    exhausted: bool = False
+
+    @property
+    def fits(self) -> bool:
+        return self.free_mib >= self.need_mib
+
+
+def plan_room(snap: RoomSnapshot) -> RoomPlan:
+    """Decide what must go for the target to fit. No I/O: the same snapshot always gives the same plan.
+
+    The rules (README, "How eviction decides"): the target needs its size (``vram_resident_mib``, or the
+    most it was measured holding if more) plus the cushion, less what its processes hold already. Victims
+    are the other consumers of the GPU that are resident or of unknown residency, have an unload, may not
+    coexist with the target, run no job and were not tried for this job yet: least recently used first
+    (never used first, ties in config order); ``vram_managed`` ones (Ollama) only after every other, as
+    the last resort; and after them the target itself when its residency is unknown and nothing measures
+    it: it may be what fills the GPU. A target recorded resident that something may have changed since is
+    credited with the used memory no other consumer accounts for (see _credit).
+    """
+    target = snap.consumers[snap.target]
+    cushion = snap.cushion_mib
+    if target.used_mib is not None:
+        need = max(0, target.size_mib - target.used_mib) + cushion
+    elif target.resident is True and target.trusted:
+        need = 0
+    elif target.resident is True:
+        need = target.size_mib - _credit(snap) + cushion
+    else:
+        need = target.size_mib + cushion
+    if snap.free_mib >= need:
+        return RoomPlan(need, snap.free_mib)
+    if len(snap.tried) >= snap.max_evictions:
+        return RoomPlan(need, snap.free_mib, why_not=_why_not(snap), exhausted=True)
+    regular: list[tuple[float, int, str]] = []
+    managed: list[tuple[float, int, str]] = []
+    for order, (name, view) in enumerate(snap.consumers.items()):
+        if name != snap.target and _why_not_one(snap, name, view) is None:
+            last = view.last_used if view.last_used is not None else -math.inf
+            (managed if view.config.vram_managed else regular).append((last, order, name))
+    victims = [name for _, _, name in sorted(regular)] + [name for _, _, name in sorted(managed)]
+    if (
+        target.config.unload is not None
+        and target.used_mib is None
+        and target.resident is None
+        and target.jobs <= 1  # no other job of it is working on what it holds
+        and snap.target not in snap.tried
+    ):
+        victims.append(snap.target)
+    # Only as many as the figures say are needed (the executor plans again after each one anyway).
+    enough, expected = [], snap.free_mib
+    for name in victims:
+        enough.append(name)
+        expected += snap.consumers[name].holds_mib
+        if expected >= need:
+            break
+    return RoomPlan(need, snap.free_mib, tuple(enough), _why_not(snap))
+
+
+def _credit(snap: RoomSnapshot) -> int:
+    """What a target recorded resident, but not trusted and not measured, is taken to hold already: the
+    GPU's used memory that no other consumer can account for (each other consumer that is resident, or of
+    unknown residency, counted at what it holds), at most its size. The reading then decides: a consumer
+    that restarted behind the broker's back holds nothing, and its job makes room for all it will load."""
+    if snap.used_mib is None:
+        return 0
+    others = sum(
+        view.holds_mib
+        for name, view in snap.consumers.items()
+        if name != snap.target and view.resident is not False
+    )
+    target = snap.consumers[snap.target]
+    return max(0, min(target.size_mib, snap.used_mib - others))
+
+
+def _why_not_one(snap: RoomSnapshot, name: str, view: ConsumerView) -> str | None:
+    """Why ``name`` cannot be unloaded for the target now, or None when it can."""
+    c, target = view.config, snap.target
+    if c.unload is None:
+        return "vram_managed" if c.vram_managed else "no unload route"
+    if target in c.can_coexist_with or name in snap.consumers[target].config.can_coexist_with:
+        return f"may coexist with {target}"
+    if view.jobs > 0:
+        return "has jobs running"
+    if name in snap.tried:
+        reason = snap.tried[name]
+        if view.used_mib:
+            reason += f"; its processes still hold {view.used_mib} MiB"
+        return reason
+    if view.resident is False:
+        return "not resident" + (f" (its processes hold {view.used_mib} MiB)" if view.used_mib else "")
+    return None
+
+
+def _why_not(snap: RoomSnapshot) -> dict[str, str]:
+    return {
+        name: why
+        for name, view in snap.consumers.items()
+        if name != snap.target and (why := _why_not_one(snap, name, view)) is not None
+    }
+
+
+def room_message(
+    plan: RoomPlan, snap: RoomSnapshot, processes: Sequence[GpuProcess], owners: Mapping[int, str]
+) -> str:
+    """insufficient_vram's message: the figures, why each consumer stayed, and who holds the GPU's memory
+    (each process named with the consumer it belongs to, where the broker can tell)."""
+    target = snap.consumers[snap.target]
+    size = target.size_mib
+    held = f", its processes hold {target.used_mib}" if target.used_mib is not None else ""
+    parts = [
+        f"{plan.free_mib} MiB free, {plan.need_mib} MiB needed"
+        f" ({snap.target} {size}{held} + cushion {snap.cushion_mib})"
+    ]
+    if plan.exhausted:
+        parts.append(f"gave up after {snap.max_evictions} unload attempts")
+    if plan.why_not:
+        parts.append("not evictable: " + ", ".join(f"{n} ({why})" for n, why in plan.why_not.items()))
+    procs = ", ".join(
+        f"pid {p.pid} {p.name} {p.used_mib} MiB ({owners.get(p.pid or -1, 'no consumer')})" for p in processes
+    )
+    parts.append(f"GPU processes: {procs or 'none listed'}")
+    return "; ".join(parts)
+
+
+# ---- the queue and the lock --------------------------------------------------------------------------
 
 
 class WaitQueue:
@@ -1698,12 +2406,15 @@ class UnloadOps(Protocol):
 
     async def load(self, name: str) -> None: ...
 
+    def owners(self) -> Mapping[int, str]: ...
+
 
 class Scheduler:
-    """The queue and the GPU lock, with eviction and load before a job runs.
+    """One GPU's queue and lock, with eviction and load before a job runs.
 
     The clock, the GPU reader and the consumer calls are injected, so the whole decision logic runs in tests
     without sockets. Waiters are futures; a waiter cancelled while being woken passes its grant on.
+    Invariant: whatever raises while a job is granted or running, the job ends (once) and its slot is freed.
     """
 
     def __init__(
@@ -1728,7 +2439,7 @@ class Scheduler:
         self.sleep = sleep
         self.events = events or Events()
         self.metrics = metrics or Metrics()
-        self.stats = Stats()
+        self.recorder = Recorder(self.index, self.events, self.metrics)
         #: The consumer holding the GPU lock, and how many of its slots (jobs and holds) are taken.
         self.holder: str | None = None
         self.slots = 0
@@ -1743,7 +2454,11 @@ class Scheduler:
         self._waiting = WaitQueue()
         self._ids = itertools.count(1)
         self._prepare_lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Work the scheduler owns (holds, steps whose caller left): cancelled on close.
+        self._tasks: set[asyncio.Task[Any]] = set()
+        #: The holds running now, and why one was abandoned (set before it is cancelled).
+        self._holds: dict[Job, asyncio.Task[None]] = {}
+        self._abandoned: dict[Job, str] = {}
         #: Consumers with an idle unload or a preload queued or running: never two for one consumer.
         self._internal: set[tuple[str, str]] = set()
 
@@ -1752,6 +2467,10 @@ class Scheduler:
             f"<Scheduler gpu={self.index} holder={self.holder} slots={self.slots}"
             f" waiters:{len(self._waiting)}>"
         )
+
+    @property
+    def stats(self) -> Stats:
+        return self.recorder.stats
 
     # ---- ordering ----------------------------------------------------------------------------------
 
@@ -1779,7 +2498,7 @@ class Scheduler:
         await self._wait_for_grant(job)
         if not self._needs_no_room(job):  # checked again under the lock; the common case skips it
             await self._guarded(job, self._prepare(job))
-        self._publish("started", job)
+        self.recorder.job_event("started", job)
         return job
 
     async def unload_now(self, name: str) -> Job:
@@ -1789,7 +2508,7 @@ class Scheduler:
 
         async def unload() -> None:
             async with self._prepare_lock:
-                error = await self._unload(job, name, evicting=False)
+                error = await self._unload(job, name, by="admin")
             if error is not None:
                 raise BrokerError("unload_failed", f"{name} {error}", name)
 
@@ -1809,7 +2528,13 @@ class Scheduler:
         """When a resident consumer with ``idle_unload_s`` becomes due for its idle unload (None: never)."""
         c = self.config.consumers.get(name)
         state = self.states.get(name)
-        if c is None or state is None or not c.idle_unload_s or c.unload is None or state.loaded is not True:
+        if (
+            c is None
+            or state is None
+            or not c.idle_unload_s
+            or c.unload is None
+            or state.resident is not True
+        ):
             return None
         since = state.idle_since()
         return None if since is None else since + c.idle_unload_s
@@ -1858,28 +2583,31 @@ class Scheduler:
             # While it waited, a job may have come, used the consumer or be waiting for it.
             if not self.idle_due(name):
                 why = self._busy_with(name) or "no longer idle or resident"
-                log.info(logfmt(msg="idle unload skipped", consumer=name, reason=why, job=job.id))
+                self.recorder.record("idle_unload_skipped", consumer=name, reason=why, job=job.id)
                 return
-            error = await self._unload(job, name, evicting=False, by="idle")
+            error = await self._unload(job, name, by="idle")
         if error is not None:
             raise BrokerError("unload_failed", f"{name} {error}", name)
 
     async def _load_if_fits(self, job: Job) -> None:
         name = job.consumer
         async with self._prepare_lock:
-            if self.states[name].loaded is True:
+            if self.states[name].resident is True:
                 log.info(logfmt(msg="preload: already resident", consumer=name, job=job.id))
                 return
-            need = job.target.vram_resident_mib + self.config.gpu.cushion_mib
             # (A consumer whose memory is elsewhere fits whatever this GPU holds.)
-            reading = await self._read_gpu(job) if job.target.vram_resident_mib else None
-            if reading is not None and (reading.free_mib is None or reading.free_mib < need):
-                self.stats.preload_skips += 1
-                why = {"free_mib": reading.free_mib, "need_mib": need}
-                log.warning(logfmt(msg="preload skipped: it does not fit", consumer=name, **why))
-                self.events.publish("preload_skipped", consumer=name, job=job.id, **why)
-                return
-            await self._load(name)
+            if job.target.vram_resident_mib:
+                plan = plan_room(self._room(job, await self._read_gpu(job), {}))
+                if not plan.fits:
+                    self.recorder.record(
+                        "preload_skipped",
+                        consumer=name,
+                        job=job.id,
+                        free_mib=plan.free_mib,
+                        need_mib=plan.need_mib,
+                    )
+                    return
+            await self._load(job)
 
     def _admit(
         self,
@@ -1896,7 +2624,7 @@ class Scheduler:
             raise BrokerError("no_consumer", f"{consumer} is no longer configured", consumer)
         if target.gpu != self.index:  # moved to another GPU by a reload meanwhile
             raise BrokerError("no_consumer", f"{consumer} runs on GPU {target.gpu} now", consumer)
-        self.stats.jobs += 1
+        self.recorder.job_admitted()
         return Job(
             id=next(self._ids),
             target=target,
@@ -1908,9 +2636,6 @@ class Scheduler:
             request_id=request_id,
         )
 
-    def _publish(self, name: str, job: Job, **fields: Any) -> None:
-        self.events.publish(name, job=job.id, consumer=job.consumer, kind=job.kind, gpu=self.index, **fields)
-
     async def _wait_for_grant(self, job: Job) -> None:
         """Queue the job and wait for the lock; queue_full, queue_timeout or cancellation end it."""
         cfg = self.config
@@ -1921,7 +2646,7 @@ class Scheduler:
             self._end(job, "rejected", "queue_full")
             raise BrokerError("queue_full", f"{len(self._waiting)} jobs are waiting already", job.consumer)
         self._waiting.append(job)
-        self._publish("queued", job, priority=job.priority, request_id=job.request_id)
+        self.recorder.job_event("queued", job, priority=job.priority, request_id=job.request_id)
         timer = asyncio.get_running_loop().call_later(cfg.scheduler.queue_timeout_s, self._expire, job)
         self._dispatch()
         try:
@@ -1936,22 +2661,56 @@ class Scheduler:
         finally:
             timer.cancel()
 
-    async def _guarded(self, job: Job, step: Awaitable[None]) -> None:
-        """Run a step of a granted job; any failure gives the slot back and ends the job, then re-raises."""
+    async def _guarded(self, job: Job, step: Coroutine[Any, Any, None]) -> None:
+        """Run a step of a granted job (making room, loading, an admin unload) as the scheduler's own task.
+
+        A caller that goes away (the client left) does not cut it: an unload or load runs to its end or its
+        own timeout, then the job ends as cancelled, the consumer's state being what the step really did.
+        A failure gives the slot back and ends the job, then re-raises (a bug as scheduler_error).
+        """
+        task = self._own(asyncio.ensure_future(step))
         try:
-            await step
-        except BaseException as e:
-            self._release_slot(job)
-            if isinstance(e, asyncio.CancelledError):
-                self._end(job, "cancelled")
-            elif isinstance(e, BrokerError):
-                self._end(job, "failed", e.code)
-            else:
-                self.stats.internal_errors += 1
-                log.exception(logfmt(msg="scheduler crashed", consumer=job.consumer, job=job.id))
-                self._end(job, "failed", "scheduler_error")
-                raise BrokerError("scheduler_error", f"internal error: {describe(e)}", job.consumer) from e
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():  # the step itself was cut: the broker is closing
+                self._step_failed(job, asyncio.CancelledError())
+            else:  # the caller left: the unload or load under way runs on, and the job ends with it
+                job.left = True
+                task.add_done_callback(functools.partial(self._left_during, job))
             raise
+        except BaseException as e:
+            error = self._step_failed(job, e)
+            if error is e:
+                raise
+            raise error from e
+
+    def _step_failed(self, job: Job, exc: BaseException) -> BaseException:
+        """A granted job's step failed or was cut: free the slot, end the job; what its caller gets."""
+        self._release_slot(job)
+        if isinstance(exc, asyncio.CancelledError):
+            self._end(job, "cancelled")
+            return exc
+        if isinstance(exc, BrokerError):
+            self._end(job, "failed", exc.code)
+            return exc
+        self.recorder.stats.internal_errors += 1
+        log.error(logfmt(msg="scheduler crashed", consumer=job.consumer, job=job.id), exc_info=exc)
+        self._end(job, "failed", "scheduler_error")
+        return BrokerError("scheduler_error", f"internal error: {describe(exc)}", job.consumer)
+
+    def _left_during(self, job: Job, task: asyncio.Task[Any]) -> None:
+        """The step a job's caller left during is done: the job ends as cancelled (a crash is still one)."""
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None and not isinstance(exc, BrokerError):
+            self.recorder.stats.internal_errors += 1
+            log.error(logfmt(msg="scheduler crashed", consumer=job.consumer, job=job.id), exc_info=exc)
+        self._release_slot(job)
+        self._end(job, "cancelled")
+
+    def _own(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def shut_down(self) -> None:
         """Admit nothing more, and answer every queued job with shutting_down."""
@@ -2031,6 +2790,8 @@ class Scheduler:
             self._waiting.remove(job)
             if self.holder is None:
                 self._held_since = now
+                if job.kind not in UNLOAD_KINDS:
+                    self._touch_others(job)
             self.holder, self.exclusive = job.consumer, job.exclusive
             self.slots += 1
             self._idle.clear()
@@ -2038,7 +2799,13 @@ class Scheduler:
             job.state, job.started = "running", now
             job.granted.set_result(None)
             granted = True
-            self._publish("granted", job, waited_s=round(now - job.arrived, 3))
+            self.recorder.job_event("granted", job, waited_s=round(now - job.arrived, 3))
+
+    def _touch_others(self, job: Job) -> None:
+        """A consumer is granted the GPU: it may load, so the others' resident records need a reading now."""
+        for name, c in self.config.consumers.items():
+            if name != job.consumer and c.gpu == self.index and name in self.states:
+                self.states[name].touched(f"{job.consumer} was granted the GPU")
 
     def _release_slot(self, job: Job) -> bool:
         """A job or hold gives its slot back; the last one frees the lock. Whether another job got it."""
@@ -2050,7 +2817,7 @@ class Scheduler:
             self._idle.set()
         return self._dispatch()
 
-    # ---- making room---------------------------------------------------------------------------------
+    # ---- making room: carrying the plan out -----------------------------------------------------------
 
     async def _prepare(self, job: Job, *, warm: bool = False) -> None:
         """Make room for the target and load it; serialised, so two jobs never evict at once.
@@ -2059,170 +2826,162 @@ class Scheduler:
         """
         async with self._prepare_lock:
             state = self.states[job.consumer]
-            if self._needs_no_room(job):
+            if self._needs_no_room(job) or job.left:
                 return
             await self._make_room(job)
+            if job.left:  # nobody waits for it any more: load nothing for it
+                return
             # A service started by command whose health fails is stopped, even when an unload command
             # failed half-way and left its residency unknown.
-            stopped = job.target.started_by_command and state.loaded is None and state.healthy is False
-            if job.target.load is not None and (state.loaded is False or warm or stopped):
-                await self._load(job.consumer)
+            stopped = job.target.started_by_command and state.resident is None and state.healthy is False
+            if job.target.load is not None and (state.resident is False or warm or stopped):
+                await self._load(job)
 
     def _needs_no_room(self, job: Job) -> bool:
-        """Known resident, or its memory is elsewhere (a remote broker): no GPU reading, no eviction."""
-        return self.states[job.consumer].loaded is True or job.target.vram_resident_mib == 0
+        """Resident by a record nothing has put in doubt, or its memory is elsewhere (a remote broker):
+        no GPU reading, no eviction."""
+        return self.states[job.consumer].known_resident() or job.target.vram_resident_mib == 0
 
-    def victims(self, target: ConsumerConfig, exclude: set[str]) -> tuple[list[str], dict[str, str]]:
-        """Eviction candidates for ``target``, least recently used first, and why the others are not."""
-        candidates, why_not = [], {}
-        for order, (name, c) in enumerate(self.config.consumers.items()):
-            if name == target.name or c.gpu != self.index:
-                continue  # a consumer on another GPU takes none of this one's memory
-            state = self.states[name]
-            if c.vram_managed:
-                why_not[name] = "vram_managed"
-            elif c.unload is None:
-                why_not[name] = "no unload route"
-            elif name in target.can_coexist_with or target.name in c.can_coexist_with:
-                why_not[name] = f"may coexist with {target.name}"
-            elif state.jobs > 0:
-                why_not[name] = "has jobs running"
-            elif name in exclude:
-                why_not[name] = "unload failed" if state.loaded is None else "already unloaded"
-            elif state.loaded is False:
-                why_not[name] = "not resident"
-            else:
-                last = state.last_used if state.last_used is not None else -math.inf
-                candidates.append((last, order, name))
-        return [name for _, _, name in sorted(candidates)], why_not
+    def _room(self, job: Job, reading: GpuReading, tried: Mapping[str, str]) -> RoomSnapshot:
+        """The snapshot plan_room decides from: this GPU's consumers as the broker knows them now."""
+        target = job.target
+        consumers = {
+            name: ConsumerView.of(c, self.states[name])
+            for name, c in self.config.consumers.items()
+            if c.gpu == self.index and name in self.states
+        }
+        if target.name not in consumers:  # a reload removed or moved it meanwhile: decide with the old
+            consumers[target.name] = ConsumerView.of(target, self.states[target.name])
+        if reading.free_mib is None:
+            raise BrokerError("gpu_unavailable", "nvidia-smi reports no free memory figure", job.consumer)
+        cfg = self.config
+        return RoomSnapshot(
+            target.name,
+            consumers,
+            reading.free_mib,
+            cfg.gpu.cushion_mib,
+            dict(tried),
+            cfg.scheduler.max_evictions,
+            reading.used_mib,
+        )
 
-    def _may_hold_itself(self, target: ConsumerConfig, tried: set[str]) -> bool:
-        state = self.states[target.name]
-        return state.loaded is None and target.unload is not None and target.name not in tried
+    def _measures(self) -> bool:
+        """Whether a consumer of this GPU is measured (``processes``): then readings list the processes."""
+        return any(c.processes is not None for c in self.config.consumers.values() if c.gpu == self.index)
 
-    async def _read_gpu(self, job: Job, *, memory_only: bool = True) -> GpuReading:
-        """A fresh reading: the GPU line alone to decide, a whole one (with processes) to explain."""
+    async def _read_gpu(self, job: Job, *, whole: bool = False) -> GpuReading:
+        """A reading of its own, started now: the GPU line alone to decide, with the process list where a
+        consumer is measured by its processes or to explain a refusal."""
         try:
-            return await (self.gpu.read_memory() if memory_only else self.gpu.read())
+            if whole or self._measures():
+                return await self.gpu.read(own=True)
+            return await self.gpu.read_memory()
         except GpuError as e:
             raise BrokerError("gpu_unavailable", f"cannot read the GPU: {e}", job.consumer) from e
 
     async def _make_room(self, job: Job) -> None:
-        """While the target does not fit, unload the least recently used victim and wait for its memory."""
-        cfg = self.config
-        target = job.target
-        need = target.vram_resident_mib + cfg.gpu.cushion_mib
+        """While the plan says the target does not fit, unload its first victim and wait for the memory."""
+        tried: dict[str, str] = {}
         reading = await self._read_gpu(job)
-        tried: set[str] = set()
-        while reading.free_mib is None or reading.free_mib < need:
-            if reading.free_mib is None:
-                raise BrokerError("gpu_unavailable", "nvidia-smi reports no free memory figure", job.consumer)
-            victims, why_not = self.victims(target, tried)
-            if not victims and self._may_hold_itself(target, tried):
-                # Last resort: the target, of unknown residency (after a restart, say), may itself be
-                # what fills the GPU. Unloading it makes its state known; it is loaded again below.
-                victims = [target.name]
-            if not victims or len(tried) >= cfg.scheduler.max_evictions:
-                whole = await self._read_gpu(job, memory_only=False)  # the processes, for the message
-                raise self._insufficient(job, whole, need, why_not, victims)
-            victim = victims[0]
-            tried.add(victim)
-            size = cfg.consumers[victim].vram_resident_mib  # before any await: a reload may remove it
-            if await self._unload(job, victim) is None:
-                reading = await self._wait_for_memory(job, victim, size, reading.free_mib, need)
+        while True:
+            snap = self._room(job, reading, tried)
+            plan = plan_room(snap)
+            if plan.fits or job.left:  # (nobody waits for it any more: unload nothing more for it)
+                return
+            if not plan.victims:
+                whole = await self._read_gpu(job, whole=True)  # the processes, for the message
+                snap = self._room(job, whole, tried)
+                message = room_message(plan_room(snap), snap, whole.processes, self.ops.owners())
+                raise BrokerError("insufficient_vram", message, job.consumer)
+            victim = plan.victims[0]
+            size = snap.consumers[victim].holds_mib
+            error = await self._unload(job, victim)
+            if error is not None:
+                tried[victim] = "unload failed"
+                continue
+            reading = await self._wait_for_memory(job, victim, size, reading.free_mib or 0, plan.need_mib)
+            freed = self.states[victim].resident is False
+            tried[victim] = "unloaded" if freed else f"unloaded, memory not freed within {self._wait_s():g} s"
 
-    def _insufficient(
-        self, job: Job, reading: GpuReading, need: int, why_not: dict[str, str], left: list[str]
-    ) -> BrokerError:
-        target = job.target
-        parts = [
-            f"{reading.free_mib} MiB free, {need} MiB needed"
-            f" ({target.name} {target.vram_resident_mib} + cushion {self.config.gpu.cushion_mib})"
-        ]
-        if left:
-            parts.append(f"gave up after {self.config.scheduler.max_evictions} unload attempts")
-        if why_not:
-            parts.append("not evictable: " + ", ".join(f"{n} ({why})" for n, why in why_not.items()))
-        procs = ", ".join(f"pid {p.pid} {p.name} {p.used_mib} MiB" for p in reading.processes)
-        parts.append(f"GPU processes: {procs or 'none listed'}")
-        return BrokerError("insufficient_vram", "; ".join(parts), job.consumer)
+    def _wait_s(self) -> float:
+        return self.config.scheduler.vram_wait_s
 
-    async def _unload(self, job: Job, victim: str, *, evicting: bool = True, by: str = "admin") -> str | None:
-        """Unload one consumer through its route or command (for ``job``'s room, or ``by`` an admin or
-        idleness); None on success, else why not (counted and logged).
+    async def _unload(self, job: Job, victim: str, *, by: str | None = None) -> str | None:
+        """Unload one consumer through its route or command: for ``job``'s room (``by`` None: an eviction,
+        whose memory _wait_for_memory then waits for), or ``by`` an admin or idleness. None on success,
+        else why not (recorded).
 
         While the call is under way the victim's residency is unknown, and it stays so unless the call
         succeeds (a failed or interrupted unload may or may not have freed anything).
         """
         state = self.states[victim]
-        why = {"for_consumer": job.consumer} if evicting else {"by": by}
-        log.info(logfmt(msg="evicting" if evicting else "unloading", consumer=victim, **why, job=job.id))
-        self.events.publish("evicting" if evicting else "unloading", consumer=victim, job=job.id, **why)
-        state.set_loaded(None, self.clock())
+        why: dict[str, Any] = {"for_consumer": job.consumer} if by is None else {"by": by}
+        self.recorder.record("evicting" if by is None else "unloading", consumer=victim, **why, job=job.id)
+        state.unloading()
         try:
             await self.ops.unload(victim)
         except Exception as e:
-            self.stats.unload_failures += 1
-            self.metrics.inc("mgpumanager_unload_failures_total", consumer=victim)
-            log.warning(logfmt(msg="unload failed", consumer=victim, **why, error=str(e)))
+            state.unload_failed()
+            self.recorder.record("unload_failed", consumer=victim, **why, job=job.id, error=str(e))
             return str(e)
-        if evicting:
-            self.stats.evictions += 1
-            self.metrics.inc("mgpumanager_evictions_total", consumer=victim)
-            job.evictions += 1
-        elif by == "idle":
-            self.stats.idle_unloads += 1
-            self.metrics.inc("mgpumanager_idle_unloads_total", consumer=victim)
-        else:
-            self.stats.admin_unloads += 1
-        state.set_loaded(False, self.clock())
+        except BaseException:
+            state.unload_failed()  # cut (the broker is closing): it may or may not have freed anything
+            raise
+        if by is not None:
+            state.unloaded()
+            self.recorder.record(f"unloaded_{by}", consumer=victim, by=by, job=job.id)
         return None
 
     async def _wait_for_memory(self, job: Job, victim: str, size: int, before: int, need: int) -> GpuReading:
-        """Poll until the target fits, the victim's memory (``size`` MiB) shows up as free, or
-        ``vram_wait_s`` passed."""
-        cfg = self.config
-        deadline = self.clock() + cfg.scheduler.vram_wait_s
+        """After an eviction: poll until the target fits, the victim's memory (``size`` MiB) shows up as
+        free, or ``vram_wait_s`` passed. The victim is then not resident, or unknown if nothing came free."""
+        deadline = self.clock() + self._wait_s()
         enough_freed = FREED_SHARE * size
         while True:
             started = self.clock()
-            reading = await self._read_gpu(job)
+            try:
+                reading = await self._read_gpu(job)
+            except BaseException:
+                self.states[victim].unconfirmed()
+                raise
             free = reading.free_mib if reading.free_mib is not None else before
             if free >= need or free - before >= enough_freed:
+                self.states[victim].unloaded()
                 break
             if self.clock() >= deadline:
-                log.warning(
-                    logfmt(
-                        msg="memory not freed in time",
-                        consumer=victim,
-                        free_mib=free,
-                        waited_s=cfg.scheduler.vram_wait_s,
-                    )
+                # Nothing came free: it most likely held nothing (its residency was a guess). Some did:
+                # it may still be freeing the rest.
+                if free - before < NOTHING_FREED_SHARE * size:
+                    self.states[victim].unloaded()
+                else:
+                    self.states[victim].unconfirmed()
+                self.recorder.record(
+                    "memory_not_freed", consumer=victim, free_mib=free, waited_s=self._wait_s()
                 )
                 break
             # A reading starts every VRAM_POLL_S (not VRAM_POLL_S after the last one ended).
             await self.sleep(max(0.0, VRAM_POLL_S - (self.clock() - started)))
-        log.info(logfmt(msg="evicted", consumer=victim, for_consumer=job.consumer, free_mib=reading.free_mib))
-        self.events.publish("evicted", consumer=victim, for_consumer=job.consumer, free_mib=reading.free_mib)
+        job.evictions += 1
+        self.recorder.record("evicted", consumer=victim, for_consumer=job.consumer, free_mib=reading.free_mib)
         return reading
 
-    async def _load(self, name: str) -> None:
-        """Load the target through its route; residency is unknown until the call succeeds."""
+    async def _load(self, job: Job) -> None:
+        """Load the target through its route or command; residency is unknown until that succeeds."""
+        name = job.consumer
         state = self.states[name]
-        log.info(logfmt(msg="loading", consumer=name))
-        self.events.publish("loading", consumer=name)
-        state.set_loaded(None, self.clock())
+        self.recorder.record("loading", consumer=name, job=job.id)
+        state.loading()
         try:
             await self.ops.load(name)
         except Exception as e:
-            self.stats.load_failures += 1
-            log.warning(logfmt(msg="load failed", consumer=name, error=str(e)))
+            state.load_failed()
+            self.recorder.record("load_failed", consumer=name, job=job.id, error=str(e))
             raise BrokerError("load_failed", f"{name} {e}", name) from e
-        self.stats.loads += 1
-        self.metrics.inc("mgpumanager_loads_total", consumer=name)
-        state.set_loaded(True, self.clock())
-        log.info(logfmt(msg="loaded", consumer=name))
-        self.events.publish("loaded", consumer=name)
+        except BaseException:
+            state.load_failed()
+            raise
+        state.loaded()
+        self.recorder.record("loaded", consumer=name, job=job.id)
 
     # ---- the end of a job --------------------------------------------------------------------------
 
@@ -2239,13 +2998,16 @@ class Scheduler:
     ) -> bool:
         """End a running job. Synchronous, so it runs even in a cancelled handler's ``finally``.
 
-        ``hold`` keeps the job's slot in a task the scheduler owns until it returns or ``hold_timeout_s``.
-        Whether another job was granted the slot.
+        ``success``: the consumer answered 2xx and took the work: it is resident and was used now, unless
+        the job was a mount call outside its paths (that may have done anything: its record needs a
+        reading). ``hold`` keeps the job's slot in a task the scheduler owns until it returns or
+        ``hold_timeout_s``. Whether another job was granted the slot.
         """
-        if success:
-            state = self.states[job.consumer]
-            state.set_loaded(True, self.clock())
-            state.last_used, state.last_used_at = self.clock(), time.time()
+        state = self.states[job.consumer]
+        if job.kind == MOUNT_KIND:
+            state.touched("a mount call outside its paths")
+        elif success:
+            state.served()
         if hold is None:
             # The slot first: the job granted next is woken before this one's event and log line.
             granted = self._release_slot(job)
@@ -2253,40 +3015,56 @@ class Scheduler:
             return granted
         self._end(job, outcome, code, status, log_now=False)
         self.holds += 1
-        task = asyncio.get_running_loop().create_task(self._hold(job, hold, hold_timeout_s))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._holds[job] = self._own(
+            asyncio.get_running_loop().create_task(self._hold(job, hold, hold_timeout_s))
+        )
         return False
 
+    def abandon_holds(self, name: str, reason: str) -> None:
+        """The consumer was seen down: its work died with it, so its holds end now (hold_abandoned)."""
+        for job, task in list(self._holds.items()):
+            if job.consumer == name and job not in self._abandoned:
+                self._abandoned[job] = reason
+                task.cancel()
+
     async def _hold(self, job: Job, hold: Callable[[], Awaitable[None]], timeout_s: float) -> None:
-        """Keep the job's slot while ``hold`` runs (at most ``timeout_s``); then write the job's log line."""
+        """Keep the job's slot while ``hold`` runs (at most ``timeout_s``), unless the consumer is seen down
+        meanwhile; then write the job's log line."""
         started = self.clock()
+        fields: dict[str, Any] = {"consumer": job.consumer, "job": job.id, "kind": job.kind}
         try:
             await asyncio.wait_for(hold(), timeout_s)
-            log.info(
-                logfmt(msg="hold released", consumer=job.consumer, job=job.id, hold_ms=self._ms(started))
-            )
+            self.recorder.record("hold_released", **fields, hold_s=round(self.clock() - started, 3))
         except asyncio.TimeoutError:
-            self.stats.hold_timeouts += 1
-            self.metrics.inc("mgpumanager_hold_timeouts_total", consumer=job.consumer)
-            log.warning(logfmt(msg="hold timed out", consumer=job.consumer, job=job.id, timeout_s=timeout_s))
+            self.recorder.record(
+                "hold_timed_out", **fields, hold_s=round(self.clock() - started, 3), timeout_s=timeout_s
+            )
+        except ConsumerGone as e:
+            self._abandoned.setdefault(job, e.reason)
+            self.ops.gone(job.consumer, e.reason)  # its other holds end too
+            self._record_abandoned(job, fields, started)
         except asyncio.CancelledError:
-            raise
+            if job not in self._abandoned:
+                raise
+            self._record_abandoned(job, fields, started)
         except Exception as e:
-            self.stats.internal_errors += 1
-            log.exception(logfmt(msg="hold crashed", consumer=job.consumer, job=job.id, error=describe(e)))
+            self.recorder.internal_error("hold crashed", consumer=job.consumer, job=job.id, error=describe(e))
         finally:
+            self._holds.pop(job, None)
+            self._abandoned.pop(job, None)
             self.holds -= 1
             # The consumer worked until now: for idle unloads and the LRU order, this is its last use.
-            state = self.states[job.consumer]
-            state.last_used, state.last_used_at = self.clock(), time.time()
+            self.states[job.consumer].used()
             held = self.clock() - started
             self.metrics.observe("mgpumanager_hold_seconds", held, consumer=job.consumer)
-            self._log_job(job, hold_ms=round(held * 1000))
+            self.recorder.job_line(job, hold_ms=round(held * 1000))
             self._release_slot(job)
 
-    def _ms(self, since: float | None) -> int | None:
-        return None if since is None else round((self.clock() - since) * 1000)
+    def _record_abandoned(self, job: Job, fields: dict[str, Any], started: float) -> None:
+        reason = self._abandoned[job]
+        self.recorder.record(
+            "hold_abandoned", **fields, hold_s=round(self.clock() - started, 3), reason=reason
+        )
 
     def _end(
         self,
@@ -2297,50 +3075,15 @@ class Scheduler:
         *,
         log_now: bool = True,
     ) -> None:
-        """Count the job's outcome once: its stats now, its metrics, event and log line (unless a hold
-        follows: then the line waits for the hold's end, to carry its length) once the GPU changed hands."""
+        """End the job once: its outcome counts now, its metrics, event and log line (unless a hold follows:
+        then the line waits for the hold's end, to carry its length) once the GPU changed hands."""
         assert job.state != "ended", job
         job.state, job.ended = "ended", self.clock()
         job.outcome, job.code, job.http = outcome, code, status
-        setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
-        _after_handover(functools.partial(self._account, job, log_now))
-
-    def _account(self, job: Job, log_now: bool) -> None:
-        """A job's metrics, its end event and (``log_now``) its log line."""
-        assert job.ended is not None and job.outcome is not None
-        self.metrics.inc("mgpumanager_jobs_total", consumer=job.consumer, outcome=job.outcome)
-        wait_end = job.started if job.started is not None else job.ended
-        self.metrics.observe("mgpumanager_queue_wait_seconds", wait_end - job.arrived, consumer=job.consumer)
-        if job.started is not None:
-            self.metrics.observe("mgpumanager_run_seconds", job.ended - job.started, consumer=job.consumer)
-        event = {"completed": "finished"}.get(job.outcome, job.outcome)
-        self._publish(event, job, code=job.code, http=job.http)
-        if log_now:
-            self._log_job(job, None)
-
-    def _log_job(self, job: Job, hold_ms: int | None) -> None:
-        """The one line per job that the README's logs section describes."""
-        assert job.ended is not None
-        wait_end = job.started if job.started is not None else job.ended
-        log.info(
-            logfmt(
-                msg="job",
-                id=job.id,
-                consumer=job.consumer,
-                kind=job.kind,
-                status=job.outcome,
-                code=job.code,
-                http=job.http,
-                wait_ms=round((wait_end - job.arrived) * 1000),
-                run_ms=None if job.started is None else round((job.ended - job.started) * 1000),
-                hold_ms=hold_ms,
-                evictions=job.evictions,
-                request_id=job.request_id,
-            )
-        )
+        self.recorder.job_ended(job, log_now)
 
     async def close(self) -> None:
-        """Cancel the holds the scheduler owns."""
+        """Cancel the work the scheduler owns (holds, steps whose caller left)."""
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -2547,8 +3290,9 @@ def _fits_unpaused(transport: asyncio.BaseTransport, size: int) -> bool:
     """Whether ``size`` more bytes keep the transport's buffer under its high-water mark: then aiohttp's
     write cannot wait for the client (it waits only while the transport is paused). A large chunk on an
     empty buffer can still fill the client's socket and pause it."""
-    assert isinstance(transport, asyncio.WriteTransport)
-    return transport.get_write_buffer_size() + size <= transport.get_write_buffer_limits()[1]
+    # (uvloop's transports are not asyncio.WriteTransport instances, but have the same methods.)
+    high = transport.get_write_buffer_limits()[1]  # type: ignore[attr-defined]
+    return transport.get_write_buffer_size() + size <= high  # type: ignore[attr-defined]
 
 
 async def _to_client(request: web.Request, write: Awaitable[None], consumer: ConsumerConfig) -> None:
@@ -2577,9 +3321,10 @@ async def _hand_over(answered: Callable[[], bool]) -> None:
 
 
 def hold_poller(
-    session: aiohttp.ClientSession, consumer: ConsumerConfig, hold: Hold, answer: bytes, stats: Stats
+    session: aiohttp.ClientSession, consumer: ConsumerConfig, hold: Hold, answer: bytes, recorder: Recorder
 ) -> Callable[[], Awaitable[None]] | None:
-    """A coroutine function that returns once ``hold.path`` answers a non-empty JSON object or list.
+    """A coroutine function that returns once ``hold.path`` answers a non-empty JSON object or list, and
+    raises ConsumerGone once the consumer refuses (or resets) the poll: the work died with it.
 
     None (logged) when the consumer's answer cannot fill the path's placeholders.
     """
@@ -2600,6 +3345,7 @@ def hold_poller(
     timeout = aiohttp.ClientTimeout(total=min(consumer.timeout_s, hold.timeout_s))
 
     async def poll() -> None:
+        errors = 0
         while True:
             try:
                 async with session.request(hold.method, url, timeout=timeout, allow_redirects=False) as resp:
@@ -2608,8 +3354,12 @@ def hold_poller(
                     if isinstance(result, (dict, list)) and result:
                         return
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                stats.hold_poll_errors += 1
-                log.debug(logfmt(msg="hold poll failed", consumer=consumer.name, error=describe(e)))
+                if (gone := gone_reason(e, refused_only=True)) is not None:
+                    raise ConsumerGone(f"hold poll: {gone}") from e
+                # The first failure of a hold is worth a warning; a slow consumer may fail many more.
+                level = logging.WARNING if errors == 0 else logging.DEBUG
+                errors += 1
+                recorder.record("hold_poll_failed", level, consumer=consumer.name, error=describe(e))
             await asyncio.sleep(hold.poll_s)
 
     return poll
@@ -2642,8 +3392,6 @@ def audio_upstream_path(raw_path: str) -> str:
 
 #: Methods a mount forwards at once: they read, they never start GPU work.
 UNSCHEDULED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-#: The kind a mount job has when its method and path are none of its consumer's ``paths``.
-MOUNT_KIND = "mount"
 
 
 def mount_upstream_path(raw_path: str, name: str) -> tuple[str, str]:
@@ -2849,6 +3597,12 @@ class Broker:
 
     def __post_init__(self) -> None:
         self.add_gpus()
+        self.consumers.gone_listeners.append(self._consumer_gone)
+
+    def _consumer_gone(self, name: str, reason: str) -> None:
+        """A consumer was seen gone: the holds on its work end (on whichever GPU they run)."""
+        for scheduler in self.schedulers.values():
+            scheduler.abandon_holds(name, reason)
 
     def add_gpus(self) -> list[int]:
         """A reader and a scheduler for each GPU the config uses that has none yet; their indexes."""
@@ -2856,6 +3610,7 @@ class Broker:
         for index in gpu_indexes(self.config):
             if index not in self.schedulers:
                 reader = GpuReader(self.config.gpu, index=index)
+                reader.listeners.append(self.consumers.measure)
                 self.gpus[index] = reader
                 self.schedulers[index] = Scheduler(
                     self.config, reader, self.consumers, events=self.events, metrics=self.metrics, index=index
@@ -2939,7 +3694,9 @@ class Broker:
         for name, c in new.consumers.items():
             before = old.consumers.get(name)
             if before is None or before.url != c.url or before.gpu != c.gpu:
-                states[name] = ConsumerState(jobs=states[name].jobs if name in states else 0)
+                jobs = states[name].jobs if name in states else 0
+                states[name] = self.consumers.new_state(name)
+                states[name].jobs = jobs
                 what = "added" if before is None else "new url for" if before.url != c.url else "new GPU for"
                 changes.append(f"{what} {name}")
             elif before != c:
@@ -2967,14 +3724,19 @@ class Broker:
         c = self.config.consumers.get(name)
         return self.schedulers[c.gpu if c is not None else self.config.gpu.index]
 
-    def check_reachable(self, name: str) -> None:
-        """consumer_unreachable (or bad_consumer_url) at once when the consumer's last health probe failed.
+    async def check_reachable(self, name: str) -> None:
+        """consumer_unreachable (or bad_consumer_url) when the consumer is marked unhealthy (by a probe or a
+        failed connection) and one more probe, right now, still finds it failing: one that is back is
+        served at once, without waiting for the next health round.
 
         Not for a consumer started by a load command: failing health means it is stopped (by the broker,
         or before the broker started), and the job starts it.
         """
         state = self.consumers.states[name]
-        if state.healthy is False and not self.config.consumers[name].started_by_command:
+        if state.healthy is not False or self.config.consumers[name].started_by_command:
+            return
+        await self.consumers.probe_now(name)
+        if state.healthy is False:
             message = f"upstream {name} last probe failed: {state.last_error}"
             raise BrokerError(state.last_error_code, message, name)
 
@@ -2989,7 +3751,7 @@ class Broker:
     def start_preloads(self) -> None:
         """Preload (in the background) every ``preload`` consumer that is not known to be resident."""
         for name, c in self.config.consumers.items():
-            if c.preload and self.consumers.states[name].loaded is not True:
+            if c.preload and self.consumers.states[name].resident is not True:
                 self.spawn(self._internal_job("preload", name), f"preload {name}")
 
     async def _internal_job(self, kind: str, name: str) -> None:
@@ -3071,11 +3833,11 @@ class Broker:
                 reason = (
                     describe(e.__cause__) if e.__cause__ else f"no answer within {consumer.timeout_s:g} s"
                 )
-                self.consumers.mark_unhealthy(consumer.name, reason)
+                self.consumers.job_failed(consumer.name, e.__cause__, reason)
             raise
         except UpstreamBroke as e:
             ex.error = e.error
-            self.consumers.mark_unhealthy(consumer.name, f"{describe(e.__cause__)} mid-answer")
+            self.consumers.job_failed(consumer.name, e.__cause__, f"{describe(e.__cause__)} mid-answer")
             log.warning(logfmt(msg="answer cut short", consumer=consumer.name, error=e.error.message))
         except ConnectionResetError:
             ex.client_gone = True
@@ -3191,7 +3953,7 @@ async def handle_admin_consumer(request: web.Request) -> web.Response:
     body = {
         "consumer": name,
         "action": action,
-        "loaded": broker.consumers.states[name].loaded,
+        "loaded": broker.consumers.states[name].resident,
         "evictions": job.evictions,
     }
     return web.json_response(body)
@@ -3246,7 +4008,7 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
     route(broker.config, kind)  # refuse early what cannot be served ...
     body = await read_body(request, broker.config.scheduler.max_body_mib)
     name = route(broker.config, kind)  # ... and route for real after the body: a reload may have come
-    broker.check_reachable(name)
+    await broker.check_reachable(name)
     scheduler = broker.scheduler_for(name)
     headers = request_headers(request, strip_auth=broker.config.auth.token is not None)  # before waiting
     job = await scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
@@ -3329,10 +4091,12 @@ def _end_job(
     finally:
         if hold is None:
             ex.close()
+        failed = ex.error is not None or outcome == "failed"
         granted = scheduler.finish(
             job,
-            "failed" if ex.error is not None else outcome,
-            code=ex.error.code if ex.error is not None else None,
+            "failed" if failed else outcome,
+            # Failed without a broker error: a bug raised in the handler (front_door logs and counts it).
+            code=ex.error.code if ex.error is not None else "scheduler_error" if failed else None,
             status=status,
             # A hold means the consumer took the work even if the client left mid-answer.
             success=answered and (ex.done or hold is not None),
@@ -3353,7 +4117,7 @@ def _hold_after(
     upstream, captured = ex.upstream, ex.captured
     if ex.done:
         ex.close()
-        return hold_poller(broker.session, consumer, hold, bytes(captured), scheduler.stats)
+        return hold_poller(broker.session, consumer, hold, bytes(captured), scheduler.recorder)
 
     async def read_rest_then_poll() -> None:
         try:
@@ -3362,12 +4126,14 @@ def _hold_after(
                     captured.extend(chunk)
             ex.done = True
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            scheduler.stats.hold_poll_errors += 1
+            scheduler.recorder.record(
+                "hold_poll_failed", logging.WARNING, consumer=consumer.name, error=describe(e)
+            )
             log.warning(logfmt(msg="no hold: answer cut short", consumer=consumer.name, error=describe(e)))
             return
         finally:
             ex.close()
-        poll = hold_poller(broker.session, consumer, hold, bytes(captured), scheduler.stats)
+        poll = hold_poller(broker.session, consumer, hold, bytes(captured), scheduler.recorder)
         if poll is not None:
             await poll()
 
@@ -3381,7 +4147,7 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
     if name is None:
         raise BrokerError("no_consumer", "no audio_proxy consumer is configured")
     path = audio_upstream_path(request.raw_path)
-    broker.check_reachable(name)
+    await broker.check_reachable(name)
     ex = Exchange()
     try:
         return await broker.forward(request, ex, broker.config.consumers[name], request.method, path, None)
@@ -3409,7 +4175,7 @@ async def handle_mount(request: web.Request) -> web.StreamResponse:
     consumer = broker.config.consumers.get(name)  # a reload may have come while the body was read
     if consumer is None:
         raise BrokerError("no_consumer", f"{name} is no longer configured", name)
-    broker.check_reachable(name)
+    await broker.check_reachable(name)
     kind, _ = mount_job_path(consumer, method, decoded)
     if kind == MOUNT_KIND and (
         method in UNSCHEDULED_METHODS or any(u.matches(method, decoded) for u in consumer.unscheduled)
@@ -3453,7 +4219,7 @@ async def proxy_websocket(
     client = web.WebSocketResponse(max_msg_size=0, heartbeat=WEBSOCKET_HEARTBEAT_S)
     if not client.can_prepare(request).ok:  # not a valid upgrade: the consumer is never bothered
         raise BrokerError("bad_request", "not a valid WebSocket upgrade request", consumer.name)
-    broker.check_reachable(consumer.name)
+    await broker.check_reachable(consumer.name)
     metrics = broker.scheduler_for(consumer.name).metrics
     headers = request_headers(request, strip_auth=broker.config.auth.token is not None)
     max_size = broker.config.scheduler.max_body_mib * MiB
@@ -3465,7 +4231,7 @@ async def proxy_websocket(
         metrics.inc("mgpumanager_websocket_failures_total", consumer=consumer.name)
         log.warning(logfmt(msg="websocket refused", consumer=consumer.name, error=e.message))
         if e.code == "consumer_unreachable" and not isinstance(e.__cause__, aiohttp.WSServerHandshakeError):
-            broker.consumers.mark_unhealthy(consumer.name, describe(e.__cause__ or e))
+            broker.consumers.job_failed(consumer.name, e.__cause__, describe(e.__cause__ or e))
         raise
     try:
         client = web.WebSocketResponse(
@@ -3497,10 +4263,12 @@ async def _close_websockets(app: web.Application) -> None:
         log.info(logfmt(msg="shutting down: closing websockets", websockets=len(sockets)))
 
 
-async def _gpu_status(reader: GpuReader) -> dict[str, Any]:
-    """One GPU for /v1/status, read at most once per STATUS_MAX_AGE_S however often it is asked."""
+async def _gpu_status(reader: GpuReader, consumers: Consumers) -> dict[str, Any]:
+    """One GPU for /v1/status, read at most once per STATUS_MAX_AGE_S however often it is asked; each
+    process with the consumer it belongs to (null: nobody claims it)."""
     try:
         r = await reader.read(max_age=STATUS_MAX_AGE_S)
+        owners = consumers.owners()
         return {
             "index": r.index,
             "name": r.name,
@@ -3510,7 +4278,10 @@ async def _gpu_status(reader: GpuReader) -> dict[str, Any]:
             "free_mib": r.free_mib,
             "utilization_pct": r.utilization_pct,
             "temperature_c": r.temperature_c,
-            "processes": [{"pid": p.pid, "name": p.name, "used_mib": p.used_mib} for p in r.processes],
+            "processes": [
+                {"pid": p.pid, "name": p.name, "used_mib": p.used_mib, "consumer": owners.get(p.pid or -1)}
+                for p in r.processes
+            ],
             "read_at": _iso(r.read_at),
             "error": None,
         }
@@ -3528,7 +4299,7 @@ async def handle_status(request: web.Request) -> web.Response:
     broker = request.app[BROKER]
     cfg = broker.config
     indexes = sorted(broker.schedulers)
-    readings = await asyncio.gather(*(_gpu_status(broker.gpus[i]) for i in indexes))
+    readings = await asyncio.gather(*(_gpu_status(broker.gpus[i], broker.consumers) for i in indexes))
     gpus = []
     internal_errors = broker.internal_errors()
     for index, reading in zip(indexes, readings, strict=True):
@@ -3544,7 +4315,9 @@ async def handle_status(request: web.Request) -> web.Response:
             "url": c.url,
             "kinds": list(c.paths),
             "healthy": state.healthy,
-            "loaded": state.loaded,
+            "loaded": state.resident,
+            "vram_used_mib": state.used_mib,
+            "vram_peak_mib": state.peak_mib,
             "last_probe": _iso(state.last_probe),
             "last_error": state.last_error,
             "last_used": _iso(state.last_used_at),
@@ -3582,7 +4355,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
         gauges.append(("mgpumanager_running_jobs", (("gpu", str(index)),), s.running))
     for name in broker.config.consumers:
         state = broker.consumers.states[name]
-        for metric, value in (("healthy", state.healthy), ("resident", state.loaded)):
+        for metric, value in (("healthy", state.healthy), ("resident", state.resident)):
             gauges.append(
                 (
                     f"mgpumanager_consumer_{metric}",

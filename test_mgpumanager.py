@@ -551,7 +551,7 @@ class FakeGpu:
     async def read_memory(self) -> m.GpuReading:
         return await self._read("memory")
 
-    async def read(self, *, max_age: float = 0.0) -> m.GpuReading:
+    async def read(self, *, max_age: float = 0.0, own: bool = False) -> m.GpuReading:
         return await self._read("whole")
 
     async def _read(self, what: str) -> m.GpuReading:
@@ -575,10 +575,13 @@ class FakeGpu:
 class FakeOps:
     """Consumer calls that record themselves and move memory on the FakeGpu."""
 
-    def __init__(self, config: m.Config, gpu: FakeGpu) -> None:
+    def __init__(self, config: m.Config, gpu: FakeGpu, clock: FakeClock | None = None) -> None:
         self.config, self.gpu = config, gpu
-        self.states = {name: m.ConsumerState() for name in config.consumers}
+        self.clock = clock or FakeClock()
+        self.states = {name: m.ConsumerState(name, self.clock) for name in config.consumers}
         self.calls: list[tuple[str, str]] = []
+        #: (name, reason) of every consumer the scheduler reported gone.
+        self.gone_calls: list[tuple[str, str]] = []
         #: name -> "fail" | "hang" | "keep" (answers ok, never frees) | int (frees after that many reads)
         self.unload_behaviour: dict[str, Any] = {}
         self.load_fails: set[str] = set()
@@ -595,6 +598,14 @@ class FakeOps:
             self.gpu.releasing[name] = how
         elif how != "keep":
             self.gpu.held.pop(name, None)
+
+    def gone(self, name: str, reason: str) -> None:
+        self.gone_calls.append((name, reason))
+        self.states[name].seen_down(reason)
+
+    def owners(self) -> dict[int, str]:
+        """pid -> consumer: FakeGpu's processes are numbered from 100 in the order they took memory."""
+        return {100 + i: name for i, name in enumerate(self.gpu.held) if name in self.config.consumers}
 
     async def load(self, name: str) -> None:
         self.calls.append(("load", name))
@@ -633,7 +644,7 @@ def small_config(**tweaks: Any) -> m.Config:
 def make_scheduler(config: m.Config) -> tuple[m.Scheduler, FakeGpu, FakeOps, FakeClock]:
     clock = FakeClock()
     gpu = FakeGpu()
-    ops = FakeOps(config, gpu)
+    ops = FakeOps(config, gpu, clock)
     return m.Scheduler(config, gpu, ops, clock=clock, sleep=clock.sleep), gpu, ops, clock
 
 
@@ -646,15 +657,15 @@ def crowd(gpu: FakeGpu, ops: FakeOps, used: dict[str, float]) -> None:
     """x, y, z resident with 4000 MiB each (free 3904 < t's 4256); ``used`` stamps their last use."""
     for name in ("x", "y", "z"):
         gpu.held[name] = 4000
-        ops.states[name].loaded = True
+        ops.states[name].loaded()
         ops.states[name].last_used = used.get(name)
-    ops.states["t"].loaded = False
+    ops.states["t"].unloaded()
 
 
 async def test_resident_target_reads_no_gpu_and_unloads_nothing():
     s, gpu, ops, _ = make_scheduler(small_config())
     crowd(gpu, ops, {})
-    ops.states["t"].loaded = True
+    ops.states["t"].loaded()
     job = await s.acquire("t", "kt")
     assert gpu.reads == [] and ops.calls == []
     s.finish(job, "completed", status=200, success=True)
@@ -667,7 +678,7 @@ async def test_lru_victim_is_unloaded_then_target_loaded():
     job = await s.acquire("t", "kt")
     assert ops.calls == [("unload", "y"), ("load", "t")]
     assert (s.stats.evictions, s.stats.loads, job.evictions) == (1, 1, 1)
-    assert ops.states["y"].loaded is False and ops.states["t"].loaded is True
+    assert ops.states["y"].resident is False and ops.states["t"].resident is True
     s.finish(job, "completed", status=200, success=True)
     assert ops.states["t"].last_used is not None
 
@@ -701,14 +712,15 @@ async def test_a_target_of_unknown_residency_is_unloaded_itself_when_nothing_els
     s, gpu, ops, _ = make_scheduler(small_config(consumers__t__vram_resident_mib=12000))
     gpu.held["t"] = 12000
     for name in ("x", "y", "z"):
-        ops.states[name].loaded = False
+        ops.states[name].unloaded()
     job = await s.acquire("t", "kt")
     assert ops.calls == [("unload", "t"), ("load", "t")] and s.stats.evictions == 1
     s.finish(job, "completed")
     # Known not resident, it is not unloaded again: the job waits for room as usual.
-    ops.states["t"].loaded = False
+    ops.states["t"].unloaded()
     del gpu.held["t"]
-    gpu.held["x"], ops.states["x"].loaded = 8000, True
+    gpu.held["x"] = 8000
+    ops.states["x"].loaded()
     job = await s.acquire("t", "kt")
     assert ops.calls[2:] == [("unload", "x"), ("load", "t")]
     s.finish(job, "completed")
@@ -721,14 +733,14 @@ async def test_failing_unload_moves_on_to_the_next_candidate():
     job = await s.acquire("t", "kt")
     assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
     assert (s.stats.unload_failures, s.stats.evictions) == (1, 1)
-    assert ops.states["x"].loaded is None  # unknown after a failed unload
+    assert ops.states["x"].resident is None  # unknown after a failed unload
     s.finish(job, "completed")
 
 
 async def test_nothing_evictable_is_insufficient_vram_naming_processes_and_reasons():
     cfg = small_config(consumers__x__vram_managed=True, consumers__t__can_coexist_with=["y"])
-    raw_z = cfg.consumers["z"]
-    cfg.consumers["z"] = m.replace(raw_z, unload=None)
+    cfg.consumers["x"] = m.replace(cfg.consumers["x"], unload=None)  # Ollama without its unload
+    cfg.consumers["z"] = m.replace(cfg.consumers["z"], unload=None)
     s, gpu, ops, _ = make_scheduler(cfg)
     crowd(gpu, ops, {})
     with pytest.raises(m.BrokerError) as info:
@@ -738,24 +750,47 @@ async def test_nothing_evictable_is_insufficient_vram_naming_processes_and_reaso
     assert "3904 MiB free, 4256 MiB needed" in e.message
     assert "x (vram_managed)" in e.message and "y (may coexist with t)" in e.message
     assert "z (no unload route)" in e.message
-    assert "pid 100 /usr/bin/x 4000 MiB" in e.message
+    assert "pid 100 /usr/bin/x 4000 MiB (x)" in e.message  # each process with its owner
     assert ops.calls == [] and s.holder is None and s.stats.failed == 1 and books_balance(s)
+
+
+async def test_a_vram_managed_consumer_with_an_unload_goes_last_and_only_if_the_others_are_not_enough():
+    """Ollama (vram_managed) with its unload: evicted only as the last resort, after every other candidate."""
+    cfg = small_config(consumers__x__vram_managed=True)
+    s, gpu, ops, _ = make_scheduler(cfg)
+    crowd(gpu, ops, {"y": 5.0, "z": 6.0})  # x was never used: plain LRU would pick it first
+    job = await s.acquire("t", "kt")
+    assert ops.calls == [("unload", "y"), ("load", "t")]  # y was enough; x kept its models
+    s.finish(job, "completed", success=True)
+    # Now t needs more than y and z together can give: x goes too, and last.
+    cfg2 = small_config(consumers__x__vram_managed=True, consumers__t__vram_resident_mib=12000)
+    s, gpu, ops, _ = make_scheduler(cfg2)
+    crowd(gpu, ops, {"y": 5.0, "z": 6.0})
+    job = await s.acquire("t", "kt")
+    assert ops.calls == [("unload", "y"), ("unload", "z"), ("unload", "x"), ("load", "t")]
+    s.finish(job, "completed", success=True)
 
 
 async def test_a_scheduler_evicts_only_on_its_own_gpu():
     """x and z are resident on GPU 0 and least recently used; t on GPU 1 may only evict y, its neighbour."""
     cfg = small_config(consumers__t__gpu=1, consumers__y__gpu=1)
     clock, gpu1 = FakeClock(), FakeGpu(total=8000)  # GPU 1: y's 4000 leave 3520 < t's 4256
-    ops = FakeOps(cfg, gpu1)
+    ops = FakeOps(cfg, gpu1, clock)
     s1 = m.Scheduler(cfg, gpu1, ops, clock=clock, sleep=clock.sleep, index=1)
     gpu1.held["y"] = 4000
     for name, last in (("x", 1.0), ("y", 5.0), ("z", 2.0)):
-        ops.states[name].loaded, ops.states[name].last_used = True, last
-    ops.states["t"].loaded = False
-    assert s1.victims(cfg.consumers["t"], set()) == (["y"], {})  # x and z are not even considered
+        ops.states[name].loaded()
+        ops.states[name].last_used = last
+    ops.states["t"].unloaded()
+    reading = await gpu1.read_memory()
+    job0 = s1._admit("t", "kt")
+    snap = s1._room(job0, reading, {})
+    assert list(snap.consumers) == ["t", "y"]  # x and z are not even considered
+    assert m.plan_room(snap).victims == ("y",)
+    s1._end(job0, "cancelled")
     job = await s1.acquire("t", "kt")
     assert ops.calls == [("unload", "y"), ("load", "t")] and job.evictions == 1
-    assert ops.states["x"].loaded is True and ops.states["z"].loaded is True
+    assert ops.states["x"].resident is True and ops.states["z"].resident is True
     s1.finish(job, "completed", success=True)
     # A job for a consumer of GPU 0 is not this scheduler's to run.
     with pytest.raises(m.BrokerError, match="x runs on GPU 0 now") as info:
@@ -853,12 +888,12 @@ async def test_gpu_error_is_gpu_unavailable():
 
 async def test_failing_load_is_load_failed_and_state_unknown():
     s, _, ops, _ = make_scheduler(small_config())
-    ops.states["t"].loaded = False
+    ops.states["t"].unloaded()
     ops.load_fails.add("t")
     with pytest.raises(m.BrokerError) as info:
         await s.acquire("t", "kt")
     assert (info.value.code, info.value.status) == ("load_failed", 502)
-    assert ops.states["t"].loaded is None and s.holder is None and s.stats.failed == 1
+    assert ops.states["t"].resident is None and s.holder is None and s.stats.failed == 1
 
 
 async def test_target_of_unknown_state_without_pressure_is_not_loaded():
@@ -866,7 +901,7 @@ async def test_target_of_unknown_state_without_pressure_is_not_loaded():
     job = await s.acquire("t", "kt")  # unknown residency, plenty of room: cold start on first request
     assert ops.calls == [] and gpu.reads == ["memory"]
     s.finish(job, "completed", status=200, success=True)
-    assert ops.states["t"].loaded is True
+    assert ops.states["t"].resident is True
 
 
 async def _queued(s: m.Scheduler, consumer: str) -> asyncio.Task[m.Job]:
@@ -895,7 +930,7 @@ async def test_grant_order_is_effective_priority_then_arrival():
     cfg = small_config(consumers__x__priority=1, consumers__y__priority=3, consumers__z__priority=3)
     s, _, ops, clock = make_scheduler(cfg)
     for name in ops.states:
-        ops.states[name].loaded = True
+        ops.states[name].loaded()
     first = await s.acquire("t", "kt")
     x = await _queued(s, "x")
     clock.now += 1
@@ -912,7 +947,7 @@ async def test_aging_raises_a_waiting_jobs_priority():
     cfg = small_config(consumers__x__priority=1, consumers__y__priority=3)
     s, _, ops, clock = make_scheduler(cfg)
     for name in ops.states:
-        ops.states[name].loaded = True
+        ops.states[name].loaded()
     first = await s.acquire("t", "kt")
     x = await _queued(s, "x")  # priority 1
     clock.now += 130  # two aging steps: x is at 3 now
@@ -924,7 +959,7 @@ async def test_aging_raises_a_waiting_jobs_priority():
 
 async def test_aging_stops_at_priority_4():
     s, _, ops, clock = make_scheduler(small_config(consumers__x__priority=1))
-    ops.states["t"].loaded = True
+    ops.states["t"].loaded()
     first = await s.acquire("t", "kt")
     x = await _queued(s, "x")
     clock.now += 3600
@@ -936,7 +971,7 @@ async def test_aging_stops_at_priority_4():
 async def test_a_known_unloaded_consumer_is_never_a_victim():
     s, gpu, ops, _ = make_scheduler(small_config())
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
-    ops.states["x"].loaded = False  # the broker unloaded it; its memory is something else's now
+    ops.states["x"].unloaded()  # the broker unloaded it; its memory is something else's now
     job = await s.acquire("t", "kt")
     assert ops.calls[0] == ("unload", "y")
     s.finish(job, "completed")
@@ -947,7 +982,7 @@ async def test_a_holder_job_joins_as_soon_as_the_job_that_kept_it_out_leaves(lea
     cfg = small_config(consumers__t__max_concurrency=2, scheduler__queue_timeout_s=0.2)
     s, _, ops, _ = make_scheduler(cfg)
     for name in ops.states:
-        ops.states[name].loaded = True
+        ops.states[name].loaded()
     a = await s.acquire("t", "kt")
     x = await _queued(s, "x")  # same priority as t: t may not join while x waits
     c = await _queued(s, "t")
@@ -964,7 +999,7 @@ async def test_a_holder_job_joins_as_soon_as_the_job_that_kept_it_out_leaves(lea
 
 async def test_queue_full_rejects_beyond_max_queue():
     s, _, ops, _ = make_scheduler(small_config(scheduler__max_queue=2))
-    ops.states["t"].loaded = True
+    ops.states["t"].loaded()
     first = await s.acquire("t", "kt")
     waiting = [await _queued(s, "t"), await _queued(s, "t")]
     with pytest.raises(m.BrokerError) as info:
@@ -978,7 +1013,7 @@ async def test_queue_full_rejects_beyond_max_queue():
 
 async def test_queue_timeout_answers_a_job_that_waited_too_long():
     s, _, ops, _ = make_scheduler(small_config(scheduler__queue_timeout_s=0.05))
-    ops.states["t"].loaded = True
+    ops.states["t"].loaded()
     first = await s.acquire("t", "kt")
     with pytest.raises(m.BrokerError) as info:
         await s.acquire("t", "kt")
@@ -990,7 +1025,7 @@ async def test_queue_timeout_answers_a_job_that_waited_too_long():
 async def test_cancelled_waiter_leaves_no_trace_and_the_lock_passes_on():
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
-        ops.states[name].loaded = True
+        ops.states[name].loaded()
     first = await s.acquire("t", "kt")
     x = await _queued(s, "x")
     y = await _queued(s, "y")
@@ -1006,7 +1041,7 @@ async def test_cancelled_waiter_leaves_no_trace_and_the_lock_passes_on():
 async def test_waiter_cancelled_while_being_granted_passes_the_grant_on():
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
-        ops.states[name].loaded = True
+        ops.states[name].loaded()
     first = await s.acquire("t", "kt")
     x = await _queued(s, "x")
     y = await _queued(s, "y")
@@ -1018,22 +1053,36 @@ async def test_waiter_cancelled_while_being_granted_passes_the_grant_on():
     s.finish(job, "completed")
 
 
-async def test_cancel_during_unload_leaves_the_victim_unknown_and_the_lock_free():
-    s, gpu, ops, _ = make_scheduler(small_config())
+async def test_a_client_leaving_during_an_eviction_does_not_cut_the_unload():
+    """Making room belongs to the scheduler: the victim's unload runs to its end, then the job ends
+    cancelled (nothing more is unloaded or loaded for it), and the victim's state is what the unload did."""
+    s, gpu, ops, _ = make_scheduler(small_config(consumers__t__vram_resident_mib=9000))
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
-    ops.unload_behaviour["x"] = "hang"
+    gate = asyncio.Event()
+    real_unload = ops.unload
+
+    async def slow_unload(name: str) -> None:
+        await gate.wait()
+        await real_unload(name)
+
+    ops.unload = slow_unload  # type: ignore[method-assign]
     task = await _queued(s, "t")
-    assert ops.calls == [("unload", "x")]
-    task.cancel()
+    task.cancel()  # the client leaves while x is being unloaded
     await asyncio.gather(task, return_exceptions=True)
-    assert ops.states["x"].loaded is None and ops.states["t"].loaded is False
-    assert s.holder is None and s.stats.cancelled == 1 and books_balance(s)
+    assert task.cancelled() and s.holder == "t" and s.stats.cancelled == 0  # the unload runs on
+    waiter = await _queued(s, "y")
+    gate.set()
+    await until(lambda: waiter.done())
+    assert ops.calls == [("unload", "x")] and ops.states["x"].resident is False  # y, z stay; t not loaded
+    assert s.stats.cancelled == 1 and s.stats.evictions == 1 and ops.states["t"].resident is False
+    s.finish(waiter.result(), "completed")
+    assert s.holder is None and books_balance(s)
 
 
 async def test_max_concurrency_lets_the_holder_join_but_never_another_consumer():
     s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=2))
     for name in ops.states:
-        ops.states[name].loaded = True
+        ops.states[name].loaded()
     a = await s.acquire("t", "kt")
     b = await s.acquire("t", "kt")  # joins: nobody else waits
     assert (s.holder, s.running) == ("t", 2)
@@ -1052,7 +1101,7 @@ async def test_max_concurrency_lets_the_holder_join_but_never_another_consumer()
 async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
-        ops.states[name].loaded = True
+        ops.states[name].loaded()
     job = await s.acquire("t", "kt")
     release = asyncio.Event()
     s.finish(job, "completed", status=200, success=True, hold=release.wait, hold_timeout_s=30)
@@ -1437,12 +1486,12 @@ async def test_streaming_first_line_arrives_before_the_last_is_produced(rig):
 
 async def test_consumer_error_status_passes_through_unchanged(rig):
     r = await rig(sims={"mvoice": {"loaded": True}})
-    r.broker.consumers.states["mvoice"].loaded = None  # as after a failed unload
+    r.broker.consumers.states["mvoice"].unload_failed()  # as after a failed unload
     r.sims["mvoice"].faults["status"] = 422
     status, headers, body = await r.post("tts", {"text": "x"})
     assert status == 422 and json.loads(body) == {"error": "simulated"}
     # An error answer proves nothing about residency and is no "use".
-    assert r.broker.consumers.states["mvoice"].loaded is None
+    assert r.broker.consumers.states["mvoice"].resident is None
     assert r.broker.consumers.states["mvoice"].last_used is None
     assert headers["Content-Type"].startswith("application/json")
     assert r.stats.completed == 1 and r.stats.failed == 0
@@ -1599,15 +1648,49 @@ async def test_unreachable_consumer_is_refused_at_once_and_served_again_after_a_
 async def test_health_loaded_reports_residency_but_the_brokers_own_record_wins_until_the_next_probe(rig):
     r = await rig(sims={"mvoice": {"loaded": True}})
     states = r.broker.consumers.states
-    assert states["mvoice"].loaded is True  # from /health's "loaded"
-    assert states["comfyui"].loaded is None  # its health has no such field
-    # The broker's own record, made after a probe started, is not overwritten by that probe.
-    states["mvoice"].loaded, states["mvoice"].record_at = False, time.monotonic() + 3600
-    await r.broker.consumers.probe("mvoice")
-    assert states["mvoice"].loaded is False
-    states["mvoice"].record_at = time.monotonic()
+    assert states["mvoice"].resident is True  # from /health's "loaded"
+    assert states["comfyui"].resident is None  # its health has no such field
+    # The broker's own record, made while a probe was on its way, is not overwritten by that probe.
+    probe = asyncio.ensure_future(r.broker.consumers.probe("mvoice"))
+    await asyncio.sleep(0)  # the probe has started
+    states["mvoice"].unloaded()
+    await probe
+    assert states["mvoice"].resident is False
     await r.broker.consumers.probe("mvoice")  # a probe started after the record wins
-    assert states["mvoice"].loaded is True
+    assert states["mvoice"].resident is True
+
+
+def test_observations_override_the_brokers_record_only_when_they_started_after_it():
+    clock = FakeClock()
+    state = m.ConsumerState("x", clock)
+    started = clock.now
+    clock.now += 1
+    state.unloaded()  # the broker's record, made while the probe was on its way
+    state.probed(True, None, "consumer_unreachable", started, reported=True)
+    assert state.resident is False and state.healthy is True
+    state.measured(4000, frozenset({7}), True, started)  # a reading that started before it: no more
+    assert state.resident is False and state.used_mib == 4000 and state.peak_mib == 4000
+    clock.now += 1
+    state.measured(3000, frozenset({7}), True, clock.now)  # one started after it: resident
+    assert state.resident is True and state.peak_mib == 4000 and state.trusted
+    reading_started = clock.now
+    clock.now += 1
+    state.touched("another consumer was granted the GPU")  # after that reading began ...
+    state.measured(3000, frozenset({7}), True, reading_started)
+    assert state.resident is True and not state.trusted  # ... so it does not vouch for it any more
+    # While the broker unloads it, readings change its figures, not its residency.
+    state.unloading()
+    clock.now += 1
+    state.measured(3000, frozenset({7}), True, clock.now)
+    assert state.resident is None and state.used_mib == 3000
+    state.unloaded()
+    assert state.resident is False
+    # A job on one of its paths that answered 2xx: resident, trusted, used now.
+    state.served()
+    assert (state.resident, state.trusted, state.last_used) == (True, True, clock.now)
+    assert state.known_resident()
+    state.touched("another consumer was granted the GPU")
+    assert state.resident is True and not state.known_resident()
 
 
 async def test_connection_refused_during_a_job_is_consumer_unreachable(rig):
@@ -1668,7 +1751,7 @@ async def test_gpu_unavailable_when_nvidia_smi_fails_but_the_broker_serves(rig, 
     assert "cannot run" in error_of(status, headers, body, "gpu_unavailable")["message"]
     st = await r.status()
     assert st["gpu"]["error"].startswith("cannot run") and st["gpu"]["free_mib"] is None
-    r.broker.consumers.states["mvoice"].loaded = True  # a resident target needs no reading
+    r.broker.consumers.states["mvoice"].loaded()  # a resident target needs no reading
     assert (await r.post("tts", {"text": "x"}))[0] == 200
     async with r.session.get(r.url("/healthz")) as resp:
         assert resp.status == 200 and await resp.text() == "ok\n"
@@ -1743,7 +1826,14 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
     assert gpu["total_mib"] == 16384 and gpu["used_mib"] == 13000 and gpu["free_mib"] == 16384 - 480 - 13000
     assert (
         gpu["processes"]
-        == [{"pid": mgpusim.fake_pid("mgpusim-comfyui"), "name": "mgpusim-comfyui", "used_mib": 13000}]
+        == [
+            {
+                "pid": mgpusim.fake_pid("mgpusim-comfyui"),
+                "name": "mgpusim-comfyui",
+                "used_mib": 13000,
+                "consumer": None,  # nobody claims it: comfyui has no `processes` here
+            }
+        ]
         or gpu["processes"][0]["used_mib"] == 13000
     )
     assert gpu["error"] is None and gpu["read_at"].endswith("Z")
@@ -1757,11 +1847,14 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
         "last_error",
         "last_used",
         "vram_resident_mib",
+        "vram_used_mib",
+        "vram_peak_mib",
         "vram_managed",
         "priority",
         "can_coexist_with",
         "gpu",
     }
+    assert mv["vram_used_mib"] is None and mv["vram_peak_mib"] is None  # no `processes`: not measured
     assert (
         mv["kinds"] == ["tts", "stt"]
         and mv["healthy"] is True
@@ -2385,10 +2478,11 @@ async def test_mount_unscheduled_calls_match_decoded_paths_and_respect_known_fai
     async with r.session.post(r.url("/c/ollama/api/%73how"), json={"model": "sim"}) as resp:
         assert resp.status == 200  # /api/show, as ollama will read it: unscheduled
     assert r.stats.jobs == 0 and r.sims["ollama"].records[-1].path == "/api/show"
-    r.broker.consumers.mark_unhealthy("ollama", "connection refused")
+    r.sims["ollama"].faults["health_status"] = 503  # down for good: the probe on demand finds it so
+    r.broker.consumers.gone("ollama", "connection refused")
     async with r.session.get(r.url("/c/ollama/api/tags")) as resp:
         data = error_of(resp.status, dict(resp.headers), await resp.read(), "consumer_unreachable")
-    assert "last probe failed: connection refused" in data["message"]
+    assert "last probe failed: health answered 503" in data["message"]
     assert len(r.sims["ollama"].records) == 1 and r.stats.jobs == 0
 
 
@@ -2479,28 +2573,46 @@ class CheckedScheduler(m.Scheduler):
         self.granted: dict[int, m.Job] = {}
         #: The target the scheduler chose to unload itself (its residency unknown, nothing else left).
         self.resetting: str | None = None
+        #: Job id -> the consumers unloaded (or tried) for it.
+        self.tried: dict[int, set[str]] = {}
 
-    async def _unload(
-        self, job: m.Job, victim: str, *, evicting: bool = True, by: str = "admin"
-    ) -> str | None:
+    async def _unload(self, job: m.Job, victim: str, *, by: str | None = None) -> str | None:
         violations = self.ops.violations  # type: ignore[attr-defined]
         if job.kind == "preload":
             violations.append(f"a preload of {job.consumer} unloaded {victim}")
         if by == "idle" and not (
             self.holder == victim == job.consumer
             and self.exclusive
-            and self.states[victim].loaded is True
+            and self.states[victim].resident is True
             and self.clock() >= (self.idle_deadline(victim) or math.inf)
             and not any(j.consumer == victim for j in self._waiting)
         ):
             violations.append(f"idle unload of {victim} while not idle, not resident or wanted")
-        return await super()._unload(job, victim, evicting=evicting, by=by)
-
-    def _may_hold_itself(self, target: m.ConsumerConfig, tried: set[str]) -> bool:
-        allowed = super()._may_hold_itself(target, tried)
-        if allowed:
-            self.resetting = target.name
-        return allowed
+        if by is None and victim != job.consumer and self.config.consumers[victim].vram_managed:
+            # Ollama goes last: only once no other candidate is left for this job.
+            cfg, target = self.config, self.config.consumers[job.consumer]
+            left = [
+                n
+                for n, c in cfg.consumers.items()
+                if n not in (victim, job.consumer)
+                and not c.vram_managed
+                and c.unload is not None
+                and n not in target.can_coexist_with
+                and self.states[n].jobs == 0
+                and self.states[n].resident is not False
+                and n not in self.tried.get(job.id, ())
+            ]
+            if left:
+                violations.append(f"vram_managed {victim} unloaded for {job} while {left} could go")
+        self.tried.setdefault(job.id, set()).add(victim)
+        if by is None and victim == job.consumer:
+            # The documented last resort: a target whose residency is in doubt unloaded to find out
+            # whether it is what fills the GPU.
+            state = self.states[victim]
+            if state.resident is False or state.known_resident():
+                violations.append(f"{victim} unloaded itself although its residency is known")
+            self.resetting = victim
+        return await super()._unload(job, victim, by=by)
 
     def _dispatch(self) -> bool:
         now = self.clock()
@@ -2583,7 +2695,6 @@ class CheckingOps(FakeOps):
             return
         if (
             name == target
-            or victim.vram_managed
             or victim.unload is None
             or target is None
             or name in cfg.consumers[target].can_coexist_with
@@ -2603,10 +2714,10 @@ class InvariantDriver:
         self.config = invariant_config()
         self.clock = FakeClock()
         self.gpu = FakeGpu(total=11000)  # tight: most targets need an eviction
-        self.ops = CheckingOps(self.config, self.gpu)
-        for name in ("b", "d", "e"):  # resident from the start, never used
+        self.ops = CheckingOps(self.config, self.gpu, self.clock)
+        for name in ("b", "d", "e"):  # resident from the start (a probe said so), never used
             self.gpu.held[name] = self.config.consumers[name].vram_resident_mib
-            self.ops.states[name].set_loaded(True, self.clock.now, record=False)
+            self.ops.states[name].probed(True, None, "consumer_unreachable", self.clock.now, True)
         self.s = CheckedScheduler(self.config, self.gpu, self.ops, clock=self.clock, sleep=self.clock.sleep)
         self.ops.scheduler, self.ops.violations = self.s, []
         self.tasks: list[asyncio.Task[m.Job]] = []
@@ -2708,7 +2819,7 @@ class InvariantDriver:
         for name, state in self.ops.states.items():
             if name != s.holder and state.jobs != 0:
                 raise InvariantBroken(f"{name} has {state.jobs} jobs but does not hold the lock")
-            if state.loaded is True and name not in self.gpu.held:
+            if state.resident is True and name not in self.gpu.held:
                 raise InvariantBroken(f"{name} is recorded resident but holds no memory")
         running = [j for i, j in s.granted.items() if i not in s.ended]
         if s.slots != len(running) + s.holds:
@@ -2732,12 +2843,16 @@ class InvariantDriver:
             # granted task running again: the races a real event loop produces.
             await self.apply(op)
             self.check()
-        # Wind down: every hold released, every waiter cancelled, every granted job finished.
-        for _ in range(50):
+        # Wind down: every hold released, every waiter cancelled, every granted job finished, and every
+        # unload or load still running on for a job whose caller left ends (at its timeout, in life).
+        for round_ in range(50):
             for e in self.holds:
                 e.set()
             for t in self.tasks + self.admin:
                 if not t.done():
+                    t.cancel()
+            if round_ > 0:
+                for t in list(self.s._tasks):
                     t.cancel()
             for job in self.granted_unfinished():
                 self.finished.add(job.id)
@@ -2844,7 +2959,7 @@ async def test_a_probe_timing_out_while_the_consumer_works_does_not_mark_it_unhe
         app = m.create_app(m.parse_config(raw))
         async with TestServer(app, host="127.0.0.1", port=0) as server, aiohttp.ClientSession() as session:
             broker = app[m.BROKER]
-            broker.consumers.states["whisper"].loaded = True
+            broker.consumers.states["whisper"].loaded()
             async with session.post(server.make_url("/v1/stt"), data=b"x") as resp:
                 assert resp.status == 200
             assert broker.consumers.states["whisper"].healthy is True
@@ -2869,7 +2984,7 @@ async def test_a_probe_older_than_a_job_failure_does_not_heal_the_consumer(rig):
         consumers.config.consumers["whisper"] = m.replace(r.config.consumers["whisper"], url=stand_in.url)
         probe = asyncio.ensure_future(consumers.probe("whisper"))
         await asyncio.sleep(0.05)
-        consumers.mark_unhealthy("whisper", "connection reset")  # a job failed meanwhile
+        consumers.job_failed("whisper", ConnectionResetError(), "connection reset")  # a job failed meanwhile
         gate.set()
         await probe
         assert consumers.states["whisper"].healthy is False
@@ -2946,7 +3061,7 @@ async def test_a_client_leaving_mid_answer_still_starts_the_hold(rig):
         )
         rendered.set()
         await until(lambda: r.broker.scheduler.holder is None)
-        assert r.broker.consumers.states["comfyui"].loaded is True
+        assert r.broker.consumers.states["comfyui"].resident is True
 
 
 async def test_hold_poll_errors_are_retried_and_counted(rig):
@@ -3116,7 +3231,7 @@ async def test_admin_unload_and_load_go_through_the_lock(rig):
     assert r.sims["mvoice"].unloads == 1 and r.stats.admin_unloads == 1 and r.stats.evictions == 0
     # Warm-up: comfyui fills the GPU, so loading mvoice evicts it first.
     await r.sims["comfyui"].do_load()
-    r.broker.consumers.states["comfyui"].loaded = True
+    r.broker.consumers.states["comfyui"].loaded()
     async with r.session.post(r.url("/v1/consumers/mvoice/load")) as resp:
         assert resp.status == 200
         assert await resp.json() == {"consumer": "mvoice", "action": "load", "loaded": True, "evictions": 1}
@@ -3137,16 +3252,27 @@ async def test_admin_unload_and_load_go_through_the_lock(rig):
 async def test_an_admin_operation_holds_the_lock_alone():
     s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=3))
     for name in ops.states:
-        ops.states[name].loaded = True
-    ops.unload_behaviour["t"] = "hang"
+        ops.states[name].loaded()
+    gate = asyncio.Event()
+    real_unload = ops.unload
+
+    async def slow_unload(name: str) -> None:
+        await gate.wait()
+        await real_unload(name)
+
+    ops.unload = slow_unload  # type: ignore[method-assign]
     unload = asyncio.ensure_future(s.unload_now("t"))
     await asyncio.sleep(0)
     t = await _queued(s, "t")
     assert s.holder == "t" and s.exclusive and s.slots == 1 and not t.done()  # no job of t joins
-    unload.cancel()
+    unload.cancel()  # the admin's client leaves: the unload it asked for still runs to its end
     await asyncio.gather(unload, return_exceptions=True)
+    await asyncio.sleep(0)
+    assert s.holder == "t" and s.exclusive and not t.done()
+    gate.set()
     job = await asyncio.wait_for(t, 5)
-    assert ops.states["t"].loaded is None  # interrupted unload: unknown
+    assert ops.calls == [("unload", "t"), ("load", "t")]  # the unload ran whole; t's job then loads it
+    assert s.stats.admin_unloads == 1 and s.stats.cancelled == 1
     s.finish(job, "completed")
     assert books_balance(s)
 
@@ -3381,7 +3507,7 @@ async def test_reload_applies_in_place_keeping_jobs_and_what_the_broker_knows(ri
         queued_image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
         await until(lambda: len(r.broker.scheduler.queue()) == 2)
 
-        r.broker.consumers.mark_unhealthy("whisper", "connection refused")
+        r.broker.consumers.gone("whisper", "connection refused")
         raw = copy.deepcopy(r.raw)
         del raw["consumers"]["comfyui"], raw["routing"]["image"]
         raw["scheduler"]["max_queue"] = 1
@@ -3394,7 +3520,7 @@ async def test_reload_applies_in_place_keeping_jobs_and_what_the_broker_knows(ri
         status, headers, body = await queued_image
         assert error_of(status, headers, body, "no_consumer")["consumer"] == "comfyui"
         assert not queued_tts.done() and not running.done()  # kept, in place
-        assert mvoice.last_used == last_used and mvoice.loaded is True  # unchanged: state kept
+        assert mvoice.last_used == last_used and mvoice.resident is True  # unchanged: state kept
         assert r.broker.consumers.states["whisper"].healthy is False  # health kept too
         error_of(*await r.post("image", {"prompt": {}}), "no_consumer")  # no route for it any more
         status, headers, body = await r.post("stt", None, data=b"x")  # the new max_queue applies at once
@@ -3567,8 +3693,8 @@ def test_command_routes_parse_and_show_in_the_summary():
 async def test_idle_unload_waits_for_idle_unload_s_since_the_last_use_then_unloads_counted():
     s, gpu, ops, clock = make_scheduler(small_config(consumers__x__idle_unload_s=10))
     crowd(gpu, ops, {})
-    ops.states["x"].loaded = None
-    ops.states["x"].set_loaded(True, clock.now, record=False)  # a probe finds it resident; never used
+    ops.states["x"].unload_failed()
+    ops.states["x"].probed(True, None, "consumer_unreachable", clock.now, True)  # resident; never used
     assert s.idle_deadline("x") == clock.now + 10 and s.idle_deadline("y") is None
     clock.now += 9
     assert await s.idle_unload("x") is None and ops.calls == []  # not due yet
@@ -3580,7 +3706,7 @@ async def test_idle_unload_waits_for_idle_unload_s_since_the_last_use_then_unloa
     clock.now += 10
     done = await s.idle_unload("x")
     assert done is not None and done.kind == "idle_unload" and done.priority == 0
-    assert ops.calls == [("unload", "x")] and ops.states["x"].loaded is False and "x" not in gpu.held
+    assert ops.calls == [("unload", "x")] and ops.states["x"].resident is False and "x" not in gpu.held
     assert (s.stats.idle_unloads, s.stats.admin_unloads, s.stats.evictions) == (1, 0, 0)
     assert 'mgpumanager_idle_unloads_total{consumer="x"} 1' in s.metrics.render([])
     assert s.idle_deadline("x") is None and await s.idle_unload("x") is None  # not resident: nothing due
@@ -3590,7 +3716,7 @@ async def test_idle_unload_waits_for_idle_unload_s_since_the_last_use_then_unloa
 async def test_a_job_queued_while_the_idle_unload_waits_goes_first_and_cancels_it():
     s, gpu, ops, clock = make_scheduler(small_config(consumers__x__idle_unload_s=10))
     crowd(gpu, ops, {"x": clock.now})
-    ops.states["t"].loaded = True
+    ops.states["t"].loaded()
     clock.now += 11
     running = await s.acquire("t", "kt")  # the lock is busy: the idle unload has to queue
     idle = asyncio.ensure_future(s.idle_unload("x"))
@@ -3605,7 +3731,7 @@ async def test_a_job_queued_while_the_idle_unload_waits_goes_first_and_cancels_i
     s.finish(job, "completed", status=200, success=True)
     skipped = await asyncio.wait_for(idle, 5)
     assert skipped is not None and skipped.outcome == "completed"
-    assert ("unload", "x") not in ops.calls and ops.states["x"].loaded is True  # just used: not idle
+    assert ("unload", "x") not in ops.calls and ops.states["x"].resident is True  # just used: not idle
     assert s.stats.idle_unloads == 0 and books_balance(s)
 
 
@@ -3628,7 +3754,7 @@ async def test_a_job_arriving_while_the_idle_unload_runs_waits_and_loads_the_con
     gate.set()
     assert (await asyncio.wait_for(idle, 5)).outcome == "completed"
     job = await asyncio.wait_for(job_for_x, 5)
-    assert ops.calls == [("unload", "x"), ("load", "x")] and ops.states["x"].loaded is True
+    assert ops.calls == [("unload", "x"), ("load", "x")] and ops.states["x"].resident is True
     s.finish(job, "completed", status=200, success=True)
     assert s.stats.idle_unloads == 1 and books_balance(s)
 
@@ -3637,11 +3763,11 @@ async def test_preload_loads_only_what_fits_without_evicting_anything():
     s, gpu, ops, _ = make_scheduler(small_config())
     crowd(gpu, ops, {})  # 3904 MiB free: t's 4000 + 256 do not fit
     assert (await s.preload("t")).outcome == "completed"
-    assert ops.calls == [] and s.stats.preload_skips == 1 and ops.states["t"].loaded is False
+    assert ops.calls == [] and s.stats.preload_skips == 1 and ops.states["t"].resident is False
     gpu.held.pop("z")
-    ops.states["z"].loaded = False
+    ops.states["z"].unloaded()
     await s.preload("t")
-    assert ops.calls == [("load", "t")] and ops.states["t"].loaded is True and gpu.reads[-1] == "memory"
+    assert ops.calls == [("load", "t")] and ops.states["t"].resident is True and gpu.reads[-1] == "memory"
     await s.preload("t")  # resident already: nothing to do
     assert ops.calls == [("load", "t")] and s.stats.loads == 1 and books_balance(s)
 
@@ -3686,7 +3812,7 @@ async def test_preload_at_start_up_and_after_a_reload_never_evicts(rig):
     await r.sims["comfyui"].do_unload()  # the GPU gets free, outside the broker
     async with r.session.post(r.url("/v1/reload")) as resp:
         assert resp.status == 200
-    await until(lambda: r.broker.consumers.states["mvoice"].loaded is True)
+    await until(lambda: r.broker.consumers.states["mvoice"].resident is True)
     assert r.sims["mvoice"].loads == 1 and r.gpu.used_mib("mvoice") == 2800 and r.stats.jobs == 2
     assert [rec.path for rec in r.sims["mvoice"].records] == ["/api/admin/load"]  # no job did it
 
@@ -3719,17 +3845,17 @@ async def test_whisper_is_evicted_by_stopping_its_process_and_started_again_for_
     try:
         # The service is stopped when the broker starts: stopped is "not resident", not "unreachable".
         whisper = r.broker.consumers.states["whisper"]
-        assert whisper.healthy is False and whisper.loaded is False
+        assert whisper.healthy is False and whisper.resident is False
         status, _, body = await r.post("stt", None, data=b"audio")
         assert status == 200 and json.loads(body) == {"text": "simulated transcript"}
         first = int(pidfile.read_text())
         assert mgpusim.alive(first) and r.gpu.used_mib("whisper") == 1500
-        assert whisper.healthy is True and whisper.loaded is True
+        assert whisper.healthy is True and whisper.resident is True
 
         assert (await r.post("image", {"prompt": {}}))[0] == 200  # evicts whisper: its process exits
         assert not mgpusim.alive(first) and r.gpu.used_mib("whisper") == 0 and not pidfile.exists()
         await r.broker.consumers.probe("whisper")  # its health fails now: that changes nothing
-        assert whisper.loaded is False
+        assert whisper.resident is False
         await until(lambda: r.broker.scheduler.holder is None)
 
         status, _, body = await r.post("stt", None, data=b"again")  # evicts comfyui, starts whisper
@@ -3777,7 +3903,7 @@ async def test_a_failing_command_is_unload_failed_or_load_failed_with_its_stderr
     assert expected in data["message"]
     assert expected in caplog.text and f'msg="{action} failed" consumer=whisper' in caplog.text
     assert r.broker.scheduler.holder is None and books_balance(r.broker.scheduler)
-    assert r.broker.consumers.states["whisper"].loaded is None  # unknown after a failed call
+    assert r.broker.consumers.states["whisper"].resident is None  # unknown after a failed call
 
 
 async def test_a_hanging_command_is_killed_at_its_timeout_with_everything_it_started(rig, tmp_path):
@@ -3794,7 +3920,7 @@ async def test_a_hanging_command_is_killed_at_its_timeout_with_everything_it_sta
     assert "did not finish within 0.5 s (killed)" in data["message"]
     started = [int(pid) for pid in pids.read_text().split()]
     assert len(started) == 2 and [pid for pid in started if running(pid)] == []
-    assert r.stats.unload_failures == 1 and r.broker.consumers.states["whisper"].loaded is None
+    assert r.stats.unload_failures == 1 and r.broker.consumers.states["whisper"].resident is None
 
 
 async def test_a_command_that_starts_a_service_returns_at_its_exit_and_leaves_the_service_running():
@@ -3811,10 +3937,10 @@ def test_a_job_that_finds_a_command_started_service_failing_records_it_stopped()
     config = m.parse_config(yaml.safe_load(Path("consumers.yaml").read_text()))
     consumers = m.Consumers(config, session=None)  # type: ignore[arg-type] (no call is made)
     for name in ("whisper", "mvoice"):
-        consumers.states[name].loaded = True
-        consumers.mark_unhealthy(name, "connection reset")
-    assert consumers.states["whisper"].loaded is False  # stopped: the next job starts it again
-    assert consumers.states["mvoice"].loaded is True  # an HTTP service down is just unreachable
+        consumers.states[name].loaded()
+        consumers.gone(name, "connection reset")
+    assert consumers.states["whisper"].resident is False  # stopped: the next job starts it again
+    assert consumers.states["mvoice"].resident is None  # an HTTP service gone: it may be back without it
 
 
 async def test_a_failing_probe_older_than_a_successful_health_wait_is_ignored():
@@ -3823,8 +3949,11 @@ async def test_a_failing_probe_older_than_a_successful_health_wait_is_ignored():
     async with aiohttp.ClientSession() as session:
         consumers = m.Consumers(config, session, clock=clock)
         state = consumers.states["whisper"]
-        state.healthy, state.healthy_at = True, clock.now + 1  # a health wait succeeded after it began
-        await consumers.probe("whisper")  # refused: nothing listens
+        probe = asyncio.ensure_future(consumers.probe("whisper"))  # it starts now ...
+        await asyncio.sleep(0)
+        clock.now += 1
+        state.came_up()  # ... and a health wait succeeds meanwhile
+        await probe  # refused: nothing listens
         assert state.healthy is True and state.last_probe is not None
         clock.now += 2
         await consumers.probe("whisper")  # a probe started since: it counts
@@ -3834,13 +3963,16 @@ async def test_a_failing_probe_older_than_a_successful_health_wait_is_ignored():
 async def test_a_stopped_service_of_unknown_residency_is_started_before_its_job():
     """An unload command that failed half-way leaves residency unknown; failing health says stopped."""
     commands = {"command": ["x"]}
-    s, _, ops, _ = make_scheduler(small_config(consumers__t__load=commands, consumers__t__unload=commands))
+    s, _, ops, clock = make_scheduler(
+        small_config(consumers__t__load=commands, consumers__t__unload=commands)
+    )
     state = ops.states["t"]
-    state.loaded, state.healthy = None, False
+    state.unload_failed()
+    state.probed(False, "connection refused", "consumer_unreachable", clock.now)
     job = await s.acquire("t", "kt")
     assert ops.calls == [("load", "t")]
     s.finish(job, "completed", success=True)
-    state.loaded, state.healthy = None, None  # unknown and never probed: a cold start, no load
+    ops.states["t"] = state = m.ConsumerState("t", clock)  # unknown and never probed: a cold start, no load
     job = await s.acquire("t", "kt")
     assert ops.calls == [("load", "t")]
     s.finish(job, "completed")
@@ -3848,7 +3980,7 @@ async def test_a_stopped_service_of_unknown_residency_is_started_before_its_job(
 
 async def test_a_hold_counts_as_use_for_the_idle_unload():
     s, _, ops, clock = make_scheduler(small_config(consumers__t__idle_unload_s=10))
-    ops.states["t"].loaded = True
+    ops.states["t"].loaded()
     job = await s.acquire("t", "kt")
     release = asyncio.Event()
     s.finish(job, "completed", status=200, success=True, hold=release.wait, hold_timeout_s=600)
@@ -4298,7 +4430,7 @@ async def test_with_a_token_the_page_loads_but_its_data_needs_the_token(rig):
 async def test_an_admin_unload_never_joins_its_consumers_running_job():
     s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=3))
     for name in ops.states:
-        ops.states[name].loaded = True
+        ops.states[name].loaded()
     job = await s.acquire("t", "kt")
     unload = asyncio.ensure_future(s.unload_now("t"))
     for _ in range(10):
@@ -4381,7 +4513,7 @@ async def test_reload_gives_a_consumer_with_a_new_url_a_fresh_state(rig):
     r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     assert r.broker.reload() == ["new url for mvoice"]
     state = r.broker.consumers.states["mvoice"]
-    assert (state.loaded, state.healthy, state.last_used) == (None, None, None)
+    assert (state.resident, state.healthy, state.last_used) == (None, None, None)
 
 
 async def test_a_reload_during_an_upload_is_no_consumer_and_the_books_balance(rig):
