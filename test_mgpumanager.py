@@ -1072,7 +1072,7 @@ async def test_a_client_leaving_during_an_eviction_does_not_cut_the_unload():
     assert task.cancelled() and s.holder == "t" and s.stats.cancelled == 0  # the unload runs on
     waiter = await _queued(s, "y")
     gate.set()
-    await until(lambda: waiter.done())
+    await until(waiter.done)
     assert ops.calls == [("unload", "x")] and ops.states["x"].resident is False  # y, z stay; t not loaded
     assert s.stats.cancelled == 1 and s.stats.evictions == 1 and ops.states["t"].resident is False
     s.finish(waiter.result(), "completed")
