@@ -35,9 +35,12 @@ import time
 # {"gpus": [{"index": 0, "uuid": "GPU-...", "name": "NVIDIA SIM 16GB", "total_mib": 16384,
 #            "reserved_mib": 480, "utilization_pct": 0, "temperature_c": 35, "power_w": 60.5,
 #            "pstate": "P0"}],
-#  "processes": [{"pid": 41001, "name": "mgpusim-mvoice", "used_mib": 2800, "gpu_uuid": "GPU-..."}],
-#  "faults": {"smi": "hang" | "fail" | "garbage", "smi_delay_s": 0.2}}
+#  "processes": [{"pid": 41001, "name": "/opt/mvoice/.venv/bin/python3", "owner": "mvoice",
+#                  "used_mib": 2800, "gpu_uuid": "GPU-..."}],
+#  "faults": {"smi": "hang" | "fail" | "garbage", "smi_delay_s": 0.2},
+#  "ooms": [{"owner": "comfyui", "wanted_mib": 13610, "free_mib": 9000}]}
 # memory.used = the GPU's processes' used_mib summed; memory.free = total - reserved - used (at least 0).
+# "ooms" records every allocation that did not fit (a real service gets CUDA out-of-memory there).
 
 UUID_PREFIX = "GPU-5157a3c0-0000-4000-8000-"
 PROCESS_PREFIX = "mgpusim-"
@@ -311,6 +314,10 @@ def fake_pid(owner: str) -> int:
     return 40000 + zlib.crc32(owner.encode()) % 20000
 
 
+class SimOOM(Exception):
+    """An allocation that does not fit: what a real service meets as CUDA out-of-memory."""
+
+
 class SimGPU:
     """Simulated GPUs kept in a JSON state file that `mgpusim.py nvidia-smi` reads.
 
@@ -385,31 +392,48 @@ class SimGPU:
                 return gpu
         raise ValueError(f"no simulated GPU with index {index}")
 
-    def allocate(self, owner: str, mib: int, gpu: int = 0) -> None:
-        """Make process `mgpusim-<owner>` hold `mib` MiB on GPU `gpu` (replacing what it held before)."""
+    def allocate(
+        self, owner: str, mib: int, gpu: int = 0, *, process: str | None = None, pid: int | None = None
+    ) -> None:
+        """Make the owner's process hold `mib` MiB on GPU `gpu` (replacing what it held before); it is
+        listed as `process` (default `mgpusim-<owner>`) with `pid` (default a fixed one for the owner).
+
+        SimOOM, recorded in the state's "ooms", when that does not fit beside what the others hold."""
         with self.edit() as state:
-            uuid = self._gpu(state, gpu)["uuid"]
-            name = PROCESS_PREFIX + owner
-            for proc in state["processes"]:
-                if proc["name"] == name:
-                    proc.update(used_mib=int(mib), gpu_uuid=uuid)
-                    return
+            entry = self._gpu(state, gpu)
+            uuid = entry["uuid"]
+            mine = [p for p in state["processes"] if p.get("owner", p["name"]) == owner]
+            others = used_mib_on(state, entry) - sum(p["used_mib"] for p in mine if p["gpu_uuid"] == uuid)
+            free = entry["total_mib"] - entry["reserved_mib"] - others
+            if mib > free:
+                state.setdefault("ooms", []).append(
+                    {"owner": owner, "wanted_mib": int(mib), "free_mib": free}
+                )
+                raise SimOOM(f"CUDA out of memory: {owner} wanted {mib} MiB, {free} MiB free")
+            name = process or PROCESS_PREFIX + owner
+            wanted = pid if pid is not None else fake_pid(name)
+            if mine and mine[0]["pid"] == wanted:
+                mine[0].update(used_mib=int(mib), gpu_uuid=uuid, name=name)
+                return
+            state["processes"] = [p for p in state["processes"] if p not in mine]
             taken = {p["pid"] for p in state["processes"]}
-            pid = fake_pid(owner)
-            while pid in taken:
-                pid += 1
-            state["processes"].append({"pid": pid, "name": name, "used_mib": int(mib), "gpu_uuid": uuid})
+            while wanted in taken:
+                wanted += 1
+            entry = {"pid": wanted, "name": name, "owner": owner, "used_mib": int(mib), "gpu_uuid": uuid}
+            state["processes"].append(entry)
 
     def release(self, owner: str) -> None:
         """Remove the owner's process entry (its memory becomes free)."""
-        name = PROCESS_PREFIX + owner
         with self.edit() as state:
-            state["processes"] = [p for p in state["processes"] if p["name"] != name]
+            state["processes"] = [p for p in state["processes"] if p.get("owner", p["name"]) != owner]
 
     def used_mib(self, owner: str) -> int:
         """MiB the owner holds now (0 if none)."""
-        name = PROCESS_PREFIX + owner
-        return sum(p["used_mib"] for p in self.read()["processes"] if p["name"] == name)
+        return sum(p["used_mib"] for p in self.read()["processes"] if p.get("owner", p["name"]) == owner)
+
+    def ooms(self) -> list[dict[str, Any]]:
+        """Every allocation that did not fit so far (a real GPU would have run out of memory)."""
+        return list(self.read().get("ooms", []))
 
     def free_mib(self, gpu: int = 0) -> int:
         """memory.free of GPU `gpu`, as nvidia-smi would report it."""
@@ -440,8 +464,11 @@ class TorchVRAM:
         self._torch = torch
         self._held: dict[str, tuple[int, Any]] = {}  # owner -> (MiB, tensor)
 
-    def allocate(self, owner: str, mib: int, gpu: int = 0) -> None:
-        """Hold `mib` MiB on cuda:`gpu` for the owner (dropping what it held before)."""
+    def allocate(
+        self, owner: str, mib: int, gpu: int = 0, *, process: str | None = None, pid: int | None = None
+    ) -> None:
+        """Hold `mib` MiB on cuda:`gpu` for the owner (dropping what it held before). The real driver
+        names the process and raises out-of-memory itself."""
         self.release(owner)
         tensor = self._torch.empty(mib * 2**20, dtype=self._torch.uint8, device=f"cuda:{gpu}")
         self._held[owner] = (mib, tensor)
@@ -514,6 +541,10 @@ class SimConsumer:
 
     health_path = "/health"
     default_vram_mib = 1000
+    #: What nvidia-smi calls its process (real services: their interpreter's or binary's path).
+    process_name = "/usr/bin/python3"
+    #: The CUDA context its process keeps while it runs, model loaded or not (0: none).
+    default_context_mib = 0
 
     def __init__(
         self,
@@ -526,10 +557,14 @@ class SimConsumer:
         work_s: float = 0.0,
         release_s: float = 0.0,
         loaded: bool = False,
+        context_mib: int | None = None,
     ) -> None:
         self.name = name
         self.vram = vram
         self.vram_mib = self.default_vram_mib if vram_mib is None else vram_mib
+        self.context_mib = self.default_context_mib if context_mib is None else context_mib
+        #: Bumped at every restart: the process gets a new pid.
+        self.generation = 0
         self.gpu = gpu
         self.load_s = load_s
         self.work_s = work_s
@@ -547,13 +582,44 @@ class SimConsumer:
         self._release_task: asyncio.Task[None] | None = None
         self._load_lock = asyncio.Lock()
         self._shutting_down = asyncio.Event()
-        if loaded:
-            vram.allocate(name, self.vram_mib, gpu)
+        self.hold_memory()
+        self.app = self.make_app()
+
+    def make_app(self) -> web.Application:
+        """A fresh aiohttp app for the service (a restarted service is served by a new one)."""
         # Large bodies (a long recording to transcribe) are fine, as for the real services.
-        self.app = web.Application(middlewares=[self._recorder()], client_max_size=256 * 2**20)
-        self.app.on_shutdown.append(self._on_shutdown)
-        self.app.on_cleanup.append(self._on_cleanup)
-        self.add_routes(self.app.router)
+        app = web.Application(middlewares=[self._recorder()], client_max_size=256 * 2**20)
+        app.on_shutdown.append(self._on_shutdown)
+        app.on_cleanup.append(self._on_cleanup)
+        self.add_routes(app.router)
+        return app
+
+    @property
+    def pid(self) -> int:
+        """Its process's pid as nvidia-smi lists it (a new one after each restart)."""
+        return fake_pid(f"{self.name}#{self.generation}")
+
+    def hold_memory(self) -> None:
+        """Make its process hold what it holds now: the CUDA context, and the model when loaded.
+        SimOOM when that does not fit."""
+        mib = self.context_mib + (self.vram_mib if self.loaded else 0)
+        if mib == 0:
+            self.vram.release(self.name)
+        else:
+            self.vram.allocate(self.name, mib, self.gpu, process=self.process_name, pid=self.pid)
+
+    def restart(self) -> None:
+        """The service restarts behind the broker's back: a new process (new pid, its CUDA context only,
+        no model), and whatever it knew of requests is gone. Serve ``make_app()`` again to bring it back."""
+        self.generation += 1
+        self.loaded = False
+        if self._release_task is not None:
+            self._release_task.cancel()
+            self._release_task = None
+        self._shutting_down = asyncio.Event()
+        for task in list(self._tasks):  # what it was doing dies with the process
+            task.cancel()
+        self.hold_memory()
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         """Add the service's routes (subclasses)."""
@@ -642,8 +708,12 @@ class SimConsumer:
             if self._release_task is not None:
                 self._release_task.cancel()
                 self._release_task = None
-            self.vram.allocate(self.name, self.vram_mib, self.gpu)
             self.loaded = True
+            try:
+                self.hold_memory()
+            except SimOOM:
+                self.loaded = False
+                raise
             self.loads += 1
 
     async def do_unload(self) -> None:
@@ -655,14 +725,14 @@ class SimConsumer:
         if self.faults.get("unload_no_release"):
             return
         if self.release_s <= 0:
-            self.vram.release(self.name)
+            self.hold_memory()
         else:
             self._release_task = self.spawn(self._release_later())
 
     async def _release_later(self) -> None:
-        """Free the memory release_s after an unload."""
+        """Free the memory release_s after an unload (its CUDA context stays)."""
         await asyncio.sleep(self.release_s)
-        self.vram.release(self.name)
+        self.hold_memory()
         self._release_task = None
 
     # -- tasks and shutdown --
@@ -707,6 +777,7 @@ class MvoiceSim(SimConsumer):
     """mvoice (TTS/STT): synthesize, transcribe, explicit load/unload, audio files."""
 
     default_vram_mib = 2800
+    process_name = "/opt/mvoice/.venv/bin/python3"
 
     def __init__(
         self, name: str, vram: SimGPU | TorchVRAM, *, audio_dir: Path | str | None = None, **kw: Any
@@ -798,6 +869,7 @@ class OllamaSim(SimConsumer):
 
     health_path = "/"
     default_vram_mib = 5000
+    process_name = "/usr/local/bin/ollama"
     model = "sim:latest"
 
     def __init__(
@@ -986,27 +1058,35 @@ class ComfySim(SimConsumer):
     every open socket. What a client sends comes back unchanged (text as text, binary as binary); the
     text ``close <code>`` makes the sim close the socket with that code. ``ws_closes`` records the close
     codes the sim saw from its peers.
+
+    Like the real one (v0.8.0): its Python process keeps its CUDA context (610 MiB, as measured on an
+    H100 in fixtures/nvidia-smi/) after ``/free``; a restart forgets every prompt (``/history/{id}`` stays
+    ``{}``); it serves every route under ``/api`` too, ``/api/free`` included.
     """
 
     health_path = "/system_stats"
     default_vram_mib = 13000
+    default_context_mib = 610
+    process_name = "/opt/ComfyUI/.venv/bin/python3"
 
     def __init__(self, name: str, vram: SimGPU | TorchVRAM, **kw: Any) -> None:
         self.number = 0
         self.running: dict[str, int] = {}  # prompt_id -> number
         self.finished: set[str] = set()
+        self.failed: set[str] = set()
         self.sockets: set[web.WebSocketResponse] = set()
         self.ws_closes: list[int | None] = []
         super().__init__(name, vram, **kw)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         """ComfyUI's routes."""
-        router.add_get("/system_stats", self.system_stats)
-        router.add_post("/prompt", self.prompt)
-        router.add_get("/history/{prompt_id}", self.history)
-        router.add_get("/queue", self.queue)
-        router.add_post("/free", self.free)
-        router.add_get("/ws", self.ws)
+        for prefix in ("", "/api"):
+            router.add_get(f"{prefix}/system_stats", self.system_stats)
+            router.add_post(f"{prefix}/prompt", self.prompt)
+            router.add_get(f"{prefix}/history/{{prompt_id}}", self.history)
+            router.add_get(f"{prefix}/queue", self.queue)
+            router.add_post(f"{prefix}/free", self.free)
+            router.add_get(f"{prefix}/ws", self.ws)
 
     async def system_stats(self, request: web.Request) -> web.Response:
         """GET /system_stats (ComfyUI's health check)."""
@@ -1030,12 +1110,17 @@ class ComfySim(SimConsumer):
         return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": {}})
 
     async def _render(self, prompt_id: str, record: Record) -> None:
-        """The render: GPU work from the POST until work_s after the model is loaded."""
+        """The render: GPU work from the POST until work_s after the model is loaded. A model that does
+        not fit fails the prompt (its history says so), as CUDA out-of-memory does in ComfyUI."""
         try:
             await self.broadcast("execution_start", {"prompt_id": prompt_id})
             with self.gpu_work(record):
                 await self.broadcast("executing", {"node": "1", "prompt_id": prompt_id})
-                await self.do_load()
+                try:
+                    await self.do_load()
+                except SimOOM:
+                    self.failed.add(prompt_id)
+                    return
                 await asyncio.sleep(self.work_s)
             self.finished.add(prompt_id)
             await self.broadcast("executing", {"node": None, "prompt_id": prompt_id})
@@ -1071,12 +1156,23 @@ class ComfySim(SimConsumer):
         return ws
 
     async def history(self, request: web.Request) -> web.Response:
-        """GET /history/{prompt_id}: {} until that render has finished."""
+        """GET /history/{prompt_id}: {} until that render has finished (or failed); {} for ever for a
+        prompt it forgot in a restart."""
         prompt_id = request.match_info["prompt_id"]
-        if prompt_id not in self.finished:
+        if prompt_id in self.failed:
+            status = {"status_str": "error", "completed": False, "messages": [["execution_error", {}]]}
+        elif prompt_id in self.finished:
+            status = {"status_str": "success", "completed": True, "messages": []}
+        else:
             return web.json_response({})
-        status = {"status_str": "success", "completed": True, "messages": []}
         return web.json_response({prompt_id: {"status": status, "outputs": {}}})
+
+    def restart(self) -> None:
+        """ComfyUI restarted: its queue and history are gone with the process."""
+        super().restart()
+        self.running.clear()
+        self.finished.clear()
+        self.failed.clear()
 
     async def queue(self, request: web.Request) -> web.Response:
         """GET /queue: the renders in progress."""
@@ -1100,6 +1196,7 @@ class WhisperSim(SimConsumer):
     """whisper.cpp server: POST /inference -> a transcript."""
 
     default_vram_mib = 1500
+    process_name = "/usr/local/bin/whisper-server"
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         """whisper's routes."""
@@ -1556,7 +1653,11 @@ class DemoRun:
         print(
             "    stats: " + " ".join(f"{k}={stats[k]}" for k in ("jobs", "completed", "failed", "evictions"))
         )
-        check(gpu["used_mib"] == 2800 + 8000, "mvoice's and ollama's 10800 MiB in use")
+        context = ComfySim.default_context_mib
+        check(
+            gpu["used_mib"] == 2800 + 8000 + context,
+            f"mvoice's and ollama's 10800 MiB in use, and the {context} MiB CUDA context comfyui keeps",
+        )
         check(all(c["healthy"] for c in st["consumers"].values()), "four healthy consumers")
         check(stats["completed"] == 4 and stats["failed"] == 0, "4 jobs completed, none failed")
 

@@ -1150,7 +1150,8 @@ class Rig:
             "whisper": mgpusim.WhisperSim,
         }
         for name, cls in kinds.items():
-            options = {"vram_mib": 8000} if name == "ollama" else {}
+            # ComfySim keeps a CUDA context like the real one; tests that are not about it do without.
+            options = {"vram_mib": 8000} if name == "ollama" else {"context_mib": 0}
             sim = cls(name, self.gpu, **options | (sims or {}).get(name, {}))
             server = TestServer(sim.app, host="127.0.0.1", port=0)
             await server.start_server()
@@ -1736,7 +1737,8 @@ async def test_insufficient_vram_end_to_end_names_the_gpu_processes(rig):
     r = await rig(sims={"whisper": {"loaded": True, "vram_mib": 5000}, "ollama": {"loaded": True}})
     status, headers, body = await r.post("image", {"prompt": {}})
     data = error_of(status, headers, body, "insufficient_vram")
-    assert "mgpusim-whisper 5000 MiB" in data["message"] and "mgpusim-ollama 8000 MiB" in data["message"]
+    assert "/usr/local/bin/whisper-server 5000 MiB (no consumer)" in data["message"]
+    assert "/usr/local/bin/ollama 8000 MiB (no consumer)" in data["message"]  # nobody says which is whose
     assert "whisper (no unload route)" in data["message"] and "ollama (vram_managed)" in data["message"]
     # Its own residency unknown, comfyui was unloaded first as the last resort; the job never reached it.
     assert [rec.path for rec in r.sims["comfyui"].records] == ["/free"]
@@ -1828,8 +1830,8 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
         gpu["processes"]
         == [
             {
-                "pid": mgpusim.fake_pid("mgpusim-comfyui"),
-                "name": "mgpusim-comfyui",
+                "pid": r.sims["comfyui"].pid,
+                "name": "/opt/ComfyUI/.venv/bin/python3",
                 "used_mib": 13000,
                 "consumer": None,  # nobody claims it: comfyui has no `processes` here
             }
@@ -1921,8 +1923,11 @@ async def test_two_gpus_run_jobs_in_parallel_and_evict_each_on_its_own(rig):
     assert by_index[1]["scheduler"]["holder"] is None
     # Each GPU read by its own index (the reading may be up to a second old: not its free figure).
     assert [by_index[i]["uuid"] for i in (0, 1)] == [mgpusim.gpu_uuid(0), mgpusim.gpu_uuid(1)]
-    assert "mgpusim-whisper" in {p["name"] for p in by_index[0]["processes"]}
-    assert not {p["name"] for p in by_index[0]["processes"]} & {"mgpusim-mvoice", "mgpusim-comfyui"}
+    assert mgpusim.WhisperSim.process_name in {p["name"] for p in by_index[0]["processes"]}
+    assert not {p["name"] for p in by_index[0]["processes"]} & {
+        mgpusim.MvoiceSim.process_name,
+        mgpusim.ComfySim.process_name,
+    }
     assert r.gpu.free_mib(1) == 16384 - 480 - 13000
     assert during["gpu"]["index"] == 0 and during["consumers"]["comfyui"]["gpu"] == 1
 
@@ -3229,7 +3234,8 @@ async def test_admin_unload_and_load_go_through_the_lock(rig):
     assert resp.status == 200
     assert await resp.json() == {"consumer": "mvoice", "action": "unload", "loaded": False, "evictions": 0}
     assert r.sims["mvoice"].unloads == 1 and r.stats.admin_unloads == 1 and r.stats.evictions == 0
-    # Warm-up: comfyui fills the GPU, so loading mvoice evicts it first.
+    # Warm-up: comfyui fills the GPU (once ollama let its model go), so loading mvoice evicts it first.
+    await r.sims["ollama"].do_unload()
     await r.sims["comfyui"].do_load()
     r.broker.consumers.states["comfyui"].loaded()
     async with r.session.post(r.url("/v1/consumers/mvoice/load")) as resp:
@@ -3388,7 +3394,8 @@ async def test_unloads_that_hang_fail_or_free_nothing_end_in_insufficient_vram(r
         r.sims[name].faults[fault] = 500 if fault == "unload_status" else True
     status, headers, body = await r.post("stt", None, data=b"audio")
     data = error_of(status, headers, body, "insufficient_vram")
-    assert "mgpusim-comfyui 13000 MiB" in data["message"] and "mgpusim-mvoice 2800 MiB" in data["message"]
+    assert "/opt/ComfyUI/.venv/bin/python3 13000 MiB" in data["message"]
+    assert "/opt/mvoice/.venv/bin/python3 2800 MiB" in data["message"]
     attempts = [rec.path for name in ("mvoice", "comfyui") for rec in r.sims[name].records]
     assert [p for p in attempts if p in ("/api/admin/unload", "/free")] == ["/api/admin/unload", "/free"]
     assert r.sims["whisper"].records == [] and r.broker.scheduler.holder is None
