@@ -2547,8 +2547,9 @@ def _fits_unpaused(transport: asyncio.BaseTransport, size: int) -> bool:
     """Whether ``size`` more bytes keep the transport's buffer under its high-water mark: then aiohttp's
     write cannot wait for the client (it waits only while the transport is paused). A large chunk on an
     empty buffer can still fill the client's socket and pause it."""
-    assert isinstance(transport, asyncio.WriteTransport)
-    return transport.get_write_buffer_size() + size <= transport.get_write_buffer_limits()[1]
+    # (uvloop's transports are not asyncio.WriteTransport subclasses, but have the same methods)
+    write: Any = transport
+    return write.get_write_buffer_size() + size <= write.get_write_buffer_limits()[1]
 
 
 async def _to_client(request: web.Request, write: Awaitable[None], consumer: ConsumerConfig) -> None:
