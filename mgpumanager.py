@@ -54,6 +54,7 @@ import re
 import shlex
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -116,6 +117,21 @@ CONNECT_TIMEOUT_S = 10.0
 #: A proxied WebSocket pings both sides this often: a peer gone without a close (a laptop put to sleep) is
 #: noticed within about twice this, not at TCP keepalive's two hours.
 WEBSOCKET_HEARTBEAT_S = 30.0
+#: A config file larger than this is refused unread (mrock's is 6 KiB): parsing is slow and memory-hungry.
+MAX_CONFIG_BYTES = 256 * 1024
+#: A config whose nodes and scalar characters, with every alias expanded, exceed this is refused (an alias
+#: "bomb" of 1 KiB can stand for gigabytes once expanded, say in an unload body sent as JSON).
+MAX_CONFIG_EXPANSION = 1024 * 1024
+#: A reload reads and checks the config in a thread; one that takes longer than this is refused.
+CONFIG_READ_TIMEOUT_S = 20.0
+#: A token file larger than this is refused (it is no token).
+MAX_TOKEN_FILE_BYTES = 4096
+#: The largest value of every number the loader reads, by kind: durations (keys ending in ``_s``; also at
+#: least a millisecond when not 0), body sizes (``max_body_mib``, ``max_bodies_mib``), memory sizes (other
+#: ``_mib`` keys), GPU indexes (``index``, ``gpu``) and counts (every other number).
+NUMBER_LIMITS = {"duration": 7 * 86400, "body": 16384, "memory": 1024 * 1024, "gpu": 255, "count": 10000}
+NUMBER_UNITS = {"duration": " s", "body": " MiB", "memory": " MiB", "gpu": "", "count": ""}
+MIN_DURATION_S = 0.001
 
 GPU_FIELDS = (
     "index",
@@ -139,6 +155,18 @@ class Route:
     #: Sent as JSON when not None.
     body: Any = None
     timeout_s: float = 60.0
+    #: ``body`` as it is sent, serialised once (the loader refuses a body that JSON cannot express).
+    data: bytes | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.body is not None and self.data is None:
+            object.__setattr__(self, "data", json_body(self.body))
+
+
+def json_body(body: Any) -> bytes:
+    """A load or unload body as sent: JSON (no NaN or Infinity, which JSON lacks); ValueError, TypeError or
+    RecursionError when it cannot be."""
+    return json.dumps(body, allow_nan=False).encode()
 
 
 @dataclass(frozen=True)
@@ -276,6 +304,17 @@ class ConfigError(Exception):
 _REQUIRED = object()
 
 
+def number_kind(key: str) -> str:
+    """Which of NUMBER_LIMITS bounds the number under ``key``."""
+    if key.endswith("_s"):
+        return "duration"
+    if key in ("max_body_mib", "max_bodies_mib"):
+        return "body"
+    if key.endswith("_mib"):
+        return "memory"
+    return "gpu" if key in ("index", "gpu") else "count"
+
+
 class _Checker:
     """Collects every problem of a raw config instead of stopping at the first."""
 
@@ -304,7 +343,8 @@ class _Checker:
     def number(
         self, d: dict, key: str, where: str, default: Any, *, integer: bool, zero_ok: bool = False
     ) -> Any:
-        """A positive number (or >= 0 with ``zero_ok``); ``integer`` refuses fractions."""
+        """A positive number (or >= 0 with ``zero_ok``), finite and within NUMBER_LIMITS for its kind;
+        ``integer`` refuses fractions."""
         value = d.get(key, default)
         if value is _REQUIRED:
             self.problem(f"{where}.{key}", "missing")
@@ -315,8 +355,17 @@ class _Checker:
                 f"{where}.{key}", f"must be {'an integer' if integer else 'a number'}, not {value!r}"
             )
             return default if default is not _REQUIRED else 0
+        if isinstance(value, float) and not math.isfinite(value):  # (math.isfinite(10**400) overflows)
+            self.problem(f"{where}.{key}", f"must be a finite number, not {value!r}")
+            return default if default is not _REQUIRED else 0
+        kind = number_kind(key)
+        high, unit = NUMBER_LIMITS[kind], NUMBER_UNITS[kind]
         if value < 0 or (value == 0 and not zero_ok):
             self.problem(f"{where}.{key}", f"must be {'>= 0' if zero_ok else 'positive'}, not {value!r}")
+        elif value > high:
+            self.problem(f"{where}.{key}", f"must be at most {high}{unit}, not {value!r}")
+        elif kind == "duration" and 0 < value < MIN_DURATION_S:
+            self.problem(f"{where}.{key}", f"must be at least {MIN_DURATION_S:g} s, not {value!r}")
         return value
 
     def string(self, d: dict, key: str, where: str, default: Any = _REQUIRED) -> str:
@@ -357,7 +406,14 @@ def _parse_route(ck: _Checker, raw: Any, where: str, default_method: str, *, ext
     method = ck.method(d, where, default_method)
     path = ck.path(d, where)
     timeout_s = ck.number(d, "timeout_s", where, 60.0, integer=False) if extra else 60.0
-    return Route(method=method, path=path, body=d.get("body"), timeout_s=timeout_s)
+    body, data = d.get("body"), None
+    if body is not None:
+        try:
+            data = json_body(body)  # once, here: never again at each call
+        except (ValueError, TypeError, RecursionError) as e:
+            ck.problem(f"{where}.body", f"cannot be sent as JSON ({type(e).__name__}: {str(e)[:100]})")
+            body = None
+    return Route(method=method, path=path, body=body, timeout_s=timeout_s, data=data)
 
 
 def _parse_action(ck: _Checker, raw: Any, where: str) -> Route | Command | None:
@@ -406,8 +462,12 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
             bad_port = False
         except ValueError:
             bad_port = True
-        if parts.scheme not in ("http", "https") or not parts.hostname or bad_port:
-            ck.problem(f"{where}.url", f"must be an http(s) URL with a host, not {url!r}")
+        if "@" in parts.netloc:
+            # Never echoed: it holds a password. /v1/status shows every URL to anyone who may ask.
+            ck.problem(f"{where}.url", "must not carry a user or password (user:password@host): it is shown")
+        elif parts.scheme not in ("http", "https") or not parts.hostname or bad_port:
+            shown = repr(url) if "@" not in url else "this one (not shown: it has an '@')"
+            ck.problem(f"{where}.url", f"must be an http(s) URL with a host, not {shown}")
         elif parts.query or parts.fragment:
             ck.problem(f"{where}.url", "must not carry a query string or fragment")
     health = _parse_route(ck, d.get("health"), f"{where}.health", "GET", extra=False)
@@ -507,6 +567,28 @@ def _parse_unscheduled(
     return tuple(out)
 
 
+def read_token_file(path: str) -> str:
+    """The token in a regular file of at most MAX_TOKEN_FILE_BYTES (never a FIFO or a device, which could
+    hang or never end); ValueError otherwise. A file others may read is accepted with a warning."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # opening a FIFO does not wait
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError("is not a regular file")
+        data = os.read(fd, MAX_TOKEN_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TOKEN_FILE_BYTES:
+        raise ValueError(f"is larger than {MAX_TOKEN_FILE_BYTES} bytes: no token is that long")
+    if mode & stat.S_IROTH:
+        # (logfmt by hand: logfmt() comes in a later section)
+        log.warning(f'msg="token file is readable by others" path={json.dumps(path)} mode={mode & 0o777:o}')
+    try:
+        return data.decode().strip()
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
+
+
 def _parse_auth(ck: _Checker, raw: Any) -> AuthConfig:
     """auth.token, or auth.token_file (read now, so a secret can live outside the config)."""
     d = ck.mapping(raw, "auth", ("token", "token_file"))
@@ -521,9 +603,12 @@ def _parse_auth(ck: _Checker, raw: Any) -> AuthConfig:
     elif "token_file" in d:
         path = ck.string(d, "token_file", "auth")
         try:
-            token = Path(path).read_text().strip() if path else ""
+            token = read_token_file(path) if path else ""
         except OSError as e:
             ck.problem("auth.token_file", f"cannot read {path}: {e.strerror or e}")
+            return AuthConfig()
+        except ValueError as e:
+            ck.problem("auth.token_file", f"{path} {e}")
             return AuthConfig()
     if token is not None and (len(token) < MIN_TOKEN_LENGTH or not token.isprintable() or " " in token):
         key = "auth.token" if "token" in d else "auth.token_file"
@@ -649,18 +734,94 @@ def parse_config(raw: Any) -> Config:
     )
 
 
-def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Read and validate a YAML config; ``overrides`` maps dotted keys (``gpu.nvidia_smi``) to values."""
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (the pure-Python one: LibYAML's crashes on deep nesting), refusing duplicate keys,
+    recursive aliases and documents that their aliases expand beyond MAX_CONFIG_EXPANSION."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            check_nodes(node)
+        return node
+
+
+def check_nodes(root: yaml.Node) -> None:
+    """Walk the composed document once per node (iteratively, whatever its depth): a mapping that repeats
+    a key (YAML would keep the last one silently), an alias inside its own anchor, or a document whose
+    nodes and scalar characters, every alias expanded, exceed MAX_CONFIG_EXPANSION, is a ComposerError."""
+    expanded: dict[int, int] = {}  # id(node) -> its size with every alias expanded
+    open_nodes: set[int] = set()  # the nodes whose children are being walked: an alias to one is a loop
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        children = (
+            [n for pair in node.value for n in pair]
+            if isinstance(node, yaml.MappingNode)
+            else node.value
+            if isinstance(node, yaml.SequenceNode)
+            else []
+        )
+        if children_done:
+            open_nodes.discard(id(node))
+            size = 1 + (len(node.value) if isinstance(node, yaml.ScalarNode) else 0)
+            size += sum(expanded[id(child)] for child in children)
+            if size > MAX_CONFIG_EXPANSION:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"its aliases expand it beyond {MAX_CONFIG_EXPANSION} nodes and characters",
+                    node.start_mark,
+                )
+            expanded[id(node)] = size
+            continue
+        if id(node) in expanded:
+            continue
+        if id(node) in open_nodes:
+            raise yaml.composer.ComposerError(
+                None, None, "found an alias inside its own anchor", node.start_mark
+            )
+        if isinstance(node, yaml.MappingNode):
+            seen: set[tuple[str, str]] = set()
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if (key.tag, key.value) in seen:
+                        raise yaml.composer.ComposerError(
+                            None, None, f"found a duplicate key {key.value!r}", key.start_mark
+                        )
+                    seen.add((key.tag, key.value))
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in expanded)
+
+
+def read_config(path: str | Path) -> Any:
+    """The YAML document in ``path`` (at most MAX_CONFIG_BYTES); every failure is a one-line ConfigError."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        with open(path, "rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError([f"{path}: {e.strerror or e}"]) from e
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES} bytes: not read (is it the config?)"])
+    try:
+        return yaml.load(data, Loader=ConfigLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         # Where, but not the line itself: it may hold a secret.
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or "syntax error"
+        if mark is None and isinstance(getattr(e, "position", None), int):
+            where = f" at byte {e.position}"  # type: ignore[attr-defined] (a ReaderError: not UTF-8, say)
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or "syntax error"
         raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from e
+    except RecursionError as e:
+        raise ConfigError([f"{path}: not valid YAML: nested too deeply"]) from e
+    except Exception as e:  # a value PyYAML cannot build (a 5,000-digit number, February 30th, ...)
+        raise ConfigError([f"{path}: not valid YAML: {type(e).__name__}: {str(e)[:200]}"]) from e
+
+
+def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config; ``overrides`` maps dotted keys (``gpu.nvidia_smi``) to values."""
+    raw = read_config(path)
     for dotted, value in (overrides or {}).items():
         if not isinstance(raw, dict):
             break
@@ -1490,9 +1651,10 @@ class Consumers:
     async def _call(self, c: ConsumerConfig, route: Route, what: str) -> None:
         url = c.url + route.path
         timeout = aiohttp.ClientTimeout(total=route.timeout_s)
+        headers = {"Content-Type": "application/json"} if route.data is not None else None
         try:
             async with self.session.request(
-                route.method, url, json=route.body, timeout=timeout, allow_redirects=False
+                route.method, url, data=route.data, headers=headers, timeout=timeout, allow_redirects=False
             ) as resp:
                 body = await resp.content.read(2000)
                 if not 200 <= resp.status < 300:
@@ -2847,6 +3009,8 @@ class Broker:
     schedulers: dict[int, Scheduler] = field(default_factory=dict)
     #: Background work the broker owns (idle unloads, preloads); cancelled and awaited on cleanup.
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: Held while a reload reads and applies the config: one at a time.
+    reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self.add_gpus()
@@ -2874,28 +3038,47 @@ class Broker:
         """The default GPU's scheduler."""
         return self.schedulers[self.config.gpu.index]
 
-    def reload(self) -> list[str]:
-        """Read the config again and apply it in place; ConfigError (logged) leaves the old one."""
+    async def reload(self) -> list[str]:
+        """Read the config again and apply it in place; ConfigError (logged) leaves the old one.
+
+        The file is read and checked in a thread (at most CONFIG_READ_TIMEOUT_S): the event loop goes on
+        serving meanwhile. Reloads run one at a time, in the order they were asked for.
+        """
         if self.source is None:
             raise ConfigError(["this broker was not started from a config file"])
-        self.notifier.send(
-            "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
-        )
-        try:
-            new = self.source.load()
-            self._check_moves(new)
-        except ConfigError as e:
-            for problem in e.problems:
-                log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
-            self.events.publish("reload", ok=False, problems=e.problems)
-            raise
-        finally:
-            self.notifier.send("READY=1")
-        changes = self.apply(new)
+        async with self.reloading:
+            self.notifier.send(
+                "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+            )
+            try:
+                new = await self._read_config(self.source)
+                self._check_moves(new)
+            except ConfigError as e:
+                for problem in e.problems:
+                    log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
+                self.events.publish("reload", ok=False, problems=e.problems)
+                raise
+            finally:
+                self.notifier.send("READY=1")
+            changes = self.apply(new)
         log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
         self.events.publish("reload", ok=True, changes=changes)
         self.start_preloads()
         return changes
+
+    async def reload_logged(self) -> None:
+        """A reload for SIGHUP: a refused config is logged (by ``reload``), nobody is answered."""
+        with contextlib.suppress(ConfigError):
+            await self.reload()
+
+    @staticmethod
+    async def _read_config(source: ConfigSource) -> Config:
+        """``source.load()`` in a thread, bounded by CONFIG_READ_TIMEOUT_S (a file on a hung network mount:
+        the thread is left to end on its own, its result unused)."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(source.load), CONFIG_READ_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ConfigError([f"not read within {CONFIG_READ_TIMEOUT_S:g} s"]) from None
 
     def _check_moves(self, new: Config) -> None:
         """A consumer moves to another GPU only while none of its jobs runs: two GPUs' locks must never
@@ -3202,7 +3385,7 @@ async def handle_reload(request: web.Request) -> web.Response:
     """POST /v1/reload: re-read the config; a bad one is refused whole and the old one stays."""
     require_admin(request)
     try:
-        changes = request.app[BROKER].reload()
+        changes = await request.app[BROKER].reload()
     except ConfigError as e:
         raise BrokerError("bad_config", "config refused, the old one stays: " + "; ".join(e.problems)) from e
     return web.json_response({"reloaded": True, "changes": changes})
@@ -3986,8 +4169,7 @@ async def serve(config: Config, source: ConfigSource) -> int:
     watchdog: asyncio.Task[None] | None = None
 
     def reload() -> None:
-        with contextlib.suppress(ConfigError):  # logged by reload; the old config stays
-            broker.reload()
+        broker.spawn(broker.reload_logged(), "reload")  # a refused config is logged; the old one stays
 
     try:
         try:

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import datetime
 import gzip
 import itertools
 import json
@@ -23,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -306,6 +308,185 @@ def test_every_problem_is_reported_at_once():
     raw["consumers"]["mvoice"]["priority"] = 9
     raw["routing"]["tts"] = "nobody"
     assert len(problems_of(raw)) == 3
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("scheduler.aging_s", math.nan, "scheduler.aging_s: must be a finite number"),
+        ("scheduler.queue_timeout_s", math.inf, "scheduler.queue_timeout_s: must be a finite number"),
+        ("health.interval_s", -math.inf, "health.interval_s: must be a finite number"),
+        ("health.timeout_s", math.nan, "health.timeout_s: must be a finite number"),
+        (
+            "consumers.mvoice.unload.timeout_s",
+            math.nan,
+            "consumers.mvoice.unload.timeout_s: must be a finite",
+        ),
+        (
+            "consumers.comfyui.paths.image.hold_until.timeout_s",
+            math.inf,
+            "hold_until.timeout_s: must be a fin",
+        ),
+        ("scheduler.max_body_mib", 10_000_000_000_000, "scheduler.max_body_mib: must be at most 16384 MiB"),
+        ("consumers.mvoice.vram_resident_mib", 10**13, "vram_resident_mib: must be at most 1048576 MiB"),
+        ("gpu.cushion_mib", 10**9, "gpu.cushion_mib: must be at most 1048576 MiB"),
+        ("scheduler.max_queue", 10**9, "scheduler.max_queue: must be at most 10000"),
+        ("scheduler.max_evictions", 10**6, "scheduler.max_evictions: must be at most 10000"),
+        (
+            "consumers.mvoice.max_concurrency",
+            10**6,
+            "consumers.mvoice.max_concurrency: must be at most 10000",
+        ),
+        ("consumers.mvoice.timeout_s", 1e9, "consumers.mvoice.timeout_s: must be at most 604800 s"),
+        ("scheduler.shutdown_timeout_s", 1e300, "scheduler.shutdown_timeout_s: must be at most 604800 s"),
+        (
+            "consumers.mvoice.idle_unload_s",
+            10**20,
+            "consumers.mvoice.idle_unload_s: must be at most 604800 s",
+        ),
+        ("consumers.comfyui.gpu", 10**6, "consumers.comfyui.gpu: must be at most 255"),
+        ("gpu.index", 256, "gpu.index: must be at most 255"),
+        ("scheduler.aging_s", 5e-324, "scheduler.aging_s: must be at least 0.001 s"),
+        (
+            "consumers.comfyui.paths.image.hold_until.poll_s",
+            1e-9,
+            "hold_until.poll_s: must be at least 0.001 s",
+        ),
+        ("consumers.mvoice.idle_unload_s", 1e-6, "consumers.mvoice.idle_unload_s: must be at least 0.001 s"),
+        (
+            "consumers.mvoice.unload.body",
+            {"x": math.nan},
+            "consumers.mvoice.unload.body: cannot be sent as JSON",
+        ),
+        ("consumers.mvoice.load.body", {"x": math.inf}, "consumers.mvoice.load.body: cannot be sent as JSON"),
+    ],
+)
+def test_every_number_is_finite_and_sane_naming_the_key(path, value, expected):
+    """Item 3 of issue 10: ``aging_s: .nan`` passed --check and wedged the lock; 10**13 MiB bodies passed."""
+    problems = problems_of(_mutated(path, value))
+    assert any(expected in p for p in problems), problems
+
+
+def test_the_largest_sane_numbers_are_accepted():
+    raw = base_raw()
+    raw["scheduler"] |= {"max_body_mib": 16384, "max_queue": 10000, "queue_timeout_s": 604800}
+    raw["consumers"]["mvoice"] |= {"vram_resident_mib": 1048576, "idle_unload_s": 0}
+    raw["consumers"]["comfyui"]["gpu"] = 255
+    raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["poll_s"] = 0.001
+    m.parse_config(raw)
+
+
+def test_nan_in_yaml_is_refused_by_check(tmp_path):
+    bad = tmp_path / "nan.yaml"
+    bad.write_text(yaml.safe_dump(base_raw()).replace("aging_s: 60", "aging_s: .nan"))
+    res = subprocess.run(
+        [PY, str(HERE / "mgpumanager.py"), "--check", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 2 and "scheduler.aging_s: must be a finite number, not nan" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:s3cretpw@127.0.0.1:8765",
+        "https://s3cretpw@host",
+        "http://:s3cretpw@host/x",
+        "http:u:s3cretpw@h",
+    ],
+)
+def test_credentials_in_a_consumer_url_are_refused_and_never_echoed(url):
+    """Item 2 of issue 10: the URL is shown in /v1/status to anyone who may call the broker."""
+    problems = problems_of(_mutated("consumers.mvoice.url", url))
+    assert any(p.startswith("consumers.mvoice.url: must") for p in problems), problems
+    assert not any("s3cretpw" in p for p in problems), problems
+
+
+def _bomb(levels: int) -> str:
+    """A billion-laughs document of about 1 KiB: ``levels`` levels of ten aliases each."""
+    lines = ['l0: &l0 "lol"']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def _config_text(**extra: str) -> str:
+    return yaml.safe_dump(base_raw(), sort_keys=False) + "".join(extra.values())
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (_config_text(dup="scheduler: {max_queue: 3}\n"), "column 1: found a duplicate key 'scheduler'"),
+        (
+            _config_text().replace("    priority: 3\n", "    priority: 3\n    priority: 4\n"),
+            "found a duplicate key 'priority'",
+        ),
+        ("x-bomb:\n" + "".join(f"  {line}\n" for line in _bomb(9).splitlines()), "aliases expand it beyond"),
+        ("x: &a [1, *a]\n", "found an alias inside its own anchor"),
+        ("x: &a {y: *a}\n", "found an alias inside its own anchor"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("# " + "x" * (300 * 1024) + "\n", "larger than 262144 bytes"),
+        ("listen: 1" + "0" * 5000 + "\n", "not valid YAML: ValueError"),
+        ("when: 2001-02-30\n", "not valid YAML: ValueError"),
+        ("consumers: {\n", "not valid YAML at line"),
+    ],
+)
+def test_every_parser_failure_is_one_config_error(tmp_path, text, expected):
+    """Item 6 of issue 10: duplicate keys, alias bombs, recursion and oversized files are config errors."""
+    path = tmp_path / "consumers.yaml"
+    path.write_text(text)
+    with pytest.raises(m.ConfigError) as info:
+        m.load_config(path)
+    [problem] = info.value.problems
+    assert problem.startswith(f"{path}: ") and expected in problem, problem
+    assert "\n" not in problem
+
+
+def test_an_alias_bomb_in_an_unload_body_is_refused_but_merge_keys_and_small_aliases_still_work(tmp_path):
+    raw = base_raw()
+    raw["consumers"]["comfyui"]["unload"]["body"] = {"free_memory": "BOMB"}
+    text = yaml.safe_dump(raw, sort_keys=False).replace("free_memory: BOMB", "free_memory: *l8")
+    path = tmp_path / "consumers.yaml"
+    path.write_text(_bomb(8) + text)  # 1 KiB of YAML, 10**8 strings once expanded
+    with pytest.raises(m.ConfigError, match="aliases expand it beyond"):
+        m.load_config(path)
+    # Anchors, aliases and merge keys of sane size (overriding a merged key is no duplicate) still load.
+    text = yaml.safe_dump(base_raw(), sort_keys=False)
+    text = text.replace("    health:\n      method: GET\n", "    health: &health\n      method: GET\n", 1)
+    text = text.replace("    health:\n      path: /system_stats\n", "    health:\n      <<: *health\n")
+    text = text.replace("    health:\n      path: /\n", "    health:\n      <<: *health\n      path: /\n")
+    path.write_text(text)
+    consumers = m.load_config(path).consumers
+    assert consumers["comfyui"].health == consumers["mvoice"].health == m.Route("GET", "/health")
+    assert consumers["ollama"].health == m.Route("GET", "/")
+
+
+def test_unload_and_load_bodies_are_serialised_once_when_the_config_is_loaded():
+    config = m.parse_config(base_raw())
+    assert config.consumers["comfyui"].unload.data == b'{"unload_models": true, "free_memory": true}'
+    raw = base_raw()
+    raw["consumers"]["comfyui"]["unload"]["body"] = {"when": datetime.date(2001, 2, 3)}
+    problems = problems_of(raw)
+    assert any(p.startswith("consumers.comfyui.unload.body: cannot be sent as JSON") for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("nesting", "[" * 100_000 + "]" * 100_000), ("bomb", _bomb(9)), ("recursion", "x: &a [*a]\n")],
+)
+def test_check_exits_2_with_one_line_whatever_the_parser_finds(tmp_path, name, text):
+    bad = tmp_path / f"{name}.yaml"
+    bad.write_text(text)
+    res = subprocess.run(
+        [PY, str(HERE / "mgpumanager.py"), "--check", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert "not valid YAML" in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
 def test_cli_check_exits_0_or_2_naming_the_key(tmp_path):
@@ -3088,6 +3269,33 @@ def test_token_file_and_token_rules(tmp_path):
     assert any("not both" in p for p in problems_of(raw))
 
 
+def test_a_token_file_is_read_bounded_from_a_regular_file_only(tmp_path, caplog):
+    """Item 7 of issue 10: /dev/zero hung start-up; a token file others may read was accepted silently."""
+    raw = base_raw()
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN + "\n")
+    secret.chmod(0o600)
+    raw["auth"] = {"token_file": str(secret)}
+    assert m.parse_config(raw).auth.token == TOKEN
+    assert "readable by others" not in caplog.text
+    secret.chmod(0o644)
+    assert m.parse_config(raw).auth.token == TOKEN
+    assert f'msg="token file is readable by others" path="{secret}" mode=644' in caplog.text
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 100_000)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, expected in (
+        ("/dev/zero", "/dev/zero is not a regular file"),
+        (str(fifo), f"{fifo} is not a regular file"),  # opening it must not wait for a writer
+        (str(big), f"{big} is larger than 4096 bytes"),
+        (str(tmp_path), f"{tmp_path} is not a regular file"),
+    ):
+        raw["auth"] = {"token_file": path}
+        problems = problems_of(raw)
+        assert any(p.startswith(f"auth.token_file: {expected}") for p in problems), problems
+
+
 async def test_admin_routes_answer_only_loopback_without_a_token(rig):
     r = await rig(sims={"mvoice": {"loaded": True}}, remote="192.0.2.7")
     async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:
@@ -3463,6 +3671,64 @@ async def test_a_bad_config_is_refused_whole_and_the_old_one_stays(rig, caplog):
     assert 'msg="reload refused"' in caplog.text and "scheduler.max_queu: unknown key" in caplog.text
     assert r.broker.config is r.config
     assert (await r.post("tts", {"text": "still served"}))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("nesting", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("bomb", _bomb(9), "aliases expand it beyond"),
+        ("duplicate", "DUP", "found a duplicate key 'routing'"),
+    ],
+)
+async def test_a_reload_that_meets_any_parser_failure_is_bad_config(rig, name, text, expected):
+    """Item 6 of issue 10: 3 MB of brackets made POST /v1/reload answer 500, not bad_config."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    if text == "DUP":
+        text = yaml.safe_dump(r.raw, sort_keys=False) + "routing: {}\n"
+    r.config_path.write_text(text)
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+    assert expected in data["message"] and r.broker.config is r.config
+    assert (await r.post("tts", {"text": "still served"}))[0] == 200
+
+
+class _BlockingSource:
+    """A config source whose load blocks its thread until released (a file on a hung network mount)."""
+
+    def __init__(self, source: m.ConfigSource) -> None:
+        self.source, self.path = source, source.path
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.released: list[bool] = []
+
+    def load(self) -> m.Config:
+        self.entered.set()
+        self.released.append(self.release.wait(10))
+        return self.source.load()
+
+
+async def test_a_reload_reads_the_config_without_blocking_the_loop_and_within_a_bound(rig, monkeypatch):
+    """Item 6 of issue 10: the reload parsed in the event loop, while the watchdog allows 30 s."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    slow = _BlockingSource(r.broker.source)
+    r.broker.source = slow
+    reload = asyncio.ensure_future(r.session.post(r.url("/v1/reload")))
+    await until(slow.entered.is_set)
+    async with r.session.get(r.url("/healthz")) as resp:  # served while the config is being read
+        assert resp.status == 200
+    slow.release.set()
+    async with await reload as resp:
+        assert resp.status == 200 and (await resp.json())["reloaded"] is True
+    assert slow.released == [True]  # released by the test, after /healthz: the loop was never blocked
+    # A read that does not end is refused at CONFIG_READ_TIMEOUT_S, and the old config stays.
+    monkeypatch.setattr(m, "CONFIG_READ_TIMEOUT_S", 0.2)
+    stuck = _BlockingSource(r.broker.source.source)
+    r.broker.source = stuck
+    config = r.broker.config
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+    assert "not read within 0.2 s" in data["message"] and r.broker.config is config
+    stuck.release.set()
 
 
 async def test_sighup_reloads_the_daemon(rig):
@@ -4379,7 +4645,7 @@ async def test_reload_gives_a_consumer_with_a_new_url_a_fresh_state(rig):
     raw = copy.deepcopy(r.raw)
     raw["consumers"]["mvoice"]["url"] = raw["consumers"]["mvoice"]["url"].replace("127.0.0.1", "localhost")
     r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    assert r.broker.reload() == ["new url for mvoice"]
+    assert await r.broker.reload() == ["new url for mvoice"]
     state = r.broker.consumers.states["mvoice"]
     assert (state.loaded, state.healthy, state.last_used) == (None, None, None)
 
@@ -4396,7 +4662,7 @@ async def test_a_reload_during_an_upload_is_no_consumer_and_the_books_balance(ri
     raw = copy.deepcopy(r.raw)
     del raw["consumers"]["comfyui"], raw["routing"]["image"]
     r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    r.broker.reload()
+    await r.broker.reload()
     writer.write(body[3:])
     await writer.drain()
     head = await asyncio.wait_for(reader.readline(), 10)
