@@ -2778,9 +2778,46 @@ def hold_poller(
     return poll
 
 
+#: RFC 3986's unreserved characters: percent-encoding one of them changes nothing (section 6.2.2.2).
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def normal_path(raw: str) -> str:
+    """A request path in RFC 3986 normal form: escapes of unreserved characters decoded (``%75`` is ``u``),
+    the others' hex digits in upper case; ValueError for a '%' that starts no escape.
+
+    Guards look at this form and it is what the consumer gets: what a guard matched is what is forwarded.
+    """
+    if "%" not in raw:
+        return raw
+    if _BAD_ESCAPE.search(raw):
+        raise ValueError("malformed percent-encoding")
+
+    def one(match: re.Match[str]) -> str:
+        char = chr(int(match.group(1), 16))
+        return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+    return _ESCAPE.sub(one, raw)
+
+
+@functools.lru_cache(maxsize=1024)
+def guard_key(path: str) -> str:
+    """How a guard that refuses or schedules compares a (normal) path with a configured one: decoded, in
+    lower case, without a trailing '/'. A lenient consumer may take /API/Admin/Unload/ or
+    /api%2Fadmin%2Funload for /api/admin/unload: such a request is refused or scheduled as that route is."""
+    return unquote(path).lower().rstrip("/") or "/"
+
+
 def audio_upstream_path(raw_path: str) -> str:
-    """The consumer path for ``GET /audio/<file>``; bad_request for anything that could leave /audio/."""
+    """The consumer path for ``GET /audio/<file>``, in normal form; bad_request for anything that could leave
+    /audio/."""
     path, sep, query = raw_path.partition("?")
+    try:
+        path = normal_path(path)
+    except ValueError:
+        raise BrokerError("bad_request", "audio path must name a file below /audio/") from None
     rest = path.removeprefix("/audio/")
     lowered = rest.lower()
     refuse = (
@@ -2810,28 +2847,50 @@ MOUNT_KIND = "mount"
 
 
 def mount_upstream_path(raw_path: str, name: str) -> tuple[str, str]:
-    """For ``/c/{name}/{path}``: the consumer's path as the client encoded it (query kept), and its decoded
-    form (what ``paths`` and ``unscheduled`` are matched with); bad_request for '.' or '..' segments."""
+    """For ``/c/{name}/{path}``: the consumer's path in normal form with the query as the client encoded it,
+    and the path alone (what every guard looks at: exactly what is forwarded).
+
+    bad_request for a path a consumer could read in another way than the broker: one that leaves
+    /c/{name}/, '.' or '..' segments, empty segments (``//``; a trailing '/' is fine), ';' (path parameters),
+    backslashes, control characters (``%00``), malformed escapes or escapes that are not UTF-8, all also
+    when percent-encoded (``%2F`` counts as '/').
+    """
     path, sep, query = raw_path.partition("?")
     raw_name, _, tail = path.removeprefix("/c/").partition("/")
-    upstream = "/" + tail
     try:
+        upstream = normal_path("/" + tail)
         decoded = unquote(upstream, errors="strict")
         same_name = unquote(raw_name, errors="strict") == name
-    except UnicodeDecodeError:
+    except ValueError:  # UnicodeDecodeError too
         decoded, same_name = "", False
-    if not path.startswith("/c/") or not same_name or any(s in (".", "..") for s in decoded.split("/")):
-        raise BrokerError("bad_request", f"a mount path must not leave /c/{name}/", name)
-    return upstream + sep + query, decoded
+    segments = decoded.split("/")[1:]
+    if (
+        not path.startswith("/c/")
+        or not same_name
+        or any(s in (".", "..") for s in segments)
+        or "" in segments[:-1]
+        or ";" in decoded
+        or "\\" in decoded
+        or not decoded.isprintable()
+    ):
+        raise BrokerError(
+            "bad_request",
+            f"a mount path must stay below /c/{name}/, without '.', '..' or empty segments, ';', '\\',"
+            " control characters or malformed percent-encoding",
+            name,
+        )
+    return upstream + sep + query, upstream
 
 
 def mount_job_path(consumer: ConsumerConfig, method: str, path: str) -> tuple[str, JobPath]:
     """The kind and JobPath of a scheduled mount request.
 
-    A ``paths`` entry's (with its hold) when method and decoded path equal it; else kind ``mount``, no hold.
+    A ``paths`` entry's (with its hold) when the method is its and the path is it as ``guard_key`` compares
+    (in any letter case, encoding or with a trailing '/'); else kind ``mount``, no hold.
     """
+    key = guard_key(path)
     for kind, p in consumer.paths.items():
-        if p.method == method and p.path == path:
+        if p.method == method and guard_key(p.path) == key:
             return kind, p
     return MOUNT_KIND, JobPath(method, path)
 
@@ -3307,6 +3366,7 @@ async def front_door(
     given = request.headers.get("X-Request-ID", "")
     request[REQUEST_ID] = given if _REQUEST_ID_RE.match(given) else os.urandom(16).hex()
     try:
+        check_target(request)
         check_token(request)
         return await handler(request)
     except BrokerError as e:
@@ -3327,6 +3387,13 @@ async def front_door(
         request.app[BROKER].scheduler.stats.internal_errors += 1
         log.exception(logfmt(msg="internal error", path=request.path))
         return BrokerError("scheduler_error", f"internal error: {describe(e)}").response()
+
+
+def check_target(request: web.Request) -> None:
+    """A request target with a fragment is refused: no client sends one (RFC 9112 3.2), aiohttp routes without
+    it while the raw target keeps it, and forwarding would drop it, so guards and consumer would disagree."""
+    if "#" in request.raw_path:
+        raise BrokerError("bad_request", "a request target must not carry a fragment ('#')")
 
 
 def check_token(request: web.Request) -> None:
@@ -3584,9 +3651,9 @@ async def handle_mount(request: web.Request) -> web.StreamResponse:
     consumer = broker.config.consumers.get(name)
     if consumer is None:
         raise BrokerError("no_consumer", f"no consumer named {name!r}")
-    path_qs, decoded = mount_upstream_path(request.raw_path, name)
+    path_qs, upstream_path = mount_upstream_path(request.raw_path, name)
     method = request.method
-    _refuse_own_routes(consumer, method, decoded)
+    _refuse_own_routes(consumer, method, upstream_path)
     if method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
         return await proxy_websocket(request, broker, consumer, path_qs)
     body = await read_body(request, broker.config.scheduler.max_body_mib) if request.body_exists else b""
@@ -3594,9 +3661,9 @@ async def handle_mount(request: web.Request) -> web.StreamResponse:
     if consumer is None:
         raise BrokerError("no_consumer", f"{name} is no longer configured", name)
     broker.check_reachable(name)
-    kind, _ = mount_job_path(consumer, method, decoded)
+    kind, _ = mount_job_path(consumer, method, upstream_path)
     if kind == MOUNT_KIND and (
-        method in UNSCHEDULED_METHODS or any(u.matches(method, decoded) for u in consumer.unscheduled)
+        method in UNSCHEDULED_METHODS or any(u.matches(method, upstream_path) for u in consumer.unscheduled)
     ):
         ex = Exchange()
         try:
@@ -3606,17 +3673,19 @@ async def handle_mount(request: web.Request) -> web.StreamResponse:
     scheduler = broker.scheduler_for(name)
     headers = request_headers(request, strip_auth=broker.config.auth.token is not None)  # before waiting
     job = await scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
-    _, path = mount_job_path(job.target, method, decoded)  # the config the job was admitted with
-    # The client's encoding of the path goes to the consumer; _run_job adds the query.
-    upstream = replace(path, path=path_qs.partition("?")[0])
+    _, path = mount_job_path(job.target, method, upstream_path)  # the config the job was admitted with
+    # The path the guards matched goes to the consumer (not the entry's spelling); _run_job adds the query.
+    upstream = replace(path, path=upstream_path)
     return await _run_job(request, broker, scheduler, job, upstream, body, headers)
 
 
 def _refuse_own_routes(consumer: ConsumerConfig, method: str, path: str) -> None:
     """The consumer's unload and load routes are the broker's to call: through the mount they would
-    change residency behind its back. forbidden, pointing at the admin routes."""
+    change residency behind its back. forbidden, pointing at the admin routes; compared as ``guard_key``
+    does (any letter case, encoding, a trailing '/')."""
+    key = guard_key(path)
     for action, route in (("unload", consumer.unload), ("load", consumer.load)):
-        if isinstance(route, Route) and route.method == method and route.path == path:
+        if isinstance(route, Route) and route.method == method and guard_key(route.path) == key:
             raise BrokerError(
                 "forbidden",
                 f"{method} {path} is {consumer.name}'s {action} route: use POST /v1/consumers/"

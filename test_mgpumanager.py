@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 import pytest
@@ -2571,6 +2572,147 @@ async def test_mount_unscheduled_calls_match_decoded_paths_and_respect_known_fai
         data = error_of(resp.status, dict(resp.headers), await resp.read(), "consumer_unreachable")
     assert "last probe failed: connection refused" in data["message"]
     assert len(r.sims["ollama"].records) == 1 and r.stats.jobs == 0
+
+
+async def raw_request(r: Rig, method: str, target: str) -> tuple[int, dict[str, Any]]:
+    """A request line exactly as written, without a body; the status and the JSON answer (or {})."""
+    host, port = r.server.host, r.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    head = (
+        f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(head.encode("latin-1"))
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head_bytes, _, body = data.partition(b"\r\n\r\n")
+    return int(head_bytes.split()[1]), parse if isinstance(parse := m.parse_json(body), dict) else {}
+
+
+def lenient(path: str) -> str:
+    """How the most lenient consumer might read a path: decoded, in lower case, ';' parameters, empty and
+    '.' segments and a trailing '/' dropped, backslashes as slashes, NULs gone."""
+    path = unquote(path.partition("?")[0].partition("#")[0]).replace("\\", "/").replace("\x00", "").lower()
+    segments = [seg.partition(";")[0] for seg in path.split("/")]
+    return "/" + "/".join(seg for seg in segments if seg not in ("", "."))
+
+
+#: Targets that try to walk around the mount's guards: (method, target, what the broker does). An int is
+#: the status it answers (nothing reaches the consumer); a pair is (the path the consumer gets exactly, the
+#: job's kind, or None when it is forwarded unscheduled).
+TARGET_TRICKS: list[tuple[str, str, Any]] = [
+    # The consumer's own unload and load routes (mvoice: POST /api/admin/unload, /api/admin/load).
+    ("POST", "/c/mvoice/api/admin/unload", 403),
+    ("POST", "/c/mvoice/api/admin/unload#x", 400),
+    ("POST", "/c/mvoice/api/admin/unload#", 400),
+    ("POST", "/c/mvoice/api/admin/unload?x=1#y", 400),
+    ("POST", "/c/mvoice//api/admin/unload", 400),
+    ("POST", "/c/mvoice/api//admin/unload", 400),
+    ("POST", "/c/mvoice/api/admin/unload/", 403),
+    ("POST", "/c/mvoice/api/admin/unload;x", 400),
+    ("POST", "/c/mvoice/api/admin/unload;", 400),
+    ("POST", "/c/mvoice/api/admin/unload%3Bx", 400),
+    ("POST", "/c/mvoice/api/admin/unload%00", 400),
+    ("POST", "/c/mvoice/api/admin/unload%0A", 404),  # aiohttp routes on the decoded path: no route
+    ("POST", "/c/mvoice/API/Admin/UNLOAD", 403),
+    ("POST", "/c/mvoice/api/admin/%75nload", 403),
+    ("POST", "/c/mvoice/api/admin/%55NLOAD", 403),
+    ("POST", "/c/mvoice/%61pi/admin/load", 403),
+    ("POST", "/c/mvoice/api%2Fadmin%2Funload", 403),
+    ("POST", "/c/mvoice/api%2fadmin%2fload%2f", 403),
+    ("POST", "/c/mvoice/api/admin/unload?now=1", 403),
+    ("POST", "/c/m%76oice/api/admin/unload", 403),
+    ("POST", "/c/mvoice/api/admin/./unload", 400),
+    ("POST", "/c/mvoice/api/admin/x/../unload", 400),
+    ("POST", "/c/mvoice/api/admin/x%2F..%2Funload", 400),
+    ("POST", "/c/mvoice/api/admin/unload%5C", 400),
+    ("POST", "/c/mvoice/api/admin\\unload", 400),
+    ("POST", "/c/mvoice/api/admin/unload%", 400),
+    ("POST", "/c/mvoice/api/admin/unload%zz", 400),
+    ("POST", "/c/mvoice/api/admin/unl%C0%AFoad", 400),
+    ("POST", "http://evil.example/c/mvoice/api/admin/unload", 400),
+    ("POST", "//c/mvoice/api/admin/unload", 404),
+    ("POST", "/c/mvoice%2Fapi/admin/unload", 404),
+    # Not the route: forwarded (as a job), exactly as matched.
+    ("POST", "/c/mvoice/api/admin/unloaded", ("/api/admin/unloaded", "mount")),
+    # A paths entry on GET (speak: GET /api/synthesize) stays GPU work whatever the spelling.
+    ("GET", "/c/mvoice/api/synthesize", ("/api/synthesize", "speak")),
+    ("GET", "/c/mvoice/API/Synthesize", ("/API/Synthesize", "speak")),
+    ("GET", "/c/mvoice/api/synthesize/", ("/api/synthesize/", "speak")),
+    ("GET", "/c/mvoice/api/%73ynthesize?text=x", ("/api/synthesize?text=x", "speak")),
+    ("GET", "/c/mvoice/api%2fsynthesize", ("/api%2Fsynthesize", "speak")),
+    ("GET", "/c/mvoice/api/synthesize#x", 400),
+    ("GET", "/c/mvoice//api/synthesize", 400),
+    ("GET", "/c/mvoice/api/synthesize;x", 400),
+    ("GET", "/c/mvoice/api/synthesize%00", 400),
+    ("GET", "/c/mvoice/api/synthesizer", ("/api/synthesizer", None)),  # another route: a read
+    # A hold's path entry (comfyui: POST /prompt) keeps its kind and hold; a fragment is refused.
+    ("POST", "/c/comfyui/prompt#", 400),
+    # An unscheduled entry (ollama: POST /api/show) lets only its exact path skip the lock.
+    ("POST", "/c/ollama/api/show", ("/api/show", None)),
+    ("POST", "/c/ollama/api/%73how", ("/api/show", None)),
+    ("POST", "/c/ollama/api/Show", ("/api/Show", "mount")),
+    ("POST", "/c/ollama/api/show/", ("/api/show/", "mount")),
+    ("POST", "/c/ollama/api/show#x", 400),
+    # /audio/: only files below it, forwarded in normal form.
+    ("GET", "/audio/x.wav", ("/audio/x.wav", None)),
+    ("GET", "/audio/%78.wav", ("/audio/x.wav", None)),
+    ("GET", "/audio/x.wav#/../../api/admin/unload", 400),
+    ("GET", "/audio/x.wav#", 400),
+    ("GET", "/audio/x.wav/", 400),
+    ("GET", "/audio/x.wav;x", 400),
+    ("GET", "/audio/x.wav%00", 400),
+    ("GET", "/audio//x.wav", 400),
+    ("GET", "/audio/%2e%2e/api/admin/unload", 400),
+    ("GET", "/AUDIO/x.wav", 404),
+    # Every route refuses a fragment.
+    ("GET", "/healthz#x", 400),
+    ("GET", "/v1/status#", 400),
+    ("POST", "/v1/tts#x", 400),
+]
+
+
+async def test_no_target_trick_walks_around_a_guard(rig, caplog):
+    """Item 1 of issue 10: what a guard matches is byte for byte what the consumer gets; a fragment, empty,
+    dot or ';' segments, NULs and malformed escapes are refused; case, encoding and a trailing '/' are
+    matched as the route they spell. Nothing reaches mvoice's own unload or load route however lenient."""
+    seen: list[tuple[str, str]] = []
+
+    async def anything(request: web.Request) -> web.Response:
+        seen.append((request.method, request.raw_path))
+        return web.json_response({"loaded": True})
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["consumers"]["mvoice"]["paths"]["speak"] = {"method": "GET", "path": "/api/synthesize"}
+        _unscheduled_show(raw)
+
+    stand_in = StandIn([("*", "/{tail:.*}", anything)])
+    async with stand_in as mvoice:
+        r = await rig(urls={"mvoice": mvoice.url}, tweak=tweak, total_mib=40000)
+        for method, target, expect in TARGET_TRICKS:
+            consumer = "ollama" if "/c/ollama/" in target else "mvoice"
+            records = seen if consumer == "mvoice" else r.sims["ollama"].records
+            before, jobs = len(records), r.stats.jobs
+            status, data = await raw_request(r, method, target)
+            if isinstance(expect, int):
+                code = {400: "bad_request", 403: "forbidden", 404: ("not_found", "no_consumer")}[expect]
+                assert status == expect and data.get("error") in code, (target, status, data)
+                assert len(records) == before and r.stats.jobs == jobs, target
+                continue
+            path, kind = expect
+            got = (
+                records[before][1]
+                if records is seen
+                else records[before].path + ("?" + records[before].query if records[before].query else "")
+            )
+            assert len(records) == before + 1 and got == path, (target, records[before:])
+            assert r.stats.jobs == jobs + (kind is not None), target
+            if kind is not None:
+                await until(lambda: len(job_lines(caplog)) == r.stats.jobs)
+                assert f"kind={kind} " in job_lines(caplog)[-1], (target, job_lines(caplog)[-1])
+    assert r.sims["comfyui"].records == []
+    own = {"/api/admin/unload", "/api/admin/load"}
+    assert not [(method, path) for method, path in seen if lenient(path) in own], seen
 
 
 async def test_broker_shutting_down_closes_open_websockets_going_away(rig):
