@@ -55,6 +55,7 @@ import shlex
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -1326,85 +1327,162 @@ class ProcessTimeout(Exception):
     """A subprocess ran past its time and was killed, with its process group."""
 
 
-class _Captured(asyncio.SubprocessProtocol):
-    """What a subprocess writes, its last ``limit`` bytes per stream (a chatty one cannot fill memory),
-    and when it exited and when its output ended."""
+class _Tail(asyncio.Protocol):
+    """The last ``limit`` bytes one output of a subprocess writes (a chatty one cannot fill memory), and
+    when that output ended (every process holding it closed it)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.output: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
-        loop = asyncio.get_running_loop()
-        self.exited: asyncio.Future[None] = loop.create_future()
-        self.closed: dict[int, asyncio.Future[None]] = {1: loop.create_future(), 2: loop.create_future()}
+        self.data = bytearray()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
-        kept = self.output[fd]
-        kept += data
-        if len(kept) > self.limit:
-            del kept[: len(kept) - self.limit]
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) > self.limit:
+            del self.data[: len(self.data) - self.limit]
 
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        if fd in self.closed and not self.closed[fd].done():
-            self.closed[fd].set_result(None)
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself
 
-    def process_exited(self) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class _Exit:
+    """Learns when a child process exits, without reaping it (so that its process group is still its own):
+    its pidfd becomes readable; where the kernel has no pidfds, ``waitid`` is polled."""
+
+    POLL_S = 0.01
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[None] = self.loop.create_future()
+        self._pidfd: int | None = None
+        self._poller: asyncio.Task[None] | None = None
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # not Linux 5.3+ (or a sandbox without it)
+            self._poller = self.loop.create_task(self._poll())
+        else:
+            self.loop.add_reader(self._pidfd, self._done)
+
+    def _done(self) -> None:
         if not self.exited.done():
             self.exited.set_result(None)
+        if self._pidfd is not None:
+            self.loop.remove_reader(self._pidfd)
+
+    async def _poll(self) -> None:
+        # WNOHANG: never blocks; without a pidfd there is no event to wait for.
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        while os.waitid(os.P_PID, self.pid, flags) is None:  # noqa: ASYNC110, ASYNC222
+            await asyncio.sleep(self.POLL_S)
+        self._done()
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            self.loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._poller is not None:
+            self._poller.cancel()
 
 
-async def run_process(argv: Sequence[str], timeout_s: float, *, limit: int = OUTPUT_LIMIT) -> Finished:
+async def run_process(
+    argv: Sequence[str], timeout_s: float, *, limit: int = OUTPUT_LIMIT, kill_group: bool = False
+) -> Finished:
     """Run a program without a shell, stdin from /dev/null, its output captured (bounded).
+
+    It gets exactly stdin, stdout and stderr and no other file descriptor of the broker's, whichever the
+    event loop: it is started by ``subprocess.Popen`` (``close_fds``), not by the loop (uvloop's spawning
+    leaves the child copies of its pipes, so a service a command starts in the background, its output
+    redirected, would still hold the broker's pipes open). Its output goes through socket pairs the loop
+    reads.
 
     It gets a process group of its own: if it has not exited after ``timeout_s`` (or when the caller is
     cancelled) the whole group is SIGKILLed and reaped, so nothing it started outlives it. Once it has
-    exited, whatever it left running (a service it started, holding the pipes) is left alone; its output
-    is read for PIPE_GRACE_S more at most. OSError when it cannot be started, ProcessTimeout when killed.
+    exited, whatever it left running (a service it started, holding the output) is left alone, unless
+    ``kill_group`` (nvidia-smi: nothing it starts may outlive it); its output is read for PIPE_GRACE_S more
+    at most. OSError when it cannot be started, ProcessTimeout when killed.
     """
     loop = asyncio.get_running_loop()
-    transport, captured = await loop.subprocess_exec(
-        lambda: _Captured(limit),
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,  # its own process group, so a kill reaches its children too
-    )
+    pairs = [socket.socketpair(), socket.socketpair()]  # (ours, its) for stdout and stderr; CLOEXEC
+    ours = [pair[0] for pair in pairs]
     try:
         try:
-            await asyncio.wait_for(asyncio.shield(captured.exited), timeout_s)
+            # Returns once the program runs (fork and exec, as the loop's own subprocess_exec does).
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=pairs[0][1].fileno(),
+                stderr=pairs[1][1].fileno(),
+                close_fds=True,
+                start_new_session=True,  # its own process group, so a kill reaches its children too
+            )
+        finally:
+            for pair in pairs:
+                pair[1].close()
+    except BaseException:
+        for sock in ours:
+            sock.close()
+        raise
+    watch = _Exit(proc.pid)
+    transports: list[asyncio.BaseTransport] = []
+    try:
+        tails = []
+        for sock in list(ours):
+            transport, tail = await loop.connect_read_pipe(functools.partial(_Tail, limit), sock)
+            ours.remove(sock)  # the transport closes it now
+            transports.append(transport)
+            tails.append(tail)
+        try:
+            await asyncio.wait_for(asyncio.shield(watch.exited), timeout_s)
         except (asyncio.TimeoutError, asyncio.CancelledError) as e:
-            await _kill_group(transport.get_pid(), captured.exited, argv)
+            await _kill_group(proc, watch.exited, argv)
             if isinstance(e, asyncio.CancelledError):
                 raise
             raise ProcessTimeout(f"{argv[0]} did not finish within {timeout_s:g} s (killed)") from None
+        if kill_group:
+            # Its leader exited but is not reaped yet: the group is still its own to kill.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        returncode = proc.wait(0)  # it has exited: reaping it does not wait
         try:
-            await asyncio.wait_for(asyncio.gather(*captured.closed.values()), PIPE_GRACE_S)
+            await asyncio.wait_for(asyncio.gather(*(t.closed for t in tails)), PIPE_GRACE_S)
         except asyncio.TimeoutError:
-            log.info(
-                logfmt(msg="process left its output open", argv=shlex.join(argv), pid=transport.get_pid())
-            )
-        returncode = transport.get_returncode()
-        assert returncode is not None
-        return Finished(returncode, bytes(captured.output[1]), bytes(captured.output[2]))
+            log.info(logfmt(msg="process left its output open", argv=shlex.join(argv), pid=proc.pid))
+        return Finished(returncode, bytes(tails[0].data), bytes(tails[1].data))
     finally:
-        transport.close()  # our ends of the pipes; never the process group of a command that exited
+        watch.close()
+        for transport in transports:
+            transport.close()  # our ends; never the process group of a command that exited
+        for sock in ours:
+            sock.close()
 
 
-async def _kill_group(pid: int, exited: asyncio.Future[None], argv: Sequence[str]) -> None:
-    """SIGKILL a process's group and wait for it to be reaped (bounded)."""
+async def _kill_group(
+    proc: subprocess.Popen[bytes], exited: asyncio.Future[None], argv: Sequence[str]
+) -> None:
+    """SIGKILL a process's group and wait for it to exit (bounded), then reap it."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
     try:
-        # Reaped at once normally; a process stuck in the kernel is left to the child watcher.
+        # Gone at once normally; a process stuck in the kernel is left to subprocess's own reaping.
         await asyncio.wait_for(asyncio.shield(exited), REAP_TIMEOUT_S)
     except asyncio.TimeoutError:
-        log.error(logfmt(msg="process survived SIGKILL", argv=shlex.join(argv), pid=pid))
+        log.error(logfmt(msg="process survived SIGKILL", argv=shlex.join(argv), pid=proc.pid))
+    else:
+        proc.wait(0)
 
 
 async def run_nvidia_smi(argv: Sequence[str], timeout_s: float) -> str:
-    """Run one nvidia-smi query as a subprocess; kill it (and anything it started) past ``timeout_s``."""
+    """Run one nvidia-smi query as a subprocess; kill it (and anything it started) past ``timeout_s``, and
+    whatever it left in its process group once it has exited (a wrapper's child holding its output would
+    cost every reading PIPE_GRACE_S, and stay behind)."""
     try:
-        done = await run_process(argv, timeout_s)
+        done = await run_process(argv, timeout_s, kill_group=True)
     except OSError as e:
         raise GpuError(f"cannot run {argv[0]}: {e.strerror or e}") from e
     except ProcessTimeout:
