@@ -240,6 +240,10 @@ class ConsumerConfig:
     preload: bool = False
     #: Calls through its mount (/c/{name}/...) that are forwarded at once, besides GET, HEAD and OPTIONS.
     unscheduled: tuple[Unscheduled, ...] = ()
+    #: Unscheduled calls (through its mount, and /audio/ files) in flight at once; one more gets
+    #: too_many_requests. So is a WebSocket beyond ``max_websockets`` open at once through its mount.
+    max_unscheduled: int = 32
+    max_websockets: int = 32
 
     @property
     def started_by_command(self) -> bool:
@@ -266,6 +270,10 @@ class SchedulerConfig:
     max_body_mib: int = 64
     #: On SIGTERM, how long running jobs and holds may go on before the broker exits anyway.
     shutdown_timeout_s: float = 30.0
+    #: A request body must arrive whole within this (request_timeout otherwise).
+    body_timeout_s: float = 300.0
+    #: What all request bodies being read at once may hold in memory (too_many_requests beyond).
+    max_bodies_mib: int = 256
 
 
 @dataclass(frozen=True)
@@ -451,6 +459,8 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         "idle_unload_s",
         "preload",
         "unscheduled",
+        "max_unscheduled",
+        "max_websockets",
     )
     d = ck.mapping(raw, where, allowed, required=True)
     if not d:
@@ -541,6 +551,8 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         idle_unload_s=idle_unload_s,
         preload=preload is True,
         unscheduled=_parse_unscheduled(ck, d.get("unscheduled", []), where, paths),
+        max_unscheduled=ck.number(d, "max_unscheduled", where, 32, integer=True),
+        max_websockets=ck.number(d, "max_websockets", where, 32, integer=True),
     )
 
 
@@ -663,6 +675,11 @@ def parse_config(raw: Any) -> Config:
             for name, f in fields.items()
         }
     )
+    if scheduler.max_bodies_mib < scheduler.max_body_mib:
+        ck.problem(
+            "scheduler.max_bodies_mib",
+            f"must be at least max_body_mib ({scheduler.max_body_mib}): so large a body could never be read",
+        )
     h = ck.mapping(top.get("health"), "health", ("interval_s", "timeout_s"))
     health = HealthConfig(
         interval_s=ck.number(h, "interval_s", "health", 5.0, integer=False),
@@ -892,7 +909,9 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "unauthorized": (401, False),
     "forbidden": (403, False),
     "method_not_allowed": (405, False),
+    "request_timeout": (408, False),
     "payload_too_large": (413, False),
+    "too_many_requests": (429, True),
     "bad_config": (422, False),
     "consumer_unreachable": (502, True),
     "load_failed": (502, True),
@@ -935,7 +954,7 @@ class BrokerError(Exception):
             "consumer": self.consumer,
             "retryable": self.retryable,
         }
-        headers = {"Retry-After": str(self.retry_after)} if self.status == 503 else {}
+        headers = {"Retry-After": str(self.retry_after)} if self.status in (429, 503) else {}
         return web.json_response(body, status=self.status, headers=headers | self.headers)
 
 
@@ -1128,6 +1147,10 @@ METRIC_HELP = {
     "mgpumanager_idle_unloads_total": (
         "counter",
         "Consumers unloaded for being idle idle_unload_s, by consumer.",
+    ),
+    "mgpumanager_refused_total": (
+        "counter",
+        "Requests refused with too_many_requests, by consumer and the limit (its config key) that was full.",
     ),
     "mgpumanager_internal_errors_total": (
         "counter",
@@ -3148,6 +3171,13 @@ class Broker:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     #: Held while a reload reads and applies the config: one at a time.
     reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: In flight now, by consumer: unscheduled calls (mounts, /audio/) and WebSockets through mounts.
+    unscheduled: dict[str, int] = field(default_factory=dict)
+    websockets: dict[str, int] = field(default_factory=dict)
+    #: The limits found full, logged once until there is room again.
+    full: set[tuple[str, str]] = field(default_factory=set)
+    #: Bytes held by the request bodies being read now (at most scheduler.max_bodies_mib).
+    reading: int = 0
 
     def __post_init__(self) -> None:
         self.add_gpus()
@@ -3298,6 +3328,29 @@ class Broker:
         if state.healthy is False and not self.config.consumers[name].started_by_command:
             message = f"upstream {name} last probe failed: {state.last_error}"
             raise BrokerError(state.last_error_code, message, name)
+
+    @contextlib.contextmanager
+    def unscheduled_slot(self, consumer: ConsumerConfig, *, websocket: bool = False) -> Iterator[None]:
+        """Hold one of the consumer's ``max_unscheduled`` (or ``max_websockets``) slots while an unscheduled
+        call (or a WebSocket) is in flight; too_many_requests at once when none is free, so that traffic
+        that skips the lock can never take every connection of the broker's."""
+        counts = self.websockets if websocket else self.unscheduled
+        key = "max_websockets" if websocket else "max_unscheduled"
+        limit, name = getattr(consumer, key), consumer.name
+        if counts.get(name, 0) >= limit:
+            self.metrics.inc("mgpumanager_refused_total", consumer=name, limit=key)
+            if (name, key) not in self.full:
+                self.full.add((name, key))
+                log.warning(logfmt(msg="limit reached: refusing more", consumer=name, limit=key, value=limit))
+            what = "WebSockets open" if websocket else "unscheduled calls in flight"
+            message = f"{name} has {limit} {what} already (consumers.{name}.{key})"
+            raise BrokerError("too_many_requests", message, name)
+        counts[name] = counts.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            counts[name] -= 1
+            self.full.discard((name, key))
 
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         """Start background work the broker owns until it ends or the broker closes."""
@@ -3536,29 +3589,78 @@ async def handle_reload(request: web.Request) -> web.Response:
     return web.json_response({"reloaded": True, "changes": changes})
 
 
-async def read_body(request: web.Request, max_mib: int) -> bytes | bytearray:
-    """The whole request body, read before the job is queued, so a slow upload never holds the GPU."""
-    limit = max_mib * MiB
+async def read_body(request: web.Request, broker: Broker, consumer: str) -> bytearray:
+    """The whole request body, read before the job is queued, so a slow upload never holds the GPU.
+
+    One buffer, grown as bytes arrive (an announced Content-Length reserves nothing; a large body is still
+    held once, never joined from pieces). The body must arrive within ``body_timeout_s`` (request_timeout),
+    and all bodies being read at once may hold at most ``max_bodies_mib`` (too_many_requests).
+    """
+    cfg = broker.config.scheduler
+    limit, budget = cfg.max_body_mib * MiB, cfg.max_bodies_mib * MiB
     length = request.content_length
     if length is not None and length > limit:
         raise BrokerError(
-            "payload_too_large", f"request body of {length} bytes exceeds max_body_mib {max_mib}"
+            "payload_too_large", f"request body of {length} bytes exceeds max_body_mib {cfg.max_body_mib}"
         )
-    if length is not None:
-        # Straight into one buffer of the announced size: the body is copied once, never joined.
-        buffer, filled = bytearray(length), 0
-        async for chunk in request.content.iter_any():
-            buffer[filled : filled + len(chunk)] = chunk
-            filled += len(chunk)
-        if filled != length:
-            raise BrokerError("bad_request", "request body ended before its Content-Length")
-        return buffer
     body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise BrokerError("payload_too_large", f"request body exceeds max_body_mib {max_mib}")
+
+    async def fill() -> None:
+        async for chunk in request.content.iter_any():
+            if len(body) + len(chunk) > limit:
+                raise BrokerError(
+                    "payload_too_large", f"request body exceeds max_body_mib {cfg.max_body_mib}"
+                )
+            if broker.reading + len(chunk) > budget:
+                broker.metrics.inc("mgpumanager_refused_total", consumer=consumer, limit="max_bodies_mib")
+                log.warning(
+                    logfmt(msg="limit reached: body refused", consumer=consumer, limit="max_bodies_mib")
+                )
+                message = f"the bodies being read hold {cfg.max_bodies_mib} MiB already (max_bodies_mib)"
+                raise BrokerError("too_many_requests", message, consumer)
+            broker.reading += len(chunk)
+            body.extend(chunk)
+
+    try:
+        if request.content.is_eof():
+            await fill()  # it came whole with its headers (a small job's): nothing to wait for
+        else:
+            await asyncio.wait_for(fill(), cfg.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise BrokerError(
+            "request_timeout", f"the request body did not arrive within body_timeout_s {cfg.body_timeout_s:g}"
+        ) from None
+    finally:
+        broker.reading -= len(body)
+    if length is not None and len(body) != length:
+        raise BrokerError("bad_request", "request body ended before its Content-Length")
     return body
+
+
+async def expect_body(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` on the routes that read a body: what would be refused anyway (a body over
+    max_body_mib, a fragment, a missing token) is answered before any ``100 Continue``, so the client never
+    sends the body; the rest gets ``100 Continue`` as aiohttp would send it."""
+    broker = request.app[BROKER]
+    limit = broker.config.scheduler.max_body_mib
+    try:
+        check_target(request)
+        check_token(request)
+        length = request.content_length
+        if length is not None and length > limit * MiB:
+            raise BrokerError(
+                "payload_too_large", f"request body of {length} bytes exceeds max_body_mib {limit}"
+            )
+    except BrokerError as e:
+        response = e.response()
+        response.force_close()  # the client sends no body: no further request on this connection
+        return response
+    if request.version == aiohttp.HttpVersion11:
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text=f"unknown Expect: {request.headers.get('Expect', '')}")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # (as aiohttp's own handler: the answer has not begun)
+    return None
 
 
 async def handle_job(request: web.Request) -> web.StreamResponse:
@@ -3572,8 +3674,8 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
             raise BrokerError("not_found", f"no route for {request.method} {request.path}")
         message = f"{request.method} is not allowed on {request.path}"
         raise BrokerError("method_not_allowed", message, headers={"Allow": ", ".join(allowed)})
-    route(broker.config, kind)  # refuse early what cannot be served ...
-    body = await read_body(request, broker.config.scheduler.max_body_mib)
+    first = route(broker.config, kind)  # refuse early what cannot be served ...
+    body = await read_body(request, broker, first)
     name = route(broker.config, kind)  # ... and route for real after the body: a reload may have come
     broker.check_reachable(name)
     scheduler = broker.scheduler_for(name)
@@ -3711,9 +3813,11 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
         raise BrokerError("no_consumer", "no audio_proxy consumer is configured")
     path = audio_upstream_path(request.raw_path)
     broker.check_reachable(name)
+    consumer = broker.config.consumers[name]
     ex = Exchange()
     try:
-        return await broker.forward(request, ex, broker.config.consumers[name], request.method, path, None)
+        with broker.unscheduled_slot(consumer):
+            return await broker.forward(request, ex, consumer, request.method, path, None)
     finally:
         ex.close()
 
@@ -3734,7 +3838,7 @@ async def handle_mount(request: web.Request) -> web.StreamResponse:
     _refuse_own_routes(consumer, method, upstream_path)
     if method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
         return await proxy_websocket(request, broker, consumer, path_qs)
-    body = await read_body(request, broker.config.scheduler.max_body_mib) if request.body_exists else b""
+    body = await read_body(request, broker, name) if request.body_exists else b""
     consumer = broker.config.consumers.get(name)  # a reload may have come while the body was read
     if consumer is None:
         raise BrokerError("no_consumer", f"{name} is no longer configured", name)
@@ -3745,7 +3849,8 @@ async def handle_mount(request: web.Request) -> web.StreamResponse:
     ):
         ex = Exchange()
         try:
-            return await broker.forward(request, ex, consumer, method, path_qs, body or None)
+            with broker.unscheduled_slot(consumer):
+                return await broker.forward(request, ex, consumer, method, path_qs, body or None)
         finally:
             ex.close()
     scheduler = broker.scheduler_for(name)
@@ -3785,6 +3890,14 @@ async def proxy_websocket(
     if not client.can_prepare(request).ok:  # not a valid upgrade: the consumer is never bothered
         raise BrokerError("bad_request", "not a valid WebSocket upgrade request", consumer.name)
     broker.check_reachable(consumer.name)
+    with broker.unscheduled_slot(consumer, websocket=True):
+        return await _proxy_websocket(request, broker, consumer, path_qs)
+
+
+async def _proxy_websocket(
+    request: web.Request, broker: Broker, consumer: ConsumerConfig, path_qs: str
+) -> web.StreamResponse:
+    """The WebSocket's both sides, from the consumer's handshake to the end of the relay."""
     metrics = broker.scheduler_for(consumer.name).metrics
     headers = request_headers(request, strip_auth=broker.config.auth.token is not None)
     max_size = broker.config.scheduler.max_body_mib * MiB
@@ -4017,9 +4130,19 @@ async def handle_healthz(request: web.Request) -> web.Response:
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     """Own every resource: the client session, the GPU reader, the health task, the scheduler's holds."""
     config = app[CONFIG]
-    session = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+    # No pool limit, so nothing ever waits for a free connection: what bounds the connections is each
+    # consumer's max_concurrency (jobs), max_unscheduled and max_websockets.
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+    )
+    # The broker's own calls (health probes, loads, unloads) on a session of their own: however busy the
+    # consumers' traffic, a probe never queues behind it. Few: a probe per consumer per round, one load or
+    # unload per GPU at a time.
+    own = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+    )
     events = Events()
-    consumers = Consumers(config, session, events=events)
+    consumers = Consumers(config, own, events=events)
     broker = Broker(
         config=config,
         session=session,
@@ -4050,6 +4173,7 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         for reader in broker.gpus.values():
             await reader.close()
         await session.close()
+        await own.close()
 
 
 def create_app(config: Config, source: ConfigSource | None = None) -> web.Application:
@@ -4069,10 +4193,10 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     app.router.add_get("/v1/events", handle_events)
     app.router.add_post("/v1/reload", handle_reload)
     app.router.add_post("/v1/consumers/{name}/{action:unload|load}", handle_admin_consumer)
-    app.router.add_route("*", "/v1/{kind}", handle_job)
+    app.router.add_route("*", "/v1/{kind}", handle_job, expect_handler=expect_body)
     app.router.add_get("/audio/{path:.+}", handle_audio)
-    app.router.add_route("*", "/c/{name}", handle_mount)
-    app.router.add_route("*", "/c/{name}/{path:.*}", handle_mount)
+    app.router.add_route("*", "/c/{name}", handle_mount, expect_handler=expect_body)
+    app.router.add_route("*", "/c/{name}/{path:.*}", handle_mount, expect_handler=expect_body)
     return app
 
 

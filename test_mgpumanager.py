@@ -370,7 +370,8 @@ def test_every_number_is_finite_and_sane_naming_the_key(path, value, expected):
 
 def test_the_largest_sane_numbers_are_accepted():
     raw = base_raw()
-    raw["scheduler"] |= {"max_body_mib": 16384, "max_queue": 10000, "queue_timeout_s": 604800}
+    raw["scheduler"] |= {"max_body_mib": 16384, "max_bodies_mib": 16384, "max_queue": 10000}
+    raw["scheduler"] |= {"queue_timeout_s": 604800, "body_timeout_s": 604800}
     raw["consumers"]["mvoice"] |= {"vram_resident_mib": 1048576, "idle_unload_s": 0}
     raw["consumers"]["comfyui"]["gpu"] = 255
     raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["poll_s"] = 0.001
@@ -1417,9 +1418,13 @@ SPEC_ERRORS = {
     "unload_failed": 502,
     # Issue 4 (graceful shutdown):
     "shutting_down": 503,
+    # Issue 10 (limits):
+    "too_many_requests": 429,
+    "request_timeout": 408,
 }
 #: Retryable as the README documents it (load_failed and insufficient_vram as the issue says).
 SPEC_RETRYABLE = {c for c, st in SPEC_ERRORS.items() if st >= 500} - {"bad_consumer_url", "scheduler_error"}
+SPEC_RETRYABLE |= {"too_many_requests"}
 
 
 def error_of(status: int, headers: dict[str, str], body: bytes, code: str) -> dict[str, Any]:
@@ -1429,7 +1434,7 @@ def error_of(status: int, headers: dict[str, str], body: bytes, code: str) -> di
     assert data["error"] == code, data
     assert status == SPEC_ERRORS[code] and data["retryable"] is (code in SPEC_RETRYABLE)
     assert isinstance(data["message"], str) and data["message"]
-    if status == 503:
+    if status in (429, 503):
         assert headers["Retry-After"].isdigit()
     return data
 
@@ -1883,7 +1888,7 @@ def test_every_code_has_the_specified_status_and_one_shape():
         data = json.loads(resp.body)
         assert data == {"error": code, "message": "why", "consumer": "c", "retryable": code in SPEC_RETRYABLE}
         assert resp.status == status
-        assert ("Retry-After" in resp.headers) == (status == 503)
+        assert ("Retry-After" in resp.headers) == (status in (429, 503))
 
 
 async def test_a_crash_in_a_handler_is_scheduler_error_in_the_shape_and_counted(rig):
@@ -2714,6 +2719,95 @@ async def test_no_target_trick_walks_around_a_guard(rig, caplog):
     assert r.sims["comfyui"].records == []
     own = {"/api/admin/unload", "/api/admin/load"}
     assert not [(method, path) for method, path in seen if lenient(path) in own], seen
+
+
+async def test_idle_websockets_and_hanging_reads_never_starve_probes_or_jobs():
+    """Item 4 of issue 10: with one pool of 100 connections, 100 idle WebSockets (ComfyUI tabs) or hanging
+    GETs made the consumer's probe fail and delayed everyone's GPU jobs. Here 60 + 60 to consumer a, for
+    several health rounds: a stays healthy, jobs of a and b are served, and one more of each is refused."""
+    gate = asyncio.Event()
+    probes = [0]
+
+    async def health(request: web.Request) -> web.Response:
+        probes[0] += 1
+        return web.Response(text="ok")
+
+    async def hang(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.Response(text="late")
+
+    async def idle_socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        return ws
+
+    async def work(request: web.Request) -> web.Response:
+        return web.json_response({"done": True})
+
+    routes = [("GET", "/hang", hang), ("GET", "/ws", idle_socket), ("POST", "/work", work)]
+    async with (
+        StandIn([("GET", "/health", health), *routes]) as a,
+        StandIn([("GET", "/health", _ok), ("POST", "/work", work)]) as b,
+    ):
+        raw = {
+            "listen": "127.0.0.1:0",
+            "gpu": {"nvidia_smi": "false"},  # consumers of 0 MiB: no GPU reading
+            "health": {"interval_s": 0.05, "timeout_s": 1},
+            "routing": {"ja": "a", "jb": "b"},
+            "consumers": {
+                name: {
+                    "url": stand_in.url,
+                    "health": {"path": "/health"},
+                    "paths": {f"j{name}": {"path": "/work"}},
+                    "vram_resident_mib": 0,
+                    "max_unscheduled": 60,
+                    "max_websockets": 60,
+                }
+                for name, stand_in in (("a", a), ("b", b))
+            },
+        }
+        app = m.create_app(m.parse_config(raw))
+        server = TestServer(app, host="127.0.0.1", port=0)
+        await server.start_server()
+        broker = app[m.BROKER]
+        client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        sockets: list[aiohttp.ClientWebSocketResponse] = []
+        hanging: list[asyncio.Future[Any]] = []
+        try:
+            for _ in range(60):
+                sockets.append(await client.ws_connect(server.make_url("/c/a/ws")))
+            hanging = [asyncio.ensure_future(client.get(server.make_url("/c/a/hang"))) for _ in range(60)]
+            await until(lambda: broker.unscheduled.get("a") == 60 and broker.websockets.get("a") == 60)
+            seen = probes[0]
+            await until(lambda: probes[0] >= seen + 5)  # several health rounds, all while a is this busy
+            assert broker.consumers.states["a"].healthy is True
+            for kind in ("ja", "jb", "ja"):
+                async with client.post(server.make_url(f"/v1/{kind}"), json={}) as resp:
+                    assert resp.status == 200 and await resp.json() == {"done": True}
+            async with client.get(server.make_url("/c/a/hang")) as resp:
+                data = error_of(resp.status, dict(resp.headers), await resp.read(), "too_many_requests")
+            assert "consumers.a.max_unscheduled" in data["message"]
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await client.ws_connect(server.make_url("/c/a/ws"))
+            assert refused.value.status == 429
+            async with client.get(server.make_url("/c/b/health")) as resp:
+                assert resp.status == 200  # b's own traffic is b's: not limited by a's
+            assert broker.consumers.states["a"].healthy is True and broker.scheduler.stats.completed == 3
+        finally:
+            gate.set()
+            for answer in await asyncio.gather(*hanging, return_exceptions=True):
+                if isinstance(answer, aiohttp.ClientResponse):
+                    answer.release()
+            for ws in sockets:
+                await ws.close()
+            await client.close()
+            await server.close()
+        text = broker.metrics.render([])
+        assert 'mgpumanager_refused_total{consumer="a",limit="max_unscheduled"} 1' in text
+        assert 'mgpumanager_refused_total{consumer="a",limit="max_websockets"} 1' in text
+        assert broker.unscheduled == {"a": 0, "b": 0} and broker.websockets == {"a": 0}
 
 
 async def test_broker_shutting_down_closes_open_websockets_going_away(rig):
@@ -4862,6 +4956,117 @@ async def test_a_reload_during_an_upload_is_no_consumer_and_the_books_balance(ri
     writer.close()
     assert head.startswith(b"HTTP/1.1 404")
     assert books_balance(r.broker.scheduler) and r.stats.jobs == 0
+
+
+async def _partial_post(
+    r_host: str, port: int, target: str, length: int, sent: bytes, *, extra: str = ""
+) -> Any:
+    """A connection that announces ``length`` bytes of body and sends ``sent``; its (reader, writer)."""
+    reader, writer = await asyncio.open_connection(r_host, port)
+    head = f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n{extra}\r\n"
+    writer.write(head.encode() + sent)
+    await writer.drain()
+    return reader, writer
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, Any]]:
+    """One HTTP answer from a raw connection: its status line and its JSON body (by its Content-Length)."""
+    status = await asyncio.wait_for(reader.readline(), 10)
+    length = 0
+    while (line := await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return status, json.loads(await asyncio.wait_for(reader.readexactly(length), 10))
+
+
+async def test_announcing_a_body_allocates_nothing_bodies_grow_as_they_arrive(rig):
+    """Item 5 of issue 10: 40 connections announcing 16 MiB and sending 70 bytes took the broker from 48 to
+    689 MiB (a buffer of the announced size each, at once)."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        assert (await daemon.status(r.session))["scheduler"]["stats"]["jobs"] == 0
+        before = peak_rss_mib(daemon.proc.pid)
+        conns = [
+            await _partial_post("127.0.0.1", daemon.port, "/v1/stt", 16 * m.MiB, b"x" * 70) for _ in range(40)
+        ]
+        try:
+            await asyncio.sleep(0.3)
+            async with r.session.post(daemon.url("/v1/stt"), data=b"ok") as resp:  # served meanwhile
+                assert resp.status == 200
+            grown = peak_rss_mib(daemon.proc.pid) - before
+        finally:
+            for _, writer in conns:
+                writer.close()
+    print(f"peak RSS grew {grown:.1f} MiB with 40 bodies of 16 MiB announced")
+    assert grown < 64, grown  # 640 MiB if the announced sizes were allocated
+
+
+async def test_a_body_must_arrive_within_body_timeout_s(rig):
+    def quick(raw: dict[str, Any]) -> None:
+        raw["scheduler"]["body_timeout_s"] = 0.3
+
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=quick)
+    reader, writer = await _partial_post(r.server.host, r.server.port, "/v1/stt", 100, b"slow")
+    try:
+        status, body = await read_answer(reader)
+    finally:
+        writer.close()
+    assert status.startswith(b"HTTP/1.1 408")
+    assert body["error"] == "request_timeout" and "body_timeout_s 0.3" in body["message"]
+    assert r.stats.jobs == 0 and r.broker.reading == 0 and r.sims["mvoice"].records == []
+
+
+async def test_bodies_being_read_at_once_hold_at_most_max_bodies_mib(rig):
+    def small(raw: dict[str, Any]) -> None:
+        raw["scheduler"] |= {"max_body_mib": 1, "max_bodies_mib": 1}
+
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=small)
+    big = b"a" * m.MiB
+    reader, writer = await _partial_post(r.server.host, r.server.port, "/v1/stt", len(big), big[:-1000])
+    try:
+        await until(lambda: r.broker.reading == len(big) - 1000)
+        async with r.session.post(r.url("/v1/stt"), data=b"b" * 2000) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "too_many_requests")
+        assert "max_bodies_mib" in data["message"] and data["consumer"] == "mvoice"
+        writer.write(big[-1000:])
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+    assert [len(rec.body) for rec in r.sims["mvoice"].records] == [len(big)]
+    assert r.broker.reading == 0 and r.stats.jobs == 1
+
+
+@pytest.mark.parametrize(
+    ("target", "length", "first"),
+    [
+        ("/v1/stt", 65 * m.MiB, b"HTTP/1.1 413"),
+        ("/c/ollama/api/chat", 65 * m.MiB, b"HTTP/1.1 413"),
+        ("/v1/stt#x", 5, b"HTTP/1.1 400"),
+        ("/v1/stt", 5, b"HTTP/1.1 100 Continue"),
+    ],
+)
+async def test_expect_100_continue_is_refused_before_any_continue(rig, target, length, first):
+    """Item 5 of issue 10: a body over max_body_mib got `100 Continue` first, so the client sent it."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    reader, writer = await _partial_post(
+        r.server.host, r.server.port, target, length, b"", extra="Expect: 100-continue\r\n"
+    )
+    try:
+        if first.endswith(b"Continue"):
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(first)
+            await asyncio.wait_for(reader.readline(), 10)  # the blank line after 100 Continue
+            writer.write(b"hello")
+            await writer.drain()
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
+        else:
+            status, body = await read_answer(reader)
+            assert status.startswith(first)
+            assert body["error"] == {b"413": "payload_too_large", b"400": "bad_request"}[first[9:12]]
+    finally:
+        writer.close()
+    assert r.stats.jobs == (1 if first.endswith(b"Continue") else 0)
 
 
 def peak_rss_mib(pid: int) -> float:
