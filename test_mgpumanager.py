@@ -4349,6 +4349,21 @@ def test_a_command_gets_exactly_stdin_stdout_and_stderr_on_either_loop(tmp_path,
     assert returned_at_exit and "left its output open" not in caplog.text
 
 
+async def test_without_pidfds_a_process_exit_is_polled_for(monkeypatch, tmp_path):
+    """Kernels before 5.3 (and some sandboxes) have no pidfd: the exit is learnt by polling waitid."""
+
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    done = await m.run_process(["sh", "-c", "echo out; echo err >&2; exit 3"], 5)
+    assert (done.returncode, done.stdout, done.stderr) == (3, b"out\n", b"err\n")
+    pids = tmp_path / "pids"
+    with pytest.raises(m.ProcessTimeout):
+        await m.run_process(["sh", "-c", f"echo $$ > {pids}; sleep 30"], 0.3)
+    await until(lambda: not running(int(pids.read_text())), 5)
+
+
 async def test_nvidia_smi_leaving_a_child_behind_has_it_killed_once_it_exited(tmp_path, caplog):
     """Item 9 of issue 10: a wrapper whose child keeps the output open cost every reading 0.5 s and left an
     orphan per reading. A load command's service, by contrast, is left running (test above)."""
