@@ -55,6 +55,8 @@ import re
 import shlex
 import signal
 import socket
+import stat
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
@@ -124,6 +126,21 @@ CONNECT_TIMEOUT_S = 10.0
 #: A proxied WebSocket pings both sides this often: a peer gone without a close (a laptop put to sleep) is
 #: noticed within about twice this, not at TCP keepalive's two hours.
 WEBSOCKET_HEARTBEAT_S = 30.0
+#: A config file larger than this is refused unread (mrock's is 6 KiB): parsing is slow and memory-hungry.
+MAX_CONFIG_BYTES = 256 * 1024
+#: A config whose nodes and scalar characters, with every alias expanded, exceed this is refused (an alias
+#: "bomb" of 1 KiB can stand for gigabytes once expanded, say in an unload body sent as JSON).
+MAX_CONFIG_EXPANSION = 1024 * 1024
+#: A reload reads and checks the config in a thread; one that takes longer than this is refused.
+CONFIG_READ_TIMEOUT_S = 20.0
+#: A token file larger than this is refused (it is no token).
+MAX_TOKEN_FILE_BYTES = 4096
+#: The largest value of every number the loader reads, by kind: durations (keys ending in ``_s``; also at
+#: least a millisecond when not 0), body sizes (``max_body_mib``, ``max_bodies_mib``), memory sizes (other
+#: ``_mib`` keys), GPU indexes (``index``, ``gpu``) and counts (every other number).
+NUMBER_LIMITS = {"duration": 7 * 86400, "body": 16384, "memory": 1024 * 1024, "gpu": 255, "count": 10000}
+NUMBER_UNITS = {"duration": " s", "body": " MiB", "memory": " MiB", "gpu": "", "count": ""}
+MIN_DURATION_S = 0.001
 
 GPU_FIELDS = (
     "index",
@@ -147,6 +164,18 @@ class Route:
     #: Sent as JSON when not None.
     body: Any = None
     timeout_s: float = 60.0
+    #: ``body`` as it is sent, serialised once (the loader refuses a body that JSON cannot express).
+    data: bytes | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.body is not None and self.data is None:
+            object.__setattr__(self, "data", json_body(self.body))
+
+
+def json_body(body: Any) -> bytes:
+    """A load or unload body as sent: JSON (no NaN or Infinity, which JSON lacks); ValueError, TypeError or
+    RecursionError when it cannot be."""
+    return json.dumps(body, allow_nan=False).encode()
 
 
 @dataclass(frozen=True)
@@ -231,6 +260,10 @@ class ConsumerConfig:
     unscheduled: tuple[Unscheduled, ...] = ()
     #: How its processes are recognised in the GPU's process list: then its memory is measured.
     processes: ProcessMatch | None = None
+    #: Unscheduled calls (through its mount, and /audio/ files) in flight at once; one more gets
+    #: too_many_requests. So is a WebSocket beyond ``max_websockets`` open at once through its mount.
+    max_unscheduled: int = 32
+    max_websockets: int = 32
 
     @property
     def started_by_command(self) -> bool:
@@ -257,6 +290,10 @@ class SchedulerConfig:
     max_body_mib: int = 64
     #: On SIGTERM, how long running jobs and holds may go on before the broker exits anyway.
     shutdown_timeout_s: float = 30.0
+    #: A request body must arrive whole within this (request_timeout otherwise).
+    body_timeout_s: float = 300.0
+    #: What all request bodies being read at once may hold in memory (too_many_requests beyond).
+    max_bodies_mib: int = 256
 
 
 @dataclass(frozen=True)
@@ -296,6 +333,17 @@ class ConfigError(Exception):
 _REQUIRED = object()
 
 
+def number_kind(key: str) -> str:
+    """Which of NUMBER_LIMITS bounds the number under ``key``."""
+    if key.endswith("_s"):
+        return "duration"
+    if key in ("max_body_mib", "max_bodies_mib"):
+        return "body"
+    if key.endswith("_mib"):
+        return "memory"
+    return "gpu" if key in ("index", "gpu") else "count"
+
+
 class _Checker:
     """Collects every problem of a raw config instead of stopping at the first."""
 
@@ -324,7 +372,8 @@ class _Checker:
     def number(
         self, d: dict, key: str, where: str, default: Any, *, integer: bool, zero_ok: bool = False
     ) -> Any:
-        """A positive number (or >= 0 with ``zero_ok``); ``integer`` refuses fractions."""
+        """A positive number (or >= 0 with ``zero_ok``), finite and within NUMBER_LIMITS for its kind;
+        ``integer`` refuses fractions."""
         value = d.get(key, default)
         if value is _REQUIRED:
             self.problem(f"{where}.{key}", "missing")
@@ -335,8 +384,17 @@ class _Checker:
                 f"{where}.{key}", f"must be {'an integer' if integer else 'a number'}, not {value!r}"
             )
             return default if default is not _REQUIRED else 0
+        if isinstance(value, float) and not math.isfinite(value):  # (math.isfinite(10**400) overflows)
+            self.problem(f"{where}.{key}", f"must be a finite number, not {value!r}")
+            return default if default is not _REQUIRED else 0
+        kind = number_kind(key)
+        high, unit = NUMBER_LIMITS[kind], NUMBER_UNITS[kind]
         if value < 0 or (value == 0 and not zero_ok):
             self.problem(f"{where}.{key}", f"must be {'>= 0' if zero_ok else 'positive'}, not {value!r}")
+        elif value > high:
+            self.problem(f"{where}.{key}", f"must be at most {high}{unit}, not {value!r}")
+        elif kind == "duration" and 0 < value < MIN_DURATION_S:
+            self.problem(f"{where}.{key}", f"must be at least {MIN_DURATION_S:g} s, not {value!r}")
         return value
 
     def string(self, d: dict, key: str, where: str, default: Any = _REQUIRED) -> str:
@@ -377,7 +435,14 @@ def _parse_route(ck: _Checker, raw: Any, where: str, default_method: str, *, ext
     method = ck.method(d, where, default_method)
     path = ck.path(d, where)
     timeout_s = ck.number(d, "timeout_s", where, 60.0, integer=False) if extra else 60.0
-    return Route(method=method, path=path, body=d.get("body"), timeout_s=timeout_s)
+    body, data = d.get("body"), None
+    if body is not None:
+        try:
+            data = json_body(body)  # once, here: never again at each call
+        except (ValueError, TypeError, RecursionError) as e:
+            ck.problem(f"{where}.body", f"cannot be sent as JSON ({type(e).__name__}: {str(e)[:100]})")
+            body = None
+    return Route(method=method, path=path, body=body, timeout_s=timeout_s, data=data)
 
 
 def _parse_action(ck: _Checker, raw: Any, where: str) -> Route | Command | None:
@@ -415,6 +480,8 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         "preload",
         "unscheduled",
         "processes",
+        "max_unscheduled",
+        "max_websockets",
     )
     d = ck.mapping(raw, where, allowed, required=True)
     if not d:
@@ -427,8 +494,12 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
             bad_port = False
         except ValueError:
             bad_port = True
-        if parts.scheme not in ("http", "https") or not parts.hostname or bad_port:
-            ck.problem(f"{where}.url", f"must be an http(s) URL with a host, not {url!r}")
+        if "@" in parts.netloc:
+            # Never echoed: it holds a password. /v1/status shows every URL to anyone who may ask.
+            ck.problem(f"{where}.url", "must not carry a user or password (user:password@host): it is shown")
+        elif parts.scheme not in ("http", "https") or not parts.hostname or bad_port:
+            shown = repr(url) if "@" not in url else "this one (not shown: it has an '@')"
+            ck.problem(f"{where}.url", f"must be an http(s) URL with a host, not {shown}")
         elif parts.query or parts.fragment:
             ck.problem(f"{where}.url", "must not carry a query string or fragment")
     health = _parse_route(ck, d.get("health"), f"{where}.health", "GET", extra=False)
@@ -502,6 +573,8 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         preload=preload is True,
         unscheduled=_parse_unscheduled(ck, d.get("unscheduled", []), where, paths),
         processes=_parse_processes(ck, d["processes"], where) if "processes" in d else None,
+        max_unscheduled=ck.number(d, "max_unscheduled", where, 32, integer=True),
+        max_websockets=ck.number(d, "max_websockets", where, 32, integer=True),
     )
 
 
@@ -542,6 +615,28 @@ def _parse_unscheduled(
     return tuple(out)
 
 
+def read_token_file(path: str) -> str:
+    """The token in a regular file of at most MAX_TOKEN_FILE_BYTES (never a FIFO or a device, which could
+    hang or never end); ValueError otherwise. A file others may read is accepted with a warning."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # opening a FIFO does not wait
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError("is not a regular file")
+        data = os.read(fd, MAX_TOKEN_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TOKEN_FILE_BYTES:
+        raise ValueError(f"is larger than {MAX_TOKEN_FILE_BYTES} bytes: no token is that long")
+    if mode & stat.S_IROTH:
+        # (logfmt by hand: logfmt() comes in a later section)
+        log.warning(f'msg="token file is readable by others" path={json.dumps(path)} mode={mode & 0o777:o}')
+    try:
+        return data.decode().strip()
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
+
+
 def _parse_auth(ck: _Checker, raw: Any) -> AuthConfig:
     """auth.token, or auth.token_file (read now, so a secret can live outside the config)."""
     d = ck.mapping(raw, "auth", ("token", "token_file"))
@@ -556,9 +651,12 @@ def _parse_auth(ck: _Checker, raw: Any) -> AuthConfig:
     elif "token_file" in d:
         path = ck.string(d, "token_file", "auth")
         try:
-            token = Path(path).read_text().strip() if path else ""
+            token = read_token_file(path) if path else ""
         except OSError as e:
             ck.problem("auth.token_file", f"cannot read {path}: {e.strerror or e}")
+            return AuthConfig()
+        except ValueError as e:
+            ck.problem("auth.token_file", f"{path} {e}")
             return AuthConfig()
     if token is not None and (len(token) < MIN_TOKEN_LENGTH or not token.isprintable() or " " in token):
         key = "auth.token" if "token" in d else "auth.token_file"
@@ -612,6 +710,11 @@ def parse_config(raw: Any) -> Config:
             for name, f in fields.items()
         }
     )
+    if scheduler.max_bodies_mib < scheduler.max_body_mib:
+        ck.problem(
+            "scheduler.max_bodies_mib",
+            f"must be at least max_body_mib ({scheduler.max_body_mib}): so large a body could never be read",
+        )
     h = ck.mapping(top.get("health"), "health", ("interval_s", "timeout_s"))
     health = HealthConfig(
         interval_s=ck.number(h, "interval_s", "health", 5.0, integer=False),
@@ -684,18 +787,94 @@ def parse_config(raw: Any) -> Config:
     )
 
 
-def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Read and validate a YAML config; ``overrides`` maps dotted keys (``gpu.nvidia_smi``) to values."""
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (the pure-Python one: LibYAML's crashes on deep nesting), refusing duplicate keys,
+    recursive aliases and documents that their aliases expand beyond MAX_CONFIG_EXPANSION."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            check_nodes(node)
+        return node
+
+
+def check_nodes(root: yaml.Node) -> None:
+    """Walk the composed document once per node (iteratively, whatever its depth): a mapping that repeats
+    a key (YAML would keep the last one silently), an alias inside its own anchor, or a document whose
+    nodes and scalar characters, every alias expanded, exceed MAX_CONFIG_EXPANSION, is a ComposerError."""
+    expanded: dict[int, int] = {}  # id(node) -> its size with every alias expanded
+    open_nodes: set[int] = set()  # the nodes whose children are being walked: an alias to one is a loop
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        children = (
+            [n for pair in node.value for n in pair]
+            if isinstance(node, yaml.MappingNode)
+            else node.value
+            if isinstance(node, yaml.SequenceNode)
+            else []
+        )
+        if children_done:
+            open_nodes.discard(id(node))
+            size = 1 + (len(node.value) if isinstance(node, yaml.ScalarNode) else 0)
+            size += sum(expanded[id(child)] for child in children)
+            if size > MAX_CONFIG_EXPANSION:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"its aliases expand it beyond {MAX_CONFIG_EXPANSION} nodes and characters",
+                    node.start_mark,
+                )
+            expanded[id(node)] = size
+            continue
+        if id(node) in expanded:
+            continue
+        if id(node) in open_nodes:
+            raise yaml.composer.ComposerError(
+                None, None, "found an alias inside its own anchor", node.start_mark
+            )
+        if isinstance(node, yaml.MappingNode):
+            seen: set[tuple[str, str]] = set()
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if (key.tag, key.value) in seen:
+                        raise yaml.composer.ComposerError(
+                            None, None, f"found a duplicate key {key.value!r}", key.start_mark
+                        )
+                    seen.add((key.tag, key.value))
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in expanded)
+
+
+def read_config(path: str | Path) -> Any:
+    """The YAML document in ``path`` (at most MAX_CONFIG_BYTES); every failure is a one-line ConfigError."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        with open(path, "rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError([f"{path}: {e.strerror or e}"]) from e
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES} bytes: not read (is it the config?)"])
+    try:
+        return yaml.load(data, Loader=ConfigLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         # Where, but not the line itself: it may hold a secret.
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or "syntax error"
+        if mark is None and isinstance(getattr(e, "position", None), int):
+            where = f" at byte {e.position}"  # type: ignore[attr-defined] (a ReaderError: not UTF-8, say)
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or "syntax error"
         raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from e
+    except RecursionError as e:
+        raise ConfigError([f"{path}: not valid YAML: nested too deeply"]) from e
+    except Exception as e:  # a value PyYAML cannot build (a 5,000-digit number, February 30th, ...)
+        raise ConfigError([f"{path}: not valid YAML: {type(e).__name__}: {str(e)[:200]}"]) from e
+
+
+def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config; ``overrides`` maps dotted keys (``gpu.nvidia_smi``) to values."""
+    raw = read_config(path)
     for dotted, value in (overrides or {}).items():
         if not isinstance(raw, dict):
             break
@@ -765,7 +944,9 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "unauthorized": (401, False),
     "forbidden": (403, False),
     "method_not_allowed": (405, False),
+    "request_timeout": (408, False),
     "payload_too_large": (413, False),
+    "too_many_requests": (429, True),
     "bad_config": (422, False),
     "consumer_unreachable": (502, True),
     "load_failed": (502, True),
@@ -808,7 +989,7 @@ class BrokerError(Exception):
             "consumer": self.consumer,
             "retryable": self.retryable,
         }
-        headers = {"Retry-After": str(self.retry_after)} if self.status == 503 else {}
+        headers = {"Retry-After": str(self.retry_after)} if self.status in (429, 503) else {}
         return web.json_response(body, status=self.status, headers=headers | self.headers)
 
 
@@ -1025,6 +1206,10 @@ METRIC_HELP = {
         "counter",
         "Consumers unloaded for being idle idle_unload_s, by consumer.",
     ),
+    "mgpumanager_refused_total": (
+        "counter",
+        "Requests refused with too_many_requests, by consumer and the limit (its config key) that was full.",
+    ),
     "mgpumanager_internal_errors_total": (
         "counter",
         "Bugs in the broker (each also logged with a traceback).",
@@ -1223,85 +1408,162 @@ class ProcessTimeout(Exception):
     """A subprocess ran past its time and was killed, with its process group."""
 
 
-class _Captured(asyncio.SubprocessProtocol):
-    """What a subprocess writes, its last ``limit`` bytes per stream (a chatty one cannot fill memory),
-    and when it exited and when its output ended."""
+class _Tail(asyncio.Protocol):
+    """The last ``limit`` bytes one output of a subprocess writes (a chatty one cannot fill memory), and
+    when that output ended (every process holding it closed it)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.output: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
-        loop = asyncio.get_running_loop()
-        self.exited: asyncio.Future[None] = loop.create_future()
-        self.closed: dict[int, asyncio.Future[None]] = {1: loop.create_future(), 2: loop.create_future()}
+        self.data = bytearray()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
-        kept = self.output[fd]
-        kept += data
-        if len(kept) > self.limit:
-            del kept[: len(kept) - self.limit]
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) > self.limit:
+            del self.data[: len(self.data) - self.limit]
 
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        if fd in self.closed and not self.closed[fd].done():
-            self.closed[fd].set_result(None)
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself
 
-    def process_exited(self) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class _Exit:
+    """Learns when a child process exits, without reaping it (so that its process group is still its own):
+    its pidfd becomes readable; where the kernel has no pidfds, ``waitid`` is polled."""
+
+    POLL_S = 0.01
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[None] = self.loop.create_future()
+        self._pidfd: int | None = None
+        self._poller: asyncio.Task[None] | None = None
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # not Linux 5.3+ (or a sandbox without it)
+            self._poller = self.loop.create_task(self._poll())
+        else:
+            self.loop.add_reader(self._pidfd, self._done)
+
+    def _done(self) -> None:
         if not self.exited.done():
             self.exited.set_result(None)
+        if self._pidfd is not None:
+            self.loop.remove_reader(self._pidfd)
+
+    async def _poll(self) -> None:
+        # WNOHANG: never blocks; without a pidfd there is no event to wait for.
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        while os.waitid(os.P_PID, self.pid, flags) is None:  # noqa: ASYNC110, ASYNC222
+            await asyncio.sleep(self.POLL_S)
+        self._done()
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            self.loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._poller is not None:
+            self._poller.cancel()
 
 
-async def run_process(argv: Sequence[str], timeout_s: float, *, limit: int = OUTPUT_LIMIT) -> Finished:
+async def run_process(
+    argv: Sequence[str], timeout_s: float, *, limit: int = OUTPUT_LIMIT, kill_group: bool = False
+) -> Finished:
     """Run a program without a shell, stdin from /dev/null, its output captured (bounded).
+
+    It gets exactly stdin, stdout and stderr and no other file descriptor of the broker's, whichever the
+    event loop: it is started by ``subprocess.Popen`` (``close_fds``), not by the loop (uvloop's spawning
+    leaves the child copies of its pipes, so a service a command starts in the background, its output
+    redirected, would still hold the broker's pipes open). Its output goes through socket pairs the loop
+    reads.
 
     It gets a process group of its own: if it has not exited after ``timeout_s`` (or when the caller is
     cancelled) the whole group is SIGKILLed and reaped, so nothing it started outlives it. Once it has
-    exited, whatever it left running (a service it started, holding the pipes) is left alone; its output
-    is read for PIPE_GRACE_S more at most. OSError when it cannot be started, ProcessTimeout when killed.
+    exited, whatever it left running (a service it started, holding the output) is left alone, unless
+    ``kill_group`` (nvidia-smi: nothing it starts may outlive it); its output is read for PIPE_GRACE_S more
+    at most. OSError when it cannot be started, ProcessTimeout when killed.
     """
     loop = asyncio.get_running_loop()
-    transport, captured = await loop.subprocess_exec(
-        lambda: _Captured(limit),
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,  # its own process group, so a kill reaches its children too
-    )
+    pairs = [socket.socketpair(), socket.socketpair()]  # (ours, its) for stdout and stderr; CLOEXEC
+    ours = [pair[0] for pair in pairs]
     try:
         try:
-            await asyncio.wait_for(asyncio.shield(captured.exited), timeout_s)
+            # Returns once the program runs (fork and exec, as the loop's own subprocess_exec does).
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=pairs[0][1].fileno(),
+                stderr=pairs[1][1].fileno(),
+                close_fds=True,
+                start_new_session=True,  # its own process group, so a kill reaches its children too
+            )
+        finally:
+            for pair in pairs:
+                pair[1].close()
+    except BaseException:
+        for sock in ours:
+            sock.close()
+        raise
+    watch = _Exit(proc.pid)
+    transports: list[asyncio.BaseTransport] = []
+    try:
+        tails = []
+        for sock in list(ours):
+            transport, tail = await loop.connect_read_pipe(functools.partial(_Tail, limit), sock)
+            ours.remove(sock)  # the transport closes it now
+            transports.append(transport)
+            tails.append(tail)
+        try:
+            await asyncio.wait_for(asyncio.shield(watch.exited), timeout_s)
         except (asyncio.TimeoutError, asyncio.CancelledError) as e:
-            await _kill_group(transport.get_pid(), captured.exited, argv)
+            await _kill_group(proc, watch.exited, argv)
             if isinstance(e, asyncio.CancelledError):
                 raise
             raise ProcessTimeout(f"{argv[0]} did not finish within {timeout_s:g} s (killed)") from None
+        if kill_group:
+            # Its leader exited but is not reaped yet: the group is still its own to kill.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        returncode = proc.wait(0)  # it has exited: reaping it does not wait
         try:
-            await asyncio.wait_for(asyncio.gather(*captured.closed.values()), PIPE_GRACE_S)
+            await asyncio.wait_for(asyncio.gather(*(t.closed for t in tails)), PIPE_GRACE_S)
         except asyncio.TimeoutError:
-            log.info(
-                logfmt(msg="process left its output open", argv=shlex.join(argv), pid=transport.get_pid())
-            )
-        returncode = transport.get_returncode()
-        assert returncode is not None
-        return Finished(returncode, bytes(captured.output[1]), bytes(captured.output[2]))
+            log.info(logfmt(msg="process left its output open", argv=shlex.join(argv), pid=proc.pid))
+        return Finished(returncode, bytes(tails[0].data), bytes(tails[1].data))
     finally:
-        transport.close()  # our ends of the pipes; never the process group of a command that exited
+        watch.close()
+        for transport in transports:
+            transport.close()  # our ends; never the process group of a command that exited
+        for sock in ours:
+            sock.close()
 
 
-async def _kill_group(pid: int, exited: asyncio.Future[None], argv: Sequence[str]) -> None:
-    """SIGKILL a process's group and wait for it to be reaped (bounded)."""
+async def _kill_group(
+    proc: subprocess.Popen[bytes], exited: asyncio.Future[None], argv: Sequence[str]
+) -> None:
+    """SIGKILL a process's group and wait for it to exit (bounded), then reap it."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
     try:
-        # Reaped at once normally; a process stuck in the kernel is left to the child watcher.
+        # Gone at once normally; a process stuck in the kernel is left to subprocess's own reaping.
         await asyncio.wait_for(asyncio.shield(exited), REAP_TIMEOUT_S)
     except asyncio.TimeoutError:
-        log.error(logfmt(msg="process survived SIGKILL", argv=shlex.join(argv), pid=pid))
+        log.error(logfmt(msg="process survived SIGKILL", argv=shlex.join(argv), pid=proc.pid))
+    else:
+        proc.wait(0)
 
 
 async def run_nvidia_smi(argv: Sequence[str], timeout_s: float) -> str:
-    """Run one nvidia-smi query as a subprocess; kill it (and anything it started) past ``timeout_s``."""
+    """Run one nvidia-smi query as a subprocess; kill it (and anything it started) past ``timeout_s``, and
+    whatever it left in its process group once it has exited (a wrapper's child holding its output would
+    cost every reading PIPE_GRACE_S, and stay behind)."""
     try:
-        done = await run_process(argv, timeout_s)
+        done = await run_process(argv, timeout_s, kill_group=True)
     except OSError as e:
         raise GpuError(f"cannot run {argv[0]}: {e.strerror or e}") from e
     except ProcessTimeout:
@@ -1761,9 +2023,10 @@ class Consumers:
     async def _call(self, c: ConsumerConfig, route: Route, what: str) -> None:
         url = c.url + route.path
         timeout = aiohttp.ClientTimeout(total=route.timeout_s)
+        headers = {"Content-Type": "application/json"} if route.data is not None else None
         try:
             async with self.session.request(
-                route.method, url, json=route.body, timeout=timeout, allow_redirects=False
+                route.method, url, data=route.data, headers=headers, timeout=timeout, allow_redirects=False
             ) as resp:
                 body = await resp.content.read(2000)
                 if not 200 <= resp.status < 300:
@@ -3365,9 +3628,46 @@ def hold_poller(
     return poll
 
 
+#: RFC 3986's unreserved characters: percent-encoding one of them changes nothing (section 6.2.2.2).
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def normal_path(raw: str) -> str:
+    """A request path in RFC 3986 normal form: escapes of unreserved characters decoded (``%75`` is ``u``),
+    the others' hex digits in upper case; ValueError for a '%' that starts no escape.
+
+    Guards look at this form and it is what the consumer gets: what a guard matched is what is forwarded.
+    """
+    if "%" not in raw:
+        return raw
+    if _BAD_ESCAPE.search(raw):
+        raise ValueError("malformed percent-encoding")
+
+    def one(match: re.Match[str]) -> str:
+        char = chr(int(match.group(1), 16))
+        return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+    return _ESCAPE.sub(one, raw)
+
+
+@functools.lru_cache(maxsize=1024)
+def guard_key(path: str) -> str:
+    """How a guard that refuses or schedules compares a (normal) path with a configured one: decoded, in
+    lower case, without a trailing '/'. A lenient consumer may take /API/Admin/Unload/ or
+    /api%2Fadmin%2Funload for /api/admin/unload: such a request is refused or scheduled as that route is."""
+    return unquote(path).lower().rstrip("/") or "/"
+
+
 def audio_upstream_path(raw_path: str) -> str:
-    """The consumer path for ``GET /audio/<file>``; bad_request for anything that could leave /audio/."""
+    """The consumer path for ``GET /audio/<file>``, in normal form; bad_request for anything that could leave
+    /audio/."""
     path, sep, query = raw_path.partition("?")
+    try:
+        path = normal_path(path)
+    except ValueError:
+        raise BrokerError("bad_request", "audio path must name a file below /audio/") from None
     rest = path.removeprefix("/audio/")
     lowered = rest.lower()
     refuse = (
@@ -3395,28 +3695,50 @@ UNSCHEDULED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def mount_upstream_path(raw_path: str, name: str) -> tuple[str, str]:
-    """For ``/c/{name}/{path}``: the consumer's path as the client encoded it (query kept), and its decoded
-    form (what ``paths`` and ``unscheduled`` are matched with); bad_request for '.' or '..' segments."""
+    """For ``/c/{name}/{path}``: the consumer's path in normal form with the query as the client encoded it,
+    and the path alone (what every guard looks at: exactly what is forwarded).
+
+    bad_request for a path a consumer could read in another way than the broker: one that leaves
+    /c/{name}/, '.' or '..' segments, empty segments (``//``; a trailing '/' is fine), ';' (path parameters),
+    backslashes, control characters (``%00``), malformed escapes or escapes that are not UTF-8, all also
+    when percent-encoded (``%2F`` counts as '/').
+    """
     path, sep, query = raw_path.partition("?")
     raw_name, _, tail = path.removeprefix("/c/").partition("/")
-    upstream = "/" + tail
     try:
+        upstream = normal_path("/" + tail)
         decoded = unquote(upstream, errors="strict")
         same_name = unquote(raw_name, errors="strict") == name
-    except UnicodeDecodeError:
+    except ValueError:  # UnicodeDecodeError too
         decoded, same_name = "", False
-    if not path.startswith("/c/") or not same_name or any(s in (".", "..") for s in decoded.split("/")):
-        raise BrokerError("bad_request", f"a mount path must not leave /c/{name}/", name)
-    return upstream + sep + query, decoded
+    segments = decoded.split("/")[1:]
+    if (
+        not path.startswith("/c/")
+        or not same_name
+        or any(s in (".", "..") for s in segments)
+        or "" in segments[:-1]
+        or ";" in decoded
+        or "\\" in decoded
+        or not decoded.isprintable()
+    ):
+        raise BrokerError(
+            "bad_request",
+            f"a mount path must stay below /c/{name}/, without '.', '..' or empty segments, ';', '\\',"
+            " control characters or malformed percent-encoding",
+            name,
+        )
+    return upstream + sep + query, upstream
 
 
 def mount_job_path(consumer: ConsumerConfig, method: str, path: str) -> tuple[str, JobPath]:
     """The kind and JobPath of a scheduled mount request.
 
-    A ``paths`` entry's (with its hold) when method and decoded path equal it; else kind ``mount``, no hold.
+    A ``paths`` entry's (with its hold) when the method is its and the path is it as ``guard_key`` compares
+    (in any letter case, encoding or with a trailing '/'); else kind ``mount``, no hold.
     """
+    key = guard_key(path)
     for kind, p in consumer.paths.items():
-        if p.method == method and p.path == path:
+        if p.method == method and guard_key(p.path) == key:
             return kind, p
     return MOUNT_KIND, JobPath(method, path)
 
@@ -3594,6 +3916,15 @@ class Broker:
     schedulers: dict[int, Scheduler] = field(default_factory=dict)
     #: Background work the broker owns (idle unloads, preloads); cancelled and awaited on cleanup.
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: Held while a reload reads and applies the config: one at a time.
+    reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: In flight now, by consumer: unscheduled calls (mounts, /audio/) and WebSockets through mounts.
+    unscheduled: dict[str, int] = field(default_factory=dict)
+    websockets: dict[str, int] = field(default_factory=dict)
+    #: The limits found full, logged once until there is room again.
+    full: set[tuple[str, str]] = field(default_factory=set)
+    #: Bytes held by the request bodies being read now (at most scheduler.max_bodies_mib).
+    reading: int = 0
 
     def __post_init__(self) -> None:
         self.add_gpus()
@@ -3628,28 +3959,47 @@ class Broker:
         """The default GPU's scheduler."""
         return self.schedulers[self.config.gpu.index]
 
-    def reload(self) -> list[str]:
-        """Read the config again and apply it in place; ConfigError (logged) leaves the old one."""
+    async def reload(self) -> list[str]:
+        """Read the config again and apply it in place; ConfigError (logged) leaves the old one.
+
+        The file is read and checked in a thread (at most CONFIG_READ_TIMEOUT_S): the event loop goes on
+        serving meanwhile. Reloads run one at a time, in the order they were asked for.
+        """
         if self.source is None:
             raise ConfigError(["this broker was not started from a config file"])
-        self.notifier.send(
-            "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
-        )
-        try:
-            new = self.source.load()
-            self._check_moves(new)
-        except ConfigError as e:
-            for problem in e.problems:
-                log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
-            self.events.publish("reload", ok=False, problems=e.problems)
-            raise
-        finally:
-            self.notifier.send("READY=1")
-        changes = self.apply(new)
+        async with self.reloading:
+            self.notifier.send(
+                "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+            )
+            try:
+                new = await self._read_config(self.source)
+                self._check_moves(new)
+            except ConfigError as e:
+                for problem in e.problems:
+                    log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
+                self.events.publish("reload", ok=False, problems=e.problems)
+                raise
+            finally:
+                self.notifier.send("READY=1")
+            changes = self.apply(new)
         log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
         self.events.publish("reload", ok=True, changes=changes)
         self.start_preloads()
         return changes
+
+    async def reload_logged(self) -> None:
+        """A reload for SIGHUP: a refused config is logged (by ``reload``), nobody is answered."""
+        with contextlib.suppress(ConfigError):
+            await self.reload()
+
+    @staticmethod
+    async def _read_config(source: ConfigSource) -> Config:
+        """``source.load()`` in a thread, bounded by CONFIG_READ_TIMEOUT_S (a file on a hung network mount:
+        the thread is left to end on its own, its result unused)."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(source.load), CONFIG_READ_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ConfigError([f"not read within {CONFIG_READ_TIMEOUT_S:g} s"]) from None
 
     def _check_moves(self, new: Config) -> None:
         """A consumer moves to another GPU only while none of its jobs runs: two GPUs' locks must never
@@ -3739,6 +4089,29 @@ class Broker:
         if state.healthy is False:
             message = f"upstream {name} last probe failed: {state.last_error}"
             raise BrokerError(state.last_error_code, message, name)
+
+    @contextlib.contextmanager
+    def unscheduled_slot(self, consumer: ConsumerConfig, *, websocket: bool = False) -> Iterator[None]:
+        """Hold one of the consumer's ``max_unscheduled`` (or ``max_websockets``) slots while an unscheduled
+        call (or a WebSocket) is in flight; too_many_requests at once when none is free, so that traffic
+        that skips the lock can never take every connection of the broker's."""
+        counts = self.websockets if websocket else self.unscheduled
+        key = "max_websockets" if websocket else "max_unscheduled"
+        limit, name = getattr(consumer, key), consumer.name
+        if counts.get(name, 0) >= limit:
+            self.metrics.inc("mgpumanager_refused_total", consumer=name, limit=key)
+            if (name, key) not in self.full:
+                self.full.add((name, key))
+                log.warning(logfmt(msg="limit reached: refusing more", consumer=name, limit=key, value=limit))
+            what = "WebSockets open" if websocket else "unscheduled calls in flight"
+            message = f"{name} has {limit} {what} already (consumers.{name}.{key})"
+            raise BrokerError("too_many_requests", message, name)
+        counts[name] = counts.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            counts[name] -= 1
+            self.full.discard((name, key))
 
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         """Start background work the broker owns until it ends or the broker closes."""
@@ -3885,6 +4258,7 @@ async def front_door(
     given = request.headers.get("X-Request-ID", "")
     request[REQUEST_ID] = given if _REQUEST_ID_RE.match(given) else os.urandom(16).hex()
     try:
+        check_target(request)
         check_token(request)
         return await handler(request)
     except BrokerError as e:
@@ -3905,6 +4279,13 @@ async def front_door(
         request.app[BROKER].scheduler.stats.internal_errors += 1
         log.exception(logfmt(msg="internal error", path=request.path))
         return BrokerError("scheduler_error", f"internal error: {describe(e)}").response()
+
+
+def check_target(request: web.Request) -> None:
+    """A request target with a fragment is refused: no client sends one (RFC 9112 3.2), aiohttp routes without
+    it while the raw target keeps it, and forwarding would drop it, so guards and consumer would disagree."""
+    if "#" in request.raw_path:
+        raise BrokerError("bad_request", "a request target must not carry a fragment ('#')")
 
 
 def check_token(request: web.Request) -> None:
@@ -3963,35 +4344,84 @@ async def handle_reload(request: web.Request) -> web.Response:
     """POST /v1/reload: re-read the config; a bad one is refused whole and the old one stays."""
     require_admin(request)
     try:
-        changes = request.app[BROKER].reload()
+        changes = await request.app[BROKER].reload()
     except ConfigError as e:
         raise BrokerError("bad_config", "config refused, the old one stays: " + "; ".join(e.problems)) from e
     return web.json_response({"reloaded": True, "changes": changes})
 
 
-async def read_body(request: web.Request, max_mib: int) -> bytes | bytearray:
-    """The whole request body, read before the job is queued, so a slow upload never holds the GPU."""
-    limit = max_mib * MiB
+async def read_body(request: web.Request, broker: Broker, consumer: str) -> bytearray:
+    """The whole request body, read before the job is queued, so a slow upload never holds the GPU.
+
+    One buffer, grown as bytes arrive (an announced Content-Length reserves nothing; a large body is still
+    held once, never joined from pieces). The body must arrive within ``body_timeout_s`` (request_timeout),
+    and all bodies being read at once may hold at most ``max_bodies_mib`` (too_many_requests).
+    """
+    cfg = broker.config.scheduler
+    limit, budget = cfg.max_body_mib * MiB, cfg.max_bodies_mib * MiB
     length = request.content_length
     if length is not None and length > limit:
         raise BrokerError(
-            "payload_too_large", f"request body of {length} bytes exceeds max_body_mib {max_mib}"
+            "payload_too_large", f"request body of {length} bytes exceeds max_body_mib {cfg.max_body_mib}"
         )
-    if length is not None:
-        # Straight into one buffer of the announced size: the body is copied once, never joined.
-        buffer, filled = bytearray(length), 0
-        async for chunk in request.content.iter_any():
-            buffer[filled : filled + len(chunk)] = chunk
-            filled += len(chunk)
-        if filled != length:
-            raise BrokerError("bad_request", "request body ended before its Content-Length")
-        return buffer
     body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise BrokerError("payload_too_large", f"request body exceeds max_body_mib {max_mib}")
+
+    async def fill() -> None:
+        async for chunk in request.content.iter_any():
+            if len(body) + len(chunk) > limit:
+                raise BrokerError(
+                    "payload_too_large", f"request body exceeds max_body_mib {cfg.max_body_mib}"
+                )
+            if broker.reading + len(chunk) > budget:
+                broker.metrics.inc("mgpumanager_refused_total", consumer=consumer, limit="max_bodies_mib")
+                log.warning(
+                    logfmt(msg="limit reached: body refused", consumer=consumer, limit="max_bodies_mib")
+                )
+                message = f"the bodies being read hold {cfg.max_bodies_mib} MiB already (max_bodies_mib)"
+                raise BrokerError("too_many_requests", message, consumer)
+            broker.reading += len(chunk)
+            body.extend(chunk)
+
+    try:
+        if request.content.is_eof():
+            await fill()  # it came whole with its headers (a small job's): nothing to wait for
+        else:
+            await asyncio.wait_for(fill(), cfg.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise BrokerError(
+            "request_timeout", f"the request body did not arrive within body_timeout_s {cfg.body_timeout_s:g}"
+        ) from None
+    finally:
+        broker.reading -= len(body)
+    if length is not None and len(body) != length:
+        raise BrokerError("bad_request", "request body ended before its Content-Length")
     return body
+
+
+async def expect_body(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` on the routes that read a body: what would be refused anyway (a body over
+    max_body_mib, a fragment, a missing token) is answered before any ``100 Continue``, so the client never
+    sends the body; the rest gets ``100 Continue`` as aiohttp would send it."""
+    broker = request.app[BROKER]
+    limit = broker.config.scheduler.max_body_mib
+    try:
+        check_target(request)
+        check_token(request)
+        length = request.content_length
+        if length is not None and length > limit * MiB:
+            raise BrokerError(
+                "payload_too_large", f"request body of {length} bytes exceeds max_body_mib {limit}"
+            )
+    except BrokerError as e:
+        response = e.response()
+        response.force_close()  # the client sends no body: no further request on this connection
+        return response
+    if request.version == aiohttp.HttpVersion11:
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text=f"unknown Expect: {request.headers.get('Expect', '')}")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # (as aiohttp's own handler: the answer has not begun)
+    return None
 
 
 async def handle_job(request: web.Request) -> web.StreamResponse:
@@ -4005,8 +4435,8 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
             raise BrokerError("not_found", f"no route for {request.method} {request.path}")
         message = f"{request.method} is not allowed on {request.path}"
         raise BrokerError("method_not_allowed", message, headers={"Allow": ", ".join(allowed)})
-    route(broker.config, kind)  # refuse early what cannot be served ...
-    body = await read_body(request, broker.config.scheduler.max_body_mib)
+    first = route(broker.config, kind)  # refuse early what cannot be served ...
+    body = await read_body(request, broker, first)
     name = route(broker.config, kind)  # ... and route for real after the body: a reload may have come
     await broker.check_reachable(name)
     scheduler = broker.scheduler_for(name)
@@ -4148,9 +4578,11 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
         raise BrokerError("no_consumer", "no audio_proxy consumer is configured")
     path = audio_upstream_path(request.raw_path)
     await broker.check_reachable(name)
+    consumer = broker.config.consumers[name]
     ex = Exchange()
     try:
-        return await broker.forward(request, ex, broker.config.consumers[name], request.method, path, None)
+        with broker.unscheduled_slot(consumer):
+            return await broker.forward(request, ex, consumer, request.method, path, None)
     finally:
         ex.close()
 
@@ -4166,39 +4598,42 @@ async def handle_mount(request: web.Request) -> web.StreamResponse:
     consumer = broker.config.consumers.get(name)
     if consumer is None:
         raise BrokerError("no_consumer", f"no consumer named {name!r}")
-    path_qs, decoded = mount_upstream_path(request.raw_path, name)
+    path_qs, upstream_path = mount_upstream_path(request.raw_path, name)
     method = request.method
-    _refuse_own_routes(consumer, method, decoded)
+    _refuse_own_routes(consumer, method, upstream_path)
     if method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
         return await proxy_websocket(request, broker, consumer, path_qs)
-    body = await read_body(request, broker.config.scheduler.max_body_mib) if request.body_exists else b""
+    body = await read_body(request, broker, name) if request.body_exists else b""
     consumer = broker.config.consumers.get(name)  # a reload may have come while the body was read
     if consumer is None:
         raise BrokerError("no_consumer", f"{name} is no longer configured", name)
     await broker.check_reachable(name)
-    kind, _ = mount_job_path(consumer, method, decoded)
+    kind, _ = mount_job_path(consumer, method, upstream_path)
     if kind == MOUNT_KIND and (
-        method in UNSCHEDULED_METHODS or any(u.matches(method, decoded) for u in consumer.unscheduled)
+        method in UNSCHEDULED_METHODS or any(u.matches(method, upstream_path) for u in consumer.unscheduled)
     ):
         ex = Exchange()
         try:
-            return await broker.forward(request, ex, consumer, method, path_qs, body or None)
+            with broker.unscheduled_slot(consumer):
+                return await broker.forward(request, ex, consumer, method, path_qs, body or None)
         finally:
             ex.close()
     scheduler = broker.scheduler_for(name)
     headers = request_headers(request, strip_auth=broker.config.auth.token is not None)  # before waiting
     job = await scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
-    _, path = mount_job_path(job.target, method, decoded)  # the config the job was admitted with
-    # The client's encoding of the path goes to the consumer; _run_job adds the query.
-    upstream = replace(path, path=path_qs.partition("?")[0])
+    _, path = mount_job_path(job.target, method, upstream_path)  # the config the job was admitted with
+    # The path the guards matched goes to the consumer (not the entry's spelling); _run_job adds the query.
+    upstream = replace(path, path=upstream_path)
     return await _run_job(request, broker, scheduler, job, upstream, body, headers)
 
 
 def _refuse_own_routes(consumer: ConsumerConfig, method: str, path: str) -> None:
     """The consumer's unload and load routes are the broker's to call: through the mount they would
-    change residency behind its back. forbidden, pointing at the admin routes."""
+    change residency behind its back. forbidden, pointing at the admin routes; compared as ``guard_key``
+    does (any letter case, encoding, a trailing '/')."""
+    key = guard_key(path)
     for action, route in (("unload", consumer.unload), ("load", consumer.load)):
-        if isinstance(route, Route) and route.method == method and route.path == path:
+        if isinstance(route, Route) and route.method == method and guard_key(route.path) == key:
             raise BrokerError(
                 "forbidden",
                 f"{method} {path} is {consumer.name}'s {action} route: use POST /v1/consumers/"
@@ -4220,6 +4655,14 @@ async def proxy_websocket(
     if not client.can_prepare(request).ok:  # not a valid upgrade: the consumer is never bothered
         raise BrokerError("bad_request", "not a valid WebSocket upgrade request", consumer.name)
     await broker.check_reachable(consumer.name)
+    with broker.unscheduled_slot(consumer, websocket=True):
+        return await _proxy_websocket(request, broker, consumer, path_qs)
+
+
+async def _proxy_websocket(
+    request: web.Request, broker: Broker, consumer: ConsumerConfig, path_qs: str
+) -> web.StreamResponse:
+    """The WebSocket's both sides, from the consumer's handshake to the end of the relay."""
     metrics = broker.scheduler_for(consumer.name).metrics
     headers = request_headers(request, strip_auth=broker.config.auth.token is not None)
     max_size = broker.config.scheduler.max_body_mib * MiB
@@ -4459,9 +4902,19 @@ async def handle_healthz(request: web.Request) -> web.Response:
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     """Own every resource: the client session, the GPU reader, the health task, the scheduler's holds."""
     config = app[CONFIG]
-    session = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+    # No pool limit, so nothing ever waits for a free connection: what bounds the connections is each
+    # consumer's max_concurrency (jobs), max_unscheduled and max_websockets.
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+    )
+    # The broker's own calls (health probes, loads, unloads) on a session of their own: however busy the
+    # consumers' traffic, a probe never queues behind it. Few: a probe per consumer per round, one load or
+    # unload per GPU at a time.
+    own = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+    )
     events = Events()
-    consumers = Consumers(config, session, events=events)
+    consumers = Consumers(config, own, events=events)
     broker = Broker(
         config=config,
         session=session,
@@ -4492,6 +4945,7 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         for reader in broker.gpus.values():
             await reader.close()
         await session.close()
+        await own.close()
 
 
 def create_app(config: Config, source: ConfigSource | None = None) -> web.Application:
@@ -4511,10 +4965,10 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     app.router.add_get("/v1/events", handle_events)
     app.router.add_post("/v1/reload", handle_reload)
     app.router.add_post("/v1/consumers/{name}/{action:unload|load}", handle_admin_consumer)
-    app.router.add_route("*", "/v1/{kind}", handle_job)
+    app.router.add_route("*", "/v1/{kind}", handle_job, expect_handler=expect_body)
     app.router.add_get("/audio/{path:.+}", handle_audio)
-    app.router.add_route("*", "/c/{name}", handle_mount)
-    app.router.add_route("*", "/c/{name}/{path:.*}", handle_mount)
+    app.router.add_route("*", "/c/{name}", handle_mount, expect_handler=expect_body)
+    app.router.add_route("*", "/c/{name}/{path:.*}", handle_mount, expect_handler=expect_body)
     return app
 
 
@@ -4758,8 +5212,7 @@ async def serve(config: Config, source: ConfigSource) -> int:
     watchdog: asyncio.Task[None] | None = None
 
     def reload() -> None:
-        with contextlib.suppress(ConfigError):  # logged by reload; the old config stays
-            broker.reload()
+        broker.spawn(broker.reload_logged(), "reload")  # a refused config is logged; the old one stays
 
     try:
         try:

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import datetime
 import gzip
 import itertools
 import json
@@ -23,9 +24,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 import pytest
@@ -308,6 +311,186 @@ def test_every_problem_is_reported_at_once():
     assert len(problems_of(raw)) == 3
 
 
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("scheduler.aging_s", math.nan, "scheduler.aging_s: must be a finite number"),
+        ("scheduler.queue_timeout_s", math.inf, "scheduler.queue_timeout_s: must be a finite number"),
+        ("health.interval_s", -math.inf, "health.interval_s: must be a finite number"),
+        ("health.timeout_s", math.nan, "health.timeout_s: must be a finite number"),
+        (
+            "consumers.mvoice.unload.timeout_s",
+            math.nan,
+            "consumers.mvoice.unload.timeout_s: must be a finite",
+        ),
+        (
+            "consumers.comfyui.paths.image.hold_until.timeout_s",
+            math.inf,
+            "hold_until.timeout_s: must be a fin",
+        ),
+        ("scheduler.max_body_mib", 10_000_000_000_000, "scheduler.max_body_mib: must be at most 16384 MiB"),
+        ("consumers.mvoice.vram_resident_mib", 10**13, "vram_resident_mib: must be at most 1048576 MiB"),
+        ("gpu.cushion_mib", 10**9, "gpu.cushion_mib: must be at most 1048576 MiB"),
+        ("scheduler.max_queue", 10**9, "scheduler.max_queue: must be at most 10000"),
+        ("scheduler.max_evictions", 10**6, "scheduler.max_evictions: must be at most 10000"),
+        (
+            "consumers.mvoice.max_concurrency",
+            10**6,
+            "consumers.mvoice.max_concurrency: must be at most 10000",
+        ),
+        ("consumers.mvoice.timeout_s", 1e9, "consumers.mvoice.timeout_s: must be at most 604800 s"),
+        ("scheduler.shutdown_timeout_s", 1e300, "scheduler.shutdown_timeout_s: must be at most 604800 s"),
+        (
+            "consumers.mvoice.idle_unload_s",
+            10**20,
+            "consumers.mvoice.idle_unload_s: must be at most 604800 s",
+        ),
+        ("consumers.comfyui.gpu", 10**6, "consumers.comfyui.gpu: must be at most 255"),
+        ("gpu.index", 256, "gpu.index: must be at most 255"),
+        ("scheduler.aging_s", 5e-324, "scheduler.aging_s: must be at least 0.001 s"),
+        (
+            "consumers.comfyui.paths.image.hold_until.poll_s",
+            1e-9,
+            "hold_until.poll_s: must be at least 0.001 s",
+        ),
+        ("consumers.mvoice.idle_unload_s", 1e-6, "consumers.mvoice.idle_unload_s: must be at least 0.001 s"),
+        (
+            "consumers.mvoice.unload.body",
+            {"x": math.nan},
+            "consumers.mvoice.unload.body: cannot be sent as JSON",
+        ),
+        ("consumers.mvoice.load.body", {"x": math.inf}, "consumers.mvoice.load.body: cannot be sent as JSON"),
+    ],
+)
+def test_every_number_is_finite_and_sane_naming_the_key(path, value, expected):
+    """Item 3 of issue 10: ``aging_s: .nan`` passed --check and wedged the lock; 10**13 MiB bodies passed."""
+    problems = problems_of(_mutated(path, value))
+    assert any(expected in p for p in problems), problems
+
+
+def test_the_largest_sane_numbers_are_accepted():
+    raw = base_raw()
+    raw["scheduler"] |= {"max_body_mib": 16384, "max_bodies_mib": 16384, "max_queue": 10000}
+    raw["scheduler"] |= {"queue_timeout_s": 604800, "body_timeout_s": 604800}
+    raw["consumers"]["mvoice"] |= {"vram_resident_mib": 1048576, "idle_unload_s": 0}
+    raw["consumers"]["comfyui"]["gpu"] = 255
+    raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["poll_s"] = 0.001
+    m.parse_config(raw)
+
+
+def test_nan_in_yaml_is_refused_by_check(tmp_path):
+    bad = tmp_path / "nan.yaml"
+    bad.write_text(yaml.safe_dump(base_raw()).replace("aging_s: 60", "aging_s: .nan"))
+    res = subprocess.run(
+        [PY, str(HERE / "mgpumanager.py"), "--check", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 2 and "scheduler.aging_s: must be a finite number, not nan" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:s3cretpw@127.0.0.1:8765",
+        "https://s3cretpw@host",
+        "http://:s3cretpw@host/x",
+        "http:u:s3cretpw@h",
+    ],
+)
+def test_credentials_in_a_consumer_url_are_refused_and_never_echoed(url):
+    """Item 2 of issue 10: the URL is shown in /v1/status to anyone who may call the broker."""
+    problems = problems_of(_mutated("consumers.mvoice.url", url))
+    assert any(p.startswith("consumers.mvoice.url: must") for p in problems), problems
+    assert not any("s3cretpw" in p for p in problems), problems
+
+
+def _bomb(levels: int) -> str:
+    """A billion-laughs document of about 1 KiB: ``levels`` levels of ten aliases each."""
+    lines = ['l0: &l0 "lol"']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def _config_text(**extra: str) -> str:
+    return yaml.safe_dump(base_raw(), sort_keys=False) + "".join(extra.values())
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (_config_text(dup="scheduler: {max_queue: 3}\n"), "column 1: found a duplicate key 'scheduler'"),
+        (
+            _config_text().replace("    priority: 3\n", "    priority: 3\n    priority: 4\n"),
+            "found a duplicate key 'priority'",
+        ),
+        ("x-bomb:\n" + "".join(f"  {line}\n" for line in _bomb(9).splitlines()), "aliases expand it beyond"),
+        ("x: &a [1, *a]\n", "found an alias inside its own anchor"),
+        ("x: &a {y: *a}\n", "found an alias inside its own anchor"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("# " + "x" * (300 * 1024) + "\n", "larger than 262144 bytes"),
+        ("listen: 1" + "0" * 5000 + "\n", "not valid YAML: ValueError"),
+        ("when: 2001-02-30\n", "not valid YAML: ValueError"),
+        ("consumers: {\n", "not valid YAML at line"),
+    ],
+)
+def test_every_parser_failure_is_one_config_error(tmp_path, text, expected):
+    """Item 6 of issue 10: duplicate keys, alias bombs, recursion and oversized files are config errors."""
+    path = tmp_path / "consumers.yaml"
+    path.write_text(text)
+    with pytest.raises(m.ConfigError) as info:
+        m.load_config(path)
+    [problem] = info.value.problems
+    assert problem.startswith(f"{path}: ") and expected in problem, problem
+    assert "\n" not in problem
+
+
+def test_an_alias_bomb_in_an_unload_body_is_refused_but_merge_keys_and_small_aliases_still_work(tmp_path):
+    raw = base_raw()
+    raw["consumers"]["comfyui"]["unload"]["body"] = {"free_memory": "BOMB"}
+    text = yaml.safe_dump(raw, sort_keys=False).replace("free_memory: BOMB", "free_memory: *l8")
+    path = tmp_path / "consumers.yaml"
+    path.write_text(_bomb(8) + text)  # 1 KiB of YAML, 10**8 strings once expanded
+    with pytest.raises(m.ConfigError, match="aliases expand it beyond"):
+        m.load_config(path)
+    # Anchors, aliases and merge keys of sane size (overriding a merged key is no duplicate) still load.
+    text = yaml.safe_dump(base_raw(), sort_keys=False)
+    text = text.replace("    health:\n      method: GET\n", "    health: &health\n      method: GET\n", 1)
+    text = text.replace("    health:\n      path: /system_stats\n", "    health:\n      <<: *health\n")
+    text = text.replace("    health:\n      path: /\n", "    health:\n      <<: *health\n      path: /\n")
+    path.write_text(text)
+    consumers = m.load_config(path).consumers
+    assert consumers["comfyui"].health == consumers["mvoice"].health == m.Route("GET", "/health")
+    assert consumers["ollama"].health == m.Route("GET", "/")
+
+
+def test_unload_and_load_bodies_are_serialised_once_when_the_config_is_loaded():
+    config = m.parse_config(base_raw())
+    assert config.consumers["comfyui"].unload.data == b'{"unload_models": true, "free_memory": true}'
+    raw = base_raw()
+    raw["consumers"]["comfyui"]["unload"]["body"] = {"when": datetime.date(2001, 2, 3)}
+    problems = problems_of(raw)
+    assert any(p.startswith("consumers.comfyui.unload.body: cannot be sent as JSON") for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("nesting", "[" * 100_000 + "]" * 100_000), ("bomb", _bomb(9)), ("recursion", "x: &a [*a]\n")],
+)
+def test_check_exits_2_with_one_line_whatever_the_parser_finds(tmp_path, name, text):
+    bad = tmp_path / f"{name}.yaml"
+    bad.write_text(text)
+    res = subprocess.run(
+        [PY, str(HERE / "mgpumanager.py"), "--check", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert "not valid YAML" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
 def test_cli_check_exits_0_or_2_naming_the_key(tmp_path):
     ok = subprocess.run(
         [PY, "mgpumanager.py", "--check"], cwd=HERE, capture_output=True, text=True, timeout=30
@@ -480,7 +663,8 @@ async def test_nvidia_smi_timeout_kills_what_it_started_too(tmp_path):
     argv = _smi_script(tmp_path, f"sleep 30 & echo $! >> {pids}; echo $$ >> {pids}; wait")
     with pytest.raises(m.GpuError, match="did not answer"):
         await m.run_nvidia_smi(argv, 0.3)
-    assert [pid for pid in map(int, pids.read_text().split()) if running(pid)] == []
+    # SIGKILL is delivered at once but acted on when each process next runs: gone within moments.
+    await until(lambda: [pid for pid in map(int, pids.read_text().split()) if running(pid)] == [], 5)
 
 
 async def test_reader_against_mgpusim_subprocess(tmp_path):
@@ -1284,9 +1468,13 @@ SPEC_ERRORS = {
     "unload_failed": 502,
     # Issue 4 (graceful shutdown):
     "shutting_down": 503,
+    # Issue 10 (limits):
+    "too_many_requests": 429,
+    "request_timeout": 408,
 }
 #: Retryable as the README documents it (load_failed and insufficient_vram as the issue says).
 SPEC_RETRYABLE = {c for c, st in SPEC_ERRORS.items() if st >= 500} - {"bad_consumer_url", "scheduler_error"}
+SPEC_RETRYABLE |= {"too_many_requests"}
 
 
 def error_of(status: int, headers: dict[str, str], body: bytes, code: str) -> dict[str, Any]:
@@ -1296,7 +1484,7 @@ def error_of(status: int, headers: dict[str, str], body: bytes, code: str) -> di
     assert data["error"] == code, data
     assert status == SPEC_ERRORS[code] and data["retryable"] is (code in SPEC_RETRYABLE)
     assert isinstance(data["message"], str) and data["message"]
-    if status == 503:
+    if status in (429, 503):
         assert headers["Retry-After"].isdigit()
     return data
 
@@ -1785,7 +1973,7 @@ def test_every_code_has_the_specified_status_and_one_shape():
         data = json.loads(resp.body)
         assert data == {"error": code, "message": "why", "consumer": "c", "retryable": code in SPEC_RETRYABLE}
         assert resp.status == status
-        assert ("Retry-After" in resp.headers) == (status == 503)
+        assert ("Retry-After" in resp.headers) == (status in (429, 503))
 
 
 async def test_a_crash_in_a_handler_is_scheduler_error_in_the_shape_and_counted(rig):
@@ -2489,6 +2677,236 @@ async def test_mount_unscheduled_calls_match_decoded_paths_and_respect_known_fai
         data = error_of(resp.status, dict(resp.headers), await resp.read(), "consumer_unreachable")
     assert "last probe failed: health answered 503" in data["message"]
     assert len(r.sims["ollama"].records) == 1 and r.stats.jobs == 0
+
+
+async def raw_request(r: Rig, method: str, target: str) -> tuple[int, dict[str, Any]]:
+    """A request line exactly as written, without a body; the status and the JSON answer (or {})."""
+    host, port = r.server.host, r.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    head = (
+        f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(head.encode("latin-1"))
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head_bytes, _, body = data.partition(b"\r\n\r\n")
+    return int(head_bytes.split()[1]), parse if isinstance(parse := m.parse_json(body), dict) else {}
+
+
+def lenient(path: str) -> str:
+    """How the most lenient consumer might read a path: decoded, in lower case, ';' parameters, empty and
+    '.' segments and a trailing '/' dropped, backslashes as slashes, NULs gone."""
+    path = unquote(path.partition("?")[0].partition("#")[0]).replace("\\", "/").replace("\x00", "").lower()
+    segments = [seg.partition(";")[0] for seg in path.split("/")]
+    return "/" + "/".join(seg for seg in segments if seg not in ("", "."))
+
+
+#: Targets that try to walk around the mount's guards: (method, target, what the broker does). An int is
+#: the status it answers (nothing reaches the consumer); a pair is (the path the consumer gets exactly, the
+#: job's kind, or None when it is forwarded unscheduled).
+TARGET_TRICKS: list[tuple[str, str, Any]] = [
+    # The consumer's own unload and load routes (mvoice: POST /api/admin/unload, /api/admin/load).
+    ("POST", "/c/mvoice/api/admin/unload", 403),
+    ("POST", "/c/mvoice/api/admin/unload#x", 400),
+    ("POST", "/c/mvoice/api/admin/unload#", 400),
+    ("POST", "/c/mvoice/api/admin/unload?x=1#y", 400),
+    ("POST", "/c/mvoice//api/admin/unload", 400),
+    ("POST", "/c/mvoice/api//admin/unload", 400),
+    ("POST", "/c/mvoice/api/admin/unload/", 403),
+    ("POST", "/c/mvoice/api/admin/unload;x", 400),
+    ("POST", "/c/mvoice/api/admin/unload;", 400),
+    ("POST", "/c/mvoice/api/admin/unload%3Bx", 400),
+    ("POST", "/c/mvoice/api/admin/unload%00", 400),
+    ("POST", "/c/mvoice/api/admin/unload%0A", 404),  # aiohttp routes on the decoded path: no route
+    ("POST", "/c/mvoice/API/Admin/UNLOAD", 403),
+    ("POST", "/c/mvoice/api/admin/%75nload", 403),
+    ("POST", "/c/mvoice/api/admin/%55NLOAD", 403),
+    ("POST", "/c/mvoice/%61pi/admin/load", 403),
+    ("POST", "/c/mvoice/api%2Fadmin%2Funload", 403),
+    ("POST", "/c/mvoice/api%2fadmin%2fload%2f", 403),
+    ("POST", "/c/mvoice/api/admin/unload?now=1", 403),
+    ("POST", "/c/m%76oice/api/admin/unload", 403),
+    ("POST", "/c/mvoice/api/admin/./unload", 400),
+    ("POST", "/c/mvoice/api/admin/x/../unload", 400),
+    ("POST", "/c/mvoice/api/admin/x%2F..%2Funload", 400),
+    ("POST", "/c/mvoice/api/admin/unload%5C", 400),
+    ("POST", "/c/mvoice/api/admin\\unload", 400),
+    ("POST", "/c/mvoice/api/admin/unload%", 400),
+    ("POST", "/c/mvoice/api/admin/unload%zz", 400),
+    ("POST", "/c/mvoice/api/admin/unl%C0%AFoad", 400),
+    ("POST", "http://evil.example/c/mvoice/api/admin/unload", 400),
+    ("POST", "//c/mvoice/api/admin/unload", 404),
+    ("POST", "/c/mvoice%2Fapi/admin/unload", 404),
+    # Not the route: forwarded (as a job), exactly as matched.
+    ("POST", "/c/mvoice/api/admin/unloaded", ("/api/admin/unloaded", "mount")),
+    # A paths entry on GET (speak: GET /api/synthesize) stays GPU work whatever the spelling.
+    ("GET", "/c/mvoice/api/synthesize", ("/api/synthesize", "speak")),
+    ("GET", "/c/mvoice/API/Synthesize", ("/API/Synthesize", "speak")),
+    ("GET", "/c/mvoice/api/synthesize/", ("/api/synthesize/", "speak")),
+    ("GET", "/c/mvoice/api/%73ynthesize?text=x", ("/api/synthesize?text=x", "speak")),
+    ("GET", "/c/mvoice/api%2fsynthesize", ("/api%2Fsynthesize", "speak")),
+    ("GET", "/c/mvoice/api/synthesize#x", 400),
+    ("GET", "/c/mvoice//api/synthesize", 400),
+    ("GET", "/c/mvoice/api/synthesize;x", 400),
+    ("GET", "/c/mvoice/api/synthesize%00", 400),
+    ("GET", "/c/mvoice/api/synthesizer", ("/api/synthesizer", None)),  # another route: a read
+    # A hold's path entry (comfyui: POST /prompt) keeps its kind and hold; a fragment is refused.
+    ("POST", "/c/comfyui/prompt#", 400),
+    # An unscheduled entry (ollama: POST /api/show) lets only its exact path skip the lock.
+    ("POST", "/c/ollama/api/show", ("/api/show", None)),
+    ("POST", "/c/ollama/api/%73how", ("/api/show", None)),
+    ("POST", "/c/ollama/api/Show", ("/api/Show", "mount")),
+    ("POST", "/c/ollama/api/show/", ("/api/show/", "mount")),
+    ("POST", "/c/ollama/api/show#x", 400),
+    # /audio/: only files below it, forwarded in normal form.
+    ("GET", "/audio/x.wav", ("/audio/x.wav", None)),
+    ("GET", "/audio/%78.wav", ("/audio/x.wav", None)),
+    ("GET", "/audio/x.wav#/../../api/admin/unload", 400),
+    ("GET", "/audio/x.wav#", 400),
+    ("GET", "/audio/x.wav/", 400),
+    ("GET", "/audio/x.wav;x", 400),
+    ("GET", "/audio/x.wav%00", 400),
+    ("GET", "/audio//x.wav", 400),
+    ("GET", "/audio/%2e%2e/api/admin/unload", 400),
+    ("GET", "/AUDIO/x.wav", 404),
+    # Every route refuses a fragment.
+    ("GET", "/healthz#x", 400),
+    ("GET", "/v1/status#", 400),
+    ("POST", "/v1/tts#x", 400),
+]
+
+
+async def test_no_target_trick_walks_around_a_guard(rig, caplog):
+    """Item 1 of issue 10: what a guard matches is byte for byte what the consumer gets; a fragment, empty,
+    dot or ';' segments, NULs and malformed escapes are refused; case, encoding and a trailing '/' are
+    matched as the route they spell. Nothing reaches mvoice's own unload or load route however lenient."""
+    seen: list[tuple[str, str]] = []
+
+    async def anything(request: web.Request) -> web.Response:
+        seen.append((request.method, request.raw_path))
+        return web.json_response({"loaded": True})
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["consumers"]["mvoice"]["paths"]["speak"] = {"method": "GET", "path": "/api/synthesize"}
+        _unscheduled_show(raw)
+
+    stand_in = StandIn([("*", "/{tail:.*}", anything)])
+    async with stand_in as mvoice:
+        r = await rig(urls={"mvoice": mvoice.url}, tweak=tweak, total_mib=40000)
+        for method, target, expect in TARGET_TRICKS:
+            consumer = "ollama" if "/c/ollama/" in target else "mvoice"
+            records = seen if consumer == "mvoice" else r.sims["ollama"].records
+            before, jobs = len(records), r.stats.jobs
+            status, data = await raw_request(r, method, target)
+            if isinstance(expect, int):
+                code = {400: "bad_request", 403: "forbidden", 404: ("not_found", "no_consumer")}[expect]
+                assert status == expect and data.get("error") in code, (target, status, data)
+                assert len(records) == before and r.stats.jobs == jobs, target
+                continue
+            path, kind = expect
+            got = (
+                records[before][1]
+                if records is seen
+                else records[before].path + ("?" + records[before].query if records[before].query else "")
+            )
+            assert len(records) == before + 1 and got == path, (target, records[before:])
+            assert r.stats.jobs == jobs + (kind is not None), target
+            if kind is not None:
+                await until(lambda: len(job_lines(caplog)) == r.stats.jobs)
+                assert f"kind={kind} " in job_lines(caplog)[-1], (target, job_lines(caplog)[-1])
+    assert r.sims["comfyui"].records == []
+    own = {"/api/admin/unload", "/api/admin/load"}
+    assert not [(method, path) for method, path in seen if lenient(path) in own], seen
+
+
+async def test_idle_websockets_and_hanging_reads_never_starve_probes_or_jobs():
+    """Item 4 of issue 10: with one pool of 100 connections, 100 idle WebSockets (ComfyUI tabs) or hanging
+    GETs made the consumer's probe fail and delayed everyone's GPU jobs. Here 60 + 60 to consumer a, for
+    several health rounds: a stays healthy, jobs of a and b are served, and one more of each is refused."""
+    gate = asyncio.Event()
+    probes = [0]
+
+    async def health(request: web.Request) -> web.Response:
+        probes[0] += 1
+        return web.Response(text="ok")
+
+    async def hang(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.Response(text="late")
+
+    async def idle_socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        return ws
+
+    async def work(request: web.Request) -> web.Response:
+        return web.json_response({"done": True})
+
+    routes = [("GET", "/hang", hang), ("GET", "/ws", idle_socket), ("POST", "/work", work)]
+    async with (
+        StandIn([("GET", "/health", health), *routes]) as a,
+        StandIn([("GET", "/health", _ok), ("POST", "/work", work)]) as b,
+    ):
+        raw = {
+            "listen": "127.0.0.1:0",
+            "gpu": {"nvidia_smi": "false"},  # consumers of 0 MiB: no GPU reading
+            "health": {"interval_s": 0.05, "timeout_s": 1},
+            "routing": {"ja": "a", "jb": "b"},
+            "consumers": {
+                name: {
+                    "url": stand_in.url,
+                    "health": {"path": "/health"},
+                    "paths": {f"j{name}": {"path": "/work"}},
+                    "vram_resident_mib": 0,
+                    "max_unscheduled": 60,
+                    "max_websockets": 60,
+                }
+                for name, stand_in in (("a", a), ("b", b))
+            },
+        }
+        app = m.create_app(m.parse_config(raw))
+        server = TestServer(app, host="127.0.0.1", port=0)
+        await server.start_server()
+        broker = app[m.BROKER]
+        client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        sockets: list[aiohttp.ClientWebSocketResponse] = []
+        hanging: list[asyncio.Future[Any]] = []
+        try:
+            for _ in range(60):
+                sockets.append(await client.ws_connect(server.make_url("/c/a/ws")))
+            hanging = [asyncio.ensure_future(client.get(server.make_url("/c/a/hang"))) for _ in range(60)]
+            await until(lambda: broker.unscheduled.get("a") == 60 and broker.websockets.get("a") == 60)
+            seen = probes[0]
+            await until(lambda: probes[0] >= seen + 5)  # several health rounds, all while a is this busy
+            assert broker.consumers.states["a"].healthy is True
+            for kind in ("ja", "jb", "ja"):
+                async with client.post(server.make_url(f"/v1/{kind}"), json={}) as resp:
+                    assert resp.status == 200 and await resp.json() == {"done": True}
+            async with client.get(server.make_url("/c/a/hang")) as resp:
+                data = error_of(resp.status, dict(resp.headers), await resp.read(), "too_many_requests")
+            assert "consumers.a.max_unscheduled" in data["message"]
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await client.ws_connect(server.make_url("/c/a/ws"))
+            assert refused.value.status == 429
+            async with client.get(server.make_url("/c/b/health")) as resp:
+                assert resp.status == 200  # b's own traffic is b's: not limited by a's
+            assert broker.consumers.states["a"].healthy is True and broker.scheduler.stats.completed == 3
+        finally:
+            gate.set()
+            for answer in await asyncio.gather(*hanging, return_exceptions=True):
+                if isinstance(answer, aiohttp.ClientResponse):
+                    answer.release()
+            for ws in sockets:
+                await ws.close()
+            await client.close()
+            await server.close()
+        text = broker.metrics.render([])
+        assert 'mgpumanager_refused_total{consumer="a",limit="max_unscheduled"} 1' in text
+        assert 'mgpumanager_refused_total{consumer="a",limit="max_websockets"} 1' in text
+        assert broker.unscheduled == {"a": 0, "b": 0} and broker.websockets == {"a": 0}
 
 
 async def test_broker_shutting_down_closes_open_websockets_going_away(rig):
@@ -3208,6 +3626,33 @@ def test_token_file_and_token_rules(tmp_path):
     assert any("not both" in p for p in problems_of(raw))
 
 
+def test_a_token_file_is_read_bounded_from_a_regular_file_only(tmp_path, caplog):
+    """Item 7 of issue 10: /dev/zero hung start-up; a token file others may read was accepted silently."""
+    raw = base_raw()
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN + "\n")
+    secret.chmod(0o600)
+    raw["auth"] = {"token_file": str(secret)}
+    assert m.parse_config(raw).auth.token == TOKEN
+    assert "readable by others" not in caplog.text
+    secret.chmod(0o644)
+    assert m.parse_config(raw).auth.token == TOKEN
+    assert f'msg="token file is readable by others" path="{secret}" mode=644' in caplog.text
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 100_000)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, expected in (
+        ("/dev/zero", "/dev/zero is not a regular file"),
+        (str(fifo), f"{fifo} is not a regular file"),  # opening it must not wait for a writer
+        (str(big), f"{big} is larger than 4096 bytes"),
+        (str(tmp_path), f"{tmp_path} is not a regular file"),
+    ):
+        raw["auth"] = {"token_file": path}
+        problems = problems_of(raw)
+        assert any(p.startswith(f"auth.token_file: {expected}") for p in problems), problems
+
+
 async def test_admin_routes_answer_only_loopback_without_a_token(rig):
     r = await rig(sims={"mvoice": {"loaded": True}}, remote="192.0.2.7")
     async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:
@@ -3598,6 +4043,64 @@ async def test_a_bad_config_is_refused_whole_and_the_old_one_stays(rig, caplog):
     assert (await r.post("tts", {"text": "still served"}))[0] == 200
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("nesting", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("bomb", _bomb(9), "aliases expand it beyond"),
+        ("duplicate", "DUP", "found a duplicate key 'routing'"),
+    ],
+)
+async def test_a_reload_that_meets_any_parser_failure_is_bad_config(rig, name, text, expected):
+    """Item 6 of issue 10: 3 MB of brackets made POST /v1/reload answer 500, not bad_config."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    if text == "DUP":
+        text = yaml.safe_dump(r.raw, sort_keys=False) + "routing: {}\n"
+    r.config_path.write_text(text)
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+    assert expected in data["message"] and r.broker.config is r.config
+    assert (await r.post("tts", {"text": "still served"}))[0] == 200
+
+
+class _BlockingSource:
+    """A config source whose load blocks its thread until released (a file on a hung network mount)."""
+
+    def __init__(self, source: m.ConfigSource) -> None:
+        self.source, self.path = source, source.path
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.released: list[bool] = []
+
+    def load(self) -> m.Config:
+        self.entered.set()
+        self.released.append(self.release.wait(10))
+        return self.source.load()
+
+
+async def test_a_reload_reads_the_config_without_blocking_the_loop_and_within_a_bound(rig, monkeypatch):
+    """Item 6 of issue 10: the reload parsed in the event loop, while the watchdog allows 30 s."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    slow = _BlockingSource(r.broker.source)
+    r.broker.source = slow
+    reload = asyncio.ensure_future(r.session.post(r.url("/v1/reload")))
+    await until(slow.entered.is_set)
+    async with r.session.get(r.url("/healthz")) as resp:  # served while the config is being read
+        assert resp.status == 200
+    slow.release.set()
+    async with await reload as resp:
+        assert resp.status == 200 and (await resp.json())["reloaded"] is True
+    assert slow.released == [True]  # released by the test, after /healthz: the loop was never blocked
+    # A read that does not end is refused at CONFIG_READ_TIMEOUT_S, and the old config stays.
+    monkeypatch.setattr(m, "CONFIG_READ_TIMEOUT_S", 0.2)
+    stuck = _BlockingSource(r.broker.source.source)
+    r.broker.source = stuck
+    config = r.broker.config
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+    assert "not read within 0.2 s" in data["message"] and r.broker.config is config
+    stuck.release.set()
+
+
 async def test_sighup_reloads_the_daemon(rig):
     r = await rig(sims={"mvoice": {"loaded": True}})
     async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
@@ -3926,7 +4429,8 @@ async def test_a_hanging_command_is_killed_at_its_timeout_with_everything_it_sta
         data = error_of(resp.status, dict(resp.headers), await resp.read(), "unload_failed")
     assert "did not finish within 0.5 s (killed)" in data["message"]
     started = [int(pid) for pid in pids.read_text().split()]
-    assert len(started) == 2 and [pid for pid in started if running(pid)] == []
+    assert len(started) == 2
+    await until(lambda: [pid for pid in started if running(pid)] == [], 5)  # (SIGKILL acts when each runs)
     assert r.stats.unload_failures == 1 and r.broker.consumers.states["whisper"].resident is None
 
 
@@ -3938,6 +4442,70 @@ async def test_a_command_that_starts_a_service_returns_at_its_exit_and_leaves_th
         assert done.returncode == 0 and running(service)
     finally:
         os.kill(service, signal.SIGKILL)
+
+
+async def _what_commands_inherit(tmp_path: Path) -> tuple[list[str], list[str], bool]:
+    """The descriptors of a command and of a service it started in the background, its output redirected,
+    while another command runs and the broker holds a descriptor without CLOEXEC; and whether that command
+    returned without waiting for the service."""
+    leak_read, leak_write = os.pipe()
+    os.set_inheritable(leak_write, True)  # as a library might leave one: still not the child's business
+    pidfile = tmp_path / "service.pid"
+    service = None
+    try:
+        other = asyncio.ensure_future(m.run_process(["sleep", "0.5"], 5))
+        await asyncio.sleep(0.05)
+        listing = await m.run_process(["sh", "-c", "ls /proc/$$/fd"], 5)
+        script = f"setsid sleep 30 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}"
+        started = await m.run_process(["sh", "-c", script], 5)
+        returned_at_exit = not other.done()  # it did not wait PIPE_GRACE_S for the service
+        await other
+        service = int(pidfile.read_text())
+        service_fds = sorted(os.listdir(f"/proc/{service}/fd"))
+        assert listing.returncode == started.returncode == 0
+        return sorted(listing.stdout.decode().split()), service_fds, returned_at_exit
+    finally:
+        os.close(leak_read)
+        os.close(leak_write)
+        if service is not None:
+            os.kill(service, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_command_gets_exactly_stdin_stdout_and_stderr_on_either_loop(tmp_path, caplog, loop):
+    """Item 8 of issue 10: under uvloop a service started in the background held the broker's pipes (its
+    loop left the child copies of them), so every command load waited 0.5 s and logged it."""
+    run = asyncio.run if loop == "asyncio" else pytest.importorskip("uvloop").run
+    command_fds, service_fds, returned_at_exit = run(_what_commands_inherit(tmp_path))
+    assert command_fds == ["0", "1", "2"]
+    assert service_fds == ["0", "1", "2"]
+    assert returned_at_exit and "left its output open" not in caplog.text
+
+
+async def test_without_pidfds_a_process_exit_is_polled_for(monkeypatch, tmp_path):
+    """Kernels before 5.3 (and some sandboxes) have no pidfd: the exit is learnt by polling waitid."""
+
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    done = await m.run_process(["sh", "-c", "echo out; echo err >&2; exit 3"], 5)
+    assert (done.returncode, done.stdout, done.stderr) == (3, b"out\n", b"err\n")
+    pids = tmp_path / "pids"
+    with pytest.raises(m.ProcessTimeout):
+        await m.run_process(["sh", "-c", f"echo $$ > {pids}; sleep 30"], 0.3)
+    await until(lambda: not running(int(pids.read_text())), 5)
+
+
+async def test_nvidia_smi_leaving_a_child_behind_has_it_killed_once_it_exited(tmp_path, caplog):
+    """Item 9 of issue 10: a wrapper whose child keeps the output open cost every reading 0.5 s and left an
+    orphan per reading. A load command's service, by contrast, is left running (test above)."""
+    pids = tmp_path / "pids"
+    argv = _smi_script(tmp_path, f"echo reading; sleep 30 & echo $! > {pids}")
+    assert await m.run_nvidia_smi(argv, 5) == "reading\n"
+    assert "left its output open" not in caplog.text
+    child = int(pids.read_text())
+    await until(lambda: not running(child), 5)
 
 
 def test_a_job_that_finds_a_command_started_service_failing_records_it_stopped():
@@ -4518,7 +5086,7 @@ async def test_reload_gives_a_consumer_with_a_new_url_a_fresh_state(rig):
     raw = copy.deepcopy(r.raw)
     raw["consumers"]["mvoice"]["url"] = raw["consumers"]["mvoice"]["url"].replace("127.0.0.1", "localhost")
     r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    assert r.broker.reload() == ["new url for mvoice"]
+    assert await r.broker.reload() == ["new url for mvoice"]
     state = r.broker.consumers.states["mvoice"]
     assert (state.resident, state.healthy, state.last_used) == (None, None, None)
 
@@ -4535,13 +5103,124 @@ async def test_a_reload_during_an_upload_is_no_consumer_and_the_books_balance(ri
     raw = copy.deepcopy(r.raw)
     del raw["consumers"]["comfyui"], raw["routing"]["image"]
     r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    r.broker.reload()
+    await r.broker.reload()
     writer.write(body[3:])
     await writer.drain()
     head = await asyncio.wait_for(reader.readline(), 10)
     writer.close()
     assert head.startswith(b"HTTP/1.1 404")
     assert books_balance(r.broker.scheduler) and r.stats.jobs == 0
+
+
+async def _partial_post(
+    r_host: str, port: int, target: str, length: int, sent: bytes, *, extra: str = ""
+) -> Any:
+    """A connection that announces ``length`` bytes of body and sends ``sent``; its (reader, writer)."""
+    reader, writer = await asyncio.open_connection(r_host, port)
+    head = f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n{extra}\r\n"
+    writer.write(head.encode() + sent)
+    await writer.drain()
+    return reader, writer
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, Any]]:
+    """One HTTP answer from a raw connection: its status line and its JSON body (by its Content-Length)."""
+    status = await asyncio.wait_for(reader.readline(), 10)
+    length = 0
+    while (line := await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return status, json.loads(await asyncio.wait_for(reader.readexactly(length), 10))
+
+
+async def test_announcing_a_body_allocates_nothing_bodies_grow_as_they_arrive(rig):
+    """Item 5 of issue 10: 40 connections announcing 16 MiB and sending 70 bytes took the broker from 48 to
+    689 MiB (a buffer of the announced size each, at once)."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        assert (await daemon.status(r.session))["scheduler"]["stats"]["jobs"] == 0
+        before = peak_rss_mib(daemon.proc.pid)
+        conns = [
+            await _partial_post("127.0.0.1", daemon.port, "/v1/stt", 16 * m.MiB, b"x" * 70) for _ in range(40)
+        ]
+        try:
+            await asyncio.sleep(0.3)
+            async with r.session.post(daemon.url("/v1/stt"), data=b"ok") as resp:  # served meanwhile
+                assert resp.status == 200
+            grown = peak_rss_mib(daemon.proc.pid) - before
+        finally:
+            for _, writer in conns:
+                writer.close()
+    print(f"peak RSS grew {grown:.1f} MiB with 40 bodies of 16 MiB announced")
+    assert grown < 64, grown  # 640 MiB if the announced sizes were allocated
+
+
+async def test_a_body_must_arrive_within_body_timeout_s(rig):
+    def quick(raw: dict[str, Any]) -> None:
+        raw["scheduler"]["body_timeout_s"] = 0.3
+
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=quick)
+    reader, writer = await _partial_post(r.server.host, r.server.port, "/v1/stt", 100, b"slow")
+    try:
+        status, body = await read_answer(reader)
+    finally:
+        writer.close()
+    assert status.startswith(b"HTTP/1.1 408")
+    assert body["error"] == "request_timeout" and "body_timeout_s 0.3" in body["message"]
+    assert r.stats.jobs == 0 and r.broker.reading == 0 and r.sims["mvoice"].records == []
+
+
+async def test_bodies_being_read_at_once_hold_at_most_max_bodies_mib(rig):
+    def small(raw: dict[str, Any]) -> None:
+        raw["scheduler"] |= {"max_body_mib": 1, "max_bodies_mib": 1}
+
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=small)
+    big = b"a" * m.MiB
+    reader, writer = await _partial_post(r.server.host, r.server.port, "/v1/stt", len(big), big[:-1000])
+    try:
+        await until(lambda: r.broker.reading == len(big) - 1000)
+        async with r.session.post(r.url("/v1/stt"), data=b"b" * 2000) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "too_many_requests")
+        assert "max_bodies_mib" in data["message"] and data["consumer"] == "mvoice"
+        writer.write(big[-1000:])
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+    assert [len(rec.body) for rec in r.sims["mvoice"].records] == [len(big)]
+    assert r.broker.reading == 0 and r.stats.jobs == 1
+
+
+@pytest.mark.parametrize(
+    ("target", "length", "first"),
+    [
+        ("/v1/stt", 65 * m.MiB, b"HTTP/1.1 413"),
+        ("/c/ollama/api/chat", 65 * m.MiB, b"HTTP/1.1 413"),
+        ("/v1/stt#x", 5, b"HTTP/1.1 400"),
+        ("/v1/stt", 5, b"HTTP/1.1 100 Continue"),
+    ],
+)
+async def test_expect_100_continue_is_refused_before_any_continue(rig, target, length, first):
+    """Item 5 of issue 10: a body over max_body_mib got `100 Continue` first, so the client sent it."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    reader, writer = await _partial_post(
+        r.server.host, r.server.port, target, length, b"", extra="Expect: 100-continue\r\n"
+    )
+    try:
+        if first.endswith(b"Continue"):
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(first)
+            await asyncio.wait_for(reader.readline(), 10)  # the blank line after 100 Continue
+            writer.write(b"hello")
+            await writer.drain()
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
+        else:
+            status, body = await read_answer(reader)
+            assert status.startswith(first)
+            assert body["error"] == {b"413": "payload_too_large", b"400": "bad_request"}[first[9:12]]
+    finally:
+        writer.close()
+    assert r.stats.jobs == (1 if first.endswith(b"Continue") else 0)
 
 
 def peak_rss_mib(pid: int) -> float:
