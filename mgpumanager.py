@@ -1206,6 +1206,20 @@ METRIC_HELP = {
         "counter",
         "Consumers unloaded for being idle idle_unload_s, by consumer.",
     ),
+    "mgpumanager_admin_unloads_total": (
+        "counter",
+        "Consumers unloaded through the admin route, by consumer.",
+    ),
+    "mgpumanager_load_failures_total": ("counter", "Load calls that failed, by consumer."),
+    "mgpumanager_preload_skips_total": ("counter", "Preloads skipped because they did not fit, by consumer."),
+    "mgpumanager_hold_abandoned_total": (
+        "counter",
+        "Holds ended because their consumer was seen down (its work died with it), by consumer.",
+    ),
+    "mgpumanager_hold_poll_errors_total": (
+        "counter",
+        "Hold polls that failed and were retried, by consumer.",
+    ),
     "mgpumanager_refused_total": (
         "counter",
         "Requests refused with too_many_requests, by consumer and the limit (its config key) that was full.",
@@ -1216,6 +1230,14 @@ METRIC_HELP = {
     ),
     "mgpumanager_consumer_healthy": ("gauge", "1 if the last health probe succeeded, 0 if not, NaN unknown."),
     "mgpumanager_consumer_resident": ("gauge", "1 if the consumer is resident, 0 if not, NaN unknown."),
+    "mgpumanager_consumer_vram_used_bytes": (
+        "gauge",
+        "GPU memory the consumer's processes held at the last reading (consumers with `processes` only).",
+    ),
+    "mgpumanager_consumer_vram_peak_bytes": (
+        "gauge",
+        "The most GPU memory the consumer's processes were seen holding (consumers with `processes` only).",
+    ),
     "mgpumanager_queue_length": ("gauge", "Jobs waiting for the GPU lock, by GPU."),
     "mgpumanager_running_jobs": ("gauge", "Jobs holding the GPU lock now, by GPU."),
     "mgpumanager_gpu_memory_total_bytes": (
@@ -3162,8 +3184,9 @@ class Scheduler:
             if error is not None:
                 tried[victim] = "unload failed"
                 continue
-            reading = await self._wait_for_memory(job, victim, size, reading.free_mib or 0, plan.need_mib)
-            freed = self.states[victim].resident is False
+            reading, freed = await self._wait_for_memory(
+                job, victim, size, reading.free_mib or 0, plan.need_mib
+            )
             tried[victim] = "unloaded" if freed else f"unloaded, memory not freed within {self._wait_s():g} s"
 
     def _wait_s(self) -> float:
@@ -3195,9 +3218,13 @@ class Scheduler:
             self.recorder.record(f"unloaded_{by}", consumer=victim, by=by, job=job.id)
         return None
 
-    async def _wait_for_memory(self, job: Job, victim: str, size: int, before: int, need: int) -> GpuReading:
+    async def _wait_for_memory(
+        self, job: Job, victim: str, size: int, before: int, need: int
+    ) -> tuple[GpuReading, bool]:
         """After an eviction: poll until the target fits, the victim's memory (``size`` MiB) shows up as
-        free, or ``vram_wait_s`` passed. The victim is then not resident, or unknown if nothing came free."""
+        free, or ``vram_wait_s`` passed; the last reading, and whether the memory came free. The victim is
+        then not resident, or unknown if some but too little came free."""
+        freed = False
         deadline = self.clock() + self._wait_s()
         enough_freed = FREED_SHARE * size
         while True:
@@ -3210,6 +3237,7 @@ class Scheduler:
             free = reading.free_mib if reading.free_mib is not None else before
             if free >= need or free - before >= enough_freed:
                 self.states[victim].unloaded()
+                freed = True
                 break
             if self.clock() >= deadline:
                 # Nothing came free: it most likely held nothing (its residency was a guess). Some did:
@@ -3226,7 +3254,7 @@ class Scheduler:
             await self.sleep(max(0.0, VRAM_POLL_S - (self.clock() - started)))
         job.evictions += 1
         self.recorder.record("evicted", consumer=victim, for_consumer=job.consumer, free_mib=reading.free_mib)
-        return reading
+        return reading, freed
 
     async def _load(self, job: Job) -> None:
         """Load the target through its route or command; residency is unknown until that succeeds."""
@@ -4796,16 +4824,6 @@ async def handle_metrics(request: web.Request) -> web.Response:
     for index, s in sorted(broker.schedulers.items()):
         gauges.append(("mgpumanager_queue_length", (("gpu", str(index)),), len(s.queue())))
         gauges.append(("mgpumanager_running_jobs", (("gpu", str(index)),), s.running))
-    for name in broker.config.consumers:
-        state = broker.consumers.states[name]
-        for metric, value in (("healthy", state.healthy), ("resident", state.resident)):
-            gauges.append(
-                (
-                    f"mgpumanager_consumer_{metric}",
-                    (("consumer", name),),
-                    math.nan if value is None else value,
-                )
-            )
     indexes = sorted(broker.gpus)
     readings = await asyncio.gather(
         *(broker.gpus[i].read(max_age=STATUS_MAX_AGE_S) for i in indexes), return_exceptions=True
@@ -4823,6 +4841,20 @@ async def handle_metrics(request: web.Request) -> web.Response:
                 gauges.append((f"mgpumanager_gpu_memory_{metric}_bytes", gpu, mib * MiB))
         if r.utilization_pct is not None:
             gauges.append(("mgpumanager_gpu_utilization_ratio", gpu, r.utilization_pct / 100))
+    # After the readings: a consumer's measured memory is that of the reading just taken.
+    for name in broker.config.consumers:
+        state = broker.consumers.states[name]
+        for metric, value in (("healthy", state.healthy), ("resident", state.resident)):
+            gauges.append(
+                (
+                    f"mgpumanager_consumer_{metric}",
+                    (("consumer", name),),
+                    math.nan if value is None else value,
+                )
+            )
+        for metric, mib in (("used", state.used_mib), ("peak", state.peak_mib)):
+            if mib is not None:
+                gauges.append((f"mgpumanager_consumer_vram_{metric}_bytes", (("consumer", name),), mib * MiB))
     body = broker.metrics.render(gauges).encode()
     headers = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8", "Cache-Control": "no-store"}
     return web.Response(body=body, headers=headers)

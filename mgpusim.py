@@ -1074,6 +1074,8 @@ class ComfySim(SimConsumer):
         self.running: dict[str, int] = {}  # prompt_id -> number
         self.finished: set[str] = set()
         self.failed: set[str] = set()
+        #: /free came during a render: unload when it is done.
+        self.free_pending = False
         self.sockets: set[web.WebSocketResponse] = set()
         self.ws_closes: list[int | None] = []
         super().__init__(name, vram, **kw)
@@ -1127,6 +1129,9 @@ class ComfySim(SimConsumer):
         finally:
             record.end = time.monotonic()
             self.running.pop(prompt_id, None)
+            if self.free_pending and not self.running:
+                self.free_pending = False
+                await self.do_unload()
 
     async def broadcast(self, kind: str, data: dict[str, Any]) -> None:
         """Send a ComfyUI-style message to every open WebSocket."""
@@ -1170,6 +1175,7 @@ class ComfySim(SimConsumer):
     def restart(self) -> None:
         """ComfyUI restarted: its queue and history are gone with the process."""
         super().restart()
+        self.free_pending = False
         self.running.clear()
         self.finished.clear()
         self.failed.clear()
@@ -1180,12 +1186,17 @@ class ComfySim(SimConsumer):
         return web.json_response({"queue_running": running, "queue_pending": []})
 
     async def free(self, request: web.Request) -> web.Response:
-        """POST /free {"unload_models": true, "free_memory": true}: unload."""
+        """POST /free {"unload_models": true, "free_memory": true}: answers at once; the models are
+        unloaded when no render runs, at once or after the one running (ComfyUI sets a flag that its
+        prompt worker reads between prompts)."""
         data = await read_json(request)
         if data.get("unload_models") or data.get("free_memory"):
             if (fault := await self.admin_fault("unload")) is not None:
                 return fault
-            await self.do_unload()
+            if self.running:
+                self.free_pending = True
+            else:
+                await self.do_unload()
         return web.json_response({})
 
 

@@ -1313,6 +1313,8 @@ class Rig:
         self.servers: list[TestServer] = []
         self.sims: dict[str, mgpusim.SimConsumer] = {}
         self.sim_servers: dict[str, TestServer] = {}
+        #: The ports of killed consumers, for their revival.
+        self.ports: dict[str, int | None] = {}
         self.expected_internal_errors = 0
 
     async def start(
@@ -1363,6 +1365,25 @@ class Rig:
 
     def url(self, path: str) -> str:
         return str(self.server.make_url(path))
+
+    async def kill(self, name: str) -> None:
+        """The consumer's process dies: its server is gone (connections refused), its work with it."""
+        self.ports[name] = self.sim_servers[name].port
+        await self.sim_servers[name].close()
+        self.sims[name].restart()
+
+    async def revive(self, name: str) -> None:
+        """The consumer's service is back on its port: a new process that knows nothing of before."""
+        port = self.ports.pop(name)
+        self.sims[name].app = self.sims[name].make_app()
+        server = TestServer(self.sims[name].app, host="127.0.0.1", port=port)
+        await server.start_server()
+        self.sim_servers[name] = server
+
+    async def restart(self, name: str) -> None:
+        """The consumer restarts between two of the broker's looks at it: no probe sees it down."""
+        await self.kill(name)
+        await self.revive(name)
 
     @property
     def stats(self) -> m.Stats:
@@ -2118,6 +2139,245 @@ async def test_two_gpus_run_jobs_in_parallel_and_evict_each_on_its_own(rig):
     }
     assert r.gpu.free_mib(1) == 16384 - 480 - 13000
     assert during["gpu"]["index"] == 0 and during["consumers"]["comfyui"]["gpu"] == 1
+
+
+# =====================================================================================================
+# Residency from what the GPU and the services show (issue 11)
+# =====================================================================================================
+
+
+def comfy_measured(raw: dict[str, Any]) -> None:
+    """ComfyUI's processes are recognised in nvidia-smi's list: its memory is measured."""
+    raw["consumers"]["comfyui"]["processes"] = {"name": "*/ComfyUI/*"}
+
+
+#: A small card (13920 MiB usable): FLUX's 13000 MiB, the cushion and ComfyUI's 610 MiB context fit,
+#: mvoice's 2800 beside them do not.
+SMALL_CARD = {"total_mib": 14400}
+REAL_COMFY = {"context_mib": 610, "work_s": 0.05}
+
+
+async def _render(r: Rig, path: str = "/v1/image") -> str:
+    """An image job, and the end of its hold; the prompt id."""
+    async with r.session.post(r.url(path), json={"prompt": {}}) as resp:
+        assert resp.status == 200, await resp.read()
+        prompt_id = (await resp.json())["prompt_id"]
+    await until(lambda: r.broker.scheduler.holder is None)
+    return prompt_id
+
+
+async def test_a_restart_behind_the_brokers_back_never_overfills_the_gpu(rig):
+    """Issue 11, case 1: ComfyUI restarts unseen (its model gone), mvoice loads, then an image job: the
+    broker does not trust ComfyUI's old record, reads the GPU and evicts mvoice first."""
+    r = await rig(**SMALL_CARD, sims={"comfyui": REAL_COMFY, "mvoice": {"loaded": False}})
+    first = await _render(r)
+    assert first in r.sims["comfyui"].finished
+    await r.restart("comfyui")  # between probes: the broker sees nothing
+    assert (await r.post("tts", {"text": "hi"}))[0] == 200  # fits beside ComfyUI's bare context
+    assert r.sims["mvoice"].unloads == 0 and r.gpu.used_mib("mvoice") == 2800
+    second = await _render(r)
+    assert second in r.sims["comfyui"].finished and r.gpu.ooms() == []  # the render ran, nothing overfilled
+    assert r.sims["mvoice"].unloads == 1 and r.stats.evictions == 1
+
+
+async def test_the_uis_own_unload_button_leaves_no_false_record(rig):
+    """Issue 11, case 2: ComfyUI's web UI posts /api/free through the mount. A mount call outside the
+    consumer's paths never marks it resident, and its record is not trusted any more."""
+    r = await rig(**SMALL_CARD, sims={"comfyui": REAL_COMFY, "mvoice": {"loaded": False}})
+    await _render(r)
+    async with r.session.post(r.url("/c/comfyui/api/free"), json={"unload_models": True}) as resp:
+        assert resp.status == 200
+    assert r.sims["comfyui"].unloads == 1 and r.stats.jobs == 2  # a job of kind mount, through the lock
+    assert not r.broker.consumers.states["comfyui"].known_resident()
+    assert (await r.post("tts", {"text": "hi"}))[0] == 200
+    await _render(r, "/c/comfyui/api/prompt")  # the UI's own prompt, through the mount
+    assert r.gpu.ooms() == [] and r.sims["mvoice"].unloads == 1
+
+
+async def test_a_render_lost_in_a_crash_releases_the_gpu_when_a_poll_finds_the_consumer_gone(rig, caplog):
+    """Issue 11, case 3: ComfyUI killed mid-render and restarted forgets the prompt; the hold does not
+    wait for its timeout: the first poll that finds ComfyUI refusing ends it (hold_abandoned)."""
+    r = await rig(sims={"comfyui": {"work_s": 60}})
+    async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+        assert resp.status == 200
+    await until(lambda: r.broker.scheduler.holds == 1)
+    tts = asyncio.ensure_future(r.post("tts", {"text": "waits for the render"}))
+    await until(lambda: len(r.broker.scheduler.queue()) == 1)
+    await r.kill("comfyui")
+    assert (await asyncio.wait_for(tts, 10))[0] == 200  # served within a few polls, not after 30 s
+    await r.revive("comfyui")  # back, without the prompt: /history/<id> would stay {} for ever
+    stats = r.stats
+    assert (stats.hold_abandoned, stats.hold_timeouts, stats.completed) == (1, 0, 2)
+    abandoned = [rec for rec in caplog.records if "hold abandoned" in rec.getMessage()]
+    assert len(abandoned) == 1 and abandoned[0].levelno == logging.WARNING
+    assert "connection refused" in abandoned[0].getMessage()
+    assert r.broker.consumers.states["comfyui"].resident is None  # its memory died with it, or not: read
+    text = await (await r.session.get(r.url("/metrics"))).text()
+    assert 'mgpumanager_hold_abandoned_total{consumer="comfyui"} 1' in text
+
+
+async def test_a_probe_that_finds_the_consumer_gone_abandons_its_hold_too(rig):
+    """A render held with slow polls: the health probe sees ComfyUI gone first and ends the hold."""
+
+    def slow_polls(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["poll_s"] = 60
+
+    r = await rig(sims={"comfyui": {"work_s": 60}}, tweak=slow_polls)
+    async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+        assert resp.status == 200
+    await until(lambda: r.broker.scheduler.holds == 1)
+    await r.kill("comfyui")
+    await r.broker.consumers.probe("comfyui")
+    await until(lambda: r.broker.scheduler.holder is None)
+    assert r.stats.hold_abandoned == 1 and r.broker.consumers.states["comfyui"].healthy is False
+
+
+async def test_a_slow_but_alive_consumer_keeps_its_hold(rig, caplog):
+    """Poll errors that are not a refusal (a reset, a slow answer) are retried; the first one is a warning."""
+    caplog.set_level(logging.DEBUG, "mgpumanager")
+    polls: list[int] = []
+
+    async def prompt(request: web.Request) -> web.Response:
+        return web.json_response({"prompt_id": "p3"})
+
+    async def history(request: web.Request) -> web.Response:
+        polls.append(1)
+        if len(polls) <= 6:
+            request.transport.abort()  # alive, but dropping the connection
+        return web.json_response({"p3": {"done": True}})
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        assert (await r.post("image", {"prompt": {}}))[0] == 200
+        await until(lambda: r.broker.scheduler.holder is None)
+    assert r.stats.hold_abandoned == 0 and r.stats.hold_poll_errors >= 2
+    levels = [rec.levelno for rec in caplog.records if "hold poll failed" in rec.getMessage()]
+    assert levels[0] == logging.WARNING and set(levels[1:]) == {logging.DEBUG}
+
+
+async def test_a_consumer_that_is_back_is_served_at_once(rig):
+    """Issue 11, case 4: marked unhealthy, mvoice comes back: its next job probes it once more, right away,
+    instead of answering consumer_unreachable until the next health round (an hour away here)."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    await r.kill("mvoice")
+    status, headers, body = await r.post("tts", {"text": "down"})
+    error_of(status, headers, body, "consumer_unreachable")
+    assert r.broker.consumers.states["mvoice"].healthy is False
+    await r.revive("mvoice")
+    status, _, body = await r.post("tts", {"text": "back"})
+    assert status == 200 and body.startswith(b"RIFF")
+    assert r.broker.consumers.states["mvoice"].healthy is True
+
+
+@pytest.mark.parametrize("measured", [False, True])
+async def test_after_a_broker_restart_mid_render_the_refusal_names_owners_truthfully(rig, measured):
+    """Issue 11, case 6: the broker starts while ComfyUI renders (its /free waits for the render's end).
+    The refusal says what became of ComfyUI's unload and, where processes are recognised, whose they are."""
+
+    def setup(raw: dict[str, Any]) -> None:
+        raw["scheduler"]["vram_wait_s"] = 0.3
+        if measured:
+            comfy_measured(raw)
+
+    r = await rig(sims={"comfyui": {"context_mib": 610, "work_s": 60, "loaded": True}}, tweak=setup)
+    async with r.session.post(str(r.sim_servers["comfyui"].make_url("/prompt")), json={}) as resp:
+        assert resp.status == 200  # a render the broker knows nothing of
+    whisper_fills = {"vram_mib": 2000}
+    r.sims["whisper"].vram_mib = whisper_fills["vram_mib"]
+    status, headers, body = await r.post("stt", None, data=b"audio")  # mvoice: 2800 do not fit
+    message = error_of(status, headers, body, "insufficient_vram")["message"]
+    assert "already unloaded" not in message
+    comfy_pid = r.sims["comfyui"].pid
+    if measured:
+        assert (
+            "comfyui (unloaded, memory not freed within 0.3 s; its processes still hold 13610 MiB)" in message
+        )
+        assert f"pid {comfy_pid} /opt/ComfyUI/.venv/bin/python3 13610 MiB (comfyui)" in message
+    else:
+        assert "comfyui (unloaded, memory not freed within 0.3 s)" in message
+        assert f"pid {comfy_pid} /opt/ComfyUI/.venv/bin/python3 13610 MiB (no consumer)" in message
+
+
+async def test_measured_memory_in_status_metrics_and_the_warning_when_above_the_declared(rig, caplog):
+    """processes: status shows vram_used_mib and vram_peak_mib and each process's owner; metrics carry the
+    measured bytes; a consumer measured above its vram_resident_mib is warned about once."""
+
+    def bigger(raw: dict[str, Any]) -> None:
+        comfy_measured(raw)
+        raw["consumers"]["comfyui"]["vram_resident_mib"] = 12000  # it really takes 13000 + its context
+
+    r = await rig(sims={"comfyui": REAL_COMFY}, tweak=bigger)
+    st = await r.status()
+    comfy = st["consumers"]["comfyui"]
+    assert (comfy["vram_used_mib"], comfy["vram_peak_mib"], comfy["loaded"]) == (610, 610, False)
+    assert st["consumers"]["mvoice"]["vram_used_mib"] is None  # no `processes`: not measured
+    await _render(r)
+    await asyncio.sleep(m.STATUS_MAX_AGE_S)
+    st = await r.status()
+    comfy = st["consumers"]["comfyui"]
+    assert (comfy["vram_used_mib"], comfy["vram_peak_mib"], comfy["loaded"]) == (13610, 13610, True)
+    owners = {p["name"]: p["consumer"] for p in st["gpu"]["processes"]}
+    assert owners == {"/opt/ComfyUI/.venv/bin/python3": "comfyui"}
+    text = await (await r.session.get(r.url("/metrics"))).text()
+    assert f'mgpumanager_consumer_vram_used_bytes{{consumer="comfyui"}} {13610 * m.MiB}' in text
+    assert 'mgpumanager_consumer_vram_used_bytes{consumer="mvoice"}' not in text
+    warnings = [
+        rec.getMessage() for rec in caplog.records if "holds 13610 MiB, declared 12000" in rec.getMessage()
+    ]
+    assert len(warnings) == 1  # once, though read several times
+    # Making room uses the larger figure: mvoice (2800) after ComfyUI's 13610 needs ComfyUI gone.
+    await r.sims["comfyui"].do_unload()
+    await asyncio.sleep(m.STATUS_MAX_AGE_S)
+    assert (await r.status())["consumers"]["comfyui"]["loaded"] is False  # measured: 610 < 6000
+
+
+def test_processes_are_attributed_by_name_and_by_the_unit_in_their_cgroup(tmp_path):
+    """A consumer's processes: a shell pattern on nvidia-smi's name and/or its systemd unit (or a container's
+    scope) read from /proc/<pid>/cgroup; every key given must match; the first consumer listed wins."""
+    raw = base_raw()
+    raw["consumers"]["comfyui"]["processes"] = {"unit": "comfyui.service"}
+    raw["consumers"]["mvoice"]["processes"] = {"unit": "mvoice.service", "name": "*/python3"}
+    raw["consumers"]["ollama"]["processes"] = {"name": "*/ollama*"}
+    raw["consumers"]["whisper"]["processes"] = {"unit": "docker-*.scope"}
+    config = m.parse_config(raw)
+    cgroups = {  # cgroup v2 (one line) and v1 (several), as /proc/<pid>/cgroup holds them
+        10: "0::/system.slice/comfyui.service\n",
+        11: "0::/system.slice/mvoice.service\n",
+        12: "12:memory:/system.slice/docker-4f2a9c.scope\n11:pids:/system.slice/docker-4f2a9c.scope\n",
+        13: "0::/user.slice/user-1000.slice/session-2.scope\n",
+    }
+    for pid, text in cgroups.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cgroup").write_text(text.replace("\\n", "\n"))
+    consumers = m.Consumers(config, session=None)  # type: ignore[arg-type] (no call is made)
+    consumers.proc_root = tmp_path
+    procs = [
+        m.GpuProcess(10, "/opt/ComfyUI/.venv/bin/python3", 13610),
+        m.GpuProcess(11, "/opt/mvoice/.venv/bin/python3", 2800),
+        m.GpuProcess(12, "/usr/local/bin/whisper-server", 1500),
+        m.GpuProcess(13, "/usr/bin/python3", 4000),  # someone's notebook: nobody's
+        m.GpuProcess(14, "/usr/local/bin/ollama", 8000),  # gone from /proc: name alone decides
+    ]
+    measured = list(config.consumers.values())
+    owners = m.process_owners(procs, measured, consumers.cgroups_of)
+    assert owners == {10: "comfyui", 11: "mvoice", 12: "whisper", 14: "ollama"}
+    # mvoice needs both keys: a python3 in another unit is not its.
+    assert (
+        m.process_owners(
+            [m.GpuProcess(10, "/usr/bin/python3", 1)], [config.consumers["mvoice"]], consumers.cgroups_of
+        )
+        == {}
+    )
+    assert problems_of(
+        base_raw()
+        | {
+            "consumers": {
+                **base_raw()["consumers"],
+                "ollama": {**base_raw()["consumers"]["ollama"], "processes": {}},
+            }
+        }
+    )
 
 
 # =====================================================================================================
