@@ -3396,7 +3396,7 @@ class ConsumerPorts:
             for name in list(self.open):
                 if wanted.get(name) != self.open[name][0]:
                     address = self.address(name)
-                    await self.close(name)
+                    await self._close(name)
                     changes.append(f"{name} no longer listens on {address}")
                     log.info(logfmt(msg="consumer port closed", consumer=name, listen=address))
             for name, (host, port) in wanted.items():
@@ -3441,12 +3441,14 @@ class ConsumerPorts:
             with contextlib.suppress(RuntimeError):  # stopped already
                 await site.stop()
 
-    async def close(self, name: str | None = None) -> None:
-        """Close one consumer's port (or all): its open answers get SHUTDOWN_GRACE_S to finish."""
-        for each in [name] if name is not None else list(self.open):
-            entry = self.open.pop(each, None)
-            if entry is not None:
-                await entry[1].cleanup()
+    async def close(self) -> None:
+        """Close every consumer's port (after a sync under way): open answers get SHUTDOWN_GRACE_S."""
+        async with self._lock:
+            for name in list(self.open):
+                await self._close(name)
+
+    async def _close(self, name: str) -> None:
+        await self.open.pop(name)[1].cleanup()
 
 
 @dataclass

@@ -10,7 +10,9 @@ One file, three parts:
   fixtures/nvidia-smi/), so the broker can be pointed at it instead of nvidia-smi.
 * ``SimConsumer`` and its subclasses ``MvoiceSim``, ``OllamaSim``, ``ComfySim`` and ``WhisperSim`` are
   aiohttp apps that imitate the services the broker fronts: they take VRAM when they load, give it back
-  when told to unload, record every request with its timing, and have fault switches.  Tests run them
+  when told to unload, record every request with its timing, and have fault switches. ``ServiceSim`` plays
+  the other services mgpumanager's presets name (vLLM, SGLang, A1111, tabbyAPI, llama.cpp, speaches,
+  LocalAI) from a table of their routes.  Tests run them
   in-process (``aiohttp.test_utils.TestServer(sim.app)``); ``python3 mgpusim.py consumers ...`` runs
   them as one process.  ``mgpusim.py start --pidfile F ...`` and ``mgpusim.py stop --pidfile F`` start
   such a process detached and stop it again, the way ``systemctl start/stop`` treat a service (for the

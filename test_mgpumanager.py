@@ -5112,3 +5112,69 @@ async def test_comfyuis_web_ui_through_its_mount_and_its_port_in_a_real_browser(
     ]
     assert sorted(asked, key=str) == sorted(expected * 2, key=str)
     assert r.stats.jobs == 2 and len(sim.work) == 2  # each prompt a GPU job (kind image_ui), held
+
+
+async def test_the_daemon_opens_consumer_ports_at_start_and_on_sighup_and_closes_them_on_sigterm(rig):
+    r = await rig(tweak=use_presets)
+    raw, ollama, comfy = copy.deepcopy(r.raw), free_port(), free_port()
+    raw["consumers"]["ollama"]["listen"] = f"127.0.0.1:{ollama}"
+    generate = {"model": "a", "prompt": "p", "stream": False}
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        async with r.session.post(f"http://127.0.0.1:{ollama}/api/generate", json=generate) as resp:
+            assert resp.status == 200 and (await resp.json())["done"]
+        assert (await daemon.status(r.session))["consumers"]["ollama"]["listen"] == f"127.0.0.1:{ollama}"
+        raw["consumers"]["comfyui"]["listen"] = f"127.0.0.1:{comfy}"
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        daemon.proc.send_signal(signal.SIGHUP)
+        st = await daemon.until(r.session, lambda st: st["consumers"]["comfyui"]["listen"] is not None)
+        assert st["consumers"]["comfyui"]["listen"] == f"127.0.0.1:{comfy}"
+        async with r.session.get(f"http://127.0.0.1:{comfy}/queue") as resp:
+            assert resp.status == 200
+        daemon.terminate()
+        assert await asyncio.wait_for(daemon.proc.wait(), 30) == 0
+    for port in (ollama, comfy):
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with r.session.get(f"http://127.0.0.1:{port}/", timeout=aiohttp.ClientTimeout(total=5)):
+                pass
+    assert f"msg=listening consumer=ollama listen=127.0.0.1:{ollama}" in daemon.log
+    assert f"msg=listening consumer=comfyui listen=127.0.0.1:{comfy}" in daemon.log
+    assert r.sims["ollama"].work[0].path == "/api/generate"
+
+
+async def test_a_for_each_unload_is_bounded_by_its_timeout_as_a_whole(rig):
+    gate = asyncio.Event()
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"models": ["slow", "next"]})
+
+    async def unload(request: web.Request) -> web.Response:
+        await gate.wait()  # never set: the first call hangs
+        return web.json_response({})
+
+    async with StandIn([("GET", "/ps", listing), ("DELETE", "/ps/{id}", unload), ("GET", "/", _ok)]) as svc:
+
+        def add(raw: dict[str, Any]) -> None:
+            each = {"path": "/ps", "items": "models"}
+            raw["consumers"]["svc"] = {
+                "url": svc.url,
+                "health": {"path": "/"},
+                "paths": {"llm": {"path": "/x"}},
+                "vram_resident_mib": 100,
+                "unload": {"method": "DELETE", "path": "/ps/{item}", "timeout_s": 0.5, "for_each": each},
+            }
+
+        r = await rig(tweak=add)
+        async with r.session.post(r.url("/v1/consumers/svc/unload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "unload_failed")
+    assert '"slow": unload did not answer within 0.' in data["message"]
+    assert '"next": not tried, the unload took its 0.5 s' in data["message"]
+
+
+async def test_the_whisper_cpp_preset_speaks_whispersim(rig, caplog):
+    r = await rig(tweak=use_presets)
+    assert r.broker.consumers.states["whisper"].healthy is True  # GET /health
+    async with r.session.post(r.url("/c/whisper/inference"), data=b"RIFF....") as resp:
+        assert resp.status == 200 and (await resp.json())["text"] == "simulated transcript"
+    assert [rec.path for rec in r.sims["whisper"].work] == ["/inference"]
+    await until(lambda: len(job_lines(caplog)) == 1)
+    assert " consumer=whisper kind=stt " in job_lines(caplog)[0]
