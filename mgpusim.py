@@ -1278,8 +1278,9 @@ socket.onmessage = (ev) => { sim.messages.push(JSON.parse(ev.data).type); };
 const body = JSON.stringify({prompt: {}, client_id: "page"});
 const resp = await fetch(new URL("api/prompt", base), {method: "POST", body,
                          headers: {"Content-Type": "application/json"}});
-sim.prompt = resp.status;
-sim.prompt_id = resp.ok ? (await resp.json()).prompt_id : null;
+const answer = resp.ok ? await resp.json() : null;
+sim.prompt_id = answer ? answer.prompt_id : null;
+sim.prompt = resp.status;  // last: the page has everything once it is set
 """
 
 
