@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import copy
 import fnmatch
 import functools
 import hmac
@@ -156,6 +157,20 @@ APP_FIELDS = ("pid", "process_name", "used_memory", "gpu_uuid")
 
 
 @dataclass(frozen=True)
+class JsonQuery:
+    """A call whose JSON answer the broker reads: a consumer's ``residency``, or the list a ``for_each``
+    unload walks. With ``items``, the answer's list at that top-level key, its elements kept when they match
+    ``where``; without, the answer itself, which matches ``where`` or not."""
+
+    method: str
+    path: str
+    items: str | None = None
+    #: (dotted field, accepted values): a JSON object matches when each field holds one of its values
+    #: (a missing field is null).
+    where: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
 class Route:
     """An HTTP call the broker makes to a consumer of its own accord: health, load, unload."""
 
@@ -164,6 +179,8 @@ class Route:
     #: Sent as JSON when not None.
     body: Any = None
     timeout_s: float = 60.0
+    #: An unload made once per element of this list, ``{field}`` placeholders filled from the element.
+    for_each: JsonQuery | None = None
     #: ``body`` as it is sent, serialised once (the loader refuses a body that JSON cannot express).
     data: bytes | None = field(default=None, compare=False, repr=False)
 
@@ -264,11 +281,26 @@ class ConsumerConfig:
     #: too_many_requests. So is a WebSocket beyond ``max_websockets`` open at once through its mount.
     max_unscheduled: int = 32
     max_websockets: int = 32
+    #: Where the consumer tells its residency, read with each health probe (None: its for_each listing,
+    #: else its health's ``loaded``).
+    residency: JsonQuery | None = None
+    #: Its own port (host, port): its whole API at the root path, by the rules of its mount.
+    listen: tuple[str, int] | None = None
+    #: The preset it was made from, and the keys (``paths.<kind>`` for paths) that the preset filled in.
+    preset: str | None = None
+    from_preset: tuple[str, ...] = ()
 
     @property
     def started_by_command(self) -> bool:
         """Loaded by starting a process: a failing health route means "stopped", not "unreachable"."""
         return isinstance(self.load, Command)
+
+    @property
+    def residency_query(self) -> JsonQuery | None:
+        """What tells its residency: ``residency``, else the list its for_each unload walks."""
+        if self.residency is not None:
+            return self.residency
+        return self.unload.for_each if isinstance(self.unload, Route) else None
 
 
 @dataclass(frozen=True)
@@ -427,9 +459,11 @@ class _Checker:
             self.problem(where, f"'{name}' is reserved (/v1/{name} is a route of its own)")
 
 
-def _parse_route(ck: _Checker, raw: Any, where: str, default_method: str, *, extra: bool) -> Route | None:
+def _parse_route(
+    ck: _Checker, raw: Any, where: str, default_method: str, *, extra: bool, for_each: bool = False
+) -> Route | None:
     allowed = ("method", "path", "body", "timeout_s") if extra else ("method", "path")
-    d = ck.mapping(raw, where, allowed, required=True)
+    d = ck.mapping(raw, where, (*allowed, "for_each") if for_each else allowed, required=True)
     if not d:
         return None
     method = ck.method(d, where, default_method)
@@ -442,13 +476,40 @@ def _parse_route(ck: _Checker, raw: Any, where: str, default_method: str, *, ext
         except (ValueError, TypeError, RecursionError) as e:
             ck.problem(f"{where}.body", f"cannot be sent as JSON ({type(e).__name__}: {str(e)[:100]})")
             body = None
-    return Route(method=method, path=path, body=body, timeout_s=timeout_s, data=data)
+    each = _parse_query(ck, d["for_each"], f"{where}.for_each", list_only=True) if "for_each" in d else None
+    return Route(method=method, path=path, body=body, timeout_s=timeout_s, data=data, for_each=each)
 
 
-def _parse_action(ck: _Checker, raw: Any, where: str) -> Route | Command | None:
-    """``load``/``unload``: an HTTP call ``{method, path, body, timeout_s}`` or ``{command, timeout_s}``."""
+def _parse_query(ck: _Checker, raw: Any, where: str, *, list_only: bool) -> JsonQuery | None:
+    """``{method: GET, path, items, where}``: a residency query, or (``list_only``) a for_each listing."""
+    d = ck.mapping(raw, where, ("method", "path", "items", "where"), required=True)
+    if not d:
+        return None
+    items = ck.string(d, "items", where) if "items" in d or list_only else None
+    matches = []
+    for name, value in ck.mapping(d.get("where"), f"{where}.where", None).items():
+        fwhere = f"{where}.where.{name}"
+        if not isinstance(name, str) or not all(name.split(".")):
+            ck.problem(fwhere, "fields are names, dotted for nested ones (status.value)")
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(v is None or isinstance(v, (str, int, float)) for v in values):
+            ck.problem(
+                fwhere,
+                f"must be a value (string, number, true, false, null) or a list of them, not {values!r}",
+            )
+            continue
+        matches.append((name, tuple(values)))
+    if items is None and not matches:
+        ck.problem(where, "needs items (the answer's list to read) or where (what the answer must hold)")
+    return JsonQuery(ck.method(d, where, "GET"), ck.path(d, where), items or None, tuple(matches))
+
+
+def _parse_action(ck: _Checker, raw: Any, where: str, *, for_each: bool = False) -> Route | Command | None:
+    """``load``/``unload``: an HTTP call ``{method, path, body, timeout_s}`` or ``{command, timeout_s}``;
+    an unload's HTTP call may walk a list (``for_each``)."""
     if not isinstance(raw, dict) or "command" not in raw:
-        return _parse_route(ck, raw, where, "POST", extra=True)
+        return _parse_route(ck, raw, where, "POST", extra=True, for_each=for_each)
     d = ck.mapping(raw, where, ("command", "timeout_s", "method", "path", "body"))
     both = [key for key in ("method", "path", "body") if key in d]
     if both:
@@ -461,8 +522,213 @@ def _parse_action(ck: _Checker, raw: Any, where: str) -> Route | Command | None:
     return Command(argv=tuple(argv), timeout_s=timeout_s)
 
 
+def _calls(method: str, *paths: str) -> list[dict[str, str]]:
+    """``unscheduled`` entries: one method, several paths."""
+    return [{"method": method, "path": path} for path in paths]
+
+
+#: What ``preset: NAME`` fills in: everything the service's own API defines (not url, vram_resident_mib,
+#: processes, nor eviction by command). Each was read in the service's source at the version README.md's
+#: "Presets" table names. Kinds: llm (a prompt), chat (messages), embed, image, img2img, image_ui, stt, tts.
+PRESETS: dict[str, dict[str, Any]] = {
+    # ollama/ollama server/routes.go, api/types.go (v0.33.0-rc2): /api/generate with an empty prompt and
+    # keep_alive 0 unloads a model (what `ollama stop` does); /api/ps lists the loaded ones.
+    "ollama": {
+        "health": {"method": "GET", "path": "/"},
+        "paths": {
+            "llm": {"method": "POST", "path": "/api/generate"},
+            "chat": {"method": "POST", "path": "/api/chat"},
+            "embed": {"method": "POST", "path": "/api/embed"},
+        },
+        "unload": {
+            "method": "POST",
+            "path": "/api/generate",
+            "body": {"model": "{name}", "keep_alive": 0},
+            "for_each": {"method": "GET", "path": "/api/ps", "items": "models"},
+        },
+        "vram_managed": True,
+        "unscheduled": _calls("POST", "/api/show", "/api/copy", "/api/pull", "/api/push", "/api/create")
+        + _calls("POST", "/api/blobs/*")
+        + _calls("DELETE", "/api/delete"),
+    },
+    # ComfyUI v0.8.0 server.py, app/user_manager.py, app/app_settings.py: every route is served under /api
+    # too; /prompt answers at once and /history/{id} stays {} until the render is done; /free needs a body.
+    "comfyui": {
+        "health": {"method": "GET", "path": "/system_stats"},
+        "paths": {
+            "image": {
+                "method": "POST",
+                "path": "/prompt",
+                "hold_until": {
+                    "method": "GET",
+                    "path": "/history/{prompt_id}",
+                    "poll_s": 0.5,
+                    "timeout_s": 900,
+                },
+            },
+            "image_ui": {
+                "method": "POST",
+                "path": "/api/prompt",
+                "hold_until": {
+                    "method": "GET",
+                    "path": "/api/history/{prompt_id}",
+                    "poll_s": 0.5,
+                    "timeout_s": 900,
+                },
+            },
+        },
+        "unload": {"method": "POST", "path": "/free", "body": {"unload_models": True, "free_memory": True}},
+        "unscheduled": [
+            {"method": "POST", "path": prefix + path}
+            for path in (
+                "/interrupt",
+                "/queue",
+                "/history",
+                "/upload/*",
+                "/userdata/*",
+                "/settings*",
+                "/users",
+            )
+            for prefix in ("", "/api")
+        ]
+        + _calls("DELETE", "/userdata/*", "/api/userdata/*")
+        + _calls("PATCH", "/internal/logs/subscribe"),
+    },
+    # whisper.cpp 233fe1fc examples/server/server.cpp: no unload route (evicted by a command you write).
+    "whisper-cpp": {
+        "health": {"method": "GET", "path": "/health"},
+        "paths": {"stt": {"method": "POST", "path": "/inference"}},
+    },
+    # llama.cpp (llama-cpp-python 0.3.36's vendor/llama.cpp) tools/server/server.cpp, server-context.cpp:
+    # one model per server; /props says whether it sleeps (--sleep-idle-seconds; older servers lack it).
+    "llama-cpp": {
+        "health": {"method": "GET", "path": "/health"},
+        "paths": {
+            "chat": {"method": "POST", "path": "/v1/chat/completions"},
+            "llm": {"method": "POST", "path": "/v1/completions"},
+            "embed": {"method": "POST", "path": "/v1/embeddings"},
+        },
+        "residency": {"method": "GET", "path": "/props", "where": {"is_sleeping": [False, None]}},
+        "unscheduled": _calls("POST", "/tokenize", "/detokenize", "/apply-template"),
+    },
+    # The same server in router mode (started without a model), tools/server/server-models.cpp: GET /models
+    # lists every model with status.value; /models/unload and /models/load take {"model": id}.
+    "llama-cpp-router": {
+        "health": {"method": "GET", "path": "/health"},
+        "paths": {
+            "chat": {"method": "POST", "path": "/v1/chat/completions"},
+            "llm": {"method": "POST", "path": "/v1/completions"},
+            "embed": {"method": "POST", "path": "/v1/embeddings"},
+        },
+        "unload": {
+            "method": "POST",
+            "path": "/models/unload",
+            "body": {"model": "{id}"},
+            "for_each": {
+                "method": "GET",
+                "path": "/models",
+                "items": "data",
+                "where": {"status.value": ["loaded", "loading"]},
+            },
+        },
+        "unscheduled": _calls("POST", "/tokenize", "/detokenize", "/apply-template"),
+    },
+    # vLLM (commit 98473e2) vllm/entrypoints/serve/sleep/api_router.py: sleep mode, served with
+    # --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1.
+    "vllm": {
+        "health": {"method": "GET", "path": "/health"},
+        "paths": {
+            "chat": {"method": "POST", "path": "/v1/chat/completions"},
+            "llm": {"method": "POST", "path": "/v1/completions"},
+            "embed": {"method": "POST", "path": "/v1/embeddings"},
+        },
+        "unload": {"method": "POST", "path": "/sleep?level=1"},
+        "load": {"method": "POST", "path": "/wake_up"},
+        "residency": {"method": "GET", "path": "/is_sleeping", "where": {"is_sleeping": False}},
+        "unscheduled": _calls("POST", "/tokenize", "/detokenize"),
+    },
+    # SGLang (commit 9c0549b) python/sglang/srt/entrypoints/http_server.py: with --enable-memory-saver.
+    "sglang": {
+        "health": {"method": "GET", "path": "/health"},
+        "paths": {
+            "chat": {"method": "POST", "path": "/v1/chat/completions"},
+            "llm": {"method": "POST", "path": "/v1/completions"},
+            "embed": {"method": "POST", "path": "/v1/embeddings"},
+        },
+        "unload": {"method": "POST", "path": "/release_memory_occupation", "body": {}},
+        "load": {"method": "POST", "path": "/resume_memory_occupation", "body": {}},
+    },
+    # Automatic1111 (commit 2fec947) and Forge (commit dfdcbab) modules/api/api.py, with --api; the web UI
+    # polls POST /internal/progress (modules/progress.py).
+    "a1111": {
+        "health": {"method": "GET", "path": "/sdapi/v1/progress?skip_current_image=true"},
+        "paths": {
+            "image": {"method": "POST", "path": "/sdapi/v1/txt2img"},
+            "img2img": {"method": "POST", "path": "/sdapi/v1/img2img"},
+        },
+        "unload": {"method": "POST", "path": "/sdapi/v1/unload-checkpoint"},
+        "load": {"method": "POST", "path": "/sdapi/v1/reload-checkpoint"},
+        "unscheduled": _calls(
+            "POST",
+            "/sdapi/v1/interrupt",
+            "/sdapi/v1/skip",
+            "/sdapi/v1/png-info",
+            "/sdapi/v1/refresh-checkpoints",
+            "/sdapi/v1/refresh-vae",
+            "/internal/progress",
+        ),
+    },
+    # speaches v0.9.0-rc.3-23 (870e1e1) src/speaches/routers/misc.py: /api/ps lists the ids of loaded models.
+    "speaches": {
+        "health": {"method": "GET", "path": "/health"},
+        "paths": {
+            "stt": {"method": "POST", "path": "/v1/audio/transcriptions"},
+            "tts": {"method": "POST", "path": "/v1/audio/speech"},
+        },
+        "unload": {
+            "method": "DELETE",
+            "path": "/api/ps/{item}",
+            "for_each": {"method": "GET", "path": "/api/ps", "items": "models"},
+        },
+        "unscheduled": _calls("POST", "/v1/models/*") + _calls("DELETE", "/v1/models/*"),
+    },
+    # tabbyAPI (e632af4) endpoints/core/router.py, endpoints/OAI/router.py: its unload needs the admin key
+    # (the broker sends none: run it with disable_auth), its load the model's name (write it yourself).
+    "tabbyapi": {
+        "health": {"method": "GET", "path": "/health"},
+        "paths": {
+            "chat": {"method": "POST", "path": "/v1/chat/completions"},
+            "llm": {"method": "POST", "path": "/v1/completions"},
+            "embed": {"method": "POST", "path": "/v1/embeddings"},
+        },
+        "unload": {"method": "POST", "path": "/v1/model/unload"},
+        "unscheduled": _calls("POST", "/v1/token/encode", "/v1/token/decode"),
+    },
+    # LocalAI v4.9.0-22 (82c191a) core/http/routes/{openai,localai,health}.go, endpoints/localai/system.go
+    # and backend_monitor.go: /system lists the loaded models, /backend/shutdown stops one.
+    "localai": {
+        "health": {"method": "GET", "path": "/readyz"},
+        "paths": {
+            "chat": {"method": "POST", "path": "/v1/chat/completions"},
+            "llm": {"method": "POST", "path": "/v1/completions"},
+            "embed": {"method": "POST", "path": "/v1/embeddings"},
+            "stt": {"method": "POST", "path": "/v1/audio/transcriptions"},
+            "tts": {"method": "POST", "path": "/v1/audio/speech"},
+            "image": {"method": "POST", "path": "/v1/images/generations"},
+        },
+        "unload": {
+            "method": "POST",
+            "path": "/backend/shutdown",
+            "body": {"model": "{id}"},
+            "for_each": {"method": "GET", "path": "/system", "items": "loaded_models"},
+        },
+    },
+}
+
+
 def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> ConsumerConfig | None:
     where = f"consumers.{name}"
+    raw, preset, from_preset = _apply_preset(ck, raw, where)
     allowed = (
         "url",
         "health",
@@ -482,6 +748,9 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         "processes",
         "max_unscheduled",
         "max_websockets",
+        "residency",
+        "listen",
+        "preset",
     )
     d = ck.mapping(raw, where, allowed, required=True)
     if not d:
@@ -540,7 +809,7 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= PRIORITY_MAX:
         ck.problem(f"{where}.priority", f"must be an integer from 0 to {PRIORITY_MAX}, not {priority!r}")
         priority = 2
-    unload = _parse_action(ck, d["unload"], f"{where}.unload") if "unload" in d else None
+    unload = _parse_action(ck, d["unload"], f"{where}.unload", for_each=True) if "unload" in d else None
     load = _parse_action(ck, d["load"], f"{where}.load") if "load" in d else None
     if isinstance(unload, Command) and not isinstance(load, Command):
         # Stopped by a command, nothing would ever start it again: every job would find it down.
@@ -575,6 +844,12 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         processes=_parse_processes(ck, d["processes"], where) if "processes" in d else None,
         max_unscheduled=ck.number(d, "max_unscheduled", where, 32, integer=True),
         max_websockets=ck.number(d, "max_websockets", where, 32, integer=True),
+        residency=_parse_query(ck, d["residency"], f"{where}.residency", list_only=False)
+        if "residency" in d
+        else None,
+        listen=_parse_listen(ck, d["listen"], f"{where}.listen") if "listen" in d else None,
+        preset=preset,
+        from_preset=from_preset,
     )
 
 
@@ -589,6 +864,39 @@ def _parse_processes(ck: _Checker, raw: Any, where: str) -> ProcessMatch | None:
     unit = ck.string(d, "unit", where, None) if "unit" in d else None
     name = ck.string(d, "name", where, None) if "name" in d else None
     return ProcessMatch(unit=unit or None, name=name or None)
+
+
+def _apply_preset(ck: _Checker, raw: Any, where: str) -> tuple[Any, str | None, tuple[str, ...]]:
+    """A consumer's raw config with its ``preset`` filled in, what it writes itself winning; the preset's
+    name and the keys it filled in.
+
+    A key written beside the preset replaces the preset's whole (``null`` removes it), except ``paths``,
+    merged kind by kind (a kind set to ``null`` is removed).
+    """
+    if not isinstance(raw, dict) or "preset" not in raw:
+        return raw, None, ()
+    name, own = raw["preset"], {k: v for k, v in raw.items() if k != "preset"}
+    if not isinstance(name, str) or name not in PRESETS:
+        ck.problem(f"{where}.preset", f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+        return own, None, ()
+    preset = copy.deepcopy(PRESETS[name])
+    merged = dict(preset)
+    for key, value in own.items():
+        if key == "paths" and isinstance(value, dict):
+            kinds = {**preset.get("paths", {}), **value}
+            merged["paths"] = {kind: spec for kind, spec in kinds.items() if spec is not None}
+        elif value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    own_paths = own.get("paths", {}) if isinstance(own.get("paths", {}), dict) else None
+    filled = []
+    for key in preset:
+        if key == "paths" and own_paths is not None:
+            filled += [f"paths.{kind}" for kind in preset["paths"] if kind not in own_paths]
+        elif key not in own:
+            filled.append(key)
+    return merged, name, tuple(filled)
 
 
 def _parse_unscheduled(
@@ -664,10 +972,10 @@ def _parse_auth(ck: _Checker, raw: Any) -> AuthConfig:
     return AuthConfig(token=token or None)
 
 
-def _parse_listen(ck: _Checker, value: Any) -> tuple[str, int]:
+def _parse_listen(ck: _Checker, value: Any, where: str = "listen") -> tuple[str, int]:
     host, sep, port = str(value).rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
-        ck.problem("listen", f"must be HOST:PORT, not {value!r}")
+        ck.problem(where, f"must be HOST:PORT, not {value!r}")
         return "127.0.0.1", 8770
     return host.strip("[]") or "0.0.0.0", int(port)
 
@@ -733,6 +1041,16 @@ def parse_config(raw: Any) -> Config:
         parsed = _parse_consumer(ck, name, spec, gpu.index)
         if parsed is not None:
             consumers[name] = parsed
+
+    # Every port is one listener's: the broker's own and each consumer's (0: any free port).
+    ports = {port: "listen"} if port else {}
+    for name, c in consumers.items():
+        if c.listen is not None and c.listen[1]:
+            if c.listen[1] in ports:
+                ck.problem(
+                    f"consumers.{name}.listen", f"port {c.listen[1]} is {ports[c.listen[1]]}'s already"
+                )
+            ports.setdefault(c.listen[1], f"consumers.{name}.listen")
 
     # Coexistence is symmetric: declaring it on either side is enough.
     pairs: dict[str, set[str]] = {name: set() for name in consumers}
@@ -895,7 +1213,47 @@ def describe_action(action: Route | Command) -> str:
     """``POST /api/admin/unload`` or ``command: systemctl stop whisper-server``, for people."""
     if isinstance(action, Command):
         return f"command: {shlex.join(action.argv)}"
+    if action.for_each is not None:
+        return f"{action.method} {action.path} for each of {describe_query(action.for_each)}"
     return f"{action.method} {action.path}"
+
+
+def describe_query(query: JsonQuery) -> str:
+    """``GET /api/ps models`` or ``GET /is_sleeping where is_sleeping=false``, for people."""
+    where = " and ".join(f"{name}={'|'.join(json.dumps(v) for v in values)}" for name, values in query.where)
+    return (
+        f"{query.method} {query.path}"
+        + (f" {query.items}" if query.items else "")
+        + (f" where {where}" if where else "")
+    )
+
+
+def describe_preset(c: ConsumerConfig) -> str:
+    """``preset comfyui: health GET /system_stats, paths image, image_ui, ...``: what the preset filled in,
+    and the keys of the preset's that the consumer writes itself."""
+    filled = set(c.from_preset)
+    parts = []
+    kinds = [key.removeprefix("paths.") for key in c.from_preset if key.startswith("paths.")]
+    for key in (*PRESETS[c.preset or ""], "paths"):
+        if key == "paths" and kinds:
+            parts.append("paths " + ", ".join(kinds))
+            kinds = []
+        elif key not in filled:
+            continue
+        elif key == "health":
+            parts.append(f"health {c.health.method} {c.health.path}")
+        elif key in ("unload", "load") and getattr(c, key) is not None:
+            parts.append(f"{key} {describe_action(getattr(c, key))}")
+        elif key == "residency" and c.residency is not None:
+            parts.append(f"residency {describe_query(c.residency)}")
+        elif key == "unscheduled":
+            parts.append(f"{len(c.unscheduled)} unscheduled")
+        else:
+            parts.append(key)
+    preset = PRESETS.get(c.preset or "", {})
+    own = [key for key in preset if key != "paths" and key not in filled]
+    own += [f"paths.{kind}" for kind in preset.get("paths", {}) if f"paths.{kind}" not in filled]
+    return f"preset {c.preset}: " + ", ".join(parts) + (f" (yours: {', '.join(own)})" if own else "")
 
 
 def summary(config: Config) -> str:
@@ -929,6 +1287,16 @@ def summary(config: Config) -> str:
         {tuple(sorted((c.name, o))) for c in config.consumers.values() for o in c.can_coexist_with}
     )
     lines += ["", "may coexist: " + (", ".join(f"{a}+{b}" for a, b in pairs) if pairs else "(none)")]
+    presets = [f"  {c.name:<10} {describe_preset(c)}" for c in config.consumers.values() if c.preset]
+    if presets:
+        lines += ["", "presets:", *presets]
+    ports = [
+        f"  {c.listen[0]}:{c.listen[1]} -> {c.name} (as /c/{c.name}/)"
+        for c in config.consumers.values()
+        if c.listen is not None
+    ]
+    if ports:
+        lines += ["", "consumer ports:", *ports]
     return "\n".join(lines)
 
 
@@ -1943,6 +2311,76 @@ class ConsumerState:
         return max(times) if times else None
 
 
+#: Largest JSON answer read from a residency query or a for_each listing.
+QUERY_ANSWER_LIMIT = 1 * MiB
+#: A ``{field}`` placeholder, as in hold_until paths.
+PLACEHOLDER = re.compile(r"{(\w+)}")
+
+
+def _field(data: Any, dotted: str) -> Any:
+    """The value at a dotted field of a JSON object (``status.value``); None when missing."""
+    for name in dotted.split("."):
+        if not isinstance(data, dict) or name not in data:
+            return None
+        data = data[name]
+    return data
+
+
+def matches(data: Any, where: Sequence[tuple[str, tuple[Any, ...]]]) -> bool:
+    """Whether a JSON value holds, at each field of ``where``, one of its values (true is not 1)."""
+    for name, values in where:
+        found = _field(data, name)
+        if not any(found == v and isinstance(found, bool) == isinstance(v, bool) for v in values):
+            return False
+    return True
+
+
+def query_elements(query: JsonQuery, answer: Any) -> list[Any]:
+    """The elements of the answer's list at ``query.items`` that match ``query.where``; CallError when the
+    answer has no such list."""
+    listed = answer.get(query.items) if isinstance(answer, dict) and query.items else None
+    if not isinstance(listed, list):
+        raise CallError(f"{query.method} {query.path} answered no list at {query.items!r}")
+    return [element for element in listed if matches(element, query.where)]
+
+
+def query_resident(query: JsonQuery, answer: Any) -> bool:
+    """Residency from a query's answer: a listed element matches, or (without items) the answer does."""
+    if query.items is not None:
+        return bool(query_elements(query, answer))
+    if not isinstance(answer, dict):
+        raise CallError(f"{query.method} {query.path} answered no JSON object")
+    return matches(answer, query.where)
+
+
+def fill_placeholders(route: Route, element: Any) -> tuple[str, Any]:
+    """The path and body of one call of a for_each unload: ``{field}`` filled from the element's top-level
+    fields (``{item}``: the element itself, when it is no object), percent-encoded in the path as in
+    hold_until; in the body's strings as they are, a string that is one whole placeholder taking the
+    field's JSON value. KeyError names a field the element lacks."""
+    fields = element if isinstance(element, dict) else {"item": element}
+
+    def value(name: str) -> Any:
+        if name not in fields:
+            raise KeyError(name)
+        return fields[name]
+
+    def fill(node: Any) -> Any:
+        if isinstance(node, str):
+            whole = PLACEHOLDER.fullmatch(node)
+            if whole:
+                return value(whole.group(1))
+            return PLACEHOLDER.sub(lambda m: str(value(m.group(1))), node)
+        if isinstance(node, dict):
+            return {key: fill(v) for key, v in node.items()}
+        if isinstance(node, list):
+            return [fill(v) for v in node]
+        return node
+
+    path = PLACEHOLDER.sub(lambda m: quote(str(value(m.group(1))), safe=""), route.path)
+    return path, fill(route.body)
+
+
 class Consumers:
     """The broker's HTTP calls to consumers of its own accord (health, load, unload) and their state."""
 
@@ -1960,6 +2398,8 @@ class Consumers:
         self.states: dict[str, ConsumerState] = {name: self.new_state(name) for name in config.consumers}
         #: Health rounds that crashed (a bug, not a consumer failure): logged and counted.
         self.health_errors = 0
+        #: Why each consumer's residency query last failed (logged when it changes), by name.
+        self.residency_errors: dict[str, str] = {}
         #: Told when a consumer is seen gone (the broker ends its holds): (name, reason).
         self.gone_listeners: list[Callable[[str, str], None]] = []
         #: On-demand probes under way, shared by the jobs that wait for them.
@@ -1980,8 +2420,83 @@ class Consumers:
             raise CallError("unload: no unload route (any more)")
         if isinstance(c.unload, Command):
             await self._run(c, c.unload, "unload")
+        elif c.unload.for_each is not None:
+            await self._unload_each(c, c.unload, c.unload.for_each)
         else:
             await self._call(c, c.unload, "unload")
+
+    async def _unload_each(self, c: ConsumerConfig, route: Route, listing: JsonQuery) -> None:
+        """The unload route once per element the listing lists, all within the unload's ``timeout_s``; every
+        element is tried, and any failure makes the unload fail (CallError naming each)."""
+        deadline = self.clock() + route.timeout_s
+        answer = await self._query(c, listing, route.timeout_s, "unload")
+        failures = []
+        elements = query_elements(listing, answer)
+        for element in elements:
+            label = json.dumps(element)[:100]
+            try:
+                path, body = fill_placeholders(route, element)
+            except KeyError as e:
+                failures.append(f"{label} has no field {e.args[0]!r}")
+                continue
+            left = deadline - self.clock()
+            if left <= 0:
+                failures.append(f"{label}: not tried, the unload took its {route.timeout_s:g} s")
+                continue
+            try:
+                # (data=None: the filled body is serialised anew, not the template's.)
+                filled = replace(route, path=path, body=body, data=None, timeout_s=left)
+                await self._call(c, filled, "unload")
+            except CallError as e:
+                failures.append(f"{label}: {e}")
+        log.info(logfmt(msg="unload each", consumer=c.name, listed=len(elements), failed=len(failures)))
+        if failures:
+            raise CallError(f"unload of {len(failures)} of {len(elements)}: " + "; ".join(failures))
+
+    async def _query(self, c: ConsumerConfig, query: JsonQuery, timeout_s: float, what: str) -> Any:
+        """A query's JSON answer (2xx, at most QUERY_ANSWER_LIMIT); CallError otherwise."""
+        where = f"{what}: {query.method} {query.path}"
+        try:
+            async with self.session.request(
+                query.method,
+                c.url + query.path,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                allow_redirects=False,
+            ) as resp:
+                body = bytearray()
+                while len(body) <= QUERY_ANSWER_LIMIT and (
+                    chunk := await resp.content.read(QUERY_ANSWER_LIMIT + 1 - len(body))
+                ):
+                    body += chunk
+                status = resp.status
+        except asyncio.TimeoutError:
+            raise CallError(f"{where} did not answer within {timeout_s:g} s") from None
+        except (aiohttp.ClientError, ValueError) as e:
+            raise CallError(f"{where} failed: {describe(e)}") from e
+        if not 200 <= status < 300:
+            raise CallError(f"{where} answered {status}: {body[:200].decode(errors='replace').strip()}")
+        answer = parse_json(body) if len(body) <= QUERY_ANSWER_LIMIT else None
+        if answer is None:
+            raise CallError(f"{where} answered no JSON (or more than {QUERY_ANSWER_LIMIT // MiB} MiB)")
+        return answer
+
+    async def read_residency(self, c: ConsumerConfig) -> bool | None:
+        """What its residency query (``residency``, else its for_each listing) says, within health.timeout_s;
+        None when it has none or the answer cannot tell (logged when that changes)."""
+        query = c.residency_query
+        if query is None:
+            return None
+        try:
+            answer = await self._query(c, query, self.config.health.timeout_s, "residency")
+            resident = query_resident(query, answer)
+        except CallError as e:
+            if self.residency_errors.get(c.name) != str(e):
+                log.warning(logfmt(msg="residency unknown", consumer=c.name, error=str(e)))
+            self.residency_errors[c.name] = str(e)
+            return None
+        if self.residency_errors.pop(c.name, None) is not None:
+            log.info(logfmt(msg="residency readable again", consumer=c.name))
+        return resident
 
     async def load(self, name: str) -> None:
         """Load through the route, or run the command and then wait for the health route to answer 2xx,
@@ -2102,6 +2617,8 @@ class Consumers:
                 if ok and resp.content_type == "application/json":
                     data = parse_json(body)
                     loaded = data.get("loaded") if isinstance(data, dict) else None
+            if ok and (reported := await self.read_residency(c)) is not None:
+                loaded = reported  # its residency query outranks its health's "loaded"
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
             ok, reason, code, error = False, describe(e), failure_code(e), e
             if isinstance(e, asyncio.TimeoutError) and state.jobs > 0:
@@ -3427,14 +3944,19 @@ def _pass_headers(headers: Mapping[str, str], drop: frozenset[str]) -> CIMultiDi
     )
 
 
-def request_headers(request: web.Request, *, strip_auth: bool) -> CIMultiDict[str]:
+def request_headers(
+    request: web.Request, *, strip_auth: bool, consumer: ConsumerConfig | None = None
+) -> CIMultiDict[str]:
     """The client's headers as the consumer gets them.
 
     Without hop-by-hop ones, Host, Content-Length and Expect (the broker holds the whole body already),
-    nor the broker's own bearer token; with X-Forwarded-For (appended to) and X-Forwarded-Proto.
+    nor the broker's own bearer token; with X-Forwarded-For (appended to) and X-Forwarded-Proto. A page of
+    the broker's own origin is presented to ``consumer`` as one of the consumer's (see consumer_origin).
     """
     drop = {"host", "content-length", "expect", "forwarded", "x-real-ip", "x-forwarded-host"}
     headers = _pass_headers(request.headers, frozenset(drop | ({"authorization"} if strip_auth else set())))
+    if consumer is not None and (origin := consumer_origin(request, consumer)) is not None:
+        headers["Origin"] = origin
     headers.popall("X-Forwarded-For", None)
     before = ", ".join(request.headers.getall("X-Forwarded-For", []))
     remote = request.remote or "unknown"
@@ -3442,6 +3964,21 @@ def request_headers(request: web.Request, *, strip_auth: bool) -> CIMultiDict[st
     headers["X-Forwarded-Proto"] = request.scheme
     headers["X-Request-ID"] = request[REQUEST_ID]
     return headers
+
+
+def consumer_origin(request: web.Request, consumer: ConsumerConfig) -> str | None:
+    """The consumer's own origin (its URL's scheme://host:port) when the request comes from a page of the
+    broker's origin (its Origin names the host and port the browser asked, its Host), else None.
+
+    A consumer's same-origin check (ComfyUI compares Origin with the Host it gets, the consumer URL's) then
+    passes for pages the broker served, through a mount or a consumer's port, as a reverse proxy that
+    forwards Host would make it; a page of any other origin keeps its Origin and meets the check as before.
+    """
+    origin, host = request.headers.get("Origin"), request.headers.get("Host")
+    if not origin or not host or urlsplit(origin).netloc.lower() != host.lower():
+        return None
+    url = urlsplit(consumer.url)
+    return f"{url.scheme}://{url.netloc.rpartition('@')[2]}"
 
 
 def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
@@ -3926,6 +4463,94 @@ class Exchange:
                 self.upstream.close()
 
 
+class ListenError(Exception):
+    """A port the config names cannot be listened on."""
+
+
+class ConsumerPorts:
+    """The consumers' own ports (``listen``): a small app and runner each, serving the consumer's API at the
+    root path through the broker it shares with the main app."""
+
+    def __init__(self) -> None:
+        #: name -> (its ``listen`` as configured, the runner serving it, its site).
+        self.open: dict[str, tuple[tuple[str, int], web.AppRunner, web.TCPSite]] = {}
+        #: The main app's open WebSockets, so that shutdown closes those of the ports too.
+        self.websockets: set[ProxiedWebSocket] = set()
+        self._lock = asyncio.Lock()
+
+    def address(self, name: str) -> str | None:
+        """HOST:PORT where consumer ``name``'s port listens (the port bound, when 0 was asked), or None."""
+        entry = self.open.get(name)
+        if entry is None or not entry[1].addresses:
+            return None
+        (host, _), runner, _ = entry
+        return f"[{host}]:{runner.addresses[0][1]}" if ":" in host else f"{host}:{runner.addresses[0][1]}"
+
+    async def sync(self, broker: Broker, *, strict: bool) -> list[str]:
+        """Listen on each consumer's ``listen`` and on nothing else, closing ports removed or moved first;
+        what changed. A port that cannot listen raises ListenError when ``strict`` (start-up), else it is
+        logged and reported (a reload)."""
+        changes = []
+        async with self._lock:
+            wanted = {name: c.listen for name, c in broker.config.consumers.items() if c.listen is not None}
+            for name in list(self.open):
+                if wanted.get(name) != self.open[name][0]:
+                    address = self.address(name)
+                    await self._close(name)
+                    changes.append(f"{name} no longer listens on {address}")
+                    log.info(logfmt(msg="consumer port closed", consumer=name, listen=address))
+            for name, (host, port) in wanted.items():
+                if name in self.open:
+                    continue
+                try:
+                    await self._open(broker, name, host, port)
+                except OSError as e:
+                    message = f"cannot listen on {host}:{port} for {name}: {e.strerror or e}"
+                    if strict:
+                        raise ListenError(message) from e
+                    log.error(
+                        logfmt(msg="cannot listen", consumer=name, listen=f"{host}:{port}", error=str(e))
+                    )
+                    changes.append(message)
+                    continue
+                changes.append(f"{name} listens on {self.address(name)}")
+                log.info(logfmt(msg="listening", consumer=name, listen=self.address(name)))
+        return changes
+
+    async def _open(self, broker: Broker, name: str, host: str, port: int) -> None:
+        app = web.Application(middlewares=[front_door])
+        app[BROKER], app[PORT_CONSUMER], app[PUBLIC_PATHS] = broker, name, frozenset()
+        app[WEBSOCKETS] = self.websockets
+        app.on_response_prepare.append(_add_request_id)
+        app.router.add_route("*", "/{path:.*}", handle_consumer_port)
+        runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self.open[name] = ((host, port), runner, site)
+
+    async def stop_listening(self) -> None:
+        """Refuse new connections on every consumer port (shutting down); open ones are served on."""
+        for _, _, site in self.open.values():
+            with contextlib.suppress(RuntimeError):  # stopped already
+                await site.stop()
+
+    async def close(self) -> None:
+        """Close every consumer's port (after a sync under way): open answers get SHUTDOWN_GRACE_S."""
+        async with self._lock:
+            for name in list(self.open):
+                await self._close(name)
+
+    async def _close(self, name: str) -> None:
+        await self.open.pop(name)[1].cleanup()
+
+
 @dataclass
 class Broker:
     """Everything the handlers share; made and closed by the app's cleanup context."""
@@ -3953,6 +4578,8 @@ class Broker:
     full: set[tuple[str, str]] = field(default_factory=set)
     #: Bytes held by the request bodies being read now (at most scheduler.max_bodies_mib).
     reading: int = 0
+    #: The consumers' own ports (``listen`` on a consumer).
+    ports: ConsumerPorts = field(default_factory=ConsumerPorts)
 
     def __post_init__(self) -> None:
         self.add_gpus()
@@ -4010,6 +4637,7 @@ class Broker:
             finally:
                 self.notifier.send("READY=1")
             changes = self.apply(new)
+            changes += await self.ports.sync(self, strict=False)
         log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
         self.events.publish("reload", ok=True, changes=changes)
         self.start_preloads()
@@ -4223,7 +4851,9 @@ class Broker:
 
         try:
             if headers is None:
-                headers = request_headers(request, strip_auth=self.config.auth.token is not None)
+                headers = request_headers(
+                    request, strip_auth=self.config.auth.token is not None, consumer=consumer
+                )
             ex.upstream = await open_upstream(self.session, consumer, method, path_qs, headers, body)
             if ex.capture and 200 <= ex.upstream.status < 300:
                 ex.captured = bytearray()
@@ -4259,6 +4889,11 @@ class ConfigSource:
 CONFIG = web.AppKey("config", Config)
 SOURCE: web.AppKey[ConfigSource | None] = web.AppKey("source")
 BROKER = web.AppKey("broker", Broker)
+#: On a consumer's own port's app: that consumer's name.
+PORT_CONSUMER = web.AppKey("port_consumer", str)
+#: Paths served without the bearer token: the main app's /healthz and /; none on a consumer's port (its
+#: / is the consumer's).
+PUBLIC_PATHS = web.AppKey("public_paths", frozenset)
 #: HTTP statuses aiohttp raises on its own (unknown route, wrong method, ...) -> our error codes.
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
@@ -4319,7 +4954,7 @@ def check_target(request: web.Request) -> None:
 def check_token(request: web.Request) -> None:
     """With auth.token set, every route but /healthz (and the static page at /) needs the bearer token."""
     token = request.app[BROKER].config.auth.token
-    if token is not None and request.path not in ("/healthz", "/"):
+    if token is not None and request.path not in request.app.get(PUBLIC_PATHS, ("/healthz", "/")):
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         given_bytes = given.strip().encode("utf-8", "surrogateescape")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token.encode()):
@@ -4371,8 +5006,9 @@ async def handle_admin_consumer(request: web.Request) -> web.Response:
 async def handle_reload(request: web.Request) -> web.Response:
     """POST /v1/reload: re-read the config; a bad one is refused whole and the old one stays."""
     require_admin(request)
+    broker = request.app[BROKER]
     try:
-        changes = await request.app[BROKER].reload()
+        changes = await broker.reload()
     except ConfigError as e:
         raise BrokerError("bad_config", "config refused, the old one stays: " + "; ".join(e.problems)) from e
     return web.json_response({"reloaded": True, "changes": changes})
@@ -4468,7 +5104,8 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
     name = route(broker.config, kind)  # ... and route for real after the body: a reload may have come
     await broker.check_reachable(name)
     scheduler = broker.scheduler_for(name)
-    headers = request_headers(request, strip_auth=broker.config.auth.token is not None)  # before waiting
+    strip_auth, consumer = broker.config.auth.token is not None, broker.config.consumers[name]
+    headers = request_headers(request, strip_auth=strip_auth, consumer=consumer)  # before waiting
     job = await scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
     return await _run_job(request, broker, scheduler, job, job.target.paths[kind], body, headers)
 
@@ -4627,6 +5264,29 @@ async def handle_mount(request: web.Request) -> web.StreamResponse:
     if consumer is None:
         raise BrokerError("no_consumer", f"no consumer named {name!r}")
     path_qs, upstream_path = mount_upstream_path(request.raw_path, name)
+    return await serve_consumer_api(request, broker, consumer, path_qs, upstream_path)
+
+
+async def handle_consumer_port(request: web.Request) -> web.StreamResponse:
+    """Any method on any path of a consumer's own port (``listen``): its API at the root path, served
+    exactly as its mount ``/c/{name}/`` serves it (the same path rules, scheduling, holds and refusals)."""
+    broker = request.app[BROKER]
+    name = request.app[PORT_CONSUMER]
+    consumer = broker.config.consumers.get(name)
+    if consumer is None:
+        raise BrokerError("no_consumer", f"{name} is no longer configured", name)
+    # The mount's path rules, applied to the path as if it came through the mount.
+    path_qs, upstream_path = mount_upstream_path(f"/c/{name}{request.raw_path}", name)
+    return await serve_consumer_api(request, broker, consumer, path_qs, upstream_path)
+
+
+async def serve_consumer_api(
+    request: web.Request, broker: Broker, consumer: ConsumerConfig, path_qs: str, upstream_path: str
+) -> web.StreamResponse:
+    """A request for a consumer's own API, at its upstream path with the query as the client encoded it,
+    and that path alone as every guard matches it and it is forwarded: what a mount and a consumer's port
+    do alike."""
+    name = consumer.name
     method = request.method
     _refuse_own_routes(consumer, method, upstream_path)
     if method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
@@ -4647,7 +5307,8 @@ async def handle_mount(request: web.Request) -> web.StreamResponse:
         finally:
             ex.close()
     scheduler = broker.scheduler_for(name)
-    headers = request_headers(request, strip_auth=broker.config.auth.token is not None)  # before waiting
+    strip_auth = broker.config.auth.token is not None
+    headers = request_headers(request, strip_auth=strip_auth, consumer=consumer)  # before waiting
     job = await scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
     _, path = mount_job_path(job.target, method, upstream_path)  # the config the job was admitted with
     # The path the guards matched goes to the consumer (not the entry's spelling); _run_job adds the query.
@@ -4661,7 +5322,14 @@ def _refuse_own_routes(consumer: ConsumerConfig, method: str, path: str) -> None
     does (any letter case, encoding, a trailing '/')."""
     key = guard_key(path)
     for action, route in (("unload", consumer.unload), ("load", consumer.load)):
-        if isinstance(route, Route) and route.method == method and guard_key(route.path) == key:
+        # A for_each unload's route is one of the consumer's ordinary ones (Ollama's /api/generate): its
+        # body makes it an unload, which a method and a path cannot tell.
+        if (
+            isinstance(route, Route)
+            and route.method == method
+            and guard_key(route.path) == key
+            and not route.for_each
+        ):
             raise BrokerError(
                 "forbidden",
                 f"{method} {path} is {consumer.name}'s {action} route: use POST /v1/consumers/"
@@ -4692,7 +5360,7 @@ async def _proxy_websocket(
 ) -> web.StreamResponse:
     """The WebSocket's both sides, from the consumer's handshake to the end of the relay."""
     metrics = broker.scheduler_for(consumer.name).metrics
-    headers = request_headers(request, strip_auth=broker.config.auth.token is not None)
+    headers = request_headers(request, strip_auth=broker.config.auth.token is not None, consumer=consumer)
     max_size = broker.config.scheduler.max_body_mib * MiB
     try:
         upstream = await open_websocket(
@@ -4723,6 +5391,11 @@ async def _proxy_websocket(
     finally:
         sockets.discard(proxied)
     return client
+
+
+async def _stop_consumer_ports(app: web.Application) -> None:
+    """On shutdown: the consumers' ports stop accepting connections, as the broker's own port does."""
+    await app[BROKER].ports.stop_listening()
 
 
 async def _close_websockets(app: web.Application) -> None:
@@ -4797,6 +5470,8 @@ async def handle_status(request: web.Request) -> web.Response:
             "priority": c.priority,
             "can_coexist_with": sorted(c.can_coexist_with),
             "gpu": c.gpu,
+            "preset": c.preset,
+            "listen": broker.ports.address(name),
         }
     body = {
         "version": VERSION,
@@ -4956,16 +5631,19 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         source=app[SOURCE],
     )
     app[BROKER] = broker
+    broker.ports.websockets = app[WEBSOCKETS]
     health: asyncio.Task[None] | None = None
     try:
         # The first health round completes before serving (bounded by health.timeout_s), so the first
         # jobs already know who is up and who reports itself loaded.
         await consumers.probe_all()
+        await broker.ports.sync(broker, strict=True)
         health = asyncio.create_task(consumers.run_health(), name="health")
         broker.spawn(broker.run_idle_unloads(), "idle unloads")
         broker.start_preloads()  # in the background: serving is not delayed
         yield
     finally:
+        await broker.ports.close()
         if health is not None:
             health.cancel()
             await asyncio.gather(health, return_exceptions=True)
@@ -4987,6 +5665,7 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     app[SOURCE] = source
     app[WEBSOCKETS] = set()
     app.cleanup_ctx.append(_broker_ctx)
+    app.on_shutdown.append(_stop_consumer_ports)
     app.on_shutdown.append(_close_websockets)
     app.on_shutdown.append(_drain)
     app.on_response_prepare.append(_add_request_id)
@@ -5236,7 +5915,11 @@ async def serve(config: Config, source: ConfigSource) -> int:
     """Run the broker until SIGTERM or SIGINT; SIGHUP reloads. Speaks systemd's notify protocol."""
     app = create_app(config, source)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
-    await runner.setup()  # the first health round runs here
+    try:
+        await runner.setup()  # the first health round runs here, and the consumers' ports open
+    except ListenError as e:
+        log.error(logfmt(msg="cannot listen", error=str(e)))
+        return 1
     broker = app[BROKER]
     notifier = broker.notifier
     loop = asyncio.get_running_loop()

@@ -10,7 +10,9 @@ One file, three parts:
   fixtures/nvidia-smi/), so the broker can be pointed at it instead of nvidia-smi.
 * ``SimConsumer`` and its subclasses ``MvoiceSim``, ``OllamaSim``, ``ComfySim`` and ``WhisperSim`` are
   aiohttp apps that imitate the services the broker fronts: they take VRAM when they load, give it back
-  when told to unload, record every request with its timing, and have fault switches.  Tests run them
+  when told to unload, record every request with its timing, and have fault switches. ``ServiceSim`` plays
+  the other services mgpumanager's presets name (vLLM, SGLang, A1111, tabbyAPI, llama.cpp, speaches,
+  LocalAI) from a table of their routes.  Tests run them
   in-process (``aiohttp.test_utils.TestServer(sim.app)``); ``python3 mgpusim.py consumers ...`` runs
   them as one process.  ``mgpusim.py start --pidfile F ...`` and ``mgpusim.py stop --pidfile F`` start
   such a process detached and stop it again, the way ``systemctl start/stop`` treat a service (for the
@@ -279,6 +281,7 @@ import dataclasses
 import fcntl
 import functools
 import io
+import ipaddress
 import re
 import select
 import shlex
@@ -289,6 +292,7 @@ import string
 import subprocess
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 import wave
@@ -602,11 +606,15 @@ class SimConsumer:
     def hold_memory(self) -> None:
         """Make its process hold what it holds now: the CUDA context, and the model when loaded.
         SimOOM when that does not fit."""
-        mib = self.context_mib + (self.vram_mib if self.loaded else 0)
+        mib = self.context_mib + self.model_mib()
         if mib == 0:
             self.vram.release(self.name)
         else:
             self.vram.allocate(self.name, mib, self.gpu, process=self.process_name, pid=self.pid)
+
+    def model_mib(self) -> int:
+        """What its model takes now (beside the context)."""
+        return self.vram_mib if self.loaded else 0
 
     def restart(self) -> None:
         """The service restarts behind the broker's back: a new process (new pid, its CUDA context only,
@@ -859,12 +867,34 @@ class MvoiceSim(SimConsumer):
 # ---- ollama ----
 
 
-class OllamaSim(SimConsumer):
-    """ollama: its own API (/api/generate, /api/chat, /api/tags, /api/show) and the OpenAI-compatible one
-    it serves beside it (/v1/chat/completions, /v1/models); loads itself on the first request.
+def go_duration_s(value: Any, default: float) -> float:
+    """Ollama's keep_alive in seconds: a number of seconds or a Go duration ("5m", "1h30m", "0"); negative
+    is for ever (inf); absent or unreadable, ``default``."""
+    if isinstance(value, str):
+        text = value.strip()
+        with contextlib.suppress(ValueError):
+            value = float(text)
+        if isinstance(value, str):
+            units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+            parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|ns|h|m|s)", text.lstrip("-"))
+            if not parts or "".join(n + u for n, u in parts) != text.lstrip("-"):
+                return default
+            value = sum(float(n) * units[u] for n, u in parts) * (-1 if text.startswith("-") else 1)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return default
+    return float("inf") if value < 0 else float(value)
 
-    Answers are streamed (ndjson, or server-sent events for /v1) one token every line_interval_s, or sent
-    as one object; the shapes are those the ``ollama`` and ``openai`` Python clients parse.
+
+class OllamaSim(SimConsumer):
+    """ollama: its own API (/api/generate, /api/chat, /api/tags, /api/show, /api/ps) and the
+    OpenAI-compatible one it serves beside it (/v1/chat/completions, /v1/models).
+
+    A request loads its model (each model holds vram_mib), which stays loaded for its keep_alive after the
+    answer (the request's, else ``keep_alive_s``: Ollama's default 5 minutes), as /api/ps lists it with its
+    size_vram and expires_at. An empty prompt loads the model; with keep_alive 0 it unloads it (what
+    ``ollama stop`` sends). Answers are streamed (ndjson, or server-sent events for /v1) one token every
+    line_interval_s, or sent as one object; the shapes are those the ``ollama`` and ``openai`` Python
+    clients parse. ``loaded=True`` starts with ``model`` loaded, never expiring.
     """
 
     health_path = "/"
@@ -879,12 +909,21 @@ class OllamaSim(SimConsumer):
         *,
         lines: int = 5,
         line_interval_s: float = 0.01,
+        keep_alive_s: float = 300.0,
         **kw: Any,
     ) -> None:
         self.lines = lines
         self.line_interval_s = line_interval_s
+        self.keep_alive_s = keep_alive_s
         self.line_times: list[list[float]] = []
+        #: The loaded models: name -> when it expires (time.time(); inf: never, or in use now).
+        self.models: dict[str, float] = {}
+        self._expiries: dict[str, asyncio.Task[None]] = {}
+        self._in_use: dict[str, int] = {}
         super().__init__(name, vram, **kw)
+        if self.loaded:
+            self.models[self.model] = float("inf")
+            self.hold_memory()
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         """ollama's routes."""
@@ -893,8 +932,96 @@ class OllamaSim(SimConsumer):
         router.add_post("/api/chat", self.chat)
         router.add_get("/api/tags", self.tags)
         router.add_post("/api/show", self.show)
+        router.add_get("/api/ps", self.ps)
         router.add_post("/v1/chat/completions", self.chat_completions)
-        router.add_get("/v1/models", self.models)
+        router.add_get("/v1/models", self.models_v1)
+
+    # -- models in memory --
+
+    def model_mib(self) -> int:
+        """Each loaded model holds vram_mib."""
+        return self.vram_mib * len(self.models)
+
+    def restart(self) -> None:
+        """Ollama restarted: no model loaded any more."""
+        self.models.clear()
+        self._expiries.clear()
+        self._in_use.clear()
+        super().restart()
+
+    async def load_model(self, model: str) -> None:
+        """Load ``model`` beside the others (after load_s); it does not expire while in use."""
+        self._cancel_expiry(model)
+        async with self._load_lock:
+            if model not in self.models:
+                await asyncio.sleep(self.load_s)
+                if self._release_task is not None:
+                    self._release_task.cancel()
+                    self._release_task = None
+                self.models[model] = float("inf")
+                self.loaded = True
+                while True:
+                    try:
+                        self.hold_memory()
+                        break
+                    except SimOOM:
+                        # Ollama's own LRU: models not in use go, the one expiring first first.
+                        idle = [m for m in self.models if m != model and not self._in_use.get(m)]
+                        if not idle:
+                            del self.models[model]
+                            self.loaded = bool(self.models)
+                            raise
+                        await self.unload_model(min(idle, key=lambda m: self.models[m]))
+                self.loads += 1
+        self.models[model] = float("inf")
+
+    def keep(self, model: str, keep_alive: Any) -> None:
+        """After a request: ``model`` stays loaded for its keep_alive (0: unloaded now), counted from the
+        end of the last request using it."""
+        seconds = go_duration_s(keep_alive, self.keep_alive_s)
+        if model not in self.models or self._in_use.get(model) or seconds == float("inf"):
+            return
+        self._cancel_expiry(model)
+        self.models[model] = time.time() + seconds
+        self._expiries[model] = self.spawn(self._expire(model, seconds))
+
+    async def _expire(self, model: str, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self._expiries.pop(model, None)
+        await self.unload_model(model)
+
+    def _cancel_expiry(self, model: str) -> None:
+        task = self._expiries.pop(model, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    async def unload_model(self, model: str) -> None:
+        """Unload ``model``; the last one's memory is freed as do_unload frees it (release_s, faults)."""
+        if model not in self.models:
+            return
+        self._cancel_expiry(model)
+        del self.models[model]
+        if self.models:
+            self.unloads += 1
+            self.hold_memory()
+        else:
+            await self.do_unload()
+
+    async def ps(self, request: web.Request) -> web.Response:
+        """GET /api/ps: the loaded models, longest left to live first, as api.ProcessResponse."""
+        size = self.vram_mib * 2**20
+        listed = []
+        for model, expires in sorted(self.models.items(), key=lambda item: -item[1]):
+            at = datetime.fromtimestamp(min(expires, 2**33), timezone.utc).astimezone()
+            entry = {
+                "name": model,
+                "model": model,
+                "size": size,
+                "digest": "0" * 64,
+                "details": self.details(),
+            }
+            listed.append(entry | {"expires_at": at.isoformat(), "size_vram": size, "context_length": 4096})
+        return web.json_response({"models": listed})
 
     async def root(self, request: web.Request) -> web.Response:
         """GET / (ollama's health check)."""
@@ -923,25 +1050,26 @@ class OllamaSim(SimConsumer):
             return fault
         data = await read_json(request)
         model = str(data.get("model", "sim"))
-        unload_after = data.get("keep_alive") in (0, "0", "0s")
         if not data.get("prompt"):  # ollama's way to load (or, with keep_alive 0, unload) a model
-            if unload_after:
-                if (fault := await self.admin_fault("unload")) is not None:
-                    return fault
-                await self.do_unload()
-                return web.json_response(self.chunk(model, "", True, done_reason="unload"))
-            await self.do_load()
-            return web.json_response(self.chunk(model, "", True, done_reason="load"))
+            return await self.load_or_unload(model, data.get("keep_alive"), self.chunk(model, "", True))
         tokens = self.tokens()
         final = self.chunk(model, "", True, done_reason="stop", eval_count=self.lines)
         # Each line is made when it is written: its created_at is when it left, as with ollama.
         lines = [functools.partial(lambda t: self.ndjson(self.chunk(model, t, False)), t) for t in tokens]
         lines.append(lambda: self.ndjson(final | {"created_at": self.now()}))
         whole = self.chunk(model, "".join(tokens), True, done_reason="stop", eval_count=self.lines)
-        answer = await self.infer(request, data.get("stream", True), lines, "application/x-ndjson", whole)
-        if unload_after:
-            await self.do_unload()
-        return answer
+        return await self.infer(request, data, lines, "application/x-ndjson", whole)
+
+    async def load_or_unload(self, model: str, keep_alive: Any, answer: dict[str, Any]) -> web.Response:
+        """A request without a prompt (or messages): load ``model``, or unload it with keep_alive 0."""
+        if go_duration_s(keep_alive, self.keep_alive_s) == 0:
+            if (fault := await self.admin_fault("unload")) is not None:
+                return fault
+            await self.unload_model(model)
+            return web.json_response(answer | {"done_reason": "unload"})
+        await self.load_model(model)
+        self.keep(model, keep_alive)
+        return web.json_response(answer | {"done_reason": "load"})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """POST /api/chat {"model", "messages", "stream" (default true)}: the reply as message chunks."""
@@ -954,12 +1082,14 @@ class OllamaSim(SimConsumer):
             message = {"role": "assistant", "content": content}
             return {"model": model, "created_at": self.now(), "message": message, "done": done, **extra}
 
+        if not data.get("messages"):  # as /api/generate without a prompt
+            return await self.load_or_unload(model, data.get("keep_alive"), line("", True))
         tokens = self.tokens()
         final = {"done_reason": "stop", "eval_count": self.lines}
         lines = [functools.partial(lambda t: self.ndjson(line(t, False)), t) for t in tokens]
         lines.append(lambda: self.ndjson(line("", True, **final)))
         whole = line("".join(tokens), True, **final)
-        return await self.infer(request, data.get("stream", True), lines, "application/x-ndjson", whole)
+        return await self.infer(request, data, lines, "application/x-ndjson", whole)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions (OpenAI's API): one chat.completion, or chat.completion.chunk events
@@ -989,24 +1119,32 @@ class OllamaSim(SimConsumer):
             "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
             "usage": usage,
         }
-        return await self.infer(request, bool(data.get("stream", False)), lines, "text/event-stream", whole)
+        data["stream"] = bool(data.get("stream", False))  # OpenAI's default: one answer
+        return await self.infer(request, data, lines, "text/event-stream", whole)
 
     async def infer(
         self,
         request: web.Request,
-        stream: Any,
+        data: dict[str, Any],
         lines: list[Callable[[], bytes]],
         content_type: str,
         whole: dict[str, Any],
     ) -> web.StreamResponse:
-        """The GPU part of every inference route: load, work, then stream ``lines`` or answer ``whole``."""
+        """The GPU part of every inference route: load the request's model, work, then stream ``lines`` or
+        answer ``whole`` (``data["stream"]``, default true); the model then stays for its keep_alive."""
+        model = str(data.get("model", "sim"))
         with self.gpu_work(request[RECORD]):
-            await self.do_load()
-            await asyncio.sleep(self.work_s)
-            if not stream:
-                await asyncio.sleep(self.lines * self.line_interval_s)
-                return web.json_response(whole)
-            return await self.stream(request, lines, content_type)
+            self._in_use[model] = self._in_use.get(model, 0) + 1
+            try:
+                await self.load_model(model)
+                await asyncio.sleep(self.work_s)
+                if not data.get("stream", True):
+                    await asyncio.sleep(self.lines * self.line_interval_s)
+                    return web.json_response(whole)
+                return await self.stream(request, lines, content_type)
+            finally:
+                self._in_use[model] -= 1
+                self.keep(model, data.get("keep_alive"))
 
     async def stream(
         self, request: web.Request, lines: list[Callable[[], bytes]], content_type: str
@@ -1041,7 +1179,7 @@ class OllamaSim(SimConsumer):
         body |= {"model_info": {"general.architecture": "sim"}, "capabilities": ["completion"]}
         return web.json_response(body)
 
-    async def models(self, request: web.Request) -> web.Response:
+    async def models_v1(self, request: web.Request) -> web.Response:
         """GET /v1/models (OpenAI's API)."""
         model = {"id": self.model, "object": "model", "created": int(time.time()), "owned_by": "library"}
         return web.json_response({"object": "list", "data": [model]})
@@ -1059,9 +1197,15 @@ class ComfySim(SimConsumer):
     text ``close <code>`` makes the sim close the socket with that code. ``ws_closes`` records the close
     codes the sim saw from its peers.
 
+    Every route is served under /api too, as ComfyUI serves them. GET / is a page whose module script
+    (assets/app.js) queues a prompt through api/prompt and opens ws, recording what happened in
+    ``window.comfysim``. Like ComfyUI with its default flags, a request whose Origin names another host
+    than its Host is refused with 403 when that Host is a loopback address (``refused_origins`` lists
+    their paths).
+
     Like the real one (v0.8.0): its Python process keeps its CUDA context (610 MiB, as measured on an
     H100 in fixtures/nvidia-smi/) after ``/free``; a restart forgets every prompt (``/history/{id}`` stays
-    ``{}``); it serves every route under ``/api`` too, ``/api/free`` included.
+    ``{}``).
     """
 
     health_path = "/system_stats"
@@ -1078,17 +1222,52 @@ class ComfySim(SimConsumer):
         self.free_pending = False
         self.sockets: set[web.WebSocketResponse] = set()
         self.ws_closes: list[int | None] = []
+        self.refused_origins: list[str] = []
         super().__init__(name, vram, **kw)
 
+    def make_app(self) -> web.Application:
+        """ComfyUI's app, with its origin check."""
+        app = super().make_app()
+        app.middlewares.append(self._origin_check)
+        return app
+
     def add_routes(self, router: web.UrlDispatcher) -> None:
-        """ComfyUI's routes."""
+        """ComfyUI's routes, each under /api too."""
         for prefix in ("", "/api"):
-            router.add_get(f"{prefix}/system_stats", self.system_stats)
-            router.add_post(f"{prefix}/prompt", self.prompt)
-            router.add_get(f"{prefix}/history/{{prompt_id}}", self.history)
-            router.add_get(f"{prefix}/queue", self.queue)
-            router.add_post(f"{prefix}/free", self.free)
-            router.add_get(f"{prefix}/ws", self.ws)
+            router.add_get(prefix + "/system_stats", self.system_stats)
+            router.add_post(prefix + "/prompt", self.prompt)
+            router.add_get(prefix + "/history", self.all_history)
+            router.add_get(prefix + "/history/{prompt_id}", self.history)
+            router.add_get(prefix + "/queue", self.queue)
+            router.add_post(prefix + "/free", self.free)
+            router.add_post(prefix + "/interrupt", self.interrupt)
+            router.add_get(prefix + "/ws", self.ws)
+        router.add_get("/", self.page)
+        router.add_get("/assets/app.js", self.script)
+
+    @web.middleware
+    async def _origin_check(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """ComfyUI's check without --enable-cors-header: Origin's host (and port, when both name one) must
+        be the Host's when the Host is a loopback address, else 403; OPTIONS is answered by the check."""
+        host, origin = request.headers.get("Host", ""), request.headers.get("Origin", "")
+        if host and origin:
+            asked, came = urllib.parse.urlsplit("//" + host.lower()), urllib.parse.urlsplit(origin.lower())
+            both_ports = asked.port is not None and came.port is not None
+            same = (asked.netloc == came.netloc) if both_ports else (asked.hostname == came.hostname)
+            if not same and asked.hostname and came.hostname and is_loopback(asked.hostname):
+                self.refused_origins.append(request.path)
+                return web.Response(status=403)
+        if request.method == "OPTIONS":
+            return web.Response()
+        return await handler(request)
+
+    async def page(self, request: web.Request) -> web.Response:
+        """GET /: the web UI's page, which loads its code as a module script (relative URL)."""
+        return web.Response(text=COMFY_PAGE, content_type="text/html")
+
+    async def script(self, request: web.Request) -> web.Response:
+        """GET /assets/app.js: the page's module script."""
+        return web.Response(text=COMFY_SCRIPT, content_type="application/javascript")
 
     async def system_stats(self, request: web.Request) -> web.Response:
         """GET /system_stats (ComfyUI's health check)."""
@@ -1180,6 +1359,17 @@ class ComfySim(SimConsumer):
         self.finished.clear()
         self.failed.clear()
 
+    async def all_history(self, request: web.Request) -> web.Response:
+        """GET /history: every finished render."""
+        status = {"status_str": "success", "completed": True, "messages": []}
+        return web.json_response(
+            {prompt_id: {"status": status, "outputs": {}} for prompt_id in self.finished}
+        )
+
+    async def interrupt(self, request: web.Request) -> web.Response:
+        """POST /interrupt: answered at once (the sim's renders run to their end)."""
+        return web.Response()
+
     async def queue(self, request: web.Request) -> web.Response:
         """GET /queue: the renders in progress."""
         running = [[number, prompt_id] for prompt_id, number in self.running.items()]
@@ -1198,6 +1388,38 @@ class ComfySim(SimConsumer):
             else:
                 await self.do_unload()
         return web.json_response({})
+
+
+def is_loopback(host: str) -> bool:
+    """A loopback address or localhost (ComfyUI resolves names; the sim knows these)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+#: ComfySim's web UI: a page and its module script, which records in window.comfysim what its prompt and
+#: its WebSocket got.
+COMFY_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>ComfySim</title>
+<script type="module" src="assets/app.js"></script></head>
+<body><p id="state">the module script did not run</p></body></html>
+"""
+COMFY_SCRIPT = """const sim = {messages: []};
+window.comfysim = sim;
+document.getElementById("state").textContent = "running";
+const base = new URL(".", location.href);
+const socket = new WebSocket(new URL("ws?clientId=page", base).href.replace(/^http/, "ws"));
+socket.onopen = () => { sim.ws = "open"; };
+socket.onerror = () => { sim.ws = "error"; };
+socket.onmessage = (ev) => { sim.messages.push(JSON.parse(ev.data).type); };
+const body = JSON.stringify({prompt: {}, client_id: "page"});
+const resp = await fetch(new URL("api/prompt", base), {method: "POST", body,
+                         headers: {"Content-Type": "application/json"}});
+const answer = resp.ok ? await resp.json() : null;
+sim.prompt_id = answer ? answer.prompt_id : null;
+sim.prompt = resp.status;  // last: the page has everything once it is set
+"""
 
 
 # ---- whisper ----
@@ -1226,24 +1448,264 @@ class WhisperSim(SimConsumer):
         return web.json_response({"text": "simulated transcript"})
 
 
+# ---- the other services mgpumanager's presets name ----
+
+OPENAI_LLM = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+#: service -> its health path, its GPU-work paths (POST), and its other routes (method, path, handler).
+SERVICES: dict[str, dict[str, Any]] = {
+    "vllm": {
+        "health": "/health",
+        "work": OPENAI_LLM,
+        "routes": [
+            ("POST", "/sleep", "sleep"),
+            ("POST", "/wake_up", "wake"),
+            ("GET", "/is_sleeping", "sleeping"),
+        ],
+    },
+    "sglang": {
+        "health": "/health",
+        "work": OPENAI_LLM,
+        "routes": [
+            ("POST", "/release_memory_occupation", "sleep"),
+            ("POST", "/resume_memory_occupation", "wake"),
+        ],
+    },
+    "a1111": {
+        "health": "/sdapi/v1/progress",
+        "work": ("/sdapi/v1/txt2img", "/sdapi/v1/img2img"),
+        "routes": [
+            ("POST", "/sdapi/v1/unload-checkpoint", "sleep"),
+            ("POST", "/sdapi/v1/reload-checkpoint", "wake"),
+        ],
+    },
+    "tabbyapi": {
+        "health": "/health",
+        "work": OPENAI_LLM,
+        "routes": [("POST", "/v1/model/unload", "sleep"), ("GET", "/v1/model", "current")],
+    },
+    "llama-cpp": {"health": "/health", "work": OPENAI_LLM, "routes": [("GET", "/props", "sleeping")]},
+    "llama-cpp-router": {
+        "health": "/health",
+        "work": OPENAI_LLM,
+        "routes": [
+            ("GET", "/models", "listed"),
+            ("POST", "/models/unload", "unload"),
+            ("POST", "/models/load", "load"),
+        ],
+    },
+    "speaches": {
+        "health": "/health",
+        "work": ("/v1/audio/transcriptions", "/v1/audio/speech"),
+        "routes": [
+            ("GET", "/api/ps", "listed"),
+            ("DELETE", "/api/ps/{model:.+}", "unload"),
+            ("POST", "/api/ps/{model:.+}", "load"),
+        ],
+    },
+    "localai": {
+        "health": "/readyz",
+        "work": (*OPENAI_LLM, "/v1/audio/transcriptions", "/v1/audio/speech", "/v1/images/generations"),
+        "routes": [("GET", "/system", "listed"), ("POST", "/backend/shutdown", "unload")],
+    },
+}
+#: Services that hold several models, each loaded by the first request naming it.
+MULTI_MODEL = frozenset({"llama-cpp-router", "speaches", "localai"})
+#: Services that answer GPU work only while their model is in memory (they do not wake on a request).
+NO_WAKE = frozenset({"vllm", "sglang", "tabbyapi"})
+
+
+class ServiceSim(SimConsumer):
+    """One of the services of SERVICES, by that table: its health route; GPU work on its work paths (which
+    loads the request's ``model``, or the one model); its unload, load, residency and listing routes,
+    answering what the real service answers (read in its source), errors included. Multi-model services hold
+    vram_mib per loaded model; ``models`` lists the model ids a router knows besides those requested.
+    """
+
+    def __init__(
+        self, name: str, vram: SimGPU | TorchVRAM, *, service: str, models: tuple[str, ...] = (), **kw: Any
+    ) -> None:
+        self.service = service
+        self.spec = SERVICES[service]
+        self.health_path = self.spec["health"]
+        self.catalog = set(models)
+        #: Multi-model services: the models in memory, in load order.
+        self.models: dict[str, None] = {}
+        super().__init__(name, vram, **kw)
+        if self.loaded and service in MULTI_MODEL:
+            self.models["sim-model"] = None
+            self.hold_memory()
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        """The service's routes, from SERVICES."""
+        router.add_get(self.spec["health"], self.health)
+        for path in self.spec["work"]:
+            router.add_post(path, self.work_route)
+        for method, path, handler in self.spec["routes"]:
+            router.add_route(method, path, getattr(self, handler))
+
+    async def health(self, request: web.Request) -> web.Response:
+        """The health route: LocalAI's /readyz answers no content, the others a little JSON."""
+        if self.service == "localai":
+            return web.Response(status=200)
+        return web.json_response({"status": "ok"})
+
+    async def work_route(self, request: web.Request) -> web.Response:
+        """GPU work: loads the model named in the request (multi-model), or needs the one model loaded."""
+        if (fault := await self.inference_fault()) is not None:
+            return fault
+        data = await request.read()
+        model = "sim-model"
+        with contextlib.suppress(ValueError, AttributeError):
+            model = str(json.loads(data).get("model") or model)
+        if self.service in NO_WAKE and not self.loaded:
+            return web.json_response({"error": {"message": "No models are currently loaded."}}, status=503)
+        with self.gpu_work(request[RECORD]):
+            if self.service in MULTI_MODEL:
+                await self.load_model(model)
+            else:
+                await self.do_load()
+            await asyncio.sleep(self.work_s)
+        return web.json_response({"object": "sim.result", "model": model, "path": request.path})
+
+    def model_mib(self) -> int:
+        """A several-model service: each loaded model holds vram_mib."""
+        if self.service in MULTI_MODEL:
+            return self.vram_mib * len(self.models)
+        return super().model_mib()
+
+    async def load_model(self, model: str) -> None:
+        """Load ``model`` beside the others; each holds vram_mib."""
+        async with self._load_lock:
+            if model in self.models:
+                return
+            await asyncio.sleep(self.load_s)
+            self.models[model] = None
+            self.catalog.add(model)
+            self.loaded = True
+            self.hold_memory()
+            self.loads += 1
+
+    async def unload_model(self, model: str) -> None:
+        """Unload ``model``; the last one's memory goes as do_unload frees it."""
+        del self.models[model]
+        if self.models:
+            self.unloads += 1
+            self.hold_memory()
+        else:
+            await self.do_unload()
+
+    # -- one model --
+
+    async def sleep(self, request: web.Request) -> web.Response:
+        """vLLM's /sleep?level=N, SGLang's /release_memory_occupation (a JSON body), A1111's
+        unload-checkpoint, tabbyAPI's /v1/model/unload (503 without a model)."""
+        if self.service == "vllm" and not request.query.get("level", "1").isdigit():
+            return web.json_response({"detail": "level must be a number"}, status=400)
+        if self.service == "sglang" and not isinstance(await read_json(request), dict):
+            return web.json_response({"detail": "a JSON body is required"}, status=422)
+        if self.service == "tabbyapi" and not self.loaded:
+            return web.json_response({"detail": "No models are currently loaded."}, status=503)
+        if (fault := await self.admin_fault("unload")) is not None:
+            return fault
+        await self.do_unload()
+        return web.json_response({}) if self.service == "a1111" else web.Response(status=200)
+
+    async def wake(self, request: web.Request) -> web.Response:
+        """vLLM's /wake_up, SGLang's /resume_memory_occupation, A1111's reload-checkpoint."""
+        if (fault := await self.admin_fault("load")) is not None:
+            return fault
+        await self.do_load()
+        return web.json_response({}) if self.service == "a1111" else web.Response(status=200)
+
+    async def sleeping(self, request: web.Request) -> web.Response:
+        """vLLM's /is_sleeping, llama.cpp's /props (is_sleeping beside the rest of its properties); the fault
+        "state_status" answers that status instead."""
+        if self.faults.get("state_status"):
+            return error_response(self.faults["state_status"])
+        if self.service == "llama-cpp":
+            return web.json_response(
+                {"total_slots": 1, "model_path": "sim.gguf", "is_sleeping": not self.loaded}
+            )
+        return web.json_response({"is_sleeping": not self.loaded})
+
+    async def current(self, request: web.Request) -> web.Response:
+        """tabbyAPI's GET /v1/model: the loaded model's card, or 503."""
+        if not self.loaded:
+            return web.json_response({"detail": "No models are currently loaded."}, status=503)
+        return web.json_response({"id": "sim-model", "object": "model", "owned_by": "tabbyAPI"})
+
+    # -- several models --
+
+    async def listed(self, request: web.Request) -> web.Response:
+        """The list of models: llama.cpp router's /models (every known model with status.value), speaches'
+        /api/ps (the ids loaded), LocalAI's /system (loaded_models)."""
+        if self.service == "llama-cpp-router":
+            data = [
+                {
+                    "id": m,
+                    "object": "model",
+                    "status": {"value": "loaded" if m in self.models else "unloaded"},
+                }
+                for m in sorted(self.catalog | set(self.models))
+            ]
+            return web.json_response({"data": data, "object": "list"})
+        if self.service == "speaches":
+            return web.json_response({"models": list(self.models)})
+        loaded = [{"id": m, "backend": "llama-cpp"} for m in self.models]
+        return web.json_response({"backends": ["llama-cpp"], "loaded_models": loaded})
+
+    async def unload(self, request: web.Request) -> web.Response:
+        """llama.cpp router's /models/unload, speaches' DELETE /api/ps/{id}, LocalAI's /backend/shutdown."""
+        model = request.match_info.get("model") or str((await read_json(request)).get("model") or "")
+        if (fault := await self.admin_fault("unload")) is not None:
+            return fault
+        if self.service == "llama-cpp-router" and model not in self.catalog | set(self.models):
+            return web.json_response({"error": {"message": "model is not found"}}, status=400)
+        if self.service == "localai" and not model:
+            return web.json_response({"error": "model is required"}, status=400)
+        if model not in self.models:
+            status = 400 if self.service == "llama-cpp-router" else 404
+            return web.json_response({"error": {"message": f"model {model} is not running"}}, status=status)
+        await self.unload_model(model)
+        if self.service == "speaches":
+            return web.json_response({"message": f"Model {model} unloaded."})
+        return web.json_response(
+            {"success": True} if self.service != "localai" else {"message": "model stopped"}
+        )
+
+    async def load(self, request: web.Request) -> web.Response:
+        """llama.cpp router's /models/load {"model"}, speaches' POST /api/ps/{id}."""
+        model = request.match_info.get("model") or str((await read_json(request)).get("model") or "")
+        if (fault := await self.admin_fault("load")) is not None:
+            return fault
+        if model in self.models:
+            return web.json_response(
+                {"error": {"message": "model is already running"}},
+                status=409 if self.service == "speaches" else 400,
+            )
+        await self.load_model(model)
+        return web.json_response({"success": True}, status=201 if self.service == "speaches" else 200)
+
+
 # ---- consumers command ----
 
-KINDS: dict[str, type[SimConsumer]] = {
+KINDS: dict[str, Callable[..., SimConsumer]] = {
     "mvoice": MvoiceSim,
     "ollama": OllamaSim,
     "comfyui": ComfySim,
     "whisper": WhisperSim,
-}
+} | {service: functools.partial(ServiceSim, service=service) for service in SERVICES}
 SPEC_OPTIONS: dict[str, Any] = {
     "load_s": float,
     "work_s": float,
     "release_s": float,
     "line_interval_s": float,
+    "keep_alive_s": float,
     "vram_mib": int,
     "lines": int,
     "gpu": int,
 }
-OLLAMA_ONLY = {"lines", "line_interval_s"}
+OLLAMA_ONLY = {"lines", "line_interval_s", "keep_alive_s"}
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import copy
 import datetime
+import functools
 import gzip
 import itertools
 import json
@@ -28,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urljoin
 
 import aiohttp
 import pytest
@@ -274,6 +275,12 @@ def test_each_config_rule_names_the_key(path, value, expected):
                     ("consumers", "mvoice", "can_coexist_with"),
                     ("consumers", "comfyui", "paths", "image", "hold_until"),
                     ("consumers", "ollama", "vram_resident_mib"),
+                    ("consumers", "ollama", "preset"),
+                    ("consumers", "ollama", "paths"),
+                    ("consumers", "ollama", "unload"),
+                    ("consumers", "ollama", "listen"),
+                    ("consumers", "comfyui", "residency"),
+                    ("consumers", "comfyui", "unscheduled"),
                 ]
             ),
             st.one_of(
@@ -1326,7 +1333,9 @@ class Rig:
         urls: dict[str, str] | None = None,
         remote: str | None = None,
         gpus: int = 1,
+        extra: dict[str, tuple[Any, dict[str, Any]]] | None = None,
     ) -> Rig:
+        """``extra``: name -> (a simulated consumer's factory, its config without url) besides the four."""
         self.state = self.tmp_path / "gpu.json"
         self.gpu = mgpusim.SimGPU(self.state, total_mib=total_mib, reserved_mib=480, gpus=gpus)
         kinds = {
@@ -1342,9 +1351,15 @@ class Rig:
             server = TestServer(sim.app, host="127.0.0.1", port=0)
             await server.start_server()
             self.sims[name], self.sim_servers[name] = sim, server
+        for name, (factory, _) in (extra or {}).items():
+            self.sims[name] = factory(name, self.gpu)
+            self.sim_servers[name] = TestServer(self.sims[name].app, host="127.0.0.1", port=0)
+            await self.sim_servers[name].start_server()
         raw = base_raw(
             **{n: str(s.make_url("")).rstrip("/") for n, s in self.sim_servers.items()} | (urls or {})
         )
+        for name, (_, spec) in (extra or {}).items():
+            raw["consumers"][name] = {"url": str(self.sim_servers[name].make_url("")).rstrip("/"), **spec}
         raw["gpu"]["nvidia_smi"] = list(sim_smi(self.state))
         raw["health"] = {"interval_s": 3600, "timeout_s": 2}  # tests probe explicitly
         if tweak:
@@ -1755,9 +1770,10 @@ async def test_consumer_dying_mid_stream_truncates_the_answer_and_frees_the_lock
         assert (await r.post("tts", {"text": "next"}))[0] == 200
 
 
-async def raw_get(r: Rig, target: str) -> tuple[int, bytes]:
-    """Send a request line exactly as written (a client library would normalise the path)."""
-    host, port = r.server.host, r.server.port
+async def raw_get(r: Rig, target: str, port: int | None = None) -> tuple[int, bytes]:
+    """Send a request line exactly as written (a client library would normalise the path); to the broker's
+    port, or another of its ports."""
+    host, port = r.server.host, port or r.server.port
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
     await writer.drain()
@@ -2064,6 +2080,8 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
         "priority",
         "can_coexist_with",
         "gpu",
+        "preset",
+        "listen",
     }
     assert mv["vram_used_mib"] is None and mv["vram_peak_mib"] is None  # no `processes`: not measured
     assert (
@@ -2767,9 +2785,11 @@ async def test_mount_unscheduled_exact_and_prefix_entries_skip_the_lock(rig):
         raw["consumers"]["comfyui"]["unscheduled"] = [{"path": "/upload/*"}, {"path": "/interrupt"}]
 
     r = await rig(tweak=listed)
+    statuses = []
     for path in ("/upload/image", "/upload/mask?overwrite=1", "/interrupt", "/interrupt/x", "/uploads"):
         async with r.session.post(r.url("/c/comfyui" + path), data=b"x") as resp:
-            assert resp.status == 404  # ComfySim has none of these routes; what matters is who waited
+            statuses.append(resp.status)
+    assert statuses == [404, 404, 200, 404, 404]  # ComfySim has /interrupt only; what matters is who waited
     assert [rec.path for rec in r.sims["comfyui"].records] == [
         "/upload/image",
         "/upload/mask",
@@ -3940,7 +3960,8 @@ async def test_admin_unload_and_load_go_through_the_lock(rig):
     assert await resp.json() == {"consumer": "mvoice", "action": "unload", "loaded": False, "evictions": 0}
     assert r.sims["mvoice"].unloads == 1 and r.stats.admin_unloads == 1 and r.stats.evictions == 0
     # Warm-up: comfyui fills the GPU (once ollama let its model go), so loading mvoice evicts it first.
-    await r.sims["ollama"].do_unload()
+    for model in list(r.sims["ollama"].models):
+        await r.sims["ollama"].unload_model(model)
     await r.sims["comfyui"].do_load()
     r.broker.consumers.states["comfyui"].loaded()
     async with r.session.post(r.url("/v1/consumers/mvoice/load")) as resp:
@@ -5524,3 +5545,716 @@ async def test_under_journald_the_daemon_logs_without_timestamps(rig):
     lines = [line for line in daemon.log.splitlines() if line]
     assert lines and all(re.match(r"^<[0-7]>level=", line) for line in lines), lines[:3]
     assert any(line.startswith("<6>level=info msg=job ") for line in lines)
+
+
+# =====================================================================================================
+# Presets, for_each unloads, residency queries, consumer ports and the browser's origin (issues 11, 13)
+# =====================================================================================================
+
+#: The kinds the presets use, as README.md's "Presets" section documents them.
+PRESET_KINDS = {"llm", "chat", "embed", "image", "img2img", "image_ui", "stt", "tts"}
+
+
+def preset_consumer(preset: str, **more: Any) -> dict[str, Any]:
+    return {"preset": preset, "url": "http://127.0.0.1:9", "vram_resident_mib": 1000, **more}
+
+
+def test_every_preset_fills_in_its_service_and_check_says_what():
+    consumers = {name: preset_consumer(name) for name in m.PRESETS}
+    consumers["whisper-cpp"] |= {"unload": {"command": ["true"]}, "load": {"command": ["true"]}}
+    config = m.parse_config({"consumers": consumers})
+    named = {"ollama", "comfyui", "whisper-cpp", "llama-cpp", "vllm", "sglang", "a1111", "speaches"}
+    assert named | {"tabbyapi", "localai", "llama-cpp-router"} == set(m.PRESETS)
+    for name, c in config.consumers.items():
+        assert c.preset == name and c.paths and set(c.paths) <= PRESET_KINDS, name
+        assert "health" in c.from_preset and all(f"paths.{kind}" in c.from_preset for kind in c.paths)
+    ollama = config.consumers["ollama"]
+    listing = m.JsonQuery("GET", "/api/ps", "models")
+    assert ollama.unload == m.Route(
+        "POST", "/api/generate", {"model": "{name}", "keep_alive": 0}, 60, listing
+    )
+    assert ollama.vram_managed and ollama.residency_query == listing
+    assert list(ollama.paths) == ["llm", "chat", "embed"]
+    vllm = config.consumers["vllm"]
+    assert vllm.residency == m.JsonQuery("GET", "/is_sleeping", None, (("is_sleeping", (False,)),))
+    assert (vllm.unload.path, vllm.load.path) == ("/sleep?level=1", "/wake_up")
+    assert config.consumers["whisper-cpp"].from_preset == ("health", "paths.stt")
+    comfy = config.consumers["comfyui"]
+    assert comfy.paths["image_ui"].hold_until == m.Hold("GET", "/api/history/{prompt_id}", 0.5, 900)
+    text = m.summary(config)
+    expected = (
+        "comfyui    preset comfyui: health GET /system_stats, paths image, image_ui, unload POST /free, "
+    )
+    assert expected + "17 unscheduled" in text
+    assert (
+        "preset ollama: health GET /, paths llm, chat, embed, unload POST /api/generate for each of " in text
+    )
+    assert (
+        "preset vllm: health GET /health, paths chat, llm, embed, unload POST /sleep?level=1, load " in text
+    )
+    assert "residency GET /is_sleeping where is_sleeping=false" in text
+
+
+def test_the_shipped_config_uses_the_presets_and_gives_two_consumers_a_port(tmp_path):
+    done = subprocess.run(
+        [PY, str(HERE / "mgpumanager.py"), "--check", "--config", str(HERE / "consumers.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    lines = done.stdout.splitlines()
+    assert any(
+        line.split()
+        == [
+            "comfyui",
+            "preset",
+            "comfyui:",
+            "health",
+            "GET",
+            "/system_stats,",
+            "paths",
+            "image,",
+            "image_ui,",
+            "unload",
+            "POST",
+            "/free,",
+            "17",
+            "unscheduled",
+        ]
+        for line in lines
+    ), done.stdout
+    assert "  0.0.0.0:8189 -> comfyui (as /c/comfyui/)" in lines
+    assert "  0.0.0.0:11435 -> ollama (as /c/ollama/)" in lines
+    config = m.load_config(HERE / "consumers.yaml")
+    assert [c.preset for c in config.consumers.values()] == [None, "comfyui", "ollama", "whisper-cpp"]
+
+
+def test_keys_beside_a_preset_win_paths_kind_by_kind_and_null_removes():
+    raw = preset_consumer(
+        "comfyui",
+        paths={"image": {"path": "/prompt"}, "image_ui": None, "video": {"path": "/video"}},
+        unload={"path": "/free", "body": {"free_memory": True}},
+        unscheduled=None,
+        priority=3,
+    )
+    c = m.parse_config({"consumers": {"c": raw}}).consumers["c"]
+    assert list(c.paths) == ["image", "video"] and c.paths["image"].hold_until is None  # replaced whole
+    assert c.unload.body == {"free_memory": True} and c.unscheduled == () and c.priority == 3
+    assert c.health == m.Route("GET", "/system_stats") and c.from_preset == ("health",)
+    expected = (
+        "preset comfyui: health GET /system_stats (yours: unload, unscheduled, paths.image, paths.image_ui)"
+    )
+    assert m.describe_preset(c) == expected
+    assert "image_ui" in m.PRESETS["comfyui"]["paths"]  # the preset itself is untouched
+    more = m.parse_config({"consumers": {"c": preset_consumer("ollama", paths={"code": {"path": "/x"}})}})
+    assert list(more.consumers["c"].paths) == ["llm", "chat", "embed", "code"]
+
+
+def _preset_problems(consumer: dict[str, Any], **more: Any) -> list[str]:
+    base = {"url": "http://127.0.0.1:1", "health": {"path": "/"}, "paths": {"llm": {"path": "/g"}}}
+    return problems_of(
+        {"listen": "0.0.0.0:8770", "consumers": {"x": base | {"vram_resident_mib": 1, **consumer}}, **more}
+    )
+
+
+@pytest.mark.parametrize(
+    ("consumer", "expected"),
+    [
+        ({"preset": "olama"}, "consumers.x.preset: unknown preset 'olama' (known: ollama, comfyui, "),
+        ({"preset": ["ollama"]}, "consumers.x.preset: unknown preset"),
+        (
+            {"unload": {"path": "/u", "for_each": {"path": "/list"}}},
+            "consumers.x.unload.for_each.items: missing",
+        ),
+        ({"unload": {"path": "/u", "for_each": "/list"}}, "consumers.x.unload.for_each: must be a mapping"),
+        (
+            {
+                "unload": {"command": ["true"], "for_each": {"path": "/l", "items": "m"}},
+                "load": {"command": ["t"]},
+            },
+            "consumers.x.unload.for_each: unknown key",
+        ),
+        (
+            {"load": {"path": "/l", "for_each": {"path": "/l", "items": "m"}}},
+            "consumers.x.load.for_each: unknown",
+        ),
+        (
+            {"residency": {"path": "/state"}},
+            "consumers.x.residency: needs items (the answer's list to read) or where",
+        ),
+        (
+            {"residency": {"path": "/s", "where": {"on": {"a": 1}}}},
+            "consumers.x.residency.where.on: must be a value",
+        ),
+        (
+            {"residency": {"path": "/s", "where": {"on": []}}},
+            "consumers.x.residency.where.on: must be a value",
+        ),
+        (
+            {"residency": {"path": "/s", "where": {"a..b": 1}}},
+            "consumers.x.residency.where.a..b: fields are names",
+        ),
+        ({"residency": {"path": "state", "items": "m"}}, "consumers.x.residency.path: must start with '/'"),
+        (
+            {"residency": {"path": "/s", "items": ""}},
+            "consumers.x.residency.items: must be a non-empty string",
+        ),
+        ({"listen": "11435"}, "consumers.x.listen: must be HOST:PORT, not '11435'"),
+        ({"listen": "127.0.0.1:8770"}, "consumers.x.listen: port 8770 is listen's already"),
+    ],
+)
+def test_preset_for_each_residency_and_listen_rules_name_the_key(consumer, expected):
+    problems = _preset_problems(consumer)
+    assert any(expected in p for p in problems), problems
+
+
+def test_two_consumers_cannot_share_a_port_but_port_0_is_any_free_one():
+    raw = base_raw()
+    for name in ("mvoice", "comfyui"):
+        raw["consumers"][name]["listen"] = "127.0.0.1:8189"
+    assert problems_of(raw) == ["consumers.comfyui.listen: port 8189 is consumers.mvoice.listen's already"]
+    for name in ("mvoice", "comfyui"):
+        raw["consumers"][name]["listen"] = "127.0.0.1:0"
+    assert m.parse_config(raw).consumers["comfyui"].listen == ("127.0.0.1", 0)
+
+
+def test_placeholders_fill_paths_encoded_and_body_strings_keeping_a_whole_ones_type():
+    route = m.Route(
+        "POST", "/api/ps/{id}/{n}", {"model": "{id}", "count": "{n}", "say": "n={n}", "l": ["{id}", 2]}
+    )
+    path, body = m.fill_placeholders(route, {"id": "Systran/faster whisper", "n": 3, "other": True})
+    assert path == "/api/ps/Systran%2Ffaster%20whisper/3"
+    assert body == {
+        "model": "Systran/faster whisper",
+        "count": 3,
+        "say": "n=3",
+        "l": ["Systran/faster whisper", 2],
+    }
+    assert m.fill_placeholders(m.Route("DELETE", "/api/ps/{item}"), "a/b") == ("/api/ps/a%2Fb", None)
+    with pytest.raises(KeyError) as missing:
+        m.fill_placeholders(route, {"id": "x"})
+    assert missing.value.args == ("n",)
+
+
+def test_where_matches_dotted_fields_missing_ones_as_null_and_true_is_not_one():
+    where = (("status.value", ("loaded", "loading")), ("sleeping", (False, None)))
+    assert m.matches({"status": {"value": "loaded"}}, where)
+    assert m.matches({"status": {"value": "loading"}, "sleeping": False}, where)
+    assert not m.matches({"status": {"value": "loaded"}, "sleeping": 0}, where)
+    assert not m.matches({"status": {"value": "unloaded"}}, where)
+    assert not m.matches({"status": "loaded"}, where) and m.matches("anything", ())
+    listing = m.JsonQuery("GET", "/models", "data", (("status.value", ("loaded",)),))
+    answer = {
+        "data": [{"id": "a", "status": {"value": "unloaded"}}, {"id": "b", "status": {"value": "loaded"}}]
+    }
+    assert m.query_elements(listing, answer) == [answer["data"][1]] and m.query_resident(listing, answer)
+    assert not m.query_resident(listing, {"data": answer["data"][:1]})
+    with pytest.raises(m.CallError, match="answered no list at 'data'"):
+        m.query_resident(listing, {"data": {"a": 1}})
+    asleep = m.JsonQuery("GET", "/is_sleeping", None, (("is_sleeping", (False,)),))
+    assert m.query_resident(asleep, {"is_sleeping": False}) and not m.query_resident(
+        asleep, {"is_sleeping": True}
+    )
+    with pytest.raises(m.CallError, match="answered no JSON object"):
+        m.query_resident(asleep, [])
+
+
+def use_presets(raw: dict[str, Any]) -> None:
+    """comfyui, ollama and whisper as consumers.yaml has them: their presets, a URL and a size."""
+    for name, preset in (("comfyui", "comfyui"), ("ollama", "ollama"), ("whisper", "whisper-cpp")):
+        c = raw["consumers"][name]
+        raw["consumers"][name] = {
+            "preset": preset,
+            "url": c["url"],
+            "vram_resident_mib": c["vram_resident_mib"],
+        }
+
+
+async def test_ollama_sim_lists_what_it_holds_like_ollama_and_keeps_it_for_keep_alive(rig):
+    import ollama  # noqa: PLC0415 (a dev dependency, needed here only)
+
+    r = await rig(sims={"ollama": {"vram_mib": 3000, "keep_alive_s": 2}})
+    sim = r.sims["ollama"]
+    client = ollama.AsyncClient(host=str(r.sim_servers["ollama"].make_url("")))
+    try:
+        await client.generate(model="a", prompt="hi", stream=False)  # kept for keep_alive_s (the default)
+        await client.generate(model="b", prompt="hi", stream=False, keep_alive="1h")
+        await client.generate(model="c", prompt="", keep_alive="1m")  # an empty prompt only loads it
+        listed = (await client.ps()).models
+        assert [p.model for p in listed] == ["b", "c", "a"]  # the longest left to live first, as ollama
+        assert all(p.size_vram == 3000 * 2**20 and p.expires_at.tzinfo is not None for p in listed)
+        assert r.gpu.used_mib("ollama") == 9000
+        await until(lambda: "a" not in sim.models)  # its keep_alive ran out
+        assert list(sim.models) == ["b", "c"] and r.gpu.used_mib("ollama") == 6000
+        for model in ("b", "c"):
+            gone = await client.generate(model=model, prompt="", keep_alive=0)  # what `ollama stop` sends
+            assert gone.done_reason == "unload"
+        assert sim.models == {} and r.gpu.used_mib("ollama") == 0
+        assert (await client.ps()).models == []
+    finally:
+        await client._client.aclose()
+    assert (sim.loads, sim.unloads) == (3, 3)
+
+
+async def test_ollama_preset_unloads_every_listed_model_and_reads_residency_from_its_list(rig):
+    r = await rig(tweak=use_presets, sims={"ollama": {"vram_mib": 3000, "keep_alive_s": 300}})
+    sim, state = r.sims["ollama"], r.broker.consumers.states["ollama"]
+    await r.broker.consumers.probe("ollama")
+    assert state.healthy is True and state.resident is False  # /api/ps lists nothing
+    for model in ("a", "b"):
+        assert (await r.post("llm", {"model": model, "prompt": "p", "stream": False}))[0] == 200
+    assert list(sim.models) == ["a", "b"] and r.gpu.used_mib("ollama") == 6000  # kept after the answer
+    state.unload_failed()  # unknown: only the probe can tell
+    await r.broker.consumers.probe("ollama")
+    assert state.resident is True
+    async with r.session.post(r.url("/v1/consumers/ollama/unload")) as resp:
+        assert resp.status == 200 and (await resp.json())["loaded"] is False
+    unloads = [json.loads(rec.body) for rec in sim.records if rec.path == "/api/generate"][2:]
+    assert sorted(unloads, key=str) == [{"model": "a", "keep_alive": 0}, {"model": "b", "keep_alive": 0}]
+    assert sim.models == {} and r.gpu.used_mib("ollama") == 0
+    # Its own /api/generate is no unload route to refuse through the mount: only the body makes it one.
+    async with r.session.post(
+        r.url("/c/ollama/api/generate"), json={"model": "a", "prompt": "p", "stream": False}
+    ) as resp:
+        assert resp.status == 200
+    await r.broker.consumers.probe("ollama")
+    assert state.resident is True and list(sim.models) == ["a"]
+
+
+async def test_ollama_unloading_itself_is_seen_at_the_next_probe(rig):
+    r = await rig(tweak=use_presets, sims={"ollama": {"keep_alive_s": 0.2}})
+    state = r.broker.consumers.states["ollama"]
+    assert (await r.post("llm", {"model": "a", "prompt": "p", "stream": False}))[0] == 200
+    assert state.resident is True  # its job's answer
+    await until(lambda: not r.sims["ollama"].models)
+    await r.broker.consumers.probe("ollama")
+    assert state.resident is False and r.gpu.used_mib("ollama") == 0
+
+
+async def test_a_for_each_unload_tries_every_element_and_names_each_failure(rig, caplog):
+    calls = []
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"loaded": [{"id": "ok"}, {"id": "bad"}, {"name": "no id"}, {"id": 7}]})
+
+    async def unload(request: web.Request) -> web.Response:
+        body = await request.json()
+        calls.append((request.path, body))
+        return (
+            web.json_response({"error": "nope"}, status=500)
+            if body["model"] == "bad"
+            else web.json_response({})
+        )
+
+    async with StandIn(
+        [("GET", "/state", listing), ("POST", "/unload/{id}", unload), ("GET", "/", _ok)]
+    ) as svc:
+
+        def add(raw: dict[str, Any]) -> None:
+            unload = {"path": "/unload/{id}", "body": {"model": "{id}", "n": ["{id}", 1]}, "timeout_s": 5}
+            raw["consumers"]["svc"] = {
+                "url": svc.url,
+                "health": {"path": "/"},
+                "paths": {"llm": {"path": "/x"}},
+                "vram_resident_mib": 100,
+                "unload": unload | {"for_each": {"path": "/state", "items": "loaded"}},
+            }
+
+        r = await rig(tweak=add)
+        async with r.session.post(r.url("/v1/consumers/svc/unload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "unload_failed")
+    message = data["message"]
+    assert message.startswith("svc unload of 2 of 4: ") and '{"id": "bad"}: unload answered 500' in message
+    assert """{"name": "no id"} has no field 'id'""" in message
+    assert calls == [
+        ("/unload/ok", {"model": "ok", "n": ["ok", 1]}),
+        ("/unload/bad", {"model": "bad", "n": ["bad", 1]}),
+        ("/unload/7", {"model": 7, "n": [7, 1]}),
+    ]
+    assert r.broker.consumers.states["svc"].resident is None and r.stats.unload_failures == 1
+    assert 'msg="unload each" consumer=svc listed=4 failed=2' in caplog.text
+
+
+async def test_a_residency_query_outranks_health_and_an_unreadable_one_is_logged_when_it_changes(rig, caplog):
+    vllm = functools.partial(mgpusim.ServiceSim, service="vllm", vram_mib=1000, loaded=True)
+    r = await rig(extra={"v": (vllm, {"preset": "vllm", "vram_resident_mib": 1000})})
+    sim, consumers, state = r.sims["v"], r.broker.consumers, r.broker.consumers.states["v"]
+    assert state.resident is True  # the first round, before serving
+    await sim.do_unload()  # asleep behind the broker's back
+    await consumers.probe("v")
+    assert state.resident is False
+    sim.faults["state_status"] = 404  # as without VLLM_SERVER_DEV_MODE
+    caplog.clear()
+    for _ in range(3):
+        await consumers.probe("v")
+    warnings = [rec for rec in caplog.records if "residency unknown" in rec.getMessage()]
+    assert len(warnings) == 1 and "GET /is_sleeping answered 404" in warnings[0].getMessage()
+    assert state.resident is False and state.healthy is True  # unknown answers change nothing
+    sim.faults.clear()
+    await sim.do_load()
+    await consumers.probe("v")
+    assert state.resident is True and "residency readable again" in caplog.text
+
+
+@pytest.mark.parametrize("service", sorted(mgpusim.SERVICES))
+async def test_each_preset_speaks_its_simulated_service(rig, service):
+    """Every route a preset names is one its service (as mgpusim plays it) answers: each path as a job
+    through the mount, its residency query, its unload, and its load before the next job."""
+    multi = service in mgpusim.MULTI_MODEL
+    factory = functools.partial(
+        mgpusim.ServiceSim, service=service, vram_mib=1000, loaded=not multi, models=("m0",) if multi else ()
+    )
+    r = await rig(extra={"svc": (factory, {"preset": service, "vram_resident_mib": 1000})})
+    sim, consumers, c = r.sims["svc"], r.broker.consumers, r.config.consumers["svc"]
+    state = consumers.states["svc"]
+
+    async def residency() -> bool | None:
+        state.unload_failed()  # unknown: only the probe can tell
+        await consumers.probe("svc")
+        assert state.healthy is True
+        return state.resident
+
+    query = c.residency_query
+    assert await residency() is (None if query is None else not multi)
+    for path in c.paths.values():
+        async with r.session.post(r.url("/c/svc" + path.path), json={"model": "org/m1"}) as resp:
+            assert resp.status == 200, await resp.text()
+    assert [rec.path for rec in sim.work] == [p.path for p in c.paths.values()]
+    assert r.gpu.used_mib("svc") == 1000 and (not multi or list(sim.models) == ["org/m1"])
+    if query is not None:
+        assert await residency() is True
+    if c.unload is None:  # llama-cpp: one model, asleep after --sleep-idle-seconds, awake on a request
+        await sim.do_unload()
+        assert await residency() is False
+        async with r.session.post(r.url("/c/svc/v1/chat/completions"), json={}) as resp:
+            assert resp.status == 200
+        assert await residency() is True
+        return
+    async with r.session.post(r.url("/v1/consumers/svc/unload")) as resp:
+        assert resp.status == 200, await resp.text()
+    assert not sim.loaded and sim.models == {} and r.gpu.used_mib("svc") == 0
+    if query is not None:
+        assert await residency() is False
+        state.unloaded()  # as the unload left it
+    first = next(iter(c.paths.values())).path
+    async with r.session.post(r.url("/c/svc" + first), json={"model": "org/m1"}) as resp:
+        if service in mgpusim.NO_WAKE and c.load is None:  # tabbyAPI's load needs a model name you write
+            assert resp.status == 503
+            return
+        assert resp.status == 200, await resp.text()
+    if c.load is not None:  # known unloaded: loaded through the preset's load route before the job
+        assert [rec.path for rec in sim.records][-2:] == [c.load.path, first]
+    assert sim.loaded and r.gpu.used_mib("svc") == 1000
+
+
+async def test_comfyui_preset_holds_either_spelling_and_its_ui_can_free_through_api_free(rig):
+    r = await rig(tweak=use_presets, sims={"comfyui": {"work_s": 0.3}})
+    sim = r.sims["comfyui"]
+    ids = []
+    for path in ("/v1/image", "/c/comfyui/api/prompt"):
+        async with r.session.post(r.url(path), json={"prompt": {}}) as resp:
+            assert resp.status == 200
+            ids.append((await resp.json())["prompt_id"])
+        assert r.broker.scheduler.holds == 1  # the render goes on, and holds the GPU
+        # The UI's cheap calls are not held up by it (unscheduled), under both spellings.
+        async with r.session.post(r.url("/c/comfyui/api/interrupt"), json={}) as resp:
+            assert resp.status == 200 and r.broker.scheduler.holds == 1
+        await until(lambda: r.broker.scheduler.holder is None)
+    polled = [rec.path for rec in sim.records if "history" in rec.path]
+    assert {f"/history/{ids[0]}", f"/api/history/{ids[1]}"} == set(polled)
+    assert sim.unloads == 0
+    async with r.session.post(r.url("/c/comfyui/free"), json={"unload_models": True}) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")  # the broker's own route
+    async with r.session.post(r.url("/c/comfyui/api/free"), json={"unload_models": True}) as resp:
+        assert resp.status == 200  # the UI's "Unload Models" button: ComfyUI's alias of /free
+    assert sim.unloads == 1 and r.gpu.used_mib("comfyui") == 0
+    async with r.session.get(r.url("/c/comfyui/api/history")) as resp:
+        assert set(await resp.json()) == set(ids)
+
+
+def with_ports(raw: dict[str, Any]) -> None:
+    """The presets, and a port of its own (any free one) for ollama and for comfyui."""
+    use_presets(raw)
+    for name in ("ollama", "comfyui"):
+        raw["consumers"][name]["listen"] = "127.0.0.1:0"
+
+
+def port_url(r: Rig, name: str, path: str = "") -> str:
+    return f"http://{r.broker.ports.address(name)}{path}"
+
+
+async def test_the_ollama_client_given_only_a_host_goes_through_ollamas_port(rig, caplog):
+    import ollama  # noqa: PLC0415 (a dev dependency, needed here only)
+
+    r = await rig(tweak=with_ports, sims={"ollama": {"lines": 3}})
+    address = r.broker.ports.address("ollama")
+    consumers = (await r.status())["consumers"]
+    assert consumers["ollama"]["listen"] == address and consumers["ollama"]["preset"] == "ollama"
+    assert consumers["mvoice"]["listen"] is None and address.startswith("127.0.0.1:")
+    client = ollama.AsyncClient(host=address)  # a host, as OLLAMA_HOST=mrock:11435 gives one
+    try:
+        answer = await client.generate(model="sim", prompt="hi", stream=False)
+        assert answer.response == "tok0 tok1 tok2 " and answer.done
+        parts = [
+            p
+            async for p in await client.chat(
+                model="sim", messages=[{"role": "user", "content": "x"}], stream=True
+            )
+        ]
+        assert "".join(p.message.content for p in parts) == "tok0 tok1 tok2 " and parts[-1].done
+        assert [p.model for p in (await client.ps()).models] == ["sim"]
+        assert (await client.show("sim")).details.family == "sim"  # unscheduled
+    finally:
+        await client._client.aclose()
+    sim = r.sims["ollama"]
+    assert [(rec.method, rec.path) for rec in sim.records] == [
+        ("GET", "/api/ps"),  # the broker's first health round: its residency
+        ("POST", "/api/generate"),
+        ("POST", "/api/chat"),
+        ("GET", "/api/ps"),
+        ("POST", "/api/show"),
+    ]
+    assert sim.records[1].headers["X-Forwarded-For"] == "127.0.0.1"
+    assert r.stats.jobs == 2 and r.stats.completed == 2  # GPU jobs, as through /c/ollama/
+    await until(lambda: len(job_lines(caplog)) == 2)
+    assert [re.search(r" kind=(\w+)", line).group(1) for line in job_lines(caplog)] == ["llm", "chat"]
+
+
+async def test_a_consumer_port_serves_its_api_at_the_root_by_the_rules_of_its_mount(rig):
+    r = await rig(tweak=with_ports, sims={"comfyui": {"work_s": 0.3}})
+    sim = r.sims["comfyui"]
+    # A client that builds absolute paths (comfy-api-simplified: urljoin(base, "/prompt")).
+    async with r.session.post(urljoin(port_url(r, "comfyui", "/"), "/prompt"), json={"prompt": {}}) as resp:
+        assert resp.status == 200
+        prompt_id = (await resp.json())["prompt_id"]
+    assert r.broker.scheduler.holds == 1  # the image path's hold, as through /v1/image
+    async with r.session.get(port_url(r, "comfyui", "/queue")) as resp:  # reads are not held up
+        assert resp.status == 200 and (await resp.json())["queue_running"][0][1] == prompt_id
+    ws = await r.session.ws_connect(port_url(r, "comfyui", "/ws?clientId=c%201"))
+    assert (await ws.receive_json(timeout=10))["data"]["sid"] == "c 1"
+    await until(lambda: r.broker.scheduler.holder is None)
+    assert f"/history/{prompt_id}" in [rec.path for rec in sim.records]
+    await ws.close()
+    # Through the mount the same client leaves it: its absolute path is the broker's own.
+    async with r.session.post(urljoin(r.url("/c/comfyui/"), "/prompt"), json={"prompt": {}}) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "not_found")
+    async with r.session.post(port_url(r, "comfyui", "/free"), json={"unload_models": True}) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
+        assert "POST /free is comfyui's unload route" in data["message"]
+    port = int(r.broker.ports.address("comfyui").rsplit(":", 1)[1])
+    status, body = await raw_get(r, "/a/%2e%2e/system_stats", port)
+    error_of(status, {}, body, "bad_request")
+    async with r.session.get(port_url(r, "comfyui", "/v1/status")) as resp:
+        assert resp.status == 404  # ComfyUI's answer: the broker's own routes are not on the port
+    assert r.stats.jobs == 1
+
+
+async def test_with_a_token_a_consumers_port_needs_it_everywhere_and_strips_it(rig):
+    def ports_and_token(raw: dict[str, Any]) -> None:
+        with_ports(raw)
+        with_token(raw)
+
+    r = await rig(tweak=ports_and_token)
+    for path in ("/", "/system_stats", "/healthz"):  # the broker's public paths are the consumer's here
+        async with r.session.get(port_url(r, "comfyui", path)) as resp:
+            error_of(resp.status, dict(resp.headers), await resp.read(), "unauthorized")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with r.session.get(port_url(r, "comfyui", "/queue"), headers=auth) as resp:
+        assert resp.status == 200 and "X-Request-ID" in resp.headers
+    (record,) = r.sims["comfyui"].records
+    assert record.path == "/queue" and "Authorization" not in record.headers
+
+
+async def test_a_reload_opens_moves_and_closes_consumer_ports(rig, caplog):
+    r = await rig(tweak=use_presets)
+    assert r.broker.ports.address("ollama") is None
+
+    async def reload(listen: str | None) -> list[str]:
+        raw = copy.deepcopy(r.raw)
+        if listen is not None:
+            raw["consumers"]["ollama"]["listen"] = listen
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert resp.status == 200
+            return (await resp.json())["changes"]
+
+    async def answers(address: str) -> bool:
+        try:
+            async with r.session.get(f"http://{address}/api/tags") as resp:
+                return resp.status == 200
+        except aiohttp.ClientConnectionError:
+            return False
+
+    first = f"127.0.0.1:{free_port()}"
+    assert await reload(first) == ["changed ollama", f"ollama listens on {first}"]
+    assert await answers(first)
+    second = f"127.0.0.1:{free_port()}"
+    assert await reload(second) == [
+        "changed ollama",
+        f"ollama no longer listens on {first}",
+        f"ollama listens on {second}",
+    ]
+    assert await answers(second) and not await answers(first)
+    assert await reload(None) == ["changed ollama", f"ollama no longer listens on {second}"]
+    assert not await answers(second) and r.broker.ports.open == {}
+    # A port that cannot be had is reported and logged; the rest of the reload stands.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        changes = await reload(busy)
+    assert changes[0] == "changed ollama" and changes[1].startswith(f"cannot listen on {busy} for ollama: ")
+    assert r.broker.config.consumers["ollama"].listen is not None and 'msg="cannot listen"' in caplog.text
+
+
+async def test_a_port_that_cannot_be_had_at_start_up_stops_the_broker(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        raw = base_raw()
+        raw["consumers"]["comfyui"]["listen"] = f"127.0.0.1:{busy}"
+        server = TestServer(m.create_app(m.parse_config(raw)), host="127.0.0.1", port=0)
+        with pytest.raises(m.ListenError, match=f"cannot listen on 127.0.0.1:{busy} for comfyui"):
+            await server.start_server()
+        await server.close()
+        # The daemon says so and exits 1, as when its own port is taken.
+        config = tmp_path / "taken.yaml"
+        config.write_text(yaml.safe_dump(raw | {"listen": f"127.0.0.1:{free_port()}"}))
+        done = await asyncio.create_subprocess_exec(
+            PY, str(HERE / "mgpumanager.py"), "--config", str(config), stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(done.communicate(), 60)
+    assert done.returncode == 1
+    assert f'msg="cannot listen" error="cannot listen on 127.0.0.1:{busy} for comfyui:' in err.decode()
+
+
+async def test_a_page_of_the_brokers_origin_passes_comfyuis_origin_check_and_others_do_not(rig):
+    r = await rig(tweak=with_ports, sims={"comfyui": {"work_s": 0.05}})
+    sim = r.sims["comfyui"]
+    comfy_origin = r.config.consumers["comfyui"].url
+    for base in (r.url("/c/comfyui/"), port_url(r, "comfyui", "/")):
+        own = f"http://{URL(base).host}:{URL(base).port}"  # what a browser that loaded `base` sends
+        for origin, allowed in ((own, True), ("http://evil.example", False), ("http://127.0.0.1:1", False)):
+            sim.records.clear()
+            headers = {"Origin": origin}
+            async with r.session.get(base, headers=headers) as resp:
+                assert resp.status == (200 if allowed else 403)
+            async with r.session.get(base + "assets/app.js", headers=headers) as resp:
+                assert resp.status == (200 if allowed else 403)
+            async with r.session.post(base + "api/prompt", json={"prompt": {}}, headers=headers) as resp:
+                assert resp.status == (200 if allowed else 403)
+            if allowed:
+                ws = await r.session.ws_connect(base + "ws?clientId=x", headers=headers)
+                assert (await ws.receive_json(timeout=10))["type"] == "status"
+                await ws.close()
+            else:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await r.session.ws_connect(base + "ws?clientId=x", headers=headers)
+                assert refused.value.status == 502  # consumer_unreachable: "refused the upgrade: HTTP 403"
+            seen = {
+                rec.headers.get("Origin") for rec in sim.records if "history" not in rec.path
+            }  # no holds'
+            assert seen == ({comfy_origin} if allowed else {origin})  # others' Origin passes unchanged
+            await until(lambda: r.broker.scheduler.holder is None)
+    assert len(sim.refused_origins) == 2 * 2 * 4 and r.broker.consumers.states["comfyui"].healthy
+
+
+async def test_comfyuis_web_ui_through_its_mount_and_its_port_in_a_real_browser(rig, tmp_path):
+    r = await rig(tweak=with_ports, sims={"comfyui": {"work_s": 0.2}})
+    sim = r.sims["comfyui"]
+    async with Browser(tmp_path) as browser:
+        for page in (r.url("/c/comfyui/"), port_url(r, "comfyui", "/")):
+            await browser.call("Page.navigate", url=page)
+            state = await browser.wait_for(
+                "window.comfysim && window.comfysim.prompt && window.comfysim.messages.includes('status')"
+                " && JSON.stringify(window.comfysim)"
+            )
+            got = json.loads(state)
+            assert got["prompt"] == 200 and got["ws"] == "open" and got["prompt_id"], got
+            assert await browser.evaluate("document.getElementById('state').textContent") == "running"
+            await until(lambda: r.broker.scheduler.holder is None)
+    assert sim.refused_origins == []
+    # Chromium sent an Origin with the module script, the prompt and the WebSocket; ComfyUI got its own.
+    # Not the icon the browser asks the port for, nor the history the holds poll.
+    asked = [
+        (rec.path, rec.headers.get("Origin"))
+        for rec in sim.records
+        if rec.path != "/favicon.ico" and "history" not in rec.path
+    ]
+    comfy_origin = r.config.consumers["comfyui"].url
+    expected = [
+        ("/", None),
+        ("/assets/app.js", comfy_origin),
+        ("/ws", comfy_origin),
+        ("/api/prompt", comfy_origin),
+    ]
+    assert sorted(asked, key=str) == sorted(expected * 2, key=str)
+    assert r.stats.jobs == 2 and len(sim.work) == 2  # each prompt a GPU job (kind image_ui), held
+
+
+async def test_the_daemon_opens_consumer_ports_at_start_and_on_sighup_and_closes_them_on_sigterm(rig):
+    r = await rig(tweak=use_presets)
+    raw, ollama, comfy = copy.deepcopy(r.raw), free_port(), free_port()
+    raw["consumers"]["ollama"]["listen"] = f"127.0.0.1:{ollama}"
+    generate = {"model": "a", "prompt": "p", "stream": False}
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        async with r.session.post(f"http://127.0.0.1:{ollama}/api/generate", json=generate) as resp:
+            assert resp.status == 200 and (await resp.json())["done"]
+        assert (await daemon.status(r.session))["consumers"]["ollama"]["listen"] == f"127.0.0.1:{ollama}"
+        raw["consumers"]["comfyui"]["listen"] = f"127.0.0.1:{comfy}"
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        daemon.proc.send_signal(signal.SIGHUP)
+        st = await daemon.until(r.session, lambda st: st["consumers"]["comfyui"]["listen"] is not None)
+        assert st["consumers"]["comfyui"]["listen"] == f"127.0.0.1:{comfy}"
+        async with r.session.get(f"http://127.0.0.1:{comfy}/queue") as resp:
+            assert resp.status == 200
+        daemon.terminate()
+        assert await asyncio.wait_for(daemon.proc.wait(), 30) == 0
+    for port in (ollama, comfy):
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with r.session.get(f"http://127.0.0.1:{port}/", timeout=aiohttp.ClientTimeout(total=5)):
+                pass
+    assert f"msg=listening consumer=ollama listen=127.0.0.1:{ollama}" in daemon.log
+    assert f"msg=listening consumer=comfyui listen=127.0.0.1:{comfy}" in daemon.log
+    assert r.sims["ollama"].work[0].path == "/api/generate"
+
+
+async def test_a_for_each_unload_is_bounded_by_its_timeout_as_a_whole(rig):
+    gate = asyncio.Event()
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"models": ["slow", "next"]})
+
+    async def unload(request: web.Request) -> web.Response:
+        await gate.wait()  # never set: the first call hangs
+        return web.json_response({})
+
+    async with StandIn([("GET", "/ps", listing), ("DELETE", "/ps/{id}", unload), ("GET", "/", _ok)]) as svc:
+
+        def add(raw: dict[str, Any]) -> None:
+            each = {"path": "/ps", "items": "models"}
+            raw["consumers"]["svc"] = {
+                "url": svc.url,
+                "health": {"path": "/"},
+                "paths": {"llm": {"path": "/x"}},
+                "vram_resident_mib": 100,
+                "unload": {"method": "DELETE", "path": "/ps/{item}", "timeout_s": 1, "for_each": each},
+            }
+
+        r = await rig(tweak=add)
+        async with r.session.post(r.url("/v1/consumers/svc/unload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "unload_failed")
+    assert '"slow": unload did not answer within ' in data["message"]
+    assert '"next": not tried, the unload took its 1 s' in data["message"]
+
+
+async def test_the_whisper_cpp_preset_speaks_whispersim(rig, caplog):
+    r = await rig(tweak=use_presets)
+    assert r.broker.consumers.states["whisper"].healthy is True  # GET /health
+    async with r.session.post(r.url("/c/whisper/inference"), data=b"RIFF....") as resp:
+        assert resp.status == 200 and (await resp.json())["text"] == "simulated transcript"
+    assert [rec.path for rec in r.sims["whisper"].work] == ["/inference"]
+    await until(lambda: len(job_lines(caplog)) == 1)
+    assert " consumer=whisper kind=stt " in job_lines(caplog)[0]
