@@ -56,6 +56,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -850,29 +851,47 @@ def logfmt(**fields: Any) -> str:
 
 #: What /v1/events sends, and what a subscriber that falls this far behind is dropped for.
 EVENT_BUFFER = 256
+#: The recent past kept for pages opened later (``/v1/events?since=SECONDS``): the events of the last
+#: EVENT_RING_S seconds, and of those at most EVENT_RING (a job makes 4 to 9 events: some 2,000 jobs, a few
+#: MiB). The dashboard's timeline draws the same 15 minutes.
+EVENT_RING = 10000
+EVENT_RING_S = 900.0
 #: A stream with nothing to say sends a comment this often, so proxies and browsers keep it open.
 HEARTBEAT_S = 15.0
 _DROPPED = {"event": "dropped"}
 
 
 class Events:
-    """Fan-out of the broker's events to /v1/events subscribers and other listeners.
+    """Fan-out of the broker's events to /v1/events subscribers and other listeners, and the ring of the
+    recent ones (bounded by count and by age) that a subscriber may ask for first.
 
     Publishing never waits: a subscriber whose buffer is full is dropped (its stream ends) rather than
     slowing the scheduler.
     """
 
-    def __init__(self, buffer: int = EVENT_BUFFER):
+    def __init__(
+        self,
+        buffer: int = EVENT_BUFFER,
+        *,
+        ring: int | None = None,
+        ring_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.buffer = buffer
         self.subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
         #: Called with every event (the systemd status line listens here).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.dropped = 0
+        #: The recent past, oldest first: (monotonic time, event); at most ``ring`` events of ``ring_s``.
+        self.ring: deque[tuple[float, dict[str, Any]]] = deque(maxlen=EVENT_RING if ring is None else ring)
+        self.ring_s = EVENT_RING_S if ring_s is None else ring_s
+        self.clock = clock
 
     def publish(self, name: str, /, **fields: Any) -> None:
-        if not self.subscribers and not self.listeners:
-            return  # nobody listens: build nothing (this is on every job's path)
+        now = self.clock()
         event = {"event": name, "ts": _iso(time.time()), **fields}
+        self.ring.append((now, event))
+        self._forget(now)
         for queue in list(self.subscribers):
             try:
                 queue.put_nowait(event)
@@ -890,6 +909,25 @@ class Events:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self.buffer)
         self.subscribers.add(queue)
         return queue
+
+    def _forget(self, now: float) -> None:
+        """Drop what is older than ``ring_s`` (the count bound is the deque's own)."""
+        oldest = now - self.ring_s
+        while self.ring and self.ring[0][0] < oldest:
+            self.ring.popleft()
+
+    def recent(self, since_s: float) -> list[dict[str, Any]]:
+        """The ring's events of the last ``since_s`` seconds, oldest first."""
+        now = self.clock()
+        self._forget(now)
+        start = now - since_s
+        past = list(itertools.takewhile(lambda entry: entry[0] >= start, reversed(self.ring)))
+        return [event for _, event in reversed(past)]
+
+    def follow(self, since_s: float | None) -> tuple[asyncio.Queue[dict[str, Any]], list[dict[str, Any]]]:
+        """Subscribe, and take the events of the last ``since_s`` seconds, in one step (nothing awaits in
+        between): every event is either in the past returned or in the queue, never in both, never lost."""
+        return self.subscribe(), [] if since_s is None else self.recent(since_s)
 
     def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
         self.subscribers.discard(queue)
@@ -2261,12 +2299,15 @@ class Scheduler:
     async def _hold(self, job: Job, hold: Callable[[], Awaitable[None]], timeout_s: float) -> None:
         """Keep the job's slot while ``hold`` runs (at most ``timeout_s``); then write the job's log line."""
         started = self.clock()
+        outcome = "abandoned"  # cut short (shutdown) or crashed
         try:
             await asyncio.wait_for(hold(), timeout_s)
+            outcome = "released"
             log.info(
                 logfmt(msg="hold released", consumer=job.consumer, job=job.id, hold_ms=self._ms(started))
             )
         except asyncio.TimeoutError:
+            outcome = "timeout"
             self.stats.hold_timeouts += 1
             self.metrics.inc("mgpumanager_hold_timeouts_total", consumer=job.consumer)
             log.warning(logfmt(msg="hold timed out", consumer=job.consumer, job=job.id, timeout_s=timeout_s))
@@ -2282,6 +2323,7 @@ class Scheduler:
             state.last_used, state.last_used_at = self.clock(), time.time()
             held = self.clock() - started
             self.metrics.observe("mgpumanager_hold_seconds", held, consumer=job.consumer)
+            self._publish("hold_ended", job, hold_s=round(held, 3), outcome=outcome)
             self._log_job(job, hold_ms=round(held * 1000))
             self._release_slot(job)
 
@@ -3612,14 +3654,39 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers=headers)
 
 
+def _sse(event: dict[str, Any]) -> bytes:
+    return f"event: {event['event']}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+def _since(request: web.Request) -> float | None:
+    """The ``since`` query parameter of /v1/events: seconds of the past to replay (None: none asked)."""
+    raw = request.query.get("since")
+    if raw is None:
+        return None
+    try:
+        since = float(raw)
+    except ValueError:
+        since = math.nan
+    if not since >= 0 or math.isinf(since):
+        raise BrokerError("bad_request", f"since must be a number of seconds, 0 or more, not {raw!r}")
+    return since
+
+
 async def handle_events(request: web.Request) -> web.StreamResponse:
-    """GET /v1/events: server-sent events, one JSON object each, a heartbeat comment every 15 s."""
+    """GET /v1/events: server-sent events, one JSON object each, a heartbeat comment every 15 s.
+
+    ``?since=SECONDS`` first replays the ring's events of the last SECONDS (at most EVENT_RING_S), then a
+    ``: replayed N`` comment, then goes live: the past and the subscription are taken in one step.
+    """
     events = request.app[BROKER].events
-    queue = events.subscribe()
+    since = _since(request)
+    queue, past = events.follow(since)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     try:
         await resp.prepare(request)
         await resp.write(b": mgpumanager events\n\n")
+        if since is not None:
+            await resp.write(b"".join(map(_sse, past)) + f": replayed {len(past)}\n\n".encode())
         while True:
             try:
                 event = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
@@ -3628,7 +3695,7 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
                 continue
             if event is _DROPPED:
                 break  # it fell behind: the client reconnects and reads /v1/status again
-            await resp.write(f"event: {event['event']}\ndata: {json.dumps(event)}\n\n".encode())
+            await resp.write(_sse(event))
     except ConnectionResetError:
         pass  # the client left
     finally:

@@ -2982,6 +2982,34 @@ async def test_hold_that_never_completes_releases_the_lock_at_its_timeout(rig):
     assert (await r.post("tts", {"text": "next"}))[0] == 200
 
 
+async def test_a_hold_ends_with_an_event_released_timeout_or_abandoned(rig):
+    def short(raw):
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 0.3
+
+    def ended() -> list[dict[str, Any]]:
+        return [e for e in r.broker.events.recent(900) if e["event"] == "hold_ended"]
+
+    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 0.5}})
+    assert (await r.post("image", {"prompt": {}}))[0] == 200
+    assert (await r.post("tts", {"text": "waits for the render"}))[0] == 200
+    await until(lambda: r.broker.scheduler.holder is None and len(ended()) == 1)
+    names = [(e["event"], e.get("consumer")) for e in r.broker.events.recent(900) if "job" in e]
+    # The hold's end comes after its job's answer and before the job waiting for the GPU gets it.
+    assert names.index(("finished", "comfyui")) < names.index(("hold_ended", "comfyui"))
+    assert names.index(("hold_ended", "comfyui")) < names.index(("granted", "mvoice"))
+    event = ended()[0]
+    assert event.items() >= {"job": 1, "consumer": "comfyui", "kind": "image", "gpu": 0}.items()
+    assert event["outcome"] == "released" and event["hold_s"] >= 0.4
+
+    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 3600}}, tweak=short)
+    assert (await r.post("image", {"prompt": {}}))[0] == 200
+    await until(lambda: len(ended()) == 1)
+    assert ended()[0]["outcome"] == "timeout"
+    assert (await r.post("image", {"prompt": {}}))[0] == 200
+    await r.broker.scheduler.close()  # as at shutdown: the hold is cut short
+    assert [e["outcome"] for e in ended()] == ["timeout", "abandoned"]
+
+
 async def test_an_absurdly_nested_answer_starts_no_hold_and_frees_the_lock(rig):
     async def prompt(request: web.Request) -> web.Response:
         return web.Response(body=b"[" * 100_000 + b"]" * 100_000, content_type="application/json")
@@ -4119,6 +4147,128 @@ async def test_event_stream_heartbeats_and_drops_a_reader_that_falls_behind(rig,
         assert events.dropped == 1 and not events.subscribers
         body = await asyncio.wait_for(stream.read(), 5)  # its stream ends instead of slowing anyone
         assert b"event: test" not in body  # what it missed is gone: it reconnects and reads /v1/status
+
+
+async def _read_replay(resp: aiohttp.ClientResponse) -> list[dict[str, Any]]:
+    """The events a ``since`` stream replays, up to its ``: replayed N`` line (N checked)."""
+    events = []
+    while True:
+        line = await asyncio.wait_for(resp.content.readline(), 10)
+        assert line, "the stream ended"
+        if line.startswith(b"data: "):
+            events.append(json.loads(line[6:]))
+        elif line.startswith(b": replayed "):
+            assert int(line.split()[-1]) == len(events)
+            return events
+
+
+def test_the_event_ring_keeps_the_last_events_by_count_and_by_age():
+    clock = FakeClock()
+    events = m.Events(ring=5, ring_s=900, clock=clock)
+    for i in range(8):
+        events.publish("test", n=i)
+        clock.now += 1
+    assert [e["n"] for e in events.recent(900)] == [3, 4, 5, 6, 7]  # the count bound
+    assert [e["n"] for e in events.recent(2.5)] == [6, 7]  # published 2 s and 1 s ago
+    assert events.recent(0.5) == []
+    clock.now += 890
+    events.publish("test", n=8)  # 1898: n=4 was published 894 s ago
+    assert [e["n"] for e in events.recent(900)] == [4, 5, 6, 7, 8]
+    clock.now += 6.5
+    assert [e["n"] for e in events.recent(900)] == [5, 6, 7, 8]  # older than 15 minutes: forgotten
+    clock.now += 900
+    events.publish("test", n=9)
+    assert [n for _, e in events.ring for n in [e["n"]]] == [9]  # a publish forgets too
+    # Every event is kept, with or without subscribers, in the shape the stream sends.
+    assert set(events.recent(1)[0]) == {"event", "ts", "n"}
+
+
+async def test_events_since_replays_the_recent_past_then_goes_live(rig, monkeypatch):
+    monkeypatch.setattr(m, "EVENT_RING", 6)
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    r.broker.events.ring.clear()  # the first health round's events
+    assert (await r.post("tts", {"text": "before anyone listened"}))[0] == 200
+    await until(lambda: r.broker.events.ring and r.broker.events.ring[-1][1]["event"] == "finished")
+    assert [e["event"] for _, e in r.broker.events.ring] == ["queued", "granted", "started", "finished"]
+    async with r.session.get(r.url("/v1/events?since=900")) as stream:
+        past = await _read_replay(stream)
+        assert [e["event"] for e in past] == ["queued", "granted", "started", "finished"]
+        assert (await r.post("tts", {"text": "live"}))[0] == 200
+        live = await _read_events(stream, "finished")
+        assert [e["event"] for e in live] == ["queued", "granted", "started", "finished"]
+        assert live[0]["job"] == past[0]["job"] + 1
+    # The ring holds EVENT_RING events: the first job's first two are gone.
+    async with r.session.get(r.url("/v1/events?since=900")) as stream:
+        past = await _read_replay(stream)
+        assert [(e["job"], e["event"]) for e in past] == [
+            (1, "started"),
+            (1, "finished"),
+            (2, "queued"),
+            (2, "granted"),
+            (2, "started"),
+            (2, "finished"),
+        ]
+    # since=0 replays nothing; without since nothing is replayed either (as before).
+    for query in ("?since=0", ""):
+        async with r.session.get(r.url("/v1/events" + query)) as stream:
+            assert await stream.content.readline() == b": mgpumanager events\n"
+            await stream.content.readline()
+            r.broker.events.publish("test", n=1)
+            assert (await _read_events(stream, "test"))[0]["n"] == 1
+    # Events older than since, or than EVENT_RING_S, are not replayed.
+    later = r.broker.events.clock() + 60
+    monkeypatch.setattr(r.broker.events, "clock", lambda: later)
+    async with r.session.get(r.url("/v1/events?since=30")) as stream:
+        assert await _read_replay(stream) == []
+    for bad in ("abc", "-1", "inf", "nan", ""):
+        async with r.session.get(r.url("/v1/events"), params={"since": bad}) as resp:
+            error = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_request")
+            assert "since" in error["message"]
+
+
+async def test_the_switch_from_replay_to_live_loses_and_repeats_no_event(rig):
+    r = await rig()
+    events = r.broker.events
+    events.ring.clear()  # the first health round's events
+    for n in range(5000):  # a replay of 10 MiB: more than the sockets buffer, so writing it waits
+        events.publish("test", n=n, pad="x" * 2048)
+    marker_seen = asyncio.Event()
+    during: list[int] = []  # published after the client asked and before it read the end of the replay
+
+    async def publisher() -> None:
+        n = 5000
+        # While the replay is written (at most 200: a reader 256 events behind is dropped), then after.
+        while not marker_seen.is_set() and n < 5200:
+            events.publish("test", n=n)
+            if events.subscribers:
+                during.append(n)
+            n += 1
+            await asyncio.sleep(0.001)
+        await marker_seen.wait()
+        for later in range(n, n + 100):
+            events.publish("test", n=later)
+        events.publish("test", n=-1)
+
+    task = asyncio.ensure_future(publisher())
+    try:
+        seen: list[int] = []
+        replayed = None
+        async with r.session.get(r.url("/v1/events?since=900")) as stream:
+            while not seen or seen[-1] != -1:
+                line = await asyncio.wait_for(stream.content.readline(), 10)
+                assert line, "the stream ended"
+                if line.startswith(b": replayed "):
+                    replayed = int(line.split()[-1])
+                    marker_seen.set()
+                elif line.startswith(b"data: "):
+                    seen.append(json.loads(line[6:])["n"])
+        seen.pop()
+        assert replayed is not None and replayed >= 5000
+        assert seen == list(range(len(seen))) and not events.dropped  # no gap, no repeat
+        assert [n for n in during if n >= replayed], "no event came while the replay was written"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_the_job_log_line_has_every_field(rig, caplog):
