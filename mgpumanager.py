@@ -44,6 +44,7 @@ import bisect
 import contextlib
 import functools
 import hmac
+import http.client
 import ipaddress
 import itertools
 import json
@@ -55,7 +56,10 @@ import shlex
 import signal
 import socket
 import sys
+import textwrap
 import time
+import urllib.error
+import urllib.request
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -4105,9 +4109,537 @@ async def serve(config: Config, source: ConfigSource) -> int:
     return 0
 
 
+# ---- the verbs: a command line for a running broker --------------------------------------------------
+
+#: Where the verbs find the broker when neither --url nor MGPUMANAGER_URL says.
+DEFAULT_URL = "http://127.0.0.1:8770"
+#: How long a verb waits for the broker: to connect, and for each read of its answer.
+CLI_TIMEOUT_S = 10.0
+#: load, unload and reserve wait for the GPU lock like a job (up to scheduler.queue_timeout_s, 300 s by
+#: default) and then for unload and load calls (60 s each by default).
+CLI_ADMIN_TIMEOUT_S = 900.0
+#: ``events`` has no total limit, but gives up after this long without a byte (a heartbeat comes every
+#: HEARTBEAT_S).
+CLI_EVENTS_TIMEOUT_S = 3 * HEARTBEAT_S
+#: ``ps`` and ``status`` fit their lines in this many columns.
+CLI_WIDTH = 100
+
+
+class CliError(Exception):
+    """A verb failed: ``code`` 1 when the broker could not be reached (or what answered was not the broker),
+    2 when the broker refused (its JSON error) or the command line is wrong."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+_DURATION_RE = re.compile(r"(?:\d+(?:\.\d+)?[smh])+|\d+(?:\.\d+)?")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from '90s', '30m', '2h', '1h30m' or plain seconds ('90'); ValueError for anything else."""
+    text = text.strip().lower()
+    if not _DURATION_RE.fullmatch(text):
+        raise ValueError(f"{text!r} is not a duration")
+    seconds = sum(float(n) * _DURATION_UNITS[unit] for n, unit in re.findall(r"([\d.]+)([smh]?)", text))
+    if seconds <= 0:
+        raise ValueError(f"{text!r} is no time at all")
+    return seconds
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 90s, 30m, 2h, 1h30m or seconds") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds, 0 or more")
+    return value
+
+
+def cli_url(flag: str | None, environ: Mapping[str, str]) -> str:
+    """The broker's base URL: --url, else MGPUMANAGER_URL, else DEFAULT_URL (``host:port`` means http)."""
+    url = (flag or environ.get("MGPUMANAGER_URL") or DEFAULT_URL).strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise CliError(2, f"{url!r} is not a broker's URL (http://host:port)")
+    return url
+
+
+def cli_token(token_file: str | None, environ: Mapping[str, str]) -> str | None:
+    """The bearer token: from --token-file, else MGPUMANAGER_TOKEN, else none."""
+    if token_file is None:
+        return environ.get("MGPUMANAGER_TOKEN", "").strip() or None
+    try:
+        token = Path(token_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(
+            2, f"cannot read --token-file {token_file}: {getattr(e, 'strerror', None) or e}"
+        ) from e
+    if not token:
+        raise CliError(2, f"--token-file {token_file} is empty")
+    return token
+
+
+def _why(exc: BaseException, timeout_s: float) -> str:
+    """Why a call to the broker failed, in a few words."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return f"no answer within {timeout_s:g} s"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve the host ({reason.strerror})"
+    if isinstance(reason, (ConnectionResetError, http.client.RemoteDisconnected)):
+        return "the connection was closed"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return str(reason) or type(reason).__name__
+
+
+@dataclass
+class Client:
+    """The verbs' calls to a running broker: urllib, no event loop, a timeout on every call."""
+
+    url: str
+    token: str | None = None
+    #: --timeout: replaces every verb's own.
+    timeout_s: float | None = None
+
+    def open(
+        self, method: str, path: str, body: Any = None, *, timeout_s: float = CLI_TIMEOUT_S
+    ) -> http.client.HTTPResponse:
+        """A 2xx answer, open for reading; CliError for anything else."""
+        timeout = self.timeout_s or timeout_s
+        headers = {"Accept": "application/json", "User-Agent": f"mgpumanager/{VERSION}"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        try:
+            return urllib.request.urlopen(request, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            with e:
+                raise self._refused(e) from None
+        except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
+            raise self.unreachable(e, timeout) from None
+
+    def call(self, method: str, path: str, body: Any = None, *, timeout_s: float = CLI_TIMEOUT_S) -> Any:
+        """The broker's JSON answer."""
+        with self.open(method, path, body, timeout_s=timeout_s) as resp:
+            try:
+                raw = resp.read()
+            except (OSError, http.client.HTTPException) as e:
+                raise self.unreachable(e, self.timeout_s or timeout_s) from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise CliError(1, f"{self.url}{path} did not answer JSON: is it a mgpumanager broker?") from None
+
+    def unreachable(self, exc: BaseException, timeout_s: float) -> CliError:
+        return CliError(1, f"cannot reach the broker at {self.url}: {_why(exc, timeout_s)}")
+
+    def _refused(self, error: urllib.error.HTTPError) -> CliError:
+        """The broker's JSON error (exit 2), or something else answering at its URL (exit 1)."""
+        try:
+            data = json.loads(error.read(64 * 1024))
+        except (OSError, http.client.HTTPException, ValueError):
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("message"), str):
+            return CliError(1, f"{self.url} answered {error.code} {error.reason}, not a mgpumanager broker?")
+        message = f"{data['message']} ({data.get('error')})"
+        if data.get("error") == "unauthorized":
+            message += ": set MGPUMANAGER_TOKEN or give --token-file"
+        return CliError(2, message)
+
+
+def _span(seconds: float) -> str:
+    """A duration for people: '45 s', '12 min', '2 h 5 min', '3 d 4 h'."""
+    s = max(0, round(seconds))
+    if s < 90:
+        return f"{s} s"
+    if s < 90 * 60:
+        return f"{round(s / 60)} min"
+    if s < 48 * 3600:
+        hours, minutes = divmod(round(s / 60), 60)
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(round(s / 3600), 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+def _parse_iso(iso: Any) -> datetime | None:
+    """The broker's timestamps ('...Z'), as an aware datetime; None for anything unreadable."""
+    if not isinstance(iso, str):
+        return None
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _ago(iso: Any, now: float) -> str:
+    when = _parse_iso(iso)
+    return "never" if when is None else f"{_span(now - when.timestamp())} ago"
+
+
+def _local(iso: Any, now: float) -> str:
+    """A time of the broker's in this machine's time zone: '21:30:05', with the date if not today."""
+    when = _parse_iso(iso)
+    if when is None:
+        return "?"
+    local = when.astimezone()
+    same_day = local.date() == datetime.fromtimestamp(now).astimezone().date()
+    return local.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M")
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def _wrap(text: str, indent: str = "  ") -> list[str]:
+    return textwrap.wrap(text, CLI_WIDTH, initial_indent=indent, subsequent_indent=indent + "  ") or [indent]
+
+
+def _gpus_of(st: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """/v1/status's GPUs, each with its scheduler (a broker before several GPUs had only ``gpu``)."""
+    return st.get("gpus") or [{**st.get("gpu", {}), "scheduler": st.get("scheduler") or {}}]
+
+
+def _mib(value: Any) -> str:
+    return f"{value} MiB" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _state(value: Any, yes: str, no: str) -> str:
+    return "unknown" if value is None else yes if value else no
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    """Columns as wide as their widest cell, the first one cut short (``~``) if the lines would not fit."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    over = sum(widths) + 2 * (len(widths) - 1) - CLI_WIDTH
+    if over > 0:
+        widths[0] = max(8, widths[0] - over)
+
+    def cell(text: str, i: int) -> str:
+        if len(text) > widths[i]:
+            text = text[: widths[i] - 1] + "~"
+        return text.rjust(widths[i]) if i in right else text.ljust(widths[i])
+
+    return ["  ".join(cell(text, i) for i, text in enumerate(row)).rstrip() for row in [header, *rows]]
+
+
+def reservation_lines(res: Mapping[str, Any], now: float, indent: str = "  ") -> list[str]:
+    """A reservation ({reason, until, left_s, unloaded, not_unloaded}) for people."""
+    text = f"reserved: {res.get('reason') or 'no reason given'}"
+    if isinstance(res.get("left_s"), (int, float)):
+        text += f", {_span(res['left_s'])} left"
+    if res.get("until"):
+        text += f" (until {_local(res['until'], now)})"
+    lines = _wrap(text, indent)
+    if res.get("unloaded"):
+        lines += _wrap("unloaded: " + ", ".join(map(str, res["unloaded"])), indent + "  ")
+    not_unloaded = res.get("not_unloaded")
+    if not_unloaded:
+        items = (
+            not_unloaded.items() if isinstance(not_unloaded, Mapping) else [(n, None) for n in not_unloaded]
+        )
+        text = ", ".join(f"{name} ({why})" if why else str(name) for name, why in items)
+        lines += _wrap("not unloaded: " + text, indent + "  ")
+    return lines
+
+
+def gpu_lines(gpu: Mapping[str, Any], now: float) -> list[str]:
+    """One GPU: its memory line, who holds it and the queue, its reservation."""
+    head = f"GPU {gpu.get('index')}" + (f" {gpu['name']}" if gpu.get("name") else "")
+    if gpu.get("error"):
+        text = f"{head}: cannot read it: {gpu['error']}"
+    else:
+        text = f"{head}: {gpu.get('used_mib')} of {gpu.get('total_mib')} MiB used, {gpu.get('free_mib')} free"
+        if gpu.get("utilization_pct") is not None:
+            text += f", {gpu['utilization_pct']} % busy"
+        if gpu.get("temperature_c") is not None:
+            text += f", {gpu['temperature_c']} C"
+    lines = _wrap(text, "")
+    scheduler = gpu.get("scheduler") or {}
+    holder = scheduler.get("holder")
+    if holder:
+        text = f"held by {holder.get('consumer')}: {_plural(holder.get('jobs', 0), 'job')}"
+        if holder.get("holds"):
+            text += f", {_plural(holder['holds'], 'hold')}"
+        text += f", for {_span(holder.get('held_s', 0))}"
+    else:
+        text = "idle"
+    lines += _wrap(f"{text}; {len(scheduler.get('queue') or [])} queued")
+    if gpu.get("reservation"):
+        lines += reservation_lines(gpu["reservation"], now)
+    return lines
+
+
+def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
+    """``ps``: one line per consumer, then each GPU's memory, holder and reservation."""
+    gpus = _gpus_of(st)
+    several = len(gpus) > 1
+    running: dict[str, int] = {}
+    queued: dict[str, int] = {}
+    for gpu in gpus:
+        scheduler = gpu.get("scheduler") or {}
+        holder = scheduler.get("holder")
+        if holder:
+            # A hold (ComfyUI rendering after its answer) is work running too.
+            work = holder.get("jobs", 0) + holder.get("holds", 0)
+            running[holder["consumer"]] = running.get(holder["consumer"], 0) + work
+        for job in scheduler.get("queue") or []:
+            queued[job["consumer"]] = queued.get(job["consumer"], 0) + 1
+    header = [
+        "CONSUMER",
+        "GPU",
+        "HEALTH",
+        "RESIDENT",
+        "USED",
+        "PEAK",
+        "DECLARED",
+        "LAST USE",
+        "RUNNING",
+        "QUEUED",
+    ]
+    rows, notes = [], []
+    for name, c in (st.get("consumers") or {}).items():
+        rows.append(
+            [
+                name,
+                str(c.get("gpu", "")),
+                _state(c.get("healthy"), "healthy", "down"),
+                _state(c.get("loaded"), "yes", "no"),
+                _mib(c.get("vram_used_mib")),
+                _mib(c.get("vram_peak_mib")),
+                _mib(c.get("vram_resident_mib")),
+                _ago(c.get("last_used"), now),
+                str(running.get(name, 0)),
+                str(queued.get(name, 0)),
+            ]
+        )
+        if c.get("healthy") is False and c.get("last_error"):
+            notes += _wrap(f"{name}: {c['last_error']}")
+    right = {1, 4, 5, 6, 8, 9}
+    if not several:  # one GPU: no GPU column
+        header.pop(1)
+        rows = [row[:1] + row[2:] for row in rows]
+        right = {i - 1 for i in right if i > 1}
+    lines = _table(header, rows, right) + notes
+    for gpu in gpus:
+        lines += ["", *gpu_lines(gpu, now)]
+    return lines
+
+
+def render_status(st: Mapping[str, Any], url: str, now: float) -> list[str]:
+    """``status``: the broker, then each GPU with its counters."""
+    lines = [f"mgpumanager {st.get('version')} at {url}, up {_span(st.get('uptime_s') or 0)}"]
+    for gpu in _gpus_of(st):
+        stats = (gpu.get("scheduler") or {}).get("stats") or {}
+        lines += ["", *gpu_lines(gpu, now)]
+        if stats:
+            lines += _wrap("counters: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stats.items()))
+    return lines
+
+
+def _event_value(value: Any) -> str:
+    if isinstance(value, str):
+        return (
+            json.dumps(value)
+            if not value or _LOGFMT_QUOTE.search(value) or not value.isprintable()
+            else value
+        )
+    return json.dumps(value, separators=(",", ":"))
+
+
+def format_event(event: Mapping[str, Any]) -> str:
+    """One line per event: its local time, its name, its fields (those that are not null)."""
+    when = _parse_iso(event.get("ts"))
+    clock = when.astimezone().strftime("%H:%M:%S.%f")[:-3] if when else "?"
+    fields = " ".join(
+        f"{k}={_event_value(v)}" for k, v in event.items() if k not in ("event", "ts") and v is not None
+    )
+    return f"{clock} {event.get('event')} {fields}".rstrip()
+
+
+def cli_ps(client: Client, args: argparse.Namespace) -> int:
+    print("\n".join(render_ps(client.call("GET", "/v1/status"), time.time())))
+    return 0
+
+
+def cli_status(client: Client, args: argparse.Namespace) -> int:
+    st = client.call("GET", "/v1/status")
+    print(json.dumps(st, indent=2) if args.json else "\n".join(render_status(st, client.url, time.time())))
+    return 0
+
+
+def cli_consumer(client: Client, args: argparse.Namespace) -> int:
+    """``unload NAME`` and ``load NAME``."""
+    path = f"/v1/consumers/{quote(args.name, safe='')}/{args.verb}"
+    answer = client.call("POST", path, timeout_s=CLI_ADMIN_TIMEOUT_S)
+    loaded = answer.get("loaded")
+    if args.verb == "unload" or loaded is True:
+        text = f"{args.verb}ed {args.name}"
+    else:  # a load that left it not resident (or unknown): it has no load route
+        state = "not resident" if loaded is False else "of unknown residency"
+        text = (
+            f"made room for {args.name}, which is {state} (without a load route it loads with its first job)"
+        )
+    if answer.get("evictions"):
+        text += f", after unloading {_plural(answer['evictions'], 'other consumer')}"
+    print(text)
+    return 0
+
+
+def cli_reload(client: Client, args: argparse.Namespace) -> int:
+    changes = client.call("POST", "/v1/reload").get("changes") or []
+    print("reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
+    return 0
+
+
+def cli_reserve(client: Client, args: argparse.Namespace) -> int:
+    seconds = args.duration
+    body: dict[str, Any] = {"for_s": int(seconds) if float(seconds).is_integer() else seconds}
+    if args.reason is not None:
+        body["reason"] = args.reason
+    if args.gpu is not None:
+        body["gpu"] = args.gpu
+    answer = client.call("POST", "/v1/reserve", body, timeout_s=CLI_ADMIN_TIMEOUT_S)
+    gpu = answer.get("gpu", args.gpu)
+    print(f"GPU {gpu} reserved" if gpu is not None else "reserved")
+    print("\n".join(reservation_lines(answer, time.time())))
+    return 0
+
+
+def cli_release(client: Client, args: argparse.Namespace) -> int:
+    path = "/v1/reserve" + (f"?gpu={args.gpu}" if args.gpu is not None else "")
+    answer = client.call("DELETE", path)
+    gpu = answer.get("gpu", args.gpu) if isinstance(answer, dict) else args.gpu
+    what = f"GPU {gpu}" if gpu is not None else "the GPU"
+    was_reserved = not (isinstance(answer, dict) and answer.get("released") is False)
+    print(f"{what} released" if was_reserved else f"{what} was not reserved")
+    return 0
+
+
+def cli_events(client: Client, args: argparse.Namespace) -> int:
+    """Follow /v1/events, one line per event, until Ctrl-C (exit 0) or the broker ends the stream."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    query = "" if args.since is None else f"?since={args.since:g}"
+    timeout = client.timeout_s or CLI_EVENTS_TIMEOUT_S
+    try:
+        with client.open("GET", "/v1/events" + query, timeout_s=CLI_EVENTS_TIMEOUT_S) as resp:
+            data: list[str] = []
+            while True:
+                try:
+                    line = resp.readline()
+                except (OSError, http.client.HTTPException) as e:
+                    raise client.unreachable(e, timeout) from None
+                if not line:
+                    raise CliError(
+                        1, "the broker ended the event stream (shutting down, or this reader fell behind)"
+                    )
+                text = line.decode("utf-8", "replace").rstrip("\r\n")
+                if text.startswith("data:"):
+                    data.append(text[6:] if text.startswith("data: ") else text[5:])
+                elif not text and data:
+                    try:
+                        print(format_event(json.loads("\n".join(data))), flush=True)
+                    except ValueError:
+                        print("\n".join(data), flush=True)
+                    data = []
+    except KeyboardInterrupt:
+        return 0
+
+
+VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
+    "ps": cli_ps,
+    "status": cli_status,
+    "unload": cli_consumer,
+    "load": cli_consumer,
+    "reload": cli_reload,
+    "reserve": cli_reserve,
+    "release": cli_release,
+    "events": cli_events,
+}
+
+
+def add_verbs(parser: argparse.ArgumentParser) -> None:
+    """The verbs, each with --url, --token-file and --timeout."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help=f"the broker (default: $MGPUMANAGER_URL, else {DEFAULT_URL})")
+    common.add_argument(
+        "--token-file", metavar="FILE", help="read the bearer token from FILE (default: $MGPUMANAGER_TOKEN)"
+    )
+    common.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help=f"wait at most this long for each answer (default {CLI_TIMEOUT_S:g} s;"
+        f" {CLI_ADMIN_TIMEOUT_S:g} s for load, unload and reserve)",
+    )
+    verbs = parser.add_subparsers(
+        dest="verb", metavar="VERB", title="verbs (they talk to a running broker; without one, run it)"
+    )
+    verbs.add_parser("ps", parents=[common], help="consumers, GPUs and reservations in one table")
+    status = verbs.add_parser("status", parents=[common], help="a summary with the counters")
+    status.add_argument("--json", action="store_true", help="print /v1/status as it is")
+    for verb, text in (("unload", "unload a consumer now"), ("load", "make room for a consumer and load it")):
+        verbs.add_parser(verb, parents=[common], help=text).add_argument("name", metavar="NAME")
+    verbs.add_parser("reload", parents=[common], help="re-read the broker's config, as SIGHUP does")
+    reserve = verbs.add_parser(
+        "reserve", parents=[common], help="unload everything on a GPU and keep jobs off it for DURATION"
+    )
+    reserve.add_argument(
+        "duration", type=_duration, metavar="DURATION", help="90s, 30m, 2h, 1h30m or seconds"
+    )
+    reserve.add_argument("--reason", metavar="TEXT", help="what the GPU is for (shown to refused jobs)")
+    reserve.add_argument("--gpu", type=int, metavar="N", help="which GPU, where there are several")
+    release = verbs.add_parser("release", parents=[common], help="end a reservation")
+    release.add_argument("--gpu", type=int, metavar="N", help="which GPU, where there are several")
+    events = verbs.add_parser("events", parents=[common], help="follow the event stream until Ctrl-C")
+    events.add_argument(
+        "--since",
+        type=_seconds,
+        metavar="SECONDS",
+        help=f"first the events of the last SECONDS (up to {EVENT_RING_S:g})",
+    )
+
+
+def run_verb(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
+    """Run a verb: 0 done, 1 the broker could not be reached, 2 it refused; the reason on stderr."""
+    try:
+        client = Client(cli_url(args.url, environ), cli_token(args.token_file, environ), args.timeout)
+        return VERBS[args.verb](client, args)
+    except CliError as e:
+        print(f"mgpumanager {args.verb}: {e.message}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `mgpumanager.py events | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="mgpumanager", description="GPU-inference broker: one door to one GPU."
+        prog="mgpumanager",
+        description="GPU-inference broker: one door to one GPU. Without a VERB it runs the broker;"
+        " a VERB talks to a running one.",
     )
     parser.add_argument("--config", default="consumers.yaml", help="YAML config (default: ./consumers.yaml)")
     parser.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen")
@@ -4118,7 +4650,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+    add_verbs(parser)
     args = parser.parse_args(argv)
+    if args.verb is not None:
+        return run_verb(args)
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter(journal="JOURNAL_STREAM" in os.environ))

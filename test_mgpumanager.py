@@ -4596,3 +4596,375 @@ async def test_under_journald_the_daemon_logs_without_timestamps(rig):
     lines = [line for line in daemon.log.splitlines() if line]
     assert lines and all(re.match(r"^<[0-7]>level=", line) for line in lines), lines[:3]
     assert any(line.startswith("<6>level=info msg=job ") for line in lines)
+
+
+# =====================================================================================================
+# The command line: verbs against a running broker, each a process of its own
+# =====================================================================================================
+
+
+async def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, str, str]:
+    """``mgpumanager.py VERB ...`` as its own process (asynchronously: the sims answer in this loop); its
+    exit status, stdout and stderr. MGPUMANAGER_* from the test's environment are not passed on."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MGPUMANAGER_")} | (env or {})
+    proc = await asyncio.create_subprocess_exec(
+        PY,
+        str(HERE / "mgpumanager.py"),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=environ,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def ps_rows(out: str) -> dict[str, list[str]]:
+    """``ps``'s consumer rows by name, cells split where two spaces part them."""
+    lines = out.splitlines()
+    rows = {}
+    for line in lines[1 : lines.index("")]:
+        if not line.startswith(" "):  # indented lines are notes on a row
+            cells = re.split(r"\s{2,}", line.strip())
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+async def test_cli_ps_and_status_against_a_running_daemon(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}, "comfyui": {"work_s": 3}})
+    r.sims["whisper"].faults["health_status"] = 503
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        url = daemon.url("")
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "warm"}) as resp:
+            assert resp.status == 200
+        image = asyncio.ensure_future(
+            post_json(r.session, daemon.url("/v1/image"), {"prompt": {}})
+        )  # evicts mvoice
+        await daemon.until(r.session, lambda st: (st["scheduler"]["holder"] or {}).get("holds") == 1)
+        tts = asyncio.ensure_future(post_json(r.session, daemon.url("/v1/tts"), {"text": "waits"}))
+        await daemon.until(r.session, lambda st: len(st["scheduler"]["queue"]) == 1)
+        rc, out, err = await cli("ps", "--url", url)
+        assert (rc, err) == (0, ""), err
+        lines = out.splitlines()
+        assert max(map(len, lines)) <= 100
+        assert re.split(r"\s{2,}", lines[0]) == [
+            "CONSUMER",
+            "HEALTH",
+            "RESIDENT",
+            "USED",
+            "PEAK",
+            "DECLARED",
+            "LAST USE",
+            "RUNNING",
+            "QUEUED",
+        ]
+        rows = ps_rows(out)
+        assert list(rows) == ["mvoice", "comfyui", "ollama", "whisper"]
+        # mvoice: evicted for the render, its next job queued; comfyui: rendering after its answer.
+        assert rows["mvoice"][:5] == ["healthy", "no", "-", "-", "2800 MiB"]
+        assert re.fullmatch(r"\d+ s ago", rows["mvoice"][5]) and rows["mvoice"][6:] == ["0", "1"]
+        assert rows["comfyui"][:2] == ["healthy", "yes"] and rows["comfyui"][6:] == ["1", "0"]
+        assert rows["ollama"][1] == "unknown" and rows["ollama"][4:] == ["8000 MiB", "never", "0", "0"]
+        assert rows["whisper"][:2] == ["down", "unknown"]
+        assert "  whisper: health answered 503" in lines  # why it is down, under the table
+        gpu = lines[lines.index("") + 1 :]
+        assert re.fullmatch(r"GPU 0 .*: \d+ of 16384 MiB used, \d+ free, \d+ % busy, \d+ C", gpu[0])
+        assert re.fullmatch(r"  held by comfyui: 0 jobs, 1 hold, for \d+ s; 1 queued", gpu[1])
+
+        rc, out, err = await cli("status", "--json", "--url", url)
+        assert (rc, err) == (0, "")
+        st = json.loads(out)
+        assert st["scheduler"]["holder"]["consumer"] == "comfyui" and set(st["consumers"]) == set(rows)
+        rc, out, err = await cli("status", "--url", url)
+        assert (rc, err) == (0, "")
+        assert re.match(rf"mgpumanager {m.VERSION} at {re.escape(url.rstrip('/'))}, up \d+ s\n", out)
+        assert "held by comfyui" in out and re.search(r"counters: jobs 3, completed 2, .*evictions 1", out)
+        assert (await image)[0] == 200 and (await tts)[0] == 200
+
+
+async def test_cli_unload_load_reload_and_the_brokers_refusals(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
+    async with daemon:
+        url = daemon.url("")
+        assert await cli("unload", "mvoice", "--url", url) == (0, "unloaded mvoice\n", "")
+        assert r.sims["mvoice"].unloads == 1
+        assert (await post_json(r.session, daemon.url("/v1/image"), {"prompt": {}}))[0] == 200
+        # mvoice does not fit beside comfyui: loading it unloads comfyui first.
+        expected = "loaded mvoice, after unloading 1 other consumer\n"
+        assert await cli("load", "mvoice", "--url", url) == (0, expected, "")
+        assert (r.sims["comfyui"].unloads, r.sims["mvoice"].loads) == (1, 1)
+        # comfyui has no load route: room is made, and it loads with its first job.
+        expected = (
+            "made room for comfyui, which is not resident (without a load route it loads with its first"
+            " job), after unloading 1 other consumer\n"
+        )
+        assert await cli("load", "comfyui", "--url", url) == (0, expected, "")
+        assert r.sims["mvoice"].unloads == 2
+        rc, out, err = await cli("unload", "nosuch", "--url", url)
+        assert (rc, out, err) == (2, "", "mgpumanager unload: no consumer named 'nosuch' (no_consumer)\n")
+        rc, out, err = await cli("unload", "whisper", "--url", url)
+        assert (rc, out) == (2, "") and "whisper has no unload route (bad_request)" in err
+        assert await cli("reload", "--url", url) == (0, "reloaded: nothing changed\n", "")
+        raw = yaml.safe_load(daemon.config.read_text())
+        raw["consumers"]["whisper"]["priority"] = 1
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        assert await cli("reload", "--url", url) == (0, "reloaded: changed whisper\n", "")
+        raw["consumers"]["whisper"]["priority"] = 9
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        rc, out, err = await cli("reload", "--url", url)
+        assert (rc, out) == (2, "") and "config refused, the old one stays" in err and "(bad_config)" in err
+    assert daemon.proc.returncode == 0
+
+
+async def test_cli_exit_1_when_the_broker_cannot_be_reached_or_is_not_a_broker(rig):
+    nobody = f"http://127.0.0.1:{free_port()}"
+    rc, out, err = await cli("ps", "--url", nobody)
+    assert (rc, out, err) == (
+        1,
+        "",
+        f"mgpumanager ps: cannot reach the broker at {nobody}: connection refused\n",
+    )
+    rc, _, err = await cli("events", "--url", nobody)
+    assert rc == 1 and "connection refused" in err
+    rc, _, err = await cli("ps", "--url", "http://no-such-host.invalid:8770")
+    assert rc == 1 and "cannot resolve the host" in err
+
+    async def silent(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.Response()
+
+    async def html(request: web.Request) -> web.Response:
+        return web.Response(status=404, text="<h1>Not Found</h1>", content_type="text/html")
+
+    async def text(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    async with StandIn([("GET", "/v1/status", silent)]) as stand_in:
+        rc, _, err = await cli("ps", "--url", stand_in.url, "--timeout", "0.5")
+        assert rc == 1 and err.endswith(": no answer within 0.5 s\n"), err
+    async with StandIn([("GET", "/v1/status", html)]) as stand_in:
+        rc, _, err = await cli("ps", "--url", stand_in.url)
+        assert rc == 1 and "answered 404 Not Found, not a mgpumanager broker?" in err
+    async with StandIn([("GET", "/v1/status", text)]) as stand_in:
+        rc, _, err = await cli("status", "--url", stand_in.url)
+        assert rc == 1 and "did not answer JSON" in err
+
+
+async def test_cli_url_comes_from_the_flag_else_the_environment_else_the_default(rig):
+    assert m.cli_url(None, {}) == "http://127.0.0.1:8770"
+    assert m.cli_url(None, {"MGPUMANAGER_URL": "http://mrock:8770/"}) == "http://mrock:8770"
+    assert m.cli_url("mrock:9000", {"MGPUMANAGER_URL": "http://x:1"}) == "http://mrock:9000"
+    with pytest.raises(m.CliError) as refused:
+        m.cli_url("ftp://mrock", {})
+    assert refused.value.code == 2
+    r = await rig()
+    nobody = f"http://127.0.0.1:{free_port()}"
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        url = daemon.url("")
+        assert (await cli("ps", env={"MGPUMANAGER_URL": url}))[0] == 0
+        rc, _, err = await cli("ps", "--url", nobody, env={"MGPUMANAGER_URL": url})
+        assert rc == 1 and nobody in err  # the flag wins
+        assert (await cli("ps", "--url", url, env={"MGPUMANAGER_URL": nobody}))[0] == 0
+        assert (await cli("ps", "--url", f"127.0.0.1:{daemon.port}"))[0] == 0  # host:port is http
+
+
+async def test_cli_sends_the_token_from_the_environment_or_the_token_file(rig, tmp_path):
+    r = await rig(tweak=with_token)
+    token_file, wrong_file = tmp_path / "token", tmp_path / "wrong"
+    token_file.write_text(TOKEN + "\n")
+    wrong_file.write_text("wrong-token-0123456789\n")
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        url = daemon.url("")
+        rc, out, err = await cli("ps", "--url", url)
+        assert (rc, out) == (2, "") and "(unauthorized): set MGPUMANAGER_TOKEN or give --token-file" in err
+        assert (await cli("ps", "--url", url, env={"MGPUMANAGER_TOKEN": TOKEN}))[0] == 0
+        assert (await cli("ps", "--url", url, "--token-file", str(token_file)))[0] == 0
+        wrong = {"MGPUMANAGER_TOKEN": "wrong-token-0123456789"}
+        assert (await cli("ps", "--url", url, "--token-file", str(token_file), env=wrong))[0] == 0
+        assert (
+            await cli("ps", "--url", url, "--token-file", str(wrong_file), env={"MGPUMANAGER_TOKEN": TOKEN})
+        )[0] == 2  # the file wins
+        assert (await cli("unload", "mvoice", "--url", url, env={"MGPUMANAGER_TOKEN": TOKEN}))[0] == 0
+        rc, _, err = await cli("ps", "--url", url, "--token-file", str(tmp_path / "missing"))
+        assert rc == 2 and "cannot read --token-file" in err
+    assert TOKEN not in daemon.log
+
+
+async def test_cli_events_prints_one_line_per_event_and_stops_on_sigint(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        assert (await post_json(r.session, daemon.url("/v1/tts"), {"text": "x"}, request_id="t-1"))[0] == 200
+
+        async def events(*args: str) -> asyncio.subprocess.Process:
+            return await asyncio.create_subprocess_exec(
+                PY,
+                str(HERE / "mgpumanager.py"),
+                "events",
+                *args,
+                "--url",
+                daemon.url(""),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+
+        async def lines_until(proc: asyncio.subprocess.Process, last: str) -> list[str]:
+            """Its lines up to the one starting with ``last``, without their time (checked)."""
+            lines: list[str] = []
+            while not lines or not lines[-1].startswith(last):
+                line = await asyncio.wait_for(proc.stdout.readline(), 20)
+                assert line, "events ended"
+                clock, _, rest = line.decode().rstrip("\n").partition(" ")
+                assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3}", clock), line
+                lines.append(rest)
+            return lines
+
+        proc = await events("--since", "900")
+        try:
+            past = [
+                line for line in await lines_until(proc, "finished job=1 ") if not line.startswith("health")
+            ]
+            patterns = [
+                r"queued job=1 consumer=mvoice kind=tts gpu=0 priority=3 request_id=t-1",
+                r"granted job=1 consumer=mvoice kind=tts gpu=0 waited_s=[\d.]+",
+                r"started job=1 consumer=mvoice kind=tts gpu=0",
+                r"finished job=1 consumer=mvoice kind=tts gpu=0 http=200",  # code=null is left out
+            ]
+            assert len(past) == 4 and all(map(re.fullmatch, patterns, past)), past
+            assert (await post_json(r.session, daemon.url("/v1/tts"), {"text": "live"}))[0] == 200
+            live = await lines_until(proc, "finished job=2 ")
+            assert [line.split()[0] for line in live] == ["queued", "granted", "started", "finished"]
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(proc.wait(), 10) == 0
+        assert await proc.stderr.read() == b""  # no traceback
+        # The broker going away ends the stream: exit 1, saying so.
+        proc = await events("--since", "900")
+        await lines_until(proc, "finished job=2 ")  # it follows the stream now
+        daemon.terminate()
+        assert await asyncio.wait_for(proc.wait(), 30) == 1
+        assert b"the broker ended the event stream" in await proc.stderr.read()
+
+
+async def post_json(
+    session: aiohttp.ClientSession, url: str, payload: Any, request_id: str | None = None
+) -> tuple[int, bytes]:
+    headers = {"X-Request-ID": request_id} if request_id else {}
+    async with session.post(url, json=payload, headers=headers) as resp:
+        return resp.status, await resp.read()
+
+
+def test_cli_durations_are_seconds_minutes_hours_or_plain_seconds():
+    cases = {"90s": 90, "30m": 1800, "2h": 7200, "1h30m": 5400, "1.5h": 5400, "45": 45, " 2H ": 7200}
+    assert {text: m.parse_duration(text) for text in cases} == cases
+    for bad in ("", "0", "0s", "90x", "h", "1h 30m", "-5", "1e3", "2d"):
+        with pytest.raises(ValueError):
+            m.parse_duration(bad)
+
+
+async def test_cli_reserve_and_release_against_a_stand_in_of_the_reservation_routes(tmp_path):
+    seen: list[tuple[str, dict[str, str], Any, str | None]] = []
+
+    async def reserve(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(("POST", dict(request.query), body, request.headers.get("Authorization")))
+        if body.get("gpu") == 7:
+            error = {"error": "bad_request", "message": "no GPU 7", "consumer": None, "retryable": False}
+            return web.json_response(error, status=400)
+        return web.json_response(
+            {
+                "gpu": body.get("gpu", 0),
+                "reason": body.get("reason"),
+                "for_s": body["for_s"],
+                "until": m._iso(time.time() + body["for_s"]),
+                "left_s": body["for_s"],
+                "unloaded": ["mvoice", "comfyui"],
+                "not_unloaded": {"ollama": "vram_managed"},
+            }
+        )
+
+    async def release(request: web.Request) -> web.Response:
+        seen.append(("DELETE", dict(request.query), None, request.headers.get("Authorization")))
+        gpu = int(request.query.get("gpu", 0))
+        return web.json_response({"gpu": gpu, "released": gpu != 3})
+
+    token = {"MGPUMANAGER_TOKEN": TOKEN}
+    async with StandIn([("POST", "/v1/reserve", reserve), ("DELETE", "/v1/reserve", release)]) as broker:
+        rc, out, err = await cli(
+            "reserve", "90m", "--reason", "gaming", "--gpu", "1", "--url", broker.url, env=token
+        )
+        assert (rc, err) == (0, "")
+        assert seen.pop() == ("POST", {}, {"for_s": 5400, "reason": "gaming", "gpu": 1}, f"Bearer {TOKEN}")
+        lines = out.splitlines()
+        assert lines[0] == "GPU 1 reserved"
+        assert re.fullmatch(r"  reserved: gaming, 1 h 30 min left \(until \d\d:\d\d:\d\d\)", lines[1])
+        assert lines[2:] == ["    unloaded: mvoice, comfyui", "    not unloaded: ollama (vram_managed)"]
+        for given, seconds in (("2h", 7200), ("45", 45), ("1h30m", 5400), ("0.5", 0.5)):
+            assert (await cli("reserve", given, "--url", broker.url))[0] == 0
+            assert seen.pop() == ("POST", {}, {"for_s": seconds}, None)  # no reason, no GPU: the broker's
+        rc, out, err = await cli("reserve", "90x", "--url", broker.url)
+        assert (rc, out) == (2, "") and "give 90s, 30m, 2h, 1h30m or seconds" in err and not seen
+        rc, out, err = await cli("reserve", "1h", "--gpu", "7", "--url", broker.url)
+        assert (rc, out, err) == (2, "", "mgpumanager reserve: no GPU 7 (bad_request)\n")
+        seen.clear()
+        assert await cli("release", "--url", broker.url, env=token) == (0, "GPU 0 released\n", "")
+        assert seen.pop() == ("DELETE", {}, None, f"Bearer {TOKEN}")
+        assert await cli("release", "--gpu", "1", "--url", broker.url) == (0, "GPU 1 released\n", "")
+        assert seen.pop() == ("DELETE", {"gpu": "1"}, None, None)
+        assert await cli("release", "--gpu", "3", "--url", broker.url) == (0, "GPU 3 was not reserved\n", "")
+
+
+async def test_cli_ps_shows_measured_memory_reservations_and_several_gpus(rig):
+    """The broker's coming status fields (per-consumer measured memory, a GPU's reservation), from a stand-in
+    that serves a real broker's /v1/status with them added."""
+
+    def two_gpus(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["gpu"] = 1
+
+    r = await rig(gpus=2, sims={"comfyui": {"gpu": 1}, "mvoice": {"loaded": True}}, tweak=two_gpus)
+    st = await r.status()
+    st["consumers"]["mvoice"] |= {"vram_used_mib": 2790, "vram_peak_mib": 2950}
+    st["consumers"]["comfyui"] |= {"vram_used_mib": None, "vram_peak_mib": 13100}
+    st["consumers"]["a-consumer-with-a-name-that-is-long"] = st["consumers"].pop("whisper")
+    until_iso = m._iso(time.time() + 2 * 3600 + 60)
+    st["gpus"][1]["reservation"] = {
+        "reason": "gaming",
+        "until": until_iso,
+        "left_s": 2 * 3600 + 60,
+        "unloaded": ["comfyui"],
+        "not_unloaded": {"ollama": "vram_managed"},
+    }
+    st["gpus"][0]["reservation"] = None
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(st)
+
+    async with StandIn([("GET", "/v1/status", status)]) as broker:
+        rc, out, err = await cli("ps", "--url", broker.url)
+    assert (rc, err) == (0, "")
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= 100
+    assert lines[0].split()[:2] == ["CONSUMER", "GPU"]
+    rows = ps_rows(out)
+    assert rows["mvoice"][:7] == ["0", "healthy", "yes", "2790 MiB", "2950 MiB", "2800 MiB", "never"]
+    assert rows["comfyui"][:6] == ["1", "healthy", "unknown", "-", "13100 MiB", "13000 MiB"]
+    assert any(
+        name.endswith("~") and "a-consumer-with-a-name-that-is-long".startswith(name[:-1]) for name in rows
+    )
+    gpu0, gpu1 = (
+        lines.index(next(x for x in lines if x.startswith("GPU 0"))),
+        lines.index(next(x for x in lines if x.startswith("GPU 1"))),
+    )
+    assert lines[gpu0 + 1] == "  idle; 0 queued" and lines[gpu0 + 2] == ""  # no reservation on GPU 0
+    assert lines[gpu1 + 1 :] == [
+        "  idle; 0 queued",
+        f"  reserved: gaming, 2 h 1 min left (until {m._local(until_iso, time.time())})",
+        "    unloaded: comfyui",
+        "    not unloaded: ollama (vram_managed)",
+    ]
