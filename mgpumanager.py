@@ -3824,7 +3824,7 @@ DASHBOARD_HTML = """<!doctype html>
 <title>mgpumanager</title>
 <style>
 :root { --bg:#111418; --card:#1b2027; --fg:#e6e9ee; --dim:#8b95a3; --ok:#3fb950; --bad:#f85149;
-        --free:#2b323c; --unknown:#5a6370; }
+        --free:#2b323c; --unknown:#5a6370; --label:6.5rem; }
 * { box-sizing:border-box; }
 body { margin:0; font:15px/1.4 system-ui, sans-serif; background:var(--bg); color:var(--fg); }
 header { display:flex; flex-wrap:wrap; gap:.5rem 1rem; align-items:baseline; padding:.8rem 1rem; }
@@ -3843,19 +3843,59 @@ table { width:100%; border-collapse:collapse; font-size:.9rem; }
 td, th { text-align:left; padding:.3rem .4rem; border-top:1px solid #2a313b; vertical-align:top; }
 th { color:var(--dim); font-weight:normal; border-top:none; }
 .ok { color:var(--ok); } .bad { color:var(--bad); } .dim { color:var(--dim); }
-#holder { font-size:1.1rem; }
+#holder { font-size:1.1rem; } .resv { color:#ffa198; font-size:.9rem; }
 #stats { display:grid; grid-template-columns:repeat(auto-fill, minmax(110px,1fr)); gap:.4rem; }
 #stats div { background:#232a33; border-radius:5px; padding:.35rem .5rem; }
 #stats b { display:block; font-size:1.2rem; }
 #log { font:12px/1.5 ui-monospace, monospace; max-height:14rem; overflow:auto; color:var(--dim);
        white-space:pre-wrap; }
 #error { color:var(--bad); padding:0 1rem; }
+#tl-zoom { float:right; margin-top:-.2rem; }
+#tl-zoom button { background:#232a33; color:var(--fg); border:1px solid #2a313b; border-radius:4px;
+                  font:inherit; font-size:.8rem; padding:.15rem .55rem; margin-left:.25rem; cursor:pointer; }
+#tl-zoom button.on { background:#1f6feb; border-color:#1f6feb; }
+.tl-gpu + .tl-gpu { margin-top:.7rem; }
+.tl-rows { position:relative; }
+.tl-row { position:relative; z-index:1; display:flex; height:22px; pointer-events:none; }
+.tl-row + .tl-row { border-top:1px solid #262d36; }
+.tl-label { flex:0 0 var(--label); font-size:.8rem; line-height:22px; color:var(--dim); overflow:hidden;
+            text-overflow:ellipsis; white-space:nowrap; padding-right:.4rem; }
+.tl-track { flex:1; position:relative; }
+.tl-span { position:absolute; top:3px; bottom:3px; min-width:3px; border-radius:2px; pointer-events:auto;
+           cursor:pointer; }
+.tl-wait { top:10px; bottom:10px; opacity:.55; }
+.tl-hold { background-image:repeating-linear-gradient(135deg, rgba(0,0,0,.5) 0 3px, transparent 3px 6px); }
+.tl-unload, .tl-load { top:auto; bottom:1px; height:6px; border-radius:1px; }
+.tl-unload { background:#f0883e; } .tl-load { background:#56d364; }
+.tl-bad { box-shadow:0 0 0 2px var(--bad); }
+.tl-q { position:absolute; bottom:1px; top:auto; border-radius:0; background:#6e7681; min-width:1px; }
+.tl-over { position:absolute; z-index:0; top:0; bottom:0; left:var(--label); right:0; }
+.tl-resv { position:absolute; top:0; bottom:0; min-width:3px; background:rgba(248,81,73,.14);
+           border:1px dashed rgba(248,81,73,.75); cursor:pointer; font-size:.7rem; color:#ffa198;
+           overflow:hidden; white-space:nowrap; padding:0 3px; }
+.tl-axis { position:relative; height:1.1rem; margin-left:var(--label); font-size:.7rem; color:var(--dim); }
+.tl-axis span { position:absolute; top:.1rem; transform:translateX(-50%); white-space:nowrap; }
+.tl-head { font-size:.85rem; margin-bottom:.2rem; }
+#tl-legend i.stripe { background-image:repeating-linear-gradient(135deg, rgba(0,0,0,.5) 0 2px,
+                      transparent 2px 4px); }
+#tip { position:fixed; z-index:10; max-width:22rem; background:#0d1117; border:1px solid #3d444d;
+       border-radius:6px; padding:.4rem .6rem; font-size:.8rem; white-space:pre-line; pointer-events:none;
+       box-shadow:0 4px 14px rgba(0,0,0,.5); }
+@media (max-width:500px) { :root { --label:4.5rem; } main { padding:0 .5rem .5rem; } }
 </style></head>
 <body>
 <header><h1>mgpumanager</h1><span id="gpu-name"></span><span id="updated"></span></header>
 <div id="error"></div>
 <main>
 <section class="wide"><h2>GPU memory</h2><div id="gpus"></div></section>
+<section class="wide"><div id="tl-zoom"></div><h2>Timeline</h2><div id="timeline"></div>
+<div class="legend" id="tl-legend"><span><i style="background:#58a6ff"></i>job</span>
+<span><i class="stripe" style="background-color:#58a6ff"></i>held after answering</span>
+<span><i style="background:#58a6ff;opacity:.55;height:.25em"></i>waiting</span>
+<span><i style="background:#f0883e;height:.4em"></i>unload</span>
+<span><i style="background:#56d364;height:.4em"></i>load</span>
+<span><i style="background:rgba(248,81,73,.3);border:1px dashed #f85149"></i>reserved</span>
+<span><i style="background:#6e7681"></i>queue depth</span></div></section>
 <section><h2>Holder</h2><div id="holder">-</div><h2 style="margin-top:.8rem">Queue</h2>
 <table><thead><tr><th>consumer</th><th>kind</th><th>prio</th><th>waiting</th></tr></thead>
 <tbody id="queue"></tbody></table></section>
@@ -3864,6 +3904,7 @@ th { color:var(--dim); font-weight:normal; border-top:none; }
 <th>kinds</th><th>VRAM</th><th>last use</th></tr></thead><tbody id="consumers"></tbody></table></section>
 <section class="wide"><h2>Events</h2><div id="log"></div></section>
 </main>
+<div id="tip" hidden></div>
 <script>
 "use strict";
 const COLORS = ["#58a6ff", "#bc8cff", "#3fb950", "#d29922", "#f778ba", "#39c5cf", "#ff7b72", "#a5d6ff"];
@@ -3872,10 +3913,14 @@ const ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"};
 const esc = (v) => String(v ?? "").replace(/[&<>"]/g, (c) => ENTITIES[c]);
 let token = sessionStorage.getItem("mgpumanager-token") || "";
 const auth = () => (token ? {Authorization: "Bearer " + token} : {});
+// What the timeline draws from: the events of the last 15 minutes (the broker replays them on connect),
+// the last status (which consumer is on which GPU), and the broker's clock against this one.
+const SPAN_S = 900;
+let events = [], logLines = [], status = null, skew = 0, windowS = SPAN_S, tips = [];
 
 function ago(iso) {
   if (!iso) return "never";
-  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  const s = Math.max(0, (Date.now() + skew - Date.parse(iso)) / 1000);
   if (s < 60) return Math.round(s) + " s ago";
   return s < 3600 ? Math.round(s / 60) + " min ago" : Math.round(s / 3600) + " h ago";
 }
@@ -3886,24 +3931,37 @@ function yesno(v, yes, no) {
 async function get(path) {
   const resp = await fetch(path, {headers: auth(), cache: "no-store"});
   if (resp.status === 401) { askToken(); throw new Error("unauthorized"); }
+  // The broker's Date (to the second) against this device's clock: only a real difference counts.
+  const date = Date.parse(resp.headers.get("Date") || "");
+  if (Number.isFinite(date)) { const d = date + 500 - Date.now(); skew = Math.abs(d) > 1500 ? d : 0; }
   return resp;
 }
 function askToken() {
   const given = prompt("This broker needs its bearer token (auth.token):");
   if (given) { token = given.trim(); sessionStorage.setItem("mgpumanager-token", token); }
 }
+const isNum = (v) => typeof v === "number";
+const colorOf = (st, name) => {
+  const i = st ? Object.keys(st.consumers).indexOf(name) : -1;
+  return i < 0 ? "var(--unknown)" : COLORS[i % COLORS.length];
+};
+const gpusOf = (st) => st.gpus || [Object.assign({scheduler: st.scheduler}, st.gpu)];
 
 function memoryParts(st, gpu) {
+  // Measured memory (vram_used_mib) where the broker has it, else the declared size of resident ones.
   const parts = [];
-  let resident = 0;
+  let attributed = 0;
   Object.keys(st.consumers).forEach((name, i) => {
     const c = st.consumers[name];
-    if (!c.loaded || (c.gpu ?? gpu.index) !== gpu.index) return;
-    parts.push({label: name, mib: c.vram_resident_mib, color: COLORS[i % COLORS.length]});
-    resident += c.vram_resident_mib;
+    if ((c.gpu ?? gpu.index) !== gpu.index) return;
+    const measured = isNum(c.vram_used_mib);
+    const mib = measured ? c.vram_used_mib : c.loaded ? c.vram_resident_mib : 0;
+    if (!mib) return;
+    parts.push({label: name, mib, measured, color: COLORS[i % COLORS.length]});
+    attributed += mib;
   });
   if (gpu.free_mib !== null) {
-    const other = Math.max(0, gpu.total_mib - gpu.free_mib - resident);
+    const other = Math.max(0, gpu.total_mib - gpu.free_mib - attributed);
     parts.push({label: "other / unknown", mib: other, color: "var(--unknown)"});
     parts.push({label: "free", mib: gpu.free_mib, color: "var(--free)"});
   }
@@ -3913,12 +3971,13 @@ function gpuHtml(st, gpu, titled) {
   // A reading can be a second older than the residency it is drawn with: scale so the bar never overflows.
   const parts = memoryParts(st, gpu);
   const total = Math.max(gpu.total_mib || 1, parts.reduce((sum, p) => sum + p.mib, 0));
+  const how = (p) => (p.measured === undefined ? "" : p.measured ? " (measured)" : " (declared)");
   return '<div class="gpu">' + (titled ? "<h3>GPU " + gpu.index + " " + esc(gpu.name || "") + "</h3>" : "") +
-    '<div class="bar">' + parts.map((p) => '<div title="' + esc(p.label) + " " + p.mib +
-    ' MiB" style="width:' + (100 * p.mib / total).toFixed(2) + "%;background:" + p.color + '"></div>')
+    '<div class="bar">' + parts.map((p) => '<div title="' + esc(p.label) + " " + p.mib + " MiB" + how(p) +
+    '" style="width:' + (100 * p.mib / total).toFixed(2) + "%;background:" + p.color + '"></div>')
     .join("") +
-    '</div><div class="legend">' + parts.map((p) => '<span><i style="background:' + p.color + '"></i>' +
-    esc(p.label) + " " + p.mib + " MiB</span>").join("") +
+    '</div><div class="legend">' + parts.map((p) => '<span title="' + esc(how(p).trim()) +
+    '"><i style="background:' + p.color + '"></i>' + esc(p.label) + " " + p.mib + " MiB</span>").join("") +
     (gpu.total_mib ? '<span class="dim">of ' + gpu.total_mib + " MiB</span>" : "") + "</div></div>";
 }
 function renderGpus(st, gpus) {
@@ -3933,10 +3992,18 @@ function holderHtml(h) {
     (h.holds ? ", " + h.holds + " hold(s)" : "") +
     ' <span class="dim">for ' + h.held_s.toFixed(1) + " s</span>";
 }
+function reservationHtml(r) {
+  if (!r) return "";
+  const left = isNum(r.left_s) ? ", " + secs(r.left_s) + " left" : "";
+  const not = Object.keys(r.not_unloaded || {});
+  return '<div class="resv">reserved: ' + esc(r.reason || "no reason given") + esc(left) +
+    (not.length ? '<br><span class="dim">not unloaded: ' + esc(not.join(", ")) + "</span>" : "") + "</div>";
+}
 function renderScheduler(gpus) {
   // One GPU: as it always was. Several: each GPU's holder, one queue tagged by GPU, the counters summed.
   const several = gpus.length > 1, tag = (i) => (several ? '<span class="dim">GPU ' + i + "</span> " : "");
-  $("holder").innerHTML = gpus.map((g) => tag(g.index) + holderHtml(g.scheduler.holder)).join("<br>");
+  $("holder").innerHTML = gpus.map((g) => tag(g.index) + holderHtml(g.scheduler.holder) +
+    reservationHtml(g.reservation)).join("<br>");
   const queue = gpus.flatMap((g) => g.scheduler.queue.map((q) => Object.assign({gpu: g.index}, q)));
   $("queue").innerHTML = queue.map((q) => "<tr><td>" + tag(q.gpu) + esc(q.consumer) + "</td><td>" +
     esc(q.kind) + "</td><td>" + q.priority + "</td><td>" + q.waited_s.toFixed(1) + " s</td></tr>").join("") ||
@@ -3956,29 +4023,303 @@ function renderConsumers(consumers, several) {
     "</td><td>" + yesno(c.healthy, "healthy", "down") +
     (c.last_error ? '<br><span class="dim">' + esc(c.last_error) + "</span>" : "") +
     "</td><td>" + yesno(c.loaded, "resident", "unloaded") + "</td><td>" + esc(c.kinds.join(", ")) +
-    "</td><td>" + c.vram_resident_mib + " MiB</td><td>" + ago(c.last_used) + "</td></tr>").join("");
+    "</td><td>" + (isNum(c.vram_used_mib) ? c.vram_used_mib + " MiB used, " : "") + c.vram_resident_mib +
+    (isNum(c.vram_used_mib) ? " declared" : " MiB") + "</td><td>" + ago(c.last_used) + "</td></tr>").join("");
 }
 async function refresh() {
   try {
     const st = await (await get("/v1/status")).json();
-    const gpus = st.gpus || [Object.assign({scheduler: st.scheduler}, st.gpu)];
+    const gpus = gpusOf(st);
+    status = st;
     renderGpus(st, gpus); renderScheduler(gpus); renderConsumers(st.consumers, gpus.length > 1);
   } catch (e) { $("error").textContent = "status: " + e.message; }
+  drawTimeline();
 }
+
+// ---- the timeline: spans built from the events, drawn as percentages of the window ----
+function secs(s) {
+  if (s >= 5400) return (s / 3600).toFixed(1) + " h";
+  if (s >= 120) return Math.round(s / 60) + " min";
+  return (s < 10 ? s.toFixed(2) : s < 100 ? s.toFixed(1) : Math.round(s)) + " s";
+}
+const clock = (t) => new Date(t).toTimeString().slice(0, 8);
+const ENDS = {finished: "completed", failed: "failed", cancelled: "cancelled", rejected: "rejected"};
+
+function buildTimeline(evs, st) {
+  // Jobs by GPU and id (ids are per GPU), unloads and loads, reservations, and each GPU's queue depth.
+  const defaultGpu = st ? st.gpu.index : 0;
+  const gpuOf = (name) => (st && st.consumers[name] && isNum(st.consumers[name].gpu)
+    ? st.consumers[name].gpu : defaultGpu);
+  const jobs = new Map(), ops = [], resv = [], queues = {}, lanes = {}, open = {};
+  const unfinished = new Set(), running = {};  // ops under way; the running job of each GPU:consumer
+  const lane = (gpu, name) => { (lanes[gpu] = lanes[gpu] || new Set()).add(name); };
+  const start = (op) => {
+    ops.push(op); unfinished.add(op); open[op.consumer] = op; lane(op.gpu, op.consumer);
+  };
+  const close = (op, t, ok) => {
+    op.to = t; op.ok = ok; unfinished.delete(op);
+    if (open[op.consumer] === op) delete open[op.consumer];
+  };
+  const depth = (gpu, t, d) => {
+    const q = queues[gpu] = queues[gpu] || {n: 0, steps: []};
+    q.n = Math.max(0, q.n + d); q.steps.push([t, q.n]);
+  };
+  for (const ev of evs) {
+    const t = Date.parse(ev.ts), name = ev.event;
+    if (ev.job !== undefined && ev.kind !== undefined && ev.gpu !== undefined) {  // one of a job's events
+      const key = ev.gpu + ":" + ev.job;
+      let j = jobs.get(key);
+      if (!j) { j = {key, gpu: ev.gpu, job: ev.job, consumer: ev.consumer, kind: ev.kind}; jobs.set(key, j); }
+      lane(ev.gpu, ev.consumer);
+      if (name === "queued") {
+        j.queued = t; j.request_id = ev.request_id; j.waiting = true; depth(ev.gpu, t, 1);
+      } else if (name === "granted") {
+        j.granted = t; j.waited_s = ev.waited_s; running[ev.gpu + ":" + ev.consumer] = j.job;
+        if (j.waiting) { j.waiting = false; depth(ev.gpu, t, -1); }
+      } else if (ENDS[name]) {
+        j.end = t; j.outcome = ENDS[name]; j.code = ev.code; j.http = ev.http;
+        if (j.waiting) { j.waiting = false; depth(ev.gpu, t, -1); }
+        // What the job was still doing ends with it: an admin or idle unload as the job did, the rest failed.
+        for (const op of unfinished) {
+          if (op.gpu === ev.gpu && op.job === ev.job) {
+            close(op, t, op.type === "unload" && op.by !== undefined && name === "finished");
+          }
+        }
+      } else if (name === "hold_ended") {
+        j.holdEnd = t; j.holdS = ev.hold_s; j.holdOutcome = ev.outcome;
+      }
+      continue;
+    }
+    if (name === "evicting" || name === "unloading") {
+      const gpu = gpuOf(ev.consumer);
+      for (const op of unfinished) {  // the job moved on to another victim: the last one's unload failed
+        if (op.type === "unload" && op.gpu === gpu && op.job === ev.job) close(op, t, false);
+      }
+      start({type: "unload", consumer: ev.consumer, gpu, job: ev.job, from: t, forConsumer: ev.for_consumer,
+             by: ev.by});
+    } else if (name === "evicted" || name === "unloaded") {
+      const op = open[ev.consumer];
+      if (op && op.type === "unload") { op.freeMib = ev.free_mib; close(op, t, true); }
+    } else if (name === "loading") {
+      const gpu = gpuOf(ev.consumer);  // the job holding the lock for it: its failure ends the load
+      start({type: "load", consumer: ev.consumer, gpu, job: running[gpu + ":" + ev.consumer], from: t});
+    } else if (name === "loaded") {
+      const op = open[ev.consumer];
+      if (op && op.type === "load") close(op, t, true);
+    } else if (name === "reserved") {
+      const gpu = isNum(ev.gpu) ? ev.gpu : defaultGpu;
+      for (const r of resv) if (r.gpu === gpu && r.to === undefined) r.to = t;
+      const until = Date.parse(ev.until || "");
+      resv.push({gpu, from: t, until: Number.isFinite(until) ? until : t + (ev.for_s || 0) * 1000,
+                 reason: ev.reason, forS: ev.for_s});
+    } else if (name === "reservation_ended") {
+      const gpu = isNum(ev.gpu) ? ev.gpu : defaultGpu;
+      for (const r of resv) if (r.gpu === gpu && r.to === undefined) { r.to = t; r.why = ev.why; }
+    }
+  }
+  // A hold has no event at its start: the status says which holder holds, and the latest answers are it.
+  if (st) {
+    for (const g of gpusOf(st)) {
+      const h = g.scheduler.holder;
+      if (!h || !h.holds) continue;
+      [...jobs.values()].filter((j) => j.gpu === g.index && j.consumer === h.consumer &&
+        j.outcome === "completed" && j.holdEnd === undefined)
+        .sort((a, b) => b.end - a.end).slice(0, h.holds).forEach((j) => { j.holding = true; });
+    }
+  }
+  return {jobs, ops, resv, queues, lanes};
+}
+
+function jobTip(j, now, several) {
+  const lines = [j.consumer + " " + j.kind + ", job " + j.job + (several ? " on GPU " + j.gpu : "")];
+  if (j.request_id) lines.push("request id " + j.request_id);
+  const times = [];
+  const s = (a, b) => secs(((b ?? now) - a) / 1000);
+  if (j.queued !== undefined) {
+    const given = j.granted !== undefined && isNum(j.waited_s);
+    const waited = given ? secs(j.waited_s) : s(j.queued, j.granted ?? j.end);
+    times.push((j.granted === undefined && j.end === undefined ? "waiting for " : "waited ") + waited);
+  }
+  if (j.granted !== undefined) {
+    times.push((j.end === undefined ? "running for " : "ran ") + s(j.granted, j.end));
+  }
+  if (j.holdEnd !== undefined) times.push("held " + (isNum(j.holdS) ? secs(j.holdS) : s(j.end, j.holdEnd)));
+  else if (j.holding) times.push("holding for " + s(j.end));
+  if (times.length) lines.push(times.join(", "));
+  const outcome = !j.outcome ? (j.granted !== undefined ? "running" : "queued")
+    : j.outcome + (j.code ? ": " + j.code : "") + (j.http ? " (HTTP " + j.http + ")" : "");
+  lines.push(outcome + (j.holdOutcome && j.holdOutcome !== "released" ? "; hold " + j.holdOutcome : ""));
+  const start = j.queued ?? j.granted, stop = j.holdEnd ?? (j.holding ? undefined : j.end);
+  if (start !== undefined) lines.push(clock(start) + " to " + (stop === undefined ? "now" : clock(stop)));
+  return lines.join("\\n");
+}
+function opTip(op, now) {
+  const took = secs(((op.to ?? now) - op.from) / 1000);
+  if (op.type === "load") {
+    return op.consumer + (op.to === undefined ? " loading for " + took : op.ok ? " loaded in " + took
+      : " load failed after " + took) + "\\n" + clock(op.from);
+  }
+  const why = op.forConsumer ? " for " + op.forConsumer + " (job " + op.job + ")"
+    : " (" + (op.by || "admin") + ")";
+  const what = op.to === undefined ? " unloading" + why + " for " + took
+    : op.ok ? " unloaded" + why + " in " + took : " unload" + why + " failed after " + took;
+  return op.consumer + what + (isNum(op.freeMib) ? "\\n" + op.freeMib + " MiB free after" : "") +
+    "\\n" + clock(op.from);
+}
+function resvTip(r, several) {
+  return (several ? "GPU " + r.gpu + " reserved" : "reserved") + ": " + (r.reason || "no reason given") +
+    "\\nfrom " + clock(r.from) + (isNum(r.forS) ? " for " + secs(r.forS) : "") +
+    " (until " + clock(r.until) + ")" +
+    "\\n" + (r.to === undefined ? "still reserved" : "ended at " + clock(r.to) + (r.why ? ": " + r.why : ""));
+}
+
+function axisHtml(from, now) {
+  // Ticks at round times, at least 64 px apart however narrow the screen.
+  const perS = Math.max(100, $("timeline").clientWidth - 110) / windowS;
+  const step = [15, 30, 60, 120, 180, 300, 600].find((s) => s * perS >= 64) || 600, ms = step * 1000;
+  let html = "";
+  for (let t = Math.ceil(from / ms) * ms; t < now; t += ms) {
+    const at = 100 * (t - from) / (now - from);
+    if (at < 5 || at > 92) continue;  // no room beside the edge, or beside "now"
+    const label = step < 60 ? clock(t) : clock(t).slice(0, 5);
+    html += '<span style="left:' + at.toFixed(2) + '%">' + label + "</span>";
+  }
+  return html + '<span style="left:auto;right:0;transform:none">now</span>';
+}
+function drawTimeline() {
+  if (!$("tip").hidden) return;  // the span being looked at stays where it is until the tip goes
+  const now = Date.now() + skew, from = now - windowS * 1000;
+  const model = buildTimeline(events, status);
+  const gpus = status ? gpusOf(status).map((g) => g.index) : [];
+  Object.keys(model.lanes).map(Number).forEach((g) => { if (!gpus.includes(g)) gpus.push(g); });
+  const several = gpus.length > 1;
+  tips = [];
+  const pos = (a, b) => {  // left and width in % of the window, or null when outside it
+    const l = Math.max(0, (a - from) / (now - from) * 100);
+    const r = Math.min(100, ((b ?? now) - from) / (now - from) * 100);
+    return r < 0 || l > 100 || r < l ? null : 'left:' + l.toFixed(3) + "%;width:" + (r - l).toFixed(3) + "%;";
+  };
+  const span = (cls, a, b, tip, data, style) => {
+    const where = pos(a, b);
+    if (!where) return "";
+    tips.push(tip);
+    return '<div class="tl-span ' + cls + '" data-tip="' + (tips.length - 1) + '" ' + data +
+      ' style="' + where + (style || "") + '"></div>';
+  };
+  let html = "";
+  for (const g of gpus) {
+    const onGpu = (n) => (status.consumers[n].gpu ?? status.gpu.index) === g;
+    const names = status ? Object.keys(status.consumers).filter(onGpu) : [];
+    for (const n of [...(model.lanes[g] || [])].sort()) if (!names.includes(n)) names.push(n);
+    const rows = {};
+    names.forEach((n) => { rows[n] = ""; });
+    for (const j of model.jobs.values()) {
+      if (j.gpu !== g) continue;
+      const color = colorOf(status, j.consumer);
+      const data = 'data-job="' + j.job + '" data-kind="' + esc(j.kind) + '"';
+      const tip = jobTip(j, now, several), bad = j.outcome && j.outcome !== "completed" ? " tl-bad" : "";
+      const stillWaiting = j.granted === undefined && j.end === undefined;
+      const waitEnd = j.granted ?? j.end;
+      if (j.queued !== undefined && (stillWaiting || waitEnd - j.queued >= windowS)) {  // 1/1000 of it
+        rows[j.consumer] += span("tl-wait", j.queued, waitEnd, tip, data + ' data-state="wait"',
+          "background:" + color);
+      }
+      if (j.granted !== undefined) {
+        rows[j.consumer] += span("tl-run" + bad, j.granted, j.end, tip,
+          data + ' data-state="run" data-outcome="' + esc(j.outcome || "") + '"', "background:" + color);
+      }
+      if (j.end !== undefined && (j.holdEnd !== undefined || j.holding)) {
+        rows[j.consumer] += span("tl-hold" + (j.holdOutcome && j.holdOutcome !== "released" ? " tl-bad" : ""),
+          j.end, j.holdEnd, tip, data + ' data-state="hold" data-outcome="' + esc(j.holdOutcome || "") + '"',
+          "background-color:" + color);
+      }
+    }
+    for (const op of model.ops) {
+      if (op.gpu !== g) continue;
+      const data = 'data-state="' + op.type + '" data-ok="' + (op.ok === undefined ? "" : op.ok) + '"' +
+        (op.job !== undefined ? ' data-job="' + op.job + '"' : "");
+      const cls = "tl-" + op.type + (op.ok === false ? " tl-bad" : "");
+      rows[op.consumer] += span(cls, op.from, op.to, opTip(op, now), data);
+    }
+    const q = model.queues[g] || {steps: []};
+    let qHtml = "", top = 1;
+    q.steps.forEach(([, d]) => { top = Math.max(top, d); });
+    q.steps.forEach(([t, d], i) => {
+      const next = i + 1 < q.steps.length ? q.steps[i + 1][0] : undefined;
+      if (d <= 0 || next - t < windowS) return;  // shorter than 1/1000 of the window: nobody really waited
+      const height = "height:" + Math.max(15, 100 * d / top).toFixed(0) + "%";
+      qHtml += span("tl-q", t, next, d + " waiting" + (several ? " on GPU " + g : "") + "\\n" + clock(t),
+        'data-state="queue" data-depth="' + d + '"', height);
+    });
+    let over = "";
+    for (const r of model.resv) {
+      if (r.gpu !== g) continue;
+      const where = pos(r.from, r.to);
+      if (!where) continue;
+      tips.push(resvTip(r, several));
+      over += '<div class="tl-resv" data-tip="' + (tips.length - 1) + '" data-reason="' +
+        esc(r.reason || "") + '" data-why="' + esc(r.why || "") + '" data-open="' + (r.to === undefined) +
+        '" style="' + where + '">' +
+        "reserved: " + esc(r.reason || "") + "</div>";
+    }
+    const row = (attr, label, inner) => '<div class="tl-row" ' + attr + '><div class="tl-label" title="' +
+      esc(label) + '">' + esc(label) + '</div><div class="tl-track">' + inner + "</div></div>";
+    html += '<div class="tl-gpu" data-gpu="' + g + '">' +
+      (several ? '<div class="tl-head">GPU ' + g + "</div>" : "") +
+      '<div class="tl-rows"><div class="tl-over">' + over + "</div>" +
+      row('data-lane="queue"', "queue", qHtml) +
+      names.map((n) => row('data-consumer="' + esc(n) + '"', n, rows[n])).join("") + "</div></div>";
+  }
+  $("timeline").innerHTML = html + '<div class="tl-axis">' + axisHtml(from, now) + "</div>";
+}
+function zoomHtml() {
+  $("tl-zoom").innerHTML = [[900, "15 min"], [300, "5 min"], [60, "1 min"]].map(([s, label]) =>
+    '<button data-s="' + s + '"' + (s === windowS ? ' class="on"' : "") + ">" + label + "</button>").join("");
+}
+$("tl-zoom").addEventListener("click", (e) => {
+  const s = Number(e.target.dataset && e.target.dataset.s);
+  if (s) { windowS = s; zoomHtml(); drawTimeline(); }
+});
+function showTip(e) {
+  // Hover with a mouse, tap on a phone: the span's job (or unload, load, reservation, queue) next to it.
+  const el = e.target.closest && e.target.closest("[data-tip]");
+  const tip = $("tip");
+  if (!el || !$("timeline").contains(el)) {
+    if (!tip.hidden) { tip.hidden = true; drawTimeline(); }
+    return;
+  }
+  tip.textContent = tips[Number(el.dataset.tip)];
+  tip.hidden = false;
+  const x = e.clientX ?? el.getBoundingClientRect().left, y = e.clientY ?? el.getBoundingClientRect().top;
+  tip.style.left = Math.max(4, Math.min(x + 12, innerWidth - tip.offsetWidth - 4)) + "px";
+  const below = y + 16 + tip.offsetHeight < innerHeight;
+  tip.style.top = (below ? y + 16 : Math.max(4, y - tip.offsetHeight - 8)) + "px";
+}
+// A mouse shows it on hover; a finger taps (a tap anywhere else hides it; touch makes no hover).
+$("timeline").addEventListener("pointerover", (e) => { if (e.pointerType === "mouse") showTip(e); });
+$("timeline").addEventListener("pointerleave", (e) => {
+  if (e.pointerType === "mouse" && !$("tip").hidden) { $("tip").hidden = true; drawTimeline(); }
+});
+document.addEventListener("click", showTip);
+
 let pending = null;
-function soon() { if (!pending) pending = setTimeout(() => { pending = null; refresh(); }, 150); }
-function logEvent(ev) {
-  const fields = Object.entries(ev).filter(([k]) => k !== "event" && k !== "ts")
-    .map(([k, v]) => k + "=" + (typeof v === "object" ? JSON.stringify(v) : v));
-  const log = $("log");
-  log.textContent = (ev.ts.slice(11, 23) + " " + ev.event + " " + fields.join(" ") + "\\n" +
-    log.textContent).slice(0, 20000);
+function soon() {
+  if (!pending) pending = setTimeout(() => { pending = null; renderLog(); refresh(); }, 150);
 }
+function logEvent(ev) {
+  const fields = Object.entries(ev).filter(([k, v]) => k !== "event" && k !== "ts" && v !== null)
+    .map(([k, v]) => k + "=" + (typeof v === "object" ? JSON.stringify(v) : v));
+  logLines.push(ev.ts.slice(11, 23) + " " + ev.event + " " + fields.join(" "));
+  if (logLines.length > 400) logLines = logLines.slice(-200);
+}
+function renderLog() { $("log").textContent = logLines.slice(-200).reverse().join("\\n"); }
 async function follow() {
   try {
-    const resp = await get("/v1/events");
+    // The last 15 minutes first (replayed by the broker), then live: on every (re)connect, from scratch.
+    const resp = await get("/v1/events?since=" + SPAN_S);
     const reader = resp.body.getReader(), decoder = new TextDecoder();
     let buffer = "";
+    events = []; logLines = [];
     for (;;) {
       const {value, done} = await reader.read();
       if (done) break;
@@ -3988,13 +4329,17 @@ async function follow() {
         const block = buffer.slice(0, cut);
         buffer = buffer.slice(cut + 2);
         const data = block.split("\\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("");
-        if (data) { logEvent(JSON.parse(data)); soon(); }
+        if (data) { const ev = JSON.parse(data); events.push(ev); logEvent(ev); soon(); }
+      }
+      const oldest = new Date(Date.now() + skew - (SPAN_S + 300) * 1000).toISOString();
+      if (events.length > 20000 || (events.length && events[0].ts < oldest)) {
+        events = events.filter((ev) => ev.ts >= oldest).slice(-20000);
       }
     }
   } catch (e) { $("error").textContent = "events: " + e.message; }
   setTimeout(follow, 1000);
 }
-refresh(); follow(); setInterval(refresh, 2000);
+zoomHtml(); refresh(); follow(); setInterval(refresh, 2000); setInterval(drawTimeline, 1000);
 </script>
 </body></html>
 """

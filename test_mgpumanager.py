@@ -4398,8 +4398,6 @@ async def test_dashboard_in_a_real_browser_shows_consumers_holder_and_evictions(
         await browser.screenshot(tmp_path / "dashboard.png")
         assert (await image)[0] == 200
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
-    if os.environ.get("MGPU_SCREENSHOT"):  # how README's picture is made
-        shutil.copy(tmp_path / "dashboard.png", os.environ["MGPU_SCREENSHOT"])
 
 
 async def test_dashboard_with_two_gpus_draws_each_with_its_own_holder(rig, tmp_path):
@@ -4426,6 +4424,13 @@ async def test_dashboard_with_two_gpus_draws_each_with_its_own_holder(rig, tmp_p
             " && [...document.querySelectorAll('.legend')].map(l => l.textContent)"
         )
         assert "comfyui" not in legends[0] and "comfyui 13000 MiB" in legends[1]
+        # The timeline: a lane per consumer on each GPU, comfyui's job on GPU 1's.
+        lanes = await browser.wait_for(
+            '!!document.querySelector(\'.tl-gpu[data-gpu="1"] .tl-row[data-consumer="comfyui"] .tl-run\')'
+            " && [...document.querySelectorAll('.tl-gpu')].map((g) => [g.dataset.gpu,"
+            " [...g.querySelectorAll('.tl-row')].map((r) => r.dataset.consumer || r.dataset.lane)])"
+        )
+        assert lanes == [["0", ["queue", "mvoice", "ollama", "whisper"]], ["1", ["queue", "comfyui"]]]
         assert (await image)[0] == 200
 
 
@@ -4968,3 +4973,145 @@ async def test_cli_ps_shows_measured_memory_reservations_and_several_gpus(rig):
         "    unloaded: comfyui",
         "    not unloaded: ollama (vram_managed)",
     ]
+
+
+# =====================================================================================================
+# The timeline: the dashboard draws the last 15 minutes from the events the broker replays
+# =====================================================================================================
+
+#: Every span the timeline draws: [lane, what, job, kind (or queue depth), outcome (or whether it went well)].
+TIMELINE_SPANS = """[...document.querySelectorAll('#timeline .tl-span')].map((s) => {
+  const row = s.closest('.tl-row');
+  return [row.dataset.consumer || row.dataset.lane, s.dataset.state, s.dataset.job || '',
+          s.dataset.kind || s.dataset.depth || '', s.dataset.outcome ?? s.dataset.ok ?? ''];
+})"""
+TIMELINE_RESERVATIONS = """[...document.querySelectorAll('#timeline .tl-resv')]
+  .map((r) => [r.closest('.tl-gpu').dataset.gpu, r.dataset.reason, r.dataset.why, r.dataset.open])"""
+
+
+async def point_at(browser: Browser, selector: str, *, tap: bool = False) -> str:
+    """Move the mouse onto (or tap, as a finger would) the middle of the element; the tooltip's text."""
+    for kind in ("mouseMoved", "mousePressed", "mouseReleased"):  # a click elsewhere hides the last one
+        await browser.call("Input.dispatchMouseEvent", type=kind, x=0, y=0, button="left", clickCount=1)
+    await browser.wait_for("document.getElementById('tip').hidden")
+    box = await browser.evaluate(
+        f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+        " return [r.left + r.width / 2, r.top + r.height / 2]; })()"
+    )
+    assert box, selector
+    x, y = box
+    if tap:
+        await browser.call("Emulation.setTouchEmulationEnabled", enabled=True, maxTouchPoints=1)
+        await browser.call("Input.dispatchTouchEvent", type="touchStart", touchPoints=[{"x": x, "y": y}])
+        await browser.call("Input.dispatchTouchEvent", type="touchEnd", touchPoints=[])
+        await browser.call("Emulation.setTouchEmulationEnabled", enabled=False)
+    else:
+        await browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+    return await browser.wait_for(
+        "!document.getElementById('tip').hidden && document.getElementById('tip').textContent"
+    )
+
+
+async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservations(rig, tmp_path):
+    # Redrawing the README's picture, the same sequence goes slower so that it fills the last minute.
+    slow = bool(os.environ.get("MGPU_SCREENSHOT"))
+    pause = 3.0 if slow else 0.0
+    mvoice = {"work_s": 1.5, "load_s": 2, "release_s": 1} if slow else {}
+    comfyui = {"work_s": 10, "release_s": 1.5} if slow else {"work_s": 1.5}
+    r = await rig(sims={"mvoice": {"loaded": True, **mvoice}, "comfyui": comfyui})
+    events = r.broker.events
+    assert (await r.post("tts", {"text": "one"}, headers={"X-Request-ID": "tts-1"}))[0] == 200  # job 1
+    await asyncio.sleep(pause)
+    # Job 2 evicts mvoice and renders 1.5 s after answering; job 3 waits for it, evicts comfyui, loads mvoice.
+    image = asyncio.ensure_future(r.post("image", {"prompt": {}}, headers={"X-Request-ID": "img-1"}))
+    await until(lambda: r.broker.scheduler.holds == 1)
+    tts = asyncio.ensure_future(r.post("tts", {"text": "two"}))
+    assert (await image)[0] == 200 and (await tts)[0] == 200
+    await until(lambda: r.broker.scheduler.holder is None)
+    await asyncio.sleep(pause)
+    # The reservation events as the broker will publish them.
+    events.publish("reserved", gpu=0, reason="gaming", for_s=3600, until=m._iso(time.time() + 3600))
+    await asyncio.sleep(pause or 0.3)
+    events.publish("reservation_ended", gpu=0, why="released")
+    async with Browser(tmp_path) as browser:
+        # The page is opened after all this: what it draws is what the broker replays.
+        await browser.call("Page.navigate", url=r.url("/"))
+        lanes = await browser.wait_for(
+            "document.querySelectorAll('#timeline .tl-row').length === 5 && [...document.querySelectorAll("
+            "'#timeline .tl-row')].map((r) => r.dataset.consumer || r.dataset.lane)"
+        )
+        assert lanes == ["queue", "mvoice", "comfyui", "ollama", "whisper"]
+        await browser.wait_for("document.querySelectorAll('#timeline .tl-span').length >= 9")
+        spans = await browser.evaluate(TIMELINE_SPANS)
+        assert sorted(spans) == sorted(
+            [
+                ["mvoice", "run", "1", "tts", "completed"],
+                ["mvoice", "unload", "2", "", "true"],  # evicted for job 2
+                ["comfyui", "run", "2", "image", "completed"],
+                ["comfyui", "hold", "2", "image", "released"],
+                ["queue", "queue", "", "1", ""],  # job 3, while the render went on
+                ["mvoice", "wait", "3", "tts", ""],
+                ["comfyui", "unload", "3", "", "true"],  # evicted for job 3
+                ["mvoice", "load", "3", "", "true"],
+                ["mvoice", "run", "3", "tts", "completed"],
+            ]
+        )
+        assert await browser.evaluate(TIMELINE_RESERVATIONS) == [["0", "gaming", "released", "false"]]
+        # Live: a reservation is drawn open until it ends.
+        events.publish("reserved", gpu=0, reason="training", for_s=60, until=m._iso(time.time() + 60))
+        await browser.wait_for(f"{TIMELINE_RESERVATIONS}.length === 2")
+        assert (await browser.evaluate(TIMELINE_RESERVATIONS))[1] == ["0", "training", "", "true"]
+        await asyncio.sleep(pause)
+        events.publish("reservation_ended", gpu=0, why="expired")
+        await browser.wait_for(f"{TIMELINE_RESERVATIONS}[1][2] === 'expired'")
+
+        # Closer: the last minute, the page's clock stopped so that the spans stay under the pointer.
+        # A hover shows the job, a tap (as on a phone) an unload.
+        await browser.evaluate(
+            "window.realNow = Date.now; const stopped = Date.now(); Date.now = () => stopped"
+        )
+        await browser.evaluate("document.querySelector('#tl-zoom button[data-s=\\'60\\']').click()")
+        await browser.wait_for("document.querySelector('#tl-zoom button.on').dataset.s === '60'")
+        tip = await point_at(browser, '.tl-row[data-consumer="comfyui"] .tl-hold[data-job="2"]')
+        lines = tip.split("\n")
+        assert lines[:2] == ["comfyui image, job 2", "request id img-1"]
+        assert re.fullmatch(r"waited [\d.]+ s, ran [\d.]+ s, held [\d.]+ s", lines[2])
+        assert lines[3] == "completed (HTTP 200)" and re.fullmatch(r"[\d:]{8} to [\d:]{8}", lines[4])
+        tip = await point_at(browser, '.tl-row[data-consumer="mvoice"] .tl-unload[data-job="2"]', tap=True)
+        assert tip.startswith("mvoice unloaded for comfyui (job 2) in ")
+        tip = await point_at(browser, '.tl-row[data-consumer="mvoice"] .tl-wait[data-job="3"]')
+        assert re.match(r"mvoice tts, job 3\nrequest id \w+\nwaited [\d.]+ s, ran", tip)
+
+        # The memory bar: measured memory where the broker has it, else the declared size of resident ones.
+        parts = await browser.evaluate(
+            "memoryParts({consumers: {"
+            " a: {gpu: 0, loaded: true, vram_resident_mib: 1000, vram_used_mib: 900},"
+            " b: {gpu: 0, loaded: true, vram_resident_mib: 500, vram_used_mib: null},"
+            " c: {gpu: 0, loaded: false, vram_resident_mib: 700},"
+            " d: {gpu: 0, loaded: false, vram_resident_mib: 300, vram_used_mib: 250},"
+            " e: {gpu: 1, loaded: true, vram_resident_mib: 300, vram_used_mib: 250}},"
+            " }, {index: 0, total_mib: 4000, free_mib: 2000})"
+            ".map((p) => [p.label, p.mib, p.measured ?? null])"
+        )
+        assert parts == [
+            ["a", 900, True],
+            ["b", 500, False],
+            ["d", 250, True],
+            ["other / unknown", 350, None],
+            ["free", 2000, None],
+        ]
+
+        # The README's picture: comfyui rendering again, the last minute drawn above.
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            await browser.call("Input.dispatchMouseEvent", type=kind, x=0, y=0, button="left", clickCount=1)
+        await browser.evaluate("Date.now = window.realNow")
+        image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+        await browser.wait_for(
+            '!!document.querySelector(\'.tl-row[data-consumer="comfyui"] .tl-hold[data-job="4"]\')'
+        )
+        await asyncio.sleep(pause)
+        await browser.screenshot(tmp_path / "dashboard.png")
+        assert (await image)[0] == 200
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    if os.environ.get("MGPU_SCREENSHOT"):  # how README's picture is made
+        shutil.copy(tmp_path / "dashboard.png", os.environ["MGPU_SCREENSHOT"])
