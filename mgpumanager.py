@@ -29,8 +29,10 @@ the consumer's ``unscheduled`` calls and WebSockets are forwarded at once, every
 Several GPUs: a consumer names its GPU (``gpu: N``, else ``gpu.index``); each GPU has its own reader, queue,
 lock and eviction, so consumers on different GPUs never wait for each other.
 
-Around it: /v1/status, an event stream (/v1/events), Prometheus metrics (/metrics), a live page (/),
-systemd's notify protocol and watchdog, reload in place (SIGHUP) and a graceful drain on SIGTERM.
+Around it: /v1/status, an event stream (/v1/events, with the last 15 minutes kept for replay), Prometheus
+metrics (/metrics), a live page with a timeline (/), systemd's notify protocol and watchdog, reload in place
+(SIGHUP) and a graceful drain on SIGTERM. Given a verb (``mgpumanager.py ps``, ``events``, ...), the same
+file is a command line for a running broker.
 
 Sections, in dependency order: constants and config; errors; events and metrics; GPU reading; consumers and
 health; the scheduler; the proxy; the HTTP app (with the dashboard page); the CLI.
