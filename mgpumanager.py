@@ -4046,6 +4046,7 @@ function secs(s) {
 }
 const clock = (t) => new Date(t).toTimeString().slice(0, 8);
 const ENDS = {finished: "completed", failed: "failed", cancelled: "cancelled", rejected: "rejected"};
+const JOB_EVENTS = new Set(["queued", "granted", "started", "hold_ended", ...Object.keys(ENDS)]);
 
 function buildTimeline(evs, st) {
   // Jobs by GPU and id (ids are per GPU), unloads and loads, reservations, and each GPU's queue depth.
@@ -4068,22 +4069,22 @@ function buildTimeline(evs, st) {
   };
   for (const ev of evs) {
     const t = Date.parse(ev.ts), name = ev.event;
-    if (ev.job !== undefined && ev.kind !== undefined && ev.gpu !== undefined) {  // one of a job's events
-      const key = ev.gpu + ":" + ev.job;
+    if (JOB_EVENTS.has(name) && ev.job !== undefined) {  // one of a job's own events (ids are per GPU)
+      const gpu = isNum(ev.gpu) ? ev.gpu : gpuOf(ev.consumer), key = gpu + ":" + ev.job;
       let j = jobs.get(key);
-      if (!j) { j = {key, gpu: ev.gpu, job: ev.job, consumer: ev.consumer, kind: ev.kind}; jobs.set(key, j); }
-      lane(ev.gpu, ev.consumer);
+      if (!j) { j = {key, gpu, job: ev.job, consumer: ev.consumer, kind: ev.kind}; jobs.set(key, j); }
+      lane(gpu, ev.consumer);
       if (name === "queued") {
-        j.queued = t; j.request_id = ev.request_id; j.waiting = true; depth(ev.gpu, t, 1);
+        j.queued = t; j.request_id = ev.request_id; j.waiting = true; depth(gpu, t, 1);
       } else if (name === "granted") {
-        j.granted = t; j.waited_s = ev.waited_s; running[ev.gpu + ":" + ev.consumer] = j.job;
-        if (j.waiting) { j.waiting = false; depth(ev.gpu, t, -1); }
+        j.granted = t; j.waited_s = ev.waited_s; running[gpu + ":" + ev.consumer] = j.job;
+        if (j.waiting) { j.waiting = false; depth(gpu, t, -1); }
       } else if (ENDS[name]) {
         j.end = t; j.outcome = ENDS[name]; j.code = ev.code; j.http = ev.http;
-        if (j.waiting) { j.waiting = false; depth(ev.gpu, t, -1); }
+        if (j.waiting) { j.waiting = false; depth(gpu, t, -1); }
         // What the job was still doing ends with it: an admin or idle unload as the job did, the rest failed.
         for (const op of unfinished) {
-          if (op.gpu === ev.gpu && op.job === ev.job) {
+          if (op.gpu === gpu && op.job === ev.job) {
             close(op, t, op.type === "unload" && op.by !== undefined && name === "finished");
           }
         }

@@ -5028,6 +5028,8 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
     tts = asyncio.ensure_future(r.post("tts", {"text": "two"}))
     assert (await image)[0] == 200 and (await tts)[0] == 200
     await until(lambda: r.broker.scheduler.holder is None)
+    async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:  # job 4, an admin unload
+        assert resp.status == 200
     await asyncio.sleep(pause)
     # The reservation events as the broker will publish them.
     events.publish("reserved", gpu=0, reason="gaming", for_s=3600, until=m._iso(time.time() + 3600))
@@ -5041,7 +5043,7 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
             "'#timeline .tl-row')].map((r) => r.dataset.consumer || r.dataset.lane)"
         )
         assert lanes == ["queue", "mvoice", "comfyui", "ollama", "whisper"]
-        await browser.wait_for("document.querySelectorAll('#timeline .tl-span').length >= 9")
+        await browser.wait_for("document.querySelectorAll('#timeline .tl-span').length >= 11")
         spans = await browser.evaluate(TIMELINE_SPANS)
         assert sorted(spans) == sorted(
             [
@@ -5054,6 +5056,8 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
                 ["comfyui", "unload", "3", "", "true"],  # evicted for job 3
                 ["mvoice", "load", "3", "", "true"],
                 ["mvoice", "run", "3", "tts", "completed"],
+                ["mvoice", "run", "4", "unload", "completed"],  # the admin unload holds the lock alone
+                ["mvoice", "unload", "4", "", "true"],
             ]
         )
         assert await browser.evaluate(TIMELINE_RESERVATIONS) == [["0", "gaming", "released", "false"]]
@@ -5081,6 +5085,8 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
         assert tip.startswith("mvoice unloaded for comfyui (job 2) in ")
         tip = await point_at(browser, '.tl-row[data-consumer="mvoice"] .tl-wait[data-job="3"]')
         assert re.match(r"mvoice tts, job 3\nrequest id \w+\nwaited [\d.]+ s, ran", tip)
+        tip = await point_at(browser, '.tl-row[data-consumer="mvoice"] .tl-unload[data-job="4"]')
+        assert tip.startswith("mvoice unloaded (admin) in ")
 
         # The memory bar: measured memory where the broker has it, else the declared size of resident ones.
         parts = await browser.evaluate(
@@ -5107,7 +5113,7 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
         await browser.evaluate("Date.now = window.realNow")
         image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
         await browser.wait_for(
-            '!!document.querySelector(\'.tl-row[data-consumer="comfyui"] .tl-hold[data-job="4"]\')'
+            '!!document.querySelector(\'.tl-row[data-consumer="comfyui"] .tl-hold[data-job="5"]\')'
         )
         await asyncio.sleep(pause)
         await browser.screenshot(tmp_path / "dashboard.png")
