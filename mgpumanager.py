@@ -29,8 +29,10 @@ the consumer's ``unscheduled`` calls and WebSockets are forwarded at once, every
 Several GPUs: a consumer names its GPU (``gpu: N``, else ``gpu.index``); each GPU has its own reader, queue,
 lock and eviction, so consumers on different GPUs never wait for each other.
 
-Around it: /v1/status, an event stream (/v1/events), Prometheus metrics (/metrics), a live page (/),
-systemd's notify protocol and watchdog, reload in place (SIGHUP) and a graceful drain on SIGTERM.
+Around it: /v1/status, an event stream (/v1/events, with the last 15 minutes kept for replay), Prometheus
+metrics (/metrics), a live page with a timeline (/), systemd's notify protocol and watchdog, reload in place
+(SIGHUP) and a graceful drain on SIGTERM. Given a verb (``mgpumanager.py ps``, ``events``, ...), the same
+file is a command line for a running broker.
 
 Sections, in dependency order: constants and config; errors; events and metrics; GPU reading; consumers and
 health; the scheduler; the proxy; the HTTP app (with the dashboard page); the CLI.
@@ -46,6 +48,7 @@ import copy
 import fnmatch
 import functools
 import hmac
+import http.client
 import ipaddress
 import itertools
 import json
@@ -59,7 +62,11 @@ import socket
 import stat
 import subprocess
 import sys
+import textwrap
 import time
+import urllib.error
+import urllib.request
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -1457,29 +1464,47 @@ def logfmt(**fields: Any) -> str:
 
 #: What /v1/events sends, and what a subscriber that falls this far behind is dropped for.
 EVENT_BUFFER = 256
+#: The recent past kept for pages opened later (``/v1/events?since=SECONDS``): the events of the last
+#: EVENT_RING_S seconds, and of those at most EVENT_RING (a job makes 4 to 9 events: some 2,000 jobs, a few
+#: MiB). The dashboard's timeline draws the same 15 minutes.
+EVENT_RING = 10000
+EVENT_RING_S = 900.0
 #: A stream with nothing to say sends a comment this often, so proxies and browsers keep it open.
 HEARTBEAT_S = 15.0
 _DROPPED = {"event": "dropped"}
 
 
 class Events:
-    """Fan-out of the broker's events to /v1/events subscribers and other listeners.
+    """Fan-out of the broker's events to /v1/events subscribers and other listeners, and the ring of the
+    recent ones (bounded by count and by age) that a subscriber may ask for first.
 
     Publishing never waits: a subscriber whose buffer is full is dropped (its stream ends) rather than
     slowing the scheduler.
     """
 
-    def __init__(self, buffer: int = EVENT_BUFFER):
+    def __init__(
+        self,
+        buffer: int = EVENT_BUFFER,
+        *,
+        ring: int | None = None,
+        ring_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.buffer = buffer
         self.subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
         #: Called with every event (the systemd status line listens here).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.dropped = 0
+        #: The recent past, oldest first: (monotonic time, event); at most ``ring`` events of ``ring_s``.
+        self.ring: deque[tuple[float, dict[str, Any]]] = deque(maxlen=EVENT_RING if ring is None else ring)
+        self.ring_s = EVENT_RING_S if ring_s is None else ring_s
+        self.clock = clock
 
     def publish(self, name: str, /, **fields: Any) -> None:
-        if not self.subscribers and not self.listeners:
-            return  # nobody listens: build nothing (this is on every job's path)
+        now = self.clock()
         event = {"event": name, "ts": _iso(time.time()), **fields}
+        self.ring.append((now, event))
+        self._forget(now)
         for queue in list(self.subscribers):
             try:
                 queue.put_nowait(event)
@@ -1497,6 +1522,25 @@ class Events:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self.buffer)
         self.subscribers.add(queue)
         return queue
+
+    def _forget(self, now: float) -> None:
+        """Drop what is older than ``ring_s`` (the count bound is the deque's own)."""
+        oldest = now - self.ring_s
+        while self.ring and self.ring[0][0] < oldest:
+            self.ring.popleft()
+
+    def recent(self, since_s: float) -> list[dict[str, Any]]:
+        """The ring's events of the last ``since_s`` seconds, oldest first."""
+        now = self.clock()
+        self._forget(now)
+        start = now - since_s
+        past = list(itertools.takewhile(lambda entry: entry[0] >= start, reversed(self.ring)))
+        return [event for _, event in reversed(past)]
+
+    def follow(self, since_s: float | None) -> tuple[asyncio.Queue[dict[str, Any]], list[dict[str, Any]]]:
+        """Subscribe, and take the events of the last ``since_s`` seconds, in one step (nothing awaits in
+        between): every event is either in the past returned or in the queue, never in both, never lost."""
+        return self.subscribe(), [] if since_s is None else self.recent(since_s)
 
     def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
         self.subscribers.discard(queue)
@@ -2864,6 +2908,7 @@ FACTS: dict[str, Fact] = {
         "mgpumanager_hold_abandoned_total",
         (("outcome", "abandoned"),),
     ),
+    "hold_cut": Fact("hold_ended", "hold cut short", extra=(("outcome", "cut"),)),
     "hold_poll_failed": Fact(
         "hold_poll_failed",
         "hold poll failed",
@@ -3853,10 +3898,15 @@ class Scheduler:
             self._record_abandoned(job, fields, started)
         except asyncio.CancelledError:
             if job not in self._abandoned:
+                # Cut short: the broker is closing (its drain timed out).
+                self.recorder.record("hold_cut", **fields, hold_s=round(self.clock() - started, 3))
                 raise
             self._record_abandoned(job, fields, started)
         except Exception as e:
             self.recorder.internal_error("hold crashed", consumer=job.consumer, job=job.id, error=describe(e))
+            self.recorder.record(
+                "hold_cut", **fields, hold_s=round(self.clock() - started, 3), error=describe(e)
+            )
         finally:
             self._holds.pop(job, None)
             self._abandoned.pop(job, None)
@@ -5535,14 +5585,39 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers=headers)
 
 
+def _sse(event: dict[str, Any]) -> bytes:
+    return f"event: {event['event']}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+def _since(request: web.Request) -> float | None:
+    """The ``since`` query parameter of /v1/events: seconds of the past to replay (None: none asked)."""
+    raw = request.query.get("since")
+    if raw is None:
+        return None
+    try:
+        since = float(raw)
+    except ValueError:
+        since = math.nan
+    if not since >= 0 or math.isinf(since):
+        raise BrokerError("bad_request", f"since must be a number of seconds, 0 or more, not {raw!r}")
+    return since
+
+
 async def handle_events(request: web.Request) -> web.StreamResponse:
-    """GET /v1/events: server-sent events, one JSON object each, a heartbeat comment every 15 s."""
+    """GET /v1/events: server-sent events, one JSON object each, a heartbeat comment every 15 s.
+
+    ``?since=SECONDS`` first replays the ring's events of the last SECONDS (at most EVENT_RING_S), then a
+    ``: replayed N`` comment, then goes live: the past and the subscription are taken in one step.
+    """
     events = request.app[BROKER].events
-    queue = events.subscribe()
+    since = _since(request)
+    queue, past = events.follow(since)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     try:
         await resp.prepare(request)
         await resp.write(b": mgpumanager events\n\n")
+        if since is not None:
+            await resp.write(b"".join(map(_sse, past)) + f": replayed {len(past)}\n\n".encode())
         while True:
             try:
                 event = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
@@ -5551,7 +5626,7 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
                 continue
             if event is _DROPPED:
                 break  # it fell behind: the client reconnects and reads /v1/status again
-            await resp.write(f"event: {event['event']}\ndata: {json.dumps(event)}\n\n".encode())
+            await resp.write(_sse(event))
     except ConnectionResetError:
         pass  # the client left
     finally:
@@ -5691,7 +5766,7 @@ DASHBOARD_HTML = """<!doctype html>
 <title>mgpumanager</title>
 <style>
 :root { --bg:#111418; --card:#1b2027; --fg:#e6e9ee; --dim:#8b95a3; --ok:#3fb950; --bad:#f85149;
-        --free:#2b323c; --unknown:#5a6370; }
+        --free:#2b323c; --unknown:#5a6370; --label:6.5rem; }
 * { box-sizing:border-box; }
 body { margin:0; font:15px/1.4 system-ui, sans-serif; background:var(--bg); color:var(--fg); }
 header { display:flex; flex-wrap:wrap; gap:.5rem 1rem; align-items:baseline; padding:.8rem 1rem; }
@@ -5710,19 +5785,59 @@ table { width:100%; border-collapse:collapse; font-size:.9rem; }
 td, th { text-align:left; padding:.3rem .4rem; border-top:1px solid #2a313b; vertical-align:top; }
 th { color:var(--dim); font-weight:normal; border-top:none; }
 .ok { color:var(--ok); } .bad { color:var(--bad); } .dim { color:var(--dim); }
-#holder { font-size:1.1rem; }
+#holder { font-size:1.1rem; } .resv { color:#ffa198; font-size:.9rem; }
 #stats { display:grid; grid-template-columns:repeat(auto-fill, minmax(110px,1fr)); gap:.4rem; }
 #stats div { background:#232a33; border-radius:5px; padding:.35rem .5rem; }
 #stats b { display:block; font-size:1.2rem; }
 #log { font:12px/1.5 ui-monospace, monospace; max-height:14rem; overflow:auto; color:var(--dim);
        white-space:pre-wrap; }
 #error { color:var(--bad); padding:0 1rem; }
+#tl-zoom { float:right; margin-top:-.2rem; }
+#tl-zoom button { background:#232a33; color:var(--fg); border:1px solid #2a313b; border-radius:4px;
+                  font:inherit; font-size:.8rem; padding:.15rem .55rem; margin-left:.25rem; cursor:pointer; }
+#tl-zoom button.on { background:#1f6feb; border-color:#1f6feb; }
+.tl-gpu + .tl-gpu { margin-top:.7rem; }
+.tl-rows { position:relative; }
+.tl-row { position:relative; z-index:1; display:flex; height:22px; pointer-events:none; }
+.tl-row + .tl-row { border-top:1px solid #262d36; }
+.tl-label { flex:0 0 var(--label); font-size:.8rem; line-height:22px; color:var(--dim); overflow:hidden;
+            text-overflow:ellipsis; white-space:nowrap; padding-right:.4rem; }
+.tl-track { flex:1; position:relative; }
+.tl-span { position:absolute; top:3px; bottom:3px; min-width:3px; border-radius:2px; pointer-events:auto;
+           cursor:pointer; }
+.tl-wait { top:10px; bottom:10px; opacity:.55; }
+.tl-hold { background-image:repeating-linear-gradient(135deg, rgba(0,0,0,.5) 0 3px, transparent 3px 6px); }
+.tl-unload, .tl-load { top:auto; bottom:1px; height:6px; border-radius:1px; }
+.tl-unload { background:#f0883e; } .tl-load { background:#56d364; }
+.tl-bad { box-shadow:0 0 0 2px var(--bad); }
+.tl-q { position:absolute; bottom:1px; top:auto; border-radius:0; background:#6e7681; min-width:1px; }
+.tl-over { position:absolute; z-index:0; top:0; bottom:0; left:var(--label); right:0; }
+.tl-resv { position:absolute; top:0; bottom:0; min-width:3px; background:rgba(248,81,73,.14);
+           border:1px dashed rgba(248,81,73,.75); cursor:pointer; font-size:.7rem; color:#ffa198;
+           overflow:hidden; white-space:nowrap; padding:0 3px; }
+.tl-axis { position:relative; height:1.1rem; margin-left:var(--label); font-size:.7rem; color:var(--dim); }
+.tl-axis span { position:absolute; top:.1rem; transform:translateX(-50%); white-space:nowrap; }
+.tl-head { font-size:.85rem; margin-bottom:.2rem; }
+#tl-legend i.stripe { background-image:repeating-linear-gradient(135deg, rgba(0,0,0,.5) 0 2px,
+                      transparent 2px 4px); }
+#tip { position:fixed; z-index:10; max-width:22rem; background:#0d1117; border:1px solid #3d444d;
+       border-radius:6px; padding:.4rem .6rem; font-size:.8rem; white-space:pre-line; pointer-events:none;
+       box-shadow:0 4px 14px rgba(0,0,0,.5); }
+@media (max-width:500px) { :root { --label:4.5rem; } main { padding:0 .5rem .5rem; } }
 </style></head>
 <body>
 <header><h1>mgpumanager</h1><span id="gpu-name"></span><span id="updated"></span></header>
 <div id="error"></div>
 <main>
 <section class="wide"><h2>GPU memory</h2><div id="gpus"></div></section>
+<section class="wide"><div id="tl-zoom"></div><h2>Timeline</h2><div id="timeline"></div>
+<div class="legend" id="tl-legend"><span><i style="background:#58a6ff"></i>job</span>
+<span><i class="stripe" style="background-color:#58a6ff"></i>held after answering</span>
+<span><i style="background:#58a6ff;opacity:.55;height:.25em"></i>waiting</span>
+<span><i style="background:#f0883e;height:.4em"></i>unload</span>
+<span><i style="background:#56d364;height:.4em"></i>load</span>
+<span><i style="background:rgba(248,81,73,.3);border:1px dashed #f85149"></i>reserved</span>
+<span><i style="background:#6e7681"></i>queue depth</span></div></section>
 <section><h2>Holder</h2><div id="holder">-</div><h2 style="margin-top:.8rem">Queue</h2>
 <table><thead><tr><th>consumer</th><th>kind</th><th>prio</th><th>waiting</th></tr></thead>
 <tbody id="queue"></tbody></table></section>
@@ -5731,6 +5846,7 @@ th { color:var(--dim); font-weight:normal; border-top:none; }
 <th>kinds</th><th>VRAM</th><th>last use</th></tr></thead><tbody id="consumers"></tbody></table></section>
 <section class="wide"><h2>Events</h2><div id="log"></div></section>
 </main>
+<div id="tip" hidden></div>
 <script>
 "use strict";
 const COLORS = ["#58a6ff", "#bc8cff", "#3fb950", "#d29922", "#f778ba", "#39c5cf", "#ff7b72", "#a5d6ff"];
@@ -5739,10 +5855,14 @@ const ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"};
 const esc = (v) => String(v ?? "").replace(/[&<>"]/g, (c) => ENTITIES[c]);
 let token = sessionStorage.getItem("mgpumanager-token") || "";
 const auth = () => (token ? {Authorization: "Bearer " + token} : {});
+// What the timeline draws from: the events of the last 15 minutes (the broker replays them on connect),
+// the last status (which consumer is on which GPU), and the broker's clock against this one.
+const SPAN_S = 900;
+let events = [], logLines = [], status = null, skew = 0, windowS = SPAN_S, tips = [];
 
 function ago(iso) {
   if (!iso) return "never";
-  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  const s = Math.max(0, (Date.now() + skew - Date.parse(iso)) / 1000);
   if (s < 60) return Math.round(s) + " s ago";
   return s < 3600 ? Math.round(s / 60) + " min ago" : Math.round(s / 3600) + " h ago";
 }
@@ -5753,24 +5873,37 @@ function yesno(v, yes, no) {
 async function get(path) {
   const resp = await fetch(path, {headers: auth(), cache: "no-store"});
   if (resp.status === 401) { askToken(); throw new Error("unauthorized"); }
+  // The broker's Date (to the second) against this device's clock: only a real difference counts.
+  const date = Date.parse(resp.headers.get("Date") || "");
+  if (Number.isFinite(date)) { const d = date + 500 - Date.now(); skew = Math.abs(d) > 1500 ? d : 0; }
   return resp;
 }
 function askToken() {
   const given = prompt("This broker needs its bearer token (auth.token):");
   if (given) { token = given.trim(); sessionStorage.setItem("mgpumanager-token", token); }
 }
+const isNum = (v) => typeof v === "number";
+const colorOf = (st, name) => {
+  const i = st ? Object.keys(st.consumers).indexOf(name) : -1;
+  return i < 0 ? "var(--unknown)" : COLORS[i % COLORS.length];
+};
+const gpusOf = (st) => st.gpus || [Object.assign({scheduler: st.scheduler}, st.gpu)];
 
 function memoryParts(st, gpu) {
+  // Measured memory (vram_used_mib) where the broker has it, else the declared size of resident ones.
   const parts = [];
-  let resident = 0;
+  let attributed = 0;
   Object.keys(st.consumers).forEach((name, i) => {
     const c = st.consumers[name];
-    if (!c.loaded || (c.gpu ?? gpu.index) !== gpu.index) return;
-    parts.push({label: name, mib: c.vram_resident_mib, color: COLORS[i % COLORS.length]});
-    resident += c.vram_resident_mib;
+    if ((c.gpu ?? gpu.index) !== gpu.index) return;
+    const measured = isNum(c.vram_used_mib);
+    const mib = measured ? c.vram_used_mib : c.loaded ? c.vram_resident_mib : 0;
+    if (!mib) return;
+    parts.push({label: name, mib, measured, color: COLORS[i % COLORS.length]});
+    attributed += mib;
   });
   if (gpu.free_mib !== null) {
-    const other = Math.max(0, gpu.total_mib - gpu.free_mib - resident);
+    const other = Math.max(0, gpu.total_mib - gpu.free_mib - attributed);
     parts.push({label: "other / unknown", mib: other, color: "var(--unknown)"});
     parts.push({label: "free", mib: gpu.free_mib, color: "var(--free)"});
   }
@@ -5780,12 +5913,13 @@ function gpuHtml(st, gpu, titled) {
   // A reading can be a second older than the residency it is drawn with: scale so the bar never overflows.
   const parts = memoryParts(st, gpu);
   const total = Math.max(gpu.total_mib || 1, parts.reduce((sum, p) => sum + p.mib, 0));
+  const how = (p) => (p.measured === undefined ? "" : p.measured ? " (measured)" : " (declared)");
   return '<div class="gpu">' + (titled ? "<h3>GPU " + gpu.index + " " + esc(gpu.name || "") + "</h3>" : "") +
-    '<div class="bar">' + parts.map((p) => '<div title="' + esc(p.label) + " " + p.mib +
-    ' MiB" style="width:' + (100 * p.mib / total).toFixed(2) + "%;background:" + p.color + '"></div>')
+    '<div class="bar">' + parts.map((p) => '<div title="' + esc(p.label) + " " + p.mib + " MiB" + how(p) +
+    '" style="width:' + (100 * p.mib / total).toFixed(2) + "%;background:" + p.color + '"></div>')
     .join("") +
-    '</div><div class="legend">' + parts.map((p) => '<span><i style="background:' + p.color + '"></i>' +
-    esc(p.label) + " " + p.mib + " MiB</span>").join("") +
+    '</div><div class="legend">' + parts.map((p) => '<span title="' + esc(how(p).trim()) +
+    '"><i style="background:' + p.color + '"></i>' + esc(p.label) + " " + p.mib + " MiB</span>").join("") +
     (gpu.total_mib ? '<span class="dim">of ' + gpu.total_mib + " MiB</span>" : "") + "</div></div>";
 }
 function renderGpus(st, gpus) {
@@ -5800,10 +5934,18 @@ function holderHtml(h) {
     (h.holds ? ", " + h.holds + " hold(s)" : "") +
     ' <span class="dim">for ' + h.held_s.toFixed(1) + " s</span>";
 }
+function reservationHtml(r) {
+  if (!r) return "";
+  const left = isNum(r.left_s) ? ", " + secs(r.left_s) + " left" : "";
+  const not = Object.keys(r.not_unloaded || {});
+  return '<div class="resv">reserved: ' + esc(r.reason || "no reason given") + esc(left) +
+    (not.length ? '<br><span class="dim">not unloaded: ' + esc(not.join(", ")) + "</span>" : "") + "</div>";
+}
 function renderScheduler(gpus) {
   // One GPU: as it always was. Several: each GPU's holder, one queue tagged by GPU, the counters summed.
   const several = gpus.length > 1, tag = (i) => (several ? '<span class="dim">GPU ' + i + "</span> " : "");
-  $("holder").innerHTML = gpus.map((g) => tag(g.index) + holderHtml(g.scheduler.holder)).join("<br>");
+  $("holder").innerHTML = gpus.map((g) => tag(g.index) + holderHtml(g.scheduler.holder) +
+    reservationHtml(g.reservation)).join("<br>");
   const queue = gpus.flatMap((g) => g.scheduler.queue.map((q) => Object.assign({gpu: g.index}, q)));
   $("queue").innerHTML = queue.map((q) => "<tr><td>" + tag(q.gpu) + esc(q.consumer) + "</td><td>" +
     esc(q.kind) + "</td><td>" + q.priority + "</td><td>" + q.waited_s.toFixed(1) + " s</td></tr>").join("") ||
@@ -5823,29 +5965,304 @@ function renderConsumers(consumers, several) {
     "</td><td>" + yesno(c.healthy, "healthy", "down") +
     (c.last_error ? '<br><span class="dim">' + esc(c.last_error) + "</span>" : "") +
     "</td><td>" + yesno(c.loaded, "resident", "unloaded") + "</td><td>" + esc(c.kinds.join(", ")) +
-    "</td><td>" + c.vram_resident_mib + " MiB</td><td>" + ago(c.last_used) + "</td></tr>").join("");
+    "</td><td>" + (isNum(c.vram_used_mib) ? c.vram_used_mib + " MiB used, " : "") + c.vram_resident_mib +
+    (isNum(c.vram_used_mib) ? " declared" : " MiB") + "</td><td>" + ago(c.last_used) + "</td></tr>").join("");
 }
 async function refresh() {
   try {
     const st = await (await get("/v1/status")).json();
-    const gpus = st.gpus || [Object.assign({scheduler: st.scheduler}, st.gpu)];
+    const gpus = gpusOf(st);
+    status = st;
     renderGpus(st, gpus); renderScheduler(gpus); renderConsumers(st.consumers, gpus.length > 1);
   } catch (e) { $("error").textContent = "status: " + e.message; }
+  drawTimeline();
 }
+
+// ---- the timeline: spans built from the events, drawn as percentages of the window ----
+function secs(s) {
+  if (s >= 5400) return (s / 3600).toFixed(1) + " h";
+  if (s >= 120) return Math.round(s / 60) + " min";
+  return (s < 10 ? s.toFixed(2) : s < 100 ? s.toFixed(1) : Math.round(s)) + " s";
+}
+const clock = (t) => new Date(t).toTimeString().slice(0, 8);
+const ENDS = {finished: "completed", failed: "failed", cancelled: "cancelled", rejected: "rejected"};
+const JOB_EVENTS = new Set(["queued", "granted", "started", "hold_ended", ...Object.keys(ENDS)]);
+
+function buildTimeline(evs, st) {
+  // Jobs by GPU and id (ids are per GPU), unloads and loads, reservations, and each GPU's queue depth.
+  const defaultGpu = st ? st.gpu.index : 0;
+  const gpuOf = (name) => (st && st.consumers[name] && isNum(st.consumers[name].gpu)
+    ? st.consumers[name].gpu : defaultGpu);
+  const jobs = new Map(), ops = [], resv = [], queues = {}, lanes = {}, open = {};
+  const unfinished = new Set(), running = {};  // ops under way; the running job of each GPU:consumer
+  const lane = (gpu, name) => { (lanes[gpu] = lanes[gpu] || new Set()).add(name); };
+  const start = (op) => {
+    ops.push(op); unfinished.add(op); open[op.consumer] = op; lane(op.gpu, op.consumer);
+  };
+  const close = (op, t, ok) => {
+    op.to = t; op.ok = ok; unfinished.delete(op);
+    if (open[op.consumer] === op) delete open[op.consumer];
+  };
+  const depth = (gpu, t, d) => {
+    const q = queues[gpu] = queues[gpu] || {n: 0, steps: []};
+    q.n = Math.max(0, q.n + d); q.steps.push([t, q.n]);
+  };
+  for (const ev of evs) {
+    const t = Date.parse(ev.ts), name = ev.event;
+    if (JOB_EVENTS.has(name) && ev.job !== undefined) {  // one of a job's own events (ids are per GPU)
+      const gpu = isNum(ev.gpu) ? ev.gpu : gpuOf(ev.consumer), key = gpu + ":" + ev.job;
+      let j = jobs.get(key);
+      if (!j) { j = {key, gpu, job: ev.job, consumer: ev.consumer, kind: ev.kind}; jobs.set(key, j); }
+      lane(gpu, ev.consumer);
+      if (name === "queued") {
+        j.queued = t; j.request_id = ev.request_id; j.waiting = true; depth(gpu, t, 1);
+      } else if (name === "granted") {
+        j.granted = t; j.waited_s = ev.waited_s; running[gpu + ":" + ev.consumer] = j.job;
+        if (j.waiting) { j.waiting = false; depth(gpu, t, -1); }
+      } else if (ENDS[name]) {
+        j.end = t; j.outcome = ENDS[name]; j.code = ev.code; j.http = ev.http;
+        if (j.waiting) { j.waiting = false; depth(gpu, t, -1); }
+        // What the job was still doing ends with it: an admin or idle unload as the job did, the rest failed.
+        for (const op of unfinished) {
+          if (op.gpu === gpu && op.job === ev.job) {
+            close(op, t, op.type === "unload" && op.by !== undefined && name === "finished");
+          }
+        }
+      } else if (name === "hold_ended") {
+        j.holdEnd = t; j.holdS = ev.hold_s; j.holdOutcome = ev.outcome;
+      }
+      continue;
+    }
+    if (name === "evicting" || name === "unloading") {
+      const gpu = gpuOf(ev.consumer);
+      for (const op of unfinished) {  // the job moved on to another victim: the last one's unload failed
+        if (op.type === "unload" && op.gpu === gpu && op.job === ev.job) close(op, t, false);
+      }
+      start({type: "unload", consumer: ev.consumer, gpu, job: ev.job, from: t, forConsumer: ev.for_consumer,
+             by: ev.by});
+    } else if (name === "evicted" || name === "unloaded") {
+      const op = open[ev.consumer];
+      if (op && op.type === "unload") { op.freeMib = ev.free_mib; close(op, t, true); }
+    } else if (name === "loading") {
+      const gpu = gpuOf(ev.consumer);  // the job holding the lock for it: its failure ends the load
+      start({type: "load", consumer: ev.consumer, gpu, job: running[gpu + ":" + ev.consumer], from: t});
+    } else if (name === "loaded") {
+      const op = open[ev.consumer];
+      if (op && op.type === "load") close(op, t, true);
+    } else if (name === "reserved") {
+      const gpu = isNum(ev.gpu) ? ev.gpu : defaultGpu;
+      for (const r of resv) if (r.gpu === gpu && r.to === undefined) r.to = t;
+      const until = Date.parse(ev.until || "");
+      resv.push({gpu, from: t, until: Number.isFinite(until) ? until : t + (ev.for_s || 0) * 1000,
+                 reason: ev.reason, forS: ev.for_s});
+    } else if (name === "reservation_ended") {
+      const gpu = isNum(ev.gpu) ? ev.gpu : defaultGpu;
+      for (const r of resv) if (r.gpu === gpu && r.to === undefined) { r.to = t; r.why = ev.why; }
+    }
+  }
+  // A hold has no event at its start: the status says which holder holds, and the latest answers are it.
+  if (st) {
+    for (const g of gpusOf(st)) {
+      const h = g.scheduler.holder;
+      if (!h || !h.holds) continue;
+      [...jobs.values()].filter((j) => j.gpu === g.index && j.consumer === h.consumer &&
+        j.outcome === "completed" && j.holdEnd === undefined)
+        .sort((a, b) => b.end - a.end).slice(0, h.holds).forEach((j) => { j.holding = true; });
+    }
+  }
+  return {jobs, ops, resv, queues, lanes};
+}
+
+function jobTip(j, now, several) {
+  const lines = [j.consumer + " " + j.kind + ", job " + j.job + (several ? " on GPU " + j.gpu : "")];
+  if (j.request_id) lines.push("request id " + j.request_id);
+  const times = [];
+  const s = (a, b) => secs(((b ?? now) - a) / 1000);
+  if (j.queued !== undefined) {
+    const given = j.granted !== undefined && isNum(j.waited_s);
+    const waited = given ? secs(j.waited_s) : s(j.queued, j.granted ?? j.end);
+    times.push((j.granted === undefined && j.end === undefined ? "waiting for " : "waited ") + waited);
+  }
+  if (j.granted !== undefined) {
+    times.push((j.end === undefined ? "running for " : "ran ") + s(j.granted, j.end));
+  }
+  if (j.holdEnd !== undefined) times.push("held " + (isNum(j.holdS) ? secs(j.holdS) : s(j.end, j.holdEnd)));
+  else if (j.holding) times.push("holding for " + s(j.end));
+  if (times.length) lines.push(times.join(", "));
+  const outcome = !j.outcome ? (j.granted !== undefined ? "running" : "queued")
+    : j.outcome + (j.code ? ": " + j.code : "") + (j.http ? " (HTTP " + j.http + ")" : "");
+  lines.push(outcome + (j.holdOutcome && j.holdOutcome !== "released" ? "; hold " + j.holdOutcome : ""));
+  const start = j.queued ?? j.granted, stop = j.holdEnd ?? (j.holding ? undefined : j.end);
+  if (start !== undefined) lines.push(clock(start) + " to " + (stop === undefined ? "now" : clock(stop)));
+  return lines.join("\\n");
+}
+function opTip(op, now) {
+  const took = secs(((op.to ?? now) - op.from) / 1000);
+  if (op.type === "load") {
+    return op.consumer + (op.to === undefined ? " loading for " + took : op.ok ? " loaded in " + took
+      : " load failed after " + took) + "\\n" + clock(op.from);
+  }
+  const why = op.forConsumer ? " for " + op.forConsumer + " (job " + op.job + ")"
+    : " (" + (op.by || "admin") + ")";
+  const what = op.to === undefined ? " unloading" + why + " for " + took
+    : op.ok ? " unloaded" + why + " in " + took : " unload" + why + " failed after " + took;
+  return op.consumer + what + (isNum(op.freeMib) ? "\\n" + op.freeMib + " MiB free after" : "") +
+    "\\n" + clock(op.from);
+}
+function resvTip(r, several) {
+  return (several ? "GPU " + r.gpu + " reserved" : "reserved") + ": " + (r.reason || "no reason given") +
+    "\\nfrom " + clock(r.from) + (isNum(r.forS) ? " for " + secs(r.forS) : "") +
+    " (until " + clock(r.until) + ")" +
+    "\\n" + (r.to === undefined ? "still reserved" : "ended at " + clock(r.to) + (r.why ? ": " + r.why : ""));
+}
+
+function axisHtml(from, now) {
+  // Ticks at round times, at least 64 px apart however narrow the screen.
+  const perS = Math.max(100, $("timeline").clientWidth - 110) / windowS;
+  const step = [15, 30, 60, 120, 180, 300, 600].find((s) => s * perS >= 64) || 600, ms = step * 1000;
+  let html = "";
+  for (let t = Math.ceil(from / ms) * ms; t < now; t += ms) {
+    const at = 100 * (t - from) / (now - from);
+    if (at < 5 || at > 92) continue;  // no room beside the edge, or beside "now"
+    const label = step < 60 ? clock(t) : clock(t).slice(0, 5);
+    html += '<span style="left:' + at.toFixed(2) + '%">' + label + "</span>";
+  }
+  return html + '<span style="left:auto;right:0;transform:none">now</span>';
+}
+function drawTimeline() {
+  if (!$("tip").hidden) return;  // the span being looked at stays where it is until the tip goes
+  const now = Date.now() + skew, from = now - windowS * 1000;
+  const model = buildTimeline(events, status);
+  const gpus = status ? gpusOf(status).map((g) => g.index) : [];
+  Object.keys(model.lanes).map(Number).forEach((g) => { if (!gpus.includes(g)) gpus.push(g); });
+  const several = gpus.length > 1;
+  tips = [];
+  const pos = (a, b) => {  // left and width in % of the window, or null when outside it
+    const l = Math.max(0, (a - from) / (now - from) * 100);
+    const r = Math.min(100, ((b ?? now) - from) / (now - from) * 100);
+    return r < 0 || l > 100 || r < l ? null : 'left:' + l.toFixed(3) + "%;width:" + (r - l).toFixed(3) + "%;";
+  };
+  const span = (cls, a, b, tip, data, style) => {
+    const where = pos(a, b);
+    if (!where) return "";
+    tips.push(tip);
+    return '<div class="tl-span ' + cls + '" data-tip="' + (tips.length - 1) + '" ' + data +
+      ' style="' + where + (style || "") + '"></div>';
+  };
+  let html = "";
+  for (const g of gpus) {
+    const onGpu = (n) => (status.consumers[n].gpu ?? status.gpu.index) === g;
+    const names = status ? Object.keys(status.consumers).filter(onGpu) : [];
+    for (const n of [...(model.lanes[g] || [])].sort()) if (!names.includes(n)) names.push(n);
+    const rows = {};
+    names.forEach((n) => { rows[n] = ""; });
+    for (const j of model.jobs.values()) {
+      if (j.gpu !== g) continue;
+      const color = colorOf(status, j.consumer);
+      const data = 'data-job="' + j.job + '" data-kind="' + esc(j.kind) + '"';
+      const tip = jobTip(j, now, several), bad = j.outcome && j.outcome !== "completed" ? " tl-bad" : "";
+      const stillWaiting = j.granted === undefined && j.end === undefined;
+      const waitEnd = j.granted ?? j.end;
+      if (j.queued !== undefined && (stillWaiting || waitEnd - j.queued >= windowS)) {  // 1/1000 of it
+        rows[j.consumer] += span("tl-wait", j.queued, waitEnd, tip, data + ' data-state="wait"',
+          "background:" + color);
+      }
+      if (j.granted !== undefined) {
+        rows[j.consumer] += span("tl-run" + bad, j.granted, j.end, tip,
+          data + ' data-state="run" data-outcome="' + esc(j.outcome || "") + '"', "background:" + color);
+      }
+      if (j.end !== undefined && (j.holdEnd !== undefined || j.holding)) {
+        rows[j.consumer] += span("tl-hold" + (j.holdOutcome && j.holdOutcome !== "released" ? " tl-bad" : ""),
+          j.end, j.holdEnd, tip, data + ' data-state="hold" data-outcome="' + esc(j.holdOutcome || "") + '"',
+          "background-color:" + color);
+      }
+    }
+    for (const op of model.ops) {
+      if (op.gpu !== g) continue;
+      const data = 'data-state="' + op.type + '" data-ok="' + (op.ok === undefined ? "" : op.ok) + '"' +
+        (op.job !== undefined ? ' data-job="' + op.job + '"' : "");
+      const cls = "tl-" + op.type + (op.ok === false ? " tl-bad" : "");
+      rows[op.consumer] += span(cls, op.from, op.to, opTip(op, now), data);
+    }
+    const q = model.queues[g] || {steps: []};
+    let qHtml = "", top = 1;
+    q.steps.forEach(([, d]) => { top = Math.max(top, d); });
+    q.steps.forEach(([t, d], i) => {
+      const next = i + 1 < q.steps.length ? q.steps[i + 1][0] : undefined;
+      if (d <= 0 || next - t < windowS) return;  // shorter than 1/1000 of the window: nobody really waited
+      const height = "height:" + Math.max(15, 100 * d / top).toFixed(0) + "%";
+      qHtml += span("tl-q", t, next, d + " waiting" + (several ? " on GPU " + g : "") + "\\n" + clock(t),
+        'data-state="queue" data-depth="' + d + '"', height);
+    });
+    let over = "";
+    for (const r of model.resv) {
+      if (r.gpu !== g) continue;
+      const where = pos(r.from, r.to);
+      if (!where) continue;
+      tips.push(resvTip(r, several));
+      over += '<div class="tl-resv" data-tip="' + (tips.length - 1) + '" data-reason="' +
+        esc(r.reason || "") + '" data-why="' + esc(r.why || "") + '" data-open="' + (r.to === undefined) +
+        '" style="' + where + '">' +
+        "reserved: " + esc(r.reason || "") + "</div>";
+    }
+    const row = (attr, label, inner) => '<div class="tl-row" ' + attr + '><div class="tl-label" title="' +
+      esc(label) + '">' + esc(label) + '</div><div class="tl-track">' + inner + "</div></div>";
+    html += '<div class="tl-gpu" data-gpu="' + g + '">' +
+      (several ? '<div class="tl-head">GPU ' + g + "</div>" : "") +
+      '<div class="tl-rows"><div class="tl-over">' + over + "</div>" +
+      row('data-lane="queue"', "queue", qHtml) +
+      names.map((n) => row('data-consumer="' + esc(n) + '"', n, rows[n])).join("") + "</div></div>";
+  }
+  $("timeline").innerHTML = html + '<div class="tl-axis">' + axisHtml(from, now) + "</div>";
+}
+function zoomHtml() {
+  $("tl-zoom").innerHTML = [[900, "15 min"], [300, "5 min"], [60, "1 min"]].map(([s, label]) =>
+    '<button data-s="' + s + '"' + (s === windowS ? ' class="on"' : "") + ">" + label + "</button>").join("");
+}
+$("tl-zoom").addEventListener("click", (e) => {
+  const s = Number(e.target.dataset && e.target.dataset.s);
+  if (s) { windowS = s; zoomHtml(); drawTimeline(); }
+});
+function showTip(e) {
+  // Hover with a mouse, tap on a phone: the span's job (or unload, load, reservation, queue) next to it.
+  const el = e.target.closest && e.target.closest("[data-tip]");
+  const tip = $("tip");
+  if (!el || !$("timeline").contains(el)) {
+    if (!tip.hidden) { tip.hidden = true; drawTimeline(); }
+    return;
+  }
+  tip.textContent = tips[Number(el.dataset.tip)];
+  tip.hidden = false;
+  const x = e.clientX ?? el.getBoundingClientRect().left, y = e.clientY ?? el.getBoundingClientRect().top;
+  tip.style.left = Math.max(4, Math.min(x + 12, innerWidth - tip.offsetWidth - 4)) + "px";
+  const below = y + 16 + tip.offsetHeight < innerHeight;
+  tip.style.top = (below ? y + 16 : Math.max(4, y - tip.offsetHeight - 8)) + "px";
+}
+// A mouse shows it on hover; a finger taps (a tap anywhere else hides it; touch makes no hover).
+$("timeline").addEventListener("pointerover", (e) => { if (e.pointerType === "mouse") showTip(e); });
+$("timeline").addEventListener("pointerleave", (e) => {
+  if (e.pointerType === "mouse" && !$("tip").hidden) { $("tip").hidden = true; drawTimeline(); }
+});
+document.addEventListener("click", showTip);
+
 let pending = null;
-function soon() { if (!pending) pending = setTimeout(() => { pending = null; refresh(); }, 150); }
-function logEvent(ev) {
-  const fields = Object.entries(ev).filter(([k]) => k !== "event" && k !== "ts")
-    .map(([k, v]) => k + "=" + (typeof v === "object" ? JSON.stringify(v) : v));
-  const log = $("log");
-  log.textContent = (ev.ts.slice(11, 23) + " " + ev.event + " " + fields.join(" ") + "\\n" +
-    log.textContent).slice(0, 20000);
+function soon() {
+  if (!pending) pending = setTimeout(() => { pending = null; renderLog(); refresh(); }, 150);
 }
+function logEvent(ev) {
+  const fields = Object.entries(ev).filter(([k, v]) => k !== "event" && k !== "ts" && v !== null)
+    .map(([k, v]) => k + "=" + (typeof v === "object" ? JSON.stringify(v) : v));
+  logLines.push(ev.ts.slice(11, 23) + " " + ev.event + " " + fields.join(" "));
+  if (logLines.length > 400) logLines = logLines.slice(-200);
+}
+function renderLog() { $("log").textContent = logLines.slice(-200).reverse().join("\\n"); }
 async function follow() {
   try {
-    const resp = await get("/v1/events");
+    // The last 15 minutes first (replayed by the broker), then live: on every (re)connect, from scratch.
+    const resp = await get("/v1/events?since=" + SPAN_S);
     const reader = resp.body.getReader(), decoder = new TextDecoder();
     let buffer = "";
+    events = []; logLines = [];
     for (;;) {
       const {value, done} = await reader.read();
       if (done) break;
@@ -5855,13 +6272,17 @@ async function follow() {
         const block = buffer.slice(0, cut);
         buffer = buffer.slice(cut + 2);
         const data = block.split("\\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("");
-        if (data) { logEvent(JSON.parse(data)); soon(); }
+        if (data) { const ev = JSON.parse(data); events.push(ev); logEvent(ev); soon(); }
+      }
+      const oldest = new Date(Date.now() + skew - (SPAN_S + 300) * 1000).toISOString();
+      if (events.length > 20000 || (events.length && events[0].ts < oldest)) {
+        events = events.filter((ev) => ev.ts >= oldest).slice(-20000);
       }
     }
   } catch (e) { $("error").textContent = "events: " + e.message; }
   setTimeout(follow, 1000);
 }
-refresh(); follow(); setInterval(refresh, 2000);
+zoomHtml(); refresh(); follow(); setInterval(refresh, 2000); setInterval(drawTimeline, 1000);
 </script>
 </body></html>
 """
@@ -5979,9 +6400,537 @@ async def serve(config: Config, source: ConfigSource) -> int:
     return 0
 
 
+# ---- the verbs: a command line for a running broker --------------------------------------------------
+
+#: Where the verbs find the broker when neither --url nor MGPUMANAGER_URL says.
+DEFAULT_URL = "http://127.0.0.1:8770"
+#: How long a verb waits for the broker: to connect, and for each read of its answer.
+CLI_TIMEOUT_S = 10.0
+#: load, unload and reserve wait for the GPU lock like a job (up to scheduler.queue_timeout_s, 300 s by
+#: default) and then for unload and load calls (60 s each by default).
+CLI_ADMIN_TIMEOUT_S = 900.0
+#: ``events`` has no total limit, but gives up after this long without a byte (a heartbeat comes every
+#: HEARTBEAT_S).
+CLI_EVENTS_TIMEOUT_S = 3 * HEARTBEAT_S
+#: ``ps`` and ``status`` fit their lines in this many columns.
+CLI_WIDTH = 100
+
+
+class CliError(Exception):
+    """A verb failed: ``code`` 1 when the broker could not be reached (or what answered was not the broker),
+    2 when the broker refused (its JSON error) or the command line is wrong."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+_DURATION_RE = re.compile(r"(?:\d+(?:\.\d+)?[smh])+|\d+(?:\.\d+)?")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from '90s', '30m', '2h', '1h30m' or plain seconds ('90'); ValueError for anything else."""
+    text = text.strip().lower()
+    if not _DURATION_RE.fullmatch(text):
+        raise ValueError(f"{text!r} is not a duration")
+    seconds = sum(float(n) * _DURATION_UNITS[unit] for n, unit in re.findall(r"([\d.]+)([smh]?)", text))
+    if seconds <= 0:
+        raise ValueError(f"{text!r} is no time at all")
+    return seconds
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 90s, 30m, 2h, 1h30m or seconds") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds, 0 or more")
+    return value
+
+
+def cli_url(flag: str | None, environ: Mapping[str, str]) -> str:
+    """The broker's base URL: --url, else MGPUMANAGER_URL, else DEFAULT_URL (``host:port`` means http)."""
+    url = (flag or environ.get("MGPUMANAGER_URL") or DEFAULT_URL).strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise CliError(2, f"{url!r} is not a broker's URL (http://host:port)")
+    return url
+
+
+def cli_token(token_file: str | None, environ: Mapping[str, str]) -> str | None:
+    """The bearer token: from --token-file, else MGPUMANAGER_TOKEN, else none."""
+    if token_file is None:
+        return environ.get("MGPUMANAGER_TOKEN", "").strip() or None
+    try:
+        token = Path(token_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(
+            2, f"cannot read --token-file {token_file}: {getattr(e, 'strerror', None) or e}"
+        ) from e
+    if not token:
+        raise CliError(2, f"--token-file {token_file} is empty")
+    return token
+
+
+def _why(exc: BaseException, timeout_s: float) -> str:
+    """Why a call to the broker failed, in a few words."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return f"no answer within {timeout_s:g} s"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve the host ({reason.strerror})"
+    if isinstance(reason, (ConnectionResetError, http.client.RemoteDisconnected)):
+        return "the connection was closed"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return str(reason) or type(reason).__name__
+
+
+@dataclass
+class Client:
+    """The verbs' calls to a running broker: urllib, no event loop, a timeout on every call."""
+
+    url: str
+    token: str | None = None
+    #: --timeout: replaces every verb's own.
+    timeout_s: float | None = None
+
+    def open(
+        self, method: str, path: str, body: Any = None, *, timeout_s: float = CLI_TIMEOUT_S
+    ) -> http.client.HTTPResponse:
+        """A 2xx answer, open for reading; CliError for anything else."""
+        timeout = self.timeout_s or timeout_s
+        headers = {"Accept": "application/json", "User-Agent": f"mgpumanager/{VERSION}"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        try:
+            return urllib.request.urlopen(request, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            with e:
+                raise self._refused(e) from None
+        except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
+            raise self.unreachable(e, timeout) from None
+
+    def call(self, method: str, path: str, body: Any = None, *, timeout_s: float = CLI_TIMEOUT_S) -> Any:
+        """The broker's JSON answer."""
+        with self.open(method, path, body, timeout_s=timeout_s) as resp:
+            try:
+                raw = resp.read()
+            except (OSError, http.client.HTTPException) as e:
+                raise self.unreachable(e, self.timeout_s or timeout_s) from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise CliError(1, f"{self.url}{path} did not answer JSON: is it a mgpumanager broker?") from None
+
+    def unreachable(self, exc: BaseException, timeout_s: float) -> CliError:
+        return CliError(1, f"cannot reach the broker at {self.url}: {_why(exc, timeout_s)}")
+
+    def _refused(self, error: urllib.error.HTTPError) -> CliError:
+        """The broker's JSON error (exit 2), or something else answering at its URL (exit 1)."""
+        try:
+            data = json.loads(error.read(64 * 1024))
+        except (OSError, http.client.HTTPException, ValueError):
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("message"), str):
+            return CliError(1, f"{self.url} answered {error.code} {error.reason}, not a mgpumanager broker?")
+        message = f"{data['message']} ({data.get('error')})"
+        if data.get("error") == "unauthorized":
+            message += ": set MGPUMANAGER_TOKEN or give --token-file"
+        return CliError(2, message)
+
+
+def _span(seconds: float) -> str:
+    """A duration for people: '45 s', '12 min', '2 h 5 min', '3 d 4 h'."""
+    s = max(0, round(seconds))
+    if s < 90:
+        return f"{s} s"
+    if s < 90 * 60:
+        return f"{round(s / 60)} min"
+    if s < 48 * 3600:
+        hours, minutes = divmod(round(s / 60), 60)
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(round(s / 3600), 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+def _parse_iso(iso: Any) -> datetime | None:
+    """The broker's timestamps ('...Z'), as an aware datetime; None for anything unreadable."""
+    if not isinstance(iso, str):
+        return None
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _ago(iso: Any, now: float) -> str:
+    when = _parse_iso(iso)
+    return "never" if when is None else f"{_span(now - when.timestamp())} ago"
+
+
+def _local(iso: Any, now: float) -> str:
+    """A time of the broker's in this machine's time zone: '21:30:05', with the date if not today."""
+    when = _parse_iso(iso)
+    if when is None:
+        return "?"
+    local = when.astimezone()
+    same_day = local.date() == datetime.fromtimestamp(now).astimezone().date()
+    return local.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M")
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def _wrap(text: str, indent: str = "  ") -> list[str]:
+    return textwrap.wrap(text, CLI_WIDTH, initial_indent=indent, subsequent_indent=indent + "  ") or [indent]
+
+
+def _gpus_of(st: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """/v1/status's GPUs, each with its scheduler (a broker before several GPUs had only ``gpu``)."""
+    return st.get("gpus") or [{**st.get("gpu", {}), "scheduler": st.get("scheduler") or {}}]
+
+
+def _mib(value: Any) -> str:
+    return f"{value} MiB" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _state(value: Any, yes: str, no: str) -> str:
+    return "unknown" if value is None else yes if value else no
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    """Columns as wide as their widest cell, the first one cut short (``~``) if the lines would not fit."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    over = sum(widths) + 2 * (len(widths) - 1) - CLI_WIDTH
+    if over > 0:
+        widths[0] = max(8, widths[0] - over)
+
+    def cell(text: str, i: int) -> str:
+        if len(text) > widths[i]:
+            text = text[: widths[i] - 1] + "~"
+        return text.rjust(widths[i]) if i in right else text.ljust(widths[i])
+
+    return ["  ".join(cell(text, i) for i, text in enumerate(row)).rstrip() for row in [header, *rows]]
+
+
+def reservation_lines(res: Mapping[str, Any], now: float, indent: str = "  ") -> list[str]:
+    """A reservation ({reason, until, left_s, unloaded, not_unloaded}) for people."""
+    text = f"reserved: {res.get('reason') or 'no reason given'}"
+    if isinstance(res.get("left_s"), (int, float)):
+        text += f", {_span(res['left_s'])} left"
+    if res.get("until"):
+        text += f" (until {_local(res['until'], now)})"
+    lines = _wrap(text, indent)
+    if res.get("unloaded"):
+        lines += _wrap("unloaded: " + ", ".join(map(str, res["unloaded"])), indent + "  ")
+    not_unloaded = res.get("not_unloaded")
+    if not_unloaded:
+        items = (
+            not_unloaded.items() if isinstance(not_unloaded, Mapping) else [(n, None) for n in not_unloaded]
+        )
+        text = ", ".join(f"{name} ({why})" if why else str(name) for name, why in items)
+        lines += _wrap("not unloaded: " + text, indent + "  ")
+    return lines
+
+
+def gpu_lines(gpu: Mapping[str, Any], now: float) -> list[str]:
+    """One GPU: its memory line, who holds it and the queue, its reservation."""
+    head = f"GPU {gpu.get('index')}" + (f" {gpu['name']}" if gpu.get("name") else "")
+    if gpu.get("error"):
+        text = f"{head}: cannot read it: {gpu['error']}"
+    else:
+        text = f"{head}: {gpu.get('used_mib')} of {gpu.get('total_mib')} MiB used, {gpu.get('free_mib')} free"
+        if gpu.get("utilization_pct") is not None:
+            text += f", {gpu['utilization_pct']} % busy"
+        if gpu.get("temperature_c") is not None:
+            text += f", {gpu['temperature_c']} C"
+    lines = _wrap(text, "")
+    scheduler = gpu.get("scheduler") or {}
+    holder = scheduler.get("holder")
+    if holder:
+        text = f"held by {holder.get('consumer')}: {_plural(holder.get('jobs', 0), 'job')}"
+        if holder.get("holds"):
+            text += f", {_plural(holder['holds'], 'hold')}"
+        text += f", for {_span(holder.get('held_s', 0))}"
+    else:
+        text = "idle"
+    lines += _wrap(f"{text}; {len(scheduler.get('queue') or [])} queued")
+    if gpu.get("reservation"):
+        lines += reservation_lines(gpu["reservation"], now)
+    return lines
+
+
+def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
+    """``ps``: one line per consumer, then each GPU's memory, holder and reservation."""
+    gpus = _gpus_of(st)
+    several = len(gpus) > 1
+    running: dict[str, int] = {}
+    queued: dict[str, int] = {}
+    for gpu in gpus:
+        scheduler = gpu.get("scheduler") or {}
+        holder = scheduler.get("holder")
+        if holder:
+            # A hold (ComfyUI rendering after its answer) is work running too.
+            work = holder.get("jobs", 0) + holder.get("holds", 0)
+            running[holder["consumer"]] = running.get(holder["consumer"], 0) + work
+        for job in scheduler.get("queue") or []:
+            queued[job["consumer"]] = queued.get(job["consumer"], 0) + 1
+    header = [
+        "CONSUMER",
+        "GPU",
+        "HEALTH",
+        "RESIDENT",
+        "USED",
+        "PEAK",
+        "DECLARED",
+        "LAST USE",
+        "RUNNING",
+        "QUEUED",
+    ]
+    rows, notes = [], []
+    for name, c in (st.get("consumers") or {}).items():
+        rows.append(
+            [
+                name,
+                str(c.get("gpu", "")),
+                _state(c.get("healthy"), "healthy", "down"),
+                _state(c.get("loaded"), "yes", "no"),
+                _mib(c.get("vram_used_mib")),
+                _mib(c.get("vram_peak_mib")),
+                _mib(c.get("vram_resident_mib")),
+                _ago(c.get("last_used"), now),
+                str(running.get(name, 0)),
+                str(queued.get(name, 0)),
+            ]
+        )
+        if c.get("healthy") is False and c.get("last_error"):
+            notes += _wrap(f"{name}: {c['last_error']}")
+    right = {1, 4, 5, 6, 8, 9}
+    if not several:  # one GPU: no GPU column
+        header.pop(1)
+        rows = [row[:1] + row[2:] for row in rows]
+        right = {i - 1 for i in right if i > 1}
+    lines = _table(header, rows, right) + notes
+    for gpu in gpus:
+        lines += ["", *gpu_lines(gpu, now)]
+    return lines
+
+
+def render_status(st: Mapping[str, Any], url: str, now: float) -> list[str]:
+    """``status``: the broker, then each GPU with its counters."""
+    lines = [f"mgpumanager {st.get('version')} at {url}, up {_span(st.get('uptime_s') or 0)}"]
+    for gpu in _gpus_of(st):
+        stats = (gpu.get("scheduler") or {}).get("stats") or {}
+        lines += ["", *gpu_lines(gpu, now)]
+        if stats:
+            lines += _wrap("counters: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stats.items()))
+    return lines
+
+
+def _event_value(value: Any) -> str:
+    if isinstance(value, str):
+        return (
+            json.dumps(value)
+            if not value or _LOGFMT_QUOTE.search(value) or not value.isprintable()
+            else value
+        )
+    return json.dumps(value, separators=(",", ":"))
+
+
+def format_event(event: Mapping[str, Any]) -> str:
+    """One line per event: its local time, its name, its fields (those that are not null)."""
+    when = _parse_iso(event.get("ts"))
+    clock = when.astimezone().strftime("%H:%M:%S.%f")[:-3] if when else "?"
+    fields = " ".join(
+        f"{k}={_event_value(v)}" for k, v in event.items() if k not in ("event", "ts") and v is not None
+    )
+    return f"{clock} {event.get('event')} {fields}".rstrip()
+
+
+def cli_ps(client: Client, args: argparse.Namespace) -> int:
+    print("\n".join(render_ps(client.call("GET", "/v1/status"), time.time())))
+    return 0
+
+
+def cli_status(client: Client, args: argparse.Namespace) -> int:
+    st = client.call("GET", "/v1/status")
+    print(json.dumps(st, indent=2) if args.json else "\n".join(render_status(st, client.url, time.time())))
+    return 0
+
+
+def cli_consumer(client: Client, args: argparse.Namespace) -> int:
+    """``unload NAME`` and ``load NAME``."""
+    path = f"/v1/consumers/{quote(args.name, safe='')}/{args.verb}"
+    answer = client.call("POST", path, timeout_s=CLI_ADMIN_TIMEOUT_S)
+    loaded = answer.get("loaded")
+    if args.verb == "unload" or loaded is True:
+        text = f"{args.verb}ed {args.name}"
+    else:  # a load that left it not resident (or unknown): it has no load route
+        state = "not resident" if loaded is False else "of unknown residency"
+        text = (
+            f"made room for {args.name}, which is {state} (without a load route it loads with its first job)"
+        )
+    if answer.get("evictions"):
+        text += f", after unloading {_plural(answer['evictions'], 'other consumer')}"
+    print(text)
+    return 0
+
+
+def cli_reload(client: Client, args: argparse.Namespace) -> int:
+    changes = client.call("POST", "/v1/reload").get("changes") or []
+    print("reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
+    return 0
+
+
+def cli_reserve(client: Client, args: argparse.Namespace) -> int:
+    seconds = args.duration
+    body: dict[str, Any] = {"for_s": int(seconds) if float(seconds).is_integer() else seconds}
+    if args.reason is not None:
+        body["reason"] = args.reason
+    if args.gpu is not None:
+        body["gpu"] = args.gpu
+    answer = client.call("POST", "/v1/reserve", body, timeout_s=CLI_ADMIN_TIMEOUT_S)
+    gpu = answer.get("gpu", args.gpu)
+    print(f"GPU {gpu} reserved" if gpu is not None else "reserved")
+    print("\n".join(reservation_lines(answer, time.time())))
+    return 0
+
+
+def cli_release(client: Client, args: argparse.Namespace) -> int:
+    path = "/v1/reserve" + (f"?gpu={args.gpu}" if args.gpu is not None else "")
+    answer = client.call("DELETE", path)
+    gpu = answer.get("gpu", args.gpu) if isinstance(answer, dict) else args.gpu
+    what = f"GPU {gpu}" if gpu is not None else "the GPU"
+    was_reserved = not (isinstance(answer, dict) and answer.get("released") is False)
+    print(f"{what} released" if was_reserved else f"{what} was not reserved")
+    return 0
+
+
+def cli_events(client: Client, args: argparse.Namespace) -> int:
+    """Follow /v1/events, one line per event, until Ctrl-C (exit 0) or the broker ends the stream."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    query = "" if args.since is None else f"?since={args.since:g}"
+    timeout = client.timeout_s or CLI_EVENTS_TIMEOUT_S
+    try:
+        with client.open("GET", "/v1/events" + query, timeout_s=CLI_EVENTS_TIMEOUT_S) as resp:
+            data: list[str] = []
+            while True:
+                try:
+                    line = resp.readline()
+                except (OSError, http.client.HTTPException) as e:
+                    raise client.unreachable(e, timeout) from None
+                if not line:
+                    raise CliError(
+                        1, "the broker ended the event stream (shutting down, or this reader fell behind)"
+                    )
+                text = line.decode("utf-8", "replace").rstrip("\r\n")
+                if text.startswith("data:"):
+                    data.append(text[6:] if text.startswith("data: ") else text[5:])
+                elif not text and data:
+                    try:
+                        print(format_event(json.loads("\n".join(data))), flush=True)
+                    except ValueError:
+                        print("\n".join(data), flush=True)
+                    data = []
+    except KeyboardInterrupt:
+        return 0
+
+
+VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
+    "ps": cli_ps,
+    "status": cli_status,
+    "unload": cli_consumer,
+    "load": cli_consumer,
+    "reload": cli_reload,
+    "reserve": cli_reserve,
+    "release": cli_release,
+    "events": cli_events,
+}
+
+
+def add_verbs(parser: argparse.ArgumentParser) -> None:
+    """The verbs, each with --url, --token-file and --timeout."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help=f"the broker (default: $MGPUMANAGER_URL, else {DEFAULT_URL})")
+    common.add_argument(
+        "--token-file", metavar="FILE", help="read the bearer token from FILE (default: $MGPUMANAGER_TOKEN)"
+    )
+    common.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help=f"wait at most this long for each answer (default {CLI_TIMEOUT_S:g} s;"
+        f" {CLI_ADMIN_TIMEOUT_S:g} s for load, unload and reserve)",
+    )
+    verbs = parser.add_subparsers(
+        dest="verb", metavar="VERB", title="verbs (they talk to a running broker; without one, run it)"
+    )
+    verbs.add_parser("ps", parents=[common], help="consumers, GPUs and reservations in one table")
+    status = verbs.add_parser("status", parents=[common], help="a summary with the counters")
+    status.add_argument("--json", action="store_true", help="print /v1/status as it is")
+    for verb, text in (("unload", "unload a consumer now"), ("load", "make room for a consumer and load it")):
+        verbs.add_parser(verb, parents=[common], help=text).add_argument("name", metavar="NAME")
+    verbs.add_parser("reload", parents=[common], help="re-read the broker's config, as SIGHUP does")
+    reserve = verbs.add_parser(
+        "reserve", parents=[common], help="unload everything on a GPU and keep jobs off it for DURATION"
+    )
+    reserve.add_argument(
+        "duration", type=_duration, metavar="DURATION", help="90s, 30m, 2h, 1h30m or seconds"
+    )
+    reserve.add_argument("--reason", metavar="TEXT", help="what the GPU is for (shown to refused jobs)")
+    reserve.add_argument("--gpu", type=int, metavar="N", help="which GPU, where there are several")
+    release = verbs.add_parser("release", parents=[common], help="end a reservation")
+    release.add_argument("--gpu", type=int, metavar="N", help="which GPU, where there are several")
+    events = verbs.add_parser("events", parents=[common], help="follow the event stream until Ctrl-C")
+    events.add_argument(
+        "--since",
+        type=_seconds,
+        metavar="SECONDS",
+        help=f"first the events of the last SECONDS (up to {EVENT_RING_S:g})",
+    )
+
+
+def run_verb(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
+    """Run a verb: 0 done, 1 the broker could not be reached, 2 it refused; the reason on stderr."""
+    try:
+        client = Client(cli_url(args.url, environ), cli_token(args.token_file, environ), args.timeout)
+        return VERBS[args.verb](client, args)
+    except CliError as e:
+        print(f"mgpumanager {args.verb}: {e.message}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `mgpumanager.py events | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="mgpumanager", description="GPU-inference broker: one door to one GPU."
+        prog="mgpumanager",
+        description="GPU-inference broker: one door to one GPU. Without a VERB it runs the broker;"
+        " a VERB talks to a running one.",
     )
     parser.add_argument("--config", default="consumers.yaml", help="YAML config (default: ./consumers.yaml)")
     parser.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen")
@@ -5992,7 +6941,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+    add_verbs(parser)
     args = parser.parse_args(argv)
+    if args.verb is not None:
+        return run_verb(args)
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter(journal="JOURNAL_STREAM" in os.environ))

@@ -3800,6 +3800,35 @@ async def test_hold_that_never_completes_releases_the_lock_at_its_timeout(rig):
     assert (await r.post("tts", {"text": "next"}))[0] == 200
 
 
+async def test_a_hold_ends_with_an_event_released_timeout_abandoned_or_cut(rig):
+    def short(raw):
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 0.3
+
+    def ended() -> list[dict[str, Any]]:
+        return [e for e in r.broker.events.recent(900) if e["event"] == "hold_ended"]
+
+    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 0.5}})
+    assert (await r.post("image", {"prompt": {}}))[0] == 200
+    assert (await r.post("tts", {"text": "waits for the render"}))[0] == 200
+    await until(lambda: r.broker.scheduler.holder is None and len(ended()) == 1)
+    names = [(e["event"], e.get("consumer")) for e in r.broker.events.recent(900) if "job" in e]
+    # The hold's end comes after its job's answer and before the job waiting for the GPU gets it.
+    assert names.index(("finished", "comfyui")) < names.index(("hold_ended", "comfyui"))
+    assert names.index(("hold_ended", "comfyui")) < names.index(("granted", "mvoice"))
+    event = ended()[0]
+    assert event.items() >= {"job": 1, "consumer": "comfyui", "kind": "image", "gpu": 0}.items()
+    assert event["outcome"] == "released" and event["hold_s"] >= 0.4
+
+    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 3600}}, tweak=short)
+    assert (await r.post("image", {"prompt": {}}))[0] == 200
+    await until(lambda: len(ended()) == 1)
+    assert ended()[0]["outcome"] == "timeout"
+    assert (await r.post("image", {"prompt": {}}))[0] == 200
+    await r.broker.scheduler.close()  # as at shutdown: the hold is cut short
+    assert [e["outcome"] for e in ended()] == ["timeout", "cut"]
+    assert r.stats.hold_abandoned == 0  # not the consumer's doing: it is not seen down
+
+
 async def test_an_absurdly_nested_answer_starts_no_hold_and_frees_the_lock(rig):
     async def prompt(request: web.Request) -> web.Response:
         return web.Response(body=b"[" * 100_000 + b"]" * 100_000, content_type="application/json")
@@ -5109,6 +5138,128 @@ async def test_event_stream_heartbeats_and_drops_a_reader_that_falls_behind(rig,
         assert b"event: test" not in body  # what it missed is gone: it reconnects and reads /v1/status
 
 
+async def _read_replay(resp: aiohttp.ClientResponse) -> list[dict[str, Any]]:
+    """The events a ``since`` stream replays, up to its ``: replayed N`` line (N checked)."""
+    events = []
+    while True:
+        line = await asyncio.wait_for(resp.content.readline(), 10)
+        assert line, "the stream ended"
+        if line.startswith(b"data: "):
+            events.append(json.loads(line[6:]))
+        elif line.startswith(b": replayed "):
+            assert int(line.split()[-1]) == len(events)
+            return events
+
+
+def test_the_event_ring_keeps_the_last_events_by_count_and_by_age():
+    clock = FakeClock()
+    events = m.Events(ring=5, ring_s=900, clock=clock)
+    for i in range(8):
+        events.publish("test", n=i)
+        clock.now += 1
+    assert [e["n"] for e in events.recent(900)] == [3, 4, 5, 6, 7]  # the count bound
+    assert [e["n"] for e in events.recent(2.5)] == [6, 7]  # published 2 s and 1 s ago
+    assert events.recent(0.5) == []
+    clock.now += 890
+    events.publish("test", n=8)  # 1898: n=4 was published 894 s ago
+    assert [e["n"] for e in events.recent(900)] == [4, 5, 6, 7, 8]
+    clock.now += 6.5
+    assert [e["n"] for e in events.recent(900)] == [5, 6, 7, 8]  # older than 15 minutes: forgotten
+    clock.now += 900
+    events.publish("test", n=9)
+    assert [n for _, e in events.ring for n in [e["n"]]] == [9]  # a publish forgets too
+    # Every event is kept, with or without subscribers, in the shape the stream sends.
+    assert set(events.recent(1)[0]) == {"event", "ts", "n"}
+
+
+async def test_events_since_replays_the_recent_past_then_goes_live(rig, monkeypatch):
+    monkeypatch.setattr(m, "EVENT_RING", 6)
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    r.broker.events.ring.clear()  # the first health round's events
+    assert (await r.post("tts", {"text": "before anyone listened"}))[0] == 200
+    await until(lambda: r.broker.events.ring and r.broker.events.ring[-1][1]["event"] == "finished")
+    assert [e["event"] for _, e in r.broker.events.ring] == ["queued", "granted", "started", "finished"]
+    async with r.session.get(r.url("/v1/events?since=900")) as stream:
+        past = await _read_replay(stream)
+        assert [e["event"] for e in past] == ["queued", "granted", "started", "finished"]
+        assert (await r.post("tts", {"text": "live"}))[0] == 200
+        live = await _read_events(stream, "finished")
+        assert [e["event"] for e in live] == ["queued", "granted", "started", "finished"]
+        assert live[0]["job"] == past[0]["job"] + 1
+    # The ring holds EVENT_RING events: the first job's first two are gone.
+    async with r.session.get(r.url("/v1/events?since=900")) as stream:
+        past = await _read_replay(stream)
+        assert [(e["job"], e["event"]) for e in past] == [
+            (1, "started"),
+            (1, "finished"),
+            (2, "queued"),
+            (2, "granted"),
+            (2, "started"),
+            (2, "finished"),
+        ]
+    # since=0 replays nothing; without since nothing is replayed either (as before).
+    for query in ("?since=0", ""):
+        async with r.session.get(r.url("/v1/events" + query)) as stream:
+            assert await stream.content.readline() == b": mgpumanager events\n"
+            await stream.content.readline()
+            r.broker.events.publish("test", n=1)
+            assert (await _read_events(stream, "test"))[0]["n"] == 1
+    # Events older than since, or than EVENT_RING_S, are not replayed.
+    later = r.broker.events.clock() + 60
+    monkeypatch.setattr(r.broker.events, "clock", lambda: later)
+    async with r.session.get(r.url("/v1/events?since=30")) as stream:
+        assert await _read_replay(stream) == []
+    for bad in ("abc", "-1", "inf", "nan", ""):
+        async with r.session.get(r.url("/v1/events"), params={"since": bad}) as resp:
+            error = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_request")
+            assert "since" in error["message"]
+
+
+async def test_the_switch_from_replay_to_live_loses_and_repeats_no_event(rig):
+    r = await rig()
+    events = r.broker.events
+    events.ring.clear()  # the first health round's events
+    for n in range(5000):  # a replay of 10 MiB: more than the sockets buffer, so writing it waits
+        events.publish("test", n=n, pad="x" * 2048)
+    marker_seen = asyncio.Event()
+    during: list[int] = []  # published after the client asked and before it read the end of the replay
+
+    async def publisher() -> None:
+        n = 5000
+        # While the replay is written (at most 200: a reader 256 events behind is dropped), then after.
+        while not marker_seen.is_set() and n < 5200:
+            events.publish("test", n=n)
+            if events.subscribers:
+                during.append(n)
+            n += 1
+            await asyncio.sleep(0.001)
+        await marker_seen.wait()
+        for later in range(n, n + 100):
+            events.publish("test", n=later)
+        events.publish("test", n=-1)
+
+    task = asyncio.ensure_future(publisher())
+    try:
+        seen: list[int] = []
+        replayed = None
+        async with r.session.get(r.url("/v1/events?since=900")) as stream:
+            while not seen or seen[-1] != -1:
+                line = await asyncio.wait_for(stream.content.readline(), 10)
+                assert line, "the stream ended"
+                if line.startswith(b": replayed "):
+                    replayed = int(line.split()[-1])
+                    marker_seen.set()
+                elif line.startswith(b"data: "):
+                    seen.append(json.loads(line[6:])["n"])
+        seen.pop()
+        assert replayed is not None and replayed >= 5000
+        assert seen == list(range(len(seen))) and not events.dropped  # no gap, no repeat
+        assert [n for n in during if n >= replayed], "no event came while the replay was written"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_the_job_log_line_has_every_field(rig, caplog):
     r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 0.2}})
     assert (await r.post("image", {"prompt": {}}, headers={"X-Request-ID": "img-1"}))[0] == 200
@@ -5236,8 +5387,6 @@ async def test_dashboard_in_a_real_browser_shows_consumers_holder_and_evictions(
         await browser.screenshot(tmp_path / "dashboard.png")
         assert (await image)[0] == 200
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
-    if os.environ.get("MGPU_SCREENSHOT"):  # how README's picture is made
-        shutil.copy(tmp_path / "dashboard.png", os.environ["MGPU_SCREENSHOT"])
 
 
 async def test_dashboard_with_two_gpus_draws_each_with_its_own_holder(rig, tmp_path):
@@ -5264,6 +5413,13 @@ async def test_dashboard_with_two_gpus_draws_each_with_its_own_holder(rig, tmp_p
             " && [...document.querySelectorAll('.legend')].map(l => l.textContent)"
         )
         assert "comfyui" not in legends[0] and "comfyui 13000 MiB" in legends[1]
+        # The timeline: a lane per consumer on each GPU, comfyui's job on GPU 1's.
+        lanes = await browser.wait_for(
+            '!!document.querySelector(\'.tl-gpu[data-gpu="1"] .tl-row[data-consumer="comfyui"] .tl-run\')'
+            " && [...document.querySelectorAll('.tl-gpu')].map((g) => [g.dataset.gpu,"
+            " [...g.querySelectorAll('.tl-row')].map((r) => r.dataset.consumer || r.dataset.lane)])"
+        )
+        assert lanes == [["0", ["queue", "mvoice", "ollama", "whisper"]], ["1", ["queue", "comfyui"]]]
         assert (await image)[0] == 200
 
 
@@ -6258,3 +6414,523 @@ async def test_the_whisper_cpp_preset_speaks_whispersim(rig, caplog):
     assert [rec.path for rec in r.sims["whisper"].work] == ["/inference"]
     await until(lambda: len(job_lines(caplog)) == 1)
     assert " consumer=whisper kind=stt " in job_lines(caplog)[0]
+
+
+# =====================================================================================================
+# The command line: verbs against a running broker, each a process of its own
+# =====================================================================================================
+
+
+async def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, str, str]:
+    """``mgpumanager.py VERB ...`` as its own process (asynchronously: the sims answer in this loop); its
+    exit status, stdout and stderr. MGPUMANAGER_* from the test's environment are not passed on."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MGPUMANAGER_")} | (env or {})
+    proc = await asyncio.create_subprocess_exec(
+        PY,
+        str(HERE / "mgpumanager.py"),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=environ,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def ps_rows(out: str) -> dict[str, list[str]]:
+    """``ps``'s consumer rows by name, cells split where two spaces part them."""
+    lines = out.splitlines()
+    rows = {}
+    for line in lines[1 : lines.index("")]:
+        if not line.startswith(" "):  # indented lines are notes on a row
+            cells = re.split(r"\s{2,}", line.strip())
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+async def test_cli_ps_and_status_against_a_running_daemon(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}, "comfyui": {"work_s": 3}})
+    r.sims["whisper"].faults["health_status"] = 503
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        url = daemon.url("")
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "warm"}) as resp:
+            assert resp.status == 200
+        image = asyncio.ensure_future(
+            post_json(r.session, daemon.url("/v1/image"), {"prompt": {}})
+        )  # evicts mvoice
+        await daemon.until(r.session, lambda st: (st["scheduler"]["holder"] or {}).get("holds") == 1)
+        tts = asyncio.ensure_future(post_json(r.session, daemon.url("/v1/tts"), {"text": "waits"}))
+        await daemon.until(r.session, lambda st: len(st["scheduler"]["queue"]) == 1)
+        rc, out, err = await cli("ps", "--url", url)
+        assert (rc, err) == (0, ""), err
+        lines = out.splitlines()
+        assert max(map(len, lines)) <= 100
+        assert re.split(r"\s{2,}", lines[0]) == [
+            "CONSUMER",
+            "HEALTH",
+            "RESIDENT",
+            "USED",
+            "PEAK",
+            "DECLARED",
+            "LAST USE",
+            "RUNNING",
+            "QUEUED",
+        ]
+        rows = ps_rows(out)
+        assert list(rows) == ["mvoice", "comfyui", "ollama", "whisper"]
+        # mvoice: evicted for the render, its next job queued; comfyui: rendering after its answer.
+        assert rows["mvoice"][:5] == ["healthy", "no", "-", "-", "2800 MiB"]
+        assert re.fullmatch(r"\d+ s ago", rows["mvoice"][5]) and rows["mvoice"][6:] == ["0", "1"]
+        assert rows["comfyui"][:2] == ["healthy", "yes"] and rows["comfyui"][6:] == ["1", "0"]
+        assert rows["ollama"][1] == "unknown" and rows["ollama"][4:] == ["8000 MiB", "never", "0", "0"]
+        assert rows["whisper"][:2] == ["down", "unknown"]
+        assert "  whisper: health answered 503" in lines  # why it is down, under the table
+        gpu = lines[lines.index("") + 1 :]
+        assert re.fullmatch(r"GPU 0 .*: \d+ of 16384 MiB used, \d+ free, \d+ % busy, \d+ C", gpu[0])
+        assert re.fullmatch(r"  held by comfyui: 0 jobs, 1 hold, for \d+ s; 1 queued", gpu[1])
+
+        rc, out, err = await cli("status", "--json", "--url", url)
+        assert (rc, err) == (0, "")
+        st = json.loads(out)
+        assert st["scheduler"]["holder"]["consumer"] == "comfyui" and set(st["consumers"]) == set(rows)
+        rc, out, err = await cli("status", "--url", url)
+        assert (rc, err) == (0, "")
+        assert re.match(rf"mgpumanager {m.VERSION} at {re.escape(url.rstrip('/'))}, up \d+ s\n", out)
+        assert "held by comfyui" in out and re.search(r"counters: jobs 3, completed 2, .*evictions 1", out)
+        assert (await image)[0] == 200 and (await tts)[0] == 200
+
+
+async def test_cli_unload_load_reload_and_the_brokers_refusals(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
+    async with daemon:
+        url = daemon.url("")
+        assert await cli("unload", "mvoice", "--url", url) == (0, "unloaded mvoice\n", "")
+        assert r.sims["mvoice"].unloads == 1
+        assert (await post_json(r.session, daemon.url("/v1/image"), {"prompt": {}}))[0] == 200
+        # mvoice does not fit beside comfyui: loading it unloads comfyui first.
+        expected = "loaded mvoice, after unloading 1 other consumer\n"
+        assert await cli("load", "mvoice", "--url", url) == (0, expected, "")
+        assert (r.sims["comfyui"].unloads, r.sims["mvoice"].loads) == (1, 1)
+        # comfyui has no load route: room is made, and it loads with its first job.
+        expected = (
+            "made room for comfyui, which is not resident (without a load route it loads with its first"
+            " job), after unloading 1 other consumer\n"
+        )
+        assert await cli("load", "comfyui", "--url", url) == (0, expected, "")
+        assert r.sims["mvoice"].unloads == 2
+        rc, out, err = await cli("unload", "nosuch", "--url", url)
+        assert (rc, out, err) == (2, "", "mgpumanager unload: no consumer named 'nosuch' (no_consumer)\n")
+        rc, out, err = await cli("unload", "whisper", "--url", url)
+        assert (rc, out) == (2, "") and "whisper has no unload route (bad_request)" in err
+        assert await cli("reload", "--url", url) == (0, "reloaded: nothing changed\n", "")
+        raw = yaml.safe_load(daemon.config.read_text())
+        raw["consumers"]["whisper"]["priority"] = 1
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        assert await cli("reload", "--url", url) == (0, "reloaded: changed whisper\n", "")
+        raw["consumers"]["whisper"]["priority"] = 9
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        rc, out, err = await cli("reload", "--url", url)
+        assert (rc, out) == (2, "") and "config refused, the old one stays" in err and "(bad_config)" in err
+    assert daemon.proc.returncode == 0
+
+
+async def test_cli_exit_1_when_the_broker_cannot_be_reached_or_is_not_a_broker(rig):
+    nobody = f"http://127.0.0.1:{free_port()}"
+    rc, out, err = await cli("ps", "--url", nobody)
+    assert (rc, out, err) == (
+        1,
+        "",
+        f"mgpumanager ps: cannot reach the broker at {nobody}: connection refused\n",
+    )
+    rc, _, err = await cli("events", "--url", nobody)
+    assert rc == 1 and "connection refused" in err
+    rc, _, err = await cli("ps", "--url", "http://no-such-host.invalid:8770")
+    assert rc == 1 and "cannot resolve the host" in err
+
+    async def silent(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.Response()
+
+    async def html(request: web.Request) -> web.Response:
+        return web.Response(status=404, text="<h1>Not Found</h1>", content_type="text/html")
+
+    async def text(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    async with StandIn([("GET", "/v1/status", silent)]) as stand_in:
+        rc, _, err = await cli("ps", "--url", stand_in.url, "--timeout", "0.5")
+        assert rc == 1 and err.endswith(": no answer within 0.5 s\n"), err
+    async with StandIn([("GET", "/v1/status", html)]) as stand_in:
+        rc, _, err = await cli("ps", "--url", stand_in.url)
+        assert rc == 1 and "answered 404 Not Found, not a mgpumanager broker?" in err
+    async with StandIn([("GET", "/v1/status", text)]) as stand_in:
+        rc, _, err = await cli("status", "--url", stand_in.url)
+        assert rc == 1 and "did not answer JSON" in err
+
+
+async def test_cli_url_comes_from_the_flag_else_the_environment_else_the_default(rig):
+    assert m.cli_url(None, {}) == "http://127.0.0.1:8770"
+    assert m.cli_url(None, {"MGPUMANAGER_URL": "http://mrock:8770/"}) == "http://mrock:8770"
+    assert m.cli_url("mrock:9000", {"MGPUMANAGER_URL": "http://x:1"}) == "http://mrock:9000"
+    with pytest.raises(m.CliError) as refused:
+        m.cli_url("ftp://mrock", {})
+    assert refused.value.code == 2
+    r = await rig()
+    nobody = f"http://127.0.0.1:{free_port()}"
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        url = daemon.url("")
+        assert (await cli("ps", env={"MGPUMANAGER_URL": url}))[0] == 0
+        rc, _, err = await cli("ps", "--url", nobody, env={"MGPUMANAGER_URL": url})
+        assert rc == 1 and nobody in err  # the flag wins
+        assert (await cli("ps", "--url", url, env={"MGPUMANAGER_URL": nobody}))[0] == 0
+        assert (await cli("ps", "--url", f"127.0.0.1:{daemon.port}"))[0] == 0  # host:port is http
+
+
+async def test_cli_sends_the_token_from_the_environment_or_the_token_file(rig, tmp_path):
+    r = await rig(tweak=with_token)
+    token_file, wrong_file = tmp_path / "token", tmp_path / "wrong"
+    token_file.write_text(TOKEN + "\n")
+    wrong_file.write_text("wrong-token-0123456789\n")
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        url = daemon.url("")
+        rc, out, err = await cli("ps", "--url", url)
+        assert (rc, out) == (2, "") and "(unauthorized): set MGPUMANAGER_TOKEN or give --token-file" in err
+        assert (await cli("ps", "--url", url, env={"MGPUMANAGER_TOKEN": TOKEN}))[0] == 0
+        assert (await cli("ps", "--url", url, "--token-file", str(token_file)))[0] == 0
+        wrong = {"MGPUMANAGER_TOKEN": "wrong-token-0123456789"}
+        assert (await cli("ps", "--url", url, "--token-file", str(token_file), env=wrong))[0] == 0
+        assert (
+            await cli("ps", "--url", url, "--token-file", str(wrong_file), env={"MGPUMANAGER_TOKEN": TOKEN})
+        )[0] == 2  # the file wins
+        assert (await cli("unload", "mvoice", "--url", url, env={"MGPUMANAGER_TOKEN": TOKEN}))[0] == 0
+        rc, _, err = await cli("ps", "--url", url, "--token-file", str(tmp_path / "missing"))
+        assert rc == 2 and "cannot read --token-file" in err
+    assert TOKEN not in daemon.log
+
+
+async def test_cli_events_prints_one_line_per_event_and_stops_on_sigint(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        assert (await post_json(r.session, daemon.url("/v1/tts"), {"text": "x"}, request_id="t-1"))[0] == 200
+
+        async def events(*args: str) -> asyncio.subprocess.Process:
+            return await asyncio.create_subprocess_exec(
+                PY,
+                str(HERE / "mgpumanager.py"),
+                "events",
+                *args,
+                "--url",
+                daemon.url(""),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+
+        async def lines_until(proc: asyncio.subprocess.Process, last: str) -> list[str]:
+            """Its lines up to the one starting with ``last``, without their time (checked)."""
+            lines: list[str] = []
+            while not lines or not lines[-1].startswith(last):
+                line = await asyncio.wait_for(proc.stdout.readline(), 20)
+                assert line, "events ended"
+                clock, _, rest = line.decode().rstrip("\n").partition(" ")
+                assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3}", clock), line
+                lines.append(rest)
+            return lines
+
+        proc = await events("--since", "900")
+        try:
+            past = [
+                line for line in await lines_until(proc, "finished job=1 ") if not line.startswith("health")
+            ]
+            patterns = [
+                r"queued job=1 consumer=mvoice kind=tts gpu=0 priority=3 request_id=t-1",
+                r"granted job=1 consumer=mvoice kind=tts gpu=0 waited_s=[\d.]+",
+                r"started job=1 consumer=mvoice kind=tts gpu=0",
+                r"finished job=1 consumer=mvoice kind=tts gpu=0 http=200",  # code=null is left out
+            ]
+            assert len(past) == 4 and all(map(re.fullmatch, patterns, past)), past
+            assert (await post_json(r.session, daemon.url("/v1/tts"), {"text": "live"}))[0] == 200
+            live = await lines_until(proc, "finished job=2 ")
+            assert [line.split()[0] for line in live] == ["queued", "granted", "started", "finished"]
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(proc.wait(), 10) == 0
+        assert await proc.stderr.read() == b""  # no traceback
+        # The broker going away ends the stream: exit 1, saying so.
+        proc = await events("--since", "900")
+        await lines_until(proc, "finished job=2 ")  # it follows the stream now
+        daemon.terminate()
+        assert await asyncio.wait_for(proc.wait(), 30) == 1
+        assert b"the broker ended the event stream" in await proc.stderr.read()
+
+
+async def post_json(
+    session: aiohttp.ClientSession, url: str, payload: Any, request_id: str | None = None
+) -> tuple[int, bytes]:
+    headers = {"X-Request-ID": request_id} if request_id else {}
+    async with session.post(url, json=payload, headers=headers) as resp:
+        return resp.status, await resp.read()
+
+
+def test_cli_durations_are_seconds_minutes_hours_or_plain_seconds():
+    cases = {"90s": 90, "30m": 1800, "2h": 7200, "1h30m": 5400, "1.5h": 5400, "45": 45, " 2H ": 7200}
+    assert {text: m.parse_duration(text) for text in cases} == cases
+    for bad in ("", "0", "0s", "90x", "h", "1h 30m", "-5", "1e3", "2d"):
+        with pytest.raises(ValueError):
+            m.parse_duration(bad)
+
+
+async def test_cli_reserve_and_release_against_a_stand_in_of_the_reservation_routes(tmp_path):
+    seen: list[tuple[str, dict[str, str], Any, str | None]] = []
+
+    async def reserve(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(("POST", dict(request.query), body, request.headers.get("Authorization")))
+        if body.get("gpu") == 7:
+            error = {"error": "bad_request", "message": "no GPU 7", "consumer": None, "retryable": False}
+            return web.json_response(error, status=400)
+        return web.json_response(
+            {
+                "gpu": body.get("gpu", 0),
+                "reason": body.get("reason"),
+                "for_s": body["for_s"],
+                "until": m._iso(time.time() + body["for_s"]),
+                "left_s": body["for_s"],
+                "unloaded": ["mvoice", "comfyui"],
+                "not_unloaded": {"ollama": "vram_managed"},
+            }
+        )
+
+    async def release(request: web.Request) -> web.Response:
+        seen.append(("DELETE", dict(request.query), None, request.headers.get("Authorization")))
+        gpu = int(request.query.get("gpu", 0))
+        return web.json_response({"gpu": gpu, "released": gpu != 3})
+
+    token = {"MGPUMANAGER_TOKEN": TOKEN}
+    async with StandIn([("POST", "/v1/reserve", reserve), ("DELETE", "/v1/reserve", release)]) as broker:
+        rc, out, err = await cli(
+            "reserve", "90m", "--reason", "gaming", "--gpu", "1", "--url", broker.url, env=token
+        )
+        assert (rc, err) == (0, "")
+        assert seen.pop() == ("POST", {}, {"for_s": 5400, "reason": "gaming", "gpu": 1}, f"Bearer {TOKEN}")
+        lines = out.splitlines()
+        assert lines[0] == "GPU 1 reserved"
+        assert re.fullmatch(r"  reserved: gaming, 1 h 30 min left \(until \d\d:\d\d:\d\d\)", lines[1])
+        assert lines[2:] == ["    unloaded: mvoice, comfyui", "    not unloaded: ollama (vram_managed)"]
+        for given, seconds in (("2h", 7200), ("45", 45), ("1h30m", 5400), ("0.5", 0.5)):
+            assert (await cli("reserve", given, "--url", broker.url))[0] == 0
+            assert seen.pop() == ("POST", {}, {"for_s": seconds}, None)  # no reason, no GPU: the broker's
+        rc, out, err = await cli("reserve", "90x", "--url", broker.url)
+        assert (rc, out) == (2, "") and "give 90s, 30m, 2h, 1h30m or seconds" in err and not seen
+        rc, out, err = await cli("reserve", "1h", "--gpu", "7", "--url", broker.url)
+        assert (rc, out, err) == (2, "", "mgpumanager reserve: no GPU 7 (bad_request)\n")
+        seen.clear()
+        assert await cli("release", "--url", broker.url, env=token) == (0, "GPU 0 released\n", "")
+        assert seen.pop() == ("DELETE", {}, None, f"Bearer {TOKEN}")
+        assert await cli("release", "--gpu", "1", "--url", broker.url) == (0, "GPU 1 released\n", "")
+        assert seen.pop() == ("DELETE", {"gpu": "1"}, None, None)
+        assert await cli("release", "--gpu", "3", "--url", broker.url) == (0, "GPU 3 was not reserved\n", "")
+
+
+async def test_cli_ps_shows_measured_memory_reservations_and_several_gpus(rig):
+    """The broker's coming status fields (per-consumer measured memory, a GPU's reservation), from a stand-in
+    that serves a real broker's /v1/status with them added."""
+
+    def two_gpus(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["gpu"] = 1
+
+    r = await rig(gpus=2, sims={"comfyui": {"gpu": 1}, "mvoice": {"loaded": True}}, tweak=two_gpus)
+    st = await r.status()
+    st["consumers"]["mvoice"] |= {"vram_used_mib": 2790, "vram_peak_mib": 2950}
+    st["consumers"]["comfyui"] |= {"vram_used_mib": None, "vram_peak_mib": 13100}
+    st["consumers"]["a-consumer-with-a-name-that-is-long"] = st["consumers"].pop("whisper")
+    until_iso = m._iso(time.time() + 2 * 3600 + 60)
+    st["gpus"][1]["reservation"] = {
+        "reason": "gaming",
+        "until": until_iso,
+        "left_s": 2 * 3600 + 60,
+        "unloaded": ["comfyui"],
+        "not_unloaded": {"ollama": "vram_managed"},
+    }
+    st["gpus"][0]["reservation"] = None
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(st)
+
+    async with StandIn([("GET", "/v1/status", status)]) as broker:
+        rc, out, err = await cli("ps", "--url", broker.url)
+    assert (rc, err) == (0, "")
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= 100
+    assert lines[0].split()[:2] == ["CONSUMER", "GPU"]
+    rows = ps_rows(out)
+    assert rows["mvoice"][:7] == ["0", "healthy", "yes", "2790 MiB", "2950 MiB", "2800 MiB", "never"]
+    assert rows["comfyui"][:6] == ["1", "healthy", "unknown", "-", "13100 MiB", "13000 MiB"]
+    assert any(
+        name.endswith("~") and "a-consumer-with-a-name-that-is-long".startswith(name[:-1]) for name in rows
+    )
+    gpu0, gpu1 = (
+        lines.index(next(x for x in lines if x.startswith("GPU 0"))),
+        lines.index(next(x for x in lines if x.startswith("GPU 1"))),
+    )
+    assert lines[gpu0 + 1] == "  idle; 0 queued" and lines[gpu0 + 2] == ""  # no reservation on GPU 0
+    assert lines[gpu1 + 1 :] == [
+        "  idle; 0 queued",
+        f"  reserved: gaming, 2 h 1 min left (until {m._local(until_iso, time.time())})",
+        "    unloaded: comfyui",
+        "    not unloaded: ollama (vram_managed)",
+    ]
+
+
+# =====================================================================================================
+# The timeline: the dashboard draws the last 15 minutes from the events the broker replays
+# =====================================================================================================
+
+#: Every span the timeline draws: [lane, what, job, kind (or queue depth), outcome (or whether it went well)].
+TIMELINE_SPANS = """[...document.querySelectorAll('#timeline .tl-span')].map((s) => {
+  const row = s.closest('.tl-row');
+  return [row.dataset.consumer || row.dataset.lane, s.dataset.state, s.dataset.job || '',
+          s.dataset.kind || s.dataset.depth || '', s.dataset.outcome ?? s.dataset.ok ?? ''];
+})"""
+TIMELINE_RESERVATIONS = """[...document.querySelectorAll('#timeline .tl-resv')]
+  .map((r) => [r.closest('.tl-gpu').dataset.gpu, r.dataset.reason, r.dataset.why, r.dataset.open])"""
+
+
+async def point_at(browser: Browser, selector: str, *, tap: bool = False) -> str:
+    """Move the mouse onto (or tap, as a finger would) the middle of the element; the tooltip's text."""
+    for kind in ("mouseMoved", "mousePressed", "mouseReleased"):  # a click elsewhere hides the last one
+        await browser.call("Input.dispatchMouseEvent", type=kind, x=0, y=0, button="left", clickCount=1)
+    await browser.wait_for("document.getElementById('tip').hidden")
+    box = await browser.evaluate(
+        f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+        " return [r.left + r.width / 2, r.top + r.height / 2]; })()"
+    )
+    assert box, selector
+    x, y = box
+    if tap:
+        await browser.call("Emulation.setTouchEmulationEnabled", enabled=True, maxTouchPoints=1)
+        await browser.call("Input.dispatchTouchEvent", type="touchStart", touchPoints=[{"x": x, "y": y}])
+        await browser.call("Input.dispatchTouchEvent", type="touchEnd", touchPoints=[])
+        await browser.call("Emulation.setTouchEmulationEnabled", enabled=False)
+    else:
+        await browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+    return await browser.wait_for(
+        "!document.getElementById('tip').hidden && document.getElementById('tip').textContent"
+    )
+
+
+async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservations(rig, tmp_path):
+    # Redrawing the README's picture, the same sequence goes slower so that it fills the last minute.
+    slow = bool(os.environ.get("MGPU_SCREENSHOT"))
+    pause = 3.0 if slow else 0.0
+    mvoice = {"work_s": 1.5, "load_s": 2, "release_s": 1} if slow else {}
+    comfyui = {"work_s": 10, "release_s": 1.5} if slow else {"work_s": 1.5}
+    r = await rig(sims={"mvoice": {"loaded": True, **mvoice}, "comfyui": comfyui})
+    events = r.broker.events
+    assert (await r.post("tts", {"text": "one"}, headers={"X-Request-ID": "tts-1"}))[0] == 200  # job 1
+    await asyncio.sleep(pause)
+    # Job 2 evicts mvoice and renders 1.5 s after answering; job 3 waits for it, evicts comfyui, loads mvoice.
+    image = asyncio.ensure_future(r.post("image", {"prompt": {}}, headers={"X-Request-ID": "img-1"}))
+    await until(lambda: r.broker.scheduler.holds == 1)
+    tts = asyncio.ensure_future(r.post("tts", {"text": "two"}))
+    assert (await image)[0] == 200 and (await tts)[0] == 200
+    await until(lambda: r.broker.scheduler.holder is None)
+    async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:  # job 4, an admin unload
+        assert resp.status == 200
+    await asyncio.sleep(pause)
+    # The reservation events as the broker will publish them.
+    events.publish("reserved", gpu=0, reason="gaming", for_s=3600, until=m._iso(time.time() + 3600))
+    await asyncio.sleep(pause or 0.3)
+    events.publish("reservation_ended", gpu=0, why="released")
+    async with Browser(tmp_path) as browser:
+        # The page is opened after all this: what it draws is what the broker replays.
+        await browser.call("Page.navigate", url=r.url("/"))
+        lanes = await browser.wait_for(
+            "document.querySelectorAll('#timeline .tl-row').length === 5 && [...document.querySelectorAll("
+            "'#timeline .tl-row')].map((r) => r.dataset.consumer || r.dataset.lane)"
+        )
+        assert lanes == ["queue", "mvoice", "comfyui", "ollama", "whisper"]
+        await browser.wait_for("document.querySelectorAll('#timeline .tl-span').length >= 11")
+        spans = await browser.evaluate(TIMELINE_SPANS)
+        assert sorted(spans) == sorted(
+            [
+                ["mvoice", "run", "1", "tts", "completed"],
+                ["mvoice", "unload", "2", "", "true"],  # evicted for job 2
+                ["comfyui", "run", "2", "image", "completed"],
+                ["comfyui", "hold", "2", "image", "released"],
+                ["queue", "queue", "", "1", ""],  # job 3, while the render went on
+                ["mvoice", "wait", "3", "tts", ""],
+                ["comfyui", "unload", "3", "", "true"],  # evicted for job 3
+                ["mvoice", "load", "3", "", "true"],
+                ["mvoice", "run", "3", "tts", "completed"],
+                ["mvoice", "run", "4", "unload", "completed"],  # the admin unload holds the lock alone
+                ["mvoice", "unload", "4", "", "true"],
+            ]
+        )
+        assert await browser.evaluate(TIMELINE_RESERVATIONS) == [["0", "gaming", "released", "false"]]
+        # Live: a reservation is drawn open until it ends.
+        events.publish("reserved", gpu=0, reason="training", for_s=60, until=m._iso(time.time() + 60))
+        await browser.wait_for(f"{TIMELINE_RESERVATIONS}.length === 2")
+        assert (await browser.evaluate(TIMELINE_RESERVATIONS))[1] == ["0", "training", "", "true"]
+        await asyncio.sleep(pause)
+        events.publish("reservation_ended", gpu=0, why="expired")
+        await browser.wait_for(f"{TIMELINE_RESERVATIONS}[1][2] === 'expired'")
+
+        # Closer: the last minute, the page's clock stopped so that the spans stay under the pointer.
+        # A hover shows the job, a tap (as on a phone) an unload.
+        await browser.evaluate(
+            "window.realNow = Date.now; const stopped = Date.now(); Date.now = () => stopped"
+        )
+        await browser.evaluate("document.querySelector('#tl-zoom button[data-s=\\'60\\']').click()")
+        await browser.wait_for("document.querySelector('#tl-zoom button.on').dataset.s === '60'")
+        tip = await point_at(browser, '.tl-row[data-consumer="comfyui"] .tl-hold[data-job="2"]')
+        lines = tip.split("\n")
+        assert lines[:2] == ["comfyui image, job 2", "request id img-1"]
+        assert re.fullmatch(r"waited [\d.]+ s, ran [\d.]+ s, held [\d.]+ s", lines[2])
+        assert lines[3] == "completed (HTTP 200)" and re.fullmatch(r"[\d:]{8} to [\d:]{8}", lines[4])
+        tip = await point_at(browser, '.tl-row[data-consumer="mvoice"] .tl-unload[data-job="2"]', tap=True)
+        assert tip.startswith("mvoice unloaded for comfyui (job 2) in ")
+        tip = await point_at(browser, '.tl-row[data-consumer="mvoice"] .tl-wait[data-job="3"]')
+        assert re.match(r"mvoice tts, job 3\nrequest id \w+\nwaited [\d.]+ s, ran", tip)
+        tip = await point_at(browser, '.tl-row[data-consumer="mvoice"] .tl-unload[data-job="4"]')
+        assert tip.startswith("mvoice unloaded (admin) in ")
+
+        # The memory bar: measured memory where the broker has it, else the declared size of resident ones.
+        parts = await browser.evaluate(
+            "memoryParts({consumers: {"
+            " a: {gpu: 0, loaded: true, vram_resident_mib: 1000, vram_used_mib: 900},"
+            " b: {gpu: 0, loaded: true, vram_resident_mib: 500, vram_used_mib: null},"
+            " c: {gpu: 0, loaded: false, vram_resident_mib: 700},"
+            " d: {gpu: 0, loaded: false, vram_resident_mib: 300, vram_used_mib: 250},"
+            " e: {gpu: 1, loaded: true, vram_resident_mib: 300, vram_used_mib: 250}},"
+            " }, {index: 0, total_mib: 4000, free_mib: 2000})"
+            ".map((p) => [p.label, p.mib, p.measured ?? null])"
+        )
+        assert parts == [
+            ["a", 900, True],
+            ["b", 500, False],
+            ["d", 250, True],
+            ["other / unknown", 350, None],
+            ["free", 2000, None],
+        ]
+
+        # The README's picture: comfyui rendering again, the last minute drawn above.
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            await browser.call("Input.dispatchMouseEvent", type=kind, x=0, y=0, button="left", clickCount=1)
+        await browser.evaluate("Date.now = window.realNow")
+        image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+        await browser.wait_for(
+            '!!document.querySelector(\'.tl-row[data-consumer="comfyui"] .tl-hold[data-job="5"]\')'
+        )
+        await asyncio.sleep(pause)
+        await browser.screenshot(tmp_path / "dashboard.png")
+        assert (await image)[0] == 200
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    if os.environ.get("MGPU_SCREENSHOT"):  # how README's picture is made
+        shutil.copy(tmp_path / "dashboard.png", os.environ["MGPU_SCREENSHOT"])
