@@ -1269,12 +1269,15 @@ def summary(config: Config) -> str:
     several = len(gpu_indexes(config)) > 1
     lines.append(f"{'consumer':<12} {'vram MiB':>9} {'prio':>4} {'conc':>4}  eviction")
     for c in config.consumers.values():
-        if c.vram_managed:
-            how = "never (vram_managed)"
-        elif c.unload is None:
-            how = "never (no unload route)"
+        if c.unload is None:
+            how = "never (vram_managed)" if c.vram_managed else "never (no unload route)"
         else:
             how = describe_action(c.unload) + (f", load {describe_action(c.load)}" if c.load else "")
+            if c.vram_managed:
+                how = "last resort (vram_managed): " + how
+        if c.processes is not None:
+            keys = [f"{k} {v}" for k, v in (("unit", c.processes.unit), ("name", c.processes.name)) if v]
+            how += f"; measured: {', '.join(keys)}"
         if c.idle_unload_s:
             how += f"; idle unload after {c.idle_unload_s:g} s"
         if c.preload:
@@ -2629,14 +2632,15 @@ class Consumers:
         else:
             state.timed_out(reason, stopped=c.started_by_command)
 
-    def gone(self, name: str, reason: str) -> None:
-        """The consumer was seen gone: its state says so, and whoever waits on its work is told."""
+    def gone(self, name: str, reason: str, *, seen_by: str | None = None) -> None:
+        """The consumer was seen gone: its state says so, and whoever waits on its work is told (``seen_by``
+        what, for them)."""
         c, state = self.config.consumers.get(name), self.states.get(name)
         if c is None or state is None:
             return
         state.seen_down(reason, stopped=c.started_by_command)
         for listener in self.gone_listeners:
-            listener(name, reason)
+            listener(name, f"{seen_by}: {reason}" if seen_by else reason)
 
     async def probe(self, name: str) -> None:
         """One health probe: its verdict, and the residency the consumer reports (health's ``loaded``;
@@ -2675,8 +2679,7 @@ class Consumers:
         reported = loaded if isinstance(loaded, bool) and c.processes is None else None
         counted = state.probed(ok, reason, code, started, reported)
         if counted and error is not None and gone_reason(error, refused_only=True) is not None:
-            for listener in self.gone_listeners:
-                listener(name, reason or "gone")
+            self.gone(name, reason or "gone", seen_by="health probe")  # its work died with it
 
     async def probe_now(self, name: str) -> None:
         """Probe once more right away (a job for a consumer marked unhealthy asks before refusing it);
@@ -2735,7 +2738,13 @@ class Consumers:
                     )
                 )
             pids = frozenset(p.pid for p in mine if p.pid is not None)
-            self.states[c.name].measured(mib, pids, mib * 2 >= c.vram_resident_mib, reading.started)
+            state = self.states[c.name]
+            if state.pids and pids and not state.pids & pids:
+                # Every process it had is gone and others hold its memory now: it restarted, and what
+                # it was doing (a render a hold waits for) died with the old ones.
+                for listener in self.gone_listeners:
+                    listener(c.name, "its processes were replaced (restarted)")
+            state.measured(mib, pids, mib * 2 >= c.vram_resident_mib, reading.started)
 
     def owners(self) -> dict[int, str]:
         """pid -> consumer, from the latest readings of every GPU."""

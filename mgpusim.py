@@ -1897,22 +1897,15 @@ consumers:
     can_coexist_with: [ollama, whisper]
     priority: 3
   comfyui:                      # /prompt answers at once; the job holds the GPU until /history/<id> is set
+    preset: comfyui
     url: http://127.0.0.1:$comfyui
-    health: {method: GET, path: /system_stats}
-    paths:
-      image:
-        method: POST
-        path: /prompt
-        hold_until: {method: GET, path: "/history/{prompt_id}", poll_s: 0.2, timeout_s: 60}
     vram_resident_mib: 13000
-    unload: {method: POST, path: /free, body: {unload_models: true, free_memory: true}}
-  ollama:                       # runs its own model LRU: never evicted by the broker
+    processes: {name: "*/ComfyUI/*"}   # its memory measured in nvidia-smi's process list
+  ollama:                       # runs its own model LRU; asked to let go (/api/ps, keep_alive 0) only last
+    preset: ollama
     url: http://127.0.0.1:$ollama
-    health: {method: GET, path: /}
-    paths:
-      llm: {method: POST, path: /api/generate}
     vram_resident_mib: 8000
-    vram_managed: true
+    processes: {name: "*/ollama*"}
   whisper:                      # no unload route: never evicted
     url: http://127.0.0.1:$whisper
     health: {method: GET, path: /health}
@@ -1998,6 +1991,7 @@ class DemoRun:
         broker, *ports = free_ports(1 + len(DEMO_CONSUMERS))
         self.base = f"http://127.0.0.1:{broker}"
         self.ports = dict(zip(DEMO_CONSUMERS, ports, strict=True))
+        self.ollama = f"http://127.0.0.1:{self.ports['ollama']}"  # the simulated Ollama itself
         self.procs: list[subprocess.Popen[bytes]] = []
         self.log_pos = 0
         self.audio_path = "/audio/..."
@@ -2066,6 +2060,13 @@ class DemoRun:
         """GET /v1/status, parsed."""
         return json.loads(http(self.base + "/v1/status")[1])
 
+    def wait_idle(self, timeout_s: float = 30) -> None:
+        """Until no job or hold holds the GPU (a render goes on after its answer)."""
+        deadline = time.monotonic() + timeout_s
+        while self.status()["scheduler"]["holder"] is not None:
+            check(time.monotonic() < deadline, f"the GPU to be free within {timeout_s:g} s")
+            time.sleep(0.1)
+
     def residency(self, evictions: int, loaded: dict[str, bool]) -> None:
         """Print and check the status's eviction count and consumers' `loaded`."""
         st = self.status()
@@ -2106,7 +2107,7 @@ class DemoRun:
         check(msgs == want, f"broker.log to show {want}, not {msgs}")
         self.residency(2, {"mvoice": True, "comfyui": False})
 
-        print("\n4. A streamed LLM answer: ollama manages its own VRAM and fits beside mvoice.")
+        print("\n4. A streamed LLM answer: ollama fits beside mvoice, and keeps its model afterwards.")
         print(f"  $ {self.curl('/v1/llm', LLM_BODY)}\n    ", end="", flush=True)
         started, lines = time.monotonic(), []
         req = urllib.request.Request(self.base + "/v1/llm", json.dumps(LLM_BODY).encode(), JSON_HEADER)
@@ -2116,9 +2117,22 @@ class DemoRun:
                 print(lines[-1]["response"] or "[done]", end="", flush=True)
         print(f"\n    {len(lines)} NDJSON lines in {time.monotonic() - started:.2f} s, as ollama sent them")
         check(len(lines) == 9 and lines[-1]["done"], "8 tokens and a final done line")
+        models = [m["name"] for m in json.loads(http(self.ollama + "/api/ps")[1])["models"]]
+        print(f"    ollama's /api/ps afterwards: {', '.join(models)} (kept for its keep_alive, 5 minutes)")
+        check(models == ["demo"], "ollama to keep the model loaded")
+
+        title = "5. An image while ollama keeps its model: mvoice goes first, then ollama is asked to let go."
+        self.step(title, "/v1/image", {"prompt": {}})
+        self.wait_idle()
+        msgs = self.new_log("evicting", "evicted", "hold released")
+        want = ["evicting", "evicted", "evicting", "evicted", "hold released"]
+        check(msgs == want, f"broker.log to show {want}, not {msgs}")
+        models = json.loads(http(self.ollama + "/api/ps")[1])["models"]
+        print(f"    ollama's /api/ps now lists {len(models)} models; the render finished.")
+        check(models == [], "ollama to have let its model go")
 
         time.sleep(STATUS_AGE_S)  # /v1/status reads the GPU at most once a second
-        st = json.loads(self.step("5. What the broker knows now:", "/v1/status")[1])
+        st = json.loads(self.step("6. What the broker knows now:", "/v1/status")[1])
         gpu, stats = st["gpu"], st["scheduler"]["stats"]
         print(f"    GPU {gpu['name']}: {gpu['used_mib']} MiB used, {gpu['free_mib']} MiB free")
         for name, c in st["consumers"].items():
@@ -2126,15 +2140,15 @@ class DemoRun:
         print(
             "    stats: " + " ".join(f"{k}={stats[k]}" for k in ("jobs", "completed", "failed", "evictions"))
         )
+        for name in ("comfyui", "ollama"):
+            c = st["consumers"][name]
+            print(f"    {name}: {c['vram_used_mib']} MiB measured in nvidia-smi's process list")
         context = ComfySim.default_context_mib
-        check(
-            gpu["used_mib"] == 2800 + 8000 + context,
-            f"mvoice's and ollama's 10800 MiB in use, and the {context} MiB CUDA context comfyui keeps",
-        )
+        check(gpu["used_mib"] == 13000 + context, f"comfyui's 13000 MiB and its {context} MiB CUDA context")
         check(all(c["healthy"] for c in st["consumers"].values()), "four healthy consumers")
-        check(stats["completed"] == 4 and stats["failed"] == 0, "4 jobs completed, none failed")
+        check(stats["completed"] == 5 and stats["failed"] == 0, "5 jobs completed, none failed")
 
-        title = "6. Ollama's own API through its mount (a client only changes its base URL):"
+        title = "7. Ollama's own API through its mount (a client only changes its base URL):"
         chat = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "stream": False}
         answer = json.loads(self.step(title, "/c/ollama/api/chat", chat)[1])
         print(f"    {answer['message']['content'].strip()!r}: a GPU job like /v1/llm (same queue and lock)")
@@ -2143,7 +2157,7 @@ class DemoRun:
         )
         print(f"    models: {', '.join(m['name'] for m in models['models'])}")
         stats = json.loads(http(self.base + "/v1/status")[1])["scheduler"]["stats"]
-        check(stats["jobs"] == 5, "the chat counted as the fifth job, the model list as none")
+        check(stats["jobs"] == 6, "the chat counted as the sixth job, the model list as none")
 
     def box(self) -> None:
         """The curl commands to try by hand."""

@@ -145,7 +145,8 @@ def test_shipped_config_is_valid_and_check_prints_summary():
     text = m.summary(config)
     for expected in (
         "mvoice",
-        "never (vram_managed)",
+        "last resort (vram_managed): POST /api/generate for each of GET /api/ps models",
+        "POST /free; measured: unit comfyui.service",
         "command: systemctl stop whisper-server, load command: systemctl start whisper-server",
         "mvoice+ollama",
         "/v1/image",
@@ -2250,6 +2251,26 @@ async def test_a_probe_that_finds_the_consumer_gone_abandons_its_hold_too(rig):
     assert r.stats.hold_abandoned == 1 and r.broker.consumers.states["comfyui"].healthy is False
 
 
+async def test_a_restart_seen_only_in_the_readings_ends_the_hold_on_the_lost_render(rig):
+    """ComfyUI restarts between two polls and two probes: nothing ever refuses a connection. Measured by
+    its processes, the next reading finds every process of it replaced: the render died, the hold ends."""
+
+    def measured_slow_polls(raw: dict[str, Any]) -> None:
+        comfy_measured(raw)
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["poll_s"] = 60
+
+    r = await rig(sims={"comfyui": {"context_mib": 610, "work_s": 60}}, tweak=measured_slow_polls)
+    async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+        assert resp.status == 200
+    await until(lambda: r.broker.scheduler.holds == 1 and r.gpu.used_mib("comfyui") == 13610)
+    await r.status()  # a reading: ComfyUI's process, rendering
+    await r.restart("comfyui")  # a new process: its context only, the prompt forgotten
+    await asyncio.sleep(m.STATUS_MAX_AGE_S)
+    await r.status()  # the next reading
+    await until(lambda: r.broker.scheduler.holder is None)
+    assert r.stats.hold_abandoned == 1 and r.broker.consumers.states["comfyui"].resident is False
+
+
 async def test_a_slow_but_alive_consumer_keeps_its_hold(rig, caplog):
     """Poll errors that are not a refusal (a reset, a slow answer) are retried; the first one is a warning."""
     caplog.set_level(logging.DEBUG, "mgpumanager")
@@ -2286,6 +2307,22 @@ async def test_a_consumer_that_is_back_is_served_at_once(rig):
     status, _, body = await r.post("tts", {"text": "back"})
     assert status == 200 and body.startswith(b"RIFF")
     assert r.broker.consumers.states["mvoice"].healthy is True
+
+
+async def test_ollama_keeping_its_model_is_asked_to_let_go_for_an_image(rig):
+    """Issue 11, case 5: after an LLM answer Ollama keeps its model (keep_alive, 5 minutes); an image job
+    then needs its memory. Ollama (vram_managed) is unloaded as the last resort, through its /api/ps list
+    (what `ollama stop` does), and the image runs."""
+
+    r = await rig(tweak=use_presets, sims={"comfyui": REAL_COMFY})
+    sim = r.sims["ollama"]
+    assert (await r.post("llm", {"model": "llama3", "prompt": "why", "stream": False}))[0] == 200
+    assert list(sim.models) == ["llama3"] and r.gpu.used_mib("ollama") == 8000  # kept after the answer
+    prompt_id = await _render(r)
+    assert prompt_id in r.sims["comfyui"].finished and r.gpu.ooms() == []
+    unloads = [json.loads(rec.body) for rec in sim.records if rec.path == "/api/generate"][1:]
+    assert unloads == [{"model": "llama3", "keep_alive": 0}] and sim.models == {}
+    assert r.stats.evictions == 1 and r.broker.consumers.states["ollama"].resident is False
 
 
 @pytest.mark.parametrize("measured", [False, True])
