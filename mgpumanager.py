@@ -60,7 +60,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
@@ -2546,9 +2546,10 @@ async def relay(
 def _fits_unpaused(transport: asyncio.BaseTransport, size: int) -> bool:
     """Whether ``size`` more bytes keep the transport's buffer under its high-water mark: then aiohttp's
     write cannot wait for the client (it waits only while the transport is paused). A large chunk on an
-    empty buffer can still fill the client's socket and pause it."""
-    assert isinstance(transport, asyncio.WriteTransport)
-    return transport.get_write_buffer_size() + size <= transport.get_write_buffer_limits()[1]
+    empty buffer can still fill the client's socket and pause it. (uvloop's transports have these methods
+    but are no asyncio.WriteTransport.)"""
+    writer = cast(asyncio.WriteTransport, transport)
+    return writer.get_write_buffer_size() + size <= writer.get_write_buffer_limits()[1]
 
 
 async def _to_client(request: web.Request, write: Awaitable[None], consumer: ConsumerConfig) -> None:
