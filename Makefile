@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= mrock
 CONFIG ?= consumers.yaml
 
-.PHONY: demo test lint fuzz bench run check deploy clean
+.PHONY: demo test test-real lint fuzz bench run check deploy clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# mgpumanager in front of real ComfyUI, whisper.cpp and llama.cpp servers on the CPU (README, "make test-real"):
+# builds them into $$MGPU_REAL_CACHE on first use, then runs test_real.py. One scenario: ARGS="-k held".
+test-real: $(STAMP)
+	$(BIN)/python test_real.py install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -rxX --durations=0 test_real.py $(ARGS)
 
 # The property tests (scheduler invariants, config loader) with fresh examples for FUZZ_SECONDS.
 FUZZ_SECONDS ?= 600

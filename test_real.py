@@ -1,0 +1,896 @@
+"""make test-real: mgpumanager in front of real servers (ComfyUI, whisper.cpp, llama.cpp), on the CPU.
+
+* ``python test_real.py install`` builds or installs the servers into a cache outside the repository
+  (``MGPU_REAL_CACHE``, default ``~/.cache/mgpumanager-real``); a second run reuses what is there.
+* ``pytest test_real.py`` runs the scenarios (not part of ``make test``: pyproject's testpaths): the broker
+  as a subprocess on its own config, the servers as real processes started and stopped like systemd units
+  by ``python test_real.py start|stop NAME BED`` (the broker's command eviction runs the same), and
+  mgpusim's nvidia-smi stand-in reading a state file that a watcher keeps in step with the servers: each
+  holds its declared memory while its process is alive, ComfyUI only from a prompt's start until it
+  unloads its models (seen by a one-file custom node, the probe, in the ComfyUI it runs).
+
+What the run leaves (logs of every server and of the broker, the stand-in's state, screenshots) is in
+``real-run/`` (``MGPU_REAL_OUT``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http.client
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+import mgpusim
+
+# ---- Where things are ----
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent / "shared" / "real"
+CACHE = Path(os.environ.get("MGPU_REAL_CACHE") or Path.home() / ".cache" / "mgpumanager-real")
+OUT = Path(os.environ.get("MGPU_REAL_OUT") or HERE / "real-run")
+WHISPER_SRC = Path(os.environ.get("WHISPER_CPP_SRC") or SHARED / "whisper.cpp-233fe1fc.tar.gz")
+COMFYUI_SRC = Path(os.environ.get("COMFYUI_SRC") or SHARED / "ComfyUI-v0.8.0.tar.gz")
+#: llama.cpp comes inside this source distribution (vendor/llama.cpp); its gguf-py writes the model.
+LLAMA_SDIST = "llama-cpp-python==0.3.36"
+#: The CPU runs of ComfyUI need torchvision; this pair installs from PyPI (or a local mirror).
+TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
+TORCH_NAMES = {"torch", "torchvision", "torchaudio"}  #: lines left out of ComfyUI's requirements.txt
+
+WHISPER_DIR = CACHE / "whisper.cpp"
+WHISPER_SERVER = WHISPER_DIR / "build" / "bin" / "whisper-server"
+WHISPER_MODEL = WHISPER_DIR / "models" / "for-tests-ggml-tiny.bin"  # weightless: answers {"text": ""}
+JFK_WAV = WHISPER_DIR / "samples" / "jfk.wav"
+LLAMA_DIR = CACHE / "llama.cpp"
+LLAMA_SERVER = LLAMA_DIR / "build" / "bin" / "llama-server"
+GGUF = CACHE / "tiny.gguf"
+COMFY_DIR = CACHE / "ComfyUI"
+COMFY_VENV = CACHE / "comfyui-venv"
+COMFY_PY = COMFY_VENV / "bin" / "python"
+
+# ---- install ----
+
+#: A llama model with random weights (2 layers, 64 wide) and a byte-fallback vocabulary, by gguf-py.
+GGUF_SCRIPT = """
+import sys
+import gguf
+import numpy as np
+
+rng = np.random.default_rng(0)
+n_embd, n_head, n_layer, n_ff = 64, 4, 2, 128
+tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+tokens += ["\\u2581" + w for w in "the a sky is blue why hello world GPU broker".split()]
+w = gguf.GGUFWriter(sys.argv[1], "llama")
+w.add_name("mgpumanager-real-tiny")
+w.add_context_length(2048)
+w.add_embedding_length(n_embd)
+w.add_block_count(n_layer)
+w.add_feed_forward_length(n_ff)
+w.add_head_count(n_head)
+w.add_head_count_kv(n_head)
+w.add_rope_dimension_count(n_embd // n_head)
+w.add_layer_norm_rms_eps(1e-5)
+w.add_file_type(0)
+w.add_tokenizer_model("llama")
+w.add_token_list(tokens)
+w.add_token_scores([0.0] * len(tokens))
+w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259))
+w.add_unk_token_id(0)
+w.add_bos_token_id(1)
+w.add_eos_token_id(2)
+def t(*shape):
+    return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+w.add_tensor("token_embd.weight", t(len(tokens), n_embd))
+w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+w.add_tensor("output.weight", t(len(tokens), n_embd))
+shapes = {"attn_q": (n_embd, n_embd), "attn_k": (n_embd, n_embd), "attn_v": (n_embd, n_embd),
+          "attn_output": (n_embd, n_embd), "ffn_gate": (n_ff, n_embd), "ffn_up": (n_ff, n_embd),
+          "ffn_down": (n_embd, n_ff)}
+for i in range(n_layer):
+    for name, shape in shapes.items():
+        w.add_tensor(f"blk.{i}.{name}.weight", t(*shape))
+    w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, np.float32))
+    w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, np.float32))
+w.write_header_to_file()
+w.write_kv_data_to_file()
+w.write_tensors_to_file()
+w.close()
+"""
+
+
+def run_step(argv: list[Any], log: Path, **kw: Any) -> None:
+    """Run one build command, its output appended to `log`; exit with the log's tail if it fails."""
+    with log.open("ab") as f:
+        f.write(f"\n$ {' '.join(map(str, argv))}\n".encode())
+        f.flush()
+        code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, check=False, **kw).returncode
+    if code != 0:
+        tail = log.read_bytes()[-3000:].decode(errors="replace")
+        raise SystemExit(f"install: {argv[0]} ... failed (exit {code}); the end of {log}:\n{tail}")
+
+
+def unpack(src: Path, dest: Path, sub: str = "") -> None:
+    """Copy a source tree (a directory, or a tarball with one top folder) to `dest`; `sub` picks a folder."""
+    tmp = dest.with_name(dest.name + ".unpacking")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if src.is_dir():
+        shutil.copytree(src / sub, tmp, ignore=shutil.ignore_patterns(".git", "build"))
+    else:
+        with tarfile.open(src) as tar:
+            members = tar.getmembers()
+            top = f"{members[0].name.split('/')[0]}/{sub}".rstrip("/")
+            chosen = [m for m in members if m.name == top or m.name.startswith(top + "/")]
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(tmp, members=chosen, **safe)
+        shutil.move(tmp / top, dest.with_name(dest.name + ".moved"))
+        shutil.rmtree(tmp)
+        tmp = dest.with_name(dest.name + ".moved")
+    tmp.rename(dest)
+
+
+def cmake_build(src: Path, target: str, flags: list[str], log: Path) -> None:
+    """Configure (Release) and build one target with at most two jobs."""
+    run_step(["cmake", "-S", src, "-B", src / "build", "-DCMAKE_BUILD_TYPE=Release", *flags], log)
+    run_step(["cmake", "--build", src / "build", "-j2", "--target", target], log)
+
+
+def install_comfyui(log: Path) -> None:
+    """ComfyUI's source, a venv with PyTorch and its requirements (without its torch lines), plus requests."""
+    if not COMFY_DIR.exists():
+        unpack(COMFYUI_SRC, COMFY_DIR)
+    run_step([sys.executable, "-m", "venv", "--clear", COMFY_VENV], log)
+    pip = [COMFY_PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    run_step([*pip, *TORCH], log)
+    lines = (COMFY_DIR / "requirements.txt").read_text().splitlines()
+    torch_free = [line for line in lines if line.split("=")[0].split(">")[0].strip() not in TORCH_NAMES]
+    reqs = CACHE / "comfyui-requirements.txt"
+    reqs.write_text("\n".join([*torch_free, "requests"]) + "\n")  # requests: imported, not listed
+    run_step([*pip, "-r", reqs, *TORCH], log)  # TORCH again: nothing may move it
+    (COMFY_VENV / ".installed").touch()
+
+
+def install_whisper(log: Path) -> None:
+    """whisper.cpp's whisper-server, built from its source."""
+    if not WHISPER_DIR.exists():
+        unpack(WHISPER_SRC, WHISPER_DIR)
+    cmake_build(WHISPER_DIR, "whisper-server", ["-DWHISPER_BUILD_TESTS=OFF"], log)
+
+
+def install_llama(log: Path) -> None:
+    """llama.cpp's llama-server, built from the vendor/llama.cpp of llama-cpp-python's sdist (no curl)."""
+    if not LLAMA_DIR.exists():
+        dl = CACHE / "download"
+        shutil.rmtree(dl, ignore_errors=True)
+        pip = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check"]
+        run_step([*pip, "--no-deps", "--no-binary", ":all:", "-d", dl, LLAMA_SDIST], log)
+        (sdist,) = dl.glob("llama_cpp_python-*.tar.gz")
+        unpack(sdist, LLAMA_DIR, sub="vendor/llama.cpp")
+        shutil.rmtree(dl)
+    flags = ["-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
+    cmake_build(
+        LLAMA_DIR, "llama-server", [*flags, "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"], log
+    )
+
+
+def install_gguf(log: Path) -> None:
+    """The tiny random-weight model, written by llama.cpp's gguf-py with the ComfyUI venv's numpy."""
+    tmp = GGUF.with_suffix(".tmp")
+    env = {**os.environ, "PYTHONPATH": str(LLAMA_DIR / "gguf-py")}
+    run_step([COMFY_PY, "-c", GGUF_SCRIPT, tmp], log, env=env)
+    tmp.rename(GGUF)
+
+
+#: (name, what it makes, the step): a step runs only when what it makes is missing.
+STEPS: list[tuple[str, Path, Callable[[Path], None]]] = [
+    ("comfyui", COMFY_VENV / ".installed", install_comfyui),
+    ("whisper-server", WHISPER_SERVER, install_whisper),
+    ("llama-server", LLAMA_SERVER, install_llama),
+    ("tiny.gguf", GGUF, install_gguf),
+]
+
+
+def install() -> int:
+    """Install or build what is missing from the cache, timing each step."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    for name, product, step in STEPS:
+        if product.exists():
+            print(f"install: {name}: reused ({product})", flush=True)
+            continue
+        print(f"install: {name}: building (log: {CACHE / (name + '.log')}) ...", flush=True)
+        t0 = time.monotonic()
+        step(CACHE / f"{name}.log")
+        print(f"install: {name}: done in {time.monotonic() - t0:.0f} s", flush=True)
+    print(f"install: all in {time.monotonic() - started:.0f} s, cache {CACHE}", flush=True)
+    return 0
+
+
+# ---- start and stop: the servers as services ----
+# BED/NAME.json says how to run NAME ({"argv", "cwd", "env"}); BED/NAME.pid is its pid while it runs.
+
+
+def start_service(name: str, bed: Path) -> int:
+    """Like `systemctl start`: start NAME detached (its output to BED/NAME.log) and return; a no-op if it
+    runs."""
+    pidfile = bed / f"{name}.pid"
+    if mgpusim.read_pidfile(pidfile) is not None:
+        return 0
+    spec = json.loads((bed / f"{name}.json").read_text())
+    with (bed / f"{name}.log").open("ab") as log:
+        proc = subprocess.Popen(
+            spec["argv"],
+            cwd=spec["cwd"],
+            env={**os.environ, **spec["env"]},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    pidfile.write_text(f"{proc.pid}\n")
+    return 0
+
+
+def stop_service(name: str, bed: Path) -> int:
+    """Like `systemctl stop`: SIGTERM and wait until it is gone (mgpusim's stop)."""
+    return mgpusim.stop(argparse.Namespace(pidfile=str(bed / f"{name}.pid"), timeout=20.0))
+
+
+def main(argv: list[str]) -> int:
+    """`install`, or `start|stop NAME BED`."""
+    if argv == ["install"]:
+        return install()
+    if len(argv) == 3 and argv[0] in ("start", "stop"):
+        action = start_service if argv[0] == "start" else stop_service
+        return action(argv[1], Path(argv[2]))
+    print("usage: test_real.py install | start NAME BED | stop NAME BED", file=sys.stderr)
+    return 2
+
+
+# ---- The bed ----
+
+pytestmark = pytest.mark.timeout(300)
+
+#: What each server holds on the simulated GPU while it runs (ComfyUI: while a prompt's models are loaded).
+#: 16384 MiB less 480 reserved: ComfyUI fits alone; whisper and llama fit together, not beside ComfyUI.
+VRAM_MIB = {"comfyui": 13000, "whisper": 3000, "llama": 3000}
+GPU_TOTAL_MIB, GPU_RESERVED_MIB = 16384, 480
+POLL_S = 0.5  #: hold_until's poll_s in the bed's config
+HOLD_TIMEOUT_S = 30  #: hold_until's timeout_s: longer than any render here
+
+#: A ComfyUI custom node that writes "<time> loaded" when a prompt starts executing and "<time> unloaded"
+#: after ComfyUI's prompt worker has unloaded its models (what /free's flags make it do).
+PROBE = '''"""mgpumanager's test bed: notes when ComfyUI starts a prompt and when it unloads its models."""
+import os
+import time
+
+import comfy.model_management
+import execution
+
+
+def note(event):
+    with open(os.environ["MGPU_BED_PROBE"], "a") as f:
+        f.write(f"{time.time():.3f} {event}\\n")
+
+
+_unload_all_models = comfy.model_management.unload_all_models
+_execute = execution.PromptExecutor.execute
+
+
+def unload_all_models(*args, **kwargs):
+    result = _unload_all_models(*args, **kwargs)
+    note("unloaded")
+    return result
+
+
+def execute(self, *args, **kwargs):
+    note("loaded")
+    return _execute(self, *args, **kwargs)
+
+
+comfy.model_management.unload_all_models = unload_all_models
+execution.PromptExecutor.execute = execute
+NODE_CLASS_MAPPINGS = {}
+'''
+
+
+def free_port() -> int:
+    """A port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 5.0) -> Any:
+    """GET url and parse its JSON (blocking; for the bed's own threads and waits)."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.load(resp)
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Call check() every 0.1 s until it returns something true (exceptions count as false)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            if value := check():
+                return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(0.1)
+
+
+def epoch_ms(event: dict[str, Any]) -> float:
+    """A broker event's timestamp, in milliseconds since the epoch."""
+    return datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp() * 1000
+
+
+class Bed:
+    """The servers, the watcher that keeps the GPU stand-in in step with them, the broker and its events."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.gpu = mgpusim.SimGPU(root / "gpu.json", total_mib=GPU_TOTAL_MIB, reserved_mib=GPU_RESERVED_MIB)
+        self.ports = {
+            name: free_port() for name in ("broker", "comfyui", "whisper", "llama", "comfyui_listen")
+        }
+        self.url = f"http://127.0.0.1:{self.ports['broker']}"
+        self.comfy_url = f"http://127.0.0.1:{self.ports['comfyui']}"
+        self.comfy_cors: bool | None = None
+        self.events: list[dict[str, Any]] = []
+        self.stopping = threading.Event()
+        self.subscribed = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.broker: subprocess.Popen[bytes] | None = None
+        self.consumer_listen = self._broker_takes_consumer_listen()
+        self._write_specs()
+        (root / "broker.yaml").write_text(self.broker_config())
+
+    # -- the servers
+
+    def _write_specs(self) -> None:
+        """How each server runs (see start_service); ComfyUI's flags are written by comfy()."""
+        p = self.ports
+        whisper = [WHISPER_SERVER, "-m", WHISPER_MODEL, "--host", "127.0.0.1", "--port", p["whisper"]]
+        llama = [LLAMA_SERVER, "-m", GGUF, "--host", "127.0.0.1", "--port", p["llama"], "-c", "512"]
+        for name, argv in (("whisper", whisper), ("llama", llama)):
+            spec = {"argv": [str(a) for a in argv], "cwd": str(self.root), "env": {}}
+            (self.root / f"{name}.json").write_text(json.dumps(spec))
+        (self.root / "comfy-base" / "custom_nodes").mkdir(parents=True, exist_ok=True)
+        (self.root / "comfy-base" / "custom_nodes" / "mgpu_bed_probe.py").write_text(PROBE)
+
+    def service(self, action: str, name: str) -> None:
+        """Start or stop a server the way the broker's commands do."""
+        argv = [sys.executable, str(HERE / "test_real.py"), action, name, str(self.root)]
+        subprocess.run(argv, check=True, timeout=60)
+
+    def pid(self, name: str) -> int | None:
+        """The server's pid while it runs."""
+        return mgpusim.read_pidfile(self.root / f"{name}.pid")
+
+    def start(self, name: str) -> None:
+        """Start whisper or llama and wait until it answers /health."""
+        self.service("start", name)
+        wait_until(lambda: get_json(f"http://127.0.0.1:{self.ports[name]}/health"), 60, f"{name} healthy")
+
+    def comfy(self, *, cors: bool) -> None:
+        """ComfyUI running (restarted if its flags differ): --cpu, and --enable-cors-header if `cors`."""
+        if self.pid("comfyui") is not None and self.comfy_cors == cors:
+            return
+        self.service("stop", "comfyui")
+        argv = [COMFY_PY, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", self.ports["comfyui"]]
+        argv += ["--base-directory", self.root / "comfy-base", "--disable-auto-launch"]
+        argv += ["--database-url", "sqlite:///:memory:"] + (["--enable-cors-header"] if cors else [])
+        env = {"MGPU_BED_PROBE": str(self.probe_file)}
+        spec = {"argv": [str(a) for a in argv], "cwd": str(COMFY_DIR), "env": env}
+        (self.root / "comfyui.json").write_text(json.dumps(spec))
+        self.probe_file.unlink(missing_ok=True)  # a fresh ComfyUI has nothing loaded
+        self.service("start", "comfyui")
+        self.comfy_cors = cors
+        wait_until(lambda: get_json(self.comfy_url + "/system_stats"), 180, "ComfyUI answering")
+        self.wait_healthy("comfyui")
+
+    @property
+    def probe_file(self) -> Path:
+        return self.root / "comfyui.probe"
+
+    def probe(self) -> list[str]:
+        """What the probe noted, oldest first ("loaded", "unloaded")."""
+        with contextlib.suppress(FileNotFoundError):
+            return [line.split()[1] for line in self.probe_file.read_text().splitlines()]
+        return []
+
+    # -- the GPU stand-in
+
+    def watch(self) -> None:
+        """Keep the state file's processes in step with the servers, every 0.1 s."""
+        last: list[dict[str, Any]] = []
+        while not self.stopping.wait(0.1):
+            procs = []
+            for name, mib in VRAM_MIB.items():
+                pid = self.pid(name)
+                if pid is None or (name == "comfyui" and self.probe()[-1:] != ["loaded"]):
+                    continue
+                exe = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                procs.append({"pid": pid, "name": exe, "used_mib": mib, "gpu_uuid": mgpusim.gpu_uuid(0)})
+            if procs != last:
+                with self.gpu.edit() as state:
+                    state["processes"] = procs
+                last = procs
+
+    def used(self) -> dict[str, int]:
+        """MiB per server as the stand-in reports them now."""
+        names = {str(self.pid(n)): n for n in VRAM_MIB}
+        return {names.get(str(p["pid"]), str(p["pid"])): p["used_mib"] for p in self.gpu.read()["processes"]}
+
+    # -- the broker
+
+    def _broker_takes_consumer_listen(self) -> bool:
+        """Whether this mgpumanager.py accepts `listen` on a consumer (issue 13's consumer port)."""
+        probe = self.root / "listen-check.yaml"
+        probe.write_text(self.broker_config(consumer_listen=True))
+        argv = [sys.executable, str(HERE / "mgpumanager.py"), "--check", "--config", str(probe)]
+        return subprocess.run(argv, capture_output=True, check=False, timeout=60).returncode == 0
+
+    def broker_config(self, *, consumer_listen: bool | None = None) -> str:
+        """The broker's config: consumers.yaml's ComfyUI and whisper entries, llama-server beside them."""
+        p = self.ports
+        smi = [sys.executable, str(HERE / "mgpusim.py"), "nvidia-smi", "--state", str(self.root / "gpu.json")]
+
+        def service(action: str, name: str) -> str:
+            return json.dumps([sys.executable, str(HERE / "test_real.py"), action, name, str(self.root)])
+
+        listen = consumer_listen if consumer_listen is not None else self.consumer_listen
+        hold = f"poll_s: {POLL_S}, timeout_s: {HOLD_TIMEOUT_S}"
+        comfy_listen = f"    listen: 127.0.0.1:{p['comfyui_listen']}\n" if listen else ""
+        return f"""\
+# Written by test_real.py: the broker in front of real servers on ports picked at random.
+listen: 127.0.0.1:{p["broker"]}
+gpu: {{nvidia_smi: {json.dumps(smi)}, index: 0, cushion_mib: 256, query_timeout_s: 5}}
+scheduler: {{queue_timeout_s: 120, vram_wait_s: 10}}
+health: {{interval_s: 1, timeout_s: 2}}
+routing: {{stt: whisper, llm: llama, image: comfyui}}
+consumers:
+  comfyui:
+    url: http://127.0.0.1:{p["comfyui"]}
+{comfy_listen}    health: {{method: GET, path: /system_stats}}
+    paths:
+      image:
+        method: POST
+        path: /prompt
+        hold_until: {{method: GET, path: "/history/{{prompt_id}}", {hold}}}
+      image_ui:
+        method: POST
+        path: /api/prompt
+        hold_until: {{method: GET, path: "/api/history/{{prompt_id}}", {hold}}}
+    vram_resident_mib: {VRAM_MIB["comfyui"]}
+    unload: {{method: POST, path: /free, body: {{unload_models: true, free_memory: true}}}}
+    unscheduled:
+      - {{method: POST, path: /interrupt}}
+      - {{method: POST, path: /api/interrupt}}
+      - {{method: POST, path: /queue}}
+      - {{method: POST, path: /api/queue}}
+      - {{method: POST, path: /history}}
+      - {{method: POST, path: /api/history}}
+      - {{method: POST, path: /upload/*}}
+      - {{method: POST, path: /api/upload/*}}
+      - {{method: POST, path: /api/userdata/*}}
+      - {{method: POST, path: /api/settings*}}
+  whisper:
+    url: http://127.0.0.1:{p["whisper"]}
+    health: {{method: GET, path: /health}}
+    paths:
+      stt: {{method: POST, path: /inference}}
+    vram_resident_mib: {VRAM_MIB["whisper"]}
+    can_coexist_with: [llama]
+    unload: {{command: {service("stop", "whisper")}, timeout_s: 30}}
+    load: {{command: {service("start", "whisper")}, timeout_s: 60}}
+  llama:
+    url: http://127.0.0.1:{p["llama"]}
+    health: {{method: GET, path: /health}}
+    paths:
+      llm: {{method: POST, path: /v1/chat/completions}}
+    vram_resident_mib: {VRAM_MIB["llama"]}
+    unload: {{command: {service("stop", "llama")}, timeout_s: 30}}
+    load: {{command: {service("start", "llama")}, timeout_s: 60}}
+"""
+
+    def start_broker(self) -> None:
+        """The broker as a subprocess (its log in broker.log), and a reader of its event stream."""
+        argv = [sys.executable, str(HERE / "mgpumanager.py"), "--config", str(self.root / "broker.yaml")]
+        with (self.root / "broker.log").open("ab") as log:
+            self.broker = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        wait_until(lambda: get_json(self.url + "/v1/status"), 60, "the broker answering")
+        self.spawn(self.read_events)
+        assert self.subscribed.wait(10), "the broker's event stream never answered"
+
+    def read_events(self) -> None:
+        """Append every event of /v1/events to self.events until the broker goes away."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.ports["broker"], timeout=60)
+        try:
+            conn.request("GET", "/v1/events")
+            resp = conn.getresponse()
+            self.subscribed.set()
+            while not self.stopping.is_set() and (line := resp.readline()):
+                if line.startswith(b"data: "):
+                    self.events.append(json.loads(line[6:]))
+        except OSError as e:
+            if not self.stopping.is_set():
+                print(f"bed: event stream ended: {e!r}", file=sys.stderr)
+        finally:
+            conn.close()
+
+    def status(self) -> dict[str, Any]:
+        """The broker's /v1/status."""
+        return get_json(self.url + "/v1/status")
+
+    def wait_healthy(self, name: str) -> None:
+        """Until the broker's probe has seen the consumer healthy."""
+        wait_until(
+            lambda: self.status()["consumers"][name]["healthy"], 30, f"the broker seeing {name} healthy"
+        )
+
+    def wait_idle(self, timeout: float = HOLD_TIMEOUT_S + 30) -> None:
+        """Until no job holds or waits for the GPU."""
+
+        def idle() -> bool:
+            sched = self.status()["scheduler"]
+            return sched["holder"] is None and not sched["queue"]
+
+        wait_until(idle, timeout, "the broker idle")
+
+    def spawn(self, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def close(self) -> None:
+        """Stop the broker, the servers and the threads."""
+        self.stopping.set()
+        if self.broker is not None:
+            self.broker.send_signal(signal.SIGTERM)
+            try:
+                self.broker.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.broker.kill()
+                self.broker.wait()
+        for name in VRAM_MIB:
+            self.service("stop", name)
+        for thread in self.threads:
+            thread.join(timeout=5)
+
+    # -- what happened
+
+    def since(self, mark: int, event: str | None = None, **fields: Any) -> list[dict[str, Any]]:
+        """The events after `mark` (an index into self.events) with that name and those fields."""
+        return [
+            e
+            for e in self.events[mark:]
+            if (event is None or e["event"] == event) and all(e.get(k) == v for k, v in fields.items())
+        ]
+
+    async def wait_event(self, mark: int, event: str, timeout: float = 60, **fields: Any) -> dict[str, Any]:
+        """The first such event after `mark`, waiting for it."""
+        deadline = time.monotonic() + timeout
+        while not (found := self.since(mark, event, **fields)):
+            assert time.monotonic() < deadline, f"no {event} event {fields} within {timeout:g} s"
+            await asyncio.sleep(0.05)
+        return found[0]
+
+    def log_lines(self, *words: str) -> list[str]:
+        """The broker's log lines containing every one of `words`."""
+        text = (self.root / "broker.log").read_text(errors="replace")
+        return [line for line in text.splitlines() if all(w in line for w in words)]
+
+
+@pytest.fixture(scope="session")
+def bed() -> Iterator[Bed]:
+    """The servers and the broker, for the whole run (installed by `python test_real.py install`)."""
+    missing = [str(product) for _, product, _ in STEPS if not product.exists()]
+    if missing:
+        pytest.fail(f"not installed (run `python test_real.py install` or `make test-real`): {missing}")
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir(parents=True)
+    b = Bed(OUT)
+    try:
+        b.spawn(b.watch)
+        b.start("whisper")
+        b.start("llama")
+        b.start_broker()
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture
+def mark(bed: Bed) -> int:
+    """Each scenario starts with the broker idle; its events are those after this index."""
+    bed.wait_idle()
+    return len(bed.events)
+
+
+@pytest.fixture
+async def client() -> Any:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        yield session
+
+
+_colors = itertools.count(random.randrange(1 << 20))
+
+
+def workflow(images: int = 1, size: int = 512) -> dict[str, Any]:
+    """EmptyImage -> SaveImage: no weights. A new colour each time (ComfyUI caches identical prompts).
+    Saving a batch of 2048x2048 PNGs takes about 0.3 s an image on this machine's CPU."""
+    empty = {"width": size, "height": size, "batch_size": images, "color": next(_colors) % (1 << 24)}
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": empty},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bed"}},
+    }
+
+
+async def render(bed: Bed, client: aiohttp.ClientSession, wf: dict[str, Any]) -> str:
+    """POST /v1/image; the prompt_id (the render goes on; the broker holds the GPU until it is done)."""
+    async with client.post(bed.url + "/v1/image", json={"prompt": wf}) as resp:
+        body = await resp.json()
+        assert resp.status == 200, body
+    return body["prompt_id"]
+
+
+async def comfy_running(bed: Bed, client: aiohttp.ClientSession, prompt_id: str) -> None:
+    """Until ComfyUI's own /queue shows the prompt running."""
+    deadline = time.monotonic() + 30
+    while True:
+        async with client.get(bed.comfy_url + "/queue") as resp:
+            running = [item[1] for item in (await resp.json())["queue_running"]]
+        if prompt_id in running:
+            return
+        assert time.monotonic() < deadline, "the render never showed in ComfyUI's queue_running"
+        await asyncio.sleep(0.05)
+
+
+async def history(bed: Bed, client: aiohttp.ClientSession, prompt_id: str, timeout: float = 60) -> Any:
+    """ComfyUI's /history entry of a prompt, once it is done."""
+    deadline = time.monotonic() + timeout
+    while True:
+        async with client.get(f"{bed.comfy_url}/history/{prompt_id}") as resp:
+            entry = await resp.json()
+        if entry:
+            return entry[prompt_id]
+        assert time.monotonic() < deadline, f"prompt {prompt_id} not done within {timeout:g} s"
+        await asyncio.sleep(0.1)
+
+
+def finished_ms(entry: dict[str, Any]) -> float:
+    """When ComfyUI says the prompt finished (epoch ms)."""
+    messages = dict((kind, data) for kind, data in entry["status"]["messages"])
+    return messages["execution_success"]["timestamp"]
+
+
+async def transcribe(bed: Bed, client: aiohttp.ClientSession) -> dict[str, Any]:
+    """POST /v1/stt with whisper.cpp's sample, multipart as whisper-server wants it."""
+    form = aiohttp.FormData()
+    form.add_field("file", JFK_WAV.read_bytes(), filename="jfk.wav", content_type="audio/wav")
+    form.add_field("response_format", "json")
+    async with client.post(bed.url + "/v1/stt", data=form) as resp:
+        body = await resp.json(content_type=None)
+        assert resp.status == 200, body
+    return body
+
+
+# ---- Scenarios ----
+
+
+async def test_a_held_render_keeps_a_whisper_job_out(bed, mark, client):
+    bed.comfy(cors=False)
+    prompt_id = await render(bed, client, workflow(images=8, size=2048))
+    await comfy_running(bed, client, prompt_id)
+    stt = asyncio.ensure_future(transcribe(bed, client))  # queued while the render runs
+    queued = await bed.wait_event(mark, "queued", consumer="whisper")
+    assert (await stt)["text"] == ""  # the weightless model hears nothing
+    done = finished_ms(await history(bed, client, prompt_id))
+    granted = bed.since(mark, "granted", consumer="whisper")[0]
+    assert epoch_ms(queued) < done < epoch_ms(granted), (queued, done, granted)
+    hold = bed.log_lines("msg=job", "consumer=comfyui", "kind=image")[-1]
+    assert "hold_ms=" in hold and "hold_ms= " not in hold, hold
+
+
+async def test_eviction_through_comfyuis_real_free(bed, mark, client):
+    bed.comfy(cors=False)
+    await history(bed, client, await render(bed, client, workflow()))
+    assert bed.probe()[-1] == "loaded"
+    wait_until(lambda: bed.used().get("comfyui") == VRAM_MIB["comfyui"], 10, "ComfyUI's memory shown")
+    await transcribe(bed, client)  # whisper does not fit beside ComfyUI: the broker posts /free
+    evicting = bed.since(mark, "evicting", consumer="comfyui")
+    evicted = bed.since(mark, "evicted", consumer="comfyui", for_consumer="whisper")
+    assert evicting and evicted, bed.since(mark)
+    # ComfyUI's prompt worker took /free's flags and unloaded its models (the probe saw it do so).
+    assert bed.probe()[-1] == "unloaded"
+    assert "comfyui" not in bed.used()
+    assert bed.status()["consumers"]["comfyui"]["loaded"] is False
+
+
+async def test_command_eviction_and_start_of_whisper_and_llama(bed, mark, client):
+    bed.comfy(cors=False)
+    bed.start("whisper")
+    bed.start("llama")
+    if bed.status()["consumers"]["comfyui"]["loaded"] is not False:
+        async with client.post(bed.url + "/v1/consumers/comfyui/unload") as resp:
+            assert resp.status == 200, await resp.text()
+    wait_until(
+        lambda: all(bed.status()["consumers"][n]["loaded"] for n in ("whisper", "llama")),
+        30,
+        "the broker seeing whisper and llama resident",
+    )
+    old = {n: bed.pid(n) for n in ("whisper", "llama")}
+    mark = len(bed.events)  # from here on
+    # ComfyUI's 13000 MiB do not fit beside either: both are stopped by their commands.
+    await history(bed, client, await render(bed, client, workflow()))
+    assert {e["consumer"] for e in bed.since(mark, "evicted", for_consumer="comfyui")} == {"whisper", "llama"}
+    assert bed.pid("whisper") is None and bed.pid("llama") is None
+    assert bed.log_lines("msg=command", "consumer=whisper", "action=unload", "exit=0")
+    # A whisper job starts whisper-server again (after ComfyUI's /free), then an llm job llama-server.
+    await transcribe(bed, client)
+    assert bed.since(mark, "loaded", consumer="whisper")
+    payload = {"messages": [{"role": "user", "content": "why is the sky blue"}], "max_tokens": 8}
+    async with client.post(bed.url + "/v1/llm", json=payload) as resp:
+        answer = await resp.json()
+        assert resp.status == 200, answer
+    assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["role"] == "assistant"
+    assert bed.since(mark, "loaded", consumer="llama")
+    new = {n: bed.pid(n) for n in ("whisper", "llama")}
+    assert all(new[n] is not None and new[n] != old[n] for n in new), (old, new)
+    both = {"whisper": VRAM_MIB["whisper"], "llama": VRAM_MIB["llama"]}
+    wait_until(lambda: bed.used() == both, 10, f"the stand-in showing {both}")
+
+
+async def test_streaming_through_v1_llm(bed, mark, client):
+    payload = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 16, "stream": True}
+    reads = []
+    async with client.post(bed.url + "/v1/llm", json=payload) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        assert "Content-Length" not in resp.headers
+        async for chunk in resp.content.iter_any():
+            reads.append(chunk)
+    events = [line[6:] for line in b"".join(reads).decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) >= 2 and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    await bed.wait_event(mark, "finished", consumer="llama", kind="llm")
+
+
+async def test_the_openai_client_through_the_mount(bed, mark):
+    openai = pytest.importorskip("openai")
+    async with openai.AsyncOpenAI(
+        base_url=bed.url + "/c/llama/v1", api_key="unused", timeout=60, max_retries=0
+    ) as oai:
+        models = [m.id async for m in oai.models.list()]
+        assert models == [str(GGUF)]
+        stream = await oai.chat.completions.create(
+            model=models[0], messages=[{"role": "user", "content": "hello"}], max_tokens=8, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    assert len(chunks) >= 2
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    # The mount's POST equals llama's llm path: a GPU job of kind llm.
+    await bed.wait_event(mark, "finished", consumer="llama", kind="llm")
+
+
+#: Loads the workflow into the page's graph and queues it as the Run button does; notes the renders its
+#: WebSocket reports done.
+PAGE_PROMPT = """(async () => {
+  window.bedDone = [];
+  app.api.addEventListener("execution_success", (e) => window.bedDone.push(e.detail.prompt_id));
+  await app.loadApiJson(%s, "bed");
+  await app.queuePrompt(0, 1);
+  return true;
+})()"""
+PAGE_READY = "window.app && app.graph && app.api && app.api.socket && app.api.socket.readyState === 1"
+PAGE_REFUSED = "performance.getEntriesByType('resource').some(r => r.responseStatus === 403)"
+#: What the page loaded, for the failure message of a page that never became the app.
+PAGE_RESOURCES = (
+    "JSON.stringify(performance.getEntriesByType('resource')"
+    ".map(r => [r.name.split('/').slice(-2).join('/'), r.responseStatus]).slice(0, 12))"
+)
+
+
+async def ui_scenario(bed: Bed, mark: int, page: str, shot: str) -> None:
+    """ComfyUI's page at `page` in headless Chromium: it loads, a prompt queued from it is held like
+    /v1/image, its WebSocket reports the render; a screenshot goes to real-run/<shot>."""
+    # The suite's DevTools driver (it skips without chromium); imported here, not for the start/stop commands.
+    from test_mgpumanager import Browser  # noqa: PLC0415
+
+    home = bed.root / f"chromium-{shot}"
+    home.mkdir()
+    # No templates dialog over the screenshot: set what a first visit sets (through the mount, unscheduled).
+    done = urllib.request.Request(bed.url + "/c/comfyui/api/settings/Comfy.TutorialCompleted", b"true")
+    await asyncio.to_thread(urllib.request.urlopen, done, timeout=10)
+    async with Browser(home) as browser:
+        await browser.call("Page.navigate", url=page)
+        state = await browser.wait_for(f"({PAGE_READY}) ? 'ready' : ({PAGE_REFUSED}) && 'refused'", 60)
+        if state != "ready":
+            await browser.screenshot(OUT / shot)
+            loaded = await browser.evaluate(PAGE_RESOURCES)
+            raise AssertionError(f"ComfyUI's UI did not load at {page}; its resources: {loaded}")
+        result = await browser.call(
+            "Runtime.evaluate", expression=PAGE_PROMPT % json.dumps(workflow()), awaitPromise=True
+        )
+        assert "exceptionDetails" not in result, result
+        prompt_id = await browser.wait_for("window.bedDone.length > 0 && window.bedDone[0]", timeout=60)
+        await asyncio.sleep(1)  # for the screenshot only: the saved image drawn in its node
+        await browser.screenshot(OUT / shot)
+    granted = await bed.wait_event(mark, "granted", consumer="comfyui", kind="image_ui")
+    assert granted
+    assert (await asyncio.to_thread(get_json, f"{bed.comfy_url}/history/{prompt_id}"))[prompt_id]
+    # The hold ends once /api/history/<id> is filled: the job line carries its length.
+    await asyncio.to_thread(bed.wait_idle)
+    assert [line for line in bed.log_lines("msg=job", "kind=image_ui") if "hold_ms= " not in line]
+
+
+async def test_comfyuis_ui_through_the_mount_in_chromium(bed, mark):
+    """With --enable-cors-header (what works today): ComfyUI's CORS middleware replaces its origin check."""
+    bed.comfy(cors=True)
+    await ui_scenario(bed, mark, bed.url + "/c/comfyui/", "comfyui-mount.png")
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="issue 13: ComfyUI's origin check answers 403 to the page's module scripts through the mount "
+    "(Origin is the broker's, Host the consumer URL's) until the broker presents a Host that passes it",
+)
+async def test_comfyuis_ui_with_default_flags_through_the_mount(bed, mark):
+    bed.comfy(cors=False)
+    await ui_scenario(bed, mark, bed.url + "/c/comfyui/", "comfyui-mount-default-flags.png")
+
+
+@pytest.mark.xfail(strict=False, reason="issue 13: `listen: HOST:PORT` on a consumer is being built")
+async def test_comfyuis_ui_through_its_own_port(bed, mark):
+    assert bed.consumer_listen, "this mgpumanager.py refuses `listen` on a consumer"
+    bed.comfy(cors=False)
+    await ui_scenario(bed, mark, f"http://127.0.0.1:{bed.ports['comfyui_listen']}/", "comfyui-port.png")
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="the broker keeps polling /history of a render whose ComfyUI died until hold_until.timeout_s; "
+    "issue 13's lead is making it abandon the hold once the consumer is seen down",
+)
+async def test_comfyui_killed_mid_render_releases_the_gpu(bed, mark, client):
+    bed.comfy(cors=False)
+    prompt_id = await render(bed, client, workflow(images=24, size=2048))
+    await comfy_running(bed, client, prompt_id)
+    stt = asyncio.ensure_future(transcribe(bed, client))
+    try:
+        await bed.wait_event(mark, "queued", consumer="whisper")
+        os.kill(bed.pid("comfyui"), signal.SIGKILL)
+        down = await bed.wait_event(mark, "health", consumer="comfyui", healthy=False, timeout=30)
+        # Within a few poll intervals of ComfyUI seen down, the hold is given up and whisper runs.
+        granted = await bed.wait_event(mark, "granted", consumer="whisper", timeout=10 * POLL_S + 5)
+        assert epoch_ms(granted) - epoch_ms(down) <= 10 * POLL_S * 1000
+        await stt
+    finally:
+        # Today the hold lasts until its timeout: let it end (and whisper run) before the next scenario.
+        await asyncio.wait_for(stt, HOLD_TIMEOUT_S + 60)
+        bed.comfy(cors=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
