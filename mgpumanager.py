@@ -60,6 +60,7 @@ import shlex
 import signal
 import socket
 import stat
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -67,7 +68,16 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -103,6 +113,8 @@ MOUNT_KIND = "mount"
 #: Kinds of job that only unload: granting one changes nothing another consumer's record relies on.
 UNLOAD_KINDS = frozenset({"unload", "idle_unload"})
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+#: How many recent loads, unloads and jobs of a consumer its learned times are the median of.
+TIMING_SAMPLES = 15
 #: How often free VRAM is polled after an unload (one nvidia-smi each, the GPU line alone), and which
 #: share of the victim's memory counts as "freed".
 VRAM_POLL_S = 0.05
@@ -333,6 +345,13 @@ class SchedulerConfig:
     body_timeout_s: float = 300.0
     #: What all request bodies being read at once may hold in memory (too_many_requests beyond).
     max_bodies_mib: int = 256
+    #: How long a job that needs no swap may go before waiting jobs of equal effective priority that would
+    #: need one, at most (0: strict arrival order within a priority level).
+    max_overtake_s: float = 30.0
+
+
+#: scheduler.* settings that may be 0 (the others must be positive).
+ZERO_OK_SCHEDULER = frozenset({"max_overtake_s"})
 
 
 @dataclass(frozen=True)
@@ -1021,7 +1040,14 @@ def parse_config(raw: Any) -> Config:
     s = ck.mapping(top.get("scheduler"), "scheduler", list(fields))
     scheduler = SchedulerConfig(
         **{
-            name: ck.number(s, name, "scheduler", f.default, integer=isinstance(f.default, int))
+            name: ck.number(
+                s,
+                name,
+                "scheduler",
+                f.default,
+                integer=isinstance(f.default, int),
+                zero_ok=name in ZERO_OK_SCHEDULER,
+            )
             for name, f in fields.items()
         }
     )
@@ -1608,6 +1634,19 @@ METRIC_HELP = {
     "mgpumanager_queue_wait_seconds": ("histogram", "Time jobs waited for the GPU lock."),
     "mgpumanager_run_seconds": ("histogram", "Time jobs held the GPU lock, from grant to the last byte."),
     "mgpumanager_hold_seconds": ("histogram", "Time holds kept the GPU lock after the answer."),
+    "mgpumanager_load_seconds": (
+        "histogram",
+        "Time a consumer took to load: its load route or command (with the health wait), or what a cold "
+        "start's first job took beyond a usual one.",
+    ),
+    "mgpumanager_unload_seconds": (
+        "histogram",
+        "Time a consumer took to unload: until its memory showed up free (an eviction) or its call ended.",
+    ),
+    "mgpumanager_job_seconds": (
+        "histogram",
+        "Time a job that the consumer took kept the GPU, from grant to the end of its answer or its hold.",
+    ),
     "mgpumanager_hold_timeouts_total": ("counter", "Holds released at their timeout."),
     "mgpumanager_websockets_total": ("counter", "WebSockets proxied through a mount, by consumer."),
     "mgpumanager_websocket_failures_total": (
@@ -2200,6 +2239,8 @@ class ConsumerState:
         self.peak_mib: int | None = None
         #: The pids seen holding its memory at the last reading (a change is a restart).
         self.pids: frozenset[int] = frozenset()
+        #: Recent load, unload and job times (seconds), for the running medians the scheduler plans with.
+        self._samples: dict[str, deque[float]] = {}
         #: Jobs (and holds) of this consumer holding the GPU lock now; the scheduler keeps it.
         self.jobs = 0
         #: When the residency was last decided (a record or an observation); older observations lose.
@@ -2345,6 +2386,17 @@ class ConsumerState:
             if self.events is not None:
                 self.events.publish("health", consumer=self.name, healthy=ok, reason=reason)
         self.healthy, self.last_error, self.last_error_code = ok, reason, code
+
+    # ---- what it takes ------------------------------------------------------------------------------
+
+    def learned(self, what: str, seconds: float) -> None:
+        """One more sample of what a ``load``, an ``unload`` or a ``job`` of it took (the scheduler's)."""
+        self._samples.setdefault(what, deque(maxlen=TIMING_SAMPLES)).append(seconds)
+
+    def timing(self, what: str) -> float | None:
+        """The running median of its recent ``load``, ``unload`` or ``job`` times; None until one is seen."""
+        samples = self._samples.get(what)
+        return statistics.median(samples) if samples else None
 
     # ---- derived ------------------------------------------------------------------------------------
 
@@ -2815,14 +2867,38 @@ class Job:
     evictions: int = 0
     #: Its caller (the client's request) went away while a step of it ran on (see Scheduler._guarded).
     left: bool = False
+    #: Since when a job that came after it, of the same effective priority, was granted before it.
+    overtaken_since: float | None = None
+    #: Granted to a consumer that was not resident and has no load of its own: its run includes loading.
+    cold: bool = False
     #: How it ended, kept for its log line (written when a hold after it ends).
     outcome: str | None = None
     code: str | None = None
     http: int | None = None
+    #: The scheduler that admitted it: ``release`` ends it there.
+    scheduler: Scheduler | None = field(default=None, repr=False)
 
     @property
     def consumer(self) -> str:
         return self.target.name
+
+    def release(
+        self,
+        outcome: str = "completed",
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        success: bool = False,
+        hold: Callable[[], Awaitable[None]] | None = None,
+        hold_timeout_s: float = 0.0,
+    ) -> bool:
+        """End the granted job, once: its outcome, whether the consumer took the work (``success``: a 2xx
+        answer), and the hold that keeps the GPU afterwards (ComfyUI's render) if any. A second call does
+        nothing. Synchronous, so it runs even in a cancelled handler's ``finally``. Whether the GPU went to
+        a waiting job."""
+        if self.state != "running" or self.scheduler is None:
+            return False
+        return self.scheduler._finish(self, outcome, code, status, success, hold, hold_timeout_s)
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.consumer}/{self.kind} {self.state}>"
@@ -3210,15 +3286,89 @@ def room_message(
     return "; ".join(parts)
 
 
-# ---- the queue and the lock --------------------------------------------------------------------------
+# ---- the grant order: a pure function ---------------------------------------------------------------
+
+
+def effective_priority(job: Job, now: float, aging_s: float) -> int:
+    """The job's priority plus one level per ``aging_s`` waited, at most PRIORITY_MAX."""
+    return min(PRIORITY_MAX, job.priority + int((now - job.arrived) // aging_s))
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a GPU's lock, as the grant order sees it."""
+
+    consumer: str
+    #: An admin operation, an idle unload or a preload: it holds the lock alone.
+    exclusive: bool
+    #: How many more of its jobs may join (its max_concurrency less the jobs and holds it runs).
+    room: int
+
+
+def next_grant(
+    waiting: Iterable[Job],
+    holder: Holder | None,
+    now: float,
+    *,
+    aging_s: float,
+    max_overtake_s: float,
+    warm: Callable[[Job], bool],
+) -> Job | None:
+    """The job the lock goes to next (a further slot of the holder, while it holds it), or None. No I/O.
+
+    The rules (README, "In what order jobs run"):
+    1. Only jobs of the highest effective priority among those waiting may be granted: a job of higher
+       effective priority is never passed over.
+    2. Among them, the one that arrived first, except that a job that needs no swap (``warm``: its
+       consumer holds the GPU, or is resident and may stay beside the holder) may go before older ones,
+       unless one of those has been overtaken for ``max_overtake_s`` already (0: never). The earliest warm
+       job goes; admin operations, idle unloads and preloads never overtake.
+    3. While a consumer holds the lock, only its own jobs join, up to its max_concurrency, by the same
+       rules; none joins an exclusive holder, and an exclusive job never joins.
+    """
+    jobs = [j for j in waiting if not j.granted.done()]
+    if not jobs or (holder is not None and (holder.exclusive or holder.room <= 0)):
+        return None
+    levels = {j: effective_priority(j, now, aging_s) for j in jobs}
+    top = max(levels.values())
+    candidates = sorted((j for j in jobs if levels[j] == top), key=lambda j: (j.arrived, j.id))
+    overdue = max_overtake_s <= 0 or any(
+        j.overtaken_since is not None and now - j.overtaken_since >= max_overtake_s for j in candidates
+    )
+    if holder is None:
+        if not overdue:
+            for job in candidates:
+                if not job.exclusive and warm(job):
+                    return job
+        return candidates[0]
+    mine = [j for j in candidates if j.consumer == holder.consumer]
+    if not mine or mine[0].exclusive or (overdue and mine[0] is not candidates[0]):
+        return None
+    return mine[0]
+
+
+def overtaken_by(granted: Job, waiting: Iterable[Job], now: float, aging_s: float) -> list[Job]:
+    """The waiting jobs that ``granted`` went before: of its effective priority, and there first."""
+    level = effective_priority(granted, now, aging_s)
+    return [
+        j
+        for j in waiting
+        if not j.granted.done()
+        and (j.arrived, j.id) < (granted.arrived, granted.id)
+        and effective_priority(j, now, aging_s) == level
+    ]
+
+
+# ---- the lock -------------------------------------------------------------------------------------
 
 
 class WaitQueue:
     """Waiting jobs, one first-in-first-out list per base priority.
 
     Within a level, the job that came first has waited longest, so it has the highest effective priority
-    (aging adds the same to all of a level): whoever the documented order picks is the first of some
-    level. A grant looks at five jobs, not at every waiting one.
+    (aging adds the same to all of a level). Whoever ``next_grant`` picks is, in its level, the first job,
+    the first job that needs no swap, or the holder's first: a grant looks at those few, not at every
+    waiting one (``candidates``).
     """
 
     def __init__(self) -> None:
@@ -3242,15 +3392,134 @@ class WaitQueue:
     def __iter__(self) -> Iterator[Job]:
         return itertools.chain.from_iterable(self._levels)
 
-    def firsts(self, wanted: Callable[[Job], bool]) -> list[Job]:
-        """The first job of each level that is still waiting (not cancelled) and ``wanted``."""
-        found = []
+    def candidates(self, warm: Callable[[Job], bool], holder: str | None) -> list[Job]:
+        """Per level: the first waiting job, the first one that needs no swap, the holder's first."""
+        found: list[Job] = []
         for level in self._levels:
+            first = warm_one = mine = None
             for job in level:
-                if not job.granted.done() and wanted(job):
-                    found.append(job)
+                if job.granted.done():
+                    continue
+                first = first or job
+                if mine is None and job.consumer == holder:
+                    mine = job
+                if warm_one is None and not job.exclusive and warm(job):
+                    warm_one = job
+                if warm_one is not None and (holder is None or mine is not None):
                     break
+            found += [j for j in dict.fromkeys((first, warm_one, mine)) if j is not None]
         return found
+
+
+class GpuLock:
+    """One GPU's lock: the jobs waiting for it and who holds it, with how many slots (jobs and holds).
+
+    Grants follow ``next_grant``. Waiters are futures, as in asyncio's own Lock; a waiter cancelled while
+    being woken passes its grant on (``leave``). ``warm`` says whether a job needs no swap; ``on_grant`` is
+    told of each grant, before the waiter wakes.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        clock: Callable[[], float],
+        warm: Callable[[Job], bool],
+        on_grant: Callable[[Job], None],
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.warm = warm
+        self.on_grant = on_grant
+        self.waiting = WaitQueue()
+        #: The consumer holding the lock, its slots taken (jobs and holds), and of those the holds.
+        self.holder: str | None = None
+        self.slots = 0
+        self.holds = 0
+        #: The holder is an admin operation (or an idle unload, a preload): it holds the lock alone.
+        self.exclusive = False
+        self.held_since = 0.0
+        #: Set while nobody holds the lock.
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def __repr__(self) -> str:
+        held = f"held by {self.holder} x{self.slots}" if self.holder else "free"
+        return f"<GpuLock [{held}, waiters:{len(self.waiting)}]>"
+
+    def enqueue(self, job: Job) -> None:
+        """A job starts waiting; ``dispatch`` then grants what can be."""
+        self.waiting.append(job)
+
+    def _holder(self) -> Holder | None:
+        if self.holder is None:
+            return None
+        c = self.config.consumers.get(self.holder)
+        room = (c.max_concurrency if c is not None else 0) - self.slots
+        return Holder(self.holder, self.exclusive, room)
+
+    def dispatch(self) -> bool:
+        """Grant the lock (or further slots of the holder) as ``next_grant`` says; whether anyone got it."""
+        granted = False
+        sched = self.config.scheduler
+        while True:
+            now = self.clock()
+            # A waiter whose task was cancelled has a cancelled future; it stays queued (and counted)
+            # until its task runs again and takes itself out.
+            candidates = self.waiting.candidates(self.warm, self.holder)
+            job = next_grant(
+                candidates,
+                self._holder(),
+                now,
+                aging_s=sched.aging_s,
+                max_overtake_s=sched.max_overtake_s,
+                warm=self.warm,
+            )
+            if job is None:
+                return granted
+            self.waiting.remove(job)
+            if min(candidates, key=lambda j: (j.arrived, j.id)) is not job:
+                for passed in overtaken_by(job, self.waiting, now, sched.aging_s):
+                    if passed.overtaken_since is None:
+                        passed.overtaken_since = now
+            if self.holder is None:
+                self.held_since = now
+            self.holder, self.exclusive = job.consumer, job.exclusive
+            self.slots += 1
+            self.idle.clear()
+            job.state, job.started = "running", now
+            self.on_grant(job)
+            job.granted.set_result(None)
+            granted = True
+
+    def release(self, job: Job) -> bool:
+        """A job or hold gives its slot back; the last one frees the lock. Whether another job got it."""
+        assert job.consumer == self.holder, (job, self.holder)
+        self.slots -= 1
+        if self.slots == 0:
+            self.holder, self.exclusive = None, False
+            self.idle.set()
+        return self.dispatch()
+
+    def leave(self, job: Job) -> bool:
+        """A cancelled waiter leaves: dequeued, or its grant passed on if it was granted meanwhile.
+        Whether it held a slot (then the caller gives the consumer's job count back)."""
+        if job.state == "running":
+            self.release(job)
+            return True
+        if job in self.waiting:
+            self.waiting.remove(job)
+            self.dispatch()  # a job that left may have been what kept a join of the holder out
+        return False
+
+    def refuse(self, job: Job, error: BrokerError) -> None:
+        """Answer a waiting job with ``error`` (queue_timeout, no_consumer, shutting_down)."""
+        self.waiting.remove(job)
+        job.granted.set_exception(error)
+
+    def queue(self) -> list[Job]:
+        """Waiting jobs, highest effective priority first, then by arrival."""
+        now, aging_s = self.clock(), self.config.scheduler.aging_s
+        return sorted(self.waiting, key=lambda j: (-effective_priority(j, now, aging_s), j.arrived, j.id))
 
 
 class UnloadOps(Protocol):
@@ -3296,18 +3565,9 @@ class Scheduler:
         self.events = events or Events()
         self.metrics = metrics or Metrics()
         self.recorder = Recorder(self.index, self.events, self.metrics)
-        #: The consumer holding the GPU lock, and how many of its slots (jobs and holds) are taken.
-        self.holder: str | None = None
-        self.slots = 0
-        self.holds = 0
-        #: The holder is an admin operation that holds the lock alone.
-        self.exclusive = False
+        self.lock = GpuLock(config, clock, self._warm, self._granted)
         #: Shutting down: no job is admitted any more.
         self.closing = False
-        self._held_since = 0.0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._waiting = WaitQueue()
         self._ids = itertools.count(1)
         self._prepare_lock = asyncio.Lock()
         #: Work the scheduler owns (holds, steps whose caller left): cancelled on close.
@@ -3317,34 +3577,74 @@ class Scheduler:
         self._abandoned: dict[Job, str] = {}
         #: Consumers with an idle unload or a preload queued or running: never two for one consumer.
         self._internal: set[tuple[str, str]] = set()
+        #: When each unload under way started (its time is learned when its memory showed up free).
+        self._unload_started: dict[str, float] = {}
 
     def __repr__(self) -> str:
-        return (
-            f"<Scheduler gpu={self.index} holder={self.holder} slots={self.slots}"
-            f" waiters:{len(self._waiting)}>"
-        )
+        return f"<Scheduler gpu={self.index} {self.lock!r}>"
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """A reload's config: the next decision (and the next grant) uses it."""
+        self._config = config
+        if hasattr(self, "lock"):
+            self.lock.config = config
 
     @property
     def stats(self) -> Stats:
         return self.recorder.stats
 
-    # ---- ordering ----------------------------------------------------------------------------------
+    # ---- the lock's state, for people and tests (the lock owns it) ---------------------------------
 
-    def effective_priority(self, job: Job, now: float) -> int:
-        aged = int((now - job.arrived) // self.config.scheduler.aging_s)
-        return min(PRIORITY_MAX, job.priority + aged)
+    @property
+    def holder(self) -> str | None:
+        return self.lock.holder
 
-    def _order(self, job: Job, now: float) -> tuple[int, float, int]:
-        return (-self.effective_priority(job, now), job.arrived, job.id)
+    @property
+    def slots(self) -> int:
+        return self.lock.slots
 
-    def queue(self) -> list[Job]:
-        """Waiting jobs in the order they would be granted (ignoring max_concurrency joins)."""
-        now = self.clock()
-        return sorted(self._waiting, key=lambda j: self._order(j, now))
+    @property
+    def holds(self) -> int:
+        return self.lock.holds
+
+    @property
+    def exclusive(self) -> bool:
+        return self.lock.exclusive
 
     @property
     def running(self) -> int:
-        return self.slots - self.holds
+        return self.lock.slots - self.lock.holds
+
+    def effective_priority(self, job: Job, now: float) -> int:
+        return effective_priority(job, now, self.config.scheduler.aging_s)
+
+    def queue(self) -> list[Job]:
+        """Waiting jobs, highest effective priority first, then by arrival (``forecast`` gives the order
+        with overtaking and the expected waits)."""
+        return self.lock.queue()
+
+    def _warm(self, job: Job) -> bool:
+        """Whether a job needs no swap: its consumer holds the GPU, or is resident and may stay beside the
+        holder (or its memory is elsewhere)."""
+        if job.target.vram_resident_mib == 0:
+            return True
+        state = self.states.get(job.consumer)
+        if state is None or state.resident is not True:
+            return False
+        holder = self.lock.holder
+        return holder is None or holder == job.consumer or holder in job.target.can_coexist_with
+
+    def _granted(self, job: Job) -> None:
+        """The lock went to ``job`` (before it wakes): its consumer's job count, the others' doubt."""
+        if self.lock.slots == 1 and job.kind not in UNLOAD_KINDS:
+            self._touch_others(job)
+        self.states[job.consumer].jobs += 1
+        self.recorder.job_event("granted", job, waited_s=round(self.clock() - job.arrived, 3))
 
     # ---- admission and the lock ----------------------------------------------------------------------
 
@@ -3369,7 +3669,7 @@ class Scheduler:
                 raise BrokerError("unload_failed", f"{name} {error}", name)
 
         await self._guarded(job, unload())
-        self.finish(job, "completed")
+        job.release()
         return job
 
     async def load_now(self, name: str) -> Job:
@@ -3377,7 +3677,7 @@ class Scheduler:
         job = self._admit(name, "load", exclusive=True)
         await self._wait_for_grant(job)
         await self._guarded(job, self._prepare(job, warm=True))
-        self.finish(job, "completed")
+        job.release()
         return job
 
     def idle_deadline(self, name: str) -> float | None:
@@ -3397,10 +3697,10 @@ class Scheduler:
 
     def _busy_with(self, name: str) -> str | None:
         """Why ``name`` is not idle: a job or hold of it holds the lock, or one waits for it."""
-        own = 1 if self.holder == name and self.exclusive else 0  # the idle unload asking
+        own = 1 if self.lock.holder == name and self.lock.exclusive else 0  # the idle unload asking
         if self.states[name].jobs > own:  # on this GPU, or on another one a reload moved it from
             return "has jobs running"
-        if any(j.consumer == name for j in self._waiting):
+        if any(j.consumer == name for j in self.lock.waiting):
             return "a job waits for it"
         return None
 
@@ -3428,7 +3728,7 @@ class Scheduler:
             job = self._admit(name, kind, exclusive=True, priority=0)
             await self._wait_for_grant(job)
             await self._guarded(job, step(job))
-            self.finish(job, "completed")
+            job.release()
             return job
         finally:
             self._internal.discard((kind, name))
@@ -3490,6 +3790,7 @@ class Scheduler:
             granted=asyncio.get_running_loop().create_future(),
             exclusive=exclusive,
             request_id=request_id,
+            scheduler=self,
         )
 
     async def _wait_for_grant(self, job: Job) -> None:
@@ -3498,17 +3799,26 @@ class Scheduler:
         if self.closing:
             self._end(job, "failed", "shutting_down")
             raise BrokerError("shutting_down", "the broker is shutting down", job.consumer)
-        if len(self._waiting) >= cfg.scheduler.max_queue:
+        if len(self.lock.waiting) >= cfg.scheduler.max_queue:
             self._end(job, "rejected", "queue_full")
-            raise BrokerError("queue_full", f"{len(self._waiting)} jobs are waiting already", job.consumer)
-        self._waiting.append(job)
-        self.recorder.job_event("queued", job, priority=job.priority, request_id=job.request_id)
+            waiting = len(self.lock.waiting)
+            raise BrokerError(
+                "queue_full",
+                f"{waiting} jobs are waiting already",
+                job.consumer,
+                retry_after=self._retry_after(self.forecast()[:1]),
+            )
         timer = asyncio.get_running_loop().call_later(cfg.scheduler.queue_timeout_s, self._expire, job)
-        self._dispatch()
+        self.lock.enqueue(job)
+        # Its expected wait (0 when the lock is free: it goes at once, unless one of its betters waits).
+        eta = next((eta for j, eta in self.forecast() if j is job), None)
+        self.recorder.job_event("queued", job, priority=job.priority, request_id=job.request_id, eta_s=eta)
+        self.lock.dispatch()
         try:
             await job.granted
         except asyncio.CancelledError:
-            self._leave_queue(job)
+            if self.lock.leave(job):
+                self.states[job.consumer].jobs -= 1
             self._end(job, "cancelled")
             raise
         except BrokerError as e:  # queue_timeout from _expire, no_consumer from forget
@@ -3571,91 +3881,42 @@ class Scheduler:
     def shut_down(self) -> None:
         """Admit nothing more, and answer every queued job with shutting_down."""
         self.closing = True
-        for job in [j for j in self._waiting if not j.granted.done()]:
-            self._waiting.remove(job)
-            job.granted.set_exception(
-                BrokerError("shutting_down", "the broker is shutting down", job.consumer)
-            )
+        for job in [j for j in self.lock.waiting if not j.granted.done()]:
+            self.lock.refuse(job, BrokerError("shutting_down", "the broker is shutting down", job.consumer))
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no job or hold holds the lock, at most ``timeout_s``; whether it got idle."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            await asyncio.wait_for(self.lock.idle.wait(), timeout_s)
         except asyncio.TimeoutError:
             return False
         return True
 
     def forget(self) -> None:
         """After a reload: jobs waiting for a consumer gone (or on another GPU now) get no_consumer."""
-        for job in [j for j in self._waiting if not j.granted.done()]:
+        for job in [j for j in self.lock.waiting if not j.granted.done()]:
             now = self.config.consumers.get(job.consumer)
             if now is not None and now.gpu == self.index:
                 continue
             why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
-            self._waiting.remove(job)
-            job.granted.set_exception(BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
-        self._dispatch()
-
-    def _leave_queue(self, job: Job) -> None:
-        """A cancelled waiter leaves: dequeued, or its grant passed on if it was granted meanwhile."""
-        if job.state == "running":
-            self._release_slot(job)
-        elif job in self._waiting:
-            self._waiting.remove(job)
-            # A job that left may have been what kept a join of the holder out.
-            self._dispatch()
+            self.lock.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
+        self.lock.dispatch()
 
     def _expire(self, job: Job) -> None:
-        """The queue timer of a job ran out: answer it with queue_timeout unless it was granted."""
+        """The queue timer of a job ran out: answer it with queue_timeout unless it was granted. Its
+        Retry-After is the wait still expected for it."""
         if job.state != "queued" or job.granted.done():
             return
-        self._waiting.remove(job)
+        left = [(j, eta) for j, eta in self.forecast() if j is job]
         waited = self.config.scheduler.queue_timeout_s
-        job.granted.set_exception(
-            BrokerError("queue_timeout", f"waited {waited:g} s for the GPU", job.consumer)
+        error = BrokerError(
+            "queue_timeout",
+            f"waited {waited:g} s for the GPU",
+            job.consumer,
+            retry_after=self._retry_after(left),
         )
-        self._dispatch()
-
-    def _dispatch(self) -> bool:
-        """Grant the lock (or a further slot of the holder) to whoever the documented order says; whether
-        anyone was granted."""
-        now = self.clock()
-        granted = False
-        while True:
-            # A waiter whose task was cancelled has a cancelled future; it stays queued (and counted)
-            # until its task runs again and takes itself out.
-            if self.holder is None:
-                firsts = self._waiting.firsts(lambda j: True)
-                if not firsts:
-                    return granted
-                job = min(firsts, key=lambda j: self._order(j, now))
-            else:
-                holder = self.config.consumers.get(self.holder)
-                if self.exclusive or holder is None or self.slots >= holder.max_concurrency:
-                    return granted
-                mine = self._waiting.firsts(lambda j: j.consumer == self.holder)
-                if not mine:
-                    return granted
-                job = min(mine, key=lambda j: self._order(j, now))
-                if job.exclusive:
-                    return granted
-                level = self.effective_priority(job, now)
-                others = self._waiting.firsts(lambda j: j.consumer != self.holder)
-                if any(self.effective_priority(j, now) >= level for j in others):
-                    return granted
-            self._waiting.remove(job)
-            if self.holder is None:
-                self._held_since = now
-                if job.kind not in UNLOAD_KINDS:
-                    self._touch_others(job)
-            self.holder, self.exclusive = job.consumer, job.exclusive
-            self.slots += 1
-            self._idle.clear()
-            self.states[job.consumer].jobs += 1
-            job.state, job.started = "running", now
-            job.granted.set_result(None)
-            granted = True
-            self.recorder.job_event("granted", job, waited_s=round(now - job.arrived, 3))
+        self.lock.refuse(job, error)
+        self.lock.dispatch()
 
     def _touch_others(self, job: Job) -> None:
         """A consumer is granted the GPU: it may load, so the others' resident records need a reading now."""
@@ -3664,14 +3925,17 @@ class Scheduler:
                 self.states[name].touched(f"{job.consumer} was granted the GPU")
 
     def _release_slot(self, job: Job) -> bool:
-        """A job or hold gives its slot back; the last one frees the lock. Whether another job got it."""
-        assert job.consumer == self.holder, (job, self.holder)
-        self.slots -= 1
+        """A job or hold gives its slot back; the last one frees the lock. Whether another job got it.
+
+        The consumer's count goes first: a crash in a grant that follows must not keep it counted."""
         self.states[job.consumer].jobs -= 1
-        if self.slots == 0:
-            self.holder, self.exclusive = None, False
-            self._idle.set()
-        return self._dispatch()
+        try:
+            return self.lock.release(job)
+        except Exception as e:  # a bug in a grant: the slot is free; the next release or arrival retries
+            self.recorder.internal_error(
+                "grant crashed", consumer=job.consumer, job=job.id, error=describe(e)
+            )
+            return False
 
     # ---- making room: carrying the plan out -----------------------------------------------------------
 
@@ -3692,6 +3956,8 @@ class Scheduler:
             stopped = job.target.started_by_command and state.resident is None and state.healthy is False
             if job.target.load is not None and (state.resident is False or warm or stopped):
                 await self._load(job)
+            elif job.target.load is None and state.resident is not True:
+                job.cold = True  # it loads itself on this request: its time tells its load
 
     def _needs_no_room(self, job: Job) -> bool:
         """Resident by a record nothing has put in doubt, or its memory is elsewhere (a remote broker):
@@ -3775,17 +4041,21 @@ class Scheduler:
         why: dict[str, Any] = {"for_consumer": job.consumer} if by is None else {"by": by}
         self.recorder.record("evicting" if by is None else "unloading", consumer=victim, **why, job=job.id)
         state.unloading()
+        self._unload_started[victim] = self.clock()
         try:
             await self.ops.unload(victim)
         except Exception as e:
             state.unload_failed()
+            self._unload_started.pop(victim, None)
             self.recorder.record("unload_failed", consumer=victim, **why, job=job.id, error=str(e))
             return str(e)
         except BaseException:
             state.unload_failed()  # cut (the broker is closing): it may or may not have freed anything
+            self._unload_started.pop(victim, None)
             raise
         if by is not None:
             state.unloaded()
+            self._learn(state, "unload", self.clock() - self._unload_started.pop(victim))
             self.recorder.record(f"unloaded_{by}", consumer=victim, by=by, job=job.id)
         return None
 
@@ -3809,6 +4079,7 @@ class Scheduler:
             if free >= need or free - before >= enough_freed:
                 self.states[victim].unloaded()
                 freed = True
+                self._learn(self.states[victim], "unload", self.clock() - self._unload_started.pop(victim))
                 break
             if self.clock() >= deadline:
                 # Nothing came free: it most likely held nothing (its residency was a guess). Some did:
@@ -3823,6 +4094,7 @@ class Scheduler:
                 break
             # A reading starts every VRAM_POLL_S (not VRAM_POLL_S after the last one ended).
             await self.sleep(max(0.0, VRAM_POLL_S - (self.clock() - started)))
+        self._unload_started.pop(victim, None)  # (not freed in time: no figure to learn)
         job.evictions += 1
         self.recorder.record("evicted", consumer=victim, for_consumer=job.consumer, free_mib=reading.free_mib)
         return reading, freed
@@ -3833,6 +4105,7 @@ class Scheduler:
         state = self.states[name]
         self.recorder.record("loading", consumer=name, job=job.id)
         state.loading()
+        started = self.clock()
         try:
             await self.ops.load(name)
         except Exception as e:
@@ -3843,27 +4116,27 @@ class Scheduler:
             state.load_failed()
             raise
         state.loaded()
+        self._learn(state, "load", self.clock() - started)
         self.recorder.record("loaded", consumer=name, job=job.id)
 
     # ---- the end of a job --------------------------------------------------------------------------
 
-    def finish(
+    def _finish(
         self,
         job: Job,
         outcome: str,
-        *,
-        code: str | None = None,
-        status: int | None = None,
-        success: bool = False,
-        hold: Callable[[], Awaitable[None]] | None = None,
-        hold_timeout_s: float = 0.0,
+        code: str | None,
+        status: int | None,
+        success: bool,
+        hold: Callable[[], Awaitable[None]] | None,
+        hold_timeout_s: float,
     ) -> bool:
-        """End a running job. Synchronous, so it runs even in a cancelled handler's ``finally``.
+        """``Job.release``: end a running job. Whether another job was granted the slot.
 
         ``success``: the consumer answered 2xx and took the work: it is resident and was used now, unless
         the job was a mount call outside its paths (that may have done anything: its record needs a
         reading). ``hold`` keeps the job's slot in a task the scheduler owns until it returns or
-        ``hold_timeout_s``. Whether another job was granted the slot.
+        ``hold_timeout_s``; the job counts as one (for its run time) until then.
         """
         state = self.states[job.consumer]
         if job.kind == MOUNT_KIND:
@@ -3874,13 +4147,32 @@ class Scheduler:
             # The slot first: the job granted next is woken before this one's event and log line.
             granted = self._release_slot(job)
             self._end(job, outcome, code, status)
+            if success:
+                self._learn_job(job, self.clock())
             return granted
         self._end(job, outcome, code, status, log_now=False)
-        self.holds += 1
+        self.lock.holds += 1
         self._holds[job] = self._own(
             asyncio.get_running_loop().create_task(self._hold(job, hold, hold_timeout_s))
         )
         return False
+
+    def _learn_job(self, job: Job, ended: float) -> None:
+        """What a job that took the work took: its consumer's job time, or, a cold start (the consumer loads
+        itself on its first request), a load time (what it took beyond a usual job)."""
+        if job.started is None or job.exclusive:
+            return
+        state = self.states[job.consumer]
+        took = max(0.0, ended - job.started)
+        if job.cold:
+            self._learn(state, "load", max(0.0, took - (state.timing("job") or 0.0)))
+        else:
+            self._learn(state, "job", took)
+
+    def _learn(self, state: ConsumerState, what: str, seconds: float) -> None:
+        """One more sample of a consumer's load, unload or job time: its running median, and the metric."""
+        state.learned(what, seconds)
+        self.metrics.observe(f"mgpumanager_{what}_seconds", seconds, consumer=state.name)
 
     def abandon_holds(self, name: str, reason: str) -> None:
         """The consumer was seen down: its work died with it, so its holds end now (hold_abandoned)."""
@@ -3917,9 +4209,12 @@ class Scheduler:
                 "hold_cut", **fields, hold_s=round(self.clock() - started, 3), error=describe(e)
             )
         finally:
+            ended = self.clock()
+            if job.outcome == "completed" and job not in self._abandoned:
+                self._learn_job(job, ended)
             self._holds.pop(job, None)
             self._abandoned.pop(job, None)
-            self.holds -= 1
+            self.lock.holds -= 1
             # The consumer worked until now: for idle unloads and the LRU order, this is its last use.
             self.states[job.consumer].used()
             held = self.clock() - started
@@ -3955,16 +4250,71 @@ class Scheduler:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    # ---- what comes next: the queue in grant order, with the waits to expect -----------------------
+
+    def forecast(self) -> list[tuple[Job, float]]:
+        """The waiting jobs in the order they are expected to be granted, each with its expected wait in
+        seconds (``eta_s``), from the consumers' learned figures (a figure not seen yet counts as 0, so an
+        eta is then a lower bound). It plays the grant order forward: the holder's remaining time, then job
+        after job, each that needs a swap paying its load and the unloads of what may not stay beside it.
+        """
+        now = self.clock()
+        sched = self.config.scheduler
+        waiting = [j for j in self.lock.waiting if not j.granted.done()]
+        resident = {n for n, st in self.states.items() if st.resident is True}
+
+        def figure(name: str, what: str) -> float:
+            state = self.states.get(name)
+            return (state.timing(what) if state is not None else None) or 0.0
+
+        t = 0.0
+        holder = self.lock.holder
+        if holder is not None:
+            held = now - self.lock.held_since
+            t = max(0.0, figure(holder, "job") - held)
+        out: list[tuple[Job, float]] = []
+        current = holder
+        while waiting:
+
+            def warm(job: Job, current: str | None = current, resident: set[str] = resident) -> bool:
+                c = job.target
+                if c.vram_resident_mib == 0 or job.consumer == current:
+                    return True
+                return job.consumer in resident and (current is None or current in c.can_coexist_with)
+
+            job = next_grant(
+                waiting, None, now + t, aging_s=sched.aging_s, max_overtake_s=sched.max_overtake_s, warm=warm
+            )
+            if job is None:
+                break
+            waiting.remove(job)
+            out.append((job, round(t, 3)))
+            c = job.target
+            if not warm(job):  # a swap: what may not stay beside it goes, then it loads
+                gone = {n for n in resident if n not in c.can_coexist_with and n != job.consumer}
+                t += sum(figure(n, "unload") for n in gone) + figure(job.consumer, "load")
+                resident = (resident - gone) | {job.consumer}
+            t += figure(job.consumer, "job")
+            current = job.consumer
+        return out
+
+    @staticmethod
+    def _retry_after(forecast: Sequence[tuple[Job, float]]) -> int:
+        """Retry-After for a refused job: the seconds until the first of these is expected to run, at
+        least 1."""
+        return max(1, math.ceil(forecast[0][1])) if forecast else 1
+
     def snapshot(self) -> dict[str, Any]:
         now = self.clock()
+        lock = self.lock
         return {
             "holder": None
-            if self.holder is None
+            if lock.holder is None
             else {
-                "consumer": self.holder,
+                "consumer": lock.holder,
                 "jobs": self.running,
-                "holds": self.holds,
-                "held_s": round(now - self._held_since, 3),
+                "holds": lock.holds,
+                "held_s": round(now - lock.held_since, 3),
             },
             "queue": [
                 {
@@ -3972,10 +4322,11 @@ class Scheduler:
                     "kind": j.kind,
                     "priority": self.effective_priority(j, now),
                     "waited_s": round(now - j.arrived, 3),
+                    "eta_s": eta,
                 }
-                for j in self.queue()
+                for j, eta in self.forecast()
             ],
-            "stats": {**self.stats.__dict__, "running": self.running, "queued": len(self._waiting)},
+            "stats": {**self.stats.__dict__, "running": self.running, "queued": len(lock.waiting)},
         }
 
 
@@ -5246,8 +5597,7 @@ def _end_job(
         if hold is None:
             ex.close()
         failed = ex.error is not None or outcome == "failed"
-        granted = scheduler.finish(
-            job,
+        granted = job.release(
             "failed" if failed else outcome,
             # Failed without a broker error: a bug raised in the handler (front_door logs and counts it).
             code=ex.error.code if ex.error is not None else "scheduler_error" if failed else None,

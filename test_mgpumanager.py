@@ -860,7 +860,7 @@ async def test_resident_target_reads_no_gpu_and_unloads_nothing():
     ops.states["t"].loaded()
     job = await s.acquire("t", "kt")
     assert gpu.reads == [] and ops.calls == []
-    s.finish(job, "completed", status=200, success=True)
+    job.release("completed", status=200, success=True)
     assert s.holder is None and books_balance(s)
 
 
@@ -871,7 +871,7 @@ async def test_lru_victim_is_unloaded_then_target_loaded():
     assert ops.calls == [("unload", "y"), ("load", "t")]
     assert (s.stats.evictions, s.stats.loads, job.evictions) == (1, 1, 1)
     assert ops.states["y"].resident is False and ops.states["t"].resident is True
-    s.finish(job, "completed", status=200, success=True)
+    job.release("completed", status=200, success=True)
     assert ops.states["t"].last_used is not None
 
 
@@ -880,7 +880,7 @@ async def test_never_used_loses_first_and_ties_go_to_config_order():
     crowd(gpu, ops, {"x": 5.0})  # y and z never used: y is listed first
     job = await s.acquire("t", "kt")
     assert ops.calls[0] == ("unload", "y")
-    s.finish(job, "completed")
+    job.release("completed")
 
 
 async def test_coexistent_consumer_is_never_picked_even_when_least_recently_used():
@@ -888,7 +888,7 @@ async def test_coexistent_consumer_is_never_picked_even_when_least_recently_used
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
     job = await s.acquire("t", "kt")
     assert ops.calls[0] == ("unload", "y")
-    s.finish(job, "completed")
+    job.release("completed")
 
 
 async def test_vram_managed_is_never_picked():
@@ -896,7 +896,7 @@ async def test_vram_managed_is_never_picked():
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
     job = await s.acquire("t", "kt")
     assert ops.calls[0] == ("unload", "y")
-    s.finish(job, "completed")
+    job.release("completed")
 
 
 async def test_a_target_of_unknown_residency_is_unloaded_itself_when_nothing_else_can_go():
@@ -907,7 +907,7 @@ async def test_a_target_of_unknown_residency_is_unloaded_itself_when_nothing_els
         ops.states[name].unloaded()
     job = await s.acquire("t", "kt")
     assert ops.calls == [("unload", "t"), ("load", "t")] and s.stats.evictions == 1
-    s.finish(job, "completed")
+    job.release("completed")
     # Known not resident, it is not unloaded again: the job waits for room as usual.
     ops.states["t"].unloaded()
     del gpu.held["t"]
@@ -915,7 +915,7 @@ async def test_a_target_of_unknown_residency_is_unloaded_itself_when_nothing_els
     ops.states["x"].loaded()
     job = await s.acquire("t", "kt")
     assert ops.calls[2:] == [("unload", "x"), ("load", "t")]
-    s.finish(job, "completed")
+    job.release("completed")
 
 
 async def test_failing_unload_moves_on_to_the_next_candidate():
@@ -926,7 +926,7 @@ async def test_failing_unload_moves_on_to_the_next_candidate():
     assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
     assert (s.stats.unload_failures, s.stats.evictions) == (1, 1)
     assert ops.states["x"].resident is None  # unknown after a failed unload
-    s.finish(job, "completed")
+    job.release("completed")
 
 
 async def test_nothing_evictable_is_insufficient_vram_naming_processes_and_reasons():
@@ -953,14 +953,14 @@ async def test_a_vram_managed_consumer_with_an_unload_goes_last_and_only_if_the_
     crowd(gpu, ops, {"y": 5.0, "z": 6.0})  # x was never used: plain LRU would pick it first
     job = await s.acquire("t", "kt")
     assert ops.calls == [("unload", "y"), ("load", "t")]  # y was enough; x kept its models
-    s.finish(job, "completed", success=True)
+    job.release("completed", success=True)
     # Now t needs more than y and z together can give: x goes too, and last.
     cfg2 = small_config(consumers__x__vram_managed=True, consumers__t__vram_resident_mib=12000)
     s, gpu, ops, _ = make_scheduler(cfg2)
     crowd(gpu, ops, {"y": 5.0, "z": 6.0})
     job = await s.acquire("t", "kt")
     assert ops.calls == [("unload", "y"), ("unload", "z"), ("unload", "x"), ("load", "t")]
-    s.finish(job, "completed", success=True)
+    job.release("completed", success=True)
 
 
 async def test_a_scheduler_evicts_only_on_its_own_gpu():
@@ -983,7 +983,7 @@ async def test_a_scheduler_evicts_only_on_its_own_gpu():
     job = await s1.acquire("t", "kt")
     assert ops.calls == [("unload", "y"), ("load", "t")] and job.evictions == 1
     assert ops.states["x"].resident is True and ops.states["z"].resident is True
-    s1.finish(job, "completed", success=True)
+    job.release("completed", success=True)
     # A job for a consumer of GPU 0 is not this scheduler's to run.
     with pytest.raises(m.BrokerError, match="x runs on GPU 0 now") as info:
         await s1.acquire("x", "kx")
@@ -1018,7 +1018,7 @@ async def test_a_consumer_of_zero_mib_needs_no_room_and_no_gpu_reading():
     gpu.error = "nvidia-smi: not found"
     job = await s.acquire("t", "kt")
     assert gpu.reads == [] and ops.calls == [] and s.holder == "t"
-    s.finish(job, "completed", success=True)
+    job.release("completed", success=True)
     with pytest.raises(m.BrokerError, match="cannot read the GPU"):
         await s.acquire("x", "kx")  # the others still need the GPU read
 
@@ -1042,7 +1042,7 @@ async def test_memory_is_polled_with_readings_of_its_own_until_it_shows_up_free(
     assert gpu.reads == ["memory"] * 5  # one reading before, four after: the GPU line alone
     assert ops.calls == [("unload", "x"), ("load", "t")]
     assert clock.now - t0 == pytest.approx(3 * m.VRAM_POLL_S)  # polled every 50 ms, no fixed sleep
-    s.finish(job, "completed")
+    job.release("completed")
 
 
 async def test_polling_stops_once_most_of_the_victims_memory_is_free_then_evicts_more():
@@ -1055,7 +1055,7 @@ async def test_polling_stops_once_most_of_the_victims_memory_is_free_then_evicts
     assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
     assert clock.now - t0 < s.config.scheduler.vram_wait_s  # did not wait for the full fit
     assert s.stats.evictions == 2
-    s.finish(job, "completed")
+    job.release("completed")
 
 
 async def test_unload_that_never_frees_waits_vram_wait_s_then_tries_the_next():
@@ -1066,7 +1066,7 @@ async def test_unload_that_never_frees_waits_vram_wait_s_then_tries_the_next():
     job = await s.acquire("t", "kt")
     assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
     assert 1.0 <= clock.now - t0 < 1.2
-    s.finish(job, "completed")
+    job.release("completed")
 
 
 async def test_gpu_error_is_gpu_unavailable():
@@ -1092,7 +1092,7 @@ async def test_target_of_unknown_state_without_pressure_is_not_loaded():
     s, gpu, ops, _ = make_scheduler(small_config())
     job = await s.acquire("t", "kt")  # unknown residency, plenty of room: cold start on first request
     assert ops.calls == [] and gpu.reads == ["memory"]
-    s.finish(job, "completed", status=200, success=True)
+    job.release("completed", status=200, success=True)
     assert ops.states["t"].resident is True
 
 
@@ -1114,7 +1114,7 @@ async def _grants(s: m.Scheduler, tasks: list[asyncio.Task[m.Job]]) -> list[str]
         pending.remove(task)
         job = task.result()
         order.append(job.consumer)
-        s.finish(job, "completed")
+        job.release("completed")
     return order
 
 
@@ -1130,7 +1130,7 @@ async def test_grant_order_is_effective_priority_then_arrival():
     clock.now += 1
     y = await _queued(s, "y")
     assert [j.consumer for j in s.queue()] == ["z", "y", "x"]
-    s.finish(first, "completed")
+    first.release("completed")
     assert await _grants(s, [x, y, z]) == ["z", "y", "x"]
     assert books_balance(s)
 
@@ -1144,8 +1144,9 @@ async def test_aging_raises_a_waiting_jobs_priority():
     x = await _queued(s, "x")  # priority 1
     clock.now += 130  # two aging steps: x is at 3 now
     y = await _queued(s, "y")  # priority 3, arrived later
-    assert s.snapshot()["queue"][0] == {"consumer": "x", "kind": "kx", "priority": 3, "waited_s": 130.0}
-    s.finish(first, "completed")
+    expected = {"consumer": "x", "kind": "kx", "priority": 3, "waited_s": 130.0, "eta_s": 0.0}
+    assert s.snapshot()["queue"][0] == expected
+    first.release("completed")
     assert await _grants(s, [x, y]) == ["x", "y"]
 
 
@@ -1156,8 +1157,8 @@ async def test_aging_stops_at_priority_4():
     x = await _queued(s, "x")
     clock.now += 3600
     assert s.snapshot()["queue"][0]["priority"] == 4
-    s.finish(first, "completed")
-    s.finish(await x, "completed")
+    first.release("completed")
+    (await x).release("completed")
 
 
 async def test_a_known_unloaded_consumer_is_never_a_victim():
@@ -1166,12 +1167,15 @@ async def test_a_known_unloaded_consumer_is_never_a_victim():
     ops.states["x"].unloaded()  # the broker unloaded it; its memory is something else's now
     job = await s.acquire("t", "kt")
     assert ops.calls[0] == ("unload", "y")
-    s.finish(job, "completed")
+    job.release("completed")
 
 
 @pytest.mark.parametrize("leaves", ["cancelled", "timed out"])
 async def test_a_holder_job_joins_as_soon_as_the_job_that_kept_it_out_leaves(leaves):
-    cfg = small_config(consumers__t__max_concurrency=2, scheduler__queue_timeout_s=0.2)
+    # Strict order (max_overtake_s: 0): a job of the holder never goes before an equal one of another.
+    cfg = small_config(
+        consumers__t__max_concurrency=2, scheduler__queue_timeout_s=0.2, scheduler__max_overtake_s=0
+    )
     s, _, ops, _ = make_scheduler(cfg)
     for name in ops.states:
         ops.states[name].loaded()
@@ -1184,9 +1188,109 @@ async def test_a_holder_job_joins_as_soon_as_the_job_that_kept_it_out_leaves(lea
     await asyncio.gather(x, return_exceptions=True)
     b = await asyncio.wait_for(c, 5)  # joined the holder without waiting for a to finish
     assert s.running == 2
-    s.finish(a, "completed")
-    s.finish(b, "completed")
+    a.release("completed")
+    b.release("completed")
     assert books_balance(s)
+
+
+def swap_config(max_overtake_s: float, **tweaks: Any) -> m.Config:
+    """t and x of 6000 MiB each on a GPU where only one of them fits: a job of the other needs a swap."""
+    return small_config(
+        consumers__t__vram_resident_mib=6000,
+        consumers__x__vram_resident_mib=6000,
+        scheduler__max_overtake_s=max_overtake_s,
+        **tweaks,
+    )
+
+
+async def _run_in_turn(
+    s: m.Scheduler, clock: FakeClock, job: m.Job, tasks: list[asyncio.Task[m.Job]], job_s: float
+) -> list[tuple[str, float]]:
+    """Let ``job`` and then each job granted after it run ``job_s`` on the fake clock, one at a time, each
+    answering 2xx; (consumer, grant time) of the ones granted after it, in order."""
+    order = []
+    pending = list(tasks)
+    while True:
+        clock.now += job_s
+        job.release("completed", status=200, success=True)
+        if not pending:
+            return order
+        done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1, "two jobs held the lock at once"
+        task = done.pop()
+        pending.remove(task)
+        job = task.result()
+        order.append((job.consumer, clock.now))
+
+
+@pytest.mark.parametrize("max_overtake_s", [30, 0])
+async def test_jobs_that_need_no_swap_go_before_those_that_would_need_one(max_overtake_s):
+    """Interleaved arrivals of t (resident) and x (not: only one fits). t's jobs overtake x's of equal
+    priority, one batch per swap; with max_overtake_s 0 the queue is served strictly in arrival order."""
+    s, gpu, ops, clock = make_scheduler(swap_config(max_overtake_s))
+    gpu.total = 12000  # 11520 usable: t's 6000 and x's 6000 (and the cushion) do not fit together
+    for name in ("x", "y", "z"):
+        ops.states[name].unloaded()
+    ops.states["t"].loaded()
+    gpu.held["t"] = 6000
+    running = await s.acquire("t", "kt")
+    tasks = []
+    for name in ("x", "t", "x", "t", "t"):
+        clock.now += 0.1
+        tasks.append(await _queued(s, name))
+    order = [name for name, _ in await _run_in_turn(s, clock, running, tasks, job_s=1)]
+    if max_overtake_s:
+        assert order == ["t", "t", "t", "x", "x"] and ops.calls == [("unload", "t"), ("load", "x")]
+    else:
+        assert order == ["x", "t", "x", "t", "t"] and len(ops.calls) == 8  # a swap for each change
+    assert books_balance(s)
+
+
+async def test_no_job_is_overtaken_beyond_max_overtake_s():
+    """A steady stream of jobs that need no swap does not starve one that needs a swap: once it has been
+    overtaken for max_overtake_s, it goes next, before the stream's later jobs."""
+    s, gpu, ops, clock = make_scheduler(swap_config(10))
+    gpu.total = 12000
+    for name in ("x", "y", "z"):
+        ops.states[name].unloaded()
+    ops.states["t"].loaded()
+    gpu.held["t"] = 6000
+    running = await s.acquire("t", "kt")
+    x = await _queued(s, "x")
+    granted = []
+    while not x.done():
+        clock.now += 0.5
+        t_next = await _queued(s, "t")  # the stream: one more job of t every 3 s
+        clock.now += 2.5
+        running.release("completed", status=200, success=True)
+        done, _ = await asyncio.wait([x, t_next], return_when=asyncio.FIRST_COMPLETED)
+        running = done.pop().result()
+        granted.append((running.consumer, clock.now))
+    job = running
+    assert job is x.result() and job.overtaken_since is not None
+    assert len([g for g in granted if g[0] == "t"]) >= 3
+    # Overtaken from its first overtaking grant on; granted at the first grant once that lasted 10 s.
+    assert granted[-1][1] - job.overtaken_since >= 10 > granted[-2][1] - job.overtaken_since
+    last = await _run_in_turn(s, clock, job, [t_next], job_s=1)  # the stream's last job
+    assert [name for name, _ in last] == ["t"]
+    assert books_balance(s)
+
+
+async def test_a_higher_effective_priority_is_never_overtaken_and_aging_counts():
+    """A job that needs no swap never goes before one of higher effective priority (aging included)."""
+    cfg = swap_config(30, consumers__x__priority=3, consumers__t__priority=2)
+    s, gpu, ops, clock = make_scheduler(cfg)
+    gpu.total = 12000
+    for name in ("x", "y", "z"):
+        ops.states[name].unloaded()
+    ops.states["t"].loaded()
+    gpu.held["t"] = 6000
+    running = await s.acquire("t", "kt")
+    x = await _queued(s, "x")
+    clock.now += 0.1
+    t = await _queued(s, "t")
+    order = [name for name, _ in await _run_in_turn(s, clock, running, [x, t], job_s=1)]
+    assert order == ["x", "t"]
 
 
 async def test_queue_full_rejects_beyond_max_queue():
@@ -1198,7 +1302,7 @@ async def test_queue_full_rejects_beyond_max_queue():
         await s.acquire("t", "kt")
     assert (info.value.code, info.value.status, info.value.retryable) == ("queue_full", 503, True)
     assert s.stats.rejected == 1 and books_balance(s)
-    s.finish(first, "completed")
+    first.release("completed")
     assert await _grants(s, waiting) == ["t", "t"]
     assert books_balance(s) and s.stats.jobs == 4
 
@@ -1211,7 +1315,7 @@ async def test_queue_timeout_answers_a_job_that_waited_too_long():
         await s.acquire("t", "kt")
     assert info.value.code == "queue_timeout" and s.stats.failed == 1
     assert s.queue() == [] and books_balance(s)
-    s.finish(first, "completed")
+    first.release("completed")
 
 
 async def test_cancelled_waiter_leaves_no_trace_and_the_lock_passes_on():
@@ -1224,10 +1328,10 @@ async def test_cancelled_waiter_leaves_no_trace_and_the_lock_passes_on():
     x.cancel()
     await asyncio.gather(x, return_exceptions=True)
     assert [j.consumer for j in s.queue()] == ["y"] and s.stats.cancelled == 1
-    s.finish(first, "completed")
+    first.release("completed")
     job = await y
     assert job.consumer == "y" and s.holder == "y" and books_balance(s)
-    s.finish(job, "completed")
+    job.release("completed")
 
 
 async def test_waiter_cancelled_while_being_granted_passes_the_grant_on():
@@ -1237,12 +1341,12 @@ async def test_waiter_cancelled_while_being_granted_passes_the_grant_on():
     first = await s.acquire("t", "kt")
     x = await _queued(s, "x")
     y = await _queued(s, "y")
-    s.finish(first, "completed")  # grants x ...
+    first.release("completed")  # grants x ...
     x.cancel()  # ... which is cancelled before it runs again
     await asyncio.gather(x, return_exceptions=True)
     job = await asyncio.wait_for(y, 5)
     assert job.consumer == "y" and s.stats.cancelled == 1 and books_balance(s)
-    s.finish(job, "completed")
+    job.release("completed")
 
 
 async def test_a_client_leaving_during_an_eviction_does_not_cut_the_unload():
@@ -1267,12 +1371,12 @@ async def test_a_client_leaving_during_an_eviction_does_not_cut_the_unload():
     await until(waiter.done)
     assert ops.calls == [("unload", "x")] and ops.states["x"].resident is False  # y, z stay; t not loaded
     assert s.stats.cancelled == 1 and s.stats.evictions == 1 and ops.states["t"].resident is False
-    s.finish(waiter.result(), "completed")
+    waiter.result().release("completed")
     assert s.holder is None and books_balance(s)
 
 
 async def test_max_concurrency_lets_the_holder_join_but_never_another_consumer():
-    s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=2))
+    s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=2, scheduler__max_overtake_s=0))
     for name in ops.states:
         ops.states[name].loaded()
     a = await s.acquire("t", "kt")
@@ -1280,13 +1384,13 @@ async def test_max_concurrency_lets_the_holder_join_but_never_another_consumer()
     assert (s.holder, s.running) == ("t", 2)
     x = await _queued(s, "x")
     c = await _queued(s, "t")  # x waits with equal priority: t may not join any more
-    s.finish(a, "completed")
+    a.release("completed")
     await asyncio.sleep(0)
     assert not c.done() and not x.done() and s.running == 1
-    s.finish(b, "completed")
+    b.release("completed")
     assert (await x).consumer == "x" and not c.done()
-    s.finish(x.result(), "completed")
-    s.finish(await c, "completed")
+    x.result().release("completed")
+    (await c).release("completed")
     assert books_balance(s)
 
 
@@ -1296,15 +1400,15 @@ async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
         ops.states[name].loaded()
     job = await s.acquire("t", "kt")
     release = asyncio.Event()
-    s.finish(job, "completed", status=200, success=True, hold=release.wait, hold_timeout_s=30)
+    job.release("completed", status=200, success=True, hold=release.wait, hold_timeout_s=30)
     x = await _queued(s, "x")
     assert not x.done() and s.snapshot()["holder"].items() >= {"consumer": "t", "jobs": 0, "holds": 1}.items()
     release.set()
-    s.finish(await x, "completed")
+    (await x).release("completed")
     job = await s.acquire("t", "kt")
-    s.finish(job, "completed", hold=asyncio.Event().wait, hold_timeout_s=0.05)
+    job.release("completed", hold=asyncio.Event().wait, hold_timeout_s=0.05)
     y = await _queued(s, "y")
-    s.finish(await asyncio.wait_for(y, 5), "completed")
+    (await asyncio.wait_for(y, 5)).release("completed")
     assert s.stats.hold_timeouts == 1 and books_balance(s)
 
 
@@ -3267,7 +3371,7 @@ END_CODES = {
 }
 
 
-def invariant_config() -> m.Config:
+def invariant_config(max_overtake_s: float = 30) -> m.Config:
     def consumer(mib: int, **extra: Any) -> dict[str, Any]:
         return {
             "url": "http://127.0.0.1:9",
@@ -3280,7 +3384,13 @@ def invariant_config() -> m.Config:
     route = {"path": "/r"}
     return m.parse_config(
         {
-            "scheduler": {"max_queue": 6, "max_evictions": 3, "vram_wait_s": 1, "aging_s": 10},
+            "scheduler": {
+                "max_queue": 6,
+                "max_evictions": 3,
+                "vram_wait_s": 1,
+                "aging_s": 10,
+                "max_overtake_s": max_overtake_s,
+            },
             "consumers": {
                 "a": consumer(
                     6000,
@@ -3315,6 +3425,7 @@ class CheckedScheduler(m.Scheduler):
         self.resetting: str | None = None
         #: Job id -> the consumers unloaded (or tried) for it.
         self.tried: dict[int, set[str]] = {}
+        self.lock.dispatch = self._checked_dispatch(self.lock.dispatch)  # type: ignore[method-assign]
 
     async def _unload(self, job: m.Job, victim: str, *, by: str | None = None) -> str | None:
         violations = self.ops.violations  # type: ignore[attr-defined]
@@ -3325,7 +3436,7 @@ class CheckedScheduler(m.Scheduler):
             and self.exclusive
             and self.states[victim].resident is True
             and self.clock() >= (self.idle_deadline(victim) or math.inf)
-            and not any(j.consumer == victim for j in self._waiting)
+            and not any(j.consumer == victim for j in self.lock.waiting)
         ):
             violations.append(f"idle unload of {victim} while not idle, not resident or wanted")
         if by is None and victim != job.consumer and self.config.consumers[victim].vram_managed:
@@ -3354,51 +3465,56 @@ class CheckedScheduler(m.Scheduler):
             self.resetting = victim
         return await super()._unload(job, victim, by=by)
 
-    def _dispatch(self) -> bool:
-        now = self.clock()
-        waiting = [j for j in self._waiting if not j.granted.done()]
-        holder = self.holder
-        result = super()._dispatch()
-        granted = [j for j in waiting if j.state == "running"]
-        if result != bool(granted):
-            raise InvariantBroken(f"_dispatch said {result} but granted {granted}")
-        self.granted.update((j.id, j) for j in granted)
+    def _checked_dispatch(self, dispatch: Any) -> Any:
+        """The lock's dispatch, with every grant it makes checked against the documented grant order."""
 
-        def order(j: m.Job) -> tuple[int, float, int]:
-            return (-self.effective_priority(j, now), j.arrived, j.id)
+        def checked() -> bool:
+            lock, now = self.lock, self.clock()
+            aging_s, bound = self.config.scheduler.aging_s, self.config.scheduler.max_overtake_s
+            waiting = [j for j in lock.waiting if not j.granted.done()]
+            holder, exclusive = lock.holder, lock.exclusive
+            overtaken = {j.id: j.overtaken_since for j in waiting}
+            result = dispatch()
+            granted = [j for j in waiting if j.state == "running"]
+            if result != bool(granted):
+                raise InvariantBroken(f"dispatch said {result} but granted {granted}")
+            self.granted.update((j.id, j) for j in granted)
 
-        joins, first = granted, None
-        if holder is None and waiting:
-            first = min(waiting, key=order)
-            if first not in granted:
-                raise InvariantBroken(f"{first} should have been granted before {granted}")
-            joins = [j for j in granted if j is not first]
-        mine = sorted((j for j in waiting if j.consumer == self.holder and j is not first), key=order)
-        others = [j for j in waiting if j.consumer != self.holder]
-        if self.exclusive and joins:
-            raise InvariantBroken(f"{joins} joined an admin operation that holds the lock alone")
-        if any(j.exclusive for j in joins):
-            raise InvariantBroken(f"an admin operation joined a holder: {joins}")
-        if joins != mine[: len(joins)]:
-            raise InvariantBroken(f"joins {joins} are not the holder's first waiting jobs {mine}")
-        for j in joins:
-            if any(self.effective_priority(o, now) >= self.effective_priority(j, now) for o in others):
-                raise InvariantBroken(f"{j} joined while another consumer's job of equal priority waited")
-        left = mine[len(joins) :]
-        if self.holder is None and any(not j.granted.done() for j in self._waiting):
-            raise InvariantBroken("lock free while jobs wait")
-        if (
-            self.holder is not None
-            and left
-            and not self.exclusive
-            and not left[0].exclusive
-            and self.slots < self.config.consumers[self.holder].max_concurrency
-            and not any(
-                self.effective_priority(o, now) >= self.effective_priority(left[0], now) for o in others
+            def eff(j: m.Job) -> int:
+                return m.effective_priority(j, now, aging_s)
+
+            left = [j for j in waiting if j not in granted]
+            for g in granted:
+                higher = [w for w in left if eff(w) > eff(g)]
+                if higher:
+                    raise InvariantBroken(f"{g} granted while {higher[0]} of higher priority waited")
+                for w in left:
+                    since = overtaken[w.id]
+                    passed = eff(w) == eff(g) and (w.arrived, w.id) < (g.arrived, g.id)
+                    if passed and (bound <= 0 or (since is not None and now - since >= bound)):
+                        raise InvariantBroken(f"{g} overtook {w}, overtaken since {since} (bound {bound})")
+            consumers = {g.consumer for g in granted} | ({holder} if holder else set())
+            if len(consumers) > 1:
+                raise InvariantBroken(f"{granted} granted beside {holder}")
+            if (exclusive and granted) or sum(g.exclusive for g in granted) > (holder is None):
+                raise InvariantBroken(f"{granted} joined an exclusive holder, or an exclusive job joined")
+            if lock.holder is None and any(not j.granted.done() for j in lock.waiting):
+                raise InvariantBroken("lock free while jobs wait")
+            # Dispatch grants until the grant order says nobody more: asked again, it names no one.
+            c = self.config.consumers.get(lock.holder or "")
+            holder_now = (
+                None
+                if lock.holder is None
+                else m.Holder(lock.holder, lock.exclusive, (c.max_concurrency if c else 0) - lock.slots)
             )
-        ):
-            raise InvariantBroken(f"{left[0]} should have joined")
-        return result
+            still = m.next_grant(
+                list(lock.waiting), holder_now, now, aging_s=aging_s, max_overtake_s=bound, warm=self._warm
+            )
+            if still is not None:
+                raise InvariantBroken(f"{still} should have been granted too")
+            return result
+
+        return checked
 
     def _end(
         self,
@@ -3450,8 +3566,8 @@ class CheckingOps(FakeOps):
 
 
 class InvariantDriver:
-    def __init__(self) -> None:
-        self.config = invariant_config()
+    def __init__(self, max_overtake_s: float = 30) -> None:
+        self.config = invariant_config(max_overtake_s)
         self.clock = FakeClock()
         self.gpu = FakeGpu(total=11000)  # tight: most targets need an eviction
         self.ops = CheckingOps(self.config, self.gpu, self.clock)
@@ -3519,15 +3635,15 @@ class InvariantDriver:
                     self.gpu.held[job.consumer] = self.config.consumers[job.consumer].vram_resident_mib
                     self.gpu.releasing.pop(job.consumer, None)
                 if how == "ok":
-                    s.finish(job, "completed", status=200, success=True)
+                    job.release("completed", status=200, success=True)
                 elif how == "error_status":
-                    s.finish(job, "completed", status=500)
+                    job.release("completed", status=500)
                 elif how == "failed":
-                    s.finish(job, "failed", code="consumer_unreachable")
+                    job.release("failed", code="consumer_unreachable")
                 else:
                     event = asyncio.Event()
                     self.holds.append(event)
-                    s.finish(job, "completed", status=200, success=True, hold=event.wait, hold_timeout_s=1e6)
+                    job.release("completed", status=200, success=True, hold=event.wait, hold_timeout_s=1e6)
         elif kind == "release_hold":
             pending = [e for e in self.holds if not e.is_set()]
             if pending:
@@ -3596,7 +3712,7 @@ class InvariantDriver:
                     t.cancel()
             for job in self.granted_unfinished():
                 self.finished.add(job.id)
-                self.s.finish(job, "completed")
+                job.release("completed")
             await self.settle()
             self.check()
             if all(t.done() for t in self.tasks + self.admin) and self.s.holder is None and not self.s._tasks:
@@ -3650,9 +3766,92 @@ INV_OPS = st.one_of(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(ops=st.lists(INV_OPS, min_size=20, max_size=100))
-def test_scheduler_invariants_hold_under_any_interleaving(ops):
-    asyncio.run(InvariantDriver().run(ops))
+@given(ops=st.lists(INV_OPS, min_size=20, max_size=100), bound=st.sampled_from([0, 3, 30]))
+def test_scheduler_invariants_hold_under_any_interleaving(ops, bound):
+    asyncio.run(InvariantDriver(bound).run(ops))
+
+
+class PolicyJob:
+    """A waiting job as the grant order sees it (no event loop: ``granted`` is a settled-or-not flag)."""
+
+    class _Granted:
+        def __init__(self, done: bool) -> None:
+            self._done = done
+
+        def done(self) -> bool:
+            return self._done
+
+    def __init__(self, i: int, consumer: str, priority: int, arrived: float, **kw: Any) -> None:
+        self.id, self.consumer, self.priority, self.arrived = i, consumer, priority, arrived
+        self.exclusive = kw.get("exclusive", False)
+        self.overtaken_since = kw.get("overtaken_since")
+        self.granted = self._Granted(kw.get("cancelled", False))
+
+    def __repr__(self) -> str:
+        return f"<{self.id} {self.consumer} p{self.priority} @{self.arrived}>"
+
+
+_POLICY_JOB = st.tuples(
+    st.sampled_from("abcd"),
+    st.integers(0, 4),
+    st.floats(0, 100),
+    st.booleans(),  # exclusive
+    st.one_of(st.none(), st.floats(0, 100)),  # overtaken since
+    st.booleans(),  # cancelled
+)
+
+
+@settings(max_examples=int(os.environ.get("MGPU_FUZZ_EXAMPLES", "150")) * 4, deadline=None)
+@given(
+    specs=st.lists(_POLICY_JOB, max_size=12),
+    holder=st.one_of(st.none(), st.tuples(st.sampled_from("abcd"), st.booleans(), st.integers(0, 3))),
+    warm=st.sets(st.sampled_from("abcd")),
+    bound=st.sampled_from([0, 5, 30]),
+    aging_s=st.sampled_from([1, 10, 60]),
+)
+def test_the_grant_order_keeps_its_rules(specs, holder, warm, bound, aging_s):
+    """The pure grant order (next_grant), driven directly: never a higher effective priority passed
+    over; a job that needs a swap overtaken only by one that needs none, and not once it has been
+    overtaken for max_overtake_s (with 0, strict arrival order); only the holder's own jobs join; and the
+    few candidates the lock hands it (WaitQueue.candidates) give the same answer as every waiting job."""
+    now = 100.0
+    jobs = [
+        PolicyJob(i, c, p, a, exclusive=x, overtaken_since=min(o, a) if o is not None else None, cancelled=k)
+        for i, (c, p, a, x, o, k) in enumerate(specs)
+    ]
+    view = None if holder is None else m.Holder(*holder)
+
+    def is_warm(job: Any) -> bool:
+        return job.consumer in warm
+
+    kw = {"aging_s": aging_s, "max_overtake_s": bound, "warm": is_warm}
+    got = m.next_grant(jobs, view, now, **kw)
+    live = [j for j in jobs if not j.granted.done()]
+    if got is None:
+        if view is None:
+            assert not live
+        return
+    assert got in live
+    eff = {j.id: m.effective_priority(j, now, aging_s) for j in live}  # type: ignore[arg-type]
+    assert eff[got.id] == max(eff.values())  # never a higher effective priority passed over
+    top = sorted((j for j in live if eff[j.id] == eff[got.id]), key=lambda j: (j.arrived, j.id))
+    oldest = top[0]
+    overdue = bound == 0 or any(
+        j.overtaken_since is not None and now - j.overtaken_since >= bound for j in top
+    )
+    if got is not oldest:  # only a job that needs no swap (the holder's own, joining) overtakes, in time
+        assert not overdue and not got.exclusive and (is_warm(got) or view is not None)
+    if view is not None:
+        assert not view.exclusive and view.room > 0 and got.consumer == view.consumer and not got.exclusive
+    elif not overdue:
+        firsts_warm = [j for j in top if is_warm(j) and not j.exclusive]
+        assert got is (firsts_warm[0] if firsts_warm else oldest)
+    # The lock's few candidates decide alike (jobs in arrival order per level, as the queue keeps them).
+    queue = m.WaitQueue()
+    for job in sorted(jobs, key=lambda j: (j.arrived, j.id)):
+        queue.append(job)  # type: ignore[arg-type]
+    candidates = queue.candidates(is_warm, view.consumer if view else None)  # type: ignore[arg-type]
+    assert m.next_grant(candidates, view, now, **kw) is got
 
 
 # =====================================================================================================
@@ -4071,7 +4270,7 @@ async def test_an_admin_operation_holds_the_lock_alone():
     job = await asyncio.wait_for(t, 5)
     assert ops.calls == [("unload", "t"), ("load", "t")]  # the unload ran whole; t's job then loads it
     assert s.stats.admin_unloads == 1 and s.stats.cancelled == 1
-    s.finish(job, "completed")
+    job.release("completed")
     assert books_balance(s)
 
 
@@ -4558,7 +4757,7 @@ async def test_idle_unload_waits_for_idle_unload_s_since_the_last_use_then_unloa
     job = await s.acquire("x", "kx")
     clock.now += 5
     assert await s.idle_unload("x") is None  # never while it has a job
-    s.finish(job, "completed", status=200, success=True)
+    job.release("completed", status=200, success=True)
     assert s.idle_deadline("x") == clock.now + 10  # counted again from the job's end
     clock.now += 10
     done = await s.idle_unload("x")
@@ -4582,10 +4781,10 @@ async def test_a_job_queued_while_the_idle_unload_waits_goes_first_and_cancels_i
     assert await s.idle_unload("x") is None  # never two pending for one consumer
     job_for_x = await _queued(s, "x")
     assert [j.kind for j in s.queue()] == ["kx", "idle_unload"]  # priority 0: everything goes first
-    s.finish(running, "completed", status=200, success=True)
+    running.release("completed", status=200, success=True)
     job = await asyncio.wait_for(job_for_x, 5)
     assert not idle.done()
-    s.finish(job, "completed", status=200, success=True)
+    job.release("completed", status=200, success=True)
     skipped = await asyncio.wait_for(idle, 5)
     assert skipped is not None and skipped.outcome == "completed"
     assert ("unload", "x") not in ops.calls and ops.states["x"].resident is True  # just used: not idle
@@ -4612,7 +4811,7 @@ async def test_a_job_arriving_while_the_idle_unload_runs_waits_and_loads_the_con
     assert (await asyncio.wait_for(idle, 5)).outcome == "completed"
     job = await asyncio.wait_for(job_for_x, 5)
     assert ops.calls == [("unload", "x"), ("load", "x")] and ops.states["x"].resident is True
-    s.finish(job, "completed", status=200, success=True)
+    job.release("completed", status=200, success=True)
     assert s.stats.idle_unloads == 1 and books_balance(s)
 
 
@@ -4893,11 +5092,11 @@ async def test_a_stopped_service_of_unknown_residency_is_started_before_its_job(
     state.probed(False, "connection refused", "consumer_unreachable", clock.now)
     job = await s.acquire("t", "kt")
     assert ops.calls == [("load", "t")]
-    s.finish(job, "completed", success=True)
+    job.release("completed", success=True)
     ops.states["t"] = state = m.ConsumerState("t", clock)  # unknown and never probed: a cold start, no load
     job = await s.acquire("t", "kt")
     assert ops.calls == [("load", "t")]
-    s.finish(job, "completed")
+    job.release("completed")
 
 
 async def test_a_hold_counts_as_use_for_the_idle_unload():
@@ -4905,7 +5104,7 @@ async def test_a_hold_counts_as_use_for_the_idle_unload():
     ops.states["t"].loaded()
     job = await s.acquire("t", "kt")
     release = asyncio.Event()
-    s.finish(job, "completed", status=200, success=True, hold=release.wait, hold_timeout_s=600)
+    job.release("completed", status=200, success=True, hold=release.wait, hold_timeout_s=600)
     clock.now += 60  # a render far longer than idle_unload_s
     release.set()
     await until(lambda: s.holder is None)
@@ -5485,7 +5684,7 @@ async def test_an_admin_unload_never_joins_its_consumers_running_job():
     for _ in range(10):
         await asyncio.sleep(0)
     assert ops.calls == [] and not unload.done()  # t's job still runs: the unload waits for the lock alone
-    s.finish(job, "completed")
+    job.release("completed")
     await asyncio.wait_for(unload, 5)
     assert ops.calls == [("unload", "t")]
 
@@ -6686,7 +6885,7 @@ async def test_cli_events_prints_one_line_per_event_and_stops_on_sigint(rig):
                 line for line in await lines_until(proc, "finished job=1 ") if not line.startswith("health")
             ]
             patterns = [
-                r"queued job=1 consumer=mvoice kind=tts gpu=0 priority=3 request_id=t-1",
+                r"queued job=1 consumer=mvoice kind=tts gpu=0 priority=3 request_id=t-1 eta_s=[\d.]+",
                 r"granted job=1 consumer=mvoice kind=tts gpu=0 waited_s=[\d.]+",
                 r"started job=1 consumer=mvoice kind=tts gpu=0",
                 r"finished job=1 consumer=mvoice kind=tts gpu=0 http=200",  # code=null is left out
