@@ -5308,6 +5308,10 @@ PUBLIC_PATHS = web.AppKey("public_paths", frozenset)
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
+
+
 def _iso(t: float | None) -> str | None:
     if t is None:
         return None
@@ -5879,6 +5883,7 @@ async def handle_status(request: web.Request) -> web.Response:
             "priority": c.priority,
             "can_coexist_with": sorted(c.can_coexist_with),
             "gpu": c.gpu,
+            "timings": {f"{what}_s": _rounded(state.timing(what)) for what in ("load", "unload", "job")},
             "preset": c.preset,
             "listen": broker.ports.address(name),
         }

@@ -2108,6 +2108,123 @@ async def test_queue_full_and_queue_timeout_end_to_end(rig):
     assert r.sims["ollama"].records == []
 
 
+async def _interleaved_burst(r: Rig, gate: asyncio.Event) -> list[str]:
+    """While an LLM job holds the GPU, 8 TTS and 4 image jobs queue interleaved (T T I T I T T I T I T T);
+    then the GPU is let go. The consumers their grants went to, in order, once all are done."""
+    llm = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "holds the GPU"}))
+    await until(lambda: r.broker.scheduler.holder == "ollama")
+    jobs = []
+    for i, kind in enumerate("TTITITTITITT"):
+        path = ("tts", {"text": str(i)}) if kind == "T" else ("image", {"prompt": {}})
+        jobs.append(asyncio.ensure_future(r.post(*path)))
+        await until(lambda i=i: len(r.broker.scheduler.queue()) == i + 1)
+    gate.set()
+    assert all(status == 200 for status, _, _ in await asyncio.gather(llm, *jobs))
+    await until(lambda: r.broker.scheduler.holder is None)
+    return [e["consumer"] for e in r.broker.events.recent(900) if e["event"] == "granted"][1:]
+
+
+@pytest.mark.parametrize("max_overtake_s", [30, 0])
+async def test_an_interleaved_burst_is_served_in_batches_with_one_swap(rig, max_overtake_s):
+    """Issue 12's trace, shortened: TTS (mvoice, resident) and image jobs (ComfyUI) of equal priority,
+    interleaved, on a GPU where the two do not fit together. Served what is loaded first: the TTS batch,
+    one swap, the images. Strict arrival order (max_overtake_s 0) swaps at every change."""
+    gate = asyncio.Event()
+
+    def setup(raw: dict[str, Any]) -> None:
+        raw["scheduler"]["max_overtake_s"] = max_overtake_s
+        for name in ("mvoice", "comfyui"):
+            raw["consumers"][name]["priority"] = 2
+
+    async with held_llm(gate) as ollama:
+        r = await rig(
+            tweak=setup,
+            urls={"ollama": ollama.url},
+            sims={"mvoice": {"loaded": True, "work_s": 0.02}, "comfyui": {"work_s": 0.05}},
+        )
+        order = await _interleaved_burst(r, gate)
+    swaps = sum(a != b for a, b in itertools.pairwise(order))
+    if max_overtake_s:
+        assert order == ["mvoice"] * 8 + ["comfyui"] * 4 and swaps == 1
+        assert (r.stats.evictions, r.sims["mvoice"].unloads) == (1, 1)
+    else:
+        assert order == ["mvoice" if k == "T" else "comfyui" for k in "TTITITTITITT"] and swaps == 8
+        assert r.stats.evictions == 8  # the issue's 8 evictions
+    assert r.gpu.ooms() == []
+
+
+async def test_a_job_held_back_by_a_stream_runs_once_overtaken_for_max_overtake_s(rig):
+    """A steady stream of TTS jobs (resident: no swap) and one image job that needs a swap: the stream
+    goes first, but only until the image has been overtaken for max_overtake_s."""
+
+    def setup(raw: dict[str, Any]) -> None:
+        raw["scheduler"]["max_overtake_s"] = 0.5
+        for name in ("mvoice", "comfyui"):
+            raw["consumers"][name]["priority"] = 2
+
+    r = await rig(tweak=setup, sims={"mvoice": {"loaded": True, "work_s": 0.1}, "comfyui": {"work_s": 0.05}})
+    stream = [asyncio.ensure_future(r.post("tts", {"text": "first"}))]
+    await until(lambda: r.broker.scheduler.holder == "mvoice")
+    image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+    await until(lambda: len(r.broker.scheduler.queue()) == 1)
+    started = time.monotonic()
+    while not image.done() and time.monotonic() - started < 10:  # a TTS job every 50 ms
+        stream.append(asyncio.ensure_future(r.post("tts", {"text": "more"})))
+        await asyncio.sleep(0.05)
+    assert (await image)[0] == 200
+    for job in stream:
+        assert (await job)[0] == 200
+
+    def at(event: dict[str, Any]) -> float:
+        return datetime.datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
+
+    grants = [e for e in r.broker.events.recent(900) if e["event"] == "granted"]
+    image_at = next(i for i, e in enumerate(grants) if e["consumer"] == "comfyui")
+    overtakers = grants[1:image_at]  # TTS jobs that came after the image and went before it
+    assert len(overtakers) >= 2 and all(e["consumer"] == "mvoice" for e in overtakers)
+    # Granted at the first grant after it had been overtaken for 0.5 s, not after the stream ended.
+    assert at(grants[image_at]) - at(overtakers[0]) >= 0.5
+    assert any(e["consumer"] == "mvoice" for e in grants[image_at + 1 :])
+
+
+async def test_learned_timings_and_the_expected_waits_in_status_events_and_retry_after(rig):
+    """What loads, unloads and jobs took (running medians) shows per consumer; each queued job has eta_s
+    (status, the queued event), and a refusal's Retry-After is the wait the figures foresee."""
+
+    def tight(raw):
+        raw["scheduler"]["max_queue"] = 2
+        raw["scheduler"]["queue_timeout_s"] = 2
+
+    r = await rig(tweak=tight, sims={"mvoice": {"work_s": 0.3, "load_s": 0.2}, "comfyui": {"work_s": 0.1}})
+    assert (await r.post("tts", {"text": "a"}))[0] == 200  # loads mvoice (0.2 s), then works
+    assert (await r.post("tts", {"text": "b"}))[0] == 200
+    await _render(r)  # evicts mvoice; comfyui loads itself on its first prompt (a cold start)
+    st = (await r.status())["consumers"]
+    mv, comfy = st["mvoice"]["timings"], st["comfyui"]["timings"]
+    assert mv["load_s"] >= 0.2 and mv["job_s"] >= 0.3 and mv["unload_s"] is not None
+    assert comfy["load_s"] is not None and comfy["job_s"] is None  # its only job was its cold start
+    text = await (await r.session.get(r.url("/metrics"))).text()
+    assert 'mgpumanager_job_seconds_count{consumer="mvoice"} 2' in text
+    assert 'mgpumanager_load_seconds_count{consumer="mvoice"} 1' in text
+    # A queue behind a render: each waiting job knows roughly when it will run.
+    events = await r.session.get(r.url("/v1/events"))
+    first = asyncio.ensure_future(r.post("tts", {"text": "c"}))  # mvoice again: a swap
+    await until(lambda: r.broker.scheduler.holder == "mvoice")
+    waiting = [asyncio.ensure_future(r.post("tts", {"text": str(i)})) for i in range(2)]
+    await until(lambda: len(r.broker.scheduler.queue()) == 2)
+    queue = (await r.status())["scheduler"]["queue"]
+    etas = [q["eta_s"] for q in queue]
+    assert etas == sorted(etas) and etas[1] >= mv["job_s"] > 0
+    status, headers, body = await r.post("tts", {"text": "one too many"})
+    error_of(status, headers, body, "queue_full")
+    assert int(headers["Retry-After"]) == max(1, math.ceil(etas[0]))
+    queued = [e for e in await _read_events(events, "queued") if e["event"] == "queued"]
+    assert "eta_s" in queued[0]
+    events.close()
+    for done in [first, *waiting]:
+        assert (await done)[0] == 200
+
+
 def test_every_code_has_the_specified_status_and_one_shape():
     assert set(m.ERROR_CODES) == set(SPEC_ERRORS)
     for code, status in SPEC_ERRORS.items():
@@ -2187,8 +2304,10 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
         "gpu",
         "preset",
         "listen",
+        "timings",
     }
     assert mv["vram_used_mib"] is None and mv["vram_peak_mib"] is None  # no `processes`: not measured
+    assert mv["timings"] == {"load_s": None, "unload_s": None, "job_s": None}  # nothing seen yet
     assert (
         mv["kinds"] == ["tts", "stt"]
         and mv["healthy"] is True
