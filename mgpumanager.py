@@ -3048,6 +3048,14 @@ class Recorder:
         _after_handover(functools.partial(self._account, job, log_now))
 
     def _account(self, job: Job, log_now: bool) -> None:
+        try:
+            self._account_now(job, log_now)
+        except Exception as e:  # a bug in a callback of the loop's: logged and counted, never lost
+            self.internal_error(
+                "job accounting crashed", consumer=job.consumer, job=job.id, error=describe(e)
+            )
+
+    def _account_now(self, job: Job, log_now: bool) -> None:
         assert job.ended is not None and job.outcome is not None
         self.metrics.inc("mgpumanager_jobs_total", consumer=job.consumer, outcome=job.outcome)
         wait_end = job.started if job.started is not None else job.ended
@@ -3640,21 +3648,36 @@ class Scheduler:
         return holder is None or holder == job.consumer or holder in job.target.can_coexist_with
 
     def _granted(self, job: Job) -> None:
-        """The lock went to ``job`` (before it wakes): its consumer's job count, the others' doubt."""
-        if self.lock.slots == 1 and job.kind not in UNLOAD_KINDS:
-            self._touch_others(job)
+        """The lock went to ``job`` (before it wakes): its consumer's job count, the others' doubt. A bug
+        here is logged and counted; the grant stands (the job's count first, so its release balances)."""
         self.states[job.consumer].jobs += 1
-        self.recorder.job_event("granted", job, waited_s=round(self.clock() - job.arrived, 3))
+        try:
+            if self.lock.slots == 1 and job.kind not in UNLOAD_KINDS:
+                self._touch_others(job)
+            self.recorder.job_event("granted", job, waited_s=round(self.clock() - job.arrived, 3))
+        except Exception as e:
+            self.recorder.internal_error(
+                "grant bookkeeping crashed", consumer=job.consumer, error=describe(e)
+            )
 
     # ---- admission and the lock ----------------------------------------------------------------------
 
     async def acquire(self, consumer: str, kind: str, request_id: str | None = None) -> Job:
-        """Queue a job, wait for the lock, make room and load; the caller must then call ``finish``."""
+        """Queue a job, wait for the lock, make room and load: the job, granted; its caller ends it with
+        ``job.release(...)``. Whatever raises on the way, the job has ended and holds no slot."""
         job = self._admit(consumer, kind, request_id=request_id)
         await self._wait_for_grant(job)
-        if not self._needs_no_room(job):  # checked again under the lock; the common case skips it
-            await self._guarded(job, self._prepare(job))
-        self.recorder.job_event("started", job)
+        try:
+            if not self._needs_no_room(job):  # checked again under the lock; the common case skips it
+                await self._guarded(job, self._prepare(job))
+            self.recorder.job_event("started", job)
+        except BaseException as e:
+            if job.state != "running":  # ended by the step that failed
+                raise
+            error = self._step_failed(job, e)  # a bug between the steps
+            if error is e:
+                raise
+            raise error from e
         return job
 
     async def unload_now(self, name: str) -> Job:
@@ -3810,10 +3833,22 @@ class Scheduler:
             )
         timer = asyncio.get_running_loop().call_later(cfg.scheduler.queue_timeout_s, self._expire, job)
         self.lock.enqueue(job)
-        # Its expected wait (0 when the lock is free: it goes at once, unless one of its betters waits).
-        eta = next((eta for j, eta in self.forecast() if j is job), None)
-        self.recorder.job_event("queued", job, priority=job.priority, request_id=job.request_id, eta_s=eta)
-        self.lock.dispatch()
+        try:
+            # Its expected wait (0 when the lock is free: it goes at once, unless one of its betters waits).
+            eta = next((eta for j, eta in self.forecast() if j is job), None)
+            self.recorder.job_event(
+                "queued", job, priority=job.priority, request_id=job.request_id, eta_s=eta
+            )
+            self.lock.dispatch()
+        except Exception as e:  # a bug while queueing or granting: the job must not stay behind
+            timer.cancel()
+            if job.state == "running":
+                raise self._step_failed(job, e) from e
+            if job in self.lock.waiting:
+                self.lock.waiting.remove(job)
+            self.recorder.internal_error("queueing crashed", consumer=job.consumer, job=job.id)
+            self._end(job, "failed", "scheduler_error")
+            raise BrokerError("scheduler_error", f"internal error: {describe(e)}", job.consumer) from e
         try:
             await job.granted
         except asyncio.CancelledError:
@@ -4139,10 +4174,16 @@ class Scheduler:
         ``hold_timeout_s``; the job counts as one (for its run time) until then.
         """
         state = self.states[job.consumer]
-        if job.kind == MOUNT_KIND:
-            state.touched("a mount call outside its paths")
-        elif success:
-            state.served()
+        try:
+            if job.kind == MOUNT_KIND:
+                state.touched("a mount call outside its paths")
+            elif success:
+                state.served()
+        except Exception as e:  # a bug in the books: the job still ends, its slot still goes
+            self.recorder.internal_error(
+                "job end crashed", consumer=job.consumer, job=job.id, error=describe(e)
+            )
+            hold = None
         if hold is None:
             # The slot first: the job granted next is woken before this one's event and log line.
             granted = self._release_slot(job)
@@ -4209,18 +4250,22 @@ class Scheduler:
                 "hold_cut", **fields, hold_s=round(self.clock() - started, 3), error=describe(e)
             )
         finally:
-            ended = self.clock()
-            if job.outcome == "completed" and job not in self._abandoned:
-                self._learn_job(job, ended)
-            self._holds.pop(job, None)
-            self._abandoned.pop(job, None)
-            self.lock.holds -= 1
-            # The consumer worked until now: for idle unloads and the LRU order, this is its last use.
-            self.states[job.consumer].used()
-            held = self.clock() - started
-            self.metrics.observe("mgpumanager_hold_seconds", held, consumer=job.consumer)
-            self.recorder.job_line(job, hold_ms=round(held * 1000))
-            self._release_slot(job)
+            try:
+                ended = self.clock()
+                if job.outcome == "completed" and job not in self._abandoned:
+                    self._learn_job(job, ended)
+                # The consumer worked until now: for idle unloads and the LRU order, this is its last use.
+                self.states[job.consumer].used()
+                held = ended - started
+                self.metrics.observe("mgpumanager_hold_seconds", held, consumer=job.consumer)
+                self.recorder.job_line(job, hold_ms=round(held * 1000))
+            except Exception as e:  # a bug in the books: the slot still goes
+                self.recorder.internal_error("hold end crashed", consumer=job.consumer, error=describe(e))
+            finally:
+                self._holds.pop(job, None)
+                self._abandoned.pop(job, None)
+                self.lock.holds -= 1
+                self._release_slot(job)
 
     def _record_abandoned(self, job: Job, fields: dict[str, Any], started: float) -> None:
         reason = self._abandoned[job]

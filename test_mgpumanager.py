@@ -1394,6 +1394,70 @@ async def test_max_concurrency_lets_the_holder_join_but_never_another_consumer()
     assert books_balance(s)
 
 
+def _raising_once(real: Any, when: Any = None) -> Any:
+    """``real``, except that its first call (for which ``when(*args)`` holds) raises RuntimeError."""
+    calls = []
+
+    def wrapper(*args: Any, **kw: Any) -> Any:
+        if not calls and (when is None or when(*args)):
+            calls.append(1)
+            raise RuntimeError("injected")
+        return real(*args, **kw)
+
+    return wrapper
+
+
+async def _raising_hold() -> None:
+    raise RuntimeError("injected")
+
+
+#: Each step of a job's life, and how to make it raise once (a bug there): (scheduler, monkeypatch) -> None.
+JOB_STEPS = {
+    "queueing": lambda s, mp: mp.setattr(s, "forecast", _raising_once(s.forecast)),
+    "granting": lambda s, mp: mp.setattr(s.lock, "dispatch", _raising_once(s.lock.dispatch)),
+    "grant bookkeeping": lambda s, mp: mp.setattr(s, "_touch_others", _raising_once(s._touch_others)),
+    "making room": lambda s, mp: mp.setattr(m, "plan_room", _raising_once(m.plan_room)),
+    "loading": lambda s, mp: mp.setattr(s.ops, "load", _raising_once(s.ops.load)),
+    "started": lambda s, mp: mp.setattr(
+        s.recorder, "job_event", _raising_once(s.recorder.job_event, lambda name, job, **_: name == "started")
+    ),
+    "release": lambda s, mp: mp.setattr(s.states["t"], "served", _raising_once(s.states["t"].served)),
+    "hold": lambda s, mp: None,  # the hold itself raises: see below
+    "hold's end": lambda s, mp: mp.setattr(s.recorder, "job_line", _raising_once(s.recorder.job_line)),
+    "accounting": lambda s, mp: mp.setattr(
+        s.recorder, "_account_now", _raising_once(s.recorder._account_now)
+    ),
+}
+
+
+@pytest.mark.parametrize("step", list(JOB_STEPS))
+async def test_whatever_raises_while_a_job_is_granted_or_running_it_ends_and_frees_its_slot(
+    step, monkeypatch
+):
+    """The scheduler's invariant, with a failure injected at each step of a job's life: the job ends once
+    (the books balance), its slot is free, its consumer counts no job, and the next job is served."""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {"x": 1.0})  # t needs room: x is unloaded, t loaded
+    JOB_STEPS[step](s, monkeypatch)
+    try:
+        job = await s.acquire("t", "kt")
+    except m.BrokerError as e:
+        assert e.code in ("scheduler_error", "load_failed"), e.code
+    else:
+        hold = _raising_hold if step == "hold" else asyncio.Event().wait if step == "hold's end" else None
+        job.release("completed", status=200, success=True, hold=hold, hold_timeout_s=0.01 if hold else 0)
+        assert job.release("completed") is False  # released once: a second call does nothing
+        await until(lambda: s.holder is None)
+    for _ in range(3):
+        await asyncio.sleep(0)  # the accounting runs after the hand-over
+    assert (s.holder, s.slots, s.holds) == (None, 0, 0)
+    assert all(state.jobs == 0 for state in ops.states.values()) and books_balance(s)
+    assert s.stats.internal_errors + s.stats.load_failures >= 1 or step == "hold's end"
+    again = await s.acquire("t", "kt")  # the GPU is not wedged
+    again.release("completed", status=200, success=True)
+    assert s.holder is None and books_balance(s)
+
+
 async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
