@@ -10,6 +10,10 @@ plain reverse proxy (Debian's, when installed or installable), and a bare aiohtt
 bare-proxy``: one shared ClientSession, read the body, forward it, answer), which is the floor any Python
 proxy can reach. The client is this process: one aiohttp ClientSession with keep-alive.
 
+Measurement 8 (issue 12) plays mixed workloads, TTS and image jobs arriving together, to brokers of their
+own, side by side: one as configured by default, one with ``scheduler.max_overtake_s: 0`` (strict arrival
+order; where the loader does not know the key yet, the strict one alone, the other marked so).
+
 Contenders are interleaved round by round (the order rotates), each round's figures are compared within
 the round, and the tables show medians of the per-round figures, so that drift hits all alike.
 """
@@ -21,6 +25,7 @@ import asyncio
 import contextlib
 import datetime
 import functools
+import itertools
 import json
 import math
 import os
@@ -36,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +200,23 @@ def have_module(name: str) -> bool:
 
 def ms(seconds: float, digits: int = 2) -> str:
     return "n/a" if seconds is None or math.isnan(seconds) else f"{seconds * 1000:.{digits}f} ms"
+
+
+def secs(seconds: float) -> str:
+    if seconds is None or math.isnan(seconds):
+        return "n/a"
+    return f"{seconds:.2f} s" if abs(seconds) < 10 else f"{seconds:.1f} s"
+
+
+def counted(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def shown(value: Any) -> str:
+    """A figure of the broker's JSON: seconds as secs() writes them, null as "not seen"."""
+    if value is None:
+        return "not seen"
+    return secs(value) if isinstance(value, (int, float)) else str(value)
 
 
 def plus_ms(seconds: float, digits: int = 2) -> str:
@@ -567,6 +589,353 @@ def find_nginx(notes: list[str]) -> str | None:
 
 
 # =====================================================================================================
+# The mixed workload (issue 12): the traces, their lower bound, overtaking
+# =====================================================================================================
+
+#: mgpusim's mvoice and ComfyUI as issue 12 times them (seconds): the load (mvoice's load route; ComfyUI
+#: loads its model in its first render after an unload), one job's GPU work, and how long after its unload
+#: answered a consumer's memory shows up free. Together they do not fit the 16 GiB card.
+MIX_SIMS: dict[str, dict[str, float]] = {
+    "mvoice": {"load_s": 1.0, "work_s": 0.2, "release_s": 0.5},
+    "comfyui": {"load_s": 4.0, "work_s": 2.0, "release_s": 0.5},
+}
+#: Which consumer serves each kind of the mixed workload; mvoice is loaded when a trace starts.
+MIX_ROUTES = {"tts": "mvoice", "image": "comfyui"}
+MIX_LOADED_AT_START = "mvoice"
+#: ComfyUI's hold polls /history this often, as in consumers.yaml.
+MIX_HOLD_POLL_S = 0.5
+#: A mixed-workload job not answered (or its hold not ended) within this counts as failed.
+MIX_JOB_TIMEOUT_S = 240.0
+#: The longest a whole trace may take before its run is given up.
+MIX_RUN_TIMEOUT_S = 300.0
+#: The broker's aging_s in these runs (consumers.yaml's): the overtaking figure uses it too.
+MIX_AGING_S = 60.0
+#: Issue 12's targets for trace 1: time to idle within 1.3x of the lower bound, TTS p95 under 5 s.
+MIX_RATIO_TARGET = 1.3
+MIX_TTS_P95_TARGET_S = 5.0
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A mixed workload: which jobs arrive when, and the consumers' priorities."""
+
+    name: str
+    #: One line for the report: what arrives when.
+    title: str
+    #: (offset in s from the first request, kind), in arrival order.
+    jobs: tuple[tuple[float, str], ...]
+    #: consumer -> priority (0-4) in the broker's config.
+    priority: dict[str, int]
+
+
+def trace_burst() -> Trace:
+    """Issue 12's trace: 8 TTS and 4 images at equal priority, interleaved, over one second."""
+    pattern = "TTITITTITITT"
+    step = 1.0 / (len(pattern) - 1)
+    jobs = tuple((round(i * step, 3), "tts" if c == "T" else "image") for i, c in enumerate(pattern))
+    title = (
+        f"8 TTS and 4 images at equal priority (2), one every {step * 1000:.0f} ms in the order"
+        f" {' '.join(pattern)} (T: TTS, I: image), the first at 0 s, the last at 1 s"
+    )
+    return Trace("trace 1", title, jobs, {"mvoice": 2, "comfyui": 2})
+
+
+def trace_stream(quick: bool) -> Trace:
+    """A steady stream of TTS (priority 3) with bursts of images at a lower priority (2)."""
+    length, bursts = (10.0, ((3.0, 2), (6.0, 2))) if quick else (20.0, ((5.0, 3), (12.0, 3)))
+    jobs = [(round(i * 0.5, 3), "tts") for i in range(int(length / 0.5))]
+    for at, n in bursts:  # 10 ms apart, just after the TTS of the same second
+        jobs += [(round(at + 0.01 * (k + 1), 3), "image") for k in range(n)]
+    jobs.sort()
+    burst_text = " and ".join(f"{n} at {at:g} s" for at, n in bursts)
+    title = (
+        f"TTS (priority 3) every 0.5 s for {length:g} s ({int(length / 0.5)} jobs), images (priority 2)"
+        f" in bursts: {burst_text} (10 ms apart)"
+    )
+    return Trace("trace 2", title, tuple(jobs), {"mvoice": 3, "comfyui": 2})
+
+
+def lower_bound(trace: Trace, sims: Mapping[str, Mapping[str, float]] = MIX_SIMS) -> float:
+    """The soonest any scheduler could finish the trace, knowing it all in advance (s from its first job).
+
+    The GPU runs one job at a time; each consumer's jobs are alike, so serving them in arrival order loses
+    nothing, and a schedule is an interleaving of the consumers' queues: a dynamic programme over (jobs done
+    per consumer, which one is loaded) keeps the earliest time each state can be reached. A job starts once
+    it arrived and the GPU is free, after a swap if its consumer is not the loaded one (the loaded one's
+    release_s, then its own load_s; like the broker, no swap starts before a job needs it). Priorities are
+    ignored, and the broker's own costs (GPU readings, polls, HTTP) count 0.
+    """
+    names = sorted({MIX_ROUTES[kind] for _, kind in trace.jobs} | {MIX_LOADED_AT_START})
+    arrivals = {n: [at for at, kind in trace.jobs if MIX_ROUTES[kind] == n] for n in names}
+    frontier: dict[tuple[tuple[int, ...], str], float] = {((0,) * len(names), MIX_LOADED_AT_START): 0.0}
+    for _ in trace.jobs:  # each step runs one more job
+        reached: dict[tuple[tuple[int, ...], str], float] = {}
+        for (done, loaded), t in frontier.items():
+            for i, name in enumerate(names):
+                if done[i] == len(arrivals[name]):
+                    continue
+                swap = 0.0 if name == loaded else sims[loaded]["release_s"] + sims[name]["load_s"]
+                end = max(t, arrivals[name][done[i]]) + swap + sims[name]["work_s"]
+                key = ((*done[:i], done[i] + 1, *done[i + 1 :]), name)
+                if end < reached.get(key, math.inf):
+                    reached[key] = end
+        frontier = reached
+    return min(frontier.values())
+
+
+@dataclass
+class MixJob:
+    """One job of a mixed-workload run: what the client saw, and the broker's events for it."""
+
+    index: int
+    kind: str
+    #: Planned offset from the first request (s).
+    at: float
+    request_id: str
+    #: Wall-clock times (time.time()): request sent; answer read whole.
+    sent: float = math.nan
+    answered: float = math.nan
+    status: int | None = None
+    error: str | None = None
+    #: From /v1/events: the broker's job id and base priority; each event's (position in the stream,
+    #: wall-clock time); eta_s if the queued event carries one.
+    job: int | None = None
+    priority: int = 0
+    queued: tuple[int, float] | None = None
+    granted: tuple[int, float] | None = None
+    ended: tuple[int, float] | None = None
+    hold_ended: tuple[int, float] | None = None
+    eta_s: float | None = None
+    #: Filled by overtaking(): how long it was overtaken, and by which jobs (their indexes).
+    overtaken_s: float = 0.0
+    overtakers: list[int] = field(default_factory=list)
+
+    @property
+    def done(self) -> float:
+        """When it let the GPU go (wall clock): its hold's end, else its own end, else its answer."""
+        for mark in (self.hold_ended, self.ended):
+            if mark is not None:
+                return mark[1]
+        return self.answered
+
+    @property
+    def latency(self) -> float:
+        """Request sent to answer complete (TTS), or to the end of its hold (images)."""
+        if self.status != 200:
+            return math.nan
+        if self.kind == "image":
+            return self.hold_ended[1] - self.sent if self.hold_ended is not None else math.nan
+        return self.answered - self.sent
+
+
+def effective_priority(job: MixJob, t: float, aging_s: float) -> int:
+    """The broker's rule: the base priority plus one level per aging_s waited, at most PRIORITY_MAX."""
+    assert job.queued is not None
+    return min(mgpumanager.PRIORITY_MAX, job.priority + int((t - job.queued[1]) // aging_s))
+
+
+def overtaking(jobs: Sequence[MixJob], aging_s: float) -> None:
+    """Set each job's overtaken_s: how long, while it waited, the GPU was held by jobs that overtook it.
+
+    K overtook J when K arrived after J (its queued event came later in the stream), was granted before J,
+    and its effective priority at that grant was not above J's. J is overtaken from K's grant to K's end
+    (its hold's end for an image), cut at J's own grant; the union over all such K is J's time.
+    """
+    seen = [j for j in jobs if j.queued is not None and j.granted is not None]
+    for j in seen:
+        assert j.queued is not None and j.granted is not None
+        spans = []
+        for k in seen:
+            assert k.queued is not None and k.granted is not None
+            if k is j or k.queued[0] < j.queued[0] or k.granted[0] > j.granted[0]:
+                continue
+            at = k.granted[1]
+            if effective_priority(k, at, aging_s) > effective_priority(j, at, aging_s):
+                continue
+            end = min(k.done if not math.isnan(k.done) else j.granted[1], j.granted[1])
+            spans.append((max(at, j.queued[1]), max(at, end)))
+            j.overtakers.append(k.index)
+        j.overtaken_s = union_length(spans)
+
+
+def union_length(spans: Sequence[tuple[float, float]]) -> float:
+    """The total length of the union of [start, end] intervals."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+@dataclass
+class MixRun:
+    """One broker serving one trace with one scheduler setting: its processes, jobs, events, figures."""
+
+    trace: Trace
+    #: "default" (scheduler.max_overtake_s left out of the config) or "strict" (max_overtake_s: 0).
+    name: str
+    label: str
+    #: What the config says (None: the key is left out).
+    overtake: float | None
+    #: The overtaking bound the run is held to (s).
+    bound_s: float
+    #: False: this version's loader refuses max_overtake_s, so the run could not be made.
+    available: bool
+    url: str = ""
+    children: list[Child] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+    jobs: list[MixJob] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    #: /v1/status's scheduler.stats before the trace (after the warm-up job) and once idle after it.
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+    #: /v1/status's per-consumer timings at the end (None where this version has none).
+    timings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    #: Filled by compute().
+    to_idle_s: float = math.nan
+    bound_lb_s: float = math.nan
+    evictions: int = 0
+    evicted: dict[str, int] = field(default_factory=dict)
+    loads: int = 0
+    evict_s: float = 0.0
+    load_s: float = 0.0
+    gpu_free_s: float = math.nan
+    #: How many times images got the GPU after another kind (ComfyUI loads its model each time).
+    image_batches: int = 0
+    longest: MixJob | None = None
+
+    def ok(self) -> list[MixJob]:
+        return [j for j in self.jobs if j.status == 200 and not math.isnan(j.latency)]
+
+    def latencies(self, kind: str) -> list[float]:
+        return [j.latency for j in self.ok() if j.kind == kind]
+
+    @property
+    def ratio(self) -> float:
+        return self.to_idle_s / self.bound_lb_s
+
+    @property
+    def longest_s(self) -> float:
+        return self.longest.overtaken_s if self.longest is not None else 0.0
+
+    def compute(self) -> None:
+        """The run's figures from its jobs and events."""
+        by_request = {j.request_id: j for j in self.jobs}
+        by_id: dict[int, MixJob] = {}
+        evicting: dict[str, float] = {}
+        loading: dict[str, float] = {}
+        for seq, ev in enumerate(self.events):
+            name, ts = ev.get("event"), parse_ts(ev["ts"])
+            if name == "queued" and ev.get("request_id") in by_request:
+                job = by_request[ev["request_id"]]
+                job.job, job.priority, job.queued = ev["job"], ev["priority"], (seq, ts)
+                job.eta_s = ev.get("eta_s")
+                by_id[job.job] = job
+            elif name in ("granted", "finished", "failed", "cancelled", "rejected", "hold_ended"):
+                job = by_id.get(ev.get("job"))  # type: ignore[arg-type]
+                if job is None:
+                    continue
+                if name == "granted":
+                    job.granted = (seq, ts)
+                elif name == "hold_ended":
+                    job.hold_ended = (seq, ts)
+                else:
+                    job.ended = (seq, ts)
+            elif name == "evicting":
+                evicting[ev["consumer"]] = ts
+            elif name == "evicted":
+                self.evicted[ev["consumer"]] = self.evicted.get(ev["consumer"], 0) + 1
+                self.evict_s += ts - evicting.pop(ev["consumer"], ts)
+            elif name == "loading":
+                loading[ev["consumer"]] = ts
+            elif name == "loaded":
+                self.load_s += ts - loading.pop(ev["consumer"], ts)
+        missing = [j.index for j in self.jobs if j.job is None]
+        if missing:
+            self.notes.append(f"no queued event was seen for jobs {missing}")
+        self.evictions = self.after.get("evictions", 0) - self.before.get("evictions", 0)
+        self.loads = self.after.get("loads", 0) - self.before.get("loads", 0)
+        self.image_batches = sum(1 for k, _ in itertools.groupby(self.granted_kinds()) if k == "image")
+        first = min(j.sent for j in self.jobs)
+        idle = max(j.done for j in self.jobs)
+        self.to_idle_s = idle - first
+        self.bound_lb_s = lower_bound(self.trace)
+        held = [(j.granted[1], j.done) for j in self.jobs if j.granted is not None]
+        self.gpu_free_s = self.to_idle_s - union_length(held)
+        overtaking(self.jobs, MIX_AGING_S)
+        self.longest = max(self.jobs, key=lambda j: j.overtaken_s)
+        if self.longest.overtaken_s == 0:
+            self.longest = None
+        answered = {j.index for j in self.ok()}
+        failed = [
+            f"{j.index} {j.kind}: {j.error or 'no end seen'}" for j in self.jobs if j.index not in answered
+        ]
+        if failed:
+            self.notes.append(f"{len(failed)} jobs failed ({'; '.join(failed[:5])})")
+
+    def granted_kinds(self) -> list[str]:
+        """The kinds of the jobs in the order the broker granted them."""
+        granted = sorted((j for j in self.jobs if j.granted is not None), key=lambda j: j.granted or (0, 0))
+        return [j.kind for j in granted]
+
+    def grant_order(self) -> str:
+        """The grant order with runs counted: "2T I T I 2T" (T: TTS, I: image)."""
+        runs = [(k, len(list(g))) for k, g in itertools.groupby(self.granted_kinds())]
+        return " ".join(f"{n if n > 1 else ''}{'T' if k == 'tts' else 'I'}" for k, n in runs)
+
+
+def overtake_default() -> float:
+    """scheduler.max_overtake_s's default as the loader has it (issue 12 says 30; so where it is unknown)."""
+    fields = getattr(getattr(mgpumanager, "SchedulerConfig", None), "__dataclass_fields__", {})
+    default = getattr(fields.get("max_overtake_s"), "default", None)
+    return float(default) if isinstance(default, (int, float)) else 30.0
+
+
+def parse_ts(text: str) -> float:
+    """An event's ts ("2026-11-27T03:24:01.123Z") as a Unix time."""
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def mixed_config(port: int, smi: str, ports: dict[str, int], trace: Trace, overtake: float | None) -> str:
+    """The broker's config for a mixed-workload run: what matters here of consumers.yaml's mvoice, ComfyUI."""
+    q = json.dumps
+    bound = "" if overtake is None else f", max_overtake_s: {overtake:g}"
+    return f"""\
+# Written by bench.py (measurement 8): mgpusim's mvoice and ComfyUI on a simulated 16 GiB GPU.
+listen: {LOOPBACK}:{port}
+gpu: {{nvidia_smi: {q(smi)}, index: 0, cushion_mib: 256, query_timeout_s: 5}}
+scheduler: {{max_queue: 64, queue_timeout_s: 300, max_evictions: 5, vram_wait_s: 10,
+            aging_s: {MIX_AGING_S:g}{bound}}}
+health: {{interval_s: 5, timeout_s: 2}}
+routing: {{tts: mvoice, image: comfyui}}
+consumers:
+  mvoice:
+    url: http://{LOOPBACK}:{ports["mvoice"]}
+    health: {{method: GET, path: /health}}
+    paths:
+      tts: {{method: POST, path: /api/synthesize}}
+    vram_resident_mib: 2800
+    unload: {{method: POST, path: /api/admin/unload}}
+    load: {{method: POST, path: /api/admin/load}}
+    priority: {trace.priority["mvoice"]}
+  comfyui:
+    url: http://{LOOPBACK}:{ports["comfyui"]}
+    health: {{method: GET, path: /system_stats}}
+    paths:
+      image:
+        method: POST
+        path: /prompt
+        hold_until:
+          {{method: GET, path: "/history/{{prompt_id}}", poll_s: {MIX_HOLD_POLL_S:g}, timeout_s: 900}}
+    vram_resident_mib: 13000
+    unload: {{method: POST, path: /free, body: {{unload_models: true, free_memory: true}}}}
+    priority: {trace.priority["comfyui"]}
+"""
+
+
+# =====================================================================================================
 # The benchmark
 # =====================================================================================================
 
@@ -603,6 +972,10 @@ class Bench:
     smi: str = ""
     config: Path = Path()
     nginx: str | None = None
+    #: Measurement 8: its runs, its section of BENCH.md, and its part of the closing analysis.
+    mix_runs: list[MixRun] = field(default_factory=list)
+    mixed: list[str] = field(default_factory=list)
+    mix_analysis: list[str] = field(default_factory=list)
 
     # ---- setup ------------------------------------------------------------------------------------
 
@@ -1497,6 +1870,395 @@ class Bench:
             " the jobs on the consumer (the broker's lock, max_concurrency 1; the bare proxy's asyncio.Lock)."
         )
 
+    # ---- 8: mixed workload (issue 12) ----------------------------------------------------------------
+
+    async def overtake_available(self) -> bool:
+        """Whether this version's loader knows scheduler.max_overtake_s (main's refused it as an unknown key
+        before issue 12); any other refusal of the config is an error."""
+        path = self.workdir / "overtake-check.yaml"
+        ports = dict(zip(("mvoice", "comfyui"), free_ports(2), strict=True))
+        path.write_text(mixed_config(free_ports(1)[0], "nvidia-smi", ports, trace_burst(), 0))
+        check = await asyncio.create_subprocess_exec(
+            PY, str(MANAGER), "--check", "--config", str(path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            out, _ = await asyncio.wait_for(check.communicate(), 30)
+        except asyncio.TimeoutError:
+            check.kill()
+            await check.wait()
+            raise RuntimeError("mgpumanager --check did not answer within 30 s") from None
+        if check.returncode == 0:
+            return True
+        if check.returncode == 2 and re.search(rb"max_overtake_s\S*:? unknown key", out):
+            return False
+        raise RuntimeError(f"mgpumanager --check refused the mixed-workload config:\n{out.decode()}")
+
+    async def m8_mixed(self) -> None:
+        available = await self.overtake_available()
+        default = overtake_default()
+        for trace in (trace_burst(), trace_stream(self.quick)):
+            runs = [
+                MixRun(trace, "default", f"max_overtake_s {default:g} (default)", None, default, available),
+                MixRun(trace, "strict", "max_overtake_s 0 (strict order)", 0.0, 0.0, available),
+            ]
+            if not available:  # the loader refuses the key: this version's only order is the strict one
+                runs[1] = MixRun(trace, "strict", "strict order (this version's only order)", None, 0.0, True)
+            live = [r for r in runs if r.available]
+            try:
+                for run in live:
+                    await self.mix_start(run)
+                await asyncio.wait_for(self.mix_play(trace, live), MIX_RUN_TIMEOUT_S)
+            finally:
+                for run in live:
+                    await self.mix_stop(run)
+            for run in live:
+                run.compute()
+            self.mix_runs += runs
+        self.mix_report(available)
+
+    async def mix_start(self, run: MixRun) -> None:
+        """Start the run's own simulated GPU, consumers and broker; warm mvoice up; subscribe to events."""
+        tag = f"mix{run.trace.name[-1]}-{run.name}"
+        work = self.workdir / tag
+        work.mkdir()
+        ports = dict(zip(("mvoice", "comfyui", "broker"), free_ports(3), strict=True))
+        state = work / "gpu.json"
+        specs = []
+        for name, kind in (("mvoice", "mvoice"), ("comfyui", "comfyui")):
+            opts = ",".join(f"{k}={v:g}" for k, v in MIX_SIMS[name].items())
+            loaded = ",loaded=true" if name == MIX_LOADED_AT_START else ""
+            specs.append(f"{name}={kind}:{ports[name]},{opts}{loaded}")
+        argv = [PY, str(MGPUSIM), "consumers", "--state", str(state)]
+        argv += ["--gpu-total-mib", str(GPU_TOTAL_MIB), "--reserved-mib", str(GPU_RESERVED_MIB), *specs]
+        run.children.append(await self.children.spawn(f"{tag}-consumers", argv, ready_line=b"READY all"))
+        smi = shlex.join([PY, str(MGPUSIM), "nvidia-smi", "--state", str(state)])
+        config = work / "broker.yaml"
+        config.write_text(mixed_config(ports["broker"], smi, ports, run.trace, run.overtake))
+        child = await self.children.spawn(f"{tag}-broker", [PY, str(MANAGER), "--config", str(config)])
+        run.children.append(child)
+        run.url = f"http://{LOOPBACK}:{ports['broker']}"
+        await self.wait_http(run.url + "/healthz", f"{tag}-broker", child)
+        # One TTS job first: mvoice is known resident and every connection is open when the trace starts.
+        status, data = await self.post(run.url + "/v1/tts", json.dumps({"text": "warm up"}).encode())
+        assert status == 200, (status, data[:300])
+        await self.mix_wait_idle(run, 30)
+        run.before = (await self.get_json(run.url + "/v1/status"))["scheduler"]["stats"]
+        ready = asyncio.Event()
+        run.reader = asyncio.create_task(self.mix_events(run, ready))
+        await asyncio.wait_for(ready.wait(), 10)
+
+    async def mix_events(self, run: MixRun, ready: asyncio.Event) -> None:
+        """Collect the broker's /v1/events into run.events until cancelled."""
+        assert self.session is not None
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
+        async with self.session.get(run.url + "/v1/events", timeout=timeout) as r:
+            async for line in r.content:
+                ready.set()
+                if line.startswith(b"data: "):
+                    run.events.append(json.loads(line[6:]))
+        run.notes.append("its /v1/events stream ended before the run did: figures may lack events")
+
+    async def mix_wait_idle(self, run: MixRun, timeout_s: float) -> None:
+        """Until the broker's GPU is free and nothing waits; then a moment for the trailing events."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            sched = (await self.get_json(run.url + "/v1/status"))["scheduler"]
+            if sched["holder"] is None and not sched["queue"]:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{run.url}: the GPU stayed busy for {timeout_s:g} s")
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)
+
+    async def mix_play(self, trace: Trace, runs: Sequence[MixRun]) -> None:
+        """Send the trace to every run's broker at the same moments; wait until each is idle again."""
+        for run in runs:
+            run.jobs = [
+                MixJob(i, kind, at, f"bench-{run.trace.name[-1]}-{run.name}-{i:03d}-{kind}")
+                for i, (at, kind) in enumerate(trace.jobs)
+            ]
+        start = asyncio.get_running_loop().time() + 0.2
+        await asyncio.gather(*(self.mix_send(run, job, start) for run in runs for job in run.jobs))
+        for run in runs:
+            await self.mix_wait_idle(run, MIX_JOB_TIMEOUT_S)
+            st = await self.get_json(run.url + "/v1/status")
+            run.after = st["scheduler"]["stats"]
+            run.timings = {name: c.get("timings") for name, c in st["consumers"].items()}
+
+    async def mix_send(self, run: MixRun, job: MixJob, start: float) -> None:
+        """One job of the trace, sent at its offset; what came back is recorded, never raised."""
+        assert self.session is not None
+        await asyncio.sleep(max(0.0, start + job.at - asyncio.get_running_loop().time()))
+        body = {"text": f"job {job.index}"} if job.kind == "tts" else {"prompt": {}}
+        headers = {"Content-Type": "application/json", "X-Request-ID": job.request_id}
+        job.sent = time.time()
+        try:
+            async with self.session.post(
+                f"{run.url}/v1/{job.kind}",
+                data=json.dumps(body).encode(),
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=MIX_JOB_TIMEOUT_S),
+            ) as r:
+                data = await r.read()
+                job.status = r.status
+                if r.status != 200:
+                    job.error = f"{r.status} {data[:200].decode(errors='replace')}"
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            job.error = f"{type(e).__name__}: {e}"
+        job.answered = time.time()
+
+    async def mix_stop(self, run: MixRun) -> None:
+        if run.reader is not None:
+            run.reader.cancel()
+            (outcome,) = await asyncio.gather(run.reader, return_exceptions=True)
+            if isinstance(outcome, Exception):
+                run.notes.append(f"its /v1/events reader failed: {type(outcome).__name__}: {outcome}")
+        for child in reversed(run.children):
+            await self.children.stop(child)
+
+    def mix_report(self, available: bool) -> None:
+        """Rows, targets, the mixed-workload section and its analysis, from the runs of measurement 8."""
+        runs1 = [r for r in self.mix_runs if r.trace.name == "trace 1"]
+        runs2 = [r for r in self.mix_runs if r.trace.name == "trace 2"]
+        # The targets hold the broker as configured by default; without max_overtake_s that is strict order.
+        main1, other1 = (runs1[0], runs1[1]) if available else (runs1[1], runs1[0])
+        main2, other2 = (runs2[0], runs2[1]) if available else (runs2[1], runs2[0])
+        absent = "not available in this version"
+
+        def idle(r: MixRun) -> str:
+            return (
+                f"{r.label}: {secs(r.to_idle_s)} = {r.ratio:.2f}x" if r.available else f"{r.label}: {absent}"
+            )
+
+        def tts95(r: MixRun) -> float:
+            return pct(r.latencies("tts"), 95)
+
+        def clean(r: MixRun) -> bool:
+            return len(r.ok()) == len(r.jobs)
+
+        live = [r for r in self.mix_runs if r.available]
+        ratio_ok = clean(main1) and main1.ratio <= MIX_RATIO_TARGET
+        tts_ok = clean(main1) and tts95(main1) < MIX_TTS_P95_TARGET_S
+        bound_ok = all(clean(r) and r.longest_s <= r.bound_s for r in live)
+        self.rows += [
+            Row(
+                "8 mixed, trace 1: first request -> GPU idle",
+                f"{idle(main1)} the bound {secs(main1.bound_lb_s)}",
+                idle(other1),
+                f"<= {MIX_RATIO_TARGET:g}x the bound",
+                ratio_ok,
+            ),
+            Row(
+                "8 mixed, trace 1: TTS p95",
+                f"{main1.label}: {secs(tts95(main1))}",
+                f"{other1.label}: {secs(tts95(other1))}" if other1.available else f"{other1.label}: {absent}",
+                f"< {MIX_TTS_P95_TARGET_S:g} s",
+                tts_ok,
+            ),
+            Row(
+                "8 mixed: longest overtaken, trace 1 / trace 2",
+                f"{main1.label}: {secs(main1.longest_s)} / {secs(main2.longest_s)}",
+                f"{other1.label}: {secs(other1.longest_s)} / {secs(other2.longest_s)}"
+                if other1.available
+                else f"{other1.label}: {absent}",
+                "<= max_overtake_s",
+                bound_ok,
+            ),
+            Row(
+                "8 mixed, trace 2: first request -> GPU idle; TTS p95",
+                f"{idle(main2)} the bound {secs(main2.bound_lb_s)}; TTS p95 {secs(tts95(main2))}",
+                f"{idle(other2)}; TTS p95 {secs(tts95(other2))}" if other2.available else idle(other2),
+                "-",
+                None,
+            ),
+        ]
+        version = (
+            ""
+            if available
+            else "This version has no scheduler.max_overtake_s (its loader refuses the key): the broker as it"
+            " is serves strictly by priority, then arrival, and these are that order's figures; "
+        )
+
+        def beside(r: MixRun, text: str) -> str:
+            return f"; beside it, {r.label}: {text}" if r.available else f"; {r.label}: {absent}"
+
+        self.targets += [
+            (
+                "Mixed workload, trace 1 (issue 12's burst): first request to GPU idle within"
+                f" {MIX_RATIO_TARGET:g}x of its lower bound",
+                ratio_ok,
+                f"{version}{main1.label}: {secs(main1.to_idle_s)} against a bound of"
+                f" {secs(main1.bound_lb_s)}, {main1.ratio:.2f}x, {counted(main1.evictions, 'eviction')} and"
+                f" {counted(main1.loads, 'load')}, grant order {main1.grant_order()}"
+                + beside(
+                    other1,
+                    f"{secs(other1.to_idle_s)}, {other1.ratio:.2f}x, {counted(other1.evictions, 'eviction')}"
+                    f" and {counted(other1.loads, 'load')}, grant order {other1.grant_order()}",
+                ),
+            ),
+            (
+                f"Mixed workload, trace 1: TTS p95 under {MIX_TTS_P95_TARGET_S:g} s",
+                tts_ok,
+                f"{version}{main1.label}: p95 {secs(tts95(main1))}"
+                f" (p50 {secs(pct(main1.latencies('tts'), 50))};"
+                " of 8 jobs the p95 is the slowest)" + beside(other1, f"p95 {secs(tts95(other1))}"),
+            ),
+            (
+                "Mixed workload: no job overtaken beyond max_overtake_s (each run against its own bound)",
+                bound_ok,
+                "; ".join(
+                    f"{r.trace.name}, {r.label}: longest {secs(r.longest_s)} (bound {secs(r.bound_s)})"
+                    for r in live
+                )
+                + ("" if available else f"; {runs1[0].label}: {absent}"),
+            ),
+        ]
+
+        out = [
+            f"Trace 1 (issue 12's): {runs1[0].trace.title}. Trace 2: {runs2[0].trace.title}. How each figure"
+            " was taken: measurement 8 below.",
+            "",
+            "| trace | scheduler | jobs answered | evictions | loads | first request -> GPU idle | lower"
+            " bound | ratio | TTS p50 / p95 | image p50 / p95 | longest overtaken | GPU held by no job"
+            " | eviction waits | load waits |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.mix_runs:
+            if not r.available:
+                out.append(f"| {r.trace.name} | {r.label} | {absent} |" + " - |" * 11)
+                continue
+            victims = ", ".join(f"{n} {r.evicted.get(n, 0)}" for n in ("mvoice", "comfyui"))
+            t, i = r.latencies("tts"), r.latencies("image")
+            longest = secs(r.longest_s)
+            if r.longest is not None:
+                longest += f" (job {r.longest.index}, {r.longest.kind}, by {len(r.longest.overtakers)} jobs)"
+            out.append(
+                f"| {r.trace.name} | {r.label} | {len(r.ok())} of {len(r.jobs)} | {r.evictions} ({victims})"
+                f" | {r.loads} | {secs(r.to_idle_s)} | {secs(r.bound_lb_s)} | {r.ratio:.2f}x"
+                f" | {secs(pct(t, 50))} / {secs(pct(t, 95))} | {secs(pct(i, 50))} / {secs(pct(i, 95))}"
+                f" | {longest} | {secs(r.gpu_free_s)} | {secs(r.evict_s)} | {secs(r.load_s)} |"
+            )
+        out.append("")
+        for r in live:
+            said = [f"grant order {r.grant_order()}", *r.notes]
+            timings = {n: t for n, t in r.timings.items() if isinstance(t, dict)}
+            if timings:
+                said.append(
+                    "learned timings at the end: "
+                    + "; ".join(
+                        f"{n} " + ", ".join(f"{k} {shown(v)}" for k, v in t.items())
+                        for n, t in timings.items()
+                    )
+                )
+            etas = [
+                (j.eta_s, j.granted[1] - j.queued[1])
+                for j in r.jobs
+                if isinstance(j.eta_s, (int, float)) and j.granted is not None and j.queued is not None
+            ]
+            if etas:
+                errors = [abs(wait - eta) for eta, wait in etas]
+                said.append(
+                    f"eta_s of the queued events against the waits that followed ({len(etas)} jobs): median"
+                    f" error {secs(med(errors))}, largest {secs(max(errors))}"
+                )
+            out.append(f"- {r.trace.name}, {r.label}: " + "; ".join(said) + ".")
+        if not any(isinstance(t, dict) for r in live for t in r.timings.values()):
+            out.append("- This version's /v1/status has no per-consumer timings.")
+        if not any(j.eta_s is not None for r in live for j in r.jobs):
+            out.append("- This version's queued events carry no eta_s.")
+        self.mixed = out
+
+        mv, cu = MIX_SIMS["mvoice"], MIX_SIMS["comfyui"]
+        n_tts = sum(1 for _, k in runs1[0].trace.jobs if k == "tts")
+        n_img = len(runs1[0].trace.jobs) - n_tts
+        work = n_tts * mv["work_s"] + n_img * cu["work_s"]
+        self.details.append(
+            "Measurement 8 (mixed workload, issue 12): each trace ran once per scheduler setting, the"
+            " settings side by side (each its own mgpusim consumers, simulated 16 GiB GPU, nvidia-smi"
+            " stand-in and broker; the same jobs sent at the same moments by this process). mgpusim's"
+            f" mvoice: load {mv['load_s']:g} s (its load route), work {mv['work_s']:g} s, memory free"
+            f" {mv['release_s']:g} s after its unload answered; ComfyUI: loads its model ({cu['load_s']:g} s)"
+            f" in its first render after an unload, renders {cu['work_s']:g} s, memory free"
+            f" {cu['release_s']:g} s after /free; 2800 + 13610 MiB do not fit the 15904 MiB the card offers."
+            " An image job holds the GPU until /history/<prompt_id> is filled, polled every"
+            f" {MIX_HOLD_POLL_S:g} s as in consumers.yaml. At the start mvoice is loaded and ComfyUI is not,"
+            " after one warm-up TTS job that is not counted. Evictions and loads: /v1/status's"
+            " scheduler.stats after the trace minus before (loads are the broker's load calls, mvoice's;"
+            " ComfyUI loads itself each time images get the GPU after TTS); evictions by victim from the"
+            " `evicted` events. Latency, client side: a TTS job from its request sent to its answer read"
+            " whole; an image job from its request sent to the `hold_ended` event of its job (the broker's"
+            " clock, same machine; the job is found by the X-Request-ID its `queued` event carries); p50/p95"
+            " are nearest-rank (of 8 TTS jobs the p95 is the slowest). First request -> GPU idle: from the"
+            " first request sent to the end of the job that let the GPU go last (its `hold_ended` event,"
+            " else its `finished` event). Lower bound: the soonest any scheduler could finish the trace"
+            " knowing it all in advance, from the trace's offsets and the parameters above: the GPU runs one"
+            " job at a time, a job starts once it arrived and the GPU is free, after a swap if its consumer"
+            " is not the loaded one (the loaded one's release time, then its own load time; no swap before a"
+            " job needs it); each consumer's jobs are alike, so a dynamic programme over (jobs done per"
+            " consumer, which one is loaded) finds the best interleaving. The broker's own costs (GPU"
+            " readings, hold polls, HTTP) and priorities count nothing. For trace 1 it is all the work"
+            f" ({n_tts} x {mv['work_s']:g} + {n_img} x {cu['work_s']:g} = {work:g} s) plus the one swap no"
+            f" order avoids ({mv['release_s']:g} s for mvoice's memory, {cu['load_s']:g} s for ComfyUI's"
+            f" load): {secs(lower_bound(runs1[0].trace))}, serving the TTS jobs first as they come."
+            " Overtaken: job K overtook job J when K's `queued` event came after J's in the event stream,"
+            " K's `granted` event before J's, and K's effective priority at its grant (its `queued` priority"
+            f" plus one level per aging_s = {MIX_AGING_S:g} s waited, at most {mgpumanager.PRIORITY_MAX}) was"
+            " not above J's; J is overtaken from K's grant to K's end (`hold_ended` for an image, else its"
+            " end event), cut at J's own grant; a job's figure is the union of those spans, and the table"
+            " shows the largest. GPU held by no job: first request -> GPU idle minus the union of the jobs'"
+            " grant-to-end spans. Eviction and load waits: `evicting` -> `evicted` and `loading` -> `loaded`"
+            " summed (event timestamps have millisecond resolution)."
+        )
+
+        # The analysis: each target not met, and what this run says about why.
+        notes = []
+        if not ratio_ok or not tts_ok:
+            r = main1
+            slowest = max((j for j in r.ok() if j.kind == "tts"), key=lambda j: j.latency, default=None)
+            why = (
+                " This version serves the queue strictly by priority, then arrival (it has no"
+                " max_overtake_s): the interleaved burst swaps at every change of kind."
+                if not available
+                else ""
+            )
+            text = (
+                f"- Mixed workload, trace 1: {secs(r.to_idle_s)} = {r.ratio:.2f}x its lower bound of"
+                f" {secs(r.bound_lb_s)} (target {MIX_RATIO_TARGET:g}x), TTS p95 {secs(tts95(r))} (target"
+                f" {MIX_TTS_P95_TARGET_S:g} s).{why} Grant order {r.grant_order()}:"
+                f" {counted(r.evictions, 'eviction')} and {counted(r.loads, 'load')} of mvoice where the"
+                " bound has one eviction and no load, and ComfyUI loaded its model"
+                f" {counted(r.image_batches, 'time')} ({r.image_batches} x {cu['load_s']:g} s) where the"
+                f" bound loads it once. Of the {secs(r.to_idle_s)}, eviction waits took {secs(r.evict_s)},"
+                f" mvoice's loads {secs(r.load_s)}, and the GPU was held by no job for {secs(r.gpu_free_s)}."
+            )
+            if slowest is not None and slowest.granted is not None and slowest.queued is not None:
+                g = slowest.granted
+                ahead = sum(
+                    1
+                    for j in r.jobs
+                    if j.kind == "image" and j.granted is not None and slowest.queued < j.granted < g
+                )
+                text += (
+                    f" The slowest TTS job (job {slowest.index}, sent at +{slowest.at:g} s) waited"
+                    f" {secs(g[1] - slowest.queued[1])} for the GPU; {counted(ahead, 'image job')} had it"
+                    " meanwhile."
+                )
+            if not clean(r):
+                text += f" Not every job was answered: {'; '.join(r.notes)}."
+            notes.append(text)
+        for r in live:
+            if r.longest_s > r.bound_s:
+                j = r.longest
+                assert j is not None
+                notes.append(
+                    f"- Mixed workload, {r.trace.name} with {r.label}: job {j.index} ({j.kind}, sent at"
+                    f" +{j.at:g} s) was overtaken for {secs(r.longest_s)} by {len(j.overtakers)} later jobs"
+                    f" (jobs {', '.join(map(str, j.overtakers[:12]))}), beyond the bound of"
+                    f" {secs(r.bound_s)}."
+                )
+        self.mix_analysis = notes
+
     # ---- report ------------------------------------------------------------------------------------
 
     def table(self) -> str:
@@ -1522,7 +2284,8 @@ class Bench:
         out.append(
             "Written by `bench.py` (`make bench`): every server its own process on 127.0.0.1, the client is"
             " the benchmark (one aiohttp session, keep-alive). Contenders are interleaved round by round and"
-            " compared within each round; figures are medians of the per-round figures. See issue 5."
+            " compared within each round; figures are medians of the per-round figures. See issue 5;"
+            " measurement 8, the mixed workload, is issue 12's."
         )
         out += ["", "## Machine", ""]
         out += [f"- {m}" for m in machine]
@@ -1533,10 +2296,13 @@ class Bench:
         for r in self.rows:
             met = "-" if r.met is None else ("met" if r.met else "**not met**")
             out.append(f"| {r.measurement} | {r.broker} | {r.contenders} | {r.target} | {met} |")
-        out += ["", "## Targets (issue 5)", ""]
+        out += ["", "## Targets (issues 5 and 12)", ""]
         for name, ok, evidence in self.targets:
             mark = "n/a" if ok is None else ("**met**" if ok else "**not met**")
             out.append(f"- {name}: {mark}. {evidence}.")
+        if self.mixed:
+            out += ["", "## Mixed workload (issue 12)", ""]
+            out += self.mixed
         out += ["", "## How each figure was taken", ""]
         for d in self.details:
             out += [d, ""]
@@ -1585,6 +2351,7 @@ class Bench:
                 " against about 25 ms for the real nvidia-smi in the fixtures' timings: the swap here carries"
                 " two to three of those readings."
             )
+        out += self.mix_analysis
         out.append(
             "- Added latency: its ratio to the bare proxy moves from run to run on this shared machine, as"
             " the direct round trip itself does (README, Performance, lists the runs); the CPU per job above"
@@ -1638,20 +2405,24 @@ async def run_bench(args: argparse.Namespace) -> int:
         ("5 memory", bench.m5_memory),
         ("6 status load", bench.m6_status),
         ("7 CPU per job", bench.m7_cpu),
+        ("8 mixed workload", bench.m8_mixed),
     ]
     if args.only:
         wanted = {part.strip() for part in args.only.split(",")}
         steps = [(name, step) for name, step in steps if name.split()[0] in wanted]
+    # Measurement 8 starts servers of its own; the others share those that start() makes.
+    shared = any(name.split()[0] != "8" for name, _ in steps)
     failed = False
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, auto_decompress=False) as session:
         bench.session = session
         try:
             print(f"bench: starting the servers (files in {workdir}) ...", flush=True)
-            await bench.start()
+            if shared:
+                await bench.start()
             bench.notes += package_notes()
             loops = ", ".join(f"{k}={v}" for k, v in bench.loops.items() if k.startswith("broker"))
-            print(f"bench: ready ({loops}); measuring", flush=True)
+            print(f"bench: ready{f' ({loops})' if loops else ''}; measuring", flush=True)
             for name, step in steps:
                 t0 = time.monotonic()
                 try:
@@ -1693,7 +2464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--md", type=Path, help="where to write the report (default BENCH.md; none with --quick or --only)"
     )
     parser.add_argument(
-        "--only", metavar="N,N", help="run only these measurements (1-7, profile): a developer's look"
+        "--only", metavar="N,N", help="run only these measurements (1-8, profile): a developer's look"
     )
     sub = parser.add_subparsers(dest="command")
     echo = sub.add_parser("echo-consumer", help="the echo consumer, as its own process")

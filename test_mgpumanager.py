@@ -41,6 +41,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
+import bench
 import mgpumanager as m
 import mgpusim
 
@@ -7353,3 +7354,67 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
     if os.environ.get("MGPU_SCREENSHOT"):  # how README's picture is made
         shutil.copy(tmp_path / "dashboard.png", os.environ["MGPU_SCREENSHOT"])
+
+
+# =====================================================================================================
+# bench.py's mixed-workload figures (issue 12): the lower bound and overtaking, on made-up traces
+# =====================================================================================================
+
+
+def test_bench_lower_bound_is_the_work_plus_the_swaps_no_order_avoids():
+    burst = bench.trace_burst()
+    kinds = [kind for _, kind in burst.jobs]
+    assert (kinds.count("tts"), kinds.count("image")) == (8, 4) and burst.jobs[-1][0] == 1.0
+    # All the work (8 x 0.2 + 4 x 2 s) and one swap (mvoice's memory 0.5 s, ComfyUI's load 4 s): TTS first.
+    assert bench.lower_bound(burst) == pytest.approx(8 * 0.2 + 4 * 2 + 0.5 + 4)
+
+    def bound(*jobs: tuple[float, str]) -> float:
+        return bench.lower_bound(bench.Trace("t", "", jobs, {"mvoice": 2, "comfyui": 2}))
+
+    # TTS first then the one swap (6.7 s) beats the image first and a swap back (8.2 s).
+    assert bound((0.0, "image"), (0.0, "tts")) == pytest.approx(0.2 + 4.5 + 2)
+    # Nothing runs before it arrives, and no swap starts before a job needs it.
+    assert bound((0.0, "tts"), (10.0, "tts")) == pytest.approx(10.2)
+    assert bound((0.0, "tts"), (5.0, "image")) == pytest.approx(5 + 4.5 + 2)
+
+
+def made_up_job(
+    index: int,
+    kind: str,
+    priority: int,
+    queued: tuple[int, float],
+    granted: tuple[int, float],
+    ended: float,
+    hold_ended: float | None = None,
+) -> bench.MixJob:
+    job = bench.MixJob(index, kind, 0.0, f"r{index}", status=200, priority=priority, job=index)
+    job.queued, job.granted, job.ended = queued, granted, (granted[0] + 1, ended)
+    job.hold_ended = None if hold_ended is None else (granted[0] + 2, hold_ended)
+    return job
+
+
+def test_bench_overtaking_counts_later_jobs_of_no_higher_effective_priority():
+    image = made_up_job(0, "image", 2, (0, 0.0), (20, 5.0), 5.5, 7.0)
+    jobs = [
+        image,
+        made_up_job(1, "tts", 2, (1, 0.1), (2, 1.0), 1.2),  # overtakes the image for 0.2 s
+        made_up_job(2, "tts", 3, (3, 0.2), (5, 1.2), 1.4),  # higher priority: passes it, no overtaking
+        made_up_job(3, "image", 2, (6, 0.3), (8, 2.0), 2.1, 2.6),  # an image too: until its hold ended
+    ]
+    bench.overtaking(jobs, aging_s=60)
+    assert image.overtaken_s == pytest.approx(0.2 + 0.6) and image.overtakers == [1, 3]
+    assert [j.overtaken_s for j in jobs[1:]] == [0, 0, 0]
+
+    # Aging: a job waiting long enough reaches the later job's level, and then it counts.
+    old = made_up_job(0, "image", 2, (0, 0.0), (9, 140.0), 142.0)
+    late = made_up_job(1, "tts", 3, (1, 100.0), (2, 130.0), 130.5)
+    bench.overtaking([old, late], aging_s=60)  # at 130 s the image is at 2 + 2 levels, the TTS at 3
+    assert old.overtaken_s == pytest.approx(0.5) and old.overtakers == [1]
+    old.overtakers.clear()
+    bench.overtaking([old, late], aging_s=1000)
+    assert old.overtaken_s == 0 and old.overtakers == []
+
+    # Strict arrival order: nobody is overtaken.
+    strict = [made_up_job(i, "tts", 2, (i, 0.1 * i), (10 + 2 * i, 1.0 + i), 1.5 + i) for i in range(4)]
+    bench.overtaking(strict, aging_s=60)
+    assert all(j.overtaken_s == 0 and not j.overtakers for j in strict)
