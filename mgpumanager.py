@@ -106,12 +106,14 @@ PRIORITY_MAX = 4
 #: A bearer token shorter than this is refused: it would be guessable.
 MIN_TOKEN_LENGTH = 16
 #: Kinds that are (or will be) routes of their own under /v1/.
-RESERVED_KINDS = frozenset({"status", "consumers", "events", "reload"})
+RESERVED_KINDS = frozenset({"status", "consumers", "events", "reload", "reserve"})
 KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 #: The kind a mount job has when its method and path are none of its consumer's ``paths``.
 MOUNT_KIND = "mount"
+#: The pseudo-consumer that holds a GPU's lock while it is reserved (``POST /v1/reserve``), and its kind.
+RESERVATION = "reservation"
 #: Kinds of job that only unload: granting one changes nothing another consumer's record relies on.
-UNLOAD_KINDS = frozenset({"unload", "idle_unload"})
+UNLOAD_KINDS = frozenset({"unload", "idle_unload", RESERVATION})
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 #: How many recent loads, unloads and jobs of a consumer its learned times are the median of.
 TIMING_SAMPLES = 15
@@ -1363,6 +1365,7 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "insufficient_vram": (503, True),
     "gpu_unavailable": (503, True),
     "consumer_timeout": (504, True),
+    "gpu_reserved": (503, True),
 }
 
 
@@ -1693,6 +1696,7 @@ METRIC_HELP = {
         "The most GPU memory the consumer's processes were seen holding (consumers with `processes` only).",
     ),
     "mgpumanager_queue_length": ("gauge", "Jobs waiting for the GPU lock, by GPU."),
+    "mgpumanager_gpu_reserved": ("gauge", "1 while the GPU is reserved (POST /v1/reserve), else 0, by GPU."),
     "mgpumanager_running_jobs": ("gauge", "Jobs holding the GPU lock now, by GPU."),
     "mgpumanager_gpu_memory_total_bytes": (
         "gauge",
@@ -2964,6 +2968,11 @@ FACTS: dict[str, Fact] = {
         "mgpumanager_unload_failures_total",
     ),
     "idle_unload_skipped": Fact("idle_unload_skipped", "idle unload skipped"),
+    "unloaded_reservation": Fact(
+        "unloaded", "unloaded", stat="admin_unloads", metric="mgpumanager_admin_unloads_total"
+    ),
+    "reserved": Fact("reserved", "reserved"),
+    "reservation_ended": Fact("reservation_ended", "reservation ended"),
     "loading": Fact("loading", "loading"),
     "loaded": Fact("loaded", "loaded", stat="loads", metric="mgpumanager_loads_total"),
     "load_failed": Fact(
@@ -3542,6 +3551,32 @@ class UnloadOps(Protocol):
     def owners(self) -> Mapping[int, str]: ...
 
 
+@dataclass(eq=False)
+class Reservation:
+    """A GPU given to something else for a while (a game, a training run): its lock held by a job of
+    RESERVATION's, after every consumer on it was asked to unload."""
+
+    job: Job
+    reason: str
+    #: When it ends on its own: monotonic (for the timer) and wall-clock (for people).
+    until: float
+    until_at: float
+    #: The consumers it unloaded, and why the others were not.
+    unloaded: list[str] = field(default_factory=list)
+    not_unloaded: dict[str, str] = field(default_factory=dict)
+    timer: asyncio.TimerHandle | None = None
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """What /v1/status, the reserve answer and `ps` show of it."""
+        return {
+            "reason": self.reason,
+            "until": _iso(self.until_at),
+            "left_s": round(max(0.0, self.until - now), 1),
+            "unloaded": list(self.unloaded),
+            "not_unloaded": dict(self.not_unloaded),
+        }
+
+
 class Scheduler:
     """One GPU's queue and lock, with eviction and load before a job runs.
 
@@ -3587,6 +3622,9 @@ class Scheduler:
         self._internal: set[tuple[str, str]] = set()
         #: When each unload under way started (its time is learned when its memory showed up free).
         self._unload_started: dict[str, float] = {}
+        #: The GPU given to something else (``reserve``), or None; one asked for and waiting for the lock.
+        self.reservation: Reservation | None = None
+        self._reserving: Job | None = None
 
     def __repr__(self) -> str:
         return f"<Scheduler gpu={self.index} {self.lock!r}>"
@@ -3803,6 +3841,8 @@ class Scheduler:
             raise BrokerError("no_consumer", f"{consumer} is no longer configured", consumer)
         if target.gpu != self.index:  # moved to another GPU by a reload meanwhile
             raise BrokerError("no_consumer", f"{consumer} runs on GPU {target.gpu} now", consumer)
+        if self.reservation is not None:
+            raise self._reserved_error(consumer)
         self.recorder.job_admitted()
         return Job(
             id=next(self._ids),
@@ -3971,6 +4011,119 @@ class Scheduler:
                 "grant crashed", consumer=job.consumer, job=job.id, error=describe(e)
             )
             return False
+
+    # ---- a reservation: the GPU given to something else for a while ---------------------------------
+
+    def _reserved_error(self, consumer: str | None) -> BrokerError:
+        res = self.reservation
+        assert res is not None
+        left = max(0.0, res.until - self.clock())
+        message = f"GPU {self.index} is reserved ({res.reason}) for {left:.0f} s more"
+        return BrokerError("gpu_reserved", message, consumer, retry_after=max(1, math.ceil(left)))
+
+    async def reserve(self, for_s: float, reason: str) -> Reservation:
+        """Give the GPU to something else for ``for_s`` seconds: wait for the lock like an admin operation,
+        answer the jobs still waiting with gpu_reserved, ask every consumer on the GPU that has an unload
+        to unload (vram_managed ones too), then hold the lock until ``for_s`` passed or ``release``. Asked
+        again while reserved: the reservation now ends ``for_s`` from now, for the new reason."""
+        if self.reservation is not None:
+            return self._extend(self.reservation, for_s, reason)
+        target = ConsumerConfig(
+            name=RESERVATION, url="", health=Route("GET", "/"), paths={}, vram_resident_mib=0, gpu=self.index
+        )
+        if RESERVATION not in self.states:
+            self.states[RESERVATION] = ConsumerState(RESERVATION, self.clock)
+        self.recorder.job_admitted()
+        job = Job(
+            id=next(self._ids),
+            target=target,
+            kind=RESERVATION,
+            priority=PRIORITY_MAX,
+            arrived=self.clock(),
+            granted=asyncio.get_running_loop().create_future(),
+            exclusive=True,
+            scheduler=self,
+        )
+        self._reserving = job
+        try:
+            await self._wait_for_grant(job)
+        finally:
+            self._reserving = None
+        if self.reservation is not None:  # another request reserved it meanwhile: this one extends it
+            job.release()
+            return self._extend(self.reservation, for_s, reason)
+        res = Reservation(job, reason, self.clock() + for_s, time.time() + for_s)
+        self.reservation = res
+        for waiting in [j for j in self.lock.waiting if not j.granted.done()]:
+            self.lock.refuse(waiting, self._reserved_error(waiting.consumer))
+        # The broker's from here on, like a hold: a client that leaves does not cut the unloads short.
+        await asyncio.shield(self._own(asyncio.ensure_future(self._start_reservation(res, for_s))))
+        return res
+
+    async def _start_reservation(self, res: Reservation, for_s: float) -> None:
+        try:
+            await self._unload_all(res)
+        except Exception as e:  # a bug: the reservation stands, it unloaded what it could
+            self.recorder.internal_error("reservation's unloads crashed", error=describe(e))
+            res.not_unloaded.setdefault("(the rest)", f"internal error: {describe(e)}")
+        if self.reservation is not res:  # released while it unloaded
+            return
+        left = max(0.0, res.until - self.clock())
+        res.timer = asyncio.get_running_loop().call_later(left, self.release_reservation, "expired")
+        self.recorder.record(
+            "reserved",
+            consumer=RESERVATION,
+            reason=res.reason,
+            for_s=for_s,
+            until=_iso(res.until_at),
+            job=res.job.id,
+            unloaded=res.unloaded,
+            not_unloaded=res.not_unloaded,
+        )
+
+    def _extend(self, res: Reservation, for_s: float, reason: str) -> Reservation:
+        res.reason, res.until, res.until_at = reason, self.clock() + for_s, time.time() + for_s
+        if res.timer is not None:
+            res.timer.cancel()
+        res.timer = asyncio.get_running_loop().call_later(for_s, self.release_reservation, "expired")
+        self.recorder.record(
+            "reserved",
+            consumer=RESERVATION,
+            reason=reason,
+            for_s=for_s,
+            until=_iso(res.until_at),
+            job=res.job.id,
+        )
+        return res
+
+    async def _unload_all(self, res: Reservation) -> None:
+        """Ask each consumer of the GPU that has an unload to unload, known resident or not (the broker's
+        record may be stale; unloading what holds nothing costs nothing); say why the others stay."""
+        async with self._prepare_lock:
+            for name, c in self.config.consumers.items():
+                if c.gpu != self.index:
+                    continue
+                if c.unload is None:
+                    res.not_unloaded[name] = "no unload route"
+                    continue
+                error = await self._unload(res.job, name, by="reservation")
+                if error is None:
+                    res.unloaded.append(name)
+                else:
+                    res.not_unloaded[name] = f"unload failed: {error}"
+
+    def release_reservation(self, why: str = "released") -> bool:
+        """End the reservation (``released`` by DELETE /v1/reserve, ``expired``, or at shutdown); whether
+        there was one. Jobs are admitted again at once."""
+        res = self.reservation
+        if res is None:
+            return False
+        self.reservation = None
+        if res.timer is not None:
+            res.timer.cancel()
+        self.recorder.record("reservation_ended", consumer=RESERVATION, why=why, job=res.job.id)
+        res.job.release()
+        return True
 
     # ---- making room: carrying the plan out -----------------------------------------------------------
 
@@ -4372,6 +4525,7 @@ class Scheduler:
                 for j, eta in self.forecast()
             ],
             "stats": {**self.stats.__dict__, "running": self.running, "queued": len(lock.waiting)},
+            "reservation": None if self.reservation is None else self.reservation.describe(now),
         }
 
 
@@ -5473,6 +5627,54 @@ async def handle_reload(request: web.Request) -> web.Response:
     return web.json_response({"reloaded": True, "changes": changes})
 
 
+#: The longest a reservation may be asked for at once (a week; asking again extends it).
+RESERVE_MAX_S = 7 * 24 * 3600.0
+
+
+def _reserved_gpu(broker: Broker, value: Any) -> int:
+    """The GPU a reserve or release names (``gpu``), else the default one; bad_request for another."""
+    if value is None:
+        return broker.config.gpu.index
+    try:
+        index = int(value)
+    except (TypeError, ValueError):
+        index = -1
+    if isinstance(value, bool) or index not in broker.schedulers:
+        known = ", ".join(map(str, sorted(broker.schedulers)))
+        raise BrokerError("bad_request", f"no GPU {value!r} is scheduled here (GPUs: {known})")
+    return index
+
+
+async def handle_reserve(request: web.Request) -> web.Response:
+    """POST /v1/reserve {"for_s": 3600, "reason": "gaming", "gpu": 0}: give a GPU to something else for a
+    while. Answered once every consumer on it was asked to unload, with what was unloaded and what not."""
+    require_admin(request)
+    broker = request.app[BROKER]
+    body = parse_json(await read_body(request, broker, RESERVATION)) if request.body_exists else {}
+    if not isinstance(body, dict):
+        raise BrokerError("bad_request", 'the body must be a JSON object: {"for_s": 3600, "reason": "..."}')
+    for_s, reason = body.get("for_s"), body.get("reason", "reserved")
+    if isinstance(for_s, bool) or not isinstance(for_s, (int, float)) or not 0 < for_s <= RESERVE_MAX_S:
+        raise BrokerError("bad_request", f"for_s must be a number of seconds, 0 < for_s <= {RESERVE_MAX_S:g}")
+    if not isinstance(reason, str) or len(reason) > 200:
+        raise BrokerError("bad_request", "reason must be a string of at most 200 characters")
+    index = _reserved_gpu(broker, body.get("gpu"))
+    scheduler = broker.schedulers[index]
+    res = await scheduler.reserve(float(for_s), reason or "reserved")
+    return web.json_response({"gpu": index, **res.describe(scheduler.clock())})
+
+
+async def handle_release(request: web.Request) -> web.Response:
+    """DELETE /v1/reserve[?gpu=N]: end that GPU's reservation (every reserved GPU's, without ``gpu``)."""
+    require_admin(request)
+    broker = request.app[BROKER]
+    named = request.query.get("gpu")
+    indexes = [_reserved_gpu(broker, named)] if named is not None else sorted(broker.schedulers)
+    released = [i for i in indexes if broker.schedulers[i].release_reservation("released")]
+    gpu = indexes[0] if len(indexes) == 1 else (released[0] if len(released) == 1 else None)
+    return web.json_response({"gpu": gpu, "released": bool(released), "gpus": released})
+
+
 async def read_body(request: web.Request, broker: Broker, consumer: str) -> bytearray:
     """The whole request body, read before the job is queued, so a slow upload never holds the GPU.
 
@@ -5908,7 +6110,8 @@ async def handle_status(request: web.Request) -> web.Response:
         scheduler = broker.schedulers[index].snapshot()
         scheduler["stats"]["internal_errors"] = internal_errors
         names = [name for name, c in cfg.consumers.items() if c.gpu == index]
-        gpus.append({**reading, "consumers": names, "scheduler": scheduler})
+        reservation = scheduler.pop("reservation")
+        gpus.append({**reading, "consumers": names, "reservation": reservation, "scheduler": scheduler})
     default = gpus[indexes.index(cfg.gpu.index)]
     consumers = {}
     for name, c in cfg.consumers.items():
@@ -5958,6 +6161,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
     for index, s in sorted(broker.schedulers.items()):
         gauges.append(("mgpumanager_queue_length", (("gpu", str(index)),), len(s.queue())))
         gauges.append(("mgpumanager_running_jobs", (("gpu", str(index)),), s.running))
+        gauges.append(("mgpumanager_gpu_reserved", (("gpu", str(index)),), int(s.reservation is not None)))
     indexes = sorted(broker.gpus)
     readings = await asyncio.gather(
         *(broker.gpus[i].read(max_age=STATUS_MAX_AGE_S) for i in indexes), return_exceptions=True
@@ -6057,6 +6261,7 @@ async def _drain(app: web.Application) -> None:
     await asyncio.gather(*broker.tasks, return_exceptions=True)
     schedulers = list(broker.schedulers.values())
     for s in schedulers:
+        s.release_reservation("shutdown")  # a restart does not restore it
         s.shut_down()
     broker.events.close()
     timeout = broker.config.scheduler.shutdown_timeout_s
@@ -6159,6 +6364,8 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     app.router.add_get("/v1/status", handle_status)
     app.router.add_get("/v1/events", handle_events)
     app.router.add_post("/v1/reload", handle_reload)
+    app.router.add_post("/v1/reserve", handle_reserve)
+    app.router.add_delete("/v1/reserve", handle_release)
     app.router.add_post("/v1/consumers/{name}/{action:unload|load}", handle_admin_consumer)
     app.router.add_route("*", "/v1/{kind}", handle_job, expect_handler=expect_body)
     app.router.add_get("/audio/{path:.+}", handle_audio)

@@ -1677,6 +1677,8 @@ SPEC_ERRORS = {
     # Issue 10 (limits):
     "too_many_requests": 429,
     "request_timeout": 408,
+    # Issue 14 (the GPU given to something else):
+    "gpu_reserved": 503,
 }
 #: Retryable as the README documents it (load_failed and insufficient_vram as the issue says).
 SPEC_RETRYABLE = {c for c, st in SPEC_ERRORS.items() if st >= 500} - {"bad_consumer_url", "scheduler_error"}
@@ -6834,6 +6836,130 @@ async def test_the_whisper_cpp_preset_speaks_whispersim(rig, caplog):
     assert [rec.path for rec in r.sims["whisper"].work] == ["/inference"]
     await until(lambda: len(job_lines(caplog)) == 1)
     assert " consumer=whisper kind=stt " in job_lines(caplog)[0]
+
+
+# =====================================================================================================
+# The GPU given to something else for a while: POST/DELETE /v1/reserve (issue 14)
+# =====================================================================================================
+
+
+async def _reserve(r: Rig, **body: Any) -> tuple[int, dict[str, str], dict[str, Any]]:
+    async with r.session.post(r.url("/v1/reserve"), json=body) as resp:
+        return resp.status, dict(resp.headers), await resp.json()
+
+
+async def test_a_reservation_unloads_everything_refuses_gpu_jobs_and_ends_when_released(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}, "comfyui": {"loaded": True}})
+    events = await r.session.get(r.url("/v1/events"))
+    status, _, answer = await _reserve(r, for_s=3600, reason="gaming")
+    assert status == 200 and answer["gpu"] == 0 and answer["reason"] == "gaming"
+    assert 3590 < answer["left_s"] <= 3600 and answer["until"].endswith("Z")
+    assert answer["unloaded"] == ["mvoice", "comfyui"]  # every consumer with an unload, resident or not
+    assert answer["not_unloaded"] == {"ollama": "no unload route", "whisper": "no unload route"}
+    assert r.sims["mvoice"].unloads == 1 and r.sims["comfyui"].unloads == 1
+    # GPU jobs are refused at once, saying why and for how long; unscheduled calls still pass.
+    status, headers, body = await r.post("tts", {"text": "x"})
+    data = error_of(status, headers, body, "gpu_reserved")
+    assert "reserved (gaming)" in data["message"] and 3590 <= int(headers["Retry-After"]) <= 3600
+    async with r.session.post(r.url("/c/comfyui/prompt"), json={"prompt": {}}) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "gpu_reserved")
+    async with r.session.get(r.url("/c/comfyui/queue")) as resp:
+        assert resp.status == 200
+    st = await r.status()
+    assert st["gpus"][0]["reservation"]["reason"] == "gaming" and st["gpu"]["reservation"] is not None
+    assert st["scheduler"]["holder"]["consumer"] == "reservation"
+    text = await (await r.session.get(r.url("/metrics"))).text()
+    assert 'mgpumanager_gpu_reserved{gpu="0"} 1' in text
+    reserved = (await _read_events(events, "reserved"))[-1]
+    assert reserved["reason"] == "gaming" and reserved["for_s"] == 3600 and reserved["gpu"] == 0
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert await resp.json() == {"gpu": 0, "released": True, "gpus": [0]}
+    ended = (await _read_events(events, "reservation_ended"))[-1]
+    assert ended["why"] == "released" and ended["gpu"] == 0
+    events.close()
+    assert (await r.post("tts", {"text": "x"}))[0] == 200  # served again at once
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert (await resp.json())["released"] is False  # nothing to release
+
+
+async def test_a_reservation_waits_for_the_gpu_refuses_the_queue_expires_and_survives_a_reload(rig):
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(urls={"ollama": ollama.url}, sims={"mvoice": {"loaded": True}})
+        llm = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "holds the GPU"}))
+        await until(lambda: r.broker.scheduler.holder == "ollama")
+        queued = asyncio.ensure_future(r.post("tts", {"text": "waits"}))
+        await until(lambda: len(r.broker.scheduler.queue()) == 1)
+        reserving = asyncio.ensure_future(_reserve(r, for_s=0.5, reason="backup"))
+        await until(lambda: len(r.broker.scheduler.queue()) == 2)
+        assert not reserving.done()  # like an admin operation: after the running job
+        gate.set()
+        assert (await llm)[0] == 200
+        status, _, answer = await reserving
+        assert status == 200 and answer["unloaded"] == ["mvoice", "comfyui"]
+        error_of(*await queued, "gpu_reserved")  # the job that waited is answered, not kept
+        # A reload keeps the reservation.
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert resp.status == 200
+        assert r.broker.scheduler.reservation is not None
+        await until(lambda: r.broker.scheduler.reservation is None)  # it expires on its own
+        assert (await r.post("tts", {"text": "x"}))[0] == 200
+    ended = [e for e in r.broker.events.recent(900) if e["event"] == "reservation_ended"]
+    assert [e["why"] for e in ended] == ["expired"]
+
+
+async def test_a_reservation_that_cannot_unload_something_says_so_and_still_holds_the_gpu(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    r.sims["mvoice"].faults["unload_status"] = 500
+    status, _, answer = await _reserve(r, for_s=60, reason="training")
+    assert status == 200 and answer["unloaded"] == ["comfyui"]
+    assert answer["not_unloaded"]["mvoice"].startswith("unload failed: unload answered 500")
+    error_of(*await r.post("tts", {"text": "x"}), "gpu_reserved")
+    # Asking again extends it (from now, with the new reason); no second wait, no second unload.
+    status, _, again = await _reserve(r, for_s=7200, reason="a longer run")
+    assert status == 200 and again["reason"] == "a longer run" and again["left_s"] > 7000
+    assert [rec.path for rec in r.sims["comfyui"].records].count("/free") == 1  # asked once, not again
+    for bad in ({}, {"for_s": 0}, {"for_s": "1h"}, {"for_s": 10, "gpu": 7}, {"for_s": 10, "reason": 3}):
+        status, _, data = await _reserve(r, **bad)
+        assert status == 400 and data["error"] == "bad_request", bad
+
+
+async def test_reservations_are_per_gpu_and_end_with_the_broker(rig):
+    def two_gpus(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["gpu"] = 1
+
+    r = await rig(gpus=2, tweak=two_gpus, sims={"comfyui": {"gpu": 1}})
+    status, _, answer = await _reserve(r, for_s=60, gpu=1)
+    assert status == 200 and answer["gpu"] == 1 and answer["unloaded"] == ["comfyui"]
+    error_of(*await r.post("image", {"prompt": {}}), "gpu_reserved")  # GPU 1's consumer
+    assert (await r.post("tts", {"text": "x"}))[0] == 200  # GPU 0 serves on
+    st = await r.status()
+    assert [g["reservation"] is not None for g in st["gpus"]] == [False, True]
+    async with r.session.delete(r.url("/v1/reserve?gpu=0")) as resp:
+        assert await resp.json() == {"gpu": 0, "released": False, "gpus": []}
+    # The broker stopping ends it (a restart does not restore it): the drain does not wait for it.
+    await r.server.close()
+    assert r.broker.schedulers[1].reservation is None
+    ended = [e for e in r.broker.events.recent(900) if e["event"] == "reservation_ended"]
+    assert [e["why"] for e in ended] == ["shutdown"]
+
+
+async def test_the_cli_reserves_and_releases_a_running_broker(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
+    async with daemon:
+        url = daemon.url("")
+        rc, out, err = await cli("reserve", "1h", "--reason", "gaming", "--url", url)
+        assert rc == 0 and out.startswith("GPU 0 reserved\n") and "reserved: gaming" in out, (out, err)
+        assert "unloaded: mvoice, comfyui" in out and "whisper (no unload route)" in out
+        rc, out, _ = await cli("ps", "--url", url)
+        assert rc == 0 and "reserved: gaming" in out
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+            assert resp.status == 503 and (await resp.json())["error"] == "gpu_reserved"
+        assert await cli("release", "--url", url) == (0, "GPU 0 released\n", "")
+        assert await cli("release", "--url", url) == (0, "GPU 0 was not reserved\n", "")
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+            assert resp.status == 200
 
 
 # =====================================================================================================
