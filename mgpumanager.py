@@ -558,6 +558,13 @@ def _calls(method: str, *paths: str) -> list[dict[str, str]]:
 #: What ``preset: NAME`` fills in: everything the service's own API defines (not url, vram_resident_mib,
 #: processes, nor eviction by command). Each was read in the service's source at the version README.md's
 #: "Presets" table names. Kinds: llm (a prompt), chat (messages), embed, image, img2img, image_ui, stt, tts.
+#: The OpenAI-compatible paths the LLM servers' presets share (each preset gets a copy when applied).
+OPENAI_PATHS: dict[str, dict[str, str]] = {
+    "chat": {"method": "POST", "path": "/v1/chat/completions"},
+    "llm": {"method": "POST", "path": "/v1/completions"},
+    "embed": {"method": "POST", "path": "/v1/embeddings"},
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # ollama/ollama server/routes.go, api/types.go (v0.33.0-rc2): /api/generate with an empty prompt and
     # keep_alive 0 unloads a model (what `ollama stop` does); /api/ps lists the loaded ones.
@@ -631,11 +638,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # one model per server; /props says whether it sleeps (--sleep-idle-seconds; older servers lack it).
     "llama-cpp": {
         "health": {"method": "GET", "path": "/health"},
-        "paths": {
-            "chat": {"method": "POST", "path": "/v1/chat/completions"},
-            "llm": {"method": "POST", "path": "/v1/completions"},
-            "embed": {"method": "POST", "path": "/v1/embeddings"},
-        },
+        "paths": OPENAI_PATHS,
         "residency": {"method": "GET", "path": "/props", "where": {"is_sleeping": [False, None]}},
         "unscheduled": _calls("POST", "/tokenize", "/detokenize", "/apply-template"),
     },
@@ -643,11 +646,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # lists every model with status.value; /models/unload and /models/load take {"model": id}.
     "llama-cpp-router": {
         "health": {"method": "GET", "path": "/health"},
-        "paths": {
-            "chat": {"method": "POST", "path": "/v1/chat/completions"},
-            "llm": {"method": "POST", "path": "/v1/completions"},
-            "embed": {"method": "POST", "path": "/v1/embeddings"},
-        },
+        "paths": OPENAI_PATHS,
         "unload": {
             "method": "POST",
             "path": "/models/unload",
@@ -665,11 +664,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1.
     "vllm": {
         "health": {"method": "GET", "path": "/health"},
-        "paths": {
-            "chat": {"method": "POST", "path": "/v1/chat/completions"},
-            "llm": {"method": "POST", "path": "/v1/completions"},
-            "embed": {"method": "POST", "path": "/v1/embeddings"},
-        },
+        "paths": OPENAI_PATHS,
         "unload": {"method": "POST", "path": "/sleep?level=1"},
         "load": {"method": "POST", "path": "/wake_up"},
         "residency": {"method": "GET", "path": "/is_sleeping", "where": {"is_sleeping": False}},
@@ -678,11 +673,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # SGLang (commit 9c0549b) python/sglang/srt/entrypoints/http_server.py: with --enable-memory-saver.
     "sglang": {
         "health": {"method": "GET", "path": "/health"},
-        "paths": {
-            "chat": {"method": "POST", "path": "/v1/chat/completions"},
-            "llm": {"method": "POST", "path": "/v1/completions"},
-            "embed": {"method": "POST", "path": "/v1/embeddings"},
-        },
+        "paths": OPENAI_PATHS,
         "unload": {"method": "POST", "path": "/release_memory_occupation", "body": {}},
         "load": {"method": "POST", "path": "/resume_memory_occupation", "body": {}},
     },
@@ -724,11 +715,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (the broker sends none: run it with disable_auth), its load the model's name (write it yourself).
     "tabbyapi": {
         "health": {"method": "GET", "path": "/health"},
-        "paths": {
-            "chat": {"method": "POST", "path": "/v1/chat/completions"},
-            "llm": {"method": "POST", "path": "/v1/completions"},
-            "embed": {"method": "POST", "path": "/v1/embeddings"},
-        },
+        "paths": OPENAI_PATHS,
         "unload": {"method": "POST", "path": "/v1/model/unload"},
         "unscheduled": _calls("POST", "/v1/token/encode", "/v1/token/decode"),
     },
@@ -737,9 +724,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "localai": {
         "health": {"method": "GET", "path": "/readyz"},
         "paths": {
-            "chat": {"method": "POST", "path": "/v1/chat/completions"},
-            "llm": {"method": "POST", "path": "/v1/completions"},
-            "embed": {"method": "POST", "path": "/v1/embeddings"},
+            **OPENAI_PATHS,
             "stt": {"method": "POST", "path": "/v1/audio/transcriptions"},
             "tts": {"method": "POST", "path": "/v1/audio/speech"},
             "image": {"method": "POST", "path": "/v1/images/generations"},
@@ -3710,8 +3695,8 @@ class Scheduler:
                 await self._guarded(job, self._prepare(job))
             self.recorder.job_event("started", job)
         except BaseException as e:
-            if job.state != "running":  # ended by the step that failed
-                raise
+            if job.state != "running" or job.left:  # ended by the step that failed, or ends with the
+                raise  # step its caller left (that step's own task ends it)
             error = self._step_failed(job, e)  # a bug between the steps
             if error is e:
                 raise

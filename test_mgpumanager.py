@@ -776,12 +776,16 @@ class FakeOps:
         #: (name, reason) of every consumer the scheduler reported gone.
         self.gone_calls: list[tuple[str, str]] = []
         #: name -> "fail" | "hang" | "keep" (answers ok, never frees) | int (frees after that many reads)
+        #: | "gated" (takes effect once ``gate`` is set)
         self.unload_behaviour: dict[str, Any] = {}
+        self.gate = asyncio.Event()
         self.load_fails: set[str] = set()
 
     async def unload(self, name: str) -> None:
         self.calls.append(("unload", name))
         how = self.unload_behaviour.get(name)
+        if how == "gated":
+            await self.gate.wait()
         if how == "fail":
             raise m.CallError("unload answered 500: boom")
         if how == "hang":  # the unload takes effect, but its answer never comes
@@ -1355,20 +1359,13 @@ async def test_a_client_leaving_during_an_eviction_does_not_cut_the_unload():
     cancelled (nothing more is unloaded or loaded for it), and the victim's state is what the unload did."""
     s, gpu, ops, _ = make_scheduler(small_config(consumers__t__vram_resident_mib=9000))
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
-    gate = asyncio.Event()
-    real_unload = ops.unload
-
-    async def slow_unload(name: str) -> None:
-        await gate.wait()
-        await real_unload(name)
-
-    ops.unload = slow_unload  # type: ignore[method-assign]
+    ops.unload_behaviour["x"] = "gated"
     task = await _queued(s, "t")
     task.cancel()  # the client leaves while x is being unloaded
     await asyncio.gather(task, return_exceptions=True)
     assert task.cancelled() and s.holder == "t" and s.stats.cancelled == 0  # the unload runs on
     waiter = await _queued(s, "y")
-    gate.set()
+    ops.gate.set()
     await until(waiter.done)
     assert ops.calls == [("unload", "x")] and ops.states["x"].resident is False  # y, z stay; t not loaded
     assert s.stats.cancelled == 1 and s.stats.evictions == 1 and ops.states["t"].resident is False
@@ -4436,14 +4433,7 @@ async def test_an_admin_operation_holds_the_lock_alone():
     s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=3))
     for name in ops.states:
         ops.states[name].loaded()
-    gate = asyncio.Event()
-    real_unload = ops.unload
-
-    async def slow_unload(name: str) -> None:
-        await gate.wait()
-        await real_unload(name)
-
-    ops.unload = slow_unload  # type: ignore[method-assign]
+    ops.unload_behaviour["t"] = "gated"
     unload = asyncio.ensure_future(s.unload_now("t"))
     await asyncio.sleep(0)
     t = await _queued(s, "t")
@@ -4452,7 +4442,7 @@ async def test_an_admin_operation_holds_the_lock_alone():
     await asyncio.gather(unload, return_exceptions=True)
     await asyncio.sleep(0)
     assert s.holder == "t" and s.exclusive and not t.done()
-    gate.set()
+    ops.gate.set()
     job = await asyncio.wait_for(t, 5)
     assert ops.calls == [("unload", "t"), ("load", "t")]  # the unload ran whole; t's job then loads it
     assert s.stats.admin_unloads == 1 and s.stats.cancelled == 1
