@@ -3368,9 +3368,10 @@ class WaitQueue:
     """Waiting jobs, one first-in-first-out list per base priority.
 
     Within a level, the job that came first has waited longest, so it has the highest effective priority
-    (aging adds the same to all of a level). Whoever ``next_grant`` picks is, in its level, the first job,
-    the first job that needs no swap, or the holder's first: a grant looks at those few, not at every
-    waiting one (``candidates``).
+    (aging adds the same to all of a level), and it was overtaken no later than any other of its level (a
+    grant marks every older waiting job of its effective priority). Whoever ``next_grant`` picks is, in its
+    level, the first job, the first job that needs no swap, or the holder's first, and whether the bound
+    applies shows on the firsts: a grant looks at those few, not at every waiting one (``candidates``).
     """
 
     def __init__(self) -> None:

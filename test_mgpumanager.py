@@ -4002,6 +4002,17 @@ def test_the_grant_order_keeps_its_rules(specs, holder, warm, bound, aging_s):
         PolicyJob(i, c, p, a, exclusive=x, overtaken_since=min(o, a) if o is not None else None, cancelled=k)
         for i, (c, p, a, x, o, k) in enumerate(specs)
     ]
+    # As the lock keeps them: a grant marks every older waiting job of its effective priority, so within
+    # a base priority an older job was overtaken no later than a younger one.
+    for level in range(m.PRIORITY_MAX + 1):
+        earliest = math.inf
+        for job in sorted(
+            (j for j in jobs if j.priority == level), key=lambda j: (j.arrived, j.id), reverse=True
+        ):
+            if job.overtaken_since is not None:
+                earliest = min(earliest, job.overtaken_since)
+            if earliest < math.inf:
+                job.overtaken_since = min(job.overtaken_since or math.inf, earliest)
     view = None if holder is None else m.Holder(*holder)
 
     def is_warm(job: Any) -> bool:
@@ -4851,16 +4862,20 @@ def test_fuzz_scheduler_invariants_and_config_for_a_while():
     examples = st.lists(INV_OPS, min_size=20, max_size=100)
 
     @settings(max_examples=500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(ops=examples)
-    def scheduler_round(ops: list[tuple[Any, ...]]) -> None:
-        asyncio.run(InvariantDriver().run(ops))
+    @given(ops=examples, bound=st.sampled_from([0, 3, 30]))
+    def scheduler_round(ops: list[tuple[Any, ...]], bound: float) -> None:
+        asyncio.run(InvariantDriver(bound).run(ops))
 
     deadline, rounds = time.monotonic() + FUZZ_SECONDS, 0
     while time.monotonic() < deadline:
         scheduler_round()
+        test_the_grant_order_keeps_its_rules()
         test_any_malformed_config_is_a_config_error_never_a_crash()
         rounds += 1
-    print(f"fuzz: {rounds} rounds of 500 scheduler interleavings and 300 configs, no counter-example")
+    print(
+        f"fuzz: {rounds} rounds of 500 scheduler interleavings, the grant order's rules and 300 configs,"
+        " no counter-example"
+    )
 
 
 # =====================================================================================================
