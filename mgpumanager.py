@@ -3328,12 +3328,20 @@ def next_grant(
     3. While a consumer holds the lock, only its own jobs join, up to its max_concurrency, by the same
        rules; none joins an exclusive holder, and an exclusive job never joins.
     """
-    jobs = [j for j in waiting if not j.granted.done()]
-    if not jobs or (holder is not None and (holder.exclusive or holder.room <= 0)):
+    if holder is not None and (holder.exclusive or holder.room <= 0):
         return None
-    levels = {j: effective_priority(j, now, aging_s) for j in jobs}
-    top = max(levels.values())
-    candidates = sorted((j for j in jobs if levels[j] == top), key=lambda j: (j.arrived, j.id))
+    top, candidates = -1, []  # the jobs of the highest effective priority (computed inline: a hot path)
+    for job in waiting:
+        if job.granted.done():
+            continue
+        level = min(PRIORITY_MAX, job.priority + int((now - job.arrived) // aging_s))
+        if level > top:
+            top, candidates = level, [job]
+        elif level == top:
+            candidates.append(job)
+    if not candidates:
+        return None
+    candidates.sort(key=_arrival)
     overdue = max_overtake_s <= 0 or any(
         j.overtaken_since is not None and now - j.overtaken_since >= max_overtake_s for j in candidates
     )
@@ -3347,6 +3355,10 @@ def next_grant(
     if not mine or mine[0].exclusive or (overdue and mine[0] is not candidates[0]):
         return None
     return mine[0]
+
+
+def _arrival(job: Job) -> tuple[float, int]:
+    return (job.arrived, job.id)
 
 
 def overtaken_by(granted: Job, waiting: Iterable[Job], now: float, aging_s: float) -> list[Job]:
@@ -3395,6 +3407,13 @@ class WaitQueue:
     def __iter__(self) -> Iterator[Job]:
         return itertools.chain.from_iterable(self._levels)
 
+    def copy(self) -> WaitQueue:
+        """Another queue of the same jobs (to play the grant order forward without granting)."""
+        other = WaitQueue()
+        other._levels = [list(level) for level in self._levels]
+        other._count = self._count
+        return other
+
     def candidates(self, warm: Callable[[Job], bool], holder: str | None) -> list[Job]:
         """Per level: the first waiting job, the first one that needs no swap, the holder's first."""
         found: list[Job] = []
@@ -3403,14 +3422,19 @@ class WaitQueue:
             for job in level:
                 if job.granted.done():
                     continue
-                first = first or job
+                if first is None:
+                    first = job
+                    found.append(job)
                 if mine is None and job.consumer == holder:
                     mine = job
+                    if job is not first:
+                        found.append(job)
                 if warm_one is None and not job.exclusive and warm(job):
                     warm_one = job
+                    if job is not first and job is not mine:
+                        found.append(job)
                 if warm_one is not None and (holder is None or mine is not None):
                     break
-            found += [j for j in dict.fromkeys((first, warm_one, mine)) if j is not None]
         return found
 
 
@@ -3855,13 +3879,13 @@ class Scheduler:
                 "queue_full",
                 f"{waiting} jobs are waiting already",
                 job.consumer,
-                retry_after=self._retry_after(self.forecast()[:1]),
+                retry_after=self._retry_after(self.forecast(count=1)),
             )
         timer = asyncio.get_running_loop().call_later(cfg.scheduler.queue_timeout_s, self._expire, job)
         self.lock.enqueue(job)
         try:
             # Its expected wait (0 when the lock is free: it goes at once, unless one of its betters waits).
-            eta = next((eta for j, eta in self.forecast() if j is job), None)
+            eta = next((eta for j, eta in self.forecast(until=job) if j is job), None)
             self.recorder.job_event(
                 "queued", job, priority=job.priority, request_id=job.request_id, eta_s=eta
             )
@@ -3968,7 +3992,7 @@ class Scheduler:
         Retry-After is the wait still expected for it."""
         if job.state != "queued" or job.granted.done():
             return
-        left = [(j, eta) for j, eta in self.forecast() if j is job]
+        left = [(j, eta) for j, eta in self.forecast(until=job) if j is job]
         waited = self.config.scheduler.queue_timeout_s
         error = BrokerError(
             "queue_timeout",
@@ -4436,20 +4460,25 @@ class Scheduler:
 
     # ---- what comes next: the queue in grant order, with the waits to expect -----------------------
 
-    def forecast(self) -> list[tuple[Job, float]]:
+    def forecast(self, until: Job | None = None, count: int | None = None) -> list[tuple[Job, float]]:
         """The waiting jobs in the order they are expected to be granted, each with its expected wait in
         seconds (``eta_s``), from the consumers' learned figures (a figure not seen yet counts as 0, so an
         eta is then a lower bound). It plays the grant order forward: the holder's remaining time, then job
         after job, each that needs a swap paying its load and the unloads of what may not stay beside it.
+        It stops once ``until`` has its place, or after ``count`` jobs.
         """
         now = self.clock()
         sched = self.config.scheduler
-        waiting = [j for j in self.lock.waiting if not j.granted.done()]
+        waiting = self.lock.waiting.copy()
         resident = {n for n, st in self.states.items() if st.resident is True}
 
+        figures: dict[tuple[str, str], float] = {}
+
         def figure(name: str, what: str) -> float:
-            state = self.states.get(name)
-            return (state.timing(what) if state is not None else None) or 0.0
+            if (name, what) not in figures:
+                state = self.states.get(name)
+                figures[name, what] = (state.timing(what) if state is not None else None) or 0.0
+            return figures[name, what]
 
         t = 0.0
         holder = self.lock.holder
@@ -4461,18 +4490,27 @@ class Scheduler:
         while waiting:
 
             def warm(job: Job, current: str | None = current, resident: set[str] = resident) -> bool:
+                if job.consumer == current:
+                    return True
                 c = job.target
-                if c.vram_resident_mib == 0 or job.consumer == current:
+                if c.vram_resident_mib == 0:
                     return True
                 return job.consumer in resident and (current is None or current in c.can_coexist_with)
 
             job = next_grant(
-                waiting, None, now + t, aging_s=sched.aging_s, max_overtake_s=sched.max_overtake_s, warm=warm
+                waiting.candidates(warm, None),
+                None,
+                now + t,
+                aging_s=sched.aging_s,
+                max_overtake_s=sched.max_overtake_s,
+                warm=warm,
             )
             if job is None:
                 break
             waiting.remove(job)
             out.append((job, round(t, 3)))
+            if job is until or len(out) == count:
+                break
             c = job.target
             if not warm(job):  # a swap: what may not stay beside it goes, then it loads
                 gone = {n for n in resident if n not in c.can_coexist_with and n != job.consumer}
