@@ -12,7 +12,8 @@ One file, three parts:
   aiohttp apps that imitate the services the broker fronts: they take VRAM when they load, give it back
   when told to unload, record every request with its timing, and have fault switches. ``ServiceSim`` plays
   the other services mgpumanager's presets name (vLLM, SGLang, A1111, tabbyAPI, llama.cpp, speaches,
-  LocalAI) from a table of their routes.  Tests run them
+  LocalAI) from a table of their routes. ComfySim, WhisperSim and the llama.cpp ones answer as the real
+  servers did in ``make test-real``, which sends the same requests to both.  Tests run them
   in-process (``aiohttp.test_utils.TestServer(sim.app)``); ``python3 mgpusim.py consumers ...`` runs
   them as one process.  ``mgpusim.py start --pidfile F ...`` and ``mgpusim.py stop --pidfile F`` start
   such a process detached and stop it again, the way ``systemctl start/stop`` treat a service (for the
@@ -1661,7 +1662,8 @@ class ServiceSim(SimConsumer):
     ``/models/load`` answers before the model is loaded (listed ``loading`` until it is), loading a model
     that runs answers 400 "model is already running", unloading one that does not 400 "model is not
     running", an unknown model 400 "model is not found" to an unload and 404 "File Not Found" to a load,
-    a body that is no JSON 500. An unknown route is a 404 "File Not Found", in JSON.
+    a body that is no JSON 500; its ``/models/unload`` answers before the model's instance has exited
+    (listed ``loaded`` until it has: release_s). An unknown route is a 404 "File Not Found", in JSON.
     """
 
     def __init__(
@@ -1886,8 +1888,9 @@ class ServiceSim(SimConsumer):
         return web.json_response({"message": "model stopped"})
 
     async def router_unload(self, request: web.Request) -> web.Response:
-        """llama.cpp router's POST /models/unload {"model": id}: a model being loaded is unloaded once its
-        load is done (the router stops its instance at once)."""
+        """llama.cpp router's POST /models/unload {"model": id}: answers at once; a model still loading is
+        stopped at once, a loaded one's instance exits release_s later (listed loaded, holding its memory,
+        until then)."""
         model = await self.router_body(request)
         if isinstance(model, web.Response):
             return model
@@ -1903,9 +1906,20 @@ class ServiceSim(SimConsumer):
         if model in self.loading:  # a load a request started ends first
             async with self._load_lock:
                 pass
-        if model in self.models:
+        if model in self.models and self.release_s > 0:  # its instance exits after the answer
+            self.spawn(self._router_stop(model))
+        elif model in self.models:
             await self.unload_model(model)
         return web.json_response({"success": True})
+
+    async def _router_stop(self, model: str) -> None:
+        """A router's model instance exiting release_s after its unload: listed loaded until then."""
+        await asyncio.sleep(self.release_s)
+        if model in self.models:
+            del self.models[model]
+            self.loaded = bool(self.models)
+            self.unloads += 1
+            self.hold_memory()
 
     async def load(self, request: web.Request) -> web.Response:
         """llama.cpp router's /models/load {"model"}, speaches' POST /api/ps/{id}."""
@@ -2401,8 +2415,11 @@ class DemoRun:
         for name in ("comfyui", "ollama"):
             c = st["consumers"][name]
             print(f"    {name}: {c['vram_used_mib']} MiB measured in nvidia-smi's process list")
-        context = ComfySim.default_context_mib
-        check(gpu["used_mib"] == 13000 + context, f"comfyui's 13000 MiB and its {context} MiB CUDA context")
+        context, whisper = ComfySim.default_context_mib, 1500  # a running whisper-server holds its model
+        check(
+            gpu["used_mib"] == 13000 + context + whisper,
+            f"comfyui's 13000 MiB, its {context} MiB CUDA context and whisper's {whisper} MiB",
+        )
         check(all(c["healthy"] for c in st["consumers"].values()), "four healthy consumers")
         check(stats["completed"] == 5 and stats["failed"] == 0, "5 jobs completed, none failed")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import http.client
 import itertools
 import json
@@ -825,7 +826,7 @@ async def ui_scenario(bed: Bed, mark: int, page: str, shot: str) -> None:
     # The suite's DevTools driver (it skips without chromium); imported here, not for the start/stop commands.
     from test_mgpumanager import Browser  # noqa: PLC0415
 
-    home = bed.root / f"chromium-{shot}"
+    home = bed.root / f"chromium-{Path(shot).stem}"
     home.mkdir()
     # No templates dialog over the screenshot: set what a first visit sets (through the mount, unscheduled).
     done = urllib.request.Request(bed.url + "/c/comfyui/api/settings/Comfy.TutorialCompleted", b"true")
@@ -906,6 +907,182 @@ async def test_comfyui_killed_mid_render_releases_the_gpu(bed, mark, client):
     wait_until(lambda: get_json(bed.comfy_url + "/system_stats"), 180, "ComfyUI answering again")
     assert get_json(f"{bed.comfy_url}/history/{prompt_id}") == {}
     bed.wait_healthy("comfyui")
+
+
+# ---- mgpusim against the real servers: the same requests, the same answers ----
+
+
+@contextlib.asynccontextmanager
+async def simulated(bed: Bed, factory: Callable[..., mgpusim.SimConsumer], **kw: Any) -> Any:
+    """One of mgpusim's simulated services, in-process on port 0 on a GPU of its own: its URL."""
+    from aiohttp.test_utils import TestServer  # noqa: PLC0415 (only these tests serve in-process)
+
+    gpu = mgpusim.SimGPU(bed.root / "sim-gpu.json", total_mib=GPU_TOTAL_MIB, reserved_mib=GPU_RESERVED_MIB)
+    sim = factory("sim", gpu, **kw)
+    server = TestServer(sim.app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+async def answer(client: aiohttp.ClientSession, method: str, url: str, body: bytes | None) -> tuple[Any, ...]:
+    """(status, content type or None, body: parsed if JSON) of one request."""
+    async with client.request(method, url, data=body) as resp:
+        data = await resp.read()
+        kind = resp.headers.get("Content-Type", "").split(";")[0] or None
+        return resp.status, kind, json.loads(data) if kind == "application/json" else data.decode()
+
+
+#: Render messages a ComfyUI client acts on (ComfyUI sends progress ones besides, which the sim does not).
+RENDER_MESSAGES = {"execution_start", "execution_cached", "executing", "execution_success", "execution_error"}
+
+
+async def comfy_render_seen(client: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    """A render named by client "a" while clients "a" and "b" listen: what each heard, what /queue listed
+    while it ran and its /history entry (shapes only)."""
+    ws = {c: await client.ws_connect(f"{url}/ws?clientId={c}") for c in "ab"}
+    heard: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
+    for c in "ab":
+        heard[c].append(await ws[c].receive_json(timeout=10))  # its status, with its sid
+    async with client.post(url + "/prompt", json={"prompt": workflow(4, 2048), "client_id": "a"}) as resp:
+        prompt_id = (await resp.json())["prompt_id"]
+    running: list[Any] = []
+    while not running:
+        async with client.get(url + "/queue") as resp:
+            running = (await resp.json())["queue_running"]
+        await asyncio.sleep(0.02)
+    while not heard["a"] or heard["a"][-1] != {
+        "type": "executing",
+        "data": {"node": None, "prompt_id": prompt_id},
+    }:
+        heard["a"].append(await ws["a"].receive_json(timeout=30))
+
+    def emptied(message: dict[str, Any]) -> bool:
+        return message["type"] == "status" and message["data"]["status"]["exec_info"]["queue_remaining"] == 0
+
+    while not any(emptied(m) for m in heard["b"][1:]):  # the queue empty again, after the render
+        heard["b"].append(await ws["b"].receive_json(timeout=30))
+    for c in "ab":
+        await ws[c].close()
+    async with client.get(f"{url}/history/{prompt_id}") as resp:
+        entry = (await resp.json())[prompt_id]
+
+    def render(messages: list[dict[str, Any]]) -> list[str]:
+        kinds = [m["type"] for m in messages if m["type"] in RENDER_MESSAGES]
+        return [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]  # one executing per node
+
+    return {
+        "a": render(heard["a"]),
+        "b": render(heard["b"]),
+        "b status": {m["type"] for m in heard["b"]} & {"status"},
+        "sid": [m["data"].get("sid") for m in (heard["a"][0], heard["b"][0])],
+        "queue item": [type(v).__name__ for v in running[0]],
+        "extra_data": sorted(running[0][3]),
+        "entry": sorted(entry),
+        "entry prompt": entry["prompt"] == running[0],
+        "messages": [kind for kind, _ in entry["status"]["messages"]],
+        "outputs": {node: sorted(out) for node, out in entry["outputs"].items()},
+    }
+
+
+async def test_comfysim_answers_like_the_real_comfyui(bed, mark, client):
+    bed.comfy(cors=False)
+    requests = [
+        ("POST", "/free", b""),  # 500: ComfyUI reads a JSON body it does not get
+        ("POST", "/free", b"[]"),
+        ("POST", "/api/free", b"{}"),  # 200, an empty body without a content type; nothing happens
+        ("GET", "/history/0", None),
+        ("GET", "/api/queue", None),
+    ]
+    async with simulated(bed, mgpusim.ComfySim, work_s=1.0) as sim_url:
+        for method, path, body in requests:
+            real = await answer(client, method, bed.comfy_url + path, body)
+            assert await answer(client, method, sim_url + path, body) == real, (method, path)
+        real_render = await comfy_render_seen(client, bed.comfy_url)
+        assert await comfy_render_seen(client, sim_url) == real_render
+    assert real_render["a"][0] == "execution_start" and real_render["b"] == []  # what the sim plays
+
+
+async def test_whispersim_answers_like_the_real_whisper_server(bed, mark, client):
+    bed.start("whisper")
+    requests = [
+        ("GET", "/health", None),
+        ("GET", "/nope", None),  # its error handler: 404 "File Not Found (<path>)", text/plain
+        ("POST", "/health", b""),
+        ("GET", "/inference", None),
+    ]
+    async with simulated(bed, mgpusim.WhisperSim, loaded=True) as sim_url:
+        for method, path, body in requests:
+            real = await answer(client, method, f"http://127.0.0.1:{bed.ports['whisper']}{path}", body)
+            assert await answer(client, method, sim_url + path, body) == real, (method, path)
+
+
+async def test_llama_sims_answer_like_the_real_llama_server_and_its_router(bed, mark, client):
+    bed.start("llama")
+    llama = functools.partial(mgpusim.ServiceSim, service="llama-cpp", loaded=True)
+    async with simulated(bed, llama) as sim_url:
+        for path in ("/health", "/nope"):
+            real = await answer(client, "GET", f"http://127.0.0.1:{bed.ports['llama']}{path}", None)
+            assert await answer(client, "GET", sim_url + path, None) == real, path
+    # The router (llama-server without a model): its models are the .gguf files of --models-dir.
+    models = bed.root / "router-models"
+    models.mkdir(exist_ok=True)
+    (models / "tiny.gguf").unlink(missing_ok=True)
+    (models / "tiny.gguf").symlink_to(GGUF)
+    port = free_port()
+    argv = [LLAMA_SERVER, "--models-dir", models, "--host", "127.0.0.1", "--port", port, "-c", "512"]
+    with (bed.root / "router.log").open("ab") as log:
+        router = await asyncio.create_subprocess_exec(
+            *map(str, argv), stdout=log, stderr=log, stdin=subprocess.DEVNULL
+        )
+    real_url = f"http://127.0.0.1:{port}"
+    router_sim = functools.partial(
+        mgpusim.ServiceSim, service="llama-cpp-router", models=("tiny",), load_s=1, release_s=0.5
+    )
+    ok = {"application/json": {"success": True}}
+
+    async def both(sim_url: str, method: str, path: str, body: Any = b"") -> Any:
+        """The same request to the real router and to the sim: the same answer (a 500: the same kind)."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        real = await answer(client, method, real_url + path, data)
+        sim = await answer(client, method, sim_url + path, data)
+        if real[0] == 500:  # its JSON parser's message: compare what kind of error it is
+            real, sim = ((a[0], a[2]["error"]["type"]) for a in (real, sim))
+        assert sim == real, (method, path, body)
+        return real[0] if real[0] != 200 else {real[1]: real[2]}
+
+    async def status(url: str, want: str | None = None) -> str:
+        """The router's word for tiny (waiting until it is ``want``)."""
+        deadline = time.monotonic() + 30
+        while True:
+            async with client.get(url + "/models") as resp:
+                value = {m["id"]: m["status"]["value"] for m in (await resp.json())["data"]}["tiny"]
+            if want is None or value == want:
+                return value
+            assert time.monotonic() < deadline, f"tiny not {want} at {url} within 30 s"
+            await asyncio.sleep(0.1)
+
+    try:
+        await asyncio.to_thread(
+            wait_until, lambda: get_json(real_url + "/health"), 30, "the router answering"
+        )
+        async with simulated(bed, router_sim) as sim_url:
+            assert await both(sim_url, "POST", "/models/unload", {"model": "tiny"}) == 400  # not running
+            assert await both(sim_url, "POST", "/models/unload", {"model": "nope"}) == 400  # not found
+            assert await both(sim_url, "POST", "/models/load", {"model": "nope"}) == 404
+            assert await both(sim_url, "POST", "/models/unload") == 500  # no JSON body
+            assert await both(sim_url, "POST", "/models/load", {"model": "tiny"}) == ok
+            assert await status(real_url) == await status(sim_url) == "loading"  # answered before it loads
+            assert await both(sim_url, "POST", "/models/load", {"model": "tiny"}) == 400  # already running
+            assert await status(real_url, "loaded") == await status(sim_url, "loaded")
+            assert await both(sim_url, "POST", "/models/unload", {"model": "tiny"}) == ok
+            # Its instance exits after the answer (listed loaded until then): both get there.
+            assert await status(real_url, "unloaded") == await status(sim_url, "unloaded")
+    finally:
+        router.terminate()
+        await asyncio.wait_for(router.wait(), 30)
 
 
 if __name__ == "__main__":
