@@ -12,7 +12,8 @@ One file, three parts:
   aiohttp apps that imitate the services the broker fronts: they take VRAM when they load, give it back
   when told to unload, record every request with its timing, and have fault switches. ``ServiceSim`` plays
   the other services mgpumanager's presets name (vLLM, SGLang, A1111, tabbyAPI, llama.cpp, speaches,
-  LocalAI) from a table of their routes.  Tests run them
+  LocalAI) from a table of their routes. ComfySim, WhisperSim and the llama.cpp ones answer as the real
+  servers did in ``make test-real``, which sends the same requests to both.  Tests run them
   in-process (``aiohttp.test_utils.TestServer(sim.app)``); ``python3 mgpusim.py consumers ...`` runs
   them as one process.  ``mgpusim.py start --pidfile F ...`` and ``mgpusim.py stop --pidfile F`` start
   such a process detached and stop it again, the way ``systemctl start/stop`` treat a service (for the
@@ -549,6 +550,10 @@ class SimConsumer:
     process_name = "/usr/bin/python3"
     #: The CUDA context its process keeps while it runs, model loaded or not (0: none).
     default_context_mib = 0
+    #: What its process does with its model as it starts (``consumers``, so ``start`` too): "" nothing (a
+    #: request loads it), "before_listening" (loads it, then binds its port: whisper-server), or
+    #: "while_listening" (binds its port and loads it, every route answering 503 meanwhile: llama-server).
+    loads_at_start = ""
 
     def __init__(
         self,
@@ -1188,14 +1193,24 @@ class OllamaSim(SimConsumer):
 # ---- ComfyUI ----
 
 
-class ComfySim(SimConsumer):
-    """ComfyUI: POST /prompt queues a render that runs in the background; /history tells when done.
+#: ComfyUI's answer to a request its handler failed on (aiohttp's, for the exception ``await
+#: request.json()`` raises on a body that is no JSON, or ``.get`` on JSON that is no object).
+COMFY_TROUBLE = "500 Internal Server Error\n\nServer got itself in trouble"
+#: The node types that make a prompt's outputs (ComfyUI's OUTPUT_NODE classes the sim knows).
+COMFY_OUTPUT_NODES = frozenset({"SaveImage", "PreviewImage"})
 
-    GET /ws?clientId=... is its WebSocket: a ``status`` message on connect, ``execution_start``,
-    ``executing`` (node "1") and ``executing`` (node null: done) messages around every render, sent to
-    every open socket. What a client sends comes back unchanged (text as text, binary as binary); the
-    text ``close <code>`` makes the sim close the socket with that code. ``ws_closes`` records the close
-    codes the sim saw from its peers.
+
+class ComfySim(SimConsumer):
+    """ComfyUI: POST /prompt queues a render and answers at once; its prompt worker renders one prompt at a
+    time, in the order queued; /history tells when one is done.
+
+    GET /ws?clientId=... is its WebSocket: a ``status`` message on connect, and to every socket whenever
+    the queue changes. A render's own messages (``execution_start``, ``execution_cached``, ``executing``
+    node "1", ``execution_success`` or ``execution_error``, ``executing`` node null: done) go only to the
+    socket whose clientId the prompt named in ``client_id``, and nowhere when it named none, as ComfyUI
+    sends them. What a client sends comes back unchanged (text as text, binary as binary); the text
+    ``close <code>`` makes the sim close the socket with that code. ``ws_closes`` records the close codes
+    the sim saw from its peers.
 
     Every route is served under /api too, as ComfyUI serves them. GET / is a page whose module script
     (assets/app.js) queues a prompt through api/prompt and opens ws, recording what happened in
@@ -1203,9 +1218,13 @@ class ComfySim(SimConsumer):
     than its Host is refused with 403 when that Host is a loopback address (``refused_origins`` lists
     their paths).
 
-    Like the real one (v0.8.0): its Python process keeps its CUDA context (610 MiB, as measured on an
-    H100 in fixtures/nvidia-smi/) after ``/free``; a restart forgets every prompt (``/history/{id}`` stays
-    ``{}``).
+    Like the real one (v0.8.0, as seen in ``make test-real``): its Python process keeps its CUDA context
+    (610 MiB, as measured on an H100 in fixtures/nvidia-smi/) after ``/free``; ``/free`` needs a JSON
+    object (500 without one), answers an empty 200 without a content type, and unloads between prompts (a
+    ``/free`` during a render takes effect when it ends); ``/queue`` lists ``[number, prompt_id, prompt,
+    extra_data, outputs_to_execute]``; a ``/history`` entry carries ``prompt`` (that list), ``outputs``,
+    ``status`` (its messages with timestamps) and ``meta``; a restart forgets every prompt
+    (``/history/{id}`` stays ``{}``).
     """
 
     health_path = "/system_stats"
@@ -1215,14 +1234,23 @@ class ComfySim(SimConsumer):
 
     def __init__(self, name: str, vram: SimGPU | TorchVRAM, **kw: Any) -> None:
         self.number = 0
-        self.running: dict[str, int] = {}  # prompt_id -> number
+        #: prompt_id -> its queue entry [number, prompt_id, prompt, extra_data, outputs_to_execute], while
+        #: it waits or renders; ``running`` is the one rendering.
+        self.queued: dict[str, list[Any]] = {}
+        self.running: str | None = None
+        #: prompt_id -> its /history entry, once done.
+        self.entries: dict[str, dict[str, Any]] = {}
         self.finished: set[str] = set()
         self.failed: set[str] = set()
+        self.saved = 0  #: images "saved" so far (their file names count up, as ComfyUI's do)
         #: /free came during a render: unload when it is done.
         self.free_pending = False
         self.sockets: set[web.WebSocketResponse] = set()
+        #: clientId -> its socket (a new socket with the same clientId replaces the old one, as in ComfyUI).
+        self.clients: dict[str, web.WebSocketResponse] = {}
         self.ws_closes: list[int | None] = []
         self.refused_origins: list[str] = []
+        self._worker = asyncio.Lock()
         super().__init__(name, vram, **kw)
 
     def make_app(self) -> web.Application:
@@ -1279,53 +1307,113 @@ class ComfySim(SimConsumer):
         return web.json_response({"system": system, "devices": [device]})
 
     async def prompt(self, request: web.Request) -> web.Response:
-        """POST /prompt: answer at once, render in the background."""
+        """POST /prompt: queue the render and answer at once (the sim takes any prompt, even {})."""
         if (fault := await self.inference_fault()) is not None:
             return fault
-        await read_json(request)
+        data = await read_json(request)
+        prompt = data.get("prompt") if isinstance(data.get("prompt"), dict) else {}
         prompt_id = str(uuid.uuid4())
         number = self.number
         self.number += 1
-        self.running[prompt_id] = number
+        extra = dict(data["extra_data"]) if isinstance(data.get("extra_data"), dict) else {}
+        if "client_id" in data:
+            extra["client_id"] = data["client_id"]
+        extra["create_time"] = int(time.time() * 1000)
+        outputs = [n for n, node in prompt.items() if (node or {}).get("class_type") in COMFY_OUTPUT_NODES]
+        self.queued[prompt_id] = [number, prompt_id, prompt, extra, outputs]
         self.spawn(self._render(prompt_id, dataclasses.replace(request[RECORD])))
+        await self.queue_updated()
         return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": {}})
 
     async def _render(self, prompt_id: str, record: Record) -> None:
-        """The render: GPU work from the POST until work_s after the model is loaded. A model that does
-        not fit fails the prompt (its history says so), as CUDA out-of-memory does in ComfyUI."""
+        """The prompt worker's turn for one prompt: GPU work from the POST until work_s after the model is
+        loaded. A model that does not fit fails the prompt (its history says so), as CUDA out-of-memory
+        does in ComfyUI. After each prompt the worker unloads if a /free came meanwhile."""
+        item = self.queued[prompt_id]
+        client = item[3].get("client_id")
+        messages: list[list[Any]] = []
+
+        async def tell(kind: str, data: dict[str, Any]) -> None:
+            """Send a message of the render to the socket of the client the prompt named (if it did)."""
+            if client is not None:
+                await self.send(kind, data, str(client))
+
+        async def note(kind: str, data: dict[str, Any]) -> None:
+            """A message of the render's status: kept for its history, and told to its client."""
+            data = {**data, "prompt_id": prompt_id, "timestamp": int(time.time() * 1000)}
+            messages.append([kind, data])
+            await tell(kind, data)
+
         try:
-            await self.broadcast("execution_start", {"prompt_id": prompt_id})
-            with self.gpu_work(record):
-                await self.broadcast("executing", {"node": "1", "prompt_id": prompt_id})
-                try:
-                    await self.do_load()
-                except SimOOM:
+            async with self._worker:
+                self.running = prompt_id
+                with self.gpu_work(record):
+                    await note("execution_start", {})
+                    await note("execution_cached", {"nodes": []})
+                    await tell("executing", {"node": "1", "display_node": "1", "prompt_id": prompt_id})
+                    try:
+                        await self.do_load()
+                        await asyncio.sleep(self.work_s)
+                        ok = True
+                    except SimOOM:
+                        ok = False
+                if ok:
+                    await note("execution_success", {})
+                    self.finished.add(prompt_id)
+                else:
+                    error = {"node_id": "1", "exception_type": "torch.OutOfMemoryError"}
+                    await note("execution_error", error | {"exception_message": "Allocation on device"})
                     self.failed.add(prompt_id)
-                    return
-                await asyncio.sleep(self.work_s)
-            self.finished.add(prompt_id)
-            await self.broadcast("executing", {"node": None, "prompt_id": prompt_id})
+                self.entries[prompt_id] = self.history_entry(item, ok, messages)
+                del self.queued[prompt_id]
+                self.running = None
+                await self.queue_updated()
+                await tell("executing", {"node": None, "prompt_id": prompt_id})
+                if self.free_pending:
+                    self.free_pending = False
+                    await self.do_unload()
         finally:
             record.end = time.monotonic()
-            self.running.pop(prompt_id, None)
-            if self.free_pending and not self.running:
-                self.free_pending = False
-                await self.do_unload()
+            self.queued.pop(prompt_id, None)
+            if self.running == prompt_id:
+                self.running = None
 
-    async def broadcast(self, kind: str, data: dict[str, Any]) -> None:
-        """Send a ComfyUI-style message to every open WebSocket."""
-        for ws in list(self.sockets):
+    def history_entry(self, item: list[Any], ok: bool, messages: list[list[Any]]) -> dict[str, Any]:
+        """A /history entry as ComfyUI writes it: the queue entry, the outputs of its output nodes (an image
+        each), the status with the render's messages, and what the outputs' nodes were."""
+        outputs, meta = {}, {}
+        for node in item[4] if ok else ():
+            self.saved += 1
+            image = {"filename": f"ComfyUI_{self.saved:05}_.png", "subfolder": "", "type": "output"}
+            outputs[node] = {"images": [image]}
+            meta[node] = {"node_id": node, "display_node": node, "parent_node": None, "real_node_id": node}
+        status = {"status_str": "success" if ok else "error", "completed": ok, "messages": messages}
+        return {"prompt": item, "outputs": outputs, "status": status, "meta": meta}
+
+    async def send(self, kind: str, data: dict[str, Any], client: str | None = None) -> None:
+        """Send a ComfyUI message to one client's socket (``client``: none if it has none open now), or to
+        every socket (None)."""
+        if client is None:
+            targets = list(self.sockets)
+        else:
+            targets = [self.clients[client]] if client in self.clients else []
+        for ws in targets:
             with contextlib.suppress(ConnectionError):  # a socket closing meanwhile misses it
                 await ws.send_json({"type": kind, "data": data})
+
+    async def queue_updated(self) -> None:
+        """The queue changed: a ``status`` message to every socket."""
+        await self.send("status", {"status": {"exec_info": {"queue_remaining": len(self.queued)}}})
 
     async def ws(self, request: web.Request) -> web.WebSocketResponse:
         """GET /ws?clientId=...: progress messages out, what the client sends echoed back."""
         ws = web.WebSocketResponse()
         await ws.prepare(request)
+        sid = request.query.get("clientId") or uuid.uuid4().hex
         self.sockets.add(ws)
+        self.clients[sid] = ws
         try:
-            sid = request.query.get("clientId", uuid.uuid4().hex)
-            status = {"status": {"exec_info": {"queue_remaining": len(self.running)}}, "sid": sid}
+            status = {"status": {"exec_info": {"queue_remaining": len(self.queued)}}, "sid": sid}
             await ws.send_json({"type": "status", "data": status})
             async for msg in ws:
                 if msg.type == web.WSMsgType.TEXT and msg.data.startswith("close "):
@@ -1336,6 +1424,8 @@ class ComfySim(SimConsumer):
                     await ws.send_bytes(msg.data)
         finally:
             self.sockets.discard(ws)
+            if self.clients.get(sid) is ws:
+                del self.clients[sid]
             self.ws_closes.append(ws.close_code)
         return ws
 
@@ -1343,51 +1433,53 @@ class ComfySim(SimConsumer):
         """GET /history/{prompt_id}: {} until that render has finished (or failed); {} for ever for a
         prompt it forgot in a restart."""
         prompt_id = request.match_info["prompt_id"]
-        if prompt_id in self.failed:
-            status = {"status_str": "error", "completed": False, "messages": [["execution_error", {}]]}
-        elif prompt_id in self.finished:
-            status = {"status_str": "success", "completed": True, "messages": []}
-        else:
+        if prompt_id not in self.entries:
             return web.json_response({})
-        return web.json_response({prompt_id: {"status": status, "outputs": {}}})
+        return web.json_response({prompt_id: self.entries[prompt_id]})
 
     def restart(self) -> None:
         """ComfyUI restarted: its queue and history are gone with the process."""
         super().restart()
         self.free_pending = False
-        self.running.clear()
+        self.queued.clear()
+        self.running = None
+        self.entries.clear()
         self.finished.clear()
         self.failed.clear()
+        self._worker = asyncio.Lock()
 
     async def all_history(self, request: web.Request) -> web.Response:
-        """GET /history: every finished render."""
-        status = {"status_str": "success", "completed": True, "messages": []}
-        return web.json_response(
-            {prompt_id: {"status": status, "outputs": {}} for prompt_id in self.finished}
-        )
+        """GET /history: every render done."""
+        return web.json_response(self.entries)
 
     async def interrupt(self, request: web.Request) -> web.Response:
         """POST /interrupt: answered at once (the sim's renders run to their end)."""
         return web.Response()
 
     async def queue(self, request: web.Request) -> web.Response:
-        """GET /queue: the renders in progress."""
-        running = [[number, prompt_id] for prompt_id, number in self.running.items()]
-        return web.json_response({"queue_running": running, "queue_pending": []})
+        """GET /queue: the render in progress and those waiting, as queue entries."""
+        running = [item for prompt_id, item in self.queued.items() if prompt_id == self.running]
+        pending = [item for prompt_id, item in self.queued.items() if prompt_id != self.running]
+        return web.json_response({"queue_running": running, "queue_pending": pending})
 
     async def free(self, request: web.Request) -> web.Response:
         """POST /free {"unload_models": true, "free_memory": true}: answers at once; the models are
         unloaded when no render runs, at once or after the one running (ComfyUI sets a flag that its
-        prompt worker reads between prompts)."""
-        data = await read_json(request)
+        prompt worker reads between prompts). Without a JSON object: 500, as ComfyUI answers."""
+        try:
+            data = json.loads(await request.read())
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            return web.Response(status=500, text=COMFY_TROUBLE)
         if data.get("unload_models") or data.get("free_memory"):
             if (fault := await self.admin_fault("unload")) is not None:
                 return fault
-            if self.running:
+            if self.running is not None:
                 self.free_pending = True
             else:
                 await self.do_unload()
-        return web.json_response({})
+        return web.Response(status=200)
 
 
 def is_loopback(host: str) -> bool:
@@ -1426,15 +1518,51 @@ sim.prompt = resp.status;  // last: the page has everything once it is set
 
 
 class WhisperSim(SimConsumer):
-    """whisper.cpp server: POST /inference -> a transcript."""
+    """whisper.cpp's whisper-server: POST /inference (multipart audio) -> a transcript.
+
+    Like the real one (233fe1fc, as seen in ``make test-real``): its process loads its model before it
+    binds its port (run by ``consumers`` or ``start``, it refuses connections for load_s, then answers with
+    its model loaded; in-process, a test may still serve it unloaded, and its first job loads it). Its
+    error handler rewrites every answer whose status is neither 400 nor 500 to ``404 File Not Found
+    (<path>)`` and a 400's body to ``Invalid request``, both text/plain: an unknown route or method is a
+    404, and so is its health route's 503 during a model swap (the "health_status" fault plays that).
+    """
 
     default_vram_mib = 1500
     process_name = "/usr/local/bin/whisper-server"
+    loads_at_start = "before_listening"
+
+    def make_app(self) -> web.Application:
+        """whisper-server's app: its error handler around everything (faults included)."""
+        app = super().make_app()
+        app.middlewares.insert(0, self._error_handler)
+        return app
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         """whisper's routes."""
         router.add_get("/health", self.health)
         router.add_post("/inference", self.inference)
+
+    @web.middleware
+    async def _error_handler(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """cpp-httplib's error handler as whisper-server sets it: 400 says "Invalid request", 500 stays,
+        every other error status becomes 404 "File Not Found (<path>)"."""
+        try:
+            resp = await handler(request)
+            status = resp.status
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            resp, status = None, e.status
+        if status < 400 or (status == 500 and resp is not None):
+            assert resp is not None
+            return resp
+        if status == 400:
+            return web.Response(status=400, body=b"Invalid request", content_type="text/plain")
+        if status == 500:
+            return web.Response(status=500, body=b"500 Internal Server Error", content_type="text/plain")
+        text = f"File Not Found ({request.path})".encode()
+        return web.Response(status=404, body=text, content_type="text/plain")
 
     async def health(self, request: web.Request) -> web.Response:
         """GET /health."""
@@ -1512,6 +1640,13 @@ SERVICES: dict[str, dict[str, Any]] = {
 MULTI_MODEL = frozenset({"llama-cpp-router", "speaches", "localai"})
 #: Services that answer GPU work only while their model is in memory (they do not wake on a request).
 NO_WAKE = frozenset({"vllm", "sglang", "tabbyapi"})
+#: llama.cpp's llama-server, with one model or as a router: its own error answers (llama_error).
+LLAMA_SERVER = frozenset({"llama-cpp", "llama-cpp-router"})
+
+
+def llama_error(status: int, message: str, kind: str) -> web.Response:
+    """An error as llama-server answers it: {"error": {"code", "message", "type"}}, JSON."""
+    return web.json_response({"error": {"code": status, "message": message, "type": kind}}, status=status)
 
 
 class ServiceSim(SimConsumer):
@@ -1519,6 +1654,16 @@ class ServiceSim(SimConsumer):
     loads the request's ``model``, or the one model); its unload, load, residency and listing routes,
     answering what the real service answers (read in its source), errors included. Multi-model services hold
     vram_mib per loaded model; ``models`` lists the model ids a router knows besides those requested.
+
+    llama.cpp's llama-server as seen in ``make test-real``: with one model, its process listens at once and
+    answers every route, /health included, ``503 {"error": {"message": "Loading model", ...}}`` until its
+    model is loaded (``start_loading``; run by ``consumers`` or ``start`` it does so); asleep
+    (``--sleep-idle-seconds``) a request wakes it and waits. As a router it answers at once; its
+    ``/models/load`` answers before the model is loaded (listed ``loading`` until it is), loading a model
+    that runs answers 400 "model is already running", unloading one that does not 400 "model is not
+    running", an unknown model 400 "model is not found" to an unload and 404 "File Not Found" to a load,
+    a body that is no JSON 500; its ``/models/unload`` answers before the model's instance has exited
+    (listed ``loaded`` until it has: release_s). An unknown route is a 404 "File Not Found", in JSON.
     """
 
     def __init__(
@@ -1530,10 +1675,58 @@ class ServiceSim(SimConsumer):
         self.catalog = set(models)
         #: Multi-model services: the models in memory, in load order.
         self.models: dict[str, None] = {}
+        #: Multi-model services: how many loads of each model are under way (a router lists it loading).
+        self.loading: dict[str, int] = {}
+        #: A router's loads that its /models/load started (an unload stops them).
+        self._router_loads: dict[str, asyncio.Task[None]] = {}
+        #: llama-server loading its model as its process starts: every route answers 503.
+        self.starting = False
+        self.loads_at_start = "while_listening" if service == "llama-cpp" else ""
         super().__init__(name, vram, **kw)
         if self.loaded and service in MULTI_MODEL:
             self.models["sim-model"] = None
             self.hold_memory()
+
+    def make_app(self) -> web.Application:
+        """The service's app; llama-server's with its own answers while loading and to unknown routes."""
+        app = super().make_app()
+        if self.service in LLAMA_SERVER:
+            app.middlewares.append(self._llama_server)
+        return app
+
+    @web.middleware
+    async def _llama_server(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """llama-server: 503 "Loading model" on every route while it loads at start; its JSON 404."""
+        if self.starting:
+            message = {"message": "Loading model", "type": "unavailable_error", "code": 503}
+            return web.json_response({"error": message}, status=503)
+        try:
+            return await handler(request)
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed):
+            message = {"message": "File Not Found", "type": "not_found_error", "code": 404}
+            return web.json_response({"error": message}, status=404)
+
+    def start_loading(self) -> None:
+        """Its process has started and listens: llama-server loads its model (load_s), answering 503 on
+        every route until it is loaded."""
+        self.starting = True
+        self.spawn(self._load_at_start())
+
+    async def _load_at_start(self) -> None:
+        try:
+            await self.do_load()
+        except SimOOM:  # llama-server exits when its model cannot be loaded; the sim stays, unloaded
+            print(f"mgpusim: {self.name}: its model does not fit on the GPU", file=sys.stderr)
+        finally:
+            self.starting = False
+
+    def restart(self) -> None:
+        """The service restarts: its models are gone with the process."""
+        self.models.clear()
+        self.loading.clear()
+        self._router_loads.clear()  # their tasks die with the process (super().restart cancels them)
+        self.starting = False
+        super().restart()
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         """The service's routes, from SERVICES."""
@@ -1575,15 +1768,22 @@ class ServiceSim(SimConsumer):
 
     async def load_model(self, model: str) -> None:
         """Load ``model`` beside the others; each holds vram_mib."""
-        async with self._load_lock:
-            if model in self.models:
-                return
-            await asyncio.sleep(self.load_s)
-            self.models[model] = None
-            self.catalog.add(model)
-            self.loaded = True
-            self.hold_memory()
-            self.loads += 1
+        self.loading[model] = self.loading.get(model, 0) + 1
+        try:
+            async with self._load_lock:
+                if model in self.models:
+                    return
+                await asyncio.sleep(self.load_s)
+                self.models[model] = None
+                self.catalog.add(model)
+                self.loaded = True
+                self.hold_memory()
+                self.loads += 1
+        finally:
+            if (left := self.loading.get(model, 1) - 1) > 0:
+                self.loading[model] = left
+            else:
+                self.loading.pop(model, None)
 
     async def unload_model(self, model: str) -> None:
         """Unload ``model``; the last one's memory goes as do_unload frees it."""
@@ -1644,7 +1844,8 @@ class ServiceSim(SimConsumer):
                 {
                     "id": m,
                     "object": "model",
-                    "status": {"value": "loaded" if m in self.models else "unloaded"},
+                    "owned_by": "llamacpp",
+                    "status": {"value": self.model_status(m)},
                 }
                 for m in sorted(self.catalog | set(self.models))
             ]
@@ -1654,37 +1855,104 @@ class ServiceSim(SimConsumer):
         loaded = [{"id": m, "backend": "llama-cpp"} for m in self.models]
         return web.json_response({"backends": ["llama-cpp"], "loaded_models": loaded})
 
+    def model_status(self, model: str) -> str:
+        """A router's word for a model: loaded, loading or unloaded."""
+        if model in self.models:
+            return "loaded"
+        return "loading" if model in self.loading or model in self._router_loads else "unloaded"
+
+    async def router_body(self, request: web.Request) -> str | web.Response:
+        """The model a router's /models/load or /models/unload names, or its 500 for a body that is no
+        JSON (its parser's message)."""
+        try:
+            data = json.loads(await request.read())
+        except ValueError:
+            message = "[json.exception.parse_error.101] parse error at line 1, column 1"
+            return llama_error(500, message, "server_error")
+        return str(data.get("model") or "") if isinstance(data, dict) else ""
+
     async def unload(self, request: web.Request) -> web.Response:
         """llama.cpp router's /models/unload, speaches' DELETE /api/ps/{id}, LocalAI's /backend/shutdown."""
+        if self.service == "llama-cpp-router":
+            return await self.router_unload(request)
         model = request.match_info.get("model") or str((await read_json(request)).get("model") or "")
         if (fault := await self.admin_fault("unload")) is not None:
             return fault
-        if self.service == "llama-cpp-router" and model not in self.catalog | set(self.models):
-            return web.json_response({"error": {"message": "model is not found"}}, status=400)
         if self.service == "localai" and not model:
             return web.json_response({"error": "model is required"}, status=400)
         if model not in self.models:
-            status = 400 if self.service == "llama-cpp-router" else 404
-            return web.json_response({"error": {"message": f"model {model} is not running"}}, status=status)
+            return web.json_response({"error": {"message": f"model {model} is not running"}}, status=404)
         await self.unload_model(model)
         if self.service == "speaches":
             return web.json_response({"message": f"Model {model} unloaded."})
-        return web.json_response(
-            {"success": True} if self.service != "localai" else {"message": "model stopped"}
-        )
+        return web.json_response({"message": "model stopped"})
+
+    async def router_unload(self, request: web.Request) -> web.Response:
+        """llama.cpp router's POST /models/unload {"model": id}: answers at once; a model still loading is
+        stopped at once, a loaded one's instance exits release_s later (listed loaded, holding its memory,
+        until then)."""
+        model = await self.router_body(request)
+        if isinstance(model, web.Response):
+            return model
+        if (fault := await self.admin_fault("unload")) is not None:
+            return fault
+        if model not in self.catalog | set(self.models):
+            return llama_error(400, "model is not found", "invalid_request_error")
+        if self.model_status(model) == "unloaded":
+            return llama_error(400, "model is not running", "invalid_request_error")
+        if (task := self._router_loads.pop(model, None)) is not None:  # stopped while it loads
+            task.cancel()
+            await asyncio.wait([task])
+        if model in self.loading:  # a load a request started ends first
+            async with self._load_lock:
+                pass
+        if model in self.models and self.release_s > 0:  # its instance exits after the answer
+            self.spawn(self._router_stop(model))
+        elif model in self.models:
+            await self.unload_model(model)
+        return web.json_response({"success": True})
+
+    async def _router_stop(self, model: str) -> None:
+        """A router's model instance exiting release_s after its unload: listed loaded until then."""
+        await asyncio.sleep(self.release_s)
+        if model in self.models:
+            del self.models[model]
+            self.loaded = bool(self.models)
+            self.unloads += 1
+            self.hold_memory()
 
     async def load(self, request: web.Request) -> web.Response:
         """llama.cpp router's /models/load {"model"}, speaches' POST /api/ps/{id}."""
+        if self.service == "llama-cpp-router":
+            return await self.router_load(request)
         model = request.match_info.get("model") or str((await read_json(request)).get("model") or "")
         if (fault := await self.admin_fault("load")) is not None:
             return fault
         if model in self.models:
-            return web.json_response(
-                {"error": {"message": "model is already running"}},
-                status=409 if self.service == "speaches" else 400,
-            )
+            return web.json_response({"error": {"message": "model is already running"}}, status=409)
         await self.load_model(model)
-        return web.json_response({"success": True}, status=201 if self.service == "speaches" else 200)
+        return web.json_response({"success": True}, status=201)
+
+    async def router_load(self, request: web.Request) -> web.Response:
+        """llama.cpp router's POST /models/load {"model": id}: answers at once, the model loads meanwhile."""
+        model = await self.router_body(request)
+        if isinstance(model, web.Response):
+            return model
+        if (fault := await self.admin_fault("load")) is not None:
+            return fault
+        if model not in self.catalog | set(self.models):
+            return llama_error(404, "File Not Found", "not_found_error")  # its 404 handler's words
+        if self.model_status(model) != "unloaded":
+            return llama_error(400, "model is already running", "invalid_request_error")
+        self._router_loads[model] = self.spawn(self._router_load(model))  # listed as loading from now on
+        return web.json_response({"success": True})
+
+    async def _router_load(self, model: str) -> None:
+        try:
+            await self.load_model(model)
+        finally:
+            if self._router_loads.get(model) is asyncio.current_task():
+                del self._router_loads[model]
 
 
 # ---- consumers command ----
@@ -1770,12 +2038,16 @@ async def run_consumers(args: argparse.Namespace) -> int:
             runner = web.AppRunner(sim.app, access_log=None, shutdown_timeout=2.0)
             await runner.setup()
             runners.append(runner)
+            if sim.loads_at_start == "before_listening":
+                await sim.do_load()  # connections are refused meanwhile, as whisper-server's are
             try:
                 await web.TCPSite(runner, args.host, spec.port).start()
             except OSError as e:
                 raise SystemExit(
                     f"consumers: {spec.name} cannot listen on {args.host}:{spec.port}: {e}"
                 ) from e
+            if sim.loads_at_start == "while_listening":
+                sim.start_loading()
             ready.append(f"READY {spec.name} http://{args.host}:{runner.addresses[0][1]}\n")
         sys.stdout.write("".join(ready) + "READY all\n")
         sys.stdout.flush()
@@ -2143,8 +2415,11 @@ class DemoRun:
         for name in ("comfyui", "ollama"):
             c = st["consumers"][name]
             print(f"    {name}: {c['vram_used_mib']} MiB measured in nvidia-smi's process list")
-        context = ComfySim.default_context_mib
-        check(gpu["used_mib"] == 13000 + context, f"comfyui's 13000 MiB and its {context} MiB CUDA context")
+        context, whisper = ComfySim.default_context_mib, 1500  # a running whisper-server holds its model
+        check(
+            gpu["used_mib"] == 13000 + context + whisper,
+            f"comfyui's 13000 MiB, its {context} MiB CUDA context and whisper's {whisper} MiB",
+        )
         check(all(c["healthy"] for c in st["consumers"].values()), "four healthy consumers")
         check(stats["completed"] == 5 and stats["failed"] == 0, "5 jobs completed, none failed")
 

@@ -3146,13 +3146,19 @@ async def test_mount_websocket_relays_both_ways_and_close_codes(rig):
     await ws.send_bytes(b"\x00\xff" * 1000)
     msg = await ws.receive(timeout=10)
     assert msg.type == aiohttp.WSMsgType.BINARY and msg.data == b"\x00\xff" * 1000
-    # Progress of a render started through the mount reaches the socket.
-    async with r.session.post(r.url("/c/comfyui/prompt"), json={"prompt": {}}) as resp:
+    # Progress of a render started through the mount reaches the socket its prompt names (as ComfyUI
+    # sends it: to the client_id's socket only); queue status messages come between.
+    async with r.session.post(r.url("/c/comfyui/prompt"), json={"prompt": {}, "client_id": "abc d"}) as resp:
         prompt_id = (await resp.json())["prompt_id"]
-    seen = [await _ws_json(ws) for _ in range(3)]
+    seen: list[dict[str, Any]] = []
+    while not seen or seen[-1]["type"] != "executing" or seen[-1]["data"]["node"] is not None:
+        if (message := await _ws_json(ws))["type"] != "status":
+            seen.append(message)
     assert [(s["type"], s["data"].get("node", "-")) for s in seen] == [
         ("execution_start", "-"),
+        ("execution_cached", "-"),
         ("executing", "1"),
+        ("execution_success", "-"),
         ("executing", None),
     ]
     assert {s["data"]["prompt_id"] for s in seen} == {prompt_id}
@@ -6843,6 +6849,294 @@ async def test_the_whisper_cpp_preset_speaks_whispersim(rig, caplog):
     assert " consumer=whisper kind=stt " in job_lines(caplog)[0]
 
 
+# -- mgpusim plays what the real servers showed in `make test-real` (README, "Real servers") --
+
+
+def sim_url(r: Rig, name: str, path: str) -> str:
+    """A path on the simulated consumer itself, not through the broker."""
+    return str(r.sim_servers[name].make_url(path))
+
+
+async def test_comfysim_free_wants_a_json_object_and_answers_an_empty_200_like_comfyui(rig):
+    r = await rig(sims={"comfyui": {"loaded": True, "context_mib": 610}})
+    sim = r.sims["comfyui"]
+    for body in (b"", b"[]", b"null", b"unload_models"):
+        async with r.session.post(sim_url(r, "comfyui", "/free"), data=body) as resp:
+            assert resp.status == 500 and resp.content_type == "text/plain"
+            assert await resp.text() == "500 Internal Server Error\n\nServer got itself in trouble"
+    async with r.session.post(sim_url(r, "comfyui", "/api/free"), json={}) as resp:
+        assert resp.status == 200 and await resp.read() == b"" and "Content-Type" not in resp.headers
+    assert sim.unloads == 0 and r.gpu.used_mib("comfyui") == 13610  # {} asks for nothing
+    # The broker's unload (the preset's body) empties it; ComfyUI's CUDA context stays.
+    async with r.session.post(r.url("/v1/consumers/comfyui/unload")) as resp:
+        assert resp.status == 200 and (await resp.json())["loaded"] is False
+    assert sim.unloads == 1 and r.gpu.used_mib("comfyui") == 610
+
+
+async def _comfy_messages_until_echo(ws: aiohttp.ClientWebSocketResponse, mark: str) -> list[dict[str, Any]]:
+    """Every JSON message a ComfySim socket got before the echo of ``mark`` (sent now)."""
+    await ws.send_str(mark)
+    got = []
+    while (msg := await ws.receive(timeout=10)).data != mark:
+        assert msg.type == aiohttp.WSMsgType.TEXT, msg
+        got.append(json.loads(msg.data))
+    return got
+
+
+async def test_comfysim_tells_a_render_only_to_the_socket_its_prompt_names_and_the_queue_to_all(rig):
+    r = await rig(sims={"comfyui": {"work_s": 0.05}})
+    sim = r.sims["comfyui"]
+    ws = {c: await r.session.ws_connect(sim_url(r, "comfyui", f"/ws?clientId={c}")) for c in "ab"}
+    for c in "ab":
+        assert (await ws[c].receive_json(timeout=10))["data"]["sid"] == c
+    for client_id in ("a", None):
+        body = {"prompt": {}} | ({"client_id": client_id} if client_id else {})
+        async with r.session.post(sim_url(r, "comfyui", "/prompt"), json=body) as resp:
+            prompt_id = (await resp.json())["prompt_id"]
+        # Its render has told everything (its record ends last).
+        await until(lambda: sim.work[-1:] and sim.work[-1].end is not None)
+        assert prompt_id in sim.finished
+        got = {c: await _comfy_messages_until_echo(ws[c], f"mark {prompt_id}") for c in "ab"}
+        for c in "ab":
+            status = [m for m in got[c] if m["type"] == "status"]
+            assert [m["data"]["status"]["exec_info"]["queue_remaining"] for m in status] == [1, 0]
+        told = [(m["type"], m["data"].get("node", "-")) for m in got["a"] if m["type"] != "status"]
+        if client_id is None:  # no client named: its render's messages go nowhere
+            assert told == []
+            continue
+        assert told == [
+            ("execution_start", "-"),
+            ("execution_cached", "-"),
+            ("executing", "1"),
+            ("execution_success", "-"),
+            ("executing", None),
+        ]
+        assert all(m["data"]["prompt_id"] == prompt_id for m in got["a"] if m["type"] != "status")
+        assert [m["type"] for m in got["b"]] == ["status", "status"]  # the other client hears the queue
+    for c in "ab":
+        await ws[c].close()
+
+
+async def test_comfysim_renders_one_prompt_at_a_time_with_comfyuis_queue_and_history_entries(rig):
+    r = await rig(sims={"comfyui": {"work_s": 0.3}})
+    sim = r.sims["comfyui"]
+    workflow = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+    }
+    ids = []
+    for client_id in ("c1", "c2"):
+        body = {"prompt": workflow, "client_id": client_id}
+        async with r.session.post(sim_url(r, "comfyui", "/api/prompt"), json=body) as resp:
+            ids.append((await resp.json())["prompt_id"])
+    async with r.session.get(sim_url(r, "comfyui", "/queue")) as resp:
+        queue = await resp.json()
+    # [number, prompt_id, prompt, extra_data, outputs_to_execute]; the second waits for the first.
+    (running,), (pending,) = queue["queue_running"], queue["queue_pending"]
+    assert running[:3] == [0, ids[0], workflow] and running[4] == ["2"]
+    assert running[3]["client_id"] == "c1" and isinstance(running[3]["create_time"], int)
+    assert pending[:2] == [1, ids[1]] and pending[3]["client_id"] == "c2"
+    await until(lambda: set(ids) <= sim.finished)
+    assert sim.max_active == 1  # ComfyUI's one prompt worker
+    async with r.session.get(sim_url(r, "comfyui", f"/history/{ids[0]}")) as resp:
+        entry = (await resp.json())[ids[0]]
+    assert set(entry) == {"prompt", "outputs", "status", "meta"} and entry["prompt"] == running
+    assert entry["outputs"] == {
+        "2": {"images": [{"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}]}
+    }
+    assert entry["meta"]["2"]["node_id"] == "2"
+    status = entry["status"]
+    assert status["status_str"] == "success" and status["completed"] is True
+    kinds = [kind for kind, _ in status["messages"]]
+    assert kinds == ["execution_start", "execution_cached", "execution_success"]
+    assert all(
+        data["prompt_id"] == ids[0] and isinstance(data["timestamp"], int) for _, data in status["messages"]
+    )
+    async with r.session.get(sim_url(r, "comfyui", "/history")) as resp:
+        assert list(await resp.json()) == ids
+
+
+async def test_whispersim_answers_errors_through_whisper_servers_error_handler(rig):
+    r = await rig(tweak=use_presets)
+    sim = r.sims["whisper"]
+    for method, path, status, text in (
+        ("GET", "/nope", 404, "File Not Found (/nope)"),
+        ("POST", "/health", 404, "File Not Found (/health)"),  # a method it does not take
+        ("GET", "/inference", 404, "File Not Found (/inference)"),
+    ):
+        async with r.session.request(method, sim_url(r, "whisper", path)) as resp:
+            assert (resp.status, resp.content_type, await resp.text()) == (status, "text/plain", text)
+    sim.faults["status"] = 400
+    async with r.session.post(sim_url(r, "whisper", "/inference"), data=b"x") as resp:
+        assert (resp.status, await resp.text()) == (400, "Invalid request")
+    # Its health route's 503 (during a model swap) reaches the broker as a 404.
+    sim.faults["health_status"] = 503
+    await r.broker.consumers.probe("whisper")
+    state = r.broker.consumers.states["whisper"]
+    assert state.healthy is False and state.last_error == "health answered 404"
+
+
+async def test_llama_server_sim_answers_503_loading_model_on_every_route_until_it_is_loaded(rig):
+    llama = functools.partial(mgpusim.ServiceSim, service="llama-cpp", vram_mib=1000)
+    r = await rig(extra={"llama": (llama, {"preset": "llama-cpp", "vram_resident_mib": 1000})})
+    sim, state = r.sims["llama"], r.broker.consumers.states["llama"]
+    async with r.session.get(sim_url(r, "llama", "/nope")) as resp:  # its own 404, in JSON
+        assert resp.status == 404 and (await resp.json())["error"]["message"] == "File Not Found"
+    await sim._load_lock.acquire()  # the model loads until the test lets it
+    sim.restart()  # a new process: it listens at once and loads its model
+    sim.start_loading()
+    try:
+        for method, path in (("GET", "/health"), ("GET", "/props"), ("POST", "/v1/chat/completions")):
+            async with r.session.request(method, sim_url(r, "llama", path), json={}) as resp:
+                error = (await resp.json())["error"]
+                assert resp.status == 503 and error == {
+                    "message": "Loading model",
+                    "type": "unavailable_error",
+                    "code": 503,
+                }
+        await r.broker.consumers.probe("llama")
+        assert state.healthy is False and state.last_error == "health answered 503"
+        assert r.gpu.used_mib("llama") == 0
+    finally:
+        sim._load_lock.release()
+    await until(lambda: not sim.starting)
+    await r.broker.consumers.probe("llama")
+    assert state.healthy is True and state.resident is True and r.gpu.used_mib("llama") == 1000
+
+
+async def test_llama_router_sim_loads_in_the_background_and_refuses_like_llama_server(rig):
+    router = functools.partial(mgpusim.ServiceSim, service="llama-cpp-router", vram_mib=1000, models=("m0",))
+    r = await rig(extra={"router": (router, {"preset": "llama-cpp-router", "vram_resident_mib": 1000})})
+    sim = r.sims["router"]
+
+    async def call(path: str, body: Any = None, data: bytes | None = None) -> tuple[int, Any]:
+        async with r.session.post(sim_url(r, "router", path), json=body, data=data) as resp:
+            return resp.status, await resp.json()
+
+    async def listed() -> dict[str, str]:
+        async with r.session.get(sim_url(r, "router", "/models")) as resp:
+            return {m["id"]: m["status"]["value"] for m in (await resp.json())["data"]}
+
+    def error(code: int, message: str, kind: str) -> tuple[int, Any]:
+        return code, {"error": {"code": code, "message": message, "type": kind}}
+
+    assert await call("/models/unload", {"model": "m0"}) == error(
+        400, "model is not running", "invalid_request_error"
+    )
+    assert await call("/models/unload", {"model": "x"}) == error(
+        400, "model is not found", "invalid_request_error"
+    )
+    assert await call("/models/load", {"model": "x"}) == error(404, "File Not Found", "not_found_error")
+    status, body = await call("/models/unload", data=b"")
+    assert status == 500 and body["error"]["type"] == "server_error"
+    await sim._load_lock.acquire()  # m0 loads until the test lets it
+    try:
+        assert await call("/models/load", {"model": "m0"}) == (200, {"success": True})  # at once
+        assert await listed() == {"m0": "loading"} and r.gpu.used_mib("router") == 0
+        assert await call("/models/load", {"model": "m0"}) == error(
+            400, "model is already running", "invalid_request_error"
+        )
+    finally:
+        sim._load_lock.release()
+    await until(lambda: "m0" in sim.models)
+    assert await listed() == {"m0": "loaded"} and r.gpu.used_mib("router") == 1000
+    assert await call("/models/unload", {"model": "m0"}) == (200, {"success": True})
+    assert await listed() == {"m0": "unloaded"} and r.gpu.used_mib("router") == 0
+    # An unload while it loads stops the load: nothing is left loaded.
+    await sim._load_lock.acquire()
+    try:
+        assert (await call("/models/load", {"model": "m0"}))[0] == 200
+        assert await call("/models/unload", {"model": "m0"}) == (200, {"success": True})
+    finally:
+        sim._load_lock.release()
+    assert await listed() == {"m0": "unloaded"} and sim.models == {} and r.gpu.used_mib("router") == 0
+    # As the real one, its model's instance may exit after the unload's answer: listed loaded until then.
+    sim.release_s = 0.2
+    assert (await call("/v1/chat/completions", {"model": "m0"}))[0] == 200
+    assert await call("/models/unload", {"model": "m0"}) == (200, {"success": True})
+    assert await listed() == {"m0": "loaded"} and r.gpu.used_mib("router") == 1000
+    await until(lambda: not sim.models)
+    assert await listed() == {"m0": "unloaded"} and r.gpu.used_mib("router") == 0
+    # A restart forgets what it had loaded.
+    assert (await call("/v1/chat/completions", {"model": "m0"}))[0] == 200
+    assert r.gpu.used_mib("router") == 1000
+    sim.restart()
+    assert sim.models == {} and r.gpu.used_mib("router") == 0
+
+
+async def test_started_whisper_and_llama_servers_come_up_like_the_real_ones_and_loads_wait_for_them(
+    rig, tmp_path, caplog
+):
+    """Run as services (``mgpusim.py start``), WhisperSim listens only once its model is loaded and the
+    llama-cpp ServiceSim answers 503 until its model is: the broker's load command waits for either."""
+    home = tmp_path / "rig0"  # where the rig fixture puts its first rig
+    ports = {"whisper": free_port(), "llama": free_port()}
+    kinds = {"whisper": ("whisper-cpp", "whisper"), "llama": ("llama-cpp", "llama-cpp")}  # preset, sim
+    sim = [PY, str(HERE / "mgpusim.py")]
+
+    def services(raw: dict[str, Any]) -> None:
+        for name, (preset, kind) in kinds.items():
+            pidfile = home / f"{name}.pid"
+            start = [*sim, "start", "--pidfile", str(pidfile), "--state", str(home / "gpu.json")]
+            start += [
+                "--log",
+                str(home / f"{name}.log"),
+                f"{name}={kind}:{ports[name]},vram_mib=1500,load_s=1.5",
+            ]
+            raw["consumers"][name] = {
+                "preset": preset,
+                "url": f"http://127.0.0.1:{ports[name]}",
+                "vram_resident_mib": 1500,
+                "can_coexist_with": [n for n in kinds if n != name],
+                "unload": {"command": [*sim, "stop", "--pidfile", str(pidfile)], "timeout_s": 30},
+                "load": {"command": start, "timeout_s": 30},
+            }
+        raw["routing"] |= {"stt": "whisper", "chat": "llama"}
+
+    r = await rig(tweak=services)
+    seen: dict[str, list[tuple[Any, int]]] = {name: [] for name in kinds}
+
+    async def watch(name: str) -> None:
+        """What its /health answers from before it starts until it is healthy, and the MiB it held."""
+        while True:
+            try:
+                async with r.session.get(f"http://127.0.0.1:{ports[name]}/health") as resp:
+                    answer = (resp.status, await resp.text())
+            except aiohttp.ClientConnectionError:
+                answer = "refused"
+            if not seen[name] or seen[name][-1][0] != answer:
+                seen[name].append((answer, r.gpu.used_mib(name)))
+            if answer != "refused" and answer[0] == 200:
+                return
+            await asyncio.sleep(0.02)
+
+    try:
+        for name, kind, payload in (
+            ("whisper", "stt", None),
+            ("llama", "chat", {"messages": [{"role": "user", "content": "hi"}]}),
+        ):
+            watcher = asyncio.ensure_future(watch(name))
+            data = b"RIFF...." if payload is None else None
+            status, _, body = await r.post(kind, payload, data=data)
+            assert status == 200, body
+            await asyncio.wait_for(watcher, 10)
+    finally:
+        for name in kinds:
+            stop = await asyncio.create_subprocess_exec(*sim, "stop", "--pidfile", str(home / f"{name}.pid"))
+            assert await asyncio.wait_for(stop.wait(), 30) == 0
+    # whisper-server: refused while it loads, then healthy with its model already held.
+    assert seen["whisper"] == [("refused", 0), ((200, '{"status": "ok"}'), 1500)]
+    # llama-server: listening at once, 503 "Loading model" on /health until its model is held.
+    (refused, loading, healthy) = seen["llama"][0], seen["llama"][-2], seen["llama"][-1]
+    assert refused[0] == "refused" and loading[0][0] == 503 and "Loading model" in loading[0][1]
+    assert loading[1] == 0 and healthy[0][0] == 200 and healthy[1] == 1500
+    log = caplog.text
+    for name in kinds:  # each job came after its load command and a good health answer
+        assert log.index(f"msg=command consumer={name} action=load") < log.index(
+            f"msg=health consumer={name} healthy=True"
+        )
+
+
 # =====================================================================================================
 # The GPU given to something else for a while: POST/DELETE /v1/reserve (issue 14)
 # =====================================================================================================
@@ -7041,7 +7335,8 @@ async def test_cli_ps_and_status_against_a_running_daemon(rig):
         assert rows["comfyui"][:2] == ["healthy", "yes"] and rows["comfyui"][6:] == ["1", "0"]
         assert rows["ollama"][1] == "unknown" and rows["ollama"][4:] == ["8000 MiB", "never", "0", "0"]
         assert rows["whisper"][:2] == ["down", "unknown"]
-        assert "  whisper: health answered 503" in lines  # why it is down, under the table
+        # why it is down, under the table (whisper-server's error handler makes its 503 a 404)
+        assert "  whisper: health answered 404" in lines
         gpu = lines[lines.index("") + 1 :]
         assert re.fullmatch(r"GPU 0 .*: \d+ of 16384 MiB used, \d+ free, \d+ % busy, \d+ C", gpu[0])
         assert re.fullmatch(r"  held by comfyui: 0 jobs, 1 hold, for \d+ s; 1 queued", gpu[1])
