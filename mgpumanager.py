@@ -2354,7 +2354,8 @@ class ConsumerState:
         self._down_at = self.clock()
         self._set_health(False, reason, "consumer_unreachable")
         self.trusted = False
-        self._set_resident(False if stopped else None, "seen down")
+        if not self._acting:  # (a service the broker is starting refuses until it listens: expected)
+            self._set_resident(False if stopped else None, "seen down")
 
     def timed_out(self, reason: str, *, stopped: bool = False) -> None:
         """A job got no answer in time: unhealthy until a later probe succeeds; alive perhaps, so its

@@ -2073,11 +2073,14 @@ def test_observations_override_the_brokers_record_only_when_they_started_after_i
     state.touched("another consumer was granted the GPU")  # after that reading began ...
     state.measured(3000, frozenset({7}), True, reading_started)
     assert state.resident is True and not state.trusted  # ... so it does not vouch for it any more
-    # While the broker unloads it, readings change its figures, not its residency.
+    # While the broker unloads it, readings change its figures, not its residency; nor does a refusal
+    # seen meanwhile (a service being stopped or started refuses connections).
     state.unloading()
     clock.now += 1
     state.measured(3000, frozenset({7}), True, clock.now)
     assert state.resident is None and state.used_mib == 3000
+    state.seen_down("connection refused", stopped=True)
+    assert state.resident is None and state.healthy is False
     state.unloaded()
     assert state.resident is False
     # A job on one of its paths that answered 2xx: resident, trusted, used now.
