@@ -4357,9 +4357,13 @@ class Scheduler:
             return granted
         self._end(job, outcome, code, status, log_now=False)
         self.lock.holds += 1
-        self._holds[job] = self._own(
-            asyncio.get_running_loop().create_task(self._hold(job, hold, hold_timeout_s))
+        started = self.clock()
+        task = self._own(
+            asyncio.get_running_loop().create_task(self._hold(job, hold, hold_timeout_s, started))
         )
+        self._holds[job] = task
+        # A hold cancelled before it ever ran (abandoned, or the broker closing) runs no finally of its own.
+        task.add_done_callback(lambda _: self._hold_over(job, started, never_ran=True))
         return False
 
     def _learn_job(self, job: Job, ended: float) -> None:
@@ -4386,10 +4390,11 @@ class Scheduler:
                 self._abandoned[job] = reason
                 task.cancel()
 
-    async def _hold(self, job: Job, hold: Callable[[], Awaitable[None]], timeout_s: float) -> None:
+    async def _hold(
+        self, job: Job, hold: Callable[[], Awaitable[None]], timeout_s: float, started: float
+    ) -> None:
         """Keep the job's slot while ``hold`` runs (at most ``timeout_s``), unless the consumer is seen down
         meanwhile; then write the job's log line."""
-        started = self.clock()
         fields: dict[str, Any] = {"consumer": job.consumer, "job": job.id, "kind": job.kind}
         try:
             await asyncio.wait_for(hold(), timeout_s)
@@ -4414,22 +4419,34 @@ class Scheduler:
                 "hold_cut", **fields, hold_s=round(self.clock() - started, 3), error=describe(e)
             )
         finally:
-            try:
-                ended = self.clock()
-                if job.outcome == "completed" and job not in self._abandoned:
-                    self._learn_job(job, ended)
-                # The consumer worked until now: for idle unloads and the LRU order, this is its last use.
-                self.states[job.consumer].used()
-                held = ended - started
-                self.metrics.observe("mgpumanager_hold_seconds", held, consumer=job.consumer)
-                self.recorder.job_line(job, hold_ms=round(held * 1000))
-            except Exception as e:  # a bug in the books: the slot still goes
-                self.recorder.internal_error("hold end crashed", consumer=job.consumer, error=describe(e))
-            finally:
-                self._holds.pop(job, None)
-                self._abandoned.pop(job, None)
-                self.lock.holds -= 1
-                self._release_slot(job)
+            self._hold_over(job, started)
+
+    def _hold_over(self, job: Job, started: float, *, never_ran: bool = False) -> None:
+        """The hold ended (once: from its own finally, or, cancelled before it ever ran, from its task's
+        end): the job's last use, log line and metrics, then its slot."""
+        if self._holds.pop(job, None) is None:
+            return
+        try:
+            ended = self.clock()
+            if never_ran:
+                fields = {"consumer": job.consumer, "job": job.id, "kind": job.kind}
+                if job in self._abandoned:
+                    self._record_abandoned(job, fields, started)
+                else:
+                    self.recorder.record("hold_cut", **fields, hold_s=round(ended - started, 3))
+            elif job.outcome == "completed" and job not in self._abandoned:
+                self._learn_job(job, ended)
+            # The consumer worked until now: for idle unloads and the LRU order, this is its last use.
+            self.states[job.consumer].used()
+            held = ended - started
+            self.metrics.observe("mgpumanager_hold_seconds", held, consumer=job.consumer)
+            self.recorder.job_line(job, hold_ms=round(held * 1000))
+        except Exception as e:  # a bug in the books: the slot still goes
+            self.recorder.internal_error("hold end crashed", consumer=job.consumer, error=describe(e))
+        finally:
+            self._abandoned.pop(job, None)
+            self.lock.holds -= 1
+            self._release_slot(job)
 
     def _record_abandoned(self, job: Job, fields: dict[str, Any], started: float) -> None:
         reason = self._abandoned[job]

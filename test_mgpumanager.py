@@ -1456,6 +1456,22 @@ async def test_whatever_raises_while_a_job_is_granted_or_running_it_ends_and_fre
     assert s.holder is None and books_balance(s)
 
 
+async def test_a_hold_abandoned_or_cut_before_it_ever_ran_still_frees_its_slot():
+    """The consumer is seen gone (or the broker closes) in the same turn its job answered: the hold's task
+    is cancelled before its first step, so no finally of its runs; the slot is freed all the same."""
+    s, _, ops, _ = make_scheduler(small_config())
+    ops.states["t"].loaded()
+    job = await s.acquire("t", "kt")
+    job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=60)
+    s.abandon_holds("t", "hold poll: connection refused")  # at once: the hold never ran
+    await until(lambda: s.holder is None)
+    assert (s.stats.hold_abandoned, s.slots, s.holds) == (1, 0, 0) and ops.states["t"].jobs == 0
+    job = await s.acquire("t", "kt")
+    job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=60)
+    await s.close()  # the broker closing, likewise
+    assert (s.holder, s.slots, s.holds) == (None, 0, 0) and books_balance(s)
+
+
 async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
@@ -3754,7 +3770,17 @@ class CheckingOps(FakeOps):
 
     async def load(self, name: str) -> None:
         self.gpu.releasing.pop(name, None)  # a reload cancels a pending release, as real services do
+        # Never load where it does not fit: the broker decided from a reading taken just before.
+        gpu, size = self.gpu, self.config.consumers[name].vram_resident_mib
+        free = gpu.total - gpu.reserved - sum(gpu.held.values())
+        if free < size - gpu.held.get(name, 0):
+            self.violations.append(f"{name} ({size} MiB) loaded with {free} MiB free")
         await super().load(name)
+
+    def gone(self, name: str, reason: str) -> None:
+        """As the broker wires it: the consumer's state says so, and its holds end."""
+        super().gone(name, reason)
+        self.scheduler.abandon_holds(name, reason)
 
 
 class InvariantDriver:
@@ -3768,6 +3794,8 @@ class InvariantDriver:
             self.ops.states[name].probed(True, None, "consumer_unreachable", self.clock.now, True)
         self.s = CheckedScheduler(self.config, self.gpu, self.ops, clock=self.clock, sleep=self.clock.sleep)
         self.ops.scheduler, self.ops.violations = self.s, []
+        #: Consumers whose memory went behind the broker's back (a crash, a restart): its record may lag.
+        self.drifted: set[str] = set()
         self.tasks: list[asyncio.Task[m.Job]] = []
         #: Admin operations: they end their own jobs.
         self.admin: list[asyncio.Task[m.Job]] = []
@@ -3852,6 +3880,20 @@ class InvariantDriver:
             (self.ops.load_fails.add if args[1] else self.ops.load_fails.discard)(args[0])
         elif kind == "outside":
             self.gpu.held["outside-process"] = args[0]
+        elif kind == "probe":  # an honest health probe: resident iff it holds its memory
+            name = args[0]
+            self.ops.states[name].probed(
+                True, None, "consumer_unreachable", self.clock.now, name in self.gpu.held
+            )
+        elif kind == "restart":  # behind the broker's back, unseen: its model is gone
+            self.gpu.held.pop(args[0], None)
+            self.gpu.releasing.pop(args[0], None)
+            self.drifted.add(args[0])
+        elif kind == "crash":  # seen: a poll or a probe finds the connection refused
+            self.gpu.held.pop(args[0], None)
+            self.gpu.releasing.pop(args[0], None)
+            self.drifted.add(args[0])
+            self.ops.gone(args[0], "connection refused")
         elif kind == "settle":
             for _ in range(args[0]):
                 await asyncio.sleep(0)
@@ -3867,7 +3909,7 @@ class InvariantDriver:
         for name, state in self.ops.states.items():
             if name != s.holder and state.jobs != 0:
                 raise InvariantBroken(f"{name} has {state.jobs} jobs but does not hold the lock")
-            if state.resident is True and name not in self.gpu.held:
+            if state.resident is True and name not in self.gpu.held and name not in self.drifted:
                 raise InvariantBroken(f"{name} is recorded resident but holds no memory")
         running = [j for i, j in s.granted.items() if i not in s.ended]
         if s.slots != len(running) + s.holds:
@@ -3948,6 +3990,9 @@ INV_OPS = st.one_of(
     ),
     st.tuples(st.just("load_fails"), st.sampled_from(INV_NAMES), st.booleans()),
     st.tuples(st.just("outside"), st.integers(0, 9000)),
+    st.tuples(st.just("probe"), st.sampled_from(INV_NAMES)),
+    st.tuples(st.just("restart"), st.sampled_from(INV_NAMES)),
+    st.tuples(st.just("crash"), st.sampled_from(INV_NAMES)),
     st.tuples(st.just("admin"), st.sampled_from(INV_NAMES), st.sampled_from(["unload", "load"])),
     st.tuples(st.just("internal"), st.sampled_from(INV_NAMES), st.sampled_from(["idle_unload", "preload"])),
 )
