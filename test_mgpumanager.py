@@ -3880,11 +3880,10 @@ class InvariantDriver:
             (self.ops.load_fails.add if args[1] else self.ops.load_fails.discard)(args[0])
         elif kind == "outside":
             self.gpu.held["outside-process"] = args[0]
-        elif kind == "probe":  # an honest health probe: resident iff it holds its memory
+        elif kind == "probe":  # an honest health probe: resident iff it holds its model (not releasing it)
             name = args[0]
-            self.ops.states[name].probed(
-                True, None, "consumer_unreachable", self.clock.now, name in self.gpu.held
-            )
+            loaded = name in self.gpu.held and name not in self.gpu.releasing
+            self.ops.states[name].probed(True, None, "consumer_unreachable", self.clock.now, loaded)
         elif kind == "restart":  # behind the broker's back, unseen: its model is gone
             self.gpu.held.pop(args[0], None)
             self.gpu.releasing.pop(args[0], None)
