@@ -3710,7 +3710,7 @@ class Scheduler:
                 await self._guarded(job, self._prepare(job))
             self.recorder.job_event("started", job)
         except BaseException as e:
-            if job.state != "running":  # ended by the step that failed
+            if job.state != "running" or job.left:  # ended by the step that failed, or ends with it
                 raise
             error = self._step_failed(job, e)  # a bug between the steps
             if error is e:
