@@ -4101,6 +4101,8 @@ class Scheduler:
         record may be stale; unloading what holds nothing costs nothing); say why the others stay."""
         async with self._prepare_lock:
             for name, c in self.config.consumers.items():
+                if self.reservation is not res:  # released (or expired) meanwhile: the GPU is given back
+                    break
                 if c.gpu != self.index:
                     continue
                 if c.unload is None:

@@ -7544,3 +7544,45 @@ def test_bench_overtaking_counts_later_jobs_of_no_higher_effective_priority():
     strict = [made_up_job(i, "tts", 2, (i, 0.1 * i), (10 + 2 * i, 1.0 + i), 1.5 + i) for i in range(4)]
     bench.overtaking(strict, aging_s=60)
     assert all(j.overtaken_s == 0 and not j.overtakers for j in strict)
+
+
+# =====================================================================================================
+# Found by attack: each test a defect found by attacking issues 11, 12 and 14's scheduler, state and
+# reservation (the commit that fixed it says what broke)
+# =====================================================================================================
+
+
+def _gated_unloads(ops: FakeOps, *names: str) -> tuple[asyncio.Event, list[str]]:
+    """Make the unloads of ``names`` (every consumer's if none is named) wait until the event is set; the
+    list of the unloads started."""
+    gate, started = asyncio.Event(), []
+    real = ops.unload
+
+    async def gated(name: str) -> None:
+        started.append(name)
+        if not names or name in names:
+            await gate.wait()
+        await real(name)
+
+    ops.unload = gated  # type: ignore[method-assign]
+    return gate, started
+
+
+async def test_a_release_while_the_reservation_unloads_unloads_nothing_more():
+    """DELETE /v1/reserve while the reservation still unloads gives the GPU back at once: a job of a
+    consumer known resident goes, and the reservation must not unload that consumer under it."""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    for name in ("t", "x", "y", "z"):
+        ops.states[name].loaded()
+        gpu.held[name] = 3000
+    gate, started = _gated_unloads(ops, "t")
+    reserving = asyncio.ensure_future(s.reserve(60, "gaming"))
+    await until(lambda: started == ["t"])  # t's unload is under way
+    assert s.release_reservation()
+    job = await asyncio.wait_for(s.acquire("x", "kx"), 5)  # x is known resident: it runs at once
+    gate.set()
+    await reserving
+    assert ops.calls == [("unload", "t")] and gpu.held.get("x") == 3000
+    assert ops.states["x"].resident is True and s.holder == "x"
+    job.release("completed", status=200, success=True)
+    assert s.holder is None and books_balance(s)
