@@ -4069,6 +4069,8 @@ class Scheduler:
         if self.reservation is not res:  # released while it unloaded
             return
         left = max(0.0, res.until - self.clock())
+        if res.timer is not None:  # extended while it unloaded: one timer, for the end it has now
+            res.timer.cancel()
         res.timer = asyncio.get_running_loop().call_later(left, self.release_reservation, "expired")
         self.recorder.record(
             "reserved",

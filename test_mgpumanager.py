@@ -7586,3 +7586,23 @@ async def test_a_release_while_the_reservation_unloads_unloads_nothing_more():
     assert ops.states["x"].resident is True and s.holder == "x"
     job.release("completed", status=200, success=True)
     assert s.holder is None and books_balance(s)
+
+
+async def test_a_reservation_extended_while_it_unloads_leaves_no_timer_behind_to_end_the_next_one():
+    """Asked again while its unloads run, a reservation got a second expiry timer, and the first one was
+    lost: released, then reserved anew, the GPU was given back by the stale timer long before the new
+    reservation's end."""
+    s, _, ops, _ = make_scheduler(small_config())
+    gate, _ = _gated_unloads(ops)
+    first = asyncio.ensure_future(s.reserve(60, "backup"))
+    await until(lambda: s.reservation is not None)
+    await s.reserve(0.05, "a short one")  # extended while it unloads
+    gate.set()
+    await first
+    assert s.release_reservation()
+    second = await s.reserve(3600, "gaming")
+    await asyncio.sleep(0.2)  # the extension's timer would have fired by now
+    assert s.reservation is second and s.holder == m.RESERVATION
+    ended = [e for e in s.events.recent(900) if e["event"] == "reservation_ended"]
+    assert [e["why"] for e in ended] == ["released"]
+    assert s.release_reservation() and s.holder is None and books_balance(s)
