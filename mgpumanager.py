@@ -4054,10 +4054,15 @@ class Scheduler:
             return self._extend(self.reservation, for_s, reason)
         res = Reservation(job, reason, self.clock() + for_s, time.time() + for_s)
         self.reservation = res
-        for waiting in [j for j in self.lock.waiting if not j.granted.done()]:
-            self.lock.refuse(waiting, self._reserved_error(waiting.consumer))
-        # The broker's from here on, like a hold: a client that leaves does not cut the unloads short.
-        await asyncio.shield(self._own(asyncio.ensure_future(self._start_reservation(res, for_s))))
+        try:
+            for waiting in [j for j in self.lock.waiting if not j.granted.done()]:
+                self.lock.refuse(waiting, self._reserved_error(waiting.consumer))
+            # The broker's from here on, like a hold: a client that leaves does not cut the unloads short.
+            start = self._own(asyncio.ensure_future(self._start_reservation(res, for_s)))
+        except Exception as e:  # a bug before its unloads began: no reservation, the GPU is free again
+            self.reservation = None
+            raise self._step_failed(job, e) from e
+        await asyncio.shield(start)
         return res
 
     async def _start_reservation(self, res: Reservation, for_s: float) -> None:
@@ -4123,9 +4128,12 @@ class Scheduler:
         if res is None:
             return False
         self.reservation = None
-        if res.timer is not None:
-            res.timer.cancel()
-        self.recorder.record("reservation_ended", consumer=RESERVATION, why=why, job=res.job.id)
+        try:
+            if res.timer is not None:
+                res.timer.cancel()
+            self.recorder.record("reservation_ended", consumer=RESERVATION, why=why, job=res.job.id)
+        except Exception as e:  # a bug in the books: the GPU is given back all the same
+            self.recorder.internal_error("reservation's end crashed", error=describe(e))
         res.job.release()
         return True
 

@@ -7606,3 +7606,56 @@ async def test_a_reservation_extended_while_it_unloads_leaves_no_timer_behind_to
     ended = [e for e in s.events.recent(900) if e["event"] == "reservation_ended"]
     assert [e["why"] for e in ended] == ["released"]
     assert s.release_reservation() and s.holder is None and books_balance(s)
+
+
+def _record_raising_once(s: m.Scheduler, fact: str) -> Any:
+    """The scheduler's recorder, except that its first record of ``fact`` raises RuntimeError."""
+    return _raising_once(s.recorder.record, lambda name, *_: name == fact)
+
+
+#: Each step of a reservation's life after its grant, and how to make it raise once (a bug there).
+RESERVATION_STEPS = {
+    "refusing the queue": lambda s, mp: mp.setattr(s.lock, "refuse", _raising_once(s.lock.refuse)),
+    "starting its unloads": lambda s, mp: mp.setattr(s, "_own", _raising_once(s._own)),
+    "its end, released": lambda s, mp: mp.setattr(
+        s.recorder, "record", _record_raising_once(s, "reservation_ended")
+    ),
+    "its end, expired": lambda s, mp: mp.setattr(
+        s.recorder, "record", _record_raising_once(s, "reservation_ended")
+    ),
+}
+
+
+@pytest.mark.parametrize("step", list(RESERVATION_STEPS))
+async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_frees_its_slot(
+    step, monkeypatch
+):
+    """The scheduler's invariant for the reservation's job: a failure injected after its grant (answering
+    the queue, starting its unloads, recording its end by DELETE or by its timer) ends it once and frees
+    the GPU; before, the GPU stayed held by a reservation nobody could release."""
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    holding = await s.acquire("t", "kt")
+    reserving = asyncio.ensure_future(s.reserve(0.05 if step == "its end, expired" else 60, "gaming"))
+    waiting = await _queued(s, "x")  # answered gpu_reserved by the reservation, or served after it
+    RESERVATION_STEPS[step](s, monkeypatch)
+    holding.release("completed")
+    try:
+        await reserving
+    except m.BrokerError as e:
+        assert e.code == "scheduler_error" and step in ("refusing the queue", "starting its unloads")
+    else:
+        if step == "its end, released":
+            s.release_reservation()
+    await until(lambda: s.holder != m.RESERVATION)
+    assert s.reservation is None and s.stats.internal_errors == 1
+    with contextlib.suppress(m.BrokerError):
+        (await asyncio.wait_for(waiting, 5)).release("completed")
+    for _ in range(3):
+        await asyncio.sleep(0)  # the accounting runs after the hand-over
+    assert (s.holder, s.slots, s.holds) == (None, 0, 0)
+    assert all(state.jobs == 0 for state in ops.states.values()) and books_balance(s)
+    again = await s.acquire("y", "ky")  # the GPU is not wedged
+    again.release("completed")
+    assert s.holder is None and books_balance(s)
