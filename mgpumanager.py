@@ -3971,7 +3971,7 @@ class Scheduler:
         """After a reload: jobs waiting for a consumer gone (or on another GPU now) get no_consumer."""
         for job in [j for j in self.lock.waiting if not j.granted.done()]:
             now = self.config.consumers.get(job.consumer)
-            if now is not None and now.gpu == self.index:
+            if (now is not None and now.gpu == self.index) or job.kind == RESERVATION:  # (no consumer's)
                 continue
             why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
             self.lock.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))

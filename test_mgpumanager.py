@@ -7659,3 +7659,21 @@ async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_fre
     again = await s.acquire("y", "ky")  # the GPU is not wedged
     again.release("completed")
     assert s.holder is None and books_balance(s)
+
+
+async def test_a_reload_while_a_reservation_waits_for_the_gpu_keeps_it_waiting():
+    """A reload answers the jobs of consumers it removed with no_consumer (``forget``); the reservation's
+    job, whose "consumer" is no consumer of the config, was answered so too: `reserve` failed with
+    "reservation was removed from the config" whenever a reload came while it waited."""
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    holding = await s.acquire("t", "kt")
+    reserving = asyncio.ensure_future(s.reserve(60, "gaming"))
+    await until(lambda: len(s.queue()) == 1)
+    s.config = small_config()  # a reload: the same consumers
+    s.forget()
+    holding.release("completed")
+    res = await asyncio.wait_for(reserving, 5)
+    assert s.reservation is res and s.holder == m.RESERVATION
+    assert s.release_reservation() and s.holder is None and books_balance(s)
