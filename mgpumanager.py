@@ -4049,6 +4049,11 @@ class Scheduler:
             await self._wait_for_grant(job)
         finally:
             self._reserving = None
+        if job.state != "running":  # answered by a reservation made while it waited: it extends that one
+            self._end(job, "completed")
+            if self.reservation is None:  # (which ended meanwhile)
+                return await self.reserve(for_s, reason)
+            return self._extend(self.reservation, for_s, reason)
         if self.reservation is not None:  # another request reserved it meanwhile: this one extends it
             job.release()
             return self._extend(self.reservation, for_s, reason)
@@ -4056,7 +4061,11 @@ class Scheduler:
         self.reservation = res
         try:
             for waiting in [j for j in self.lock.waiting if not j.granted.done()]:
-                self.lock.refuse(waiting, self._reserved_error(waiting.consumer))
+                if waiting.kind == RESERVATION:  # asked for while this one waited: it extends this one
+                    self.lock.waiting.remove(waiting)
+                    waiting.granted.set_result(None)
+                else:
+                    self.lock.refuse(waiting, self._reserved_error(waiting.consumer))
             # The broker's from here on, like a hold: a client that leaves does not cut the unloads short.
             start = self._own(asyncio.ensure_future(self._start_reservation(res, for_s)))
         except Exception as e:  # a bug before its unloads began: no reservation, the GPU is free again

@@ -7677,3 +7677,23 @@ async def test_a_reload_while_a_reservation_waits_for_the_gpu_keeps_it_waiting()
     res = await asyncio.wait_for(reserving, 5)
     assert s.reservation is res and s.holder == m.RESERVATION
     assert s.release_reservation() and s.holder is None and books_balance(s)
+
+
+async def test_two_reservations_asked_for_while_the_gpu_is_busy_make_one_that_the_second_extends():
+    """A second reserve while the first waits for the GPU (a Steam launch and a timer at once) was
+    answered gpu_reserved by the first once it held the GPU, though the README says asking again extends
+    it: `reserve` failed, and the GPU was given back at the first one's end."""
+    s, _, ops, clock = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    holding = await s.acquire("t", "kt")
+    first = asyncio.ensure_future(s.reserve(60, "gaming"))
+    second = asyncio.ensure_future(s.reserve(7200, "training"))
+    await until(lambda: len(s.queue()) == 2)
+    holding.release("completed")
+    one, two = await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert one is two is s.reservation and s.holder == m.RESERVATION
+    assert one.reason == "training" and one.describe(clock())["left_s"] == 7200
+    assert ops.calls.count(("unload", "x")) == 1  # unloaded once
+    assert s.release_reservation() and s.holder is None and books_balance(s)
+    assert s.stats.failed == 0
