@@ -4394,7 +4394,9 @@ class Scheduler:
         for job, task in list(self._holds.items()):
             if job.consumer == name and job not in self._abandoned:
                 self._abandoned[job] = reason
-                task.cancel()
+                # Next turn: a hold made in this one has not started, and a task cancelled before its
+                # first step never runs its ``finally`` (the slot would stay taken).
+                asyncio.get_running_loop().call_soon(task.cancel)
 
     async def _hold(self, job: Job, hold: Callable[[], Awaitable[None]], timeout_s: float) -> None:
         """Keep the job's slot while ``hold`` runs (at most ``timeout_s``), unless the consumer is seen down

@@ -7697,3 +7697,18 @@ async def test_two_reservations_asked_for_while_the_gpu_is_busy_make_one_that_th
     assert ops.calls.count(("unload", "x")) == 1  # unloaded once
     assert s.release_reservation() and s.holder is None and books_balance(s)
     assert s.stats.failed == 0
+
+
+async def test_a_hold_abandoned_in_the_turn_it_was_made_still_frees_the_gpu():
+    """The consumer seen gone (a probe, a reading) in the very turn of the loop in which its job's answer
+    ended: the hold's task was cancelled before it ever ran, so its ``finally`` never gave the slot back,
+    and the GPU stayed held for good."""
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    job = await s.acquire("t", "kt")
+    job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=30)
+    s.abandon_holds("t", "health probe: connection refused")  # before the hold's first step
+    await until(lambda: s.holder is None, 5)
+    assert (s.slots, s.holds, s.stats.hold_abandoned) == (0, 0, 1) and ops.states["t"].jobs == 0
+    assert books_balance(s)
