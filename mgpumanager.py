@@ -3195,8 +3195,9 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
     coexist with the target, run no job and were not tried for this job yet: least recently used first
     (never used first, ties in config order); ``vram_managed`` ones (Ollama) only after every other, as
     the last resort; and after them the target itself when its residency is unknown and nothing measures
-    it: it may be what fills the GPU. A target recorded resident that something may have changed since is
-    credited with the used memory no other consumer accounts for (see _credit).
+    it: it may be what fills the GPU. A target recorded resident that something may have changed since, or
+    that another job of it is running on (it may have loaded itself for that one), is credited with the
+    used memory no other consumer accounts for (see _credit).
     """
     target = snap.consumers[snap.target]
     cushion = snap.cushion_mib
@@ -3204,7 +3205,7 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
         need = max(0, target.size_mib - target.used_mib) + cushion
     elif target.resident is True and target.trusted:
         need = 0
-    elif target.resident is True:
+    elif target.resident is True or target.jobs > 1:  # (another job of it runs: it may have loaded it)
         need = target.size_mib - _credit(snap) + cushion
     else:
         need = target.size_mib + cushion
@@ -3238,10 +3239,11 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
 
 
 def _credit(snap: RoomSnapshot) -> int:
-    """What a target recorded resident, but not trusted and not measured, is taken to hold already: the
-    GPU's used memory that no other consumer can account for (each other consumer that is resident, or of
-    unknown residency, counted at what it holds), at most its size. The reading then decides: a consumer
-    that restarted behind the broker's back holds nothing, and its job makes room for all it will load."""
+    """What a target recorded resident but not trusted (or running another job), and not measured, is
+    taken to hold already: the GPU's used memory that no other consumer can account for (each other
+    consumer that is resident, or of unknown residency, counted at what it holds), at most its size. The
+    reading then decides: a consumer that restarted behind the broker's back holds nothing, and its job
+    makes room for all it will load."""
     if snap.used_mib is None:
         return 0
     others = sum(

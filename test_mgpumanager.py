@@ -7712,3 +7712,27 @@ async def test_a_hold_abandoned_in_the_turn_it_was_made_still_frees_the_gpu():
     await until(lambda: s.holder is None, 5)
     assert (s.slots, s.holds, s.stats.hold_abandoned) == (0, 0, 1) and ops.states["t"].jobs == 0
     assert books_balance(s)
+
+
+async def test_a_job_joining_its_consumers_first_job_counts_what_that_job_loaded():
+    """A consumer that loads itself (no load route: Ollama, llama-server) with max_concurrency 2, not
+    resident when its first job came: while that job runs, the consumer loads its model. A second job
+    joining it read the GPU, took the model's memory for someone else's, evicted the LRU consumer for
+    nothing and was refused insufficient_vram, the message naming the consumer's own process."""
+    config = small_config(consumers__t__max_concurrency=2, consumers__t__vram_resident_mib=8000)
+    config = m.replace(
+        config, consumers={**config.consumers, "t": m.replace(config.consumers["t"], load=None)}
+    )
+    s, gpu, ops, _ = make_scheduler(config)
+    gpu.held["x"] = 3000
+    ops.states["x"].loaded()
+    for name in ("t", "y", "z"):
+        ops.states[name].unloaded()
+    first = await s.acquire("t", "kt")
+    assert first.cold and ops.calls == []
+    gpu.held["t"] = 8000  # it loads itself for its first job, which runs on
+    second = await asyncio.wait_for(s.acquire("t", "kt"), 5)
+    assert ops.calls == [] and gpu.held == {"x": 3000, "t": 8000}  # x stays, nothing is loaded twice
+    second.release("completed", status=200, success=True)
+    first.release("completed", status=200, success=True)
+    assert s.holder is None and books_balance(s)
