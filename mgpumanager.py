@@ -5789,8 +5789,11 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, broker, first)
     name = route(broker.config, kind)  # ... and route for real after the body: a reload may have come
     await broker.check_reachable(name)
+    consumer = broker.config.consumers.get(name)
+    if consumer is None:  # a reload removed it while it was probed
+        raise BrokerError("no_consumer", f"{name} is no longer configured", name)
     scheduler = broker.scheduler_for(name)
-    strip_auth, consumer = broker.config.auth.token is not None, broker.config.consumers[name]
+    strip_auth = broker.config.auth.token is not None
     headers = request_headers(request, strip_auth=strip_auth, consumer=consumer)  # before waiting
     job = await scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
     return await _run_job(request, broker, scheduler, job, job.target.paths[kind], body, headers)
@@ -5928,7 +5931,9 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
         raise BrokerError("no_consumer", "no audio_proxy consumer is configured")
     path = audio_upstream_path(request.raw_path)
     await broker.check_reachable(name)
-    consumer = broker.config.consumers[name]
+    consumer = broker.config.consumers.get(name)
+    if consumer is None:  # a reload removed it while it was probed
+        raise BrokerError("no_consumer", f"{name} is no longer configured", name)
     ex = Exchange()
     try:
         with broker.unscheduled_slot(consumer):

@@ -7736,3 +7736,39 @@ async def test_a_job_joining_its_consumers_first_job_counts_what_that_job_loaded
     second.release("completed", status=200, success=True)
     first.release("completed", status=200, success=True)
     assert s.holder is None and books_balance(s)
+
+
+async def test_a_reload_during_the_probe_of_an_unhealthy_consumer_is_no_consumer_not_a_crash(rig):
+    """A job for a consumer marked unhealthy probes it once more before it is queued; a reload that
+    removed the consumer meanwhile made the handler look it up in the new config: KeyError, answered
+    500 scheduler_error and counted as a bug (for /v1/<kind> and for /audio/ alike)."""
+    r = await rig()
+    for name in ("comfyui", "mvoice"):
+        r.broker.consumers.states[name].seen_down("connection refused")
+    gate, probing = asyncio.Event(), []
+    real_probe_now = r.broker.consumers.probe_now
+
+    async def slow_probe_now(name: str) -> None:
+        await real_probe_now(name)  # it is back: healthy
+        probing.append(name)
+        await gate.wait()  # the reload comes before the job goes on
+
+    r.broker.consumers.probe_now = slow_probe_now  # type: ignore[method-assign]
+    image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+    audio = asyncio.ensure_future(r.session.get(r.url("/audio/a.wav")))
+    await until(lambda: sorted(probing) == ["comfyui", "mvoice"])
+    raw = copy.deepcopy(r.raw)
+    del (
+        raw["consumers"]["comfyui"],
+        raw["routing"]["image"],
+        raw["consumers"]["mvoice"],
+        raw["routing"]["tts"],
+    )
+    raw["routing"]["stt"], raw["audio_proxy"] = "whisper", None
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    await r.broker.reload()
+    gate.set()
+    error_of(*await image, "no_consumer")
+    async with await audio as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "no_consumer")
+    assert r.sims["comfyui"].records == [] and r.sims["mvoice"].records == []
