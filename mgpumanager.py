@@ -1073,6 +1073,9 @@ def parse_config(raw: Any) -> Config:
         if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
             ck.problem(f"consumers.{name}", "names are letters, digits, '_', '.', '-'")
             continue
+        if name == RESERVATION:
+            ck.problem(f"consumers.{name}", f"{name!r} is reserved (the GPU's reservation)")
+            continue
         parsed = _parse_consumer(ck, name, spec, gpu.index)
         if parsed is not None:
             consumers[name] = parsed

@@ -7807,3 +7807,13 @@ async def test_the_forecast_looks_at_a_few_candidates_per_grant_not_at_every_wai
     await asyncio.gather(*tasks, return_exceptions=True)
     holding.release("completed")
     assert books_balance(s)
+
+
+def test_a_consumer_cannot_be_named_like_the_reservation():
+    """The reservation holds the GPU as a job of "reservation", with a ConsumerState of that name: a
+    consumer so named shared it (its job count, what `ps` and the timeline show) and was unloaded by, and
+    joined to, the reservation's books."""
+    raw = base_raw()
+    raw["consumers"]["reservation"] = raw["consumers"].pop("whisper")
+    raw["consumers"]["mvoice"]["can_coexist_with"] = ["ollama"]
+    assert problems_of(raw) == ["consumers.reservation: 'reservation' is reserved (the GPU's reservation)"]
