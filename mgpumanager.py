@@ -5803,8 +5803,8 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
     name = route(broker.config, kind)  # ... and route for real after the body: a reload may have come
     await broker.check_reachable(name)
     consumer = broker.config.consumers.get(name)
-    if consumer is None:  # a reload removed it while it was probed
-        raise BrokerError("no_consumer", f"{name} is no longer configured", name)
+    if consumer is None or kind not in consumer.paths:  # a reload came while it was probed
+        raise BrokerError("no_consumer", f"{name} no longer serves kind {kind!r}", name)
     scheduler = broker.scheduler_for(name)
     strip_auth = broker.config.auth.token is not None
     headers = request_headers(request, strip_auth=strip_auth, consumer=consumer)  # before waiting

@@ -7817,3 +7817,30 @@ def test_a_consumer_cannot_be_named_like_the_reservation():
     raw["consumers"]["reservation"] = raw["consumers"].pop("whisper")
     raw["consumers"]["mvoice"]["can_coexist_with"] = ["ollama"]
     assert problems_of(raw) == ["consumers.reservation: 'reservation' is reserved (the GPU's reservation)"]
+
+
+async def test_a_reload_during_the_probe_that_takes_the_kind_from_the_consumer_does_not_wedge_the_gpu(rig):
+    """As above, but the reload keeps the consumer and takes the job's kind from its paths: the job was
+    admitted, granted the GPU, and then its path looked up (KeyError) before anything could end it, so the
+    GPU stayed held for good."""
+    r = await rig()
+    r.broker.consumers.states["mvoice"].seen_down("connection refused")
+    gate, probing = asyncio.Event(), []
+    real_probe_now = r.broker.consumers.probe_now
+
+    async def slow_probe_now(name: str) -> None:
+        await real_probe_now(name)
+        probing.append(name)
+        await gate.wait()
+
+    r.broker.consumers.probe_now = slow_probe_now  # type: ignore[method-assign]
+    tts = asyncio.ensure_future(r.post("tts", {"text": "hi"}))
+    await until(lambda: probing == ["mvoice"])
+    raw = copy.deepcopy(r.raw)
+    del raw["consumers"]["mvoice"]["paths"]["tts"], raw["routing"]["tts"]
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    await r.broker.reload()
+    gate.set()
+    error_of(*await tts, "no_consumer")
+    assert r.broker.scheduler.holder is None and books_balance(r.broker.scheduler)
+    assert (await r.post("stt", None, data=b"x"))[0] == 200  # the GPU is not wedged
