@@ -4492,7 +4492,8 @@ class Scheduler:
         for j in self.lock.waiting:
             if not j.granted.done():
                 waiting.append(j)
-        resident = {n for n, st in self.states.items() if st.resident is True}
+        mine = {n for n, c in self.config.consumers.items() if c.gpu == self.index}  # (not other GPUs')
+        resident = {n for n, st in self.states.items() if st.resident is True and n in mine}
 
         def figure(name: str, what: str) -> float:
             state = self.states.get(name)

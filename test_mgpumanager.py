@@ -7844,3 +7844,22 @@ async def test_a_reload_during_the_probe_that_takes_the_kind_from_the_consumer_d
     error_of(*await tts, "no_consumer")
     assert r.broker.scheduler.holder is None and books_balance(r.broker.scheduler)
     assert (await r.post("stt", None, data=b"x"))[0] == 200  # the GPU is not wedged
+
+
+async def test_an_eta_counts_only_the_unloads_of_consumers_on_its_own_gpu():
+    """The forecast took every resident consumer the broker knows as one a swap would unload: with two
+    GPUs, a job's eta_s (and Retry-After) on GPU 0 paid the unloads of GPU 1's consumers too."""
+    s, _, ops, _ = make_scheduler(small_config(consumers__z__gpu=1))
+    for name in ("t", "z"):
+        ops.states[name].loaded()
+        ops.states[name].learned("unload", 10.0)
+    ops.states["x"].unloaded()
+    ops.states["x"].learned("load", 1.0)
+    holding = await s.acquire("t", "kt")
+    first, second = await _queued(s, "x"), await _queued(s, "x")
+    # The second waits for the first's swap: t's unload and x's load, not z's unload on GPU 1.
+    assert [eta for _, eta in s.forecast()] == [0.0, 11.0]
+    holding.release("completed")
+    (await first).release("completed")
+    (await second).release("completed")
+    assert books_balance(s)
