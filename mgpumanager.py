@@ -4492,8 +4492,7 @@ class Scheduler:
         for j in self.lock.waiting:
             if not j.granted.done():
                 waiting.append(j)
-        mine = {n for n, c in self.config.consumers.items() if c.gpu == self.index}  # (not other GPUs')
-        resident = {n for n, st in self.states.items() if st.resident is True and n in mine}
+        resident = {n for n, st in self.states.items() if st.resident is True}
 
         def figure(name: str, what: str) -> float:
             state = self.states.get(name)
@@ -4529,6 +4528,8 @@ class Scheduler:
             c = job.target
             if not warm(job):  # a swap: what may not stay beside it goes, then it loads
                 gone = {n for n in resident if n not in c.can_coexist_with and n != job.consumer}
+                # (this GPU's only: a swap here unloads nothing on another GPU)
+                gone = {n for n in gone if (o := self.config.consumers.get(n)) and o.gpu == self.index}
                 t += sum(figure(n, "unload") for n in gone) + figure(job.consumer, "load")
                 resident = (resident - gone) | {job.consumer}
             t += figure(job.consumer, "job")
