@@ -4486,12 +4486,7 @@ class Scheduler:
         """
         now = self.clock()
         sched = self.config.scheduler
-        # Played on a copy of the lock's queue, through the few candidates the lock itself looks at: the
-        # same order, without going through every waiting job for every one (a long queue stalled the loop).
-        waiting = WaitQueue()
-        for j in self.lock.waiting:
-            if not j.granted.done():
-                waiting.append(j)
+        waiting = [j for j in self.lock.waiting if not j.granted.done()]
         resident = {n for n, st in self.states.items() if st.resident is True}
 
         def figure(name: str, what: str) -> float:
@@ -4514,12 +4509,7 @@ class Scheduler:
                 return job.consumer in resident and (current is None or current in c.can_coexist_with)
 
             job = next_grant(
-                waiting.candidates(warm, None),
-                None,
-                now + t,
-                aging_s=sched.aging_s,
-                max_overtake_s=sched.max_overtake_s,
-                warm=warm,
+                waiting, None, now + t, aging_s=sched.aging_s, max_overtake_s=sched.max_overtake_s, warm=warm
             )
             if job is None:
                 break

@@ -7774,41 +7774,6 @@ async def test_a_reload_during_the_probe_of_an_unhealthy_consumer_is_no_consumer
     assert r.sims["comfyui"].records == [] and r.sims["mvoice"].records == []
 
 
-async def test_the_forecast_looks_at_a_few_candidates_per_grant_not_at_every_waiting_job(monkeypatch):
-    """Every job queued computes the forecast (its eta_s), and /v1/status does too. It went through every
-    waiting job for every job it placed: n^2 per forecast, n^3 for a burst, so with max_queue raised to a
-    few hundred the event loop stalled for seconds at each arrival (500 queued: 11 s on this machine,
-    health rounds late, systemd's watchdog near). Played through the lock's own candidates (the first,
-    the first warm and the holder's first job of each level), it gives the same order in O(n)."""
-    s, _, ops, clock = make_scheduler(small_config(scheduler__max_queue=1000))
-    for name in ops.states:
-        ops.states[name].loaded()
-        ops.states[name].learned("job", 1.0)
-    holding = await s.acquire("t", "kt")
-    tasks = []
-    for i in range(200):
-        tasks.append(asyncio.ensure_future(s.acquire("xyzt"[i % 4], "k")))
-        clock.now += 0.01
-    for _ in range(3):
-        await asyncio.sleep(0)
-    looked_at = []
-    real = m.effective_priority
-
-    def counted(job: m.Job, now: float, aging_s: float) -> int:
-        looked_at.append(job)
-        return real(job, now, aging_s)
-
-    monkeypatch.setattr(m, "effective_priority", counted)
-    forecast = s.forecast()
-    assert len(forecast) == 200 and [round(eta) for _, eta in forecast[:3]] == [0, 1, 2]
-    assert len(looked_at) < 5 * 200, len(looked_at)  # every waiting job for each: 20,100
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    holding.release("completed")
-    assert books_balance(s)
-
-
 def test_a_consumer_cannot_be_named_like_the_reservation():
     """The reservation holds the GPU as a job of "reservation", with a ConsumerState of that name: a
     consumer so named shared it (its job count, what `ps` and the timeline show) and was unloaded by, and
