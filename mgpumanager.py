@@ -3715,8 +3715,8 @@ class Scheduler:
                 await self._guarded(job, self._prepare(job))
             self.recorder.job_event("started", job)
         except BaseException as e:
-            if job.state != "running" or job.left:  # ended by the step that failed, or ends with it
-                raise
+            if job.state != "running" or job.left:  # ended by the step that failed, or ends with the
+                raise  # step its caller left (that step's own task ends it)
             error = self._step_failed(job, e)  # a bug between the steps
             if error is e:
                 raise
