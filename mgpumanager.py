@@ -2878,6 +2878,8 @@ class Job:
     overtaken_since: float | None = None
     #: Granted to a consumer that was not resident and has no load of its own: its run includes loading.
     cold: bool = False
+    #: It made room and loaded (or needed neither) and went to work on its consumer, until its slot goes.
+    working: bool = False
     #: How it ended, kept for its log line (written when a hold after it ends).
     outcome: str | None = None
     code: str | None = None
@@ -3167,6 +3169,8 @@ class RoomSnapshot:
     max_evictions: int = 5
     #: Used MiB in the latest reading (None: not reported).
     used_mib: int | None = None
+    #: The target's other jobs at work already (past making room): what the GPU holds may be theirs.
+    target_working: int = 0
 
 
 @dataclass(frozen=True)
@@ -3199,8 +3203,8 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
     (never used first, ties in config order); ``vram_managed`` ones (Ollama) only after every other, as
     the last resort; and after them the target itself when its residency is unknown and nothing measures
     it: it may be what fills the GPU. A target recorded resident that something may have changed since, or
-    that another job of it is running on (it may have loaded itself for that one), is credited with the
-    used memory no other consumer accounts for (see _credit).
+    that another job of it is at work on already (it may have loaded itself for that one), is credited
+    with the used memory no other consumer accounts for (see _credit).
     """
     target = snap.consumers[snap.target]
     cushion = snap.cushion_mib
@@ -3208,7 +3212,7 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
         need = max(0, target.size_mib - target.used_mib) + cushion
     elif target.resident is True and target.trusted:
         need = 0
-    elif target.resident is True or target.jobs > 1:  # (another job of it runs: it may have loaded it)
+    elif target.resident is True or snap.target_working:  # (a job of it works: it may have loaded it)
         need = target.size_mib - _credit(snap) + cushion
     else:
         need = target.size_mib + cushion
@@ -3242,7 +3246,7 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
 
 
 def _credit(snap: RoomSnapshot) -> int:
-    """What a target recorded resident but not trusted (or running another job), and not measured, is
+    """What a target recorded resident but not trusted (or with a job at work on it), and not measured, is
     taken to hold already: the GPU's used memory that no other consumer can account for (each other
     consumer that is resident, or of unknown residency, counted at what it holds), at most its size. The
     reading then decides: a consumer that restarted behind the broker's back holds nothing, and its job
@@ -3625,6 +3629,8 @@ class Scheduler:
         self._abandoned: dict[Job, str] = {}
         #: Consumers with an idle unload or a preload queued or running: never two for one consumer.
         self._internal: set[tuple[str, str]] = set()
+        #: Jobs of each consumer at work (they made room, or needed none; holds too), by consumer.
+        self._working: dict[str, int] = {}
         #: When each unload under way started (its time is learned when its memory showed up free).
         self._unload_started: dict[str, float] = {}
         #: The GPU given to something else (``reserve``), or None; one asked for and waiting for the lock.
@@ -3713,6 +3719,8 @@ class Scheduler:
         try:
             if not self._needs_no_room(job):  # checked again under the lock; the common case skips it
                 await self._guarded(job, self._prepare(job))
+            job.working = True  # (counted until its slot is given back: a join's plan credits its work)
+            self._working[job.consumer] = self._working.get(job.consumer, 0) + 1
             self.recorder.job_event("started", job)
         except BaseException as e:
             if job.state != "running" or job.left:  # ended by the step that failed, or ends with the
@@ -4009,6 +4017,8 @@ class Scheduler:
 
         The consumer's count goes first: a crash in a grant that follows must not keep it counted."""
         self.states[job.consumer].jobs -= 1
+        if job.working:
+            self._working[job.consumer] -= 1
         try:
             return self.lock.release(job)
         except Exception as e:  # a bug in a grant: the slot is free; the next release or arrival retries
@@ -4199,6 +4209,7 @@ class Scheduler:
             dict(tried),
             cfg.scheduler.max_evictions,
             reading.used_mib,
+            self._working.get(target.name, 0),
         )
 
     def _measures(self) -> bool:

@@ -7828,3 +7828,27 @@ async def test_an_eta_counts_only_the_unloads_of_consumers_on_its_own_gpu():
     (await first).release("completed")
     (await second).release("completed")
     assert books_balance(s)
+
+
+async def test_a_join_whose_first_job_left_before_working_credits_it_nothing():
+    """The counterpart (found by `make fuzz`): only a job of the target at work may have loaded it. Its
+    first job's client left while that job made room, so nothing was loaded; the join then planned alone
+    and must not take a stranger's memory for the target's, nor load it where it does not fit."""
+    config = small_config(consumers__t__max_concurrency=2, consumers__t__vram_resident_mib=9000)
+    s, gpu, ops, _ = make_scheduler(config)
+    gpu.held.update({"x": 3000, "someone's notebook": 7000})
+    ops.states["x"].loaded()
+    for name in ("t", "y", "z"):
+        ops.states[name].unloaded()
+    gate, started = _gated_unloads(ops, "x")
+    first = asyncio.ensure_future(s.acquire("t", "kt"))
+    await until(lambda: started == ["x"])
+    first.cancel()  # its client leaves while x is unloaded for it
+    await asyncio.gather(first, return_exceptions=True)
+    second = asyncio.ensure_future(s.acquire("t", "kt"))  # joins t, waits for the room being made
+    await until(lambda: s.states["t"].jobs == 2)
+    gate.set()
+    with pytest.raises(m.BrokerError) as refused:
+        await asyncio.wait_for(second, 5)
+    assert refused.value.code == "insufficient_vram" and ("load", "t") not in ops.calls
+    assert s.holder is None and books_balance(s)
