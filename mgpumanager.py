@@ -3171,6 +3171,8 @@ class RoomSnapshot:
     used_mib: int | None = None
     #: The target's other jobs at work already (past making room): what the GPU holds may be theirs.
     target_working: int = 0
+    #: The broker loads the target itself once it fits (its load): planned at its full size, no credit.
+    loads_target: bool = False
 
 
 @dataclass(frozen=True)
@@ -3204,7 +3206,8 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
     the last resort; and after them the target itself when its residency is unknown and nothing measures
     it: it may be what fills the GPU. A target recorded resident that something may have changed since, or
     that another job of it is at work on already (it may have loaded itself for that one), is credited
-    with the used memory no other consumer accounts for (see _credit).
+    with the used memory no other consumer accounts for (see _credit); never when the broker loads it
+    itself (the load takes its whole size, whoever holds that memory).
     """
     target = snap.consumers[snap.target]
     cushion = snap.cushion_mib
@@ -3212,7 +3215,7 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
         need = max(0, target.size_mib - target.used_mib) + cushion
     elif target.resident is True and target.trusted:
         need = 0
-    elif target.resident is True or snap.target_working:  # (a job of it works: it may have loaded it)
+    elif (target.resident is True or snap.target_working) and not snap.loads_target:
         need = target.size_mib - _credit(snap) + cushion
     else:
         need = target.size_mib + cushion
@@ -4172,23 +4175,30 @@ class Scheduler:
             state = self.states[job.consumer]
             if self._needs_no_room(job) or job.left:
                 return
-            await self._make_room(job)
+            await self._make_room(job, warm)
             if job.left:  # nobody waits for it any more: load nothing for it
                 return
-            # A service started by command whose health fails is stopped, even when an unload command
-            # failed half-way and left its residency unknown.
-            stopped = job.target.started_by_command and state.resident is None and state.healthy is False
-            if job.target.load is not None and (state.resident is False or warm or stopped):
+            if self._loads(job, warm):
                 await self._load(job)
             elif job.target.load is None and state.resident is not True:
                 job.cold = True  # it loads itself on this request: its time tells its load
+
+    def _loads(self, job: Job, warm: bool) -> bool:
+        """Whether the broker loads the target itself once it fits: it has a load and is known not to be
+        resident, or an admin load asks, or it is a service started by command whose health fails (stopped,
+        even when an unload command failed half-way and left its residency unknown)."""
+        state = self.states[job.consumer]
+        stopped = job.target.started_by_command and state.resident is None and state.healthy is False
+        return job.target.load is not None and (state.resident is False or warm or stopped)
 
     def _needs_no_room(self, job: Job) -> bool:
         """Resident by a record nothing has put in doubt, or its memory is elsewhere (a remote broker):
         no GPU reading, no eviction."""
         return self.states[job.consumer].known_resident() or job.target.vram_resident_mib == 0
 
-    def _room(self, job: Job, reading: GpuReading, tried: Mapping[str, str]) -> RoomSnapshot:
+    def _room(
+        self, job: Job, reading: GpuReading, tried: Mapping[str, str], *, loads: bool = False
+    ) -> RoomSnapshot:
         """The snapshot plan_room decides from: this GPU's consumers as the broker knows them now."""
         target = job.target
         consumers = {
@@ -4210,6 +4220,7 @@ class Scheduler:
             cfg.scheduler.max_evictions,
             reading.used_mib,
             self._working.get(target.name, 0),
+            loads,
         )
 
     def _measures(self) -> bool:
@@ -4226,12 +4237,12 @@ class Scheduler:
         except GpuError as e:
             raise BrokerError("gpu_unavailable", f"cannot read the GPU: {e}", job.consumer) from e
 
-    async def _make_room(self, job: Job) -> None:
+    async def _make_room(self, job: Job, warm: bool = False) -> None:
         """While the plan says the target does not fit, unload its first victim and wait for the memory."""
         tried: dict[str, str] = {}
         reading = await self._read_gpu(job)
         while True:
-            snap = self._room(job, reading, tried)
+            snap = self._room(job, reading, tried, loads=self._loads(job, warm))
             plan = plan_room(snap)
             if plan.fits or job.left:  # (nobody waits for it any more: unload nothing more for it)
                 return

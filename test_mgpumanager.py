@@ -7852,3 +7852,30 @@ async def test_a_join_whose_first_job_left_before_working_credits_it_nothing():
         await asyncio.wait_for(second, 5)
     assert refused.value.code == "insufficient_vram" and ("load", "t") not in ops.calls
     assert s.holder is None and books_balance(s)
+
+
+async def test_the_broker_never_loads_a_target_it_credited_with_a_strangers_memory():
+    """A target recorded resident but in doubt is credited with the used memory nobody accounts for; when
+    it restarted behind the broker's back and a stranger holds that memory, an admin load (warm-up)
+    planned with that credit found room and then loaded the whole model where it did not fit (found by
+    main's `make fuzz`). What the broker loads itself is planned at its full size."""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    for name in ("x", "y"):
+        gpu.held[name] = 4000
+        ops.states[name].loaded()
+    ops.states["z"].unloaded()
+    ops.states["t"].loaded()  # then it restarts unseen (it holds nothing), and the record is put in doubt
+    ops.states["t"].touched("a health round was missed")
+    gpu.held["someone's training run"] = 5000  # 2904 MiB free: t's 4000 do not fit
+    fits = []
+    real_load = ops.load
+
+    async def load(name: str) -> None:
+        free = gpu.total - gpu.reserved - sum(gpu.held.values())
+        fits.append(free >= ops.config.consumers[name].vram_resident_mib)
+        await real_load(name)
+
+    ops.load = load  # type: ignore[method-assign]
+    job = await s.load_now("t")
+    assert fits == [True] and job.evictions >= 1 and ops.calls[-1] == ("load", "t")
+    assert s.holder is None and books_balance(s)
