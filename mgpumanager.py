@@ -1058,6 +1058,9 @@ def parse_config(raw: Any) -> Config:
         if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
             ck.problem(f"consumers.{name}", "names are letters, digits, '_', '.', '-'")
             continue
+        if name == RESERVATION:
+            ck.problem(f"consumers.{name}", f"{name!r} is reserved (the GPU's reservation)")
+            continue
         parsed = _parse_consumer(ck, name, spec, gpu.index)
         if parsed is not None:
             consumers[name] = parsed
@@ -2861,6 +2864,8 @@ class Job:
     overtaken_since: float | None = None
     #: Granted to a consumer that was not resident and has no load of its own: its run includes loading.
     cold: bool = False
+    #: It made room and loaded (or needed neither) and went to work on its consumer, until its slot goes.
+    working: bool = False
     #: How it ended, kept for its log line (written when a hold after it ends).
     outcome: str | None = None
     code: str | None = None
@@ -3150,6 +3155,10 @@ class RoomSnapshot:
     max_evictions: int = 5
     #: Used MiB in the latest reading (None: not reported).
     used_mib: int | None = None
+    #: The target's other jobs at work already (past making room): what the GPU holds may be theirs.
+    target_working: int = 0
+    #: The broker loads the target itself once it fits (its load): planned at its full size, no credit.
+    loads_target: bool = False
 
 
 @dataclass(frozen=True)
@@ -3181,8 +3190,10 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
     coexist with the target, run no job and were not tried for this job yet: least recently used first
     (never used first, ties in config order); ``vram_managed`` ones (Ollama) only after every other, as
     the last resort; and after them the target itself when its residency is unknown and nothing measures
-    it: it may be what fills the GPU. A target recorded resident that something may have changed since is
-    credited with the used memory no other consumer accounts for (see _credit).
+    it: it may be what fills the GPU. A target recorded resident that something may have changed since, or
+    that another job of it is at work on already (it may have loaded itself for that one), is credited
+    with the used memory no other consumer accounts for (see _credit); never when the broker loads it
+    itself (the load takes its whole size, whoever holds that memory).
     """
     target = snap.consumers[snap.target]
     cushion = snap.cushion_mib
@@ -3190,7 +3201,7 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
         need = max(0, target.size_mib - target.used_mib) + cushion
     elif target.resident is True and target.trusted:
         need = 0
-    elif target.resident is True:
+    elif (target.resident is True or snap.target_working) and not snap.loads_target:
         need = target.size_mib - _credit(snap) + cushion
     else:
         need = target.size_mib + cushion
@@ -3224,10 +3235,11 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
 
 
 def _credit(snap: RoomSnapshot) -> int:
-    """What a target recorded resident, but not trusted and not measured, is taken to hold already: the
-    GPU's used memory that no other consumer can account for (each other consumer that is resident, or of
-    unknown residency, counted at what it holds), at most its size. The reading then decides: a consumer
-    that restarted behind the broker's back holds nothing, and its job makes room for all it will load."""
+    """What a target recorded resident but not trusted (or with a job at work on it), and not measured, is
+    taken to hold already: the GPU's used memory that no other consumer can account for (each other
+    consumer that is resident, or of unknown residency, counted at what it holds), at most its size. The
+    reading then decides: a consumer that restarted behind the broker's back holds nothing, and its job
+    makes room for all it will load."""
     if snap.used_mib is None:
         return 0
     others = sum(
@@ -3631,6 +3643,8 @@ class Scheduler:
         self._abandoned: dict[Job, str] = {}
         #: Consumers with an idle unload or a preload queued or running: never two for one consumer.
         self._internal: set[tuple[str, str]] = set()
+        #: Jobs of each consumer at work (they made room, or needed none; holds too), by consumer.
+        self._working: dict[str, int] = {}
         #: When each unload under way started (its time is learned when its memory showed up free).
         self._unload_started: dict[str, float] = {}
         #: The GPU given to something else (``reserve``), or None; one asked for and waiting for the lock.
@@ -3719,6 +3733,8 @@ class Scheduler:
         try:
             if not self._needs_no_room(job):  # checked again under the lock; the common case skips it
                 await self._guarded(job, self._prepare(job))
+            job.working = True  # (counted until its slot is given back: a join's plan credits its work)
+            self._working[job.consumer] = self._working.get(job.consumer, 0) + 1
             self.recorder.job_event("started", job)
         except BaseException as e:
             if job.state != "running" or job.left:  # ended by the step that failed, or ends with the
@@ -3982,7 +3998,7 @@ class Scheduler:
         """After a reload: jobs waiting for a consumer gone (or on another GPU now) get no_consumer."""
         for job in [j for j in self.lock.waiting if not j.granted.done()]:
             now = self.config.consumers.get(job.consumer)
-            if now is not None and now.gpu == self.index:
+            if (now is not None and now.gpu == self.index) or job.kind == RESERVATION:  # (no consumer's)
                 continue
             why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
             self.lock.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
@@ -4015,6 +4031,8 @@ class Scheduler:
 
         The consumer's count goes first: a crash in a grant that follows must not keep it counted."""
         self.states[job.consumer].jobs -= 1
+        if job.working:
+            self._working[job.consumer] -= 1
         try:
             return self.lock.release(job)
         except Exception as e:  # a bug in a grant: the slot is free; the next release or arrival retries
@@ -4060,15 +4078,29 @@ class Scheduler:
             await self._wait_for_grant(job)
         finally:
             self._reserving = None
+        if job.state != "running":  # answered by a reservation made while it waited: it extends that one
+            self._end(job, "completed")
+            if self.reservation is None:  # (which ended meanwhile)
+                return await self.reserve(for_s, reason)
+            return self._extend(self.reservation, for_s, reason)
         if self.reservation is not None:  # another request reserved it meanwhile: this one extends it
             job.release()
             return self._extend(self.reservation, for_s, reason)
         res = Reservation(job, reason, self.clock() + for_s, time.time() + for_s)
         self.reservation = res
-        for waiting in [j for j in self.lock.waiting if not j.granted.done()]:
-            self.lock.refuse(waiting, self._reserved_error(waiting.consumer))
-        # The broker's from here on, like a hold: a client that leaves does not cut the unloads short.
-        await asyncio.shield(self._own(asyncio.ensure_future(self._start_reservation(res, for_s))))
+        try:
+            for waiting in [j for j in self.lock.waiting if not j.granted.done()]:
+                if waiting.kind == RESERVATION:  # asked for while this one waited: it extends this one
+                    self.lock.waiting.remove(waiting)
+                    waiting.granted.set_result(None)
+                else:
+                    self.lock.refuse(waiting, self._reserved_error(waiting.consumer))
+            # The broker's from here on, like a hold: a client that leaves does not cut the unloads short.
+            start = self._own(asyncio.ensure_future(self._start_reservation(res, for_s)))
+        except Exception as e:  # a bug before its unloads began: no reservation, the GPU is free again
+            self.reservation = None
+            raise self._step_failed(job, e) from e
+        await asyncio.shield(start)
         return res
 
     async def _start_reservation(self, res: Reservation, for_s: float) -> None:
@@ -4080,6 +4112,8 @@ class Scheduler:
         if self.reservation is not res:  # released while it unloaded
             return
         left = max(0.0, res.until - self.clock())
+        if res.timer is not None:  # extended while it unloaded: one timer, for the end it has now
+            res.timer.cancel()
         res.timer = asyncio.get_running_loop().call_later(left, self.release_reservation, "expired")
         self.recorder.record(
             "reserved",
@@ -4112,6 +4146,8 @@ class Scheduler:
         record may be stale; unloading what holds nothing costs nothing); say why the others stay."""
         async with self._prepare_lock:
             for name, c in self.config.consumers.items():
+                if self.reservation is not res:  # released (or expired) meanwhile: the GPU is given back
+                    break
                 if c.gpu != self.index:
                     continue
                 if c.unload is None:
@@ -4130,9 +4166,12 @@ class Scheduler:
         if res is None:
             return False
         self.reservation = None
-        if res.timer is not None:
-            res.timer.cancel()
-        self.recorder.record("reservation_ended", consumer=RESERVATION, why=why, job=res.job.id)
+        try:
+            if res.timer is not None:
+                res.timer.cancel()
+            self.recorder.record("reservation_ended", consumer=RESERVATION, why=why, job=res.job.id)
+        except Exception as e:  # a bug in the books: the GPU is given back all the same
+            self.recorder.internal_error("reservation's end crashed", error=describe(e))
         res.job.release()
         return True
 
@@ -4147,23 +4186,30 @@ class Scheduler:
             state = self.states[job.consumer]
             if self._needs_no_room(job) or job.left:
                 return
-            await self._make_room(job)
+            await self._make_room(job, warm)
             if job.left:  # nobody waits for it any more: load nothing for it
                 return
-            # A service started by command whose health fails is stopped, even when an unload command
-            # failed half-way and left its residency unknown.
-            stopped = job.target.started_by_command and state.resident is None and state.healthy is False
-            if job.target.load is not None and (state.resident is False or warm or stopped):
+            if self._loads(job, warm):
                 await self._load(job)
             elif job.target.load is None and state.resident is not True:
                 job.cold = True  # it loads itself on this request: its time tells its load
+
+    def _loads(self, job: Job, warm: bool) -> bool:
+        """Whether the broker loads the target itself once it fits: it has a load and is known not to be
+        resident, or an admin load asks, or it is a service started by command whose health fails (stopped,
+        even when an unload command failed half-way and left its residency unknown)."""
+        state = self.states[job.consumer]
+        stopped = job.target.started_by_command and state.resident is None and state.healthy is False
+        return job.target.load is not None and (state.resident is False or warm or stopped)
 
     def _needs_no_room(self, job: Job) -> bool:
         """Resident by a record nothing has put in doubt, or its memory is elsewhere (a remote broker):
         no GPU reading, no eviction."""
         return self.states[job.consumer].known_resident() or job.target.vram_resident_mib == 0
 
-    def _room(self, job: Job, reading: GpuReading, tried: Mapping[str, str]) -> RoomSnapshot:
+    def _room(
+        self, job: Job, reading: GpuReading, tried: Mapping[str, str], *, loads: bool = False
+    ) -> RoomSnapshot:
         """The snapshot plan_room decides from: this GPU's consumers as the broker knows them now."""
         target = job.target
         consumers = {
@@ -4184,6 +4230,8 @@ class Scheduler:
             dict(tried),
             cfg.scheduler.max_evictions,
             reading.used_mib,
+            self._working.get(target.name, 0),
+            loads,
         )
 
     def _measures(self) -> bool:
@@ -4200,12 +4248,12 @@ class Scheduler:
         except GpuError as e:
             raise BrokerError("gpu_unavailable", f"cannot read the GPU: {e}", job.consumer) from e
 
-    async def _make_room(self, job: Job) -> None:
+    async def _make_room(self, job: Job, warm: bool = False) -> None:
         """While the plan says the target does not fit, unload its first victim and wait for the memory."""
         tried: dict[str, str] = {}
         reading = await self._read_gpu(job)
         while True:
-            snap = self._room(job, reading, tried)
+            snap = self._room(job, reading, tried, loads=self._loads(job, warm))
             plan = plan_room(snap)
             if plan.fits or job.left:  # (nobody waits for it any more: unload nothing more for it)
                 return
@@ -4388,7 +4436,9 @@ class Scheduler:
         for job, task in list(self._holds.items()):
             if job.consumer == name and job not in self._abandoned:
                 self._abandoned[job] = reason
-                task.cancel()
+                # Next turn: a hold made in this one has not started, and a task cancelled before its
+                # first step never runs its ``finally`` (the slot would stay taken).
+                asyncio.get_running_loop().call_soon(task.cancel)
 
     async def _hold(
         self, job: Job, hold: Callable[[], Awaitable[None]], timeout_s: float, started: float
@@ -4532,6 +4582,8 @@ class Scheduler:
             c = job.target
             if not warm(job):  # a swap: what may not stay beside it goes, then it loads
                 gone = {n for n in resident if n not in c.can_coexist_with and n != job.consumer}
+                # (this GPU's only: a swap here unloads nothing on another GPU)
+                gone = {n for n in gone if (o := self.config.consumers.get(n)) and o.gpu == self.index}
                 t += sum(figure(n, "unload") for n in gone) + figure(job.consumer, "load")
                 resident = (resident - gone) | {job.consumer}
             t += figure(job.consumer, "job")
@@ -5806,8 +5858,11 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, broker, first)
     name = route(broker.config, kind)  # ... and route for real after the body: a reload may have come
     await broker.check_reachable(name)
+    consumer = broker.config.consumers.get(name)
+    if consumer is None or kind not in consumer.paths:  # a reload came while it was probed
+        raise BrokerError("no_consumer", f"{name} no longer serves kind {kind!r}", name)
     scheduler = broker.scheduler_for(name)
-    strip_auth, consumer = broker.config.auth.token is not None, broker.config.consumers[name]
+    strip_auth = broker.config.auth.token is not None
     headers = request_headers(request, strip_auth=strip_auth, consumer=consumer)  # before waiting
     job = await scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
     return await _run_job(request, broker, scheduler, job, job.target.paths[kind], body, headers)
@@ -5945,7 +6000,9 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
         raise BrokerError("no_consumer", "no audio_proxy consumer is configured")
     path = audio_upstream_path(request.raw_path)
     await broker.check_reachable(name)
-    consumer = broker.config.consumers[name]
+    consumer = broker.config.consumers.get(name)
+    if consumer is None:  # a reload removed it while it was probed
+        raise BrokerError("no_consumer", f"{name} is no longer configured", name)
     ex = Exchange()
     try:
         with broker.unscheduled_slot(consumer):

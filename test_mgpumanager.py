@@ -7891,3 +7891,338 @@ def test_bench_overtaking_counts_later_jobs_of_no_higher_effective_priority():
     strict = [made_up_job(i, "tts", 2, (i, 0.1 * i), (10 + 2 * i, 1.0 + i), 1.5 + i) for i in range(4)]
     bench.overtaking(strict, aging_s=60)
     assert all(j.overtaken_s == 0 and not j.overtakers for j in strict)
+
+
+# =====================================================================================================
+# Found by attack: each test a defect found by attacking issues 11, 12 and 14's scheduler, state and
+# reservation (the commit that fixed it says what broke)
+# =====================================================================================================
+
+
+def _gated_unloads(ops: FakeOps, *names: str) -> tuple[asyncio.Event, list[str]]:
+    """Make the unloads of ``names`` (every consumer's if none is named) wait until the event is set; the
+    list of the unloads started."""
+    gate, started = asyncio.Event(), []
+    real = ops.unload
+
+    async def gated(name: str) -> None:
+        started.append(name)
+        if not names or name in names:
+            await gate.wait()
+        await real(name)
+
+    ops.unload = gated  # type: ignore[method-assign]
+    return gate, started
+
+
+async def test_a_release_while_the_reservation_unloads_unloads_nothing_more():
+    """DELETE /v1/reserve while the reservation still unloads gives the GPU back at once: a job of a
+    consumer known resident goes, and the reservation must not unload that consumer under it."""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    for name in ("t", "x", "y", "z"):
+        ops.states[name].loaded()
+        gpu.held[name] = 3000
+    gate, started = _gated_unloads(ops, "t")
+    reserving = asyncio.ensure_future(s.reserve(60, "gaming"))
+    await until(lambda: started == ["t"])  # t's unload is under way
+    assert s.release_reservation()
+    job = await asyncio.wait_for(s.acquire("x", "kx"), 5)  # x is known resident: it runs at once
+    gate.set()
+    await reserving
+    assert ops.calls == [("unload", "t")] and gpu.held.get("x") == 3000
+    assert ops.states["x"].resident is True and s.holder == "x"
+    job.release("completed", status=200, success=True)
+    assert s.holder is None and books_balance(s)
+
+
+async def test_a_reservation_extended_while_it_unloads_leaves_no_timer_behind_to_end_the_next_one():
+    """Asked again while its unloads run, a reservation got a second expiry timer, and the first one was
+    lost: released, then reserved anew, the GPU was given back by the stale timer long before the new
+    reservation's end."""
+    s, _, ops, _ = make_scheduler(small_config())
+    gate, _ = _gated_unloads(ops)
+    first = asyncio.ensure_future(s.reserve(60, "backup"))
+    await until(lambda: s.reservation is not None)
+    await s.reserve(0.05, "a short one")  # extended while it unloads
+    gate.set()
+    await first
+    assert s.release_reservation()
+    second = await s.reserve(3600, "gaming")
+    await asyncio.sleep(0.2)  # the extension's timer would have fired by now
+    assert s.reservation is second and s.holder == m.RESERVATION
+    ended = [e for e in s.events.recent(900) if e["event"] == "reservation_ended"]
+    assert [e["why"] for e in ended] == ["released"]
+    assert s.release_reservation() and s.holder is None and books_balance(s)
+
+
+def _record_raising_once(s: m.Scheduler, fact: str) -> Any:
+    """The scheduler's recorder, except that its first record of ``fact`` raises RuntimeError."""
+    return _raising_once(s.recorder.record, lambda name, *_: name == fact)
+
+
+#: Each step of a reservation's life after its grant, and how to make it raise once (a bug there).
+RESERVATION_STEPS = {
+    "refusing the queue": lambda s, mp: mp.setattr(s.lock, "refuse", _raising_once(s.lock.refuse)),
+    "starting its unloads": lambda s, mp: mp.setattr(s, "_own", _raising_once(s._own)),
+    "its end, released": lambda s, mp: mp.setattr(
+        s.recorder, "record", _record_raising_once(s, "reservation_ended")
+    ),
+    "its end, expired": lambda s, mp: mp.setattr(
+        s.recorder, "record", _record_raising_once(s, "reservation_ended")
+    ),
+}
+
+
+@pytest.mark.parametrize("step", list(RESERVATION_STEPS))
+async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_frees_its_slot(
+    step, monkeypatch
+):
+    """The scheduler's invariant for the reservation's job: a failure injected after its grant (answering
+    the queue, starting its unloads, recording its end by DELETE or by its timer) ends it once and frees
+    the GPU; before, the GPU stayed held by a reservation nobody could release."""
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    holding = await s.acquire("t", "kt")
+    reserving = asyncio.ensure_future(s.reserve(0.05 if step == "its end, expired" else 60, "gaming"))
+    waiting = await _queued(s, "x")  # answered gpu_reserved by the reservation, or served after it
+    RESERVATION_STEPS[step](s, monkeypatch)
+    holding.release("completed")
+    try:
+        await reserving
+    except m.BrokerError as e:
+        assert e.code == "scheduler_error" and step in ("refusing the queue", "starting its unloads")
+    else:
+        if step == "its end, released":
+            s.release_reservation()
+    await until(lambda: s.holder != m.RESERVATION)
+    assert s.reservation is None and s.stats.internal_errors == 1
+    with contextlib.suppress(m.BrokerError):
+        (await asyncio.wait_for(waiting, 5)).release("completed")
+    for _ in range(3):
+        await asyncio.sleep(0)  # the accounting runs after the hand-over
+    assert (s.holder, s.slots, s.holds) == (None, 0, 0)
+    assert all(state.jobs == 0 for state in ops.states.values()) and books_balance(s)
+    again = await s.acquire("y", "ky")  # the GPU is not wedged
+    again.release("completed")
+    assert s.holder is None and books_balance(s)
+
+
+async def test_a_reload_while_a_reservation_waits_for_the_gpu_keeps_it_waiting():
+    """A reload answers the jobs of consumers it removed with no_consumer (``forget``); the reservation's
+    job, whose "consumer" is no consumer of the config, was answered so too: `reserve` failed with
+    "reservation was removed from the config" whenever a reload came while it waited."""
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    holding = await s.acquire("t", "kt")
+    reserving = asyncio.ensure_future(s.reserve(60, "gaming"))
+    await until(lambda: len(s.queue()) == 1)
+    s.config = small_config()  # a reload: the same consumers
+    s.forget()
+    holding.release("completed")
+    res = await asyncio.wait_for(reserving, 5)
+    assert s.reservation is res and s.holder == m.RESERVATION
+    assert s.release_reservation() and s.holder is None and books_balance(s)
+
+
+async def test_two_reservations_asked_for_while_the_gpu_is_busy_make_one_that_the_second_extends():
+    """A second reserve while the first waits for the GPU (a Steam launch and a timer at once) was
+    answered gpu_reserved by the first once it held the GPU, though the README says asking again extends
+    it: `reserve` failed, and the GPU was given back at the first one's end."""
+    s, _, ops, clock = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    holding = await s.acquire("t", "kt")
+    first = asyncio.ensure_future(s.reserve(60, "gaming"))
+    second = asyncio.ensure_future(s.reserve(7200, "training"))
+    await until(lambda: len(s.queue()) == 2)
+    holding.release("completed")
+    one, two = await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert one is two is s.reservation and s.holder == m.RESERVATION
+    assert one.reason == "training" and one.describe(clock())["left_s"] == 7200
+    assert ops.calls.count(("unload", "x")) == 1  # unloaded once
+    assert s.release_reservation() and s.holder is None and books_balance(s)
+    assert s.stats.failed == 0
+
+
+async def test_a_hold_abandoned_in_the_turn_it_was_made_still_frees_the_gpu():
+    """The consumer seen gone (a probe, a reading) in the very turn of the loop in which its job's answer
+    ended: the hold's task was cancelled before it ever ran, so its ``finally`` never gave the slot back,
+    and the GPU stayed held for good."""
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    job = await s.acquire("t", "kt")
+    job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=30)
+    s.abandon_holds("t", "health probe: connection refused")  # before the hold's first step
+    await until(lambda: s.holder is None, 5)
+    assert (s.slots, s.holds, s.stats.hold_abandoned) == (0, 0, 1) and ops.states["t"].jobs == 0
+    assert books_balance(s)
+
+
+async def test_a_job_joining_its_consumers_first_job_counts_what_that_job_loaded():
+    """A consumer that loads itself (no load route: Ollama, llama-server) with max_concurrency 2, not
+    resident when its first job came: while that job runs, the consumer loads its model. A second job
+    joining it read the GPU, took the model's memory for someone else's, evicted the LRU consumer for
+    nothing and was refused insufficient_vram, the message naming the consumer's own process."""
+    config = small_config(consumers__t__max_concurrency=2, consumers__t__vram_resident_mib=8000)
+    config = m.replace(
+        config, consumers={**config.consumers, "t": m.replace(config.consumers["t"], load=None)}
+    )
+    s, gpu, ops, _ = make_scheduler(config)
+    gpu.held["x"] = 3000
+    ops.states["x"].loaded()
+    for name in ("t", "y", "z"):
+        ops.states[name].unloaded()
+    first = await s.acquire("t", "kt")
+    assert first.cold and ops.calls == []
+    gpu.held["t"] = 8000  # it loads itself for its first job, which runs on
+    second = await asyncio.wait_for(s.acquire("t", "kt"), 5)
+    assert ops.calls == [] and gpu.held == {"x": 3000, "t": 8000}  # x stays, nothing is loaded twice
+    second.release("completed", status=200, success=True)
+    first.release("completed", status=200, success=True)
+    assert s.holder is None and books_balance(s)
+
+
+async def test_a_reload_during_the_probe_of_an_unhealthy_consumer_is_no_consumer_not_a_crash(rig):
+    """A job for a consumer marked unhealthy probes it once more before it is queued; a reload that
+    removed the consumer meanwhile made the handler look it up in the new config: KeyError, answered
+    500 scheduler_error and counted as a bug (for /v1/<kind> and for /audio/ alike)."""
+    r = await rig()
+    for name in ("comfyui", "mvoice"):
+        r.broker.consumers.states[name].seen_down("connection refused")
+    gate, probing = asyncio.Event(), []
+    real_probe_now = r.broker.consumers.probe_now
+
+    async def slow_probe_now(name: str) -> None:
+        await real_probe_now(name)  # it is back: healthy
+        probing.append(name)
+        await gate.wait()  # the reload comes before the job goes on
+
+    r.broker.consumers.probe_now = slow_probe_now  # type: ignore[method-assign]
+    image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+    audio = asyncio.ensure_future(r.session.get(r.url("/audio/a.wav")))
+    await until(lambda: sorted(probing) == ["comfyui", "mvoice"])
+    raw = copy.deepcopy(r.raw)
+    del (
+        raw["consumers"]["comfyui"],
+        raw["routing"]["image"],
+        raw["consumers"]["mvoice"],
+        raw["routing"]["tts"],
+    )
+    raw["routing"]["stt"], raw["audio_proxy"] = "whisper", None
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    await r.broker.reload()
+    gate.set()
+    error_of(*await image, "no_consumer")
+    async with await audio as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "no_consumer")
+    assert r.sims["comfyui"].records == [] and r.sims["mvoice"].records == []
+
+
+def test_a_consumer_cannot_be_named_like_the_reservation():
+    """The reservation holds the GPU as a job of "reservation", with a ConsumerState of that name: a
+    consumer so named shared it (its job count, what `ps` and the timeline show) and was unloaded by, and
+    joined to, the reservation's books."""
+    raw = base_raw()
+    raw["consumers"]["reservation"] = raw["consumers"].pop("whisper")
+    raw["consumers"]["mvoice"]["can_coexist_with"] = ["ollama"]
+    assert problems_of(raw) == ["consumers.reservation: 'reservation' is reserved (the GPU's reservation)"]
+
+
+async def test_a_reload_during_the_probe_that_takes_the_kind_from_the_consumer_does_not_wedge_the_gpu(rig):
+    """As above, but the reload keeps the consumer and takes the job's kind from its paths: the job was
+    admitted, granted the GPU, and then its path looked up (KeyError) before anything could end it, so the
+    GPU stayed held for good."""
+    r = await rig()
+    r.broker.consumers.states["mvoice"].seen_down("connection refused")
+    gate, probing = asyncio.Event(), []
+    real_probe_now = r.broker.consumers.probe_now
+
+    async def slow_probe_now(name: str) -> None:
+        await real_probe_now(name)
+        probing.append(name)
+        await gate.wait()
+
+    r.broker.consumers.probe_now = slow_probe_now  # type: ignore[method-assign]
+    tts = asyncio.ensure_future(r.post("tts", {"text": "hi"}))
+    await until(lambda: probing == ["mvoice"])
+    raw = copy.deepcopy(r.raw)
+    del raw["consumers"]["mvoice"]["paths"]["tts"], raw["routing"]["tts"]
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    await r.broker.reload()
+    gate.set()
+    error_of(*await tts, "no_consumer")
+    assert r.broker.scheduler.holder is None and books_balance(r.broker.scheduler)
+    assert (await r.post("stt", None, data=b"x"))[0] == 200  # the GPU is not wedged
+
+
+async def test_an_eta_counts_only_the_unloads_of_consumers_on_its_own_gpu():
+    """The forecast took every resident consumer the broker knows as one a swap would unload: with two
+    GPUs, a job's eta_s (and Retry-After) on GPU 0 paid the unloads of GPU 1's consumers too."""
+    s, _, ops, _ = make_scheduler(small_config(consumers__z__gpu=1))
+    for name in ("t", "z"):
+        ops.states[name].loaded()
+        ops.states[name].learned("unload", 10.0)
+    ops.states["x"].unloaded()
+    ops.states["x"].learned("load", 1.0)
+    holding = await s.acquire("t", "kt")
+    first, second = await _queued(s, "x"), await _queued(s, "x")
+    # The second waits for the first's swap: t's unload and x's load, not z's unload on GPU 1.
+    assert [eta for _, eta in s.forecast()] == [0.0, 11.0]
+    holding.release("completed")
+    (await first).release("completed")
+    (await second).release("completed")
+    assert books_balance(s)
+
+
+async def test_a_join_whose_first_job_left_before_working_credits_it_nothing():
+    """The counterpart (found by `make fuzz`): only a job of the target at work may have loaded it. Its
+    first job's client left while that job made room, so nothing was loaded; the join then planned alone
+    and must not take a stranger's memory for the target's, nor load it where it does not fit."""
+    config = small_config(consumers__t__max_concurrency=2, consumers__t__vram_resident_mib=9000)
+    s, gpu, ops, _ = make_scheduler(config)
+    gpu.held.update({"x": 3000, "someone's notebook": 7000})
+    ops.states["x"].loaded()
+    for name in ("t", "y", "z"):
+        ops.states[name].unloaded()
+    gate, started = _gated_unloads(ops, "x")
+    first = asyncio.ensure_future(s.acquire("t", "kt"))
+    await until(lambda: started == ["x"])
+    first.cancel()  # its client leaves while x is unloaded for it
+    await asyncio.gather(first, return_exceptions=True)
+    second = asyncio.ensure_future(s.acquire("t", "kt"))  # joins t, waits for the room being made
+    await until(lambda: s.states["t"].jobs == 2)
+    gate.set()
+    with pytest.raises(m.BrokerError) as refused:
+        await asyncio.wait_for(second, 5)
+    assert refused.value.code == "insufficient_vram" and ("load", "t") not in ops.calls
+    assert s.holder is None and books_balance(s)
+
+
+async def test_the_broker_never_loads_a_target_it_credited_with_a_strangers_memory():
+    """A target recorded resident but in doubt is credited with the used memory nobody accounts for; when
+    it restarted behind the broker's back and a stranger holds that memory, an admin load (warm-up)
+    planned with that credit found room and then loaded the whole model where it did not fit (found by
+    main's `make fuzz`). What the broker loads itself is planned at its full size."""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    for name in ("x", "y"):
+        gpu.held[name] = 4000
+        ops.states[name].loaded()
+    ops.states["z"].unloaded()
+    ops.states["t"].loaded()  # then it restarts unseen (it holds nothing), and the record is put in doubt
+    ops.states["t"].touched("a health round was missed")
+    gpu.held["someone's training run"] = 5000  # 2904 MiB free: t's 4000 do not fit
+    fits = []
+    real_load = ops.load
+
+    async def load(name: str) -> None:
+        free = gpu.total - gpu.reserved - sum(gpu.held.values())
+        fits.append(free >= ops.config.consumers[name].vram_resident_mib)
+        await real_load(name)
+
+    ops.load = load  # type: ignore[method-assign]
+    job = await s.load_now("t")
+    assert fits == [True] and job.evictions >= 1 and ops.calls[-1] == ("load", "t")
+    assert s.holder is None and books_balance(s)
