@@ -4436,9 +4436,7 @@ class Scheduler:
         for job, task in list(self._holds.items()):
             if job.consumer == name and job not in self._abandoned:
                 self._abandoned[job] = reason
-                # Next turn: a hold made in this one has not started, and a task cancelled before its
-                # first step never runs its ``finally`` (the slot would stay taken).
-                asyncio.get_running_loop().call_soon(task.cancel)
+                task.cancel()  # a task cancelled before its first step ends through _hold_over's callback
 
     async def _hold(
         self, job: Job, hold: Callable[[], Awaitable[None]], timeout_s: float, started: float
