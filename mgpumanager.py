@@ -1485,13 +1485,20 @@ def logfmt(**fields: Any) -> str:
 #: What /v1/events sends, and what a subscriber that falls this far behind is dropped for.
 EVENT_BUFFER = 256
 #: The recent past kept for pages opened later (``/v1/events?since=SECONDS``): the events of the last
-#: EVENT_RING_S seconds, and of those at most EVENT_RING (a job makes 4 to 9 events: some 2,000 jobs, a few
-#: MiB). The dashboard's timeline draws the same 15 minutes.
+#: EVENT_RING_S seconds, and of those at most EVENT_RING (a job makes 4 to 9 events: some 2,000 jobs; kept
+#: as the bytes the stream sends, some 3.5 MiB when full). The dashboard's timeline draws the same 15 minutes.
 EVENT_RING = 10000
 EVENT_RING_S = 900.0
 #: A stream with nothing to say sends a comment this often, so proxies and browsers keep it open.
 HEARTBEAT_S = 15.0
-_DROPPED = {"event": "dropped"}
+#: A subscriber's stream: the events as the stream sends them, then None once it was dropped or the broker
+#: closes.
+Subscription = asyncio.Queue[bytes | None]
+
+
+def sse(event: dict[str, Any]) -> bytes:
+    """One event as /v1/events sends it: its name, and the event as one line of JSON."""
+    return f"event: {event['event']}\ndata: {json.dumps(event)}\n\n".encode()
 
 
 class Events:
@@ -1499,7 +1506,7 @@ class Events:
     recent ones (bounded by count and by age) that a subscriber may ask for first.
 
     Publishing never waits: a subscriber whose buffer is full is dropped (its stream ends) rather than
-    slowing the scheduler.
+    slowing the scheduler. Each event is serialised once, when it is published.
     """
 
     def __init__(
@@ -1511,35 +1518,37 @@ class Events:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.buffer = buffer
-        self.subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.subscribers: set[Subscription] = set()
         #: Called with every event (the systemd status line listens here).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.dropped = 0
-        #: The recent past, oldest first: (monotonic time, event); at most ``ring`` events of ``ring_s``.
-        self.ring: deque[tuple[float, dict[str, Any]]] = deque(maxlen=EVENT_RING if ring is None else ring)
+        #: The recent past, oldest first: (monotonic time, the event as sent); at most ``ring`` events of
+        #: ``ring_s``.
+        self.ring: deque[tuple[float, bytes]] = deque(maxlen=EVENT_RING if ring is None else ring)
         self.ring_s = EVENT_RING_S if ring_s is None else ring_s
         self.clock = clock
 
     def publish(self, name: str, /, **fields: Any) -> None:
         now = self.clock()
         event = {"event": name, "ts": _iso(time.time()), **fields}
-        self.ring.append((now, event))
+        sent = sse(event)
+        self.ring.append((now, sent))
         self._forget(now)
         for queue in list(self.subscribers):
             try:
-                queue.put_nowait(event)
+                queue.put_nowait(sent)
             except asyncio.QueueFull:
                 self.subscribers.discard(queue)
                 self.dropped += 1
                 while not queue.empty():
                     queue.get_nowait()
-                queue.put_nowait(_DROPPED)
+                queue.put_nowait(None)
                 log.warning(logfmt(msg="event subscriber dropped", buffer=self.buffer))
         for listener in self.listeners:
             listener(event)
 
-    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self.buffer)
+    def subscribe(self) -> Subscription:
+        queue: Subscription = asyncio.Queue(self.buffer)
         self.subscribers.add(queue)
         return queue
 
@@ -1549,20 +1558,20 @@ class Events:
         while self.ring and self.ring[0][0] < oldest:
             self.ring.popleft()
 
-    def recent(self, since_s: float) -> list[dict[str, Any]]:
-        """The ring's events of the last ``since_s`` seconds, oldest first."""
+    def recent(self, since_s: float) -> list[bytes]:
+        """The ring's events of the last ``since_s`` seconds, oldest first, as the stream sends them."""
         now = self.clock()
         self._forget(now)
         start = now - since_s
         past = list(itertools.takewhile(lambda entry: entry[0] >= start, reversed(self.ring)))
         return [event for _, event in reversed(past)]
 
-    def follow(self, since_s: float | None) -> tuple[asyncio.Queue[dict[str, Any]], list[dict[str, Any]]]:
+    def follow(self, since_s: float | None) -> tuple[Subscription, list[bytes]]:
         """Subscribe, and take the events of the last ``since_s`` seconds, in one step (nothing awaits in
         between): every event is either in the past returned or in the queue, never in both, never lost."""
         return self.subscribe(), [] if since_s is None else self.recent(since_s)
 
-    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+    def unsubscribe(self, queue: Subscription) -> None:
         self.subscribers.discard(queue)
 
     def close(self) -> None:
@@ -1571,7 +1580,7 @@ class Events:
             self.subscribers.discard(queue)
             while not queue.empty():
                 queue.get_nowait()
-            queue.put_nowait(_DROPPED)
+            queue.put_nowait(None)
 
 
 class Notifier:
@@ -6295,10 +6304,6 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers=headers)
 
 
-def _sse(event: dict[str, Any]) -> bytes:
-    return f"event: {event['event']}\ndata: {json.dumps(event)}\n\n".encode()
-
-
 def _since(request: web.Request) -> float | None:
     """The ``since`` query parameter of /v1/events: seconds of the past to replay (None: none asked)."""
     raw = request.query.get("since")
@@ -6327,16 +6332,16 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
         await resp.prepare(request)
         await resp.write(b": mgpumanager events\n\n")
         if since is not None:
-            await resp.write(b"".join(map(_sse, past)) + f": replayed {len(past)}\n\n".encode())
+            await resp.write(b"".join(past) + f": replayed {len(past)}\n\n".encode())
         while True:
             try:
                 event = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
             except asyncio.TimeoutError:
                 await resp.write(b": heartbeat\n\n")
                 continue
-            if event is _DROPPED:
+            if event is None:
                 break  # it fell behind: the client reconnects and reads /v1/status again
-            await resp.write(_sse(event))
+            await resp.write(event)
     except ConnectionResetError:
         pass  # the client left
     finally:

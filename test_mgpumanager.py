@@ -1,8 +1,31 @@
 """Tests for mgpumanager: real HTTP servers on port 0, real subprocesses, the real nvidia-smi captures.
 
-Sections follow the daemon's: config; GPU reading; the scheduler on its own (injected clock, GPU and
-consumer calls, no sockets); the broker end to end against mgpusim's consumers; the CLI as a subprocess.
-No test asserts wall-clock speed: they assert order, counts and structure.
+One entry point, grouped by capability. No test asserts wall-clock speed: they assert order, counts and
+structure. Helpers used by more than one section come first; a section's own helpers open it.
+
+Contents
+ 1. Config: every rule of consumers.yaml, each naming its key; the parser's failures; mgpumanager --check.
+ 2. GPU reading: nvidia-smi's output from the real captures, its failures and timeouts, processes and their
+    owners.
+ 3. Consumers and residency: health probes, what the GPU and the services show against the broker's own
+    record, restarts.
+ 4. Scheduling order, the lock and the queue: grant order, overtaking, aging, joins, the queue's bounds,
+    property tests.
+ 5. Eviction and loading: making room, unload and load routes and commands, idle unload, preload.
+ 6. Proxying and streaming: what reaches the consumer and what comes back, streamed; a consumer failing
+    mid-answer.
+ 7. Holds: a job's GPU kept until its consumer says the work is done, and every way a hold ends.
+ 8. Mounts, consumer ports and WebSockets: unmodified clients through /c/{name}/ and a consumer's own port.
+ 9. Presets and the simulated services: each preset against mgpusim playing what the real servers do.
+10. Operations
+    10.1 Status, metrics, events and logs: one record shown everywhere.
+    10.2 Reload: POST /v1/reload and SIGHUP, with jobs, probes and reservations in flight.
+    10.3 The daemon, systemd and shutdown: the daemon as a subprocess, notify, SIGTERM, the unit, make demo.
+    10.4 Admin unload and load, reserving the GPU: /v1/consumers/*, POST/DELETE /v1/reserve.
+    10.5 The command line: verbs against a running broker, each a process of its own.
+    10.6 The dashboard: a real browser; the timeline of the last 15 minutes.
+11. Hostile input: tokens, path guards, bodies, floods, malformed requests; every error in one shape.
+12. The benchmark's arithmetic: bench.py's lower bound and overtaking on made-up traces.
 """
 
 from __future__ import annotations
@@ -49,20 +72,11 @@ HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures" / "nvidia-smi"
 PY = sys.executable
 
-# The field list the fixtures were captured with (see fixtures/nvidia-smi/README.md).
-FIXTURE_GPU_FIELDS = (
-    "index",
-    "uuid",
-    "name",
-    "memory.total",
-    "memory.used",
-    "memory.free",
-    "memory.reserved",
-    "utilization.gpu",
-    "temperature.gpu",
-    "power.draw",
-    "pstate",
-)
+
+# =====================================================================================================
+# Shared helpers
+# Config shapes, fake clock/GPU/consumer calls, the in-process rig, the daemon.
+# =====================================================================================================
 
 
 def base_raw(**urls: str) -> dict[str, Any]:
@@ -134,9 +148,706 @@ def problems_of(raw: Any) -> list[str]:
     return info.value.problems
 
 
+def _bomb(levels: int) -> str:
+    """A billion-laughs document of about 1 KiB: ``levels`` levels of ten aliases each."""
+    lines = ['l0: &l0 "lol"']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def fixture(name: str) -> str:
+    return (FIXTURES / name).read_text()
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie is its new parent's to reap, not ours)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def sim_smi(state: Path) -> tuple[str, ...]:
+    return (PY, str(HERE / "mgpusim.py"), "nvidia-smi", "--state", str(state))
+
+
+class FakeClock:
+    """Simulated time: ``sleep`` advances it instead of waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+class FakeGpu:
+    """A GPU whose memory is what the fake consumers hold; records which readings were asked for."""
+
+    def __init__(self, total: int = 16384, reserved: int = 480) -> None:
+        self.total, self.reserved = total, reserved
+        self.held: dict[str, int] = {}
+        #: "memory" (the GPU line alone) or "whole" (with the process list), in order.
+        self.reads: list[str] = []
+        #: Memory still held by unloaded consumers, released after this many further reads.
+        self.releasing: dict[str, int] = {}
+        self.error: str | None = None
+
+    async def read_memory(self) -> m.GpuReading:
+        return await self._read("memory")
+
+    async def read(self, *, max_age: float = 0.0, own: bool = False) -> m.GpuReading:
+        return await self._read("whole")
+
+    async def _read(self, what: str) -> m.GpuReading:
+        self.reads.append(what)
+        if self.error:
+            raise m.GpuError(self.error)
+        for name in list(self.releasing):
+            self.releasing[name] -= 1
+            if self.releasing[name] < 0:
+                del self.releasing[name]
+                self.held.pop(name, None)
+        used = sum(self.held.values())
+        procs = tuple(
+            m.GpuProcess(100 + i, f"/usr/bin/{n}", mib) for i, (n, mib) in enumerate(self.held.items())
+        )
+        return m.GpuReading(
+            0, "GPU-x", "Fake", self.total, used, self.total - self.reserved - used, 0, 40, procs, 0, 0
+        )
+
+
+class FakeOps:
+    """Consumer calls that record themselves and move memory on the FakeGpu."""
+
+    def __init__(self, config: m.Config, gpu: FakeGpu, clock: FakeClock | None = None) -> None:
+        self.config, self.gpu = config, gpu
+        self.clock = clock or FakeClock()
+        self.states = {name: m.ConsumerState(name, self.clock) for name in config.consumers}
+        self.calls: list[tuple[str, str]] = []
+        #: (name, reason) of every consumer the scheduler reported gone.
+        self.gone_calls: list[tuple[str, str]] = []
+        #: name -> "fail" | "hang" | "keep" (answers ok, never frees) | int (frees after that many reads)
+        #: | "gated" (takes effect once ``gate`` is set)
+        self.unload_behaviour: dict[str, Any] = {}
+        self.gate = asyncio.Event()
+        self.load_fails: set[str] = set()
+
+    async def unload(self, name: str) -> None:
+        self.calls.append(("unload", name))
+        how = self.unload_behaviour.get(name)
+        if how == "gated":
+            await self.gate.wait()
+        if how == "fail":
+            raise m.CallError("unload answered 500: boom")
+        if how == "hang":  # the unload takes effect, but its answer never comes
+            self.gpu.held.pop(name, None)
+            await asyncio.Event().wait()
+        if isinstance(how, int):
+            self.gpu.releasing[name] = how
+        elif how != "keep":
+            self.gpu.held.pop(name, None)
+
+    def gone(self, name: str, reason: str) -> None:
+        self.gone_calls.append((name, reason))
+        self.states[name].seen_down(reason)
+
+    def owners(self) -> dict[int, str]:
+        """pid -> consumer: FakeGpu's processes are numbered from 100 in the order they took memory."""
+        return {100 + i: name for i, name in enumerate(self.gpu.held) if name in self.config.consumers}
+
+    async def load(self, name: str) -> None:
+        self.calls.append(("load", name))
+        if name in self.load_fails:
+            raise m.CallError("load answered 503: no")
+        self.gpu.held[name] = self.config.consumers[name].vram_resident_mib
+
+
+def small_config(**tweaks: Any) -> m.Config:
+    """Target t and three others x, y, z of 4000 MiB each, all with unload routes."""
+    consumers = {}
+    for name in ("t", "x", "y", "z"):
+        consumers[name] = {
+            "url": f"http://127.0.0.1:9/{name}",
+            "health": {"path": "/health"},
+            "paths": {f"k{name}": {"path": "/work"}},
+            "vram_resident_mib": 4000,
+            "unload": {"path": "/unload"},
+            "load": {"path": "/load"},
+        }
+    raw = {
+        "gpu": {"cushion_mib": 256},
+        "scheduler": {"aging_s": 60, "vram_wait_s": 1, "queue_timeout_s": 300},
+        "routing": {},
+        "consumers": consumers,
+    }
+    for dotted, value in tweaks.items():
+        *parents, leaf = dotted.split("__")
+        node = raw
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return m.parse_config(raw)
+
+
+def make_scheduler(config: m.Config) -> tuple[m.Scheduler, FakeGpu, FakeOps, FakeClock]:
+    clock = FakeClock()
+    gpu = FakeGpu()
+    ops = FakeOps(config, gpu, clock)
+    return m.Scheduler(config, gpu, ops, clock=clock, sleep=clock.sleep), gpu, ops, clock
+
+
+def books_balance(s: m.Scheduler) -> bool:
+    st = s.stats
+    return st.jobs == st.completed + st.failed + st.cancelled + st.rejected + s.running + len(s.queue())
+
+
+def crowd(gpu: FakeGpu, ops: FakeOps, used: dict[str, float]) -> None:
+    """x, y, z resident with 4000 MiB each (free 3904 < t's 4256); ``used`` stamps their last use."""
+    for name in ("x", "y", "z"):
+        gpu.held[name] = 4000
+        ops.states[name].loaded()
+        ops.states[name].last_used = used.get(name)
+    ops.states["t"].unloaded()
+
+
+async def _queued(s: m.Scheduler, consumer: str) -> asyncio.Task[m.Job]:
+    task = asyncio.ensure_future(s.acquire(consumer, "k" + consumer))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    return task
+
+
+def _raising_once(real: Any, when: Any = None) -> Any:
+    """``real``, except that its first call (for which ``when(*args)`` holds) raises RuntimeError."""
+    calls = []
+
+    def wrapper(*args: Any, **kw: Any) -> Any:
+        if not calls and (when is None or when(*args)):
+            calls.append(1)
+            raise RuntimeError("injected")
+        return real(*args, **kw)
+
+    return wrapper
+
+
+class Rig:
+    """Simulated GPU and consumers, and the broker in front of them, all on real sockets."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.servers: list[TestServer] = []
+        self.sims: dict[str, mgpusim.SimConsumer] = {}
+        self.sim_servers: dict[str, TestServer] = {}
+        #: The ports of killed consumers, for their revival.
+        self.ports: dict[str, int | None] = {}
+        self.expected_internal_errors = 0
+
+    async def start(
+        self,
+        *,
+        total_mib: int = 16384,
+        sims: dict[str, dict[str, Any]] | None = None,
+        tweak: Any = None,
+        urls: dict[str, str] | None = None,
+        remote: str | None = None,
+        gpus: int = 1,
+        extra: dict[str, tuple[Any, dict[str, Any]]] | None = None,
+    ) -> Rig:
+        """``extra``: name -> (a simulated consumer's factory, its config without url) besides the four."""
+        self.state = self.tmp_path / "gpu.json"
+        self.gpu = mgpusim.SimGPU(self.state, total_mib=total_mib, reserved_mib=480, gpus=gpus)
+        kinds = {
+            "mvoice": mgpusim.MvoiceSim,
+            "comfyui": mgpusim.ComfySim,
+            "ollama": mgpusim.OllamaSim,
+            "whisper": mgpusim.WhisperSim,
+        }
+        for name, cls in kinds.items():
+            # ComfySim keeps a CUDA context like the real one; tests that are not about it do without.
+            options = {"vram_mib": 8000} if name == "ollama" else {"context_mib": 0}
+            sim = cls(name, self.gpu, **options | (sims or {}).get(name, {}))
+            server = TestServer(sim.app, host="127.0.0.1", port=0)
+            await server.start_server()
+            self.sims[name], self.sim_servers[name] = sim, server
+        for name, (factory, _) in (extra or {}).items():
+            self.sims[name] = factory(name, self.gpu)
+            self.sim_servers[name] = TestServer(self.sims[name].app, host="127.0.0.1", port=0)
+            await self.sim_servers[name].start_server()
+        raw = base_raw(
+            **{n: str(s.make_url("")).rstrip("/") for n, s in self.sim_servers.items()} | (urls or {})
+        )
+        for name, (_, spec) in (extra or {}).items():
+            raw["consumers"][name] = {"url": str(self.sim_servers[name].make_url("")).rstrip("/"), **spec}
+        raw["gpu"]["nvidia_smi"] = list(sim_smi(self.state))
+        raw["health"] = {"interval_s": 3600, "timeout_s": 2}  # tests probe explicitly
+        if tweak:
+            tweak(raw)
+        # The config goes through a file, as in production, so that reloads can read it again.
+        self.raw, self.config_path = raw, self.tmp_path / "consumers.yaml"
+        self.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        source = m.ConfigSource(self.config_path)
+        self.config = source.load()
+        self.app = m.create_app(self.config, source)
+        if remote is not None:  # every client looks as if it came from elsewhere than loopback
+            self.app.middlewares.insert(0, from_elsewhere(remote))
+        self.server = TestServer(self.app, host="127.0.0.1", port=0)
+        await self.server.start_server()
+        self.broker = self.app[m.BROKER]
+        self.session = aiohttp.ClientSession(auto_decompress=False)
+        return self
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    async def kill(self, name: str) -> None:
+        """The consumer's process dies: its server is gone (connections refused), its work with it."""
+        self.ports[name] = self.sim_servers[name].port
+        await self.sim_servers[name].close()
+        self.sims[name].restart()
+
+    async def revive(self, name: str) -> None:
+        """The consumer's service is back on its port: a new process that knows nothing of before."""
+        port = self.ports.pop(name)
+        self.sims[name].app = self.sims[name].make_app()
+        server = TestServer(self.sims[name].app, host="127.0.0.1", port=port)
+        await server.start_server()
+        self.sim_servers[name] = server
+
+    async def restart(self, name: str) -> None:
+        """The consumer restarts between two of the broker's looks at it: no probe sees it down."""
+        await self.kill(name)
+        await self.revive(name)
+
+    @property
+    def stats(self) -> m.Stats:
+        return self.broker.scheduler.stats
+
+    async def post(self, kind: str, payload: Any = None, **kw: Any) -> tuple[int, dict[str, str], bytes]:
+        async with self.session.post(self.url(f"/v1/{kind}"), json=payload, **kw) as resp:
+            return resp.status, dict(resp.headers), await resp.read()
+
+    async def status(self) -> dict[str, Any]:
+        async with self.session.get(self.url("/v1/status")) as resp:
+            assert resp.status == 200
+            return await resp.json()
+
+    async def close(self) -> None:
+        await self.session.close()
+        await self.server.close()
+        for server in self.sim_servers.values():
+            await server.close()
+
+
+@pytest.fixture
+async def rig(tmp_path):
+    rigs: list[Rig] = []
+
+    async def make(**kw: Any) -> Rig:
+        home = tmp_path / f"rig{len(rigs)}"
+        home.mkdir()
+        r = await Rig(home).start(**kw)
+        rigs.append(r)
+        return r
+
+    yield make
+    for r in rigs:
+        await r.close()
+    # Whatever a test did, the broker itself must not have crashed (unless the test made it).
+    assert [r.stats.internal_errors for r in rigs] == [r.expected_internal_errors for r in rigs]
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    """Wait for a condition the broker reaches on its own (bounded: a hang fails the test)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+class StandIn:
+    """A tiny consumer written for one fault: an aiohttp app on port 0 whose routes the test gives."""
+
+    def __init__(self, routes: list[tuple[str, str, Any]]) -> None:
+        self.app = web.Application()
+        for method, path, handler in routes:
+            self.app.router.add_route(method, path, handler)
+        self.server = TestServer(self.app, host="127.0.0.1", port=0)
+
+    async def __aenter__(self) -> StandIn:
+        await self.server.start_server()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.server.close()
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+
+def held_llm(gate: asyncio.Event) -> StandIn:
+    """A stand-in ollama whose /api/generate answers only once ``gate`` is set: it holds the GPU lock."""
+
+    async def held(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.json_response({"response": "done"})
+
+    return StandIn([("POST", "/api/generate", held), ("GET", "/", _ok)])
+
+
+#: The issue's table of error codes, written out again so that a change in the daemon shows up here.
+SPEC_ERRORS = {
+    "bad_request": 400,
+    "not_found": 404,
+    "no_consumer": 404,
+    "method_not_allowed": 405,
+    "payload_too_large": 413,
+    "consumer_unreachable": 502,
+    "load_failed": 502,
+    "bad_consumer_url": 502,
+    "scheduler_error": 500,
+    "queue_full": 503,
+    "queue_timeout": 503,
+    "insufficient_vram": 503,
+    "gpu_unavailable": 503,
+    "consumer_timeout": 504,
+    # Issue 3 (security) and the admin API:
+    "unauthorized": 401,
+    "forbidden": 403,
+    "bad_config": 422,
+    "unload_failed": 502,
+    # Issue 4 (graceful shutdown):
+    "shutting_down": 503,
+    # Issue 10 (limits):
+    "too_many_requests": 429,
+    "request_timeout": 408,
+    # Issue 14 (the GPU given to something else):
+    "gpu_reserved": 503,
+}
+
+
+#: Retryable as the README documents it (load_failed and insufficient_vram as the issue says).
+SPEC_RETRYABLE = {c for c, st in SPEC_ERRORS.items() if st >= 500} - {"bad_consumer_url", "scheduler_error"}
+
+
+SPEC_RETRYABLE |= {"too_many_requests"}
+
+
+def error_of(status: int, headers: dict[str, str], body: bytes, code: str) -> dict[str, Any]:
+    """Assert the broker's error shape and code; return the parsed error."""
+    data = json.loads(body)
+    assert set(data) == {"error", "message", "consumer", "retryable"}, data
+    assert data["error"] == code, data
+    assert status == SPEC_ERRORS[code] and data["retryable"] is (code in SPEC_RETRYABLE)
+    assert isinstance(data["message"], str) and data["message"]
+    if status in (429, 503):
+        assert headers["Retry-After"].isdigit()
+    return data
+
+
+def overlaps(records: list[mgpusim.Record]) -> list[tuple[mgpusim.Record, mgpusim.Record]]:
+    spans = sorted(records, key=lambda r: r.start)
+    return [(a, b) for a, b in itertools.pairwise(spans) if b.start < (a.end or float("inf"))]
+
+
+async def raw_get(r: Rig, target: str, port: int | None = None) -> tuple[int, bytes]:
+    """Send a request line exactly as written (a client library would normalise the path); to the broker's
+    port, or another of its ports."""
+    host, port = r.server.host, port or r.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def comfy_measured(raw: dict[str, Any]) -> None:
+    """ComfyUI's processes are recognised in nvidia-smi's list: its memory is measured."""
+    raw["consumers"]["comfyui"]["processes"] = {"name": "*/ComfyUI/*"}
+
+
+REAL_COMFY = {"context_mib": 610, "work_s": 0.05}
+
+
+async def _render(r: Rig, path: str = "/v1/image") -> str:
+    """An image job, and the end of its hold; the prompt id."""
+    async with r.session.post(r.url(path), json={"prompt": {}}) as resp:
+        assert resp.status == 200, await resp.read()
+        prompt_id = (await resp.json())["prompt_id"]
+    await until(lambda: r.broker.scheduler.holder is None)
+    return prompt_id
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Daemon:
+    """mgpumanager.py as its own process on a free port, for what only a real process shows."""
+
+    def __init__(
+        self, raw: dict[str, Any], home: Path, smi: tuple[str, ...], env: dict[str, str] | None = None
+    ) -> None:
+        self.env = {**os.environ, **(env or {})}
+        self.config = home / "daemon.yaml"
+        self.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        self.port = free_port()
+        self.smi = smi
+        #: Its stderr goes to a file: a pipe nobody reads would fill up and block its logging.
+        self.log_path = home / "daemon.log"
+        self.log = ""
+        self.terminated = False
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def rss_mib(self) -> float:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
+
+    async def status(self, session: aiohttp.ClientSession) -> dict[str, Any]:
+        async with session.get(self.url("/v1/status")) as resp:
+            return await resp.json()
+
+    async def until(
+        self, session: aiohttp.ClientSession, predicate: Any, timeout: float = 10
+    ) -> dict[str, Any]:
+        """Poll /v1/status until ``predicate(status)`` holds; that status."""
+        deadline = time.monotonic() + timeout
+        while not predicate(status := await self.status(session)):
+            assert time.monotonic() < deadline, f"status never matched: {status['scheduler']}"
+            await asyncio.sleep(0.05)
+        return status
+
+    async def __aenter__(self) -> Daemon:
+        self.log_file = self.log_path.open("wb")
+        self.proc = await asyncio.create_subprocess_exec(
+            PY,
+            str(HERE / "mgpumanager.py"),
+            "--config",
+            str(self.config),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--nvidia-smi",
+            " ".join(self.smi),
+            stderr=self.log_file,
+            env=self.env,
+        )
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    async with session.get(self.url("/healthz")) as resp:
+                        if resp.status == 200:
+                            return self
+                except aiohttp.ClientConnectionError:
+                    pass
+                if time.monotonic() > deadline or self.proc.returncode is not None:
+                    await self.__aexit__()
+                    raise AssertionError(f"the daemon did not start:\n{self.log}")
+                await asyncio.sleep(0.05)
+
+    def terminate(self) -> None:
+        """SIGTERM, as systemd stops a service: once."""
+        if not self.terminated:
+            self.terminated = True
+            self.proc.send_signal(signal.SIGTERM)
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self.proc.returncode is None:
+            self.terminate()
+        await asyncio.wait_for(self.proc.wait(), 60)
+        self.log_file.close()
+        self.log = self.log_path.read_text()
+
+
+def _unscheduled_show(raw: dict[str, Any]) -> None:
+    raw["consumers"]["ollama"]["unscheduled"] = [{"method": "POST", "path": "/api/show"}]
+
+
+def job_lines(caplog: Any) -> list[str]:
+    return [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("msg=job ")]
+
+
+TOKEN = "s3cret-token-0123456789"
+
+
+def with_token(raw: dict[str, Any]) -> None:
+    raw["auth"] = {"token": TOKEN}
+
+
+def from_elsewhere(address: str = "192.0.2.7") -> Any:
+    """A middleware that makes every request look as if it came from ``address`` (not loopback)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        return await handler(request.clone(remote=address))
+
+    return middleware
+
+
+def _families(text: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def _value(families: dict[str, Any], sample: str, **labels: str) -> float:
+    for family in families.values():
+        for s in family.samples:
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    raise KeyError((sample, labels))
+
+
+def recent_events(events: m.Events, since_s: float = 900) -> list[dict[str, Any]]:
+    """The ring's events of the last ``since_s`` seconds, read back from the bytes the stream sends."""
+    return [json.loads(frame.split(b"\ndata: ", 1)[1]) for frame in events.recent(since_s)]
+
+
+async def _read_events(resp: aiohttp.ClientResponse, until_event: str) -> list[dict[str, Any]]:
+    events = []
+    while True:
+        line = await asyncio.wait_for(resp.content.readline(), 10)
+        if line.startswith(b"data: "):
+            events.append(json.loads(line[6:]))
+            if events[-1]["event"] == until_event:
+                return events
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol, with aiohttp's own websocket client."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.ids = itertools.count(1)
+
+    async def __aenter__(self) -> Browser:
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        if chromium is None:
+            pytest.skip("chromium is not installed (.ci/run installs it)")
+        self.log = (self.home / "chromium.log").open("wb")
+        self.proc = await asyncio.create_subprocess_exec(
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1000,1100",
+            f"--user-data-dir={self.home / 'profile'}",
+            "--remote-debugging-port=0",
+            "about:blank",
+            stderr=self.log,
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        port_file = self.home / "profile" / "DevToolsActivePort"
+        await until(port_file.exists, timeout=30)
+        await until(lambda: len(port_file.read_text().split()) >= 2, timeout=30)
+        port = port_file.read_text().split()[0]
+        self.session = aiohttp.ClientSession()
+        async with self.session.get(f"http://127.0.0.1:{port}/json/list") as resp:
+            page = next(t for t in await resp.json() if t["type"] == "page")
+        self.ws = await self.session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
+        return self
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        call_id = next(self.ids)
+        await self.ws.send_json({"id": call_id, "method": method, "params": params})
+        while True:
+            message = await asyncio.wait_for(self.ws.receive_json(), 30)
+            if message.get("id") == call_id:
+                assert "error" not in message, message
+                return message["result"]
+
+    async def evaluate(self, expression: str) -> Any:
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, timeout: float = 15) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = await self.evaluate(expression)
+            if value:
+                return value
+            assert time.monotonic() < deadline, f"never true in the page: {expression}"
+            await asyncio.sleep(0.1)
+
+    async def screenshot(self, path: Path) -> None:
+        shot = await self.call("Page.captureScreenshot", format="png")
+        await asyncio.to_thread(path.write_bytes, base64.b64decode(shot["data"]))
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.ws.close()
+        await self.session.close()
+        self.proc.kill()
+        await self.proc.wait()
+        self.log.close()
+
+
+def use_presets(raw: dict[str, Any]) -> None:
+    """comfyui, ollama and whisper as consumers.yaml has them: their presets, a URL and a size."""
+    for name, preset in (("comfyui", "comfyui"), ("ollama", "ollama"), ("whisper", "whisper-cpp")):
+        c = raw["consumers"][name]
+        raw["consumers"][name] = {
+            "preset": preset,
+            "url": c["url"],
+            "vram_resident_mib": c["vram_resident_mib"],
+        }
+
+
+def _gated_unloads(ops: FakeOps, *names: str) -> tuple[asyncio.Event, list[str]]:
+    """Make the unloads of ``names`` (every consumer's if none is named) wait until the event is set; the
+    list of the unloads started."""
+    gate, started = asyncio.Event(), []
+    real = ops.unload
+
+    async def gated(name: str) -> None:
+        started.append(name)
+        if not names or name in names:
+            await gate.wait()
+        await real(name)
+
+    ops.unload = gated  # type: ignore[method-assign]
+    return gate, started
+
+
 # =====================================================================================================
-# Config
+# 1. Config
+# Every rule of consumers.yaml, each naming its key; the parser's failures; mgpumanager --check.
 # =====================================================================================================
+
+
+def _mutated(path: str, value: Any) -> dict[str, Any]:
+    raw = base_raw()
+    *parents, leaf = path.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    if value is KeyError:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return raw
+
+
+def _config_text(**extra: str) -> str:
+    return yaml.safe_dump(base_raw(), sort_keys=False) + "".join(extra.values())
 
 
 def test_shipped_config_is_valid_and_check_prints_summary():
@@ -183,19 +894,6 @@ def test_coexistence_is_symmetric():
     assert config.consumers["ollama"].can_coexist_with == {"mvoice"}
     assert config.consumers["whisper"].can_coexist_with == {"mvoice"}
     assert config.consumers["comfyui"].can_coexist_with == set()
-
-
-def _mutated(path: str, value: Any) -> dict[str, Any]:
-    raw = base_raw()
-    *parents, leaf = path.split(".")
-    node = raw
-    for key in parents:
-        node = node[key]
-    if value is KeyError:
-        del node[leaf]
-    else:
-        node[leaf] = value
-    return raw
 
 
 @pytest.mark.parametrize(
@@ -415,17 +1113,6 @@ def test_credentials_in_a_consumer_url_are_refused_and_never_echoed(url):
     assert not any("s3cretpw" in p for p in problems), problems
 
 
-def _bomb(levels: int) -> str:
-    """A billion-laughs document of about 1 KiB: ``levels`` levels of ten aliases each."""
-    lines = ['l0: &l0 "lol"']
-    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
-    return "\n".join(lines) + "\n"
-
-
-def _config_text(**extra: str) -> str:
-    return yaml.safe_dump(base_raw(), sort_keys=False) + "".join(extra.values())
-
-
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -535,13 +1222,217 @@ def test_cli_overrides_listen_and_nvidia_smi(tmp_path):
     assert config.gpu.nvidia_smi == ("python3", "mgpusim.py", "nvidia-smi", "--state", "s s.json")
 
 
+def test_consumers_run_on_the_default_gpu_unless_they_name_one_and_coexist_only_on_one():
+    raw = base_raw()
+    raw["gpu"]["index"] = 1
+    raw["consumers"]["comfyui"]["gpu"] = 0
+    config = m.parse_config(raw)
+    assert {n: c.gpu for n, c in config.consumers.items()} == {
+        "mvoice": 1,
+        "comfyui": 0,
+        "ollama": 1,
+        "whisper": 1,
+    }
+    assert m.gpu_indexes(config) == [0, 1]
+    assert "(GPU 0)" in m.summary(config) and "(GPU 1)" in m.summary(config)
+    raw["consumers"]["whisper"]["gpu"] = 0  # mvoice (GPU 1) names whisper in can_coexist_with
+    with pytest.raises(m.ConfigError) as info:
+        m.parse_config(raw)
+    assert info.value.problems == [
+        "consumers.mvoice.can_coexist_with: names whisper, which runs on GPU 0, not 1: coexistence is a"
+        " question for one GPU (consumers on different GPUs never wait for each other)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ({"path": "/api/show"}, "consumers.ollama.unscheduled: must be a list"),
+        ([{"path": "/api/show", "verb": "POST"}], "consumers.ollama.unscheduled[0].verb: unknown key"),
+        ([{"method": "POST"}], "consumers.ollama.unscheduled[0].path: missing"),
+        ([{"path": "api/show"}], "consumers.ollama.unscheduled[0].path: must start with '/'"),
+        ([{"path": "/a/*/b"}], "consumers.ollama.unscheduled[0].path: '*' may only end a path"),
+        ([{"method": "FETCH", "path": "/x"}], "consumers.ollama.unscheduled[0].method: must be one of"),
+        (["/api/show"], "consumers.ollama.unscheduled[0]: must be a mapping"),
+        (
+            [{"path": "/api/show"}, {"path": "/api/gen*"}],
+            "consumers.ollama.unscheduled[1]: POST /api/generate is the path of kind 'llm'",
+        ),
+    ],
+)
+def test_unscheduled_config_rules_name_the_key(value, expected):
+    problems = problems_of(_mutated("consumers.ollama.unscheduled", value))
+    assert any(expected in p for p in problems), problems
+
+
+def test_unscheduled_defaults_to_post_and_a_trailing_star_is_a_prefix():
+    config = m.parse_config(
+        _mutated("consumers.comfyui.unscheduled", [{"path": "/upload/*"}, {"path": "/x"}])
+    )
+    prefix, exact = config.consumers["comfyui"].unscheduled
+    assert (prefix.method, exact.method) == ("POST", "POST")
+    assert prefix.matches("POST", "/upload/image") and not prefix.matches("POST", "/uploadx")
+    assert exact.matches("POST", "/x") and not exact.matches("POST", "/x/y")
+    assert not exact.matches("PUT", "/x")
+    assert config.consumers["mvoice"].unscheduled == ()
+    shipped = m.load_config(HERE / "consumers.yaml").consumers
+    assert any(u.matches("POST", "/api/show") for u in shipped["ollama"].unscheduled)
+
+
+def test_token_file_and_token_rules(tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN + "\n")
+    raw = base_raw()
+    raw["auth"] = {"token_file": str(secret)}
+    assert m.parse_config(raw).auth.token == TOKEN
+    raw["auth"] = {"token_file": str(tmp_path / "missing")}
+    assert any(p.startswith("auth.token_file: cannot read") for p in problems_of(raw))
+    raw["auth"] = {"token": "short"}
+    assert any(p.startswith("auth.token: the token must be at least 16") for p in problems_of(raw))
+    raw["auth"] = {"token": TOKEN, "token_file": str(secret)}
+    assert any("not both" in p for p in problems_of(raw))
+
+
+def test_a_token_file_is_read_bounded_from_a_regular_file_only(tmp_path, caplog):
+    """Item 7 of issue 10: /dev/zero hung start-up; a token file others may read was accepted silently."""
+    raw = base_raw()
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN + "\n")
+    secret.chmod(0o600)
+    raw["auth"] = {"token_file": str(secret)}
+    assert m.parse_config(raw).auth.token == TOKEN
+    assert "readable by others" not in caplog.text
+    secret.chmod(0o644)
+    assert m.parse_config(raw).auth.token == TOKEN
+    assert f'msg="token file is readable by others" path="{secret}" mode=644' in caplog.text
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 100_000)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, expected in (
+        ("/dev/zero", "/dev/zero is not a regular file"),
+        (str(fifo), f"{fifo} is not a regular file"),  # opening it must not wait for a writer
+        (str(big), f"{big} is larger than 4096 bytes"),
+        (str(tmp_path), f"{tmp_path} is not a regular file"),
+    ):
+        raw["auth"] = {"token_file": path}
+        problems = problems_of(raw)
+        assert any(p.startswith(f"auth.token_file: {expected}") for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (
+            "consumers.whisper.unload",
+            {"command": "systemctl stop w"},
+            "whisper.unload.command: must be a list",
+        ),
+        ("consumers.whisper.unload", {"command": []}, "consumers.whisper.unload.command: must be a list"),
+        ("consumers.whisper.load", {"command": ["systemctl", ""]}, "consumers.whisper.load.command: must be"),
+        ("consumers.whisper.unload", {"command": ["x"], "path": "/u"}, "whisper.unload: set command or an"),
+        (
+            "consumers.whisper.unload",
+            {"command": ["x"], "timeout_s": 0},
+            "unload.timeout_s: must be positive",
+        ),
+        ("consumers.whisper.unload", {"command": ["x"], "shell": True}, "whisper.unload.shell: unknown key"),
+        ("consumers.mvoice.idle_unload_s", -1, "consumers.mvoice.idle_unload_s: must be >= 0"),
+        ("consumers.mvoice.idle_unload_s", "10m", "consumers.mvoice.idle_unload_s: must be a number"),
+        ("consumers.whisper.idle_unload_s", 60, "consumers.whisper.idle_unload_s: needs an unload route"),
+        ("consumers.ollama.idle_unload_s", 60, "consumers.ollama.idle_unload_s: a vram_managed consumer"),
+        ("consumers.mvoice.preload", "yes", "consumers.mvoice.preload: must be true or false"),
+        ("consumers.comfyui.preload", True, "consumers.comfyui.preload: needs a load route or command"),
+        ("consumers.whisper.unload", {"command": ["x"]}, "consumers.whisper.load: a consumer unloaded by a"),
+        ("consumers.mvoice.unload", {"command": ["x"]}, "consumers.mvoice.load: a consumer unloaded by a"),
+    ],
+)
+def test_command_idle_and_preload_config_rules_name_the_key(path, value, expected):
+    problems = problems_of(_mutated(path, value))
+    assert any(expected in p for p in problems), problems
+
+
+def test_command_routes_parse_and_show_in_the_summary():
+    raw = base_raw()
+    whisper = raw["consumers"]["whisper"]
+    whisper["unload"] = {"command": ["systemctl", "stop", "whisper-server"], "timeout_s": 30}
+    whisper["load"] = {"command": ["systemctl", "start", "whisper server"]}
+    whisper["idle_unload_s"] = 600
+    raw["consumers"]["mvoice"]["preload"] = True
+    config = m.parse_config(raw)
+    c = config.consumers["whisper"]
+    assert c.unload == m.Command(("systemctl", "stop", "whisper-server"), 30)
+    assert c.load == m.Command(("systemctl", "start", "whisper server"), 60.0)
+    assert c.started_by_command and not config.consumers["mvoice"].started_by_command
+    assert (c.idle_unload_s, c.preload, config.consumers["mvoice"].preload) == (600, False, True)
+    assert config.consumers["mvoice"].idle_unload_s == 0  # absent: never
+    text = m.summary(config)
+    assert "command: systemctl stop whisper-server, load command: systemctl start 'whisper server'" in text
+    assert "idle unload after 600 s" in text and "load POST /api/admin/load; preload" in text
+
+
+def test_config_problems_never_echo_the_token(tmp_path):
+    raw = base_raw()
+    raw["auth"] = {"token": 12345678901234567890}
+    assert not any("1234567890" in p for p in problems_of(raw))
+    with pytest.raises(m.ConfigError) as info:
+        bad = tmp_path / "consumers.yaml"
+        bad.write_text(yaml.safe_dump(base_raw()) + f'auth: {{token: "{TOKEN}\n')
+        m.load_config(bad)
+    assert TOKEN not in "\n".join(info.value.problems) and "line" in info.value.problems[0]
+
+
+def test_a_consumer_cannot_be_named_like_the_reservation():
+    """The reservation holds the GPU as a job of "reservation", with a ConsumerState of that name: a
+    consumer so named shared it (its job count, what `ps` and the timeline show) and was unloaded by, and
+    joined to, the reservation's books."""
+    raw = base_raw()
+    raw["consumers"]["reservation"] = raw["consumers"].pop("whisper")
+    raw["consumers"]["mvoice"]["can_coexist_with"] = ["ollama"]
+    assert problems_of(raw) == ["consumers.reservation: 'reservation' is reserved (the GPU's reservation)"]
+
+
 # =====================================================================================================
-# GPU reading
+# 2. GPU reading
+# Nvidia-smi's output from the real captures, its failures and timeouts, processes and their owners.
 # =====================================================================================================
 
 
-def fixture(name: str) -> str:
-    return (FIXTURES / name).read_text()
+# The field list the fixtures were captured with (see fixtures/nvidia-smi/README.md).
+FIXTURE_GPU_FIELDS = (
+    "index",
+    "uuid",
+    "name",
+    "memory.total",
+    "memory.used",
+    "memory.free",
+    "memory.reserved",
+    "utilization.gpu",
+    "temperature.gpu",
+    "power.draw",
+    "pstate",
+)
+
+
+def _as_daemon_query(name: str) -> str:
+    """A fixture line cut down to the daemon's own field list (the captures asked for more fields)."""
+    rows = m.parse_smi_csv(fixture(name), FIXTURE_GPU_FIELDS)
+    return "".join(", ".join(str(r[f]) for f in m.GPU_FIELDS) + "\n" for r in rows)
+
+
+def _smi_script(tmp_path: Path, body: str) -> tuple[str, ...]:
+    script = tmp_path / "fake-smi.sh"
+    script.write_text("#!/bin/sh\n" + body + "\n")
+    script.chmod(0o755)
+    return (str(script),)
+
+
+def children() -> set[int]:
+    """This process's child processes, living or zombie."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        found.update(int(pid) for pid in (task / "children").read_text().split())
+    return found
 
 
 def test_parse_every_gpu_fixture():
@@ -575,12 +1466,6 @@ def test_parse_every_apps_fixture():
     assert [(r["pid"], r["used_memory"]) for r in two] == [("678", "13922"), ("699", "3478")]
     after = m.parse_smi_csv(fixture("query_apps_after_empty_cache.csv"), m.APP_FIELDS)
     assert [(r["pid"], r["used_memory"]) for r in after] == [("678", "610"), ("699", "3478")]
-
-
-def _as_daemon_query(name: str) -> str:
-    """A fixture line cut down to the daemon's own field list (the captures asked for more fields)."""
-    rows = m.parse_smi_csv(fixture(name), FIXTURE_GPU_FIELDS)
-    return "".join(", ".join(str(r[f]) for f in m.GPU_FIELDS) + "\n" for r in rows)
 
 
 def test_gpu_reading_from_fixtures():
@@ -619,13 +1504,6 @@ def test_other_outputs_are_refused_as_unparsable(name):
         m.parse_smi_csv(fixture(name), FIXTURE_GPU_FIELDS)
 
 
-def _smi_script(tmp_path: Path, body: str) -> tuple[str, ...]:
-    script = tmp_path / "fake-smi.sh"
-    script.write_text("#!/bin/sh\n" + body + "\n")
-    script.chmod(0o755)
-    return (str(script),)
-
-
 async def test_nvidia_smi_error_exit_carries_its_own_message(tmp_path):
     argv = _smi_script(tmp_path, f"cat {FIXTURES / 'err_bad_index.txt'}; exit 6")
     with pytest.raises(m.GpuError, match="exited with status 6: No devices were found"):
@@ -656,14 +1534,6 @@ async def test_nvidia_smi_timeout_kills_the_process(tmp_path):
     pid = int(pidfile.read_text())
     with pytest.raises(ProcessLookupError):  # killed and reaped: no zombie left behind
         os.kill(pid, 0)
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan's zombie is its new parent's to reap, not ours)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 async def test_nvidia_smi_timeout_kills_what_it_started_too(tmp_path):
@@ -706,1335 +1576,106 @@ async def test_concurrent_readers_share_one_query_and_memory_readings_do_not(tmp
     assert again is older and reader.queries == 5
 
 
-def sim_smi(state: Path) -> tuple[str, ...]:
-    return (PY, str(HERE / "mgpusim.py"), "nvidia-smi", "--state", str(state))
-
-
-# =====================================================================================================
-# The scheduler on its own: injected clock, GPU and consumer calls; no sockets
-# =====================================================================================================
-
-
-class FakeClock:
-    """Simulated time: ``sleep`` advances it instead of waiting."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        await asyncio.sleep(0)
-
-
-class FakeGpu:
-    """A GPU whose memory is what the fake consumers hold; records which readings were asked for."""
-
-    def __init__(self, total: int = 16384, reserved: int = 480) -> None:
-        self.total, self.reserved = total, reserved
-        self.held: dict[str, int] = {}
-        #: "memory" (the GPU line alone) or "whole" (with the process list), in order.
-        self.reads: list[str] = []
-        #: Memory still held by unloaded consumers, released after this many further reads.
-        self.releasing: dict[str, int] = {}
-        self.error: str | None = None
-
-    async def read_memory(self) -> m.GpuReading:
-        return await self._read("memory")
-
-    async def read(self, *, max_age: float = 0.0, own: bool = False) -> m.GpuReading:
-        return await self._read("whole")
-
-    async def _read(self, what: str) -> m.GpuReading:
-        self.reads.append(what)
-        if self.error:
-            raise m.GpuError(self.error)
-        for name in list(self.releasing):
-            self.releasing[name] -= 1
-            if self.releasing[name] < 0:
-                del self.releasing[name]
-                self.held.pop(name, None)
-        used = sum(self.held.values())
-        procs = tuple(
-            m.GpuProcess(100 + i, f"/usr/bin/{n}", mib) for i, (n, mib) in enumerate(self.held.items())
-        )
-        return m.GpuReading(
-            0, "GPU-x", "Fake", self.total, used, self.total - self.reserved - used, 0, 40, procs, 0, 0
-        )
-
-
-class FakeOps:
-    """Consumer calls that record themselves and move memory on the FakeGpu."""
-
-    def __init__(self, config: m.Config, gpu: FakeGpu, clock: FakeClock | None = None) -> None:
-        self.config, self.gpu = config, gpu
-        self.clock = clock or FakeClock()
-        self.states = {name: m.ConsumerState(name, self.clock) for name in config.consumers}
-        self.calls: list[tuple[str, str]] = []
-        #: (name, reason) of every consumer the scheduler reported gone.
-        self.gone_calls: list[tuple[str, str]] = []
-        #: name -> "fail" | "hang" | "keep" (answers ok, never frees) | int (frees after that many reads)
-        #: | "gated" (takes effect once ``gate`` is set)
-        self.unload_behaviour: dict[str, Any] = {}
-        self.gate = asyncio.Event()
-        self.load_fails: set[str] = set()
-
-    async def unload(self, name: str) -> None:
-        self.calls.append(("unload", name))
-        how = self.unload_behaviour.get(name)
-        if how == "gated":
-            await self.gate.wait()
-        if how == "fail":
-            raise m.CallError("unload answered 500: boom")
-        if how == "hang":  # the unload takes effect, but its answer never comes
-            self.gpu.held.pop(name, None)
-            await asyncio.Event().wait()
-        if isinstance(how, int):
-            self.gpu.releasing[name] = how
-        elif how != "keep":
-            self.gpu.held.pop(name, None)
-
-    def gone(self, name: str, reason: str) -> None:
-        self.gone_calls.append((name, reason))
-        self.states[name].seen_down(reason)
-
-    def owners(self) -> dict[int, str]:
-        """pid -> consumer: FakeGpu's processes are numbered from 100 in the order they took memory."""
-        return {100 + i: name for i, name in enumerate(self.gpu.held) if name in self.config.consumers}
-
-    async def load(self, name: str) -> None:
-        self.calls.append(("load", name))
-        if name in self.load_fails:
-            raise m.CallError("load answered 503: no")
-        self.gpu.held[name] = self.config.consumers[name].vram_resident_mib
-
-
-def small_config(**tweaks: Any) -> m.Config:
-    """Target t and three others x, y, z of 4000 MiB each, all with unload routes."""
-    consumers = {}
-    for name in ("t", "x", "y", "z"):
-        consumers[name] = {
-            "url": f"http://127.0.0.1:9/{name}",
-            "health": {"path": "/health"},
-            "paths": {f"k{name}": {"path": "/work"}},
-            "vram_resident_mib": 4000,
-            "unload": {"path": "/unload"},
-            "load": {"path": "/load"},
-        }
-    raw = {
-        "gpu": {"cushion_mib": 256},
-        "scheduler": {"aging_s": 60, "vram_wait_s": 1, "queue_timeout_s": 300},
-        "routing": {},
-        "consumers": consumers,
-    }
-    for dotted, value in tweaks.items():
-        *parents, leaf = dotted.split("__")
-        node = raw
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return m.parse_config(raw)
-
-
-def make_scheduler(config: m.Config) -> tuple[m.Scheduler, FakeGpu, FakeOps, FakeClock]:
-    clock = FakeClock()
-    gpu = FakeGpu()
-    ops = FakeOps(config, gpu, clock)
-    return m.Scheduler(config, gpu, ops, clock=clock, sleep=clock.sleep), gpu, ops, clock
-
-
-def books_balance(s: m.Scheduler) -> bool:
-    st = s.stats
-    return st.jobs == st.completed + st.failed + st.cancelled + st.rejected + s.running + len(s.queue())
-
-
-def crowd(gpu: FakeGpu, ops: FakeOps, used: dict[str, float]) -> None:
-    """x, y, z resident with 4000 MiB each (free 3904 < t's 4256); ``used`` stamps their last use."""
-    for name in ("x", "y", "z"):
-        gpu.held[name] = 4000
-        ops.states[name].loaded()
-        ops.states[name].last_used = used.get(name)
-    ops.states["t"].unloaded()
-
-
-async def test_resident_target_reads_no_gpu_and_unloads_nothing():
-    s, gpu, ops, _ = make_scheduler(small_config())
-    crowd(gpu, ops, {})
-    ops.states["t"].loaded()
-    job = await s.acquire("t", "kt")
-    assert gpu.reads == [] and ops.calls == []
-    job.release("completed", status=200, success=True)
-    assert s.holder is None and books_balance(s)
-
-
-async def test_lru_victim_is_unloaded_then_target_loaded():
-    s, gpu, ops, _ = make_scheduler(small_config())
-    crowd(gpu, ops, {"x": 3.0, "y": 1.0, "z": 2.0})
-    job = await s.acquire("t", "kt")
-    assert ops.calls == [("unload", "y"), ("load", "t")]
-    assert (s.stats.evictions, s.stats.loads, job.evictions) == (1, 1, 1)
-    assert ops.states["y"].resident is False and ops.states["t"].resident is True
-    job.release("completed", status=200, success=True)
-    assert ops.states["t"].last_used is not None
-
-
-async def test_never_used_loses_first_and_ties_go_to_config_order():
-    s, gpu, ops, _ = make_scheduler(small_config())
-    crowd(gpu, ops, {"x": 5.0})  # y and z never used: y is listed first
-    job = await s.acquire("t", "kt")
-    assert ops.calls[0] == ("unload", "y")
-    job.release("completed")
-
-
-async def test_coexistent_consumer_is_never_picked_even_when_least_recently_used():
-    s, gpu, ops, _ = make_scheduler(small_config(consumers__t__can_coexist_with=["x"]))
-    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
-    job = await s.acquire("t", "kt")
-    assert ops.calls[0] == ("unload", "y")
-    job.release("completed")
-
-
-async def test_vram_managed_is_never_picked():
-    s, gpu, ops, _ = make_scheduler(small_config(consumers__x__vram_managed=True))
-    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
-    job = await s.acquire("t", "kt")
-    assert ops.calls[0] == ("unload", "y")
-    job.release("completed")
-
-
-async def test_a_target_of_unknown_residency_is_unloaded_itself_when_nothing_else_can_go():
-    # After a restart: t holds most of the GPU, but the broker does not know it (no `loaded` in health).
-    s, gpu, ops, _ = make_scheduler(small_config(consumers__t__vram_resident_mib=12000))
-    gpu.held["t"] = 12000
-    for name in ("x", "y", "z"):
-        ops.states[name].unloaded()
-    job = await s.acquire("t", "kt")
-    assert ops.calls == [("unload", "t"), ("load", "t")] and s.stats.evictions == 1
-    job.release("completed")
-    # Known not resident, it is not unloaded again: the job waits for room as usual.
-    ops.states["t"].unloaded()
-    del gpu.held["t"]
-    gpu.held["x"] = 8000
-    ops.states["x"].loaded()
-    job = await s.acquire("t", "kt")
-    assert ops.calls[2:] == [("unload", "x"), ("load", "t")]
-    job.release("completed")
-
-
-async def test_failing_unload_moves_on_to_the_next_candidate():
-    s, gpu, ops, _ = make_scheduler(small_config())
-    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
-    ops.unload_behaviour["x"] = "fail"
-    job = await s.acquire("t", "kt")
-    assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
-    assert (s.stats.unload_failures, s.stats.evictions) == (1, 1)
-    assert ops.states["x"].resident is None  # unknown after a failed unload
-    job.release("completed")
-
-
-async def test_nothing_evictable_is_insufficient_vram_naming_processes_and_reasons():
-    cfg = small_config(consumers__x__vram_managed=True, consumers__t__can_coexist_with=["y"])
-    cfg.consumers["x"] = m.replace(cfg.consumers["x"], unload=None)  # Ollama without its unload
-    cfg.consumers["z"] = m.replace(cfg.consumers["z"], unload=None)
-    s, gpu, ops, _ = make_scheduler(cfg)
-    crowd(gpu, ops, {})
-    with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt")
-    e = info.value
-    assert (e.code, e.status, e.retryable, e.consumer) == ("insufficient_vram", 503, True, "t")
-    assert "3904 MiB free, 4256 MiB needed" in e.message
-    assert "x (vram_managed)" in e.message and "y (may coexist with t)" in e.message
-    assert "z (no unload route)" in e.message
-    assert "pid 100 /usr/bin/x 4000 MiB (x)" in e.message  # each process with its owner
-    assert ops.calls == [] and s.holder is None and s.stats.failed == 1 and books_balance(s)
-
-
-async def test_a_vram_managed_consumer_with_an_unload_goes_last_and_only_if_the_others_are_not_enough():
-    """Ollama (vram_managed) with its unload: evicted only as the last resort, after every other candidate."""
-    cfg = small_config(consumers__x__vram_managed=True)
-    s, gpu, ops, _ = make_scheduler(cfg)
-    crowd(gpu, ops, {"y": 5.0, "z": 6.0})  # x was never used: plain LRU would pick it first
-    job = await s.acquire("t", "kt")
-    assert ops.calls == [("unload", "y"), ("load", "t")]  # y was enough; x kept its models
-    job.release("completed", success=True)
-    # Now t needs more than y and z together can give: x goes too, and last.
-    cfg2 = small_config(consumers__x__vram_managed=True, consumers__t__vram_resident_mib=12000)
-    s, gpu, ops, _ = make_scheduler(cfg2)
-    crowd(gpu, ops, {"y": 5.0, "z": 6.0})
-    job = await s.acquire("t", "kt")
-    assert ops.calls == [("unload", "y"), ("unload", "z"), ("unload", "x"), ("load", "t")]
-    job.release("completed", success=True)
-
-
-async def test_a_scheduler_evicts_only_on_its_own_gpu():
-    """x and z are resident on GPU 0 and least recently used; t on GPU 1 may only evict y, its neighbour."""
-    cfg = small_config(consumers__t__gpu=1, consumers__y__gpu=1)
-    clock, gpu1 = FakeClock(), FakeGpu(total=8000)  # GPU 1: y's 4000 leave 3520 < t's 4256
-    ops = FakeOps(cfg, gpu1, clock)
-    s1 = m.Scheduler(cfg, gpu1, ops, clock=clock, sleep=clock.sleep, index=1)
-    gpu1.held["y"] = 4000
-    for name, last in (("x", 1.0), ("y", 5.0), ("z", 2.0)):
-        ops.states[name].loaded()
-        ops.states[name].last_used = last
-    ops.states["t"].unloaded()
-    reading = await gpu1.read_memory()
-    job0 = s1._admit("t", "kt")
-    snap = s1._room(job0, reading, {})
-    assert list(snap.consumers) == ["t", "y"]  # x and z are not even considered
-    assert m.plan_room(snap).victims == ("y",)
-    s1._end(job0, "cancelled")
-    job = await s1.acquire("t", "kt")
-    assert ops.calls == [("unload", "y"), ("load", "t")] and job.evictions == 1
-    assert ops.states["x"].resident is True and ops.states["z"].resident is True
-    job.release("completed", success=True)
-    # A job for a consumer of GPU 0 is not this scheduler's to run.
-    with pytest.raises(m.BrokerError, match="x runs on GPU 0 now") as info:
-        await s1.acquire("x", "kx")
-    assert info.value.code == "no_consumer" and books_balance(s1)
-
-
-def test_consumers_run_on_the_default_gpu_unless_they_name_one_and_coexist_only_on_one():
-    raw = base_raw()
-    raw["gpu"]["index"] = 1
-    raw["consumers"]["comfyui"]["gpu"] = 0
-    config = m.parse_config(raw)
-    assert {n: c.gpu for n, c in config.consumers.items()} == {
-        "mvoice": 1,
-        "comfyui": 0,
-        "ollama": 1,
-        "whisper": 1,
-    }
-    assert m.gpu_indexes(config) == [0, 1]
-    assert "(GPU 0)" in m.summary(config) and "(GPU 1)" in m.summary(config)
-    raw["consumers"]["whisper"]["gpu"] = 0  # mvoice (GPU 1) names whisper in can_coexist_with
-    with pytest.raises(m.ConfigError) as info:
-        m.parse_config(raw)
-    assert info.value.problems == [
-        "consumers.mvoice.can_coexist_with: names whisper, which runs on GPU 0, not 1: coexistence is a"
-        " question for one GPU (consumers on different GPUs never wait for each other)"
-    ]
-
-
-async def test_a_consumer_of_zero_mib_needs_no_room_and_no_gpu_reading():
-    """A consumer whose memory is elsewhere (another host's broker) is served even without a GPU here."""
-    s, gpu, ops, _ = make_scheduler(small_config(consumers__t__vram_resident_mib=0))
-    gpu.error = "nvidia-smi: not found"
-    job = await s.acquire("t", "kt")
-    assert gpu.reads == [] and ops.calls == [] and s.holder == "t"
-    job.release("completed", success=True)
-    with pytest.raises(m.BrokerError, match="cannot read the GPU"):
-        await s.acquire("x", "kx")  # the others still need the GPU read
-
-
-async def test_max_evictions_bounds_the_attempts():
-    s, gpu, ops, _ = make_scheduler(small_config(scheduler__max_evictions=2))
-    crowd(gpu, ops, {})
-    for name in ("x", "y", "z"):
-        ops.unload_behaviour[name] = "fail"
-    with pytest.raises(m.BrokerError, match="gave up after 2 unload attempts"):
-        await s.acquire("t", "kt")
-    assert len(ops.calls) == 2 and s.stats.unload_failures == 2 and s.holder is None
-
-
-async def test_memory_is_polled_with_readings_of_its_own_until_it_shows_up_free():
-    s, gpu, ops, clock = make_scheduler(small_config())
-    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
-    ops.unload_behaviour["x"] = 3  # frees its memory on the fourth reading after the unload
-    t0 = clock.now
-    job = await s.acquire("t", "kt")
-    assert gpu.reads == ["memory"] * 5  # one reading before, four after: the GPU line alone
-    assert ops.calls == [("unload", "x"), ("load", "t")]
-    assert clock.now - t0 == pytest.approx(3 * m.VRAM_POLL_S)  # polled every 50 ms, no fixed sleep
-    job.release("completed")
-
-
-async def test_polling_stops_once_most_of_the_victims_memory_is_free_then_evicts_more():
-    cfg = small_config(consumers__t__vram_resident_mib=9000)  # needs two victims
-    s, gpu, ops, clock = make_scheduler(cfg)
-    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
-    gpu.held["x"] = 3500  # x frees 3500 of its declared 4000: 87% counts as freed
-    t0 = clock.now
-    job = await s.acquire("t", "kt")
-    assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
-    assert clock.now - t0 < s.config.scheduler.vram_wait_s  # did not wait for the full fit
-    assert s.stats.evictions == 2
-    job.release("completed")
-
-
-async def test_unload_that_never_frees_waits_vram_wait_s_then_tries_the_next():
-    s, gpu, ops, clock = make_scheduler(small_config(scheduler__vram_wait_s=1))
-    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
-    ops.unload_behaviour["x"] = "keep"
-    t0 = clock.now
-    job = await s.acquire("t", "kt")
-    assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
-    assert 1.0 <= clock.now - t0 < 1.2
-    job.release("completed")
-
-
-async def test_gpu_error_is_gpu_unavailable():
-    s, gpu, _, _ = make_scheduler(small_config())
-    gpu.error = "nvidia-smi exited with status 15: Unknown Error"
-    with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt")
-    assert info.value.code == "gpu_unavailable" and "Unknown Error" in info.value.message
-    assert s.holder is None and books_balance(s)
-
-
-async def test_failing_load_is_load_failed_and_state_unknown():
-    s, _, ops, _ = make_scheduler(small_config())
-    ops.states["t"].unloaded()
-    ops.load_fails.add("t")
-    with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt")
-    assert (info.value.code, info.value.status) == ("load_failed", 502)
-    assert ops.states["t"].resident is None and s.holder is None and s.stats.failed == 1
-
-
-async def test_target_of_unknown_state_without_pressure_is_not_loaded():
-    s, gpu, ops, _ = make_scheduler(small_config())
-    job = await s.acquire("t", "kt")  # unknown residency, plenty of room: cold start on first request
-    assert ops.calls == [] and gpu.reads == ["memory"]
-    job.release("completed", status=200, success=True)
-    assert ops.states["t"].resident is True
-
-
-async def _queued(s: m.Scheduler, consumer: str) -> asyncio.Task[m.Job]:
-    task = asyncio.ensure_future(s.acquire(consumer, "k" + consumer))
-    for _ in range(5):
-        await asyncio.sleep(0)
-    return task
-
-
-async def _grants(s: m.Scheduler, tasks: list[asyncio.Task[m.Job]]) -> list[str]:
-    """Finish jobs one at a time as they are granted; the order in which tasks got the lock."""
-    order = []
-    pending = list(tasks)
-    while pending:
-        done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        assert len(done) == 1, "two jobs held the lock at once"
-        task = done.pop()
-        pending.remove(task)
-        job = task.result()
-        order.append(job.consumer)
-        job.release("completed")
-    return order
-
-
-async def test_grant_order_is_effective_priority_then_arrival():
-    cfg = small_config(consumers__x__priority=1, consumers__y__priority=3, consumers__z__priority=3)
-    s, _, ops, clock = make_scheduler(cfg)
-    for name in ops.states:
-        ops.states[name].loaded()
-    first = await s.acquire("t", "kt")
-    x = await _queued(s, "x")
-    clock.now += 1
-    z = await _queued(s, "z")
-    clock.now += 1
-    y = await _queued(s, "y")
-    assert [j.consumer for j in s.queue()] == ["z", "y", "x"]
-    first.release("completed")
-    assert await _grants(s, [x, y, z]) == ["z", "y", "x"]
-    assert books_balance(s)
-
-
-async def test_aging_raises_a_waiting_jobs_priority():
-    cfg = small_config(consumers__x__priority=1, consumers__y__priority=3)
-    s, _, ops, clock = make_scheduler(cfg)
-    for name in ops.states:
-        ops.states[name].loaded()
-    first = await s.acquire("t", "kt")
-    x = await _queued(s, "x")  # priority 1
-    clock.now += 130  # two aging steps: x is at 3 now
-    y = await _queued(s, "y")  # priority 3, arrived later
-    expected = {"consumer": "x", "kind": "kx", "priority": 3, "waited_s": 130.0, "eta_s": 0.0}
-    assert s.snapshot()["queue"][0] == expected
-    first.release("completed")
-    assert await _grants(s, [x, y]) == ["x", "y"]
-
-
-async def test_aging_stops_at_priority_4():
-    s, _, ops, clock = make_scheduler(small_config(consumers__x__priority=1))
-    ops.states["t"].loaded()
-    first = await s.acquire("t", "kt")
-    x = await _queued(s, "x")
-    clock.now += 3600
-    assert s.snapshot()["queue"][0]["priority"] == 4
-    first.release("completed")
-    (await x).release("completed")
-
-
-async def test_a_known_unloaded_consumer_is_never_a_victim():
-    s, gpu, ops, _ = make_scheduler(small_config())
-    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
-    ops.states["x"].unloaded()  # the broker unloaded it; its memory is something else's now
-    job = await s.acquire("t", "kt")
-    assert ops.calls[0] == ("unload", "y")
-    job.release("completed")
-
-
-@pytest.mark.parametrize("leaves", ["cancelled", "timed out"])
-async def test_a_holder_job_joins_as_soon_as_the_job_that_kept_it_out_leaves(leaves):
-    # Strict order (max_overtake_s: 0): a job of the holder never goes before an equal one of another.
-    cfg = small_config(
-        consumers__t__max_concurrency=2, scheduler__queue_timeout_s=0.2, scheduler__max_overtake_s=0
-    )
-    s, _, ops, _ = make_scheduler(cfg)
-    for name in ops.states:
-        ops.states[name].loaded()
-    a = await s.acquire("t", "kt")
-    x = await _queued(s, "x")  # same priority as t: t may not join while x waits
-    c = await _queued(s, "t")
-    assert not c.done()
-    if leaves == "cancelled":
-        x.cancel()
-    await asyncio.gather(x, return_exceptions=True)
-    b = await asyncio.wait_for(c, 5)  # joined the holder without waiting for a to finish
-    assert s.running == 2
-    a.release("completed")
-    b.release("completed")
-    assert books_balance(s)
-
-
-def swap_config(max_overtake_s: float, **tweaks: Any) -> m.Config:
-    """t and x of 6000 MiB each on a GPU where only one of them fits: a job of the other needs a swap."""
-    return small_config(
-        consumers__t__vram_resident_mib=6000,
-        consumers__x__vram_resident_mib=6000,
-        scheduler__max_overtake_s=max_overtake_s,
-        **tweaks,
-    )
-
-
-async def _run_in_turn(
-    s: m.Scheduler, clock: FakeClock, job: m.Job, tasks: list[asyncio.Task[m.Job]], job_s: float
-) -> list[tuple[str, float]]:
-    """Let ``job`` and then each job granted after it run ``job_s`` on the fake clock, one at a time, each
-    answering 2xx; (consumer, grant time) of the ones granted after it, in order."""
-    order = []
-    pending = list(tasks)
-    while True:
-        clock.now += job_s
-        job.release("completed", status=200, success=True)
-        if not pending:
-            return order
-        done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        assert len(done) == 1, "two jobs held the lock at once"
-        task = done.pop()
-        pending.remove(task)
-        job = task.result()
-        order.append((job.consumer, clock.now))
-
-
-@pytest.mark.parametrize("max_overtake_s", [30, 0])
-async def test_jobs_that_need_no_swap_go_before_those_that_would_need_one(max_overtake_s):
-    """Interleaved arrivals of t (resident) and x (not: only one fits). t's jobs overtake x's of equal
-    priority, one batch per swap; with max_overtake_s 0 the queue is served strictly in arrival order."""
-    s, gpu, ops, clock = make_scheduler(swap_config(max_overtake_s))
-    gpu.total = 12000  # 11520 usable: t's 6000 and x's 6000 (and the cushion) do not fit together
-    for name in ("x", "y", "z"):
-        ops.states[name].unloaded()
-    ops.states["t"].loaded()
-    gpu.held["t"] = 6000
-    running = await s.acquire("t", "kt")
-    tasks = []
-    for name in ("x", "t", "x", "t", "t"):
-        clock.now += 0.1
-        tasks.append(await _queued(s, name))
-    order = [name for name, _ in await _run_in_turn(s, clock, running, tasks, job_s=1)]
-    if max_overtake_s:
-        assert order == ["t", "t", "t", "x", "x"] and ops.calls == [("unload", "t"), ("load", "x")]
-    else:
-        assert order == ["x", "t", "x", "t", "t"] and len(ops.calls) == 8  # a swap for each change
-    assert books_balance(s)
-
-
-async def test_no_job_is_overtaken_beyond_max_overtake_s():
-    """A steady stream of jobs that need no swap does not starve one that needs a swap: once it has been
-    overtaken for max_overtake_s, it goes next, before the stream's later jobs."""
-    s, gpu, ops, clock = make_scheduler(swap_config(10))
-    gpu.total = 12000
-    for name in ("x", "y", "z"):
-        ops.states[name].unloaded()
-    ops.states["t"].loaded()
-    gpu.held["t"] = 6000
-    running = await s.acquire("t", "kt")
-    x = await _queued(s, "x")
-    granted = []
-    while not x.done():
-        clock.now += 0.5
-        t_next = await _queued(s, "t")  # the stream: one more job of t every 3 s
-        clock.now += 2.5
-        running.release("completed", status=200, success=True)
-        done, _ = await asyncio.wait([x, t_next], return_when=asyncio.FIRST_COMPLETED)
-        running = done.pop().result()
-        granted.append((running.consumer, clock.now))
-    job = running
-    assert job is x.result() and job.overtaken_since is not None
-    assert len([g for g in granted if g[0] == "t"]) >= 3
-    # Overtaken from its first overtaking grant on; granted at the first grant once that lasted 10 s.
-    assert granted[-1][1] - job.overtaken_since >= 10 > granted[-2][1] - job.overtaken_since
-    last = await _run_in_turn(s, clock, job, [t_next], job_s=1)  # the stream's last job
-    assert [name for name, _ in last] == ["t"]
-    assert books_balance(s)
-
-
-async def test_a_higher_effective_priority_is_never_overtaken_and_aging_counts():
-    """A job that needs no swap never goes before one of higher effective priority (aging included)."""
-    cfg = swap_config(30, consumers__x__priority=3, consumers__t__priority=2)
-    s, gpu, ops, clock = make_scheduler(cfg)
-    gpu.total = 12000
-    for name in ("x", "y", "z"):
-        ops.states[name].unloaded()
-    ops.states["t"].loaded()
-    gpu.held["t"] = 6000
-    running = await s.acquire("t", "kt")
-    x = await _queued(s, "x")
-    clock.now += 0.1
-    t = await _queued(s, "t")
-    order = [name for name, _ in await _run_in_turn(s, clock, running, [x, t], job_s=1)]
-    assert order == ["x", "t"]
-
-
-async def test_queue_full_rejects_beyond_max_queue():
-    s, _, ops, _ = make_scheduler(small_config(scheduler__max_queue=2))
-    ops.states["t"].loaded()
-    first = await s.acquire("t", "kt")
-    waiting = [await _queued(s, "t"), await _queued(s, "t")]
-    with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt")
-    assert (info.value.code, info.value.status, info.value.retryable) == ("queue_full", 503, True)
-    assert s.stats.rejected == 1 and books_balance(s)
-    first.release("completed")
-    assert await _grants(s, waiting) == ["t", "t"]
-    assert books_balance(s) and s.stats.jobs == 4
-
-
-async def test_queue_timeout_answers_a_job_that_waited_too_long():
-    s, _, ops, _ = make_scheduler(small_config(scheduler__queue_timeout_s=0.05))
-    ops.states["t"].loaded()
-    first = await s.acquire("t", "kt")
-    with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt")
-    assert info.value.code == "queue_timeout" and s.stats.failed == 1
-    assert s.queue() == [] and books_balance(s)
-    first.release("completed")
-
-
-async def test_cancelled_waiter_leaves_no_trace_and_the_lock_passes_on():
-    s, _, ops, _ = make_scheduler(small_config())
-    for name in ops.states:
-        ops.states[name].loaded()
-    first = await s.acquire("t", "kt")
-    x = await _queued(s, "x")
-    y = await _queued(s, "y")
-    x.cancel()
-    await asyncio.gather(x, return_exceptions=True)
-    assert [j.consumer for j in s.queue()] == ["y"] and s.stats.cancelled == 1
-    first.release("completed")
-    job = await y
-    assert job.consumer == "y" and s.holder == "y" and books_balance(s)
-    job.release("completed")
-
-
-async def test_waiter_cancelled_while_being_granted_passes_the_grant_on():
-    s, _, ops, _ = make_scheduler(small_config())
-    for name in ops.states:
-        ops.states[name].loaded()
-    first = await s.acquire("t", "kt")
-    x = await _queued(s, "x")
-    y = await _queued(s, "y")
-    first.release("completed")  # grants x ...
-    x.cancel()  # ... which is cancelled before it runs again
-    await asyncio.gather(x, return_exceptions=True)
-    job = await asyncio.wait_for(y, 5)
-    assert job.consumer == "y" and s.stats.cancelled == 1 and books_balance(s)
-    job.release("completed")
-
-
-async def test_a_client_leaving_during_an_eviction_does_not_cut_the_unload():
-    """Making room belongs to the scheduler: the victim's unload runs to its end, then the job ends
-    cancelled (nothing more is unloaded or loaded for it), and the victim's state is what the unload did."""
-    s, gpu, ops, _ = make_scheduler(small_config(consumers__t__vram_resident_mib=9000))
-    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
-    ops.unload_behaviour["x"] = "gated"
-    task = await _queued(s, "t")
-    task.cancel()  # the client leaves while x is being unloaded
-    await asyncio.gather(task, return_exceptions=True)
-    assert task.cancelled() and s.holder == "t" and s.stats.cancelled == 0  # the unload runs on
-    waiter = await _queued(s, "y")
-    ops.gate.set()
-    await until(waiter.done)
-    assert ops.calls == [("unload", "x")] and ops.states["x"].resident is False  # y, z stay; t not loaded
-    assert s.stats.cancelled == 1 and s.stats.evictions == 1 and ops.states["t"].resident is False
-    waiter.result().release("completed")
-    assert s.holder is None and books_balance(s)
-
-
-async def test_max_concurrency_lets_the_holder_join_but_never_another_consumer():
-    s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=2, scheduler__max_overtake_s=0))
-    for name in ops.states:
-        ops.states[name].loaded()
-    a = await s.acquire("t", "kt")
-    b = await s.acquire("t", "kt")  # joins: nobody else waits
-    assert (s.holder, s.running) == ("t", 2)
-    x = await _queued(s, "x")
-    c = await _queued(s, "t")  # x waits with equal priority: t may not join any more
-    a.release("completed")
-    await asyncio.sleep(0)
-    assert not c.done() and not x.done() and s.running == 1
-    b.release("completed")
-    assert (await x).consumer == "x" and not c.done()
-    x.result().release("completed")
-    (await c).release("completed")
-    assert books_balance(s)
-
-
-def _raising_once(real: Any, when: Any = None) -> Any:
-    """``real``, except that its first call (for which ``when(*args)`` holds) raises RuntimeError."""
-    calls = []
-
-    def wrapper(*args: Any, **kw: Any) -> Any:
-        if not calls and (when is None or when(*args)):
-            calls.append(1)
-            raise RuntimeError("injected")
-        return real(*args, **kw)
-
-    return wrapper
-
-
-async def _raising_hold() -> None:
-    raise RuntimeError("injected")
-
-
-#: Each step of a job's life, and how to make it raise once (a bug there): (scheduler, monkeypatch) -> None.
-JOB_STEPS = {
-    "queueing": lambda s, mp: mp.setattr(s, "forecast", _raising_once(s.forecast)),
-    "granting": lambda s, mp: mp.setattr(s.lock, "dispatch", _raising_once(s.lock.dispatch)),
-    "grant bookkeeping": lambda s, mp: mp.setattr(s, "_touch_others", _raising_once(s._touch_others)),
-    "making room": lambda s, mp: mp.setattr(m, "plan_room", _raising_once(m.plan_room)),
-    "loading": lambda s, mp: mp.setattr(s.ops, "load", _raising_once(s.ops.load)),
-    "started": lambda s, mp: mp.setattr(
-        s.recorder, "job_event", _raising_once(s.recorder.job_event, lambda name, job, **_: name == "started")
-    ),
-    "release": lambda s, mp: mp.setattr(s.states["t"], "served", _raising_once(s.states["t"].served)),
-    "hold": lambda s, mp: None,  # the hold itself raises: see below
-    "hold's end": lambda s, mp: mp.setattr(s.recorder, "job_line", _raising_once(s.recorder.job_line)),
-    "accounting": lambda s, mp: mp.setattr(
-        s.recorder, "_account_now", _raising_once(s.recorder._account_now)
-    ),
-}
-
-
-@pytest.mark.parametrize("step", list(JOB_STEPS))
-async def test_whatever_raises_while_a_job_is_granted_or_running_it_ends_and_frees_its_slot(
-    step, monkeypatch
-):
-    """The scheduler's invariant, with a failure injected at each step of a job's life: the job ends once
-    (the books balance), its slot is free, its consumer counts no job, and the next job is served."""
-    s, gpu, ops, _ = make_scheduler(small_config())
-    crowd(gpu, ops, {"x": 1.0})  # t needs room: x is unloaded, t loaded
-    JOB_STEPS[step](s, monkeypatch)
-    try:
-        job = await s.acquire("t", "kt")
-    except m.BrokerError as e:
-        assert e.code in ("scheduler_error", "load_failed"), e.code
-    else:
-        hold = _raising_hold if step == "hold" else asyncio.Event().wait if step == "hold's end" else None
-        job.release("completed", status=200, success=True, hold=hold, hold_timeout_s=0.01 if hold else 0)
-        assert job.release("completed") is False  # released once: a second call does nothing
-        await until(lambda: s.holder is None)
-    for _ in range(3):
-        await asyncio.sleep(0)  # the accounting runs after the hand-over
-    assert (s.holder, s.slots, s.holds) == (None, 0, 0)
-    assert all(state.jobs == 0 for state in ops.states.values()) and books_balance(s)
-    assert s.stats.internal_errors + s.stats.load_failures >= 1 or step == "hold's end"
-    again = await s.acquire("t", "kt")  # the GPU is not wedged
-    again.release("completed", status=200, success=True)
-    assert s.holder is None and books_balance(s)
-
-
-async def test_a_hold_abandoned_or_cut_before_it_ever_ran_still_frees_its_slot():
-    """The consumer is seen gone (or the broker closes) in the same turn its job answered: the hold's task
-    is cancelled before its first step, so no finally of its runs; the slot is freed all the same."""
-    s, _, ops, _ = make_scheduler(small_config())
-    ops.states["t"].loaded()
-    job = await s.acquire("t", "kt")
-    job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=60)
-    s.abandon_holds("t", "hold poll: connection refused")  # at once: the hold never ran
-    await until(lambda: s.holder is None)
-    assert (s.stats.hold_abandoned, s.slots, s.holds) == (1, 0, 0) and ops.states["t"].jobs == 0
-    job = await s.acquire("t", "kt")
-    job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=60)
-    await s.close()  # the broker closing, likewise
-    assert (s.holder, s.slots, s.holds) == (None, 0, 0) and books_balance(s)
-
-
-async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
-    s, _, ops, _ = make_scheduler(small_config())
-    for name in ops.states:
-        ops.states[name].loaded()
-    job = await s.acquire("t", "kt")
-    release = asyncio.Event()
-    job.release("completed", status=200, success=True, hold=release.wait, hold_timeout_s=30)
-    x = await _queued(s, "x")
-    assert not x.done() and s.snapshot()["holder"].items() >= {"consumer": "t", "jobs": 0, "holds": 1}.items()
-    release.set()
-    (await x).release("completed")
-    job = await s.acquire("t", "kt")
-    job.release("completed", hold=asyncio.Event().wait, hold_timeout_s=0.05)
-    y = await _queued(s, "y")
-    (await asyncio.wait_for(y, 5)).release("completed")
-    assert s.stats.hold_timeouts == 1 and books_balance(s)
-
-
-# =====================================================================================================
-# The broker end to end: mgpusim's consumers on port 0, the production app in-process
-# =====================================================================================================
-
-
-class Rig:
-    """Simulated GPU and consumers, and the broker in front of them, all on real sockets."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.servers: list[TestServer] = []
-        self.sims: dict[str, mgpusim.SimConsumer] = {}
-        self.sim_servers: dict[str, TestServer] = {}
-        #: The ports of killed consumers, for their revival.
-        self.ports: dict[str, int | None] = {}
-        self.expected_internal_errors = 0
-
-    async def start(
-        self,
-        *,
-        total_mib: int = 16384,
-        sims: dict[str, dict[str, Any]] | None = None,
-        tweak: Any = None,
-        urls: dict[str, str] | None = None,
-        remote: str | None = None,
-        gpus: int = 1,
-        extra: dict[str, tuple[Any, dict[str, Any]]] | None = None,
-    ) -> Rig:
-        """``extra``: name -> (a simulated consumer's factory, its config without url) besides the four."""
-        self.state = self.tmp_path / "gpu.json"
-        self.gpu = mgpusim.SimGPU(self.state, total_mib=total_mib, reserved_mib=480, gpus=gpus)
-        kinds = {
-            "mvoice": mgpusim.MvoiceSim,
-            "comfyui": mgpusim.ComfySim,
-            "ollama": mgpusim.OllamaSim,
-            "whisper": mgpusim.WhisperSim,
-        }
-        for name, cls in kinds.items():
-            # ComfySim keeps a CUDA context like the real one; tests that are not about it do without.
-            options = {"vram_mib": 8000} if name == "ollama" else {"context_mib": 0}
-            sim = cls(name, self.gpu, **options | (sims or {}).get(name, {}))
-            server = TestServer(sim.app, host="127.0.0.1", port=0)
-            await server.start_server()
-            self.sims[name], self.sim_servers[name] = sim, server
-        for name, (factory, _) in (extra or {}).items():
-            self.sims[name] = factory(name, self.gpu)
-            self.sim_servers[name] = TestServer(self.sims[name].app, host="127.0.0.1", port=0)
-            await self.sim_servers[name].start_server()
-        raw = base_raw(
-            **{n: str(s.make_url("")).rstrip("/") for n, s in self.sim_servers.items()} | (urls or {})
-        )
-        for name, (_, spec) in (extra or {}).items():
-            raw["consumers"][name] = {"url": str(self.sim_servers[name].make_url("")).rstrip("/"), **spec}
-        raw["gpu"]["nvidia_smi"] = list(sim_smi(self.state))
-        raw["health"] = {"interval_s": 3600, "timeout_s": 2}  # tests probe explicitly
-        if tweak:
-            tweak(raw)
-        # The config goes through a file, as in production, so that reloads can read it again.
-        self.raw, self.config_path = raw, self.tmp_path / "consumers.yaml"
-        self.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        source = m.ConfigSource(self.config_path)
-        self.config = source.load()
-        self.app = m.create_app(self.config, source)
-        if remote is not None:  # every client looks as if it came from elsewhere than loopback
-            self.app.middlewares.insert(0, from_elsewhere(remote))
-        self.server = TestServer(self.app, host="127.0.0.1", port=0)
-        await self.server.start_server()
-        self.broker = self.app[m.BROKER]
-        self.session = aiohttp.ClientSession(auto_decompress=False)
-        return self
-
-    def url(self, path: str) -> str:
-        return str(self.server.make_url(path))
-
-    async def kill(self, name: str) -> None:
-        """The consumer's process dies: its server is gone (connections refused), its work with it."""
-        self.ports[name] = self.sim_servers[name].port
-        await self.sim_servers[name].close()
-        self.sims[name].restart()
-
-    async def revive(self, name: str) -> None:
-        """The consumer's service is back on its port: a new process that knows nothing of before."""
-        port = self.ports.pop(name)
-        self.sims[name].app = self.sims[name].make_app()
-        server = TestServer(self.sims[name].app, host="127.0.0.1", port=port)
-        await server.start_server()
-        self.sim_servers[name] = server
-
-    async def restart(self, name: str) -> None:
-        """The consumer restarts between two of the broker's looks at it: no probe sees it down."""
-        await self.kill(name)
-        await self.revive(name)
-
-    @property
-    def stats(self) -> m.Stats:
-        return self.broker.scheduler.stats
-
-    async def post(self, kind: str, payload: Any = None, **kw: Any) -> tuple[int, dict[str, str], bytes]:
-        async with self.session.post(self.url(f"/v1/{kind}"), json=payload, **kw) as resp:
-            return resp.status, dict(resp.headers), await resp.read()
-
-    async def status(self) -> dict[str, Any]:
-        async with self.session.get(self.url("/v1/status")) as resp:
-            assert resp.status == 200
-            return await resp.json()
-
-    async def close(self) -> None:
-        await self.session.close()
-        await self.server.close()
-        for server in self.sim_servers.values():
-            await server.close()
-
-
-@pytest.fixture
-async def rig(tmp_path):
-    rigs: list[Rig] = []
-
-    async def make(**kw: Any) -> Rig:
-        home = tmp_path / f"rig{len(rigs)}"
-        home.mkdir()
-        r = await Rig(home).start(**kw)
-        rigs.append(r)
-        return r
-
-    yield make
-    for r in rigs:
-        await r.close()
-    # Whatever a test did, the broker itself must not have crashed (unless the test made it).
-    assert [r.stats.internal_errors for r in rigs] == [r.expected_internal_errors for r in rigs]
-
-
-async def until(condition: Any, timeout: float = 10.0) -> None:
-    """Wait for a condition the broker reaches on its own (bounded: a hang fails the test)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
-
-
-async def _ok(request: web.Request) -> web.Response:
-    return web.Response(text="ok")
-
-
-class StandIn:
-    """A tiny consumer written for one fault: an aiohttp app on port 0 whose routes the test gives."""
-
-    def __init__(self, routes: list[tuple[str, str, Any]]) -> None:
-        self.app = web.Application()
-        for method, path, handler in routes:
-            self.app.router.add_route(method, path, handler)
-        self.server = TestServer(self.app, host="127.0.0.1", port=0)
-
-    async def __aenter__(self) -> StandIn:
-        await self.server.start_server()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.server.close()
-
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("")).rstrip("/")
-
-
-def held_llm(gate: asyncio.Event) -> StandIn:
-    """A stand-in ollama whose /api/generate answers only once ``gate`` is set: it holds the GPU lock."""
-
-    async def held(request: web.Request) -> web.Response:
-        await gate.wait()
-        return web.json_response({"response": "done"})
-
-    return StandIn([("POST", "/api/generate", held), ("GET", "/", _ok)])
-
-
-#: The issue's table of error codes, written out again so that a change in the daemon shows up here.
-SPEC_ERRORS = {
-    "bad_request": 400,
-    "not_found": 404,
-    "no_consumer": 404,
-    "method_not_allowed": 405,
-    "payload_too_large": 413,
-    "consumer_unreachable": 502,
-    "load_failed": 502,
-    "bad_consumer_url": 502,
-    "scheduler_error": 500,
-    "queue_full": 503,
-    "queue_timeout": 503,
-    "insufficient_vram": 503,
-    "gpu_unavailable": 503,
-    "consumer_timeout": 504,
-    # Issue 3 (security) and the admin API:
-    "unauthorized": 401,
-    "forbidden": 403,
-    "bad_config": 422,
-    "unload_failed": 502,
-    # Issue 4 (graceful shutdown):
-    "shutting_down": 503,
-    # Issue 10 (limits):
-    "too_many_requests": 429,
-    "request_timeout": 408,
-    # Issue 14 (the GPU given to something else):
-    "gpu_reserved": 503,
-}
-#: Retryable as the README documents it (load_failed and insufficient_vram as the issue says).
-SPEC_RETRYABLE = {c for c, st in SPEC_ERRORS.items() if st >= 500} - {"bad_consumer_url", "scheduler_error"}
-SPEC_RETRYABLE |= {"too_many_requests"}
-
-
-def error_of(status: int, headers: dict[str, str], body: bytes, code: str) -> dict[str, Any]:
-    """Assert the broker's error shape and code; return the parsed error."""
-    data = json.loads(body)
-    assert set(data) == {"error", "message", "consumer", "retryable"}, data
-    assert data["error"] == code, data
-    assert status == SPEC_ERRORS[code] and data["retryable"] is (code in SPEC_RETRYABLE)
-    assert isinstance(data["message"], str) and data["message"]
-    if status in (429, 503):
-        assert headers["Retry-After"].isdigit()
-    return data
-
-
-def overlaps(records: list[mgpusim.Record]) -> list[tuple[mgpusim.Record, mgpusim.Record]]:
-    spans = sorted(records, key=lambda r: r.start)
-    return [(a, b) for a, b in itertools.pairwise(spans) if b.start < (a.end or float("inf"))]
-
-
-async def test_tts_job_passes_through_with_headers_and_body(rig):
-    r = await rig()
-    status, headers, body = await r.post(
-        "tts",
-        {"text": "hello"},
-        headers={"X-Custom": "1", "Connection": "keep-alive, X-Secret", "X-Secret": "s"},
-    )
-    assert status == 200 and body.startswith(b"RIFF") and headers["Content-Type"] == "audio/wav"
-    assert headers["X-Audio-Path"].startswith("/audio/")
-    seen = r.sims["mvoice"].records[-1]
-    assert seen.path == "/api/synthesize" and json.loads(seen.body) == {"text": "hello"}
-    assert seen.headers["X-Custom"] == "1"
-    assert "X-Secret" not in seen.headers  # named in Connection: hop-by-hop
-    assert seen.headers["Host"] == f"127.0.0.1:{r.sim_servers['mvoice'].port}"  # never the client's Host
-    assert seen.headers["User-Agent"].startswith("Python/")  # the client's own, passed through
-    st = await r.status()
-    assert st["scheduler"]["stats"]["completed"] == 1 and st["consumers"]["mvoice"]["loaded"] is True
-    # The audio the job made is fetched through the broker, unscheduled.
-    async with r.session.get(r.url(headers["X-Audio-Path"])) as resp:
-        assert resp.status == 200 and await resp.read() == body
-    assert r.stats.jobs == 1
-
-
-async def test_only_what_the_client_sent_reaches_the_consumer(rig):
-    r = await rig()
-    skip = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-    async with r.session.post(r.url("/v1/stt"), data=b"RIFF", skip_auto_headers=skip) as resp:
-        assert resp.status == 200
-    seen = r.sims["mvoice"].records[-1].headers
-    assert [h for h in skip if h in seen] == []  # aiohttp's client added none of its own
-    async with r.session.post(r.url("/v1/stt"), data=b"RIFF", headers={"Expect": "100-continue"}) as resp:
-        assert resp.status == 200
-    assert "Expect" not in r.sims["mvoice"].records[-1].headers
-
-
-async def _gzip_answer(request: web.Request) -> web.Response:
-    body = gzip.compress(b'{"text": "compressed"}')
-    headers = {"Content-Encoding": "gzip", "Keep-Alive": "timeout=5", "X-Upstream": "yes"}
-    return web.Response(body=body, content_type="application/json", headers=headers)
-
-
-async def test_answer_bytes_and_headers_pass_unchanged_but_hop_by_hop(rig):
-    async with StandIn([("POST", "/inference", _gzip_answer), ("GET", "/health", _ok)]) as whisper:
-
-        def whisper_stt(raw):
-            raw["routing"]["stt"] = "whisper"
-
-        r = await rig(urls={"whisper": whisper.url}, tweak=whisper_stt)
-        status, headers, body = await r.post("stt", None, data=b"audio")
-        assert status == 200 and body == gzip.compress(b'{"text": "compressed"}')  # not decompressed
-        assert headers["Content-Encoding"] == "gzip" and headers["X-Upstream"] == "yes"
-        assert headers["Content-Length"] == str(len(body)) and "Keep-Alive" not in headers
-
-
-async def test_audio_is_served_while_the_gpu_is_busy(rig):
-    r = await rig(sims={"mvoice": {"loaded": True}, "ollama": {"lines": 40, "line_interval_s": 0.05}})
-    (r.sims["mvoice"].audio_dir / "old.wav").write_bytes(b"RIFFold")
-    async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as stream:
-        await stream.content.readline()
-        assert r.broker.scheduler.holder == "ollama"
-        async with r.session.get(r.url("/audio/old.wav?x=1")) as resp:
-            assert resp.status == 200 and await resp.read() == b"RIFFold"
-        assert r.broker.scheduler.holder == "ollama" and not stream.content.at_eof()
-    assert r.sims["mvoice"].records[-1].query == "x=1" and r.stats.jobs == 1
-
-
-async def test_fast_path_structure_no_gpu_reading_one_session_one_connection(rig):
-    """What keeps a resident job cheap: no nvidia-smi, the app's one ClientSession, a pooled connection."""
-    r = await rig(sims={"mvoice": {"loaded": True}})
-    session, queries = r.broker.session, r.broker.gpu.queries
-    for _ in range(5):
-        assert (await r.post("stt", None, data=b"x" * 1024))[0] == 200
-    assert r.broker.gpu.queries == queries and r.broker.session is session
-    assert len({rec.peer for rec in r.sims["mvoice"].records}) == 1
-
-
-async def test_query_string_is_kept(rig):
-    r = await rig()
-    async with r.session.post(r.url("/v1/stt?lang=de&x=%20y"), data=b"\x00\x01audio") as resp:
-        assert resp.status == 200 and (await resp.json())["bytes"] == 7
-    assert r.sims["mvoice"].records[-1].query == "lang=de&x=%20y"
-
-
-async def test_comfyui_evicted_to_fit_mvoice_one_unload_one_load(rig):
-    r = await rig(sims={"comfyui": {"loaded": True, "release_s": 0.05}, "mvoice": {"loaded": False}})
-    assert r.gpu.free_mib() == 16384 - 480 - 13000  # 2904 MiB: mvoice's 2800 + 256 do not fit
-    status, _, body = await r.post("tts", {"text": "hi"})
-    assert status == 200 and body.startswith(b"RIFF")
-    comfy, mvoice = r.sims["comfyui"], r.sims["mvoice"]
-    assert (comfy.unloads, mvoice.loads) == (1, 1)
-    assert [rec.path for rec in mvoice.records] == ["/api/admin/load", "/api/synthesize"]
-    assert comfy.records[-1].path == "/free" and json.loads(comfy.records[-1].body) == {
-        "unload_models": True,
-        "free_memory": True,
-    }
-    assert (r.stats.evictions, r.stats.loads, r.stats.unload_failures) == (1, 1, 0)
-    st = await r.status()
-    assert st["consumers"]["comfyui"]["loaded"] is False and st["consumers"]["mvoice"]["loaded"] is True
-
-
-@pytest.mark.parametrize("fault", ["status", "no_field"])
-async def test_an_answer_without_the_placeholder_field_starts_no_hold(rig, fault):
-    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 30}})
-    if fault == "status":
-        r.sims["comfyui"].faults["status"] = 400
-    else:
-        r.broker.config.consumers["comfyui"].paths["image"] = m.JobPath(
-            "POST", "/prompt", m.Hold("GET", "/history/{missing}", 0.02, 30)
-        )
-    status, _, _ = await r.post("image", {"prompt": {}})
-    assert status == (400 if fault == "status" else 200)
-    assert r.broker.scheduler.holder is None and r.broker.scheduler.holds == 0
-
-
-@pytest.mark.parametrize("path", ["/v1/image", "/c/comfyui/prompt"])
-async def test_image_job_evicts_mvoice_and_holds_until_history(rig, caplog, path):
-    """/v1/image, and ComfyUI's own /prompt through its mount, which takes the image path's hold."""
-    r = await rig(sims={"comfyui": {"work_s": 3}, "mvoice": {"loaded": True}})  # renders long enough
-    async with r.session.post(r.url(path), json={"prompt": {"1": {}}}) as resp:
-        assert resp.status == 200
-        prompt_id = (await resp.json())["prompt_id"]
-    assert r.sims["mvoice"].unloads == 1 and r.stats.evictions == 1
-    # The client has its answer; the render goes on and the hold keeps the next job out.
-    st = await r.status()
-    assert st["scheduler"]["holder"].items() >= {"consumer": "comfyui", "jobs": 0, "holds": 1}.items()
-    status, _, _ = await r.post("tts", {"text": "after"})
-    assert status == 200
-    render = r.sims["comfyui"].work[0]
-    synth = next(rec for rec in r.sims["mvoice"].records if rec.path == "/api/synthesize")
-    assert render.end is not None and synth.start >= render.end
-    history = [rec for rec in r.sims["comfyui"].records if rec.path == f"/history/{prompt_id}"]
-    assert len(history) >= 2  # polled while empty, then once non-empty
-    await until(lambda: len(job_lines(caplog)) == 2)
-    assert " kind=image " in job_lines(caplog)[0] and "hold_ms=" in job_lines(caplog)[0]
-
-
-async def test_jobs_of_different_consumers_never_overlap(rig):
-    r = await rig(sims={"mvoice": {"work_s": 0.03}, "ollama": {"work_s": 0.03, "line_interval_s": 0.005}})
-    calls = [r.post("tts", {"text": "a"}) for _ in range(3)] + [
-        r.post("llm", {"model": "m", "prompt": "p"}) for _ in range(3)
-    ]
-    calls += [r.post("stt", None, data=b"x") for _ in range(2)]
-    results = await asyncio.gather(*calls)
-    assert [s for s, _, _ in results] == [200] * 8
-    work = r.sims["mvoice"].work + r.sims["ollama"].work
-    assert len(work) == 8 and overlaps(work) == []
-
-
-async def test_max_concurrency_two_overlaps_one_consumer_never_another(rig):
-    def two(raw):
-        raw["consumers"]["mvoice"]["max_concurrency"] = 2
-
-    r = await rig(sims={"mvoice": {"work_s": 0.2, "loaded": True}, "ollama": {"work_s": 0.05}}, tweak=two)
-    results = await asyncio.gather(
-        r.post("tts", {"text": "a"}),
-        r.post("tts", {"text": "b"}),
-        r.post("llm", {"model": "m", "prompt": "p"}),
-    )
-    assert [s for s, _, _ in results] == [200, 200, 200]
-    mvoice, ollama = r.sims["mvoice"], r.sims["ollama"]
-    assert mvoice.max_active == 2
-    for a in mvoice.work:
-        for b in ollama.work:
-            assert b.start >= a.end or a.start >= b.end
-
-
-async def test_streaming_first_line_arrives_before_the_last_is_produced(rig):
-    r = await rig(sims={"ollama": {"lines": 6, "line_interval_s": 0.1}})
-    async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as resp:
-        assert resp.status == 200 and resp.headers["Content-Type"].startswith("application/x-ndjson")
-        first = await resp.content.readline()
-        got_first = time.monotonic()
-        assert json.loads(first)["done"] is False
-        rest = await resp.read()
-    line_times = r.sims["ollama"].line_times[0]
-    assert len(line_times) == 7 and got_first < line_times[-1]
-    assert rest.count(b"\n") == 6 and json.loads(rest.splitlines()[-1])["done"] is True
-
-
-async def test_consumer_error_status_passes_through_unchanged(rig):
-    r = await rig(sims={"mvoice": {"loaded": True}})
-    r.broker.consumers.states["mvoice"].unload_failed()  # as after a failed unload
-    r.sims["mvoice"].faults["status"] = 422
+async def test_gpu_unavailable_when_nvidia_smi_fails_but_the_broker_serves(rig, tmp_path):
+    def broken(raw):
+        raw["gpu"]["nvidia_smi"] = str(tmp_path / "no-nvidia-smi")
+
+    r = await rig(tweak=broken, sims={"mvoice": {"loaded": False}})
     status, headers, body = await r.post("tts", {"text": "x"})
-    assert status == 422 and json.loads(body) == {"error": "simulated"}
-    # An error answer proves nothing about residency and is no "use".
-    assert r.broker.consumers.states["mvoice"].resident is None
-    assert r.broker.consumers.states["mvoice"].last_used is None
-    assert headers["Content-Type"].startswith("application/json")
-    assert r.stats.completed == 1 and r.stats.failed == 0
-
-
-async def test_disconnect_while_queued_never_reaches_the_consumer(rig):
-    r = await rig(sims={"mvoice": {"work_s": 0.5, "loaded": True}})
-    busy = asyncio.ensure_future(r.post("tts", {"text": "long"}))
-    await until(lambda: r.broker.scheduler.holder is not None)
-    with pytest.raises(asyncio.TimeoutError):
-        await r.post("llm", {"model": "m", "prompt": "p"}, timeout=aiohttp.ClientTimeout(total=0.1))
-    await until(lambda: r.stats.cancelled > 0)
-    assert r.broker.scheduler.queue() == []
-    assert (await busy)[0] == 200
-    assert r.sims["ollama"].records == []
+    assert "cannot run" in error_of(status, headers, body, "gpu_unavailable")["message"]
     st = await r.status()
-    assert st["scheduler"]["stats"]["cancelled"] == 1 and st["scheduler"]["holder"] is None
+    assert st["gpu"]["error"].startswith("cannot run") and st["gpu"]["free_mib"] is None
+    r.broker.consumers.states["mvoice"].loaded()  # a resident target needs no reading
+    assert (await r.post("tts", {"text": "x"}))[0] == 200
+    async with r.session.get(r.url("/healthz")) as resp:
+        assert resp.status == 200 and await resp.text() == "ok\n"
 
 
-async def test_disconnect_mid_stream_releases_the_lock(rig):
-    r = await rig(sims={"ollama": {"lines": 50, "line_interval_s": 0.05}})
-    resp = await r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"})
-    await resp.content.readline()
-    resp.close()  # the client leaves mid-stream
-    await until(lambda: r.stats.cancelled > 0)
-    assert r.broker.scheduler.holder is None
-    status, _, _ = await r.post("tts", {"text": "next"})
-    assert status == 200 and len(r.sims["ollama"].line_times[0]) < 51
+def test_processes_are_attributed_by_name_and_by_the_unit_in_their_cgroup(tmp_path):
+    """A consumer's processes: a shell pattern on nvidia-smi's name and/or its systemd unit (or a container's
+    scope) read from /proc/<pid>/cgroup; every key given must match; the first consumer listed wins."""
+    raw = base_raw()
+    raw["consumers"]["comfyui"]["processes"] = {"unit": "comfyui.service"}
+    raw["consumers"]["mvoice"]["processes"] = {"unit": "mvoice.service", "name": "*/python3"}
+    raw["consumers"]["ollama"]["processes"] = {"name": "*/ollama*"}
+    raw["consumers"]["whisper"]["processes"] = {"unit": "docker-*.scope"}
+    config = m.parse_config(raw)
+    cgroups = {  # cgroup v2 (one line) and v1 (several), as /proc/<pid>/cgroup holds them
+        10: "0::/system.slice/comfyui.service\n",
+        11: "0::/system.slice/mvoice.service\n",
+        12: "12:memory:/system.slice/docker-4f2a9c.scope\n11:pids:/system.slice/docker-4f2a9c.scope\n",
+        13: "0::/user.slice/user-1000.slice/session-2.scope\n",
+    }
+    for pid, text in cgroups.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cgroup").write_text(text.replace("\\n", "\n"))
+    consumers = m.Consumers(config, session=None)  # type: ignore[arg-type] (no call is made)
+    consumers.proc_root = tmp_path
+    procs = [
+        m.GpuProcess(10, "/opt/ComfyUI/.venv/bin/python3", 13610),
+        m.GpuProcess(11, "/opt/mvoice/.venv/bin/python3", 2800),
+        m.GpuProcess(12, "/usr/local/bin/whisper-server", 1500),
+        m.GpuProcess(13, "/usr/bin/python3", 4000),  # someone's notebook: nobody's
+        m.GpuProcess(14, "/usr/local/bin/ollama", 8000),  # gone from /proc: name alone decides
+    ]
+    measured = list(config.consumers.values())
+    owners = m.process_owners(procs, measured, consumers.cgroups_of)
+    assert owners == {10: "comfyui", 11: "mvoice", 12: "whisper", 14: "ollama"}
+    # mvoice needs both keys: a python3 in another unit is not its.
+    assert (
+        m.process_owners(
+            [m.GpuProcess(10, "/usr/bin/python3", 1)], [config.consumers["mvoice"]], consumers.cgroups_of
+        )
+        == {}
+    )
+    assert problems_of(
+        base_raw()
+        | {
+            "consumers": {
+                **base_raw()["consumers"],
+                "ollama": {**base_raw()["consumers"]["ollama"], "processes": {}},
+            }
+        }
+    )
 
 
-async def _cut_off_upstream(request: web.Request) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await resp.prepare(request)
-    await resp.write(b'{"response": "tok", "done": false}\n')
-    await asyncio.sleep(0.05)
-    request.transport.abort()  # the consumer dies mid-stream
-    return resp
+@pytest.mark.parametrize("fault", ["fail", "garbage", "hang"])
+async def test_nvidia_smi_failing_is_gpu_unavailable_and_leaves_no_process(rig, fault):
+    def quick_smi(raw):
+        raw["gpu"]["query_timeout_s"] = 0.5
+
+    r = await rig(sims={"mvoice": {"loaded": False}}, tweak=quick_smi)
+    before = children()
+    r.gpu.set_fault(fault)
+    status, headers, body = await r.post("tts", {"text": "x"})
+    message = error_of(status, headers, body, "gpu_unavailable")["message"]
+    expected = {"fail": "exited with status 15", "garbage": "unexpected nvidia-smi output", "hang": "killed"}
+    assert expected[fault] in message
+    await until(lambda: children() <= before)  # every nvidia-smi reaped: no zombie left
+    r.gpu.set_fault(None)
+    assert (await r.post("tts", {"text": "x"}))[0] == 200
 
 
-async def test_consumer_dying_mid_stream_truncates_the_answer_and_frees_the_lock(rig):
-    async with StandIn([("POST", "/api/generate", _cut_off_upstream), ("GET", "/", _ok)]) as dying:
-        r = await rig(urls={"ollama": dying.url})
-        async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as resp:
-            assert resp.status == 200
-            assert await resp.content.readline() == b'{"response": "tok", "done": false}\n'
-            with pytest.raises(aiohttp.ClientPayloadError):
-                await resp.read()
-        assert r.stats.failed == 1 and r.broker.scheduler.holder is None
-        st = await r.status()
-        assert st["consumers"]["ollama"]["healthy"] is False
-        assert (await r.post("tts", {"text": "next"}))[0] == 200
+async def test_nvidia_smi_leaving_a_child_behind_has_it_killed_once_it_exited(tmp_path, caplog):
+    """Item 9 of issue 10: a wrapper whose child keeps the output open cost every reading 0.5 s and left an
+    orphan per reading. A load command's service, by contrast, is left running (test above)."""
+    pids = tmp_path / "pids"
+    argv = _smi_script(tmp_path, f"echo reading; sleep 30 & echo $! > {pids}")
+    assert await m.run_nvidia_smi(argv, 5) == "reading\n"
+    assert "left its output open" not in caplog.text
+    child = int(pids.read_text())
+    await until(lambda: not running(child), 5)
 
 
-async def raw_get(r: Rig, target: str, port: int | None = None) -> tuple[int, bytes]:
-    """Send a request line exactly as written (a client library would normalise the path); to the broker's
-    port, or another of its ports."""
-    host, port = r.server.host, port or r.server.port
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
+# =====================================================================================================
+# 3. Consumers and residency
+# Health probes, what the GPU and the services show against the broker's own record, restarts.
+# =====================================================================================================
 
 
-@pytest.mark.parametrize(
-    "target",
-    [
-        "/audio/../api/admin/secret",
-        "/audio/%2e%2e/api/admin/secret",
-        "/audio/%2E%2E/api/admin/secret",
-        "/audio/..%2fapi%2fadmin%2fsecret",
-        "/audio/x%2F..%2F..%2Fapi/admin/secret",
-        "/audio/..%5c..%5capi/admin/secret",
-        "/audio/..\\..\\api/admin/secret",
-        "/audio//api/admin/secret",
-        "/audio/%252e%252e/api/admin/secret",
-        "/audio/./x.wav",
-        "/audio/x.wav;/../../api/admin/secret",
-        "/audio/%c0%ae%c0%ae/api/admin/secret",
-        "/audio/%2e%2e%2f%2e%2e%2fapi/admin/secret",
-        "/audio/..;/api/admin/secret",
-        "/audio/x.wav%00",
-        "http://127.0.0.1/audio/../api/admin/secret",
-        "http://evil.example/audio/%2e%2e/api/admin/secret",
-        "//audio/../api/admin/secret",
-        "/audio/%u002e%u002e/api/admin/secret",
-    ],
-)
-async def test_audio_traversal_is_refused_and_never_reaches_the_consumer(rig, target):
-    r = await rig()
-    status, body = await raw_get(r, target)
-    data = json.loads(body)
-    # "//audio/..." is no /audio/ path at all: no route, not even the audio proxy's.
-    expected = (404, "not_found") if target.startswith("//") else (400, "bad_request")
-    assert (status, data["error"]) == expected, (target, data)
-    assert r.sims["mvoice"].records == []
-
-
-async def test_unknown_routes_and_methods_have_the_error_shape(rig):
-    r = await rig()
-    async with r.session.get(r.url("/nope")) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "not_found")
-    async with r.session.get(r.url("/v1/tts")) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "method_not_allowed")
-        assert "POST" in resp.headers["Allow"]
-    async with r.session.post(r.url("/v1/status")) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "method_not_allowed")
-    status, headers, body = await r.post("video", {})
-    assert error_of(status, headers, body, "no_consumer")["consumer"] is None
-    assert r.stats.jobs == 0  # refused before the queue: not jobs
-
-
-async def test_payload_too_large_by_length_and_by_chunked_body(rig):
-    def small(raw):
-        raw["scheduler"]["max_body_mib"] = 1
-
-    r = await rig(tweak=small)
-    async with r.session.post(r.url("/v1/stt"), data=b"x" * (m.MiB + 1)) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "payload_too_large")
-
-    async def chunks():
-        for _ in range(20):
-            yield b"y" * 100_000
-
-    async with r.session.post(r.url("/v1/stt"), data=chunks()) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "payload_too_large")
-    async with r.session.post(r.url("/v1/stt"), data=b"z" * m.MiB) as resp:
-        assert resp.status == 200 and (await resp.json())["bytes"] == m.MiB
-    transcribed = [rec.body for rec in r.sims["mvoice"].records if rec.path == "/api/transcribe"]
-    assert transcribed == [b"z" * m.MiB]  # the refused bodies never reached the consumer
-    assert r.stats.jobs == 1
+#: A small card (13920 MiB usable): FLUX's 13000 MiB, the cushion and ComfyUI's 610 MiB context fit,
+#: mvoice's 2800 beside them do not.
+SMALL_CARD = {"total_mib": 14400}
 
 
 async def test_unreachable_consumer_is_refused_at_once_and_served_again_after_a_good_probe(rig):
@@ -2107,390 +1748,6 @@ def test_observations_override_the_brokers_record_only_when_they_started_after_i
     assert state.resident is True and not state.known_resident()
 
 
-async def test_connection_refused_during_a_job_is_consumer_unreachable(rig):
-    r = await rig()
-    await r.sim_servers["ollama"].close()  # dies between probes
-    status, headers, body = await r.post("llm", {"model": "m", "prompt": "p"})
-    data = error_of(status, headers, body, "consumer_unreachable")
-    assert "connection refused" in data["message"] and data["consumer"] == "ollama"
-    assert r.stats.failed == 1 and r.broker.scheduler.holder is None
-    assert (await r.status())["consumers"]["ollama"]["healthy"] is False
-
-
-async def test_silent_consumer_is_consumer_timeout_and_the_lock_is_released(rig):
-    def quick(raw):
-        raw["consumers"]["ollama"]["timeout_s"] = 0.3
-
-    r = await rig(tweak=quick)
-    r.sims["ollama"].faults["hang"] = True
-    status, headers, body = await r.post("llm", {"model": "m", "prompt": "p"})
-    error_of(status, headers, body, "consumer_timeout")
-    assert r.broker.scheduler.holder is None and r.stats.failed == 1
-    assert r.broker.consumers.states["ollama"].healthy is False
-    assert (await r.post("tts", {"text": "next"}))[0] == 200
-
-
-async def test_unresolvable_consumer_url_is_bad_consumer_url(rig):
-    r = await rig(urls={"ollama": "http://no-such-host.invalid:11434"})
-    status, headers, body = await r.post("llm", {"model": "m", "prompt": "p"})
-    error_of(status, headers, body, "bad_consumer_url")
-
-
-async def test_failing_load_route_is_load_failed(rig):
-    r = await rig(sims={"comfyui": {"loaded": True}, "mvoice": {"loaded": False}})
-    r.sims["mvoice"].faults["load_status"] = 500
-    status, headers, body = await r.post("tts", {"text": "x"})
-    assert "load answered 500" in error_of(status, headers, body, "load_failed")["message"]
-    assert r.sims["comfyui"].unloads == 1 and r.broker.scheduler.holder is None
-    assert (await r.status())["consumers"]["mvoice"]["loaded"] is None
-
-
-async def test_insufficient_vram_end_to_end_names_the_gpu_processes(rig):
-    # Whisper (no unload route) and ollama (vram_managed) fill the GPU; comfyui cannot fit.
-    r = await rig(sims={"whisper": {"loaded": True, "vram_mib": 5000}, "ollama": {"loaded": True}})
-    status, headers, body = await r.post("image", {"prompt": {}})
-    data = error_of(status, headers, body, "insufficient_vram")
-    assert "/usr/local/bin/whisper-server 5000 MiB (no consumer)" in data["message"]
-    assert "/usr/local/bin/ollama 8000 MiB (no consumer)" in data["message"]  # nobody says which is whose
-    assert "whisper (no unload route)" in data["message"] and "ollama (vram_managed)" in data["message"]
-    # Its own residency unknown, comfyui was unloaded first as the last resort; the job never reached it.
-    assert [rec.path for rec in r.sims["comfyui"].records] == ["/free"]
-
-
-async def test_gpu_unavailable_when_nvidia_smi_fails_but_the_broker_serves(rig, tmp_path):
-    def broken(raw):
-        raw["gpu"]["nvidia_smi"] = str(tmp_path / "no-nvidia-smi")
-
-    r = await rig(tweak=broken, sims={"mvoice": {"loaded": False}})
-    status, headers, body = await r.post("tts", {"text": "x"})
-    assert "cannot run" in error_of(status, headers, body, "gpu_unavailable")["message"]
-    st = await r.status()
-    assert st["gpu"]["error"].startswith("cannot run") and st["gpu"]["free_mib"] is None
-    r.broker.consumers.states["mvoice"].loaded()  # a resident target needs no reading
-    assert (await r.post("tts", {"text": "x"}))[0] == 200
-    async with r.session.get(r.url("/healthz")) as resp:
-        assert resp.status == 200 and await resp.text() == "ok\n"
-
-
-async def test_queue_full_and_queue_timeout_end_to_end(rig):
-    def tight(raw):
-        raw["scheduler"]["max_queue"] = 1
-        raw["scheduler"]["queue_timeout_s"] = 0.3
-
-    r = await rig(tweak=tight, sims={"mvoice": {"work_s": 1.0, "loaded": True}})
-    busy = asyncio.ensure_future(r.post("tts", {"text": "long"}))
-    await until(lambda: r.broker.scheduler.holder is not None)
-    waiting = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
-    await until(lambda: len(r.broker.scheduler.queue()) == 1)
-    status, headers, body = await r.post("llm", {"model": "m", "prompt": "p"})
-    error_of(status, headers, body, "queue_full")
-    error_of(*await waiting, "queue_timeout")
-    assert (await busy)[0] == 200
-    st = (await r.status())["scheduler"]["stats"]
-    assert (st["jobs"], st["completed"], st["rejected"], st["failed"]) == (3, 1, 1, 1)
-    assert r.sims["ollama"].records == []
-
-
-async def _interleaved_burst(r: Rig, gate: asyncio.Event) -> list[str]:
-    """While an LLM job holds the GPU, 8 TTS and 4 image jobs queue interleaved (T T I T I T T I T I T T);
-    then the GPU is let go. The consumers their grants went to, in order, once all are done."""
-    llm = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "holds the GPU"}))
-    await until(lambda: r.broker.scheduler.holder == "ollama")
-    jobs = []
-    for i, kind in enumerate("TTITITTITITT"):
-        path = ("tts", {"text": str(i)}) if kind == "T" else ("image", {"prompt": {}})
-        jobs.append(asyncio.ensure_future(r.post(*path)))
-        await until(lambda i=i: len(r.broker.scheduler.queue()) == i + 1)
-    gate.set()
-    assert all(status == 200 for status, _, _ in await asyncio.gather(llm, *jobs))
-    await until(lambda: r.broker.scheduler.holder is None)
-    return [e["consumer"] for e in r.broker.events.recent(900) if e["event"] == "granted"][1:]
-
-
-@pytest.mark.parametrize("max_overtake_s", [30, 0])
-async def test_an_interleaved_burst_is_served_in_batches_with_one_swap(rig, max_overtake_s):
-    """Issue 12's trace, shortened: TTS (mvoice, resident) and image jobs (ComfyUI) of equal priority,
-    interleaved, on a GPU where the two do not fit together. Served what is loaded first: the TTS batch,
-    one swap, the images. Strict arrival order (max_overtake_s 0) swaps at every change."""
-    gate = asyncio.Event()
-
-    def setup(raw: dict[str, Any]) -> None:
-        raw["scheduler"]["max_overtake_s"] = max_overtake_s
-        for name in ("mvoice", "comfyui"):
-            raw["consumers"][name]["priority"] = 2
-
-    async with held_llm(gate) as ollama:
-        r = await rig(
-            tweak=setup,
-            urls={"ollama": ollama.url},
-            sims={"mvoice": {"loaded": True, "work_s": 0.02}, "comfyui": {"work_s": 0.05}},
-        )
-        order = await _interleaved_burst(r, gate)
-    swaps = sum(a != b for a, b in itertools.pairwise(order))
-    if max_overtake_s:
-        assert order == ["mvoice"] * 8 + ["comfyui"] * 4 and swaps == 1
-        assert (r.stats.evictions, r.sims["mvoice"].unloads) == (1, 1)
-    else:
-        assert order == ["mvoice" if k == "T" else "comfyui" for k in "TTITITTITITT"] and swaps == 8
-        assert r.stats.evictions == 8  # the issue's 8 evictions
-    assert r.gpu.ooms() == []
-
-
-async def test_a_job_held_back_by_a_stream_runs_once_overtaken_for_max_overtake_s(rig):
-    """A steady stream of TTS jobs (resident: no swap) and one image job that needs a swap: the stream
-    goes first, but only until the image has been overtaken for max_overtake_s."""
-
-    def setup(raw: dict[str, Any]) -> None:
-        raw["scheduler"]["max_overtake_s"] = 0.5
-        for name in ("mvoice", "comfyui"):
-            raw["consumers"][name]["priority"] = 2
-
-    r = await rig(tweak=setup, sims={"mvoice": {"loaded": True, "work_s": 0.1}, "comfyui": {"work_s": 0.05}})
-    stream = [asyncio.ensure_future(r.post("tts", {"text": "first"}))]
-    await until(lambda: r.broker.scheduler.holder == "mvoice")
-    image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
-    await until(lambda: len(r.broker.scheduler.queue()) == 1)
-    started = time.monotonic()
-    while not image.done() and time.monotonic() - started < 10:  # a TTS job every 50 ms
-        stream.append(asyncio.ensure_future(r.post("tts", {"text": "more"})))
-        await asyncio.sleep(0.05)
-    assert (await image)[0] == 200
-    for job in stream:
-        assert (await job)[0] == 200
-
-    def at(event: dict[str, Any]) -> float:
-        return datetime.datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
-
-    grants = [e for e in r.broker.events.recent(900) if e["event"] == "granted"]
-    image_at = next(i for i, e in enumerate(grants) if e["consumer"] == "comfyui")
-    overtakers = grants[1:image_at]  # TTS jobs that came after the image and went before it
-    assert len(overtakers) >= 2 and all(e["consumer"] == "mvoice" for e in overtakers)
-    # Granted at the first grant after it had been overtaken for 0.5 s, not after the stream ended.
-    assert at(grants[image_at]) - at(overtakers[0]) >= 0.5
-    assert any(e["consumer"] == "mvoice" for e in grants[image_at + 1 :])
-
-
-async def test_learned_timings_and_the_expected_waits_in_status_events_and_retry_after(rig):
-    """What loads, unloads and jobs took (running medians) shows per consumer; each queued job has eta_s
-    (status, the queued event), and a refusal's Retry-After is the wait the figures foresee."""
-
-    def tight(raw):
-        raw["scheduler"]["max_queue"] = 2
-        raw["scheduler"]["queue_timeout_s"] = 2
-
-    r = await rig(tweak=tight, sims={"mvoice": {"work_s": 0.3, "load_s": 0.2}, "comfyui": {"work_s": 0.1}})
-    assert (await r.post("tts", {"text": "a"}))[0] == 200  # loads mvoice (0.2 s), then works
-    assert (await r.post("tts", {"text": "b"}))[0] == 200
-    await _render(r)  # evicts mvoice; comfyui loads itself on its first prompt (a cold start)
-    st = (await r.status())["consumers"]
-    mv, comfy = st["mvoice"]["timings"], st["comfyui"]["timings"]
-    assert mv["load_s"] >= 0.2 and mv["job_s"] >= 0.3 and mv["unload_s"] is not None
-    assert comfy["load_s"] is not None and comfy["job_s"] is None  # its only job was its cold start
-    text = await (await r.session.get(r.url("/metrics"))).text()
-    assert 'mgpumanager_job_seconds_count{consumer="mvoice"} 2' in text
-    assert 'mgpumanager_load_seconds_count{consumer="mvoice"} 1' in text
-    # A queue behind a render: each waiting job knows roughly when it will run.
-    events = await r.session.get(r.url("/v1/events"))
-    first = asyncio.ensure_future(r.post("tts", {"text": "c"}))  # mvoice again: a swap
-    await until(lambda: r.broker.scheduler.holder == "mvoice")
-    waiting = [asyncio.ensure_future(r.post("tts", {"text": str(i)})) for i in range(2)]
-    await until(lambda: len(r.broker.scheduler.queue()) == 2)
-    queue = (await r.status())["scheduler"]["queue"]
-    etas = [q["eta_s"] for q in queue]
-    assert etas == sorted(etas) and etas[1] >= mv["job_s"] > 0
-    status, headers, body = await r.post("tts", {"text": "one too many"})
-    error_of(status, headers, body, "queue_full")
-    assert int(headers["Retry-After"]) == max(1, math.ceil(etas[0]))
-    queued = [e for e in await _read_events(events, "queued") if e["event"] == "queued"]
-    assert "eta_s" in queued[0]
-    events.close()
-    for done in [first, *waiting]:
-        assert (await done)[0] == 200
-
-
-def test_every_code_has_the_specified_status_and_one_shape():
-    assert set(m.ERROR_CODES) == set(SPEC_ERRORS)
-    for code, status in SPEC_ERRORS.items():
-        resp = m.BrokerError(code, "why", "c").response()
-        data = json.loads(resp.body)
-        assert data == {"error": code, "message": "why", "consumer": "c", "retryable": code in SPEC_RETRYABLE}
-        assert resp.status == status
-        assert ("Retry-After" in resp.headers) == (status in (429, 503))
-
-
-async def test_a_crash_in_a_handler_is_scheduler_error_in_the_shape_and_counted(rig):
-    r = await rig()
-
-    async def crash(**_: Any) -> m.GpuReading:
-        raise RuntimeError("bug")
-
-    r.broker.gpu.read = crash  # type: ignore[method-assign]
-    async with r.session.get(r.url("/v1/status")) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "scheduler_error")
-    assert r.stats.internal_errors == 1
-    r.expected_internal_errors = 1
-
-
-async def test_crash_inside_the_scheduler_is_scheduler_error_and_counted():
-    s, gpu, _, _ = make_scheduler(small_config())
-
-    async def broken_read(**_: Any) -> m.GpuReading:
-        raise RuntimeError("bug")
-
-    gpu.read_memory = broken_read  # type: ignore[method-assign]
-    with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt")
-    assert info.value.code == "scheduler_error" and s.stats.internal_errors == 1 and s.holder is None
-
-
-async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
-    r = await rig(sims={"comfyui": {"loaded": True}})
-    t0 = time.monotonic()
-    first = await r.status()
-    await asyncio.gather(*(r.status() for _ in range(20)))
-    for _ in range(10):
-        await r.status()
-    elapsed = time.monotonic() - t0
-    # One reading (two nvidia-smi processes) per started second at most, however many requests.
-    assert r.broker.gpu.queries <= 2 * (1 + int(elapsed))
-    assert set(first) == {"version", "uptime_s", "gpu", "consumers", "scheduler", "gpus"}
-    gpu = first["gpu"]
-    assert gpu["total_mib"] == 16384 and gpu["used_mib"] == 13000 and gpu["free_mib"] == 16384 - 480 - 13000
-    assert (
-        gpu["processes"]
-        == [
-            {
-                "pid": r.sims["comfyui"].pid,
-                "name": "/opt/ComfyUI/.venv/bin/python3",
-                "used_mib": 13000,
-                "consumer": None,  # nobody claims it: comfyui has no `processes` here
-            }
-        ]
-        or gpu["processes"][0]["used_mib"] == 13000
-    )
-    assert gpu["error"] is None and gpu["read_at"].endswith("Z")
-    mv = first["consumers"]["mvoice"]
-    assert set(mv) == {
-        "url",
-        "kinds",
-        "healthy",
-        "loaded",
-        "last_probe",
-        "last_error",
-        "last_used",
-        "vram_resident_mib",
-        "vram_used_mib",
-        "vram_peak_mib",
-        "vram_managed",
-        "priority",
-        "can_coexist_with",
-        "gpu",
-        "preset",
-        "listen",
-        "timings",
-    }
-    assert mv["vram_used_mib"] is None and mv["vram_peak_mib"] is None  # no `processes`: not measured
-    assert mv["timings"] == {"load_s": None, "unload_s": None, "job_s": None}  # nothing seen yet
-    assert (
-        mv["kinds"] == ["tts", "stt"]
-        and mv["healthy"] is True
-        and mv["can_coexist_with"] == ["ollama", "whisper"]
-    )
-    assert first["consumers"]["whisper"]["kinds"] == ["stt"]  # listed though not routed
-    assert first["consumers"]["comfyui"]["loaded"] is None  # no `loaded` in its health: unknown
-    sched = first["scheduler"]
-    assert sched["holder"] is None and sched["queue"] == []
-    assert set(sched["stats"]) >= {
-        "jobs",
-        "completed",
-        "failed",
-        "cancelled",
-        "rejected",
-        "evictions",
-        "loads",
-    }
-    # One GPU: `gpus` holds the same GPU and scheduler as the single-GPU fields, with its consumers.
-    (only,) = first["gpus"]
-    assert {k: v for k, v in only.items() if k not in ("consumers", "scheduler")} == gpu
-    assert only["scheduler"] == sched and only["consumers"] == list(first["consumers"])
-
-
-async def test_two_gpus_run_jobs_in_parallel_and_evict_each_on_its_own(rig):
-    """GPU 0: ollama and whisper; GPU 1: mvoice (resident) and comfyui, which must evict mvoice."""
-
-    def two_gpus(raw: dict[str, Any]) -> None:
-        for name in ("mvoice", "comfyui"):
-            raw["consumers"][name]["gpu"] = 1
-        raw["consumers"]["mvoice"]["can_coexist_with"] = []
-
-    r = await rig(
-        gpus=2,
-        sims={
-            "mvoice": {"loaded": True, "gpu": 1},
-            "comfyui": {"gpu": 1, "work_s": 0.05},
-            "ollama": {"lines": 200, "line_interval_s": 0.05},
-            "whisper": {"loaded": True},
-        },
-        tweak=two_gpus,
-    )
-    gpu0, gpu1 = r.broker.schedulers[0], r.broker.schedulers[1]
-    assert r.gpu.free_mib(1) == 16384 - 480 - 2800  # 13104 < comfyui's 13000 + 256
-    async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as stream:
-        await stream.content.readline()
-        assert gpu0.holder == "ollama"
-        queries0 = r.broker.gpus[0].queries
-        # GPU 1 does not wait for GPU 0's job: the image job evicts, loads, renders and holds meanwhile.
-        status, _, body = await r.post("image", {"prompt": {}})
-        assert status == 200 and "prompt_id" in json.loads(body)
-        await until(lambda: gpu1.holder is None)
-        assert gpu0.holder == "ollama" and not stream.content.at_eof()
-        assert r.broker.gpus[0].queries == queries0  # GPU 1's eviction read GPU 1 only
-        during = await r.status()
-    assert r.sims["mvoice"].unloads == 1 and r.gpu.used_mib("mvoice") == 0
-    assert r.gpu.used_mib("ollama") == 8000 and r.gpu.used_mib("whisper") == 1500
-    assert r.sims["ollama"].unloads == 0 and r.sims["whisper"].unloads == 0
-    assert (gpu1.stats.evictions, gpu1.stats.completed, gpu0.stats.evictions) == (1, 1, 0)
-    by_index = {g["index"]: g for g in during["gpus"]}
-    assert by_index[0]["consumers"] == ["ollama", "whisper"]
-    assert by_index[1]["consumers"] == ["mvoice", "comfyui"]
-    assert by_index[0]["scheduler"]["holder"]["consumer"] == "ollama"
-    assert by_index[1]["scheduler"]["holder"] is None
-    # Each GPU read by its own index (the reading may be up to a second old: not its free figure).
-    assert [by_index[i]["uuid"] for i in (0, 1)] == [mgpusim.gpu_uuid(0), mgpusim.gpu_uuid(1)]
-    assert mgpusim.WhisperSim.process_name in {p["name"] for p in by_index[0]["processes"]}
-    assert not {p["name"] for p in by_index[0]["processes"]} & {
-        mgpusim.MvoiceSim.process_name,
-        mgpusim.ComfySim.process_name,
-    }
-    assert r.gpu.free_mib(1) == 16384 - 480 - 13000
-    assert during["gpu"]["index"] == 0 and during["consumers"]["comfyui"]["gpu"] == 1
-
-
-# =====================================================================================================
-# Residency from what the GPU and the services show (issue 11)
-# =====================================================================================================
-
-
-def comfy_measured(raw: dict[str, Any]) -> None:
-    """ComfyUI's processes are recognised in nvidia-smi's list: its memory is measured."""
-    raw["consumers"]["comfyui"]["processes"] = {"name": "*/ComfyUI/*"}
-
-
-#: A small card (13920 MiB usable): FLUX's 13000 MiB, the cushion and ComfyUI's 610 MiB context fit,
-#: mvoice's 2800 beside them do not.
-SMALL_CARD = {"total_mib": 14400}
-REAL_COMFY = {"context_mib": 610, "work_s": 0.05}
-
-
-async def _render(r: Rig, path: str = "/v1/image") -> str:
-    """An image job, and the end of its hold; the prompt id."""
-    async with r.session.post(r.url(path), json={"prompt": {}}) as resp:
-        assert resp.status == 200, await resp.read()
-        prompt_id = (await resp.json())["prompt_id"]
-    await until(lambda: r.broker.scheduler.holder is None)
-    return prompt_id
-
-
 async def test_a_restart_behind_the_brokers_back_never_overfills_the_gpu(rig):
     """Issue 11, case 1: ComfyUI restarts unseen (its model gone), mvoice loads, then an image job: the
     broker does not trust ComfyUI's old record, reads the GPU and evicts mvoice first."""
@@ -2519,88 +1776,6 @@ async def test_the_uis_own_unload_button_leaves_no_false_record(rig):
     assert r.gpu.ooms() == [] and r.sims["mvoice"].unloads == 1
 
 
-async def test_a_render_lost_in_a_crash_releases_the_gpu_when_a_poll_finds_the_consumer_gone(rig, caplog):
-    """Issue 11, case 3: ComfyUI killed mid-render and restarted forgets the prompt; the hold does not
-    wait for its timeout: the first poll that finds ComfyUI refusing ends it (hold_abandoned)."""
-    r = await rig(sims={"comfyui": {"work_s": 60}})
-    async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
-        assert resp.status == 200
-    await until(lambda: r.broker.scheduler.holds == 1)
-    tts = asyncio.ensure_future(r.post("tts", {"text": "waits for the render"}))
-    await until(lambda: len(r.broker.scheduler.queue()) == 1)
-    await r.kill("comfyui")
-    assert (await asyncio.wait_for(tts, 10))[0] == 200  # served within a few polls, not after 30 s
-    await r.revive("comfyui")  # back, without the prompt: /history/<id> would stay {} for ever
-    stats = r.stats
-    assert (stats.hold_abandoned, stats.hold_timeouts, stats.completed) == (1, 0, 2)
-    abandoned = [rec for rec in caplog.records if "hold abandoned" in rec.getMessage()]
-    assert len(abandoned) == 1 and abandoned[0].levelno == logging.WARNING
-    assert "connection refused" in abandoned[0].getMessage()
-    assert r.broker.consumers.states["comfyui"].resident is None  # its memory died with it, or not: read
-    text = await (await r.session.get(r.url("/metrics"))).text()
-    assert 'mgpumanager_hold_abandoned_total{consumer="comfyui"} 1' in text
-
-
-async def test_a_probe_that_finds_the_consumer_gone_abandons_its_hold_too(rig):
-    """A render held with slow polls: the health probe sees ComfyUI gone first and ends the hold."""
-
-    def slow_polls(raw: dict[str, Any]) -> None:
-        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["poll_s"] = 60
-
-    r = await rig(sims={"comfyui": {"work_s": 60}}, tweak=slow_polls)
-    async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
-        assert resp.status == 200
-    await until(lambda: r.broker.scheduler.holds == 1)
-    await r.kill("comfyui")
-    await r.broker.consumers.probe("comfyui")
-    await until(lambda: r.broker.scheduler.holder is None)
-    assert r.stats.hold_abandoned == 1 and r.broker.consumers.states["comfyui"].healthy is False
-
-
-async def test_a_restart_seen_only_in_the_readings_ends_the_hold_on_the_lost_render(rig):
-    """ComfyUI restarts between two polls and two probes: nothing ever refuses a connection. Measured by
-    its processes, the next reading finds every process of it replaced: the render died, the hold ends."""
-
-    def measured_slow_polls(raw: dict[str, Any]) -> None:
-        comfy_measured(raw)
-        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["poll_s"] = 60
-
-    r = await rig(sims={"comfyui": {"context_mib": 610, "work_s": 60}}, tweak=measured_slow_polls)
-    async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
-        assert resp.status == 200
-    await until(lambda: r.broker.scheduler.holds == 1 and r.gpu.used_mib("comfyui") == 13610)
-    await r.status()  # a reading: ComfyUI's process, rendering
-    await r.restart("comfyui")  # a new process: its context only, the prompt forgotten
-    await asyncio.sleep(m.STATUS_MAX_AGE_S)
-    await r.status()  # the next reading
-    await until(lambda: r.broker.scheduler.holder is None)
-    assert r.stats.hold_abandoned == 1 and r.broker.consumers.states["comfyui"].resident is False
-
-
-async def test_a_slow_but_alive_consumer_keeps_its_hold(rig, caplog):
-    """Poll errors that are not a refusal (a reset, a slow answer) are retried; the first one is a warning."""
-    caplog.set_level(logging.DEBUG, "mgpumanager")
-    polls: list[int] = []
-
-    async def prompt(request: web.Request) -> web.Response:
-        return web.json_response({"prompt_id": "p3"})
-
-    async def history(request: web.Request) -> web.Response:
-        polls.append(1)
-        if len(polls) <= 6:
-            request.transport.abort()  # alive, but dropping the connection
-        return web.json_response({"p3": {"done": True}})
-
-    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
-    async with StandIn(routes) as comfy:
-        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
-        assert (await r.post("image", {"prompt": {}}))[0] == 200
-        await until(lambda: r.broker.scheduler.holder is None)
-    assert r.stats.hold_abandoned == 0 and r.stats.hold_poll_errors >= 2
-    levels = [rec.levelno for rec in caplog.records if "hold poll failed" in rec.getMessage()]
-    assert levels[0] == logging.WARNING and set(levels[1:]) == {logging.DEBUG}
-
-
 async def test_a_consumer_that_is_back_is_served_at_once(rig):
     """Issue 11, case 4: marked unhealthy, mvoice comes back: its next job probes it once more, right away,
     instead of answering consumer_unreachable until the next health round (an hour away here)."""
@@ -2613,22 +1788,6 @@ async def test_a_consumer_that_is_back_is_served_at_once(rig):
     status, _, body = await r.post("tts", {"text": "back"})
     assert status == 200 and body.startswith(b"RIFF")
     assert r.broker.consumers.states["mvoice"].healthy is True
-
-
-async def test_ollama_keeping_its_model_is_asked_to_let_go_for_an_image(rig):
-    """Issue 11, case 5: after an LLM answer Ollama keeps its model (keep_alive, 5 minutes); an image job
-    then needs its memory. Ollama (vram_managed) is unloaded as the last resort, through its /api/ps list
-    (what `ollama stop` does), and the image runs."""
-
-    r = await rig(tweak=use_presets, sims={"comfyui": REAL_COMFY})
-    sim = r.sims["ollama"]
-    assert (await r.post("llm", {"model": "llama3", "prompt": "why", "stream": False}))[0] == 200
-    assert list(sim.models) == ["llama3"] and r.gpu.used_mib("ollama") == 8000  # kept after the answer
-    prompt_id = await _render(r)
-    assert prompt_id in r.sims["comfyui"].finished and r.gpu.ooms() == []
-    unloads = [json.loads(rec.body) for rec in sim.records if rec.path == "/api/generate"][1:]
-    assert unloads == [{"model": "llama3", "keep_alive": 0}] and sim.models == {}
-    assert r.stats.evictions == 1 and r.broker.consumers.states["ollama"].resident is False
 
 
 @pytest.mark.parametrize("measured", [False, True])
@@ -2693,882 +1852,248 @@ async def test_measured_memory_in_status_metrics_and_the_warning_when_above_the_
     assert (await r.status())["consumers"]["comfyui"]["loaded"] is False  # measured: 610 < 6000
 
 
-def test_processes_are_attributed_by_name_and_by_the_unit_in_their_cgroup(tmp_path):
-    """A consumer's processes: a shell pattern on nvidia-smi's name and/or its systemd unit (or a container's
-    scope) read from /proc/<pid>/cgroup; every key given must match; the first consumer listed wins."""
-    raw = base_raw()
-    raw["consumers"]["comfyui"]["processes"] = {"unit": "comfyui.service"}
-    raw["consumers"]["mvoice"]["processes"] = {"unit": "mvoice.service", "name": "*/python3"}
-    raw["consumers"]["ollama"]["processes"] = {"name": "*/ollama*"}
-    raw["consumers"]["whisper"]["processes"] = {"unit": "docker-*.scope"}
-    config = m.parse_config(raw)
-    cgroups = {  # cgroup v2 (one line) and v1 (several), as /proc/<pid>/cgroup holds them
-        10: "0::/system.slice/comfyui.service\n",
-        11: "0::/system.slice/mvoice.service\n",
-        12: "12:memory:/system.slice/docker-4f2a9c.scope\n11:pids:/system.slice/docker-4f2a9c.scope\n",
-        13: "0::/user.slice/user-1000.slice/session-2.scope\n",
-    }
-    for pid, text in cgroups.items():
-        (tmp_path / str(pid)).mkdir()
-        (tmp_path / str(pid) / "cgroup").write_text(text.replace("\\n", "\n"))
-    consumers = m.Consumers(config, session=None)  # type: ignore[arg-type] (no call is made)
-    consumers.proc_root = tmp_path
-    procs = [
-        m.GpuProcess(10, "/opt/ComfyUI/.venv/bin/python3", 13610),
-        m.GpuProcess(11, "/opt/mvoice/.venv/bin/python3", 2800),
-        m.GpuProcess(12, "/usr/local/bin/whisper-server", 1500),
-        m.GpuProcess(13, "/usr/bin/python3", 4000),  # someone's notebook: nobody's
-        m.GpuProcess(14, "/usr/local/bin/ollama", 8000),  # gone from /proc: name alone decides
-    ]
-    measured = list(config.consumers.values())
-    owners = m.process_owners(procs, measured, consumers.cgroups_of)
-    assert owners == {10: "comfyui", 11: "mvoice", 12: "whisper", 14: "ollama"}
-    # mvoice needs both keys: a python3 in another unit is not its.
-    assert (
-        m.process_owners(
-            [m.GpuProcess(10, "/usr/bin/python3", 1)], [config.consumers["mvoice"]], consumers.cgroups_of
-        )
-        == {}
-    )
-    assert problems_of(
-        base_raw()
-        | {
-            "consumers": {
-                **base_raw()["consumers"],
-                "ollama": {**base_raw()["consumers"]["ollama"], "processes": {}},
-            }
-        }
-    )
-
-
-# =====================================================================================================
-# The daemon as a subprocess
-# =====================================================================================================
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Daemon:
-    """mgpumanager.py as its own process on a free port, for what only a real process shows."""
-
-    def __init__(
-        self, raw: dict[str, Any], home: Path, smi: tuple[str, ...], env: dict[str, str] | None = None
-    ) -> None:
-        self.env = {**os.environ, **(env or {})}
-        self.config = home / "daemon.yaml"
-        self.config.write_text(yaml.safe_dump(raw, sort_keys=False))
-        self.port = free_port()
-        self.smi = smi
-        #: Its stderr goes to a file: a pipe nobody reads would fill up and block its logging.
-        self.log_path = home / "daemon.log"
-        self.log = ""
-        self.terminated = False
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def rss_mib(self) -> float:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
-
-    async def status(self, session: aiohttp.ClientSession) -> dict[str, Any]:
-        async with session.get(self.url("/v1/status")) as resp:
-            return await resp.json()
-
-    async def until(
-        self, session: aiohttp.ClientSession, predicate: Any, timeout: float = 10
-    ) -> dict[str, Any]:
-        """Poll /v1/status until ``predicate(status)`` holds; that status."""
-        deadline = time.monotonic() + timeout
-        while not predicate(status := await self.status(session)):
-            assert time.monotonic() < deadline, f"status never matched: {status['scheduler']}"
-            await asyncio.sleep(0.05)
-        return status
-
-    async def __aenter__(self) -> Daemon:
-        self.log_file = self.log_path.open("wb")
-        self.proc = await asyncio.create_subprocess_exec(
-            PY,
-            str(HERE / "mgpumanager.py"),
-            "--config",
-            str(self.config),
-            "--listen",
-            f"127.0.0.1:{self.port}",
-            "--nvidia-smi",
-            " ".join(self.smi),
-            stderr=self.log_file,
-            env=self.env,
-        )
-        deadline = time.monotonic() + 20
-        async with aiohttp.ClientSession() as session:
-            while True:
-                try:
-                    async with session.get(self.url("/healthz")) as resp:
-                        if resp.status == 200:
-                            return self
-                except aiohttp.ClientConnectionError:
-                    pass
-                if time.monotonic() > deadline or self.proc.returncode is not None:
-                    await self.__aexit__()
-                    raise AssertionError(f"the daemon did not start:\n{self.log}")
-                await asyncio.sleep(0.05)
-
-    def terminate(self) -> None:
-        """SIGTERM, as systemd stops a service: once."""
-        if not self.terminated:
-            self.terminated = True
-            self.proc.send_signal(signal.SIGTERM)
-
-    async def __aexit__(self, *exc: Any) -> None:
-        if self.proc.returncode is None:
-            self.terminate()
-        await asyncio.wait_for(self.proc.wait(), 60)
-        self.log_file.close()
-        self.log = self.log_path.read_text()
-
-
-async def test_daemon_subprocess_evicts_through_real_nvidia_smi_subprocess_and_stops_on_sigterm(rig):
-    r = await rig(
-        sims={
-            "comfyui": {"loaded": True, "release_s": 0.1},
-            "mvoice": {"loaded": False},
-            "ollama": {"lines": 30, "line_interval_s": 0.05},
-        }
-    )
-    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
-    async with daemon:
-        async with r.session.post(daemon.url("/v1/tts"), json={"text": "hi"}) as resp:
-            assert resp.status == 200 and (await resp.read()).startswith(b"RIFF")
-        assert (r.sims["comfyui"].unloads, r.sims["mvoice"].loads) == (1, 1)
-        st = await daemon.status(r.session)
-        assert st["scheduler"]["stats"]["evictions"] == 1 and st["gpu"]["total_mib"] == 16384
-        assert r.gpu.used_mib("mvoice") == 2800 and r.gpu.used_mib("comfyui") == 0
-        # In production too, a client that leaves while queued is dropped (handler_cancellation).
-        async with r.session.post(daemon.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as stream:
-            await stream.content.readline()
-            with pytest.raises(asyncio.TimeoutError):
-                await r.session.post(
-                    daemon.url("/v1/tts"), json={"text": "x"}, timeout=aiohttp.ClientTimeout(total=0.2)
-                )
-            stats = (await daemon.until(r.session, lambda st: st["scheduler"]["stats"]["cancelled"] == 1))[
-                "scheduler"
-            ]["stats"]
-            assert stats["cancelled"] == 1 and stats["queued"] == 0 and not stream.content.at_eof()
-            await stream.read()
-        assert [rec.path for rec in r.sims["mvoice"].records].count("/api/synthesize") == 1
-    assert daemon.proc.returncode == 0, daemon.log
-    assert "msg=evicting consumer=comfyui for_consumer=mvoice" in daemon.log
-    assert (
-        "msg=job id=1 consumer=mvoice kind=tts status=completed" in daemon.log and "evictions=1" in daemon.log
-    )
-
-
-async def test_a_thousand_clients_at_once_get_exactly_one_answer_each_with_bounded_memory(rig):
-    gate = asyncio.Event()  # the llm job holds the GPU lock until it is set
-    async with held_llm(gate) as ollama:
-        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
-        async with (
-            Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon,
-            aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
-            ) as clients,
-        ):
-            first = asyncio.ensure_future(
-                clients.post(daemon.url("/v1/llm"), json={"model": "m", "prompt": "p"})
-            )
-            await daemon.until(clients, lambda st: st["scheduler"]["holder"] is not None)
-            rss_before = daemon.rss_mib()
-
-            async def one(i: int) -> tuple[int, str | None]:
-                async with clients.post(daemon.url("/v1/tts"), json={"text": f"client {i}"}) as resp:
-                    body = await resp.read()
-                    return resp.status, (json.loads(body)["error"] if resp.status != 200 else None)
-
-            calls = [asyncio.ensure_future(one(i)) for i in range(1000)]
-            done = await daemon.until(
-                clients,
-                lambda st: st["scheduler"]["stats"]["queued"] + st["scheduler"]["stats"]["rejected"] == 1000,
-                60,
-            )
-            stats = done["scheduler"]["stats"]
-            rss_peak = daemon.rss_mib()
-            assert (stats["queued"], stats["rejected"]) == (64, 936)
-            gate.set()
-            answers = await asyncio.gather(*calls)
-            assert (await first).status == 200
-        assert sorted(set(answers)) == [(200, None), (503, "queue_full")]
-        assert answers.count((200, None)) == 64 and answers.count((503, "queue_full")) == 936
-        synthesized = [rec for rec in r.sims["mvoice"].records if rec.path == "/api/synthesize"]
-        assert len(synthesized) == 64  # none lost, none run twice
-        print(f"broker RSS {rss_before:.1f} MiB idle, {rss_peak:.1f} MiB with 1,000 clients in")
-        assert rss_peak - rss_before < 60, (rss_before, rss_peak)
-
-
-def test_make_demo_shows_the_eviction_cycle(tmp_path):
-    """`make demo` without a GPU: consumers, broker and nvidia-smi simulated, each its own process."""
-    res = subprocess.run(
-        [PY, str(HERE / "mgpusim.py"), "demo", "--once"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    out = res.stdout
-    assert "msg=evicting consumer=mvoice for_consumer=comfyui" in out
-    assert "msg=evicting consumer=comfyui for_consumer=mvoice" in out
-    assert "/v1/status" in out and "/v1/tts" in out and "/v1/image" in out
-
-
-# =====================================================================================================
-# Mounts: unmodified clients through /c/{name}/, real ollama and openai clients, WebSockets
-# =====================================================================================================
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ({"path": "/api/show"}, "consumers.ollama.unscheduled: must be a list"),
-        ([{"path": "/api/show", "verb": "POST"}], "consumers.ollama.unscheduled[0].verb: unknown key"),
-        ([{"method": "POST"}], "consumers.ollama.unscheduled[0].path: missing"),
-        ([{"path": "api/show"}], "consumers.ollama.unscheduled[0].path: must start with '/'"),
-        ([{"path": "/a/*/b"}], "consumers.ollama.unscheduled[0].path: '*' may only end a path"),
-        ([{"method": "FETCH", "path": "/x"}], "consumers.ollama.unscheduled[0].method: must be one of"),
-        (["/api/show"], "consumers.ollama.unscheduled[0]: must be a mapping"),
-        (
-            [{"path": "/api/show"}, {"path": "/api/gen*"}],
-            "consumers.ollama.unscheduled[1]: POST /api/generate is the path of kind 'llm'",
-        ),
-    ],
-)
-def test_unscheduled_config_rules_name_the_key(value, expected):
-    problems = problems_of(_mutated("consumers.ollama.unscheduled", value))
-    assert any(expected in p for p in problems), problems
-
-
-def test_unscheduled_defaults_to_post_and_a_trailing_star_is_a_prefix():
-    config = m.parse_config(
-        _mutated("consumers.comfyui.unscheduled", [{"path": "/upload/*"}, {"path": "/x"}])
-    )
-    prefix, exact = config.consumers["comfyui"].unscheduled
-    assert (prefix.method, exact.method) == ("POST", "POST")
-    assert prefix.matches("POST", "/upload/image") and not prefix.matches("POST", "/uploadx")
-    assert exact.matches("POST", "/x") and not exact.matches("POST", "/x/y")
-    assert not exact.matches("PUT", "/x")
-    assert config.consumers["mvoice"].unscheduled == ()
-    shipped = m.load_config(HERE / "consumers.yaml").consumers
-    assert any(u.matches("POST", "/api/show") for u in shipped["ollama"].unscheduled)
-
-
-def _unscheduled_show(raw: dict[str, Any]) -> None:
-    raw["consumers"]["ollama"]["unscheduled"] = [{"method": "POST", "path": "/api/show"}]
-
-
-def job_lines(caplog: Any) -> list[str]:
-    return [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("msg=job ")]
-
-
-async def test_mount_ollama_client_generate_and_streaming_chat(rig, caplog):
-    import ollama  # noqa: PLC0415 (a dev dependency, needed here only)
-
-    r = await rig(sims={"ollama": {"lines": 4}})
-    client = ollama.AsyncClient(host=r.url("/c/ollama"))
-    try:
-        answer = await client.generate(model="sim", prompt="hi", stream=False)
-        assert answer.response == "tok0 tok1 tok2 tok3 " and answer.done
-        parts = [
-            part
-            async for part in await client.chat(
-                model="sim", messages=[{"role": "user", "content": "hi"}], stream=True
-            )
-        ]
-        assert "".join(p.message.content for p in parts) == "tok0 tok1 tok2 tok3 " and parts[-1].done
-        assert len(parts) == 5 and all(p.message.role == "assistant" for p in parts)
-        listed = await client.list()
-        assert [model.model for model in listed.models] == ["sim:latest"]
-    finally:
-        await client._client.aclose()
-    sim = r.sims["ollama"]
-    assert [(rec.method, rec.path) for rec in sim.records] == [
-        ("POST", "/api/generate"),
-        ("POST", "/api/chat"),
-        ("GET", "/api/tags"),
-    ]
-    assert [rec.path for rec in sim.work] == ["/api/generate", "/api/chat"]
-    assert sim.records[1].headers["User-Agent"].startswith("ollama-python/")
-    # Two GPU jobs: /api/generate is ollama's path for kind llm, /api/chat is a plain mount job.
-    assert r.stats.jobs == 2 and r.stats.completed == 2
-    await until(lambda: len(job_lines(caplog)) == 2)
-    kinds = [re.search(r" kind=(\w+)", line).group(1) for line in job_lines(caplog)]
-    assert kinds == ["llm", "mount"]
-
-
-async def test_mount_openai_client_streams_chat_completions_with_the_brokers_token(rig):
-    import openai  # noqa: PLC0415 (a dev dependency, needed here only)
-
-    r = await rig(tweak=with_token, sims={"ollama": {"lines": 3, "line_interval_s": 0.05}})
-    client = openai.AsyncOpenAI(base_url=r.url("/c/ollama/v1"), api_key=TOKEN, max_retries=0)
-    stranger = openai.AsyncOpenAI(base_url=r.url("/c/ollama/v1"), api_key="not-the-token", max_retries=0)
-    try:
-        # A /v1 job of the same consumer, sent first: the client's completion waits for it.
-        v1 = asyncio.create_task(
-            r.post("llm", {"model": "m", "prompt": "p"}, headers={"Authorization": f"Bearer {TOKEN}"})
-        )
-        await until(lambda: r.broker.scheduler.holder == "ollama")
-        stream = await client.chat.completions.create(
-            model="sim", messages=[{"role": "user", "content": "hi"}], stream=True
-        )
-        chunks = [chunk async for chunk in stream]
-        assert (await v1)[0] == 200
-        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "tok0 tok1 tok2 "
-        assert chunks[-1].choices[0].finish_reason == "stop"
-        assert {c.object for c in chunks} == {"chat.completion.chunk"}
-        whole = await client.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
-        assert whole.choices[0].message.content == "tok0 tok1 tok2 "
-        assert [model.id async for model in client.models.list()] == ["sim:latest"]
-        with pytest.raises(openai.AuthenticationError):
-            await stranger.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
-    finally:
-        await client.close()
-        await stranger.close()
-    sim = r.sims["ollama"]
-    assert [(rec.method, rec.path) for rec in sim.records] == [
-        ("POST", "/api/generate"),
-        ("POST", "/v1/chat/completions"),
-        ("POST", "/v1/chat/completions"),
-        ("GET", "/v1/models"),
-    ]
-    assert not overlaps(sim.work)  # serialised with the /v1 job, through the same lock
-    assert all("Authorization" not in rec.headers for rec in sim.records)  # the token stays at the broker
-    assert sim.records[1].headers["X-Forwarded-For"] == "127.0.0.1"
-    assert r.stats.jobs == 3  # the /v1 job and the two completions; the model list is a read
-
-
-async def test_mount_jobs_wait_for_the_lock_but_reads_and_unscheduled_calls_do_not(rig):
-    import ollama  # noqa: PLC0415
-
-    gate, synthesizing = asyncio.Event(), asyncio.Event()
-
-    async def slow_synthesize(request: web.Request) -> web.Response:
-        synthesizing.set()
-        await gate.wait()
-        return web.Response(body=b"RIFF", content_type="audio/wav")
-
-    stand_in = StandIn([("GET", "/health", _ok), ("POST", "/api/synthesize", slow_synthesize)])
-    async with stand_in as mvoice:
-        r = await rig(urls={"mvoice": mvoice.url}, tweak=_unscheduled_show)
-        client = ollama.AsyncClient(host=r.url("/c/ollama"))
-        try:
-            tts = asyncio.create_task(r.post("tts", {"text": "slow"}))
-            await asyncio.wait_for(synthesizing.wait(), 10)
-            generate = asyncio.create_task(client.generate(model="sim", prompt="hi", stream=False))
-            await until(lambda: len(r.broker.scheduler.queue()) == 1)  # so that the order is known
-            chat = asyncio.create_task(
-                client.chat(model="sim", messages=[{"role": "user", "content": "x"}], stream=False)
-            )
-            await until(lambda: len(r.broker.scheduler.queue()) == 2)
-            # While mvoice holds the lock, a read and a listed unscheduled call are answered at once.
-            assert [m.model for m in (await client.list()).models] == ["sim:latest"]
-            assert (await client.show("sim")).details.family == "sim"
-            async with r.session.head(r.url("/c/ollama/api/tags")) as resp:
-                assert resp.status == 200
-            assert r.broker.scheduler.holder == "mvoice" and not tts.done()
-            assert [rec.path for rec in r.sims["ollama"].records] == ["/api/tags", "/api/show", "/api/tags"]
-            assert [j.kind for j in r.broker.scheduler.queue()] == ["llm", "mount"]
-            gate.set()
-            assert (await tts)[0] == 200
-            assert (await generate).response and (await chat).message.content
-        finally:
-            await client._client.aclose()
-    sim = r.sims["ollama"]
-    assert [rec.path for rec in sim.work] == ["/api/generate", "/api/chat"]
-    assert not overlaps(sim.work) and r.stats.jobs == 3 and r.stats.completed == 3
-
-
-async def test_mount_query_head_options_root_and_refusals(rig):
-    r = await rig()
-    root = r.url("/").rstrip("/")  # r.url() would re-encode the query: these go as written
-    tags = URL(root + "/c/ollama/api/tags?x=%20y&b&c=%2F", encoded=True)
-    async with r.session.get(tags) as resp:
-        assert resp.status == 200 and "models" in await resp.json()
-    chat = URL(root + "/c/ollama/api/chat?keep=%41&z", encoded=True)
-    async with r.session.post(chat, json={"stream": False}) as resp:
-        assert resp.status == 200
-    probes = r.sims["ollama"].probes
-    async with r.session.get(r.url("/c/ollama")) as resp:  # "/", ollama's health path: counted, not recorded
-        assert resp.status == 200 and await resp.text() == "Ollama is running"
-    assert r.sims["ollama"].probes == probes + 1
-    async with r.session.options(r.url("/c/ollama/api/tags")) as resp:
-        assert resp.status == 405  # the consumer's own answer, passed through
-    async with r.session.head(r.url("/c/ollama/api/tags")) as resp:
-        assert resp.status == 200
-    sim = r.sims["ollama"]
-    assert [(rec.method, rec.path, rec.query) for rec in sim.records] == [
-        ("GET", "/api/tags", "x=%20y&b&c=%2F"),
-        ("POST", "/api/chat", "keep=%41&z"),
-        ("OPTIONS", "/api/tags", ""),
-        ("HEAD", "/api/tags", ""),
-    ]
-    assert r.stats.jobs == 1  # only the POST
-    async with r.session.post(r.url("/c/nobody/api/generate"), json={}) as resp:
-        data = error_of(resp.status, dict(resp.headers), await resp.read(), "no_consumer")
-        assert "nobody" in data["message"]
-    for target in ("/c/ollama/a/%2e%2e/%2e%2e/v1/status", "/c/ollama/x/..%2F..%2Fapi/chat"):
-        status, body = await raw_get(r, target)
-        error_of(status, {}, body, "bad_request")
-    assert len(sim.records) == 4 and r.stats.jobs == 1
-
-
-async def test_mount_unscheduled_exact_and_prefix_entries_skip_the_lock(rig):
-    def listed(raw):
-        raw["consumers"]["comfyui"]["unscheduled"] = [{"path": "/upload/*"}, {"path": "/interrupt"}]
-
-    r = await rig(tweak=listed)
-    statuses = []
-    for path in ("/upload/image", "/upload/mask?overwrite=1", "/interrupt", "/interrupt/x", "/uploads"):
-        async with r.session.post(r.url("/c/comfyui" + path), data=b"x") as resp:
-            statuses.append(resp.status)
-    assert statuses == [404, 404, 200, 404, 404]  # ComfySim has /interrupt only; what matters is who waited
-    assert [rec.path for rec in r.sims["comfyui"].records] == [
-        "/upload/image",
-        "/upload/mask",
-        "/interrupt",
-        "/interrupt/x",
-        "/uploads",
-    ]
-    assert r.stats.jobs == 2  # /interrupt/x and /uploads match no entry: GPU jobs
-
-
-async def _ws_open(r: Rig, path: str, **kw: Any) -> aiohttp.ClientWebSocketResponse:
-    url = URL(r.url("/").rstrip("/") + path, encoded=True)  # the query as written
-    return await r.session.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=5), **kw)
-
-
-async def _ws_json(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
-    msg = await ws.receive(timeout=10)
-    assert msg.type == aiohttp.WSMsgType.TEXT, msg
-    return json.loads(msg.data)
-
-
-async def test_mount_websocket_relays_both_ways_and_close_codes(rig):
-    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 0.05}})
-    sim = r.sims["comfyui"]
-    ws = await _ws_open(r, "/c/comfyui/ws?clientId=abc%20d")
-    first = await _ws_json(ws)
-    assert first["type"] == "status" and first["data"]["sid"] == "abc d"  # the query string was kept
-    await ws.send_str("hello")
-    assert (await ws.receive(timeout=10)).data == "hello"
-    await ws.send_bytes(b"\x00\xff" * 1000)
-    msg = await ws.receive(timeout=10)
-    assert msg.type == aiohttp.WSMsgType.BINARY and msg.data == b"\x00\xff" * 1000
-    # Progress of a render started through the mount reaches the socket its prompt names (as ComfyUI
-    # sends it: to the client_id's socket only); queue status messages come between.
-    async with r.session.post(r.url("/c/comfyui/prompt"), json={"prompt": {}, "client_id": "abc d"}) as resp:
-        prompt_id = (await resp.json())["prompt_id"]
-    seen: list[dict[str, Any]] = []
-    while not seen or seen[-1]["type"] != "executing" or seen[-1]["data"]["node"] is not None:
-        if (message := await _ws_json(ws))["type"] != "status":
-            seen.append(message)
-    assert [(s["type"], s["data"].get("node", "-")) for s in seen] == [
-        ("execution_start", "-"),
-        ("execution_cached", "-"),
-        ("executing", "1"),
-        ("execution_success", "-"),
-        ("executing", None),
-    ]
-    assert {s["data"]["prompt_id"] for s in seen} == {prompt_id}
-    # The consumer closes with a code: the client gets it.
-    await ws.send_str("close 4001")
-    msg = await ws.receive(timeout=10)
-    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4001
-    # The client closes with a code: the consumer gets it.
-    ws2 = await _ws_open(r, "/c/comfyui/ws")
-    await _ws_json(ws2)
-    await ws2.close(code=4002)
-    await until(lambda: 4002 in sim.ws_closes)
-    await until(lambda: not list(r.app[m.WEBSOCKETS]) and not sim.sockets)
-    assert r.stats.jobs == 1  # the prompt; WebSockets are not jobs
-    assert [rec.path for rec in sim.records].count("/ws") == 2
-
-
-async def test_mount_websocket_passes_subprotocol_and_headers_but_not_the_token(rig):
-    seen: list[dict[str, str]] = []
-
-    async def socket(request: web.Request) -> web.WebSocketResponse:
-        seen.append(dict(request.headers))
-        ws = web.WebSocketResponse(protocols=("comfy.v2",))
-        await ws.prepare(request)
-        await ws.send_str(request.raw_path.partition("?")[2])
-        async for msg in ws:
-            await ws.send_str(msg.data.upper())
-        return ws
-
-    async with StandIn([("GET", "/system_stats", _ok), ("GET", "/ws", socket)]) as comfy:
-        host = comfy.url.removeprefix("http://")
-        r = await rig(urls={"comfyui": comfy.url}, tweak=with_token)
-        auth = {"Authorization": f"Bearer {TOKEN}", "X-Custom": "1"}
-        ws = await _ws_open(r, "/c/comfyui/ws?a=%2F", protocols=("comfy.v1", "comfy.v2"), headers=auth)
-        assert ws.protocol == "comfy.v2"
-        assert (await ws.receive(timeout=10)).data == "a=%2F"
-        await ws.send_str("up")
-        assert (await ws.receive(timeout=10)).data == "UP"
-        await ws.close()
-        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-            await _ws_open(r, "/c/comfyui/ws")
-        assert refused.value.status == 401
-    (headers,) = seen
-    assert "Authorization" not in headers and headers["X-Custom"] == "1"
-    assert headers["Sec-WebSocket-Protocol"] == "comfy.v1,comfy.v2"
-    assert headers["X-Forwarded-For"] == "127.0.0.1" and headers["Host"] == host
-
-
-async def test_mount_websocket_to_a_consumer_that_is_down_is_a_json_error(rig):
-    r = await rig()
-    await r.sim_servers["comfyui"].close()  # the broker still believes it healthy
-    upgrade = {
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
-        "Sec-WebSocket-Version": "13",
-    }
-    async with r.session.get(r.url("/c/comfyui/ws"), headers=upgrade) as resp:
-        data = error_of(resp.status, dict(resp.headers), await resp.read(), "consumer_unreachable")
-        assert data["consumer"] == "comfyui" and "refused" in data["message"]
-    assert r.broker.consumers.states["comfyui"].healthy is False
-    # A consumer that answers but has no WebSocket there refuses the upgrade: a JSON error too.
-    async with r.session.get(r.url("/c/ollama/api/tags"), headers=upgrade) as resp:
-        data = error_of(resp.status, dict(resp.headers), await resp.read(), "consumer_unreachable")
-        assert "refused the WebSocket upgrade" in data["message"]
-    assert r.broker.consumers.states["ollama"].healthy is not False
-    assert r.stats.jobs == 0
-
-
-async def test_mount_websocket_that_breaks_is_logged_counted_and_closed_1011(rig, caplog):
-    async def breaking(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_str("one")
-        assert request.transport is not None
-        request.transport.abort()  # gone without a close frame
-        return ws
-
-    async with StandIn([("GET", "/system_stats", _ok), ("GET", "/ws", breaking)]) as comfy:
-        r = await rig(urls={"comfyui": comfy.url})
-        ws = await _ws_open(r, "/c/comfyui/ws")
-        assert (await ws.receive(timeout=10)).data == "one"
-        closing = await ws.receive(timeout=10)
-        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1011
-        await ws.close()
-        await until(lambda: 'msg="websocket broke" consumer=comfyui' in caplog.text)
-        async with r.session.get(r.url("/metrics")) as resp:
-            families = _families(await resp.text())
-        assert _value(families, "mgpumanager_websocket_failures_total", consumer="comfyui") == 1
-        assert _value(families, "mgpumanager_websockets_total", consumer="comfyui") == 1
-        assert r.app[m.WEBSOCKETS] == set()
-
-
-async def test_mount_websocket_upgrade_without_a_key_never_reaches_the_consumer(rig):
-    r = await rig()
-    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"}
-    async with r.session.get(r.url("/c/comfyui/ws"), headers=upgrade) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "bad_request")
-    assert r.sims["comfyui"].records == []
-
-
-async def test_mount_schedules_every_paths_entry_and_refuses_the_brokers_own_routes(rig):
-    def get_path(raw: dict[str, Any]) -> None:  # a service that synthesises on GET is still GPU work
-        raw["consumers"]["mvoice"]["paths"]["speak"] = {"method": "GET", "path": "/api/synthesize"}
-
-    r = await rig(tweak=get_path)
-    async with r.session.get(r.url("/c/mvoice/api/synthesize?text=x")) as resp:
-        assert resp.status == 405  # mvoice's own answer (it wants POST): what matters is the job
-    assert r.stats.jobs == 1 and r.stats.completed == 1
-    async with r.session.post(r.url("/c/comfyui/free"), json={"unload_models": True}) as resp:
-        data = error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
-    assert "POST /v1/consumers/comfyui/unload" in data["message"]
-    async with r.session.post(r.url("/c/mvoice/api/admin/%75nload")) as resp:  # encoded, still refused
-        error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
-    assert r.sims["comfyui"].records == [] and r.sims["mvoice"].unloads == 0 and r.stats.jobs == 1
-
-
-async def test_mount_unscheduled_calls_match_decoded_paths_and_respect_known_failures(rig):
-    r = await rig(tweak=_unscheduled_show)
-    async with r.session.post(r.url("/c/ollama/api/%73how"), json={"model": "sim"}) as resp:
-        assert resp.status == 200  # /api/show, as ollama will read it: unscheduled
-    assert r.stats.jobs == 0 and r.sims["ollama"].records[-1].path == "/api/show"
-    r.sims["ollama"].faults["health_status"] = 503  # down for good: the probe on demand finds it so
-    r.broker.consumers.gone("ollama", "connection refused")
-    async with r.session.get(r.url("/c/ollama/api/tags")) as resp:
-        data = error_of(resp.status, dict(resp.headers), await resp.read(), "consumer_unreachable")
-    assert "last probe failed: health answered 503" in data["message"]
-    assert len(r.sims["ollama"].records) == 1 and r.stats.jobs == 0
-
-
-async def raw_request(r: Rig, method: str, target: str) -> tuple[int, dict[str, Any]]:
-    """A request line exactly as written, without a body; the status and the JSON answer (or {})."""
-    host, port = r.server.host, r.server.port
-    reader, writer = await asyncio.open_connection(host, port)
-    head = (
-        f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    writer.write(head.encode("latin-1"))
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    head_bytes, _, body = data.partition(b"\r\n\r\n")
-    return int(head_bytes.split()[1]), parse if isinstance(parse := m.parse_json(body), dict) else {}
-
-
-def lenient(path: str) -> str:
-    """How the most lenient consumer might read a path: decoded, in lower case, ';' parameters, empty and
-    '.' segments and a trailing '/' dropped, backslashes as slashes, NULs gone."""
-    path = unquote(path.partition("?")[0].partition("#")[0]).replace("\\", "/").replace("\x00", "").lower()
-    segments = [seg.partition(";")[0] for seg in path.split("/")]
-    return "/" + "/".join(seg for seg in segments if seg not in ("", "."))
-
-
-#: Targets that try to walk around the mount's guards: (method, target, what the broker does). An int is
-#: the status it answers (nothing reaches the consumer); a pair is (the path the consumer gets exactly, the
-#: job's kind, or None when it is forwarded unscheduled).
-TARGET_TRICKS: list[tuple[str, str, Any]] = [
-    # The consumer's own unload and load routes (mvoice: POST /api/admin/unload, /api/admin/load).
-    ("POST", "/c/mvoice/api/admin/unload", 403),
-    ("POST", "/c/mvoice/api/admin/unload#x", 400),
-    ("POST", "/c/mvoice/api/admin/unload#", 400),
-    ("POST", "/c/mvoice/api/admin/unload?x=1#y", 400),
-    ("POST", "/c/mvoice//api/admin/unload", 400),
-    ("POST", "/c/mvoice/api//admin/unload", 400),
-    ("POST", "/c/mvoice/api/admin/unload/", 403),
-    ("POST", "/c/mvoice/api/admin/unload;x", 400),
-    ("POST", "/c/mvoice/api/admin/unload;", 400),
-    ("POST", "/c/mvoice/api/admin/unload%3Bx", 400),
-    ("POST", "/c/mvoice/api/admin/unload%00", 400),
-    ("POST", "/c/mvoice/api/admin/unload%0A", 404),  # aiohttp routes on the decoded path: no route
-    ("POST", "/c/mvoice/API/Admin/UNLOAD", 403),
-    ("POST", "/c/mvoice/api/admin/%75nload", 403),
-    ("POST", "/c/mvoice/api/admin/%55NLOAD", 403),
-    ("POST", "/c/mvoice/%61pi/admin/load", 403),
-    ("POST", "/c/mvoice/api%2Fadmin%2Funload", 403),
-    ("POST", "/c/mvoice/api%2fadmin%2fload%2f", 403),
-    ("POST", "/c/mvoice/api/admin/unload?now=1", 403),
-    ("POST", "/c/m%76oice/api/admin/unload", 403),
-    ("POST", "/c/mvoice/api/admin/./unload", 400),
-    ("POST", "/c/mvoice/api/admin/x/../unload", 400),
-    ("POST", "/c/mvoice/api/admin/x%2F..%2Funload", 400),
-    ("POST", "/c/mvoice/api/admin/unload%5C", 400),
-    ("POST", "/c/mvoice/api/admin\\unload", 400),
-    ("POST", "/c/mvoice/api/admin/unload%", 400),
-    ("POST", "/c/mvoice/api/admin/unload%zz", 400),
-    ("POST", "/c/mvoice/api/admin/unl%C0%AFoad", 400),
-    ("POST", "http://evil.example/c/mvoice/api/admin/unload", 400),
-    ("POST", "//c/mvoice/api/admin/unload", 404),
-    ("POST", "/c/mvoice%2Fapi/admin/unload", 404),
-    # Not the route: forwarded (as a job), exactly as matched.
-    ("POST", "/c/mvoice/api/admin/unloaded", ("/api/admin/unloaded", "mount")),
-    # A paths entry on GET (speak: GET /api/synthesize) stays GPU work whatever the spelling.
-    ("GET", "/c/mvoice/api/synthesize", ("/api/synthesize", "speak")),
-    ("GET", "/c/mvoice/API/Synthesize", ("/API/Synthesize", "speak")),
-    ("GET", "/c/mvoice/api/synthesize/", ("/api/synthesize/", "speak")),
-    ("GET", "/c/mvoice/api/%73ynthesize?text=x", ("/api/synthesize?text=x", "speak")),
-    ("GET", "/c/mvoice/api%2fsynthesize", ("/api%2Fsynthesize", "speak")),
-    ("GET", "/c/mvoice/api/synthesize#x", 400),
-    ("GET", "/c/mvoice//api/synthesize", 400),
-    ("GET", "/c/mvoice/api/synthesize;x", 400),
-    ("GET", "/c/mvoice/api/synthesize%00", 400),
-    ("GET", "/c/mvoice/api/synthesizer", ("/api/synthesizer", None)),  # another route: a read
-    # A hold's path entry (comfyui: POST /prompt) keeps its kind and hold; a fragment is refused.
-    ("POST", "/c/comfyui/prompt#", 400),
-    # An unscheduled entry (ollama: POST /api/show) lets only its exact path skip the lock.
-    ("POST", "/c/ollama/api/show", ("/api/show", None)),
-    ("POST", "/c/ollama/api/%73how", ("/api/show", None)),
-    ("POST", "/c/ollama/api/Show", ("/api/Show", "mount")),
-    ("POST", "/c/ollama/api/show/", ("/api/show/", "mount")),
-    ("POST", "/c/ollama/api/show#x", 400),
-    # /audio/: only files below it, forwarded in normal form.
-    ("GET", "/audio/x.wav", ("/audio/x.wav", None)),
-    ("GET", "/audio/%78.wav", ("/audio/x.wav", None)),
-    ("GET", "/audio/x.wav#/../../api/admin/unload", 400),
-    ("GET", "/audio/x.wav#", 400),
-    ("GET", "/audio/x.wav/", 400),
-    ("GET", "/audio/x.wav;x", 400),
-    ("GET", "/audio/x.wav%00", 400),
-    ("GET", "/audio//x.wav", 400),
-    ("GET", "/audio/%2e%2e/api/admin/unload", 400),
-    ("GET", "/AUDIO/x.wav", 404),
-    # Every route refuses a fragment.
-    ("GET", "/healthz#x", 400),
-    ("GET", "/v1/status#", 400),
-    ("POST", "/v1/tts#x", 400),
-]
-
-
-async def test_no_target_trick_walks_around_a_guard(rig, caplog):
-    """Item 1 of issue 10: what a guard matches is byte for byte what the consumer gets; a fragment, empty,
-    dot or ';' segments, NULs and malformed escapes are refused; case, encoding and a trailing '/' are
-    matched as the route they spell. Nothing reaches mvoice's own unload or load route however lenient."""
-    seen: list[tuple[str, str]] = []
-
-    async def anything(request: web.Request) -> web.Response:
-        seen.append((request.method, request.raw_path))
-        return web.json_response({"loaded": True})
-
-    def tweak(raw: dict[str, Any]) -> None:
-        raw["consumers"]["mvoice"]["paths"]["speak"] = {"method": "GET", "path": "/api/synthesize"}
-        _unscheduled_show(raw)
-
-    stand_in = StandIn([("*", "/{tail:.*}", anything)])
-    async with stand_in as mvoice:
-        r = await rig(urls={"mvoice": mvoice.url}, tweak=tweak, total_mib=40000)
-        for method, target, expect in TARGET_TRICKS:
-            consumer = "ollama" if "/c/ollama/" in target else "mvoice"
-            records = seen if consumer == "mvoice" else r.sims["ollama"].records
-            before, jobs = len(records), r.stats.jobs
-            status, data = await raw_request(r, method, target)
-            if isinstance(expect, int):
-                code = {400: "bad_request", 403: "forbidden", 404: ("not_found", "no_consumer")}[expect]
-                assert status == expect and data.get("error") in code, (target, status, data)
-                assert len(records) == before and r.stats.jobs == jobs, target
-                continue
-            path, kind = expect
-            got = (
-                records[before][1]
-                if records is seen
-                else records[before].path + ("?" + records[before].query if records[before].query else "")
-            )
-            assert len(records) == before + 1 and got == path, (target, records[before:])
-            assert r.stats.jobs == jobs + (kind is not None), target
-            if kind is not None:
-                await until(lambda: len(job_lines(caplog)) == r.stats.jobs)
-                assert f"kind={kind} " in job_lines(caplog)[-1], (target, job_lines(caplog)[-1])
-    assert r.sims["comfyui"].records == []
-    own = {"/api/admin/unload", "/api/admin/load"}
-    assert not [(method, path) for method, path in seen if lenient(path) in own], seen
-
-
-async def test_idle_websockets_and_hanging_reads_never_starve_probes_or_jobs():
-    """Item 4 of issue 10: with one pool of 100 connections, 100 idle WebSockets (ComfyUI tabs) or hanging
-    GETs made the consumer's probe fail and delayed everyone's GPU jobs. Here 60 + 60 to consumer a, for
-    several health rounds: a stays healthy, jobs of a and b are served, and one more of each is refused."""
-    gate = asyncio.Event()
-    probes = [0]
+async def test_health_is_probed_periodically_and_a_consumer_that_comes_back_is_served(rig):
+    def often(raw):
+        raw["health"]["interval_s"] = 0.05
+
+    r = await rig(tweak=often)
+    state = r.broker.consumers.states["mvoice"]
+    r.sims["mvoice"].faults["health_status"] = 503
+    await until(lambda: state.healthy is False)
+    status, headers, body = await r.post("tts", {"text": "x"})
+    assert "health answered 503" in error_of(status, headers, body, "consumer_unreachable")["message"]
+    del r.sims["mvoice"].faults["health_status"]
+    await until(lambda: state.healthy is True)
+    assert (await r.post("tts", {"text": "x"}))[0] == 200
+
+
+async def test_a_probe_timing_out_while_the_consumer_works_does_not_mark_it_unhealthy(tmp_path):
+    busy = asyncio.Event()
+    probed_while_busy = []
 
     async def health(request: web.Request) -> web.Response:
-        probes[0] += 1
-        return web.Response(text="ok")
-
-    async def hang(request: web.Request) -> web.Response:
-        await gate.wait()
-        return web.Response(text="late")
-
-    async def idle_socket(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        async for _ in ws:
-            pass
-        return ws
+        if busy.is_set():
+            probed_while_busy.append(1)
+            await asyncio.sleep(1)  # a single-threaded service answers late while it renders
+        return web.json_response({"ok": True})
 
     async def work(request: web.Request) -> web.Response:
-        return web.json_response({"done": True})
+        busy.set()
+        await asyncio.sleep(0.6)
+        busy.clear()
+        return web.json_response({"text": "done"})
 
-    routes = [("GET", "/hang", hang), ("GET", "/ws", idle_socket), ("POST", "/work", work)]
-    async with (
-        StandIn([("GET", "/health", health), *routes]) as a,
-        StandIn([("GET", "/health", _ok), ("POST", "/work", work)]) as b,
-    ):
-        raw = {
-            "listen": "127.0.0.1:0",
-            "gpu": {"nvidia_smi": "false"},  # consumers of 0 MiB: no GPU reading
-            "health": {"interval_s": 0.05, "timeout_s": 1},
-            "routing": {"ja": "a", "jb": "b"},
-            "consumers": {
-                name: {
-                    "url": stand_in.url,
-                    "health": {"path": "/health"},
-                    "paths": {f"j{name}": {"path": "/work"}},
-                    "vram_resident_mib": 0,
-                    "max_unscheduled": 60,
-                    "max_websockets": 60,
-                }
-                for name, stand_in in (("a", a), ("b", b))
-            },
-        }
+    async with StandIn([("GET", "/health", health), ("POST", "/inference", work)]) as whisper:
+        raw = base_raw(whisper=whisper.url)
+        raw["routing"] = {"stt": "whisper"}
+        raw["gpu"]["nvidia_smi"] = str(tmp_path / "none")  # never read: whisper fits, and it is resident
+        raw["health"] = {"interval_s": 0.05, "timeout_s": 0.1}
         app = m.create_app(m.parse_config(raw))
-        server = TestServer(app, host="127.0.0.1", port=0)
-        await server.start_server()
-        broker = app[m.BROKER]
-        client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        sockets: list[aiohttp.ClientWebSocketResponse] = []
-        hanging: list[asyncio.Future[Any]] = []
-        try:
-            for _ in range(60):
-                sockets.append(await client.ws_connect(server.make_url("/c/a/ws")))
-            hanging = [asyncio.ensure_future(client.get(server.make_url("/c/a/hang"))) for _ in range(60)]
-            await until(lambda: broker.unscheduled.get("a") == 60 and broker.websockets.get("a") == 60)
-            seen = probes[0]
-            await until(lambda: probes[0] >= seen + 5)  # several health rounds, all while a is this busy
-            assert broker.consumers.states["a"].healthy is True
-            for kind in ("ja", "jb", "ja"):
-                async with client.post(server.make_url(f"/v1/{kind}"), json={}) as resp:
-                    assert resp.status == 200 and await resp.json() == {"done": True}
-            async with client.get(server.make_url("/c/a/hang")) as resp:
-                data = error_of(resp.status, dict(resp.headers), await resp.read(), "too_many_requests")
-            assert "consumers.a.max_unscheduled" in data["message"]
-            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-                await client.ws_connect(server.make_url("/c/a/ws"))
-            assert refused.value.status == 429
-            async with client.get(server.make_url("/c/b/health")) as resp:
-                assert resp.status == 200  # b's own traffic is b's: not limited by a's
-            assert broker.consumers.states["a"].healthy is True and broker.scheduler.stats.completed == 3
-        finally:
-            gate.set()
-            for answer in await asyncio.gather(*hanging, return_exceptions=True):
-                if isinstance(answer, aiohttp.ClientResponse):
-                    answer.release()
-            for ws in sockets:
-                await ws.close()
-            await client.close()
-            await server.close()
-        text = broker.metrics.render([])
-        assert 'mgpumanager_refused_total{consumer="a",limit="max_unscheduled"} 1' in text
-        assert 'mgpumanager_refused_total{consumer="a",limit="max_websockets"} 1' in text
-        assert broker.unscheduled == {"a": 0, "b": 0} and broker.websockets == {"a": 0}
+        async with TestServer(app, host="127.0.0.1", port=0) as server, aiohttp.ClientSession() as session:
+            broker = app[m.BROKER]
+            broker.consumers.states["whisper"].loaded()
+            async with session.post(server.make_url("/v1/stt"), data=b"x") as resp:
+                assert resp.status == 200
+            assert broker.consumers.states["whisper"].healthy is True
+            assert len(probed_while_busy) >= 2  # probes ran, and timed out, during the job
+            busy.set()  # now slow without a job: that is a failure
+            await until(lambda: broker.consumers.states["whisper"].healthy is False)
+            assert broker.consumers.states["whisper"].last_error == "timed out"
 
 
-async def test_broker_shutting_down_closes_open_websockets_going_away(rig):
+async def test_a_probe_older_than_a_job_failure_does_not_heal_the_consumer(rig):
     r = await rig()
-    ws = await _ws_open(r, "/c/comfyui/ws")
-    await _ws_json(ws)
-    await until(lambda: len(r.app[m.WEBSOCKETS]) == 1)
-    closing = asyncio.create_task(r.server.close())
-    msg = await ws.receive(timeout=20)
-    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY
-    await asyncio.wait_for(closing, 20)
-    await until(lambda: 1001 in r.sims["comfyui"].ws_closes)
+    consumers = r.broker.consumers
+    gate = asyncio.Event()
+    sim = r.sims["whisper"]
+
+    async def slow_health(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.json_response({"status": "ok"})
+
+    # Swap whisper for a stand-in whose health answers only when told to.
+    async with StandIn([("GET", "/health", slow_health)]) as stand_in:
+        consumers.config.consumers["whisper"] = m.replace(r.config.consumers["whisper"], url=stand_in.url)
+        probe = asyncio.ensure_future(consumers.probe("whisper"))
+        await asyncio.sleep(0.05)
+        consumers.job_failed("whisper", ConnectionResetError(), "connection reset")  # a job failed meanwhile
+        gate.set()
+        await probe
+        assert consumers.states["whisper"].healthy is False
+        await consumers.probe("whisper")  # the next probe heals it
+        assert consumers.states["whisper"].healthy is True
+    assert sim.records == []
 
 
-async def test_daemon_with_an_open_websocket_exits_on_sigterm(rig):
-    r = await rig()
-    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
-    async with daemon:
-        ws = await r.session.ws_connect(daemon.url("/c/comfyui/ws"))
-        await _ws_json(ws)
-        daemon.terminate()
-        msg = await ws.receive(timeout=20)
-        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY
-        await asyncio.wait_for(daemon.proc.wait(), 30)
-    assert daemon.proc.returncode == 0, daemon.log
-    assert 'msg="shutting down: closing websockets" websockets=1' in daemon.log
+def test_a_job_that_finds_a_command_started_service_failing_records_it_stopped():
+    config = m.parse_config(yaml.safe_load(Path("consumers.yaml").read_text()))
+    consumers = m.Consumers(config, session=None)  # type: ignore[arg-type] (no call is made)
+    for name in ("whisper", "mvoice"):
+        consumers.states[name].loaded()
+        consumers.gone(name, "connection reset")
+    assert consumers.states["whisper"].resident is False  # stopped: the next job starts it again
+    assert consumers.states["mvoice"].resident is None  # an HTTP service gone: it may be back without it
+
+
+async def test_a_failing_probe_older_than_a_successful_health_wait_is_ignored():
+    clock = FakeClock()
+    config = m.parse_config(base_raw(whisper=f"http://127.0.0.1:{free_port()}"))
+    async with aiohttp.ClientSession() as session:
+        consumers = m.Consumers(config, session, clock=clock)
+        state = consumers.states["whisper"]
+        probe = asyncio.ensure_future(consumers.probe("whisper"))  # it starts now ...
+        await asyncio.sleep(0)
+        clock.now += 1
+        state.came_up()  # ... and a health wait succeeds meanwhile
+        await probe  # refused: nothing listens
+        assert state.healthy is True and state.last_probe is not None
+        clock.now += 2
+        await consumers.probe("whisper")  # a probe started since: it counts
+        assert state.healthy is False
+
+
+async def test_a_stopped_service_of_unknown_residency_is_started_before_its_job():
+    """An unload command that failed half-way leaves residency unknown; failing health says stopped."""
+    commands = {"command": ["x"]}
+    s, _, ops, clock = make_scheduler(
+        small_config(consumers__t__load=commands, consumers__t__unload=commands)
+    )
+    state = ops.states["t"]
+    state.unload_failed()
+    state.probed(False, "connection refused", "consumer_unreachable", clock.now)
+    job = await s.acquire("t", "kt")
+    assert ops.calls == [("load", "t")]
+    job.release("completed", success=True)
+    ops.states["t"] = state = m.ConsumerState("t", clock)  # unknown and never probed: a cold start, no load
+    job = await s.acquire("t", "kt")
+    assert ops.calls == [("load", "t")]
+    job.release("completed")
+
+
+async def test_ollama_unloading_itself_is_seen_at_the_next_probe(rig):
+    r = await rig(tweak=use_presets, sims={"ollama": {"keep_alive_s": 0.2}})
+    state = r.broker.consumers.states["ollama"]
+    assert (await r.post("llm", {"model": "a", "prompt": "p", "stream": False}))[0] == 200
+    assert state.resident is True  # its job's answer
+    await until(lambda: not r.sims["ollama"].models)
+    await r.broker.consumers.probe("ollama")
+    assert state.resident is False and r.gpu.used_mib("ollama") == 0
+
+
+async def test_a_residency_query_outranks_health_and_an_unreadable_one_is_logged_when_it_changes(rig, caplog):
+    vllm = functools.partial(mgpusim.ServiceSim, service="vllm", vram_mib=1000, loaded=True)
+    r = await rig(extra={"v": (vllm, {"preset": "vllm", "vram_resident_mib": 1000})})
+    sim, consumers, state = r.sims["v"], r.broker.consumers, r.broker.consumers.states["v"]
+    assert state.resident is True  # the first round, before serving
+    await sim.do_unload()  # asleep behind the broker's back
+    await consumers.probe("v")
+    assert state.resident is False
+    sim.faults["state_status"] = 404  # as without VLLM_SERVER_DEV_MODE
+    caplog.clear()
+    for _ in range(3):
+        await consumers.probe("v")
+    warnings = [rec for rec in caplog.records if "residency unknown" in rec.getMessage()]
+    assert len(warnings) == 1 and "GET /is_sleeping answered 404" in warnings[0].getMessage()
+    assert state.resident is False and state.healthy is True  # unknown answers change nothing
+    sim.faults.clear()
+    await sim.do_load()
+    await consumers.probe("v")
+    assert state.resident is True and "residency readable again" in caplog.text
 
 
 # =====================================================================================================
-# Invariants: the scheduler driven through hypothesis-generated interleavings
+# 4. Scheduling order, the lock and the queue
+# Grant order, overtaking, aging, joins, the queue's bounds, property tests.
 # =====================================================================================================
+
+
+async def _grants(s: m.Scheduler, tasks: list[asyncio.Task[m.Job]]) -> list[str]:
+    """Finish jobs one at a time as they are granted; the order in which tasks got the lock."""
+    order = []
+    pending = list(tasks)
+    while pending:
+        done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1, "two jobs held the lock at once"
+        task = done.pop()
+        pending.remove(task)
+        job = task.result()
+        order.append(job.consumer)
+        job.release("completed")
+    return order
+
+
+def swap_config(max_overtake_s: float, **tweaks: Any) -> m.Config:
+    """t and x of 6000 MiB each on a GPU where only one of them fits: a job of the other needs a swap."""
+    return small_config(
+        consumers__t__vram_resident_mib=6000,
+        consumers__x__vram_resident_mib=6000,
+        scheduler__max_overtake_s=max_overtake_s,
+        **tweaks,
+    )
+
+
+async def _run_in_turn(
+    s: m.Scheduler, clock: FakeClock, job: m.Job, tasks: list[asyncio.Task[m.Job]], job_s: float
+) -> list[tuple[str, float]]:
+    """Let ``job`` and then each job granted after it run ``job_s`` on the fake clock, one at a time, each
+    answering 2xx; (consumer, grant time) of the ones granted after it, in order."""
+    order = []
+    pending = list(tasks)
+    while True:
+        clock.now += job_s
+        job.release("completed", status=200, success=True)
+        if not pending:
+            return order
+        done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1, "two jobs held the lock at once"
+        task = done.pop()
+        pending.remove(task)
+        job = task.result()
+        order.append((job.consumer, clock.now))
+
+
+async def _raising_hold() -> None:
+    raise RuntimeError("injected")
+
+
+#: Each step of a job's life, and how to make it raise once (a bug there): (scheduler, monkeypatch) -> None.
+JOB_STEPS = {
+    "queueing": lambda s, mp: mp.setattr(s, "forecast", _raising_once(s.forecast)),
+    "granting": lambda s, mp: mp.setattr(s.lock, "dispatch", _raising_once(s.lock.dispatch)),
+    "grant bookkeeping": lambda s, mp: mp.setattr(s, "_touch_others", _raising_once(s._touch_others)),
+    "making room": lambda s, mp: mp.setattr(m, "plan_room", _raising_once(m.plan_room)),
+    "loading": lambda s, mp: mp.setattr(s.ops, "load", _raising_once(s.ops.load)),
+    "started": lambda s, mp: mp.setattr(
+        s.recorder, "job_event", _raising_once(s.recorder.job_event, lambda name, job, **_: name == "started")
+    ),
+    "release": lambda s, mp: mp.setattr(s.states["t"], "served", _raising_once(s.states["t"].served)),
+    "hold": lambda s, mp: None,  # the hold itself raises: see below
+    "hold's end": lambda s, mp: mp.setattr(s.recorder, "job_line", _raising_once(s.recorder.job_line)),
+    "accounting": lambda s, mp: mp.setattr(
+        s.recorder, "_account_now", _raising_once(s.recorder._account_now)
+    ),
+}
+
+
+async def _interleaved_burst(r: Rig, gate: asyncio.Event) -> list[str]:
+    """While an LLM job holds the GPU, 8 TTS and 4 image jobs queue interleaved (T T I T I T T I T I T T);
+    then the GPU is let go. The consumers their grants went to, in order, once all are done."""
+    llm = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "holds the GPU"}))
+    await until(lambda: r.broker.scheduler.holder == "ollama")
+    jobs = []
+    for i, kind in enumerate("TTITITTITITT"):
+        path = ("tts", {"text": str(i)}) if kind == "T" else ("image", {"prompt": {}})
+        jobs.append(asyncio.ensure_future(r.post(*path)))
+        await until(lambda i=i: len(r.broker.scheduler.queue()) == i + 1)
+    gate.set()
+    assert all(status == 200 for status, _, _ in await asyncio.gather(llm, *jobs))
+    await until(lambda: r.broker.scheduler.holder is None)
+    return [e["consumer"] for e in recent_events(r.broker.events) if e["event"] == "granted"][1:]
+
 
 INV_NAMES = ("a", "b", "c", "d", "e")
+
+
 END_CODES = {
     "queue_full",
     "queue_timeout",
@@ -3964,10 +2489,16 @@ class InvariantDriver:
 
 
 _ARRIVE = st.tuples(st.just("arrive"), st.sampled_from(INV_NAMES))
+
+
 _FINISH = st.tuples(
     st.just("finish"), st.integers(0, 30), st.sampled_from(["ok", "error_status", "failed", "hold"])
 )
+
+
 _SETTLE = st.tuples(st.just("settle"), st.integers(0, 12))
+
+
 INV_OPS = st.one_of(
     # Weighted towards what makes the queue interesting: arrivals, ends and letting tasks run.
     _ARRIVE,
@@ -3995,16 +2526,6 @@ INV_OPS = st.one_of(
     st.tuples(st.just("admin"), st.sampled_from(INV_NAMES), st.sampled_from(["unload", "load"])),
     st.tuples(st.just("internal"), st.sampled_from(INV_NAMES), st.sampled_from(["idle_unload", "preload"])),
 )
-
-
-@settings(
-    max_examples=int(os.environ.get("MGPU_FUZZ_EXAMPLES", "150")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-@given(ops=st.lists(INV_OPS, min_size=20, max_size=100), bound=st.sampled_from([0, 3, 30]))
-def test_scheduler_invariants_hold_under_any_interleaving(ops, bound):
-    asyncio.run(InvariantDriver(bound).run(ops))
 
 
 class PolicyJob:
@@ -4035,6 +2556,408 @@ _POLICY_JOB = st.tuples(
     st.one_of(st.none(), st.floats(0, 100)),  # overtaken since
     st.booleans(),  # cancelled
 )
+
+
+FUZZ_SECONDS = float(os.environ.get("MGPU_FUZZ_SECONDS", "0"))
+
+
+async def test_grant_order_is_effective_priority_then_arrival():
+    cfg = small_config(consumers__x__priority=1, consumers__y__priority=3, consumers__z__priority=3)
+    s, _, ops, clock = make_scheduler(cfg)
+    for name in ops.states:
+        ops.states[name].loaded()
+    first = await s.acquire("t", "kt")
+    x = await _queued(s, "x")
+    clock.now += 1
+    z = await _queued(s, "z")
+    clock.now += 1
+    y = await _queued(s, "y")
+    assert [j.consumer for j in s.queue()] == ["z", "y", "x"]
+    first.release("completed")
+    assert await _grants(s, [x, y, z]) == ["z", "y", "x"]
+    assert books_balance(s)
+
+
+async def test_aging_raises_a_waiting_jobs_priority():
+    cfg = small_config(consumers__x__priority=1, consumers__y__priority=3)
+    s, _, ops, clock = make_scheduler(cfg)
+    for name in ops.states:
+        ops.states[name].loaded()
+    first = await s.acquire("t", "kt")
+    x = await _queued(s, "x")  # priority 1
+    clock.now += 130  # two aging steps: x is at 3 now
+    y = await _queued(s, "y")  # priority 3, arrived later
+    expected = {"consumer": "x", "kind": "kx", "priority": 3, "waited_s": 130.0, "eta_s": 0.0}
+    assert s.snapshot()["queue"][0] == expected
+    first.release("completed")
+    assert await _grants(s, [x, y]) == ["x", "y"]
+
+
+async def test_aging_stops_at_priority_4():
+    s, _, ops, clock = make_scheduler(small_config(consumers__x__priority=1))
+    ops.states["t"].loaded()
+    first = await s.acquire("t", "kt")
+    x = await _queued(s, "x")
+    clock.now += 3600
+    assert s.snapshot()["queue"][0]["priority"] == 4
+    first.release("completed")
+    (await x).release("completed")
+
+
+@pytest.mark.parametrize("leaves", ["cancelled", "timed out"])
+async def test_a_holder_job_joins_as_soon_as_the_job_that_kept_it_out_leaves(leaves):
+    # Strict order (max_overtake_s: 0): a job of the holder never goes before an equal one of another.
+    cfg = small_config(
+        consumers__t__max_concurrency=2, scheduler__queue_timeout_s=0.2, scheduler__max_overtake_s=0
+    )
+    s, _, ops, _ = make_scheduler(cfg)
+    for name in ops.states:
+        ops.states[name].loaded()
+    a = await s.acquire("t", "kt")
+    x = await _queued(s, "x")  # same priority as t: t may not join while x waits
+    c = await _queued(s, "t")
+    assert not c.done()
+    if leaves == "cancelled":
+        x.cancel()
+    await asyncio.gather(x, return_exceptions=True)
+    b = await asyncio.wait_for(c, 5)  # joined the holder without waiting for a to finish
+    assert s.running == 2
+    a.release("completed")
+    b.release("completed")
+    assert books_balance(s)
+
+
+@pytest.mark.parametrize("max_overtake_s", [30, 0])
+async def test_jobs_that_need_no_swap_go_before_those_that_would_need_one(max_overtake_s):
+    """Interleaved arrivals of t (resident) and x (not: only one fits). t's jobs overtake x's of equal
+    priority, one batch per swap; with max_overtake_s 0 the queue is served strictly in arrival order."""
+    s, gpu, ops, clock = make_scheduler(swap_config(max_overtake_s))
+    gpu.total = 12000  # 11520 usable: t's 6000 and x's 6000 (and the cushion) do not fit together
+    for name in ("x", "y", "z"):
+        ops.states[name].unloaded()
+    ops.states["t"].loaded()
+    gpu.held["t"] = 6000
+    running = await s.acquire("t", "kt")
+    tasks = []
+    for name in ("x", "t", "x", "t", "t"):
+        clock.now += 0.1
+        tasks.append(await _queued(s, name))
+    order = [name for name, _ in await _run_in_turn(s, clock, running, tasks, job_s=1)]
+    if max_overtake_s:
+        assert order == ["t", "t", "t", "x", "x"] and ops.calls == [("unload", "t"), ("load", "x")]
+    else:
+        assert order == ["x", "t", "x", "t", "t"] and len(ops.calls) == 8  # a swap for each change
+    assert books_balance(s)
+
+
+async def test_no_job_is_overtaken_beyond_max_overtake_s():
+    """A steady stream of jobs that need no swap does not starve one that needs a swap: once it has been
+    overtaken for max_overtake_s, it goes next, before the stream's later jobs."""
+    s, gpu, ops, clock = make_scheduler(swap_config(10))
+    gpu.total = 12000
+    for name in ("x", "y", "z"):
+        ops.states[name].unloaded()
+    ops.states["t"].loaded()
+    gpu.held["t"] = 6000
+    running = await s.acquire("t", "kt")
+    x = await _queued(s, "x")
+    granted = []
+    while not x.done():
+        clock.now += 0.5
+        t_next = await _queued(s, "t")  # the stream: one more job of t every 3 s
+        clock.now += 2.5
+        running.release("completed", status=200, success=True)
+        done, _ = await asyncio.wait([x, t_next], return_when=asyncio.FIRST_COMPLETED)
+        running = done.pop().result()
+        granted.append((running.consumer, clock.now))
+    job = running
+    assert job is x.result() and job.overtaken_since is not None
+    assert len([g for g in granted if g[0] == "t"]) >= 3
+    # Overtaken from its first overtaking grant on; granted at the first grant once that lasted 10 s.
+    assert granted[-1][1] - job.overtaken_since >= 10 > granted[-2][1] - job.overtaken_since
+    last = await _run_in_turn(s, clock, job, [t_next], job_s=1)  # the stream's last job
+    assert [name for name, _ in last] == ["t"]
+    assert books_balance(s)
+
+
+async def test_a_higher_effective_priority_is_never_overtaken_and_aging_counts():
+    """A job that needs no swap never goes before one of higher effective priority (aging included)."""
+    cfg = swap_config(30, consumers__x__priority=3, consumers__t__priority=2)
+    s, gpu, ops, clock = make_scheduler(cfg)
+    gpu.total = 12000
+    for name in ("x", "y", "z"):
+        ops.states[name].unloaded()
+    ops.states["t"].loaded()
+    gpu.held["t"] = 6000
+    running = await s.acquire("t", "kt")
+    x = await _queued(s, "x")
+    clock.now += 0.1
+    t = await _queued(s, "t")
+    order = [name for name, _ in await _run_in_turn(s, clock, running, [x, t], job_s=1)]
+    assert order == ["x", "t"]
+
+
+async def test_queue_full_rejects_beyond_max_queue():
+    s, _, ops, _ = make_scheduler(small_config(scheduler__max_queue=2))
+    ops.states["t"].loaded()
+    first = await s.acquire("t", "kt")
+    waiting = [await _queued(s, "t"), await _queued(s, "t")]
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")
+    assert (info.value.code, info.value.status, info.value.retryable) == ("queue_full", 503, True)
+    assert s.stats.rejected == 1 and books_balance(s)
+    first.release("completed")
+    assert await _grants(s, waiting) == ["t", "t"]
+    assert books_balance(s) and s.stats.jobs == 4
+
+
+async def test_queue_timeout_answers_a_job_that_waited_too_long():
+    s, _, ops, _ = make_scheduler(small_config(scheduler__queue_timeout_s=0.05))
+    ops.states["t"].loaded()
+    first = await s.acquire("t", "kt")
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")
+    assert info.value.code == "queue_timeout" and s.stats.failed == 1
+    assert s.queue() == [] and books_balance(s)
+    first.release("completed")
+
+
+async def test_cancelled_waiter_leaves_no_trace_and_the_lock_passes_on():
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    first = await s.acquire("t", "kt")
+    x = await _queued(s, "x")
+    y = await _queued(s, "y")
+    x.cancel()
+    await asyncio.gather(x, return_exceptions=True)
+    assert [j.consumer for j in s.queue()] == ["y"] and s.stats.cancelled == 1
+    first.release("completed")
+    job = await y
+    assert job.consumer == "y" and s.holder == "y" and books_balance(s)
+    job.release("completed")
+
+
+async def test_waiter_cancelled_while_being_granted_passes_the_grant_on():
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    first = await s.acquire("t", "kt")
+    x = await _queued(s, "x")
+    y = await _queued(s, "y")
+    first.release("completed")  # grants x ...
+    x.cancel()  # ... which is cancelled before it runs again
+    await asyncio.gather(x, return_exceptions=True)
+    job = await asyncio.wait_for(y, 5)
+    assert job.consumer == "y" and s.stats.cancelled == 1 and books_balance(s)
+    job.release("completed")
+
+
+async def test_max_concurrency_lets_the_holder_join_but_never_another_consumer():
+    s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=2, scheduler__max_overtake_s=0))
+    for name in ops.states:
+        ops.states[name].loaded()
+    a = await s.acquire("t", "kt")
+    b = await s.acquire("t", "kt")  # joins: nobody else waits
+    assert (s.holder, s.running) == ("t", 2)
+    x = await _queued(s, "x")
+    c = await _queued(s, "t")  # x waits with equal priority: t may not join any more
+    a.release("completed")
+    await asyncio.sleep(0)
+    assert not c.done() and not x.done() and s.running == 1
+    b.release("completed")
+    assert (await x).consumer == "x" and not c.done()
+    x.result().release("completed")
+    (await c).release("completed")
+    assert books_balance(s)
+
+
+@pytest.mark.parametrize("step", list(JOB_STEPS))
+async def test_whatever_raises_while_a_job_is_granted_or_running_it_ends_and_frees_its_slot(
+    step, monkeypatch
+):
+    """The scheduler's invariant, with a failure injected at each step of a job's life: the job ends once
+    (the books balance), its slot is free, its consumer counts no job, and the next job is served."""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {"x": 1.0})  # t needs room: x is unloaded, t loaded
+    JOB_STEPS[step](s, monkeypatch)
+    try:
+        job = await s.acquire("t", "kt")
+    except m.BrokerError as e:
+        assert e.code in ("scheduler_error", "load_failed"), e.code
+    else:
+        hold = _raising_hold if step == "hold" else asyncio.Event().wait if step == "hold's end" else None
+        job.release("completed", status=200, success=True, hold=hold, hold_timeout_s=0.01 if hold else 0)
+        assert job.release("completed") is False  # released once: a second call does nothing
+        await until(lambda: s.holder is None)
+    for _ in range(3):
+        await asyncio.sleep(0)  # the accounting runs after the hand-over
+    assert (s.holder, s.slots, s.holds) == (None, 0, 0)
+    assert all(state.jobs == 0 for state in ops.states.values()) and books_balance(s)
+    assert s.stats.internal_errors + s.stats.load_failures >= 1 or step == "hold's end"
+    again = await s.acquire("t", "kt")  # the GPU is not wedged
+    again.release("completed", status=200, success=True)
+    assert s.holder is None and books_balance(s)
+
+
+async def test_jobs_of_different_consumers_never_overlap(rig):
+    r = await rig(sims={"mvoice": {"work_s": 0.03}, "ollama": {"work_s": 0.03, "line_interval_s": 0.005}})
+    calls = [r.post("tts", {"text": "a"}) for _ in range(3)] + [
+        r.post("llm", {"model": "m", "prompt": "p"}) for _ in range(3)
+    ]
+    calls += [r.post("stt", None, data=b"x") for _ in range(2)]
+    results = await asyncio.gather(*calls)
+    assert [s for s, _, _ in results] == [200] * 8
+    work = r.sims["mvoice"].work + r.sims["ollama"].work
+    assert len(work) == 8 and overlaps(work) == []
+
+
+async def test_max_concurrency_two_overlaps_one_consumer_never_another(rig):
+    def two(raw):
+        raw["consumers"]["mvoice"]["max_concurrency"] = 2
+
+    r = await rig(sims={"mvoice": {"work_s": 0.2, "loaded": True}, "ollama": {"work_s": 0.05}}, tweak=two)
+    results = await asyncio.gather(
+        r.post("tts", {"text": "a"}),
+        r.post("tts", {"text": "b"}),
+        r.post("llm", {"model": "m", "prompt": "p"}),
+    )
+    assert [s for s, _, _ in results] == [200, 200, 200]
+    mvoice, ollama = r.sims["mvoice"], r.sims["ollama"]
+    assert mvoice.max_active == 2
+    for a in mvoice.work:
+        for b in ollama.work:
+            assert b.start >= a.end or a.start >= b.end
+
+
+async def test_queue_full_and_queue_timeout_end_to_end(rig):
+    def tight(raw):
+        raw["scheduler"]["max_queue"] = 1
+        raw["scheduler"]["queue_timeout_s"] = 0.3
+
+    r = await rig(tweak=tight, sims={"mvoice": {"work_s": 1.0, "loaded": True}})
+    busy = asyncio.ensure_future(r.post("tts", {"text": "long"}))
+    await until(lambda: r.broker.scheduler.holder is not None)
+    waiting = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+    await until(lambda: len(r.broker.scheduler.queue()) == 1)
+    status, headers, body = await r.post("llm", {"model": "m", "prompt": "p"})
+    error_of(status, headers, body, "queue_full")
+    error_of(*await waiting, "queue_timeout")
+    assert (await busy)[0] == 200
+    st = (await r.status())["scheduler"]["stats"]
+    assert (st["jobs"], st["completed"], st["rejected"], st["failed"]) == (3, 1, 1, 1)
+    assert r.sims["ollama"].records == []
+
+
+@pytest.mark.parametrize("max_overtake_s", [30, 0])
+async def test_an_interleaved_burst_is_served_in_batches_with_one_swap(rig, max_overtake_s):
+    """Issue 12's trace, shortened: TTS (mvoice, resident) and image jobs (ComfyUI) of equal priority,
+    interleaved, on a GPU where the two do not fit together. Served what is loaded first: the TTS batch,
+    one swap, the images. Strict arrival order (max_overtake_s 0) swaps at every change."""
+    gate = asyncio.Event()
+
+    def setup(raw: dict[str, Any]) -> None:
+        raw["scheduler"]["max_overtake_s"] = max_overtake_s
+        for name in ("mvoice", "comfyui"):
+            raw["consumers"][name]["priority"] = 2
+
+    async with held_llm(gate) as ollama:
+        r = await rig(
+            tweak=setup,
+            urls={"ollama": ollama.url},
+            sims={"mvoice": {"loaded": True, "work_s": 0.02}, "comfyui": {"work_s": 0.05}},
+        )
+        order = await _interleaved_burst(r, gate)
+    swaps = sum(a != b for a, b in itertools.pairwise(order))
+    if max_overtake_s:
+        assert order == ["mvoice"] * 8 + ["comfyui"] * 4 and swaps == 1
+        assert (r.stats.evictions, r.sims["mvoice"].unloads) == (1, 1)
+    else:
+        assert order == ["mvoice" if k == "T" else "comfyui" for k in "TTITITTITITT"] and swaps == 8
+        assert r.stats.evictions == 8  # the issue's 8 evictions
+    assert r.gpu.ooms() == []
+
+
+async def test_a_job_held_back_by_a_stream_runs_once_overtaken_for_max_overtake_s(rig):
+    """A steady stream of TTS jobs (resident: no swap) and one image job that needs a swap: the stream
+    goes first, but only until the image has been overtaken for max_overtake_s."""
+
+    def setup(raw: dict[str, Any]) -> None:
+        raw["scheduler"]["max_overtake_s"] = 0.5
+        for name in ("mvoice", "comfyui"):
+            raw["consumers"][name]["priority"] = 2
+
+    r = await rig(tweak=setup, sims={"mvoice": {"loaded": True, "work_s": 0.1}, "comfyui": {"work_s": 0.05}})
+    stream = [asyncio.ensure_future(r.post("tts", {"text": "first"}))]
+    await until(lambda: r.broker.scheduler.holder == "mvoice")
+    image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+    await until(lambda: len(r.broker.scheduler.queue()) == 1)
+    started = time.monotonic()
+    while not image.done() and time.monotonic() - started < 10:  # a TTS job every 50 ms
+        stream.append(asyncio.ensure_future(r.post("tts", {"text": "more"})))
+        await asyncio.sleep(0.05)
+    assert (await image)[0] == 200
+    for job in stream:
+        assert (await job)[0] == 200
+
+    def at(event: dict[str, Any]) -> float:
+        return datetime.datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
+
+    grants = [e for e in recent_events(r.broker.events) if e["event"] == "granted"]
+    image_at = next(i for i, e in enumerate(grants) if e["consumer"] == "comfyui")
+    overtakers = grants[1:image_at]  # TTS jobs that came after the image and went before it
+    assert len(overtakers) >= 2 and all(e["consumer"] == "mvoice" for e in overtakers)
+    # Granted at the first grant after it had been overtaken for 0.5 s, not after the stream ended.
+    assert at(grants[image_at]) - at(overtakers[0]) >= 0.5
+    assert any(e["consumer"] == "mvoice" for e in grants[image_at + 1 :])
+
+
+async def test_learned_timings_and_the_expected_waits_in_status_events_and_retry_after(rig):
+    """What loads, unloads and jobs took (running medians) shows per consumer; each queued job has eta_s
+    (status, the queued event), and a refusal's Retry-After is the wait the figures foresee."""
+
+    def tight(raw):
+        raw["scheduler"]["max_queue"] = 2
+        raw["scheduler"]["queue_timeout_s"] = 2
+
+    r = await rig(tweak=tight, sims={"mvoice": {"work_s": 0.3, "load_s": 0.2}, "comfyui": {"work_s": 0.1}})
+    assert (await r.post("tts", {"text": "a"}))[0] == 200  # loads mvoice (0.2 s), then works
+    assert (await r.post("tts", {"text": "b"}))[0] == 200
+    await _render(r)  # evicts mvoice; comfyui loads itself on its first prompt (a cold start)
+    st = (await r.status())["consumers"]
+    mv, comfy = st["mvoice"]["timings"], st["comfyui"]["timings"]
+    assert mv["load_s"] >= 0.2 and mv["job_s"] >= 0.3 and mv["unload_s"] is not None
+    assert comfy["load_s"] is not None and comfy["job_s"] is None  # its only job was its cold start
+    text = await (await r.session.get(r.url("/metrics"))).text()
+    assert 'mgpumanager_job_seconds_count{consumer="mvoice"} 2' in text
+    assert 'mgpumanager_load_seconds_count{consumer="mvoice"} 1' in text
+    # A queue behind a render: each waiting job knows roughly when it will run.
+    events = await r.session.get(r.url("/v1/events"))
+    first = asyncio.ensure_future(r.post("tts", {"text": "c"}))  # mvoice again: a swap
+    await until(lambda: r.broker.scheduler.holder == "mvoice")
+    waiting = [asyncio.ensure_future(r.post("tts", {"text": str(i)})) for i in range(2)]
+    await until(lambda: len(r.broker.scheduler.queue()) == 2)
+    queue = (await r.status())["scheduler"]["queue"]
+    etas = [q["eta_s"] for q in queue]
+    assert etas == sorted(etas) and etas[1] >= mv["job_s"] > 0
+    status, headers, body = await r.post("tts", {"text": "one too many"})
+    error_of(status, headers, body, "queue_full")
+    assert int(headers["Retry-After"]) == max(1, math.ceil(etas[0]))
+    queued = [e for e in await _read_events(events, "queued") if e["event"] == "queued"]
+    assert "eta_s" in queued[0]
+    events.close()
+    for done in [first, *waiting]:
+        assert (await done)[0] == 200
+
+
+@settings(
+    max_examples=int(os.environ.get("MGPU_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(ops=st.lists(INV_OPS, min_size=20, max_size=100), bound=st.sampled_from([0, 3, 30]))
+def test_scheduler_invariants_hold_under_any_interleaving(ops, bound):
+    asyncio.run(InvariantDriver(bound).run(ops))
 
 
 @settings(max_examples=int(os.environ.get("MGPU_FUZZ_EXAMPLES", "150")) * 4, deadline=None)
@@ -4101,512 +3024,52 @@ def test_the_grant_order_keeps_its_rules(specs, holder, warm, bound, aging_s):
     assert m.next_grant(candidates, view, now, **kw) is got
 
 
-# =====================================================================================================
-# Faults end to end, with small stand-in consumers where mgpusim has no switch for the fault
-# =====================================================================================================
-
-
-async def test_health_is_probed_periodically_and_a_consumer_that_comes_back_is_served(rig):
-    def often(raw):
-        raw["health"]["interval_s"] = 0.05
-
-    r = await rig(tweak=often)
-    state = r.broker.consumers.states["mvoice"]
-    r.sims["mvoice"].faults["health_status"] = 503
-    await until(lambda: state.healthy is False)
-    status, headers, body = await r.post("tts", {"text": "x"})
-    assert "health answered 503" in error_of(status, headers, body, "consumer_unreachable")["message"]
-    del r.sims["mvoice"].faults["health_status"]
-    await until(lambda: state.healthy is True)
-    assert (await r.post("tts", {"text": "x"}))[0] == 200
-
-
-async def test_a_probe_timing_out_while_the_consumer_works_does_not_mark_it_unhealthy(tmp_path):
-    busy = asyncio.Event()
-    probed_while_busy = []
-
-    async def health(request: web.Request) -> web.Response:
-        if busy.is_set():
-            probed_while_busy.append(1)
-            await asyncio.sleep(1)  # a single-threaded service answers late while it renders
-        return web.json_response({"ok": True})
-
-    async def work(request: web.Request) -> web.Response:
-        busy.set()
-        await asyncio.sleep(0.6)
-        busy.clear()
-        return web.json_response({"text": "done"})
-
-    async with StandIn([("GET", "/health", health), ("POST", "/inference", work)]) as whisper:
-        raw = base_raw(whisper=whisper.url)
-        raw["routing"] = {"stt": "whisper"}
-        raw["gpu"]["nvidia_smi"] = str(tmp_path / "none")  # never read: whisper fits, and it is resident
-        raw["health"] = {"interval_s": 0.05, "timeout_s": 0.1}
-        app = m.create_app(m.parse_config(raw))
-        async with TestServer(app, host="127.0.0.1", port=0) as server, aiohttp.ClientSession() as session:
-            broker = app[m.BROKER]
-            broker.consumers.states["whisper"].loaded()
-            async with session.post(server.make_url("/v1/stt"), data=b"x") as resp:
-                assert resp.status == 200
-            assert broker.consumers.states["whisper"].healthy is True
-            assert len(probed_while_busy) >= 2  # probes ran, and timed out, during the job
-            busy.set()  # now slow without a job: that is a failure
-            await until(lambda: broker.consumers.states["whisper"].healthy is False)
-            assert broker.consumers.states["whisper"].last_error == "timed out"
-
-
-async def test_a_probe_older_than_a_job_failure_does_not_heal_the_consumer(rig):
-    r = await rig()
-    consumers = r.broker.consumers
-    gate = asyncio.Event()
-    sim = r.sims["whisper"]
-
-    async def slow_health(request: web.Request) -> web.Response:
-        await gate.wait()
-        return web.json_response({"status": "ok"})
-
-    # Swap whisper for a stand-in whose health answers only when told to.
-    async with StandIn([("GET", "/health", slow_health)]) as stand_in:
-        consumers.config.consumers["whisper"] = m.replace(r.config.consumers["whisper"], url=stand_in.url)
-        probe = asyncio.ensure_future(consumers.probe("whisper"))
-        await asyncio.sleep(0.05)
-        consumers.job_failed("whisper", ConnectionResetError(), "connection reset")  # a job failed meanwhile
-        gate.set()
-        await probe
-        assert consumers.states["whisper"].healthy is False
-        await consumers.probe("whisper")  # the next probe heals it
-        assert consumers.states["whisper"].healthy is True
-    assert sim.records == []
-
-
-async def test_upstream_connections_are_reused_between_jobs(rig):
-    r = await rig(sims={"mvoice": {"loaded": True}})
-    for _ in range(3):
-        assert (await r.post("tts", {"text": "x"}))[0] == 200
-    peers = {rec.peer for rec in r.sims["mvoice"].records if rec.path == "/api/synthesize"}
-    assert len(peers) == 1  # one pooled connection, not a new TCP connect per job
-
-
-async def test_connect_timeout_is_consumer_unreachable(rig):
-    # A listener that never accepts, with its backlog full: connecting hangs until the connect timeout.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    fillers = []
-    for _ in range(8):
-        f = socket.socket()
-        f.setblocking(False)
-        f.connect_ex(listener.getsockname())
-        fillers.append(f)
-    try:
-
-        def quick(raw):
-            raw["consumers"]["ollama"]["timeout_s"] = 0.3
-
-        host, port = listener.getsockname()
-        r = await rig(urls={"ollama": f"http://{host}:{port}"}, tweak=quick)
-        r.broker.consumers.states["ollama"].healthy = None  # its first probe timed out too; forget it
-        status, headers, body = await r.post("llm", {"model": "m", "prompt": "p"})
-        data = error_of(status, headers, body, "consumer_unreachable")
-        assert data["message"] == "upstream ollama connect timed out"
-        assert r.broker.consumers.states["ollama"].last_error == "connect timed out"
-    finally:
-        for f in fillers:
-            f.close()
-        listener.close()
-
-
-async def _prompt_in_two_halves(request: web.Request) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
-    await resp.prepare(request)
-    await resp.write(b'{"prompt_id": ')
-    await asyncio.sleep(0.3)
-    await resp.write(b'"p1", "number": 0}')
-    return resp
-
-
-async def test_a_client_leaving_mid_answer_still_starts_the_hold(rig):
-    rendered = asyncio.Event()
-
-    async def history(request: web.Request) -> web.Response:
-        assert request.match_info["id"] == "p1"
-        return web.json_response({"p1": {}} if rendered.is_set() else {})
-
-    routes = [("POST", "/prompt", _prompt_in_two_halves), ("GET", "/history/{id}", history)]
-    routes.append(("GET", "/system_stats", _ok))
-    async with StandIn(routes) as comfy:
-        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
-        resp = await r.session.post(r.url("/v1/image"), json={"prompt": {}})
-        assert await resp.content.readexactly(14) == b'{"prompt_id": '
-        resp.close()  # the client leaves before the answer ended
-        await until(lambda: r.stats.cancelled == 1)
-        await asyncio.sleep(0.5)
-        assert (
-            r.broker.scheduler.snapshot()["holder"].items()
-            >= {"consumer": "comfyui", "jobs": 0, "holds": 1}.items()
-        )
-        rendered.set()
-        await until(lambda: r.broker.scheduler.holder is None)
-        assert r.broker.consumers.states["comfyui"].resident is True
-
-
-async def test_hold_poll_errors_are_retried_and_counted(rig):
-    polls = []
-
-    async def prompt(request: web.Request) -> web.Response:
-        return web.json_response({"prompt_id": "p2"})
-
-    async def history(request: web.Request) -> web.Response:
-        polls.append(1)
-        if len(polls) <= 4:
-            request.transport.abort()  # the consumer drops the connection
-        return web.json_response({"p2": {"done": True}})
-
-    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
-    async with StandIn(routes) as comfy:
-        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
-        assert (await r.post("image", {"prompt": {}}))[0] == 200
-        await until(lambda: r.broker.scheduler.holder is None)
-        # aiohttp itself retries a GET once on a dropped pooled connection, so 4 drops are 2+ errors.
-        assert len(polls) == 5 and r.stats.hold_poll_errors >= 2 and r.stats.hold_timeouts == 0
-
-
-async def test_hold_that_never_completes_releases_the_lock_at_its_timeout(rig):
-    def short(raw):
-        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 0.3
-
-    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 3600}}, tweak=short)
-    assert (await r.post("image", {"prompt": {}}))[0] == 200
-    assert r.broker.scheduler.holds == 1
-    await until(lambda: r.broker.scheduler.holder is None)
-    assert r.stats.hold_timeouts == 1
-    assert (await r.post("tts", {"text": "next"}))[0] == 200
-
-
-async def test_a_hold_ends_with_an_event_released_timeout_abandoned_or_cut(rig):
-    def short(raw):
-        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 0.3
-
-    def ended() -> list[dict[str, Any]]:
-        return [e for e in r.broker.events.recent(900) if e["event"] == "hold_ended"]
-
-    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 0.5}})
-    assert (await r.post("image", {"prompt": {}}))[0] == 200
-    assert (await r.post("tts", {"text": "waits for the render"}))[0] == 200
-    await until(lambda: r.broker.scheduler.holder is None and len(ended()) == 1)
-    names = [(e["event"], e.get("consumer")) for e in r.broker.events.recent(900) if "job" in e]
-    # The hold's end comes after its job's answer and before the job waiting for the GPU gets it.
-    assert names.index(("finished", "comfyui")) < names.index(("hold_ended", "comfyui"))
-    assert names.index(("hold_ended", "comfyui")) < names.index(("granted", "mvoice"))
-    event = ended()[0]
-    assert event.items() >= {"job": 1, "consumer": "comfyui", "kind": "image", "gpu": 0}.items()
-    assert event["outcome"] == "released" and event["hold_s"] >= 0.4
-
-    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 3600}}, tweak=short)
-    assert (await r.post("image", {"prompt": {}}))[0] == 200
-    await until(lambda: len(ended()) == 1)
-    assert ended()[0]["outcome"] == "timeout"
-    assert (await r.post("image", {"prompt": {}}))[0] == 200
-    await r.broker.scheduler.close()  # as at shutdown: the hold is cut short
-    assert [e["outcome"] for e in ended()] == ["timeout", "cut"]
-    assert r.stats.hold_abandoned == 0  # not the consumer's doing: it is not seen down
-
-
-async def test_an_absurdly_nested_answer_starts_no_hold_and_frees_the_lock(rig):
-    async def prompt(request: web.Request) -> web.Response:
-        return web.Response(body=b"[" * 100_000 + b"]" * 100_000, content_type="application/json")
-
-    async with StandIn([("POST", "/prompt", prompt), ("GET", "/system_stats", _ok)]) as comfy:
-        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
-        assert (await r.post("image", {"prompt": {}}))[0] == 200
-        assert r.broker.scheduler.holder is None and r.stats.completed == 1
-
-
-async def test_a_client_that_stops_reading_cannot_keep_the_gpu(rig):
-    async def firehose(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        await resp.prepare(request)
-        for _ in range(256):
-            await resp.write(b"x" * m.MiB)
-        return resp
-
-    async with StandIn([("POST", "/api/generate", firehose), ("GET", "/", _ok)]) as ollama:
-
-        def quick(raw):
-            raw["consumers"]["ollama"]["timeout_s"] = 0.5
-
-        r = await rig(urls={"ollama": ollama.url}, tweak=quick)
-        reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
-        body = b'{"model": "m", "prompt": "p"}'
-        head = f"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
-        writer.write(head.encode() + body)
-        await writer.drain()
-        await reader.read(1000)  # the answer begins ... and the client reads no more
-        await until(lambda: r.stats.cancelled == 1, timeout=20)
-        assert r.broker.scheduler.holder is None
-        writer.close()
-        assert (await r.post("tts", {"text": "next"}))[0] == 200
-
-
-# =====================================================================================================
-# Security: bearer auth, the admin API, forwarding rules, the unit's hardening
-# =====================================================================================================
-
-TOKEN = "s3cret-token-0123456789"
-
-
-def with_token(raw: dict[str, Any]) -> None:
-    raw["auth"] = {"token": TOKEN}
-
-
-def from_elsewhere(address: str = "192.0.2.7") -> Any:
-    """A middleware that makes every request look as if it came from ``address`` (not loopback)."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-        return await handler(request.clone(remote=address))
-
-    return middleware
-
-
-async def test_with_a_token_every_route_but_healthz_needs_it(rig):
-    r = await rig(tweak=with_token)
-    for method, path in [
-        ("GET", "/v1/status"),
-        ("POST", "/v1/tts"),
-        ("GET", "/audio/x.wav"),
-        ("GET", "/nope"),
-    ]:
-        for auth in (None, "Bearer wrong-token-0123456789", f"Basic {TOKEN}", TOKEN):
-            headers = {"Authorization": auth} if auth else {}
-            async with r.session.request(method, r.url(path), headers=headers) as resp:
-                error_of(resp.status, dict(resp.headers), await resp.read(), "unauthorized")
-                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
-    async with r.session.get(r.url("/healthz")) as resp:
-        assert resp.status == 200
-    assert r.sims["mvoice"].records == [] and r.stats.jobs == 0
-
-
-async def test_the_token_is_stripped_before_forwarding_and_never_logged(rig, caplog):
-    r = await rig(tweak=with_token, sims={"mvoice": {"loaded": True}})
-    headers = {"Authorization": f"bearer {TOKEN}"}
-    status, _, _ = await r.post("tts", {"text": "x"}, headers=headers)
-    assert status == 200
-    assert "Authorization" not in r.sims["mvoice"].records[-1].headers
-    async with r.session.get(r.url("/v1/status"), headers=headers) as resp:
-        assert resp.status == 200
-    assert TOKEN not in caplog.text and TOKEN not in repr(r.broker.config)
-
-
-async def test_without_a_token_the_authorization_header_is_the_consumers_business(rig):
-    r = await rig(sims={"mvoice": {"loaded": True}})
-    assert (await r.post("tts", {"text": "x"}, headers={"Authorization": "Bearer for-mvoice"}))[0] == 200
-    assert r.sims["mvoice"].records[-1].headers["Authorization"] == "Bearer for-mvoice"
-
-
-def test_token_file_and_token_rules(tmp_path):
-    secret = tmp_path / "token"
-    secret.write_text(TOKEN + "\n")
-    raw = base_raw()
-    raw["auth"] = {"token_file": str(secret)}
-    assert m.parse_config(raw).auth.token == TOKEN
-    raw["auth"] = {"token_file": str(tmp_path / "missing")}
-    assert any(p.startswith("auth.token_file: cannot read") for p in problems_of(raw))
-    raw["auth"] = {"token": "short"}
-    assert any(p.startswith("auth.token: the token must be at least 16") for p in problems_of(raw))
-    raw["auth"] = {"token": TOKEN, "token_file": str(secret)}
-    assert any("not both" in p for p in problems_of(raw))
-
-
-def test_a_token_file_is_read_bounded_from_a_regular_file_only(tmp_path, caplog):
-    """Item 7 of issue 10: /dev/zero hung start-up; a token file others may read was accepted silently."""
-    raw = base_raw()
-    secret = tmp_path / "token"
-    secret.write_text(TOKEN + "\n")
-    secret.chmod(0o600)
-    raw["auth"] = {"token_file": str(secret)}
-    assert m.parse_config(raw).auth.token == TOKEN
-    assert "readable by others" not in caplog.text
-    secret.chmod(0o644)
-    assert m.parse_config(raw).auth.token == TOKEN
-    assert f'msg="token file is readable by others" path="{secret}" mode=644' in caplog.text
-    big = tmp_path / "big"
-    big.write_bytes(b"x" * 100_000)
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    for path, expected in (
-        ("/dev/zero", "/dev/zero is not a regular file"),
-        (str(fifo), f"{fifo} is not a regular file"),  # opening it must not wait for a writer
-        (str(big), f"{big} is larger than 4096 bytes"),
-        (str(tmp_path), f"{tmp_path} is not a regular file"),
-    ):
-        raw["auth"] = {"token_file": path}
-        problems = problems_of(raw)
-        assert any(p.startswith(f"auth.token_file: {expected}") for p in problems), problems
-
-
-async def test_admin_routes_answer_only_loopback_without_a_token(rig):
-    r = await rig(sims={"mvoice": {"loaded": True}}, remote="192.0.2.7")
-    async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
-    async with r.session.post(r.url("/v1/reload")) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
-    assert r.sims["mvoice"].unloads == 0
-    # With a token, the token is what counts, wherever the client is.
-    r2 = await rig(sims={"mvoice": {"loaded": True}}, remote="192.0.2.7", tweak=with_token)
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    async with r2.session.post(r2.url("/v1/consumers/mvoice/unload"), headers=headers) as resp:
-        assert resp.status == 200 and (await resp.json())["loaded"] is False
-
-
-async def test_admin_unload_and_load_go_through_the_lock(rig):
-    r = await rig(sims={"mvoice": {"loaded": True}, "ollama": {"lines": 20, "line_interval_s": 0.03}})
-    async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as stream:
-        await stream.content.readline()
-        unload = asyncio.ensure_future(r.session.post(r.url("/v1/consumers/mvoice/unload")))
-        await until(lambda: len(r.broker.scheduler.queue()) == 1)
-        assert r.sims["mvoice"].unloads == 0  # waits for the running job: never races it
-        await stream.read()
-    resp = await unload
-    assert resp.status == 200
-    assert await resp.json() == {"consumer": "mvoice", "action": "unload", "loaded": False, "evictions": 0}
-    assert r.sims["mvoice"].unloads == 1 and r.stats.admin_unloads == 1 and r.stats.evictions == 0
-    # Warm-up: comfyui fills the GPU (once ollama let its model go), so loading mvoice evicts it first.
-    for model in list(r.sims["ollama"].models):
-        await r.sims["ollama"].unload_model(model)
-    await r.sims["comfyui"].do_load()
-    r.broker.consumers.states["comfyui"].loaded()
-    async with r.session.post(r.url("/v1/consumers/mvoice/load")) as resp:
-        assert resp.status == 200
-        assert await resp.json() == {"consumer": "mvoice", "action": "load", "loaded": True, "evictions": 1}
-    assert r.sims["mvoice"].loads == 1 and r.sims["comfyui"].unloads == 1
-    async with r.session.post(r.url("/v1/consumers/ghost/unload")) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "no_consumer")
-    async with r.session.post(r.url("/v1/consumers/whisper/unload")) as resp:
-        assert (
-            "no unload route"
-            in error_of(resp.status, dict(resp.headers), await resp.read(), "bad_request")["message"]
-        )
-    r.sims["mvoice"].faults["unload_status"] = 500
-    async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "unload_failed")
-    assert r.broker.scheduler.holder is None
-
-
-async def test_an_admin_operation_holds_the_lock_alone():
-    s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=3))
-    for name in ops.states:
+@pytest.mark.skipif(not FUZZ_SECONDS, reason="`make fuzz` runs this for MGPU_FUZZ_SECONDS")
+@pytest.mark.timeout(FUZZ_SECONDS + 300)
+def test_fuzz_scheduler_invariants_and_config_for_a_while():
+    """The property tests above, over and over with fresh random examples, until time is up."""
+    examples = st.lists(INV_OPS, min_size=20, max_size=100)
+
+    @settings(max_examples=500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(ops=examples, bound=st.sampled_from([0, 3, 30]))
+    def scheduler_round(ops: list[tuple[Any, ...]], bound: float) -> None:
+        asyncio.run(InvariantDriver(bound).run(ops))
+
+    deadline, rounds = time.monotonic() + FUZZ_SECONDS, 0
+    while time.monotonic() < deadline:
+        scheduler_round()
+        test_the_grant_order_keeps_its_rules()
+        test_any_malformed_config_is_a_config_error_never_a_crash()
+        rounds += 1
+    print(
+        f"fuzz: {rounds} rounds of 500 scheduler interleavings, the grant order's rules and 300 configs,"
+        " no counter-example"
+    )
+
+
+async def test_an_eta_counts_only_the_unloads_of_consumers_on_its_own_gpu():
+    """The forecast took every resident consumer the broker knows as one a swap would unload: with two
+    GPUs, a job's eta_s (and Retry-After) on GPU 0 paid the unloads of GPU 1's consumers too."""
+    s, _, ops, _ = make_scheduler(small_config(consumers__z__gpu=1))
+    for name in ("t", "z"):
         ops.states[name].loaded()
-    ops.unload_behaviour["t"] = "gated"
-    unload = asyncio.ensure_future(s.unload_now("t"))
-    await asyncio.sleep(0)
-    t = await _queued(s, "t")
-    assert s.holder == "t" and s.exclusive and s.slots == 1 and not t.done()  # no job of t joins
-    unload.cancel()  # the admin's client leaves: the unload it asked for still runs to its end
-    await asyncio.gather(unload, return_exceptions=True)
-    await asyncio.sleep(0)
-    assert s.holder == "t" and s.exclusive and not t.done()
-    ops.gate.set()
-    job = await asyncio.wait_for(t, 5)
-    assert ops.calls == [("unload", "t"), ("load", "t")]  # the unload ran whole; t's job then loads it
-    assert s.stats.admin_unloads == 1 and s.stats.cancelled == 1
-    job.release("completed")
+        ops.states[name].learned("unload", 10.0)
+    ops.states["x"].unloaded()
+    ops.states["x"].learned("load", 1.0)
+    holding = await s.acquire("t", "kt")
+    first, second = await _queued(s, "x"), await _queued(s, "x")
+    # The second waits for the first's swap: t's unload and x's load, not z's unload on GPU 1.
+    assert [eta for _, eta in s.forecast()] == [0.0, 11.0]
+    holding.release("completed")
+    (await first).release("completed")
+    (await second).release("completed")
     assert books_balance(s)
 
 
-async def test_forwarding_adds_x_forwarded_and_never_follows_redirects_or_keeps_cookies(rig):
-    seen: list[dict[str, str]] = []
-
-    async def redirect(request: web.Request) -> web.Response:
-        seen.append(dict(request.headers))
-        resp = web.Response(status=302, headers={"Location": "/api/admin/secret"})
-        resp.set_cookie("session", "whisper-private")
-        return resp
-
-    async with StandIn([("POST", "/inference", redirect), ("GET", "/health", _ok)]) as whisper:
-
-        def whisper_stt(raw):
-            raw["routing"]["stt"] = "whisper"
-
-        r = await rig(urls={"whisper": whisper.url}, tweak=whisper_stt)
-        headers = {"X-Forwarded-For": "203.0.113.9"}
-        async with r.session.post(
-            r.url("/v1/stt"), data=b"x", headers=headers, allow_redirects=False
-        ) as resp:
-            assert resp.status == 302 and resp.headers["Location"] == "/api/admin/secret"
-            assert "whisper-private" in resp.headers["Set-Cookie"]  # the client's business, passed on
-        async with (
-            aiohttp.ClientSession() as other_client,
-            other_client.post(r.url("/v1/stt"), data=b"y", allow_redirects=False) as resp,
-        ):
-            assert resp.status == 302
-    assert len(seen) == 2  # the redirect was not followed by the broker
-    assert seen[0]["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1" and seen[0]["X-Forwarded-Proto"] == "http"
-    assert seen[1]["X-Forwarded-For"] == "127.0.0.1"
-    assert "Cookie" not in seen[1]  # the first client's cookie was never kept for the second
-
-
-def test_the_unit_file_verifies_where_systemd_is_present():
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed here")
-    res = subprocess.run(
-        [analyze, "verify", str(HERE / "mgpumanager.service")], capture_output=True, text=True
-    )
-    problems = [
-        line for line in res.stderr.splitlines() if "mgpumanager.service" in line and "/opt/" not in line
-    ]
-    assert res.returncode == 0 or not problems, res.stderr
-    directives = [line.split("=")[0] for line in (HERE / "mgpumanager.service").read_text().splitlines()]
-    assert "PrivateDevices" not in directives and "DevicePolicy" not in directives  # /dev/nvidia* stays
-
-
 # =====================================================================================================
-# More faults end to end: each asserts the client's exact answer and that the next job is served
+# 5. Eviction and loading
+# Making room, unload and load routes and commands, idle unload, preload.
 # =====================================================================================================
-
-
-async def test_consumer_resetting_while_it_reads_the_body_is_consumer_unreachable(rig):
-    async def reset(request: web.Request) -> web.Response:
-        await request.content.read(10)
-        request.transport.abort()
-        return web.Response()
-
-    async with StandIn([("POST", "/api/generate", reset), ("GET", "/", _ok)]) as ollama:
-        r = await rig(urls={"ollama": ollama.url})
-        status, headers, body = await r.post("llm", None, data=b"p" * 2_000_000)
-        data = error_of(status, headers, body, "consumer_unreachable")
-        assert data["consumer"] == "ollama" and r.broker.scheduler.holder is None
-        assert r.broker.consumers.states["ollama"].healthy is False
-        assert (await r.post("tts", {"text": "next"}))[0] == 200
-
-
-@pytest.mark.parametrize(
-    ("status", "body", "content_type"),
-    [
-        (500, b'{"error": "CUDA out of memory"}', "application/json"),
-        (200, b"\x00\xffnot json{", "application/json"),
-    ],
-)
-async def test_consumer_errors_and_garbage_pass_through_unchanged(rig, status, body, content_type):
-    async def answer(request: web.Request) -> web.Response:
-        return web.Response(status=status, body=body, content_type=content_type)
-
-    async with StandIn([("POST", "/api/generate", answer), ("GET", "/", _ok)]) as ollama:
-        r = await rig(urls={"ollama": ollama.url})
-        got_status, headers, got_body = await r.post("llm", {"model": "m", "prompt": "p"})
-        assert (got_status, got_body, headers["Content-Type"]) == (status, body, content_type)
-        assert r.stats.completed == 1 and r.broker.scheduler.holder is None
-        assert (await r.post("tts", {"text": "next"}))[0] == 200
-
-
-async def test_a_body_that_is_not_json_reaches_the_consumer_unparsed(rig):
-    r = await rig()
-    status, _, body = await r.post(
-        "llm", None, data=b'{"model": broken', headers={"Content-Type": "application/json"}
-    )
-    assert status == 400 and json.loads(body) == {"error": "invalid JSON"}  # the consumer's own answer
-    assert r.sims["ollama"].records[-1].body == b'{"model": broken'
 
 
 def _two_candidates(raw: dict[str, Any]) -> None:
@@ -4616,6 +3079,425 @@ def _two_candidates(raw: dict[str, Any]) -> None:
     raw["scheduler"]["vram_wait_s"] = 0.3
     raw["consumers"]["mvoice"]["unload"]["timeout_s"] = 0.3
     raw["consumers"]["comfyui"]["unload"]["timeout_s"] = 0.3
+
+
+def _whisper_as_a_service(r_home: Path, port: int) -> Any:
+    """A tweak: whisper is a process of its own, stopped and started with mgpusim's stop and start."""
+    pidfile = r_home / "whisper.pid"
+    sim = [PY, str(HERE / "mgpusim.py")]
+
+    def tweak(raw: dict[str, Any]) -> None:
+        whisper = raw["consumers"]["whisper"]
+        whisper["url"] = f"http://127.0.0.1:{port}"
+        whisper["unload"] = {"command": [*sim, "stop", "--pidfile", str(pidfile)], "timeout_s": 30}
+        start = [*sim, "start", "--pidfile", str(pidfile), "--state", str(r_home / "gpu.json")]
+        start += ["--log", str(r_home / "whisper.log"), f"whisper=whisper:{port},loaded=true"]
+        whisper["load"] = {"command": start, "timeout_s": 30}
+        raw["routing"]["stt"] = "whisper"
+
+    return tweak
+
+
+async def _what_commands_inherit(tmp_path: Path) -> tuple[list[str], list[str], bool]:
+    """The descriptors of a command and of a service it started in the background, its output redirected,
+    while another command runs and the broker holds a descriptor without CLOEXEC; and whether that command
+    returned without waiting for the service."""
+    leak_read, leak_write = os.pipe()
+    os.set_inheritable(leak_write, True)  # as a library might leave one: still not the child's business
+    pidfile = tmp_path / "service.pid"
+    service = None
+    try:
+        other = asyncio.ensure_future(m.run_process(["sleep", "0.5"], 5))
+        await asyncio.sleep(0.05)
+        listing = await m.run_process(["sh", "-c", "ls /proc/$$/fd"], 5)
+        script = f"setsid sleep 30 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}"
+        started = await m.run_process(["sh", "-c", script], 5)
+        returned_at_exit = not other.done()  # it did not wait PIPE_GRACE_S for the service
+        await other
+        service = int(pidfile.read_text())
+        service_fds = sorted(os.listdir(f"/proc/{service}/fd"))
+        assert listing.returncode == started.returncode == 0
+        return sorted(listing.stdout.decode().split()), service_fds, returned_at_exit
+    finally:
+        os.close(leak_read)
+        os.close(leak_write)
+        if service is not None:
+            os.kill(service, signal.SIGKILL)
+
+
+async def test_resident_target_reads_no_gpu_and_unloads_nothing():
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {})
+    ops.states["t"].loaded()
+    job = await s.acquire("t", "kt")
+    assert gpu.reads == [] and ops.calls == []
+    job.release("completed", status=200, success=True)
+    assert s.holder is None and books_balance(s)
+
+
+async def test_lru_victim_is_unloaded_then_target_loaded():
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {"x": 3.0, "y": 1.0, "z": 2.0})
+    job = await s.acquire("t", "kt")
+    assert ops.calls == [("unload", "y"), ("load", "t")]
+    assert (s.stats.evictions, s.stats.loads, job.evictions) == (1, 1, 1)
+    assert ops.states["y"].resident is False and ops.states["t"].resident is True
+    job.release("completed", status=200, success=True)
+    assert ops.states["t"].last_used is not None
+
+
+async def test_never_used_loses_first_and_ties_go_to_config_order():
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {"x": 5.0})  # y and z never used: y is listed first
+    job = await s.acquire("t", "kt")
+    assert ops.calls[0] == ("unload", "y")
+    job.release("completed")
+
+
+async def test_coexistent_consumer_is_never_picked_even_when_least_recently_used():
+    s, gpu, ops, _ = make_scheduler(small_config(consumers__t__can_coexist_with=["x"]))
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    job = await s.acquire("t", "kt")
+    assert ops.calls[0] == ("unload", "y")
+    job.release("completed")
+
+
+async def test_vram_managed_is_never_picked():
+    s, gpu, ops, _ = make_scheduler(small_config(consumers__x__vram_managed=True))
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    job = await s.acquire("t", "kt")
+    assert ops.calls[0] == ("unload", "y")
+    job.release("completed")
+
+
+async def test_a_target_of_unknown_residency_is_unloaded_itself_when_nothing_else_can_go():
+    # After a restart: t holds most of the GPU, but the broker does not know it (no `loaded` in health).
+    s, gpu, ops, _ = make_scheduler(small_config(consumers__t__vram_resident_mib=12000))
+    gpu.held["t"] = 12000
+    for name in ("x", "y", "z"):
+        ops.states[name].unloaded()
+    job = await s.acquire("t", "kt")
+    assert ops.calls == [("unload", "t"), ("load", "t")] and s.stats.evictions == 1
+    job.release("completed")
+    # Known not resident, it is not unloaded again: the job waits for room as usual.
+    ops.states["t"].unloaded()
+    del gpu.held["t"]
+    gpu.held["x"] = 8000
+    ops.states["x"].loaded()
+    job = await s.acquire("t", "kt")
+    assert ops.calls[2:] == [("unload", "x"), ("load", "t")]
+    job.release("completed")
+
+
+async def test_failing_unload_moves_on_to_the_next_candidate():
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    ops.unload_behaviour["x"] = "fail"
+    job = await s.acquire("t", "kt")
+    assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
+    assert (s.stats.unload_failures, s.stats.evictions) == (1, 1)
+    assert ops.states["x"].resident is None  # unknown after a failed unload
+    job.release("completed")
+
+
+async def test_nothing_evictable_is_insufficient_vram_naming_processes_and_reasons():
+    cfg = small_config(consumers__x__vram_managed=True, consumers__t__can_coexist_with=["y"])
+    cfg.consumers["x"] = m.replace(cfg.consumers["x"], unload=None)  # Ollama without its unload
+    cfg.consumers["z"] = m.replace(cfg.consumers["z"], unload=None)
+    s, gpu, ops, _ = make_scheduler(cfg)
+    crowd(gpu, ops, {})
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")
+    e = info.value
+    assert (e.code, e.status, e.retryable, e.consumer) == ("insufficient_vram", 503, True, "t")
+    assert "3904 MiB free, 4256 MiB needed" in e.message
+    assert "x (vram_managed)" in e.message and "y (may coexist with t)" in e.message
+    assert "z (no unload route)" in e.message
+    assert "pid 100 /usr/bin/x 4000 MiB (x)" in e.message  # each process with its owner
+    assert ops.calls == [] and s.holder is None and s.stats.failed == 1 and books_balance(s)
+
+
+async def test_a_vram_managed_consumer_with_an_unload_goes_last_and_only_if_the_others_are_not_enough():
+    """Ollama (vram_managed) with its unload: evicted only as the last resort, after every other candidate."""
+    cfg = small_config(consumers__x__vram_managed=True)
+    s, gpu, ops, _ = make_scheduler(cfg)
+    crowd(gpu, ops, {"y": 5.0, "z": 6.0})  # x was never used: plain LRU would pick it first
+    job = await s.acquire("t", "kt")
+    assert ops.calls == [("unload", "y"), ("load", "t")]  # y was enough; x kept its models
+    job.release("completed", success=True)
+    # Now t needs more than y and z together can give: x goes too, and last.
+    cfg2 = small_config(consumers__x__vram_managed=True, consumers__t__vram_resident_mib=12000)
+    s, gpu, ops, _ = make_scheduler(cfg2)
+    crowd(gpu, ops, {"y": 5.0, "z": 6.0})
+    job = await s.acquire("t", "kt")
+    assert ops.calls == [("unload", "y"), ("unload", "z"), ("unload", "x"), ("load", "t")]
+    job.release("completed", success=True)
+
+
+async def test_a_scheduler_evicts_only_on_its_own_gpu():
+    """x and z are resident on GPU 0 and least recently used; t on GPU 1 may only evict y, its neighbour."""
+    cfg = small_config(consumers__t__gpu=1, consumers__y__gpu=1)
+    clock, gpu1 = FakeClock(), FakeGpu(total=8000)  # GPU 1: y's 4000 leave 3520 < t's 4256
+    ops = FakeOps(cfg, gpu1, clock)
+    s1 = m.Scheduler(cfg, gpu1, ops, clock=clock, sleep=clock.sleep, index=1)
+    gpu1.held["y"] = 4000
+    for name, last in (("x", 1.0), ("y", 5.0), ("z", 2.0)):
+        ops.states[name].loaded()
+        ops.states[name].last_used = last
+    ops.states["t"].unloaded()
+    reading = await gpu1.read_memory()
+    job0 = s1._admit("t", "kt")
+    snap = s1._room(job0, reading, {})
+    assert list(snap.consumers) == ["t", "y"]  # x and z are not even considered
+    assert m.plan_room(snap).victims == ("y",)
+    s1._end(job0, "cancelled")
+    job = await s1.acquire("t", "kt")
+    assert ops.calls == [("unload", "y"), ("load", "t")] and job.evictions == 1
+    assert ops.states["x"].resident is True and ops.states["z"].resident is True
+    job.release("completed", success=True)
+    # A job for a consumer of GPU 0 is not this scheduler's to run.
+    with pytest.raises(m.BrokerError, match="x runs on GPU 0 now") as info:
+        await s1.acquire("x", "kx")
+    assert info.value.code == "no_consumer" and books_balance(s1)
+
+
+async def test_a_consumer_of_zero_mib_needs_no_room_and_no_gpu_reading():
+    """A consumer whose memory is elsewhere (another host's broker) is served even without a GPU here."""
+    s, gpu, ops, _ = make_scheduler(small_config(consumers__t__vram_resident_mib=0))
+    gpu.error = "nvidia-smi: not found"
+    job = await s.acquire("t", "kt")
+    assert gpu.reads == [] and ops.calls == [] and s.holder == "t"
+    job.release("completed", success=True)
+    with pytest.raises(m.BrokerError, match="cannot read the GPU"):
+        await s.acquire("x", "kx")  # the others still need the GPU read
+
+
+async def test_max_evictions_bounds_the_attempts():
+    s, gpu, ops, _ = make_scheduler(small_config(scheduler__max_evictions=2))
+    crowd(gpu, ops, {})
+    for name in ("x", "y", "z"):
+        ops.unload_behaviour[name] = "fail"
+    with pytest.raises(m.BrokerError, match="gave up after 2 unload attempts"):
+        await s.acquire("t", "kt")
+    assert len(ops.calls) == 2 and s.stats.unload_failures == 2 and s.holder is None
+
+
+async def test_memory_is_polled_with_readings_of_its_own_until_it_shows_up_free():
+    s, gpu, ops, clock = make_scheduler(small_config())
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    ops.unload_behaviour["x"] = 3  # frees its memory on the fourth reading after the unload
+    t0 = clock.now
+    job = await s.acquire("t", "kt")
+    assert gpu.reads == ["memory"] * 5  # one reading before, four after: the GPU line alone
+    assert ops.calls == [("unload", "x"), ("load", "t")]
+    assert clock.now - t0 == pytest.approx(3 * m.VRAM_POLL_S)  # polled every 50 ms, no fixed sleep
+    job.release("completed")
+
+
+async def test_polling_stops_once_most_of_the_victims_memory_is_free_then_evicts_more():
+    cfg = small_config(consumers__t__vram_resident_mib=9000)  # needs two victims
+    s, gpu, ops, clock = make_scheduler(cfg)
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    gpu.held["x"] = 3500  # x frees 3500 of its declared 4000: 87% counts as freed
+    t0 = clock.now
+    job = await s.acquire("t", "kt")
+    assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
+    assert clock.now - t0 < s.config.scheduler.vram_wait_s  # did not wait for the full fit
+    assert s.stats.evictions == 2
+    job.release("completed")
+
+
+async def test_unload_that_never_frees_waits_vram_wait_s_then_tries_the_next():
+    s, gpu, ops, clock = make_scheduler(small_config(scheduler__vram_wait_s=1))
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    ops.unload_behaviour["x"] = "keep"
+    t0 = clock.now
+    job = await s.acquire("t", "kt")
+    assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
+    assert 1.0 <= clock.now - t0 < 1.2
+    job.release("completed")
+
+
+async def test_gpu_error_is_gpu_unavailable():
+    s, gpu, _, _ = make_scheduler(small_config())
+    gpu.error = "nvidia-smi exited with status 15: Unknown Error"
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")
+    assert info.value.code == "gpu_unavailable" and "Unknown Error" in info.value.message
+    assert s.holder is None and books_balance(s)
+
+
+async def test_failing_load_is_load_failed_and_state_unknown():
+    s, _, ops, _ = make_scheduler(small_config())
+    ops.states["t"].unloaded()
+    ops.load_fails.add("t")
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")
+    assert (info.value.code, info.value.status) == ("load_failed", 502)
+    assert ops.states["t"].resident is None and s.holder is None and s.stats.failed == 1
+
+
+async def test_target_of_unknown_state_without_pressure_is_not_loaded():
+    s, gpu, ops, _ = make_scheduler(small_config())
+    job = await s.acquire("t", "kt")  # unknown residency, plenty of room: cold start on first request
+    assert ops.calls == [] and gpu.reads == ["memory"]
+    job.release("completed", status=200, success=True)
+    assert ops.states["t"].resident is True
+
+
+async def test_a_known_unloaded_consumer_is_never_a_victim():
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    ops.states["x"].unloaded()  # the broker unloaded it; its memory is something else's now
+    job = await s.acquire("t", "kt")
+    assert ops.calls[0] == ("unload", "y")
+    job.release("completed")
+
+
+async def test_a_client_leaving_during_an_eviction_does_not_cut_the_unload():
+    """Making room belongs to the scheduler: the victim's unload runs to its end, then the job ends
+    cancelled (nothing more is unloaded or loaded for it), and the victim's state is what the unload did."""
+    s, gpu, ops, _ = make_scheduler(small_config(consumers__t__vram_resident_mib=9000))
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    ops.unload_behaviour["x"] = "gated"
+    task = await _queued(s, "t")
+    task.cancel()  # the client leaves while x is being unloaded
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled() and s.holder == "t" and s.stats.cancelled == 0  # the unload runs on
+    waiter = await _queued(s, "y")
+    ops.gate.set()
+    await until(waiter.done)
+    assert ops.calls == [("unload", "x")] and ops.states["x"].resident is False  # y, z stay; t not loaded
+    assert s.stats.cancelled == 1 and s.stats.evictions == 1 and ops.states["t"].resident is False
+    waiter.result().release("completed")
+    assert s.holder is None and books_balance(s)
+
+
+async def test_comfyui_evicted_to_fit_mvoice_one_unload_one_load(rig):
+    r = await rig(sims={"comfyui": {"loaded": True, "release_s": 0.05}, "mvoice": {"loaded": False}})
+    assert r.gpu.free_mib() == 16384 - 480 - 13000  # 2904 MiB: mvoice's 2800 + 256 do not fit
+    status, _, body = await r.post("tts", {"text": "hi"})
+    assert status == 200 and body.startswith(b"RIFF")
+    comfy, mvoice = r.sims["comfyui"], r.sims["mvoice"]
+    assert (comfy.unloads, mvoice.loads) == (1, 1)
+    assert [rec.path for rec in mvoice.records] == ["/api/admin/load", "/api/synthesize"]
+    assert comfy.records[-1].path == "/free" and json.loads(comfy.records[-1].body) == {
+        "unload_models": True,
+        "free_memory": True,
+    }
+    assert (r.stats.evictions, r.stats.loads, r.stats.unload_failures) == (1, 1, 0)
+    st = await r.status()
+    assert st["consumers"]["comfyui"]["loaded"] is False and st["consumers"]["mvoice"]["loaded"] is True
+
+
+@pytest.mark.parametrize("path", ["/v1/image", "/c/comfyui/prompt"])
+async def test_image_job_evicts_mvoice_and_holds_until_history(rig, caplog, path):
+    """/v1/image, and ComfyUI's own /prompt through its mount, which takes the image path's hold."""
+    r = await rig(sims={"comfyui": {"work_s": 3}, "mvoice": {"loaded": True}})  # renders long enough
+    async with r.session.post(r.url(path), json={"prompt": {"1": {}}}) as resp:
+        assert resp.status == 200
+        prompt_id = (await resp.json())["prompt_id"]
+    assert r.sims["mvoice"].unloads == 1 and r.stats.evictions == 1
+    # The client has its answer; the render goes on and the hold keeps the next job out.
+    st = await r.status()
+    assert st["scheduler"]["holder"].items() >= {"consumer": "comfyui", "jobs": 0, "holds": 1}.items()
+    status, _, _ = await r.post("tts", {"text": "after"})
+    assert status == 200
+    render = r.sims["comfyui"].work[0]
+    synth = next(rec for rec in r.sims["mvoice"].records if rec.path == "/api/synthesize")
+    assert render.end is not None and synth.start >= render.end
+    history = [rec for rec in r.sims["comfyui"].records if rec.path == f"/history/{prompt_id}"]
+    assert len(history) >= 2  # polled while empty, then once non-empty
+    await until(lambda: len(job_lines(caplog)) == 2)
+    assert " kind=image " in job_lines(caplog)[0] and "hold_ms=" in job_lines(caplog)[0]
+
+
+async def test_failing_load_route_is_load_failed(rig):
+    r = await rig(sims={"comfyui": {"loaded": True}, "mvoice": {"loaded": False}})
+    r.sims["mvoice"].faults["load_status"] = 500
+    status, headers, body = await r.post("tts", {"text": "x"})
+    assert "load answered 500" in error_of(status, headers, body, "load_failed")["message"]
+    assert r.sims["comfyui"].unloads == 1 and r.broker.scheduler.holder is None
+    assert (await r.status())["consumers"]["mvoice"]["loaded"] is None
+
+
+async def test_insufficient_vram_end_to_end_names_the_gpu_processes(rig):
+    # Whisper (no unload route) and ollama (vram_managed) fill the GPU; comfyui cannot fit.
+    r = await rig(sims={"whisper": {"loaded": True, "vram_mib": 5000}, "ollama": {"loaded": True}})
+    status, headers, body = await r.post("image", {"prompt": {}})
+    data = error_of(status, headers, body, "insufficient_vram")
+    assert "/usr/local/bin/whisper-server 5000 MiB (no consumer)" in data["message"]
+    assert "/usr/local/bin/ollama 8000 MiB (no consumer)" in data["message"]  # nobody says which is whose
+    assert "whisper (no unload route)" in data["message"] and "ollama (vram_managed)" in data["message"]
+    # Its own residency unknown, comfyui was unloaded first as the last resort; the job never reached it.
+    assert [rec.path for rec in r.sims["comfyui"].records] == ["/free"]
+
+
+async def test_two_gpus_run_jobs_in_parallel_and_evict_each_on_its_own(rig):
+    """GPU 0: ollama and whisper; GPU 1: mvoice (resident) and comfyui, which must evict mvoice."""
+
+    def two_gpus(raw: dict[str, Any]) -> None:
+        for name in ("mvoice", "comfyui"):
+            raw["consumers"][name]["gpu"] = 1
+        raw["consumers"]["mvoice"]["can_coexist_with"] = []
+
+    r = await rig(
+        gpus=2,
+        sims={
+            "mvoice": {"loaded": True, "gpu": 1},
+            "comfyui": {"gpu": 1, "work_s": 0.05},
+            "ollama": {"lines": 200, "line_interval_s": 0.05},
+            "whisper": {"loaded": True},
+        },
+        tweak=two_gpus,
+    )
+    gpu0, gpu1 = r.broker.schedulers[0], r.broker.schedulers[1]
+    assert r.gpu.free_mib(1) == 16384 - 480 - 2800  # 13104 < comfyui's 13000 + 256
+    async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as stream:
+        await stream.content.readline()
+        assert gpu0.holder == "ollama"
+        queries0 = r.broker.gpus[0].queries
+        # GPU 1 does not wait for GPU 0's job: the image job evicts, loads, renders and holds meanwhile.
+        status, _, body = await r.post("image", {"prompt": {}})
+        assert status == 200 and "prompt_id" in json.loads(body)
+        await until(lambda: gpu1.holder is None)
+        assert gpu0.holder == "ollama" and not stream.content.at_eof()
+        assert r.broker.gpus[0].queries == queries0  # GPU 1's eviction read GPU 1 only
+        during = await r.status()
+    assert r.sims["mvoice"].unloads == 1 and r.gpu.used_mib("mvoice") == 0
+    assert r.gpu.used_mib("ollama") == 8000 and r.gpu.used_mib("whisper") == 1500
+    assert r.sims["ollama"].unloads == 0 and r.sims["whisper"].unloads == 0
+    assert (gpu1.stats.evictions, gpu1.stats.completed, gpu0.stats.evictions) == (1, 1, 0)
+    by_index = {g["index"]: g for g in during["gpus"]}
+    assert by_index[0]["consumers"] == ["ollama", "whisper"]
+    assert by_index[1]["consumers"] == ["mvoice", "comfyui"]
+    assert by_index[0]["scheduler"]["holder"]["consumer"] == "ollama"
+    assert by_index[1]["scheduler"]["holder"] is None
+    # Each GPU read by its own index (the reading may be up to a second old: not its free figure).
+    assert [by_index[i]["uuid"] for i in (0, 1)] == [mgpusim.gpu_uuid(0), mgpusim.gpu_uuid(1)]
+    assert mgpusim.WhisperSim.process_name in {p["name"] for p in by_index[0]["processes"]}
+    assert not {p["name"] for p in by_index[0]["processes"]} & {
+        mgpusim.MvoiceSim.process_name,
+        mgpusim.ComfySim.process_name,
+    }
+    assert r.gpu.free_mib(1) == 16384 - 480 - 13000
+    assert during["gpu"]["index"] == 0 and during["consumers"]["comfyui"]["gpu"] == 1
+
+
+async def test_ollama_keeping_its_model_is_asked_to_let_go_for_an_image(rig):
+    """Issue 11, case 5: after an LLM answer Ollama keeps its model (keep_alive, 5 minutes); an image job
+    then needs its memory. Ollama (vram_managed) is unloaded as the last resort, through its /api/ps list
+    (what `ollama stop` does), and the image runs."""
+
+    r = await rig(tweak=use_presets, sims={"comfyui": REAL_COMFY})
+    sim = r.sims["ollama"]
+    assert (await r.post("llm", {"model": "llama3", "prompt": "why", "stream": False}))[0] == 200
+    assert list(sim.models) == ["llama3"] and r.gpu.used_mib("ollama") == 8000  # kept after the answer
+    prompt_id = await _render(r)
+    assert prompt_id in r.sims["comfyui"].finished and r.gpu.ooms() == []
+    unloads = [json.loads(rec.body) for rec in sim.records if rec.path == "/api/generate"][1:]
+    assert unloads == [{"model": "llama3", "keep_alive": 0}] and sim.models == {}
+    assert r.stats.evictions == 1 and r.broker.consumers.states["ollama"].resident is False
 
 
 @pytest.mark.parametrize("fault", ["unload_hang", "unload_status", "unload_no_release"])
@@ -4650,344 +3532,6 @@ async def test_a_hanging_load_route_is_load_failed(rig):
     assert r.broker.scheduler.holder is None
     del r.sims["mvoice"].faults["load_hang"]
     assert (await r.post("tts", {"text": "x"}))[0] == 200
-
-
-def children() -> set[int]:
-    """This process's child processes, living or zombie."""
-    found: set[int] = set()
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        found.update(int(pid) for pid in (task / "children").read_text().split())
-    return found
-
-
-@pytest.mark.parametrize("fault", ["fail", "garbage", "hang"])
-async def test_nvidia_smi_failing_is_gpu_unavailable_and_leaves_no_process(rig, fault):
-    def quick_smi(raw):
-        raw["gpu"]["query_timeout_s"] = 0.5
-
-    r = await rig(sims={"mvoice": {"loaded": False}}, tweak=quick_smi)
-    before = children()
-    r.gpu.set_fault(fault)
-    status, headers, body = await r.post("tts", {"text": "x"})
-    message = error_of(status, headers, body, "gpu_unavailable")["message"]
-    expected = {"fail": "exited with status 15", "garbage": "unexpected nvidia-smi output", "hang": "killed"}
-    assert expected[fault] in message
-    await until(lambda: children() <= before)  # every nvidia-smi reaped: no zombie left
-    r.gpu.set_fault(None)
-    assert (await r.post("tts", {"text": "x"}))[0] == 200
-
-
-async def test_a_slow_uploader_holds_no_lock_and_blocks_nobody(rig):
-    r = await rig(sims={"mvoice": {"loaded": True}})
-    reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
-    body = b'{"model": "m", "prompt": "slowly"}'
-    writer.write(f"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode())
-    for byte in body[:10]:
-        writer.write(bytes([byte]))
-        await writer.drain()
-        await asyncio.sleep(0.1)
-        assert r.broker.scheduler.holder is None and r.stats.jobs == 0  # not even queued yet
-    assert (await r.post("tts", {"text": "meanwhile"}))[0] == 200  # others are served meanwhile
-    writer.write(body[10:])
-    await writer.drain()
-    head = await asyncio.wait_for(reader.readline(), 10)
-    assert head.startswith(b"HTTP/1.1 200")
-    writer.close()
-
-
-async def test_oversized_headers_are_refused_by_the_parser_and_the_broker_goes_on(rig):
-    r = await rig()
-    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
-        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
-        writer.write(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(), 10)
-        # aiohttp's parser answers before any handler runs: its own plain-text 400 (README, "Known limits").
-        assert answer.startswith(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain")
-        writer.close()
-        assert (await daemon.status(r.session))["scheduler"]["stats"]["jobs"] == 0
-    assert 'msg="bad http request" error="Got more than 8190 bytes' in daemon.log
-    assert "Traceback" not in daemon.log  # one line in the journal, however many such requests
-
-
-@pytest.mark.parametrize(
-    ("method", "path"),
-    [
-        ("PUT", "/v1/tts"),
-        ("DELETE", "/v1/llm"),
-        ("POST", "/healthz"),
-        ("POST", "/audio/x.wav"),
-        ("GET", "/v1/reload"),
-    ],
-)
-async def test_unknown_methods_on_known_paths_are_405_in_the_error_shape(rig, method, path):
-    r = await rig()
-    async with r.session.request(method, r.url(path)) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "method_not_allowed")
-        assert resp.headers["Allow"]
-
-
-# =====================================================================================================
-# Reload: POST /v1/reload and SIGHUP
-# =====================================================================================================
-
-
-async def test_reload_applies_in_place_keeping_jobs_and_what_the_broker_knows(rig):
-    gate = asyncio.Event()  # the llm job holds the GPU lock until it is set
-    async with held_llm(gate) as ollama:
-        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
-        assert (await r.post("tts", {"text": "first"}))[0] == 200
-        mvoice = r.broker.consumers.states["mvoice"]
-        last_used = mvoice.last_used
-        running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
-        await until(lambda: r.broker.scheduler.holder == "ollama")
-        queued_tts = asyncio.ensure_future(r.post("tts", {"text": "queued"}))
-        queued_image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
-        await until(lambda: len(r.broker.scheduler.queue()) == 2)
-
-        r.broker.consumers.gone("whisper", "connection refused")
-        raw = copy.deepcopy(r.raw)
-        del raw["consumers"]["comfyui"], raw["routing"]["image"]
-        raw["scheduler"]["max_queue"] = 1
-        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        async with r.session.post(r.url("/v1/reload")) as resp:
-            assert resp.status == 200
-            changes = ["removed comfyui", "changed scheduler", "changed routing"]
-            assert await resp.json() == {"reloaded": True, "changes": changes}
-
-        status, headers, body = await queued_image
-        assert error_of(status, headers, body, "no_consumer")["consumer"] == "comfyui"
-        assert not queued_tts.done() and not running.done()  # kept, in place
-        assert mvoice.last_used == last_used and mvoice.resident is True  # unchanged: state kept
-        assert r.broker.consumers.states["whisper"].healthy is False  # health kept too
-        error_of(*await r.post("image", {"prompt": {}}), "no_consumer")  # no route for it any more
-        status, headers, body = await r.post("stt", None, data=b"x")  # the new max_queue applies at once
-        error_of(status, headers, body, "queue_full")
-        gate.set()
-        assert (await running)[0] == 200 and (await queued_tts)[0] == 200
-    assert r.sims["comfyui"].records == []
-    assert books_balance(r.broker.scheduler) and r.stats.failed == 1 and r.stats.rejected == 1
-
-
-async def test_a_reload_that_moves_a_consumer_to_a_new_gpu_gives_that_gpu_a_queue(rig):
-    gate = asyncio.Event()  # the llm job holds the GPU lock until it is set
-    async with held_llm(gate) as ollama:
-        r = await rig(gpus=2, sims={"comfyui": {"gpu": 1, "work_s": 0.02}}, urls={"ollama": ollama.url})
-        assert list(r.broker.schedulers) == [0]
-        running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
-        await until(lambda: r.broker.scheduler.holder == "ollama")
-        queued_image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
-        await until(lambda: len(r.broker.scheduler.queue()) == 1)
-        raw = copy.deepcopy(r.raw)
-        raw["consumers"]["comfyui"]["gpu"] = 1
-        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        async with r.session.post(r.url("/v1/reload")) as resp:
-            assert (await resp.json())["changes"] == ["new GPU for comfyui", "added GPU 1"]
-        # The job queued on GPU 0 is answered (its consumer is elsewhere now) ...
-        status, headers, body = await queued_image
-        assert "was moved to GPU 1" in error_of(status, headers, body, "no_consumer")["message"]
-        # ... and a new one runs on GPU 1 while GPU 0 is still held.
-        assert (await r.post("image", {"prompt": {}}))[0] == 200
-        assert not running.done() and r.broker.schedulers[1].stats.completed == 1
-        gate.set()
-        assert (await running)[0] == 200
-    assert r.gpu.used_mib("comfyui") == 13000 and r.sims["comfyui"].gpu == 1
-
-
-async def test_a_consumer_moves_to_another_gpu_only_while_none_of_its_jobs_runs(rig):
-    gate = asyncio.Event()  # the llm job holds the GPU lock until it is set
-    async with held_llm(gate) as ollama:
-        r = await rig(gpus=2, urls={"ollama": ollama.url})
-        running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
-        await until(lambda: r.broker.scheduler.holder == "ollama")
-        raw = copy.deepcopy(r.raw)
-        raw["consumers"]["ollama"]["gpu"] = 1
-        raw["consumers"]["mvoice"]["can_coexist_with"] = ["whisper"]
-        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        async with r.session.post(r.url("/v1/reload")) as resp:
-            data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
-        assert "consumers.ollama.gpu: ollama has a job running on GPU 0" in data["message"]
-        assert r.broker.config is r.config and list(r.broker.schedulers) == [0]
-        gate.set()
-        assert (await running)[0] == 200
-        async with r.session.post(r.url("/v1/reload")) as resp:  # idle now: the move is taken
-            assert "new GPU for ollama" in (await resp.json())["changes"]
-        assert r.broker.scheduler_for("ollama").index == 1
-
-
-async def test_a_bad_config_is_refused_whole_and_the_old_one_stays(rig, caplog):
-    r = await rig(sims={"mvoice": {"loaded": True}})
-    raw = copy.deepcopy(r.raw)
-    raw["scheduler"]["max_queu"] = 3
-    raw["routing"]["image"] = "ghost"
-    r.config_path.write_text(yaml.safe_dump(raw))
-    async with r.session.post(r.url("/v1/reload")) as resp:
-        data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
-    assert "scheduler.max_queu: unknown key" in data["message"] and "routing.image" in data["message"]
-    assert 'msg="reload refused"' in caplog.text and "scheduler.max_queu: unknown key" in caplog.text
-    assert r.broker.config is r.config
-    assert (await r.post("tts", {"text": "still served"}))[0] == 200
-
-
-@pytest.mark.parametrize(
-    ("name", "text", "expected"),
-    [
-        ("nesting", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
-        ("bomb", _bomb(9), "aliases expand it beyond"),
-        ("duplicate", "DUP", "found a duplicate key 'routing'"),
-    ],
-)
-async def test_a_reload_that_meets_any_parser_failure_is_bad_config(rig, name, text, expected):
-    """Item 6 of issue 10: 3 MB of brackets made POST /v1/reload answer 500, not bad_config."""
-    r = await rig(sims={"mvoice": {"loaded": True}})
-    if text == "DUP":
-        text = yaml.safe_dump(r.raw, sort_keys=False) + "routing: {}\n"
-    r.config_path.write_text(text)
-    async with r.session.post(r.url("/v1/reload")) as resp:
-        data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
-    assert expected in data["message"] and r.broker.config is r.config
-    assert (await r.post("tts", {"text": "still served"}))[0] == 200
-
-
-class _BlockingSource:
-    """A config source whose load blocks its thread until released (a file on a hung network mount)."""
-
-    def __init__(self, source: m.ConfigSource) -> None:
-        self.source, self.path = source, source.path
-        self.entered, self.release = threading.Event(), threading.Event()
-        self.released: list[bool] = []
-
-    def load(self) -> m.Config:
-        self.entered.set()
-        self.released.append(self.release.wait(10))
-        return self.source.load()
-
-
-async def test_a_reload_reads_the_config_without_blocking_the_loop_and_within_a_bound(rig, monkeypatch):
-    """Item 6 of issue 10: the reload parsed in the event loop, while the watchdog allows 30 s."""
-    r = await rig(sims={"mvoice": {"loaded": True}})
-    slow = _BlockingSource(r.broker.source)
-    r.broker.source = slow
-    reload = asyncio.ensure_future(r.session.post(r.url("/v1/reload")))
-    await until(slow.entered.is_set)
-    async with r.session.get(r.url("/healthz")) as resp:  # served while the config is being read
-        assert resp.status == 200
-    slow.release.set()
-    async with await reload as resp:
-        assert resp.status == 200 and (await resp.json())["reloaded"] is True
-    assert slow.released == [True]  # released by the test, after /healthz: the loop was never blocked
-    # A read that does not end is refused at CONFIG_READ_TIMEOUT_S, and the old config stays.
-    monkeypatch.setattr(m, "CONFIG_READ_TIMEOUT_S", 0.2)
-    stuck = _BlockingSource(r.broker.source.source)
-    r.broker.source = stuck
-    config = r.broker.config
-    async with r.session.post(r.url("/v1/reload")) as resp:
-        data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
-    assert "not read within 0.2 s" in data["message"] and r.broker.config is config
-    stuck.release.set()
-
-
-async def test_sighup_reloads_the_daemon(rig):
-    r = await rig(sims={"mvoice": {"loaded": True}})
-    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
-        raw = copy.deepcopy(r.raw)
-        raw["consumers"]["mvoice"]["priority"] = 4
-        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
-        daemon.proc.send_signal(signal.SIGHUP)
-        await daemon.until(r.session, lambda st: st["consumers"]["mvoice"]["priority"] == 4)
-        daemon.config.write_text("consumers: {")
-        daemon.proc.send_signal(signal.SIGHUP)
-        await asyncio.sleep(0.3)
-        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
-            assert resp.status == 200  # the old config serves on
-    assert daemon.proc.returncode == 0
-    assert 'msg=reload changes="changed mvoice"' in daemon.log
-    assert 'msg="reload refused"' in daemon.log and "not valid YAML" in daemon.log
-
-
-FUZZ_SECONDS = float(os.environ.get("MGPU_FUZZ_SECONDS", "0"))
-
-
-@pytest.mark.skipif(not FUZZ_SECONDS, reason="`make fuzz` runs this for MGPU_FUZZ_SECONDS")
-@pytest.mark.timeout(FUZZ_SECONDS + 300)
-def test_fuzz_scheduler_invariants_and_config_for_a_while():
-    """The property tests above, over and over with fresh random examples, until time is up."""
-    examples = st.lists(INV_OPS, min_size=20, max_size=100)
-
-    @settings(max_examples=500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(ops=examples, bound=st.sampled_from([0, 3, 30]))
-    def scheduler_round(ops: list[tuple[Any, ...]], bound: float) -> None:
-        asyncio.run(InvariantDriver(bound).run(ops))
-
-    deadline, rounds = time.monotonic() + FUZZ_SECONDS, 0
-    while time.monotonic() < deadline:
-        scheduler_round()
-        test_the_grant_order_keeps_its_rules()
-        test_any_malformed_config_is_a_config_error_never_a_crash()
-        rounds += 1
-    print(
-        f"fuzz: {rounds} rounds of 500 scheduler interleavings, the grant order's rules and 300 configs,"
-        " no counter-example"
-    )
-
-
-# =====================================================================================================
-# Command eviction, idle unload and preload
-# =====================================================================================================
-
-
-@pytest.mark.parametrize(
-    ("path", "value", "expected"),
-    [
-        (
-            "consumers.whisper.unload",
-            {"command": "systemctl stop w"},
-            "whisper.unload.command: must be a list",
-        ),
-        ("consumers.whisper.unload", {"command": []}, "consumers.whisper.unload.command: must be a list"),
-        ("consumers.whisper.load", {"command": ["systemctl", ""]}, "consumers.whisper.load.command: must be"),
-        ("consumers.whisper.unload", {"command": ["x"], "path": "/u"}, "whisper.unload: set command or an"),
-        (
-            "consumers.whisper.unload",
-            {"command": ["x"], "timeout_s": 0},
-            "unload.timeout_s: must be positive",
-        ),
-        ("consumers.whisper.unload", {"command": ["x"], "shell": True}, "whisper.unload.shell: unknown key"),
-        ("consumers.mvoice.idle_unload_s", -1, "consumers.mvoice.idle_unload_s: must be >= 0"),
-        ("consumers.mvoice.idle_unload_s", "10m", "consumers.mvoice.idle_unload_s: must be a number"),
-        ("consumers.whisper.idle_unload_s", 60, "consumers.whisper.idle_unload_s: needs an unload route"),
-        ("consumers.ollama.idle_unload_s", 60, "consumers.ollama.idle_unload_s: a vram_managed consumer"),
-        ("consumers.mvoice.preload", "yes", "consumers.mvoice.preload: must be true or false"),
-        ("consumers.comfyui.preload", True, "consumers.comfyui.preload: needs a load route or command"),
-        ("consumers.whisper.unload", {"command": ["x"]}, "consumers.whisper.load: a consumer unloaded by a"),
-        ("consumers.mvoice.unload", {"command": ["x"]}, "consumers.mvoice.load: a consumer unloaded by a"),
-    ],
-)
-def test_command_idle_and_preload_config_rules_name_the_key(path, value, expected):
-    problems = problems_of(_mutated(path, value))
-    assert any(expected in p for p in problems), problems
-
-
-def test_command_routes_parse_and_show_in_the_summary():
-    raw = base_raw()
-    whisper = raw["consumers"]["whisper"]
-    whisper["unload"] = {"command": ["systemctl", "stop", "whisper-server"], "timeout_s": 30}
-    whisper["load"] = {"command": ["systemctl", "start", "whisper server"]}
-    whisper["idle_unload_s"] = 600
-    raw["consumers"]["mvoice"]["preload"] = True
-    config = m.parse_config(raw)
-    c = config.consumers["whisper"]
-    assert c.unload == m.Command(("systemctl", "stop", "whisper-server"), 30)
-    assert c.load == m.Command(("systemctl", "start", "whisper server"), 60.0)
-    assert c.started_by_command and not config.consumers["mvoice"].started_by_command
-    assert (c.idle_unload_s, c.preload, config.consumers["mvoice"].preload) == (600, False, True)
-    assert config.consumers["mvoice"].idle_unload_s == 0  # absent: never
-    text = m.summary(config)
-    assert "command: systemctl stop whisper-server, load command: systemctl start 'whisper server'" in text
-    assert "idle unload after 600 s" in text and "load POST /api/admin/load; preload" in text
-
-
-# ---- the scheduler's idle unload, on simulated time ----
 
 
 async def test_idle_unload_waits_for_idle_unload_s_since_the_last_use_then_unloads_counted():
@@ -5072,9 +3616,6 @@ async def test_preload_loads_only_what_fits_without_evicting_anything():
     assert ops.calls == [("load", "t")] and s.stats.loads == 1 and books_balance(s)
 
 
-# ---- end to end ----
-
-
 async def test_idle_consumer_is_unloaded_by_the_broker_and_loaded_again_by_the_next_job(rig):
     def idle_mvoice(raw):
         raw["consumers"]["mvoice"]["idle_unload_s"] = 1.0
@@ -5115,23 +3656,6 @@ async def test_preload_at_start_up_and_after_a_reload_never_evicts(rig):
     await until(lambda: r.broker.consumers.states["mvoice"].resident is True)
     assert r.sims["mvoice"].loads == 1 and r.gpu.used_mib("mvoice") == 2800 and r.stats.jobs == 2
     assert [rec.path for rec in r.sims["mvoice"].records] == ["/api/admin/load"]  # no job did it
-
-
-def _whisper_as_a_service(r_home: Path, port: int) -> Any:
-    """A tweak: whisper is a process of its own, stopped and started with mgpusim's stop and start."""
-    pidfile = r_home / "whisper.pid"
-    sim = [PY, str(HERE / "mgpusim.py")]
-
-    def tweak(raw: dict[str, Any]) -> None:
-        whisper = raw["consumers"]["whisper"]
-        whisper["url"] = f"http://127.0.0.1:{port}"
-        whisper["unload"] = {"command": [*sim, "stop", "--pidfile", str(pidfile)], "timeout_s": 30}
-        start = [*sim, "start", "--pidfile", str(pidfile), "--state", str(r_home / "gpu.json")]
-        start += ["--log", str(r_home / "whisper.log"), f"whisper=whisper:{port},loaded=true"]
-        whisper["load"] = {"command": start, "timeout_s": 30}
-        raw["routing"]["stt"] = "whisper"
-
-    return tweak
 
 
 async def test_whisper_is_evicted_by_stopping_its_process_and_started_again_for_its_next_job(
@@ -5234,33 +3758,6 @@ async def test_a_command_that_starts_a_service_returns_at_its_exit_and_leaves_th
         os.kill(service, signal.SIGKILL)
 
 
-async def _what_commands_inherit(tmp_path: Path) -> tuple[list[str], list[str], bool]:
-    """The descriptors of a command and of a service it started in the background, its output redirected,
-    while another command runs and the broker holds a descriptor without CLOEXEC; and whether that command
-    returned without waiting for the service."""
-    leak_read, leak_write = os.pipe()
-    os.set_inheritable(leak_write, True)  # as a library might leave one: still not the child's business
-    pidfile = tmp_path / "service.pid"
-    service = None
-    try:
-        other = asyncio.ensure_future(m.run_process(["sleep", "0.5"], 5))
-        await asyncio.sleep(0.05)
-        listing = await m.run_process(["sh", "-c", "ls /proc/$$/fd"], 5)
-        script = f"setsid sleep 30 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}"
-        started = await m.run_process(["sh", "-c", script], 5)
-        returned_at_exit = not other.done()  # it did not wait PIPE_GRACE_S for the service
-        await other
-        service = int(pidfile.read_text())
-        service_fds = sorted(os.listdir(f"/proc/{service}/fd"))
-        assert listing.returncode == started.returncode == 0
-        return sorted(listing.stdout.decode().split()), service_fds, returned_at_exit
-    finally:
-        os.close(leak_read)
-        os.close(leak_write)
-        if service is not None:
-            os.kill(service, signal.SIGKILL)
-
-
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_a_command_gets_exactly_stdin_stdout_and_stderr_on_either_loop(tmp_path, caplog, loop):
     """Item 8 of issue 10: under uvloop a service started in the background held the broker's pipes (its
@@ -5287,62 +3784,6 @@ async def test_without_pidfds_a_process_exit_is_polled_for(monkeypatch, tmp_path
     await until(lambda: not running(int(pids.read_text())), 5)
 
 
-async def test_nvidia_smi_leaving_a_child_behind_has_it_killed_once_it_exited(tmp_path, caplog):
-    """Item 9 of issue 10: a wrapper whose child keeps the output open cost every reading 0.5 s and left an
-    orphan per reading. A load command's service, by contrast, is left running (test above)."""
-    pids = tmp_path / "pids"
-    argv = _smi_script(tmp_path, f"echo reading; sleep 30 & echo $! > {pids}")
-    assert await m.run_nvidia_smi(argv, 5) == "reading\n"
-    assert "left its output open" not in caplog.text
-    child = int(pids.read_text())
-    await until(lambda: not running(child), 5)
-
-
-def test_a_job_that_finds_a_command_started_service_failing_records_it_stopped():
-    config = m.parse_config(yaml.safe_load(Path("consumers.yaml").read_text()))
-    consumers = m.Consumers(config, session=None)  # type: ignore[arg-type] (no call is made)
-    for name in ("whisper", "mvoice"):
-        consumers.states[name].loaded()
-        consumers.gone(name, "connection reset")
-    assert consumers.states["whisper"].resident is False  # stopped: the next job starts it again
-    assert consumers.states["mvoice"].resident is None  # an HTTP service gone: it may be back without it
-
-
-async def test_a_failing_probe_older_than_a_successful_health_wait_is_ignored():
-    clock = FakeClock()
-    config = m.parse_config(base_raw(whisper=f"http://127.0.0.1:{free_port()}"))
-    async with aiohttp.ClientSession() as session:
-        consumers = m.Consumers(config, session, clock=clock)
-        state = consumers.states["whisper"]
-        probe = asyncio.ensure_future(consumers.probe("whisper"))  # it starts now ...
-        await asyncio.sleep(0)
-        clock.now += 1
-        state.came_up()  # ... and a health wait succeeds meanwhile
-        await probe  # refused: nothing listens
-        assert state.healthy is True and state.last_probe is not None
-        clock.now += 2
-        await consumers.probe("whisper")  # a probe started since: it counts
-        assert state.healthy is False
-
-
-async def test_a_stopped_service_of_unknown_residency_is_started_before_its_job():
-    """An unload command that failed half-way leaves residency unknown; failing health says stopped."""
-    commands = {"command": ["x"]}
-    s, _, ops, clock = make_scheduler(
-        small_config(consumers__t__load=commands, consumers__t__unload=commands)
-    )
-    state = ops.states["t"]
-    state.unload_failed()
-    state.probed(False, "connection refused", "consumer_unreachable", clock.now)
-    job = await s.acquire("t", "kt")
-    assert ops.calls == [("load", "t")]
-    job.release("completed", success=True)
-    ops.states["t"] = state = m.ConsumerState("t", clock)  # unknown and never probed: a cold start, no load
-    job = await s.acquire("t", "kt")
-    assert ops.calls == [("load", "t")]
-    job.release("completed")
-
-
 async def test_a_hold_counts_as_use_for_the_idle_unload():
     s, _, ops, clock = make_scheduler(small_config(consumers__t__idle_unload_s=10))
     ops.states["t"].loaded()
@@ -5363,619 +3804,409 @@ async def test_run_process_keeps_only_the_tail_of_a_chatty_process():
     assert done.returncode == 3 and len(done.stdout) == 1000 and done.stderr_tail() == "the end"
 
 
-# =====================================================================================================
-# Operations: systemd notify, graceful shutdown, request ids, metrics, events, the dashboard
-# =====================================================================================================
-
-
-class NotifySocket:
-    """A datagram socket standing in for systemd's: collects what the daemon sends to NOTIFY_SOCKET."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.setblocking(False)
-        self.address = str(path)
-        self.messages: list[str] = []
-
-    def drain(self) -> list[str]:
-        while True:
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except BlockingIOError:
-                return self.messages
-
-    def without_watchdog(self) -> list[str]:
-        return [msg for msg in self.drain() if msg != "WATCHDOG=1"]
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-async def test_systemd_notify_ready_status_reload_watchdog_stopping_in_order(rig, tmp_path):
-    r = await rig(sims={"mvoice": {"loaded": True, "work_s": 0.2}})
-    notify = NotifySocket(tmp_path / "notify.sock")
-    env = {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "200000"}  # pings every 0.1 s
-    try:
-        async with Daemon(r.raw, r.tmp_path, sim_smi(r.state), env=env) as daemon:
-            ready = notify.without_watchdog()
-            assert len(ready) == 1 and ready[0].startswith("READY=1\nSTATUS=GPU idle, 0 queued")
-            async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
-                assert resp.status == 200
-            await asyncio.sleep(0.3)
-            statuses = notify.without_watchdog()[1:]
-            # mvoice is resident, so nothing read the GPU: free VRAM is not known yet.
-            assert statuses[0] == "STATUS=mvoice holds the GPU, 0 queued, VRAM unknown", statuses
-            assert statuses[-1].startswith("STATUS=GPU idle")
-            daemon.proc.send_signal(signal.SIGHUP)
-            await asyncio.sleep(0.3)
-            reload = notify.without_watchdog()[1 + len(statuses) :]
-            assert reload[0].startswith("RELOADING=1\nMONOTONIC_USEC=") and reload[1] == "READY=1"
-        final = notify.without_watchdog()
-        assert final[-1] == "STOPPING=1"
-        assert notify.messages.count("WATCHDOG=1") >= 5
-    finally:
-        notify.close()
-
-
-def test_notify_speaks_the_abstract_socket_form_and_is_silent_without_a_socket():
-    name = f"mgpumanager-test-{os.getpid()}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind("\0" + name)
-        notifier = m.Notifier({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"})
-        assert notifier.send("READY=1") and sock.recv(100) == b"READY=1"
-        assert notifier.watchdog_s is None  # WATCHDOG_PID names another process
-    silent = m.Notifier({})
-    assert not silent.send("READY=1") and silent.errors == 0 and silent.watchdog_s is None
-    assert m.Notifier({"NOTIFY_SOCKET": "/nonexistent/socket"}).send("READY=1") is False
-
-
-async def test_sigterm_drains_the_queue_lets_the_running_job_finish_and_exits_0(rig):
-    gate = asyncio.Event()
-    async with held_llm(gate) as ollama:
-        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
-        daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
-        async with daemon:
-            running = asyncio.ensure_future(r.session.post(daemon.url("/v1/llm"), json={"model": "m"}))
-            await daemon.until(r.session, lambda st: st["scheduler"]["holder"])
-            queued = asyncio.ensure_future(r.session.post(daemon.url("/v1/tts"), json={"text": "x"}))
-            await asyncio.sleep(0.3)
-            daemon.terminate()
-            resp = await asyncio.wait_for(queued, 10)
-            error_of(resp.status, dict(resp.headers), await resp.read(), "shutting_down")
-            with pytest.raises(aiohttp.ClientConnectionError):  # it no longer accepts connections
-                async with aiohttp.ClientSession() as fresh:
-                    await fresh.get(daemon.url("/healthz"))
-            assert daemon.proc.returncode is None  # still finishing the running job
-            gate.set()
-            resp = await asyncio.wait_for(running, 10)
-            assert resp.status == 200 and await resp.json() == {"response": "done"}
-        assert daemon.proc.returncode == 0
-        assert "msg=stopping" in daemon.log and "msg=stopped" in daemon.log
-        assert "code=shutting_down" in daemon.log
-
-
-async def test_shutdown_waits_for_a_hold_but_not_longer_than_shutdown_timeout_s(rig):
-    def quick(raw):
-        raw["scheduler"]["shutdown_timeout_s"] = 1.0
-
-    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 0.5}}, tweak=quick)
-    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
-        async with r.session.post(daemon.url("/v1/image"), json={"prompt": {}}) as resp:
-            assert resp.status == 200
-        daemon.terminate()
-    assert daemon.proc.returncode == 0
-    assert daemon.log.index('msg="hold released"') < daemon.log.index("msg=stopped")
-
-    gate = asyncio.Event()  # never set: this job outlives shutdown_timeout_s
-    async with held_llm(gate) as ollama:
-        r2 = await rig(urls={"ollama": ollama.url}, tweak=quick)
-        daemon = Daemon(r2.raw, r2.tmp_path, sim_smi(r2.state))
-        async with daemon:
-            stuck = asyncio.ensure_future(r2.session.post(daemon.url("/v1/llm"), json={"model": "m"}))
-            await daemon.until(r2.session, lambda st: st["scheduler"]["holder"])
-            daemon.terminate()
-        assert daemon.proc.returncode == 0
-        assert "shutting down: cutting what still runs" in daemon.log
-        with contextlib.suppress(aiohttp.ClientError):
-            await stuck
-
-
-async def test_request_id_is_taken_or_made_forwarded_returned_and_logged(rig, caplog):
-    r = await rig(sims={"mvoice": {"loaded": True}})
-    status, headers, _ = await r.post("tts", {"text": "x"}, headers={"X-Request-ID": "wa-sh-42"})
-    assert status == 200 and headers["X-Request-ID"] == "wa-sh-42"
-    assert r.sims["mvoice"].records[-1].headers["X-Request-ID"] == "wa-sh-42"
-    assert "request_id=wa-sh-42" in caplog.text
-    status, headers, _ = await r.post("tts", {"text": "x"}, headers={"X-Request-ID": "bad id; injected=1"})
-    made = headers["X-Request-ID"]
-    assert (
-        made != "bad id; injected=1"
-        and len(made) == 32
-        and r.sims["mvoice"].records[-1].headers["X-Request-ID"] == made
+async def test_a_job_joining_its_consumers_first_job_counts_what_that_job_loaded():
+    """A consumer that loads itself (no load route: Ollama, llama-server) with max_concurrency 2, not
+    resident when its first job came: while that job runs, the consumer loads its model. A second job
+    joining it read the GPU, took the model's memory for someone else's, evicted the LRU consumer for
+    nothing and was refused insufficient_vram, the message naming the consumer's own process."""
+    config = small_config(consumers__t__max_concurrency=2, consumers__t__vram_resident_mib=8000)
+    config = m.replace(
+        config, consumers={**config.consumers, "t": m.replace(config.consumers["t"], load=None)}
     )
-    status, headers, _ = await r.post("video", {})
-    assert status == 404 and len(headers["X-Request-ID"]) == 32  # errors carry one too
+    s, gpu, ops, _ = make_scheduler(config)
+    gpu.held["x"] = 3000
+    ops.states["x"].loaded()
+    for name in ("t", "y", "z"):
+        ops.states[name].unloaded()
+    first = await s.acquire("t", "kt")
+    assert first.cold and ops.calls == []
+    gpu.held["t"] = 8000  # it loads itself for its first job, which runs on
+    second = await asyncio.wait_for(s.acquire("t", "kt"), 5)
+    assert ops.calls == [] and gpu.held == {"x": 3000, "t": 8000}  # x stays, nothing is loaded twice
+    second.release("completed", status=200, success=True)
+    first.release("completed", status=200, success=True)
+    assert s.holder is None and books_balance(s)
 
 
-def _families(text: str) -> dict[str, Any]:
-    return {f.name: f for f in text_string_to_metric_families(text)}
+async def test_a_join_whose_first_job_left_before_working_credits_it_nothing():
+    """The counterpart (found by `make fuzz`): only a job of the target at work may have loaded it. Its
+    first job's client left while that job made room, so nothing was loaded; the join then planned alone
+    and must not take a stranger's memory for the target's, nor load it where it does not fit."""
+    config = small_config(consumers__t__max_concurrency=2, consumers__t__vram_resident_mib=9000)
+    s, gpu, ops, _ = make_scheduler(config)
+    gpu.held.update({"x": 3000, "someone's notebook": 7000})
+    ops.states["x"].loaded()
+    for name in ("t", "y", "z"):
+        ops.states[name].unloaded()
+    gate, started = _gated_unloads(ops, "x")
+    first = asyncio.ensure_future(s.acquire("t", "kt"))
+    await until(lambda: started == ["x"])
+    first.cancel()  # its client leaves while x is unloaded for it
+    await asyncio.gather(first, return_exceptions=True)
+    second = asyncio.ensure_future(s.acquire("t", "kt"))  # joins t, waits for the room being made
+    await until(lambda: s.states["t"].jobs == 2)
+    gate.set()
+    with pytest.raises(m.BrokerError) as refused:
+        await asyncio.wait_for(second, 5)
+    assert refused.value.code == "insufficient_vram" and ("load", "t") not in ops.calls
+    assert s.holder is None and books_balance(s)
 
 
-def _value(families: dict[str, Any], sample: str, **labels: str) -> float:
-    for family in families.values():
-        for s in family.samples:
-            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    raise KeyError((sample, labels))
-
-
-async def test_metrics_after_a_scripted_sequence_of_jobs(rig):
-    r = await rig(sims={"comfyui": {"loaded": True, "work_s": 0.05}, "mvoice": {"loaded": False}})
-    assert (await r.post("tts", {"text": "a"}))[0] == 200  # evicts comfyui, loads mvoice
-    assert (await r.post("tts", {"text": "b"}))[0] == 200
-    assert (await r.post("llm", {"model": "m", "prompt": "p"}))[0] == 200
-    r.sims["mvoice"].faults["status"] = 500
-    assert (await r.post("stt", None, data=b"x"))[0] == 500  # completed: the consumer answered
-    async with r.session.get(r.url("/metrics")) as resp:
-        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        families = _families(await resp.text())
-    assert families["mgpumanager_jobs"].type == "counter"
-    assert _value(families, "mgpumanager_jobs_total", consumer="mvoice", outcome="completed") == 3
-    assert _value(families, "mgpumanager_jobs_total", consumer="ollama", outcome="completed") == 1
-    assert _value(families, "mgpumanager_evictions_total", consumer="comfyui") == 1
-    assert _value(families, "mgpumanager_loads_total", consumer="mvoice") == 1
-    assert _value(families, "mgpumanager_run_seconds_count", consumer="mvoice") == 3
-    assert _value(families, "mgpumanager_run_seconds_bucket", consumer="mvoice", le="+Inf") == 3
-    assert _value(families, "mgpumanager_queue_wait_seconds_count", consumer="ollama") == 1
-    assert _value(families, "mgpumanager_queue_length") == 0
-    assert _value(families, "mgpumanager_consumer_resident", consumer="mvoice") == 1
-    assert _value(families, "mgpumanager_consumer_resident", consumer="comfyui") == 0
-    assert _value(families, "mgpumanager_consumer_healthy", consumer="whisper") == 1
-    assert _value(families, "mgpumanager_gpu_memory_total_bytes") == 16384 * m.MiB
-    assert _value(families, "mgpumanager_gpu_up") == 1
-    assert _value(families, "mgpumanager_info", version=m.VERSION) == 1
-    for name, family in families.items():
-        assert name.startswith("mgpumanager_"), name
-        if family.type == "counter":
-            assert all(s.name.endswith("_total") for s in family.samples), name
-
-
-async def test_metrics_for_holds_unload_failures_and_the_gpu(rig):
-    def short_hold(raw):
-        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 0.3
-
-    r = await rig(
-        sims={"mvoice": {"loaded": True}, "comfyui": {"work_s": 3600}}, total_mib=40000, tweak=short_hold
-    )
-    assert (await r.post("image", {"prompt": {}}))[0] == 200
-    await until(lambda: r.broker.scheduler.holder is None)  # the hold timed out
-    r.sims["mvoice"].faults["unload_status"] = 500
-    async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:
-        assert resp.status == 502
-    async with r.session.get(r.url("/metrics")) as resp:
-        families = _families(await resp.text())
-    assert _value(families, "mgpumanager_hold_seconds_count", consumer="comfyui") == 1
-    assert _value(families, "mgpumanager_hold_seconds_sum", consumer="comfyui") >= 0.3
-    assert _value(families, "mgpumanager_hold_timeouts_total", consumer="comfyui") == 1
-    assert _value(families, "mgpumanager_unload_failures_total", consumer="mvoice") == 1
-    used = _value(families, "mgpumanager_gpu_memory_used_bytes")
-    free = _value(families, "mgpumanager_gpu_memory_free_bytes")
-    # A reading up to a second old (before or after comfyui took its memory): consistent either way.
-    assert used in (2800 * m.MiB, 15800 * m.MiB) and used + free == (40000 - 480) * m.MiB
-    assert _value(families, "mgpumanager_gpu_utilization_ratio") == 0
-
-
-async def _read_events(resp: aiohttp.ClientResponse, until_event: str) -> list[dict[str, Any]]:
-    events = []
-    while True:
-        line = await asyncio.wait_for(resp.content.readline(), 10)
-        if line.startswith(b"data: "):
-            events.append(json.loads(line[6:]))
-            if events[-1]["event"] == until_event:
-                return events
-
-
-async def test_event_stream_tells_a_job_with_eviction_and_load_in_order(rig):
-    r = await rig(sims={"comfyui": {"loaded": True}, "mvoice": {"loaded": False}})
-    async with r.session.get(r.url("/v1/events")) as stream:
-        assert stream.headers["Content-Type"] == "text/event-stream"
-        assert (await r.post("tts", {"text": "x"}))[0] == 200
-        events = await _read_events(stream, "finished")
-        names = [e["event"] for e in events]
-        assert names == [
-            "queued",
-            "granted",
-            "evicting",
-            "evicted",
-            "loading",
-            "loaded",
-            "started",
-            "finished",
-        ]
-        assert all("ts" in e for e in events) and events[2]["consumer"] == "comfyui"
-        r.sims["whisper"].faults["health_status"] = 503
-        await r.broker.consumers.probe("whisper")
-        health = await _read_events(stream, "health")
-        assert health[-1]["consumer"] == "whisper" and health[-1]["healthy"] is False
-        async with r.session.post(r.url("/v1/reload")) as resp:
-            assert resp.status == 200
-        assert (await _read_events(stream, "reload"))[-1]["ok"] is True
-
-
-async def test_event_stream_heartbeats_and_drops_a_reader_that_falls_behind(rig, monkeypatch):
-    monkeypatch.setattr(m, "HEARTBEAT_S", 0.1)
-    r = await rig()
-    async with r.session.get(r.url("/v1/events")) as stream:
-        assert await stream.content.readline() == b": mgpumanager events\n"
-        await stream.content.readline()
-        assert await asyncio.wait_for(stream.content.readline(), 5) == b": heartbeat\n"
-        events = r.broker.scheduler.events
-        for i in range(events.buffer + 1):  # faster than any reader: nothing yields in between
-            events.publish("test", n=i)
-        assert events.dropped == 1 and not events.subscribers
-        body = await asyncio.wait_for(stream.read(), 5)  # its stream ends instead of slowing anyone
-        assert b"event: test" not in body  # what it missed is gone: it reconnects and reads /v1/status
-
-
-async def _read_replay(resp: aiohttp.ClientResponse) -> list[dict[str, Any]]:
-    """The events a ``since`` stream replays, up to its ``: replayed N`` line (N checked)."""
-    events = []
-    while True:
-        line = await asyncio.wait_for(resp.content.readline(), 10)
-        assert line, "the stream ended"
-        if line.startswith(b"data: "):
-            events.append(json.loads(line[6:]))
-        elif line.startswith(b": replayed "):
-            assert int(line.split()[-1]) == len(events)
-            return events
-
-
-def test_the_event_ring_keeps_the_last_events_by_count_and_by_age():
-    clock = FakeClock()
-    events = m.Events(ring=5, ring_s=900, clock=clock)
-    for i in range(8):
-        events.publish("test", n=i)
-        clock.now += 1
-    assert [e["n"] for e in events.recent(900)] == [3, 4, 5, 6, 7]  # the count bound
-    assert [e["n"] for e in events.recent(2.5)] == [6, 7]  # published 2 s and 1 s ago
-    assert events.recent(0.5) == []
-    clock.now += 890
-    events.publish("test", n=8)  # 1898: n=4 was published 894 s ago
-    assert [e["n"] for e in events.recent(900)] == [4, 5, 6, 7, 8]
-    clock.now += 6.5
-    assert [e["n"] for e in events.recent(900)] == [5, 6, 7, 8]  # older than 15 minutes: forgotten
-    clock.now += 900
-    events.publish("test", n=9)
-    assert [n for _, e in events.ring for n in [e["n"]]] == [9]  # a publish forgets too
-    # Every event is kept, with or without subscribers, in the shape the stream sends.
-    assert set(events.recent(1)[0]) == {"event", "ts", "n"}
-
-
-async def test_events_since_replays_the_recent_past_then_goes_live(rig, monkeypatch):
-    monkeypatch.setattr(m, "EVENT_RING", 6)
-    r = await rig(sims={"mvoice": {"loaded": True}})
-    r.broker.events.ring.clear()  # the first health round's events
-    assert (await r.post("tts", {"text": "before anyone listened"}))[0] == 200
-    await until(lambda: r.broker.events.ring and r.broker.events.ring[-1][1]["event"] == "finished")
-    assert [e["event"] for _, e in r.broker.events.ring] == ["queued", "granted", "started", "finished"]
-    async with r.session.get(r.url("/v1/events?since=900")) as stream:
-        past = await _read_replay(stream)
-        assert [e["event"] for e in past] == ["queued", "granted", "started", "finished"]
-        assert (await r.post("tts", {"text": "live"}))[0] == 200
-        live = await _read_events(stream, "finished")
-        assert [e["event"] for e in live] == ["queued", "granted", "started", "finished"]
-        assert live[0]["job"] == past[0]["job"] + 1
-    # The ring holds EVENT_RING events: the first job's first two are gone.
-    async with r.session.get(r.url("/v1/events?since=900")) as stream:
-        past = await _read_replay(stream)
-        assert [(e["job"], e["event"]) for e in past] == [
-            (1, "started"),
-            (1, "finished"),
-            (2, "queued"),
-            (2, "granted"),
-            (2, "started"),
-            (2, "finished"),
-        ]
-    # since=0 replays nothing; without since nothing is replayed either (as before).
-    for query in ("?since=0", ""):
-        async with r.session.get(r.url("/v1/events" + query)) as stream:
-            assert await stream.content.readline() == b": mgpumanager events\n"
-            await stream.content.readline()
-            r.broker.events.publish("test", n=1)
-            assert (await _read_events(stream, "test"))[0]["n"] == 1
-    # Events older than since, or than EVENT_RING_S, are not replayed.
-    later = r.broker.events.clock() + 60
-    monkeypatch.setattr(r.broker.events, "clock", lambda: later)
-    async with r.session.get(r.url("/v1/events?since=30")) as stream:
-        assert await _read_replay(stream) == []
-    for bad in ("abc", "-1", "inf", "nan", ""):
-        async with r.session.get(r.url("/v1/events"), params={"since": bad}) as resp:
-            error = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_request")
-            assert "since" in error["message"]
-
-
-async def test_the_switch_from_replay_to_live_loses_and_repeats_no_event(rig):
-    r = await rig()
-    events = r.broker.events
-    events.ring.clear()  # the first health round's events
-    for n in range(5000):  # a replay of 10 MiB: more than the sockets buffer, so writing it waits
-        events.publish("test", n=n, pad="x" * 2048)
-    marker_seen = asyncio.Event()
-    during: list[int] = []  # published after the client asked and before it read the end of the replay
-
-    async def publisher() -> None:
-        n = 5000
-        # While the replay is written (at most 200: a reader 256 events behind is dropped), then after.
-        while not marker_seen.is_set() and n < 5200:
-            events.publish("test", n=n)
-            if events.subscribers:
-                during.append(n)
-            n += 1
-            await asyncio.sleep(0.001)
-        await marker_seen.wait()
-        for later in range(n, n + 100):
-            events.publish("test", n=later)
-        events.publish("test", n=-1)
-
-    task = asyncio.ensure_future(publisher())
-    try:
-        seen: list[int] = []
-        replayed = None
-        async with r.session.get(r.url("/v1/events?since=900")) as stream:
-            while not seen or seen[-1] != -1:
-                line = await asyncio.wait_for(stream.content.readline(), 10)
-                assert line, "the stream ended"
-                if line.startswith(b": replayed "):
-                    replayed = int(line.split()[-1])
-                    marker_seen.set()
-                elif line.startswith(b"data: "):
-                    seen.append(json.loads(line[6:])["n"])
-        seen.pop()
-        assert replayed is not None and replayed >= 5000
-        assert seen == list(range(len(seen))) and not events.dropped  # no gap, no repeat
-        assert [n for n in during if n >= replayed], "no event came while the replay was written"
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
-async def test_the_job_log_line_has_every_field(rig, caplog):
-    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 0.2}})
-    assert (await r.post("image", {"prompt": {}}, headers={"X-Request-ID": "img-1"}))[0] == 200
-    await until(lambda: r.broker.scheduler.holder is None)
-    line = next(rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("msg=job"))
-    fields = dict(part.split("=", 1) for part in line.split(" "))
-    assert list(fields)[:11] == [
-        "msg",
-        "id",
-        "consumer",
-        "kind",
-        "status",
-        "code",
-        "http",
-        "wait_ms",
-        "run_ms",
-        "hold_ms",
-        "evictions",
-    ]
-    assert fields["request_id"] == "img-1" and int(fields["hold_ms"]) >= 150 and fields["code"] == ""
-
-
-class Browser:
-    """Headless Chromium driven over the DevTools protocol, with aiohttp's own websocket client."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.ids = itertools.count(1)
-
-    async def __aenter__(self) -> Browser:
-        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-        if chromium is None:
-            pytest.skip("chromium is not installed (.ci/run installs it)")
-        self.log = (self.home / "chromium.log").open("wb")
-        self.proc = await asyncio.create_subprocess_exec(
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--window-size=1000,1100",
-            f"--user-data-dir={self.home / 'profile'}",
-            "--remote-debugging-port=0",
-            "about:blank",
-            stderr=self.log,
-            stdout=asyncio.subprocess.DEVNULL,
-        )
-        port_file = self.home / "profile" / "DevToolsActivePort"
-        await until(port_file.exists, timeout=30)
-        await until(lambda: len(port_file.read_text().split()) >= 2, timeout=30)
-        port = port_file.read_text().split()[0]
-        self.session = aiohttp.ClientSession()
-        async with self.session.get(f"http://127.0.0.1:{port}/json/list") as resp:
-            page = next(t for t in await resp.json() if t["type"] == "page")
-        self.ws = await self.session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
-        return self
-
-    async def call(self, method: str, **params: Any) -> dict[str, Any]:
-        call_id = next(self.ids)
-        await self.ws.send_json({"id": call_id, "method": method, "params": params})
-        while True:
-            message = await asyncio.wait_for(self.ws.receive_json(), 30)
-            if message.get("id") == call_id:
-                assert "error" not in message, message
-                return message["result"]
-
-    async def evaluate(self, expression: str) -> Any:
-        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        return result["result"].get("value")
-
-    async def wait_for(self, expression: str, timeout: float = 15) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = await self.evaluate(expression)
-            if value:
-                return value
-            assert time.monotonic() < deadline, f"never true in the page: {expression}"
-            await asyncio.sleep(0.1)
-
-    async def screenshot(self, path: Path) -> None:
-        shot = await self.call("Page.captureScreenshot", format="png")
-        await asyncio.to_thread(path.write_bytes, base64.b64decode(shot["data"]))
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.ws.close()
-        await self.session.close()
-        self.proc.kill()
-        await self.proc.wait()
-        self.log.close()
-
-
-async def test_dashboard_in_a_real_browser_shows_consumers_holder_and_evictions(rig, tmp_path):
-    r = await rig(sims={"mvoice": {"loaded": True}, "comfyui": {"work_s": 4.0}})
-    assert (await r.post("tts", {"text": "warm"}))[0] == 200
-    async with Browser(tmp_path) as browser:
-        await browser.call("Page.navigate", url=r.url("/"))
-        names = await browser.wait_for(
-            "document.querySelectorAll('#consumers tr').length === 4 &&"
-            " [...document.querySelectorAll('#consumers tr')].map(r => r.dataset.consumer)"
-        )
-        assert names == ["mvoice", "comfyui", "ollama", "whisper"]
-        assert await browser.evaluate("document.querySelector('#stat-evictions b').textContent") == "0"
-        assert "idle" in await browser.evaluate("document.getElementById('holder').textContent")
-        image = asyncio.ensure_future(r.post("image", {"prompt": {}}))  # evicts mvoice, then renders 4 s
-        holder = await browser.wait_for(
-            "document.getElementById('holder').textContent.includes('comfyui')"
-            " && document.getElementById('holder').textContent"
-        )
-        assert holder.startswith("comfyui")
-        await browser.wait_for("document.querySelector('#stat-evictions b').textContent === '1'")
-        # Once comfyui answered it is resident: its share of the memory bar is coloured, not "unknown".
-        legend = await browser.wait_for(
-            "document.querySelector('.legend').textContent.includes('comfyui 13000 MiB')"
-            " && document.querySelector('.legend').textContent"
-        )
-        assert "free" in legend and "mvoice" not in legend
-        assert "evicting" in await browser.evaluate("document.getElementById('log').textContent")
-        # A second later a new GPU reading shows comfyui's memory as used.
-        await browser.wait_for("document.querySelector('.legend').textContent.includes('free 2904 MiB')")
-        await browser.screenshot(tmp_path / "dashboard.png")
-        assert (await image)[0] == 200
-    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
-
-
-async def test_dashboard_with_two_gpus_draws_each_with_its_own_holder(rig, tmp_path):
-    def two_gpus(raw: dict[str, Any]) -> None:
-        raw["consumers"]["comfyui"]["gpu"] = 1
-
-    r = await rig(gpus=2, sims={"comfyui": {"gpu": 1, "work_s": 4.0}}, tweak=two_gpus)
-    async with Browser(tmp_path) as browser:
-        await browser.call("Page.navigate", url=r.url("/"))
-        titles = await browser.wait_for(
-            "document.querySelectorAll('.gpu h3').length === 2 &&"
-            " [...document.querySelectorAll('.gpu h3')].map(h => h.textContent)"
-        )
-        assert [t.split()[:2] for t in titles] == [["GPU", "0"], ["GPU", "1"]]
-        image = asyncio.ensure_future(r.post("image", {"prompt": {}}))  # renders 4 s on GPU 1
-        holder = await browser.wait_for(
-            "document.getElementById('holder').textContent.includes('comfyui')"
-            " && document.getElementById('holder').textContent"
-        )
-        assert "GPU 0 idle" in holder and "GPU 1 comfyui" in holder
-        # comfyui's memory is drawn on GPU 1's bar only.
-        legends = await browser.wait_for(
-            "[...document.querySelectorAll('.legend')].map(l => l.textContent).join('|').includes('comfyui')"
-            " && [...document.querySelectorAll('.legend')].map(l => l.textContent)"
-        )
-        assert "comfyui" not in legends[0] and "comfyui 13000 MiB" in legends[1]
-        # The timeline: a lane per consumer on each GPU, comfyui's job on GPU 1's.
-        lanes = await browser.wait_for(
-            '!!document.querySelector(\'.tl-gpu[data-gpu="1"] .tl-row[data-consumer="comfyui"] .tl-run\')'
-            " && [...document.querySelectorAll('.tl-gpu')].map((g) => [g.dataset.gpu,"
-            " [...g.querySelectorAll('.tl-row')].map((r) => r.dataset.consumer || r.dataset.lane)])"
-        )
-        assert lanes == [["0", ["queue", "mvoice", "ollama", "whisper"]], ["1", ["queue", "comfyui"]]]
-        assert (await image)[0] == 200
-
-
-async def test_with_a_token_the_page_loads_but_its_data_needs_the_token(rig):
-    r = await rig(tweak=with_token)
-    async with r.session.get(r.url("/")) as resp:
-        page = await resp.text()
-        assert resp.status == 200 and "<title>mgpumanager</title>" in page and TOKEN not in page
-    async with r.session.get(r.url("/v1/events")) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "unauthorized")
-    async with r.session.get(r.url("/metrics")) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "unauthorized")
-
-
-# =====================================================================================================
-# Follow-ups from review: each of these was a hole once
-# =====================================================================================================
-
-
-async def test_an_admin_unload_never_joins_its_consumers_running_job():
-    s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=3))
-    for name in ops.states:
+async def test_the_broker_never_loads_a_target_it_credited_with_a_strangers_memory():
+    """A target recorded resident but in doubt is credited with the used memory nobody accounts for; when
+    it restarted behind the broker's back and a stranger holds that memory, an admin load (warm-up)
+    planned with that credit found room and then loaded the whole model where it did not fit (found by
+    main's `make fuzz`). What the broker loads itself is planned at its full size."""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    for name in ("x", "y"):
+        gpu.held[name] = 4000
         ops.states[name].loaded()
-    job = await s.acquire("t", "kt")
-    unload = asyncio.ensure_future(s.unload_now("t"))
-    for _ in range(10):
-        await asyncio.sleep(0)
-    assert ops.calls == [] and not unload.done()  # t's job still runs: the unload waits for the lock alone
-    job.release("completed")
-    await asyncio.wait_for(unload, 5)
-    assert ops.calls == [("unload", "t")]
+    ops.states["z"].unloaded()
+    ops.states["t"].loaded()  # then it restarts unseen (it holds nothing), and the record is put in doubt
+    ops.states["t"].touched("a health round was missed")
+    gpu.held["someone's training run"] = 5000  # 2904 MiB free: t's 4000 do not fit
+    fits = []
+    real_load = ops.load
+
+    async def load(name: str) -> None:
+        free = gpu.total - gpu.reserved - sum(gpu.held.values())
+        fits.append(free >= ops.config.consumers[name].vram_resident_mib)
+        await real_load(name)
+
+    ops.load = load  # type: ignore[method-assign]
+    job = await s.load_now("t")
+    assert fits == [True] and job.evictions >= 1 and ops.calls[-1] == ("load", "t")
+    assert s.holder is None and books_balance(s)
 
 
-@pytest.mark.parametrize("given", ["", TOKEN[:-1], TOKEN + "x", TOKEN[1:], " "])
-async def test_near_miss_tokens_are_refused(rig, given):
-    r = await rig(tweak=with_token)
-    async with r.session.get(r.url("/v1/status"), headers={"Authorization": f"Bearer {given}"}) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "unauthorized")
+# =====================================================================================================
+# 6. Proxying and streaming
+# What reaches the consumer and what comes back, streamed; a consumer failing mid-answer.
+# =====================================================================================================
 
 
-async def test_a_non_utf8_authorization_header_is_401_not_a_crash(rig):
-    r = await rig(tweak=with_token)
-    reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
-    writer.write(
-        b"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n"
-    )
-    await writer.drain()
-    answer = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    assert answer.startswith(b"HTTP/1.1 401")
+async def _gzip_answer(request: web.Request) -> web.Response:
+    body = gzip.compress(b'{"text": "compressed"}')
+    headers = {"Content-Encoding": "gzip", "Keep-Alive": "timeout=5", "X-Upstream": "yes"}
+    return web.Response(body=body, content_type="application/json", headers=headers)
 
 
-async def test_the_token_stays_out_of_the_log_even_in_a_malformed_request(rig):
+async def _cut_off_upstream(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    await resp.write(b'{"response": "tok", "done": false}\n')
+    await asyncio.sleep(0.05)
+    request.transport.abort()  # the consumer dies mid-stream
+    return resp
+
+
+async def test_tts_job_passes_through_with_headers_and_body(rig):
     r = await rig()
-    raw = copy.deepcopy(r.raw)
-    with_token(raw)
-    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
-        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
-        writer.write(
-            f"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\x01\r\n\r\n".encode()
-        )
+    status, headers, body = await r.post(
+        "tts",
+        {"text": "hello"},
+        headers={"X-Custom": "1", "Connection": "keep-alive, X-Secret", "X-Secret": "s"},
+    )
+    assert status == 200 and body.startswith(b"RIFF") and headers["Content-Type"] == "audio/wav"
+    assert headers["X-Audio-Path"].startswith("/audio/")
+    seen = r.sims["mvoice"].records[-1]
+    assert seen.path == "/api/synthesize" and json.loads(seen.body) == {"text": "hello"}
+    assert seen.headers["X-Custom"] == "1"
+    assert "X-Secret" not in seen.headers  # named in Connection: hop-by-hop
+    assert seen.headers["Host"] == f"127.0.0.1:{r.sim_servers['mvoice'].port}"  # never the client's Host
+    assert seen.headers["User-Agent"].startswith("Python/")  # the client's own, passed through
+    st = await r.status()
+    assert st["scheduler"]["stats"]["completed"] == 1 and st["consumers"]["mvoice"]["loaded"] is True
+    # The audio the job made is fetched through the broker, unscheduled.
+    async with r.session.get(r.url(headers["X-Audio-Path"])) as resp:
+        assert resp.status == 200 and await resp.read() == body
+    assert r.stats.jobs == 1
+
+
+async def test_only_what_the_client_sent_reaches_the_consumer(rig):
+    r = await rig()
+    skip = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+    async with r.session.post(r.url("/v1/stt"), data=b"RIFF", skip_auto_headers=skip) as resp:
+        assert resp.status == 200
+    seen = r.sims["mvoice"].records[-1].headers
+    assert [h for h in skip if h in seen] == []  # aiohttp's client added none of its own
+    async with r.session.post(r.url("/v1/stt"), data=b"RIFF", headers={"Expect": "100-continue"}) as resp:
+        assert resp.status == 200
+    assert "Expect" not in r.sims["mvoice"].records[-1].headers
+
+
+async def test_answer_bytes_and_headers_pass_unchanged_but_hop_by_hop(rig):
+    async with StandIn([("POST", "/inference", _gzip_answer), ("GET", "/health", _ok)]) as whisper:
+
+        def whisper_stt(raw):
+            raw["routing"]["stt"] = "whisper"
+
+        r = await rig(urls={"whisper": whisper.url}, tweak=whisper_stt)
+        status, headers, body = await r.post("stt", None, data=b"audio")
+        assert status == 200 and body == gzip.compress(b'{"text": "compressed"}')  # not decompressed
+        assert headers["Content-Encoding"] == "gzip" and headers["X-Upstream"] == "yes"
+        assert headers["Content-Length"] == str(len(body)) and "Keep-Alive" not in headers
+
+
+async def test_audio_is_served_while_the_gpu_is_busy(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}, "ollama": {"lines": 40, "line_interval_s": 0.05}})
+    (r.sims["mvoice"].audio_dir / "old.wav").write_bytes(b"RIFFold")
+    async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as stream:
+        await stream.content.readline()
+        assert r.broker.scheduler.holder == "ollama"
+        async with r.session.get(r.url("/audio/old.wav?x=1")) as resp:
+            assert resp.status == 200 and await resp.read() == b"RIFFold"
+        assert r.broker.scheduler.holder == "ollama" and not stream.content.at_eof()
+    assert r.sims["mvoice"].records[-1].query == "x=1" and r.stats.jobs == 1
+
+
+async def test_fast_path_structure_no_gpu_reading_one_session_one_connection(rig):
+    """What keeps a resident job cheap: no nvidia-smi, the app's one ClientSession, a pooled connection."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    session, queries = r.broker.session, r.broker.gpu.queries
+    for _ in range(5):
+        assert (await r.post("stt", None, data=b"x" * 1024))[0] == 200
+    assert r.broker.gpu.queries == queries and r.broker.session is session
+    assert len({rec.peer for rec in r.sims["mvoice"].records}) == 1
+
+
+async def test_query_string_is_kept(rig):
+    r = await rig()
+    async with r.session.post(r.url("/v1/stt?lang=de&x=%20y"), data=b"\x00\x01audio") as resp:
+        assert resp.status == 200 and (await resp.json())["bytes"] == 7
+    assert r.sims["mvoice"].records[-1].query == "lang=de&x=%20y"
+
+
+async def test_streaming_first_line_arrives_before_the_last_is_produced(rig):
+    r = await rig(sims={"ollama": {"lines": 6, "line_interval_s": 0.1}})
+    async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("application/x-ndjson")
+        first = await resp.content.readline()
+        got_first = time.monotonic()
+        assert json.loads(first)["done"] is False
+        rest = await resp.read()
+    line_times = r.sims["ollama"].line_times[0]
+    assert len(line_times) == 7 and got_first < line_times[-1]
+    assert rest.count(b"\n") == 6 and json.loads(rest.splitlines()[-1])["done"] is True
+
+
+async def test_consumer_error_status_passes_through_unchanged(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    r.broker.consumers.states["mvoice"].unload_failed()  # as after a failed unload
+    r.sims["mvoice"].faults["status"] = 422
+    status, headers, body = await r.post("tts", {"text": "x"})
+    assert status == 422 and json.loads(body) == {"error": "simulated"}
+    # An error answer proves nothing about residency and is no "use".
+    assert r.broker.consumers.states["mvoice"].resident is None
+    assert r.broker.consumers.states["mvoice"].last_used is None
+    assert headers["Content-Type"].startswith("application/json")
+    assert r.stats.completed == 1 and r.stats.failed == 0
+
+
+async def test_disconnect_while_queued_never_reaches_the_consumer(rig):
+    r = await rig(sims={"mvoice": {"work_s": 0.5, "loaded": True}})
+    busy = asyncio.ensure_future(r.post("tts", {"text": "long"}))
+    await until(lambda: r.broker.scheduler.holder is not None)
+    with pytest.raises(asyncio.TimeoutError):
+        await r.post("llm", {"model": "m", "prompt": "p"}, timeout=aiohttp.ClientTimeout(total=0.1))
+    await until(lambda: r.stats.cancelled > 0)
+    assert r.broker.scheduler.queue() == []
+    assert (await busy)[0] == 200
+    assert r.sims["ollama"].records == []
+    st = await r.status()
+    assert st["scheduler"]["stats"]["cancelled"] == 1 and st["scheduler"]["holder"] is None
+
+
+async def test_disconnect_mid_stream_releases_the_lock(rig):
+    r = await rig(sims={"ollama": {"lines": 50, "line_interval_s": 0.05}})
+    resp = await r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"})
+    await resp.content.readline()
+    resp.close()  # the client leaves mid-stream
+    await until(lambda: r.stats.cancelled > 0)
+    assert r.broker.scheduler.holder is None
+    status, _, _ = await r.post("tts", {"text": "next"})
+    assert status == 200 and len(r.sims["ollama"].line_times[0]) < 51
+
+
+async def test_consumer_dying_mid_stream_truncates_the_answer_and_frees_the_lock(rig):
+    async with StandIn([("POST", "/api/generate", _cut_off_upstream), ("GET", "/", _ok)]) as dying:
+        r = await rig(urls={"ollama": dying.url})
+        async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as resp:
+            assert resp.status == 200
+            assert await resp.content.readline() == b'{"response": "tok", "done": false}\n'
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        assert r.stats.failed == 1 and r.broker.scheduler.holder is None
+        st = await r.status()
+        assert st["consumers"]["ollama"]["healthy"] is False
+        assert (await r.post("tts", {"text": "next"}))[0] == 200
+
+
+async def test_connection_refused_during_a_job_is_consumer_unreachable(rig):
+    r = await rig()
+    await r.sim_servers["ollama"].close()  # dies between probes
+    status, headers, body = await r.post("llm", {"model": "m", "prompt": "p"})
+    data = error_of(status, headers, body, "consumer_unreachable")
+    assert "connection refused" in data["message"] and data["consumer"] == "ollama"
+    assert r.stats.failed == 1 and r.broker.scheduler.holder is None
+    assert (await r.status())["consumers"]["ollama"]["healthy"] is False
+
+
+async def test_silent_consumer_is_consumer_timeout_and_the_lock_is_released(rig):
+    def quick(raw):
+        raw["consumers"]["ollama"]["timeout_s"] = 0.3
+
+    r = await rig(tweak=quick)
+    r.sims["ollama"].faults["hang"] = True
+    status, headers, body = await r.post("llm", {"model": "m", "prompt": "p"})
+    error_of(status, headers, body, "consumer_timeout")
+    assert r.broker.scheduler.holder is None and r.stats.failed == 1
+    assert r.broker.consumers.states["ollama"].healthy is False
+    assert (await r.post("tts", {"text": "next"}))[0] == 200
+
+
+async def test_unresolvable_consumer_url_is_bad_consumer_url(rig):
+    r = await rig(urls={"ollama": "http://no-such-host.invalid:11434"})
+    status, headers, body = await r.post("llm", {"model": "m", "prompt": "p"})
+    error_of(status, headers, body, "bad_consumer_url")
+
+
+async def test_upstream_connections_are_reused_between_jobs(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    for _ in range(3):
+        assert (await r.post("tts", {"text": "x"}))[0] == 200
+    peers = {rec.peer for rec in r.sims["mvoice"].records if rec.path == "/api/synthesize"}
+    assert len(peers) == 1  # one pooled connection, not a new TCP connect per job
+
+
+async def test_connect_timeout_is_consumer_unreachable(rig):
+    # A listener that never accepts, with its backlog full: connecting hangs until the connect timeout.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(8):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(listener.getsockname())
+        fillers.append(f)
+    try:
+
+        def quick(raw):
+            raw["consumers"]["ollama"]["timeout_s"] = 0.3
+
+        host, port = listener.getsockname()
+        r = await rig(urls={"ollama": f"http://{host}:{port}"}, tweak=quick)
+        r.broker.consumers.states["ollama"].healthy = None  # its first probe timed out too; forget it
+        status, headers, body = await r.post("llm", {"model": "m", "prompt": "p"})
+        data = error_of(status, headers, body, "consumer_unreachable")
+        assert data["message"] == "upstream ollama connect timed out"
+        assert r.broker.consumers.states["ollama"].last_error == "connect timed out"
+    finally:
+        for f in fillers:
+            f.close()
+        listener.close()
+
+
+async def test_a_client_that_stops_reading_cannot_keep_the_gpu(rig):
+    async def firehose(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await resp.prepare(request)
+        for _ in range(256):
+            await resp.write(b"x" * m.MiB)
+        return resp
+
+    async with StandIn([("POST", "/api/generate", firehose), ("GET", "/", _ok)]) as ollama:
+
+        def quick(raw):
+            raw["consumers"]["ollama"]["timeout_s"] = 0.5
+
+        r = await rig(urls={"ollama": ollama.url}, tweak=quick)
+        reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
+        body = b'{"model": "m", "prompt": "p"}'
+        head = f"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        writer.write(head.encode() + body)
         await writer.drain()
-        assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.0 400")
+        await reader.read(1000)  # the answer begins ... and the client reads no more
+        await until(lambda: r.stats.cancelled == 1, timeout=20)
+        assert r.broker.scheduler.holder is None
         writer.close()
-    assert 'msg="bad http request"' in daemon.log and TOKEN not in daemon.log
+        assert (await r.post("tts", {"text": "next"}))[0] == 200
 
 
-def test_config_problems_never_echo_the_token(tmp_path):
-    raw = base_raw()
-    raw["auth"] = {"token": 12345678901234567890}
-    assert not any("1234567890" in p for p in problems_of(raw))
-    with pytest.raises(m.ConfigError) as info:
-        bad = tmp_path / "consumers.yaml"
-        bad.write_text(yaml.safe_dump(base_raw()) + f'auth: {{token: "{TOKEN}\n')
-        m.load_config(bad)
-    assert TOKEN not in "\n".join(info.value.problems) and "line" in info.value.problems[0]
+async def test_forwarding_adds_x_forwarded_and_never_follows_redirects_or_keeps_cookies(rig):
+    seen: list[dict[str, str]] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        resp = web.Response(status=302, headers={"Location": "/api/admin/secret"})
+        resp.set_cookie("session", "whisper-private")
+        return resp
+
+    async with StandIn([("POST", "/inference", redirect), ("GET", "/health", _ok)]) as whisper:
+
+        def whisper_stt(raw):
+            raw["routing"]["stt"] = "whisper"
+
+        r = await rig(urls={"whisper": whisper.url}, tweak=whisper_stt)
+        headers = {"X-Forwarded-For": "203.0.113.9"}
+        async with r.session.post(
+            r.url("/v1/stt"), data=b"x", headers=headers, allow_redirects=False
+        ) as resp:
+            assert resp.status == 302 and resp.headers["Location"] == "/api/admin/secret"
+            assert "whisper-private" in resp.headers["Set-Cookie"]  # the client's business, passed on
+        async with (
+            aiohttp.ClientSession() as other_client,
+            other_client.post(r.url("/v1/stt"), data=b"y", allow_redirects=False) as resp,
+        ):
+            assert resp.status == 302
+    assert len(seen) == 2  # the redirect was not followed by the broker
+    assert seen[0]["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1" and seen[0]["X-Forwarded-Proto"] == "http"
+    assert seen[1]["X-Forwarded-For"] == "127.0.0.1"
+    assert "Cookie" not in seen[1]  # the first client's cookie was never kept for the second
+
+
+async def test_consumer_resetting_while_it_reads_the_body_is_consumer_unreachable(rig):
+    async def reset(request: web.Request) -> web.Response:
+        await request.content.read(10)
+        request.transport.abort()
+        return web.Response()
+
+    async with StandIn([("POST", "/api/generate", reset), ("GET", "/", _ok)]) as ollama:
+        r = await rig(urls={"ollama": ollama.url})
+        status, headers, body = await r.post("llm", None, data=b"p" * 2_000_000)
+        data = error_of(status, headers, body, "consumer_unreachable")
+        assert data["consumer"] == "ollama" and r.broker.scheduler.holder is None
+        assert r.broker.consumers.states["ollama"].healthy is False
+        assert (await r.post("tts", {"text": "next"}))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type"),
+    [
+        (500, b'{"error": "CUDA out of memory"}', "application/json"),
+        (200, b"\x00\xffnot json{", "application/json"),
+    ],
+)
+async def test_consumer_errors_and_garbage_pass_through_unchanged(rig, status, body, content_type):
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(status=status, body=body, content_type=content_type)
+
+    async with StandIn([("POST", "/api/generate", answer), ("GET", "/", _ok)]) as ollama:
+        r = await rig(urls={"ollama": ollama.url})
+        got_status, headers, got_body = await r.post("llm", {"model": "m", "prompt": "p"})
+        assert (got_status, got_body, headers["Content-Type"]) == (status, body, content_type)
+        assert r.stats.completed == 1 and r.broker.scheduler.holder is None
+        assert (await r.post("tts", {"text": "next"}))[0] == 200
+
+
+async def test_a_body_that_is_not_json_reaches_the_consumer_unparsed(rig):
+    r = await rig()
+    status, _, body = await r.post(
+        "llm", None, data=b'{"model": broken', headers={"Content-Type": "application/json"}
+    )
+    assert status == 400 and json.loads(body) == {"error": "invalid JSON"}  # the consumer's own answer
+    assert r.sims["ollama"].records[-1].body == b'{"model": broken'
 
 
 async def test_cookies_are_never_kept_even_from_a_named_host(rig):
@@ -5996,617 +4227,278 @@ async def test_cookies_are_never_kept_even_from_a_named_host(rig):
         assert first == second == {"cookie": None}
 
 
-async def test_reload_gives_a_consumer_with_a_new_url_a_fresh_state(rig):
-    r = await rig(sims={"mvoice": {"loaded": True}})
-    assert (await r.post("tts", {"text": "x"}))[0] == 200
-    assert r.broker.consumers.states["mvoice"].last_used is not None
-    raw = copy.deepcopy(r.raw)
-    raw["consumers"]["mvoice"]["url"] = raw["consumers"]["mvoice"]["url"].replace("127.0.0.1", "localhost")
-    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    assert await r.broker.reload() == ["new url for mvoice"]
-    state = r.broker.consumers.states["mvoice"]
-    assert (state.resident, state.healthy, state.last_used) == (None, None, None)
-
-
-async def test_a_reload_during_an_upload_is_no_consumer_and_the_books_balance(rig):
-    r = await rig()
-    reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
-    body = b'{"prompt": {}}'
-    writer.write(
-        f"POST /v1/image HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:3]
-    )
-    await writer.drain()
-    await asyncio.sleep(0.1)
-    raw = copy.deepcopy(r.raw)
-    del raw["consumers"]["comfyui"], raw["routing"]["image"]
-    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    await r.broker.reload()
-    writer.write(body[3:])
-    await writer.drain()
-    head = await asyncio.wait_for(reader.readline(), 10)
-    writer.close()
-    assert head.startswith(b"HTTP/1.1 404")
-    assert books_balance(r.broker.scheduler) and r.stats.jobs == 0
-
-
-async def _partial_post(
-    r_host: str, port: int, target: str, length: int, sent: bytes, *, extra: str = ""
-) -> Any:
-    """A connection that announces ``length`` bytes of body and sends ``sent``; its (reader, writer)."""
-    reader, writer = await asyncio.open_connection(r_host, port)
-    head = f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n{extra}\r\n"
-    writer.write(head.encode() + sent)
-    await writer.drain()
-    return reader, writer
-
-
-async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, Any]]:
-    """One HTTP answer from a raw connection: its status line and its JSON body (by its Content-Length)."""
-    status = await asyncio.wait_for(reader.readline(), 10)
-    length = 0
-    while (line := await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b""):
-        name, _, value = line.decode().partition(":")
-        if name.lower() == "content-length":
-            length = int(value)
-    return status, json.loads(await asyncio.wait_for(reader.readexactly(length), 10))
-
-
-async def test_announcing_a_body_allocates_nothing_bodies_grow_as_they_arrive(rig):
-    """Item 5 of issue 10: 40 connections announcing 16 MiB and sending 70 bytes took the broker from 48 to
-    689 MiB (a buffer of the announced size each, at once)."""
-    r = await rig(sims={"mvoice": {"loaded": True}})
-    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
-        assert (await daemon.status(r.session))["scheduler"]["stats"]["jobs"] == 0
-        before = peak_rss_mib(daemon.proc.pid)
-        conns = [
-            await _partial_post("127.0.0.1", daemon.port, "/v1/stt", 16 * m.MiB, b"x" * 70) for _ in range(40)
-        ]
-        try:
-            await asyncio.sleep(0.3)
-            async with r.session.post(daemon.url("/v1/stt"), data=b"ok") as resp:  # served meanwhile
-                assert resp.status == 200
-            grown = peak_rss_mib(daemon.proc.pid) - before
-        finally:
-            for _, writer in conns:
-                writer.close()
-    print(f"peak RSS grew {grown:.1f} MiB with 40 bodies of 16 MiB announced")
-    assert grown < 64, grown  # 640 MiB if the announced sizes were allocated
-
-
-async def test_a_body_must_arrive_within_body_timeout_s(rig):
-    def quick(raw: dict[str, Any]) -> None:
-        raw["scheduler"]["body_timeout_s"] = 0.3
-
-    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=quick)
-    reader, writer = await _partial_post(r.server.host, r.server.port, "/v1/stt", 100, b"slow")
-    try:
-        status, body = await read_answer(reader)
-    finally:
-        writer.close()
-    assert status.startswith(b"HTTP/1.1 408")
-    assert body["error"] == "request_timeout" and "body_timeout_s 0.3" in body["message"]
-    assert r.stats.jobs == 0 and r.broker.reading == 0 and r.sims["mvoice"].records == []
-
-
-async def test_bodies_being_read_at_once_hold_at_most_max_bodies_mib(rig):
-    def small(raw: dict[str, Any]) -> None:
-        raw["scheduler"] |= {"max_body_mib": 1, "max_bodies_mib": 1}
-
-    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=small)
-    big = b"a" * m.MiB
-    reader, writer = await _partial_post(r.server.host, r.server.port, "/v1/stt", len(big), big[:-1000])
-    try:
-        await until(lambda: r.broker.reading == len(big) - 1000)
-        async with r.session.post(r.url("/v1/stt"), data=b"b" * 2000) as resp:
-            data = error_of(resp.status, dict(resp.headers), await resp.read(), "too_many_requests")
-        assert "max_bodies_mib" in data["message"] and data["consumer"] == "mvoice"
-        writer.write(big[-1000:])
-        await writer.drain()
-        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
-    finally:
-        writer.close()
-    assert [len(rec.body) for rec in r.sims["mvoice"].records] == [len(big)]
-    assert r.broker.reading == 0 and r.stats.jobs == 1
-
-
-@pytest.mark.parametrize(
-    ("target", "length", "first"),
-    [
-        ("/v1/stt", 65 * m.MiB, b"HTTP/1.1 413"),
-        ("/c/ollama/api/chat", 65 * m.MiB, b"HTTP/1.1 413"),
-        ("/v1/stt#x", 5, b"HTTP/1.1 400"),
-        ("/v1/stt", 5, b"HTTP/1.1 100 Continue"),
-    ],
-)
-async def test_expect_100_continue_is_refused_before_any_continue(rig, target, length, first):
-    """Item 5 of issue 10: a body over max_body_mib got `100 Continue` first, so the client sent it."""
-    r = await rig(sims={"mvoice": {"loaded": True}})
-    reader, writer = await _partial_post(
-        r.server.host, r.server.port, target, length, b"", extra="Expect: 100-continue\r\n"
-    )
-    try:
-        if first.endswith(b"Continue"):
-            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(first)
-            await asyncio.wait_for(reader.readline(), 10)  # the blank line after 100 Continue
-            writer.write(b"hello")
-            await writer.drain()
-            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
-        else:
-            status, body = await read_answer(reader)
-            assert status.startswith(first)
-            assert body["error"] == {b"413": "payload_too_large", b"400": "bad_request"}[first[9:12]]
-    finally:
-        writer.close()
-    assert r.stats.jobs == (1 if first.endswith(b"Continue") else 0)
-
-
-def peak_rss_mib(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
-
-
-async def test_a_large_body_is_held_once_not_copied(rig):
-    """Memory, not speed: a 48 MiB body raises the broker's peak RSS by well under twice its size."""
-    r = await rig(sims={"mvoice": {"loaded": True}})
-    body = os.urandom(48 * m.MiB)
-    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
-        assert (await daemon.status(r.session))["scheduler"]["stats"]["jobs"] == 0
-        before = peak_rss_mib(daemon.proc.pid)
-        async with r.session.post(daemon.url("/v1/stt"), data=body) as resp:
-            assert resp.status == 200 and (await resp.json())["bytes"] == len(body)
-        grown = peak_rss_mib(daemon.proc.pid) - before
-    transcribed = [rec.body for rec in r.sims["mvoice"].records if rec.path == "/api/transcribe"]
-    assert transcribed == [body]  # byte for byte, sent with its Content-Length (not chunked)
-    assert "Transfer-Encoding" not in r.sims["mvoice"].records[-1].headers
-    print(f"peak RSS grew {grown:.1f} MiB for a 48 MiB body")
-    assert grown < 72, grown
-
-
-def test_log_lines_carry_a_timestamp_or_journald_priority():
-    record = logging.LogRecord(
-        "mgpumanager", logging.WARNING, __file__, 1, m.logfmt(msg="x", a=None), (), None
-    )
-    plain = m.LogfmtFormatter(journal=False).format(record)
-    assert plain.startswith("ts=") and plain.endswith(" level=warning msg=x a=")
-    journal = m.LogfmtFormatter(journal=True).format(record)
-    assert journal == "<4>level=warning msg=x a="  # journald adds the time itself
-    assert m.logfmt(reason="connection refused", n=3, q='a"b') == 'reason="connection refused" n=3 q="a\\"b"'
-
-
-async def test_under_journald_the_daemon_logs_without_timestamps(rig):
-    r = await rig(sims={"mvoice": {"loaded": True}})
-    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state), env={"JOURNAL_STREAM": "8:12345"})
-    async with daemon, r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
-        assert resp.status == 200
-    lines = [line for line in daemon.log.splitlines() if line]
-    assert lines and all(re.match(r"^<[0-7]>level=", line) for line in lines), lines[:3]
-    assert any(line.startswith("<6>level=info msg=job ") for line in lines)
-
-
 # =====================================================================================================
-# Presets, for_each unloads, residency queries, consumer ports and the browser's origin (issues 11, 13)
+# 7. Holds
+# A job's GPU kept until its consumer says the work is done, and every way a hold ends.
 # =====================================================================================================
 
-#: The kinds the presets use, as README.md's "Presets" section documents them.
-PRESET_KINDS = {"llm", "chat", "embed", "image", "img2img", "image_ui", "stt", "tts"}
+
+async def _prompt_in_two_halves(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await resp.prepare(request)
+    await resp.write(b'{"prompt_id": ')
+    await asyncio.sleep(0.3)
+    await resp.write(b'"p1", "number": 0}')
+    return resp
 
 
-def preset_consumer(preset: str, **more: Any) -> dict[str, Any]:
-    return {"preset": preset, "url": "http://127.0.0.1:9", "vram_resident_mib": 1000, **more}
+async def test_a_hold_abandoned_or_cut_before_it_ever_ran_still_frees_its_slot():
+    """The consumer is seen gone (or the broker closes) in the same turn its job answered: the hold's task
+    is cancelled before its first step, so no finally of its runs; the slot is freed all the same."""
+    s, _, ops, _ = make_scheduler(small_config())
+    ops.states["t"].loaded()
+    job = await s.acquire("t", "kt")
+    job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=60)
+    s.abandon_holds("t", "hold poll: connection refused")  # at once: the hold never ran
+    await until(lambda: s.holder is None)
+    assert (s.stats.hold_abandoned, s.slots, s.holds) == (1, 0, 0) and ops.states["t"].jobs == 0
+    job = await s.acquire("t", "kt")
+    job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=60)
+    await s.close()  # the broker closing, likewise
+    assert (s.holder, s.slots, s.holds) == (None, 0, 0) and books_balance(s)
 
 
-def test_every_preset_fills_in_its_service_and_check_says_what():
-    consumers = {name: preset_consumer(name) for name in m.PRESETS}
-    consumers["whisper-cpp"] |= {"unload": {"command": ["true"]}, "load": {"command": ["true"]}}
-    config = m.parse_config({"consumers": consumers})
-    named = {"ollama", "comfyui", "whisper-cpp", "llama-cpp", "vllm", "sglang", "a1111", "speaches"}
-    assert named | {"tabbyapi", "localai", "llama-cpp-router"} == set(m.PRESETS)
-    for name, c in config.consumers.items():
-        assert c.preset == name and c.paths and set(c.paths) <= PRESET_KINDS, name
-        assert "health" in c.from_preset and all(f"paths.{kind}" in c.from_preset for kind in c.paths)
-    ollama = config.consumers["ollama"]
-    listing = m.JsonQuery("GET", "/api/ps", "models")
-    assert ollama.unload == m.Route(
-        "POST", "/api/generate", {"model": "{name}", "keep_alive": 0}, 60, listing
-    )
-    assert ollama.vram_managed and ollama.residency_query == listing
-    assert list(ollama.paths) == ["llm", "chat", "embed"]
-    vllm = config.consumers["vllm"]
-    assert vllm.residency == m.JsonQuery("GET", "/is_sleeping", None, (("is_sleeping", (False,)),))
-    assert (vllm.unload.path, vllm.load.path) == ("/sleep?level=1", "/wake_up")
-    assert config.consumers["whisper-cpp"].from_preset == ("health", "paths.stt")
-    comfy = config.consumers["comfyui"]
-    assert comfy.paths["image_ui"].hold_until == m.Hold("GET", "/api/history/{prompt_id}", 0.5, 900)
-    text = m.summary(config)
-    expected = (
-        "comfyui    preset comfyui: health GET /system_stats, paths image, image_ui, unload POST /free, "
-    )
-    assert expected + "17 unscheduled" in text
-    assert (
-        "preset ollama: health GET /, paths llm, chat, embed, unload POST /api/generate for each of " in text
-    )
-    assert (
-        "preset vllm: health GET /health, paths chat, llm, embed, unload POST /sleep?level=1, load " in text
-    )
-    assert "residency GET /is_sleeping where is_sleeping=false" in text
+async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    job = await s.acquire("t", "kt")
+    release = asyncio.Event()
+    job.release("completed", status=200, success=True, hold=release.wait, hold_timeout_s=30)
+    x = await _queued(s, "x")
+    assert not x.done() and s.snapshot()["holder"].items() >= {"consumer": "t", "jobs": 0, "holds": 1}.items()
+    release.set()
+    (await x).release("completed")
+    job = await s.acquire("t", "kt")
+    job.release("completed", hold=asyncio.Event().wait, hold_timeout_s=0.05)
+    y = await _queued(s, "y")
+    (await asyncio.wait_for(y, 5)).release("completed")
+    assert s.stats.hold_timeouts == 1 and books_balance(s)
 
 
-def test_the_shipped_config_uses_the_presets_and_gives_two_consumers_a_port(tmp_path):
-    done = subprocess.run(
-        [PY, str(HERE / "mgpumanager.py"), "--check", "--config", str(HERE / "consumers.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    lines = done.stdout.splitlines()
-    assert any(
-        line.split()
-        == [
-            "comfyui",
-            "preset",
-            "comfyui:",
-            "health",
-            "GET",
-            "/system_stats,",
-            "paths",
-            "image,",
-            "image_ui,",
-            "unload",
-            "POST",
-            "/free,",
-            "17",
-            "unscheduled",
-        ]
-        for line in lines
-    ), done.stdout
-    assert "  0.0.0.0:8189 -> comfyui (as /c/comfyui/)" in lines
-    assert "  0.0.0.0:11435 -> ollama (as /c/ollama/)" in lines
-    config = m.load_config(HERE / "consumers.yaml")
-    assert [c.preset for c in config.consumers.values()] == [None, "comfyui", "ollama", "whisper-cpp"]
-
-
-def test_keys_beside_a_preset_win_paths_kind_by_kind_and_null_removes():
-    raw = preset_consumer(
-        "comfyui",
-        paths={"image": {"path": "/prompt"}, "image_ui": None, "video": {"path": "/video"}},
-        unload={"path": "/free", "body": {"free_memory": True}},
-        unscheduled=None,
-        priority=3,
-    )
-    c = m.parse_config({"consumers": {"c": raw}}).consumers["c"]
-    assert list(c.paths) == ["image", "video"] and c.paths["image"].hold_until is None  # replaced whole
-    assert c.unload.body == {"free_memory": True} and c.unscheduled == () and c.priority == 3
-    assert c.health == m.Route("GET", "/system_stats") and c.from_preset == ("health",)
-    expected = (
-        "preset comfyui: health GET /system_stats (yours: unload, unscheduled, paths.image, paths.image_ui)"
-    )
-    assert m.describe_preset(c) == expected
-    assert "image_ui" in m.PRESETS["comfyui"]["paths"]  # the preset itself is untouched
-    more = m.parse_config({"consumers": {"c": preset_consumer("ollama", paths={"code": {"path": "/x"}})}})
-    assert list(more.consumers["c"].paths) == ["llm", "chat", "embed", "code"]
-
-
-def _preset_problems(consumer: dict[str, Any], **more: Any) -> list[str]:
-    base = {"url": "http://127.0.0.1:1", "health": {"path": "/"}, "paths": {"llm": {"path": "/g"}}}
-    return problems_of(
-        {"listen": "0.0.0.0:8770", "consumers": {"x": base | {"vram_resident_mib": 1, **consumer}}, **more}
-    )
-
-
-@pytest.mark.parametrize(
-    ("consumer", "expected"),
-    [
-        ({"preset": "olama"}, "consumers.x.preset: unknown preset 'olama' (known: ollama, comfyui, "),
-        ({"preset": ["ollama"]}, "consumers.x.preset: unknown preset"),
-        (
-            {"unload": {"path": "/u", "for_each": {"path": "/list"}}},
-            "consumers.x.unload.for_each.items: missing",
-        ),
-        ({"unload": {"path": "/u", "for_each": "/list"}}, "consumers.x.unload.for_each: must be a mapping"),
-        (
-            {
-                "unload": {"command": ["true"], "for_each": {"path": "/l", "items": "m"}},
-                "load": {"command": ["t"]},
-            },
-            "consumers.x.unload.for_each: unknown key",
-        ),
-        (
-            {"load": {"path": "/l", "for_each": {"path": "/l", "items": "m"}}},
-            "consumers.x.load.for_each: unknown",
-        ),
-        (
-            {"residency": {"path": "/state"}},
-            "consumers.x.residency: needs items (the answer's list to read) or where",
-        ),
-        (
-            {"residency": {"path": "/s", "where": {"on": {"a": 1}}}},
-            "consumers.x.residency.where.on: must be a value",
-        ),
-        (
-            {"residency": {"path": "/s", "where": {"on": []}}},
-            "consumers.x.residency.where.on: must be a value",
-        ),
-        (
-            {"residency": {"path": "/s", "where": {"a..b": 1}}},
-            "consumers.x.residency.where.a..b: fields are names",
-        ),
-        ({"residency": {"path": "state", "items": "m"}}, "consumers.x.residency.path: must start with '/'"),
-        (
-            {"residency": {"path": "/s", "items": ""}},
-            "consumers.x.residency.items: must be a non-empty string",
-        ),
-        ({"listen": "11435"}, "consumers.x.listen: must be HOST:PORT, not '11435'"),
-        ({"listen": "127.0.0.1:8770"}, "consumers.x.listen: port 8770 is listen's already"),
-    ],
-)
-def test_preset_for_each_residency_and_listen_rules_name_the_key(consumer, expected):
-    problems = _preset_problems(consumer)
-    assert any(expected in p for p in problems), problems
-
-
-def test_two_consumers_cannot_share_a_port_but_port_0_is_any_free_one():
-    raw = base_raw()
-    for name in ("mvoice", "comfyui"):
-        raw["consumers"][name]["listen"] = "127.0.0.1:8189"
-    assert problems_of(raw) == ["consumers.comfyui.listen: port 8189 is consumers.mvoice.listen's already"]
-    for name in ("mvoice", "comfyui"):
-        raw["consumers"][name]["listen"] = "127.0.0.1:0"
-    assert m.parse_config(raw).consumers["comfyui"].listen == ("127.0.0.1", 0)
-
-
-def test_placeholders_fill_paths_encoded_and_body_strings_keeping_a_whole_ones_type():
-    route = m.Route(
-        "POST", "/api/ps/{id}/{n}", {"model": "{id}", "count": "{n}", "say": "n={n}", "l": ["{id}", 2]}
-    )
-    path, body = m.fill_placeholders(route, {"id": "Systran/faster whisper", "n": 3, "other": True})
-    assert path == "/api/ps/Systran%2Ffaster%20whisper/3"
-    assert body == {
-        "model": "Systran/faster whisper",
-        "count": 3,
-        "say": "n=3",
-        "l": ["Systran/faster whisper", 2],
-    }
-    assert m.fill_placeholders(m.Route("DELETE", "/api/ps/{item}"), "a/b") == ("/api/ps/a%2Fb", None)
-    with pytest.raises(KeyError) as missing:
-        m.fill_placeholders(route, {"id": "x"})
-    assert missing.value.args == ("n",)
-
-
-def test_where_matches_dotted_fields_missing_ones_as_null_and_true_is_not_one():
-    where = (("status.value", ("loaded", "loading")), ("sleeping", (False, None)))
-    assert m.matches({"status": {"value": "loaded"}}, where)
-    assert m.matches({"status": {"value": "loading"}, "sleeping": False}, where)
-    assert not m.matches({"status": {"value": "loaded"}, "sleeping": 0}, where)
-    assert not m.matches({"status": {"value": "unloaded"}}, where)
-    assert not m.matches({"status": "loaded"}, where) and m.matches("anything", ())
-    listing = m.JsonQuery("GET", "/models", "data", (("status.value", ("loaded",)),))
-    answer = {
-        "data": [{"id": "a", "status": {"value": "unloaded"}}, {"id": "b", "status": {"value": "loaded"}}]
-    }
-    assert m.query_elements(listing, answer) == [answer["data"][1]] and m.query_resident(listing, answer)
-    assert not m.query_resident(listing, {"data": answer["data"][:1]})
-    with pytest.raises(m.CallError, match="answered no list at 'data'"):
-        m.query_resident(listing, {"data": {"a": 1}})
-    asleep = m.JsonQuery("GET", "/is_sleeping", None, (("is_sleeping", (False,)),))
-    assert m.query_resident(asleep, {"is_sleeping": False}) and not m.query_resident(
-        asleep, {"is_sleeping": True}
-    )
-    with pytest.raises(m.CallError, match="answered no JSON object"):
-        m.query_resident(asleep, [])
-
-
-def use_presets(raw: dict[str, Any]) -> None:
-    """comfyui, ollama and whisper as consumers.yaml has them: their presets, a URL and a size."""
-    for name, preset in (("comfyui", "comfyui"), ("ollama", "ollama"), ("whisper", "whisper-cpp")):
-        c = raw["consumers"][name]
-        raw["consumers"][name] = {
-            "preset": preset,
-            "url": c["url"],
-            "vram_resident_mib": c["vram_resident_mib"],
-        }
-
-
-async def test_ollama_sim_lists_what_it_holds_like_ollama_and_keeps_it_for_keep_alive(rig):
-    import ollama  # noqa: PLC0415 (a dev dependency, needed here only)
-
-    r = await rig(sims={"ollama": {"vram_mib": 3000, "keep_alive_s": 2}})
-    sim = r.sims["ollama"]
-    client = ollama.AsyncClient(host=str(r.sim_servers["ollama"].make_url("")))
-    try:
-        await client.generate(model="a", prompt="hi", stream=False)  # kept for keep_alive_s (the default)
-        await client.generate(model="b", prompt="hi", stream=False, keep_alive="1h")
-        await client.generate(model="c", prompt="", keep_alive="1m")  # an empty prompt only loads it
-        listed = (await client.ps()).models
-        assert [p.model for p in listed] == ["b", "c", "a"]  # the longest left to live first, as ollama
-        assert all(p.size_vram == 3000 * 2**20 and p.expires_at.tzinfo is not None for p in listed)
-        assert r.gpu.used_mib("ollama") == 9000
-        await until(lambda: "a" not in sim.models)  # its keep_alive ran out
-        assert list(sim.models) == ["b", "c"] and r.gpu.used_mib("ollama") == 6000
-        for model in ("b", "c"):
-            gone = await client.generate(model=model, prompt="", keep_alive=0)  # what `ollama stop` sends
-            assert gone.done_reason == "unload"
-        assert sim.models == {} and r.gpu.used_mib("ollama") == 0
-        assert (await client.ps()).models == []
-    finally:
-        await client._client.aclose()
-    assert (sim.loads, sim.unloads) == (3, 3)
-
-
-async def test_ollama_preset_unloads_every_listed_model_and_reads_residency_from_its_list(rig):
-    r = await rig(tweak=use_presets, sims={"ollama": {"vram_mib": 3000, "keep_alive_s": 300}})
-    sim, state = r.sims["ollama"], r.broker.consumers.states["ollama"]
-    await r.broker.consumers.probe("ollama")
-    assert state.healthy is True and state.resident is False  # /api/ps lists nothing
-    for model in ("a", "b"):
-        assert (await r.post("llm", {"model": model, "prompt": "p", "stream": False}))[0] == 200
-    assert list(sim.models) == ["a", "b"] and r.gpu.used_mib("ollama") == 6000  # kept after the answer
-    state.unload_failed()  # unknown: only the probe can tell
-    await r.broker.consumers.probe("ollama")
-    assert state.resident is True
-    async with r.session.post(r.url("/v1/consumers/ollama/unload")) as resp:
-        assert resp.status == 200 and (await resp.json())["loaded"] is False
-    unloads = [json.loads(rec.body) for rec in sim.records if rec.path == "/api/generate"][2:]
-    assert sorted(unloads, key=str) == [{"model": "a", "keep_alive": 0}, {"model": "b", "keep_alive": 0}]
-    assert sim.models == {} and r.gpu.used_mib("ollama") == 0
-    # Its own /api/generate is no unload route to refuse through the mount: only the body makes it one.
-    async with r.session.post(
-        r.url("/c/ollama/api/generate"), json={"model": "a", "prompt": "p", "stream": False}
-    ) as resp:
-        assert resp.status == 200
-    await r.broker.consumers.probe("ollama")
-    assert state.resident is True and list(sim.models) == ["a"]
-
-
-async def test_ollama_unloading_itself_is_seen_at_the_next_probe(rig):
-    r = await rig(tweak=use_presets, sims={"ollama": {"keep_alive_s": 0.2}})
-    state = r.broker.consumers.states["ollama"]
-    assert (await r.post("llm", {"model": "a", "prompt": "p", "stream": False}))[0] == 200
-    assert state.resident is True  # its job's answer
-    await until(lambda: not r.sims["ollama"].models)
-    await r.broker.consumers.probe("ollama")
-    assert state.resident is False and r.gpu.used_mib("ollama") == 0
-
-
-async def test_a_for_each_unload_tries_every_element_and_names_each_failure(rig, caplog):
-    calls = []
-
-    async def listing(request: web.Request) -> web.Response:
-        return web.json_response({"loaded": [{"id": "ok"}, {"id": "bad"}, {"name": "no id"}, {"id": 7}]})
-
-    async def unload(request: web.Request) -> web.Response:
-        body = await request.json()
-        calls.append((request.path, body))
-        return (
-            web.json_response({"error": "nope"}, status=500)
-            if body["model"] == "bad"
-            else web.json_response({})
+@pytest.mark.parametrize("fault", ["status", "no_field"])
+async def test_an_answer_without_the_placeholder_field_starts_no_hold(rig, fault):
+    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 30}})
+    if fault == "status":
+        r.sims["comfyui"].faults["status"] = 400
+    else:
+        r.broker.config.consumers["comfyui"].paths["image"] = m.JobPath(
+            "POST", "/prompt", m.Hold("GET", "/history/{missing}", 0.02, 30)
         )
-
-    async with StandIn(
-        [("GET", "/state", listing), ("POST", "/unload/{id}", unload), ("GET", "/", _ok)]
-    ) as svc:
-
-        def add(raw: dict[str, Any]) -> None:
-            unload = {"path": "/unload/{id}", "body": {"model": "{id}", "n": ["{id}", 1]}, "timeout_s": 5}
-            raw["consumers"]["svc"] = {
-                "url": svc.url,
-                "health": {"path": "/"},
-                "paths": {"llm": {"path": "/x"}},
-                "vram_resident_mib": 100,
-                "unload": unload | {"for_each": {"path": "/state", "items": "loaded"}},
-            }
-
-        r = await rig(tweak=add)
-        async with r.session.post(r.url("/v1/consumers/svc/unload")) as resp:
-            data = error_of(resp.status, dict(resp.headers), await resp.read(), "unload_failed")
-    message = data["message"]
-    assert message.startswith("svc unload of 2 of 4: ") and '{"id": "bad"}: unload answered 500' in message
-    assert """{"name": "no id"} has no field 'id'""" in message
-    assert calls == [
-        ("/unload/ok", {"model": "ok", "n": ["ok", 1]}),
-        ("/unload/bad", {"model": "bad", "n": ["bad", 1]}),
-        ("/unload/7", {"model": 7, "n": [7, 1]}),
-    ]
-    assert r.broker.consumers.states["svc"].resident is None and r.stats.unload_failures == 1
-    assert 'msg="unload each" consumer=svc listed=4 failed=2' in caplog.text
+    status, _, _ = await r.post("image", {"prompt": {}})
+    assert status == (400 if fault == "status" else 200)
+    assert r.broker.scheduler.holder is None and r.broker.scheduler.holds == 0
 
 
-async def test_a_residency_query_outranks_health_and_an_unreadable_one_is_logged_when_it_changes(rig, caplog):
-    vllm = functools.partial(mgpusim.ServiceSim, service="vllm", vram_mib=1000, loaded=True)
-    r = await rig(extra={"v": (vllm, {"preset": "vllm", "vram_resident_mib": 1000})})
-    sim, consumers, state = r.sims["v"], r.broker.consumers, r.broker.consumers.states["v"]
-    assert state.resident is True  # the first round, before serving
-    await sim.do_unload()  # asleep behind the broker's back
-    await consumers.probe("v")
-    assert state.resident is False
-    sim.faults["state_status"] = 404  # as without VLLM_SERVER_DEV_MODE
-    caplog.clear()
-    for _ in range(3):
-        await consumers.probe("v")
-    warnings = [rec for rec in caplog.records if "residency unknown" in rec.getMessage()]
-    assert len(warnings) == 1 and "GET /is_sleeping answered 404" in warnings[0].getMessage()
-    assert state.resident is False and state.healthy is True  # unknown answers change nothing
-    sim.faults.clear()
-    await sim.do_load()
-    await consumers.probe("v")
-    assert state.resident is True and "residency readable again" in caplog.text
+async def test_a_render_lost_in_a_crash_releases_the_gpu_when_a_poll_finds_the_consumer_gone(rig, caplog):
+    """Issue 11, case 3: ComfyUI killed mid-render and restarted forgets the prompt; the hold does not
+    wait for its timeout: the first poll that finds ComfyUI refusing ends it (hold_abandoned)."""
+    r = await rig(sims={"comfyui": {"work_s": 60}})
+    async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+        assert resp.status == 200
+    await until(lambda: r.broker.scheduler.holds == 1)
+    tts = asyncio.ensure_future(r.post("tts", {"text": "waits for the render"}))
+    await until(lambda: len(r.broker.scheduler.queue()) == 1)
+    await r.kill("comfyui")
+    assert (await asyncio.wait_for(tts, 10))[0] == 200  # served within a few polls, not after 30 s
+    await r.revive("comfyui")  # back, without the prompt: /history/<id> would stay {} for ever
+    stats = r.stats
+    assert (stats.hold_abandoned, stats.hold_timeouts, stats.completed) == (1, 0, 2)
+    abandoned = [rec for rec in caplog.records if "hold abandoned" in rec.getMessage()]
+    assert len(abandoned) == 1 and abandoned[0].levelno == logging.WARNING
+    assert "connection refused" in abandoned[0].getMessage()
+    assert r.broker.consumers.states["comfyui"].resident is None  # its memory died with it, or not: read
+    text = await (await r.session.get(r.url("/metrics"))).text()
+    assert 'mgpumanager_hold_abandoned_total{consumer="comfyui"} 1' in text
 
 
-@pytest.mark.parametrize("service", sorted(mgpusim.SERVICES))
-async def test_each_preset_speaks_its_simulated_service(rig, service):
-    """Every route a preset names is one its service (as mgpusim plays it) answers: each path as a job
-    through the mount, its residency query, its unload, and its load before the next job."""
-    multi = service in mgpusim.MULTI_MODEL
-    factory = functools.partial(
-        mgpusim.ServiceSim, service=service, vram_mib=1000, loaded=not multi, models=("m0",) if multi else ()
-    )
-    r = await rig(extra={"svc": (factory, {"preset": service, "vram_resident_mib": 1000})})
-    sim, consumers, c = r.sims["svc"], r.broker.consumers, r.config.consumers["svc"]
-    state = consumers.states["svc"]
+async def test_a_probe_that_finds_the_consumer_gone_abandons_its_hold_too(rig):
+    """A render held with slow polls: the health probe sees ComfyUI gone first and ends the hold."""
 
-    async def residency() -> bool | None:
-        state.unload_failed()  # unknown: only the probe can tell
-        await consumers.probe("svc")
-        assert state.healthy is True
-        return state.resident
+    def slow_polls(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["poll_s"] = 60
 
-    query = c.residency_query
-    assert await residency() is (None if query is None else not multi)
-    for path in c.paths.values():
-        async with r.session.post(r.url("/c/svc" + path.path), json={"model": "org/m1"}) as resp:
-            assert resp.status == 200, await resp.text()
-    assert [rec.path for rec in sim.work] == [p.path for p in c.paths.values()]
-    assert r.gpu.used_mib("svc") == 1000 and (not multi or list(sim.models) == ["org/m1"])
-    if query is not None:
-        assert await residency() is True
-    if c.unload is None:  # llama-cpp: one model, asleep after --sleep-idle-seconds, awake on a request
-        await sim.do_unload()
-        assert await residency() is False
-        async with r.session.post(r.url("/c/svc/v1/chat/completions"), json={}) as resp:
-            assert resp.status == 200
-        assert await residency() is True
-        return
-    async with r.session.post(r.url("/v1/consumers/svc/unload")) as resp:
-        assert resp.status == 200, await resp.text()
-    assert not sim.loaded and sim.models == {} and r.gpu.used_mib("svc") == 0
-    if query is not None:
-        assert await residency() is False
-        state.unloaded()  # as the unload left it
-    first = next(iter(c.paths.values())).path
-    async with r.session.post(r.url("/c/svc" + first), json={"model": "org/m1"}) as resp:
-        if service in mgpusim.NO_WAKE and c.load is None:  # tabbyAPI's load needs a model name you write
-            assert resp.status == 503
-            return
-        assert resp.status == 200, await resp.text()
-    if c.load is not None:  # known unloaded: loaded through the preset's load route before the job
-        assert [rec.path for rec in sim.records][-2:] == [c.load.path, first]
-    assert sim.loaded and r.gpu.used_mib("svc") == 1000
+    r = await rig(sims={"comfyui": {"work_s": 60}}, tweak=slow_polls)
+    async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+        assert resp.status == 200
+    await until(lambda: r.broker.scheduler.holds == 1)
+    await r.kill("comfyui")
+    await r.broker.consumers.probe("comfyui")
+    await until(lambda: r.broker.scheduler.holder is None)
+    assert r.stats.hold_abandoned == 1 and r.broker.consumers.states["comfyui"].healthy is False
 
 
-async def test_comfyui_preset_holds_either_spelling_and_its_ui_can_free_through_api_free(rig):
-    r = await rig(tweak=use_presets, sims={"comfyui": {"work_s": 0.3}})
-    sim = r.sims["comfyui"]
-    ids = []
-    for path in ("/v1/image", "/c/comfyui/api/prompt"):
-        async with r.session.post(r.url(path), json={"prompt": {}}) as resp:
-            assert resp.status == 200
-            ids.append((await resp.json())["prompt_id"])
-        assert r.broker.scheduler.holds == 1  # the render goes on, and holds the GPU
-        # The UI's cheap calls are not held up by it (unscheduled), under both spellings.
-        async with r.session.post(r.url("/c/comfyui/api/interrupt"), json={}) as resp:
-            assert resp.status == 200 and r.broker.scheduler.holds == 1
+async def test_a_restart_seen_only_in_the_readings_ends_the_hold_on_the_lost_render(rig):
+    """ComfyUI restarts between two polls and two probes: nothing ever refuses a connection. Measured by
+    its processes, the next reading finds every process of it replaced: the render died, the hold ends."""
+
+    def measured_slow_polls(raw: dict[str, Any]) -> None:
+        comfy_measured(raw)
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["poll_s"] = 60
+
+    r = await rig(sims={"comfyui": {"context_mib": 610, "work_s": 60}}, tweak=measured_slow_polls)
+    async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+        assert resp.status == 200
+    await until(lambda: r.broker.scheduler.holds == 1 and r.gpu.used_mib("comfyui") == 13610)
+    await r.status()  # a reading: ComfyUI's process, rendering
+    await r.restart("comfyui")  # a new process: its context only, the prompt forgotten
+    await asyncio.sleep(m.STATUS_MAX_AGE_S)
+    await r.status()  # the next reading
+    await until(lambda: r.broker.scheduler.holder is None)
+    assert r.stats.hold_abandoned == 1 and r.broker.consumers.states["comfyui"].resident is False
+
+
+async def test_a_slow_but_alive_consumer_keeps_its_hold(rig, caplog):
+    """Poll errors that are not a refusal (a reset, a slow answer) are retried; the first one is a warning."""
+    caplog.set_level(logging.DEBUG, "mgpumanager")
+    polls: list[int] = []
+
+    async def prompt(request: web.Request) -> web.Response:
+        return web.json_response({"prompt_id": "p3"})
+
+    async def history(request: web.Request) -> web.Response:
+        polls.append(1)
+        if len(polls) <= 6:
+            request.transport.abort()  # alive, but dropping the connection
+        return web.json_response({"p3": {"done": True}})
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        assert (await r.post("image", {"prompt": {}}))[0] == 200
         await until(lambda: r.broker.scheduler.holder is None)
-    polled = [rec.path for rec in sim.records if "history" in rec.path]
-    assert {f"/history/{ids[0]}", f"/api/history/{ids[1]}"} == set(polled)
-    assert sim.unloads == 0
-    async with r.session.post(r.url("/c/comfyui/free"), json={"unload_models": True}) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")  # the broker's own route
-    async with r.session.post(r.url("/c/comfyui/api/free"), json={"unload_models": True}) as resp:
-        assert resp.status == 200  # the UI's "Unload Models" button: ComfyUI's alias of /free
-    assert sim.unloads == 1 and r.gpu.used_mib("comfyui") == 0
-    async with r.session.get(r.url("/c/comfyui/api/history")) as resp:
-        assert set(await resp.json()) == set(ids)
+    assert r.stats.hold_abandoned == 0 and r.stats.hold_poll_errors >= 2
+    levels = [rec.levelno for rec in caplog.records if "hold poll failed" in rec.getMessage()]
+    assert levels[0] == logging.WARNING and set(levels[1:]) == {logging.DEBUG}
+
+
+async def test_a_client_leaving_mid_answer_still_starts_the_hold(rig):
+    rendered = asyncio.Event()
+
+    async def history(request: web.Request) -> web.Response:
+        assert request.match_info["id"] == "p1"
+        return web.json_response({"p1": {}} if rendered.is_set() else {})
+
+    routes = [("POST", "/prompt", _prompt_in_two_halves), ("GET", "/history/{id}", history)]
+    routes.append(("GET", "/system_stats", _ok))
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        resp = await r.session.post(r.url("/v1/image"), json={"prompt": {}})
+        assert await resp.content.readexactly(14) == b'{"prompt_id": '
+        resp.close()  # the client leaves before the answer ended
+        await until(lambda: r.stats.cancelled == 1)
+        await asyncio.sleep(0.5)
+        assert (
+            r.broker.scheduler.snapshot()["holder"].items()
+            >= {"consumer": "comfyui", "jobs": 0, "holds": 1}.items()
+        )
+        rendered.set()
+        await until(lambda: r.broker.scheduler.holder is None)
+        assert r.broker.consumers.states["comfyui"].resident is True
+
+
+async def test_hold_poll_errors_are_retried_and_counted(rig):
+    polls = []
+
+    async def prompt(request: web.Request) -> web.Response:
+        return web.json_response({"prompt_id": "p2"})
+
+    async def history(request: web.Request) -> web.Response:
+        polls.append(1)
+        if len(polls) <= 4:
+            request.transport.abort()  # the consumer drops the connection
+        return web.json_response({"p2": {"done": True}})
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        assert (await r.post("image", {"prompt": {}}))[0] == 200
+        await until(lambda: r.broker.scheduler.holder is None)
+        # aiohttp itself retries a GET once on a dropped pooled connection, so 4 drops are 2+ errors.
+        assert len(polls) == 5 and r.stats.hold_poll_errors >= 2 and r.stats.hold_timeouts == 0
+
+
+async def test_hold_that_never_completes_releases_the_lock_at_its_timeout(rig):
+    def short(raw):
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 0.3
+
+    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 3600}}, tweak=short)
+    assert (await r.post("image", {"prompt": {}}))[0] == 200
+    assert r.broker.scheduler.holds == 1
+    await until(lambda: r.broker.scheduler.holder is None)
+    assert r.stats.hold_timeouts == 1
+    assert (await r.post("tts", {"text": "next"}))[0] == 200
+
+
+async def test_a_hold_ends_with_an_event_released_timeout_abandoned_or_cut(rig):
+    def short(raw):
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 0.3
+
+    def ended() -> list[dict[str, Any]]:
+        return [e for e in recent_events(r.broker.events) if e["event"] == "hold_ended"]
+
+    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 0.5}})
+    assert (await r.post("image", {"prompt": {}}))[0] == 200
+    assert (await r.post("tts", {"text": "waits for the render"}))[0] == 200
+    await until(lambda: r.broker.scheduler.holder is None and len(ended()) == 1)
+    names = [(e["event"], e.get("consumer")) for e in recent_events(r.broker.events) if "job" in e]
+    # The hold's end comes after its job's answer and before the job waiting for the GPU gets it.
+    assert names.index(("finished", "comfyui")) < names.index(("hold_ended", "comfyui"))
+    assert names.index(("hold_ended", "comfyui")) < names.index(("granted", "mvoice"))
+    event = ended()[0]
+    assert event.items() >= {"job": 1, "consumer": "comfyui", "kind": "image", "gpu": 0}.items()
+    assert event["outcome"] == "released" and event["hold_s"] >= 0.4
+
+    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 3600}}, tweak=short)
+    assert (await r.post("image", {"prompt": {}}))[0] == 200
+    await until(lambda: len(ended()) == 1)
+    assert ended()[0]["outcome"] == "timeout"
+    assert (await r.post("image", {"prompt": {}}))[0] == 200
+    await r.broker.scheduler.close()  # as at shutdown: the hold is cut short
+    assert [e["outcome"] for e in ended()] == ["timeout", "cut"]
+    assert r.stats.hold_abandoned == 0  # not the consumer's doing: it is not seen down
+
+
+async def test_an_absurdly_nested_answer_starts_no_hold_and_frees_the_lock(rig):
+    async def prompt(request: web.Request) -> web.Response:
+        return web.Response(body=b"[" * 100_000 + b"]" * 100_000, content_type="application/json")
+
+    async with StandIn([("POST", "/prompt", prompt), ("GET", "/system_stats", _ok)]) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        assert (await r.post("image", {"prompt": {}}))[0] == 200
+        assert r.broker.scheduler.holder is None and r.stats.completed == 1
+
+
+async def test_a_hold_abandoned_in_the_turn_it_was_made_still_frees_the_gpu():
+    """The consumer seen gone (a probe, a reading) in the very turn of the loop in which its job's answer
+    ended: the hold's task was cancelled before it ever ran, so its ``finally`` never gave the slot back,
+    and the GPU stayed held for good."""
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    job = await s.acquire("t", "kt")
+    job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=30)
+    s.abandon_holds("t", "health probe: connection refused")  # before the hold's first step
+    await until(lambda: s.holder is None, 5)
+    assert (s.slots, s.holds, s.stats.hold_abandoned) == (0, 0, 1) and ops.states["t"].jobs == 0
+    assert books_balance(s)
+
+
+# =====================================================================================================
+# 8. Mounts, consumer ports and WebSockets
+# Unmodified clients through /c/{name}/ and a consumer's own port.
+# =====================================================================================================
+
+
+async def _ws_open(r: Rig, path: str, **kw: Any) -> aiohttp.ClientWebSocketResponse:
+    url = URL(r.url("/").rstrip("/") + path, encoded=True)  # the query as written
+    return await r.session.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=5), **kw)
+
+
+async def _ws_json(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    msg = await ws.receive(timeout=10)
+    assert msg.type == aiohttp.WSMsgType.TEXT, msg
+    return json.loads(msg.data)
 
 
 def with_ports(raw: dict[str, Any]) -> None:
@@ -6618,6 +4510,367 @@ def with_ports(raw: dict[str, Any]) -> None:
 
 def port_url(r: Rig, name: str, path: str = "") -> str:
     return f"http://{r.broker.ports.address(name)}{path}"
+
+
+async def test_mount_ollama_client_generate_and_streaming_chat(rig, caplog):
+    import ollama  # noqa: PLC0415 (a dev dependency, needed here only)
+
+    r = await rig(sims={"ollama": {"lines": 4}})
+    client = ollama.AsyncClient(host=r.url("/c/ollama"))
+    try:
+        answer = await client.generate(model="sim", prompt="hi", stream=False)
+        assert answer.response == "tok0 tok1 tok2 tok3 " and answer.done
+        parts = [
+            part
+            async for part in await client.chat(
+                model="sim", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+        ]
+        assert "".join(p.message.content for p in parts) == "tok0 tok1 tok2 tok3 " and parts[-1].done
+        assert len(parts) == 5 and all(p.message.role == "assistant" for p in parts)
+        listed = await client.list()
+        assert [model.model for model in listed.models] == ["sim:latest"]
+    finally:
+        await client._client.aclose()
+    sim = r.sims["ollama"]
+    assert [(rec.method, rec.path) for rec in sim.records] == [
+        ("POST", "/api/generate"),
+        ("POST", "/api/chat"),
+        ("GET", "/api/tags"),
+    ]
+    assert [rec.path for rec in sim.work] == ["/api/generate", "/api/chat"]
+    assert sim.records[1].headers["User-Agent"].startswith("ollama-python/")
+    # Two GPU jobs: /api/generate is ollama's path for kind llm, /api/chat is a plain mount job.
+    assert r.stats.jobs == 2 and r.stats.completed == 2
+    await until(lambda: len(job_lines(caplog)) == 2)
+    kinds = [re.search(r" kind=(\w+)", line).group(1) for line in job_lines(caplog)]
+    assert kinds == ["llm", "mount"]
+
+
+async def test_mount_openai_client_streams_chat_completions_with_the_brokers_token(rig):
+    import openai  # noqa: PLC0415 (a dev dependency, needed here only)
+
+    r = await rig(tweak=with_token, sims={"ollama": {"lines": 3, "line_interval_s": 0.05}})
+    client = openai.AsyncOpenAI(base_url=r.url("/c/ollama/v1"), api_key=TOKEN, max_retries=0)
+    stranger = openai.AsyncOpenAI(base_url=r.url("/c/ollama/v1"), api_key="not-the-token", max_retries=0)
+    try:
+        # A /v1 job of the same consumer, sent first: the client's completion waits for it.
+        v1 = asyncio.create_task(
+            r.post("llm", {"model": "m", "prompt": "p"}, headers={"Authorization": f"Bearer {TOKEN}"})
+        )
+        await until(lambda: r.broker.scheduler.holder == "ollama")
+        stream = await client.chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+        assert (await v1)[0] == 200
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "tok0 tok1 tok2 "
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert {c.object for c in chunks} == {"chat.completion.chunk"}
+        whole = await client.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
+        assert whole.choices[0].message.content == "tok0 tok1 tok2 "
+        assert [model.id async for model in client.models.list()] == ["sim:latest"]
+        with pytest.raises(openai.AuthenticationError):
+            await stranger.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
+    finally:
+        await client.close()
+        await stranger.close()
+    sim = r.sims["ollama"]
+    assert [(rec.method, rec.path) for rec in sim.records] == [
+        ("POST", "/api/generate"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/models"),
+    ]
+    assert not overlaps(sim.work)  # serialised with the /v1 job, through the same lock
+    assert all("Authorization" not in rec.headers for rec in sim.records)  # the token stays at the broker
+    assert sim.records[1].headers["X-Forwarded-For"] == "127.0.0.1"
+    assert r.stats.jobs == 3  # the /v1 job and the two completions; the model list is a read
+
+
+async def test_mount_jobs_wait_for_the_lock_but_reads_and_unscheduled_calls_do_not(rig):
+    import ollama  # noqa: PLC0415
+
+    gate, synthesizing = asyncio.Event(), asyncio.Event()
+
+    async def slow_synthesize(request: web.Request) -> web.Response:
+        synthesizing.set()
+        await gate.wait()
+        return web.Response(body=b"RIFF", content_type="audio/wav")
+
+    stand_in = StandIn([("GET", "/health", _ok), ("POST", "/api/synthesize", slow_synthesize)])
+    async with stand_in as mvoice:
+        r = await rig(urls={"mvoice": mvoice.url}, tweak=_unscheduled_show)
+        client = ollama.AsyncClient(host=r.url("/c/ollama"))
+        try:
+            tts = asyncio.create_task(r.post("tts", {"text": "slow"}))
+            await asyncio.wait_for(synthesizing.wait(), 10)
+            generate = asyncio.create_task(client.generate(model="sim", prompt="hi", stream=False))
+            await until(lambda: len(r.broker.scheduler.queue()) == 1)  # so that the order is known
+            chat = asyncio.create_task(
+                client.chat(model="sim", messages=[{"role": "user", "content": "x"}], stream=False)
+            )
+            await until(lambda: len(r.broker.scheduler.queue()) == 2)
+            # While mvoice holds the lock, a read and a listed unscheduled call are answered at once.
+            assert [m.model for m in (await client.list()).models] == ["sim:latest"]
+            assert (await client.show("sim")).details.family == "sim"
+            async with r.session.head(r.url("/c/ollama/api/tags")) as resp:
+                assert resp.status == 200
+            assert r.broker.scheduler.holder == "mvoice" and not tts.done()
+            assert [rec.path for rec in r.sims["ollama"].records] == ["/api/tags", "/api/show", "/api/tags"]
+            assert [j.kind for j in r.broker.scheduler.queue()] == ["llm", "mount"]
+            gate.set()
+            assert (await tts)[0] == 200
+            assert (await generate).response and (await chat).message.content
+        finally:
+            await client._client.aclose()
+    sim = r.sims["ollama"]
+    assert [rec.path for rec in sim.work] == ["/api/generate", "/api/chat"]
+    assert not overlaps(sim.work) and r.stats.jobs == 3 and r.stats.completed == 3
+
+
+async def test_mount_query_head_options_root_and_refusals(rig):
+    r = await rig()
+    root = r.url("/").rstrip("/")  # r.url() would re-encode the query: these go as written
+    tags = URL(root + "/c/ollama/api/tags?x=%20y&b&c=%2F", encoded=True)
+    async with r.session.get(tags) as resp:
+        assert resp.status == 200 and "models" in await resp.json()
+    chat = URL(root + "/c/ollama/api/chat?keep=%41&z", encoded=True)
+    async with r.session.post(chat, json={"stream": False}) as resp:
+        assert resp.status == 200
+    probes = r.sims["ollama"].probes
+    async with r.session.get(r.url("/c/ollama")) as resp:  # "/", ollama's health path: counted, not recorded
+        assert resp.status == 200 and await resp.text() == "Ollama is running"
+    assert r.sims["ollama"].probes == probes + 1
+    async with r.session.options(r.url("/c/ollama/api/tags")) as resp:
+        assert resp.status == 405  # the consumer's own answer, passed through
+    async with r.session.head(r.url("/c/ollama/api/tags")) as resp:
+        assert resp.status == 200
+    sim = r.sims["ollama"]
+    assert [(rec.method, rec.path, rec.query) for rec in sim.records] == [
+        ("GET", "/api/tags", "x=%20y&b&c=%2F"),
+        ("POST", "/api/chat", "keep=%41&z"),
+        ("OPTIONS", "/api/tags", ""),
+        ("HEAD", "/api/tags", ""),
+    ]
+    assert r.stats.jobs == 1  # only the POST
+    async with r.session.post(r.url("/c/nobody/api/generate"), json={}) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "no_consumer")
+        assert "nobody" in data["message"]
+    for target in ("/c/ollama/a/%2e%2e/%2e%2e/v1/status", "/c/ollama/x/..%2F..%2Fapi/chat"):
+        status, body = await raw_get(r, target)
+        error_of(status, {}, body, "bad_request")
+    assert len(sim.records) == 4 and r.stats.jobs == 1
+
+
+async def test_mount_unscheduled_exact_and_prefix_entries_skip_the_lock(rig):
+    def listed(raw):
+        raw["consumers"]["comfyui"]["unscheduled"] = [{"path": "/upload/*"}, {"path": "/interrupt"}]
+
+    r = await rig(tweak=listed)
+    statuses = []
+    for path in ("/upload/image", "/upload/mask?overwrite=1", "/interrupt", "/interrupt/x", "/uploads"):
+        async with r.session.post(r.url("/c/comfyui" + path), data=b"x") as resp:
+            statuses.append(resp.status)
+    assert statuses == [404, 404, 200, 404, 404]  # ComfySim has /interrupt only; what matters is who waited
+    assert [rec.path for rec in r.sims["comfyui"].records] == [
+        "/upload/image",
+        "/upload/mask",
+        "/interrupt",
+        "/interrupt/x",
+        "/uploads",
+    ]
+    assert r.stats.jobs == 2  # /interrupt/x and /uploads match no entry: GPU jobs
+
+
+async def test_mount_websocket_relays_both_ways_and_close_codes(rig):
+    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 0.05}})
+    sim = r.sims["comfyui"]
+    ws = await _ws_open(r, "/c/comfyui/ws?clientId=abc%20d")
+    first = await _ws_json(ws)
+    assert first["type"] == "status" and first["data"]["sid"] == "abc d"  # the query string was kept
+    await ws.send_str("hello")
+    assert (await ws.receive(timeout=10)).data == "hello"
+    await ws.send_bytes(b"\x00\xff" * 1000)
+    msg = await ws.receive(timeout=10)
+    assert msg.type == aiohttp.WSMsgType.BINARY and msg.data == b"\x00\xff" * 1000
+    # Progress of a render started through the mount reaches the socket its prompt names (as ComfyUI
+    # sends it: to the client_id's socket only); queue status messages come between.
+    async with r.session.post(r.url("/c/comfyui/prompt"), json={"prompt": {}, "client_id": "abc d"}) as resp:
+        prompt_id = (await resp.json())["prompt_id"]
+    seen: list[dict[str, Any]] = []
+    while not seen or seen[-1]["type"] != "executing" or seen[-1]["data"]["node"] is not None:
+        if (message := await _ws_json(ws))["type"] != "status":
+            seen.append(message)
+    assert [(s["type"], s["data"].get("node", "-")) for s in seen] == [
+        ("execution_start", "-"),
+        ("execution_cached", "-"),
+        ("executing", "1"),
+        ("execution_success", "-"),
+        ("executing", None),
+    ]
+    assert {s["data"]["prompt_id"] for s in seen} == {prompt_id}
+    # The consumer closes with a code: the client gets it.
+    await ws.send_str("close 4001")
+    msg = await ws.receive(timeout=10)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4001
+    # The client closes with a code: the consumer gets it.
+    ws2 = await _ws_open(r, "/c/comfyui/ws")
+    await _ws_json(ws2)
+    await ws2.close(code=4002)
+    await until(lambda: 4002 in sim.ws_closes)
+    await until(lambda: not list(r.app[m.WEBSOCKETS]) and not sim.sockets)
+    assert r.stats.jobs == 1  # the prompt; WebSockets are not jobs
+    assert [rec.path for rec in sim.records].count("/ws") == 2
+
+
+async def test_mount_websocket_passes_subprotocol_and_headers_but_not_the_token(rig):
+    seen: list[dict[str, str]] = []
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        seen.append(dict(request.headers))
+        ws = web.WebSocketResponse(protocols=("comfy.v2",))
+        await ws.prepare(request)
+        await ws.send_str(request.raw_path.partition("?")[2])
+        async for msg in ws:
+            await ws.send_str(msg.data.upper())
+        return ws
+
+    async with StandIn([("GET", "/system_stats", _ok), ("GET", "/ws", socket)]) as comfy:
+        host = comfy.url.removeprefix("http://")
+        r = await rig(urls={"comfyui": comfy.url}, tweak=with_token)
+        auth = {"Authorization": f"Bearer {TOKEN}", "X-Custom": "1"}
+        ws = await _ws_open(r, "/c/comfyui/ws?a=%2F", protocols=("comfy.v1", "comfy.v2"), headers=auth)
+        assert ws.protocol == "comfy.v2"
+        assert (await ws.receive(timeout=10)).data == "a=%2F"
+        await ws.send_str("up")
+        assert (await ws.receive(timeout=10)).data == "UP"
+        await ws.close()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await _ws_open(r, "/c/comfyui/ws")
+        assert refused.value.status == 401
+    (headers,) = seen
+    assert "Authorization" not in headers and headers["X-Custom"] == "1"
+    assert headers["Sec-WebSocket-Protocol"] == "comfy.v1,comfy.v2"
+    assert headers["X-Forwarded-For"] == "127.0.0.1" and headers["Host"] == host
+
+
+async def test_mount_websocket_to_a_consumer_that_is_down_is_a_json_error(rig):
+    r = await rig()
+    await r.sim_servers["comfyui"].close()  # the broker still believes it healthy
+    upgrade = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+        "Sec-WebSocket-Version": "13",
+    }
+    async with r.session.get(r.url("/c/comfyui/ws"), headers=upgrade) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "consumer_unreachable")
+        assert data["consumer"] == "comfyui" and "refused" in data["message"]
+    assert r.broker.consumers.states["comfyui"].healthy is False
+    # A consumer that answers but has no WebSocket there refuses the upgrade: a JSON error too.
+    async with r.session.get(r.url("/c/ollama/api/tags"), headers=upgrade) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "consumer_unreachable")
+        assert "refused the WebSocket upgrade" in data["message"]
+    assert r.broker.consumers.states["ollama"].healthy is not False
+    assert r.stats.jobs == 0
+
+
+async def test_mount_websocket_that_breaks_is_logged_counted_and_closed_1011(rig, caplog):
+    async def breaking(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str("one")
+        assert request.transport is not None
+        request.transport.abort()  # gone without a close frame
+        return ws
+
+    async with StandIn([("GET", "/system_stats", _ok), ("GET", "/ws", breaking)]) as comfy:
+        r = await rig(urls={"comfyui": comfy.url})
+        ws = await _ws_open(r, "/c/comfyui/ws")
+        assert (await ws.receive(timeout=10)).data == "one"
+        closing = await ws.receive(timeout=10)
+        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1011
+        await ws.close()
+        await until(lambda: 'msg="websocket broke" consumer=comfyui' in caplog.text)
+        async with r.session.get(r.url("/metrics")) as resp:
+            families = _families(await resp.text())
+        assert _value(families, "mgpumanager_websocket_failures_total", consumer="comfyui") == 1
+        assert _value(families, "mgpumanager_websockets_total", consumer="comfyui") == 1
+        assert r.app[m.WEBSOCKETS] == set()
+
+
+async def test_mount_websocket_upgrade_without_a_key_never_reaches_the_consumer(rig):
+    r = await rig()
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"}
+    async with r.session.get(r.url("/c/comfyui/ws"), headers=upgrade) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "bad_request")
+    assert r.sims["comfyui"].records == []
+
+
+async def test_mount_schedules_every_paths_entry_and_refuses_the_brokers_own_routes(rig):
+    def get_path(raw: dict[str, Any]) -> None:  # a service that synthesises on GET is still GPU work
+        raw["consumers"]["mvoice"]["paths"]["speak"] = {"method": "GET", "path": "/api/synthesize"}
+
+    r = await rig(tweak=get_path)
+    async with r.session.get(r.url("/c/mvoice/api/synthesize?text=x")) as resp:
+        assert resp.status == 405  # mvoice's own answer (it wants POST): what matters is the job
+    assert r.stats.jobs == 1 and r.stats.completed == 1
+    async with r.session.post(r.url("/c/comfyui/free"), json={"unload_models": True}) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
+    assert "POST /v1/consumers/comfyui/unload" in data["message"]
+    async with r.session.post(r.url("/c/mvoice/api/admin/%75nload")) as resp:  # encoded, still refused
+        error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
+    assert r.sims["comfyui"].records == [] and r.sims["mvoice"].unloads == 0 and r.stats.jobs == 1
+
+
+async def test_mount_unscheduled_calls_match_decoded_paths_and_respect_known_failures(rig):
+    r = await rig(tweak=_unscheduled_show)
+    async with r.session.post(r.url("/c/ollama/api/%73how"), json={"model": "sim"}) as resp:
+        assert resp.status == 200  # /api/show, as ollama will read it: unscheduled
+    assert r.stats.jobs == 0 and r.sims["ollama"].records[-1].path == "/api/show"
+    r.sims["ollama"].faults["health_status"] = 503  # down for good: the probe on demand finds it so
+    r.broker.consumers.gone("ollama", "connection refused")
+    async with r.session.get(r.url("/c/ollama/api/tags")) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "consumer_unreachable")
+    assert "last probe failed: health answered 503" in data["message"]
+    assert len(r.sims["ollama"].records) == 1 and r.stats.jobs == 0
+
+
+async def test_broker_shutting_down_closes_open_websockets_going_away(rig):
+    r = await rig()
+    ws = await _ws_open(r, "/c/comfyui/ws")
+    await _ws_json(ws)
+    await until(lambda: len(r.app[m.WEBSOCKETS]) == 1)
+    closing = asyncio.create_task(r.server.close())
+    msg = await ws.receive(timeout=20)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY
+    await asyncio.wait_for(closing, 20)
+    await until(lambda: 1001 in r.sims["comfyui"].ws_closes)
+
+
+async def test_daemon_with_an_open_websocket_exits_on_sigterm(rig):
+    r = await rig()
+    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
+    async with daemon:
+        ws = await r.session.ws_connect(daemon.url("/c/comfyui/ws"))
+        await _ws_json(ws)
+        daemon.terminate()
+        msg = await ws.receive(timeout=20)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY
+        await asyncio.wait_for(daemon.proc.wait(), 30)
+    assert daemon.proc.returncode == 0, daemon.log
+    assert 'msg="shutting down: closing websockets" websockets=1' in daemon.log
+
+
+def test_two_consumers_cannot_share_a_port_but_port_0_is_any_free_one():
+    raw = base_raw()
+    for name in ("mvoice", "comfyui"):
+        raw["consumers"][name]["listen"] = "127.0.0.1:8189"
+    assert problems_of(raw) == ["consumers.comfyui.listen: port 8189 is consumers.mvoice.listen's already"]
+    for name in ("mvoice", "comfyui"):
+        raw["consumers"][name]["listen"] = "127.0.0.1:0"
+    assert m.parse_config(raw).consumers["comfyui"].listen == ("127.0.0.1", 0)
 
 
 async def test_the_ollama_client_given_only_a_host_goes_through_ollamas_port(rig, caplog):
@@ -6857,6 +5110,397 @@ async def test_the_daemon_opens_consumer_ports_at_start_and_on_sighup_and_closes
     assert r.sims["ollama"].work[0].path == "/api/generate"
 
 
+# =====================================================================================================
+# 9. Presets and the simulated services
+# Each preset against mgpusim playing what the real servers do.
+# =====================================================================================================
+
+
+#: The kinds the presets use, as README.md's "Presets" section documents them.
+PRESET_KINDS = {"llm", "chat", "embed", "image", "img2img", "image_ui", "stt", "tts"}
+
+
+def preset_consumer(preset: str, **more: Any) -> dict[str, Any]:
+    return {"preset": preset, "url": "http://127.0.0.1:9", "vram_resident_mib": 1000, **more}
+
+
+def _preset_problems(consumer: dict[str, Any], **more: Any) -> list[str]:
+    base = {"url": "http://127.0.0.1:1", "health": {"path": "/"}, "paths": {"llm": {"path": "/g"}}}
+    return problems_of(
+        {"listen": "0.0.0.0:8770", "consumers": {"x": base | {"vram_resident_mib": 1, **consumer}}, **more}
+    )
+
+
+def sim_url(r: Rig, name: str, path: str) -> str:
+    """A path on the simulated consumer itself, not through the broker."""
+    return str(r.sim_servers[name].make_url(path))
+
+
+async def _comfy_messages_until_echo(ws: aiohttp.ClientWebSocketResponse, mark: str) -> list[dict[str, Any]]:
+    """Every JSON message a ComfySim socket got before the echo of ``mark`` (sent now)."""
+    await ws.send_str(mark)
+    got = []
+    while (msg := await ws.receive(timeout=10)).data != mark:
+        assert msg.type == aiohttp.WSMsgType.TEXT, msg
+        got.append(json.loads(msg.data))
+    return got
+
+
+def test_every_preset_fills_in_its_service_and_check_says_what():
+    consumers = {name: preset_consumer(name) for name in m.PRESETS}
+    consumers["whisper-cpp"] |= {"unload": {"command": ["true"]}, "load": {"command": ["true"]}}
+    config = m.parse_config({"consumers": consumers})
+    named = {"ollama", "comfyui", "whisper-cpp", "llama-cpp", "vllm", "sglang", "a1111", "speaches"}
+    assert named | {"tabbyapi", "localai", "llama-cpp-router"} == set(m.PRESETS)
+    for name, c in config.consumers.items():
+        assert c.preset == name and c.paths and set(c.paths) <= PRESET_KINDS, name
+        assert "health" in c.from_preset and all(f"paths.{kind}" in c.from_preset for kind in c.paths)
+    ollama = config.consumers["ollama"]
+    listing = m.JsonQuery("GET", "/api/ps", "models")
+    assert ollama.unload == m.Route(
+        "POST", "/api/generate", {"model": "{name}", "keep_alive": 0}, 60, listing
+    )
+    assert ollama.vram_managed and ollama.residency_query == listing
+    assert list(ollama.paths) == ["llm", "chat", "embed"]
+    vllm = config.consumers["vllm"]
+    assert vllm.residency == m.JsonQuery("GET", "/is_sleeping", None, (("is_sleeping", (False,)),))
+    assert (vllm.unload.path, vllm.load.path) == ("/sleep?level=1", "/wake_up")
+    assert config.consumers["whisper-cpp"].from_preset == ("health", "paths.stt")
+    comfy = config.consumers["comfyui"]
+    assert comfy.paths["image_ui"].hold_until == m.Hold("GET", "/api/history/{prompt_id}", 0.5, 900)
+    text = m.summary(config)
+    expected = (
+        "comfyui    preset comfyui: health GET /system_stats, paths image, image_ui, unload POST /free, "
+    )
+    assert expected + "17 unscheduled" in text
+    assert (
+        "preset ollama: health GET /, paths llm, chat, embed, unload POST /api/generate for each of " in text
+    )
+    assert (
+        "preset vllm: health GET /health, paths chat, llm, embed, unload POST /sleep?level=1, load " in text
+    )
+    assert "residency GET /is_sleeping where is_sleeping=false" in text
+
+
+def test_the_shipped_config_uses_the_presets_and_gives_two_consumers_a_port(tmp_path):
+    done = subprocess.run(
+        [PY, str(HERE / "mgpumanager.py"), "--check", "--config", str(HERE / "consumers.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    lines = done.stdout.splitlines()
+    assert any(
+        line.split()
+        == [
+            "comfyui",
+            "preset",
+            "comfyui:",
+            "health",
+            "GET",
+            "/system_stats,",
+            "paths",
+            "image,",
+            "image_ui,",
+            "unload",
+            "POST",
+            "/free,",
+            "17",
+            "unscheduled",
+        ]
+        for line in lines
+    ), done.stdout
+    assert "  0.0.0.0:8189 -> comfyui (as /c/comfyui/)" in lines
+    assert "  0.0.0.0:11435 -> ollama (as /c/ollama/)" in lines
+    config = m.load_config(HERE / "consumers.yaml")
+    assert [c.preset for c in config.consumers.values()] == [None, "comfyui", "ollama", "whisper-cpp"]
+
+
+def test_keys_beside_a_preset_win_paths_kind_by_kind_and_null_removes():
+    raw = preset_consumer(
+        "comfyui",
+        paths={"image": {"path": "/prompt"}, "image_ui": None, "video": {"path": "/video"}},
+        unload={"path": "/free", "body": {"free_memory": True}},
+        unscheduled=None,
+        priority=3,
+    )
+    c = m.parse_config({"consumers": {"c": raw}}).consumers["c"]
+    assert list(c.paths) == ["image", "video"] and c.paths["image"].hold_until is None  # replaced whole
+    assert c.unload.body == {"free_memory": True} and c.unscheduled == () and c.priority == 3
+    assert c.health == m.Route("GET", "/system_stats") and c.from_preset == ("health",)
+    expected = (
+        "preset comfyui: health GET /system_stats (yours: unload, unscheduled, paths.image, paths.image_ui)"
+    )
+    assert m.describe_preset(c) == expected
+    assert "image_ui" in m.PRESETS["comfyui"]["paths"]  # the preset itself is untouched
+    more = m.parse_config({"consumers": {"c": preset_consumer("ollama", paths={"code": {"path": "/x"}})}})
+    assert list(more.consumers["c"].paths) == ["llm", "chat", "embed", "code"]
+
+
+@pytest.mark.parametrize(
+    ("consumer", "expected"),
+    [
+        ({"preset": "olama"}, "consumers.x.preset: unknown preset 'olama' (known: ollama, comfyui, "),
+        ({"preset": ["ollama"]}, "consumers.x.preset: unknown preset"),
+        (
+            {"unload": {"path": "/u", "for_each": {"path": "/list"}}},
+            "consumers.x.unload.for_each.items: missing",
+        ),
+        ({"unload": {"path": "/u", "for_each": "/list"}}, "consumers.x.unload.for_each: must be a mapping"),
+        (
+            {
+                "unload": {"command": ["true"], "for_each": {"path": "/l", "items": "m"}},
+                "load": {"command": ["t"]},
+            },
+            "consumers.x.unload.for_each: unknown key",
+        ),
+        (
+            {"load": {"path": "/l", "for_each": {"path": "/l", "items": "m"}}},
+            "consumers.x.load.for_each: unknown",
+        ),
+        (
+            {"residency": {"path": "/state"}},
+            "consumers.x.residency: needs items (the answer's list to read) or where",
+        ),
+        (
+            {"residency": {"path": "/s", "where": {"on": {"a": 1}}}},
+            "consumers.x.residency.where.on: must be a value",
+        ),
+        (
+            {"residency": {"path": "/s", "where": {"on": []}}},
+            "consumers.x.residency.where.on: must be a value",
+        ),
+        (
+            {"residency": {"path": "/s", "where": {"a..b": 1}}},
+            "consumers.x.residency.where.a..b: fields are names",
+        ),
+        ({"residency": {"path": "state", "items": "m"}}, "consumers.x.residency.path: must start with '/'"),
+        (
+            {"residency": {"path": "/s", "items": ""}},
+            "consumers.x.residency.items: must be a non-empty string",
+        ),
+        ({"listen": "11435"}, "consumers.x.listen: must be HOST:PORT, not '11435'"),
+        ({"listen": "127.0.0.1:8770"}, "consumers.x.listen: port 8770 is listen's already"),
+    ],
+)
+def test_preset_for_each_residency_and_listen_rules_name_the_key(consumer, expected):
+    problems = _preset_problems(consumer)
+    assert any(expected in p for p in problems), problems
+
+
+def test_placeholders_fill_paths_encoded_and_body_strings_keeping_a_whole_ones_type():
+    route = m.Route(
+        "POST", "/api/ps/{id}/{n}", {"model": "{id}", "count": "{n}", "say": "n={n}", "l": ["{id}", 2]}
+    )
+    path, body = m.fill_placeholders(route, {"id": "Systran/faster whisper", "n": 3, "other": True})
+    assert path == "/api/ps/Systran%2Ffaster%20whisper/3"
+    assert body == {
+        "model": "Systran/faster whisper",
+        "count": 3,
+        "say": "n=3",
+        "l": ["Systran/faster whisper", 2],
+    }
+    assert m.fill_placeholders(m.Route("DELETE", "/api/ps/{item}"), "a/b") == ("/api/ps/a%2Fb", None)
+    with pytest.raises(KeyError) as missing:
+        m.fill_placeholders(route, {"id": "x"})
+    assert missing.value.args == ("n",)
+
+
+def test_where_matches_dotted_fields_missing_ones_as_null_and_true_is_not_one():
+    where = (("status.value", ("loaded", "loading")), ("sleeping", (False, None)))
+    assert m.matches({"status": {"value": "loaded"}}, where)
+    assert m.matches({"status": {"value": "loading"}, "sleeping": False}, where)
+    assert not m.matches({"status": {"value": "loaded"}, "sleeping": 0}, where)
+    assert not m.matches({"status": {"value": "unloaded"}}, where)
+    assert not m.matches({"status": "loaded"}, where) and m.matches("anything", ())
+    listing = m.JsonQuery("GET", "/models", "data", (("status.value", ("loaded",)),))
+    answer = {
+        "data": [{"id": "a", "status": {"value": "unloaded"}}, {"id": "b", "status": {"value": "loaded"}}]
+    }
+    assert m.query_elements(listing, answer) == [answer["data"][1]] and m.query_resident(listing, answer)
+    assert not m.query_resident(listing, {"data": answer["data"][:1]})
+    with pytest.raises(m.CallError, match="answered no list at 'data'"):
+        m.query_resident(listing, {"data": {"a": 1}})
+    asleep = m.JsonQuery("GET", "/is_sleeping", None, (("is_sleeping", (False,)),))
+    assert m.query_resident(asleep, {"is_sleeping": False}) and not m.query_resident(
+        asleep, {"is_sleeping": True}
+    )
+    with pytest.raises(m.CallError, match="answered no JSON object"):
+        m.query_resident(asleep, [])
+
+
+async def test_ollama_sim_lists_what_it_holds_like_ollama_and_keeps_it_for_keep_alive(rig):
+    import ollama  # noqa: PLC0415 (a dev dependency, needed here only)
+
+    r = await rig(sims={"ollama": {"vram_mib": 3000, "keep_alive_s": 2}})
+    sim = r.sims["ollama"]
+    client = ollama.AsyncClient(host=str(r.sim_servers["ollama"].make_url("")))
+    try:
+        await client.generate(model="a", prompt="hi", stream=False)  # kept for keep_alive_s (the default)
+        await client.generate(model="b", prompt="hi", stream=False, keep_alive="1h")
+        await client.generate(model="c", prompt="", keep_alive="1m")  # an empty prompt only loads it
+        listed = (await client.ps()).models
+        assert [p.model for p in listed] == ["b", "c", "a"]  # the longest left to live first, as ollama
+        assert all(p.size_vram == 3000 * 2**20 and p.expires_at.tzinfo is not None for p in listed)
+        assert r.gpu.used_mib("ollama") == 9000
+        await until(lambda: "a" not in sim.models)  # its keep_alive ran out
+        assert list(sim.models) == ["b", "c"] and r.gpu.used_mib("ollama") == 6000
+        for model in ("b", "c"):
+            gone = await client.generate(model=model, prompt="", keep_alive=0)  # what `ollama stop` sends
+            assert gone.done_reason == "unload"
+        assert sim.models == {} and r.gpu.used_mib("ollama") == 0
+        assert (await client.ps()).models == []
+    finally:
+        await client._client.aclose()
+    assert (sim.loads, sim.unloads) == (3, 3)
+
+
+async def test_ollama_preset_unloads_every_listed_model_and_reads_residency_from_its_list(rig):
+    r = await rig(tweak=use_presets, sims={"ollama": {"vram_mib": 3000, "keep_alive_s": 300}})
+    sim, state = r.sims["ollama"], r.broker.consumers.states["ollama"]
+    await r.broker.consumers.probe("ollama")
+    assert state.healthy is True and state.resident is False  # /api/ps lists nothing
+    for model in ("a", "b"):
+        assert (await r.post("llm", {"model": model, "prompt": "p", "stream": False}))[0] == 200
+    assert list(sim.models) == ["a", "b"] and r.gpu.used_mib("ollama") == 6000  # kept after the answer
+    state.unload_failed()  # unknown: only the probe can tell
+    await r.broker.consumers.probe("ollama")
+    assert state.resident is True
+    async with r.session.post(r.url("/v1/consumers/ollama/unload")) as resp:
+        assert resp.status == 200 and (await resp.json())["loaded"] is False
+    unloads = [json.loads(rec.body) for rec in sim.records if rec.path == "/api/generate"][2:]
+    assert sorted(unloads, key=str) == [{"model": "a", "keep_alive": 0}, {"model": "b", "keep_alive": 0}]
+    assert sim.models == {} and r.gpu.used_mib("ollama") == 0
+    # Its own /api/generate is no unload route to refuse through the mount: only the body makes it one.
+    async with r.session.post(
+        r.url("/c/ollama/api/generate"), json={"model": "a", "prompt": "p", "stream": False}
+    ) as resp:
+        assert resp.status == 200
+    await r.broker.consumers.probe("ollama")
+    assert state.resident is True and list(sim.models) == ["a"]
+
+
+async def test_a_for_each_unload_tries_every_element_and_names_each_failure(rig, caplog):
+    calls = []
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"loaded": [{"id": "ok"}, {"id": "bad"}, {"name": "no id"}, {"id": 7}]})
+
+    async def unload(request: web.Request) -> web.Response:
+        body = await request.json()
+        calls.append((request.path, body))
+        return (
+            web.json_response({"error": "nope"}, status=500)
+            if body["model"] == "bad"
+            else web.json_response({})
+        )
+
+    async with StandIn(
+        [("GET", "/state", listing), ("POST", "/unload/{id}", unload), ("GET", "/", _ok)]
+    ) as svc:
+
+        def add(raw: dict[str, Any]) -> None:
+            unload = {"path": "/unload/{id}", "body": {"model": "{id}", "n": ["{id}", 1]}, "timeout_s": 5}
+            raw["consumers"]["svc"] = {
+                "url": svc.url,
+                "health": {"path": "/"},
+                "paths": {"llm": {"path": "/x"}},
+                "vram_resident_mib": 100,
+                "unload": unload | {"for_each": {"path": "/state", "items": "loaded"}},
+            }
+
+        r = await rig(tweak=add)
+        async with r.session.post(r.url("/v1/consumers/svc/unload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "unload_failed")
+    message = data["message"]
+    assert message.startswith("svc unload of 2 of 4: ") and '{"id": "bad"}: unload answered 500' in message
+    assert """{"name": "no id"} has no field 'id'""" in message
+    assert calls == [
+        ("/unload/ok", {"model": "ok", "n": ["ok", 1]}),
+        ("/unload/bad", {"model": "bad", "n": ["bad", 1]}),
+        ("/unload/7", {"model": 7, "n": [7, 1]}),
+    ]
+    assert r.broker.consumers.states["svc"].resident is None and r.stats.unload_failures == 1
+    assert 'msg="unload each" consumer=svc listed=4 failed=2' in caplog.text
+
+
+@pytest.mark.parametrize("service", sorted(mgpusim.SERVICES))
+async def test_each_preset_speaks_its_simulated_service(rig, service):
+    """Every route a preset names is one its service (as mgpusim plays it) answers: each path as a job
+    through the mount, its residency query, its unload, and its load before the next job."""
+    multi = service in mgpusim.MULTI_MODEL
+    factory = functools.partial(
+        mgpusim.ServiceSim, service=service, vram_mib=1000, loaded=not multi, models=("m0",) if multi else ()
+    )
+    r = await rig(extra={"svc": (factory, {"preset": service, "vram_resident_mib": 1000})})
+    sim, consumers, c = r.sims["svc"], r.broker.consumers, r.config.consumers["svc"]
+    state = consumers.states["svc"]
+
+    async def residency() -> bool | None:
+        state.unload_failed()  # unknown: only the probe can tell
+        await consumers.probe("svc")
+        assert state.healthy is True
+        return state.resident
+
+    query = c.residency_query
+    assert await residency() is (None if query is None else not multi)
+    for path in c.paths.values():
+        async with r.session.post(r.url("/c/svc" + path.path), json={"model": "org/m1"}) as resp:
+            assert resp.status == 200, await resp.text()
+    assert [rec.path for rec in sim.work] == [p.path for p in c.paths.values()]
+    assert r.gpu.used_mib("svc") == 1000 and (not multi or list(sim.models) == ["org/m1"])
+    if query is not None:
+        assert await residency() is True
+    if c.unload is None:  # llama-cpp: one model, asleep after --sleep-idle-seconds, awake on a request
+        await sim.do_unload()
+        assert await residency() is False
+        async with r.session.post(r.url("/c/svc/v1/chat/completions"), json={}) as resp:
+            assert resp.status == 200
+        assert await residency() is True
+        return
+    async with r.session.post(r.url("/v1/consumers/svc/unload")) as resp:
+        assert resp.status == 200, await resp.text()
+    assert not sim.loaded and sim.models == {} and r.gpu.used_mib("svc") == 0
+    if query is not None:
+        assert await residency() is False
+        state.unloaded()  # as the unload left it
+    first = next(iter(c.paths.values())).path
+    async with r.session.post(r.url("/c/svc" + first), json={"model": "org/m1"}) as resp:
+        if service in mgpusim.NO_WAKE and c.load is None:  # tabbyAPI's load needs a model name you write
+            assert resp.status == 503
+            return
+        assert resp.status == 200, await resp.text()
+    if c.load is not None:  # known unloaded: loaded through the preset's load route before the job
+        assert [rec.path for rec in sim.records][-2:] == [c.load.path, first]
+    assert sim.loaded and r.gpu.used_mib("svc") == 1000
+
+
+async def test_comfyui_preset_holds_either_spelling_and_its_ui_can_free_through_api_free(rig):
+    r = await rig(tweak=use_presets, sims={"comfyui": {"work_s": 0.3}})
+    sim = r.sims["comfyui"]
+    ids = []
+    for path in ("/v1/image", "/c/comfyui/api/prompt"):
+        async with r.session.post(r.url(path), json={"prompt": {}}) as resp:
+            assert resp.status == 200
+            ids.append((await resp.json())["prompt_id"])
+        assert r.broker.scheduler.holds == 1  # the render goes on, and holds the GPU
+        # The UI's cheap calls are not held up by it (unscheduled), under both spellings.
+        async with r.session.post(r.url("/c/comfyui/api/interrupt"), json={}) as resp:
+            assert resp.status == 200 and r.broker.scheduler.holds == 1
+        await until(lambda: r.broker.scheduler.holder is None)
+    polled = [rec.path for rec in sim.records if "history" in rec.path]
+    assert {f"/history/{ids[0]}", f"/api/history/{ids[1]}"} == set(polled)
+    assert sim.unloads == 0
+    async with r.session.post(r.url("/c/comfyui/free"), json={"unload_models": True}) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")  # the broker's own route
+    async with r.session.post(r.url("/c/comfyui/api/free"), json={"unload_models": True}) as resp:
+        assert resp.status == 200  # the UI's "Unload Models" button: ComfyUI's alias of /free
+    assert sim.unloads == 1 and r.gpu.used_mib("comfyui") == 0
+    async with r.session.get(r.url("/c/comfyui/api/history")) as resp:
+        assert set(await resp.json()) == set(ids)
+
+
 async def test_a_for_each_unload_is_bounded_by_its_timeout_as_a_whole(rig):
     gate = asyncio.Event()
 
@@ -6896,14 +5540,6 @@ async def test_the_whisper_cpp_preset_speaks_whispersim(rig, caplog):
     assert " consumer=whisper kind=stt " in job_lines(caplog)[0]
 
 
-# -- mgpusim plays what the real servers showed in `make test-real` (README, "Real servers") --
-
-
-def sim_url(r: Rig, name: str, path: str) -> str:
-    """A path on the simulated consumer itself, not through the broker."""
-    return str(r.sim_servers[name].make_url(path))
-
-
 async def test_comfysim_free_wants_a_json_object_and_answers_an_empty_200_like_comfyui(rig):
     r = await rig(sims={"comfyui": {"loaded": True, "context_mib": 610}})
     sim = r.sims["comfyui"]
@@ -6918,16 +5554,6 @@ async def test_comfysim_free_wants_a_json_object_and_answers_an_empty_200_like_c
     async with r.session.post(r.url("/v1/consumers/comfyui/unload")) as resp:
         assert resp.status == 200 and (await resp.json())["loaded"] is False
     assert sim.unloads == 1 and r.gpu.used_mib("comfyui") == 610
-
-
-async def _comfy_messages_until_echo(ws: aiohttp.ClientWebSocketResponse, mark: str) -> list[dict[str, Any]]:
-    """Every JSON message a ComfySim socket got before the echo of ``mark`` (sent now)."""
-    await ws.send_str(mark)
-    got = []
-    while (msg := await ws.receive(timeout=10)).data != mark:
-        assert msg.type == aiohttp.WSMsgType.TEXT, msg
-        got.append(json.loads(msg.data))
-    return got
 
 
 async def test_comfysim_tells_a_render_only_to_the_socket_its_prompt_names_and_the_queue_to_all(rig):
@@ -7185,13 +5811,959 @@ async def test_started_whisper_and_llama_servers_come_up_like_the_real_ones_and_
 
 
 # =====================================================================================================
-# The GPU given to something else for a while: POST/DELETE /v1/reserve (issue 14)
+# 10.1 Operations: status, metrics, events and logs
+# One record shown everywhere.
+# =====================================================================================================
+
+
+async def _read_replay(resp: aiohttp.ClientResponse) -> list[dict[str, Any]]:
+    """The events a ``since`` stream replays, up to its ``: replayed N`` line (N checked)."""
+    events = []
+    while True:
+        line = await asyncio.wait_for(resp.content.readline(), 10)
+        assert line, "the stream ended"
+        if line.startswith(b"data: "):
+            events.append(json.loads(line[6:]))
+        elif line.startswith(b": replayed "):
+            assert int(line.split()[-1]) == len(events)
+            return events
+
+
+async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
+    r = await rig(sims={"comfyui": {"loaded": True}})
+    t0 = time.monotonic()
+    first = await r.status()
+    await asyncio.gather(*(r.status() for _ in range(20)))
+    for _ in range(10):
+        await r.status()
+    elapsed = time.monotonic() - t0
+    # One reading (two nvidia-smi processes) per started second at most, however many requests.
+    assert r.broker.gpu.queries <= 2 * (1 + int(elapsed))
+    assert set(first) == {"version", "uptime_s", "gpu", "consumers", "scheduler", "gpus"}
+    gpu = first["gpu"]
+    assert gpu["total_mib"] == 16384 and gpu["used_mib"] == 13000 and gpu["free_mib"] == 16384 - 480 - 13000
+    assert (
+        gpu["processes"]
+        == [
+            {
+                "pid": r.sims["comfyui"].pid,
+                "name": "/opt/ComfyUI/.venv/bin/python3",
+                "used_mib": 13000,
+                "consumer": None,  # nobody claims it: comfyui has no `processes` here
+            }
+        ]
+        or gpu["processes"][0]["used_mib"] == 13000
+    )
+    assert gpu["error"] is None and gpu["read_at"].endswith("Z")
+    mv = first["consumers"]["mvoice"]
+    assert set(mv) == {
+        "url",
+        "kinds",
+        "healthy",
+        "loaded",
+        "last_probe",
+        "last_error",
+        "last_used",
+        "vram_resident_mib",
+        "vram_used_mib",
+        "vram_peak_mib",
+        "vram_managed",
+        "priority",
+        "can_coexist_with",
+        "gpu",
+        "preset",
+        "listen",
+        "timings",
+    }
+    assert mv["vram_used_mib"] is None and mv["vram_peak_mib"] is None  # no `processes`: not measured
+    assert mv["timings"] == {"load_s": None, "unload_s": None, "job_s": None}  # nothing seen yet
+    assert (
+        mv["kinds"] == ["tts", "stt"]
+        and mv["healthy"] is True
+        and mv["can_coexist_with"] == ["ollama", "whisper"]
+    )
+    assert first["consumers"]["whisper"]["kinds"] == ["stt"]  # listed though not routed
+    assert first["consumers"]["comfyui"]["loaded"] is None  # no `loaded` in its health: unknown
+    sched = first["scheduler"]
+    assert sched["holder"] is None and sched["queue"] == []
+    assert set(sched["stats"]) >= {
+        "jobs",
+        "completed",
+        "failed",
+        "cancelled",
+        "rejected",
+        "evictions",
+        "loads",
+    }
+    # One GPU: `gpus` holds the same GPU and scheduler as the single-GPU fields, with its consumers.
+    (only,) = first["gpus"]
+    assert {k: v for k, v in only.items() if k not in ("consumers", "scheduler")} == gpu
+    assert only["scheduler"] == sched and only["consumers"] == list(first["consumers"])
+
+
+async def test_request_id_is_taken_or_made_forwarded_returned_and_logged(rig, caplog):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    status, headers, _ = await r.post("tts", {"text": "x"}, headers={"X-Request-ID": "wa-sh-42"})
+    assert status == 200 and headers["X-Request-ID"] == "wa-sh-42"
+    assert r.sims["mvoice"].records[-1].headers["X-Request-ID"] == "wa-sh-42"
+    assert "request_id=wa-sh-42" in caplog.text
+    status, headers, _ = await r.post("tts", {"text": "x"}, headers={"X-Request-ID": "bad id; injected=1"})
+    made = headers["X-Request-ID"]
+    assert (
+        made != "bad id; injected=1"
+        and len(made) == 32
+        and r.sims["mvoice"].records[-1].headers["X-Request-ID"] == made
+    )
+    status, headers, _ = await r.post("video", {})
+    assert status == 404 and len(headers["X-Request-ID"]) == 32  # errors carry one too
+
+
+async def test_metrics_after_a_scripted_sequence_of_jobs(rig):
+    r = await rig(sims={"comfyui": {"loaded": True, "work_s": 0.05}, "mvoice": {"loaded": False}})
+    assert (await r.post("tts", {"text": "a"}))[0] == 200  # evicts comfyui, loads mvoice
+    assert (await r.post("tts", {"text": "b"}))[0] == 200
+    assert (await r.post("llm", {"model": "m", "prompt": "p"}))[0] == 200
+    r.sims["mvoice"].faults["status"] = 500
+    assert (await r.post("stt", None, data=b"x"))[0] == 500  # completed: the consumer answered
+    async with r.session.get(r.url("/metrics")) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        families = _families(await resp.text())
+    assert families["mgpumanager_jobs"].type == "counter"
+    assert _value(families, "mgpumanager_jobs_total", consumer="mvoice", outcome="completed") == 3
+    assert _value(families, "mgpumanager_jobs_total", consumer="ollama", outcome="completed") == 1
+    assert _value(families, "mgpumanager_evictions_total", consumer="comfyui") == 1
+    assert _value(families, "mgpumanager_loads_total", consumer="mvoice") == 1
+    assert _value(families, "mgpumanager_run_seconds_count", consumer="mvoice") == 3
+    assert _value(families, "mgpumanager_run_seconds_bucket", consumer="mvoice", le="+Inf") == 3
+    assert _value(families, "mgpumanager_queue_wait_seconds_count", consumer="ollama") == 1
+    assert _value(families, "mgpumanager_queue_length") == 0
+    assert _value(families, "mgpumanager_consumer_resident", consumer="mvoice") == 1
+    assert _value(families, "mgpumanager_consumer_resident", consumer="comfyui") == 0
+    assert _value(families, "mgpumanager_consumer_healthy", consumer="whisper") == 1
+    assert _value(families, "mgpumanager_gpu_memory_total_bytes") == 16384 * m.MiB
+    assert _value(families, "mgpumanager_gpu_up") == 1
+    assert _value(families, "mgpumanager_info", version=m.VERSION) == 1
+    for name, family in families.items():
+        assert name.startswith("mgpumanager_"), name
+        if family.type == "counter":
+            assert all(s.name.endswith("_total") for s in family.samples), name
+
+
+async def test_metrics_for_holds_unload_failures_and_the_gpu(rig):
+    def short_hold(raw):
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 0.3
+
+    r = await rig(
+        sims={"mvoice": {"loaded": True}, "comfyui": {"work_s": 3600}}, total_mib=40000, tweak=short_hold
+    )
+    assert (await r.post("image", {"prompt": {}}))[0] == 200
+    await until(lambda: r.broker.scheduler.holder is None)  # the hold timed out
+    r.sims["mvoice"].faults["unload_status"] = 500
+    async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:
+        assert resp.status == 502
+    async with r.session.get(r.url("/metrics")) as resp:
+        families = _families(await resp.text())
+    assert _value(families, "mgpumanager_hold_seconds_count", consumer="comfyui") == 1
+    assert _value(families, "mgpumanager_hold_seconds_sum", consumer="comfyui") >= 0.3
+    assert _value(families, "mgpumanager_hold_timeouts_total", consumer="comfyui") == 1
+    assert _value(families, "mgpumanager_unload_failures_total", consumer="mvoice") == 1
+    used = _value(families, "mgpumanager_gpu_memory_used_bytes")
+    free = _value(families, "mgpumanager_gpu_memory_free_bytes")
+    # A reading up to a second old (before or after comfyui took its memory): consistent either way.
+    assert used in (2800 * m.MiB, 15800 * m.MiB) and used + free == (40000 - 480) * m.MiB
+    assert _value(families, "mgpumanager_gpu_utilization_ratio") == 0
+
+
+async def test_event_stream_tells_a_job_with_eviction_and_load_in_order(rig):
+    r = await rig(sims={"comfyui": {"loaded": True}, "mvoice": {"loaded": False}})
+    async with r.session.get(r.url("/v1/events")) as stream:
+        assert stream.headers["Content-Type"] == "text/event-stream"
+        assert (await r.post("tts", {"text": "x"}))[0] == 200
+        events = await _read_events(stream, "finished")
+        names = [e["event"] for e in events]
+        assert names == [
+            "queued",
+            "granted",
+            "evicting",
+            "evicted",
+            "loading",
+            "loaded",
+            "started",
+            "finished",
+        ]
+        assert all("ts" in e for e in events) and events[2]["consumer"] == "comfyui"
+        r.sims["whisper"].faults["health_status"] = 503
+        await r.broker.consumers.probe("whisper")
+        health = await _read_events(stream, "health")
+        assert health[-1]["consumer"] == "whisper" and health[-1]["healthy"] is False
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert resp.status == 200
+        assert (await _read_events(stream, "reload"))[-1]["ok"] is True
+
+
+async def test_event_stream_heartbeats_and_drops_a_reader_that_falls_behind(rig, monkeypatch):
+    monkeypatch.setattr(m, "HEARTBEAT_S", 0.1)
+    r = await rig()
+    async with r.session.get(r.url("/v1/events")) as stream:
+        assert await stream.content.readline() == b": mgpumanager events\n"
+        await stream.content.readline()
+        assert await asyncio.wait_for(stream.content.readline(), 5) == b": heartbeat\n"
+        events = r.broker.scheduler.events
+        for i in range(events.buffer + 1):  # faster than any reader: nothing yields in between
+            events.publish("test", n=i)
+        assert events.dropped == 1 and not events.subscribers
+        body = await asyncio.wait_for(stream.read(), 5)  # its stream ends instead of slowing anyone
+        assert b"event: test" not in body  # what it missed is gone: it reconnects and reads /v1/status
+
+
+def test_the_event_ring_keeps_the_last_events_by_count_and_by_age():
+    clock = FakeClock()
+    events = m.Events(ring=5, ring_s=900, clock=clock)
+    for i in range(8):
+        events.publish("test", n=i)
+        clock.now += 1
+    assert [e["n"] for e in recent_events(events)] == [3, 4, 5, 6, 7]  # the count bound
+    assert [e["n"] for e in recent_events(events, 2.5)] == [6, 7]  # published 2 s and 1 s ago
+    assert events.recent(0.5) == []
+    clock.now += 890
+    events.publish("test", n=8)  # 1898: n=4 was published 894 s ago
+    assert [e["n"] for e in recent_events(events)] == [4, 5, 6, 7, 8]
+    clock.now += 6.5
+    assert [e["n"] for e in recent_events(events)] == [5, 6, 7, 8]  # older than 15 minutes: forgotten
+    clock.now += 900
+    events.publish("test", n=9)
+    assert len(events.ring) == 1 and recent_events(events)[0]["n"] == 9  # a publish forgets too
+    # Every event is kept, with or without subscribers, as the stream sends it.
+    (frame,) = events.recent(1)
+    assert frame.startswith(b"event: test\ndata: {") and frame.endswith(b"}\n\n")
+    assert set(recent_events(events, 1)[0]) == {"event", "ts", "n"}
+
+
+async def test_events_since_replays_the_recent_past_then_goes_live(rig, monkeypatch):
+    monkeypatch.setattr(m, "EVENT_RING", 6)
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    r.broker.events.ring.clear()  # the first health round's events
+    assert (await r.post("tts", {"text": "before anyone listened"}))[0] == 200
+    await until(lambda: r.broker.events.ring and r.broker.events.ring[-1][1].startswith(b"event: finished\n"))
+    assert [e["event"] for e in recent_events(r.broker.events)] == [
+        "queued",
+        "granted",
+        "started",
+        "finished",
+    ]
+    async with r.session.get(r.url("/v1/events?since=900")) as stream:
+        past = await _read_replay(stream)
+        assert [e["event"] for e in past] == ["queued", "granted", "started", "finished"]
+        assert (await r.post("tts", {"text": "live"}))[0] == 200
+        live = await _read_events(stream, "finished")
+        assert [e["event"] for e in live] == ["queued", "granted", "started", "finished"]
+        assert live[0]["job"] == past[0]["job"] + 1
+    # The ring holds EVENT_RING events: the first job's first two are gone.
+    async with r.session.get(r.url("/v1/events?since=900")) as stream:
+        past = await _read_replay(stream)
+        assert [(e["job"], e["event"]) for e in past] == [
+            (1, "started"),
+            (1, "finished"),
+            (2, "queued"),
+            (2, "granted"),
+            (2, "started"),
+            (2, "finished"),
+        ]
+    # since=0 replays nothing; without since nothing is replayed either (as before).
+    for query in ("?since=0", ""):
+        async with r.session.get(r.url("/v1/events" + query)) as stream:
+            assert await stream.content.readline() == b": mgpumanager events\n"
+            await stream.content.readline()
+            r.broker.events.publish("test", n=1)
+            assert (await _read_events(stream, "test"))[0]["n"] == 1
+    # Events older than since, or than EVENT_RING_S, are not replayed.
+    later = r.broker.events.clock() + 60
+    monkeypatch.setattr(r.broker.events, "clock", lambda: later)
+    async with r.session.get(r.url("/v1/events?since=30")) as stream:
+        assert await _read_replay(stream) == []
+    for bad in ("abc", "-1", "inf", "nan", ""):
+        async with r.session.get(r.url("/v1/events"), params={"since": bad}) as resp:
+            error = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_request")
+            assert "since" in error["message"]
+
+
+async def test_the_switch_from_replay_to_live_loses_and_repeats_no_event(rig):
+    r = await rig()
+    events = r.broker.events
+    events.ring.clear()  # the first health round's events
+    for n in range(5000):  # a replay of 10 MiB: more than the sockets buffer, so writing it waits
+        events.publish("test", n=n, pad="x" * 2048)
+    marker_seen = asyncio.Event()
+    during: list[int] = []  # published after the client asked and before it read the end of the replay
+
+    async def publisher() -> None:
+        n = 5000
+        # While the replay is written (at most 200: a reader 256 events behind is dropped), then after.
+        while not marker_seen.is_set() and n < 5200:
+            events.publish("test", n=n)
+            if events.subscribers:
+                during.append(n)
+            n += 1
+            await asyncio.sleep(0.001)
+        await marker_seen.wait()
+        for later in range(n, n + 100):
+            events.publish("test", n=later)
+        events.publish("test", n=-1)
+
+    task = asyncio.ensure_future(publisher())
+    try:
+        seen: list[int] = []
+        replayed = None
+        async with r.session.get(r.url("/v1/events?since=900")) as stream:
+            while not seen or seen[-1] != -1:
+                line = await asyncio.wait_for(stream.content.readline(), 10)
+                assert line, "the stream ended"
+                if line.startswith(b": replayed "):
+                    replayed = int(line.split()[-1])
+                    marker_seen.set()
+                elif line.startswith(b"data: "):
+                    seen.append(json.loads(line[6:])["n"])
+        seen.pop()
+        assert replayed is not None and replayed >= 5000
+        assert seen == list(range(len(seen))) and not events.dropped  # no gap, no repeat
+        assert [n for n in during if n >= replayed], "no event came while the replay was written"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_the_job_log_line_has_every_field(rig, caplog):
+    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 0.2}})
+    assert (await r.post("image", {"prompt": {}}, headers={"X-Request-ID": "img-1"}))[0] == 200
+    await until(lambda: r.broker.scheduler.holder is None)
+    line = next(rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("msg=job"))
+    fields = dict(part.split("=", 1) for part in line.split(" "))
+    assert list(fields)[:11] == [
+        "msg",
+        "id",
+        "consumer",
+        "kind",
+        "status",
+        "code",
+        "http",
+        "wait_ms",
+        "run_ms",
+        "hold_ms",
+        "evictions",
+    ]
+    assert fields["request_id"] == "img-1" and int(fields["hold_ms"]) >= 150 and fields["code"] == ""
+
+
+def test_log_lines_carry_a_timestamp_or_journald_priority():
+    record = logging.LogRecord(
+        "mgpumanager", logging.WARNING, __file__, 1, m.logfmt(msg="x", a=None), (), None
+    )
+    plain = m.LogfmtFormatter(journal=False).format(record)
+    assert plain.startswith("ts=") and plain.endswith(" level=warning msg=x a=")
+    journal = m.LogfmtFormatter(journal=True).format(record)
+    assert journal == "<4>level=warning msg=x a="  # journald adds the time itself
+    assert m.logfmt(reason="connection refused", n=3, q='a"b') == 'reason="connection refused" n=3 q="a\\"b"'
+
+
+async def test_under_journald_the_daemon_logs_without_timestamps(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state), env={"JOURNAL_STREAM": "8:12345"})
+    async with daemon, r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+        assert resp.status == 200
+    lines = [line for line in daemon.log.splitlines() if line]
+    assert lines and all(re.match(r"^<[0-7]>level=", line) for line in lines), lines[:3]
+    assert any(line.startswith("<6>level=info msg=job ") for line in lines)
+
+
+# =====================================================================================================
+# 10.2 Operations: reload
+# POST /v1/reload and SIGHUP, with jobs, probes and reservations in flight.
+# =====================================================================================================
+
+
+class _BlockingSource:
+    """A config source whose load blocks its thread until released (a file on a hung network mount)."""
+
+    def __init__(self, source: m.ConfigSource) -> None:
+        self.source, self.path = source, source.path
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.released: list[bool] = []
+
+    def load(self) -> m.Config:
+        self.entered.set()
+        self.released.append(self.release.wait(10))
+        return self.source.load()
+
+
+async def test_reload_applies_in_place_keeping_jobs_and_what_the_broker_knows(rig):
+    gate = asyncio.Event()  # the llm job holds the GPU lock until it is set
+    async with held_llm(gate) as ollama:
+        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
+        assert (await r.post("tts", {"text": "first"}))[0] == 200
+        mvoice = r.broker.consumers.states["mvoice"]
+        last_used = mvoice.last_used
+        running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+        await until(lambda: r.broker.scheduler.holder == "ollama")
+        queued_tts = asyncio.ensure_future(r.post("tts", {"text": "queued"}))
+        queued_image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+        await until(lambda: len(r.broker.scheduler.queue()) == 2)
+
+        r.broker.consumers.gone("whisper", "connection refused")
+        raw = copy.deepcopy(r.raw)
+        del raw["consumers"]["comfyui"], raw["routing"]["image"]
+        raw["scheduler"]["max_queue"] = 1
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert resp.status == 200
+            changes = ["removed comfyui", "changed scheduler", "changed routing"]
+            assert await resp.json() == {"reloaded": True, "changes": changes}
+
+        status, headers, body = await queued_image
+        assert error_of(status, headers, body, "no_consumer")["consumer"] == "comfyui"
+        assert not queued_tts.done() and not running.done()  # kept, in place
+        assert mvoice.last_used == last_used and mvoice.resident is True  # unchanged: state kept
+        assert r.broker.consumers.states["whisper"].healthy is False  # health kept too
+        error_of(*await r.post("image", {"prompt": {}}), "no_consumer")  # no route for it any more
+        status, headers, body = await r.post("stt", None, data=b"x")  # the new max_queue applies at once
+        error_of(status, headers, body, "queue_full")
+        gate.set()
+        assert (await running)[0] == 200 and (await queued_tts)[0] == 200
+    assert r.sims["comfyui"].records == []
+    assert books_balance(r.broker.scheduler) and r.stats.failed == 1 and r.stats.rejected == 1
+
+
+async def test_a_reload_that_moves_a_consumer_to_a_new_gpu_gives_that_gpu_a_queue(rig):
+    gate = asyncio.Event()  # the llm job holds the GPU lock until it is set
+    async with held_llm(gate) as ollama:
+        r = await rig(gpus=2, sims={"comfyui": {"gpu": 1, "work_s": 0.02}}, urls={"ollama": ollama.url})
+        assert list(r.broker.schedulers) == [0]
+        running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+        await until(lambda: r.broker.scheduler.holder == "ollama")
+        queued_image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+        await until(lambda: len(r.broker.scheduler.queue()) == 1)
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["comfyui"]["gpu"] = 1
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert (await resp.json())["changes"] == ["new GPU for comfyui", "added GPU 1"]
+        # The job queued on GPU 0 is answered (its consumer is elsewhere now) ...
+        status, headers, body = await queued_image
+        assert "was moved to GPU 1" in error_of(status, headers, body, "no_consumer")["message"]
+        # ... and a new one runs on GPU 1 while GPU 0 is still held.
+        assert (await r.post("image", {"prompt": {}}))[0] == 200
+        assert not running.done() and r.broker.schedulers[1].stats.completed == 1
+        gate.set()
+        assert (await running)[0] == 200
+    assert r.gpu.used_mib("comfyui") == 13000 and r.sims["comfyui"].gpu == 1
+
+
+async def test_a_consumer_moves_to_another_gpu_only_while_none_of_its_jobs_runs(rig):
+    gate = asyncio.Event()  # the llm job holds the GPU lock until it is set
+    async with held_llm(gate) as ollama:
+        r = await rig(gpus=2, urls={"ollama": ollama.url})
+        running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+        await until(lambda: r.broker.scheduler.holder == "ollama")
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["ollama"]["gpu"] = 1
+        raw["consumers"]["mvoice"]["can_coexist_with"] = ["whisper"]
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+        assert "consumers.ollama.gpu: ollama has a job running on GPU 0" in data["message"]
+        assert r.broker.config is r.config and list(r.broker.schedulers) == [0]
+        gate.set()
+        assert (await running)[0] == 200
+        async with r.session.post(r.url("/v1/reload")) as resp:  # idle now: the move is taken
+            assert "new GPU for ollama" in (await resp.json())["changes"]
+        assert r.broker.scheduler_for("ollama").index == 1
+
+
+async def test_a_bad_config_is_refused_whole_and_the_old_one_stays(rig, caplog):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    raw = copy.deepcopy(r.raw)
+    raw["scheduler"]["max_queu"] = 3
+    raw["routing"]["image"] = "ghost"
+    r.config_path.write_text(yaml.safe_dump(raw))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+    assert "scheduler.max_queu: unknown key" in data["message"] and "routing.image" in data["message"]
+    assert 'msg="reload refused"' in caplog.text and "scheduler.max_queu: unknown key" in caplog.text
+    assert r.broker.config is r.config
+    assert (await r.post("tts", {"text": "still served"}))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("nesting", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("bomb", _bomb(9), "aliases expand it beyond"),
+        ("duplicate", "DUP", "found a duplicate key 'routing'"),
+    ],
+)
+async def test_a_reload_that_meets_any_parser_failure_is_bad_config(rig, name, text, expected):
+    """Item 6 of issue 10: 3 MB of brackets made POST /v1/reload answer 500, not bad_config."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    if text == "DUP":
+        text = yaml.safe_dump(r.raw, sort_keys=False) + "routing: {}\n"
+    r.config_path.write_text(text)
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+    assert expected in data["message"] and r.broker.config is r.config
+    assert (await r.post("tts", {"text": "still served"}))[0] == 200
+
+
+async def test_a_reload_reads_the_config_without_blocking_the_loop_and_within_a_bound(rig, monkeypatch):
+    """Item 6 of issue 10: the reload parsed in the event loop, while the watchdog allows 30 s."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    slow = _BlockingSource(r.broker.source)
+    r.broker.source = slow
+    reload = asyncio.ensure_future(r.session.post(r.url("/v1/reload")))
+    await until(slow.entered.is_set)
+    async with r.session.get(r.url("/healthz")) as resp:  # served while the config is being read
+        assert resp.status == 200
+    slow.release.set()
+    async with await reload as resp:
+        assert resp.status == 200 and (await resp.json())["reloaded"] is True
+    assert slow.released == [True]  # released by the test, after /healthz: the loop was never blocked
+    # A read that does not end is refused at CONFIG_READ_TIMEOUT_S, and the old config stays.
+    monkeypatch.setattr(m, "CONFIG_READ_TIMEOUT_S", 0.2)
+    stuck = _BlockingSource(r.broker.source.source)
+    r.broker.source = stuck
+    config = r.broker.config
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+    assert "not read within 0.2 s" in data["message"] and r.broker.config is config
+    stuck.release.set()
+
+
+async def test_sighup_reloads_the_daemon(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["mvoice"]["priority"] = 4
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        daemon.proc.send_signal(signal.SIGHUP)
+        await daemon.until(r.session, lambda st: st["consumers"]["mvoice"]["priority"] == 4)
+        daemon.config.write_text("consumers: {")
+        daemon.proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.3)
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+            assert resp.status == 200  # the old config serves on
+    assert daemon.proc.returncode == 0
+    assert 'msg=reload changes="changed mvoice"' in daemon.log
+    assert 'msg="reload refused"' in daemon.log and "not valid YAML" in daemon.log
+
+
+async def test_reload_gives_a_consumer_with_a_new_url_a_fresh_state(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    assert (await r.post("tts", {"text": "x"}))[0] == 200
+    assert r.broker.consumers.states["mvoice"].last_used is not None
+    raw = copy.deepcopy(r.raw)
+    raw["consumers"]["mvoice"]["url"] = raw["consumers"]["mvoice"]["url"].replace("127.0.0.1", "localhost")
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert await r.broker.reload() == ["new url for mvoice"]
+    state = r.broker.consumers.states["mvoice"]
+    assert (state.resident, state.healthy, state.last_used) == (None, None, None)
+
+
+async def test_a_reload_during_an_upload_is_no_consumer_and_the_books_balance(rig):
+    r = await rig()
+    reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
+    body = b'{"prompt": {}}'
+    writer.write(
+        f"POST /v1/image HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:3]
+    )
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    raw = copy.deepcopy(r.raw)
+    del raw["consumers"]["comfyui"], raw["routing"]["image"]
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    await r.broker.reload()
+    writer.write(body[3:])
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 404")
+    assert books_balance(r.broker.scheduler) and r.stats.jobs == 0
+
+
+async def test_a_reload_while_a_reservation_waits_for_the_gpu_keeps_it_waiting():
+    """A reload answers the jobs of consumers it removed with no_consumer (``forget``); the reservation's
+    job, whose "consumer" is no consumer of the config, was answered so too: `reserve` failed with
+    "reservation was removed from the config" whenever a reload came while it waited."""
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    holding = await s.acquire("t", "kt")
+    reserving = asyncio.ensure_future(s.reserve(60, "gaming"))
+    await until(lambda: len(s.queue()) == 1)
+    s.config = small_config()  # a reload: the same consumers
+    s.forget()
+    holding.release("completed")
+    res = await asyncio.wait_for(reserving, 5)
+    assert s.reservation is res and s.holder == m.RESERVATION
+    assert s.release_reservation() and s.holder is None and books_balance(s)
+
+
+async def test_a_reload_during_the_probe_of_an_unhealthy_consumer_is_no_consumer_not_a_crash(rig):
+    """A job for a consumer marked unhealthy probes it once more before it is queued; a reload that
+    removed the consumer meanwhile made the handler look it up in the new config: KeyError, answered
+    500 scheduler_error and counted as a bug (for /v1/<kind> and for /audio/ alike)."""
+    r = await rig()
+    for name in ("comfyui", "mvoice"):
+        r.broker.consumers.states[name].seen_down("connection refused")
+    gate, probing = asyncio.Event(), []
+    real_probe_now = r.broker.consumers.probe_now
+
+    async def slow_probe_now(name: str) -> None:
+        await real_probe_now(name)  # it is back: healthy
+        probing.append(name)
+        await gate.wait()  # the reload comes before the job goes on
+
+    r.broker.consumers.probe_now = slow_probe_now  # type: ignore[method-assign]
+    image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+    audio = asyncio.ensure_future(r.session.get(r.url("/audio/a.wav")))
+    await until(lambda: sorted(probing) == ["comfyui", "mvoice"])
+    raw = copy.deepcopy(r.raw)
+    del (
+        raw["consumers"]["comfyui"],
+        raw["routing"]["image"],
+        raw["consumers"]["mvoice"],
+        raw["routing"]["tts"],
+    )
+    raw["routing"]["stt"], raw["audio_proxy"] = "whisper", None
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    await r.broker.reload()
+    gate.set()
+    error_of(*await image, "no_consumer")
+    async with await audio as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "no_consumer")
+    assert r.sims["comfyui"].records == [] and r.sims["mvoice"].records == []
+
+
+async def test_a_reload_during_the_probe_that_takes_the_kind_from_the_consumer_does_not_wedge_the_gpu(rig):
+    """As above, but the reload keeps the consumer and takes the job's kind from its paths: the job was
+    admitted, granted the GPU, and then its path looked up (KeyError) before anything could end it, so the
+    GPU stayed held for good."""
+    r = await rig()
+    r.broker.consumers.states["mvoice"].seen_down("connection refused")
+    gate, probing = asyncio.Event(), []
+    real_probe_now = r.broker.consumers.probe_now
+
+    async def slow_probe_now(name: str) -> None:
+        await real_probe_now(name)
+        probing.append(name)
+        await gate.wait()
+
+    r.broker.consumers.probe_now = slow_probe_now  # type: ignore[method-assign]
+    tts = asyncio.ensure_future(r.post("tts", {"text": "hi"}))
+    await until(lambda: probing == ["mvoice"])
+    raw = copy.deepcopy(r.raw)
+    del raw["consumers"]["mvoice"]["paths"]["tts"], raw["routing"]["tts"]
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    await r.broker.reload()
+    gate.set()
+    error_of(*await tts, "no_consumer")
+    assert r.broker.scheduler.holder is None and books_balance(r.broker.scheduler)
+    assert (await r.post("stt", None, data=b"x"))[0] == 200  # the GPU is not wedged
+
+
+# =====================================================================================================
+# 10.3 Operations: the daemon, systemd and shutdown
+# The daemon as a subprocess, notify, SIGTERM, the unit, make demo.
+# =====================================================================================================
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's: collects what the daemon sends to NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.address = str(path)
+        self.messages: list[str] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                return self.messages
+
+    def without_watchdog(self) -> list[str]:
+        return [msg for msg in self.drain() if msg != "WATCHDOG=1"]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_daemon_subprocess_evicts_through_real_nvidia_smi_subprocess_and_stops_on_sigterm(rig):
+    r = await rig(
+        sims={
+            "comfyui": {"loaded": True, "release_s": 0.1},
+            "mvoice": {"loaded": False},
+            "ollama": {"lines": 30, "line_interval_s": 0.05},
+        }
+    )
+    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
+    async with daemon:
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "hi"}) as resp:
+            assert resp.status == 200 and (await resp.read()).startswith(b"RIFF")
+        assert (r.sims["comfyui"].unloads, r.sims["mvoice"].loads) == (1, 1)
+        st = await daemon.status(r.session)
+        assert st["scheduler"]["stats"]["evictions"] == 1 and st["gpu"]["total_mib"] == 16384
+        assert r.gpu.used_mib("mvoice") == 2800 and r.gpu.used_mib("comfyui") == 0
+        # In production too, a client that leaves while queued is dropped (handler_cancellation).
+        async with r.session.post(daemon.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as stream:
+            await stream.content.readline()
+            with pytest.raises(asyncio.TimeoutError):
+                await r.session.post(
+                    daemon.url("/v1/tts"), json={"text": "x"}, timeout=aiohttp.ClientTimeout(total=0.2)
+                )
+            stats = (await daemon.until(r.session, lambda st: st["scheduler"]["stats"]["cancelled"] == 1))[
+                "scheduler"
+            ]["stats"]
+            assert stats["cancelled"] == 1 and stats["queued"] == 0 and not stream.content.at_eof()
+            await stream.read()
+        assert [rec.path for rec in r.sims["mvoice"].records].count("/api/synthesize") == 1
+    assert daemon.proc.returncode == 0, daemon.log
+    assert "msg=evicting consumer=comfyui for_consumer=mvoice" in daemon.log
+    assert (
+        "msg=job id=1 consumer=mvoice kind=tts status=completed" in daemon.log and "evictions=1" in daemon.log
+    )
+
+
+def test_make_demo_shows_the_eviction_cycle(tmp_path):
+    """`make demo` without a GPU: consumers, broker and nvidia-smi simulated, each its own process."""
+    res = subprocess.run(
+        [PY, str(HERE / "mgpusim.py"), "demo", "--once"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    assert "msg=evicting consumer=mvoice for_consumer=comfyui" in out
+    assert "msg=evicting consumer=comfyui for_consumer=mvoice" in out
+    assert "/v1/status" in out and "/v1/tts" in out and "/v1/image" in out
+
+
+def test_the_unit_file_verifies_where_systemd_is_present():
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed here")
+    res = subprocess.run(
+        [analyze, "verify", str(HERE / "mgpumanager.service")], capture_output=True, text=True
+    )
+    problems = [
+        line for line in res.stderr.splitlines() if "mgpumanager.service" in line and "/opt/" not in line
+    ]
+    assert res.returncode == 0 or not problems, res.stderr
+    directives = [line.split("=")[0] for line in (HERE / "mgpumanager.service").read_text().splitlines()]
+    assert "PrivateDevices" not in directives and "DevicePolicy" not in directives  # /dev/nvidia* stays
+
+
+async def test_systemd_notify_ready_status_reload_watchdog_stopping_in_order(rig, tmp_path):
+    r = await rig(sims={"mvoice": {"loaded": True, "work_s": 0.2}})
+    notify = NotifySocket(tmp_path / "notify.sock")
+    env = {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "200000"}  # pings every 0.1 s
+    try:
+        async with Daemon(r.raw, r.tmp_path, sim_smi(r.state), env=env) as daemon:
+            ready = notify.without_watchdog()
+            assert len(ready) == 1 and ready[0].startswith("READY=1\nSTATUS=GPU idle, 0 queued")
+            async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+                assert resp.status == 200
+            await asyncio.sleep(0.3)
+            statuses = notify.without_watchdog()[1:]
+            # mvoice is resident, so nothing read the GPU: free VRAM is not known yet.
+            assert statuses[0] == "STATUS=mvoice holds the GPU, 0 queued, VRAM unknown", statuses
+            assert statuses[-1].startswith("STATUS=GPU idle")
+            daemon.proc.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.3)
+            reload = notify.without_watchdog()[1 + len(statuses) :]
+            assert reload[0].startswith("RELOADING=1\nMONOTONIC_USEC=") and reload[1] == "READY=1"
+        final = notify.without_watchdog()
+        assert final[-1] == "STOPPING=1"
+        assert notify.messages.count("WATCHDOG=1") >= 5
+    finally:
+        notify.close()
+
+
+def test_notify_speaks_the_abstract_socket_form_and_is_silent_without_a_socket():
+    name = f"mgpumanager-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        notifier = m.Notifier({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"})
+        assert notifier.send("READY=1") and sock.recv(100) == b"READY=1"
+        assert notifier.watchdog_s is None  # WATCHDOG_PID names another process
+    silent = m.Notifier({})
+    assert not silent.send("READY=1") and silent.errors == 0 and silent.watchdog_s is None
+    assert m.Notifier({"NOTIFY_SOCKET": "/nonexistent/socket"}).send("READY=1") is False
+
+
+async def test_sigterm_drains_the_queue_lets_the_running_job_finish_and_exits_0(rig):
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
+        daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
+        async with daemon:
+            running = asyncio.ensure_future(r.session.post(daemon.url("/v1/llm"), json={"model": "m"}))
+            await daemon.until(r.session, lambda st: st["scheduler"]["holder"])
+            queued = asyncio.ensure_future(r.session.post(daemon.url("/v1/tts"), json={"text": "x"}))
+            await asyncio.sleep(0.3)
+            daemon.terminate()
+            resp = await asyncio.wait_for(queued, 10)
+            error_of(resp.status, dict(resp.headers), await resp.read(), "shutting_down")
+            with pytest.raises(aiohttp.ClientConnectionError):  # it no longer accepts connections
+                async with aiohttp.ClientSession() as fresh:
+                    await fresh.get(daemon.url("/healthz"))
+            assert daemon.proc.returncode is None  # still finishing the running job
+            gate.set()
+            resp = await asyncio.wait_for(running, 10)
+            assert resp.status == 200 and await resp.json() == {"response": "done"}
+        assert daemon.proc.returncode == 0
+        assert "msg=stopping" in daemon.log and "msg=stopped" in daemon.log
+        assert "code=shutting_down" in daemon.log
+
+
+async def test_shutdown_waits_for_a_hold_but_not_longer_than_shutdown_timeout_s(rig):
+    def quick(raw):
+        raw["scheduler"]["shutdown_timeout_s"] = 1.0
+
+    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 0.5}}, tweak=quick)
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        async with r.session.post(daemon.url("/v1/image"), json={"prompt": {}}) as resp:
+            assert resp.status == 200
+        daemon.terminate()
+    assert daemon.proc.returncode == 0
+    assert daemon.log.index('msg="hold released"') < daemon.log.index("msg=stopped")
+
+    gate = asyncio.Event()  # never set: this job outlives shutdown_timeout_s
+    async with held_llm(gate) as ollama:
+        r2 = await rig(urls={"ollama": ollama.url}, tweak=quick)
+        daemon = Daemon(r2.raw, r2.tmp_path, sim_smi(r2.state))
+        async with daemon:
+            stuck = asyncio.ensure_future(r2.session.post(daemon.url("/v1/llm"), json={"model": "m"}))
+            await daemon.until(r2.session, lambda st: st["scheduler"]["holder"])
+            daemon.terminate()
+        assert daemon.proc.returncode == 0
+        assert "shutting down: cutting what still runs" in daemon.log
+        with contextlib.suppress(aiohttp.ClientError):
+            await stuck
+
+
+# =====================================================================================================
+# 10.4 Operations: admin unload and load, reserving the GPU
+# /v1/consumers/*, POST/DELETE /v1/reserve.
 # =====================================================================================================
 
 
 async def _reserve(r: Rig, **body: Any) -> tuple[int, dict[str, str], dict[str, Any]]:
     async with r.session.post(r.url("/v1/reserve"), json=body) as resp:
         return resp.status, dict(resp.headers), await resp.json()
+
+
+def _record_raising_once(s: m.Scheduler, fact: str) -> Any:
+    """The scheduler's recorder, except that its first record of ``fact`` raises RuntimeError."""
+    return _raising_once(s.recorder.record, lambda name, *_: name == fact)
+
+
+#: Each step of a reservation's life after its grant, and how to make it raise once (a bug there).
+RESERVATION_STEPS = {
+    "refusing the queue": lambda s, mp: mp.setattr(s.lock, "refuse", _raising_once(s.lock.refuse)),
+    "starting its unloads": lambda s, mp: mp.setattr(s, "_own", _raising_once(s._own)),
+    "its end, released": lambda s, mp: mp.setattr(
+        s.recorder, "record", _record_raising_once(s, "reservation_ended")
+    ),
+    "its end, expired": lambda s, mp: mp.setattr(
+        s.recorder, "record", _record_raising_once(s, "reservation_ended")
+    ),
+}
+
+
+async def test_admin_routes_answer_only_loopback_without_a_token(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}}, remote="192.0.2.7")
+    async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
+    assert r.sims["mvoice"].unloads == 0
+    # With a token, the token is what counts, wherever the client is.
+    r2 = await rig(sims={"mvoice": {"loaded": True}}, remote="192.0.2.7", tweak=with_token)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with r2.session.post(r2.url("/v1/consumers/mvoice/unload"), headers=headers) as resp:
+        assert resp.status == 200 and (await resp.json())["loaded"] is False
+
+
+async def test_admin_unload_and_load_go_through_the_lock(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}, "ollama": {"lines": 20, "line_interval_s": 0.03}})
+    async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as stream:
+        await stream.content.readline()
+        unload = asyncio.ensure_future(r.session.post(r.url("/v1/consumers/mvoice/unload")))
+        await until(lambda: len(r.broker.scheduler.queue()) == 1)
+        assert r.sims["mvoice"].unloads == 0  # waits for the running job: never races it
+        await stream.read()
+    resp = await unload
+    assert resp.status == 200
+    assert await resp.json() == {"consumer": "mvoice", "action": "unload", "loaded": False, "evictions": 0}
+    assert r.sims["mvoice"].unloads == 1 and r.stats.admin_unloads == 1 and r.stats.evictions == 0
+    # Warm-up: comfyui fills the GPU (once ollama let its model go), so loading mvoice evicts it first.
+    for model in list(r.sims["ollama"].models):
+        await r.sims["ollama"].unload_model(model)
+    await r.sims["comfyui"].do_load()
+    r.broker.consumers.states["comfyui"].loaded()
+    async with r.session.post(r.url("/v1/consumers/mvoice/load")) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"consumer": "mvoice", "action": "load", "loaded": True, "evictions": 1}
+    assert r.sims["mvoice"].loads == 1 and r.sims["comfyui"].unloads == 1
+    async with r.session.post(r.url("/v1/consumers/ghost/unload")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "no_consumer")
+    async with r.session.post(r.url("/v1/consumers/whisper/unload")) as resp:
+        assert (
+            "no unload route"
+            in error_of(resp.status, dict(resp.headers), await resp.read(), "bad_request")["message"]
+        )
+    r.sims["mvoice"].faults["unload_status"] = 500
+    async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "unload_failed")
+    assert r.broker.scheduler.holder is None
+
+
+async def test_an_admin_operation_holds_the_lock_alone():
+    s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=3))
+    for name in ops.states:
+        ops.states[name].loaded()
+    ops.unload_behaviour["t"] = "gated"
+    unload = asyncio.ensure_future(s.unload_now("t"))
+    await asyncio.sleep(0)
+    t = await _queued(s, "t")
+    assert s.holder == "t" and s.exclusive and s.slots == 1 and not t.done()  # no job of t joins
+    unload.cancel()  # the admin's client leaves: the unload it asked for still runs to its end
+    await asyncio.gather(unload, return_exceptions=True)
+    await asyncio.sleep(0)
+    assert s.holder == "t" and s.exclusive and not t.done()
+    ops.gate.set()
+    job = await asyncio.wait_for(t, 5)
+    assert ops.calls == [("unload", "t"), ("load", "t")]  # the unload ran whole; t's job then loads it
+    assert s.stats.admin_unloads == 1 and s.stats.cancelled == 1
+    job.release("completed")
+    assert books_balance(s)
+
+
+async def test_an_admin_unload_never_joins_its_consumers_running_job():
+    s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=3))
+    for name in ops.states:
+        ops.states[name].loaded()
+    job = await s.acquire("t", "kt")
+    unload = asyncio.ensure_future(s.unload_now("t"))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert ops.calls == [] and not unload.done()  # t's job still runs: the unload waits for the lock alone
+    job.release("completed")
+    await asyncio.wait_for(unload, 5)
+    assert ops.calls == [("unload", "t")]
 
 
 async def test_a_reservation_unloads_everything_refuses_gpu_jobs_and_ends_when_released(rig):
@@ -7250,7 +6822,7 @@ async def test_a_reservation_waits_for_the_gpu_refuses_the_queue_expires_and_sur
         assert r.broker.scheduler.reservation is not None
         await until(lambda: r.broker.scheduler.reservation is None)  # it expires on its own
         assert (await r.post("tts", {"text": "x"}))[0] == 200
-    ended = [e for e in r.broker.events.recent(900) if e["event"] == "reservation_ended"]
+    ended = [e for e in recent_events(r.broker.events) if e["event"] == "reservation_ended"]
     assert [e["why"] for e in ended] == ["expired"]
 
 
@@ -7286,30 +6858,108 @@ async def test_reservations_are_per_gpu_and_end_with_the_broker(rig):
     # The broker stopping ends it (a restart does not restore it): the drain does not wait for it.
     await r.server.close()
     assert r.broker.schedulers[1].reservation is None
-    ended = [e for e in r.broker.events.recent(900) if e["event"] == "reservation_ended"]
+    ended = [e for e in recent_events(r.broker.events) if e["event"] == "reservation_ended"]
     assert [e["why"] for e in ended] == ["shutdown"]
 
 
-async def test_the_cli_reserves_and_releases_a_running_broker(rig):
-    r = await rig(sims={"mvoice": {"loaded": True}})
-    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
-    async with daemon:
-        url = daemon.url("")
-        rc, out, err = await cli("reserve", "1h", "--reason", "gaming", "--url", url)
-        assert rc == 0 and out.startswith("GPU 0 reserved\n") and "reserved: gaming" in out, (out, err)
-        assert "unloaded: mvoice, comfyui" in out and "whisper (no unload route)" in out
-        rc, out, _ = await cli("ps", "--url", url)
-        assert rc == 0 and "reserved: gaming" in out
-        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
-            assert resp.status == 503 and (await resp.json())["error"] == "gpu_reserved"
-        assert await cli("release", "--url", url) == (0, "GPU 0 released\n", "")
-        assert await cli("release", "--url", url) == (0, "GPU 0 was not reserved\n", "")
-        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
-            assert resp.status == 200
+async def test_a_release_while_the_reservation_unloads_unloads_nothing_more():
+    """DELETE /v1/reserve while the reservation still unloads gives the GPU back at once: a job of a
+    consumer known resident goes, and the reservation must not unload that consumer under it."""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    for name in ("t", "x", "y", "z"):
+        ops.states[name].loaded()
+        gpu.held[name] = 3000
+    gate, started = _gated_unloads(ops, "t")
+    reserving = asyncio.ensure_future(s.reserve(60, "gaming"))
+    await until(lambda: started == ["t"])  # t's unload is under way
+    assert s.release_reservation()
+    job = await asyncio.wait_for(s.acquire("x", "kx"), 5)  # x is known resident: it runs at once
+    gate.set()
+    await reserving
+    assert ops.calls == [("unload", "t")] and gpu.held.get("x") == 3000
+    assert ops.states["x"].resident is True and s.holder == "x"
+    job.release("completed", status=200, success=True)
+    assert s.holder is None and books_balance(s)
+
+
+async def test_a_reservation_extended_while_it_unloads_leaves_no_timer_behind_to_end_the_next_one():
+    """Asked again while its unloads run, a reservation got a second expiry timer, and the first one was
+    lost: released, then reserved anew, the GPU was given back by the stale timer long before the new
+    reservation's end."""
+    s, _, ops, _ = make_scheduler(small_config())
+    gate, _ = _gated_unloads(ops)
+    first = asyncio.ensure_future(s.reserve(60, "backup"))
+    await until(lambda: s.reservation is not None)
+    await s.reserve(0.05, "a short one")  # extended while it unloads
+    gate.set()
+    await first
+    assert s.release_reservation()
+    second = await s.reserve(3600, "gaming")
+    await asyncio.sleep(0.2)  # the extension's timer would have fired by now
+    assert s.reservation is second and s.holder == m.RESERVATION
+    ended = [e for e in recent_events(s.events) if e["event"] == "reservation_ended"]
+    assert [e["why"] for e in ended] == ["released"]
+    assert s.release_reservation() and s.holder is None and books_balance(s)
+
+
+@pytest.mark.parametrize("step", list(RESERVATION_STEPS))
+async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_frees_its_slot(
+    step, monkeypatch
+):
+    """The scheduler's invariant for the reservation's job: a failure injected after its grant (answering
+    the queue, starting its unloads, recording its end by DELETE or by its timer) ends it once and frees
+    the GPU; before, the GPU stayed held by a reservation nobody could release."""
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    holding = await s.acquire("t", "kt")
+    reserving = asyncio.ensure_future(s.reserve(0.05 if step == "its end, expired" else 60, "gaming"))
+    waiting = await _queued(s, "x")  # answered gpu_reserved by the reservation, or served after it
+    RESERVATION_STEPS[step](s, monkeypatch)
+    holding.release("completed")
+    try:
+        await reserving
+    except m.BrokerError as e:
+        assert e.code == "scheduler_error" and step in ("refusing the queue", "starting its unloads")
+    else:
+        if step == "its end, released":
+            s.release_reservation()
+    await until(lambda: s.holder != m.RESERVATION)
+    assert s.reservation is None and s.stats.internal_errors == 1
+    with contextlib.suppress(m.BrokerError):
+        (await asyncio.wait_for(waiting, 5)).release("completed")
+    for _ in range(3):
+        await asyncio.sleep(0)  # the accounting runs after the hand-over
+    assert (s.holder, s.slots, s.holds) == (None, 0, 0)
+    assert all(state.jobs == 0 for state in ops.states.values()) and books_balance(s)
+    again = await s.acquire("y", "ky")  # the GPU is not wedged
+    again.release("completed")
+    assert s.holder is None and books_balance(s)
+
+
+async def test_two_reservations_asked_for_while_the_gpu_is_busy_make_one_that_the_second_extends():
+    """A second reserve while the first waits for the GPU (a Steam launch and a timer at once) was
+    answered gpu_reserved by the first once it held the GPU, though the README says asking again extends
+    it: `reserve` failed, and the GPU was given back at the first one's end."""
+    s, _, ops, clock = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    holding = await s.acquire("t", "kt")
+    first = asyncio.ensure_future(s.reserve(60, "gaming"))
+    second = asyncio.ensure_future(s.reserve(7200, "training"))
+    await until(lambda: len(s.queue()) == 2)
+    holding.release("completed")
+    one, two = await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert one is two is s.reservation and s.holder == m.RESERVATION
+    assert one.reason == "training" and one.describe(clock())["left_s"] == 7200
+    assert ops.calls.count(("unload", "x")) == 1  # unloaded once
+    assert s.release_reservation() and s.holder is None and books_balance(s)
+    assert s.stats.failed == 0
 
 
 # =====================================================================================================
-# The command line: verbs against a running broker, each a process of its own
+# 10.5 Operations: the command line
+# Verbs against a running broker, each a process of its own.
 # =====================================================================================================
 
 
@@ -7344,6 +6994,32 @@ def ps_rows(out: str) -> dict[str, list[str]]:
             cells = re.split(r"\s{2,}", line.strip())
             rows[cells[0]] = cells[1:]
     return rows
+
+
+async def post_json(
+    session: aiohttp.ClientSession, url: str, payload: Any, request_id: str | None = None
+) -> tuple[int, bytes]:
+    headers = {"X-Request-ID": request_id} if request_id else {}
+    async with session.post(url, json=payload, headers=headers) as resp:
+        return resp.status, await resp.read()
+
+
+async def test_the_cli_reserves_and_releases_a_running_broker(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
+    async with daemon:
+        url = daemon.url("")
+        rc, out, err = await cli("reserve", "1h", "--reason", "gaming", "--url", url)
+        assert rc == 0 and out.startswith("GPU 0 reserved\n") and "reserved: gaming" in out, (out, err)
+        assert "unloaded: mvoice, comfyui" in out and "whisper (no unload route)" in out
+        rc, out, _ = await cli("ps", "--url", url)
+        assert rc == 0 and "reserved: gaming" in out
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+            assert resp.status == 503 and (await resp.json())["error"] == "gpu_reserved"
+        assert await cli("release", "--url", url) == (0, "GPU 0 released\n", "")
+        assert await cli("release", "--url", url) == (0, "GPU 0 was not reserved\n", "")
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+            assert resp.status == 200
 
 
 async def test_cli_ps_and_status_against_a_running_daemon(rig):
@@ -7563,14 +7239,6 @@ async def test_cli_events_prints_one_line_per_event_and_stops_on_sigint(rig):
         assert b"the broker ended the event stream" in await proc.stderr.read()
 
 
-async def post_json(
-    session: aiohttp.ClientSession, url: str, payload: Any, request_id: str | None = None
-) -> tuple[int, bytes]:
-    headers = {"X-Request-ID": request_id} if request_id else {}
-    async with session.post(url, json=payload, headers=headers) as resp:
-        return resp.status, await resp.read()
-
-
 def test_cli_durations_are_seconds_minutes_hours_or_plain_seconds():
     cases = {"90s": 90, "30m": 1800, "2h": 7200, "1h30m": 5400, "1.5h": 5400, "45": 45, " 2H ": 7200}
     assert {text: m.parse_duration(text) for text in cases} == cases
@@ -7682,8 +7350,10 @@ async def test_cli_ps_shows_measured_memory_reservations_and_several_gpus(rig):
 
 
 # =====================================================================================================
-# The timeline: the dashboard draws the last 15 minutes from the events the broker replays
+# 10.6 Operations: the dashboard
+# A real browser; the timeline of the last 15 minutes.
 # =====================================================================================================
+
 
 #: Every span the timeline draws: [lane, what, job, kind (or queue depth), outcome (or whether it went well)].
 TIMELINE_SPANS = """[...document.querySelectorAll('#timeline .tl-span')].map((s) => {
@@ -7691,6 +7361,8 @@ TIMELINE_SPANS = """[...document.querySelectorAll('#timeline .tl-span')].map((s)
   return [row.dataset.consumer || row.dataset.lane, s.dataset.state, s.dataset.job || '',
           s.dataset.kind || s.dataset.depth || '', s.dataset.outcome ?? s.dataset.ok ?? ''];
 })"""
+
+
 TIMELINE_RESERVATIONS = """[...document.querySelectorAll('#timeline .tl-resv')]
   .map((r) => [r.closest('.tl-gpu').dataset.gpu, r.dataset.reason, r.dataset.why, r.dataset.open])"""
 
@@ -7716,6 +7388,84 @@ async def point_at(browser: Browser, selector: str, *, tap: bool = False) -> str
     return await browser.wait_for(
         "!document.getElementById('tip').hidden && document.getElementById('tip').textContent"
     )
+
+
+async def test_dashboard_in_a_real_browser_shows_consumers_holder_and_evictions(rig, tmp_path):
+    r = await rig(sims={"mvoice": {"loaded": True}, "comfyui": {"work_s": 4.0}})
+    assert (await r.post("tts", {"text": "warm"}))[0] == 200
+    async with Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=r.url("/"))
+        names = await browser.wait_for(
+            "document.querySelectorAll('#consumers tr').length === 4 &&"
+            " [...document.querySelectorAll('#consumers tr')].map(r => r.dataset.consumer)"
+        )
+        assert names == ["mvoice", "comfyui", "ollama", "whisper"]
+        assert await browser.evaluate("document.querySelector('#stat-evictions b').textContent") == "0"
+        assert "idle" in await browser.evaluate("document.getElementById('holder').textContent")
+        image = asyncio.ensure_future(r.post("image", {"prompt": {}}))  # evicts mvoice, then renders 4 s
+        holder = await browser.wait_for(
+            "document.getElementById('holder').textContent.includes('comfyui')"
+            " && document.getElementById('holder').textContent"
+        )
+        assert holder.startswith("comfyui")
+        await browser.wait_for("document.querySelector('#stat-evictions b').textContent === '1'")
+        # Once comfyui answered it is resident: its share of the memory bar is coloured, not "unknown".
+        legend = await browser.wait_for(
+            "document.querySelector('.legend').textContent.includes('comfyui 13000 MiB')"
+            " && document.querySelector('.legend').textContent"
+        )
+        assert "free" in legend and "mvoice" not in legend
+        assert "evicting" in await browser.evaluate("document.getElementById('log').textContent")
+        # A second later a new GPU reading shows comfyui's memory as used.
+        await browser.wait_for("document.querySelector('.legend').textContent.includes('free 2904 MiB')")
+        await browser.screenshot(tmp_path / "dashboard.png")
+        assert (await image)[0] == 200
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+
+async def test_dashboard_with_two_gpus_draws_each_with_its_own_holder(rig, tmp_path):
+    def two_gpus(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["gpu"] = 1
+
+    r = await rig(gpus=2, sims={"comfyui": {"gpu": 1, "work_s": 4.0}}, tweak=two_gpus)
+    async with Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=r.url("/"))
+        titles = await browser.wait_for(
+            "document.querySelectorAll('.gpu h3').length === 2 &&"
+            " [...document.querySelectorAll('.gpu h3')].map(h => h.textContent)"
+        )
+        assert [t.split()[:2] for t in titles] == [["GPU", "0"], ["GPU", "1"]]
+        image = asyncio.ensure_future(r.post("image", {"prompt": {}}))  # renders 4 s on GPU 1
+        holder = await browser.wait_for(
+            "document.getElementById('holder').textContent.includes('comfyui')"
+            " && document.getElementById('holder').textContent"
+        )
+        assert "GPU 0 idle" in holder and "GPU 1 comfyui" in holder
+        # comfyui's memory is drawn on GPU 1's bar only.
+        legends = await browser.wait_for(
+            "[...document.querySelectorAll('.legend')].map(l => l.textContent).join('|').includes('comfyui')"
+            " && [...document.querySelectorAll('.legend')].map(l => l.textContent)"
+        )
+        assert "comfyui" not in legends[0] and "comfyui 13000 MiB" in legends[1]
+        # The timeline: a lane per consumer on each GPU, comfyui's job on GPU 1's.
+        lanes = await browser.wait_for(
+            '!!document.querySelector(\'.tl-gpu[data-gpu="1"] .tl-row[data-consumer="comfyui"] .tl-run\')'
+            " && [...document.querySelectorAll('.tl-gpu')].map((g) => [g.dataset.gpu,"
+            " [...g.querySelectorAll('.tl-row')].map((r) => r.dataset.consumer || r.dataset.lane)])"
+        )
+        assert lanes == [["0", ["queue", "mvoice", "ollama", "whisper"]], ["1", ["queue", "comfyui"]]]
+        assert (await image)[0] == 200
+
+
+async def test_with_a_token_the_page_loads_but_its_data_needs_the_token(rig):
+    r = await rig(tweak=with_token)
+    async with r.session.get(r.url("/")) as resp:
+        page = await resp.text()
+        assert resp.status == 200 and "<title>mgpumanager</title>" in page and TOKEN not in page
+    async with r.session.get(r.url("/v1/events")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "unauthorized")
+    async with r.session.get(r.url("/metrics")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "unauthorized")
 
 
 async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservations(rig, tmp_path):
@@ -7830,8 +7580,657 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
 
 
 # =====================================================================================================
-# bench.py's mixed-workload figures (issue 12): the lower bound and overtaking, on made-up traces
+# 11. Hostile input
+# Tokens, path guards, bodies, floods, malformed requests; every error in one shape.
 # =====================================================================================================
+
+
+async def raw_request(r: Rig, method: str, target: str) -> tuple[int, dict[str, Any]]:
+    """A request line exactly as written, without a body; the status and the JSON answer (or {})."""
+    host, port = r.server.host, r.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    head = (
+        f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(head.encode("latin-1"))
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head_bytes, _, body = data.partition(b"\r\n\r\n")
+    return int(head_bytes.split()[1]), parse if isinstance(parse := m.parse_json(body), dict) else {}
+
+
+def lenient(path: str) -> str:
+    """How the most lenient consumer might read a path: decoded, in lower case, ';' parameters, empty and
+    '.' segments and a trailing '/' dropped, backslashes as slashes, NULs gone."""
+    path = unquote(path.partition("?")[0].partition("#")[0]).replace("\\", "/").replace("\x00", "").lower()
+    segments = [seg.partition(";")[0] for seg in path.split("/")]
+    return "/" + "/".join(seg for seg in segments if seg not in ("", "."))
+
+
+#: Targets that try to walk around the mount's guards: (method, target, what the broker does). An int is
+#: the status it answers (nothing reaches the consumer); a pair is (the path the consumer gets exactly, the
+#: job's kind, or None when it is forwarded unscheduled).
+TARGET_TRICKS: list[tuple[str, str, Any]] = [
+    # The consumer's own unload and load routes (mvoice: POST /api/admin/unload, /api/admin/load).
+    ("POST", "/c/mvoice/api/admin/unload", 403),
+    ("POST", "/c/mvoice/api/admin/unload#x", 400),
+    ("POST", "/c/mvoice/api/admin/unload#", 400),
+    ("POST", "/c/mvoice/api/admin/unload?x=1#y", 400),
+    ("POST", "/c/mvoice//api/admin/unload", 400),
+    ("POST", "/c/mvoice/api//admin/unload", 400),
+    ("POST", "/c/mvoice/api/admin/unload/", 403),
+    ("POST", "/c/mvoice/api/admin/unload;x", 400),
+    ("POST", "/c/mvoice/api/admin/unload;", 400),
+    ("POST", "/c/mvoice/api/admin/unload%3Bx", 400),
+    ("POST", "/c/mvoice/api/admin/unload%00", 400),
+    ("POST", "/c/mvoice/api/admin/unload%0A", 404),  # aiohttp routes on the decoded path: no route
+    ("POST", "/c/mvoice/API/Admin/UNLOAD", 403),
+    ("POST", "/c/mvoice/api/admin/%75nload", 403),
+    ("POST", "/c/mvoice/api/admin/%55NLOAD", 403),
+    ("POST", "/c/mvoice/%61pi/admin/load", 403),
+    ("POST", "/c/mvoice/api%2Fadmin%2Funload", 403),
+    ("POST", "/c/mvoice/api%2fadmin%2fload%2f", 403),
+    ("POST", "/c/mvoice/api/admin/unload?now=1", 403),
+    ("POST", "/c/m%76oice/api/admin/unload", 403),
+    ("POST", "/c/mvoice/api/admin/./unload", 400),
+    ("POST", "/c/mvoice/api/admin/x/../unload", 400),
+    ("POST", "/c/mvoice/api/admin/x%2F..%2Funload", 400),
+    ("POST", "/c/mvoice/api/admin/unload%5C", 400),
+    ("POST", "/c/mvoice/api/admin\\unload", 400),
+    ("POST", "/c/mvoice/api/admin/unload%", 400),
+    ("POST", "/c/mvoice/api/admin/unload%zz", 400),
+    ("POST", "/c/mvoice/api/admin/unl%C0%AFoad", 400),
+    ("POST", "http://evil.example/c/mvoice/api/admin/unload", 400),
+    ("POST", "//c/mvoice/api/admin/unload", 404),
+    ("POST", "/c/mvoice%2Fapi/admin/unload", 404),
+    # Not the route: forwarded (as a job), exactly as matched.
+    ("POST", "/c/mvoice/api/admin/unloaded", ("/api/admin/unloaded", "mount")),
+    # A paths entry on GET (speak: GET /api/synthesize) stays GPU work whatever the spelling.
+    ("GET", "/c/mvoice/api/synthesize", ("/api/synthesize", "speak")),
+    ("GET", "/c/mvoice/API/Synthesize", ("/API/Synthesize", "speak")),
+    ("GET", "/c/mvoice/api/synthesize/", ("/api/synthesize/", "speak")),
+    ("GET", "/c/mvoice/api/%73ynthesize?text=x", ("/api/synthesize?text=x", "speak")),
+    ("GET", "/c/mvoice/api%2fsynthesize", ("/api%2Fsynthesize", "speak")),
+    ("GET", "/c/mvoice/api/synthesize#x", 400),
+    ("GET", "/c/mvoice//api/synthesize", 400),
+    ("GET", "/c/mvoice/api/synthesize;x", 400),
+    ("GET", "/c/mvoice/api/synthesize%00", 400),
+    ("GET", "/c/mvoice/api/synthesizer", ("/api/synthesizer", None)),  # another route: a read
+    # A hold's path entry (comfyui: POST /prompt) keeps its kind and hold; a fragment is refused.
+    ("POST", "/c/comfyui/prompt#", 400),
+    # An unscheduled entry (ollama: POST /api/show) lets only its exact path skip the lock.
+    ("POST", "/c/ollama/api/show", ("/api/show", None)),
+    ("POST", "/c/ollama/api/%73how", ("/api/show", None)),
+    ("POST", "/c/ollama/api/Show", ("/api/Show", "mount")),
+    ("POST", "/c/ollama/api/show/", ("/api/show/", "mount")),
+    ("POST", "/c/ollama/api/show#x", 400),
+    # /audio/: only files below it, forwarded in normal form.
+    ("GET", "/audio/x.wav", ("/audio/x.wav", None)),
+    ("GET", "/audio/%78.wav", ("/audio/x.wav", None)),
+    ("GET", "/audio/x.wav#/../../api/admin/unload", 400),
+    ("GET", "/audio/x.wav#", 400),
+    ("GET", "/audio/x.wav/", 400),
+    ("GET", "/audio/x.wav;x", 400),
+    ("GET", "/audio/x.wav%00", 400),
+    ("GET", "/audio//x.wav", 400),
+    ("GET", "/audio/%2e%2e/api/admin/unload", 400),
+    ("GET", "/AUDIO/x.wav", 404),
+    # Every route refuses a fragment.
+    ("GET", "/healthz#x", 400),
+    ("GET", "/v1/status#", 400),
+    ("POST", "/v1/tts#x", 400),
+]
+
+
+async def _partial_post(
+    r_host: str, port: int, target: str, length: int, sent: bytes, *, extra: str = ""
+) -> Any:
+    """A connection that announces ``length`` bytes of body and sends ``sent``; its (reader, writer)."""
+    reader, writer = await asyncio.open_connection(r_host, port)
+    head = f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n{extra}\r\n"
+    writer.write(head.encode() + sent)
+    await writer.drain()
+    return reader, writer
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, Any]]:
+    """One HTTP answer from a raw connection: its status line and its JSON body (by its Content-Length)."""
+    status = await asyncio.wait_for(reader.readline(), 10)
+    length = 0
+    while (line := await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return status, json.loads(await asyncio.wait_for(reader.readexactly(length), 10))
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/audio/../api/admin/secret",
+        "/audio/%2e%2e/api/admin/secret",
+        "/audio/%2E%2E/api/admin/secret",
+        "/audio/..%2fapi%2fadmin%2fsecret",
+        "/audio/x%2F..%2F..%2Fapi/admin/secret",
+        "/audio/..%5c..%5capi/admin/secret",
+        "/audio/..\\..\\api/admin/secret",
+        "/audio//api/admin/secret",
+        "/audio/%252e%252e/api/admin/secret",
+        "/audio/./x.wav",
+        "/audio/x.wav;/../../api/admin/secret",
+        "/audio/%c0%ae%c0%ae/api/admin/secret",
+        "/audio/%2e%2e%2f%2e%2e%2fapi/admin/secret",
+        "/audio/..;/api/admin/secret",
+        "/audio/x.wav%00",
+        "http://127.0.0.1/audio/../api/admin/secret",
+        "http://evil.example/audio/%2e%2e/api/admin/secret",
+        "//audio/../api/admin/secret",
+        "/audio/%u002e%u002e/api/admin/secret",
+    ],
+)
+async def test_audio_traversal_is_refused_and_never_reaches_the_consumer(rig, target):
+    r = await rig()
+    status, body = await raw_get(r, target)
+    data = json.loads(body)
+    # "//audio/..." is no /audio/ path at all: no route, not even the audio proxy's.
+    expected = (404, "not_found") if target.startswith("//") else (400, "bad_request")
+    assert (status, data["error"]) == expected, (target, data)
+    assert r.sims["mvoice"].records == []
+
+
+async def test_unknown_routes_and_methods_have_the_error_shape(rig):
+    r = await rig()
+    async with r.session.get(r.url("/nope")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "not_found")
+    async with r.session.get(r.url("/v1/tts")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "method_not_allowed")
+        assert "POST" in resp.headers["Allow"]
+    async with r.session.post(r.url("/v1/status")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "method_not_allowed")
+    status, headers, body = await r.post("video", {})
+    assert error_of(status, headers, body, "no_consumer")["consumer"] is None
+    assert r.stats.jobs == 0  # refused before the queue: not jobs
+
+
+async def test_payload_too_large_by_length_and_by_chunked_body(rig):
+    def small(raw):
+        raw["scheduler"]["max_body_mib"] = 1
+
+    r = await rig(tweak=small)
+    async with r.session.post(r.url("/v1/stt"), data=b"x" * (m.MiB + 1)) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "payload_too_large")
+
+    async def chunks():
+        for _ in range(20):
+            yield b"y" * 100_000
+
+    async with r.session.post(r.url("/v1/stt"), data=chunks()) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "payload_too_large")
+    async with r.session.post(r.url("/v1/stt"), data=b"z" * m.MiB) as resp:
+        assert resp.status == 200 and (await resp.json())["bytes"] == m.MiB
+    transcribed = [rec.body for rec in r.sims["mvoice"].records if rec.path == "/api/transcribe"]
+    assert transcribed == [b"z" * m.MiB]  # the refused bodies never reached the consumer
+    assert r.stats.jobs == 1
+
+
+def test_every_code_has_the_specified_status_and_one_shape():
+    assert set(m.ERROR_CODES) == set(SPEC_ERRORS)
+    for code, status in SPEC_ERRORS.items():
+        resp = m.BrokerError(code, "why", "c").response()
+        data = json.loads(resp.body)
+        assert data == {"error": code, "message": "why", "consumer": "c", "retryable": code in SPEC_RETRYABLE}
+        assert resp.status == status
+        assert ("Retry-After" in resp.headers) == (status in (429, 503))
+
+
+async def test_a_crash_in_a_handler_is_scheduler_error_in_the_shape_and_counted(rig):
+    r = await rig()
+
+    async def crash(**_: Any) -> m.GpuReading:
+        raise RuntimeError("bug")
+
+    r.broker.gpu.read = crash  # type: ignore[method-assign]
+    async with r.session.get(r.url("/v1/status")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "scheduler_error")
+    assert r.stats.internal_errors == 1
+    r.expected_internal_errors = 1
+
+
+async def test_crash_inside_the_scheduler_is_scheduler_error_and_counted():
+    s, gpu, _, _ = make_scheduler(small_config())
+
+    async def broken_read(**_: Any) -> m.GpuReading:
+        raise RuntimeError("bug")
+
+    gpu.read_memory = broken_read  # type: ignore[method-assign]
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")
+    assert info.value.code == "scheduler_error" and s.stats.internal_errors == 1 and s.holder is None
+
+
+async def test_a_thousand_clients_at_once_get_exactly_one_answer_each_with_bounded_memory(rig):
+    gate = asyncio.Event()  # the llm job holds the GPU lock until it is set
+    async with held_llm(gate) as ollama:
+        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
+        async with (
+            Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon,
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
+            ) as clients,
+        ):
+            first = asyncio.ensure_future(
+                clients.post(daemon.url("/v1/llm"), json={"model": "m", "prompt": "p"})
+            )
+            await daemon.until(clients, lambda st: st["scheduler"]["holder"] is not None)
+            rss_before = daemon.rss_mib()
+
+            async def one(i: int) -> tuple[int, str | None]:
+                async with clients.post(daemon.url("/v1/tts"), json={"text": f"client {i}"}) as resp:
+                    body = await resp.read()
+                    return resp.status, (json.loads(body)["error"] if resp.status != 200 else None)
+
+            calls = [asyncio.ensure_future(one(i)) for i in range(1000)]
+            done = await daemon.until(
+                clients,
+                lambda st: st["scheduler"]["stats"]["queued"] + st["scheduler"]["stats"]["rejected"] == 1000,
+                60,
+            )
+            stats = done["scheduler"]["stats"]
+            rss_peak = daemon.rss_mib()
+            assert (stats["queued"], stats["rejected"]) == (64, 936)
+            gate.set()
+            answers = await asyncio.gather(*calls)
+            assert (await first).status == 200
+        assert sorted(set(answers)) == [(200, None), (503, "queue_full")]
+        assert answers.count((200, None)) == 64 and answers.count((503, "queue_full")) == 936
+        synthesized = [rec for rec in r.sims["mvoice"].records if rec.path == "/api/synthesize"]
+        assert len(synthesized) == 64  # none lost, none run twice
+        print(f"broker RSS {rss_before:.1f} MiB idle, {rss_peak:.1f} MiB with 1,000 clients in")
+        assert rss_peak - rss_before < 60, (rss_before, rss_peak)
+
+
+async def test_no_target_trick_walks_around_a_guard(rig, caplog):
+    """Item 1 of issue 10: what a guard matches is byte for byte what the consumer gets; a fragment, empty,
+    dot or ';' segments, NULs and malformed escapes are refused; case, encoding and a trailing '/' are
+    matched as the route they spell. Nothing reaches mvoice's own unload or load route however lenient."""
+    seen: list[tuple[str, str]] = []
+
+    async def anything(request: web.Request) -> web.Response:
+        seen.append((request.method, request.raw_path))
+        return web.json_response({"loaded": True})
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["consumers"]["mvoice"]["paths"]["speak"] = {"method": "GET", "path": "/api/synthesize"}
+        _unscheduled_show(raw)
+
+    stand_in = StandIn([("*", "/{tail:.*}", anything)])
+    async with stand_in as mvoice:
+        r = await rig(urls={"mvoice": mvoice.url}, tweak=tweak, total_mib=40000)
+        for method, target, expect in TARGET_TRICKS:
+            consumer = "ollama" if "/c/ollama/" in target else "mvoice"
+            records = seen if consumer == "mvoice" else r.sims["ollama"].records
+            before, jobs = len(records), r.stats.jobs
+            status, data = await raw_request(r, method, target)
+            if isinstance(expect, int):
+                code = {400: "bad_request", 403: "forbidden", 404: ("not_found", "no_consumer")}[expect]
+                assert status == expect and data.get("error") in code, (target, status, data)
+                assert len(records) == before and r.stats.jobs == jobs, target
+                continue
+            path, kind = expect
+            got = (
+                records[before][1]
+                if records is seen
+                else records[before].path + ("?" + records[before].query if records[before].query else "")
+            )
+            assert len(records) == before + 1 and got == path, (target, records[before:])
+            assert r.stats.jobs == jobs + (kind is not None), target
+            if kind is not None:
+                await until(lambda: len(job_lines(caplog)) == r.stats.jobs)
+                assert f"kind={kind} " in job_lines(caplog)[-1], (target, job_lines(caplog)[-1])
+    assert r.sims["comfyui"].records == []
+    own = {"/api/admin/unload", "/api/admin/load"}
+    assert not [(method, path) for method, path in seen if lenient(path) in own], seen
+
+
+async def test_idle_websockets_and_hanging_reads_never_starve_probes_or_jobs():
+    """Item 4 of issue 10: with one pool of 100 connections, 100 idle WebSockets (ComfyUI tabs) or hanging
+    GETs made the consumer's probe fail and delayed everyone's GPU jobs. Here 60 + 60 to consumer a, for
+    several health rounds: a stays healthy, jobs of a and b are served, and one more of each is refused."""
+    gate = asyncio.Event()
+    probes = [0]
+
+    async def health(request: web.Request) -> web.Response:
+        probes[0] += 1
+        return web.Response(text="ok")
+
+    async def hang(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.Response(text="late")
+
+    async def idle_socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        return ws
+
+    async def work(request: web.Request) -> web.Response:
+        return web.json_response({"done": True})
+
+    routes = [("GET", "/hang", hang), ("GET", "/ws", idle_socket), ("POST", "/work", work)]
+    async with (
+        StandIn([("GET", "/health", health), *routes]) as a,
+        StandIn([("GET", "/health", _ok), ("POST", "/work", work)]) as b,
+    ):
+        raw = {
+            "listen": "127.0.0.1:0",
+            "gpu": {"nvidia_smi": "false"},  # consumers of 0 MiB: no GPU reading
+            "health": {"interval_s": 0.05, "timeout_s": 1},
+            "routing": {"ja": "a", "jb": "b"},
+            "consumers": {
+                name: {
+                    "url": stand_in.url,
+                    "health": {"path": "/health"},
+                    "paths": {f"j{name}": {"path": "/work"}},
+                    "vram_resident_mib": 0,
+                    "max_unscheduled": 60,
+                    "max_websockets": 60,
+                }
+                for name, stand_in in (("a", a), ("b", b))
+            },
+        }
+        app = m.create_app(m.parse_config(raw))
+        server = TestServer(app, host="127.0.0.1", port=0)
+        await server.start_server()
+        broker = app[m.BROKER]
+        client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        sockets: list[aiohttp.ClientWebSocketResponse] = []
+        hanging: list[asyncio.Future[Any]] = []
+        try:
+            for _ in range(60):
+                sockets.append(await client.ws_connect(server.make_url("/c/a/ws")))
+            hanging = [asyncio.ensure_future(client.get(server.make_url("/c/a/hang"))) for _ in range(60)]
+            await until(lambda: broker.unscheduled.get("a") == 60 and broker.websockets.get("a") == 60)
+            seen = probes[0]
+            await until(lambda: probes[0] >= seen + 5)  # several health rounds, all while a is this busy
+            assert broker.consumers.states["a"].healthy is True
+            for kind in ("ja", "jb", "ja"):
+                async with client.post(server.make_url(f"/v1/{kind}"), json={}) as resp:
+                    assert resp.status == 200 and await resp.json() == {"done": True}
+            async with client.get(server.make_url("/c/a/hang")) as resp:
+                data = error_of(resp.status, dict(resp.headers), await resp.read(), "too_many_requests")
+            assert "consumers.a.max_unscheduled" in data["message"]
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await client.ws_connect(server.make_url("/c/a/ws"))
+            assert refused.value.status == 429
+            async with client.get(server.make_url("/c/b/health")) as resp:
+                assert resp.status == 200  # b's own traffic is b's: not limited by a's
+            assert broker.consumers.states["a"].healthy is True and broker.scheduler.stats.completed == 3
+        finally:
+            gate.set()
+            for answer in await asyncio.gather(*hanging, return_exceptions=True):
+                if isinstance(answer, aiohttp.ClientResponse):
+                    answer.release()
+            for ws in sockets:
+                await ws.close()
+            await client.close()
+            await server.close()
+        text = broker.metrics.render([])
+        assert 'mgpumanager_refused_total{consumer="a",limit="max_unscheduled"} 1' in text
+        assert 'mgpumanager_refused_total{consumer="a",limit="max_websockets"} 1' in text
+        assert broker.unscheduled == {"a": 0, "b": 0} and broker.websockets == {"a": 0}
+
+
+async def test_with_a_token_every_route_but_healthz_needs_it(rig):
+    r = await rig(tweak=with_token)
+    for method, path in [
+        ("GET", "/v1/status"),
+        ("POST", "/v1/tts"),
+        ("GET", "/audio/x.wav"),
+        ("GET", "/nope"),
+    ]:
+        for auth in (None, "Bearer wrong-token-0123456789", f"Basic {TOKEN}", TOKEN):
+            headers = {"Authorization": auth} if auth else {}
+            async with r.session.request(method, r.url(path), headers=headers) as resp:
+                error_of(resp.status, dict(resp.headers), await resp.read(), "unauthorized")
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    async with r.session.get(r.url("/healthz")) as resp:
+        assert resp.status == 200
+    assert r.sims["mvoice"].records == [] and r.stats.jobs == 0
+
+
+async def test_the_token_is_stripped_before_forwarding_and_never_logged(rig, caplog):
+    r = await rig(tweak=with_token, sims={"mvoice": {"loaded": True}})
+    headers = {"Authorization": f"bearer {TOKEN}"}
+    status, _, _ = await r.post("tts", {"text": "x"}, headers=headers)
+    assert status == 200
+    assert "Authorization" not in r.sims["mvoice"].records[-1].headers
+    async with r.session.get(r.url("/v1/status"), headers=headers) as resp:
+        assert resp.status == 200
+    assert TOKEN not in caplog.text and TOKEN not in repr(r.broker.config)
+
+
+async def test_without_a_token_the_authorization_header_is_the_consumers_business(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    assert (await r.post("tts", {"text": "x"}, headers={"Authorization": "Bearer for-mvoice"}))[0] == 200
+    assert r.sims["mvoice"].records[-1].headers["Authorization"] == "Bearer for-mvoice"
+
+
+async def test_a_slow_uploader_holds_no_lock_and_blocks_nobody(rig):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
+    body = b'{"model": "m", "prompt": "slowly"}'
+    writer.write(f"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+    for byte in body[:10]:
+        writer.write(bytes([byte]))
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        assert r.broker.scheduler.holder is None and r.stats.jobs == 0  # not even queued yet
+    assert (await r.post("tts", {"text": "meanwhile"}))[0] == 200  # others are served meanwhile
+    writer.write(body[10:])
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readline(), 10)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.close()
+
+
+async def test_oversized_headers_are_refused_by_the_parser_and_the_broker_goes_on(rig):
+    r = await rig()
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        writer.write(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        # aiohttp's parser answers before any handler runs: its own plain-text 400 (README, "Known limits").
+        assert answer.startswith(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain")
+        writer.close()
+        assert (await daemon.status(r.session))["scheduler"]["stats"]["jobs"] == 0
+    assert 'msg="bad http request" error="Got more than 8190 bytes' in daemon.log
+    assert "Traceback" not in daemon.log  # one line in the journal, however many such requests
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("PUT", "/v1/tts"),
+        ("DELETE", "/v1/llm"),
+        ("POST", "/healthz"),
+        ("POST", "/audio/x.wav"),
+        ("GET", "/v1/reload"),
+    ],
+)
+async def test_unknown_methods_on_known_paths_are_405_in_the_error_shape(rig, method, path):
+    r = await rig()
+    async with r.session.request(method, r.url(path)) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "method_not_allowed")
+        assert resp.headers["Allow"]
+
+
+@pytest.mark.parametrize("given", ["", TOKEN[:-1], TOKEN + "x", TOKEN[1:], " "])
+async def test_near_miss_tokens_are_refused(rig, given):
+    r = await rig(tweak=with_token)
+    async with r.session.get(r.url("/v1/status"), headers={"Authorization": f"Bearer {given}"}) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "unauthorized")
+
+
+async def test_a_non_utf8_authorization_header_is_401_not_a_crash(rig):
+    r = await rig(tweak=with_token)
+    reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
+    writer.write(
+        b"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401")
+
+
+async def test_the_token_stays_out_of_the_log_even_in_a_malformed_request(rig):
+    r = await rig()
+    raw = copy.deepcopy(r.raw)
+    with_token(raw)
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        writer.write(
+            f"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\x01\r\n\r\n".encode()
+        )
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.0 400")
+        writer.close()
+    assert 'msg="bad http request"' in daemon.log and TOKEN not in daemon.log
+
+
+async def test_announcing_a_body_allocates_nothing_bodies_grow_as_they_arrive(rig):
+    """Item 5 of issue 10: 40 connections announcing 16 MiB and sending 70 bytes took the broker from 48 to
+    689 MiB (a buffer of the announced size each, at once)."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        assert (await daemon.status(r.session))["scheduler"]["stats"]["jobs"] == 0
+        before = peak_rss_mib(daemon.proc.pid)
+        conns = [
+            await _partial_post("127.0.0.1", daemon.port, "/v1/stt", 16 * m.MiB, b"x" * 70) for _ in range(40)
+        ]
+        try:
+            await asyncio.sleep(0.3)
+            async with r.session.post(daemon.url("/v1/stt"), data=b"ok") as resp:  # served meanwhile
+                assert resp.status == 200
+            grown = peak_rss_mib(daemon.proc.pid) - before
+        finally:
+            for _, writer in conns:
+                writer.close()
+    print(f"peak RSS grew {grown:.1f} MiB with 40 bodies of 16 MiB announced")
+    assert grown < 64, grown  # 640 MiB if the announced sizes were allocated
+
+
+async def test_a_body_must_arrive_within_body_timeout_s(rig):
+    def quick(raw: dict[str, Any]) -> None:
+        raw["scheduler"]["body_timeout_s"] = 0.3
+
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=quick)
+    reader, writer = await _partial_post(r.server.host, r.server.port, "/v1/stt", 100, b"slow")
+    try:
+        status, body = await read_answer(reader)
+    finally:
+        writer.close()
+    assert status.startswith(b"HTTP/1.1 408")
+    assert body["error"] == "request_timeout" and "body_timeout_s 0.3" in body["message"]
+    assert r.stats.jobs == 0 and r.broker.reading == 0 and r.sims["mvoice"].records == []
+
+
+async def test_bodies_being_read_at_once_hold_at_most_max_bodies_mib(rig):
+    def small(raw: dict[str, Any]) -> None:
+        raw["scheduler"] |= {"max_body_mib": 1, "max_bodies_mib": 1}
+
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=small)
+    big = b"a" * m.MiB
+    reader, writer = await _partial_post(r.server.host, r.server.port, "/v1/stt", len(big), big[:-1000])
+    try:
+        await until(lambda: r.broker.reading == len(big) - 1000)
+        async with r.session.post(r.url("/v1/stt"), data=b"b" * 2000) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "too_many_requests")
+        assert "max_bodies_mib" in data["message"] and data["consumer"] == "mvoice"
+        writer.write(big[-1000:])
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+    assert [len(rec.body) for rec in r.sims["mvoice"].records] == [len(big)]
+    assert r.broker.reading == 0 and r.stats.jobs == 1
+
+
+@pytest.mark.parametrize(
+    ("target", "length", "first"),
+    [
+        ("/v1/stt", 65 * m.MiB, b"HTTP/1.1 413"),
+        ("/c/ollama/api/chat", 65 * m.MiB, b"HTTP/1.1 413"),
+        ("/v1/stt#x", 5, b"HTTP/1.1 400"),
+        ("/v1/stt", 5, b"HTTP/1.1 100 Continue"),
+    ],
+)
+async def test_expect_100_continue_is_refused_before_any_continue(rig, target, length, first):
+    """Item 5 of issue 10: a body over max_body_mib got `100 Continue` first, so the client sent it."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    reader, writer = await _partial_post(
+        r.server.host, r.server.port, target, length, b"", extra="Expect: 100-continue\r\n"
+    )
+    try:
+        if first.endswith(b"Continue"):
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(first)
+            await asyncio.wait_for(reader.readline(), 10)  # the blank line after 100 Continue
+            writer.write(b"hello")
+            await writer.drain()
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
+        else:
+            status, body = await read_answer(reader)
+            assert status.startswith(first)
+            assert body["error"] == {b"413": "payload_too_large", b"400": "bad_request"}[first[9:12]]
+    finally:
+        writer.close()
+    assert r.stats.jobs == (1 if first.endswith(b"Continue") else 0)
+
+
+async def test_a_large_body_is_held_once_not_copied(rig):
+    """Memory, not speed: a 48 MiB body raises the broker's peak RSS by well under twice its size."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    body = os.urandom(48 * m.MiB)
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        assert (await daemon.status(r.session))["scheduler"]["stats"]["jobs"] == 0
+        before = peak_rss_mib(daemon.proc.pid)
+        async with r.session.post(daemon.url("/v1/stt"), data=body) as resp:
+            assert resp.status == 200 and (await resp.json())["bytes"] == len(body)
+        grown = peak_rss_mib(daemon.proc.pid) - before
+    transcribed = [rec.body for rec in r.sims["mvoice"].records if rec.path == "/api/transcribe"]
+    assert transcribed == [body]  # byte for byte, sent with its Content-Length (not chunked)
+    assert "Transfer-Encoding" not in r.sims["mvoice"].records[-1].headers
+    print(f"peak RSS grew {grown:.1f} MiB for a 48 MiB body")
+    assert grown < 72, grown
+
+
+# =====================================================================================================
+# 12. The benchmark's arithmetic
+# Bench.py's lower bound and overtaking on made-up traces.
+# =====================================================================================================
+
+
+def made_up_job(
+    index: int,
+    kind: str,
+    priority: int,
+    queued: tuple[int, float],
+    granted: tuple[int, float],
+    ended: float,
+    hold_ended: float | None = None,
+) -> bench.MixJob:
+    job = bench.MixJob(index, kind, 0.0, f"r{index}", status=200, priority=priority, job=index)
+    job.queued, job.granted, job.ended = queued, granted, (granted[0] + 1, ended)
+    job.hold_ended = None if hold_ended is None else (granted[0] + 2, hold_ended)
+    return job
 
 
 def test_bench_lower_bound_is_the_work_plus_the_swaps_no_order_avoids():
@@ -7849,21 +8248,6 @@ def test_bench_lower_bound_is_the_work_plus_the_swaps_no_order_avoids():
     # Nothing runs before it arrives, and no swap starts before a job needs it.
     assert bound((0.0, "tts"), (10.0, "tts")) == pytest.approx(10.2)
     assert bound((0.0, "tts"), (5.0, "image")) == pytest.approx(5 + 4.5 + 2)
-
-
-def made_up_job(
-    index: int,
-    kind: str,
-    priority: int,
-    queued: tuple[int, float],
-    granted: tuple[int, float],
-    ended: float,
-    hold_ended: float | None = None,
-) -> bench.MixJob:
-    job = bench.MixJob(index, kind, 0.0, f"r{index}", status=200, priority=priority, job=index)
-    job.queued, job.granted, job.ended = queued, granted, (granted[0] + 1, ended)
-    job.hold_ended = None if hold_ended is None else (granted[0] + 2, hold_ended)
-    return job
 
 
 def test_bench_overtaking_counts_later_jobs_of_no_higher_effective_priority():
@@ -7891,338 +8275,3 @@ def test_bench_overtaking_counts_later_jobs_of_no_higher_effective_priority():
     strict = [made_up_job(i, "tts", 2, (i, 0.1 * i), (10 + 2 * i, 1.0 + i), 1.5 + i) for i in range(4)]
     bench.overtaking(strict, aging_s=60)
     assert all(j.overtaken_s == 0 and not j.overtakers for j in strict)
-
-
-# =====================================================================================================
-# Found by attack: each test a defect found by attacking issues 11, 12 and 14's scheduler, state and
-# reservation (the commit that fixed it says what broke)
-# =====================================================================================================
-
-
-def _gated_unloads(ops: FakeOps, *names: str) -> tuple[asyncio.Event, list[str]]:
-    """Make the unloads of ``names`` (every consumer's if none is named) wait until the event is set; the
-    list of the unloads started."""
-    gate, started = asyncio.Event(), []
-    real = ops.unload
-
-    async def gated(name: str) -> None:
-        started.append(name)
-        if not names or name in names:
-            await gate.wait()
-        await real(name)
-
-    ops.unload = gated  # type: ignore[method-assign]
-    return gate, started
-
-
-async def test_a_release_while_the_reservation_unloads_unloads_nothing_more():
-    """DELETE /v1/reserve while the reservation still unloads gives the GPU back at once: a job of a
-    consumer known resident goes, and the reservation must not unload that consumer under it."""
-    s, gpu, ops, _ = make_scheduler(small_config())
-    for name in ("t", "x", "y", "z"):
-        ops.states[name].loaded()
-        gpu.held[name] = 3000
-    gate, started = _gated_unloads(ops, "t")
-    reserving = asyncio.ensure_future(s.reserve(60, "gaming"))
-    await until(lambda: started == ["t"])  # t's unload is under way
-    assert s.release_reservation()
-    job = await asyncio.wait_for(s.acquire("x", "kx"), 5)  # x is known resident: it runs at once
-    gate.set()
-    await reserving
-    assert ops.calls == [("unload", "t")] and gpu.held.get("x") == 3000
-    assert ops.states["x"].resident is True and s.holder == "x"
-    job.release("completed", status=200, success=True)
-    assert s.holder is None and books_balance(s)
-
-
-async def test_a_reservation_extended_while_it_unloads_leaves_no_timer_behind_to_end_the_next_one():
-    """Asked again while its unloads run, a reservation got a second expiry timer, and the first one was
-    lost: released, then reserved anew, the GPU was given back by the stale timer long before the new
-    reservation's end."""
-    s, _, ops, _ = make_scheduler(small_config())
-    gate, _ = _gated_unloads(ops)
-    first = asyncio.ensure_future(s.reserve(60, "backup"))
-    await until(lambda: s.reservation is not None)
-    await s.reserve(0.05, "a short one")  # extended while it unloads
-    gate.set()
-    await first
-    assert s.release_reservation()
-    second = await s.reserve(3600, "gaming")
-    await asyncio.sleep(0.2)  # the extension's timer would have fired by now
-    assert s.reservation is second and s.holder == m.RESERVATION
-    ended = [e for e in s.events.recent(900) if e["event"] == "reservation_ended"]
-    assert [e["why"] for e in ended] == ["released"]
-    assert s.release_reservation() and s.holder is None and books_balance(s)
-
-
-def _record_raising_once(s: m.Scheduler, fact: str) -> Any:
-    """The scheduler's recorder, except that its first record of ``fact`` raises RuntimeError."""
-    return _raising_once(s.recorder.record, lambda name, *_: name == fact)
-
-
-#: Each step of a reservation's life after its grant, and how to make it raise once (a bug there).
-RESERVATION_STEPS = {
-    "refusing the queue": lambda s, mp: mp.setattr(s.lock, "refuse", _raising_once(s.lock.refuse)),
-    "starting its unloads": lambda s, mp: mp.setattr(s, "_own", _raising_once(s._own)),
-    "its end, released": lambda s, mp: mp.setattr(
-        s.recorder, "record", _record_raising_once(s, "reservation_ended")
-    ),
-    "its end, expired": lambda s, mp: mp.setattr(
-        s.recorder, "record", _record_raising_once(s, "reservation_ended")
-    ),
-}
-
-
-@pytest.mark.parametrize("step", list(RESERVATION_STEPS))
-async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_frees_its_slot(
-    step, monkeypatch
-):
-    """The scheduler's invariant for the reservation's job: a failure injected after its grant (answering
-    the queue, starting its unloads, recording its end by DELETE or by its timer) ends it once and frees
-    the GPU; before, the GPU stayed held by a reservation nobody could release."""
-    s, _, ops, _ = make_scheduler(small_config())
-    for name in ops.states:
-        ops.states[name].loaded()
-    holding = await s.acquire("t", "kt")
-    reserving = asyncio.ensure_future(s.reserve(0.05 if step == "its end, expired" else 60, "gaming"))
-    waiting = await _queued(s, "x")  # answered gpu_reserved by the reservation, or served after it
-    RESERVATION_STEPS[step](s, monkeypatch)
-    holding.release("completed")
-    try:
-        await reserving
-    except m.BrokerError as e:
-        assert e.code == "scheduler_error" and step in ("refusing the queue", "starting its unloads")
-    else:
-        if step == "its end, released":
-            s.release_reservation()
-    await until(lambda: s.holder != m.RESERVATION)
-    assert s.reservation is None and s.stats.internal_errors == 1
-    with contextlib.suppress(m.BrokerError):
-        (await asyncio.wait_for(waiting, 5)).release("completed")
-    for _ in range(3):
-        await asyncio.sleep(0)  # the accounting runs after the hand-over
-    assert (s.holder, s.slots, s.holds) == (None, 0, 0)
-    assert all(state.jobs == 0 for state in ops.states.values()) and books_balance(s)
-    again = await s.acquire("y", "ky")  # the GPU is not wedged
-    again.release("completed")
-    assert s.holder is None and books_balance(s)
-
-
-async def test_a_reload_while_a_reservation_waits_for_the_gpu_keeps_it_waiting():
-    """A reload answers the jobs of consumers it removed with no_consumer (``forget``); the reservation's
-    job, whose "consumer" is no consumer of the config, was answered so too: `reserve` failed with
-    "reservation was removed from the config" whenever a reload came while it waited."""
-    s, _, ops, _ = make_scheduler(small_config())
-    for name in ops.states:
-        ops.states[name].loaded()
-    holding = await s.acquire("t", "kt")
-    reserving = asyncio.ensure_future(s.reserve(60, "gaming"))
-    await until(lambda: len(s.queue()) == 1)
-    s.config = small_config()  # a reload: the same consumers
-    s.forget()
-    holding.release("completed")
-    res = await asyncio.wait_for(reserving, 5)
-    assert s.reservation is res and s.holder == m.RESERVATION
-    assert s.release_reservation() and s.holder is None and books_balance(s)
-
-
-async def test_two_reservations_asked_for_while_the_gpu_is_busy_make_one_that_the_second_extends():
-    """A second reserve while the first waits for the GPU (a Steam launch and a timer at once) was
-    answered gpu_reserved by the first once it held the GPU, though the README says asking again extends
-    it: `reserve` failed, and the GPU was given back at the first one's end."""
-    s, _, ops, clock = make_scheduler(small_config())
-    for name in ops.states:
-        ops.states[name].loaded()
-    holding = await s.acquire("t", "kt")
-    first = asyncio.ensure_future(s.reserve(60, "gaming"))
-    second = asyncio.ensure_future(s.reserve(7200, "training"))
-    await until(lambda: len(s.queue()) == 2)
-    holding.release("completed")
-    one, two = await asyncio.wait_for(asyncio.gather(first, second), 5)
-    assert one is two is s.reservation and s.holder == m.RESERVATION
-    assert one.reason == "training" and one.describe(clock())["left_s"] == 7200
-    assert ops.calls.count(("unload", "x")) == 1  # unloaded once
-    assert s.release_reservation() and s.holder is None and books_balance(s)
-    assert s.stats.failed == 0
-
-
-async def test_a_hold_abandoned_in_the_turn_it_was_made_still_frees_the_gpu():
-    """The consumer seen gone (a probe, a reading) in the very turn of the loop in which its job's answer
-    ended: the hold's task was cancelled before it ever ran, so its ``finally`` never gave the slot back,
-    and the GPU stayed held for good."""
-    s, _, ops, _ = make_scheduler(small_config())
-    for name in ops.states:
-        ops.states[name].loaded()
-    job = await s.acquire("t", "kt")
-    job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=30)
-    s.abandon_holds("t", "health probe: connection refused")  # before the hold's first step
-    await until(lambda: s.holder is None, 5)
-    assert (s.slots, s.holds, s.stats.hold_abandoned) == (0, 0, 1) and ops.states["t"].jobs == 0
-    assert books_balance(s)
-
-
-async def test_a_job_joining_its_consumers_first_job_counts_what_that_job_loaded():
-    """A consumer that loads itself (no load route: Ollama, llama-server) with max_concurrency 2, not
-    resident when its first job came: while that job runs, the consumer loads its model. A second job
-    joining it read the GPU, took the model's memory for someone else's, evicted the LRU consumer for
-    nothing and was refused insufficient_vram, the message naming the consumer's own process."""
-    config = small_config(consumers__t__max_concurrency=2, consumers__t__vram_resident_mib=8000)
-    config = m.replace(
-        config, consumers={**config.consumers, "t": m.replace(config.consumers["t"], load=None)}
-    )
-    s, gpu, ops, _ = make_scheduler(config)
-    gpu.held["x"] = 3000
-    ops.states["x"].loaded()
-    for name in ("t", "y", "z"):
-        ops.states[name].unloaded()
-    first = await s.acquire("t", "kt")
-    assert first.cold and ops.calls == []
-    gpu.held["t"] = 8000  # it loads itself for its first job, which runs on
-    second = await asyncio.wait_for(s.acquire("t", "kt"), 5)
-    assert ops.calls == [] and gpu.held == {"x": 3000, "t": 8000}  # x stays, nothing is loaded twice
-    second.release("completed", status=200, success=True)
-    first.release("completed", status=200, success=True)
-    assert s.holder is None and books_balance(s)
-
-
-async def test_a_reload_during_the_probe_of_an_unhealthy_consumer_is_no_consumer_not_a_crash(rig):
-    """A job for a consumer marked unhealthy probes it once more before it is queued; a reload that
-    removed the consumer meanwhile made the handler look it up in the new config: KeyError, answered
-    500 scheduler_error and counted as a bug (for /v1/<kind> and for /audio/ alike)."""
-    r = await rig()
-    for name in ("comfyui", "mvoice"):
-        r.broker.consumers.states[name].seen_down("connection refused")
-    gate, probing = asyncio.Event(), []
-    real_probe_now = r.broker.consumers.probe_now
-
-    async def slow_probe_now(name: str) -> None:
-        await real_probe_now(name)  # it is back: healthy
-        probing.append(name)
-        await gate.wait()  # the reload comes before the job goes on
-
-    r.broker.consumers.probe_now = slow_probe_now  # type: ignore[method-assign]
-    image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
-    audio = asyncio.ensure_future(r.session.get(r.url("/audio/a.wav")))
-    await until(lambda: sorted(probing) == ["comfyui", "mvoice"])
-    raw = copy.deepcopy(r.raw)
-    del (
-        raw["consumers"]["comfyui"],
-        raw["routing"]["image"],
-        raw["consumers"]["mvoice"],
-        raw["routing"]["tts"],
-    )
-    raw["routing"]["stt"], raw["audio_proxy"] = "whisper", None
-    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    await r.broker.reload()
-    gate.set()
-    error_of(*await image, "no_consumer")
-    async with await audio as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "no_consumer")
-    assert r.sims["comfyui"].records == [] and r.sims["mvoice"].records == []
-
-
-def test_a_consumer_cannot_be_named_like_the_reservation():
-    """The reservation holds the GPU as a job of "reservation", with a ConsumerState of that name: a
-    consumer so named shared it (its job count, what `ps` and the timeline show) and was unloaded by, and
-    joined to, the reservation's books."""
-    raw = base_raw()
-    raw["consumers"]["reservation"] = raw["consumers"].pop("whisper")
-    raw["consumers"]["mvoice"]["can_coexist_with"] = ["ollama"]
-    assert problems_of(raw) == ["consumers.reservation: 'reservation' is reserved (the GPU's reservation)"]
-
-
-async def test_a_reload_during_the_probe_that_takes_the_kind_from_the_consumer_does_not_wedge_the_gpu(rig):
-    """As above, but the reload keeps the consumer and takes the job's kind from its paths: the job was
-    admitted, granted the GPU, and then its path looked up (KeyError) before anything could end it, so the
-    GPU stayed held for good."""
-    r = await rig()
-    r.broker.consumers.states["mvoice"].seen_down("connection refused")
-    gate, probing = asyncio.Event(), []
-    real_probe_now = r.broker.consumers.probe_now
-
-    async def slow_probe_now(name: str) -> None:
-        await real_probe_now(name)
-        probing.append(name)
-        await gate.wait()
-
-    r.broker.consumers.probe_now = slow_probe_now  # type: ignore[method-assign]
-    tts = asyncio.ensure_future(r.post("tts", {"text": "hi"}))
-    await until(lambda: probing == ["mvoice"])
-    raw = copy.deepcopy(r.raw)
-    del raw["consumers"]["mvoice"]["paths"]["tts"], raw["routing"]["tts"]
-    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    await r.broker.reload()
-    gate.set()
-    error_of(*await tts, "no_consumer")
-    assert r.broker.scheduler.holder is None and books_balance(r.broker.scheduler)
-    assert (await r.post("stt", None, data=b"x"))[0] == 200  # the GPU is not wedged
-
-
-async def test_an_eta_counts_only_the_unloads_of_consumers_on_its_own_gpu():
-    """The forecast took every resident consumer the broker knows as one a swap would unload: with two
-    GPUs, a job's eta_s (and Retry-After) on GPU 0 paid the unloads of GPU 1's consumers too."""
-    s, _, ops, _ = make_scheduler(small_config(consumers__z__gpu=1))
-    for name in ("t", "z"):
-        ops.states[name].loaded()
-        ops.states[name].learned("unload", 10.0)
-    ops.states["x"].unloaded()
-    ops.states["x"].learned("load", 1.0)
-    holding = await s.acquire("t", "kt")
-    first, second = await _queued(s, "x"), await _queued(s, "x")
-    # The second waits for the first's swap: t's unload and x's load, not z's unload on GPU 1.
-    assert [eta for _, eta in s.forecast()] == [0.0, 11.0]
-    holding.release("completed")
-    (await first).release("completed")
-    (await second).release("completed")
-    assert books_balance(s)
-
-
-async def test_a_join_whose_first_job_left_before_working_credits_it_nothing():
-    """The counterpart (found by `make fuzz`): only a job of the target at work may have loaded it. Its
-    first job's client left while that job made room, so nothing was loaded; the join then planned alone
-    and must not take a stranger's memory for the target's, nor load it where it does not fit."""
-    config = small_config(consumers__t__max_concurrency=2, consumers__t__vram_resident_mib=9000)
-    s, gpu, ops, _ = make_scheduler(config)
-    gpu.held.update({"x": 3000, "someone's notebook": 7000})
-    ops.states["x"].loaded()
-    for name in ("t", "y", "z"):
-        ops.states[name].unloaded()
-    gate, started = _gated_unloads(ops, "x")
-    first = asyncio.ensure_future(s.acquire("t", "kt"))
-    await until(lambda: started == ["x"])
-    first.cancel()  # its client leaves while x is unloaded for it
-    await asyncio.gather(first, return_exceptions=True)
-    second = asyncio.ensure_future(s.acquire("t", "kt"))  # joins t, waits for the room being made
-    await until(lambda: s.states["t"].jobs == 2)
-    gate.set()
-    with pytest.raises(m.BrokerError) as refused:
-        await asyncio.wait_for(second, 5)
-    assert refused.value.code == "insufficient_vram" and ("load", "t") not in ops.calls
-    assert s.holder is None and books_balance(s)
-
-
-async def test_the_broker_never_loads_a_target_it_credited_with_a_strangers_memory():
-    """A target recorded resident but in doubt is credited with the used memory nobody accounts for; when
-    it restarted behind the broker's back and a stranger holds that memory, an admin load (warm-up)
-    planned with that credit found room and then loaded the whole model where it did not fit (found by
-    main's `make fuzz`). What the broker loads itself is planned at its full size."""
-    s, gpu, ops, _ = make_scheduler(small_config())
-    for name in ("x", "y"):
-        gpu.held[name] = 4000
-        ops.states[name].loaded()
-    ops.states["z"].unloaded()
-    ops.states["t"].loaded()  # then it restarts unseen (it holds nothing), and the record is put in doubt
-    ops.states["t"].touched("a health round was missed")
-    gpu.held["someone's training run"] = 5000  # 2904 MiB free: t's 4000 do not fit
-    fits = []
-    real_load = ops.load
-
-    async def load(name: str) -> None:
-        free = gpu.total - gpu.reserved - sum(gpu.held.values())
-        fits.append(free >= ops.config.consumers[name].vram_resident_mib)
-        await real_load(name)
-
-    ops.load = load  # type: ignore[method-assign]
-    job = await s.load_now("t")
-    assert fits == [True] and job.evictions >= 1 and ops.calls[-1] == ("load", "t")
-    assert s.holder is None and books_balance(s)
