@@ -44,10 +44,12 @@ run: $(STAMP)
 check: $(STAMP)
 	$(BIN)/python mgpumanager.py --check --config $(CONFIG)
 
-# Copies the daemon, the config and the unit; validates the config there before restarting.
+# Copies the daemon, the config ($(CONFIG), as consumers.yaml), the unit and the README; validates the config
+# there before restarting.
 deploy: check
 	ssh $(HOST) 'mkdir -p /tmp/mgpumanager-deploy'
-	scp mgpumanager.py consumers.yaml mgpumanager.service README.md $(HOST):/tmp/mgpumanager-deploy/
+	scp mgpumanager.py mgpumanager.service README.md $(HOST):/tmp/mgpumanager-deploy/
+	scp $(CONFIG) $(HOST):/tmp/mgpumanager-deploy/consumers.yaml
 	ssh $(HOST) 'cd /tmp/mgpumanager-deploy \
 	  && python3 mgpumanager.py --check --config consumers.yaml >/dev/null \
 	  && sudo install -D -m 0644 mgpumanager.py /opt/mgpumanager/mgpumanager.py \

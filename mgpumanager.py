@@ -148,7 +148,7 @@ CONNECT_TIMEOUT_S = 10.0
 #: A proxied WebSocket pings both sides this often: a peer gone without a close (a laptop put to sleep) is
 #: noticed within about twice this, not at TCP keepalive's two hours.
 WEBSOCKET_HEARTBEAT_S = 30.0
-#: A config file larger than this is refused unread (mrock's is 6 KiB): parsing is slow and memory-hungry.
+#: A config file larger than this is refused unread (mrock's is 5 KiB): parsing is slow and memory-hungry.
 MAX_CONFIG_BYTES = 256 * 1024
 #: A config whose nodes and scalar characters, with every alias expanded, exceed this is refused (an alias
 #: "bomb" of 1 KiB can stand for gigabytes once expanded, say in an unload body sent as JSON).
@@ -286,7 +286,7 @@ class ConsumerConfig:
     max_concurrency: int = 1
     #: Longest silence tolerated from the consumer while it answers.
     timeout_s: float = 300.0
-    #: Runs its own model LRU: never evicted by the broker.
+    #: Runs its own model LRU: evicted only as the last resort (and only with an unload).
     vram_managed: bool = False
     #: The GPU (nvidia-smi index) it runs on: its queue, lock and eviction are that GPU's.
     gpu: int = 0
@@ -7127,6 +7127,8 @@ CLI_TIMEOUT_S = 10.0
 #: load, unload and reserve wait for the GPU lock like a job (up to scheduler.queue_timeout_s, 300 s by
 #: default) and then for unload and load calls (60 s each by default).
 CLI_ADMIN_TIMEOUT_S = 900.0
+#: reload waits for the broker to read the file (up to CONFIG_READ_TIMEOUT_S) before it answers.
+CLI_RELOAD_TIMEOUT_S = CONFIG_READ_TIMEOUT_S + CLI_TIMEOUT_S
 #: ``events`` has no total limit, but gives up after this long without a byte (a heartbeat comes every
 #: HEARTBEAT_S).
 CLI_EVENTS_TIMEOUT_S = 3 * HEARTBEAT_S
@@ -7516,7 +7518,7 @@ def cli_consumer(client: Client, args: argparse.Namespace) -> int:
 
 
 def cli_reload(client: Client, args: argparse.Namespace) -> int:
-    changes = client.call("POST", "/v1/reload").get("changes") or []
+    changes = client.call("POST", "/v1/reload", timeout_s=CLI_RELOAD_TIMEOUT_S).get("changes") or []
     print("reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
     return 0
 
@@ -7599,7 +7601,7 @@ def add_verbs(parser: argparse.ArgumentParser) -> None:
         type=_seconds,
         metavar="SECONDS",
         help=f"wait at most this long for each answer (default {CLI_TIMEOUT_S:g} s;"
-        f" {CLI_ADMIN_TIMEOUT_S:g} s for load, unload and reserve)",
+        f" {CLI_ADMIN_TIMEOUT_S:g} s for load, unload and reserve, {CLI_RELOAD_TIMEOUT_S:g} s for reload)",
     )
     verbs = parser.add_subparsers(
         dest="verb", metavar="VERB", title="verbs (they talk to a running broker; without one, run it)"

@@ -7753,6 +7753,11 @@ async def test_unknown_routes_and_methods_have_the_error_shape(rig):
         assert "POST" in resp.headers["Allow"]
     async with r.session.post(r.url("/v1/status")) as resp:
         error_of(resp.status, dict(resp.headers), await resp.read(), "method_not_allowed")
+    async with r.session.post(r.url("/v1/events")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "method_not_allowed")
+        assert "GET" in resp.headers["Allow"]
+    async with r.session.post(r.url("/v1/consumers")) as resp:  # a reserved kind that is no route
+        error_of(resp.status, dict(resp.headers), await resp.read(), "not_found")
     status, headers, body = await r.post("video", {})
     assert error_of(status, headers, body, "no_consumer")["consumer"] is None
     assert r.stats.jobs == 0  # refused before the queue: not jobs
