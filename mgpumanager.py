@@ -936,9 +936,10 @@ def _parse_unscheduled(
     return tuple(out)
 
 
-def read_token_file(path: str) -> str:
+def read_token_file(path: str, *, warn_if_shared: bool = True) -> str:
     """The token in a regular file of at most MAX_TOKEN_FILE_BYTES (never a FIFO or a device, which could
-    hang or never end); ValueError otherwise. A file others may read is accepted with a warning."""
+    hang or never end); ValueError otherwise. A file others may read is accepted with a warning (the
+    daemon's: the command line reads its user's own file)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # opening a FIFO does not wait
     try:
         mode = os.fstat(fd).st_mode
@@ -949,7 +950,7 @@ def read_token_file(path: str) -> str:
         os.close(fd)
     if len(data) > MAX_TOKEN_FILE_BYTES:
         raise ValueError(f"is larger than {MAX_TOKEN_FILE_BYTES} bytes: no token is that long")
-    if mode & stat.S_IROTH:
+    if mode & stat.S_IROTH and warn_if_shared:
         # (logfmt by hand: logfmt() comes in a later section)
         log.warning(f'msg="token file is readable by others" path={json.dumps(path)} mode={mode & 0o777:o}')
     try:
@@ -7194,11 +7195,11 @@ def cli_token(token_file: str | None, environ: Mapping[str, str]) -> str | None:
     if token_file is None:
         return environ.get("MGPUMANAGER_TOKEN", "").strip() or None
     try:
-        token = Path(token_file).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CliError(
-            2, f"cannot read --token-file {token_file}: {getattr(e, 'strerror', None) or e}"
-        ) from e
+        token = read_token_file(token_file, warn_if_shared=False)
+    except OSError as e:
+        raise CliError(2, f"cannot read --token-file {token_file}: {e.strerror or e}") from e
+    except ValueError as e:
+        raise CliError(2, f"--token-file {token_file} {e}") from e
     if not token:
         raise CliError(2, f"--token-file {token_file} is empty")
     return token
@@ -7589,20 +7590,34 @@ VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
 }
 
 
-def add_verbs(parser: argparse.ArgumentParser) -> None:
-    """The verbs, each with --url, --token-file and --timeout."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", help=f"the broker (default: $MGPUMANAGER_URL, else {DEFAULT_URL})")
-    common.add_argument(
-        "--token-file", metavar="FILE", help="read the bearer token from FILE (default: $MGPUMANAGER_TOKEN)"
-    )
-    common.add_argument(
+#: The verbs' own flags, accepted before the verb as after it: (flag, argparse keywords).
+VERB_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--url", {"help": f"the broker (default: $MGPUMANAGER_URL, else {DEFAULT_URL})"}),
+    (
+        "--token-file",
+        {"metavar": "FILE", "help": "read the bearer token from FILE (default: $MGPUMANAGER_TOKEN)"},
+    ),
+    (
         "--timeout",
-        type=_seconds,
-        metavar="SECONDS",
-        help=f"wait at most this long for each answer (default {CLI_TIMEOUT_S:g} s;"
-        f" {CLI_ADMIN_TIMEOUT_S:g} s for load, unload and reserve, {CLI_RELOAD_TIMEOUT_S:g} s for reload)",
-    )
+        {
+            "type": _seconds,
+            "metavar": "SECONDS",
+            "help": f"wait at most this long for each answer (default {CLI_TIMEOUT_S:g} s;"
+            f" {CLI_ADMIN_TIMEOUT_S:g} s for load, unload and reserve,"
+            f" {CLI_RELOAD_TIMEOUT_S:g} s for reload)",
+        },
+    ),
+)
+
+
+def add_verbs(parser: argparse.ArgumentParser) -> None:
+    """The verbs, each with --url, --token-file and --timeout (also taken before the verb:
+    ``mgpumanager.py --url http://mrock:8770 ps``; written after it, they win)."""
+    for flag, options in VERB_FLAGS:
+        parser.add_argument(flag, **options)
+    common = argparse.ArgumentParser(add_help=False)
+    for flag, options in VERB_FLAGS:
+        common.add_argument(flag, **options, default=argparse.SUPPRESS)
     verbs = parser.add_subparsers(
         dest="verb", metavar="VERB", title="verbs (they talk to a running broker; without one, run it)"
     )
@@ -7665,6 +7680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verb is not None:
         return run_verb(args)
+    if any(getattr(args, flag[2:].replace("-", "_")) is not None for flag, _ in VERB_FLAGS):
+        parser.error("--url, --token-file and --timeout go with a VERB (the broker itself takes --listen)")
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter(journal="JOURNAL_STREAM" in os.environ))

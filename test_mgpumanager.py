@@ -34,6 +34,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import dataclasses
 import datetime
 import functools
 import gzip
@@ -43,6 +44,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -1678,6 +1680,31 @@ async def test_nvidia_smi_leaving_a_child_behind_has_it_killed_once_it_exited(tm
 SMALL_CARD = {"total_mib": 14400}
 
 
+async def test_a_health_round_much_later_than_due_puts_every_resident_record_in_doubt(caplog):
+    """The loop stalled or the machine slept: a restart may have gone unseen, so no resident record is
+    acted on without a reading; a round on time leaves them trusted."""
+    routes = [("GET", f"/{name}/health", _ok) for name in "txyz"]
+    async with StandIn(routes) as svc, aiohttp.ClientSession() as session:
+        urls = {f"consumers__{name}__url": f"{svc.url}/{name}" for name in "txyz"}
+        cfg = small_config(health={"interval_s": 0.05, "timeout_s": 0.05}, **urls)
+        now = [0.0]
+        consumers = m.Consumers(cfg, session, clock=lambda: now[0])
+        x = consumers.states["x"]
+        x.loaded()
+        health = asyncio.ensure_future(consumers.run_health())
+        try:
+            await until(lambda: x.last_probe is not None)  # a round on time
+            assert x.trusted and x.resident is True
+            now[0] += 60.0  # the next round comes a minute late
+            await until(lambda: not x.trusted)
+            assert x.resident is True  # still what it was, but a job will read the GPU first
+            assert "health round late" in caplog.text
+        finally:
+            health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await health
+
+
 async def test_unreachable_consumer_is_refused_at_once_and_served_again_after_a_good_probe(rig):
     r = await rig()
     await r.sim_servers["mvoice"].close()
@@ -2719,6 +2746,12 @@ async def test_queue_timeout_answers_a_job_that_waited_too_long():
         await s.acquire("t", "kt")
     assert info.value.code == "queue_timeout" and s.stats.failed == 1
     assert s.queue() == [] and books_balance(s)
+    assert info.value.retry_after == 1  # nothing learned yet: at least 1
+    # With t's jobs known to take 40 s, the one refused now is told to come back when the holder is done.
+    ops.states["t"].learned("job", 40.0)
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")
+    assert info.value.code == "queue_timeout" and info.value.retry_after == 40
     first.release("completed")
 
 
@@ -3072,6 +3105,122 @@ async def test_an_eta_counts_only_the_unloads_of_consumers_on_its_own_gpu():
 # =====================================================================================================
 
 
+# ---- the plan: plan_room, a pure function of a snapshot (no event loop, no sockets) ----------------
+
+
+def _room_snapshot(
+    cfg: m.Config, free_mib: int, views: dict[str, dict[str, Any]] | None = None, **snap: Any
+) -> m.RoomSnapshot:
+    """t is the target; every consumer not resident unless ``views`` says otherwise."""
+    consumers = {
+        name: m.ConsumerView(c, **{"resident": False, **(views or {}).get(name, {})})
+        for name, c in cfg.consumers.items()
+    }
+    return m.RoomSnapshot("t", consumers, free_mib, cfg.gpu.cushion_mib, **snap)
+
+
+def _without_unload(cfg: m.Config, *names: str) -> m.Config:
+    """The config with these consumers' unload taken away (the loader would want their load gone too)."""
+    consumers = {
+        n: dataclasses.replace(c, unload=None) if n in names else c for n, c in cfg.consumers.items()
+    }
+    return dataclasses.replace(cfg, consumers=consumers)
+
+
+def _all_resident(**last_used: float | None) -> dict[str, dict[str, Any]]:
+    return {name: {"resident": True, "last_used": last_used.get(name)} for name in ("x", "y", "z")}
+
+
+def test_plan_nothing_to_do_when_the_target_fits():
+    plan = m.plan_room(_room_snapshot(small_config(), 4256, _all_resident()))
+    assert plan.fits and plan.victims == () and plan.need_mib == 4000 + 256 and not plan.exhausted
+
+
+def test_plan_least_recently_used_first_and_only_as_many_as_the_figures_need():
+    cfg = small_config()
+    views = _all_resident(x=3.0, y=1.0, z=2.0)
+    assert m.plan_room(_room_snapshot(cfg, 300, views)).victims == ("y",)  # 300 + 4000 >= 4256
+    assert m.plan_room(_room_snapshot(cfg, 0, views)).victims == ("y", "z")
+    # Never used counts as oldest; ties go to the consumer listed first.
+    assert m.plan_room(_room_snapshot(cfg, 0, _all_resident(z=1.0))).victims == ("x", "y")
+    # The same snapshot gives the same plan.
+    assert m.plan_room(_room_snapshot(cfg, 0, views)) == m.plan_room(_room_snapshot(cfg, 0, views))
+
+
+def test_plan_says_why_each_other_consumer_is_no_victim():
+    cfg = _without_unload(small_config(consumers__x__can_coexist_with=["t"]), "z")
+    views = {
+        "x": {"resident": True},
+        "y": {"resident": True, "jobs": 1},
+        "z": {"resident": True},
+    }
+    plan = m.plan_room(_room_snapshot(cfg, 0, views))
+    assert plan.victims == () and not plan.fits
+    assert plan.why_not == {"x": "may coexist with t", "y": "has jobs running", "z": "no unload route"}
+    tried = m.plan_room(_room_snapshot(cfg, 0, {"y": {"resident": None}}, tried={"y": "unloaded"}))
+    assert tried.why_not["y"] == "unloaded"
+    measured = {"y": {"resident": False, "used_mib": 700}}
+    assert (
+        m.plan_room(_room_snapshot(cfg, 0, measured)).why_not["y"]
+        == "not resident (its processes hold 700 MiB)"
+    )
+
+
+def test_plan_a_vram_managed_consumer_only_as_the_last_resort():
+    cfg = small_config(consumers__x__vram_managed=True)
+    views = _all_resident(x=1.0, y=2.0, z=3.0)  # x is the least recently used, yet the last to go
+    assert m.plan_room(_room_snapshot(cfg, 300, views)).victims == ("y",)
+    assert m.plan_room(_room_snapshot(cfg, -8000, views)).victims == ("y", "z", "x")
+    without_unload = _without_unload(cfg, "x")
+    plan = m.plan_room(_room_snapshot(without_unload, -8000, views))
+    assert plan.victims == ("y", "z") and plan.why_not == {"x": "vram_managed"}
+
+
+def test_plan_uses_what_is_measured_over_what_is_declared():
+    cfg = small_config()
+    # The target was seen holding 5000 MiB once (declared 4000): it needs room for 5000.
+    assert (
+        m.plan_room(_room_snapshot(cfg, 5000, {"t": {"resident": False, "peak_mib": 5000}})).need_mib == 5256
+    )
+    # Its processes hold 3000 already (a restarted service's context, a partial load): 1000 more to go.
+    assert m.plan_room(_room_snapshot(cfg, 0, {"t": {"resident": None, "used_mib": 3000}})).need_mib == 1256
+    # A victim measured at 1000 MiB frees 1000, not its declared 4000: one more victim is planned.
+    views = _all_resident(x=1.0, y=2.0, z=3.0)
+    views["x"]["used_mib"] = 1000
+    assert m.plan_room(_room_snapshot(cfg, 3300, views)).victims == ("x",)
+    assert m.plan_room(_room_snapshot(cfg, 3000, views)).victims == ("x", "y")
+
+
+def test_plan_a_resident_target_trusted_or_credited_or_loaded_in_full():
+    cfg = small_config()
+    others = _all_resident(x=1.0)  # 12000 MiB of others, on a GPU that shows 15000 used
+    trusted = {**others, "t": {"resident": True, "trusted": True}}
+    assert m.plan_room(_room_snapshot(cfg, 0, trusted, used_mib=15000)).need_mib == 0
+    # Not trusted (something may have changed it): credited with the 3000 nobody else accounts for.
+    doubt = {**others, "t": {"resident": True}}
+    assert m.plan_room(_room_snapshot(cfg, 0, doubt, used_mib=15000)).need_mib == 4000 - 3000 + 256
+    # A restart behind the broker's back: the GPU shows only the others' memory, so no credit.
+    assert m.plan_room(_room_snapshot(cfg, 0, doubt, used_mib=12000)).need_mib == 4256
+    # The broker loading it itself: its whole size, whoever holds that memory.
+    loads = m.plan_room(_room_snapshot(cfg, 0, doubt, used_mib=15000, loads_target=True))
+    assert loads.need_mib == 4256
+
+
+def test_plan_the_target_itself_last_when_its_residency_is_unknown():
+    cfg = _without_unload(small_config(), "x", "y", "z")
+    views = {**_all_resident(), "t": {"resident": None}}
+    assert m.plan_room(_room_snapshot(cfg, 0, views)).victims == ("t",)
+    assert m.plan_room(_room_snapshot(cfg, 0, views, tried={"t": "unloaded"})).victims == ()
+    measured = {**views, "t": {"resident": None, "used_mib": 0}}  # measured: it holds nothing to unload
+    assert m.plan_room(_room_snapshot(cfg, 0, measured)).victims == ()
+
+
+def test_plan_stops_after_max_evictions():
+    cfg = small_config()
+    plan = m.plan_room(_room_snapshot(cfg, 0, _all_resident(), tried={"x": "unloaded"}, max_evictions=1))
+    assert plan.exhausted and plan.victims == ()
+
+
 def _two_candidates(raw: dict[str, Any]) -> None:
     """whisper (no unload route) as the target; mvoice (listed first) and comfyui as its victims."""
     raw["consumers"]["mvoice"]["can_coexist_with"] = ["ollama"]
@@ -3162,7 +3311,7 @@ async def test_coexistent_consumer_is_never_picked_even_when_least_recently_used
     job.release("completed")
 
 
-async def test_vram_managed_is_never_picked():
+async def test_a_vram_managed_consumer_is_not_picked_while_another_can_go():
     s, gpu, ops, _ = make_scheduler(small_config(consumers__x__vram_managed=True))
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
     job = await s.acquire("t", "kt")
@@ -3698,6 +3847,39 @@ async def test_whisper_is_evicted_by_stopping_its_process_and_started_again_for_
     # Each start was followed by waiting for the health route: the job came after a good health answer.
     log_text = caplog.text
     assert log_text.index("msg=health consumer=whisper healthy=True") < log_text.index("msg=job id=1")
+
+
+async def test_a_client_leaving_while_a_stop_script_runs_leaves_it_to_finish(rig, tmp_path):
+    """Issue 10's case: a slow stop script (whisper-server's, which removes its pid file last) evicting the
+    service for a client that leaves half-way is not killed: the service is stopped cleanly, the job ends
+    cancelled, nothing is loaded for it."""
+    port = free_port()
+    home = tmp_path / "rig0"
+    r = await rig(total_mib=14000, tweak=_whisper_as_a_service(home, port))
+    pidfile = home / "whisper.pid"
+    whisper = r.broker.config.consumers["whisper"]
+    slow_stop = ("sh", "-c", "sleep 1 && exec " + shlex.join(whisper.unload.argv))
+    r.broker.config.consumers["whisper"] = m.replace(
+        whisper, unload=m.replace(whisper.unload, argv=slow_stop)
+    )
+    try:
+        assert (await r.post("stt", None, data=b"audio"))[0] == 200  # starts whisper
+        first = int(pidfile.read_text())
+        image = asyncio.ensure_future(r.post("image", {"prompt": {}}))  # evicts whisper by the slow script
+        state = r.broker.consumers.states["whisper"]
+        await until(lambda: state.resident is None)  # its unload is under way
+        image.cancel()  # the client leaves
+        await asyncio.gather(image, return_exceptions=True)
+        await until(lambda: r.broker.scheduler.holder is None, timeout=30)
+        assert not mgpusim.alive(first) and not pidfile.exists()  # stopped whole, its pid file removed
+        assert state.resident is False and r.gpu.used_mib("whisper") == 0
+        assert r.stats.cancelled == 1 and r.stats.evictions == 1
+        assert "/prompt" not in [rec.path for rec in r.sims["comfyui"].records]  # nothing ran for it
+    finally:
+        stop = await asyncio.create_subprocess_exec(
+            PY, str(HERE / "mgpusim.py"), "stop", "--pidfile", str(pidfile)
+        )
+        assert await asyncio.wait_for(stop.wait(), 30) == 0
 
 
 @pytest.mark.parametrize(
@@ -4937,6 +5119,34 @@ async def test_a_consumer_port_serves_its_api_at_the_root_by_the_rules_of_its_mo
     async with r.session.get(port_url(r, "comfyui", "/v1/status")) as resp:
         assert resp.status == 404  # ComfyUI's answer: the broker's own routes are not on the port
     assert r.stats.jobs == 1
+
+
+async def test_redirects_and_cookies_of_a_consumers_own_web_app_work_through_its_port(rig):
+    """A web app that redirects to absolute paths and sets cookies for Path=/ stays whole on its port: the
+    browser follows the redirect to the same port and sends the cookie back."""
+
+    async def login(request: web.Request) -> web.Response:
+        resp = web.Response(status=302, headers={"Location": "/home"})
+        resp.set_cookie("session", "s3cret", path="/")
+        return resp
+
+    async def home(request: web.Request) -> web.Response:
+        return web.json_response({"session": request.cookies.get("session")})
+
+    routes = [("GET", "/login", login), ("GET", "/home", home), ("GET", "/health", _ok)]
+    async with StandIn(routes) as app:
+
+        def whisper_port(raw: dict[str, Any]) -> None:
+            raw["consumers"]["whisper"]["listen"] = "127.0.0.1:0"
+
+        r = await rig(urls={"whisper": app.url}, tweak=whisper_port)
+        async with (
+            aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser,
+            browser.get(port_url(r, "whisper", "/login")) as resp,
+        ):
+            assert resp.status == 200 and await resp.json() == {"session": "s3cret"}
+            assert [str(h.url) for h in resp.history] == [port_url(r, "whisper", "/login")]
+            assert str(resp.url) == port_url(r, "whisper", "/home")
 
 
 async def test_with_a_token_a_consumers_port_needs_it_everywhere_and_strips_it(rig):
@@ -6800,6 +7010,23 @@ async def test_a_reservation_unloads_everything_refuses_gpu_jobs_and_ends_when_r
         assert (await resp.json())["released"] is False  # nothing to release
 
 
+async def test_a_reservation_unloads_vram_managed_ollama_too(rig):
+    """Ollama runs its own model LRU and is never unloaded for a job while something else can go; a
+    reservation asks it to let go all the same, through its /api/ps list, like `ollama stop`."""
+    r = await rig(tweak=use_presets)
+    sim = r.sims["ollama"]
+    assert (await r.post("llm", {"model": "llama3", "prompt": "why", "stream": False}))[0] == 200
+    assert list(sim.models) == ["llama3"] and r.gpu.used_mib("ollama") == 8000
+    status, _, answer = await _reserve(r, for_s=60, reason="gaming")
+    assert status == 200 and "ollama" in answer["unloaded"]
+    assert answer["not_unloaded"] == {"whisper": "no unload route"}
+    unloads = [json.loads(rec.body) for rec in sim.records if rec.path == "/api/generate"][1:]
+    assert unloads == [{"model": "llama3", "keep_alive": 0}] and sim.models == {}
+    assert r.gpu.used_mib("ollama") == 0
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert (await resp.json())["released"] is True
+
+
 async def test_a_reservation_waits_for_the_gpu_refuses_the_queue_expires_and_survives_a_reload(rig):
     gate = asyncio.Event()
     async with held_llm(gate) as ollama:
@@ -7160,6 +7387,13 @@ async def test_cli_url_comes_from_the_flag_else_the_environment_else_the_default
         assert rc == 1 and nobody in err  # the flag wins
         assert (await cli("ps", "--url", url, env={"MGPUMANAGER_URL": nobody}))[0] == 0
         assert (await cli("ps", "--url", f"127.0.0.1:{daemon.port}"))[0] == 0  # host:port is http
+        # The verb's flags may come before it too; written after it, they win.
+        assert (await cli("--url", url, "ps"))[0] == 0
+        rc, _, err = await cli("--url", url, "ps", "--url", nobody)
+        assert rc == 1 and nobody in err
+    # Without a verb they make no sense: the broker itself listens where --listen says.
+    rc, _, err = await cli("--url", nobody)
+    assert rc == 2 and "go with a VERB" in err
 
 
 async def test_cli_sends_the_token_from_the_environment_or_the_token_file(rig, tmp_path):
@@ -7181,6 +7415,9 @@ async def test_cli_sends_the_token_from_the_environment_or_the_token_file(rig, t
         assert (await cli("unload", "mvoice", "--url", url, env={"MGPUMANAGER_TOKEN": TOKEN}))[0] == 0
         rc, _, err = await cli("ps", "--url", url, "--token-file", str(tmp_path / "missing"))
         assert rc == 2 and "cannot read --token-file" in err
+        # A device or a FIFO is refused at once, not read forever.
+        rc, _, err = await cli("ps", "--url", url, "--token-file", "/dev/zero")
+        assert rc == 2 and "--token-file /dev/zero is not a regular file" in err
     assert TOKEN not in daemon.log
 
 
@@ -7475,7 +7712,6 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
     mvoice = {"work_s": 1.5, "load_s": 2, "release_s": 1} if slow else {}
     comfyui = {"work_s": 10, "release_s": 1.5} if slow else {"work_s": 1.5}
     r = await rig(sims={"mvoice": {"loaded": True, **mvoice}, "comfyui": comfyui})
-    events = r.broker.events
     assert (await r.post("tts", {"text": "one"}, headers={"X-Request-ID": "tts-1"}))[0] == 200  # job 1
     await asyncio.sleep(pause)
     # Job 2 evicts mvoice and renders 1.5 s after answering; job 3 waits for it, evicts comfyui, loads mvoice.
@@ -7486,20 +7722,24 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
     await until(lambda: r.broker.scheduler.holder is None)
     async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:  # job 4, an admin unload
         assert resp.status == 200
-    await asyncio.sleep(pause)
-    # The reservation events as the broker will publish them.
-    events.publish("reserved", gpu=0, reason="gaming", for_s=3600, until=m._iso(time.time() + 3600))
+    # Job 5, a reservation: it unloads every consumer that has an unload, holds the GPU, is released. (Some
+    # time after job 4, so that the two unloads of mvoice are apart in the last minute's view.)
+    await asyncio.sleep(pause or 1.5)
+    async with r.session.post(r.url("/v1/reserve"), json={"for_s": 3600, "reason": "gaming"}) as resp:
+        assert resp.status == 200
     await asyncio.sleep(pause or 0.3)
-    events.publish("reservation_ended", gpu=0, why="released")
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert resp.status == 200
     async with Browser(tmp_path) as browser:
         # The page is opened after all this: what it draws is what the broker replays.
         await browser.call("Page.navigate", url=r.url("/"))
         lanes = await browser.wait_for(
-            "document.querySelectorAll('#timeline .tl-row').length === 5 && [...document.querySelectorAll("
+            "document.querySelectorAll('#timeline .tl-row').length === 6 && [...document.querySelectorAll("
             "'#timeline .tl-row')].map((r) => r.dataset.consumer || r.dataset.lane)"
         )
-        assert lanes == ["queue", "mvoice", "comfyui", "ollama", "whisper"]
-        await browser.wait_for("document.querySelectorAll('#timeline .tl-span').length >= 11")
+        # The reservation has a lane of its own: when it waited for the GPU and how long it held it.
+        assert lanes == ["queue", "mvoice", "comfyui", "ollama", "whisper", "reservation"]
+        await browser.wait_for("document.querySelectorAll('#timeline .tl-span').length >= 14")
         spans = await browser.evaluate(TIMELINE_SPANS)
         assert sorted(spans) == sorted(
             [
@@ -7514,16 +7754,19 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
                 ["mvoice", "run", "3", "tts", "completed"],
                 ["mvoice", "run", "4", "unload", "completed"],  # the admin unload holds the lock alone
                 ["mvoice", "unload", "4", "", "true"],
+                ["mvoice", "unload", "5", "", "true"],  # the reservation unloads all that have an unload
+                ["comfyui", "unload", "5", "", "true"],
+                ["reservation", "run", "5", "reservation", "completed"],
             ]
         )
         assert await browser.evaluate(TIMELINE_RESERVATIONS) == [["0", "gaming", "released", "false"]]
-        # Live: a reservation is drawn open until it ends.
-        events.publish("reserved", gpu=0, reason="training", for_s=60, until=m._iso(time.time() + 60))
+        # Live: a reservation (job 6) is drawn open until it ends, here when its time is up.
+        training = {"for_s": 4 + pause, "reason": "training"}
+        async with r.session.post(r.url("/v1/reserve"), json=training) as resp:
+            assert resp.status == 200
         await browser.wait_for(f"{TIMELINE_RESERVATIONS}.length === 2")
         assert (await browser.evaluate(TIMELINE_RESERVATIONS))[1] == ["0", "training", "", "true"]
-        await asyncio.sleep(pause)
-        events.publish("reservation_ended", gpu=0, why="expired")
-        await browser.wait_for(f"{TIMELINE_RESERVATIONS}[1][2] === 'expired'")
+        await browser.wait_for(f"{TIMELINE_RESERVATIONS}[1][2] === 'expired'", timeout=30)
 
         # Closer: the last minute, the page's clock stopped so that the spans stay under the pointer.
         # A hover shows the job, a tap (as on a phone) an unload.
@@ -7543,6 +7786,8 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
         assert re.match(r"mvoice tts, job 3\nrequest id \w+\nwaited [\d.]+ s, ran", tip)
         tip = await point_at(browser, '.tl-row[data-consumer="mvoice"] .tl-unload[data-job="4"]')
         assert tip.startswith("mvoice unloaded (admin) in ")
+        tip = await point_at(browser, '.tl-row[data-consumer="comfyui"] .tl-unload[data-job="5"]')
+        assert tip.startswith("comfyui unloaded (reservation) in ")
 
         # The memory bar: measured memory where the broker has it, else the declared size of resident ones.
         parts = await browser.evaluate(
@@ -7569,7 +7814,7 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
         await browser.evaluate("Date.now = window.realNow")
         image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
         await browser.wait_for(
-            '!!document.querySelector(\'.tl-row[data-consumer="comfyui"] .tl-hold[data-job="5"]\')'
+            '!!document.querySelector(\'.tl-row[data-consumer="comfyui"] .tl-hold[data-job="7"]\')'
         )
         await asyncio.sleep(pause)
         await browser.screenshot(tmp_path / "dashboard.png")
