@@ -727,6 +727,12 @@ async def test_eviction_through_comfyuis_real_free(bed, mark, client):
     assert bed.probe()[-1] == "unloaded"
     assert bed.used()["comfyui"] == COMFY_CONTEXT_MIB
     wait_until(lambda: measured(bed, "comfyui") == COMFY_CONTEXT_MIB, 10, "the broker measuring the context")
+    # (/v1/status reads the GPU at most once a second: whisper-server, started for the job, shows soon.)
+    wait_until(
+        lambda: str(WHISPER_SERVER) in {p["name"] for p in bed.status()["gpu"]["processes"]},
+        10,
+        "whisper-server in the GPU's process list",
+    )
     status = bed.status()
     assert status["consumers"]["comfyui"]["loaded"] is False
     assert status["consumers"]["comfyui"]["vram_peak_mib"] == VRAM_MIB["comfyui"]
