@@ -1663,7 +1663,7 @@ METRIC_HELP = {
     ),
     "mgpumanager_admin_unloads_total": (
         "counter",
-        "Consumers unloaded through the admin route, by consumer.",
+        "Consumers unloaded through the admin route or by a reservation, by consumer.",
     ),
     "mgpumanager_load_failures_total": ("counter", "Load calls that failed, by consumer."),
     "mgpumanager_preload_skips_total": ("counter", "Preloads skipped because they did not fit, by consumer."),
