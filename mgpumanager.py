@@ -117,6 +117,8 @@ UNLOAD_KINDS = frozenset({"unload", "idle_unload", RESERVATION})
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 #: How many recent loads, unloads and jobs of a consumer its learned times are the median of.
 TIMING_SAMPLES = 15
+#: What the broker times per consumer: its loads, its unloads and its jobs.
+TIMED = ("load", "unload", "job")
 #: How often free VRAM is polled after an unload (one nvidia-smi each, the GPU line alone), and which
 #: share of the victim's memory counts as "freed".
 VRAM_POLL_S = 0.05
@@ -1486,7 +1488,7 @@ def logfmt(**fields: Any) -> str:
 #: What /v1/events sends, and what a subscriber that falls this far behind is dropped for.
 EVENT_BUFFER = 256
 #: The recent past kept for pages opened later (``/v1/events?since=SECONDS``): the events of the last
-#: EVENT_RING_S seconds, and of those at most EVENT_RING (a job makes 4 to 9 events: some 2,000 jobs; kept
+#: EVENT_RING_S seconds, and of those at most EVENT_RING (a job makes 5 to 10 events: some 1,500 jobs; kept
 #: as the bytes the stream sends, some 3.5 MiB when full). The dashboard's timeline draws the same 15 minutes.
 EVENT_RING = 10000
 EVENT_RING_S = 900.0
@@ -1694,6 +1696,10 @@ METRIC_HELP = {
         "The most GPU memory the consumer's processes were seen holding (consumers with `processes` only).",
     ),
     "mgpumanager_queue_length": ("gauge", "Jobs waiting for the GPU lock, by GPU."),
+    "mgpumanager_queue_eta_seconds": (
+        "gauge",
+        "The expected wait of the job queued last, by GPU, from the learned timings (0: nothing queued).",
+    ),
     "mgpumanager_gpu_reserved": ("gauge", "1 while the GPU is reserved (POST /v1/reserve), else 0, by GPU."),
     "mgpumanager_running_jobs": ("gauge", "Jobs holding the GPU lock now, by GPU."),
     "mgpumanager_gpu_memory_total_bytes": (
@@ -2401,6 +2407,12 @@ class ConsumerState:
         samples = self._samples.get(what)
         return statistics.median(samples) if samples else None
 
+    def timings(self) -> dict[str, float | None]:
+        """Its learned figures as /v1/status and the ``learned`` event show them (seconds; None: not seen)."""
+        return {
+            f"{what}_s": None if (median := self.timing(what)) is None else round(median, 3) for what in TIMED
+        }
+
     # ---- derived ------------------------------------------------------------------------------------
 
     def known_resident(self) -> bool:
@@ -3042,6 +3054,33 @@ class Recorder:
         """A bug in the broker, caught: counted, and logged with its traceback (call from an except)."""
         self.stats.internal_errors += 1
         log.exception(logfmt(msg=msg, **fields))
+
+    def learned(
+        self, state: ConsumerState, what: str, seconds: float, job: int, *, after_handover: bool = False
+    ) -> None:
+        """A consumer's load, unload or job took ``seconds`` (for or by job ``job``): one more sample of its
+        running median (status), its histogram, and the ``learned`` event with its figures as they are now
+        (``after_handover``: once the GPU changed hands, as a job's end event is)."""
+        state.learned(what, seconds)
+        self.metrics.observe(f"mgpumanager_{what}_seconds", seconds, consumer=state.name)
+        fields = {
+            "consumer": state.name,
+            "gpu": self.gpu,
+            "job": job,
+            "what": what,
+            "seconds": round(seconds, 3),
+            "timings": state.timings(),
+        }
+        if after_handover:
+            _after_handover(functools.partial(self._publish_learned, fields))
+        else:
+            self._publish_learned(fields)
+
+    def _publish_learned(self, fields: dict[str, Any]) -> None:
+        try:
+            self.events.publish("learned", **fields)
+        except Exception as e:  # a bug of a callback of the loop's: logged and counted, never lost
+            self.internal_error("learned event crashed", consumer=fields["consumer"], error=describe(e))
 
     def job_event(self, name: str, job: Job, **fields: Any) -> None:
         """A job's own events (queued, granted, started, and its end): /v1/events only."""
@@ -4312,8 +4351,9 @@ class Scheduler:
             raise
         if by is not None:
             state.unloaded()
-            self._learn(state, "unload", self.clock() - self._unload_started.pop(victim))
+            took = self.clock() - self._unload_started.pop(victim)
             self.recorder.record(f"unloaded_{by}", consumer=victim, by=by, job=job.id)
+            self._learn(job, state, "unload", took)
         return None
 
     async def _wait_for_memory(
@@ -4325,6 +4365,7 @@ class Scheduler:
         freed = False
         deadline = self.clock() + self._wait_s()
         enough_freed = FREED_SHARE * size
+        took: float | None = None
         while True:
             started = self.clock()
             try:
@@ -4336,7 +4377,7 @@ class Scheduler:
             if free >= need or free - before >= enough_freed:
                 self.states[victim].unloaded()
                 freed = True
-                self._learn(self.states[victim], "unload", self.clock() - self._unload_started.pop(victim))
+                took = self.clock() - self._unload_started.pop(victim)
                 break
             if self.clock() >= deadline:
                 # Nothing came free: it most likely held nothing (its residency was a guess). Some did:
@@ -4354,6 +4395,8 @@ class Scheduler:
         self._unload_started.pop(victim, None)  # (not freed in time: no figure to learn)
         job.evictions += 1
         self.recorder.record("evicted", consumer=victim, for_consumer=job.consumer, free_mib=reading.free_mib)
+        if took is not None:
+            self._learn(job, self.states[victim], "unload", took)
         return reading, freed
 
     async def _load(self, job: Job) -> None:
@@ -4373,8 +4416,9 @@ class Scheduler:
             state.load_failed()
             raise
         state.loaded()
-        self._learn(state, "load", self.clock() - started)
+        took = self.clock() - started
         self.recorder.record("loaded", consumer=name, job=job.id)
+        self._learn(job, state, "load", took)
 
     # ---- the end of a job --------------------------------------------------------------------------
 
@@ -4432,14 +4476,14 @@ class Scheduler:
         state = self.states[job.consumer]
         took = max(0.0, ended - job.started)
         if job.cold:
-            self._learn(state, "load", max(0.0, took - (state.timing("job") or 0.0)))
+            self._learn(job, state, "load", max(0.0, took - (state.timing("job") or 0.0)))
         else:
-            self._learn(state, "job", took)
+            self._learn(job, state, "job", took)
 
-    def _learn(self, state: ConsumerState, what: str, seconds: float) -> None:
-        """One more sample of a consumer's load, unload or job time: its running median, and the metric."""
-        state.learned(what, seconds)
-        self.metrics.observe(f"mgpumanager_{what}_seconds", seconds, consumer=state.name)
+    def _learn(self, job: Job, state: ConsumerState, what: str, seconds: float) -> None:
+        """One more sample of a consumer's load, unload or job time, taken for (or by) ``job``: recorded
+        after what it times (its ``evicted``, ``unloaded`` or ``loaded``; a job's after its end event)."""
+        self.recorder.learned(state, what, seconds, job.id, after_handover=what == "job")
 
     def abandon_holds(self, name: str, reason: str) -> None:
         """The consumer was seen down: its work died with it, so its holds end now (hold_abandoned)."""
@@ -5609,10 +5653,6 @@ PUBLIC_PATHS = web.AppKey("public_paths", frozenset)
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
-def _rounded(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds, 3)
-
-
 def _iso(t: float | None) -> str | None:
     if t is None:
         return None
@@ -6238,7 +6278,7 @@ async def handle_status(request: web.Request) -> web.Response:
             "priority": c.priority,
             "can_coexist_with": sorted(c.can_coexist_with),
             "gpu": c.gpu,
-            "timings": {f"{what}_s": _rounded(state.timing(what)) for what in ("load", "unload", "job")},
+            "timings": state.timings(),
             "preset": c.preset,
             "listen": broker.ports.address(name),
         }
@@ -6267,6 +6307,8 @@ async def handle_metrics(request: web.Request) -> web.Response:
     ]
     for index, s in sorted(broker.schedulers.items()):
         gauges.append(("mgpumanager_queue_length", (("gpu", str(index)),), len(s.queue())))
+        etas = [eta for _, eta in s.forecast()]
+        gauges.append(("mgpumanager_queue_eta_seconds", (("gpu", str(index)),), max(etas, default=0.0)))
         gauges.append(("mgpumanager_running_jobs", (("gpu", str(index)),), s.running))
         gauges.append(("mgpumanager_gpu_reserved", (("gpu", str(index)),), int(s.reservation is not None)))
     indexes = sorted(broker.gpus)

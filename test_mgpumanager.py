@@ -2973,14 +2973,26 @@ async def test_learned_timings_and_the_expected_waits_in_status_events_and_retry
     queue = (await r.status())["scheduler"]["queue"]
     etas = [q["eta_s"] for q in queue]
     assert etas == sorted(etas) and etas[1] >= mv["job_s"] > 0
+    text = await (await r.session.get(r.url("/metrics"))).text()
+    assert float(re.search(r'mgpumanager_queue_eta_seconds\{gpu="0"\} (\S+)', text)[1]) > 0
     status, headers, body = await r.post("tts", {"text": "one too many"})
     error_of(status, headers, body, "queue_full")
     assert int(headers["Retry-After"]) == max(1, math.ceil(etas[0]))
     queued = [e for e in await _read_events(events, "queued") if e["event"] == "queued"]
     assert "eta_s" in queued[0]
-    events.close()
     for done in [first, *waiting]:
         assert (await done)[0] == 200
+    # Each figure learned is an event too: the job's consumer, what, how long, and its figures now.
+    learned = [e for e in await _read_events(events, "learned") if e["event"] == "learned"]
+    while not any(e["what"] == "job" for e in learned):
+        learned += [e for e in await _read_events(events, "learned") if e["event"] == "learned"]
+    assert {(e["consumer"], e["what"]) for e in learned} >= {("comfyui", "unload"), ("mvoice", "load")}
+    for e in learned:
+        timings = (await r.status())["consumers"][e["consumer"]]["timings"]
+        assert e["seconds"] >= 0 and set(e["timings"]) == set(timings) and e["timings"][e["what"] + "_s"]
+    events.close()
+    text = await (await r.session.get(r.url("/metrics"))).text()
+    assert 'mgpumanager_queue_eta_seconds{gpu="0"} 0' in text  # nothing queued
 
 
 @settings(
@@ -6196,10 +6208,16 @@ async def test_event_stream_tells_a_job_with_eviction_and_load_in_order(rig):
             "granted",
             "evicting",
             "evicted",
+            "learned",  # how long comfyui's unload took
             "loading",
             "loaded",
+            "learned",  # and mvoice's load
             "started",
             "finished",
+        ]
+        assert [(e["consumer"], e["what"]) for e in events if e["event"] == "learned"] == [
+            ("comfyui", "unload"),
+            ("mvoice", "load"),
         ]
         assert all("ts" in e for e in events) and events[2]["consumer"] == "comfyui"
         r.sims["whisper"].faults["health_status"] = 503
@@ -6250,23 +6268,19 @@ def test_the_event_ring_keeps_the_last_events_by_count_and_by_age():
 
 
 async def test_events_since_replays_the_recent_past_then_goes_live(rig, monkeypatch):
-    monkeypatch.setattr(m, "EVENT_RING", 6)
+    monkeypatch.setattr(m, "EVENT_RING", 8)
     r = await rig(sims={"mvoice": {"loaded": True}})
     r.broker.events.ring.clear()  # the first health round's events
     assert (await r.post("tts", {"text": "before anyone listened"}))[0] == 200
-    await until(lambda: r.broker.events.ring and r.broker.events.ring[-1][1].startswith(b"event: finished\n"))
-    assert [e["event"] for e in recent_events(r.broker.events)] == [
-        "queued",
-        "granted",
-        "started",
-        "finished",
-    ]
+    await until(lambda: r.broker.events.ring and r.broker.events.ring[-1][1].startswith(b"event: learned\n"))
+    job = ["queued", "granted", "started", "finished", "learned"]  # learned: what the job took
+    assert [e["event"] for e in recent_events(r.broker.events)] == job
     async with r.session.get(r.url("/v1/events?since=900")) as stream:
         past = await _read_replay(stream)
-        assert [e["event"] for e in past] == ["queued", "granted", "started", "finished"]
+        assert [e["event"] for e in past] == job
         assert (await r.post("tts", {"text": "live"}))[0] == 200
-        live = await _read_events(stream, "finished")
-        assert [e["event"] for e in live] == ["queued", "granted", "started", "finished"]
+        live = await _read_events(stream, "learned")
+        assert [e["event"] for e in live] == job
         assert live[0]["job"] == past[0]["job"] + 1
     # The ring holds EVENT_RING events: the first job's first two are gone.
     async with r.session.get(r.url("/v1/events?since=900")) as stream:
@@ -6274,10 +6288,12 @@ async def test_events_since_replays_the_recent_past_then_goes_live(rig, monkeypa
         assert [(e["job"], e["event"]) for e in past] == [
             (1, "started"),
             (1, "finished"),
+            (1, "learned"),
             (2, "queued"),
             (2, "granted"),
             (2, "started"),
             (2, "finished"),
+            (2, "learned"),
         ]
     # since=0 replays nothing; without since nothing is replayed either (as before).
     for query in ("?since=0", ""):
@@ -7452,18 +7468,28 @@ async def test_cli_events_prints_one_line_per_event_and_stops_on_sigint(rig):
         proc = await events("--since", "900")
         try:
             past = [
-                line for line in await lines_until(proc, "finished job=1 ") if not line.startswith("health")
+                line
+                for line in await lines_until(proc, "learned consumer=mvoice gpu=0 job=1 ")
+                if not line.startswith("health")
             ]
             patterns = [
                 r"queued job=1 consumer=mvoice kind=tts gpu=0 priority=3 request_id=t-1 eta_s=[\d.]+",
                 r"granted job=1 consumer=mvoice kind=tts gpu=0 waited_s=[\d.]+",
                 r"started job=1 consumer=mvoice kind=tts gpu=0",
                 r"finished job=1 consumer=mvoice kind=tts gpu=0 http=200",  # code=null is left out
+                r'learned consumer=mvoice gpu=0 job=1 what=job seconds=[\d.]+ timings=\{"load_s":null,'
+                r'"unload_s":null,"job_s":[\d.]+\}',  # (objects as compact JSON)
             ]
-            assert len(past) == 4 and all(map(re.fullmatch, patterns, past)), past
+            assert len(past) == 5 and all(map(re.fullmatch, patterns, past)), past
             assert (await post_json(r.session, daemon.url("/v1/tts"), {"text": "live"}))[0] == 200
-            live = await lines_until(proc, "finished job=2 ")
-            assert [line.split()[0] for line in live] == ["queued", "granted", "started", "finished"]
+            live = await lines_until(proc, "learned consumer=mvoice gpu=0 job=2 ")
+            assert [line.split()[0] for line in live] == [
+                "queued",
+                "granted",
+                "started",
+                "finished",
+                "learned",
+            ]
         finally:
             proc.send_signal(signal.SIGINT)
             assert await asyncio.wait_for(proc.wait(), 10) == 0
