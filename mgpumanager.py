@@ -4476,14 +4476,17 @@ class Scheduler:
         state = self.states[job.consumer]
         took = max(0.0, ended - job.started)
         if job.cold:
-            self._learn(job, state, "load", max(0.0, took - (state.timing("job") or 0.0)))
+            self._learn(job, state, "load", max(0.0, took - (state.timing("job") or 0.0)), at_end=True)
         else:
-            self._learn(job, state, "job", took)
+            self._learn(job, state, "job", took, at_end=True)
 
-    def _learn(self, job: Job, state: ConsumerState, what: str, seconds: float) -> None:
+    def _learn(
+        self, job: Job, state: ConsumerState, what: str, seconds: float, *, at_end: bool = False
+    ) -> None:
         """One more sample of a consumer's load, unload or job time, taken for (or by) ``job``: recorded
-        after what it times (its ``evicted``, ``unloaded`` or ``loaded``; a job's after its end event)."""
-        self.recorder.learned(state, what, seconds, job.id, after_handover=what == "job")
+        after what it times (its ``evicted``, ``unloaded`` or ``loaded``; ``at_end``, what the job took,
+        after its end event)."""
+        self.recorder.learned(state, what, seconds, job.id, after_handover=at_end)
 
     def abandon_holds(self, name: str, reason: str) -> None:
         """The consumer was seen down: its work died with it, so its holds end now (hold_abandoned)."""
