@@ -5734,17 +5734,14 @@ RESERVE_MAX_S = 7 * 24 * 3600.0
 
 
 def _reserved_gpu(broker: Broker, value: Any) -> int:
-    """The GPU a reserve or release names (``gpu``), else the default one; bad_request for another."""
+    """The GPU a reserve or release names (``gpu``: an integer), else the default one; bad_request for
+    anything else (0.9 is no GPU, not GPU 0)."""
     if value is None:
         return broker.config.gpu.index
-    try:
-        index = int(value)
-    except (TypeError, ValueError):
-        index = -1
-    if isinstance(value, bool) or index not in broker.schedulers:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in broker.schedulers:
         known = ", ".join(map(str, sorted(broker.schedulers)))
         raise BrokerError("bad_request", f"no GPU {value!r} is scheduled here (GPUs: {known})")
-    return index
+    return value
 
 
 async def handle_reserve(request: web.Request) -> web.Response:
@@ -5770,7 +5767,9 @@ async def handle_release(request: web.Request) -> web.Response:
     """DELETE /v1/reserve[?gpu=N]: end that GPU's reservation (every reserved GPU's, without ``gpu``)."""
     require_admin(request)
     broker = request.app[BROKER]
-    named = request.query.get("gpu")
+    named: Any = request.query.get("gpu")
+    if named is not None and named.isascii() and named.isdigit():  # ASCII digits alone: not ' 0' or '0_0'
+        named = int(named)
     indexes = [_reserved_gpu(broker, named)] if named is not None else sorted(broker.schedulers)
     released = [i for i in indexes if broker.schedulers[i].release_reservation("released")]
     gpu = indexes[0] if len(indexes) == 1 else (released[0] if len(released) == 1 else None)

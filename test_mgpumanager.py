@@ -7069,6 +7069,23 @@ async def test_a_reservation_that_cannot_unload_something_says_so_and_still_hold
         assert status == 400 and data["error"] == "bad_request", bad
 
 
+async def test_a_gpu_that_is_no_integer_of_the_brokers_is_refused_not_taken_for_another(rig):
+    """A hostile body or query: ``gpu`` 0.9 and -0.5 were GPU 0, Infinity a scheduler_error (500), and
+    ``?gpu= 0`` or ``0_0`` GPU 0 again. Each is bad_request now, and nothing is reserved or released."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    for gpu in (0.9, -0.5, math.inf, -math.inf, math.nan, "0", True, [0], {"index": 0}):
+        status, _, data = await _reserve(r, for_s=60, gpu=gpu)
+        assert status == 400 and data["error"] == "bad_request" and "no GPU" in data["message"], gpu
+    assert r.broker.scheduler.reservation is None and r.sims["mvoice"].records == []
+    assert (await _reserve(r, for_s=60, gpu=0))[0] == 200
+    for query in (" 0", "0_0", "+0", "0.0", "\u0660", "inf", "", "abc", "99999999999999999999"):
+        async with r.session.delete(r.url("/v1/reserve"), params={"gpu": query}) as resp:
+            error_of(resp.status, dict(resp.headers), await resp.read(), "bad_request")
+    assert r.broker.scheduler.reservation is not None
+    async with r.session.delete(r.url("/v1/reserve"), params={"gpu": "0"}) as resp:
+        assert await resp.json() == {"gpu": 0, "released": True, "gpus": [0]}
+
+
 async def test_reservations_are_per_gpu_and_end_with_the_broker(rig):
     def two_gpus(raw: dict[str, Any]) -> None:
         raw["consumers"]["comfyui"]["gpu"] = 1
