@@ -946,6 +946,9 @@ def test_coexistence_is_symmetric():
         ("routing.events", "mvoice", "routing.events: 'events' is reserved"),
         ("consumers.comfyui.paths.image.hold_until.poll_s", 0, "hold_until.poll_s: must be positive"),
         ("listen", "8770", "listen: must be HOST:PORT"),
+        # Digits that are not ASCII: superscript two made int() raise (a traceback), Arabic-Indic ones a port.
+        ("listen", "127.0.0.1:\u00b2", "listen: must be HOST:PORT"),
+        ("consumers.mvoice.listen", "0.0.0.0:\u0661\u0661", "consumers.mvoice.listen: must be HOST:PORT"),
         ("gpu.nvidia_smi", "", "gpu.nvidia_smi: must be a command"),
     ],
 )
