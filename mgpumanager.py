@@ -2415,6 +2415,9 @@ class ConsumerState:
 
 #: Largest JSON answer read from a residency query or a for_each listing.
 QUERY_ANSWER_LIMIT = 1 * MiB
+#: How many failed elements a failed for_each unload names (the rest are counted): a listing of 1 MiB may
+#: hold 500,000 elements, and the message goes into the answer, the log, an event and the reservation.
+FOR_EACH_NAMED = 5
 #: A ``{field}`` placeholder, as in hold_until paths.
 PLACEHOLDER = re.compile(r"{(\w+)}")
 
@@ -2459,13 +2462,20 @@ def fill_placeholders(route: Route, element: Any) -> tuple[str, Any]:
     """The path and body of one call of a for_each unload: ``{field}`` filled from the element's top-level
     fields (``{item}``: the element itself, when it is no object), percent-encoded in the path as in
     hold_until; in the body's strings as they are, a string that is one whole placeholder taking the
-    field's JSON value. KeyError names a field the element lacks."""
+    field's JSON value. KeyError names a field the element lacks; ValueError one whose value, empty, '.' or
+    '..', would make the path another route (``/api/ps/..`` is ``/api/``)."""
     fields = element if isinstance(element, dict) else {"item": element}
 
     def value(name: str) -> Any:
         if name not in fields:
             raise KeyError(name)
         return fields[name]
+
+    def segment(name: str) -> str:
+        encoded = quote(str(value(name)), safe="")
+        if encoded in ("", ".", ".."):
+            raise ValueError(f"its {name!r} {encoded!r} cannot fill a path")
+        return encoded
 
     def fill(node: Any) -> Any:
         if isinstance(node, str):
@@ -2479,7 +2489,7 @@ def fill_placeholders(route: Route, element: Any) -> tuple[str, Any]:
             return [fill(v) for v in node]
         return node
 
-    path = PLACEHOLDER.sub(lambda m: quote(str(value(m.group(1))), safe=""), route.path)
+    path = PLACEHOLDER.sub(lambda m: segment(m.group(1)), route.path)
     return path, fill(route.body)
 
 
@@ -2541,6 +2551,9 @@ class Consumers:
             except KeyError as e:
                 failures.append(f"{label} has no field {e.args[0]!r}")
                 continue
+            except ValueError as e:
+                failures.append(f"{label}: {e}")
+                continue
             left = deadline - self.clock()
             if left <= 0:
                 failures.append(f"{label}: not tried, the unload took its {route.timeout_s:g} s")
@@ -2553,7 +2566,9 @@ class Consumers:
                 failures.append(f"{label}: {e}")
         log.info(logfmt(msg="unload each", consumer=c.name, listed=len(elements), failed=len(failures)))
         if failures:
-            raise CallError(f"unload of {len(failures)} of {len(elements)}: " + "; ".join(failures))
+            more = len(failures) - FOR_EACH_NAMED
+            named = "; ".join(failures[:FOR_EACH_NAMED]) + (f"; and {more} more" if more > 0 else "")
+            raise CallError(f"unload of {len(failures)} of {len(elements)}: {named}")
 
     async def _query(self, c: ConsumerConfig, query: JsonQuery, timeout_s: float, what: str) -> Any:
         """A query's JSON answer (2xx, at most QUERY_ANSWER_LIMIT); CallError otherwise."""

@@ -5743,6 +5743,69 @@ async def test_a_for_each_unload_is_bounded_by_its_timeout_as_a_whole(rig):
     assert '"next": not tried, the unload took its 1 s' in data["message"]
 
 
+def _listing_svc(raw: dict[str, Any], url: str, unload: dict[str, Any]) -> None:
+    """Consumer svc at ``url``, whose unload walks ``GET /ps``'s ``models``."""
+    raw["consumers"]["svc"] = {
+        "url": url,
+        "health": {"path": "/health"},
+        "paths": {"llm": {"path": "/x"}},
+        "vram_resident_mib": 100,
+        "unload": unload | {"for_each": {"path": "/ps", "items": "models"}},
+    }
+
+
+async def test_a_for_each_unload_of_a_huge_listing_names_its_first_failures_and_counts_the_rest(rig):
+    """A consumer that lists 200,000 elements none of which can fill the route: the failure named every one,
+    4.6 MB that went into the admin's answer, the log line and an event kept 15 minutes in the ring (and a
+    reservation's not_unloaded, shown by every /v1/status)."""
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"models": [1] * 200_000})  # bare numbers: no field "name"
+
+    async with StandIn([("GET", "/ps", listing), ("GET", "/health", _ok)]) as svc:
+        unload = {"path": "/api/generate", "body": {"model": "{name}", "keep_alive": 0}}
+        r = await rig(tweak=lambda raw: _listing_svc(raw, svc.url, unload))
+        async with r.session.post(r.url("/v1/consumers/svc/unload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "unload_failed")
+    message = data["message"]
+    assert message.startswith("svc unload of 200000 of 200000: 1 has no field 'name'; ")
+    assert message.count("has no field") == m.FOR_EACH_NAMED and message.endswith("; and 199995 more")
+    (failed,) = [e for e in recent_events(r.broker.events) if e["event"] == "unload_failed"]
+    assert failed["error"] == message.removeprefix("svc ") and len(message) < 500
+    assert max(len(sent) for _, sent in r.broker.events.ring) < 1000
+
+
+async def test_a_for_each_unload_calls_no_route_but_its_own_whatever_the_listing_says(rig):
+    """Placeholders are percent-encoded in the path, but '..', '.' and '' are no escape: the consumer listing
+    '..' had the broker call DELETE /api/ instead of /api/ps/{item} (the client resolves dot segments). Such
+    an element fails, named; '/', '?', '#' and CRLF stay inside the one segment."""
+    seen: list[str] = []
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"models": ["a", "..", ".", "", "x/y", "q?x#y", "c\r\nd"]})
+
+    async def anything(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.raw_path}")
+        return web.json_response({})
+
+    routes = [("GET", "/ps", listing), ("GET", "/health", _ok), ("*", r"/{tail:[\s\S]*}", anything)]
+    async with StandIn(routes) as svc:
+        unload = {"method": "DELETE", "path": "/api/ps/{item}"}
+        r = await rig(tweak=lambda raw: _listing_svc(raw, svc.url, unload))
+        async with r.session.post(r.url("/v1/consumers/svc/unload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "unload_failed")
+    assert seen == [
+        "DELETE /api/ps/a",
+        "DELETE /api/ps/x%2Fy",
+        "DELETE /api/ps/q%3Fx%23y",
+        "DELETE /api/ps/c%0D%0Ad",
+    ]
+    message = data["message"]
+    assert message.startswith("svc unload of 3 of 7: ")
+    for value in ("..", ".", ""):
+        assert f"{json.dumps(value)}: its 'item' {value!r} cannot fill a path" in message
+
+
 async def test_the_whisper_cpp_preset_speaks_whispersim(rig, caplog):
     r = await rig(tweak=use_presets)
     assert r.broker.consumers.states["whisper"].healthy is True  # GET /health
