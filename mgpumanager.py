@@ -1492,6 +1492,12 @@ EVENT_RING = 10000
 EVENT_RING_S = 900.0
 #: A stream with nothing to say sends a comment this often, so proxies and browsers keep it open.
 HEARTBEAT_S = 15.0
+#: A reader of /v1/events that accepts nothing for this long is cut off: what is written to it waits in the
+#: broker's memory until it reads.
+EVENT_STALL_S = 60.0
+#: The replay (``?since=``) is written in pieces of at most this many bytes, each after the reader took the
+#: last (a full ring is 3.5 MiB: written at once, it sat whole in memory for each reader that did not read).
+EVENT_REPLAY_PIECE = 64 * 1024
 #: A subscriber's stream: the events as the stream sends them, then None once it was dropped or the broker
 #: closes.
 Subscription = asyncio.Queue[bytes | None]
@@ -6345,23 +6351,46 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     try:
         await resp.prepare(request)
-        await resp.write(b": mgpumanager events\n\n")
+        await _to_reader(request, resp, b": mgpumanager events\n\n")
         if since is not None:
-            await resp.write(b"".join(past) + f": replayed {len(past)}\n\n".encode())
+            piece = bytearray()
+            for frame in past:
+                if len(piece) + len(frame) > EVENT_REPLAY_PIECE:
+                    await _to_reader(request, resp, bytes(piece))
+                    piece.clear()
+                piece += frame
+            await _to_reader(request, resp, bytes(piece + f": replayed {len(past)}\n\n".encode()))
+            del past
         while True:
             try:
                 event = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
             except asyncio.TimeoutError:
-                await resp.write(b": heartbeat\n\n")
+                await _to_reader(request, resp, b": heartbeat\n\n")
                 continue
             if event is None:
                 break  # it fell behind: the client reconnects and reads /v1/status again
-            await resp.write(event)
+            await _to_reader(request, resp, event)
     except ConnectionResetError:
-        pass  # the client left
+        pass  # the client left, or was cut off
     finally:
         events.unsubscribe(queue)
     return resp
+
+
+async def _to_reader(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
+    """A write to an event stream's reader: one that accepts nothing for EVENT_STALL_S is cut off
+    (ConnectionResetError), so a reader that never reads holds the broker's memory for so long at most."""
+    transport = request.transport
+    if transport is not None and _fits_unpaused(transport, len(data)):
+        await resp.write(data)  # under the transport's high-water mark: this write cannot stall
+        return
+    try:
+        await asyncio.wait_for(resp.write(data), EVENT_STALL_S)
+    except asyncio.TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        log.warning(logfmt(msg="event reader stopped reading", timeout_s=EVENT_STALL_S))
+        raise ConnectionResetError("event reader stopped reading") from None
 
 
 async def handle_dashboard(request: web.Request) -> web.Response:

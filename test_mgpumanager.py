@@ -6292,6 +6292,41 @@ async def test_event_stream_heartbeats_and_drops_a_reader_that_falls_behind(rig,
         assert b"event: test" not in body  # what it missed is gone: it reconnects and reads /v1/status
 
 
+async def test_readers_of_a_full_ring_that_never_read_hold_little_and_are_cut_off(rig, monkeypatch):
+    """Each ``?since=900`` reader got the whole ring (4 MB here) in one write, which sat in the broker's
+    memory for as long as the reader kept its connection without reading: 10 such readers held 40 MB, for
+    ever. The replay goes in pieces, each after the reader took the last, and a reader that takes nothing
+    for EVENT_STALL_S is cut off."""
+    monkeypatch.setattr(m, "EVENT_STALL_S", 1.0, raising=False)
+    r = await rig()
+    events = r.broker.events
+    for n in range(10_000):
+        events.publish("test", n=n, pad="x" * 400)
+    assert sum(len(sent) for _, sent in events.ring) > 4_000_000
+    readers = []
+    for _ in range(10):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (r.server.host, r.server.port))
+        sock.send(b"GET /v1/events?since=900 HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
+        readers.append(sock)
+    try:
+        await until(lambda: len(events.subscribers) == 10)
+        await asyncio.sleep(0.3)  # every replay written as far as it goes
+        handlers = r.server.runner.server.connections
+        held = [h.transport.get_write_buffer_size() for h in handlers if h.transport]
+        assert len(held) == 10 and sum(held) < 10 * 256 * 1024, held
+        await until(lambda: not events.subscribers)  # each cut off once it took nothing for a second
+    finally:
+        for sock in readers:
+            sock.close()
+    # A reader that reads gets the whole replay, as before.
+    async with r.session.get(r.url("/v1/events?since=900")) as stream:
+        past = await _read_replay(stream)
+    assert [e["n"] for e in past] == list(range(10_000))
+
+
 def test_the_event_ring_keeps_the_last_events_by_count_and_by_age():
     clock = FakeClock()
     events = m.Events(ring=5, ring_s=900, clock=clock)
