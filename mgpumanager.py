@@ -5166,6 +5166,15 @@ class ProxiedWebSocket:
         return aiohttp.WSCloseCode.GOING_AWAY, None
 
 
+def going_away(sockets: Iterable[ProxiedWebSocket]) -> int:
+    """End the relay of each of these WebSockets still open, closing both sides with 1001 (going away);
+    how many."""
+    still = [p for p in sockets if not p.stop.done()]
+    for proxied in still:
+        proxied.stop.set_result(aiohttp.WSCloseCode.GOING_AWAY)
+    return len(still)
+
+
 # =====================================================================================================
 # The HTTP app
 # =====================================================================================================
@@ -5206,9 +5215,11 @@ class ConsumerPorts:
     def __init__(self) -> None:
         #: name -> (its ``listen`` as configured, the runner serving it, its site).
         self.open: dict[str, tuple[tuple[str, int], web.AppRunner, web.TCPSite]] = {}
-        #: The main app's open WebSockets, so that shutdown closes those of the ports too.
-        self.websockets: set[ProxiedWebSocket] = set()
         self._lock = asyncio.Lock()
+
+    def websockets(self) -> list[ProxiedWebSocket]:
+        """The WebSockets open through every consumer's port (each port's app keeps its own)."""
+        return [p for _, runner, _ in self.open.values() for p in runner.app[WEBSOCKETS]]
 
     def address(self, name: str) -> str | None:
         """HOST:PORT where consumer ``name``'s port listens (the port bound, when 0 was asked), or None."""
@@ -5252,7 +5263,7 @@ class ConsumerPorts:
     async def _open(self, broker: Broker, name: str, host: str, port: int) -> None:
         app = web.Application(middlewares=[front_door])
         app[BROKER], app[PORT_CONSUMER], app[PUBLIC_PATHS] = broker, name, frozenset()
-        app[WEBSOCKETS] = self.websockets
+        app[WEBSOCKETS] = set()  # its own: closed with the port
         app.on_response_prepare.append(_add_request_id)
         app.router.add_route("*", "/{path:.*}", handle_consumer_port)
         runner = web.AppRunner(
@@ -5280,7 +5291,11 @@ class ConsumerPorts:
                 await self._close(name)
 
     async def _close(self, name: str) -> None:
-        await self.open.pop(name)[1].cleanup()
+        """Close a port: its WebSockets at once (going away: they never end by themselves, and cut at the
+        end of the grace their relay left the consumer's side open), its other answers get the grace."""
+        runner = self.open.pop(name)[1]
+        going_away(runner.app[WEBSOCKETS])
+        await runner.cleanup()
 
 
 @dataclass
@@ -6186,12 +6201,11 @@ async def _stop_consumer_ports(app: web.Application) -> None:
 
 
 async def _close_websockets(app: web.Application) -> None:
-    """On shutdown: close the mounts' open WebSockets (going away), so that none keeps the broker up."""
-    sockets = [p for p in app[WEBSOCKETS] if not p.stop.done()]
-    for proxied in sockets:
-        proxied.stop.set_result(aiohttp.WSCloseCode.GOING_AWAY)
-    if sockets:
-        log.info(logfmt(msg="shutting down: closing websockets", websockets=len(sockets)))
+    """On shutdown: close the open WebSockets of mounts and consumer ports (going away), so that none keeps
+    the broker up."""
+    closed = going_away([*app[WEBSOCKETS], *app[BROKER].ports.websockets()])
+    if closed:
+        log.info(logfmt(msg="shutting down: closing websockets", websockets=closed))
 
 
 async def _gpu_status(reader: GpuReader, consumers: Consumers) -> dict[str, Any]:
@@ -6466,7 +6480,6 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         source=app[SOURCE],
     )
     app[BROKER] = broker
-    broker.ports.websockets = app[WEBSOCKETS]
     health: asyncio.Task[None] | None = None
     try:
         # The first health round completes before serving (bounded by health.timeout_s), so the first

@@ -5210,6 +5210,27 @@ async def test_a_reload_opens_moves_and_closes_consumer_ports(rig, caplog):
     assert r.broker.config.consumers["ollama"].listen is not None and 'msg="cannot listen"' in caplog.text
 
 
+async def test_a_reload_that_closes_a_port_closes_its_websockets_going_away_on_both_sides(rig):
+    """A WebSocket never finishes: a port closed by a reload waited out its grace, then cut the relay off in
+    the middle of its closing, so the client saw 1006 (no close frame) and the consumer's side was never
+    closed (one connection leaked per reload). It is closed at once with 1001, both sides."""
+    r = await rig(tweak=with_ports)
+    ws = await r.session.ws_connect(port_url(r, "comfyui", "/ws?clientId=a"))
+    assert (await ws.receive_json(timeout=10))["data"]["sid"] == "a"
+    (upstream,) = r.sims["comfyui"].sockets
+    assert r.broker.websockets == {"comfyui": 1}
+    raw = copy.deepcopy(r.raw)
+    del raw["consumers"]["comfyui"]["listen"]
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert resp.status == 200 and "comfyui no longer listens on " in (await resp.json())["changes"][1]
+    msg = await ws.receive(timeout=10)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY
+    await ws.close()
+    await until(lambda: upstream.closed)
+    assert upstream.close_code == aiohttp.WSCloseCode.GOING_AWAY and r.broker.websockets == {"comfyui": 0}
+
+
 async def test_a_port_that_cannot_be_had_at_start_up_stops_the_broker(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
