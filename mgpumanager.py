@@ -7179,7 +7179,7 @@ async def serve(config: Config, source: ConfigSource) -> int:
 
 #: Where the verbs find the broker when neither --url nor MGPUMANAGER_URL says.
 DEFAULT_URL = "http://127.0.0.1:8770"
-#: How long a verb waits for the broker: to connect, and for each read of its answer.
+#: How long a verb waits for the broker: to connect, for each read of its answer, and for the whole answer.
 CLI_TIMEOUT_S = 10.0
 #: load, unload and reserve wait for the GPU lock like a job (up to scheduler.queue_timeout_s, 300 s by
 #: default) and then for unload and load calls (60 s each by default).
@@ -7191,6 +7191,10 @@ CLI_RELOAD_TIMEOUT_S = CONFIG_READ_TIMEOUT_S + CLI_TIMEOUT_S
 CLI_EVENTS_TIMEOUT_S = 3 * HEARTBEAT_S
 #: ``ps`` and ``status`` fit their lines in this many columns.
 CLI_WIDTH = 100
+#: The largest answer a verb reads (a /v1/status with 1,000 jobs queued is some 300 KiB), and the longest
+#: line of the event stream (one event): more is not a broker.
+CLI_ANSWER_LIMIT = 16 * MiB
+CLI_EVENT_LINE_LIMIT = 1 * MiB
 
 
 class CliError(Exception):
@@ -7240,8 +7244,12 @@ def cli_url(flag: str | None, environ: Mapping[str, str]) -> str:
     url = (flag or environ.get("MGPUMANAGER_URL") or DEFAULT_URL).strip().rstrip("/")
     if "://" not in url:
         url = "http://" + url
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a port that is no number, or out of range, raises ValueError here)
+    except ValueError as e:
+        raise CliError(2, f"{url!r} is not a broker's URL (http://host:port): {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not url.isprintable() or " " in url:
         raise CliError(2, f"{url!r} is not a broker's URL (http://host:port)")
     return url
 
@@ -7249,15 +7257,20 @@ def cli_url(flag: str | None, environ: Mapping[str, str]) -> str:
 def cli_token(token_file: str | None, environ: Mapping[str, str]) -> str | None:
     """The bearer token: from --token-file, else MGPUMANAGER_TOKEN, else none."""
     if token_file is None:
-        return environ.get("MGPUMANAGER_TOKEN", "").strip() or None
-    try:
-        token = read_token_file(token_file, warn_if_shared=False)
-    except OSError as e:
-        raise CliError(2, f"cannot read --token-file {token_file}: {e.strerror or e}") from e
-    except ValueError as e:
-        raise CliError(2, f"--token-file {token_file} {e}") from e
-    if not token:
-        raise CliError(2, f"--token-file {token_file} is empty")
+        token = environ.get("MGPUMANAGER_TOKEN", "").strip() or None
+        where = "MGPUMANAGER_TOKEN"
+    else:
+        try:
+            token = read_token_file(token_file, warn_if_shared=False)
+        except OSError as e:
+            raise CliError(2, f"cannot read --token-file {token_file}: {e.strerror or e}") from e
+        except ValueError as e:
+            raise CliError(2, f"--token-file {token_file} {e}") from e
+        if not token:
+            raise CliError(2, f"--token-file {token_file} is empty")
+        where = f"--token-file {token_file}"
+    if token is not None and (not token.isprintable() or " " in token):  # as the broker's own rule
+        raise CliError(2, f"{where}: a token is printable characters without spaces")
     return token
 
 
@@ -7275,6 +7288,17 @@ def _why(exc: BaseException, timeout_s: float) -> str:
     if isinstance(reason, OSError) and reason.strerror:
         return reason.strerror
     return str(reason) or type(reason).__name__
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """The broker never redirects: a 3xx comes from something else at its URL, and following it sent the
+    bearer token wherever its Location pointed (and turned a POST into a GET)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 @dataclass
@@ -7296,11 +7320,11 @@ class Client:
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        if self.token:  # UTF-8, as the broker reads it (http.client would send a str as Latin-1)
+            request.add_header("Authorization", f"Bearer {self.token}".encode())  # type: ignore[arg-type]
         try:
-            return urllib.request.urlopen(request, timeout=timeout)
+            return _OPENER.open(request, timeout=timeout)
         except urllib.error.HTTPError as e:
             with e:
                 raise self._refused(e) from None
@@ -7308,25 +7332,47 @@ class Client:
             raise self.unreachable(e, timeout) from None
 
     def call(self, method: str, path: str, body: Any = None, *, timeout_s: float = CLI_TIMEOUT_S) -> Any:
-        """The broker's JSON answer."""
+        """The broker's JSON answer, whole within the call's timeout (from its start) and at most
+        CLI_ANSWER_LIMIT bytes: something else at the URL may send for ever."""
+        timeout = self.timeout_s or timeout_s
+        deadline = time.monotonic() + timeout
         with self.open(method, path, body, timeout_s=timeout_s) as resp:
-            try:
-                raw = resp.read()
-            except (OSError, http.client.HTTPException) as e:
-                raise self.unreachable(e, self.timeout_s or timeout_s) from None
+            raw = self._read(resp, deadline, timeout, CLI_ANSWER_LIMIT)
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise CliError(1, f"{self.url}{path} did not answer JSON: is it a mgpumanager broker?") from None
+
+    def _read(self, resp: Any, deadline: float, timeout_s: float, limit: int) -> bytes:
+        """An answer's body, read as it comes (one read at a time, each within the socket's timeout), until
+        its end; CliError once it passes ``limit`` bytes or ``deadline``."""
+        body = bytearray()
+        try:
+            while chunk := resp.read1(64 * 1024):
+                body += chunk
+                if len(body) > limit:
+                    raise CliError(1, f"{self.url} answered more than {limit // MiB} MiB: not a broker?")
+                if time.monotonic() > deadline:
+                    raise CliError(1, f"{self.url} did not finish its answer within {timeout_s:g} s")
+        except (OSError, http.client.HTTPException) as e:
+            raise self.unreachable(e, timeout_s) from None
+        return bytes(body)
 
     def unreachable(self, exc: BaseException, timeout_s: float) -> CliError:
         return CliError(1, f"cannot reach the broker at {self.url}: {_why(exc, timeout_s)}")
 
     def _refused(self, error: urllib.error.HTTPError) -> CliError:
         """The broker's JSON error (exit 2), or something else answering at its URL (exit 1)."""
+        if 300 <= error.code < 400:  # the broker never redirects
+            where = error.headers.get("Location") if error.headers else None
+            return CliError(
+                1, f"{self.url} answered {error.code}, a redirect to {where!r} (not followed): not a broker?"
+            )
+        timeout = self.timeout_s or CLI_TIMEOUT_S
         try:
-            data = json.loads(error.read(64 * 1024))
-        except (OSError, http.client.HTTPException, ValueError):
+            raw = self._read(error.fp, time.monotonic() + timeout, timeout, 64 * 1024) if error.fp else b""
+            data = json.loads(raw)
+        except (CliError, ValueError, RecursionError):
             data = None
         if not isinstance(data, dict) or not isinstance(data.get("message"), str):
             return CliError(1, f"{self.url} answered {error.code} {error.reason}, not a mgpumanager broker?")
@@ -7545,14 +7591,27 @@ def format_event(event: Mapping[str, Any]) -> str:
     return f"{clock} {event.get('event')} {fields}".rstrip()
 
 
+def _printable(text: str) -> str:
+    """``text`` with every character that is not printable escaped as Python writes it (``\\x1b``)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def say(*texts: str, file: Any = None) -> None:
+    """Print lines for people, flushed, what is not printable in each escaped: a broker passes on text from
+    consumers (an unload's answer) and from people (a reservation's reason), and an escape sequence in it
+    must not drive the terminal of whoever runs ``ps``."""
+    lines = [_printable(line) for text in texts for line in text.split("\n")]
+    print("\n".join(lines), file=file or sys.stdout, flush=True)
+
+
 def cli_ps(client: Client, args: argparse.Namespace) -> int:
-    print("\n".join(render_ps(client.call("GET", "/v1/status"), time.time())))
+    say(*render_ps(client.call("GET", "/v1/status"), time.time()))
     return 0
 
 
 def cli_status(client: Client, args: argparse.Namespace) -> int:
     st = client.call("GET", "/v1/status")
-    print(json.dumps(st, indent=2) if args.json else "\n".join(render_status(st, client.url, time.time())))
+    say(json.dumps(st, indent=2) if args.json else "\n".join(render_status(st, client.url, time.time())))
     return 0
 
 
@@ -7570,13 +7629,13 @@ def cli_consumer(client: Client, args: argparse.Namespace) -> int:
         )
     if answer.get("evictions"):
         text += f", after unloading {_plural(answer['evictions'], 'other consumer')}"
-    print(text)
+    say(text)
     return 0
 
 
 def cli_reload(client: Client, args: argparse.Namespace) -> int:
     changes = client.call("POST", "/v1/reload", timeout_s=CLI_RELOAD_TIMEOUT_S).get("changes") or []
-    print("reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
+    say("reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
     return 0
 
 
@@ -7589,8 +7648,7 @@ def cli_reserve(client: Client, args: argparse.Namespace) -> int:
         body["gpu"] = args.gpu
     answer = client.call("POST", "/v1/reserve", body, timeout_s=CLI_ADMIN_TIMEOUT_S)
     gpu = answer.get("gpu", args.gpu)
-    print(f"GPU {gpu} reserved" if gpu is not None else "reserved")
-    print("\n".join(reservation_lines(answer, time.time())))
+    say(f"GPU {gpu} reserved" if gpu is not None else "reserved", *reservation_lines(answer, time.time()))
     return 0
 
 
@@ -7600,7 +7658,7 @@ def cli_release(client: Client, args: argparse.Namespace) -> int:
     gpu = answer.get("gpu", args.gpu) if isinstance(answer, dict) else args.gpu
     what = f"GPU {gpu}" if gpu is not None else "the GPU"
     was_reserved = not (isinstance(answer, dict) and answer.get("released") is False)
-    print(f"{what} released" if was_reserved else f"{what} was not reserved")
+    say(f"{what} released" if was_reserved else f"{what} was not reserved")
     return 0
 
 
@@ -7611,24 +7669,29 @@ def cli_events(client: Client, args: argparse.Namespace) -> int:
     timeout = client.timeout_s or CLI_EVENTS_TIMEOUT_S
     try:
         with client.open("GET", "/v1/events" + query, timeout_s=CLI_EVENTS_TIMEOUT_S) as resp:
+            kind = resp.headers.get_content_type()
+            if kind != "text/event-stream":
+                raise CliError(1, f"{client.url}/v1/events answered {kind}, no event stream: not a broker?")
             data: list[str] = []
             while True:
                 try:
-                    line = resp.readline()
+                    line = resp.readline(CLI_EVENT_LINE_LIMIT + 1)
                 except (OSError, http.client.HTTPException) as e:
                     raise client.unreachable(e, timeout) from None
                 if not line:
                     raise CliError(
                         1, "the broker ended the event stream (shutting down, or this reader fell behind)"
                     )
+                if len(line) > CLI_EVENT_LINE_LIMIT or sum(map(len, data)) > CLI_EVENT_LINE_LIMIT:
+                    raise CliError(1, f"{client.url}/v1/events sent an event over 1 MiB: not a broker?")
                 text = line.decode("utf-8", "replace").rstrip("\r\n")
                 if text.startswith("data:"):
                     data.append(text[6:] if text.startswith("data: ") else text[5:])
                 elif not text and data:
                     try:
-                        print(format_event(json.loads("\n".join(data))), flush=True)
-                    except ValueError:
-                        print("\n".join(data), flush=True)
+                        say(format_event(json.loads("\n".join(data))))
+                    except (ValueError, RecursionError):
+                        say("\n".join(data))
                     data = []
     except KeyboardInterrupt:
         return 0
@@ -7702,14 +7765,24 @@ def add_verbs(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: What reading a JSON answer that is not shaped as the broker's raises ([] for /v1/status, NaN for a time,
+#: a string for a count): whatever answered is not a broker (exit 1), and no traceback.
+NOT_A_BROKERS_ANSWER = (AttributeError, KeyError, IndexError, TypeError, ValueError, ArithmeticError)
+NOT_A_BROKERS_ANSWER += (RecursionError,)
+
+
 def run_verb(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
     """Run a verb: 0 done, 1 the broker could not be reached, 2 it refused; the reason on stderr."""
     try:
         client = Client(cli_url(args.url, environ), cli_token(args.token_file, environ), args.timeout)
         return VERBS[args.verb](client, args)
     except CliError as e:
-        print(f"mgpumanager {args.verb}: {e.message}", file=sys.stderr)
+        say(f"mgpumanager {args.verb}: {e.message}", file=sys.stderr)
         return e.code
+    except NOT_A_BROKERS_ANSWER as e:
+        what = f"{type(e).__name__}: {e}"
+        say(f"mgpumanager {args.verb}: {client.url} answered what no broker does ({what})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `mgpumanager.py events | head`: the reader left, which is fine

@@ -7510,6 +7510,86 @@ async def test_cli_exit_1_when_the_broker_cannot_be_reached_or_is_not_a_broker(r
         assert rc == 1 and "did not answer JSON" in err
 
 
+async def test_cli_against_a_hostile_broker_exits_1_or_2_with_a_reason_never_a_traceback_or_a_hang():
+    """Something at the broker's URL that answers JSON of another shape, NaN, a body that never ends or is
+    huge, a redirect, no event stream, an endless line, or escape sequences in its error: each was a
+    traceback, a hang, unbounded memory, the token sent where the redirect pointed, or the terminal driven
+    by the answer. Now exit 1 (not a broker) or 2 (a refusal), one line on stderr, within the timeout."""
+    redirected: list[str | None] = []
+
+    def answer(text: str, status: int = 200, kind: str = "application/json") -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            return web.Response(status=status, text=text, content_type=kind)
+
+        return handler
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"x": "')
+        for _ in range(600):  # a byte every 0.05 s: each read gets something, the answer never ends
+            await resp.write(b"a")
+            await asyncio.sleep(0.05)
+        return resp
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionResetError):
+            for _ in range(20):
+                await resp.write(b"[" + b" " * m.MiB)
+        return resp
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/elsewhere")
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        redirected.append(request.headers.get("Authorization"))
+        return web.json_response({"consumers": {}})
+
+    async def long_line(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionResetError):
+            for _ in range(20):
+                await resp.write(b"x" * m.MiB)  # no newline, ever
+        return resp
+
+    escape = {"error": "unload_failed", "message": "unload answered 500: \x1b]0;owned\x07\x1b[2Jboom"}
+    infinite = answer('{"gpus": [{"scheduler": {"holder": {"consumer": "x", "held_s": Infinity}}}]}')
+    cases: list[tuple[tuple[str, ...], Any, int, str]] = [
+        (("ps",), answer("[]"), 1, "answered what no broker does (AttributeError: "),
+        (("status",), answer('{"uptime_s": "soon"}'), 1, "answered what no broker does (TypeError: "),
+        (("ps",), infinite, 1, "answered what no broker does (OverflowError: "),
+        (("ps",), answer('{"uptime_s": NaN, "gpus": [5]}'), 1, "answered what no broker does"),
+        (("reload",), answer('{"changes": 5}'), 1, "answered what no broker does (TypeError: "),
+        (("unload", "x"), answer('"unloaded"'), 1, "answered what no broker does (AttributeError: "),
+        (("ps",), answer("[" * 100_000), 1, "did not answer JSON"),
+        (("ps", "--timeout", "1"), endless, 1, "did not finish its answer within 1 s"),
+        (("ps",), huge, 1, "answered more than 16 MiB: not a broker?"),
+        (("ps",), redirect, 1, "answered 302, a redirect to '/elsewhere' (not followed): not a broker?"),
+        (("unload", "x"), redirect, 1, "answered 302, a redirect to '/elsewhere' (not followed)"),
+        (("events",), answer("{}"), 1, "/v1/events answered application/json, no event stream"),
+        (("events",), long_line, 1, "/v1/events sent an event over 1 MiB: not a broker?"),
+        (("unload", "x"), answer(json.dumps(escape), 502), 2, r"\x1b]0;owned\x07\x1b[2Jboom (unload_failed)"),
+    ]
+    for args, handler, code, says in cases:
+        routes = [("*", "/elsewhere", elsewhere), ("*", "/{tail:.*}", handler)]
+        async with StandIn(routes) as stand_in:
+            env = {"MGPUMANAGER_TOKEN": TOKEN}
+            rc, out, err = await cli(*args, "--url", stand_in.url, env=env, timeout=30)
+        assert (rc, out) == (code, "") and says in err and err.count("\n") == 1, (args, err)
+        assert "Traceback" not in err and "\x1b" not in err, (args, err)
+    assert redirected == []  # never followed: the token went nowhere else
+    # The command line's own mistakes are 2, with a reason.
+    for url in ("http://[::1", "http://mrock:port", "http://mrock:99999", "http://mr ock:8770"):
+        rc, _, err = await cli("ps", "--url", url)
+        assert rc == 2 and "is not a broker's URL" in err and "Traceback" not in err, (url, err)
+    for token in ("line\nbreak-0123456789", "with space-0123456789", "bell\x07-0123456789"):
+        rc, _, err = await cli("ps", "--url", "http://127.0.0.1:9", env={"MGPUMANAGER_TOKEN": token})
+        assert rc == 2 and "a token is printable characters without spaces" in err, (token, err)
+
+
 async def test_cli_url_comes_from_the_flag_else_the_environment_else_the_default(rig):
     assert m.cli_url(None, {}) == "http://127.0.0.1:8770"
     assert m.cli_url(None, {"MGPUMANAGER_URL": "http://mrock:8770/"}) == "http://mrock:8770"
@@ -7558,6 +7638,18 @@ async def test_cli_sends_the_token_from_the_environment_or_the_token_file(rig, t
         rc, _, err = await cli("ps", "--url", url, "--token-file", "/dev/zero")
         assert rc == 2 and "--token-file /dev/zero is not a regular file" in err
     assert TOKEN not in daemon.log
+    # A token beyond Latin-1 (the broker takes any printable one) went out as Latin-1, or raised; it is
+    # sent as UTF-8, as aiohttp reads it.
+    wide = "p\u00e4ssw\u00f6rd-\u20ac-0123456789"
+
+    async def status(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {wide}":
+            return web.json_response({"error": "unauthorized", "message": "wrong token"}, status=401)
+        return web.json_response({"consumers": {}})
+
+    async with StandIn([("GET", "/v1/status", status)]) as stand_in:
+        rc, out, err = await cli("ps", "--url", stand_in.url, env={"MGPUMANAGER_TOKEN": wide})
+    assert (rc, err) == (0, "") and out.startswith("CONSUMER")
 
 
 async def test_cli_events_prints_one_line_per_event_and_stops_on_sigint(rig):
