@@ -5265,7 +5265,7 @@ class ConsumerPorts:
         app[BROKER], app[PORT_CONSUMER], app[PUBLIC_PATHS] = broker, name, frozenset()
         app[WEBSOCKETS] = set()  # its own: closed with the port
         app.on_response_prepare.append(_add_request_id)
-        app.router.add_route("*", "/{path:.*}", handle_consumer_port)
+        app.router.add_route("*", "/{path:.*}", handle_consumer_port, expect_handler=expect_body)
         runner = web.AppRunner(
             app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
         )
@@ -5853,6 +5853,10 @@ async def read_body(request: web.Request, broker: Broker, consumer: str) -> byte
         raise BrokerError(
             "request_timeout", f"the request body did not arrive within body_timeout_s {cfg.body_timeout_s:g}"
         ) from None
+    except (ConnectionResetError, HttpProcessingError) as e:
+        # The client left mid-body, or its chunked encoding broke: its fault, not a bug of the broker's.
+        why = "the client closed its connection" if isinstance(e, ConnectionResetError) else type(e).__name__
+        raise BrokerError("bad_request", f"the request body did not arrive whole: {why}") from None
     finally:
         broker.reading -= len(body)
     if length is not None and len(body) != length:

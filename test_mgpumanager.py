@@ -8503,6 +8503,43 @@ async def test_without_a_token_the_authorization_header_is_the_consumers_busines
     assert r.sims["mvoice"].records[-1].headers["Authorization"] == "Bearer for-mvoice"
 
 
+async def test_a_body_cut_short_or_malformed_is_the_clients_fault_not_a_broker_bug(rig, caplog):
+    """A client that closes its connection in the middle of its body (on /v1, a mount or a consumer's port),
+    or whose chunked encoding breaks after its headers, made the body's reader raise out of the handler: a
+    scheduler_error logged with its traceback and counted in internal_errors, the counter for the broker's
+    own bugs. It is a bad_request now, nothing counted, nothing reaches a consumer."""
+    r = await rig(tweak=with_ports)
+    host, port = r.broker.ports.address("ollama").rsplit(":", 1)
+    for where, target in (
+        ((r.server.host, r.server.port), "/v1/stt"),
+        ((r.server.host, r.server.port), "/c/ollama/api/chat"),
+        ((host, int(port)), "/api/chat"),
+    ):
+        reader, writer = await _partial_post(*where, target, 100, b"0123456789")
+        await until(lambda: r.broker.reading == 10)  # the handler reads the body
+        writer.close()
+        await until(lambda: r.broker.reading == 0)
+    assert r.broker.internal_errors() == 0 and 'msg="internal error"' not in caplog.text
+    assert r.stats.jobs == 0 and [rec.path for rec in r.sims["ollama"].records] == ["/api/ps"]  # its probe
+    # aiohttp's own parser (without its C extension, AIOHTTP_NO_EXTENSIONS) hands a chunk that breaks after
+    # the headers to the body's reader: the client gets the broker's 400 (aiohttp's own plain-text one if
+    # both came in one read, before any handler).
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state), env={"AIOHTTP_NO_EXTENSIONS": "1"}) as daemon:
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        writer.write(b"POST /v1/stt HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.5)  # (a later read: the handler reads the body by then)
+        writer.write(b"zz\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        async with aiohttp.ClientSession() as session:
+            st = await daemon.status(session)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"400" and st["scheduler"]["stats"]["internal_errors"] == 0, answer
+    if b"application/json" in head:
+        assert json.loads(body)["message"] == "the request body did not arrive whole: TransferEncodingError"
+
+
 async def test_a_slow_uploader_holds_no_lock_and_blocks_nobody(rig):
     r = await rig(sims={"mvoice": {"loaded": True}})
     reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
@@ -8674,6 +8711,29 @@ async def test_expect_100_continue_is_refused_before_any_continue(rig, target, l
     finally:
         writer.close()
     assert r.stats.jobs == (1 if first.endswith(b"Continue") else 0)
+
+
+async def test_expect_100_continue_on_a_consumers_port_is_refused_before_any_continue(rig):
+    """A consumer's port serves by its mount's rules, but its route had aiohttp's own Expect handler: a body
+    over max_body_mib, or a request without the token, got `100 Continue` first, so the client sent it."""
+
+    def ports_and_token(raw: dict[str, Any]) -> None:
+        with_ports(raw)
+        with_token(raw)
+
+    r = await rig(tweak=ports_and_token)
+    host, port = r.broker.ports.address("ollama").rsplit(":", 1)
+    auth = f"Authorization: Bearer {TOKEN}\r\n"
+    for length, extra, expected in ((65 * m.MiB, auth, b"413"), (5, "", b"401"), (5, auth, b"100")):
+        reader, writer = await _partial_post(
+            host, int(port), "/api/chat", length, b"", extra="Expect: 100-continue\r\n" + extra
+        )
+        try:
+            status = await asyncio.wait_for(reader.readline(), 10)
+            assert status.startswith(b"HTTP/1.1 " + expected), (length, extra, status)
+        finally:
+            writer.close()
+    assert r.sims["ollama"].records == []
 
 
 async def test_a_large_body_is_held_once_not_copied(rig):
