@@ -4883,8 +4883,9 @@ async def _hand_over(answered: Callable[[], bool]) -> None:
 def hold_poller(
     session: aiohttp.ClientSession, consumer: ConsumerConfig, hold: Hold, answer: bytes, recorder: Recorder
 ) -> Callable[[], Awaitable[None]] | None:
-    """A coroutine function that returns once ``hold.path`` answers a non-empty JSON object or list, and
-    raises ConsumerGone once the consumer refuses (or resets) the poll: the work died with it.
+    """A coroutine function that returns once ``hold.path`` answers a non-empty JSON object or list (or a
+    2xx answer over HOLD_ANSWER_LIMIT, read no further), and raises ConsumerGone once the consumer refuses
+    (or resets) the poll: the work died with it.
 
     None (logged) when the consumer's answer cannot fill the path's placeholders.
     """
@@ -4909,7 +4910,13 @@ def hold_poller(
         while True:
             try:
                 async with session.request(hold.method, url, timeout=timeout, allow_redirects=False) as resp:
-                    body = await resp.read()
+                    body = bytearray()  # at most HOLD_ANSWER_LIMIT + 1: a consumer may send for ever
+                    while len(body) <= HOLD_ANSWER_LIMIT and (
+                        chunk := await resp.content.read(HOLD_ANSWER_LIMIT + 1 - len(body))
+                    ):
+                        body += chunk
+                    if 200 <= resp.status < 300 and len(body) > HOLD_ANSWER_LIMIT:
+                        return  # so long an answer is no empty one (a finished ComfyUI workflow can be long)
                     result = parse_json(body) if 200 <= resp.status < 300 else None
                     if isinstance(result, (dict, list)) and result:
                         return

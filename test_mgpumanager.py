@@ -4603,6 +4603,37 @@ async def test_hold_poll_errors_are_retried_and_counted(rig):
         assert len(polls) == 5 and r.stats.hold_poll_errors >= 2 and r.stats.hold_timeouts == 0
 
 
+async def test_a_hold_poll_answered_without_end_is_read_no_further_than_its_limit(rig):
+    """A consumer whose hold poll answers a body that never ends: the poll read it whole (into memory, as
+    fast as loopback goes, until the poll's timeout), then found no JSON and polled again. It reads
+    HOLD_ANSWER_LIMIT and one byte more; so long a 2xx answer is no empty one: the hold is released."""
+    sent: list[int] = []
+
+    async def prompt(request: web.Request) -> web.Response:
+        return web.json_response({"prompt_id": "p3"})
+
+    async def history(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        sent.append(0)
+        with contextlib.suppress(ConnectionResetError):
+            while sent[-1] < 256 * m.MiB:
+                await resp.write(b"[" * m.MiB)
+                sent[-1] += m.MiB
+        return resp
+
+    def short(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 30
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url}, tweak=short)
+        assert (await r.post("image", {"prompt": {}}))[0] == 200
+        await until(lambda: r.broker.scheduler.holder is None, timeout=60)
+    (ended,) = [e for e in recent_events(r.broker.events) if e["event"] == "hold_ended"]
+    assert ended["outcome"] == "released" and len(sent) == 1 and sent[0] < 64 * m.MiB, sent
+
+
 async def test_hold_that_never_completes_releases_the_lock_at_its_timeout(rig):
     def short(raw):
         raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 0.3
