@@ -994,6 +994,26 @@ def _parse_listen(ck: _Checker, value: Any, where: str = "listen") -> tuple[str,
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _listens_at(host: str, port: int, url: str) -> bool:
+    """Whether a listener on ``host:port`` is where ``url`` leads on this machine: the same host (a name only
+    as the same name) and port, or a loopback URL and a listener on every address of its family."""
+    try:
+        parts = urlsplit(url)
+        url_port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    url_host = parts.hostname or ""
+    if url_port != port:
+        return False
+    try:
+        url_ip = ipaddress.ip_address("127.0.0.1" if url_host == "localhost" else url_host)
+        listen_ip = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+    except ValueError:
+        return host.lower() == url_host
+    every = listen_ip.is_unspecified and listen_ip.version == url_ip.version
+    return listen_ip == url_ip or (every and url_ip.is_loopback)
+
+
 def parse_config(raw: Any) -> Config:
     """Validate a config as loaded from YAML; raise ConfigError naming every problem."""
     ck = _Checker()
@@ -1075,6 +1095,17 @@ def parse_config(raw: Any) -> Config:
                     f"consumers.{name}.listen", f"port {c.listen[1]} is {ports[c.listen[1]]}'s already"
                 )
             ports.setdefault(c.listen[1], f"consumers.{name}.listen")
+    # A consumer URL on one of those listeners is the broker itself: its requests would come back to it.
+    listeners = [((host, port), "listen")]
+    listeners += [(c.listen, f"consumers.{name}.listen") for name, c in consumers.items() if c.listen]
+    for name, c in consumers.items():
+        for (listen_host, listen_port), key in listeners:
+            if listen_port and _listens_at(listen_host, listen_port, c.url):
+                ck.problem(
+                    f"consumers.{name}.url",
+                    f"is {key}'s own address ({listen_host}:{listen_port}): its requests would come back to"
+                    " the broker",
+                )
 
     # Coexistence is symmetric: declaring it on either side is enough.
     pairs: dict[str, set[str]] = {name: set() for name in consumers}

@@ -5089,6 +5089,32 @@ def test_two_consumers_cannot_share_a_port_but_port_0_is_any_free_one():
     assert m.parse_config(raw).consumers["comfyui"].listen == ("127.0.0.1", 0)
 
 
+def test_a_consumer_url_on_one_of_the_brokers_own_listeners_is_refused():
+    """``listen: 127.0.0.1:11434`` for Ollama, whose url is http://127.0.0.1:11434 (its usual port, taken by
+    the broker while Ollama was down): every probe went round through the broker until its timeout, each
+    hop taking an unscheduled slot, and Ollama was "timed out" for ever, nothing saying why. The broker's
+    own listen likewise. Another address on the same port is fine (the broker on the LAN's, the service
+    on loopback's)."""
+    raw = base_raw(ollama="http://127.0.0.1:11434", mvoice="http://localhost:8770")
+    raw["listen"] = "0.0.0.0:8770"
+    raw["consumers"]["ollama"]["listen"] = "127.0.0.1:11434"
+    assert problems_of(raw) == [
+        "consumers.mvoice.url: is listen's own address (0.0.0.0:8770): its requests would come back to the"
+        " broker",
+        "consumers.ollama.url: is consumers.ollama.listen's own address (127.0.0.1:11434): its requests would"
+        " come back to the broker",
+    ]
+    raw["listen"] = "127.0.0.1:8771"
+    for listen in ("0.0.0.0:11434", "localhost:11434"):
+        raw["consumers"]["ollama"]["listen"] = listen
+        assert len(problems_of(raw)) == 1, listen
+    raw["consumers"]["ollama"]["listen"] = "[::1]:11434"  # IPv6 loopback: not where 127.0.0.1 leads
+    assert m.parse_config(raw).consumers["ollama"].listen == ("::1", 11434)
+    raw["consumers"]["ollama"]["listen"] = "192.168.1.5:11434"  # beside Ollama's own 127.0.0.1:11434
+    raw["consumers"]["mvoice"]["url"] = "http://192.168.1.7:8771"  # another machine's broker
+    assert m.parse_config(raw).consumers["ollama"].listen == ("192.168.1.5", 11434)
+
+
 async def test_the_ollama_client_given_only_a_host_goes_through_ollamas_port(rig, caplog):
     import ollama  # noqa: PLC0415 (a dev dependency, needed here only)
 
