@@ -7948,6 +7948,25 @@ async def test_dashboard_in_a_real_browser_shows_consumers_holder_and_evictions(
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
 
 
+async def test_dashboard_shows_markup_in_a_reason_and_a_gpu_name_as_text(rig, tmp_path):
+    """What the page draws from others' text (a reservation's reason, nvidia-smi's GPU name) is escaped
+    everywhere it appears (the holder, the timeline's band and tooltip, the memory bar's title): markup in
+    it stays text and runs nothing."""
+    markup = '<img src=x onerror="window.xss=1">"\x1b[31m'
+    r = await rig()
+    with r.gpu.edit() as state:
+        state["gpus"][0]["name"] = markup
+    assert (await _reserve(r, for_s=600, reason=markup))[0] == 200
+    async with Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=r.url("/"))
+        await browser.wait_for("document.querySelector('.tl-resv') !== null")
+        await browser.wait_for("document.getElementById('gpu-name').textContent.includes('<img')")
+        assert markup in await browser.evaluate("document.getElementById('holder').textContent")
+        assert await browser.evaluate("document.querySelector('.tl-resv').dataset.reason") == markup
+        assert await browser.evaluate("document.querySelectorAll('main img, #tip img').length") == 0
+        assert await browser.evaluate("window.xss === undefined")
+
+
 async def test_dashboard_with_two_gpus_draws_each_with_its_own_holder(rig, tmp_path):
     def two_gpus(raw: dict[str, Any]) -> None:
         raw["consumers"]["comfyui"]["gpu"] = 1
