@@ -990,10 +990,30 @@ def _parse_auth(ck: _Checker, raw: Any) -> AuthConfig:
 
 def _parse_listen(ck: _Checker, value: Any, where: str = "listen") -> tuple[str, int]:
     host, sep, port = str(value).rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         ck.problem(where, f"must be HOST:PORT, not {value!r}")
         return "127.0.0.1", 8770
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _listens_at(host: str, port: int, url: str) -> bool:
+    """Whether a listener on ``host:port`` is where ``url`` leads on this machine: the same host (a name only
+    as the same name) and port, or a loopback URL and a listener on every address of its family."""
+    try:
+        parts = urlsplit(url)
+        url_port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    url_host = parts.hostname or ""
+    if url_port != port:
+        return False
+    try:
+        url_ip = ipaddress.ip_address("127.0.0.1" if url_host == "localhost" else url_host)
+        listen_ip = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+    except ValueError:
+        return host.lower() == url_host
+    every = listen_ip.is_unspecified and listen_ip.version == url_ip.version
+    return listen_ip == url_ip or (every and url_ip.is_loopback)
 
 
 def parse_config(raw: Any) -> Config:
@@ -1077,6 +1097,17 @@ def parse_config(raw: Any) -> Config:
                     f"consumers.{name}.listen", f"port {c.listen[1]} is {ports[c.listen[1]]}'s already"
                 )
             ports.setdefault(c.listen[1], f"consumers.{name}.listen")
+    # A consumer URL on one of those listeners is the broker itself: its requests would come back to it.
+    listeners = [((host, port), "listen")]
+    listeners += [(c.listen, f"consumers.{name}.listen") for name, c in consumers.items() if c.listen]
+    for name, c in consumers.items():
+        for (listen_host, listen_port), key in listeners:
+            if listen_port and _listens_at(listen_host, listen_port, c.url):
+                ck.problem(
+                    f"consumers.{name}.url",
+                    f"is {key}'s own address ({listen_host}:{listen_port}): its requests would come back to"
+                    " the broker",
+                )
 
     # Coexistence is symmetric: declaring it on either side is enough.
     pairs: dict[str, set[str]] = {name: set() for name in consumers}
@@ -1494,6 +1525,12 @@ EVENT_RING = 10000
 EVENT_RING_S = 900.0
 #: A stream with nothing to say sends a comment this often, so proxies and browsers keep it open.
 HEARTBEAT_S = 15.0
+#: A reader of /v1/events that accepts nothing for this long is cut off: what is written to it waits in the
+#: broker's memory until it reads.
+EVENT_STALL_S = 60.0
+#: The replay (``?since=``) is written in pieces of at most this many bytes, each after the reader took the
+#: last (a full ring is 3.5 MiB: written at once, it sat whole in memory for each reader that did not read).
+EVENT_REPLAY_PIECE = 64 * 1024
 #: A subscriber's stream: the events as the stream sends them, then None once it was dropped or the broker
 #: closes.
 Subscription = asyncio.Queue[bytes | None]
@@ -2427,6 +2464,9 @@ class ConsumerState:
 
 #: Largest JSON answer read from a residency query or a for_each listing.
 QUERY_ANSWER_LIMIT = 1 * MiB
+#: How many failed elements a failed for_each unload names (the rest are counted): a listing of 1 MiB may
+#: hold 500,000 elements, and the message goes into the answer, the log, an event and the reservation.
+FOR_EACH_NAMED = 5
 #: A ``{field}`` placeholder, as in hold_until paths.
 PLACEHOLDER = re.compile(r"{(\w+)}")
 
@@ -2471,13 +2511,20 @@ def fill_placeholders(route: Route, element: Any) -> tuple[str, Any]:
     """The path and body of one call of a for_each unload: ``{field}`` filled from the element's top-level
     fields (``{item}``: the element itself, when it is no object), percent-encoded in the path as in
     hold_until; in the body's strings as they are, a string that is one whole placeholder taking the
-    field's JSON value. KeyError names a field the element lacks."""
+    field's JSON value. KeyError names a field the element lacks; ValueError one whose value, empty, '.' or
+    '..', would make the path another route (``/api/ps/..`` is ``/api/``)."""
     fields = element if isinstance(element, dict) else {"item": element}
 
     def value(name: str) -> Any:
         if name not in fields:
             raise KeyError(name)
         return fields[name]
+
+    def segment(name: str) -> str:
+        encoded = quote(str(value(name)), safe="")
+        if encoded in ("", ".", ".."):
+            raise ValueError(f"its {name!r} {encoded!r} cannot fill a path")
+        return encoded
 
     def fill(node: Any) -> Any:
         if isinstance(node, str):
@@ -2491,7 +2538,7 @@ def fill_placeholders(route: Route, element: Any) -> tuple[str, Any]:
             return [fill(v) for v in node]
         return node
 
-    path = PLACEHOLDER.sub(lambda m: quote(str(value(m.group(1))), safe=""), route.path)
+    path = PLACEHOLDER.sub(lambda m: segment(m.group(1)), route.path)
     return path, fill(route.body)
 
 
@@ -2553,6 +2600,9 @@ class Consumers:
             except KeyError as e:
                 failures.append(f"{label} has no field {e.args[0]!r}")
                 continue
+            except ValueError as e:
+                failures.append(f"{label}: {e}")
+                continue
             left = deadline - self.clock()
             if left <= 0:
                 failures.append(f"{label}: not tried, the unload took its {route.timeout_s:g} s")
@@ -2565,7 +2615,9 @@ class Consumers:
                 failures.append(f"{label}: {e}")
         log.info(logfmt(msg="unload each", consumer=c.name, listed=len(elements), failed=len(failures)))
         if failures:
-            raise CallError(f"unload of {len(failures)} of {len(elements)}: " + "; ".join(failures))
+            more = len(failures) - FOR_EACH_NAMED
+            named = "; ".join(failures[:FOR_EACH_NAMED]) + (f"; and {more} more" if more > 0 else "")
+            raise CallError(f"unload of {len(failures)} of {len(elements)}: {named}")
 
     async def _query(self, c: ConsumerConfig, query: JsonQuery, timeout_s: float, what: str) -> Any:
         """A query's JSON answer (2xx, at most QUERY_ANSWER_LIMIT); CallError otherwise."""
@@ -4909,8 +4961,9 @@ async def _hand_over(answered: Callable[[], bool]) -> None:
 def hold_poller(
     session: aiohttp.ClientSession, consumer: ConsumerConfig, hold: Hold, answer: bytes, recorder: Recorder
 ) -> Callable[[], Awaitable[None]] | None:
-    """A coroutine function that returns once ``hold.path`` answers a non-empty JSON object or list, and
-    raises ConsumerGone once the consumer refuses (or resets) the poll: the work died with it.
+    """A coroutine function that returns once ``hold.path`` answers a non-empty JSON object or list (or a
+    2xx answer over HOLD_ANSWER_LIMIT, read no further), and raises ConsumerGone once the consumer refuses
+    (or resets) the poll: the work died with it.
 
     None (logged) when the consumer's answer cannot fill the path's placeholders.
     """
@@ -4935,7 +4988,13 @@ def hold_poller(
         while True:
             try:
                 async with session.request(hold.method, url, timeout=timeout, allow_redirects=False) as resp:
-                    body = await resp.read()
+                    body = bytearray()  # at most HOLD_ANSWER_LIMIT + 1: a consumer may send for ever
+                    while len(body) <= HOLD_ANSWER_LIMIT and (
+                        chunk := await resp.content.read(HOLD_ANSWER_LIMIT + 1 - len(body))
+                    ):
+                        body += chunk
+                    if 200 <= resp.status < 300 and len(body) > HOLD_ANSWER_LIMIT:
+                        return  # so long an answer is no empty one (a finished ComfyUI workflow can be long)
                     result = parse_json(body) if 200 <= resp.status < 300 else None
                     if isinstance(result, (dict, list)) and result:
                         return
@@ -5192,6 +5251,15 @@ class ProxiedWebSocket:
         return aiohttp.WSCloseCode.GOING_AWAY, None
 
 
+def going_away(sockets: Iterable[ProxiedWebSocket]) -> int:
+    """End the relay of each of these WebSockets still open, closing both sides with 1001 (going away);
+    how many."""
+    still = [p for p in sockets if not p.stop.done()]
+    for proxied in still:
+        proxied.stop.set_result(aiohttp.WSCloseCode.GOING_AWAY)
+    return len(still)
+
+
 # =====================================================================================================
 # The HTTP app
 # =====================================================================================================
@@ -5232,9 +5300,11 @@ class ConsumerPorts:
     def __init__(self) -> None:
         #: name -> (its ``listen`` as configured, the runner serving it, its site).
         self.open: dict[str, tuple[tuple[str, int], web.AppRunner, web.TCPSite]] = {}
-        #: The main app's open WebSockets, so that shutdown closes those of the ports too.
-        self.websockets: set[ProxiedWebSocket] = set()
         self._lock = asyncio.Lock()
+
+    def websockets(self) -> list[ProxiedWebSocket]:
+        """The WebSockets open through every consumer's port (each port's app keeps its own)."""
+        return [p for _, runner, _ in self.open.values() for p in runner.app[WEBSOCKETS]]
 
     def address(self, name: str) -> str | None:
         """HOST:PORT where consumer ``name``'s port listens (the port bound, when 0 was asked), or None."""
@@ -5278,9 +5348,9 @@ class ConsumerPorts:
     async def _open(self, broker: Broker, name: str, host: str, port: int) -> None:
         app = web.Application(middlewares=[front_door])
         app[BROKER], app[PORT_CONSUMER], app[PUBLIC_PATHS] = broker, name, frozenset()
-        app[WEBSOCKETS] = self.websockets
+        app[WEBSOCKETS] = set()  # its own: closed with the port
         app.on_response_prepare.append(_add_request_id)
-        app.router.add_route("*", "/{path:.*}", handle_consumer_port)
+        app.router.add_route("*", "/{path:.*}", handle_consumer_port, expect_handler=expect_body)
         runner = web.AppRunner(
             app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
         )
@@ -5306,7 +5376,11 @@ class ConsumerPorts:
                 await self._close(name)
 
     async def _close(self, name: str) -> None:
-        await self.open.pop(name)[1].cleanup()
+        """Close a port: its WebSockets at once (going away: they never end by themselves, and cut at the
+        end of the grace their relay left the consumer's side open), its other answers get the grace."""
+        runner = self.open.pop(name)[1]
+        going_away(runner.app[WEBSOCKETS])
+        await runner.cleanup()
 
 
 @dataclass
@@ -5777,17 +5851,14 @@ RESERVE_MAX_S = 7 * 24 * 3600.0
 
 
 def _reserved_gpu(broker: Broker, value: Any) -> int:
-    """The GPU a reserve or release names (``gpu``), else the default one; bad_request for another."""
+    """The GPU a reserve or release names (``gpu``: an integer), else the default one; bad_request for
+    anything else (0.9 is no GPU, not GPU 0)."""
     if value is None:
         return broker.config.gpu.index
-    try:
-        index = int(value)
-    except (TypeError, ValueError):
-        index = -1
-    if isinstance(value, bool) or index not in broker.schedulers:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in broker.schedulers:
         known = ", ".join(map(str, sorted(broker.schedulers)))
         raise BrokerError("bad_request", f"no GPU {value!r} is scheduled here (GPUs: {known})")
-    return index
+    return value
 
 
 async def handle_reserve(request: web.Request) -> web.Response:
@@ -5813,7 +5884,9 @@ async def handle_release(request: web.Request) -> web.Response:
     """DELETE /v1/reserve[?gpu=N]: end that GPU's reservation (every reserved GPU's, without ``gpu``)."""
     require_admin(request)
     broker = request.app[BROKER]
-    named = request.query.get("gpu")
+    named: Any = request.query.get("gpu")
+    if named is not None and named.isascii() and named.isdigit():  # ASCII digits alone: not ' 0' or '0_0'
+        named = int(named)
     indexes = [_reserved_gpu(broker, named)] if named is not None else sorted(broker.schedulers)
     released = [i for i in indexes if broker.schedulers[i].release_reservation("released")]
     gpu = indexes[0] if len(indexes) == 1 else (released[0] if len(released) == 1 else None)
@@ -5861,6 +5934,10 @@ async def read_body(request: web.Request, broker: Broker, consumer: str) -> byte
         raise BrokerError(
             "request_timeout", f"the request body did not arrive within body_timeout_s {cfg.body_timeout_s:g}"
         ) from None
+    except (ConnectionResetError, HttpProcessingError) as e:
+        # The client left mid-body, or its chunked encoding broke: its fault, not a bug of the broker's.
+        why = "the client closed its connection" if isinstance(e, ConnectionResetError) else type(e).__name__
+        raise BrokerError("bad_request", f"the request body did not arrive whole: {why}") from None
     finally:
         broker.reading -= len(body)
     if length is not None and len(body) != length:
@@ -6209,12 +6286,11 @@ async def _stop_consumer_ports(app: web.Application) -> None:
 
 
 async def _close_websockets(app: web.Application) -> None:
-    """On shutdown: close the mounts' open WebSockets (going away), so that none keeps the broker up."""
-    sockets = [p for p in app[WEBSOCKETS] if not p.stop.done()]
-    for proxied in sockets:
-        proxied.stop.set_result(aiohttp.WSCloseCode.GOING_AWAY)
-    if sockets:
-        log.info(logfmt(msg="shutting down: closing websockets", websockets=len(sockets)))
+    """On shutdown: close the open WebSockets of mounts and consumer ports (going away), so that none keeps
+    the broker up."""
+    closed = going_away([*app[WEBSOCKETS], *app[BROKER].ports.websockets()])
+    if closed:
+        log.info(logfmt(msg="shutting down: closing websockets", websockets=closed))
 
 
 async def _gpu_status(reader: GpuReader, consumers: Consumers) -> dict[str, Any]:
@@ -6376,23 +6452,46 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     try:
         await resp.prepare(request)
-        await resp.write(b": mgpumanager events\n\n")
+        await _to_reader(request, resp, b": mgpumanager events\n\n")
         if since is not None:
-            await resp.write(b"".join(past) + f": replayed {len(past)}\n\n".encode())
+            piece = bytearray()
+            for frame in past:
+                if len(piece) + len(frame) > EVENT_REPLAY_PIECE:
+                    await _to_reader(request, resp, bytes(piece))
+                    piece.clear()
+                piece += frame
+            await _to_reader(request, resp, bytes(piece + f": replayed {len(past)}\n\n".encode()))
+            del past
         while True:
             try:
                 event = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
             except asyncio.TimeoutError:
-                await resp.write(b": heartbeat\n\n")
+                await _to_reader(request, resp, b": heartbeat\n\n")
                 continue
             if event is None:
                 break  # it fell behind: the client reconnects and reads /v1/status again
-            await resp.write(event)
+            await _to_reader(request, resp, event)
     except ConnectionResetError:
-        pass  # the client left
+        pass  # the client left, or was cut off
     finally:
         events.unsubscribe(queue)
     return resp
+
+
+async def _to_reader(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
+    """A write to an event stream's reader: one that accepts nothing for EVENT_STALL_S is cut off
+    (ConnectionResetError), so a reader that never reads holds the broker's memory for so long at most."""
+    transport = request.transport
+    if transport is not None and _fits_unpaused(transport, len(data)):
+        await resp.write(data)  # under the transport's high-water mark: this write cannot stall
+        return
+    try:
+        await asyncio.wait_for(resp.write(data), EVENT_STALL_S)
+    except asyncio.TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        log.warning(logfmt(msg="event reader stopped reading", timeout_s=EVENT_STALL_S))
+        raise ConnectionResetError("event reader stopped reading") from None
 
 
 async def handle_dashboard(request: web.Request) -> web.Response:
@@ -6468,7 +6567,6 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         source=app[SOURCE],
     )
     app[BROKER] = broker
-    broker.ports.websockets = app[WEBSOCKETS]
     health: asyncio.Task[None] | None = None
     try:
         # The first health round completes before serving (bounded by health.timeout_s), so the first
@@ -7168,7 +7266,7 @@ async def serve(config: Config, source: ConfigSource) -> int:
 
 #: Where the verbs find the broker when neither --url nor MGPUMANAGER_URL says.
 DEFAULT_URL = "http://127.0.0.1:8770"
-#: How long a verb waits for the broker: to connect, and for each read of its answer.
+#: How long a verb waits for the broker: to connect, for each read of its answer, and for the whole answer.
 CLI_TIMEOUT_S = 10.0
 #: load, unload and reserve wait for the GPU lock like a job (up to scheduler.queue_timeout_s, 300 s by
 #: default) and then for unload and load calls (60 s each by default).
@@ -7180,6 +7278,10 @@ CLI_RELOAD_TIMEOUT_S = CONFIG_READ_TIMEOUT_S + CLI_TIMEOUT_S
 CLI_EVENTS_TIMEOUT_S = 3 * HEARTBEAT_S
 #: ``ps`` and ``status`` fit their lines in this many columns.
 CLI_WIDTH = 100
+#: The largest answer a verb reads (a /v1/status with 1,000 jobs queued is some 300 KiB), and the longest
+#: line of the event stream (one event): more is not a broker.
+CLI_ANSWER_LIMIT = 16 * MiB
+CLI_EVENT_LINE_LIMIT = 1 * MiB
 
 
 class CliError(Exception):
@@ -7229,8 +7331,12 @@ def cli_url(flag: str | None, environ: Mapping[str, str]) -> str:
     url = (flag or environ.get("MGPUMANAGER_URL") or DEFAULT_URL).strip().rstrip("/")
     if "://" not in url:
         url = "http://" + url
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a port that is no number, or out of range, raises ValueError here)
+    except ValueError as e:
+        raise CliError(2, f"{url!r} is not a broker's URL (http://host:port): {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not url.isprintable() or " " in url:
         raise CliError(2, f"{url!r} is not a broker's URL (http://host:port)")
     return url
 
@@ -7238,15 +7344,20 @@ def cli_url(flag: str | None, environ: Mapping[str, str]) -> str:
 def cli_token(token_file: str | None, environ: Mapping[str, str]) -> str | None:
     """The bearer token: from --token-file, else MGPUMANAGER_TOKEN, else none."""
     if token_file is None:
-        return environ.get("MGPUMANAGER_TOKEN", "").strip() or None
-    try:
-        token = read_token_file(token_file, warn_if_shared=False)
-    except OSError as e:
-        raise CliError(2, f"cannot read --token-file {token_file}: {e.strerror or e}") from e
-    except ValueError as e:
-        raise CliError(2, f"--token-file {token_file} {e}") from e
-    if not token:
-        raise CliError(2, f"--token-file {token_file} is empty")
+        token = environ.get("MGPUMANAGER_TOKEN", "").strip() or None
+        where = "MGPUMANAGER_TOKEN"
+    else:
+        try:
+            token = read_token_file(token_file, warn_if_shared=False)
+        except OSError as e:
+            raise CliError(2, f"cannot read --token-file {token_file}: {e.strerror or e}") from e
+        except ValueError as e:
+            raise CliError(2, f"--token-file {token_file} {e}") from e
+        if not token:
+            raise CliError(2, f"--token-file {token_file} is empty")
+        where = f"--token-file {token_file}"
+    if token is not None and (not token.isprintable() or " " in token):  # as the broker's own rule
+        raise CliError(2, f"{where}: a token is printable characters without spaces")
     return token
 
 
@@ -7264,6 +7375,17 @@ def _why(exc: BaseException, timeout_s: float) -> str:
     if isinstance(reason, OSError) and reason.strerror:
         return reason.strerror
     return str(reason) or type(reason).__name__
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """The broker never redirects: a 3xx comes from something else at its URL, and following it sent the
+    bearer token wherever its Location pointed (and turned a POST into a GET)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 @dataclass
@@ -7285,11 +7407,11 @@ class Client:
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        if self.token:  # UTF-8, as the broker reads it (http.client would send a str as Latin-1)
+            request.add_header("Authorization", f"Bearer {self.token}".encode())  # type: ignore[arg-type]
         try:
-            return urllib.request.urlopen(request, timeout=timeout)
+            return _OPENER.open(request, timeout=timeout)
         except urllib.error.HTTPError as e:
             with e:
                 raise self._refused(e) from None
@@ -7297,25 +7419,47 @@ class Client:
             raise self.unreachable(e, timeout) from None
 
     def call(self, method: str, path: str, body: Any = None, *, timeout_s: float = CLI_TIMEOUT_S) -> Any:
-        """The broker's JSON answer."""
+        """The broker's JSON answer, whole within the call's timeout (from its start) and at most
+        CLI_ANSWER_LIMIT bytes: something else at the URL may send for ever."""
+        timeout = self.timeout_s or timeout_s
+        deadline = time.monotonic() + timeout
         with self.open(method, path, body, timeout_s=timeout_s) as resp:
-            try:
-                raw = resp.read()
-            except (OSError, http.client.HTTPException) as e:
-                raise self.unreachable(e, self.timeout_s or timeout_s) from None
+            raw = self._read(resp, deadline, timeout, CLI_ANSWER_LIMIT)
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise CliError(1, f"{self.url}{path} did not answer JSON: is it a mgpumanager broker?") from None
+
+    def _read(self, resp: Any, deadline: float, timeout_s: float, limit: int) -> bytes:
+        """An answer's body, read as it comes (one read at a time, each within the socket's timeout), until
+        its end; CliError once it passes ``limit`` bytes or ``deadline``."""
+        body = bytearray()
+        try:
+            while chunk := resp.read1(64 * 1024):
+                body += chunk
+                if len(body) > limit:
+                    raise CliError(1, f"{self.url} answered more than {limit // MiB} MiB: not a broker?")
+                if time.monotonic() > deadline:
+                    raise CliError(1, f"{self.url} did not finish its answer within {timeout_s:g} s")
+        except (OSError, http.client.HTTPException) as e:
+            raise self.unreachable(e, timeout_s) from None
+        return bytes(body)
 
     def unreachable(self, exc: BaseException, timeout_s: float) -> CliError:
         return CliError(1, f"cannot reach the broker at {self.url}: {_why(exc, timeout_s)}")
 
     def _refused(self, error: urllib.error.HTTPError) -> CliError:
         """The broker's JSON error (exit 2), or something else answering at its URL (exit 1)."""
+        if 300 <= error.code < 400:  # the broker never redirects
+            where = error.headers.get("Location") if error.headers else None
+            return CliError(
+                1, f"{self.url} answered {error.code}, a redirect to {where!r} (not followed): not a broker?"
+            )
+        timeout = self.timeout_s or CLI_TIMEOUT_S
         try:
-            data = json.loads(error.read(64 * 1024))
-        except (OSError, http.client.HTTPException, ValueError):
+            raw = self._read(error.fp, time.monotonic() + timeout, timeout, 64 * 1024) if error.fp else b""
+            data = json.loads(raw)
+        except (CliError, ValueError, RecursionError):
             data = None
         if not isinstance(data, dict) or not isinstance(data.get("message"), str):
             return CliError(1, f"{self.url} answered {error.code} {error.reason}, not a mgpumanager broker?")
@@ -7534,14 +7678,27 @@ def format_event(event: Mapping[str, Any]) -> str:
     return f"{clock} {event.get('event')} {fields}".rstrip()
 
 
+def _printable(text: str) -> str:
+    """``text`` with every character that is not printable escaped as Python writes it (``\\x1b``)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def say(*texts: str, file: Any = None) -> None:
+    """Print lines for people, flushed, what is not printable in each escaped: a broker passes on text from
+    consumers (an unload's answer) and from people (a reservation's reason), and an escape sequence in it
+    must not drive the terminal of whoever runs ``ps``."""
+    lines = [_printable(line) for text in texts for line in text.split("\n")]
+    print("\n".join(lines), file=file or sys.stdout, flush=True)
+
+
 def cli_ps(client: Client, args: argparse.Namespace) -> int:
-    print("\n".join(render_ps(client.call("GET", "/v1/status"), time.time())))
+    say(*render_ps(client.call("GET", "/v1/status"), time.time()))
     return 0
 
 
 def cli_status(client: Client, args: argparse.Namespace) -> int:
     st = client.call("GET", "/v1/status")
-    print(json.dumps(st, indent=2) if args.json else "\n".join(render_status(st, client.url, time.time())))
+    say(json.dumps(st, indent=2) if args.json else "\n".join(render_status(st, client.url, time.time())))
     return 0
 
 
@@ -7559,13 +7716,13 @@ def cli_consumer(client: Client, args: argparse.Namespace) -> int:
         )
     if answer.get("evictions"):
         text += f", after unloading {_plural(answer['evictions'], 'other consumer')}"
-    print(text)
+    say(text)
     return 0
 
 
 def cli_reload(client: Client, args: argparse.Namespace) -> int:
     changes = client.call("POST", "/v1/reload", timeout_s=CLI_RELOAD_TIMEOUT_S).get("changes") or []
-    print("reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
+    say("reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
     return 0
 
 
@@ -7578,8 +7735,7 @@ def cli_reserve(client: Client, args: argparse.Namespace) -> int:
         body["gpu"] = args.gpu
     answer = client.call("POST", "/v1/reserve", body, timeout_s=CLI_ADMIN_TIMEOUT_S)
     gpu = answer.get("gpu", args.gpu)
-    print(f"GPU {gpu} reserved" if gpu is not None else "reserved")
-    print("\n".join(reservation_lines(answer, time.time())))
+    say(f"GPU {gpu} reserved" if gpu is not None else "reserved", *reservation_lines(answer, time.time()))
     return 0
 
 
@@ -7589,7 +7745,7 @@ def cli_release(client: Client, args: argparse.Namespace) -> int:
     gpu = answer.get("gpu", args.gpu) if isinstance(answer, dict) else args.gpu
     what = f"GPU {gpu}" if gpu is not None else "the GPU"
     was_reserved = not (isinstance(answer, dict) and answer.get("released") is False)
-    print(f"{what} released" if was_reserved else f"{what} was not reserved")
+    say(f"{what} released" if was_reserved else f"{what} was not reserved")
     return 0
 
 
@@ -7600,24 +7756,29 @@ def cli_events(client: Client, args: argparse.Namespace) -> int:
     timeout = client.timeout_s or CLI_EVENTS_TIMEOUT_S
     try:
         with client.open("GET", "/v1/events" + query, timeout_s=CLI_EVENTS_TIMEOUT_S) as resp:
+            kind = resp.headers.get_content_type()
+            if kind != "text/event-stream":
+                raise CliError(1, f"{client.url}/v1/events answered {kind}, no event stream: not a broker?")
             data: list[str] = []
             while True:
                 try:
-                    line = resp.readline()
+                    line = resp.readline(CLI_EVENT_LINE_LIMIT + 1)
                 except (OSError, http.client.HTTPException) as e:
                     raise client.unreachable(e, timeout) from None
                 if not line:
                     raise CliError(
                         1, "the broker ended the event stream (shutting down, or this reader fell behind)"
                     )
+                if len(line) > CLI_EVENT_LINE_LIMIT or sum(map(len, data)) > CLI_EVENT_LINE_LIMIT:
+                    raise CliError(1, f"{client.url}/v1/events sent an event over 1 MiB: not a broker?")
                 text = line.decode("utf-8", "replace").rstrip("\r\n")
                 if text.startswith("data:"):
                     data.append(text[6:] if text.startswith("data: ") else text[5:])
                 elif not text and data:
                     try:
-                        print(format_event(json.loads("\n".join(data))), flush=True)
-                    except ValueError:
-                        print("\n".join(data), flush=True)
+                        say(format_event(json.loads("\n".join(data))))
+                    except (ValueError, RecursionError):
+                        say("\n".join(data))
                     data = []
     except KeyboardInterrupt:
         return 0
@@ -7691,14 +7852,24 @@ def add_verbs(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: What reading a JSON answer that is not shaped as the broker's raises ([] for /v1/status, NaN for a time,
+#: a string for a count): whatever answered is not a broker (exit 1), and no traceback.
+NOT_A_BROKERS_ANSWER = (AttributeError, KeyError, IndexError, TypeError, ValueError, ArithmeticError)
+NOT_A_BROKERS_ANSWER += (RecursionError,)
+
+
 def run_verb(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
     """Run a verb: 0 done, 1 the broker could not be reached, 2 it refused; the reason on stderr."""
     try:
         client = Client(cli_url(args.url, environ), cli_token(args.token_file, environ), args.timeout)
         return VERBS[args.verb](client, args)
     except CliError as e:
-        print(f"mgpumanager {args.verb}: {e.message}", file=sys.stderr)
+        say(f"mgpumanager {args.verb}: {e.message}", file=sys.stderr)
         return e.code
+    except NOT_A_BROKERS_ANSWER as e:
+        what = f"{type(e).__name__}: {e}"
+        say(f"mgpumanager {args.verb}: {client.url} answered what no broker does ({what})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `mgpumanager.py events | head`: the reader left, which is fine

@@ -946,6 +946,9 @@ def test_coexistence_is_symmetric():
         ("routing.events", "mvoice", "routing.events: 'events' is reserved"),
         ("consumers.comfyui.paths.image.hold_until.poll_s", 0, "hold_until.poll_s: must be positive"),
         ("listen", "8770", "listen: must be HOST:PORT"),
+        # Digits that are not ASCII: superscript two made int() raise (a traceback), Arabic-Indic ones a port.
+        ("listen", "127.0.0.1:\u00b2", "listen: must be HOST:PORT"),
+        ("consumers.mvoice.listen", "0.0.0.0:\u0661\u0661", "consumers.mvoice.listen: must be HOST:PORT"),
         ("gpu.nvidia_smi", "", "gpu.nvidia_smi: must be a command"),
     ],
 )
@@ -4612,6 +4615,37 @@ async def test_hold_poll_errors_are_retried_and_counted(rig):
         assert len(polls) == 5 and r.stats.hold_poll_errors >= 2 and r.stats.hold_timeouts == 0
 
 
+async def test_a_hold_poll_answered_without_end_is_read_no_further_than_its_limit(rig):
+    """A consumer whose hold poll answers a body that never ends: the poll read it whole (into memory, as
+    fast as loopback goes, until the poll's timeout), then found no JSON and polled again. It reads
+    HOLD_ANSWER_LIMIT and one byte more; so long a 2xx answer is no empty one: the hold is released."""
+    sent: list[int] = []
+
+    async def prompt(request: web.Request) -> web.Response:
+        return web.json_response({"prompt_id": "p3"})
+
+    async def history(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        sent.append(0)
+        with contextlib.suppress(ConnectionResetError):
+            while sent[-1] < 256 * m.MiB:
+                await resp.write(b"[" * m.MiB)
+                sent[-1] += m.MiB
+        return resp
+
+    def short(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 30
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url}, tweak=short)
+        assert (await r.post("image", {"prompt": {}}))[0] == 200
+        await until(lambda: r.broker.scheduler.holder is None, timeout=60)
+    (ended,) = [e for e in recent_events(r.broker.events) if e["event"] == "hold_ended"]
+    assert ended["outcome"] == "released" and len(sent) == 1 and sent[0] < 64 * m.MiB, sent
+
+
 async def test_hold_that_never_completes_releases_the_lock_at_its_timeout(rig):
     def short(raw):
         raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 0.3
@@ -5067,6 +5101,32 @@ def test_two_consumers_cannot_share_a_port_but_port_0_is_any_free_one():
     assert m.parse_config(raw).consumers["comfyui"].listen == ("127.0.0.1", 0)
 
 
+def test_a_consumer_url_on_one_of_the_brokers_own_listeners_is_refused():
+    """``listen: 127.0.0.1:11434`` for Ollama, whose url is http://127.0.0.1:11434 (its usual port, taken by
+    the broker while Ollama was down): every probe went round through the broker until its timeout, each
+    hop taking an unscheduled slot, and Ollama was "timed out" for ever, nothing saying why. The broker's
+    own listen likewise. Another address on the same port is fine (the broker on the LAN's, the service
+    on loopback's)."""
+    raw = base_raw(ollama="http://127.0.0.1:11434", mvoice="http://localhost:8770")
+    raw["listen"] = "0.0.0.0:8770"
+    raw["consumers"]["ollama"]["listen"] = "127.0.0.1:11434"
+    assert problems_of(raw) == [
+        "consumers.mvoice.url: is listen's own address (0.0.0.0:8770): its requests would come back to the"
+        " broker",
+        "consumers.ollama.url: is consumers.ollama.listen's own address (127.0.0.1:11434): its requests would"
+        " come back to the broker",
+    ]
+    raw["listen"] = "127.0.0.1:8771"
+    for listen in ("0.0.0.0:11434", "localhost:11434"):
+        raw["consumers"]["ollama"]["listen"] = listen
+        assert len(problems_of(raw)) == 1, listen
+    raw["consumers"]["ollama"]["listen"] = "[::1]:11434"  # IPv6 loopback: not where 127.0.0.1 leads
+    assert m.parse_config(raw).consumers["ollama"].listen == ("::1", 11434)
+    raw["consumers"]["ollama"]["listen"] = "192.168.1.5:11434"  # beside Ollama's own 127.0.0.1:11434
+    raw["consumers"]["mvoice"]["url"] = "http://192.168.1.7:8771"  # another machine's broker
+    assert m.parse_config(raw).consumers["ollama"].listen == ("192.168.1.5", 11434)
+
+
 async def test_the_ollama_client_given_only_a_host_goes_through_ollamas_port(rig, caplog):
     import ollama  # noqa: PLC0415 (a dev dependency, needed here only)
 
@@ -5217,6 +5277,27 @@ async def test_a_reload_opens_moves_and_closes_consumer_ports(rig, caplog):
         changes = await reload(busy)
     assert changes[0] == "changed ollama" and changes[1].startswith(f"cannot listen on {busy} for ollama: ")
     assert r.broker.config.consumers["ollama"].listen is not None and 'msg="cannot listen"' in caplog.text
+
+
+async def test_a_reload_that_closes_a_port_closes_its_websockets_going_away_on_both_sides(rig):
+    """A WebSocket never finishes: a port closed by a reload waited out its grace, then cut the relay off in
+    the middle of its closing, so the client saw 1006 (no close frame) and the consumer's side was never
+    closed (one connection leaked per reload). It is closed at once with 1001, both sides."""
+    r = await rig(tweak=with_ports)
+    ws = await r.session.ws_connect(port_url(r, "comfyui", "/ws?clientId=a"))
+    assert (await ws.receive_json(timeout=10))["data"]["sid"] == "a"
+    (upstream,) = r.sims["comfyui"].sockets
+    assert r.broker.websockets == {"comfyui": 1}
+    raw = copy.deepcopy(r.raw)
+    del raw["consumers"]["comfyui"]["listen"]
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert resp.status == 200 and "comfyui no longer listens on " in (await resp.json())["changes"][1]
+    msg = await ws.receive(timeout=10)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY
+    await ws.close()
+    await until(lambda: upstream.closed)
+    assert upstream.close_code == aiohttp.WSCloseCode.GOING_AWAY and r.broker.websockets == {"comfyui": 0}
 
 
 async def test_a_port_that_cannot_be_had_at_start_up_stops_the_broker(tmp_path):
@@ -5752,6 +5833,69 @@ async def test_a_for_each_unload_is_bounded_by_its_timeout_as_a_whole(rig):
     assert '"next": not tried, the unload took its 1 s' in data["message"]
 
 
+def _listing_svc(raw: dict[str, Any], url: str, unload: dict[str, Any]) -> None:
+    """Consumer svc at ``url``, whose unload walks ``GET /ps``'s ``models``."""
+    raw["consumers"]["svc"] = {
+        "url": url,
+        "health": {"path": "/health"},
+        "paths": {"llm": {"path": "/x"}},
+        "vram_resident_mib": 100,
+        "unload": unload | {"for_each": {"path": "/ps", "items": "models"}},
+    }
+
+
+async def test_a_for_each_unload_of_a_huge_listing_names_its_first_failures_and_counts_the_rest(rig):
+    """A consumer that lists 200,000 elements none of which can fill the route: the failure named every one,
+    4.6 MB that went into the admin's answer, the log line and an event kept 15 minutes in the ring (and a
+    reservation's not_unloaded, shown by every /v1/status)."""
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"models": [1] * 200_000})  # bare numbers: no field "name"
+
+    async with StandIn([("GET", "/ps", listing), ("GET", "/health", _ok)]) as svc:
+        unload = {"path": "/api/generate", "body": {"model": "{name}", "keep_alive": 0}}
+        r = await rig(tweak=lambda raw: _listing_svc(raw, svc.url, unload))
+        async with r.session.post(r.url("/v1/consumers/svc/unload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "unload_failed")
+    message = data["message"]
+    assert message.startswith("svc unload of 200000 of 200000: 1 has no field 'name'; ")
+    assert message.count("has no field") == m.FOR_EACH_NAMED and message.endswith("; and 199995 more")
+    (failed,) = [e for e in recent_events(r.broker.events) if e["event"] == "unload_failed"]
+    assert failed["error"] == message.removeprefix("svc ") and len(message) < 500
+    assert max(len(sent) for _, sent in r.broker.events.ring) < 1000
+
+
+async def test_a_for_each_unload_calls_no_route_but_its_own_whatever_the_listing_says(rig):
+    """Placeholders are percent-encoded in the path, but '..', '.' and '' are no escape: the consumer listing
+    '..' had the broker call DELETE /api/ instead of /api/ps/{item} (the client resolves dot segments). Such
+    an element fails, named; '/', '?', '#' and CRLF stay inside the one segment."""
+    seen: list[str] = []
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"models": ["a", "..", ".", "", "x/y", "q?x#y", "c\r\nd"]})
+
+    async def anything(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.raw_path}")
+        return web.json_response({})
+
+    routes = [("GET", "/ps", listing), ("GET", "/health", _ok), ("*", r"/{tail:[\s\S]*}", anything)]
+    async with StandIn(routes) as svc:
+        unload = {"method": "DELETE", "path": "/api/ps/{item}"}
+        r = await rig(tweak=lambda raw: _listing_svc(raw, svc.url, unload))
+        async with r.session.post(r.url("/v1/consumers/svc/unload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "unload_failed")
+    assert seen == [
+        "DELETE /api/ps/a",
+        "DELETE /api/ps/x%2Fy",
+        "DELETE /api/ps/q%3Fx%23y",
+        "DELETE /api/ps/c%0D%0Ad",
+    ]
+    message = data["message"]
+    assert message.startswith("svc unload of 3 of 7: ")
+    for value in ("..", ".", ""):
+        assert f"{json.dumps(value)}: its 'item' {value!r} cannot fill a path" in message
+
+
 async def test_the_whisper_cpp_preset_speaks_whispersim(rig, caplog):
     r = await rig(tweak=use_presets)
     assert r.broker.consumers.states["whisper"].healthy is True  # GET /health
@@ -6242,6 +6386,41 @@ async def test_event_stream_heartbeats_and_drops_a_reader_that_falls_behind(rig,
         assert events.dropped == 1 and not events.subscribers
         body = await asyncio.wait_for(stream.read(), 5)  # its stream ends instead of slowing anyone
         assert b"event: test" not in body  # what it missed is gone: it reconnects and reads /v1/status
+
+
+async def test_readers_of_a_full_ring_that_never_read_hold_little_and_are_cut_off(rig, monkeypatch):
+    """Each ``?since=900`` reader got the whole ring (4 MB here) in one write, which sat in the broker's
+    memory for as long as the reader kept its connection without reading: 10 such readers held 40 MB, for
+    ever. The replay goes in pieces, each after the reader took the last, and a reader that takes nothing
+    for EVENT_STALL_S is cut off."""
+    monkeypatch.setattr(m, "EVENT_STALL_S", 1.0, raising=False)
+    r = await rig()
+    events = r.broker.events
+    for n in range(10_000):
+        events.publish("test", n=n, pad="x" * 400)
+    assert sum(len(sent) for _, sent in events.ring) > 4_000_000
+    readers = []
+    for _ in range(10):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (r.server.host, r.server.port))
+        sock.send(b"GET /v1/events?since=900 HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
+        readers.append(sock)
+    try:
+        await until(lambda: len(events.subscribers) == 10)
+        await asyncio.sleep(0.3)  # every replay written as far as it goes
+        handlers = r.server.runner.server.connections
+        held = [h.transport.get_write_buffer_size() for h in handlers if h.transport]
+        assert len(held) == 10 and sum(held) < 10 * 256 * 1024, held
+        await until(lambda: not events.subscribers)  # each cut off once it took nothing for a second
+    finally:
+        for sock in readers:
+            sock.close()
+    # A reader that reads gets the whole replay, as before.
+    async with r.session.get(r.url("/v1/events?since=900")) as stream:
+        past = await _read_replay(stream)
+    assert [e["n"] for e in past] == list(range(10_000))
 
 
 def test_the_event_ring_keeps_the_last_events_by_count_and_by_age():
@@ -7085,6 +7264,23 @@ async def test_a_reservation_that_cannot_unload_something_says_so_and_still_hold
         assert status == 400 and data["error"] == "bad_request", bad
 
 
+async def test_a_gpu_that_is_no_integer_of_the_brokers_is_refused_not_taken_for_another(rig):
+    """A hostile body or query: ``gpu`` 0.9 and -0.5 were GPU 0, Infinity a scheduler_error (500), and
+    ``?gpu= 0`` or ``0_0`` GPU 0 again. Each is bad_request now, and nothing is reserved or released."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    for gpu in (0.9, -0.5, math.inf, -math.inf, math.nan, "0", True, [0], {"index": 0}):
+        status, _, data = await _reserve(r, for_s=60, gpu=gpu)
+        assert status == 400 and data["error"] == "bad_request" and "no GPU" in data["message"], gpu
+    assert r.broker.scheduler.reservation is None and r.sims["mvoice"].records == []
+    assert (await _reserve(r, for_s=60, gpu=0))[0] == 200
+    for query in (" 0", "0_0", "+0", "0.0", "\u0660", "inf", "", "abc", "99999999999999999999"):
+        async with r.session.delete(r.url("/v1/reserve"), params={"gpu": query}) as resp:
+            error_of(resp.status, dict(resp.headers), await resp.read(), "bad_request")
+    assert r.broker.scheduler.reservation is not None
+    async with r.session.delete(r.url("/v1/reserve"), params={"gpu": "0"}) as resp:
+        assert await resp.json() == {"gpu": 0, "released": True, "gpus": [0]}
+
+
 async def test_reservations_are_per_gpu_and_end_with_the_broker(rig):
     def two_gpus(raw: dict[str, Any]) -> None:
         raw["consumers"]["comfyui"]["gpu"] = 1
@@ -7387,6 +7583,86 @@ async def test_cli_exit_1_when_the_broker_cannot_be_reached_or_is_not_a_broker(r
         assert rc == 1 and "did not answer JSON" in err
 
 
+async def test_cli_against_a_hostile_broker_exits_1_or_2_with_a_reason_never_a_traceback_or_a_hang():
+    """Something at the broker's URL that answers JSON of another shape, NaN, a body that never ends or is
+    huge, a redirect, no event stream, an endless line, or escape sequences in its error: each was a
+    traceback, a hang, unbounded memory, the token sent where the redirect pointed, or the terminal driven
+    by the answer. Now exit 1 (not a broker) or 2 (a refusal), one line on stderr, within the timeout."""
+    redirected: list[str | None] = []
+
+    def answer(text: str, status: int = 200, kind: str = "application/json") -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            return web.Response(status=status, text=text, content_type=kind)
+
+        return handler
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"x": "')
+        for _ in range(600):  # a byte every 0.05 s: each read gets something, the answer never ends
+            await resp.write(b"a")
+            await asyncio.sleep(0.05)
+        return resp
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionResetError):
+            for _ in range(20):
+                await resp.write(b"[" + b" " * m.MiB)
+        return resp
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/elsewhere")
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        redirected.append(request.headers.get("Authorization"))
+        return web.json_response({"consumers": {}})
+
+    async def long_line(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionResetError):
+            for _ in range(20):
+                await resp.write(b"x" * m.MiB)  # no newline, ever
+        return resp
+
+    escape = {"error": "unload_failed", "message": "unload answered 500: \x1b]0;owned\x07\x1b[2Jboom"}
+    infinite = answer('{"gpus": [{"scheduler": {"holder": {"consumer": "x", "held_s": Infinity}}}]}')
+    cases: list[tuple[tuple[str, ...], Any, int, str]] = [
+        (("ps",), answer("[]"), 1, "answered what no broker does (AttributeError: "),
+        (("status",), answer('{"uptime_s": "soon"}'), 1, "answered what no broker does (TypeError: "),
+        (("ps",), infinite, 1, "answered what no broker does (OverflowError: "),
+        (("ps",), answer('{"uptime_s": NaN, "gpus": [5]}'), 1, "answered what no broker does"),
+        (("reload",), answer('{"changes": 5}'), 1, "answered what no broker does (TypeError: "),
+        (("unload", "x"), answer('"unloaded"'), 1, "answered what no broker does (AttributeError: "),
+        (("ps",), answer("[" * 100_000), 1, "did not answer JSON"),
+        (("ps", "--timeout", "1"), endless, 1, "did not finish its answer within 1 s"),
+        (("ps",), huge, 1, "answered more than 16 MiB: not a broker?"),
+        (("ps",), redirect, 1, "answered 302, a redirect to '/elsewhere' (not followed): not a broker?"),
+        (("unload", "x"), redirect, 1, "answered 302, a redirect to '/elsewhere' (not followed)"),
+        (("events",), answer("{}"), 1, "/v1/events answered application/json, no event stream"),
+        (("events",), long_line, 1, "/v1/events sent an event over 1 MiB: not a broker?"),
+        (("unload", "x"), answer(json.dumps(escape), 502), 2, r"\x1b]0;owned\x07\x1b[2Jboom (unload_failed)"),
+    ]
+    for args, handler, code, says in cases:
+        routes = [("*", "/elsewhere", elsewhere), ("*", "/{tail:.*}", handler)]
+        async with StandIn(routes) as stand_in:
+            env = {"MGPUMANAGER_TOKEN": TOKEN}
+            rc, out, err = await cli(*args, "--url", stand_in.url, env=env, timeout=30)
+        assert (rc, out) == (code, "") and says in err and err.count("\n") == 1, (args, err)
+        assert "Traceback" not in err and "\x1b" not in err, (args, err)
+    assert redirected == []  # never followed: the token went nowhere else
+    # The command line's own mistakes are 2, with a reason.
+    for url in ("http://[::1", "http://mrock:port", "http://mrock:99999", "http://mr ock:8770"):
+        rc, _, err = await cli("ps", "--url", url)
+        assert rc == 2 and "is not a broker's URL" in err and "Traceback" not in err, (url, err)
+    for token in ("line\nbreak-0123456789", "with space-0123456789", "bell\x07-0123456789"):
+        rc, _, err = await cli("ps", "--url", "http://127.0.0.1:9", env={"MGPUMANAGER_TOKEN": token})
+        assert rc == 2 and "a token is printable characters without spaces" in err, (token, err)
+
+
 async def test_cli_url_comes_from_the_flag_else_the_environment_else_the_default(rig):
     assert m.cli_url(None, {}) == "http://127.0.0.1:8770"
     assert m.cli_url(None, {"MGPUMANAGER_URL": "http://mrock:8770/"}) == "http://mrock:8770"
@@ -7435,6 +7711,18 @@ async def test_cli_sends_the_token_from_the_environment_or_the_token_file(rig, t
         rc, _, err = await cli("ps", "--url", url, "--token-file", "/dev/zero")
         assert rc == 2 and "--token-file /dev/zero is not a regular file" in err
     assert TOKEN not in daemon.log
+    # A token beyond Latin-1 (the broker takes any printable one) went out as Latin-1, or raised; it is
+    # sent as UTF-8, as aiohttp reads it.
+    wide = "p\u00e4ssw\u00f6rd-\u20ac-0123456789"
+
+    async def status(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {wide}":
+            return web.json_response({"error": "unauthorized", "message": "wrong token"}, status=401)
+        return web.json_response({"consumers": {}})
+
+    async with StandIn([("GET", "/v1/status", status)]) as stand_in:
+        rc, out, err = await cli("ps", "--url", stand_in.url, env={"MGPUMANAGER_TOKEN": wide})
+    assert (rc, err) == (0, "") and out.startswith("CONSUMER")
 
 
 async def test_cli_events_prints_one_line_per_event_and_stops_on_sigint(rig):
@@ -7684,6 +7972,25 @@ async def test_dashboard_in_a_real_browser_shows_consumers_holder_and_evictions(
         await browser.screenshot(tmp_path / "dashboard.png")
         assert (await image)[0] == 200
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+
+async def test_dashboard_shows_markup_in_a_reason_and_a_gpu_name_as_text(rig, tmp_path):
+    """What the page draws from others' text (a reservation's reason, nvidia-smi's GPU name) is escaped
+    everywhere it appears (the holder, the timeline's band and tooltip, the memory bar's title): markup in
+    it stays text and runs nothing."""
+    markup = '<img src=x onerror="window.xss=1">"\x1b[31m'
+    r = await rig()
+    with r.gpu.edit() as state:
+        state["gpus"][0]["name"] = markup
+    assert (await _reserve(r, for_s=600, reason=markup))[0] == 200
+    async with Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=r.url("/"))
+        await browser.wait_for("document.querySelector('.tl-resv') !== null")
+        await browser.wait_for("document.getElementById('gpu-name').textContent.includes('<img')")
+        assert markup in await browser.evaluate("document.getElementById('holder').textContent")
+        assert await browser.evaluate("document.querySelector('.tl-resv').dataset.reason") == markup
+        assert await browser.evaluate("document.querySelectorAll('main img, #tip img').length") == 0
+        assert await browser.evaluate("window.xss === undefined")
 
 
 async def test_dashboard_with_two_gpus_draws_each_with_its_own_holder(rig, tmp_path):
@@ -8298,6 +8605,43 @@ async def test_without_a_token_the_authorization_header_is_the_consumers_busines
     assert r.sims["mvoice"].records[-1].headers["Authorization"] == "Bearer for-mvoice"
 
 
+async def test_a_body_cut_short_or_malformed_is_the_clients_fault_not_a_broker_bug(rig, caplog):
+    """A client that closes its connection in the middle of its body (on /v1, a mount or a consumer's port),
+    or whose chunked encoding breaks after its headers, made the body's reader raise out of the handler: a
+    scheduler_error logged with its traceback and counted in internal_errors, the counter for the broker's
+    own bugs. It is a bad_request now, nothing counted, nothing reaches a consumer."""
+    r = await rig(tweak=with_ports)
+    host, port = r.broker.ports.address("ollama").rsplit(":", 1)
+    for where, target in (
+        ((r.server.host, r.server.port), "/v1/stt"),
+        ((r.server.host, r.server.port), "/c/ollama/api/chat"),
+        ((host, int(port)), "/api/chat"),
+    ):
+        reader, writer = await _partial_post(*where, target, 100, b"0123456789")
+        await until(lambda: r.broker.reading == 10)  # the handler reads the body
+        writer.close()
+        await until(lambda: r.broker.reading == 0)
+    assert r.broker.internal_errors() == 0 and 'msg="internal error"' not in caplog.text
+    assert r.stats.jobs == 0 and [rec.path for rec in r.sims["ollama"].records] == ["/api/ps"]  # its probe
+    # aiohttp's own parser (without its C extension, AIOHTTP_NO_EXTENSIONS) hands a chunk that breaks after
+    # the headers to the body's reader: the client gets the broker's 400 (aiohttp's own plain-text one if
+    # both came in one read, before any handler).
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state), env={"AIOHTTP_NO_EXTENSIONS": "1"}) as daemon:
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        writer.write(b"POST /v1/stt HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.5)  # (a later read: the handler reads the body by then)
+        writer.write(b"zz\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        async with aiohttp.ClientSession() as session:
+            st = await daemon.status(session)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"400" and st["scheduler"]["stats"]["internal_errors"] == 0, answer
+    if b"application/json" in head:
+        assert json.loads(body)["message"] == "the request body did not arrive whole: TransferEncodingError"
+
+
 async def test_a_slow_uploader_holds_no_lock_and_blocks_nobody(rig):
     r = await rig(sims={"mvoice": {"loaded": True}})
     reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
@@ -8469,6 +8813,29 @@ async def test_expect_100_continue_is_refused_before_any_continue(rig, target, l
     finally:
         writer.close()
     assert r.stats.jobs == (1 if first.endswith(b"Continue") else 0)
+
+
+async def test_expect_100_continue_on_a_consumers_port_is_refused_before_any_continue(rig):
+    """A consumer's port serves by its mount's rules, but its route had aiohttp's own Expect handler: a body
+    over max_body_mib, or a request without the token, got `100 Continue` first, so the client sent it."""
+
+    def ports_and_token(raw: dict[str, Any]) -> None:
+        with_ports(raw)
+        with_token(raw)
+
+    r = await rig(tweak=ports_and_token)
+    host, port = r.broker.ports.address("ollama").rsplit(":", 1)
+    auth = f"Authorization: Bearer {TOKEN}\r\n"
+    for length, extra, expected in ((65 * m.MiB, auth, b"413"), (5, "", b"401"), (5, auth, b"100")):
+        reader, writer = await _partial_post(
+            host, int(port), "/api/chat", length, b"", extra="Expect: 100-continue\r\n" + extra
+        )
+        try:
+            status = await asyncio.wait_for(reader.readline(), 10)
+            assert status.startswith(b"HTTP/1.1 " + expected), (length, extra, status)
+        finally:
+            writer.close()
+    assert [rec.path for rec in r.sims["ollama"].records] == ["/api/ps"]  # its probe, no chat
 
 
 async def test_a_large_body_is_held_once_not_copied(rig):
