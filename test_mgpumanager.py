@@ -7833,7 +7833,9 @@ async def test_cli_reserve_and_release_against_a_stand_in_of_the_reservation_rou
         assert seen.pop() == ("POST", {}, {"for_s": 5400, "reason": "gaming", "gpu": 1}, f"Bearer {TOKEN}")
         lines = out.splitlines()
         assert lines[0] == "GPU 1 reserved"
-        assert re.fullmatch(r"  reserved: gaming, 1 h 30 min left \(until \d\d:\d\d:\d\d\)", lines[1])
+        # (Its end is a time of day, or a date and time when that is tomorrow: near midnight.)
+        until = r"\d\d:\d\d:\d\d|\d{4}-\d\d-\d\d \d\d:\d\d"
+        assert re.fullmatch(rf"  reserved: gaming, 1 h 30 min left \(until ({until})\)", lines[1])
         assert lines[2:] == ["    unloaded: mvoice, comfyui", "    not unloaded: ollama (vram_managed)"]
         for given, seconds in (("2h", 7200), ("45", 45), ("1h30m", 5400), ("0.5", 0.5)):
             assert (await cli("reserve", given, "--url", broker.url))[0] == 0
