@@ -7854,22 +7854,29 @@ def add_verbs(parser: argparse.ArgumentParser) -> None:
 
 #: What reading a JSON answer that is not shaped as the broker's raises ([] for /v1/status, NaN for a time,
 #: a string for a count): whatever answered is not a broker (exit 1), and no traceback.
-NOT_A_BROKERS_ANSWER = (AttributeError, KeyError, IndexError, TypeError, ValueError, ArithmeticError)
-NOT_A_BROKERS_ANSWER += (RecursionError,)
+NOT_A_BROKERS_ANSWER = (
+    AttributeError,
+    KeyError,
+    IndexError,
+    TypeError,
+    ValueError,
+    ArithmeticError,
+    RecursionError,
+)
 
 
 def run_verb(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
     """Run a verb: 0 done, 1 the broker could not be reached, 2 it refused; the reason on stderr."""
     try:
         client = Client(cli_url(args.url, environ), cli_token(args.token_file, environ), args.timeout)
-        return VERBS[args.verb](client, args)
+        try:
+            return VERBS[args.verb](client, args)
+        except NOT_A_BROKERS_ANSWER as e:  # (only the answer is read here: the command line was checked)
+            what = f"{type(e).__name__}: {e}"
+            raise CliError(1, f"{client.url} answered what no broker does ({what})") from e
     except CliError as e:
         say(f"mgpumanager {args.verb}: {e.message}", file=sys.stderr)
         return e.code
-    except NOT_A_BROKERS_ANSWER as e:
-        what = f"{type(e).__name__}: {e}"
-        say(f"mgpumanager {args.verb}: {client.url} answered what no broker does ({what})", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `mgpumanager.py events | head`: the reader left, which is fine
