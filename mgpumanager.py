@@ -333,6 +333,8 @@ class GpuConfig:
     index: int = 0
     cushion_mib: int = 256
     query_timeout_s: float = 5.0
+    #: The most of nvidia-smi's output (each query's) that is read and parsed.
+    max_output_mib: int = 8
 
 
 @dataclass(frozen=True)
@@ -347,6 +349,8 @@ class SchedulerConfig:
     shutdown_timeout_s: float = 30.0
     #: A request body must arrive whole within this (request_timeout otherwise).
     body_timeout_s: float = 300.0
+    #: The largest WebSocket message relayed, after any decompression (larger: the socket closes, 1009).
+    max_ws_message_mib: int = 16
     #: What all request bodies being read at once may hold in memory (too_many_requests beyond).
     max_bodies_mib: int = 256
     #: How long a job that needs no swap may go before waiting jobs of equal effective priority that would
@@ -362,6 +366,18 @@ ZERO_OK_SCHEDULER = frozenset({"max_overtake_s"})
 class HealthConfig:
     interval_s: float = 5.0
     timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The broker's HTTP server: how long a connection may stay without a request, and its own names."""
+
+    #: A client connection that has not sent a whole request head within this is closed.
+    header_timeout_s: float = 10.0
+    #: An idle keep-alive connection is closed after this.
+    keepalive_s: float = 75.0
+    #: Further names of the broker's (besides its listen addresses, loopback, hostname and FQDN), lower case.
+    hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -382,6 +398,7 @@ class Config:
     #: In the order the file lists them: ties in last use go to the one listed first.
     consumers: dict[str, ConsumerConfig]
     auth: AuthConfig = AuthConfig()
+    http: HttpConfig = HttpConfig()
 
 
 class ConfigError(Exception):
@@ -399,7 +416,7 @@ def number_kind(key: str) -> str:
     """Which of NUMBER_LIMITS bounds the number under ``key``."""
     if key.endswith("_s"):
         return "duration"
-    if key in ("max_body_mib", "max_bodies_mib"):
+    if key in ("max_body_mib", "max_bodies_mib", "max_ws_message_mib", "max_output_mib"):
         return "body"
     if key.endswith("_mib"):
         return "memory"
@@ -988,6 +1005,20 @@ def _parse_auth(ck: _Checker, raw: Any) -> AuthConfig:
     return AuthConfig(token=token or None)
 
 
+def _parse_http(ck: _Checker, raw: Any) -> HttpConfig:
+    """``http: {header_timeout_s, keepalive_s, hosts: [names]}``."""
+    d = ck.mapping(raw, "http", ("header_timeout_s", "keepalive_s", "hosts"))
+    hosts = d.get("hosts", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
+        ck.problem("http.hosts", f"must be a list of host names or addresses, not {hosts!r}")
+        hosts = []
+    return HttpConfig(
+        header_timeout_s=ck.number(d, "header_timeout_s", "http", 10.0, integer=False),
+        keepalive_s=ck.number(d, "keepalive_s", "http", 75.0, integer=False),
+        hosts=tuple(h.strip().lower() for h in hosts),
+    )
+
+
 def _parse_listen(ck: _Checker, value: Any, where: str = "listen") -> tuple[str, int]:
     host, sep, port = str(value).rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
@@ -1022,12 +1053,14 @@ def parse_config(raw: Any) -> Config:
     top = ck.mapping(
         raw,
         "config",
-        ("listen", "gpu", "scheduler", "health", "routing", "audio_proxy", "consumers", "auth"),
+        ("listen", "gpu", "scheduler", "health", "routing", "audio_proxy", "consumers", "auth", "http"),
         required=True,
     )
     host, port = _parse_listen(ck, top.get("listen", "0.0.0.0:8770"))
 
-    g = ck.mapping(top.get("gpu"), "gpu", ("nvidia_smi", "index", "cushion_mib", "query_timeout_s"))
+    g = ck.mapping(
+        top.get("gpu"), "gpu", ("nvidia_smi", "index", "cushion_mib", "query_timeout_s", "max_output_mib")
+    )
     smi = g.get("nvidia_smi", "nvidia-smi")
     argv: tuple[str, ...] = ()
     if isinstance(smi, str) and smi.strip():
@@ -1044,6 +1077,7 @@ def parse_config(raw: Any) -> Config:
         index=ck.number(g, "index", "gpu", 0, integer=True, zero_ok=True),
         cushion_mib=ck.number(g, "cushion_mib", "gpu", 256, integer=True, zero_ok=True),
         query_timeout_s=ck.number(g, "query_timeout_s", "gpu", 5.0, integer=False),
+        max_output_mib=ck.number(g, "max_output_mib", "gpu", 8, integer=True),
     )
 
     fields = SchedulerConfig.__dataclass_fields__
@@ -1146,6 +1180,7 @@ def parse_config(raw: Any) -> Config:
         ck.problem("audio_proxy", f"names unknown consumer {audio!r}")
 
     auth = _parse_auth(ck, top.get("auth"))
+    http = _parse_http(ck, top.get("http"))
 
     if ck.problems:
         raise ConfigError(ck.problems)
@@ -1159,6 +1194,7 @@ def parse_config(raw: Any) -> Config:
         audio_proxy=audio,
         consumers=consumers,
         auth=auth,
+        http=http,
     )
 
 
@@ -5544,7 +5580,7 @@ class Broker:
         if (new.listen_host, new.listen_port) != (old.listen_host, old.listen_port):
             listen = f"{old.listen_host}:{old.listen_port}"
             log.warning(logfmt(msg="reload: listen changes only with a restart", listen=listen))
-        for part in ("gpu", "scheduler", "health", "routing", "audio_proxy", "auth"):
+        for part in ("gpu", "scheduler", "health", "routing", "audio_proxy", "auth", "http"):
             if getattr(new, part) != getattr(old, part):
                 changes.append(f"changed {part}")
         self.config = self.consumers.config = new
