@@ -64,6 +64,7 @@ import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -758,6 +759,216 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# ---- where a URL leads: usable by the HTTP client, and not back to the broker --------------------------
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: Where a connection to an unspecified address (0.0.0.0, ::) goes on Linux.
+LOOPBACK = {4: ipaddress.IPv4Address("127.0.0.1"), 6: ipaddress.IPv6Address("::1")}
+#: A label of a host name as the HTTP client looks it up (after IDNA); '_' for names such as Docker's.
+_HOST_LABEL = re.compile(r"^[a-z0-9_-]{1,63}$")
+#: A label that makes a host an IPv4 address to resolvers and browsers ("ends in a number": 1, 0x7f).
+_NUMBER_LABEL = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
+#: Consumer URL host names on a listener's port are resolved, to tell whether they lead back to the broker,
+#: all at once within this; a name not resolved in time is not checked (DNS down at boot stops nothing).
+RESOLVE_TIMEOUT_S = 2.0
+
+
+def url_problem(url: str) -> str | None:
+    """Why a consumer URL is refused (one line, never echoing a password), or None: it must be an http(s)
+    URL with a host and port the HTTP client can connect to, without credentials, query or fragment."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # "Invalid IPv6 URL": a '[' without its ']', or text after it
+        return f"must be an http(s) URL the HTTP client can use, not {_shown(url)} ({e})"
+    if "@" in parts.netloc:
+        # Never echoed: it holds a password. /v1/status shows every URL to anyone who may ask.
+        return "must not carry a user or password (user:password@host): it is shown"
+    if parts.query or parts.fragment:
+        return "must not carry a query string or fragment"
+    try:
+        url_host(url)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _shown(url: str) -> str:
+    return repr(url) if "@" not in url else "this one (not shown: it has an '@')"
+
+
+def url_host(url: str) -> tuple[Address | str, int]:
+    """Where a consumer URL leads the HTTP client: an address, or a host name (lower case, IDNA, without a
+    trailing '.'), and the port. ValueError (its message a refusal) when the client could not use it: a
+    numeric host that is not four decimal numbers (``127.1``, ``2130706433``, ``0x7f.1``: aiohttp refuses
+    them, older resolvers read them as 127.0.0.1), brackets without an IPv6 address, an empty or odd label
+    (``a..b``), a name IDNA cannot encode, port 0."""
+    shown = _shown(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = URL(url).raw_host  # yarl's reading is what aiohttp connects to
+    except ValueError as e:  # UnicodeError (IDNA) too
+        raise ValueError(f"must be an http(s) URL the HTTP client can use, not {shown} ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not host:
+        raise ValueError(f"must be an http(s) URL with a host, not {shown}")
+    if port == 0:
+        raise ValueError(f"port 0 is no port to connect to: {shown}")
+    port = port or (443 if parts.scheme == "https" else 80)
+    if parts.netloc.rpartition("@")[2].startswith("["):
+        if "%" in host:  # aiohttp hands "fe80::1%25eth0" to the resolver as it is: never found
+            raise ValueError(f"an IPv6 zone ('%25...') cannot be used by the HTTP client: {shown}")
+        try:
+            return ipaddress.IPv6Address(host), port
+        except ValueError:
+            raise ValueError(f"must hold an IPv6 address between '[' and ']', not {shown}") from None
+    name = host.lower()
+    labels = name.removesuffix(".").split(".")
+    if _NUMBER_LABEL.match(labels[-1]):
+        try:
+            return ipaddress.IPv4Address(name), port
+        except ValueError:
+            raise ValueError(
+                f"{host!r} is an IPv4 address only as four decimal numbers (127.0.0.1): the HTTP client"
+                " refuses other spellings"
+            ) from None
+    if len(name) > 254 or not all(_HOST_LABEL.match(label) for label in labels):
+        raise ValueError(
+            f"{host!r} is no host name (labels of letters, digits, '-' and '_', joined by single dots)"
+        )
+    return name.removesuffix("."), port
+
+
+def is_localhost(name: str) -> bool:
+    """``localhost`` and names below it: the machine itself, whatever a resolver says (RFC 6761)."""
+    return name == "localhost" or name.endswith(".localhost")
+
+
+def listen_addresses(host: str) -> list[Address] | str:
+    """The addresses a listener on ``host`` binds, without resolving: an address (an old numeric spelling
+    too, which the resolver reads as one), loopback for localhost; else the name itself."""
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    if is_localhost(host.lower().removesuffix(".")):
+        return list(LOOPBACK.values())
+    with contextlib.suppress(OSError, UnicodeError):
+        if host and all(c in "0123456789abcdefxABCDEFX." for c in host):
+            return [ipaddress.IPv4Address(socket.inet_aton(host))]  # "0" binds 0.0.0.0
+    return host.lower().removesuffix(".")
+
+
+def resolve(names: Iterable[str], timeout_s: float) -> dict[str, frozenset[Address]]:
+    """Each name's addresses as the system resolver gives them, all looked up at once, within ``timeout_s``
+    in all; a name that fails or takes longer has none. The threads are daemons: a hung resolver keeps no
+    process from exiting (``--check`` on a dead network answers in time), and a reload's thread is bounded."""
+    found: dict[str, frozenset[Address]] = {}
+
+    def look_up(name: str) -> None:
+        try:
+            infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+            found[name] = frozenset(ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos)
+        except (OSError, ValueError):  # UnicodeError too
+            pass
+
+    names = sorted(set(names))
+    threads = [threading.Thread(target=look_up, args=(n,), name="resolve", daemon=True) for n in names]
+    deadline = time.monotonic() + timeout_s
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return {name: found.get(name, frozenset()) for name in names}
+
+
+def own_addresses() -> frozenset[Address]:
+    """The addresses of this machine's interfaces: the local ones of /proc/net/fib_trie (IPv4) and those of
+    /proc/net/if_inet6 (Linux); none where they cannot be read."""
+    own: set[Address] = set()
+    with contextlib.suppress(OSError), open("/proc/net/fib_trie", encoding="ascii", errors="replace") as file:
+        last = ""
+        for line in itertools.islice(file, 200_000):  # (a full routing table is no home server's)
+            if "|--" in line:
+                last = line.split("|--")[1].strip()
+            elif "/32 host LOCAL" in line:
+                with contextlib.suppress(ValueError):
+                    own.add(ipaddress.IPv4Address(last))
+    with contextlib.suppress(OSError), open("/proc/net/if_inet6", encoding="ascii", errors="replace") as file:
+        for line in itertools.islice(file, 10_000):
+            with contextlib.suppress(ValueError, IndexError):
+                own.add(ipaddress.IPv6Address(int(line.split()[0], 16)))
+    return frozenset(own)
+
+
+def _unmapped(address: Address) -> Address:
+    """An IPv4-mapped IPv6 address (::ffff:127.0.0.1) is the IPv4 address it carries."""
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
+
+
+def reaches(to: Address, listener: Address, own: Callable[[], frozenset[Address]]) -> bool:
+    """Whether a connection to ``to`` arrives at a listener bound to ``listener`` on this machine. A
+    listener on every address (0.0.0.0, ::) takes any loopback or own address of either family (whether
+    it is dual-stack is the system's business); an unspecified destination is loopback (Linux)."""
+    to, listener = _unmapped(to), _unmapped(listener)
+    if listener.is_unspecified:
+        return to.is_loopback or to.is_unspecified or to in own()
+    if to.is_unspecified:
+        to = LOOPBACK[to.version]
+    return to == listener
+
+
+def loop_problems(
+    urls: Mapping[str, str], listeners: Sequence[tuple[tuple[str, int], str]]
+) -> dict[str, str]:
+    """Consumer -> why its URL leads back to one of the broker's listeners (``((host, port), key)``): the
+    same port, and an address (literal, localhost, or what its name resolves to) that connects to the
+    listener's. Only names on a listener's port are resolved."""
+    ports = {port for (_, port), _ in listeners if port}
+    targets: dict[str, tuple[Address | str, int]] = {}
+    for name, url in urls.items():
+        with contextlib.suppress(ValueError):  # an unusable URL is a problem of its own, already said
+            host, port = url_host(url)
+            if port in ports:
+                targets[name] = (host, port)
+    if not targets:
+        return {}
+    bound = {(h, p): listen_addresses(h) for (h, p), _ in listeners if p in {p for _, p in targets.values()}}
+    names = {h for h, _ in targets.values() if isinstance(h, str) and not is_localhost(h)}
+    names |= {a for a in bound.values() if isinstance(a, str)}
+    resolved = resolve(names, RESOLVE_TIMEOUT_S) if names else {}
+    own = functools.cache(own_addresses)
+    found: dict[str, str] = {}
+    for name, (host, port) in targets.items():
+        if isinstance(host, str):
+            addresses = list(LOOPBACK.values()) if is_localhost(host) else sorted(resolved[host], key=str)
+        else:
+            addresses = [host]
+        for (listen_host, listen_port), key in listeners:
+            if listen_port != port:
+                continue
+            listening = bound[(listen_host, listen_port)]
+            if isinstance(listening, str) and host == listening:  # the same name (resolved or not)
+                hit: Address | None = None
+            else:
+                if isinstance(listening, str):
+                    listening = sorted(resolved[listening], key=str)
+                hit = next((a for a in addresses for b in listening if reaches(a, b, own)), None)
+                if hit is None:
+                    continue
+            via = (
+                f"; {host} is {hit}"
+                if isinstance(host, str) and hit is not None and not is_localhost(host)
+                else ""
+            )
+            found[name] = (
+                f"is {key}'s own address ({listen_host}:{listen_port}{via}): its requests would come back to"
+                " the broker"
+            )
+            break
+    return found
+
+
 def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> ConsumerConfig | None:
     where = f"consumers.{name}"
     raw, preset, from_preset = _apply_preset(ck, raw, where)
@@ -788,21 +999,8 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
     if not d:
         return None
     url = ck.string(d, "url", where)
-    if url:
-        parts = urlsplit(url)
-        try:
-            parts.port  # noqa: B018 (raises on a bad port)
-            bad_port = False
-        except ValueError:
-            bad_port = True
-        if "@" in parts.netloc:
-            # Never echoed: it holds a password. /v1/status shows every URL to anyone who may ask.
-            ck.problem(f"{where}.url", "must not carry a user or password (user:password@host): it is shown")
-        elif parts.scheme not in ("http", "https") or not parts.hostname or bad_port:
-            shown = repr(url) if "@" not in url else "this one (not shown: it has an '@')"
-            ck.problem(f"{where}.url", f"must be an http(s) URL with a host, not {shown}")
-        elif parts.query or parts.fragment:
-            ck.problem(f"{where}.url", "must not carry a query string or fragment")
+    if url and (why := url_problem(url)) is not None:
+        ck.problem(f"{where}.url", why)
     health = _parse_route(ck, d.get("health"), f"{where}.health", "GET", extra=False)
     paths: dict[str, JobPath] = {}
     raw_paths = ck.mapping(d.get("paths"), f"{where}.paths", None, required=True)
@@ -1027,26 +1225,6 @@ def _parse_listen(ck: _Checker, value: Any, where: str = "listen") -> tuple[str,
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _listens_at(host: str, port: int, url: str) -> bool:
-    """Whether a listener on ``host:port`` is where ``url`` leads on this machine: the same host (a name only
-    as the same name) and port, or a loopback URL and a listener on every address of its family."""
-    try:
-        parts = urlsplit(url)
-        url_port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return False
-    url_host = parts.hostname or ""
-    if url_port != port:
-        return False
-    try:
-        url_ip = ipaddress.ip_address("127.0.0.1" if url_host == "localhost" else url_host)
-        listen_ip = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
-    except ValueError:
-        return host.lower() == url_host
-    every = listen_ip.is_unspecified and listen_ip.version == url_ip.version
-    return listen_ip == url_ip or (every and url_ip.is_loopback)
-
-
 def parse_config(raw: Any) -> Config:
     """Validate a config as loaded from YAML; raise ConfigError naming every problem."""
     ck = _Checker()
@@ -1134,14 +1312,8 @@ def parse_config(raw: Any) -> Config:
     # A consumer URL on one of those listeners is the broker itself: its requests would come back to it.
     listeners = [((host, port), "listen")]
     listeners += [(c.listen, f"consumers.{name}.listen") for name, c in consumers.items() if c.listen]
-    for name, c in consumers.items():
-        for (listen_host, listen_port), key in listeners:
-            if listen_port and _listens_at(listen_host, listen_port, c.url):
-                ck.problem(
-                    f"consumers.{name}.url",
-                    f"is {key}'s own address ({listen_host}:{listen_port}): its requests would come back to"
-                    " the broker",
-                )
+    for name, why in loop_problems({name: c.url for name, c in consumers.items()}, listeners).items():
+        ck.problem(f"consumers.{name}.url", why)
 
     # Coexistence is symmetric: declaring it on either side is enough.
     pairs: dict[str, set[str]] = {name: set() for name in consumers}
@@ -5512,9 +5684,15 @@ class Broker:
         return changes
 
     async def reload_logged(self) -> None:
-        """A reload for SIGHUP: a refused config is logged (by ``reload``), nobody is answered."""
-        with contextlib.suppress(ConfigError):
+        """A reload for SIGHUP: a refused config is logged (by ``reload``), nobody is answered; a bug is
+        logged and counted as POST /v1/reload's would be, never left in the task for asyncio to find."""
+        try:
             await self.reload()
+        except ConfigError:
+            pass
+        except Exception:
+            self.scheduler.stats.internal_errors += 1
+            log.exception(logfmt(msg="internal error", during="reload"))
 
     @staticmethod
     async def _read_config(source: ConfigSource) -> Config:

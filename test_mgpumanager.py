@@ -38,6 +38,7 @@ import dataclasses
 import datetime
 import functools
 import gzip
+import ipaddress
 import itertools
 import json
 import logging
@@ -5127,6 +5128,194 @@ def test_a_consumer_url_on_one_of_the_brokers_own_listeners_is_refused():
     assert m.parse_config(raw).consumers["ollama"].listen == ("192.168.1.5", 11434)
 
 
+#: Issue 19, items 3 and 6: spellings of the broker's own listener (0.0.0.0:8770) the loader let through,
+#: and URLs aiohttp then refused for ever (bad_consumer_url); each refused in one line naming the key.
+LISTENER_SPELLINGS = [
+    "http://[::ffff:127.0.0.1]:8770",
+    "http://[::FFFF:7f00:1]:8770/x",
+    "http://[0:0:0:0:0:ffff:127.0.0.1]:08770",
+    "http://0.0.0.0:8770",
+    "http://[::]:8770",
+    "http://[::1]:8770",
+    "http://127.0.0.2:8770",
+    "http://localhost.:8770",
+    "http://LocalHost:8770",
+    "http://gpu.localhost:8770",
+    "https://127.0.0.1:8770",
+]
+UNUSABLE_URLS = [
+    ("http://[::1", "Invalid IPv6 URL"),
+    ("http://[::1]x:8188", "Invalid IPv6 URL"),
+    ("http://[v1.x]:8188", "IPv6 address between '[' and ']'"),
+    ("http://[fe80::1%25eth0]:8188", "IPv6 zone"),
+    ("http://a..b:8188", "is no host name"),
+    ("http://exa mple:8188", "is no host name"),
+    ("http://127.1:8770", "four decimal numbers"),
+    ("http://0:8770", "four decimal numbers"),
+    ("http://2130706433:8770", "four decimal numbers"),
+    ("http://0x7f.1:8770", "four decimal numbers"),
+    ("http://0177.0.0.1:8188", "four decimal numbers"),
+    ("http://127.0.0.1.:8188", "four decimal numbers"),
+    ("http://127.0.0.1:0", "port 0"),
+]
+
+
+@pytest.mark.parametrize("url", LISTENER_SPELLINGS)
+def test_every_spelling_of_the_brokers_own_listener_is_refused(url):
+    raw = base_raw(mvoice=url)
+    raw["listen"] = "0.0.0.0:8770"
+    assert problems_of(raw) == [
+        "consumers.mvoice.url: is listen's own address (0.0.0.0:8770): its requests would come back to the"
+        " broker"
+    ]
+    raw["listen"] = "0.0.0.0:8771"  # the same spellings on another port are another service
+    assert m.parse_config(raw).consumers["mvoice"].url == url.rstrip("/")
+
+
+@pytest.mark.parametrize(("url", "expected"), UNUSABLE_URLS)
+def test_every_url_the_http_client_cannot_use_is_refused_in_one_line(url, expected):
+    problems = problems_of(base_raw(mvoice=url))
+    assert len(problems) == 1 and problems[0].startswith("consumers.mvoice.url: "), problems
+    assert expected in problems[0], problems
+
+
+def _lan_address() -> str | None:
+    """This machine's address on its default route (a UDP socket's source address: nothing is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("198.51.100.1", 9))
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith(("127.", "0.")) else address
+
+
+def test_the_machines_own_addresses_and_names_are_the_broker_on_a_listeners_port():
+    """Issue 19, item 3: a listener on every address is reached through each of the machine's addresses,
+    and through any name that resolves to one of them (the machine's own name, here)."""
+    lan = _lan_address()
+    if lan is None:
+        pytest.skip("no address but loopback")
+    raw = base_raw(mvoice=f"http://{lan}:8770")
+    raw["listen"] = "0.0.0.0:8770"
+    assert problems_of(raw) == [
+        "consumers.mvoice.url: is listen's own address (0.0.0.0:8770): its requests would come back to the"
+        " broker"
+    ]
+    raw["listen"] = "127.0.0.1:8770"  # only loopback listens there: the LAN address is another service
+    assert m.parse_config(raw).consumers["mvoice"].url == f"http://{lan}:8770"
+    name = socket.gethostname()
+    try:
+        resolved = {info[4][0] for info in socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)}
+    except OSError:
+        pytest.skip(f"{name} does not resolve here")
+    raw["listen"] = "0.0.0.0:8770"
+    raw["consumers"]["mvoice"]["url"] = f"http://{name}:8770"
+    [problem] = problems_of(raw)
+    assert problem.startswith(f"consumers.mvoice.url: is listen's own address (0.0.0.0:8770; {name} is ")
+    assert problem.split(f"{name} is ")[1].split(")")[0] in resolved, problem
+
+
+def test_names_are_resolved_only_on_a_listeners_port_and_a_hung_resolver_delays_nothing(monkeypatch):
+    """A dead resolver must not hang --check, start-up or a reload (which has 20 s in all): names are looked
+    up in daemon threads for RESOLVE_TIMEOUT_S in all, and a name not resolved in time is not checked."""
+    asked: list[str] = []
+    stuck = threading.Event()
+
+    def hanging(host: Any, *args: Any, **kw: Any) -> Any:
+        asked.append(host)
+        stuck.wait(30)
+        raise socket.gaierror(socket.EAI_AGAIN, "timed out")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    monkeypatch.setattr(m, "RESOLVE_TIMEOUT_S", 0.2)
+    raw = base_raw(mvoice="http://mvoice.lan:8770", comfyui="http://comfy.lan:8188")
+    raw["listen"] = "0.0.0.0:8770"
+    done = threading.Event()
+    result: list[Any] = []
+    worker = threading.Thread(target=lambda: (result.append(m.parse_config(raw)), done.set()), daemon=True)
+    worker.start()
+    try:
+        assert done.wait(10), "the loader waited for the resolver"
+        assert result[0].consumers["mvoice"].url == "http://mvoice.lan:8770"
+        assert asked == ["mvoice.lan"]  # comfy.lan is on no listener's port: never looked up
+        assert all(t.daemon for t in threading.enumerate() if t.name == "resolve")
+    finally:
+        stuck.set()
+
+
+def _machine_spelling() -> Any:
+    """Spellings of this machine's loopback and wildcard addresses that the HTTP client connects to."""
+    octet = st.integers(0, 255)
+    loopback4 = st.builds(lambda b, c, d: f"127.{b}.{c}.{d}", octet, octet, octet)
+
+    def mapped(v4: str, style: int, upper: bool) -> str:
+        a = ipaddress.IPv4Address(v4)
+        hex_tail = f"{int(a) >> 16:x}:{int(a) & 0xFFFF:x}"
+        text = [f"::ffff:{v4}", f"::ffff:{hex_tail}", f"0:0:0:0:0:ffff:{hex_tail}", f"0::ffff:{v4}"][style]
+        return f"[{text.upper() if upper else text}]"
+
+    def local(sub: str, upper: bool, dot: bool) -> str:
+        name = (f"{sub}." if sub else "") + "localhost"
+        return (name.upper() if upper else name) + ("." if dot else "")
+
+    return st.one_of(
+        loopback4,
+        st.builds(mapped, loopback4, st.integers(0, 3), st.booleans()),
+        st.sampled_from(["0.0.0.0", "[::]", "[::1]", "[0::1]", "[0:0:0:0:0:0:0:1]", "[::ffff:0.0.0.0]"]),
+        st.builds(local, st.sampled_from(["", "gpu", "a.b"]), st.booleans(), st.booleans()),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    host=_machine_spelling(),
+    zeros=st.integers(0, 3),
+    scheme=st.sampled_from(["http", "https", "HTTP"]),
+    path=st.sampled_from(["", "/", "/c/f2", "/api/"]),
+    on=st.sampled_from(["listen", "consumer"]),
+)
+def test_any_spelling_of_this_machine_on_a_wildcard_listeners_port_is_refused(host, zeros, scheme, path, on):
+    raw = base_raw(mvoice=f"{scheme}://{host}:{'0' * zeros}8770{path}")
+    raw["listen"] = "0.0.0.0:8770" if on == "listen" else "127.0.0.1:8771"
+    if on == "consumer":
+        raw["consumers"]["ollama"]["listen"] = "[::]:8770"
+    key = "listen" if on == "listen" else "consumers.ollama.listen"
+    assert problems_of(raw) == [
+        f"consumers.mvoice.url: is {key}'s own address ({'0.0.0.0' if on == 'listen' else '::'}:8770): its"
+        " requests would come back to the broker"
+    ]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    host=st.one_of(
+        st.text(alphabet="0123456789abcdefx.:[]%-_ Aé", max_size=12),
+        st.from_regex(r"\A[0-9.x]{1,16}\Z"),
+        st.ip_addresses().map(lambda a: f"[{a}]" if a.version == 6 else str(a)),
+    ),
+    port=st.one_of(st.none(), st.integers(0, 70000).map(str), st.text(alphabet="0123456789+- x", max_size=6)),
+)
+def test_any_url_the_loader_accepts_is_one_the_http_client_can_use(host, port):
+    """Whatever a URL's host and port, the loader answers with ConfigError or a config, never a crash; and
+    a URL it accepts is one aiohttp can connect to: a canonical address or a name IDNA can encode, a port."""
+    url = f"http://{host}" + (f":{port}" if port is not None else "") + "/x"
+    raw = base_raw(mvoice=url)
+    try:
+        config = m.parse_config(raw)
+    except m.ConfigError as e:
+        assert all(p.startswith("consumers.mvoice.url: ") for p in e.problems), e.problems
+        return
+    parsed = URL(config.consumers["mvoice"].url)
+    host_seen = parsed.raw_host
+    assert host_seen and parsed.port not in (None, 0)
+    if aiohttp.helpers.is_ip_address(host_seen):
+        assert ":" in host_seen or aiohttp.helpers.is_canonical_ipv4_address(host_seen), url
+        ipaddress.ip_address(host_seen)
+    else:
+        host_seen.encode("idna")  # what the resolver is handed
+
+
 async def test_the_ollama_client_given_only_a_host_goes_through_ollamas_port(rig, caplog):
     import ollama  # noqa: PLC0415 (a dev dependency, needed here only)
 
@@ -6757,6 +6946,87 @@ async def test_sighup_reloads_the_daemon(rig):
     assert daemon.proc.returncode == 0
     assert 'msg=reload changes="changed mvoice"' in daemon.log
     assert 'msg="reload refused"' in daemon.log and "not valid YAML" in daemon.log
+
+
+def test_check_refuses_the_brokers_own_listener_in_any_spelling_and_urls_the_client_cannot_use(tmp_path):
+    """Issue 19, items 3 and 6, as the issue found them: with the broker on 0.0.0.0 and no token, a consumer
+    at http://[::ffff:127.0.0.1]:8770 (the broker itself) passed --check, and its mount then gave any LAN
+    client the admin routes as loopback's; http://[::1 was a traceback (exit 1). Now every such URL is one
+    line naming its key, exit 2, and the broker never starts with it."""
+    port = free_port()
+    raw = base_raw()
+    raw["listen"] = f"0.0.0.0:{port}"
+    bad = [u.replace("8770", str(port)) for u in LISTENER_SPELLINGS] + [u for u, _ in UNUSABLE_URLS]
+    for i, url in enumerate(bad):
+        raw["consumers"][f"f{i}"] = {
+            "url": url,
+            "health": {"path": "/"},
+            "paths": {"x": {"path": "/x"}},
+            "vram_resident_mib": 0,
+        }
+    config = tmp_path / "loops.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    for argv in (["--check"], []):
+        res = subprocess.run(
+            [PY, str(HERE / "mgpumanager.py"), *argv, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        lines = res.stderr.splitlines()
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        keys = sorted(line.split(": ")[1] for line in lines)
+        assert keys == sorted(f"consumers.f{i}.url" for i in range(len(bad))), res.stderr
+
+
+async def test_a_reload_or_sighup_meeting_such_a_url_is_bad_config_never_a_crash(rig):
+    """Issue 19, item 6: POST /v1/reload answered 500 scheduler_error (an internal error counted) and
+    SIGHUP left "Task exception was never retrieved" in the log. Now bad_config, one problem each."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["whisper"]["url"] = "http://[::1"
+        raw["consumers"]["comfyui"]["url"] = "http://127.1:8188"
+        raw["consumers"]["ollama"]["url"] = f"http://[::ffff:127.0.0.1]:{daemon.port}"  # the daemon itself
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(daemon.url("/v1/reload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+        problems = data["message"].partition(": ")[2].split("; ")
+        assert [p.partition(":")[0] for p in problems] == [
+            "consumers.comfyui.url",
+            "consumers.whisper.url",
+            "consumers.ollama.url",
+        ], problems
+        assert f"listen's own address (127.0.0.1:{daemon.port})" in problems[2]
+        daemon.proc.send_signal(signal.SIGHUP)
+        await until(lambda: daemon.log_path.read_text().count('msg="reload refused"') == 2 * 3)
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+            assert resp.status == 200  # the old config serves on
+        st = await daemon.status(r.session)
+        assert st["scheduler"]["stats"]["internal_errors"] == 0
+        assert st["consumers"]["ollama"]["url"] == r.raw["consumers"]["ollama"]["url"]
+    assert "Traceback" not in daemon.log and "never retrieved" not in daemon.log, daemon.log
+
+
+async def test_a_bug_in_a_sighup_reload_is_logged_and_counted_never_left_in_its_task(rig, caplog):
+    """A reload that crashes (a bug, not a refused config) is what POST /v1/reload answers scheduler_error
+    for; on SIGHUP nobody awaits the task, so it is logged and counted there, not left for asyncio to
+    report as "Task exception was never retrieved"."""
+
+    class Crashing:
+        path = Path("crashing.yaml")
+
+        def load(self) -> m.Config:
+            raise RuntimeError("a bug in the loader")
+
+    r = await rig()
+    r.broker.source = Crashing()  # type: ignore[assignment]
+    task = r.broker.spawn(r.broker.reload_logged(), "reload")
+    await asyncio.wait_for(task, 10)
+    assert task.exception() is None
+    assert 'msg="internal error" during=reload' in caplog.text and "a bug in the loader" in caplog.text
+    assert r.broker.internal_errors() == 1 and r.broker.config is r.config
+    r.expected_internal_errors = 1
 
 
 async def test_reload_gives_a_consumer_with_a_new_url_a_fresh_state(rig):
