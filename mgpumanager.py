@@ -1596,6 +1596,7 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "gpu_unavailable": (503, True),
     "consumer_timeout": (504, True),
     "gpu_reserved": (503, True),
+    "reservation_released": (409, False),
 }
 
 
@@ -3956,9 +3957,10 @@ class Scheduler:
         self._working: dict[str, int] = {}
         #: When each unload under way started (its time is learned when its memory showed up free).
         self._unload_started: dict[str, float] = {}
-        #: The GPU given to something else (``reserve``), or None; one asked for and waiting for the lock.
+        #: The GPU given to something else (``reserve``), or None; the reservations asked for that wait for
+        #: the lock (or were granted it and have not begun): a release cancels them.
         self.reservation: Reservation | None = None
-        self._reserving: Job | None = None
+        self._reserving: set[Job] = set()
 
     def __repr__(self) -> str:
         return f"<Scheduler gpu={self.index} {self.lock!r}>"
@@ -4382,11 +4384,19 @@ class Scheduler:
             exclusive=True,
             scheduler=self,
         )
-        self._reserving = job
+        self._reserving.add(job)
         try:
             await self._wait_for_grant(job)
         finally:
-            self._reserving = None
+            cancelled = job not in self._reserving  # by a release while it waited (cancel_reserving)
+            self._reserving.discard(job)
+        if cancelled:
+            if job.state == "running":  # granted before the release: the GPU goes back at once
+                job.release("cancelled", code="reservation_released")
+            else:
+                self._end(job, "cancelled", "reservation_released")
+            message = f"GPU {self.index} was released before this reservation began: nothing was unloaded"
+            raise BrokerError("reservation_released", message)
         if job.state != "running":  # answered by a reservation made while it waited: it extends that one
             self._end(job, "completed")
             if self.reservation is None:  # (which ended meanwhile)
@@ -4467,6 +4477,19 @@ class Scheduler:
                     res.unloaded.append(name)
                 else:
                     res.not_unloaded[name] = f"unload failed: {error}"
+
+    def cancel_reserving(self) -> bool:
+        """DELETE /v1/reserve while reservations wait for the lock: each is cancelled (its POST answered
+        reservation_released), before it unloaded anything; whether there was one."""
+        pending, self._reserving = self._reserving, set()
+        for job in pending:
+            if job in self.lock.waiting:
+                self.lock.waiting.remove(job)
+            if not job.granted.done():
+                job.granted.set_result(None)  # it wakes, finds itself cancelled and ends (see reserve)
+        if pending:
+            self.lock.dispatch()  # (an exclusive waiter of priority 4 may have kept a join out)
+        return bool(pending)
 
     def release_reservation(self, why: str = "released") -> bool:
         """End the reservation (``released`` by DELETE /v1/reserve, ``expired``, or at shutdown); whether
@@ -6095,16 +6118,20 @@ async def handle_reserve(request: web.Request) -> web.Response:
 
 
 async def handle_release(request: web.Request) -> web.Response:
-    """DELETE /v1/reserve[?gpu=N]: end that GPU's reservation (every reserved GPU's, without ``gpu``)."""
+    """DELETE /v1/reserve[?gpu=N]: end that GPU's reservation (every reserved GPU's, without ``gpu``), and
+    cancel those still waiting for the lock (``cancelled``: the GPUs where one waited)."""
     require_admin(request)
     broker = request.app[BROKER]
     named: Any = request.query.get("gpu")
     if named is not None and named.isascii() and named.isdigit():  # ASCII digits alone: not ' 0' or '0_0'
         named = int(named)
     indexes = [_reserved_gpu(broker, named)] if named is not None else sorted(broker.schedulers)
-    released = [i for i in indexes if broker.schedulers[i].release_reservation("released")]
+    ended = [i for i in indexes if broker.schedulers[i].release_reservation("released")]
+    cancelled = [i for i in indexes if broker.schedulers[i].cancel_reserving()]
+    released = sorted({*ended, *cancelled})
     gpu = indexes[0] if len(indexes) == 1 else (released[0] if len(released) == 1 else None)
-    return web.json_response({"gpu": gpu, "released": bool(released), "gpus": released})
+    answer = {"gpu": gpu, "released": bool(released), "gpus": released, "cancelled": cancelled}
+    return web.json_response(answer)
 
 
 async def read_body(request: web.Request, broker: Broker, consumer: str) -> bytearray:
@@ -7959,7 +7986,10 @@ def cli_release(client: Client, args: argparse.Namespace) -> int:
     gpu = answer.get("gpu", args.gpu) if isinstance(answer, dict) else args.gpu
     what = f"GPU {gpu}" if gpu is not None else "the GPU"
     was_reserved = not (isinstance(answer, dict) and answer.get("released") is False)
-    say(f"{what} released" if was_reserved else f"{what} was not reserved")
+    if isinstance(answer, dict) and answer.get("cancelled"):
+        say(f"{what}: cancelled a pending reservation (it had not begun: nothing was unloaded)")
+    else:
+        say(f"{what} released" if was_reserved else f"{what} was not reserved")
     return 0
 
 

@@ -535,6 +535,8 @@ SPEC_ERRORS = {
     "request_timeout": 408,
     # Issue 14 (the GPU given to something else):
     "gpu_reserved": 503,
+    # Issue 19 (a release while the reservation waits):
+    "reservation_released": 409,
 }
 
 
@@ -7466,7 +7468,7 @@ async def test_a_reservation_unloads_everything_refuses_gpu_jobs_and_ends_when_r
     reserved = (await _read_events(events, "reserved"))[-1]
     assert reserved["reason"] == "gaming" and reserved["for_s"] == 3600 and reserved["gpu"] == 0
     async with r.session.delete(r.url("/v1/reserve")) as resp:
-        assert await resp.json() == {"gpu": 0, "released": True, "gpus": [0]}
+        assert await resp.json() == {"gpu": 0, "released": True, "gpus": [0], "cancelled": []}
     ended = (await _read_events(events, "reservation_ended"))[-1]
     assert ended["why"] == "released" and ended["gpu"] == 0
     events.close()
@@ -7548,7 +7550,7 @@ async def test_a_gpu_that_is_no_integer_of_the_brokers_is_refused_not_taken_for_
             error_of(resp.status, dict(resp.headers), await resp.read(), "bad_request")
     assert r.broker.scheduler.reservation is not None
     async with r.session.delete(r.url("/v1/reserve"), params={"gpu": "0"}) as resp:
-        assert await resp.json() == {"gpu": 0, "released": True, "gpus": [0]}
+        assert await resp.json() == {"gpu": 0, "released": True, "gpus": [0], "cancelled": []}
 
 
 async def test_reservations_are_per_gpu_and_end_with_the_broker(rig):
@@ -7563,7 +7565,7 @@ async def test_reservations_are_per_gpu_and_end_with_the_broker(rig):
     st = await r.status()
     assert [g["reservation"] is not None for g in st["gpus"]] == [False, True]
     async with r.session.delete(r.url("/v1/reserve?gpu=0")) as resp:
-        assert await resp.json() == {"gpu": 0, "released": False, "gpus": []}
+        assert await resp.json() == {"gpu": 0, "released": False, "gpus": [], "cancelled": []}
     # The broker stopping ends it (a restart does not restore it): the drain does not wait for it.
     await r.server.close()
     assert r.broker.schedulers[1].reservation is None
@@ -7664,6 +7666,80 @@ async def test_two_reservations_asked_for_while_the_gpu_is_busy_make_one_that_th
     assert ops.calls.count(("unload", "x")) == 1  # unloaded once
     assert s.release_reservation() and s.holder is None and books_balance(s)
     assert s.stats.failed == 0
+
+
+def _unloads(r: Rig) -> list[tuple[str, str]]:
+    """Every unload call the simulated consumers got (mvoice's route, ComfyUI's /free)."""
+    own = {"mvoice": "/api/admin/unload", "comfyui": "/free"}
+    return [
+        (name, rec.path) for name, path in own.items() for rec in r.sims[name].records if rec.path == path
+    ]
+
+
+async def test_a_release_while_a_reservation_waits_cancels_it_and_nothing_is_unloaded(rig):
+    """Issue 19, item 8: reserve waited behind a job, release said "GPU 0 was not reserved", and the
+    reservation was granted later, unloaded everything and held the GPU for its whole 600 s. Now the
+    release cancels it: the waiting POST gets reservation_released (409), the DELETE answer and the
+    release verb say so, nothing is unloaded, and the GPU is the services' once the job ends."""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(urls={"ollama": ollama.url}, sims={"mvoice": {"loaded": True}})
+        s = r.broker.scheduler
+
+        async def reserve() -> tuple[int, dict[str, str], bytes]:
+            async with r.session.post(r.url("/v1/reserve"), json={"for_s": 600, "reason": "gaming"}) as resp:
+                return resp.status, dict(resp.headers), await resp.read()
+
+        llm = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "holds the GPU"}))
+        try:
+            await until(lambda: s.holder == "ollama")
+            waiting = asyncio.ensure_future(reserve())
+            await until(lambda: len(s.queue()) == 1)
+            rc, out, err = await cli("release", "--url", r.url(""))
+            assert (rc, err) == (0, "") and out == (
+                "GPU 0: cancelled a pending reservation (it had not begun: nothing was unloaded)\n"
+            )
+            data = error_of(*await asyncio.wait_for(waiting, 10), "reservation_released")
+            assert data["message"] == "GPU 0 was released before this reservation began: nothing was unloaded"
+            assert s.queue() == [] and s.holder == "ollama"  # the job it waited behind runs on
+            # Two waiting at once are both cancelled; the DELETE answer says so.
+            both = [asyncio.ensure_future(reserve()) for _ in range(2)]
+            await until(lambda: len(s.queue()) == 2)
+            async with r.session.delete(r.url("/v1/reserve")) as resp:
+                assert await resp.json() == {"gpu": 0, "released": True, "gpus": [0], "cancelled": [0]}
+            for answer in await asyncio.wait_for(asyncio.gather(*both), 10):
+                error_of(*answer, "reservation_released")
+            async with r.session.delete(r.url("/v1/reserve")) as resp:  # nothing left to release
+                assert await resp.json() == {"gpu": 0, "released": False, "gpus": [], "cancelled": []}
+        finally:
+            gate.set()  # (a failure above must not leave the stand-in's handler waiting)
+        assert (await llm)[0] == 200
+        await until(lambda: s.holder is None)
+        assert s.reservation is None and s.queue() == [] and _unloads(r) == []
+        assert r.stats.cancelled == 3 and r.stats.failed == 0 and books_balance(s)
+        assert (await r.post("tts", {"text": "the GPU is the services' again"}))[0] == 200
+        # The same observation sees the unloads of a reservation that does begin.
+        status, _, answer = await _reserve(r, for_s=600)
+        assert status == 200 and _unloads(r) == [("mvoice", "/api/admin/unload"), ("comfyui", "/free")]
+        assert await cli("release", "--url", r.url("")) == (0, "GPU 0 released\n", "")
+
+
+async def test_a_reservation_granted_but_not_yet_begun_when_released_gives_the_gpu_back():
+    """The release may come between the grant and the reservation's first step (its waiter granted the
+    lock by the job it waited behind, not yet woken): it is cancelled all the same, its slot freed, and
+    nothing is unloaded."""
+    s, _, ops, _ = make_scheduler(small_config())
+    ops.states["x"].loaded()
+    job = await asyncio.wait_for(s.acquire("x", "kx"), 5)
+    reserving = asyncio.ensure_future(s.reserve(600, "gaming"))
+    await until(lambda: len(s.queue()) == 1)
+    job.release("completed", status=200, success=True)  # the lock goes to the reservation at once...
+    assert s.holder == m.RESERVATION and not reserving.done()  # ...whose waiter has not run yet
+    assert s.cancel_reserving() and not s.release_reservation()
+    with pytest.raises(m.BrokerError) as info:
+        await asyncio.wait_for(reserving, 5)
+    assert info.value.code == "reservation_released"
+    assert s.holder is None and s.reservation is None and ops.calls == [] and books_balance(s)
 
 
 # =====================================================================================================
