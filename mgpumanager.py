@@ -4728,6 +4728,9 @@ class Scheduler:
                 state.touched("a mount call outside its paths")
             elif success:
                 state.served()
+                path = job.target.paths.get(job.kind)
+                if path is not None and (action := own_route(job.target, path.method, path.path)):
+                    state.touched(f"its {job.kind} path is also its {action} route")  # (Ollama's generate)
         except Exception as e:  # a bug in the books: the job still ends, its slot still goes
             self.recorder.internal_error(
                 "job end crashed", consumer=job.consumer, job=job.id, error=describe(e)
@@ -6446,24 +6449,44 @@ async def serve_consumer_api(
 
 def _refuse_own_routes(consumer: ConsumerConfig, method: str, path: str) -> None:
     """The consumer's unload and load routes are the broker's to call: through the mount they would
-    change residency behind its back. forbidden, pointing at the admin routes; compared as ``guard_key``
-    does (any letter case, encoding, a trailing '/')."""
+    change residency behind its back. forbidden, pointing at the admin routes; unless the request is also
+    one of its ``paths`` (Ollama's POST /api/generate, its for_each unload when it carries keep_alive 0):
+    then it is that kind's job, after which its residency is in doubt (``Scheduler._finish``)."""
+    action = own_route(consumer, method, path)
+    if action is not None and mount_job_path(consumer, method, path)[0] == MOUNT_KIND:
+        raise BrokerError(
+            "forbidden",
+            f"{method} {path} is {consumer.name}'s {action} route: use POST /v1/consumers/"
+            f"{consumer.name}/{action}, which goes through the GPU lock",
+            consumer.name,
+        )
+
+
+def own_route(consumer: ConsumerConfig, method: str, path: str) -> str | None:
+    """Which of the consumer's own routes a request is ("unload", "load") or None: its method, and its path
+    as ``guard_key`` compares (any letter case, encoding, a trailing '/'). Whatever the query: a route
+    configured with one (vLLM's /sleep?level=1) is the route with any other or none (/sleep?level=2 frees
+    memory too). A for_each route's ``{field}`` stands for any text, '/' included (speaches takes
+    DELETE /api/ps/Systran/faster-whisper-small, which the broker itself sends as one encoded segment)."""
     key = guard_key(path)
     for action, route in (("unload", consumer.unload), ("load", consumer.load)):
-        # A for_each unload's route is one of the consumer's ordinary ones (Ollama's /api/generate): its
-        # body makes it an unload, which a method and a path cannot tell.
         if (
             isinstance(route, Route)
             and route.method == method
-            and guard_key(route.path) == key
-            and not route.for_each
+            and _route_pattern(route.path, route.for_each is not None).fullmatch(key)
         ):
-            raise BrokerError(
-                "forbidden",
-                f"{method} {path} is {consumer.name}'s {action} route: use POST /v1/consumers/"
-                f"{consumer.name}/{action}, which goes through the GPU lock",
-                consumer.name,
-            )
+            return action
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _route_pattern(path: str, placeholders: bool) -> re.Pattern[str]:
+    """A configured route's path as guard_key reads a request's (without its query), as a pattern."""
+    key = guard_key(path.partition("?")[0])
+    if not placeholders:
+        return re.compile(re.escape(key))
+    parts = PLACEHOLDER.split(key)  # text, field name, text, ...
+    return re.compile("".join(".+" if i % 2 else re.escape(part) for i, part in enumerate(parts)))
 
 
 #: The open WebSockets of mounts, closed (going away) when the broker shuts down.

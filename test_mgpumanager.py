@@ -8511,9 +8511,12 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
 # =====================================================================================================
 
 
-async def raw_request(r: Rig, method: str, target: str) -> tuple[int, dict[str, Any]]:
-    """A request line exactly as written, without a body; the status and the JSON answer (or {})."""
-    host, port = r.server.host, r.server.port
+async def raw_request(
+    r: Rig, method: str, target: str, port: int | None = None
+) -> tuple[int, dict[str, Any]]:
+    """A request line exactly as written, without a body, to the broker's port or another of its ports;
+    the status and the JSON answer (or {})."""
+    host, port = r.server.host, port or r.server.port
     reader, writer = await asyncio.open_connection(host, port)
     head = (
         f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -8827,6 +8830,88 @@ async def test_no_target_trick_walks_around_a_guard(rig, caplog):
     assert r.sims["comfyui"].records == []
     own = {"/api/admin/unload", "/api/admin/load"}
     assert not [(method, path) for method, path in seen if lenient(path) in own], seen
+
+
+#: Issue 19, item 5: presets' own routes that reached the service through its mount and its port and freed
+#: its model behind the broker's back: a for_each unload (its path a pattern: speaches' {item} takes a
+#: '/'), and vLLM's sleep, configured with a query. Every spelling is refused; the last target of each is
+#: another route, forwarded.
+OWN_ROUTE_TRICKS: dict[str, tuple[str, list[str], str]] = {
+    "llama-cpp-router": (
+        "POST",
+        ["/models/unload", "/Models/UNLOAD", "/models/unload/", "/models%2Funload", "/models/%75nload?x=1"],
+        "/models/unloaded",
+    ),
+    "speaches": (
+        "DELETE",
+        ["/api/ps/m0", "/api/ps/org/m1", "/api/ps/org%2Fm1", "/API/PS/M0/", "/api/ps/%6d0?x=1"],
+        "/api/ps",
+    ),
+    "localai": (
+        "POST",
+        ["/backend/shutdown", "/Backend/Shutdown/", "/backend%2fshutdown", "/backend/%73hutdown?model=m0"],
+        "/backend/shutdowns",
+    ),
+    "vllm": (
+        "POST",
+        ["/sleep?level=1", "/sleep?level=2", "/sleep", "/SLEEP?level=1", "/sleep/?level=1", "/%73leep?"],
+        "/sleeping",
+    ),
+}
+
+
+async def test_every_own_route_of_a_preset_is_refused_through_mount_and_port_whatever_its_spelling(rig):
+    extra = {
+        service: (
+            functools.partial(mgpusim.ServiceSim, service=service, vram_mib=1000, loaded=True),
+            {"preset": service, "vram_resident_mib": 1000, "listen": "127.0.0.1:0"},
+        )
+        for service in OWN_ROUTE_TRICKS
+    }
+    r = await rig(extra=extra, total_mib=40000)
+    for service, (method, targets, other) in OWN_ROUTE_TRICKS.items():
+        sim = r.sims[service]
+        port = int(r.broker.ports.address(service).rpartition(":")[2])
+        for target in targets:
+            for prefix, to in ((f"/c/{service}", None), ("", port)):
+                before, jobs = len(sim.records), r.stats.jobs
+                status, data = await raw_request(r, method, prefix + target, port=to)
+                assert (status, data.get("error")) == (403, "forbidden"), (service, prefix, target, data)
+                assert "unload route: use POST /v1/consumers/" in data["message"]
+                assert len(sim.records) == before and r.stats.jobs == jobs, (service, target)
+        for prefix, to in ((f"/c/{service}", None), ("", port)):  # another route: forwarded, a job
+            before = len(sim.records)
+            status, data = await raw_request(r, method, prefix + other, port=to)
+            assert data.get("error") != "forbidden" and len(sim.records) == before + 1, (service, other)
+            assert sim.records[-1].path == other
+        assert sim.loaded and sim.unloads == 0, service
+        assert service not in mgpusim.MULTI_MODEL or list(sim.models) == ["sim-model"]
+
+
+async def test_ollamas_generate_is_its_job_and_its_unload_route_so_its_residency_is_in_doubt_after_it(
+    rig, caplog
+):
+    """Ollama's for_each unload is POST /api/generate with keep_alive 0, which is also its llm path: such
+    a request through its mount or port is scheduled as kind llm (not refused), and afterwards the broker
+    reads the GPU before it trusts its record (the request may have unloaded it). /api/chat leaves it
+    trusted."""
+    r = await rig(tweak=with_ports, sims={"ollama": {"loaded": True}})
+    state = r.broker.consumers.states["ollama"]
+    unload = {"model": "sim-model", "keep_alive": 0, "stream": False}
+    for base in (r.url("/c/ollama"), port_url(r, "ollama")):
+        async with r.session.post(base + "/api/chat", json={"model": "sim-model", "stream": False}) as resp:
+            assert resp.status == 200
+        assert state.resident is True and state.trusted is True  # a job of its paths: resident, trusted
+        jobs, unloads = r.stats.jobs, r.sims["ollama"].unloads
+        async with r.session.post(base + "/api/generate", json=unload) as resp:
+            assert resp.status == 200 and (await resp.json())["done_reason"] == "unload"
+        assert r.stats.jobs == jobs + 1 and r.sims["ollama"].unloads == unloads + 1
+        await until(lambda: len(job_lines(caplog)) == r.stats.jobs)
+        assert " kind=llm " in job_lines(caplog)[-1]
+        assert state.trusted is False  # in doubt: the next job reads the GPU first
+    # The same through the facade: one record, whatever the door.
+    assert (await r.post("llm", {"model": "sim-model", "prompt": "p", "stream": False}))[0] == 200
+    assert state.trusted is False
 
 
 async def test_idle_websockets_and_hanging_reads_never_starve_probes_or_jobs():
