@@ -881,6 +881,35 @@ def resolve(names: Iterable[str], timeout_s: float) -> dict[str, frozenset[Addre
     return {name: found.get(name, frozenset()) for name in names}
 
 
+@functools.cache
+def machine_names() -> frozenset[str]:
+    """This machine's host name and fully qualified name, in lower case; looked up once, within
+    RESOLVE_TIMEOUT_S (the FQDN is the resolver's to say), in a daemon thread like ``resolve``'s."""
+    found = [socket.gethostname()]
+    thread = threading.Thread(target=lambda: found.append(socket.getfqdn()), name="resolve", daemon=True)
+    thread.start()
+    thread.join(RESOLVE_TIMEOUT_S)
+    return frozenset(host_key(name) for name in list(found) if name)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def host_key(host: str) -> str:
+    """A host as the broker compares names: lower case, without brackets or a trailing '.', an address in
+    its canonical form (an IPv4-mapped one as its IPv4 address)."""
+    name = host.strip().strip("[]").lower().removesuffix(".")
+    try:
+        return str(_unmapped(ipaddress.ip_address(name)))
+    except ValueError:
+        return name
+
+
 def own_addresses() -> frozenset[Address]:
     """The addresses of this machine's interfaces: the local ones of /proc/net/fib_trie (IPv4) and those of
     /proc/net/if_inet6 (Linux); none where they cannot be read."""
@@ -1210,10 +1239,16 @@ def _parse_http(ck: _Checker, raw: Any) -> HttpConfig:
     if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
         ck.problem("http.hosts", f"must be a list of host names or addresses, not {hosts!r}")
         hosts = []
+    for i, h in enumerate(hosts):
+        # A name or an address as a browser's Host gives it, without scheme or port (any port is ours).
+        if any(c in h.strip() for c in "/@ ") or (":" in host_key(h) and not _is_ipv6(host_key(h))):
+            ck.problem(
+                f"http.hosts[{i}]", f"must be a host name or address, without scheme or port, not {h!r}"
+            )
     return HttpConfig(
         header_timeout_s=ck.number(d, "header_timeout_s", "http", 10.0, integer=False),
         keepalive_s=ck.number(d, "keepalive_s", "http", 75.0, integer=False),
-        hosts=tuple(h.strip().lower() for h in hosts),
+        hosts=tuple(host_key(h) for h in hosts),
     )
 
 
@@ -5012,17 +5047,51 @@ def request_headers(
 
 def consumer_origin(request: web.Request, consumer: ConsumerConfig) -> str | None:
     """The consumer's own origin (its URL's scheme://host:port) when the request comes from a page of the
-    broker's origin (its Origin names the host and port the browser asked, its Host), else None.
+    broker's origin (its Origin names the host and port the browser asked, its Host) and that Host is one
+    of the broker's own names (``own_host``), else None.
 
     A consumer's same-origin check (ComfyUI compares Origin with the Host it gets, the consumer URL's) then
     passes for pages the broker served, through a mount or a consumer's port, as a reverse proxy that
     forwards Host would make it; a page of any other origin keeps its Origin and meets the check as before.
+    So does a page of a name that was made to point at the broker (DNS rebinding: its Origin always equals
+    its Host, evil.example's).
     """
     origin, host = request.headers.get("Origin"), request.headers.get("Host")
-    if not origin or not host or urlsplit(origin).netloc.lower() != host.lower():
+    if not origin or not host:
+        return None
+    try:
+        same = urlsplit(origin).netloc.lower() == host.lower()
+    except ValueError:  # "http://[": no origin the broker served
+        return None
+    if not same or not own_host(request, host):
         return None
     url = urlsplit(consumer.url)
     return f"{url.scheme}://{url.netloc.rpartition('@')[2]}"
+
+
+def own_host(request: web.Request, host: str) -> bool:
+    """Whether a request's Host names the broker itself: a loopback address or localhost, the address the
+    client connected to, a listen address, the machine's host name or FQDN, or one of ``http.hosts``."""
+    try:
+        name = host_key(urlsplit("//" + host).hostname or "")
+    except ValueError:
+        return False
+    if not name:
+        return False
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        if is_localhost(name):
+            return True
+    else:
+        if address.is_loopback:
+            return True
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        if isinstance(sockname, tuple) and host_key(str(sockname[0]).partition("%")[0]) == name:
+            return True
+    cfg = request.app[BROKER].config
+    listens = [cfg.listen_host] + [c.listen[0] for c in cfg.consumers.values() if c.listen]
+    return name in machine_names() or name in {host_key(h) for h in (*listens, *cfg.http.hosts)}
 
 
 def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
@@ -6832,6 +6901,7 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[BROKER] = broker
     health: asyncio.Task[None] | None = None
+    machine_names()  # looked up once, before serving (bounded): the Origin check compares Hosts with them
     try:
         # The first health round completes before serving (bounded by health.timeout_s), so the first
         # jobs already know who is up and who reports itself loaded.

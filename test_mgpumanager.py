@@ -5544,6 +5544,75 @@ async def test_a_page_of_the_brokers_origin_passes_comfyuis_origin_check_and_oth
     assert len(sim.refused_origins) == 2 * 2 * 4 and r.broker.consumers.states["comfyui"].healthy
 
 
+async def test_a_rebound_name_keeps_its_origin_and_meets_comfyuis_check_through_mount_and_port(rig):
+    """Issue 19, item 4: a DNS-rebinding page (evil.example made to point at the broker) sends an Origin
+    equal to its Host, and the broker presented it to ComfyUI with ComfyUI's own origin: the prompt ran.
+    Now the Origin is rewritten only for a Host of the broker's own (loopback, the address the client
+    connected to, a listen address, the machine's names, http.hosts); any other passes unchanged."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        with_ports(raw)
+        raw["consumers"]["comfyui"]["listen"] = "0.0.0.0:0"  # reachable on the LAN address too
+        raw["http"] = {"hosts": ["mybox.lan"]}
+
+    r = await rig(tweak=tweak, sims={"comfyui": {"work_s": 0.05}})
+    sim = r.sims["comfyui"]
+    comfy_origin = r.config.consumers["comfyui"].url
+    port = int(r.broker.ports.address("comfyui").rpartition(":")[2])
+    hosts = [
+        ("evil.example", False),
+        ("mybox.lan.evil.example", False),
+        ("198.51.100.7", False),  # an address, but none of the broker's
+        ("mybox.lan", True),
+        ("MyBox.LAN.", True),
+        ("localhost", True),
+        ("[::1]", True),
+        (socket.gethostname(), True),
+    ]
+    for base in (r.url("/c/comfyui/"), f"http://127.0.0.1:{port}/"):
+        for name, own in hosts:
+            host = f"{name}:{URL(base).port}"
+            headers = {"Host": host, "Origin": f"http://{host}"}
+            sim.records.clear()
+            renders = len(sim.work)
+            async with r.session.post(base + "api/prompt", json={"prompt": {}}, headers=headers) as resp:
+                assert resp.status == (200 if own else 403), (base, name, await resp.read())
+            seen = {rec.headers.get("Origin") for rec in sim.records if "history" not in rec.path}
+            assert seen == {comfy_origin if own else f"http://{host}"}, (base, name, seen)
+            assert len(sim.work) == renders + own  # a rebound page's prompt never runs
+            if not own:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await r.session.ws_connect(base + "ws?clientId=x", headers=headers)
+                assert refused.value.status == 502  # ComfyUI refused the upgrade: 403
+            await until(lambda: r.broker.scheduler.holder is None)
+    # The address the client connected to is the broker's own: a page loaded from the LAN address works.
+    lan = _lan_address()
+    if lan is not None:
+        base = f"http://{lan}:{port}/"
+        async with r.session.post(
+            base + "api/prompt", json={"prompt": {}}, headers={"Origin": base[:-1]}
+        ) as resp:
+            assert resp.status == 200
+        assert sim.records[-1].headers["Origin"] == comfy_origin
+        await until(lambda: r.broker.scheduler.holder is None)
+    # An Origin that is no URL at all is a foreign one, not a crash (it was a 500 and an internal error).
+    async with r.session.get(r.url("/c/mvoice/api/admin/secret"), headers={"Origin": "http://["}) as resp:
+        assert resp.status == 200
+    assert r.sims["mvoice"].records[-1].headers["Origin"] == "http://["
+    assert r.broker.internal_errors() == 0
+
+
+def test_http_hosts_are_names_or_addresses_without_scheme_or_port():
+    raw = base_raw()
+    raw["http"] = {"hosts": ["MyBox.Lan.", "[::1]", "192.168.1.5", "::ffff:10.0.0.1"]}
+    assert m.parse_config(raw).http.hosts == ("mybox.lan", "::1", "192.168.1.5", "10.0.0.1")
+    raw["http"] = {"hosts": ["mybox.lan:8770", "http://mybox.lan", "my box", "ok.lan"]}
+    assert problems_of(raw) == [
+        f"http.hosts[{i}]: must be a host name or address, without scheme or port, not {h!r}"
+        for i, h in enumerate(raw["http"]["hosts"][:3])
+    ]
+
+
 async def test_comfyuis_web_ui_through_its_mount_and_its_port_in_a_real_browser(rig, tmp_path):
     r = await rig(tweak=with_ports, sims={"comfyui": {"work_s": 0.2}})
     sim = r.sims["comfyui"]
