@@ -539,7 +539,7 @@ SPEC_ERRORS = {
 }
 
 
-#: Retryable as the README documents it (load_failed and insufficient_vram as the issue says).
+#: Retryable as docs/api.md documents it (load_failed and insufficient_vram as the issue says).
 SPEC_RETRYABLE = {c for c, st in SPEC_ERRORS.items() if st >= 500} - {"bad_consumer_url", "scheduler_error"}
 
 
@@ -5421,7 +5421,7 @@ async def test_the_daemon_opens_consumer_ports_at_start_and_on_sighup_and_closes
 # =====================================================================================================
 
 
-#: The kinds the presets use, as README.md's "Presets" section documents them.
+#: The kinds the presets use, as docs/configuration.md's "Presets" section documents them.
 PRESET_KINDS = {"llm", "chat", "embed", "image", "img2img", "image_ui", "stt", "tts"}
 
 
@@ -7380,7 +7380,7 @@ async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_fre
 
 async def test_two_reservations_asked_for_while_the_gpu_is_busy_make_one_that_the_second_extends():
     """A second reserve while the first waits for the GPU (a Steam launch and a timer at once) was
-    answered gpu_reserved by the first once it held the GPU, though the README says asking again extends
+    answered gpu_reserved by the first once it held the GPU, though the docs say asking again extends
     it: `reserve` failed, and the GPU was given back at the first one's end."""
     s, _, ops, clock = make_scheduler(small_config())
     for name in ops.states:
@@ -8043,7 +8043,7 @@ async def test_with_a_token_the_page_loads_but_its_data_needs_the_token(rig):
 
 
 async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservations(rig, tmp_path):
-    # Redrawing the README's picture, the same sequence goes slower so that it fills the last minute.
+    # Redrawing docs/dashboard.png, the same sequence goes slower so that it fills the last minute.
     slow = bool(os.environ.get("MGPU_SCREENSHOT"))
     pause = 3.0 if slow else 0.0
     mvoice = {"work_s": 1.5, "load_s": 2, "release_s": 1} if slow else {}
@@ -8145,7 +8145,7 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
             ["free", 2000, None],
         ]
 
-        # The README's picture: comfyui rendering again, the last minute drawn above.
+        # docs/dashboard.png: comfyui rendering again, the last minute drawn above.
         for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
             await browser.call("Input.dispatchMouseEvent", type=kind, x=0, y=0, button="left", clickCount=1)
         await browser.evaluate("Date.now = window.realNow")
@@ -8157,7 +8157,7 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
         await browser.screenshot(tmp_path / "dashboard.png")
         assert (await image)[0] == 200
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
-    if os.environ.get("MGPU_SCREENSHOT"):  # how README's picture is made
+    if os.environ.get("MGPU_SCREENSHOT"):  # how docs/dashboard.png is made
         shutil.copy(tmp_path / "dashboard.png", os.environ["MGPU_SCREENSHOT"])
 
 
@@ -8671,7 +8671,8 @@ async def test_oversized_headers_are_refused_by_the_parser_and_the_broker_goes_o
         writer.write(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
         await writer.drain()
         answer = await asyncio.wait_for(reader.read(), 10)
-        # aiohttp's parser answers before any handler runs: its own plain-text 400 (README, "Known limits").
+        # aiohttp's parser answers before any handler runs: its own plain-text 400 (docs/how-it-works.md,
+        # "Known limits").
         assert answer.startswith(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain")
         writer.close()
         assert (await daemon.status(r.session))["scheduler"]["stats"]["jobs"] == 0
