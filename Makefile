@@ -45,19 +45,23 @@ check: $(STAMP)
 	$(BIN)/python mgpumanager.py --check --config $(CONFIG)
 
 # Copies the daemon, the config ($(CONFIG), as consumers.yaml), the unit, the README and the manual (docs/,
-# beside the daemon: the unit's Documentation=); validates the config there before restarting
-# (docs/operations.md, "Deploying").
-deploy: check
-	ssh $(HOST) 'rm -rf /tmp/mgpumanager-deploy && mkdir -p /tmp/mgpumanager-deploy'
+# beside the daemon: the unit's Documentation=); creates the service's system user if it is missing; validates
+# the config there, as that user (so a token file it cannot read is refused before anything is installed),
+# before restarting (docs/operations.md, "Deploying").
+deploy:
+	ssh $(HOST) 'rm -rf /tmp/mgpumanager-deploy && mkdir -p -m 0700 /tmp/mgpumanager-deploy'
 	scp -r mgpumanager.py mgpumanager.service README.md docs $(HOST):/tmp/mgpumanager-deploy/
 	scp $(CONFIG) $(HOST):/tmp/mgpumanager-deploy/consumers.yaml
 	ssh $(HOST) 'cd /tmp/mgpumanager-deploy \
-	  && python3 mgpumanager.py --check --config consumers.yaml >/dev/null \
+	  && { id -u mgpumanager >/dev/null 2>&1 || sudo useradd --system --no-create-home \
+	       --home-dir /nonexistent --shell /usr/sbin/nologin mgpumanager; } \
+	  && sudo chgrp -R mgpumanager . && chmod -R g+rX,o-rwx . \
+	  && sudo -u mgpumanager python3 mgpumanager.py --check --config consumers.yaml >/dev/null \
 	  && sudo install -D -m 0644 mgpumanager.py /opt/mgpumanager/mgpumanager.py \
 	  && sudo install -D -m 0644 README.md /opt/mgpumanager/README.md \
 	  && sudo rm -rf /opt/mgpumanager/docs && sudo install -d -m 0755 /opt/mgpumanager/docs \
 	  && sudo install -m 0644 docs/* /opt/mgpumanager/docs/ \
-	  && sudo install -D -m 0644 consumers.yaml /etc/mgpumanager/consumers.yaml \
+	  && sudo install -D -m 0640 -g mgpumanager consumers.yaml /etc/mgpumanager/consumers.yaml \
 	  && sudo install -D -m 0644 mgpumanager.service /etc/systemd/system/mgpumanager.service \
 	  && sudo systemctl daemon-reload && sudo systemctl enable --quiet mgpumanager \
 	  && sudo systemctl restart mgpumanager'
