@@ -4765,8 +4765,9 @@ class Scheduler:
             elif success:
                 state.served()
                 path = job.target.paths.get(job.kind)
-                if path is not None and (action := own_route(job.target, path.method, path.path)):
-                    state.touched(f"its {job.kind} path is also its {action} route")  # (Ollama's generate)
+                own = path and own_route(job.target, path.method, path.path.partition("?")[0])
+                if own:
+                    state.touched(f"its {job.kind} path is also its {own} route")  # (Ollama's generate)
         except Exception as e:  # a bug in the books: the job still ends, its slot still goes
             self.recorder.internal_error(
                 "job end crashed", consumer=job.consumer, job=job.id, error=describe(e)
