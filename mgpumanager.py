@@ -64,6 +64,7 @@ import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -759,6 +760,245 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# ---- where a URL leads: usable by the HTTP client, and not back to the broker --------------------------
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: Where a connection to an unspecified address (0.0.0.0, ::) goes on Linux.
+LOOPBACK = {4: ipaddress.IPv4Address("127.0.0.1"), 6: ipaddress.IPv6Address("::1")}
+#: A label of a host name as the HTTP client looks it up (after IDNA); '_' for names such as Docker's.
+_HOST_LABEL = re.compile(r"^[a-z0-9_-]{1,63}$")
+#: A label that makes a host an IPv4 address to resolvers and browsers ("ends in a number": 1, 0x7f).
+_NUMBER_LABEL = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
+#: Consumer URL host names on a listener's port are resolved, to tell whether they lead back to the broker,
+#: all at once within this; a name not resolved in time is not checked (DNS down at boot stops nothing).
+RESOLVE_TIMEOUT_S = 2.0
+
+
+def url_problem(url: str) -> str | None:
+    """Why a consumer URL is refused (one line, never echoing a password), or None: it must be an http(s)
+    URL with a host and port the HTTP client can connect to, without credentials, query or fragment."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # "Invalid IPv6 URL": a '[' without its ']', or text after it
+        return f"must be an http(s) URL the HTTP client can use, not {_shown(url)} ({e})"
+    if "@" in parts.netloc:
+        # Never echoed: it holds a password. /v1/status shows every URL to anyone who may ask.
+        return "must not carry a user or password (user:password@host): it is shown"
+    if parts.query or parts.fragment:
+        return "must not carry a query string or fragment"
+    try:
+        url_host(url)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _shown(url: str) -> str:
+    return repr(url) if "@" not in url else "this one (not shown: it has an '@')"
+
+
+def url_host(url: str) -> tuple[Address | str, int]:
+    """Where a consumer URL leads the HTTP client: an address, or a host name (lower case, IDNA, without a
+    trailing '.'), and the port. ValueError (its message a refusal) when the client could not use it: a
+    numeric host that is not four decimal numbers (``127.1``, ``2130706433``, ``0x7f.1``: aiohttp refuses
+    them, older resolvers read them as 127.0.0.1), brackets without an IPv6 address, an empty or odd label
+    (``a..b``), a name IDNA cannot encode, port 0."""
+    shown = _shown(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = URL(url).raw_host  # yarl's reading is what aiohttp connects to
+    except ValueError as e:  # UnicodeError (IDNA) too
+        raise ValueError(f"must be an http(s) URL the HTTP client can use, not {shown} ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not host:
+        raise ValueError(f"must be an http(s) URL with a host, not {shown}")
+    if port == 0:
+        raise ValueError(f"port 0 is no port to connect to: {shown}")
+    port = port or (443 if parts.scheme == "https" else 80)
+    if parts.netloc.rpartition("@")[2].startswith("["):
+        if "%" in host:  # aiohttp hands "fe80::1%25eth0" to the resolver as it is: never found
+            raise ValueError(f"an IPv6 zone ('%25...') cannot be used by the HTTP client: {shown}")
+        try:
+            return ipaddress.IPv6Address(host), port
+        except ValueError:
+            raise ValueError(f"must hold an IPv6 address between '[' and ']', not {shown}") from None
+    name = host.lower()
+    labels = name.removesuffix(".").split(".")
+    if _NUMBER_LABEL.match(labels[-1]):
+        try:
+            return ipaddress.IPv4Address(name), port
+        except ValueError:
+            raise ValueError(
+                f"{host!r} is an IPv4 address only as four decimal numbers (127.0.0.1): the HTTP client"
+                " refuses other spellings"
+            ) from None
+    if len(name) > 254 or not all(_HOST_LABEL.match(label) for label in labels):
+        raise ValueError(
+            f"{host!r} is no host name (labels of letters, digits, '-' and '_', joined by single dots)"
+        )
+    return name.removesuffix("."), port
+
+
+def is_localhost(name: str) -> bool:
+    """``localhost`` and names below it: the machine itself, whatever a resolver says (RFC 6761)."""
+    return name == "localhost" or name.endswith(".localhost")
+
+
+def listen_addresses(host: str) -> list[Address] | str:
+    """The addresses a listener on ``host`` binds, without resolving: an address (an old numeric spelling
+    too, which the resolver reads as one), loopback for localhost; else the name itself."""
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    if is_localhost(host.lower().removesuffix(".")):
+        return list(LOOPBACK.values())
+    with contextlib.suppress(OSError, UnicodeError):
+        if host and all(c in "0123456789abcdefxABCDEFX." for c in host):
+            return [ipaddress.IPv4Address(socket.inet_aton(host))]  # "0" binds 0.0.0.0
+    return host.lower().removesuffix(".")
+
+
+def resolve(names: Iterable[str], timeout_s: float) -> dict[str, frozenset[Address]]:
+    """Each name's addresses as the system resolver gives them, all looked up at once, within ``timeout_s``
+    in all; a name that fails or takes longer has none. The threads are daemons: a hung resolver keeps no
+    process from exiting (``--check`` on a dead network answers in time), and a reload's thread is bounded."""
+    found: dict[str, frozenset[Address]] = {}
+
+    def look_up(name: str) -> None:
+        try:
+            infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+            found[name] = frozenset(ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos)
+        except (OSError, ValueError):  # UnicodeError too
+            pass
+
+    names = sorted(set(names))
+    threads = [threading.Thread(target=look_up, args=(n,), name="resolve", daemon=True) for n in names]
+    deadline = time.monotonic() + timeout_s
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return {name: found.get(name, frozenset()) for name in names}
+
+
+@functools.cache
+def machine_names() -> frozenset[str]:
+    """This machine's host name and fully qualified name, in lower case; looked up once, within
+    RESOLVE_TIMEOUT_S (the FQDN is the resolver's to say), in a daemon thread like ``resolve``'s."""
+    found = [socket.gethostname()]
+    thread = threading.Thread(target=lambda: found.append(socket.getfqdn()), name="resolve", daemon=True)
+    thread.start()
+    thread.join(RESOLVE_TIMEOUT_S)
+    return frozenset(host_key(name) for name in list(found) if name)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def host_key(host: str) -> str:
+    """A host as the broker compares names: lower case, without brackets or a trailing '.', an address in
+    its canonical form (an IPv4-mapped one as its IPv4 address)."""
+    name = host.strip().strip("[]").lower().removesuffix(".")
+    try:
+        return str(_unmapped(ipaddress.ip_address(name)))
+    except ValueError:
+        return name
+
+
+def own_addresses() -> frozenset[Address]:
+    """The addresses of this machine's interfaces: the local ones of /proc/net/fib_trie (IPv4) and those of
+    /proc/net/if_inet6 (Linux); none where they cannot be read."""
+    own: set[Address] = set()
+    with contextlib.suppress(OSError), open("/proc/net/fib_trie", encoding="ascii", errors="replace") as file:
+        last = ""
+        for line in itertools.islice(file, 200_000):  # (a full routing table is no home server's)
+            if "|--" in line:
+                last = line.split("|--")[1].strip()
+            elif "/32 host LOCAL" in line:
+                with contextlib.suppress(ValueError):
+                    own.add(ipaddress.IPv4Address(last))
+    with contextlib.suppress(OSError), open("/proc/net/if_inet6", encoding="ascii", errors="replace") as file:
+        for line in itertools.islice(file, 10_000):
+            with contextlib.suppress(ValueError, IndexError):
+                own.add(ipaddress.IPv6Address(int(line.split()[0], 16)))
+    return frozenset(own)
+
+
+def _unmapped(address: Address) -> Address:
+    """An IPv4-mapped IPv6 address (::ffff:127.0.0.1) is the IPv4 address it carries."""
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
+
+
+def reaches(to: Address, listener: Address, own: Callable[[], frozenset[Address]]) -> bool:
+    """Whether a connection to ``to`` arrives at a listener bound to ``listener`` on this machine. A
+    listener on every address (0.0.0.0, ::) takes any loopback or own address of either family (whether
+    it is dual-stack is the system's business); an unspecified destination is loopback (Linux)."""
+    to, listener = _unmapped(to), _unmapped(listener)
+    if listener.is_unspecified:
+        return to.is_loopback or to.is_unspecified or to in own()
+    if to.is_unspecified:
+        to = LOOPBACK[to.version]
+    return to == listener
+
+
+def loop_problems(
+    urls: Mapping[str, str], listeners: Sequence[tuple[tuple[str, int], str]]
+) -> dict[str, str]:
+    """Consumer -> why its URL leads back to one of the broker's listeners (``((host, port), key)``): the
+    same port, and an address (literal, localhost, or what its name resolves to) that connects to the
+    listener's. Only names on a listener's port are resolved."""
+    ports = {port for (_, port), _ in listeners if port}
+    targets: dict[str, tuple[Address | str, int]] = {}
+    for name, url in urls.items():
+        with contextlib.suppress(ValueError):  # an unusable URL is a problem of its own, already said
+            host, port = url_host(url)
+            if port in ports:
+                targets[name] = (host, port)
+    if not targets:
+        return {}
+    bound = {(h, p): listen_addresses(h) for (h, p), _ in listeners if p in {p for _, p in targets.values()}}
+    names = {h for h, _ in targets.values() if isinstance(h, str) and not is_localhost(h)}
+    names |= {a for a in bound.values() if isinstance(a, str)}
+    resolved = resolve(names, RESOLVE_TIMEOUT_S) if names else {}
+    own = functools.cache(own_addresses)
+    found: dict[str, str] = {}
+    for name, (host, port) in targets.items():
+        if isinstance(host, str):
+            addresses = list(LOOPBACK.values()) if is_localhost(host) else sorted(resolved[host], key=str)
+        else:
+            addresses = [host]
+        for (listen_host, listen_port), key in listeners:
+            if listen_port != port:
+                continue
+            listening = bound[(listen_host, listen_port)]
+            if isinstance(listening, str) and host == listening:  # the same name (resolved or not)
+                hit: Address | None = None
+            else:
+                if isinstance(listening, str):
+                    listening = sorted(resolved[listening], key=str)
+                hit = next((a for a in addresses for b in listening if reaches(a, b, own)), None)
+                if hit is None:
+                    continue
+            via = (
+                f"; {host} is {hit}"
+                if isinstance(host, str) and hit is not None and not is_localhost(host)
+                else ""
+            )
+            found[name] = (
+                f"is {key}'s own address ({listen_host}:{listen_port}{via}): its requests would come back to"
+                " the broker"
+            )
+            break
+    return found
+
+
 def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> ConsumerConfig | None:
     where = f"consumers.{name}"
     raw, preset, from_preset = _apply_preset(ck, raw, where)
@@ -789,21 +1029,8 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
     if not d:
         return None
     url = ck.string(d, "url", where)
-    if url:
-        parts = urlsplit(url)
-        try:
-            parts.port  # noqa: B018 (raises on a bad port)
-            bad_port = False
-        except ValueError:
-            bad_port = True
-        if "@" in parts.netloc:
-            # Never echoed: it holds a password. /v1/status shows every URL to anyone who may ask.
-            ck.problem(f"{where}.url", "must not carry a user or password (user:password@host): it is shown")
-        elif parts.scheme not in ("http", "https") or not parts.hostname or bad_port:
-            shown = repr(url) if "@" not in url else "this one (not shown: it has an '@')"
-            ck.problem(f"{where}.url", f"must be an http(s) URL with a host, not {shown}")
-        elif parts.query or parts.fragment:
-            ck.problem(f"{where}.url", "must not carry a query string or fragment")
+    if url and (why := url_problem(url)) is not None:
+        ck.problem(f"{where}.url", why)
     health = _parse_route(ck, d.get("health"), f"{where}.health", "GET", extra=False)
     paths: dict[str, JobPath] = {}
     raw_paths = ck.mapping(d.get("paths"), f"{where}.paths", None, required=True)
@@ -1013,10 +1240,16 @@ def _parse_http(ck: _Checker, raw: Any) -> HttpConfig:
     if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
         ck.problem("http.hosts", f"must be a list of host names or addresses, not {hosts!r}")
         hosts = []
+    for i, h in enumerate(hosts):
+        # A name or an address as a browser's Host gives it, without scheme or port (any port is ours).
+        if any(c in h.strip() for c in "/@ ") or (":" in host_key(h) and not _is_ipv6(host_key(h))):
+            ck.problem(
+                f"http.hosts[{i}]", f"must be a host name or address, without scheme or port, not {h!r}"
+            )
     return HttpConfig(
         header_timeout_s=ck.number(d, "header_timeout_s", "http", 10.0, integer=False),
         keepalive_s=ck.number(d, "keepalive_s", "http", 75.0, integer=False),
-        hosts=tuple(h.strip().lower() for h in hosts),
+        hosts=tuple(host_key(h) for h in hosts),
     )
 
 
@@ -1026,26 +1259,6 @@ def _parse_listen(ck: _Checker, value: Any, where: str = "listen") -> tuple[str,
         ck.problem(where, f"must be HOST:PORT, not {value!r}")
         return "127.0.0.1", 8770
     return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def _listens_at(host: str, port: int, url: str) -> bool:
-    """Whether a listener on ``host:port`` is where ``url`` leads on this machine: the same host (a name only
-    as the same name) and port, or a loopback URL and a listener on every address of its family."""
-    try:
-        parts = urlsplit(url)
-        url_port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return False
-    url_host = parts.hostname or ""
-    if url_port != port:
-        return False
-    try:
-        url_ip = ipaddress.ip_address("127.0.0.1" if url_host == "localhost" else url_host)
-        listen_ip = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
-    except ValueError:
-        return host.lower() == url_host
-    every = listen_ip.is_unspecified and listen_ip.version == url_ip.version
-    return listen_ip == url_ip or (every and url_ip.is_loopback)
 
 
 def parse_config(raw: Any) -> Config:
@@ -1135,14 +1348,8 @@ def parse_config(raw: Any) -> Config:
     # A consumer URL on one of those listeners is the broker itself: its requests would come back to it.
     listeners = [((host, port), "listen")]
     listeners += [(c.listen, f"consumers.{name}.listen") for name, c in consumers.items() if c.listen]
-    for name, c in consumers.items():
-        for (listen_host, listen_port), key in listeners:
-            if listen_port and _listens_at(listen_host, listen_port, c.url):
-                ck.problem(
-                    f"consumers.{name}.url",
-                    f"is {key}'s own address ({listen_host}:{listen_port}): its requests would come back to"
-                    " the broker",
-                )
+    for name, why in loop_problems({name: c.url for name, c in consumers.items()}, listeners).items():
+        ck.problem(f"consumers.{name}.url", why)
 
     # Coexistence is symmetric: declaring it on either side is enough.
     pairs: dict[str, set[str]] = {name: set() for name in consumers}
@@ -1425,6 +1632,7 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "gpu_unavailable": (503, True),
     "consumer_timeout": (504, True),
     "gpu_reserved": (503, True),
+    "reservation_released": (409, False),
 }
 
 
@@ -3785,9 +3993,10 @@ class Scheduler:
         self._working: dict[str, int] = {}
         #: When each unload under way started (its time is learned when its memory showed up free).
         self._unload_started: dict[str, float] = {}
-        #: The GPU given to something else (``reserve``), or None; one asked for and waiting for the lock.
+        #: The GPU given to something else (``reserve``), or None; the reservations asked for that wait for
+        #: the lock (or were granted it and have not begun): a release cancels them.
         self.reservation: Reservation | None = None
-        self._reserving: Job | None = None
+        self._reserving: set[Job] = set()
 
     def __repr__(self) -> str:
         return f"<Scheduler gpu={self.index} {self.lock!r}>"
@@ -4211,11 +4420,19 @@ class Scheduler:
             exclusive=True,
             scheduler=self,
         )
-        self._reserving = job
+        self._reserving.add(job)
         try:
             await self._wait_for_grant(job)
         finally:
-            self._reserving = None
+            cancelled = job not in self._reserving  # by a release while it waited (cancel_reserving)
+            self._reserving.discard(job)
+        if cancelled:
+            if job.state == "running":  # granted before the release: the GPU goes back at once
+                job.release("cancelled", code="reservation_released")
+            else:
+                self._end(job, "cancelled", "reservation_released")
+            message = f"GPU {self.index} was released before this reservation began: nothing was unloaded"
+            raise BrokerError("reservation_released", message)
         if job.state != "running":  # answered by a reservation made while it waited: it extends that one
             self._end(job, "completed")
             if self.reservation is None:  # (which ended meanwhile)
@@ -4296,6 +4513,19 @@ class Scheduler:
                     res.unloaded.append(name)
                 else:
                     res.not_unloaded[name] = f"unload failed: {error}"
+
+    def cancel_reserving(self) -> bool:
+        """DELETE /v1/reserve while reservations wait for the lock: each is cancelled (its POST answered
+        reservation_released), before it unloaded anything; whether there was one."""
+        pending, self._reserving = self._reserving, set()
+        for job in pending:
+            if job in self.lock.waiting:
+                self.lock.waiting.remove(job)
+            if not job.granted.done():
+                job.granted.set_result(None)  # it wakes, finds itself cancelled and ends (see reserve)
+        if pending:
+            self.lock.dispatch()  # (an exclusive waiter of priority 4 may have kept a join out)
+        return bool(pending)
 
     def release_reservation(self, why: str = "released") -> bool:
         """End the reservation (``released`` by DELETE /v1/reserve, ``expired``, or at shutdown); whether
@@ -4534,6 +4764,10 @@ class Scheduler:
                 state.touched("a mount call outside its paths")
             elif success:
                 state.served()
+                path = job.target.paths.get(job.kind)
+                own = path and own_route(job.target, path.method, path.path.partition("?")[0])
+                if own:
+                    state.touched(f"its {job.kind} path is also its {own} route")  # (Ollama's generate)
         except Exception as e:  # a bug in the books: the job still ends, its slot still goes
             self.recorder.internal_error(
                 "job end crashed", consumer=job.consumer, job=job.id, error=describe(e)
@@ -4815,17 +5049,51 @@ def request_headers(
 
 def consumer_origin(request: web.Request, consumer: ConsumerConfig) -> str | None:
     """The consumer's own origin (its URL's scheme://host:port) when the request comes from a page of the
-    broker's origin (its Origin names the host and port the browser asked, its Host), else None.
+    broker's origin (its Origin names the host and port the browser asked, its Host) and that Host is one
+    of the broker's own names (``own_host``), else None.
 
     A consumer's same-origin check (ComfyUI compares Origin with the Host it gets, the consumer URL's) then
     passes for pages the broker served, through a mount or a consumer's port, as a reverse proxy that
     forwards Host would make it; a page of any other origin keeps its Origin and meets the check as before.
+    So does a page of a name that was made to point at the broker (DNS rebinding: its Origin always equals
+    its Host, evil.example's).
     """
     origin, host = request.headers.get("Origin"), request.headers.get("Host")
-    if not origin or not host or urlsplit(origin).netloc.lower() != host.lower():
+    if not origin or not host:
+        return None
+    try:
+        same = urlsplit(origin).netloc.lower() == host.lower()
+    except ValueError:  # "http://[": no origin the broker served
+        return None
+    if not same or not own_host(request, host):
         return None
     url = urlsplit(consumer.url)
     return f"{url.scheme}://{url.netloc.rpartition('@')[2]}"
+
+
+def own_host(request: web.Request, host: str) -> bool:
+    """Whether a request's Host names the broker itself: a loopback address or localhost, the address the
+    client connected to, a listen address, the machine's host name or FQDN, or one of ``http.hosts``."""
+    try:
+        name = host_key(urlsplit("//" + host).hostname or "")
+    except ValueError:
+        return False
+    if not name:
+        return False
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        if is_localhost(name):
+            return True
+    else:
+        if address.is_loopback:
+            return True
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        if isinstance(sockname, tuple) and host_key(str(sockname[0]).partition("%")[0]) == name:
+            return True
+    cfg = request.app[BROKER].config
+    listens = [cfg.listen_host] + [c.listen[0] for c in cfg.consumers.values() if c.listen]
+    return name in machine_names() or name in {host_key(h) for h in (*listens, *cfg.http.hosts)}
 
 
 def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
@@ -5513,9 +5781,15 @@ class Broker:
         return changes
 
     async def reload_logged(self) -> None:
-        """A reload for SIGHUP: a refused config is logged (by ``reload``), nobody is answered."""
-        with contextlib.suppress(ConfigError):
+        """A reload for SIGHUP: a refused config is logged (by ``reload``), nobody is answered; a bug is
+        logged and counted as POST /v1/reload's would be, never left in the task for asyncio to find."""
+        try:
             await self.reload()
+        except ConfigError:
+            pass
+        except Exception:
+            self.scheduler.stats.internal_errors += 1
+            log.exception(logfmt(msg="internal error", during="reload"))
 
     @staticmethod
     async def _read_config(source: ConfigSource) -> Config:
@@ -5918,16 +6192,20 @@ async def handle_reserve(request: web.Request) -> web.Response:
 
 
 async def handle_release(request: web.Request) -> web.Response:
-    """DELETE /v1/reserve[?gpu=N]: end that GPU's reservation (every reserved GPU's, without ``gpu``)."""
+    """DELETE /v1/reserve[?gpu=N]: end that GPU's reservation (every reserved GPU's, without ``gpu``), and
+    cancel those still waiting for the lock (``cancelled``: the GPUs where one waited)."""
     require_admin(request)
     broker = request.app[BROKER]
     named: Any = request.query.get("gpu")
     if named is not None and named.isascii() and named.isdigit():  # ASCII digits alone: not ' 0' or '0_0'
         named = int(named)
     indexes = [_reserved_gpu(broker, named)] if named is not None else sorted(broker.schedulers)
-    released = [i for i in indexes if broker.schedulers[i].release_reservation("released")]
+    ended = [i for i in indexes if broker.schedulers[i].release_reservation("released")]
+    cancelled = [i for i in indexes if broker.schedulers[i].cancel_reserving()]
+    released = sorted({*ended, *cancelled})
     gpu = indexes[0] if len(indexes) == 1 else (released[0] if len(released) == 1 else None)
-    return web.json_response({"gpu": gpu, "released": bool(released), "gpus": released})
+    answer = {"gpu": gpu, "released": bool(released), "gpus": released, "cancelled": cancelled}
+    return web.json_response(answer)
 
 
 async def read_body(request: web.Request, broker: Broker, consumer: str) -> bytearray:
@@ -6242,24 +6520,44 @@ async def serve_consumer_api(
 
 def _refuse_own_routes(consumer: ConsumerConfig, method: str, path: str) -> None:
     """The consumer's unload and load routes are the broker's to call: through the mount they would
-    change residency behind its back. forbidden, pointing at the admin routes; compared as ``guard_key``
-    does (any letter case, encoding, a trailing '/')."""
+    change residency behind its back. forbidden, pointing at the admin routes; unless the request is also
+    one of its ``paths`` (Ollama's POST /api/generate, its for_each unload when it carries keep_alive 0):
+    then it is that kind's job, after which its residency is in doubt (``Scheduler._finish``)."""
+    action = own_route(consumer, method, path)
+    if action is not None and mount_job_path(consumer, method, path)[0] == MOUNT_KIND:
+        raise BrokerError(
+            "forbidden",
+            f"{method} {path} is {consumer.name}'s {action} route: use POST /v1/consumers/"
+            f"{consumer.name}/{action}, which goes through the GPU lock",
+            consumer.name,
+        )
+
+
+def own_route(consumer: ConsumerConfig, method: str, path: str) -> str | None:
+    """Which of the consumer's own routes a request is ("unload", "load") or None: its method, and its path
+    as ``guard_key`` compares (any letter case, encoding, a trailing '/'). Whatever the query: a route
+    configured with one (vLLM's /sleep?level=1) is the route with any other or none (/sleep?level=2 frees
+    memory too). A for_each route's ``{field}`` stands for any text, '/' included (speaches takes
+    DELETE /api/ps/Systran/faster-whisper-small, which the broker itself sends as one encoded segment)."""
     key = guard_key(path)
     for action, route in (("unload", consumer.unload), ("load", consumer.load)):
-        # A for_each unload's route is one of the consumer's ordinary ones (Ollama's /api/generate): its
-        # body makes it an unload, which a method and a path cannot tell.
         if (
             isinstance(route, Route)
             and route.method == method
-            and guard_key(route.path) == key
-            and not route.for_each
+            and _route_pattern(route.path, route.for_each is not None).fullmatch(key)
         ):
-            raise BrokerError(
-                "forbidden",
-                f"{method} {path} is {consumer.name}'s {action} route: use POST /v1/consumers/"
-                f"{consumer.name}/{action}, which goes through the GPU lock",
-                consumer.name,
-            )
+            return action
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _route_pattern(path: str, placeholders: bool) -> re.Pattern[str]:
+    """A configured route's path as guard_key reads a request's (without its query), as a pattern."""
+    key = guard_key(path.partition("?")[0])
+    if not placeholders:
+        return re.compile(re.escape(key))
+    parts = PLACEHOLDER.split(key)  # text, field name, text, ...
+    return re.compile("".join(".+" if i % 2 else re.escape(part) for i, part in enumerate(parts)))
 
 
 #: The open WebSockets of mounts, closed (going away) when the broker shuts down.
@@ -6605,6 +6903,7 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[BROKER] = broker
     health: asyncio.Task[None] | None = None
+    machine_names()  # looked up once, before serving (bounded): the Origin check compares Hosts with them
     try:
         # The first health round completes before serving (bounded by health.timeout_s), so the first
         # jobs already know who is up and who reports itself loaded.
@@ -7782,7 +8081,10 @@ def cli_release(client: Client, args: argparse.Namespace) -> int:
     gpu = answer.get("gpu", args.gpu) if isinstance(answer, dict) else args.gpu
     what = f"GPU {gpu}" if gpu is not None else "the GPU"
     was_reserved = not (isinstance(answer, dict) and answer.get("released") is False)
-    say(f"{what} released" if was_reserved else f"{what} was not reserved")
+    if isinstance(answer, dict) and answer.get("cancelled"):
+        say(f"{what}: cancelled a pending reservation (it had not begun: nothing was unloaded)")
+    else:
+        say(f"{what} released" if was_reserved else f"{what} was not reserved")
     return 0
 
 

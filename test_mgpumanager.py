@@ -40,6 +40,7 @@ import dataclasses
 import datetime
 import functools
 import gzip
+import ipaddress
 import itertools
 import json
 import logging
@@ -536,6 +537,8 @@ SPEC_ERRORS = {
     "request_timeout": 408,
     # Issue 14 (the GPU given to something else):
     "gpu_reserved": 503,
+    # Issue 19 (a release while the reservation waits):
+    "reservation_released": 409,
 }
 
 
@@ -5129,6 +5132,194 @@ def test_a_consumer_url_on_one_of_the_brokers_own_listeners_is_refused():
     assert m.parse_config(raw).consumers["ollama"].listen == ("192.168.1.5", 11434)
 
 
+#: Issue 19, items 3 and 6: spellings of the broker's own listener (0.0.0.0:8770) the loader let through,
+#: and URLs aiohttp then refused for ever (bad_consumer_url); each refused in one line naming the key.
+LISTENER_SPELLINGS = [
+    "http://[::ffff:127.0.0.1]:8770",
+    "http://[::FFFF:7f00:1]:8770/x",
+    "http://[0:0:0:0:0:ffff:127.0.0.1]:08770",
+    "http://0.0.0.0:8770",
+    "http://[::]:8770",
+    "http://[::1]:8770",
+    "http://127.0.0.2:8770",
+    "http://localhost.:8770",
+    "http://LocalHost:8770",
+    "http://gpu.localhost:8770",
+    "https://127.0.0.1:8770",
+]
+UNUSABLE_URLS = [
+    ("http://[::1", "Invalid IPv6 URL"),
+    ("http://[::1]x:8188", "Invalid IPv6 URL"),
+    ("http://[v1.x]:8188", "IPv6 address between '[' and ']'"),
+    ("http://[fe80::1%25eth0]:8188", "IPv6 zone"),
+    ("http://a..b:8188", "is no host name"),
+    ("http://exa mple:8188", "is no host name"),
+    ("http://127.1:8770", "four decimal numbers"),
+    ("http://0:8770", "four decimal numbers"),
+    ("http://2130706433:8770", "four decimal numbers"),
+    ("http://0x7f.1:8770", "four decimal numbers"),
+    ("http://0177.0.0.1:8188", "four decimal numbers"),
+    ("http://127.0.0.1.:8188", "four decimal numbers"),
+    ("http://127.0.0.1:0", "port 0"),
+]
+
+
+@pytest.mark.parametrize("url", LISTENER_SPELLINGS)
+def test_every_spelling_of_the_brokers_own_listener_is_refused(url):
+    raw = base_raw(mvoice=url)
+    raw["listen"] = "0.0.0.0:8770"
+    assert problems_of(raw) == [
+        "consumers.mvoice.url: is listen's own address (0.0.0.0:8770): its requests would come back to the"
+        " broker"
+    ]
+    raw["listen"] = "0.0.0.0:8771"  # the same spellings on another port are another service
+    assert m.parse_config(raw).consumers["mvoice"].url == url.rstrip("/")
+
+
+@pytest.mark.parametrize(("url", "expected"), UNUSABLE_URLS)
+def test_every_url_the_http_client_cannot_use_is_refused_in_one_line(url, expected):
+    problems = problems_of(base_raw(mvoice=url))
+    assert len(problems) == 1 and problems[0].startswith("consumers.mvoice.url: "), problems
+    assert expected in problems[0], problems
+
+
+def _lan_address() -> str | None:
+    """This machine's address on its default route (a UDP socket's source address: nothing is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("198.51.100.1", 9))
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith(("127.", "0.")) else address
+
+
+def test_the_machines_own_addresses_and_names_are_the_broker_on_a_listeners_port():
+    """Issue 19, item 3: a listener on every address is reached through each of the machine's addresses,
+    and through any name that resolves to one of them (the machine's own name, here)."""
+    lan = _lan_address()
+    if lan is None:
+        pytest.skip("no address but loopback")
+    raw = base_raw(mvoice=f"http://{lan}:8770")
+    raw["listen"] = "0.0.0.0:8770"
+    assert problems_of(raw) == [
+        "consumers.mvoice.url: is listen's own address (0.0.0.0:8770): its requests would come back to the"
+        " broker"
+    ]
+    raw["listen"] = "127.0.0.1:8770"  # only loopback listens there: the LAN address is another service
+    assert m.parse_config(raw).consumers["mvoice"].url == f"http://{lan}:8770"
+    name = socket.gethostname()
+    try:
+        resolved = {info[4][0] for info in socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)}
+    except OSError:
+        pytest.skip(f"{name} does not resolve here")
+    raw["listen"] = "0.0.0.0:8770"
+    raw["consumers"]["mvoice"]["url"] = f"http://{name}:8770"
+    [problem] = problems_of(raw)
+    assert problem.startswith(f"consumers.mvoice.url: is listen's own address (0.0.0.0:8770; {name} is ")
+    assert problem.split(f"{name} is ")[1].split(")")[0] in resolved, problem
+
+
+def test_names_are_resolved_only_on_a_listeners_port_and_a_hung_resolver_delays_nothing(monkeypatch):
+    """A dead resolver must not hang --check, start-up or a reload (which has 20 s in all): names are looked
+    up in daemon threads for RESOLVE_TIMEOUT_S in all, and a name not resolved in time is not checked."""
+    asked: list[str] = []
+    stuck = threading.Event()
+
+    def hanging(host: Any, *args: Any, **kw: Any) -> Any:
+        asked.append(host)
+        stuck.wait(30)
+        raise socket.gaierror(socket.EAI_AGAIN, "timed out")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    monkeypatch.setattr(m, "RESOLVE_TIMEOUT_S", 0.2)
+    raw = base_raw(mvoice="http://mvoice.lan:8770", comfyui="http://comfy.lan:8188")
+    raw["listen"] = "0.0.0.0:8770"
+    done = threading.Event()
+    result: list[Any] = []
+    worker = threading.Thread(target=lambda: (result.append(m.parse_config(raw)), done.set()), daemon=True)
+    worker.start()
+    try:
+        assert done.wait(10), "the loader waited for the resolver"
+        assert result[0].consumers["mvoice"].url == "http://mvoice.lan:8770"
+        assert asked == ["mvoice.lan"]  # comfy.lan is on no listener's port: never looked up
+        assert all(t.daemon for t in threading.enumerate() if t.name == "resolve")
+    finally:
+        stuck.set()
+
+
+def _machine_spelling() -> Any:
+    """Spellings of this machine's loopback and wildcard addresses that the HTTP client connects to."""
+    octet = st.integers(0, 255)
+    loopback4 = st.builds(lambda b, c, d: f"127.{b}.{c}.{d}", octet, octet, octet)
+
+    def mapped(v4: str, style: int, upper: bool) -> str:
+        a = ipaddress.IPv4Address(v4)
+        hex_tail = f"{int(a) >> 16:x}:{int(a) & 0xFFFF:x}"
+        text = [f"::ffff:{v4}", f"::ffff:{hex_tail}", f"0:0:0:0:0:ffff:{hex_tail}", f"0::ffff:{v4}"][style]
+        return f"[{text.upper() if upper else text}]"
+
+    def local(sub: str, upper: bool, dot: bool) -> str:
+        name = (f"{sub}." if sub else "") + "localhost"
+        return (name.upper() if upper else name) + ("." if dot else "")
+
+    return st.one_of(
+        loopback4,
+        st.builds(mapped, loopback4, st.integers(0, 3), st.booleans()),
+        st.sampled_from(["0.0.0.0", "[::]", "[::1]", "[0::1]", "[0:0:0:0:0:0:0:1]", "[::ffff:0.0.0.0]"]),
+        st.builds(local, st.sampled_from(["", "gpu", "a.b"]), st.booleans(), st.booleans()),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    host=_machine_spelling(),
+    zeros=st.integers(0, 3),
+    scheme=st.sampled_from(["http", "https", "HTTP"]),
+    path=st.sampled_from(["", "/", "/c/f2", "/api/"]),
+    on=st.sampled_from(["listen", "consumer"]),
+)
+def test_any_spelling_of_this_machine_on_a_wildcard_listeners_port_is_refused(host, zeros, scheme, path, on):
+    raw = base_raw(mvoice=f"{scheme}://{host}:{'0' * zeros}8770{path}")
+    raw["listen"] = "0.0.0.0:8770" if on == "listen" else "127.0.0.1:8771"
+    if on == "consumer":
+        raw["consumers"]["ollama"]["listen"] = "[::]:8770"
+    key = "listen" if on == "listen" else "consumers.ollama.listen"
+    assert problems_of(raw) == [
+        f"consumers.mvoice.url: is {key}'s own address ({'0.0.0.0' if on == 'listen' else '::'}:8770): its"
+        " requests would come back to the broker"
+    ]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    host=st.one_of(
+        st.text(alphabet="0123456789abcdefx.:[]%-_ Aé", max_size=12),
+        st.from_regex(r"\A[0-9.x]{1,16}\Z"),
+        st.ip_addresses().map(lambda a: f"[{a}]" if a.version == 6 else str(a)),
+    ),
+    port=st.one_of(st.none(), st.integers(0, 70000).map(str), st.text(alphabet="0123456789+- x", max_size=6)),
+)
+def test_any_url_the_loader_accepts_is_one_the_http_client_can_use(host, port):
+    """Whatever a URL's host and port, the loader answers with ConfigError or a config, never a crash; and
+    a URL it accepts is one aiohttp can connect to: a canonical address or a name IDNA can encode, a port."""
+    url = f"http://{host}" + (f":{port}" if port is not None else "") + "/x"
+    raw = base_raw(mvoice=url)
+    try:
+        config = m.parse_config(raw)
+    except m.ConfigError as e:
+        assert all(p.startswith("consumers.mvoice.url: ") for p in e.problems), e.problems
+        return
+    parsed = URL(config.consumers["mvoice"].url)
+    host_seen = parsed.raw_host
+    assert host_seen and parsed.port not in (None, 0)
+    if aiohttp.helpers.is_ip_address(host_seen):
+        assert ":" in host_seen or aiohttp.helpers.is_canonical_ipv4_address(host_seen), url
+        ipaddress.ip_address(host_seen)
+    else:
+        host_seen.encode("idna")  # what the resolver is handed
+
+
 async def test_the_ollama_client_given_only_a_host_goes_through_ollamas_port(rig, caplog):
     import ollama  # noqa: PLC0415 (a dev dependency, needed here only)
 
@@ -5353,6 +5544,75 @@ async def test_a_page_of_the_brokers_origin_passes_comfyuis_origin_check_and_oth
             assert seen == ({comfy_origin} if allowed else {origin})  # others' Origin passes unchanged
             await until(lambda: r.broker.scheduler.holder is None)
     assert len(sim.refused_origins) == 2 * 2 * 4 and r.broker.consumers.states["comfyui"].healthy
+
+
+async def test_a_rebound_name_keeps_its_origin_and_meets_comfyuis_check_through_mount_and_port(rig):
+    """Issue 19, item 4: a DNS-rebinding page (evil.example made to point at the broker) sends an Origin
+    equal to its Host, and the broker presented it to ComfyUI with ComfyUI's own origin: the prompt ran.
+    Now the Origin is rewritten only for a Host of the broker's own (loopback, the address the client
+    connected to, a listen address, the machine's names, http.hosts); any other passes unchanged."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        with_ports(raw)
+        raw["consumers"]["comfyui"]["listen"] = "0.0.0.0:0"  # reachable on the LAN address too
+        raw["http"] = {"hosts": ["mybox.lan"]}
+
+    r = await rig(tweak=tweak, sims={"comfyui": {"work_s": 0.05}})
+    sim = r.sims["comfyui"]
+    comfy_origin = r.config.consumers["comfyui"].url
+    port = int(r.broker.ports.address("comfyui").rpartition(":")[2])
+    hosts = [
+        ("evil.example", False),
+        ("mybox.lan.evil.example", False),
+        ("198.51.100.7", False),  # an address, but none of the broker's
+        ("mybox.lan", True),
+        ("MyBox.LAN.", True),
+        ("localhost", True),
+        ("[::1]", True),
+        (socket.gethostname(), True),
+    ]
+    for base in (r.url("/c/comfyui/"), f"http://127.0.0.1:{port}/"):
+        for name, own in hosts:
+            host = f"{name}:{URL(base).port}"
+            headers = {"Host": host, "Origin": f"http://{host}"}
+            sim.records.clear()
+            renders = len(sim.work)
+            async with r.session.post(base + "api/prompt", json={"prompt": {}}, headers=headers) as resp:
+                assert resp.status == (200 if own else 403), (base, name, await resp.read())
+            seen = {rec.headers.get("Origin") for rec in sim.records if "history" not in rec.path}
+            assert seen == {comfy_origin if own else f"http://{host}"}, (base, name, seen)
+            assert len(sim.work) == renders + own  # a rebound page's prompt never runs
+            if not own:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await r.session.ws_connect(base + "ws?clientId=x", headers=headers)
+                assert refused.value.status == 502  # ComfyUI refused the upgrade: 403
+            await until(lambda: r.broker.scheduler.holder is None)
+    # The address the client connected to is the broker's own: a page loaded from the LAN address works.
+    lan = _lan_address()
+    if lan is not None:
+        base = f"http://{lan}:{port}/"
+        async with r.session.post(
+            base + "api/prompt", json={"prompt": {}}, headers={"Origin": base[:-1]}
+        ) as resp:
+            assert resp.status == 200
+        assert sim.records[-1].headers["Origin"] == comfy_origin
+        await until(lambda: r.broker.scheduler.holder is None)
+    # An Origin that is no URL at all is a foreign one, not a crash (it was a 500 and an internal error).
+    async with r.session.get(r.url("/c/mvoice/api/admin/secret"), headers={"Origin": "http://["}) as resp:
+        assert resp.status == 200
+    assert r.sims["mvoice"].records[-1].headers["Origin"] == "http://["
+    assert r.broker.internal_errors() == 0
+
+
+def test_http_hosts_are_names_or_addresses_without_scheme_or_port():
+    raw = base_raw()
+    raw["http"] = {"hosts": ["MyBox.Lan.", "[::1]", "192.168.1.5", "::ffff:10.0.0.1"]}
+    assert m.parse_config(raw).http.hosts == ("mybox.lan", "::1", "192.168.1.5", "10.0.0.1")
+    raw["http"] = {"hosts": ["mybox.lan:8770", "http://mybox.lan", "my box", "ok.lan"]}
+    assert problems_of(raw) == [
+        f"http.hosts[{i}]: must be a host name or address, without scheme or port, not {h!r}"
+        for i, h in enumerate(raw["http"]["hosts"][:3])
+    ]
 
 
 async def test_comfyuis_web_ui_through_its_mount_and_its_port_in_a_real_browser(rig, tmp_path):
@@ -6761,6 +7021,87 @@ async def test_sighup_reloads_the_daemon(rig):
     assert 'msg="reload refused"' in daemon.log and "not valid YAML" in daemon.log
 
 
+def test_check_refuses_the_brokers_own_listener_in_any_spelling_and_urls_the_client_cannot_use(tmp_path):
+    """Issue 19, items 3 and 6, as the issue found them: with the broker on 0.0.0.0 and no token, a consumer
+    at http://[::ffff:127.0.0.1]:8770 (the broker itself) passed --check, and its mount then gave any LAN
+    client the admin routes as loopback's; http://[::1 was a traceback (exit 1). Now every such URL is one
+    line naming its key, exit 2, and the broker never starts with it."""
+    port = free_port()
+    raw = base_raw()
+    raw["listen"] = f"0.0.0.0:{port}"
+    bad = [u.replace("8770", str(port)) for u in LISTENER_SPELLINGS] + [u for u, _ in UNUSABLE_URLS]
+    for i, url in enumerate(bad):
+        raw["consumers"][f"f{i}"] = {
+            "url": url,
+            "health": {"path": "/"},
+            "paths": {"x": {"path": "/x"}},
+            "vram_resident_mib": 0,
+        }
+    config = tmp_path / "loops.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    for argv in (["--check"], []):
+        res = subprocess.run(
+            [PY, str(HERE / "mgpumanager.py"), *argv, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        lines = res.stderr.splitlines()
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        keys = sorted(line.split(": ")[1] for line in lines)
+        assert keys == sorted(f"consumers.f{i}.url" for i in range(len(bad))), res.stderr
+
+
+async def test_a_reload_or_sighup_meeting_such_a_url_is_bad_config_never_a_crash(rig):
+    """Issue 19, item 6: POST /v1/reload answered 500 scheduler_error (an internal error counted) and
+    SIGHUP left "Task exception was never retrieved" in the log. Now bad_config, one problem each."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["whisper"]["url"] = "http://[::1"
+        raw["consumers"]["comfyui"]["url"] = "http://127.1:8188"
+        raw["consumers"]["ollama"]["url"] = f"http://[::ffff:127.0.0.1]:{daemon.port}"  # the daemon itself
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(daemon.url("/v1/reload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+        problems = data["message"].partition(": ")[2].split("; ")
+        assert [p.partition(":")[0] for p in problems] == [
+            "consumers.comfyui.url",
+            "consumers.whisper.url",
+            "consumers.ollama.url",
+        ], problems
+        assert f"listen's own address (127.0.0.1:{daemon.port})" in problems[2]
+        daemon.proc.send_signal(signal.SIGHUP)
+        await until(lambda: daemon.log_path.read_text().count('msg="reload refused"') == 2 * 3)
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+            assert resp.status == 200  # the old config serves on
+        st = await daemon.status(r.session)
+        assert st["scheduler"]["stats"]["internal_errors"] == 0
+        assert st["consumers"]["ollama"]["url"] == r.raw["consumers"]["ollama"]["url"]
+    assert "Traceback" not in daemon.log and "never retrieved" not in daemon.log, daemon.log
+
+
+async def test_a_bug_in_a_sighup_reload_is_logged_and_counted_never_left_in_its_task(rig, caplog):
+    """A reload that crashes (a bug, not a refused config) is what POST /v1/reload answers scheduler_error
+    for; on SIGHUP nobody awaits the task, so it is logged and counted there, not left for asyncio to
+    report as "Task exception was never retrieved"."""
+
+    class Crashing:
+        path = Path("crashing.yaml")
+
+        def load(self) -> m.Config:
+            raise RuntimeError("a bug in the loader")
+
+    r = await rig()
+    r.broker.source = Crashing()  # type: ignore[assignment]
+    task = r.broker.spawn(r.broker.reload_logged(), "reload")
+    await asyncio.wait_for(task, 10)
+    assert task.exception() is None
+    assert 'msg="internal error" during=reload' in caplog.text and "a bug in the loader" in caplog.text
+    assert r.broker.internal_errors() == 1 and r.broker.config is r.config
+    r.expected_internal_errors = 1
+
+
 async def test_reload_gives_a_consumer_with_a_new_url_a_fresh_state(rig):
     r = await rig(sims={"mvoice": {"loaded": True}})
     assert (await r.post("tts", {"text": "x"}))[0] == 200
@@ -7198,7 +7539,7 @@ async def test_a_reservation_unloads_everything_refuses_gpu_jobs_and_ends_when_r
     reserved = (await _read_events(events, "reserved"))[-1]
     assert reserved["reason"] == "gaming" and reserved["for_s"] == 3600 and reserved["gpu"] == 0
     async with r.session.delete(r.url("/v1/reserve")) as resp:
-        assert await resp.json() == {"gpu": 0, "released": True, "gpus": [0]}
+        assert await resp.json() == {"gpu": 0, "released": True, "gpus": [0], "cancelled": []}
     ended = (await _read_events(events, "reservation_ended"))[-1]
     assert ended["why"] == "released" and ended["gpu"] == 0
     events.close()
@@ -7280,7 +7621,7 @@ async def test_a_gpu_that_is_no_integer_of_the_brokers_is_refused_not_taken_for_
             error_of(resp.status, dict(resp.headers), await resp.read(), "bad_request")
     assert r.broker.scheduler.reservation is not None
     async with r.session.delete(r.url("/v1/reserve"), params={"gpu": "0"}) as resp:
-        assert await resp.json() == {"gpu": 0, "released": True, "gpus": [0]}
+        assert await resp.json() == {"gpu": 0, "released": True, "gpus": [0], "cancelled": []}
 
 
 async def test_reservations_are_per_gpu_and_end_with_the_broker(rig):
@@ -7295,7 +7636,7 @@ async def test_reservations_are_per_gpu_and_end_with_the_broker(rig):
     st = await r.status()
     assert [g["reservation"] is not None for g in st["gpus"]] == [False, True]
     async with r.session.delete(r.url("/v1/reserve?gpu=0")) as resp:
-        assert await resp.json() == {"gpu": 0, "released": False, "gpus": []}
+        assert await resp.json() == {"gpu": 0, "released": False, "gpus": [], "cancelled": []}
     # The broker stopping ends it (a restart does not restore it): the drain does not wait for it.
     await r.server.close()
     assert r.broker.schedulers[1].reservation is None
@@ -7396,6 +7737,80 @@ async def test_two_reservations_asked_for_while_the_gpu_is_busy_make_one_that_th
     assert ops.calls.count(("unload", "x")) == 1  # unloaded once
     assert s.release_reservation() and s.holder is None and books_balance(s)
     assert s.stats.failed == 0
+
+
+def _unloads(r: Rig) -> list[tuple[str, str]]:
+    """Every unload call the simulated consumers got (mvoice's route, ComfyUI's /free)."""
+    own = {"mvoice": "/api/admin/unload", "comfyui": "/free"}
+    return [
+        (name, rec.path) for name, path in own.items() for rec in r.sims[name].records if rec.path == path
+    ]
+
+
+async def test_a_release_while_a_reservation_waits_cancels_it_and_nothing_is_unloaded(rig):
+    """Issue 19, item 8: reserve waited behind a job, release said "GPU 0 was not reserved", and the
+    reservation was granted later, unloaded everything and held the GPU for its whole 600 s. Now the
+    release cancels it: the waiting POST gets reservation_released (409), the DELETE answer and the
+    release verb say so, nothing is unloaded, and the GPU is the services' once the job ends."""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(urls={"ollama": ollama.url}, sims={"mvoice": {"loaded": True}})
+        s = r.broker.scheduler
+
+        async def reserve() -> tuple[int, dict[str, str], bytes]:
+            async with r.session.post(r.url("/v1/reserve"), json={"for_s": 600, "reason": "gaming"}) as resp:
+                return resp.status, dict(resp.headers), await resp.read()
+
+        llm = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "holds the GPU"}))
+        try:
+            await until(lambda: s.holder == "ollama")
+            waiting = asyncio.ensure_future(reserve())
+            await until(lambda: len(s.queue()) == 1)
+            rc, out, err = await cli("release", "--url", r.url(""))
+            assert (rc, err) == (0, "") and out == (
+                "GPU 0: cancelled a pending reservation (it had not begun: nothing was unloaded)\n"
+            )
+            data = error_of(*await asyncio.wait_for(waiting, 10), "reservation_released")
+            assert data["message"] == "GPU 0 was released before this reservation began: nothing was unloaded"
+            assert s.queue() == [] and s.holder == "ollama"  # the job it waited behind runs on
+            # Two waiting at once are both cancelled; the DELETE answer says so.
+            both = [asyncio.ensure_future(reserve()) for _ in range(2)]
+            await until(lambda: len(s.queue()) == 2)
+            async with r.session.delete(r.url("/v1/reserve")) as resp:
+                assert await resp.json() == {"gpu": 0, "released": True, "gpus": [0], "cancelled": [0]}
+            for answer in await asyncio.wait_for(asyncio.gather(*both), 10):
+                error_of(*answer, "reservation_released")
+            async with r.session.delete(r.url("/v1/reserve")) as resp:  # nothing left to release
+                assert await resp.json() == {"gpu": 0, "released": False, "gpus": [], "cancelled": []}
+        finally:
+            gate.set()  # (a failure above must not leave the stand-in's handler waiting)
+        assert (await llm)[0] == 200
+        await until(lambda: s.holder is None)
+        assert s.reservation is None and s.queue() == [] and _unloads(r) == []
+        assert r.stats.cancelled == 3 and r.stats.failed == 0 and books_balance(s)
+        assert (await r.post("tts", {"text": "the GPU is the services' again"}))[0] == 200
+        # The same observation sees the unloads of a reservation that does begin.
+        status, _, answer = await _reserve(r, for_s=600)
+        assert status == 200 and _unloads(r) == [("mvoice", "/api/admin/unload"), ("comfyui", "/free")]
+        assert await cli("release", "--url", r.url("")) == (0, "GPU 0 released\n", "")
+
+
+async def test_a_reservation_granted_but_not_yet_begun_when_released_gives_the_gpu_back():
+    """The release may come between the grant and the reservation's first step (its waiter granted the
+    lock by the job it waited behind, not yet woken): it is cancelled all the same, its slot freed, and
+    nothing is unloaded."""
+    s, _, ops, _ = make_scheduler(small_config())
+    ops.states["x"].loaded()
+    job = await asyncio.wait_for(s.acquire("x", "kx"), 5)
+    reserving = asyncio.ensure_future(s.reserve(600, "gaming"))
+    await until(lambda: len(s.queue()) == 1)
+    job.release("completed", status=200, success=True)  # the lock goes to the reservation at once...
+    assert s.holder == m.RESERVATION and not reserving.done()  # ...whose waiter has not run yet
+    assert s.cancel_reserving() and not s.release_reservation()
+    with pytest.raises(m.BrokerError) as info:
+        await asyncio.wait_for(reserving, 5)
+    assert info.value.code == "reservation_released"
+    assert s.holder is None and s.reservation is None and ops.calls == [] and books_balance(s)
 
 
 # =====================================================================================================
@@ -8167,9 +8582,12 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
 # =====================================================================================================
 
 
-async def raw_request(r: Rig, method: str, target: str) -> tuple[int, dict[str, Any]]:
-    """A request line exactly as written, without a body; the status and the JSON answer (or {})."""
-    host, port = r.server.host, r.server.port
+async def raw_request(
+    r: Rig, method: str, target: str, port: int | None = None
+) -> tuple[int, dict[str, Any]]:
+    """A request line exactly as written, without a body, to the broker's port or another of its ports;
+    the status and the JSON answer (or {})."""
+    host, port = r.server.host, port or r.server.port
     reader, writer = await asyncio.open_connection(host, port)
     head = (
         f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -8483,6 +8901,88 @@ async def test_no_target_trick_walks_around_a_guard(rig, caplog):
     assert r.sims["comfyui"].records == []
     own = {"/api/admin/unload", "/api/admin/load"}
     assert not [(method, path) for method, path in seen if lenient(path) in own], seen
+
+
+#: Issue 19, item 5: presets' own routes that reached the service through its mount and its port and freed
+#: its model behind the broker's back: a for_each unload (its path a pattern: speaches' {item} takes a
+#: '/'), and vLLM's sleep, configured with a query. Every spelling is refused; the last target of each is
+#: another route, forwarded.
+OWN_ROUTE_TRICKS: dict[str, tuple[str, list[str], str]] = {
+    "llama-cpp-router": (
+        "POST",
+        ["/models/unload", "/Models/UNLOAD", "/models/unload/", "/models%2Funload", "/models/%75nload?x=1"],
+        "/models/unloaded",
+    ),
+    "speaches": (
+        "DELETE",
+        ["/api/ps/m0", "/api/ps/org/m1", "/api/ps/org%2Fm1", "/API/PS/M0/", "/api/ps/%6d0?x=1"],
+        "/api/ps",
+    ),
+    "localai": (
+        "POST",
+        ["/backend/shutdown", "/Backend/Shutdown/", "/backend%2fshutdown", "/backend/%73hutdown?model=m0"],
+        "/backend/shutdowns",
+    ),
+    "vllm": (
+        "POST",
+        ["/sleep?level=1", "/sleep?level=2", "/sleep", "/SLEEP?level=1", "/sleep/?level=1", "/%73leep?"],
+        "/sleeping",
+    ),
+}
+
+
+async def test_every_own_route_of_a_preset_is_refused_through_mount_and_port_whatever_its_spelling(rig):
+    extra = {
+        service: (
+            functools.partial(mgpusim.ServiceSim, service=service, vram_mib=1000, loaded=True),
+            {"preset": service, "vram_resident_mib": 1000, "listen": "127.0.0.1:0"},
+        )
+        for service in OWN_ROUTE_TRICKS
+    }
+    r = await rig(extra=extra, total_mib=40000)
+    for service, (method, targets, other) in OWN_ROUTE_TRICKS.items():
+        sim = r.sims[service]
+        port = int(r.broker.ports.address(service).rpartition(":")[2])
+        for target in targets:
+            for prefix, to in ((f"/c/{service}", None), ("", port)):
+                before, jobs = len(sim.records), r.stats.jobs
+                status, data = await raw_request(r, method, prefix + target, port=to)
+                assert (status, data.get("error")) == (403, "forbidden"), (service, prefix, target, data)
+                assert "unload route: use POST /v1/consumers/" in data["message"]
+                assert len(sim.records) == before and r.stats.jobs == jobs, (service, target)
+        for prefix, to in ((f"/c/{service}", None), ("", port)):  # another route: forwarded, a job
+            before = len(sim.records)
+            status, data = await raw_request(r, method, prefix + other, port=to)
+            assert data.get("error") != "forbidden" and len(sim.records) == before + 1, (service, other)
+            assert sim.records[-1].path == other
+        assert sim.loaded and sim.unloads == 0, service
+        assert service not in mgpusim.MULTI_MODEL or list(sim.models) == ["sim-model"]
+
+
+async def test_ollamas_generate_is_its_job_and_its_unload_route_so_its_residency_is_in_doubt_after_it(
+    rig, caplog
+):
+    """Ollama's for_each unload is POST /api/generate with keep_alive 0, which is also its llm path: such
+    a request through its mount or port is scheduled as kind llm (not refused), and afterwards the broker
+    reads the GPU before it trusts its record (the request may have unloaded it). /api/chat leaves it
+    trusted."""
+    r = await rig(tweak=with_ports, sims={"ollama": {"loaded": True}})
+    state = r.broker.consumers.states["ollama"]
+    unload = {"model": "sim-model", "keep_alive": 0, "stream": False}
+    for base in (r.url("/c/ollama"), port_url(r, "ollama")):
+        async with r.session.post(base + "/api/chat", json={"model": "sim-model", "stream": False}) as resp:
+            assert resp.status == 200
+        assert state.resident is True and state.trusted is True  # a job of its paths: resident, trusted
+        jobs, unloads = r.stats.jobs, r.sims["ollama"].unloads
+        async with r.session.post(base + "/api/generate", json=unload) as resp:
+            assert resp.status == 200 and (await resp.json())["done_reason"] == "unload"
+        assert r.stats.jobs == jobs + 1 and r.sims["ollama"].unloads == unloads + 1
+        await until(lambda: len(job_lines(caplog)) == r.stats.jobs)
+        assert " kind=llm " in job_lines(caplog)[-1]
+        assert state.trusted is False  # in doubt: the next job reads the GPU first
+    # The same through the facade: one record, whatever the door.
+    assert (await r.post("llm", {"model": "sim-model", "prompt": "p", "stream": False}))[0] == 200
+    assert state.trusted is False
 
 
 async def test_idle_websockets_and_hanging_reads_never_starve_probes_or_jobs():
