@@ -404,6 +404,7 @@ class SimGPU:
         listed as `process` (default `mgpusim-<owner>`) with `pid` (default a fixed one for the owner).
 
         SimOOM, recorded in the state's "ooms", when that does not fit beside what the others hold."""
+        # (The record is written before SimOOM leaves ``edit()``, which writes only when its block ends.)
         with self.edit() as state:
             entry = self._gpu(state, gpu)
             uuid = entry["uuid"]
@@ -414,6 +415,7 @@ class SimGPU:
                 state.setdefault("ooms", []).append(
                     {"owner": owner, "wanted_mib": int(mib), "free_mib": free}
                 )
+                self._write(state)  # (under edit's lock still)
                 raise SimOOM(f"CUDA out of memory: {owner} wanted {mib} MiB, {free} MiB free")
             name = process or PROCESS_PREFIX + owner
             wanted = pid if pid is not None else fake_pid(name)
@@ -541,7 +543,8 @@ class SimConsumer:
 
     Subclasses add their routes in `add_routes`; inference handlers call `inference_fault()` and then
     run inside `gpu_work(record)`.  Faults (set in `faults`): "status", "hang", "unload_status",
-    "unload_hang", "unload_no_release", "load_status", "load_hang", "health_status".
+    "unload_hang", "unload_no_release", "load_status", "load_hang", "health_status"; MvoiceSim's
+    "health_loaded" (what its health reports as ``loaded``, whatever it holds).
     """
 
     health_path = "/health"
@@ -814,8 +817,9 @@ class MvoiceSim(SimConsumer):
         router.add_post("/api/admin/shutdown", self.secret)
 
     async def health(self, request: web.Request) -> web.Response:
-        """GET /health."""
-        return web.json_response({"status": "ok", "loaded": self.loaded})
+        """GET /health, with its residency as ``loaded`` (the "health_loaded" fault: that value instead, as a
+        service that lies about itself, or whose report lags, would say)."""
+        return web.json_response({"status": "ok", "loaded": self.faults.get("health_loaded", self.loaded)})
 
     def save_audio(self, wav: bytes) -> str:
         """Write a WAV into the audio dir; return its file name."""

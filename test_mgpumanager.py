@@ -38,6 +38,7 @@ import dataclasses
 import datetime
 import functools
 import gzip
+import inspect
 import itertools
 import json
 import logging
@@ -600,6 +601,10 @@ def free_port() -> int:
 class Daemon:
     """mgpumanager.py as its own process on a free port, for what only a real process shows."""
 
+    #: Python run in the daemon's process before its ``main()`` ("": none). The mutation test of issue 18
+    #: disables eviction there with it (``no_overfill``).
+    prelude = ""
+
     def __init__(
         self, raw: dict[str, Any], home: Path, smi: tuple[str, ...], env: dict[str, str] | None = None
     ) -> None:
@@ -636,9 +641,13 @@ class Daemon:
 
     async def __aenter__(self) -> Daemon:
         self.log_file = self.log_path.open("wb")
+        program = [str(HERE / "mgpumanager.py")]
+        if self.prelude:
+            run = f"import sys; sys.path.insert(0, {str(HERE)!r}); import mgpumanager as m; {self.prelude}"
+            program = ["-c", run + "; sys.exit(m.main(sys.argv[1:]))"]
         self.proc = await asyncio.create_subprocess_exec(
             PY,
-            str(HERE / "mgpumanager.py"),
+            *program,
             "--config",
             str(self.config),
             "--listen",
@@ -674,6 +683,117 @@ class Daemon:
         await asyncio.wait_for(self.proc.wait(), 60)
         self.log_file.close()
         self.log = self.log_path.read_text()
+
+
+def nothing_overfilled(gpu: mgpusim.SimGPU) -> None:
+    """No allocation exceeded the simulated GPU so far: what every no-overfill test asserts, through this
+    one check (``no_overfill`` proves it can fail)."""
+    ooms = gpu.ooms()
+    assert ooms == [], f"overfilled: {ooms}"
+
+
+def _plan_nothing(snap: m.RoomSnapshot) -> m.RoomPlan:
+    """Eviction disabled: every target fits, nothing is unloaded for it."""
+    return m.RoomPlan(0, snap.free_mib)
+
+
+def no_overfill(test: Any) -> Any:
+    """A test that asserts (with ``nothing_overfilled``) that no allocation exceeded the GPU. It runs twice:
+    ``[evicting]`` as written, and ``[not-evicting]`` with eviction disabled (plan_room planning nothing, in
+    this process and in every daemon the test starts), where its overfill check must fail: the mutation test
+    of issue 18, which proves that the check can fail. Its other assertions come after that check."""
+    signature = inspect.signature(test)
+    extra = [name for name in ("evicting", "monkeypatch") if name not in signature.parameters]
+
+    @functools.wraps(test)
+    async def run(*args: Any, **kw: Any) -> None:
+        evicting, monkeypatch = kw["evicting"], kw["monkeypatch"]
+        own = {name: value for name, value in kw.items() if name in signature.parameters}
+        if evicting:
+            await test(*args, **own)
+            return
+        monkeypatch.setattr(m, "plan_room", _plan_nothing)
+        monkeypatch.setattr(Daemon, "prelude", "m.plan_room = lambda snap: m.RoomPlan(0, snap.free_mib)")
+        with pytest.raises(AssertionError, match=r"^overfilled: "):
+            await test(*args, **own)
+
+    params = list(signature.parameters.values())
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in extra]
+    run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    return pytest.mark.parametrize("evicting", [True, False], ids=["evicting", "not-evicting"])(run)
+
+
+class Bed:
+    """Issue 18's end-to-end bed: a simulated GPU and consumers on real sockets, the consumers named by the
+    test, and the broker as a process of its own (``daemon()``) reading the GPU through mgpusim's
+    nvidia-smi."""
+
+    def __init__(self, home: Path, total_mib: int) -> None:
+        self.home = home
+        self.state = home / "gpu.json"
+        self.gpu = mgpusim.SimGPU(self.state, total_mib=total_mib, reserved_mib=480)
+        self.sims: dict[str, mgpusim.SimConsumer] = {}
+        self.servers: list[TestServer] = []
+        self.raw: dict[str, Any] = {
+            "listen": "127.0.0.1:0",
+            "gpu": {"nvidia_smi": list(sim_smi(self.state)), "cushion_mib": 256},
+            "scheduler": {"vram_wait_s": 0.5},
+            "health": {"interval_s": 3600, "timeout_s": 2},  # the first round, then on demand only
+            "routing": {},
+            "consumers": {},
+        }
+        self.session = aiohttp.ClientSession()
+
+    async def add(self, sim: mgpusim.SimConsumer, spec: dict[str, Any], *kinds: str) -> None:
+        """Serve ``sim`` on a port of its own and configure it as ``spec`` (no url), routed for ``kinds``."""
+        server = TestServer(sim.app, host="127.0.0.1", port=0)
+        await server.start_server()
+        self.servers.append(server)
+        self.sims[sim.name] = sim
+        self.raw["consumers"][sim.name] = {"url": str(server.make_url("")).rstrip("/"), **spec}
+        self.raw["routing"].update(dict.fromkeys(kinds, sim.name))
+
+    def daemon(self) -> Daemon:
+        return Daemon(self.raw, self.home, sim_smi(self.state))
+
+    async def render(self, daemon: Daemon, path: str = "/v1/image") -> tuple[int, dict[str, str], bytes]:
+        """An image job (its answer), and the end of its hold."""
+        async with self.session.post(daemon.url(path), json={"prompt": {}}) as resp:
+            answer = resp.status, dict(resp.headers), await resp.read()
+        await daemon.until(self.session, lambda st: st["scheduler"]["holder"] is None)
+        return answer
+
+    async def close(self) -> None:
+        await self.session.close()
+        for server in self.servers:
+            await server.close()
+
+
+@pytest.fixture
+async def bed(tmp_path):
+    beds: list[Bed] = []
+
+    async def make(total_mib: int) -> Bed:
+        home = tmp_path / f"bed{len(beds)}"
+        home.mkdir()
+        beds.append(Bed(home, total_mib))
+        return beds[-1]
+
+    yield make
+    for b in beds:
+        await b.close()
+
+
+def mvoice_like(mib: int, kind: str) -> dict[str, Any]:
+    """A consumer's config for an MvoiceSim of ``mib`` MiB: its health tells ``loaded``; unload and load
+    routes; one kind (``kind``: its synthesize)."""
+    return {
+        "health": {"path": "/health"},
+        "paths": {kind: {"path": "/api/synthesize"}},
+        "vram_resident_mib": mib,
+        "unload": {"path": "/api/admin/unload"},
+        "load": {"path": "/api/admin/load"},
+    }
 
 
 def _unscheduled_show(raw: dict[str, Any]) -> None:
@@ -4074,6 +4194,29 @@ async def test_the_broker_never_loads_a_target_it_credited_with_a_strangers_memo
     job = await s.load_now("t")
     assert fits == [True] and job.evictions >= 1 and ops.calls[-1] == ("load", "t")
     assert s.holder is None and books_balance(s)
+
+
+# ---- deciding from facts (issue 18): the broker as a process, consumers on sockets, mgpusim's nvidia-smi
+
+
+async def test_an_allocation_that_does_not_fit_is_recorded(bed):
+    """Issue 18, case 3: mgpusim's SimGPU recorded a failed allocation inside ``edit()`` and raised out of
+    it, so the record was never written and every ``ooms() == []`` passed whatever happened. A consumer
+    that takes more than it declares (whisper: 1500 declared, 4000 taken) is the one overfill the broker
+    cannot prevent; it shows up in ``ooms()`` now."""
+    b = await bed(total_mib=16384)
+    comfy = mgpusim.ComfySim("comfyui", b.gpu, work_s=0.05)
+    await b.add(comfy, {"preset": "comfyui", "vram_resident_mib": 13000}, "image")
+    whisper = mgpusim.WhisperSim("whisper", b.gpu, vram_mib=4000)
+    await b.add(whisper, {"preset": "whisper-cpp", "vram_resident_mib": 1500}, "stt")
+    async with b.daemon() as daemon:
+        assert (await b.render(daemon))[0] == 200
+        form = aiohttp.FormData()
+        form.add_field("file", b"RIFF", filename="a.wav")
+        async with b.session.post(daemon.url("/v1/stt"), data=form) as resp:
+            assert resp.status == 500  # whisper's own answer: its model did not fit
+    free = 16384 - 480 - 13610
+    assert b.gpu.ooms() == [{"owner": "whisper", "wanted_mib": 4000, "free_mib": free}]
 
 
 # =====================================================================================================
