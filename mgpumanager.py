@@ -2682,14 +2682,16 @@ class Consumers:
             raise CallError(f"{where} answered no JSON (or more than {QUERY_ANSWER_LIMIT // MiB} MiB)")
         return answer
 
-    async def read_residency(self, c: ConsumerConfig) -> bool | None:
-        """What its residency query (``residency``, else its for_each listing) says, within health.timeout_s;
+    async def read_residency(self, c: ConsumerConfig, timeout_s: float) -> bool | None:
+        """What its residency query (``residency``, else its for_each listing) says, within ``timeout_s``;
         None when it has none or the answer cannot tell (logged when that changes)."""
         query = c.residency_query
         if query is None:
             return None
         try:
-            answer = await self._query(c, query, self.config.health.timeout_s, "residency")
+            if timeout_s <= 0:
+                raise CallError(f"residency: no time left of the probe's {self.config.health.timeout_s:g} s")
+            answer = await self._query(c, query, timeout_s, "residency")
             resident = query_resident(query, answer)
         except CallError as e:
             if self.residency_errors.get(c.name) != str(e):
@@ -2800,7 +2802,8 @@ class Consumers:
     async def probe(self, name: str) -> None:
         """One health probe: its verdict, and the residency the consumer reports (health's ``loaded``;
         a command-started service: up is resident, down is not). A consumer measured by its processes
-        reports nothing here: the readings tell."""
+        reports nothing here: the readings tell. The health call and the residency query after it take
+        health.timeout_s together."""
         c = self.config.consumers.get(name)
         state = self.states.get(name)
         if c is None or state is None:
@@ -2820,7 +2823,8 @@ class Consumers:
                 if ok and resp.content_type == "application/json":
                     data = parse_json(body)
                     loaded = data.get("loaded") if isinstance(data, dict) else None
-            if ok and (reported := await self.read_residency(c)) is not None:
+            left = started + self.config.health.timeout_s - self.clock()
+            if ok and (reported := await self.read_residency(c, left)) is not None:
                 loaded = reported  # its residency query outranks its health's "loaded"
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
             ok, reason, code, error = False, describe(e), failure_code(e), e
@@ -3051,6 +3055,7 @@ class Fact:
 #: Everything the scheduler records besides jobs' own lines: each fact is written once, with
 #: ``Recorder.record``, and becomes a Stats count, a metric, a log line and an event from that one call.
 FACTS: dict[str, Fact] = {
+    "residency_asked": Fact("residency_asked", "residency asked"),
     "evicting": Fact("evicting", "evicting"),
     "evicted": Fact("evicted", "evicted", stat="evictions", metric="mgpumanager_evictions_total"),
     "memory_not_freed": Fact("memory_not_freed", "memory not freed in time", logging.WARNING),
@@ -3326,11 +3331,13 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
     are the other consumers of the GPU that are resident or of unknown residency, have an unload, may not
     coexist with the target, run no job and were not tried for this job yet: least recently used first
     (never used first, ties in config order); ``vram_managed`` ones (Ollama) only after every other, as
-    the last resort; and after them the target itself when its residency is unknown and nothing measures
-    it: it may be what fills the GPU. A target recorded resident that something may have changed since, or
-    that another job of it is at work on already (it may have loaded itself for that one), is credited
-    with the used memory no other consumer accounts for (see _credit); never when the broker loads it
-    itself (the load takes its whole size, whoever holds that memory).
+    the last resort; and after them the target itself when nothing measures it and its residency is
+    unknown or in doubt (recorded resident, not trusted: the scheduler asked it and it could not tell): it
+    may be what fills the GPU. Memory that no consumer's record or measurement accounts for is nobody's: a
+    target in doubt is planned at its full size, never credited with it (a needless eviction is possible,
+    an overfill is not). Only a target that another job of it is at work on already (past making room for
+    its whole size: a consumer that loads itself may have loaded its model for that one) is credited with
+    it (see _credit), and never when the broker loads the target itself.
     """
     target = snap.consumers[snap.target]
     cushion = snap.cushion_mib
@@ -3338,7 +3345,7 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
         need = max(0, target.size_mib - target.used_mib) + cushion
     elif target.resident is True and target.trusted:
         need = 0
-    elif (target.resident is True or snap.target_working) and not snap.loads_target:
+    elif snap.target_working and not snap.loads_target:
         need = target.size_mib - _credit(snap) + cushion
     else:
         need = target.size_mib + cushion
@@ -3356,36 +3363,56 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
     if (
         target.config.unload is not None
         and target.used_mib is None
-        and target.resident is None
+        and (target.resident is None or (target.resident is True and not target.trusted))
         and target.jobs <= 1  # no other job of it is working on what it holds
         and snap.target not in snap.tried
     ):
         victims.append(snap.target)
     # Only as many as the figures say are needed (the executor plans again after each one anyway).
+    charged = _charged(snap)
     enough, expected = [], snap.free_mib
     for name in victims:
         enough.append(name)
-        expected += snap.consumers[name].holds_mib
+        expected += charged.get(name, snap.consumers[name].holds_mib)
         if expected >= need:
             break
     return RoomPlan(need, snap.free_mib, tuple(enough), _why_not(snap))
 
 
-def _credit(snap: RoomSnapshot) -> int:
-    """What a target recorded resident but not trusted (or with a job at work on it), and not measured, is
-    taken to hold already: the GPU's used memory that no other consumer can account for (each other
-    consumer that is resident, or of unknown residency, counted at what it holds), at most its size. The
-    reading then decides: a consumer that restarted behind the broker's back holds nothing, and its job
-    makes room for all it will load."""
+def _charged(snap: RoomSnapshot, besides: str | None = None) -> dict[str, int]:
+    """What the reading is taken to hold of each consumer (but ``besides``). One measured: what its
+    processes hold; one recorded resident: its size. One of unknown residency: at most what the reading's
+    used memory leaves unaccounted for once those are counted, never its size on top of that (in config
+    order; all of its size when the reading has no used figure). One not resident: nothing."""
+    charged = {
+        name: view.holds_mib
+        for name, view in snap.consumers.items()
+        if name != besides and (view.used_mib is not None or view.resident is True)
+    }
+    left = math.inf if snap.used_mib is None else snap.used_mib - sum(charged.values())
+    for name, view in snap.consumers.items():
+        if name != besides and name not in charged and view.resident is None:
+            charged[name] = int(min(view.holds_mib, max(0, left)))
+            left -= charged[name]
+    return charged
+
+
+def unclaimed_mib(snap: RoomSnapshot, besides: str | None = None) -> int:
+    """The used memory of the reading that no consumer's record or measurement accounts for (0 when the
+    reading has no used figure): a stranger's (a game, a training run), a consumer's that says it holds
+    nothing, a CUDA context nobody measures. Nobody's: never credited to a target in doubt."""
     if snap.used_mib is None:
         return 0
-    others = sum(
-        view.holds_mib
-        for name, view in snap.consumers.items()
-        if name != snap.target and view.resident is not False
-    )
+    return max(0, snap.used_mib - sum(_charged(snap, besides).values()))
+
+
+def _credit(snap: RoomSnapshot) -> int:
+    """What a target that another job of it is at work on (and not measured) is taken to hold already: the
+    used memory no other consumer accounts for, at most its size. That job made room for all of the target
+    before it went to work, so what has shown up since is most likely what the target loaded for it; the
+    reading still decides (what is not there is not credited)."""
     target = snap.consumers[snap.target]
-    return max(0, min(target.size_mib, snap.used_mib - others))
+    return min(target.size_mib, unclaimed_mib(snap, besides=snap.target))
 
 
 def _why_not_one(snap: RoomSnapshot, name: str, view: ConsumerView) -> str | None:
@@ -3427,6 +3454,8 @@ def room_message(
         f"{plan.free_mib} MiB free, {plan.need_mib} MiB needed"
         f" ({snap.target} {size}{held} + cushion {snap.cushion_mib})"
     ]
+    if snap.used_mib is not None:
+        parts.append(f"{unclaimed_mib(snap)} MiB used that no consumer accounts for")
     if plan.exhausted:
         parts.append(f"gave up after {snap.max_evictions} unload attempts")
     if plan.why_not:
@@ -3707,6 +3736,8 @@ class UnloadOps(Protocol):
     async def unload(self, name: str) -> None: ...
 
     async def load(self, name: str) -> None: ...
+
+    async def probe_now(self, name: str) -> None: ...
 
     def owners(self) -> Mapping[int, str]: ...
 
@@ -4323,6 +4354,10 @@ class Scheduler:
             state = self.states[job.consumer]
             if self._needs_no_room(job) or job.left:
                 return
+            if self._in_doubt(job):
+                await self._ask(job)
+                if self._needs_no_room(job) or job.left:
+                    return
             await self._make_room(job, warm)
             if job.left:  # nobody waits for it any more: load nothing for it
                 return
@@ -4338,6 +4373,29 @@ class Scheduler:
         state = self.states[job.consumer]
         stopped = job.target.started_by_command and state.resident is None and state.healthy is False
         return job.target.load is not None and (state.resident is False or warm or stopped)
+
+    def _in_doubt(self, job: Job) -> bool:
+        """Recorded resident, but something may have changed that since, and no reading measures it: the
+        target is asked before any room is planned for it."""
+        state = self.states[job.consumer]
+        return state.resident is True and not state.trusted and job.target.processes is None
+
+    async def _ask(self, job: Job) -> None:
+        """Ask a target in doubt: one health probe with its residency report (health's ``loaded``, its
+        residency query or for_each listing), within health.timeout_s, shared with any probe under way. A
+        fresh "resident" makes its record trusted, a fresh "not resident" records it so; a consumer that
+        cannot tell, or does not answer, stays in doubt (then it is planned at its full size)."""
+        state = self.states[job.consumer]
+        await self.ops.probe_now(job.consumer)
+        if state.known_resident():
+            answer = "resident"
+        elif state.resident is False:
+            answer = "not resident"
+        elif state.healthy is False:
+            answer = f"no answer ({state.last_error})"
+        else:
+            answer = "cannot tell"
+        self.recorder.record("residency_asked", consumer=job.consumer, answer=answer, job=job.id)
 
     def _needs_no_room(self, job: Job) -> bool:
         """Resident by a record nothing has put in doubt, or its memory is elsewhere (a remote broker):

@@ -239,6 +239,10 @@ class FakeOps:
         self.unload_behaviour: dict[str, Any] = {}
         self.gate = asyncio.Event()
         self.load_fails: set[str] = set()
+        #: What each consumer's probe reports of its residency (absent: nothing it can tell), and the probes
+        #: the scheduler asked for, in order.
+        self.reports: dict[str, bool] = {}
+        self.probes: list[str] = []
 
     async def unload(self, name: str) -> None:
         self.calls.append(("unload", name))
@@ -262,6 +266,11 @@ class FakeOps:
     def owners(self) -> dict[int, str]:
         """pid -> consumer: FakeGpu's processes are numbered from 100 in the order they took memory."""
         return {100 + i: name for i, name in enumerate(self.gpu.held) if name in self.config.consumers}
+
+    async def probe_now(self, name: str) -> None:
+        """A probe that answers at once, healthy, with what ``reports`` says of it."""
+        self.probes.append(name)
+        self.states[name].probed(True, None, "consumer_unreachable", self.clock(), self.reports.get(name))
 
     async def load(self, name: str) -> None:
         self.calls.append(("load", name))
@@ -1809,7 +1818,9 @@ async def test_a_health_round_much_later_than_due_puts_every_resident_record_in_
     routes = [("GET", f"/{name}/health", _ok) for name in "txyz"]
     async with StandIn(routes) as svc, aiohttp.ClientSession() as session:
         urls = {f"consumers__{name}__url": f"{svc.url}/{name}" for name in "txyz"}
-        cfg = small_config(health={"interval_s": 0.05, "timeout_s": 0.05}, **urls)
+        # (A probe's timeout of its own: 50 ms, as it was, timed out on a busy machine, and a failed probe
+        # clears trust too.)
+        cfg = small_config(health={"interval_s": 0.05, "timeout_s": 5}, **urls)
         now = [0.0]
         consumers = m.Consumers(cfg, session, clock=lambda: now[0])
         x = consumers.states["x"]
@@ -3326,28 +3337,78 @@ def test_plan_uses_what_is_measured_over_what_is_declared():
     assert m.plan_room(_room_snapshot(cfg, 3000, views)).victims == ("x", "y")
 
 
-def test_plan_a_resident_target_trusted_or_credited_or_loaded_in_full():
-    cfg = small_config()
-    others = _all_resident(x=1.0)  # 12000 MiB of others, on a GPU that shows 15000 used
-    trusted = {**others, "t": {"resident": True, "trusted": True}}
-    assert m.plan_room(_room_snapshot(cfg, 0, trusted, used_mib=15000)).need_mib == 0
-    # Not trusted (something may have changed it): credited with the 3000 nobody else accounts for.
-    doubt = {**others, "t": {"resident": True}}
-    assert m.plan_room(_room_snapshot(cfg, 0, doubt, used_mib=15000)).need_mib == 4000 - 3000 + 256
-    # A restart behind the broker's back: the GPU shows only the others' memory, so no credit.
-    assert m.plan_room(_room_snapshot(cfg, 0, doubt, used_mib=12000)).need_mib == 4256
-    # The broker loading it itself: its whole size, whoever holds that memory.
-    loads = m.plan_room(_room_snapshot(cfg, 0, doubt, used_mib=15000, loads_target=True))
-    assert loads.need_mib == 4256
+#: t (4000 MiB) as the target beside x, y and z (4000 each, resident): t's record, the snapshot's other
+#: fields, then the MiB it needs. The GPU shows 15000 used: 3000 that no consumer accounts for.
+TARGET_ROWS = {
+    "trusted: nothing to do": ({"resident": True, "trusted": True}, {}, 0),
+    # Issue 18: in doubt (it was asked and could not tell), the 3000 nobody claims are not credited to it
+    # (they were: need 1256, and a consumer that lied about itself was overfilled).
+    "in doubt: its full size": ({"resident": True}, {}, 4256),
+    "in doubt, restarted (the GPU shows only the others)": ({"resident": True}, {"used_mib": 12000}, 4256),
+    "the broker loads it itself: its full size": ({"resident": True}, {"loads_target": True}, 4256),
+    # A job of it at work already made room for all of it: what shows up since is most likely its load.
+    "a job of it at work: credited with the 3000": ({"resident": None}, {"target_working": 1}, 1256),
+    "a job of it at work, a restart seen": (
+        {"resident": None},
+        {"target_working": 1, "used_mib": 12000},
+        4256,
+    ),
+    "a job of it at work, loaded by the broker": (
+        {"resident": None},
+        {"target_working": 1, "loads_target": True},
+        4256,
+    ),
+    "measured: what its processes do not hold yet": ({"resident": True, "used_mib": 3000}, {}, 1256),
+}
 
 
-def test_plan_the_target_itself_last_when_its_residency_is_unknown():
+@pytest.mark.parametrize(("view", "snap", "need"), TARGET_ROWS.values(), ids=TARGET_ROWS)
+def test_plan_what_the_target_needs(view, snap, need):
+    views = {**_all_resident(x=1.0), "t": view}
+    plan = m.plan_room(_room_snapshot(small_config(), 0, views, **{"used_mib": 15000, **snap}))
+    assert plan.need_mib == need
+
+
+#: Whom the figures charge with the reading's used memory, and what is left nobody's (issue 18): x, y, z and
+#: t of 4000 MiB each (t not resident, a job of it at work), the others' records, the reading's used MiB,
+#: then what is unclaimed and t's credit. One of unknown residency is charged at most what is left, never
+#: its size on top of it.
+UNCLAIMED_ROWS = {
+    "all accounted for": ({"x": True, "y": True, "z": True}, 12000, 0, 0),
+    "a stranger's 3000": ({"x": True, "y": True, "z": True}, 15000, 3000, 3000),
+    "one unknown takes what is left": ({"x": True, "y": True, "z": None}, 15000, 3000, 3000),
+    "one unknown is charged only what is left": ({"x": True, "y": True, "z": None}, 10000, 0, 0),
+    "two unknowns share what is left": ({"x": True, "y": None, "z": None}, 9000, 0, 0),
+    "not resident: nothing": ({"x": False, "y": False, "z": False}, 5000, 5000, 4000),
+    "measured: what it holds": ({"x": {"resident": False, "used_mib": 700}}, 5000, 4300, 4000),
+    "no used figure: nothing known, nothing credited": ({"x": True}, None, 0, 0),
+}
+
+
+@pytest.mark.parametrize(
+    ("records", "used", "unclaimed", "credit"), UNCLAIMED_ROWS.values(), ids=UNCLAIMED_ROWS
+)
+def test_memory_no_record_accounts_for_is_nobodys(records, used, unclaimed, credit):
+    views = {name: rec if isinstance(rec, dict) else {"resident": rec} for name, rec in records.items()}
+    views["t"] = {"resident": False}
+    snap = _room_snapshot(small_config(), 0, views, used_mib=used, target_working=1)
+    assert m.unclaimed_mib(snap) == unclaimed
+    assert m.plan_room(snap).need_mib == 4256 - credit
+
+
+def test_plan_the_target_itself_last_when_its_residency_is_unknown_or_in_doubt():
     cfg = _without_unload(small_config(), "x", "y", "z")
     views = {**_all_resident(), "t": {"resident": None}}
     assert m.plan_room(_room_snapshot(cfg, 0, views)).victims == ("t",)
     assert m.plan_room(_room_snapshot(cfg, 0, views, tried={"t": "unloaded"})).victims == ()
     measured = {**views, "t": {"resident": None, "used_mib": 0}}  # measured: it holds nothing to unload
     assert m.plan_room(_room_snapshot(cfg, 0, measured)).victims == ()
+    # Issue 18: recorded resident but in doubt (asked, it could not tell), it may hold nothing, or be what
+    # fills the GPU. Trusted, it needs no room at all.
+    doubt = {**views, "t": {"resident": True}}
+    assert m.plan_room(_room_snapshot(cfg, 0, doubt, used_mib=15000)).victims == ("t",)
+    trusted = {**views, "t": {"resident": True, "trusted": True}}
+    assert m.plan_room(_room_snapshot(cfg, 0, trusted, used_mib=15000)).fits
 
 
 def test_plan_stops_after_max_evictions():
@@ -4199,6 +4260,65 @@ async def test_the_broker_never_loads_a_target_it_credited_with_a_strangers_memo
 # ---- deciding from facts (issue 18): the broker as a process, consumers on sockets, mgpusim's nvidia-smi
 
 
+async def test_a_resident_target_in_doubt_is_asked_and_nothing_is_evicted_for_it(bed):
+    """Issue 18, case 1: a, b and c hold 6000 MiB each of 20,000 and say so in their health; t (6000
+    declared) tells nothing and was never used. A job on b puts a's record in doubt; a's job then evicted c
+    (t counted at its full size left none of the used memory to a). Now a is asked first: its fresh
+    "loaded: true" settles it, and no unload call is made."""
+    b = await bed(total_mib=20000)
+    for name in ("a", "b", "c"):
+        await b.add(
+            mgpusim.MvoiceSim(name, b.gpu, vram_mib=6000, loaded=True),
+            mvoice_like(6000, f"k{name}"),
+            f"k{name}",
+        )
+    t_spec = {
+        "health": {"path": "/health"},
+        "paths": {"kt": {"path": "/inference"}},
+        "vram_resident_mib": 6000,
+    }
+    await b.add(mgpusim.WhisperSim("t", b.gpu, vram_mib=6000), t_spec, "kt")
+    async with b.daemon() as daemon:
+        st = await daemon.status(b.session)
+        assert [st["consumers"][n]["loaded"] for n in ("a", "b", "c", "t")] == [True, True, True, None]
+        for kind in ("kb", "ka"):
+            async with b.session.post(daemon.url(f"/v1/{kind}"), json={"text": kind}) as resp:
+                assert resp.status == 200, await resp.read()
+        st = await daemon.status(b.session)
+    unloads = [rec.path for sim in b.sims.values() for rec in sim.records if rec.path.endswith("/unload")]
+    assert unloads == [] and st["scheduler"]["stats"]["evictions"] == 0
+    assert [b.sims[n].work[0].path for n in ("b", "a")] == ["/api/synthesize"] * 2
+    assert b.sims["a"].probes == 2  # the first round's probe, and the one a's job asked for
+    assert 'msg="residency asked" consumer=a answer=resident' in daemon.log
+
+
+@no_overfill
+async def test_memory_nobody_claims_is_never_credited_to_the_target(bed):
+    """Issue 18, case 2: a consumer's health says ``loaded: false`` while its process holds 5000 MiB (it
+    lies, or its report lags); ComfyUI's own unload button goes through the mount. The next image job was
+    granted without an eviction, those 5000 MiB credited to ComfyUI, and the render ran out of memory. Now
+    ComfyUI, in doubt and unable to tell, is planned at its full size: nothing is overfilled, and with no
+    victim left the job is refused, naming the memory nobody claims."""
+    b = await bed(total_mib=16384)
+    comfy = mgpusim.ComfySim("comfyui", b.gpu, work_s=0.05)  # (its 610 MiB CUDA context, as the real one)
+    await b.add(comfy, {"preset": "comfyui", "vram_resident_mib": 13000}, "image")
+    liar = mgpusim.MvoiceSim("liar", b.gpu, vram_mib=5000)
+    liar.faults["health_loaded"] = False
+    await b.add(liar, mvoice_like(5000, "tts"), "tts")
+    async with b.daemon() as daemon:
+        assert (await b.render(daemon))[0] == 200 and len(comfy.finished) == 1
+        async with b.session.post(daemon.url("/c/comfyui/api/free"), json={"unload_models": True}) as resp:
+            assert resp.status == 200  # the web UI's "Unload Models" button, through the mount
+        assert comfy.unloads == 1 and b.gpu.used_mib("comfyui") == 610
+        await liar.do_load()  # its own doing: it holds 5000 MiB, its health says "loaded": false
+        status, headers, body = await b.render(daemon)
+        nothing_overfilled(b.gpu)
+        error = error_of(status, headers, body, "insufficient_vram")
+    assert len(comfy.work) == 1 and liar.unloads == 0  # no render started; the liar, "not resident", stays
+    assert "5610 MiB used that no consumer accounts for" in error["message"], error["message"]
+    assert "liar (not resident)" in error["message"]
+
+
 async def test_an_allocation_that_does_not_fit_is_recorded(bed):
     """Issue 18, case 3: mgpusim's SimGPU recorded a failed allocation inside ``edit()`` and raised out of
     it, so the record was never written and every ``ooms() == []`` passed whatever happened. A consumer
@@ -4921,7 +5041,14 @@ async def test_mount_ollama_client_generate_and_streaming_chat(rig, caplog):
 async def test_mount_openai_client_streams_chat_completions_with_the_brokers_token(rig):
     import openai  # noqa: PLC0415 (a dev dependency, needed here only)
 
-    r = await rig(tweak=with_token, sims={"ollama": {"lines": 3, "line_interval_s": 0.05}})
+    def setup(raw: dict[str, Any]) -> None:
+        with_token(raw)
+        # Measured, as mrock's consumers are. Without a way to tell its residency (no processes, no
+        # listing, no "loaded"), Ollama would be in doubt after the first completion (a mount job outside
+        # its paths) and planned at its full size, which does not fit beside what it holds (issue 18).
+        raw["consumers"]["ollama"]["processes"] = {"name": mgpusim.OllamaSim.process_name}
+
+    r = await rig(tweak=setup, sims={"ollama": {"lines": 3, "line_interval_s": 0.05}})
     client = openai.AsyncOpenAI(base_url=r.url("/c/ollama/v1"), api_key=TOKEN, max_retries=0)
     stranger = openai.AsyncOpenAI(base_url=r.url("/c/ollama/v1"), api_key="not-the-token", max_retries=0)
     try:
@@ -8590,7 +8717,8 @@ async def test_no_target_trick_walks_around_a_guard(rig, caplog):
     seen: list[tuple[str, str]] = []
 
     async def anything(request: web.Request) -> web.Response:
-        seen.append((request.method, request.raw_path))
+        if request.raw_path != "/health":  # (probes: the first round's, and those a job in doubt asks)
+            seen.append((request.method, request.raw_path))
         return web.json_response({"loaded": True})
 
     def tweak(raw: dict[str, Any]) -> None:
