@@ -607,6 +607,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # ComfyUI v0.8.0 server.py, app/user_manager.py, app/app_settings.py: every route is served under /api
     # too; /prompt answers at once and /history/{id} stays {} until the render is done; /free needs a body.
+    # /free sets each flag it names one after the other, and main.py's prompt_worker reads them between
+    # prompts: free_memory implies unload_models, and both in one body race (the worker may read the first
+    # alone, leaving free_memory to drop the model of the next render as soon as it is done).
     "comfyui": {
         "health": {"method": "GET", "path": "/system_stats"},
         "paths": {
@@ -631,7 +634,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 },
             },
         },
-        "unload": {"method": "POST", "path": "/free", "body": {"unload_models": True, "free_memory": True}},
+        "unload": {"method": "POST", "path": "/free", "body": {"free_memory": True}},
         "unscheduled": [
             {"method": "POST", "path": prefix + path}
             for path in (

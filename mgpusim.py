@@ -1225,10 +1225,10 @@ class ComfySim(SimConsumer):
     Like the real one (v0.8.0, as seen in ``make test-real``): its Python process keeps its CUDA context
     (610 MiB, as measured on an H100 in fixtures/nvidia-smi/) after ``/free``; ``/free`` needs a JSON
     object (500 without one), answers an empty 200 without a content type, and unloads between prompts (a
-    ``/free`` during a render takes effect when it ends); ``/queue`` lists ``[number, prompt_id, prompt,
-    extra_data, outputs_to_execute]``; a ``/history`` entry carries ``prompt`` (that list), ``outputs``,
-    ``status`` (its messages with timestamps) and ``meta``; a restart forgets every prompt
-    (``/history/{id}`` stays ``{}``).
+    ``/free`` during a render takes effect when it ends; both its flags in one body race, see ``free``);
+    ``/queue`` lists ``[number, prompt_id, prompt, extra_data, outputs_to_execute]``; a ``/history`` entry
+    carries ``prompt`` (that list), ``outputs``, ``status`` (its messages with timestamps) and ``meta``; a
+    restart forgets every prompt (``/history/{id}`` stays ``{}``).
     """
 
     health_path = "/system_stats"
@@ -1247,8 +1247,8 @@ class ComfySim(SimConsumer):
         self.finished: set[str] = set()
         self.failed: set[str] = set()
         self.saved = 0  #: images "saved" so far (their file names count up, as ComfyUI's do)
-        #: /free came during a render: unload when it is done.
-        self.free_pending = False
+        #: The flags /free set that its prompt worker has not read yet (ComfyUI's PromptQueue.flags).
+        self.flags: dict[str, bool] = {}
         self.sockets: set[web.WebSocketResponse] = set()
         #: clientId -> its socket (a new socket with the same clientId replaces the old one, as in ComfyUI).
         self.clients: dict[str, web.WebSocketResponse] = {}
@@ -1373,9 +1373,7 @@ class ComfySim(SimConsumer):
                 self.running = None
                 await self.queue_updated()
                 await tell("executing", {"node": None, "prompt_id": prompt_id})
-                if self.free_pending:
-                    self.free_pending = False
-                    await self.do_unload()
+                await self.read_flags()
         finally:
             record.end = time.monotonic()
             self.queued.pop(prompt_id, None)
@@ -1444,7 +1442,7 @@ class ComfySim(SimConsumer):
     def restart(self) -> None:
         """ComfyUI restarted: its queue and history are gone with the process."""
         super().restart()
-        self.free_pending = False
+        self.flags.clear()
         self.queued.clear()
         self.running = None
         self.entries.clear()
@@ -1467,23 +1465,38 @@ class ComfySim(SimConsumer):
         return web.json_response({"queue_running": running, "queue_pending": pending})
 
     async def free(self, request: web.Request) -> web.Response:
-        """POST /free {"unload_models": true, "free_memory": true}: answers at once; the models are
-        unloaded when no render runs, at once or after the one running (ComfyUI sets a flag that its
-        prompt worker reads between prompts). Without a JSON object: 500, as ComfyUI answers."""
+        """POST /free {"free_memory": true} (or "unload_models"): answers at once, and its prompt worker
+        unloads the models when no render runs, at once or after the one running. Without a JSON object:
+        500, as ComfyUI answers.
+
+        ComfyUI 0.8.0 (server.py's post_free, main.py's prompt_worker, execution.py's PromptQueue) sets
+        each flag the body names, one after the other, each with a wake-up of its worker; the worker reads
+        (and clears) all the flags after each prompt, or when woken idle: ``unload_models`` (which
+        ``free_memory`` implies) unloads the models. With both flags, an idle worker may wake between the
+        two (4 of 10 tries in front of the real one) and, busy unloading, miss the second wake-up:
+        ``free_memory`` then stays set until the next prompt, whose model is dropped as soon as it is done
+        (a wasted load). The sim always plays that race; either flag alone never races."""
         try:
             data = json.loads(await request.read())
         except ValueError:
             data = None
         if not isinstance(data, dict):
             return web.Response(status=500, text=COMFY_TROUBLE)
-        if data.get("unload_models") or data.get("free_memory"):
-            if (fault := await self.admin_fault("unload")) is not None:
-                return fault
-            if self.running is not None:
-                self.free_pending = True
-            else:
-                await self.do_unload()
+        flags = [flag for flag in ("unload_models", "free_memory") if data.get(flag)]
+        if flags and (fault := await self.admin_fault("unload")) is not None:
+            return fault
+        for i, flag in enumerate(flags):
+            self.flags[flag] = True
+            if i == 0 and self.running is None:  # the idle worker wakes now, before the next flag is set
+                await self.read_flags()
         return web.Response(status=200)
+
+    async def read_flags(self) -> None:
+        """The prompt worker reads and clears the flags (after each prompt, or woken idle): with
+        ``unload_models``, or ``free_memory``, which implies it, it unloads the models."""
+        flags, self.flags = self.flags, {}
+        if flags.get("unload_models", flags.get("free_memory", False)):
+            await self.do_unload()
 
 
 def is_loopback(host: str) -> bool:

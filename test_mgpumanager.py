@@ -126,7 +126,7 @@ def base_raw(**urls: str) -> dict[str, Any]:
                     }
                 },
                 "vram_resident_mib": 13000,
-                "unload": {"path": "/free", "body": {"unload_models": True, "free_memory": True}},
+                "unload": {"path": "/free", "body": {"free_memory": True}},
             },
             "ollama": {
                 "url": url["ollama"],
@@ -1013,7 +1013,7 @@ def test_defaults_are_the_documented_ones():
     )
     assert whisper.health.method == "GET" and whisper.paths["stt"].method == "POST"
     comfy = config.consumers["comfyui"]
-    assert comfy.unload == m.Route("POST", "/free", {"unload_models": True, "free_memory": True}, 60)
+    assert comfy.unload == m.Route("POST", "/free", {"free_memory": True}, 60)
     raw = base_raw()
     raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"] = {"path": "/history/{prompt_id}"}
     hold = m.parse_config(raw).consumers["comfyui"].paths["image"].hold_until
@@ -1297,7 +1297,7 @@ def test_an_alias_bomb_in_an_unload_body_is_refused_but_merge_keys_and_small_ali
 
 def test_unload_and_load_bodies_are_serialised_once_when_the_config_is_loaded():
     config = m.parse_config(base_raw())
-    assert config.consumers["comfyui"].unload.data == b'{"unload_models": true, "free_memory": true}'
+    assert config.consumers["comfyui"].unload.data == b'{"free_memory": true}'
     raw = base_raw()
     raw["consumers"]["comfyui"]["unload"]["body"] = {"when": datetime.date(2001, 2, 3)}
     problems = problems_of(raw)
@@ -3726,10 +3726,7 @@ async def test_comfyui_evicted_to_fit_mvoice_one_unload_one_load(rig):
     comfy, mvoice = r.sims["comfyui"], r.sims["mvoice"]
     assert (comfy.unloads, mvoice.loads) == (1, 1)
     assert [rec.path for rec in mvoice.records] == ["/api/admin/load", "/api/synthesize"]
-    assert comfy.records[-1].path == "/free" and json.loads(comfy.records[-1].body) == {
-        "unload_models": True,
-        "free_memory": True,
-    }
+    assert comfy.records[-1].path == "/free" and json.loads(comfy.records[-1].body) == {"free_memory": True}
     assert (r.stats.evictions, r.stats.loads, r.stats.unload_failures) == (1, 1, 0)
     st = await r.status()
     assert st["consumers"]["comfyui"]["loaded"] is False and st["consumers"]["mvoice"]["loaded"] is True
@@ -6190,6 +6187,55 @@ async def test_comfysim_free_wants_a_json_object_and_answers_an_empty_200_like_c
     async with r.session.post(r.url("/v1/consumers/comfyui/unload")) as resp:
         assert resp.status == 200 and (await resp.json())["loaded"] is False
     assert sim.unloads == 1 and r.gpu.used_mib("comfyui") == 610
+
+
+async def test_comfysim_plays_the_free_flag_race_of_comfyuis_worker(rig):
+    """ComfyUI's /free sets each flag it names one after the other, and its idle prompt worker may read the
+    first before the second is set (4 of 10 tries in front of the real one): free_memory then waits for
+    the next prompt, and drops that prompt's model as soon as it is done. The sim always loses that race;
+    one flag alone, or flags set during a render, never race."""
+    r = await rig(sims={"comfyui": {"loaded": True, "work_s": 0.05}})
+    sim = r.sims["comfyui"]
+    url = sim_url(r, "comfyui", "/free")
+    async with r.session.post(url, json={"unload_models": True, "free_memory": True}) as resp:
+        assert resp.status == 200
+    assert (sim.loaded, sim.unloads, sim.flags) == (False, 1, {"free_memory": True})  # one left pending
+    await _render(r)
+    assert (sim.loads, sim.loaded, sim.unloads, sim.flags) == (1, False, 2, {})  # its model dropped at once
+    await _render(r)
+    assert (sim.loads, sim.loaded, sim.unloads) == (2, True, 2)  # nothing pending any more: it stays
+    async with r.session.post(url, json={"free_memory": True}) as resp:  # the preset's body
+        assert resp.status == 200
+    assert (sim.loaded, sim.unloads, sim.flags) == (False, 3, {})
+    await _render(r)
+    assert (sim.loads, sim.loaded, sim.unloads) == (3, True, 3)
+
+
+@pytest.mark.parametrize(
+    ("body", "kept"),
+    [(None, True), ({"unload_models": True, "free_memory": True}, False)],
+    ids=["the-preset", "both-flags"],
+)
+async def test_the_comfyui_preset_frees_with_one_flag_so_the_next_model_stays(rig, body, kept):
+    """The comfyui preset's unload sent both of /free's flags (issue 18): whenever ComfyUI's worker woke
+    between them, the model loaded by the next render was dropped as soon as that render ended, a wasted
+    load of 13 GiB. It sends ``free_memory`` alone (which implies ``unload_models``, main.py's
+    prompt_worker) and the model stays; both flags still race in the sim."""
+
+    def setup(raw: dict[str, Any]) -> None:
+        use_presets(raw)
+        if body is not None:
+            raw["consumers"]["comfyui"]["unload"] = {"path": "/free", "body": body}
+
+    r = await rig(tweak=setup, sims={"comfyui": REAL_COMFY, "mvoice": {"loaded": False}})
+    comfy = r.sims["comfyui"]
+    await _render(r)
+    assert (await r.post("tts", {"text": "hi"}))[0] == 200  # mvoice does not fit beside it: /free
+    assert comfy.unloads == 1 and r.sims["mvoice"].loaded
+    await _render(r)  # mvoice evicted, ComfyUI loads again
+    assert comfy.loads == 2 and r.sims["mvoice"].unloads == 1
+    assert (comfy.loaded, comfy.unloads) == ((True, 1) if kept else (False, 2))
+    assert r.gpu.used_mib("comfyui") == (13610 if kept else 610)
 
 
 async def test_comfysim_tells_a_render_only_to_the_socket_its_prompt_names_and_the_queue_to_all(rig):
