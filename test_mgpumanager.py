@@ -7271,6 +7271,27 @@ def test_make_demo_shows_the_eviction_cycle(tmp_path):
     assert "/v1/status" in out and "/v1/tts" in out and "/v1/image" in out
 
 
+def test_make_test_real_in_a_clone_without_the_sources_says_what_is_missing(tmp_path):
+    """Issue 18: in a clone without ../shared/real, ``make test-real`` failed with a raw FileNotFoundError.
+    It says which sources are missing (all of them at once) and names the variables that point at them,
+    before building anything."""
+    env = {
+        **os.environ,
+        "MGPU_REAL_CACHE": str(tmp_path / "cache"),
+        "COMFYUI_SRC": str(tmp_path / "ComfyUI-v0.8.0.tar.gz"),
+        "WHISPER_CPP_SRC": str(tmp_path / "whisper.cpp"),
+    }
+    res = subprocess.run(
+        [PY, str(HERE / "test_real.py"), "install"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("install: ComfyUI v0.8.0's source is missing: ")
+    assert f"{tmp_path / 'ComfyUI-v0.8.0.tar.gz'} does not exist. Set COMFYUI_SRC to" in lines[0]
+    assert f"{tmp_path / 'whisper.cpp'} does not exist. Set WHISPER_CPP_SRC to" in lines[1]
+    assert not (tmp_path / "cache").exists()  # nothing was built
+
+
 def test_the_unit_file_verifies_where_systemd_is_present():
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
