@@ -110,6 +110,8 @@ RESERVED_KINDS = frozenset({"status", "consumers", "events", "reload", "reserve"
 KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 #: The kind a mount job has when its method and path are none of its consumer's ``paths``.
 MOUNT_KIND = "mount"
+#: The kind of the job that starts a stopped consumer for an unscheduled call (``start_for_unscheduled``).
+START_KIND = "start"
 #: The pseudo-consumer that holds a GPU's lock while it is reserved (``POST /v1/reserve``), and its kind.
 RESERVATION = "reservation"
 #: Kinds of job that only unload: granting one changes nothing another consumer's record relies on.
@@ -309,6 +311,10 @@ class ConsumerConfig:
     residency: JsonQuery | None = None
     #: Its own port (host, port): its whole API at the root path, by the rules of its mount.
     listen: tuple[str, int] | None = None
+    #: An unscheduled call (through its mount or port, /audio/, a WebSocket) that finds it stopped starts it
+    #: first, as a job of kind ``start`` would, instead of being refused with consumer_stopped: every route
+    #: of its needs its model (llama-server, whose process is its model).
+    start_for_unscheduled: bool = False
     #: The preset it was made from, and the keys (``paths.<kind>`` for paths) that the preset filled in.
     preset: str | None = None
     from_preset: tuple[str, ...] = ()
@@ -663,6 +669,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "paths": OPENAI_PATHS,
         "residency": {"method": "GET", "path": "/props", "where": {"is_sleeping": [False, None]}},
         "unscheduled": _calls("POST", "/tokenize", "/detokenize", "/apply-template"),
+        # Stopped by its unload command, it answers nothing: a model list (what the OpenAI client and Open
+        # WebUI ask first) needs it running, and running it is loading its one model.
+        "start_for_unscheduled": True,
     },
     # The same server in router mode (started without a model), tools/server/server-models.cpp: GET /models
     # lists every model with status.value; /models/unload and /models/load take {"model": id}.
@@ -785,6 +794,7 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         "max_websockets",
         "residency",
         "listen",
+        "start_for_unscheduled",
         "preset",
     )
     d = ck.mapping(raw, where, allowed, required=True)
@@ -854,6 +864,9 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         ck.problem(f"{where}.idle_unload_s", "needs an unload route or command")
     if idle_unload_s and vram_managed is True:
         ck.problem(f"{where}.idle_unload_s", "a vram_managed consumer unloads itself (Ollama's keep_alive)")
+    start_for_unscheduled = d.get("start_for_unscheduled", False)
+    if not isinstance(start_for_unscheduled, bool):
+        ck.problem(f"{where}.start_for_unscheduled", f"must be true or false, not {start_for_unscheduled!r}")
     preload = d.get("preload", False)
     if not isinstance(preload, bool):
         ck.problem(f"{where}.preload", f"must be true or false, not {preload!r}")
@@ -883,6 +896,7 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         if "residency" in d
         else None,
         listen=_parse_listen(ck, d["listen"], f"{where}.listen") if "listen" in d else None,
+        start_for_unscheduled=start_for_unscheduled is True,
         preset=preset,
         from_preset=from_preset,
     )
@@ -1416,6 +1430,7 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "too_many_requests": (429, True),
     "bad_config": (422, False),
     "consumer_unreachable": (502, True),
+    "consumer_stopped": (503, True),
     "load_failed": (502, True),
     "unload_failed": (502, True),
     "bad_consumer_url": (502, False),
@@ -1762,6 +1777,10 @@ METRIC_HELP = {
         "Bugs in the broker (each also logged with a traceback).",
     ),
     "mgpumanager_consumer_healthy": ("gauge", "1 if the last health probe succeeded, 0 if not, NaN unknown."),
+    "mgpumanager_consumer_stopped": (
+        "gauge",
+        "1 if the consumer (started by a command) is stopped, by the broker or found not running; else 0.",
+    ),
     "mgpumanager_consumer_resident": ("gauge", "1 if the consumer is resident, 0 if not, NaN unknown."),
     "mgpumanager_consumer_vram_used_bytes": (
         "gauge",
@@ -2259,13 +2278,15 @@ class ConsumerState:
 
     ``resident`` and ``healthy`` are True, False or None (unknown). ``trusted`` says whether a resident
     record may be acted on without reading the GPU: only while nothing since the record could have changed
-    it (see ``touched``).
+    it (see ``touched``). ``stopped``: a consumer started by a command whose service is not running (the
+    broker stopped it, or it is down): unhealthy, but no fault; a job starts it.
 
     ==============  ========================================  ===============  =======  =========
     transition      when                                      resident         healthy  trusted
     ==============  ========================================  ===============  =======  =========
     probed          a health probe ended                      as reported [1]  verdict  [4]
     came_up         a health wait after a load command: 2xx                    True
+    was_stopped     its unload command succeeded                               stopped
     seen_down       a job, hold or WebSocket found it gone    unknown [2]      False    cleared
     timed_out       a job got no answer in its timeout_s      (kept) [2]       False    cleared
     touched         something may have changed its memory                               cleared [3]
@@ -2287,7 +2308,8 @@ class ConsumerState:
     ``processes`` is resident exactly when a reading finds its processes holding at least half its
     ``vram_resident_mib``; what it reports of itself is then not asked (memory cannot be wrong about
     memory).
-    [2] Not resident for a consumer started by a command: its process is gone, a job starts it again.
+    [2] Not resident for a consumer started by a command: its process is gone (stopped), a job starts it
+    again. A probe of one that finds nothing accepting connections finds it stopped too.
     [3] Another consumer's job or load on its GPU, a mount call outside its paths, its processes changing
     between readings (a restart), a health round missed.
     [4] A failed probe clears it. An observation that finds it resident sets it, unless something put it
@@ -2307,6 +2329,9 @@ class ConsumerState:
         self.resident: bool | None = None
         self.trusted = False
         self.healthy: bool | None = None
+        #: Unhealthy because its service is not running, not by fault: started by a command, and stopped by
+        #: the broker or found not accepting connections. Shown as "stopped", logged at info.
+        self.stopped = False
         #: Wall-clock time of the last probe (for people), its failure reason and the error code a request
         #: gets while it failed: consumer_unreachable or bad_consumer_url.
         self.last_probe: float | None = None
@@ -2423,14 +2448,22 @@ class ConsumerState:
     # ---- health -------------------------------------------------------------------------------------
 
     def probed(
-        self, ok: bool, reason: str | None, code: str, started: float, reported: bool | None = None
+        self,
+        ok: bool,
+        reason: str | None,
+        code: str,
+        started: float,
+        reported: bool | None = None,
+        *,
+        stopped: bool = False,
     ) -> bool:
-        """A probe that started at ``started`` ended; ``reported``: the residency it told. Whether it
-        counted (a probe older than what a job or a health wait found since is ignored)."""
+        """A probe that started at ``started`` ended; ``reported``: the residency it told; ``stopped``: it
+        failed because the service (started by a command) is not running. Whether it counted (a probe older
+        than what a job or a health wait found since is ignored)."""
         self.last_probe = time.time()
         if (ok and started < self._down_at) or (not ok and started < self._up_at):
             return False
-        self._set_health(ok, reason, code)
+        self._set_health(ok, reason, code, stopped=stopped)
         if not ok:
             self.touched(f"probe failed: {reason}")
         if reported is not None:
@@ -2442,12 +2475,18 @@ class ConsumerState:
         self._up_at = self.clock()
         self._set_health(True, None, "consumer_unreachable")
 
+    def was_stopped(self, reason: str) -> None:
+        """The broker stopped it (its unload command succeeded): stopped until a probe started after now,
+        or the health wait after its load command, finds it up. Its residency is the unload's to decide."""
+        self._down_at = self.clock()
+        self._set_health(False, reason, "consumer_unreachable", stopped=True)
+
     def seen_down(self, reason: str, *, stopped: bool = False) -> None:
         """A job, a hold or a WebSocket found it gone (refused, reset): unhealthy until a probe started
         after now succeeds; its residency unknown (``stopped``: not resident, a service started by
-        command)."""
+        command, which is then stopped)."""
         self._down_at = self.clock()
-        self._set_health(False, reason, "consumer_unreachable")
+        self._set_health(False, reason, "consumer_unreachable", stopped=stopped)
         self.trusted = False
         if not self._acting:  # (a service the broker is starting refuses until it listens: expected)
             self._set_resident(False if stopped else None, "seen down")
@@ -2461,16 +2500,21 @@ class ConsumerState:
         if stopped:
             self._set_resident(False, "timed out")
 
-    def _set_health(self, ok: bool, reason: str | None, code: str) -> None:
-        """The one place health is written; a change is logged and published."""
-        if ok != self.healthy:
-            log.log(
-                logging.INFO if ok else logging.WARNING,
-                logfmt(msg="health", consumer=self.name, healthy=ok, reason=reason),
-            )
+    def _set_health(self, ok: bool, reason: str | None, code: str, *, stopped: bool = False) -> None:
+        """The one place health is written; a change is logged and published (a consumer stopped, not
+        failing, at info)."""
+        stopped = stopped and not ok
+        if ok != self.healthy or stopped != self.stopped:
+            if stopped:
+                log.info(logfmt(msg="stopped", consumer=self.name, reason=reason))
+            else:
+                log.log(
+                    logging.INFO if ok else logging.WARNING,
+                    logfmt(msg="health", consumer=self.name, healthy=ok, reason=reason),
+                )
             if self.events is not None:
-                self.events.publish("health", consumer=self.name, healthy=ok, reason=reason)
-        self.healthy, self.last_error, self.last_error_code = ok, reason, code
+                self.events.publish("health", consumer=self.name, healthy=ok, reason=reason, stopped=stopped)
+        self.healthy, self.stopped, self.last_error, self.last_error_code = ok, stopped, reason, code
 
     # ---- what it takes ------------------------------------------------------------------------------
 
@@ -2620,6 +2664,8 @@ class Consumers:
             raise CallError("unload: no unload route (any more)")
         if isinstance(c.unload, Command):
             await self._run(c, c.unload, "unload")
+            if c.started_by_command:  # (its load starts it again: stopped, not failing)
+                self.states[name].was_stopped("stopped by its unload command")
         elif c.unload.for_each is not None:
             await self._unload_each(c, c.unload, c.unload.for_each)
         else:
@@ -2839,7 +2885,11 @@ class Consumers:
             # A service started by command holds its model while it runs: up is resident, down is not.
             loaded = ok
         reported = loaded if isinstance(loaded, bool) and c.processes is None else None
-        counted = state.probed(ok, reason, code, started, reported)
+        # A service started by command that accepts no connection is not running: stopped, not failing.
+        stopped = (
+            c.started_by_command and error is not None and gone_reason(error, refused_only=True) is not None
+        )
+        counted = state.probed(ok, reason, code, started, reported, stopped=stopped)
         if counted and error is not None and gone_reason(error, refused_only=True) is not None:
             self.gone(name, reason or "gone", seen_by="health probe")  # its work died with it
 
@@ -5675,6 +5725,27 @@ class Broker:
             message = f"upstream {name} last probe failed: {state.last_error}"
             raise BrokerError(state.last_error_code, message, name)
 
+    async def ensure_running(self, consumer: ConsumerConfig, request_id: str | None) -> None:
+        """Before an unscheduled call: a consumer that is stopped (started by a command, which the broker
+        stopped or found not running) is refused with consumer_stopped, its Retry-After its learned load
+        time (a job for it starts it), unless ``start_for_unscheduled``: then a job of kind ``start`` makes
+        room for it and starts it first, through the GPU lock like any job."""
+        name = consumer.name
+        state = self.consumers.states[name]
+        if not state.stopped:
+            return
+        if not consumer.start_for_unscheduled:
+            load_s = state.timing("load")
+            took = f" (its start takes {load_s:.1f} s)" if load_s is not None else ""
+            raise BrokerError(
+                "consumer_stopped",
+                f"{name} is stopped; a job for it starts it again{took}",
+                name,
+                retry_after=max(1, math.ceil(load_s or 0)),
+            )
+        job = await self.scheduler_for(name).acquire(name, START_KIND, request_id=request_id)
+        job.release()
+
     @contextlib.contextmanager
     def unscheduled_slot(self, consumer: ConsumerConfig, *, websocket: bool = False) -> Iterator[None]:
         """Hold one of the consumer's ``max_unscheduled`` (or ``max_websockets``) slots while an unscheduled
@@ -6228,6 +6299,7 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
     consumer = broker.config.consumers.get(name)
     if consumer is None:  # a reload removed it while it was probed
         raise BrokerError("no_consumer", f"{name} is no longer configured", name)
+    await broker.ensure_running(consumer, request[REQUEST_ID])
     ex = Exchange()
     try:
         with broker.unscheduled_slot(consumer):
@@ -6284,6 +6356,7 @@ async def serve_consumer_api(
     if kind == MOUNT_KIND and (
         method in UNSCHEDULED_METHODS or any(u.matches(method, upstream_path) for u in consumer.unscheduled)
     ):
+        await broker.ensure_running(consumer, request[REQUEST_ID])
         ex = Exchange()
         try:
             with broker.unscheduled_slot(consumer):
@@ -6335,6 +6408,7 @@ async def proxy_websocket(
     if not client.can_prepare(request).ok:  # not a valid upgrade: the consumer is never bothered
         raise BrokerError("bad_request", "not a valid WebSocket upgrade request", consumer.name)
     await broker.check_reachable(consumer.name)
+    await broker.ensure_running(consumer, request[REQUEST_ID])
     with broker.unscheduled_slot(consumer, websocket=True):
         return await _proxy_websocket(request, broker, consumer, path_qs)
 
@@ -6443,6 +6517,7 @@ async def handle_status(request: web.Request) -> web.Response:
             "url": c.url,
             "kinds": list(c.paths),
             "healthy": state.healthy,
+            "stopped": state.stopped,
             "loaded": state.resident,
             "vram_used_mib": state.used_mib,
             "vram_peak_mib": state.peak_mib,
@@ -6507,7 +6582,11 @@ async def handle_metrics(request: web.Request) -> web.Response:
     # After the readings: a consumer's measured memory is that of the reading just taken.
     for name in broker.config.consumers:
         state = broker.consumers.states[name]
-        for metric, value in (("healthy", state.healthy), ("resident", state.resident)):
+        for metric, value in (
+            ("healthy", state.healthy),
+            ("stopped", state.stopped),
+            ("resident", state.resident),
+        ):
             gauges.append(
                 (
                     f"mgpumanager_consumer_{metric}",
@@ -6921,7 +7000,7 @@ function renderConsumers(consumers, several) {
     '<tr data-consumer="' + esc(name) + '"><td><b>' + esc(name) + "</b>" +
     (several ? ' <span class="dim">GPU ' + c.gpu + "</span>" : "") +
     (c.vram_managed ? ' <span class="dim">(manages its VRAM)</span>' : "") +
-    "</td><td>" + yesno(c.healthy, "healthy", "down") +
+    "</td><td>" + (c.stopped ? '<span class="dim">stopped</span>' : yesno(c.healthy, "healthy", "down")) +
     (c.last_error ? '<br><span class="dim">' + esc(c.last_error) + "</span>" : "") +
     "</td><td>" + yesno(c.loaded, "resident", "unloaded") + "</td><td>" + esc(c.kinds.join(", ")) +
     "</td><td>" + (isNum(c.vram_used_mib) ? c.vram_used_mib + " MiB used, " : "") + c.vram_resident_mib +
@@ -7721,7 +7800,7 @@ def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
             [
                 name,
                 str(c.get("gpu", "")),
-                _state(c.get("healthy"), "healthy", "down"),
+                "stopped" if c.get("stopped") else _state(c.get("healthy"), "healthy", "down"),
                 _state(c.get("loaded"), "yes", "no"),
                 _mib(c.get("vram_used_mib")),
                 _mib(c.get("vram_peak_mib")),
@@ -7731,7 +7810,7 @@ def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
                 str(queued.get(name, 0)),
             ]
         )
-        if c.get("healthy") is False and c.get("last_error"):
+        if c.get("healthy") is False and c.get("last_error") and not c.get("stopped"):
             notes += _wrap(f"{name}: {c['last_error']}")
     right = {1, 4, 5, 6, 8, 9}
     if not several:  # one GPU: no GPU column

@@ -1628,7 +1628,11 @@ SERVICES: dict[str, dict[str, Any]] = {
         "work": OPENAI_LLM,
         "routes": [("POST", "/v1/model/unload", "sleep"), ("GET", "/v1/model", "current")],
     },
-    "llama-cpp": {"health": "/health", "work": OPENAI_LLM, "routes": [("GET", "/props", "sleeping")]},
+    "llama-cpp": {
+        "health": "/health",
+        "work": OPENAI_LLM,
+        "routes": [("GET", "/props", "sleeping"), ("GET", "/v1/models", "model_list")],
+    },
     "llama-cpp-router": {
         "health": "/health",
         "work": OPENAI_LLM,
@@ -1850,6 +1854,11 @@ class ServiceSim(SimConsumer):
         if not self.loaded:
             return web.json_response({"detail": "No models are currently loaded."}, status=503)
         return web.json_response({"id": "sim-model", "object": "model", "owned_by": "tabbyAPI"})
+
+    async def model_list(self, request: web.Request) -> web.Response:
+        """llama-server's GET /v1/models (what the OpenAI client's models.list asks): its one model."""
+        model = {"id": "sim-model", "object": "model", "owned_by": "llamacpp"}
+        return web.json_response({"object": "list", "data": [model]})
 
     # -- several models --
 

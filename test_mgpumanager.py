@@ -544,6 +544,8 @@ SPEC_ERRORS = {
     "request_timeout": 408,
     # Issue 14 (the GPU given to something else):
     "gpu_reserved": 503,
+    # Issue 18 (a consumer the broker stopped):
+    "consumer_stopped": 503,
 }
 
 
@@ -4042,6 +4044,119 @@ async def test_whisper_is_evicted_by_stopping_its_process_and_started_again_for_
     assert log_text.index("msg=health consumer=whisper healthy=True") < log_text.index("msg=job id=1")
 
 
+def _llama_as_a_service(r_home: Path, port: int, **own: Any) -> Any:
+    """A tweak: ``llama`` (the llama-cpp preset, 1000 MiB, routed for chat) is a process of its own,
+    stopped and started with mgpusim's stop and start, as whisper is in ``_whisper_as_a_service``."""
+    pidfile = r_home / "llama.pid"
+    sim = [PY, str(HERE / "mgpusim.py")]
+
+    def tweak(raw: dict[str, Any]) -> None:
+        start = [*sim, "start", "--pidfile", str(pidfile), "--state", str(r_home / "gpu.json")]
+        start += ["--log", str(r_home / "llama.log"), f"llama=llama-cpp:{port}"]
+        raw["consumers"]["llama"] = {
+            "preset": "llama-cpp",
+            "url": f"http://127.0.0.1:{port}",
+            "vram_resident_mib": 1000,
+            "unload": {"command": [*sim, "stop", "--pidfile", str(pidfile)], "timeout_s": 30},
+            "load": {"command": start, "timeout_s": 30},
+            **own,
+        }
+        raw["routing"]["chat"] = "llama"
+
+    return tweak
+
+
+async def _stop_service(pidfile: Path) -> None:
+    stop = await asyncio.create_subprocess_exec(
+        PY, str(HERE / "mgpusim.py"), "stop", "--pidfile", str(pidfile)
+    )
+    assert await asyncio.wait_for(stop.wait(), 30) == 0
+
+
+def _no_health_warning(caplog: Any, name: str) -> None:
+    warned = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING]
+    assert not [line for line in warned if f"consumer={name} " in line], warned
+
+
+async def test_a_consumer_the_broker_stopped_is_stopped_and_a_model_list_starts_it(rig, tmp_path, caplog):
+    """Issue 18: llama-server, stopped by its unload command, answered an unscheduled GET through its mount
+    (``/c/llama/v1/models``, what the OpenAI client's ``models.list()`` and Open WebUI ask first) with
+    ``502 consumer_unreachable``, every command eviction logged a health warning, and ``ps`` showed it
+    ``down``. Stopped is a state of its own: ``stopped`` in status and ``ps``, an info line; and since
+    its preset says its calls need its model (``start_for_unscheduled``), the call starts it first."""
+    port, home = free_port(), tmp_path / "rig0"
+    caplog.set_level(logging.INFO, logger="mgpumanager")
+    r = await rig(total_mib=14000, tweak=_llama_as_a_service(home, port))  # llama beside comfyui: no
+    pidfile = home / "llama.pid"
+    try:
+        st = await r.status()
+        assert {k: st["consumers"]["llama"][k] for k in ("healthy", "stopped", "loaded")} == {
+            "healthy": False,
+            "stopped": True,
+            "loaded": False,
+        }
+        assert re.search(r"^llama +stopped +no ", "\n".join(m.render_ps(st, time.time())), re.M)
+        async with r.session.get(r.url("/c/llama/v1/models")) as resp:
+            assert resp.status == 200 and (await resp.json())["data"][0]["id"] == "sim-model"
+        first = int(pidfile.read_text())
+        state = r.broker.consumers.states["llama"]
+        assert (state.stopped, state.healthy, state.resident) == (False, True, True)
+        assert "kind=start status=completed" in job_lines(caplog)[-1]
+
+        assert (await r.post("image", {"prompt": {}}))[0] == 200  # evicts llama: its stop command
+        assert not mgpusim.alive(first) and state.stopped and state.resident is False
+        st = await r.status()
+        assert st["consumers"]["llama"]["stopped"] is True and st["consumers"]["llama"]["last_error"]
+        await r.broker.consumers.probe("llama")  # refused: still stopped, nothing more said
+        await until(lambda: r.broker.scheduler.holder is None)
+        async with r.session.get(r.url("/c/llama/v1/models")) as resp:  # evicts comfyui, starts llama
+            assert resp.status == 200
+        assert int(pidfile.read_text()) != first and r.sims["comfyui"].unloads == 1
+    finally:
+        await _stop_service(pidfile)
+    _no_health_warning(caplog, "llama")
+    stopped = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("msg=stopped ")]
+    assert stopped == [
+        'msg=stopped consumer=llama reason="connection refused"',  # at start-up: not running
+        'msg=stopped consumer=llama reason="stopped by its unload command"',
+    ]
+
+
+async def test_an_unscheduled_call_to_a_stopped_consumer_gets_consumer_stopped(rig, tmp_path, caplog):
+    """Issue 18: where the consumer's calls do not need its model (whisper-server's, the default), an
+    unscheduled call that finds it stopped is refused with ``503 consumer_stopped``, retryable, its
+    ``Retry-After`` its learned load time (at least 1 s); WebSockets too. A job starts it, as before."""
+    port, home = free_port(), tmp_path / "rig0"
+    caplog.set_level(logging.INFO, logger="mgpumanager")
+    r = await rig(total_mib=14000, tweak=_whisper_as_a_service(home, port))
+    pidfile = home / "whisper.pid"
+
+    async def refused() -> tuple[dict[str, Any], int]:
+        async with r.session.get(r.url("/c/whisper/health")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "consumer_stopped")
+            return data, int(resp.headers["Retry-After"])
+
+    try:
+        data, retry_after = await refused()
+        assert data["message"] == "whisper is stopped; a job for it starts it again" and retry_after == 1
+        with pytest.raises(aiohttp.WSServerHandshakeError) as ws:
+            await r.session.ws_connect(r.url("/c/whisper/ws"))
+        assert ws.value.status == 503
+        assert (await r.post("stt", None, data=b"audio"))[0] == 200  # a job starts it
+        async with r.session.get(r.url("/c/whisper/health")) as resp:
+            assert resp.status == 200
+        assert (await r.post("image", {"prompt": {}}))[0] == 200  # evicts whisper
+        await until(lambda: r.broker.scheduler.holder is None)
+        data, retry_after = await refused()
+        load_s = r.broker.consumers.states["whisper"].timing("load")
+        assert f"(its start takes {load_s:.1f} s)" in data["message"]
+        assert retry_after == max(1, math.ceil(load_s))
+        assert r.stats.jobs == 2 and r.sims["comfyui"].unloads == 0  # the refusals queued nothing
+    finally:
+        await _stop_service(pidfile)
+    _no_health_warning(caplog, "whisper")
+
+
 async def test_a_client_leaving_while_a_stop_script_runs_leaves_it_to_finish(rig, tmp_path):
     """Issue 10's case: a slow stop script (whisper-server's, which removes its pid file last) evicting the
     service for a client that leaves half-way is not killed: the service is stopped cleanly, the job ends
@@ -6542,6 +6657,7 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
         "url",
         "kinds",
         "healthy",
+        "stopped",
         "loaded",
         "last_probe",
         "last_error",
@@ -6562,6 +6678,7 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
     assert (
         mv["kinds"] == ["tts", "stt"]
         and mv["healthy"] is True
+        and mv["stopped"] is False
         and mv["can_coexist_with"] == ["ollama", "whisper"]
     )
     assert first["consumers"]["whisper"]["kinds"] == ["stt"]  # listed though not routed
