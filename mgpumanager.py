@@ -121,6 +121,9 @@ HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 TIMING_SAMPLES = 15
 #: What the broker times per consumer: its loads, its unloads and its jobs.
 TIMED = ("load", "unload", "job")
+#: A forecast counts the job running now as at least this much more, however long past its consumer's
+#: learned job time it has run already (it is not done: a render twice as long as usual is still running).
+RUNNING_FLOOR_S = 1.0
 #: How often free VRAM is polled after an unload (one nvidia-smi each, the GPU line alone), and which
 #: share of the victim's memory counts as "freed".
 VRAM_POLL_S = 0.05
@@ -3031,8 +3034,10 @@ class Job:
     overtaken_since: float | None = None
     #: Granted to a consumer that was not resident and has no load of its own: its run includes loading.
     cold: bool = False
-    #: It made room and loaded (or needed neither) and went to work on its consumer, until its slot goes.
+    #: It made room and loaded (or needed neither) and went to work on its consumer, until its slot goes;
+    #: since when (its job time is learned from then: making room and loading are learned on their own).
     working: bool = False
+    working_at: float | None = None
     #: How it ended, kept for its log line (written when a hold after it ends).
     outcome: str | None = None
     code: str | None = None
@@ -3954,7 +3959,8 @@ class Scheduler:
         try:
             if not self._needs_no_room(job):  # checked again under the lock; the common case skips it
                 await self._guarded(job, self._prepare(job))
-            job.working = True  # (counted until its slot is given back: a join's plan credits its work)
+            # (Counted until its slot is given back: a join's plan credits its work.)
+            job.working, job.working_at = True, self.clock()
             self._working[job.consumer] = self._working.get(job.consumer, 0) + 1
             self.recorder.job_event("started", job)
         except BaseException as e:
@@ -4668,12 +4674,15 @@ class Scheduler:
         return False
 
     def _learn_job(self, job: Job, ended: float) -> None:
-        """What a job that took the work took: its consumer's job time, or, a cold start (the consumer loads
-        itself on its first request), a load time (what it took beyond a usual job)."""
-        if job.started is None or job.exclusive:
+        """What a job that took the work took from the moment it went to work (the evictions and the load
+        before it are learned on their own, so a forecast counts each once): its consumer's job time, or, a
+        cold start (the consumer loads itself on its first request), a load time (what it took beyond a
+        usual job)."""
+        began = job.working_at if job.working_at is not None else job.started
+        if began is None or job.exclusive:
             return
         state = self.states[job.consumer]
-        took = max(0.0, ended - job.started)
+        took = max(0.0, ended - began)
         if job.cold:
             self._learn(job, state, "load", max(0.0, took - (state.timing("job") or 0.0)), at_end=True)
         else:
@@ -4785,8 +4794,9 @@ class Scheduler:
     def forecast(self, until: Job | None = None, count: int | None = None) -> list[tuple[Job, float]]:
         """The waiting jobs in the order they are expected to be granted, each with its expected wait in
         seconds (``eta_s``), from the consumers' learned figures (a figure not seen yet counts as 0, so an
-        eta is then a lower bound). It plays the grant order forward: the holder's remaining time, then job
-        after job, each that needs a swap paying its load and the unloads of what may not stay beside it.
+        eta is then a lower bound). It plays the grant order forward: the holder's remaining time (at least
+        RUNNING_FLOOR_S), then job after job, each that needs a swap paying its load and the unloads of what
+        may not stay beside it.
         It stops once ``until`` has its place, or after ``count`` jobs.
         """
         now = self.clock()
@@ -4804,9 +4814,9 @@ class Scheduler:
 
         t = 0.0
         holder = self.lock.holder
-        if holder is not None:
+        if holder is not None:  # what it still takes: at least RUNNING_FLOOR_S, however long it has run
             held = now - self.lock.held_since
-            t = max(0.0, figure(holder, "job") - held)
+            t = max(RUNNING_FLOOR_S, figure(holder, "job") - held)
         out: list[tuple[Job, float]] = []
         current = holder
         while waiting:

@@ -2750,7 +2750,8 @@ async def test_aging_raises_a_waiting_jobs_priority():
     x = await _queued(s, "x")  # priority 1
     clock.now += 130  # two aging steps: x is at 3 now
     y = await _queued(s, "y")  # priority 3, arrived later
-    expected = {"consumer": "x", "kind": "kx", "priority": 3, "waited_s": 130.0, "eta_s": 0.0}
+    # (eta_s: t's job, which holds the GPU, has no learned time; it counts as at least RUNNING_FLOOR_S.)
+    expected = {"consumer": "x", "kind": "kx", "priority": 3, "waited_s": 130.0, "eta_s": m.RUNNING_FLOOR_S}
     assert s.snapshot()["queue"][0] == expected
     first.release("completed")
     assert await _grants(s, [x, y]) == ["x", "y"]
@@ -3239,11 +3240,95 @@ async def test_an_eta_counts_only_the_unloads_of_consumers_on_its_own_gpu():
     ops.states["x"].learned("load", 1.0)
     holding = await s.acquire("t", "kt")
     first, second = await _queued(s, "x"), await _queued(s, "x")
-    # The second waits for the first's swap: t's unload and x's load, not z's unload on GPU 1.
-    assert [eta for _, eta in s.forecast()] == [0.0, 11.0]
+    # The second waits for the first's swap: t's unload and x's load, not z's unload on GPU 1. (Both wait
+    # for t's job, which has no learned time: at least m.RUNNING_FLOOR_S, never 0: issue 18.)
+    assert [eta for _, eta in s.forecast()] == [1.0, 12.0]
     holding.release("completed")
     (await first).release("completed")
     (await second).release("completed")
+    assert books_balance(s)
+
+
+async def test_a_prompt_queued_behind_a_long_render_is_told_to_wait(rig):
+    """Issue 18, as seen from ComfyUI's UI in front of the real server: a prompt queued behind a render
+    that had run past ComfyUI's learned job time was told eta_s 0.0, then waited 52.7 s. A long render
+    (mgpusim's ComfySim) counts as at least RUNNING_FLOOR_S more."""
+    r = await rig(tweak=use_presets, sims={"comfyui": {"work_s": 0.05}})
+    comfy = r.sims["comfyui"]
+    await _render(r)  # a cold start: its load is learned
+    await _render(r)  # its job time
+    learned = r.broker.consumers.states["comfyui"].timing("job")
+    comfy.work_s = 3600  # the next render is a long one
+    async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+        assert resp.status == 200
+    await until(lambda: r.broker.scheduler.holds == 1)
+    await until(lambda: r.broker.scheduler.snapshot()["holder"]["held_s"] > learned)
+    ui = asyncio.ensure_future(r.session.post(r.url("/c/comfyui/api/prompt"), json={"prompt": {}}))
+    try:
+        await until(lambda: len(r.broker.scheduler.queue()) == 1)
+        (queued,) = (await r.status())["scheduler"]["queue"]
+        assert queued["kind"] == "image_ui" and queued["eta_s"] >= m.RUNNING_FLOOR_S
+    finally:
+        ui.cancel()
+        await asyncio.gather(ui, return_exceptions=True)
+        await r.kill("comfyui")  # the render dies with it: its hold ends, the GPU is free
+        await until(lambda: r.broker.scheduler.holder is None)
+
+
+async def test_a_running_job_counts_as_at_least_what_it_has_run_plus_a_floor():
+    """Issue 18: a holder that had run past its learned job time added 0 to the forecast, so a prompt
+    queued behind a long render said eta_s 0.0 and then waited 52.7 s. It counts as at least
+    RUNNING_FLOOR_S more."""
+    s, _, ops, clock = make_scheduler(small_config())
+    ops.states["t"].loaded()
+    ops.states["t"].learned("job", 5.0)
+    holding = await s.acquire("t", "kt")
+    waiting = await _queued(s, "t")
+    clock.now += 2
+    assert [eta for _, eta in s.forecast()] == [3.0]  # the rest of its learned 5 s
+    clock.now += 60  # a render far longer than usual
+    assert [eta for _, eta in s.forecast()] == [m.RUNNING_FLOOR_S]
+    holding.release("completed")
+    (await waiting).release("completed")
+    assert books_balance(s)
+
+
+async def test_a_load_is_learned_as_the_load_alone_and_a_job_from_when_it_went_to_work():
+    """Issue 18: a cold start's load time was what its job took from the grant, evictions before it
+    included, and those unloads were learned on their own as well: a forecast counted them twice (3.88 s
+    learned where the evictions took 3.26 s). A job's time, likewise, included its load. Each is learned
+    once now: the unload from its start, the load alone, the job from when it went to work."""
+    config = small_config()
+    config = m.replace(
+        config, consumers={**config.consumers, "t": m.replace(config.consumers["t"], load=None)}
+    )  # t loads itself on its first request (ComfyUI)
+    s, gpu, ops, clock = make_scheduler(config)
+    crowd(gpu, ops, {"y": 1.0, "z": 2.0})  # x (never used) goes first
+    real_unload, real_load = ops.unload, ops.load
+
+    async def slow_unload(name: str) -> None:
+        clock.now += 3.0
+        await real_unload(name)
+
+    async def slow_load(name: str) -> None:
+        clock.now += 2.0
+        await real_load(name)
+
+    ops.unload, ops.load = slow_unload, slow_load  # type: ignore[method-assign]
+    cold = await s.acquire("t", "kt")
+    assert cold.cold and ops.calls == [("unload", "x")]
+    clock.now += 5.0  # t loads its model and answers
+    cold.release("completed", status=200, success=True)
+    for _ in range(3):  # (learned once the GPU changed hands)
+        await asyncio.sleep(0)
+    assert (ops.states["x"].timing("unload"), ops.states["t"].timing("load")) == (3.0, 5.0)  # not 8.0
+    # x comes back through its load route (2 s), after t's unload (3 s), then works for 1 s.
+    job = await s.acquire("x", "kx")
+    clock.now += 1.0
+    job.release("completed", status=200, success=True)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert (ops.states["x"].timing("load"), ops.states["x"].timing("job")) == (2.0, 1.0)  # not 6.0
     assert books_balance(s)
 
 
