@@ -5901,9 +5901,11 @@ SOURCE: web.AppKey[ConfigSource | None] = web.AppKey("source")
 BROKER = web.AppKey("broker", Broker)
 #: On a consumer's own port's app: that consumer's name.
 PORT_CONSUMER = web.AppKey("port_consumer", str)
-#: Paths served without the bearer token: the main app's /healthz and /; none on a consumer's port (its
+#: Paths served without the bearer token: the main app's BROKER_PUBLIC_PATHS; none on a consumer's port (its
 #: / is the consumer's).
 PUBLIC_PATHS = web.AppKey("public_paths", frozenset)
+#: The broker's own paths that need no token: its health, its static page and the page's icon.
+BROKER_PUBLIC_PATHS = frozenset({"/healthz", "/", "/favicon.ico"})
 #: HTTP statuses aiohttp raises on its own (unknown route, wrong method, ...) -> our error codes.
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
@@ -5962,9 +5964,10 @@ def check_target(request: web.Request) -> None:
 
 
 def check_token(request: web.Request) -> None:
-    """With auth.token set, every route but /healthz (and the static page at /) needs the bearer token."""
+    """With auth.token set, every route but /healthz (and the static page at /, and its icon) needs the
+    bearer token."""
     token = request.app[BROKER].config.auth.token
-    if token is not None and request.path not in request.app.get(PUBLIC_PATHS, ("/healthz", "/")):
+    if token is not None and request.path not in request.app.get(PUBLIC_PATHS, BROKER_PUBLIC_PATHS):
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         given_bytes = given.strip().encode("utf-8", "surrogateescape")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token.encode()):
@@ -6685,6 +6688,21 @@ async def handle_dashboard(request: web.Request) -> web.Response:
     return web.Response(text=DASHBOARD_HTML, content_type="text/html", headers={"Cache-Control": "no-cache"})
 
 
+#: The broker's icon, a 16x16 PNG (a green dot, the dashboard's "ok"): browsers ask /favicon.ico of the
+#: broker's root for its page and for every page served through a mount (ComfyUI's), which got a 404.
+FAVICON_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000100000001008060000001ff3ff610000002b4944415478da63601894c0"
+    "7e67c07f6c986c8d441b449101c46ac669c8a801543060e0d3015592f28000004eb11a74500ef7b50000000049454e44"
+    "ae426082"
+)
+
+
+async def handle_favicon(request: web.Request) -> web.Response:
+    """GET /favicon.ico: the broker's icon, public (a browser sends no token for it), cached for a day."""
+    headers = {"Cache-Control": "public, max-age=86400"}
+    return web.Response(body=FAVICON_PNG, content_type="image/png", headers=headers)
+
+
 async def _drain(app: web.Application) -> None:
     """On shutdown: refuse new jobs, answer queued ones, let running jobs and holds finish (bounded)."""
     broker = app[BROKER]
@@ -6792,6 +6810,7 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     app.on_response_prepare.append(_add_request_id)
     app.router.add_get("/", handle_dashboard)
     app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/favicon.ico", handle_favicon)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/v1/status", handle_status)
     app.router.add_get("/v1/events", handle_events)

@@ -9130,6 +9130,28 @@ async def test_with_a_token_every_route_but_healthz_needs_it(rig):
     assert r.sims["mvoice"].records == [] and r.stats.jobs == 0
 
 
+async def test_the_broker_has_an_icon_for_its_page_and_the_pages_of_its_mounts(rig):
+    """Issue 18: a page served through a mount (ComfyUI's UI at /c/comfyui/) asks the broker's root for
+    /favicon.ico, which answered 404 at every page view. The broker answers its own small icon, without a
+    token (a browser sends none for it), cached for a day; a consumer's own port keeps the consumer's."""
+
+    def setup(raw: dict[str, Any]) -> None:
+        with_token(raw)
+        raw["consumers"]["comfyui"]["listen"] = "127.0.0.1:0"
+
+    r = await rig(tweak=setup)
+    async with r.session.get(r.url("/favicon.ico")) as resp:
+        assert resp.status == 200 and resp.content_type == "image/png"
+        assert (await resp.read()).startswith(b"\x89PNG\r\n\x1a\n")
+        assert resp.headers["Cache-Control"] == "public, max-age=86400"
+    async with r.session.head(r.url("/favicon.ico")) as resp:
+        assert resp.status == 200
+    token = {"Authorization": f"Bearer {TOKEN}"}
+    async with r.session.get(port_url(r, "comfyui", "/favicon.ico"), headers=token) as resp:
+        assert resp.status == 404  # ComfySim's own answer: it has none
+    assert [rec.path for rec in r.sims["comfyui"].records] == ["/favicon.ico"]
+
+
 async def test_the_token_is_stripped_before_forwarding_and_never_logged(rig, caplog):
     r = await rig(tweak=with_token, sims={"mvoice": {"loaded": True}})
     headers = {"Authorization": f"bearer {TOKEN}"}
