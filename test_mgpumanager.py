@@ -731,6 +731,7 @@ def no_overfill(test: Any) -> Any:
     params = list(signature.parameters.values())
     params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in extra]
     run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    run.no_overfill = True  # type: ignore[attr-defined]
     return pytest.mark.parametrize("evicting", [True, False], ids=["evicting", "not-evicting"])(run)
 
 
@@ -1911,6 +1912,7 @@ def test_observations_override_the_brokers_record_only_when_they_started_after_i
     assert state.resident is True and not state.known_resident()
 
 
+@no_overfill
 async def test_a_restart_behind_the_brokers_back_never_overfills_the_gpu(rig):
     """Issue 11, case 1: ComfyUI restarts unseen (its model gone), mvoice loads, then an image job: the
     broker does not trust ComfyUI's old record, reads the GPU and evicts mvoice first."""
@@ -1921,10 +1923,12 @@ async def test_a_restart_behind_the_brokers_back_never_overfills_the_gpu(rig):
     assert (await r.post("tts", {"text": "hi"}))[0] == 200  # fits beside ComfyUI's bare context
     assert r.sims["mvoice"].unloads == 0 and r.gpu.used_mib("mvoice") == 2800
     second = await _render(r)
-    assert second in r.sims["comfyui"].finished and r.gpu.ooms() == []  # the render ran, nothing overfilled
+    nothing_overfilled(r.gpu)
+    assert second in r.sims["comfyui"].finished  # the render ran
     assert r.sims["mvoice"].unloads == 1 and r.stats.evictions == 1
 
 
+@no_overfill
 async def test_the_uis_own_unload_button_leaves_no_false_record(rig):
     """Issue 11, case 2: ComfyUI's web UI posts /api/free through the mount. A mount call outside the
     consumer's paths never marks it resident, and its record is not trusted any more."""
@@ -1936,7 +1940,8 @@ async def test_the_uis_own_unload_button_leaves_no_false_record(rig):
     assert not r.broker.consumers.states["comfyui"].known_resident()
     assert (await r.post("tts", {"text": "hi"}))[0] == 200
     await _render(r, "/c/comfyui/api/prompt")  # the UI's own prompt, through the mount
-    assert r.gpu.ooms() == [] and r.sims["mvoice"].unloads == 1
+    nothing_overfilled(r.gpu)
+    assert r.sims["mvoice"].unloads == 1
 
 
 async def test_a_consumer_that_is_back_is_served_at_once(rig):
@@ -3020,6 +3025,7 @@ async def test_queue_full_and_queue_timeout_end_to_end(rig):
 
 
 @pytest.mark.parametrize("max_overtake_s", [30, 0])
+@no_overfill
 async def test_an_interleaved_burst_is_served_in_batches_with_one_swap(rig, max_overtake_s):
     """Issue 12's trace, shortened: TTS (mvoice, resident) and image jobs (ComfyUI) of equal priority,
     interleaved, on a GPU where the two do not fit together. Served what is loaded first: the TTS batch,
@@ -3033,11 +3039,13 @@ async def test_an_interleaved_burst_is_served_in_batches_with_one_swap(rig, max_
 
     async with held_llm(gate) as ollama:
         r = await rig(
+            **SMALL_CARD,  # (on 16 GiB they fitted together, but for the cushion: no overfill was possible)
             tweak=setup,
             urls={"ollama": ollama.url},
             sims={"mvoice": {"loaded": True, "work_s": 0.02}, "comfyui": {"work_s": 0.05}},
         )
         order = await _interleaved_burst(r, gate)
+    nothing_overfilled(r.gpu)
     swaps = sum(a != b for a, b in itertools.pairwise(order))
     if max_overtake_s:
         assert order == ["mvoice"] * 8 + ["comfyui"] * 4 and swaps == 1
@@ -3045,7 +3053,6 @@ async def test_an_interleaved_burst_is_served_in_batches_with_one_swap(rig, max_
     else:
         assert order == ["mvoice" if k == "T" else "comfyui" for k in "TTITITTITITT"] and swaps == 8
         assert r.stats.evictions == 8  # the issue's 8 evictions
-    assert r.gpu.ooms() == []
 
 
 async def test_a_job_held_back_by_a_stream_runs_once_overtaken_for_max_overtake_s(rig):
@@ -3913,6 +3920,7 @@ async def test_two_gpus_run_jobs_in_parallel_and_evict_each_on_its_own(rig):
     assert during["gpu"]["index"] == 0 and during["consumers"]["comfyui"]["gpu"] == 1
 
 
+@no_overfill
 async def test_ollama_keeping_its_model_is_asked_to_let_go_for_an_image(rig):
     """Issue 11, case 5: after an LLM answer Ollama keeps its model (keep_alive, 5 minutes); an image job
     then needs its memory. Ollama (vram_managed) is unloaded as the last resort, through its /api/ps list
@@ -3923,7 +3931,8 @@ async def test_ollama_keeping_its_model_is_asked_to_let_go_for_an_image(rig):
     assert (await r.post("llm", {"model": "llama3", "prompt": "why", "stream": False}))[0] == 200
     assert list(sim.models) == ["llama3"] and r.gpu.used_mib("ollama") == 8000  # kept after the answer
     prompt_id = await _render(r)
-    assert prompt_id in r.sims["comfyui"].finished and r.gpu.ooms() == []
+    nothing_overfilled(r.gpu)
+    assert prompt_id in r.sims["comfyui"].finished
     unloads = [json.loads(rec.body) for rec in sim.records if rec.path == "/api/generate"][1:]
     assert unloads == [{"model": "llama3", "keep_alive": 0}] and sim.models == {}
     assert r.stats.evictions == 1 and r.broker.consumers.states["ollama"].resident is False
@@ -4514,6 +4523,23 @@ async def test_memory_nobody_claims_is_never_credited_to_the_target(bed):
     assert len(comfy.work) == 1 and liar.unloads == 0  # no render started; the liar, "not resident", stays
     assert "5610 MiB used that no consumer accounts for" in error["message"], error["message"]
     assert "liar (not resident)" in error["message"]
+
+
+def test_every_check_that_nothing_overfilled_is_proven_able_to_fail():
+    """The mutation test's reach (issue 18): every test that checks that nothing overfilled the GPU does so
+    through ``nothing_overfilled`` and is a ``no_overfill`` test, so it also runs with eviction disabled,
+    where that check must fail."""
+    me = test_every_check_that_nothing_overfilled_is_proven_able_to_fail
+    tests = {
+        name: f for name, f in globals().items() if name.startswith("test_") and callable(f) and f is not me
+    }
+    checking = [
+        name for name, f in tests.items() if "nothing_overfilled(" in inspect.getsource(inspect.unwrap(f))
+    ]
+    unproven = [name for name in checking if not getattr(tests[name], "no_overfill", False)]
+    assert len(checking) >= 5 and unproven == [], unproven
+    # No other check of the kind: an assert on ``.ooms()`` being empty anywhere else.
+    assert not re.findall(r"assert [^\n]*\.ooms\(\) == \[\]", Path(__file__).read_text())
 
 
 async def test_an_allocation_that_does_not_fit_is_recorded(bed):
