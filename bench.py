@@ -2354,8 +2354,8 @@ class Bench:
         out += self.mix_analysis
         out.append(
             "- Added latency: its ratio to the bare proxy moves from run to run on this shared machine, as"
-            " the direct round trip itself does (README, Performance, lists the runs); the CPU per job above"
-            " is its steady part."
+            " the direct round trip itself does (docs/development.md, Performance, lists the runs); the CPU"
+            " per job above is its steady part."
         )
         return out
 

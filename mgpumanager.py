@@ -584,8 +584,9 @@ def _calls(method: str, *paths: str) -> list[dict[str, str]]:
 
 
 #: What ``preset: NAME`` fills in: everything the service's own API defines (not url, vram_resident_mib,
-#: processes, nor eviction by command). Each was read in the service's source at the version README.md's
-#: "Presets" table names. Kinds: llm (a prompt), chat (messages), embed, image, img2img, image_ui, stt, tts.
+#: processes, nor eviction by command). Each was read in the service's source at the version that
+#: docs/configuration.md's "Presets" table names. Kinds: llm (a prompt), chat (messages), embed, image,
+#: img2img, image_ui, stt, tts.
 #: The OpenAI-compatible paths the LLM servers' presets share (each preset gets a copy when applied).
 OPENAI_PATHS: dict[str, dict[str, str]] = {
     "chat": {"method": "POST", "path": "/v1/chat/completions"},
@@ -3268,7 +3269,7 @@ class Recorder:
             self.job_line(job, None)
 
     def job_line(self, job: Job, hold_ms: int | None) -> None:
-        """The one line per job that the README's logs section describes."""
+        """The one line per job that docs/operations.md, "Logs", describes."""
         assert job.ended is not None
         wait_end = job.started if job.started is not None else job.ended
         log.info(
@@ -3384,18 +3385,18 @@ class RoomPlan:
 def plan_room(snap: RoomSnapshot) -> RoomPlan:
     """Decide what must go for the target to fit. No I/O: the same snapshot always gives the same plan.
 
-    The rules (README, "How eviction decides"): the target needs its size (``vram_resident_mib``, or the
-    most it was measured holding if more) plus the cushion, less what its processes hold already. Victims
-    are the other consumers of the GPU that are resident or of unknown residency, have an unload, may not
-    coexist with the target, run no job and were not tried for this job yet: least recently used first
-    (never used first, ties in config order); ``vram_managed`` ones (Ollama) only after every other, as
-    the last resort; and after them the target itself when nothing measures it and its residency is
-    unknown or in doubt (recorded resident, not trusted: the scheduler asked it and it could not tell): it
-    may be what fills the GPU. Memory that no consumer's record or measurement accounts for is nobody's: a
-    target in doubt is planned at its full size, never credited with it (a needless eviction is possible,
-    an overfill is not). Only a target that another job of it is at work on already (past making room for
-    its whole size: a consumer that loads itself may have loaded its model for that one) is credited with
-    it (see _credit), and never when the broker loads the target itself.
+    The rules (docs/how-it-works.md, "How eviction decides"): the target needs its size
+    (``vram_resident_mib``, or the most it was measured holding if more) plus the cushion, less what its
+    processes hold already. Victims are the other consumers of the GPU that are resident or of unknown
+    residency, have an unload, may not coexist with the target, run no job and were not tried for this job
+    yet: least recently used first (never used first, ties in config order); ``vram_managed`` ones (Ollama)
+    only after every other, as the last resort; and after them the target itself when nothing measures it
+    and its residency is unknown or in doubt (recorded resident, not trusted: the scheduler asked it and it
+    could not tell): it may be what fills the GPU. Memory that no consumer's record or measurement accounts
+    for is nobody's: a target in doubt is planned at its full size, never credited with it (a needless
+    eviction is possible, an overfill is not). Only a target that another job of it is at work on already
+    (past making room for its whole size: a consumer that loads itself may have loaded its model for that
+    one) is credited with it (see _credit), and never when the broker loads the target itself.
     """
     target = snap.consumers[snap.target]
     cushion = snap.cushion_mib
@@ -3555,7 +3556,7 @@ def next_grant(
 ) -> Job | None:
     """The job the lock goes to next (a further slot of the holder, while it holds it), or None. No I/O.
 
-    The rules (README, "In what order jobs run"):
+    The rules (docs/how-it-works.md, "In what order jobs run"):
     1. Only jobs of the highest effective priority among those waiting may be granted: a job of higher
        effective priority is never passed over.
     2. Among them, the one that arrived first, except that a job that needs no swap (``warm``: its

@@ -26,6 +26,8 @@ Contents
     10.6 The dashboard: a real browser; the timeline of the last 15 minutes.
 11. Hostile input: tokens, path guards, bodies, floods, malformed requests; every error in one shape.
 12. The benchmark's arithmetic: bench.py's lower bound and overtaking on made-up traces.
+13. The documentation: the README as a front door under 2,000 words, every link in it and docs/ resolving,
+    every error code and config key (with its default) in the manual.
 """
 
 from __future__ import annotations
@@ -549,7 +551,7 @@ SPEC_ERRORS = {
 }
 
 
-#: Retryable as the README documents it (load_failed and insufficient_vram as the issue says).
+#: Retryable as docs/api.md documents it (load_failed and insufficient_vram as the issue says).
 SPEC_RETRYABLE = {c for c, st in SPEC_ERRORS.items() if st >= 500} - {"bad_consumer_url", "scheduler_error"}
 
 
@@ -5912,7 +5914,7 @@ async def test_the_daemon_opens_consumer_ports_at_start_and_on_sighup_and_closes
 # =====================================================================================================
 
 
-#: The kinds the presets use, as README.md's "Presets" section documents them.
+#: The kinds the presets use, as docs/configuration.md's "Presets" section documents them.
 PRESET_KINDS = {"llm", "chat", "embed", "image", "img2img", "image_ui", "stt", "tts"}
 
 
@@ -7943,7 +7945,7 @@ async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_fre
 
 async def test_two_reservations_asked_for_while_the_gpu_is_busy_make_one_that_the_second_extends():
     """A second reserve while the first waits for the GPU (a Steam launch and a timer at once) was
-    answered gpu_reserved by the first once it held the GPU, though the README says asking again extends
+    answered gpu_reserved by the first once it held the GPU, though the docs say asking again extends
     it: `reserve` failed, and the GPU was given back at the first one's end."""
     s, _, ops, clock = make_scheduler(small_config())
     for name in ops.states:
@@ -8606,7 +8608,7 @@ async def test_with_a_token_the_page_loads_but_its_data_needs_the_token(rig):
 
 
 async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservations(rig, tmp_path):
-    # Redrawing the README's picture, the same sequence goes slower so that it fills the last minute.
+    # Redrawing docs/dashboard.png, the same sequence goes slower so that it fills the last minute.
     slow = bool(os.environ.get("MGPU_SCREENSHOT"))
     pause = 3.0 if slow else 0.0
     mvoice = {"work_s": 1.5, "load_s": 2, "release_s": 1} if slow else {}
@@ -8708,7 +8710,7 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
             ["free", 2000, None],
         ]
 
-        # The README's picture: comfyui rendering again, the last minute drawn above.
+        # docs/dashboard.png: comfyui rendering again, the last minute drawn above.
         for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
             await browser.call("Input.dispatchMouseEvent", type=kind, x=0, y=0, button="left", clickCount=1)
         await browser.evaluate("Date.now = window.realNow")
@@ -8720,7 +8722,7 @@ async def test_timeline_draws_jobs_holds_unloads_loads_the_queue_and_reservation
         await browser.screenshot(tmp_path / "dashboard.png")
         assert (await image)[0] == 200
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
-    if os.environ.get("MGPU_SCREENSHOT"):  # how README's picture is made
+    if os.environ.get("MGPU_SCREENSHOT"):  # how docs/dashboard.png is made
         shutil.copy(tmp_path / "dashboard.png", os.environ["MGPU_SCREENSHOT"])
 
 
@@ -9257,7 +9259,8 @@ async def test_oversized_headers_are_refused_by_the_parser_and_the_broker_goes_o
         writer.write(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
         await writer.drain()
         answer = await asyncio.wait_for(reader.read(), 10)
-        # aiohttp's parser answers before any handler runs: its own plain-text 400 (README, "Known limits").
+        # aiohttp's parser answers before any handler runs: its own plain-text 400 (docs/how-it-works.md,
+        # "Known limits").
         assert answer.startswith(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain")
         writer.close()
         assert (await daemon.status(r.session))["scheduler"]["stats"]["jobs"] == 0
@@ -9508,3 +9511,131 @@ def test_bench_overtaking_counts_later_jobs_of_no_higher_effective_priority():
     strict = [made_up_job(i, "tts", 2, (i, 0.1 * i), (10 + 2 * i, 1.0 + i), 1.5 + i) for i in range(4)]
     bench.overtaking(strict, aging_s=60)
     assert all(j.overtaken_s == 0 and not j.overtakers for j in strict)
+
+
+# =====================================================================================================
+# 13. The documentation
+# The README as a front door, its manual in docs/ whole and linked, every error code and config key in it.
+# =====================================================================================================
+
+DOCS = HERE / "docs"
+#: The manual, one file per topic (README.md, "Where the rest is").
+MANUAL = (
+    "how-it-works.md",
+    "configuration.md",
+    "operations.md",
+    "api.md",
+    "security.md",
+    "development.md",
+    "decisions.md",
+)
+
+
+def markdown_prose(text: str) -> str:
+    """A Markdown text without its fenced blocks and inline code: what links and headings are read from."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    return re.sub(r"`[^`]*`", "", text)
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings: lower case, punctuation dropped (``_`` and
+    ``-`` kept), spaces as ``-``, a repeated one numbered."""
+    anchors: set[str] = set()
+    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    for heading in re.findall(r"^#{1,6} +(.+?) *$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        n, unique = 0, slug
+        while unique in anchors:
+            n += 1
+            unique = f"{slug}-{n}"
+        anchors.add(unique)
+    return anchors
+
+
+def relative_links(path: Path) -> list[str]:
+    """Every link target in a Markdown file that is not a URL of its own (http, mailto)."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", markdown_prose(path.read_text()))
+    return [t for t in targets if not re.match(r"^[a-z]+:", t)]
+
+
+def test_the_readme_is_a_front_door_that_links_every_file_of_the_manual():
+    readme = (HERE / "README.md").read_text()
+    words = len(readme.split())  # as wc -w counts them
+    assert words < 2000, f"README.md has {words} words: keep it a front door"
+    linked = {t.partition("#")[0] for t in relative_links(HERE / "README.md")}
+    pages = sorted(p.name for p in DOCS.glob("*.md"))
+    assert pages == sorted(MANUAL), pages
+    assert {f"docs/{name}" for name in MANUAL} <= linked, linked
+    # What a newcomer runs, and what CI runs as the README's own commands.
+    assert all(f"make {target}" in readme for target in ("demo", "test", "lint", "deploy"))
+    # Its minimal config is one the loader takes.
+    example = re.search(r"^## A minimal config$.*?^```yaml\n(.*?)^```", readme, re.M | re.S)
+    assert example is not None
+    config = m.parse_config(yaml.safe_load(example.group(1)))
+    assert set(config.routing) == {"tts", "stt", "llm", "image"} and len(config.consumers) == 4
+
+
+def test_every_relative_link_in_the_readme_and_the_manual_resolves():
+    checked = 0
+    for page in [HERE / "README.md", *sorted(DOCS.glob("*.md"))]:
+        for target in relative_links(page):
+            file, _, anchor = target.partition("#")
+            resolved = (page.parent / file).resolve() if file else page
+            assert resolved.exists(), f"{page.name}: {target} (no such file)"
+            if anchor:
+                assert resolved.suffix == ".md", f"{page.name}: {target} (an anchor into no Markdown file)"
+                anchors = heading_anchors(resolved.read_text())
+                assert anchor in anchors, f"{page.name}: {target} (no such heading)"
+            checked += 1
+    assert checked > 50, checked
+
+
+def documented_table(page: str, first_column: str) -> dict[str, list[str]]:
+    """The rows of the tables in docs/<page> whose header starts with ``first_column``: each code span of a
+    row's first cell (`` `unload`, `load` `` is two) -> the row's other cells."""
+    rows: dict[str, list[str]] = {}
+    in_table = False
+    for line in (DOCS / page).read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if not cells:
+            in_table = False
+        elif cells[0] == first_column:
+            in_table = True
+        elif in_table:
+            rows |= dict.fromkeys(re.findall(r"`([^`]+)`", cells[0]), cells[1:])
+    return rows
+
+
+def test_every_error_code_is_documented_with_its_status_and_retryable():
+    table = documented_table("api.md", "code")
+    documented = {code: (int(cells[0]), cells[1] == "yes") for code, cells in table.items()}
+    assert documented == m.ERROR_CODES
+
+
+def test_every_config_key_is_documented_with_the_default_the_loader_gives():
+    raw = {"url": "http://127.0.0.1:1", "health": {"path": "/"}, "paths": {"x": {"path": "/x"}}}
+    loaded = m.parse_config({"consumers": {"a": {**raw, "vram_resident_mib": 1}}})
+    # Every key the loader reads, with the value it gives when the key is left out (None: no plain default).
+    keys: dict[str, Any] = {"listen": f"{loaded.listen_host}:{loaded.listen_port}", "routing.{kind}": None}
+    keys |= dict.fromkeys(("audio_proxy", "auth.token_file", "unload.for_each", "paths.{kind}.hold_until"))
+    for part in ("gpu", "scheduler", "health", "http", "auth"):
+        section = getattr(loaded, part)
+        keys |= {f"{part}.{f.name}": getattr(section, f.name) for f in dataclasses.fields(section)}
+    consumer = loaded.consumers["a"]
+    named = {"paths": "paths.{kind}"}  # the field's key as the table names it
+    for f in dataclasses.fields(consumer):
+        if f.name not in ("name", "from_preset"):  # not keys: the consumer's name, the preset's bookkeeping
+            keys[named.get(f.name, f.name)] = getattr(consumer, f.name)
+
+    table = documented_table("configuration.md", "key")
+    missing = sorted(set(keys) - set(table))
+    assert not missing, f"not in docs/configuration.md: {missing}"
+    for key, value in keys.items():
+        default = re.fullmatch(r"`([^`]*)`", table[key][0])
+        shown = default.group(1) if default else None
+        if isinstance(value, bool):
+            assert shown == str(value).lower(), (key, table[key][0], value)
+        elif isinstance(value, (int, float)) and shown is not None and re.fullmatch(r"[\d.]+", shown):
+            assert float(shown) == value, (key, table[key][0], value)
+        elif key == "listen":
+            assert shown == value, (key, table[key][0], value)
