@@ -111,6 +111,8 @@ RESERVED_KINDS = frozenset({"status", "consumers", "events", "reload", "reserve"
 KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 #: The kind a mount job has when its method and path are none of its consumer's ``paths``.
 MOUNT_KIND = "mount"
+#: The kind of the job that starts a stopped consumer for an unscheduled call (``start_for_unscheduled``).
+START_KIND = "start"
 #: The pseudo-consumer that holds a GPU's lock while it is reserved (``POST /v1/reserve``), and its kind.
 RESERVATION = "reservation"
 #: Kinds of job that only unload: granting one changes nothing another consumer's record relies on.
@@ -120,6 +122,9 @@ HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 TIMING_SAMPLES = 15
 #: What the broker times per consumer: its loads, its unloads and its jobs.
 TIMED = ("load", "unload", "job")
+#: A forecast counts the job running now as at least this much more, however long past its consumer's
+#: learned job time it has run already (it is not done: a render twice as long as usual is still running).
+RUNNING_FLOOR_S = 1.0
 #: How often free VRAM is polled after an unload (one nvidia-smi each, the GPU line alone), and which
 #: share of the victim's memory counts as "freed".
 VRAM_POLL_S = 0.05
@@ -310,6 +315,10 @@ class ConsumerConfig:
     residency: JsonQuery | None = None
     #: Its own port (host, port): its whole API at the root path, by the rules of its mount.
     listen: tuple[str, int] | None = None
+    #: An unscheduled call (through its mount or port, /audio/, a WebSocket) that finds it stopped starts it
+    #: first, as a job of kind ``start`` would, instead of being refused with consumer_stopped: every route
+    #: of its needs its model (llama-server, whose process is its model).
+    start_for_unscheduled: bool = False
     #: The preset it was made from, and the keys (``paths.<kind>`` for paths) that the preset filled in.
     preset: str | None = None
     from_preset: tuple[str, ...] = ()
@@ -609,6 +618,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # ComfyUI v0.8.0 server.py, app/user_manager.py, app/app_settings.py: every route is served under /api
     # too; /prompt answers at once and /history/{id} stays {} until the render is done; /free needs a body.
+    # /free sets each flag it names one after the other, and main.py's prompt_worker reads them between
+    # prompts: free_memory implies unload_models, and both in one body race (the worker may read the first
+    # alone, leaving free_memory to drop the model of the next render as soon as it is done).
     "comfyui": {
         "health": {"method": "GET", "path": "/system_stats"},
         "paths": {
@@ -633,7 +645,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 },
             },
         },
-        "unload": {"method": "POST", "path": "/free", "body": {"unload_models": True, "free_memory": True}},
+        "unload": {"method": "POST", "path": "/free", "body": {"free_memory": True}},
         "unscheduled": [
             {"method": "POST", "path": prefix + path}
             for path in (
@@ -662,6 +674,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "paths": OPENAI_PATHS,
         "residency": {"method": "GET", "path": "/props", "where": {"is_sleeping": [False, None]}},
         "unscheduled": _calls("POST", "/tokenize", "/detokenize", "/apply-template"),
+        # Stopped by its unload command, it answers nothing: a model list (what the OpenAI client and Open
+        # WebUI ask first) needs it running, and running it is loading its one model.
+        "start_for_unscheduled": True,
     },
     # The same server in router mode (started without a model), tools/server/server-models.cpp: GET /models
     # lists every model with status.value; /models/unload and /models/load take {"model": id}.
@@ -1023,6 +1038,7 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         "max_websockets",
         "residency",
         "listen",
+        "start_for_unscheduled",
         "preset",
     )
     d = ck.mapping(raw, where, allowed, required=True)
@@ -1079,6 +1095,9 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         ck.problem(f"{where}.idle_unload_s", "needs an unload route or command")
     if idle_unload_s and vram_managed is True:
         ck.problem(f"{where}.idle_unload_s", "a vram_managed consumer unloads itself (Ollama's keep_alive)")
+    start_for_unscheduled = d.get("start_for_unscheduled", False)
+    if not isinstance(start_for_unscheduled, bool):
+        ck.problem(f"{where}.start_for_unscheduled", f"must be true or false, not {start_for_unscheduled!r}")
     preload = d.get("preload", False)
     if not isinstance(preload, bool):
         ck.problem(f"{where}.preload", f"must be true or false, not {preload!r}")
@@ -1108,6 +1127,7 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         if "residency" in d
         else None,
         listen=_parse_listen(ck, d["listen"], f"{where}.listen") if "listen" in d else None,
+        start_for_unscheduled=start_for_unscheduled is True,
         preset=preset,
         from_preset=from_preset,
     )
@@ -1621,6 +1641,7 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "too_many_requests": (429, True),
     "bad_config": (422, False),
     "consumer_unreachable": (502, True),
+    "consumer_stopped": (503, True),
     "load_failed": (502, True),
     "unload_failed": (502, True),
     "bad_consumer_url": (502, False),
@@ -1968,6 +1989,10 @@ METRIC_HELP = {
         "Bugs in the broker (each also logged with a traceback).",
     ),
     "mgpumanager_consumer_healthy": ("gauge", "1 if the last health probe succeeded, 0 if not, NaN unknown."),
+    "mgpumanager_consumer_stopped": (
+        "gauge",
+        "1 if the consumer (started by a command) is stopped, by the broker or found not running; else 0.",
+    ),
     "mgpumanager_consumer_resident": ("gauge", "1 if the consumer is resident, 0 if not, NaN unknown."),
     "mgpumanager_consumer_vram_used_bytes": (
         "gauge",
@@ -2465,13 +2490,15 @@ class ConsumerState:
 
     ``resident`` and ``healthy`` are True, False or None (unknown). ``trusted`` says whether a resident
     record may be acted on without reading the GPU: only while nothing since the record could have changed
-    it (see ``touched``).
+    it (see ``touched``). ``stopped``: a consumer started by a command whose service is not running (the
+    broker stopped it, or it is down): unhealthy, but no fault; a job starts it.
 
     ==============  ========================================  ===============  =======  =========
     transition      when                                      resident         healthy  trusted
     ==============  ========================================  ===============  =======  =========
     probed          a health probe ended                      as reported [1]  verdict  [4]
     came_up         a health wait after a load command: 2xx                    True
+    was_stopped     its unload command succeeded                               stopped
     seen_down       a job, hold or WebSocket found it gone    unknown [2]      False    cleared
     timed_out       a job got no answer in its timeout_s      (kept) [2]       False    cleared
     touched         something may have changed its memory                               cleared [3]
@@ -2493,7 +2520,8 @@ class ConsumerState:
     ``processes`` is resident exactly when a reading finds its processes holding at least half its
     ``vram_resident_mib``; what it reports of itself is then not asked (memory cannot be wrong about
     memory).
-    [2] Not resident for a consumer started by a command: its process is gone, a job starts it again.
+    [2] Not resident for a consumer started by a command: its process is gone (stopped), a job starts it
+    again. A probe of one that finds nothing accepting connections finds it stopped too.
     [3] Another consumer's job or load on its GPU, a mount call outside its paths, its processes changing
     between readings (a restart), a health round missed.
     [4] A failed probe clears it. An observation that finds it resident sets it, unless something put it
@@ -2513,6 +2541,9 @@ class ConsumerState:
         self.resident: bool | None = None
         self.trusted = False
         self.healthy: bool | None = None
+        #: Unhealthy because its service is not running, not by fault: started by a command, and stopped by
+        #: the broker or found not accepting connections. Shown as "stopped", logged at info.
+        self.stopped = False
         #: Wall-clock time of the last probe (for people), its failure reason and the error code a request
         #: gets while it failed: consumer_unreachable or bad_consumer_url.
         self.last_probe: float | None = None
@@ -2629,14 +2660,22 @@ class ConsumerState:
     # ---- health -------------------------------------------------------------------------------------
 
     def probed(
-        self, ok: bool, reason: str | None, code: str, started: float, reported: bool | None = None
+        self,
+        ok: bool,
+        reason: str | None,
+        code: str,
+        started: float,
+        reported: bool | None = None,
+        *,
+        stopped: bool = False,
     ) -> bool:
-        """A probe that started at ``started`` ended; ``reported``: the residency it told. Whether it
-        counted (a probe older than what a job or a health wait found since is ignored)."""
+        """A probe that started at ``started`` ended; ``reported``: the residency it told; ``stopped``: it
+        failed because the service (started by a command) is not running. Whether it counted (a probe older
+        than what a job or a health wait found since is ignored)."""
         self.last_probe = time.time()
         if (ok and started < self._down_at) or (not ok and started < self._up_at):
             return False
-        self._set_health(ok, reason, code)
+        self._set_health(ok, reason, code, stopped=stopped)
         if not ok:
             self.touched(f"probe failed: {reason}")
         if reported is not None:
@@ -2648,12 +2687,18 @@ class ConsumerState:
         self._up_at = self.clock()
         self._set_health(True, None, "consumer_unreachable")
 
+    def was_stopped(self, reason: str) -> None:
+        """The broker stopped it (its unload command succeeded): stopped until a probe started after now,
+        or the health wait after its load command, finds it up. Its residency is the unload's to decide."""
+        self._down_at = self.clock()
+        self._set_health(False, reason, "consumer_unreachable", stopped=True)
+
     def seen_down(self, reason: str, *, stopped: bool = False) -> None:
         """A job, a hold or a WebSocket found it gone (refused, reset): unhealthy until a probe started
         after now succeeds; its residency unknown (``stopped``: not resident, a service started by
-        command)."""
+        command, which is then stopped)."""
         self._down_at = self.clock()
-        self._set_health(False, reason, "consumer_unreachable")
+        self._set_health(False, reason, "consumer_unreachable", stopped=stopped)
         self.trusted = False
         if not self._acting:  # (a service the broker is starting refuses until it listens: expected)
             self._set_resident(False if stopped else None, "seen down")
@@ -2667,16 +2712,21 @@ class ConsumerState:
         if stopped:
             self._set_resident(False, "timed out")
 
-    def _set_health(self, ok: bool, reason: str | None, code: str) -> None:
-        """The one place health is written; a change is logged and published."""
-        if ok != self.healthy:
-            log.log(
-                logging.INFO if ok else logging.WARNING,
-                logfmt(msg="health", consumer=self.name, healthy=ok, reason=reason),
-            )
+    def _set_health(self, ok: bool, reason: str | None, code: str, *, stopped: bool = False) -> None:
+        """The one place health is written; a change is logged and published (a consumer stopped, not
+        failing, at info)."""
+        stopped = stopped and not ok
+        if ok != self.healthy or stopped != self.stopped:
+            if stopped:
+                log.info(logfmt(msg="stopped", consumer=self.name, reason=reason))
+            else:
+                log.log(
+                    logging.INFO if ok else logging.WARNING,
+                    logfmt(msg="health", consumer=self.name, healthy=ok, reason=reason),
+                )
             if self.events is not None:
-                self.events.publish("health", consumer=self.name, healthy=ok, reason=reason)
-        self.healthy, self.last_error, self.last_error_code = ok, reason, code
+                self.events.publish("health", consumer=self.name, healthy=ok, reason=reason, stopped=stopped)
+        self.healthy, self.stopped, self.last_error, self.last_error_code = ok, stopped, reason, code
 
     # ---- what it takes ------------------------------------------------------------------------------
 
@@ -2826,6 +2876,8 @@ class Consumers:
             raise CallError("unload: no unload route (any more)")
         if isinstance(c.unload, Command):
             await self._run(c, c.unload, "unload")
+            if c.started_by_command:  # (its load starts it again: stopped, not failing)
+                self.states[name].was_stopped("stopped by its unload command")
         elif c.unload.for_each is not None:
             await self._unload_each(c, c.unload, c.unload.for_each)
         else:
@@ -2891,14 +2943,16 @@ class Consumers:
             raise CallError(f"{where} answered no JSON (or more than {QUERY_ANSWER_LIMIT // MiB} MiB)")
         return answer
 
-    async def read_residency(self, c: ConsumerConfig) -> bool | None:
-        """What its residency query (``residency``, else its for_each listing) says, within health.timeout_s;
+    async def read_residency(self, c: ConsumerConfig, timeout_s: float) -> bool | None:
+        """What its residency query (``residency``, else its for_each listing) says, within ``timeout_s``;
         None when it has none or the answer cannot tell (logged when that changes)."""
         query = c.residency_query
         if query is None:
             return None
         try:
-            answer = await self._query(c, query, self.config.health.timeout_s, "residency")
+            if timeout_s <= 0:
+                raise CallError(f"residency: no time left of the probe's {self.config.health.timeout_s:g} s")
+            answer = await self._query(c, query, timeout_s, "residency")
             resident = query_resident(query, answer)
         except CallError as e:
             if self.residency_errors.get(c.name) != str(e):
@@ -3009,7 +3063,8 @@ class Consumers:
     async def probe(self, name: str) -> None:
         """One health probe: its verdict, and the residency the consumer reports (health's ``loaded``;
         a command-started service: up is resident, down is not). A consumer measured by its processes
-        reports nothing here: the readings tell."""
+        reports nothing here: the readings tell. The health call and the residency query after it take
+        health.timeout_s together."""
         c = self.config.consumers.get(name)
         state = self.states.get(name)
         if c is None or state is None:
@@ -3029,7 +3084,8 @@ class Consumers:
                 if ok and resp.content_type == "application/json":
                     data = parse_json(body)
                     loaded = data.get("loaded") if isinstance(data, dict) else None
-            if ok and (reported := await self.read_residency(c)) is not None:
+            left = started + self.config.health.timeout_s - self.clock()
+            if ok and (reported := await self.read_residency(c, left)) is not None:
                 loaded = reported  # its residency query outranks its health's "loaded"
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
             ok, reason, code, error = False, describe(e), failure_code(e), e
@@ -3041,7 +3097,11 @@ class Consumers:
             # A service started by command holds its model while it runs: up is resident, down is not.
             loaded = ok
         reported = loaded if isinstance(loaded, bool) and c.processes is None else None
-        counted = state.probed(ok, reason, code, started, reported)
+        # A service started by command that accepts no connection is not running: stopped, not failing.
+        stopped = (
+            c.started_by_command and error is not None and gone_reason(error, refused_only=True) is not None
+        )
+        counted = state.probed(ok, reason, code, started, reported, stopped=stopped)
         if counted and error is not None and gone_reason(error, refused_only=True) is not None:
             self.gone(name, reason or "gone", seen_by="health probe")  # its work died with it
 
@@ -3183,8 +3243,10 @@ class Job:
     overtaken_since: float | None = None
     #: Granted to a consumer that was not resident and has no load of its own: its run includes loading.
     cold: bool = False
-    #: It made room and loaded (or needed neither) and went to work on its consumer, until its slot goes.
+    #: It made room and loaded (or needed neither) and went to work on its consumer, until its slot goes;
+    #: since when (its job time is learned from then: making room and loading are learned on their own).
     working: bool = False
+    working_at: float | None = None
     #: How it ended, kept for its log line (written when a hold after it ends).
     outcome: str | None = None
     code: str | None = None
@@ -3260,6 +3322,7 @@ class Fact:
 #: Everything the scheduler records besides jobs' own lines: each fact is written once, with
 #: ``Recorder.record``, and becomes a Stats count, a metric, a log line and an event from that one call.
 FACTS: dict[str, Fact] = {
+    "residency_asked": Fact("residency_asked", "residency asked"),
     "evicting": Fact("evicting", "evicting"),
     "evicted": Fact("evicted", "evicted", stat="evictions", metric="mgpumanager_evictions_total"),
     "memory_not_freed": Fact("memory_not_freed", "memory not freed in time", logging.WARNING),
@@ -3535,11 +3598,13 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
     processes hold already. Victims are the other consumers of the GPU that are resident or of unknown
     residency, have an unload, may not coexist with the target, run no job and were not tried for this job
     yet: least recently used first (never used first, ties in config order); ``vram_managed`` ones (Ollama)
-    only after every other, as the last resort; and after them the target itself when its residency is unknown
-    and nothing measures it: it may be what fills the GPU. A target recorded resident that something may have
-    changed since, or that another job of it is at work on already (it may have loaded itself for that one),
-    is credited with the used memory no other consumer accounts for (see _credit); never when the broker loads
-    it itself (the load takes its whole size, whoever holds that memory).
+    only after every other, as the last resort; and after them the target itself when nothing measures it
+    and its residency is unknown or in doubt (recorded resident, not trusted: the scheduler asked it and it
+    could not tell): it may be what fills the GPU. Memory that no consumer's record or measurement accounts
+    for is nobody's: a target in doubt is planned at its full size, never credited with it (a needless
+    eviction is possible, an overfill is not). Only a target that another job of it is at work on already
+    (past making room for its whole size: a consumer that loads itself may have loaded its model for that
+    one) is credited with it (see _credit), and never when the broker loads the target itself.
     """
     target = snap.consumers[snap.target]
     cushion = snap.cushion_mib
@@ -3547,7 +3612,7 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
         need = max(0, target.size_mib - target.used_mib) + cushion
     elif target.resident is True and target.trusted:
         need = 0
-    elif (target.resident is True or snap.target_working) and not snap.loads_target:
+    elif snap.target_working and not snap.loads_target:
         need = target.size_mib - _credit(snap) + cushion
     else:
         need = target.size_mib + cushion
@@ -3565,36 +3630,56 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
     if (
         target.config.unload is not None
         and target.used_mib is None
-        and target.resident is None
+        and (target.resident is None or (target.resident is True and not target.trusted))
         and target.jobs <= 1  # no other job of it is working on what it holds
         and snap.target not in snap.tried
     ):
         victims.append(snap.target)
     # Only as many as the figures say are needed (the executor plans again after each one anyway).
+    charged = _charged(snap)
     enough, expected = [], snap.free_mib
     for name in victims:
         enough.append(name)
-        expected += snap.consumers[name].holds_mib
+        expected += charged.get(name, snap.consumers[name].holds_mib)
         if expected >= need:
             break
     return RoomPlan(need, snap.free_mib, tuple(enough), _why_not(snap))
 
 
-def _credit(snap: RoomSnapshot) -> int:
-    """What a target recorded resident but not trusted (or with a job at work on it), and not measured, is
-    taken to hold already: the GPU's used memory that no other consumer can account for (each other
-    consumer that is resident, or of unknown residency, counted at what it holds), at most its size. The
-    reading then decides: a consumer that restarted behind the broker's back holds nothing, and its job
-    makes room for all it will load."""
+def _charged(snap: RoomSnapshot, besides: str | None = None) -> dict[str, int]:
+    """What the reading is taken to hold of each consumer (but ``besides``). One measured: what its
+    processes hold; one recorded resident: its size. One of unknown residency: at most what the reading's
+    used memory leaves unaccounted for once those are counted, never its size on top of that (in config
+    order; all of its size when the reading has no used figure). One not resident: nothing."""
+    charged = {
+        name: view.holds_mib
+        for name, view in snap.consumers.items()
+        if name != besides and (view.used_mib is not None or view.resident is True)
+    }
+    left = math.inf if snap.used_mib is None else snap.used_mib - sum(charged.values())
+    for name, view in snap.consumers.items():
+        if name != besides and name not in charged and view.resident is None:
+            charged[name] = int(min(view.holds_mib, max(0, left)))
+            left -= charged[name]
+    return charged
+
+
+def unclaimed_mib(snap: RoomSnapshot, besides: str | None = None) -> int:
+    """The used memory of the reading that no consumer's record or measurement accounts for (0 when the
+    reading has no used figure): a stranger's (a game, a training run), a consumer's that says it holds
+    nothing, a CUDA context nobody measures. Nobody's: never credited to a target in doubt."""
     if snap.used_mib is None:
         return 0
-    others = sum(
-        view.holds_mib
-        for name, view in snap.consumers.items()
-        if name != snap.target and view.resident is not False
-    )
+    return max(0, snap.used_mib - sum(_charged(snap, besides).values()))
+
+
+def _credit(snap: RoomSnapshot) -> int:
+    """What a target that another job of it is at work on (and not measured) is taken to hold already: the
+    used memory no other consumer accounts for, at most its size. That job made room for all of the target
+    before it went to work, so what has shown up since is most likely what the target loaded for it; the
+    reading still decides (what is not there is not credited)."""
     target = snap.consumers[snap.target]
-    return max(0, min(target.size_mib, snap.used_mib - others))
+    return min(target.size_mib, unclaimed_mib(snap, besides=snap.target))
 
 
 def _why_not_one(snap: RoomSnapshot, name: str, view: ConsumerView) -> str | None:
@@ -3636,6 +3721,8 @@ def room_message(
         f"{plan.free_mib} MiB free, {plan.need_mib} MiB needed"
         f" ({snap.target} {size}{held} + cushion {snap.cushion_mib})"
     ]
+    if snap.used_mib is not None:
+        parts.append(f"{unclaimed_mib(snap)} MiB used that no consumer accounts for")
     if plan.exhausted:
         parts.append(f"gave up after {snap.max_evictions} unload attempts")
     if plan.why_not:
@@ -3917,6 +4004,8 @@ class UnloadOps(Protocol):
 
     async def load(self, name: str) -> None: ...
 
+    async def probe_now(self, name: str) -> None: ...
+
     def owners(self) -> Mapping[int, str]: ...
 
 
@@ -4080,7 +4169,8 @@ class Scheduler:
         try:
             if not self._needs_no_room(job):  # checked again under the lock; the common case skips it
                 await self._guarded(job, self._prepare(job))
-            job.working = True  # (counted until its slot is given back: a join's plan credits its work)
+            # (Counted until its slot is given back: a join's plan credits its work.)
+            job.working, job.working_at = True, self.clock()
             self._working[job.consumer] = self._working.get(job.consumer, 0) + 1
             self.recorder.job_event("started", job)
         except BaseException as e:
@@ -4554,6 +4644,10 @@ class Scheduler:
             state = self.states[job.consumer]
             if self._needs_no_room(job) or job.left:
                 return
+            if self._in_doubt(job):
+                await self._ask(job)
+                if self._needs_no_room(job) or job.left:
+                    return
             await self._make_room(job, warm)
             if job.left:  # nobody waits for it any more: load nothing for it
                 return
@@ -4569,6 +4663,29 @@ class Scheduler:
         state = self.states[job.consumer]
         stopped = job.target.started_by_command and state.resident is None and state.healthy is False
         return job.target.load is not None and (state.resident is False or warm or stopped)
+
+    def _in_doubt(self, job: Job) -> bool:
+        """Recorded resident, but something may have changed that since, and no reading measures it: the
+        target is asked before any room is planned for it."""
+        state = self.states[job.consumer]
+        return state.resident is True and not state.trusted and job.target.processes is None
+
+    async def _ask(self, job: Job) -> None:
+        """Ask a target in doubt: one health probe with its residency report (health's ``loaded``, its
+        residency query or for_each listing), within health.timeout_s, shared with any probe under way. A
+        fresh "resident" makes its record trusted, a fresh "not resident" records it so; a consumer that
+        cannot tell, or does not answer, stays in doubt (then it is planned at its full size)."""
+        state = self.states[job.consumer]
+        await self.ops.probe_now(job.consumer)
+        if state.known_resident():
+            answer = "resident"
+        elif state.resident is False:
+            answer = "not resident"
+        elif state.healthy is False:
+            answer = f"no answer ({state.last_error})"
+        else:
+            answer = "cannot tell"
+        self.recorder.record("residency_asked", consumer=job.consumer, answer=answer, job=job.id)
 
     def _needs_no_room(self, job: Job) -> bool:
         """Resident by a record nothing has put in doubt, or its memory is elsewhere (a remote broker):
@@ -4792,12 +4909,15 @@ class Scheduler:
         return False
 
     def _learn_job(self, job: Job, ended: float) -> None:
-        """What a job that took the work took: its consumer's job time, or, a cold start (the consumer loads
-        itself on its first request), a load time (what it took beyond a usual job)."""
-        if job.started is None or job.exclusive:
+        """What a job that took the work took from the moment it went to work (the evictions and the load
+        before it are learned on their own, so a forecast counts each once): its consumer's job time, or, a
+        cold start (the consumer loads itself on its first request), a load time (what it took beyond a
+        usual job)."""
+        began = job.working_at if job.working_at is not None else job.started
+        if began is None or job.exclusive:
             return
         state = self.states[job.consumer]
-        took = max(0.0, ended - job.started)
+        took = max(0.0, ended - began)
         if job.cold:
             self._learn(job, state, "load", max(0.0, took - (state.timing("job") or 0.0)), at_end=True)
         else:
@@ -4909,8 +5029,9 @@ class Scheduler:
     def forecast(self, until: Job | None = None, count: int | None = None) -> list[tuple[Job, float]]:
         """The waiting jobs in the order they are expected to be granted, each with its expected wait in
         seconds (``eta_s``), from the consumers' learned figures (a figure not seen yet counts as 0, so an
-        eta is then a lower bound). It plays the grant order forward: the holder's remaining time, then job
-        after job, each that needs a swap paying its load and the unloads of what may not stay beside it.
+        eta is then a lower bound). It plays the grant order forward: the holder's remaining time (at least
+        RUNNING_FLOOR_S), then job after job, each that needs a swap paying its load and the unloads of what
+        may not stay beside it.
         It stops once ``until`` has its place, or after ``count`` jobs.
         """
         now = self.clock()
@@ -4928,9 +5049,9 @@ class Scheduler:
 
         t = 0.0
         holder = self.lock.holder
-        if holder is not None:
+        if holder is not None:  # what it still takes: at least RUNNING_FLOOR_S, however long it has run
             held = now - self.lock.held_since
-            t = max(0.0, figure(holder, "job") - held)
+            t = max(RUNNING_FLOOR_S, figure(holder, "job") - held)
         out: list[tuple[Job, float]] = []
         current = holder
         while waiting:
@@ -5889,6 +6010,27 @@ class Broker:
             message = f"upstream {name} last probe failed: {state.last_error}"
             raise BrokerError(state.last_error_code, message, name)
 
+    async def ensure_running(self, consumer: ConsumerConfig, request_id: str | None) -> None:
+        """Before an unscheduled call: a consumer that is stopped (started by a command, which the broker
+        stopped or found not running) is refused with consumer_stopped, its Retry-After its learned load
+        time (a job for it starts it), unless ``start_for_unscheduled``: then a job of kind ``start`` makes
+        room for it and starts it first, through the GPU lock like any job."""
+        name = consumer.name
+        state = self.consumers.states[name]
+        if not state.stopped:
+            return
+        if not consumer.start_for_unscheduled:
+            load_s = state.timing("load")
+            took = f" (its start takes {load_s:.1f} s)" if load_s is not None else ""
+            raise BrokerError(
+                "consumer_stopped",
+                f"{name} is stopped; a job for it starts it again{took}",
+                name,
+                retry_after=max(1, math.ceil(load_s or 0)),
+            )
+        job = await self.scheduler_for(name).acquire(name, START_KIND, request_id=request_id)
+        job.release()
+
     @contextlib.contextmanager
     def unscheduled_slot(self, consumer: ConsumerConfig, *, websocket: bool = False) -> Iterator[None]:
         """Hold one of the consumer's ``max_unscheduled`` (or ``max_websockets``) slots while an unscheduled
@@ -6034,9 +6176,11 @@ SOURCE: web.AppKey[ConfigSource | None] = web.AppKey("source")
 BROKER = web.AppKey("broker", Broker)
 #: On a consumer's own port's app: that consumer's name.
 PORT_CONSUMER = web.AppKey("port_consumer", str)
-#: Paths served without the bearer token: the main app's /healthz and /; none on a consumer's port (its
+#: Paths served without the bearer token: the main app's BROKER_PUBLIC_PATHS; none on a consumer's port (its
 #: / is the consumer's).
 PUBLIC_PATHS = web.AppKey("public_paths", frozenset)
+#: The broker's own paths that need no token: its health, its static page and the page's icon.
+BROKER_PUBLIC_PATHS = frozenset({"/healthz", "/", "/favicon.ico"})
 #: HTTP statuses aiohttp raises on its own (unknown route, wrong method, ...) -> our error codes.
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
@@ -6095,9 +6239,10 @@ def check_target(request: web.Request) -> None:
 
 
 def check_token(request: web.Request) -> None:
-    """With auth.token set, every route but /healthz (and the static page at /) needs the bearer token."""
+    """With auth.token set, every route but /healthz (and the static page at /, and its icon) needs the
+    bearer token."""
     token = request.app[BROKER].config.auth.token
-    if token is not None and request.path not in request.app.get(PUBLIC_PATHS, ("/healthz", "/")):
+    if token is not None and request.path not in request.app.get(PUBLIC_PATHS, BROKER_PUBLIC_PATHS):
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         given_bytes = given.strip().encode("utf-8", "surrogateescape")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token.encode()):
@@ -6446,6 +6591,7 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
     consumer = broker.config.consumers.get(name)
     if consumer is None:  # a reload removed it while it was probed
         raise BrokerError("no_consumer", f"{name} is no longer configured", name)
+    await broker.ensure_running(consumer, request[REQUEST_ID])
     ex = Exchange()
     try:
         with broker.unscheduled_slot(consumer):
@@ -6502,6 +6648,7 @@ async def serve_consumer_api(
     if kind == MOUNT_KIND and (
         method in UNSCHEDULED_METHODS or any(u.matches(method, upstream_path) for u in consumer.unscheduled)
     ):
+        await broker.ensure_running(consumer, request[REQUEST_ID])
         ex = Exchange()
         try:
             with broker.unscheduled_slot(consumer):
@@ -6573,6 +6720,7 @@ async def proxy_websocket(
     if not client.can_prepare(request).ok:  # not a valid upgrade: the consumer is never bothered
         raise BrokerError("bad_request", "not a valid WebSocket upgrade request", consumer.name)
     await broker.check_reachable(consumer.name)
+    await broker.ensure_running(consumer, request[REQUEST_ID])
     with broker.unscheduled_slot(consumer, websocket=True):
         return await _proxy_websocket(request, broker, consumer, path_qs)
 
@@ -6681,6 +6829,7 @@ async def handle_status(request: web.Request) -> web.Response:
             "url": c.url,
             "kinds": list(c.paths),
             "healthy": state.healthy,
+            "stopped": state.stopped,
             "loaded": state.resident,
             "vram_used_mib": state.used_mib,
             "vram_peak_mib": state.peak_mib,
@@ -6745,7 +6894,11 @@ async def handle_metrics(request: web.Request) -> web.Response:
     # After the readings: a consumer's measured memory is that of the reading just taken.
     for name in broker.config.consumers:
         state = broker.consumers.states[name]
-        for metric, value in (("healthy", state.healthy), ("resident", state.resident)):
+        for metric, value in (
+            ("healthy", state.healthy),
+            ("stopped", state.stopped),
+            ("resident", state.resident),
+        ):
             gauges.append(
                 (
                     f"mgpumanager_consumer_{metric}",
@@ -6832,6 +6985,21 @@ async def _to_reader(request: web.Request, resp: web.StreamResponse, data: bytes
 async def handle_dashboard(request: web.Request) -> web.Response:
     """GET /: the live page. Static: what it shows comes from /v1/status and /v1/events."""
     return web.Response(text=DASHBOARD_HTML, content_type="text/html", headers={"Cache-Control": "no-cache"})
+
+
+#: The broker's icon, a 16x16 PNG (a green dot, the dashboard's "ok"): browsers ask /favicon.ico of the
+#: broker's root for its page and for every page served through a mount (ComfyUI's), which got a 404.
+FAVICON_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000100000001008060000001ff3ff610000002b4944415478da63601894c0"
+    "7e67c07f6c986c8d441b449101c46ac669c8a801543060e0d3015592f28000004eb11a74500ef7b50000000049454e44"
+    "ae426082"
+)
+
+
+async def handle_favicon(request: web.Request) -> web.Response:
+    """GET /favicon.ico: the broker's icon, public (a browser sends no token for it), cached for a day."""
+    headers = {"Cache-Control": "public, max-age=86400"}
+    return web.Response(body=FAVICON_PNG, content_type="image/png", headers=headers)
 
 
 async def _drain(app: web.Application) -> None:
@@ -6942,6 +7110,7 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     app.on_response_prepare.append(_add_request_id)
     app.router.add_get("/", handle_dashboard)
     app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/favicon.ico", handle_favicon)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/v1/status", handle_status)
     app.router.add_get("/v1/events", handle_events)
@@ -7160,7 +7329,7 @@ function renderConsumers(consumers, several) {
     '<tr data-consumer="' + esc(name) + '"><td><b>' + esc(name) + "</b>" +
     (several ? ' <span class="dim">GPU ' + c.gpu + "</span>" : "") +
     (c.vram_managed ? ' <span class="dim">(manages its VRAM)</span>' : "") +
-    "</td><td>" + yesno(c.healthy, "healthy", "down") +
+    "</td><td>" + (c.stopped ? '<span class="dim">stopped</span>' : yesno(c.healthy, "healthy", "down")) +
     (c.last_error ? '<br><span class="dim">' + esc(c.last_error) + "</span>" : "") +
     "</td><td>" + yesno(c.loaded, "resident", "unloaded") + "</td><td>" + esc(c.kinds.join(", ")) +
     "</td><td>" + (isNum(c.vram_used_mib) ? c.vram_used_mib + " MiB used, " : "") + c.vram_resident_mib +
@@ -7960,7 +8129,7 @@ def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
             [
                 name,
                 str(c.get("gpu", "")),
-                _state(c.get("healthy"), "healthy", "down"),
+                "stopped" if c.get("stopped") else _state(c.get("healthy"), "healthy", "down"),
                 _state(c.get("loaded"), "yes", "no"),
                 _mib(c.get("vram_used_mib")),
                 _mib(c.get("vram_peak_mib")),
@@ -7970,7 +8139,7 @@ def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
                 str(queued.get(name, 0)),
             ]
         )
-        if c.get("healthy") is False and c.get("last_error"):
+        if c.get("healthy") is False and c.get("last_error") and not c.get("stopped"):
             notes += _wrap(f"{name}: {c['last_error']}")
     right = {1, 4, 5, 6, 8, 9}
     if not several:  # one GPU: no GPU column
