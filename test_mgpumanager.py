@@ -5840,6 +5840,9 @@ async def test_the_ollama_client_given_only_a_host_goes_through_ollamas_port(rig
     assert [(rec.method, rec.path) for rec in sim.records] == [
         ("GET", "/api/ps"),  # the broker's first health round: its residency
         ("POST", "/api/generate"),
+        # /api/generate is also Ollama's for_each unload route (keep_alive 0): its record is in doubt after
+        # it, so the next job asks its residency (the listing) before it trusts the record (issues 18, 19).
+        ("GET", "/api/ps"),
         ("POST", "/api/chat"),
         ("GET", "/api/ps"),
         ("POST", "/api/show"),
