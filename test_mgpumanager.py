@@ -9522,7 +9522,11 @@ async def test_every_own_route_of_a_preset_is_refused_through_mount_and_port_wha
         for prefix, to in ((f"/c/{service}", None), ("", port)):  # another route: forwarded, a job
             before = len(sim.records)
             status, data = await raw_request(r, method, prefix + other, port=to)
-            assert data.get("error") != "forbidden" and len(sim.records) == before + 1, (service, other)
+            # (A mount job outside its paths put its record in doubt: the next one may first ask its
+            # residency, issue 18's probe on demand; the near miss itself reaches it once.)
+            forwarded = [(rec.method, rec.path) for rec in sim.records[before:]]
+            assert data.get("error") != "forbidden", (service, other, data)
+            assert forwarded.count((method, other)) == 1, (service, other, forwarded)
             assert sim.records[-1].path == other
         assert sim.loaded and sim.unloads == 0, service
         assert service not in mgpusim.MULTI_MODEL or list(sim.models) == ["sim-model"]
