@@ -7421,7 +7421,9 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects)
+#: No proxy, whatever http_proxy, HTTPS_PROXY or all_proxy say (urllib would follow them, even for 127.0.0.1,
+#: and hand the bearer token to the proxy): the verbs talk to the broker's URL alone.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects)
 
 
 @dataclass

@@ -7725,6 +7725,51 @@ async def test_cli_sends_the_token_from_the_environment_or_the_token_file(rig, t
     assert (rc, err) == (0, "") and out.startswith("CONSUMER")
 
 
+#: Every variable urllib takes a proxy from, both spellings.
+PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+async def test_cli_ignores_proxy_variables_and_sends_the_token_to_the_broker_alone():
+    """Issue 19, item 7: urllib followed http_proxy (and HTTPS_PROXY, all_proxy), even for 127.0.0.1, and
+    handed the bearer token to the proxy. With a recording proxy in every proxy variable (and no no_proxy),
+    the verbs reach the broker directly and the proxy never hears a byte."""
+    heard: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard.append(await reader.read(65536))
+        writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    got: list[str] = []
+
+    async def status(request: web.Request) -> web.Response:
+        got.append(request.headers.get("Authorization", ""))
+        return web.json_response({"consumers": {}})
+
+    async def reload(request: web.Request) -> web.Response:
+        got.append(request.headers.get("Authorization", ""))
+        return web.json_response({"reloaded": True, "changes": []})
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    proxy_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    env = dict.fromkeys(PROXY_VARIABLES, proxy_url) | {
+        "no_proxy": "",
+        "NO_PROXY": "",
+        "MGPUMANAGER_TOKEN": TOKEN,
+    }
+    try:
+        async with StandIn([("GET", "/v1/status", status), ("POST", "/v1/reload", reload)]) as broker:
+            for verb in ("ps", "reload"):
+                rc, out, err = await cli(verb, "--url", broker.url, env=env)
+                assert (rc, err) == (0, ""), (verb, out, err)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert heard == []
+    assert got == [f"Bearer {TOKEN}"] * 2
+
+
 async def test_cli_events_prints_one_line_per_event_and_stops_on_sigint(rig):
     r = await rig(sims={"mvoice": {"loaded": True}})
     async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
