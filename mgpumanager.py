@@ -150,6 +150,9 @@ CONNECT_TIMEOUT_S = 10.0
 #: A proxied WebSocket pings both sides this often: a peer gone without a close (a laptop put to sleep) is
 #: noticed within about twice this, not at TCP keepalive's two hours.
 WEBSOCKET_HEARTBEAT_S = 30.0
+#: Closing a proxied WebSocket waits this long for the other end's close frame: an end that is still sending
+#: a message the broker refused (too large) cannot answer one, and is cut off then.
+WEBSOCKET_CLOSE_S = 2.0
 #: A config file larger than this is refused unread (mrock's is 5 KiB): parsing is slow and memory-hungry.
 MAX_CONFIG_BYTES = 256 * 1024
 #: A config whose nodes and scalar characters, with every alias expanded, exceed this is refused (an alias
@@ -1728,6 +1731,11 @@ METRIC_HELP = {
     "mgpumanager_websocket_failures_total": (
         "counter",
         "WebSockets through a mount that failed to connect or broke, by consumer.",
+    ),
+    "mgpumanager_websocket_refused_total": (
+        "counter",
+        "WebSockets closed for a message larger than max_ws_message_mib (1009) or a frame that breaks the "
+        "protocol (1002), by consumer and the side that sent it (client, consumer).",
     ),
     "mgpumanager_evictions_total": ("counter", "Consumers unloaded to make room, by the consumer unloaded."),
     "mgpumanager_loads_total": ("counter", "Load calls that succeeded, by consumer."),
@@ -5184,7 +5192,8 @@ async def open_websocket(
 ) -> aiohttp.ClientWebSocketResponse:
     """Open the consumer's side of a proxied WebSocket; failures become BrokerErrors.
 
-    The handshake (connect and the consumer's 101) is bounded like a connect: it must answer at once.
+    The handshake (connect and the consumer's 101) is bounded like a connect: it must answer at once. No
+    compression is offered: a message the consumer sends is held as large as it was sent, never inflated.
     """
     for header in WS_OWN_HEADERS:
         headers.popall(header, None)
@@ -5197,7 +5206,8 @@ async def open_websocket(
                 protocols=protocols,
                 headers=headers,
                 max_msg_size=max_msg_size,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CONNECT_TIMEOUT_S),
+                compress=0,  # no permessage-deflate: nothing the consumer sends is inflated
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=WEBSOCKET_CLOSE_S),
                 heartbeat=WEBSOCKET_HEARTBEAT_S,
             ),
             limit,
@@ -5215,15 +5225,31 @@ async def open_websocket(
 WebSocketSide = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
-async def _pump(source: WebSocketSide, sink: WebSocketSide) -> int:
-    """Copy text and binary messages from ``source`` to ``sink`` until ``source`` closes; return the code
-    to close the other side with. ConnectionResetError when either side broke instead."""
+class WebSocketRefused(Exception):
+    """One side sent what the broker does not relay: a message larger than max_ws_message_mib (1009), or a
+    frame that breaks the protocol (1002: a compressed one, say, which no one agreed to). aiohttp closed that
+    side with ``code`` already; the other side is closed with it too."""
+
+    def __init__(self, code: int, reason: str, sender: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        #: "client" or "consumer".
+        self.sender = sender
+
+
+async def _pump(source: WebSocketSide, sink: WebSocketSide, sender: str) -> int:
+    """Copy text and binary messages from ``source`` (the ``sender``'s side) to ``sink`` until ``source``
+    closes; return the code to close the other side with. WebSocketRefused when ``source`` sent what is not
+    relayed; ConnectionResetError when either side broke instead."""
     async for msg in source:  # ends at CLOSE, CLOSING and CLOSED
         if msg.type == aiohttp.WSMsgType.TEXT:
             await sink.send_str(msg.data)
         elif msg.type == aiohttp.WSMsgType.BINARY:
             await sink.send_bytes(msg.data)
         elif msg.type == aiohttp.WSMsgType.ERROR:
+            if isinstance(msg.data, aiohttp.WebSocketError):  # too big, or not the protocol: refused
+                raise WebSocketRefused(msg.data.code, str(msg.data), sender)
             raise ConnectionResetError(describe(msg.data))
     code = source.close_code
     if code is None or code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE:
@@ -5251,8 +5277,8 @@ class ProxiedWebSocket:
         """
         ended: list[asyncio.Task[int]] = []
         pumps = [
-            asyncio.create_task(_pump(self.client, self.upstream), name="ws client->consumer"),
-            asyncio.create_task(_pump(self.upstream, self.client), name="ws consumer->client"),
+            asyncio.create_task(_pump(self.client, self.upstream, "client"), name="ws client->consumer"),
+            asyncio.create_task(_pump(self.upstream, self.client, "consumer"), name="ws consumer->client"),
         ]
         for pump in pumps:
             pump.add_done_callback(ended.append)
@@ -5262,7 +5288,20 @@ class ProxiedWebSocket:
             # Also when the handler is cancelled (the client's connection closed right after its close
             # frame): what a pump already got still decides the code.
             code, error = self._outcome(ended)
-            if error is not None:
+            if isinstance(error, WebSocketRefused):
+                self.metrics.inc(
+                    "mgpumanager_websocket_refused_total", consumer=self.consumer, sender=error.sender
+                )
+                log.warning(
+                    logfmt(
+                        msg="websocket message refused",
+                        consumer=self.consumer,
+                        sender=error.sender,
+                        code=error.code,
+                        error=error.reason,
+                    )
+                )
+            elif error is not None:
                 self.metrics.inc("mgpumanager_websocket_failures_total", consumer=self.consumer)
                 log.warning(logfmt(msg="websocket broke", consumer=self.consumer, error=describe(error)))
             for pump in pumps:
@@ -5276,13 +5315,16 @@ class ProxiedWebSocket:
                     log.warning(logfmt(msg="websocket close failed", error=describe(result)))
 
     def _outcome(self, ended: list[asyncio.Task[int]]) -> tuple[int, BaseException | None]:
-        """The close code for both sides, and the error when a side broke: ``stop``'s code, else that of
-        the first pump that ended; 1001 (going away) when none did (the relay was cancelled)."""
+        """The close code for both sides, and the error when a side broke or was refused: ``stop``'s code,
+        else that of the first pump that ended (a refusal's own, 1011 for a side that broke); 1001 (going
+        away) when none did (the relay was cancelled)."""
         if self.stop.done():
             return self.stop.result(), None
         for pump in ended:
             if not pump.cancelled():
                 error = pump.exception()
+                if isinstance(error, WebSocketRefused):
+                    return error.code, error
                 return (aiohttp.WSCloseCode.INTERNAL_ERROR, error) if error else (pump.result(), None)
         return aiohttp.WSCloseCode.GOING_AWAY, None
 
@@ -6284,7 +6326,9 @@ async def _proxy_websocket(
     """The WebSocket's both sides, from the consumer's handshake to the end of the relay."""
     metrics = broker.scheduler_for(consumer.name).metrics
     headers = request_headers(request, strip_auth=broker.config.auth.token is not None, consumer=consumer)
-    max_size = broker.config.scheduler.max_body_mib * MiB
+    # A message is held whole once it arrived: as large as max_ws_message_mib at most, either way. (aiohttp
+    # refuses a message of max_msg_size bytes itself: one of exactly the limit passes.)
+    max_size = broker.config.scheduler.max_ws_message_mib * MiB + 1
     try:
         upstream = await open_websocket(
             broker.session, consumer, path_qs, headers, websocket_protocols(request), max_size
@@ -6300,6 +6344,10 @@ async def _proxy_websocket(
             protocols=[upstream.protocol] if upstream.protocol else (),
             max_msg_size=max_size,
             heartbeat=WEBSOCKET_HEARTBEAT_S,
+            timeout=WEBSOCKET_CLOSE_S,
+            # No permessage-deflate with clients: a 60 KB message would inflate to 60 MiB in the broker's
+            # memory. A client that compresses anyway breaks the protocol (closed, 1002).
+            compress=False,
         )
         await client.prepare(request)
     except BaseException:

@@ -52,6 +52,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin
@@ -8900,6 +8901,138 @@ async def test_a_large_body_is_held_once_not_copied(rig):
     assert "Transfer-Encoding" not in r.sims["mvoice"].records[-1].headers
     print(f"peak RSS grew {grown:.1f} MiB for a 48 MiB body")
     assert grown < 72, grown
+
+
+def ws_frame(payload: bytes, *, opcode: int = 2, rsv1: bool = False) -> bytes:
+    """One masked client frame, FIN set; ``rsv1`` marks it compressed (permessage-deflate)."""
+    key = os.urandom(4)
+    head = bytes([0x80 | (0x40 if rsv1 else 0) | opcode])
+    n = len(payload)
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    mask = (key * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(n, "big")
+    return head + key + masked
+
+
+def deflate_bomb(inflated: int) -> bytes:
+    """A permessage-deflate payload that inflates to ``inflated`` zero bytes (some 1,000 times smaller)."""
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, -15)
+    chunk = bytes(m.MiB)
+    body = b"".join(squeeze.compress(chunk) for _ in range(inflated // m.MiB))
+    return (body + squeeze.flush(zlib.Z_SYNC_FLUSH)).removesuffix(b"\x00\x00\xff\xff")
+
+
+async def raw_websocket(port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A WebSocket opened by hand, offering permessage-deflate; its reader, writer and the 101's head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n".encode()
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer, head
+
+
+async def close_code_of(reader: asyncio.StreamReader) -> int:
+    """The code of the close frame the server sends (server frames are not masked)."""
+    while True:
+        first, second = await asyncio.wait_for(reader.readexactly(2), 10)
+        n = second & 0x7F
+        if n == 126:
+            n = int.from_bytes(await reader.readexactly(2), "big")
+        elif n == 127:
+            n = int.from_bytes(await reader.readexactly(8), "big")
+        payload = await reader.readexactly(n)
+        if first & 0x0F == 8:
+            return int.from_bytes(payload[:2], "big")
+
+
+async def test_websocket_messages_are_bounded_either_way_and_compression_refused(rig):
+    """Issue 19, item 2: the broker accepted permessage-deflate from clients, and a message of about 60 KB
+    inflated to 60 MiB (under max_body_mib, the limit then): 16 sockets took it to 1.3 GiB. Now, through a
+    mount and through a port alike, deflate is refused; a compressed frame sent anyway closes the socket
+    (1002) without being inflated; a message larger than max_ws_message_mib closes it with 1009, whichever
+    side sent it, and one of exactly that size passes."""
+    limit = m.MiB  # max_ws_message_mib: 1
+    got: list[int] = []
+    closes: list[int | None] = []
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        try:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT and msg.data.startswith("send "):
+                    await ws.send_bytes(b"c" * int(msg.data[5:]))
+                else:
+                    got.append(len(msg.data))
+        finally:
+            closes.append(ws.close_code)
+        return ws
+
+    async with StandIn([("GET", "/system_stats", _ok), ("GET", "/ws", socket)]) as comfy:
+        r = await rig(urls={"comfyui": comfy.url})
+        raw = copy.deepcopy(r.raw)
+        comfy_port = free_port()
+        raw["consumers"]["comfyui"]["listen"] = f"127.0.0.1:{comfy_port}"
+        raw["scheduler"]["max_ws_message_mib"] = 1
+        async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+            for port, path in ((daemon.port, "/c/comfyui/ws"), (comfy_port, "/ws")):
+                url = f"http://127.0.0.1:{port}{path}"
+                got.clear()
+                closes.clear()
+                ws = await r.session.ws_connect(url, compress=15, max_msg_size=0)
+                assert ws.compress == 0  # the broker took no permessage-deflate
+                await ws.send_bytes(b"a" * limit)  # exactly the limit: relayed
+                await until(lambda: got == [limit])
+                await ws.send_str(f"send {limit}")
+                answer = await ws.receive(timeout=10)
+                assert answer.type == aiohttp.WSMsgType.BINARY and len(answer.data) == limit
+                await ws.send_bytes(b"a" * (limit + 1))  # one byte more: refused, closed 1009 both ways
+                closing = await ws.receive(timeout=10)
+                assert (closing.type, closing.data) == (aiohttp.WSMsgType.CLOSE, 1009)
+                await ws.close()
+                await until(lambda: closes == [1009])
+                assert got == [limit]
+                ws = await r.session.ws_connect(url, max_msg_size=0)
+                await ws.send_str(f"send {limit + 1}")  # the consumer's message is refused as well
+                closing = await ws.receive(timeout=10)
+                assert (closing.type, closing.data) == (aiohttp.WSMsgType.CLOSE, 1009)
+                await ws.close()
+                # Its side is closed too (1009; unless the broker's close frame waits behind the rest of
+                # the message it is still sending, which the broker does not read: then it is cut off).
+                await until(lambda: len(closes) == 2)
+                # A compressed frame nobody agreed to: a protocol error, never inflated or relayed.
+                reader, writer, head = await raw_websocket(port, path)
+                assert b"sec-websocket-extensions" not in head.lower()
+                bomb = deflate_bomb(60 * m.MiB)
+                before = peak_rss_mib(daemon.proc.pid)
+                writer.write(ws_frame(bomb, rsv1=True))
+                await writer.drain()
+                assert await close_code_of(reader) == 1002
+                writer.close()
+                await until(lambda: len(closes) == 3)
+                grown = peak_rss_mib(daemon.proc.pid) - before
+                print(f"{path}: a {len(bomb)} byte frame of 60 MiB inflated: peak RSS grew {grown:.1f} MiB")
+                assert grown < 30, grown  # 60 MiB and more if it was inflated
+                assert got == [limit]
+            async with r.session.get(daemon.url("/metrics")) as resp:
+                families = _families(await resp.text())
+            refused = "mgpumanager_websocket_refused_total"
+            assert _value(families, refused, consumer="comfyui", sender="client") == 4
+            assert _value(families, refused, consumer="comfyui", sender="consumer") == 2
+    assert 'msg="websocket message refused" consumer=comfyui sender=client code=1009' in daemon.log
+    assert 'msg="websocket message refused" consumer=comfyui sender=consumer code=1009' in daemon.log
+    assert 'msg="websocket message refused" consumer=comfyui sender=client code=1002' in daemon.log
 
 
 # =====================================================================================================
