@@ -1645,6 +1645,168 @@ def test_processes_are_attributed_by_name_and_by_the_unit_in_their_cgroup(tmp_pa
     )
 
 
+def strangers(gpu: mgpusim.SimGPU, count: int) -> None:
+    """``count`` processes of nobody's on the simulated GPU (pids from 100000, holding nothing)."""
+    uuid = mgpusim.gpu_uuid(0)
+    with gpu.edit() as state:
+        state["processes"] += [
+            {"pid": 100000 + i, "name": f"/usr/bin/python3-stranger-{i}", "used_mib": 0, "gpu_uuid": uuid}
+            for i in range(count)
+        ]
+
+
+async def test_nvidia_smi_output_is_read_whole_up_to_max_output_mib_and_more_is_an_error(tmp_path):
+    """Issue 19, item 10: only the last 1 MiB of nvidia-smi's output was kept, and the cut first line made
+    every reading unparsable. Now up to gpu.max_output_mib is read from its start; more is refused, saying
+    so (never a part of it parsed)."""
+    two_mib = _smi_script(tmp_path, "head -c 2097152 /dev/zero | tr '\\0' x")
+    assert len(await m.run_nvidia_smi(two_mib, 5, 8)) == 2 * m.MiB  # whole
+    with pytest.raises(m.GpuError, match=r"more than 1 MiB \(gpu.max_output_mib\): not read"):
+        await m.run_nvidia_smi(two_mib, 5, 1)
+    assert len(await m.run_nvidia_smi(_smi_script(tmp_path, "head -c 1048576 /dev/zero"), 5, 1)) == m.MiB
+
+
+def test_cgroups_are_read_once_per_process_while_it_stays_in_the_list_under_its_name(tmp_path):
+    """Issue 19, item 10: every reading read /proc/<pid>/cgroup for every process (8,000 processes: a second
+    of the event loop's). Now a process's cgroups are read once and kept while it stays in the GPU's list
+    under the same name, CGROUP_CACHE_S at most; a pid that left the list, or shows another name, is read
+    anew (a pid reused by another process)."""
+    raw = base_raw()
+    raw["consumers"]["comfyui"]["processes"] = {"unit": "comfyui.service"}
+    config = m.parse_config(raw)
+    for pid, unit in ((10, "comfyui"), (11, "sshd")):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cgroup").write_text(f"0::/system.slice/{unit}.service\n")
+    clock = FakeClock()
+    consumers = m.Consumers(config, session=None, clock=clock)  # type: ignore[arg-type] (no call is made)
+    consumers.proc_root = tmp_path
+    reads: list[int] = []
+    read_cgroups = consumers.cgroups_of
+
+    def counted(pid: int) -> list[str]:
+        reads.append(pid)
+        return read_cgroups(pid)
+
+    consumers.cgroups_of = counted  # type: ignore[method-assign]
+
+    def attribute(*procs: tuple[int, str]) -> dict[int, str]:
+        reading = m.parse_gpu_reading(
+            "0, GPU-x, sim, 16384, 0, 16384, 0, 30\n",
+            "".join(f"{pid}, {name}, 100, GPU-x\n" for pid, name in procs),
+            index=0,
+            started=clock(),
+            read_at=0,
+        )
+        reads.clear()
+        return consumers.attribute(reading)
+
+    comfy, sshd = (10, "/opt/ComfyUI/python3"), (11, "/usr/sbin/sshd")
+    assert (attribute(comfy, sshd), reads) == ({10: "comfyui"}, [10, 11])
+    assert (attribute(comfy, sshd), reads) == ({10: "comfyui"}, [])  # kept
+    assert (attribute(sshd), reads) == ({}, [])
+    # Pid 10 left the list; it comes back as another unit's process: read anew.
+    (tmp_path / "10" / "cgroup").write_text("0::/system.slice/backup.service\n")
+    assert (attribute(comfy, sshd), reads) == ({}, [10])
+    (tmp_path / "11" / "cgroup").write_text("0::/system.slice/comfyui.service\n")
+    assert (attribute(comfy, sshd), reads) == ({}, [])  # the same names: kept ...
+    assert (attribute(comfy, (11, "/opt/ComfyUI/python3")), reads) == ({11: "comfyui"}, [11])  # ... not these
+    clock.now += m.CGROUP_CACHE_S
+    assert (attribute(comfy, (11, "/opt/ComfyUI/python3")), reads) == ({11: "comfyui"}, [10, 11])
+
+
+async def test_a_huge_reading_is_parsed_attributed_and_written_out_off_the_event_loop(rig, monkeypatch):
+    """Issue 19, item 10: with 8,000 process lines and a processes.unit consumer, each reading took 1.3 s of
+    the event loop (parsing, a cgroup read per process, 2.7 MB of status JSON) and /healthz stalled. Now
+    parsing, attributing and writing /v1/status out run in worker threads; what the loop does per process
+    is one pass. (The stalls measured are printed; the structure is what is asserted.)"""
+
+    def measured(raw: dict[str, Any]) -> None:
+        raw["consumers"]["whisper"]["processes"] = {"unit": "whisper.service"}
+
+    r = await rig(tweak=measured)
+    strangers(r.gpu, 20000)
+    loop_thread = threading.get_ident()
+    threads: dict[str, set[int]] = {"parse": set(), "attribute": set(), "status": set()}
+
+    def spied(what: str, real: Any) -> Any:
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            threads[what].add(threading.get_ident())
+            return real(*args, **kwargs)
+
+        return spy
+
+    monkeypatch.setattr(m, "parse_gpu_reading", spied("parse", m.parse_gpu_reading))
+    monkeypatch.setattr(m, "status_text", spied("status", m.status_text))
+    r.broker.gpu.attribute = spied("attribute", r.broker.gpu.attribute)
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    try:
+        async with r.session.get(r.url("/v1/status")) as resp:
+            body = await resp.read()  # (parsed after: the test's own parsing would stall the loop too)
+    finally:
+        ticker.cancel()
+    st = json.loads(body)
+    assert len(st["gpu"]["processes"]) == 20000
+    assert all(p["consumer"] is None for p in st["gpu"]["processes"])
+    assert all(ids and loop_thread not in ids for ids in threads.values()), threads
+    print(f"20,000 process lines: the event loop's longest stall was {max(gaps) * 1000:.1f} ms")
+
+
+async def test_a_reading_of_20000_processes_serves_jobs_and_status_and_beyond_max_output_mib_says_so(rig):
+    """Issue 19, item 10, end to end: 20,000 process lines are 1.5 MB of nvidia-smi output; only its last
+    MiB was kept, so every job got gpu_unavailable. Now the job is served and /v1/status lists them all;
+    with gpu.max_output_mib below the output, jobs get gpu_unavailable that names the key."""
+
+    def measured(raw: dict[str, Any]) -> None:
+        raw["consumers"]["whisper"]["processes"] = {"unit": "whisper.service"}
+
+    r = await rig(tweak=measured, sims={"mvoice": {"loaded": False}})
+    strangers(r.gpu, 20000)
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+            assert resp.status == 200, await resp.read()
+        healthz: list[float] = []
+
+        async def ping() -> None:
+            while True:
+                started = time.monotonic()
+                async with r.session.get(daemon.url("/healthz")) as resp:
+                    assert resp.status == 200
+                healthz.append(time.monotonic() - started)
+
+        pinging = asyncio.create_task(ping())
+        try:
+            async with r.session.get(daemon.url("/v1/status")) as resp:
+                body = await resp.read()
+        finally:
+            pinging.cancel()
+        st = json.loads(body)
+        assert len(st["gpu"]["processes"]) >= 20000 and st["gpu"]["error"] is None
+        print(f"/healthz during a status of 20,000 processes: at most {max(healthz) * 1000:.0f} ms")
+        raw = copy.deepcopy(r.raw)
+        raw["gpu"]["max_output_mib"] = 1
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(daemon.url("/v1/reload")) as resp:
+            assert resp.status == 200
+        async with r.session.post(daemon.url("/v1/consumers/mvoice/unload")) as resp:
+            assert resp.status == 200
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+            message = error_of(resp.status, dict(resp.headers), await resp.read(), "gpu_unavailable")[
+                "message"
+            ]
+        assert "more than 1 MiB (gpu.max_output_mib)" in message
+    assert 'msg="start-up objects frozen"' in daemon.log
+
+
 @pytest.mark.parametrize("fault", ["fail", "garbage", "hang"])
 async def test_nvidia_smi_failing_is_gpu_unavailable_and_leaves_no_process(rig, fault):
     def quick_smi(raw):
