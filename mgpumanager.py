@@ -45,9 +45,11 @@ import asyncio
 import bisect
 import contextlib
 import copy
+import errno
 import fnmatch
 import functools
 import gc
+import hashlib
 import hmac
 import http.client
 import ipaddress
@@ -57,6 +59,7 @@ import logging
 import math
 import os
 import re
+import resource
 import shlex
 import signal
 import socket
@@ -160,6 +163,24 @@ WEBSOCKET_HEARTBEAT_S = 30.0
 #: Closing a proxied WebSocket waits this long for the other end's close frame: an end that is still sending
 #: a message the broker refused (too large) cannot answer one, and is cut off then.
 WEBSOCKET_CLOSE_S = 2.0
+#: A listening socket's backlog (aiohttp's default); also about how many connections one turn of the event
+#: loop may accept before the broker sees the first, which the descriptor reserve covers.
+LISTEN_BACKLOG = 128
+#: The descriptors kept for the broker's own work (see descriptor_reserve): a base (stdio, the event loop's,
+#: listeners, logs, config and /proc reads), per GPU (a reading's two nvidia-smi, a load or unload command),
+#: and per consumer beyond its jobs, unscheduled calls and WebSockets (a probe, a load or unload call, a
+#: hold poll, a residency query).
+FD_RESERVE_BASE = 64
+FD_RESERVE_PER_GPU = 16
+FD_RESERVE_PER_CONSUMER = 4
+#: When the broker's own work finds no descriptor free (EMFILE), this many idle client connections go.
+FD_SHED_BATCH = 64
+#: A connection whose credential a reload revoked gets this long to take a WebSocket's close frame (1008),
+#: then it is cut.
+REVOKE_GRACE_S = 0.5
+#: The client connections the broker closed are summed up in the log at most this often (each is counted
+#: in mgpumanager_connections_closed_total at once).
+CLOSED_LOG_S = 10.0
 #: A config file larger than this is refused unread (mrock's is 5 KiB): parsing is slow and memory-hungry.
 MAX_CONFIG_BYTES = 256 * 1024
 #: A config whose nodes and scalar characters, with every alias expanded, exceed this is refused (an alias
@@ -1431,6 +1452,7 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "queue_timeout": (503, True),
     "shutting_down": (503, True),
     "insufficient_vram": (503, True),
+    "out_of_descriptors": (503, True),
     "gpu_unavailable": (503, True),
     "consumer_timeout": (504, True),
     "gpu_reserved": (503, True),
@@ -1489,8 +1511,16 @@ class ConsumerGone(Exception):
         self.reason = reason
 
 
+def out_of_descriptors(exc: BaseException | None) -> bool:
+    """Whether a failure is the broker's own lack of file descriptors (EMFILE, ENFILE: RLIMIT_NOFILE or the
+    system's table), not the consumer's doing. (aiohttp's ClientConnectorError has its OSError's errno.)"""
+    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
+
+
 def describe(exc: BaseException) -> str:
     """A short human reason for a failed connection: 'connection refused', 'timed out', ..."""
+    if out_of_descriptors(exc):
+        return "the broker is out of file descriptors (RLIMIT_NOFILE)"
     if isinstance(exc, _ConnectTimeout):
         return "connect timed out"
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
@@ -1512,9 +1542,12 @@ def describe(exc: BaseException) -> str:
 
 def gone_reason(exc: BaseException, *, refused_only: bool = False) -> str | None:
     """Why a failed call means the consumer is gone, or None when it may be alive but slow (a timeout) or
-    the URL is wrong (a name that does not resolve). Gone: nothing accepts the connection, or (unless
-    ``refused_only``) the one it had was reset or closed on it."""
+    the URL is wrong (a name that does not resolve), or the broker itself had no descriptor to connect with.
+    Gone: nothing accepts the connection, or (unless ``refused_only``) the one it had was reset or closed on
+    it."""
     if isinstance(exc, (_DNSError, aiohttp.InvalidURL, TimeoutError, asyncio.TimeoutError)):
+        return None
+    if out_of_descriptors(exc):
         return None
     if isinstance(exc, aiohttp.ClientConnectorError):
         return describe(exc)
@@ -1526,7 +1559,10 @@ def gone_reason(exc: BaseException, *, refused_only: bool = False) -> str | None
 
 
 def failure_code(exc: BaseException) -> str:
-    """The error code for a failed call to a consumer: its URL is unusable, or it is unreachable."""
+    """The error code for a failed call to a consumer: its URL is unusable, it is unreachable, or the broker
+    had no file descriptor to connect with."""
+    if out_of_descriptors(exc):
+        return "out_of_descriptors"
     if isinstance(exc, (_DNSError, aiohttp.InvalidURL, ValueError)):
         return "bad_consumer_url"
     return "consumer_unreachable"
@@ -1772,6 +1808,22 @@ METRIC_HELP = {
     "mgpumanager_internal_errors_total": (
         "counter",
         "Bugs in the broker (each also logged with a traceback).",
+    ),
+    "mgpumanager_connections_closed_total": (
+        "counter",
+        "Client connections the broker closed, by reason: header_timeout (no whole request head within "
+        "http.header_timeout_s), keepalive (idle http.keepalive_s), descriptors (the longest-idle ones, when "
+        "descriptors ran short), token_revoked (authenticated with a token a reload replaced).",
+    ),
+    "mgpumanager_descriptors_exhausted_total": (
+        "counter",
+        "Connections to consumers the broker could not open for want of a file descriptor (EMFILE, ENFILE).",
+    ),
+    "mgpumanager_client_connections": ("gauge", "Client connections open now, on every listener."),
+    "mgpumanager_client_connections_limit": (
+        "gauge",
+        "Client connections allowed at once: RLIMIT_NOFILE less the descriptors kept for the broker's own "
+        "work.",
     ),
     "mgpumanager_consumer_healthy": ("gauge", "1 if the last health probe succeeded, 0 if not, NaN unknown."),
     "mgpumanager_consumer_resident": ("gauge", "1 if the consumer is resident, 0 if not, NaN unknown."),
@@ -2891,6 +2943,11 @@ class Consumers:
                 loaded = reported  # its residency query outranks its health's "loaded"
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
             ok, reason, code, error = False, describe(e), failure_code(e), e
+            if out_of_descriptors(e):
+                # The broker's own shortage (counted and logged where the connection failed): it tells
+                # nothing of the consumer.
+                log.debug(logfmt(msg="health probe skipped: out of descriptors", consumer=name))
+                return
             if isinstance(e, asyncio.TimeoutError) and state.jobs > 0:
                 # A consumer busy with a GPU job may answer its health route slowly: not a failure.
                 log.debug(logfmt(msg="health probe timed out while busy", consumer=name))
@@ -5419,6 +5476,11 @@ class ProxiedWebSocket:
                 return (aiohttp.WSCloseCode.INTERNAL_ERROR, error) if error else (pump.result(), None)
         return aiohttp.WSCloseCode.GOING_AWAY, None
 
+    def revoked(self) -> None:
+        """The client's credential was revoked: both sides are closed with 1008 (policy violation)."""
+        if not self.stop.done():
+            self.stop.set_result(aiohttp.WSCloseCode.POLICY_VIOLATION)
+
 
 def going_away(sockets: Iterable[ProxiedWebSocket]) -> int:
     """End the relay of each of these WebSockets still open, closing both sides with 1001 (going away);
@@ -5458,6 +5520,410 @@ class Exchange:
                 self.upstream.close()
 
 
+def descriptor_reserve(config: Config) -> int:
+    """The file descriptors kept for the broker's own work, out of reach of client connections: what its
+    config lets it hold at once (per consumer its jobs, unscheduled calls and WebSockets, each one connection
+    to the consumer, and FD_RESERVE_PER_CONSUMER more; per GPU its readings and commands), the connections
+    one turn of the loop may accept, and a base."""
+    consumers = sum(
+        c.max_concurrency + c.max_unscheduled + c.max_websockets + FD_RESERVE_PER_CONSUMER
+        for c in config.consumers.values()
+    )
+    return FD_RESERVE_BASE + LISTEN_BACKLOG + consumers + FD_RESERVE_PER_GPU * len(gpu_indexes(config))
+
+
+def descriptor_limit() -> int:
+    """The soft RLIMIT_NOFILE now (unlimited counts as a million)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if 0 <= soft < 1 << 20 else 1 << 20
+
+
+def raise_descriptor_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one (systemd's soft default is 1024, which a few hundred idle
+    connections took; the unit sets LimitNOFILE=65536), and log both."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    was = soft
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning(logfmt(msg="cannot raise the descriptor limit", soft=soft, hard=hard, error=str(e)))
+    raised = {"raised_from": was} if was != soft else {}
+    log.info(logfmt(msg="descriptors", soft=soft, hard=hard, **raised))
+
+
+@functools.lru_cache(maxsize=16)
+def credential(token: str) -> str:
+    """What a connection authenticated with ``token`` is registered under: a fingerprint, never the token
+    (it may be logged)."""
+    return "token:" + hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def valid_credentials(auth: AuthConfig) -> frozenset[str]:
+    """The credentials ``auth`` accepts: auth.token's (per-client tokens would each add theirs)."""
+    return frozenset() if auth.token is None else frozenset({credential(auth.token)})
+
+
+@dataclass(eq=False)
+class Connection:
+    """One client connection of one of the broker's listeners, as ClientConnections watches it."""
+
+    #: aiohttp's protocol for it (``request.protocol``) and its transport.
+    protocol: asyncio.BaseProtocol
+    transport: asyncio.Transport
+    #: "listen" (the broker's own port), else the consumer whose port it came to.
+    listener: str
+    #: Since when it has had no request being handled: its opening, or its last request's end.
+    idle_since: float
+    #: Requests of it being handled now, and how many it sent.
+    busy: int = 0
+    requests: int = 0
+    #: It began another request head after an answer (which must then arrive within header_timeout_s).
+    head_begun: bool = False
+    #: The deadline watched while it is not busy.
+    timer: asyncio.TimerHandle | None = None
+    #: Bytes of its last answer still unsent when its keep-alive time ran out: it gets more while they go.
+    unsent: int = 0
+    #: The credentials it was authenticated with.
+    credentials: set[str] = field(default_factory=set)
+    #: How to end it politely when its credential is revoked (a WebSocket's close frame); else it is cut.
+    closer: Callable[[], None] | None = None
+    #: Its credential was revoked: it is closed once its answer is sent (the reload's own).
+    revoked: bool = False
+
+
+class _Watched(asyncio.Protocol):
+    """aiohttp's protocol for one client connection, wrapped so that ClientConnections sees it open, get
+    bytes and close (under asyncio and uvloop alike: it is a plain protocol to either)."""
+
+    def __init__(self, connections: ClientConnections, inner: asyncio.Protocol, listener: str) -> None:
+        self.connections = connections
+        self.inner = inner
+        self.listener = listener
+        self.conn: Connection | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.conn = self.connections.opened(self.inner, transport, self.listener)  # type: ignore[arg-type]
+        self.inner.connection_made(transport)
+        self.connections.make_room()
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn is not None and not self.conn.busy and self.conn.requests and not self.conn.head_begun:
+            self.connections.head_begun(self.conn)
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None:
+            self.connections.lost(self.conn)
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class ClientConnections:
+    """Every client connection of the broker's listeners (its own port and the consumers' ports), and the
+    file descriptors they hold.
+
+    A connection that has not sent a whole request head within http.header_timeout_s of its opening (or of
+    its first byte after an answer) is closed, and so is one idle http.keepalive_s after its last answer; a
+    connection whose request is being handled (a job, an event stream, a WebSocket) is never timed out here.
+    Client connections may hold what RLIMIT_NOFILE allows less a reserve for the broker's own work
+    (descriptor_reserve): one more closes the longest-idle connection first (the new one itself when every
+    other is busy), and so does the broker's own work finding no descriptor. It also knows the credential
+    each connection was authenticated with, so that a reload that revokes one closes its connections.
+    Every close is counted by reason (mgpumanager_connections_closed_total) and summed up in the log.
+    """
+
+    def __init__(
+        self, config: Config, metrics: Metrics, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.metrics = metrics
+        self.clock = clock
+        #: By aiohttp's protocol for each (what a request knows as ``request.protocol``).
+        self.open: dict[asyncio.BaseProtocol, Connection] = {}
+        #: The open connections without a request being handled, the longest idle first.
+        self.idle: dict[Connection, None] = {}
+        #: credential -> the open connections authenticated with it.
+        self.by_credential: dict[str, set[Connection]] = {}
+        #: Closes since start, by reason; those not summed up in the log yet.
+        self.closed: dict[str, int] = {}
+        self._unlogged: dict[str, int] = {}
+        self._log_due: asyncio.TimerHandle | None = None
+        #: Descriptors ran short, or the broker's own work found none, since the last summary (the first of
+        #: an episode is logged at once).
+        self._short = self._exhausted = False
+        self.limit = self.reserve = self.allowed = 0
+        self.configure(config)
+
+    def __repr__(self) -> str:
+        return f"<ClientConnections open:{len(self.open)} idle:{len(self.idle)} allowed:{self.allowed}>"
+
+    def configure(self, config: Config) -> None:
+        """Take a config's timeouts and the reserve it needs (at start and on each reload)."""
+        self.http = config.http
+        limit, reserve = descriptor_limit(), descriptor_reserve(config)
+        if (limit, reserve) == (self.limit, self.reserve):
+            return
+        self.limit, self.reserve = limit, reserve
+        self.allowed = max(limit - reserve, limit // 4)
+        few = limit - reserve < limit // 4
+        hint = {"hint": "raise LimitNOFILE: the broker's own work may need most of them"} if few else {}
+        line = logfmt(
+            msg="client connections", allowed=self.allowed, descriptors=limit, reserve=reserve, **hint
+        )
+        log.log(logging.WARNING if few else logging.INFO, line)
+
+    def protocol(self, server: Callable[[], asyncio.Protocol], listener: str) -> asyncio.Protocol:
+        """A new connection's protocol: aiohttp's (``server()``), watched."""
+        return _Watched(self, server(), listener)
+
+    # ---- what the connections do -------------------------------------------------------------------
+
+    def opened(
+        self, protocol: asyncio.BaseProtocol, transport: asyncio.Transport, listener: str
+    ) -> Connection:
+        """A connection was accepted: its request head is due within header_timeout_s."""
+        conn = Connection(protocol, transport, listener, self.clock())
+        self.open[protocol] = conn
+        self.idle[conn] = None
+        self._watch(conn, self.http.header_timeout_s, "header_timeout")
+        return conn
+
+    def make_room(self) -> None:
+        """Beyond what client connections may hold, close the longest-idle ones."""
+        while len(self.open) > self.allowed and self.idle:
+            self.close(next(iter(self.idle)), "descriptors")
+
+    def head_begun(self, conn: Connection) -> None:
+        """Bytes of another request after an answer: its head is due within header_timeout_s."""
+        conn.head_begun = True
+        self._watch(conn, self.http.header_timeout_s, "header_timeout")
+
+    def started(self, request: web.BaseRequest) -> Connection | None:
+        """A request's head arrived whole and it is being handled: no deadline while it is."""
+        conn = self.open.get(request.protocol)
+        if conn is None:
+            return None  # (a server of another kind: aiohttp's test servers)
+        conn.busy += 1
+        conn.requests += 1
+        conn.head_begun = False
+        self.idle.pop(conn, None)
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        return conn
+
+    def ended(self, conn: Connection | None) -> None:
+        """Its request was handled: idle, it may stay keepalive_s."""
+        if conn is None:
+            return
+        conn.busy -= 1
+        if conn.busy or conn.protocol not in self.open:
+            return
+        conn.idle_since, conn.unsent, conn.closer = self.clock(), 0, None
+        self.idle[conn] = None  # the most recently idle, last
+        self._watch(conn, self.http.keepalive_s, "keepalive")
+
+    def authenticated(self, conn: Connection | None, key: str) -> None:
+        """Its request was let in with credential ``key``."""
+        if conn is not None and key not in conn.credentials and conn.protocol in self.open:
+            conn.credentials.add(key)
+            self.by_credential.setdefault(key, set()).add(conn)
+
+    def closer(self, request: web.BaseRequest, close: Callable[[], None]) -> None:
+        """How to end the request's connection politely if its credential is revoked."""
+        conn = self.open.get(request.protocol)
+        if conn is not None:
+            conn.closer = close
+
+    def of(self, request: web.BaseRequest) -> Connection | None:
+        return self.open.get(request.protocol)
+
+    def lost(self, conn: Connection) -> None:
+        """It closed (either side)."""
+        if self.open.get(conn.protocol) is conn:
+            del self.open[conn.protocol]
+            self._forget(conn)
+
+    # ---- closing -----------------------------------------------------------------------------------
+
+    def revoke(self, valid: frozenset[str], *, spare: Connection | None = None) -> int:
+        """Close every connection authenticated with a credential not in ``valid`` (a reload replaced or
+        removed it), WebSockets with a close frame (1008), at once; ``spare`` (the reload's own) once its
+        answer is sent. How many."""
+        doomed = {conn for key, conns in self.by_credential.items() if key not in valid for conn in conns}
+        for conn in doomed:
+            conn.revoked = True
+            if conn is not spare:
+                self.close(conn, "token_revoked")
+        if spare is not None and spare in doomed:
+            self._count("token_revoked")  # closed after its answer
+            self._forget(spare)  # (busy: a later revocation finds nothing of it to close)
+        if doomed:
+            log.warning(logfmt(msg="token revoked: closing its connections", connections=len(doomed)))
+        return len(doomed)
+
+    def close(self, conn: Connection, reason: str) -> None:
+        """Close a connection now, counted under ``reason``."""
+        if self.open.get(conn.protocol) is not conn:
+            return
+        del self.open[conn.protocol]
+        self._forget(conn)
+        self._count(reason)
+        if reason == "descriptors" and not self._short:
+            self._short = True
+            log.warning(
+                logfmt(
+                    msg="descriptors short: closing the longest-idle client connections",
+                    allowed=self.allowed,
+                    descriptors=self.limit,
+                    reserve=self.reserve,
+                )
+            )
+        if conn.closer is not None and reason == "token_revoked":
+            conn.closer()
+            asyncio.get_running_loop().call_later(REVOKE_GRACE_S, conn.transport.abort)
+        else:
+            conn.transport.abort()  # (nothing of an answer is pending: the connection is idle or revoked)
+
+    def descriptors_exhausted(self, what: str) -> None:
+        """The broker's own work found no descriptor free: counted, logged (once an episode, then in the
+        summary), and FD_SHED_BATCH idle client connections closed so that its next try finds one."""
+        self.metrics.inc("mgpumanager_descriptors_exhausted_total")
+        if not self._exhausted:
+            self._exhausted = True
+            log.warning(
+                logfmt(
+                    msg="out of file descriptors", what=what, clients=len(self.open), descriptors=self.limit
+                )
+            )
+        self._count("exhausted", closed=False)
+        for conn in list(itertools.islice(self.idle, FD_SHED_BATCH)):
+            self.close(conn, "descriptors")
+
+    def trace_config(self) -> aiohttp.TraceConfig:
+        """For the broker's client sessions: a connection to a consumer that failed for want of a descriptor
+        is the broker's shortage (see descriptors_exhausted), whoever made it."""
+        trace = aiohttp.TraceConfig()
+
+        async def failed(session: Any, context: Any, params: aiohttp.TraceRequestExceptionParams) -> None:
+            if out_of_descriptors(params.exception):
+                self.descriptors_exhausted(f"{params.method} {params.url.origin()}")
+
+        trace.on_request_exception.append(failed)
+        return trace
+
+    def close_all(self) -> None:
+        """On shutdown: stop watching (aiohttp closes the connections themselves); the last summary."""
+        for conn in self.open.values():
+            if conn.timer is not None:
+                conn.timer.cancel()
+        if self._log_due is not None:
+            self._log_due.cancel()
+            self._log_closed()
+
+    def _watch(self, conn: Connection, delay: float, reason: str) -> None:
+        if conn.timer is not None:
+            conn.timer.cancel()
+        conn.timer = asyncio.get_running_loop().call_later(delay, self._expire, conn, reason)
+
+    def _expire(self, conn: Connection, reason: str) -> None:
+        conn.timer = None
+        if conn.busy or self.open.get(conn.protocol) is not conn:
+            return
+        if reason == "keepalive":
+            unsent = conn.transport.get_write_buffer_size()
+            if unsent and unsent != conn.unsent:  # its last answer is still going out: more time
+                conn.unsent = unsent
+                self._watch(conn, self.http.keepalive_s, reason)
+                return
+        self.close(conn, reason)
+
+    def _forget(self, conn: Connection) -> None:
+        """Drop what is known of a connection: its deadline, its place among the idle, its credentials."""
+        self.idle.pop(conn, None)
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        for key in conn.credentials:
+            conns = self.by_credential.get(key)
+            if conns is not None:
+                conns.discard(conn)
+                if not conns:
+                    del self.by_credential[key]
+        conn.credentials = set()
+
+    def _count(self, reason: str, *, closed: bool = True) -> None:
+        """Count a close (or, not ``closed``, an exhaustion) and sum them up in the log CLOSED_LOG_S on."""
+        self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
+        if closed:
+            self.closed[reason] = self.closed.get(reason, 0) + 1
+            self.metrics.inc("mgpumanager_connections_closed_total", reason=reason)
+        if self._log_due is None:
+            self._log_due = asyncio.get_running_loop().call_later(CLOSED_LOG_S, self._log_closed)
+
+    def _log_closed(self) -> None:
+        """One line for the closes since the last: a warning for header timeouts and shortages, the routine
+        keep-alive ends at debug level. The shortage episode ends with a quiet period."""
+        self._log_due = None
+        closed, self._unlogged = self._unlogged, {}
+        self._short = self._short and "descriptors" in closed
+        self._exhausted = self._exhausted and "exhausted" in closed
+        if not closed:
+            return
+        worrying = not closed.keys() <= {"keepalive", "token_revoked"}
+        level = logging.WARNING if worrying else logging.INFO if "token_revoked" in closed else logging.DEBUG
+        log.log(level, logfmt(msg="client connections closed", **closed, open=len(self.open)))
+
+
+class ListenerSite(web.BaseSite):
+    """A TCP listener of the broker's (its own port, a consumer's) whose client connections
+    ClientConnections watches: aiohttp's TCPSite, with each connection's protocol wrapped."""
+
+    def __init__(
+        self, runner: web.AppRunner, host: str, port: int, connections: ClientConnections, listener: str
+    ) -> None:
+        super().__init__(runner, backlog=LISTEN_BACKLOG)
+        self.app_runner = runner
+        self.host, self.requested_port = host, port
+        self.connections, self.listener = connections, listener
+
+    @property
+    def name(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def port(self) -> int:
+        """The port bound (the one asked for until it listens)."""
+        sockets = self._server.sockets if self._server is not None else None  # type: ignore[attr-defined]
+        return sockets[0].getsockname()[1] if sockets else self.requested_port
+
+    async def start(self) -> None:
+        await super().start()
+        server = self.app_runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            functools.partial(self.connections.protocol, server, self.listener),
+            self.host,
+            self.requested_port,
+            backlog=LISTEN_BACKLOG,
+        )
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    """How each of the broker's apps is run: handlers cancelled when their client leaves, no access log,
+    SHUTDOWN_GRACE_S for what is still answering at shutdown."""
+    return web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+
+
 class ListenError(Exception):
     """A port the config names cannot be listened on."""
 
@@ -5468,7 +5934,7 @@ class ConsumerPorts:
 
     def __init__(self) -> None:
         #: name -> (its ``listen`` as configured, the runner serving it, its site).
-        self.open: dict[str, tuple[tuple[str, int], web.AppRunner, web.TCPSite]] = {}
+        self.open: dict[str, tuple[tuple[str, int], web.AppRunner, ListenerSite]] = {}
         self._lock = asyncio.Lock()
 
     def websockets(self) -> list[ProxiedWebSocket]:
@@ -5520,11 +5986,9 @@ class ConsumerPorts:
         app[WEBSOCKETS] = set()  # its own: closed with the port
         app.on_response_prepare.append(_add_request_id)
         app.router.add_route("*", "/{path:.*}", handle_consumer_port, expect_handler=expect_body)
-        runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
-        )
+        runner = make_runner(app)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = ListenerSite(runner, host, port, broker.connections, name)
         try:
             await site.start()
         except BaseException:
@@ -5561,6 +6025,8 @@ class Broker:
     consumers: Consumers
     events: Events
     metrics: Metrics
+    #: Every client connection of its listeners: timeouts, descriptors, credentials.
+    connections: ClientConnections
     #: Where a reload reads the config again; None for an app made from a Config alone.
     source: ConfigSource | None = None
     notifier: Notifier = field(default_factory=Notifier)
@@ -5616,11 +6082,13 @@ class Broker:
         """The default GPU's scheduler."""
         return self.schedulers[self.config.gpu.index]
 
-    async def reload(self) -> list[str]:
+    async def reload(self, *, spare: Connection | None = None) -> list[str]:
         """Read the config again and apply it in place; ConfigError (logged) leaves the old one.
 
         The file is read and checked in a thread (at most CONFIG_READ_TIMEOUT_S): the event loop goes on
-        serving meanwhile. Reloads run one at a time, in the order they were asked for.
+        serving meanwhile. Reloads run one at a time, in the order they were asked for. A token it replaces
+        or removes closes every connection authenticated with it at once (``spare``, the connection that
+        asked for the reload, once it is answered).
         """
         if self.source is None:
             raise ConfigError(["this broker was not started from a config file"])
@@ -5639,6 +6107,9 @@ class Broker:
             finally:
                 self.notifier.send("READY=1")
             changes = self.apply(new)
+            revoked = self.connections.revoke(valid_credentials(new.auth), spare=spare)
+            if revoked:
+                changes.append(f"closed {_plural(revoked, 'connection')} authenticated with a revoked token")
             changes += await self.ports.sync(self, strict=False)
         log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
         self.events.publish("reload", ok=True, changes=changes)
@@ -5718,6 +6189,7 @@ class Broker:
             if getattr(new, part) != getattr(old, part):
                 changes.append(f"changed {part}")
         self.config = self.consumers.config = new
+        self.connections.configure(new)
         for reader in self.gpus.values():
             reader.config = new.gpu
         for scheduler in self.schedulers.values():
@@ -5917,14 +6389,29 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 async def front_door(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Every request, once: its request id, the bearer token, and the one path from an error to a
-    response (every error the broker makes has the same JSON shape). One middleware, not three: each
-    costs every job a little."""
+    """Every request, once: its request id, the bearer token, its connection's state (busy while it is
+    handled; the credential it came with), and the one path from an error to a response (every error the
+    broker makes has the same JSON shape). One middleware, not three: each costs every job a little."""
+    connections = request.app[BROKER].connections
+    conn = connections.started(request)
+    try:
+        return await _front_door(request, handler, conn)
+    finally:
+        connections.ended(conn)
+
+
+async def _front_door(
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    conn: Connection | None,
+) -> web.StreamResponse:
     given = request.headers.get("X-Request-ID", "")
     request[REQUEST_ID] = given if _REQUEST_ID_RE.match(given) else os.urandom(16).hex()
     try:
         check_target(request)
-        check_token(request)
+        key = check_token(request)
+        if key is not None:
+            request.app[BROKER].connections.authenticated(conn, key)
         return await handler(request)
     except BrokerError as e:
         return e.response()
@@ -5953,17 +6440,20 @@ def check_target(request: web.Request) -> None:
         raise BrokerError("bad_request", "a request target must not carry a fragment ('#')")
 
 
-def check_token(request: web.Request) -> None:
-    """With auth.token set, every route but /healthz (and the static page at /) needs the bearer token."""
+def check_token(request: web.Request) -> str | None:
+    """With auth.token set, every route but /healthz (and the static page at /) needs the bearer token. The
+    credential it was let in with (see ``credential``), None when it needed none."""
     token = request.app[BROKER].config.auth.token
-    if token is not None and request.path not in request.app.get(PUBLIC_PATHS, ("/healthz", "/")):
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        given_bytes = given.strip().encode("utf-8", "surrogateescape")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token.encode()):
-            challenge = {"WWW-Authenticate": 'Bearer realm="mgpumanager"'}
-            raise BrokerError(
-                "unauthorized", "a valid Authorization: Bearer token is required", headers=challenge
-            )
+    if token is None or request.path in request.app.get(PUBLIC_PATHS, ("/healthz", "/")):
+        return None
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token.encode()):
+        challenge = {"WWW-Authenticate": 'Bearer realm="mgpumanager"'}
+        raise BrokerError(
+            "unauthorized", "a valid Authorization: Bearer token is required", headers=challenge
+        )
+    return credential(token)
 
 
 def require_admin(request: web.Request) -> None:
@@ -6009,11 +6499,15 @@ async def handle_reload(request: web.Request) -> web.Response:
     """POST /v1/reload: re-read the config; a bad one is refused whole and the old one stays."""
     require_admin(request)
     broker = request.app[BROKER]
+    conn = broker.connections.of(request)
     try:
-        changes = await broker.reload()
+        changes = await broker.reload(spare=conn)
     except ConfigError as e:
         raise BrokerError("bad_config", "config refused, the old one stays: " + "; ".join(e.problems)) from e
-    return web.json_response({"reloaded": True, "changes": changes})
+    response = web.json_response({"reloaded": True, "changes": changes})
+    if conn is not None and conn.revoked:
+        response.force_close()  # it came with the token the reload replaced: the answer is its last
+    return response
 
 
 #: The longest a reservation may be asked for at once (a week; asking again extends it).
@@ -6447,6 +6941,7 @@ async def _proxy_websocket(
         raise
     metrics.inc("mgpumanager_websockets_total", consumer=consumer.name)
     proxied = ProxiedWebSocket(client, upstream, consumer.name, metrics)
+    broker.connections.closer(request, proxied.revoked)
     sockets = request.app[WEBSOCKETS]
     sockets.add(proxied)
     try:
@@ -6585,6 +7080,8 @@ async def handle_metrics(request: web.Request) -> web.Response:
     gauges: list[tuple[str, Labels, float]] = [
         ("mgpumanager_info", (("version", VERSION),), 1),
         ("mgpumanager_internal_errors_total", (), broker.internal_errors()),
+        ("mgpumanager_client_connections", (), len(broker.connections.open)),
+        ("mgpumanager_client_connections_limit", (), broker.connections.allowed),
     ]
     for index, s in sorted(broker.schedulers.items()):
         gauges.append(("mgpumanager_queue_length", (("gpu", str(index)),), len(s.queue())))
@@ -6749,14 +7246,24 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     # No pool limit, so nothing ever waits for a free connection: what bounds the connections is each
     # consumer's max_concurrency (jobs), max_unscheduled and max_websockets.
+    metrics = Metrics()
+    connections = ClientConnections(config, metrics)
+    # (A connection to a consumer refused for want of a descriptor is the broker's shortage: the trace.)
+    traces = [connections.trace_config()]
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+        connector=aiohttp.TCPConnector(limit=0),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=traces,
     )
     # The broker's own calls (health probes, loads, unloads) on a session of their own: however busy the
     # consumers' traffic, a probe never queues behind it. Few: a probe per consumer per round, one load or
     # unload per GPU at a time.
     own = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+        connector=aiohttp.TCPConnector(limit=0),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=traces,
     )
     events = Events()
     consumers = Consumers(config, own, events=events)
@@ -6765,7 +7272,8 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         session=session,
         consumers=consumers,
         events=events,
-        metrics=Metrics(),
+        metrics=metrics,
+        connections=connections,
         source=app[SOURCE],
     )
     app[BROKER] = broker
@@ -6793,6 +7301,7 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
             await reader.close()
         await session.close()
         await own.close()
+        connections.close_all()
 
 
 def create_app(config: Config, source: ConfigSource | None = None) -> web.Application:
@@ -7399,7 +7908,7 @@ class OneLineBadRequests(logging.Filter):
 async def serve(config: Config, source: ConfigSource) -> int:
     """Run the broker until SIGTERM or SIGINT; SIGHUP reloads. Speaks systemd's notify protocol."""
     app = create_app(config, source)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+    runner = make_runner(app)
     try:
         await runner.setup()  # the first health round runs here, and the consumers' ports open
     except ListenError as e:
@@ -7421,7 +7930,9 @@ async def serve(config: Config, source: ConfigSource) -> int:
 
     try:
         try:
-            await web.TCPSite(runner, config.listen_host, config.listen_port).start()
+            await ListenerSite(
+                runner, config.listen_host, config.listen_port, broker.connections, "listen"
+            ).start()
         except OSError as e:
             log.error(
                 logfmt(
@@ -8136,6 +8647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(summary(config))
         return 0
     log.info(logfmt(msg="starting", version=VERSION, listen=f"{config.listen_host}:{config.listen_port}"))
+    raise_descriptor_limit()
     try:
         import uvloop  # noqa: PLC0415 (optional: Debian's python3-uvloop makes the loop faster)
     except ImportError:

@@ -44,6 +44,7 @@ import logging
 import math
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -338,6 +339,32 @@ def _raising_once(real: Any, when: Any = None) -> Any:
     return wrapper
 
 
+class BrokerServer:
+    """The broker's app on port 0 served as the daemon serves it (make_runner, a ListenerSite: its client
+    connections watched), with the few attributes of aiohttp's TestServer that the tests use."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.runner = m.make_runner(app)
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.closed = False
+
+    async def start_server(self) -> None:
+        await self.runner.setup()
+        site = m.ListenerSite(self.runner, self.host, 0, self.app[m.BROKER].connections, "listen")
+        await site.start()
+        self.port = site.port
+
+    def make_url(self, path: str) -> URL:
+        return URL(f"http://{self.host}:{self.port}").join(URL(path))
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.runner.cleanup()
+
+
 class Rig:
     """Simulated GPU and consumers, and the broker in front of them, all on real sockets."""
 
@@ -398,7 +425,7 @@ class Rig:
         self.app = m.create_app(self.config, source)
         if remote is not None:  # every client looks as if it came from elsewhere than loopback
             self.app.middlewares.insert(0, from_elsewhere(remote))
-        self.server = TestServer(self.app, host="127.0.0.1", port=0)
+        self.server = BrokerServer(self.app)
         await self.server.start_server()
         self.broker = self.app[m.BROKER]
         self.session = aiohttp.ClientSession(auto_decompress=False)
@@ -521,6 +548,7 @@ SPEC_ERRORS = {
     "queue_full": 503,
     "queue_timeout": 503,
     "insufficient_vram": 503,
+    "out_of_descriptors": 503,  # issue 19: the broker's own shortage, never the consumer's
     "gpu_unavailable": 503,
     "consumer_timeout": 504,
     # Issue 3 (security) and the admin API:
@@ -598,13 +626,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: The daemon run with asyncio's own event loop even where uvloop is installed.
+WITHOUT_UVLOOP = (
+    "import runpy, sys; sys.modules['uvloop'] = None; sys.argv[0] = {path!r};"
+    " runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
 class Daemon:
     """mgpumanager.py as its own process on a free port, for what only a real process shows."""
 
     def __init__(
-        self, raw: dict[str, Any], home: Path, smi: tuple[str, ...], env: dict[str, str] | None = None
+        self,
+        raw: dict[str, Any],
+        home: Path,
+        smi: tuple[str, ...],
+        env: dict[str, str] | None = None,
+        *,
+        nofile: int | None = None,
+        uvloop: bool = True,
     ) -> None:
         self.env = {**os.environ, **(env or {})}
+        #: Its soft and hard RLIMIT_NOFILE (None: this process's); its event loop (uvloop where installed).
+        self.nofile = nofile
+        self.uvloop = uvloop
         self.config = home / "daemon.yaml"
         self.config.write_text(yaml.safe_dump(raw, sort_keys=False))
         self.port = free_port()
@@ -637,9 +682,11 @@ class Daemon:
 
     async def __aenter__(self) -> Daemon:
         self.log_file = self.log_path.open("wb")
+        script = str(HERE / "mgpumanager.py")
+        nofile = self.nofile
         self.proc = await asyncio.create_subprocess_exec(
             PY,
-            str(HERE / "mgpumanager.py"),
+            *([script] if self.uvloop else ["-c", WITHOUT_UVLOOP.format(path=script)]),
             "--config",
             str(self.config),
             "--listen",
@@ -648,6 +695,9 @@ class Daemon:
             " ".join(self.smi),
             stderr=self.log_file,
             env=self.env,
+            preexec_fn=None
+            if nofile is None
+            else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
         )
         deadline = time.monotonic() + 20
         async with aiohttp.ClientSession() as session:
@@ -7119,6 +7169,8 @@ def test_make_demo_shows_the_eviction_cycle(tmp_path):
 
 
 def test_the_unit_file_verifies_where_systemd_is_present():
+    # Issue 19: systemd's soft default of 1024 descriptors; the broker raises its soft limit to this.
+    assert "LimitNOFILE=65536" in (HERE / "mgpumanager.service").read_text().splitlines()
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed here")
@@ -9195,6 +9247,264 @@ async def test_websocket_messages_are_bounded_either_way_and_compression_refused
     assert 'msg="websocket message refused" consumer=comfyui sender=client code=1009' in daemon.log
     assert 'msg="websocket message refused" consumer=comfyui sender=consumer code=1009' in daemon.log
     assert 'msg="websocket message refused" consumer=comfyui sender=client code=1002' in daemon.log
+
+
+async def whole_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP answer from a raw connection: its status and its body (by its Content-Length)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    body = await asyncio.wait_for(reader.readexactly(int(length.group(1)) if length else 0), 10)
+    return int(head.split()[1]), body
+
+
+async def closed_by_peer(reader: asyncio.StreamReader) -> None:
+    """Wait for the other end to close the connection (reads nothing more; a reset counts too)."""
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+
+
+async def test_connections_without_a_request_head_or_idle_after_an_answer_are_closed_on_every_listener(rig):
+    """Issue 19, item 1: aiohttp kept a connection that sent nothing for an hour. Now one without a whole
+    request head within http.header_timeout_s of its opening is closed, also one that trickles its head in,
+    and one that begins another head after an answer; one idle for http.keepalive_s after its answer too.
+    A connection whose request is being handled (an event stream) is left alone. The broker's port and a
+    consumer's alike; each close counted by reason."""
+
+    def quick(raw: dict[str, Any]) -> None:
+        with_ports(raw)
+        raw["http"] = {"header_timeout_s": 0.3, "keepalive_s": 0.6}
+
+    r = await rig(tweak=quick)
+    ports = [r.server.port, int(r.broker.ports.address("ollama").rpartition(":")[2])]
+    async with r.session.get(r.url("/v1/events")) as stream:
+        await stream.content.readline()  # ": mgpumanager events"
+        for port in ports:
+            silent = await asyncio.open_connection("127.0.0.1", port)
+            trickling = await asyncio.open_connection("127.0.0.1", port)
+            trickling[1].write(b"GET / HTTP/1.1\r\n")
+
+            async def trickle(writer: asyncio.StreamWriter = trickling[1]) -> None:
+                with contextlib.suppress(ConnectionError):
+                    while True:
+                        await asyncio.sleep(0.05)
+                        writer.write(b"X")
+                        await writer.drain()
+
+            trickler = asyncio.create_task(trickle())
+            kept = await asyncio.open_connection("127.0.0.1", port)
+            resumed = await asyncio.open_connection("127.0.0.1", port)
+            for _, writer in (kept, resumed):
+                writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await whole_answer(kept[0]))[0] == 200
+            assert (await whole_answer(resumed[0]))[0] == 200
+            resumed[1].write(b"GET / HTTP/1.1\r\nHo")  # another head, never finished
+            for reader, _ in (silent, trickling, kept, resumed):
+                await closed_by_peer(reader)
+            trickler.cancel()
+            for _, writer in (silent, trickling, kept, resumed):
+                writer.close()
+        assert r.broker.connections.closed == {"header_timeout": 6, "keepalive": 2}
+        # The event stream, busy all along, is still open and live.
+        r.broker.events.publish("test", n=1)
+        while not (line := await asyncio.wait_for(stream.content.readline(), 10)).startswith(b"data:"):
+            pass
+        assert json.loads(line[5:])["n"] == 1
+    async with r.session.get(r.url("/metrics")) as resp:
+        families = _families(await resp.text())
+    closed = "mgpumanager_connections_closed_total"
+    assert _value(families, closed, reason="header_timeout") == 6
+    assert _value(families, closed, reason="keepalive") == 2
+
+
+@pytest.mark.parametrize("uvloop", [True, False], ids=["uvloop", "asyncio"])
+async def test_idle_connections_never_take_the_descriptors_that_healthz_and_jobs_need(rig, uvloop):
+    """Issue 19, item 1, end to end: under systemd's default soft limit of 1024 descriptors, 1,050 connections
+    that sent nothing (no token needed) made /healthz, jobs and /v1/status fail with connection reset, and
+    nothing was logged. Now, with soft and hard RLIMIT_NOFILE both at 1024 and 1,100 idle connections (to a
+    consumer's port and to the broker's), /healthz and a job on the main port answer 200 within 15 s: the
+    longest-idle connections were closed, keeping descriptors for the broker's own work (its connection to
+    the consumer, nvidia-smi). http.header_timeout_s is 60 here, so that only this can have freed them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1500:
+        pytest.skip(f"this test opens 1,100 connections: its hard RLIMIT_NOFILE is {hard}")
+    if soft != resource.RLIM_INFINITY and soft < 1500:
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (hard if hard == resource.RLIM_INFINITY else min(hard, 4096), hard)
+        )
+
+    def patient(raw: dict[str, Any]) -> None:
+        raw["http"] = {"header_timeout_s": 60}
+
+    r = await rig(tweak=patient, sims={"mvoice": {"loaded": False}})
+    raw = copy.deepcopy(r.raw)
+    comfy_port = free_port()
+    raw["consumers"]["comfyui"]["listen"] = f"127.0.0.1:{comfy_port}"
+    idle: list[asyncio.StreamWriter] = []
+    try:
+        async with Daemon(raw, r.tmp_path, sim_smi(r.state), nofile=1024, uvloop=uvloop) as daemon:
+            for _ in range(11):
+                opened = await asyncio.gather(
+                    *(
+                        asyncio.wait_for(
+                            asyncio.open_connection("127.0.0.1", (comfy_port, daemon.port)[i % 2]), 5
+                        )
+                        for i in range(100)
+                    ),
+                    return_exceptions=True,
+                )
+                idle += [
+                    writer
+                    for result in opened
+                    if not isinstance(result, BaseException)
+                    for writer in result[1:]
+                ]
+            started = time.monotonic()
+
+            async def served() -> None:
+                async with aiohttp.ClientSession() as fresh:
+                    async with fresh.get(daemon.url("/healthz")) as resp:
+                        assert resp.status == 200
+                    async with fresh.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+                        assert resp.status == 200, await resp.read()
+                    async with fresh.get(daemon.url("/v1/status")) as resp:
+                        assert resp.status == 200
+                    async with fresh.get(daemon.url("/metrics")) as resp:
+                        families = _families(await resp.text())
+
+                closed = _value(families, "mgpumanager_connections_closed_total", reason="descriptors")
+                allowed = _value(families, "mgpumanager_client_connections_limit")
+                assert closed >= 1100 - allowed and allowed < 1024
+                assert _value(families, "mgpumanager_client_connections") <= allowed
+
+            await asyncio.wait_for(served(), 15)
+            took = time.monotonic() - started
+            print(f"{len(idle)} idle connections: /healthz, a job and /v1/status in {took:.2f} s")
+    finally:
+        for writer in idle:
+            writer.close()
+    assert len(idle) == 1100
+    assert "msg=descriptors soft=1024 hard=1024" in daemon.log
+    assert 'msg="descriptors short: closing the longest-idle client connections"' in daemon.log
+    assert f"loop={'uvloop' if uvloop else 'asyncio'}" in daemon.log
+
+
+async def test_a_consumer_connect_failing_for_want_of_descriptors_is_the_brokers_shortage_not_consumer_gone(
+    rig, caplog
+):
+    """Issue 19, item 1: a connect to a consumer that failed because the broker had no descriptor left
+    (EMFILE) counted as "consumer gone": a running ComfyUI hold was abandoned, its render left running while
+    the GPU went to the next job. Now it is the broker's own shortage: the hold polls on, the consumer is not
+    marked down, and the shortage is logged and counted (and idle client connections closed to make room)."""
+    done = asyncio.Event()
+
+    def closing(data: Any) -> web.Response:
+        resp = web.json_response(data)
+        resp.force_close()  # every poll needs a new connection (a new descriptor)
+        return resp
+
+    async def prompt(request: web.Request) -> web.Response:
+        return closing({"prompt_id": "p1"})
+
+    polls: list[float] = []
+
+    async def history(request: web.Request) -> web.Response:
+        polls.append(time.monotonic())
+        return closing({"p1": {"status": {"completed": True}}} if done.is_set() else {})
+
+    def slow_polls(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["poll_s"] = 0.3
+
+    routes = [("GET", "/system_stats", _ok), ("POST", "/prompt", prompt), ("GET", "/history/p1", history)]
+    async with StandIn(routes) as comfy:
+        r = await rig(urls={"comfyui": comfy.url}, tweak=slow_polls)
+        async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+            assert resp.status == 200
+        await until(lambda: r.broker.scheduler.holder == "comfyui" and polls)
+        exhausted = ("mgpumanager_descriptors_exhausted_total", ())
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # Between two polls (poll_s apart): no new descriptor for anyone in this process.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (0, hard))
+        try:
+            await until(lambda: r.broker.metrics.counters.get(exhausted, 0) >= 3, 5)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert r.broker.scheduler.holder == "comfyui"  # the hold goes on
+        assert r.broker.consumers.states["comfyui"].healthy is not False
+        done.set()
+        await until(lambda: r.broker.scheduler.holder is None)
+    assert r.stats.hold_abandoned == 0 and r.stats.hold_poll_errors >= 3
+    assert 'msg="out of file descriptors" what="GET http://127.0.0.1:' in caplog.text
+    assert "hold abandoned" not in caplog.text
+
+
+async def test_a_reload_that_replaces_the_token_closes_every_connection_authenticated_with_the_old_one(rig):
+    """Issue 19, item 9, end to end: after a reload that replaced auth.token, event streams and WebSockets
+    opened with the old token kept delivering. Now the reload closes every connection authenticated with
+    it before it answers: an event stream, WebSockets through a mount and a consumer's port (1008), idle
+    keep-alive connections on both ports; the connection that asked for the reload gets its answer (which
+    says so) and is closed after it. A connection that never showed the token serves on."""
+    new_token = "n3w-token-0123456789abcdef"
+    r = await rig(tweak=with_token)
+    raw = copy.deepcopy(r.raw)
+    comfy_port = free_port()
+    raw["consumers"]["comfyui"]["listen"] = f"127.0.0.1:{comfy_port}"
+    old = {"Authorization": f"Bearer {TOKEN}"}
+    request = "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        stream = await r.session.get(daemon.url("/v1/events"), headers=old)
+        await stream.content.readline()
+        sockets = [
+            await r.session.ws_connect(f"http://127.0.0.1:{port}{path}", headers=old)
+            for port, path in ((daemon.port, "/c/comfyui/ws"), (comfy_port, "/ws"))
+        ]
+        for ws in sockets:
+            assert (await _ws_json(ws))["type"] == "status"
+        kept = []
+        for port, path in ((daemon.port, "/v1/status"), (comfy_port, "/system_stats")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request.format(path=path, token=TOKEN).encode())
+            assert (await whole_answer(reader))[0] == 200
+            kept.append((reader, writer))
+        public = await asyncio.open_connection("127.0.0.1", daemon.port)
+        public[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await whole_answer(public[0]))[0] == 200
+        raw["auth"]["token"] = new_token
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        asker = await asyncio.open_connection("127.0.0.1", daemon.port)
+        asker[1].write(
+            f"POST /v1/reload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Length: 0\r\n\r\n".encode()
+        )
+        status, body = await whole_answer(asker[0])
+        assert status == 200
+        changes = json.loads(body)["changes"]
+        assert "closed 6 connections authenticated with a revoked token" in changes, changes
+        await closed_by_peer(asker[0])
+        # Closed before the answer went out: each finds it so now.
+        for reader, _ in kept:
+            await closed_by_peer(reader)
+        for ws in sockets:
+            closing = await ws.receive(timeout=10)
+            assert (closing.type, closing.data) == (aiohttp.WSMsgType.CLOSE, 1008)
+        with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
+            await asyncio.wait_for(stream.content.read(), 10)
+        stream.release()
+        await until(lambda: len(r.sims["comfyui"].ws_closes) == 2)
+        # The token-less connection serves on; the old token is refused, the new one let in.
+        public[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await whole_answer(public[0]))[0] == 200
+        async with r.session.get(daemon.url("/v1/status"), headers=old) as resp:
+            assert resp.status == 401
+        new = {"Authorization": f"Bearer {new_token}"}
+        async with r.session.get(daemon.url("/metrics"), headers=new) as resp:
+            families = _families(await resp.text())
+        assert _value(families, "mgpumanager_connections_closed_total", reason="token_revoked") == 6
+        for _, writer in (*kept, public, asker):
+            writer.close()
+        for ws in sockets:
+            await ws.close()
+    assert 'msg="token revoked: closing its connections" connections=6' in daemon.log
+    assert TOKEN not in daemon.log and new_token not in daemon.log
 
 
 # =====================================================================================================
