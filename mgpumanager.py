@@ -5583,8 +5583,6 @@ class Connection:
     head_begun: bool = False
     #: The deadline watched while it is not busy.
     timer: asyncio.TimerHandle | None = None
-    #: Bytes of its last answer still unsent when its keep-alive time ran out: it gets more while they go.
-    unsent: int = 0
     #: The credentials it was authenticated with.
     credentials: set[str] = field(default_factory=set)
     #: How to end it politely when its credential is revoked (a WebSocket's close frame); else it is cut.
@@ -5636,8 +5634,10 @@ class ClientConnections:
     its first byte after an answer) is closed, and so is one idle http.keepalive_s after its last answer; a
     connection whose request is being handled (a job, an event stream, a WebSocket) is never timed out here.
     Client connections may hold what RLIMIT_NOFILE allows less a reserve for the broker's own work
-    (descriptor_reserve): one more closes the longest-idle connection first (the new one itself when every
-    other is busy), and so does the broker's own work finding no descriptor. It also knows the credential
+    (descriptor_reserve): one more closes the longest-idle connection first, and so does the broker's own
+    work finding no descriptor. Idle here is also a request that waits on its client (an event stream, a body
+    still arriving), since it began; a connection whose job or WebSocket runs is never closed for this (the
+    new one itself is, when every other is such). It also knows the credential
     each connection was authenticated with, so that a reload that revokes one closes its connections.
     Every close is counted by reason (mgpumanager_connections_closed_total) and summed up in the log.
     """
@@ -5649,7 +5649,8 @@ class ClientConnections:
         self.clock = clock
         #: By aiohttp's protocol for each (what a request knows as ``request.protocol``).
         self.open: dict[asyncio.BaseProtocol, Connection] = {}
-        #: The open connections without a request being handled, the longest idle first.
+        #: What may be closed when descriptors run short, the longest idle first: the connections without a
+        #: request being handled, and those whose request waits on its client (``waits_on_client``).
         self.idle: dict[Connection, None] = {}
         #: credential -> the open connections authenticated with it.
         self.by_credential: dict[str, set[Connection]] = {}
@@ -5680,6 +5681,7 @@ class ClientConnections:
             msg="client connections", allowed=self.allowed, descriptors=limit, reserve=reserve, **hint
         )
         log.log(logging.WARNING if few else logging.INFO, line)
+        self.make_room()  # (a reload may keep more for the broker's own work)
 
     def protocol(self, server: Callable[[], asyncio.Protocol], listener: str) -> asyncio.Protocol:
         """A new connection's protocol: aiohttp's (``server()``), watched."""
@@ -5728,7 +5730,7 @@ class ClientConnections:
         conn.busy -= 1
         if conn.busy or conn.protocol not in self.open:
             return
-        conn.idle_since, conn.unsent, conn.closer = self.clock(), 0, None
+        conn.idle_since, conn.closer = self.clock(), None
         self.idle[conn] = None  # the most recently idle, last
         self._watch(conn, self.http.keepalive_s, "keepalive")
 
@@ -5737,6 +5739,17 @@ class ClientConnections:
         if conn is not None and key not in conn.credentials and conn.protocol in self.open:
             conn.credentials.add(key)
             self.by_credential.setdefault(key, set()).add(conn)
+
+    def waits_on_client(self, request: web.BaseRequest, waits: bool = True) -> None:
+        """The request waits on its client (an event stream; a body still arriving), or no longer does: while
+        it does, its connection counts as idle since then when descriptors run short."""
+        conn = self.open.get(request.protocol)
+        if conn is None or not conn.busy:
+            return
+        self.idle.pop(conn, None)
+        if waits:
+            conn.idle_since = self.clock()
+            self.idle[conn] = None
 
     def closer(self, request: web.BaseRequest, close: Callable[[], None]) -> None:
         """How to end the request's connection politely if its credential is revoked."""
@@ -5788,11 +5801,17 @@ class ClientConnections:
                     reserve=self.reserve,
                 )
             )
-        if conn.closer is not None and reason == "token_revoked":
+        loop = asyncio.get_running_loop()
+        if reason == "keepalive":
+            # Its last answer may still be on its way (a large one to a slow reader): it goes out whole
+            # before the connection closes; one that is not taken within keepalive_s more is cut.
+            conn.transport.close()
+            loop.call_later(self.http.keepalive_s, conn.transport.abort)
+        elif conn.closer is not None and reason == "token_revoked":
             conn.closer()
-            asyncio.get_running_loop().call_later(REVOKE_GRACE_S, conn.transport.abort)
+            loop.call_later(REVOKE_GRACE_S, conn.transport.abort)
         else:
-            conn.transport.abort()  # (nothing of an answer is pending: the connection is idle or revoked)
+            conn.transport.abort()
 
     def descriptors_exhausted(self, what: str) -> None:
         """The broker's own work found no descriptor free: counted, logged (once an episode, then in the
@@ -5839,12 +5858,6 @@ class ClientConnections:
         conn.timer = None
         if conn.busy or self.open.get(conn.protocol) is not conn:
             return
-        if reason == "keepalive":
-            unsent = conn.transport.get_write_buffer_size()
-            if unsent and unsent != conn.unsent:  # its last answer is still going out: more time
-                conn.unsent = unsent
-                self._watch(conn, self.http.keepalive_s, reason)
-                return
         self.close(conn, reason)
 
     def _forget(self, conn: Connection) -> None:
@@ -6593,6 +6606,7 @@ async def read_body(request: web.Request, broker: Broker, consumer: str) -> byte
         if request.content.is_eof():
             await fill()  # it came whole with its headers (a small job's): nothing to wait for
         else:
+            broker.connections.waits_on_client(request)  # (may go when descriptors run short)
             await asyncio.wait_for(fill(), cfg.body_timeout_s)
     except asyncio.TimeoutError:
         raise BrokerError(
@@ -6604,6 +6618,7 @@ async def read_body(request: web.Request, broker: Broker, consumer: str) -> byte
         raise BrokerError("bad_request", f"the request body did not arrive whole: {why}") from None
     finally:
         broker.reading -= len(body)
+        broker.connections.waits_on_client(request, False)
     if length is not None and len(body) != length:
         raise BrokerError("bad_request", "request body ended before its Content-Length")
     return body
@@ -7145,8 +7160,10 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
     ``?since=SECONDS`` first replays the ring's events of the last SECONDS (at most EVENT_RING_S), then a
     ``: replayed N`` comment, then goes live: the past and the subscription are taken in one step.
     """
-    events = request.app[BROKER].events
+    broker = request.app[BROKER]
+    events = broker.events
     since = _since(request)
+    broker.connections.waits_on_client(request)  # a reader, not a job: may go when descriptors run short
     queue, past = events.follow(since)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     try:

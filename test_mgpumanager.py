@@ -9257,10 +9257,11 @@ async def whole_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
-async def closed_by_peer(reader: asyncio.StreamReader) -> None:
-    """Wait for the other end to close the connection (reads nothing more; a reset counts too)."""
+async def closed_by_peer(reader: asyncio.StreamReader) -> bytes:
+    """Wait for the other end to close the connection (a reset counts too); what it sent until then."""
     with contextlib.suppress(ConnectionResetError):
-        assert await asyncio.wait_for(reader.read(), 10) == b""
+        return await asyncio.wait_for(reader.read(), 10)
+    return b""
 
 
 async def test_connections_without_a_request_head_or_idle_after_an_answer_are_closed_on_every_listener(rig):
@@ -9314,6 +9315,77 @@ async def test_connections_without_a_request_head_or_idle_after_an_answer_are_cl
     closed = "mgpumanager_connections_closed_total"
     assert _value(families, closed, reason="header_timeout") == 6
     assert _value(families, closed, reason="keepalive") == 2
+
+
+async def test_a_slow_reader_of_a_large_answer_keeps_its_connection_while_it_reads(rig):
+    """Issue 19, item 1: the keep-alive time counts from the end of a request's handling, and a large answer
+    (/v1/status with 20,000 processes, 5.7 MB) may still be on its way then. A client that reads it slowly
+    gets it whole before its connection is closed; one that stopped reading is cut keepalive_s later."""
+
+    def quick(raw: dict[str, Any]) -> None:
+        raw["http"] = {"keepalive_s": 0.3}
+
+    r = await rig(tweak=quick)
+    strangers(r.gpu, 20000)
+    conns = []
+    for _ in range(2):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answer waits in the broker
+        sock.connect(("127.0.0.1", r.server.port))
+        conns.append(await asyncio.open_connection(sock=sock))
+    for _, writer in conns:
+        writer.write(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+    (slow, _), (stopped, stopped_writer) = conns
+    mine = stopped_writer.get_extra_info("sockname")
+    await until(lambda: len(r.broker.connections.open) == 2)
+    (theirs,) = [
+        c for c in r.broker.connections.open.values() if c.transport.get_extra_info("peername") == mine
+    ]
+    head = await asyncio.wait_for(slow.readuntil(b"\r\n\r\n"), 10)
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    assert length > 5_000_000
+    got, pause = 0, 0
+    while got < length:  # a pause of 0.1 s after each 512 KiB: several keepalive_s go by meanwhile
+        chunk = await asyncio.wait_for(slow.read(65536), 10)
+        if not chunk:
+            break
+        got += len(chunk)
+        if got // (512 * 1024) > pause:
+            pause += 1
+            await asyncio.sleep(0.1)
+    assert got == length and await closed_by_peer(slow) == b""
+    await until(lambda: r.broker.connections.closed == {"keepalive": 2})
+    await until(lambda: theirs.transport.get_write_buffer_size() == 0)  # keepalive_s later: cut
+    head = await asyncio.wait_for(stopped.readuntil(b"\r\n\r\n"), 10)
+    assert len(head) + len(await closed_by_peer(stopped)) < length  # the rest was never sent
+    for _, writer in conns:
+        writer.close()
+
+
+async def test_when_descriptors_run_short_event_streams_and_slow_uploads_go_by_age_before_a_new_client(rig):
+    """Issue 19, item 1, attacked: connections that sent a whole head and then wait on their client (an event
+    stream, a body trickling in) hold descriptors as idle ones do. When descriptors run short they go too,
+    the longest idle first (since their request began), rather than the new client being turned away."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    connections = r.broker.connections
+    stream = await asyncio.open_connection("127.0.0.1", r.server.port)
+    stream[1].write(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(stream[0].readuntil(b"mgpumanager events\n\n"), 10)
+    upload = await _partial_post("127.0.0.1", r.server.port, "/v1/tts", 100, b"x" * 10)
+    await until(lambda: len(connections.open) == len(connections.idle) == 2)
+    connections.allowed = 2  # as if the descriptors ran short here
+    first = await asyncio.open_connection("127.0.0.1", r.server.port)
+    first[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await whole_answer(first[0]) == (200, b"ok\n")
+    await closed_by_peer(stream[0])  # the oldest went
+    second = await asyncio.open_connection("127.0.0.1", r.server.port)
+    second[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await whole_answer(second[0]) == (200, b"ok\n")
+    await closed_by_peer(upload[0])  # then the upload, idle longer than the first client
+    assert connections.closed == {"descriptors": 2}
+    for _, writer in (stream, upload, first, second):
+        writer.close()
+    assert r.stats.jobs == 0 and r.broker.reading == 0
 
 
 @pytest.mark.parametrize("uvloop", [True, False], ids=["uvloop", "asyncio"])
