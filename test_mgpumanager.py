@@ -9317,6 +9317,33 @@ async def test_connections_without_a_request_head_or_idle_after_an_answer_are_cl
     assert _value(families, closed, reason="keepalive") == 2
 
 
+@pytest.mark.parametrize("uvloop", [True, False], ids=["uvloop", "asyncio"])
+async def test_the_daemon_times_connections_out_under_either_event_loop(rig, uvloop):
+    """Issue 19, item 1: the connections' timeouts hold under uvloop and asyncio alike (the broker wraps the
+    protocol of each, a plain protocol to either loop): a silent connection, and an idle one after its
+    answer, on the broker's port and a consumer's."""
+    r = await rig()
+    raw = copy.deepcopy(r.raw)
+    comfy_port = free_port()
+    raw["consumers"]["comfyui"]["listen"] = f"127.0.0.1:{comfy_port}"
+    raw["http"] = {"header_timeout_s": 0.3, "keepalive_s": 0.3}
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state), uvloop=uvloop) as daemon:
+        for port, path in ((daemon.port, "/healthz"), (comfy_port, "/system_stats")):
+            silent = await asyncio.open_connection("127.0.0.1", port)
+            kept = await asyncio.open_connection("127.0.0.1", port)
+            kept[1].write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert (await whole_answer(kept[0]))[0] == 200
+            for reader, writer in (silent, kept):
+                assert await closed_by_peer(reader) == b""
+                writer.close()
+        async with r.session.get(daemon.url("/metrics")) as resp:
+            families = _families(await resp.text())
+    closed = "mgpumanager_connections_closed_total"
+    assert _value(families, closed, reason="header_timeout") == 2
+    assert _value(families, closed, reason="keepalive") >= 2  # (and the test's own between its requests)
+    assert f"loop={'uvloop' if uvloop else 'asyncio'}" in daemon.log
+
+
 async def test_a_slow_reader_of_a_large_answer_keeps_its_connection_while_it_reads(rig):
     """Issue 19, item 1: the keep-alive time counts from the end of a request's handling, and a large answer
     (/v1/status with 20,000 processes, 5.7 MB) may still be on its way then. A client that reads it slowly
@@ -9540,6 +9567,8 @@ async def test_a_reload_that_replaces_the_token_closes_every_connection_authenti
         public = await asyncio.open_connection("127.0.0.1", daemon.port)
         public[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await whole_answer(public[0]))[0] == 200
+        async with r.session.post(daemon.url("/v1/reload"), headers=old) as resp:  # the same token: nothing
+            assert not any("revoked" in change for change in (await resp.json())["changes"])
         raw["auth"]["token"] = new_token
         daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
         asker = await asyncio.open_connection("127.0.0.1", daemon.port)
@@ -9550,7 +9579,8 @@ async def test_a_reload_that_replaces_the_token_closes_every_connection_authenti
         status, body = await whole_answer(asker[0])
         assert status == 200
         changes = json.loads(body)["changes"]
-        assert "closed 6 connections authenticated with a revoked token" in changes, changes
+        # (seven: the test's own session kept the connection of the first reload alive)
+        assert "closed 7 connections authenticated with a revoked token" in changes, changes
         await closed_by_peer(asker[0])
         # Closed before the answer went out: each finds it so now.
         for reader, _ in kept:
@@ -9570,12 +9600,12 @@ async def test_a_reload_that_replaces_the_token_closes_every_connection_authenti
         new = {"Authorization": f"Bearer {new_token}"}
         async with r.session.get(daemon.url("/metrics"), headers=new) as resp:
             families = _families(await resp.text())
-        assert _value(families, "mgpumanager_connections_closed_total", reason="token_revoked") == 6
+        assert _value(families, "mgpumanager_connections_closed_total", reason="token_revoked") == 7
         for _, writer in (*kept, public, asker):
             writer.close()
         for ws in sockets:
             await ws.close()
-    assert 'msg="token revoked: closing its connections" connections=6' in daemon.log
+    assert 'msg="token revoked: closing its connections" connections=7' in daemon.log
     assert TOKEN not in daemon.log and new_token not in daemon.log
 
 
