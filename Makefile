@@ -19,7 +19,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# mgpumanager in front of real ComfyUI, whisper.cpp and llama.cpp servers on the CPU (README, "make test-real"):
+# mgpumanager in front of real ComfyUI, whisper.cpp and llama.cpp servers on the CPU (docs/development.md):
 # builds them into $$MGPU_REAL_CACHE on first use, then runs test_real.py. One scenario: ARGS="-k held".
 test-real: $(STAMP)
 	$(BIN)/python test_real.py install
@@ -44,17 +44,24 @@ run: $(STAMP)
 check: $(STAMP)
 	$(BIN)/python mgpumanager.py --check --config $(CONFIG)
 
-# Copies the daemon, the config ($(CONFIG), as consumers.yaml), the unit and the README; validates the config
-# there before restarting.
-deploy: check
-	ssh $(HOST) 'mkdir -p /tmp/mgpumanager-deploy'
-	scp mgpumanager.py mgpumanager.service README.md $(HOST):/tmp/mgpumanager-deploy/
+# Copies the daemon, the config ($(CONFIG), as consumers.yaml), the unit, the README and the manual (docs/,
+# beside the daemon: the unit's Documentation=); creates the service's system user if it is missing; validates
+# the config there, as that user (so a token file it cannot read is refused before anything is installed),
+# before restarting (docs/operations.md, "Deploying").
+deploy:
+	ssh $(HOST) 'rm -rf /tmp/mgpumanager-deploy && mkdir -p -m 0700 /tmp/mgpumanager-deploy'
+	scp -r mgpumanager.py mgpumanager.service README.md docs $(HOST):/tmp/mgpumanager-deploy/
 	scp $(CONFIG) $(HOST):/tmp/mgpumanager-deploy/consumers.yaml
 	ssh $(HOST) 'cd /tmp/mgpumanager-deploy \
-	  && python3 mgpumanager.py --check --config consumers.yaml >/dev/null \
+	  && { id -u mgpumanager >/dev/null 2>&1 || sudo useradd --system --no-create-home \
+	       --home-dir /nonexistent --shell /usr/sbin/nologin mgpumanager; } \
+	  && sudo chgrp -R mgpumanager . && chmod -R g+rX,o-rwx . \
+	  && sudo -u mgpumanager python3 mgpumanager.py --check --config consumers.yaml >/dev/null \
 	  && sudo install -D -m 0644 mgpumanager.py /opt/mgpumanager/mgpumanager.py \
 	  && sudo install -D -m 0644 README.md /opt/mgpumanager/README.md \
-	  && sudo install -D -m 0644 consumers.yaml /etc/mgpumanager/consumers.yaml \
+	  && sudo rm -rf /opt/mgpumanager/docs && sudo install -d -m 0755 /opt/mgpumanager/docs \
+	  && sudo install -m 0644 docs/* /opt/mgpumanager/docs/ \
+	  && sudo install -D -m 0640 -g mgpumanager consumers.yaml /etc/mgpumanager/consumers.yaml \
 	  && sudo install -D -m 0644 mgpumanager.service /etc/systemd/system/mgpumanager.service \
 	  && sudo systemctl daemon-reload && sudo systemctl enable --quiet mgpumanager \
 	  && sudo systemctl restart mgpumanager'

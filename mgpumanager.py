@@ -115,6 +115,8 @@ RESERVED_KINDS = frozenset({"status", "consumers", "events", "reload", "reserve"
 KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 #: The kind a mount job has when its method and path are none of its consumer's ``paths``.
 MOUNT_KIND = "mount"
+#: The kind of the job that starts a stopped consumer for an unscheduled call (``start_for_unscheduled``).
+START_KIND = "start"
 #: The pseudo-consumer that holds a GPU's lock while it is reserved (``POST /v1/reserve``), and its kind.
 RESERVATION = "reservation"
 #: Kinds of job that only unload: granting one changes nothing another consumer's record relies on.
@@ -124,6 +126,9 @@ HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 TIMING_SAMPLES = 15
 #: What the broker times per consumer: its loads, its unloads and its jobs.
 TIMED = ("load", "unload", "job")
+#: A forecast counts the job running now as at least this much more, however long past its consumer's
+#: learned job time it has run already (it is not done: a render twice as long as usual is still running).
+RUNNING_FLOOR_S = 1.0
 #: How often free VRAM is polled after an unload (one nvidia-smi each, the GPU line alone), and which
 #: share of the victim's memory counts as "freed".
 VRAM_POLL_S = 0.05
@@ -340,6 +345,10 @@ class ConsumerConfig:
     residency: JsonQuery | None = None
     #: Its own port (host, port): its whole API at the root path, by the rules of its mount.
     listen: tuple[str, int] | None = None
+    #: An unscheduled call (through its mount or port, /audio/, a WebSocket) that finds it stopped starts it
+    #: first, as a job of kind ``start`` would, instead of being refused with consumer_stopped: every route
+    #: of its needs its model (llama-server, whose process is its model).
+    start_for_unscheduled: bool = False
     #: The preset it was made from, and the keys (``paths.<kind>`` for paths) that the preset filled in.
     preset: str | None = None
     from_preset: tuple[str, ...] = ()
@@ -606,8 +615,9 @@ def _calls(method: str, *paths: str) -> list[dict[str, str]]:
 
 
 #: What ``preset: NAME`` fills in: everything the service's own API defines (not url, vram_resident_mib,
-#: processes, nor eviction by command). Each was read in the service's source at the version README.md's
-#: "Presets" table names. Kinds: llm (a prompt), chat (messages), embed, image, img2img, image_ui, stt, tts.
+#: processes, nor eviction by command). Each was read in the service's source at the version that
+#: docs/configuration.md's "Presets" table names. Kinds: llm (a prompt), chat (messages), embed, image,
+#: img2img, image_ui, stt, tts.
 #: The OpenAI-compatible paths the LLM servers' presets share (each preset gets a copy when applied).
 OPENAI_PATHS: dict[str, dict[str, str]] = {
     "chat": {"method": "POST", "path": "/v1/chat/completions"},
@@ -638,6 +648,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # ComfyUI v0.8.0 server.py, app/user_manager.py, app/app_settings.py: every route is served under /api
     # too; /prompt answers at once and /history/{id} stays {} until the render is done; /free needs a body.
+    # /free sets each flag it names one after the other, and main.py's prompt_worker reads them between
+    # prompts: free_memory implies unload_models, and both in one body race (the worker may read the first
+    # alone, leaving free_memory to drop the model of the next render as soon as it is done).
     "comfyui": {
         "health": {"method": "GET", "path": "/system_stats"},
         "paths": {
@@ -662,7 +675,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 },
             },
         },
-        "unload": {"method": "POST", "path": "/free", "body": {"unload_models": True, "free_memory": True}},
+        "unload": {"method": "POST", "path": "/free", "body": {"free_memory": True}},
         "unscheduled": [
             {"method": "POST", "path": prefix + path}
             for path in (
@@ -691,6 +704,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "paths": OPENAI_PATHS,
         "residency": {"method": "GET", "path": "/props", "where": {"is_sleeping": [False, None]}},
         "unscheduled": _calls("POST", "/tokenize", "/detokenize", "/apply-template"),
+        # Stopped by its unload command, it answers nothing: a model list (what the OpenAI client and Open
+        # WebUI ask first) needs it running, and running it is loading its one model.
+        "start_for_unscheduled": True,
     },
     # The same server in router mode (started without a model), tools/server/server-models.cpp: GET /models
     # lists every model with status.value; /models/unload and /models/load take {"model": id}.
@@ -789,6 +805,245 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# ---- where a URL leads: usable by the HTTP client, and not back to the broker --------------------------
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: Where a connection to an unspecified address (0.0.0.0, ::) goes on Linux.
+LOOPBACK = {4: ipaddress.IPv4Address("127.0.0.1"), 6: ipaddress.IPv6Address("::1")}
+#: A label of a host name as the HTTP client looks it up (after IDNA); '_' for names such as Docker's.
+_HOST_LABEL = re.compile(r"^[a-z0-9_-]{1,63}$")
+#: A label that makes a host an IPv4 address to resolvers and browsers ("ends in a number": 1, 0x7f).
+_NUMBER_LABEL = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
+#: Consumer URL host names on a listener's port are resolved, to tell whether they lead back to the broker,
+#: all at once within this; a name not resolved in time is not checked (DNS down at boot stops nothing).
+RESOLVE_TIMEOUT_S = 2.0
+
+
+def url_problem(url: str) -> str | None:
+    """Why a consumer URL is refused (one line, never echoing a password), or None: it must be an http(s)
+    URL with a host and port the HTTP client can connect to, without credentials, query or fragment."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # "Invalid IPv6 URL": a '[' without its ']', or text after it
+        return f"must be an http(s) URL the HTTP client can use, not {_shown(url)} ({e})"
+    if "@" in parts.netloc:
+        # Never echoed: it holds a password. /v1/status shows every URL to anyone who may ask.
+        return "must not carry a user or password (user:password@host): it is shown"
+    if parts.query or parts.fragment:
+        return "must not carry a query string or fragment"
+    try:
+        url_host(url)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _shown(url: str) -> str:
+    return repr(url) if "@" not in url else "this one (not shown: it has an '@')"
+
+
+def url_host(url: str) -> tuple[Address | str, int]:
+    """Where a consumer URL leads the HTTP client: an address, or a host name (lower case, IDNA, without a
+    trailing '.'), and the port. ValueError (its message a refusal) when the client could not use it: a
+    numeric host that is not four decimal numbers (``127.1``, ``2130706433``, ``0x7f.1``: aiohttp refuses
+    them, older resolvers read them as 127.0.0.1), brackets without an IPv6 address, an empty or odd label
+    (``a..b``), a name IDNA cannot encode, port 0."""
+    shown = _shown(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = URL(url).raw_host  # yarl's reading is what aiohttp connects to
+    except ValueError as e:  # UnicodeError (IDNA) too
+        raise ValueError(f"must be an http(s) URL the HTTP client can use, not {shown} ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not host:
+        raise ValueError(f"must be an http(s) URL with a host, not {shown}")
+    if port == 0:
+        raise ValueError(f"port 0 is no port to connect to: {shown}")
+    port = port or (443 if parts.scheme == "https" else 80)
+    if parts.netloc.rpartition("@")[2].startswith("["):
+        if "%" in host:  # aiohttp hands "fe80::1%25eth0" to the resolver as it is: never found
+            raise ValueError(f"an IPv6 zone ('%25...') cannot be used by the HTTP client: {shown}")
+        try:
+            return ipaddress.IPv6Address(host), port
+        except ValueError:
+            raise ValueError(f"must hold an IPv6 address between '[' and ']', not {shown}") from None
+    name = host.lower()
+    labels = name.removesuffix(".").split(".")
+    if _NUMBER_LABEL.match(labels[-1]):
+        try:
+            return ipaddress.IPv4Address(name), port
+        except ValueError:
+            raise ValueError(
+                f"{host!r} is an IPv4 address only as four decimal numbers (127.0.0.1): the HTTP client"
+                " refuses other spellings"
+            ) from None
+    if len(name) > 254 or not all(_HOST_LABEL.match(label) for label in labels):
+        raise ValueError(
+            f"{host!r} is no host name (labels of letters, digits, '-' and '_', joined by single dots)"
+        )
+    return name.removesuffix("."), port
+
+
+def is_localhost(name: str) -> bool:
+    """``localhost`` and names below it: the machine itself, whatever a resolver says (RFC 6761)."""
+    return name == "localhost" or name.endswith(".localhost")
+
+
+def listen_addresses(host: str) -> list[Address] | str:
+    """The addresses a listener on ``host`` binds, without resolving: an address (an old numeric spelling
+    too, which the resolver reads as one), loopback for localhost; else the name itself."""
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    if is_localhost(host.lower().removesuffix(".")):
+        return list(LOOPBACK.values())
+    with contextlib.suppress(OSError, UnicodeError):
+        if host and all(c in "0123456789abcdefxABCDEFX." for c in host):
+            return [ipaddress.IPv4Address(socket.inet_aton(host))]  # "0" binds 0.0.0.0
+    return host.lower().removesuffix(".")
+
+
+def resolve(names: Iterable[str], timeout_s: float) -> dict[str, frozenset[Address]]:
+    """Each name's addresses as the system resolver gives them, all looked up at once, within ``timeout_s``
+    in all; a name that fails or takes longer has none. The threads are daemons: a hung resolver keeps no
+    process from exiting (``--check`` on a dead network answers in time), and a reload's thread is bounded."""
+    found: dict[str, frozenset[Address]] = {}
+
+    def look_up(name: str) -> None:
+        try:
+            infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+            found[name] = frozenset(ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos)
+        except (OSError, ValueError):  # UnicodeError too
+            pass
+
+    names = sorted(set(names))
+    threads = [threading.Thread(target=look_up, args=(n,), name="resolve", daemon=True) for n in names]
+    deadline = time.monotonic() + timeout_s
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return {name: found.get(name, frozenset()) for name in names}
+
+
+@functools.cache
+def machine_names() -> frozenset[str]:
+    """This machine's host name and fully qualified name, in lower case; looked up once, within
+    RESOLVE_TIMEOUT_S (the FQDN is the resolver's to say), in a daemon thread like ``resolve``'s."""
+    found = [socket.gethostname()]
+    thread = threading.Thread(target=lambda: found.append(socket.getfqdn()), name="resolve", daemon=True)
+    thread.start()
+    thread.join(RESOLVE_TIMEOUT_S)
+    return frozenset(host_key(name) for name in list(found) if name)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def host_key(host: str) -> str:
+    """A host as the broker compares names: lower case, without brackets or a trailing '.', an address in
+    its canonical form (an IPv4-mapped one as its IPv4 address)."""
+    name = host.strip().strip("[]").lower().removesuffix(".")
+    try:
+        return str(_unmapped(ipaddress.ip_address(name)))
+    except ValueError:
+        return name
+
+
+def own_addresses() -> frozenset[Address]:
+    """The addresses of this machine's interfaces: the local ones of /proc/net/fib_trie (IPv4) and those of
+    /proc/net/if_inet6 (Linux); none where they cannot be read."""
+    own: set[Address] = set()
+    with contextlib.suppress(OSError), open("/proc/net/fib_trie", encoding="ascii", errors="replace") as file:
+        last = ""
+        for line in itertools.islice(file, 200_000):  # (a full routing table is no home server's)
+            if "|--" in line:
+                last = line.split("|--")[1].strip()
+            elif "/32 host LOCAL" in line:
+                with contextlib.suppress(ValueError):
+                    own.add(ipaddress.IPv4Address(last))
+    with contextlib.suppress(OSError), open("/proc/net/if_inet6", encoding="ascii", errors="replace") as file:
+        for line in itertools.islice(file, 10_000):
+            with contextlib.suppress(ValueError, IndexError):
+                own.add(ipaddress.IPv6Address(int(line.split()[0], 16)))
+    return frozenset(own)
+
+
+def _unmapped(address: Address) -> Address:
+    """An IPv4-mapped IPv6 address (::ffff:127.0.0.1) is the IPv4 address it carries."""
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
+
+
+def reaches(to: Address, listener: Address, own: Callable[[], frozenset[Address]]) -> bool:
+    """Whether a connection to ``to`` arrives at a listener bound to ``listener`` on this machine. A
+    listener on every address (0.0.0.0, ::) takes any loopback or own address of either family (whether
+    it is dual-stack is the system's business); an unspecified destination is loopback (Linux)."""
+    to, listener = _unmapped(to), _unmapped(listener)
+    if listener.is_unspecified:
+        return to.is_loopback or to.is_unspecified or to in own()
+    if to.is_unspecified:
+        to = LOOPBACK[to.version]
+    return to == listener
+
+
+def loop_problems(
+    urls: Mapping[str, str], listeners: Sequence[tuple[tuple[str, int], str]]
+) -> dict[str, str]:
+    """Consumer -> why its URL leads back to one of the broker's listeners (``((host, port), key)``): the
+    same port, and an address (literal, localhost, or what its name resolves to) that connects to the
+    listener's. Only names on a listener's port are resolved."""
+    ports = {port for (_, port), _ in listeners if port}
+    targets: dict[str, tuple[Address | str, int]] = {}
+    for name, url in urls.items():
+        with contextlib.suppress(ValueError):  # an unusable URL is a problem of its own, already said
+            host, port = url_host(url)
+            if port in ports:
+                targets[name] = (host, port)
+    if not targets:
+        return {}
+    bound = {(h, p): listen_addresses(h) for (h, p), _ in listeners if p in {p for _, p in targets.values()}}
+    names = {h for h, _ in targets.values() if isinstance(h, str) and not is_localhost(h)}
+    names |= {a for a in bound.values() if isinstance(a, str)}
+    resolved = resolve(names, RESOLVE_TIMEOUT_S) if names else {}
+    own = functools.cache(own_addresses)
+    found: dict[str, str] = {}
+    for name, (host, port) in targets.items():
+        if isinstance(host, str):
+            addresses = list(LOOPBACK.values()) if is_localhost(host) else sorted(resolved[host], key=str)
+        else:
+            addresses = [host]
+        for (listen_host, listen_port), key in listeners:
+            if listen_port != port:
+                continue
+            listening = bound[(listen_host, listen_port)]
+            if isinstance(listening, str) and host == listening:  # the same name (resolved or not)
+                hit: Address | None = None
+            else:
+                if isinstance(listening, str):
+                    listening = sorted(resolved[listening], key=str)
+                hit = next((a for a in addresses for b in listening if reaches(a, b, own)), None)
+                if hit is None:
+                    continue
+            via = (
+                f"; {host} is {hit}"
+                if isinstance(host, str) and hit is not None and not is_localhost(host)
+                else ""
+            )
+            found[name] = (
+                f"is {key}'s own address ({listen_host}:{listen_port}{via}): its requests would come back to"
+                " the broker"
+            )
+            break
+    return found
+
+
 def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> ConsumerConfig | None:
     where = f"consumers.{name}"
     raw, preset, from_preset = _apply_preset(ck, raw, where)
@@ -813,27 +1068,15 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         "max_websockets",
         "residency",
         "listen",
+        "start_for_unscheduled",
         "preset",
     )
     d = ck.mapping(raw, where, allowed, required=True)
     if not d:
         return None
     url = ck.string(d, "url", where)
-    if url:
-        parts = urlsplit(url)
-        try:
-            parts.port  # noqa: B018 (raises on a bad port)
-            bad_port = False
-        except ValueError:
-            bad_port = True
-        if "@" in parts.netloc:
-            # Never echoed: it holds a password. /v1/status shows every URL to anyone who may ask.
-            ck.problem(f"{where}.url", "must not carry a user or password (user:password@host): it is shown")
-        elif parts.scheme not in ("http", "https") or not parts.hostname or bad_port:
-            shown = repr(url) if "@" not in url else "this one (not shown: it has an '@')"
-            ck.problem(f"{where}.url", f"must be an http(s) URL with a host, not {shown}")
-        elif parts.query or parts.fragment:
-            ck.problem(f"{where}.url", "must not carry a query string or fragment")
+    if url and (why := url_problem(url)) is not None:
+        ck.problem(f"{where}.url", why)
     health = _parse_route(ck, d.get("health"), f"{where}.health", "GET", extra=False)
     paths: dict[str, JobPath] = {}
     raw_paths = ck.mapping(d.get("paths"), f"{where}.paths", None, required=True)
@@ -882,6 +1125,9 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         ck.problem(f"{where}.idle_unload_s", "needs an unload route or command")
     if idle_unload_s and vram_managed is True:
         ck.problem(f"{where}.idle_unload_s", "a vram_managed consumer unloads itself (Ollama's keep_alive)")
+    start_for_unscheduled = d.get("start_for_unscheduled", False)
+    if not isinstance(start_for_unscheduled, bool):
+        ck.problem(f"{where}.start_for_unscheduled", f"must be true or false, not {start_for_unscheduled!r}")
     preload = d.get("preload", False)
     if not isinstance(preload, bool):
         ck.problem(f"{where}.preload", f"must be true or false, not {preload!r}")
@@ -911,6 +1157,7 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         if "residency" in d
         else None,
         listen=_parse_listen(ck, d["listen"], f"{where}.listen") if "listen" in d else None,
+        start_for_unscheduled=start_for_unscheduled is True,
         preset=preset,
         from_preset=from_preset,
     )
@@ -1043,10 +1290,16 @@ def _parse_http(ck: _Checker, raw: Any) -> HttpConfig:
     if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
         ck.problem("http.hosts", f"must be a list of host names or addresses, not {hosts!r}")
         hosts = []
+    for i, h in enumerate(hosts):
+        # A name or an address as a browser's Host gives it, without scheme or port (any port is ours).
+        if any(c in h.strip() for c in "/@ ") or (":" in host_key(h) and not _is_ipv6(host_key(h))):
+            ck.problem(
+                f"http.hosts[{i}]", f"must be a host name or address, without scheme or port, not {h!r}"
+            )
     return HttpConfig(
         header_timeout_s=ck.number(d, "header_timeout_s", "http", 10.0, integer=False),
         keepalive_s=ck.number(d, "keepalive_s", "http", 75.0, integer=False),
-        hosts=tuple(h.strip().lower() for h in hosts),
+        hosts=tuple(host_key(h) for h in hosts),
     )
 
 
@@ -1056,26 +1309,6 @@ def _parse_listen(ck: _Checker, value: Any, where: str = "listen") -> tuple[str,
         ck.problem(where, f"must be HOST:PORT, not {value!r}")
         return "127.0.0.1", 8770
     return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def _listens_at(host: str, port: int, url: str) -> bool:
-    """Whether a listener on ``host:port`` is where ``url`` leads on this machine: the same host (a name only
-    as the same name) and port, or a loopback URL and a listener on every address of its family."""
-    try:
-        parts = urlsplit(url)
-        url_port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return False
-    url_host = parts.hostname or ""
-    if url_port != port:
-        return False
-    try:
-        url_ip = ipaddress.ip_address("127.0.0.1" if url_host == "localhost" else url_host)
-        listen_ip = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
-    except ValueError:
-        return host.lower() == url_host
-    every = listen_ip.is_unspecified and listen_ip.version == url_ip.version
-    return listen_ip == url_ip or (every and url_ip.is_loopback)
 
 
 def parse_config(raw: Any) -> Config:
@@ -1165,14 +1398,8 @@ def parse_config(raw: Any) -> Config:
     # A consumer URL on one of those listeners is the broker itself: its requests would come back to it.
     listeners = [((host, port), "listen")]
     listeners += [(c.listen, f"consumers.{name}.listen") for name, c in consumers.items() if c.listen]
-    for name, c in consumers.items():
-        for (listen_host, listen_port), key in listeners:
-            if listen_port and _listens_at(listen_host, listen_port, c.url):
-                ck.problem(
-                    f"consumers.{name}.url",
-                    f"is {key}'s own address ({listen_host}:{listen_port}): its requests would come back to"
-                    " the broker",
-                )
+    for name, why in loop_problems({name: c.url for name, c in consumers.items()}, listeners).items():
+        ck.problem(f"consumers.{name}.url", why)
 
     # Coexistence is symmetric: declaring it on either side is enough.
     pairs: dict[str, set[str]] = {name: set() for name in consumers}
@@ -1444,6 +1671,7 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "too_many_requests": (429, True),
     "bad_config": (422, False),
     "consumer_unreachable": (502, True),
+    "consumer_stopped": (503, True),
     "load_failed": (502, True),
     "unload_failed": (502, True),
     "bad_consumer_url": (502, False),
@@ -1456,6 +1684,7 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "gpu_unavailable": (503, True),
     "consumer_timeout": (504, True),
     "gpu_reserved": (503, True),
+    "reservation_released": (409, False),
 }
 
 
@@ -1826,6 +2055,10 @@ METRIC_HELP = {
         "work.",
     ),
     "mgpumanager_consumer_healthy": ("gauge", "1 if the last health probe succeeded, 0 if not, NaN unknown."),
+    "mgpumanager_consumer_stopped": (
+        "gauge",
+        "1 if the consumer (started by a command) is stopped, by the broker or found not running; else 0.",
+    ),
     "mgpumanager_consumer_resident": ("gauge", "1 if the consumer is resident, 0 if not, NaN unknown."),
     "mgpumanager_consumer_vram_used_bytes": (
         "gauge",
@@ -2370,13 +2603,15 @@ class ConsumerState:
 
     ``resident`` and ``healthy`` are True, False or None (unknown). ``trusted`` says whether a resident
     record may be acted on without reading the GPU: only while nothing since the record could have changed
-    it (see ``touched``).
+    it (see ``touched``). ``stopped``: a consumer started by a command whose service is not running (the
+    broker stopped it, or it is down): unhealthy, but no fault; a job starts it.
 
     ==============  ========================================  ===============  =======  =========
     transition      when                                      resident         healthy  trusted
     ==============  ========================================  ===============  =======  =========
     probed          a health probe ended                      as reported [1]  verdict  [4]
     came_up         a health wait after a load command: 2xx                    True
+    was_stopped     its unload command succeeded                               stopped
     seen_down       a job, hold or WebSocket found it gone    unknown [2]      False    cleared
     timed_out       a job got no answer in its timeout_s      (kept) [2]       False    cleared
     touched         something may have changed its memory                               cleared [3]
@@ -2398,7 +2633,8 @@ class ConsumerState:
     ``processes`` is resident exactly when a reading finds its processes holding at least half its
     ``vram_resident_mib``; what it reports of itself is then not asked (memory cannot be wrong about
     memory).
-    [2] Not resident for a consumer started by a command: its process is gone, a job starts it again.
+    [2] Not resident for a consumer started by a command: its process is gone (stopped), a job starts it
+    again. A probe of one that finds nothing accepting connections finds it stopped too.
     [3] Another consumer's job or load on its GPU, a mount call outside its paths, its processes changing
     between readings (a restart), a health round missed.
     [4] A failed probe clears it. An observation that finds it resident sets it, unless something put it
@@ -2418,6 +2654,9 @@ class ConsumerState:
         self.resident: bool | None = None
         self.trusted = False
         self.healthy: bool | None = None
+        #: Unhealthy because its service is not running, not by fault: started by a command, and stopped by
+        #: the broker or found not accepting connections. Shown as "stopped", logged at info.
+        self.stopped = False
         #: Wall-clock time of the last probe (for people), its failure reason and the error code a request
         #: gets while it failed: consumer_unreachable or bad_consumer_url.
         self.last_probe: float | None = None
@@ -2534,14 +2773,22 @@ class ConsumerState:
     # ---- health -------------------------------------------------------------------------------------
 
     def probed(
-        self, ok: bool, reason: str | None, code: str, started: float, reported: bool | None = None
+        self,
+        ok: bool,
+        reason: str | None,
+        code: str,
+        started: float,
+        reported: bool | None = None,
+        *,
+        stopped: bool = False,
     ) -> bool:
-        """A probe that started at ``started`` ended; ``reported``: the residency it told. Whether it
-        counted (a probe older than what a job or a health wait found since is ignored)."""
+        """A probe that started at ``started`` ended; ``reported``: the residency it told; ``stopped``: it
+        failed because the service (started by a command) is not running. Whether it counted (a probe older
+        than what a job or a health wait found since is ignored)."""
         self.last_probe = time.time()
         if (ok and started < self._down_at) or (not ok and started < self._up_at):
             return False
-        self._set_health(ok, reason, code)
+        self._set_health(ok, reason, code, stopped=stopped)
         if not ok:
             self.touched(f"probe failed: {reason}")
         if reported is not None:
@@ -2553,12 +2800,18 @@ class ConsumerState:
         self._up_at = self.clock()
         self._set_health(True, None, "consumer_unreachable")
 
+    def was_stopped(self, reason: str) -> None:
+        """The broker stopped it (its unload command succeeded): stopped until a probe started after now,
+        or the health wait after its load command, finds it up. Its residency is the unload's to decide."""
+        self._down_at = self.clock()
+        self._set_health(False, reason, "consumer_unreachable", stopped=True)
+
     def seen_down(self, reason: str, *, stopped: bool = False) -> None:
         """A job, a hold or a WebSocket found it gone (refused, reset): unhealthy until a probe started
         after now succeeds; its residency unknown (``stopped``: not resident, a service started by
-        command)."""
+        command, which is then stopped)."""
         self._down_at = self.clock()
-        self._set_health(False, reason, "consumer_unreachable")
+        self._set_health(False, reason, "consumer_unreachable", stopped=stopped)
         self.trusted = False
         if not self._acting:  # (a service the broker is starting refuses until it listens: expected)
             self._set_resident(False if stopped else None, "seen down")
@@ -2572,16 +2825,21 @@ class ConsumerState:
         if stopped:
             self._set_resident(False, "timed out")
 
-    def _set_health(self, ok: bool, reason: str | None, code: str) -> None:
-        """The one place health is written; a change is logged and published."""
-        if ok != self.healthy:
-            log.log(
-                logging.INFO if ok else logging.WARNING,
-                logfmt(msg="health", consumer=self.name, healthy=ok, reason=reason),
-            )
+    def _set_health(self, ok: bool, reason: str | None, code: str, *, stopped: bool = False) -> None:
+        """The one place health is written; a change is logged and published (a consumer stopped, not
+        failing, at info)."""
+        stopped = stopped and not ok
+        if ok != self.healthy or stopped != self.stopped:
+            if stopped:
+                log.info(logfmt(msg="stopped", consumer=self.name, reason=reason))
+            else:
+                log.log(
+                    logging.INFO if ok else logging.WARNING,
+                    logfmt(msg="health", consumer=self.name, healthy=ok, reason=reason),
+                )
             if self.events is not None:
-                self.events.publish("health", consumer=self.name, healthy=ok, reason=reason)
-        self.healthy, self.last_error, self.last_error_code = ok, reason, code
+                self.events.publish("health", consumer=self.name, healthy=ok, reason=reason, stopped=stopped)
+        self.healthy, self.stopped, self.last_error, self.last_error_code = ok, stopped, reason, code
 
     # ---- what it takes ------------------------------------------------------------------------------
 
@@ -2736,6 +2994,8 @@ class Consumers:
             raise CallError("unload: no unload route (any more)")
         if isinstance(c.unload, Command):
             await self._run(c, c.unload, "unload")
+            if c.started_by_command:  # (its load starts it again: stopped, not failing)
+                self.states[name].was_stopped("stopped by its unload command")
         elif c.unload.for_each is not None:
             await self._unload_each(c, c.unload, c.unload.for_each)
         else:
@@ -2801,14 +3061,16 @@ class Consumers:
             raise CallError(f"{where} answered no JSON (or more than {QUERY_ANSWER_LIMIT // MiB} MiB)")
         return answer
 
-    async def read_residency(self, c: ConsumerConfig) -> bool | None:
-        """What its residency query (``residency``, else its for_each listing) says, within health.timeout_s;
+    async def read_residency(self, c: ConsumerConfig, timeout_s: float) -> bool | None:
+        """What its residency query (``residency``, else its for_each listing) says, within ``timeout_s``;
         None when it has none or the answer cannot tell (logged when that changes)."""
         query = c.residency_query
         if query is None:
             return None
         try:
-            answer = await self._query(c, query, self.config.health.timeout_s, "residency")
+            if timeout_s <= 0:
+                raise CallError(f"residency: no time left of the probe's {self.config.health.timeout_s:g} s")
+            answer = await self._query(c, query, timeout_s, "residency")
             resident = query_resident(query, answer)
         except CallError as e:
             if self.residency_errors.get(c.name) != str(e):
@@ -2919,7 +3181,8 @@ class Consumers:
     async def probe(self, name: str) -> None:
         """One health probe: its verdict, and the residency the consumer reports (health's ``loaded``;
         a command-started service: up is resident, down is not). A consumer measured by its processes
-        reports nothing here: the readings tell."""
+        reports nothing here: the readings tell. The health call and the residency query after it take
+        health.timeout_s together."""
         c = self.config.consumers.get(name)
         state = self.states.get(name)
         if c is None or state is None:
@@ -2939,7 +3202,8 @@ class Consumers:
                 if ok and resp.content_type == "application/json":
                     data = parse_json(body)
                     loaded = data.get("loaded") if isinstance(data, dict) else None
-            if ok and (reported := await self.read_residency(c)) is not None:
+            left = started + self.config.health.timeout_s - self.clock()
+            if ok and (reported := await self.read_residency(c, left)) is not None:
                 loaded = reported  # its residency query outranks its health's "loaded"
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
             ok, reason, code, error = False, describe(e), failure_code(e), e
@@ -2956,7 +3220,11 @@ class Consumers:
             # A service started by command holds its model while it runs: up is resident, down is not.
             loaded = ok
         reported = loaded if isinstance(loaded, bool) and c.processes is None else None
-        counted = state.probed(ok, reason, code, started, reported)
+        # A service started by command that accepts no connection is not running: stopped, not failing.
+        stopped = (
+            c.started_by_command and error is not None and gone_reason(error, refused_only=True) is not None
+        )
+        counted = state.probed(ok, reason, code, started, reported, stopped=stopped)
         if counted and error is not None and gone_reason(error, refused_only=True) is not None:
             self.gone(name, reason or "gone", seen_by="health probe")  # its work died with it
 
@@ -3130,8 +3398,10 @@ class Job:
     overtaken_since: float | None = None
     #: Granted to a consumer that was not resident and has no load of its own: its run includes loading.
     cold: bool = False
-    #: It made room and loaded (or needed neither) and went to work on its consumer, until its slot goes.
+    #: It made room and loaded (or needed neither) and went to work on its consumer, until its slot goes;
+    #: since when (its job time is learned from then: making room and loading are learned on their own).
     working: bool = False
+    working_at: float | None = None
     #: How it ended, kept for its log line (written when a hold after it ends).
     outcome: str | None = None
     code: str | None = None
@@ -3207,6 +3477,7 @@ class Fact:
 #: Everything the scheduler records besides jobs' own lines: each fact is written once, with
 #: ``Recorder.record``, and becomes a Stats count, a metric, a log line and an event from that one call.
 FACTS: dict[str, Fact] = {
+    "residency_asked": Fact("residency_asked", "residency asked"),
     "evicting": Fact("evicting", "evicting"),
     "evicted": Fact("evicted", "evicted", stat="evictions", metric="mgpumanager_evictions_total"),
     "memory_not_freed": Fact("memory_not_freed", "memory not freed in time", logging.WARNING),
@@ -3361,7 +3632,7 @@ class Recorder:
             self.job_line(job, None)
 
     def job_line(self, job: Job, hold_ms: int | None) -> None:
-        """The one line per job that the README's logs section describes."""
+        """The one line per job that docs/operations.md, "Logs", describes."""
         assert job.ended is not None
         wait_end = job.started if job.started is not None else job.ended
         log.info(
@@ -3477,16 +3748,18 @@ class RoomPlan:
 def plan_room(snap: RoomSnapshot) -> RoomPlan:
     """Decide what must go for the target to fit. No I/O: the same snapshot always gives the same plan.
 
-    The rules (README, "How eviction decides"): the target needs its size (``vram_resident_mib``, or the
-    most it was measured holding if more) plus the cushion, less what its processes hold already. Victims
-    are the other consumers of the GPU that are resident or of unknown residency, have an unload, may not
-    coexist with the target, run no job and were not tried for this job yet: least recently used first
-    (never used first, ties in config order); ``vram_managed`` ones (Ollama) only after every other, as
-    the last resort; and after them the target itself when its residency is unknown and nothing measures
-    it: it may be what fills the GPU. A target recorded resident that something may have changed since, or
-    that another job of it is at work on already (it may have loaded itself for that one), is credited
-    with the used memory no other consumer accounts for (see _credit); never when the broker loads it
-    itself (the load takes its whole size, whoever holds that memory).
+    The rules (docs/how-it-works.md, "How eviction decides"): the target needs its size
+    (``vram_resident_mib``, or the most it was measured holding if more) plus the cushion, less what its
+    processes hold already. Victims are the other consumers of the GPU that are resident or of unknown
+    residency, have an unload, may not coexist with the target, run no job and were not tried for this job
+    yet: least recently used first (never used first, ties in config order); ``vram_managed`` ones (Ollama)
+    only after every other, as the last resort; and after them the target itself when nothing measures it
+    and its residency is unknown or in doubt (recorded resident, not trusted: the scheduler asked it and it
+    could not tell): it may be what fills the GPU. Memory that no consumer's record or measurement accounts
+    for is nobody's: a target in doubt is planned at its full size, never credited with it (a needless
+    eviction is possible, an overfill is not). Only a target that another job of it is at work on already
+    (past making room for its whole size: a consumer that loads itself may have loaded its model for that
+    one) is credited with it (see _credit), and never when the broker loads the target itself.
     """
     target = snap.consumers[snap.target]
     cushion = snap.cushion_mib
@@ -3494,7 +3767,7 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
         need = max(0, target.size_mib - target.used_mib) + cushion
     elif target.resident is True and target.trusted:
         need = 0
-    elif (target.resident is True or snap.target_working) and not snap.loads_target:
+    elif snap.target_working and not snap.loads_target:
         need = target.size_mib - _credit(snap) + cushion
     else:
         need = target.size_mib + cushion
@@ -3512,36 +3785,56 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
     if (
         target.config.unload is not None
         and target.used_mib is None
-        and target.resident is None
+        and (target.resident is None or (target.resident is True and not target.trusted))
         and target.jobs <= 1  # no other job of it is working on what it holds
         and snap.target not in snap.tried
     ):
         victims.append(snap.target)
     # Only as many as the figures say are needed (the executor plans again after each one anyway).
+    charged = _charged(snap)
     enough, expected = [], snap.free_mib
     for name in victims:
         enough.append(name)
-        expected += snap.consumers[name].holds_mib
+        expected += charged.get(name, snap.consumers[name].holds_mib)
         if expected >= need:
             break
     return RoomPlan(need, snap.free_mib, tuple(enough), _why_not(snap))
 
 
-def _credit(snap: RoomSnapshot) -> int:
-    """What a target recorded resident but not trusted (or with a job at work on it), and not measured, is
-    taken to hold already: the GPU's used memory that no other consumer can account for (each other
-    consumer that is resident, or of unknown residency, counted at what it holds), at most its size. The
-    reading then decides: a consumer that restarted behind the broker's back holds nothing, and its job
-    makes room for all it will load."""
+def _charged(snap: RoomSnapshot, besides: str | None = None) -> dict[str, int]:
+    """What the reading is taken to hold of each consumer (but ``besides``). One measured: what its
+    processes hold; one recorded resident: its size. One of unknown residency: at most what the reading's
+    used memory leaves unaccounted for once those are counted, never its size on top of that (in config
+    order; all of its size when the reading has no used figure). One not resident: nothing."""
+    charged = {
+        name: view.holds_mib
+        for name, view in snap.consumers.items()
+        if name != besides and (view.used_mib is not None or view.resident is True)
+    }
+    left = math.inf if snap.used_mib is None else snap.used_mib - sum(charged.values())
+    for name, view in snap.consumers.items():
+        if name != besides and name not in charged and view.resident is None:
+            charged[name] = int(min(view.holds_mib, max(0, left)))
+            left -= charged[name]
+    return charged
+
+
+def unclaimed_mib(snap: RoomSnapshot, besides: str | None = None) -> int:
+    """The used memory of the reading that no consumer's record or measurement accounts for (0 when the
+    reading has no used figure): a stranger's (a game, a training run), a consumer's that says it holds
+    nothing, a CUDA context nobody measures. Nobody's: never credited to a target in doubt."""
     if snap.used_mib is None:
         return 0
-    others = sum(
-        view.holds_mib
-        for name, view in snap.consumers.items()
-        if name != snap.target and view.resident is not False
-    )
+    return max(0, snap.used_mib - sum(_charged(snap, besides).values()))
+
+
+def _credit(snap: RoomSnapshot) -> int:
+    """What a target that another job of it is at work on (and not measured) is taken to hold already: the
+    used memory no other consumer accounts for, at most its size. That job made room for all of the target
+    before it went to work, so what has shown up since is most likely what the target loaded for it; the
+    reading still decides (what is not there is not credited)."""
     target = snap.consumers[snap.target]
-    return max(0, min(target.size_mib, snap.used_mib - others))
+    return min(target.size_mib, unclaimed_mib(snap, besides=snap.target))
 
 
 def _why_not_one(snap: RoomSnapshot, name: str, view: ConsumerView) -> str | None:
@@ -3583,6 +3876,8 @@ def room_message(
         f"{plan.free_mib} MiB free, {plan.need_mib} MiB needed"
         f" ({snap.target} {size}{held} + cushion {snap.cushion_mib})"
     ]
+    if snap.used_mib is not None:
+        parts.append(f"{unclaimed_mib(snap)} MiB used that no consumer accounts for")
     if plan.exhausted:
         parts.append(f"gave up after {snap.max_evictions} unload attempts")
     if plan.why_not:
@@ -3624,7 +3919,7 @@ def next_grant(
 ) -> Job | None:
     """The job the lock goes to next (a further slot of the holder, while it holds it), or None. No I/O.
 
-    The rules (README, "In what order jobs run"):
+    The rules (docs/how-it-works.md, "In what order jobs run"):
     1. Only jobs of the highest effective priority among those waiting may be granted: a job of higher
        effective priority is never passed over.
     2. Among them, the one that arrived first, except that a job that needs no swap (``warm``: its
@@ -3864,6 +4159,8 @@ class UnloadOps(Protocol):
 
     async def load(self, name: str) -> None: ...
 
+    async def probe_now(self, name: str) -> None: ...
+
     def owners(self) -> Mapping[int, str]: ...
 
 
@@ -3940,9 +4237,10 @@ class Scheduler:
         self._working: dict[str, int] = {}
         #: When each unload under way started (its time is learned when its memory showed up free).
         self._unload_started: dict[str, float] = {}
-        #: The GPU given to something else (``reserve``), or None; one asked for and waiting for the lock.
+        #: The GPU given to something else (``reserve``), or None; the reservations asked for that wait for
+        #: the lock (or were granted it and have not begun): a release cancels them.
         self.reservation: Reservation | None = None
-        self._reserving: Job | None = None
+        self._reserving: set[Job] = set()
 
     def __repr__(self) -> str:
         return f"<Scheduler gpu={self.index} {self.lock!r}>"
@@ -4026,7 +4324,8 @@ class Scheduler:
         try:
             if not self._needs_no_room(job):  # checked again under the lock; the common case skips it
                 await self._guarded(job, self._prepare(job))
-            job.working = True  # (counted until its slot is given back: a join's plan credits its work)
+            # (Counted until its slot is given back: a join's plan credits its work.)
+            job.working, job.working_at = True, self.clock()
             self._working[job.consumer] = self._working.get(job.consumer, 0) + 1
             self.recorder.job_event("started", job)
         except BaseException as e:
@@ -4366,11 +4665,19 @@ class Scheduler:
             exclusive=True,
             scheduler=self,
         )
-        self._reserving = job
+        self._reserving.add(job)
         try:
             await self._wait_for_grant(job)
         finally:
-            self._reserving = None
+            cancelled = job not in self._reserving  # by a release while it waited (cancel_reserving)
+            self._reserving.discard(job)
+        if cancelled:
+            if job.state == "running":  # granted before the release: the GPU goes back at once
+                job.release("cancelled", code="reservation_released")
+            else:
+                self._end(job, "cancelled", "reservation_released")
+            message = f"GPU {self.index} was released before this reservation began: nothing was unloaded"
+            raise BrokerError("reservation_released", message)
         if job.state != "running":  # answered by a reservation made while it waited: it extends that one
             self._end(job, "completed")
             if self.reservation is None:  # (which ended meanwhile)
@@ -4452,6 +4759,19 @@ class Scheduler:
                 else:
                     res.not_unloaded[name] = f"unload failed: {error}"
 
+    def cancel_reserving(self) -> bool:
+        """DELETE /v1/reserve while reservations wait for the lock: each is cancelled (its POST answered
+        reservation_released), before it unloaded anything; whether there was one."""
+        pending, self._reserving = self._reserving, set()
+        for job in pending:
+            if job in self.lock.waiting:
+                self.lock.waiting.remove(job)
+            if not job.granted.done():
+                job.granted.set_result(None)  # it wakes, finds itself cancelled and ends (see reserve)
+        if pending:
+            self.lock.dispatch()  # (an exclusive waiter of priority 4 may have kept a join out)
+        return bool(pending)
+
     def release_reservation(self, why: str = "released") -> bool:
         """End the reservation (``released`` by DELETE /v1/reserve, ``expired``, or at shutdown); whether
         there was one. Jobs are admitted again at once."""
@@ -4479,6 +4799,10 @@ class Scheduler:
             state = self.states[job.consumer]
             if self._needs_no_room(job) or job.left:
                 return
+            if self._in_doubt(job):
+                await self._ask(job)
+                if self._needs_no_room(job) or job.left:
+                    return
             await self._make_room(job, warm)
             if job.left:  # nobody waits for it any more: load nothing for it
                 return
@@ -4494,6 +4818,29 @@ class Scheduler:
         state = self.states[job.consumer]
         stopped = job.target.started_by_command and state.resident is None and state.healthy is False
         return job.target.load is not None and (state.resident is False or warm or stopped)
+
+    def _in_doubt(self, job: Job) -> bool:
+        """Recorded resident, but something may have changed that since, and no reading measures it: the
+        target is asked before any room is planned for it."""
+        state = self.states[job.consumer]
+        return state.resident is True and not state.trusted and job.target.processes is None
+
+    async def _ask(self, job: Job) -> None:
+        """Ask a target in doubt: one health probe with its residency report (health's ``loaded``, its
+        residency query or for_each listing), within health.timeout_s, shared with any probe under way. A
+        fresh "resident" makes its record trusted, a fresh "not resident" records it so; a consumer that
+        cannot tell, or does not answer, stays in doubt (then it is planned at its full size)."""
+        state = self.states[job.consumer]
+        await self.ops.probe_now(job.consumer)
+        if state.known_resident():
+            answer = "resident"
+        elif state.resident is False:
+            answer = "not resident"
+        elif state.healthy is False:
+            answer = f"no answer ({state.last_error})"
+        else:
+            answer = "cannot tell"
+        self.recorder.record("residency_asked", consumer=job.consumer, answer=answer, job=job.id)
 
     def _needs_no_room(self, job: Job) -> bool:
         """Resident by a record nothing has put in doubt, or its memory is elsewhere (a remote broker):
@@ -4689,6 +5036,10 @@ class Scheduler:
                 state.touched("a mount call outside its paths")
             elif success:
                 state.served()
+                path = job.target.paths.get(job.kind)
+                own = path and own_route(job.target, path.method, path.path.partition("?")[0])
+                if own:
+                    state.touched(f"its {job.kind} path is also its {own} route")  # (Ollama's generate)
         except Exception as e:  # a bug in the books: the job still ends, its slot still goes
             self.recorder.internal_error(
                 "job end crashed", consumer=job.consumer, job=job.id, error=describe(e)
@@ -4713,12 +5064,15 @@ class Scheduler:
         return False
 
     def _learn_job(self, job: Job, ended: float) -> None:
-        """What a job that took the work took: its consumer's job time, or, a cold start (the consumer loads
-        itself on its first request), a load time (what it took beyond a usual job)."""
-        if job.started is None or job.exclusive:
+        """What a job that took the work took from the moment it went to work (the evictions and the load
+        before it are learned on their own, so a forecast counts each once): its consumer's job time, or, a
+        cold start (the consumer loads itself on its first request), a load time (what it took beyond a
+        usual job)."""
+        began = job.working_at if job.working_at is not None else job.started
+        if began is None or job.exclusive:
             return
         state = self.states[job.consumer]
-        took = max(0.0, ended - job.started)
+        took = max(0.0, ended - began)
         if job.cold:
             self._learn(job, state, "load", max(0.0, took - (state.timing("job") or 0.0)), at_end=True)
         else:
@@ -4830,8 +5184,9 @@ class Scheduler:
     def forecast(self, until: Job | None = None, count: int | None = None) -> list[tuple[Job, float]]:
         """The waiting jobs in the order they are expected to be granted, each with its expected wait in
         seconds (``eta_s``), from the consumers' learned figures (a figure not seen yet counts as 0, so an
-        eta is then a lower bound). It plays the grant order forward: the holder's remaining time, then job
-        after job, each that needs a swap paying its load and the unloads of what may not stay beside it.
+        eta is then a lower bound). It plays the grant order forward: the holder's remaining time (at least
+        RUNNING_FLOOR_S), then job after job, each that needs a swap paying its load and the unloads of what
+        may not stay beside it.
         It stops once ``until`` has its place, or after ``count`` jobs.
         """
         now = self.clock()
@@ -4849,9 +5204,9 @@ class Scheduler:
 
         t = 0.0
         holder = self.lock.holder
-        if holder is not None:
+        if holder is not None:  # what it still takes: at least RUNNING_FLOOR_S, however long it has run
             held = now - self.lock.held_since
-            t = max(0.0, figure(holder, "job") - held)
+            t = max(RUNNING_FLOOR_S, figure(holder, "job") - held)
         out: list[tuple[Job, float]] = []
         current = holder
         while waiting:
@@ -4970,17 +5325,51 @@ def request_headers(
 
 def consumer_origin(request: web.Request, consumer: ConsumerConfig) -> str | None:
     """The consumer's own origin (its URL's scheme://host:port) when the request comes from a page of the
-    broker's origin (its Origin names the host and port the browser asked, its Host), else None.
+    broker's origin (its Origin names the host and port the browser asked, its Host) and that Host is one
+    of the broker's own names (``own_host``), else None.
 
     A consumer's same-origin check (ComfyUI compares Origin with the Host it gets, the consumer URL's) then
     passes for pages the broker served, through a mount or a consumer's port, as a reverse proxy that
     forwards Host would make it; a page of any other origin keeps its Origin and meets the check as before.
+    So does a page of a name that was made to point at the broker (DNS rebinding: its Origin always equals
+    its Host, evil.example's).
     """
     origin, host = request.headers.get("Origin"), request.headers.get("Host")
-    if not origin or not host or urlsplit(origin).netloc.lower() != host.lower():
+    if not origin or not host:
+        return None
+    try:
+        same = urlsplit(origin).netloc.lower() == host.lower()
+    except ValueError:  # "http://[": no origin the broker served
+        return None
+    if not same or not own_host(request, host):
         return None
     url = urlsplit(consumer.url)
     return f"{url.scheme}://{url.netloc.rpartition('@')[2]}"
+
+
+def own_host(request: web.Request, host: str) -> bool:
+    """Whether a request's Host names the broker itself: a loopback address or localhost, the address the
+    client connected to, a listen address, the machine's host name or FQDN, or one of ``http.hosts``."""
+    try:
+        name = host_key(urlsplit("//" + host).hostname or "")
+    except ValueError:
+        return False
+    if not name:
+        return False
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        if is_localhost(name):
+            return True
+    else:
+        if address.is_loopback:
+            return True
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        if isinstance(sockname, tuple) and host_key(str(sockname[0]).partition("%")[0]) == name:
+            return True
+    cfg = request.app[BROKER].config
+    listens = [cfg.listen_host] + [c.listen[0] for c in cfg.consumers.values() if c.listen]
+    return name in machine_names() or name in {host_key(h) for h in (*listens, *cfg.http.hosts)}
 
 
 def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
@@ -6130,9 +6519,15 @@ class Broker:
         return changes
 
     async def reload_logged(self) -> None:
-        """A reload for SIGHUP: a refused config is logged (by ``reload``), nobody is answered."""
-        with contextlib.suppress(ConfigError):
+        """A reload for SIGHUP: a refused config is logged (by ``reload``), nobody is answered; a bug is
+        logged and counted as POST /v1/reload's would be, never left in the task for asyncio to find."""
+        try:
             await self.reload()
+        except ConfigError:
+            pass
+        except Exception:
+            self.scheduler.stats.internal_errors += 1
+            log.exception(logfmt(msg="internal error", during="reload"))
 
     @staticmethod
     async def _read_config(source: ConfigSource) -> Config:
@@ -6232,6 +6627,27 @@ class Broker:
         if state.healthy is False:
             message = f"upstream {name} last probe failed: {state.last_error}"
             raise BrokerError(state.last_error_code, message, name)
+
+    async def ensure_running(self, consumer: ConsumerConfig, request_id: str | None) -> None:
+        """Before an unscheduled call: a consumer that is stopped (started by a command, which the broker
+        stopped or found not running) is refused with consumer_stopped, its Retry-After its learned load
+        time (a job for it starts it), unless ``start_for_unscheduled``: then a job of kind ``start`` makes
+        room for it and starts it first, through the GPU lock like any job."""
+        name = consumer.name
+        state = self.consumers.states[name]
+        if not state.stopped:
+            return
+        if not consumer.start_for_unscheduled:
+            load_s = state.timing("load")
+            took = f" (its start takes {load_s:.1f} s)" if load_s is not None else ""
+            raise BrokerError(
+                "consumer_stopped",
+                f"{name} is stopped; a job for it starts it again{took}",
+                name,
+                retry_after=max(1, math.ceil(load_s or 0)),
+            )
+        job = await self.scheduler_for(name).acquire(name, START_KIND, request_id=request_id)
+        job.release()
 
     @contextlib.contextmanager
     def unscheduled_slot(self, consumer: ConsumerConfig, *, websocket: bool = False) -> Iterator[None]:
@@ -6378,9 +6794,11 @@ SOURCE: web.AppKey[ConfigSource | None] = web.AppKey("source")
 BROKER = web.AppKey("broker", Broker)
 #: On a consumer's own port's app: that consumer's name.
 PORT_CONSUMER = web.AppKey("port_consumer", str)
-#: Paths served without the bearer token: the main app's /healthz and /; none on a consumer's port (its
+#: Paths served without the bearer token: the main app's BROKER_PUBLIC_PATHS; none on a consumer's port (its
 #: / is the consumer's).
 PUBLIC_PATHS = web.AppKey("public_paths", frozenset)
+#: The broker's own paths that need no token: its health, its static page and the page's icon.
+BROKER_PUBLIC_PATHS = frozenset({"/healthz", "/", "/favicon.ico"})
 #: HTTP statuses aiohttp raises on its own (unknown route, wrong method, ...) -> our error codes.
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
@@ -6454,10 +6872,10 @@ def check_target(request: web.Request) -> None:
 
 
 def check_token(request: web.Request) -> str | None:
-    """With auth.token set, every route but /healthz (and the static page at /) needs the bearer token. The
-    credential it was let in with (see ``credential``), None when it needed none."""
+    """With auth.token set, every route but /healthz (and the static page at /, and its icon) needs the
+    bearer token. The credential it was let in with (see ``credential``), None when it needed none."""
     token = request.app[BROKER].config.auth.token
-    if token is None or request.path in request.app.get(PUBLIC_PATHS, ("/healthz", "/")):
+    if token is None or request.path in request.app.get(PUBLIC_PATHS, BROKER_PUBLIC_PATHS):
         return None
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     given_bytes = given.strip().encode("utf-8", "surrogateescape")
@@ -6558,16 +6976,20 @@ async def handle_reserve(request: web.Request) -> web.Response:
 
 
 async def handle_release(request: web.Request) -> web.Response:
-    """DELETE /v1/reserve[?gpu=N]: end that GPU's reservation (every reserved GPU's, without ``gpu``)."""
+    """DELETE /v1/reserve[?gpu=N]: end that GPU's reservation (every reserved GPU's, without ``gpu``), and
+    cancel those still waiting for the lock (``cancelled``: the GPUs where one waited)."""
     require_admin(request)
     broker = request.app[BROKER]
     named: Any = request.query.get("gpu")
     if named is not None and named.isascii() and named.isdigit():  # ASCII digits alone: not ' 0' or '0_0'
         named = int(named)
     indexes = [_reserved_gpu(broker, named)] if named is not None else sorted(broker.schedulers)
-    released = [i for i in indexes if broker.schedulers[i].release_reservation("released")]
+    ended = [i for i in indexes if broker.schedulers[i].release_reservation("released")]
+    cancelled = [i for i in indexes if broker.schedulers[i].cancel_reserving()]
+    released = sorted({*ended, *cancelled})
     gpu = indexes[0] if len(indexes) == 1 else (released[0] if len(released) == 1 else None)
-    return web.json_response({"gpu": gpu, "released": bool(released), "gpus": released})
+    answer = {"gpu": gpu, "released": bool(released), "gpus": released, "cancelled": cancelled}
+    return web.json_response(answer)
 
 
 async def read_body(request: web.Request, broker: Broker, consumer: str) -> bytearray:
@@ -6810,6 +7232,7 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
     consumer = broker.config.consumers.get(name)
     if consumer is None:  # a reload removed it while it was probed
         raise BrokerError("no_consumer", f"{name} is no longer configured", name)
+    await broker.ensure_running(consumer, request[REQUEST_ID])
     ex = Exchange()
     try:
         with broker.unscheduled_slot(consumer):
@@ -6866,6 +7289,7 @@ async def serve_consumer_api(
     if kind == MOUNT_KIND and (
         method in UNSCHEDULED_METHODS or any(u.matches(method, upstream_path) for u in consumer.unscheduled)
     ):
+        await broker.ensure_running(consumer, request[REQUEST_ID])
         ex = Exchange()
         try:
             with broker.unscheduled_slot(consumer):
@@ -6884,24 +7308,44 @@ async def serve_consumer_api(
 
 def _refuse_own_routes(consumer: ConsumerConfig, method: str, path: str) -> None:
     """The consumer's unload and load routes are the broker's to call: through the mount they would
-    change residency behind its back. forbidden, pointing at the admin routes; compared as ``guard_key``
-    does (any letter case, encoding, a trailing '/')."""
+    change residency behind its back. forbidden, pointing at the admin routes; unless the request is also
+    one of its ``paths`` (Ollama's POST /api/generate, its for_each unload when it carries keep_alive 0):
+    then it is that kind's job, after which its residency is in doubt (``Scheduler._finish``)."""
+    action = own_route(consumer, method, path)
+    if action is not None and mount_job_path(consumer, method, path)[0] == MOUNT_KIND:
+        raise BrokerError(
+            "forbidden",
+            f"{method} {path} is {consumer.name}'s {action} route: use POST /v1/consumers/"
+            f"{consumer.name}/{action}, which goes through the GPU lock",
+            consumer.name,
+        )
+
+
+def own_route(consumer: ConsumerConfig, method: str, path: str) -> str | None:
+    """Which of the consumer's own routes a request is ("unload", "load") or None: its method, and its path
+    as ``guard_key`` compares (any letter case, encoding, a trailing '/'). Whatever the query: a route
+    configured with one (vLLM's /sleep?level=1) is the route with any other or none (/sleep?level=2 frees
+    memory too). A for_each route's ``{field}`` stands for any text, '/' included (speaches takes
+    DELETE /api/ps/Systran/faster-whisper-small, which the broker itself sends as one encoded segment)."""
     key = guard_key(path)
     for action, route in (("unload", consumer.unload), ("load", consumer.load)):
-        # A for_each unload's route is one of the consumer's ordinary ones (Ollama's /api/generate): its
-        # body makes it an unload, which a method and a path cannot tell.
         if (
             isinstance(route, Route)
             and route.method == method
-            and guard_key(route.path) == key
-            and not route.for_each
+            and _route_pattern(route.path, route.for_each is not None).fullmatch(key)
         ):
-            raise BrokerError(
-                "forbidden",
-                f"{method} {path} is {consumer.name}'s {action} route: use POST /v1/consumers/"
-                f"{consumer.name}/{action}, which goes through the GPU lock",
-                consumer.name,
-            )
+            return action
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _route_pattern(path: str, placeholders: bool) -> re.Pattern[str]:
+    """A configured route's path as guard_key reads a request's (without its query), as a pattern."""
+    key = guard_key(path.partition("?")[0])
+    if not placeholders:
+        return re.compile(re.escape(key))
+    parts = PLACEHOLDER.split(key)  # text, field name, text, ...
+    return re.compile("".join(".+" if i % 2 else re.escape(part) for i, part in enumerate(parts)))
 
 
 #: The open WebSockets of mounts, closed (going away) when the broker shuts down.
@@ -6917,6 +7361,7 @@ async def proxy_websocket(
     if not client.can_prepare(request).ok:  # not a valid upgrade: the consumer is never bothered
         raise BrokerError("bad_request", "not a valid WebSocket upgrade request", consumer.name)
     await broker.check_reachable(consumer.name)
+    await broker.ensure_running(consumer, request[REQUEST_ID])
     with broker.unscheduled_slot(consumer, websocket=True):
         return await _proxy_websocket(request, broker, consumer, path_qs)
 
@@ -7055,6 +7500,7 @@ async def handle_status(request: web.Request) -> web.Response:
             "url": c.url,
             "kinds": list(c.paths),
             "healthy": state.healthy,
+            "stopped": state.stopped,
             "loaded": state.resident,
             "vram_used_mib": state.used_mib,
             "vram_peak_mib": state.peak_mib,
@@ -7124,7 +7570,11 @@ async def handle_metrics(request: web.Request) -> web.Response:
     # After the readings: a consumer's measured memory is that of the reading just taken.
     for name in broker.config.consumers:
         state = broker.consumers.states[name]
-        for metric, value in (("healthy", state.healthy), ("resident", state.resident)):
+        for metric, value in (
+            ("healthy", state.healthy),
+            ("stopped", state.stopped),
+            ("resident", state.resident),
+        ):
             gauges.append(
                 (
                     f"mgpumanager_consumer_{metric}",
@@ -7215,6 +7665,21 @@ async def handle_dashboard(request: web.Request) -> web.Response:
     return web.Response(text=DASHBOARD_HTML, content_type="text/html", headers={"Cache-Control": "no-cache"})
 
 
+#: The broker's icon, a 16x16 PNG (a green dot, the dashboard's "ok"): browsers ask /favicon.ico of the
+#: broker's root for its page and for every page served through a mount (ComfyUI's), which got a 404.
+FAVICON_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000100000001008060000001ff3ff610000002b4944415478da63601894c0"
+    "7e67c07f6c986c8d441b449101c46ac669c8a801543060e0d3015592f28000004eb11a74500ef7b50000000049454e44"
+    "ae426082"
+)
+
+
+async def handle_favicon(request: web.Request) -> web.Response:
+    """GET /favicon.ico: the broker's icon, public (a browser sends no token for it), cached for a day."""
+    headers = {"Cache-Control": "public, max-age=86400"}
+    return web.Response(body=FAVICON_PNG, content_type="image/png", headers=headers)
+
+
 async def _drain(app: web.Application) -> None:
     """On shutdown: refuse new jobs, answer queued ones, let running jobs and holds finish (bounded)."""
     broker = app[BROKER]
@@ -7295,6 +7760,7 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[BROKER] = broker
     health: asyncio.Task[None] | None = None
+    machine_names()  # looked up once, before serving (bounded): the Origin check compares Hosts with them
     try:
         # The first health round completes before serving (bounded by health.timeout_s), so the first
         # jobs already know who is up and who reports itself loaded.
@@ -7334,6 +7800,7 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     app.on_response_prepare.append(_add_request_id)
     app.router.add_get("/", handle_dashboard)
     app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/favicon.ico", handle_favicon)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/v1/status", handle_status)
     app.router.add_get("/v1/events", handle_events)
@@ -7552,7 +8019,7 @@ function renderConsumers(consumers, several) {
     '<tr data-consumer="' + esc(name) + '"><td><b>' + esc(name) + "</b>" +
     (several ? ' <span class="dim">GPU ' + c.gpu + "</span>" : "") +
     (c.vram_managed ? ' <span class="dim">(manages its VRAM)</span>' : "") +
-    "</td><td>" + yesno(c.healthy, "healthy", "down") +
+    "</td><td>" + (c.stopped ? '<span class="dim">stopped</span>' : yesno(c.healthy, "healthy", "down")) +
     (c.last_error ? '<br><span class="dim">' + esc(c.last_error) + "</span>" : "") +
     "</td><td>" + yesno(c.loaded, "resident", "unloaded") + "</td><td>" + esc(c.kinds.join(", ")) +
     "</td><td>" + (isNum(c.vram_used_mib) ? c.vram_used_mib + " MiB used, " : "") + c.vram_resident_mib +
@@ -8361,7 +8828,7 @@ def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
             [
                 name,
                 str(c.get("gpu", "")),
-                _state(c.get("healthy"), "healthy", "down"),
+                "stopped" if c.get("stopped") else _state(c.get("healthy"), "healthy", "down"),
                 _state(c.get("loaded"), "yes", "no"),
                 _mib(c.get("vram_used_mib")),
                 _mib(c.get("vram_peak_mib")),
@@ -8371,7 +8838,7 @@ def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
                 str(queued.get(name, 0)),
             ]
         )
-        if c.get("healthy") is False and c.get("last_error"):
+        if c.get("healthy") is False and c.get("last_error") and not c.get("stopped"):
             notes += _wrap(f"{name}: {c['last_error']}")
     right = {1, 4, 5, 6, 8, 9}
     if not several:  # one GPU: no GPU column
@@ -8482,7 +8949,10 @@ def cli_release(client: Client, args: argparse.Namespace) -> int:
     gpu = answer.get("gpu", args.gpu) if isinstance(answer, dict) else args.gpu
     what = f"GPU {gpu}" if gpu is not None else "the GPU"
     was_reserved = not (isinstance(answer, dict) and answer.get("released") is False)
-    say(f"{what} released" if was_reserved else f"{what} was not reserved")
+    if isinstance(answer, dict) and answer.get("cancelled"):
+        say(f"{what}: cancelled a pending reservation (it had not begun: nothing was unloaded)")
+    else:
+        say(f"{what} released" if was_reserved else f"{what} was not reserved")
     return 0
 
 
