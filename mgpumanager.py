@@ -2547,7 +2547,9 @@ class GpuReader:
         argv = [*cfg.nvidia_smi, "-i", str(self.index), f"--query-gpu={','.join(GPU_FIELDS)}"]
         argv.append("--format=csv,noheader,nounits")
         text = await run_nvidia_smi(argv, cfg.query_timeout_s, cfg.max_output_mib)
-        return parse_gpu_reading(text, "", index=self.index, started=started, read_at=read_at)
+        # (In a worker thread too: a broken nvidia-smi may print its 8 MiB here as well.)
+        parse = functools.partial(parse_gpu_reading, index=self.index, started=started, read_at=read_at)
+        return await asyncio.to_thread(parse, text, "")
 
     def last_free_mib(self) -> int | None:
         """Free MiB from the newest finished reading, without reading again."""
