@@ -48,6 +48,7 @@ import logging
 import math
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -56,6 +57,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin
@@ -350,6 +352,32 @@ def _raising_once(real: Any, when: Any = None) -> Any:
     return wrapper
 
 
+class BrokerServer:
+    """The broker's app on port 0 served as the daemon serves it (make_runner, a ListenerSite: its client
+    connections watched), with the few attributes of aiohttp's TestServer that the tests use."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.runner = m.make_runner(app)
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.closed = False
+
+    async def start_server(self) -> None:
+        await self.runner.setup()
+        site = m.ListenerSite(self.runner, self.host, 0, self.app[m.BROKER].connections, "listen")
+        await site.start()
+        self.port = site.port
+
+    def make_url(self, path: str) -> URL:
+        return URL(f"http://{self.host}:{self.port}").join(URL(path))
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.runner.cleanup()
+
+
 class Rig:
     """Simulated GPU and consumers, and the broker in front of them, all on real sockets."""
 
@@ -410,7 +438,7 @@ class Rig:
         self.app = m.create_app(self.config, source)
         if remote is not None:  # every client looks as if it came from elsewhere than loopback
             self.app.middlewares.insert(0, from_elsewhere(remote))
-        self.server = TestServer(self.app, host="127.0.0.1", port=0)
+        self.server = BrokerServer(self.app)
         await self.server.start_server()
         self.broker = self.app[m.BROKER]
         self.session = aiohttp.ClientSession(auto_decompress=False)
@@ -533,6 +561,7 @@ SPEC_ERRORS = {
     "queue_full": 503,
     "queue_timeout": 503,
     "insufficient_vram": 503,
+    "out_of_descriptors": 503,  # issue 19: the broker's own shortage, never the consumer's
     "gpu_unavailable": 503,
     "consumer_timeout": 504,
     # Issue 3 (security) and the admin API:
@@ -622,9 +651,19 @@ class Daemon:
     prelude = ""
 
     def __init__(
-        self, raw: dict[str, Any], home: Path, smi: tuple[str, ...], env: dict[str, str] | None = None
+        self,
+        raw: dict[str, Any],
+        home: Path,
+        smi: tuple[str, ...],
+        env: dict[str, str] | None = None,
+        *,
+        nofile: int | None = None,
+        uvloop: bool = True,
     ) -> None:
         self.env = {**os.environ, **(env or {})}
+        #: Its soft and hard RLIMIT_NOFILE (None: this process's); its event loop (uvloop where installed).
+        self.nofile = nofile
+        self.uvloop = uvloop
         self.config = home / "daemon.yaml"
         self.config.write_text(yaml.safe_dump(raw, sort_keys=False))
         self.port = free_port()
@@ -658,9 +697,13 @@ class Daemon:
     async def __aenter__(self) -> Daemon:
         self.log_file = self.log_path.open("wb")
         program = [str(HERE / "mgpumanager.py")]
-        if self.prelude:
-            run = f"import sys; sys.path.insert(0, {str(HERE)!r}); import mgpumanager as m; {self.prelude}"
+        prelude = self.prelude
+        if not self.uvloop:  # asyncio's own event loop even where uvloop is installed: its import fails
+            prelude = "; ".join(filter(None, ["sys.modules['uvloop'] = None", prelude]))
+        if prelude:
+            run = f"import sys; sys.path.insert(0, {str(HERE)!r}); import mgpumanager as m; {prelude}"
             program = ["-c", run + "; sys.exit(m.main(sys.argv[1:]))"]
+        nofile = self.nofile
         self.proc = await asyncio.create_subprocess_exec(
             PY,
             *program,
@@ -672,6 +715,9 @@ class Daemon:
             " ".join(self.smi),
             stderr=self.log_file,
             env=self.env,
+            preexec_fn=None
+            if nofile is None
+            else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
         )
         deadline = time.monotonic() + 20
         async with aiohttp.ClientSession() as session:
@@ -1779,6 +1825,169 @@ def test_processes_are_attributed_by_name_and_by_the_unit_in_their_cgroup(tmp_pa
             }
         }
     )
+
+
+def strangers(gpu: mgpusim.SimGPU, count: int) -> None:
+    """``count`` processes of nobody's on the simulated GPU (pids from 100000, holding nothing)."""
+    uuid = mgpusim.gpu_uuid(0)
+    with gpu.edit() as state:
+        state["processes"] += [
+            {"pid": 100000 + i, "name": f"/usr/bin/python3-stranger-{i}", "used_mib": 0, "gpu_uuid": uuid}
+            for i in range(count)
+        ]
+
+
+async def test_nvidia_smi_output_is_read_whole_up_to_max_output_mib_and_more_is_an_error(tmp_path):
+    """Issue 19, item 10: only the last 1 MiB of nvidia-smi's output was kept, and the cut first line made
+    every reading unparsable. Now up to gpu.max_output_mib is read from its start; more is refused, saying
+    so (never a part of it parsed)."""
+    two_mib = _smi_script(tmp_path, "head -c 2097152 /dev/zero | tr '\\0' x")
+    assert len(await m.run_nvidia_smi(two_mib, 5, 8)) == 2 * m.MiB  # whole
+    with pytest.raises(m.GpuError, match=r"more than 1 MiB \(gpu.max_output_mib\): not read"):
+        await m.run_nvidia_smi(two_mib, 5, 1)
+    assert len(await m.run_nvidia_smi(_smi_script(tmp_path, "head -c 1048576 /dev/zero"), 5, 1)) == m.MiB
+
+
+def test_cgroups_are_read_once_per_process_while_it_stays_in_the_list_under_its_name(tmp_path):
+    """Issue 19, item 10: every reading read /proc/<pid>/cgroup for every process (8,000 processes: a second
+    of the event loop's). Now a process's cgroups are read once and kept while it stays in the GPU's list
+    under the same name, CGROUP_CACHE_S at most; a pid that left the list, or shows another name, is read
+    anew (a pid reused by another process)."""
+    raw = base_raw()
+    raw["consumers"]["comfyui"]["processes"] = {"unit": "comfyui.service"}
+    config = m.parse_config(raw)
+    for pid, unit in ((10, "comfyui"), (11, "sshd")):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cgroup").write_text(f"0::/system.slice/{unit}.service\n")
+    clock = FakeClock()
+    consumers = m.Consumers(config, session=None, clock=clock)  # type: ignore[arg-type] (no call is made)
+    consumers.proc_root = tmp_path
+    reads: list[int] = []
+    read_cgroups = consumers.cgroups_of
+
+    def counted(pid: int) -> list[str]:
+        reads.append(pid)
+        return read_cgroups(pid)
+
+    consumers.cgroups_of = counted  # type: ignore[method-assign]
+
+    def attribute(*procs: tuple[int, str]) -> dict[int, str]:
+        reading = m.parse_gpu_reading(
+            "0, GPU-x, sim, 16384, 0, 16384, 0, 30\n",
+            "".join(f"{pid}, {name}, 100, GPU-x\n" for pid, name in procs),
+            index=0,
+            started=clock(),
+            read_at=0,
+        )
+        reads.clear()
+        return consumers.attribute(reading)
+
+    comfy, sshd = (10, "/opt/ComfyUI/python3"), (11, "/usr/sbin/sshd")
+    assert (attribute(comfy, sshd), reads) == ({10: "comfyui"}, [10, 11])
+    assert (attribute(comfy, sshd), reads) == ({10: "comfyui"}, [])  # kept
+    assert (attribute(sshd), reads) == ({}, [])
+    # Pid 10 left the list; it comes back as another unit's process: read anew.
+    (tmp_path / "10" / "cgroup").write_text("0::/system.slice/backup.service\n")
+    assert (attribute(comfy, sshd), reads) == ({}, [10])
+    (tmp_path / "11" / "cgroup").write_text("0::/system.slice/comfyui.service\n")
+    assert (attribute(comfy, sshd), reads) == ({}, [])  # the same names: kept ...
+    assert (attribute(comfy, (11, "/opt/ComfyUI/python3")), reads) == ({11: "comfyui"}, [11])  # ... not these
+    clock.now += m.CGROUP_CACHE_S
+    assert (attribute(comfy, (11, "/opt/ComfyUI/python3")), reads) == ({11: "comfyui"}, [10, 11])
+
+
+async def test_a_huge_reading_is_parsed_attributed_and_written_out_off_the_event_loop(rig, monkeypatch):
+    """Issue 19, item 10: with 8,000 process lines and a processes.unit consumer, each reading took 1.3 s of
+    the event loop (parsing, a cgroup read per process, 2.7 MB of status JSON) and /healthz stalled. Now
+    parsing, attributing and writing /v1/status out run in worker threads; what the loop does per process
+    is one pass. (The stalls measured are printed; the structure is what is asserted.)"""
+
+    def measured(raw: dict[str, Any]) -> None:
+        raw["consumers"]["whisper"]["processes"] = {"unit": "whisper.service"}
+
+    r = await rig(tweak=measured)
+    strangers(r.gpu, 20000)
+    loop_thread = threading.get_ident()
+    threads: dict[str, set[int]] = {"parse": set(), "attribute": set(), "status": set()}
+
+    def spied(what: str, real: Any) -> Any:
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            threads[what].add(threading.get_ident())
+            return real(*args, **kwargs)
+
+        return spy
+
+    monkeypatch.setattr(m, "parse_gpu_reading", spied("parse", m.parse_gpu_reading))
+    monkeypatch.setattr(m, "status_text", spied("status", m.status_text))
+    r.broker.gpu.attribute = spied("attribute", r.broker.gpu.attribute)
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    try:
+        async with r.session.get(r.url("/v1/status")) as resp:
+            body = await resp.read()  # (parsed after: the test's own parsing would stall the loop too)
+    finally:
+        ticker.cancel()
+    st = json.loads(body)
+    assert len(st["gpu"]["processes"]) == 20000
+    assert all(p["consumer"] is None for p in st["gpu"]["processes"])
+    await r.broker.gpu.read_memory()  # a memory reading's (one line, as nvidia-smi prints it) too
+    assert all(ids and loop_thread not in ids for ids in threads.values()), threads
+    print(f"20,000 process lines: the event loop's longest stall was {max(gaps) * 1000:.1f} ms")
+
+
+async def test_a_reading_of_20000_processes_serves_jobs_and_status_and_beyond_max_output_mib_says_so(rig):
+    """Issue 19, item 10, end to end: 20,000 process lines are 1.5 MB of nvidia-smi output; only its last
+    MiB was kept, so every job got gpu_unavailable. Now the job is served and /v1/status lists them all;
+    with gpu.max_output_mib below the output, jobs get gpu_unavailable that names the key."""
+
+    def measured(raw: dict[str, Any]) -> None:
+        raw["consumers"]["whisper"]["processes"] = {"unit": "whisper.service"}
+
+    r = await rig(tweak=measured, sims={"mvoice": {"loaded": False}})
+    strangers(r.gpu, 20000)
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+            assert resp.status == 200, await resp.read()
+        healthz: list[float] = []
+
+        async def ping() -> None:
+            while True:
+                started = time.monotonic()
+                async with r.session.get(daemon.url("/healthz")) as resp:
+                    assert resp.status == 200
+                healthz.append(time.monotonic() - started)
+
+        pinging = asyncio.create_task(ping())
+        try:
+            async with r.session.get(daemon.url("/v1/status")) as resp:
+                body = await resp.read()
+        finally:
+            pinging.cancel()
+        st = json.loads(body)
+        assert len(st["gpu"]["processes"]) >= 20000 and st["gpu"]["error"] is None
+        print(f"/healthz during a status of 20,000 processes: at most {max(healthz) * 1000:.0f} ms")
+        raw = copy.deepcopy(r.raw)
+        raw["gpu"]["max_output_mib"] = 1
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(daemon.url("/v1/reload")) as resp:
+            assert resp.status == 200
+        async with r.session.post(daemon.url("/v1/consumers/mvoice/unload")) as resp:
+            assert resp.status == 200
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+            message = error_of(resp.status, dict(resp.headers), await resp.read(), "gpu_unavailable")[
+                "message"
+            ]
+        assert "more than 1 MiB (gpu.max_output_mib)" in message
+    assert 'msg="start-up objects frozen"' in daemon.log
 
 
 @pytest.mark.parametrize("fault", ["fail", "garbage", "hang"])
@@ -7867,6 +8076,8 @@ def test_make_test_real_in_a_clone_without_the_sources_says_what_is_missing(tmp_
 
 
 def test_the_unit_file_verifies_where_systemd_is_present():
+    # Issue 19: systemd's soft default of 1024 descriptors; the broker raises its soft limit to this.
+    assert "LimitNOFILE=65536" in (HERE / "mgpumanager.service").read_text().splitlines()
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed here")
@@ -8682,7 +8893,8 @@ async def test_cli_sends_the_token_from_the_environment_or_the_token_file(rig, t
         url = daemon.url("")
         rc, out, err = await cli("ps", "--url", url)
         assert (rc, out) == (2, "") and "(unauthorized): set MGPUMANAGER_TOKEN or give --token-file" in err
-        assert (await cli("ps", "--url", url, env={"MGPUMANAGER_TOKEN": TOKEN}))[0] == 0
+        rc, out, err = await cli("ps", "--url", url, env={"MGPUMANAGER_TOKEN": TOKEN})
+        assert rc == 0, err
         assert (await cli("ps", "--url", url, "--token-file", str(token_file)))[0] == 0
         wrong = {"MGPUMANAGER_TOKEN": "wrong-token-0123456789"}
         assert (await cli("ps", "--url", url, "--token-file", str(token_file), env=wrong))[0] == 0
@@ -8708,6 +8920,51 @@ async def test_cli_sends_the_token_from_the_environment_or_the_token_file(rig, t
     async with StandIn([("GET", "/v1/status", status)]) as stand_in:
         rc, out, err = await cli("ps", "--url", stand_in.url, env={"MGPUMANAGER_TOKEN": wide})
     assert (rc, err) == (0, "") and out.startswith("CONSUMER")
+
+
+#: Every variable urllib takes a proxy from, both spellings.
+PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+async def test_cli_ignores_proxy_variables_and_sends_the_token_to_the_broker_alone():
+    """Issue 19, item 7: urllib followed http_proxy (and HTTPS_PROXY, all_proxy), even for 127.0.0.1, and
+    handed the bearer token to the proxy. With a recording proxy in every proxy variable (and no no_proxy),
+    the verbs reach the broker directly and the proxy never hears a byte."""
+    heard: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard.append(await reader.read(65536))
+        writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    got: list[str] = []
+
+    async def status(request: web.Request) -> web.Response:
+        got.append(request.headers.get("Authorization", ""))
+        return web.json_response({"consumers": {}})
+
+    async def reload(request: web.Request) -> web.Response:
+        got.append(request.headers.get("Authorization", ""))
+        return web.json_response({"reloaded": True, "changes": []})
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    proxy_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    env = dict.fromkeys(PROXY_VARIABLES, proxy_url) | {
+        "no_proxy": "",
+        "NO_PROXY": "",
+        "MGPUMANAGER_TOKEN": TOKEN,
+    }
+    try:
+        async with StandIn([("GET", "/v1/status", status), ("POST", "/v1/reload", reload)]) as broker:
+            for verb in ("ps", "reload"):
+                rc, out, err = await cli(verb, "--url", broker.url, env=env)
+                assert (rc, err) == (0, ""), (verb, out, err)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert heard == []
+    assert got == [f"Bearer {TOKEN}"] * 2
 
 
 async def test_cli_events_prints_one_line_per_event_and_stops_on_sigint(rig):
@@ -9953,6 +10210,498 @@ async def test_a_large_body_is_held_once_not_copied(rig):
     assert "Transfer-Encoding" not in r.sims["mvoice"].records[-1].headers
     print(f"peak RSS grew {grown:.1f} MiB for a 48 MiB body")
     assert grown < 72, grown
+
+
+def ws_frame(payload: bytes, *, opcode: int = 2, rsv1: bool = False) -> bytes:
+    """One masked client frame, FIN set; ``rsv1`` marks it compressed (permessage-deflate)."""
+    key = os.urandom(4)
+    head = bytes([0x80 | (0x40 if rsv1 else 0) | opcode])
+    n = len(payload)
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    mask = (key * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(n, "big")
+    return head + key + masked
+
+
+def deflate_bomb(inflated: int) -> bytes:
+    """A permessage-deflate payload that inflates to ``inflated`` zero bytes (some 1,000 times smaller)."""
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, -15)
+    chunk = bytes(m.MiB)
+    body = b"".join(squeeze.compress(chunk) for _ in range(inflated // m.MiB))
+    return (body + squeeze.flush(zlib.Z_SYNC_FLUSH)).removesuffix(b"\x00\x00\xff\xff")
+
+
+async def raw_websocket(port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A WebSocket opened by hand, offering permessage-deflate; its reader, writer and the 101's head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n".encode()
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer, head
+
+
+async def close_code_of(reader: asyncio.StreamReader) -> int:
+    """The code of the close frame the server sends (server frames are not masked)."""
+    while True:
+        first, second = await asyncio.wait_for(reader.readexactly(2), 10)
+        n = second & 0x7F
+        if n == 126:
+            n = int.from_bytes(await reader.readexactly(2), "big")
+        elif n == 127:
+            n = int.from_bytes(await reader.readexactly(8), "big")
+        payload = await reader.readexactly(n)
+        if first & 0x0F == 8:
+            return int.from_bytes(payload[:2], "big")
+
+
+async def test_websocket_messages_are_bounded_either_way_and_compression_refused(rig):
+    """Issue 19, item 2: the broker accepted permessage-deflate from clients, and a message of about 60 KB
+    inflated to 60 MiB (under max_body_mib, the limit then): 16 sockets took it to 1.3 GiB. Now, through a
+    mount and through a port alike, deflate is refused; a compressed frame sent anyway closes the socket
+    (1002) without being inflated; a message larger than max_ws_message_mib closes it with 1009, whichever
+    side sent it, and one of exactly that size passes."""
+    limit = m.MiB  # max_ws_message_mib: 1
+    got: list[int] = []
+    closes: list[int | None] = []
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        try:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT and msg.data.startswith("send "):
+                    await ws.send_bytes(b"c" * int(msg.data[5:]))
+                else:
+                    got.append(len(msg.data))
+        finally:
+            closes.append(ws.close_code)
+        return ws
+
+    async with StandIn([("GET", "/system_stats", _ok), ("GET", "/ws", socket)]) as comfy:
+        r = await rig(urls={"comfyui": comfy.url})
+        raw = copy.deepcopy(r.raw)
+        comfy_port = free_port()
+        raw["consumers"]["comfyui"]["listen"] = f"127.0.0.1:{comfy_port}"
+        raw["scheduler"]["max_ws_message_mib"] = 1
+        async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+            for port, path in ((daemon.port, "/c/comfyui/ws"), (comfy_port, "/ws")):
+                url = f"http://127.0.0.1:{port}{path}"
+                got.clear()
+                closes.clear()
+                ws = await r.session.ws_connect(url, compress=15, max_msg_size=0)
+                assert ws.compress == 0  # the broker took no permessage-deflate
+                await ws.send_bytes(b"a" * limit)  # exactly the limit: relayed
+                await until(lambda: got == [limit])
+                await ws.send_str(f"send {limit}")
+                answer = await ws.receive(timeout=10)
+                assert answer.type == aiohttp.WSMsgType.BINARY and len(answer.data) == limit
+                await ws.send_bytes(b"a" * (limit + 1))  # one byte more: refused, closed 1009 both ways
+                closing = await ws.receive(timeout=10)
+                assert (closing.type, closing.data) == (aiohttp.WSMsgType.CLOSE, 1009)
+                await ws.close()
+                await until(lambda: closes == [1009])
+                assert got == [limit]
+                ws = await r.session.ws_connect(url, max_msg_size=0)
+                await ws.send_str(f"send {limit + 1}")  # the consumer's message is refused as well
+                closing = await ws.receive(timeout=10)
+                assert (closing.type, closing.data) == (aiohttp.WSMsgType.CLOSE, 1009)
+                await ws.close()
+                # Its side is closed too (1009; unless the broker's close frame waits behind the rest of
+                # the message it is still sending, which the broker does not read: then it is cut off).
+                await until(lambda: len(closes) == 2)
+                # A compressed frame nobody agreed to: a protocol error, never inflated or relayed.
+                reader, writer, head = await raw_websocket(port, path)
+                assert b"sec-websocket-extensions" not in head.lower()
+                bomb = deflate_bomb(60 * m.MiB)
+                before = peak_rss_mib(daemon.proc.pid)
+                writer.write(ws_frame(bomb, rsv1=True))
+                await writer.drain()
+                assert await close_code_of(reader) == 1002
+                writer.close()
+                await until(lambda: len(closes) == 3)
+                grown = peak_rss_mib(daemon.proc.pid) - before
+                print(f"{path}: a {len(bomb)} byte frame of 60 MiB inflated: peak RSS grew {grown:.1f} MiB")
+                assert grown < 30, grown  # 60 MiB and more if it was inflated
+                assert got == [limit]
+            async with r.session.get(daemon.url("/metrics")) as resp:
+                families = _families(await resp.text())
+            refused = "mgpumanager_websocket_refused_total"
+            assert _value(families, refused, consumer="comfyui", sender="client") == 4
+            assert _value(families, refused, consumer="comfyui", sender="consumer") == 2
+    assert 'msg="websocket message refused" consumer=comfyui sender=client code=1009' in daemon.log
+    assert 'msg="websocket message refused" consumer=comfyui sender=consumer code=1009' in daemon.log
+    assert 'msg="websocket message refused" consumer=comfyui sender=client code=1002' in daemon.log
+
+
+async def whole_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP answer from a raw connection: its status and its body (by its Content-Length)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    body = await asyncio.wait_for(reader.readexactly(int(length.group(1)) if length else 0), 10)
+    return int(head.split()[1]), body
+
+
+async def closed_by_peer(reader: asyncio.StreamReader) -> bytes:
+    """Wait for the other end to close the connection (a reset counts too); what it sent until then."""
+    with contextlib.suppress(ConnectionResetError):
+        return await asyncio.wait_for(reader.read(), 10)
+    return b""
+
+
+async def test_connections_without_a_request_head_or_idle_after_an_answer_are_closed_on_every_listener(rig):
+    """Issue 19, item 1: aiohttp kept a connection that sent nothing for an hour. Now one without a whole
+    request head within http.header_timeout_s of its opening is closed, also one that trickles its head in,
+    and one that begins another head after an answer; one idle for http.keepalive_s after its answer too.
+    A connection whose request is being handled (an event stream) is left alone. The broker's port and a
+    consumer's alike; each close counted by reason."""
+
+    def quick(raw: dict[str, Any]) -> None:
+        with_ports(raw)
+        raw["http"] = {"header_timeout_s": 0.3, "keepalive_s": 0.6}
+
+    r = await rig(tweak=quick)
+    ports = [r.server.port, int(r.broker.ports.address("ollama").rpartition(":")[2])]
+    async with r.session.get(r.url("/v1/events")) as stream:
+        await stream.content.readline()  # ": mgpumanager events"
+        for port in ports:
+            silent = await asyncio.open_connection("127.0.0.1", port)
+            trickling = await asyncio.open_connection("127.0.0.1", port)
+            trickling[1].write(b"GET / HTTP/1.1\r\n")
+
+            async def trickle(writer: asyncio.StreamWriter = trickling[1]) -> None:
+                with contextlib.suppress(ConnectionError):
+                    while True:
+                        await asyncio.sleep(0.05)
+                        writer.write(b"X")
+                        await writer.drain()
+
+            trickler = asyncio.create_task(trickle())
+            kept = await asyncio.open_connection("127.0.0.1", port)
+            resumed = await asyncio.open_connection("127.0.0.1", port)
+            for _, writer in (kept, resumed):
+                writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await whole_answer(kept[0]))[0] == 200
+            assert (await whole_answer(resumed[0]))[0] == 200
+            resumed[1].write(b"GET / HTTP/1.1\r\nHo")  # another head, never finished
+            for reader, _ in (silent, trickling, kept, resumed):
+                await closed_by_peer(reader)
+            trickler.cancel()
+            for _, writer in (silent, trickling, kept, resumed):
+                writer.close()
+        assert r.broker.connections.closed == {"header_timeout": 6, "keepalive": 2}
+        # The event stream, busy all along, is still open and live.
+        r.broker.events.publish("test", n=1)
+        while not (line := await asyncio.wait_for(stream.content.readline(), 10)).startswith(b"data:"):
+            pass
+        assert json.loads(line[5:])["n"] == 1
+    async with r.session.get(r.url("/metrics")) as resp:
+        families = _families(await resp.text())
+    closed = "mgpumanager_connections_closed_total"
+    assert _value(families, closed, reason="header_timeout") == 6
+    assert _value(families, closed, reason="keepalive") == 2
+
+
+@pytest.mark.parametrize("uvloop", [True, False], ids=["uvloop", "asyncio"])
+async def test_the_daemon_times_connections_out_under_either_event_loop(rig, uvloop):
+    """Issue 19, item 1: the connections' timeouts hold under uvloop and asyncio alike (the broker wraps the
+    protocol of each, a plain protocol to either loop): a silent connection, and an idle one after its
+    answer, on the broker's port and a consumer's."""
+    r = await rig()
+    raw = copy.deepcopy(r.raw)
+    comfy_port = free_port()
+    raw["consumers"]["comfyui"]["listen"] = f"127.0.0.1:{comfy_port}"
+    raw["http"] = {"header_timeout_s": 0.3, "keepalive_s": 0.3}
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state), uvloop=uvloop) as daemon:
+        for port, path in ((daemon.port, "/healthz"), (comfy_port, "/system_stats")):
+            silent = await asyncio.open_connection("127.0.0.1", port)
+            kept = await asyncio.open_connection("127.0.0.1", port)
+            kept[1].write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert (await whole_answer(kept[0]))[0] == 200
+            for reader, writer in (silent, kept):
+                assert await closed_by_peer(reader) == b""
+                writer.close()
+        async with r.session.get(daemon.url("/metrics")) as resp:
+            families = _families(await resp.text())
+    closed = "mgpumanager_connections_closed_total"
+    assert _value(families, closed, reason="header_timeout") == 2
+    assert _value(families, closed, reason="keepalive") >= 2  # (and the test's own between its requests)
+    assert f"loop={'uvloop' if uvloop else 'asyncio'}" in daemon.log
+
+
+async def test_a_slow_reader_of_a_large_answer_keeps_its_connection_while_it_reads(rig):
+    """Issue 19, item 1: the keep-alive time counts from the end of a request's handling, and a large answer
+    (/v1/status with 20,000 processes, 5.7 MB) may still be on its way then. A client that reads it slowly
+    gets it whole before its connection is closed; one that stopped reading is cut keepalive_s later."""
+
+    def quick(raw: dict[str, Any]) -> None:
+        raw["http"] = {"keepalive_s": 0.3}
+
+    r = await rig(tweak=quick)
+    strangers(r.gpu, 20000)
+    conns = []
+    for _ in range(2):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answer waits in the broker
+        sock.connect(("127.0.0.1", r.server.port))
+        conns.append(await asyncio.open_connection(sock=sock))
+    for _, writer in conns:
+        writer.write(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+    (slow, _), (stopped, stopped_writer) = conns
+    mine = stopped_writer.get_extra_info("sockname")
+    await until(lambda: len(r.broker.connections.open) == 2)
+    (theirs,) = [
+        c for c in r.broker.connections.open.values() if c.transport.get_extra_info("peername") == mine
+    ]
+    head = await asyncio.wait_for(slow.readuntil(b"\r\n\r\n"), 10)
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    assert length > 5_000_000
+    got, pause = 0, 0
+    while got < length:  # a pause of 0.1 s after each 512 KiB: several keepalive_s go by meanwhile
+        chunk = await asyncio.wait_for(slow.read(65536), 10)
+        if not chunk:
+            break
+        got += len(chunk)
+        if got // (512 * 1024) > pause:
+            pause += 1
+            await asyncio.sleep(0.1)
+    assert got == length and await closed_by_peer(slow) == b""
+    await until(lambda: r.broker.connections.closed == {"keepalive": 2})
+    await until(lambda: theirs.transport.get_write_buffer_size() == 0)  # keepalive_s later: cut
+    head = await asyncio.wait_for(stopped.readuntil(b"\r\n\r\n"), 10)
+    assert len(head) + len(await closed_by_peer(stopped)) < length  # the rest was never sent
+    for _, writer in conns:
+        writer.close()
+
+
+async def test_when_descriptors_run_short_event_streams_and_slow_uploads_go_by_age_before_a_new_client(rig):
+    """Issue 19, item 1, attacked: connections that sent a whole head and then wait on their client (an event
+    stream, a body trickling in) hold descriptors as idle ones do. When descriptors run short they go too,
+    the longest idle first (since their request began), rather than the new client being turned away."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    connections = r.broker.connections
+    stream = await asyncio.open_connection("127.0.0.1", r.server.port)
+    stream[1].write(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(stream[0].readuntil(b"mgpumanager events\n\n"), 10)
+    upload = await _partial_post("127.0.0.1", r.server.port, "/v1/tts", 100, b"x" * 10)
+    await until(lambda: len(connections.open) == len(connections.idle) == 2)
+    connections.allowed = 2  # as if the descriptors ran short here
+    first = await asyncio.open_connection("127.0.0.1", r.server.port)
+    first[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await whole_answer(first[0]) == (200, b"ok\n")
+    await closed_by_peer(stream[0])  # the oldest went
+    second = await asyncio.open_connection("127.0.0.1", r.server.port)
+    second[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await whole_answer(second[0]) == (200, b"ok\n")
+    await closed_by_peer(upload[0])  # then the upload, idle longer than the first client
+    assert connections.closed == {"descriptors": 2}
+    for _, writer in (stream, upload, first, second):
+        writer.close()
+    assert r.stats.jobs == 0 and r.broker.reading == 0
+
+
+@pytest.mark.parametrize("uvloop", [True, False], ids=["uvloop", "asyncio"])
+async def test_idle_connections_never_take_the_descriptors_that_healthz_and_jobs_need(rig, uvloop):
+    """Issue 19, item 1, end to end: under systemd's default soft limit of 1024 descriptors, 1,050 connections
+    that sent nothing (no token needed) made /healthz, jobs and /v1/status fail with connection reset, and
+    nothing was logged. Now, with soft and hard RLIMIT_NOFILE both at 1024 and 1,100 idle connections (to a
+    consumer's port and to the broker's), /healthz and a job on the main port answer 200 within 15 s: the
+    longest-idle connections were closed, keeping descriptors for the broker's own work (its connection to
+    the consumer, nvidia-smi). http.header_timeout_s is 60 here, so that only this can have freed them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1500:
+        pytest.skip(f"this test opens 1,100 connections: its hard RLIMIT_NOFILE is {hard}")
+    if soft != resource.RLIM_INFINITY and soft < 1500:
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (hard if hard == resource.RLIM_INFINITY else min(hard, 4096), hard)
+        )
+
+    def patient(raw: dict[str, Any]) -> None:
+        raw["http"] = {"header_timeout_s": 60}
+
+    r = await rig(tweak=patient, sims={"mvoice": {"loaded": False}})
+    raw = copy.deepcopy(r.raw)
+    comfy_port = free_port()
+    raw["consumers"]["comfyui"]["listen"] = f"127.0.0.1:{comfy_port}"
+    idle: list[asyncio.StreamWriter] = []
+    try:
+        async with Daemon(raw, r.tmp_path, sim_smi(r.state), nofile=1024, uvloop=uvloop) as daemon:
+            for _ in range(11):
+                opened = await asyncio.gather(
+                    *(
+                        asyncio.wait_for(
+                            asyncio.open_connection("127.0.0.1", (comfy_port, daemon.port)[i % 2]), 5
+                        )
+                        for i in range(100)
+                    ),
+                    return_exceptions=True,
+                )
+                idle += [
+                    writer
+                    for result in opened
+                    if not isinstance(result, BaseException)
+                    for writer in result[1:]
+                ]
+            started = time.monotonic()
+
+            async def served() -> None:
+                async with aiohttp.ClientSession() as fresh:
+                    async with fresh.get(daemon.url("/healthz")) as resp:
+                        assert resp.status == 200
+                    async with fresh.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+                        assert resp.status == 200, await resp.read()
+                    async with fresh.get(daemon.url("/v1/status")) as resp:
+                        assert resp.status == 200
+                    async with fresh.get(daemon.url("/metrics")) as resp:
+                        families = _families(await resp.text())
+
+                closed = _value(families, "mgpumanager_connections_closed_total", reason="descriptors")
+                allowed = _value(families, "mgpumanager_client_connections_limit")
+                assert closed >= 1100 - allowed and allowed < 1024
+                assert _value(families, "mgpumanager_client_connections") <= allowed
+
+            await asyncio.wait_for(served(), 15)
+            took = time.monotonic() - started
+            print(f"{len(idle)} idle connections: /healthz, a job and /v1/status in {took:.2f} s")
+    finally:
+        for writer in idle:
+            writer.close()
+    assert len(idle) == 1100
+    assert "msg=descriptors soft=1024 hard=1024" in daemon.log
+    assert 'msg="descriptors short: closing the longest-idle client connections"' in daemon.log
+    assert f"loop={'uvloop' if uvloop else 'asyncio'}" in daemon.log
+
+
+async def test_a_consumer_connect_failing_for_want_of_descriptors_is_the_brokers_shortage_not_consumer_gone(
+    rig, caplog
+):
+    """Issue 19, item 1: a connect to a consumer that failed because the broker had no descriptor left
+    (EMFILE) counted as "consumer gone": a running ComfyUI hold was abandoned, its render left running while
+    the GPU went to the next job. Now it is the broker's own shortage: the hold polls on, the consumer is not
+    marked down, and the shortage is logged and counted (and idle client connections closed to make room)."""
+    done = asyncio.Event()
+
+    def closing(data: Any) -> web.Response:
+        resp = web.json_response(data)
+        resp.force_close()  # every poll needs a new connection (a new descriptor)
+        return resp
+
+    async def prompt(request: web.Request) -> web.Response:
+        return closing({"prompt_id": "p1"})
+
+    polls: list[float] = []
+
+    async def history(request: web.Request) -> web.Response:
+        polls.append(time.monotonic())
+        return closing({"p1": {"status": {"completed": True}}} if done.is_set() else {})
+
+    def slow_polls(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["poll_s"] = 0.3
+
+    routes = [("GET", "/system_stats", _ok), ("POST", "/prompt", prompt), ("GET", "/history/p1", history)]
+    async with StandIn(routes) as comfy:
+        r = await rig(urls={"comfyui": comfy.url}, tweak=slow_polls)
+        async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+            assert resp.status == 200
+        await until(lambda: r.broker.scheduler.holder == "comfyui" and polls)
+        exhausted = ("mgpumanager_descriptors_exhausted_total", ())
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # Between two polls (poll_s apart): no new descriptor for anyone in this process.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (0, hard))
+        try:
+            await until(lambda: r.broker.metrics.counters.get(exhausted, 0) >= 3, 5)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert r.broker.scheduler.holder == "comfyui"  # the hold goes on
+        assert r.broker.consumers.states["comfyui"].healthy is not False
+        done.set()
+        await until(lambda: r.broker.scheduler.holder is None)
+    assert r.stats.hold_abandoned == 0 and r.stats.hold_poll_errors >= 3
+    assert 'msg="out of file descriptors" what="GET http://127.0.0.1:' in caplog.text
+    assert "hold abandoned" not in caplog.text
+
+
+async def test_a_reload_that_replaces_the_token_closes_every_connection_authenticated_with_the_old_one(rig):
+    """Issue 19, item 9, end to end: after a reload that replaced auth.token, event streams and WebSockets
+    opened with the old token kept delivering. Now the reload closes every connection authenticated with
+    it before it answers: an event stream, WebSockets through a mount and a consumer's port (1008), idle
+    keep-alive connections on both ports; the connection that asked for the reload gets its answer (which
+    says so) and is closed after it. A connection that never showed the token serves on."""
+    new_token = "n3w-token-0123456789abcdef"
+    r = await rig(tweak=with_token)
+    raw = copy.deepcopy(r.raw)
+    comfy_port = free_port()
+    raw["consumers"]["comfyui"]["listen"] = f"127.0.0.1:{comfy_port}"
+    old = {"Authorization": f"Bearer {TOKEN}"}
+    request = "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        stream = await r.session.get(daemon.url("/v1/events"), headers=old)
+        await stream.content.readline()
+        sockets = [
+            await r.session.ws_connect(f"http://127.0.0.1:{port}{path}", headers=old)
+            for port, path in ((daemon.port, "/c/comfyui/ws"), (comfy_port, "/ws"))
+        ]
+        for ws in sockets:
+            assert (await _ws_json(ws))["type"] == "status"
+        kept = []
+        for port, path in ((daemon.port, "/v1/status"), (comfy_port, "/system_stats")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request.format(path=path, token=TOKEN).encode())
+            assert (await whole_answer(reader))[0] == 200
+            kept.append((reader, writer))
+        public = await asyncio.open_connection("127.0.0.1", daemon.port)
+        public[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await whole_answer(public[0]))[0] == 200
+        async with r.session.post(daemon.url("/v1/reload"), headers=old) as resp:  # the same token: nothing
+            assert not any("revoked" in change for change in (await resp.json())["changes"])
+        raw["auth"]["token"] = new_token
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        asker = await asyncio.open_connection("127.0.0.1", daemon.port)
+        asker[1].write(
+            f"POST /v1/reload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Length: 0\r\n\r\n".encode()
+        )
+        status, body = await whole_answer(asker[0])
+        assert status == 200
+        changes = json.loads(body)["changes"]
+        # (seven: the test's own session kept the connection of the first reload alive)
+        assert "closed 7 connections authenticated with a revoked token" in changes, changes
+        await closed_by_peer(asker[0])
+        # Closed before the answer went out: each finds it so now.
+        for reader, _ in kept:
+            await closed_by_peer(reader)
+        for ws in sockets:
+            closing = await ws.receive(timeout=10)
+            assert (closing.type, closing.data) == (aiohttp.WSMsgType.CLOSE, 1008)
+        with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
+            await asyncio.wait_for(stream.content.read(), 10)
+        stream.release()
+        await until(lambda: len(r.sims["comfyui"].ws_closes) == 2)
+        # The token-less connection serves on; the old token is refused, the new one let in.
+        public[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await whole_answer(public[0]))[0] == 200
+        async with r.session.get(daemon.url("/v1/status"), headers=old) as resp:
+            assert resp.status == 401
+        new = {"Authorization": f"Bearer {new_token}"}
+        async with r.session.get(daemon.url("/metrics"), headers=new) as resp:
+            families = _families(await resp.text())
+        assert _value(families, "mgpumanager_connections_closed_total", reason="token_revoked") == 7
+        for _, writer in (*kept, public, asker):
+            writer.close()
+        for ws in sockets:
+            await ws.close()
+    assert 'msg="token revoked: closing its connections" connections=7' in daemon.log
+    assert TOKEN not in daemon.log and new_token not in daemon.log
 
 
 # =====================================================================================================
