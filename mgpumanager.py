@@ -103,7 +103,7 @@ if not hasattr(web, "AppKey"):  # handler_cancellation and AppKey came with aioh
     sys.exit(f"mgpumanager needs aiohttp >= 3.9 (Debian 13's python3-aiohttp); this is {aiohttp.__version__}")
 
 # =====================================================================================================
-# Constants and config
+# Constants
 # =====================================================================================================
 
 MiB = 1024 * 1024
@@ -213,6 +213,114 @@ GPU_FIELDS = (
     "temperature.gpu",
 )
 APP_FIELDS = ("pid", "process_name", "used_memory", "gpu_uuid")
+
+# =====================================================================================================
+# Errors
+# =====================================================================================================
+
+#: code -> (HTTP status, retryable). The public list of what the broker itself can answer.
+ERROR_CODES: dict[str, tuple[int, bool]] = {
+    "bad_request": (400, False),
+    "not_found": (404, False),
+    "no_consumer": (404, False),
+    "unauthorized": (401, False),
+    "forbidden": (403, False),
+    "method_not_allowed": (405, False),
+    "request_timeout": (408, False),
+    "payload_too_large": (413, False),
+    "too_many_requests": (429, True),
+    "bad_config": (422, False),
+    "consumer_unreachable": (502, True),
+    "consumer_stopped": (503, True),
+    "load_failed": (502, True),
+    "unload_failed": (502, True),
+    "bad_consumer_url": (502, False),
+    "scheduler_error": (500, False),
+    "queue_full": (503, True),
+    "queue_timeout": (503, True),
+    "shutting_down": (503, True),
+    "insufficient_vram": (503, True),
+    "out_of_descriptors": (503, True),
+    "gpu_unavailable": (503, True),
+    "consumer_timeout": (504, True),
+    "gpu_reserved": (503, True),
+    "reservation_released": (409, False),
+}
+
+
+class BrokerError(Exception):
+    """The one root of the broker's own errors: each carries the JSON error's code (and so its HTTP status
+    and whether it is retryable), its message and the consumer it concerns. The HTTP app turns any of them
+    into the one error shape (``error_response``); nothing signals a failure by returning a value."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        consumer: str | None = None,
+        *,
+        retry_after: int = 1,
+        headers: Mapping[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.consumer = consumer
+        self.status, self.retryable = ERROR_CODES[code]
+        self.retry_after = retry_after
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        """The JSON error: ``{error, message, consumer, retryable}``."""
+        return {
+            "error": self.code,
+            "message": self.message,
+            "consumer": self.consumer,
+            "retryable": self.retryable,
+        }
+
+
+class ConfigError(BrokerError):
+    """The config is unusable (bad_config); ``problems`` lists every reason, each naming its key."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("bad_config", "\n".join(problems))
+        self.problems = problems
+
+
+class GpuError(BrokerError):
+    """nvidia-smi could not be run, failed, hung or printed something unreadable (gpu_unavailable)."""
+
+    def __init__(self, message: str):
+        super().__init__("gpu_unavailable", message)
+
+
+class CallError(BrokerError):
+    """A call the broker made to a consumer of its own accord (load, unload, a residency query) failed; the
+    scheduler answers it as load_failed or unload_failed, naming the consumer."""
+
+    def __init__(self, message: str, code: str = "consumer_unreachable"):
+        super().__init__(code, message)
+
+
+class ConsumerGone(BrokerError):
+    """A consumer the broker was waiting on is gone (its connection refused or reset): its work died."""
+
+    def __init__(self, reason: str):
+        super().__init__("consumer_unreachable", reason)
+        self.reason = reason
+
+
+class ProcessTimeout(BrokerError):
+    """A subprocess ran past its time and was killed, with its process group."""
+
+    def __init__(self, message: str):
+        super().__init__("consumer_timeout", message)
+
+
+# =====================================================================================================
+# Config
+# =====================================================================================================
 
 
 @dataclass(frozen=True)
@@ -439,14 +547,6 @@ class Config:
     consumers: dict[str, ConsumerConfig]
     auth: AuthConfig = AuthConfig()
     http: HttpConfig = HttpConfig()
-
-
-class ConfigError(Exception):
-    """The config is unusable; ``problems`` lists every reason, each naming its key."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 _REQUIRED = object()
@@ -1655,89 +1755,12 @@ def summary(config: Config) -> str:
 
 
 # =====================================================================================================
-# Errors
+# Failures and log lines
 # =====================================================================================================
-
-#: code -> (HTTP status, retryable). The public list of what the broker itself can answer.
-ERROR_CODES: dict[str, tuple[int, bool]] = {
-    "bad_request": (400, False),
-    "not_found": (404, False),
-    "no_consumer": (404, False),
-    "unauthorized": (401, False),
-    "forbidden": (403, False),
-    "method_not_allowed": (405, False),
-    "request_timeout": (408, False),
-    "payload_too_large": (413, False),
-    "too_many_requests": (429, True),
-    "bad_config": (422, False),
-    "consumer_unreachable": (502, True),
-    "consumer_stopped": (503, True),
-    "load_failed": (502, True),
-    "unload_failed": (502, True),
-    "bad_consumer_url": (502, False),
-    "scheduler_error": (500, False),
-    "queue_full": (503, True),
-    "queue_timeout": (503, True),
-    "shutting_down": (503, True),
-    "insufficient_vram": (503, True),
-    "out_of_descriptors": (503, True),
-    "gpu_unavailable": (503, True),
-    "consumer_timeout": (504, True),
-    "gpu_reserved": (503, True),
-    "reservation_released": (409, False),
-}
-
-
-class BrokerError(Exception):
-    """Every error the broker itself answers; one path turns it into a response."""
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        consumer: str | None = None,
-        *,
-        retry_after: int = 1,
-        headers: Mapping[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.consumer = consumer
-        self.status, self.retryable = ERROR_CODES[code]
-        self.retry_after = retry_after
-        self.headers = dict(headers or {})
-
-    def response(self) -> web.Response:
-        body = {
-            "error": self.code,
-            "message": self.message,
-            "consumer": self.consumer,
-            "retryable": self.retryable,
-        }
-        headers = {"Retry-After": str(self.retry_after)} if self.status in (429, 503) else {}
-        return web.json_response(body, status=self.status, headers=headers | self.headers)
-
 
 #: aiohttp >= 3.10 tells a failed name lookup and a connect timeout apart; older ones do not.
 _DNSError: Any = getattr(aiohttp, "ClientConnectorDNSError", ())
 _ConnectTimeout: Any = getattr(aiohttp, "ConnectionTimeoutError", ())
-
-
-class GpuError(Exception):
-    """nvidia-smi could not be run, failed, hung or printed something unreadable."""
-
-
-class CallError(Exception):
-    """A call the broker made to a consumer of its own accord (load, unload) failed."""
-
-
-class ConsumerGone(Exception):
-    """A consumer the broker was waiting on is gone (its connection refused or reset): its work died."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 def out_of_descriptors(exc: BaseException | None) -> bool:
@@ -2264,10 +2287,6 @@ class Finished:
     def stderr_tail(self) -> str:
         text = self.stderr.decode(errors="replace").strip()
         return text[-STDERR_TAIL:] or "(no output on stderr)"
-
-
-class ProcessTimeout(Exception):
-    """A subprocess ran past its time and was killed, with its process group."""
 
 
 class _Tail(asyncio.Protocol):
@@ -4346,9 +4365,7 @@ class Scheduler:
 
         async def unload() -> None:
             async with self._prepare_lock:
-                error = await self._unload(job, name, by="admin")
-            if error is not None:
-                raise BrokerError("unload_failed", f"{name} {error}", name)
+                await self._unload(job, name, by="admin")
 
         await self._guarded(job, unload())
         job.release()
@@ -4423,9 +4440,7 @@ class Scheduler:
                 why = self._busy_with(name) or "no longer idle or resident"
                 self.recorder.record("idle_unload_skipped", consumer=name, reason=why, job=job.id)
                 return
-            error = await self._unload(job, name, by="idle")
-        if error is not None:
-            raise BrokerError("unload_failed", f"{name} {error}", name)
+            await self._unload(job, name, by="idle")
 
     async def _load_if_fits(self, job: Job) -> None:
         name = job.consumer
@@ -4755,11 +4770,12 @@ class Scheduler:
                 if c.unload is None:
                     res.not_unloaded[name] = "no unload route"
                     continue
-                error = await self._unload(res.job, name, by="reservation")
-                if error is None:
-                    res.unloaded.append(name)
+                try:
+                    await self._unload(res.job, name, by="reservation")
+                except BrokerError as e:
+                    res.not_unloaded[name] = f"unload failed: {e.__cause__}"
                 else:
-                    res.not_unloaded[name] = f"unload failed: {error}"
+                    res.unloaded.append(name)
 
     def cancel_reserving(self) -> bool:
         """DELETE /v1/reserve while reservations wait for the lock: each is cancelled (its POST answered
@@ -4906,8 +4922,9 @@ class Scheduler:
                 raise BrokerError("insufficient_vram", message, job.consumer)
             victim = plan.victims[0]
             size = snap.consumers[victim].holds_mib
-            error = await self._unload(job, victim)
-            if error is not None:
+            try:
+                await self._unload(job, victim)
+            except BrokerError:
                 tried[victim] = "unload failed"
                 continue
             reading, freed = await self._wait_for_memory(
@@ -4918,10 +4935,10 @@ class Scheduler:
     def _wait_s(self) -> float:
         return self.config.scheduler.vram_wait_s
 
-    async def _unload(self, job: Job, victim: str, *, by: str | None = None) -> str | None:
+    async def _unload(self, job: Job, victim: str, *, by: str | None = None) -> None:
         """Unload one consumer through its route or command: for ``job``'s room (``by`` None: an eviction,
-        whose memory _wait_for_memory then waits for), or ``by`` an admin or idleness. None on success,
-        else why not (recorded).
+        whose memory _wait_for_memory then waits for), or ``by`` an admin, idleness or a reservation.
+        unload_failed (recorded) when it fails, its cause the consumer's error.
 
         While the call is under way the victim's residency is unknown, and it stays so unless the call
         succeeds (a failed or interrupted unload may or may not have freed anything).
@@ -4937,7 +4954,7 @@ class Scheduler:
             state.unload_failed()
             self._unload_started.pop(victim, None)
             self.recorder.record("unload_failed", consumer=victim, **why, job=job.id, error=str(e))
-            return str(e)
+            raise BrokerError("unload_failed", f"{victim} {e}", victim) from e
         except BaseException:
             state.unload_failed()  # cut (the broker is closing): it may or may not have freed anything
             self._unload_started.pop(victim, None)
@@ -4947,7 +4964,6 @@ class Scheduler:
             took = self.clock() - self._unload_started.pop(victim)
             self.recorder.record(f"unloaded_{by}", consumer=victim, by=by, job=job.id)
             self._learn(job, state, "unload", took)
-        return None
 
     async def _wait_for_memory(
         self, job: Job, victim: str, size: int, before: int, need: int
@@ -5438,12 +5454,9 @@ async def _slices(view: memoryview) -> AsyncIterator[memoryview]:
         yield view[start : start + BODY_SLICE]
 
 
-class UpstreamBroke(Exception):
-    """The consumer failed after its answer began; the client's connection has been cut."""
-
-    def __init__(self, error: BrokerError):
-        super().__init__(error.message)
-        self.error = error
+class UpstreamBroke(BrokerError):
+    """The consumer failed after its answer began (consumer_unreachable, consumer_timeout); the client's
+    connection has been cut, so no error can be answered any more."""
 
 
 async def relay(
@@ -5486,10 +5499,9 @@ async def relay(
             if transport is not None:
                 transport.abort()
             code = "consumer_timeout" if isinstance(e, asyncio.TimeoutError) else "consumer_unreachable"
-            error = BrokerError(
+            raise UpstreamBroke(
                 code, f"upstream {consumer.name} failed mid-answer: {describe(e)}", consumer.name
-            )
-            raise UpstreamBroke(error) from e
+            ) from e
         if capture is not None and len(capture) + len(chunk) <= HOLD_ANSWER_LIMIT:
             capture += chunk
         whole = not chunk or upstream.content.at_eof()
@@ -5764,14 +5776,16 @@ async def open_websocket(
 WebSocketSide = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
-class WebSocketRefused(Exception):
-    """One side sent what the broker does not relay: a message larger than max_ws_message_mib (1009), or a
-    frame that breaks the protocol (1002: a compressed one, say, which no one agreed to). aiohttp closed that
-    side with ``code`` already; the other side is closed with it too."""
+class WebSocketRefused(BrokerError):
+    """One side sent what the broker does not relay: a message larger than max_ws_message_mib (1009,
+    payload_too_large), or a frame that breaks the protocol (1002, bad_request: a compressed one, say, which
+    no one agreed to). aiohttp closed that side with ``close_code`` already; the other side is closed with it
+    too."""
 
-    def __init__(self, code: int, reason: str, sender: str) -> None:
-        super().__init__(reason)
-        self.code = code
+    def __init__(self, close_code: int, reason: str, sender: str) -> None:
+        code = "payload_too_large" if close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG else "bad_request"
+        super().__init__(code, reason)
+        self.close_code = close_code
         self.reason = reason
         #: "client" or "consumer".
         self.sender = sender
@@ -5836,7 +5850,7 @@ class ProxiedWebSocket:
                         msg="websocket message refused",
                         consumer=self.consumer,
                         sender=error.sender,
-                        code=error.code,
+                        code=error.close_code,
                         error=error.reason,
                     )
                 )
@@ -5863,7 +5877,7 @@ class ProxiedWebSocket:
             if not pump.cancelled():
                 error = pump.exception()
                 if isinstance(error, WebSocketRefused):
-                    return error.code, error
+                    return error.close_code, error
                 return (aiohttp.WSCloseCode.INTERNAL_ERROR, error) if error else (pump.result(), None)
         return aiohttp.WSCloseCode.GOING_AWAY, None
 
@@ -6328,8 +6342,11 @@ def make_runner(app: web.Application) -> web.AppRunner:
     return web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
 
 
-class ListenError(Exception):
-    """A port the config names cannot be listened on."""
+class ListenError(BrokerError):
+    """A port the config names cannot be listened on (bad_config)."""
+
+    def __init__(self, message: str):
+        super().__init__("bad_config", message)
 
 
 class ConsumerPorts:
@@ -6763,6 +6780,10 @@ class Broker:
             if ex.capture and 200 <= ex.upstream.status < 300:
                 ex.captured = bytearray()
             return await relay(request, ex.upstream, consumer, ex.captured, whole)
+        except UpstreamBroke as e:
+            ex.error = e
+            self.consumers.job_failed(consumer.name, e.__cause__, f"{describe(e.__cause__)} mid-answer")
+            log.warning(logfmt(msg="answer cut short", consumer=consumer.name, error=e.message))
         except BrokerError as e:
             ex.error = e
             if e.code in ("consumer_unreachable", "consumer_timeout"):
@@ -6771,10 +6792,6 @@ class Broker:
                 )
                 self.consumers.job_failed(consumer.name, e.__cause__, reason)
             raise
-        except UpstreamBroke as e:
-            ex.error = e.error
-            self.consumers.job_failed(consumer.name, e.__cause__, f"{describe(e.__cause__)} mid-answer")
-            log.warning(logfmt(msg="answer cut short", consumer=consumer.name, error=e.error.message))
         except ConnectionResetError:
             ex.client_gone = True
         return web.Response(status=499)  # never sent: the client's connection is closed
@@ -6847,7 +6864,7 @@ async def _front_door(
             request.app[BROKER].connections.authenticated(conn, key)
         return await handler(request)
     except BrokerError as e:
-        return e.response()
+        return error_response(e)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -6859,11 +6876,18 @@ async def _front_door(
         else:
             message = e.reason
         allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
-        return BrokerError(code, message, headers=allow).response()
+        return error_response(BrokerError(code, message, headers=allow))
     except Exception as e:
         request.app[BROKER].scheduler.stats.internal_errors += 1
         log.exception(logfmt(msg="internal error", path=request.path))
-        return BrokerError("scheduler_error", f"internal error: {describe(e)}").response()
+        return error_response(BrokerError("scheduler_error", f"internal error: {describe(e)}"))
+
+
+def error_response(error: BrokerError) -> web.Response:
+    """The one error shape: ``{error, message, consumer, retryable}``, its status, and ``Retry-After`` on a
+    429 or 503."""
+    headers = {"Retry-After": str(error.retry_after)} if error.status in (429, 503) else {}
+    return web.json_response(error.body(), status=error.status, headers=headers | error.headers)
 
 
 def check_target(request: web.Request) -> None:
@@ -7063,7 +7087,7 @@ async def expect_body(request: web.Request) -> web.StreamResponse | None:
                 "payload_too_large", f"request body of {length} bytes exceeds max_body_mib {limit}"
             )
     except BrokerError as e:
-        response = e.response()
+        response = error_response(e)
         response.force_close()  # the client sends no body: no further request on this connection
         return response
     if request.version == aiohttp.HttpVersion11:

@@ -2542,7 +2542,7 @@ class CheckedScheduler(m.Scheduler):
         self.tried: dict[int, set[str]] = {}
         self.lock.dispatch = self._checked_dispatch(self.lock.dispatch)  # type: ignore[method-assign]
 
-    async def _unload(self, job: m.Job, victim: str, *, by: str | None = None) -> str | None:
+    async def _unload(self, job: m.Job, victim: str, *, by: str | None = None) -> None:
         violations = self.ops.violations  # type: ignore[attr-defined]
         if job.kind == "preload":
             violations.append(f"a preload of {job.consumer} unloaded {victim}")
@@ -9612,7 +9612,7 @@ async def test_payload_too_large_by_length_and_by_chunked_body(rig):
 def test_every_code_has_the_specified_status_and_one_shape():
     assert set(m.ERROR_CODES) == set(SPEC_ERRORS)
     for code, status in SPEC_ERRORS.items():
-        resp = m.BrokerError(code, "why", "c").response()
+        resp = m.error_response(m.BrokerError(code, "why", "c"))
         data = json.loads(resp.body)
         assert data == {"error": code, "message": "why", "consumer": "c", "retryable": code in SPEC_RETRYABLE}
         assert resp.status == status
