@@ -1754,6 +1754,34 @@ def summary(config: Config) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where the config comes from, so that a reload reads it the same way: the file and the CLI overrides."""
+
+    path: Path
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Config:
+        return load_config(self.path, overrides=self.overrides)
+
+
+class Shared:
+    """What every part of the broker reads, and counts, in one place: the config in force (a reload swaps it
+    here, once; each part's next decision uses it) and the bugs caught anywhere, counted once."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        #: Bugs in the broker caught anywhere (schedulers, handlers, health rounds, GPU reads, reloads), each
+        #: logged with its traceback: the one figure /v1/status, /metrics and the dashboard show.
+        self.internal_errors = 0
+
+    def internal_error(self, msg: str, exc: BaseException | None = None, **fields: Any) -> None:
+        """A bug in the broker, caught: counted, and logged with its traceback (``exc``'s, else the one
+        being handled)."""
+        self.internal_errors += 1
+        log.error(logfmt(msg=msg, **fields), exc_info=exc if exc is not None else True)
+
+
 # =====================================================================================================
 # Failures and log lines
 # =====================================================================================================
@@ -2487,15 +2515,14 @@ class GpuReader:
     """
 
     def __init__(
-        self, config: GpuConfig, clock: Callable[[], float] = time.monotonic, *, index: int | None = None
+        self, shared: Shared, clock: Callable[[], float] = time.monotonic, *, index: int | None = None
     ):
-        self.config = config
+        self.shared = shared
         #: The nvidia-smi index read (``-i``): gpu.index unless given.
-        self.index = config.index if index is None else index
+        self.index = shared.config.gpu.index if index is None else index
         self.clock = clock
-        #: How many nvidia-smi processes were started (for tests and the bench), and reads that crashed.
+        #: How many nvidia-smi processes were started (for tests and the bench).
         self.queries = 0
-        self.crashes = 0
         self._inflight: asyncio.Task[GpuReading] | None = None
         self._last: tuple[float, GpuReading | GpuError] | None = None
         self._tasks: set[asyncio.Task[GpuReading]] = set()
@@ -2504,6 +2531,10 @@ class GpuReader:
         #: pid -> consumer for a whole reading's processes (the broker's Consumers.attribute): run off the
         #: event loop with the parsing, its answer kept in the reading's ``owners``.
         self.attribute: Callable[[GpuReading], Mapping[int, str]] | None = None
+
+    @property
+    def config(self) -> GpuConfig:
+        return self.shared.config.gpu
 
     def __repr__(self) -> str:
         busy = "querying" if self._inflight is not None else "idle"
@@ -2546,13 +2577,11 @@ class GpuReader:
                 try:
                     listener(result)
                 except Exception as e:
-                    self.crashes += 1
-                    log.exception(logfmt(msg="gpu reading listener crashed", error=describe(e)))
+                    self.shared.internal_error("gpu reading listener crashed", error=describe(e))
         elif isinstance(exc, GpuError):
             result = exc
         else:
-            self.crashes += 1
-            log.error(logfmt(msg="gpu read crashed", error=describe(exc)))
+            self.shared.internal_error("gpu read crashed", exc, error=describe(exc))
             result = GpuError(describe(exc))
         if self._last is None or started >= self._last[0]:
             self._last = (started, result)
@@ -2601,8 +2630,7 @@ class GpuReader:
         try:
             owners = self.attribute(reading)
         except Exception as e:  # a bug: the reading still serves, its processes unattributed
-            self.crashes += 1
-            log.exception(logfmt(msg="attributing gpu processes crashed", error=describe(e)))
+            self.shared.internal_error("attributing gpu processes crashed", error=describe(e))
             owners = {}
         return replace(reading, owners=owners)
 
@@ -2976,18 +3004,16 @@ class Consumers:
 
     def __init__(
         self,
-        config: Config,
+        shared: Shared,
         session: aiohttp.ClientSession,
         clock: Callable[[], float] = time.monotonic,
         events: Events | None = None,
     ):
-        self.config = config
+        self.shared = shared
         self.session = session
         self.clock = clock
         self.events = events or Events()
-        self.states: dict[str, ConsumerState] = {name: self.new_state(name) for name in config.consumers}
-        #: Health rounds that crashed (a bug, not a consumer failure): logged and counted.
-        self.health_errors = 0
+        self.states: dict[str, ConsumerState] = {name: self.new_state(name) for name in self.config.consumers}
         #: Why each consumer's residency query last failed (logged when it changes), by name.
         self.residency_errors: dict[str, str] = {}
         #: Told when a consumer is seen gone (the broker ends its holds): (name, reason).
@@ -3005,6 +3031,10 @@ class Consumers:
         #: worker threads, under the lock.
         self._cgroups: dict[int, dict[int, tuple[str | None, float, list[str]]]] = {}
         self._cgroups_lock = threading.Lock()
+
+    @property
+    def config(self) -> Config:
+        return self.shared.config
 
     def new_state(self, name: str) -> ConsumerState:
         return ConsumerState(name, self.clock, self.events)
@@ -3279,8 +3309,7 @@ class Consumers:
                         state.touched("a health round was missed")
                 await self.probe_all()
             except Exception as e:
-                self.health_errors += 1
-                log.exception(logfmt(msg="health round crashed", error=describe(e)))
+                self.shared.internal_error("health round crashed", error=describe(e))
 
     # ---- measuring ----------------------------------------------------------------------------------
 
@@ -3473,7 +3502,6 @@ class Stats:
     hold_timeouts: int = 0
     hold_abandoned: int = 0
     hold_poll_errors: int = 0
-    internal_errors: int = 0
 
 
 # ---- the recorder: one record of each fact, four views of it ----------------------------------------
@@ -3567,8 +3595,9 @@ class Recorder:
     the log and /v1/events. Jobs have their own record (``job_ended``): their outcome counts at once, and
     their metrics, end event and log line follow once the GPU changed hands."""
 
-    def __init__(self, gpu: int, events: Events, metrics: Metrics) -> None:
+    def __init__(self, gpu: int, events: Events, metrics: Metrics, shared: Shared) -> None:
         self.gpu = gpu
+        self.shared = shared
         self.events = events
         self.metrics = metrics
         self.stats = Stats()
@@ -3586,10 +3615,9 @@ class Recorder:
             log.log(level, logfmt(msg=fact.msg, **fields))
         self.events.publish(fact.event, gpu=self.gpu, **fields)
 
-    def internal_error(self, msg: str, **fields: Any) -> None:
-        """A bug in the broker, caught: counted, and logged with its traceback (call from an except)."""
-        self.stats.internal_errors += 1
-        log.exception(logfmt(msg=msg, **fields))
+    def internal_error(self, msg: str, exc: BaseException | None = None, **fields: Any) -> None:
+        """A bug in the broker, caught: counted once for the broker, logged with its traceback."""
+        self.shared.internal_error(msg, exc, gpu=self.gpu, **fields)
 
     def learned(
         self, state: ConsumerState, what: str, seconds: float, job: int, *, after_handover: bool = False
@@ -4070,12 +4098,12 @@ class GpuLock:
 
     def __init__(
         self,
-        config: Config,
+        shared: Shared,
         clock: Callable[[], float],
         warm: Callable[[Job], bool],
         on_grant: Callable[[Job], None],
     ) -> None:
-        self.config = config
+        self.shared = shared
         self.clock = clock
         self.warm = warm
         self.on_grant = on_grant
@@ -4090,6 +4118,10 @@ class GpuLock:
         #: Set while nobody holds the lock.
         self.idle = asyncio.Event()
         self.idle.set()
+
+    @property
+    def config(self) -> Config:
+        return self.shared.config
 
     def __repr__(self) -> str:
         held = f"held by {self.holder} x{self.slots}" if self.holder else "free"
@@ -4221,7 +4253,7 @@ class Scheduler:
 
     def __init__(
         self,
-        config: Config,
+        shared: Shared,
         gpu: Any,
         ops: UnloadOps,
         *,
@@ -4231,9 +4263,9 @@ class Scheduler:
         metrics: Metrics | None = None,
         index: int | None = None,
     ):
-        self.config = config
+        self.shared = shared
         #: The GPU this scheduler owns (gpu.index unless given): only consumers on it are its business.
-        self.index = config.gpu.index if index is None else index
+        self.index = shared.config.gpu.index if index is None else index
         self.gpu = gpu
         self.ops = ops
         self.states = ops.states
@@ -4241,8 +4273,8 @@ class Scheduler:
         self.sleep = sleep
         self.events = events or Events()
         self.metrics = metrics or Metrics()
-        self.recorder = Recorder(self.index, self.events, self.metrics)
-        self.lock = GpuLock(config, clock, self._warm, self._granted)
+        self.recorder = Recorder(self.index, self.events, self.metrics, shared)
+        self.lock = GpuLock(shared, clock, self._warm, self._granted)
         #: Shutting down: no job is admitted any more.
         self.closing = False
         self._ids = itertools.count(1)
@@ -4268,14 +4300,7 @@ class Scheduler:
 
     @property
     def config(self) -> Config:
-        return self._config
-
-    @config.setter
-    def config(self, config: Config) -> None:
-        """A reload's config: the next decision (and the next grant) uses it."""
-        self._config = config
-        if hasattr(self, "lock"):
-            self.lock.config = config
+        return self.shared.config
 
     @property
     def stats(self) -> Stats:
@@ -4570,8 +4595,7 @@ class Scheduler:
         if isinstance(exc, BrokerError):
             self._end(job, "failed", exc.code)
             return exc
-        self.recorder.stats.internal_errors += 1
-        log.error(logfmt(msg="scheduler crashed", consumer=job.consumer, job=job.id), exc_info=exc)
+        self.recorder.internal_error("scheduler crashed", exc, consumer=job.consumer, job=job.id)
         self._end(job, "failed", "scheduler_error")
         return BrokerError("scheduler_error", f"internal error: {describe(exc)}", job.consumer)
 
@@ -4579,8 +4603,7 @@ class Scheduler:
         """The step a job's caller left during is done: the job ends as cancelled (a crash is still one)."""
         exc = None if task.cancelled() else task.exception()
         if exc is not None and not isinstance(exc, BrokerError):
-            self.recorder.stats.internal_errors += 1
-            log.error(logfmt(msg="scheduler crashed", consumer=job.consumer, job=job.id), exc_info=exc)
+            self.recorder.internal_error("scheduler crashed", exc, consumer=job.consumer, job=job.id)
         self._release_slot(job)
         self._end(job, "cancelled")
 
@@ -5897,6 +5920,377 @@ def going_away(sockets: Iterable[ProxiedWebSocket]) -> int:
 
 
 # =====================================================================================================
+# The broker
+# =====================================================================================================
+
+
+class Broker:
+    """The composition root: it builds the broker's parts from one config (the consumers, a reader and a
+    scheduler per GPU) and swaps that config on reload; what the handlers share, and the broker-wide counts.
+    The HTTP app's pieces it needs (the client connections, the consumers' ports) are given to it. Made and
+    closed by the app's cleanup context."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        session: aiohttp.ClientSession,
+        own_session: aiohttp.ClientSession,
+        metrics: Metrics,
+        connections: ClientConnections,
+        ports: ConsumerPorts,
+        source: ConfigSource | None = None,
+    ) -> None:
+        #: The config in force and the bugs caught: every part reads and counts there.
+        self.shared = Shared(config)
+        #: The consumers' traffic; the broker's own calls (probes, loads, unloads) go on ``own_session``.
+        self.session = session
+        self.metrics = metrics
+        self.events = Events()
+        self.consumers = Consumers(self.shared, own_session, events=self.events)
+        self.consumers.gone_listeners.append(self._consumer_gone)
+        #: Every client connection of its listeners: timeouts, descriptors, credentials.
+        self.connections = connections
+        #: The consumers' own ports (``listen`` on a consumer).
+        self.ports = ports
+        #: Where a reload reads the config again; None for an app made from a Config alone.
+        self.source = source
+        self.notifier = Notifier()
+        self.started = time.monotonic()
+        #: One reader and one scheduler (queue, lock, eviction) per GPU, by nvidia-smi index.
+        self.gpus: dict[int, GpuReader] = {}
+        self.schedulers: dict[int, Scheduler] = {}
+        #: Background work the broker owns (idle unloads, preloads); cancelled and awaited on cleanup.
+        self.tasks: set[asyncio.Task[Any]] = set()
+        #: Held while a reload reads and applies the config: one at a time.
+        self.reloading = asyncio.Lock()
+        #: In flight now, by consumer: unscheduled calls (mounts, /audio/) and WebSockets through mounts.
+        self.unscheduled: dict[str, int] = {}
+        self.websockets: dict[str, int] = {}
+        #: The limits found full, logged once until there is room again.
+        self.full: set[tuple[str, str]] = set()
+        #: Bytes held by the request bodies being read now (at most scheduler.max_bodies_mib).
+        self.reading = 0
+        self.add_gpus()
+
+    @property
+    def config(self) -> Config:
+        return self.shared.config
+
+    def _consumer_gone(self, name: str, reason: str) -> None:
+        """A consumer was seen gone: the holds on its work end (on whichever GPU they run)."""
+        for scheduler in self.schedulers.values():
+            scheduler.abandon_holds(name, reason)
+
+    def add_gpus(self) -> list[int]:
+        """A reader and a scheduler for each GPU the config uses that has none yet; their indexes."""
+        added = []
+        for index in gpu_indexes(self.config):
+            if index not in self.schedulers:
+                reader = GpuReader(self.shared, index=index)
+                reader.attribute = self.consumers.attribute
+                reader.listeners.append(self.consumers.measure)
+                self.gpus[index] = reader
+                self.schedulers[index] = Scheduler(
+                    self.shared, reader, self.consumers, events=self.events, metrics=self.metrics, index=index
+                )
+                added.append(index)
+        return added
+
+    @property
+    def gpu(self) -> GpuReader:
+        """The default GPU's reader (gpu.index): what the single-GPU fields of /v1/status show."""
+        return self.gpus[self.config.gpu.index]
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The default GPU's scheduler."""
+        return self.schedulers[self.config.gpu.index]
+
+    async def reload(self, *, spare: Connection | None = None) -> list[str]:
+        """Read the config again and apply it in place; ConfigError (logged) leaves the old one.
+
+        The file is read and checked in a thread (at most CONFIG_READ_TIMEOUT_S): the event loop goes on
+        serving meanwhile. Reloads run one at a time, in the order they were asked for. A token it replaces
+        or removes closes every connection authenticated with it at once (``spare``, the connection that
+        asked for the reload, once it is answered).
+        """
+        if self.source is None:
+            raise ConfigError(["this broker was not started from a config file"])
+        async with self.reloading:
+            self.notifier.send(
+                "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+            )
+            try:
+                new = await self._read_config(self.source)
+                self._check_moves(new)
+            except ConfigError as e:
+                for problem in e.problems:
+                    log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
+                self.events.publish("reload", ok=False, problems=e.problems)
+                raise
+            finally:
+                self.notifier.send("READY=1")
+            changes = self.apply(new)
+            revoked = self.connections.revoke(valid_credentials(new.auth), spare=spare)
+            if revoked:
+                changes.append(f"closed {_plural(revoked, 'connection')} authenticated with a revoked token")
+            changes += await self.ports.sync(self, strict=False)
+        log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
+        self.events.publish("reload", ok=True, changes=changes)
+        self.start_preloads()
+        return changes
+
+    async def reload_logged(self) -> None:
+        """A reload for SIGHUP: a refused config is logged (by ``reload``), nobody is answered; a bug is
+        logged and counted as POST /v1/reload's would be, never left in the task for asyncio to find."""
+        try:
+            await self.reload()
+        except ConfigError:
+            pass
+        except Exception:
+            self.shared.internal_error("internal error", during="reload")
+
+    @staticmethod
+    async def _read_config(source: ConfigSource) -> Config:
+        """``source.load()`` in a thread, bounded by CONFIG_READ_TIMEOUT_S (a file on a hung network mount:
+        the thread is left to end on its own, its result unused)."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(source.load), CONFIG_READ_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ConfigError([f"not read within {CONFIG_READ_TIMEOUT_S:g} s"]) from None
+
+    def _check_moves(self, new: Config) -> None:
+        """A consumer moves to another GPU only while none of its jobs runs: two GPUs' locks must never
+        both let it work (ConfigError otherwise; the reload is refused whole)."""
+        problems = [
+            f"consumers.{name}.gpu: {name} has a job running on GPU {old.gpu}; reload again once it is idle"
+            for name, c in new.consumers.items()
+            if (old := self.config.consumers.get(name)) is not None
+            and old.gpu != c.gpu
+            and self.consumers.states[name].jobs > 0
+        ]
+        if problems:
+            raise ConfigError(problems)
+
+    def internal_errors(self) -> int:
+        """Bugs caught anywhere (each logged with its traceback), counted once."""
+        return self.shared.internal_errors
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: who holds each GPU, the queue, free VRAM."""
+        parts = []
+        for index, s in sorted(self.schedulers.items()):
+            holder = f"{s.holder} holds the GPU" if s.holder else "GPU idle"
+            free = self.gpus[index].last_free_mib()
+            text = f"{holder}, {len(s.queue())} queued, " + (
+                f"{free} MiB free" if free is not None else "VRAM unknown"
+            )
+            parts.append(text if len(self.schedulers) == 1 else f"GPU {index}: {text}")
+        return "; ".join(parts)
+
+    def apply(self, new: Config) -> list[str]:
+        """Use ``new`` from the next decision on, keeping queued and running jobs.
+
+        Consumers whose URL and GPU did not change keep what the broker knows of them (health, residency,
+        last use); jobs waiting for a consumer that is gone (or moved to another GPU) get no_consumer.
+        """
+        old, states, changes = self.config, self.consumers.states, []
+        for name, c in new.consumers.items():
+            before = old.consumers.get(name)
+            if before is None or before.url != c.url or before.gpu != c.gpu:
+                jobs = states[name].jobs if name in states else 0
+                states[name] = self.consumers.new_state(name)
+                states[name].jobs = jobs
+                what = "added" if before is None else "new url for" if before.url != c.url else "new GPU for"
+                changes.append(f"{what} {name}")
+            elif before != c:
+                changes.append(f"changed {name}")
+        removed = set(old.consumers) - set(new.consumers)
+        changes += [f"removed {name}" for name in sorted(removed)]
+        if (new.listen_host, new.listen_port) != (old.listen_host, old.listen_port):
+            listen = f"{old.listen_host}:{old.listen_port}"
+            log.warning(logfmt(msg="reload: listen changes only with a restart", listen=listen))
+        for part in ("gpu", "scheduler", "health", "routing", "audio_proxy", "auth", "http"):
+            if getattr(new, part) != getattr(old, part):
+                changes.append(f"changed {part}")
+        self.shared.config = new  # the one place: every part's next decision uses it
+        self.connections.configure(new)
+        changes += [f"added GPU {index}" for index in self.add_gpus()]
+        for scheduler in self.schedulers.values():
+            scheduler.forget()
+        return changes
+
+    def scheduler_for(self, name: str) -> Scheduler:
+        """The scheduler (queue, lock, eviction) of the GPU that consumer ``name`` runs on."""
+        c = self.config.consumers.get(name)
+        return self.schedulers[c.gpu if c is not None else self.config.gpu.index]
+
+    async def check_reachable(self, name: str) -> None:
+        """consumer_unreachable (or bad_consumer_url) when the consumer is marked unhealthy (by a probe or a
+        failed connection) and one more probe, right now, still finds it failing: one that is back is
+        served at once, without waiting for the next health round.
+
+        Not for a consumer started by a load command: failing health means it is stopped (by the broker,
+        or before the broker started), and the job starts it.
+        """
+        state = self.consumers.states[name]
+        if state.healthy is not False or self.config.consumers[name].started_by_command:
+            return
+        await self.consumers.probe_now(name)
+        if state.healthy is False:
+            message = f"upstream {name} last probe failed: {state.last_error}"
+            raise BrokerError(state.last_error_code, message, name)
+
+    async def ensure_running(self, consumer: ConsumerConfig, request_id: str | None) -> None:
+        """Before an unscheduled call: a consumer that is stopped (started by a command, which the broker
+        stopped or found not running) is refused with consumer_stopped, its Retry-After its learned load
+        time (a job for it starts it), unless ``start_for_unscheduled``: then a job of kind ``start`` makes
+        room for it and starts it first, through the GPU lock like any job."""
+        name = consumer.name
+        state = self.consumers.states[name]
+        if not state.stopped:
+            return
+        if not consumer.start_for_unscheduled:
+            load_s = state.timing("load")
+            took = f" (its start takes {load_s:.1f} s)" if load_s is not None else ""
+            raise BrokerError(
+                "consumer_stopped",
+                f"{name} is stopped; a job for it starts it again{took}",
+                name,
+                retry_after=max(1, math.ceil(load_s or 0)),
+            )
+        job = await self.scheduler_for(name).acquire(name, START_KIND, request_id=request_id)
+        job.release()
+
+    @contextlib.contextmanager
+    def unscheduled_slot(self, consumer: ConsumerConfig, *, websocket: bool = False) -> Iterator[None]:
+        """Hold one of the consumer's ``max_unscheduled`` (or ``max_websockets``) slots while an unscheduled
+        call (or a WebSocket) is in flight; too_many_requests at once when none is free, so that traffic
+        that skips the lock can never take every connection of the broker's."""
+        counts = self.websockets if websocket else self.unscheduled
+        key = "max_websockets" if websocket else "max_unscheduled"
+        limit, name = getattr(consumer, key), consumer.name
+        if counts.get(name, 0) >= limit:
+            self.metrics.inc("mgpumanager_refused_total", consumer=name, limit=key)
+            if (name, key) not in self.full:
+                self.full.add((name, key))
+                log.warning(logfmt(msg="limit reached: refusing more", consumer=name, limit=key, value=limit))
+            what = "WebSockets open" if websocket else "unscheduled calls in flight"
+            message = f"{name} has {limit} {what} already (consumers.{name}.{key})"
+            raise BrokerError("too_many_requests", message, name)
+        counts[name] = counts.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            counts[name] -= 1
+            self.full.discard((name, key))
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        """Start background work the broker owns until it ends or the broker closes."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def start_preloads(self) -> None:
+        """Preload (in the background) every ``preload`` consumer that is not known to be resident."""
+        for name, c in self.config.consumers.items():
+            if c.preload and self.consumers.states[name].resident is not True:
+                self.spawn(self._internal_job("preload", name), f"preload {name}")
+
+    async def _internal_job(self, kind: str, name: str) -> None:
+        """An idle unload or a preload; its failure was logged and counted by the scheduler, and is
+        logged here once more with what it was."""
+        scheduler = self.scheduler_for(name)
+        try:
+            await (scheduler.preload(name) if kind == "preload" else scheduler.idle_unload(name))
+        except BrokerError as e:
+            log.warning(logfmt(msg=f"{kind} failed", consumer=name, code=e.code, error=e.message))
+        except Exception as e:  # a bug outside the scheduler's guarded steps
+            self.shared.internal_error(f"{kind} crashed", consumer=name, error=describe(e))
+
+    async def run_idle_unloads(self) -> None:
+        """Unload consumers resident and unused for their ``idle_unload_s``; owned by the app.
+
+        Sleeps until the earliest deadline, but at most IDLE_CHECK_S (or the shortest ``idle_unload_s``), so
+        that new residency and reloads are picked up. The scheduler decides, through its lock, whether an
+        unload is still due; this loop only asks.
+        """
+        while True:
+            now = time.monotonic()
+            periods = [c.idle_unload_s for c in self.config.consumers.values() if c.idle_unload_s]
+            wake = now + min([IDLE_CHECK_S, *periods])
+            try:
+                wake = min(wake, self._ask_for_idle_unloads(now))
+            except Exception as e:
+                self.shared.internal_error("idle unload round crashed", error=describe(e))
+            await asyncio.sleep(max(0.01, wake - time.monotonic()))
+
+    def _ask_for_idle_unloads(self, now: float) -> float:
+        """Queue an idle unload for every consumer that is due; the earliest deadline still to come."""
+        wake = math.inf
+        for name in self.config.consumers:
+            scheduler = self.scheduler_for(name)
+            due = scheduler.idle_deadline(name)
+            if due is None:
+                continue
+            if due <= now and scheduler.idle_due(name):
+                # The scheduler keeps one idle unload per consumer pending; a second ask returns at once.
+                self.spawn(self._internal_job("idle_unload", name), f"idle unload {name}")
+            elif due > now:
+                wake = min(wake, due)
+        return wake
+
+    async def forward(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        consumer: ConsumerConfig,
+        method: str,
+        path_qs: str,
+        body: bytes | bytearray | None,
+        answered: Callable[[], bool] | None = None,
+        headers: CIMultiDict[str] | None = None,
+    ) -> web.StreamResponse:
+        """Send a request to a consumer and stream its answer back; a failing consumer is marked unhealthy.
+
+        ``answered`` is called (once) as soon as the consumer's answer has been read whole. ``headers``:
+        the request's as ``request_headers`` makes them, when they were made already (before queueing).
+        """
+
+        def whole() -> bool:
+            ex.done = True
+            return answered() if answered is not None else False
+
+        try:
+            if headers is None:
+                headers = request_headers(
+                    request, strip_auth=self.config.auth.token is not None, consumer=consumer
+                )
+            ex.upstream = await open_upstream(self.session, consumer, method, path_qs, headers, body)
+            if ex.capture and 200 <= ex.upstream.status < 300:
+                ex.captured = bytearray()
+            return await relay(request, ex.upstream, consumer, ex.captured, whole)
+        except UpstreamBroke as e:
+            ex.error = e
+            self.consumers.job_failed(consumer.name, e.__cause__, f"{describe(e.__cause__)} mid-answer")
+            log.warning(logfmt(msg="answer cut short", consumer=consumer.name, error=e.message))
+        except BrokerError as e:
+            ex.error = e
+            if e.code in ("consumer_unreachable", "consumer_timeout"):
+                reason = (
+                    describe(e.__cause__) if e.__cause__ else f"no answer within {consumer.timeout_s:g} s"
+                )
+                self.consumers.job_failed(consumer.name, e.__cause__, reason)
+            raise
+        except ConnectionResetError:
+            ex.client_gone = True
+        return web.Response(status=499)  # never sent: the client's connection is closed
+
+
+# =====================================================================================================
 # The HTTP app
 # =====================================================================================================
 
@@ -6437,377 +6831,6 @@ class ConsumerPorts:
         await runner.cleanup()
 
 
-@dataclass
-class Broker:
-    """Everything the handlers share; made and closed by the app's cleanup context."""
-
-    config: Config
-    session: aiohttp.ClientSession
-    consumers: Consumers
-    events: Events
-    metrics: Metrics
-    #: Every client connection of its listeners: timeouts, descriptors, credentials.
-    connections: ClientConnections
-    #: Where a reload reads the config again; None for an app made from a Config alone.
-    source: ConfigSource | None = None
-    notifier: Notifier = field(default_factory=Notifier)
-    started: float = field(default_factory=time.monotonic)
-    #: One reader and one scheduler (queue, lock, eviction) per GPU, by nvidia-smi index.
-    gpus: dict[int, GpuReader] = field(default_factory=dict)
-    schedulers: dict[int, Scheduler] = field(default_factory=dict)
-    #: Background work the broker owns (idle unloads, preloads); cancelled and awaited on cleanup.
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-    #: Held while a reload reads and applies the config: one at a time.
-    reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
-    #: In flight now, by consumer: unscheduled calls (mounts, /audio/) and WebSockets through mounts.
-    unscheduled: dict[str, int] = field(default_factory=dict)
-    websockets: dict[str, int] = field(default_factory=dict)
-    #: The limits found full, logged once until there is room again.
-    full: set[tuple[str, str]] = field(default_factory=set)
-    #: Bytes held by the request bodies being read now (at most scheduler.max_bodies_mib).
-    reading: int = 0
-    #: The consumers' own ports (``listen`` on a consumer).
-    ports: ConsumerPorts = field(default_factory=ConsumerPorts)
-
-    def __post_init__(self) -> None:
-        self.add_gpus()
-        self.consumers.gone_listeners.append(self._consumer_gone)
-
-    def _consumer_gone(self, name: str, reason: str) -> None:
-        """A consumer was seen gone: the holds on its work end (on whichever GPU they run)."""
-        for scheduler in self.schedulers.values():
-            scheduler.abandon_holds(name, reason)
-
-    def add_gpus(self) -> list[int]:
-        """A reader and a scheduler for each GPU the config uses that has none yet; their indexes."""
-        added = []
-        for index in gpu_indexes(self.config):
-            if index not in self.schedulers:
-                reader = GpuReader(self.config.gpu, index=index)
-                reader.attribute = self.consumers.attribute
-                reader.listeners.append(self.consumers.measure)
-                self.gpus[index] = reader
-                self.schedulers[index] = Scheduler(
-                    self.config, reader, self.consumers, events=self.events, metrics=self.metrics, index=index
-                )
-                added.append(index)
-        return added
-
-    @property
-    def gpu(self) -> GpuReader:
-        """The default GPU's reader (gpu.index): what the single-GPU fields of /v1/status show."""
-        return self.gpus[self.config.gpu.index]
-
-    @property
-    def scheduler(self) -> Scheduler:
-        """The default GPU's scheduler."""
-        return self.schedulers[self.config.gpu.index]
-
-    async def reload(self, *, spare: Connection | None = None) -> list[str]:
-        """Read the config again and apply it in place; ConfigError (logged) leaves the old one.
-
-        The file is read and checked in a thread (at most CONFIG_READ_TIMEOUT_S): the event loop goes on
-        serving meanwhile. Reloads run one at a time, in the order they were asked for. A token it replaces
-        or removes closes every connection authenticated with it at once (``spare``, the connection that
-        asked for the reload, once it is answered).
-        """
-        if self.source is None:
-            raise ConfigError(["this broker was not started from a config file"])
-        async with self.reloading:
-            self.notifier.send(
-                "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
-            )
-            try:
-                new = await self._read_config(self.source)
-                self._check_moves(new)
-            except ConfigError as e:
-                for problem in e.problems:
-                    log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
-                self.events.publish("reload", ok=False, problems=e.problems)
-                raise
-            finally:
-                self.notifier.send("READY=1")
-            changes = self.apply(new)
-            revoked = self.connections.revoke(valid_credentials(new.auth), spare=spare)
-            if revoked:
-                changes.append(f"closed {_plural(revoked, 'connection')} authenticated with a revoked token")
-            changes += await self.ports.sync(self, strict=False)
-        log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
-        self.events.publish("reload", ok=True, changes=changes)
-        self.start_preloads()
-        return changes
-
-    async def reload_logged(self) -> None:
-        """A reload for SIGHUP: a refused config is logged (by ``reload``), nobody is answered; a bug is
-        logged and counted as POST /v1/reload's would be, never left in the task for asyncio to find."""
-        try:
-            await self.reload()
-        except ConfigError:
-            pass
-        except Exception:
-            self.scheduler.stats.internal_errors += 1
-            log.exception(logfmt(msg="internal error", during="reload"))
-
-    @staticmethod
-    async def _read_config(source: ConfigSource) -> Config:
-        """``source.load()`` in a thread, bounded by CONFIG_READ_TIMEOUT_S (a file on a hung network mount:
-        the thread is left to end on its own, its result unused)."""
-        try:
-            return await asyncio.wait_for(asyncio.to_thread(source.load), CONFIG_READ_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise ConfigError([f"not read within {CONFIG_READ_TIMEOUT_S:g} s"]) from None
-
-    def _check_moves(self, new: Config) -> None:
-        """A consumer moves to another GPU only while none of its jobs runs: two GPUs' locks must never
-        both let it work (ConfigError otherwise; the reload is refused whole)."""
-        problems = [
-            f"consumers.{name}.gpu: {name} has a job running on GPU {old.gpu}; reload again once it is idle"
-            for name, c in new.consumers.items()
-            if (old := self.config.consumers.get(name)) is not None
-            and old.gpu != c.gpu
-            and self.consumers.states[name].jobs > 0
-        ]
-        if problems:
-            raise ConfigError(problems)
-
-    def internal_errors(self) -> int:
-        """Bugs caught anywhere (each logged with its traceback): schedulers, health rounds, GPU reads."""
-        return (
-            sum(s.stats.internal_errors for s in self.schedulers.values())
-            + self.consumers.health_errors
-            + sum(r.crashes for r in self.gpus.values())
-        )
-
-    def status_line(self) -> str:
-        """One line for systemd's STATUS=: who holds each GPU, the queue, free VRAM."""
-        parts = []
-        for index, s in sorted(self.schedulers.items()):
-            holder = f"{s.holder} holds the GPU" if s.holder else "GPU idle"
-            free = self.gpus[index].last_free_mib()
-            text = f"{holder}, {len(s.queue())} queued, " + (
-                f"{free} MiB free" if free is not None else "VRAM unknown"
-            )
-            parts.append(text if len(self.schedulers) == 1 else f"GPU {index}: {text}")
-        return "; ".join(parts)
-
-    def apply(self, new: Config) -> list[str]:
-        """Use ``new`` from the next decision on, keeping queued and running jobs.
-
-        Consumers whose URL and GPU did not change keep what the broker knows of them (health, residency,
-        last use); jobs waiting for a consumer that is gone (or moved to another GPU) get no_consumer.
-        """
-        old, states, changes = self.config, self.consumers.states, []
-        for name, c in new.consumers.items():
-            before = old.consumers.get(name)
-            if before is None or before.url != c.url or before.gpu != c.gpu:
-                jobs = states[name].jobs if name in states else 0
-                states[name] = self.consumers.new_state(name)
-                states[name].jobs = jobs
-                what = "added" if before is None else "new url for" if before.url != c.url else "new GPU for"
-                changes.append(f"{what} {name}")
-            elif before != c:
-                changes.append(f"changed {name}")
-        removed = set(old.consumers) - set(new.consumers)
-        changes += [f"removed {name}" for name in sorted(removed)]
-        if (new.listen_host, new.listen_port) != (old.listen_host, old.listen_port):
-            listen = f"{old.listen_host}:{old.listen_port}"
-            log.warning(logfmt(msg="reload: listen changes only with a restart", listen=listen))
-        for part in ("gpu", "scheduler", "health", "routing", "audio_proxy", "auth", "http"):
-            if getattr(new, part) != getattr(old, part):
-                changes.append(f"changed {part}")
-        self.config = self.consumers.config = new
-        self.connections.configure(new)
-        for reader in self.gpus.values():
-            reader.config = new.gpu
-        for scheduler in self.schedulers.values():
-            scheduler.config = new
-        changes += [f"added GPU {index}" for index in self.add_gpus()]
-        for scheduler in self.schedulers.values():
-            scheduler.forget()
-        return changes
-
-    def scheduler_for(self, name: str) -> Scheduler:
-        """The scheduler (queue, lock, eviction) of the GPU that consumer ``name`` runs on."""
-        c = self.config.consumers.get(name)
-        return self.schedulers[c.gpu if c is not None else self.config.gpu.index]
-
-    async def check_reachable(self, name: str) -> None:
-        """consumer_unreachable (or bad_consumer_url) when the consumer is marked unhealthy (by a probe or a
-        failed connection) and one more probe, right now, still finds it failing: one that is back is
-        served at once, without waiting for the next health round.
-
-        Not for a consumer started by a load command: failing health means it is stopped (by the broker,
-        or before the broker started), and the job starts it.
-        """
-        state = self.consumers.states[name]
-        if state.healthy is not False or self.config.consumers[name].started_by_command:
-            return
-        await self.consumers.probe_now(name)
-        if state.healthy is False:
-            message = f"upstream {name} last probe failed: {state.last_error}"
-            raise BrokerError(state.last_error_code, message, name)
-
-    async def ensure_running(self, consumer: ConsumerConfig, request_id: str | None) -> None:
-        """Before an unscheduled call: a consumer that is stopped (started by a command, which the broker
-        stopped or found not running) is refused with consumer_stopped, its Retry-After its learned load
-        time (a job for it starts it), unless ``start_for_unscheduled``: then a job of kind ``start`` makes
-        room for it and starts it first, through the GPU lock like any job."""
-        name = consumer.name
-        state = self.consumers.states[name]
-        if not state.stopped:
-            return
-        if not consumer.start_for_unscheduled:
-            load_s = state.timing("load")
-            took = f" (its start takes {load_s:.1f} s)" if load_s is not None else ""
-            raise BrokerError(
-                "consumer_stopped",
-                f"{name} is stopped; a job for it starts it again{took}",
-                name,
-                retry_after=max(1, math.ceil(load_s or 0)),
-            )
-        job = await self.scheduler_for(name).acquire(name, START_KIND, request_id=request_id)
-        job.release()
-
-    @contextlib.contextmanager
-    def unscheduled_slot(self, consumer: ConsumerConfig, *, websocket: bool = False) -> Iterator[None]:
-        """Hold one of the consumer's ``max_unscheduled`` (or ``max_websockets``) slots while an unscheduled
-        call (or a WebSocket) is in flight; too_many_requests at once when none is free, so that traffic
-        that skips the lock can never take every connection of the broker's."""
-        counts = self.websockets if websocket else self.unscheduled
-        key = "max_websockets" if websocket else "max_unscheduled"
-        limit, name = getattr(consumer, key), consumer.name
-        if counts.get(name, 0) >= limit:
-            self.metrics.inc("mgpumanager_refused_total", consumer=name, limit=key)
-            if (name, key) not in self.full:
-                self.full.add((name, key))
-                log.warning(logfmt(msg="limit reached: refusing more", consumer=name, limit=key, value=limit))
-            what = "WebSockets open" if websocket else "unscheduled calls in flight"
-            message = f"{name} has {limit} {what} already (consumers.{name}.{key})"
-            raise BrokerError("too_many_requests", message, name)
-        counts[name] = counts.get(name, 0) + 1
-        try:
-            yield
-        finally:
-            counts[name] -= 1
-            self.full.discard((name, key))
-
-    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
-        """Start background work the broker owns until it ends or the broker closes."""
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
-
-    def start_preloads(self) -> None:
-        """Preload (in the background) every ``preload`` consumer that is not known to be resident."""
-        for name, c in self.config.consumers.items():
-            if c.preload and self.consumers.states[name].resident is not True:
-                self.spawn(self._internal_job("preload", name), f"preload {name}")
-
-    async def _internal_job(self, kind: str, name: str) -> None:
-        """An idle unload or a preload; its failure was logged and counted by the scheduler, and is
-        logged here once more with what it was."""
-        scheduler = self.scheduler_for(name)
-        try:
-            await (scheduler.preload(name) if kind == "preload" else scheduler.idle_unload(name))
-        except BrokerError as e:
-            log.warning(logfmt(msg=f"{kind} failed", consumer=name, code=e.code, error=e.message))
-        except Exception as e:  # a bug outside the scheduler's guarded steps
-            scheduler.stats.internal_errors += 1
-            log.exception(logfmt(msg=f"{kind} crashed", consumer=name, error=describe(e)))
-
-    async def run_idle_unloads(self) -> None:
-        """Unload consumers resident and unused for their ``idle_unload_s``; owned by the app.
-
-        Sleeps until the earliest deadline, but at most IDLE_CHECK_S (or the shortest ``idle_unload_s``), so
-        that new residency and reloads are picked up. The scheduler decides, through its lock, whether an
-        unload is still due; this loop only asks.
-        """
-        while True:
-            now = time.monotonic()
-            periods = [c.idle_unload_s for c in self.config.consumers.values() if c.idle_unload_s]
-            wake = now + min([IDLE_CHECK_S, *periods])
-            try:
-                wake = min(wake, self._ask_for_idle_unloads(now))
-            except Exception as e:
-                self.scheduler.stats.internal_errors += 1
-                log.exception(logfmt(msg="idle unload round crashed", error=describe(e)))
-            await asyncio.sleep(max(0.01, wake - time.monotonic()))
-
-    def _ask_for_idle_unloads(self, now: float) -> float:
-        """Queue an idle unload for every consumer that is due; the earliest deadline still to come."""
-        wake = math.inf
-        for name in self.config.consumers:
-            scheduler = self.scheduler_for(name)
-            due = scheduler.idle_deadline(name)
-            if due is None:
-                continue
-            if due <= now and scheduler.idle_due(name):
-                # The scheduler keeps one idle unload per consumer pending; a second ask returns at once.
-                self.spawn(self._internal_job("idle_unload", name), f"idle unload {name}")
-            elif due > now:
-                wake = min(wake, due)
-        return wake
-
-    async def forward(
-        self,
-        request: web.Request,
-        ex: Exchange,
-        consumer: ConsumerConfig,
-        method: str,
-        path_qs: str,
-        body: bytes | bytearray | None,
-        answered: Callable[[], bool] | None = None,
-        headers: CIMultiDict[str] | None = None,
-    ) -> web.StreamResponse:
-        """Send a request to a consumer and stream its answer back; a failing consumer is marked unhealthy.
-
-        ``answered`` is called (once) as soon as the consumer's answer has been read whole. ``headers``:
-        the request's as ``request_headers`` makes them, when they were made already (before queueing).
-        """
-
-        def whole() -> bool:
-            ex.done = True
-            return answered() if answered is not None else False
-
-        try:
-            if headers is None:
-                headers = request_headers(
-                    request, strip_auth=self.config.auth.token is not None, consumer=consumer
-                )
-            ex.upstream = await open_upstream(self.session, consumer, method, path_qs, headers, body)
-            if ex.capture and 200 <= ex.upstream.status < 300:
-                ex.captured = bytearray()
-            return await relay(request, ex.upstream, consumer, ex.captured, whole)
-        except UpstreamBroke as e:
-            ex.error = e
-            self.consumers.job_failed(consumer.name, e.__cause__, f"{describe(e.__cause__)} mid-answer")
-            log.warning(logfmt(msg="answer cut short", consumer=consumer.name, error=e.message))
-        except BrokerError as e:
-            ex.error = e
-            if e.code in ("consumer_unreachable", "consumer_timeout"):
-                reason = (
-                    describe(e.__cause__) if e.__cause__ else f"no answer within {consumer.timeout_s:g} s"
-                )
-                self.consumers.job_failed(consumer.name, e.__cause__, reason)
-            raise
-        except ConnectionResetError:
-            ex.client_gone = True
-        return web.Response(status=499)  # never sent: the client's connection is closed
-
-
-@dataclass(frozen=True)
-class ConfigSource:
-    """Where the config comes from, so that a reload reads it the same way: the file and the CLI overrides."""
-
-    path: Path
-    overrides: Mapping[str, Any] = field(default_factory=dict)
-
-    def load(self) -> Config:
-        return load_config(self.path, overrides=self.overrides)
-
-
 CONFIG = web.AppKey("config", Config)
 SOURCE: web.AppKey[ConfigSource | None] = web.AppKey("source")
 BROKER = web.AppKey("broker", Broker)
@@ -6878,8 +6901,7 @@ async def _front_door(
         allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
         return error_response(BrokerError(code, message, headers=allow))
     except Exception as e:
-        request.app[BROKER].scheduler.stats.internal_errors += 1
-        log.exception(logfmt(msg="internal error", path=request.path))
+        request.app[BROKER].shared.internal_error("internal error", path=request.path)
         return error_response(BrokerError("scheduler_error", f"internal error: {describe(e)}"))
 
 
@@ -7549,6 +7571,7 @@ async def handle_status(request: web.Request) -> web.Response:
         "consumers": consumers,
         "scheduler": default["scheduler"],
         "gpus": gpus,
+        "internal_errors": internal_errors,
     }
     # Everything above is a snapshot of its own (and readings are immutable): the thread reads nothing
     # that changes meanwhile.
@@ -7773,17 +7796,16 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         cookie_jar=aiohttp.DummyCookieJar(),
         trace_configs=traces,
     )
-    events = Events()
-    consumers = Consumers(config, own, events=events)
     broker = Broker(
-        config=config,
+        config,
         session=session,
-        consumers=consumers,
-        events=events,
+        own_session=own,
         metrics=metrics,
         connections=connections,
+        ports=ConsumerPorts(),
         source=app[SOURCE],
     )
+    consumers = broker.consumers
     app[BROKER] = broker
     health: asyncio.Task[None] | None = None
     machine_names()  # looked up once, before serving (bounded): the Origin check compares Hosts with them
@@ -8024,7 +8046,7 @@ function reservationHtml(r) {
   return '<div class="resv">reserved: ' + esc(r.reason || "no reason given") + esc(left) +
     (not.length ? '<br><span class="dim">not unloaded: ' + esc(not.join(", ")) + "</span>" : "") + "</div>";
 }
-function renderScheduler(gpus) {
+function renderScheduler(gpus, internalErrors) {
   // One GPU: as it always was. Several: each GPU's holder, one queue tagged by GPU, the counters summed.
   const several = gpus.length > 1, tag = (i) => (several ? '<span class="dim">GPU ' + i + "</span> " : "");
   $("holder").innerHTML = gpus.map((g) => tag(g.index) + holderHtml(g.scheduler.holder) +
@@ -8033,10 +8055,10 @@ function renderScheduler(gpus) {
   $("queue").innerHTML = queue.map((q) => "<tr><td>" + tag(q.gpu) + esc(q.consumer) + "</td><td>" +
     esc(q.kind) + "</td><td>" + q.priority + "</td><td>" + q.waited_s.toFixed(1) + " s</td></tr>").join("") ||
     '<tr><td colspan="4" class="dim">empty</td></tr>';
-  const stats = {};
-  gpus.forEach((g) => Object.entries(g.scheduler.stats)
+  const stats = {};  // each GPU's counters summed; internal_errors is the broker's one figure
+  gpus.forEach((g) => Object.entries(g.scheduler.stats).filter(([k]) => k !== "internal_errors")
     .forEach(([k, v]) => { stats[k] = (stats[k] || 0) + v; }));
-  stats.internal_errors = gpus[0].scheduler.stats.internal_errors;  // the broker's, not per GPU
+  stats.internal_errors = internalErrors;
   $("stats").innerHTML = Object.entries(stats).map(([k, v]) =>
     '<div id="stat-' + k + '"><b>' + v + "</b>" + k.replaceAll("_", " ") + "</div>").join("");
 }
@@ -8056,7 +8078,8 @@ async function refresh() {
     const st = await (await get("/v1/status")).json();
     const gpus = gpusOf(st);
     status = st;
-    renderGpus(st, gpus); renderScheduler(gpus); renderConsumers(st.consumers, gpus.length > 1);
+    renderGpus(st, gpus); renderScheduler(gpus, st.internal_errors);
+    renderConsumers(st.consumers, gpus.length > 1);
   } catch (e) { $("error").textContent = "status: " + e.message; }
   drawTimeline();
 }

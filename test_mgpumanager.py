@@ -311,11 +311,16 @@ def small_config(**tweaks: Any) -> m.Config:
     return m.parse_config(raw)
 
 
+def gpu_reader(gpu: m.GpuConfig) -> m.GpuReader:
+    """A reader of the GPU that ``gpu`` describes, as the broker makes one."""
+    return m.GpuReader(m.Shared(m.replace(small_config(), gpu=gpu)))
+
+
 def make_scheduler(config: m.Config) -> tuple[m.Scheduler, FakeGpu, FakeOps, FakeClock]:
     clock = FakeClock()
     gpu = FakeGpu()
     ops = FakeOps(config, gpu, clock)
-    return m.Scheduler(config, gpu, ops, clock=clock, sleep=clock.sleep), gpu, ops, clock
+    return m.Scheduler(m.Shared(config), gpu, ops, clock=clock, sleep=clock.sleep), gpu, ops, clock
 
 
 def books_balance(s: m.Scheduler) -> bool:
@@ -501,7 +506,7 @@ async def rig(tmp_path):
     for r in rigs:
         await r.close()
     # Whatever a test did, the broker itself must not have crashed (unless the test made it).
-    assert [r.stats.internal_errors for r in rigs] == [r.expected_internal_errors for r in rigs]
+    assert [r.broker.internal_errors() for r in rigs] == [r.expected_internal_errors for r in rigs]
 
 
 async def until(condition: Any, timeout: float = 10.0) -> None:
@@ -1707,7 +1712,7 @@ async def test_nvidia_smi_missing_is_a_gpu_error(tmp_path):
 
 
 async def test_nvidia_smi_garbage_is_a_gpu_error(tmp_path):
-    reader = m.GpuReader(
+    reader = gpu_reader(
         m.GpuConfig(nvidia_smi=_smi_script(tmp_path, "echo 'hello, world'"), query_timeout_s=5)
     )
     with pytest.raises(m.GpuError, match="unexpected nvidia-smi output"):
@@ -1737,7 +1742,7 @@ async def test_nvidia_smi_timeout_kills_what_it_started_too(tmp_path):
 async def test_reader_against_mgpusim_subprocess(tmp_path):
     gpu = mgpusim.SimGPU(tmp_path / "gpu.json", total_mib=16384, reserved_mib=480)
     gpu.allocate("comfyui", 13000)
-    reader = m.GpuReader(m.GpuConfig(nvidia_smi=sim_smi(tmp_path / "gpu.json")))
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=sim_smi(tmp_path / "gpu.json")))
     r = await reader.read()
     assert (r.total_mib, r.used_mib, r.free_mib) == (16384, 13000, 16384 - 480 - 13000)
     assert [p.used_mib for p in r.processes] == [13000]
@@ -1746,7 +1751,7 @@ async def test_reader_against_mgpusim_subprocess(tmp_path):
 
 async def test_concurrent_readers_share_one_query_and_memory_readings_do_not(tmp_path):
     gpu = mgpusim.SimGPU(tmp_path / "gpu.json")
-    reader = m.GpuReader(m.GpuConfig(nvidia_smi=sim_smi(tmp_path / "gpu.json")))
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=sim_smi(tmp_path / "gpu.json")))
     readings = await asyncio.gather(*(reader.read() for _ in range(10)))
     assert reader.queries == 2  # one --query-gpu and one --query-compute-apps, shared by all ten
     assert len({r.started for r in readings}) == 1
@@ -1797,7 +1802,7 @@ def test_processes_are_attributed_by_name_and_by_the_unit_in_their_cgroup(tmp_pa
     for pid, text in cgroups.items():
         (tmp_path / str(pid)).mkdir()
         (tmp_path / str(pid) / "cgroup").write_text(text.replace("\\n", "\n"))
-    consumers = m.Consumers(config, session=None)  # type: ignore[arg-type] (no call is made)
+    consumers = m.Consumers(m.Shared(config), session=None)  # type: ignore[arg-type] (no call is made)
     consumers.proc_root = tmp_path
     procs = [
         m.GpuProcess(10, "/opt/ComfyUI/.venv/bin/python3", 13610),
@@ -1860,7 +1865,7 @@ def test_cgroups_are_read_once_per_process_while_it_stays_in_the_list_under_its_
         (tmp_path / str(pid)).mkdir()
         (tmp_path / str(pid) / "cgroup").write_text(f"0::/system.slice/{unit}.service\n")
     clock = FakeClock()
-    consumers = m.Consumers(config, session=None, clock=clock)  # type: ignore[arg-type] (no call is made)
+    consumers = m.Consumers(m.Shared(config), session=None, clock=clock)  # type: ignore[arg-type] (no call is made)
     consumers.proc_root = tmp_path
     reads: list[int] = []
     read_cgroups = consumers.cgroups_of
@@ -2039,7 +2044,7 @@ async def test_a_health_round_much_later_than_due_puts_every_resident_record_in_
         # clears trust too.)
         cfg = small_config(health={"interval_s": 0.05, "timeout_s": 5}, **urls)
         now = [0.0]
-        consumers = m.Consumers(cfg, session, clock=lambda: now[0])
+        consumers = m.Consumers(m.Shared(cfg), session, clock=lambda: now[0])
         x = consumers.states["x"]
         x.loaded()
         health = asyncio.ensure_future(consumers.run_health())
@@ -2309,7 +2314,7 @@ async def test_a_probe_older_than_a_job_failure_does_not_heal_the_consumer(rig):
 
 def test_a_job_that_finds_a_command_started_service_failing_records_it_stopped():
     config = m.parse_config(yaml.safe_load(Path("consumers.yaml").read_text()))
-    consumers = m.Consumers(config, session=None)  # type: ignore[arg-type] (no call is made)
+    consumers = m.Consumers(m.Shared(config), session=None)  # type: ignore[arg-type] (no call is made)
     for name in ("whisper", "mvoice"):
         consumers.states[name].loaded()
         consumers.gone(name, "connection reset")
@@ -2321,7 +2326,7 @@ async def test_a_failing_probe_older_than_a_successful_health_wait_is_ignored():
     clock = FakeClock()
     config = m.parse_config(base_raw(whisper=f"http://127.0.0.1:{free_port()}"))
     async with aiohttp.ClientSession() as session:
-        consumers = m.Consumers(config, session, clock=clock)
+        consumers = m.Consumers(m.Shared(config), session, clock=clock)
         state = consumers.states["whisper"]
         probe = asyncio.ensure_future(consumers.probe("whisper"))  # it starts now ...
         await asyncio.sleep(0)
@@ -2699,7 +2704,9 @@ class InvariantDriver:
         for name in ("b", "d", "e"):  # resident from the start (a probe said so), never used
             self.gpu.held[name] = self.config.consumers[name].vram_resident_mib
             self.ops.states[name].probed(True, None, "consumer_unreachable", self.clock.now, True)
-        self.s = CheckedScheduler(self.config, self.gpu, self.ops, clock=self.clock, sleep=self.clock.sleep)
+        self.s = CheckedScheduler(
+            m.Shared(self.config), self.gpu, self.ops, clock=self.clock, sleep=self.clock.sleep
+        )
         self.ops.scheduler, self.ops.violations = self.s, []
         #: Consumers whose memory went behind the broker's back (a crash, a restart): its record may lag.
         self.drifted: set[str] = set()
@@ -3183,7 +3190,7 @@ async def test_whatever_raises_while_a_job_is_granted_or_running_it_ends_and_fre
         await asyncio.sleep(0)  # the accounting runs after the hand-over
     assert (s.holder, s.slots, s.holds) == (None, 0, 0)
     assert all(state.jobs == 0 for state in ops.states.values()) and books_balance(s)
-    assert s.stats.internal_errors + s.stats.load_failures >= 1 or step == "hold's end"
+    assert s.shared.internal_errors + s.stats.load_failures >= 1 or step == "hold's end"
     again = await s.acquire("t", "kt")  # the GPU is not wedged
     again.release("completed", status=200, success=True)
     assert s.holder is None and books_balance(s)
@@ -3892,7 +3899,7 @@ async def test_a_scheduler_evicts_only_on_its_own_gpu():
     cfg = small_config(consumers__t__gpu=1, consumers__y__gpu=1)
     clock, gpu1 = FakeClock(), FakeGpu(total=8000)  # GPU 1: y's 4000 leave 3520 < t's 4256
     ops = FakeOps(cfg, gpu1, clock)
-    s1 = m.Scheduler(cfg, gpu1, ops, clock=clock, sleep=clock.sleep, index=1)
+    s1 = m.Scheduler(m.Shared(cfg), gpu1, ops, clock=clock, sleep=clock.sleep, index=1)
     gpu1.held["y"] = 4000
     for name, last in (("x", 1.0), ("y", 5.0), ("z", 2.0)):
         ops.states[name].loaded()
@@ -7221,7 +7228,9 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
     elapsed = time.monotonic() - t0
     # One reading (two nvidia-smi processes) per started second at most, however many requests.
     assert r.broker.gpu.queries <= 2 * (1 + int(elapsed))
-    assert set(first) == {"version", "uptime_s", "gpu", "consumers", "scheduler", "gpus"}
+    assert set(first) == {"version", "uptime_s", "gpu", "consumers", "scheduler", "gpus", "internal_errors"}
+    # The broker's one figure, shown again in each GPU's stats (as before it was a top-level field).
+    assert first["internal_errors"] == first["scheduler"]["stats"]["internal_errors"] == 0
     gpu = first["gpu"]
     assert gpu["total_mib"] == 16384 and gpu["used_mib"] == 13000 and gpu["free_mib"] == 16384 - 480 - 13000
     assert (
@@ -7901,7 +7910,7 @@ async def test_a_reload_while_a_reservation_waits_for_the_gpu_keeps_it_waiting()
     holding = await s.acquire("t", "kt")
     reserving = asyncio.ensure_future(s.reserve(60, "gaming"))
     await until(lambda: len(s.queue()) == 1)
-    s.config = small_config()  # a reload: the same consumers
+    s.shared.config = small_config()  # a reload: the same consumers
     s.forget()
     holding.release("completed")
     res = await asyncio.wait_for(reserving, 5)
@@ -8486,7 +8495,7 @@ async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_fre
         if step == "its end, released":
             s.release_reservation()
     await until(lambda: s.holder != m.RESERVATION)
-    assert s.reservation is None and s.stats.internal_errors == 1
+    assert s.reservation is None and s.shared.internal_errors == 1
     with contextlib.suppress(m.BrokerError):
         (await asyncio.wait_for(waiting, 5)).release("completed")
     for _ in range(3):
@@ -9628,7 +9637,7 @@ async def test_a_crash_in_a_handler_is_scheduler_error_in_the_shape_and_counted(
     r.broker.gpu.read = crash  # type: ignore[method-assign]
     async with r.session.get(r.url("/v1/status")) as resp:
         error_of(resp.status, dict(resp.headers), await resp.read(), "scheduler_error")
-    assert r.stats.internal_errors == 1
+    assert r.broker.internal_errors() == 1
     r.expected_internal_errors = 1
 
 
@@ -9641,7 +9650,7 @@ async def test_crash_inside_the_scheduler_is_scheduler_error_and_counted():
     gpu.read_memory = broken_read  # type: ignore[method-assign]
     with pytest.raises(m.BrokerError) as info:
         await s.acquire("t", "kt")
-    assert info.value.code == "scheduler_error" and s.stats.internal_errors == 1 and s.holder is None
+    assert info.value.code == "scheduler_error" and s.shared.internal_errors == 1 and s.holder is None
 
 
 async def test_a_thousand_clients_at_once_get_exactly_one_answer_each_with_bounded_memory(rig):
