@@ -2724,8 +2724,6 @@ class ConsumerState:
         self.pids: frozenset[int] = frozenset()
         #: Recent load, unload and job times (seconds), for the running medians the scheduler plans with.
         self._samples: dict[str, deque[float]] = {}
-        #: Jobs (and holds) of this consumer holding the GPU lock now; the scheduler keeps it.
-        self.jobs = 0
         #: When the residency was last decided (a record or an observation); older observations lose.
         self._decided_at = float("-inf")
         #: The broker's own unload or load of it is under way: observations wait for its end.
@@ -2740,7 +2738,7 @@ class ConsumerState:
     def __repr__(self) -> str:
         return (
             f"<ConsumerState {self.name} resident={self.resident} healthy={self.healthy}"
-            f" trusted={self.trusted} used_mib={self.used_mib} jobs={self.jobs}>"
+            f" trusted={self.trusted} used_mib={self.used_mib}>"
         )
 
     # ---- residency ----------------------------------------------------------------------------------
@@ -3018,6 +3016,8 @@ class Consumers:
         self.residency_errors: dict[str, str] = {}
         #: Told when a consumer is seen gone (the broker ends its holds): (name, reason).
         self.gone_listeners: list[Callable[[str, str], None]] = []
+        #: Whether a job or hold of the consumer holds a GPU lock now (the broker asks its locks).
+        self.busy: Callable[[str], bool] = lambda name: False
         #: On-demand probes under way, shared by the jobs that wait for them.
         self._probing: dict[str, asyncio.Task[None]] = {}
         #: pid -> consumer, from each GPU's latest reading with a process list.
@@ -3263,7 +3263,7 @@ class Consumers:
                 # nothing of the consumer.
                 log.debug(logfmt(msg="health probe skipped: out of descriptors", consumer=name))
                 return
-            if isinstance(e, asyncio.TimeoutError) and state.jobs > 0:
+            if isinstance(e, asyncio.TimeoutError) and self.busy(name):
                 # A consumer busy with a GPU job may answer its health route slowly: not a failure.
                 log.debug(logfmt(msg="health probe timed out while busy", consumer=name))
                 return
@@ -3731,12 +3731,12 @@ class ConsumerView:
     peak_mib: int | None = None
 
     @staticmethod
-    def of(config: ConsumerConfig, state: ConsumerState) -> ConsumerView:
+    def of(config: ConsumerConfig, state: ConsumerState, jobs: int) -> ConsumerView:
         return ConsumerView(
             config,
             state.resident,
             state.trusted,
-            state.jobs,
+            jobs,
             state.last_used,
             state.used_mib,
             state.peak_mib,
@@ -4089,7 +4089,9 @@ class WaitQueue:
 
 
 class GpuLock:
-    """One GPU's lock: the jobs waiting for it and who holds it, with how many slots (jobs and holds).
+    """One GPU's lock: the jobs waiting for it and who holds it, with how many slots. The one record of each
+    consumer's job count: only the holder has jobs here (its slots: jobs and holds; of those, the holds,
+    and the ones at work, past making room); everyone else asks the lock.
 
     Grants follow ``next_grant``. Waiters are futures, as in asyncio's own Lock; a waiter cancelled while
     being woken passes its grant on (``leave``). ``warm`` says whether a job needs no swap; ``on_grant`` is
@@ -4108,10 +4110,12 @@ class GpuLock:
         self.warm = warm
         self.on_grant = on_grant
         self.waiting = WaitQueue()
-        #: The consumer holding the lock, its slots taken (jobs and holds), and of those the holds.
+        #: The consumer holding the lock, its slots taken (jobs and holds), of those the holds, and the ones
+        #: at work (past making room, holds too: a join's plan credits their work).
         self.holder: str | None = None
         self.slots = 0
         self.holds = 0
+        self.working = 0
         #: The holder is an admin operation (or an idle unload, a preload): it holds the lock alone.
         self.exclusive = False
         self.held_since = 0.0
@@ -4127,9 +4131,26 @@ class GpuLock:
         held = f"held by {self.holder} x{self.slots}" if self.holder else "free"
         return f"<GpuLock [{held}, waiters:{len(self.waiting)}]>"
 
+    def jobs_of(self, name: str) -> int:
+        """Jobs and holds of ``name`` holding this lock."""
+        return self.slots if name == self.holder else 0
+
+    def working_of(self, name: str) -> int:
+        """Jobs and holds of ``name`` at work under this lock (past making room)."""
+        return self.working if name == self.holder else 0
+
     def enqueue(self, job: Job) -> None:
         """A job starts waiting; ``dispatch`` then grants what can be."""
         self.waiting.append(job)
+
+    def started(self, job: Job) -> None:
+        """A granted job made room and loaded (or needed neither): it goes to work on its consumer."""
+        job.working, job.working_at = True, self.clock()
+        self.working += 1
+
+    def hold(self, job: Job) -> None:
+        """A job answered and keeps its slot in a hold (ComfyUI's render): ``release(job, held=True)``."""
+        self.holds += 1
 
     def _holder(self) -> Holder | None:
         if self.holder is None:
@@ -4172,25 +4193,25 @@ class GpuLock:
             job.granted.set_result(None)
             granted = True
 
-    def release(self, job: Job) -> bool:
-        """A job or hold gives its slot back; the last one frees the lock. Whether another job got it."""
+    def release(self, job: Job, *, held: bool = False) -> bool:
+        """A job (or its hold: ``held``) gives its slot back; the last one frees the lock. Whether another
+        job got it."""
         assert job.consumer == self.holder, (job, self.holder)
         self.slots -= 1
+        self.holds -= held
+        self.working -= job.working
         if self.slots == 0:
             self.holder, self.exclusive = None, False
             self.idle.set()
         return self.dispatch()
 
-    def leave(self, job: Job) -> bool:
-        """A cancelled waiter leaves: dequeued, or its grant passed on if it was granted meanwhile.
-        Whether it held a slot (then the caller gives the consumer's job count back)."""
+    def leave(self, job: Job) -> None:
+        """A cancelled waiter leaves: dequeued, or its grant passed on if it was granted meanwhile."""
         if job.state == "running":
             self.release(job)
-            return True
-        if job in self.waiting:
+        elif job in self.waiting:
             self.waiting.remove(job)
             self.dispatch()  # a job that left may have been what kept a join of the holder out
-        return False
 
     def refuse(self, job: Job, error: BrokerError) -> None:
         """Answer a waiting job with ``error`` (queue_timeout, no_consumer, shutting_down)."""
@@ -4262,6 +4283,7 @@ class Scheduler:
         events: Events | None = None,
         metrics: Metrics | None = None,
         index: int | None = None,
+        jobs_of: Callable[[str], int] | None = None,
     ):
         self.shared = shared
         #: The GPU this scheduler owns (gpu.index unless given): only consumers on it are its business.
@@ -4275,6 +4297,9 @@ class Scheduler:
         self.metrics = metrics or Metrics()
         self.recorder = Recorder(self.index, self.events, self.metrics, shared)
         self.lock = GpuLock(shared, clock, self._warm, self._granted)
+        #: A consumer's jobs and holds holding a GPU lock: this one's, or (the broker's) every GPU's, for a
+        #: consumer a reload moved.
+        self.jobs_of = jobs_of or self.lock.jobs_of
         #: Shutting down: no job is admitted any more.
         self.closing = False
         self._ids = itertools.count(1)
@@ -4286,8 +4311,6 @@ class Scheduler:
         self._abandoned: dict[Job, str] = {}
         #: Consumers with an idle unload or a preload queued or running: never two for one consumer.
         self._internal: set[tuple[str, str]] = set()
-        #: Jobs of each consumer at work (they made room, or needed none; holds too), by consumer.
-        self._working: dict[str, int] = {}
         #: When each unload under way started (its time is learned when its memory showed up free).
         self._unload_started: dict[str, float] = {}
         #: The GPU given to something else (``reserve``), or None; the reservations asked for that wait for
@@ -4348,9 +4371,8 @@ class Scheduler:
         return holder is None or holder == job.consumer or holder in job.target.can_coexist_with
 
     def _granted(self, job: Job) -> None:
-        """The lock went to ``job`` (before it wakes): its consumer's job count, the others' doubt. A bug
-        here is logged and counted; the grant stands (the job's count first, so its release balances)."""
-        self.states[job.consumer].jobs += 1
+        """The lock went to ``job`` (before it wakes): the others' doubt. A bug here is logged and counted;
+        the grant stands (the lock counted it, so its release balances)."""
         try:
             if self.lock.slots == 1 and job.kind not in UNLOAD_KINDS:
                 self._touch_others(job)
@@ -4370,9 +4392,7 @@ class Scheduler:
         try:
             if not self._needs_no_room(job):  # checked again under the lock; the common case skips it
                 await self._guarded(job, self._prepare(job))
-            # (Counted until its slot is given back: a join's plan credits its work.)
-            job.working, job.working_at = True, self.clock()
-            self._working[job.consumer] = self._working.get(job.consumer, 0) + 1
+            self.lock.started(job)  # (counted until its slot is given back: a join's plan credits its work)
             self.recorder.job_event("started", job)
         except BaseException as e:
             if job.state != "running" or job.left:  # ended by the step that failed, or ends with the
@@ -4422,7 +4442,7 @@ class Scheduler:
     def _busy_with(self, name: str) -> str | None:
         """Why ``name`` is not idle: a job or hold of it holds the lock, or one waits for it."""
         own = 1 if self.lock.holder == name and self.lock.exclusive else 0  # the idle unload asking
-        if self.states[name].jobs > own:  # on this GPU, or on another one a reload moved it from
+        if self.jobs_of(name) > own:  # on this GPU, or on another one a reload moved it from
             return "has jobs running"
         if any(j.consumer == name for j in self.lock.waiting):
             return "a job waits for it"
@@ -4553,8 +4573,7 @@ class Scheduler:
         try:
             await job.granted
         except asyncio.CancelledError:
-            if self.lock.leave(job):
-                self.states[job.consumer].jobs -= 1
+            self.lock.leave(job)
             self._end(job, "cancelled")
             raise
         except BrokerError as e:  # queue_timeout from _expire, no_consumer from forget
@@ -4658,15 +4677,11 @@ class Scheduler:
             if name != job.consumer and c.gpu == self.index and name in self.states:
                 self.states[name].touched(f"{job.consumer} was granted the GPU")
 
-    def _release_slot(self, job: Job) -> bool:
+    def _release_slot(self, job: Job, *, held: bool = False) -> bool:
         """A job or hold gives its slot back; the last one frees the lock. Whether another job got it.
-
-        The consumer's count goes first: a crash in a grant that follows must not keep it counted."""
-        self.states[job.consumer].jobs -= 1
-        if job.working:
-            self._working[job.consumer] -= 1
+        (The lock counts it back before it grants: a crash in a grant that follows leaves no count.)"""
         try:
-            return self.lock.release(job)
+            return self.lock.release(job, held=held)
         except Exception as e:  # a bug in a grant: the slot is free; the next release or arrival retries
             self.recorder.internal_error(
                 "grant crashed", consumer=job.consumer, job=job.id, error=describe(e)
@@ -4894,12 +4909,14 @@ class Scheduler:
         """The snapshot plan_room decides from: this GPU's consumers as the broker knows them now."""
         target = job.target
         consumers = {
-            name: ConsumerView.of(c, self.states[name])
+            name: ConsumerView.of(c, self.states[name], self.jobs_of(name))
             for name, c in self.config.consumers.items()
             if c.gpu == self.index and name in self.states
         }
         if target.name not in consumers:  # a reload removed or moved it meanwhile: decide with the old
-            consumers[target.name] = ConsumerView.of(target, self.states[target.name])
+            consumers[target.name] = ConsumerView.of(
+                target, self.states[target.name], self.jobs_of(target.name)
+            )
         if reading.free_mib is None:
             raise BrokerError("gpu_unavailable", "nvidia-smi reports no free memory figure", job.consumer)
         cfg = self.config
@@ -4911,7 +4928,7 @@ class Scheduler:
             dict(tried),
             cfg.scheduler.max_evictions,
             reading.used_mib,
-            self._working.get(target.name, 0),
+            self.lock.working_of(target.name),
             loads,
         )
 
@@ -5094,7 +5111,7 @@ class Scheduler:
                 self._learn_job(job, self.clock())
             return granted
         self._end(job, outcome, code, status, log_now=False)
-        self.lock.holds += 1
+        self.lock.hold(job)
         started = self.clock()
         task = self._own(
             asyncio.get_running_loop().create_task(self._hold(job, hold, hold_timeout_s, started))
@@ -5189,8 +5206,7 @@ class Scheduler:
             self.recorder.internal_error("hold end crashed", consumer=job.consumer, error=describe(e))
         finally:
             self._abandoned.pop(job, None)
-            self.lock.holds -= 1
-            self._release_slot(job)
+            self._release_slot(job, held=True)
 
     def _record_abandoned(self, job: Job, fields: dict[str, Any], started: float) -> None:
         reason = self._abandoned[job]
@@ -5949,6 +5965,7 @@ class Broker:
         self.events = Events()
         self.consumers = Consumers(self.shared, own_session, events=self.events)
         self.consumers.gone_listeners.append(self._consumer_gone)
+        self.consumers.busy = lambda name: self.jobs_of(name) > 0
         #: Every client connection of its listeners: timeouts, descriptors, credentials.
         self.connections = connections
         #: The consumers' own ports (``listen`` on a consumer).
@@ -5977,6 +5994,10 @@ class Broker:
     def config(self) -> Config:
         return self.shared.config
 
+    def jobs_of(self, name: str) -> int:
+        """A consumer's jobs and holds holding a GPU lock (one, but a reload may have moved it meanwhile)."""
+        return sum(s.lock.jobs_of(name) for s in self.schedulers.values())
+
     def _consumer_gone(self, name: str, reason: str) -> None:
         """A consumer was seen gone: the holds on its work end (on whichever GPU they run)."""
         for scheduler in self.schedulers.values():
@@ -5992,7 +6013,13 @@ class Broker:
                 reader.listeners.append(self.consumers.measure)
                 self.gpus[index] = reader
                 self.schedulers[index] = Scheduler(
-                    self.shared, reader, self.consumers, events=self.events, metrics=self.metrics, index=index
+                    self.shared,
+                    reader,
+                    self.consumers,
+                    events=self.events,
+                    metrics=self.metrics,
+                    index=index,
+                    jobs_of=self.jobs_of,
                 )
                 added.append(index)
         return added
@@ -6068,7 +6095,7 @@ class Broker:
             for name, c in new.consumers.items()
             if (old := self.config.consumers.get(name)) is not None
             and old.gpu != c.gpu
-            and self.consumers.states[name].jobs > 0
+            and self.jobs_of(name) > 0
         ]
         if problems:
             raise ConfigError(problems)
@@ -6099,9 +6126,7 @@ class Broker:
         for name, c in new.consumers.items():
             before = old.consumers.get(name)
             if before is None or before.url != c.url or before.gpu != c.gpu:
-                jobs = states[name].jobs if name in states else 0
-                states[name] = self.consumers.new_state(name)
-                states[name].jobs = jobs
+                states[name] = self.consumers.new_state(name)  # (its jobs are its GPU locks' to count)
                 what = "added" if before is None else "new url for" if before.url != c.url else "new GPU for"
                 changes.append(f"{what} {name}")
             elif before != c:

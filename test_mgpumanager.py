@@ -2569,7 +2569,7 @@ class CheckedScheduler(m.Scheduler):
                 and not c.vram_managed
                 and c.unload is not None
                 and n not in target.can_coexist_with
-                and self.states[n].jobs == 0
+                and self.jobs_of(n) == 0
                 and self.states[n].resident is not False
                 and n not in self.tried.get(job.id, ())
             ]
@@ -2674,7 +2674,7 @@ class CheckingOps(FakeOps):
             or victim.unload is None
             or target is None
             or name in cfg.consumers[target].can_coexist_with
-            or self.states[name].jobs > 0
+            or s.jobs_of(name) > 0
         ):
             # Recorded, not raised: the scheduler rightly treats an exception here as a failed unload.
             self.violations.append(f"{name} is no valid victim for {target}")
@@ -2820,8 +2820,8 @@ class InvariantDriver:
         if s.holder is not None and s.slots > cfg.consumers[s.holder].max_concurrency:
             raise InvariantBroken(f"{s.holder} runs {s.slots} jobs")
         for name, state in self.ops.states.items():
-            if name != s.holder and state.jobs != 0:
-                raise InvariantBroken(f"{name} has {state.jobs} jobs but does not hold the lock")
+            if name != s.holder and s.jobs_of(name) != 0:
+                raise InvariantBroken(f"{name} has {s.jobs_of(name)} jobs but does not hold the lock")
             if state.resident is True and name not in self.gpu.held and name not in self.drifted:
                 raise InvariantBroken(f"{name} is recorded resident but holds no memory")
         running = [j for i, j in s.granted.items() if i not in s.ended]
@@ -3189,7 +3189,7 @@ async def test_whatever_raises_while_a_job_is_granted_or_running_it_ends_and_fre
     for _ in range(3):
         await asyncio.sleep(0)  # the accounting runs after the hand-over
     assert (s.holder, s.slots, s.holds) == (None, 0, 0)
-    assert all(state.jobs == 0 for state in ops.states.values()) and books_balance(s)
+    assert all(s.jobs_of(name) == 0 for name in ops.states) and books_balance(s)
     assert s.shared.internal_errors + s.stats.load_failures >= 1 or step == "hold's end"
     again = await s.acquire("t", "kt")  # the GPU is not wedged
     again.release("completed", status=200, success=True)
@@ -4649,7 +4649,7 @@ async def test_a_join_whose_first_job_left_before_working_credits_it_nothing():
     first.cancel()  # its client leaves while x is unloaded for it
     await asyncio.gather(first, return_exceptions=True)
     second = asyncio.ensure_future(s.acquire("t", "kt"))  # joins t, waits for the room being made
-    await until(lambda: s.states["t"].jobs == 2)
+    await until(lambda: s.jobs_of("t") == 2)
     gate.set()
     with pytest.raises(m.BrokerError) as refused:
         await asyncio.wait_for(second, 5)
@@ -5155,7 +5155,7 @@ async def test_a_hold_abandoned_or_cut_before_it_ever_ran_still_frees_its_slot()
     job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=60)
     s.abandon_holds("t", "hold poll: connection refused")  # at once: the hold never ran
     await until(lambda: s.holder is None)
-    assert (s.stats.hold_abandoned, s.slots, s.holds) == (1, 0, 0) and ops.states["t"].jobs == 0
+    assert (s.stats.hold_abandoned, s.slots, s.holds) == (1, 0, 0) and s.jobs_of("t") == 0
     job = await s.acquire("t", "kt")
     job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=60)
     await s.close()  # the broker closing, likewise
@@ -5415,7 +5415,7 @@ async def test_a_hold_abandoned_in_the_turn_it_was_made_still_frees_the_gpu():
     job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=30)
     s.abandon_holds("t", "health probe: connection refused")  # before the hold's first step
     await until(lambda: s.holder is None, 5)
-    assert (s.slots, s.holds, s.stats.hold_abandoned) == (0, 0, 1) and ops.states["t"].jobs == 0
+    assert (s.slots, s.holds, s.stats.hold_abandoned) == (0, 0, 1) and s.jobs_of("t") == 0
     assert books_balance(s)
 
 
@@ -8501,7 +8501,7 @@ async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_fre
     for _ in range(3):
         await asyncio.sleep(0)  # the accounting runs after the hand-over
     assert (s.holder, s.slots, s.holds) == (None, 0, 0)
-    assert all(state.jobs == 0 for state in ops.states.values()) and books_balance(s)
+    assert all(s.jobs_of(name) == 0 for name in ops.states) and books_balance(s)
     again = await s.acquire("y", "ky")  # the GPU is not wedged
     again.release("completed")
     assert s.holder is None and books_balance(s)
