@@ -204,6 +204,10 @@ class FakeGpu:
         #: Memory still held by unloaded consumers, released after this many further reads.
         self.releasing: dict[str, int] = {}
         self.error: str | None = None
+        self.last: m.GpuReading | None = None
+
+    def last_free_mib(self) -> int | None:
+        return self.last.free_mib if self.last is not None else None
 
     async def read_memory(self) -> m.GpuReading:
         return await self._read("memory")
@@ -224,9 +228,10 @@ class FakeGpu:
         procs = tuple(
             m.GpuProcess(100 + i, f"/usr/bin/{n}", mib) for i, (n, mib) in enumerate(self.held.items())
         )
-        return m.GpuReading(
+        self.last = m.GpuReading(
             0, "GPU-x", "Fake", self.total, used, self.total - self.reserved - used, 0, 40, procs, 0, 0
         )
+        return self.last
 
 
 class FakeOps:
@@ -321,6 +326,11 @@ def make_scheduler(config: m.Config) -> tuple[m.Scheduler, FakeGpu, FakeOps, Fak
     gpu = FakeGpu()
     ops = FakeOps(config, gpu, clock)
     return m.Scheduler(m.Shared(config), gpu, ops, clock=clock, sleep=clock.sleep), gpu, ops, clock
+
+
+def internal_jobs(s: m.Scheduler) -> m.InternalJobs:
+    """Idle unloads and preloads on this scheduler's GPU, as the broker runs them on all of its GPUs."""
+    return m.InternalJobs(s.shared, {s.index: s})
 
 
 def books_balance(s: m.Scheduler) -> bool:
@@ -2546,6 +2556,9 @@ class CheckedScheduler(m.Scheduler):
         #: Job id -> the consumers unloaded (or tried) for it.
         self.tried: dict[int, set[str]] = {}
         self.lock.dispatch = self._checked_dispatch(self.lock.dispatch)  # type: ignore[method-assign]
+        self.internal = internal_jobs(self)
+        self._real_unload = self.rooms.unload
+        self.rooms.unload = self._unload  # type: ignore[method-assign]
 
     async def _unload(self, job: m.Job, victim: str, *, by: str | None = None) -> None:
         violations = self.ops.violations  # type: ignore[attr-defined]
@@ -2555,7 +2568,7 @@ class CheckedScheduler(m.Scheduler):
             self.holder == victim == job.consumer
             and self.exclusive
             and self.states[victim].resident is True
-            and self.clock() >= (self.idle_deadline(victim) or math.inf)
+            and self.clock() >= (self.internal.idle_deadline(victim) or math.inf)
             and not any(j.consumer == victim for j in self.lock.waiting)
         ):
             violations.append(f"idle unload of {victim} while not idle, not resident or wanted")
@@ -2583,7 +2596,7 @@ class CheckedScheduler(m.Scheduler):
             if state.resident is False or state.known_resident():
                 violations.append(f"{victim} unloaded itself although its residency is known")
             self.resetting = victim
-        return await super()._unload(job, victim, by=by)
+        return await self._real_unload(job, victim, by=by)
 
     def _checked_dispatch(self, dispatch: Any) -> Any:
         """The lock's dispatch, with every grant it makes checked against the documented grant order."""
@@ -2628,7 +2641,7 @@ class CheckedScheduler(m.Scheduler):
                 else m.Holder(lock.holder, lock.exclusive, (c.max_concurrency if c else 0) - lock.slots)
             )
             still = m.next_grant(
-                list(lock.waiting), holder_now, now, aging_s=aging_s, max_overtake_s=bound, warm=self._warm
+                list(lock.waiting), holder_now, now, aging_s=aging_s, max_overtake_s=bound, warm=lock.warm
             )
             if still is not None:
                 raise InvariantBroken(f"{still} should have been granted too")
@@ -2636,7 +2649,7 @@ class CheckedScheduler(m.Scheduler):
 
         return checked
 
-    def _end(
+    def end(
         self,
         job: m.Job,
         outcome: str,
@@ -2650,7 +2663,7 @@ class CheckedScheduler(m.Scheduler):
         if outcome == "failed" and code not in END_CODES | {"consumer_unreachable", "scheduler_error"}:
             raise InvariantBroken(f"{job} failed with undocumented code {code}")
         self.ended[job.id] = outcome
-        super()._end(job, outcome, code, status, log_now=log_now)
+        super().end(job, outcome, code, status, log_now=log_now)
 
 
 class CheckingOps(FakeOps):
@@ -2692,7 +2705,7 @@ class CheckingOps(FakeOps):
     def gone(self, name: str, reason: str) -> None:
         """As the broker wires it: the consumer's state says so, and its holds end."""
         super().gone(name, reason)
-        self.scheduler.abandon_holds(name, reason)
+        self.scheduler.holding.abandon(name, reason)
 
 
 class InvariantDriver:
@@ -2746,11 +2759,11 @@ class InvariantDriver:
             # A job of e takes the lock if it is free; behind it an idle unload, and a job for the same
             # consumer right behind that: the unload must find it wanted when its turn comes.
             self.tasks.append(asyncio.ensure_future(s.acquire("e", "k")))
-            self.admin.append(asyncio.ensure_future(s.idle_unload(args[0])))
+            self.admin.append(asyncio.ensure_future(s.internal.idle_unload(args[0])))
             self.tasks.append(asyncio.ensure_future(s.acquire(args[0], "k")))
         elif kind == "internal":
             name, what = args
-            op = s.idle_unload(name) if what == "idle_unload" else s.preload(name)
+            op = s.internal.idle_unload(name) if what == "idle_unload" else s.internal.preload(name)
             if what == "idle_unload" or self.config.consumers[name].load is not None:
                 self.admin.append(asyncio.ensure_future(op))
             else:
@@ -2855,14 +2868,14 @@ class InvariantDriver:
                 if not t.done():
                     t.cancel()
             if round_ > 0:
-                for t in list(self.s._tasks):
+                for t in list(self.s.tasks):
                     t.cancel()
             for job in self.granted_unfinished():
                 self.finished.add(job.id)
                 job.release("completed")
             await self.settle()
             self.check()
-            if all(t.done() for t in self.tasks + self.admin) and self.s.holder is None and not self.s._tasks:
+            if all(t.done() for t in self.tasks + self.admin) and self.s.holder is None and not self.s.tasks:
                 break
         st = self.s.stats
         assert self.s.holder is None and self.s.slots == 0 and self.s.queue() == []
@@ -3906,11 +3919,11 @@ async def test_a_scheduler_evicts_only_on_its_own_gpu():
         ops.states[name].last_used = last
     ops.states["t"].unloaded()
     reading = await gpu1.read_memory()
-    job0 = s1._admit("t", "kt")
-    snap = s1._room(job0, reading, {})
+    job0 = s1.admit("t", "kt")
+    snap = s1.rooms.snapshot(job0, reading, {})
     assert list(snap.consumers) == ["t", "y"]  # x and z are not even considered
     assert m.plan_room(snap).victims == ("y",)
-    s1._end(job0, "cancelled")
+    s1.end(job0, "cancelled")
     job = await s1.acquire("t", "kt")
     assert ops.calls == [("unload", "y"), ("load", "t")] and job.evictions == 1
     assert ops.states["x"].resident is True and ops.states["z"].resident is True
@@ -4195,37 +4208,41 @@ async def test_a_hanging_load_route_is_load_failed(rig):
 
 async def test_idle_unload_waits_for_idle_unload_s_since_the_last_use_then_unloads_counted():
     s, gpu, ops, clock = make_scheduler(small_config(consumers__x__idle_unload_s=10))
+    jobs = internal_jobs(s)
     crowd(gpu, ops, {})
     ops.states["x"].unload_failed()
     ops.states["x"].probed(True, None, "consumer_unreachable", clock.now, True)  # resident; never used
-    assert s.idle_deadline("x") == clock.now + 10 and s.idle_deadline("y") is None
+    assert jobs.idle_deadline("x") == clock.now + 10 and jobs.idle_deadline("y") is None
     clock.now += 9
-    assert await s.idle_unload("x") is None and ops.calls == []  # not due yet
+    assert await jobs.idle_unload("x") is None and ops.calls == []  # not due yet
     job = await s.acquire("x", "kx")
     clock.now += 5
-    assert await s.idle_unload("x") is None  # never while it has a job
+    assert await jobs.idle_unload("x") is None  # never while it has a job
     job.release("completed", status=200, success=True)
-    assert s.idle_deadline("x") == clock.now + 10  # counted again from the job's end
+    assert jobs.idle_deadline("x") == clock.now + 10  # counted again from the job's end
     clock.now += 10
-    done = await s.idle_unload("x")
+    done = await jobs.idle_unload("x")
     assert done is not None and done.kind == "idle_unload" and done.priority == 0
     assert ops.calls == [("unload", "x")] and ops.states["x"].resident is False and "x" not in gpu.held
     assert (s.stats.idle_unloads, s.stats.admin_unloads, s.stats.evictions) == (1, 0, 0)
     assert 'mgpumanager_idle_unloads_total{consumer="x"} 1' in s.metrics.render([])
-    assert s.idle_deadline("x") is None and await s.idle_unload("x") is None  # not resident: nothing due
+    assert (
+        jobs.idle_deadline("x") is None and await jobs.idle_unload("x") is None
+    )  # not resident: nothing due
     assert s.holder is None and books_balance(s)
 
 
 async def test_a_job_queued_while_the_idle_unload_waits_goes_first_and_cancels_it():
     s, gpu, ops, clock = make_scheduler(small_config(consumers__x__idle_unload_s=10))
+    jobs = internal_jobs(s)
     crowd(gpu, ops, {"x": clock.now})
     ops.states["t"].loaded()
     clock.now += 11
     running = await s.acquire("t", "kt")  # the lock is busy: the idle unload has to queue
-    idle = asyncio.ensure_future(s.idle_unload("x"))
+    idle = asyncio.ensure_future(jobs.idle_unload("x"))
     await asyncio.sleep(0)
     assert [j.kind for j in s.queue()] == ["idle_unload"]
-    assert await s.idle_unload("x") is None  # never two pending for one consumer
+    assert await jobs.idle_unload("x") is None  # never two pending for one consumer
     job_for_x = await _queued(s, "x")
     assert [j.kind for j in s.queue()] == ["kx", "idle_unload"]  # priority 0: everything goes first
     running.release("completed", status=200, success=True)
@@ -4240,6 +4257,7 @@ async def test_a_job_queued_while_the_idle_unload_waits_goes_first_and_cancels_i
 
 async def test_a_job_arriving_while_the_idle_unload_runs_waits_and_loads_the_consumer_again():
     s, gpu, ops, clock = make_scheduler(small_config(consumers__x__idle_unload_s=10))
+    jobs = internal_jobs(s)
     crowd(gpu, ops, {"x": clock.now})
     clock.now += 10
     gate = asyncio.Event()
@@ -4250,7 +4268,7 @@ async def test_a_job_arriving_while_the_idle_unload_runs_waits_and_loads_the_con
         await unload(name)
 
     ops.unload = slow_unload  # type: ignore[method-assign]
-    idle = asyncio.ensure_future(s.idle_unload("x"))
+    idle = asyncio.ensure_future(jobs.idle_unload("x"))
     await until(lambda: s.holder == "x" and s.exclusive)
     job_for_x = await _queued(s, "x")
     assert not job_for_x.done()  # the unload holds the lock alone: nothing joins it
@@ -4264,14 +4282,15 @@ async def test_a_job_arriving_while_the_idle_unload_runs_waits_and_loads_the_con
 
 async def test_preload_loads_only_what_fits_without_evicting_anything():
     s, gpu, ops, _ = make_scheduler(small_config())
+    jobs = internal_jobs(s)
     crowd(gpu, ops, {})  # 3904 MiB free: t's 4000 + 256 do not fit
-    assert (await s.preload("t")).outcome == "completed"
+    assert (await jobs.preload("t")).outcome == "completed"
     assert ops.calls == [] and s.stats.preload_skips == 1 and ops.states["t"].resident is False
     gpu.held.pop("z")
     ops.states["z"].unloaded()
-    await s.preload("t")
+    await jobs.preload("t")
     assert ops.calls == [("load", "t")] and ops.states["t"].resident is True and gpu.reads[-1] == "memory"
-    await s.preload("t")  # resident already: nothing to do
+    await jobs.preload("t")  # resident already: nothing to do
     assert ops.calls == [("load", "t")] and s.stats.loads == 1 and books_balance(s)
 
 
@@ -4591,6 +4610,7 @@ async def test_without_pidfds_a_process_exit_is_polled_for(monkeypatch, tmp_path
 
 async def test_a_hold_counts_as_use_for_the_idle_unload():
     s, _, ops, clock = make_scheduler(small_config(consumers__t__idle_unload_s=10))
+    jobs = internal_jobs(s)
     ops.states["t"].loaded()
     job = await s.acquire("t", "kt")
     release = asyncio.Event()
@@ -4598,9 +4618,9 @@ async def test_a_hold_counts_as_use_for_the_idle_unload():
     clock.now += 60  # a render far longer than idle_unload_s
     release.set()
     await until(lambda: s.holder is None)
-    assert not s.idle_due("t")  # unused for 0 s, not 60
+    assert not jobs.idle_due("t")  # unused for 0 s, not 60
     clock.now += 10
-    assert s.idle_due("t")
+    assert jobs.idle_due("t")
 
 
 async def test_run_process_keeps_only_the_tail_of_a_chatty_process():
@@ -5153,7 +5173,7 @@ async def test_a_hold_abandoned_or_cut_before_it_ever_ran_still_frees_its_slot()
     ops.states["t"].loaded()
     job = await s.acquire("t", "kt")
     job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=60)
-    s.abandon_holds("t", "hold poll: connection refused")  # at once: the hold never ran
+    s.holding.abandon("t", "hold poll: connection refused")  # at once: the hold never ran
     await until(lambda: s.holder is None)
     assert (s.stats.hold_abandoned, s.slots, s.holds) == (1, 0, 0) and s.jobs_of("t") == 0
     job = await s.acquire("t", "kt")
@@ -5413,7 +5433,7 @@ async def test_a_hold_abandoned_in_the_turn_it_was_made_still_frees_the_gpu():
         ops.states[name].loaded()
     job = await s.acquire("t", "kt")
     job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=30)
-    s.abandon_holds("t", "health probe: connection refused")  # before the hold's first step
+    s.holding.abandon("t", "health probe: connection refused")  # before the hold's first step
     await until(lambda: s.holder is None, 5)
     assert (s.slots, s.holds, s.stats.hold_abandoned) == (0, 0, 1) and s.jobs_of("t") == 0
     assert books_balance(s)
@@ -7908,14 +7928,14 @@ async def test_a_reload_while_a_reservation_waits_for_the_gpu_keeps_it_waiting()
     for name in ops.states:
         ops.states[name].loaded()
     holding = await s.acquire("t", "kt")
-    reserving = asyncio.ensure_future(s.reserve(60, "gaming"))
+    reserving = asyncio.ensure_future(s.reservations.reserve(60, "gaming"))
     await until(lambda: len(s.queue()) == 1)
     s.shared.config = small_config()  # a reload: the same consumers
     s.forget()
     holding.release("completed")
     res = await asyncio.wait_for(reserving, 5)
     assert s.reservation is res and s.holder == m.RESERVATION
-    assert s.release_reservation() and s.holder is None and books_balance(s)
+    assert s.reservations.release() and s.holder is None and books_balance(s)
 
 
 async def test_a_reload_during_the_probe_of_an_unhealthy_consumer_is_no_consumer_not_a_crash(rig):
@@ -8209,7 +8229,7 @@ def _record_raising_once(s: m.Scheduler, fact: str) -> Any:
 #: Each step of a reservation's life after its grant, and how to make it raise once (a bug there).
 RESERVATION_STEPS = {
     "refusing the queue": lambda s, mp: mp.setattr(s.lock, "refuse", _raising_once(s.lock.refuse)),
-    "starting its unloads": lambda s, mp: mp.setattr(s, "_own", _raising_once(s._own)),
+    "starting its unloads": lambda s, mp: mp.setattr(s, "own", _raising_once(s.own)),
     "its end, released": lambda s, mp: mp.setattr(
         s.recorder, "record", _record_raising_once(s, "reservation_ended")
     ),
@@ -8440,9 +8460,9 @@ async def test_a_release_while_the_reservation_unloads_unloads_nothing_more():
         ops.states[name].loaded()
         gpu.held[name] = 3000
     gate, started = _gated_unloads(ops, "t")
-    reserving = asyncio.ensure_future(s.reserve(60, "gaming"))
+    reserving = asyncio.ensure_future(s.reservations.reserve(60, "gaming"))
     await until(lambda: started == ["t"])  # t's unload is under way
-    assert s.release_reservation()
+    assert s.reservations.release()
     job = await asyncio.wait_for(s.acquire("x", "kx"), 5)  # x is known resident: it runs at once
     gate.set()
     await reserving
@@ -8458,18 +8478,18 @@ async def test_a_reservation_extended_while_it_unloads_leaves_no_timer_behind_to
     reservation's end."""
     s, _, ops, _ = make_scheduler(small_config())
     gate, _ = _gated_unloads(ops)
-    first = asyncio.ensure_future(s.reserve(60, "backup"))
+    first = asyncio.ensure_future(s.reservations.reserve(60, "backup"))
     await until(lambda: s.reservation is not None)
-    await s.reserve(0.05, "a short one")  # extended while it unloads
+    await s.reservations.reserve(0.05, "a short one")  # extended while it unloads
     gate.set()
     await first
-    assert s.release_reservation()
-    second = await s.reserve(3600, "gaming")
+    assert s.reservations.release()
+    second = await s.reservations.reserve(3600, "gaming")
     await asyncio.sleep(0.2)  # the extension's timer would have fired by now
     assert s.reservation is second and s.holder == m.RESERVATION
     ended = [e for e in recent_events(s.events) if e["event"] == "reservation_ended"]
     assert [e["why"] for e in ended] == ["released"]
-    assert s.release_reservation() and s.holder is None and books_balance(s)
+    assert s.reservations.release() and s.holder is None and books_balance(s)
 
 
 @pytest.mark.parametrize("step", list(RESERVATION_STEPS))
@@ -8483,7 +8503,9 @@ async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_fre
     for name in ops.states:
         ops.states[name].loaded()
     holding = await s.acquire("t", "kt")
-    reserving = asyncio.ensure_future(s.reserve(0.05 if step == "its end, expired" else 60, "gaming"))
+    reserving = asyncio.ensure_future(
+        s.reservations.reserve(0.05 if step == "its end, expired" else 60, "gaming")
+    )
     waiting = await _queued(s, "x")  # answered gpu_reserved by the reservation, or served after it
     RESERVATION_STEPS[step](s, monkeypatch)
     holding.release("completed")
@@ -8493,7 +8515,7 @@ async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_fre
         assert e.code == "scheduler_error" and step in ("refusing the queue", "starting its unloads")
     else:
         if step == "its end, released":
-            s.release_reservation()
+            s.reservations.release()
     await until(lambda: s.holder != m.RESERVATION)
     assert s.reservation is None and s.shared.internal_errors == 1
     with contextlib.suppress(m.BrokerError):
@@ -8515,15 +8537,15 @@ async def test_two_reservations_asked_for_while_the_gpu_is_busy_make_one_that_th
     for name in ops.states:
         ops.states[name].loaded()
     holding = await s.acquire("t", "kt")
-    first = asyncio.ensure_future(s.reserve(60, "gaming"))
-    second = asyncio.ensure_future(s.reserve(7200, "training"))
+    first = asyncio.ensure_future(s.reservations.reserve(60, "gaming"))
+    second = asyncio.ensure_future(s.reservations.reserve(7200, "training"))
     await until(lambda: len(s.queue()) == 2)
     holding.release("completed")
     one, two = await asyncio.wait_for(asyncio.gather(first, second), 5)
     assert one is two is s.reservation and s.holder == m.RESERVATION
     assert one.reason == "training" and one.describe(clock())["left_s"] == 7200
     assert ops.calls.count(("unload", "x")) == 1  # unloaded once
-    assert s.release_reservation() and s.holder is None and books_balance(s)
+    assert s.reservations.release() and s.holder is None and books_balance(s)
     assert s.stats.failed == 0
 
 
@@ -8590,11 +8612,11 @@ async def test_a_reservation_granted_but_not_yet_begun_when_released_gives_the_g
     s, _, ops, _ = make_scheduler(small_config())
     ops.states["x"].loaded()
     job = await asyncio.wait_for(s.acquire("x", "kx"), 5)
-    reserving = asyncio.ensure_future(s.reserve(600, "gaming"))
+    reserving = asyncio.ensure_future(s.reservations.reserve(600, "gaming"))
     await until(lambda: len(s.queue()) == 1)
     job.release("completed", status=200, success=True)  # the lock goes to the reservation at once...
     assert s.holder == m.RESERVATION and not reserving.done()  # ...whose waiter has not run yet
-    assert s.cancel_reserving() and not s.release_reservation()
+    assert s.reservations.cancel_waiting() and not s.reservations.release()
     with pytest.raises(m.BrokerError) as info:
         await asyncio.wait_for(reserving, 5)
     assert info.value.code == "reservation_released"
