@@ -5929,6 +5929,135 @@ def hold_poller(
     return poll
 
 
+def hold_after_rest(
+    session: aiohttp.ClientSession,
+    consumer: ConsumerConfig,
+    hold: Hold,
+    upstream: aiohttp.ClientResponse,
+    captured: bytearray,
+    recorder: Recorder,
+) -> Callable[[], Awaitable[None]]:
+    """The hold after a 2xx answer whose client left before it ended: it reads the rest of the answer itself
+    (for the hold's placeholders), gives the connection back, then polls as ``hold_poller``."""
+
+    async def read_rest_then_poll() -> None:
+        try:
+            while chunk := await upstream.content.readany():
+                if len(captured) + len(chunk) <= HOLD_ANSWER_LIMIT:
+                    captured.extend(chunk)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            recorder.record("hold_poll_failed", logging.WARNING, consumer=consumer.name, error=describe(e))
+            log.warning(logfmt(msg="no hold: answer cut short", consumer=consumer.name, error=describe(e)))
+            return
+        finally:
+            close_upstream(upstream)
+        poll = hold_poller(session, consumer, hold, bytes(captured), recorder)
+        if poll is not None:
+            await poll()
+
+    return read_rest_then_poll
+
+
+def close_upstream(upstream: aiohttp.ClientResponse) -> None:
+    """Give the upstream connection back to the pool when its answer was read whole, else drop it."""
+    if upstream.content.at_eof():
+        upstream.release()
+    else:
+        upstream.close()
+
+
+async def open_answer(
+    broker: Broker,
+    consumer: ConsumerConfig,
+    method: str,
+    path_qs: str,
+    headers: Mapping[str, str],
+    body: bytes | bytearray | None,
+) -> aiohttp.ClientResponse:
+    """``open_upstream``, and a consumer that could not be reached or sent nothing in time is marked
+    unhealthy (a job, or a WebSocket, found it failing)."""
+    try:
+        return await open_upstream(broker.session, consumer, method, path_qs, headers, body)
+    except BrokerError as e:
+        if e.code in ("consumer_unreachable", "consumer_timeout"):
+            reason = describe(e.__cause__) if e.__cause__ else f"no answer within {consumer.timeout_s:g} s"
+            broker.consumers.job_failed(consumer.name, e.__cause__, reason)
+        raise
+
+
+def _broke(broker: Broker, consumer: ConsumerConfig, error: UpstreamBroke) -> None:
+    """The consumer failed mid-answer: marked unhealthy, logged."""
+    broker.consumers.job_failed(consumer.name, error.__cause__, f"{describe(error.__cause__)} mid-answer")
+    log.warning(logfmt(msg="answer cut short", consumer=consumer.name, error=error.message))
+
+
+async def forward(
+    request: web.Request,
+    broker: Broker,
+    consumer: ConsumerConfig,
+    method: str,
+    path_qs: str,
+    body: bytes | bytearray | None,
+) -> web.StreamResponse:
+    """An unscheduled call (a mount's read, /audio/): sent to the consumer now, its answer streamed back.
+    A failure raises: a BrokerError before the answer began, UpstreamBroke or ConnectionResetError (the
+    client left) after."""
+    headers = request_headers(request, strip_auth=broker.config.auth.token is not None, consumer=consumer)
+    upstream = await open_answer(broker, consumer, method, path_qs, headers, body)
+    try:
+        return await relay(request, upstream, consumer)
+    except UpstreamBroke as e:
+        _broke(broker, consumer, e)
+        raise
+    finally:
+        close_upstream(upstream)
+
+
+async def forward_job(
+    request: web.Request,
+    broker: Broker,
+    job: Job,
+    path: JobPath,
+    body: bytes | bytearray,
+    headers: CIMultiDict[str],
+) -> web.StreamResponse:
+    """A granted job's request, sent to its consumer (at ``path``, with the query as the client encoded it),
+    its answer streamed back. The job ends (``job.release``) the moment the answer has been read whole,
+    with the hold its path names after a 2xx answer, so the GPU goes on before the client has the last
+    bytes; a client that left before then leaves the hold to read the rest. Any other end is its lease's."""
+    consumer = job.target
+    _, sep, query = request.raw_path.partition("?")  # kept as the client encoded it
+    upstream = await open_answer(broker, consumer, path.method, path.path + sep + query, headers, body)
+    job.http = upstream.status
+    took = 200 <= upstream.status < 300
+    hold = path.hold_until if took else None
+    if path.hold_until is not None and not took:
+        log.info(logfmt(msg="no hold: the answer was not 2xx", consumer=consumer.name, http=upstream.status))
+    captured = bytearray()  # (a 2xx answer's, for its hold's placeholders)
+    assert job.scheduler is not None
+    recorder = job.scheduler.recorder
+
+    def whole() -> bool:
+        poll = hold_poller(broker.session, consumer, hold, bytes(captured), recorder) if hold else None
+        return job.release("completed", success=took, hold=poll, hold_timeout_s=hold.timeout_s if hold else 0)
+
+    kept = False  # by the hold of a client that left: it reads the rest and closes it
+    try:
+        return await relay(request, upstream, consumer, captured if hold else None, whole)
+    except UpstreamBroke as e:
+        _broke(broker, consumer, e)
+        raise
+    except (ConnectionResetError, asyncio.CancelledError):  # the client left
+        if hold is not None and job.state == "running":  # it answered 2xx and took the work: its hold
+            rest = hold_after_rest(broker.session, consumer, hold, upstream, captured, recorder)
+            job.release("cancelled", success=True, hold=rest, hold_timeout_s=hold.timeout_s)
+            kept = True
+        raise
+    finally:
+        if not kept:
+            close_upstream(upstream)
+
+
 #: RFC 3986's unreserved characters: percent-encoding one of them changes nothing (section 6.2.2.2).
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -6506,80 +6635,10 @@ class Broker:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    async def forward(
-        self,
-        request: web.Request,
-        ex: Exchange,
-        consumer: ConsumerConfig,
-        method: str,
-        path_qs: str,
-        body: bytes | bytearray | None,
-        answered: Callable[[], bool] | None = None,
-        headers: CIMultiDict[str] | None = None,
-    ) -> web.StreamResponse:
-        """Send a request to a consumer and stream its answer back; a failing consumer is marked unhealthy.
-
-        ``answered`` is called (once) as soon as the consumer's answer has been read whole. ``headers``:
-        the request's as ``request_headers`` makes them, when they were made already (before queueing).
-        """
-
-        def whole() -> bool:
-            ex.done = True
-            return answered() if answered is not None else False
-
-        try:
-            if headers is None:
-                headers = request_headers(
-                    request, strip_auth=self.config.auth.token is not None, consumer=consumer
-                )
-            ex.upstream = await open_upstream(self.session, consumer, method, path_qs, headers, body)
-            if ex.capture and 200 <= ex.upstream.status < 300:
-                ex.captured = bytearray()
-            return await relay(request, ex.upstream, consumer, ex.captured, whole)
-        except UpstreamBroke as e:
-            ex.error = e
-            self.consumers.job_failed(consumer.name, e.__cause__, f"{describe(e.__cause__)} mid-answer")
-            log.warning(logfmt(msg="answer cut short", consumer=consumer.name, error=e.message))
-        except BrokerError as e:
-            ex.error = e
-            if e.code in ("consumer_unreachable", "consumer_timeout"):
-                reason = (
-                    describe(e.__cause__) if e.__cause__ else f"no answer within {consumer.timeout_s:g} s"
-                )
-                self.consumers.job_failed(consumer.name, e.__cause__, reason)
-            raise
-        except ConnectionResetError:
-            ex.client_gone = True
-        return web.Response(status=499)  # never sent: the client's connection is closed
-
 
 # =====================================================================================================
 # The HTTP app
 # =====================================================================================================
-
-
-@dataclass
-class Exchange:
-    """One request forwarded to a consumer, and what became of it."""
-
-    #: Keep a copy of a 2xx answer (for a hold's placeholders).
-    capture: bool = False
-    upstream: aiohttp.ClientResponse | None = None
-    captured: bytearray | None = None
-    #: The consumer's whole answer was read.
-    done: bool = False
-    #: The client left while its answer was being written.
-    client_gone: bool = False
-    #: The broker's error, when forwarding failed (before or after the answer began).
-    error: BrokerError | None = None
-
-    def close(self) -> None:
-        """Give the upstream connection back to the pool when its answer was read whole, else drop it."""
-        if self.upstream is not None:
-            if self.done:
-                self.upstream.release()
-            else:
-                self.upstream.close()
 
 
 def descriptor_reserve(config: Config) -> int:
@@ -7150,7 +7209,11 @@ async def _front_door(
             request.app[BROKER].connections.authenticated(conn, key)
         return await handler(request)
     except BrokerError as e:
-        return error_response(e)
+        return error_response(e)  # (one that came after its answer began is never sent: it was cut)
+    except ConnectionResetError:
+        # The client left (or was cut off) while its answer was written: nobody is there to answer. What is
+        # returned is never sent; it is nginx's "client closed request", for whatever logs it.
+        return web.Response(status=499)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -7401,11 +7464,9 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
     consumer = broker.config.consumers.get(name)
     if consumer is None or kind not in consumer.paths:  # a reload came while it was probed
         raise BrokerError("no_consumer", f"{name} no longer serves kind {kind!r}", name)
-    scheduler = broker.scheduler_for(name)
-    strip_auth = broker.config.auth.token is not None
-    headers = request_headers(request, strip_auth=strip_auth, consumer=consumer)  # before waiting
-    job = await scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
-    return await _run_job(request, broker, scheduler, job, job.target.paths[kind], body, headers)
+    headers = request_headers(request, strip_auth=broker.config.auth.token is not None, consumer=consumer)
+    async with broker.scheduler_for(name).job(name, kind, request_id=request[REQUEST_ID]) as job:
+        return await forward_job(request, broker, job, job.target.paths[kind], body, headers)
 
 
 def route(config: Config, kind: str) -> str:
@@ -7429,109 +7490,6 @@ def _methods_of(app: web.Application, path: str) -> list[str]:
     )
 
 
-async def _run_job(
-    request: web.Request,
-    broker: Broker,
-    scheduler: Scheduler,
-    job: Job,
-    path: JobPath,
-    body: bytes | bytearray,
-    headers: CIMultiDict[str],
-) -> web.StreamResponse:
-    """Forward a granted job and stream its answer; ends the job exactly once: as soon as the consumer's
-    answer is read whole (the next job may start while its last bytes go to the client), else when
-    forwarding ends."""
-    consumer = job.target
-    ex = Exchange(capture=path.hold_until is not None)
-    outcome = "failed"
-
-    def end() -> bool:
-        return job.state != "ended" and _end_job(broker, scheduler, job, path, ex, outcome)
-
-    def answered() -> bool:
-        nonlocal outcome
-        outcome = "completed"
-        return end()
-
-    try:
-        _, sep, query = request.raw_path.partition("?")  # kept as the client encoded it
-        resp = await broker.forward(
-            request, ex, consumer, path.method, path.path + sep + query, body, answered, headers
-        )
-        outcome = "cancelled" if ex.client_gone else "completed"
-        return resp
-    except asyncio.CancelledError:
-        outcome = "cancelled"
-        raise
-    finally:
-        end()
-
-
-def _end_job(
-    broker: Broker, scheduler: Scheduler, job: Job, path: JobPath, ex: Exchange, outcome: str
-) -> bool:
-    """End a forwarded job: its outcome, and the hold that keeps the GPU after a 2xx answer if any.
-    Whether a waiting job was granted the GPU."""
-    consumer = job.target
-    status = ex.upstream.status if ex.upstream is not None else None
-    answered = ex.error is None and status is not None and 200 <= status < 300
-    hold = None
-    try:
-        if path.hold_until is not None and answered:
-            hold = _hold_after(broker, scheduler, consumer, path.hold_until, ex)
-        elif path.hold_until is not None and status is not None:
-            log.info(logfmt(msg="no hold: the answer was not 2xx", consumer=consumer.name, http=status))
-    finally:
-        if hold is None:
-            ex.close()
-        failed = ex.error is not None or outcome == "failed"
-        granted = job.release(
-            "failed" if failed else outcome,
-            # Failed without a broker error: a bug raised in the handler (front_door logs and counts it).
-            code=ex.error.code if ex.error is not None else "scheduler_error" if failed else None,
-            status=status,
-            # A hold means the consumer took the work even if the client left mid-answer.
-            success=answered and (ex.done or hold is not None),
-            hold=hold,
-            hold_timeout_s=path.hold_until.timeout_s if path.hold_until else 0.0,
-        )
-    return granted
-
-
-def _hold_after(
-    broker: Broker, scheduler: Scheduler, consumer: ConsumerConfig, hold: Hold, ex: Exchange
-) -> Callable[[], Awaitable[None]] | None:
-    """The hold after a 2xx answer, or None when the answer cannot fill the hold's path.
-
-    If the client left before the answer ended, the hold first reads the rest of it itself.
-    """
-    assert ex.upstream is not None and ex.captured is not None
-    upstream, captured = ex.upstream, ex.captured
-    if ex.done:
-        ex.close()
-        return hold_poller(broker.session, consumer, hold, bytes(captured), scheduler.recorder)
-
-    async def read_rest_then_poll() -> None:
-        try:
-            while chunk := await upstream.content.readany():
-                if len(captured) + len(chunk) <= HOLD_ANSWER_LIMIT:
-                    captured.extend(chunk)
-            ex.done = True
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            scheduler.recorder.record(
-                "hold_poll_failed", logging.WARNING, consumer=consumer.name, error=describe(e)
-            )
-            log.warning(logfmt(msg="no hold: answer cut short", consumer=consumer.name, error=describe(e)))
-            return
-        finally:
-            ex.close()
-        poll = hold_poller(broker.session, consumer, hold, bytes(captured), scheduler.recorder)
-        if poll is not None:
-            await poll()
-
-    return read_rest_then_poll
-
-
 async def handle_audio(request: web.Request) -> web.StreamResponse:
     """GET /audio/{file}: proxied to the audio_proxy consumer, unscheduled."""
     broker = request.app[BROKER]
@@ -7544,12 +7502,8 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
     if consumer is None:  # a reload removed it while it was probed
         raise BrokerError("no_consumer", f"{name} is no longer configured", name)
     await broker.ensure_running(consumer, request[REQUEST_ID])
-    ex = Exchange()
-    try:
-        with broker.unscheduled_slot(consumer):
-            return await broker.forward(request, ex, consumer, request.method, path, None)
-    finally:
-        ex.close()
+    with broker.unscheduled_slot(consumer):
+        return await forward(request, broker, consumer, request.method, path, None)
 
 
 async def handle_mount(request: web.Request) -> web.StreamResponse:
@@ -7601,20 +7555,13 @@ async def serve_consumer_api(
         method in UNSCHEDULED_METHODS or any(u.matches(method, upstream_path) for u in consumer.unscheduled)
     ):
         await broker.ensure_running(consumer, request[REQUEST_ID])
-        ex = Exchange()
-        try:
-            with broker.unscheduled_slot(consumer):
-                return await broker.forward(request, ex, consumer, method, path_qs, body or None)
-        finally:
-            ex.close()
-    scheduler = broker.scheduler_for(name)
-    strip_auth = broker.config.auth.token is not None
-    headers = request_headers(request, strip_auth=strip_auth, consumer=consumer)  # before waiting
-    job = await scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
-    _, path = mount_job_path(job.target, method, upstream_path)  # the config the job was admitted with
-    # The path the guards matched goes to the consumer (not the entry's spelling); _run_job adds the query.
-    upstream = replace(path, path=upstream_path)
-    return await _run_job(request, broker, scheduler, job, upstream, body, headers)
+        with broker.unscheduled_slot(consumer):
+            return await forward(request, broker, consumer, method, path_qs, body or None)
+    headers = request_headers(request, strip_auth=broker.config.auth.token is not None, consumer=consumer)
+    async with broker.scheduler_for(name).job(name, kind, request_id=request[REQUEST_ID]) as job:
+        _, path = mount_job_path(job.target, method, upstream_path)  # the config it was admitted with
+        # The path the guards matched goes to the consumer (not the entry's spelling), with the query.
+        return await forward_job(request, broker, job, replace(path, path=upstream_path), body, headers)
 
 
 def _refuse_own_routes(consumer: ConsumerConfig, method: str, path: str) -> None:
