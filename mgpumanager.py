@@ -4070,6 +4070,35 @@ class QueueSnapshot:
     max_overtake_s: float
 
 
+def queue_snapshot(lock: GpuLock, rooms: RoomMaker, config: Config) -> QueueSnapshot:
+    """A GPU's queue, lock and consumers now, as the forecast plays them forward."""
+    views = rooms.views()
+    states = rooms.states
+    names = set(views) | {j.consumer for j in lock.waiting}
+    timings = {
+        (name, what): seconds
+        for name in names
+        if name in states
+        for what in TIMED
+        if (seconds := states[name].timing(what)) is not None
+    }
+    now = lock.clock()
+    sched = config.scheduler
+    return QueueSnapshot(
+        lock.waiting.copy(),
+        lock.holder,
+        now - lock.held_since,
+        now,
+        views,
+        timings,
+        rooms.gpu.last_free_mib(),
+        config.gpu.cushion_mib,
+        sched.max_evictions,
+        sched.aging_s,
+        sched.max_overtake_s,
+    )
+
+
 def expected_waits(
     snap: QueueSnapshot, until: Job | None = None, count: int | None = None
 ) -> list[tuple[Job, float]]:
@@ -4212,6 +4241,7 @@ class GpuLock:
     def __init__(
         self,
         shared: Shared,
+        index: int,
         clock: Callable[[], float],
         recorder: Recorder,
         *,
@@ -4220,6 +4250,7 @@ class GpuLock:
         on_grant: Callable[[Job], None],
     ) -> None:
         self.shared = shared
+        self.index = index
         self.clock = clock
         self.recorder = recorder
         self.resident = resident
@@ -4375,6 +4406,30 @@ class GpuLock:
         self.waiting.remove(job)
         job.granted.set_exception(error)
 
+    def forget(self) -> None:
+        """After a reload: jobs waiting for a consumer gone (or on another GPU now) get no_consumer."""
+        for job in [j for j in self.waiting if not j.granted.done()]:
+            now = self.config.consumers.get(job.consumer)
+            if (now is not None and now.gpu == self.index) or job.kind == RESERVATION:  # (no consumer's)
+                continue
+            why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
+            self.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
+        self.dispatch()
+
+    def shut_down(self) -> None:
+        """Queue nothing more, and answer every queued job with shutting_down."""
+        self.closing = True
+        for job in [j for j in self.waiting if not j.granted.done()]:
+            self.refuse(job, BrokerError("shutting_down", "the broker is shutting down", job.consumer))
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no job or hold holds the lock, at most ``timeout_s``; whether it got idle."""
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
     def queue(self) -> list[Job]:
         """Waiting jobs, highest effective priority first, then by arrival."""
         now, aging_s = self.clock(), self.config.scheduler.aging_s
@@ -4447,9 +4502,10 @@ class RoomMaker:
         no GPU reading, no eviction."""
         return self.states[job.consumer].known_resident() or job.target.vram_resident_mib == 0
 
-    async def prepare(self, job: Job, *, warm: bool = False) -> None:
-        """Make room for the target and load it. ``warm`` (an admin load) also loads a target of unknown
-        residency. A job whose caller left gets nothing more unloaded or loaded for it."""
+    async def ready(self, job: Job, *, warm: bool = False) -> None:
+        """Make the GPU ready for a granted job: room made for its target, and the target loaded. ``warm``
+        (an admin load) also loads a target of unknown residency. A job whose caller left gets nothing more
+        unloaded or loaded for it."""
         async with self.lock:
             state = self.states[job.consumer]
             if self.needs_no_room(job) or job.left:
@@ -5026,7 +5082,7 @@ class JobLease:
         s = self.scheduler
         if self.step is None and s.rooms.needs_no_room(job):  # (the common case: no task, no lock)
             return
-        task = s.own(asyncio.ensure_future(s.rooms.prepare(job) if self.step is None else self.step(job)))
+        task = s.own(asyncio.ensure_future(s.rooms.ready(job) if self.step is None else self.step(job)))
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -5070,6 +5126,7 @@ class Scheduler:
         self.recorder = Recorder(self.index, self.events, self.metrics, shared)
         self.lock = GpuLock(
             shared,
+            self.index,
             clock,
             self.recorder,
             resident=lambda name: name in self.states and self.states[name].resident is True,
@@ -5175,7 +5232,7 @@ class Scheduler:
 
     async def load_now(self, name: str) -> Job:
         """Admin: make room for a consumer and load it (warm-up), holding the lock alone."""
-        step = functools.partial(self.rooms.prepare, warm=True)
+        step = functools.partial(self.rooms.ready, warm=True)
         async with self.job(name, "load", exclusive=True, step=step) as job:
             return job
 
@@ -5359,32 +5416,6 @@ class Scheduler:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    # ---- the GPU's life: a reload, shutting down ----------------------------------------------------
-
-    def forget(self) -> None:
-        """After a reload: jobs waiting for a consumer gone (or on another GPU now) get no_consumer."""
-        for job in [j for j in self.lock.waiting if not j.granted.done()]:
-            now = self.config.consumers.get(job.consumer)
-            if (now is not None and now.gpu == self.index) or job.kind == RESERVATION:  # (no consumer's)
-                continue
-            why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
-            self.lock.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
-        self.lock.dispatch()
-
-    def shut_down(self) -> None:
-        """Admit nothing more, and answer every queued job with shutting_down."""
-        self.lock.closing = True
-        for job in [j for j in self.lock.waiting if not j.granted.done()]:
-            self.lock.refuse(job, BrokerError("shutting_down", "the broker is shutting down", job.consumer))
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no job or hold holds the lock, at most ``timeout_s``; whether it got idle."""
-        try:
-            await asyncio.wait_for(self.lock.idle.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            return False
-        return True
-
     async def close(self) -> None:
         """Cancel the work the scheduler owns (holds, steps whose caller left)."""
         for task in list(self.tasks):
@@ -5397,31 +5428,7 @@ class Scheduler:
         """The waiting jobs in the order they are expected to be granted, each with its expected wait
         (``expected_waits``, from a snapshot of now); it stops once ``until`` has its place, or after
         ``count`` jobs."""
-        views = self.rooms.views()
-        names = set(views) | {j.consumer for j in self.lock.waiting}
-        timings = {
-            (name, what): seconds
-            for name in names
-            if name in self.states
-            for what in TIMED
-            if (seconds := self.states[name].timing(what)) is not None
-        }
-        cfg = self.config
-        now = self.clock()
-        snap = QueueSnapshot(
-            self.lock.waiting.copy(),
-            self.lock.holder,
-            now - self.lock.held_since,
-            now,
-            views,
-            timings,
-            self.gpu.last_free_mib(),
-            cfg.gpu.cushion_mib,
-            cfg.scheduler.max_evictions,
-            cfg.scheduler.aging_s,
-            cfg.scheduler.max_overtake_s,
-        )
-        return expected_waits(snap, until, count)
+        return expected_waits(queue_snapshot(self.lock, self.rooms, self.config), until, count)
 
     def eta(self, job: Job | None) -> float | None:
         """The expected wait of a waiting ``job`` (None: of the first one to be granted)."""
@@ -6559,7 +6566,7 @@ class Broker:
         self.connections.configure(new)
         changes += [f"added GPU {index}" for index in self.add_gpus()]
         for scheduler in self.schedulers.values():
-            scheduler.forget()
+            scheduler.lock.forget()
         return changes
 
     def scheduler_for(self, name: str) -> Scheduler:
@@ -7949,7 +7956,7 @@ async def _drain(app: web.Application) -> None:
     schedulers = list(broker.schedulers.values())
     for s in schedulers:
         s.reservations.release("shutdown")  # a restart does not restore it
-        s.shut_down()
+        s.lock.shut_down()
     broker.events.close()
     timeout = broker.config.scheduler.shutdown_timeout_s
     for s in schedulers:
@@ -7963,7 +7970,7 @@ async def _drain(app: web.Application) -> None:
                     holds=s.holds,
                 )
             )
-    idle = await asyncio.gather(*(s.wait_idle(timeout) for s in schedulers))
+    idle = await asyncio.gather(*(s.lock.wait_idle(timeout) for s in schedulers))
     for s, done in zip(schedulers, idle, strict=True):
         if not done:
             log.warning(

@@ -3516,6 +3516,30 @@ async def test_a_prompt_queued_behind_a_long_render_is_told_to_wait(rig):
         await until(lambda: r.broker.scheduler.holder is None)
 
 
+async def test_the_forecast_charges_a_swap_what_plan_room_would_unload_and_no_more():
+    """The forecast asks plan_room what a swap unloads, on the GPU as the newest reading shows it: x fits
+    beside t, so x's jobs pay its load, not t's unload (the forecast's own swap model unloaded every
+    resident consumer that may not coexist: 10 s more). With no reading yet it takes nothing as free: then
+    t goes, as plan_room decides for a full GPU."""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    gpu.held["t"] = 4000
+    ops.states["t"].loaded()
+    ops.states["t"].learned("unload", 10.0)
+    for name in ("x", "y", "z"):
+        ops.states[name].unloaded()
+    ops.states["x"].learned("load", 1.0)
+    holding = await s.acquire("t", "kt")
+    first, second = await _queued(s, "x"), await _queued(s, "x")
+    # Both wait for t's job (no learned time: at least RUNNING_FLOOR_S); the second also for x's swap.
+    assert [eta for _, eta in s.forecast()] == [1.0, 12.0]  # nothing read yet: none free
+    await gpu.read_memory()  # 16384 - 480 - 4000 MiB free: x's 4000 + 256 fit beside t
+    assert [eta for _, eta in s.forecast()] == [1.0, 2.0]
+    holding.release("completed")
+    (await first).release("completed")
+    (await second).release("completed")
+    assert ops.calls == [("load", "x")] and books_balance(s)
+
+
 async def test_a_running_job_counts_as_at_least_what_it_has_run_plus_a_floor():
     """Issue 18: a holder that had run past its learned job time added 0 to the forecast, so a prompt
     queued behind a long render said eta_s 0.0 and then waited 52.7 s. It counts as at least
@@ -7931,7 +7955,7 @@ async def test_a_reload_while_a_reservation_waits_for_the_gpu_keeps_it_waiting()
     reserving = asyncio.ensure_future(s.reservations.reserve(60, "gaming"))
     await until(lambda: len(s.queue()) == 1)
     s.shared.config = small_config()  # a reload: the same consumers
-    s.forget()
+    s.lock.forget()
     holding.release("completed")
     res = await asyncio.wait_for(reserving, 5)
     assert s.reservation is res and s.holder == m.RESERVATION
@@ -9661,6 +9685,68 @@ async def test_a_crash_in_a_handler_is_scheduler_error_in_the_shape_and_counted(
         error_of(resp.status, dict(resp.headers), await resp.read(), "scheduler_error")
     assert r.broker.internal_errors() == 1
     r.expected_internal_errors = 1
+
+
+async def test_a_lease_ends_its_job_exactly_once_on_every_path():
+    """``async with scheduler.job(...)``: its exit ends the job once, as the block ended: completed;
+    failed with a BrokerError's code; cancelled by a cancellation or by a client that left; a bug failed
+    as scheduler_error, counted once and raised as that. A job the block ended itself (its answer read
+    whole) is left as it ended, whatever comes after."""
+    s, _, ops, _ = make_scheduler(small_config())
+    ops.states["t"].loaded()
+    async with s.job("t", "kt") as job:
+        assert s.holder == "t" and job.state == "running" and job.working
+    assert (job.outcome, s.holder) == ("completed", None)
+    ends = []
+    for raised in (
+        m.BrokerError("consumer_timeout", "slow", "t"),
+        asyncio.CancelledError(),
+        ConnectionResetError("client left"),
+        RuntimeError("a bug"),
+    ):
+        with pytest.raises(BaseException) as info:
+            async with s.job("t", "kt") as job:
+                raise raised
+        assert (s.holder, s.slots) == (None, 0)
+        ends.append((job.outcome, job.code))
+        if isinstance(raised, RuntimeError):  # a bug: answered as scheduler_error, its cause kept
+            assert info.value.code == "scheduler_error" and info.value.__cause__ is raised
+        else:
+            assert info.value is raised
+    assert ends == [
+        ("failed", "consumer_timeout"),
+        ("cancelled", None),
+        ("cancelled", None),
+        ("failed", "scheduler_error"),
+    ]
+    assert s.shared.internal_errors == 1  # the bug, once
+    with pytest.raises(ConnectionResetError):
+        async with s.job("t", "kt") as job:
+            job.release("completed", status=200, success=True)  # its answer was read whole
+            raise ConnectionResetError("the client left while its last bytes were written")
+    assert (job.outcome, job.http, s.holder) == ("completed", 200, None)
+    for _ in range(3):
+        await asyncio.sleep(0)  # (the books follow the hand-over)
+    assert s.stats.jobs == 6 and s.stats.completed == 2 and books_balance(s)
+
+
+async def test_a_bug_while_a_job_is_forwarded_is_scheduler_error_counted_once_and_frees_the_gpu(
+    rig, monkeypatch
+):
+    """A bug in the handler after the grant (here, while the answer is relayed): the lease ends the job
+    failed (scheduler_error) and counts it once; the front door answers it without counting it again."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+
+    async def broken_relay(*args: Any, **kw: Any) -> web.StreamResponse:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(m, "relay", broken_relay)
+    error_of(*await r.post("tts", {"text": "a"}), "scheduler_error")
+    assert r.broker.internal_errors() == 1
+    r.expected_internal_errors = 1
+    assert (r.stats.failed, r.broker.scheduler.holder) == (1, None)
+    monkeypatch.undo()
+    assert (await r.post("tts", {"text": "b"}))[0] == 200  # the GPU is free
 
 
 async def test_crash_inside_the_scheduler_is_scheduler_error_and_counted():
