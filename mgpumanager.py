@@ -34,8 +34,28 @@ metrics (/metrics), a live page with a timeline (/), systemd's notify protocol a
 (SIGHUP) and a graceful drain on SIGTERM. Given a verb (``mgpumanager.py ps``, ``events``, ...), the same
 file is a command line for a running broker.
 
-Sections, in dependency order: constants and config; errors; events and metrics; GPU reading; consumers and
-health; the scheduler; the proxy; the HTTP app (with the dashboard page); the CLI.
+Sections, in dependency order:
+
+- Constants.
+- Errors: ``BrokerError``, the one root of the broker's errors (code, status, retryable), and its kinds.
+- Config: the dataclasses, the loader, the presets; ``Shared``, the config in force (a reload swaps it there,
+  once) and the bugs caught anywhere, counted once.
+- Failures and log lines: what a failed call means (``describe``, ``gone_reason``); ``logfmt``.
+- Events and metrics: ``Events`` (/v1/events and its ring), ``Notifier`` (systemd), ``Metrics``.
+- GPU reading: ``GpuReader`` (nvidia-smi, parsed off the loop).
+- Consumers and health: ``ConsumerState`` (its named transitions), ``Consumers`` (probes, loads, unloads,
+  measuring).
+- The scheduler, in parts: ``Job``; the ``Recorder`` (one record of each fact, four views); the pure
+  decisions, each a function of a snapshot: ``plan_room`` (eviction), ``next_grant`` (the grant order),
+  ``needs_no_swap`` (the "warm" both use), ``expected_waits`` (the forecast); ``GpuLock`` (the lock core:
+  admission to the queue, grants, release, each consumer's job count); ``RoomMaker`` (carries a plan out,
+  loads); ``Holds``; ``Reservations``; ``JobLease`` and ``Scheduler`` (one per GPU: composes its parts and
+  hands out leases); ``InternalJobs`` (idle unloads and preloads, on every GPU).
+- The proxy: ``forward`` and ``forward_job`` (``relay``, streamed), the holds' polls, WebSockets.
+- The broker: ``Broker``, the composition root.
+- The HTTP app: the front door, the handlers, the client connections, the consumers' ports, ``create_app``,
+  the dashboard page.
+- The CLI: logging, ``serve``, the verbs for a running broker, ``main()``.
 """
 
 from __future__ import annotations
@@ -4045,14 +4065,14 @@ def needs_no_swap(target: ConsumerConfig, resident: bool, holder: str | None) ->
     return resident and (holder is None or holder == target.name or holder in target.can_coexist_with)
 
 
-# ---- the forecast: the grant order played forward, a pure function of a snapshot -----------------
+# ---- the forecast: the grant order played forward, a pure function of a snapshot --------------------
 
 
 @dataclass(frozen=True)
 class QueueSnapshot:
     """Everything the forecast depends on, at one moment."""
 
-    #: The waiting jobs (a copy: the forecast takes them out as it grants them).
+    #: The waiting jobs (a copy of the lock's queue).
     waiting: WaitQueue
     #: Who holds the lock and for how long it has.
     holder: str | None
@@ -4112,14 +4132,12 @@ def expected_waits(
     free MiB, none when there is no reading yet) and its own load when it is not resident. It stops once
     ``until`` has its place, or after ``count`` jobs.
     """
-    waiting = snap.waiting
+    waiting = snap.waiting.copy()  # (taken out one by one as they are granted)
     views = {name: replace(view, jobs=0) for name, view in snap.consumers.items()}
     free = snap.free_mib or 0
     t = 0.0
     current = snap.holder
-    if (
-        current is not None
-    ):  # what it still takes, at least RUNNING_FLOOR_S; its consumer is (or will be) loaded
+    if current is not None:  # what it still takes (at least RUNNING_FLOOR_S); its consumer is loaded
         t = max(RUNNING_FLOOR_S, snap.timings.get((current, "job"), 0.0) - snap.held_s)
         if current in views:
             views[current] = replace(views[current], resident=True, trusted=True)
@@ -4457,7 +4475,7 @@ class UnloadOps(Protocol):
     def gone(self, name: str, reason: str) -> None: ...
 
 
-# ---- making room: carrying the plan out ----------------------------------------------------------
+# ---- making room: carrying the plan out -------------------------------------------------------------
 
 
 class RoomMaker:
@@ -4718,7 +4736,7 @@ class RoomMaker:
         self.recorder.learned(state, "load", took, job.id)
 
 
-# ---- holds: the GPU kept after an answer until the consumer's work is done ----------------------
+# ---- holds: the GPU kept after an answer until the consumer's work is done --------------------------
 
 
 class Holds:
@@ -4825,7 +4843,7 @@ class Holds:
         )
 
 
-# ---- reservations: the GPU given to something else for a while ----------------------------------
+# ---- reservations: the GPU given to something else for a while --------------------------------------
 
 
 @dataclass(eq=False)
@@ -5019,7 +5037,7 @@ class Reservations:
         return True
 
 
-# ---- a job's lease, and the scheduler that hands leases out ------------------------------------
+# ---- a job's lease, and the scheduler that hands leases out -----------------------------------------
 
 
 class JobLease:
@@ -5465,7 +5483,7 @@ class Scheduler:
         }
 
 
-# ---- internal jobs: idle unloads and preloads -----------------------------------------------------
+# ---- internal jobs: idle unloads and preloads -------------------------------------------------------
 
 
 class InternalJobs:
