@@ -475,7 +475,7 @@ def broker_config(port: int, smi: str, ports: dict[str, int]) -> str:
     return f"""\
 # Written by bench.py: mgpusim's consumers on a simulated 16 GiB GPU, and bench.py's echo consumer.
 listen: {LOOPBACK}:{port}
-gpu: {{nvidia_smi: {q(smi)}, index: 0, cushion_mib: 256, query_timeout_s: 5}}
+gpu: {{nvidia_smi: {q(smi)}, reader: nvidia-smi, index: 0, cushion_mib: 256, query_timeout_s: 5}}
 scheduler: {{max_queue: 1100, queue_timeout_s: 120, max_evictions: 5, vram_wait_s: 10, aging_s: 60,
             max_body_mib: 64}}
 health: {{interval_s: 5, timeout_s: 2}}
@@ -905,7 +905,7 @@ def mixed_config(port: int, smi: str, ports: dict[str, int], trace: Trace, overt
     return f"""\
 # Written by bench.py (measurement 8): mgpusim's mvoice and ComfyUI on a simulated 16 GiB GPU.
 listen: {LOOPBACK}:{port}
-gpu: {{nvidia_smi: {q(smi)}, index: 0, cushion_mib: 256, query_timeout_s: 5}}
+gpu: {{nvidia_smi: {q(smi)}, reader: nvidia-smi, index: 0, cushion_mib: 256, query_timeout_s: 5}}
 scheduler: {{max_queue: 64, queue_timeout_s: 300, max_evictions: 5, vram_wait_s: 10,
             aging_s: {MIX_AGING_S:g}{bound}}}
 health: {{interval_s: 5, timeout_s: 2}}
