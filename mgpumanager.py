@@ -2615,10 +2615,13 @@ class NvmlThread:
         self.hung_since: float | None = None
         #: Calls abandoned to the thread so far.
         self.hangs = 0
+        self._stopped = False
 
     async def call(self, fn: Callable[[], Any], timeout_s: float) -> Any:
         """``fn()`` in the thread; GpuError when it does not return within ``timeout_s`` or another call is
         hung."""
+        if self._stopped:
+            raise GpuError("NVML: the reader closed")
         hung_since = self.hung_since
         if hung_since is not None:
             raise GpuError(
@@ -2669,6 +2672,7 @@ class NvmlThread:
 
     def stop(self) -> None:
         """End the thread once the calls before this one are done (a hung one never ends: a daemon thread)."""
+        self._stopped = True
         if self._thread is not None:
             self._queue.put(None)
 
@@ -2917,13 +2921,18 @@ class GpuReader:
             source = NvmlSource(self.index)
             try:
                 driver = await source.open(self.config.query_timeout_s)
-            except GpuError as e:
+            except Exception as e:
+                why = str(e)
+                if not isinstance(e, GpuError):  # a bug (or a binding that raises what it should not)
+                    self.crashes += 1
+                    why = describe(e)
+                    log.exception(logfmt(msg="loading NVML crashed", gpu=self.index, error=why))
                 if wanted == "nvml":  # each reading tries again, gpu_unavailable meanwhile
-                    log.error(logfmt(msg="gpu reader nvml did not load", gpu=self.index, error=str(e)))
+                    log.error(logfmt(msg="gpu reader nvml did not load", gpu=self.index, error=why))
                 else:
                     await source.close(self.config.query_timeout_s)
                     source = SmiSource(self.index)
-                    log.info(logfmt(msg="gpu reader", gpu=self.index, reader=source.name, nvml=str(e)))
+                    log.info(logfmt(msg="gpu reader", gpu=self.index, reader=source.name, nvml=why))
             else:
                 log.info(logfmt(msg="gpu reader", gpu=self.index, reader=source.name, driver=driver))
         old, self._source, self._source_for = self._source, source, wanted

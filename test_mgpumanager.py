@@ -8353,6 +8353,32 @@ async def test_daemon_with_gpu_reader_nvml_evicts_through_nvml_readings_of_the_s
     assert names.count("nvmlDeviceGetMemoryInfo_v2") >= 3  # the readings before and after the unload
 
 
+async def test_daemon_with_a_hung_nvml_call_answers_gpu_unavailable_at_once_and_still_stops(rig, nvml_stub):
+    """A driver fault hangs NVML: the daemon answers gpu_unavailable after query_timeout_s, then at once,
+    goes on serving what needs no reading, and stops on SIGTERM as usual: the hung thread is left behind,
+    never awaited (nor nvmlShutdown called into a hung NVML)."""
+    r = await rig(sims={"mvoice": {"loaded": False}})
+    raw = copy.deepcopy(r.raw)
+    raw["gpu"].update(reader="nvml", query_timeout_s=0.5)
+    env = {"LD_LIBRARY_PATH": str(nvml_stub.parent), "MGPUSIM_STATE": str(r.state)}
+    daemon = Daemon(raw, r.tmp_path, (str(r.tmp_path / "no-nvidia-smi"),), env)
+    async with daemon:
+        assert (await daemon.status(r.session))["gpu"]["reader"] == "nvml"
+        r.gpu.set_nvml_fault(hang=True)  # every NVML call blocks
+        messages = []
+        for _ in range(3):
+            async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+                body = await resp.read()
+                messages.append(error_of(resp.status, dict(resp.headers), body, "gpu_unavailable")["message"])
+        assert "NVML did not answer within 0.5 s" in messages[0]
+        assert all("NVML has not answered for" in msg for msg in messages[1:]), messages
+        async with r.session.get(daemon.url("/healthz")) as resp:
+            assert resp.status == 200
+    assert daemon.proc.returncode == 0, daemon.log
+    assert "NVML call hung: left to its thread" in daemon.log
+    assert "NVML left without nvmlShutdown: a call hangs" in daemon.log
+
+
 async def test_daemon_with_gpu_reader_auto_reads_through_nvidia_smi_where_nvml_does_not_load(
     rig, nvml_stub, tmp_path
 ):
