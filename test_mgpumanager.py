@@ -11140,6 +11140,84 @@ def test_bench_overtaking_counts_later_jobs_of_no_higher_effective_priority():
     assert all(j.overtaken_s == 0 and not j.overtakers for j in strict)
 
 
+def admission_round(
+    n: int, to_queue: float, healthz: list[float], served: int | None = None
+) -> dict[str, Any]:
+    return {
+        "n": n,
+        "to_queue": to_queue,
+        "first": 0.01,
+        "events": n,
+        "healthz": healthz,
+        "healthz_ok": True,
+        "quiet": [0.001],
+        "served": n if served is None else served,
+        "lost": 0 if served is None else n - served,
+        "errors": ["200"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("large_s", "healthz", "served", "met"),
+    [
+        (3.9, [0.001] * 99 + [0.5], None, (True, True, True)),  # 1.95x; one slow answer of 100 is the p99 ...
+        (4.1, [0.001] * 99 + [0.5], None, (True, True, False)),  # 2.05x per job
+        (3.9, [0.001] * 98 + [0.5, 0.5], None, (True, False, True)),  # ... two are not
+        (3.9, [0.001] * 100, 1999, (True, False, True)),  # a job not served
+    ],
+)
+def test_bench_admission_compares_the_cost_per_job_and_healthz_p99_with_their_targets(
+    tmp_path, large_s, healthz, served, met
+):
+    """Measurement 9's targets (issue 21): queueing 2,000 jobs costs at most 2x per job what 200 cost, and
+    /healthz's p99 stays under 20 ms while they are queued (every job served in the end)."""
+    b = bench.Bench(quick=False, workdir=tmp_path, children=bench.Children(tmp_path))
+    b.report_admission(
+        [admission_round(200, 0.2, [0.001] * 100), admission_round(2000, large_s, healthz, served)]
+    )
+    assert [row.met for row in b.rows] == list(met)
+    assert b.rows[2].broker == f"{large_s / 2000 / (0.2 / 200):.1f}x" and b.rows[2].target == "<= 2x"
+    assert [ok for _, ok, _ in b.targets] == [met[2], met[0], met[1]]
+    analysis = "\n".join(b.analysis())  # a target not met is explained there
+    assert ("- Admission: a job costs 1.00 ms to queue behind 200 others" in analysis) == (not met[2])
+    assert ("- /healthz while jobs are queued: p99" in analysis) == (healthz.count(0.5) > 1)
+
+
+def test_bench_reading_cost_reads_through_the_reader_it_names_and_both_agree(nvml_stub, tmp_path):
+    """Measurement 10's tool: `bench.py reading-cost` times mgpumanager's own reader, the one it names (or
+    exits 3): over one simulated GPU, NVML through the stub and nvidia-smi through mgpusim's stand-in give
+    the same figures."""
+    gpu = mgpusim.SimGPU(tmp_path / "gpu.json")
+    gpu.allocate("comfyui", 13000, pid=os.getpid(), process=cmdline0(os.getpid()))
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": str(nvml_stub.parent),
+        "MGPUSIM_STATE": str(tmp_path / "gpu.json"),
+    }
+    outs = {}
+    for reader in ("nvml", "nvidia-smi"):
+        argv = [PY, str(HERE / "bench.py"), "reading-cost", "--reader", reader, "--n", "3", "--calls", "10"]
+        res = subprocess.run(
+            [*argv, "--smi", shlex.join(sim_smi(tmp_path / "gpu.json"))],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        assert res.returncode == 0, res.stderr.decode()[-2000:]
+        outs[reader] = json.loads(res.stdout)
+        assert outs[reader]["reader"] == reader and len(outs[reader]["whole"]) == 3
+    assert outs["nvml"]["reading"] == outs["nvidia-smi"]["reading"]
+    assert outs["nvml"]["reading"]["processes"] == [[os.getpid(), 13000]]
+    assert len(outs["nvml"]["call"]) == 10 and outs["nvidia-smi"]["call"] == []
+    res = subprocess.run(  # NVML does not load (no state: the stub's "Driver Not Loaded"): not measured
+        [PY, str(HERE / "bench.py"), "reading-cost", "--reader", "nvml", "--n", "1"],
+        env={k: v for k, v in env.items() if k != "MGPUSIM_STATE"},
+        capture_output=True,
+        timeout=60,
+    )
+    assert res.returncode == 3 and "NVML nvmlInit: Driver Not Loaded" in json.loads(res.stdout)["error"]
+
+
 # =====================================================================================================
 # 13. The documentation
 # The README as a front door, its manual in docs/ whole and linked, every error code and config key in it.
