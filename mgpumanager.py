@@ -8,11 +8,12 @@ request to the consumer that ``routing`` names, and runs it as a *job* through o
 The model, in one paragraph: a GPU's lock is held by one consumer at a time, which may run up to its
 ``max_concurrency`` jobs. Waiting jobs are ordered by effective priority (the consumer's priority plus one
 level per ``aging_s`` waited) and then by arrival. Before a job runs, the broker makes room: unless the target
-is known to be resident, it reads free VRAM from nvidia-smi and, while the target does not fit, unloads the
-least recently used consumer that may not coexist with it, through that consumer's own unload route, then
-polls until the memory really shows up as free. Then it loads the target if it is known to be unloaded, and
-forwards the request, streaming the answer back unchanged. Every failure of the broker's own is a JSON error
-``{error, message, consumer, retryable}``; whatever a consumer answers passes through untouched.
+is known to be resident, it reads free VRAM (through NVML, or nvidia-smi) and, while the target does not fit,
+unloads the least recently used consumer that may not coexist with it, through that consumer's own unload
+route, then polls until the memory really shows up as free. Then it loads the target if it is known to be
+unloaded, and forwards the request, streaming the answer back unchanged. Every failure of the broker's own
+is a JSON error ``{error, message, consumer, retryable}``; whatever a consumer answers passes through
+untouched.
 
 Known limits: one broker per machine (its state is in memory; a restart forgets residency and last use);
 memory held by processes outside the broker is seen only as "not free"; a consumer that allocates more than

@@ -6,7 +6,7 @@ structure. Helpers used by more than one section come first; a section's own hel
 Contents
  1. Config: every rule of consumers.yaml, each naming its key; the parser's failures; mgpumanager --check.
  2. GPU reading: nvidia-smi's output from the real captures, its failures and timeouts, processes and their
-    owners.
+    owners; NVML against a stub libnvidia-ml.so.1 over the same simulated GPU, its errors and hangs.
  3. Consumers and residency: health probes, what the GPU and the services show against the broker's own
     record, restarts.
  4. Scheduling order, the lock and the queue: grant order, overtaking, aging, joins, the queue's bounds,
@@ -1593,7 +1593,8 @@ def test_a_consumer_cannot_be_named_like_the_reservation():
 
 # =====================================================================================================
 # 2. GPU reading
-# Nvidia-smi's output from the real captures, its failures and timeouts, processes and their owners.
+# Nvidia-smi's output from the real captures, its failures and timeouts, processes and their owners; NVML
+# against a stub libnvidia-ml.so.1 (gpu.reader), its errors and hangs.
 # =====================================================================================================
 
 
