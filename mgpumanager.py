@@ -2742,7 +2742,8 @@ class NvmlSource:
         try:
             nv.nvmlDeviceGetMemoryInfo(handle, version=nv.nvmlMemory_v2)
         except Exception as e:
-            if isinstance(e, (nv.NVMLError_FunctionNotFound, nv.NVMLError_ArgumentVersionMismatch)):
+            names = ("NVMLError_FunctionNotFound", "NVMLError_ArgumentVersionMismatch")
+            if isinstance(e, tuple(getattr(nv, name) for name in names if hasattr(nv, name))):
                 self._v2 = False
                 log.warning(
                     logfmt(
