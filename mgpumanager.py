@@ -2614,8 +2614,6 @@ class NvmlThread:
         #: When the call running now began (monotonic), and when the one that overran its time began.
         self._running_since: float | None = None
         self.hung_since: float | None = None
-        #: Calls abandoned to the thread so far.
-        self.hangs = 0
         self._stopped = False
 
     async def call(self, fn: Callable[[], Any], timeout_s: float) -> Any:
@@ -2641,7 +2639,6 @@ class NvmlThread:
                 hung = not future.done()
                 if hung:
                     self.hung_since = self._running_since or time.monotonic()
-                    self.hangs += 1
             if hung:
                 log.error(
                     logfmt(msg="NVML call hung: left to its thread", thread=self.name, limit_s=timeout_s)
@@ -2651,9 +2648,9 @@ class NvmlThread:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             fn, future = item
-            self._running_since = time.monotonic()
             if not future.set_running_or_notify_cancel():
                 continue  # its caller gave up before it began
+            self._running_since = time.monotonic()
             result: Any = None
             error: BaseException | None = None
             try:
