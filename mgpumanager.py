@@ -2476,6 +2476,32 @@ async def run_nvidia_smi(argv: Sequence[str], timeout_s: float, max_output_mib: 
     return done.stdout.decode(errors="replace")
 
 
+class GpuSource(Protocol):
+    """Where a GPU's readings come from (gpu.reader): SmiSource or NvmlSource. GpuReader shares, keeps and
+    tells its readings; a source only makes them."""
+
+    #: ``nvidia-smi`` or ``nvml``; readings made (nvidia-smi: processes started).
+    name: str
+    queries: int
+
+    async def read(
+        self,
+        cfg: GpuConfig,
+        *,
+        whole: bool,
+        started: float,
+        read_at: float,
+        finish: Callable[[GpuReading], GpuReading] | None,
+    ) -> GpuReading:
+        """A reading started at ``started`` (GpuError when the GPU cannot be read): with the process list when
+        ``whole``, then passed through ``finish`` off the event loop."""
+        ...
+
+    async def close(self, timeout_s: float) -> None:
+        """Give back what it holds, waiting ``timeout_s`` at most."""
+        ...
+
+
 class SmiSource:
     """Readings from nvidia-smi: two processes for a whole reading (the GPU's line and its compute processes),
     one for the GPU's line alone; their output parsed (and the processes attributed) in a worker thread."""
@@ -2850,9 +2876,6 @@ class NvmlSource:
         if self._nvml is not None:
             self._nvml = self._device = None
             NVML.release()
-
-
-GpuSource = SmiSource | NvmlSource
 
 
 class GpuReader:

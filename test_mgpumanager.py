@@ -2213,11 +2213,11 @@ async def test_a_hung_nvml_call_is_left_to_its_thread_and_readings_fail_at_once_
     thread (never awaited again); while it hangs, every reading fails at once, asking NVML nothing and
     starting no thread; when it returns, readings work again, through the same one thread."""
     before = nvml_threads()
-    reader = m.GpuReader(nvml_config(query_timeout_s=0.3))
+    reader = m.GpuReader(nvml_config(query_timeout_s=1.0))
     try:
         await reader.read()
         nvml.gpu.set_nvml_fault("nvmlDeviceGetMemoryInfo_v2", hang=True)
-        with pytest.raises(m.GpuError, match=r"NVML did not answer within 0\.3 s"):
+        with pytest.raises(m.GpuError, match=r"NVML did not answer within 1 s"):
             await reader.read()
         asked = len(nvml.calls())
         for _ in range(5):
@@ -8360,7 +8360,7 @@ async def test_daemon_with_a_hung_nvml_call_answers_gpu_unavailable_at_once_and_
     never awaited (nor nvmlShutdown called into a hung NVML)."""
     r = await rig(sims={"mvoice": {"loaded": False}})
     raw = copy.deepcopy(r.raw)
-    raw["gpu"].update(reader="nvml", query_timeout_s=0.5)
+    raw["gpu"].update(reader="nvml", query_timeout_s=1.0)
     env = {"LD_LIBRARY_PATH": str(nvml_stub.parent), "MGPUSIM_STATE": str(r.state)}
     daemon = Daemon(raw, r.tmp_path, (str(r.tmp_path / "no-nvidia-smi"),), env)
     async with daemon:
@@ -8371,7 +8371,7 @@ async def test_daemon_with_a_hung_nvml_call_answers_gpu_unavailable_at_once_and_
             async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
                 body = await resp.read()
                 messages.append(error_of(resp.status, dict(resp.headers), body, "gpu_unavailable")["message"])
-        assert "NVML did not answer within 0.5 s" in messages[0]
+        assert "NVML did not answer within 1 s" in messages[0]
         assert all("NVML has not answered for" in msg for msg in messages[1:]), messages
         async with r.session.get(daemon.url("/healthz")) as resp:
             assert resp.status == 200
