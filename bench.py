@@ -2761,10 +2761,10 @@ class Bench:
             p99s, longest = self.facts["admission_p99"], self.facts["admission_max"]
             if large > ADMISSION_RATIO_TARGET * small:
                 out.append(
-                    f"- Admission: a job costs {ms(small, 2)} to queue behind {n_small:,.0f} others and"
-                    f" {ms(large, 2)} behind {n_large:,.0f} ({large / small:.1f}x): the cost grows with the"
-                    " queue, and the event loop stalls meanwhile (/healthz, measurement 9). Issue 21 finds"
-                    " the time in `Scheduler.forecast`, run once per queued event, and"
+                    f"- Admission: queueing {n_small:,.0f} jobs at once costs {ms(small, 2)} per job,"
+                    f" {n_large:,.0f} cost {ms(large, 2)} per job ({large / small:.1f}x): the cost grows with"
+                    " the queue, and the event loop stalls meanwhile (/healthz, measurement 9). Issue 21"
+                    " finds the time in `Scheduler.forecast`, run once per queued event, and"
                     " `WaitQueue.candidates`, in every dispatch."
                 )
             if max(p99s) >= HEALTHZ_P99_TARGET_S:
