@@ -8,11 +8,12 @@ request to the consumer that ``routing`` names, and runs it as a *job* through o
 The model, in one paragraph: a GPU's lock is held by one consumer at a time, which may run up to its
 ``max_concurrency`` jobs. Waiting jobs are ordered by effective priority (the consumer's priority plus one
 level per ``aging_s`` waited) and then by arrival. Before a job runs, the broker makes room: unless the target
-is known to be resident, it reads free VRAM from nvidia-smi and, while the target does not fit, unloads the
-least recently used consumer that may not coexist with it, through that consumer's own unload route, then
-polls until the memory really shows up as free. Then it loads the target if it is known to be unloaded, and
-forwards the request, streaming the answer back unchanged. Every failure of the broker's own is a JSON error
-``{error, message, consumer, retryable}``; whatever a consumer answers passes through untouched.
+is known to be resident, it reads free VRAM (through NVML, or nvidia-smi) and, while the target does not fit,
+unloads the least recently used consumer that may not coexist with it, through that consumer's own unload
+route, then polls until the memory really shows up as free. Then it loads the target if it is known to be
+unloaded, and forwards the request, streaming the answer back unchanged. Every failure of the broker's own
+is a JSON error ``{error, message, consumer, retryable}``; whatever a consumer answers passes through
+untouched.
 
 Known limits: one broker per machine (its state is in memory; a restart forgets residency and last use);
 memory held by processes outside the broker is seen only as "not free"; a consumer that allocates more than
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import concurrent.futures
 import contextlib
 import copy
 import errno
@@ -52,6 +54,7 @@ import gc
 import hashlib
 import hmac
 import http.client
+import importlib
 import ipaddress
 import itertools
 import json
@@ -86,6 +89,7 @@ from collections.abc import (
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
@@ -213,6 +217,8 @@ GPU_FIELDS = (
     "temperature.gpu",
 )
 APP_FIELDS = ("pid", "process_name", "used_memory", "gpu_uuid")
+#: gpu.reader: NVML when it loads, else nvidia-smi (``auto``), or the one named.
+GPU_READERS = ("auto", "nvml", "nvidia-smi")
 
 
 @dataclass(frozen=True)
@@ -372,9 +378,12 @@ class GpuConfig:
     #: The GPU of consumers that do not name one (``gpu: N``).
     index: int = 0
     cushion_mib: int = 256
+    #: Each reading (nvidia-smi's processes, NVML's calls) must answer within this.
     query_timeout_s: float = 5.0
     #: The most of nvidia-smi's output (each query's) that is read and parsed.
     max_output_mib: int = 8
+    #: Where readings come from (GPU_READERS): NVML when it loads, else nvidia-smi, by default.
+    reader: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -1323,8 +1332,14 @@ def parse_config(raw: Any) -> Config:
     host, port = _parse_listen(ck, top.get("listen", "0.0.0.0:8770"))
 
     g = ck.mapping(
-        top.get("gpu"), "gpu", ("nvidia_smi", "index", "cushion_mib", "query_timeout_s", "max_output_mib")
+        top.get("gpu"),
+        "gpu",
+        ("nvidia_smi", "index", "cushion_mib", "query_timeout_s", "max_output_mib", "reader"),
     )
+    reader = g.get("reader", "auto")
+    if reader not in GPU_READERS:
+        ck.problem("gpu.reader", f"must be one of {', '.join(GPU_READERS)}, not {reader!r}")
+        reader = "auto"
     smi = g.get("nvidia_smi", "nvidia-smi")
     argv: tuple[str, ...] = ()
     if isinstance(smi, str) and smi.strip():
@@ -1342,6 +1357,7 @@ def parse_config(raw: Any) -> Config:
         cushion_mib=ck.number(g, "cushion_mib", "gpu", 256, integer=True, zero_ok=True),
         query_timeout_s=ck.number(g, "query_timeout_s", "gpu", 5.0, integer=False),
         max_output_mib=ck.number(g, "max_output_mib", "gpu", 8, integer=True),
+        reader=reader,
     )
 
     fields = SchedulerConfig.__dataclass_fields__
@@ -2460,26 +2476,435 @@ async def run_nvidia_smi(argv: Sequence[str], timeout_s: float, max_output_mib: 
     return done.stdout.decode(errors="replace")
 
 
+class GpuSource(Protocol):
+    """Where a GPU's readings come from (gpu.reader): SmiSource or NvmlSource. GpuReader shares, keeps and
+    tells its readings; a source only makes them."""
+
+    #: ``nvidia-smi`` or ``nvml``; readings made (nvidia-smi: processes started).
+    name: str
+    queries: int
+
+    async def read(
+        self,
+        cfg: GpuConfig,
+        *,
+        whole: bool,
+        started: float,
+        read_at: float,
+        finish: Callable[[GpuReading], GpuReading] | None,
+    ) -> GpuReading:
+        """A reading started at ``started`` (GpuError when the GPU cannot be read): with the process list when
+        ``whole``, then passed through ``finish`` off the event loop."""
+        ...
+
+    async def close(self, timeout_s: float) -> None:
+        """Give back what it holds, waiting ``timeout_s`` at most."""
+        ...
+
+
+class SmiSource:
+    """Readings from nvidia-smi: two processes for a whole reading (the GPU's line and its compute processes),
+    one for the GPU's line alone; their output parsed (and the processes attributed) in a worker thread."""
+
+    name = "nvidia-smi"
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        #: How many nvidia-smi processes were started.
+        self.queries = 0
+
+    async def read(
+        self,
+        cfg: GpuConfig,
+        *,
+        whole: bool,
+        started: float,
+        read_at: float,
+        finish: Callable[[GpuReading], GpuReading] | None,
+    ) -> GpuReading:
+        """A reading started at ``started``: with the process list when ``whole`` (then passed through
+        ``finish``, in the worker thread)."""
+        fmt = "--format=csv,noheader,nounits"
+        base = [*cfg.nvidia_smi, "-i", str(self.index)]
+        limit_s, limit_mib = cfg.query_timeout_s, cfg.max_output_mib
+        gpu_query = run_nvidia_smi([*base, f"--query-gpu={','.join(GPU_FIELDS)}", fmt], limit_s, limit_mib)
+        if not whole:
+            self.queries += 1
+            text = await gpu_query
+            # (In a worker thread too: a broken nvidia-smi may print its 8 MiB here as well.)
+            return await asyncio.to_thread(self._parse, text, "", started, read_at, None)
+        self.queries += 2
+        results = await asyncio.gather(
+            gpu_query,
+            run_nvidia_smi([*base, f"--query-compute-apps={','.join(APP_FIELDS)}", fmt], limit_s, limit_mib),
+            return_exceptions=True,
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        # Off the event loop: 20,000 process lines (a hostile or broken nvidia-smi) take it a second.
+        return await asyncio.to_thread(self._parse, results[0], results[1], started, read_at, finish)
+
+    def _parse(
+        self,
+        gpu_text: str,
+        apps_text: str,
+        started: float,
+        read_at: float,
+        finish: Callable[[GpuReading], GpuReading] | None,
+    ) -> GpuReading:
+        reading = parse_gpu_reading(gpu_text, apps_text, index=self.index, started=started, read_at=read_at)
+        return reading if finish is None else finish(reading)
+
+    async def close(self, timeout_s: float) -> None:
+        """Nothing to give back: each reading's processes are gone when it ends."""
+
+
+class NvmlUnavailable(GpuError):
+    """NVML cannot be used: nvidia-ml-py is not installed, libnvidia-ml.so.1 does not load, no driver, no such
+    GPU."""
+
+
+def nvml_failure(exc: BaseException, call: str) -> GpuError | None:
+    """The GpuError for an exception nvidia-ml-py raised (its NVMLError, or its own version mismatch); None
+    for any other (a bug of ours)."""
+    if type(exc).__module__ != "pynvml":
+        return None
+    return GpuError(f"NVML {call}: {exc}")
+
+
+class Nvml:
+    """NVML for the whole process, through nvidia-ml-py: imported and initialised (``nvmlInit``) by its first
+    user, shut down (``nvmlShutdown``) when its last user lets it go. Called from the readers' NVML threads,
+    never from the event loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.users = 0
+        #: The pynvml module while NVML is initialised.
+        self.module: Any = None
+
+    def acquire(self) -> Any:
+        """The pynvml module, NVML initialised; NvmlUnavailable when it cannot be."""
+        with self._lock:
+            if self.users == 0:
+                try:
+                    module = importlib.import_module("pynvml")
+                except ImportError as e:
+                    raise NvmlUnavailable(f"nvidia-ml-py is not installed (import pynvml: {e})") from None
+                try:
+                    module.nvmlInit()
+                except Exception as e:
+                    failure = nvml_failure(e, "nvmlInit")
+                    if failure is None:
+                        raise
+                    raise NvmlUnavailable(f"{failure} (libnvidia-ml.so.1, the driver's)") from None
+                self.module = module
+            self.users += 1
+            return self.module
+
+    def release(self) -> None:
+        """One user less; NVML shut down after the last."""
+        with self._lock:
+            self.users -= 1
+            if self.users > 0:
+                return
+            module, self.module = self.module, None
+            try:
+                module.nvmlShutdown()
+            except Exception as e:
+                failure = nvml_failure(e, "nvmlShutdown")
+                if failure is None:
+                    raise
+                log.warning(logfmt(msg="NVML did not shut down", error=str(failure)))
+
+
+#: The process's one NVML.
+NVML = Nvml()
+
+
+class NvmlThread:
+    """A GPU's NVML calls, made one at a time by a daemon thread of its own; ``call`` waits for one at most
+    ``timeout_s``. NVML can hang after a driver fault: a call that has not returned by then is abandoned to
+    its thread (logged, never awaited again) and every call after it fails at once, without queueing behind
+    it, until it returns (logged too). A GPU has one such thread at most, hung or not."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._queue: SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None] = (
+            SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        #: Guards the hand-over of a call's end against its caller's giving up on it.
+        self._lock = threading.Lock()
+        #: When the call running now began (monotonic), and when the one that overran its time began.
+        self._running_since: float | None = None
+        self.hung_since: float | None = None
+        self._stopped = False
+
+    async def call(self, fn: Callable[[], Any], timeout_s: float) -> Any:
+        """``fn()`` in the thread; GpuError when it does not return within ``timeout_s`` or another call is
+        hung."""
+        if self._stopped:
+            raise GpuError("NVML: the reader closed")
+        hung_since = self.hung_since
+        if hung_since is not None:
+            raise GpuError(
+                f"NVML has not answered for {time.monotonic() - hung_since:.0f} s (a call hangs in its"
+                " thread, as after a driver fault): not asked again until it answers"
+            )
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.put((fn, future))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        except asyncio.TimeoutError:
+            with self._lock:  # (wait_for cancelled the future: it stays pending only where it is running)
+                hung = not future.done()
+                if hung:
+                    self.hung_since = self._running_since or time.monotonic()
+            if hung:
+                log.error(
+                    logfmt(msg="NVML call hung: left to its thread", thread=self.name, limit_s=timeout_s)
+                )
+            raise GpuError(f"NVML did not answer within {timeout_s:g} s") from None
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, future = item
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up before it began
+            self._running_since = time.monotonic()
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = fn()
+            except BaseException as e:  # handed to the caller, who raises it
+                error = e
+            with self._lock:
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
+                self._running_since = None
+                hung_since, self.hung_since = self.hung_since, None
+            if hung_since is not None:
+                took = round(time.monotonic() - hung_since, 1)
+                log.warning(logfmt(msg="NVML answered again", thread=self.name, after_s=took))
+
+    def stop(self) -> None:
+        """End the thread once the calls before this one are done (a hung one never ends: a daemon thread)."""
+        self._stopped = True
+        if self._thread is not None:
+            self._queue.put(None)
+
+
+def process_name(pid: int) -> str | None:
+    """A process's name as nvidia-smi shows it: the first word of its command line (``/proc/<pid>/cmdline``);
+    None when that cannot be read (gone, hidden) or is empty (a zombie)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    return head.split(b"\0", 1)[0].decode(errors="replace") or None
+
+
+class NvmlSource:
+    """Readings through NVML (nvidia-ml-py over libnvidia-ml.so.1, the library nvidia-smi itself calls), in
+    the GPU's own NvmlThread: no process per reading. They are nvidia-smi's: the memory from memory info v2
+    (where the reserved memory is neither used nor free, as nvidia-smi shows it since R510), the compute
+    processes with each one's memory and its name from ``/proc/<pid>/cmdline``; bytes in MiB, rounded
+    down."""
+
+    name = "nvml"
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.thread = NvmlThread(f"nvml-gpu{index}")
+        #: How many readings it made.
+        self.queries = 0
+        #: nvidia-ml-py, once NVML is this source's (NVML.acquire), and the GPU: handle, name, uuid.
+        self._nvml: Any = None
+        self._device: tuple[Any, str, str] | None = None
+        #: Memory info v2 (nvidia-smi's figures); False on a driver older than R510 (reserved counts as used).
+        self._v2 = True
+        self._closed = False
+
+    async def open(self, timeout_s: float) -> str:
+        """Load NVML and find the GPU (NvmlUnavailable when that fails); the driver's version."""
+        return await self.thread.call(self._open, timeout_s)
+
+    def _call(self, call: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One NVML function; its failure a GpuError naming it (in the thread)."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            failure = nvml_failure(e, call)
+            if failure is None:
+                raise
+            raise failure from None
+
+    def _open(self) -> str:
+        if self._nvml is None:
+            nv = NVML.acquire()
+            if self._closed:  # closed while NVML was starting (it hung past the caller's time)
+                NVML.release()
+                raise NvmlUnavailable("the reader closed meanwhile")
+            self._nvml = nv
+        nv = self._nvml
+        try:
+            handle = self._call("nvmlDeviceGetHandleByIndex", nv.nvmlDeviceGetHandleByIndex, self.index)
+            name = self._call("nvmlDeviceGetName", nv.nvmlDeviceGetName, handle)
+            uuid = self._call("nvmlDeviceGetUUID", nv.nvmlDeviceGetUUID, handle)
+            version = self._call("nvmlSystemGetDriverVersion", nv.nvmlSystemGetDriverVersion)
+        except GpuError as e:
+            raise NvmlUnavailable(str(e)) from None
+        try:
+            nv.nvmlDeviceGetMemoryInfo(handle, version=nv.nvmlMemory_v2)
+        except Exception as e:
+            names = ("NVMLError_FunctionNotFound", "NVMLError_ArgumentVersionMismatch")
+            if isinstance(e, tuple(getattr(nv, name) for name in names if hasattr(nv, name))):
+                self._v2 = False
+                log.warning(
+                    logfmt(
+                        msg="NVML has no memory info v2 (a driver before R510): the reserved memory counts"
+                        " as used",
+                        gpu=self.index,
+                    )
+                )
+            elif nvml_failure(e, "") is None:
+                raise
+        self._device = (handle, name, uuid)
+        return str(version)
+
+    async def read(
+        self,
+        cfg: GpuConfig,
+        *,
+        whole: bool,
+        started: float,
+        read_at: float,
+        finish: Callable[[GpuReading], GpuReading] | None,
+    ) -> GpuReading:
+        """A reading started at ``started``, as SmiSource.read's; all of it (``finish`` too) in the thread."""
+        self.queries += 1
+        work = functools.partial(self._read, whole, started, read_at, finish)
+        return await self.thread.call(work, cfg.query_timeout_s)
+
+    def _optional(self, call: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """A figure a GPU may not have (nvidia-smi prints ``[N/A]``): None when NVML says not supported."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            if isinstance(e, self._nvml.NVMLError_NotSupported):
+                return None
+            failure = nvml_failure(e, call)
+            if failure is None:
+                raise
+            raise failure from None
+
+    def _read(
+        self,
+        whole: bool,
+        started: float,
+        read_at: float,
+        finish: Callable[[GpuReading], GpuReading] | None,
+    ) -> GpuReading:
+        if self._device is None:
+            self._open()
+            log.info(logfmt(msg="NVML loaded", gpu=self.index))
+        assert self._device is not None
+        handle, name, uuid = self._device
+        nv = self._nvml
+        try:
+            if self._v2:
+                memory = self._call(
+                    "nvmlDeviceGetMemoryInfo", nv.nvmlDeviceGetMemoryInfo, handle, version=nv.nvmlMemory_v2
+                )
+            else:
+                memory = self._call("nvmlDeviceGetMemoryInfo", nv.nvmlDeviceGetMemoryInfo, handle)
+            rates = self._optional("nvmlDeviceGetUtilizationRates", nv.nvmlDeviceGetUtilizationRates, handle)
+            temperature = self._optional(
+                "nvmlDeviceGetTemperature", nv.nvmlDeviceGetTemperature, handle, nv.NVML_TEMPERATURE_GPU
+            )
+            procs = (
+                self._call(
+                    "nvmlDeviceGetComputeRunningProcesses", nv.nvmlDeviceGetComputeRunningProcesses, handle
+                )
+                if whole
+                else []
+            )
+        except GpuError:
+            self._device = None  # found again by the next reading (a GPU lost and back has a new handle)
+            raise
+        processes = tuple(
+            GpuProcess(
+                p.pid, process_name(p.pid), None if p.usedGpuMemory is None else p.usedGpuMemory // MiB
+            )
+            for p in procs
+        )
+        reading = GpuReading(
+            index=self.index,
+            uuid=uuid,
+            name=name,
+            total_mib=memory.total // MiB,
+            used_mib=memory.used // MiB,
+            free_mib=memory.free // MiB,
+            utilization_pct=None if rates is None else rates.gpu,
+            temperature_c=temperature,
+            processes=processes,
+            read_at=read_at,
+            started=started,
+        )
+        return reading if finish is None else finish(reading)
+
+    async def close(self, timeout_s: float) -> None:
+        """Let NVML go (shut down after its last user), after the calls under way; never waits on a hung
+        call (nor past ``timeout_s``)."""
+        self._closed = True
+        if self.thread.hung_since is not None:
+            log.warning(logfmt(msg="NVML left without nvmlShutdown: a call hangs", gpu=self.index))
+        elif self._nvml is not None:
+            with contextlib.suppress(GpuError):  # (timed out: logged by the thread)
+                await self.thread.call(self._release, timeout_s)
+        self.thread.stop()
+
+    def _release(self) -> None:
+        if self._nvml is not None:
+            self._nvml = self._device = None
+            NVML.release()
+
+
 class GpuReader:
-    """Reads one GPU through nvidia-smi; concurrent readers share one running query.
+    """Reads one GPU through its source (gpu.reader: NVML, or nvidia-smi); concurrent readers share one
+    running reading; the newest is kept for ``max_age`` readers and told to the listeners.
 
     ``read(max_age=...)`` may answer from a reading (or error) started less than ``max_age`` seconds ago;
-    ``read_memory()`` always starts its own, smaller reading, for making room.
+    ``read_memory()`` always starts its own, smaller reading (no process list), for making room. The source
+    is chosen at the first reading (``auto``: NVML when it loads, else nvidia-smi), and again after a reload
+    that changes gpu.reader.
     """
 
     def __init__(
         self, config: GpuConfig, clock: Callable[[], float] = time.monotonic, *, index: int | None = None
     ):
         self.config = config
-        #: The nvidia-smi index read (``-i``): gpu.index unless given.
+        #: The GPU read (nvidia-smi's ``-i``, NVML's index): gpu.index unless given.
         self.index = config.index if index is None else index
         self.clock = clock
-        #: How many nvidia-smi processes were started (for tests and the bench), and reads that crashed.
-        self.queries = 0
+        #: Reads that crashed (bugs, logged).
         self.crashes = 0
         self._inflight: asyncio.Task[GpuReading] | None = None
         self._last: tuple[float, GpuReading | GpuError] | None = None
         self._tasks: set[asyncio.Task[GpuReading]] = set()
+        #: The source, for which gpu.reader; the one being chosen; queries of the sources it replaced.
+        self._source: GpuSource | None = None
+        self._source_for: str | None = None
+        self._choosing: asyncio.Task[GpuSource] | None = None
+        self._queries_before = 0
         #: Told of every whole reading (the broker measures its consumers' processes from it).
         self.listeners: list[Callable[[GpuReading], None]] = []
         #: pid -> consumer for a whole reading's processes (the broker's Consumers.attribute): run off the
@@ -2488,7 +2913,55 @@ class GpuReader:
 
     def __repr__(self) -> str:
         busy = "querying" if self._inflight is not None else "idle"
-        return f"<GpuReader index={self.index} {busy} queries:{self.queries}>"
+        return f"<GpuReader index={self.index} {self.reader or 'unchosen'} {busy} queries:{self.queries}>"
+
+    @property
+    def queries(self) -> int:
+        """nvidia-smi processes started plus NVML readings made (for tests and the bench)."""
+        return self._queries_before + (self._source.queries if self._source is not None else 0)
+
+    @property
+    def reader(self) -> str | None:
+        """Which reads this GPU now: ``nvml`` or ``nvidia-smi`` (None before the first reading)."""
+        return self._source.name if self._source is not None else None
+
+    async def _current(self) -> GpuSource:
+        """The source gpu.reader asks for now, chosen once (concurrent first readings share the choice)."""
+        wanted = self.config.reader
+        if self._source is not None and self._source_for == wanted:
+            return self._source
+        if self._choosing is None or self._choosing.done():
+            self._choosing = asyncio.get_running_loop().create_task(self._choose(wanted))
+        return await asyncio.shield(self._choosing)
+
+    async def _choose(self, wanted: str) -> GpuSource:
+        source: GpuSource
+        if wanted == "nvidia-smi":
+            source = SmiSource(self.index)
+            log.info(logfmt(msg="gpu reader", gpu=self.index, reader=source.name))
+        else:
+            source = NvmlSource(self.index)
+            try:
+                driver = await source.open(self.config.query_timeout_s)
+            except Exception as e:
+                why = str(e)
+                if not isinstance(e, GpuError):  # a bug (or a binding that raises what it should not)
+                    self.crashes += 1
+                    why = describe(e)
+                    log.exception(logfmt(msg="loading NVML crashed", gpu=self.index, error=why))
+                if wanted == "nvml":  # each reading tries again, gpu_unavailable meanwhile
+                    log.error(logfmt(msg="gpu reader nvml did not load", gpu=self.index, error=why))
+                else:
+                    await source.close(self.config.query_timeout_s)
+                    source = SmiSource(self.index)
+                    log.info(logfmt(msg="gpu reader", gpu=self.index, reader=source.name, nvml=why))
+            else:
+                log.info(logfmt(msg="gpu reader", gpu=self.index, reader=source.name, driver=driver))
+        old, self._source, self._source_for = self._source, source, wanted
+        if old is not None:
+            self._queries_before += old.queries
+            await old.close(self.config.query_timeout_s)
+        return source
 
     async def read(self, *, max_age: float = 0.0, own: bool = False) -> GpuReading:
         """A whole reading (the GPU's line and its processes). It shares one under way, or answers from one
@@ -2539,17 +3012,11 @@ class GpuReader:
             self._last = (started, result)
 
     async def read_memory(self) -> GpuReading:
-        """A reading of its own of the GPU's line alone (one nvidia-smi, no process list), not shared or
-        kept: what making room needs, at half the cost of a whole reading."""
-        cfg = self.config
+        """A reading of its own of the GPU's line alone (no process list), not shared or kept: what making
+        room needs (one nvidia-smi instead of two)."""
         started, read_at = self.clock(), time.time()
-        self.queries += 1
-        argv = [*cfg.nvidia_smi, "-i", str(self.index), f"--query-gpu={','.join(GPU_FIELDS)}"]
-        argv.append("--format=csv,noheader,nounits")
-        text = await run_nvidia_smi(argv, cfg.query_timeout_s, cfg.max_output_mib)
-        # (In a worker thread too: a broken nvidia-smi may print its 8 MiB here as well.)
-        parse = functools.partial(parse_gpu_reading, index=self.index, started=started, read_at=read_at)
-        return await asyncio.to_thread(parse, text, "")
+        source = await self._current()
+        return await source.read(self.config, whole=False, started=started, read_at=read_at, finish=None)
 
     def last_free_mib(self) -> int | None:
         """Free MiB from the newest finished reading, without reading again."""
@@ -2557,26 +3024,14 @@ class GpuReader:
         return result.free_mib if isinstance(result, GpuReading) else None
 
     async def _query(self, started: float) -> GpuReading:
-        cfg = self.config
-        base = [*cfg.nvidia_smi, "-i", str(self.index)]
-        fmt = "--format=csv,noheader,nounits"
-        self.queries += 2
         read_at = time.time()
-        limit_s, limit_mib = cfg.query_timeout_s, cfg.max_output_mib
-        results = await asyncio.gather(
-            run_nvidia_smi([*base, f"--query-gpu={','.join(GPU_FIELDS)}", fmt], limit_s, limit_mib),
-            run_nvidia_smi([*base, f"--query-compute-apps={','.join(APP_FIELDS)}", fmt], limit_s, limit_mib),
-            return_exceptions=True,
+        source = await self._current()
+        return await source.read(
+            self.config, whole=True, started=started, read_at=read_at, finish=self._attributed
         )
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        # Off the event loop: 20,000 process lines (a hostile or broken nvidia-smi) take it a second.
-        return await asyncio.to_thread(self._build, results[0], results[1], started, read_at)
 
-    def _build(self, gpu_text: str, apps_text: str, started: float, read_at: float) -> GpuReading:
-        """A whole reading from nvidia-smi's two answers, its processes attributed (in a worker thread)."""
-        reading = parse_gpu_reading(gpu_text, apps_text, index=self.index, started=started, read_at=read_at)
+    def _attributed(self, reading: GpuReading) -> GpuReading:
+        """A whole reading with its processes attributed (in the source's worker thread)."""
         if self.attribute is None:
             return reading
         try:
@@ -2588,9 +3043,11 @@ class GpuReader:
         return replace(reading, owners=owners)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        for task in [*self._tasks, *filter(None, [self._choosing])]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *filter(None, [self._choosing]), return_exceptions=True)
+        if self._source is not None:
+            await self._source.close(self.config.query_timeout_s)
 
 
 # =====================================================================================================
@@ -7469,13 +7926,14 @@ async def _gpu_status(reader: GpuReader) -> dict[str, Any]:
             "temperature_c": r.temperature_c,
             "processes": StatusProcesses(r),
             "read_at": _iso(r.read_at),
+            "reader": reader.reader,
             "error": None,
         }
     except GpuError as e:
         gpu = dict.fromkeys(
             ("name", "uuid", "total_mib", "used_mib", "free_mib", "utilization_pct", "temperature_c")
         )
-        gpu.update(index=reader.index, processes=[], read_at=None, error=str(e))
+        gpu.update(index=reader.index, processes=[], read_at=None, reader=reader.reader, error=str(e))
         return gpu
 
 

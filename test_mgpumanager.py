@@ -6,7 +6,7 @@ structure. Helpers used by more than one section come first; a section's own hel
 Contents
  1. Config: every rule of consumers.yaml, each naming its key; the parser's failures; mgpumanager --check.
  2. GPU reading: nvidia-smi's output from the real captures, its failures and timeouts, processes and their
-    owners.
+    owners; NVML against a stub libnvidia-ml.so.1 over the same simulated GPU, its errors and hangs.
  3. Consumers and residency: health probes, what the GPU and the services show against the broker's own
     record, restarts.
  4. Scheduling order, the lock and the queue: grant order, overtaking, aging, joins, the queue's bounds,
@@ -36,6 +36,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import datetime
 import functools
@@ -95,7 +96,14 @@ def base_raw(**urls: str) -> dict[str, Any]:
     }
     return {
         "listen": "127.0.0.1:0",
-        "gpu": {"nvidia_smi": "nvidia-smi", "index": 0, "cushion_mib": 256, "query_timeout_s": 5},
+        # (The simulated GPU is mgpusim's nvidia-smi stand-in: never NVML, even where one loads.)
+        "gpu": {
+            "nvidia_smi": "nvidia-smi",
+            "reader": "nvidia-smi",
+            "index": 0,
+            "cushion_mib": 256,
+            "query_timeout_s": 5,
+        },
         "scheduler": {
             "max_queue": 64,
             "queue_timeout_s": 300,
@@ -1058,6 +1066,7 @@ def test_defaults_are_the_documented_ones():
     assert config.scheduler == m.SchedulerConfig(64, 300, 5, 10, 60, 64)
     assert config.health == m.HealthConfig(5, 2)
     assert config.gpu == m.GpuConfig(("nvidia-smi",), 0, 256, 5)
+    assert (config.gpu.reader, config.gpu.max_output_mib) == ("auto", 8)
     whisper = config.consumers["whisper"]
     assert (whisper.priority, whisper.max_concurrency, whisper.timeout_s, whisper.vram_managed) == (
         2,
@@ -1133,6 +1142,8 @@ def test_coexistence_is_symmetric():
         ("listen", "127.0.0.1:\u00b2", "listen: must be HOST:PORT"),
         ("consumers.mvoice.listen", "0.0.0.0:\u0661\u0661", "consumers.mvoice.listen: must be HOST:PORT"),
         ("gpu.nvidia_smi", "", "gpu.nvidia_smi: must be a command"),
+        ("gpu.reader", "nvidia_smi", "gpu.reader: must be one of auto, nvml, nvidia-smi, not 'nvidia_smi'"),
+        ("gpu.reader", ["nvml"], "gpu.reader: must be one of auto, nvml, nvidia-smi, not ['nvml']"),
     ],
 )
 def test_each_config_rule_names_the_key(path, value, expected):
@@ -1582,7 +1593,8 @@ def test_a_consumer_cannot_be_named_like_the_reservation():
 
 # =====================================================================================================
 # 2. GPU reading
-# Nvidia-smi's output from the real captures, its failures and timeouts, processes and their owners.
+# Nvidia-smi's output from the real captures, its failures and timeouts, processes and their owners; NVML
+# against a stub libnvidia-ml.so.1 (gpu.reader), its errors and hangs.
 # =====================================================================================================
 
 
@@ -1708,7 +1720,9 @@ async def test_nvidia_smi_missing_is_a_gpu_error(tmp_path):
 
 async def test_nvidia_smi_garbage_is_a_gpu_error(tmp_path):
     reader = m.GpuReader(
-        m.GpuConfig(nvidia_smi=_smi_script(tmp_path, "echo 'hello, world'"), query_timeout_s=5)
+        m.GpuConfig(
+            nvidia_smi=_smi_script(tmp_path, "echo 'hello, world'"), query_timeout_s=5, reader="nvidia-smi"
+        )
     )
     with pytest.raises(m.GpuError, match="unexpected nvidia-smi output"):
         await reader.read()
@@ -1737,7 +1751,7 @@ async def test_nvidia_smi_timeout_kills_what_it_started_too(tmp_path):
 async def test_reader_against_mgpusim_subprocess(tmp_path):
     gpu = mgpusim.SimGPU(tmp_path / "gpu.json", total_mib=16384, reserved_mib=480)
     gpu.allocate("comfyui", 13000)
-    reader = m.GpuReader(m.GpuConfig(nvidia_smi=sim_smi(tmp_path / "gpu.json")))
+    reader = m.GpuReader(m.GpuConfig(nvidia_smi=sim_smi(tmp_path / "gpu.json"), reader="nvidia-smi"))
     r = await reader.read()
     assert (r.total_mib, r.used_mib, r.free_mib) == (16384, 13000, 16384 - 480 - 13000)
     assert [p.used_mib for p in r.processes] == [13000]
@@ -1746,7 +1760,7 @@ async def test_reader_against_mgpusim_subprocess(tmp_path):
 
 async def test_concurrent_readers_share_one_query_and_memory_readings_do_not(tmp_path):
     gpu = mgpusim.SimGPU(tmp_path / "gpu.json")
-    reader = m.GpuReader(m.GpuConfig(nvidia_smi=sim_smi(tmp_path / "gpu.json")))
+    reader = m.GpuReader(m.GpuConfig(nvidia_smi=sim_smi(tmp_path / "gpu.json"), reader="nvidia-smi"))
     readings = await asyncio.gather(*(reader.read() for _ in range(10)))
     assert reader.queries == 2  # one --query-gpu and one --query-compute-apps, shared by all ten
     assert len({r.started for r in readings}) == 1
@@ -2016,6 +2030,274 @@ async def test_nvidia_smi_leaving_a_child_behind_has_it_killed_once_it_exited(tm
     assert "left its output open" not in caplog.text
     child = int(pids.read_text())
     await until(lambda: not running(child), 5)
+
+
+# ---- NVML (gpu.reader: nvml) against a stub libnvidia-ml.so.1 ----------------------------------------
+# fixtures/nvml/stub.c, compiled here with cc, answers nvidia-ml-py's calls from the same mgpusim state
+# file that mgpusim's nvidia-smi stand-in reads ($MGPUSIM_STATE), so both readers see one GPU.
+
+
+@pytest.fixture(scope="session")
+def nvml_stub(tmp_path_factory) -> Path:
+    """The stub library, built once per run (skipped where there is no C compiler or nvidia-ml-py)."""
+    pytest.importorskip("pynvml", reason="nvidia-ml-py is not installed")
+    try:
+        return mgpusim.build_nvml_stub(tmp_path_factory.mktemp("nvml"))
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@dataclasses.dataclass
+class NvmlBed:
+    gpu: mgpusim.SimGPU
+    state: Path
+    #: Every NVML call the stub answered, one name a line.
+    calls_path: Path
+
+    def calls(self, name: str | None = None) -> list[str]:
+        text = self.calls_path.read_text() if self.calls_path.exists() else ""
+        return [c for c in text.split() if name is None or c == name]
+
+
+@pytest.fixture
+def nvml(nvml_stub, tmp_path, monkeypatch):
+    """This process's nvidia-ml-py pointed at the stub, answering from a fresh simulated GPU pair."""
+    import pynvml  # noqa: PLC0415 (only where the stub was built)
+
+    if getattr(pynvml.nvmlLib, "_name", None) != str(nvml_stub):
+        # As LD_LIBRARY_PATH does for a process: the binding loads ``nvmlLib`` only while it is None, and
+        # keeps the function pointers of the library it used (none, or another test run's).
+        pynvml.nvmlLib = ctypes.CDLL(str(nvml_stub))
+        pynvml._nvmlGetFunctionPointer_cache.clear()
+    state = tmp_path / "gpu.json"
+    bed = NvmlBed(
+        mgpusim.SimGPU(state, total_mib=16384, reserved_mib=480, gpus=2), state, tmp_path / "nvml.log"
+    )
+    monkeypatch.setenv("MGPUSIM_STATE", str(state))
+    monkeypatch.setenv("MGPUSIM_NVML_LOG", str(bed.calls_path))
+    yield bed
+    assert m.NVML.users == 0, "a reader kept NVML after it closed"
+
+
+def nvml_config(**kw: Any) -> m.GpuConfig:
+    return m.GpuConfig(**{"reader": "nvml", "query_timeout_s": 5.0} | kw)
+
+
+def cmdline0(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+
+
+def unstamped(reading: m.GpuReading) -> m.GpuReading:
+    return dataclasses.replace(reading, started=0.0, read_at=0.0)
+
+
+async def test_nvml_reader_gives_exactly_the_reading_nvidia_smis_parser_gives_for_the_same_state(nvml):
+    """Issue 21: the GPU's line (memory info v2: the reserved memory neither used nor free, as nvidia-smi
+    shows it), its compute processes with their memory (unknown: None, nvidia-smi's [N/A]) and names from
+    /proc/<pid>/cmdline, on each GPU: what the nvidia-smi parser makes of mgpusim's stand-in, field for
+    field. A name comes from /proc, not from NVML: a pid that is gone has none."""
+    sleep = shutil.which("sleep") or "/bin/sleep"
+    sleepers = [await asyncio.create_subprocess_exec(sleep, "60") for _ in range(2)]
+    gone = await asyncio.create_subprocess_exec("true")
+    await gone.wait()
+    me, a, b = os.getpid(), sleepers[0].pid, sleepers[1].pid
+    gpu0, gpu1 = mgpusim.gpu_uuid(0), mgpusim.gpu_uuid(1)
+    with nvml.gpu.edit() as state:
+        state["gpus"][0].update(utilization_pct=37, temperature_c=51)
+        state["processes"] = [
+            {"pid": me, "name": cmdline0(me), "used_mib": 13000, "gpu_uuid": gpu0},
+            {"pid": a, "name": sleep, "used_mib": 1500, "gpu_uuid": gpu0},
+            {"pid": b, "name": sleep, "used_mib": None, "gpu_uuid": gpu0},
+            {"pid": b, "name": sleep, "used_mib": 900, "gpu_uuid": gpu1},
+        ]
+    try:
+        for index in (0, 1):
+            smi = m.GpuReader(m.GpuConfig(nvidia_smi=sim_smi(nvml.state), reader="nvidia-smi"), index=index)
+            nv = m.GpuReader(nvml_config(), index=index)
+            try:
+                by_smi, by_nvml = await smi.read(), await nv.read()
+                assert nv.reader == "nvml" and smi.reader == "nvidia-smi"
+                assert unstamped(by_nvml) == unstamped(by_smi)
+                assert unstamped(await nv.read_memory()) == unstamped(await smi.read_memory())
+            finally:
+                await smi.close()
+                await nv.close()
+            if index == 0:
+                r = by_nvml
+                assert (r.used_mib, r.free_mib, r.utilization_pct, r.temperature_c) == (14500, 1404, 37, 51)
+                assert r.processes == (
+                    m.GpuProcess(me, cmdline0(me), 13000),
+                    m.GpuProcess(a, sleep, 1500),
+                    m.GpuProcess(b, sleep, None),
+                )
+            else:
+                assert (by_nvml.index, by_nvml.used_mib, by_nvml.processes) == (
+                    1,
+                    900,
+                    (m.GpuProcess(b, sleep, 900),),
+                )
+        with nvml.gpu.edit() as state:  # the stand-in prints the state's name; NVML has none to give
+            state["processes"][1].update(pid=gone.pid, name="/usr/bin/gone")
+        reader = m.GpuReader(nvml_config())
+        try:
+            assert (await reader.read()).processes[1] == m.GpuProcess(gone.pid, None, 1500)
+        finally:
+            await reader.close()
+    finally:
+        for proc in sleepers:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_nvml_memory_info_v1_where_v2_is_missing_counts_the_reserved_memory_as_used(nvml, caplog):
+    """A driver before R510 has no memory info v2: the reader says so once and reads v1, where the reserved
+    memory counts as used (as that driver's nvidia-smi showed it); free is the same."""
+    nvml.gpu.allocate("comfyui", 13000)
+    nvml.gpu.set_nvml_fault("nvmlDeviceGetMemoryInfo_v2", error=13)  # NVML_ERROR_FUNCTION_NOT_FOUND
+    reader = m.GpuReader(nvml_config())
+    try:
+        r = await reader.read_memory()
+        assert (r.total_mib, r.used_mib, r.free_mib) == (16384, 13000 + 480, 16384 - 480 - 13000)
+        await reader.read_memory()
+    finally:
+        await reader.close()
+    assert caplog.text.count("NVML has no memory info v2") == 1
+    assert len(nvml.calls("nvmlDeviceGetMemoryInfo")) == 2
+
+
+async def test_nvml_errors_are_gpu_unavailable_and_a_reading_after_them_finds_the_gpu_again(rig, nvml):
+    """An NVML error code is a GpuError naming the call (gpu_unavailable for a job), never a crash; a figure
+    the GPU does not have (NVML_ERROR_NOT_SUPPORTED) is None, as nvidia-smi's [N/A]; once the fault is gone
+    the next reading finds the GPU again (a new handle) and answers."""
+    reader = m.GpuReader(nvml_config())
+    try:
+        nvml.gpu.set_nvml_fault("nvmlDeviceGetMemoryInfo_v2", error=15)  # NVML_ERROR_GPU_IS_LOST
+        with pytest.raises(m.GpuError, match="NVML nvmlDeviceGetMemoryInfo: GPU is lost"):
+            await reader.read()
+        nvml.gpu.set_nvml_fault("nvmlDeviceGetComputeRunningProcesses_v3", error=999)
+        with pytest.raises(m.GpuError, match="NVML nvmlDeviceGetComputeRunningProcesses: Unknown Error"):
+            await reader.read()
+        nvml.gpu.set_nvml_fault("nvmlDeviceGetUtilizationRates", error=3)  # NVML_ERROR_NOT_SUPPORTED
+        r = await reader.read()
+        assert r.utilization_pct is None and r.temperature_c == 35 and r.free_mib == 16384 - 480
+        nvml.gpu.set_nvml_fault(None)
+        assert (await reader.read()).utilization_pct == 0
+        assert len(nvml.calls("nvmlDeviceGetHandleByIndex_v2")) == 3  # at the start and after each error
+        assert reader.crashes == 0
+    finally:
+        await reader.close()
+    # Through the broker: a job that needs a reading gets gpu_unavailable with NVML's message.
+    r = await rig(sims={"mvoice": {"loaded": False}}, tweak=lambda raw: raw["gpu"].update(reader="nvml"))
+    os.environ["MGPUSIM_STATE"] = str(r.state)  # (monkeypatched: restored after the test)
+    r.gpu.set_nvml_fault("nvmlDeviceGetMemoryInfo_v2", error=15)
+    status, headers, body = await r.post("tts", {"text": "x"})
+    assert (
+        "NVML nvmlDeviceGetMemoryInfo: GPU is lost"
+        in error_of(status, headers, body, "gpu_unavailable")["message"]
+    )
+    st = await r.status()
+    assert st["gpu"]["reader"] == "nvml" and "GPU is lost" in st["gpu"]["error"]
+    r.gpu.set_nvml_fault(None)
+    assert (await r.post("tts", {"text": "x"}))[0] == 200
+    await r.close()  # (its reader lets NVML go before the fixture checks)
+
+
+def nvml_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("nvml-gpu")]
+
+
+async def test_a_hung_nvml_call_is_left_to_its_thread_and_readings_fail_at_once_until_it_returns(
+    nvml, caplog
+):
+    """NVML can hang after a driver fault. A call past query_timeout_s is gpu_unavailable and left to its
+    thread (never awaited again); while it hangs, every reading fails at once, asking NVML nothing and
+    starting no thread; when it returns, readings work again, through the same one thread."""
+    before = nvml_threads()
+    reader = m.GpuReader(nvml_config(query_timeout_s=1.0))
+    try:
+        await reader.read()
+        nvml.gpu.set_nvml_fault("nvmlDeviceGetMemoryInfo_v2", hang=True)
+        with pytest.raises(m.GpuError, match=r"NVML did not answer within 1 s"):
+            await reader.read()
+        asked = len(nvml.calls())
+        for _ in range(5):
+            with pytest.raises(m.GpuError, match="not asked again until it answers"):
+                await reader.read_memory()
+            with pytest.raises(m.GpuError, match="NVML has not answered for"):
+                await reader.read(own=True)
+        assert len(nvml.calls()) == asked  # nothing more was asked of NVML
+        assert len(nvml_threads()) == len(before) + 1  # and no thread more started
+        assert "NVML call hung: left to its thread" in caplog.text
+        nvml.gpu.set_nvml_fault(None)  # the driver recovers: the hung call returns
+        await until(lambda: "NVML answered again" in caplog.text, 5)
+        r = await reader.read()
+        assert r.free_mib == 16384 - 480 and len(nvml_threads()) == len(before) + 1
+        assert reader.crashes == 0
+    finally:
+        await reader.close()
+    await until(lambda: len(nvml_threads()) == len(before), 5)  # closed: its thread ended
+    assert nvml.calls()[-1] == "nvmlShutdown"
+
+
+async def test_nvml_is_initialised_once_per_process_and_shut_down_after_its_last_reader(nvml):
+    """nvmlInit once for every GPU and reading, nvmlShutdown once, when the last reader closes."""
+    readers = [m.GpuReader(nvml_config(), index=i) for i in (0, 1)]
+    for _ in range(3):
+        await asyncio.gather(*(r.read(own=True) for r in readers), *(r.read_memory() for r in readers))
+    assert nvml.calls("nvmlInitWithFlags") == ["nvmlInitWithFlags"] and m.NVML.users == 2
+    await readers[0].close()
+    assert nvml.calls("nvmlShutdown") == [] and m.NVML.users == 1
+    assert (await readers[1].read()).index == 1
+    await readers[1].close()
+    assert nvml.calls("nvmlShutdown") == ["nvmlShutdown"] and m.NVML.users == 0
+    assert [r.queries for r in readers] == [6, 7]  # one NVML reading each time, no process
+
+
+async def test_where_nvml_does_not_load_nvml_is_gpu_unavailable_until_it_does_and_auto_reads_nvidia_smi(
+    nvml, monkeypatch, caplog
+):
+    """gpu.reader nvml where NVML does not load (here: no driver): the broker still starts, each reading is
+    gpu_unavailable saying why, and one after the driver came back answers. auto reads through nvidia-smi
+    instead, and says so."""
+    monkeypatch.delenv("MGPUSIM_STATE")  # the stub has no GPU: nvmlInit answers "Driver Not Loaded"
+    strict = m.GpuReader(nvml_config())
+    auto = m.GpuReader(m.GpuConfig(nvidia_smi=sim_smi(nvml.state), reader="auto"))
+    try:
+        for _ in range(2):
+            with pytest.raises(m.GpuError, match=r"NVML nvmlInit: Driver Not Loaded \(libnvidia-ml.so.1"):
+                await strict.read()
+        assert strict.reader == "nvml" and 'msg="gpu reader nvml did not load"' in caplog.text
+        r = await auto.read()
+        assert auto.reader == "nvidia-smi" and r.free_mib == 16384 - 480
+        assert (
+            'msg="gpu reader" gpu=0 reader=nvidia-smi nvml="NVML nvmlInit: Driver Not Loaded' in caplog.text
+        )
+        monkeypatch.setenv("MGPUSIM_STATE", str(nvml.state))
+        assert (await strict.read()).free_mib == 16384 - 480 and 'msg="NVML loaded"' in caplog.text
+        assert auto.reader == "nvidia-smi"  # chosen once: until a restart, or a reload of gpu.reader
+    finally:
+        await strict.close()
+        await auto.close()
+
+
+async def test_a_reload_that_changes_gpu_reader_switches_the_reader_and_lets_nvml_go(rig, nvml):
+    r = await rig(sims={"mvoice": {"loaded": False}})
+    os.environ["MGPUSIM_STATE"] = str(r.state)  # (monkeypatched: restored after the test)
+
+    async def reload_with(reader: str) -> dict[str, Any]:
+        r.raw["gpu"]["reader"] = reader
+        r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert resp.status == 200
+        assert (await r.post("tts", {"text": "x"}))[0] == 200
+        await r.broker.gpu.read(own=True)
+        return (await r.status())["gpu"]
+
+    assert (await reload_with("nvidia-smi"))["reader"] == "nvidia-smi" and m.NVML.users == 0
+    gpu = await reload_with("nvml")
+    assert gpu["reader"] == "nvml" and m.NVML.users == 1 and gpu["free_mib"] == r.gpu.free_mib()
+    assert (await reload_with("nvidia-smi"))["reader"] == "nvidia-smi" and m.NVML.users == 0
+    assert nvml.calls("nvmlShutdown") == ["nvmlShutdown"]
 
 
 # =====================================================================================================
@@ -8038,6 +8320,96 @@ async def test_daemon_subprocess_evicts_through_real_nvidia_smi_subprocess_and_s
     )
 
 
+async def test_daemon_with_gpu_reader_nvml_evicts_through_nvml_readings_of_the_stub(rig, nvml_stub):
+    """Issue 21, end to end: the daemon as a process, nvidia-ml-py finding the stub libnvidia-ml.so.1 by
+    LD_LIBRARY_PATH, as it would the driver's; the stub answers from the simulated GPU the consumers
+    allocate on. A swap is decided from NVML readings alone (nvidia-smi is not there to run); NVML is
+    initialised once and shut down on exit."""
+    r = await rig(sims={"comfyui": {"loaded": True, "release_s": 0.1}, "mvoice": {"loaded": False}})
+    raw = copy.deepcopy(r.raw)
+    raw["gpu"]["reader"] = "nvml"
+    calls = r.tmp_path / "nvml.log"
+    env = {
+        "LD_LIBRARY_PATH": str(nvml_stub.parent),
+        "MGPUSIM_STATE": str(r.state),
+        "MGPUSIM_NVML_LOG": str(calls),
+    }
+    daemon = Daemon(raw, r.tmp_path, (str(r.tmp_path / "no-nvidia-smi"),), env)
+    async with daemon:
+        st = await daemon.status(r.session)
+        assert st["gpu"]["reader"] == "nvml" and st["gpu"]["error"] is None
+        assert (st["gpu"]["used_mib"], st["gpu"]["free_mib"]) == (13000, 16384 - 480 - 13000)
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "hi"}) as resp:
+            assert resp.status == 200 and (await resp.read()).startswith(b"RIFF")
+        assert (r.sims["comfyui"].unloads, r.sims["mvoice"].loads) == (1, 1)
+        assert r.gpu.used_mib("mvoice") == 2800 and r.gpu.used_mib("comfyui") == 0
+        st = await daemon.until(r.session, lambda st: st["gpu"]["used_mib"] == 2800)
+        assert st["scheduler"]["stats"]["evictions"] == 1 and st["gpu"]["reader"] == "nvml"
+    assert daemon.proc.returncode == 0, daemon.log
+    assert 'msg="gpu reader" gpu=0 reader=nvml driver=mgpusim-stub' in daemon.log
+    assert "msg=evicting consumer=comfyui for_consumer=mvoice" in daemon.log
+    assert "no-nvidia-smi" not in daemon.log
+    names = calls.read_text().split()
+    assert names.count("nvmlInitWithFlags") == 1 and names[-1] == "nvmlShutdown"
+    assert names.count("nvmlDeviceGetMemoryInfo_v2") >= 3  # the readings before and after the unload
+
+
+async def test_daemon_with_a_hung_nvml_call_answers_gpu_unavailable_at_once_and_still_stops(rig, nvml_stub):
+    """A driver fault hangs NVML: the daemon answers gpu_unavailable after query_timeout_s, then at once,
+    goes on serving what needs no reading, and stops on SIGTERM as usual: the hung thread is left behind,
+    never awaited (nor nvmlShutdown called into a hung NVML)."""
+    r = await rig(sims={"mvoice": {"loaded": False}})
+    raw = copy.deepcopy(r.raw)
+    raw["gpu"].update(reader="nvml", query_timeout_s=1.0)
+    env = {"LD_LIBRARY_PATH": str(nvml_stub.parent), "MGPUSIM_STATE": str(r.state)}
+    daemon = Daemon(raw, r.tmp_path, (str(r.tmp_path / "no-nvidia-smi"),), env)
+    async with daemon:
+        assert (await daemon.status(r.session))["gpu"]["reader"] == "nvml"
+        r.gpu.set_nvml_fault(hang=True)  # every NVML call blocks
+        messages = []
+        for _ in range(3):
+            async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+                body = await resp.read()
+                messages.append(error_of(resp.status, dict(resp.headers), body, "gpu_unavailable")["message"])
+        assert "NVML did not answer within 1 s" in messages[0]
+        assert all("NVML has not answered for" in msg for msg in messages[1:]), messages
+        async with r.session.get(daemon.url("/healthz")) as resp:
+            assert resp.status == 200
+    assert daemon.proc.returncode == 0, daemon.log
+    assert "NVML call hung: left to its thread" in daemon.log
+    assert "NVML left without nvmlShutdown: a call hangs" in daemon.log
+
+
+async def test_daemon_with_gpu_reader_auto_reads_through_nvidia_smi_where_nvml_does_not_load(
+    rig, nvml_stub, tmp_path
+):
+    """Issue 21: auto falls back to nvidia-smi, and says why, when nvidia-ml-py is not installed (here: its
+    import fails) or libnvidia-ml.so.1 is not found (where this machine has no driver's library)."""
+    r = await rig(sims={"comfyui": {"loaded": True, "release_s": 0.1}, "mvoice": {"loaded": False}})
+    raw = copy.deepcopy(r.raw)
+    raw["gpu"]["reader"] = "auto"
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "pynvml.py").write_text("raise ImportError('hidden by the test')\n")
+    bare = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "MGPUSIM_STATE")}
+    stub = {**bare, "LD_LIBRARY_PATH": str(nvml_stub.parent), "MGPUSIM_STATE": str(r.state)}
+    cases = [({**stub, "PYTHONPATH": str(hidden)}, 'nvml="nvidia-ml-py is not installed')]
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")  # (the stub is not on this process's search path)
+    except OSError:  # no driver's library on this machine: the daemon finds none either
+        cases.append((bare, 'nvml="NVML nvmlInit: NVML Shared Library Not Found'))
+    for env, why in cases:
+        daemon = Daemon(raw, r.tmp_path, sim_smi(r.state))
+        daemon.env = env  # (not added to this process's: LD_LIBRARY_PATH there would not be removed)
+        async with daemon:
+            assert (await daemon.status(r.session))["gpu"]["reader"] == "nvidia-smi"
+            async with r.session.post(daemon.url("/v1/image"), json={"prompt": {}}) as resp:
+                assert resp.status == 200
+            async with r.session.post(daemon.url("/v1/tts"), json={"text": "hi"}) as resp:
+                assert resp.status == 200
+        assert 'msg="gpu reader" gpu=0 reader=nvidia-smi ' + why in daemon.log, daemon.log
+
+
 def test_make_demo_shows_the_eviction_cycle(tmp_path):
     """`make demo` without a GPU: consumers, broker and nvidia-smi simulated, each its own process."""
     res = subprocess.run(
@@ -10767,6 +11139,84 @@ def test_bench_overtaking_counts_later_jobs_of_no_higher_effective_priority():
     strict = [made_up_job(i, "tts", 2, (i, 0.1 * i), (10 + 2 * i, 1.0 + i), 1.5 + i) for i in range(4)]
     bench.overtaking(strict, aging_s=60)
     assert all(j.overtaken_s == 0 and not j.overtakers for j in strict)
+
+
+def admission_round(
+    n: int, to_queue: float, healthz: list[float], served: int | None = None
+) -> dict[str, Any]:
+    return {
+        "n": n,
+        "to_queue": to_queue,
+        "first": 0.01,
+        "events": n,
+        "healthz": healthz,
+        "healthz_ok": True,
+        "quiet": [0.001],
+        "served": n if served is None else served,
+        "lost": 0 if served is None else n - served,
+        "errors": ["200"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("large_s", "healthz", "served", "met"),
+    [
+        (3.9, [0.001] * 99 + [0.5], None, (True, True, True)),  # 1.95x; one slow answer of 100 is the p99 ...
+        (4.1, [0.001] * 99 + [0.5], None, (True, True, False)),  # 2.05x per job
+        (3.9, [0.001] * 98 + [0.5, 0.5], None, (True, False, True)),  # ... two are not
+        (3.9, [0.001] * 100, 1999, (True, False, True)),  # a job not served
+    ],
+)
+def test_bench_admission_compares_the_cost_per_job_and_healthz_p99_with_their_targets(
+    tmp_path, large_s, healthz, served, met
+):
+    """Measurement 9's targets (issue 21): queueing 2,000 jobs costs at most 2x per job what 200 cost, and
+    /healthz's p99 stays under 20 ms while they are queued (every job served in the end)."""
+    b = bench.Bench(quick=False, workdir=tmp_path, children=bench.Children(tmp_path))
+    b.report_admission(
+        [admission_round(200, 0.2, [0.001] * 100), admission_round(2000, large_s, healthz, served)]
+    )
+    assert [row.met for row in b.rows] == list(met)
+    assert b.rows[2].broker == f"{large_s / 2000 / (0.2 / 200):.1f}x" and b.rows[2].target == "<= 2x"
+    assert [ok for _, ok, _ in b.targets] == [met[2], met[0], met[1]]
+    analysis = "\n".join(b.analysis())  # a target not met is explained there
+    assert ("- Admission: queueing 200 jobs at once costs 1.00 ms per job" in analysis) == (not met[2])
+    assert ("- /healthz while jobs are queued: p99" in analysis) == (healthz.count(0.5) > 1)
+
+
+def test_bench_reading_cost_reads_through_the_reader_it_names_and_both_agree(nvml_stub, tmp_path):
+    """Measurement 10's tool: `bench.py reading-cost` times mgpumanager's own reader, the one it names (or
+    exits 3): over one simulated GPU, NVML through the stub and nvidia-smi through mgpusim's stand-in give
+    the same figures."""
+    gpu = mgpusim.SimGPU(tmp_path / "gpu.json")
+    gpu.allocate("comfyui", 13000, pid=os.getpid(), process=cmdline0(os.getpid()))
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": str(nvml_stub.parent),
+        "MGPUSIM_STATE": str(tmp_path / "gpu.json"),
+    }
+    outs = {}
+    for reader in ("nvml", "nvidia-smi"):
+        argv = [PY, str(HERE / "bench.py"), "reading-cost", "--reader", reader, "--n", "3", "--calls", "10"]
+        res = subprocess.run(
+            [*argv, "--smi", shlex.join(sim_smi(tmp_path / "gpu.json"))],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        assert res.returncode == 0, res.stderr.decode()[-2000:]
+        outs[reader] = json.loads(res.stdout)
+        assert outs[reader]["reader"] == reader and len(outs[reader]["whole"]) == 3
+    assert outs["nvml"]["reading"] == outs["nvidia-smi"]["reading"]
+    assert outs["nvml"]["reading"]["processes"] == [[os.getpid(), 13000]]
+    assert len(outs["nvml"]["call"]) == 10 and outs["nvidia-smi"]["call"] == []
+    res = subprocess.run(  # NVML does not load (no state: the stub's "Driver Not Loaded"): not measured
+        [PY, str(HERE / "bench.py"), "reading-cost", "--reader", "nvml", "--n", "1"],
+        env={k: v for k, v in env.items() if k != "MGPUSIM_STATE"},
+        capture_output=True,
+        timeout=60,
+    )
+    assert res.returncode == 3 and "NVML nvmlInit: Driver Not Loaded" in json.loads(res.stdout)["error"]
 
 
 # =====================================================================================================
