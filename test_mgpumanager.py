@@ -8319,6 +8319,42 @@ async def test_cli_ps_shows_measured_memory_reservations_and_several_gpus(rig):
     ]
 
 
+def closed_port() -> socket.socket:
+    """A socket bound to a port of 127.0.0.1 and never listening: a connection to it is refused, and no other
+    test (in parallel) can take its port while it is open."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+def test_a_verb_and_help_start_on_the_standard_library_alone():
+    """Every verb imported aiohttp, yaml, multidict and yarl first (most of its start). A verb and --help are
+    now answered before the daemon's imports: under ``-S`` (no site-packages, so no third-party module can be
+    imported at all) ``ps`` reaches for its broker, and ``-X importtime`` shows none of the daemon's
+    modules imported, nor even tried."""
+    daemons = {"aiohttp", "yaml", "multidict", "yarl", "uvloop", "asyncio"}
+    with closed_port() as closed:
+        nobody = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        argv = [PY, "-S", "-X", "importtime", str(HERE / "mgpumanager.py"), "ps", "--url", nobody]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    lines = proc.stderr.splitlines()
+    assert (proc.returncode, proc.stdout) == (1, ""), proc.stderr[-2000:]
+    assert lines[-1] == f"mgpumanager ps: cannot reach the broker at {nobody}: connection refused"
+    imported = {
+        line.split("|")[-1].strip().split(".")[0] for line in lines if line.startswith("import time:")
+    }
+    assert {"argparse", "urllib", "json"} <= imported and not imported & daemons, imported & daemons
+    # --help lists the broker's own flags and the verbs, as before.
+    argv = [PY, "-S", "-X", "importtime", str(HERE / "mgpumanager.py"), "--help"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for flag in ("--config", "--listen", "--nvidia-smi", "--check", "--log-level", "--url", "--token-file"):
+        assert flag in proc.stdout
+    assert all(f"    {name} " in proc.stdout for name in m.VERBS)
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()}
+    assert not imported & daemons
+
+
 # =====================================================================================================
 # 10.6 Operations: the dashboard
 # A real browser; the timeline of the last 15 minutes.
