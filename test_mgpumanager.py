@@ -474,6 +474,15 @@ async def until(condition: Any, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def status_until(r: Rig, predicate: Any, timeout: float = 10) -> dict[str, Any]:
+    """Poll the broker's /v1/status until ``predicate(status)`` holds; that status."""
+    deadline = time.monotonic() + timeout
+    while not predicate(status := await r.status()):
+        assert time.monotonic() < deadline, f"status never matched: {status['scheduler']}"
+        await asyncio.sleep(0.02)
+    return status
+
+
 async def _ok(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
@@ -582,6 +591,13 @@ async def raw_get(r: Rig, target: str, port: int | None = None) -> tuple[int, by
 def comfy_measured(raw: dict[str, Any]) -> None:
     """ComfyUI's processes are recognised in nvidia-smi's list: its memory is measured."""
     raw["consumers"]["comfyui"]["processes"] = {"name": "*/ComfyUI/*"}
+
+
+def ollama_measured(raw: dict[str, Any]) -> None:
+    """Ollama's processes are recognised in nvidia-smi's list: the memory it holds is known to be its own.
+    (Else a job of it, its residency in doubt, unloads comfyui, of unknown residency and holding nothing,
+    and waits out vram_wait_s for memory that never comes.)"""
+    raw["consumers"]["ollama"]["processes"] = {"name": "*/ollama"}
 
 
 REAL_COMFY = {"context_mib": 610, "work_s": 0.05}
@@ -1914,7 +1930,7 @@ async def test_a_probe_timing_out_while_the_consumer_works_does_not_mark_it_unhe
 
     async def work(request: web.Request) -> web.Response:
         busy.set()
-        await asyncio.sleep(0.6)
+        await until(lambda: len(probed_while_busy) >= 3)  # so two probes timed out while it worked
         busy.clear()
         return web.json_response({"text": "done"})
 
@@ -3562,7 +3578,8 @@ async def test_comfyui_evicted_to_fit_mvoice_one_unload_one_load(rig):
 @pytest.mark.parametrize("path", ["/v1/image", "/c/comfyui/prompt"])
 async def test_image_job_evicts_mvoice_and_holds_until_history(rig, caplog, path):
     """/v1/image, and ComfyUI's own /prompt through its mount, which takes the image path's hold."""
-    r = await rig(sims={"comfyui": {"work_s": 3}, "mvoice": {"loaded": True}})  # renders long enough
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    r.sims["comfyui"].may_finish.clear()  # it renders until the test has looked
     async with r.session.post(r.url(path), json={"prompt": {"1": {}}}) as resp:
         assert resp.status == 200
         prompt_id = (await resp.json())["prompt_id"]
@@ -3570,7 +3587,11 @@ async def test_image_job_evicts_mvoice_and_holds_until_history(rig, caplog, path
     # The client has its answer; the render goes on and the hold keeps the next job out.
     st = await r.status()
     assert st["scheduler"]["holder"].items() >= {"consumer": "comfyui", "jobs": 0, "holds": 1}.items()
-    status, _, _ = await r.post("tts", {"text": "after"})
+    tts = asyncio.ensure_future(r.post("tts", {"text": "after"}))
+    await status_until(r, lambda st: len(st["scheduler"]["queue"]) == 1)  # it waits for the render
+    await until(lambda: any(rec.path == f"/history/{prompt_id}" for rec in r.sims["comfyui"].records))
+    r.sims["comfyui"].may_finish.set()
+    status, _, _ = await tts
     assert status == 200
     render = r.sims["comfyui"].work[0]
     synth = next(rec for rec in r.sims["mvoice"].records if rec.path == "/api/synthesize")
@@ -3592,7 +3613,12 @@ async def test_failing_load_route_is_load_failed(rig):
 
 async def test_insufficient_vram_end_to_end_names_the_gpu_processes(rig):
     # Whisper (no unload route) and ollama (vram_managed) fill the GPU; comfyui cannot fit.
-    r = await rig(sims={"whisper": {"loaded": True, "vram_mib": 5000}, "ollama": {"loaded": True}})
+    def short_wait(raw: dict[str, Any]) -> None:
+        raw["scheduler"]["vram_wait_s"] = 0.2  # for comfyui's unload, which frees nothing
+
+    r = await rig(
+        sims={"whisper": {"loaded": True, "vram_mib": 5000}, "ollama": {"loaded": True}}, tweak=short_wait
+    )
     status, headers, body = await r.post("image", {"prompt": {}})
     data = error_of(status, headers, body, "insufficient_vram")
     assert "/usr/local/bin/whisper-server 5000 MiB (no consumer)" in data["message"]
@@ -4435,15 +4461,6 @@ async def test_cookies_are_never_kept_even_from_a_named_host(rig):
 # =====================================================================================================
 
 
-async def _prompt_in_two_halves(request: web.Request) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
-    await resp.prepare(request)
-    await resp.write(b'{"prompt_id": ')
-    await asyncio.sleep(0.3)
-    await resp.write(b'"p1", "number": 0}')
-    return resp
-
-
 async def test_a_hold_abandoned_or_cut_before_it_ever_ran_still_frees_its_slot():
     """The consumer is seen gone (or the broker closes) in the same turn its job answered: the hold's task
     is cancelled before its first step, so no finally of its runs; the slot is freed all the same."""
@@ -4575,13 +4592,21 @@ async def test_a_slow_but_alive_consumer_keeps_its_hold(rig, caplog):
 
 
 async def test_a_client_leaving_mid_answer_still_starts_the_hold(rig):
-    rendered = asyncio.Event()
+    rendered, left = asyncio.Event(), asyncio.Event()
+
+    async def prompt_in_two_halves(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"prompt_id": ')
+        await left.wait()  # the second half once the client has left
+        await resp.write(b'"p1", "number": 0}')
+        return resp
 
     async def history(request: web.Request) -> web.Response:
         assert request.match_info["id"] == "p1"
         return web.json_response({"p1": {}} if rendered.is_set() else {})
 
-    routes = [("POST", "/prompt", _prompt_in_two_halves), ("GET", "/history/{id}", history)]
+    routes = [("POST", "/prompt", prompt_in_two_halves), ("GET", "/history/{id}", history)]
     routes.append(("GET", "/system_stats", _ok))
     async with StandIn(routes) as comfy:
         r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
@@ -4589,7 +4614,8 @@ async def test_a_client_leaving_mid_answer_still_starts_the_hold(rig):
         assert await resp.content.readexactly(14) == b'{"prompt_id": '
         resp.close()  # the client leaves before the answer ended
         await until(lambda: r.stats.cancelled == 1)
-        await asyncio.sleep(0.5)
+        left.set()
+        await until(lambda: r.broker.scheduler.holds == 1)
         assert (
             r.broker.scheduler.snapshot()["holder"].items()
             >= {"consumer": "comfyui", "jobs": 0, "holds": 1}.items()
@@ -4783,7 +4809,11 @@ async def test_mount_ollama_client_generate_and_streaming_chat(rig, caplog):
 async def test_mount_openai_client_streams_chat_completions_with_the_brokers_token(rig):
     import openai  # noqa: PLC0415 (a dev dependency, needed here only)
 
-    r = await rig(tweak=with_token, sims={"ollama": {"lines": 3, "line_interval_s": 0.05}})
+    def setup(raw: dict[str, Any]) -> None:
+        with_token(raw)
+        ollama_measured(raw)
+
+    r = await rig(tweak=setup, sims={"ollama": {"lines": 3, "line_interval_s": 0.05}})
     client = openai.AsyncOpenAI(base_url=r.url("/c/ollama/v1"), api_key=TOKEN, max_retries=0)
     stranger = openai.AsyncOpenAI(base_url=r.url("/c/ollama/v1"), api_key="not-the-token", max_retries=0)
     try:
@@ -5323,7 +5353,11 @@ def test_any_url_the_loader_accepts_is_one_the_http_client_can_use(host, port):
 async def test_the_ollama_client_given_only_a_host_goes_through_ollamas_port(rig, caplog):
     import ollama  # noqa: PLC0415 (a dev dependency, needed here only)
 
-    r = await rig(tweak=with_ports, sims={"ollama": {"lines": 3}})
+    def setup(raw: dict[str, Any]) -> None:
+        with_ports(raw)
+        ollama_measured(raw)
+
+    r = await rig(tweak=setup, sims={"ollama": {"lines": 3}})
     address = r.broker.ports.address("ollama")
     consumers = (await r.status())["consumers"]
     assert consumers["ollama"]["listen"] == address and consumers["ollama"]["preset"] == "ollama"
@@ -7013,7 +7047,7 @@ async def test_sighup_reloads_the_daemon(rig):
         await daemon.until(r.session, lambda st: st["consumers"]["mvoice"]["priority"] == 4)
         daemon.config.write_text("consumers: {")
         daemon.proc.send_signal(signal.SIGHUP)
-        await asyncio.sleep(0.3)
+        await until(lambda: 'msg="reload refused"' in daemon.log_path.read_text())
         async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
             assert resp.status == 200  # the old config serves on
     assert daemon.proc.returncode == 0
@@ -7323,15 +7357,18 @@ async def test_systemd_notify_ready_status_reload_watchdog_stopping_in_order(rig
             assert len(ready) == 1 and ready[0].startswith("READY=1\nSTATUS=GPU idle, 0 queued")
             async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
                 assert resp.status == 200
-            await asyncio.sleep(0.3)
+            await until(lambda: notify.without_watchdog()[-1].startswith("STATUS=GPU idle"))
             statuses = notify.without_watchdog()[1:]
             # mvoice is resident, so nothing read the GPU: free VRAM is not known yet.
             assert statuses[0] == "STATUS=mvoice holds the GPU, 0 queued, VRAM unknown", statuses
-            assert statuses[-1].startswith("STATUS=GPU idle")
             daemon.proc.send_signal(signal.SIGHUP)
-            await asyncio.sleep(0.3)
+            await until(lambda: "READY=1" in notify.without_watchdog())
             reload = notify.without_watchdog()[1 + len(statuses) :]
+            reload = reload[
+                [msg.startswith("RELOADING=1") for msg in reload].index(True) :
+            ]  # (a late STATUS)
             assert reload[0].startswith("RELOADING=1\nMONOTONIC_USEC=") and reload[1] == "READY=1"
+            await until(lambda: notify.drain().count("WATCHDOG=1") >= 5)  # a ping every 0.1 s
         final = notify.without_watchdog()
         assert final[-1] == "STOPPING=1"
         assert notify.messages.count("WATCHDOG=1") >= 5
@@ -7360,7 +7397,7 @@ async def test_sigterm_drains_the_queue_lets_the_running_job_finish_and_exits_0(
             running = asyncio.ensure_future(r.session.post(daemon.url("/v1/llm"), json={"model": "m"}))
             await daemon.until(r.session, lambda st: st["scheduler"]["holder"])
             queued = asyncio.ensure_future(r.session.post(daemon.url("/v1/tts"), json={"text": "x"}))
-            await asyncio.sleep(0.3)
+            await daemon.until(r.session, lambda st: len(st["scheduler"]["queue"]) == 1)
             daemon.terminate()
             resp = await asyncio.wait_for(queued, 10)
             error_of(resp.status, dict(resp.headers), await resp.read(), "shutting_down")
@@ -7380,11 +7417,15 @@ async def test_shutdown_waits_for_a_hold_but_not_longer_than_shutdown_timeout_s(
     def quick(raw):
         raw["scheduler"]["shutdown_timeout_s"] = 1.0
 
-    r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 0.5}}, tweak=quick)
+    r = await rig(total_mib=40000)  # shutdown_timeout_s 30: the hold ends long before
+    r.sims["comfyui"].may_finish.clear()  # the render, and so the hold, ends when the test says
     async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
         async with r.session.post(daemon.url("/v1/image"), json={"prompt": {}}) as resp:
             assert resp.status == 200
         daemon.terminate()
+        await until(lambda: "shutting down: waiting for running jobs" in daemon.log_path.read_text())
+        assert daemon.proc.returncode is None  # waiting for the hold
+        r.sims["comfyui"].may_finish.set()
     assert daemon.proc.returncode == 0
     assert daemon.log.index('msg="hold released"') < daemon.log.index("msg=stopped")
 
@@ -7857,15 +7898,6 @@ async def verb(capsys: Any, *args: str, env: dict[str, str] | None = None) -> tu
     code = await asyncio.to_thread(run)
     out, err = capsys.readouterr()
     return code, out, err
-
-
-async def status_until(r: Rig, predicate: Any, timeout: float = 10) -> dict[str, Any]:
-    """Poll the broker's /v1/status until ``predicate(status)`` holds; that status."""
-    deadline = time.monotonic() + timeout
-    while not predicate(status := await r.status()):
-        assert time.monotonic() < deadline, f"status never matched: {status['scheduler']}"
-        await asyncio.sleep(0.02)
-    return status
 
 
 def ps_rows(out: str) -> dict[str, list[str]]:
