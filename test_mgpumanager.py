@@ -1711,15 +1711,24 @@ async def test_a_health_round_much_later_than_due_puts_every_resident_record_in_
     async with StandIn(routes) as svc, aiohttp.ClientSession() as session:
         urls = {f"consumers__{name}__url": f"{svc.url}/{name}" for name in "txyz"}
         cfg = small_config(health={"interval_s": 0.05, "timeout_s": 0.05}, **urls)
-        now = [0.0]
-        consumers = m.Consumers(cfg, session, clock=lambda: now[0])
+        now, stalling = [0.0], [False]
+
+        def clock() -> float:
+            # Stalling, a minute passes between any two looks at the clock: whichever step of its round the
+            # health loop is at (a single jump of a minute during a round's probes was taken in before the
+            # next round's due time, so that round was on time, and every one after).
+            if stalling[0]:
+                now[0] += 60.0
+            return now[0]
+
+        consumers = m.Consumers(cfg, session, clock=clock)
         x = consumers.states["x"]
         x.loaded()
         health = asyncio.ensure_future(consumers.run_health())
         try:
             await until(lambda: x.last_probe is not None)  # a round on time
             assert x.trusted and x.resident is True
-            now[0] += 60.0  # the next round comes a minute late
+            stalling[0] = True  # the next round comes a minute late
             await until(lambda: not x.trusted)
             assert x.resident is True  # still what it was, but a job will read the GPU first
             assert "health round late" in caplog.text
