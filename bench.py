@@ -510,7 +510,7 @@ consumers:
         path: /prompt
         hold_until: {{method: GET, path: "/history/{{prompt_id}}", poll_s: 0.05, timeout_s: 30}}
     vram_resident_mib: 13000
-    unload: {{method: POST, path: /free, body: {{unload_models: true, free_memory: true}}}}
+    unload: {{method: POST, path: /free, body: {{free_memory: true}}}}
     can_coexist_with: [ollama]
   ollama:
     url: http://{LOOPBACK}:{ports["ollama"]}
@@ -930,7 +930,7 @@ consumers:
         hold_until:
           {{method: GET, path: "/history/{{prompt_id}}", poll_s: {MIX_HOLD_POLL_S:g}, timeout_s: 900}}
     vram_resident_mib: 13000
-    unload: {{method: POST, path: /free, body: {{unload_models: true, free_memory: true}}}}
+    unload: {{method: POST, path: /free, body: {{free_memory: true}}}}
     priority: {trace.priority["comfyui"]}
 """
 

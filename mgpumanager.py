@@ -249,7 +249,9 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects)
+#: No proxy, whatever http_proxy, HTTPS_PROXY or all_proxy say (urllib would follow them, even for 127.0.0.1,
+#: and hand the bearer token to the proxy): the verbs talk to the broker's URL alone.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects)
 
 
 @dataclass
@@ -488,7 +490,7 @@ def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
             [
                 name,
                 str(c.get("gpu", "")),
-                _state(c.get("healthy"), "healthy", "down"),
+                "stopped" if c.get("stopped") else _state(c.get("healthy"), "healthy", "down"),
                 _state(c.get("loaded"), "yes", "no"),
                 _mib(c.get("vram_used_mib")),
                 _mib(c.get("vram_peak_mib")),
@@ -498,7 +500,7 @@ def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
                 str(queued.get(name, 0)),
             ]
         )
-        if c.get("healthy") is False and c.get("last_error"):
+        if c.get("healthy") is False and c.get("last_error") and not c.get("stopped"):
             notes += _wrap(f"{name}: {c['last_error']}")
     right = {1, 4, 5, 6, 8, 9}
     if not several:  # one GPU: no GPU column
@@ -784,11 +786,15 @@ import asyncio
 import bisect
 import contextlib
 import copy
+import errno
 import fnmatch
 import functools
+import gc
+import hashlib
 import hmac
 import ipaddress
 import itertools
+import resource
 import shlex
 import statistics
 import subprocess
@@ -819,6 +825,8 @@ RESERVED_KINDS = frozenset({"status", "consumers", "events", "reload", "reserve"
 KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 #: The kind a mount job has when its method and path are none of its consumer's ``paths``.
 MOUNT_KIND = "mount"
+#: The kind of the job that starts a stopped consumer for an unscheduled call (``start_for_unscheduled``).
+START_KIND = "start"
 #: The pseudo-consumer that holds a GPU's lock while it is reserved (``POST /v1/reserve``), and its kind.
 RESERVATION = "reservation"
 #: Kinds of job that only unload: granting one changes nothing another consumer's record relies on.
@@ -828,6 +836,9 @@ HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 TIMING_SAMPLES = 15
 #: What the broker times per consumer: its loads, its unloads and its jobs.
 TIMED = ("load", "unload", "job")
+#: A forecast counts the job running now as at least this much more, however long past its consumer's
+#: learned job time it has run already (it is not done: a render twice as long as usual is still running).
+RUNNING_FLOOR_S = 1.0
 #: How often free VRAM is polled after an unload (one nvidia-smi each, the GPU line alone), and which
 #: share of the victim's memory counts as "freed".
 VRAM_POLL_S = 0.05
@@ -839,8 +850,13 @@ NOTHING_FREED_SHARE = 0.1
 PIPE_GRACE_S = 0.5
 #: After killing a hung nvidia-smi or command, how long to wait for it to be reaped before going on.
 REAP_TIMEOUT_S = 1.0
-#: What the broker keeps of a subprocess's stdout and of its stderr (the tail, for commands' error messages).
+#: What the broker keeps of a command's stdout and of its stderr (the tail, for its error messages); of
+#: nvidia-smi's, the head, up to gpu.max_output_mib, and more is an error.
 OUTPUT_LIMIT = 1 * MiB
+#: A process's cgroups (``processes.unit``) are read once and kept while it stays in nvidia-smi's list under
+#: the same name, but this long at most: a pid another process took between two readings (the same name,
+#: another unit) is misread for so long at most. Gone from a reading, it is forgotten.
+CGROUP_CACHE_S = 60.0
 #: How much of a failed command's stderr goes into its error message and log line.
 STDERR_TAIL = 500
 #: After a command-started load, how often the consumer's health route is asked until it answers 2xx.
@@ -859,6 +875,27 @@ CONNECT_TIMEOUT_S = 10.0
 #: A proxied WebSocket pings both sides this often: a peer gone without a close (a laptop put to sleep) is
 #: noticed within about twice this, not at TCP keepalive's two hours.
 WEBSOCKET_HEARTBEAT_S = 30.0
+#: Closing a proxied WebSocket waits this long for the other end's close frame: an end that is still sending
+#: a message the broker refused (too large) cannot answer one, and is cut off then.
+WEBSOCKET_CLOSE_S = 2.0
+#: A listening socket's backlog (aiohttp's default); also about how many connections one turn of the event
+#: loop may accept before the broker sees the first, which the descriptor reserve covers.
+LISTEN_BACKLOG = 128
+#: The descriptors kept for the broker's own work (see descriptor_reserve): a base (stdio, the event loop's,
+#: listeners, logs, config and /proc reads), per GPU (a reading's two nvidia-smi, a load or unload command),
+#: and per consumer beyond its jobs, unscheduled calls and WebSockets (a probe, a load or unload call, a
+#: hold poll, a residency query).
+FD_RESERVE_BASE = 64
+FD_RESERVE_PER_GPU = 16
+FD_RESERVE_PER_CONSUMER = 4
+#: When the broker's own work finds no descriptor free (EMFILE), this many idle client connections go.
+FD_SHED_BATCH = 64
+#: A connection whose credential a reload revoked gets this long to take a WebSocket's close frame (1008),
+#: then it is cut.
+REVOKE_GRACE_S = 0.5
+#: The client connections the broker closed are summed up in the log at most this often (each is counted
+#: in mgpumanager_connections_closed_total at once).
+CLOSED_LOG_S = 10.0
 #: A config file larger than this is refused unread (mrock's is 5 KiB): parsing is slow and memory-hungry.
 MAX_CONFIG_BYTES = 256 * 1024
 #: A config whose nodes and scalar characters, with every alias expanded, exceed this is refused (an alias
@@ -1014,6 +1051,10 @@ class ConsumerConfig:
     residency: JsonQuery | None = None
     #: Its own port (host, port): its whole API at the root path, by the rules of its mount.
     listen: tuple[str, int] | None = None
+    #: An unscheduled call (through its mount or port, /audio/, a WebSocket) that finds it stopped starts it
+    #: first, as a job of kind ``start`` would, instead of being refused with consumer_stopped: every route
+    #: of its needs its model (llama-server, whose process is its model).
+    start_for_unscheduled: bool = False
     #: The preset it was made from, and the keys (``paths.<kind>`` for paths) that the preset filled in.
     preset: str | None = None
     from_preset: tuple[str, ...] = ()
@@ -1313,6 +1354,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # ComfyUI v0.8.0 server.py, app/user_manager.py, app/app_settings.py: every route is served under /api
     # too; /prompt answers at once and /history/{id} stays {} until the render is done; /free needs a body.
+    # /free sets each flag it names one after the other, and main.py's prompt_worker reads them between
+    # prompts: free_memory implies unload_models, and both in one body race (the worker may read the first
+    # alone, leaving free_memory to drop the model of the next render as soon as it is done).
     "comfyui": {
         "health": {"method": "GET", "path": "/system_stats"},
         "paths": {
@@ -1337,7 +1381,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 },
             },
         },
-        "unload": {"method": "POST", "path": "/free", "body": {"unload_models": True, "free_memory": True}},
+        "unload": {"method": "POST", "path": "/free", "body": {"free_memory": True}},
         "unscheduled": [
             {"method": "POST", "path": prefix + path}
             for path in (
@@ -1366,6 +1410,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "paths": OPENAI_PATHS,
         "residency": {"method": "GET", "path": "/props", "where": {"is_sleeping": [False, None]}},
         "unscheduled": _calls("POST", "/tokenize", "/detokenize", "/apply-template"),
+        # Stopped by its unload command, it answers nothing: a model list (what the OpenAI client and Open
+        # WebUI ask first) needs it running, and running it is loading its one model.
+        "start_for_unscheduled": True,
     },
     # The same server in router mode (started without a model), tools/server/server-models.cpp: GET /models
     # lists every model with status.value; /models/unload and /models/load take {"model": id}.
@@ -1727,6 +1774,7 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         "max_websockets",
         "residency",
         "listen",
+        "start_for_unscheduled",
         "preset",
     )
     d = ck.mapping(raw, where, allowed, required=True)
@@ -1783,6 +1831,9 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         ck.problem(f"{where}.idle_unload_s", "needs an unload route or command")
     if idle_unload_s and vram_managed is True:
         ck.problem(f"{where}.idle_unload_s", "a vram_managed consumer unloads itself (Ollama's keep_alive)")
+    start_for_unscheduled = d.get("start_for_unscheduled", False)
+    if not isinstance(start_for_unscheduled, bool):
+        ck.problem(f"{where}.start_for_unscheduled", f"must be true or false, not {start_for_unscheduled!r}")
     preload = d.get("preload", False)
     if not isinstance(preload, bool):
         ck.problem(f"{where}.preload", f"must be true or false, not {preload!r}")
@@ -1812,6 +1863,7 @@ def _parse_consumer(ck: _Checker, name: str, raw: Any, default_gpu: int) -> Cons
         if "residency" in d
         else None,
         listen=_parse_listen(ck, d["listen"], f"{where}.listen") if "listen" in d else None,
+        start_for_unscheduled=start_for_unscheduled is True,
         preset=preset,
         from_preset=from_preset,
     )
@@ -2302,6 +2354,7 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "too_many_requests": (429, True),
     "bad_config": (422, False),
     "consumer_unreachable": (502, True),
+    "consumer_stopped": (503, True),
     "load_failed": (502, True),
     "unload_failed": (502, True),
     "bad_consumer_url": (502, False),
@@ -2310,6 +2363,7 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "queue_timeout": (503, True),
     "shutting_down": (503, True),
     "insufficient_vram": (503, True),
+    "out_of_descriptors": (503, True),
     "gpu_unavailable": (503, True),
     "consumer_timeout": (504, True),
     "gpu_reserved": (503, True),
@@ -2369,8 +2423,16 @@ class ConsumerGone(Exception):
         self.reason = reason
 
 
+def out_of_descriptors(exc: BaseException | None) -> bool:
+    """Whether a failure is the broker's own lack of file descriptors (EMFILE, ENFILE: RLIMIT_NOFILE or the
+    system's table), not the consumer's doing. (aiohttp's ClientConnectorError has its OSError's errno.)"""
+    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
+
+
 def describe(exc: BaseException) -> str:
     """A short human reason for a failed connection: 'connection refused', 'timed out', ..."""
+    if out_of_descriptors(exc):
+        return "the broker is out of file descriptors (RLIMIT_NOFILE)"
     if isinstance(exc, _ConnectTimeout):
         return "connect timed out"
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
@@ -2392,9 +2454,12 @@ def describe(exc: BaseException) -> str:
 
 def gone_reason(exc: BaseException, *, refused_only: bool = False) -> str | None:
     """Why a failed call means the consumer is gone, or None when it may be alive but slow (a timeout) or
-    the URL is wrong (a name that does not resolve). Gone: nothing accepts the connection, or (unless
-    ``refused_only``) the one it had was reset or closed on it."""
+    the URL is wrong (a name that does not resolve), or the broker itself had no descriptor to connect with.
+    Gone: nothing accepts the connection, or (unless ``refused_only``) the one it had was reset or closed on
+    it."""
     if isinstance(exc, (_DNSError, aiohttp.InvalidURL, TimeoutError, asyncio.TimeoutError)):
+        return None
+    if out_of_descriptors(exc):
         return None
     if isinstance(exc, aiohttp.ClientConnectorError):
         return describe(exc)
@@ -2406,7 +2471,10 @@ def gone_reason(exc: BaseException, *, refused_only: bool = False) -> str | None
 
 
 def failure_code(exc: BaseException) -> str:
-    """The error code for a failed call to a consumer: its URL is unusable, or it is unreachable."""
+    """The error code for a failed call to a consumer: its URL is unusable, it is unreachable, or the broker
+    had no file descriptor to connect with."""
+    if out_of_descriptors(exc):
+        return "out_of_descriptors"
     if isinstance(exc, (_DNSError, aiohttp.InvalidURL, ValueError)):
         return "bad_consumer_url"
     return "consumer_unreachable"
@@ -2609,6 +2677,11 @@ METRIC_HELP = {
         "counter",
         "WebSockets through a mount that failed to connect or broke, by consumer.",
     ),
+    "mgpumanager_websocket_refused_total": (
+        "counter",
+        "WebSockets closed for a message larger than max_ws_message_mib (1009) or a frame that breaks the "
+        "protocol (1002), by consumer and the side that sent it (client, consumer).",
+    ),
     "mgpumanager_evictions_total": ("counter", "Consumers unloaded to make room, by the consumer unloaded."),
     "mgpumanager_loads_total": ("counter", "Load calls that succeeded, by consumer."),
     "mgpumanager_unload_failures_total": ("counter", "Unload calls that failed, by consumer."),
@@ -2638,7 +2711,27 @@ METRIC_HELP = {
         "counter",
         "Bugs in the broker (each also logged with a traceback).",
     ),
+    "mgpumanager_connections_closed_total": (
+        "counter",
+        "Client connections the broker closed, by reason: header_timeout (no whole request head within "
+        "http.header_timeout_s), keepalive (idle http.keepalive_s), descriptors (the longest-idle ones, when "
+        "descriptors ran short), token_revoked (authenticated with a token a reload replaced).",
+    ),
+    "mgpumanager_descriptors_exhausted_total": (
+        "counter",
+        "Connections to consumers the broker could not open for want of a file descriptor (EMFILE, ENFILE).",
+    ),
+    "mgpumanager_client_connections": ("gauge", "Client connections open now, on every listener."),
+    "mgpumanager_client_connections_limit": (
+        "gauge",
+        "Client connections allowed at once: RLIMIT_NOFILE less the descriptors kept for the broker's own "
+        "work.",
+    ),
     "mgpumanager_consumer_healthy": ("gauge", "1 if the last health probe succeeded, 0 if not, NaN unknown."),
+    "mgpumanager_consumer_stopped": (
+        "gauge",
+        "1 if the consumer (started by a command) is stopped, by the broker or found not running; else 0.",
+    ),
     "mgpumanager_consumer_resident": ("gauge", "1 if the consumer is resident, 0 if not, NaN unknown."),
     "mgpumanager_consumer_vram_used_bytes": (
         "gauge",
@@ -2751,6 +2844,9 @@ class GpuReading:
     #: Wall-clock time the query started (for people) and its monotonic twin (for freshness).
     read_at: float
     started: float
+    #: pid -> consumer, for the consumers measured by their processes, as the broker attributed them when
+    #: the reading was taken (off the event loop, with the parsing).
+    owners: Mapping[int, str] = field(default_factory=dict)
 
 
 _UNITS = (" MiB", " %", " W")
@@ -2835,6 +2931,8 @@ class Finished:
     returncode: int
     stdout: bytes
     stderr: bytes
+    #: It wrote more to stdout than was kept.
+    stdout_cut: bool = False
 
     def stderr_tail(self) -> str:
         text = self.stderr.decode(errors="replace").strip()
@@ -2846,17 +2944,26 @@ class ProcessTimeout(Exception):
 
 
 class _Tail(asyncio.Protocol):
-    """The last ``limit`` bytes one output of a subprocess writes (a chatty one cannot fill memory), and
-    when that output ended (every process holding it closed it)."""
+    """The last ``limit`` bytes one output of a subprocess writes (a chatty one cannot fill memory), or with
+    ``head`` its first ``limit`` bytes; whether it wrote more (``cut``), and when that output ended (every
+    process holding it closed it)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, head: bool = False) -> None:
         self.limit = limit
+        self.head = head
         self.data = bytearray()
+        self.cut = False
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
+        if self.head:
+            room = self.limit - len(self.data)
+            self.cut = self.cut or len(data) > room
+            self.data += data[: max(0, room)]
+            return
         self.data += data
         if len(self.data) > self.limit:
+            self.cut = True
             del self.data[: len(self.data) - self.limit]
 
     def eof_received(self) -> bool:
@@ -2909,9 +3016,15 @@ class _Exit:
 
 
 async def run_process(
-    argv: Sequence[str], timeout_s: float, *, limit: int = OUTPUT_LIMIT, kill_group: bool = False
+    argv: Sequence[str],
+    timeout_s: float,
+    *,
+    limit: int = OUTPUT_LIMIT,
+    kill_group: bool = False,
+    head: bool = False,
 ) -> Finished:
-    """Run a program without a shell, stdin from /dev/null, its output captured (bounded).
+    """Run a program without a shell, stdin from /dev/null, its output captured (bounded: the last ``limit``
+    bytes of each, or with ``head`` the first ``limit`` bytes of stdout).
 
     It gets exactly stdin, stdout and stderr and no other file descriptor of the broker's, whichever the
     event loop: it is started by ``subprocess.Popen`` (``close_fds``), not by the loop (uvloop's spawning
@@ -2950,8 +3063,9 @@ async def run_process(
     transports: list[asyncio.BaseTransport] = []
     try:
         tails = []
-        for sock in list(ours):
-            transport, tail = await loop.connect_read_pipe(functools.partial(_Tail, limit), sock)
+        for sock, keep_head in zip(list(ours), (head, False), strict=True):
+            protocol = functools.partial(_Tail, limit, keep_head)
+            transport, tail = await loop.connect_read_pipe(protocol, sock)
             ours.remove(sock)  # the transport closes it now
             transports.append(transport)
             tails.append(tail)
@@ -2971,7 +3085,7 @@ async def run_process(
             await asyncio.wait_for(asyncio.gather(*(t.closed for t in tails)), PIPE_GRACE_S)
         except asyncio.TimeoutError:
             log.info(logfmt(msg="process left its output open", argv=shlex.join(argv), pid=proc.pid))
-        return Finished(returncode, bytes(tails[0].data), bytes(tails[1].data))
+        return Finished(returncode, bytes(tails[0].data), bytes(tails[1].data), tails[0].cut)
     finally:
         watch.close()
         for transport in transports:
@@ -2995,12 +3109,14 @@ async def _kill_group(
         proc.wait(0)
 
 
-async def run_nvidia_smi(argv: Sequence[str], timeout_s: float) -> str:
+async def run_nvidia_smi(argv: Sequence[str], timeout_s: float, max_output_mib: int = 8) -> str:
     """Run one nvidia-smi query as a subprocess; kill it (and anything it started) past ``timeout_s``, and
     whatever it left in its process group once it has exited (a wrapper's child holding its output would
-    cost every reading PIPE_GRACE_S, and stay behind)."""
+    cost every reading PIPE_GRACE_S, and stay behind). Its output is read whole up to ``max_output_mib``
+    (gpu.max_output_mib); more is a GpuError that says so, never a part of it parsed."""
+    limit = max_output_mib * MiB
     try:
-        done = await run_process(argv, timeout_s, kill_group=True)
+        done = await run_process(argv, timeout_s, limit=limit, kill_group=True, head=True)
     except OSError as e:
         raise GpuError(f"cannot run {argv[0]}: {e.strerror or e}") from e
     except ProcessTimeout:
@@ -3009,6 +3125,11 @@ async def run_nvidia_smi(argv: Sequence[str], timeout_s: float) -> str:
         # nvidia-smi writes its errors to stdout.
         text = done.stdout.decode(errors="replace").strip() or done.stderr.decode(errors="replace").strip()
         raise GpuError(f"nvidia-smi exited with status {done.returncode}: {text[:300] or '(no output)'}")
+    if done.stdout_cut:
+        raise GpuError(
+            f"nvidia-smi printed more than {max_output_mib} MiB (gpu.max_output_mib): not read;"
+            " raise gpu.max_output_mib if this GPU really lists so many processes"
+        )
     return done.stdout.decode(errors="replace")
 
 
@@ -3034,6 +3155,9 @@ class GpuReader:
         self._tasks: set[asyncio.Task[GpuReading]] = set()
         #: Told of every whole reading (the broker measures its consumers' processes from it).
         self.listeners: list[Callable[[GpuReading], None]] = []
+        #: pid -> consumer for a whole reading's processes (the broker's Consumers.attribute): run off the
+        #: event loop with the parsing, its answer kept in the reading's ``owners``.
+        self.attribute: Callable[[GpuReading], Mapping[int, str]] | None = None
 
     def __repr__(self) -> str:
         busy = "querying" if self._inflight is not None else "idle"
@@ -3094,8 +3218,11 @@ class GpuReader:
         started, read_at = self.clock(), time.time()
         self.queries += 1
         argv = [*cfg.nvidia_smi, "-i", str(self.index), f"--query-gpu={','.join(GPU_FIELDS)}"]
-        text = await run_nvidia_smi([*argv, "--format=csv,noheader,nounits"], cfg.query_timeout_s)
-        return parse_gpu_reading(text, "", index=self.index, started=started, read_at=read_at)
+        argv.append("--format=csv,noheader,nounits")
+        text = await run_nvidia_smi(argv, cfg.query_timeout_s, cfg.max_output_mib)
+        # (In a worker thread too: a broken nvidia-smi may print its 8 MiB here as well.)
+        parse = functools.partial(parse_gpu_reading, index=self.index, started=started, read_at=read_at)
+        return await asyncio.to_thread(parse, text, "")
 
     def last_free_mib(self) -> int | None:
         """Free MiB from the newest finished reading, without reading again."""
@@ -3108,15 +3235,30 @@ class GpuReader:
         fmt = "--format=csv,noheader,nounits"
         self.queries += 2
         read_at = time.time()
+        limit_s, limit_mib = cfg.query_timeout_s, cfg.max_output_mib
         results = await asyncio.gather(
-            run_nvidia_smi([*base, f"--query-gpu={','.join(GPU_FIELDS)}", fmt], cfg.query_timeout_s),
-            run_nvidia_smi([*base, f"--query-compute-apps={','.join(APP_FIELDS)}", fmt], cfg.query_timeout_s),
+            run_nvidia_smi([*base, f"--query-gpu={','.join(GPU_FIELDS)}", fmt], limit_s, limit_mib),
+            run_nvidia_smi([*base, f"--query-compute-apps={','.join(APP_FIELDS)}", fmt], limit_s, limit_mib),
             return_exceptions=True,
         )
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-        return parse_gpu_reading(results[0], results[1], index=self.index, started=started, read_at=read_at)
+        # Off the event loop: 20,000 process lines (a hostile or broken nvidia-smi) take it a second.
+        return await asyncio.to_thread(self._build, results[0], results[1], started, read_at)
+
+    def _build(self, gpu_text: str, apps_text: str, started: float, read_at: float) -> GpuReading:
+        """A whole reading from nvidia-smi's two answers, its processes attributed (in a worker thread)."""
+        reading = parse_gpu_reading(gpu_text, apps_text, index=self.index, started=started, read_at=read_at)
+        if self.attribute is None:
+            return reading
+        try:
+            owners = self.attribute(reading)
+        except Exception as e:  # a bug: the reading still serves, its processes unattributed
+            self.crashes += 1
+            log.exception(logfmt(msg="attributing gpu processes crashed", error=describe(e)))
+            owners = {}
+        return replace(reading, owners=owners)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -3136,13 +3278,15 @@ class ConsumerState:
 
     ``resident`` and ``healthy`` are True, False or None (unknown). ``trusted`` says whether a resident
     record may be acted on without reading the GPU: only while nothing since the record could have changed
-    it (see ``touched``).
+    it (see ``touched``). ``stopped``: a consumer started by a command whose service is not running (the
+    broker stopped it, or it is down): unhealthy, but no fault; a job starts it.
 
     ==============  ========================================  ===============  =======  =========
     transition      when                                      resident         healthy  trusted
     ==============  ========================================  ===============  =======  =========
     probed          a health probe ended                      as reported [1]  verdict  [4]
     came_up         a health wait after a load command: 2xx                    True
+    was_stopped     its unload command succeeded                               stopped
     seen_down       a job, hold or WebSocket found it gone    unknown [2]      False    cleared
     timed_out       a job got no answer in its timeout_s      (kept) [2]       False    cleared
     touched         something may have changed its memory                               cleared [3]
@@ -3164,7 +3308,8 @@ class ConsumerState:
     ``processes`` is resident exactly when a reading finds its processes holding at least half its
     ``vram_resident_mib``; what it reports of itself is then not asked (memory cannot be wrong about
     memory).
-    [2] Not resident for a consumer started by a command: its process is gone, a job starts it again.
+    [2] Not resident for a consumer started by a command: its process is gone (stopped), a job starts it
+    again. A probe of one that finds nothing accepting connections finds it stopped too.
     [3] Another consumer's job or load on its GPU, a mount call outside its paths, its processes changing
     between readings (a restart), a health round missed.
     [4] A failed probe clears it. An observation that finds it resident sets it, unless something put it
@@ -3184,6 +3329,9 @@ class ConsumerState:
         self.resident: bool | None = None
         self.trusted = False
         self.healthy: bool | None = None
+        #: Unhealthy because its service is not running, not by fault: started by a command, and stopped by
+        #: the broker or found not accepting connections. Shown as "stopped", logged at info.
+        self.stopped = False
         #: Wall-clock time of the last probe (for people), its failure reason and the error code a request
         #: gets while it failed: consumer_unreachable or bad_consumer_url.
         self.last_probe: float | None = None
@@ -3300,14 +3448,22 @@ class ConsumerState:
     # ---- health -------------------------------------------------------------------------------------
 
     def probed(
-        self, ok: bool, reason: str | None, code: str, started: float, reported: bool | None = None
+        self,
+        ok: bool,
+        reason: str | None,
+        code: str,
+        started: float,
+        reported: bool | None = None,
+        *,
+        stopped: bool = False,
     ) -> bool:
-        """A probe that started at ``started`` ended; ``reported``: the residency it told. Whether it
-        counted (a probe older than what a job or a health wait found since is ignored)."""
+        """A probe that started at ``started`` ended; ``reported``: the residency it told; ``stopped``: it
+        failed because the service (started by a command) is not running. Whether it counted (a probe older
+        than what a job or a health wait found since is ignored)."""
         self.last_probe = time.time()
         if (ok and started < self._down_at) or (not ok and started < self._up_at):
             return False
-        self._set_health(ok, reason, code)
+        self._set_health(ok, reason, code, stopped=stopped)
         if not ok:
             self.touched(f"probe failed: {reason}")
         if reported is not None:
@@ -3319,12 +3475,18 @@ class ConsumerState:
         self._up_at = self.clock()
         self._set_health(True, None, "consumer_unreachable")
 
+    def was_stopped(self, reason: str) -> None:
+        """The broker stopped it (its unload command succeeded): stopped until a probe started after now,
+        or the health wait after its load command, finds it up. Its residency is the unload's to decide."""
+        self._down_at = self.clock()
+        self._set_health(False, reason, "consumer_unreachable", stopped=True)
+
     def seen_down(self, reason: str, *, stopped: bool = False) -> None:
         """A job, a hold or a WebSocket found it gone (refused, reset): unhealthy until a probe started
         after now succeeds; its residency unknown (``stopped``: not resident, a service started by
-        command)."""
+        command, which is then stopped)."""
         self._down_at = self.clock()
-        self._set_health(False, reason, "consumer_unreachable")
+        self._set_health(False, reason, "consumer_unreachable", stopped=stopped)
         self.trusted = False
         if not self._acting:  # (a service the broker is starting refuses until it listens: expected)
             self._set_resident(False if stopped else None, "seen down")
@@ -3338,16 +3500,21 @@ class ConsumerState:
         if stopped:
             self._set_resident(False, "timed out")
 
-    def _set_health(self, ok: bool, reason: str | None, code: str) -> None:
-        """The one place health is written; a change is logged and published."""
-        if ok != self.healthy:
-            log.log(
-                logging.INFO if ok else logging.WARNING,
-                logfmt(msg="health", consumer=self.name, healthy=ok, reason=reason),
-            )
+    def _set_health(self, ok: bool, reason: str | None, code: str, *, stopped: bool = False) -> None:
+        """The one place health is written; a change is logged and published (a consumer stopped, not
+        failing, at info)."""
+        stopped = stopped and not ok
+        if ok != self.healthy or stopped != self.stopped:
+            if stopped:
+                log.info(logfmt(msg="stopped", consumer=self.name, reason=reason))
+            else:
+                log.log(
+                    logging.INFO if ok else logging.WARNING,
+                    logfmt(msg="health", consumer=self.name, healthy=ok, reason=reason),
+                )
             if self.events is not None:
-                self.events.publish("health", consumer=self.name, healthy=ok, reason=reason)
-        self.healthy, self.last_error, self.last_error_code = ok, reason, code
+                self.events.publish("health", consumer=self.name, healthy=ok, reason=reason, stopped=stopped)
+        self.healthy, self.stopped, self.last_error, self.last_error_code = ok, stopped, reason, code
 
     # ---- what it takes ------------------------------------------------------------------------------
 
@@ -3487,6 +3654,11 @@ class Consumers:
         self._over: set[str] = set()
         #: Where a process's cgroups are read (``/proc``; a test may point it elsewhere).
         self.proc_root = Path("/proc")
+        #: Per GPU: pid -> (its name in nvidia-smi's list, when its cgroups were read, its cgroup paths), of
+        #: the processes of that GPU's latest reading whose unit was looked at. Written by attribute(), in
+        #: worker threads, under the lock.
+        self._cgroups: dict[int, dict[int, tuple[str | None, float, list[str]]]] = {}
+        self._cgroups_lock = threading.Lock()
 
     def new_state(self, name: str) -> ConsumerState:
         return ConsumerState(name, self.clock, self.events)
@@ -3497,6 +3669,8 @@ class Consumers:
             raise CallError("unload: no unload route (any more)")
         if isinstance(c.unload, Command):
             await self._run(c, c.unload, "unload")
+            if c.started_by_command:  # (its load starts it again: stopped, not failing)
+                self.states[name].was_stopped("stopped by its unload command")
         elif c.unload.for_each is not None:
             await self._unload_each(c, c.unload, c.unload.for_each)
         else:
@@ -3562,14 +3736,16 @@ class Consumers:
             raise CallError(f"{where} answered no JSON (or more than {QUERY_ANSWER_LIMIT // MiB} MiB)")
         return answer
 
-    async def read_residency(self, c: ConsumerConfig) -> bool | None:
-        """What its residency query (``residency``, else its for_each listing) says, within health.timeout_s;
+    async def read_residency(self, c: ConsumerConfig, timeout_s: float) -> bool | None:
+        """What its residency query (``residency``, else its for_each listing) says, within ``timeout_s``;
         None when it has none or the answer cannot tell (logged when that changes)."""
         query = c.residency_query
         if query is None:
             return None
         try:
-            answer = await self._query(c, query, self.config.health.timeout_s, "residency")
+            if timeout_s <= 0:
+                raise CallError(f"residency: no time left of the probe's {self.config.health.timeout_s:g} s")
+            answer = await self._query(c, query, timeout_s, "residency")
             resident = query_resident(query, answer)
         except CallError as e:
             if self.residency_errors.get(c.name) != str(e):
@@ -3680,7 +3856,8 @@ class Consumers:
     async def probe(self, name: str) -> None:
         """One health probe: its verdict, and the residency the consumer reports (health's ``loaded``;
         a command-started service: up is resident, down is not). A consumer measured by its processes
-        reports nothing here: the readings tell."""
+        reports nothing here: the readings tell. The health call and the residency query after it take
+        health.timeout_s together."""
         c = self.config.consumers.get(name)
         state = self.states.get(name)
         if c is None or state is None:
@@ -3700,10 +3877,16 @@ class Consumers:
                 if ok and resp.content_type == "application/json":
                     data = parse_json(body)
                     loaded = data.get("loaded") if isinstance(data, dict) else None
-            if ok and (reported := await self.read_residency(c)) is not None:
+            left = started + self.config.health.timeout_s - self.clock()
+            if ok and (reported := await self.read_residency(c, left)) is not None:
                 loaded = reported  # its residency query outranks its health's "loaded"
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
             ok, reason, code, error = False, describe(e), failure_code(e), e
+            if out_of_descriptors(e):
+                # The broker's own shortage (counted and logged where the connection failed): it tells
+                # nothing of the consumer.
+                log.debug(logfmt(msg="health probe skipped: out of descriptors", consumer=name))
+                return
             if isinstance(e, asyncio.TimeoutError) and state.jobs > 0:
                 # A consumer busy with a GPU job may answer its health route slowly: not a failure.
                 log.debug(logfmt(msg="health probe timed out while busy", consumer=name))
@@ -3712,7 +3895,11 @@ class Consumers:
             # A service started by command holds its model while it runs: up is resident, down is not.
             loaded = ok
         reported = loaded if isinstance(loaded, bool) and c.processes is None else None
-        counted = state.probed(ok, reason, code, started, reported)
+        # A service started by command that accepts no connection is not running: stopped, not failing.
+        stopped = (
+            c.started_by_command and error is not None and gone_reason(error, refused_only=True) is not None
+        )
+        counted = state.probed(ok, reason, code, started, reported, stopped=stopped)
         if counted and error is not None and gone_reason(error, refused_only=True) is not None:
             self.gone(name, reason or "gone", seen_by="health probe")  # its work died with it
 
@@ -3751,17 +3938,49 @@ class Consumers:
 
     # ---- measuring ----------------------------------------------------------------------------------
 
-    def measure(self, reading: GpuReading) -> None:
-        """A reading with its process list: attribute the processes to the consumers of that GPU that
-        say how to recognise theirs (``processes``), and record what each holds."""
+    def attribute(self, reading: GpuReading) -> dict[int, str]:
+        """pid -> consumer for a reading's processes: the consumers of that GPU that say how to recognise
+        theirs (``processes``). Runs in a worker thread, with the parsing; a process's cgroups are read once
+        and kept while it stays in the GPU's list under its name (CGROUP_CACHE_S at most)."""
         measured = [
             c for c in self.config.consumers.values() if c.gpu == reading.index and c.processes is not None
         ]
-        owners = process_owners(reading.processes, measured, self.cgroups_of)
-        self._owners[reading.index if reading.index is not None else -1] = owners
+        if not measured:
+            return {}
+        index = reading.index if reading.index is not None else -1
+        names = {p.pid: p.name for p in reading.processes if p.pid is not None}
+        with self._cgroups_lock:
+            known, seen = self._cgroups.get(index, {}), {}
+            now = self.clock()
+
+            def cgroups_of(pid: int) -> list[str]:
+                entry = known.get(pid)
+                if entry is None or entry[0] != names.get(pid) or now - entry[1] >= CGROUP_CACHE_S:
+                    entry = (names.get(pid), now, self.cgroups_of(pid))
+                seen[pid] = entry
+                return entry[2]
+
+            owners = process_owners(reading.processes, measured, cgroups_of)
+            self._cgroups[index] = seen  # a pid gone from the list is forgotten: reused, it is read anew
+        return owners
+
+    def measure(self, reading: GpuReading) -> None:
+        """A reading with its process list, attributed (``owners``): record what each measured consumer of
+        that GPU holds."""
+        measured = [
+            c for c in self.config.consumers.values() if c.gpu == reading.index and c.processes is not None
+        ]
+        owners = reading.owners
+        self._owners[reading.index if reading.index is not None else -1] = dict(owners)
+        mib_of = {c.name: 0 for c in measured}
+        pids_of: dict[str, set[int]] = {c.name: set() for c in measured}
+        for p in reading.processes:  # one pass, however long the list
+            name = owners.get(p.pid) if p.pid is not None else None
+            if name is not None and name in mib_of:
+                mib_of[name] += p.used_mib or 0
+                pids_of[name].add(p.pid)  # type: ignore[arg-type] (not None: it has an owner)
         for c in measured:
-            mine = [p for p in reading.processes if p.pid is not None and owners.get(p.pid) == c.name]
-            mib = sum(p.used_mib or 0 for p in mine)
+            mib = mib_of[c.name]
             if mib > c.vram_resident_mib and c.name not in self._over:
                 self._over.add(c.name)
                 log.warning(
@@ -3772,7 +3991,7 @@ class Consumers:
                         vram_resident_mib=c.vram_resident_mib,
                     )
                 )
-            pids = frozenset(p.pid for p in mine if p.pid is not None)
+            pids = frozenset(pids_of[c.name])
             state = self.states[c.name]
             if state.pids and pids and not state.pids & pids:
                 # Every process it had is gone and others hold its memory now: it restarted, and what
@@ -3854,8 +4073,10 @@ class Job:
     overtaken_since: float | None = None
     #: Granted to a consumer that was not resident and has no load of its own: its run includes loading.
     cold: bool = False
-    #: It made room and loaded (or needed neither) and went to work on its consumer, until its slot goes.
+    #: It made room and loaded (or needed neither) and went to work on its consumer, until its slot goes;
+    #: since when (its job time is learned from then: making room and loading are learned on their own).
     working: bool = False
+    working_at: float | None = None
     #: How it ended, kept for its log line (written when a hold after it ends).
     outcome: str | None = None
     code: str | None = None
@@ -3931,6 +4152,7 @@ class Fact:
 #: Everything the scheduler records besides jobs' own lines: each fact is written once, with
 #: ``Recorder.record``, and becomes a Stats count, a metric, a log line and an event from that one call.
 FACTS: dict[str, Fact] = {
+    "residency_asked": Fact("residency_asked", "residency asked"),
     "evicting": Fact("evicting", "evicting"),
     "evicted": Fact("evicted", "evicted", stat="evictions", metric="mgpumanager_evictions_total"),
     "memory_not_freed": Fact("memory_not_freed", "memory not freed in time", logging.WARNING),
@@ -4206,11 +4428,13 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
     processes hold already. Victims are the other consumers of the GPU that are resident or of unknown
     residency, have an unload, may not coexist with the target, run no job and were not tried for this job
     yet: least recently used first (never used first, ties in config order); ``vram_managed`` ones (Ollama)
-    only after every other, as the last resort; and after them the target itself when its residency is unknown
-    and nothing measures it: it may be what fills the GPU. A target recorded resident that something may have
-    changed since, or that another job of it is at work on already (it may have loaded itself for that one),
-    is credited with the used memory no other consumer accounts for (see _credit); never when the broker loads
-    it itself (the load takes its whole size, whoever holds that memory).
+    only after every other, as the last resort; and after them the target itself when nothing measures it
+    and its residency is unknown or in doubt (recorded resident, not trusted: the scheduler asked it and it
+    could not tell): it may be what fills the GPU. Memory that no consumer's record or measurement accounts
+    for is nobody's: a target in doubt is planned at its full size, never credited with it (a needless
+    eviction is possible, an overfill is not). Only a target that another job of it is at work on already
+    (past making room for its whole size: a consumer that loads itself may have loaded its model for that
+    one) is credited with it (see _credit), and never when the broker loads the target itself.
     """
     target = snap.consumers[snap.target]
     cushion = snap.cushion_mib
@@ -4218,7 +4442,7 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
         need = max(0, target.size_mib - target.used_mib) + cushion
     elif target.resident is True and target.trusted:
         need = 0
-    elif (target.resident is True or snap.target_working) and not snap.loads_target:
+    elif snap.target_working and not snap.loads_target:
         need = target.size_mib - _credit(snap) + cushion
     else:
         need = target.size_mib + cushion
@@ -4236,36 +4460,56 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
     if (
         target.config.unload is not None
         and target.used_mib is None
-        and target.resident is None
+        and (target.resident is None or (target.resident is True and not target.trusted))
         and target.jobs <= 1  # no other job of it is working on what it holds
         and snap.target not in snap.tried
     ):
         victims.append(snap.target)
     # Only as many as the figures say are needed (the executor plans again after each one anyway).
+    charged = _charged(snap)
     enough, expected = [], snap.free_mib
     for name in victims:
         enough.append(name)
-        expected += snap.consumers[name].holds_mib
+        expected += charged.get(name, snap.consumers[name].holds_mib)
         if expected >= need:
             break
     return RoomPlan(need, snap.free_mib, tuple(enough), _why_not(snap))
 
 
-def _credit(snap: RoomSnapshot) -> int:
-    """What a target recorded resident but not trusted (or with a job at work on it), and not measured, is
-    taken to hold already: the GPU's used memory that no other consumer can account for (each other
-    consumer that is resident, or of unknown residency, counted at what it holds), at most its size. The
-    reading then decides: a consumer that restarted behind the broker's back holds nothing, and its job
-    makes room for all it will load."""
+def _charged(snap: RoomSnapshot, besides: str | None = None) -> dict[str, int]:
+    """What the reading is taken to hold of each consumer (but ``besides``). One measured: what its
+    processes hold; one recorded resident: its size. One of unknown residency: at most what the reading's
+    used memory leaves unaccounted for once those are counted, never its size on top of that (in config
+    order; all of its size when the reading has no used figure). One not resident: nothing."""
+    charged = {
+        name: view.holds_mib
+        for name, view in snap.consumers.items()
+        if name != besides and (view.used_mib is not None or view.resident is True)
+    }
+    left = math.inf if snap.used_mib is None else snap.used_mib - sum(charged.values())
+    for name, view in snap.consumers.items():
+        if name != besides and name not in charged and view.resident is None:
+            charged[name] = int(min(view.holds_mib, max(0, left)))
+            left -= charged[name]
+    return charged
+
+
+def unclaimed_mib(snap: RoomSnapshot, besides: str | None = None) -> int:
+    """The used memory of the reading that no consumer's record or measurement accounts for (0 when the
+    reading has no used figure): a stranger's (a game, a training run), a consumer's that says it holds
+    nothing, a CUDA context nobody measures. Nobody's: never credited to a target in doubt."""
     if snap.used_mib is None:
         return 0
-    others = sum(
-        view.holds_mib
-        for name, view in snap.consumers.items()
-        if name != snap.target and view.resident is not False
-    )
+    return max(0, snap.used_mib - sum(_charged(snap, besides).values()))
+
+
+def _credit(snap: RoomSnapshot) -> int:
+    """What a target that another job of it is at work on (and not measured) is taken to hold already: the
+    used memory no other consumer accounts for, at most its size. That job made room for all of the target
+    before it went to work, so what has shown up since is most likely what the target loaded for it; the
+    reading still decides (what is not there is not credited)."""
     target = snap.consumers[snap.target]
-    return max(0, min(target.size_mib, snap.used_mib - others))
+    return min(target.size_mib, unclaimed_mib(snap, besides=snap.target))
 
 
 def _why_not_one(snap: RoomSnapshot, name: str, view: ConsumerView) -> str | None:
@@ -4307,6 +4551,8 @@ def room_message(
         f"{plan.free_mib} MiB free, {plan.need_mib} MiB needed"
         f" ({snap.target} {size}{held} + cushion {snap.cushion_mib})"
     ]
+    if snap.used_mib is not None:
+        parts.append(f"{unclaimed_mib(snap)} MiB used that no consumer accounts for")
     if plan.exhausted:
         parts.append(f"gave up after {snap.max_evictions} unload attempts")
     if plan.why_not:
@@ -4588,6 +4834,8 @@ class UnloadOps(Protocol):
 
     async def load(self, name: str) -> None: ...
 
+    async def probe_now(self, name: str) -> None: ...
+
     def owners(self) -> Mapping[int, str]: ...
 
 
@@ -4751,7 +4999,8 @@ class Scheduler:
         try:
             if not self._needs_no_room(job):  # checked again under the lock; the common case skips it
                 await self._guarded(job, self._prepare(job))
-            job.working = True  # (counted until its slot is given back: a join's plan credits its work)
+            # (Counted until its slot is given back: a join's plan credits its work.)
+            job.working, job.working_at = True, self.clock()
             self._working[job.consumer] = self._working.get(job.consumer, 0) + 1
             self.recorder.job_event("started", job)
         except BaseException as e:
@@ -5225,6 +5474,10 @@ class Scheduler:
             state = self.states[job.consumer]
             if self._needs_no_room(job) or job.left:
                 return
+            if self._in_doubt(job):
+                await self._ask(job)
+                if self._needs_no_room(job) or job.left:
+                    return
             await self._make_room(job, warm)
             if job.left:  # nobody waits for it any more: load nothing for it
                 return
@@ -5240,6 +5493,29 @@ class Scheduler:
         state = self.states[job.consumer]
         stopped = job.target.started_by_command and state.resident is None and state.healthy is False
         return job.target.load is not None and (state.resident is False or warm or stopped)
+
+    def _in_doubt(self, job: Job) -> bool:
+        """Recorded resident, but something may have changed that since, and no reading measures it: the
+        target is asked before any room is planned for it."""
+        state = self.states[job.consumer]
+        return state.resident is True and not state.trusted and job.target.processes is None
+
+    async def _ask(self, job: Job) -> None:
+        """Ask a target in doubt: one health probe with its residency report (health's ``loaded``, its
+        residency query or for_each listing), within health.timeout_s, shared with any probe under way. A
+        fresh "resident" makes its record trusted, a fresh "not resident" records it so; a consumer that
+        cannot tell, or does not answer, stays in doubt (then it is planned at its full size)."""
+        state = self.states[job.consumer]
+        await self.ops.probe_now(job.consumer)
+        if state.known_resident():
+            answer = "resident"
+        elif state.resident is False:
+            answer = "not resident"
+        elif state.healthy is False:
+            answer = f"no answer ({state.last_error})"
+        else:
+            answer = "cannot tell"
+        self.recorder.record("residency_asked", consumer=job.consumer, answer=answer, job=job.id)
 
     def _needs_no_room(self, job: Job) -> bool:
         """Resident by a record nothing has put in doubt, or its memory is elsewhere (a remote broker):
@@ -5463,12 +5739,15 @@ class Scheduler:
         return False
 
     def _learn_job(self, job: Job, ended: float) -> None:
-        """What a job that took the work took: its consumer's job time, or, a cold start (the consumer loads
-        itself on its first request), a load time (what it took beyond a usual job)."""
-        if job.started is None or job.exclusive:
+        """What a job that took the work took from the moment it went to work (the evictions and the load
+        before it are learned on their own, so a forecast counts each once): its consumer's job time, or, a
+        cold start (the consumer loads itself on its first request), a load time (what it took beyond a
+        usual job)."""
+        began = job.working_at if job.working_at is not None else job.started
+        if began is None or job.exclusive:
             return
         state = self.states[job.consumer]
-        took = max(0.0, ended - job.started)
+        took = max(0.0, ended - began)
         if job.cold:
             self._learn(job, state, "load", max(0.0, took - (state.timing("job") or 0.0)), at_end=True)
         else:
@@ -5580,8 +5859,9 @@ class Scheduler:
     def forecast(self, until: Job | None = None, count: int | None = None) -> list[tuple[Job, float]]:
         """The waiting jobs in the order they are expected to be granted, each with its expected wait in
         seconds (``eta_s``), from the consumers' learned figures (a figure not seen yet counts as 0, so an
-        eta is then a lower bound). It plays the grant order forward: the holder's remaining time, then job
-        after job, each that needs a swap paying its load and the unloads of what may not stay beside it.
+        eta is then a lower bound). It plays the grant order forward: the holder's remaining time (at least
+        RUNNING_FLOOR_S), then job after job, each that needs a swap paying its load and the unloads of what
+        may not stay beside it.
         It stops once ``until`` has its place, or after ``count`` jobs.
         """
         now = self.clock()
@@ -5599,9 +5879,9 @@ class Scheduler:
 
         t = 0.0
         holder = self.lock.holder
-        if holder is not None:
+        if holder is not None:  # what it still takes: at least RUNNING_FLOOR_S, however long it has run
             held = now - self.lock.held_since
-            t = max(0.0, figure(holder, "job") - held)
+            t = max(RUNNING_FLOOR_S, figure(holder, "job") - held)
         out: list[tuple[Job, float]] = []
         current = holder
         while waiting:
@@ -6124,7 +6404,8 @@ async def open_websocket(
 ) -> aiohttp.ClientWebSocketResponse:
     """Open the consumer's side of a proxied WebSocket; failures become BrokerErrors.
 
-    The handshake (connect and the consumer's 101) is bounded like a connect: it must answer at once.
+    The handshake (connect and the consumer's 101) is bounded like a connect: it must answer at once. No
+    compression is offered: a message the consumer sends is held as large as it was sent, never inflated.
     """
     for header in WS_OWN_HEADERS:
         headers.popall(header, None)
@@ -6137,7 +6418,8 @@ async def open_websocket(
                 protocols=protocols,
                 headers=headers,
                 max_msg_size=max_msg_size,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CONNECT_TIMEOUT_S),
+                compress=0,  # no permessage-deflate: nothing the consumer sends is inflated
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=WEBSOCKET_CLOSE_S),
                 heartbeat=WEBSOCKET_HEARTBEAT_S,
             ),
             limit,
@@ -6155,15 +6437,31 @@ async def open_websocket(
 WebSocketSide = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
-async def _pump(source: WebSocketSide, sink: WebSocketSide) -> int:
-    """Copy text and binary messages from ``source`` to ``sink`` until ``source`` closes; return the code
-    to close the other side with. ConnectionResetError when either side broke instead."""
+class WebSocketRefused(Exception):
+    """One side sent what the broker does not relay: a message larger than max_ws_message_mib (1009), or a
+    frame that breaks the protocol (1002: a compressed one, say, which no one agreed to). aiohttp closed that
+    side with ``code`` already; the other side is closed with it too."""
+
+    def __init__(self, code: int, reason: str, sender: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        #: "client" or "consumer".
+        self.sender = sender
+
+
+async def _pump(source: WebSocketSide, sink: WebSocketSide, sender: str) -> int:
+    """Copy text and binary messages from ``source`` (the ``sender``'s side) to ``sink`` until ``source``
+    closes; return the code to close the other side with. WebSocketRefused when ``source`` sent what is not
+    relayed; ConnectionResetError when either side broke instead."""
     async for msg in source:  # ends at CLOSE, CLOSING and CLOSED
         if msg.type == aiohttp.WSMsgType.TEXT:
             await sink.send_str(msg.data)
         elif msg.type == aiohttp.WSMsgType.BINARY:
             await sink.send_bytes(msg.data)
         elif msg.type == aiohttp.WSMsgType.ERROR:
+            if isinstance(msg.data, aiohttp.WebSocketError):  # too big, or not the protocol: refused
+                raise WebSocketRefused(msg.data.code, str(msg.data), sender)
             raise ConnectionResetError(describe(msg.data))
     code = source.close_code
     if code is None or code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE:
@@ -6191,8 +6489,8 @@ class ProxiedWebSocket:
         """
         ended: list[asyncio.Task[int]] = []
         pumps = [
-            asyncio.create_task(_pump(self.client, self.upstream), name="ws client->consumer"),
-            asyncio.create_task(_pump(self.upstream, self.client), name="ws consumer->client"),
+            asyncio.create_task(_pump(self.client, self.upstream, "client"), name="ws client->consumer"),
+            asyncio.create_task(_pump(self.upstream, self.client, "consumer"), name="ws consumer->client"),
         ]
         for pump in pumps:
             pump.add_done_callback(ended.append)
@@ -6202,7 +6500,20 @@ class ProxiedWebSocket:
             # Also when the handler is cancelled (the client's connection closed right after its close
             # frame): what a pump already got still decides the code.
             code, error = self._outcome(ended)
-            if error is not None:
+            if isinstance(error, WebSocketRefused):
+                self.metrics.inc(
+                    "mgpumanager_websocket_refused_total", consumer=self.consumer, sender=error.sender
+                )
+                log.warning(
+                    logfmt(
+                        msg="websocket message refused",
+                        consumer=self.consumer,
+                        sender=error.sender,
+                        code=error.code,
+                        error=error.reason,
+                    )
+                )
+            elif error is not None:
                 self.metrics.inc("mgpumanager_websocket_failures_total", consumer=self.consumer)
                 log.warning(logfmt(msg="websocket broke", consumer=self.consumer, error=describe(error)))
             for pump in pumps:
@@ -6216,15 +6527,23 @@ class ProxiedWebSocket:
                     log.warning(logfmt(msg="websocket close failed", error=describe(result)))
 
     def _outcome(self, ended: list[asyncio.Task[int]]) -> tuple[int, BaseException | None]:
-        """The close code for both sides, and the error when a side broke: ``stop``'s code, else that of
-        the first pump that ended; 1001 (going away) when none did (the relay was cancelled)."""
+        """The close code for both sides, and the error when a side broke or was refused: ``stop``'s code,
+        else that of the first pump that ended (a refusal's own, 1011 for a side that broke); 1001 (going
+        away) when none did (the relay was cancelled)."""
         if self.stop.done():
             return self.stop.result(), None
         for pump in ended:
             if not pump.cancelled():
                 error = pump.exception()
+                if isinstance(error, WebSocketRefused):
+                    return error.code, error
                 return (aiohttp.WSCloseCode.INTERNAL_ERROR, error) if error else (pump.result(), None)
         return aiohttp.WSCloseCode.GOING_AWAY, None
+
+    def revoked(self) -> None:
+        """The client's credential was revoked: both sides are closed with 1008 (policy violation)."""
+        if not self.stop.done():
+            self.stop.set_result(aiohttp.WSCloseCode.POLICY_VIOLATION)
 
 
 def going_away(sockets: Iterable[ProxiedWebSocket]) -> int:
@@ -6265,6 +6584,423 @@ class Exchange:
                 self.upstream.close()
 
 
+def descriptor_reserve(config: Config) -> int:
+    """The file descriptors kept for the broker's own work, out of reach of client connections: what its
+    config lets it hold at once (per consumer its jobs, unscheduled calls and WebSockets, each one connection
+    to the consumer, and FD_RESERVE_PER_CONSUMER more; per GPU its readings and commands), the connections
+    one turn of the loop may accept, and a base."""
+    consumers = sum(
+        c.max_concurrency + c.max_unscheduled + c.max_websockets + FD_RESERVE_PER_CONSUMER
+        for c in config.consumers.values()
+    )
+    return FD_RESERVE_BASE + LISTEN_BACKLOG + consumers + FD_RESERVE_PER_GPU * len(gpu_indexes(config))
+
+
+def descriptor_limit() -> int:
+    """The soft RLIMIT_NOFILE now (unlimited counts as a million)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if 0 <= soft < 1 << 20 else 1 << 20
+
+
+def raise_descriptor_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one (systemd's soft default is 1024, which a few hundred idle
+    connections took; the unit sets LimitNOFILE=65536), and log both."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    was = soft
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning(logfmt(msg="cannot raise the descriptor limit", soft=soft, hard=hard, error=str(e)))
+    raised = {"raised_from": was} if was != soft else {}
+    log.info(logfmt(msg="descriptors", soft=soft, hard=hard, **raised))
+
+
+@functools.lru_cache(maxsize=16)
+def credential(token: str) -> str:
+    """What a connection authenticated with ``token`` is registered under: a fingerprint, never the token
+    (it may be logged)."""
+    return "token:" + hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def valid_credentials(auth: AuthConfig) -> frozenset[str]:
+    """The credentials ``auth`` accepts: auth.token's (per-client tokens would each add theirs)."""
+    return frozenset() if auth.token is None else frozenset({credential(auth.token)})
+
+
+@dataclass(eq=False)
+class Connection:
+    """One client connection of one of the broker's listeners, as ClientConnections watches it."""
+
+    #: aiohttp's protocol for it (``request.protocol``) and its transport.
+    protocol: asyncio.BaseProtocol
+    transport: asyncio.Transport
+    #: "listen" (the broker's own port), else the consumer whose port it came to.
+    listener: str
+    #: Since when it has had no request being handled: its opening, or its last request's end.
+    idle_since: float
+    #: Requests of it being handled now, and how many it sent.
+    busy: int = 0
+    requests: int = 0
+    #: It began another request head after an answer (which must then arrive within header_timeout_s).
+    head_begun: bool = False
+    #: The deadline watched while it is not busy.
+    timer: asyncio.TimerHandle | None = None
+    #: The credentials it was authenticated with.
+    credentials: set[str] = field(default_factory=set)
+    #: How to end it politely when its credential is revoked (a WebSocket's close frame); else it is cut.
+    closer: Callable[[], None] | None = None
+    #: Its credential was revoked: it is closed once its answer is sent (the reload's own).
+    revoked: bool = False
+
+
+class _Watched(asyncio.Protocol):
+    """aiohttp's protocol for one client connection, wrapped so that ClientConnections sees it open, get
+    bytes and close (under asyncio and uvloop alike: it is a plain protocol to either)."""
+
+    def __init__(self, connections: ClientConnections, inner: asyncio.Protocol, listener: str) -> None:
+        self.connections = connections
+        self.inner = inner
+        self.listener = listener
+        self.conn: Connection | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.conn = self.connections.opened(self.inner, transport, self.listener)  # type: ignore[arg-type]
+        self.inner.connection_made(transport)
+        self.connections.make_room()
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn is not None and not self.conn.busy and self.conn.requests and not self.conn.head_begun:
+            self.connections.head_begun(self.conn)
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None:
+            self.connections.lost(self.conn)
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class ClientConnections:
+    """Every client connection of the broker's listeners (its own port and the consumers' ports), and the
+    file descriptors they hold.
+
+    A connection that has not sent a whole request head within http.header_timeout_s of its opening (or of
+    its first byte after an answer) is closed, and so is one idle http.keepalive_s after its last answer; a
+    connection whose request is being handled (a job, an event stream, a WebSocket) is never timed out here.
+    Client connections may hold what RLIMIT_NOFILE allows less a reserve for the broker's own work
+    (descriptor_reserve): one more closes the longest-idle connection first, and so does the broker's own
+    work finding no descriptor. Idle here is also a request that waits on its client (an event stream, a body
+    still arriving), since it began; a connection whose job or WebSocket runs is never closed for this (the
+    new one itself is, when every other is such). It also knows the credential
+    each connection was authenticated with, so that a reload that revokes one closes its connections.
+    Every close is counted by reason (mgpumanager_connections_closed_total) and summed up in the log.
+    """
+
+    def __init__(
+        self, config: Config, metrics: Metrics, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.metrics = metrics
+        self.clock = clock
+        #: By aiohttp's protocol for each (what a request knows as ``request.protocol``).
+        self.open: dict[asyncio.BaseProtocol, Connection] = {}
+        #: What may be closed when descriptors run short, the longest idle first: the connections without a
+        #: request being handled, and those whose request waits on its client (``waits_on_client``).
+        self.idle: dict[Connection, None] = {}
+        #: credential -> the open connections authenticated with it.
+        self.by_credential: dict[str, set[Connection]] = {}
+        #: Closes since start, by reason; those not summed up in the log yet.
+        self.closed: dict[str, int] = {}
+        self._unlogged: dict[str, int] = {}
+        self._log_due: asyncio.TimerHandle | None = None
+        #: Descriptors ran short, or the broker's own work found none, since the last summary (the first of
+        #: an episode is logged at once).
+        self._short = self._exhausted = False
+        self.limit = self.reserve = self.allowed = 0
+        self.configure(config)
+
+    def __repr__(self) -> str:
+        return f"<ClientConnections open:{len(self.open)} idle:{len(self.idle)} allowed:{self.allowed}>"
+
+    def configure(self, config: Config) -> None:
+        """Take a config's timeouts and the reserve it needs (at start and on each reload)."""
+        self.http = config.http
+        limit, reserve = descriptor_limit(), descriptor_reserve(config)
+        if (limit, reserve) == (self.limit, self.reserve):
+            return
+        self.limit, self.reserve = limit, reserve
+        self.allowed = max(limit - reserve, limit // 4)
+        few = limit - reserve < limit // 4
+        hint = {"hint": "raise LimitNOFILE: the broker's own work may need most of them"} if few else {}
+        line = logfmt(
+            msg="client connections", allowed=self.allowed, descriptors=limit, reserve=reserve, **hint
+        )
+        log.log(logging.WARNING if few else logging.INFO, line)
+        self.make_room()  # (a reload may keep more for the broker's own work)
+
+    def protocol(self, server: Callable[[], asyncio.Protocol], listener: str) -> asyncio.Protocol:
+        """A new connection's protocol: aiohttp's (``server()``), watched."""
+        return _Watched(self, server(), listener)
+
+    # ---- what the connections do -------------------------------------------------------------------
+
+    def opened(
+        self, protocol: asyncio.BaseProtocol, transport: asyncio.Transport, listener: str
+    ) -> Connection:
+        """A connection was accepted: its request head is due within header_timeout_s."""
+        conn = Connection(protocol, transport, listener, self.clock())
+        self.open[protocol] = conn
+        self.idle[conn] = None
+        self._watch(conn, self.http.header_timeout_s, "header_timeout")
+        return conn
+
+    def make_room(self) -> None:
+        """Beyond what client connections may hold, close the longest-idle ones."""
+        while len(self.open) > self.allowed and self.idle:
+            self.close(next(iter(self.idle)), "descriptors")
+
+    def head_begun(self, conn: Connection) -> None:
+        """Bytes of another request after an answer: its head is due within header_timeout_s."""
+        conn.head_begun = True
+        self._watch(conn, self.http.header_timeout_s, "header_timeout")
+
+    def started(self, request: web.BaseRequest) -> Connection | None:
+        """A request's head arrived whole and it is being handled: no deadline while it is."""
+        conn = self.open.get(request.protocol)
+        if conn is None:
+            return None  # (a server of another kind: aiohttp's test servers)
+        conn.busy += 1
+        conn.requests += 1
+        conn.head_begun = False
+        self.idle.pop(conn, None)
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        return conn
+
+    def ended(self, conn: Connection | None) -> None:
+        """Its request was handled: idle, it may stay keepalive_s."""
+        if conn is None:
+            return
+        conn.busy -= 1
+        if conn.busy or conn.protocol not in self.open:
+            return
+        conn.idle_since, conn.closer = self.clock(), None
+        self.idle[conn] = None  # the most recently idle, last
+        self._watch(conn, self.http.keepalive_s, "keepalive")
+
+    def authenticated(self, conn: Connection | None, key: str) -> None:
+        """Its request was let in with credential ``key``."""
+        if conn is not None and key not in conn.credentials and conn.protocol in self.open:
+            conn.credentials.add(key)
+            self.by_credential.setdefault(key, set()).add(conn)
+
+    def waits_on_client(self, request: web.BaseRequest, waits: bool = True) -> None:
+        """The request waits on its client (an event stream; a body still arriving), or no longer does: while
+        it does, its connection counts as idle since then when descriptors run short."""
+        conn = self.open.get(request.protocol)
+        if conn is None or not conn.busy:
+            return
+        self.idle.pop(conn, None)
+        if waits:
+            conn.idle_since = self.clock()
+            self.idle[conn] = None
+
+    def closer(self, request: web.BaseRequest, close: Callable[[], None]) -> None:
+        """How to end the request's connection politely if its credential is revoked."""
+        conn = self.open.get(request.protocol)
+        if conn is not None:
+            conn.closer = close
+
+    def of(self, request: web.BaseRequest) -> Connection | None:
+        return self.open.get(request.protocol)
+
+    def lost(self, conn: Connection) -> None:
+        """It closed (either side)."""
+        if self.open.get(conn.protocol) is conn:
+            del self.open[conn.protocol]
+            self._forget(conn)
+
+    # ---- closing -----------------------------------------------------------------------------------
+
+    def revoke(self, valid: frozenset[str], *, spare: Connection | None = None) -> int:
+        """Close every connection authenticated with a credential not in ``valid`` (a reload replaced or
+        removed it), WebSockets with a close frame (1008), at once; ``spare`` (the reload's own) once its
+        answer is sent. How many."""
+        doomed = {conn for key, conns in self.by_credential.items() if key not in valid for conn in conns}
+        for conn in doomed:
+            conn.revoked = True
+            if conn is not spare:
+                self.close(conn, "token_revoked")
+        if spare is not None and spare in doomed:
+            self._count("token_revoked")  # closed after its answer
+            self._forget(spare)  # (busy: a later revocation finds nothing of it to close)
+        if doomed:
+            log.warning(logfmt(msg="token revoked: closing its connections", connections=len(doomed)))
+        return len(doomed)
+
+    def close(self, conn: Connection, reason: str) -> None:
+        """Close a connection now, counted under ``reason``."""
+        if self.open.get(conn.protocol) is not conn:
+            return
+        del self.open[conn.protocol]
+        self._forget(conn)
+        self._count(reason)
+        if reason == "descriptors" and not self._short:
+            self._short = True
+            log.warning(
+                logfmt(
+                    msg="descriptors short: closing the longest-idle client connections",
+                    allowed=self.allowed,
+                    descriptors=self.limit,
+                    reserve=self.reserve,
+                )
+            )
+        loop = asyncio.get_running_loop()
+        if reason == "keepalive":
+            # Its last answer may still be on its way (a large one to a slow reader): it goes out whole
+            # before the connection closes; one that is not taken within keepalive_s more is cut.
+            conn.transport.close()
+            loop.call_later(self.http.keepalive_s, conn.transport.abort)
+        elif conn.closer is not None and reason == "token_revoked":
+            conn.closer()
+            loop.call_later(REVOKE_GRACE_S, conn.transport.abort)
+        else:
+            conn.transport.abort()
+
+    def descriptors_exhausted(self, what: str) -> None:
+        """The broker's own work found no descriptor free: counted, logged (once an episode, then in the
+        summary), and FD_SHED_BATCH idle client connections closed so that its next try finds one."""
+        self.metrics.inc("mgpumanager_descriptors_exhausted_total")
+        if not self._exhausted:
+            self._exhausted = True
+            log.warning(
+                logfmt(
+                    msg="out of file descriptors", what=what, clients=len(self.open), descriptors=self.limit
+                )
+            )
+        self._count("exhausted", closed=False)
+        for conn in list(itertools.islice(self.idle, FD_SHED_BATCH)):
+            self.close(conn, "descriptors")
+
+    def trace_config(self) -> aiohttp.TraceConfig:
+        """For the broker's client sessions: a connection to a consumer that failed for want of a descriptor
+        is the broker's shortage (see descriptors_exhausted), whoever made it."""
+        trace = aiohttp.TraceConfig()
+
+        async def failed(session: Any, context: Any, params: aiohttp.TraceRequestExceptionParams) -> None:
+            if out_of_descriptors(params.exception):
+                self.descriptors_exhausted(f"{params.method} {params.url.origin()}")
+
+        trace.on_request_exception.append(failed)
+        return trace
+
+    def close_all(self) -> None:
+        """On shutdown: stop watching (aiohttp closes the connections themselves); the last summary."""
+        for conn in self.open.values():
+            if conn.timer is not None:
+                conn.timer.cancel()
+        if self._log_due is not None:
+            self._log_due.cancel()
+            self._log_closed()
+
+    def _watch(self, conn: Connection, delay: float, reason: str) -> None:
+        if conn.timer is not None:
+            conn.timer.cancel()
+        conn.timer = asyncio.get_running_loop().call_later(delay, self._expire, conn, reason)
+
+    def _expire(self, conn: Connection, reason: str) -> None:
+        conn.timer = None
+        if conn.busy or self.open.get(conn.protocol) is not conn:
+            return
+        self.close(conn, reason)
+
+    def _forget(self, conn: Connection) -> None:
+        """Drop what is known of a connection: its deadline, its place among the idle, its credentials."""
+        self.idle.pop(conn, None)
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        for key in conn.credentials:
+            conns = self.by_credential.get(key)
+            if conns is not None:
+                conns.discard(conn)
+                if not conns:
+                    del self.by_credential[key]
+        conn.credentials = set()
+
+    def _count(self, reason: str, *, closed: bool = True) -> None:
+        """Count a close (or, not ``closed``, an exhaustion) and sum them up in the log CLOSED_LOG_S on."""
+        self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
+        if closed:
+            self.closed[reason] = self.closed.get(reason, 0) + 1
+            self.metrics.inc("mgpumanager_connections_closed_total", reason=reason)
+        if self._log_due is None:
+            self._log_due = asyncio.get_running_loop().call_later(CLOSED_LOG_S, self._log_closed)
+
+    def _log_closed(self) -> None:
+        """One line for the closes since the last: a warning for header timeouts and shortages, the routine
+        keep-alive ends at debug level. The shortage episode ends with a quiet period."""
+        self._log_due = None
+        closed, self._unlogged = self._unlogged, {}
+        self._short = self._short and "descriptors" in closed
+        self._exhausted = self._exhausted and "exhausted" in closed
+        if not closed:
+            return
+        worrying = not closed.keys() <= {"keepalive", "token_revoked"}
+        level = logging.WARNING if worrying else logging.INFO if "token_revoked" in closed else logging.DEBUG
+        log.log(level, logfmt(msg="client connections closed", **closed, open=len(self.open)))
+
+
+class ListenerSite(web.BaseSite):
+    """A TCP listener of the broker's (its own port, a consumer's) whose client connections
+    ClientConnections watches: aiohttp's TCPSite, with each connection's protocol wrapped."""
+
+    def __init__(
+        self, runner: web.AppRunner, host: str, port: int, connections: ClientConnections, listener: str
+    ) -> None:
+        super().__init__(runner, backlog=LISTEN_BACKLOG)
+        self.app_runner = runner
+        self.host, self.requested_port = host, port
+        self.connections, self.listener = connections, listener
+
+    @property
+    def name(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def port(self) -> int:
+        """The port bound (the one asked for until it listens)."""
+        sockets = self._server.sockets if self._server is not None else None  # type: ignore[attr-defined]
+        return sockets[0].getsockname()[1] if sockets else self.requested_port
+
+    async def start(self) -> None:
+        await super().start()
+        server = self.app_runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            functools.partial(self.connections.protocol, server, self.listener),
+            self.host,
+            self.requested_port,
+            backlog=LISTEN_BACKLOG,
+        )
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    """How each of the broker's apps is run: handlers cancelled when their client leaves, no access log,
+    SHUTDOWN_GRACE_S for what is still answering at shutdown."""
+    return web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+
+
 class ListenError(Exception):
     """A port the config names cannot be listened on."""
 
@@ -6275,7 +7011,7 @@ class ConsumerPorts:
 
     def __init__(self) -> None:
         #: name -> (its ``listen`` as configured, the runner serving it, its site).
-        self.open: dict[str, tuple[tuple[str, int], web.AppRunner, web.TCPSite]] = {}
+        self.open: dict[str, tuple[tuple[str, int], web.AppRunner, ListenerSite]] = {}
         self._lock = asyncio.Lock()
 
     def websockets(self) -> list[ProxiedWebSocket]:
@@ -6327,11 +7063,9 @@ class ConsumerPorts:
         app[WEBSOCKETS] = set()  # its own: closed with the port
         app.on_response_prepare.append(_add_request_id)
         app.router.add_route("*", "/{path:.*}", handle_consumer_port, expect_handler=expect_body)
-        runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
-        )
+        runner = make_runner(app)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = ListenerSite(runner, host, port, broker.connections, name)
         try:
             await site.start()
         except BaseException:
@@ -6368,6 +7102,8 @@ class Broker:
     consumers: Consumers
     events: Events
     metrics: Metrics
+    #: Every client connection of its listeners: timeouts, descriptors, credentials.
+    connections: ClientConnections
     #: Where a reload reads the config again; None for an app made from a Config alone.
     source: ConfigSource | None = None
     notifier: Notifier = field(default_factory=Notifier)
@@ -6404,6 +7140,7 @@ class Broker:
         for index in gpu_indexes(self.config):
             if index not in self.schedulers:
                 reader = GpuReader(self.config.gpu, index=index)
+                reader.attribute = self.consumers.attribute
                 reader.listeners.append(self.consumers.measure)
                 self.gpus[index] = reader
                 self.schedulers[index] = Scheduler(
@@ -6422,11 +7159,13 @@ class Broker:
         """The default GPU's scheduler."""
         return self.schedulers[self.config.gpu.index]
 
-    async def reload(self) -> list[str]:
+    async def reload(self, *, spare: Connection | None = None) -> list[str]:
         """Read the config again and apply it in place; ConfigError (logged) leaves the old one.
 
         The file is read and checked in a thread (at most CONFIG_READ_TIMEOUT_S): the event loop goes on
-        serving meanwhile. Reloads run one at a time, in the order they were asked for.
+        serving meanwhile. Reloads run one at a time, in the order they were asked for. A token it replaces
+        or removes closes every connection authenticated with it at once (``spare``, the connection that
+        asked for the reload, once it is answered).
         """
         if self.source is None:
             raise ConfigError(["this broker was not started from a config file"])
@@ -6445,6 +7184,9 @@ class Broker:
             finally:
                 self.notifier.send("READY=1")
             changes = self.apply(new)
+            revoked = self.connections.revoke(valid_credentials(new.auth), spare=spare)
+            if revoked:
+                changes.append(f"closed {_plural(revoked, 'connection')} authenticated with a revoked token")
             changes += await self.ports.sync(self, strict=False)
         log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
         self.events.publish("reload", ok=True, changes=changes)
@@ -6530,6 +7272,7 @@ class Broker:
             if getattr(new, part) != getattr(old, part):
                 changes.append(f"changed {part}")
         self.config = self.consumers.config = new
+        self.connections.configure(new)
         for reader in self.gpus.values():
             reader.config = new.gpu
         for scheduler in self.schedulers.values():
@@ -6559,6 +7302,27 @@ class Broker:
         if state.healthy is False:
             message = f"upstream {name} last probe failed: {state.last_error}"
             raise BrokerError(state.last_error_code, message, name)
+
+    async def ensure_running(self, consumer: ConsumerConfig, request_id: str | None) -> None:
+        """Before an unscheduled call: a consumer that is stopped (started by a command, which the broker
+        stopped or found not running) is refused with consumer_stopped, its Retry-After its learned load
+        time (a job for it starts it), unless ``start_for_unscheduled``: then a job of kind ``start`` makes
+        room for it and starts it first, through the GPU lock like any job."""
+        name = consumer.name
+        state = self.consumers.states[name]
+        if not state.stopped:
+            return
+        if not consumer.start_for_unscheduled:
+            load_s = state.timing("load")
+            took = f" (its start takes {load_s:.1f} s)" if load_s is not None else ""
+            raise BrokerError(
+                "consumer_stopped",
+                f"{name} is stopped; a job for it starts it again{took}",
+                name,
+                retry_after=max(1, math.ceil(load_s or 0)),
+            )
+        job = await self.scheduler_for(name).acquire(name, START_KIND, request_id=request_id)
+        job.release()
 
     @contextlib.contextmanager
     def unscheduled_slot(self, consumer: ConsumerConfig, *, websocket: bool = False) -> Iterator[None]:
@@ -6705,9 +7469,11 @@ SOURCE: web.AppKey[ConfigSource | None] = web.AppKey("source")
 BROKER = web.AppKey("broker", Broker)
 #: On a consumer's own port's app: that consumer's name.
 PORT_CONSUMER = web.AppKey("port_consumer", str)
-#: Paths served without the bearer token: the main app's /healthz and /; none on a consumer's port (its
+#: Paths served without the bearer token: the main app's BROKER_PUBLIC_PATHS; none on a consumer's port (its
 #: / is the consumer's).
 PUBLIC_PATHS = web.AppKey("public_paths", frozenset)
+#: The broker's own paths that need no token: its health, its static page and the page's icon.
+BROKER_PUBLIC_PATHS = frozenset({"/healthz", "/", "/favicon.ico"})
 #: HTTP statuses aiohttp raises on its own (unknown route, wrong method, ...) -> our error codes.
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
@@ -6729,14 +7495,29 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 async def front_door(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Every request, once: its request id, the bearer token, and the one path from an error to a
-    response (every error the broker makes has the same JSON shape). One middleware, not three: each
-    costs every job a little."""
+    """Every request, once: its request id, the bearer token, its connection's state (busy while it is
+    handled; the credential it came with), and the one path from an error to a response (every error the
+    broker makes has the same JSON shape). One middleware, not three: each costs every job a little."""
+    connections = request.app[BROKER].connections
+    conn = connections.started(request)
+    try:
+        return await _front_door(request, handler, conn)
+    finally:
+        connections.ended(conn)
+
+
+async def _front_door(
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    conn: Connection | None,
+) -> web.StreamResponse:
     given = request.headers.get("X-Request-ID", "")
     request[REQUEST_ID] = given if _REQUEST_ID_RE.match(given) else os.urandom(16).hex()
     try:
         check_target(request)
-        check_token(request)
+        key = check_token(request)
+        if key is not None:
+            request.app[BROKER].connections.authenticated(conn, key)
         return await handler(request)
     except BrokerError as e:
         return e.response()
@@ -6765,17 +7546,20 @@ def check_target(request: web.Request) -> None:
         raise BrokerError("bad_request", "a request target must not carry a fragment ('#')")
 
 
-def check_token(request: web.Request) -> None:
-    """With auth.token set, every route but /healthz (and the static page at /) needs the bearer token."""
+def check_token(request: web.Request) -> str | None:
+    """With auth.token set, every route but /healthz (and the static page at /, and its icon) needs the
+    bearer token. The credential it was let in with (see ``credential``), None when it needed none."""
     token = request.app[BROKER].config.auth.token
-    if token is not None and request.path not in request.app.get(PUBLIC_PATHS, ("/healthz", "/")):
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        given_bytes = given.strip().encode("utf-8", "surrogateescape")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token.encode()):
-            challenge = {"WWW-Authenticate": 'Bearer realm="mgpumanager"'}
-            raise BrokerError(
-                "unauthorized", "a valid Authorization: Bearer token is required", headers=challenge
-            )
+    if token is None or request.path in request.app.get(PUBLIC_PATHS, BROKER_PUBLIC_PATHS):
+        return None
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token.encode()):
+        challenge = {"WWW-Authenticate": 'Bearer realm="mgpumanager"'}
+        raise BrokerError(
+            "unauthorized", "a valid Authorization: Bearer token is required", headers=challenge
+        )
+    return credential(token)
 
 
 def require_admin(request: web.Request) -> None:
@@ -6821,11 +7605,15 @@ async def handle_reload(request: web.Request) -> web.Response:
     """POST /v1/reload: re-read the config; a bad one is refused whole and the old one stays."""
     require_admin(request)
     broker = request.app[BROKER]
+    conn = broker.connections.of(request)
     try:
-        changes = await broker.reload()
+        changes = await broker.reload(spare=conn)
     except ConfigError as e:
         raise BrokerError("bad_config", "config refused, the old one stays: " + "; ".join(e.problems)) from e
-    return web.json_response({"reloaded": True, "changes": changes})
+    response = web.json_response({"reloaded": True, "changes": changes})
+    if conn is not None and conn.revoked:
+        response.force_close()  # it came with the token the reload replaced: the answer is its last
+    return response
 
 
 #: The longest a reservation may be asked for at once (a week; asking again extends it).
@@ -6915,6 +7703,7 @@ async def read_body(request: web.Request, broker: Broker, consumer: str) -> byte
         if request.content.is_eof():
             await fill()  # it came whole with its headers (a small job's): nothing to wait for
         else:
+            broker.connections.waits_on_client(request)  # (may go when descriptors run short)
             await asyncio.wait_for(fill(), cfg.body_timeout_s)
     except asyncio.TimeoutError:
         raise BrokerError(
@@ -6926,6 +7715,7 @@ async def read_body(request: web.Request, broker: Broker, consumer: str) -> byte
         raise BrokerError("bad_request", f"the request body did not arrive whole: {why}") from None
     finally:
         broker.reading -= len(body)
+        broker.connections.waits_on_client(request, False)
     if length is not None and len(body) != length:
         raise BrokerError("bad_request", "request body ended before its Content-Length")
     return body
@@ -7117,6 +7907,7 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
     consumer = broker.config.consumers.get(name)
     if consumer is None:  # a reload removed it while it was probed
         raise BrokerError("no_consumer", f"{name} is no longer configured", name)
+    await broker.ensure_running(consumer, request[REQUEST_ID])
     ex = Exchange()
     try:
         with broker.unscheduled_slot(consumer):
@@ -7173,6 +7964,7 @@ async def serve_consumer_api(
     if kind == MOUNT_KIND and (
         method in UNSCHEDULED_METHODS or any(u.matches(method, upstream_path) for u in consumer.unscheduled)
     ):
+        await broker.ensure_running(consumer, request[REQUEST_ID])
         ex = Exchange()
         try:
             with broker.unscheduled_slot(consumer):
@@ -7244,6 +8036,7 @@ async def proxy_websocket(
     if not client.can_prepare(request).ok:  # not a valid upgrade: the consumer is never bothered
         raise BrokerError("bad_request", "not a valid WebSocket upgrade request", consumer.name)
     await broker.check_reachable(consumer.name)
+    await broker.ensure_running(consumer, request[REQUEST_ID])
     with broker.unscheduled_slot(consumer, websocket=True):
         return await _proxy_websocket(request, broker, consumer, path_qs)
 
@@ -7254,7 +8047,9 @@ async def _proxy_websocket(
     """The WebSocket's both sides, from the consumer's handshake to the end of the relay."""
     metrics = broker.scheduler_for(consumer.name).metrics
     headers = request_headers(request, strip_auth=broker.config.auth.token is not None, consumer=consumer)
-    max_size = broker.config.scheduler.max_body_mib * MiB
+    # A message is held whole once it arrived: as large as max_ws_message_mib at most, either way. (aiohttp
+    # refuses a message of max_msg_size bytes itself: one of exactly the limit passes.)
+    max_size = broker.config.scheduler.max_ws_message_mib * MiB + 1
     try:
         upstream = await open_websocket(
             broker.session, consumer, path_qs, headers, websocket_protocols(request), max_size
@@ -7270,6 +8065,10 @@ async def _proxy_websocket(
             protocols=[upstream.protocol] if upstream.protocol else (),
             max_msg_size=max_size,
             heartbeat=WEBSOCKET_HEARTBEAT_S,
+            timeout=WEBSOCKET_CLOSE_S,
+            # No permessage-deflate with clients: a 60 KB message would inflate to 60 MiB in the broker's
+            # memory. A client that compresses anyway breaks the protocol (closed, 1002).
+            compress=False,
         )
         await client.prepare(request)
     except BaseException:
@@ -7277,6 +8076,7 @@ async def _proxy_websocket(
         raise
     metrics.inc("mgpumanager_websockets_total", consumer=consumer.name)
     proxied = ProxiedWebSocket(client, upstream, consumer.name, metrics)
+    broker.connections.closer(request, proxied.revoked)
     sockets = request.app[WEBSOCKETS]
     sockets.add(proxied)
     try:
@@ -7299,12 +8099,38 @@ async def _close_websockets(app: web.Application) -> None:
         log.info(logfmt(msg="shutting down: closing websockets", websockets=closed))
 
 
-async def _gpu_status(reader: GpuReader, consumers: Consumers) -> dict[str, Any]:
-    """One GPU for /v1/status, read at most once per STATUS_MAX_AGE_S however often it is asked; each
-    process with the consumer it belongs to (null: nobody claims it)."""
+@dataclass(frozen=True)
+class StatusProcesses:
+    """A reading's process list in /v1/status, written out by ``status_text`` (off the event loop: it may
+    list 20,000 processes)."""
+
+    reading: GpuReading
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Each process with the consumer it belongs to (null: nobody claims it)."""
+        owners = self.reading.owners
+        return [
+            {"pid": p.pid, "name": p.name, "used_mib": p.used_mib, "consumer": owners.get(p.pid or -1)}
+            for p in self.reading.processes
+        ]
+
+
+def status_text(body: dict[str, Any]) -> str:
+    """/v1/status's body as sent; run in a worker thread (it holds the GPUs' process lists)."""
+
+    def expand(value: Any) -> Any:
+        if isinstance(value, StatusProcesses):
+            return value.rows()
+        raise TypeError(f"{type(value).__name__} is not JSON")
+
+    return json.dumps(body, indent=2, default=expand) + "\n"
+
+
+async def _gpu_status(reader: GpuReader) -> dict[str, Any]:
+    """One GPU for /v1/status, read at most once per STATUS_MAX_AGE_S however often it is asked; its
+    processes each with the consumer it belongs to, as attributed with that reading."""
     try:
         r = await reader.read(max_age=STATUS_MAX_AGE_S)
-        owners = consumers.owners()
         return {
             "index": r.index,
             "name": r.name,
@@ -7314,10 +8140,7 @@ async def _gpu_status(reader: GpuReader, consumers: Consumers) -> dict[str, Any]
             "free_mib": r.free_mib,
             "utilization_pct": r.utilization_pct,
             "temperature_c": r.temperature_c,
-            "processes": [
-                {"pid": p.pid, "name": p.name, "used_mib": p.used_mib, "consumer": owners.get(p.pid or -1)}
-                for p in r.processes
-            ],
+            "processes": StatusProcesses(r),
             "read_at": _iso(r.read_at),
             "error": None,
         }
@@ -7335,7 +8158,7 @@ async def handle_status(request: web.Request) -> web.Response:
     broker = request.app[BROKER]
     cfg = broker.config
     indexes = sorted(broker.schedulers)
-    readings = await asyncio.gather(*(_gpu_status(broker.gpus[i], broker.consumers) for i in indexes))
+    readings = await asyncio.gather(*(_gpu_status(broker.gpus[i]) for i in indexes))
     gpus = []
     internal_errors = broker.internal_errors()
     for index, reading in zip(indexes, readings, strict=True):
@@ -7352,6 +8175,7 @@ async def handle_status(request: web.Request) -> web.Response:
             "url": c.url,
             "kinds": list(c.paths),
             "healthy": state.healthy,
+            "stopped": state.stopped,
             "loaded": state.resident,
             "vram_used_mib": state.used_mib,
             "vram_peak_mib": state.peak_mib,
@@ -7375,7 +8199,10 @@ async def handle_status(request: web.Request) -> web.Response:
         "scheduler": default["scheduler"],
         "gpus": gpus,
     }
-    return web.Response(text=json.dumps(body, indent=2) + "\n", content_type="application/json")
+    # Everything above is a snapshot of its own (and readings are immutable): the thread reads nothing
+    # that changes meanwhile.
+    text = await asyncio.to_thread(status_text, body)
+    return web.Response(text=text, content_type="application/json")
 
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -7389,6 +8216,8 @@ async def handle_metrics(request: web.Request) -> web.Response:
     gauges: list[tuple[str, Labels, float]] = [
         ("mgpumanager_info", (("version", VERSION),), 1),
         ("mgpumanager_internal_errors_total", (), broker.internal_errors()),
+        ("mgpumanager_client_connections", (), len(broker.connections.open)),
+        ("mgpumanager_client_connections_limit", (), broker.connections.allowed),
     ]
     for index, s in sorted(broker.schedulers.items()):
         gauges.append(("mgpumanager_queue_length", (("gpu", str(index)),), len(s.queue())))
@@ -7416,7 +8245,11 @@ async def handle_metrics(request: web.Request) -> web.Response:
     # After the readings: a consumer's measured memory is that of the reading just taken.
     for name in broker.config.consumers:
         state = broker.consumers.states[name]
-        for metric, value in (("healthy", state.healthy), ("resident", state.resident)):
+        for metric, value in (
+            ("healthy", state.healthy),
+            ("stopped", state.stopped),
+            ("resident", state.resident),
+        ):
             gauges.append(
                 (
                     f"mgpumanager_consumer_{metric}",
@@ -7452,8 +8285,10 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
     ``?since=SECONDS`` first replays the ring's events of the last SECONDS (at most EVENT_RING_S), then a
     ``: replayed N`` comment, then goes live: the past and the subscription are taken in one step.
     """
-    events = request.app[BROKER].events
+    broker = request.app[BROKER]
+    events = broker.events
     since = _since(request)
+    broker.connections.waits_on_client(request)  # a reader, not a job: may go when descriptors run short
     queue, past = events.follow(since)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     try:
@@ -7505,6 +8340,21 @@ async def handle_dashboard(request: web.Request) -> web.Response:
     return web.Response(text=DASHBOARD_HTML, content_type="text/html", headers={"Cache-Control": "no-cache"})
 
 
+#: The broker's icon, a 16x16 PNG (a green dot, the dashboard's "ok"): browsers ask /favicon.ico of the
+#: broker's root for its page and for every page served through a mount (ComfyUI's), which got a 404.
+FAVICON_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000100000001008060000001ff3ff610000002b4944415478da63601894c0"
+    "7e67c07f6c986c8d441b449101c46ac669c8a801543060e0d3015592f28000004eb11a74500ef7b50000000049454e44"
+    "ae426082"
+)
+
+
+async def handle_favicon(request: web.Request) -> web.Response:
+    """GET /favicon.ico: the broker's icon, public (a browser sends no token for it), cached for a day."""
+    headers = {"Cache-Control": "public, max-age=86400"}
+    return web.Response(body=FAVICON_PNG, content_type="image/png", headers=headers)
+
+
 async def _drain(app: web.Application) -> None:
     """On shutdown: refuse new jobs, answer queued ones, let running jobs and holds finish (bounded)."""
     broker = app[BROKER]
@@ -7553,14 +8403,24 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     # No pool limit, so nothing ever waits for a free connection: what bounds the connections is each
     # consumer's max_concurrency (jobs), max_unscheduled and max_websockets.
+    metrics = Metrics()
+    connections = ClientConnections(config, metrics)
+    # (A connection to a consumer refused for want of a descriptor is the broker's shortage: the trace.)
+    traces = [connections.trace_config()]
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+        connector=aiohttp.TCPConnector(limit=0),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=traces,
     )
     # The broker's own calls (health probes, loads, unloads) on a session of their own: however busy the
     # consumers' traffic, a probe never queues behind it. Few: a probe per consumer per round, one load or
     # unload per GPU at a time.
     own = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+        connector=aiohttp.TCPConnector(limit=0),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=traces,
     )
     events = Events()
     consumers = Consumers(config, own, events=events)
@@ -7569,7 +8429,8 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         session=session,
         consumers=consumers,
         events=events,
-        metrics=Metrics(),
+        metrics=metrics,
+        connections=connections,
         source=app[SOURCE],
     )
     app[BROKER] = broker
@@ -7598,6 +8459,7 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
             await reader.close()
         await session.close()
         await own.close()
+        connections.close_all()
 
 
 def create_app(config: Config, source: ConfigSource | None = None) -> web.Application:
@@ -7613,6 +8475,7 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     app.on_response_prepare.append(_add_request_id)
     app.router.add_get("/", handle_dashboard)
     app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/favicon.ico", handle_favicon)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/v1/status", handle_status)
     app.router.add_get("/v1/events", handle_events)
@@ -7831,7 +8694,7 @@ function renderConsumers(consumers, several) {
     '<tr data-consumer="' + esc(name) + '"><td><b>' + esc(name) + "</b>" +
     (several ? ' <span class="dim">GPU ' + c.gpu + "</span>" : "") +
     (c.vram_managed ? ' <span class="dim">(manages its VRAM)</span>' : "") +
-    "</td><td>" + yesno(c.healthy, "healthy", "down") +
+    "</td><td>" + (c.stopped ? '<span class="dim">stopped</span>' : yesno(c.healthy, "healthy", "down")) +
     (c.last_error ? '<br><span class="dim">' + esc(c.last_error) + "</span>" : "") +
     "</td><td>" + yesno(c.loaded, "resident", "unloaded") + "</td><td>" + esc(c.kinds.join(", ")) +
     "</td><td>" + (isNum(c.vram_used_mib) ? c.vram_used_mib + " MiB used, " : "") + c.vram_resident_mib +
@@ -8204,12 +9067,17 @@ class OneLineBadRequests(logging.Filter):
 async def serve(config: Config, source: ConfigSource) -> int:
     """Run the broker until SIGTERM or SIGINT; SIGHUP reloads. Speaks systemd's notify protocol."""
     app = create_app(config, source)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+    runner = make_runner(app)
     try:
         await runner.setup()  # the first health round runs here, and the consumers' ports open
     except ListenError as e:
         log.error(logfmt(msg="cannot listen", error=str(e)))
         return 1
+    # What start-up made (modules, config, app: most of the objects there are) stays for good: a full
+    # collection, which a reading of 20,000 processes sets off, walks only what came after (it holds the
+    # event loop that long: 36 ms against 16 ms for such readings here).
+    gc.freeze()
+    log.info(logfmt(msg="start-up objects frozen", objects=gc.get_freeze_count()))
     broker = app[BROKER]
     notifier = broker.notifier
     loop = asyncio.get_running_loop()
@@ -8221,7 +9089,9 @@ async def serve(config: Config, source: ConfigSource) -> int:
 
     try:
         try:
-            await web.TCPSite(runner, config.listen_host, config.listen_port).start()
+            await ListenerSite(
+                runner, config.listen_host, config.listen_port, broker.connections, "listen"
+            ).start()
         except OSError as e:
             log.error(
                 logfmt(
@@ -8298,6 +9168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(summary(config))
         return 0
     log.info(logfmt(msg="starting", version=VERSION, listen=f"{config.listen_host}:{config.listen_port}"))
+    raise_descriptor_limit()
     try:
         import uvloop  # noqa: PLC0415 (optional: Debian's python3-uvloop makes the loop faster)
     except ImportError:

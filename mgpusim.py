@@ -404,6 +404,7 @@ class SimGPU:
         listed as `process` (default `mgpusim-<owner>`) with `pid` (default a fixed one for the owner).
 
         SimOOM, recorded in the state's "ooms", when that does not fit beside what the others hold."""
+        # (The record is written before SimOOM leaves ``edit()``, which writes only when its block ends.)
         with self.edit() as state:
             entry = self._gpu(state, gpu)
             uuid = entry["uuid"]
@@ -414,6 +415,7 @@ class SimGPU:
                 state.setdefault("ooms", []).append(
                     {"owner": owner, "wanted_mib": int(mib), "free_mib": free}
                 )
+                self._write(state)  # (under edit's lock still)
                 raise SimOOM(f"CUDA out of memory: {owner} wanted {mib} MiB, {free} MiB free")
             name = process or PROCESS_PREFIX + owner
             wanted = pid if pid is not None else fake_pid(name)
@@ -541,7 +543,8 @@ class SimConsumer:
 
     Subclasses add their routes in `add_routes`; inference handlers call `inference_fault()` and then
     run inside `gpu_work(record)`.  Faults (set in `faults`): "status", "hang", "unload_status",
-    "unload_hang", "unload_no_release", "load_status", "load_hang", "health_status".
+    "unload_hang", "unload_no_release", "load_status", "load_hang", "health_status"; MvoiceSim's
+    "health_loaded" (what its health reports as ``loaded``, whatever it holds).
     """
 
     health_path = "/health"
@@ -814,8 +817,9 @@ class MvoiceSim(SimConsumer):
         router.add_post("/api/admin/shutdown", self.secret)
 
     async def health(self, request: web.Request) -> web.Response:
-        """GET /health."""
-        return web.json_response({"status": "ok", "loaded": self.loaded})
+        """GET /health, with its residency as ``loaded`` (the "health_loaded" fault: that value instead, as a
+        service that lies about itself, or whose report lags, would say)."""
+        return web.json_response({"status": "ok", "loaded": self.faults.get("health_loaded", self.loaded)})
 
     def save_audio(self, wav: bytes) -> str:
         """Write a WAV into the audio dir; return its file name."""
@@ -1221,10 +1225,10 @@ class ComfySim(SimConsumer):
     Like the real one (v0.8.0, as seen in ``make test-real``): its Python process keeps its CUDA context
     (610 MiB, as measured on an H100 in fixtures/nvidia-smi/) after ``/free``; ``/free`` needs a JSON
     object (500 without one), answers an empty 200 without a content type, and unloads between prompts (a
-    ``/free`` during a render takes effect when it ends); ``/queue`` lists ``[number, prompt_id, prompt,
-    extra_data, outputs_to_execute]``; a ``/history`` entry carries ``prompt`` (that list), ``outputs``,
-    ``status`` (its messages with timestamps) and ``meta``; a restart forgets every prompt
-    (``/history/{id}`` stays ``{}``).
+    ``/free`` during a render takes effect when it ends; both its flags in one body race, see ``free``);
+    ``/queue`` lists ``[number, prompt_id, prompt, extra_data, outputs_to_execute]``; a ``/history`` entry
+    carries ``prompt`` (that list), ``outputs``, ``status`` (its messages with timestamps) and ``meta``; a
+    restart forgets every prompt (``/history/{id}`` stays ``{}``).
     """
 
     health_path = "/system_stats"
@@ -1243,8 +1247,8 @@ class ComfySim(SimConsumer):
         self.finished: set[str] = set()
         self.failed: set[str] = set()
         self.saved = 0  #: images "saved" so far (their file names count up, as ComfyUI's do)
-        #: /free came during a render: unload when it is done.
-        self.free_pending = False
+        #: The flags /free set that its prompt worker has not read yet (ComfyUI's PromptQueue.flags).
+        self.flags: dict[str, bool] = {}
         self.sockets: set[web.WebSocketResponse] = set()
         #: clientId -> its socket (a new socket with the same clientId replaces the old one, as in ComfyUI).
         self.clients: dict[str, web.WebSocketResponse] = {}
@@ -1373,9 +1377,7 @@ class ComfySim(SimConsumer):
                 self.running = None
                 await self.queue_updated()
                 await tell("executing", {"node": None, "prompt_id": prompt_id})
-                if self.free_pending:
-                    self.free_pending = False
-                    await self.do_unload()
+                await self.read_flags()
         finally:
             record.end = time.monotonic()
             self.queued.pop(prompt_id, None)
@@ -1444,7 +1446,7 @@ class ComfySim(SimConsumer):
     def restart(self) -> None:
         """ComfyUI restarted: its queue and history are gone with the process."""
         super().restart()
-        self.free_pending = False
+        self.flags.clear()
         self.queued.clear()
         self.running = None
         self.entries.clear()
@@ -1467,23 +1469,38 @@ class ComfySim(SimConsumer):
         return web.json_response({"queue_running": running, "queue_pending": pending})
 
     async def free(self, request: web.Request) -> web.Response:
-        """POST /free {"unload_models": true, "free_memory": true}: answers at once; the models are
-        unloaded when no render runs, at once or after the one running (ComfyUI sets a flag that its
-        prompt worker reads between prompts). Without a JSON object: 500, as ComfyUI answers."""
+        """POST /free {"free_memory": true} (or "unload_models"): answers at once, and its prompt worker
+        unloads the models when no render runs, at once or after the one running. Without a JSON object:
+        500, as ComfyUI answers.
+
+        ComfyUI 0.8.0 (server.py's post_free, main.py's prompt_worker, execution.py's PromptQueue) sets
+        each flag the body names, one after the other, each with a wake-up of its worker; the worker reads
+        (and clears) all the flags after each prompt, or when woken idle: ``unload_models`` (which
+        ``free_memory`` implies) unloads the models. With both flags, an idle worker may wake between the
+        two (4 of 10 tries in front of the real one) and, busy unloading, miss the second wake-up:
+        ``free_memory`` then stays set until the next prompt, whose model is dropped as soon as it is done
+        (a wasted load). The sim always plays that race; either flag alone never races."""
         try:
             data = json.loads(await request.read())
         except ValueError:
             data = None
         if not isinstance(data, dict):
             return web.Response(status=500, text=COMFY_TROUBLE)
-        if data.get("unload_models") or data.get("free_memory"):
-            if (fault := await self.admin_fault("unload")) is not None:
-                return fault
-            if self.running is not None:
-                self.free_pending = True
-            else:
-                await self.do_unload()
+        flags = [flag for flag in ("unload_models", "free_memory") if data.get(flag)]
+        if flags and (fault := await self.admin_fault("unload")) is not None:
+            return fault
+        for i, flag in enumerate(flags):
+            self.flags[flag] = True
+            if i == 0 and self.running is None:  # the idle worker wakes now, before the next flag is set
+                await self.read_flags()
         return web.Response(status=200)
+
+    async def read_flags(self) -> None:
+        """The prompt worker reads and clears the flags (after each prompt, or woken idle): with
+        ``unload_models``, or ``free_memory``, which implies it, it unloads the models."""
+        flags, self.flags = self.flags, {}
+        if flags.get("unload_models", flags.get("free_memory", False)):
+            await self.do_unload()
 
 
 def is_loopback(host: str) -> bool:
@@ -1615,7 +1632,11 @@ SERVICES: dict[str, dict[str, Any]] = {
         "work": OPENAI_LLM,
         "routes": [("POST", "/v1/model/unload", "sleep"), ("GET", "/v1/model", "current")],
     },
-    "llama-cpp": {"health": "/health", "work": OPENAI_LLM, "routes": [("GET", "/props", "sleeping")]},
+    "llama-cpp": {
+        "health": "/health",
+        "work": OPENAI_LLM,
+        "routes": [("GET", "/props", "sleeping"), ("GET", "/v1/models", "model_list")],
+    },
     "llama-cpp-router": {
         "health": "/health",
         "work": OPENAI_LLM,
@@ -1837,6 +1858,11 @@ class ServiceSim(SimConsumer):
         if not self.loaded:
             return web.json_response({"detail": "No models are currently loaded."}, status=503)
         return web.json_response({"id": "sim-model", "object": "model", "owned_by": "tabbyAPI"})
+
+    async def model_list(self, request: web.Request) -> web.Response:
+        """llama-server's GET /v1/models (what the OpenAI client's models.list asks): its one model."""
+        model = {"id": "sim-model", "object": "model", "owned_by": "llamacpp"}
+        return web.json_response({"object": "list", "data": [model]})
 
     # -- several models --
 

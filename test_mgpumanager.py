@@ -40,6 +40,7 @@ import dataclasses
 import datetime
 import functools
 import gzip
+import inspect
 import ipaddress
 import itertools
 import json
@@ -47,6 +48,7 @@ import logging
 import math
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -55,6 +57,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin
@@ -128,7 +131,7 @@ def base_raw(**urls: str) -> dict[str, Any]:
                     }
                 },
                 "vram_resident_mib": 13000,
-                "unload": {"path": "/free", "body": {"unload_models": True, "free_memory": True}},
+                "unload": {"path": "/free", "body": {"free_memory": True}},
             },
             "ollama": {
                 "url": url["ollama"],
@@ -241,6 +244,10 @@ class FakeOps:
         self.unload_behaviour: dict[str, Any] = {}
         self.gate = asyncio.Event()
         self.load_fails: set[str] = set()
+        #: What each consumer's probe reports of its residency (absent: nothing it can tell), and the probes
+        #: the scheduler asked for, in order.
+        self.reports: dict[str, bool] = {}
+        self.probes: list[str] = []
 
     async def unload(self, name: str) -> None:
         self.calls.append(("unload", name))
@@ -264,6 +271,11 @@ class FakeOps:
     def owners(self) -> dict[int, str]:
         """pid -> consumer: FakeGpu's processes are numbered from 100 in the order they took memory."""
         return {100 + i: name for i, name in enumerate(self.gpu.held) if name in self.config.consumers}
+
+    async def probe_now(self, name: str) -> None:
+        """A probe that answers at once, healthy, with what ``reports`` says of it."""
+        self.probes.append(name)
+        self.states[name].probed(True, None, "consumer_unreachable", self.clock(), self.reports.get(name))
 
     async def load(self, name: str) -> None:
         self.calls.append(("load", name))
@@ -340,6 +352,32 @@ def _raising_once(real: Any, when: Any = None) -> Any:
     return wrapper
 
 
+class BrokerServer:
+    """The broker's app on port 0 served as the daemon serves it (make_runner, a ListenerSite: its client
+    connections watched), with the few attributes of aiohttp's TestServer that the tests use."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.runner = m.make_runner(app)
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.closed = False
+
+    async def start_server(self) -> None:
+        await self.runner.setup()
+        site = m.ListenerSite(self.runner, self.host, 0, self.app[m.BROKER].connections, "listen")
+        await site.start()
+        self.port = site.port
+
+    def make_url(self, path: str) -> URL:
+        return URL(f"http://{self.host}:{self.port}").join(URL(path))
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.runner.cleanup()
+
+
 class Rig:
     """Simulated GPU and consumers, and the broker in front of them, all on real sockets."""
 
@@ -400,7 +438,7 @@ class Rig:
         self.app = m.create_app(self.config, source)
         if remote is not None:  # every client looks as if it came from elsewhere than loopback
             self.app.middlewares.insert(0, from_elsewhere(remote))
-        self.server = TestServer(self.app, host="127.0.0.1", port=0)
+        self.server = BrokerServer(self.app)
         await self.server.start_server()
         self.broker = self.app[m.BROKER]
         self.session = aiohttp.ClientSession(auto_decompress=False)
@@ -532,6 +570,7 @@ SPEC_ERRORS = {
     "queue_full": 503,
     "queue_timeout": 503,
     "insufficient_vram": 503,
+    "out_of_descriptors": 503,  # issue 19: the broker's own shortage, never the consumer's
     "gpu_unavailable": 503,
     "consumer_timeout": 504,
     # Issue 3 (security) and the admin API:
@@ -548,6 +587,8 @@ SPEC_ERRORS = {
     "gpu_reserved": 503,
     # Issue 19 (a release while the reservation waits):
     "reservation_released": 409,
+    # Issue 18 (a consumer the broker stopped):
+    "consumer_stopped": 503,
 }
 
 
@@ -593,13 +634,6 @@ def comfy_measured(raw: dict[str, Any]) -> None:
     raw["consumers"]["comfyui"]["processes"] = {"name": "*/ComfyUI/*"}
 
 
-def ollama_measured(raw: dict[str, Any]) -> None:
-    """Ollama's processes are recognised in nvidia-smi's list: the memory it holds is known to be its own.
-    (Else a job of it, its residency in doubt, unloads comfyui, of unknown residency and holding nothing,
-    and waits out vram_wait_s for memory that never comes.)"""
-    raw["consumers"]["ollama"]["processes"] = {"name": "*/ollama"}
-
-
 REAL_COMFY = {"context_mib": 610, "work_s": 0.05}
 
 
@@ -621,10 +655,24 @@ def free_port() -> int:
 class Daemon:
     """mgpumanager.py as its own process on a free port, for what only a real process shows."""
 
+    #: Python run in the daemon's process before its ``main()`` ("": none). The mutation test of issue 18
+    #: disables eviction there with it (``no_overfill``).
+    prelude = ""
+
     def __init__(
-        self, raw: dict[str, Any], home: Path, smi: tuple[str, ...], env: dict[str, str] | None = None
+        self,
+        raw: dict[str, Any],
+        home: Path,
+        smi: tuple[str, ...],
+        env: dict[str, str] | None = None,
+        *,
+        nofile: int | None = None,
+        uvloop: bool = True,
     ) -> None:
         self.env = {**os.environ, **(env or {})}
+        #: Its soft and hard RLIMIT_NOFILE (None: this process's); its event loop (uvloop where installed).
+        self.nofile = nofile
+        self.uvloop = uvloop
         self.config = home / "daemon.yaml"
         self.config.write_text(yaml.safe_dump(raw, sort_keys=False))
         self.port = free_port()
@@ -657,9 +705,17 @@ class Daemon:
 
     async def __aenter__(self) -> Daemon:
         self.log_file = self.log_path.open("wb")
+        program = [str(HERE / "mgpumanager.py")]
+        prelude = self.prelude
+        if not self.uvloop:  # asyncio's own event loop even where uvloop is installed: its import fails
+            prelude = "; ".join(filter(None, ["sys.modules['uvloop'] = None", prelude]))
+        if prelude:
+            run = f"import sys; sys.path.insert(0, {str(HERE)!r}); import mgpumanager as m; {prelude}"
+            program = ["-c", run + "; sys.exit(m.main(sys.argv[1:]))"]
+        nofile = self.nofile
         self.proc = await asyncio.create_subprocess_exec(
             PY,
-            str(HERE / "mgpumanager.py"),
+            *program,
             "--config",
             str(self.config),
             "--listen",
@@ -668,6 +724,9 @@ class Daemon:
             " ".join(self.smi),
             stderr=self.log_file,
             env=self.env,
+            preexec_fn=None
+            if nofile is None
+            else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
         )
         deadline = time.monotonic() + 20
         async with aiohttp.ClientSession() as session:
@@ -695,6 +754,118 @@ class Daemon:
         await asyncio.wait_for(self.proc.wait(), 60)
         self.log_file.close()
         self.log = self.log_path.read_text()
+
+
+def nothing_overfilled(gpu: mgpusim.SimGPU) -> None:
+    """No allocation exceeded the simulated GPU so far: what every no-overfill test asserts, through this
+    one check (``no_overfill`` proves it can fail)."""
+    ooms = gpu.ooms()
+    assert ooms == [], f"overfilled: {ooms}"
+
+
+def _plan_nothing(snap: m.RoomSnapshot) -> m.RoomPlan:
+    """Eviction disabled: every target fits, nothing is unloaded for it."""
+    return m.RoomPlan(0, snap.free_mib)
+
+
+def no_overfill(test: Any) -> Any:
+    """A test that asserts (with ``nothing_overfilled``) that no allocation exceeded the GPU. It runs twice:
+    ``[evicting]`` as written, and ``[not-evicting]`` with eviction disabled (plan_room planning nothing, in
+    this process and in every daemon the test starts), where its overfill check must fail: the mutation test
+    of issue 18, which proves that the check can fail. Its other assertions come after that check."""
+    signature = inspect.signature(test)
+    extra = [name for name in ("evicting", "monkeypatch") if name not in signature.parameters]
+
+    @functools.wraps(test)
+    async def run(*args: Any, **kw: Any) -> None:
+        evicting, monkeypatch = kw["evicting"], kw["monkeypatch"]
+        own = {name: value for name, value in kw.items() if name in signature.parameters}
+        if evicting:
+            await test(*args, **own)
+            return
+        monkeypatch.setattr(m, "plan_room", _plan_nothing)
+        monkeypatch.setattr(Daemon, "prelude", "m.plan_room = lambda snap: m.RoomPlan(0, snap.free_mib)")
+        with pytest.raises(AssertionError, match=r"^overfilled: "):
+            await test(*args, **own)
+
+    params = list(signature.parameters.values())
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in extra]
+    run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    run.no_overfill = True  # type: ignore[attr-defined]
+    return pytest.mark.parametrize("evicting", [True, False], ids=["evicting", "not-evicting"])(run)
+
+
+class Bed:
+    """Issue 18's end-to-end bed: a simulated GPU and consumers on real sockets, the consumers named by the
+    test, and the broker as a process of its own (``daemon()``) reading the GPU through mgpusim's
+    nvidia-smi."""
+
+    def __init__(self, home: Path, total_mib: int) -> None:
+        self.home = home
+        self.state = home / "gpu.json"
+        self.gpu = mgpusim.SimGPU(self.state, total_mib=total_mib, reserved_mib=480)
+        self.sims: dict[str, mgpusim.SimConsumer] = {}
+        self.servers: list[TestServer] = []
+        self.raw: dict[str, Any] = {
+            "listen": "127.0.0.1:0",
+            "gpu": {"nvidia_smi": list(sim_smi(self.state)), "cushion_mib": 256},
+            "scheduler": {"vram_wait_s": 0.5},
+            "health": {"interval_s": 3600, "timeout_s": 2},  # the first round, then on demand only
+            "routing": {},
+            "consumers": {},
+        }
+        self.session = aiohttp.ClientSession()
+
+    async def add(self, sim: mgpusim.SimConsumer, spec: dict[str, Any], *kinds: str) -> None:
+        """Serve ``sim`` on a port of its own and configure it as ``spec`` (no url), routed for ``kinds``."""
+        server = TestServer(sim.app, host="127.0.0.1", port=0)
+        await server.start_server()
+        self.servers.append(server)
+        self.sims[sim.name] = sim
+        self.raw["consumers"][sim.name] = {"url": str(server.make_url("")).rstrip("/"), **spec}
+        self.raw["routing"].update(dict.fromkeys(kinds, sim.name))
+
+    def daemon(self) -> Daemon:
+        return Daemon(self.raw, self.home, sim_smi(self.state))
+
+    async def render(self, daemon: Daemon, path: str = "/v1/image") -> tuple[int, dict[str, str], bytes]:
+        """An image job (its answer), and the end of its hold."""
+        async with self.session.post(daemon.url(path), json={"prompt": {}}) as resp:
+            answer = resp.status, dict(resp.headers), await resp.read()
+        await daemon.until(self.session, lambda st: st["scheduler"]["holder"] is None)
+        return answer
+
+    async def close(self) -> None:
+        await self.session.close()
+        for server in self.servers:
+            await server.close()
+
+
+@pytest.fixture
+async def bed(tmp_path):
+    beds: list[Bed] = []
+
+    async def make(total_mib: int) -> Bed:
+        home = tmp_path / f"bed{len(beds)}"
+        home.mkdir()
+        beds.append(Bed(home, total_mib))
+        return beds[-1]
+
+    yield make
+    for b in beds:
+        await b.close()
+
+
+def mvoice_like(mib: int, kind: str) -> dict[str, Any]:
+    """A consumer's config for an MvoiceSim of ``mib`` MiB: its health tells ``loaded``; unload and load
+    routes; one kind (``kind``: its synthesize)."""
+    return {
+        "health": {"path": "/health"},
+        "paths": {kind: {"path": "/api/synthesize"}},
+        "vram_resident_mib": mib,
+        "unload": {"path": "/api/admin/unload"},
+        "load": {"path": "/api/admin/load"},
+    }
 
 
 def _unscheduled_show(raw: dict[str, Any]) -> None:
@@ -905,7 +1076,7 @@ def test_defaults_are_the_documented_ones():
     )
     assert whisper.health.method == "GET" and whisper.paths["stt"].method == "POST"
     comfy = config.consumers["comfyui"]
-    assert comfy.unload == m.Route("POST", "/free", {"unload_models": True, "free_memory": True}, 60)
+    assert comfy.unload == m.Route("POST", "/free", {"free_memory": True}, 60)
     raw = base_raw()
     raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"] = {"path": "/history/{prompt_id}"}
     hold = m.parse_config(raw).consumers["comfyui"].paths["image"].hold_until
@@ -1189,7 +1360,7 @@ def test_an_alias_bomb_in_an_unload_body_is_refused_but_merge_keys_and_small_ali
 
 def test_unload_and_load_bodies_are_serialised_once_when_the_config_is_loaded():
     config = m.parse_config(base_raw())
-    assert config.consumers["comfyui"].unload.data == b'{"unload_models": true, "free_memory": true}'
+    assert config.consumers["comfyui"].unload.data == b'{"free_memory": true}'
     raw = base_raw()
     raw["consumers"]["comfyui"]["unload"]["body"] = {"when": datetime.date(2001, 2, 3)}
     problems = problems_of(raw)
@@ -1665,6 +1836,169 @@ def test_processes_are_attributed_by_name_and_by_the_unit_in_their_cgroup(tmp_pa
     )
 
 
+def strangers(gpu: mgpusim.SimGPU, count: int) -> None:
+    """``count`` processes of nobody's on the simulated GPU (pids from 100000, holding nothing)."""
+    uuid = mgpusim.gpu_uuid(0)
+    with gpu.edit() as state:
+        state["processes"] += [
+            {"pid": 100000 + i, "name": f"/usr/bin/python3-stranger-{i}", "used_mib": 0, "gpu_uuid": uuid}
+            for i in range(count)
+        ]
+
+
+async def test_nvidia_smi_output_is_read_whole_up_to_max_output_mib_and_more_is_an_error(tmp_path):
+    """Issue 19, item 10: only the last 1 MiB of nvidia-smi's output was kept, and the cut first line made
+    every reading unparsable. Now up to gpu.max_output_mib is read from its start; more is refused, saying
+    so (never a part of it parsed)."""
+    two_mib = _smi_script(tmp_path, "head -c 2097152 /dev/zero | tr '\\0' x")
+    assert len(await m.run_nvidia_smi(two_mib, 5, 8)) == 2 * m.MiB  # whole
+    with pytest.raises(m.GpuError, match=r"more than 1 MiB \(gpu.max_output_mib\): not read"):
+        await m.run_nvidia_smi(two_mib, 5, 1)
+    assert len(await m.run_nvidia_smi(_smi_script(tmp_path, "head -c 1048576 /dev/zero"), 5, 1)) == m.MiB
+
+
+def test_cgroups_are_read_once_per_process_while_it_stays_in_the_list_under_its_name(tmp_path):
+    """Issue 19, item 10: every reading read /proc/<pid>/cgroup for every process (8,000 processes: a second
+    of the event loop's). Now a process's cgroups are read once and kept while it stays in the GPU's list
+    under the same name, CGROUP_CACHE_S at most; a pid that left the list, or shows another name, is read
+    anew (a pid reused by another process)."""
+    raw = base_raw()
+    raw["consumers"]["comfyui"]["processes"] = {"unit": "comfyui.service"}
+    config = m.parse_config(raw)
+    for pid, unit in ((10, "comfyui"), (11, "sshd")):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cgroup").write_text(f"0::/system.slice/{unit}.service\n")
+    clock = FakeClock()
+    consumers = m.Consumers(config, session=None, clock=clock)  # type: ignore[arg-type] (no call is made)
+    consumers.proc_root = tmp_path
+    reads: list[int] = []
+    read_cgroups = consumers.cgroups_of
+
+    def counted(pid: int) -> list[str]:
+        reads.append(pid)
+        return read_cgroups(pid)
+
+    consumers.cgroups_of = counted  # type: ignore[method-assign]
+
+    def attribute(*procs: tuple[int, str]) -> dict[int, str]:
+        reading = m.parse_gpu_reading(
+            "0, GPU-x, sim, 16384, 0, 16384, 0, 30\n",
+            "".join(f"{pid}, {name}, 100, GPU-x\n" for pid, name in procs),
+            index=0,
+            started=clock(),
+            read_at=0,
+        )
+        reads.clear()
+        return consumers.attribute(reading)
+
+    comfy, sshd = (10, "/opt/ComfyUI/python3"), (11, "/usr/sbin/sshd")
+    assert (attribute(comfy, sshd), reads) == ({10: "comfyui"}, [10, 11])
+    assert (attribute(comfy, sshd), reads) == ({10: "comfyui"}, [])  # kept
+    assert (attribute(sshd), reads) == ({}, [])
+    # Pid 10 left the list; it comes back as another unit's process: read anew.
+    (tmp_path / "10" / "cgroup").write_text("0::/system.slice/backup.service\n")
+    assert (attribute(comfy, sshd), reads) == ({}, [10])
+    (tmp_path / "11" / "cgroup").write_text("0::/system.slice/comfyui.service\n")
+    assert (attribute(comfy, sshd), reads) == ({}, [])  # the same names: kept ...
+    assert (attribute(comfy, (11, "/opt/ComfyUI/python3")), reads) == ({11: "comfyui"}, [11])  # ... not these
+    clock.now += m.CGROUP_CACHE_S
+    assert (attribute(comfy, (11, "/opt/ComfyUI/python3")), reads) == ({11: "comfyui"}, [10, 11])
+
+
+async def test_a_huge_reading_is_parsed_attributed_and_written_out_off_the_event_loop(rig, monkeypatch):
+    """Issue 19, item 10: with 8,000 process lines and a processes.unit consumer, each reading took 1.3 s of
+    the event loop (parsing, a cgroup read per process, 2.7 MB of status JSON) and /healthz stalled. Now
+    parsing, attributing and writing /v1/status out run in worker threads; what the loop does per process
+    is one pass. (The stalls measured are printed; the structure is what is asserted.)"""
+
+    def measured(raw: dict[str, Any]) -> None:
+        raw["consumers"]["whisper"]["processes"] = {"unit": "whisper.service"}
+
+    r = await rig(tweak=measured)
+    strangers(r.gpu, 20000)
+    loop_thread = threading.get_ident()
+    threads: dict[str, set[int]] = {"parse": set(), "attribute": set(), "status": set()}
+
+    def spied(what: str, real: Any) -> Any:
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            threads[what].add(threading.get_ident())
+            return real(*args, **kwargs)
+
+        return spy
+
+    monkeypatch.setattr(m, "parse_gpu_reading", spied("parse", m.parse_gpu_reading))
+    monkeypatch.setattr(m, "status_text", spied("status", m.status_text))
+    r.broker.gpu.attribute = spied("attribute", r.broker.gpu.attribute)
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    try:
+        async with r.session.get(r.url("/v1/status")) as resp:
+            body = await resp.read()  # (parsed after: the test's own parsing would stall the loop too)
+    finally:
+        ticker.cancel()
+    st = json.loads(body)
+    assert len(st["gpu"]["processes"]) == 20000
+    assert all(p["consumer"] is None for p in st["gpu"]["processes"])
+    await r.broker.gpu.read_memory()  # a memory reading's (one line, as nvidia-smi prints it) too
+    assert all(ids and loop_thread not in ids for ids in threads.values()), threads
+    print(f"20,000 process lines: the event loop's longest stall was {max(gaps) * 1000:.1f} ms")
+
+
+async def test_a_reading_of_20000_processes_serves_jobs_and_status_and_beyond_max_output_mib_says_so(rig):
+    """Issue 19, item 10, end to end: 20,000 process lines are 1.5 MB of nvidia-smi output; only its last
+    MiB was kept, so every job got gpu_unavailable. Now the job is served and /v1/status lists them all;
+    with gpu.max_output_mib below the output, jobs get gpu_unavailable that names the key."""
+
+    def measured(raw: dict[str, Any]) -> None:
+        raw["consumers"]["whisper"]["processes"] = {"unit": "whisper.service"}
+
+    r = await rig(tweak=measured, sims={"mvoice": {"loaded": False}})
+    strangers(r.gpu, 20000)
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+            assert resp.status == 200, await resp.read()
+        healthz: list[float] = []
+
+        async def ping() -> None:
+            while True:
+                started = time.monotonic()
+                async with r.session.get(daemon.url("/healthz")) as resp:
+                    assert resp.status == 200
+                healthz.append(time.monotonic() - started)
+
+        pinging = asyncio.create_task(ping())
+        try:
+            async with r.session.get(daemon.url("/v1/status")) as resp:
+                body = await resp.read()
+        finally:
+            pinging.cancel()
+        st = json.loads(body)
+        assert len(st["gpu"]["processes"]) >= 20000 and st["gpu"]["error"] is None
+        print(f"/healthz during a status of 20,000 processes: at most {max(healthz) * 1000:.0f} ms")
+        raw = copy.deepcopy(r.raw)
+        raw["gpu"]["max_output_mib"] = 1
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(daemon.url("/v1/reload")) as resp:
+            assert resp.status == 200
+        async with r.session.post(daemon.url("/v1/consumers/mvoice/unload")) as resp:
+            assert resp.status == 200
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+            message = error_of(resp.status, dict(resp.headers), await resp.read(), "gpu_unavailable")[
+                "message"
+            ]
+        assert "more than 1 MiB (gpu.max_output_mib)" in message
+    assert 'msg="start-up objects frozen"' in daemon.log
+
+
 @pytest.mark.parametrize("fault", ["fail", "garbage", "hang"])
 async def test_nvidia_smi_failing_is_gpu_unavailable_and_leaves_no_process(rig, fault):
     def quick_smi(raw):
@@ -1710,7 +2044,9 @@ async def test_a_health_round_much_later_than_due_puts_every_resident_record_in_
     routes = [("GET", f"/{name}/health", _ok) for name in "txyz"]
     async with StandIn(routes) as svc, aiohttp.ClientSession() as session:
         urls = {f"consumers__{name}__url": f"{svc.url}/{name}" for name in "txyz"}
-        cfg = small_config(health={"interval_s": 0.05, "timeout_s": 0.05}, **urls)
+        # (A probe's timeout of its own: 50 ms, as it was, timed out on a busy machine, and a failed probe
+        # clears trust too.)
+        cfg = small_config(health={"interval_s": 0.05, "timeout_s": 5}, **urls)
         now, stalling = [0.0], [False]
 
         def clock() -> float:
@@ -1808,6 +2144,7 @@ def test_observations_override_the_brokers_record_only_when_they_started_after_i
     assert state.resident is True and not state.known_resident()
 
 
+@no_overfill
 async def test_a_restart_behind_the_brokers_back_never_overfills_the_gpu(rig):
     """Issue 11, case 1: ComfyUI restarts unseen (its model gone), mvoice loads, then an image job: the
     broker does not trust ComfyUI's old record, reads the GPU and evicts mvoice first."""
@@ -1818,10 +2155,12 @@ async def test_a_restart_behind_the_brokers_back_never_overfills_the_gpu(rig):
     assert (await r.post("tts", {"text": "hi"}))[0] == 200  # fits beside ComfyUI's bare context
     assert r.sims["mvoice"].unloads == 0 and r.gpu.used_mib("mvoice") == 2800
     second = await _render(r)
-    assert second in r.sims["comfyui"].finished and r.gpu.ooms() == []  # the render ran, nothing overfilled
+    nothing_overfilled(r.gpu)
+    assert second in r.sims["comfyui"].finished  # the render ran
     assert r.sims["mvoice"].unloads == 1 and r.stats.evictions == 1
 
 
+@no_overfill
 async def test_the_uis_own_unload_button_leaves_no_false_record(rig):
     """Issue 11, case 2: ComfyUI's web UI posts /api/free through the mount. A mount call outside the
     consumer's paths never marks it resident, and its record is not trusted any more."""
@@ -1833,7 +2172,8 @@ async def test_the_uis_own_unload_button_leaves_no_false_record(rig):
     assert not r.broker.consumers.states["comfyui"].known_resident()
     assert (await r.post("tts", {"text": "hi"}))[0] == 200
     await _render(r, "/c/comfyui/api/prompt")  # the UI's own prompt, through the mount
-    assert r.gpu.ooms() == [] and r.sims["mvoice"].unloads == 1
+    nothing_overfilled(r.gpu)
+    assert r.sims["mvoice"].unloads == 1
 
 
 async def test_a_consumer_that_is_back_is_served_at_once(rig):
@@ -2647,7 +2987,8 @@ async def test_aging_raises_a_waiting_jobs_priority():
     x = await _queued(s, "x")  # priority 1
     clock.now += 130  # two aging steps: x is at 3 now
     y = await _queued(s, "y")  # priority 3, arrived later
-    expected = {"consumer": "x", "kind": "kx", "priority": 3, "waited_s": 130.0, "eta_s": 0.0}
+    # (eta_s: t's job, which holds the GPU, has no learned time; it counts as at least RUNNING_FLOOR_S.)
+    expected = {"consumer": "x", "kind": "kx", "priority": 3, "waited_s": 130.0, "eta_s": m.RUNNING_FLOOR_S}
     assert s.snapshot()["queue"][0] == expected
     first.release("completed")
     assert await _grants(s, [x, y]) == ["x", "y"]
@@ -2916,6 +3257,7 @@ async def test_queue_full_and_queue_timeout_end_to_end(rig):
 
 
 @pytest.mark.parametrize("max_overtake_s", [30, 0])
+@no_overfill
 async def test_an_interleaved_burst_is_served_in_batches_with_one_swap(rig, max_overtake_s):
     """Issue 12's trace, shortened: TTS (mvoice, resident) and image jobs (ComfyUI) of equal priority,
     interleaved, on a GPU where the two do not fit together. Served what is loaded first: the TTS batch,
@@ -2929,11 +3271,13 @@ async def test_an_interleaved_burst_is_served_in_batches_with_one_swap(rig, max_
 
     async with held_llm(gate) as ollama:
         r = await rig(
+            **SMALL_CARD,  # (on 16 GiB they fitted together, but for the cushion: no overfill was possible)
             tweak=setup,
             urls={"ollama": ollama.url},
             sims={"mvoice": {"loaded": True, "work_s": 0.02}, "comfyui": {"work_s": 0.05}},
         )
         order = await _interleaved_burst(r, gate)
+    nothing_overfilled(r.gpu)
     swaps = sum(a != b for a, b in itertools.pairwise(order))
     if max_overtake_s:
         assert order == ["mvoice"] * 8 + ["comfyui"] * 4 and swaps == 1
@@ -2941,7 +3285,6 @@ async def test_an_interleaved_burst_is_served_in_batches_with_one_swap(rig, max_
     else:
         assert order == ["mvoice" if k == "T" else "comfyui" for k in "TTITITTITITT"] and swaps == 8
         assert r.stats.evictions == 8  # the issue's 8 evictions
-    assert r.gpu.ooms() == []
 
 
 async def test_a_job_held_back_by_a_stream_runs_once_overtaken_for_max_overtake_s(rig):
@@ -3136,11 +3479,95 @@ async def test_an_eta_counts_only_the_unloads_of_consumers_on_its_own_gpu():
     ops.states["x"].learned("load", 1.0)
     holding = await s.acquire("t", "kt")
     first, second = await _queued(s, "x"), await _queued(s, "x")
-    # The second waits for the first's swap: t's unload and x's load, not z's unload on GPU 1.
-    assert [eta for _, eta in s.forecast()] == [0.0, 11.0]
+    # The second waits for the first's swap: t's unload and x's load, not z's unload on GPU 1. (Both wait
+    # for t's job, which has no learned time: at least m.RUNNING_FLOOR_S, never 0: issue 18.)
+    assert [eta for _, eta in s.forecast()] == [1.0, 12.0]
     holding.release("completed")
     (await first).release("completed")
     (await second).release("completed")
+    assert books_balance(s)
+
+
+async def test_a_prompt_queued_behind_a_long_render_is_told_to_wait(rig):
+    """Issue 18, as seen from ComfyUI's UI in front of the real server: a prompt queued behind a render
+    that had run past ComfyUI's learned job time was told eta_s 0.0, then waited 52.7 s. A long render
+    (mgpusim's ComfySim) counts as at least RUNNING_FLOOR_S more."""
+    r = await rig(tweak=use_presets, sims={"comfyui": {"work_s": 0.05}})
+    comfy = r.sims["comfyui"]
+    await _render(r)  # a cold start: its load is learned
+    await _render(r)  # its job time
+    learned = r.broker.consumers.states["comfyui"].timing("job")
+    comfy.work_s = 3600  # the next render is a long one
+    async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+        assert resp.status == 200
+    await until(lambda: r.broker.scheduler.holds == 1)
+    await until(lambda: r.broker.scheduler.snapshot()["holder"]["held_s"] > learned)
+    ui = asyncio.ensure_future(r.session.post(r.url("/c/comfyui/api/prompt"), json={"prompt": {}}))
+    try:
+        await until(lambda: len(r.broker.scheduler.queue()) == 1)
+        (queued,) = (await r.status())["scheduler"]["queue"]
+        assert queued["kind"] == "image_ui" and queued["eta_s"] >= m.RUNNING_FLOOR_S
+    finally:
+        ui.cancel()
+        await asyncio.gather(ui, return_exceptions=True)
+        await r.kill("comfyui")  # the render dies with it: its hold ends, the GPU is free
+        await until(lambda: r.broker.scheduler.holder is None)
+
+
+async def test_a_running_job_counts_as_at_least_what_it_has_run_plus_a_floor():
+    """Issue 18: a holder that had run past its learned job time added 0 to the forecast, so a prompt
+    queued behind a long render said eta_s 0.0 and then waited 52.7 s. It counts as at least
+    RUNNING_FLOOR_S more."""
+    s, _, ops, clock = make_scheduler(small_config())
+    ops.states["t"].loaded()
+    ops.states["t"].learned("job", 5.0)
+    holding = await s.acquire("t", "kt")
+    waiting = await _queued(s, "t")
+    clock.now += 2
+    assert [eta for _, eta in s.forecast()] == [3.0]  # the rest of its learned 5 s
+    clock.now += 60  # a render far longer than usual
+    assert [eta for _, eta in s.forecast()] == [m.RUNNING_FLOOR_S]
+    holding.release("completed")
+    (await waiting).release("completed")
+    assert books_balance(s)
+
+
+async def test_a_load_is_learned_as_the_load_alone_and_a_job_from_when_it_went_to_work():
+    """Issue 18: a cold start's load time was what its job took from the grant, evictions before it
+    included, and those unloads were learned on their own as well: a forecast counted them twice (3.88 s
+    learned where the evictions took 3.26 s). A job's time, likewise, included its load. Each is learned
+    once now: the unload from its start, the load alone, the job from when it went to work."""
+    config = small_config()
+    config = m.replace(
+        config, consumers={**config.consumers, "t": m.replace(config.consumers["t"], load=None)}
+    )  # t loads itself on its first request (ComfyUI)
+    s, gpu, ops, clock = make_scheduler(config)
+    crowd(gpu, ops, {"y": 1.0, "z": 2.0})  # x (never used) goes first
+    real_unload, real_load = ops.unload, ops.load
+
+    async def slow_unload(name: str) -> None:
+        clock.now += 3.0
+        await real_unload(name)
+
+    async def slow_load(name: str) -> None:
+        clock.now += 2.0
+        await real_load(name)
+
+    ops.unload, ops.load = slow_unload, slow_load  # type: ignore[method-assign]
+    cold = await s.acquire("t", "kt")
+    assert cold.cold and ops.calls == [("unload", "x")]
+    clock.now += 5.0  # t loads its model and answers
+    cold.release("completed", status=200, success=True)
+    for _ in range(3):  # (learned once the GPU changed hands)
+        await asyncio.sleep(0)
+    assert (ops.states["x"].timing("unload"), ops.states["t"].timing("load")) == (3.0, 5.0)  # not 8.0
+    # x comes back through its load route (2 s), after t's unload (3 s), then works for 1 s.
+    job = await s.acquire("x", "kx")
+    clock.now += 1.0
+    job.release("completed", status=200, success=True)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert (ops.states["x"].timing("load"), ops.states["x"].timing("job")) == (2.0, 1.0)  # not 6.0
     assert books_balance(s)
 
 
@@ -3236,28 +3663,78 @@ def test_plan_uses_what_is_measured_over_what_is_declared():
     assert m.plan_room(_room_snapshot(cfg, 3000, views)).victims == ("x", "y")
 
 
-def test_plan_a_resident_target_trusted_or_credited_or_loaded_in_full():
-    cfg = small_config()
-    others = _all_resident(x=1.0)  # 12000 MiB of others, on a GPU that shows 15000 used
-    trusted = {**others, "t": {"resident": True, "trusted": True}}
-    assert m.plan_room(_room_snapshot(cfg, 0, trusted, used_mib=15000)).need_mib == 0
-    # Not trusted (something may have changed it): credited with the 3000 nobody else accounts for.
-    doubt = {**others, "t": {"resident": True}}
-    assert m.plan_room(_room_snapshot(cfg, 0, doubt, used_mib=15000)).need_mib == 4000 - 3000 + 256
-    # A restart behind the broker's back: the GPU shows only the others' memory, so no credit.
-    assert m.plan_room(_room_snapshot(cfg, 0, doubt, used_mib=12000)).need_mib == 4256
-    # The broker loading it itself: its whole size, whoever holds that memory.
-    loads = m.plan_room(_room_snapshot(cfg, 0, doubt, used_mib=15000, loads_target=True))
-    assert loads.need_mib == 4256
+#: t (4000 MiB) as the target beside x, y and z (4000 each, resident): t's record, the snapshot's other
+#: fields, then the MiB it needs. The GPU shows 15000 used: 3000 that no consumer accounts for.
+TARGET_ROWS = {
+    "trusted: nothing to do": ({"resident": True, "trusted": True}, {}, 0),
+    # Issue 18: in doubt (it was asked and could not tell), the 3000 nobody claims are not credited to it
+    # (they were: need 1256, and a consumer that lied about itself was overfilled).
+    "in doubt: its full size": ({"resident": True}, {}, 4256),
+    "in doubt, restarted (the GPU shows only the others)": ({"resident": True}, {"used_mib": 12000}, 4256),
+    "the broker loads it itself: its full size": ({"resident": True}, {"loads_target": True}, 4256),
+    # A job of it at work already made room for all of it: what shows up since is most likely its load.
+    "a job of it at work: credited with the 3000": ({"resident": None}, {"target_working": 1}, 1256),
+    "a job of it at work, a restart seen": (
+        {"resident": None},
+        {"target_working": 1, "used_mib": 12000},
+        4256,
+    ),
+    "a job of it at work, loaded by the broker": (
+        {"resident": None},
+        {"target_working": 1, "loads_target": True},
+        4256,
+    ),
+    "measured: what its processes do not hold yet": ({"resident": True, "used_mib": 3000}, {}, 1256),
+}
 
 
-def test_plan_the_target_itself_last_when_its_residency_is_unknown():
+@pytest.mark.parametrize(("view", "snap", "need"), TARGET_ROWS.values(), ids=TARGET_ROWS)
+def test_plan_what_the_target_needs(view, snap, need):
+    views = {**_all_resident(x=1.0), "t": view}
+    plan = m.plan_room(_room_snapshot(small_config(), 0, views, **{"used_mib": 15000, **snap}))
+    assert plan.need_mib == need
+
+
+#: Whom the figures charge with the reading's used memory, and what is left nobody's (issue 18): x, y, z and
+#: t of 4000 MiB each (t not resident, a job of it at work), the others' records, the reading's used MiB,
+#: then what is unclaimed and t's credit. One of unknown residency is charged at most what is left, never
+#: its size on top of it.
+UNCLAIMED_ROWS = {
+    "all accounted for": ({"x": True, "y": True, "z": True}, 12000, 0, 0),
+    "a stranger's 3000": ({"x": True, "y": True, "z": True}, 15000, 3000, 3000),
+    "one unknown takes what is left": ({"x": True, "y": True, "z": None}, 15000, 3000, 3000),
+    "one unknown is charged only what is left": ({"x": True, "y": True, "z": None}, 10000, 0, 0),
+    "two unknowns share what is left": ({"x": True, "y": None, "z": None}, 9000, 0, 0),
+    "not resident: nothing": ({"x": False, "y": False, "z": False}, 5000, 5000, 4000),
+    "measured: what it holds": ({"x": {"resident": False, "used_mib": 700}}, 5000, 4300, 4000),
+    "no used figure: nothing known, nothing credited": ({"x": True}, None, 0, 0),
+}
+
+
+@pytest.mark.parametrize(
+    ("records", "used", "unclaimed", "credit"), UNCLAIMED_ROWS.values(), ids=UNCLAIMED_ROWS
+)
+def test_memory_no_record_accounts_for_is_nobodys(records, used, unclaimed, credit):
+    views = {name: rec if isinstance(rec, dict) else {"resident": rec} for name, rec in records.items()}
+    views["t"] = {"resident": False}
+    snap = _room_snapshot(small_config(), 0, views, used_mib=used, target_working=1)
+    assert m.unclaimed_mib(snap) == unclaimed
+    assert m.plan_room(snap).need_mib == 4256 - credit
+
+
+def test_plan_the_target_itself_last_when_its_residency_is_unknown_or_in_doubt():
     cfg = _without_unload(small_config(), "x", "y", "z")
     views = {**_all_resident(), "t": {"resident": None}}
     assert m.plan_room(_room_snapshot(cfg, 0, views)).victims == ("t",)
     assert m.plan_room(_room_snapshot(cfg, 0, views, tried={"t": "unloaded"})).victims == ()
     measured = {**views, "t": {"resident": None, "used_mib": 0}}  # measured: it holds nothing to unload
     assert m.plan_room(_room_snapshot(cfg, 0, measured)).victims == ()
+    # Issue 18: recorded resident but in doubt (asked, it could not tell), it may hold nothing, or be what
+    # fills the GPU. Trusted, it needs no room at all.
+    doubt = {**views, "t": {"resident": True}}
+    assert m.plan_room(_room_snapshot(cfg, 0, doubt, used_mib=15000)).victims == ("t",)
+    trusted = {**views, "t": {"resident": True, "trusted": True}}
+    assert m.plan_room(_room_snapshot(cfg, 0, trusted, used_mib=15000)).fits
 
 
 def test_plan_stops_after_max_evictions():
@@ -3575,10 +4052,7 @@ async def test_comfyui_evicted_to_fit_mvoice_one_unload_one_load(rig):
     comfy, mvoice = r.sims["comfyui"], r.sims["mvoice"]
     assert (comfy.unloads, mvoice.loads) == (1, 1)
     assert [rec.path for rec in mvoice.records] == ["/api/admin/load", "/api/synthesize"]
-    assert comfy.records[-1].path == "/free" and json.loads(comfy.records[-1].body) == {
-        "unload_models": True,
-        "free_memory": True,
-    }
+    assert comfy.records[-1].path == "/free" and json.loads(comfy.records[-1].body) == {"free_memory": True}
     assert (r.stats.evictions, r.stats.loads, r.stats.unload_failures) == (1, 1, 0)
     st = await r.status()
     assert st["consumers"]["comfyui"]["loaded"] is False and st["consumers"]["mvoice"]["loaded"] is True
@@ -3688,6 +4162,7 @@ async def test_two_gpus_run_jobs_in_parallel_and_evict_each_on_its_own(rig):
     assert during["gpu"]["index"] == 0 and during["consumers"]["comfyui"]["gpu"] == 1
 
 
+@no_overfill
 async def test_ollama_keeping_its_model_is_asked_to_let_go_for_an_image(rig):
     """Issue 11, case 5: after an LLM answer Ollama keeps its model (keep_alive, 5 minutes); an image job
     then needs its memory. Ollama (vram_managed) is unloaded as the last resort, through its /api/ps list
@@ -3698,7 +4173,8 @@ async def test_ollama_keeping_its_model_is_asked_to_let_go_for_an_image(rig):
     assert (await r.post("llm", {"model": "llama3", "prompt": "why", "stream": False}))[0] == 200
     assert list(sim.models) == ["llama3"] and r.gpu.used_mib("ollama") == 8000  # kept after the answer
     prompt_id = await _render(r)
-    assert prompt_id in r.sims["comfyui"].finished and r.gpu.ooms() == []
+    nothing_overfilled(r.gpu)
+    assert prompt_id in r.sims["comfyui"].finished
     unloads = [json.loads(rec.body) for rec in sim.records if rec.path == "/api/generate"][1:]
     assert unloads == [{"model": "llama3", "keep_alive": 0}] and sim.models == {}
     assert r.stats.evictions == 1 and r.broker.consumers.states["ollama"].resident is False
@@ -3902,6 +4378,119 @@ async def test_whisper_is_evicted_by_stopping_its_process_and_started_again_for_
     # Each start was followed by waiting for the health route: the job came after a good health answer.
     log_text = caplog.text
     assert log_text.index("msg=health consumer=whisper healthy=True") < log_text.index("msg=job id=1")
+
+
+def _llama_as_a_service(r_home: Path, port: int, **own: Any) -> Any:
+    """A tweak: ``llama`` (the llama-cpp preset, 1000 MiB, routed for chat) is a process of its own,
+    stopped and started with mgpusim's stop and start, as whisper is in ``_whisper_as_a_service``."""
+    pidfile = r_home / "llama.pid"
+    sim = [PY, str(HERE / "mgpusim.py")]
+
+    def tweak(raw: dict[str, Any]) -> None:
+        start = [*sim, "start", "--pidfile", str(pidfile), "--state", str(r_home / "gpu.json")]
+        start += ["--log", str(r_home / "llama.log"), f"llama=llama-cpp:{port}"]
+        raw["consumers"]["llama"] = {
+            "preset": "llama-cpp",
+            "url": f"http://127.0.0.1:{port}",
+            "vram_resident_mib": 1000,
+            "unload": {"command": [*sim, "stop", "--pidfile", str(pidfile)], "timeout_s": 30},
+            "load": {"command": start, "timeout_s": 30},
+            **own,
+        }
+        raw["routing"]["chat"] = "llama"
+
+    return tweak
+
+
+async def _stop_service(pidfile: Path) -> None:
+    stop = await asyncio.create_subprocess_exec(
+        PY, str(HERE / "mgpusim.py"), "stop", "--pidfile", str(pidfile)
+    )
+    assert await asyncio.wait_for(stop.wait(), 30) == 0
+
+
+def _no_health_warning(caplog: Any, name: str) -> None:
+    warned = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING]
+    assert not [line for line in warned if f"consumer={name} " in line], warned
+
+
+async def test_a_consumer_the_broker_stopped_is_stopped_and_a_model_list_starts_it(rig, tmp_path, caplog):
+    """Issue 18: llama-server, stopped by its unload command, answered an unscheduled GET through its mount
+    (``/c/llama/v1/models``, what the OpenAI client's ``models.list()`` and Open WebUI ask first) with
+    ``502 consumer_unreachable``, every command eviction logged a health warning, and ``ps`` showed it
+    ``down``. Stopped is a state of its own: ``stopped`` in status and ``ps``, an info line; and since
+    its preset says its calls need its model (``start_for_unscheduled``), the call starts it first."""
+    port, home = free_port(), tmp_path / "rig0"
+    caplog.set_level(logging.INFO, logger="mgpumanager")
+    r = await rig(total_mib=14000, tweak=_llama_as_a_service(home, port))  # llama beside comfyui: no
+    pidfile = home / "llama.pid"
+    try:
+        st = await r.status()
+        assert {k: st["consumers"]["llama"][k] for k in ("healthy", "stopped", "loaded")} == {
+            "healthy": False,
+            "stopped": True,
+            "loaded": False,
+        }
+        assert re.search(r"^llama +stopped +no ", "\n".join(m.render_ps(st, time.time())), re.M)
+        async with r.session.get(r.url("/c/llama/v1/models")) as resp:
+            assert resp.status == 200 and (await resp.json())["data"][0]["id"] == "sim-model"
+        first = int(pidfile.read_text())
+        state = r.broker.consumers.states["llama"]
+        assert (state.stopped, state.healthy, state.resident) == (False, True, True)
+        assert "kind=start status=completed" in job_lines(caplog)[-1]
+
+        assert (await r.post("image", {"prompt": {}}))[0] == 200  # evicts llama: its stop command
+        assert not mgpusim.alive(first) and state.stopped and state.resident is False
+        st = await r.status()
+        assert st["consumers"]["llama"]["stopped"] is True and st["consumers"]["llama"]["last_error"]
+        await r.broker.consumers.probe("llama")  # refused: still stopped, nothing more said
+        await until(lambda: r.broker.scheduler.holder is None)
+        async with r.session.get(r.url("/c/llama/v1/models")) as resp:  # evicts comfyui, starts llama
+            assert resp.status == 200
+        assert int(pidfile.read_text()) != first and r.sims["comfyui"].unloads == 1
+    finally:
+        await _stop_service(pidfile)
+    _no_health_warning(caplog, "llama")
+    stopped = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("msg=stopped ")]
+    assert stopped == [
+        'msg=stopped consumer=llama reason="connection refused"',  # at start-up: not running
+        'msg=stopped consumer=llama reason="stopped by its unload command"',
+    ]
+
+
+async def test_an_unscheduled_call_to_a_stopped_consumer_gets_consumer_stopped(rig, tmp_path, caplog):
+    """Issue 18: where the consumer's calls do not need its model (whisper-server's, the default), an
+    unscheduled call that finds it stopped is refused with ``503 consumer_stopped``, retryable, its
+    ``Retry-After`` its learned load time (at least 1 s); WebSockets too. A job starts it, as before."""
+    port, home = free_port(), tmp_path / "rig0"
+    caplog.set_level(logging.INFO, logger="mgpumanager")
+    r = await rig(total_mib=14000, tweak=_whisper_as_a_service(home, port))
+    pidfile = home / "whisper.pid"
+
+    async def refused() -> tuple[dict[str, Any], int]:
+        async with r.session.get(r.url("/c/whisper/health")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "consumer_stopped")
+            return data, int(resp.headers["Retry-After"])
+
+    try:
+        data, retry_after = await refused()
+        assert data["message"] == "whisper is stopped; a job for it starts it again" and retry_after == 1
+        with pytest.raises(aiohttp.WSServerHandshakeError) as ws:
+            await r.session.ws_connect(r.url("/c/whisper/ws"))
+        assert ws.value.status == 503
+        assert (await r.post("stt", None, data=b"audio"))[0] == 200  # a job starts it
+        async with r.session.get(r.url("/c/whisper/health")) as resp:
+            assert resp.status == 200
+        assert (await r.post("image", {"prompt": {}}))[0] == 200  # evicts whisper
+        await until(lambda: r.broker.scheduler.holder is None)
+        data, retry_after = await refused()
+        load_s = r.broker.consumers.states["whisper"].timing("load")
+        assert f"(its start takes {load_s:.1f} s)" in data["message"]
+        assert retry_after == max(1, math.ceil(load_s))
+        assert r.stats.jobs == 2 and r.sims["comfyui"].unloads == 0  # the refusals queued nothing
+    finally:
+        await _stop_service(pidfile)
+    _no_health_warning(caplog, "whisper")
 
 
 async def test_a_client_leaving_while_a_stop_script_runs_leaves_it_to_finish(rig, tmp_path):
@@ -4114,6 +4703,105 @@ async def test_the_broker_never_loads_a_target_it_credited_with_a_strangers_memo
     job = await s.load_now("t")
     assert fits == [True] and job.evictions >= 1 and ops.calls[-1] == ("load", "t")
     assert s.holder is None and books_balance(s)
+
+
+# ---- deciding from facts (issue 18): the broker as a process, consumers on sockets, mgpusim's nvidia-smi
+
+
+async def test_a_resident_target_in_doubt_is_asked_and_nothing_is_evicted_for_it(bed):
+    """Issue 18, case 1: a, b and c hold 6000 MiB each of 20,000 and say so in their health; t (6000
+    declared) tells nothing and was never used. A job on b puts a's record in doubt; a's job then evicted c
+    (t counted at its full size left none of the used memory to a). Now a is asked first: its fresh
+    "loaded: true" settles it, and no unload call is made."""
+    b = await bed(total_mib=20000)
+    for name in ("a", "b", "c"):
+        await b.add(
+            mgpusim.MvoiceSim(name, b.gpu, vram_mib=6000, loaded=True),
+            mvoice_like(6000, f"k{name}"),
+            f"k{name}",
+        )
+    t_spec = {
+        "health": {"path": "/health"},
+        "paths": {"kt": {"path": "/inference"}},
+        "vram_resident_mib": 6000,
+    }
+    await b.add(mgpusim.WhisperSim("t", b.gpu, vram_mib=6000), t_spec, "kt")
+    async with b.daemon() as daemon:
+        st = await daemon.status(b.session)
+        assert [st["consumers"][n]["loaded"] for n in ("a", "b", "c", "t")] == [True, True, True, None]
+        for kind in ("kb", "ka"):
+            async with b.session.post(daemon.url(f"/v1/{kind}"), json={"text": kind}) as resp:
+                assert resp.status == 200, await resp.read()
+        st = await daemon.status(b.session)
+    unloads = [rec.path for sim in b.sims.values() for rec in sim.records if rec.path.endswith("/unload")]
+    assert unloads == [] and st["scheduler"]["stats"]["evictions"] == 0
+    assert [b.sims[n].work[0].path for n in ("b", "a")] == ["/api/synthesize"] * 2
+    assert b.sims["a"].probes == 2  # the first round's probe, and the one a's job asked for
+    assert 'msg="residency asked" consumer=a answer=resident' in daemon.log
+
+
+@no_overfill
+async def test_memory_nobody_claims_is_never_credited_to_the_target(bed):
+    """Issue 18, case 2: a consumer's health says ``loaded: false`` while its process holds 5000 MiB (it
+    lies, or its report lags); ComfyUI's own unload button goes through the mount. The next image job was
+    granted without an eviction, those 5000 MiB credited to ComfyUI, and the render ran out of memory. Now
+    ComfyUI, in doubt and unable to tell, is planned at its full size: nothing is overfilled, and with no
+    victim left the job is refused, naming the memory nobody claims."""
+    b = await bed(total_mib=16384)
+    comfy = mgpusim.ComfySim("comfyui", b.gpu, work_s=0.05)  # (its 610 MiB CUDA context, as the real one)
+    await b.add(comfy, {"preset": "comfyui", "vram_resident_mib": 13000}, "image")
+    liar = mgpusim.MvoiceSim("liar", b.gpu, vram_mib=5000)
+    liar.faults["health_loaded"] = False
+    await b.add(liar, mvoice_like(5000, "tts"), "tts")
+    async with b.daemon() as daemon:
+        assert (await b.render(daemon))[0] == 200 and len(comfy.finished) == 1
+        async with b.session.post(daemon.url("/c/comfyui/api/free"), json={"unload_models": True}) as resp:
+            assert resp.status == 200  # the web UI's "Unload Models" button, through the mount
+        assert comfy.unloads == 1 and b.gpu.used_mib("comfyui") == 610
+        await liar.do_load()  # its own doing: it holds 5000 MiB, its health says "loaded": false
+        status, headers, body = await b.render(daemon)
+        nothing_overfilled(b.gpu)
+        error = error_of(status, headers, body, "insufficient_vram")
+    assert len(comfy.work) == 1 and liar.unloads == 0  # no render started; the liar, "not resident", stays
+    assert "5610 MiB used that no consumer accounts for" in error["message"], error["message"]
+    assert "liar (not resident)" in error["message"]
+
+
+def test_every_check_that_nothing_overfilled_is_proven_able_to_fail():
+    """The mutation test's reach (issue 18): every test that checks that nothing overfilled the GPU does so
+    through ``nothing_overfilled`` and is a ``no_overfill`` test, so it also runs with eviction disabled,
+    where that check must fail."""
+    me = test_every_check_that_nothing_overfilled_is_proven_able_to_fail
+    tests = {
+        name: f for name, f in globals().items() if name.startswith("test_") and callable(f) and f is not me
+    }
+    checking = [
+        name for name, f in tests.items() if "nothing_overfilled(" in inspect.getsource(inspect.unwrap(f))
+    ]
+    unproven = [name for name in checking if not getattr(tests[name], "no_overfill", False)]
+    assert len(checking) >= 5 and unproven == [], unproven
+    # No other check of the kind: an assert on ``.ooms()`` being empty anywhere else.
+    assert not re.findall(r"assert [^\n]*\.ooms\(\) == \[\]", Path(__file__).read_text())
+
+
+async def test_an_allocation_that_does_not_fit_is_recorded(bed):
+    """Issue 18, case 3: mgpusim's SimGPU recorded a failed allocation inside ``edit()`` and raised out of
+    it, so the record was never written and every ``ooms() == []`` passed whatever happened. A consumer
+    that takes more than it declares (whisper: 1500 declared, 4000 taken) is the one overfill the broker
+    cannot prevent; it shows up in ``ooms()`` now."""
+    b = await bed(total_mib=16384)
+    comfy = mgpusim.ComfySim("comfyui", b.gpu, work_s=0.05)
+    await b.add(comfy, {"preset": "comfyui", "vram_resident_mib": 13000}, "image")
+    whisper = mgpusim.WhisperSim("whisper", b.gpu, vram_mib=4000)
+    await b.add(whisper, {"preset": "whisper-cpp", "vram_resident_mib": 1500}, "stt")
+    async with b.daemon() as daemon:
+        assert (await b.render(daemon))[0] == 200
+        form = aiohttp.FormData()
+        form.add_field("file", b"RIFF", filename="a.wav")
+        async with b.session.post(daemon.url("/v1/stt"), data=form) as resp:
+            assert resp.status == 500  # whisper's own answer: its model did not fit
+    free = 16384 - 480 - 13610
+    assert b.gpu.ooms() == [{"owner": "whisper", "wanted_mib": 4000, "free_mib": free}]
 
 
 # =====================================================================================================
@@ -4820,7 +5508,10 @@ async def test_mount_openai_client_streams_chat_completions_with_the_brokers_tok
 
     def setup(raw: dict[str, Any]) -> None:
         with_token(raw)
-        ollama_measured(raw)
+        # Measured, as mrock's consumers are. Without a way to tell its residency (no processes, no
+        # listing, no "loaded"), Ollama would be in doubt after the first completion (a mount job outside
+        # its paths) and planned at its full size, which does not fit beside what it holds (issue 18).
+        raw["consumers"]["ollama"]["processes"] = {"name": mgpusim.OllamaSim.process_name}
 
     r = await rig(tweak=setup, sims={"ollama": {"lines": 3, "line_interval_s": 0.05}})
     client = openai.AsyncOpenAI(base_url=r.url("/c/ollama/v1"), api_key=TOKEN, max_retries=0)
@@ -5362,11 +6053,7 @@ def test_any_url_the_loader_accepts_is_one_the_http_client_can_use(host, port):
 async def test_the_ollama_client_given_only_a_host_goes_through_ollamas_port(rig, caplog):
     import ollama  # noqa: PLC0415 (a dev dependency, needed here only)
 
-    def setup(raw: dict[str, Any]) -> None:
-        with_ports(raw)
-        ollama_measured(raw)
-
-    r = await rig(tweak=setup, sims={"ollama": {"lines": 3}})
+    r = await rig(tweak=with_ports, sims={"ollama": {"lines": 3}})
     address = r.broker.ports.address("ollama")
     consumers = (await r.status())["consumers"]
     assert consumers["ollama"]["listen"] == address and consumers["ollama"]["preset"] == "ollama"
@@ -5390,6 +6077,9 @@ async def test_the_ollama_client_given_only_a_host_goes_through_ollamas_port(rig
     assert [(rec.method, rec.path) for rec in sim.records] == [
         ("GET", "/api/ps"),  # the broker's first health round: its residency
         ("POST", "/api/generate"),
+        # /api/generate is also Ollama's for_each unload route (keep_alive 0): its record is in doubt after
+        # it, so the next job asks its residency (the listing) before it trusts the record (issues 18, 19).
+        ("GET", "/api/ps"),
         ("POST", "/api/chat"),
         ("GET", "/api/ps"),
         ("POST", "/api/show"),
@@ -6227,6 +6917,55 @@ async def test_comfysim_free_wants_a_json_object_and_answers_an_empty_200_like_c
     assert sim.unloads == 1 and r.gpu.used_mib("comfyui") == 610
 
 
+async def test_comfysim_plays_the_free_flag_race_of_comfyuis_worker(rig):
+    """ComfyUI's /free sets each flag it names one after the other, and its idle prompt worker may read the
+    first before the second is set (4 of 10 tries in front of the real one): free_memory then waits for
+    the next prompt, and drops that prompt's model as soon as it is done. The sim always loses that race;
+    one flag alone, or flags set during a render, never race."""
+    r = await rig(sims={"comfyui": {"loaded": True, "work_s": 0.05}})
+    sim = r.sims["comfyui"]
+    url = sim_url(r, "comfyui", "/free")
+    async with r.session.post(url, json={"unload_models": True, "free_memory": True}) as resp:
+        assert resp.status == 200
+    assert (sim.loaded, sim.unloads, sim.flags) == (False, 1, {"free_memory": True})  # one left pending
+    await _render(r)
+    assert (sim.loads, sim.loaded, sim.unloads, sim.flags) == (1, False, 2, {})  # its model dropped at once
+    await _render(r)
+    assert (sim.loads, sim.loaded, sim.unloads) == (2, True, 2)  # nothing pending any more: it stays
+    async with r.session.post(url, json={"free_memory": True}) as resp:  # the preset's body
+        assert resp.status == 200
+    assert (sim.loaded, sim.unloads, sim.flags) == (False, 3, {})
+    await _render(r)
+    assert (sim.loads, sim.loaded, sim.unloads) == (3, True, 3)
+
+
+@pytest.mark.parametrize(
+    ("body", "kept"),
+    [(None, True), ({"unload_models": True, "free_memory": True}, False)],
+    ids=["the-preset", "both-flags"],
+)
+async def test_the_comfyui_preset_frees_with_one_flag_so_the_next_model_stays(rig, body, kept):
+    """The comfyui preset's unload sent both of /free's flags (issue 18): whenever ComfyUI's worker woke
+    between them, the model loaded by the next render was dropped as soon as that render ended, a wasted
+    load of 13 GiB. It sends ``free_memory`` alone (which implies ``unload_models``, main.py's
+    prompt_worker) and the model stays; both flags still race in the sim."""
+
+    def setup(raw: dict[str, Any]) -> None:
+        use_presets(raw)
+        if body is not None:
+            raw["consumers"]["comfyui"]["unload"] = {"path": "/free", "body": body}
+
+    r = await rig(tweak=setup, sims={"comfyui": REAL_COMFY, "mvoice": {"loaded": False}})
+    comfy = r.sims["comfyui"]
+    await _render(r)
+    assert (await r.post("tts", {"text": "hi"}))[0] == 200  # mvoice does not fit beside it: /free
+    assert comfy.unloads == 1 and r.sims["mvoice"].loaded
+    await _render(r)  # mvoice evicted, ComfyUI loads again
+    assert comfy.loads == 2 and r.sims["mvoice"].unloads == 1
+    assert (comfy.loaded, comfy.unloads) == ((True, 1) if kept else (False, 2))
+    assert r.gpu.used_mib("comfyui") == (13610 if kept else 610)
+
+
 async def test_comfysim_tells_a_render_only_to_the_socket_its_prompt_names_and_the_queue_to_all(rig):
     r = await rig(sims={"comfyui": {"work_s": 0.05}})
     sim = r.sims["comfyui"]
@@ -6531,6 +7270,7 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
         "url",
         "kinds",
         "healthy",
+        "stopped",
         "loaded",
         "last_probe",
         "last_error",
@@ -6551,6 +7291,7 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
     assert (
         mv["kinds"] == ["tts", "stt"]
         and mv["healthy"] is True
+        and mv["stopped"] is False
         and mv["can_coexist_with"] == ["ollama", "whisper"]
     )
     assert first["consumers"]["whisper"]["kinds"] == ["stt"]  # listed though not routed
@@ -7341,7 +8082,30 @@ def test_make_demo_shows_the_eviction_cycle(tmp_path):
     assert "/v1/status" in out and "/v1/tts" in out and "/v1/image" in out
 
 
+def test_make_test_real_in_a_clone_without_the_sources_says_what_is_missing(tmp_path):
+    """Issue 18: in a clone without ../shared/real, ``make test-real`` failed with a raw FileNotFoundError.
+    It says which sources are missing (all of them at once) and names the variables that point at them,
+    before building anything."""
+    env = {
+        **os.environ,
+        "MGPU_REAL_CACHE": str(tmp_path / "cache"),
+        "COMFYUI_SRC": str(tmp_path / "ComfyUI-v0.8.0.tar.gz"),
+        "WHISPER_CPP_SRC": str(tmp_path / "whisper.cpp"),
+    }
+    res = subprocess.run(
+        [PY, str(HERE / "test_real.py"), "install"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("install: ComfyUI v0.8.0's source is missing: ")
+    assert f"{tmp_path / 'ComfyUI-v0.8.0.tar.gz'} does not exist. Set COMFYUI_SRC to" in lines[0]
+    assert f"{tmp_path / 'whisper.cpp'} does not exist. Set WHISPER_CPP_SRC to" in lines[1]
+    assert not (tmp_path / "cache").exists()  # nothing was built
+
+
 def test_the_unit_file_verifies_where_systemd_is_present():
+    # Issue 19: systemd's soft default of 1024 descriptors; the broker raises its soft limit to this.
+    assert "LimitNOFILE=65536" in (HERE / "mgpumanager.service").read_text().splitlines()
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed here")
@@ -8197,7 +8961,8 @@ async def test_cli_sends_the_token_from_the_environment_or_the_token_file(rig, t
     url = r.url("")
     rc, out, err = await verb(capsys, "ps", "--url", url)
     assert (rc, out) == (2, "") and "(unauthorized): set MGPUMANAGER_TOKEN or give --token-file" in err
-    assert (await verb(capsys, "ps", "--url", url, env={"MGPUMANAGER_TOKEN": TOKEN}))[0] == 0
+    rc, out, err = await verb(capsys, "ps", "--url", url, env={"MGPUMANAGER_TOKEN": TOKEN})
+    assert rc == 0, err
     assert (await verb(capsys, "ps", "--url", url, "--token-file", str(token_file)))[0] == 0
     wrong = {"MGPUMANAGER_TOKEN": "wrong-token-0123456789"}
     assert (await verb(capsys, "ps", "--url", url, "--token-file", str(token_file), env=wrong))[0] == 0
@@ -8225,6 +8990,51 @@ async def test_cli_sends_the_token_from_the_environment_or_the_token_file(rig, t
     async with StandIn([("GET", "/v1/status", status)]) as stand_in:
         rc, out, err = await verb(capsys, "ps", "--url", stand_in.url, env={"MGPUMANAGER_TOKEN": wide})
     assert (rc, err) == (0, "") and out.startswith("CONSUMER")
+
+
+#: Every variable urllib takes a proxy from, both spellings.
+PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+async def test_cli_ignores_proxy_variables_and_sends_the_token_to_the_broker_alone():
+    """Issue 19, item 7: urllib followed http_proxy (and HTTPS_PROXY, all_proxy), even for 127.0.0.1, and
+    handed the bearer token to the proxy. With a recording proxy in every proxy variable (and no no_proxy),
+    the verbs reach the broker directly and the proxy never hears a byte."""
+    heard: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard.append(await reader.read(65536))
+        writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    got: list[str] = []
+
+    async def status(request: web.Request) -> web.Response:
+        got.append(request.headers.get("Authorization", ""))
+        return web.json_response({"consumers": {}})
+
+    async def reload(request: web.Request) -> web.Response:
+        got.append(request.headers.get("Authorization", ""))
+        return web.json_response({"reloaded": True, "changes": []})
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    proxy_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    env = dict.fromkeys(PROXY_VARIABLES, proxy_url) | {
+        "no_proxy": "",
+        "NO_PROXY": "",
+        "MGPUMANAGER_TOKEN": TOKEN,
+    }
+    try:
+        async with StandIn([("GET", "/v1/status", status), ("POST", "/v1/reload", reload)]) as broker:
+            for verb in ("ps", "reload"):
+                rc, out, err = await cli(verb, "--url", broker.url, env=env)
+                assert (rc, err) == (0, ""), (verb, out, err)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert heard == []
+    assert got == [f"Bearer {TOKEN}"] * 2
 
 
 async def test_cli_events_prints_one_line_per_event_and_stops_on_sigint(rig):
@@ -8981,7 +9791,8 @@ async def test_no_target_trick_walks_around_a_guard(rig, caplog):
     seen: list[tuple[str, str]] = []
 
     async def anything(request: web.Request) -> web.Response:
-        seen.append((request.method, request.raw_path))
+        if request.raw_path != "/health":  # (probes: the first round's, and those a job in doubt asks)
+            seen.append((request.method, request.raw_path))
         return web.json_response({"loaded": True})
 
     def tweak(raw: dict[str, Any]) -> None:
@@ -9067,7 +9878,11 @@ async def test_every_own_route_of_a_preset_is_refused_through_mount_and_port_wha
         for prefix, to in ((f"/c/{service}", None), ("", port)):  # another route: forwarded, a job
             before = len(sim.records)
             status, data = await raw_request(r, method, prefix + other, port=to)
-            assert data.get("error") != "forbidden" and len(sim.records) == before + 1, (service, other)
+            # (A mount job outside its paths put its record in doubt: the next one may first ask its
+            # residency, issue 18's probe on demand; the near miss itself reaches it once.)
+            forwarded = [(rec.method, rec.path) for rec in sim.records[before:]]
+            assert data.get("error") != "forbidden", (service, other, data)
+            assert forwarded.count((method, other)) == 1, (service, other, forwarded)
             assert sim.records[-1].path == other
         assert sim.loaded and sim.unloads == 0, service
         assert service not in mgpusim.MULTI_MODEL or list(sim.models) == ["sim-model"]
@@ -9204,6 +10019,28 @@ async def test_with_a_token_every_route_but_healthz_needs_it(rig):
     async with r.session.get(r.url("/healthz")) as resp:
         assert resp.status == 200
     assert r.sims["mvoice"].records == [] and r.stats.jobs == 0
+
+
+async def test_the_broker_has_an_icon_for_its_page_and_the_pages_of_its_mounts(rig):
+    """Issue 18: a page served through a mount (ComfyUI's UI at /c/comfyui/) asks the broker's root for
+    /favicon.ico, which answered 404 at every page view. The broker answers its own small icon, without a
+    token (a browser sends none for it), cached for a day; a consumer's own port keeps the consumer's."""
+
+    def setup(raw: dict[str, Any]) -> None:
+        with_token(raw)
+        raw["consumers"]["comfyui"]["listen"] = "127.0.0.1:0"
+
+    r = await rig(tweak=setup)
+    async with r.session.get(r.url("/favicon.ico")) as resp:
+        assert resp.status == 200 and resp.content_type == "image/png"
+        assert (await resp.read()).startswith(b"\x89PNG\r\n\x1a\n")
+        assert resp.headers["Cache-Control"] == "public, max-age=86400"
+    async with r.session.head(r.url("/favicon.ico")) as resp:
+        assert resp.status == 200
+    token = {"Authorization": f"Bearer {TOKEN}"}
+    async with r.session.get(port_url(r, "comfyui", "/favicon.ico"), headers=token) as resp:
+        assert resp.status == 404  # ComfySim's own answer: it has none
+    assert [rec.path for rec in r.sims["comfyui"].records] == ["/favicon.ico"]
 
 
 async def test_the_token_is_stripped_before_forwarding_and_never_logged(rig, caplog):
@@ -9472,6 +10309,498 @@ async def test_a_large_body_is_held_once_not_copied(rig):
     assert "Transfer-Encoding" not in r.sims["mvoice"].records[-1].headers
     print(f"peak RSS grew {grown:.1f} MiB for a 48 MiB body")
     assert grown < 72, grown
+
+
+def ws_frame(payload: bytes, *, opcode: int = 2, rsv1: bool = False) -> bytes:
+    """One masked client frame, FIN set; ``rsv1`` marks it compressed (permessage-deflate)."""
+    key = os.urandom(4)
+    head = bytes([0x80 | (0x40 if rsv1 else 0) | opcode])
+    n = len(payload)
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    mask = (key * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(n, "big")
+    return head + key + masked
+
+
+def deflate_bomb(inflated: int) -> bytes:
+    """A permessage-deflate payload that inflates to ``inflated`` zero bytes (some 1,000 times smaller)."""
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, -15)
+    chunk = bytes(m.MiB)
+    body = b"".join(squeeze.compress(chunk) for _ in range(inflated // m.MiB))
+    return (body + squeeze.flush(zlib.Z_SYNC_FLUSH)).removesuffix(b"\x00\x00\xff\xff")
+
+
+async def raw_websocket(port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A WebSocket opened by hand, offering permessage-deflate; its reader, writer and the 101's head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n".encode()
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer, head
+
+
+async def close_code_of(reader: asyncio.StreamReader) -> int:
+    """The code of the close frame the server sends (server frames are not masked)."""
+    while True:
+        first, second = await asyncio.wait_for(reader.readexactly(2), 10)
+        n = second & 0x7F
+        if n == 126:
+            n = int.from_bytes(await reader.readexactly(2), "big")
+        elif n == 127:
+            n = int.from_bytes(await reader.readexactly(8), "big")
+        payload = await reader.readexactly(n)
+        if first & 0x0F == 8:
+            return int.from_bytes(payload[:2], "big")
+
+
+async def test_websocket_messages_are_bounded_either_way_and_compression_refused(rig):
+    """Issue 19, item 2: the broker accepted permessage-deflate from clients, and a message of about 60 KB
+    inflated to 60 MiB (under max_body_mib, the limit then): 16 sockets took it to 1.3 GiB. Now, through a
+    mount and through a port alike, deflate is refused; a compressed frame sent anyway closes the socket
+    (1002) without being inflated; a message larger than max_ws_message_mib closes it with 1009, whichever
+    side sent it, and one of exactly that size passes."""
+    limit = m.MiB  # max_ws_message_mib: 1
+    got: list[int] = []
+    closes: list[int | None] = []
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        try:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT and msg.data.startswith("send "):
+                    await ws.send_bytes(b"c" * int(msg.data[5:]))
+                else:
+                    got.append(len(msg.data))
+        finally:
+            closes.append(ws.close_code)
+        return ws
+
+    async with StandIn([("GET", "/system_stats", _ok), ("GET", "/ws", socket)]) as comfy:
+        r = await rig(urls={"comfyui": comfy.url})
+        raw = copy.deepcopy(r.raw)
+        comfy_port = free_port()
+        raw["consumers"]["comfyui"]["listen"] = f"127.0.0.1:{comfy_port}"
+        raw["scheduler"]["max_ws_message_mib"] = 1
+        async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+            for port, path in ((daemon.port, "/c/comfyui/ws"), (comfy_port, "/ws")):
+                url = f"http://127.0.0.1:{port}{path}"
+                got.clear()
+                closes.clear()
+                ws = await r.session.ws_connect(url, compress=15, max_msg_size=0)
+                assert ws.compress == 0  # the broker took no permessage-deflate
+                await ws.send_bytes(b"a" * limit)  # exactly the limit: relayed
+                await until(lambda: got == [limit])
+                await ws.send_str(f"send {limit}")
+                answer = await ws.receive(timeout=10)
+                assert answer.type == aiohttp.WSMsgType.BINARY and len(answer.data) == limit
+                await ws.send_bytes(b"a" * (limit + 1))  # one byte more: refused, closed 1009 both ways
+                closing = await ws.receive(timeout=10)
+                assert (closing.type, closing.data) == (aiohttp.WSMsgType.CLOSE, 1009)
+                await ws.close()
+                await until(lambda: closes == [1009])
+                assert got == [limit]
+                ws = await r.session.ws_connect(url, max_msg_size=0)
+                await ws.send_str(f"send {limit + 1}")  # the consumer's message is refused as well
+                closing = await ws.receive(timeout=10)
+                assert (closing.type, closing.data) == (aiohttp.WSMsgType.CLOSE, 1009)
+                await ws.close()
+                # Its side is closed too (1009; unless the broker's close frame waits behind the rest of
+                # the message it is still sending, which the broker does not read: then it is cut off).
+                await until(lambda: len(closes) == 2)
+                # A compressed frame nobody agreed to: a protocol error, never inflated or relayed.
+                reader, writer, head = await raw_websocket(port, path)
+                assert b"sec-websocket-extensions" not in head.lower()
+                bomb = deflate_bomb(60 * m.MiB)
+                before = peak_rss_mib(daemon.proc.pid)
+                writer.write(ws_frame(bomb, rsv1=True))
+                await writer.drain()
+                assert await close_code_of(reader) == 1002
+                writer.close()
+                await until(lambda: len(closes) == 3)
+                grown = peak_rss_mib(daemon.proc.pid) - before
+                print(f"{path}: a {len(bomb)} byte frame of 60 MiB inflated: peak RSS grew {grown:.1f} MiB")
+                assert grown < 30, grown  # 60 MiB and more if it was inflated
+                assert got == [limit]
+            async with r.session.get(daemon.url("/metrics")) as resp:
+                families = _families(await resp.text())
+            refused = "mgpumanager_websocket_refused_total"
+            assert _value(families, refused, consumer="comfyui", sender="client") == 4
+            assert _value(families, refused, consumer="comfyui", sender="consumer") == 2
+    assert 'msg="websocket message refused" consumer=comfyui sender=client code=1009' in daemon.log
+    assert 'msg="websocket message refused" consumer=comfyui sender=consumer code=1009' in daemon.log
+    assert 'msg="websocket message refused" consumer=comfyui sender=client code=1002' in daemon.log
+
+
+async def whole_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP answer from a raw connection: its status and its body (by its Content-Length)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    body = await asyncio.wait_for(reader.readexactly(int(length.group(1)) if length else 0), 10)
+    return int(head.split()[1]), body
+
+
+async def closed_by_peer(reader: asyncio.StreamReader) -> bytes:
+    """Wait for the other end to close the connection (a reset counts too); what it sent until then."""
+    with contextlib.suppress(ConnectionResetError):
+        return await asyncio.wait_for(reader.read(), 10)
+    return b""
+
+
+async def test_connections_without_a_request_head_or_idle_after_an_answer_are_closed_on_every_listener(rig):
+    """Issue 19, item 1: aiohttp kept a connection that sent nothing for an hour. Now one without a whole
+    request head within http.header_timeout_s of its opening is closed, also one that trickles its head in,
+    and one that begins another head after an answer; one idle for http.keepalive_s after its answer too.
+    A connection whose request is being handled (an event stream) is left alone. The broker's port and a
+    consumer's alike; each close counted by reason."""
+
+    def quick(raw: dict[str, Any]) -> None:
+        with_ports(raw)
+        raw["http"] = {"header_timeout_s": 0.3, "keepalive_s": 0.6}
+
+    r = await rig(tweak=quick)
+    ports = [r.server.port, int(r.broker.ports.address("ollama").rpartition(":")[2])]
+    async with r.session.get(r.url("/v1/events")) as stream:
+        await stream.content.readline()  # ": mgpumanager events"
+        for port in ports:
+            silent = await asyncio.open_connection("127.0.0.1", port)
+            trickling = await asyncio.open_connection("127.0.0.1", port)
+            trickling[1].write(b"GET / HTTP/1.1\r\n")
+
+            async def trickle(writer: asyncio.StreamWriter = trickling[1]) -> None:
+                with contextlib.suppress(ConnectionError):
+                    while True:
+                        await asyncio.sleep(0.05)
+                        writer.write(b"X")
+                        await writer.drain()
+
+            trickler = asyncio.create_task(trickle())
+            kept = await asyncio.open_connection("127.0.0.1", port)
+            resumed = await asyncio.open_connection("127.0.0.1", port)
+            for _, writer in (kept, resumed):
+                writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await whole_answer(kept[0]))[0] == 200
+            assert (await whole_answer(resumed[0]))[0] == 200
+            resumed[1].write(b"GET / HTTP/1.1\r\nHo")  # another head, never finished
+            for reader, _ in (silent, trickling, kept, resumed):
+                await closed_by_peer(reader)
+            trickler.cancel()
+            for _, writer in (silent, trickling, kept, resumed):
+                writer.close()
+        assert r.broker.connections.closed == {"header_timeout": 6, "keepalive": 2}
+        # The event stream, busy all along, is still open and live.
+        r.broker.events.publish("test", n=1)
+        while not (line := await asyncio.wait_for(stream.content.readline(), 10)).startswith(b"data:"):
+            pass
+        assert json.loads(line[5:])["n"] == 1
+    async with r.session.get(r.url("/metrics")) as resp:
+        families = _families(await resp.text())
+    closed = "mgpumanager_connections_closed_total"
+    assert _value(families, closed, reason="header_timeout") == 6
+    assert _value(families, closed, reason="keepalive") == 2
+
+
+@pytest.mark.parametrize("uvloop", [True, False], ids=["uvloop", "asyncio"])
+async def test_the_daemon_times_connections_out_under_either_event_loop(rig, uvloop):
+    """Issue 19, item 1: the connections' timeouts hold under uvloop and asyncio alike (the broker wraps the
+    protocol of each, a plain protocol to either loop): a silent connection, and an idle one after its
+    answer, on the broker's port and a consumer's."""
+    r = await rig()
+    raw = copy.deepcopy(r.raw)
+    comfy_port = free_port()
+    raw["consumers"]["comfyui"]["listen"] = f"127.0.0.1:{comfy_port}"
+    raw["http"] = {"header_timeout_s": 0.3, "keepalive_s": 0.3}
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state), uvloop=uvloop) as daemon:
+        for port, path in ((daemon.port, "/healthz"), (comfy_port, "/system_stats")):
+            silent = await asyncio.open_connection("127.0.0.1", port)
+            kept = await asyncio.open_connection("127.0.0.1", port)
+            kept[1].write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert (await whole_answer(kept[0]))[0] == 200
+            for reader, writer in (silent, kept):
+                assert await closed_by_peer(reader) == b""
+                writer.close()
+        async with r.session.get(daemon.url("/metrics")) as resp:
+            families = _families(await resp.text())
+    closed = "mgpumanager_connections_closed_total"
+    assert _value(families, closed, reason="header_timeout") == 2
+    assert _value(families, closed, reason="keepalive") >= 2  # (and the test's own between its requests)
+    assert f"loop={'uvloop' if uvloop else 'asyncio'}" in daemon.log
+
+
+async def test_a_slow_reader_of_a_large_answer_keeps_its_connection_while_it_reads(rig):
+    """Issue 19, item 1: the keep-alive time counts from the end of a request's handling, and a large answer
+    (/v1/status with 20,000 processes, 5.7 MB) may still be on its way then. A client that reads it slowly
+    gets it whole before its connection is closed; one that stopped reading is cut keepalive_s later."""
+
+    def quick(raw: dict[str, Any]) -> None:
+        raw["http"] = {"keepalive_s": 0.3}
+
+    r = await rig(tweak=quick)
+    strangers(r.gpu, 20000)
+    conns = []
+    for _ in range(2):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answer waits in the broker
+        sock.connect(("127.0.0.1", r.server.port))
+        conns.append(await asyncio.open_connection(sock=sock))
+    for _, writer in conns:
+        writer.write(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+    (slow, _), (stopped, stopped_writer) = conns
+    mine = stopped_writer.get_extra_info("sockname")
+    await until(lambda: len(r.broker.connections.open) == 2)
+    (theirs,) = [
+        c for c in r.broker.connections.open.values() if c.transport.get_extra_info("peername") == mine
+    ]
+    head = await asyncio.wait_for(slow.readuntil(b"\r\n\r\n"), 10)
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    assert length > 5_000_000
+    got, pause = 0, 0
+    while got < length:  # a pause of 0.1 s after each 512 KiB: several keepalive_s go by meanwhile
+        chunk = await asyncio.wait_for(slow.read(65536), 10)
+        if not chunk:
+            break
+        got += len(chunk)
+        if got // (512 * 1024) > pause:
+            pause += 1
+            await asyncio.sleep(0.1)
+    assert got == length and await closed_by_peer(slow) == b""
+    await until(lambda: r.broker.connections.closed == {"keepalive": 2})
+    await until(lambda: theirs.transport.get_write_buffer_size() == 0)  # keepalive_s later: cut
+    head = await asyncio.wait_for(stopped.readuntil(b"\r\n\r\n"), 10)
+    assert len(head) + len(await closed_by_peer(stopped)) < length  # the rest was never sent
+    for _, writer in conns:
+        writer.close()
+
+
+async def test_when_descriptors_run_short_event_streams_and_slow_uploads_go_by_age_before_a_new_client(rig):
+    """Issue 19, item 1, attacked: connections that sent a whole head and then wait on their client (an event
+    stream, a body trickling in) hold descriptors as idle ones do. When descriptors run short they go too,
+    the longest idle first (since their request began), rather than the new client being turned away."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    connections = r.broker.connections
+    stream = await asyncio.open_connection("127.0.0.1", r.server.port)
+    stream[1].write(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(stream[0].readuntil(b"mgpumanager events\n\n"), 10)
+    upload = await _partial_post("127.0.0.1", r.server.port, "/v1/tts", 100, b"x" * 10)
+    await until(lambda: len(connections.open) == len(connections.idle) == 2)
+    connections.allowed = 2  # as if the descriptors ran short here
+    first = await asyncio.open_connection("127.0.0.1", r.server.port)
+    first[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await whole_answer(first[0]) == (200, b"ok\n")
+    await closed_by_peer(stream[0])  # the oldest went
+    second = await asyncio.open_connection("127.0.0.1", r.server.port)
+    second[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await whole_answer(second[0]) == (200, b"ok\n")
+    await closed_by_peer(upload[0])  # then the upload, idle longer than the first client
+    assert connections.closed == {"descriptors": 2}
+    for _, writer in (stream, upload, first, second):
+        writer.close()
+    assert r.stats.jobs == 0 and r.broker.reading == 0
+
+
+@pytest.mark.parametrize("uvloop", [True, False], ids=["uvloop", "asyncio"])
+async def test_idle_connections_never_take_the_descriptors_that_healthz_and_jobs_need(rig, uvloop):
+    """Issue 19, item 1, end to end: under systemd's default soft limit of 1024 descriptors, 1,050 connections
+    that sent nothing (no token needed) made /healthz, jobs and /v1/status fail with connection reset, and
+    nothing was logged. Now, with soft and hard RLIMIT_NOFILE both at 1024 and 1,100 idle connections (to a
+    consumer's port and to the broker's), /healthz and a job on the main port answer 200 within 15 s: the
+    longest-idle connections were closed, keeping descriptors for the broker's own work (its connection to
+    the consumer, nvidia-smi). http.header_timeout_s is 60 here, so that only this can have freed them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1500:
+        pytest.skip(f"this test opens 1,100 connections: its hard RLIMIT_NOFILE is {hard}")
+    if soft != resource.RLIM_INFINITY and soft < 1500:
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (hard if hard == resource.RLIM_INFINITY else min(hard, 4096), hard)
+        )
+
+    def patient(raw: dict[str, Any]) -> None:
+        raw["http"] = {"header_timeout_s": 60}
+
+    r = await rig(tweak=patient, sims={"mvoice": {"loaded": False}})
+    raw = copy.deepcopy(r.raw)
+    comfy_port = free_port()
+    raw["consumers"]["comfyui"]["listen"] = f"127.0.0.1:{comfy_port}"
+    idle: list[asyncio.StreamWriter] = []
+    try:
+        async with Daemon(raw, r.tmp_path, sim_smi(r.state), nofile=1024, uvloop=uvloop) as daemon:
+            for _ in range(11):
+                opened = await asyncio.gather(
+                    *(
+                        asyncio.wait_for(
+                            asyncio.open_connection("127.0.0.1", (comfy_port, daemon.port)[i % 2]), 5
+                        )
+                        for i in range(100)
+                    ),
+                    return_exceptions=True,
+                )
+                idle += [
+                    writer
+                    for result in opened
+                    if not isinstance(result, BaseException)
+                    for writer in result[1:]
+                ]
+            started = time.monotonic()
+
+            async def served() -> None:
+                async with aiohttp.ClientSession() as fresh:
+                    async with fresh.get(daemon.url("/healthz")) as resp:
+                        assert resp.status == 200
+                    async with fresh.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+                        assert resp.status == 200, await resp.read()
+                    async with fresh.get(daemon.url("/v1/status")) as resp:
+                        assert resp.status == 200
+                    async with fresh.get(daemon.url("/metrics")) as resp:
+                        families = _families(await resp.text())
+
+                closed = _value(families, "mgpumanager_connections_closed_total", reason="descriptors")
+                allowed = _value(families, "mgpumanager_client_connections_limit")
+                assert closed >= 1100 - allowed and allowed < 1024
+                assert _value(families, "mgpumanager_client_connections") <= allowed
+
+            await asyncio.wait_for(served(), 15)
+            took = time.monotonic() - started
+            print(f"{len(idle)} idle connections: /healthz, a job and /v1/status in {took:.2f} s")
+    finally:
+        for writer in idle:
+            writer.close()
+    assert len(idle) == 1100
+    assert "msg=descriptors soft=1024 hard=1024" in daemon.log
+    assert 'msg="descriptors short: closing the longest-idle client connections"' in daemon.log
+    assert f"loop={'uvloop' if uvloop else 'asyncio'}" in daemon.log
+
+
+async def test_a_consumer_connect_failing_for_want_of_descriptors_is_the_brokers_shortage_not_consumer_gone(
+    rig, caplog
+):
+    """Issue 19, item 1: a connect to a consumer that failed because the broker had no descriptor left
+    (EMFILE) counted as "consumer gone": a running ComfyUI hold was abandoned, its render left running while
+    the GPU went to the next job. Now it is the broker's own shortage: the hold polls on, the consumer is not
+    marked down, and the shortage is logged and counted (and idle client connections closed to make room)."""
+    done = asyncio.Event()
+
+    def closing(data: Any) -> web.Response:
+        resp = web.json_response(data)
+        resp.force_close()  # every poll needs a new connection (a new descriptor)
+        return resp
+
+    async def prompt(request: web.Request) -> web.Response:
+        return closing({"prompt_id": "p1"})
+
+    polls: list[float] = []
+
+    async def history(request: web.Request) -> web.Response:
+        polls.append(time.monotonic())
+        return closing({"p1": {"status": {"completed": True}}} if done.is_set() else {})
+
+    def slow_polls(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["poll_s"] = 0.3
+
+    routes = [("GET", "/system_stats", _ok), ("POST", "/prompt", prompt), ("GET", "/history/p1", history)]
+    async with StandIn(routes) as comfy:
+        r = await rig(urls={"comfyui": comfy.url}, tweak=slow_polls)
+        async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+            assert resp.status == 200
+        await until(lambda: r.broker.scheduler.holder == "comfyui" and polls)
+        exhausted = ("mgpumanager_descriptors_exhausted_total", ())
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # Between two polls (poll_s apart): no new descriptor for anyone in this process.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (0, hard))
+        try:
+            await until(lambda: r.broker.metrics.counters.get(exhausted, 0) >= 3, 5)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert r.broker.scheduler.holder == "comfyui"  # the hold goes on
+        assert r.broker.consumers.states["comfyui"].healthy is not False
+        done.set()
+        await until(lambda: r.broker.scheduler.holder is None)
+    assert r.stats.hold_abandoned == 0 and r.stats.hold_poll_errors >= 3
+    assert 'msg="out of file descriptors" what="GET http://127.0.0.1:' in caplog.text
+    assert "hold abandoned" not in caplog.text
+
+
+async def test_a_reload_that_replaces_the_token_closes_every_connection_authenticated_with_the_old_one(rig):
+    """Issue 19, item 9, end to end: after a reload that replaced auth.token, event streams and WebSockets
+    opened with the old token kept delivering. Now the reload closes every connection authenticated with
+    it before it answers: an event stream, WebSockets through a mount and a consumer's port (1008), idle
+    keep-alive connections on both ports; the connection that asked for the reload gets its answer (which
+    says so) and is closed after it. A connection that never showed the token serves on."""
+    new_token = "n3w-token-0123456789abcdef"
+    r = await rig(tweak=with_token)
+    raw = copy.deepcopy(r.raw)
+    comfy_port = free_port()
+    raw["consumers"]["comfyui"]["listen"] = f"127.0.0.1:{comfy_port}"
+    old = {"Authorization": f"Bearer {TOKEN}"}
+    request = "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        stream = await r.session.get(daemon.url("/v1/events"), headers=old)
+        await stream.content.readline()
+        sockets = [
+            await r.session.ws_connect(f"http://127.0.0.1:{port}{path}", headers=old)
+            for port, path in ((daemon.port, "/c/comfyui/ws"), (comfy_port, "/ws"))
+        ]
+        for ws in sockets:
+            assert (await _ws_json(ws))["type"] == "status"
+        kept = []
+        for port, path in ((daemon.port, "/v1/status"), (comfy_port, "/system_stats")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request.format(path=path, token=TOKEN).encode())
+            assert (await whole_answer(reader))[0] == 200
+            kept.append((reader, writer))
+        public = await asyncio.open_connection("127.0.0.1", daemon.port)
+        public[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await whole_answer(public[0]))[0] == 200
+        async with r.session.post(daemon.url("/v1/reload"), headers=old) as resp:  # the same token: nothing
+            assert not any("revoked" in change for change in (await resp.json())["changes"])
+        raw["auth"]["token"] = new_token
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        asker = await asyncio.open_connection("127.0.0.1", daemon.port)
+        asker[1].write(
+            f"POST /v1/reload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Length: 0\r\n\r\n".encode()
+        )
+        status, body = await whole_answer(asker[0])
+        assert status == 200
+        changes = json.loads(body)["changes"]
+        # (seven: the test's own session kept the connection of the first reload alive)
+        assert "closed 7 connections authenticated with a revoked token" in changes, changes
+        await closed_by_peer(asker[0])
+        # Closed before the answer went out: each finds it so now.
+        for reader, _ in kept:
+            await closed_by_peer(reader)
+        for ws in sockets:
+            closing = await ws.receive(timeout=10)
+            assert (closing.type, closing.data) == (aiohttp.WSMsgType.CLOSE, 1008)
+        with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
+            await asyncio.wait_for(stream.content.read(), 10)
+        stream.release()
+        await until(lambda: len(r.sims["comfyui"].ws_closes) == 2)
+        # The token-less connection serves on; the old token is refused, the new one let in.
+        public[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await whole_answer(public[0]))[0] == 200
+        async with r.session.get(daemon.url("/v1/status"), headers=old) as resp:
+            assert resp.status == 401
+        new = {"Authorization": f"Bearer {new_token}"}
+        async with r.session.get(daemon.url("/metrics"), headers=new) as resp:
+            families = _families(await resp.text())
+        assert _value(families, "mgpumanager_connections_closed_total", reason="token_revoked") == 7
+        for _, writer in (*kept, public, asker):
+            writer.close()
+        for ws in sockets:
+            await ws.close()
+    assert 'msg="token revoked: closing its connections" connections=7' in daemon.log
+    assert TOKEN not in daemon.log and new_token not in daemon.log
 
 
 # =====================================================================================================

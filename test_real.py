@@ -213,8 +213,31 @@ STEPS: list[tuple[str, Path, Callable[[Path], None]]] = [
 ]
 
 
+#: The sources that are not on PyPI: (what, its variable, where it is looked for, what it unpacks to).
+SOURCES = [
+    ("ComfyUI v0.8.0", "COMFYUI_SRC", COMFYUI_SRC, COMFY_DIR),
+    ("whisper.cpp 233fe1fc", "WHISPER_CPP_SRC", WHISPER_SRC, WHISPER_DIR),
+]
+
+
+def missing_sources() -> list[str]:
+    """A line for each source that a step needs (its unpacked tree is not in the cache yet) and that is
+    not there."""
+    return [
+        f"{what}'s source is missing: {path} does not exist. Set {variable} to a tarball of it or a folder"
+        f" that holds it (with a clone of this repository alone, ../shared/real is not there)."
+        for what, variable, path, unpacked in SOURCES
+        if not unpacked.exists() and not path.exists()
+    ]
+
+
 def install() -> int:
-    """Install or build what is missing from the cache, timing each step."""
+    """Install or build what is missing from the cache, timing each step; first, say which sources are
+    missing, all of them, before building anything (exit 2)."""
+    if missing := missing_sources():
+        for line in missing:
+            print(f"install: {line}", file=sys.stderr)
+        return 2
     CACHE.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     for name, product, step in STEPS:
