@@ -9102,6 +9102,47 @@ async def test_cli_events_prints_one_line_per_event_and_stops_on_sigint(rig):
         assert b"the broker ended the event stream" in await proc.stderr.read()
 
 
+async def test_cli_ctrl_c_while_a_verb_waits_exits_130_without_a_traceback():
+    """Ctrl-C while a verb waits for its broker (a load waiting for the GPU lock): the process exits 130, as
+    a shell expects of an interrupted command, and prints no traceback."""
+    asked, gate = asyncio.Event(), asyncio.Event()
+
+    async def waits(request: web.Request) -> web.Response:
+        asked.set()
+        await gate.wait()
+        return web.json_response({"loaded": True})
+
+    # SIGINT as a terminal leaves it (a parent that ignores it would pass that on to the verb).
+    as_a_terminal = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL);"
+        " os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    async with StandIn([("POST", "/v1/consumers/{name}/load", waits)]) as broker:
+        proc = await asyncio.create_subprocess_exec(
+            PY,
+            "-c",
+            as_a_terminal,
+            PY,
+            str(HERE / "mgpumanager.py"),
+            "load",
+            "mvoice",
+            "--url",
+            broker.url,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await asyncio.wait_for(asked.wait(), 30)  # the verb is waiting for its answer
+            proc.send_signal(signal.SIGINT)
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+        finally:
+            gate.set()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert (proc.returncode, out, err) == (130, b"", b"")
+
+
 def test_cli_durations_are_seconds_minutes_hours_or_plain_seconds():
     cases = {"90s": 90, "30m": 1800, "2h": 7200, "1h30m": 5400, "1.5h": 5400, "45": 45, " 2H ": 7200}
     assert {text: m.parse_duration(text) for text in cases} == cases
