@@ -16,8 +16,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 demo: $(STAMP)
 	$(BIN)/python mgpusim.py demo
 
+# The tests mostly wait (on sockets, subprocesses, a browser): TEST_WORKERS processes share them out
+# (pytest-xdist), each taking the next test when it is free (docs/development.md, "Tests").
+TEST_WORKERS ?= 4
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # mgpumanager in front of real ComfyUI, whisper.cpp and llama.cpp servers on the CPU (docs/development.md):
 # builds them into $$MGPU_REAL_CACHE on first use, then runs test_real.py. One scenario: ARGS="-k held".

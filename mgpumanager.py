@@ -35,47 +35,35 @@ metrics (/metrics), a live page with a timeline (/), systemd's notify protocol a
 (SIGHUP) and a graceful drain on SIGTERM. Given a verb (``mgpumanager.py ps``, ``events``, ...), the same
 file is a command line for a running broker.
 
-Sections, in dependency order: constants and config; errors; events and metrics; GPU reading; consumers and
-health; the scheduler; the proxy; the HTTP app (with the dashboard page); the CLI.
+Sections, in dependency order: the command line (the verbs, ``Client``, the renderers, and the few constants
+and ``read_token_file`` it shares with the daemon), on the standard library alone, then its fast path: a
+verb (or ``--help``) runs and exits there, before the daemon's imports; constants and config; errors;
+events and metrics; GPU reading; consumers and health; the scheduler; the proxy; the HTTP app (with the
+dashboard page); running the broker (its logging, ``serve``, and ``main``: config, ``--check``, serve).
 """
+
+# The command line comes first and needs only the standard library: a verb runs and exits at the fast
+# path below, before the daemon's imports (annotations are not evaluated, so the names they use may be
+# imported there):
+# ruff: noqa: E402
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import bisect
-import concurrent.futures
-import contextlib
-import copy
-import errno
-import fnmatch
-import functools
-import gc
-import hashlib
-import hmac
 import http.client
-import importlib
-import ipaddress
-import itertools
 import json
 import logging
 import math
 import os
 import re
-import resource
-import shlex
 import signal
 import socket
 import stat
-import statistics
-import subprocess
 import sys
 import textwrap
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections import deque
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -88,10 +76,735 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
-from queue import SimpleQueue
 from typing import Any, Protocol
 from urllib.parse import quote, unquote, urlsplit
+
+VERSION = "0.1.0"
+log = logging.getLogger("mgpumanager")
+
+# =====================================================================================================
+# The command line
+# =====================================================================================================
+
+# ---- what it shares with the daemon: a few constants, the token file ----------------------------------
+
+MiB = 1024 * 1024
+#: A reload reads and checks the config in a thread; one that takes longer than this is refused.
+CONFIG_READ_TIMEOUT_S = 20.0
+#: A token file larger than this is refused (it is no token).
+MAX_TOKEN_FILE_BYTES = 4096
+#: The recent past kept for pages opened later (``/v1/events?since=SECONDS``): the events of the last
+#: EVENT_RING_S seconds, and of those at most EVENT_RING (a job makes 5 to 10 events: some 1,500 jobs; kept
+#: as the bytes the stream sends, some 3.5 MiB when full). The dashboard's timeline draws the same 15 minutes.
+EVENT_RING = 10000
+EVENT_RING_S = 900.0
+#: A stream with nothing to say sends a comment this often, so proxies and browsers keep it open.
+HEARTBEAT_S = 15.0
+#: A logfmt value with any of these is quoted (as JSON).
+_LOGFMT_QUOTE = re.compile(r'[ "=\\]')
+
+
+def read_token_file(path: str, *, warn_if_shared: bool = True) -> str:
+    """The token in a regular file of at most MAX_TOKEN_FILE_BYTES (never a FIFO or a device, which could
+    hang or never end); ValueError otherwise. A file others may read is accepted with a warning (the
+    daemon's: the command line reads its user's own file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # opening a FIFO does not wait
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError("is not a regular file")
+        data = os.read(fd, MAX_TOKEN_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TOKEN_FILE_BYTES:
+        raise ValueError(f"is larger than {MAX_TOKEN_FILE_BYTES} bytes: no token is that long")
+    if mode & stat.S_IROTH and warn_if_shared:
+        # (logfmt by hand: logfmt() comes in a later section)
+        log.warning(f'msg="token file is readable by others" path={json.dumps(path)} mode={mode & 0o777:o}')
+    try:
+        return data.decode().strip()
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
+
+
+# ---- the verbs: a command line for a running broker --------------------------------------------------
+
+#: Where the verbs find the broker when neither --url nor MGPUMANAGER_URL says.
+DEFAULT_URL = "http://127.0.0.1:8770"
+#: How long a verb waits for the broker: to connect, for each read of its answer, and for the whole answer.
+CLI_TIMEOUT_S = 10.0
+#: load, unload and reserve wait for the GPU lock like a job (up to scheduler.queue_timeout_s, 300 s by
+#: default) and then for unload and load calls (60 s each by default).
+CLI_ADMIN_TIMEOUT_S = 900.0
+#: reload waits for the broker to read the file (up to CONFIG_READ_TIMEOUT_S) before it answers.
+CLI_RELOAD_TIMEOUT_S = CONFIG_READ_TIMEOUT_S + CLI_TIMEOUT_S
+#: ``events`` has no total limit, but gives up after this long without a byte (a heartbeat comes every
+#: HEARTBEAT_S).
+CLI_EVENTS_TIMEOUT_S = 3 * HEARTBEAT_S
+#: ``ps`` and ``status`` fit their lines in this many columns.
+CLI_WIDTH = 100
+#: The largest answer a verb reads (a /v1/status with 1,000 jobs queued is some 300 KiB), and the longest
+#: line of the event stream (one event): more is not a broker.
+CLI_ANSWER_LIMIT = 16 * MiB
+CLI_EVENT_LINE_LIMIT = 1 * MiB
+
+
+class CliError(Exception):
+    """A verb failed: ``code`` 1 when the broker could not be reached (or what answered was not the broker),
+    2 when the broker refused (its JSON error) or the command line is wrong."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+_DURATION_RE = re.compile(r"(?:\d+(?:\.\d+)?[smh])+|\d+(?:\.\d+)?")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from '90s', '30m', '2h', '1h30m' or plain seconds ('90'); ValueError for anything else."""
+    text = text.strip().lower()
+    if not _DURATION_RE.fullmatch(text):
+        raise ValueError(f"{text!r} is not a duration")
+    seconds = sum(float(n) * _DURATION_UNITS[unit] for n, unit in re.findall(r"([\d.]+)([smh]?)", text))
+    if seconds <= 0:
+        raise ValueError(f"{text!r} is no time at all")
+    return seconds
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 90s, 30m, 2h, 1h30m or seconds") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds, 0 or more")
+    return value
+
+
+def cli_url(flag: str | None, environ: Mapping[str, str]) -> str:
+    """The broker's base URL: --url, else MGPUMANAGER_URL, else DEFAULT_URL (``host:port`` means http)."""
+    url = (flag or environ.get("MGPUMANAGER_URL") or DEFAULT_URL).strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a port that is no number, or out of range, raises ValueError here)
+    except ValueError as e:
+        raise CliError(2, f"{url!r} is not a broker's URL (http://host:port): {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not url.isprintable() or " " in url:
+        raise CliError(2, f"{url!r} is not a broker's URL (http://host:port)")
+    return url
+
+
+def cli_token(token_file: str | None, environ: Mapping[str, str]) -> str | None:
+    """The bearer token: from --token-file, else MGPUMANAGER_TOKEN, else none."""
+    if token_file is None:
+        token = environ.get("MGPUMANAGER_TOKEN", "").strip() or None
+        where = "MGPUMANAGER_TOKEN"
+    else:
+        try:
+            token = read_token_file(token_file, warn_if_shared=False)
+        except OSError as e:
+            raise CliError(2, f"cannot read --token-file {token_file}: {e.strerror or e}") from e
+        except ValueError as e:
+            raise CliError(2, f"--token-file {token_file} {e}") from e
+        if not token:
+            raise CliError(2, f"--token-file {token_file} is empty")
+        where = f"--token-file {token_file}"
+    if token is not None and (not token.isprintable() or " " in token):  # as the broker's own rule
+        raise CliError(2, f"{where}: a token is printable characters without spaces")
+    return token
+
+
+def _why(exc: BaseException, timeout_s: float) -> str:
+    """Why a call to the broker failed, in a few words."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return f"no answer within {timeout_s:g} s"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve the host ({reason.strerror})"
+    if isinstance(reason, (ConnectionResetError, http.client.RemoteDisconnected)):
+        return "the connection was closed"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return str(reason) or type(reason).__name__
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """The broker never redirects: a 3xx comes from something else at its URL, and following it sent the
+    bearer token wherever its Location pointed (and turned a POST into a GET)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+#: No proxy, whatever http_proxy, HTTPS_PROXY or all_proxy say (urllib would follow them, even for 127.0.0.1,
+#: and hand the bearer token to the proxy): the verbs talk to the broker's URL alone.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects)
+
+
+@dataclass
+class Client:
+    """The verbs' calls to a running broker: urllib, no event loop, a timeout on every call."""
+
+    url: str
+    token: str | None = None
+    #: --timeout: replaces every verb's own.
+    timeout_s: float | None = None
+
+    def open(
+        self, method: str, path: str, body: Any = None, *, timeout_s: float = CLI_TIMEOUT_S
+    ) -> http.client.HTTPResponse:
+        """A 2xx answer, open for reading; CliError for anything else."""
+        timeout = self.timeout_s or timeout_s
+        headers = {"Accept": "application/json", "User-Agent": f"mgpumanager/{VERSION}"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        if self.token:  # UTF-8, as the broker reads it (http.client would send a str as Latin-1)
+            request.add_header("Authorization", f"Bearer {self.token}".encode())  # type: ignore[arg-type]
+        try:
+            return _OPENER.open(request, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            with e:
+                raise self._refused(e) from None
+        except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
+            raise self.unreachable(e, timeout) from None
+
+    def call(self, method: str, path: str, body: Any = None, *, timeout_s: float = CLI_TIMEOUT_S) -> Any:
+        """The broker's JSON answer, whole within the call's timeout (from its start) and at most
+        CLI_ANSWER_LIMIT bytes: something else at the URL may send for ever."""
+        timeout = self.timeout_s or timeout_s
+        deadline = time.monotonic() + timeout
+        with self.open(method, path, body, timeout_s=timeout_s) as resp:
+            raw = self._read(resp, deadline, timeout, CLI_ANSWER_LIMIT)
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            raise CliError(1, f"{self.url}{path} did not answer JSON: is it a mgpumanager broker?") from None
+
+    def _read(self, resp: Any, deadline: float, timeout_s: float, limit: int) -> bytes:
+        """An answer's body, read as it comes (one read at a time, each within the socket's timeout), until
+        its end; CliError once it passes ``limit`` bytes or ``deadline``."""
+        body = bytearray()
+        try:
+            while chunk := resp.read1(64 * 1024):
+                body += chunk
+                if len(body) > limit:
+                    raise CliError(1, f"{self.url} answered more than {limit // MiB} MiB: not a broker?")
+                if time.monotonic() > deadline:
+                    raise CliError(1, f"{self.url} did not finish its answer within {timeout_s:g} s")
+        except (OSError, http.client.HTTPException) as e:
+            raise self.unreachable(e, timeout_s) from None
+        return bytes(body)
+
+    def unreachable(self, exc: BaseException, timeout_s: float) -> CliError:
+        return CliError(1, f"cannot reach the broker at {self.url}: {_why(exc, timeout_s)}")
+
+    def _refused(self, error: urllib.error.HTTPError) -> CliError:
+        """The broker's JSON error (exit 2), or something else answering at its URL (exit 1)."""
+        if 300 <= error.code < 400:  # the broker never redirects
+            where = error.headers.get("Location") if error.headers else None
+            return CliError(
+                1, f"{self.url} answered {error.code}, a redirect to {where!r} (not followed): not a broker?"
+            )
+        timeout = self.timeout_s or CLI_TIMEOUT_S
+        try:
+            raw = self._read(error.fp, time.monotonic() + timeout, timeout, 64 * 1024) if error.fp else b""
+            data = json.loads(raw)
+        except (CliError, ValueError, RecursionError):
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("message"), str):
+            return CliError(1, f"{self.url} answered {error.code} {error.reason}, not a mgpumanager broker?")
+        message = f"{data['message']} ({data.get('error')})"
+        if data.get("error") == "unauthorized":
+            message += ": set MGPUMANAGER_TOKEN or give --token-file"
+        return CliError(2, message)
+
+
+def _span(seconds: float) -> str:
+    """A duration for people: '45 s', '12 min', '2 h 5 min', '3 d 4 h'."""
+    s = max(0, round(seconds))
+    if s < 90:
+        return f"{s} s"
+    if s < 90 * 60:
+        return f"{round(s / 60)} min"
+    if s < 48 * 3600:
+        hours, minutes = divmod(round(s / 60), 60)
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(round(s / 3600), 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+def _parse_iso(iso: Any) -> datetime | None:
+    """The broker's timestamps ('...Z'), as an aware datetime; None for anything unreadable."""
+    if not isinstance(iso, str):
+        return None
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _ago(iso: Any, now: float) -> str:
+    when = _parse_iso(iso)
+    return "never" if when is None else f"{_span(now - when.timestamp())} ago"
+
+
+def _local(iso: Any, now: float) -> str:
+    """A time of the broker's in this machine's time zone: '21:30:05', with the date if not today."""
+    when = _parse_iso(iso)
+    if when is None:
+        return "?"
+    local = when.astimezone()
+    same_day = local.date() == datetime.fromtimestamp(now).astimezone().date()
+    return local.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M")
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def _wrap(text: str, indent: str = "  ") -> list[str]:
+    return textwrap.wrap(text, CLI_WIDTH, initial_indent=indent, subsequent_indent=indent + "  ") or [indent]
+
+
+def _gpus_of(st: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """/v1/status's GPUs, each with its scheduler (a broker before several GPUs had only ``gpu``)."""
+    return st.get("gpus") or [{**st.get("gpu", {}), "scheduler": st.get("scheduler") or {}}]
+
+
+def _mib(value: Any) -> str:
+    return f"{value} MiB" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _state(value: Any, yes: str, no: str) -> str:
+    return "unknown" if value is None else yes if value else no
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    """Columns as wide as their widest cell, the first one cut short (``~``) if the lines would not fit."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    over = sum(widths) + 2 * (len(widths) - 1) - CLI_WIDTH
+    if over > 0:
+        widths[0] = max(8, widths[0] - over)
+
+    def cell(text: str, i: int) -> str:
+        if len(text) > widths[i]:
+            text = text[: widths[i] - 1] + "~"
+        return text.rjust(widths[i]) if i in right else text.ljust(widths[i])
+
+    return ["  ".join(cell(text, i) for i, text in enumerate(row)).rstrip() for row in [header, *rows]]
+
+
+def reservation_lines(res: Mapping[str, Any], now: float, indent: str = "  ") -> list[str]:
+    """A reservation ({reason, until, left_s, unloaded, not_unloaded}) for people."""
+    text = f"reserved: {res.get('reason') or 'no reason given'}"
+    if isinstance(res.get("left_s"), (int, float)):
+        text += f", {_span(res['left_s'])} left"
+    if res.get("until"):
+        text += f" (until {_local(res['until'], now)})"
+    lines = _wrap(text, indent)
+    if res.get("unloaded"):
+        lines += _wrap("unloaded: " + ", ".join(map(str, res["unloaded"])), indent + "  ")
+    not_unloaded = res.get("not_unloaded")
+    if not_unloaded:
+        items = (
+            not_unloaded.items() if isinstance(not_unloaded, Mapping) else [(n, None) for n in not_unloaded]
+        )
+        text = ", ".join(f"{name} ({why})" if why else str(name) for name, why in items)
+        lines += _wrap("not unloaded: " + text, indent + "  ")
+    return lines
+
+
+def gpu_lines(gpu: Mapping[str, Any], now: float) -> list[str]:
+    """One GPU: its memory line, who holds it and the queue, its reservation."""
+    head = f"GPU {gpu.get('index')}" + (f" {gpu['name']}" if gpu.get("name") else "")
+    if gpu.get("error"):
+        text = f"{head}: cannot read it: {gpu['error']}"
+    else:
+        text = f"{head}: {gpu.get('used_mib')} of {gpu.get('total_mib')} MiB used, {gpu.get('free_mib')} free"
+        if gpu.get("utilization_pct") is not None:
+            text += f", {gpu['utilization_pct']} % busy"
+        if gpu.get("temperature_c") is not None:
+            text += f", {gpu['temperature_c']} C"
+    lines = _wrap(text, "")
+    scheduler = gpu.get("scheduler") or {}
+    holder = scheduler.get("holder")
+    if holder:
+        text = f"held by {holder.get('consumer')}: {_plural(holder.get('jobs', 0), 'job')}"
+        if holder.get("holds"):
+            text += f", {_plural(holder['holds'], 'hold')}"
+        text += f", for {_span(holder.get('held_s', 0))}"
+    else:
+        text = "idle"
+    lines += _wrap(f"{text}; {len(scheduler.get('queue') or [])} queued")
+    if gpu.get("reservation"):
+        lines += reservation_lines(gpu["reservation"], now)
+    return lines
+
+
+def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
+    """``ps``: one line per consumer, then each GPU's memory, holder and reservation."""
+    gpus = _gpus_of(st)
+    several = len(gpus) > 1
+    running: dict[str, int] = {}
+    queued: dict[str, int] = {}
+    for gpu in gpus:
+        scheduler = gpu.get("scheduler") or {}
+        holder = scheduler.get("holder")
+        if holder:
+            # A hold (ComfyUI rendering after its answer) is work running too.
+            work = holder.get("jobs", 0) + holder.get("holds", 0)
+            running[holder["consumer"]] = running.get(holder["consumer"], 0) + work
+        for job in scheduler.get("queue") or []:
+            queued[job["consumer"]] = queued.get(job["consumer"], 0) + 1
+    header = [
+        "CONSUMER",
+        "GPU",
+        "HEALTH",
+        "RESIDENT",
+        "USED",
+        "PEAK",
+        "DECLARED",
+        "LAST USE",
+        "RUNNING",
+        "QUEUED",
+    ]
+    rows, notes = [], []
+    for name, c in (st.get("consumers") or {}).items():
+        rows.append(
+            [
+                name,
+                str(c.get("gpu", "")),
+                "stopped" if c.get("stopped") else _state(c.get("healthy"), "healthy", "down"),
+                _state(c.get("loaded"), "yes", "no"),
+                _mib(c.get("vram_used_mib")),
+                _mib(c.get("vram_peak_mib")),
+                _mib(c.get("vram_resident_mib")),
+                _ago(c.get("last_used"), now),
+                str(running.get(name, 0)),
+                str(queued.get(name, 0)),
+            ]
+        )
+        if c.get("healthy") is False and c.get("last_error") and not c.get("stopped"):
+            notes += _wrap(f"{name}: {c['last_error']}")
+    right = {1, 4, 5, 6, 8, 9}
+    if not several:  # one GPU: no GPU column
+        header.pop(1)
+        rows = [row[:1] + row[2:] for row in rows]
+        right = {i - 1 for i in right if i > 1}
+    lines = _table(header, rows, right) + notes
+    for gpu in gpus:
+        lines += ["", *gpu_lines(gpu, now)]
+    return lines
+
+
+def render_status(st: Mapping[str, Any], url: str, now: float) -> list[str]:
+    """``status``: the broker, then each GPU with its counters."""
+    lines = [f"mgpumanager {st.get('version')} at {url}, up {_span(st.get('uptime_s') or 0)}"]
+    for gpu in _gpus_of(st):
+        stats = (gpu.get("scheduler") or {}).get("stats") or {}
+        lines += ["", *gpu_lines(gpu, now)]
+        if stats:
+            lines += _wrap("counters: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stats.items()))
+    return lines
+
+
+def _event_value(value: Any) -> str:
+    if isinstance(value, str):
+        return (
+            json.dumps(value)
+            if not value or _LOGFMT_QUOTE.search(value) or not value.isprintable()
+            else value
+        )
+    return json.dumps(value, separators=(",", ":"))
+
+
+def format_event(event: Mapping[str, Any]) -> str:
+    """One line per event: its local time, its name, its fields (those that are not null)."""
+    when = _parse_iso(event.get("ts"))
+    clock = when.astimezone().strftime("%H:%M:%S.%f")[:-3] if when else "?"
+    fields = " ".join(
+        f"{k}={_event_value(v)}" for k, v in event.items() if k not in ("event", "ts") and v is not None
+    )
+    return f"{clock} {event.get('event')} {fields}".rstrip()
+
+
+def _printable(text: str) -> str:
+    """``text`` with every character that is not printable escaped as Python writes it (``\\x1b``)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def say(*texts: str, file: Any = None) -> None:
+    """Print lines for people, flushed, what is not printable in each escaped: a broker passes on text from
+    consumers (an unload's answer) and from people (a reservation's reason), and an escape sequence in it
+    must not drive the terminal of whoever runs ``ps``."""
+    lines = [_printable(line) for text in texts for line in text.split("\n")]
+    print("\n".join(lines), file=file or sys.stdout, flush=True)
+
+
+def cli_ps(client: Client, args: argparse.Namespace) -> int:
+    say(*render_ps(client.call("GET", "/v1/status"), time.time()))
+    return 0
+
+
+def cli_status(client: Client, args: argparse.Namespace) -> int:
+    st = client.call("GET", "/v1/status")
+    say(json.dumps(st, indent=2) if args.json else "\n".join(render_status(st, client.url, time.time())))
+    return 0
+
+
+def cli_consumer(client: Client, args: argparse.Namespace) -> int:
+    """``unload NAME`` and ``load NAME``."""
+    path = f"/v1/consumers/{quote(args.name, safe='')}/{args.verb}"
+    answer = client.call("POST", path, timeout_s=CLI_ADMIN_TIMEOUT_S)
+    loaded = answer.get("loaded")
+    if args.verb == "unload" or loaded is True:
+        text = f"{args.verb}ed {args.name}"
+    else:  # a load that left it not resident (or unknown): it has no load route
+        state = "not resident" if loaded is False else "of unknown residency"
+        text = (
+            f"made room for {args.name}, which is {state} (without a load route it loads with its first job)"
+        )
+    if answer.get("evictions"):
+        text += f", after unloading {_plural(answer['evictions'], 'other consumer')}"
+    say(text)
+    return 0
+
+
+def cli_reload(client: Client, args: argparse.Namespace) -> int:
+    changes = client.call("POST", "/v1/reload", timeout_s=CLI_RELOAD_TIMEOUT_S).get("changes") or []
+    say("reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
+    return 0
+
+
+def cli_reserve(client: Client, args: argparse.Namespace) -> int:
+    seconds = args.duration
+    body: dict[str, Any] = {"for_s": int(seconds) if float(seconds).is_integer() else seconds}
+    if args.reason is not None:
+        body["reason"] = args.reason
+    if args.gpu is not None:
+        body["gpu"] = args.gpu
+    answer = client.call("POST", "/v1/reserve", body, timeout_s=CLI_ADMIN_TIMEOUT_S)
+    gpu = answer.get("gpu", args.gpu)
+    say(f"GPU {gpu} reserved" if gpu is not None else "reserved", *reservation_lines(answer, time.time()))
+    return 0
+
+
+def cli_release(client: Client, args: argparse.Namespace) -> int:
+    path = "/v1/reserve" + (f"?gpu={args.gpu}" if args.gpu is not None else "")
+    answer = client.call("DELETE", path)
+    gpu = answer.get("gpu", args.gpu) if isinstance(answer, dict) else args.gpu
+    what = f"GPU {gpu}" if gpu is not None else "the GPU"
+    was_reserved = not (isinstance(answer, dict) and answer.get("released") is False)
+    if isinstance(answer, dict) and answer.get("cancelled"):
+        say(f"{what}: cancelled a pending reservation (it had not begun: nothing was unloaded)")
+    else:
+        say(f"{what} released" if was_reserved else f"{what} was not reserved")
+    return 0
+
+
+def cli_events(client: Client, args: argparse.Namespace) -> int:
+    """Follow /v1/events, one line per event, until Ctrl-C (exit 0) or the broker ends the stream."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    query = "" if args.since is None else f"?since={args.since:g}"
+    timeout = client.timeout_s or CLI_EVENTS_TIMEOUT_S
+    try:
+        with client.open("GET", "/v1/events" + query, timeout_s=CLI_EVENTS_TIMEOUT_S) as resp:
+            kind = resp.headers.get_content_type()
+            if kind != "text/event-stream":
+                raise CliError(1, f"{client.url}/v1/events answered {kind}, no event stream: not a broker?")
+            data: list[str] = []
+            while True:
+                try:
+                    line = resp.readline(CLI_EVENT_LINE_LIMIT + 1)
+                except (OSError, http.client.HTTPException) as e:
+                    raise client.unreachable(e, timeout) from None
+                if not line:
+                    raise CliError(
+                        1, "the broker ended the event stream (shutting down, or this reader fell behind)"
+                    )
+                if len(line) > CLI_EVENT_LINE_LIMIT or sum(map(len, data)) > CLI_EVENT_LINE_LIMIT:
+                    raise CliError(1, f"{client.url}/v1/events sent an event over 1 MiB: not a broker?")
+                text = line.decode("utf-8", "replace").rstrip("\r\n")
+                if text.startswith("data:"):
+                    data.append(text[6:] if text.startswith("data: ") else text[5:])
+                elif not text and data:
+                    try:
+                        say(format_event(json.loads("\n".join(data))))
+                    except (ValueError, RecursionError):
+                        say("\n".join(data))
+                    data = []
+    except KeyboardInterrupt:
+        return 0
+
+
+VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
+    "ps": cli_ps,
+    "status": cli_status,
+    "unload": cli_consumer,
+    "load": cli_consumer,
+    "reload": cli_reload,
+    "reserve": cli_reserve,
+    "release": cli_release,
+    "events": cli_events,
+}
+
+
+#: The verbs' own flags, accepted before the verb as after it: (flag, argparse keywords).
+VERB_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--url", {"help": f"the broker (default: $MGPUMANAGER_URL, else {DEFAULT_URL})"}),
+    (
+        "--token-file",
+        {"metavar": "FILE", "help": "read the bearer token from FILE (default: $MGPUMANAGER_TOKEN)"},
+    ),
+    (
+        "--timeout",
+        {
+            "type": _seconds,
+            "metavar": "SECONDS",
+            "help": f"wait at most this long for each answer (default {CLI_TIMEOUT_S:g} s;"
+            f" {CLI_ADMIN_TIMEOUT_S:g} s for load, unload and reserve,"
+            f" {CLI_RELOAD_TIMEOUT_S:g} s for reload)",
+        },
+    ),
+)
+
+
+def add_verbs(parser: argparse.ArgumentParser) -> None:
+    """The verbs, each with --url, --token-file and --timeout (also taken before the verb:
+    ``mgpumanager.py --url http://mrock:8770 ps``; written after it, they win)."""
+    for flag, options in VERB_FLAGS:
+        parser.add_argument(flag, **options)
+    common = argparse.ArgumentParser(add_help=False)
+    for flag, options in VERB_FLAGS:
+        common.add_argument(flag, **options, default=argparse.SUPPRESS)
+    verbs = parser.add_subparsers(
+        dest="verb", metavar="VERB", title="verbs (they talk to a running broker; without one, run it)"
+    )
+    verbs.add_parser("ps", parents=[common], help="consumers, GPUs and reservations in one table")
+    status = verbs.add_parser("status", parents=[common], help="a summary with the counters")
+    status.add_argument("--json", action="store_true", help="print /v1/status as it is")
+    for verb, text in (("unload", "unload a consumer now"), ("load", "make room for a consumer and load it")):
+        verbs.add_parser(verb, parents=[common], help=text).add_argument("name", metavar="NAME")
+    verbs.add_parser("reload", parents=[common], help="re-read the broker's config, as SIGHUP does")
+    reserve = verbs.add_parser(
+        "reserve", parents=[common], help="unload everything on a GPU and keep jobs off it for DURATION"
+    )
+    reserve.add_argument(
+        "duration", type=_duration, metavar="DURATION", help="90s, 30m, 2h, 1h30m or seconds"
+    )
+    reserve.add_argument("--reason", metavar="TEXT", help="what the GPU is for (shown to refused jobs)")
+    reserve.add_argument("--gpu", type=int, metavar="N", help="which GPU, where there are several")
+    release = verbs.add_parser("release", parents=[common], help="end a reservation")
+    release.add_argument("--gpu", type=int, metavar="N", help="which GPU, where there are several")
+    events = verbs.add_parser("events", parents=[common], help="follow the event stream until Ctrl-C")
+    events.add_argument(
+        "--since",
+        type=_seconds,
+        metavar="SECONDS",
+        help=f"first the events of the last SECONDS (up to {EVENT_RING_S:g})",
+    )
+
+
+#: What reading a JSON answer that is not shaped as the broker's raises ([] for /v1/status, NaN for a time,
+#: a string for a count): whatever answered is not a broker (exit 1), and no traceback.
+NOT_A_BROKERS_ANSWER = (
+    AttributeError,
+    KeyError,
+    IndexError,
+    TypeError,
+    ValueError,
+    ArithmeticError,
+    RecursionError,
+)
+
+
+def run_verb(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
+    """Run a verb: 0 done, 1 the broker could not be reached, 2 it refused; the reason on stderr."""
+    try:
+        client = Client(cli_url(args.url, environ), cli_token(args.token_file, environ), args.timeout)
+        try:
+            return VERBS[args.verb](client, args)
+        except NOT_A_BROKERS_ANSWER as e:  # (only the answer is read here: the command line was checked)
+            what = f"{type(e).__name__}: {e}"
+            raise CliError(1, f"{client.url} answered what no broker does ({what})") from e
+    except CliError as e:
+        say(f"mgpumanager {args.verb}: {e.message}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `mgpumanager.py events | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def command_line() -> argparse.ArgumentParser:
+    """The broker's own flags and the verbs: ``--help`` lists both, before the daemon's imports."""
+    parser = argparse.ArgumentParser(
+        prog="mgpumanager",
+        description="GPU-inference broker: one door to one GPU. Without a VERB it runs the broker;"
+        " a VERB talks to a running one.",
+    )
+    parser.add_argument("--config", default="consumers.yaml", help="YAML config (default: ./consumers.yaml)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen")
+    parser.add_argument(
+        "--nvidia-smi", metavar="CMD", help="override gpu.nvidia_smi (split like a shell would)"
+    )
+    parser.add_argument("--check", action="store_true", help="validate the config, print a summary, exit")
+    parser.add_argument(
+        "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    add_verbs(parser)
+    return parser
+
+
+# ---- Fast path ----
+# Everything above needs only the standard library: a verb (or --help) is answered before the daemon's
+# imports (aiohttp alone takes most of a second to import).
+if __name__ == "__main__":
+    _args = command_line().parse_args()
+    if _args.verb is not None:
+        sys.exit(run_verb(_args))
+
+# The daemon's imports: from here on, everything is the broker's.
+import asyncio
+import bisect
+import concurrent.futures
+import contextlib
+import copy
+import errno
+import fnmatch
+import functools
+import gc
+import hashlib
+import hmac
+import importlib
+import ipaddress
+import itertools
+import resource
+import shlex
+import statistics
+import subprocess
+import threading
+from collections import deque
+from pathlib import Path
+from queue import SimpleQueue
 
 import aiohttp
 import yaml
@@ -100,9 +813,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
-VERSION = "0.1.0"
-log = logging.getLogger("mgpumanager")
-
 if not hasattr(web, "AppKey"):  # handler_cancellation and AppKey came with aiohttp 3.9
     sys.exit(f"mgpumanager needs aiohttp >= 3.9 (Debian 13's python3-aiohttp); this is {aiohttp.__version__}")
 
@@ -110,7 +820,7 @@ if not hasattr(web, "AppKey"):  # handler_cancellation and AppKey came with aioh
 # Constants and config
 # =====================================================================================================
 
-MiB = 1024 * 1024
+# (MiB, CONFIG_READ_TIMEOUT_S and MAX_TOKEN_FILE_BYTES are defined with the command line, which uses them.)
 PRIORITY_MAX = 4
 #: A bearer token shorter than this is refused: it would be guessable.
 MIN_TOKEN_LENGTH = 16
@@ -195,10 +905,6 @@ MAX_CONFIG_BYTES = 256 * 1024
 #: A config whose nodes and scalar characters, with every alias expanded, exceed this is refused (an alias
 #: "bomb" of 1 KiB can stand for gigabytes once expanded, say in an unload body sent as JSON).
 MAX_CONFIG_EXPANSION = 1024 * 1024
-#: A reload reads and checks the config in a thread; one that takes longer than this is refused.
-CONFIG_READ_TIMEOUT_S = 20.0
-#: A token file larger than this is refused (it is no token).
-MAX_TOKEN_FILE_BYTES = 4096
 #: The largest value of every number the loader reads, by kind: durations (keys ending in ``_s``; also at
 #: least a millisecond when not 0), body sizes (``max_body_mib``, ``max_bodies_mib``), memory sizes (other
 #: ``_mib`` keys), GPU indexes (``index``, ``gpu``) and counts (every other number).
@@ -1242,29 +1948,6 @@ def _parse_unscheduled(
     return tuple(out)
 
 
-def read_token_file(path: str, *, warn_if_shared: bool = True) -> str:
-    """The token in a regular file of at most MAX_TOKEN_FILE_BYTES (never a FIFO or a device, which could
-    hang or never end); ValueError otherwise. A file others may read is accepted with a warning (the
-    daemon's: the command line reads its user's own file)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # opening a FIFO does not wait
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ValueError("is not a regular file")
-        data = os.read(fd, MAX_TOKEN_FILE_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_TOKEN_FILE_BYTES:
-        raise ValueError(f"is larger than {MAX_TOKEN_FILE_BYTES} bytes: no token is that long")
-    if mode & stat.S_IROTH and warn_if_shared:
-        # (logfmt by hand: logfmt() comes in a later section)
-        log.warning(f'msg="token file is readable by others" path={json.dumps(path)} mode={mode & 0o777:o}')
-    try:
-        return data.decode().strip()
-    except UnicodeDecodeError:
-        raise ValueError("is not UTF-8 text") from None
-
-
 def _parse_auth(ck: _Checker, raw: Any) -> AuthConfig:
     """auth.token, or auth.token_file (read now, so a secret can live outside the config)."""
     d = ck.mapping(raw, "auth", ("token", "token_file"))
@@ -1821,12 +2504,8 @@ def parse_json(body: bytes | bytearray) -> Any:
         return None
 
 
-#: A logfmt value with any of these is quoted (as JSON).
-_LOGFMT_QUOTE = re.compile(r'[ "=\\]')
-
-
 def logfmt(**fields: Any) -> str:
-    """key=value pairs, values quoted when they need it."""
+    """key=value pairs, values quoted when they need it (_LOGFMT_QUOTE: with the command line)."""
     out = []
     for key, value in fields.items():
         if value is None:
@@ -1845,13 +2524,7 @@ def logfmt(**fields: Any) -> str:
 
 #: What /v1/events sends, and what a subscriber that falls this far behind is dropped for.
 EVENT_BUFFER = 256
-#: The recent past kept for pages opened later (``/v1/events?since=SECONDS``): the events of the last
-#: EVENT_RING_S seconds, and of those at most EVENT_RING (a job makes 5 to 10 events: some 1,500 jobs; kept
-#: as the bytes the stream sends, some 3.5 MiB when full). The dashboard's timeline draws the same 15 minutes.
-EVENT_RING = 10000
-EVENT_RING_S = 900.0
-#: A stream with nothing to say sends a comment this often, so proxies and browsers keep it open.
-HEARTBEAT_S = 15.0
+# (EVENT_RING, EVENT_RING_S and HEARTBEAT_S are defined with the command line, which uses them.)
 #: A reader of /v1/events that accepts nothing for this long is cut off: what is written to it waits in the
 #: broker's memory until it reads.
 EVENT_STALL_S = 60.0
@@ -8806,7 +9479,7 @@ zoomHtml(); refresh(); follow(); setInterval(refresh, 2000); setInterval(drawTim
 
 
 # =====================================================================================================
-# The CLI
+# Running the broker
 # =====================================================================================================
 
 
@@ -8924,649 +9597,8 @@ async def serve(config: Config, source: ConfigSource) -> int:
     return 0
 
 
-# ---- the verbs: a command line for a running broker --------------------------------------------------
-
-#: Where the verbs find the broker when neither --url nor MGPUMANAGER_URL says.
-DEFAULT_URL = "http://127.0.0.1:8770"
-#: How long a verb waits for the broker: to connect, for each read of its answer, and for the whole answer.
-CLI_TIMEOUT_S = 10.0
-#: load, unload and reserve wait for the GPU lock like a job (up to scheduler.queue_timeout_s, 300 s by
-#: default) and then for unload and load calls (60 s each by default).
-CLI_ADMIN_TIMEOUT_S = 900.0
-#: reload waits for the broker to read the file (up to CONFIG_READ_TIMEOUT_S) before it answers.
-CLI_RELOAD_TIMEOUT_S = CONFIG_READ_TIMEOUT_S + CLI_TIMEOUT_S
-#: ``events`` has no total limit, but gives up after this long without a byte (a heartbeat comes every
-#: HEARTBEAT_S).
-CLI_EVENTS_TIMEOUT_S = 3 * HEARTBEAT_S
-#: ``ps`` and ``status`` fit their lines in this many columns.
-CLI_WIDTH = 100
-#: The largest answer a verb reads (a /v1/status with 1,000 jobs queued is some 300 KiB), and the longest
-#: line of the event stream (one event): more is not a broker.
-CLI_ANSWER_LIMIT = 16 * MiB
-CLI_EVENT_LINE_LIMIT = 1 * MiB
-
-
-class CliError(Exception):
-    """A verb failed: ``code`` 1 when the broker could not be reached (or what answered was not the broker),
-    2 when the broker refused (its JSON error) or the command line is wrong."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-_DURATION_RE = re.compile(r"(?:\d+(?:\.\d+)?[smh])+|\d+(?:\.\d+)?")
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from '90s', '30m', '2h', '1h30m' or plain seconds ('90'); ValueError for anything else."""
-    text = text.strip().lower()
-    if not _DURATION_RE.fullmatch(text):
-        raise ValueError(f"{text!r} is not a duration")
-    seconds = sum(float(n) * _DURATION_UNITS[unit] for n, unit in re.findall(r"([\d.]+)([smh]?)", text))
-    if seconds <= 0:
-        raise ValueError(f"{text!r} is no time at all")
-    return seconds
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 90s, 30m, 2h, 1h30m or seconds") from None
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds, 0 or more")
-    return value
-
-
-def cli_url(flag: str | None, environ: Mapping[str, str]) -> str:
-    """The broker's base URL: --url, else MGPUMANAGER_URL, else DEFAULT_URL (``host:port`` means http)."""
-    url = (flag or environ.get("MGPUMANAGER_URL") or DEFAULT_URL).strip().rstrip("/")
-    if "://" not in url:
-        url = "http://" + url
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (a port that is no number, or out of range, raises ValueError here)
-    except ValueError as e:
-        raise CliError(2, f"{url!r} is not a broker's URL (http://host:port): {e}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or not url.isprintable() or " " in url:
-        raise CliError(2, f"{url!r} is not a broker's URL (http://host:port)")
-    return url
-
-
-def cli_token(token_file: str | None, environ: Mapping[str, str]) -> str | None:
-    """The bearer token: from --token-file, else MGPUMANAGER_TOKEN, else none."""
-    if token_file is None:
-        token = environ.get("MGPUMANAGER_TOKEN", "").strip() or None
-        where = "MGPUMANAGER_TOKEN"
-    else:
-        try:
-            token = read_token_file(token_file, warn_if_shared=False)
-        except OSError as e:
-            raise CliError(2, f"cannot read --token-file {token_file}: {e.strerror or e}") from e
-        except ValueError as e:
-            raise CliError(2, f"--token-file {token_file} {e}") from e
-        if not token:
-            raise CliError(2, f"--token-file {token_file} is empty")
-        where = f"--token-file {token_file}"
-    if token is not None and (not token.isprintable() or " " in token):  # as the broker's own rule
-        raise CliError(2, f"{where}: a token is printable characters without spaces")
-    return token
-
-
-def _why(exc: BaseException, timeout_s: float) -> str:
-    """Why a call to the broker failed, in a few words."""
-    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-    if isinstance(reason, (TimeoutError, socket.timeout)):
-        return f"no answer within {timeout_s:g} s"
-    if isinstance(reason, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(reason, socket.gaierror):
-        return f"cannot resolve the host ({reason.strerror})"
-    if isinstance(reason, (ConnectionResetError, http.client.RemoteDisconnected)):
-        return "the connection was closed"
-    if isinstance(reason, OSError) and reason.strerror:
-        return reason.strerror
-    return str(reason) or type(reason).__name__
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """The broker never redirects: a 3xx comes from something else at its URL, and following it sent the
-    bearer token wherever its Location pointed (and turned a POST into a GET)."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-#: No proxy, whatever http_proxy, HTTPS_PROXY or all_proxy say (urllib would follow them, even for 127.0.0.1,
-#: and hand the bearer token to the proxy): the verbs talk to the broker's URL alone.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects)
-
-
-@dataclass
-class Client:
-    """The verbs' calls to a running broker: urllib, no event loop, a timeout on every call."""
-
-    url: str
-    token: str | None = None
-    #: --timeout: replaces every verb's own.
-    timeout_s: float | None = None
-
-    def open(
-        self, method: str, path: str, body: Any = None, *, timeout_s: float = CLI_TIMEOUT_S
-    ) -> http.client.HTTPResponse:
-        """A 2xx answer, open for reading; CliError for anything else."""
-        timeout = self.timeout_s or timeout_s
-        headers = {"Accept": "application/json", "User-Agent": f"mgpumanager/{VERSION}"}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
-        if self.token:  # UTF-8, as the broker reads it (http.client would send a str as Latin-1)
-            request.add_header("Authorization", f"Bearer {self.token}".encode())  # type: ignore[arg-type]
-        try:
-            return _OPENER.open(request, timeout=timeout)
-        except urllib.error.HTTPError as e:
-            with e:
-                raise self._refused(e) from None
-        except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
-            raise self.unreachable(e, timeout) from None
-
-    def call(self, method: str, path: str, body: Any = None, *, timeout_s: float = CLI_TIMEOUT_S) -> Any:
-        """The broker's JSON answer, whole within the call's timeout (from its start) and at most
-        CLI_ANSWER_LIMIT bytes: something else at the URL may send for ever."""
-        timeout = self.timeout_s or timeout_s
-        deadline = time.monotonic() + timeout
-        with self.open(method, path, body, timeout_s=timeout_s) as resp:
-            raw = self._read(resp, deadline, timeout, CLI_ANSWER_LIMIT)
-        try:
-            return json.loads(raw)
-        except (ValueError, RecursionError):
-            raise CliError(1, f"{self.url}{path} did not answer JSON: is it a mgpumanager broker?") from None
-
-    def _read(self, resp: Any, deadline: float, timeout_s: float, limit: int) -> bytes:
-        """An answer's body, read as it comes (one read at a time, each within the socket's timeout), until
-        its end; CliError once it passes ``limit`` bytes or ``deadline``."""
-        body = bytearray()
-        try:
-            while chunk := resp.read1(64 * 1024):
-                body += chunk
-                if len(body) > limit:
-                    raise CliError(1, f"{self.url} answered more than {limit // MiB} MiB: not a broker?")
-                if time.monotonic() > deadline:
-                    raise CliError(1, f"{self.url} did not finish its answer within {timeout_s:g} s")
-        except (OSError, http.client.HTTPException) as e:
-            raise self.unreachable(e, timeout_s) from None
-        return bytes(body)
-
-    def unreachable(self, exc: BaseException, timeout_s: float) -> CliError:
-        return CliError(1, f"cannot reach the broker at {self.url}: {_why(exc, timeout_s)}")
-
-    def _refused(self, error: urllib.error.HTTPError) -> CliError:
-        """The broker's JSON error (exit 2), or something else answering at its URL (exit 1)."""
-        if 300 <= error.code < 400:  # the broker never redirects
-            where = error.headers.get("Location") if error.headers else None
-            return CliError(
-                1, f"{self.url} answered {error.code}, a redirect to {where!r} (not followed): not a broker?"
-            )
-        timeout = self.timeout_s or CLI_TIMEOUT_S
-        try:
-            raw = self._read(error.fp, time.monotonic() + timeout, timeout, 64 * 1024) if error.fp else b""
-            data = json.loads(raw)
-        except (CliError, ValueError, RecursionError):
-            data = None
-        if not isinstance(data, dict) or not isinstance(data.get("message"), str):
-            return CliError(1, f"{self.url} answered {error.code} {error.reason}, not a mgpumanager broker?")
-        message = f"{data['message']} ({data.get('error')})"
-        if data.get("error") == "unauthorized":
-            message += ": set MGPUMANAGER_TOKEN or give --token-file"
-        return CliError(2, message)
-
-
-def _span(seconds: float) -> str:
-    """A duration for people: '45 s', '12 min', '2 h 5 min', '3 d 4 h'."""
-    s = max(0, round(seconds))
-    if s < 90:
-        return f"{s} s"
-    if s < 90 * 60:
-        return f"{round(s / 60)} min"
-    if s < 48 * 3600:
-        hours, minutes = divmod(round(s / 60), 60)
-        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
-    days, hours = divmod(round(s / 3600), 24)
-    return f"{days} d {hours} h" if hours else f"{days} d"
-
-
-def _parse_iso(iso: Any) -> datetime | None:
-    """The broker's timestamps ('...Z'), as an aware datetime; None for anything unreadable."""
-    if not isinstance(iso, str):
-        return None
-    try:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
-def _ago(iso: Any, now: float) -> str:
-    when = _parse_iso(iso)
-    return "never" if when is None else f"{_span(now - when.timestamp())} ago"
-
-
-def _local(iso: Any, now: float) -> str:
-    """A time of the broker's in this machine's time zone: '21:30:05', with the date if not today."""
-    when = _parse_iso(iso)
-    if when is None:
-        return "?"
-    local = when.astimezone()
-    same_day = local.date() == datetime.fromtimestamp(now).astimezone().date()
-    return local.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M")
-
-
-def _plural(n: int, what: str) -> str:
-    return f"{n} {what}" if n == 1 else f"{n} {what}s"
-
-
-def _wrap(text: str, indent: str = "  ") -> list[str]:
-    return textwrap.wrap(text, CLI_WIDTH, initial_indent=indent, subsequent_indent=indent + "  ") or [indent]
-
-
-def _gpus_of(st: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """/v1/status's GPUs, each with its scheduler (a broker before several GPUs had only ``gpu``)."""
-    return st.get("gpus") or [{**st.get("gpu", {}), "scheduler": st.get("scheduler") or {}}]
-
-
-def _mib(value: Any) -> str:
-    return f"{value} MiB" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
-
-
-def _state(value: Any, yes: str, no: str) -> str:
-    return "unknown" if value is None else yes if value else no
-
-
-def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
-    """Columns as wide as their widest cell, the first one cut short (``~``) if the lines would not fit."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    over = sum(widths) + 2 * (len(widths) - 1) - CLI_WIDTH
-    if over > 0:
-        widths[0] = max(8, widths[0] - over)
-
-    def cell(text: str, i: int) -> str:
-        if len(text) > widths[i]:
-            text = text[: widths[i] - 1] + "~"
-        return text.rjust(widths[i]) if i in right else text.ljust(widths[i])
-
-    return ["  ".join(cell(text, i) for i, text in enumerate(row)).rstrip() for row in [header, *rows]]
-
-
-def reservation_lines(res: Mapping[str, Any], now: float, indent: str = "  ") -> list[str]:
-    """A reservation ({reason, until, left_s, unloaded, not_unloaded}) for people."""
-    text = f"reserved: {res.get('reason') or 'no reason given'}"
-    if isinstance(res.get("left_s"), (int, float)):
-        text += f", {_span(res['left_s'])} left"
-    if res.get("until"):
-        text += f" (until {_local(res['until'], now)})"
-    lines = _wrap(text, indent)
-    if res.get("unloaded"):
-        lines += _wrap("unloaded: " + ", ".join(map(str, res["unloaded"])), indent + "  ")
-    not_unloaded = res.get("not_unloaded")
-    if not_unloaded:
-        items = (
-            not_unloaded.items() if isinstance(not_unloaded, Mapping) else [(n, None) for n in not_unloaded]
-        )
-        text = ", ".join(f"{name} ({why})" if why else str(name) for name, why in items)
-        lines += _wrap("not unloaded: " + text, indent + "  ")
-    return lines
-
-
-def gpu_lines(gpu: Mapping[str, Any], now: float) -> list[str]:
-    """One GPU: its memory line, who holds it and the queue, its reservation."""
-    head = f"GPU {gpu.get('index')}" + (f" {gpu['name']}" if gpu.get("name") else "")
-    if gpu.get("error"):
-        text = f"{head}: cannot read it: {gpu['error']}"
-    else:
-        text = f"{head}: {gpu.get('used_mib')} of {gpu.get('total_mib')} MiB used, {gpu.get('free_mib')} free"
-        if gpu.get("utilization_pct") is not None:
-            text += f", {gpu['utilization_pct']} % busy"
-        if gpu.get("temperature_c") is not None:
-            text += f", {gpu['temperature_c']} C"
-    lines = _wrap(text, "")
-    scheduler = gpu.get("scheduler") or {}
-    holder = scheduler.get("holder")
-    if holder:
-        text = f"held by {holder.get('consumer')}: {_plural(holder.get('jobs', 0), 'job')}"
-        if holder.get("holds"):
-            text += f", {_plural(holder['holds'], 'hold')}"
-        text += f", for {_span(holder.get('held_s', 0))}"
-    else:
-        text = "idle"
-    lines += _wrap(f"{text}; {len(scheduler.get('queue') or [])} queued")
-    if gpu.get("reservation"):
-        lines += reservation_lines(gpu["reservation"], now)
-    return lines
-
-
-def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
-    """``ps``: one line per consumer, then each GPU's memory, holder and reservation."""
-    gpus = _gpus_of(st)
-    several = len(gpus) > 1
-    running: dict[str, int] = {}
-    queued: dict[str, int] = {}
-    for gpu in gpus:
-        scheduler = gpu.get("scheduler") or {}
-        holder = scheduler.get("holder")
-        if holder:
-            # A hold (ComfyUI rendering after its answer) is work running too.
-            work = holder.get("jobs", 0) + holder.get("holds", 0)
-            running[holder["consumer"]] = running.get(holder["consumer"], 0) + work
-        for job in scheduler.get("queue") or []:
-            queued[job["consumer"]] = queued.get(job["consumer"], 0) + 1
-    header = [
-        "CONSUMER",
-        "GPU",
-        "HEALTH",
-        "RESIDENT",
-        "USED",
-        "PEAK",
-        "DECLARED",
-        "LAST USE",
-        "RUNNING",
-        "QUEUED",
-    ]
-    rows, notes = [], []
-    for name, c in (st.get("consumers") or {}).items():
-        rows.append(
-            [
-                name,
-                str(c.get("gpu", "")),
-                "stopped" if c.get("stopped") else _state(c.get("healthy"), "healthy", "down"),
-                _state(c.get("loaded"), "yes", "no"),
-                _mib(c.get("vram_used_mib")),
-                _mib(c.get("vram_peak_mib")),
-                _mib(c.get("vram_resident_mib")),
-                _ago(c.get("last_used"), now),
-                str(running.get(name, 0)),
-                str(queued.get(name, 0)),
-            ]
-        )
-        if c.get("healthy") is False and c.get("last_error") and not c.get("stopped"):
-            notes += _wrap(f"{name}: {c['last_error']}")
-    right = {1, 4, 5, 6, 8, 9}
-    if not several:  # one GPU: no GPU column
-        header.pop(1)
-        rows = [row[:1] + row[2:] for row in rows]
-        right = {i - 1 for i in right if i > 1}
-    lines = _table(header, rows, right) + notes
-    for gpu in gpus:
-        lines += ["", *gpu_lines(gpu, now)]
-    return lines
-
-
-def render_status(st: Mapping[str, Any], url: str, now: float) -> list[str]:
-    """``status``: the broker, then each GPU with its counters."""
-    lines = [f"mgpumanager {st.get('version')} at {url}, up {_span(st.get('uptime_s') or 0)}"]
-    for gpu in _gpus_of(st):
-        stats = (gpu.get("scheduler") or {}).get("stats") or {}
-        lines += ["", *gpu_lines(gpu, now)]
-        if stats:
-            lines += _wrap("counters: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stats.items()))
-    return lines
-
-
-def _event_value(value: Any) -> str:
-    if isinstance(value, str):
-        return (
-            json.dumps(value)
-            if not value or _LOGFMT_QUOTE.search(value) or not value.isprintable()
-            else value
-        )
-    return json.dumps(value, separators=(",", ":"))
-
-
-def format_event(event: Mapping[str, Any]) -> str:
-    """One line per event: its local time, its name, its fields (those that are not null)."""
-    when = _parse_iso(event.get("ts"))
-    clock = when.astimezone().strftime("%H:%M:%S.%f")[:-3] if when else "?"
-    fields = " ".join(
-        f"{k}={_event_value(v)}" for k, v in event.items() if k not in ("event", "ts") and v is not None
-    )
-    return f"{clock} {event.get('event')} {fields}".rstrip()
-
-
-def _printable(text: str) -> str:
-    """``text`` with every character that is not printable escaped as Python writes it (``\\x1b``)."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
-
-def say(*texts: str, file: Any = None) -> None:
-    """Print lines for people, flushed, what is not printable in each escaped: a broker passes on text from
-    consumers (an unload's answer) and from people (a reservation's reason), and an escape sequence in it
-    must not drive the terminal of whoever runs ``ps``."""
-    lines = [_printable(line) for text in texts for line in text.split("\n")]
-    print("\n".join(lines), file=file or sys.stdout, flush=True)
-
-
-def cli_ps(client: Client, args: argparse.Namespace) -> int:
-    say(*render_ps(client.call("GET", "/v1/status"), time.time()))
-    return 0
-
-
-def cli_status(client: Client, args: argparse.Namespace) -> int:
-    st = client.call("GET", "/v1/status")
-    say(json.dumps(st, indent=2) if args.json else "\n".join(render_status(st, client.url, time.time())))
-    return 0
-
-
-def cli_consumer(client: Client, args: argparse.Namespace) -> int:
-    """``unload NAME`` and ``load NAME``."""
-    path = f"/v1/consumers/{quote(args.name, safe='')}/{args.verb}"
-    answer = client.call("POST", path, timeout_s=CLI_ADMIN_TIMEOUT_S)
-    loaded = answer.get("loaded")
-    if args.verb == "unload" or loaded is True:
-        text = f"{args.verb}ed {args.name}"
-    else:  # a load that left it not resident (or unknown): it has no load route
-        state = "not resident" if loaded is False else "of unknown residency"
-        text = (
-            f"made room for {args.name}, which is {state} (without a load route it loads with its first job)"
-        )
-    if answer.get("evictions"):
-        text += f", after unloading {_plural(answer['evictions'], 'other consumer')}"
-    say(text)
-    return 0
-
-
-def cli_reload(client: Client, args: argparse.Namespace) -> int:
-    changes = client.call("POST", "/v1/reload", timeout_s=CLI_RELOAD_TIMEOUT_S).get("changes") or []
-    say("reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
-    return 0
-
-
-def cli_reserve(client: Client, args: argparse.Namespace) -> int:
-    seconds = args.duration
-    body: dict[str, Any] = {"for_s": int(seconds) if float(seconds).is_integer() else seconds}
-    if args.reason is not None:
-        body["reason"] = args.reason
-    if args.gpu is not None:
-        body["gpu"] = args.gpu
-    answer = client.call("POST", "/v1/reserve", body, timeout_s=CLI_ADMIN_TIMEOUT_S)
-    gpu = answer.get("gpu", args.gpu)
-    say(f"GPU {gpu} reserved" if gpu is not None else "reserved", *reservation_lines(answer, time.time()))
-    return 0
-
-
-def cli_release(client: Client, args: argparse.Namespace) -> int:
-    path = "/v1/reserve" + (f"?gpu={args.gpu}" if args.gpu is not None else "")
-    answer = client.call("DELETE", path)
-    gpu = answer.get("gpu", args.gpu) if isinstance(answer, dict) else args.gpu
-    what = f"GPU {gpu}" if gpu is not None else "the GPU"
-    was_reserved = not (isinstance(answer, dict) and answer.get("released") is False)
-    if isinstance(answer, dict) and answer.get("cancelled"):
-        say(f"{what}: cancelled a pending reservation (it had not begun: nothing was unloaded)")
-    else:
-        say(f"{what} released" if was_reserved else f"{what} was not reserved")
-    return 0
-
-
-def cli_events(client: Client, args: argparse.Namespace) -> int:
-    """Follow /v1/events, one line per event, until Ctrl-C (exit 0) or the broker ends the stream."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
-    query = "" if args.since is None else f"?since={args.since:g}"
-    timeout = client.timeout_s or CLI_EVENTS_TIMEOUT_S
-    try:
-        with client.open("GET", "/v1/events" + query, timeout_s=CLI_EVENTS_TIMEOUT_S) as resp:
-            kind = resp.headers.get_content_type()
-            if kind != "text/event-stream":
-                raise CliError(1, f"{client.url}/v1/events answered {kind}, no event stream: not a broker?")
-            data: list[str] = []
-            while True:
-                try:
-                    line = resp.readline(CLI_EVENT_LINE_LIMIT + 1)
-                except (OSError, http.client.HTTPException) as e:
-                    raise client.unreachable(e, timeout) from None
-                if not line:
-                    raise CliError(
-                        1, "the broker ended the event stream (shutting down, or this reader fell behind)"
-                    )
-                if len(line) > CLI_EVENT_LINE_LIMIT or sum(map(len, data)) > CLI_EVENT_LINE_LIMIT:
-                    raise CliError(1, f"{client.url}/v1/events sent an event over 1 MiB: not a broker?")
-                text = line.decode("utf-8", "replace").rstrip("\r\n")
-                if text.startswith("data:"):
-                    data.append(text[6:] if text.startswith("data: ") else text[5:])
-                elif not text and data:
-                    try:
-                        say(format_event(json.loads("\n".join(data))))
-                    except (ValueError, RecursionError):
-                        say("\n".join(data))
-                    data = []
-    except KeyboardInterrupt:
-        return 0
-
-
-VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
-    "ps": cli_ps,
-    "status": cli_status,
-    "unload": cli_consumer,
-    "load": cli_consumer,
-    "reload": cli_reload,
-    "reserve": cli_reserve,
-    "release": cli_release,
-    "events": cli_events,
-}
-
-
-#: The verbs' own flags, accepted before the verb as after it: (flag, argparse keywords).
-VERB_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("--url", {"help": f"the broker (default: $MGPUMANAGER_URL, else {DEFAULT_URL})"}),
-    (
-        "--token-file",
-        {"metavar": "FILE", "help": "read the bearer token from FILE (default: $MGPUMANAGER_TOKEN)"},
-    ),
-    (
-        "--timeout",
-        {
-            "type": _seconds,
-            "metavar": "SECONDS",
-            "help": f"wait at most this long for each answer (default {CLI_TIMEOUT_S:g} s;"
-            f" {CLI_ADMIN_TIMEOUT_S:g} s for load, unload and reserve,"
-            f" {CLI_RELOAD_TIMEOUT_S:g} s for reload)",
-        },
-    ),
-)
-
-
-def add_verbs(parser: argparse.ArgumentParser) -> None:
-    """The verbs, each with --url, --token-file and --timeout (also taken before the verb:
-    ``mgpumanager.py --url http://mrock:8770 ps``; written after it, they win)."""
-    for flag, options in VERB_FLAGS:
-        parser.add_argument(flag, **options)
-    common = argparse.ArgumentParser(add_help=False)
-    for flag, options in VERB_FLAGS:
-        common.add_argument(flag, **options, default=argparse.SUPPRESS)
-    verbs = parser.add_subparsers(
-        dest="verb", metavar="VERB", title="verbs (they talk to a running broker; without one, run it)"
-    )
-    verbs.add_parser("ps", parents=[common], help="consumers, GPUs and reservations in one table")
-    status = verbs.add_parser("status", parents=[common], help="a summary with the counters")
-    status.add_argument("--json", action="store_true", help="print /v1/status as it is")
-    for verb, text in (("unload", "unload a consumer now"), ("load", "make room for a consumer and load it")):
-        verbs.add_parser(verb, parents=[common], help=text).add_argument("name", metavar="NAME")
-    verbs.add_parser("reload", parents=[common], help="re-read the broker's config, as SIGHUP does")
-    reserve = verbs.add_parser(
-        "reserve", parents=[common], help="unload everything on a GPU and keep jobs off it for DURATION"
-    )
-    reserve.add_argument(
-        "duration", type=_duration, metavar="DURATION", help="90s, 30m, 2h, 1h30m or seconds"
-    )
-    reserve.add_argument("--reason", metavar="TEXT", help="what the GPU is for (shown to refused jobs)")
-    reserve.add_argument("--gpu", type=int, metavar="N", help="which GPU, where there are several")
-    release = verbs.add_parser("release", parents=[common], help="end a reservation")
-    release.add_argument("--gpu", type=int, metavar="N", help="which GPU, where there are several")
-    events = verbs.add_parser("events", parents=[common], help="follow the event stream until Ctrl-C")
-    events.add_argument(
-        "--since",
-        type=_seconds,
-        metavar="SECONDS",
-        help=f"first the events of the last SECONDS (up to {EVENT_RING_S:g})",
-    )
-
-
-#: What reading a JSON answer that is not shaped as the broker's raises ([] for /v1/status, NaN for a time,
-#: a string for a count): whatever answered is not a broker (exit 1), and no traceback.
-NOT_A_BROKERS_ANSWER = (
-    AttributeError,
-    KeyError,
-    IndexError,
-    TypeError,
-    ValueError,
-    ArithmeticError,
-    RecursionError,
-)
-
-
-def run_verb(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
-    """Run a verb: 0 done, 1 the broker could not be reached, 2 it refused; the reason on stderr."""
-    try:
-        client = Client(cli_url(args.url, environ), cli_token(args.token_file, environ), args.timeout)
-        try:
-            return VERBS[args.verb](client, args)
-        except NOT_A_BROKERS_ANSWER as e:  # (only the answer is read here: the command line was checked)
-            what = f"{type(e).__name__}: {e}"
-            raise CliError(1, f"{client.url} answered what no broker does ({what})") from e
-    except CliError as e:
-        say(f"mgpumanager {args.verb}: {e.message}", file=sys.stderr)
-        return e.code
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # `mgpumanager.py events | head`: the reader left, which is fine
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mgpumanager",
-        description="GPU-inference broker: one door to one GPU. Without a VERB it runs the broker;"
-        " a VERB talks to a running one.",
-    )
-    parser.add_argument("--config", default="consumers.yaml", help="YAML config (default: ./consumers.yaml)")
-    parser.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen")
-    parser.add_argument(
-        "--nvidia-smi", metavar="CMD", help="override gpu.nvidia_smi (split like a shell would)"
-    )
-    parser.add_argument("--check", action="store_true", help="validate the config, print a summary, exit")
-    parser.add_argument(
-        "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-    )
-    add_verbs(parser)
+    parser = command_line()
     args = parser.parse_args(argv)
     if args.verb is not None:
         return run_verb(args)

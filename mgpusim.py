@@ -1298,6 +1298,9 @@ class ComfySim(SimConsumer):
         self.ws_closes: list[int | None] = []
         self.refused_origins: list[str] = []
         self._worker = asyncio.Lock()
+        #: Cleared, a render goes on past its work_s until it is set again: a hold that ends when a test says.
+        self.may_finish = asyncio.Event()
+        self.may_finish.set()
         super().__init__(name, vram, **kw)
 
     def make_app(self) -> web.Application:
@@ -1401,6 +1404,7 @@ class ComfySim(SimConsumer):
                     try:
                         await self.do_load()
                         await asyncio.sleep(self.work_s)
+                        await self.may_finish.wait()
                         ok = True
                     except SimOOM:
                         ok = False
