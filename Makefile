@@ -16,8 +16,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 demo: $(STAMP)
 	$(BIN)/python mgpusim.py demo
 
+# The tests mostly wait (on sockets, subprocesses, a browser): TEST_WORKERS processes share them out
+# (pytest-xdist), each taking the next test when it is free (docs/development.md, "Tests").
+TEST_WORKERS ?= 4
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # mgpumanager in front of real ComfyUI, whisper.cpp and llama.cpp servers on the CPU (docs/development.md):
 # builds them into $$MGPU_REAL_CACHE on first use, then runs test_real.py. One scenario: ARGS="-k held".
@@ -44,20 +47,32 @@ run: $(STAMP)
 check: $(STAMP)
 	$(BIN)/python mgpumanager.py --check --config $(CONFIG)
 
+# The command line on the server (/usr/local/bin/mgpumanager): the verbs run from the daemon's file as
+# make deploy byte-compiled it (a script is compiled anew at every run: twice as slow to start).
+define CLI_LAUNCHER
+#!/bin/sh
+# mgpumanager's command line, written by make deploy (docs/operations.md, "The command line").
+exec /usr/bin/python3 -c 'import runpy, sys; sys.path.insert(0, "/opt/mgpumanager"); runpy.run_module("mgpumanager", run_name="__main__")' "$$@"
+endef
+export CLI_LAUNCHER
+
 # Copies the daemon, the config ($(CONFIG), as consumers.yaml), the unit, the README and the manual (docs/,
-# beside the daemon: the unit's Documentation=); creates the service's system user if it is missing; validates
+# beside the daemon: the unit's Documentation=), and the command line's launcher; creates the service's system user if it is missing; validates
 # the config there, as that user (so a token file it cannot read is refused before anything is installed),
 # before restarting (docs/operations.md, "Deploying").
 deploy:
 	ssh $(HOST) 'rm -rf /tmp/mgpumanager-deploy && mkdir -p -m 0700 /tmp/mgpumanager-deploy'
 	scp -r mgpumanager.py mgpumanager.service README.md docs $(HOST):/tmp/mgpumanager-deploy/
 	scp $(CONFIG) $(HOST):/tmp/mgpumanager-deploy/consumers.yaml
+	printf '%s\n' "$$CLI_LAUNCHER" | ssh $(HOST) 'cat > /tmp/mgpumanager-deploy/mgpumanager-cli'
 	ssh $(HOST) 'cd /tmp/mgpumanager-deploy \
 	  && { id -u mgpumanager >/dev/null 2>&1 || sudo useradd --system --no-create-home \
 	       --home-dir /nonexistent --shell /usr/sbin/nologin mgpumanager; } \
 	  && sudo chgrp -R mgpumanager . && chmod -R g+rX,o-rwx . \
 	  && sudo -u mgpumanager python3 mgpumanager.py --check --config consumers.yaml >/dev/null \
 	  && sudo install -D -m 0644 mgpumanager.py /opt/mgpumanager/mgpumanager.py \
+	  && sudo /usr/bin/python3 -m py_compile /opt/mgpumanager/mgpumanager.py \
+	  && sudo install -m 0755 mgpumanager-cli /usr/local/bin/mgpumanager \
 	  && sudo install -D -m 0644 README.md /opt/mgpumanager/README.md \
 	  && sudo rm -rf /opt/mgpumanager/docs && sudo install -d -m 0755 /opt/mgpumanager/docs \
 	  && sudo install -m 0644 docs/* /opt/mgpumanager/docs/ \

@@ -14,6 +14,12 @@ Measurement 8 (issue 12) plays mixed workloads, TTS and image jobs arriving toge
 own, side by side: one as configured by default, one with ``scheduler.max_overtake_s: 0`` (strict arrival
 order; where the loader does not know the key yet, the strict one alone, the other marked so).
 
+Measurements 9 and 10 are issue 21's: admission (200, then 2,000 jobs sent at once behind a job that holds
+the GPU: how long until all are queued, per job, and /healthz's answers meanwhile, asked by a process of its
+own, ``bench.py healthz-pinger``), and the cost of a GPU reading through NVML and through nvidia-smi, each
+timed by mgpumanager's own reader in a process of its own (``bench.py reading-cost``): the real library
+and nvidia-smi where there is a GPU, else the NVML stub (fixtures/nvml/stub.c) and mgpusim's stand-in.
+
 Contenders are interleaved round by round (the order rotates), each round's figures are compared within
 the round, and the tables show medians of the per-round figures, so that drift hits all alike.
 """
@@ -25,6 +31,7 @@ import asyncio
 import contextlib
 import datetime
 import functools
+import http.client
 import itertools
 import json
 import math
@@ -32,6 +39,7 @@ import os
 import platform
 import re
 import resource
+import select
 import shlex
 import shutil
 import signal
@@ -45,11 +53,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
 import mgpumanager
+import mgpusim
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -376,6 +386,75 @@ def run_server(app_factory: Callable[[], web.Application], port: int, use_uvloop
     return 0
 
 
+def healthz_pinger(url: str, interval_s: float) -> int:
+    """``bench.py healthz-pinger``: GET ``url`` one at a time (keep-alive), ``interval_s`` apart, until a line
+    (or the end) comes on stdin; then print every sample as JSON: [wall-clock start, seconds, status].
+
+    A process of its own, with a blocking client: what it measures is the broker's answer, not the
+    benchmark's own event loop, busy sending thousands of requests meanwhile."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or LOOPBACK, parts.port or 80, timeout=120)
+    samples: list[tuple[float, float, int]] = []
+    print("READY", flush=True)
+    while not select.select([sys.stdin], [], [], 0)[0]:
+        wall, t0 = time.time(), time.perf_counter()
+        conn.request("GET", parts.path or "/")
+        resp = conn.getresponse()
+        resp.read()
+        samples.append((wall, time.perf_counter() - t0, resp.status))
+        time.sleep(interval_s)
+    conn.close()
+    print(json.dumps(samples), flush=True)
+    return 0
+
+
+async def reading_cost(args: argparse.Namespace) -> int:
+    """``bench.py reading-cost``: time GPU readings through one reader (gpu.reader), as the broker makes
+    them (mgpumanager.GpuReader); print JSON: the reader, seconds per reading of the GPU line alone and of
+    a whole one, seconds per raw NVML memory call (NVML only), and one reading's figures; exit status 3
+    where that reader does not read (NVML does not load)."""
+    config = mgpumanager.GpuConfig(nvidia_smi=tuple(shlex.split(args.smi)), reader=args.reader)
+    reader = mgpumanager.GpuReader(config)
+    out: dict[str, Any] = {"memory": [], "whole": [], "call": []}
+    try:
+        try:
+            first = await reader.read(own=True)  # (the choice, and NVML's initialisation: not timed)
+        except mgpumanager.GpuError as e:
+            out["error"] = str(e)
+        out["reader"] = reader.reader  # (named, never chosen: an NVML that does not load fails, above)
+        if "error" in out:
+            print(json.dumps(out))
+            return 3
+        out["reading"] = {
+            "name": first.name,
+            "total_mib": first.total_mib,
+            "used_mib": first.used_mib,
+            "free_mib": first.free_mib,
+            "processes": [[p.pid, p.used_mib] for p in first.processes],
+            "names": [p.name for p in first.processes],
+        }
+        for key, read in (
+            ("memory", reader.read_memory),
+            ("whole", functools.partial(reader.read, own=True)),
+        ):
+            for _ in range(args.n):
+                t0 = time.perf_counter()
+                await read()
+                out[key].append(time.perf_counter() - t0)
+        if args.reader == "nvml" and args.calls:
+            import pynvml  # noqa: PLC0415 (NVML's own call, beside the reader: only here)
+
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            for _ in range(args.calls):
+                t0 = time.perf_counter()
+                pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2)
+                out["call"].append(time.perf_counter() - t0)
+    finally:
+        await reader.close()
+    print(json.dumps(out))
+    return 0
+
+
 # =====================================================================================================
 # Child processes
 # =====================================================================================================
@@ -469,14 +548,14 @@ class Children:
 # =====================================================================================================
 
 
-def broker_config(port: int, smi: str, ports: dict[str, int]) -> str:
+def broker_config(port: int, smi: str, ports: dict[str, int], max_queue: int = 1100) -> str:
     """The broker's config: consumers.yaml's shape, pointed at the simulated consumers and the echo one."""
     q = json.dumps
     return f"""\
 # Written by bench.py: mgpusim's consumers on a simulated 16 GiB GPU, and bench.py's echo consumer.
 listen: {LOOPBACK}:{port}
-gpu: {{nvidia_smi: {q(smi)}, index: 0, cushion_mib: 256, query_timeout_s: 5}}
-scheduler: {{max_queue: 1100, queue_timeout_s: 120, max_evictions: 5, vram_wait_s: 10, aging_s: 60,
+gpu: {{nvidia_smi: {q(smi)}, reader: nvidia-smi, index: 0, cushion_mib: 256, query_timeout_s: 5}}
+scheduler: {{max_queue: {max_queue}, queue_timeout_s: 120, max_evictions: 5, vram_wait_s: 10, aging_s: 60,
             max_body_mib: 64}}
 health: {{interval_s: 5, timeout_s: 2}}
 routing: {{echo: echo, slow: echo, sink: echo, stt: mvoice, tts: mvoice, llm: ollama, image: comfyui}}
@@ -613,6 +692,22 @@ MIX_AGING_S = 60.0
 #: Issue 12's targets for trace 1: time to idle within 1.3x of the lower bound, TTS p95 under 5 s.
 MIX_RATIO_TARGET = 1.3
 MIX_TTS_P95_TARGET_S = 5.0
+#: Measurement 9 (issue 21): N jobs sent at once behind a job that holds the GPU, for each N; its broker's
+#: max_queue (the issue's largest); /healthz asked by a process of its own every so often meanwhile; the
+#: targets: per job, the larger N at most ADMISSION_RATIO_TARGET x the smaller's, /healthz p99 under 20 ms.
+ADMISSION_SIZES = (200, 2000)
+ADMISSION_MAX_QUEUE = 10000
+HEALTHZ_INTERVAL_S = 0.005
+ADMISSION_RATIO_TARGET = 2.0
+HEALTHZ_P99_TARGET_S = 0.020
+#: What issue 21 measured on main before it (N, seconds to queue, /healthz's longest stall).
+ADMISSION_ISSUE_FIGURES = ((250, 0.9, 0.5), (1000, 7.4, 6.5), (2000, 28.8, 27.0))
+#: Measurement 10 (issue 21): readings per round through NVML and through nvidia-smi (each kind: the GPU
+#: line alone, and whole), the rounds alternating the two; raw NVML calls timed once per round.
+READING_ROUNDS = 3
+NVML_READINGS = 300
+SMI_READINGS = 15
+NVML_CALLS = 2000
 
 
 @dataclass(frozen=True)
@@ -905,7 +1000,7 @@ def mixed_config(port: int, smi: str, ports: dict[str, int], trace: Trace, overt
     return f"""\
 # Written by bench.py (measurement 8): mgpusim's mvoice and ComfyUI on a simulated 16 GiB GPU.
 listen: {LOOPBACK}:{port}
-gpu: {{nvidia_smi: {q(smi)}, index: 0, cushion_mib: 256, query_timeout_s: 5}}
+gpu: {{nvidia_smi: {q(smi)}, reader: nvidia-smi, index: 0, cushion_mib: 256, query_timeout_s: 5}}
 scheduler: {{max_queue: 64, queue_timeout_s: 300, max_evictions: 5, vram_wait_s: 10,
             aging_s: {MIX_AGING_S:g}{bound}}}
 health: {{interval_s: 5, timeout_s: 2}}
@@ -2259,6 +2354,314 @@ class Bench:
                 )
         self.mix_analysis = notes
 
+    # ---- 9: admission with a queue (issue 21) ----------------------------------------------------------
+
+    async def m9_admission(self) -> None:
+        """N jobs sent at once behind a job that holds the GPU, for each N: how long until every one is
+        queued, and /healthz's answers meanwhile, on a broker of its own (max_queue 10,000)."""
+        port = free_ports(1)[0]
+        config = self.workdir / "admission.yaml"
+        config.write_text(broker_config(port, self.smi, self.ports, max_queue=ADMISSION_MAX_QUEUE))
+        argv = [PY, str(MANAGER), "--config", str(config), "--nvidia-smi", self.smi]
+        child = await self.children.spawn("admission", argv)
+        url = f"http://{LOOPBACK}:{port}"
+        await self.wait_http(url + "/healthz", "admission broker", child)
+        results: list[dict[str, Any]] = []
+        try:
+            for n in ADMISSION_SIZES if not self.quick else (ADMISSION_SIZES[0], ADMISSION_SIZES[0] * 2):
+                results.append(await self.admit_round(url, n))
+        finally:
+            await self.children.stop(child)
+        self.report_admission(results)
+
+    async def admit_round(self, url: str, n: int) -> dict[str, Any]:
+        """One burst of ``n`` jobs: its figures (seconds; /healthz samples within the window)."""
+        assert self.session is not None
+        direct = self.urls["direct"]
+        conn = aiohttp.TCPConnector(limit=0)
+        pinger = await asyncio.create_subprocess_exec(
+            PY, str(HERE / "bench.py"), "healthz-pinger", "--url", url + "/healthz",
+            "--interval", str(HEALTHZ_INTERVAL_S),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        assert pinger.stdin is not None and pinger.stdout is not None
+        try:
+            assert (await asyncio.wait_for(pinger.stdout.readline(), 30)).strip() == b"READY"
+            async with aiohttp.ClientSession(connector=conn) as crowd:
+
+                async def one(path: str) -> int:
+                    timeout = aiohttp.ClientTimeout(total=600)
+                    async with crowd.post(url + path, data=b"q", timeout=timeout) as r:
+                        await r.read()
+                        return r.status
+
+                plug = asyncio.create_task(one("/v1/slow?max=300"))
+                for _ in range(200):
+                    if (await self.get_json(direct + "/state"))["slow_waiting"] >= 1:
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise RuntimeError("the plug job never reached the echo consumer")
+                await asyncio.sleep(0.5)  # a quiet moment of /healthz samples before the burst
+                sent = time.time()
+                jobs = [asyncio.create_task(one("/v1/echo?n=16")) for _ in range(n)]
+                deadline = time.monotonic() + 300
+                while True:  # every job queued, or answered already (its connection closed meanwhile)
+                    waiting = await self.queued_now(url)
+                    lost = sum(1 for job in jobs if job.done())
+                    if waiting + lost >= n:
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{n} jobs were not all queued within 300 s")
+                    await asyncio.sleep(0.25)
+                detected = time.time()
+                await asyncio.sleep(0.5)  # queued, waiting: /healthz goes on being asked
+                pinger.stdin.write(b"stop\n")
+                await pinger.stdin.drain()
+                out, _ = await asyncio.wait_for(pinger.communicate(), 60)
+                queued = await self.queued_times(url, sent, waiting)
+                await self.post(direct + "/release", b"")
+                statuses = await asyncio.wait_for(asyncio.gather(plug, *jobs, return_exceptions=True), 600)
+        finally:
+            if pinger.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    pinger.kill()
+                await pinger.wait()
+        last = max(queued) if queued else detected
+        window = [s for s in json.loads(out) if sent <= s[0] <= last + 0.5]
+        before = [s for s in json.loads(out) if s[0] < sent]
+        return {
+            "n": n,
+            "to_queue": last - sent,
+            "first": min(queued) - sent if queued else math.nan,
+            "events": len(queued),
+            "healthz": [s[1] for s in window],
+            "healthz_ok": all(s[2] == 200 for s in window),
+            "quiet": [s[1] for s in before],
+            "served": sum(1 for st in statuses[1:] if st == 200),
+            "lost": lost,
+            "errors": sorted(
+                {type(st).__name__ if isinstance(st, BaseException) else str(st) for st in statuses[1:]}
+            ),
+        }
+
+    async def queued_now(self, url: str) -> int:
+        """How many jobs wait now (/v1/status, which may take as long as the broker's loop is stalled; a
+        connection it closed meanwhile, its head unread past http.header_timeout_s, is asked again)."""
+        assert self.session is not None
+        for _ in range(10):
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                timeout = aiohttp.ClientTimeout(total=300)
+                async with self.session.get(url + "/v1/status", timeout=timeout) as r:
+                    return (await r.json())["scheduler"]["stats"]["queued"]
+        raise RuntimeError(f"{url}/v1/status: the connection was lost 10 times")
+
+    async def queued_times(self, url: str, sent: float, n: int) -> list[float]:
+        """When each of the burst's jobs was queued (its `queued` event's ts, the broker's clock), read back
+        from the event ring once they all are (no subscriber while they were coming in)."""
+        assert self.session is not None
+        since = math.ceil(time.time() - sent) + 2
+        times: list[float] = []
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with self.session.get(url + f"/v1/events?since={since}", timeout=timeout) as r:
+            async for line in r.content:
+                if not line.startswith(b"data: "):
+                    continue
+                event = json.loads(line[6:])
+                if event.get("event") == "queued" and parse_ts(event["ts"]) >= sent - 0.001:
+                    times.append(parse_ts(event["ts"]))
+                    if len(times) >= n:
+                        break
+        return times
+
+    def report_admission(self, results: list[dict[str, Any]]) -> None:
+        small, large = results[0], results[-1]
+        per = {r["n"]: r["to_queue"] / r["n"] for r in results}
+        ratio = per[large["n"]] / per[small["n"]] if per[small["n"]] > 0 else math.inf
+        ok_ratio = ratio <= ADMISSION_RATIO_TARGET
+        for r in results:
+            p99, worst = pct(r["healthz"], 99), max(r["healthz"], default=math.nan)
+            ok = p99 < HEALTHZ_P99_TARGET_S and r["healthz_ok"] and r["served"] == r["n"]
+            r["ok"] = ok
+            lost = f"; {r['n'] - r['served']} not served" if r["served"] != r["n"] else ""
+            self.rows.append(
+                Row(
+                    f"9 admission, {r['n']} jobs at once",
+                    f"{secs(r['to_queue'])} to queue ({ms(per[r['n']], 2)} per job);"
+                    f" /healthz p99 {ms(p99, 1)}, max {ms(worst, 0)}{lost}",
+                    "-",
+                    f"/healthz p99 < {HEALTHZ_P99_TARGET_S * 1000:.0f} ms",
+                    ok,
+                )
+            )
+        self.rows.append(
+            Row(
+                f"9 admission per job, {large['n']} vs {small['n']}",
+                f"{ratio:.1f}x",
+                "-",
+                f"<= {ADMISSION_RATIO_TARGET:g}x",
+                ok_ratio,
+            )
+        )
+        issue = "; ".join(
+            f"N = {n:,}: {t:g} s to queue, /healthz stalls {stall:g} s"
+            for n, t, stall in ADMISSION_ISSUE_FIGURES
+        )
+        self.targets.append(
+            (
+                f"Queueing {large['n']:,} jobs costs at most {ADMISSION_RATIO_TARGET:g}x per job what"
+                f" queueing {small['n']:,} costs",
+                ok_ratio,
+                f"{ms(per[small['n']], 2)} per job for {small['n']} ({secs(small['to_queue'])} in all),"
+                f" {ms(per[large['n']], 2)} per job for {large['n']} ({secs(large['to_queue'])}):"
+                f" {ratio:.1f}x;"
+                f" issue 21 measured on main: {issue}",
+            )
+        )
+        for r in results:
+            self.targets.append(
+                (
+                    f"/healthz p99 under {HEALTHZ_P99_TARGET_S * 1000:.0f} ms while {r['n']:,} jobs are"
+                    " queued",
+                    r["ok"],
+                    f"p50 {ms(pct(r['healthz'], 50), 1)}, p99 {ms(pct(r['healthz'], 99), 1)}, max"
+                    f" {ms(max(r['healthz'], default=math.nan), 0)} over {len(r['healthz'])} answers"
+                    f" (before the burst: p99 {ms(pct(r['quiet'], 99), 1)}); {r['served']} of {r['n']} jobs"
+                    " answered 200 once the GPU was free"
+                    + ("" if r["healthz_ok"] else "; some /healthz answers were not 200")
+                    + (
+                        f"; {r['lost']} ended before they were queued (the broker's loop stalled past"
+                        " http.header_timeout_s, 10 s, before it read their requests: it closed their"
+                        f" connections), answers: {', '.join(r['errors'])}"
+                        if r["lost"]
+                        else ""
+                    ),
+                )
+            )
+        self.details.append(
+            f"Measurement 9 (issue 21): a broker of its own (max_queue {ADMISSION_MAX_QUEUE:,}, the echo"
+            " consumer, max_concurrency 1). A job to `/slow` takes the GPU and holds it (as a render does);"
+            f" then N small jobs are sent at once (N = {', '.join(str(r['n']) for r in results)}), each on a"
+            " connection of its own, and wait behind it. Time to queue: from the first request sent to the"
+            " last job's `queued` event (its ts, the broker's clock on the same machine, ms resolution;"
+            " read back from the event ring once `/v1/status` shows all N queued, so no subscriber makes the"
+            f" broker do more meanwhile); per job = that / N. Meanwhile a process of its own asks /healthz,"
+            f" one request at a time every {HEALTHZ_INTERVAL_S * 1000:g} ms on one keep-alive connection,"
+            " from the burst until 0.5 s after the last job was queued (they sit queued); its p99 and"
+            " longest answer are shown. Then the GPU is released and every job must be answered 200. "
+            + " ".join(
+                f"N = {r['n']}: first job queued {ms(r['first'], 0)} after the first request, {r['events']}"
+                f" queued events, {len(r['healthz'])} /healthz answers."
+                for r in results
+            )
+        )
+        self.facts["admission"] = (per[small["n"]], per[large["n"]])
+        self.facts["admission_n"] = (small["n"], large["n"])
+        self.facts["admission_p99"] = (pct(small["healthz"], 99), pct(large["healthz"], 99))
+        self.facts["admission_max"] = (max(small["healthz"], default=0.0), max(large["healthz"], default=0.0))
+
+    # ---- 10: reading cost, NVML vs nvidia-smi (issue 21) ----------------------------------------------
+
+    async def m10_reading(self) -> None:
+        """Readings through NVML and through nvidia-smi side by side, each through mgpumanager's reader in a
+        process of its own: the stub libnvidia-ml.so.1 and mgpusim's nvidia-smi over the same state where
+        there is no GPU; the real library and nvidia-smi where there is."""
+        state = self.workdir / "gpu.json"
+        stand_in = shlex.join([PY, str(MGPUSIM), "nvidia-smi", "--state", str(state)])
+        base = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "MGPUSIM_STATE")}
+        setups: list[tuple[str, str, dict[str, str], str]] = []
+        real = await self.reading_run("nvml", base, "nvidia-smi", n=1, calls=0)
+        if real is not None and shutil.which("nvidia-smi"):
+            setups.append(("real GPU", "the GPU's libnvidia-ml.so.1 and nvidia-smi", base, "nvidia-smi"))
+        if not have_module("pynvml"):
+            self.notes.append("measurement 10: nvidia-ml-py is not installed in .venv: no NVML figures.")
+        else:
+            try:
+                stub = mgpusim.build_nvml_stub(self.workdir)
+            except (FileNotFoundError, subprocess.CalledProcessError) as e:
+                self.notes.append(f"measurement 10: the NVML stub could not be built ({e}).")
+            else:
+                env = {**base, "LD_LIBRARY_PATH": str(stub.parent), "MGPUSIM_STATE": str(state)}
+                stub_label = "no GPU: the NVML stub and mgpusim's nvidia-smi stand-in over one state"
+                setups.append(("stub", stub_label, env, stand_in))
+        rounds = self.rounds(READING_ROUNDS, 1)
+        counts = {"nvml": self.rounds(NVML_READINGS, 60), "nvidia-smi": self.rounds(SMI_READINGS, 5)}
+        for short, label, env, smi in setups:
+            figures: dict[str, dict[str, list[float]]] = {"nvml": {}, "nvidia-smi": {}}
+            readings: dict[str, Any] = {}
+            for _ in range(rounds):
+                for reader, n in counts.items():
+                    out = await self.reading_run(reader, env, smi, n=n, calls=NVML_CALLS)
+                    if out is None:
+                        raise RuntimeError(f"reading-cost {reader} ({label}) did not read through {reader}")
+                    readings[reader] = out["reading"]
+                    for key in ("memory", "whole", "call"):
+                        if out[key]:
+                            figures[reader].setdefault(key, []).append(med(out[key]))
+                            figures[reader].setdefault(key + "99", []).append(pct(out[key], 99))
+            self.report_reading(short, label, figures, readings, rounds, counts)
+
+    async def reading_run(self, reader: str, env: dict[str, str], smi: str, *, n: int, calls: int) -> Any:
+        """One `bench.py reading-cost` process: its JSON, or None when it did not read through ``reader``."""
+        argv = [PY, str(HERE / "bench.py"), "reading-cost", "--reader", reader, "--smi", smi]
+        argv += ["--n", str(n), "--calls", str(calls)]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=HERE
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 300)
+        if proc.returncode != 0:
+            return None
+        return json.loads(out)
+
+    def report_reading(
+        self,
+        short: str,
+        label: str,
+        figures: dict[str, dict[str, list[float]]],
+        readings: dict[str, Any],
+        rounds: int,
+        counts: dict[str, int],
+    ) -> None:
+        nv, smi = figures["nvml"], figures["nvidia-smi"]
+        names = {reader: reading.pop("names") for reader, reading in readings.items()}
+        same = readings["nvml"] == readings["nvidia-smi"]
+        named = sum(1 for a, b in zip(names["nvml"], names["nvidia-smi"], strict=False) if a == b)
+        for key, what in (("memory", "the GPU line (making room)"), ("whole", "whole, with processes")):
+            a, b = med(nv[key]), med(smi[key])
+            self.rows.append(
+                Row(
+                    f"10 reading, {what}, {short}",
+                    f"NVML {ms(a, 3)} (p99 {ms(med(nv[key + '99']), 3)})",
+                    f"nvidia-smi {ms(b, 1)} (p99 {ms(med(smi[key + '99']), 1)}): {b / a:,.0f}x",
+                    "-",
+                    None,
+                )
+            )
+        call = (
+            f"; one raw NVML call (nvmlDeviceGetMemoryInfo v2, pynvml) {med(nv['call']) * 1e6:.1f} us"
+            if nv.get("call")
+            else ""
+        )
+        self.details.append(
+            f"Measurement 10 (issue 21), {label}: mgpumanager's GpuReader (gpu.reader nvml, then nvidia-smi),"
+            f" each in a process of its own, alternating, {rounds} rounds; per round {counts['nvml']} NVML"
+            f" readings and {counts['nvidia-smi']} nvidia-smi ones of each kind (the GPU line alone, as"
+            " making room reads; whole, with the process list, as /v1/status reads), one after the other,"
+            " after one reading that is not timed (the choice and NVML's initialisation); medians of the"
+            f" rounds' medians and p99s{call}. The two readers' figures (the GPU's name, total, used and free"
+            " memory, each process's pid and memory)"
+            f" {'are the same' if same else 'differ: ' + json.dumps(readings)}; {named} of"
+            f" {len(names['nvml'])} process names agree (NVML's come from /proc/<pid>/cmdline: a simulated"
+            " process's made-up pid has none there)."
+        )
+        if label.startswith("no GPU"):
+            self.notes.append(
+                "measurement 10 ran without a GPU: NVML's figures are the stub's (a C library answering from"
+                " mgpusim's state file, read again when it changed), nvidia-smi's are mgpusim's stand-in (a"
+                " Python process); on the H100 of fixtures/ nvidia-smi took 25 ms per call and NVML 0.02 ms"
+                " per call (fixtures/nvidia-smi/README.md)."
+            )
+
     # ---- report ------------------------------------------------------------------------------------
 
     def table(self) -> str:
@@ -2285,7 +2688,8 @@ class Bench:
             "Written by `bench.py` (`make bench`): every server its own process on 127.0.0.1, the client is"
             " the benchmark (one aiohttp session, keep-alive). Contenders are interleaved round by round and"
             " compared within each round; figures are medians of the per-round figures. See issue 5;"
-            " measurement 8, the mixed workload, is issue 12's."
+            " measurement 8, the mixed workload, is issue 12's; 9 (admission with a queue) and 10 (reading"
+            " the GPU) are issue 21's."
         )
         out += ["", "## Machine", ""]
         out += [f"- {m}" for m in machine]
@@ -2296,7 +2700,7 @@ class Bench:
         for r in self.rows:
             met = "-" if r.met is None else ("met" if r.met else "**not met**")
             out.append(f"| {r.measurement} | {r.broker} | {r.contenders} | {r.target} | {met} |")
-        out += ["", "## Targets (issues 5 and 12)", ""]
+        out += ["", "## Targets (issues 5, 12 and 21)", ""]
         for name, ok, evidence in self.targets:
             mark = "n/a" if ok is None else ("**met**" if ok else "**not met**")
             out.append(f"- {name}: {mark}. {evidence}.")
@@ -2352,6 +2756,24 @@ class Bench:
                 " two to three of those readings."
             )
         out += self.mix_analysis
+        if "admission" in self.facts:
+            (small, large), (n_small, n_large) = self.facts["admission"], self.facts["admission_n"]
+            p99s, longest = self.facts["admission_p99"], self.facts["admission_max"]
+            if large > ADMISSION_RATIO_TARGET * small:
+                out.append(
+                    f"- Admission: queueing {n_small:,.0f} jobs at once costs {ms(small, 2)} per job,"
+                    f" {n_large:,.0f} cost {ms(large, 2)} per job ({large / small:.1f}x): the cost grows with"
+                    " the queue, and the event loop stalls meanwhile (/healthz, measurement 9). Issue 21"
+                    " finds the time in `Scheduler.forecast`, run once per queued event, and"
+                    " `WaitQueue.candidates`, in every dispatch."
+                )
+            if max(p99s) >= HEALTHZ_P99_TARGET_S:
+                out.append(
+                    f"- /healthz while jobs are queued: p99 {ms(p99s[0], 1)} with {n_small:,.0f} and"
+                    f" {ms(p99s[1], 1)} with {n_large:,.0f} (longest {ms(longest[0], 0)} and"
+                    f" {ms(longest[1], 0)}): the event loop answers nothing else while it admits them"
+                    " (measurement 9)."
+                )
         out.append(
             "- Added latency: its ratio to the bare proxy moves from run to run on this shared machine, as"
             " the direct round trip itself does (docs/development.md, Performance, lists the runs); the CPU"
@@ -2406,6 +2828,8 @@ async def run_bench(args: argparse.Namespace) -> int:
         ("6 status load", bench.m6_status),
         ("7 CPU per job", bench.m7_cpu),
         ("8 mixed workload", bench.m8_mixed),
+        ("9 admission", bench.m9_admission),
+        ("10 reading cost", bench.m10_reading),
     ]
     if args.only:
         wanted = {part.strip() for part in args.only.split(",")}
@@ -2464,9 +2888,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--md", type=Path, help="where to write the report (default BENCH.md; none with --quick or --only)"
     )
     parser.add_argument(
-        "--only", metavar="N,N", help="run only these measurements (1-8, profile): a developer's look"
+        "--only", metavar="N,N", help="run only these measurements (1-10, profile): a developer's look"
     )
     sub = parser.add_subparsers(dest="command")
+    ping = sub.add_parser(
+        "healthz-pinger", help="ask /healthz until a line comes on stdin; print the samples"
+    )
+    ping.add_argument("--url", required=True)
+    ping.add_argument("--interval", type=float, default=HEALTHZ_INTERVAL_S)
+    cost = sub.add_parser("reading-cost", help="time GPU readings through one reader; print JSON")
+    cost.add_argument("--reader", choices=("nvml", "nvidia-smi"), required=True)
+    cost.add_argument("--smi", default="nvidia-smi", help="the nvidia-smi command (split like a shell would)")
+    cost.add_argument("--n", type=int, default=100, help="readings of each kind")
+    cost.add_argument("--calls", type=int, default=0, help="raw NVML memory calls to time")
     echo = sub.add_parser("echo-consumer", help="the echo consumer, as its own process")
     echo.add_argument("--port", type=int, required=True)
     bare = sub.add_parser("bare-proxy", help="the bare aiohttp proxy, as its own process")
@@ -2476,6 +2910,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     bare.add_argument("--uvloop", action="store_true")
     bare.add_argument("--stream", action="store_true", help="relay the answer chunk by chunk")
     args = parser.parse_args(argv)
+    if args.command == "healthz-pinger":
+        if not args.url.startswith(f"http://{LOOPBACK}:"):
+            parser.error("--url must be on 127.0.0.1")
+        return healthz_pinger(args.url, args.interval)
+    if args.command == "reading-cost":
+        if have_module("uvloop"):  # the daemon's loop where it is installed
+            import uvloop  # noqa: PLC0415 (optional)
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        return asyncio.run(reading_cost(args))
     if args.command == "echo-consumer":
         return run_server(echo_app, args.port, False)
     if args.command == "bare-proxy":

@@ -8,11 +8,12 @@ request to the consumer that ``routing`` names, and runs it as a *job* through o
 The model, in one paragraph: a GPU's lock is held by one consumer at a time, which may run up to its
 ``max_concurrency`` jobs. Waiting jobs are ordered by effective priority (the consumer's priority plus one
 level per ``aging_s`` waited) and then by arrival. Before a job runs, the broker makes room: unless the target
-is known to be resident, it reads free VRAM from nvidia-smi and, while the target does not fit, unloads the
-least recently used consumer that may not coexist with it, through that consumer's own unload route, then
-polls until the memory really shows up as free. Then it loads the target if it is known to be unloaded, and
-forwards the request, streaming the answer back unchanged. Every failure of the broker's own is a JSON error
-``{error, message, consumer, retryable}``; whatever a consumer answers passes through untouched.
+is known to be resident, it reads free VRAM (through NVML, or nvidia-smi) and, while the target does not fit,
+unloads the least recently used consumer that may not coexist with it, through that consumer's own unload
+route, then polls until the memory really shows up as free. Then it loads the target if it is known to be
+unloaded, and forwards the request, streaming the answer back unchanged. Every failure of the broker's own
+is a JSON error ``{error, message, consumer, retryable}``; whatever a consumer answers passes through
+untouched.
 
 Known limits: one broker per machine (its state is in memory; a restart forgets residency and last use);
 memory held by processes outside the broker is seen only as "not free"; a consumer that allocates more than
@@ -36,13 +37,17 @@ file is a command line for a running broker.
 
 Sections, in dependency order:
 
+- The command line: the verbs, ``Client``, the renderers, and the few constants and ``read_token_file`` it
+  shares with the daemon, on the standard library alone; then its fast path: a verb (or ``--help``) runs and
+  exits there, before the daemon's imports.
 - Constants.
 - Errors: ``BrokerError``, the one root of the broker's errors (code, status, retryable), and its kinds.
 - Config: the dataclasses, the loader, the presets; ``Shared``, the config in force (a reload swaps it there,
   once) and the bugs caught anywhere, counted once.
 - Failures and log lines: what a failed call means (``describe``, ``gone_reason``); ``logfmt``.
 - Events and metrics: ``Events`` (/v1/events and its ring), ``Notifier`` (systemd), ``Metrics``.
-- GPU reading: ``GpuReader`` (nvidia-smi, parsed off the loop).
+- GPU reading: ``GpuReader`` (caching, sharing, attribution) over a ``GpuSource``: ``SmiSource``
+  (nvidia-smi, parsed off the loop) or ``NvmlSource`` (NVML, each call bounded in a thread of its own).
 - Consumers and health: ``ConsumerState`` (its named transitions), ``Consumers`` (probes, loads, unloads,
   measuring).
 - The scheduler, in parts: ``Job``; the ``Recorder`` (one record of each fact, four views); the pure
@@ -55,44 +60,31 @@ Sections, in dependency order:
 - The broker: ``Broker``, the composition root.
 - The HTTP app: the front door, the handlers, the client connections, the consumers' ports, ``create_app``,
   the dashboard page.
-- The CLI: logging, ``serve``, the verbs for a running broker, ``main()``.
+- Running the broker: logging, ``serve``, and ``main()`` (config, ``--check``, serve).
 """
+
+# The command line comes first and needs only the standard library: a verb runs and exits at the fast
+# path below, before the daemon's imports (annotations are not evaluated, so the names they use may be
+# imported there):
+# ruff: noqa: E402
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import bisect
-import contextlib
-import copy
-import errno
-import fnmatch
-import functools
-import gc
-import hashlib
-import hmac
 import http.client
-import ipaddress
-import itertools
 import json
 import logging
 import math
 import os
 import re
-import resource
-import shlex
 import signal
 import socket
 import stat
-import statistics
-import subprocess
 import sys
 import textwrap
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections import deque
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -104,9 +96,735 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, unquote, urlsplit
+
+VERSION = "0.1.0"
+log = logging.getLogger("mgpumanager")
+
+# =====================================================================================================
+# The command line
+# =====================================================================================================
+
+# ---- what it shares with the daemon: a few constants, the token file ----------------------------------
+
+MiB = 1024 * 1024
+#: A reload reads and checks the config in a thread; one that takes longer than this is refused.
+CONFIG_READ_TIMEOUT_S = 20.0
+#: A token file larger than this is refused (it is no token).
+MAX_TOKEN_FILE_BYTES = 4096
+#: The recent past kept for pages opened later (``/v1/events?since=SECONDS``): the events of the last
+#: EVENT_RING_S seconds, and of those at most EVENT_RING (a job makes 5 to 10 events: some 1,500 jobs; kept
+#: as the bytes the stream sends, some 3.5 MiB when full). The dashboard's timeline draws the same 15 minutes.
+EVENT_RING = 10000
+EVENT_RING_S = 900.0
+#: A stream with nothing to say sends a comment this often, so proxies and browsers keep it open.
+HEARTBEAT_S = 15.0
+#: A logfmt value with any of these is quoted (as JSON).
+_LOGFMT_QUOTE = re.compile(r'[ "=\\]')
+
+
+def read_token_file(path: str, *, warn_if_shared: bool = True) -> str:
+    """The token in a regular file of at most MAX_TOKEN_FILE_BYTES (never a FIFO or a device, which could
+    hang or never end); ValueError otherwise. A file others may read is accepted with a warning (the
+    daemon's: the command line reads its user's own file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # opening a FIFO does not wait
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError("is not a regular file")
+        data = os.read(fd, MAX_TOKEN_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TOKEN_FILE_BYTES:
+        raise ValueError(f"is larger than {MAX_TOKEN_FILE_BYTES} bytes: no token is that long")
+    if mode & stat.S_IROTH and warn_if_shared:
+        # (logfmt by hand: logfmt() comes in a later section)
+        log.warning(f'msg="token file is readable by others" path={json.dumps(path)} mode={mode & 0o777:o}')
+    try:
+        return data.decode().strip()
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
+
+
+# ---- the verbs: a command line for a running broker --------------------------------------------------
+
+#: Where the verbs find the broker when neither --url nor MGPUMANAGER_URL says.
+DEFAULT_URL = "http://127.0.0.1:8770"
+#: How long a verb waits for the broker: to connect, for each read of its answer, and for the whole answer.
+CLI_TIMEOUT_S = 10.0
+#: load, unload and reserve wait for the GPU lock like a job (up to scheduler.queue_timeout_s, 300 s by
+#: default) and then for unload and load calls (60 s each by default).
+CLI_ADMIN_TIMEOUT_S = 900.0
+#: reload waits for the broker to read the file (up to CONFIG_READ_TIMEOUT_S) before it answers.
+CLI_RELOAD_TIMEOUT_S = CONFIG_READ_TIMEOUT_S + CLI_TIMEOUT_S
+#: ``events`` has no total limit, but gives up after this long without a byte (a heartbeat comes every
+#: HEARTBEAT_S).
+CLI_EVENTS_TIMEOUT_S = 3 * HEARTBEAT_S
+#: ``ps`` and ``status`` fit their lines in this many columns.
+CLI_WIDTH = 100
+#: The largest answer a verb reads (a /v1/status with 1,000 jobs queued is some 300 KiB), and the longest
+#: line of the event stream (one event): more is not a broker.
+CLI_ANSWER_LIMIT = 16 * MiB
+CLI_EVENT_LINE_LIMIT = 1 * MiB
+
+
+class CliError(Exception):
+    """A verb failed: ``code`` 1 when the broker could not be reached (or what answered was not the broker),
+    2 when the broker refused (its JSON error) or the command line is wrong."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+_DURATION_RE = re.compile(r"(?:\d+(?:\.\d+)?[smh])+|\d+(?:\.\d+)?")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from '90s', '30m', '2h', '1h30m' or plain seconds ('90'); ValueError for anything else."""
+    text = text.strip().lower()
+    if not _DURATION_RE.fullmatch(text):
+        raise ValueError(f"{text!r} is not a duration")
+    seconds = sum(float(n) * _DURATION_UNITS[unit] for n, unit in re.findall(r"([\d.]+)([smh]?)", text))
+    if seconds <= 0:
+        raise ValueError(f"{text!r} is no time at all")
+    return seconds
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 90s, 30m, 2h, 1h30m or seconds") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds, 0 or more")
+    return value
+
+
+def cli_url(flag: str | None, environ: Mapping[str, str]) -> str:
+    """The broker's base URL: --url, else MGPUMANAGER_URL, else DEFAULT_URL (``host:port`` means http)."""
+    url = (flag or environ.get("MGPUMANAGER_URL") or DEFAULT_URL).strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a port that is no number, or out of range, raises ValueError here)
+    except ValueError as e:
+        raise CliError(2, f"{url!r} is not a broker's URL (http://host:port): {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not url.isprintable() or " " in url:
+        raise CliError(2, f"{url!r} is not a broker's URL (http://host:port)")
+    return url
+
+
+def cli_token(token_file: str | None, environ: Mapping[str, str]) -> str | None:
+    """The bearer token: from --token-file, else MGPUMANAGER_TOKEN, else none."""
+    if token_file is None:
+        token = environ.get("MGPUMANAGER_TOKEN", "").strip() or None
+        where = "MGPUMANAGER_TOKEN"
+    else:
+        try:
+            token = read_token_file(token_file, warn_if_shared=False)
+        except OSError as e:
+            raise CliError(2, f"cannot read --token-file {token_file}: {e.strerror or e}") from e
+        except ValueError as e:
+            raise CliError(2, f"--token-file {token_file} {e}") from e
+        if not token:
+            raise CliError(2, f"--token-file {token_file} is empty")
+        where = f"--token-file {token_file}"
+    if token is not None and (not token.isprintable() or " " in token):  # as the broker's own rule
+        raise CliError(2, f"{where}: a token is printable characters without spaces")
+    return token
+
+
+def _why(exc: BaseException, timeout_s: float) -> str:
+    """Why a call to the broker failed, in a few words."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return f"no answer within {timeout_s:g} s"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve the host ({reason.strerror})"
+    if isinstance(reason, (ConnectionResetError, http.client.RemoteDisconnected)):
+        return "the connection was closed"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return str(reason) or type(reason).__name__
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """The broker never redirects: a 3xx comes from something else at its URL, and following it sent the
+    bearer token wherever its Location pointed (and turned a POST into a GET)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+#: No proxy, whatever http_proxy, HTTPS_PROXY or all_proxy say (urllib would follow them, even for 127.0.0.1,
+#: and hand the bearer token to the proxy): the verbs talk to the broker's URL alone.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects)
+
+
+@dataclass
+class Client:
+    """The verbs' calls to a running broker: urllib, no event loop, a timeout on every call."""
+
+    url: str
+    token: str | None = None
+    #: --timeout: replaces every verb's own.
+    timeout_s: float | None = None
+
+    def open(
+        self, method: str, path: str, body: Any = None, *, timeout_s: float = CLI_TIMEOUT_S
+    ) -> http.client.HTTPResponse:
+        """A 2xx answer, open for reading; CliError for anything else."""
+        timeout = self.timeout_s or timeout_s
+        headers = {"Accept": "application/json", "User-Agent": f"mgpumanager/{VERSION}"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        if self.token:  # UTF-8, as the broker reads it (http.client would send a str as Latin-1)
+            request.add_header("Authorization", f"Bearer {self.token}".encode())  # type: ignore[arg-type]
+        try:
+            return _OPENER.open(request, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            with e:
+                raise self._refused(e) from None
+        except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
+            raise self.unreachable(e, timeout) from None
+
+    def call(self, method: str, path: str, body: Any = None, *, timeout_s: float = CLI_TIMEOUT_S) -> Any:
+        """The broker's JSON answer, whole within the call's timeout (from its start) and at most
+        CLI_ANSWER_LIMIT bytes: something else at the URL may send for ever."""
+        timeout = self.timeout_s or timeout_s
+        deadline = time.monotonic() + timeout
+        with self.open(method, path, body, timeout_s=timeout_s) as resp:
+            raw = self._read(resp, deadline, timeout, CLI_ANSWER_LIMIT)
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            raise CliError(1, f"{self.url}{path} did not answer JSON: is it a mgpumanager broker?") from None
+
+    def _read(self, resp: Any, deadline: float, timeout_s: float, limit: int) -> bytes:
+        """An answer's body, read as it comes (one read at a time, each within the socket's timeout), until
+        its end; CliError once it passes ``limit`` bytes or ``deadline``."""
+        body = bytearray()
+        try:
+            while chunk := resp.read1(64 * 1024):
+                body += chunk
+                if len(body) > limit:
+                    raise CliError(1, f"{self.url} answered more than {limit // MiB} MiB: not a broker?")
+                if time.monotonic() > deadline:
+                    raise CliError(1, f"{self.url} did not finish its answer within {timeout_s:g} s")
+        except (OSError, http.client.HTTPException) as e:
+            raise self.unreachable(e, timeout_s) from None
+        return bytes(body)
+
+    def unreachable(self, exc: BaseException, timeout_s: float) -> CliError:
+        return CliError(1, f"cannot reach the broker at {self.url}: {_why(exc, timeout_s)}")
+
+    def _refused(self, error: urllib.error.HTTPError) -> CliError:
+        """The broker's JSON error (exit 2), or something else answering at its URL (exit 1)."""
+        if 300 <= error.code < 400:  # the broker never redirects
+            where = error.headers.get("Location") if error.headers else None
+            return CliError(
+                1, f"{self.url} answered {error.code}, a redirect to {where!r} (not followed): not a broker?"
+            )
+        timeout = self.timeout_s or CLI_TIMEOUT_S
+        try:
+            raw = self._read(error.fp, time.monotonic() + timeout, timeout, 64 * 1024) if error.fp else b""
+            data = json.loads(raw)
+        except (CliError, ValueError, RecursionError):
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("message"), str):
+            return CliError(1, f"{self.url} answered {error.code} {error.reason}, not a mgpumanager broker?")
+        message = f"{data['message']} ({data.get('error')})"
+        if data.get("error") == "unauthorized":
+            message += ": set MGPUMANAGER_TOKEN or give --token-file"
+        return CliError(2, message)
+
+
+def _span(seconds: float) -> str:
+    """A duration for people: '45 s', '12 min', '2 h 5 min', '3 d 4 h'."""
+    s = max(0, round(seconds))
+    if s < 90:
+        return f"{s} s"
+    if s < 90 * 60:
+        return f"{round(s / 60)} min"
+    if s < 48 * 3600:
+        hours, minutes = divmod(round(s / 60), 60)
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(round(s / 3600), 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+def _parse_iso(iso: Any) -> datetime | None:
+    """The broker's timestamps ('...Z'), as an aware datetime; None for anything unreadable."""
+    if not isinstance(iso, str):
+        return None
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _ago(iso: Any, now: float) -> str:
+    when = _parse_iso(iso)
+    return "never" if when is None else f"{_span(now - when.timestamp())} ago"
+
+
+def _local(iso: Any, now: float) -> str:
+    """A time of the broker's in this machine's time zone: '21:30:05', with the date if not today."""
+    when = _parse_iso(iso)
+    if when is None:
+        return "?"
+    local = when.astimezone()
+    same_day = local.date() == datetime.fromtimestamp(now).astimezone().date()
+    return local.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M")
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def _wrap(text: str, indent: str = "  ") -> list[str]:
+    return textwrap.wrap(text, CLI_WIDTH, initial_indent=indent, subsequent_indent=indent + "  ") or [indent]
+
+
+def _gpus_of(st: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """/v1/status's GPUs, each with its scheduler (a broker before several GPUs had only ``gpu``)."""
+    return st.get("gpus") or [{**st.get("gpu", {}), "scheduler": st.get("scheduler") or {}}]
+
+
+def _mib(value: Any) -> str:
+    return f"{value} MiB" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _state(value: Any, yes: str, no: str) -> str:
+    return "unknown" if value is None else yes if value else no
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    """Columns as wide as their widest cell, the first one cut short (``~``) if the lines would not fit."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    over = sum(widths) + 2 * (len(widths) - 1) - CLI_WIDTH
+    if over > 0:
+        widths[0] = max(8, widths[0] - over)
+
+    def cell(text: str, i: int) -> str:
+        if len(text) > widths[i]:
+            text = text[: widths[i] - 1] + "~"
+        return text.rjust(widths[i]) if i in right else text.ljust(widths[i])
+
+    return ["  ".join(cell(text, i) for i, text in enumerate(row)).rstrip() for row in [header, *rows]]
+
+
+def reservation_lines(res: Mapping[str, Any], now: float, indent: str = "  ") -> list[str]:
+    """A reservation ({reason, until, left_s, unloaded, not_unloaded}) for people."""
+    text = f"reserved: {res.get('reason') or 'no reason given'}"
+    if isinstance(res.get("left_s"), (int, float)):
+        text += f", {_span(res['left_s'])} left"
+    if res.get("until"):
+        text += f" (until {_local(res['until'], now)})"
+    lines = _wrap(text, indent)
+    if res.get("unloaded"):
+        lines += _wrap("unloaded: " + ", ".join(map(str, res["unloaded"])), indent + "  ")
+    not_unloaded = res.get("not_unloaded")
+    if not_unloaded:
+        items = (
+            not_unloaded.items() if isinstance(not_unloaded, Mapping) else [(n, None) for n in not_unloaded]
+        )
+        text = ", ".join(f"{name} ({why})" if why else str(name) for name, why in items)
+        lines += _wrap("not unloaded: " + text, indent + "  ")
+    return lines
+
+
+def gpu_lines(gpu: Mapping[str, Any], now: float) -> list[str]:
+    """One GPU: its memory line, who holds it and the queue, its reservation."""
+    head = f"GPU {gpu.get('index')}" + (f" {gpu['name']}" if gpu.get("name") else "")
+    if gpu.get("error"):
+        text = f"{head}: cannot read it: {gpu['error']}"
+    else:
+        text = f"{head}: {gpu.get('used_mib')} of {gpu.get('total_mib')} MiB used, {gpu.get('free_mib')} free"
+        if gpu.get("utilization_pct") is not None:
+            text += f", {gpu['utilization_pct']} % busy"
+        if gpu.get("temperature_c") is not None:
+            text += f", {gpu['temperature_c']} C"
+    lines = _wrap(text, "")
+    scheduler = gpu.get("scheduler") or {}
+    holder = scheduler.get("holder")
+    if holder:
+        text = f"held by {holder.get('consumer')}: {_plural(holder.get('jobs', 0), 'job')}"
+        if holder.get("holds"):
+            text += f", {_plural(holder['holds'], 'hold')}"
+        text += f", for {_span(holder.get('held_s', 0))}"
+    else:
+        text = "idle"
+    lines += _wrap(f"{text}; {len(scheduler.get('queue') or [])} queued")
+    if gpu.get("reservation"):
+        lines += reservation_lines(gpu["reservation"], now)
+    return lines
+
+
+def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
+    """``ps``: one line per consumer, then each GPU's memory, holder and reservation."""
+    gpus = _gpus_of(st)
+    several = len(gpus) > 1
+    running: dict[str, int] = {}
+    queued: dict[str, int] = {}
+    for gpu in gpus:
+        scheduler = gpu.get("scheduler") or {}
+        holder = scheduler.get("holder")
+        if holder:
+            # A hold (ComfyUI rendering after its answer) is work running too.
+            work = holder.get("jobs", 0) + holder.get("holds", 0)
+            running[holder["consumer"]] = running.get(holder["consumer"], 0) + work
+        for job in scheduler.get("queue") or []:
+            queued[job["consumer"]] = queued.get(job["consumer"], 0) + 1
+    header = [
+        "CONSUMER",
+        "GPU",
+        "HEALTH",
+        "RESIDENT",
+        "USED",
+        "PEAK",
+        "DECLARED",
+        "LAST USE",
+        "RUNNING",
+        "QUEUED",
+    ]
+    rows, notes = [], []
+    for name, c in (st.get("consumers") or {}).items():
+        rows.append(
+            [
+                name,
+                str(c.get("gpu", "")),
+                "stopped" if c.get("stopped") else _state(c.get("healthy"), "healthy", "down"),
+                _state(c.get("loaded"), "yes", "no"),
+                _mib(c.get("vram_used_mib")),
+                _mib(c.get("vram_peak_mib")),
+                _mib(c.get("vram_resident_mib")),
+                _ago(c.get("last_used"), now),
+                str(running.get(name, 0)),
+                str(queued.get(name, 0)),
+            ]
+        )
+        if c.get("healthy") is False and c.get("last_error") and not c.get("stopped"):
+            notes += _wrap(f"{name}: {c['last_error']}")
+    right = {1, 4, 5, 6, 8, 9}
+    if not several:  # one GPU: no GPU column
+        header.pop(1)
+        rows = [row[:1] + row[2:] for row in rows]
+        right = {i - 1 for i in right if i > 1}
+    lines = _table(header, rows, right) + notes
+    for gpu in gpus:
+        lines += ["", *gpu_lines(gpu, now)]
+    return lines
+
+
+def render_status(st: Mapping[str, Any], url: str, now: float) -> list[str]:
+    """``status``: the broker, then each GPU with its counters."""
+    lines = [f"mgpumanager {st.get('version')} at {url}, up {_span(st.get('uptime_s') or 0)}"]
+    for gpu in _gpus_of(st):
+        stats = (gpu.get("scheduler") or {}).get("stats") or {}
+        lines += ["", *gpu_lines(gpu, now)]
+        if stats:
+            lines += _wrap("counters: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stats.items()))
+    return lines
+
+
+def _event_value(value: Any) -> str:
+    if isinstance(value, str):
+        return (
+            json.dumps(value)
+            if not value or _LOGFMT_QUOTE.search(value) or not value.isprintable()
+            else value
+        )
+    return json.dumps(value, separators=(",", ":"))
+
+
+def format_event(event: Mapping[str, Any]) -> str:
+    """One line per event: its local time, its name, its fields (those that are not null)."""
+    when = _parse_iso(event.get("ts"))
+    clock = when.astimezone().strftime("%H:%M:%S.%f")[:-3] if when else "?"
+    fields = " ".join(
+        f"{k}={_event_value(v)}" for k, v in event.items() if k not in ("event", "ts") and v is not None
+    )
+    return f"{clock} {event.get('event')} {fields}".rstrip()
+
+
+def _printable(text: str) -> str:
+    """``text`` with every character that is not printable escaped as Python writes it (``\\x1b``)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def say(*texts: str, file: Any = None) -> None:
+    """Print lines for people, flushed, what is not printable in each escaped: a broker passes on text from
+    consumers (an unload's answer) and from people (a reservation's reason), and an escape sequence in it
+    must not drive the terminal of whoever runs ``ps``."""
+    lines = [_printable(line) for text in texts for line in text.split("\n")]
+    print("\n".join(lines), file=file or sys.stdout, flush=True)
+
+
+def cli_ps(client: Client, args: argparse.Namespace) -> int:
+    say(*render_ps(client.call("GET", "/v1/status"), time.time()))
+    return 0
+
+
+def cli_status(client: Client, args: argparse.Namespace) -> int:
+    st = client.call("GET", "/v1/status")
+    say(json.dumps(st, indent=2) if args.json else "\n".join(render_status(st, client.url, time.time())))
+    return 0
+
+
+def cli_consumer(client: Client, args: argparse.Namespace) -> int:
+    """``unload NAME`` and ``load NAME``."""
+    path = f"/v1/consumers/{quote(args.name, safe='')}/{args.verb}"
+    answer = client.call("POST", path, timeout_s=CLI_ADMIN_TIMEOUT_S)
+    loaded = answer.get("loaded")
+    if args.verb == "unload" or loaded is True:
+        text = f"{args.verb}ed {args.name}"
+    else:  # a load that left it not resident (or unknown): it has no load route
+        state = "not resident" if loaded is False else "of unknown residency"
+        text = (
+            f"made room for {args.name}, which is {state} (without a load route it loads with its first job)"
+        )
+    if answer.get("evictions"):
+        text += f", after unloading {_plural(answer['evictions'], 'other consumer')}"
+    say(text)
+    return 0
+
+
+def cli_reload(client: Client, args: argparse.Namespace) -> int:
+    changes = client.call("POST", "/v1/reload", timeout_s=CLI_RELOAD_TIMEOUT_S).get("changes") or []
+    say("reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
+    return 0
+
+
+def cli_reserve(client: Client, args: argparse.Namespace) -> int:
+    seconds = args.duration
+    body: dict[str, Any] = {"for_s": int(seconds) if float(seconds).is_integer() else seconds}
+    if args.reason is not None:
+        body["reason"] = args.reason
+    if args.gpu is not None:
+        body["gpu"] = args.gpu
+    answer = client.call("POST", "/v1/reserve", body, timeout_s=CLI_ADMIN_TIMEOUT_S)
+    gpu = answer.get("gpu", args.gpu)
+    say(f"GPU {gpu} reserved" if gpu is not None else "reserved", *reservation_lines(answer, time.time()))
+    return 0
+
+
+def cli_release(client: Client, args: argparse.Namespace) -> int:
+    path = "/v1/reserve" + (f"?gpu={args.gpu}" if args.gpu is not None else "")
+    answer = client.call("DELETE", path)
+    gpu = answer.get("gpu", args.gpu) if isinstance(answer, dict) else args.gpu
+    what = f"GPU {gpu}" if gpu is not None else "the GPU"
+    was_reserved = not (isinstance(answer, dict) and answer.get("released") is False)
+    if isinstance(answer, dict) and answer.get("cancelled"):
+        say(f"{what}: cancelled a pending reservation (it had not begun: nothing was unloaded)")
+    else:
+        say(f"{what} released" if was_reserved else f"{what} was not reserved")
+    return 0
+
+
+def cli_events(client: Client, args: argparse.Namespace) -> int:
+    """Follow /v1/events, one line per event, until Ctrl-C (exit 0) or the broker ends the stream."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    query = "" if args.since is None else f"?since={args.since:g}"
+    timeout = client.timeout_s or CLI_EVENTS_TIMEOUT_S
+    try:
+        with client.open("GET", "/v1/events" + query, timeout_s=CLI_EVENTS_TIMEOUT_S) as resp:
+            kind = resp.headers.get_content_type()
+            if kind != "text/event-stream":
+                raise CliError(1, f"{client.url}/v1/events answered {kind}, no event stream: not a broker?")
+            data: list[str] = []
+            while True:
+                try:
+                    line = resp.readline(CLI_EVENT_LINE_LIMIT + 1)
+                except (OSError, http.client.HTTPException) as e:
+                    raise client.unreachable(e, timeout) from None
+                if not line:
+                    raise CliError(
+                        1, "the broker ended the event stream (shutting down, or this reader fell behind)"
+                    )
+                if len(line) > CLI_EVENT_LINE_LIMIT or sum(map(len, data)) > CLI_EVENT_LINE_LIMIT:
+                    raise CliError(1, f"{client.url}/v1/events sent an event over 1 MiB: not a broker?")
+                text = line.decode("utf-8", "replace").rstrip("\r\n")
+                if text.startswith("data:"):
+                    data.append(text[6:] if text.startswith("data: ") else text[5:])
+                elif not text and data:
+                    try:
+                        say(format_event(json.loads("\n".join(data))))
+                    except (ValueError, RecursionError):
+                        say("\n".join(data))
+                    data = []
+    except KeyboardInterrupt:
+        return 0
+
+
+VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
+    "ps": cli_ps,
+    "status": cli_status,
+    "unload": cli_consumer,
+    "load": cli_consumer,
+    "reload": cli_reload,
+    "reserve": cli_reserve,
+    "release": cli_release,
+    "events": cli_events,
+}
+
+
+#: The verbs' own flags, accepted before the verb as after it: (flag, argparse keywords).
+VERB_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--url", {"help": f"the broker (default: $MGPUMANAGER_URL, else {DEFAULT_URL})"}),
+    (
+        "--token-file",
+        {"metavar": "FILE", "help": "read the bearer token from FILE (default: $MGPUMANAGER_TOKEN)"},
+    ),
+    (
+        "--timeout",
+        {
+            "type": _seconds,
+            "metavar": "SECONDS",
+            "help": f"wait at most this long for each answer (default {CLI_TIMEOUT_S:g} s;"
+            f" {CLI_ADMIN_TIMEOUT_S:g} s for load, unload and reserve,"
+            f" {CLI_RELOAD_TIMEOUT_S:g} s for reload)",
+        },
+    ),
+)
+
+
+def add_verbs(parser: argparse.ArgumentParser) -> None:
+    """The verbs, each with --url, --token-file and --timeout (also taken before the verb:
+    ``mgpumanager.py --url http://mrock:8770 ps``; written after it, they win)."""
+    for flag, options in VERB_FLAGS:
+        parser.add_argument(flag, **options)
+    common = argparse.ArgumentParser(add_help=False)
+    for flag, options in VERB_FLAGS:
+        common.add_argument(flag, **options, default=argparse.SUPPRESS)
+    verbs = parser.add_subparsers(
+        dest="verb", metavar="VERB", title="verbs (they talk to a running broker; without one, run it)"
+    )
+    verbs.add_parser("ps", parents=[common], help="consumers, GPUs and reservations in one table")
+    status = verbs.add_parser("status", parents=[common], help="a summary with the counters")
+    status.add_argument("--json", action="store_true", help="print /v1/status as it is")
+    for verb, text in (("unload", "unload a consumer now"), ("load", "make room for a consumer and load it")):
+        verbs.add_parser(verb, parents=[common], help=text).add_argument("name", metavar="NAME")
+    verbs.add_parser("reload", parents=[common], help="re-read the broker's config, as SIGHUP does")
+    reserve = verbs.add_parser(
+        "reserve", parents=[common], help="unload everything on a GPU and keep jobs off it for DURATION"
+    )
+    reserve.add_argument(
+        "duration", type=_duration, metavar="DURATION", help="90s, 30m, 2h, 1h30m or seconds"
+    )
+    reserve.add_argument("--reason", metavar="TEXT", help="what the GPU is for (shown to refused jobs)")
+    reserve.add_argument("--gpu", type=int, metavar="N", help="which GPU, where there are several")
+    release = verbs.add_parser("release", parents=[common], help="end a reservation")
+    release.add_argument("--gpu", type=int, metavar="N", help="which GPU, where there are several")
+    events = verbs.add_parser("events", parents=[common], help="follow the event stream until Ctrl-C")
+    events.add_argument(
+        "--since",
+        type=_seconds,
+        metavar="SECONDS",
+        help=f"first the events of the last SECONDS (up to {EVENT_RING_S:g})",
+    )
+
+
+#: What reading a JSON answer that is not shaped as the broker's raises ([] for /v1/status, NaN for a time,
+#: a string for a count): whatever answered is not a broker (exit 1), and no traceback.
+NOT_A_BROKERS_ANSWER = (
+    AttributeError,
+    KeyError,
+    IndexError,
+    TypeError,
+    ValueError,
+    ArithmeticError,
+    RecursionError,
+)
+
+
+def run_verb(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
+    """Run a verb: 0 done, 1 the broker could not be reached, 2 it refused; the reason on stderr."""
+    try:
+        client = Client(cli_url(args.url, environ), cli_token(args.token_file, environ), args.timeout)
+        try:
+            return VERBS[args.verb](client, args)
+        except NOT_A_BROKERS_ANSWER as e:  # (only the answer is read here: the command line was checked)
+            what = f"{type(e).__name__}: {e}"
+            raise CliError(1, f"{client.url} answered what no broker does ({what})") from e
+    except CliError as e:
+        say(f"mgpumanager {args.verb}: {e.message}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `mgpumanager.py events | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def command_line() -> argparse.ArgumentParser:
+    """The broker's own flags and the verbs: ``--help`` lists both, before the daemon's imports."""
+    parser = argparse.ArgumentParser(
+        prog="mgpumanager",
+        description="GPU-inference broker: one door to one GPU. Without a VERB it runs the broker;"
+        " a VERB talks to a running one.",
+    )
+    parser.add_argument("--config", default="consumers.yaml", help="YAML config (default: ./consumers.yaml)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen")
+    parser.add_argument(
+        "--nvidia-smi", metavar="CMD", help="override gpu.nvidia_smi (split like a shell would)"
+    )
+    parser.add_argument("--check", action="store_true", help="validate the config, print a summary, exit")
+    parser.add_argument(
+        "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    add_verbs(parser)
+    return parser
+
+
+# ---- Fast path ----
+# Everything above needs only the standard library: a verb (or --help) is answered before the daemon's
+# imports (aiohttp alone takes most of a second to import).
+if __name__ == "__main__":
+    _args = command_line().parse_args()
+    if _args.verb is not None:
+        sys.exit(run_verb(_args))
+
+# The daemon's imports: from here on, everything is the broker's.
+import asyncio
+import bisect
+import concurrent.futures
+import contextlib
+import copy
+import errno
+import fnmatch
+import functools
+import gc
+import hashlib
+import hmac
+import importlib
+import ipaddress
+import itertools
+import resource
+import shlex
+import statistics
+import subprocess
+import threading
+from collections import deque
+from pathlib import Path
+from queue import SimpleQueue
 
 import aiohttp
 import yaml
@@ -115,9 +833,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
-VERSION = "0.1.0"
-log = logging.getLogger("mgpumanager")
-
 if not hasattr(web, "AppKey"):  # handler_cancellation and AppKey came with aiohttp 3.9
     sys.exit(f"mgpumanager needs aiohttp >= 3.9 (Debian 13's python3-aiohttp); this is {aiohttp.__version__}")
 
@@ -125,7 +840,7 @@ if not hasattr(web, "AppKey"):  # handler_cancellation and AppKey came with aioh
 # Constants
 # =====================================================================================================
 
-MiB = 1024 * 1024
+# (MiB, CONFIG_READ_TIMEOUT_S and MAX_TOKEN_FILE_BYTES are defined with the command line, which uses them.)
 PRIORITY_MAX = 4
 #: A bearer token shorter than this is refused: it would be guessable.
 MIN_TOKEN_LENGTH = 16
@@ -210,10 +925,6 @@ MAX_CONFIG_BYTES = 256 * 1024
 #: A config whose nodes and scalar characters, with every alias expanded, exceed this is refused (an alias
 #: "bomb" of 1 KiB can stand for gigabytes once expanded, say in an unload body sent as JSON).
 MAX_CONFIG_EXPANSION = 1024 * 1024
-#: A reload reads and checks the config in a thread; one that takes longer than this is refused.
-CONFIG_READ_TIMEOUT_S = 20.0
-#: A token file larger than this is refused (it is no token).
-MAX_TOKEN_FILE_BYTES = 4096
 #: The largest value of every number the loader reads, by kind: durations (keys ending in ``_s``; also at
 #: least a millisecond when not 0), body sizes (``max_body_mib``, ``max_bodies_mib``), memory sizes (other
 #: ``_mib`` keys), GPU indexes (``index``, ``gpu``) and counts (every other number).
@@ -232,6 +943,8 @@ GPU_FIELDS = (
     "temperature.gpu",
 )
 APP_FIELDS = ("pid", "process_name", "used_memory", "gpu_uuid")
+#: gpu.reader: NVML when it loads, else nvidia-smi (``auto``), or the one named.
+GPU_READERS = ("auto", "nvml", "nvidia-smi")
 
 # =====================================================================================================
 # Errors
@@ -499,9 +1212,12 @@ class GpuConfig:
     #: The GPU of consumers that do not name one (``gpu: N``).
     index: int = 0
     cushion_mib: int = 256
+    #: Each reading (nvidia-smi's processes, NVML's calls) must answer within this.
     query_timeout_s: float = 5.0
     #: The most of nvidia-smi's output (each query's) that is read and parsed.
     max_output_mib: int = 8
+    #: Where readings come from (GPU_READERS): NVML when it loads, else nvidia-smi, by default.
+    reader: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -1352,29 +2068,6 @@ def _parse_unscheduled(
     return tuple(out)
 
 
-def read_token_file(path: str, *, warn_if_shared: bool = True) -> str:
-    """The token in a regular file of at most MAX_TOKEN_FILE_BYTES (never a FIFO or a device, which could
-    hang or never end); ValueError otherwise. A file others may read is accepted with a warning (the
-    daemon's: the command line reads its user's own file)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # opening a FIFO does not wait
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ValueError("is not a regular file")
-        data = os.read(fd, MAX_TOKEN_FILE_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_TOKEN_FILE_BYTES:
-        raise ValueError(f"is larger than {MAX_TOKEN_FILE_BYTES} bytes: no token is that long")
-    if mode & stat.S_IROTH and warn_if_shared:
-        # (logfmt by hand: logfmt() comes in a later section)
-        log.warning(f'msg="token file is readable by others" path={json.dumps(path)} mode={mode & 0o777:o}')
-    try:
-        return data.decode().strip()
-    except UnicodeDecodeError:
-        raise ValueError("is not UTF-8 text") from None
-
-
 def _parse_auth(ck: _Checker, raw: Any) -> AuthConfig:
     """auth.token, or auth.token_file (read now, so a secret can live outside the config)."""
     d = ck.mapping(raw, "auth", ("token", "token_file"))
@@ -1442,8 +2135,14 @@ def parse_config(raw: Any) -> Config:
     host, port = _parse_listen(ck, top.get("listen", "0.0.0.0:8770"))
 
     g = ck.mapping(
-        top.get("gpu"), "gpu", ("nvidia_smi", "index", "cushion_mib", "query_timeout_s", "max_output_mib")
+        top.get("gpu"),
+        "gpu",
+        ("nvidia_smi", "index", "cushion_mib", "query_timeout_s", "max_output_mib", "reader"),
     )
+    reader = g.get("reader", "auto")
+    if reader not in GPU_READERS:
+        ck.problem("gpu.reader", f"must be one of {', '.join(GPU_READERS)}, not {reader!r}")
+        reader = "auto"
     smi = g.get("nvidia_smi", "nvidia-smi")
     argv: tuple[str, ...] = ()
     if isinstance(smi, str) and smi.strip():
@@ -1461,6 +2160,7 @@ def parse_config(raw: Any) -> Config:
         cushion_mib=ck.number(g, "cushion_mib", "gpu", 256, integer=True, zero_ok=True),
         query_timeout_s=ck.number(g, "query_timeout_s", "gpu", 5.0, integer=False),
         max_output_mib=ck.number(g, "max_output_mib", "gpu", 8, integer=True),
+        reader=reader,
     )
 
     fields = SchedulerConfig.__dataclass_fields__
@@ -1875,12 +2575,8 @@ def parse_json(body: bytes | bytearray) -> Any:
         return None
 
 
-#: A logfmt value with any of these is quoted (as JSON).
-_LOGFMT_QUOTE = re.compile(r'[ "=\\]')
-
-
 def logfmt(**fields: Any) -> str:
-    """key=value pairs, values quoted when they need it."""
+    """key=value pairs, values quoted when they need it (_LOGFMT_QUOTE: with the command line)."""
     out = []
     for key, value in fields.items():
         if value is None:
@@ -1899,13 +2595,7 @@ def logfmt(**fields: Any) -> str:
 
 #: What /v1/events sends, and what a subscriber that falls this far behind is dropped for.
 EVENT_BUFFER = 256
-#: The recent past kept for pages opened later (``/v1/events?since=SECONDS``): the events of the last
-#: EVENT_RING_S seconds, and of those at most EVENT_RING (a job makes 5 to 10 events: some 1,500 jobs; kept
-#: as the bytes the stream sends, some 3.5 MiB when full). The dashboard's timeline draws the same 15 minutes.
-EVENT_RING = 10000
-EVENT_RING_S = 900.0
-#: A stream with nothing to say sends a comment this often, so proxies and browsers keep it open.
-HEARTBEAT_S = 15.0
+# (EVENT_RING, EVENT_RING_S and HEARTBEAT_S are defined with the command line, which uses them.)
 #: A reader of /v1/events that accepts nothing for this long is cut off: what is written to it waits in the
 #: broker's memory until it reads.
 EVENT_STALL_S = 60.0
@@ -2526,25 +3216,433 @@ async def run_nvidia_smi(argv: Sequence[str], timeout_s: float, max_output_mib: 
     return done.stdout.decode(errors="replace")
 
 
+class GpuSource(Protocol):
+    """Where a GPU's readings come from (gpu.reader): SmiSource or NvmlSource. GpuReader shares, keeps and
+    tells its readings; a source only makes them."""
+
+    #: ``nvidia-smi`` or ``nvml``; readings made (nvidia-smi: processes started).
+    name: str
+    queries: int
+
+    async def read(
+        self,
+        cfg: GpuConfig,
+        *,
+        whole: bool,
+        started: float,
+        read_at: float,
+        finish: Callable[[GpuReading], GpuReading] | None,
+    ) -> GpuReading:
+        """A reading started at ``started`` (GpuError when the GPU cannot be read): with the process list when
+        ``whole``, then passed through ``finish`` off the event loop."""
+        ...
+
+    async def close(self, timeout_s: float) -> None:
+        """Give back what it holds, waiting ``timeout_s`` at most."""
+        ...
+
+
+class SmiSource:
+    """Readings from nvidia-smi: two processes for a whole reading (the GPU's line and its compute processes),
+    one for the GPU's line alone; their output parsed (and the processes attributed) in a worker thread."""
+
+    name = "nvidia-smi"
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        #: How many nvidia-smi processes were started.
+        self.queries = 0
+
+    async def read(
+        self,
+        cfg: GpuConfig,
+        *,
+        whole: bool,
+        started: float,
+        read_at: float,
+        finish: Callable[[GpuReading], GpuReading] | None,
+    ) -> GpuReading:
+        """A reading started at ``started``: with the process list when ``whole`` (then passed through
+        ``finish``, in the worker thread)."""
+        fmt = "--format=csv,noheader,nounits"
+        base = [*cfg.nvidia_smi, "-i", str(self.index)]
+        limit_s, limit_mib = cfg.query_timeout_s, cfg.max_output_mib
+        gpu_query = run_nvidia_smi([*base, f"--query-gpu={','.join(GPU_FIELDS)}", fmt], limit_s, limit_mib)
+        if not whole:
+            self.queries += 1
+            text = await gpu_query
+            # (In a worker thread too: a broken nvidia-smi may print its 8 MiB here as well.)
+            return await asyncio.to_thread(self._parse, text, "", started, read_at, None)
+        self.queries += 2
+        results = await asyncio.gather(
+            gpu_query,
+            run_nvidia_smi([*base, f"--query-compute-apps={','.join(APP_FIELDS)}", fmt], limit_s, limit_mib),
+            return_exceptions=True,
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        # Off the event loop: 20,000 process lines (a hostile or broken nvidia-smi) take it a second.
+        return await asyncio.to_thread(self._parse, results[0], results[1], started, read_at, finish)
+
+    def _parse(
+        self,
+        gpu_text: str,
+        apps_text: str,
+        started: float,
+        read_at: float,
+        finish: Callable[[GpuReading], GpuReading] | None,
+    ) -> GpuReading:
+        reading = parse_gpu_reading(gpu_text, apps_text, index=self.index, started=started, read_at=read_at)
+        return reading if finish is None else finish(reading)
+
+    async def close(self, timeout_s: float) -> None:
+        """Nothing to give back: each reading's processes are gone when it ends."""
+
+
+class NvmlUnavailable(GpuError):
+    """NVML cannot be used: nvidia-ml-py is not installed, libnvidia-ml.so.1 does not load, no driver, no such
+    GPU."""
+
+
+def nvml_failure(exc: BaseException, call: str) -> GpuError | None:
+    """The GpuError for an exception nvidia-ml-py raised (its NVMLError, or its own version mismatch); None
+    for any other (a bug of ours)."""
+    if type(exc).__module__ != "pynvml":
+        return None
+    return GpuError(f"NVML {call}: {exc}")
+
+
+class Nvml:
+    """NVML for the whole process, through nvidia-ml-py: imported and initialised (``nvmlInit``) by its first
+    user, shut down (``nvmlShutdown``) when its last user lets it go. Called from the readers' NVML threads,
+    never from the event loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.users = 0
+        #: The pynvml module while NVML is initialised.
+        self.module: Any = None
+
+    def acquire(self) -> Any:
+        """The pynvml module, NVML initialised; NvmlUnavailable when it cannot be."""
+        with self._lock:
+            if self.users == 0:
+                try:
+                    module = importlib.import_module("pynvml")
+                except ImportError as e:
+                    raise NvmlUnavailable(f"nvidia-ml-py is not installed (import pynvml: {e})") from None
+                try:
+                    module.nvmlInit()
+                except Exception as e:
+                    failure = nvml_failure(e, "nvmlInit")
+                    if failure is None:
+                        raise
+                    raise NvmlUnavailable(f"{failure} (libnvidia-ml.so.1, the driver's)") from None
+                self.module = module
+            self.users += 1
+            return self.module
+
+    def release(self) -> None:
+        """One user less; NVML shut down after the last."""
+        with self._lock:
+            self.users -= 1
+            if self.users > 0:
+                return
+            module, self.module = self.module, None
+            try:
+                module.nvmlShutdown()
+            except Exception as e:
+                failure = nvml_failure(e, "nvmlShutdown")
+                if failure is None:
+                    raise
+                log.warning(logfmt(msg="NVML did not shut down", error=str(failure)))
+
+
+#: The process's one NVML.
+NVML = Nvml()
+
+
+class NvmlThread:
+    """A GPU's NVML calls, made one at a time by a daemon thread of its own; ``call`` waits for one at most
+    ``timeout_s``. NVML can hang after a driver fault: a call that has not returned by then is abandoned to
+    its thread (logged, never awaited again) and every call after it fails at once, without queueing behind
+    it, until it returns (logged too). A GPU has one such thread at most, hung or not."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._queue: SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None] = (
+            SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        #: Guards the hand-over of a call's end against its caller's giving up on it.
+        self._lock = threading.Lock()
+        #: When the call running now began (monotonic), and when the one that overran its time began.
+        self._running_since: float | None = None
+        self.hung_since: float | None = None
+        self._stopped = False
+
+    async def call(self, fn: Callable[[], Any], timeout_s: float) -> Any:
+        """``fn()`` in the thread; GpuError when it does not return within ``timeout_s`` or another call is
+        hung."""
+        if self._stopped:
+            raise GpuError("NVML: the reader closed")
+        hung_since = self.hung_since
+        if hung_since is not None:
+            raise GpuError(
+                f"NVML has not answered for {time.monotonic() - hung_since:.0f} s (a call hangs in its"
+                " thread, as after a driver fault): not asked again until it answers"
+            )
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.put((fn, future))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        except asyncio.TimeoutError:
+            with self._lock:  # (wait_for cancelled the future: it stays pending only where it is running)
+                hung = not future.done()
+                if hung:
+                    self.hung_since = self._running_since or time.monotonic()
+            if hung:
+                log.error(
+                    logfmt(msg="NVML call hung: left to its thread", thread=self.name, limit_s=timeout_s)
+                )
+            raise GpuError(f"NVML did not answer within {timeout_s:g} s") from None
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, future = item
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up before it began
+            self._running_since = time.monotonic()
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = fn()
+            except BaseException as e:  # handed to the caller, who raises it
+                error = e
+            with self._lock:
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
+                self._running_since = None
+                hung_since, self.hung_since = self.hung_since, None
+            if hung_since is not None:
+                took = round(time.monotonic() - hung_since, 1)
+                log.warning(logfmt(msg="NVML answered again", thread=self.name, after_s=took))
+
+    def stop(self) -> None:
+        """End the thread once the calls before this one are done (a hung one never ends: a daemon thread)."""
+        self._stopped = True
+        if self._thread is not None:
+            self._queue.put(None)
+
+
+def process_name(pid: int) -> str | None:
+    """A process's name as nvidia-smi shows it: the first word of its command line (``/proc/<pid>/cmdline``);
+    None when that cannot be read (gone, hidden) or is empty (a zombie)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    return head.split(b"\0", 1)[0].decode(errors="replace") or None
+
+
+class NvmlSource:
+    """Readings through NVML (nvidia-ml-py over libnvidia-ml.so.1, the library nvidia-smi itself calls), in
+    the GPU's own NvmlThread: no process per reading. They are nvidia-smi's: the memory from memory info v2
+    (where the reserved memory is neither used nor free, as nvidia-smi shows it since R510), the compute
+    processes with each one's memory and its name from ``/proc/<pid>/cmdline``; bytes in MiB, rounded
+    down."""
+
+    name = "nvml"
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.thread = NvmlThread(f"nvml-gpu{index}")
+        #: How many readings it made.
+        self.queries = 0
+        #: nvidia-ml-py, once NVML is this source's (NVML.acquire), and the GPU: handle, name, uuid.
+        self._nvml: Any = None
+        self._device: tuple[Any, str, str] | None = None
+        #: Memory info v2 (nvidia-smi's figures); False on a driver older than R510 (reserved counts as used).
+        self._v2 = True
+        self._closed = False
+
+    async def open(self, timeout_s: float) -> str:
+        """Load NVML and find the GPU (NvmlUnavailable when that fails); the driver's version."""
+        return await self.thread.call(self._open, timeout_s)
+
+    def _call(self, call: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One NVML function; its failure a GpuError naming it (in the thread)."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            failure = nvml_failure(e, call)
+            if failure is None:
+                raise
+            raise failure from None
+
+    def _open(self) -> str:
+        if self._nvml is None:
+            nv = NVML.acquire()
+            if self._closed:  # closed while NVML was starting (it hung past the caller's time)
+                NVML.release()
+                raise NvmlUnavailable("the reader closed meanwhile")
+            self._nvml = nv
+        nv = self._nvml
+        try:
+            handle = self._call("nvmlDeviceGetHandleByIndex", nv.nvmlDeviceGetHandleByIndex, self.index)
+            name = self._call("nvmlDeviceGetName", nv.nvmlDeviceGetName, handle)
+            uuid = self._call("nvmlDeviceGetUUID", nv.nvmlDeviceGetUUID, handle)
+            version = self._call("nvmlSystemGetDriverVersion", nv.nvmlSystemGetDriverVersion)
+        except GpuError as e:
+            raise NvmlUnavailable(str(e)) from None
+        try:
+            nv.nvmlDeviceGetMemoryInfo(handle, version=nv.nvmlMemory_v2)
+        except Exception as e:
+            names = ("NVMLError_FunctionNotFound", "NVMLError_ArgumentVersionMismatch")
+            if isinstance(e, tuple(getattr(nv, name) for name in names if hasattr(nv, name))):
+                self._v2 = False
+                log.warning(
+                    logfmt(
+                        msg="NVML has no memory info v2 (a driver before R510): the reserved memory counts"
+                        " as used",
+                        gpu=self.index,
+                    )
+                )
+            elif nvml_failure(e, "") is None:
+                raise
+        self._device = (handle, name, uuid)
+        return str(version)
+
+    async def read(
+        self,
+        cfg: GpuConfig,
+        *,
+        whole: bool,
+        started: float,
+        read_at: float,
+        finish: Callable[[GpuReading], GpuReading] | None,
+    ) -> GpuReading:
+        """A reading started at ``started``, as SmiSource.read's; all of it (``finish`` too) in the thread."""
+        self.queries += 1
+        work = functools.partial(self._read, whole, started, read_at, finish)
+        return await self.thread.call(work, cfg.query_timeout_s)
+
+    def _optional(self, call: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """A figure a GPU may not have (nvidia-smi prints ``[N/A]``): None when NVML says not supported."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            if isinstance(e, self._nvml.NVMLError_NotSupported):
+                return None
+            failure = nvml_failure(e, call)
+            if failure is None:
+                raise
+            raise failure from None
+
+    def _read(
+        self,
+        whole: bool,
+        started: float,
+        read_at: float,
+        finish: Callable[[GpuReading], GpuReading] | None,
+    ) -> GpuReading:
+        if self._device is None:
+            self._open()
+            log.info(logfmt(msg="NVML loaded", gpu=self.index))
+        assert self._device is not None
+        handle, name, uuid = self._device
+        nv = self._nvml
+        try:
+            if self._v2:
+                memory = self._call(
+                    "nvmlDeviceGetMemoryInfo", nv.nvmlDeviceGetMemoryInfo, handle, version=nv.nvmlMemory_v2
+                )
+            else:
+                memory = self._call("nvmlDeviceGetMemoryInfo", nv.nvmlDeviceGetMemoryInfo, handle)
+            rates = self._optional("nvmlDeviceGetUtilizationRates", nv.nvmlDeviceGetUtilizationRates, handle)
+            temperature = self._optional(
+                "nvmlDeviceGetTemperature", nv.nvmlDeviceGetTemperature, handle, nv.NVML_TEMPERATURE_GPU
+            )
+            procs = (
+                self._call(
+                    "nvmlDeviceGetComputeRunningProcesses", nv.nvmlDeviceGetComputeRunningProcesses, handle
+                )
+                if whole
+                else []
+            )
+        except GpuError:
+            self._device = None  # found again by the next reading (a GPU lost and back has a new handle)
+            raise
+        processes = tuple(
+            GpuProcess(
+                p.pid, process_name(p.pid), None if p.usedGpuMemory is None else p.usedGpuMemory // MiB
+            )
+            for p in procs
+        )
+        reading = GpuReading(
+            index=self.index,
+            uuid=uuid,
+            name=name,
+            total_mib=memory.total // MiB,
+            used_mib=memory.used // MiB,
+            free_mib=memory.free // MiB,
+            utilization_pct=None if rates is None else rates.gpu,
+            temperature_c=temperature,
+            processes=processes,
+            read_at=read_at,
+            started=started,
+        )
+        return reading if finish is None else finish(reading)
+
+    async def close(self, timeout_s: float) -> None:
+        """Let NVML go (shut down after its last user), after the calls under way; never waits on a hung
+        call (nor past ``timeout_s``)."""
+        self._closed = True
+        if self.thread.hung_since is not None:
+            log.warning(logfmt(msg="NVML left without nvmlShutdown: a call hangs", gpu=self.index))
+        elif self._nvml is not None:
+            with contextlib.suppress(GpuError):  # (timed out: logged by the thread)
+                await self.thread.call(self._release, timeout_s)
+        self.thread.stop()
+
+    def _release(self) -> None:
+        if self._nvml is not None:
+            self._nvml = self._device = None
+            NVML.release()
+
+
 class GpuReader:
-    """Reads one GPU through nvidia-smi; concurrent readers share one running query.
+    """Reads one GPU through its source (gpu.reader: NVML, or nvidia-smi); concurrent readers share one
+    running reading; the newest is kept for ``max_age`` readers and told to the listeners.
 
     ``read(max_age=...)`` may answer from a reading (or error) started less than ``max_age`` seconds ago;
-    ``read_memory()`` always starts its own, smaller reading, for making room.
+    ``read_memory()`` always starts its own, smaller reading (no process list), for making room. The source
+    is chosen at the first reading (``auto``: NVML when it loads, else nvidia-smi), and again after a reload
+    that changes gpu.reader.
     """
 
     def __init__(
         self, shared: Shared, clock: Callable[[], float] = time.monotonic, *, index: int | None = None
     ):
         self.shared = shared
-        #: The nvidia-smi index read (``-i``): gpu.index unless given.
+        #: The GPU read (nvidia-smi's ``-i``, NVML's index): gpu.index unless given.
         self.index = shared.config.gpu.index if index is None else index
         self.clock = clock
-        #: How many nvidia-smi processes were started (for tests and the bench).
-        self.queries = 0
         self._inflight: asyncio.Task[GpuReading] | None = None
         self._last: tuple[float, GpuReading | GpuError] | None = None
         self._tasks: set[asyncio.Task[GpuReading]] = set()
+        #: The source, for which gpu.reader; the one being chosen; queries of the sources it replaced.
+        self._source: GpuSource | None = None
+        self._source_for: str | None = None
+        self._choosing: asyncio.Task[GpuSource] | None = None
+        self._queries_before = 0
         #: Told of every whole reading (the broker measures its consumers' processes from it).
         self.listeners: list[Callable[[GpuReading], None]] = []
         #: pid -> consumer for a whole reading's processes (the broker's Consumers.attribute): run off the
@@ -2557,7 +3655,54 @@ class GpuReader:
 
     def __repr__(self) -> str:
         busy = "querying" if self._inflight is not None else "idle"
-        return f"<GpuReader index={self.index} {busy} queries:{self.queries}>"
+        return f"<GpuReader index={self.index} {self.reader or 'unchosen'} {busy} queries:{self.queries}>"
+
+    @property
+    def queries(self) -> int:
+        """nvidia-smi processes started plus NVML readings made (for tests and the bench)."""
+        return self._queries_before + (self._source.queries if self._source is not None else 0)
+
+    @property
+    def reader(self) -> str | None:
+        """Which reads this GPU now: ``nvml`` or ``nvidia-smi`` (None before the first reading)."""
+        return self._source.name if self._source is not None else None
+
+    async def _current(self) -> GpuSource:
+        """The source gpu.reader asks for now, chosen once (concurrent first readings share the choice)."""
+        wanted = self.config.reader
+        if self._source is not None and self._source_for == wanted:
+            return self._source
+        if self._choosing is None or self._choosing.done():
+            self._choosing = asyncio.get_running_loop().create_task(self._choose(wanted))
+        return await asyncio.shield(self._choosing)
+
+    async def _choose(self, wanted: str) -> GpuSource:
+        source: GpuSource
+        if wanted == "nvidia-smi":
+            source = SmiSource(self.index)
+            log.info(logfmt(msg="gpu reader", gpu=self.index, reader=source.name))
+        else:
+            source = NvmlSource(self.index)
+            try:
+                driver = await source.open(self.config.query_timeout_s)
+            except Exception as e:
+                why = str(e)
+                if not isinstance(e, GpuError):  # a bug (or a binding that raises what it should not)
+                    why = describe(e)
+                    self.shared.internal_error("loading NVML crashed", e, gpu=self.index, error=why)
+                if wanted == "nvml":  # each reading tries again, gpu_unavailable meanwhile
+                    log.error(logfmt(msg="gpu reader nvml did not load", gpu=self.index, error=why))
+                else:
+                    await source.close(self.config.query_timeout_s)
+                    source = SmiSource(self.index)
+                    log.info(logfmt(msg="gpu reader", gpu=self.index, reader=source.name, nvml=why))
+            else:
+                log.info(logfmt(msg="gpu reader", gpu=self.index, reader=source.name, driver=driver))
+        old, self._source, self._source_for = self._source, source, wanted
+        if old is not None:
+            self._queries_before += old.queries
+            await old.close(self.config.query_timeout_s)
+        return source
 
     async def read(self, *, max_age: float = 0.0, own: bool = False) -> GpuReading:
         """A whole reading (the GPU's line and its processes). It shares one under way, or answers from one
@@ -2606,17 +3751,11 @@ class GpuReader:
             self._last = (started, result)
 
     async def read_memory(self) -> GpuReading:
-        """A reading of its own of the GPU's line alone (one nvidia-smi, no process list), not shared or
-        kept: what making room needs, at half the cost of a whole reading."""
-        cfg = self.config
+        """A reading of its own of the GPU's line alone (no process list), not shared or kept: what making
+        room needs (one nvidia-smi instead of two)."""
         started, read_at = self.clock(), time.time()
-        self.queries += 1
-        argv = [*cfg.nvidia_smi, "-i", str(self.index), f"--query-gpu={','.join(GPU_FIELDS)}"]
-        argv.append("--format=csv,noheader,nounits")
-        text = await run_nvidia_smi(argv, cfg.query_timeout_s, cfg.max_output_mib)
-        # (In a worker thread too: a broken nvidia-smi may print its 8 MiB here as well.)
-        parse = functools.partial(parse_gpu_reading, index=self.index, started=started, read_at=read_at)
-        return await asyncio.to_thread(parse, text, "")
+        source = await self._current()
+        return await source.read(self.config, whole=False, started=started, read_at=read_at, finish=None)
 
     def last_free_mib(self) -> int | None:
         """Free MiB from the newest finished reading, without reading again."""
@@ -2624,26 +3763,14 @@ class GpuReader:
         return result.free_mib if isinstance(result, GpuReading) else None
 
     async def _query(self, started: float) -> GpuReading:
-        cfg = self.config
-        base = [*cfg.nvidia_smi, "-i", str(self.index)]
-        fmt = "--format=csv,noheader,nounits"
-        self.queries += 2
         read_at = time.time()
-        limit_s, limit_mib = cfg.query_timeout_s, cfg.max_output_mib
-        results = await asyncio.gather(
-            run_nvidia_smi([*base, f"--query-gpu={','.join(GPU_FIELDS)}", fmt], limit_s, limit_mib),
-            run_nvidia_smi([*base, f"--query-compute-apps={','.join(APP_FIELDS)}", fmt], limit_s, limit_mib),
-            return_exceptions=True,
+        source = await self._current()
+        return await source.read(
+            self.config, whole=True, started=started, read_at=read_at, finish=self._attributed
         )
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        # Off the event loop: 20,000 process lines (a hostile or broken nvidia-smi) take it a second.
-        return await asyncio.to_thread(self._build, results[0], results[1], started, read_at)
 
-    def _build(self, gpu_text: str, apps_text: str, started: float, read_at: float) -> GpuReading:
-        """A whole reading from nvidia-smi's two answers, its processes attributed (in a worker thread)."""
-        reading = parse_gpu_reading(gpu_text, apps_text, index=self.index, started=started, read_at=read_at)
+    def _attributed(self, reading: GpuReading) -> GpuReading:
+        """A whole reading with its processes attributed (in the source's worker thread)."""
         if self.attribute is None:
             return reading
         try:
@@ -2654,9 +3781,11 @@ class GpuReader:
         return replace(reading, owners=owners)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        for task in [*self._tasks, *filter(None, [self._choosing])]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *filter(None, [self._choosing]), return_exceptions=True)
+        if self._source is not None:
+            await self._source.close(self.config.query_timeout_s)
 
 
 # =====================================================================================================
@@ -7750,13 +8879,14 @@ async def _gpu_status(reader: GpuReader) -> dict[str, Any]:
             "temperature_c": r.temperature_c,
             "processes": StatusProcesses(r),
             "read_at": _iso(r.read_at),
+            "reader": reader.reader,
             "error": None,
         }
     except GpuError as e:
         gpu = dict.fromkeys(
             ("name", "uuid", "total_mib", "used_mib", "free_mib", "utilization_pct", "temperature_c")
         )
-        gpu.update(index=reader.index, processes=[], read_at=None, error=str(e))
+        gpu.update(index=reader.index, processes=[], read_at=None, reader=reader.reader, error=str(e))
         return gpu
 
 
@@ -8630,7 +9760,7 @@ zoomHtml(); refresh(); follow(); setInterval(refresh, 2000); setInterval(drawTim
 
 
 # =====================================================================================================
-# The CLI
+# Running the broker
 # =====================================================================================================
 
 
@@ -8748,649 +9878,8 @@ async def serve(config: Config, source: ConfigSource) -> int:
     return 0
 
 
-# ---- the verbs: a command line for a running broker --------------------------------------------------
-
-#: Where the verbs find the broker when neither --url nor MGPUMANAGER_URL says.
-DEFAULT_URL = "http://127.0.0.1:8770"
-#: How long a verb waits for the broker: to connect, for each read of its answer, and for the whole answer.
-CLI_TIMEOUT_S = 10.0
-#: load, unload and reserve wait for the GPU lock like a job (up to scheduler.queue_timeout_s, 300 s by
-#: default) and then for unload and load calls (60 s each by default).
-CLI_ADMIN_TIMEOUT_S = 900.0
-#: reload waits for the broker to read the file (up to CONFIG_READ_TIMEOUT_S) before it answers.
-CLI_RELOAD_TIMEOUT_S = CONFIG_READ_TIMEOUT_S + CLI_TIMEOUT_S
-#: ``events`` has no total limit, but gives up after this long without a byte (a heartbeat comes every
-#: HEARTBEAT_S).
-CLI_EVENTS_TIMEOUT_S = 3 * HEARTBEAT_S
-#: ``ps`` and ``status`` fit their lines in this many columns.
-CLI_WIDTH = 100
-#: The largest answer a verb reads (a /v1/status with 1,000 jobs queued is some 300 KiB), and the longest
-#: line of the event stream (one event): more is not a broker.
-CLI_ANSWER_LIMIT = 16 * MiB
-CLI_EVENT_LINE_LIMIT = 1 * MiB
-
-
-class CliError(Exception):
-    """A verb failed: ``code`` 1 when the broker could not be reached (or what answered was not the broker),
-    2 when the broker refused (its JSON error) or the command line is wrong."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-_DURATION_RE = re.compile(r"(?:\d+(?:\.\d+)?[smh])+|\d+(?:\.\d+)?")
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from '90s', '30m', '2h', '1h30m' or plain seconds ('90'); ValueError for anything else."""
-    text = text.strip().lower()
-    if not _DURATION_RE.fullmatch(text):
-        raise ValueError(f"{text!r} is not a duration")
-    seconds = sum(float(n) * _DURATION_UNITS[unit] for n, unit in re.findall(r"([\d.]+)([smh]?)", text))
-    if seconds <= 0:
-        raise ValueError(f"{text!r} is no time at all")
-    return seconds
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 90s, 30m, 2h, 1h30m or seconds") from None
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds, 0 or more")
-    return value
-
-
-def cli_url(flag: str | None, environ: Mapping[str, str]) -> str:
-    """The broker's base URL: --url, else MGPUMANAGER_URL, else DEFAULT_URL (``host:port`` means http)."""
-    url = (flag or environ.get("MGPUMANAGER_URL") or DEFAULT_URL).strip().rstrip("/")
-    if "://" not in url:
-        url = "http://" + url
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (a port that is no number, or out of range, raises ValueError here)
-    except ValueError as e:
-        raise CliError(2, f"{url!r} is not a broker's URL (http://host:port): {e}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or not url.isprintable() or " " in url:
-        raise CliError(2, f"{url!r} is not a broker's URL (http://host:port)")
-    return url
-
-
-def cli_token(token_file: str | None, environ: Mapping[str, str]) -> str | None:
-    """The bearer token: from --token-file, else MGPUMANAGER_TOKEN, else none."""
-    if token_file is None:
-        token = environ.get("MGPUMANAGER_TOKEN", "").strip() or None
-        where = "MGPUMANAGER_TOKEN"
-    else:
-        try:
-            token = read_token_file(token_file, warn_if_shared=False)
-        except OSError as e:
-            raise CliError(2, f"cannot read --token-file {token_file}: {e.strerror or e}") from e
-        except ValueError as e:
-            raise CliError(2, f"--token-file {token_file} {e}") from e
-        if not token:
-            raise CliError(2, f"--token-file {token_file} is empty")
-        where = f"--token-file {token_file}"
-    if token is not None and (not token.isprintable() or " " in token):  # as the broker's own rule
-        raise CliError(2, f"{where}: a token is printable characters without spaces")
-    return token
-
-
-def _why(exc: BaseException, timeout_s: float) -> str:
-    """Why a call to the broker failed, in a few words."""
-    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-    if isinstance(reason, (TimeoutError, socket.timeout)):
-        return f"no answer within {timeout_s:g} s"
-    if isinstance(reason, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(reason, socket.gaierror):
-        return f"cannot resolve the host ({reason.strerror})"
-    if isinstance(reason, (ConnectionResetError, http.client.RemoteDisconnected)):
-        return "the connection was closed"
-    if isinstance(reason, OSError) and reason.strerror:
-        return reason.strerror
-    return str(reason) or type(reason).__name__
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """The broker never redirects: a 3xx comes from something else at its URL, and following it sent the
-    bearer token wherever its Location pointed (and turned a POST into a GET)."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-#: No proxy, whatever http_proxy, HTTPS_PROXY or all_proxy say (urllib would follow them, even for 127.0.0.1,
-#: and hand the bearer token to the proxy): the verbs talk to the broker's URL alone.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects)
-
-
-@dataclass
-class Client:
-    """The verbs' calls to a running broker: urllib, no event loop, a timeout on every call."""
-
-    url: str
-    token: str | None = None
-    #: --timeout: replaces every verb's own.
-    timeout_s: float | None = None
-
-    def open(
-        self, method: str, path: str, body: Any = None, *, timeout_s: float = CLI_TIMEOUT_S
-    ) -> http.client.HTTPResponse:
-        """A 2xx answer, open for reading; CliError for anything else."""
-        timeout = self.timeout_s or timeout_s
-        headers = {"Accept": "application/json", "User-Agent": f"mgpumanager/{VERSION}"}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
-        if self.token:  # UTF-8, as the broker reads it (http.client would send a str as Latin-1)
-            request.add_header("Authorization", f"Bearer {self.token}".encode())  # type: ignore[arg-type]
-        try:
-            return _OPENER.open(request, timeout=timeout)
-        except urllib.error.HTTPError as e:
-            with e:
-                raise self._refused(e) from None
-        except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
-            raise self.unreachable(e, timeout) from None
-
-    def call(self, method: str, path: str, body: Any = None, *, timeout_s: float = CLI_TIMEOUT_S) -> Any:
-        """The broker's JSON answer, whole within the call's timeout (from its start) and at most
-        CLI_ANSWER_LIMIT bytes: something else at the URL may send for ever."""
-        timeout = self.timeout_s or timeout_s
-        deadline = time.monotonic() + timeout
-        with self.open(method, path, body, timeout_s=timeout_s) as resp:
-            raw = self._read(resp, deadline, timeout, CLI_ANSWER_LIMIT)
-        try:
-            return json.loads(raw)
-        except (ValueError, RecursionError):
-            raise CliError(1, f"{self.url}{path} did not answer JSON: is it a mgpumanager broker?") from None
-
-    def _read(self, resp: Any, deadline: float, timeout_s: float, limit: int) -> bytes:
-        """An answer's body, read as it comes (one read at a time, each within the socket's timeout), until
-        its end; CliError once it passes ``limit`` bytes or ``deadline``."""
-        body = bytearray()
-        try:
-            while chunk := resp.read1(64 * 1024):
-                body += chunk
-                if len(body) > limit:
-                    raise CliError(1, f"{self.url} answered more than {limit // MiB} MiB: not a broker?")
-                if time.monotonic() > deadline:
-                    raise CliError(1, f"{self.url} did not finish its answer within {timeout_s:g} s")
-        except (OSError, http.client.HTTPException) as e:
-            raise self.unreachable(e, timeout_s) from None
-        return bytes(body)
-
-    def unreachable(self, exc: BaseException, timeout_s: float) -> CliError:
-        return CliError(1, f"cannot reach the broker at {self.url}: {_why(exc, timeout_s)}")
-
-    def _refused(self, error: urllib.error.HTTPError) -> CliError:
-        """The broker's JSON error (exit 2), or something else answering at its URL (exit 1)."""
-        if 300 <= error.code < 400:  # the broker never redirects
-            where = error.headers.get("Location") if error.headers else None
-            return CliError(
-                1, f"{self.url} answered {error.code}, a redirect to {where!r} (not followed): not a broker?"
-            )
-        timeout = self.timeout_s or CLI_TIMEOUT_S
-        try:
-            raw = self._read(error.fp, time.monotonic() + timeout, timeout, 64 * 1024) if error.fp else b""
-            data = json.loads(raw)
-        except (CliError, ValueError, RecursionError):
-            data = None
-        if not isinstance(data, dict) or not isinstance(data.get("message"), str):
-            return CliError(1, f"{self.url} answered {error.code} {error.reason}, not a mgpumanager broker?")
-        message = f"{data['message']} ({data.get('error')})"
-        if data.get("error") == "unauthorized":
-            message += ": set MGPUMANAGER_TOKEN or give --token-file"
-        return CliError(2, message)
-
-
-def _span(seconds: float) -> str:
-    """A duration for people: '45 s', '12 min', '2 h 5 min', '3 d 4 h'."""
-    s = max(0, round(seconds))
-    if s < 90:
-        return f"{s} s"
-    if s < 90 * 60:
-        return f"{round(s / 60)} min"
-    if s < 48 * 3600:
-        hours, minutes = divmod(round(s / 60), 60)
-        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
-    days, hours = divmod(round(s / 3600), 24)
-    return f"{days} d {hours} h" if hours else f"{days} d"
-
-
-def _parse_iso(iso: Any) -> datetime | None:
-    """The broker's timestamps ('...Z'), as an aware datetime; None for anything unreadable."""
-    if not isinstance(iso, str):
-        return None
-    try:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
-def _ago(iso: Any, now: float) -> str:
-    when = _parse_iso(iso)
-    return "never" if when is None else f"{_span(now - when.timestamp())} ago"
-
-
-def _local(iso: Any, now: float) -> str:
-    """A time of the broker's in this machine's time zone: '21:30:05', with the date if not today."""
-    when = _parse_iso(iso)
-    if when is None:
-        return "?"
-    local = when.astimezone()
-    same_day = local.date() == datetime.fromtimestamp(now).astimezone().date()
-    return local.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M")
-
-
-def _plural(n: int, what: str) -> str:
-    return f"{n} {what}" if n == 1 else f"{n} {what}s"
-
-
-def _wrap(text: str, indent: str = "  ") -> list[str]:
-    return textwrap.wrap(text, CLI_WIDTH, initial_indent=indent, subsequent_indent=indent + "  ") or [indent]
-
-
-def _gpus_of(st: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """/v1/status's GPUs, each with its scheduler (a broker before several GPUs had only ``gpu``)."""
-    return st.get("gpus") or [{**st.get("gpu", {}), "scheduler": st.get("scheduler") or {}}]
-
-
-def _mib(value: Any) -> str:
-    return f"{value} MiB" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
-
-
-def _state(value: Any, yes: str, no: str) -> str:
-    return "unknown" if value is None else yes if value else no
-
-
-def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
-    """Columns as wide as their widest cell, the first one cut short (``~``) if the lines would not fit."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    over = sum(widths) + 2 * (len(widths) - 1) - CLI_WIDTH
-    if over > 0:
-        widths[0] = max(8, widths[0] - over)
-
-    def cell(text: str, i: int) -> str:
-        if len(text) > widths[i]:
-            text = text[: widths[i] - 1] + "~"
-        return text.rjust(widths[i]) if i in right else text.ljust(widths[i])
-
-    return ["  ".join(cell(text, i) for i, text in enumerate(row)).rstrip() for row in [header, *rows]]
-
-
-def reservation_lines(res: Mapping[str, Any], now: float, indent: str = "  ") -> list[str]:
-    """A reservation ({reason, until, left_s, unloaded, not_unloaded}) for people."""
-    text = f"reserved: {res.get('reason') or 'no reason given'}"
-    if isinstance(res.get("left_s"), (int, float)):
-        text += f", {_span(res['left_s'])} left"
-    if res.get("until"):
-        text += f" (until {_local(res['until'], now)})"
-    lines = _wrap(text, indent)
-    if res.get("unloaded"):
-        lines += _wrap("unloaded: " + ", ".join(map(str, res["unloaded"])), indent + "  ")
-    not_unloaded = res.get("not_unloaded")
-    if not_unloaded:
-        items = (
-            not_unloaded.items() if isinstance(not_unloaded, Mapping) else [(n, None) for n in not_unloaded]
-        )
-        text = ", ".join(f"{name} ({why})" if why else str(name) for name, why in items)
-        lines += _wrap("not unloaded: " + text, indent + "  ")
-    return lines
-
-
-def gpu_lines(gpu: Mapping[str, Any], now: float) -> list[str]:
-    """One GPU: its memory line, who holds it and the queue, its reservation."""
-    head = f"GPU {gpu.get('index')}" + (f" {gpu['name']}" if gpu.get("name") else "")
-    if gpu.get("error"):
-        text = f"{head}: cannot read it: {gpu['error']}"
-    else:
-        text = f"{head}: {gpu.get('used_mib')} of {gpu.get('total_mib')} MiB used, {gpu.get('free_mib')} free"
-        if gpu.get("utilization_pct") is not None:
-            text += f", {gpu['utilization_pct']} % busy"
-        if gpu.get("temperature_c") is not None:
-            text += f", {gpu['temperature_c']} C"
-    lines = _wrap(text, "")
-    scheduler = gpu.get("scheduler") or {}
-    holder = scheduler.get("holder")
-    if holder:
-        text = f"held by {holder.get('consumer')}: {_plural(holder.get('jobs', 0), 'job')}"
-        if holder.get("holds"):
-            text += f", {_plural(holder['holds'], 'hold')}"
-        text += f", for {_span(holder.get('held_s', 0))}"
-    else:
-        text = "idle"
-    lines += _wrap(f"{text}; {len(scheduler.get('queue') or [])} queued")
-    if gpu.get("reservation"):
-        lines += reservation_lines(gpu["reservation"], now)
-    return lines
-
-
-def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
-    """``ps``: one line per consumer, then each GPU's memory, holder and reservation."""
-    gpus = _gpus_of(st)
-    several = len(gpus) > 1
-    running: dict[str, int] = {}
-    queued: dict[str, int] = {}
-    for gpu in gpus:
-        scheduler = gpu.get("scheduler") or {}
-        holder = scheduler.get("holder")
-        if holder:
-            # A hold (ComfyUI rendering after its answer) is work running too.
-            work = holder.get("jobs", 0) + holder.get("holds", 0)
-            running[holder["consumer"]] = running.get(holder["consumer"], 0) + work
-        for job in scheduler.get("queue") or []:
-            queued[job["consumer"]] = queued.get(job["consumer"], 0) + 1
-    header = [
-        "CONSUMER",
-        "GPU",
-        "HEALTH",
-        "RESIDENT",
-        "USED",
-        "PEAK",
-        "DECLARED",
-        "LAST USE",
-        "RUNNING",
-        "QUEUED",
-    ]
-    rows, notes = [], []
-    for name, c in (st.get("consumers") or {}).items():
-        rows.append(
-            [
-                name,
-                str(c.get("gpu", "")),
-                "stopped" if c.get("stopped") else _state(c.get("healthy"), "healthy", "down"),
-                _state(c.get("loaded"), "yes", "no"),
-                _mib(c.get("vram_used_mib")),
-                _mib(c.get("vram_peak_mib")),
-                _mib(c.get("vram_resident_mib")),
-                _ago(c.get("last_used"), now),
-                str(running.get(name, 0)),
-                str(queued.get(name, 0)),
-            ]
-        )
-        if c.get("healthy") is False and c.get("last_error") and not c.get("stopped"):
-            notes += _wrap(f"{name}: {c['last_error']}")
-    right = {1, 4, 5, 6, 8, 9}
-    if not several:  # one GPU: no GPU column
-        header.pop(1)
-        rows = [row[:1] + row[2:] for row in rows]
-        right = {i - 1 for i in right if i > 1}
-    lines = _table(header, rows, right) + notes
-    for gpu in gpus:
-        lines += ["", *gpu_lines(gpu, now)]
-    return lines
-
-
-def render_status(st: Mapping[str, Any], url: str, now: float) -> list[str]:
-    """``status``: the broker, then each GPU with its counters."""
-    lines = [f"mgpumanager {st.get('version')} at {url}, up {_span(st.get('uptime_s') or 0)}"]
-    for gpu in _gpus_of(st):
-        stats = (gpu.get("scheduler") or {}).get("stats") or {}
-        lines += ["", *gpu_lines(gpu, now)]
-        if stats:
-            lines += _wrap("counters: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stats.items()))
-    return lines
-
-
-def _event_value(value: Any) -> str:
-    if isinstance(value, str):
-        return (
-            json.dumps(value)
-            if not value or _LOGFMT_QUOTE.search(value) or not value.isprintable()
-            else value
-        )
-    return json.dumps(value, separators=(",", ":"))
-
-
-def format_event(event: Mapping[str, Any]) -> str:
-    """One line per event: its local time, its name, its fields (those that are not null)."""
-    when = _parse_iso(event.get("ts"))
-    clock = when.astimezone().strftime("%H:%M:%S.%f")[:-3] if when else "?"
-    fields = " ".join(
-        f"{k}={_event_value(v)}" for k, v in event.items() if k not in ("event", "ts") and v is not None
-    )
-    return f"{clock} {event.get('event')} {fields}".rstrip()
-
-
-def _printable(text: str) -> str:
-    """``text`` with every character that is not printable escaped as Python writes it (``\\x1b``)."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
-
-def say(*texts: str, file: Any = None) -> None:
-    """Print lines for people, flushed, what is not printable in each escaped: a broker passes on text from
-    consumers (an unload's answer) and from people (a reservation's reason), and an escape sequence in it
-    must not drive the terminal of whoever runs ``ps``."""
-    lines = [_printable(line) for text in texts for line in text.split("\n")]
-    print("\n".join(lines), file=file or sys.stdout, flush=True)
-
-
-def cli_ps(client: Client, args: argparse.Namespace) -> int:
-    say(*render_ps(client.call("GET", "/v1/status"), time.time()))
-    return 0
-
-
-def cli_status(client: Client, args: argparse.Namespace) -> int:
-    st = client.call("GET", "/v1/status")
-    say(json.dumps(st, indent=2) if args.json else "\n".join(render_status(st, client.url, time.time())))
-    return 0
-
-
-def cli_consumer(client: Client, args: argparse.Namespace) -> int:
-    """``unload NAME`` and ``load NAME``."""
-    path = f"/v1/consumers/{quote(args.name, safe='')}/{args.verb}"
-    answer = client.call("POST", path, timeout_s=CLI_ADMIN_TIMEOUT_S)
-    loaded = answer.get("loaded")
-    if args.verb == "unload" or loaded is True:
-        text = f"{args.verb}ed {args.name}"
-    else:  # a load that left it not resident (or unknown): it has no load route
-        state = "not resident" if loaded is False else "of unknown residency"
-        text = (
-            f"made room for {args.name}, which is {state} (without a load route it loads with its first job)"
-        )
-    if answer.get("evictions"):
-        text += f", after unloading {_plural(answer['evictions'], 'other consumer')}"
-    say(text)
-    return 0
-
-
-def cli_reload(client: Client, args: argparse.Namespace) -> int:
-    changes = client.call("POST", "/v1/reload", timeout_s=CLI_RELOAD_TIMEOUT_S).get("changes") or []
-    say("reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
-    return 0
-
-
-def cli_reserve(client: Client, args: argparse.Namespace) -> int:
-    seconds = args.duration
-    body: dict[str, Any] = {"for_s": int(seconds) if float(seconds).is_integer() else seconds}
-    if args.reason is not None:
-        body["reason"] = args.reason
-    if args.gpu is not None:
-        body["gpu"] = args.gpu
-    answer = client.call("POST", "/v1/reserve", body, timeout_s=CLI_ADMIN_TIMEOUT_S)
-    gpu = answer.get("gpu", args.gpu)
-    say(f"GPU {gpu} reserved" if gpu is not None else "reserved", *reservation_lines(answer, time.time()))
-    return 0
-
-
-def cli_release(client: Client, args: argparse.Namespace) -> int:
-    path = "/v1/reserve" + (f"?gpu={args.gpu}" if args.gpu is not None else "")
-    answer = client.call("DELETE", path)
-    gpu = answer.get("gpu", args.gpu) if isinstance(answer, dict) else args.gpu
-    what = f"GPU {gpu}" if gpu is not None else "the GPU"
-    was_reserved = not (isinstance(answer, dict) and answer.get("released") is False)
-    if isinstance(answer, dict) and answer.get("cancelled"):
-        say(f"{what}: cancelled a pending reservation (it had not begun: nothing was unloaded)")
-    else:
-        say(f"{what} released" if was_reserved else f"{what} was not reserved")
-    return 0
-
-
-def cli_events(client: Client, args: argparse.Namespace) -> int:
-    """Follow /v1/events, one line per event, until Ctrl-C (exit 0) or the broker ends the stream."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
-    query = "" if args.since is None else f"?since={args.since:g}"
-    timeout = client.timeout_s or CLI_EVENTS_TIMEOUT_S
-    try:
-        with client.open("GET", "/v1/events" + query, timeout_s=CLI_EVENTS_TIMEOUT_S) as resp:
-            kind = resp.headers.get_content_type()
-            if kind != "text/event-stream":
-                raise CliError(1, f"{client.url}/v1/events answered {kind}, no event stream: not a broker?")
-            data: list[str] = []
-            while True:
-                try:
-                    line = resp.readline(CLI_EVENT_LINE_LIMIT + 1)
-                except (OSError, http.client.HTTPException) as e:
-                    raise client.unreachable(e, timeout) from None
-                if not line:
-                    raise CliError(
-                        1, "the broker ended the event stream (shutting down, or this reader fell behind)"
-                    )
-                if len(line) > CLI_EVENT_LINE_LIMIT or sum(map(len, data)) > CLI_EVENT_LINE_LIMIT:
-                    raise CliError(1, f"{client.url}/v1/events sent an event over 1 MiB: not a broker?")
-                text = line.decode("utf-8", "replace").rstrip("\r\n")
-                if text.startswith("data:"):
-                    data.append(text[6:] if text.startswith("data: ") else text[5:])
-                elif not text and data:
-                    try:
-                        say(format_event(json.loads("\n".join(data))))
-                    except (ValueError, RecursionError):
-                        say("\n".join(data))
-                    data = []
-    except KeyboardInterrupt:
-        return 0
-
-
-VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
-    "ps": cli_ps,
-    "status": cli_status,
-    "unload": cli_consumer,
-    "load": cli_consumer,
-    "reload": cli_reload,
-    "reserve": cli_reserve,
-    "release": cli_release,
-    "events": cli_events,
-}
-
-
-#: The verbs' own flags, accepted before the verb as after it: (flag, argparse keywords).
-VERB_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("--url", {"help": f"the broker (default: $MGPUMANAGER_URL, else {DEFAULT_URL})"}),
-    (
-        "--token-file",
-        {"metavar": "FILE", "help": "read the bearer token from FILE (default: $MGPUMANAGER_TOKEN)"},
-    ),
-    (
-        "--timeout",
-        {
-            "type": _seconds,
-            "metavar": "SECONDS",
-            "help": f"wait at most this long for each answer (default {CLI_TIMEOUT_S:g} s;"
-            f" {CLI_ADMIN_TIMEOUT_S:g} s for load, unload and reserve,"
-            f" {CLI_RELOAD_TIMEOUT_S:g} s for reload)",
-        },
-    ),
-)
-
-
-def add_verbs(parser: argparse.ArgumentParser) -> None:
-    """The verbs, each with --url, --token-file and --timeout (also taken before the verb:
-    ``mgpumanager.py --url http://mrock:8770 ps``; written after it, they win)."""
-    for flag, options in VERB_FLAGS:
-        parser.add_argument(flag, **options)
-    common = argparse.ArgumentParser(add_help=False)
-    for flag, options in VERB_FLAGS:
-        common.add_argument(flag, **options, default=argparse.SUPPRESS)
-    verbs = parser.add_subparsers(
-        dest="verb", metavar="VERB", title="verbs (they talk to a running broker; without one, run it)"
-    )
-    verbs.add_parser("ps", parents=[common], help="consumers, GPUs and reservations in one table")
-    status = verbs.add_parser("status", parents=[common], help="a summary with the counters")
-    status.add_argument("--json", action="store_true", help="print /v1/status as it is")
-    for verb, text in (("unload", "unload a consumer now"), ("load", "make room for a consumer and load it")):
-        verbs.add_parser(verb, parents=[common], help=text).add_argument("name", metavar="NAME")
-    verbs.add_parser("reload", parents=[common], help="re-read the broker's config, as SIGHUP does")
-    reserve = verbs.add_parser(
-        "reserve", parents=[common], help="unload everything on a GPU and keep jobs off it for DURATION"
-    )
-    reserve.add_argument(
-        "duration", type=_duration, metavar="DURATION", help="90s, 30m, 2h, 1h30m or seconds"
-    )
-    reserve.add_argument("--reason", metavar="TEXT", help="what the GPU is for (shown to refused jobs)")
-    reserve.add_argument("--gpu", type=int, metavar="N", help="which GPU, where there are several")
-    release = verbs.add_parser("release", parents=[common], help="end a reservation")
-    release.add_argument("--gpu", type=int, metavar="N", help="which GPU, where there are several")
-    events = verbs.add_parser("events", parents=[common], help="follow the event stream until Ctrl-C")
-    events.add_argument(
-        "--since",
-        type=_seconds,
-        metavar="SECONDS",
-        help=f"first the events of the last SECONDS (up to {EVENT_RING_S:g})",
-    )
-
-
-#: What reading a JSON answer that is not shaped as the broker's raises ([] for /v1/status, NaN for a time,
-#: a string for a count): whatever answered is not a broker (exit 1), and no traceback.
-NOT_A_BROKERS_ANSWER = (
-    AttributeError,
-    KeyError,
-    IndexError,
-    TypeError,
-    ValueError,
-    ArithmeticError,
-    RecursionError,
-)
-
-
-def run_verb(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
-    """Run a verb: 0 done, 1 the broker could not be reached, 2 it refused; the reason on stderr."""
-    try:
-        client = Client(cli_url(args.url, environ), cli_token(args.token_file, environ), args.timeout)
-        try:
-            return VERBS[args.verb](client, args)
-        except NOT_A_BROKERS_ANSWER as e:  # (only the answer is read here: the command line was checked)
-            what = f"{type(e).__name__}: {e}"
-            raise CliError(1, f"{client.url} answered what no broker does ({what})") from e
-    except CliError as e:
-        say(f"mgpumanager {args.verb}: {e.message}", file=sys.stderr)
-        return e.code
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # `mgpumanager.py events | head`: the reader left, which is fine
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mgpumanager",
-        description="GPU-inference broker: one door to one GPU. Without a VERB it runs the broker;"
-        " a VERB talks to a running one.",
-    )
-    parser.add_argument("--config", default="consumers.yaml", help="YAML config (default: ./consumers.yaml)")
-    parser.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen")
-    parser.add_argument(
-        "--nvidia-smi", metavar="CMD", help="override gpu.nvidia_smi (split like a shell would)"
-    )
-    parser.add_argument("--check", action="store_true", help="validate the config, print a summary, exit")
-    parser.add_argument(
-        "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-    )
-    add_verbs(parser)
+    parser = command_line()
     args = parser.parse_args(argv)
     if args.verb is not None:
         return run_verb(args)

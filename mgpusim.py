@@ -7,7 +7,11 @@ One file, three parts:
   through PyTorch, for runs on a machine with a real GPU.
 * ``python3 mgpusim.py nvidia-smi --state FILE [nvidia-smi arguments]`` answers ``--query-gpu`` and
   ``--query-compute-apps`` queries from that file, in exactly the output format of the real tool (see
-  fixtures/nvidia-smi/), so the broker can be pointed at it instead of nvidia-smi.
+  fixtures/nvidia-smi/), so the broker can be pointed at it instead of nvidia-smi. Its NVML twin is a
+  stand-in for libnvidia-ml.so.1 (fixtures/nvml/stub.c, compiled by ``build_nvml_stub``) that answers
+  from the same file, named by $MGPUSIM_STATE: the broker's NVML reader (``gpu.reader: nvml``) sees the
+  same GPU. NVML gives pids only: a reader takes each process's name from /proc/<pid>/cmdline, as
+  nvidia-smi does, so a simulated process with a made-up pid shows without a name there.
 * ``SimConsumer`` and its subclasses ``MvoiceSim``, ``OllamaSim``, ``ComfySim`` and ``WhisperSim`` are
   aiohttp apps that imitate the services the broker fronts: they take VRAM when they load, give it back
   when told to unload, record every request with its timing, and have fault switches. ``ServiceSim`` plays
@@ -40,9 +44,11 @@ import time
 #            "pstate": "P0"}],
 #  "processes": [{"pid": 41001, "name": "/opt/mvoice/.venv/bin/python3", "owner": "mvoice",
 #                  "used_mib": 2800, "gpu_uuid": "GPU-..."}],
-#  "faults": {"smi": "hang" | "fail" | "garbage", "smi_delay_s": 0.2},
+#  "faults": {"smi": "hang" | "fail" | "garbage", "smi_delay_s": 0.2,
+#             "nvml": {"call": "nvmlDeviceGetMemoryInfo_v2", "error": 15} | {"hang": true}},
 #  "ooms": [{"owner": "comfyui", "wanted_mib": 13610, "free_mib": 9000}]}
-# memory.used = the GPU's processes' used_mib summed; memory.free = total - reserved - used (at least 0).
+# memory.used = the GPU's processes' used_mib summed (null: unknown, nvidia-smi's [N/A], counted 0);
+# memory.free = total - reserved - used (at least 0).
 # "ooms" records every allocation that did not fit (a real service gets CUDA out-of-memory there).
 
 UUID_PREFIX = "GPU-5157a3c0-0000-4000-8000-"
@@ -57,7 +63,7 @@ def read_state(path: Path | str) -> dict[str, Any]:
 
 def used_mib_on(state: dict[str, Any], gpu: dict[str, Any]) -> int:
     """memory.used of one GPU: the sum of its processes' memory."""
-    return sum(p["used_mib"] for p in state["processes"] if p["gpu_uuid"] == gpu["uuid"])
+    return sum(p["used_mib"] or 0 for p in state["processes"] if p["gpu_uuid"] == gpu["uuid"])
 
 
 def free_mib_on(state: dict[str, Any], gpu: dict[str, Any]) -> int:
@@ -205,11 +211,11 @@ def gpu_value(state: dict[str, Any], gpu: dict[str, Any], field: str) -> str:
 
 
 def app_value(proc: dict[str, Any], field: str) -> str:
-    """One --query-compute-apps value, without its unit."""
+    """One --query-compute-apps value, without its unit (a process's memory unknown: ``[N/A]``)."""
     values = {
         "pid": proc["pid"],
         "process_name": proc["name"],
-        "used_memory": proc["used_mib"],
+        "used_memory": "[N/A]" if proc["used_mib"] is None else proc["used_mib"],
         "gpu_uuid": proc["gpu_uuid"],
     }
     return str(values[field])
@@ -223,7 +229,10 @@ def format_csv(fields: list[str], units: dict[str, str], rows: list[list[str]], 
         lines.append(", ".join(names))
     for row in rows:
         if args.units:
-            row_with_units = [f"{v} {units[f]}" if units[f] else v for f, v in zip(fields, row, strict=True)]
+            row_with_units = [
+                f"{v} {units[f]}" if units[f] and v != "[N/A]" else v
+                for f, v in zip(fields, row, strict=True)
+            ]
             lines.append(", ".join(row_with_units))
         else:
             lines.append(", ".join(row))
@@ -453,13 +462,47 @@ class SimGPU:
 
     def set_fault(self, name: str | None, *, smi_delay_s: float = 0.0) -> None:
         """Set the nvidia-smi fault ("hang", "fail", "garbage" or None) and an answer delay."""
-        faults: dict[str, Any] = {}
-        if name:
-            faults["smi"] = name
-        if smi_delay_s:
-            faults["smi_delay_s"] = smi_delay_s
         with self.edit() as state:
+            faults = {k: v for k, v in (state.get("faults") or {}).items() if k == "nvml"}
+            if name:
+                faults["smi"] = name
+            if smi_delay_s:
+                faults["smi_delay_s"] = smi_delay_s
             state["faults"] = faults
+
+    def set_nvml_fault(
+        self, call: str | None = None, *, error: int | None = None, hang: bool = False
+    ) -> None:
+        """Set the NVML stub's fault: NVML function ``call`` (every one when None) returns ``error`` (an
+        nvmlReturn_t), or blocks while ``hang`` is set; neither: no fault."""
+        fault: dict[str, Any] = {}
+        if call is not None:
+            fault["call"] = call
+        if error is not None:
+            fault["error"] = error
+        if hang:
+            fault["hang"] = True
+        with self.edit() as state:
+            faults = state.setdefault("faults", {})
+            faults.pop("nvml", None)
+            if error is not None or hang:
+                faults["nvml"] = fault
+
+
+NVML_STUB_SOURCE = Path(__file__).resolve().with_name("fixtures") / "nvml" / "stub.c"
+
+
+def build_nvml_stub(directory: Path | str) -> Path:
+    """Compile the NVML stand-in into ``directory``/libnvidia-ml.so.1 with ``cc`` (FileNotFoundError
+    without one): put the directory on LD_LIBRARY_PATH of a process and $MGPUSIM_STATE in its environment,
+    and nvidia-ml-py finds it as it would the driver's library."""
+    compiler = shutil.which("cc")
+    if compiler is None:
+        raise FileNotFoundError("no C compiler (cc) to build the NVML stub with")
+    target = Path(directory) / "libnvidia-ml.so.1"
+    argv = [compiler, "-shared", "-fPIC", "-O2", "-o", str(target), str(NVML_STUB_SOURCE), "-lpthread"]
+    subprocess.run(argv, check=True, capture_output=True, timeout=120)
+    return target
 
 
 class TorchVRAM:
@@ -1255,6 +1298,9 @@ class ComfySim(SimConsumer):
         self.ws_closes: list[int | None] = []
         self.refused_origins: list[str] = []
         self._worker = asyncio.Lock()
+        #: Cleared, a render goes on past its work_s until it is set again: a hold that ends when a test says.
+        self.may_finish = asyncio.Event()
+        self.may_finish.set()
         super().__init__(name, vram, **kw)
 
     def make_app(self) -> web.Application:
@@ -1358,6 +1404,7 @@ class ComfySim(SimConsumer):
                     try:
                         await self.do_load()
                         await asyncio.sleep(self.work_s)
+                        await self.may_finish.wait()
                         ok = True
                     except SimOOM:
                         ok = False
@@ -2174,6 +2221,7 @@ DEMO_CONFIG = string.Template("""\
 # at random) and a simulated 16 GiB GPU that `mgpusim.py nvidia-smi` reads from gpu.json.
 listen: 127.0.0.1:$broker
 gpu:
+  reader: nvidia-smi            # the simulated GPU is read through its nvidia-smi stand-in
   nvidia_smi: $smi
   index: 0
   cushion_mib: 256              # head-room kept free on top of a consumer's vram_resident_mib

@@ -502,7 +502,8 @@ class Bed:
         return f"""\
 # Written by test_real.py: the broker in front of real servers on ports picked at random.
 listen: 127.0.0.1:{p["broker"]}
-gpu: {{nvidia_smi: {json.dumps(smi)}, index: 0, cushion_mib: 256, query_timeout_s: 5}}
+gpu: {{nvidia_smi: {json.dumps(smi)}, reader: nvidia-smi, index: 0, cushion_mib: 256,
+      query_timeout_s: 5}}
 scheduler: {{queue_timeout_s: 120, vram_wait_s: 10}}
 health: {{interval_s: 1, timeout_s: 2}}
 routing: {{stt: whisper, llm: llama, chat: llama, image: comfyui}}
