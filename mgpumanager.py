@@ -5380,7 +5380,8 @@ class GpuLock:
 
     The one record of each consumer's job count: only the holder has jobs here (its slots: jobs and holds;
     of those, the holds, and the ones at work, past making room); everyone else asks the lock. Waiters are
-    futures, as in asyncio's own Lock; a waiter cancelled while being woken passes its grant on (``leave``).
+    futures, as in asyncio's own Lock; a waiter cancelled while being woken passes its grant on (its end
+    releases it).
     ``resident`` tells whether a consumer is resident (for ``needs_no_swap``), ``eta`` a waiting job's
     expected wait (None: the first one's), and ``on_grant`` is told of each grant before the waiter wakes.
     """
@@ -5442,7 +5443,9 @@ class GpuLock:
     async def wait(self, job: Job) -> None:
         """Admit ``job`` to the queue and wait for its grant. Refused at once: shutting_down, queue_full;
         later: queue_timeout, or no_consumer, shutting_down, gpu_reserved (``refuse``). Returned, it holds a
-        slot; raised (a refusal, a cancellation, a bug), it holds none and waits no more."""
+        slot. Raised (a refusal, a cancellation, a bug), it waits no more; one granted meanwhile (a waiter
+        cancelled while being woken) holds its slot until its end gives it back (``Scheduler.ended_by``,
+        which its caller runs), and that release passes the grant on."""
         cfg = self.config.scheduler
         if self.closing:
             raise BrokerError("shutting_down", "the broker is shutting down", job.consumer)
@@ -5458,7 +5461,9 @@ class GpuLock:
             self.dispatch()
             await job.granted
         except BaseException:
-            self.leave(job)
+            if job in self.waiting:
+                self.waiting.remove(job)
+                self.dispatch()  # a job that left may have been what kept a join of the holder out
             raise
         finally:
             timer.cancel()
@@ -5539,14 +5544,6 @@ class GpuLock:
             self.holder, self.exclusive = None, False
             self.idle.set()
         return self.dispatch()
-
-    def leave(self, job: Job) -> None:
-        """A waiter that waits no more leaves: dequeued, or its grant passed on if it got one meanwhile."""
-        if job.state == "running":
-            self.release(job)
-        elif job in self.waiting:
-            self.waiting.remove(job)
-            self.dispatch()  # a job that left may have been what kept a join of the holder out
 
     def refuse(self, job: Job, error: BrokerError) -> None:
         """Answer a waiting job with ``error`` (queue_timeout, no_consumer, shutting_down, gpu_reserved)."""
