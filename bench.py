@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import functools
 import http.client
@@ -413,8 +414,20 @@ async def reading_cost(args: argparse.Namespace) -> int:
     them (mgpumanager.GpuReader); print JSON: the reader, seconds per reading of the GPU line alone and of
     a whole one, seconds per raw NVML memory call (NVML only), and one reading's figures; exit status 3
     where that reader does not read (NVML does not load)."""
-    config = mgpumanager.GpuConfig(nvidia_smi=tuple(shlex.split(args.smi)), reader=args.reader)
-    reader = mgpumanager.GpuReader(config)
+    gpu = mgpumanager.GpuConfig(nvidia_smi=tuple(shlex.split(args.smi)), reader=args.reader)
+    config = mgpumanager.parse_config(
+        {
+            "consumers": {
+                "x": {
+                    "url": "http://127.0.0.1:9",
+                    "health": {"path": "/"},
+                    "paths": {"k": {"path": "/"}},
+                    "vram_resident_mib": 1,
+                }
+            }
+        }
+    )
+    reader = mgpumanager.GpuReader(mgpumanager.Shared(dataclasses.replace(config, gpu=gpu)))
     out: dict[str, Any] = {"memory": [], "whole": [], "call": []}
     try:
         try:

@@ -35,11 +35,32 @@ metrics (/metrics), a live page with a timeline (/), systemd's notify protocol a
 (SIGHUP) and a graceful drain on SIGTERM. Given a verb (``mgpumanager.py ps``, ``events``, ...), the same
 file is a command line for a running broker.
 
-Sections, in dependency order: the command line (the verbs, ``Client``, the renderers, and the few constants
-and ``read_token_file`` it shares with the daemon), on the standard library alone, then its fast path: a
-verb (or ``--help``) runs and exits there, before the daemon's imports; constants and config; errors;
-events and metrics; GPU reading; consumers and health; the scheduler; the proxy; the HTTP app (with the
-dashboard page); running the broker (its logging, ``serve``, and ``main``: config, ``--check``, serve).
+Sections, in dependency order:
+
+- The command line: the verbs, ``Client``, the renderers, and the few constants and ``read_token_file`` it
+  shares with the daemon, on the standard library alone; then its fast path: a verb (or ``--help``) runs and
+  exits there, before the daemon's imports.
+- Constants.
+- Errors: ``BrokerError``, the one root of the broker's errors (code, status, retryable), and its kinds.
+- Config: the dataclasses, the loader, the presets; ``Shared``, the config in force (a reload swaps it there,
+  once) and the bugs caught anywhere, counted once.
+- Failures and log lines: what a failed call means (``describe``, ``gone_reason``); ``logfmt``.
+- Events and metrics: ``Events`` (/v1/events and its ring), ``Notifier`` (systemd), ``Metrics``.
+- GPU reading: ``GpuReader`` (caching, sharing, attribution) over a ``GpuSource``: ``SmiSource``
+  (nvidia-smi, parsed off the loop) or ``NvmlSource`` (NVML, each call bounded in a thread of its own).
+- Consumers and health: ``ConsumerState`` (its named transitions), ``Consumers`` (probes, loads, unloads,
+  measuring).
+- The scheduler, in parts: ``Job``; the ``Recorder`` (one record of each fact, four views); the pure
+  decisions, each a function of a snapshot: ``plan_room`` (eviction), ``next_grant`` (the grant order),
+  ``needs_no_swap`` (the "warm" both use), ``expected_waits`` (the forecast); ``GpuLock`` (the lock core:
+  admission to the queue, grants, release, each consumer's job count); ``RoomMaker`` (carries a plan out,
+  loads); ``Holds``; ``Reservations``; ``JobLease`` and ``Scheduler`` (one per GPU: composes its parts and
+  hands out leases); ``InternalJobs`` (idle unloads and preloads, on every GPU).
+- The proxy: ``forward`` and ``forward_job`` (``relay``, streamed), the holds' polls, WebSockets.
+- The broker: ``Broker``, the composition root.
+- The HTTP app: the front door, the handlers, the client connections, the consumers' ports, ``create_app``,
+  the dashboard page.
+- Running the broker: logging, ``serve``, and ``main()`` (config, ``--check``, serve).
 """
 
 # The command line comes first and needs only the standard library: a verb runs and exits at the fast
@@ -68,7 +89,6 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Coroutine,
     Iterable,
     Iterator,
     Mapping,
@@ -817,7 +837,7 @@ if not hasattr(web, "AppKey"):  # handler_cancellation and AppKey came with aioh
     sys.exit(f"mgpumanager needs aiohttp >= 3.9 (Debian 13's python3-aiohttp); this is {aiohttp.__version__}")
 
 # =====================================================================================================
-# Constants and config
+# Constants
 # =====================================================================================================
 
 # (MiB, CONFIG_READ_TIMEOUT_S and MAX_TOKEN_FILE_BYTES are defined with the command line, which uses them.)
@@ -925,6 +945,114 @@ GPU_FIELDS = (
 APP_FIELDS = ("pid", "process_name", "used_memory", "gpu_uuid")
 #: gpu.reader: NVML when it loads, else nvidia-smi (``auto``), or the one named.
 GPU_READERS = ("auto", "nvml", "nvidia-smi")
+
+# =====================================================================================================
+# Errors
+# =====================================================================================================
+
+#: code -> (HTTP status, retryable). The public list of what the broker itself can answer.
+ERROR_CODES: dict[str, tuple[int, bool]] = {
+    "bad_request": (400, False),
+    "not_found": (404, False),
+    "no_consumer": (404, False),
+    "unauthorized": (401, False),
+    "forbidden": (403, False),
+    "method_not_allowed": (405, False),
+    "request_timeout": (408, False),
+    "payload_too_large": (413, False),
+    "too_many_requests": (429, True),
+    "bad_config": (422, False),
+    "consumer_unreachable": (502, True),
+    "consumer_stopped": (503, True),
+    "load_failed": (502, True),
+    "unload_failed": (502, True),
+    "bad_consumer_url": (502, False),
+    "scheduler_error": (500, False),
+    "queue_full": (503, True),
+    "queue_timeout": (503, True),
+    "shutting_down": (503, True),
+    "insufficient_vram": (503, True),
+    "out_of_descriptors": (503, True),
+    "gpu_unavailable": (503, True),
+    "consumer_timeout": (504, True),
+    "gpu_reserved": (503, True),
+    "reservation_released": (409, False),
+}
+
+
+class BrokerError(Exception):
+    """The one root of the broker's own errors: each carries the JSON error's code (and so its HTTP status
+    and whether it is retryable), its message and the consumer it concerns. The HTTP app turns any of them
+    into the one error shape (``error_response``); nothing signals a failure by returning a value."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        consumer: str | None = None,
+        *,
+        retry_after: int = 1,
+        headers: Mapping[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.consumer = consumer
+        self.status, self.retryable = ERROR_CODES[code]
+        self.retry_after = retry_after
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        """The JSON error: ``{error, message, consumer, retryable}``."""
+        return {
+            "error": self.code,
+            "message": self.message,
+            "consumer": self.consumer,
+            "retryable": self.retryable,
+        }
+
+
+class ConfigError(BrokerError):
+    """The config is unusable (bad_config); ``problems`` lists every reason, each naming its key."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("bad_config", "\n".join(problems))
+        self.problems = problems
+
+
+class GpuError(BrokerError):
+    """nvidia-smi could not be run, failed, hung or printed something unreadable (gpu_unavailable)."""
+
+    def __init__(self, message: str):
+        super().__init__("gpu_unavailable", message)
+
+
+class CallError(BrokerError):
+    """A call the broker made to a consumer of its own accord (load, unload, a residency query) failed; the
+    scheduler answers it as load_failed or unload_failed, naming the consumer."""
+
+    def __init__(self, message: str, code: str = "consumer_unreachable"):
+        super().__init__(code, message)
+
+
+class ConsumerGone(BrokerError):
+    """A consumer the broker was waiting on is gone (its connection refused or reset): its work died."""
+
+    def __init__(self, reason: str):
+        super().__init__("consumer_unreachable", reason)
+        self.reason = reason
+
+
+class ProcessTimeout(BrokerError):
+    """A subprocess ran past its time and was killed, with its process group."""
+
+    def __init__(self, message: str):
+        super().__init__("consumer_timeout", message)
+
+
+# =====================================================================================================
+# Config
+# =====================================================================================================
 
 
 @dataclass(frozen=True)
@@ -1154,14 +1282,6 @@ class Config:
     consumers: dict[str, ConsumerConfig]
     auth: AuthConfig = AuthConfig()
     http: HttpConfig = HttpConfig()
-
-
-class ConfigError(Exception):
-    """The config is unusable; ``problems`` lists every reason, each naming its key."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 _REQUIRED = object()
@@ -2353,90 +2473,41 @@ def summary(config: Config) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where the config comes from, so that a reload reads it the same way: the file and the CLI overrides."""
+
+    path: Path
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Config:
+        return load_config(self.path, overrides=self.overrides)
+
+
+class Shared:
+    """What every part of the broker reads, and counts, in one place: the config in force (a reload swaps it
+    here, once; each part's next decision uses it) and the bugs caught anywhere, counted once."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        #: Bugs in the broker caught anywhere (schedulers, handlers, health rounds, GPU reads, reloads), each
+        #: logged with its traceback: the one figure /v1/status, /metrics and the dashboard show.
+        self.internal_errors = 0
+
+    def internal_error(self, msg: str, exc: BaseException | None = None, **fields: Any) -> None:
+        """A bug in the broker, caught: counted, and logged with its traceback (``exc``'s, else the one
+        being handled)."""
+        self.internal_errors += 1
+        log.error(logfmt(msg=msg, **fields), exc_info=exc if exc is not None else True)
+
+
 # =====================================================================================================
-# Errors
+# Failures and log lines
 # =====================================================================================================
-
-#: code -> (HTTP status, retryable). The public list of what the broker itself can answer.
-ERROR_CODES: dict[str, tuple[int, bool]] = {
-    "bad_request": (400, False),
-    "not_found": (404, False),
-    "no_consumer": (404, False),
-    "unauthorized": (401, False),
-    "forbidden": (403, False),
-    "method_not_allowed": (405, False),
-    "request_timeout": (408, False),
-    "payload_too_large": (413, False),
-    "too_many_requests": (429, True),
-    "bad_config": (422, False),
-    "consumer_unreachable": (502, True),
-    "consumer_stopped": (503, True),
-    "load_failed": (502, True),
-    "unload_failed": (502, True),
-    "bad_consumer_url": (502, False),
-    "scheduler_error": (500, False),
-    "queue_full": (503, True),
-    "queue_timeout": (503, True),
-    "shutting_down": (503, True),
-    "insufficient_vram": (503, True),
-    "out_of_descriptors": (503, True),
-    "gpu_unavailable": (503, True),
-    "consumer_timeout": (504, True),
-    "gpu_reserved": (503, True),
-    "reservation_released": (409, False),
-}
-
-
-class BrokerError(Exception):
-    """Every error the broker itself answers; one path turns it into a response."""
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        consumer: str | None = None,
-        *,
-        retry_after: int = 1,
-        headers: Mapping[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.consumer = consumer
-        self.status, self.retryable = ERROR_CODES[code]
-        self.retry_after = retry_after
-        self.headers = dict(headers or {})
-
-    def response(self) -> web.Response:
-        body = {
-            "error": self.code,
-            "message": self.message,
-            "consumer": self.consumer,
-            "retryable": self.retryable,
-        }
-        headers = {"Retry-After": str(self.retry_after)} if self.status in (429, 503) else {}
-        return web.json_response(body, status=self.status, headers=headers | self.headers)
-
 
 #: aiohttp >= 3.10 tells a failed name lookup and a connect timeout apart; older ones do not.
 _DNSError: Any = getattr(aiohttp, "ClientConnectorDNSError", ())
 _ConnectTimeout: Any = getattr(aiohttp, "ConnectionTimeoutError", ())
-
-
-class GpuError(Exception):
-    """nvidia-smi could not be run, failed, hung or printed something unreadable."""
-
-
-class CallError(Exception):
-    """A call the broker made to a consumer of its own accord (load, unload) failed."""
-
-
-class ConsumerGone(Exception):
-    """A consumer the broker was waiting on is gone (its connection refused or reset): its work died."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 def out_of_descriptors(exc: BaseException | None) -> bool:
@@ -2953,10 +3024,6 @@ class Finished:
     def stderr_tail(self) -> str:
         text = self.stderr.decode(errors="replace").strip()
         return text[-STDERR_TAIL:] or "(no output on stderr)"
-
-
-class ProcessTimeout(Exception):
-    """A subprocess ran past its time and was killed, with its process group."""
 
 
 class _Tail(asyncio.Protocol):
@@ -3562,14 +3629,12 @@ class GpuReader:
     """
 
     def __init__(
-        self, config: GpuConfig, clock: Callable[[], float] = time.monotonic, *, index: int | None = None
+        self, shared: Shared, clock: Callable[[], float] = time.monotonic, *, index: int | None = None
     ):
-        self.config = config
+        self.shared = shared
         #: The GPU read (nvidia-smi's ``-i``, NVML's index): gpu.index unless given.
-        self.index = config.index if index is None else index
+        self.index = shared.config.gpu.index if index is None else index
         self.clock = clock
-        #: Reads that crashed (bugs, logged).
-        self.crashes = 0
         self._inflight: asyncio.Task[GpuReading] | None = None
         self._last: tuple[float, GpuReading | GpuError] | None = None
         self._tasks: set[asyncio.Task[GpuReading]] = set()
@@ -3583,6 +3648,10 @@ class GpuReader:
         #: pid -> consumer for a whole reading's processes (the broker's Consumers.attribute): run off the
         #: event loop with the parsing, its answer kept in the reading's ``owners``.
         self.attribute: Callable[[GpuReading], Mapping[int, str]] | None = None
+
+    @property
+    def config(self) -> GpuConfig:
+        return self.shared.config.gpu
 
     def __repr__(self) -> str:
         busy = "querying" if self._inflight is not None else "idle"
@@ -3619,9 +3688,8 @@ class GpuReader:
             except Exception as e:
                 why = str(e)
                 if not isinstance(e, GpuError):  # a bug (or a binding that raises what it should not)
-                    self.crashes += 1
                     why = describe(e)
-                    log.exception(logfmt(msg="loading NVML crashed", gpu=self.index, error=why))
+                    self.shared.internal_error("loading NVML crashed", e, gpu=self.index, error=why)
                 if wanted == "nvml":  # each reading tries again, gpu_unavailable meanwhile
                     log.error(logfmt(msg="gpu reader nvml did not load", gpu=self.index, error=why))
                 else:
@@ -3673,13 +3741,11 @@ class GpuReader:
                 try:
                     listener(result)
                 except Exception as e:
-                    self.crashes += 1
-                    log.exception(logfmt(msg="gpu reading listener crashed", error=describe(e)))
+                    self.shared.internal_error("gpu reading listener crashed", error=describe(e))
         elif isinstance(exc, GpuError):
             result = exc
         else:
-            self.crashes += 1
-            log.error(logfmt(msg="gpu read crashed", error=describe(exc)))
+            self.shared.internal_error("gpu read crashed", exc, error=describe(exc))
             result = GpuError(describe(exc))
         if self._last is None or started >= self._last[0]:
             self._last = (started, result)
@@ -3710,8 +3776,7 @@ class GpuReader:
         try:
             owners = self.attribute(reading)
         except Exception as e:  # a bug: the reading still serves, its processes unattributed
-            self.crashes += 1
-            log.exception(logfmt(msg="attributing gpu processes crashed", error=describe(e)))
+            self.shared.internal_error("attributing gpu processes crashed", error=describe(e))
             owners = {}
         return replace(reading, owners=owners)
 
@@ -3807,8 +3872,6 @@ class ConsumerState:
         self.pids: frozenset[int] = frozenset()
         #: Recent load, unload and job times (seconds), for the running medians the scheduler plans with.
         self._samples: dict[str, deque[float]] = {}
-        #: Jobs (and holds) of this consumer holding the GPU lock now; the scheduler keeps it.
-        self.jobs = 0
         #: When the residency was last decided (a record or an observation); older observations lose.
         self._decided_at = float("-inf")
         #: The broker's own unload or load of it is under way: observations wait for its end.
@@ -3823,7 +3886,7 @@ class ConsumerState:
     def __repr__(self) -> str:
         return (
             f"<ConsumerState {self.name} resident={self.resident} healthy={self.healthy}"
-            f" trusted={self.trusted} used_mib={self.used_mib} jobs={self.jobs}>"
+            f" trusted={self.trusted} used_mib={self.used_mib}>"
         )
 
     # ---- residency ----------------------------------------------------------------------------------
@@ -4087,22 +4150,22 @@ class Consumers:
 
     def __init__(
         self,
-        config: Config,
+        shared: Shared,
         session: aiohttp.ClientSession,
         clock: Callable[[], float] = time.monotonic,
         events: Events | None = None,
     ):
-        self.config = config
+        self.shared = shared
         self.session = session
         self.clock = clock
         self.events = events or Events()
-        self.states: dict[str, ConsumerState] = {name: self.new_state(name) for name in config.consumers}
-        #: Health rounds that crashed (a bug, not a consumer failure): logged and counted.
-        self.health_errors = 0
+        self.states: dict[str, ConsumerState] = {name: self.new_state(name) for name in self.config.consumers}
         #: Why each consumer's residency query last failed (logged when it changes), by name.
         self.residency_errors: dict[str, str] = {}
         #: Told when a consumer is seen gone (the broker ends its holds): (name, reason).
         self.gone_listeners: list[Callable[[str, str], None]] = []
+        #: Whether a job or hold of the consumer holds a GPU lock now (the broker asks its locks).
+        self.busy: Callable[[str], bool] = lambda name: False
         #: On-demand probes under way, shared by the jobs that wait for them.
         self._probing: dict[str, asyncio.Task[None]] = {}
         #: pid -> consumer, from each GPU's latest reading with a process list.
@@ -4116,6 +4179,10 @@ class Consumers:
         #: worker threads, under the lock.
         self._cgroups: dict[int, dict[int, tuple[str | None, float, list[str]]]] = {}
         self._cgroups_lock = threading.Lock()
+
+    @property
+    def config(self) -> Config:
+        return self.shared.config
 
     def new_state(self, name: str) -> ConsumerState:
         return ConsumerState(name, self.clock, self.events)
@@ -4344,7 +4411,7 @@ class Consumers:
                 # nothing of the consumer.
                 log.debug(logfmt(msg="health probe skipped: out of descriptors", consumer=name))
                 return
-            if isinstance(e, asyncio.TimeoutError) and state.jobs > 0:
+            if isinstance(e, asyncio.TimeoutError) and self.busy(name):
                 # A consumer busy with a GPU job may answer its health route slowly: not a failure.
                 log.debug(logfmt(msg="health probe timed out while busy", consumer=name))
                 return
@@ -4390,8 +4457,7 @@ class Consumers:
                         state.touched("a health round was missed")
                 await self.probe_all()
             except Exception as e:
-                self.health_errors += 1
-                log.exception(logfmt(msg="health round crashed", error=describe(e)))
+                self.shared.internal_error("health round crashed", error=describe(e))
 
     # ---- measuring ----------------------------------------------------------------------------------
 
@@ -4524,7 +4590,7 @@ class Job:
     started: float | None = None
     ended: float | None = None
     evictions: int = 0
-    #: Its caller (the client's request) went away while a step of it ran on (see Scheduler._guarded).
+    #: Its caller (the client's request) went away while a step of it ran on (see JobLease._prepare).
     left: bool = False
     #: Since when a job that came after it, of the same effective priority, was granted before it.
     overtaken_since: float | None = None
@@ -4534,7 +4600,8 @@ class Job:
     #: since when (its job time is learned from then: making room and loading are learned on their own).
     working: bool = False
     working_at: float | None = None
-    #: How it ended, kept for its log line (written when a hold after it ends).
+    #: How it ended, kept for its log line (written when a hold after it ends); ``http``: the consumer's
+    #: HTTP status, from the moment it answered.
     outcome: str | None = None
     code: str | None = None
     http: int | None = None
@@ -4561,7 +4628,7 @@ class Job:
         a waiting job."""
         if self.state != "running" or self.scheduler is None:
             return False
-        return self.scheduler._finish(self, outcome, code, status, success, hold, hold_timeout_s)
+        return self.scheduler.finish(self, outcome, code, status, success, hold, hold_timeout_s)
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.consumer}/{self.kind} {self.state}>"
@@ -4584,7 +4651,6 @@ class Stats:
     hold_timeouts: int = 0
     hold_abandoned: int = 0
     hold_poll_errors: int = 0
-    internal_errors: int = 0
 
 
 # ---- the recorder: one record of each fact, four views of it ----------------------------------------
@@ -4678,8 +4744,9 @@ class Recorder:
     the log and /v1/events. Jobs have their own record (``job_ended``): their outcome counts at once, and
     their metrics, end event and log line follow once the GPU changed hands."""
 
-    def __init__(self, gpu: int, events: Events, metrics: Metrics) -> None:
+    def __init__(self, gpu: int, events: Events, metrics: Metrics, shared: Shared) -> None:
         self.gpu = gpu
+        self.shared = shared
         self.events = events
         self.metrics = metrics
         self.stats = Stats()
@@ -4697,10 +4764,9 @@ class Recorder:
             log.log(level, logfmt(msg=fact.msg, **fields))
         self.events.publish(fact.event, gpu=self.gpu, **fields)
 
-    def internal_error(self, msg: str, **fields: Any) -> None:
-        """A bug in the broker, caught: counted, and logged with its traceback (call from an except)."""
-        self.stats.internal_errors += 1
-        log.exception(logfmt(msg=msg, **fields))
+    def internal_error(self, msg: str, exc: BaseException | None = None, **fields: Any) -> None:
+        """A bug in the broker, caught: counted once for the broker, logged with its traceback."""
+        self.shared.internal_error(msg, exc, gpu=self.gpu, **fields)
 
     def learned(
         self, state: ConsumerState, what: str, seconds: float, job: int, *, after_handover: bool = False
@@ -4722,6 +4788,19 @@ class Recorder:
             _after_handover(functools.partial(self._publish_learned, fields))
         else:
             self._publish_learned(fields)
+
+    def job_took(self, job: Job, state: ConsumerState, ended: float) -> None:
+        """What a job that took the work took from the moment it went to work (the evictions and the load
+        before it are learned on their own, so a forecast counts each once): its consumer's job time, or, a
+        cold start (the consumer loads itself on its first request), a load time (what it took beyond a
+        usual job). Learned after its end event."""
+        began = job.working_at if job.working_at is not None else job.started
+        if began is None or job.exclusive:
+            return
+        took = max(0.0, ended - began)
+        if job.cold:
+            took = max(0.0, took - (state.timing("job") or 0.0))
+        self.learned(state, "load" if job.cold else "job", took, job.id, after_handover=True)
 
     def _publish_learned(self, fields: dict[str, Any]) -> None:
         try:
@@ -4814,12 +4893,12 @@ class ConsumerView:
     peak_mib: int | None = None
 
     @staticmethod
-    def of(config: ConsumerConfig, state: ConsumerState) -> ConsumerView:
+    def of(config: ConsumerConfig, state: ConsumerState, jobs: int) -> ConsumerView:
         return ConsumerView(
             config,
             state.resident,
             state.trusted,
-            state.jobs,
+            jobs,
             state.last_used,
             state.used_mib,
             state.peak_mib,
@@ -5106,6 +5185,131 @@ def overtaken_by(granted: Job, waiting: Iterable[Job], now: float, aging_s: floa
     ]
 
 
+def needs_no_swap(target: ConsumerConfig, resident: bool, holder: str | None) -> bool:
+    """Whether a job of ``target`` needs no swap (the grant order's "warm"): its memory is elsewhere, or it
+    is resident and whoever holds the lock (if anyone) is itself or may stay beside it. One definition: the
+    lock grants by it, and the forecast plays the grant order forward with it."""
+    if target.vram_resident_mib == 0:
+        return True
+    return resident and (holder is None or holder == target.name or holder in target.can_coexist_with)
+
+
+# ---- the forecast: the grant order played forward, a pure function of a snapshot --------------------
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """Everything the forecast depends on, at one moment."""
+
+    #: The waiting jobs (a copy of the lock's queue).
+    waiting: WaitQueue
+    #: Who holds the lock and for how long it has.
+    holder: str | None
+    held_s: float
+    now: float
+    #: The GPU's consumers as the eviction planner sees them, and their learned figures: (name, "load" |
+    #: "unload" | "job") -> seconds (a figure not seen yet is absent).
+    consumers: Mapping[str, ConsumerView]
+    timings: Mapping[tuple[str, str], float]
+    #: Free MiB in the newest reading (None: none yet).
+    free_mib: int | None
+    cushion_mib: int
+    max_evictions: int
+    aging_s: float
+    max_overtake_s: float
+
+
+def queue_snapshot(lock: GpuLock, rooms: RoomMaker, config: Config) -> QueueSnapshot:
+    """A GPU's queue, lock and consumers now, as the forecast plays them forward."""
+    views = rooms.views()
+    states = rooms.states
+    names = set(views) | {j.consumer for j in lock.waiting}
+    timings = {
+        (name, what): seconds
+        for name in names
+        if name in states
+        for what in TIMED
+        if (seconds := states[name].timing(what)) is not None
+    }
+    now = lock.clock()
+    sched = config.scheduler
+    return QueueSnapshot(
+        lock.waiting.copy(),
+        lock.holder,
+        now - lock.held_since,
+        now,
+        views,
+        timings,
+        rooms.gpu.last_free_mib(),
+        config.gpu.cushion_mib,
+        sched.max_evictions,
+        sched.aging_s,
+        sched.max_overtake_s,
+    )
+
+
+def expected_waits(
+    snap: QueueSnapshot, until: Job | None = None, count: int | None = None
+) -> list[tuple[Job, float]]:
+    """The waiting jobs in the order they are expected to be granted, each with its expected wait in seconds
+    (``eta_s``), from the learned figures (a figure not seen yet counts as 0, so an eta is then a lower
+    bound). No I/O: the same snapshot always gives the same forecast.
+
+    It plays the grant order forward (``next_grant``, with ``needs_no_swap``: the lock's own "warm"): the
+    holder's remaining time (at least RUNNING_FLOOR_S), then job after job. A job that needs a swap pays
+    what ``plan_room`` would unload for it on the GPU as played so far (its memory: the newest reading's
+    free MiB, none when there is no reading yet) and its own load when it is not resident. It stops once
+    ``until`` has its place, or after ``count`` jobs.
+    """
+    waiting = snap.waiting.copy()  # (taken out one by one as they are granted)
+    views = {name: replace(view, jobs=0) for name, view in snap.consumers.items()}
+    free = snap.free_mib or 0
+    t = 0.0
+    current = snap.holder
+    if current is not None:  # what it still takes (at least RUNNING_FLOOR_S); its consumer is loaded
+        t = max(RUNNING_FLOOR_S, snap.timings.get((current, "job"), 0.0) - snap.held_s)
+        if current in views:
+            views[current] = replace(views[current], resident=True, trusted=True)
+
+    def warm(job: Job) -> bool:
+        view = views.get(job.consumer)
+        return needs_no_swap(job.target, view is not None and view.resident is True, current)
+
+    out: list[tuple[Job, float]] = []
+    while waiting:
+        job = next_grant(
+            waiting.candidates(warm, None),
+            None,
+            snap.now + t,
+            aging_s=snap.aging_s,
+            max_overtake_s=snap.max_overtake_s,
+            warm=warm,
+        )
+        if job is None:
+            break
+        waiting.remove(job)
+        out.append((job, round(t, 3)))
+        if job is until or len(out) == count:
+            break
+        name = job.consumer
+        target = views.get(name) or ConsumerView(job.target, None)
+        if not warm(job):  # a swap: what the planner would unload for it goes, then it loads
+            views[name] = target
+            room = RoomSnapshot(name, views, free, snap.cushion_mib, max_evictions=snap.max_evictions)
+            gone = plan_room(room).victims
+            t += sum(snap.timings.get((n, "unload"), 0.0) for n in gone)
+            free += sum(views[n].holds_mib for n in gone)
+            for n in gone:
+                views[n] = replace(views[n], resident=False, trusted=True, used_mib=None)
+            if target.resident is not True:
+                t += snap.timings.get((name, "load"), 0.0)
+                free -= target.size_mib
+        views[name] = replace(target, resident=True, trusted=True, last_used=snap.now + t)
+        t += snap.timings.get((name, "job"), 0.0)
+        current = name
+    return out
+
+
 # ---- the lock -------------------------------------------------------------------------------------
 
 
@@ -5172,43 +5376,112 @@ class WaitQueue:
 
 
 class GpuLock:
-    """One GPU's lock: the jobs waiting for it and who holds it, with how many slots (jobs and holds).
+    """One GPU's lock, the scheduler's core: admission to its queue, grants by ``next_grant``, release.
 
-    Grants follow ``next_grant``. Waiters are futures, as in asyncio's own Lock; a waiter cancelled while
-    being woken passes its grant on (``leave``). ``warm`` says whether a job needs no swap; ``on_grant`` is
-    told of each grant, before the waiter wakes.
+    The one record of each consumer's job count: only the holder has jobs here (its slots: jobs and holds;
+    of those, the holds, and the ones at work, past making room); everyone else asks the lock. Waiters are
+    futures, as in asyncio's own Lock; a waiter cancelled while being woken passes its grant on (its end
+    releases it).
+    ``resident`` tells whether a consumer is resident (for ``needs_no_swap``), ``eta`` a waiting job's
+    expected wait (None: the first one's), and ``on_grant`` is told of each grant before the waiter wakes.
     """
 
     def __init__(
         self,
-        config: Config,
+        shared: Shared,
+        index: int,
         clock: Callable[[], float],
-        warm: Callable[[Job], bool],
+        recorder: Recorder,
+        *,
+        resident: Callable[[str], bool],
+        eta: Callable[[Job | None], float | None],
         on_grant: Callable[[Job], None],
     ) -> None:
-        self.config = config
+        self.shared = shared
+        self.index = index
         self.clock = clock
-        self.warm = warm
+        self.recorder = recorder
+        self.resident = resident
+        self.eta = eta
         self.on_grant = on_grant
         self.waiting = WaitQueue()
-        #: The consumer holding the lock, its slots taken (jobs and holds), and of those the holds.
+        #: The consumer holding the lock, its slots taken (jobs and holds), of those the holds, and the ones
+        #: at work (past making room, holds too: a join's plan credits their work).
         self.holder: str | None = None
         self.slots = 0
         self.holds = 0
+        self.working = 0
         #: The holder is an admin operation (or an idle unload, a preload): it holds the lock alone.
         self.exclusive = False
         self.held_since = 0.0
+        #: Shutting down: nothing is queued any more.
+        self.closing = False
         #: Set while nobody holds the lock.
         self.idle = asyncio.Event()
         self.idle.set()
+
+    @property
+    def config(self) -> Config:
+        return self.shared.config
 
     def __repr__(self) -> str:
         held = f"held by {self.holder} x{self.slots}" if self.holder else "free"
         return f"<GpuLock [{held}, waiters:{len(self.waiting)}]>"
 
-    def enqueue(self, job: Job) -> None:
-        """A job starts waiting; ``dispatch`` then grants what can be."""
+    def jobs_of(self, name: str) -> int:
+        """Jobs and holds of ``name`` holding this lock."""
+        return self.slots if name == self.holder else 0
+
+    def working_of(self, name: str) -> int:
+        """Jobs and holds of ``name`` at work under this lock (past making room)."""
+        return self.working if name == self.holder else 0
+
+    def warm(self, job: Job) -> bool:
+        """Whether a job needs no swap now (``needs_no_swap``, with the holder as it is)."""
+        return needs_no_swap(job.target, self.resident(job.consumer), self.holder)
+
+    async def wait(self, job: Job) -> None:
+        """Admit ``job`` to the queue and wait for its grant. Refused at once: shutting_down, queue_full;
+        later: queue_timeout, or no_consumer, shutting_down, gpu_reserved (``refuse``). Returned, it holds a
+        slot. Raised (a refusal, a cancellation, a bug), it waits no more; one granted meanwhile (a waiter
+        cancelled while being woken) holds its slot until its end gives it back (``Scheduler.ended_by``,
+        which its caller runs), and that release passes the grant on."""
+        cfg = self.config.scheduler
+        if self.closing:
+            raise BrokerError("shutting_down", "the broker is shutting down", job.consumer)
+        if len(self.waiting) >= cfg.max_queue:
+            message = f"{len(self.waiting)} jobs are waiting already"
+            raise BrokerError("queue_full", message, job.consumer, retry_after=retry_after(self.eta(None)))
+        timer = asyncio.get_running_loop().call_later(cfg.queue_timeout_s, self._expire, job)
         self.waiting.append(job)
+        try:
+            # Its expected wait (0 when the lock is free: it goes at once, unless one of its betters waits).
+            queued = {"priority": job.priority, "request_id": job.request_id, "eta_s": self.eta(job)}
+            self.recorder.job_event("queued", job, **queued)
+            self.dispatch()
+            await job.granted
+        except BaseException:
+            if job in self.waiting:
+                self.waiting.remove(job)
+                self.dispatch()  # a job that left may have been what kept a join of the holder out
+            raise
+        finally:
+            timer.cancel()
+
+    def _expire(self, job: Job) -> None:
+        """The queue timer of a job ran out: answer it with queue_timeout unless it was granted. Its
+        Retry-After is the wait still expected for it."""
+        if job.state != "queued" or job.granted.done():
+            return
+        waited = self.config.scheduler.queue_timeout_s
+        error = BrokerError(
+            "queue_timeout",
+            f"waited {waited:g} s for the GPU",
+            job.consumer,
+            retry_after=retry_after(self.eta(job)),
+        )
+        self.refuse(job, error)
+        self.dispatch()
 
     def _holder(self) -> Holder | None:
         if self.holder is None:
@@ -5237,7 +5510,7 @@ class GpuLock:
             if job is None:
                 return granted
             self.waiting.remove(job)
-            if min(candidates, key=lambda j: (j.arrived, j.id)) is not job:
+            if min(candidates, key=_arrival) is not job:
                 for passed in overtaken_by(job, self.waiting, now, sched.aging_s):
                     if passed.overtaken_since is None:
                         passed.overtaken_since = now
@@ -5251,35 +5524,65 @@ class GpuLock:
             job.granted.set_result(None)
             granted = True
 
-    def release(self, job: Job) -> bool:
-        """A job or hold gives its slot back; the last one frees the lock. Whether another job got it."""
+    def started(self, job: Job) -> None:
+        """A granted job made room and loaded (or needed neither): it goes to work on its consumer."""
+        job.working, job.working_at = True, self.clock()
+        self.working += 1
+
+    def hold(self, job: Job) -> None:
+        """A job answered and keeps its slot in a hold (ComfyUI's render): ``release(job, held=True)``."""
+        self.holds += 1
+
+    def release(self, job: Job, *, held: bool = False) -> bool:
+        """A job (or its hold: ``held``) gives its slot back; the last one frees the lock. Whether another
+        job got it."""
         assert job.consumer == self.holder, (job, self.holder)
         self.slots -= 1
+        self.holds -= held
+        self.working -= job.working
         if self.slots == 0:
             self.holder, self.exclusive = None, False
             self.idle.set()
         return self.dispatch()
 
-    def leave(self, job: Job) -> bool:
-        """A cancelled waiter leaves: dequeued, or its grant passed on if it was granted meanwhile.
-        Whether it held a slot (then the caller gives the consumer's job count back)."""
-        if job.state == "running":
-            self.release(job)
-            return True
-        if job in self.waiting:
-            self.waiting.remove(job)
-            self.dispatch()  # a job that left may have been what kept a join of the holder out
-        return False
-
     def refuse(self, job: Job, error: BrokerError) -> None:
-        """Answer a waiting job with ``error`` (queue_timeout, no_consumer, shutting_down)."""
+        """Answer a waiting job with ``error`` (queue_timeout, no_consumer, shutting_down, gpu_reserved)."""
         self.waiting.remove(job)
         job.granted.set_exception(error)
+
+    def forget(self) -> None:
+        """After a reload: jobs waiting for a consumer gone (or on another GPU now) get no_consumer."""
+        for job in [j for j in self.waiting if not j.granted.done()]:
+            now = self.config.consumers.get(job.consumer)
+            if (now is not None and now.gpu == self.index) or job.kind == RESERVATION:  # (no consumer's)
+                continue
+            why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
+            self.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
+        self.dispatch()
+
+    def shut_down(self) -> None:
+        """Queue nothing more, and answer every queued job with shutting_down."""
+        self.closing = True
+        for job in [j for j in self.waiting if not j.granted.done()]:
+            self.refuse(job, BrokerError("shutting_down", "the broker is shutting down", job.consumer))
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no job or hold holds the lock, at most ``timeout_s``; whether it got idle."""
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def queue(self) -> list[Job]:
         """Waiting jobs, highest effective priority first, then by arrival."""
         now, aging_s = self.clock(), self.config.scheduler.aging_s
         return sorted(self.waiting, key=lambda j: (-effective_priority(j, now, aging_s), j.arrived, j.id))
+
+
+def retry_after(eta: float | None) -> int:
+    """Retry-After for a refused job: the seconds until the job it names is expected to run, at least 1."""
+    return max(1, math.ceil(eta)) if eta is not None else 1
 
 
 class UnloadOps(Protocol):
@@ -5295,651 +5598,71 @@ class UnloadOps(Protocol):
 
     def owners(self) -> Mapping[int, str]: ...
 
-
-@dataclass(eq=False)
-class Reservation:
-    """A GPU given to something else for a while (a game, a training run): its lock held by a job of
-    RESERVATION's, after every consumer on it was asked to unload."""
-
-    job: Job
-    reason: str
-    #: When it ends on its own: monotonic (for the timer) and wall-clock (for people).
-    until: float
-    until_at: float
-    #: The consumers it unloaded, and why the others were not.
-    unloaded: list[str] = field(default_factory=list)
-    not_unloaded: dict[str, str] = field(default_factory=dict)
-    timer: asyncio.TimerHandle | None = None
-
-    def describe(self, now: float) -> dict[str, Any]:
-        """What /v1/status, the reserve answer and `ps` show of it."""
-        return {
-            "reason": self.reason,
-            "until": _iso(self.until_at),
-            "left_s": round(max(0.0, self.until - now), 1),
-            "unloaded": list(self.unloaded),
-            "not_unloaded": dict(self.not_unloaded),
-        }
+    def gone(self, name: str, reason: str) -> None: ...
 
 
-class Scheduler:
-    """One GPU's queue and lock, with eviction and load before a job runs.
+# ---- making room: carrying the plan out -------------------------------------------------------------
 
-    The clock, the GPU reader and the consumer calls are injected, so the whole decision logic runs in tests
-    without sockets. Waiters are futures; a waiter cancelled while being woken passes its grant on.
-    Invariant: whatever raises while a job is granted or running, the job ends (once) and its slot is freed.
-    """
+
+class RoomMaker:
+    """Making room on one GPU for a granted job, as ``plan_room`` decides: the GPU readings, the victims'
+    unloads, waiting for their memory to show up free, then the target's load; a target in doubt is asked
+    first. Serialised (``lock``): two jobs never evict at once. A failure raises BrokerError."""
 
     def __init__(
         self,
-        config: Config,
+        shared: Shared,
+        index: int,
         gpu: Any,
         ops: UnloadOps,
+        recorder: Recorder,
         *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        events: Events | None = None,
-        metrics: Metrics | None = None,
-        index: int | None = None,
-    ):
-        self.config = config
-        #: The GPU this scheduler owns (gpu.index unless given): only consumers on it are its business.
-        self.index = config.gpu.index if index is None else index
+        jobs_of: Callable[[str], int],
+        working_of: Callable[[str], int],
+        clock: Callable[[], float],
+        sleep: Callable[[float], Awaitable[None]],
+    ) -> None:
+        self.shared = shared
+        self.index = index
         self.gpu = gpu
         self.ops = ops
         self.states = ops.states
+        self.recorder = recorder
+        self.jobs_of = jobs_of
+        self.working_of = working_of
         self.clock = clock
         self.sleep = sleep
-        self.events = events or Events()
-        self.metrics = metrics or Metrics()
-        self.recorder = Recorder(self.index, self.events, self.metrics)
-        self.lock = GpuLock(config, clock, self._warm, self._granted)
-        #: Shutting down: no job is admitted any more.
-        self.closing = False
-        self._ids = itertools.count(1)
-        self._prepare_lock = asyncio.Lock()
-        #: Work the scheduler owns (holds, steps whose caller left): cancelled on close.
-        self._tasks: set[asyncio.Task[Any]] = set()
-        #: The holds running now, and why one was abandoned (set before it is cancelled).
-        self._holds: dict[Job, asyncio.Task[None]] = {}
-        self._abandoned: dict[Job, str] = {}
-        #: Consumers with an idle unload or a preload queued or running: never two for one consumer.
-        self._internal: set[tuple[str, str]] = set()
-        #: Jobs of each consumer at work (they made room, or needed none; holds too), by consumer.
-        self._working: dict[str, int] = {}
+        #: Held while room is made (or an admin, idle or reservation unload runs): one at a time per GPU.
+        self.lock = asyncio.Lock()
         #: When each unload under way started (its time is learned when its memory showed up free).
         self._unload_started: dict[str, float] = {}
-        #: The GPU given to something else (``reserve``), or None; the reservations asked for that wait for
-        #: the lock (or were granted it and have not begun): a release cancels them.
-        self.reservation: Reservation | None = None
-        self._reserving: set[Job] = set()
-
-    def __repr__(self) -> str:
-        return f"<Scheduler gpu={self.index} {self.lock!r}>"
 
     @property
     def config(self) -> Config:
-        return self._config
+        return self.shared.config
 
-    @config.setter
-    def config(self, config: Config) -> None:
-        """A reload's config: the next decision (and the next grant) uses it."""
-        self._config = config
-        if hasattr(self, "lock"):
-            self.lock.config = config
+    def needs_no_room(self, job: Job) -> bool:
+        """Resident by a record nothing has put in doubt, or its memory is elsewhere (a remote broker):
+        no GPU reading, no eviction."""
+        return self.states[job.consumer].known_resident() or job.target.vram_resident_mib == 0
 
-    @property
-    def stats(self) -> Stats:
-        return self.recorder.stats
-
-    # ---- the lock's state, for people and tests (the lock owns it) ---------------------------------
-
-    @property
-    def holder(self) -> str | None:
-        return self.lock.holder
-
-    @property
-    def slots(self) -> int:
-        return self.lock.slots
-
-    @property
-    def holds(self) -> int:
-        return self.lock.holds
-
-    @property
-    def exclusive(self) -> bool:
-        return self.lock.exclusive
-
-    @property
-    def running(self) -> int:
-        return self.lock.slots - self.lock.holds
-
-    def effective_priority(self, job: Job, now: float) -> int:
-        return effective_priority(job, now, self.config.scheduler.aging_s)
-
-    def queue(self) -> list[Job]:
-        """Waiting jobs, highest effective priority first, then by arrival (``forecast`` gives the order
-        with overtaking and the expected waits)."""
-        return self.lock.queue()
-
-    def _warm(self, job: Job) -> bool:
-        """Whether a job needs no swap: its consumer holds the GPU, or is resident and may stay beside the
-        holder (or its memory is elsewhere)."""
-        if job.target.vram_resident_mib == 0:
-            return True
-        state = self.states.get(job.consumer)
-        if state is None or state.resident is not True:
-            return False
-        holder = self.lock.holder
-        return holder is None or holder == job.consumer or holder in job.target.can_coexist_with
-
-    def _granted(self, job: Job) -> None:
-        """The lock went to ``job`` (before it wakes): its consumer's job count, the others' doubt. A bug
-        here is logged and counted; the grant stands (the job's count first, so its release balances)."""
-        self.states[job.consumer].jobs += 1
-        try:
-            if self.lock.slots == 1 and job.kind not in UNLOAD_KINDS:
-                self._touch_others(job)
-            self.recorder.job_event("granted", job, waited_s=round(self.clock() - job.arrived, 3))
-        except Exception as e:
-            self.recorder.internal_error(
-                "grant bookkeeping crashed", consumer=job.consumer, error=describe(e)
-            )
-
-    # ---- admission and the lock ----------------------------------------------------------------------
-
-    async def acquire(self, consumer: str, kind: str, request_id: str | None = None) -> Job:
-        """Queue a job, wait for the lock, make room and load: the job, granted; its caller ends it with
-        ``job.release(...)``. Whatever raises on the way, the job has ended and holds no slot."""
-        job = self._admit(consumer, kind, request_id=request_id)
-        await self._wait_for_grant(job)
-        try:
-            if not self._needs_no_room(job):  # checked again under the lock; the common case skips it
-                await self._guarded(job, self._prepare(job))
-            # (Counted until its slot is given back: a join's plan credits its work.)
-            job.working, job.working_at = True, self.clock()
-            self._working[job.consumer] = self._working.get(job.consumer, 0) + 1
-            self.recorder.job_event("started", job)
-        except BaseException as e:
-            if job.state != "running" or job.left:  # ended by the step that failed, or ends with the
-                raise  # step its caller left (that step's own task ends it)
-            error = self._step_failed(job, e)  # a bug between the steps
-            if error is e:
-                raise
-            raise error from e
-        return job
-
-    async def unload_now(self, name: str) -> Job:
-        """Admin: unload a consumer through its route, holding the lock alone so no job races it."""
-        job = self._admit(name, "unload", exclusive=True)
-        await self._wait_for_grant(job)
-
-        async def unload() -> None:
-            async with self._prepare_lock:
-                error = await self._unload(job, name, by="admin")
-            if error is not None:
-                raise BrokerError("unload_failed", f"{name} {error}", name)
-
-        await self._guarded(job, unload())
-        job.release()
-        return job
-
-    async def load_now(self, name: str) -> Job:
-        """Admin: make room for a consumer and load it (warm-up), holding the lock alone."""
-        job = self._admit(name, "load", exclusive=True)
-        await self._wait_for_grant(job)
-        await self._guarded(job, self._prepare(job, warm=True))
-        job.release()
-        return job
-
-    def idle_deadline(self, name: str) -> float | None:
-        """When a resident consumer with ``idle_unload_s`` becomes due for its idle unload (None: never)."""
-        c = self.config.consumers.get(name)
-        state = self.states.get(name)
-        if (
-            c is None
-            or state is None
-            or not c.idle_unload_s
-            or c.unload is None
-            or state.resident is not True
-        ):
-            return None
-        since = state.idle_since()
-        return None if since is None else since + c.idle_unload_s
-
-    def _busy_with(self, name: str) -> str | None:
-        """Why ``name`` is not idle: a job or hold of it holds the lock, or one waits for it."""
-        own = 1 if self.lock.holder == name and self.lock.exclusive else 0  # the idle unload asking
-        if self.states[name].jobs > own:  # on this GPU, or on another one a reload moved it from
-            return "has jobs running"
-        if any(j.consumer == name for j in self.lock.waiting):
-            return "a job waits for it"
-        return None
-
-    def idle_due(self, name: str) -> bool:
-        due = self.idle_deadline(name)
-        return due is not None and self.clock() >= due and self._busy_with(name) is None
-
-    async def idle_unload(self, name: str) -> Job | None:
-        """Unload a consumer unused for its ``idle_unload_s``: jobs waiting go first (unless it aged past
-        them); checked again once granted. None when it is not due (or one is pending)."""
-        if not self.idle_due(name):
-            return None
-        return await self._run_internal("idle_unload", name, self._unload_if_idle)
-
-    async def preload(self, name: str) -> Job | None:
-        """Load a consumer if it fits as things are, never evicting. None when one is pending already."""
-        return await self._run_internal("preload", name, self._load_if_fits)
-
-    async def _run_internal(self, kind: str, name: str, step: Callable[[Job], Awaitable[None]]) -> Job | None:
-        """An idle unload or a preload: an exclusive job of the lowest priority, one pending per consumer."""
-        if (kind, name) in self._internal:
-            return None
-        self._internal.add((kind, name))
-        try:
-            job = self._admit(name, kind, exclusive=True, priority=0)
-            await self._wait_for_grant(job)
-            await self._guarded(job, step(job))
-            job.release()
-            return job
-        finally:
-            self._internal.discard((kind, name))
-
-    async def _unload_if_idle(self, job: Job) -> None:
-        name = job.consumer
-        async with self._prepare_lock:
-            # While it waited, a job may have come, used the consumer or be waiting for it.
-            if not self.idle_due(name):
-                why = self._busy_with(name) or "no longer idle or resident"
-                self.recorder.record("idle_unload_skipped", consumer=name, reason=why, job=job.id)
-                return
-            error = await self._unload(job, name, by="idle")
-        if error is not None:
-            raise BrokerError("unload_failed", f"{name} {error}", name)
-
-    async def _load_if_fits(self, job: Job) -> None:
-        name = job.consumer
-        async with self._prepare_lock:
-            if self.states[name].resident is True:
-                log.info(logfmt(msg="preload: already resident", consumer=name, job=job.id))
-                return
-            # (A consumer whose memory is elsewhere fits whatever this GPU holds.)
-            if job.target.vram_resident_mib:
-                plan = plan_room(self._room(job, await self._read_gpu(job), {}))
-                if not plan.fits:
-                    self.recorder.record(
-                        "preload_skipped",
-                        consumer=name,
-                        job=job.id,
-                        free_mib=plan.free_mib,
-                        need_mib=plan.need_mib,
-                    )
-                    return
-            await self._load(job)
-
-    def _admit(
-        self,
-        consumer: str,
-        kind: str,
-        *,
-        exclusive: bool = False,
-        request_id: str | None = None,
-        priority: int | None = None,
-    ) -> Job:
-        """A new job for a configured consumer; counted from here on."""
-        target = self.config.consumers.get(consumer)
-        if target is None:  # removed by a reload since the request was routed
-            raise BrokerError("no_consumer", f"{consumer} is no longer configured", consumer)
-        if target.gpu != self.index:  # moved to another GPU by a reload meanwhile
-            raise BrokerError("no_consumer", f"{consumer} runs on GPU {target.gpu} now", consumer)
-        if self.reservation is not None:
-            raise self._reserved_error(consumer)
-        self.recorder.job_admitted()
-        return Job(
-            id=next(self._ids),
-            target=target,
-            kind=kind,
-            priority=priority if priority is not None else PRIORITY_MAX if exclusive else target.priority,
-            arrived=self.clock(),
-            granted=asyncio.get_running_loop().create_future(),
-            exclusive=exclusive,
-            request_id=request_id,
-            scheduler=self,
-        )
-
-    async def _wait_for_grant(self, job: Job) -> None:
-        """Queue the job and wait for the lock; queue_full, queue_timeout or cancellation end it."""
-        cfg = self.config
-        if self.closing:
-            self._end(job, "failed", "shutting_down")
-            raise BrokerError("shutting_down", "the broker is shutting down", job.consumer)
-        if len(self.lock.waiting) >= cfg.scheduler.max_queue:
-            self._end(job, "rejected", "queue_full")
-            waiting = len(self.lock.waiting)
-            raise BrokerError(
-                "queue_full",
-                f"{waiting} jobs are waiting already",
-                job.consumer,
-                retry_after=self._retry_after(self.forecast(count=1)),
-            )
-        timer = asyncio.get_running_loop().call_later(cfg.scheduler.queue_timeout_s, self._expire, job)
-        self.lock.enqueue(job)
-        try:
-            # Its expected wait (0 when the lock is free: it goes at once, unless one of its betters waits).
-            eta = next((eta for j, eta in self.forecast(until=job) if j is job), None)
-            self.recorder.job_event(
-                "queued", job, priority=job.priority, request_id=job.request_id, eta_s=eta
-            )
-            self.lock.dispatch()
-        except Exception as e:  # a bug while queueing or granting: the job must not stay behind
-            timer.cancel()
-            if job.state == "running":
-                raise self._step_failed(job, e) from e
-            if job in self.lock.waiting:
-                self.lock.waiting.remove(job)
-            self.recorder.internal_error("queueing crashed", consumer=job.consumer, job=job.id)
-            self._end(job, "failed", "scheduler_error")
-            raise BrokerError("scheduler_error", f"internal error: {describe(e)}", job.consumer) from e
-        try:
-            await job.granted
-        except asyncio.CancelledError:
-            if self.lock.leave(job):
-                self.states[job.consumer].jobs -= 1
-            self._end(job, "cancelled")
-            raise
-        except BrokerError as e:  # queue_timeout from _expire, no_consumer from forget
-            self._end(job, "failed", e.code)
-            raise
-        finally:
-            timer.cancel()
-
-    async def _guarded(self, job: Job, step: Coroutine[Any, Any, None]) -> None:
-        """Run a step of a granted job (making room, loading, an admin unload) as the scheduler's own task.
-
-        A caller that goes away (the client left) does not cut it: an unload or load runs to its end or its
-        own timeout, then the job ends as cancelled, the consumer's state being what the step really did.
-        A failure gives the slot back and ends the job, then re-raises (a bug as scheduler_error).
-        """
-        task = self._own(asyncio.ensure_future(step))
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():  # the step itself was cut: the broker is closing
-                self._step_failed(job, asyncio.CancelledError())
-            else:  # the caller left: the unload or load under way runs on, and the job ends with it
-                job.left = True
-                task.add_done_callback(functools.partial(self._left_during, job))
-            raise
-        except BaseException as e:
-            error = self._step_failed(job, e)
-            if error is e:
-                raise
-            raise error from e
-
-    def _step_failed(self, job: Job, exc: BaseException) -> BaseException:
-        """A granted job's step failed or was cut: free the slot, end the job; what its caller gets."""
-        self._release_slot(job)
-        if isinstance(exc, asyncio.CancelledError):
-            self._end(job, "cancelled")
-            return exc
-        if isinstance(exc, BrokerError):
-            self._end(job, "failed", exc.code)
-            return exc
-        self.recorder.stats.internal_errors += 1
-        log.error(logfmt(msg="scheduler crashed", consumer=job.consumer, job=job.id), exc_info=exc)
-        self._end(job, "failed", "scheduler_error")
-        return BrokerError("scheduler_error", f"internal error: {describe(exc)}", job.consumer)
-
-    def _left_during(self, job: Job, task: asyncio.Task[Any]) -> None:
-        """The step a job's caller left during is done: the job ends as cancelled (a crash is still one)."""
-        exc = None if task.cancelled() else task.exception()
-        if exc is not None and not isinstance(exc, BrokerError):
-            self.recorder.stats.internal_errors += 1
-            log.error(logfmt(msg="scheduler crashed", consumer=job.consumer, job=job.id), exc_info=exc)
-        self._release_slot(job)
-        self._end(job, "cancelled")
-
-    def _own(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    def shut_down(self) -> None:
-        """Admit nothing more, and answer every queued job with shutting_down."""
-        self.closing = True
-        for job in [j for j in self.lock.waiting if not j.granted.done()]:
-            self.lock.refuse(job, BrokerError("shutting_down", "the broker is shutting down", job.consumer))
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no job or hold holds the lock, at most ``timeout_s``; whether it got idle."""
-        try:
-            await asyncio.wait_for(self.lock.idle.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            return False
-        return True
-
-    def forget(self) -> None:
-        """After a reload: jobs waiting for a consumer gone (or on another GPU now) get no_consumer."""
-        for job in [j for j in self.lock.waiting if not j.granted.done()]:
-            now = self.config.consumers.get(job.consumer)
-            if (now is not None and now.gpu == self.index) or job.kind == RESERVATION:  # (no consumer's)
-                continue
-            why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
-            self.lock.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
-        self.lock.dispatch()
-
-    def _expire(self, job: Job) -> None:
-        """The queue timer of a job ran out: answer it with queue_timeout unless it was granted. Its
-        Retry-After is the wait still expected for it."""
-        if job.state != "queued" or job.granted.done():
-            return
-        left = [(j, eta) for j, eta in self.forecast(until=job) if j is job]
-        waited = self.config.scheduler.queue_timeout_s
-        error = BrokerError(
-            "queue_timeout",
-            f"waited {waited:g} s for the GPU",
-            job.consumer,
-            retry_after=self._retry_after(left),
-        )
-        self.lock.refuse(job, error)
-        self.lock.dispatch()
-
-    def _touch_others(self, job: Job) -> None:
-        """A consumer is granted the GPU: it may load, so the others' resident records need a reading now."""
-        for name, c in self.config.consumers.items():
-            if name != job.consumer and c.gpu == self.index and name in self.states:
-                self.states[name].touched(f"{job.consumer} was granted the GPU")
-
-    def _release_slot(self, job: Job) -> bool:
-        """A job or hold gives its slot back; the last one frees the lock. Whether another job got it.
-
-        The consumer's count goes first: a crash in a grant that follows must not keep it counted."""
-        self.states[job.consumer].jobs -= 1
-        if job.working:
-            self._working[job.consumer] -= 1
-        try:
-            return self.lock.release(job)
-        except Exception as e:  # a bug in a grant: the slot is free; the next release or arrival retries
-            self.recorder.internal_error(
-                "grant crashed", consumer=job.consumer, job=job.id, error=describe(e)
-            )
-            return False
-
-    # ---- a reservation: the GPU given to something else for a while ---------------------------------
-
-    def _reserved_error(self, consumer: str | None) -> BrokerError:
-        res = self.reservation
-        assert res is not None
-        left = max(0.0, res.until - self.clock())
-        message = f"GPU {self.index} is reserved ({res.reason}) for {left:.0f} s more"
-        return BrokerError("gpu_reserved", message, consumer, retry_after=max(1, math.ceil(left)))
-
-    async def reserve(self, for_s: float, reason: str) -> Reservation:
-        """Give the GPU to something else for ``for_s`` seconds: wait for the lock like an admin operation,
-        answer the jobs still waiting with gpu_reserved, ask every consumer on the GPU that has an unload
-        to unload (vram_managed ones too), then hold the lock until ``for_s`` passed or ``release``. Asked
-        again while reserved: the reservation now ends ``for_s`` from now, for the new reason."""
-        if self.reservation is not None:
-            return self._extend(self.reservation, for_s, reason)
-        target = ConsumerConfig(
-            name=RESERVATION, url="", health=Route("GET", "/"), paths={}, vram_resident_mib=0, gpu=self.index
-        )
-        if RESERVATION not in self.states:
-            self.states[RESERVATION] = ConsumerState(RESERVATION, self.clock)
-        self.recorder.job_admitted()
-        job = Job(
-            id=next(self._ids),
-            target=target,
-            kind=RESERVATION,
-            priority=PRIORITY_MAX,
-            arrived=self.clock(),
-            granted=asyncio.get_running_loop().create_future(),
-            exclusive=True,
-            scheduler=self,
-        )
-        self._reserving.add(job)
-        try:
-            await self._wait_for_grant(job)
-        finally:
-            cancelled = job not in self._reserving  # by a release while it waited (cancel_reserving)
-            self._reserving.discard(job)
-        if cancelled:
-            if job.state == "running":  # granted before the release: the GPU goes back at once
-                job.release("cancelled", code="reservation_released")
-            else:
-                self._end(job, "cancelled", "reservation_released")
-            message = f"GPU {self.index} was released before this reservation began: nothing was unloaded"
-            raise BrokerError("reservation_released", message)
-        if job.state != "running":  # answered by a reservation made while it waited: it extends that one
-            self._end(job, "completed")
-            if self.reservation is None:  # (which ended meanwhile)
-                return await self.reserve(for_s, reason)
-            return self._extend(self.reservation, for_s, reason)
-        if self.reservation is not None:  # another request reserved it meanwhile: this one extends it
-            job.release()
-            return self._extend(self.reservation, for_s, reason)
-        res = Reservation(job, reason, self.clock() + for_s, time.time() + for_s)
-        self.reservation = res
-        try:
-            for waiting in [j for j in self.lock.waiting if not j.granted.done()]:
-                if waiting.kind == RESERVATION:  # asked for while this one waited: it extends this one
-                    self.lock.waiting.remove(waiting)
-                    waiting.granted.set_result(None)
-                else:
-                    self.lock.refuse(waiting, self._reserved_error(waiting.consumer))
-            # The broker's from here on, like a hold: a client that leaves does not cut the unloads short.
-            start = self._own(asyncio.ensure_future(self._start_reservation(res, for_s)))
-        except Exception as e:  # a bug before its unloads began: no reservation, the GPU is free again
-            self.reservation = None
-            raise self._step_failed(job, e) from e
-        await asyncio.shield(start)
-        return res
-
-    async def _start_reservation(self, res: Reservation, for_s: float) -> None:
-        try:
-            await self._unload_all(res)
-        except Exception as e:  # a bug: the reservation stands, it unloaded what it could
-            self.recorder.internal_error("reservation's unloads crashed", error=describe(e))
-            res.not_unloaded.setdefault("(the rest)", f"internal error: {describe(e)}")
-        if self.reservation is not res:  # released while it unloaded
-            return
-        left = max(0.0, res.until - self.clock())
-        if res.timer is not None:  # extended while it unloaded: one timer, for the end it has now
-            res.timer.cancel()
-        res.timer = asyncio.get_running_loop().call_later(left, self.release_reservation, "expired")
-        self.recorder.record(
-            "reserved",
-            consumer=RESERVATION,
-            reason=res.reason,
-            for_s=for_s,
-            until=_iso(res.until_at),
-            job=res.job.id,
-            unloaded=res.unloaded,
-            not_unloaded=res.not_unloaded,
-        )
-
-    def _extend(self, res: Reservation, for_s: float, reason: str) -> Reservation:
-        res.reason, res.until, res.until_at = reason, self.clock() + for_s, time.time() + for_s
-        if res.timer is not None:
-            res.timer.cancel()
-        res.timer = asyncio.get_running_loop().call_later(for_s, self.release_reservation, "expired")
-        self.recorder.record(
-            "reserved",
-            consumer=RESERVATION,
-            reason=reason,
-            for_s=for_s,
-            until=_iso(res.until_at),
-            job=res.job.id,
-        )
-        return res
-
-    async def _unload_all(self, res: Reservation) -> None:
-        """Ask each consumer of the GPU that has an unload to unload, known resident or not (the broker's
-        record may be stale; unloading what holds nothing costs nothing); say why the others stay."""
-        async with self._prepare_lock:
-            for name, c in self.config.consumers.items():
-                if self.reservation is not res:  # released (or expired) meanwhile: the GPU is given back
-                    break
-                if c.gpu != self.index:
-                    continue
-                if c.unload is None:
-                    res.not_unloaded[name] = "no unload route"
-                    continue
-                error = await self._unload(res.job, name, by="reservation")
-                if error is None:
-                    res.unloaded.append(name)
-                else:
-                    res.not_unloaded[name] = f"unload failed: {error}"
-
-    def cancel_reserving(self) -> bool:
-        """DELETE /v1/reserve while reservations wait for the lock: each is cancelled (its POST answered
-        reservation_released), before it unloaded anything; whether there was one."""
-        pending, self._reserving = self._reserving, set()
-        for job in pending:
-            if job in self.lock.waiting:
-                self.lock.waiting.remove(job)
-            if not job.granted.done():
-                job.granted.set_result(None)  # it wakes, finds itself cancelled and ends (see reserve)
-        if pending:
-            self.lock.dispatch()  # (an exclusive waiter of priority 4 may have kept a join out)
-        return bool(pending)
-
-    def release_reservation(self, why: str = "released") -> bool:
-        """End the reservation (``released`` by DELETE /v1/reserve, ``expired``, or at shutdown); whether
-        there was one. Jobs are admitted again at once."""
-        res = self.reservation
-        if res is None:
-            return False
-        self.reservation = None
-        try:
-            if res.timer is not None:
-                res.timer.cancel()
-            self.recorder.record("reservation_ended", consumer=RESERVATION, why=why, job=res.job.id)
-        except Exception as e:  # a bug in the books: the GPU is given back all the same
-            self.recorder.internal_error("reservation's end crashed", error=describe(e))
-        res.job.release()
-        return True
-
-    # ---- making room: carrying the plan out -----------------------------------------------------------
-
-    async def _prepare(self, job: Job, *, warm: bool = False) -> None:
-        """Make room for the target and load it; serialised, so two jobs never evict at once.
-
-        ``warm`` (an admin load) also loads a target of unknown residency.
-        """
-        async with self._prepare_lock:
+    async def ready(self, job: Job, *, warm: bool = False) -> None:
+        """Make the GPU ready for a granted job: room made for its target, and the target loaded. ``warm``
+        (an admin load) also loads a target of unknown residency. A job whose caller left gets nothing more
+        unloaded or loaded for it."""
+        async with self.lock:
             state = self.states[job.consumer]
-            if self._needs_no_room(job) or job.left:
+            if self.needs_no_room(job) or job.left:
                 return
             if self._in_doubt(job):
                 await self._ask(job)
-                if self._needs_no_room(job) or job.left:
+                if self.needs_no_room(job) or job.left:
                     return
             await self._make_room(job, warm)
-            if job.left:  # nobody waits for it any more: load nothing for it
+            if job.left:
                 return
             if self._loads(job, warm):
-                await self._load(job)
+                await self.load(job)
             elif job.target.load is None and state.resident is not True:
                 job.cold = True  # it loads itself on this request: its time tells its load
 
@@ -5974,23 +5697,23 @@ class Scheduler:
             answer = "cannot tell"
         self.recorder.record("residency_asked", consumer=job.consumer, answer=answer, job=job.id)
 
-    def _needs_no_room(self, job: Job) -> bool:
-        """Resident by a record nothing has put in doubt, or its memory is elsewhere (a remote broker):
-        no GPU reading, no eviction."""
-        return self.states[job.consumer].known_resident() or job.target.vram_resident_mib == 0
+    def views(self) -> dict[str, ConsumerView]:
+        """This GPU's consumers as the planner sees them now, in config order."""
+        return {
+            name: ConsumerView.of(c, self.states[name], self.jobs_of(name))
+            for name, c in self.config.consumers.items()
+            if c.gpu == self.index and name in self.states
+        }
 
-    def _room(
+    def snapshot(
         self, job: Job, reading: GpuReading, tried: Mapping[str, str], *, loads: bool = False
     ) -> RoomSnapshot:
         """The snapshot plan_room decides from: this GPU's consumers as the broker knows them now."""
         target = job.target
-        consumers = {
-            name: ConsumerView.of(c, self.states[name])
-            for name, c in self.config.consumers.items()
-            if c.gpu == self.index and name in self.states
-        }
+        consumers = self.views()
         if target.name not in consumers:  # a reload removed or moved it meanwhile: decide with the old
-            consumers[target.name] = ConsumerView.of(target, self.states[target.name])
+            state = self.states[target.name]
+            consumers[target.name] = ConsumerView.of(target, state, self.jobs_of(target.name))
         if reading.free_mib is None:
             raise BrokerError("gpu_unavailable", "nvidia-smi reports no free memory figure", job.consumer)
         cfg = self.config
@@ -6002,19 +5725,16 @@ class Scheduler:
             dict(tried),
             cfg.scheduler.max_evictions,
             reading.used_mib,
-            self._working.get(target.name, 0),
+            self.working_of(target.name),
             loads,
         )
 
-    def _measures(self) -> bool:
-        """Whether a consumer of this GPU is measured (``processes``): then readings list the processes."""
-        return any(c.processes is not None for c in self.config.consumers.values() if c.gpu == self.index)
-
-    async def _read_gpu(self, job: Job, *, whole: bool = False) -> GpuReading:
+    async def read(self, job: Job, *, whole: bool = False) -> GpuReading:
         """A reading of its own, started now: the GPU line alone to decide, with the process list where a
-        consumer is measured by its processes or to explain a refusal."""
+        consumer of this GPU is measured by its processes (``processes``) or to explain a refusal."""
+        measures = any(c.processes is not None for c in self.config.consumers.values() if c.gpu == self.index)
         try:
-            if whole or self._measures():
+            if whole or measures:
                 return await self.gpu.read(own=True)
             return await self.gpu.read_memory()
         except GpuError as e:
@@ -6023,35 +5743,34 @@ class Scheduler:
     async def _make_room(self, job: Job, warm: bool = False) -> None:
         """While the plan says the target does not fit, unload its first victim and wait for the memory."""
         tried: dict[str, str] = {}
-        reading = await self._read_gpu(job)
+        reading = await self.read(job)
         while True:
-            snap = self._room(job, reading, tried, loads=self._loads(job, warm))
+            snap = self.snapshot(job, reading, tried, loads=self._loads(job, warm))
             plan = plan_room(snap)
             if plan.fits or job.left:  # (nobody waits for it any more: unload nothing more for it)
                 return
             if not plan.victims:
-                whole = await self._read_gpu(job, whole=True)  # the processes, for the message
-                snap = self._room(job, whole, tried)
+                whole = await self.read(job, whole=True)  # the processes, for the message
+                snap = self.snapshot(job, whole, tried)
                 message = room_message(plan_room(snap), snap, whole.processes, self.ops.owners())
                 raise BrokerError("insufficient_vram", message, job.consumer)
             victim = plan.victims[0]
             size = snap.consumers[victim].holds_mib
-            error = await self._unload(job, victim)
-            if error is not None:
+            try:
+                await self.unload(job, victim)
+            except BrokerError:
                 tried[victim] = "unload failed"
                 continue
             reading, freed = await self._wait_for_memory(
                 job, victim, size, reading.free_mib or 0, plan.need_mib
             )
-            tried[victim] = "unloaded" if freed else f"unloaded, memory not freed within {self._wait_s():g} s"
+            waited = self.config.scheduler.vram_wait_s
+            tried[victim] = "unloaded" if freed else f"unloaded, memory not freed within {waited:g} s"
 
-    def _wait_s(self) -> float:
-        return self.config.scheduler.vram_wait_s
-
-    async def _unload(self, job: Job, victim: str, *, by: str | None = None) -> str | None:
+    async def unload(self, job: Job, victim: str, *, by: str | None = None) -> None:
         """Unload one consumer through its route or command: for ``job``'s room (``by`` None: an eviction,
-        whose memory _wait_for_memory then waits for), or ``by`` an admin or idleness. None on success,
-        else why not (recorded).
+        whose memory _wait_for_memory then waits for), or ``by`` an admin, idleness or a reservation.
+        unload_failed (recorded) when it fails, its cause the consumer's error.
 
         While the call is under way the victim's residency is unknown, and it stays so unless the call
         succeeds (a failed or interrupted unload may or may not have freed anything).
@@ -6067,7 +5786,7 @@ class Scheduler:
             state.unload_failed()
             self._unload_started.pop(victim, None)
             self.recorder.record("unload_failed", consumer=victim, **why, job=job.id, error=str(e))
-            return str(e)
+            raise BrokerError("unload_failed", f"{victim} {e}", victim) from e
         except BaseException:
             state.unload_failed()  # cut (the broker is closing): it may or may not have freed anything
             self._unload_started.pop(victim, None)
@@ -6076,8 +5795,7 @@ class Scheduler:
             state.unloaded()
             took = self.clock() - self._unload_started.pop(victim)
             self.recorder.record(f"unloaded_{by}", consumer=victim, by=by, job=job.id)
-            self._learn(job, state, "unload", took)
-        return None
+            self.recorder.learned(state, "unload", took, job.id)
 
     async def _wait_for_memory(
         self, job: Job, victim: str, size: int, before: int, need: int
@@ -6086,19 +5804,21 @@ class Scheduler:
         free, or ``vram_wait_s`` passed; the last reading, and whether the memory came free. The victim is
         then not resident, or unknown if some but too little came free."""
         freed = False
-        deadline = self.clock() + self._wait_s()
+        wait_s = self.config.scheduler.vram_wait_s
+        deadline = self.clock() + wait_s
         enough_freed = FREED_SHARE * size
         took: float | None = None
+        state = self.states[victim]
         while True:
             started = self.clock()
             try:
-                reading = await self._read_gpu(job)
+                reading = await self.read(job)
             except BaseException:
-                self.states[victim].unconfirmed()
+                state.unconfirmed()
                 raise
             free = reading.free_mib if reading.free_mib is not None else before
             if free >= need or free - before >= enough_freed:
-                self.states[victim].unloaded()
+                state.unloaded()
                 freed = True
                 took = self.clock() - self._unload_started.pop(victim)
                 break
@@ -6106,12 +5826,10 @@ class Scheduler:
                 # Nothing came free: it most likely held nothing (its residency was a guess). Some did:
                 # it may still be freeing the rest.
                 if free - before < NOTHING_FREED_SHARE * size:
-                    self.states[victim].unloaded()
+                    state.unloaded()
                 else:
-                    self.states[victim].unconfirmed()
-                self.recorder.record(
-                    "memory_not_freed", consumer=victim, free_mib=free, waited_s=self._wait_s()
-                )
+                    state.unconfirmed()
+                self.recorder.record("memory_not_freed", consumer=victim, free_mib=free, waited_s=wait_s)
                 break
             # A reading starts every VRAM_POLL_S (not VRAM_POLL_S after the last one ended).
             await self.sleep(max(0.0, VRAM_POLL_S - (self.clock() - started)))
@@ -6119,10 +5837,10 @@ class Scheduler:
         job.evictions += 1
         self.recorder.record("evicted", consumer=victim, for_consumer=job.consumer, free_mib=reading.free_mib)
         if took is not None:
-            self._learn(job, self.states[victim], "unload", took)
+            self.recorder.learned(state, "unload", took, job.id)
         return reading, freed
 
-    async def _load(self, job: Job) -> None:
+    async def load(self, job: Job) -> None:
         """Load the target through its route or command; residency is unknown until that succeeds."""
         name = job.consumer
         state = self.states[name]
@@ -6141,89 +5859,51 @@ class Scheduler:
         state.loaded()
         took = self.clock() - started
         self.recorder.record("loaded", consumer=name, job=job.id)
-        self._learn(job, state, "load", took)
+        self.recorder.learned(state, "load", took, job.id)
 
-    # ---- the end of a job --------------------------------------------------------------------------
 
-    def _finish(
+# ---- holds: the GPU kept after an answer until the consumer's work is done --------------------------
+
+
+class Holds:
+    """The holds of one GPU's jobs: after its answer, a job (ComfyUI's render) keeps its slot in a task the
+    scheduler owns, until the consumer says the work is done, the hold's timeout, or the consumer is seen
+    gone (abandoned); then the consumer's last use, the job's log line and metrics, and its slot."""
+
+    def __init__(
         self,
-        job: Job,
-        outcome: str,
-        code: str | None,
-        status: int | None,
-        success: bool,
-        hold: Callable[[], Awaitable[None]] | None,
-        hold_timeout_s: float,
-    ) -> bool:
-        """``Job.release``: end a running job. Whether another job was granted the slot.
-
-        ``success``: the consumer answered 2xx and took the work: it is resident and was used now, unless
-        the job was a mount call outside its paths (that may have done anything: its record needs a
-        reading). ``hold`` keeps the job's slot in a task the scheduler owns until it returns or
-        ``hold_timeout_s``; the job counts as one (for its run time) until then.
-        """
-        state = self.states[job.consumer]
-        try:
-            if job.kind == MOUNT_KIND:
-                state.touched("a mount call outside its paths")
-            elif success:
-                state.served()
-                path = job.target.paths.get(job.kind)
-                own = path and own_route(job.target, path.method, path.path.partition("?")[0])
-                if own:
-                    state.touched(f"its {job.kind} path is also its {own} route")  # (Ollama's generate)
-        except Exception as e:  # a bug in the books: the job still ends, its slot still goes
-            self.recorder.internal_error(
-                "job end crashed", consumer=job.consumer, job=job.id, error=describe(e)
-            )
-            hold = None
-        if hold is None:
-            # The slot first: the job granted next is woken before this one's event and log line.
-            granted = self._release_slot(job)
-            self._end(job, outcome, code, status)
-            if success:
-                self._learn_job(job, self.clock())
-            return granted
-        self._end(job, outcome, code, status, log_now=False)
-        self.lock.holds += 1
-        started = self.clock()
-        task = self._own(
-            asyncio.get_running_loop().create_task(self._hold(job, hold, hold_timeout_s, started))
-        )
-        self._holds[job] = task
-        # A hold cancelled before it ever ran (abandoned, or the broker closing) runs no finally of its own.
-        task.add_done_callback(lambda _: self._hold_over(job, started, never_ran=True))
-        return False
-
-    def _learn_job(self, job: Job, ended: float) -> None:
-        """What a job that took the work took from the moment it went to work (the evictions and the load
-        before it are learned on their own, so a forecast counts each once): its consumer's job time, or, a
-        cold start (the consumer loads itself on its first request), a load time (what it took beyond a
-        usual job)."""
-        began = job.working_at if job.working_at is not None else job.started
-        if began is None or job.exclusive:
-            return
-        state = self.states[job.consumer]
-        took = max(0.0, ended - began)
-        if job.cold:
-            self._learn(job, state, "load", max(0.0, took - (state.timing("job") or 0.0)), at_end=True)
-        else:
-            self._learn(job, state, "job", took, at_end=True)
-
-    def _learn(
-        self, job: Job, state: ConsumerState, what: str, seconds: float, *, at_end: bool = False
+        recorder: Recorder,
+        ops: UnloadOps,
+        clock: Callable[[], float],
+        *,
+        own: Callable[[asyncio.Task[Any]], asyncio.Task[Any]],
+        release: Callable[[Job], object],
     ) -> None:
-        """One more sample of a consumer's load, unload or job time, taken for (or by) ``job``: recorded
-        after what it times (its ``evicted``, ``unloaded`` or ``loaded``; ``at_end``, what the job took,
-        after its end event)."""
-        self.recorder.learned(state, what, seconds, job.id, after_handover=at_end)
+        self.recorder = recorder
+        self.ops = ops
+        self.states = ops.states
+        self.clock = clock
+        self.own = own
+        #: Gives the job's slot back (its hold's), once the hold is over.
+        self.release = release
+        #: The holds running now, and why one was abandoned (set before it is cancelled).
+        self.tasks: dict[Job, asyncio.Task[None]] = {}
+        self._abandoned: dict[Job, str] = {}
 
-    def abandon_holds(self, name: str, reason: str) -> None:
+    def start(self, job: Job, hold: Callable[[], Awaitable[None]], timeout_s: float) -> None:
+        """Keep the ended job's slot while ``hold`` runs, at most ``timeout_s``."""
+        started = self.clock()
+        task = self.own(asyncio.get_running_loop().create_task(self._hold(job, hold, timeout_s, started)))
+        self.tasks[job] = task
+        # A hold cancelled before it ever ran (abandoned, or the broker closing) runs no finally of its own.
+        task.add_done_callback(lambda _: self._over(job, started, never_ran=True))
+
+    def abandon(self, name: str, reason: str) -> None:
         """The consumer was seen down: its work died with it, so its holds end now (hold_abandoned)."""
-        for job, task in list(self._holds.items()):
+        for job, task in list(self.tasks.items()):
             if job.consumer == name and job not in self._abandoned:
                 self._abandoned[job] = reason
-                task.cancel()  # a task cancelled before its first step ends through _hold_over's callback
+                task.cancel()  # a task cancelled before its first step ends through _over's callback
 
     async def _hold(
         self, job: Job, hold: Callable[[], Awaitable[None]], timeout_s: float, started: float
@@ -6254,12 +5934,12 @@ class Scheduler:
                 "hold_cut", **fields, hold_s=round(self.clock() - started, 3), error=describe(e)
             )
         finally:
-            self._hold_over(job, started)
+            self._over(job, started)
 
-    def _hold_over(self, job: Job, started: float, *, never_ran: bool = False) -> None:
+    def _over(self, job: Job, started: float, *, never_ran: bool = False) -> None:
         """The hold ended (once: from its own finally, or, cancelled before it ever ran, from its task's
         end): the job's last use, log line and metrics, then its slot."""
-        if self._holds.pop(job, None) is None:
+        if self.tasks.pop(job, None) is None:
             return
         try:
             ended = self.clock()
@@ -6270,18 +5950,17 @@ class Scheduler:
                 else:
                     self.recorder.record("hold_cut", **fields, hold_s=round(ended - started, 3))
             elif job.outcome == "completed" and job not in self._abandoned:
-                self._learn_job(job, ended)
+                self.recorder.job_took(job, self.states[job.consumer], ended)
             # The consumer worked until now: for idle unloads and the LRU order, this is its last use.
             self.states[job.consumer].used()
             held = ended - started
-            self.metrics.observe("mgpumanager_hold_seconds", held, consumer=job.consumer)
+            self.recorder.metrics.observe("mgpumanager_hold_seconds", held, consumer=job.consumer)
             self.recorder.job_line(job, hold_ms=round(held * 1000))
         except Exception as e:  # a bug in the books: the slot still goes
             self.recorder.internal_error("hold end crashed", consumer=job.consumer, error=describe(e))
         finally:
             self._abandoned.pop(job, None)
-            self.lock.holds -= 1
-            self._release_slot(job)
+            self.release(job)
 
     def _record_abandoned(self, job: Job, fields: dict[str, Any], started: float) -> None:
         reason = self._abandoned[job]
@@ -6289,7 +5968,574 @@ class Scheduler:
             "hold_abandoned", **fields, hold_s=round(self.clock() - started, 3), reason=reason
         )
 
-    def _end(
+
+# ---- reservations: the GPU given to something else for a while --------------------------------------
+
+
+@dataclass(eq=False)
+class Reservation:
+    """A GPU given to something else for a while (a game, a training run): its lock held by a job of
+    RESERVATION's, after every consumer on it was asked to unload."""
+
+    job: Job
+    reason: str
+    #: When it ends on its own: monotonic (for the timer) and wall-clock (for people).
+    until: float
+    until_at: float
+    #: The consumers it unloaded, and why the others were not.
+    unloaded: list[str] = field(default_factory=list)
+    not_unloaded: dict[str, str] = field(default_factory=dict)
+    timer: asyncio.TimerHandle | None = None
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """What /v1/status, the reserve answer and `ps` show of it."""
+        return {
+            "reason": self.reason,
+            "until": _iso(self.until_at),
+            "left_s": round(max(0.0, self.until - now), 1),
+            "unloaded": list(self.unloaded),
+            "not_unloaded": dict(self.not_unloaded),
+        }
+
+
+class Reservations:
+    """One GPU's reservation (``reserve``): the one in force, held by a job of RESERVATION's with its timer,
+    and those asked for that still wait for the lock (a release cancels them). A reservation outlives the
+    request that made it (its end is a timer's or a release's), so its job is acquired and released here,
+    not held in a lease."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        #: The GPU given to something else, or None; the reservations asked for that wait for the lock (or
+        #: were granted it and have not begun): a release cancels them.
+        self.reservation: Reservation | None = None
+        self._waiting: set[Job] = set()
+
+    def refusal(self, consumer: str | None) -> BrokerError:
+        """gpu_reserved, with the time left."""
+        res = self.reservation
+        assert res is not None
+        s = self.scheduler
+        left = max(0.0, res.until - s.clock())
+        message = f"GPU {s.index} is reserved ({res.reason}) for {left:.0f} s more"
+        return BrokerError("gpu_reserved", message, consumer, retry_after=max(1, math.ceil(left)))
+
+    async def reserve(self, for_s: float, reason: str) -> Reservation:
+        """Give the GPU to something else for ``for_s`` seconds: wait for the lock like an admin operation,
+        answer the jobs still waiting with gpu_reserved, ask every consumer on the GPU that has an unload
+        to unload (vram_managed ones too), then hold the lock until ``for_s`` passed or ``release``. Asked
+        again while reserved: the reservation now ends ``for_s`` from now, for the new reason."""
+        if self.reservation is not None:
+            return self._extend(self.reservation, for_s, reason)
+        s = self.scheduler
+        target = ConsumerConfig(
+            name=RESERVATION, url="", health=Route("GET", "/"), paths={}, vram_resident_mib=0, gpu=s.index
+        )
+        if RESERVATION not in s.states:
+            s.states[RESERVATION] = ConsumerState(RESERVATION, s.clock)
+        job = s.new_job(target, RESERVATION, PRIORITY_MAX, exclusive=True)
+        self._waiting.add(job)
+        try:
+            await s.wait_for_grant(job)
+        finally:
+            cancelled = job not in self._waiting  # by a release while it waited (cancel_waiting)
+            self._waiting.discard(job)
+        if cancelled:
+            if job.state == "running":  # granted before the release: the GPU goes back at once
+                job.release("cancelled", code="reservation_released")
+            else:
+                s.end(job, "cancelled", "reservation_released")
+            message = f"GPU {s.index} was released before this reservation began: nothing was unloaded"
+            raise BrokerError("reservation_released", message)
+        if job.state != "running":  # answered by a reservation made while it waited: it extends that one
+            s.end(job, "completed")
+            if self.reservation is None:  # (which ended meanwhile)
+                return await self.reserve(for_s, reason)
+            return self._extend(self.reservation, for_s, reason)
+        if self.reservation is not None:  # another request reserved it meanwhile: this one extends it
+            job.release()
+            return self._extend(self.reservation, for_s, reason)
+        res = Reservation(job, reason, s.clock() + for_s, time.time() + for_s)
+        self.reservation = res
+        try:
+            for waiting in [j for j in s.lock.waiting if not j.granted.done()]:
+                if waiting.kind == RESERVATION:  # asked for while this one waited: it extends this one
+                    s.lock.waiting.remove(waiting)
+                    waiting.granted.set_result(None)
+                else:
+                    s.lock.refuse(waiting, self.refusal(waiting.consumer))
+            # The broker's from here on, like a hold: a client that leaves does not cut the unloads short.
+            start = s.own(asyncio.ensure_future(self._start(res, for_s)))
+        except Exception as e:  # a bug before its unloads began: no reservation, the GPU is free again
+            self.reservation = None
+            raise s.ended_by(job, e) from e
+        await asyncio.shield(start)
+        return res
+
+    async def _start(self, res: Reservation, for_s: float) -> None:
+        s = self.scheduler
+        try:
+            await self._unload_all(res)
+        except Exception as e:  # a bug: the reservation stands, it unloaded what it could
+            s.recorder.internal_error("reservation's unloads crashed", error=describe(e))
+            res.not_unloaded.setdefault("(the rest)", f"internal error: {describe(e)}")
+        if self.reservation is not res:  # released while it unloaded
+            return
+        left = max(0.0, res.until - s.clock())
+        if res.timer is not None:  # extended while it unloaded: one timer, for the end it has now
+            res.timer.cancel()
+        res.timer = asyncio.get_running_loop().call_later(left, self.release, "expired")
+        s.recorder.record(
+            "reserved",
+            consumer=RESERVATION,
+            reason=res.reason,
+            for_s=for_s,
+            until=_iso(res.until_at),
+            job=res.job.id,
+            unloaded=res.unloaded,
+            not_unloaded=res.not_unloaded,
+        )
+
+    def _extend(self, res: Reservation, for_s: float, reason: str) -> Reservation:
+        s = self.scheduler
+        res.reason, res.until, res.until_at = reason, s.clock() + for_s, time.time() + for_s
+        if res.timer is not None:
+            res.timer.cancel()
+        res.timer = asyncio.get_running_loop().call_later(for_s, self.release, "expired")
+        s.recorder.record(
+            "reserved",
+            consumer=RESERVATION,
+            reason=reason,
+            for_s=for_s,
+            until=_iso(res.until_at),
+            job=res.job.id,
+        )
+        return res
+
+    async def _unload_all(self, res: Reservation) -> None:
+        """Ask each consumer of the GPU that has an unload to unload, known resident or not (the broker's
+        record may be stale; unloading what holds nothing costs nothing); say why the others stay."""
+        s = self.scheduler
+        async with s.rooms.lock:
+            for name, c in s.config.consumers.items():
+                if self.reservation is not res:  # released (or expired) meanwhile: the GPU is given back
+                    break
+                if c.gpu != s.index:
+                    continue
+                if c.unload is None:
+                    res.not_unloaded[name] = "no unload route"
+                    continue
+                try:
+                    await s.rooms.unload(res.job, name, by="reservation")
+                except BrokerError as e:
+                    res.not_unloaded[name] = f"unload failed: {e.__cause__}"
+                else:
+                    res.unloaded.append(name)
+
+    def cancel_waiting(self) -> bool:
+        """DELETE /v1/reserve while reservations wait for the lock: each is cancelled (its POST answered
+        reservation_released), before it unloaded anything; whether there was one."""
+        s = self.scheduler
+        pending, self._waiting = self._waiting, set()
+        for job in pending:
+            if job in s.lock.waiting:
+                s.lock.waiting.remove(job)
+            if not job.granted.done():
+                job.granted.set_result(None)  # it wakes, finds itself cancelled and ends (see reserve)
+        if pending:
+            s.lock.dispatch()  # (an exclusive waiter of priority 4 may have kept a join out)
+        return bool(pending)
+
+    def release(self, why: str = "released") -> bool:
+        """End the reservation (``released`` by DELETE /v1/reserve, ``expired``, or at shutdown); whether
+        there was one. Jobs are admitted again at once."""
+        res = self.reservation
+        if res is None:
+            return False
+        self.reservation = None
+        try:
+            if res.timer is not None:
+                res.timer.cancel()
+            self.scheduler.recorder.record("reservation_ended", consumer=RESERVATION, why=why, job=res.job.id)
+        except Exception as e:  # a bug in the books: the GPU is given back all the same
+            self.scheduler.recorder.internal_error("reservation's end crashed", error=describe(e))
+        res.job.release()
+        return True
+
+
+# ---- a job's lease, and the scheduler that hands leases out -----------------------------------------
+
+
+class JobLease:
+    """A job as its caller holds it: ``async with scheduler.job(consumer, kind) as job`` admits it, waits for
+    the GPU's lock, makes room and loads (or runs ``step``: the whole work of an admin or internal job),
+    and gives the granted job. Its exit ends the job exactly once, on every path: at once when nothing ended
+    it (completed), or as the exception says (``Scheduler.ended_by``: a BrokerError failed with its code, a
+    cancellation or a client that left cancelled, anything else failed as scheduler_error, counted and
+    logged). Inside the block the caller ends it itself the moment the consumer's answer has been read
+    whole (``job.release``: idempotent), so the GPU goes to the next job before the client gets the last
+    bytes; the exit then does nothing more."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        consumer: str,
+        kind: str,
+        *,
+        request_id: str | None = None,
+        exclusive: bool = False,
+        priority: int | None = None,
+        step: Callable[[Job], Awaitable[None]] | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.consumer, self.kind, self.request_id = consumer, kind, request_id
+        self.exclusive, self.priority, self.step = exclusive, priority, step
+        self.job: Job | None = None
+
+    async def __aenter__(self) -> Job:
+        s = self.scheduler
+        job = self.job = s.admit(self.consumer, self.kind, self.request_id, self.exclusive, self.priority)
+        await s.wait_for_grant(job)
+        try:
+            await self._prepare(job)
+            if self.step is None:  # it goes to work on its consumer now
+                s.lock.started(job)
+                s.recorder.job_event("started", job)
+        except BaseException as e:
+            error = s.ended_by(job, e)
+            if error is e:
+                raise
+            raise error from e
+        return job
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        job = self.job
+        if job is None or job.state != "running":  # ended already (by its answer)
+            return
+        if exc is None:
+            job.release()
+            return
+        error = self.scheduler.ended_by(job, exc)
+        if error is not exc:
+            raise error from exc
+
+    async def _prepare(self, job: Job) -> None:
+        """Make room and load (or run ``step``) as the scheduler's own task: a caller that goes away (the
+        client left) does not cut it; an unload or load runs to its end or its own timeout, then the job
+        ends as cancelled, the consumer's state being what the step really did."""
+        s = self.scheduler
+        if self.step is None and s.rooms.needs_no_room(job):  # (the common case: no task, no lock)
+            return
+        task = s.own(asyncio.ensure_future(s.rooms.ready(job) if self.step is None else self.step(job)))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():  # the caller left: the step under way runs on, and the job ends with it
+                job.left = True
+                task.add_done_callback(functools.partial(s.ended_after, job))
+            raise
+
+
+class Scheduler:
+    """One GPU's scheduler: its lock (the queue and the grants), its room maker, its holds and its
+    reservation, composed; it hands out job leases (``job``).
+
+    The clock, the GPU reader and the consumer calls are injected, so the whole decision logic runs in tests
+    without sockets. Invariant: whatever raises while a job is queued, granted, making room, running or
+    held, the job ends (once) and its slot is freed.
+    """
+
+    def __init__(
+        self,
+        shared: Shared,
+        gpu: Any,
+        ops: UnloadOps,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        events: Events | None = None,
+        metrics: Metrics | None = None,
+        index: int | None = None,
+        jobs_of: Callable[[str], int] | None = None,
+    ):
+        self.shared = shared
+        #: The GPU this scheduler owns (gpu.index unless given): only consumers on it are its business.
+        self.index = shared.config.gpu.index if index is None else index
+        self.gpu = gpu
+        self.ops = ops
+        self.states = ops.states
+        self.clock = clock
+        self.events = events or Events()
+        self.metrics = metrics or Metrics()
+        self.recorder = Recorder(self.index, self.events, self.metrics, shared)
+        self.lock = GpuLock(
+            shared,
+            self.index,
+            clock,
+            self.recorder,
+            resident=lambda name: name in self.states and self.states[name].resident is True,
+            eta=self.eta,
+            on_grant=self._on_grant,
+        )
+        #: A consumer's jobs and holds holding a GPU lock: this one's, or (the broker's) every GPU's, for a
+        #: consumer a reload moved.
+        self.jobs_of = jobs_of or self.lock.jobs_of
+        self.rooms = RoomMaker(
+            shared,
+            self.index,
+            gpu,
+            ops,
+            self.recorder,
+            jobs_of=self.jobs_of,
+            working_of=self.lock.working_of,
+            clock=clock,
+            sleep=sleep,
+        )
+        #: Work the scheduler owns (holds, steps whose caller left, a reservation's unloads): cancelled on
+        #: close.
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.holding = Holds(
+            self.recorder, ops, clock, own=self.own, release=functools.partial(self.release_slot, held=True)
+        )
+        self.reservations = Reservations(self)
+        self._ids = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"<Scheduler gpu={self.index} {self.lock!r}>"
+
+    @property
+    def config(self) -> Config:
+        return self.shared.config
+
+    @property
+    def stats(self) -> Stats:
+        return self.recorder.stats
+
+    # ---- the lock's state, for people and tests (the lock owns it) ---------------------------------
+
+    @property
+    def holder(self) -> str | None:
+        return self.lock.holder
+
+    @property
+    def slots(self) -> int:
+        return self.lock.slots
+
+    @property
+    def holds(self) -> int:
+        return self.lock.holds
+
+    @property
+    def exclusive(self) -> bool:
+        return self.lock.exclusive
+
+    @property
+    def running(self) -> int:
+        return self.lock.slots - self.lock.holds
+
+    @property
+    def reservation(self) -> Reservation | None:
+        return self.reservations.reservation
+
+    def queue(self) -> list[Job]:
+        """Waiting jobs, highest effective priority first, then by arrival (``forecast`` gives the order
+        with overtaking and the expected waits)."""
+        return self.lock.queue()
+
+    # ---- jobs: admission, the lease, the end ---------------------------------------------------------
+
+    def job(
+        self,
+        consumer: str,
+        kind: str,
+        *,
+        request_id: str | None = None,
+        exclusive: bool = False,
+        priority: int | None = None,
+        step: Callable[[Job], Awaitable[None]] | None = None,
+    ) -> JobLease:
+        """A job's lease: ``async with scheduler.job(consumer, kind) as job`` (see JobLease)."""
+        return JobLease(
+            self, consumer, kind, request_id=request_id, exclusive=exclusive, priority=priority, step=step
+        )
+
+    async def acquire(self, consumer: str, kind: str, request_id: str | None = None) -> Job:
+        """A lease's way in alone: the job, granted, room made and loaded; its caller ends it with
+        ``job.release(...)``. Whatever raises on the way, the job has ended and holds no slot."""
+        return await self.job(consumer, kind, request_id=request_id).__aenter__()
+
+    async def unload_now(self, name: str) -> Job:
+        """Admin: unload a consumer through its route, holding the lock alone so no job races it."""
+
+        async def unload(job: Job) -> None:
+            async with self.rooms.lock:
+                await self.rooms.unload(job, name, by="admin")
+
+        async with self.job(name, "unload", exclusive=True, step=unload) as job:
+            return job
+
+    async def load_now(self, name: str) -> Job:
+        """Admin: make room for a consumer and load it (warm-up), holding the lock alone."""
+        step = functools.partial(self.rooms.ready, warm=True)
+        async with self.job(name, "load", exclusive=True, step=step) as job:
+            return job
+
+    def admit(
+        self,
+        consumer: str,
+        kind: str,
+        request_id: str | None = None,
+        exclusive: bool = False,
+        priority: int | None = None,
+    ) -> Job:
+        """A new job for a configured consumer of this GPU, while the GPU is not reserved; counted from
+        here on."""
+        target = self.config.consumers.get(consumer)
+        if target is None:  # removed by a reload since the request was routed
+            raise BrokerError("no_consumer", f"{consumer} is no longer configured", consumer)
+        if target.gpu != self.index:  # moved to another GPU by a reload meanwhile
+            raise BrokerError("no_consumer", f"{consumer} runs on GPU {target.gpu} now", consumer)
+        if self.reservations.reservation is not None:
+            raise self.reservations.refusal(consumer)
+        level = priority if priority is not None else PRIORITY_MAX if exclusive else target.priority
+        return self.new_job(target, kind, level, exclusive=exclusive, request_id=request_id)
+
+    def new_job(
+        self,
+        target: ConsumerConfig,
+        kind: str,
+        priority: int,
+        *,
+        exclusive: bool = False,
+        request_id: str | None = None,
+    ) -> Job:
+        self.recorder.job_admitted()
+        return Job(
+            id=next(self._ids),
+            target=target,
+            kind=kind,
+            priority=priority,
+            arrived=self.clock(),
+            granted=asyncio.get_running_loop().create_future(),
+            exclusive=exclusive,
+            request_id=request_id,
+            scheduler=self,
+        )
+
+    async def wait_for_grant(self, job: Job) -> None:
+        """Queue the job and wait for the lock (``GpuLock.wait``); raised, the job has ended."""
+        try:
+            await self.lock.wait(job)
+        except BaseException as e:
+            error = self.ended_by(job, e)
+            if error is e:
+                raise
+            raise error from e
+
+    def _on_grant(self, job: Job) -> None:
+        """The lock went to ``job`` (before it wakes): the others' doubt, its event. A bug here is logged
+        and counted; the grant stands (the lock counted it, so its release balances)."""
+        try:
+            if self.lock.slots == 1 and job.kind not in UNLOAD_KINDS:
+                self._touch_others(job)
+            self.recorder.job_event("granted", job, waited_s=round(self.clock() - job.arrived, 3))
+        except Exception as e:
+            self.recorder.internal_error(
+                "grant bookkeeping crashed", consumer=job.consumer, error=describe(e)
+            )
+
+    def _touch_others(self, job: Job) -> None:
+        """A consumer is granted the GPU: it may load, so the others' resident records need a reading now."""
+        for name, c in self.config.consumers.items():
+            if name != job.consumer and c.gpu == self.index and name in self.states:
+                self.states[name].touched(f"{job.consumer} was granted the GPU")
+
+    def ended_by(self, job: Job, exc: BaseException) -> BaseException:
+        """End ``job`` once, as the exception that stopped it says: cancelled (its caller left, or the
+        client did), failed with a BrokerError's code (queue_full: rejected), or, a bug, failed as
+        scheduler_error, counted and logged with its traceback; its slot, if it holds one, goes. A job whose
+        step its caller left ends when that step does (``ended_after``). What its caller is to get: ``exc``,
+        or for a bug scheduler_error."""
+        if job.state == "ended" or job.left:
+            return exc
+        error = exc
+        if isinstance(exc, (asyncio.CancelledError, ConnectionResetError)):
+            outcome, code = "cancelled", None
+        elif isinstance(exc, BrokerError):
+            outcome, code = "rejected" if exc.code == "queue_full" else "failed", exc.code
+        else:
+            self.recorder.internal_error("scheduler crashed", exc, consumer=job.consumer, job=job.id)
+            outcome, code = "failed", "scheduler_error"
+            error = BrokerError("scheduler_error", f"internal error: {describe(exc)}", job.consumer)
+        if job.state == "running":
+            job.release(outcome, code=code)
+        else:
+            self.end(job, outcome, code)
+        return error
+
+    def ended_after(self, job: Job, task: asyncio.Task[Any]) -> None:
+        """The step a job's caller left during is done: the job ends as cancelled (a crash is still one)."""
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None and not isinstance(exc, BrokerError):
+            self.recorder.internal_error("scheduler crashed", exc, consumer=job.consumer, job=job.id)
+        job.release("cancelled")
+
+    def finish(
+        self,
+        job: Job,
+        outcome: str,
+        code: str | None,
+        status: int | None,
+        success: bool,
+        hold: Callable[[], Awaitable[None]] | None,
+        hold_timeout_s: float,
+    ) -> bool:
+        """``Job.release``: end a running job. Whether another job was granted the slot.
+
+        ``success``: the consumer answered 2xx and took the work: it is resident and was used now, unless
+        the job was a mount call outside its paths (that may have done anything: its record needs a
+        reading, if it reached the consumer). ``hold`` keeps the job's slot (``Holds``) until it returns or
+        ``hold_timeout_s``; the job counts as one (for its run time) until then.
+        """
+        state = self.states[job.consumer]
+        try:
+            if job.kind == MOUNT_KIND and job.working:
+                state.touched("a mount call outside its paths")
+            elif success:
+                state.served()
+                path = job.target.paths.get(job.kind)
+                own = path and own_route(job.target, path.method, path.path.partition("?")[0])
+                if own:
+                    state.touched(f"its {job.kind} path is also its {own} route")  # (Ollama's generate)
+        except Exception as e:  # a bug in the books: the job still ends, its slot still goes
+            self.recorder.internal_error(
+                "job end crashed", consumer=job.consumer, job=job.id, error=describe(e)
+            )
+            hold = None
+        if hold is None:
+            # The slot first: the job granted next is woken before this one's event and log line.
+            granted = self.release_slot(job)
+            self.end(job, outcome, code, status)
+            if success:
+                self.recorder.job_took(job, state, self.clock())
+            return granted
+        self.end(job, outcome, code, status, log_now=False)
+        self.lock.hold(job)
+        self.holding.start(job, hold, hold_timeout_s)
+        return False
+
+    def release_slot(self, job: Job, *, held: bool = False) -> bool:
+        """A job or hold gives its slot back; the last one frees the lock. Whether another job got it.
+        (The lock counts it back before it grants: a crash in a grant that follows leaves no count.)"""
+        try:
+            return self.lock.release(job, held=held)
+        except Exception as e:  # a bug in a grant: the slot is free; the next release or arrival retries
+            self.recorder.internal_error(
+                "grant crashed", consumer=job.consumer, job=job.id, error=describe(e)
+            )
+            return False
+
+    def end(
         self,
         job: Job,
         outcome: str,
@@ -6299,92 +6545,46 @@ class Scheduler:
         log_now: bool = True,
     ) -> None:
         """End the job once: its outcome counts now, its metrics, event and log line (unless a hold follows:
-        then the line waits for the hold's end, to carry its length) once the GPU changed hands."""
+        then the line waits for the hold's end, to carry its length) once the GPU changed hands. ``status``:
+        the consumer's HTTP status, when not recorded already."""
         assert job.state != "ended", job
         job.state, job.ended = "ended", self.clock()
-        job.outcome, job.code, job.http = outcome, code, status
+        job.outcome, job.code = outcome, code
+        if status is not None:
+            job.http = status
         self.recorder.job_ended(job, log_now)
+
+    def own(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        """Work the scheduler owns until it ends or the scheduler closes."""
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     async def close(self) -> None:
         """Cancel the work the scheduler owns (holds, steps whose caller left)."""
-        for task in list(self._tasks):
+        for task in list(self.tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
     # ---- what comes next: the queue in grant order, with the waits to expect -----------------------
 
     def forecast(self, until: Job | None = None, count: int | None = None) -> list[tuple[Job, float]]:
-        """The waiting jobs in the order they are expected to be granted, each with its expected wait in
-        seconds (``eta_s``), from the consumers' learned figures (a figure not seen yet counts as 0, so an
-        eta is then a lower bound). It plays the grant order forward: the holder's remaining time (at least
-        RUNNING_FLOOR_S), then job after job, each that needs a swap paying its load and the unloads of what
-        may not stay beside it.
-        It stops once ``until`` has its place, or after ``count`` jobs.
-        """
-        now = self.clock()
-        sched = self.config.scheduler
-        waiting = self.lock.waiting.copy()
-        resident = {n for n, st in self.states.items() if st.resident is True}
+        """The waiting jobs in the order they are expected to be granted, each with its expected wait
+        (``expected_waits``, from a snapshot of now); it stops once ``until`` has its place, or after
+        ``count`` jobs."""
+        return expected_waits(queue_snapshot(self.lock, self.rooms, self.config), until, count)
 
-        figures: dict[tuple[str, str], float] = {}
-
-        def figure(name: str, what: str) -> float:
-            if (name, what) not in figures:
-                state = self.states.get(name)
-                figures[name, what] = (state.timing(what) if state is not None else None) or 0.0
-            return figures[name, what]
-
-        t = 0.0
-        holder = self.lock.holder
-        if holder is not None:  # what it still takes: at least RUNNING_FLOOR_S, however long it has run
-            held = now - self.lock.held_since
-            t = max(RUNNING_FLOOR_S, figure(holder, "job") - held)
-        out: list[tuple[Job, float]] = []
-        current = holder
-        while waiting:
-
-            def warm(job: Job, current: str | None = current, resident: set[str] = resident) -> bool:
-                if job.consumer == current:
-                    return True
-                c = job.target
-                if c.vram_resident_mib == 0:
-                    return True
-                return job.consumer in resident and (current is None or current in c.can_coexist_with)
-
-            job = next_grant(
-                waiting.candidates(warm, None),
-                None,
-                now + t,
-                aging_s=sched.aging_s,
-                max_overtake_s=sched.max_overtake_s,
-                warm=warm,
-            )
-            if job is None:
-                break
-            waiting.remove(job)
-            out.append((job, round(t, 3)))
-            if job is until or len(out) == count:
-                break
-            c = job.target
-            if not warm(job):  # a swap: what may not stay beside it goes, then it loads
-                gone = {n for n in resident if n not in c.can_coexist_with and n != job.consumer}
-                # (this GPU's only: a swap here unloads nothing on another GPU)
-                gone = {n for n in gone if (o := self.config.consumers.get(n)) and o.gpu == self.index}
-                t += sum(figure(n, "unload") for n in gone) + figure(job.consumer, "load")
-                resident = (resident - gone) | {job.consumer}
-            t += figure(job.consumer, "job")
-            current = job.consumer
-        return out
-
-    @staticmethod
-    def _retry_after(forecast: Sequence[tuple[Job, float]]) -> int:
-        """Retry-After for a refused job: the seconds until the first of these is expected to run, at
-        least 1."""
-        return max(1, math.ceil(forecast[0][1])) if forecast else 1
+    def eta(self, job: Job | None) -> float | None:
+        """The expected wait of a waiting ``job`` (None: of the first one to be granted)."""
+        if job is None:
+            return next((eta for _, eta in self.forecast(count=1)), None)
+        return next((eta for j, eta in self.forecast(until=job) if j is job), None)
 
     def snapshot(self) -> dict[str, Any]:
         now = self.clock()
         lock = self.lock
+        aging_s = self.config.scheduler.aging_s
+        res = self.reservations.reservation
         return {
             "holder": None
             if lock.holder is None
@@ -6398,15 +6598,176 @@ class Scheduler:
                 {
                     "consumer": j.consumer,
                     "kind": j.kind,
-                    "priority": self.effective_priority(j, now),
+                    "priority": effective_priority(j, now, aging_s),
                     "waited_s": round(now - j.arrived, 3),
                     "eta_s": eta,
                 }
                 for j, eta in self.forecast()
             ],
             "stats": {**self.stats.__dict__, "running": self.running, "queued": len(lock.waiting)},
-            "reservation": None if self.reservation is None else self.reservation.describe(now),
+            "reservation": None if res is None else res.describe(now),
         }
+
+
+# ---- internal jobs: idle unloads and preloads -------------------------------------------------------
+
+
+class InternalJobs:
+    """The broker's own jobs on its consumers, on every GPU: idle unloads (a resident consumer unused for its
+    ``idle_unload_s``) and preloads (a ``preload`` consumer loaded when it fits, never evicting). Each is
+    an exclusive job of the lowest priority through its GPU's lock, so a job that arrives goes first (unless
+    it aged past them); its step decides again once granted; one is pending per (kind, consumer)."""
+
+    def __init__(
+        self,
+        shared: Shared,
+        schedulers: Mapping[int, Scheduler],
+        *,
+        spawn: Callable[[Awaitable[Any], str], object] | None = None,
+    ) -> None:
+        self.shared = shared
+        #: The GPUs' schedulers (the broker's, which a reload may add to).
+        self.schedulers = schedulers
+        #: Starts background work its owner (the broker) keeps until it ends or the broker closes.
+        self.spawn = spawn or (lambda coro, name: asyncio.ensure_future(coro))
+        #: (kind, consumer) of each internal job queued or running: never two of a kind for one consumer.
+        self.pending: set[tuple[str, str]] = set()
+
+    @property
+    def config(self) -> Config:
+        return self.shared.config
+
+    def scheduler_for(self, name: str) -> Scheduler:
+        c = self.config.consumers.get(name)
+        return self.schedulers[c.gpu if c is not None else self.config.gpu.index]
+
+    def idle_deadline(self, name: str) -> float | None:
+        """When a resident consumer with ``idle_unload_s`` becomes due for its idle unload (None: never)."""
+        c = self.config.consumers.get(name)
+        state = self.scheduler_for(name).states.get(name)
+        if (
+            c is None
+            or state is None
+            or not c.idle_unload_s
+            or c.unload is None
+            or state.resident is not True
+        ):
+            return None
+        since = state.idle_since()
+        return None if since is None else since + c.idle_unload_s
+
+    def _busy_with(self, name: str) -> str | None:
+        """Why ``name`` is not idle: a job or hold of it holds a lock, or one waits for it."""
+        lock = self.scheduler_for(name).lock
+        own = 1 if lock.holder == name and lock.exclusive else 0  # the idle unload asking
+        if sum(s.lock.jobs_of(name) for s in self.schedulers.values()) > own:  # (a reload may have moved it)
+            return "has jobs running"
+        if any(j.consumer == name for j in lock.waiting):
+            return "a job waits for it"
+        return None
+
+    def idle_due(self, name: str) -> bool:
+        due = self.idle_deadline(name)
+        return due is not None and self.scheduler_for(name).clock() >= due and self._busy_with(name) is None
+
+    async def idle_unload(self, name: str) -> Job | None:
+        """Unload a consumer unused for its ``idle_unload_s``: jobs waiting go first (unless it aged past
+        them); checked again once granted. None when it is not due (or one is pending)."""
+        if not self.idle_due(name):
+            return None
+        return await self._run("idle_unload", name, self._unload_if_idle)
+
+    async def preload(self, name: str) -> Job | None:
+        """Load a consumer if it fits as things are, never evicting. None when one is pending already."""
+        return await self._run("preload", name, self._load_if_fits)
+
+    async def _run(self, kind: str, name: str, step: Callable[[Job], Awaitable[None]]) -> Job | None:
+        if (kind, name) in self.pending:
+            return None
+        self.pending.add((kind, name))
+        try:
+            lease = self.scheduler_for(name).job(name, kind, exclusive=True, priority=0, step=step)
+            async with lease as job:
+                return job
+        finally:
+            self.pending.discard((kind, name))
+
+    async def _unload_if_idle(self, job: Job) -> None:
+        name, rooms = job.consumer, self.scheduler_for(job.consumer).rooms
+        async with rooms.lock:
+            # While it waited, a job may have come, used the consumer or be waiting for it.
+            if not self.idle_due(name):
+                why = self._busy_with(name) or "no longer idle or resident"
+                rooms.recorder.record("idle_unload_skipped", consumer=name, reason=why, job=job.id)
+                return
+            await rooms.unload(job, name, by="idle")
+
+    async def _load_if_fits(self, job: Job) -> None:
+        name, rooms = job.consumer, self.scheduler_for(job.consumer).rooms
+        async with rooms.lock:
+            if rooms.states[name].resident is True:
+                log.info(logfmt(msg="preload: already resident", consumer=name, job=job.id))
+                return
+            # (A consumer whose memory is elsewhere fits whatever this GPU holds.)
+            if job.target.vram_resident_mib:
+                plan = plan_room(rooms.snapshot(job, await rooms.read(job), {}))
+                if not plan.fits:
+                    rooms.recorder.record(
+                        "preload_skipped",
+                        consumer=name,
+                        job=job.id,
+                        free_mib=plan.free_mib,
+                        need_mib=plan.need_mib,
+                    )
+                    return
+            await rooms.load(job)
+
+    def start_preloads(self) -> None:
+        """Preload (in the background) every ``preload`` consumer that is not known to be resident."""
+        for name, c in self.config.consumers.items():
+            if c.preload and self.scheduler_for(name).states[name].resident is not True:
+                self.spawn(self._logged("preload", name), f"preload {name}")
+
+    async def _logged(self, kind: str, name: str) -> None:
+        """An idle unload or a preload in the background: its failure (recorded by the scheduler) is logged
+        once more with what it was."""
+        try:
+            await (self.preload(name) if kind == "preload" else self.idle_unload(name))
+        except BrokerError as e:
+            log.warning(logfmt(msg=f"{kind} failed", consumer=name, code=e.code, error=e.message))
+        except Exception as e:  # a bug outside the scheduler's guarded steps
+            self.shared.internal_error(f"{kind} crashed", consumer=name, error=describe(e))
+
+    async def run_idle_unloads(self) -> None:
+        """Unload consumers resident and unused for their ``idle_unload_s``; owned by the broker.
+
+        Sleeps until the earliest deadline, but at most IDLE_CHECK_S (or the shortest ``idle_unload_s``), so
+        that new residency and reloads are picked up. The scheduler decides, through its lock, whether an
+        unload is still due; this loop only asks.
+        """
+        while True:
+            now = time.monotonic()
+            periods = [c.idle_unload_s for c in self.config.consumers.values() if c.idle_unload_s]
+            wake = now + min([IDLE_CHECK_S, *periods])
+            try:
+                wake = min(wake, self._ask_for_idle_unloads(now))
+            except Exception as e:
+                self.shared.internal_error("idle unload round crashed", error=describe(e))
+            await asyncio.sleep(max(0.01, wake - time.monotonic()))
+
+    def _ask_for_idle_unloads(self, now: float) -> float:
+        """Queue an idle unload for every consumer that is due; the earliest deadline still to come."""
+        wake = math.inf
+        for name in self.config.consumers:
+            due = self.idle_deadline(name)
+            if due is None:
+                continue
+            if due <= now and self.idle_due(name):
+                # One idle unload per consumer is kept pending; a second ask returns at once.
+                self.spawn(self._logged("idle_unload", name), f"idle unload {name}")
+            elif due > now:
+                wake = min(wake, due)
+        return wake
 
 
 # =====================================================================================================
@@ -6568,12 +6929,9 @@ async def _slices(view: memoryview) -> AsyncIterator[memoryview]:
         yield view[start : start + BODY_SLICE]
 
 
-class UpstreamBroke(Exception):
-    """The consumer failed after its answer began; the client's connection has been cut."""
-
-    def __init__(self, error: BrokerError):
-        super().__init__(error.message)
-        self.error = error
+class UpstreamBroke(BrokerError):
+    """The consumer failed after its answer began (consumer_unreachable, consumer_timeout); the client's
+    connection has been cut, so no error can be answered any more."""
 
 
 async def relay(
@@ -6616,10 +6974,9 @@ async def relay(
             if transport is not None:
                 transport.abort()
             code = "consumer_timeout" if isinstance(e, asyncio.TimeoutError) else "consumer_unreachable"
-            error = BrokerError(
+            raise UpstreamBroke(
                 code, f"upstream {consumer.name} failed mid-answer: {describe(e)}", consumer.name
-            )
-            raise UpstreamBroke(error) from e
+            ) from e
         if capture is not None and len(capture) + len(chunk) <= HOLD_ANSWER_LIMIT:
             capture += chunk
         whole = not chunk or upstream.content.at_eof()
@@ -6721,6 +7078,135 @@ def hold_poller(
             await asyncio.sleep(hold.poll_s)
 
     return poll
+
+
+def hold_after_rest(
+    session: aiohttp.ClientSession,
+    consumer: ConsumerConfig,
+    hold: Hold,
+    upstream: aiohttp.ClientResponse,
+    captured: bytearray,
+    recorder: Recorder,
+) -> Callable[[], Awaitable[None]]:
+    """The hold after a 2xx answer whose client left before it ended: it reads the rest of the answer itself
+    (for the hold's placeholders), gives the connection back, then polls as ``hold_poller``."""
+
+    async def read_rest_then_poll() -> None:
+        try:
+            while chunk := await upstream.content.readany():
+                if len(captured) + len(chunk) <= HOLD_ANSWER_LIMIT:
+                    captured.extend(chunk)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            recorder.record("hold_poll_failed", logging.WARNING, consumer=consumer.name, error=describe(e))
+            log.warning(logfmt(msg="no hold: answer cut short", consumer=consumer.name, error=describe(e)))
+            return
+        finally:
+            close_upstream(upstream)
+        poll = hold_poller(session, consumer, hold, bytes(captured), recorder)
+        if poll is not None:
+            await poll()
+
+    return read_rest_then_poll
+
+
+def close_upstream(upstream: aiohttp.ClientResponse) -> None:
+    """Give the upstream connection back to the pool when its answer was read whole, else drop it."""
+    if upstream.content.at_eof():
+        upstream.release()
+    else:
+        upstream.close()
+
+
+async def open_answer(
+    broker: Broker,
+    consumer: ConsumerConfig,
+    method: str,
+    path_qs: str,
+    headers: Mapping[str, str],
+    body: bytes | bytearray | None,
+) -> aiohttp.ClientResponse:
+    """``open_upstream``, and a consumer that could not be reached or sent nothing in time is marked
+    unhealthy (a job, or a WebSocket, found it failing)."""
+    try:
+        return await open_upstream(broker.session, consumer, method, path_qs, headers, body)
+    except BrokerError as e:
+        if e.code in ("consumer_unreachable", "consumer_timeout"):
+            reason = describe(e.__cause__) if e.__cause__ else f"no answer within {consumer.timeout_s:g} s"
+            broker.consumers.job_failed(consumer.name, e.__cause__, reason)
+        raise
+
+
+def _broke(broker: Broker, consumer: ConsumerConfig, error: UpstreamBroke) -> None:
+    """The consumer failed mid-answer: marked unhealthy, logged."""
+    broker.consumers.job_failed(consumer.name, error.__cause__, f"{describe(error.__cause__)} mid-answer")
+    log.warning(logfmt(msg="answer cut short", consumer=consumer.name, error=error.message))
+
+
+async def forward(
+    request: web.Request,
+    broker: Broker,
+    consumer: ConsumerConfig,
+    method: str,
+    path_qs: str,
+    body: bytes | bytearray | None,
+) -> web.StreamResponse:
+    """An unscheduled call (a mount's read, /audio/): sent to the consumer now, its answer streamed back.
+    A failure raises: a BrokerError before the answer began, UpstreamBroke or ConnectionResetError (the
+    client left) after."""
+    headers = request_headers(request, strip_auth=broker.config.auth.token is not None, consumer=consumer)
+    upstream = await open_answer(broker, consumer, method, path_qs, headers, body)
+    try:
+        return await relay(request, upstream, consumer)
+    except UpstreamBroke as e:
+        _broke(broker, consumer, e)
+        raise
+    finally:
+        close_upstream(upstream)
+
+
+async def forward_job(
+    request: web.Request,
+    broker: Broker,
+    job: Job,
+    path: JobPath,
+    body: bytes | bytearray,
+    headers: CIMultiDict[str],
+) -> web.StreamResponse:
+    """A granted job's request, sent to its consumer (at ``path``, with the query as the client encoded it),
+    its answer streamed back. The job ends (``job.release``) the moment the answer has been read whole,
+    with the hold its path names after a 2xx answer, so the GPU goes on before the client has the last
+    bytes; a client that left before then leaves the hold to read the rest. Any other end is its lease's."""
+    consumer = job.target
+    _, sep, query = request.raw_path.partition("?")  # kept as the client encoded it
+    upstream = await open_answer(broker, consumer, path.method, path.path + sep + query, headers, body)
+    job.http = upstream.status
+    took = 200 <= upstream.status < 300
+    hold = path.hold_until if took else None
+    if path.hold_until is not None and not took:
+        log.info(logfmt(msg="no hold: the answer was not 2xx", consumer=consumer.name, http=upstream.status))
+    captured = bytearray()  # (a 2xx answer's, for its hold's placeholders)
+    assert job.scheduler is not None
+    recorder = job.scheduler.recorder
+
+    def whole() -> bool:
+        poll = hold_poller(broker.session, consumer, hold, bytes(captured), recorder) if hold else None
+        return job.release("completed", success=took, hold=poll, hold_timeout_s=hold.timeout_s if hold else 0)
+
+    kept = False  # by the hold of a client that left: it reads the rest and closes it
+    try:
+        return await relay(request, upstream, consumer, captured if hold else None, whole)
+    except UpstreamBroke as e:
+        _broke(broker, consumer, e)
+        raise
+    except (ConnectionResetError, asyncio.CancelledError):  # the client left
+        if hold is not None and job.state == "running":  # it answered 2xx and took the work: its hold
+            rest = hold_after_rest(broker.session, consumer, hold, upstream, captured, recorder)
+            job.release("cancelled", success=True, hold=rest, hold_timeout_s=hold.timeout_s)
+            kept = True
+        raise
+    finally:
+        if not kept:
+            close_upstream(upstream)
 
 
 #: RFC 3986's unreserved characters: percent-encoding one of them changes nothing (section 6.2.2.2).
@@ -6894,14 +7380,16 @@ async def open_websocket(
 WebSocketSide = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
-class WebSocketRefused(Exception):
-    """One side sent what the broker does not relay: a message larger than max_ws_message_mib (1009), or a
-    frame that breaks the protocol (1002: a compressed one, say, which no one agreed to). aiohttp closed that
-    side with ``code`` already; the other side is closed with it too."""
+class WebSocketRefused(BrokerError):
+    """One side sent what the broker does not relay: a message larger than max_ws_message_mib (1009,
+    payload_too_large), or a frame that breaks the protocol (1002, bad_request: a compressed one, say, which
+    no one agreed to). aiohttp closed that side with ``close_code`` already; the other side is closed with it
+    too."""
 
-    def __init__(self, code: int, reason: str, sender: str) -> None:
-        super().__init__(reason)
-        self.code = code
+    def __init__(self, close_code: int, reason: str, sender: str) -> None:
+        code = "payload_too_large" if close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG else "bad_request"
+        super().__init__(code, reason)
+        self.close_code = close_code
         self.reason = reason
         #: "client" or "consumer".
         self.sender = sender
@@ -6966,7 +7454,7 @@ class ProxiedWebSocket:
                         msg="websocket message refused",
                         consumer=self.consumer,
                         sender=error.sender,
-                        code=error.code,
+                        code=error.close_code,
                         error=error.reason,
                     )
                 )
@@ -6993,7 +7481,7 @@ class ProxiedWebSocket:
             if not pump.cancelled():
                 error = pump.exception()
                 if isinstance(error, WebSocketRefused):
-                    return error.code, error
+                    return error.close_code, error
                 return (aiohttp.WSCloseCode.INTERNAL_ERROR, error) if error else (pump.result(), None)
         return aiohttp.WSCloseCode.GOING_AWAY, None
 
@@ -7013,32 +7501,295 @@ def going_away(sockets: Iterable[ProxiedWebSocket]) -> int:
 
 
 # =====================================================================================================
-# The HTTP app
+# The broker
 # =====================================================================================================
 
 
-@dataclass
-class Exchange:
-    """One request forwarded to a consumer, and what became of it."""
+class Broker:
+    """The composition root: it builds the broker's parts from one config (the consumers, a reader and a
+    scheduler per GPU) and swaps that config on reload; what the handlers share, and the broker-wide counts.
+    The HTTP app's pieces it needs (the client connections, the consumers' ports) are given to it. Made and
+    closed by the app's cleanup context."""
 
-    #: Keep a copy of a 2xx answer (for a hold's placeholders).
-    capture: bool = False
-    upstream: aiohttp.ClientResponse | None = None
-    captured: bytearray | None = None
-    #: The consumer's whole answer was read.
-    done: bool = False
-    #: The client left while its answer was being written.
-    client_gone: bool = False
-    #: The broker's error, when forwarding failed (before or after the answer began).
-    error: BrokerError | None = None
+    def __init__(
+        self,
+        config: Config,
+        *,
+        session: aiohttp.ClientSession,
+        own_session: aiohttp.ClientSession,
+        metrics: Metrics,
+        connections: ClientConnections,
+        ports: ConsumerPorts,
+        source: ConfigSource | None = None,
+    ) -> None:
+        #: The config in force and the bugs caught: every part reads and counts there.
+        self.shared = Shared(config)
+        #: The consumers' traffic; the broker's own calls (probes, loads, unloads) go on ``own_session``.
+        self.session = session
+        self.metrics = metrics
+        self.events = Events()
+        self.consumers = Consumers(self.shared, own_session, events=self.events)
+        self.consumers.gone_listeners.append(self._consumer_gone)
+        self.consumers.busy = lambda name: self.jobs_of(name) > 0
+        #: Every client connection of its listeners: timeouts, descriptors, credentials.
+        self.connections = connections
+        #: The consumers' own ports (``listen`` on a consumer).
+        self.ports = ports
+        #: Where a reload reads the config again; None for an app made from a Config alone.
+        self.source = source
+        self.notifier = Notifier()
+        self.started = time.monotonic()
+        #: One reader and one scheduler (queue, lock, eviction) per GPU, by nvidia-smi index.
+        self.gpus: dict[int, GpuReader] = {}
+        self.schedulers: dict[int, Scheduler] = {}
+        #: Background work the broker owns (idle unloads, preloads); cancelled and awaited on cleanup.
+        self.tasks: set[asyncio.Task[Any]] = set()
+        #: Held while a reload reads and applies the config: one at a time.
+        self.reloading = asyncio.Lock()
+        #: In flight now, by consumer: unscheduled calls (mounts, /audio/) and WebSockets through mounts.
+        self.unscheduled: dict[str, int] = {}
+        self.websockets: dict[str, int] = {}
+        #: The limits found full, logged once until there is room again.
+        self.full: set[tuple[str, str]] = set()
+        #: Bytes held by the request bodies being read now (at most scheduler.max_bodies_mib).
+        self.reading = 0
+        self.add_gpus()
+        #: Idle unloads and preloads, on every GPU.
+        self.internal = InternalJobs(self.shared, self.schedulers, spawn=self.spawn)
 
-    def close(self) -> None:
-        """Give the upstream connection back to the pool when its answer was read whole, else drop it."""
-        if self.upstream is not None:
-            if self.done:
-                self.upstream.release()
-            else:
-                self.upstream.close()
+    @property
+    def config(self) -> Config:
+        return self.shared.config
+
+    def jobs_of(self, name: str) -> int:
+        """A consumer's jobs and holds holding a GPU lock (one, but a reload may have moved it meanwhile)."""
+        return sum(s.lock.jobs_of(name) for s in self.schedulers.values())
+
+    def _consumer_gone(self, name: str, reason: str) -> None:
+        """A consumer was seen gone: the holds on its work end (on whichever GPU they run)."""
+        for scheduler in self.schedulers.values():
+            scheduler.holding.abandon(name, reason)
+
+    def add_gpus(self) -> list[int]:
+        """A reader and a scheduler for each GPU the config uses that has none yet; their indexes."""
+        added = []
+        for index in gpu_indexes(self.config):
+            if index not in self.schedulers:
+                reader = GpuReader(self.shared, index=index)
+                reader.attribute = self.consumers.attribute
+                reader.listeners.append(self.consumers.measure)
+                self.gpus[index] = reader
+                self.schedulers[index] = Scheduler(
+                    self.shared,
+                    reader,
+                    self.consumers,
+                    events=self.events,
+                    metrics=self.metrics,
+                    index=index,
+                    jobs_of=self.jobs_of,
+                )
+                added.append(index)
+        return added
+
+    @property
+    def gpu(self) -> GpuReader:
+        """The default GPU's reader (gpu.index): what the single-GPU fields of /v1/status show."""
+        return self.gpus[self.config.gpu.index]
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The default GPU's scheduler."""
+        return self.schedulers[self.config.gpu.index]
+
+    async def reload(self, *, spare: Connection | None = None) -> list[str]:
+        """Read the config again and apply it in place; ConfigError (logged) leaves the old one.
+
+        The file is read and checked in a thread (at most CONFIG_READ_TIMEOUT_S): the event loop goes on
+        serving meanwhile. Reloads run one at a time, in the order they were asked for. A token it replaces
+        or removes closes every connection authenticated with it at once (``spare``, the connection that
+        asked for the reload, once it is answered).
+        """
+        if self.source is None:
+            raise ConfigError(["this broker was not started from a config file"])
+        async with self.reloading:
+            self.notifier.send(
+                "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+            )
+            try:
+                new = await self._read_config(self.source)
+                self._check_moves(new)
+            except ConfigError as e:
+                for problem in e.problems:
+                    log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
+                self.events.publish("reload", ok=False, problems=e.problems)
+                raise
+            finally:
+                self.notifier.send("READY=1")
+            changes = self.apply(new)
+            revoked = self.connections.revoke(valid_credentials(new.auth), spare=spare)
+            if revoked:
+                changes.append(f"closed {_plural(revoked, 'connection')} authenticated with a revoked token")
+            changes += await self.ports.sync(self, strict=False)
+        log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
+        self.events.publish("reload", ok=True, changes=changes)
+        self.internal.start_preloads()
+        return changes
+
+    async def reload_logged(self) -> None:
+        """A reload for SIGHUP: a refused config is logged (by ``reload``), nobody is answered; a bug is
+        logged and counted as POST /v1/reload's would be, never left in the task for asyncio to find."""
+        try:
+            await self.reload()
+        except ConfigError:
+            pass
+        except Exception:
+            self.shared.internal_error("internal error", during="reload")
+
+    @staticmethod
+    async def _read_config(source: ConfigSource) -> Config:
+        """``source.load()`` in a thread, bounded by CONFIG_READ_TIMEOUT_S (a file on a hung network mount:
+        the thread is left to end on its own, its result unused)."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(source.load), CONFIG_READ_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ConfigError([f"not read within {CONFIG_READ_TIMEOUT_S:g} s"]) from None
+
+    def _check_moves(self, new: Config) -> None:
+        """A consumer moves to another GPU only while none of its jobs runs: two GPUs' locks must never
+        both let it work (ConfigError otherwise; the reload is refused whole)."""
+        problems = [
+            f"consumers.{name}.gpu: {name} has a job running on GPU {old.gpu}; reload again once it is idle"
+            for name, c in new.consumers.items()
+            if (old := self.config.consumers.get(name)) is not None
+            and old.gpu != c.gpu
+            and self.jobs_of(name) > 0
+        ]
+        if problems:
+            raise ConfigError(problems)
+
+    def internal_errors(self) -> int:
+        """Bugs caught anywhere (each logged with its traceback), counted once."""
+        return self.shared.internal_errors
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: who holds each GPU, the queue, free VRAM."""
+        parts = []
+        for index, s in sorted(self.schedulers.items()):
+            holder = f"{s.holder} holds the GPU" if s.holder else "GPU idle"
+            free = self.gpus[index].last_free_mib()
+            text = f"{holder}, {len(s.queue())} queued, " + (
+                f"{free} MiB free" if free is not None else "VRAM unknown"
+            )
+            parts.append(text if len(self.schedulers) == 1 else f"GPU {index}: {text}")
+        return "; ".join(parts)
+
+    def apply(self, new: Config) -> list[str]:
+        """Use ``new`` from the next decision on, keeping queued and running jobs.
+
+        Consumers whose URL and GPU did not change keep what the broker knows of them (health, residency,
+        last use); jobs waiting for a consumer that is gone (or moved to another GPU) get no_consumer.
+        """
+        old, states, changes = self.config, self.consumers.states, []
+        for name, c in new.consumers.items():
+            before = old.consumers.get(name)
+            if before is None or before.url != c.url or before.gpu != c.gpu:
+                states[name] = self.consumers.new_state(name)  # (its jobs are its GPU locks' to count)
+                what = "added" if before is None else "new url for" if before.url != c.url else "new GPU for"
+                changes.append(f"{what} {name}")
+            elif before != c:
+                changes.append(f"changed {name}")
+        removed = set(old.consumers) - set(new.consumers)
+        changes += [f"removed {name}" for name in sorted(removed)]
+        if (new.listen_host, new.listen_port) != (old.listen_host, old.listen_port):
+            listen = f"{old.listen_host}:{old.listen_port}"
+            log.warning(logfmt(msg="reload: listen changes only with a restart", listen=listen))
+        for part in ("gpu", "scheduler", "health", "routing", "audio_proxy", "auth", "http"):
+            if getattr(new, part) != getattr(old, part):
+                changes.append(f"changed {part}")
+        self.shared.config = new  # the one place: every part's next decision uses it
+        self.connections.configure(new)
+        changes += [f"added GPU {index}" for index in self.add_gpus()]
+        for scheduler in self.schedulers.values():
+            scheduler.lock.forget()
+        return changes
+
+    def scheduler_for(self, name: str) -> Scheduler:
+        """The scheduler (queue, lock, eviction) of the GPU that consumer ``name`` runs on."""
+        c = self.config.consumers.get(name)
+        return self.schedulers[c.gpu if c is not None else self.config.gpu.index]
+
+    async def check_reachable(self, name: str) -> None:
+        """consumer_unreachable (or bad_consumer_url) when the consumer is marked unhealthy (by a probe or a
+        failed connection) and one more probe, right now, still finds it failing: one that is back is
+        served at once, without waiting for the next health round.
+
+        Not for a consumer started by a load command: failing health means it is stopped (by the broker,
+        or before the broker started), and the job starts it.
+        """
+        state = self.consumers.states[name]
+        if state.healthy is not False or self.config.consumers[name].started_by_command:
+            return
+        await self.consumers.probe_now(name)
+        if state.healthy is False:
+            message = f"upstream {name} last probe failed: {state.last_error}"
+            raise BrokerError(state.last_error_code, message, name)
+
+    async def ensure_running(self, consumer: ConsumerConfig, request_id: str | None) -> None:
+        """Before an unscheduled call: a consumer that is stopped (started by a command, which the broker
+        stopped or found not running) is refused with consumer_stopped, its Retry-After its learned load
+        time (a job for it starts it), unless ``start_for_unscheduled``: then a job of kind ``start`` makes
+        room for it and starts it first, through the GPU lock like any job."""
+        name = consumer.name
+        state = self.consumers.states[name]
+        if not state.stopped:
+            return
+        if not consumer.start_for_unscheduled:
+            load_s = state.timing("load")
+            took = f" (its start takes {load_s:.1f} s)" if load_s is not None else ""
+            raise BrokerError(
+                "consumer_stopped",
+                f"{name} is stopped; a job for it starts it again{took}",
+                name,
+                retry_after=max(1, math.ceil(load_s or 0)),
+            )
+        async with self.scheduler_for(name).job(name, START_KIND, request_id=request_id):
+            pass  # started: the unscheduled call goes on
+
+    @contextlib.contextmanager
+    def unscheduled_slot(self, consumer: ConsumerConfig, *, websocket: bool = False) -> Iterator[None]:
+        """Hold one of the consumer's ``max_unscheduled`` (or ``max_websockets``) slots while an unscheduled
+        call (or a WebSocket) is in flight; too_many_requests at once when none is free, so that traffic
+        that skips the lock can never take every connection of the broker's."""
+        counts = self.websockets if websocket else self.unscheduled
+        key = "max_websockets" if websocket else "max_unscheduled"
+        limit, name = getattr(consumer, key), consumer.name
+        if counts.get(name, 0) >= limit:
+            self.metrics.inc("mgpumanager_refused_total", consumer=name, limit=key)
+            if (name, key) not in self.full:
+                self.full.add((name, key))
+                log.warning(logfmt(msg="limit reached: refusing more", consumer=name, limit=key, value=limit))
+            what = "WebSockets open" if websocket else "unscheduled calls in flight"
+            message = f"{name} has {limit} {what} already (consumers.{name}.{key})"
+            raise BrokerError("too_many_requests", message, name)
+        counts[name] = counts.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            counts[name] -= 1
+            self.full.discard((name, key))
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        """Start background work the broker owns until it ends or the broker closes."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+
+# =====================================================================================================
+# The HTTP app
+# =====================================================================================================
 
 
 def descriptor_reserve(config: Config) -> int:
@@ -7458,8 +8209,11 @@ def make_runner(app: web.Application) -> web.AppRunner:
     return web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
 
 
-class ListenError(Exception):
-    """A port the config names cannot be listened on."""
+class ListenError(BrokerError):
+    """A port the config names cannot be listened on (bad_config)."""
+
+    def __init__(self, message: str):
+        super().__init__("bad_config", message)
 
 
 class ConsumerPorts:
@@ -7550,377 +8304,6 @@ class ConsumerPorts:
         await runner.cleanup()
 
 
-@dataclass
-class Broker:
-    """Everything the handlers share; made and closed by the app's cleanup context."""
-
-    config: Config
-    session: aiohttp.ClientSession
-    consumers: Consumers
-    events: Events
-    metrics: Metrics
-    #: Every client connection of its listeners: timeouts, descriptors, credentials.
-    connections: ClientConnections
-    #: Where a reload reads the config again; None for an app made from a Config alone.
-    source: ConfigSource | None = None
-    notifier: Notifier = field(default_factory=Notifier)
-    started: float = field(default_factory=time.monotonic)
-    #: One reader and one scheduler (queue, lock, eviction) per GPU, by nvidia-smi index.
-    gpus: dict[int, GpuReader] = field(default_factory=dict)
-    schedulers: dict[int, Scheduler] = field(default_factory=dict)
-    #: Background work the broker owns (idle unloads, preloads); cancelled and awaited on cleanup.
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-    #: Held while a reload reads and applies the config: one at a time.
-    reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
-    #: In flight now, by consumer: unscheduled calls (mounts, /audio/) and WebSockets through mounts.
-    unscheduled: dict[str, int] = field(default_factory=dict)
-    websockets: dict[str, int] = field(default_factory=dict)
-    #: The limits found full, logged once until there is room again.
-    full: set[tuple[str, str]] = field(default_factory=set)
-    #: Bytes held by the request bodies being read now (at most scheduler.max_bodies_mib).
-    reading: int = 0
-    #: The consumers' own ports (``listen`` on a consumer).
-    ports: ConsumerPorts = field(default_factory=ConsumerPorts)
-
-    def __post_init__(self) -> None:
-        self.add_gpus()
-        self.consumers.gone_listeners.append(self._consumer_gone)
-
-    def _consumer_gone(self, name: str, reason: str) -> None:
-        """A consumer was seen gone: the holds on its work end (on whichever GPU they run)."""
-        for scheduler in self.schedulers.values():
-            scheduler.abandon_holds(name, reason)
-
-    def add_gpus(self) -> list[int]:
-        """A reader and a scheduler for each GPU the config uses that has none yet; their indexes."""
-        added = []
-        for index in gpu_indexes(self.config):
-            if index not in self.schedulers:
-                reader = GpuReader(self.config.gpu, index=index)
-                reader.attribute = self.consumers.attribute
-                reader.listeners.append(self.consumers.measure)
-                self.gpus[index] = reader
-                self.schedulers[index] = Scheduler(
-                    self.config, reader, self.consumers, events=self.events, metrics=self.metrics, index=index
-                )
-                added.append(index)
-        return added
-
-    @property
-    def gpu(self) -> GpuReader:
-        """The default GPU's reader (gpu.index): what the single-GPU fields of /v1/status show."""
-        return self.gpus[self.config.gpu.index]
-
-    @property
-    def scheduler(self) -> Scheduler:
-        """The default GPU's scheduler."""
-        return self.schedulers[self.config.gpu.index]
-
-    async def reload(self, *, spare: Connection | None = None) -> list[str]:
-        """Read the config again and apply it in place; ConfigError (logged) leaves the old one.
-
-        The file is read and checked in a thread (at most CONFIG_READ_TIMEOUT_S): the event loop goes on
-        serving meanwhile. Reloads run one at a time, in the order they were asked for. A token it replaces
-        or removes closes every connection authenticated with it at once (``spare``, the connection that
-        asked for the reload, once it is answered).
-        """
-        if self.source is None:
-            raise ConfigError(["this broker was not started from a config file"])
-        async with self.reloading:
-            self.notifier.send(
-                "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
-            )
-            try:
-                new = await self._read_config(self.source)
-                self._check_moves(new)
-            except ConfigError as e:
-                for problem in e.problems:
-                    log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
-                self.events.publish("reload", ok=False, problems=e.problems)
-                raise
-            finally:
-                self.notifier.send("READY=1")
-            changes = self.apply(new)
-            revoked = self.connections.revoke(valid_credentials(new.auth), spare=spare)
-            if revoked:
-                changes.append(f"closed {_plural(revoked, 'connection')} authenticated with a revoked token")
-            changes += await self.ports.sync(self, strict=False)
-        log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
-        self.events.publish("reload", ok=True, changes=changes)
-        self.start_preloads()
-        return changes
-
-    async def reload_logged(self) -> None:
-        """A reload for SIGHUP: a refused config is logged (by ``reload``), nobody is answered; a bug is
-        logged and counted as POST /v1/reload's would be, never left in the task for asyncio to find."""
-        try:
-            await self.reload()
-        except ConfigError:
-            pass
-        except Exception:
-            self.scheduler.stats.internal_errors += 1
-            log.exception(logfmt(msg="internal error", during="reload"))
-
-    @staticmethod
-    async def _read_config(source: ConfigSource) -> Config:
-        """``source.load()`` in a thread, bounded by CONFIG_READ_TIMEOUT_S (a file on a hung network mount:
-        the thread is left to end on its own, its result unused)."""
-        try:
-            return await asyncio.wait_for(asyncio.to_thread(source.load), CONFIG_READ_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise ConfigError([f"not read within {CONFIG_READ_TIMEOUT_S:g} s"]) from None
-
-    def _check_moves(self, new: Config) -> None:
-        """A consumer moves to another GPU only while none of its jobs runs: two GPUs' locks must never
-        both let it work (ConfigError otherwise; the reload is refused whole)."""
-        problems = [
-            f"consumers.{name}.gpu: {name} has a job running on GPU {old.gpu}; reload again once it is idle"
-            for name, c in new.consumers.items()
-            if (old := self.config.consumers.get(name)) is not None
-            and old.gpu != c.gpu
-            and self.consumers.states[name].jobs > 0
-        ]
-        if problems:
-            raise ConfigError(problems)
-
-    def internal_errors(self) -> int:
-        """Bugs caught anywhere (each logged with its traceback): schedulers, health rounds, GPU reads."""
-        return (
-            sum(s.stats.internal_errors for s in self.schedulers.values())
-            + self.consumers.health_errors
-            + sum(r.crashes for r in self.gpus.values())
-        )
-
-    def status_line(self) -> str:
-        """One line for systemd's STATUS=: who holds each GPU, the queue, free VRAM."""
-        parts = []
-        for index, s in sorted(self.schedulers.items()):
-            holder = f"{s.holder} holds the GPU" if s.holder else "GPU idle"
-            free = self.gpus[index].last_free_mib()
-            text = f"{holder}, {len(s.queue())} queued, " + (
-                f"{free} MiB free" if free is not None else "VRAM unknown"
-            )
-            parts.append(text if len(self.schedulers) == 1 else f"GPU {index}: {text}")
-        return "; ".join(parts)
-
-    def apply(self, new: Config) -> list[str]:
-        """Use ``new`` from the next decision on, keeping queued and running jobs.
-
-        Consumers whose URL and GPU did not change keep what the broker knows of them (health, residency,
-        last use); jobs waiting for a consumer that is gone (or moved to another GPU) get no_consumer.
-        """
-        old, states, changes = self.config, self.consumers.states, []
-        for name, c in new.consumers.items():
-            before = old.consumers.get(name)
-            if before is None or before.url != c.url or before.gpu != c.gpu:
-                jobs = states[name].jobs if name in states else 0
-                states[name] = self.consumers.new_state(name)
-                states[name].jobs = jobs
-                what = "added" if before is None else "new url for" if before.url != c.url else "new GPU for"
-                changes.append(f"{what} {name}")
-            elif before != c:
-                changes.append(f"changed {name}")
-        removed = set(old.consumers) - set(new.consumers)
-        changes += [f"removed {name}" for name in sorted(removed)]
-        if (new.listen_host, new.listen_port) != (old.listen_host, old.listen_port):
-            listen = f"{old.listen_host}:{old.listen_port}"
-            log.warning(logfmt(msg="reload: listen changes only with a restart", listen=listen))
-        for part in ("gpu", "scheduler", "health", "routing", "audio_proxy", "auth", "http"):
-            if getattr(new, part) != getattr(old, part):
-                changes.append(f"changed {part}")
-        self.config = self.consumers.config = new
-        self.connections.configure(new)
-        for reader in self.gpus.values():
-            reader.config = new.gpu
-        for scheduler in self.schedulers.values():
-            scheduler.config = new
-        changes += [f"added GPU {index}" for index in self.add_gpus()]
-        for scheduler in self.schedulers.values():
-            scheduler.forget()
-        return changes
-
-    def scheduler_for(self, name: str) -> Scheduler:
-        """The scheduler (queue, lock, eviction) of the GPU that consumer ``name`` runs on."""
-        c = self.config.consumers.get(name)
-        return self.schedulers[c.gpu if c is not None else self.config.gpu.index]
-
-    async def check_reachable(self, name: str) -> None:
-        """consumer_unreachable (or bad_consumer_url) when the consumer is marked unhealthy (by a probe or a
-        failed connection) and one more probe, right now, still finds it failing: one that is back is
-        served at once, without waiting for the next health round.
-
-        Not for a consumer started by a load command: failing health means it is stopped (by the broker,
-        or before the broker started), and the job starts it.
-        """
-        state = self.consumers.states[name]
-        if state.healthy is not False or self.config.consumers[name].started_by_command:
-            return
-        await self.consumers.probe_now(name)
-        if state.healthy is False:
-            message = f"upstream {name} last probe failed: {state.last_error}"
-            raise BrokerError(state.last_error_code, message, name)
-
-    async def ensure_running(self, consumer: ConsumerConfig, request_id: str | None) -> None:
-        """Before an unscheduled call: a consumer that is stopped (started by a command, which the broker
-        stopped or found not running) is refused with consumer_stopped, its Retry-After its learned load
-        time (a job for it starts it), unless ``start_for_unscheduled``: then a job of kind ``start`` makes
-        room for it and starts it first, through the GPU lock like any job."""
-        name = consumer.name
-        state = self.consumers.states[name]
-        if not state.stopped:
-            return
-        if not consumer.start_for_unscheduled:
-            load_s = state.timing("load")
-            took = f" (its start takes {load_s:.1f} s)" if load_s is not None else ""
-            raise BrokerError(
-                "consumer_stopped",
-                f"{name} is stopped; a job for it starts it again{took}",
-                name,
-                retry_after=max(1, math.ceil(load_s or 0)),
-            )
-        job = await self.scheduler_for(name).acquire(name, START_KIND, request_id=request_id)
-        job.release()
-
-    @contextlib.contextmanager
-    def unscheduled_slot(self, consumer: ConsumerConfig, *, websocket: bool = False) -> Iterator[None]:
-        """Hold one of the consumer's ``max_unscheduled`` (or ``max_websockets``) slots while an unscheduled
-        call (or a WebSocket) is in flight; too_many_requests at once when none is free, so that traffic
-        that skips the lock can never take every connection of the broker's."""
-        counts = self.websockets if websocket else self.unscheduled
-        key = "max_websockets" if websocket else "max_unscheduled"
-        limit, name = getattr(consumer, key), consumer.name
-        if counts.get(name, 0) >= limit:
-            self.metrics.inc("mgpumanager_refused_total", consumer=name, limit=key)
-            if (name, key) not in self.full:
-                self.full.add((name, key))
-                log.warning(logfmt(msg="limit reached: refusing more", consumer=name, limit=key, value=limit))
-            what = "WebSockets open" if websocket else "unscheduled calls in flight"
-            message = f"{name} has {limit} {what} already (consumers.{name}.{key})"
-            raise BrokerError("too_many_requests", message, name)
-        counts[name] = counts.get(name, 0) + 1
-        try:
-            yield
-        finally:
-            counts[name] -= 1
-            self.full.discard((name, key))
-
-    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
-        """Start background work the broker owns until it ends or the broker closes."""
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
-
-    def start_preloads(self) -> None:
-        """Preload (in the background) every ``preload`` consumer that is not known to be resident."""
-        for name, c in self.config.consumers.items():
-            if c.preload and self.consumers.states[name].resident is not True:
-                self.spawn(self._internal_job("preload", name), f"preload {name}")
-
-    async def _internal_job(self, kind: str, name: str) -> None:
-        """An idle unload or a preload; its failure was logged and counted by the scheduler, and is
-        logged here once more with what it was."""
-        scheduler = self.scheduler_for(name)
-        try:
-            await (scheduler.preload(name) if kind == "preload" else scheduler.idle_unload(name))
-        except BrokerError as e:
-            log.warning(logfmt(msg=f"{kind} failed", consumer=name, code=e.code, error=e.message))
-        except Exception as e:  # a bug outside the scheduler's guarded steps
-            scheduler.stats.internal_errors += 1
-            log.exception(logfmt(msg=f"{kind} crashed", consumer=name, error=describe(e)))
-
-    async def run_idle_unloads(self) -> None:
-        """Unload consumers resident and unused for their ``idle_unload_s``; owned by the app.
-
-        Sleeps until the earliest deadline, but at most IDLE_CHECK_S (or the shortest ``idle_unload_s``), so
-        that new residency and reloads are picked up. The scheduler decides, through its lock, whether an
-        unload is still due; this loop only asks.
-        """
-        while True:
-            now = time.monotonic()
-            periods = [c.idle_unload_s for c in self.config.consumers.values() if c.idle_unload_s]
-            wake = now + min([IDLE_CHECK_S, *periods])
-            try:
-                wake = min(wake, self._ask_for_idle_unloads(now))
-            except Exception as e:
-                self.scheduler.stats.internal_errors += 1
-                log.exception(logfmt(msg="idle unload round crashed", error=describe(e)))
-            await asyncio.sleep(max(0.01, wake - time.monotonic()))
-
-    def _ask_for_idle_unloads(self, now: float) -> float:
-        """Queue an idle unload for every consumer that is due; the earliest deadline still to come."""
-        wake = math.inf
-        for name in self.config.consumers:
-            scheduler = self.scheduler_for(name)
-            due = scheduler.idle_deadline(name)
-            if due is None:
-                continue
-            if due <= now and scheduler.idle_due(name):
-                # The scheduler keeps one idle unload per consumer pending; a second ask returns at once.
-                self.spawn(self._internal_job("idle_unload", name), f"idle unload {name}")
-            elif due > now:
-                wake = min(wake, due)
-        return wake
-
-    async def forward(
-        self,
-        request: web.Request,
-        ex: Exchange,
-        consumer: ConsumerConfig,
-        method: str,
-        path_qs: str,
-        body: bytes | bytearray | None,
-        answered: Callable[[], bool] | None = None,
-        headers: CIMultiDict[str] | None = None,
-    ) -> web.StreamResponse:
-        """Send a request to a consumer and stream its answer back; a failing consumer is marked unhealthy.
-
-        ``answered`` is called (once) as soon as the consumer's answer has been read whole. ``headers``:
-        the request's as ``request_headers`` makes them, when they were made already (before queueing).
-        """
-
-        def whole() -> bool:
-            ex.done = True
-            return answered() if answered is not None else False
-
-        try:
-            if headers is None:
-                headers = request_headers(
-                    request, strip_auth=self.config.auth.token is not None, consumer=consumer
-                )
-            ex.upstream = await open_upstream(self.session, consumer, method, path_qs, headers, body)
-            if ex.capture and 200 <= ex.upstream.status < 300:
-                ex.captured = bytearray()
-            return await relay(request, ex.upstream, consumer, ex.captured, whole)
-        except BrokerError as e:
-            ex.error = e
-            if e.code in ("consumer_unreachable", "consumer_timeout"):
-                reason = (
-                    describe(e.__cause__) if e.__cause__ else f"no answer within {consumer.timeout_s:g} s"
-                )
-                self.consumers.job_failed(consumer.name, e.__cause__, reason)
-            raise
-        except UpstreamBroke as e:
-            ex.error = e.error
-            self.consumers.job_failed(consumer.name, e.__cause__, f"{describe(e.__cause__)} mid-answer")
-            log.warning(logfmt(msg="answer cut short", consumer=consumer.name, error=e.error.message))
-        except ConnectionResetError:
-            ex.client_gone = True
-        return web.Response(status=499)  # never sent: the client's connection is closed
-
-
-@dataclass(frozen=True)
-class ConfigSource:
-    """Where the config comes from, so that a reload reads it the same way: the file and the CLI overrides."""
-
-    path: Path
-    overrides: Mapping[str, Any] = field(default_factory=dict)
-
-    def load(self) -> Config:
-        return load_config(self.path, overrides=self.overrides)
-
-
 CONFIG = web.AppKey("config", Config)
 SOURCE: web.AppKey[ConfigSource | None] = web.AppKey("source")
 BROKER = web.AppKey("broker", Broker)
@@ -7977,7 +8360,11 @@ async def _front_door(
             request.app[BROKER].connections.authenticated(conn, key)
         return await handler(request)
     except BrokerError as e:
-        return e.response()
+        return error_response(e)  # (one that came after its answer began is never sent: it was cut)
+    except ConnectionResetError:
+        # The client left (or was cut off) while its answer was written: nobody is there to answer. What is
+        # returned is never sent; it is nginx's "client closed request", for whatever logs it.
+        return web.Response(status=499)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -7989,11 +8376,17 @@ async def _front_door(
         else:
             message = e.reason
         allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
-        return BrokerError(code, message, headers=allow).response()
+        return error_response(BrokerError(code, message, headers=allow))
     except Exception as e:
-        request.app[BROKER].scheduler.stats.internal_errors += 1
-        log.exception(logfmt(msg="internal error", path=request.path))
-        return BrokerError("scheduler_error", f"internal error: {describe(e)}").response()
+        request.app[BROKER].shared.internal_error("internal error", path=request.path)
+        return error_response(BrokerError("scheduler_error", f"internal error: {describe(e)}"))
+
+
+def error_response(error: BrokerError) -> web.Response:
+    """The one error shape: ``{error, message, consumer, retryable}``, its status, and ``Retry-After`` on a
+    429 or 503."""
+    headers = {"Retry-After": str(error.retry_after)} if error.status in (429, 503) else {}
+    return web.json_response(error.body(), status=error.status, headers=headers | error.headers)
 
 
 def check_target(request: web.Request) -> None:
@@ -8103,7 +8496,7 @@ async def handle_reserve(request: web.Request) -> web.Response:
         raise BrokerError("bad_request", "reason must be a string of at most 200 characters")
     index = _reserved_gpu(broker, body.get("gpu"))
     scheduler = broker.schedulers[index]
-    res = await scheduler.reserve(float(for_s), reason or "reserved")
+    res = await scheduler.reservations.reserve(float(for_s), reason or "reserved")
     return web.json_response({"gpu": index, **res.describe(scheduler.clock())})
 
 
@@ -8116,8 +8509,8 @@ async def handle_release(request: web.Request) -> web.Response:
     if named is not None and named.isascii() and named.isdigit():  # ASCII digits alone: not ' 0' or '0_0'
         named = int(named)
     indexes = [_reserved_gpu(broker, named)] if named is not None else sorted(broker.schedulers)
-    ended = [i for i in indexes if broker.schedulers[i].release_reservation("released")]
-    cancelled = [i for i in indexes if broker.schedulers[i].cancel_reserving()]
+    ended = [i for i in indexes if broker.schedulers[i].reservations.release("released")]
+    cancelled = [i for i in indexes if broker.schedulers[i].reservations.cancel_waiting()]
     released = sorted({*ended, *cancelled})
     gpu = indexes[0] if len(indexes) == 1 else (released[0] if len(released) == 1 else None)
     answer = {"gpu": gpu, "released": bool(released), "gpus": released, "cancelled": cancelled}
@@ -8193,7 +8586,7 @@ async def expect_body(request: web.Request) -> web.StreamResponse | None:
                 "payload_too_large", f"request body of {length} bytes exceeds max_body_mib {limit}"
             )
     except BrokerError as e:
-        response = e.response()
+        response = error_response(e)
         response.force_close()  # the client sends no body: no further request on this connection
         return response
     if request.version == aiohttp.HttpVersion11:
@@ -8222,11 +8615,9 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
     consumer = broker.config.consumers.get(name)
     if consumer is None or kind not in consumer.paths:  # a reload came while it was probed
         raise BrokerError("no_consumer", f"{name} no longer serves kind {kind!r}", name)
-    scheduler = broker.scheduler_for(name)
-    strip_auth = broker.config.auth.token is not None
-    headers = request_headers(request, strip_auth=strip_auth, consumer=consumer)  # before waiting
-    job = await scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
-    return await _run_job(request, broker, scheduler, job, job.target.paths[kind], body, headers)
+    headers = request_headers(request, strip_auth=broker.config.auth.token is not None, consumer=consumer)
+    async with broker.scheduler_for(name).job(name, kind, request_id=request[REQUEST_ID]) as job:
+        return await forward_job(request, broker, job, job.target.paths[kind], body, headers)
 
 
 def route(config: Config, kind: str) -> str:
@@ -8250,109 +8641,6 @@ def _methods_of(app: web.Application, path: str) -> list[str]:
     )
 
 
-async def _run_job(
-    request: web.Request,
-    broker: Broker,
-    scheduler: Scheduler,
-    job: Job,
-    path: JobPath,
-    body: bytes | bytearray,
-    headers: CIMultiDict[str],
-) -> web.StreamResponse:
-    """Forward a granted job and stream its answer; ends the job exactly once: as soon as the consumer's
-    answer is read whole (the next job may start while its last bytes go to the client), else when
-    forwarding ends."""
-    consumer = job.target
-    ex = Exchange(capture=path.hold_until is not None)
-    outcome = "failed"
-
-    def end() -> bool:
-        return job.state != "ended" and _end_job(broker, scheduler, job, path, ex, outcome)
-
-    def answered() -> bool:
-        nonlocal outcome
-        outcome = "completed"
-        return end()
-
-    try:
-        _, sep, query = request.raw_path.partition("?")  # kept as the client encoded it
-        resp = await broker.forward(
-            request, ex, consumer, path.method, path.path + sep + query, body, answered, headers
-        )
-        outcome = "cancelled" if ex.client_gone else "completed"
-        return resp
-    except asyncio.CancelledError:
-        outcome = "cancelled"
-        raise
-    finally:
-        end()
-
-
-def _end_job(
-    broker: Broker, scheduler: Scheduler, job: Job, path: JobPath, ex: Exchange, outcome: str
-) -> bool:
-    """End a forwarded job: its outcome, and the hold that keeps the GPU after a 2xx answer if any.
-    Whether a waiting job was granted the GPU."""
-    consumer = job.target
-    status = ex.upstream.status if ex.upstream is not None else None
-    answered = ex.error is None and status is not None and 200 <= status < 300
-    hold = None
-    try:
-        if path.hold_until is not None and answered:
-            hold = _hold_after(broker, scheduler, consumer, path.hold_until, ex)
-        elif path.hold_until is not None and status is not None:
-            log.info(logfmt(msg="no hold: the answer was not 2xx", consumer=consumer.name, http=status))
-    finally:
-        if hold is None:
-            ex.close()
-        failed = ex.error is not None or outcome == "failed"
-        granted = job.release(
-            "failed" if failed else outcome,
-            # Failed without a broker error: a bug raised in the handler (front_door logs and counts it).
-            code=ex.error.code if ex.error is not None else "scheduler_error" if failed else None,
-            status=status,
-            # A hold means the consumer took the work even if the client left mid-answer.
-            success=answered and (ex.done or hold is not None),
-            hold=hold,
-            hold_timeout_s=path.hold_until.timeout_s if path.hold_until else 0.0,
-        )
-    return granted
-
-
-def _hold_after(
-    broker: Broker, scheduler: Scheduler, consumer: ConsumerConfig, hold: Hold, ex: Exchange
-) -> Callable[[], Awaitable[None]] | None:
-    """The hold after a 2xx answer, or None when the answer cannot fill the hold's path.
-
-    If the client left before the answer ended, the hold first reads the rest of it itself.
-    """
-    assert ex.upstream is not None and ex.captured is not None
-    upstream, captured = ex.upstream, ex.captured
-    if ex.done:
-        ex.close()
-        return hold_poller(broker.session, consumer, hold, bytes(captured), scheduler.recorder)
-
-    async def read_rest_then_poll() -> None:
-        try:
-            while chunk := await upstream.content.readany():
-                if len(captured) + len(chunk) <= HOLD_ANSWER_LIMIT:
-                    captured.extend(chunk)
-            ex.done = True
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            scheduler.recorder.record(
-                "hold_poll_failed", logging.WARNING, consumer=consumer.name, error=describe(e)
-            )
-            log.warning(logfmt(msg="no hold: answer cut short", consumer=consumer.name, error=describe(e)))
-            return
-        finally:
-            ex.close()
-        poll = hold_poller(broker.session, consumer, hold, bytes(captured), scheduler.recorder)
-        if poll is not None:
-            await poll()
-
-    return read_rest_then_poll
-
-
 async def handle_audio(request: web.Request) -> web.StreamResponse:
     """GET /audio/{file}: proxied to the audio_proxy consumer, unscheduled."""
     broker = request.app[BROKER]
@@ -8365,12 +8653,8 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
     if consumer is None:  # a reload removed it while it was probed
         raise BrokerError("no_consumer", f"{name} is no longer configured", name)
     await broker.ensure_running(consumer, request[REQUEST_ID])
-    ex = Exchange()
-    try:
-        with broker.unscheduled_slot(consumer):
-            return await broker.forward(request, ex, consumer, request.method, path, None)
-    finally:
-        ex.close()
+    with broker.unscheduled_slot(consumer):
+        return await forward(request, broker, consumer, request.method, path, None)
 
 
 async def handle_mount(request: web.Request) -> web.StreamResponse:
@@ -8422,27 +8706,20 @@ async def serve_consumer_api(
         method in UNSCHEDULED_METHODS or any(u.matches(method, upstream_path) for u in consumer.unscheduled)
     ):
         await broker.ensure_running(consumer, request[REQUEST_ID])
-        ex = Exchange()
-        try:
-            with broker.unscheduled_slot(consumer):
-                return await broker.forward(request, ex, consumer, method, path_qs, body or None)
-        finally:
-            ex.close()
-    scheduler = broker.scheduler_for(name)
-    strip_auth = broker.config.auth.token is not None
-    headers = request_headers(request, strip_auth=strip_auth, consumer=consumer)  # before waiting
-    job = await scheduler.acquire(name, kind, request_id=request[REQUEST_ID])
-    _, path = mount_job_path(job.target, method, upstream_path)  # the config the job was admitted with
-    # The path the guards matched goes to the consumer (not the entry's spelling); _run_job adds the query.
-    upstream = replace(path, path=upstream_path)
-    return await _run_job(request, broker, scheduler, job, upstream, body, headers)
+        with broker.unscheduled_slot(consumer):
+            return await forward(request, broker, consumer, method, path_qs, body or None)
+    headers = request_headers(request, strip_auth=broker.config.auth.token is not None, consumer=consumer)
+    async with broker.scheduler_for(name).job(name, kind, request_id=request[REQUEST_ID]) as job:
+        _, path = mount_job_path(job.target, method, upstream_path)  # the config it was admitted with
+        # The path the guards matched goes to the consumer (not the entry's spelling), with the query.
+        return await forward_job(request, broker, job, replace(path, path=upstream_path), body, headers)
 
 
 def _refuse_own_routes(consumer: ConsumerConfig, method: str, path: str) -> None:
     """The consumer's unload and load routes are the broker's to call: through the mount they would
     change residency behind its back. forbidden, pointing at the admin routes; unless the request is also
     one of its ``paths`` (Ollama's POST /api/generate, its for_each unload when it carries keep_alive 0):
-    then it is that kind's job, after which its residency is in doubt (``Scheduler._finish``)."""
+    then it is that kind's job, after which its residency is in doubt (``Scheduler.finish``)."""
     action = own_route(consumer, method, path)
     if action is not None and mount_job_path(consumer, method, path)[0] == MOUNT_KIND:
         raise BrokerError(
@@ -8656,6 +8933,7 @@ async def handle_status(request: web.Request) -> web.Response:
         "consumers": consumers,
         "scheduler": default["scheduler"],
         "gpus": gpus,
+        "internal_errors": internal_errors,
     }
     # Everything above is a snapshot of its own (and readings are immutable): the thread reads nothing
     # that changes meanwhile.
@@ -8822,8 +9100,8 @@ async def _drain(app: web.Application) -> None:
     await asyncio.gather(*broker.tasks, return_exceptions=True)
     schedulers = list(broker.schedulers.values())
     for s in schedulers:
-        s.release_reservation("shutdown")  # a restart does not restore it
-        s.shut_down()
+        s.reservations.release("shutdown")  # a restart does not restore it
+        s.lock.shut_down()
     broker.events.close()
     timeout = broker.config.scheduler.shutdown_timeout_s
     for s in schedulers:
@@ -8837,7 +9115,7 @@ async def _drain(app: web.Application) -> None:
                     holds=s.holds,
                 )
             )
-    idle = await asyncio.gather(*(s.wait_idle(timeout) for s in schedulers))
+    idle = await asyncio.gather(*(s.lock.wait_idle(timeout) for s in schedulers))
     for s, done in zip(schedulers, idle, strict=True):
         if not done:
             log.warning(
@@ -8880,17 +9158,16 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         cookie_jar=aiohttp.DummyCookieJar(),
         trace_configs=traces,
     )
-    events = Events()
-    consumers = Consumers(config, own, events=events)
     broker = Broker(
-        config=config,
+        config,
         session=session,
-        consumers=consumers,
-        events=events,
+        own_session=own,
         metrics=metrics,
         connections=connections,
+        ports=ConsumerPorts(),
         source=app[SOURCE],
     )
+    consumers = broker.consumers
     app[BROKER] = broker
     health: asyncio.Task[None] | None = None
     machine_names()  # looked up once, before serving (bounded): the Origin check compares Hosts with them
@@ -8900,8 +9177,8 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         await consumers.probe_all()
         await broker.ports.sync(broker, strict=True)
         health = asyncio.create_task(consumers.run_health(), name="health")
-        broker.spawn(broker.run_idle_unloads(), "idle unloads")
-        broker.start_preloads()  # in the background: serving is not delayed
+        broker.spawn(broker.internal.run_idle_unloads(), "idle unloads")
+        broker.internal.start_preloads()  # in the background: serving is not delayed
         yield
     finally:
         await broker.ports.close()
@@ -9131,7 +9408,7 @@ function reservationHtml(r) {
   return '<div class="resv">reserved: ' + esc(r.reason || "no reason given") + esc(left) +
     (not.length ? '<br><span class="dim">not unloaded: ' + esc(not.join(", ")) + "</span>" : "") + "</div>";
 }
-function renderScheduler(gpus) {
+function renderScheduler(gpus, internalErrors) {
   // One GPU: as it always was. Several: each GPU's holder, one queue tagged by GPU, the counters summed.
   const several = gpus.length > 1, tag = (i) => (several ? '<span class="dim">GPU ' + i + "</span> " : "");
   $("holder").innerHTML = gpus.map((g) => tag(g.index) + holderHtml(g.scheduler.holder) +
@@ -9140,10 +9417,10 @@ function renderScheduler(gpus) {
   $("queue").innerHTML = queue.map((q) => "<tr><td>" + tag(q.gpu) + esc(q.consumer) + "</td><td>" +
     esc(q.kind) + "</td><td>" + q.priority + "</td><td>" + q.waited_s.toFixed(1) + " s</td></tr>").join("") ||
     '<tr><td colspan="4" class="dim">empty</td></tr>';
-  const stats = {};
-  gpus.forEach((g) => Object.entries(g.scheduler.stats)
+  const stats = {};  // each GPU's counters summed; internal_errors is the broker's one figure
+  gpus.forEach((g) => Object.entries(g.scheduler.stats).filter(([k]) => k !== "internal_errors")
     .forEach(([k, v]) => { stats[k] = (stats[k] || 0) + v; }));
-  stats.internal_errors = gpus[0].scheduler.stats.internal_errors;  // the broker's, not per GPU
+  stats.internal_errors = internalErrors;
   $("stats").innerHTML = Object.entries(stats).map(([k, v]) =>
     '<div id="stat-' + k + '"><b>' + v + "</b>" + k.replaceAll("_", " ") + "</div>").join("");
 }
@@ -9163,7 +9440,8 @@ async function refresh() {
     const st = await (await get("/v1/status")).json();
     const gpus = gpusOf(st);
     status = st;
-    renderGpus(st, gpus); renderScheduler(gpus); renderConsumers(st.consumers, gpus.length > 1);
+    renderGpus(st, gpus); renderScheduler(gpus, st.internal_errors);
+    renderConsumers(st.consumers, gpus.length > 1);
   } catch (e) { $("error").textContent = "status: " + e.message; }
   drawTimeline();
 }

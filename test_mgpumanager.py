@@ -212,6 +212,10 @@ class FakeGpu:
         #: Memory still held by unloaded consumers, released after this many further reads.
         self.releasing: dict[str, int] = {}
         self.error: str | None = None
+        self.last: m.GpuReading | None = None
+
+    def last_free_mib(self) -> int | None:
+        return self.last.free_mib if self.last is not None else None
 
     async def read_memory(self) -> m.GpuReading:
         return await self._read("memory")
@@ -232,9 +236,10 @@ class FakeGpu:
         procs = tuple(
             m.GpuProcess(100 + i, f"/usr/bin/{n}", mib) for i, (n, mib) in enumerate(self.held.items())
         )
-        return m.GpuReading(
+        self.last = m.GpuReading(
             0, "GPU-x", "Fake", self.total, used, self.total - self.reserved - used, 0, 40, procs, 0, 0
         )
+        return self.last
 
 
 class FakeOps:
@@ -319,11 +324,21 @@ def small_config(**tweaks: Any) -> m.Config:
     return m.parse_config(raw)
 
 
+def gpu_reader(gpu: m.GpuConfig, *, index: int | None = None) -> m.GpuReader:
+    """A reader of the GPU that ``gpu`` describes (GPU ``index``, else gpu.index), as the broker makes one."""
+    return m.GpuReader(m.Shared(m.replace(small_config(), gpu=gpu)), index=index)
+
+
 def make_scheduler(config: m.Config) -> tuple[m.Scheduler, FakeGpu, FakeOps, FakeClock]:
     clock = FakeClock()
     gpu = FakeGpu()
     ops = FakeOps(config, gpu, clock)
-    return m.Scheduler(config, gpu, ops, clock=clock, sleep=clock.sleep), gpu, ops, clock
+    return m.Scheduler(m.Shared(config), gpu, ops, clock=clock, sleep=clock.sleep), gpu, ops, clock
+
+
+def internal_jobs(s: m.Scheduler) -> m.InternalJobs:
+    """Idle unloads and preloads on this scheduler's GPU, as the broker runs them on all of its GPUs."""
+    return m.InternalJobs(s.shared, {s.index: s})
 
 
 def books_balance(s: m.Scheduler) -> bool:
@@ -509,7 +524,7 @@ async def rig(tmp_path):
     for r in rigs:
         await r.close()
     # Whatever a test did, the broker itself must not have crashed (unless the test made it).
-    assert [r.stats.internal_errors for r in rigs] == [r.expected_internal_errors for r in rigs]
+    assert [r.broker.internal_errors() for r in rigs] == [r.expected_internal_errors for r in rigs]
 
 
 async def until(condition: Any, timeout: float = 10.0) -> None:
@@ -1728,7 +1743,7 @@ async def test_nvidia_smi_missing_is_a_gpu_error(tmp_path):
 
 
 async def test_nvidia_smi_garbage_is_a_gpu_error(tmp_path):
-    reader = m.GpuReader(
+    reader = gpu_reader(
         m.GpuConfig(
             nvidia_smi=_smi_script(tmp_path, "echo 'hello, world'"), query_timeout_s=5, reader="nvidia-smi"
         )
@@ -1760,7 +1775,7 @@ async def test_nvidia_smi_timeout_kills_what_it_started_too(tmp_path):
 async def test_reader_against_mgpusim_subprocess(tmp_path):
     gpu = mgpusim.SimGPU(tmp_path / "gpu.json", total_mib=16384, reserved_mib=480)
     gpu.allocate("comfyui", 13000)
-    reader = m.GpuReader(m.GpuConfig(nvidia_smi=sim_smi(tmp_path / "gpu.json"), reader="nvidia-smi"))
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=sim_smi(tmp_path / "gpu.json"), reader="nvidia-smi"))
     r = await reader.read()
     assert (r.total_mib, r.used_mib, r.free_mib) == (16384, 13000, 16384 - 480 - 13000)
     assert [p.used_mib for p in r.processes] == [13000]
@@ -1769,7 +1784,7 @@ async def test_reader_against_mgpusim_subprocess(tmp_path):
 
 async def test_concurrent_readers_share_one_query_and_memory_readings_do_not(tmp_path):
     gpu = mgpusim.SimGPU(tmp_path / "gpu.json")
-    reader = m.GpuReader(m.GpuConfig(nvidia_smi=sim_smi(tmp_path / "gpu.json"), reader="nvidia-smi"))
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=sim_smi(tmp_path / "gpu.json"), reader="nvidia-smi"))
     readings = await asyncio.gather(*(reader.read() for _ in range(10)))
     assert reader.queries == 2  # one --query-gpu and one --query-compute-apps, shared by all ten
     assert len({r.started for r in readings}) == 1
@@ -1820,7 +1835,7 @@ def test_processes_are_attributed_by_name_and_by_the_unit_in_their_cgroup(tmp_pa
     for pid, text in cgroups.items():
         (tmp_path / str(pid)).mkdir()
         (tmp_path / str(pid) / "cgroup").write_text(text.replace("\\n", "\n"))
-    consumers = m.Consumers(config, session=None)  # type: ignore[arg-type] (no call is made)
+    consumers = m.Consumers(m.Shared(config), session=None)  # type: ignore[arg-type] (no call is made)
     consumers.proc_root = tmp_path
     procs = [
         m.GpuProcess(10, "/opt/ComfyUI/.venv/bin/python3", 13610),
@@ -1883,7 +1898,7 @@ def test_cgroups_are_read_once_per_process_while_it_stays_in_the_list_under_its_
         (tmp_path / str(pid)).mkdir()
         (tmp_path / str(pid) / "cgroup").write_text(f"0::/system.slice/{unit}.service\n")
     clock = FakeClock()
-    consumers = m.Consumers(config, session=None, clock=clock)  # type: ignore[arg-type] (no call is made)
+    consumers = m.Consumers(m.Shared(config), session=None, clock=clock)  # type: ignore[arg-type] (no call is made)
     consumers.proc_root = tmp_path
     reads: list[int] = []
     read_cgroups = consumers.cgroups_of
@@ -2121,8 +2136,8 @@ async def test_nvml_reader_gives_exactly_the_reading_nvidia_smis_parser_gives_fo
         ]
     try:
         for index in (0, 1):
-            smi = m.GpuReader(m.GpuConfig(nvidia_smi=sim_smi(nvml.state), reader="nvidia-smi"), index=index)
-            nv = m.GpuReader(nvml_config(), index=index)
+            smi = gpu_reader(m.GpuConfig(nvidia_smi=sim_smi(nvml.state), reader="nvidia-smi"), index=index)
+            nv = gpu_reader(nvml_config(), index=index)
             try:
                 by_smi, by_nvml = await smi.read(), await nv.read()
                 assert nv.reader == "nvml" and smi.reader == "nvidia-smi"
@@ -2147,7 +2162,7 @@ async def test_nvml_reader_gives_exactly_the_reading_nvidia_smis_parser_gives_fo
                 )
         with nvml.gpu.edit() as state:  # the stand-in prints the state's name; NVML has none to give
             state["processes"][1].update(pid=gone.pid, name="/usr/bin/gone")
-        reader = m.GpuReader(nvml_config())
+        reader = gpu_reader(nvml_config())
         try:
             assert (await reader.read()).processes[1] == m.GpuProcess(gone.pid, None, 1500)
         finally:
@@ -2163,7 +2178,7 @@ async def test_nvml_memory_info_v1_where_v2_is_missing_counts_the_reserved_memor
     memory counts as used (as that driver's nvidia-smi showed it); free is the same."""
     nvml.gpu.allocate("comfyui", 13000)
     nvml.gpu.set_nvml_fault("nvmlDeviceGetMemoryInfo_v2", error=13)  # NVML_ERROR_FUNCTION_NOT_FOUND
-    reader = m.GpuReader(nvml_config())
+    reader = gpu_reader(nvml_config())
     try:
         r = await reader.read_memory()
         assert (r.total_mib, r.used_mib, r.free_mib) == (16384, 13000 + 480, 16384 - 480 - 13000)
@@ -2178,7 +2193,7 @@ async def test_nvml_errors_are_gpu_unavailable_and_a_reading_after_them_finds_th
     """An NVML error code is a GpuError naming the call (gpu_unavailable for a job), never a crash; a figure
     the GPU does not have (NVML_ERROR_NOT_SUPPORTED) is None, as nvidia-smi's [N/A]; once the fault is gone
     the next reading finds the GPU again (a new handle) and answers."""
-    reader = m.GpuReader(nvml_config())
+    reader = gpu_reader(nvml_config())
     try:
         nvml.gpu.set_nvml_fault("nvmlDeviceGetMemoryInfo_v2", error=15)  # NVML_ERROR_GPU_IS_LOST
         with pytest.raises(m.GpuError, match="NVML nvmlDeviceGetMemoryInfo: GPU is lost"):
@@ -2192,7 +2207,7 @@ async def test_nvml_errors_are_gpu_unavailable_and_a_reading_after_them_finds_th
         nvml.gpu.set_nvml_fault(None)
         assert (await reader.read()).utilization_pct == 0
         assert len(nvml.calls("nvmlDeviceGetHandleByIndex_v2")) == 3  # at the start and after each error
-        assert reader.crashes == 0
+        assert reader.shared.internal_errors == 0  # no bug caught
     finally:
         await reader.close()
     # Through the broker: a job that needs a reading gets gpu_unavailable with NVML's message.
@@ -2222,7 +2237,7 @@ async def test_a_hung_nvml_call_is_left_to_its_thread_and_readings_fail_at_once_
     thread (never awaited again); while it hangs, every reading fails at once, asking NVML nothing and
     starting no thread; when it returns, readings work again, through the same one thread."""
     before = nvml_threads()
-    reader = m.GpuReader(nvml_config(query_timeout_s=1.0))
+    reader = gpu_reader(nvml_config(query_timeout_s=1.0))
     try:
         await reader.read()
         nvml.gpu.set_nvml_fault("nvmlDeviceGetMemoryInfo_v2", hang=True)
@@ -2241,7 +2256,7 @@ async def test_a_hung_nvml_call_is_left_to_its_thread_and_readings_fail_at_once_
         await until(lambda: "NVML answered again" in caplog.text, 5)
         r = await reader.read()
         assert r.free_mib == 16384 - 480 and len(nvml_threads()) == len(before) + 1
-        assert reader.crashes == 0
+        assert reader.shared.internal_errors == 0  # no bug caught
     finally:
         await reader.close()
     await until(lambda: len(nvml_threads()) == len(before), 5)  # closed: its thread ended
@@ -2250,7 +2265,7 @@ async def test_a_hung_nvml_call_is_left_to_its_thread_and_readings_fail_at_once_
 
 async def test_nvml_is_initialised_once_per_process_and_shut_down_after_its_last_reader(nvml):
     """nvmlInit once for every GPU and reading, nvmlShutdown once, when the last reader closes."""
-    readers = [m.GpuReader(nvml_config(), index=i) for i in (0, 1)]
+    readers = [gpu_reader(nvml_config(), index=i) for i in (0, 1)]
     for _ in range(3):
         await asyncio.gather(*(r.read(own=True) for r in readers), *(r.read_memory() for r in readers))
     assert nvml.calls("nvmlInitWithFlags") == ["nvmlInitWithFlags"] and m.NVML.users == 2
@@ -2269,8 +2284,8 @@ async def test_where_nvml_does_not_load_nvml_is_gpu_unavailable_until_it_does_an
     gpu_unavailable saying why, and one after the driver came back answers. auto reads through nvidia-smi
     instead, and says so."""
     monkeypatch.delenv("MGPUSIM_STATE")  # the stub has no GPU: nvmlInit answers "Driver Not Loaded"
-    strict = m.GpuReader(nvml_config())
-    auto = m.GpuReader(m.GpuConfig(nvidia_smi=sim_smi(nvml.state), reader="auto"))
+    strict = gpu_reader(nvml_config())
+    auto = gpu_reader(m.GpuConfig(nvidia_smi=sim_smi(nvml.state), reader="auto"))
     try:
         for _ in range(2):
             with pytest.raises(m.GpuError, match=r"NVML nvmlInit: Driver Not Loaded \(libnvidia-ml.so.1"):
@@ -2339,7 +2354,7 @@ async def test_a_health_round_much_later_than_due_puts_every_resident_record_in_
                 now[0] += 60.0
             return now[0]
 
-        consumers = m.Consumers(cfg, session, clock=clock)
+        consumers = m.Consumers(m.Shared(cfg), session, clock=clock)
         x = consumers.states["x"]
         x.loaded()
         health = asyncio.ensure_future(consumers.run_health())
@@ -2609,7 +2624,7 @@ async def test_a_probe_older_than_a_job_failure_does_not_heal_the_consumer(rig):
 
 def test_a_job_that_finds_a_command_started_service_failing_records_it_stopped():
     config = m.parse_config(yaml.safe_load(Path("consumers.yaml").read_text()))
-    consumers = m.Consumers(config, session=None)  # type: ignore[arg-type] (no call is made)
+    consumers = m.Consumers(m.Shared(config), session=None)  # type: ignore[arg-type] (no call is made)
     for name in ("whisper", "mvoice"):
         consumers.states[name].loaded()
         consumers.gone(name, "connection reset")
@@ -2621,7 +2636,7 @@ async def test_a_failing_probe_older_than_a_successful_health_wait_is_ignored():
     clock = FakeClock()
     config = m.parse_config(base_raw(whisper=f"http://127.0.0.1:{free_port()}"))
     async with aiohttp.ClientSession() as session:
-        consumers = m.Consumers(config, session, clock=clock)
+        consumers = m.Consumers(m.Shared(config), session, clock=clock)
         state = consumers.states["whisper"]
         probe = asyncio.ensure_future(consumers.probe("whisper"))  # it starts now ...
         await asyncio.sleep(0)
@@ -2841,8 +2856,11 @@ class CheckedScheduler(m.Scheduler):
         #: Job id -> the consumers unloaded (or tried) for it.
         self.tried: dict[int, set[str]] = {}
         self.lock.dispatch = self._checked_dispatch(self.lock.dispatch)  # type: ignore[method-assign]
+        self.internal = internal_jobs(self)
+        self._real_unload = self.rooms.unload
+        self.rooms.unload = self._unload  # type: ignore[method-assign]
 
-    async def _unload(self, job: m.Job, victim: str, *, by: str | None = None) -> str | None:
+    async def _unload(self, job: m.Job, victim: str, *, by: str | None = None) -> None:
         violations = self.ops.violations  # type: ignore[attr-defined]
         if job.kind == "preload":
             violations.append(f"a preload of {job.consumer} unloaded {victim}")
@@ -2850,7 +2868,7 @@ class CheckedScheduler(m.Scheduler):
             self.holder == victim == job.consumer
             and self.exclusive
             and self.states[victim].resident is True
-            and self.clock() >= (self.idle_deadline(victim) or math.inf)
+            and self.clock() >= (self.internal.idle_deadline(victim) or math.inf)
             and not any(j.consumer == victim for j in self.lock.waiting)
         ):
             violations.append(f"idle unload of {victim} while not idle, not resident or wanted")
@@ -2864,7 +2882,7 @@ class CheckedScheduler(m.Scheduler):
                 and not c.vram_managed
                 and c.unload is not None
                 and n not in target.can_coexist_with
-                and self.states[n].jobs == 0
+                and self.jobs_of(n) == 0
                 and self.states[n].resident is not False
                 and n not in self.tried.get(job.id, ())
             ]
@@ -2878,7 +2896,7 @@ class CheckedScheduler(m.Scheduler):
             if state.resident is False or state.known_resident():
                 violations.append(f"{victim} unloaded itself although its residency is known")
             self.resetting = victim
-        return await super()._unload(job, victim, by=by)
+        return await self._real_unload(job, victim, by=by)
 
     def _checked_dispatch(self, dispatch: Any) -> Any:
         """The lock's dispatch, with every grant it makes checked against the documented grant order."""
@@ -2923,7 +2941,7 @@ class CheckedScheduler(m.Scheduler):
                 else m.Holder(lock.holder, lock.exclusive, (c.max_concurrency if c else 0) - lock.slots)
             )
             still = m.next_grant(
-                list(lock.waiting), holder_now, now, aging_s=aging_s, max_overtake_s=bound, warm=self._warm
+                list(lock.waiting), holder_now, now, aging_s=aging_s, max_overtake_s=bound, warm=lock.warm
             )
             if still is not None:
                 raise InvariantBroken(f"{still} should have been granted too")
@@ -2931,7 +2949,7 @@ class CheckedScheduler(m.Scheduler):
 
         return checked
 
-    def _end(
+    def end(
         self,
         job: m.Job,
         outcome: str,
@@ -2945,7 +2963,7 @@ class CheckedScheduler(m.Scheduler):
         if outcome == "failed" and code not in END_CODES | {"consumer_unreachable", "scheduler_error"}:
             raise InvariantBroken(f"{job} failed with undocumented code {code}")
         self.ended[job.id] = outcome
-        super()._end(job, outcome, code, status, log_now=log_now)
+        super().end(job, outcome, code, status, log_now=log_now)
 
 
 class CheckingOps(FakeOps):
@@ -2969,7 +2987,7 @@ class CheckingOps(FakeOps):
             or victim.unload is None
             or target is None
             or name in cfg.consumers[target].can_coexist_with
-            or self.states[name].jobs > 0
+            or s.jobs_of(name) > 0
         ):
             # Recorded, not raised: the scheduler rightly treats an exception here as a failed unload.
             self.violations.append(f"{name} is no valid victim for {target}")
@@ -2987,7 +3005,7 @@ class CheckingOps(FakeOps):
     def gone(self, name: str, reason: str) -> None:
         """As the broker wires it: the consumer's state says so, and its holds end."""
         super().gone(name, reason)
-        self.scheduler.abandon_holds(name, reason)
+        self.scheduler.holding.abandon(name, reason)
 
 
 class InvariantDriver:
@@ -2999,7 +3017,9 @@ class InvariantDriver:
         for name in ("b", "d", "e"):  # resident from the start (a probe said so), never used
             self.gpu.held[name] = self.config.consumers[name].vram_resident_mib
             self.ops.states[name].probed(True, None, "consumer_unreachable", self.clock.now, True)
-        self.s = CheckedScheduler(self.config, self.gpu, self.ops, clock=self.clock, sleep=self.clock.sleep)
+        self.s = CheckedScheduler(
+            m.Shared(self.config), self.gpu, self.ops, clock=self.clock, sleep=self.clock.sleep
+        )
         self.ops.scheduler, self.ops.violations = self.s, []
         #: Consumers whose memory went behind the broker's back (a crash, a restart): its record may lag.
         self.drifted: set[str] = set()
@@ -3039,11 +3059,11 @@ class InvariantDriver:
             # A job of e takes the lock if it is free; behind it an idle unload, and a job for the same
             # consumer right behind that: the unload must find it wanted when its turn comes.
             self.tasks.append(asyncio.ensure_future(s.acquire("e", "k")))
-            self.admin.append(asyncio.ensure_future(s.idle_unload(args[0])))
+            self.admin.append(asyncio.ensure_future(s.internal.idle_unload(args[0])))
             self.tasks.append(asyncio.ensure_future(s.acquire(args[0], "k")))
         elif kind == "internal":
             name, what = args
-            op = s.idle_unload(name) if what == "idle_unload" else s.preload(name)
+            op = s.internal.idle_unload(name) if what == "idle_unload" else s.internal.preload(name)
             if what == "idle_unload" or self.config.consumers[name].load is not None:
                 self.admin.append(asyncio.ensure_future(op))
             else:
@@ -3113,8 +3133,8 @@ class InvariantDriver:
         if s.holder is not None and s.slots > cfg.consumers[s.holder].max_concurrency:
             raise InvariantBroken(f"{s.holder} runs {s.slots} jobs")
         for name, state in self.ops.states.items():
-            if name != s.holder and state.jobs != 0:
-                raise InvariantBroken(f"{name} has {state.jobs} jobs but does not hold the lock")
+            if name != s.holder and s.jobs_of(name) != 0:
+                raise InvariantBroken(f"{name} has {s.jobs_of(name)} jobs but does not hold the lock")
             if state.resident is True and name not in self.gpu.held and name not in self.drifted:
                 raise InvariantBroken(f"{name} is recorded resident but holds no memory")
         running = [j for i, j in s.granted.items() if i not in s.ended]
@@ -3148,14 +3168,14 @@ class InvariantDriver:
                 if not t.done():
                     t.cancel()
             if round_ > 0:
-                for t in list(self.s._tasks):
+                for t in list(self.s.tasks):
                     t.cancel()
             for job in self.granted_unfinished():
                 self.finished.add(job.id)
                 job.release("completed")
             await self.settle()
             self.check()
-            if all(t.done() for t in self.tasks + self.admin) and self.s.holder is None and not self.s._tasks:
+            if all(t.done() for t in self.tasks + self.admin) and self.s.holder is None and not self.s.tasks:
                 break
         st = self.s.stats
         assert self.s.holder is None and self.s.slots == 0 and self.s.queue() == []
@@ -3482,8 +3502,8 @@ async def test_whatever_raises_while_a_job_is_granted_or_running_it_ends_and_fre
     for _ in range(3):
         await asyncio.sleep(0)  # the accounting runs after the hand-over
     assert (s.holder, s.slots, s.holds) == (None, 0, 0)
-    assert all(state.jobs == 0 for state in ops.states.values()) and books_balance(s)
-    assert s.stats.internal_errors + s.stats.load_failures >= 1 or step == "hold's end"
+    assert all(s.jobs_of(name) == 0 for name in ops.states) and books_balance(s)
+    assert s.shared.internal_errors + s.stats.load_failures >= 1 or step == "hold's end"
     again = await s.acquire("t", "kt")  # the GPU is not wedged
     again.release("completed", status=200, success=True)
     assert s.holder is None and books_balance(s)
@@ -3794,6 +3814,30 @@ async def test_a_prompt_queued_behind_a_long_render_is_told_to_wait(rig):
         await asyncio.gather(ui, return_exceptions=True)
         await r.kill("comfyui")  # the render dies with it: its hold ends, the GPU is free
         await until(lambda: r.broker.scheduler.holder is None)
+
+
+async def test_the_forecast_charges_a_swap_what_plan_room_would_unload_and_no_more():
+    """The forecast asks plan_room what a swap unloads, on the GPU as the newest reading shows it: x fits
+    beside t, so x's jobs pay its load, not t's unload (the forecast's own swap model unloaded every
+    resident consumer that may not coexist: 10 s more). With no reading yet it takes nothing as free: then
+    t goes, as plan_room decides for a full GPU."""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    gpu.held["t"] = 4000
+    ops.states["t"].loaded()
+    ops.states["t"].learned("unload", 10.0)
+    for name in ("x", "y", "z"):
+        ops.states[name].unloaded()
+    ops.states["x"].learned("load", 1.0)
+    holding = await s.acquire("t", "kt")
+    first, second = await _queued(s, "x"), await _queued(s, "x")
+    # Both wait for t's job (no learned time: at least RUNNING_FLOOR_S); the second also for x's swap.
+    assert [eta for _, eta in s.forecast()] == [1.0, 12.0]  # nothing read yet: none free
+    await gpu.read_memory()  # 16384 - 480 - 4000 MiB free: x's 4000 + 256 fit beside t
+    assert [eta for _, eta in s.forecast()] == [1.0, 2.0]
+    holding.release("completed")
+    (await first).release("completed")
+    (await second).release("completed")
+    assert ops.calls == [("load", "x")] and books_balance(s)
 
 
 async def test_a_running_job_counts_as_at_least_what_it_has_run_plus_a_floor():
@@ -4192,18 +4236,18 @@ async def test_a_scheduler_evicts_only_on_its_own_gpu():
     cfg = small_config(consumers__t__gpu=1, consumers__y__gpu=1)
     clock, gpu1 = FakeClock(), FakeGpu(total=8000)  # GPU 1: y's 4000 leave 3520 < t's 4256
     ops = FakeOps(cfg, gpu1, clock)
-    s1 = m.Scheduler(cfg, gpu1, ops, clock=clock, sleep=clock.sleep, index=1)
+    s1 = m.Scheduler(m.Shared(cfg), gpu1, ops, clock=clock, sleep=clock.sleep, index=1)
     gpu1.held["y"] = 4000
     for name, last in (("x", 1.0), ("y", 5.0), ("z", 2.0)):
         ops.states[name].loaded()
         ops.states[name].last_used = last
     ops.states["t"].unloaded()
     reading = await gpu1.read_memory()
-    job0 = s1._admit("t", "kt")
-    snap = s1._room(job0, reading, {})
+    job0 = s1.admit("t", "kt")
+    snap = s1.rooms.snapshot(job0, reading, {})
     assert list(snap.consumers) == ["t", "y"]  # x and z are not even considered
     assert m.plan_room(snap).victims == ("y",)
-    s1._end(job0, "cancelled")
+    s1.end(job0, "cancelled")
     job = await s1.acquire("t", "kt")
     assert ops.calls == [("unload", "y"), ("load", "t")] and job.evictions == 1
     assert ops.states["x"].resident is True and ops.states["z"].resident is True
@@ -4498,37 +4542,41 @@ async def test_a_hanging_load_route_is_load_failed(rig):
 
 async def test_idle_unload_waits_for_idle_unload_s_since_the_last_use_then_unloads_counted():
     s, gpu, ops, clock = make_scheduler(small_config(consumers__x__idle_unload_s=10))
+    jobs = internal_jobs(s)
     crowd(gpu, ops, {})
     ops.states["x"].unload_failed()
     ops.states["x"].probed(True, None, "consumer_unreachable", clock.now, True)  # resident; never used
-    assert s.idle_deadline("x") == clock.now + 10 and s.idle_deadline("y") is None
+    assert jobs.idle_deadline("x") == clock.now + 10 and jobs.idle_deadline("y") is None
     clock.now += 9
-    assert await s.idle_unload("x") is None and ops.calls == []  # not due yet
+    assert await jobs.idle_unload("x") is None and ops.calls == []  # not due yet
     job = await s.acquire("x", "kx")
     clock.now += 5
-    assert await s.idle_unload("x") is None  # never while it has a job
+    assert await jobs.idle_unload("x") is None  # never while it has a job
     job.release("completed", status=200, success=True)
-    assert s.idle_deadline("x") == clock.now + 10  # counted again from the job's end
+    assert jobs.idle_deadline("x") == clock.now + 10  # counted again from the job's end
     clock.now += 10
-    done = await s.idle_unload("x")
+    done = await jobs.idle_unload("x")
     assert done is not None and done.kind == "idle_unload" and done.priority == 0
     assert ops.calls == [("unload", "x")] and ops.states["x"].resident is False and "x" not in gpu.held
     assert (s.stats.idle_unloads, s.stats.admin_unloads, s.stats.evictions) == (1, 0, 0)
     assert 'mgpumanager_idle_unloads_total{consumer="x"} 1' in s.metrics.render([])
-    assert s.idle_deadline("x") is None and await s.idle_unload("x") is None  # not resident: nothing due
+    assert (
+        jobs.idle_deadline("x") is None and await jobs.idle_unload("x") is None
+    )  # not resident: nothing due
     assert s.holder is None and books_balance(s)
 
 
 async def test_a_job_queued_while_the_idle_unload_waits_goes_first_and_cancels_it():
     s, gpu, ops, clock = make_scheduler(small_config(consumers__x__idle_unload_s=10))
+    jobs = internal_jobs(s)
     crowd(gpu, ops, {"x": clock.now})
     ops.states["t"].loaded()
     clock.now += 11
     running = await s.acquire("t", "kt")  # the lock is busy: the idle unload has to queue
-    idle = asyncio.ensure_future(s.idle_unload("x"))
+    idle = asyncio.ensure_future(jobs.idle_unload("x"))
     await asyncio.sleep(0)
     assert [j.kind for j in s.queue()] == ["idle_unload"]
-    assert await s.idle_unload("x") is None  # never two pending for one consumer
+    assert await jobs.idle_unload("x") is None  # never two pending for one consumer
     job_for_x = await _queued(s, "x")
     assert [j.kind for j in s.queue()] == ["kx", "idle_unload"]  # priority 0: everything goes first
     running.release("completed", status=200, success=True)
@@ -4543,6 +4591,7 @@ async def test_a_job_queued_while_the_idle_unload_waits_goes_first_and_cancels_i
 
 async def test_a_job_arriving_while_the_idle_unload_runs_waits_and_loads_the_consumer_again():
     s, gpu, ops, clock = make_scheduler(small_config(consumers__x__idle_unload_s=10))
+    jobs = internal_jobs(s)
     crowd(gpu, ops, {"x": clock.now})
     clock.now += 10
     gate = asyncio.Event()
@@ -4553,7 +4602,7 @@ async def test_a_job_arriving_while_the_idle_unload_runs_waits_and_loads_the_con
         await unload(name)
 
     ops.unload = slow_unload  # type: ignore[method-assign]
-    idle = asyncio.ensure_future(s.idle_unload("x"))
+    idle = asyncio.ensure_future(jobs.idle_unload("x"))
     await until(lambda: s.holder == "x" and s.exclusive)
     job_for_x = await _queued(s, "x")
     assert not job_for_x.done()  # the unload holds the lock alone: nothing joins it
@@ -4567,14 +4616,15 @@ async def test_a_job_arriving_while_the_idle_unload_runs_waits_and_loads_the_con
 
 async def test_preload_loads_only_what_fits_without_evicting_anything():
     s, gpu, ops, _ = make_scheduler(small_config())
+    jobs = internal_jobs(s)
     crowd(gpu, ops, {})  # 3904 MiB free: t's 4000 + 256 do not fit
-    assert (await s.preload("t")).outcome == "completed"
+    assert (await jobs.preload("t")).outcome == "completed"
     assert ops.calls == [] and s.stats.preload_skips == 1 and ops.states["t"].resident is False
     gpu.held.pop("z")
     ops.states["z"].unloaded()
-    await s.preload("t")
+    await jobs.preload("t")
     assert ops.calls == [("load", "t")] and ops.states["t"].resident is True and gpu.reads[-1] == "memory"
-    await s.preload("t")  # resident already: nothing to do
+    await jobs.preload("t")  # resident already: nothing to do
     assert ops.calls == [("load", "t")] and s.stats.loads == 1 and books_balance(s)
 
 
@@ -4894,6 +4944,7 @@ async def test_without_pidfds_a_process_exit_is_polled_for(monkeypatch, tmp_path
 
 async def test_a_hold_counts_as_use_for_the_idle_unload():
     s, _, ops, clock = make_scheduler(small_config(consumers__t__idle_unload_s=10))
+    jobs = internal_jobs(s)
     ops.states["t"].loaded()
     job = await s.acquire("t", "kt")
     release = asyncio.Event()
@@ -4901,9 +4952,9 @@ async def test_a_hold_counts_as_use_for_the_idle_unload():
     clock.now += 60  # a render far longer than idle_unload_s
     release.set()
     await until(lambda: s.holder is None)
-    assert not s.idle_due("t")  # unused for 0 s, not 60
+    assert not jobs.idle_due("t")  # unused for 0 s, not 60
     clock.now += 10
-    assert s.idle_due("t")
+    assert jobs.idle_due("t")
 
 
 async def test_run_process_keeps_only_the_tail_of_a_chatty_process():
@@ -4952,7 +5003,7 @@ async def test_a_join_whose_first_job_left_before_working_credits_it_nothing():
     first.cancel()  # its client leaves while x is unloaded for it
     await asyncio.gather(first, return_exceptions=True)
     second = asyncio.ensure_future(s.acquire("t", "kt"))  # joins t, waits for the room being made
-    await until(lambda: s.states["t"].jobs == 2)
+    await until(lambda: s.jobs_of("t") == 2)
     gate.set()
     with pytest.raises(m.BrokerError) as refused:
         await asyncio.wait_for(second, 5)
@@ -5447,9 +5498,9 @@ async def test_a_hold_abandoned_or_cut_before_it_ever_ran_still_frees_its_slot()
     ops.states["t"].loaded()
     job = await s.acquire("t", "kt")
     job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=60)
-    s.abandon_holds("t", "hold poll: connection refused")  # at once: the hold never ran
+    s.holding.abandon("t", "hold poll: connection refused")  # at once: the hold never ran
     await until(lambda: s.holder is None)
-    assert (s.stats.hold_abandoned, s.slots, s.holds) == (1, 0, 0) and ops.states["t"].jobs == 0
+    assert (s.stats.hold_abandoned, s.slots, s.holds) == (1, 0, 0) and s.jobs_of("t") == 0
     job = await s.acquire("t", "kt")
     job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=60)
     await s.close()  # the broker closing, likewise
@@ -5716,9 +5767,9 @@ async def test_a_hold_abandoned_in_the_turn_it_was_made_still_frees_the_gpu():
         ops.states[name].loaded()
     job = await s.acquire("t", "kt")
     job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=30)
-    s.abandon_holds("t", "health probe: connection refused")  # before the hold's first step
+    s.holding.abandon("t", "health probe: connection refused")  # before the hold's first step
     await until(lambda: s.holder is None, 5)
-    assert (s.slots, s.holds, s.stats.hold_abandoned) == (0, 0, 1) and ops.states["t"].jobs == 0
+    assert (s.slots, s.holds, s.stats.hold_abandoned) == (0, 0, 1) and s.jobs_of("t") == 0
     assert books_balance(s)
 
 
@@ -7531,7 +7582,9 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
     elapsed = time.monotonic() - t0
     # One reading (two nvidia-smi processes) per started second at most, however many requests.
     assert r.broker.gpu.queries <= 2 * (1 + int(elapsed))
-    assert set(first) == {"version", "uptime_s", "gpu", "consumers", "scheduler", "gpus"}
+    assert set(first) == {"version", "uptime_s", "gpu", "consumers", "scheduler", "gpus", "internal_errors"}
+    # The broker's one figure, shown again in each GPU's stats (as before it was a top-level field).
+    assert first["internal_errors"] == first["scheduler"]["stats"]["internal_errors"] == 0
     gpu = first["gpu"]
     assert gpu["total_mib"] == 16384 and gpu["used_mib"] == 13000 and gpu["free_mib"] == 16384 - 480 - 13000
     assert (
@@ -8209,14 +8262,14 @@ async def test_a_reload_while_a_reservation_waits_for_the_gpu_keeps_it_waiting()
     for name in ops.states:
         ops.states[name].loaded()
     holding = await s.acquire("t", "kt")
-    reserving = asyncio.ensure_future(s.reserve(60, "gaming"))
+    reserving = asyncio.ensure_future(s.reservations.reserve(60, "gaming"))
     await until(lambda: len(s.queue()) == 1)
-    s.config = small_config()  # a reload: the same consumers
-    s.forget()
+    s.shared.config = small_config()  # a reload: the same consumers
+    s.lock.forget()
     holding.release("completed")
     res = await asyncio.wait_for(reserving, 5)
     assert s.reservation is res and s.holder == m.RESERVATION
-    assert s.release_reservation() and s.holder is None and books_balance(s)
+    assert s.reservations.release() and s.holder is None and books_balance(s)
 
 
 async def test_a_reload_during_the_probe_of_an_unhealthy_consumer_is_no_consumer_not_a_crash(rig):
@@ -8607,7 +8660,7 @@ def _record_raising_once(s: m.Scheduler, fact: str) -> Any:
 #: Each step of a reservation's life after its grant, and how to make it raise once (a bug there).
 RESERVATION_STEPS = {
     "refusing the queue": lambda s, mp: mp.setattr(s.lock, "refuse", _raising_once(s.lock.refuse)),
-    "starting its unloads": lambda s, mp: mp.setattr(s, "_own", _raising_once(s._own)),
+    "starting its unloads": lambda s, mp: mp.setattr(s, "own", _raising_once(s.own)),
     "its end, released": lambda s, mp: mp.setattr(
         s.recorder, "record", _record_raising_once(s, "reservation_ended")
     ),
@@ -8838,9 +8891,9 @@ async def test_a_release_while_the_reservation_unloads_unloads_nothing_more():
         ops.states[name].loaded()
         gpu.held[name] = 3000
     gate, started = _gated_unloads(ops, "t")
-    reserving = asyncio.ensure_future(s.reserve(60, "gaming"))
+    reserving = asyncio.ensure_future(s.reservations.reserve(60, "gaming"))
     await until(lambda: started == ["t"])  # t's unload is under way
-    assert s.release_reservation()
+    assert s.reservations.release()
     job = await asyncio.wait_for(s.acquire("x", "kx"), 5)  # x is known resident: it runs at once
     gate.set()
     await reserving
@@ -8856,18 +8909,18 @@ async def test_a_reservation_extended_while_it_unloads_leaves_no_timer_behind_to
     reservation's end."""
     s, _, ops, _ = make_scheduler(small_config())
     gate, _ = _gated_unloads(ops)
-    first = asyncio.ensure_future(s.reserve(60, "backup"))
+    first = asyncio.ensure_future(s.reservations.reserve(60, "backup"))
     await until(lambda: s.reservation is not None)
-    await s.reserve(0.05, "a short one")  # extended while it unloads
+    await s.reservations.reserve(0.05, "a short one")  # extended while it unloads
     gate.set()
     await first
-    assert s.release_reservation()
-    second = await s.reserve(3600, "gaming")
+    assert s.reservations.release()
+    second = await s.reservations.reserve(3600, "gaming")
     await asyncio.sleep(0.2)  # the extension's timer would have fired by now
     assert s.reservation is second and s.holder == m.RESERVATION
     ended = [e for e in recent_events(s.events) if e["event"] == "reservation_ended"]
     assert [e["why"] for e in ended] == ["released"]
-    assert s.release_reservation() and s.holder is None and books_balance(s)
+    assert s.reservations.release() and s.holder is None and books_balance(s)
 
 
 @pytest.mark.parametrize("step", list(RESERVATION_STEPS))
@@ -8881,7 +8934,9 @@ async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_fre
     for name in ops.states:
         ops.states[name].loaded()
     holding = await s.acquire("t", "kt")
-    reserving = asyncio.ensure_future(s.reserve(0.05 if step == "its end, expired" else 60, "gaming"))
+    reserving = asyncio.ensure_future(
+        s.reservations.reserve(0.05 if step == "its end, expired" else 60, "gaming")
+    )
     waiting = await _queued(s, "x")  # answered gpu_reserved by the reservation, or served after it
     RESERVATION_STEPS[step](s, monkeypatch)
     holding.release("completed")
@@ -8891,15 +8946,15 @@ async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_fre
         assert e.code == "scheduler_error" and step in ("refusing the queue", "starting its unloads")
     else:
         if step == "its end, released":
-            s.release_reservation()
+            s.reservations.release()
     await until(lambda: s.holder != m.RESERVATION)
-    assert s.reservation is None and s.stats.internal_errors == 1
+    assert s.reservation is None and s.shared.internal_errors == 1
     with contextlib.suppress(m.BrokerError):
         (await asyncio.wait_for(waiting, 5)).release("completed")
     for _ in range(3):
         await asyncio.sleep(0)  # the accounting runs after the hand-over
     assert (s.holder, s.slots, s.holds) == (None, 0, 0)
-    assert all(state.jobs == 0 for state in ops.states.values()) and books_balance(s)
+    assert all(s.jobs_of(name) == 0 for name in ops.states) and books_balance(s)
     again = await s.acquire("y", "ky")  # the GPU is not wedged
     again.release("completed")
     assert s.holder is None and books_balance(s)
@@ -8913,15 +8968,15 @@ async def test_two_reservations_asked_for_while_the_gpu_is_busy_make_one_that_th
     for name in ops.states:
         ops.states[name].loaded()
     holding = await s.acquire("t", "kt")
-    first = asyncio.ensure_future(s.reserve(60, "gaming"))
-    second = asyncio.ensure_future(s.reserve(7200, "training"))
+    first = asyncio.ensure_future(s.reservations.reserve(60, "gaming"))
+    second = asyncio.ensure_future(s.reservations.reserve(7200, "training"))
     await until(lambda: len(s.queue()) == 2)
     holding.release("completed")
     one, two = await asyncio.wait_for(asyncio.gather(first, second), 5)
     assert one is two is s.reservation and s.holder == m.RESERVATION
     assert one.reason == "training" and one.describe(clock())["left_s"] == 7200
     assert ops.calls.count(("unload", "x")) == 1  # unloaded once
-    assert s.release_reservation() and s.holder is None and books_balance(s)
+    assert s.reservations.release() and s.holder is None and books_balance(s)
     assert s.stats.failed == 0
 
 
@@ -8988,11 +9043,11 @@ async def test_a_reservation_granted_but_not_yet_begun_when_released_gives_the_g
     s, _, ops, _ = make_scheduler(small_config())
     ops.states["x"].loaded()
     job = await asyncio.wait_for(s.acquire("x", "kx"), 5)
-    reserving = asyncio.ensure_future(s.reserve(600, "gaming"))
+    reserving = asyncio.ensure_future(s.reservations.reserve(600, "gaming"))
     await until(lambda: len(s.queue()) == 1)
     job.release("completed", status=200, success=True)  # the lock goes to the reservation at once...
     assert s.holder == m.RESERVATION and not reserving.done()  # ...whose waiter has not run yet
-    assert s.cancel_reserving() and not s.release_reservation()
+    assert s.reservations.cancel_waiting() and not s.reservations.release()
     with pytest.raises(m.BrokerError) as info:
         await asyncio.wait_for(reserving, 5)
     assert info.value.code == "reservation_released"
@@ -10124,7 +10179,7 @@ async def test_payload_too_large_by_length_and_by_chunked_body(rig):
 def test_every_code_has_the_specified_status_and_one_shape():
     assert set(m.ERROR_CODES) == set(SPEC_ERRORS)
     for code, status in SPEC_ERRORS.items():
-        resp = m.BrokerError(code, "why", "c").response()
+        resp = m.error_response(m.BrokerError(code, "why", "c"))
         data = json.loads(resp.body)
         assert data == {"error": code, "message": "why", "consumer": "c", "retryable": code in SPEC_RETRYABLE}
         assert resp.status == status
@@ -10140,8 +10195,70 @@ async def test_a_crash_in_a_handler_is_scheduler_error_in_the_shape_and_counted(
     r.broker.gpu.read = crash  # type: ignore[method-assign]
     async with r.session.get(r.url("/v1/status")) as resp:
         error_of(resp.status, dict(resp.headers), await resp.read(), "scheduler_error")
-    assert r.stats.internal_errors == 1
+    assert r.broker.internal_errors() == 1
     r.expected_internal_errors = 1
+
+
+async def test_a_lease_ends_its_job_exactly_once_on_every_path():
+    """``async with scheduler.job(...)``: its exit ends the job once, as the block ended: completed;
+    failed with a BrokerError's code; cancelled by a cancellation or by a client that left; a bug failed
+    as scheduler_error, counted once and raised as that. A job the block ended itself (its answer read
+    whole) is left as it ended, whatever comes after."""
+    s, _, ops, _ = make_scheduler(small_config())
+    ops.states["t"].loaded()
+    async with s.job("t", "kt") as job:
+        assert s.holder == "t" and job.state == "running" and job.working
+    assert (job.outcome, s.holder) == ("completed", None)
+    ends = []
+    for raised in (
+        m.BrokerError("consumer_timeout", "slow", "t"),
+        asyncio.CancelledError(),
+        ConnectionResetError("client left"),
+        RuntimeError("a bug"),
+    ):
+        with pytest.raises(BaseException) as info:
+            async with s.job("t", "kt") as job:
+                raise raised
+        assert (s.holder, s.slots) == (None, 0)
+        ends.append((job.outcome, job.code))
+        if isinstance(raised, RuntimeError):  # a bug: answered as scheduler_error, its cause kept
+            assert info.value.code == "scheduler_error" and info.value.__cause__ is raised
+        else:
+            assert info.value is raised
+    assert ends == [
+        ("failed", "consumer_timeout"),
+        ("cancelled", None),
+        ("cancelled", None),
+        ("failed", "scheduler_error"),
+    ]
+    assert s.shared.internal_errors == 1  # the bug, once
+    with pytest.raises(ConnectionResetError):
+        async with s.job("t", "kt") as job:
+            job.release("completed", status=200, success=True)  # its answer was read whole
+            raise ConnectionResetError("the client left while its last bytes were written")
+    assert (job.outcome, job.http, s.holder) == ("completed", 200, None)
+    for _ in range(3):
+        await asyncio.sleep(0)  # (the books follow the hand-over)
+    assert s.stats.jobs == 6 and s.stats.completed == 2 and books_balance(s)
+
+
+async def test_a_bug_while_a_job_is_forwarded_is_scheduler_error_counted_once_and_frees_the_gpu(
+    rig, monkeypatch
+):
+    """A bug in the handler after the grant (here, while the answer is relayed): the lease ends the job
+    failed (scheduler_error) and counts it once; the front door answers it without counting it again."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+
+    async def broken_relay(*args: Any, **kw: Any) -> web.StreamResponse:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(m, "relay", broken_relay)
+    error_of(*await r.post("tts", {"text": "a"}), "scheduler_error")
+    assert r.broker.internal_errors() == 1
+    r.expected_internal_errors = 1
+    assert (r.stats.failed, r.broker.scheduler.holder) == (1, None)
+    monkeypatch.undo()
+    assert (await r.post("tts", {"text": "b"}))[0] == 200  # the GPU is free
 
 
 async def test_crash_inside_the_scheduler_is_scheduler_error_and_counted():
@@ -10153,7 +10270,7 @@ async def test_crash_inside_the_scheduler_is_scheduler_error_and_counted():
     gpu.read_memory = broken_read  # type: ignore[method-assign]
     with pytest.raises(m.BrokerError) as info:
         await s.acquire("t", "kt")
-    assert info.value.code == "scheduler_error" and s.stats.internal_errors == 1 and s.holder is None
+    assert info.value.code == "scheduler_error" and s.shared.internal_errors == 1 and s.holder is None
 
 
 async def test_a_thousand_clients_at_once_get_exactly_one_answer_each_with_bounded_memory(rig):
