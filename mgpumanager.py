@@ -89,6 +89,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Collection,
     Iterable,
     Iterator,
     Mapping,
@@ -438,6 +439,8 @@ def reservation_lines(res: Mapping[str, Any], now: float, indent: str = "  ") ->
         text += f", {_span(res['left_s'])} left"
     if res.get("until"):
         text += f" (until {_local(res['until'], now)})"
+    if res.get("restore") is False:
+        text += "; nothing is loaded again at its end"
     lines = _wrap(text, indent)
     if res.get("unloaded"):
         lines += _wrap("unloaded: " + ", ".join(map(str, res["unloaded"])), indent + "  ")
@@ -475,7 +478,27 @@ def gpu_lines(gpu: Mapping[str, Any], now: float) -> list[str]:
     lines += _wrap(f"{text}; {len(scheduler.get('queue') or [])} queued")
     if gpu.get("reservation"):
         lines += reservation_lines(gpu["reservation"], now)
+    strangers = gpu.get("strangers")
+    if isinstance(strangers, Mapping) and strangers.get("present"):
+        lines += strangers_lines(gpu.get("unclaimed_mib"), strangers, now)
     return lines
+
+
+def strangers_lines(unclaimed: Any, strangers: Mapping[str, Any], now: float) -> list[str]:
+    """A stranger present ({since, processes, more_processes}) for people: its MiB and processes."""
+    text = f"strangers: {_mib(unclaimed)} no consumer claims"
+    if strangers.get("since"):
+        text += f", since {_local(strangers['since'], now)}"
+    procs = [
+        f"pid {p.get('pid')} {p.get('name')} ({_mib(p.get('used_mib'))})"
+        for p in strangers.get("processes") or []
+        if isinstance(p, Mapping)
+    ]
+    more = strangers.get("more_processes")
+    if isinstance(more, int) and more > 0:
+        procs.append(f"and {more} more")
+    text += ": " + (", ".join(procs) if procs else "no process listed (a graphics process, such as a game)")
+    return _wrap(text)
 
 
 def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
@@ -620,6 +643,8 @@ def cli_reserve(client: Client, args: argparse.Namespace) -> int:
         body["reason"] = args.reason
     if args.gpu is not None:
         body["gpu"] = args.gpu
+    if args.no_restore:
+        body["restore"] = False
     answer = client.call("POST", "/v1/reserve", body, timeout_s=CLI_ADMIN_TIMEOUT_S)
     gpu = answer.get("gpu", args.gpu)
     say(f"GPU {gpu} reserved" if gpu is not None else "reserved", *reservation_lines(answer, time.time()))
@@ -731,6 +756,11 @@ def add_verbs(parser: argparse.ArgumentParser) -> None:
     )
     reserve.add_argument("--reason", metavar="TEXT", help="what the GPU is for (shown to refused jobs)")
     reserve.add_argument("--gpu", type=int, metavar="N", help="which GPU, where there are several")
+    reserve.add_argument(
+        "--no-restore",
+        action="store_true",
+        help="leave unloaded at its end what it unloaded (by default it is loaded again)",
+    )
     release = verbs.add_parser("release", parents=[common], help="end a reservation")
     release.add_argument("--gpu", type=int, metavar="N", help="which GPU, where there are several")
     events = verbs.add_parser("events", parents=[common], help="follow the event stream until Ctrl-C")
@@ -821,6 +851,7 @@ import resource
 import shlex
 import statistics
 import subprocess
+import tempfile
 import threading
 from collections import deque
 from pathlib import Path
@@ -977,6 +1008,7 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "consumer_timeout": (504, True),
     "gpu_reserved": (503, True),
     "reservation_released": (409, False),
+    "gpu_in_use": (503, True),
 }
 
 
@@ -1207,6 +1239,27 @@ class ConsumerConfig:
 
 
 @dataclass(frozen=True)
+class YieldConfig:
+    """``gpu.yield``: the GPU yields to strangers (a game, a render, a training run: memory no consumer's
+    processes hold). While one is present, idle consumers are unloaded until ``keep_free_mib`` is free, and
+    no job may leave less free; once none has been present for ``restore_after_s``, what was unloaded for
+    them is loaded again."""
+
+    #: What a stranger is left free: idle consumers are unloaded for it, and no job leaves less.
+    keep_free_mib: int = 2048
+    #: Unclaimed memory up to this is nobody's in particular (a desktop's own): no stranger.
+    ignore_mib: int = 512
+    #: No stranger for this long: what was unloaded for strangers is loaded again.
+    restore_after_s: float = 30.0
+    #: The GPU is read this often while the block is set (the reading /v1/status shows too).
+    poll_s: float = 2.0
+
+
+#: gpu.yield.poll_s is at least this: a nvidia-smi reading is two processes (25 ms each on mrock).
+MIN_YIELD_POLL_S = 0.1
+
+
+@dataclass(frozen=True)
 class GpuConfig:
     nvidia_smi: tuple[str, ...] = ("nvidia-smi",)
     #: The GPU of consumers that do not name one (``gpu: N``).
@@ -1218,6 +1271,8 @@ class GpuConfig:
     max_output_mib: int = 8
     #: Where readings come from (GPU_READERS): NVML when it loads, else nvidia-smi, by default.
     reader: str = "auto"
+    #: ``gpu.yield`` (a keyword in Python): yielding to strangers on every GPU; None: off.
+    yield_: YieldConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -1282,6 +1337,8 @@ class Config:
     consumers: dict[str, ConsumerConfig]
     auth: AuthConfig = AuthConfig()
     http: HttpConfig = HttpConfig()
+    #: What a restart keeps (reservations, what waits to be restored, learned timings, last use); None: off.
+    state_file: str | None = None
 
 
 _REQUIRED = object()
@@ -2129,7 +2186,18 @@ def parse_config(raw: Any) -> Config:
     top = ck.mapping(
         raw,
         "config",
-        ("listen", "gpu", "scheduler", "health", "routing", "audio_proxy", "consumers", "auth", "http"),
+        (
+            "listen",
+            "gpu",
+            "scheduler",
+            "health",
+            "routing",
+            "audio_proxy",
+            "consumers",
+            "auth",
+            "http",
+            "state_file",
+        ),
         required=True,
     )
     host, port = _parse_listen(ck, top.get("listen", "0.0.0.0:8770"))
@@ -2137,7 +2205,7 @@ def parse_config(raw: Any) -> Config:
     g = ck.mapping(
         top.get("gpu"),
         "gpu",
-        ("nvidia_smi", "index", "cushion_mib", "query_timeout_s", "max_output_mib", "reader"),
+        ("nvidia_smi", "index", "cushion_mib", "query_timeout_s", "max_output_mib", "reader", "yield"),
     )
     reader = g.get("reader", "auto")
     if reader not in GPU_READERS:
@@ -2161,6 +2229,7 @@ def parse_config(raw: Any) -> Config:
         query_timeout_s=ck.number(g, "query_timeout_s", "gpu", 5.0, integer=False),
         max_output_mib=ck.number(g, "max_output_mib", "gpu", 8, integer=True),
         reader=reader,
+        yield_=_parse_yield(ck, g.get("yield")),
     )
 
     fields = SchedulerConfig.__dataclass_fields__
@@ -2256,6 +2325,21 @@ def parse_config(raw: Any) -> Config:
     if audio is not None and (not isinstance(audio, str) or audio not in consumers):
         ck.problem("audio_proxy", f"names unknown consumer {audio!r}")
 
+    if gpu.yield_ is not None:
+        # Unclaimed memory is what the consumers' processes do not hold: a consumer not measured would be
+        # a stranger to itself.
+        for name, c in consumers.items():
+            if c.processes is None and c.vram_resident_mib:
+                ck.problem(
+                    f"consumers.{name}.processes",
+                    "required with gpu.yield (or vram_resident_mib: 0): without it, the memory"
+                    f" {name} holds would look like a stranger's",
+                )
+    state_file = top.get("state_file")
+    if state_file is not None and (not isinstance(state_file, str) or not state_file.strip()):
+        ck.problem("state_file", f"must be a path (a non-empty string), not {state_file!r}")
+        state_file = None
+
     auth = _parse_auth(ck, top.get("auth"))
     http = _parse_http(ck, top.get("http"))
 
@@ -2272,7 +2356,30 @@ def parse_config(raw: Any) -> Config:
         consumers=consumers,
         auth=auth,
         http=http,
+        state_file=state_file,
     )
+
+
+def _parse_yield(ck: _Checker, raw: Any) -> YieldConfig | None:
+    """``gpu.yield``: absent or null, off; a mapping (``{}``: the defaults), on."""
+    if raw is None:
+        return None
+    known = YieldConfig.__dataclass_fields__
+    d = ck.mapping(raw, "gpu.yield", list(known))
+    if not isinstance(raw, dict):
+        return None
+    zero_ok = ("ignore_mib", "restore_after_s")
+    y = YieldConfig(
+        **{
+            name: ck.number(
+                d, name, "gpu.yield", f.default, integer=isinstance(f.default, int), zero_ok=name in zero_ok
+            )
+            for name, f in known.items()
+        }
+    )
+    if isinstance(y.poll_s, (int, float)) and 0 < y.poll_s < MIN_YIELD_POLL_S:
+        ck.problem("gpu.yield.poll_s", f"must be at least {MIN_YIELD_POLL_S:g} s, not {y.poll_s!r}")
+    return y
 
 
 class ConfigLoader(yaml.SafeLoader):
@@ -2470,6 +2577,15 @@ def summary(config: Config) -> str:
     ]
     if ports:
         lines += ["", "consumer ports:", *ports]
+    y = config.gpu.yield_
+    if y is not None:
+        lines += [
+            "",
+            f"yield: {y.keep_free_mib} MiB kept free for strangers (unclaimed beyond {y.ignore_mib} MiB),"
+            f" read every {y.poll_s:g} s, restore after {y.restore_after_s:g} s",
+        ]
+    if config.state_file is not None:
+        lines += ["", f"state file: {config.state_file}"]
     return "\n".join(lines)
 
 
@@ -2582,7 +2698,11 @@ def logfmt(**fields: Any) -> str:
         if value is None:
             out.append(f"{key}=")  # absent: an empty value, as logfmt readers expect
             continue
-        text = str(value)
+        text = (
+            json.dumps(value, separators=(",", ":"), default=str)
+            if isinstance(value, (list, tuple, dict))
+            else str(value)
+        )
         if not text or _LOGFMT_QUOTE.search(text) or not text.isprintable():
             text = json.dumps(text)
         out.append(f"{key}={text}")
@@ -2782,6 +2902,29 @@ METRIC_HELP = {
     ),
     "mgpumanager_load_failures_total": ("counter", "Load calls that failed, by consumer."),
     "mgpumanager_preload_skips_total": ("counter", "Preloads skipped because they did not fit, by consumer."),
+    "mgpumanager_yields_total": (
+        "counter",
+        "Idle consumers unloaded for a stranger (gpu.yield: memory no consumer's processes hold), by"
+        " consumer.",
+    ),
+    "mgpumanager_restores_total": (
+        "counter",
+        "Consumers loaded again after a stranger left or a reservation ended, by consumer.",
+    ),
+    "mgpumanager_unclaimed_mib": (
+        "gauge",
+        "GPU memory in use that no consumer claims, in MiB, by GPU (a stranger's while above"
+        " gpu.yield.ignore_mib).",
+    ),
+    "mgpumanager_gpu_readings_total": (
+        "counter",
+        "GPU readings made, by GPU: nvidia-smi processes started plus NVML readings (with gpu.yield, one per"
+        " poll_s at most, shared with /v1/status).",
+    ),
+    "mgpumanager_state_write_failures_total": (
+        "counter",
+        "Writes of the state file (state_file) that failed or did not finish in time (each logged).",
+    ),
     "mgpumanager_hold_abandoned_total": (
         "counter",
         "Holds ended because their consumer was seen down (its work died with it), by consumer.",
@@ -3759,8 +3902,13 @@ class GpuReader:
 
     def last_free_mib(self) -> int | None:
         """Free MiB from the newest finished reading, without reading again."""
+        reading = self.last_reading()
+        return reading.free_mib if reading is not None else None
+
+    def last_reading(self) -> GpuReading | None:
+        """The newest finished whole reading (None: none yet, or the newest failed), without reading again."""
         result = self._last[1] if self._last else None
-        return result.free_mib if isinstance(result, GpuReading) else None
+        return result if isinstance(result, GpuReading) else None
 
     async def _query(self, started: float) -> GpuReading:
         read_at = time.time()
@@ -4046,6 +4194,20 @@ class ConsumerState:
         """The running median of its recent ``load``, ``unload`` or ``job`` times; None until one is seen."""
         samples = self._samples.get(what)
         return statistics.median(samples) if samples else None
+
+    def samples(self) -> dict[str, list[float]]:
+        """Its recent load, unload and job times, oldest first (for the state file)."""
+        return {what: list(samples) for what, samples in self._samples.items() if samples}
+
+    def remembered(
+        self, used_ago_s: float | None, used_at: float | None, samples: Mapping[str, Sequence[float]]
+    ) -> None:
+        """What the state file kept of it, read at start: its last use (``used_ago_s`` seconds ago; wall-clock
+        ``used_at`` for people) and its recent times, as if this broker had seen them."""
+        if used_ago_s is not None:
+            self.last_used, self.last_used_at = self.clock() - used_ago_s, used_at
+        for what, values in samples.items():
+            self._samples[what] = deque(values, maxlen=TIMING_SAMPLES)
 
     def timings(self) -> dict[str, float | None]:
         """Its learned figures as /v1/status and the ``learned`` event show them (seconds; None: not seen)."""
@@ -4651,6 +4813,8 @@ class Stats:
     hold_timeouts: int = 0
     hold_abandoned: int = 0
     hold_poll_errors: int = 0
+    yields: int = 0
+    restores: int = 0
 
 
 # ---- the recorder: one record of each fact, four views of it ----------------------------------------
@@ -4736,6 +4900,12 @@ FACTS: dict[str, Fact] = {
         "hold_poll_errors",
         "mgpumanager_hold_poll_errors_total",
     ),
+    "stranger_appeared": Fact("stranger", "stranger appeared", extra=(("present", True),)),
+    "stranger_gone": Fact("stranger", "stranger gone", extra=(("present", False),)),
+    "unloaded_yield": Fact("yielded", "yielded", stat="yields", metric="mgpumanager_yields_total"),
+    "yield_skipped": Fact("yield_skipped", "yield skipped"),
+    "restored": Fact("restored", "restored", stat="restores", metric="mgpumanager_restores_total"),
+    "restore_skipped": Fact("restore_skipped", "restore skipped"),
 }
 
 
@@ -4934,6 +5104,9 @@ class RoomSnapshot:
     target_working: int = 0
     #: The broker loads the target itself once it fits (its load): planned at its full size, no credit.
     loads_target: bool = False
+    #: While a stranger is present (gpu.yield): what it must be left free besides what the target loads;
+    #: and may-coexist no longer protects a consumer (that was reckoned without the stranger). 0: none.
+    keep_free_mib: int = 0
 
 
 @dataclass(frozen=True)
@@ -4950,10 +5123,18 @@ class RoomPlan:
     why_not: Mapping[str, str] = field(default_factory=dict)
     #: max_evictions unloads were tried already.
     exhausted: bool = False
+    #: Free MiB the figures expect once the victims are unloaded (``free_mib`` without victims): below
+    #: ``need_mib``, the target cannot fit whatever is unloaded.
+    expected_mib: int = 0
 
     @property
     def fits(self) -> bool:
         return self.free_mib >= self.need_mib
+
+    @property
+    def hopeless(self) -> bool:
+        """It does not fit, and would not once every victim it could have were unloaded."""
+        return not self.fits and self.expected_mib < self.need_mib
 
 
 def plan_room(snap: RoomSnapshot) -> RoomPlan:
@@ -4971,28 +5152,33 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
     eviction is possible, an overfill is not). Only a target that another job of it is at work on already
     (past making room for its whole size: a consumer that loads itself may have loaded its model for that
     one) is credited with it (see _credit), and never when the broker loads the target itself.
+
+    While a stranger is present (``keep_free_mib``), a target that must load anything needs that much
+    free besides, and consumers that may coexist with it are victims like the others.
     """
     target = snap.consumers[snap.target]
     cushion = snap.cushion_mib
     if target.used_mib is not None:
-        need = max(0, target.size_mib - target.used_mib) + cushion
+        load = max(0, target.size_mib - target.used_mib)
+        need = load + cushion
     elif target.resident is True and target.trusted:
-        need = 0
+        load = need = 0
     elif snap.target_working and not snap.loads_target:
-        need = target.size_mib - _credit(snap) + cushion
+        load = target.size_mib - _credit(snap)
+        need = load + cushion
     else:
-        need = target.size_mib + cushion
+        load = target.size_mib
+        need = load + cushion
+    if load > 0:
+        need += snap.keep_free_mib
     if snap.free_mib >= need:
-        return RoomPlan(need, snap.free_mib)
+        return RoomPlan(need, snap.free_mib, expected_mib=snap.free_mib)
     if len(snap.tried) >= snap.max_evictions:
-        return RoomPlan(need, snap.free_mib, why_not=_why_not(snap), exhausted=True)
-    regular: list[tuple[float, int, str]] = []
-    managed: list[tuple[float, int, str]] = []
-    for order, (name, view) in enumerate(snap.consumers.items()):
-        if name != snap.target and _why_not_one(snap, name, view) is None:
-            last = view.last_used if view.last_used is not None else -math.inf
-            (managed if view.config.vram_managed else regular).append((last, order, name))
-    victims = [name for _, _, name in sorted(regular)] + [name for _, _, name in sorted(managed)]
+        why_not = _why_not(snap)
+        return RoomPlan(need, snap.free_mib, why_not=why_not, exhausted=True, expected_mib=snap.free_mib)
+    victims = _least_recently_used(
+        snap.consumers, lambda name, view: name != snap.target and _why_not_one(snap, name, view) is None
+    )
     if (
         target.config.unload is not None
         and target.used_mib is None
@@ -5002,41 +5188,98 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
     ):
         victims.append(snap.target)
     # Only as many as the figures say are needed (the executor plans again after each one anyway).
-    charged = _charged(snap)
+    charged = _charged(snap.consumers, snap.used_mib)
     enough, expected = [], snap.free_mib
     for name in victims:
         enough.append(name)
         expected += charged.get(name, snap.consumers[name].holds_mib)
         if expected >= need:
             break
-    return RoomPlan(need, snap.free_mib, tuple(enough), _why_not(snap))
+    return RoomPlan(need, snap.free_mib, tuple(enough), _why_not(snap), expected_mib=expected)
 
 
-def _charged(snap: RoomSnapshot, besides: str | None = None) -> dict[str, int]:
-    """What the reading is taken to hold of each consumer (but ``besides``). One measured: what its
-    processes hold; one recorded resident: its size. One of unknown residency: at most what the reading's
-    used memory leaves unaccounted for once those are counted, never its size on top of that (in config
-    order; all of its size when the reading has no used figure). One not resident: nothing."""
+def _least_recently_used(
+    consumers: Mapping[str, ConsumerView], eligible: Callable[[str, ConsumerView], bool]
+) -> list[str]:
+    """The eligible consumers in the order they are unloaded: least recently used first (never used first,
+    ties in config order), ``vram_managed`` ones after every other. Eviction and yielding both go by it."""
+    regular: list[tuple[float, int, str]] = []
+    managed: list[tuple[float, int, str]] = []
+    for order, (name, view) in enumerate(consumers.items()):
+        if eligible(name, view):
+            last = view.last_used if view.last_used is not None else -math.inf
+            (managed if view.config.vram_managed else regular).append((last, order, name))
+    return [name for _, _, name in sorted(regular)] + [name for _, _, name in sorted(managed)]
+
+
+def plan_yield(
+    consumers: Mapping[str, ConsumerView],
+    free_mib: int,
+    used_mib: int | None,
+    keep_free_mib: int,
+    tried: Collection[str] = (),
+) -> tuple[str, ...]:
+    """Whom to unload for a stranger, in order, until ``keep_free_mib`` is expected free (nobody when it
+    is free already). No I/O: the same figures always give the same answer.
+
+    The victims are the idle consumers: an unload route or command, resident or of unknown residency, no
+    job or hold of theirs holding the lock, memory charged to them, not ``tried`` while this stranger
+    stays; least recently used first, ``vram_managed`` last (``_least_recently_used``, as eviction)."""
+    if free_mib >= keep_free_mib:
+        return ()
+    charged = _charged(consumers, used_mib)
+
+    def idle(name: str, view: ConsumerView) -> bool:
+        return (
+            view.config.unload is not None
+            and view.resident is not False
+            and view.jobs == 0
+            and charged.get(name, 0) > 0
+            and name not in tried
+        )
+
+    victims, expected = [], free_mib
+    for name in _least_recently_used(consumers, idle):
+        victims.append(name)
+        expected += charged[name]
+        if expected >= keep_free_mib:
+            break
+    return tuple(victims)
+
+
+def _charged(
+    consumers: Mapping[str, ConsumerView], used_mib: int | None, besides: str | None = None
+) -> dict[str, int]:
+    """What a reading of ``used_mib`` used MiB is taken to hold of each consumer (but ``besides``). One
+    measured: what its processes hold; one recorded resident: its size. One of unknown residency: at most
+    what the reading's used memory leaves unaccounted for once those are counted, never its size on top of
+    that (in config order; all of its size when the reading has no used figure). One not resident:
+    nothing."""
     charged = {
         name: view.holds_mib
-        for name, view in snap.consumers.items()
+        for name, view in consumers.items()
         if name != besides and (view.used_mib is not None or view.resident is True)
     }
-    left = math.inf if snap.used_mib is None else snap.used_mib - sum(charged.values())
-    for name, view in snap.consumers.items():
+    left = math.inf if used_mib is None else used_mib - sum(charged.values())
+    for name, view in consumers.items():
         if name != besides and name not in charged and view.resident is None:
             charged[name] = int(min(view.holds_mib, max(0, left)))
             left -= charged[name]
     return charged
 
 
-def unclaimed_mib(snap: RoomSnapshot, besides: str | None = None) -> int:
-    """The used memory of the reading that no consumer's record or measurement accounts for (0 when the
-    reading has no used figure): a stranger's (a game, a training run), a consumer's that says it holds
-    nothing, a CUDA context nobody measures. Nobody's: never credited to a target in doubt."""
-    if snap.used_mib is None:
+def unclaimed_mib(
+    consumers: Mapping[str, ConsumerView], used_mib: int | None, besides: str | None = None
+) -> int:
+    """*Unclaimed memory*: what a reading of ``used_mib`` used MiB shows beyond what the consumers are
+    charged with (0 when the reading has no used figure): a stranger's (a game, a training run), a
+    consumer's that says it holds nothing, a CUDA context nobody measures. Nobody's: never credited to a
+    target in doubt. The one definition: with gpu.yield every consumer is measured by its processes (or
+    holds nothing), and it is then exactly what the reading shows used beyond what the consumers'
+    processes hold; a stranger is present while it exceeds gpu.yield.ignore_mib."""
+    if used_mib is None:
         return 0
-    return max(0, snap.used_mib - sum(_charged(snap, besides).values()))
+    return max(0, used_mib - sum(_charged(consumers, used_mib, besides).values()))
 
 
 def _credit(snap: RoomSnapshot) -> int:
@@ -5045,7 +5288,7 @@ def _credit(snap: RoomSnapshot) -> int:
     before it went to work, so what has shown up since is most likely what the target loaded for it; the
     reading still decides (what is not there is not credited)."""
     target = snap.consumers[snap.target]
-    return min(target.size_mib, unclaimed_mib(snap, besides=snap.target))
+    return min(target.size_mib, unclaimed_mib(snap.consumers, snap.used_mib, besides=snap.target))
 
 
 def _why_not_one(snap: RoomSnapshot, name: str, view: ConsumerView) -> str | None:
@@ -5053,7 +5296,8 @@ def _why_not_one(snap: RoomSnapshot, name: str, view: ConsumerView) -> str | Non
     c, target = view.config, snap.target
     if c.unload is None:
         return "vram_managed" if c.vram_managed else "no unload route"
-    if target in c.can_coexist_with or name in snap.consumers[target].config.can_coexist_with:
+    coexists = target in c.can_coexist_with or name in snap.consumers[target].config.can_coexist_with
+    if coexists and not snap.keep_free_mib:  # (beside a stranger, nothing is sure to fit beside the target)
         return f"may coexist with {target}"
     if view.jobs > 0:
         return "has jobs running"
@@ -5088,7 +5332,7 @@ def room_message(
         f" ({snap.target} {size}{held} + cushion {snap.cushion_mib})"
     ]
     if snap.used_mib is not None:
-        parts.append(f"{unclaimed_mib(snap)} MiB used that no consumer accounts for")
+        parts.append(f"{unclaimed_mib(snap.consumers, snap.used_mib)} MiB used that no consumer accounts for")
     if plan.exhausted:
         parts.append(f"gave up after {snap.max_evictions} unload attempts")
     if plan.why_not:
@@ -5601,6 +5845,133 @@ class UnloadOps(Protocol):
     def gone(self, name: str, reason: str) -> None: ...
 
 
+# ---- strangers: memory in use that no consumer claims ------------------------------------------------
+
+#: The processes no consumer claims that an event, /v1/status or a refusal names: the largest this many (a
+#: reading may list 20,000); the others are counted.
+STRANGERS_NAMED = 10
+#: gpu_in_use's Retry-After, at least (or gpu.yield.poll_s, if longer): a stranger (a game) stays for as
+#: long as it likes, and the broker sees it gone within poll_s; a refusal is cheap, a retry every few
+#: seconds for hours is not.
+GPU_IN_USE_RETRY_S = 10
+
+
+def describe_processes(processes: Sequence[GpuProcess]) -> str:
+    """``pid 4242 /usr/bin/game 6144 MiB, ...`` (the largest STRANGERS_NAMED), or what a list without them
+    means: a game is a graphics process, which the compute process list does not show."""
+    named = sorted(processes, key=lambda p: -(p.used_mib or 0))[:STRANGERS_NAMED]
+    text = ", ".join(f"pid {p.pid} {p.name} {_mib(p.used_mib)}" for p in named)
+    more = len(processes) - len(named)
+    if more > 0:
+        text += f" and {more} more"
+    return text or "no process listed: a graphics process (a game) is not in the list"
+
+
+class Strangers:
+    """What one GPU's readings show in use that no consumer claims (``unclaimed_mib``), and whether a
+    stranger is present (gpu.yield: unclaimed memory beyond ``ignore_mib``), since when, and the processes of
+    the list that no consumer claims. Told of every whole reading (after the consumers were measured from
+    it); a stranger appearing or gone is recorded (the ``stranger`` event)."""
+
+    def __init__(
+        self,
+        shared: Shared,
+        index: int,
+        recorder: Recorder,
+        clock: Callable[[], float],
+        *,
+        views: Callable[[], Mapping[str, ConsumerView]],
+    ) -> None:
+        self.shared = shared
+        self.index = index
+        self.recorder = recorder
+        self.clock = clock
+        #: This GPU's consumers as the planner sees them (their measured memory from the same reading).
+        self.views = views
+        #: From the newest whole reading: unclaimed MiB (None: no reading with a used figure yet), free MiB,
+        #: and the processes no consumer claims.
+        self.unclaimed_mib: int | None = None
+        self.free_mib: int | None = None
+        self.processes: tuple[GpuProcess, ...] = ()
+        #: A stranger is present (only with gpu.yield), since (monotonic, and wall-clock for people).
+        self.present = False
+        self.since: float | None = None
+        self.since_at: float | None = None
+        #: Since when no stranger has been present (monotonic; None: one is, or no reading yet).
+        self.absent_since: float | None = None
+        self._started = -math.inf
+
+    def __repr__(self) -> str:
+        state = f"present since {self.since}" if self.present else "none"
+        return f"<Strangers gpu={self.index} {state} unclaimed={self.unclaimed_mib}>"
+
+    def seen(self, reading: GpuReading) -> None:
+        """A whole reading of this GPU (a reader's listener): its unclaimed memory, and a stranger appearing
+        or gone. A reading that started before the newest one seen is ignored."""
+        if reading.index not in (self.index, None) or reading.started < self._started:
+            return
+        self._started = reading.started
+        owners = reading.owners
+        self.unclaimed_mib = (
+            None if reading.used_mib is None else unclaimed_mib(self.views(), reading.used_mib)
+        )
+        self.free_mib = reading.free_mib
+        self.processes = tuple(p for p in reading.processes if p.pid is None or p.pid not in owners)
+        y = self.shared.config.gpu.yield_
+        present = y is not None and self.unclaimed_mib is not None and self.unclaimed_mib > y.ignore_mib
+        now = self.clock()
+        if present and not self.present:
+            self.present, self.since, self.since_at, self.absent_since = True, now, time.time(), None
+            self.recorder.record("stranger_appeared", **self.fields())
+        elif not present and self.present:
+            self.present, self.since, self.since_at, self.absent_since = False, None, None, now
+            self.recorder.record("stranger_gone", **self.fields())
+        elif not present and self.absent_since is None:
+            self.absent_since = now  # (the first reading: none since then)
+
+    def fields(self) -> dict[str, Any]:
+        """What events and log lines say of it: unclaimed and free MiB, the processes no consumer claims."""
+        named = sorted(self.processes, key=lambda p: -(p.used_mib or 0))[:STRANGERS_NAMED]
+        return {
+            "unclaimed_mib": self.unclaimed_mib,
+            "free_mib": self.free_mib,
+            "processes": [{"pid": p.pid, "name": p.name, "used_mib": p.used_mib} for p in named],
+            "more_processes": len(self.processes) - len(named),
+        }
+
+    def describe(self) -> dict[str, Any] | None:
+        """``gpu.strangers`` in /v1/status (null without gpu.yield)."""
+        if self.shared.config.gpu.yield_ is None:
+            return None
+        fields = self.fields()
+        return {
+            "present": self.present,
+            "since": _iso(self.since_at),
+            "processes": fields["processes"],
+            "more_processes": fields["more_processes"],
+        }
+
+    def keep_free_mib(self) -> int:
+        """What a stranger present now must be left free (gpu.yield.keep_free_mib); 0 when none is."""
+        y = self.shared.config.gpu.yield_
+        return y.keep_free_mib if y is not None and self.present else 0
+
+    def refusal(self, target: str, plan: RoomPlan, cushion_mib: int) -> BrokerError:
+        """gpu_in_use for ``target``: the unclaimed MiB and the strangers' processes, what it needs, at most
+        what could be made free; Retry-After GPU_IN_USE_RETRY_S (or poll_s, if longer)."""
+        y = self.shared.config.gpu.yield_
+        keep = y.keep_free_mib if y is not None else 0
+        load = max(0, plan.need_mib - cushion_mib - keep)
+        message = (
+            f"GPU {self.index} is in use by something else: {self.unclaimed_mib} MiB no consumer claims"
+            f" ({describe_processes(self.processes)}); {target} needs {plan.need_mib} MiB free ({load}"
+            f" + cushion {cushion_mib} + {keep} kept free for it), at most {plan.expected_mib} MiB can be"
+            " made free"
+        )
+        wait = max(GPU_IN_USE_RETRY_S, math.ceil(y.poll_s) if y is not None else 0)
+        return BrokerError("gpu_in_use", message, target, retry_after=wait)
+
+
 # ---- making room: carrying the plan out -------------------------------------------------------------
 
 
@@ -5621,6 +5992,7 @@ class RoomMaker:
         working_of: Callable[[str], int],
         clock: Callable[[], float],
         sleep: Callable[[float], Awaitable[None]],
+        strangers: Strangers | None = None,
     ) -> None:
         self.shared = shared
         self.index = index
@@ -5632,6 +6004,8 @@ class RoomMaker:
         self.working_of = working_of
         self.clock = clock
         self.sleep = sleep
+        #: What the GPU's readings show that no consumer claims: a stranger present changes what fits.
+        self.strangers = strangers
         #: Held while room is made (or an admin, idle or reservation unload runs): one at a time per GPU.
         self.lock = asyncio.Lock()
         #: When each unload under way started (its time is learned when its memory showed up free).
@@ -5727,6 +6101,7 @@ class RoomMaker:
             reading.used_mib,
             self.working_of(target.name),
             loads,
+            self.strangers.keep_free_mib() if self.strangers is not None else 0,
         )
 
     async def read(self, job: Job, *, whole: bool = False) -> GpuReading:
@@ -5752,6 +6127,8 @@ class RoomMaker:
             if not plan.victims:
                 whole = await self.read(job, whole=True)  # the processes, for the message
                 snap = self.snapshot(job, whole, tried)
+                if snap.keep_free_mib and self.strangers is not None:  # (it never waits for a stranger)
+                    raise self.strangers.refusal(job.consumer, plan_room(snap), snap.cushion_mib)
                 message = room_message(plan_room(snap), snap, whole.processes, self.ops.owners())
                 raise BrokerError("insufficient_vram", message, job.consumer)
             victim = plan.victims[0]
@@ -5767,16 +6144,20 @@ class RoomMaker:
             waited = self.config.scheduler.vram_wait_s
             tried[victim] = "unloaded" if freed else f"unloaded, memory not freed within {waited:g} s"
 
-    async def unload(self, job: Job, victim: str, *, by: str | None = None) -> None:
+    async def unload(
+        self, job: Job, victim: str, *, by: str | None = None, fields: Mapping[str, Any] | None = None
+    ) -> None:
         """Unload one consumer through its route or command: for ``job``'s room (``by`` None: an eviction,
-        whose memory _wait_for_memory then waits for), or ``by`` an admin, idleness or a reservation.
-        unload_failed (recorded) when it fails, its cause the consumer's error.
+        whose memory _wait_for_memory then waits for), or ``by`` an admin, idleness, a reservation or a
+        stranger (``yield``: its memory is waited for too: ``yield_to``). unload_failed (recorded) when it
+        fails, its cause the consumer's error. ``fields``: more for its records.
 
         While the call is under way the victim's residency is unknown, and it stays so unless the call
         succeeds (a failed or interrupted unload may or may not have freed anything).
         """
         state = self.states[victim]
         why: dict[str, Any] = {"for_consumer": job.consumer} if by is None else {"by": by}
+        why |= fields or {}
         self.recorder.record("evicting" if by is None else "unloading", consumer=victim, **why, job=job.id)
         state.unloading()
         self._unload_started[victim] = self.clock()
@@ -5791,18 +6172,29 @@ class RoomMaker:
             state.unload_failed()  # cut (the broker is closing): it may or may not have freed anything
             self._unload_started.pop(victim, None)
             raise
-        if by is not None:
+        if by is not None and by != "yield":
             state.unloaded()
             took = self.clock() - self._unload_started.pop(victim)
             self.recorder.record(f"unloaded_{by}", consumer=victim, by=by, job=job.id)
             self.recorder.learned(state, "unload", took, job.id)
 
+    async def yield_to(self, job: Job, victim: str, reading: GpuReading, keep_free_mib: int) -> None:
+        """Unload an idle consumer for a stranger (``reading``: the one that chose it) and wait, as an
+        eviction does, until its memory shows up free (or ``keep_free_mib`` is): the next decision reads
+        it free. Then ``yielded`` is recorded."""
+        assert self.strangers is not None
+        size = _charged(self.views(), reading.used_mib).get(victim, 0)
+        await self.unload(job, victim, by="yield", fields=self.strangers.fields())
+        before = reading.free_mib or 0
+        await self._wait_for_memory(job, victim, size, before, keep_free_mib, by="yield")
+
     async def _wait_for_memory(
-        self, job: Job, victim: str, size: int, before: int, need: int
+        self, job: Job, victim: str, size: int, before: int, need: int, *, by: str | None = None
     ) -> tuple[GpuReading, bool]:
-        """After an eviction: poll until the target fits, the victim's memory (``size`` MiB) shows up as
-        free, or ``vram_wait_s`` passed; the last reading, and whether the memory came free. The victim is
-        then not resident, or unknown if some but too little came free."""
+        """After an eviction (or a yield: ``by``): poll until the target fits (``need`` MiB free), the
+        victim's memory (``size`` MiB) shows up as free, or ``vram_wait_s`` passed; the last reading, and
+        whether the memory came free. The victim is then not resident, or unknown if some but too little
+        came free."""
         freed = False
         wait_s = self.config.scheduler.vram_wait_s
         deadline = self.clock() + wait_s
@@ -5834,8 +6226,14 @@ class RoomMaker:
             # A reading starts every VRAM_POLL_S (not VRAM_POLL_S after the last one ended).
             await self.sleep(max(0.0, VRAM_POLL_S - (self.clock() - started)))
         self._unload_started.pop(victim, None)  # (not freed in time: no figure to learn)
-        job.evictions += 1
-        self.recorder.record("evicted", consumer=victim, for_consumer=job.consumer, free_mib=reading.free_mib)
+        if by is None:
+            job.evictions += 1
+            self.recorder.record(
+                "evicted", consumer=victim, for_consumer=job.consumer, free_mib=reading.free_mib
+            )
+        else:
+            fields = self.strangers.fields() if self.strangers is not None else {}
+            self.recorder.record(f"unloaded_{by}", consumer=victim, by=by, job=job.id, **fields)
         if took is not None:
             self.recorder.learned(state, "unload", took, job.id)
         return reading, freed
@@ -5986,6 +6384,10 @@ class Reservation:
     unloaded: list[str] = field(default_factory=list)
     not_unloaded: dict[str, str] = field(default_factory=dict)
     timer: asyncio.TimerHandle | None = None
+    #: Its end loads again what it unloaded (``restore``: ``reserve --no-restore`` says not): those of the
+    #: consumers it unloaded that were resident (``to_restore``).
+    restore: bool = True
+    to_restore: list[str] = field(default_factory=list)
 
     def describe(self, now: float) -> dict[str, Any]:
         """What /v1/status, the reserve answer and `ps` show of it."""
@@ -5995,6 +6397,7 @@ class Reservation:
             "left_s": round(max(0.0, self.until - now), 1),
             "unloaded": list(self.unloaded),
             "not_unloaded": dict(self.not_unloaded),
+            "restore": self.restore,
         }
 
 
@@ -6010,6 +6413,11 @@ class Reservations:
         #: were granted it and have not begun): a release cancels them.
         self.reservation: Reservation | None = None
         self._waiting: set[Job] = set()
+        #: The one in force when the broker began to shut down: still in force for the state file (a
+        #: restart holds the GPU again), though this broker gave its lock back.
+        self.kept: Reservation | None = None
+        #: Told of each reservation's end but at shutdown (what it unloaded is restored from there).
+        self.ended: list[Callable[[Reservation], None]] = []
 
     def refusal(self, consumer: str | None) -> BrokerError:
         """gpu_reserved, with the time left."""
@@ -6020,20 +6428,26 @@ class Reservations:
         message = f"GPU {s.index} is reserved ({res.reason}) for {left:.0f} s more"
         return BrokerError("gpu_reserved", message, consumer, retry_after=max(1, math.ceil(left)))
 
-    async def reserve(self, for_s: float, reason: str) -> Reservation:
-        """Give the GPU to something else for ``for_s`` seconds: wait for the lock like an admin operation,
-        answer the jobs still waiting with gpu_reserved, ask every consumer on the GPU that has an unload
-        to unload (vram_managed ones too), then hold the lock until ``for_s`` passed or ``release``. Asked
-        again while reserved: the reservation now ends ``for_s`` from now, for the new reason."""
-        if self.reservation is not None:
-            return self._extend(self.reservation, for_s, reason)
+    def _job(self) -> Job:
+        """A job of RESERVATION's (no consumer's) for this GPU's lock."""
         s = self.scheduler
         target = ConsumerConfig(
             name=RESERVATION, url="", health=Route("GET", "/"), paths={}, vram_resident_mib=0, gpu=s.index
         )
         if RESERVATION not in s.states:
             s.states[RESERVATION] = ConsumerState(RESERVATION, s.clock)
-        job = s.new_job(target, RESERVATION, PRIORITY_MAX, exclusive=True)
+        return s.new_job(target, RESERVATION, PRIORITY_MAX, exclusive=True)
+
+    async def reserve(self, for_s: float, reason: str, *, restore: bool = True) -> Reservation:
+        """Give the GPU to something else for ``for_s`` seconds: wait for the lock like an admin operation,
+        answer the jobs still waiting with gpu_reserved, ask every consumer on the GPU that has an unload
+        to unload (vram_managed ones too), then hold the lock until ``for_s`` passed or ``release``; then
+        what it unloaded is loaded again (``restore``). Asked again while reserved: the reservation now
+        ends ``for_s`` from now, for the new reason (and ``restore``)."""
+        if self.reservation is not None:
+            return self._extend(self.reservation, for_s, reason, restore)
+        s = self.scheduler
+        job = self._job()
         self._waiting.add(job)
         try:
             await s.wait_for_grant(job)
@@ -6050,12 +6464,12 @@ class Reservations:
         if job.state != "running":  # answered by a reservation made while it waited: it extends that one
             s.end(job, "completed")
             if self.reservation is None:  # (which ended meanwhile)
-                return await self.reserve(for_s, reason)
-            return self._extend(self.reservation, for_s, reason)
+                return await self.reserve(for_s, reason, restore=restore)
+            return self._extend(self.reservation, for_s, reason, restore)
         if self.reservation is not None:  # another request reserved it meanwhile: this one extends it
             job.release()
-            return self._extend(self.reservation, for_s, reason)
-        res = Reservation(job, reason, s.clock() + for_s, time.time() + for_s)
+            return self._extend(self.reservation, for_s, reason, restore)
+        res = Reservation(job, reason, s.clock() + for_s, time.time() + for_s, restore=restore)
         self.reservation = res
         try:
             for waiting in [j for j in s.lock.waiting if not j.granted.done()]:
@@ -6096,9 +6510,10 @@ class Reservations:
             not_unloaded=res.not_unloaded,
         )
 
-    def _extend(self, res: Reservation, for_s: float, reason: str) -> Reservation:
+    def _extend(self, res: Reservation, for_s: float, reason: str, restore: bool) -> Reservation:
         s = self.scheduler
         res.reason, res.until, res.until_at = reason, s.clock() + for_s, time.time() + for_s
+        res.restore = restore
         if res.timer is not None:
             res.timer.cancel()
         res.timer = asyncio.get_running_loop().call_later(for_s, self.release, "expired")
@@ -6125,12 +6540,15 @@ class Reservations:
                 if c.unload is None:
                     res.not_unloaded[name] = "no unload route"
                     continue
+                resident = s.states[name].resident is True  # (what it held is what its end restores)
                 try:
                     await s.rooms.unload(res.job, name, by="reservation")
                 except BrokerError as e:
                     res.not_unloaded[name] = f"unload failed: {e.__cause__}"
                 else:
                     res.unloaded.append(name)
+                    if resident:
+                        res.to_restore.append(name)
 
     def cancel_waiting(self) -> bool:
         """DELETE /v1/reserve while reservations wait for the lock: each is cancelled (its POST answered
@@ -6147,8 +6565,9 @@ class Reservations:
         return bool(pending)
 
     def release(self, why: str = "released") -> bool:
-        """End the reservation (``released`` by DELETE /v1/reserve, ``expired``, or at shutdown); whether
-        there was one. Jobs are admitted again at once."""
+        """End the reservation (``released`` by DELETE /v1/reserve, ``expired``, or at ``shutdown``: then it
+        is ``kept`` for the state file, and nothing is restored); whether there was one. Jobs are admitted
+        again at once, and what it unloaded is restored (``ended``)."""
         res = self.reservation
         if res is None:
             return False
@@ -6157,10 +6576,43 @@ class Reservations:
             if res.timer is not None:
                 res.timer.cancel()
             self.scheduler.recorder.record("reservation_ended", consumer=RESERVATION, why=why, job=res.job.id)
+            if why == "shutdown":
+                self.kept = res
+            else:
+                for listener in self.ended:
+                    listener(res)
         except Exception as e:  # a bug in the books: the GPU is given back all the same
             self.scheduler.recorder.internal_error("reservation's end crashed", error=describe(e))
         res.job.release()
         return True
+
+    def resume(
+        self, left_s: float, reason: str, restore: bool, unloaded: Sequence[str], to_restore: Sequence[str]
+    ) -> Reservation:
+        """A reservation read from the state file, still in force for ``left_s``: it holds the GPU again at
+        once (before any job is admitted); nothing is unloaded again (the broker's clients could load
+        nothing while it was down: they go through it)."""
+        s = self.scheduler
+        assert self.reservation is None and s.lock.holder is None and not s.lock.waiting
+        job = self._job()
+        s.lock.waiting.append(job)
+        s.lock.dispatch()  # (the lock is free and nothing else waits: granted at once)
+        left = max(0.0, left_s)
+        until_at = time.time() + left
+        res = Reservation(job, reason, s.clock() + left, until_at, restore=restore)
+        res.unloaded, res.to_restore = list(unloaded), list(to_restore)
+        self.reservation = res
+        res.timer = asyncio.get_running_loop().call_later(left, self.release, "expired")
+        s.recorder.record(
+            "reserved",
+            consumer=RESERVATION,
+            reason=reason,
+            for_s=round(left, 1),
+            until=_iso(until_at),
+            job=job.id,
+            resumed=True,
+        )
+        return res
 
 
 # ---- a job's lease, and the scheduler that hands leases out -----------------------------------------
@@ -6280,6 +6732,9 @@ class Scheduler:
         #: A consumer's jobs and holds holding a GPU lock: this one's, or (the broker's) every GPU's, for a
         #: consumer a reload moved.
         self.jobs_of = jobs_of or self.lock.jobs_of
+        #: Memory the readings show that no consumer claims, and the stranger it may be (gpu.yield).
+        views = lambda: self.rooms.views()  # noqa: E731, PLW0108 (the room maker comes next)
+        self.strangers = Strangers(shared, self.index, self.recorder, clock, views=views)
         self.rooms = RoomMaker(
             shared,
             self.index,
@@ -6290,6 +6745,7 @@ class Scheduler:
             working_of=self.lock.working_of,
             clock=clock,
             sleep=sleep,
+            strangers=self.strangers,
         )
         #: Work the scheduler owns (holds, steps whose caller left, a reservation's unloads): cancelled on
         #: close.
@@ -6397,8 +6853,57 @@ class Scheduler:
             raise BrokerError("no_consumer", f"{consumer} runs on GPU {target.gpu} now", consumer)
         if self.reservations.reservation is not None:
             raise self.reservations.refusal(consumer)
+        if not exclusive and (refusal := self.beside_strangers(target)) is not None:
+            raise refusal  # (as gpu_reserved: before it is a job, so it is not counted)
         level = priority if priority is not None else PRIORITY_MAX if exclusive else target.priority
         return self.new_job(target, kind, level, exclusive=exclusive, request_id=request_id)
+
+    def beside_strangers(self, target: ConsumerConfig) -> BrokerError | None:
+        """gpu_in_use when a stranger is present (gpu.yield) and a job of ``target`` could not fit beside it
+        even once every consumer that may be unloaded is (whoever works now is taken to be idle by then): as
+        ``plan_room`` decides, from the newest reading (no reading of its own). None when it may fit, when
+        no stranger is present, or when the target needs no room (it is known to be resident, or its memory
+        is elsewhere)."""
+        keep = self.strangers.keep_free_mib()
+        if not keep or target.vram_resident_mib == 0:
+            return None
+        reading = self.gpu.last_reading()
+        if reading is None or reading.free_mib is None:
+            return None
+        state = self.states.get(target.name)
+        if state is None or state.known_resident():
+            return None
+        views = {name: replace(view, jobs=0) for name, view in self.rooms.views().items()}
+        if target.name not in views:
+            return None
+        cfg = self.config
+        snap = RoomSnapshot(
+            target.name,
+            views,
+            reading.free_mib,
+            cfg.gpu.cushion_mib,
+            max_evictions=cfg.scheduler.max_evictions,
+            used_mib=reading.used_mib,
+            keep_free_mib=keep,
+        )
+        plan = plan_room(snap)
+        return self.strangers.refusal(target.name, plan, snap.cushion_mib) if plan.hopeless else None
+
+    def refuse_beside_strangers(self) -> int:
+        """Answer gpu_in_use, at once, the jobs waiting that could not fit beside a stranger present now
+        (``beside_strangers``): none waits for a stranger to leave. How many."""
+        refusals: dict[str, BrokerError | None] = {}
+        refused = 0
+        for job in [j for j in self.lock.waiting if not j.granted.done() and not j.exclusive]:
+            if job.consumer not in refusals:
+                refusals[job.consumer] = self.beside_strangers(job.target)
+            error = refusals[job.consumer]
+            if error is not None:
+                self.lock.refuse(job, error)  # (it ends failed, gpu_in_use: counted and logged)
+                refused += 1
+        if refused:
+            self.lock.dispatch()
+        return refused
 
     def new_job(
         self,
@@ -6614,9 +7119,12 @@ class Scheduler:
 
 class InternalJobs:
     """The broker's own jobs on its consumers, on every GPU: idle unloads (a resident consumer unused for its
-    ``idle_unload_s``) and preloads (a ``preload`` consumer loaded when it fits, never evicting). Each is
-    an exclusive job of the lowest priority through its GPU's lock, so a job that arrives goes first (unless
-    it aged past them); its step decides again once granted; one is pending per (kind, consumer)."""
+    ``idle_unload_s``), preloads (a ``preload`` consumer loaded when it fits, never evicting), yields (an
+    idle consumer unloaded for a stranger, ``gpu.yield``) and restores (what was unloaded for strangers or
+    by a reservation, loaded again when it fits, never evicting). Each is an exclusive job through its GPU's
+    lock, of the lowest priority (so a job that arrives goes first, unless it aged past them) but for
+    yields, which go first like an admin unload; its step decides again once granted; one is pending per
+    (kind, consumer)."""
 
     def __init__(
         self,
@@ -6632,6 +7140,9 @@ class InternalJobs:
         self.spawn = spawn or (lambda coro, name: asyncio.ensure_future(coro))
         #: (kind, consumer) of each internal job queued or running: never two of a kind for one consumer.
         self.pending: set[tuple[str, str]] = set()
+        #: Per GPU: the consumers unloaded for a stranger, or by a reservation that ended, that wait to be
+        #: loaded again (``restore_all``), in the order they were added.
+        self.to_restore: dict[int, list[str]] = {}
 
     @property
     def config(self) -> Config:
@@ -6681,12 +7192,56 @@ class InternalJobs:
         """Load a consumer if it fits as things are, never evicting. None when one is pending already."""
         return await self._run("preload", name, self._load_if_fits)
 
-    async def _run(self, kind: str, name: str, step: Callable[[Job], Awaitable[None]]) -> Job | None:
+    async def yield_unload(self, name: str) -> Job | None:
+        """Unload an idle consumer for a stranger (``plan_yield`` chose it): like an admin unload, of the
+        highest priority; once granted it decides again from a fresh reading. None when one is pending."""
+        return await self._run("yield", name, self._unload_for_stranger, priority=PRIORITY_MAX)
+
+    def restore_later(self, index: int, names: Iterable[str]) -> None:
+        """Consumers of GPU ``index`` to load again once ``restore_all`` runs (those with a load)."""
+        pending = self.to_restore.setdefault(index, [])
+        for name in names:
+            c = self.config.consumers.get(name)
+            if c is not None and c.load is not None and name not in pending:
+                pending.append(name)
+
+    async def restore_all(self, index: int, may: Callable[[], bool]) -> None:
+        """Load again, one at a time, what waits to be restored on GPU ``index``, while ``may()`` says so: the
+        most recently used first, each a ``restore`` job of the lowest priority (a job that arrives goes
+        first) that loads it only if it fits (never evicting). One whose restore failed is given up."""
+        pending = self.to_restore.setdefault(index, [])
+        states = self.schedulers[index].states
+
+        def last_use(name: str) -> float:
+            state = states.get(name)
+            return state.last_used if state is not None and state.last_used is not None else -math.inf
+
+        while pending and may():
+            name = max(pending, key=last_use)
+            c = self.config.consumers.get(name)
+            if c is None or c.gpu != index or c.load is None:
+                pending.remove(name)
+                continue
+            try:
+                job = await self._run("restore", name, self._restore_if_fits)
+            except BrokerError as e:
+                if e.code in ("gpu_reserved", "shutting_down", "no_consumer"):
+                    return  # (it stays, for later; or the broker is going)
+                log.warning(logfmt(msg="restore failed", consumer=name, code=e.code, error=e.message))
+                if name in pending:
+                    pending.remove(name)
+                continue
+            if job is None or name in pending:
+                return  # one is pending already, or it waits for later (a stranger came back)
+
+    async def _run(
+        self, kind: str, name: str, step: Callable[[Job], Awaitable[None]], *, priority: int = 0
+    ) -> Job | None:
         if (kind, name) in self.pending:
             return None
         self.pending.add((kind, name))
         try:
-            lease = self.scheduler_for(name).job(name, kind, exclusive=True, priority=0, step=step)
+            lease = self.scheduler_for(name).job(name, kind, exclusive=True, priority=priority, step=step)
             async with lease as job:
                 return job
         finally:
@@ -6703,24 +7258,78 @@ class InternalJobs:
             await rooms.unload(job, name, by="idle")
 
     async def _load_if_fits(self, job: Job) -> None:
+        async with self.scheduler_for(job.consumer).rooms.lock:
+            await self._fits_then_load(job, "preload")
+
+    async def _fits_then_load(self, job: Job, kind: str) -> bool:
+        """Load the job's consumer (under its GPU's room lock) if it is not resident and fits as things are,
+        evicting nothing (``{kind}_skipped`` recorded when it does not fit); whether it was loaded."""
         name, rooms = job.consumer, self.scheduler_for(job.consumer).rooms
+        if rooms.states[name].resident is True:
+            log.info(logfmt(msg=f"{kind}: already resident", consumer=name, job=job.id))
+            return False
+        # (A consumer whose memory is elsewhere fits whatever this GPU holds.)
+        if job.target.vram_resident_mib:
+            plan = plan_room(rooms.snapshot(job, await rooms.read(job), {}))
+            if not plan.fits:
+                rooms.recorder.record(
+                    f"{kind}_skipped",
+                    consumer=name,
+                    job=job.id,
+                    free_mib=plan.free_mib,
+                    need_mib=plan.need_mib,
+                )
+                return False
+        await rooms.load(job)
+        return True
+
+    async def _unload_for_stranger(self, job: Job) -> None:
+        """A yield's step, once granted: with a fresh reading, unload the consumer if a stranger is still
+        present, free memory is still below keep_free_mib and ``plan_yield`` still picks it first; then
+        it waits to be restored (if it was resident and has a load)."""
+        name, s = job.consumer, self.scheduler_for(job.consumer)
+        rooms = s.rooms
         async with rooms.lock:
-            if rooms.states[name].resident is True:
-                log.info(logfmt(msg="preload: already resident", consumer=name, job=job.id))
+            reading = await rooms.read(job, whole=True)  # (the strangers' record is told of it)
+            y = self.config.gpu.yield_
+            why = None
+            if y is None:
+                why = "gpu.yield is off"
+            elif not s.strangers.present:
+                why = "no stranger any more"
+            elif reading.free_mib is None:
+                why = "the GPU reports no free memory figure"
+            else:
+                # (This yield holds the lock alone, in the consumer's name: its slot is no job of it.)
+                views = {n: replace(v, jobs=0) if n == name else v for n, v in rooms.views().items()}
+                victims = plan_yield(views, reading.free_mib, reading.used_mib, y.keep_free_mib)
+                if not victims:
+                    why = f"{reading.free_mib} MiB free"
+                elif victims[0] != name:
+                    why = f"{victims[0]} goes first"
+            if why is not None or y is None:
+                rooms.recorder.record("yield_skipped", consumer=name, job=job.id, reason=why)
                 return
-            # (A consumer whose memory is elsewhere fits whatever this GPU holds.)
-            if job.target.vram_resident_mib:
-                plan = plan_room(rooms.snapshot(job, await rooms.read(job), {}))
-                if not plan.fits:
-                    rooms.recorder.record(
-                        "preload_skipped",
-                        consumer=name,
-                        job=job.id,
-                        free_mib=plan.free_mib,
-                        need_mib=plan.need_mib,
-                    )
-                    return
-            await rooms.load(job)
+            resident = rooms.states[name].resident is True
+            await rooms.yield_to(job, name, reading, y.keep_free_mib)
+            if resident:
+                self.restore_later(s.index, [name])
+
+    async def _restore_if_fits(self, job: Job) -> None:
+        """A restore's step, once granted: a stranger present keeps it for later; else it is done with (no
+        longer waiting) and loaded if it is not resident and fits (``restored``)."""
+        name, s = job.consumer, self.scheduler_for(job.consumer)
+        async with s.rooms.lock:
+            if s.strangers.present:
+                s.recorder.record(
+                    "restore_skipped", consumer=name, job=job.id, reason="a stranger is present"
+                )
+                return
+            pending = self.to_restore.get(s.index, [])
+            if name in pending:
+                pending.remove(name)
+            if await self._fits_then_load(job, "restore"):
+                s.recorder.record("restored", consumer=name, job=job.id)
 
     def start_preloads(self) -> None:
         """Preload (in the background) every ``preload`` consumer that is not known to be resident."""
@@ -6768,6 +7377,142 @@ class InternalJobs:
             elif due > now:
                 wake = min(wake, due)
         return wake
+
+
+# ---- yielding: the GPU given to strangers, and taken back ---------------------------------------------
+
+
+class Yielding:
+    """The GPUs yield to strangers (gpu.yield) and take back afterwards. Every ``poll_s`` each GPU is read
+    (the reading /v1/status shares: one per poll_s at most); while a stranger is present (``Strangers``),
+    the jobs waiting that could not fit beside it are answered gpu_in_use, and while free memory is below
+    ``keep_free_mib`` the idle consumers ``plan_yield`` picks are unloaded one by one (``InternalJobs``'
+    yields, each decided again from a fresh reading). Once no stranger has been present for
+    ``restore_after_s`` (at once without gpu.yield), and the GPU is not reserved, what waits to be restored
+    (unloaded for strangers, or by a reservation that ended) is loaded again (``InternalJobs.restore_all``).
+    This class decides when; InternalJobs does the work."""
+
+    def __init__(
+        self,
+        shared: Shared,
+        schedulers: Mapping[int, Scheduler],
+        readers: Mapping[int, Any],
+        internal: InternalJobs,
+        *,
+        spawn: Callable[[Awaitable[Any], str], asyncio.Task[Any]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.shared = shared
+        self.schedulers = schedulers
+        self.readers = readers
+        self.internal = internal
+        self.spawn = spawn
+        self.clock = clock
+        #: Set to run a round now (a yield or a restore ended, a reservation ended).
+        self.wake = asyncio.Event()
+        #: Per GPU: the yield under way, the restores under way, and the consumers whose yield failed while
+        #: the stranger present now stays (not asked again until it goes).
+        self._yielding: dict[int, asyncio.Task[Any]] = {}
+        self._restoring: dict[int, asyncio.Task[Any]] = {}
+        self._failed: dict[int, set[str]] = {}
+
+    @property
+    def config(self) -> Config:
+        return self.shared.config
+
+    async def run(self) -> None:
+        """A round every gpu.yield.poll_s (IDLE_CHECK_S without gpu.yield), or at once when woken; owned
+        by the broker."""
+        while True:
+            self.wake.clear()
+            try:
+                await asyncio.gather(*(self.round(index) for index in sorted(self.schedulers)))
+            except Exception as e:
+                self.shared.internal_error("yield round crashed", error=describe(e))
+            y = self.config.gpu.yield_
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), y.poll_s if y is not None else IDLE_CHECK_S)
+
+    async def round(self, index: int) -> None:
+        """One GPU: read it (unless a reading started less than poll_s ago), refuse what cannot fit beside a
+        stranger, ask for a yield, start restores when due."""
+        y = self.config.gpu.yield_
+        s = self.schedulers[index]
+        if y is not None:
+            try:
+                reading = await self.readers[index].read(max_age=y.poll_s)  # (its listeners tell Strangers)
+            except GpuError:
+                reading = None  # (shown in /v1/status; the last presence stands until a reading succeeds)
+            if not s.strangers.present:
+                self._failed.pop(index, None)
+            elif reading is not None and s.reservation is None:
+                s.refuse_beside_strangers()
+                self._yield(index, reading, y)
+        self._restore(index)
+
+    def _yield(self, index: int, reading: GpuReading, y: YieldConfig) -> None:
+        """Ask for the first victim's yield, unless one is under way on this GPU."""
+        if reading.free_mib is None or not self._done(self._yielding.get(index)):
+            return
+        tried = self._failed.setdefault(index, set())
+        views = self.schedulers[index].rooms.views()
+        victims = plan_yield(views, reading.free_mib, reading.used_mib, y.keep_free_mib, tried)
+        if victims:
+            self._yielding[index] = self.spawn(self._yield_one(index, victims[0]), f"yield {victims[0]}")
+
+    async def _yield_one(self, index: int, name: str) -> None:
+        try:
+            await self.internal.yield_unload(name)
+        except BrokerError as e:
+            self._failed.setdefault(index, set()).add(name)
+            log.warning(logfmt(msg="yield failed", consumer=name, code=e.code, error=e.message))
+        except Exception as e:  # a bug outside the scheduler's guarded steps
+            self._failed.setdefault(index, set()).add(name)
+            self.shared.internal_error("yield crashed", consumer=name, error=describe(e))
+        finally:
+            self.wake.set()  # the next decision at once, from the readings the yield took
+
+    def _restore(self, index: int) -> None:
+        """Start the restores on this GPU when they are due, unless they run already."""
+        if (
+            self.internal.to_restore.get(index)
+            and self._done(self._restoring.get(index))
+            and self._may(index)
+        ):
+            task = self.spawn(self._restore_all(index), f"restores on GPU {index}")
+            self._restoring[index] = task
+
+    def _may(self, index: int) -> bool:
+        """Whether what waits to be restored on this GPU may be loaded now: it is not reserved, and no
+        stranger has been present for restore_after_s (with gpu.yield)."""
+        s = self.schedulers[index]
+        if s.reservation is not None:
+            return False
+        y = self.config.gpu.yield_
+        if y is None:
+            return True
+        st = s.strangers
+        return (
+            not st.present
+            and st.absent_since is not None
+            and self.clock() - st.absent_since >= y.restore_after_s
+        )
+
+    async def _restore_all(self, index: int) -> None:
+        try:
+            await self.internal.restore_all(index, lambda: self._may(index))
+        except Exception as e:  # a bug outside the scheduler's guarded steps
+            self.shared.internal_error("restores crashed", gpu=index, error=describe(e))
+
+    def reservation_ended(self, index: int, res: Reservation) -> None:
+        """A reservation's end (but at shutdown): what it unloaded waits to be restored (``restore``)."""
+        if res.restore:
+            self.internal.restore_later(index, res.to_restore)
+            self.wake.set()
+
+    @staticmethod
+    def _done(task: asyncio.Task[Any] | None) -> bool:
+        return task is None or task.done()
 
 
 # =====================================================================================================
@@ -7504,6 +8249,272 @@ def going_away(sockets: Iterable[ProxiedWebSocket]) -> int:
 # The broker
 # =====================================================================================================
 
+# ---- the state file: what a restart keeps -----------------------------------------------------------
+
+#: The state file's format; a file of a later one is not read (a warning, and a fresh start).
+STATE_VERSION = 1
+#: How often the state is compared with what was written last: it is written within a second of a change.
+STATE_CHECK_S = 0.5
+#: A write of the state file (or its read at start) that takes longer is given up (logged, counted): the
+#: file system may hang (a network mount, a dying disk). The thread is left to end on its own.
+STATE_IO_TIMEOUT_S = 5.0
+#: A state file larger than this is not read (100 consumers' state is some 30 KiB).
+MAX_STATE_BYTES = 1 * MiB
+#: Longest list (names of consumers to restore, unloaded by a reservation) or mapping a state file may hold.
+MAX_STATE_ITEMS = 1000
+
+
+@dataclass(frozen=True)
+class Remembered:
+    """A state file's content, checked (``parse_state``): seconds are from now."""
+
+    #: GPU -> its reservation still in force: seconds left, reason, restore, unloaded, to restore.
+    reservations: Mapping[int, tuple[float, str, bool, tuple[str, ...], tuple[str, ...]]]
+    #: GPU -> consumers waiting to be restored (a reservation that ended while the broker was down adds its).
+    to_restore: Mapping[int, tuple[str, ...]]
+    #: consumer -> (last used that many seconds ago, and when, wall-clock) and its recent times by kind.
+    last_used: Mapping[str, tuple[float, float]]
+    timings: Mapping[str, Mapping[str, tuple[float, ...]]]
+
+
+def _state_number(value: Any, where: str, high: float = 1e12) -> float:
+    """A finite number from 0 to ``high`` (by default, wall-clock seconds up to the year 33658)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+        raise ValueError(f"{where}: {value!r} is no number from 0 to {high:g}")
+    return float(value)
+
+
+def _state_names(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_STATE_ITEMS:
+        raise ValueError(f"{where}: not a list of at most {MAX_STATE_ITEMS} names")
+    if not all(isinstance(name, str) and 0 < len(name) <= 200 for name in value):
+        raise ValueError(f"{where}: not a list of names")
+    return tuple(value)
+
+
+def _state_mapping(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or len(value) > MAX_STATE_ITEMS:
+        raise ValueError(f"{where}: not a JSON object of at most {MAX_STATE_ITEMS} members")
+    return value
+
+
+def parse_state(raw: Any, now: float) -> Remembered:
+    """A state file's JSON checked, as of ``now`` (wall-clock); ValueError naming the first thing wrong (the
+    whole file is then set aside: a fresh start). No I/O.
+
+    Wall-clock time may have been set back since the file was written: nothing is taken to have happened
+    after ``max(now, written_at_s)``, so a reservation never gets longer than it had left when written, and
+    a last use is never in the future. A reservation that ended meanwhile is over (what it unloaded waits to
+    be restored, if it was to be); one with more than RESERVE_MAX_S left, or a last use after the file was
+    written, is absurd."""
+    top = _state_mapping(raw, "the file")
+    version = top.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > STATE_VERSION:
+        raise ValueError(f"written by a later mgpumanager (format {version}; this one reads {STATE_VERSION})")
+    if version != STATE_VERSION:
+        raise ValueError(f"version: {version!r} is no format this broker reads ({STATE_VERSION})")
+    written = _state_number(top.get("written_at_s"), "written_at_s")
+    ref = max(now, written)
+    reservations: dict[int, tuple[float, str, bool, tuple[str, ...], tuple[str, ...]]] = {}
+    to_restore: dict[int, tuple[str, ...]] = {}
+    for key, raw_gpu in _state_mapping(top.get("gpus", {}), "gpus").items():
+        where = f"gpus.{key}"
+        if not (key.isascii() and key.isdigit() and int(key) <= NUMBER_LIMITS["gpu"]):
+            raise ValueError(f"{where}: no GPU index")
+        index, gpu = int(key), _state_mapping(raw_gpu, where)
+        names = _state_names(gpu.get("to_restore", []), f"{where}.to_restore")
+        if (res := gpu.get("reservation")) is not None:
+            res = _state_mapping(res, f"{where}.reservation")
+            left = _state_number(res.get("until_s"), f"{where}.reservation.until_s") - ref
+            if left > RESERVE_MAX_S:
+                raise ValueError(f"{where}.reservation: {left:.0f} s left, more than a reservation may last")
+            reason, restore = res.get("reason"), res.get("restore")
+            if not isinstance(reason, str) or len(reason) > 200 or not isinstance(restore, bool):
+                raise ValueError(f"{where}.reservation: no reason (at most 200 characters) or restore flag")
+            unloaded = _state_names(res.get("unloaded", []), f"{where}.reservation.unloaded")
+            theirs = _state_names(res.get("to_restore", []), f"{where}.reservation.to_restore")
+            if left > 0:
+                reservations[index] = (left, reason, restore, unloaded, theirs)
+            elif restore:
+                names += tuple(n for n in theirs if n not in names)
+        if names:
+            to_restore[index] = names
+    last_used: dict[str, tuple[float, float]] = {}
+    timings: dict[str, dict[str, tuple[float, ...]]] = {}
+    for name, raw_entry in _state_mapping(top.get("consumers", {}), "consumers").items():
+        where = f"consumers.{name}"
+        entry = _state_mapping(raw_entry, where)
+        if (used := entry.get("last_used_s")) is not None:
+            used = _state_number(used, f"{where}.last_used_s")
+            if used > written:
+                raise ValueError(f"{where}.last_used_s: after the file was written")
+            last_used[name] = (ref - used, used)
+        learned = _state_mapping(entry.get("timings", {}), f"{where}.timings")
+        for what, values in learned.items():
+            if what not in TIMED or not isinstance(values, list) or len(values) > TIMING_SAMPLES:
+                raise ValueError(
+                    f"{where}.timings.{what}: no list of at most {TIMING_SAMPLES} {'/'.join(TIMED)} times"
+                )
+            high = NUMBER_LIMITS["duration"]
+            timings.setdefault(name, {})[what] = tuple(
+                _state_number(v, f"{where}.timings.{what}", high) for v in values
+            )
+    return Remembered(reservations, to_restore, last_used, timings)
+
+
+def read_state_file(path: str) -> Any:
+    """The JSON in the state file (None: there is none): a regular file of at most MAX_STATE_BYTES; OSError
+    or ValueError otherwise. Temporary files a crash left beside it go. Run in a worker thread."""
+    directory = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    with contextlib.suppress(OSError):
+        for leftover in Path(directory).glob(f".{base}.*.tmp"):
+            leftover.unlink()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = os.read(fd, MAX_STATE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_STATE_BYTES:
+        raise ValueError(f"larger than {MAX_STATE_BYTES // MiB} MiB")
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(str(e)) from None
+
+
+def write_state_file(path: str, data: bytes) -> None:
+    """``data`` as the file ``path``, whole or not at all: a temporary file beside it (mode 0600), fsync,
+    rename over ``path``, fsync of the directory. Run in a worker thread."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as file:  # (mkstemp: mode 0600, whatever the umask)
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+class StateFile:
+    """What a restart keeps, in ``state_file``: each GPU's reservation (its end in wall-clock time) and what
+    waits to be restored, each consumer's learned timings and last use; never a token, and nothing that
+    grows but with the config. Owned by the broker: ``collect`` gives the state as it is now; ``run`` writes
+    it within a second of a change (``write``: atomically, mode 0600, in a worker thread bounded by
+    STATE_IO_TIMEOUT_S; one write at a time). A failed write is logged (once until one succeeds) and
+    counted, never fatal; ``read`` at start gives what the file holds, or None for a fresh start (a
+    missing, unreadable, corrupt, later or absurd file: a warning)."""
+
+    def __init__(self, shared: Shared, collect: Callable[[], dict[str, Any]]) -> None:
+        self.shared = shared
+        self.collect = collect
+        #: What was written last (the state, without its time), and where; when (wall-clock).
+        self._written: tuple[str, bytes] | None = None
+        self.written_at: float | None = None
+        #: Writes that failed or did not finish in time, and the last reason (None once one succeeded).
+        self.failures = 0
+        self.error: str | None = None
+        #: The write under way (its thread may outlive a timeout: no second write starts meanwhile).
+        self._inflight: asyncio.Future[None] | None = None
+
+    @property
+    def path(self) -> str | None:
+        return self.shared.config.state_file
+
+    async def read(self) -> Remembered | None:
+        """The state file's content, checked; None (and why, logged) for a fresh start."""
+        path = self.path
+        if path is None:
+            return None
+        try:
+            raw = await asyncio.wait_for(asyncio.to_thread(read_state_file, path), STATE_IO_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            why = f"not read within {STATE_IO_TIMEOUT_S:g} s"
+        except (OSError, ValueError) as e:
+            why = (e.strerror or str(e)) if isinstance(e, OSError) else f"not valid: {e}"
+        else:
+            if raw is None:
+                log.info(logfmt(msg="no state file yet: a fresh start", path=path))
+                return None
+            try:
+                return parse_state(raw, time.time())
+            except ValueError as e:
+                why = f"not valid: {e}"
+        log.warning(logfmt(msg="state file set aside: a fresh start", path=path, reason=why))
+        return None
+
+    async def run(self) -> None:
+        """Write the state whenever it changed, checking every STATE_CHECK_S; owned by the broker."""
+        while True:
+            await asyncio.sleep(STATE_CHECK_S)
+            await self.write()
+
+    async def write(self, *, last: bool = False) -> bool:
+        """Write the state if it changed since the last write; whether it is written. ``last`` (at shutdown)
+        waits for a write under way first (bounded)."""
+        path = self.path
+        if path is None:
+            return True
+        if self._inflight is not None and not self._inflight.done():
+            if not last:
+                return False  # (a write still under way, perhaps hung: the next check tries again)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._inflight), STATE_IO_TIMEOUT_S)
+            if not self._inflight.done():
+                return False
+        try:
+            collected = self.collect()
+            state = json.dumps(collected, sort_keys=True, separators=(",", ":")).encode()
+        except Exception as e:
+            self.shared.internal_error("collecting the state crashed", error=describe(e))
+            return False
+        if self._written == (path, state):
+            return True
+        now = time.time()
+        head = {"version": STATE_VERSION, "written_at": _iso(now), "written_at_s": round(now, 3)}
+        data = json.dumps({**head, **collected}, indent=1).encode() + b"\n"
+        self._inflight = inflight = asyncio.ensure_future(asyncio.to_thread(write_state_file, path, data))
+        inflight.add_done_callback(lambda f: f.cancelled() or f.exception())  # (its error is read below)
+        try:
+            await asyncio.wait_for(asyncio.shield(inflight), STATE_IO_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self._failed(path, f"not written within {STATE_IO_TIMEOUT_S:g} s")
+            return False
+        except OSError as e:
+            self._failed(path, e.strerror or str(e))
+            return False
+        if self.error is not None:
+            log.info(logfmt(msg="state file written again", path=path))
+        self._written, self.written_at, self.error = (path, state), now, None
+        return True
+
+    def _failed(self, path: str, why: str) -> None:
+        self.failures += 1
+        if why != self.error:
+            log.warning(logfmt(msg="state file not written", path=path, reason=why))
+        self.error = why
+
+    def describe(self) -> dict[str, Any] | None:
+        """``state_file`` in /v1/status (null without one)."""
+        if self.path is None:
+            return None
+        written = _iso(self.written_at)
+        return {"path": self.path, "written": written, "write_failures": self.failures, "error": self.error}
+
 
 class Broker:
     """The composition root: it builds the broker's parts from one config (the consumers, a reader and a
@@ -7554,8 +8565,11 @@ class Broker:
         #: Bytes held by the request bodies being read now (at most scheduler.max_bodies_mib).
         self.reading = 0
         self.add_gpus()
-        #: Idle unloads and preloads, on every GPU.
+        #: Idle unloads, preloads, yields and restores, on every GPU; when to yield and restore.
         self.internal = InternalJobs(self.shared, self.schedulers, spawn=self.spawn)
+        self.yielding = Yielding(self.shared, self.schedulers, self.gpus, self.internal, spawn=self.spawn)
+        #: What a restart keeps (``state_file``).
+        self.state = StateFile(self.shared, self.remembered)
 
     @property
     def config(self) -> Config:
@@ -7579,7 +8593,7 @@ class Broker:
                 reader.attribute = self.consumers.attribute
                 reader.listeners.append(self.consumers.measure)
                 self.gpus[index] = reader
-                self.schedulers[index] = Scheduler(
+                scheduler = self.schedulers[index] = Scheduler(
                     self.shared,
                     reader,
                     self.consumers,
@@ -7588,8 +8602,82 @@ class Broker:
                     index=index,
                     jobs_of=self.jobs_of,
                 )
+                reader.listeners.append(
+                    scheduler.strangers.seen
+                )  # (after measure: the same reading's figures)
+                ended = functools.partial(self._reservation_ended, index)
+                scheduler.reservations.ended.append(ended)
                 added.append(index)
         return added
+
+    def _reservation_ended(self, index: int, res: Reservation) -> None:
+        self.yielding.reservation_ended(index, res)
+
+    def remembered(self) -> dict[str, Any]:
+        """What the state file keeps, as it is now: per GPU its reservation (one that shutdown ended too: a
+        restart holds the GPU again) and what waits to be restored; per consumer its last use and recent
+        times. Wall-clock seconds."""
+        gpus: dict[str, Any] = {}
+        for index, s in sorted(self.schedulers.items()):
+            entry: dict[str, Any] = {}
+            res = s.reservations.reservation or s.reservations.kept
+            if res is not None:
+                entry["reservation"] = {
+                    "reason": res.reason,
+                    "until_s": round(res.until_at, 3),
+                    "restore": res.restore,
+                    "unloaded": list(res.unloaded),
+                    "to_restore": list(res.to_restore),
+                }
+            if self.internal.to_restore.get(index):
+                entry["to_restore"] = list(self.internal.to_restore[index])
+            if entry:
+                gpus[str(index)] = entry
+        consumers: dict[str, Any] = {}
+        for name in self.config.consumers:
+            state = self.consumers.states[name]
+            entry = {}
+            if state.last_used_at is not None:
+                entry["last_used_s"] = round(state.last_used_at, 3)
+            samples = {what: [round(v, 3) for v in values] for what, values in state.samples().items()}
+            if samples:
+                entry["timings"] = samples
+            if entry:
+                consumers[name] = entry
+        return {"gpus": gpus, "consumers": consumers}
+
+    def resume(self, remembered: Remembered | None) -> None:
+        """At start, before any job: what the state file kept. A reservation still in force holds its GPU
+        again; what waits to be restored waits again; consumers get their last use and learned times.
+        What names a consumer or GPU the config no longer has is left out."""
+        if remembered is None:
+            return
+        for name, samples in remembered.timings.items():
+            if name in self.consumers.states and name in self.config.consumers:
+                self.consumers.states[name].remembered(None, None, samples)
+        for name, (ago, at) in remembered.last_used.items():
+            if name in self.consumers.states and name in self.config.consumers:
+                self.consumers.states[name].remembered(ago, at, {})
+        for index, names in remembered.to_restore.items():
+            if index in self.schedulers:
+                mine = [
+                    n for n in names if n in self.config.consumers and self.config.consumers[n].gpu == index
+                ]
+                self.internal.restore_later(index, mine)
+        for index, (left, reason, restore, unloaded, to_restore) in remembered.reservations.items():
+            if index not in self.schedulers:
+                log.warning(logfmt(msg="state file: a reservation of a GPU not scheduled now", gpu=index))
+                continue
+            self.schedulers[index].reservations.resume(left, reason, restore, unloaded, to_restore)
+        log.info(
+            logfmt(
+                msg="state file read",
+                path=self.state.path,
+                reservations=len(remembered.reservations),
+                to_restore=sum(map(len, remembered.to_restore.values())),
+                consumers=len(set(remembered.last_used) | set(remembered.timings)),
+            )
+        )
 
     @property
     def gpu(self) -> GpuReader:
@@ -8482,8 +9570,9 @@ def _reserved_gpu(broker: Broker, value: Any) -> int:
 
 
 async def handle_reserve(request: web.Request) -> web.Response:
-    """POST /v1/reserve {"for_s": 3600, "reason": "gaming", "gpu": 0}: give a GPU to something else for a
-    while. Answered once every consumer on it was asked to unload, with what was unloaded and what not."""
+    """POST /v1/reserve {"for_s": 3600, "reason": "gaming", "gpu": 0, "restore": true}: give a GPU to
+    something else for a while (``restore``: its end loads again what it unloaded). Answered once every
+    consumer on it was asked to unload, with what was unloaded and what not."""
     require_admin(request)
     broker = request.app[BROKER]
     body = parse_json(await read_body(request, broker, RESERVATION)) if request.body_exists else {}
@@ -8494,9 +9583,12 @@ async def handle_reserve(request: web.Request) -> web.Response:
         raise BrokerError("bad_request", f"for_s must be a number of seconds, 0 < for_s <= {RESERVE_MAX_S:g}")
     if not isinstance(reason, str) or len(reason) > 200:
         raise BrokerError("bad_request", "reason must be a string of at most 200 characters")
+    restore = body.get("restore", True)
+    if not isinstance(restore, bool):
+        raise BrokerError("bad_request", "restore must be true or false")
     index = _reserved_gpu(broker, body.get("gpu"))
     scheduler = broker.schedulers[index]
-    res = await scheduler.reservations.reserve(float(for_s), reason or "reserved")
+    res = await scheduler.reservations.reserve(float(for_s), reason or "reserved", restore=restore)
     return web.json_response({"gpu": index, **res.describe(scheduler.clock())})
 
 
@@ -8897,10 +9989,14 @@ async def handle_status(request: web.Request) -> web.Response:
     gpus = []
     internal_errors = broker.internal_errors()
     for index, reading in zip(indexes, readings, strict=True):
-        scheduler = broker.schedulers[index].snapshot()
+        s = broker.schedulers[index]
+        scheduler = s.snapshot()
         scheduler["stats"]["internal_errors"] = internal_errors
         names = [name for name, c in cfg.consumers.items() if c.gpu == index]
         reservation = scheduler.pop("reservation")
+        # (From the same reading: its listeners told the strangers' record before it was answered.)
+        reading["unclaimed_mib"] = s.strangers.unclaimed_mib if reading["error"] is None else None
+        reading["strangers"] = s.strangers.describe()
         gpus.append({**reading, "consumers": names, "reservation": reservation, "scheduler": scheduler})
     default = gpus[indexes.index(cfg.gpu.index)]
     consumers = {}
@@ -8934,6 +10030,7 @@ async def handle_status(request: web.Request) -> web.Response:
         "scheduler": default["scheduler"],
         "gpus": gpus,
         "internal_errors": internal_errors,
+        "state_file": broker.state.describe(),
     }
     # Everything above is a snapshot of its own (and readings are immutable): the thread reads nothing
     # that changes meanwhile.
@@ -8954,6 +10051,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
         ("mgpumanager_internal_errors_total", (), broker.internal_errors()),
         ("mgpumanager_client_connections", (), len(broker.connections.open)),
         ("mgpumanager_client_connections_limit", (), broker.connections.allowed),
+        ("mgpumanager_state_write_failures_total", (), broker.state.failures),
     ]
     for index, s in sorted(broker.schedulers.items()):
         gauges.append(("mgpumanager_queue_length", (("gpu", str(index)),), len(s.queue())))
@@ -8967,12 +10065,16 @@ async def handle_metrics(request: web.Request) -> web.Response:
     )
     for index, r in zip(indexes, readings, strict=True):
         gpu: Labels = (("gpu", str(index)),)
+        gauges.append(("mgpumanager_gpu_readings_total", gpu, broker.gpus[index].queries))
         if isinstance(r, GpuError):
             gauges.append(("mgpumanager_gpu_up", gpu, 0))
             continue
         if isinstance(r, BaseException):
             raise r
         gauges.append(("mgpumanager_gpu_up", gpu, 1))
+        unclaimed = broker.schedulers[index].strangers.unclaimed_mib  # (of this reading: see handle_status)
+        if unclaimed is not None:
+            gauges.append(("mgpumanager_unclaimed_mib", gpu, unclaimed))
         for metric, mib in (("total", r.total_mib), ("used", r.used_mib), ("free", r.free_mib)):
             if mib is not None:
                 gauges.append((f"mgpumanager_gpu_memory_{metric}_bytes", gpu, mib * MiB))
@@ -9100,7 +10202,7 @@ async def _drain(app: web.Application) -> None:
     await asyncio.gather(*broker.tasks, return_exceptions=True)
     schedulers = list(broker.schedulers.values())
     for s in schedulers:
-        s.reservations.release("shutdown")  # a restart does not restore it
+        s.reservations.release("shutdown")  # (kept in the state file: a restart holds the GPU again)
         s.lock.shut_down()
     broker.events.close()
     timeout = broker.config.scheduler.shutdown_timeout_s
@@ -9172,12 +10274,16 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     health: asyncio.Task[None] | None = None
     machine_names()  # looked up once, before serving (bounded): the Origin check compares Hosts with them
     try:
+        # What the last run kept: a reservation in force holds its GPU again before any job comes.
+        broker.resume(await broker.state.read())
         # The first health round completes before serving (bounded by health.timeout_s), so the first
         # jobs already know who is up and who reports itself loaded.
         await consumers.probe_all()
         await broker.ports.sync(broker, strict=True)
         health = asyncio.create_task(consumers.run_health(), name="health")
         broker.spawn(broker.internal.run_idle_unloads(), "idle unloads")
+        broker.spawn(broker.yielding.run(), "yielding")
+        broker.spawn(broker.state.run(), "state file")
         broker.internal.start_preloads()  # in the background: serving is not delayed
         yield
     finally:
@@ -9192,6 +10298,7 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
             await scheduler.close()
         for reader in broker.gpus.values():
             await reader.close()
+        await broker.state.write(last=True)  # (a reservation shutdown ended is kept: a restart resumes it)
         await session.close()
         await own.close()
         connections.close_all()
@@ -9233,7 +10340,7 @@ DASHBOARD_HTML = """<!doctype html>
 <title>mgpumanager</title>
 <style>
 :root { --bg:#111418; --card:#1b2027; --fg:#e6e9ee; --dim:#8b95a3; --ok:#3fb950; --bad:#f85149;
-        --free:#2b323c; --unknown:#5a6370; --label:6.5rem; }
+        --free:#2b323c; --unknown:#5a6370; --stranger:#db6d28; --label:6.5rem; }
 * { box-sizing:border-box; }
 body { margin:0; font:15px/1.4 system-ui, sans-serif; background:var(--bg); color:var(--fg); }
 header { display:flex; flex-wrap:wrap; gap:.5rem 1rem; align-items:baseline; padding:.8rem 1rem; }
@@ -9277,6 +10384,7 @@ th { color:var(--dim); font-weight:normal; border-top:none; }
 .tl-unload, .tl-load { top:auto; bottom:1px; height:6px; border-radius:1px; }
 .tl-unload { background:#f0883e; } .tl-load { background:#56d364; }
 .tl-bad { box-shadow:0 0 0 2px var(--bad); }
+.tl-stranger { background:var(--stranger); opacity:.8; }
 .tl-q { position:absolute; bottom:1px; top:auto; border-radius:0; background:#6e7681; min-width:1px; }
 .tl-over { position:absolute; z-index:0; top:0; bottom:0; left:var(--label); right:0; }
 .tl-resv { position:absolute; top:0; bottom:0; min-width:3px; background:rgba(248,81,73,.14);
@@ -9304,6 +10412,7 @@ th { color:var(--dim); font-weight:normal; border-top:none; }
 <span><i style="background:#f0883e;height:.4em"></i>unload</span>
 <span><i style="background:#56d364;height:.4em"></i>load</span>
 <span><i style="background:rgba(248,81,73,.3);border:1px dashed #f85149"></i>reserved</span>
+<span><i style="background:var(--stranger)"></i>stranger (memory no consumer claims)</span>
 <span><i style="background:#6e7681"></i>queue depth</span></div></section>
 <section><h2>Holder</h2><div id="holder">-</div><h2 style="margin-top:.8rem">Queue</h2>
 <table><thead><tr><th>consumer</th><th>kind</th><th>prio</th><th>waiting</th></tr></thead>
@@ -9369,8 +10478,16 @@ function memoryParts(st, gpu) {
     parts.push({label: name, mib, measured, color: COLORS[i % COLORS.length]});
     attributed += mib;
   });
+  // Memory no consumer claims (a game's, a training run's): its own segment, a stranger's while present.
+  const unclaimed = isNum(gpu.unclaimed_mib) ? gpu.unclaimed_mib : 0;
+  if (unclaimed > 0) {
+    const s = gpu.strangers, present = !!(s && s.present);
+    const procs = s ? s.processes.map((p) => "pid " + p.pid + " " + p.name + " " + p.used_mib + " MiB") : [];
+    parts.push({label: present ? "stranger" : "unclaimed", mib: unclaimed, color: "var(--stranger)",
+                stranger: present, title: procs.length ? procs.join(", ") : "no process listed"});
+  }
   if (gpu.free_mib !== null) {
-    const other = Math.max(0, gpu.total_mib - gpu.free_mib - attributed);
+    const other = Math.max(0, gpu.total_mib - gpu.free_mib - attributed - unclaimed);
     parts.push({label: "other / unknown", mib: other, color: "var(--unknown)"});
     parts.push({label: "free", mib: gpu.free_mib, color: "var(--free)"});
   }
@@ -9380,11 +10497,12 @@ function gpuHtml(st, gpu, titled) {
   // A reading can be a second older than the residency it is drawn with: scale so the bar never overflows.
   const parts = memoryParts(st, gpu);
   const total = Math.max(gpu.total_mib || 1, parts.reduce((sum, p) => sum + p.mib, 0));
-  const how = (p) => (p.measured === undefined ? "" : p.measured ? " (measured)" : " (declared)");
+  const how = (p) => (p.title ? ": " + p.title : p.measured === undefined ? "" : p.measured ? " (measured)"
+    : " (declared)");
   return '<div class="gpu">' + (titled ? "<h3>GPU " + gpu.index + " " + esc(gpu.name || "") + "</h3>" : "") +
-    '<div class="bar">' + parts.map((p) => '<div title="' + esc(p.label) + " " + p.mib + " MiB" + how(p) +
-    '" style="width:' + (100 * p.mib / total).toFixed(2) + "%;background:" + p.color + '"></div>')
-    .join("") +
+    '<div class="bar">' + parts.map((p) => '<div data-part="' + esc(p.label) + '" title="' + esc(p.label) +
+    " " + p.mib + " MiB" + esc(how(p)) + '" style="width:' + (100 * p.mib / total).toFixed(2) +
+    "%;background:" + p.color + '"></div>').join("") +
     '</div><div class="legend">' + parts.map((p) => '<span title="' + esc(how(p).trim()) +
     '"><i style="background:' + p.color + '"></i>' + esc(p.label) + " " + p.mib + " MiB</span>").join("") +
     (gpu.total_mib ? '<span class="dim">of ' + gpu.total_mib + " MiB</span>" : "") + "</div></div>";
@@ -9461,7 +10579,7 @@ function buildTimeline(evs, st) {
   const defaultGpu = st ? st.gpu.index : 0;
   const gpuOf = (name) => (st && st.consumers[name] && isNum(st.consumers[name].gpu)
     ? st.consumers[name].gpu : defaultGpu);
-  const jobs = new Map(), ops = [], resv = [], queues = {}, lanes = {}, open = {};
+  const jobs = new Map(), ops = [], resv = [], strangers = [], queues = {}, lanes = {}, open = {};
   const unfinished = new Set(), running = {};  // ops under way; the running job of each GPU:consumer
   const lane = (gpu, name) => { (lanes[gpu] = lanes[gpu] || new Set()).add(name); };
   const start = (op) => {
@@ -9508,7 +10626,7 @@ function buildTimeline(evs, st) {
       }
       start({type: "unload", consumer: ev.consumer, gpu, job: ev.job, from: t, forConsumer: ev.for_consumer,
              by: ev.by});
-    } else if (name === "evicted" || name === "unloaded") {
+    } else if (name === "evicted" || name === "unloaded" || name === "yielded") {
       const op = open[ev.consumer];
       if (op && op.type === "unload") { op.freeMib = ev.free_mib; close(op, t, true); }
     } else if (name === "loading") {
@@ -9526,6 +10644,10 @@ function buildTimeline(evs, st) {
     } else if (name === "reservation_ended") {
       const gpu = isNum(ev.gpu) ? ev.gpu : defaultGpu;
       for (const r of resv) if (r.gpu === gpu && r.to === undefined) { r.to = t; r.why = ev.why; }
+    } else if (name === "stranger") {  // memory no consumer claims, beyond gpu.yield.ignore_mib
+      const gpu = isNum(ev.gpu) ? ev.gpu : defaultGpu;
+      for (const x of strangers) if (x.gpu === gpu && x.to === undefined) x.to = t;
+      if (ev.present) strangers.push({gpu, from: t, mib: ev.unclaimed_mib, processes: ev.processes || []});
     }
   }
   // A hold has no event at its start: the status says which holder holds, and the latest answers are it.
@@ -9538,7 +10660,7 @@ function buildTimeline(evs, st) {
         .sort((a, b) => b.end - a.end).slice(0, h.holds).forEach((j) => { j.holding = true; });
     }
   }
-  return {jobs, ops, resv, queues, lanes};
+  return {jobs, ops, resv, strangers, queues, lanes};
 }
 
 function jobTip(j, now, several) {
@@ -9576,6 +10698,12 @@ function opTip(op, now) {
     : op.ok ? " unloaded" + why + " in " + took : " unload" + why + " failed after " + took;
   return op.consumer + what + (isNum(op.freeMib) ? "\\n" + op.freeMib + " MiB free after" : "") +
     "\\n" + clock(op.from);
+}
+function strangerTip(x, several) {
+  const procs = x.processes.map((p) => "pid " + p.pid + " " + p.name + " " + p.used_mib + " MiB");
+  return "stranger" + (several ? " on GPU " + x.gpu : "") + ": " + x.mib + " MiB no consumer claims" +
+    "\\n" + (procs.length ? procs.join("\\n") : "no process listed (a graphics process: a game?)") +
+    "\\nfrom " + clock(x.from) + (x.to === undefined ? ", still there" : " to " + clock(x.to));
 }
 function resvTip(r, several) {
   return (several ? "GPU " + r.gpu + " reserved" : "reserved") + ": " + (r.reason || "no reason given") +
@@ -9673,12 +10801,20 @@ function drawTimeline() {
         '" style="' + where + '">' +
         "reserved: " + esc(r.reason || "") + "</div>";
     }
+    let sHtml = "";
+    for (const x of model.strangers) {
+      if (x.gpu !== g) continue;
+      sHtml += span("tl-stranger", x.from, x.to, strangerTip(x, several),
+        'data-state="stranger" data-mib="' + x.mib + '" data-open="' + (x.to === undefined) + '"');
+    }
+    const yielding = status && gpusOf(status).some((s) => s.index === g && s.strangers);
     const row = (attr, label, inner) => '<div class="tl-row" ' + attr + '><div class="tl-label" title="' +
       esc(label) + '">' + esc(label) + '</div><div class="tl-track">' + inner + "</div></div>";
     html += '<div class="tl-gpu" data-gpu="' + g + '">' +
       (several ? '<div class="tl-head">GPU ' + g + "</div>" : "") +
       '<div class="tl-rows"><div class="tl-over">' + over + "</div>" +
       row('data-lane="queue"', "queue", qHtml) +
+      (yielding || sHtml ? row('data-lane="strangers"', "strangers", sHtml) : "") +
       names.map((n) => row('data-consumer="' + esc(n) + '"', n, rows[n])).join("") + "</div></div>";
   }
   $("timeline").innerHTML = html + '<div class="tl-axis">' + axisHtml(from, now) + "</div>";

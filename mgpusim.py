@@ -43,12 +43,15 @@ import time
 #            "reserved_mib": 480, "utilization_pct": 0, "temperature_c": 35, "power_w": 60.5,
 #            "pstate": "P0"}],
 #  "processes": [{"pid": 41001, "name": "/opt/mvoice/.venv/bin/python3", "owner": "mvoice",
-#                  "used_mib": 2800, "gpu_uuid": "GPU-..."}],
+#                  "used_mib": 2800, "gpu_uuid": "GPU-..."},
+#                 {"pid": 41002, "name": "/usr/games/game", "owner": "game", "used_mib": 8192,
+#                  "gpu_uuid": "GPU-...", "graphics": true}],
 #  "faults": {"smi": "hang" | "fail" | "garbage", "smi_delay_s": 0.2,
 #             "nvml": {"call": "nvmlDeviceGetMemoryInfo_v2", "error": 15} | {"hang": true}},
 #  "ooms": [{"owner": "comfyui", "wanted_mib": 13610, "free_mib": 9000}]}
 # memory.used = the GPU's processes' used_mib summed (null: unknown, nvidia-smi's [N/A], counted 0);
-# memory.free = total - reserved - used (at least 0).
+# memory.free = total - reserved - used (at least 0). A "graphics" process (a game) counts in memory.used
+# but is not in --query-compute-apps' list (nor NVML's compute processes), as with the real tool.
 # "ooms" records every allocation that did not fit (a real service gets CUDA out-of-memory there).
 
 UUID_PREFIX = "GPU-5157a3c0-0000-4000-8000-"
@@ -260,7 +263,7 @@ def answer_smi(argv: list[str]) -> str:
         return format_csv(args.query_gpu, GPU_FIELDS, rows, args)
     fields = args.query_apps or []
     check_fields(fields, APP_FIELDS)
-    procs = state["processes"]
+    procs = [p for p in state["processes"] if not p.get("graphics")]  # (compute processes only)
     if args.ids is not None:
         uuids = {g["uuid"] for g in select_gpus(state, args.ids)}
         procs = [p for p in procs if p["gpu_uuid"] in uuids]
@@ -407,10 +410,18 @@ class SimGPU:
         raise ValueError(f"no simulated GPU with index {index}")
 
     def allocate(
-        self, owner: str, mib: int, gpu: int = 0, *, process: str | None = None, pid: int | None = None
+        self,
+        owner: str,
+        mib: int,
+        gpu: int = 0,
+        *,
+        process: str | None = None,
+        pid: int | None = None,
+        graphics: bool = False,
     ) -> None:
         """Make the owner's process hold `mib` MiB on GPU `gpu` (replacing what it held before); it is
-        listed as `process` (default `mgpusim-<owner>`) with `pid` (default a fixed one for the owner).
+        listed as `process` (default `mgpusim-<owner>`) with `pid` (default a fixed one for the owner), in
+        the compute process list unless it is a `graphics` one (a game).
 
         SimOOM, recorded in the state's "ooms", when that does not fit beside what the others hold."""
         # (The record is written before SimOOM leaves ``edit()``, which writes only when its block ends.)
@@ -436,7 +447,37 @@ class SimGPU:
             while wanted in taken:
                 wanted += 1
             entry = {"pid": wanted, "name": name, "owner": owner, "used_mib": int(mib), "gpu_uuid": uuid}
+            if graphics:
+                entry["graphics"] = True
             state["processes"].append(entry)
+
+    def grow(self, owner: str, mib: int, step_mib: int, gpu: int = 0, *, process: str | None = None) -> int:
+        """A graphics process (a game) takes up to `step_mib` more, towards `mib`, as far as free memory
+        allows (what does not fit is not taken, and is no out-of-memory: a game streams its textures in as
+        room allows); what it holds now."""
+        with self.edit() as state:
+            entry = self._gpu(state, gpu)
+            mine = [p for p in state["processes"] if p.get("owner") == owner]
+            held = sum(p["used_mib"] or 0 for p in mine)
+            free = free_mib_on(state, entry)
+            take = max(0, min(step_mib, mib - held, free))
+            if not take:
+                return held
+            if mine:
+                mine[0]["used_mib"] = held + take
+            else:
+                name = process or PROCESS_PREFIX + owner
+                state["processes"].append(
+                    {
+                        "pid": fake_pid(name),
+                        "name": name,
+                        "owner": owner,
+                        "used_mib": take,
+                        "gpu_uuid": entry["uuid"],
+                        "graphics": True,
+                    }
+                )
+            return held + take
 
     def release(self, owner: str) -> None:
         """Remove the owner's process entry (its memory becomes free)."""
@@ -2200,6 +2241,31 @@ def stop(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- a game ----
+
+
+def game(args: argparse.Namespace) -> int:
+    """`mgpusim.py game --state F --mib 8192`: a graphics process (a game) on the simulated GPU. It takes
+    memory towards --mib, --step-mib at a time every --step-s, as far as free memory allows (`SimGPU.grow`),
+    holds it until SIGTERM or SIGINT, and gives it back as it exits. It prints `GAME <MiB>` each time what
+    it holds changes. Not in nvidia-smi's compute process list: its memory is only seen as used."""
+    vram = SimGPU(args.state, create=False)
+    signal.signal(signal.SIGTERM, interrupt)
+    held = 0
+    try:
+        while True:
+            now = vram.grow(args.owner, args.mib, args.step_mib, args.gpu, process=args.process)
+            if now != held:
+                held = now
+                print(f"GAME {held}", flush=True)
+            time.sleep(args.step_s)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        vram.release(args.owner)
+    return 0
+
+
 # ---- demo ----
 
 DEMO_DIR = Path("demo-run")
@@ -2226,6 +2292,10 @@ gpu:
   index: 0
   cushion_mib: 256              # head-room kept free on top of a consumer's vram_resident_mib
   query_timeout_s: 5
+  # Memory no consumer's processes hold (a game) is a stranger's: idle services make room for it, and
+  # come back restore_after_s after it left. (Short times for the demo; mrock's are in consumers.yaml.)
+  yield: {keep_free_mib: 3072, ignore_mib: 512, restore_after_s: 2, poll_s: 0.5}
+state_file: $statefile          # reservations, what waits to be restored, timings, last use: kept on restart
 scheduler: {max_queue: 64, queue_timeout_s: 60, max_evictions: 5, vram_wait_s: 10, aging_s: 60}
 health: {interval_s: 1, timeout_s: 2}
 routing: {tts: mvoice, stt: mvoice, llm: ollama, image: comfyui}
@@ -2242,6 +2312,7 @@ consumers:
     load: {method: POST, path: /api/admin/load}
     can_coexist_with: [ollama, whisper]
     priority: 3
+    processes: {name: "*/mvoice/*"}    # (gpu.yield measures every consumer)
   comfyui:                      # /prompt answers at once; the job holds the GPU until /history/<id> is set
     preset: comfyui
     url: http://127.0.0.1:$comfyui
@@ -2258,6 +2329,7 @@ consumers:
     paths:
       stt: {method: POST, path: /inference}
     vram_resident_mib: 1500
+    processes: {name: "*/whisper-server"}
 """)
 
 
@@ -2341,6 +2413,8 @@ class DemoRun:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.log_pos = 0
         self.audio_path = "/audio/..."
+        self.state = DEMO_DIR / "gpu.json"
+        self.game: subprocess.Popen[bytes] | None = None
 
     def spawn(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
         """Start a child in a session of its own (Ctrl-C reaches only the demo, which stops it)."""
@@ -2359,8 +2433,12 @@ class DemoRun:
         wait_for_line(cons, b"READY all", 15)
         smi = shlex.join([sys.executable, str(HERE), "nvidia-smi", "--state", str(state.resolve())])
         config = DEMO_DIR / "demo.yaml"
+        self.state = state
+        statefile = json.dumps(str((DEMO_DIR / "state.json").resolve()))
         config.write_text(
-            DEMO_CONFIG.substitute(broker=self.base.rsplit(":", 1)[1], smi=json.dumps(smi), **self.ports)
+            DEMO_CONFIG.substitute(
+                broker=self.base.rsplit(":", 1)[1], smi=json.dumps(smi), statefile=statefile, **self.ports
+            )
         )
         manager = [sys.executable, str(HERE.with_name("mgpumanager.py")), "--config", str(config)]
         checked = subprocess.run(
@@ -2393,7 +2471,8 @@ class DemoRun:
         return headers, data
 
     def new_log(self, *msgs: str) -> list[str]:
-        """Print the new broker.log lines with one of these msgs (since the last call); return their msgs."""
+        """Print the new broker.log lines with one of these msgs (since the last call); return their msgs.
+        Without msgs: skip what is new."""
         text = BROKER_LOG.read_text(errors="replace")
         end = text.rfind("\n") + 1
         lines = [line for line in text[self.log_pos : end].splitlines() if log_msg(line) in msgs]
@@ -2507,6 +2586,63 @@ class DemoRun:
         print(f"    models: {', '.join(m['name'] for m in models['models'])}")
         stats = json.loads(http(self.base + "/v1/status")[1])["scheduler"]["stats"]
         check(stats["jobs"] == 6, "the chat counted as the sixth job, the model list as none")
+        self.stranger()
+
+    def stranger(self) -> None:
+        """A game arrives, the services make room for it, a job is refused meanwhile, the game ends, and
+        what was unloaded for it comes back (gpu.yield)."""
+        title = "8. Speech again: mvoice is loaded beside ollama (they may coexist)."
+        self.step(title, "/v1/tts", TTS_BODY, f"{DEMO_DIR}/before-game.wav")
+        self.new_log()
+        loaded = {n: c["loaded"] for n, c in self.status()["consumers"].items()}
+        print(f"    resident now: {', '.join(n for n, v in loaded.items() if v)}")
+        check(loaded["mvoice"] and loaded["ollama"], "mvoice and ollama resident before the game")
+
+        print("\n9. A game starts and wants 8 GiB. It is a graphics process: nvidia-smi's compute list does not")
+        print("   show it, but its memory shows as used that no consumer's processes hold. The broker unloads")
+        print("   idle services (least recently used first, ollama last) to keep 3072 MiB free for it:")
+        argv = [sys.executable, str(HERE), "game", "--state", str(self.state), "--mib", "8192"]
+        print(f"  $ python3 mgpusim.py game --state {self.state} --mib 8192 &")
+        self.game = self.spawn(argv, stdout=subprocess.DEVNULL)
+        vram = SimGPU(self.state, create=False)
+        deadline = time.monotonic() + 30
+        while vram.used_mib("game") < 8192:
+            check(time.monotonic() < deadline, "the game to get its 8192 MiB within 30 s")
+            time.sleep(0.1)
+        yields = [m for m in self.new_log("stranger appeared", "yielded") if m == "yielded"]
+        while (st := self.status())["gpu"]["unclaimed_mib"] != 8192:  # (a status reading is up to 1 s old)
+            check(time.monotonic() < deadline, "/v1/status to show the game's 8192 MiB within 30 s")
+            time.sleep(0.2)
+        gpu = st["gpu"]
+        print(f"    the game holds 8192 MiB; /v1/status: unclaimed_mib={gpu['unclaimed_mib']},")
+        print(f"    strangers.present={gpu['strangers']['present']}, processes={gpu['strangers']['processes']}")
+        loaded = {n: c["loaded"] for n, c in st["consumers"].items()}
+        check(gpu["unclaimed_mib"] == 8192 and gpu["strangers"]["present"], "the game seen as a stranger")
+        check(len(yields) == 2 and not loaded["mvoice"] and not loaded["ollama"], "mvoice and ollama yielded")
+
+        title = "10. Speech while the game plays: mvoice (2800 + 256 MiB) would leave less than 3072 free."
+        print(f"\n{title}\n  $ {self.curl('/v1/tts', TTS_BODY)}")
+        req = urllib.request.Request(self.base + "/v1/tts", json.dumps(TTS_BODY).encode(), JSON_HEADER)
+        try:
+            with OPENER.open(req, timeout=15) as resp:
+                raise DemoError(f"/v1/tts answered {resp.status}, not 503 gpu_in_use")
+        except urllib.error.HTTPError as e:
+            answer, retry = json.loads(e.read()), e.headers.get("Retry-After")
+        print(f"    HTTP 503, Retry-After: {retry}: {answer['error']}: {answer['message']}")
+        check(answer["error"] == "gpu_in_use" and retry is not None, "503 gpu_in_use with a Retry-After")
+
+        print("\n11. The game ends. With no stranger for restore_after_s (2 s), mvoice is loaded again (ollama")
+        print("    has no load route: it loads with its next job).")
+        stop_process(self.game)
+        self.procs.remove(self.game)
+        deadline = time.monotonic() + 30
+        while not self.status()["consumers"]["mvoice"]["loaded"]:
+            check(time.monotonic() < deadline, "mvoice to be restored within 30 s")
+            time.sleep(0.2)
+        msgs = self.new_log("stranger gone", "restored")
+        check(msgs == ["stranger gone", "restored"], f"broker.log to show the stranger gone, then restored: {msgs}")
+        wav = self.step("    Speech works again:", "/v1/tts", TTS_BODY, f"{DEMO_DIR}/after-game.wav")[1]
+        print(f"    HTTP 200, {len(wav)} bytes")
 
     def box(self) -> None:
         """The curl commands to try by hand."""
@@ -2593,6 +2729,15 @@ def build_parser() -> argparse.ArgumentParser:
     sto.add_argument("--pidfile", required=True)
     sto.add_argument("--timeout", type=float, default=10.0)
     sto.set_defaults(func=stop)
+    gam = sub.add_parser("game", help="a game: a graphics process taking GPU memory until SIGTERM")
+    gam.add_argument("--state", required=True, help="existing GPU state file")
+    gam.add_argument("--mib", type=int, default=8192, help="what it takes in all, as room allows")
+    gam.add_argument("--step-mib", type=int, default=512)
+    gam.add_argument("--step-s", type=float, default=0.05)
+    gam.add_argument("--gpu", type=int, default=0)
+    gam.add_argument("--owner", default="game")
+    gam.add_argument("--process", default="/usr/games/supertuxkart")
+    gam.set_defaults(func=game)
     dem = sub.add_parser("demo", help="an end-to-end demonstration")
     dem.add_argument("--once", action="store_true")
     dem.set_defaults(func=demo)

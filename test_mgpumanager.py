@@ -217,6 +217,9 @@ class FakeGpu:
     def last_free_mib(self) -> int | None:
         return self.last.free_mib if self.last is not None else None
 
+    def last_reading(self) -> m.GpuReading | None:
+        return self.last
+
     async def read_memory(self) -> m.GpuReading:
         return await self._read("memory")
 
@@ -612,6 +615,8 @@ SPEC_ERRORS = {
     "reservation_released": 409,
     # Issue 18 (a consumer the broker stopped):
     "consumer_stopped": 503,
+    # Issue 22 (a stranger holds what a job would need):
+    "gpu_in_use": 503,
 }
 
 
@@ -1168,6 +1173,19 @@ def test_coexistence_is_symmetric():
         ("gpu.nvidia_smi", "", "gpu.nvidia_smi: must be a command"),
         ("gpu.reader", "nvidia_smi", "gpu.reader: must be one of auto, nvml, nvidia-smi, not 'nvidia_smi'"),
         ("gpu.reader", ["nvml"], "gpu.reader: must be one of auto, nvml, nvidia-smi, not ['nvml']"),
+        # Issue 22: gpu.yield, state_file.
+        ("gpu.yield", {}, "consumers.mvoice.processes: required with gpu.yield (or vram_resident_mib: 0)"),
+        ("gpu.yield", [], "gpu.yield: must be a mapping, not list"),
+        ("gpu.yield", {"keep_free": 1}, "gpu.yield.keep_free: unknown key"),
+        ("gpu.yield", {"keep_free_mib": 0}, "gpu.yield.keep_free_mib: must be positive"),
+        ("gpu.yield", {"keep_free_mib": 2.5}, "gpu.yield.keep_free_mib: must be an integer"),
+        ("gpu.yield", {"ignore_mib": 10**9}, "gpu.yield.ignore_mib: must be at most 1048576 MiB"),
+        ("gpu.yield", {"restore_after_s": -1}, "gpu.yield.restore_after_s: must be >= 0"),
+        ("gpu.yield", {"poll_s": 0.05}, "gpu.yield.poll_s: must be at least 0.1 s"),
+        ("gpu.yield", {"poll_s": math.nan}, "gpu.yield.poll_s: must be a finite number"),
+        ("gpu.yield", {"restore_after_s": 10**9}, "gpu.yield.restore_after_s: must be at most 604800 s"),
+        ("state_file", "", "state_file: must be a path (a non-empty string), not ''"),
+        ("state_file", ["/var/lib/x"], "state_file: must be a path"),
     ],
 )
 def test_each_config_rule_names_the_key(path, value, expected):
@@ -4044,7 +4062,7 @@ def test_memory_no_record_accounts_for_is_nobodys(records, used, unclaimed, cred
     views = {name: rec if isinstance(rec, dict) else {"resident": rec} for name, rec in records.items()}
     views["t"] = {"resident": False}
     snap = _room_snapshot(small_config(), 0, views, used_mib=used, target_working=1)
-    assert m.unclaimed_mib(snap) == unclaimed
+    assert m.unclaimed_mib(snap.consumers, snap.used_mib) == unclaimed
     assert m.plan_room(snap).need_mib == 4256 - credit
 
 
@@ -5135,6 +5153,396 @@ async def test_an_allocation_that_does_not_fit_is_recorded(bed):
             assert resp.status == 500  # whisper's own answer: its model did not fit
     free = 16384 - 480 - 13610
     assert b.gpu.ooms() == [{"owner": "whisper", "wanted_mib": 4000, "free_mib": free}]
+
+
+# =====================================================================================================
+# 5.1 Strangers (issue 22): the GPU yields to what else needs it, and takes back afterwards
+# Unclaimed memory and the stranger it makes; whom yielding unloads; what fits beside a stranger; restores;
+# the broker as a process beside a "game"; the state file a restart reads.
+# =====================================================================================================
+
+
+def _measured(cfg: m.Config, **views: dict[str, Any]) -> dict[str, m.ConsumerView]:
+    """x, y and z resident, each measured holding its 4000 MiB; t not resident (measured holding nothing);
+    ``views`` overrides a consumer's figures."""
+    base = {name: {"resident": True, "used_mib": 4000} for name in ("x", "y", "z")}
+    base["t"] = {"resident": False, "used_mib": 0}
+    return {
+        name: m.ConsumerView(c, **{**base[name], **views.get(name, {})}) for name, c in cfg.consumers.items()
+    }
+
+
+def _managed(cfg: m.Config, *names: str) -> m.Config:
+    consumers = {
+        n: dataclasses.replace(c, vram_managed=True) if n in names else c for n, c in cfg.consumers.items()
+    }
+    return dataclasses.replace(cfg, consumers=consumers)
+
+
+#: plan_yield: x, y and z measured holding 4000 MiB each unless the row says otherwise (last use: x 3, y 1,
+#: z 2); free MiB; keep_free_mib; the consumers tried already; whom to unload, in order.
+YIELD_ROWS = {
+    "keep_free_mib free already: nobody": ({}, 2048, 2048, (), ()),
+    "least recently used first, and only as many as needed": ({}, 0, 2048, (), ("y",)),
+    "as many as needed": ({}, 0, 6000, (), ("y", "z")),
+    "all there is, when even that is not enough": ({}, 0, 20000, (), ("y", "z", "x")),
+    "never used counts as oldest": ({"x": {"last_used": None}}, 0, 2048, (), ("x",)),
+    "one at work is not idle": ({"y": {"jobs": 1}}, 0, 2048, (), ("z",)),
+    "one not resident has nothing to give": ({"y": {"resident": False, "used_mib": 0}}, 0, 2048, (), ("z",)),
+    "one measured holding nothing is no victim": (
+        {"y": {"resident": None, "used_mib": 0}},
+        0,
+        2048,
+        (),
+        ("z",),
+    ),
+    "one of unknown residency that holds memory is": ({"y": {"resident": None}}, 0, 2048, (), ("y",)),
+    "one whose yield failed is not asked again": ({}, 0, 2048, ("y",), ("z",)),
+}
+
+
+@pytest.mark.parametrize(("views", "free", "keep", "tried", "victims"), YIELD_ROWS.values(), ids=YIELD_ROWS)
+def test_plan_yield_unloads_idle_consumers_least_recently_used_first(views, free, keep, tried, victims):
+    cfg = small_config()
+    used = {"x": {"last_used": 3.0}, "y": {"last_used": 1.0}, "z": {"last_used": 2.0}}
+    figures = _measured(cfg, **{n: {**used.get(n, {}), **views.get(n, {})} for n in ("x", "y", "z")})
+    held = sum(v.used_mib or 0 for v in figures.values())
+    assert m.plan_yield(figures, free, held + 3000, keep, tried) == victims
+
+
+def test_plan_yield_takes_vram_managed_ones_last_and_never_one_without_an_unload():
+    cfg = _without_unload(_managed(small_config(), "y"), "x")
+    figures = _measured(cfg, x={"last_used": 1.0}, y={"last_used": 2.0}, z={"last_used": 3.0})
+    assert m.plan_yield(figures, 0, 12000, 6000) == ("z", "y")  # y, managed, after z, though used before it
+    assert m.plan_yield(figures, 0, 12000, 2048) == ("z",)
+
+
+def test_beside_a_stranger_a_job_fits_only_if_it_leaves_keep_free_mib_free():
+    cfg = small_config(consumers__x__can_coexist_with=["t"])
+    figures = _measured(cfg)
+    snap = m.RoomSnapshot("t", figures, 6304, 256, used_mib=12000, keep_free_mib=2048)
+    assert m.plan_room(snap).need_mib == 4000 + 256 + 2048 and m.plan_room(snap).fits
+    short = m.plan_room(dataclasses.replace(snap, free_mib=6303))
+    # x may coexist with t, which was reckoned without the stranger: beside it, x is a victim like any.
+    assert not short.fits and short.victims == ("x",) and not short.hopeless
+    alone = m.plan_room(dataclasses.replace(snap, free_mib=6303, keep_free_mib=0))
+    assert alone.fits and alone.need_mib == 4256
+    # A target that holds its size already loads nothing: it needs what it always did (the cushion).
+    resident = _measured(cfg, t={"resident": True, "used_mib": 4000})
+    held = m.plan_room(m.RoomSnapshot("t", resident, 300, 256, used_mib=16000, keep_free_mib=2048))
+    assert held.need_mib == 256 and held.fits
+
+
+def test_a_job_that_could_not_fit_even_once_every_victim_is_unloaded_is_hopeless():
+    cfg = _without_unload(small_config(), "x", "y")
+    snap = m.RoomSnapshot("t", _measured(cfg), 1000, 256, used_mib=12000, keep_free_mib=2048)
+    plan = m.plan_room(snap)  # 1000 free + z's 4000 < 6304
+    assert plan.victims == ("z",) and plan.expected_mib == 5000 and plan.hopeless
+    plan = m.plan_room(dataclasses.replace(snap, consumers=_measured(small_config())))
+    assert plan.expected_mib >= plan.need_mib and not plan.hopeless
+
+
+#: Unclaimed memory with every consumer measured (gpu.yield's loader rule): what the reading shows used
+#: beyond what the consumers' processes hold, whatever their records say.
+MEASURED_UNCLAIMED_ROWS = {
+    "all theirs": ({}, 12000, 0),
+    "a game's 6144 beside them": ({}, 18144, 6144),
+    "one unloaded keeps its CUDA context: it is its": ({"x": {"resident": False, "used_mib": 610}}, 8610, 0),
+    "a record says resident, its processes hold nothing: nobody's": (
+        {"x": {"resident": True, "used_mib": 0}},
+        12000,
+        4000,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("views", "used", "unclaimed"), MEASURED_UNCLAIMED_ROWS.values(), ids=MEASURED_UNCLAIMED_ROWS
+)
+def test_unclaimed_memory_is_what_the_consumers_processes_do_not_hold(views, used, unclaimed):
+    assert m.unclaimed_mib(_measured(small_config(), **views), used) == unclaimed
+
+
+def _yield_config(keep: int = 2048, ignore: int = 512, **tweaks: Any) -> m.Config:
+    """small_config with gpu.yield on and every consumer measured by its FakeGpu process name."""
+    cfg = small_config(**tweaks)
+    consumers = {
+        n: dataclasses.replace(c, processes=m.ProcessMatch(name=f"/usr/bin/{n}"))
+        for n, c in cfg.consumers.items()
+    }
+    y = m.YieldConfig(keep_free_mib=keep, ignore_mib=ignore, restore_after_s=30, poll_s=2)
+    return dataclasses.replace(cfg, gpu=dataclasses.replace(cfg.gpu, yield_=y), consumers=consumers)
+
+
+def _reading(s: m.Scheduler, used: dict[str, int], strangers: dict[int, int], started: float) -> m.GpuReading:
+    """A whole reading: the consumers' processes (measured, as Consumers.measure would) and strangers' ones
+    (pid -> MiB; a graphics process shows only in the used figure: a negative pid here)."""
+    procs = [m.GpuProcess(100 + i, f"/usr/bin/{n}", mib) for i, (n, mib) in enumerate(used.items())]
+    owners = {p.pid: n for p, n in zip(procs, used, strict=True)}
+    procs += [m.GpuProcess(pid, f"/usr/bin/stranger{pid}", mib) for pid, mib in strangers.items() if pid > 0]
+    total_used = sum(used.values()) + sum(strangers.values())
+    for n, mib in used.items():
+        s.states[n].measured(
+            mib, frozenset({next(p for p, o in owners.items() if o == n)}), mib >= 2000, started
+        )
+    reading = m.GpuReading(
+        0, "GPU-x", "Fake", 16384, total_used, 15904 - total_used, 0, 40, tuple(procs), 0, started
+    )
+    return dataclasses.replace(reading, owners=owners)
+
+
+def test_a_stranger_is_present_while_unclaimed_memory_exceeds_ignore_mib_and_each_change_is_recorded():
+    s, gpu, ops, clock = make_scheduler(_yield_config(ignore=512))
+    held = {"x": 4000, "y": 4000, "z": 0, "t": 0}
+    s.strangers.seen(_reading(s, held, {-1: 512}, clock()))  # a desktop's own: no stranger
+    assert (
+        s.strangers.unclaimed_mib == 512 and not s.strangers.present and s.strangers.absent_since == clock()
+    )
+    clock.now += 5
+    s.strangers.seen(_reading(s, held, {-1: 600, 4242: 6144}, clock()))
+    assert s.strangers.present and s.strangers.since == clock() and s.strangers.unclaimed_mib == 6744
+    assert [p.pid for p in s.strangers.processes] == [4242]  # the game (graphics) is not in the list
+    assert s.strangers.keep_free_mib() == 2048
+    s.strangers.seen(_reading(s, held, {-1: 600, 4242: 6144}, clock() - 1))  # an older reading: ignored
+    clock.now += 5
+    s.strangers.seen(_reading(s, held, {-1: 500}, clock()))
+    assert (
+        not s.strangers.present and s.strangers.absent_since == clock() and s.strangers.keep_free_mib() == 0
+    )
+    events = [e for e in recent_events(s.events) if e["event"] == "stranger"]
+    assert [(e["present"], e["unclaimed_mib"]) for e in events] == [(True, 6744), (False, 500)]
+    assert events[0]["processes"] == [{"pid": 4242, "name": "/usr/bin/stranger4242", "used_mib": 6144}]
+    # Without gpu.yield, unclaimed memory is still shown, but there is no stranger.
+    s, gpu, ops, clock = make_scheduler(small_config())
+    s.strangers.seen(_reading(s, held, {4242: 6144}, clock()))
+    assert s.strangers.unclaimed_mib == 6144 and not s.strangers.present and s.strangers.describe() is None
+
+
+def test_a_strangers_processes_are_named_the_largest_first_and_the_rest_counted():
+    processes = [m.GpuProcess(pid, f"p{pid}", pid) for pid in range(1, 26)]
+    text = m.describe_processes(processes)
+    assert text.startswith("pid 25 p25 25 MiB, pid 24 p24 24 MiB") and text.endswith("and 15 more")
+    assert "graphics" in m.describe_processes([])
+
+
+def _state(**over: Any) -> dict[str, Any]:
+    """A state file's content as the broker writes it, written at 1,000,000 s (wall-clock)."""
+    raw: dict[str, Any] = {
+        "version": 1,
+        "written_at": "1970-01-12T13:46:40.000Z",
+        "written_at_s": 1_000_000.0,
+        "gpus": {
+            "0": {
+                "reservation": {
+                    "reason": "gaming",
+                    "until_s": 1_003_600.0,
+                    "restore": True,
+                    "unloaded": ["mvoice", "comfyui"],
+                    "to_restore": ["mvoice"],
+                },
+                "to_restore": ["ollama"],
+            }
+        },
+        "consumers": {"mvoice": {"last_used_s": 999_000.0, "timings": {"load": [1.5, 2.5], "job": [0.2]}}},
+    }
+    for dotted, value in over.items():
+        *parents, leaf = dotted.split("__")
+        node = raw
+        for key in parents:
+            node = node[key]
+        if value is KeyError:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    return raw
+
+
+def test_the_state_file_is_read_as_of_now():
+    rem = m.parse_state(_state(), 1_000_100.0)
+    assert rem.reservations == {0: (3500.0, "gaming", True, ("mvoice", "comfyui"), ("mvoice",))}
+    assert rem.to_restore == {0: ("ollama",)}
+    assert rem.last_used == {"mvoice": (1100.0, 999_000.0)}
+    assert rem.timings == {"mvoice": {"load": (1.5, 2.5), "job": (0.2,)}}
+    # Ended while the broker was down: over, and what it unloaded (and was resident) waits to be restored.
+    rem = m.parse_state(_state(), 1_004_000.0)
+    assert rem.reservations == {} and rem.to_restore == {0: ("ollama", "mvoice")}
+    rem = m.parse_state(_state(gpus__0__reservation__restore=False), 1_004_000.0)
+    assert rem.to_restore == {0: ("ollama",)}
+
+
+def test_a_wall_clock_set_back_never_lengthens_a_reservation_nor_puts_a_last_use_in_the_future():
+    # The clock now says an hour before the file was written: nothing is taken to have happened since.
+    rem = m.parse_state(_state(), 996_400.0)
+    assert rem.reservations[0][0] == 3600.0  # what it had left when written, not 7200 s
+    assert rem.last_used["mvoice"][0] == 1000.0  # as long before the writing as it was
+
+
+#: A state file set aside (a warning, a fresh start): what is wrong with it, and what the reason says.
+BAD_STATE_ROWS = {
+    "not an object": ([], "not a JSON object"),
+    "a later format": ({**_state(), "version": 2}, "written by a later mgpumanager (format 2"),
+    "no format": (_state(version=KeyError), "version: None is no format"),
+    "a format as text": (_state(version="1"), "version: '1' is no format"),
+    "no time written": (_state(written_at_s=KeyError), "written_at_s: None is no number"),
+    "a time that is no number": (_state(written_at_s=math.inf), "written_at_s"),
+    "a GPU that is no index": (_state(gpus={"a": {}}), "gpus.a: no GPU index"),
+    "a GPU index too large": (_state(gpus={"256": {}}), "gpus.256: no GPU index"),
+    "a week and more left": (
+        _state(gpus__0__reservation__until_s=1_000_000.0 + 8 * 86400),
+        "gpus.0.reservation: 691100 s left, more than a reservation may last",
+    ),
+    "a reason too long": (_state(gpus__0__reservation__reason="x" * 201), "no reason (at most 200"),
+    "a restore flag that is not one": (_state(gpus__0__reservation__restore="yes"), "or restore flag"),
+    "names that are not": (_state(gpus__0__to_restore=[1]), "gpus.0.to_restore: not a list of names"),
+    "a list without end": (_state(gpus__0__to_restore=["a"] * 1001), "not a list of at most 1000 names"),
+    "a last use after the writing": (
+        _state(consumers__mvoice__last_used_s=1_000_001.0),
+        "consumers.mvoice.last_used_s: after the file was written",
+    ),
+    "a negative time": (_state(consumers__mvoice__last_used_s=-1), "consumers.mvoice.last_used_s: -1"),
+    "a timing of no kind": (_state(consumers__mvoice__timings={"boot": [1.0]}), "timings.boot: no list"),
+    "too many samples": (_state(consumers__mvoice__timings={"job": [1.0] * 16}), "timings.job: no list"),
+    "an absurd sample": (_state(consumers__mvoice__timings={"job": [1e12]}), "timings.job: 1000000000000"),
+    "a sample that is no number": (_state(consumers__mvoice__timings={"job": [True]}), "timings.job: True"),
+}
+
+
+@pytest.mark.parametrize(("raw", "reason"), BAD_STATE_ROWS.values(), ids=BAD_STATE_ROWS)
+def test_a_state_file_that_is_not_right_is_set_aside_naming_why(raw, reason):
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        m.parse_state(raw, 1_000_100.0)
+
+
+def _own_process(sim: mgpusim.SimConsumer) -> dict[str, Any]:
+    """The sim's process gets a name of its own (``/opt/<name>/python3``); its ``processes`` to match it."""
+    sim.process_name = f"/opt/{sim.name}/python3"
+    return {"processes": {"name": f"/opt/{sim.name}/*"}}
+
+
+async def _events(daemon: Daemon, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
+    """The daemon's events of the last 15 minutes."""
+    async with session.get(daemon.url("/v1/events?since=900")) as resp:
+        return await _read_replay(resp)
+
+
+@no_overfill
+async def test_a_stranger_gets_room_a_job_beside_it_gpu_in_use_and_what_yielded_comes_back(bed):
+    """Issue 22, done when: on a 16 GiB GPU, a and b (4000 MiB each, measured by their processes) idle and
+    resident, keep_free_mib 2048. A stranger (a game: a graphics process, only seen as used memory) takes
+    6 GiB, leaving 1760 MiB free: b, the one used least recently, is unloaded (a stays: 5760 free is enough).
+    c (8000 MiB) cannot fit beside it even with a unloaded: gpu_in_use at once, with Retry-After, naming the
+    unclaimed MiB; nothing overfilled the GPU. The game ends: restore_after_s later, b is loaded again."""
+    b = await bed(total_mib=16384)
+    sims = {
+        name: mgpusim.MvoiceSim(name, b.gpu, vram_mib=mib)
+        for name, mib in (("a", 4000), ("b", 4000), ("c", 8000))
+    }
+    for name, sim in sims.items():
+        spec = mvoice_like(sim.vram_mib, f"k{name}") | _own_process(sim)
+        await b.add(sim, spec | ({"can_coexist_with": ["a"]} if name == "b" else {}), f"k{name}")
+    b.raw["gpu"]["yield"] = {"keep_free_mib": 2048, "ignore_mib": 512, "restore_after_s": 1, "poll_s": 0.2}
+    async with b.daemon() as daemon:
+        for kind in ("kb", "ka"):  # b used first: the least recently used
+            async with b.session.post(daemon.url(f"/v1/{kind}"), json={"text": kind}) as resp:
+                assert resp.status == 200, await resp.read()
+        await daemon.until(b.session, lambda st: st["consumers"]["a"]["vram_used_mib"] == 4000)
+        b.gpu.allocate("game", 6144, graphics=True)  # free: 15904 - 8000 - 6144 = 1760
+        st = await daemon.until(b.session, lambda st: st["consumers"]["b"]["loaded"] is False, timeout=30)
+        assert st["consumers"]["a"]["loaded"] is True and sims["a"].unloads == 0 and sims["b"].unloads == 1
+        st = await daemon.until(b.session, lambda st: st["gpu"]["unclaimed_mib"] == 6144)
+        assert st["gpu"]["strangers"]["present"] and st["gpu"]["strangers"]["processes"] == []
+        async with b.session.post(daemon.url("/v1/kc"), json={"text": "c"}) as resp:
+            answer = resp.status, dict(resp.headers), await resp.read()
+        nothing_overfilled(b.gpu)
+        error = error_of(*answer, "gpu_in_use")
+        assert answer[1]["Retry-After"] == "10" and sims["c"].loads == 0 and sims["a"].unloads == 0
+        assert "6144 MiB no consumer claims (no process listed: a graphics process" in error["message"]
+        assert "c needs 10304 MiB free (8000 + cushion 256 + 2048 kept free for it)" in error["message"]
+        b.gpu.release("game")
+        st = await daemon.until(b.session, lambda st: st["consumers"]["b"]["loaded"] is True, timeout=30)
+        assert st["scheduler"]["stats"]["yields"] == 1 and st["scheduler"]["stats"]["restores"] == 1
+        events = [
+            e for e in await _events(daemon, b.session) if e["event"] in ("stranger", "yielded", "restored")
+        ]
+    assert [(e["event"], e.get("present"), e.get("consumer")) for e in events] == [
+        ("stranger", True, None),
+        ("yielded", None, "b"),
+        ("stranger", False, None),
+        ("restored", None, "b"),
+    ]
+    gone, restored = (datetime.datetime.fromisoformat(e["ts"].replace("Z", "+00:00")) for e in events[2:])
+    assert (restored - gone).total_seconds() >= 1  # restore_after_s after the stranger was seen gone
+    assert sims["b"].loads == 2 and sims["c"].loads == 0
+
+
+def _yielding(**y: Any) -> Any:
+    """A rig tweak: gpu.yield on (short times), every consumer measured by its process name; ollama holds no
+    memory of this GPU's (a stand-in may take its place)."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["gpu"]["yield"] = {"keep_free_mib": 2048, "restore_after_s": 3600, "poll_s": 0.2} | y
+        for name, pattern in (
+            ("mvoice", "*/mvoice/*"),
+            ("comfyui", "*/ComfyUI/*"),
+            ("whisper", "*/whisper*"),
+        ):
+            raw["consumers"][name]["processes"] = {"name": pattern}
+        raw["consumers"]["ollama"]["vram_resident_mib"] = 0
+
+    return tweak
+
+
+async def test_a_job_that_cannot_fit_beside_a_stranger_is_refused_at_once_and_one_that_can_runs(rig):
+    """Issue 22: gpu_in_use comes at admission, before the job is queued (nobody sits in the queue behind a
+    game); a job that fits beside the stranger, leaving keep_free_mib free, runs."""
+    r = await rig(tweak=_yielding())
+    r.gpu.allocate("game", 8000, process="/usr/bin/train.py")  # a training run: in the process list
+    await status_until(r, lambda st: st["gpu"]["strangers"]["present"])
+    jobs = r.stats.jobs
+    status, headers, body = await r.post("image", {"prompt": {}})
+    error = error_of(status, headers, body, "gpu_in_use")
+    assert headers["Retry-After"] == "10" and r.stats.jobs == jobs  # not a job: never queued
+    assert f"(pid {mgpusim.fake_pid('/usr/bin/train.py')} /usr/bin/train.py 8000 MiB)" in error["message"]
+    assert not [
+        e for e in recent_events(r.broker.events) if e["event"] == "queued" and e["consumer"] == "comfyui"
+    ]
+    assert r.sims["comfyui"].work == [] and r.sims["mvoice"].unloads == 0
+    # mvoice's 2800 (+ 256) leave 15904 - 8000 - 3056 = 4848 >= 2048 free: it runs.
+    status, _, _ = await r.post("tts", {"text": "hi"})
+    assert status == 200 and r.gpu.free_mib() >= 2048
+
+
+async def test_jobs_waiting_when_a_stranger_comes_that_cannot_fit_beside_it_are_answered_at_once(rig):
+    """A job queued behind a running one is answered gpu_in_use within poll_s of the stranger's coming, not
+    when the GPU is free again (nor after queue_timeout_s)."""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(tweak=_yielding(), urls={"ollama": ollama.url})
+        llm = asyncio.ensure_future(r.post("llm", {"prompt": "hold"}))
+        await status_until(r, lambda st: st["scheduler"]["holder"] is not None)
+        image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+        await status_until(r, lambda st: len(st["scheduler"]["queue"]) == 1)
+        r.gpu.allocate("game", 8000, graphics=True)
+        status, headers, body = await asyncio.wait_for(image, 30)
+        error_of(status, headers, body, "gpu_in_use")
+        assert not llm.done() and r.broker.scheduler.holder == "ollama"  # the GPU is still busy
+        gate.set()
+        assert (await llm)[0] == 200
+    assert r.stats.failed == 1 and r.sims["comfyui"].work == []
+
+
+async def test_a_stranger_first_seen_by_the_jobs_own_reading_refuses_it_as_gpu_in_use_without_waiting(rig):
+    """A stranger that came after the last poll passes admission; the job's own reading, when it makes room,
+    shows it: gpu_in_use there too (not insufficient_vram), and the GPU is given back at once."""
+    r = await rig(tweak=_yielding(poll_s=3600))  # (no poll sees the stranger: only the job's reading)
+    await status_until(
+        r, lambda st: st["gpu"]["strangers"] is not None and not st["gpu"]["strangers"]["present"]
+    )
+    r.gpu.allocate("game", 8000, graphics=True)
+    status, headers, body = await r.post("image", {"prompt": {}})
+    error = error_of(status, headers, body, "gpu_in_use")
+    assert "8000 MiB no consumer claims" in error["message"]
+    assert r.stats.failed == 1 and r.broker.scheduler.holder is None and r.sims["comfyui"].work == []
 
 
 # =====================================================================================================
@@ -7582,11 +7990,14 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
     elapsed = time.monotonic() - t0
     # One reading (two nvidia-smi processes) per started second at most, however many requests.
     assert r.broker.gpu.queries <= 2 * (1 + int(elapsed))
-    assert set(first) == {"version", "uptime_s", "gpu", "consumers", "scheduler", "gpus", "internal_errors"}
+    top = {"version", "uptime_s", "gpu", "consumers", "scheduler", "gpus", "internal_errors", "state_file"}
+    assert set(first) == top and first["state_file"] is None  # (no state_file configured)
     # The broker's one figure, shown again in each GPU's stats (as before it was a top-level field).
     assert first["internal_errors"] == first["scheduler"]["stats"]["internal_errors"] == 0
     gpu = first["gpu"]
     assert gpu["total_mib"] == 16384 and gpu["used_mib"] == 13000 and gpu["free_mib"] == 16384 - 480 - 13000
+    # Comfyui says it is loaded: its 13000 MiB are its, none unclaimed; no gpu.yield, no strangers.
+    assert gpu["unclaimed_mib"] == 0 and gpu["strangers"] is None
     assert (
         gpu["processes"]
         == [
@@ -11589,6 +12000,10 @@ def test_every_config_key_is_documented_with_the_default_the_loader_gives():
     for part in ("gpu", "scheduler", "health", "http", "auth"):
         section = getattr(loaded, part)
         keys |= {f"{part}.{f.name}": getattr(section, f.name) for f in dataclasses.fields(section)}
+    # gpu.yield (``yield_`` in Python, a keyword) is off by default; its keys' defaults are the block's.
+    keys["gpu.yield"] = keys.pop("gpu.yield_")
+    keys |= {f"gpu.yield.{f.name}": f.default for f in dataclasses.fields(m.YieldConfig)}
+    keys["state_file"] = loaded.state_file
     consumer = loaded.consumers["a"]
     named = {"paths": "paths.{kind}"}  # the field's key as the table names it
     for f in dataclasses.fields(consumer):
