@@ -2598,9 +2598,9 @@ class DemoRun:
         print(f"    resident now: {', '.join(n for n, v in loaded.items() if v)}")
         check(loaded["mvoice"] and loaded["ollama"], "mvoice and ollama resident before the game")
 
-        print("\n9. A game starts and wants 8 GiB. It is a graphics process: nvidia-smi's compute list does not")
-        print("   show it, but its memory shows as used that no consumer's processes hold. The broker unloads")
-        print("   idle services (least recently used first, ollama last) to keep 3072 MiB free for it:")
+        print("\n9. A game starts and wants 8 GiB. It is a graphics process: nvidia-smi's compute list does")
+        print("   not show it, but its memory shows as used that no consumer's processes hold. The broker")
+        print("   unloads idle services (least recently used first, ollama last) to keep 3072 MiB free:")
         argv = [sys.executable, str(HERE), "game", "--state", str(self.state), "--mib", "8192"]
         print(f"  $ python3 mgpusim.py game --state {self.state} --mib 8192 &")
         self.game = self.spawn(argv, stdout=subprocess.DEVNULL)
@@ -2615,7 +2615,8 @@ class DemoRun:
             time.sleep(0.2)
         gpu = st["gpu"]
         print(f"    the game holds 8192 MiB; /v1/status: unclaimed_mib={gpu['unclaimed_mib']},")
-        print(f"    strangers.present={gpu['strangers']['present']}, processes={gpu['strangers']['processes']}")
+        strangers = gpu["strangers"]
+        print(f"    strangers.present={strangers['present']}, processes={strangers['processes']}")
         loaded = {n: c["loaded"] for n, c in st["consumers"].items()}
         check(gpu["unclaimed_mib"] == 8192 and gpu["strangers"]["present"], "the game seen as a stranger")
         check(len(yields) == 2 and not loaded["mvoice"] and not loaded["ollama"], "mvoice and ollama yielded")
@@ -2631,8 +2632,8 @@ class DemoRun:
         print(f"    HTTP 503, Retry-After: {retry}: {answer['error']}: {answer['message']}")
         check(answer["error"] == "gpu_in_use" and retry is not None, "503 gpu_in_use with a Retry-After")
 
-        print("\n11. The game ends. With no stranger for restore_after_s (2 s), mvoice is loaded again (ollama")
-        print("    has no load route: it loads with its next job).")
+        print("\n11. The game ends. With no stranger for restore_after_s (2 s), mvoice is loaded again")
+        print("    (ollama has no load route: it loads with its next job).")
         stop_process(self.game)
         self.procs.remove(self.game)
         deadline = time.monotonic() + 30
@@ -2640,7 +2641,7 @@ class DemoRun:
             check(time.monotonic() < deadline, "mvoice to be restored within 30 s")
             time.sleep(0.2)
         msgs = self.new_log("stranger gone", "restored")
-        check(msgs == ["stranger gone", "restored"], f"broker.log to show the stranger gone, then restored: {msgs}")
+        check(msgs == ["stranger gone", "restored"], f"the stranger gone, then mvoice restored, not {msgs}")
         wav = self.step("    Speech works again:", "/v1/tts", TTS_BODY, f"{DEMO_DIR}/after-game.wav")[1]
         print(f"    HTTP 200, {len(wav)} bytes")
 

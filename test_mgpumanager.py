@@ -5292,7 +5292,7 @@ def _reading(s: m.Scheduler, used: dict[str, int], strangers: dict[int, int], st
 
 
 def test_a_stranger_is_present_while_unclaimed_memory_exceeds_ignore_mib_and_each_change_is_recorded():
-    s, gpu, ops, clock = make_scheduler(_yield_config(ignore=512))
+    s, _, _, clock = make_scheduler(_yield_config(ignore=512))
     held = {"x": 4000, "y": 4000, "z": 0, "t": 0}
     s.strangers.seen(_reading(s, held, {-1: 512}, clock()))  # a desktop's own: no stranger
     assert (
@@ -5313,7 +5313,7 @@ def test_a_stranger_is_present_while_unclaimed_memory_exceeds_ignore_mib_and_eac
     assert [(e["present"], e["unclaimed_mib"]) for e in events] == [(True, 6744), (False, 500)]
     assert events[0]["processes"] == [{"pid": 4242, "name": "/usr/bin/stranger4242", "used_mib": 6144}]
     # Without gpu.yield, unclaimed memory is still shown, but there is no stranger.
-    s, gpu, ops, clock = make_scheduler(small_config())
+    s, _, _, clock = make_scheduler(small_config())
     s.strangers.seen(_reading(s, held, {4242: 6144}, clock()))
     assert s.strangers.unclaimed_mib == 6144 and not s.strangers.present and s.strangers.describe() is None
 
