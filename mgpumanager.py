@@ -10340,7 +10340,8 @@ DASHBOARD_HTML = """<!doctype html>
 <title>mgpumanager</title>
 <style>
 :root { --bg:#111418; --card:#1b2027; --fg:#e6e9ee; --dim:#8b95a3; --ok:#3fb950; --bad:#f85149;
-        --free:#2b323c; --unknown:#5a6370; --stranger:#db6d28; --label:6.5rem; }
+        --free:#2b323c; --unknown:#5a6370; --label:6.5rem;
+        --stranger:repeating-linear-gradient(135deg, #c2562a 0 5px, #7a3119 5px 10px); }
 * { box-sizing:border-box; }
 body { margin:0; font:15px/1.4 system-ui, sans-serif; background:var(--bg); color:var(--fg); }
 header { display:flex; flex-wrap:wrap; gap:.5rem 1rem; align-items:baseline; padding:.8rem 1rem; }

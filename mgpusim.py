@@ -2294,7 +2294,7 @@ gpu:
   query_timeout_s: 5
   # Memory no consumer's processes hold (a game) is a stranger's: idle services make room for it, and
   # come back restore_after_s after it left. (Short times for the demo; mrock's are in consumers.yaml.)
-  yield: {keep_free_mib: 3072, ignore_mib: 512, restore_after_s: 2, poll_s: 0.5}
+  yield: {keep_free_mib: 3072, ignore_mib: 512, restore_after_s: 1, poll_s: 0.5}
 state_file: $statefile          # reservations, what waits to be restored, timings, last use: kept on restart
 scheduler: {max_queue: 64, queue_timeout_s: 60, max_evictions: 5, vram_wait_s: 10, aging_s: 60}
 health: {interval_s: 1, timeout_s: 2}
@@ -2632,7 +2632,7 @@ class DemoRun:
         print(f"    HTTP 503, Retry-After: {retry}: {answer['error']}: {answer['message']}")
         check(answer["error"] == "gpu_in_use" and retry is not None, "503 gpu_in_use with a Retry-After")
 
-        print("\n11. The game ends. With no stranger for restore_after_s (2 s), mvoice is loaded again")
+        print("\n11. The game ends. With no stranger for restore_after_s (1 s), mvoice is loaded again")
         print("    (ollama has no load route: it loads with its next job).")
         stop_process(self.game)
         self.procs.remove(self.game)

@@ -54,6 +54,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -1075,6 +1076,11 @@ def _config_text(**extra: str) -> str:
 def test_shipped_config_is_valid_and_check_prints_summary():
     config = m.load_config(HERE / "consumers.yaml")
     assert list(config.consumers) == ["mvoice", "comfyui", "ollama", "whisper"]
+    # Issue 22: consumers.yaml turns yielding on (every consumer measured) and keeps state where the unit's
+    # StateDirectory= is.
+    assert config.gpu.yield_ == m.YieldConfig(2048, 512, 30, 2)
+    assert all(c.processes is not None for c in config.consumers.values())
+    assert config.state_file == "/var/lib/mgpumanager/state.json"
     assert config.routing == {"tts": "mvoice", "stt": "mvoice", "llm": "ollama", "image": "comfyui"}
     text = m.summary(config)
     for expected in (
@@ -5545,6 +5551,225 @@ async def test_a_stranger_first_seen_by_the_jobs_own_reading_refuses_it_as_gpu_i
     assert r.stats.failed == 1 and r.broker.scheduler.holder is None and r.sims["comfyui"].work == []
 
 
+async def test_a_reservations_end_loads_again_what_it_unloaded_unless_it_was_told_not_to(rig, capsys):
+    """Issue 22: a reservation's end restores what it unloaded (and only what was resident: comfyui, not
+    loaded before, is not loaded after), as an internal job of the lowest priority; ``restore: false``
+    (``reserve --no-restore``) leaves it unloaded."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    async with r.session.post(r.url("/v1/reserve"), json={"for_s": 60, "reason": "gaming"}) as resp:
+        answer = await resp.json()
+    assert answer["restore"] is True and answer["unloaded"] == ["mvoice", "comfyui"]
+    assert not r.sims["mvoice"].loaded
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert resp.status == 200
+    await until(lambda: r.sims["mvoice"].loaded)
+    await until(lambda: r.stats.restores == 1)
+    events = [(e["event"], e.get("consumer")) for e in recent_events(r.broker.events)]
+    after = events[events.index(("reservation_ended", "reservation")) :]
+    assert [e for e in after if e[0] in ("loading", "loaded", "restored")] == [
+        ("loading", "mvoice"),
+        ("loaded", "mvoice"),
+        ("restored", "mvoice"),
+    ]
+    assert r.sims["comfyui"].loads == 0
+    rc, out, err = await verb(capsys, "reserve", "1m", "--no-restore", "--url", r.url(""))
+    assert rc == 0 and "nothing is loaded again at its end" in out, (out, err)
+    assert (await r.status())["gpu"]["reservation"]["restore"] is False and not r.sims["mvoice"].loaded
+    assert r.broker.scheduler.reservation.to_restore == ["mvoice"]  # (what it would restore)
+    assert r.broker.scheduler.reservations.release("released")  # (here: what its end decides, seen at once)
+    assert r.broker.internal.to_restore[0] == [] and r.stats.restores == 1
+    async with r.session.post(r.url("/v1/reserve"), json={"for_s": 60, "restore": "no"}) as resp:
+        assert (await resp.json())["error"] == "bad_request"
+
+
+async def test_status_metrics_events_and_ps_show_the_stranger_and_what_yielded_for_it(rig, capsys):
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(restore_after_s=0.5))
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    pid = mgpusim.fake_pid("/usr/bin/train.py")
+    r.gpu.allocate("train", 12000, process="/usr/bin/train.py")  # 15904 - 2800 - 12000 = 1104 free
+    st = await status_until(r, lambda st: st["consumers"]["mvoice"]["loaded"] is False, timeout=30)
+    st = await status_until(r, lambda st: st["gpu"]["unclaimed_mib"] == 12000)
+    strangers = st["gpu"]["strangers"]
+    assert strangers["present"] and strangers["since"].endswith("Z") and strangers["more_processes"] == 0
+    assert strangers["processes"] == [{"pid": pid, "name": "/usr/bin/train.py", "used_mib": 12000}]
+    assert st["gpus"][0]["strangers"] == strangers and st["gpus"][0]["unclaimed_mib"] == 12000
+    assert st["scheduler"]["stats"]["yields"] == 1
+    rc, out, _ = await verb(capsys, "ps", "--url", r.url(""))
+    line = next(x for x in out.splitlines() if "strangers:" in x)
+    assert line.startswith("  strangers: 12000 MiB no consumer claims, since ")
+    assert out.split("strangers:")[1].replace("\n", " ").split(": ", 1)[1].split() == [
+        "pid",
+        str(pid),
+        "/usr/bin/train.py",
+        "(12000",
+        "MiB)",
+    ]
+    async with r.session.get(r.url("/metrics")) as resp:
+        families = _families(await resp.text())
+    assert _value(families, "mgpumanager_unclaimed_mib", gpu="0") == 12000
+    assert _value(families, "mgpumanager_yields_total", consumer="mvoice") == 1
+    assert _value(families, "mgpumanager_gpu_readings_total", gpu="0") == r.broker.gpus[0].queries
+    r.gpu.release("train")
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["loaded"] is True, timeout=30)
+    async with r.session.get(r.url("/metrics")) as resp:
+        families = _families(await resp.text())
+    assert _value(families, "mgpumanager_restores_total", consumer="mvoice") == 1
+    named = [e for e in recent_events(r.broker.events) if e["event"] in ("stranger", "yielded", "restored")]
+    assert [(e["event"], e.get("present"), e.get("consumer")) for e in named] == [
+        ("stranger", True, None),
+        ("yielded", None, "mvoice"),
+        ("stranger", False, None),
+        ("restored", None, "mvoice"),
+    ]
+    assert named[0]["processes"] == strangers["processes"] and named[1]["by"] == "yield"
+    assert named[1]["unclaimed_mib"] == 12000 and named[1]["free_mib"] >= 2048
+    rc, out, _ = await verb(capsys, "ps", "--url", r.url(""))
+    assert "strangers:" not in out
+
+
+async def test_the_gpu_is_read_once_per_poll_s_and_status_shows_that_reading(rig):
+    """gpu.yield reads the GPU every poll_s, and /v1/status answers from that reading (it adds none of its
+    own, however often it is asked): a reading per poll_s, not more."""
+    r = await rig(tweak=_yielding(poll_s=0.5))
+    await status_until(r, lambda st: st["gpu"]["read_at"] is not None)
+    queries, t0 = r.broker.gpus[0].queries, time.monotonic()
+    seen = set()
+    while time.monotonic() - t0 < 2:
+        seen.add((await r.status())["gpu"]["read_at"])
+        await asyncio.sleep(0.02)
+    elapsed = time.monotonic() - t0
+    polls = 1 + math.ceil(elapsed / 0.5)
+    assert 2 <= len(seen) <= polls and r.broker.gpus[0].queries - queries <= 2 * polls  # (2 nvidia-smi each)
+
+
+async def test_the_state_file_is_written_within_a_second_of_a_change_atomically_and_for_its_user_alone(
+    rig, tmp_path
+):
+    path = tmp_path / "state.json"
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=lambda raw: raw.update(state_file=str(path)))
+    assert (await r.post("tts", {"text": "hi"}))[0] == 200
+    await until(lambda: path.exists() and "mvoice" in json.loads(path.read_text())["consumers"], timeout=5)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    first = json.loads(path.read_text())
+    assert first["version"] == 1 and first["consumers"]["mvoice"]["timings"]["job"]
+    async with r.session.post(r.url("/v1/reserve"), json={"for_s": 600, "reason": "gaming"}) as resp:
+        assert resp.status == 200
+    await until(lambda: "reservation" in json.loads(path.read_text())["gpus"].get("0", {}), timeout=5)
+    res = json.loads(path.read_text())["gpus"]["0"]["reservation"]
+    assert res["reason"] == "gaming" and res["restore"] is True and res["to_restore"] == ["mvoice"]
+    assert abs(res["until_s"] - (time.time() + 600)) < 60
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".state")] == []  # no temporary left
+    st = await r.status()
+    assert st["state_file"]["path"] == str(path) and st["state_file"]["write_failures"] == 0
+
+
+async def test_a_state_file_that_cannot_be_written_is_logged_once_counted_and_never_fatal(
+    rig, caplog, tmp_path
+):
+    r = await rig(tweak=lambda raw: raw.update(state_file=str(tmp_path / "no" / "state.json")))
+    st = await status_until(r, lambda st: st["state_file"]["write_failures"] >= 2)
+    assert "No such file or directory" in st["state_file"]["error"] and st["state_file"]["written"] is None
+    assert (await r.post("tts", {"text": "still serving"}))[0] == 200
+    warnings = [rec.getMessage() for rec in caplog.records if "state file not written" in rec.getMessage()]
+    assert len(warnings) == 1 and "No such file or directory" in warnings[0]
+    async with r.session.get(r.url("/metrics")) as resp:
+        assert _value(_families(await resp.text()), "mgpumanager_state_write_failures_total") >= 2
+    (tmp_path / "no").mkdir()
+    st = await status_until(r, lambda st: st["state_file"]["error"] is None and st["state_file"]["written"])
+    assert any("state file written again" in rec.getMessage() for rec in caplog.records)
+
+
+async def test_a_state_file_write_that_hangs_is_given_up_in_time_and_no_second_one_piles_up(
+    rig, monkeypatch, tmp_path
+):
+    r = await rig(tweak=lambda raw: raw.update(state_file=str(tmp_path / "state.json")))
+    for task in [t for t in r.broker.tasks if t.get_name() == "state file"]:
+        task.cancel()  # (this test writes it itself)
+    hung, started = threading.Event(), []
+    real = m.write_state_file
+
+    def hanging(path: str, data: bytes) -> None:
+        started.append(path)
+        hung.wait(30)  # the file system hangs (a dead network mount)
+        real(path, data)
+
+    monkeypatch.setattr(m, "write_state_file", hanging)
+    monkeypatch.setattr(m, "STATE_IO_TIMEOUT_S", 0.2)
+    state = r.broker.state
+    assert await state.write() is False and state.failures == 1 and "not written within 0.2 s" in state.error
+    assert await state.write() is False and len(started) == 1  # the hung one still runs: none more
+    hung.set()
+    await until(lambda: state._inflight.done())
+    assert await state.write() is True and state.error is None and len(started) == 2
+    assert json.loads((tmp_path / "state.json").read_text())["version"] == 1
+
+
+async def test_a_reservation_survives_sigterm_and_a_fresh_start_and_its_end_then_restores(rig, tmp_path):
+    """Issue 22, done when: `make deploy` restarts the broker in the middle of a game. The reservation
+    survives SIGTERM (the state file, mode 0600, holding no token) and the fresh start holds the GPU again at
+    once: jobs get gpu_reserved with the time left; its release then loads again what it had unloaded."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    raw = copy.deepcopy(r.raw) | {"state_file": str(tmp_path / "state.json")}
+    with_token(raw)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        body = {"for_s": 3600, "reason": "gaming"}
+        async with r.session.post(daemon.url("/v1/reserve"), json=body, headers=auth) as resp:
+            assert resp.status == 200 and (await resp.json())["unloaded"] == ["mvoice", "comfyui"]
+    path = tmp_path / "state.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and TOKEN not in path.read_text()
+    saved = json.loads(path.read_text())["gpus"]["0"]["reservation"]
+    assert saved["reason"] == "gaming" and saved["to_restore"] == ["mvoice"]
+    assert 'msg="reservation ended" consumer=reservation why=shutdown' in daemon.log
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as again:
+        async with r.session.get(again.url("/v1/status"), headers=auth) as resp:
+            st = await resp.json()
+        assert (
+            st["gpu"]["reservation"]["reason"] == "gaming"
+            and st["scheduler"]["holder"]["consumer"] == "reservation"
+        )
+        assert 0 < st["gpu"]["reservation"]["left_s"] <= 3600
+        async with r.session.post(again.url("/v1/tts"), json={"text": "x"}, headers=auth) as resp:
+            status, headers, answer = resp.status, dict(resp.headers), await resp.read()
+        error = error_of(status, headers, answer, "gpu_reserved")
+        assert 0 < int(headers["Retry-After"]) <= 3600 and "is reserved (gaming) for" in error["message"]
+        assert not r.sims["mvoice"].loaded
+        async with r.session.delete(again.url("/v1/reserve"), headers=auth) as resp:
+            assert (await resp.json())["released"] is True
+        await until(lambda: r.sims["mvoice"].loaded, timeout=20)  # restored: it was resident when reserved
+    assert 'msg="state file read"' in again.log and "reservations=1" in again.log
+    assert "msg=restored consumer=mvoice" in again.log
+    assert "reservation" not in json.loads(path.read_text())["gpus"].get("0", {})
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"{not json", "not valid: Expecting property name"),
+        (b'{"version": 2, "written_at_s": 1}', "written by a later mgpumanager (format 2"),
+        (b"\xff\xfe", "not valid"),
+        (
+            b'{"version": 1, "written_at_s": 1, "gpus": {"0": {"reservation": {"until_s": 1e300}}}}',
+            "no number",
+        ),
+    ],
+    ids=["corrupt", "a later version", "not text", "absurd"],
+)
+async def test_a_state_file_that_is_not_right_gives_a_warning_and_a_working_broker(
+    rig, tmp_path, content, reason
+):
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    path = tmp_path / "state.json"
+    path.write_bytes(content)
+    async with Daemon(r.raw | {"state_file": str(path)}, r.tmp_path, sim_smi(r.state)) as daemon:
+        async with r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+            assert resp.status == 200
+        await until(lambda: path.read_bytes() != content, timeout=10)  # written anew, whole
+    assert json.loads(path.read_text())["version"] == 1
+    line = next(x for x in daemon.log.splitlines() if "state file set aside" in x)
+    assert "level=warning" in line and reason in line and "Traceback" not in daemon.log
+
+
 # =====================================================================================================
 # 6. Proxying and streaming
 # What reaches the consumer and what comes back, streamed; a consumer failing mid-answer.
@@ -8916,6 +9141,15 @@ def test_make_demo_shows_the_eviction_cycle(tmp_path):
     assert "msg=evicting consumer=mvoice for_consumer=comfyui" in out
     assert "msg=evicting consumer=comfyui for_consumer=mvoice" in out
     assert "/v1/status" in out and "/v1/tts" in out and "/v1/image" in out
+    # Issue 22: a game arrives, the services make room for it, a TTS job meanwhile gets gpu_in_use, the game
+    # ends, and mvoice comes back (each claim the demo prints is checked by the demo itself, too).
+    game = out[out.index("A game starts") :]
+    assert re.search(r'msg="stranger appeared" unclaimed_mib=\d+ ', game)
+    assert game.index("msg=yielded consumer=mvoice") < game.index("msg=yielded consumer=ollama")
+    assert "HTTP 503, Retry-After: 10: gpu_in_use: GPU 0 is in use by something else: 8192 MiB" in game
+    assert game.index('msg="stranger gone"') < game.index("msg=restored consumer=mvoice")
+    state = json.loads((tmp_path / "demo-run" / "state.json").read_text())
+    assert state["version"] == 1 and set(state["consumers"]) == {"mvoice", "comfyui", "ollama"}  # (used ones)
 
 
 def test_make_test_real_in_a_clone_without_the_sources_says_what_is_missing(tmp_path):
@@ -8942,6 +9176,8 @@ def test_make_test_real_in_a_clone_without_the_sources_says_what_is_missing(tmp_
 def test_the_unit_file_verifies_where_systemd_is_present():
     # Issue 19: systemd's soft default of 1024 descriptors; the broker raises its soft limit to this.
     assert "LimitNOFILE=65536" in (HERE / "mgpumanager.service").read_text().splitlines()
+    # Issue 22: the state file's directory (consumers.yaml's state_file), the service user's own.
+    assert "StateDirectory=mgpumanager" in (HERE / "mgpumanager.service").read_text().splitlines()
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed here")
@@ -10194,6 +10430,45 @@ async def test_dashboard_in_a_real_browser_shows_consumers_holder_and_evictions(
         await browser.screenshot(tmp_path / "dashboard.png")
         assert (await image)[0] == 200
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+
+async def test_dashboard_shows_a_strangers_memory_as_its_own_segment_and_its_stay_in_a_lane(rig, tmp_path):
+    """Issue 22: the memory bar shows unclaimed memory as a segment of its own (a stranger's while one is
+    present, its processes in the segment's title); the timeline has a lane for strangers, a span from
+    the stranger's coming to its going (open while it stays), beside the yield's unload in mvoice's lane."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(restore_after_s=0.5))
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    async with Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=r.url("/"))
+        await browser.wait_for("document.querySelectorAll('#timeline [data-lane=strangers]').length === 1")
+        r.gpu.allocate("game", 12000, graphics=True)
+        title = await browser.wait_for(
+            "(document.querySelector('.bar [data-part=stranger]') || {}).title", timeout=30
+        )
+        assert title == "stranger 12000 MiB: no process listed"
+        legend = await browser.wait_for(  # mvoice yielded: its memory is free
+            "!document.querySelector('.legend').textContent.includes('mvoice')"
+            " && document.querySelector('.legend').textContent",
+            timeout=30,
+        )
+        assert "stranger 12000 MiB" in legend and "free 3904 MiB" in legend
+        stay = await browser.wait_for(
+            "[...document.querySelectorAll('#timeline [data-lane=strangers] .tl-span')].map(s => ({...s.dataset}))"
+        )
+        assert [(s["state"], s["mib"], s["open"]) for s in stay] == [("stranger", "12000", "true")]
+        unload = await browser.wait_for(
+            "[...document.querySelectorAll('#timeline [data-consumer=mvoice] .tl-unload')].map(s => ({...s.dataset}))"
+        )
+        assert [u["ok"] for u in unload] == ["true"]
+        await browser.screenshot(tmp_path / "strangers.png")
+        r.gpu.release("game")
+        await browser.wait_for(
+            "[...document.querySelectorAll('#timeline [data-lane=strangers] .tl-span')]"
+            ".map(s => s.dataset.open).join() === 'false'",
+            timeout=30,
+        )
+        await browser.wait_for("!document.querySelector('.bar [data-part=stranger]')")
+    assert (tmp_path / "strangers.png").stat().st_size > 10_000
 
 
 async def test_dashboard_shows_markup_in_a_reason_and_a_gpu_name_as_text(rig, tmp_path):
