@@ -5595,6 +5595,7 @@ async def test_status_metrics_events_and_ps_show_the_stranger_and_what_yielded_f
     assert st["gpus"][0]["strangers"] == strangers and st["gpus"][0]["unclaimed_mib"] == 12000
     assert st["scheduler"]["stats"]["yields"] == 1
     rc, out, _ = await verb(capsys, "ps", "--url", r.url(""))
+    assert rc == 0
     line = next(x for x in out.splitlines() if "strangers:" in x)
     assert line.startswith("  strangers: 12000 MiB no consumer claims, since ")
     assert out.split("strangers:")[1].replace("\n", " ").split(": ", 1)[1].split() == [
@@ -5699,7 +5700,9 @@ async def test_a_state_file_write_that_hangs_is_given_up_in_time_and_no_second_o
     assert await state.write() is False and state.failures == 1 and "not written within 0.2 s" in state.error
     assert await state.write() is False and len(started) == 1  # the hung one still runs: none more
     hung.set()
-    await until(lambda: state._inflight.done())
+    inflight = state._inflight
+    assert inflight is not None
+    await until(inflight.done)
     assert await state.write() is True and state.error is None and len(started) == 2
     assert json.loads((tmp_path / "state.json").read_text())["version"] == 1
 
@@ -10453,11 +10456,13 @@ async def test_dashboard_shows_a_strangers_memory_as_its_own_segment_and_its_sta
         )
         assert "stranger 12000 MiB" in legend and "free 3904 MiB" in legend
         stay = await browser.wait_for(
-            "[...document.querySelectorAll('#timeline [data-lane=strangers] .tl-span')].map(s => ({...s.dataset}))"
+            "[...document.querySelectorAll('#timeline [data-lane=strangers] .tl-span')]"
+            ".map(s => ({...s.dataset}))"
         )
         assert [(s["state"], s["mib"], s["open"]) for s in stay] == [("stranger", "12000", "true")]
         unload = await browser.wait_for(
-            "[...document.querySelectorAll('#timeline [data-consumer=mvoice] .tl-unload')].map(s => ({...s.dataset}))"
+            "[...document.querySelectorAll('#timeline [data-consumer=mvoice] .tl-unload')]"
+            ".map(s => ({...s.dataset}))"
         )
         assert [u["ok"] for u in unload] == ["true"]
         await browser.screenshot(tmp_path / "strangers.png")
