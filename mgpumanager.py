@@ -6178,15 +6178,15 @@ class RoomMaker:
             self.recorder.record(f"unloaded_{by}", consumer=victim, by=by, job=job.id)
             self.recorder.learned(state, "unload", took, job.id)
 
-    async def yield_to(self, job: Job, victim: str, reading: GpuReading, keep_free_mib: int) -> None:
+    async def yield_to(self, job: Job, victim: str, reading: GpuReading, keep_free_mib: int) -> bool:
         """Unload an idle consumer for a stranger (``reading``: the one that chose it) and wait, as an
         eviction does, until its memory shows up free (or ``keep_free_mib`` is): the next decision reads
-        it free. Then ``yielded`` is recorded."""
+        it free. Then ``yielded`` is recorded. Whether its memory came free."""
         assert self.strangers is not None
         size = _charged(self.views(), reading.used_mib).get(victim, 0)
         await self.unload(job, victim, by="yield", fields=self.strangers.fields())
         before = reading.free_mib or 0
-        await self._wait_for_memory(job, victim, size, before, keep_free_mib, by="yield")
+        return (await self._wait_for_memory(job, victim, size, before, keep_free_mib, by="yield"))[1]
 
     async def _wait_for_memory(
         self, job: Job, victim: str, size: int, before: int, need: int, *, by: str | None = None
@@ -7192,10 +7192,12 @@ class InternalJobs:
         """Load a consumer if it fits as things are, never evicting. None when one is pending already."""
         return await self._run("preload", name, self._load_if_fits)
 
-    async def yield_unload(self, name: str) -> Job | None:
-        """Unload an idle consumer for a stranger (``plan_yield`` chose it): like an admin unload, of the
-        highest priority; once granted it decides again from a fresh reading. None when one is pending."""
-        return await self._run("yield", name, self._unload_for_stranger, priority=PRIORITY_MAX)
+    async def yield_unload(self, name: str, tried: Collection[str] = ()) -> Job | None:
+        """Unload an idle consumer for a stranger (``plan_yield`` chose it, ``tried`` left out): like an admin
+        unload, of the highest priority; once granted it decides again from a fresh reading. None when one
+        is pending."""
+        step = functools.partial(self._unload_for_stranger, tried=frozenset(tried))
+        return await self._run("yield", name, step, priority=PRIORITY_MAX)
 
     def restore_later(self, index: int, names: Iterable[str]) -> None:
         """Consumers of GPU ``index`` to load again once ``restore_all`` runs (those with a load)."""
@@ -7283,10 +7285,11 @@ class InternalJobs:
         await rooms.load(job)
         return True
 
-    async def _unload_for_stranger(self, job: Job) -> None:
+    async def _unload_for_stranger(self, job: Job, *, tried: frozenset[str]) -> None:
         """A yield's step, once granted: with a fresh reading, unload the consumer if a stranger is still
-        present, free memory is still below keep_free_mib and ``plan_yield`` still picks it first; then
-        it waits to be restored (if it was resident and has a load)."""
+        present, free memory is still below keep_free_mib and ``plan_yield`` still picks it first (``tried``
+        left out); then it waits to be restored (if it was resident and has a load). unload_failed when its
+        memory did not come free."""
         name, s = job.consumer, self.scheduler_for(job.consumer)
         rooms = s.rooms
         async with rooms.lock:
@@ -7302,7 +7305,7 @@ class InternalJobs:
             else:
                 # (This yield holds the lock alone, in the consumer's name: its slot is no job of it.)
                 views = {n: replace(v, jobs=0) if n == name else v for n, v in rooms.views().items()}
-                victims = plan_yield(views, reading.free_mib, reading.used_mib, y.keep_free_mib)
+                victims = plan_yield(views, reading.free_mib, reading.used_mib, y.keep_free_mib, tried)
                 if not victims:
                     why = f"{reading.free_mib} MiB free"
                 elif victims[0] != name:
@@ -7311,9 +7314,14 @@ class InternalJobs:
                 rooms.recorder.record("yield_skipped", consumer=name, job=job.id, reason=why)
                 return
             resident = rooms.states[name].resident is True
-            await rooms.yield_to(job, name, reading, y.keep_free_mib)
+            freed = await rooms.yield_to(job, name, reading, y.keep_free_mib)
             if resident:
                 self.restore_later(s.index, [name])
+            if not freed:  # (not asked again while this stranger stays: its unload frees nothing)
+                waited = self.config.scheduler.vram_wait_s
+                raise BrokerError(
+                    "unload_failed", f"{name}'s memory did not show up free within {waited:g} s", name
+                )
 
     async def _restore_if_fits(self, job: Job) -> None:
         """A restore's step, once granted: a stranger present keeps it for later; else it is done with (no
@@ -7462,7 +7470,7 @@ class Yielding:
 
     async def _yield_one(self, index: int, name: str) -> None:
         try:
-            await self.internal.yield_unload(name)
+            await self.internal.yield_unload(name, self._failed.get(index, set()))
         except BrokerError as e:
             self._failed.setdefault(index, set()).add(name)
             log.warning(logfmt(msg="yield failed", consumer=name, code=e.code, error=e.message))

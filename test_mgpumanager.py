@@ -5582,6 +5582,31 @@ async def test_a_reservations_end_loads_again_what_it_unloaded_unless_it_was_tol
         assert (await resp.json())["error"] == "bad_request"
 
 
+async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_the_stranger_stays(rig):
+    """mvoice answers its unload but keeps its memory: its yield fails (unload_failed, after vram_wait_s),
+    the next idle consumer goes instead, and mvoice is not asked again while this stranger stays, however
+    many polls find free memory short."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        _yielding()(raw)
+        raw["scheduler"]["vram_wait_s"] = 0.5
+
+    r = await rig(
+        total_mib=24576, sims={"mvoice": {"loaded": True}, "comfyui": {"loaded": True}}, tweak=tweak
+    )
+    r.sims["mvoice"].faults["unload_no_release"] = True
+    await status_until(r, lambda st: st["consumers"]["comfyui"]["vram_used_mib"] == 13000)
+    r.gpu.allocate("game", 8000, graphics=True)  # 24096 - 15800 - 8000 = 296 free: both are asked
+    await until(lambda: r.sims["comfyui"].unloads == 1, timeout=30)
+    assert r.sims["mvoice"].unloads == 1  # (never used, both: mvoice, listed first, was asked first)
+    r.gpu.allocate("game", 20000, graphics=True)  # 24096 - 2800 - 20000 = 1296 free: short again
+    queries = r.broker.gpus[0].queries
+    await until(lambda: r.broker.gpus[0].queries >= queries + 6, timeout=30)  # three polls and more
+    assert r.sims["mvoice"].unloads == 1 and r.stats.unload_failures == 0
+    jobs = [e for e in recent_events(r.broker.events) if e["event"] == "failed" and e["kind"] == "yield"]
+    assert [(e["consumer"], e["code"]) for e in jobs] == [("mvoice", "unload_failed")]
+
+
 async def test_status_metrics_events_and_ps_show_the_stranger_and_what_yielded_for_it(rig, capsys):
     r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(restore_after_s=0.5))
     await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
