@@ -15,14 +15,20 @@ unloaded, and forwards the request, streaming the answer back unchanged. Every f
 is a JSON error ``{error, message, consumer, retryable}``; whatever a consumer answers passes through
 untouched.
 
-Known limits: one broker per machine (its state is in memory; a restart forgets residency and last use);
-memory held by processes outside the broker is seen only as "not free"; a consumer that allocates more than
-its ``vram_resident_mib`` can still run the GPU out of memory; consumers without an unload route or command
-are never evicted; request bodies are held in memory (bounded by ``max_body_mib``) before a job is queued.
+Known limits: one broker per machine (residency is in memory and a restart forgets it; with ``state_file``,
+reservations, what waits to be restored, learned timings and last use survive one); without ``gpu.yield``,
+memory held by processes outside the broker is seen only as "not free" (with it, such a *stranger* gets room:
+idle consumers are unloaded for it, and come back once it left); a consumer that allocates more than its
+``vram_resident_mib`` can still run the GPU out of memory; consumers without an unload route or command are
+never evicted; request bodies are held in memory (bounded by ``max_body_mib``) before a job is queued.
 
 Load and unload are HTTP calls or commands (``systemctl stop whisper-server``: a consumer loaded by a command
 whose health fails is stopped, not unreachable, and a job starts it). Consumers may be unloaded after
-``idle_unload_s`` unused and preloaded when they fit; both are internal jobs of the lowest priority.
+``idle_unload_s`` unused and preloaded when they fit; both are internal jobs of the lowest priority. With
+``gpu.yield``, memory that no consumer's processes hold beyond ``ignore_mib`` is a stranger's (a game): idle
+consumers are unloaded for it (internal jobs of the highest priority), a job that could not fit beside it
+leaving ``keep_free_mib`` free is refused at once (gpu_in_use), and what was unloaded is loaded again once it
+has been gone ``restore_after_s``.
 
 Clients that speak a consumer's own API use its mount, ``/c/<name>/<path>``: reads (GET, HEAD, OPTIONS),
 the consumer's ``unscheduled`` calls and WebSockets are forwarded at once, every other request is a job.
@@ -51,13 +57,17 @@ Sections, in dependency order:
 - Consumers and health: ``ConsumerState`` (its named transitions), ``Consumers`` (probes, loads, unloads,
   measuring).
 - The scheduler, in parts: ``Job``; the ``Recorder`` (one record of each fact, four views); the pure
-  decisions, each a function of a snapshot: ``plan_room`` (eviction), ``next_grant`` (the grant order),
-  ``needs_no_swap`` (the "warm" both use), ``expected_waits`` (the forecast); ``GpuLock`` (the lock core:
-  admission to the queue, grants, release, each consumer's job count); ``RoomMaker`` (carries a plan out,
-  loads); ``Holds``; ``Reservations``; ``JobLease`` and ``Scheduler`` (one per GPU: composes its parts and
-  hands out leases); ``InternalJobs`` (idle unloads and preloads, on every GPU).
+  decisions, each a function of a snapshot: ``plan_room`` (eviction, and what fits beside a stranger),
+  ``plan_yield`` (whom to unload for a stranger), ``unclaimed_mib`` (what no consumer claims),
+  ``next_grant`` (the grant order), ``needs_no_swap`` (the "warm" both use), ``expected_waits`` (the
+  forecast); ``GpuLock`` (the lock core: admission to the queue, grants, release, each consumer's job
+  count); ``Strangers`` (what a GPU's readings show that no consumer claims); ``RoomMaker`` (carries a plan
+  out, loads); ``Holds``; ``Reservations``; ``JobLease`` and ``Scheduler`` (one per GPU: composes its parts
+  and hands out leases); ``InternalJobs`` (idle unloads, preloads, yields and restores, on every GPU);
+  ``Yielding`` (when to yield and restore: the poll of gpu.yield).
 - The proxy: ``forward`` and ``forward_job`` (``relay``, streamed), the holds' polls, WebSockets.
-- The broker: ``Broker``, the composition root.
+- The broker: ``StateFile`` (what a restart keeps: ``parse_state``, an atomic write), ``Broker``, the
+  composition root.
 - The HTTP app: the front door, the handlers, the client connections, the consumers' ports, ``create_app``,
   the dashboard page.
 - Running the broker: logging, ``serve``, and ``main()`` (config, ``--check``, serve).
