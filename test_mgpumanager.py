@@ -355,8 +355,8 @@ def crowd(gpu: FakeGpu, ops: FakeOps, used: dict[str, float]) -> None:
     ops.states["t"].unloaded()
 
 
-async def _queued(s: m.Scheduler, consumer: str) -> asyncio.Task[m.Job]:
-    task = asyncio.ensure_future(s.acquire(consumer, "k" + consumer))
+async def _queued(s: m.Scheduler, consumer: str, client: str | None = None) -> asyncio.Task[m.Job]:
+    task = asyncio.ensure_future(s.acquire(consumer, "k" + consumer, client=client))
     for _ in range(5):
         await asyncio.sleep(0)
     return task
@@ -612,6 +612,8 @@ SPEC_ERRORS = {
     "reservation_released": 409,
     # Issue 18 (a consumer the broker stopped):
     "consumer_stopped": 503,
+    # Issue 23 (a client's own limit):
+    "client_queue_full": 429,
 }
 
 
@@ -619,7 +621,7 @@ SPEC_ERRORS = {
 SPEC_RETRYABLE = {c for c, st in SPEC_ERRORS.items() if st >= 500} - {"bad_consumer_url", "scheduler_error"}
 
 
-SPEC_RETRYABLE |= {"too_many_requests"}
+SPEC_RETRYABLE |= {"too_many_requests", "client_queue_full"}
 
 
 def error_of(status: int, headers: dict[str, str], body: bytes, code: str) -> dict[str, Any]:
@@ -1603,6 +1605,83 @@ def test_config_problems_never_echo_the_token(tmp_path):
         bad.write_text(yaml.safe_dump(base_raw()) + f'auth: {{token: "{TOKEN}\n')
         m.load_config(bad)
     assert TOKEN not in "\n".join(info.value.problems) and "line" in info.value.problems[0]
+
+
+WA_TOKEN = "wa-token-0123456789abcdef"
+BATCH_TOKEN = "batch-token-0123456789ab"
+
+
+def with_clients(raw: dict[str, Any], **clients: dict[str, Any]) -> None:
+    """The admin's TOKEN and clients wa and batch (each with its token; more settings per client given)."""
+    raw["auth"] = {
+        "token": TOKEN,
+        "clients": {"wa": {"token": WA_TOKEN, "priority": 4}, "batch": {"token": BATCH_TOKEN, "priority": 0}},
+    }
+    for name, extra in clients.items():
+        raw["auth"]["clients"].setdefault(name, {}).update(extra)
+
+
+def test_clients_parse_each_with_its_token_priority_and_limit(tmp_path):
+    raw = base_raw()
+    secret = tmp_path / "batch"
+    secret.write_text(BATCH_TOKEN + "\n")
+    with_clients(raw, batch={"token": None, "token_file": str(secret), "max_queued": 200})
+    del raw["auth"]["clients"]["batch"]["token"]
+    config = m.parse_config(raw)
+    wa, batch = config.auth.clients["wa"], config.auth.clients["batch"]
+    assert (wa.name, wa.token, wa.priority, wa.max_queued) == ("wa", WA_TOKEN, 4, None)
+    assert (batch.token, batch.priority, batch.max_queued) == (BATCH_TOKEN, 0, 200)
+    assert config.auth.required and config.auth.token == TOKEN
+    assert WA_TOKEN not in repr(config) and BATCH_TOKEN not in repr(config)  # never shown
+    text = m.summary(config)
+    assert "wa           priority 4" in text and "batch        priority 0, at most 200 queued" in text
+    assert WA_TOKEN not in text and TOKEN not in text
+    # A client without a priority of its own runs at its consumers' priorities.
+    raw["auth"]["clients"]["wa"] = {"token": WA_TOKEN}
+    assert m.parse_config(raw).auth.clients["wa"].priority is None
+    # Without auth.clients, none: everything as before.
+    assert m.parse_config(base_raw()).auth.clients == {} and not m.parse_config(base_raw()).auth.required
+
+
+@pytest.mark.parametrize(
+    ("client", "expected"),
+    [
+        ({"token": "short-one"}, "auth.clients.x.token: the token must be at least 16 printable"),
+        ({"token": "has a space in it, 16+"}, "auth.clients.x.token: the token must be at least 16"),
+        ({}, "auth.clients.x: needs its token or token_file"),
+        ({"token": "x-token-0123456789abc", "token_file": "/f"}, "auth.clients.x: set token or token_file"),
+        ({"token_file": "/nonexistent/x"}, "auth.clients.x.token_file: cannot read /nonexistent/x"),
+        ({"token": "x-token-0123456789abc", "priority": 5}, "auth.clients.x.priority: must be an integer"),
+        ({"token": "x-token-0123456789abc", "priority": True}, "auth.clients.x.priority: must be an integer"),
+        ({"token": "x-token-0123456789abc", "max_queued": 0}, "auth.clients.x.max_queued: must be positive"),
+        ({"token": "x-token-0123456789abc", "max_queued": 1.5}, "auth.clients.x.max_queued: must be an int"),
+        ({"token": "x-token-0123456789abc", "max_queued": 10**6}, "auth.clients.x.max_queued: must be at most"),
+        ({"token": "x-token-0123456789abc", "weight": 2}, "auth.clients.x.weight: unknown key"),
+        ({"token": WA_TOKEN}, "auth.clients.x.token: the same token as auth.clients.wa.token: each client"),
+        ({"token": TOKEN}, "auth.clients.x.token: the same token as auth.token (the admin's): each client"),
+        ("x-token-0123456789abc", "auth.clients.x: must be a mapping"),
+    ],
+)
+def test_client_config_rules_name_the_key_and_never_the_token(client, expected):
+    raw = base_raw()
+    with_clients(raw)
+    raw["auth"]["clients"]["x"] = client
+    problems = problems_of(raw)
+    assert any(p.startswith(expected) for p in problems), problems
+    text = "\n".join(problems)
+    assert WA_TOKEN not in text and TOKEN not in text and "x-token-0123456789abc" not in text
+
+
+def test_clients_need_the_admins_token_and_names_like_consumers():
+    raw = base_raw()
+    raw["auth"] = {"clients": {"wa": {"token": WA_TOKEN}}}
+    assert problems_of(raw) == [
+        "auth.clients: needs the admin's auth.token or auth.token_file: once clients are configured, the"
+        " admin routes (unload, load, reload, reserve) answer the admin's token alone"
+    ]
+    with_clients(raw)
+    raw["auth"]["clients"]["no/slash"] = {"token": "x-token-0123456789abc"}
+    assert problems_of(raw) == ["auth.clients.no/slash: client names are letters, digits, '_', '.', '-'"]
 
 
 def test_a_consumer_cannot_be_named_like_the_reservation():
@@ -2793,6 +2872,7 @@ INV_NAMES = ("a", "b", "c", "d", "e")
 
 END_CODES = {
     "queue_full",
+    "client_queue_full",
     "queue_timeout",
     "insufficient_vram",
     "gpu_unavailable",
@@ -2820,6 +2900,15 @@ def invariant_config(max_overtake_s: float = 30) -> m.Config:
                 "vram_wait_s": 1,
                 "aging_s": 10,
                 "max_overtake_s": max_overtake_s,
+                "fair_window_s": 8,
+            },
+            # Jobs of two clients and of none: p's priority replaces the consumer's; q may queue 2.
+            "auth": {
+                "token": "admin-token-0123456789",
+                "clients": {
+                    "p": {"token": "p-token-0123456789abc", "priority": 2},
+                    "q": {"token": "q-token-0123456789abc", "max_queued": 2},
+                },
             },
             "consumers": {
                 "a": consumer(
@@ -2855,6 +2944,9 @@ class CheckedScheduler(m.Scheduler):
         self.resetting: str | None = None
         #: Job id -> the consumers unloaded (or tried) for it.
         self.tried: dict[int, set[str]] = {}
+        #: Each slot a job of a client (or of none) held: job id -> (client, its grant, its release or
+        #: None); what its GPU time must add up to.
+        self.held: dict[int, tuple[str | None, float, float | None]] = {}
         self.lock.dispatch = self._checked_dispatch(self.lock.dispatch)  # type: ignore[method-assign]
         self.internal = internal_jobs(self)
         self._real_unload = self.rooms.unload
@@ -2907,11 +2999,14 @@ class CheckedScheduler(m.Scheduler):
             waiting = [j for j in lock.waiting if not j.granted.done()]
             holder, exclusive = lock.holder, lock.exclusive
             overtaken = {j.id: j.overtaken_since for j in waiting}
+            # The clients' GPU time the grant order reads (the fair order; one client: arrival).
+            served = lock.served({j.client for j in waiting}, now)
             result = dispatch()
             granted = [j for j in waiting if j.state == "running"]
             if result != bool(granted):
                 raise InvariantBroken(f"dispatch said {result} but granted {granted}")
             self.granted.update((j.id, j) for j in granted)
+            self.held.update((j.id, (j.client, now, None)) for j in granted if not j.exclusive)
 
             def eff(j: m.Job) -> int:
                 return m.effective_priority(j, now, aging_s)
@@ -2923,9 +3018,12 @@ class CheckedScheduler(m.Scheduler):
                     raise InvariantBroken(f"{g} granted while {higher[0]} of higher priority waited")
                 for w in left:
                     since = overtaken[w.id]
-                    passed = eff(w) == eff(g) and (w.arrived, w.id) < (g.arrived, g.id)
+                    # (Overtaking is against the fair order: the least-served client first, then arrival.)
+                    passed = eff(w) == eff(g) and m.fair_key(w, served) < m.fair_key(g, served)
                     if passed and (bound <= 0 or (since is not None and now - since >= bound)):
                         raise InvariantBroken(f"{g} overtook {w}, overtaken since {since} (bound {bound})")
+                    if passed and w.overtaken_since is None:  # (its bound runs from now on)
+                        raise InvariantBroken(f"{g} overtook {w}, which does not know it")
             consumers = {g.consumer for g in granted} | ({holder} if holder else set())
             if len(consumers) > 1:
                 raise InvariantBroken(f"{granted} granted beside {holder}")
@@ -2941,13 +3039,37 @@ class CheckedScheduler(m.Scheduler):
                 else m.Holder(lock.holder, lock.exclusive, (c.max_concurrency if c else 0) - lock.slots)
             )
             still = m.next_grant(
-                list(lock.waiting), holder_now, now, aging_s=aging_s, max_overtake_s=bound, warm=lock.warm
+                list(lock.waiting),
+                holder_now,
+                now,
+                aging_s=aging_s,
+                max_overtake_s=bound,
+                warm=lock.warm,
+                served=lock.served({j.client for j in lock.waiting}, now),
             )
             if still is not None:
                 raise InvariantBroken(f"{still} should have been granted too")
             return result
 
         return checked
+
+    def release_slot(self, job: m.Job, *, held: bool = False) -> bool:
+        if job.id in self.held:
+            client, start, end = self.held[job.id]
+            if end is not None:
+                raise InvariantBroken(f"{job}'s slot released twice")
+            self.held[job.id] = (client, start, self.clock())
+        return super().release_slot(job, held=held)
+
+    def gpu_time_adds_up(self) -> None:
+        """Each client's GPU time over the fair window is what its slots held in it, holds included."""
+        now, window = self.clock(), self.config.scheduler.fair_window_s
+        for client in (None, *self.config.auth.clients):
+            spans = [(a, b if b is not None else now) for c, a, b in self.held.values() if c == client]
+            expected = sum(max(0.0, min(b, now) - max(a, now - window)) for a, b in spans)
+            got = self.lock.use.seconds(client, now, window)
+            if abs(got - expected) > 1e-6:
+                raise InvariantBroken(f"client {client}: {got} s of GPU time, its slots held {expected} s")
 
     def end(
         self,
@@ -3049,7 +3171,8 @@ class InvariantDriver:
         kind, *args = op
         s = self.s
         if kind == "arrive":
-            self.tasks.append(asyncio.ensure_future(s.acquire(args[0], "k")))
+            client = args[1] if len(args) > 1 else None
+            self.tasks.append(asyncio.ensure_future(s.acquire(args[0], "k", client=client)))
         elif kind == "admin":
             name, action = args
             if action == "load" or self.config.consumers[name].unload is not None:
@@ -3147,6 +3270,7 @@ class InvariantDriver:
         for job in s.queue():
             if job.id in s.ended:
                 raise InvariantBroken(f"{job} ended but still queued")
+        s.gpu_time_adds_up()
         for t in self.tasks + self.admin:
             if t.done() and not t.cancelled() and t.exception() is not None:
                 e = t.exception()
@@ -3190,7 +3314,7 @@ class InvariantDriver:
         assert st.jobs >= len(became_jobs)
 
 
-_ARRIVE = st.tuples(st.just("arrive"), st.sampled_from(INV_NAMES))
+_ARRIVE = st.tuples(st.just("arrive"), st.sampled_from(INV_NAMES), st.sampled_from((None, "p", "q")))
 
 
 _FINISH = st.tuples(
@@ -3242,12 +3366,18 @@ class PolicyJob:
 
     def __init__(self, i: int, consumer: str, priority: int, arrived: float, **kw: Any) -> None:
         self.id, self.consumer, self.priority, self.arrived = i, consumer, priority, arrived
+        self.client = kw.get("client")
         self.exclusive = kw.get("exclusive", False)
         self.overtaken_since = kw.get("overtaken_since")
         self.granted = self._Granted(kw.get("cancelled", False))
 
     def __repr__(self) -> str:
-        return f"<{self.id} {self.consumer} p{self.priority} @{self.arrived}>"
+        client = f" for {self.client}" if self.client is not None else ""
+        return f"<{self.id} {self.consumer}{client} p{self.priority} @{self.arrived}>"
+
+
+#: The clients a job may run for (None: no client: the admin's, the broker's own).
+POLICY_CLIENTS = (None, "p", "q")
 
 
 _POLICY_JOB = st.tuples(
@@ -3257,6 +3387,13 @@ _POLICY_JOB = st.tuples(
     st.booleans(),  # exclusive
     st.one_of(st.none(), st.floats(0, 100)),  # overtaken since
     st.booleans(),  # cancelled
+    st.sampled_from(POLICY_CLIENTS),
+)
+
+#: Each client's GPU time over the window, as the lock hands the grant order a snapshot (None: none, as
+#: with one client or none).
+_SERVED = st.one_of(
+    st.none(), st.fixed_dictionaries({c: st.sampled_from([0.0, 1.5, 7.0, 30.0]) for c in POLICY_CLIENTS})
 )
 
 
@@ -3290,7 +3427,10 @@ async def test_aging_raises_a_waiting_jobs_priority():
     clock.now += 130  # two aging steps: x is at 3 now
     y = await _queued(s, "y")  # priority 3, arrived later
     # (eta_s: t's job, which holds the GPU, has no learned time; it counts as at least RUNNING_FLOOR_S.)
-    expected = {"consumer": "x", "kind": "kx", "priority": 3, "waited_s": 130.0, "eta_s": m.RUNNING_FLOOR_S}
+    expected = {
+        **{"consumer": "x", "kind": "kx", "priority": 3, "waited_s": 130.0, "eta_s": m.RUNNING_FLOOR_S},
+        "client": None,  # (issue 23: the client it runs for; none here)
+    }
     assert s.snapshot()["queue"][0] == expected
     first.release("completed")
     assert await _grants(s, [x, y]) == ["x", "y"]
@@ -3398,6 +3538,153 @@ async def test_a_higher_effective_priority_is_never_overtaken_and_aging_counts()
     t = await _queued(s, "t")
     order = [name for name, _ in await _run_in_turn(s, clock, running, [x, t], job_s=1)]
     assert order == ["x", "t"]
+
+
+#: auth with two clients, p and q (of no priority of their own), and the admin's token that clients need.
+CLIENT_AUTH = {
+    "token": "admin-token-0123456789",
+    "clients": {"p": {"token": "p-token-0123456789abc"}, "q": {"token": "q-token-0123456789abc"}},
+}
+
+
+def client_auth(**clients: dict[str, Any]) -> dict[str, Any]:
+    """CLIENT_AUTH with each client's settings (``p={"priority": 4}``) added."""
+    auth = copy.deepcopy(CLIENT_AUTH)
+    for name, extra in clients.items():
+        auth["clients"].setdefault(name, {"token": f"{name}-token-0123456789abc"}).update(extra)
+    return auth
+
+
+async def _granted_in_turn(s: m.Scheduler, clock: FakeClock, job: m.Job, job_s: float) -> list[m.Job]:
+    """Let ``job`` and each job granted after it run ``job_s`` on the fake clock, one at a time, until the
+    queue is empty; the jobs granted after it, in order."""
+    order: list[m.Job] = []
+    while True:
+        clock.now += job_s
+        job.release("completed", status=200, success=True)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        if s.holder is None:
+            return order
+        job = next(iter(s.lock.taken))
+        order.append(job)
+
+
+@pytest.mark.parametrize("clients", [True, False])
+async def test_among_equals_the_client_with_the_least_gpu_time_goes_first(clients):
+    """Fair share: p's job has held the GPU 5 s; q's job, which came after p's next one, goes first. It
+    passed p's in the fair order, not by overtaking it. Without clients: arrival order, as ever."""
+    s, _, ops, clock = make_scheduler(small_config(**({"auth": CLIENT_AUTH} if clients else {})))
+    ops.states["t"].loaded()
+    p, q = ("p", "q") if clients else (None, None)
+    running = await s.acquire("t", "kt", client=p)
+    p_next = await _queued(s, "t", p)
+    clock.now += 1
+    q_next = await _queued(s, "t", q)
+    clock.now += 4
+    assert s.client_use("p")["gpu_s_window"] == (5.0 if clients else 0.0)
+    order = await _granted_in_turn(s, clock, running, job_s=1)
+    expected = [q_next.result(), p_next.result()] if clients else [p_next.result(), q_next.result()]
+    assert order == expected
+    assert p_next.result().overtaken_since is None  # fairness is no overtaking: no bound runs for p's job
+    assert books_balance(s)
+
+
+async def test_a_warm_job_that_passes_a_less_served_clients_job_overtakes_it():
+    """p (served) and q (not): p's job that needs no swap goes before q's that needs one, though q's is
+    first in the fair order: q's is overtaken from then on (its max_overtake_s bound runs), although it
+    came later than p's."""
+    s, gpu, ops, clock = make_scheduler(swap_config(30, auth=CLIENT_AUTH))
+    gpu.total = 12000  # t and x do not fit together
+    for name in ("x", "y", "z"):
+        ops.states[name].unloaded()
+    ops.states["t"].loaded()
+    gpu.held["t"] = 6000
+    running = await s.acquire("t", "kt", client="p")
+    clock.now += 5
+    p_t = await _queued(s, "t", "p")
+    clock.now += 1
+    q_x = await _queued(s, "x", "q")
+    running.release("completed", status=200, success=True)
+    granted = await asyncio.wait_for(p_t, 5)
+    assert not q_x.done() and s.lock.queue()[0].overtaken_since == clock.now
+    granted.release("completed", status=200, success=True)
+    (await q_x).release("completed")
+    assert books_balance(s)
+
+
+async def test_fair_share_keeps_the_batches_of_a_bound_that_applies():
+    """The swap storm fairness must not bring back: p keeps t's jobs coming (t resident), q has ten x jobs
+    queued (each a swap away). Past max_overtake_s, q's jobs go; x then holds the GPU and q's overtaken jobs
+    need no swap: they all go, in one batch, even once q has had more GPU time than p. (Served in the fair
+    order alone while the bound applies, the two would alternate, a swap at every grant.)"""
+    s, gpu, ops, clock = make_scheduler(
+        swap_config(5, auth=CLIENT_AUTH, scheduler__fair_window_s=1000, scheduler__queue_timeout_s=10**5)
+    )
+    gpu.total = 12000
+    for name in ("x", "y", "z"):
+        ops.states[name].unloaded()
+    ops.states["t"].loaded()
+    gpu.held["t"] = 6000
+    job = await s.acquire("t", "kt", client="p")
+    xs = [await _queued(s, "x", "q") for _ in range(10)]
+    ts = [await _queued(s, "t", "p") for _ in range(2)]
+    granted: list[m.Job] = []
+    while not all(x.done() for x in xs):
+        clock.now += 1
+        job.release("completed", status=200, success=True)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        job = next(iter(s.lock.taken))
+        granted.append(job)
+        if job.consumer == "t":
+            ts.append(await _queued(s, "t", "p"))  # p keeps its jobs coming
+    consumers = "".join(j.consumer for j in granted)
+    assert consumers == "ttttt" + "x" * 10, consumers  # one swap, after 5 s of overtaking
+    assert s.client_use("q")["gpu_s_window"] > s.client_use("p")["gpu_s_window"]
+    job.release("completed")
+    for t in ts:
+        (await t).release("completed")
+
+
+async def test_a_clients_priority_replaces_the_consumers():
+    """batch (priority 0) has jobs queued for t (priority 2); wa (priority 4) sends one: it goes next."""
+    auth = client_auth(wa={"priority": 4}, batch={"priority": 0})
+    s, _, ops, clock = make_scheduler(small_config(auth=auth))
+    ops.states["t"].loaded()
+    running = await s.acquire("t", "kt", client="batch")
+    batch = [await _queued(s, "t", "batch") for _ in range(3)]
+    clock.now += 1
+    wa = await _queued(s, "t", "wa")
+    assert [(j.client, j.priority) for j in s.queue()] == [("wa", 4)] + [("batch", 0)] * 3
+    order = await _granted_in_turn(s, clock, running, job_s=1)
+    assert [j.client for j in order] == ["wa", "batch", "batch", "batch"] and order[0] is wa.result()
+    assert all(b.done() for b in batch) and books_balance(s)
+
+
+async def test_max_queued_refuses_that_client_alone_with_client_queue_full():
+    """q may queue 2: its third job gets client_queue_full (429, Retry-After when q's first is expected to
+    go); p still queues; max_queue still bounds everyone (queue_full)."""
+    cfg = small_config(auth=client_auth(q={"max_queued": 2}), scheduler__max_queue=4)
+    s, _, ops, clock = make_scheduler(cfg)
+    ops.states["t"].loaded()
+    ops.states["t"].learned("job", 10.0)
+    running = await s.acquire("t", "kt", client="p")
+    waiting = [await _queued(s, "t", "p"), await _queued(s, "t", "q"), await _queued(s, "t", "q")]
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt", client="q")
+    e = info.value
+    assert (e.code, e.status, e.retryable) == ("client_queue_full", 429, True)
+    # q's first job waits for the running one (10 s) and p's before it (10 s): a place of q's frees then.
+    assert e.retry_after == 20 and "client q has 2 jobs waiting" in e.message
+    waiting.append(await _queued(s, "t", "p"))  # p's room is untouched
+    assert not waiting[-1].done() and len(s.queue()) == 4
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt", client="p")
+    assert info.value.code == "queue_full"
+    assert s.stats.rejected == 2 and books_balance(s)
+    order = await _granted_in_turn(s, clock, running, job_s=0)
+    assert len(order) == 4
 
 
 async def test_queue_full_rejects_beyond_max_queue():
@@ -3690,24 +3977,42 @@ def test_scheduler_invariants_hold_under_any_interleaving(ops, bound):
     warm=st.sets(st.sampled_from("abcd")),
     bound=st.sampled_from([0, 5, 30]),
     aging_s=st.sampled_from([1, 10, 60]),
+    served=_SERVED,
 )
-def test_the_grant_order_keeps_its_rules(specs, holder, warm, bound, aging_s):
+def test_the_grant_order_keeps_its_rules(specs, holder, warm, bound, aging_s, served):
     """The pure grant order (next_grant), driven directly: never a higher effective priority passed
-    over; a job that needs a swap overtaken only by one that needs none, and not once it has been
-    overtaken for max_overtake_s (with 0, strict arrival order); only the holder's own jobs join; and the
-    few candidates the lock hands it (WaitQueue.candidates) give the same answer as every waiting job."""
+    over; among equals the fair order (the least-served client first, then arrival; arrival alone without
+    clients); a job that needs a swap overtaken only by one that needs none, and none past a job
+    overtaken for max_overtake_s (with 0, strict fair order); only the holder's own jobs join; and the few
+    candidates the lock hands it (WaitQueue.candidates) give the same answer as every waiting job.
+
+    (With fair share, "overtaken" and "once the bound applies" are stated against the fair order: then no
+    job after the first overdue one goes, and a warm job before it still may; the oldest no longer goes
+    regardless. Without clients and without aging across levels the two read the same.)"""
     now = 100.0
     jobs = [
-        PolicyJob(i, c, p, a, exclusive=x, overtaken_since=min(o, a) if o is not None else None, cancelled=k)
-        for i, (c, p, a, x, o, k) in enumerate(specs)
+        PolicyJob(
+            i,
+            c,
+            p,
+            a,
+            exclusive=x,
+            overtaken_since=min(o, a) if o is not None else None,
+            cancelled=k,
+            client=client,
+        )
+        for i, (c, p, a, x, o, k, client) in enumerate(specs)
     ]
-    # As the lock keeps them: a grant marks every older waiting job of its effective priority, so within
-    # a base priority an older job was overtaken no later than a younger one.
-    for level in range(m.PRIORITY_MAX + 1):
+
+    def fair(job: Any) -> tuple[float, float, int]:
+        return m.fair_key(job, served)
+
+    # As the lock keeps them: a grant marks every waiting job of its effective priority before it in the
+    # fair order, so within a base priority and client an older job was overtaken no later than a younger.
+    for level, client in itertools.product(range(m.PRIORITY_MAX + 1), POLICY_CLIENTS):
         earliest = math.inf
-        for job in sorted(
-            (j for j in jobs if j.priority == level), key=lambda j: (j.arrived, j.id), reverse=True
-        ):
+        mine = (j for j in jobs if j.priority == level and j.client == client)
+        for job in sorted(mine, key=lambda j: (j.arrived, j.id), reverse=True):
             if job.overtaken_since is not None:
                 earliest = min(earliest, job.overtaken_since)
             if earliest < math.inf:
@@ -3717,7 +4022,7 @@ def test_the_grant_order_keeps_its_rules(specs, holder, warm, bound, aging_s):
     def is_warm(job: Any) -> bool:
         return job.consumer in warm
 
-    kw = {"aging_s": aging_s, "max_overtake_s": bound, "warm": is_warm}
+    kw = {"aging_s": aging_s, "max_overtake_s": bound, "warm": is_warm, "served": served}
     got = m.next_grant(jobs, view, now, **kw)
     live = [j for j in jobs if not j.granted.done()]
     if got is None:
@@ -3727,24 +4032,66 @@ def test_the_grant_order_keeps_its_rules(specs, holder, warm, bound, aging_s):
     assert got in live
     eff = {j.id: m.effective_priority(j, now, aging_s) for j in live}  # type: ignore[arg-type]
     assert eff[got.id] == max(eff.values())  # never a higher effective priority passed over
-    top = sorted((j for j in live if eff[j.id] == eff[got.id]), key=lambda j: (j.arrived, j.id))
-    oldest = top[0]
-    overdue = bound == 0 or any(
-        j.overtaken_since is not None and now - j.overtaken_since >= bound for j in top
+    top = sorted((j for j in live if eff[j.id] == eff[got.id]), key=fair)
+    first = top[0]
+    # The first job overtaken for the bound, in the fair order (with 0: every job counts as such).
+    cut = (
+        0
+        if bound == 0
+        else next(
+            (
+                i
+                for i, j in enumerate(top)
+                if j.overtaken_since is not None and now - j.overtaken_since >= bound
+            ),
+            len(top),
+        )
     )
-    if got is not oldest:  # only a job that needs no swap (the holder's own, joining) overtakes, in time
-        assert not overdue and not got.exclusive and (is_warm(got) or view is not None)
+    if got is not first:  # only a job that needs no swap (the holder's own, joining) overtakes, in time
+        assert top.index(got) <= cut and not got.exclusive and (is_warm(got) or view is not None)
     if view is not None:
         assert not view.exclusive and view.room > 0 and got.consumer == view.consumer and not got.exclusive
-    elif not overdue:
-        firsts_warm = [j for j in top if is_warm(j) and not j.exclusive]
-        assert got is (firsts_warm[0] if firsts_warm else oldest)
+        assert got is next(j for j in top if j.consumer == view.consumer)  # its first, in the fair order
+    else:
+        warm_allowed = [j for j in top[: cut + 1] if is_warm(j) and not j.exclusive]
+        assert got is (warm_allowed[0] if warm_allowed else first)
     # The lock's few candidates decide alike (jobs in arrival order per level, as the queue keeps them).
     queue = m.WaitQueue()
     for job in sorted(jobs, key=lambda j: (j.arrived, j.id)):
         queue.append(job)  # type: ignore[arg-type]
     candidates = queue.candidates(is_warm, view.consumer if view else None)  # type: ignore[arg-type]
     assert m.next_grant(candidates, view, now, **kw) is got
+
+
+@settings(max_examples=int(os.environ.get("MGPU_FUZZ_EXAMPLES", "150")) * 2, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["grant", "release", "ask"]), st.sampled_from(POLICY_CLIENTS), st.floats(0, 4)
+        ),
+        max_size=60,
+    ),
+    window=st.sampled_from([0.5, 3.0, 10.0, 100.0]),
+)
+def test_gpu_time_is_the_seconds_each_clients_slots_held_within_the_window(steps, window):
+    """GpuTime (fair share's figure) against the plain sum: each slot's [grant, release] (or now, while held)
+    clipped to the last ``window`` seconds, per client, several slots at once each counting."""
+    use, now = m.GpuTime(), 0.0
+    held: dict[str | None, list[float]] = {c: [] for c in POLICY_CLIENTS}
+    spans: list[tuple[str | None, float, float]] = []
+    for op, client, dt in steps:
+        now += dt
+        if op == "grant":
+            use.granted(client, now, window)
+            held[client].append(now)
+        elif op == "release" and held[client]:
+            use.released(client, now, window)
+            spans.append((client, held[client].pop(0), now))
+        elif op == "ask":  # (only some steps ask: the breakpoints are also forgotten on grants and releases)
+            for c in POLICY_CLIENTS:
+                mine = [(a, b) for who, a, b in spans if who == c] + [(a, now) for a in held[c]]
+                expected = sum(max(0.0, b - max(a, now - window)) for a, b in mine)
+                assert use.seconds(c, now, window) == pytest.approx(expected, abs=1e-6), (c, now)
 
 
 @pytest.mark.skipif(not FUZZ_SECONDS, reason="`make fuzz` runs this for MGPU_FUZZ_SECONDS")
@@ -7582,7 +7929,11 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
     elapsed = time.monotonic() - t0
     # One reading (two nvidia-smi processes) per started second at most, however many requests.
     assert r.broker.gpu.queries <= 2 * (1 + int(elapsed))
-    assert set(first) == {"version", "uptime_s", "gpu", "consumers", "scheduler", "gpus", "internal_errors"}
+    assert set(first) == {
+        *("version", "uptime_s", "gpu", "consumers", "scheduler", "gpus", "internal_errors"),
+        "clients",  # issue 23: {} without auth.clients
+    }
+    assert first["clients"] == {}
     # The broker's one figure, shown again in each GPU's stats (as before it was a top-level field).
     assert first["internal_errors"] == first["scheduler"]["stats"]["internal_errors"] == 0
     gpu = first["gpu"]
@@ -7938,6 +8289,7 @@ async def test_the_job_log_line_has_every_field(rig, caplog):
         "evictions",
     ]
     assert fields["request_id"] == "img-1" and int(fields["hold_ms"]) >= 150 and fields["code"] == ""
+    assert list(fields)[11:] == ["request_id", "client"] and fields["client"] == ""  # (no auth.clients)
 
 
 def test_log_lines_carry_a_timestamp_or_journald_priority():
