@@ -1655,7 +1655,10 @@ def test_clients_parse_each_with_its_token_priority_and_limit(tmp_path):
         ({"token": "x-token-0123456789abc", "priority": True}, "auth.clients.x.priority: must be an integer"),
         ({"token": "x-token-0123456789abc", "max_queued": 0}, "auth.clients.x.max_queued: must be positive"),
         ({"token": "x-token-0123456789abc", "max_queued": 1.5}, "auth.clients.x.max_queued: must be an int"),
-        ({"token": "x-token-0123456789abc", "max_queued": 10**6}, "auth.clients.x.max_queued: must be at most"),
+        (
+            {"token": "x-token-0123456789abc", "max_queued": 10**6},
+            "auth.clients.x.max_queued: must be at most",
+        ),
         ({"token": "x-token-0123456789abc", "weight": 2}, "auth.clients.x.weight: unknown key"),
         ({"token": WA_TOKEN}, "auth.clients.x.token: the same token as auth.clients.wa.token: each client"),
         ({"token": TOKEN}, "auth.clients.x.token: the same token as auth.token (the admin's): each client"),
