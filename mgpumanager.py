@@ -353,6 +353,8 @@ class Client:
         message = f"{data['message']} ({data.get('error')})"
         if data.get("error") == "unauthorized":
             message += ": set MGPUMANAGER_TOKEN or give --token-file"
+        elif data.get("error") == "forbidden" and "admin's token" in data["message"]:
+            message += ": give --token-file the admin's token (auth.token_file), not a client's"
         return CliError(2, message)
 
 
@@ -469,6 +471,9 @@ def gpu_lines(gpu: Mapping[str, Any], now: float) -> list[str]:
         text = f"held by {holder.get('consumer')}: {_plural(holder.get('jobs', 0), 'job')}"
         if holder.get("holds"):
             text += f", {_plural(holder['holds'], 'hold')}"
+        clients = sorted({str(s["client"]) for s in holder.get("slots") or [] if s.get("client") is not None})
+        if clients:
+            text += f" (for {', '.join(clients)})"
         text += f", for {_span(holder.get('held_s', 0))}"
     else:
         text = "idle"
@@ -529,6 +534,23 @@ def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
         rows = [row[:1] + row[2:] for row in rows]
         right = {i - 1 for i in right if i > 1}
     lines = _table(header, rows, right) + notes
+    clients = st.get("clients") or {}
+    if clients:
+        header = ["CLIENT", "PRIORITY", "MAX QUEUED", "RUNNING", "QUEUED", "JOBS", "GPU TIME"]
+        rows = [
+            [
+                name,
+                "consumer's" if c.get("priority") is None else str(c["priority"]),
+                "-" if c.get("max_queued") is None else str(c["max_queued"]),
+                str(c.get("running", 0)),
+                str(c.get("queued", 0)),
+                str(c.get("jobs_total", 0)),
+                f"{float(c.get('gpu_s_window') or 0):.1f} s",
+            ]
+            for name, c in clients.items()
+        ]
+        lines += ["", *_table(header, rows, {1, 2, 3, 4, 5, 6})]
+        lines += _wrap("GPU TIME: what each client's jobs held the GPU within scheduler.fair_window_s", "")
     for gpu in gpus:
         lines += ["", *gpu_lines(gpu, now)]
     return lines
@@ -9700,7 +9722,7 @@ th { color:var(--dim); font-weight:normal; border-top:none; }
 <span><i style="background:rgba(248,81,73,.3);border:1px dashed #f85149"></i>reserved</span>
 <span><i style="background:#6e7681"></i>queue depth</span></div></section>
 <section><h2>Holder</h2><div id="holder">-</div><h2 style="margin-top:.8rem">Queue</h2>
-<table><thead><tr><th>consumer</th><th>kind</th><th>prio</th><th>waiting</th></tr></thead>
+<table><thead id="queue-head"></thead>
 <tbody id="queue"></tbody></table></section>
 <section><h2>Counters</h2><div id="stats"></div></section>
 <section class="wide"><h2>Consumers</h2><table><thead><tr><th>name</th><th>health</th><th>resident</th>
@@ -9791,8 +9813,9 @@ function renderGpus(st, gpus) {
   $("gpus").innerHTML = gpus.map((g) => gpuHtml(st, g, gpus.length > 1)).join("");
 }
 function holderHtml(h) {
+  const clients = [...new Set((h?.slots || []).map((s) => s.client).filter((c) => c !== null))].sort();
   return !h ? '<span class="dim">idle</span>' : "<b>" + esc(h.consumer) + "</b> " + h.jobs + " job(s)" +
-    (h.holds ? ", " + h.holds + " hold(s)" : "") +
+    (h.holds ? ", " + h.holds + " hold(s)" : "") + (clients.length ? " for " + esc(clients.join(", ")) : "") +
     ' <span class="dim">for ' + h.held_s.toFixed(1) + " s</span>";
 }
 function reservationHtml(r) {
@@ -9802,15 +9825,22 @@ function reservationHtml(r) {
   return '<div class="resv">reserved: ' + esc(r.reason || "no reason given") + esc(left) +
     (not.length ? '<br><span class="dim">not unloaded: ' + esc(not.join(", ")) + "</span>" : "") + "</div>";
 }
-function renderScheduler(gpus, internalErrors) {
+function renderScheduler(gpus, internalErrors, clients) {
   // One GPU: as it always was. Several: each GPU's holder, one queue tagged by GPU, the counters summed.
+  // With clients (auth.clients), the queue names each job's client (none: the admin's, the broker's own).
   const several = gpus.length > 1, tag = (i) => (several ? '<span class="dim">GPU ' + i + "</span> " : "");
   $("holder").innerHTML = gpus.map((g) => tag(g.index) + holderHtml(g.scheduler.holder) +
     reservationHtml(g.reservation)).join("<br>");
+  const byClient = Object.keys(clients || {}).length > 0;
+  $("queue-head").innerHTML = "<tr><th>consumer</th>" + (byClient ? "<th>client</th>" : "") +
+    "<th>kind</th><th>prio</th><th>waiting</th></tr>";
   const queue = gpus.flatMap((g) => g.scheduler.queue.map((q) => Object.assign({gpu: g.index}, q)));
-  $("queue").innerHTML = queue.map((q) => "<tr><td>" + tag(q.gpu) + esc(q.consumer) + "</td><td>" +
-    esc(q.kind) + "</td><td>" + q.priority + "</td><td>" + q.waited_s.toFixed(1) + " s</td></tr>").join("") ||
-    '<tr><td colspan="4" class="dim">empty</td></tr>';
+  const clientCell = (q) => (!byClient ? "" : "<td>" + (q.client === null || q.client === undefined
+    ? '<span class="dim">-</span>' : esc(q.client)) + "</td>");
+  $("queue").innerHTML = queue.map((q) => "<tr><td>" + tag(q.gpu) + esc(q.consumer) + "</td>" +
+    clientCell(q) + "<td>" + esc(q.kind) + "</td><td>" + q.priority + "</td><td>" + q.waited_s.toFixed(1) +
+    " s</td></tr>").join("") ||
+    '<tr><td colspan="' + (byClient ? 5 : 4) + '" class="dim">empty</td></tr>';
   const stats = {};  // each GPU's counters summed; internal_errors is the broker's one figure
   gpus.forEach((g) => Object.entries(g.scheduler.stats).filter(([k]) => k !== "internal_errors")
     .forEach(([k, v]) => { stats[k] = (stats[k] || 0) + v; }));
@@ -9834,7 +9864,7 @@ async function refresh() {
     const st = await (await get("/v1/status")).json();
     const gpus = gpusOf(st);
     status = st;
-    renderGpus(st, gpus); renderScheduler(gpus, st.internal_errors);
+    renderGpus(st, gpus); renderScheduler(gpus, st.internal_errors, st.clients);
     renderConsumers(st.consumers, gpus.length > 1);
   } catch (e) { $("error").textContent = "status: " + e.message; }
   drawTimeline();

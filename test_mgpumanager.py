@@ -677,12 +677,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def bearer(token: str | None) -> dict[str, str]:
+    """The Authorization header for ``token`` (none for None)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 class Daemon:
     """mgpumanager.py as its own process on a free port, for what only a real process shows."""
 
     #: Python run in the daemon's process before its ``main()`` ("": none). The mutation test of issue 18
     #: disables eviction there with it (``no_overfill``).
     prelude = ""
+    #: The bearer token ``status`` and ``until`` send (None: none).
+    token: str | None = None
 
     def __init__(
         self,
@@ -715,7 +722,7 @@ class Daemon:
         return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
 
     async def status(self, session: aiohttp.ClientSession) -> dict[str, Any]:
-        async with session.get(self.url("/v1/status")) as resp:
+        async with session.get(self.url("/v1/status"), headers=bearer(self.token)) as resp:
             return await resp.json()
 
     async def until(
@@ -4245,6 +4252,233 @@ async def test_a_load_is_learned_as_the_load_alone_and_a_job_from_when_it_went_t
         await asyncio.sleep(0)
     assert (ops.states["x"].timing("load"), ops.states["x"].timing("job")) == (2.0, 1.0)  # not 6.0
     assert books_balance(s)
+
+
+# ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
+
+
+class GatedMvoice(mgpusim.MvoiceSim):
+    """mvoice whose jobs wait while ``gate`` is clear before they work: a job holds the GPU until the test
+    lets it go."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def run_work(self, request: web.Request) -> None:
+        await self.gate.wait()
+        await super().run_work(request)
+
+
+async def ring_events(session: aiohttp.ClientSession, daemon: Daemon) -> list[dict[str, Any]]:
+    """The daemon's event ring, replayed (``/v1/events?since=900``), up to its ``: replayed N`` comment."""
+    async with session.get(daemon.url("/v1/events?since=900"), headers=bearer(daemon.token)) as resp:
+        assert resp.status == 200
+        events = []
+        while not (line := await asyncio.wait_for(resp.content.readline(), 10)).startswith(b": replayed"):
+            if line.startswith(b"data: "):
+                events.append(json.loads(line[6:]))
+        return events
+
+
+async def post_as(
+    session: aiohttp.ClientSession, daemon: Daemon, kind: str, token: str | None, payload: Any = None
+) -> tuple[int, dict[str, str], bytes]:
+    """``POST /v1/{kind}`` with ``token``: the answer's status, headers and body."""
+    body = payload if payload is not None else ({"prompt": {}} if kind == "image" else {"text": kind})
+    async with session.post(daemon.url(f"/v1/{kind}"), json=body, headers=bearer(token)) as resp:
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+def comfy_like(mib: int = 13000) -> dict[str, Any]:
+    """A consumer's config for a ComfySim: images, held until /history tells (polled every 20 ms), /free."""
+    return {
+        "health": {"path": "/system_stats"},
+        "paths": {
+            "image": {
+                "path": "/prompt",
+                "hold_until": {"path": "/history/{prompt_id}", "poll_s": 0.02, "timeout_s": 30},
+            }
+        },
+        "vram_resident_mib": mib,
+        "unload": {"path": "/free", "body": {"free_memory": True}},
+    }
+
+
+async def test_a_clients_priority_puts_its_job_right_after_the_running_one_end_to_end(bed):
+    """Issue 23: client batch (priority 0) keeps 30 TTS jobs queued, client wa (priority 4) sends one:
+    wa's job is granted next, right after the running job. The job line and the events name the client."""
+    b = await bed(total_mib=16384)
+    mvoice = GatedMvoice("mvoice", b.gpu, loaded=True, work_s=0.005)
+    await b.add(mvoice, mvoice_like(2800, "tts"), "tts")
+    with_clients(b.raw)  # wa: priority 4, batch: priority 0; mvoice's own is 2
+    async with b.daemon() as daemon:
+        daemon.token = TOKEN
+        mvoice.gate.clear()  # batch's first job holds the GPU until the gate opens
+        batch = [asyncio.ensure_future(post_as(b.session, daemon, "tts", BATCH_TOKEN)) for _ in range(31)]
+        await daemon.until(b.session, lambda st: len(st["scheduler"]["queue"]) == 30)
+        wa = asyncio.ensure_future(post_as(b.session, daemon, "tts", WA_TOKEN))
+        st = await daemon.until(b.session, lambda st: len(st["scheduler"]["queue"]) == 31)
+        assert st["scheduler"]["queue"][0]["client"] == "wa" and st["scheduler"]["queue"][0]["priority"] == 4
+        assert st["clients"]["batch"]["queued"] == 30 and st["clients"]["batch"]["running"] == 1
+        assert st["scheduler"]["holder"]["slots"][0]["client"] == "batch"
+        mvoice.gate.set()
+        assert [a[0] for a in await asyncio.gather(wa, *batch)] == [200] * 32
+        events = await ring_events(b.session, daemon)
+    granted = [e["client"] for e in events if e["event"] == "granted"]
+    assert granted == ["batch", "wa"] + ["batch"] * 30
+    queued_at = next(i for i, e in enumerate(events) if e["event"] == "queued" and e["client"] == "wa")
+    assert next(e for e in events[queued_at:] if e["event"] == "granted")["client"] == "wa"
+    assert len(re.findall(r"msg=job .* client=wa$", daemon.log, re.M)) == 1
+    assert len(re.findall(r"msg=job .* client=batch$", daemon.log, re.M)) == 31
+
+
+def _grants_while_waiting(events: list[dict[str, Any]], client: str) -> list[list[float]]:
+    """For each job of ``client``: the grants of other jobs while it waited, each as seconds since the first
+    of them (by the broker's own timestamps): the job that ran when it came ended then, and it has been
+    passed over since."""
+    waits = []
+    for i, e in enumerate(events):
+        if e["event"] != "queued" or e["client"] != client:
+            continue
+        grants = []
+        for later in events[i + 1 :]:
+            if later["event"] == "granted" and later["job"] == e["job"]:
+                break
+            if later["event"] == "granted":
+                grants.append(bench.parse_ts(later["ts"]))
+        waits.append([t - grants[0] for t in grants])
+    return waits
+
+
+async def test_a_client_that_sends_a_few_jobs_waits_at_most_max_overtake_s_plus_one_job(bed):
+    """Issue 23, at equal priority: client a keeps 40 TTS jobs queued (mvoice, resident); client b sends 5
+    images over a few seconds (ComfyUI: each a swap away). Each of b's jobs is granted at the latest one job
+    after it has waited max_overtake_s (scaled down to 1 s): b has had the least GPU time, so the bound
+    counts against it, not a's 40 older jobs. (In arrival order, a's older jobs would all go first.)"""
+    b = await bed(total_mib=16384)  # mvoice's 2800 MiB and ComfyUI's 13000 do not fit together
+    await b.add(mgpusim.MvoiceSim("mvoice", b.gpu, loaded=True, work_s=0.02), mvoice_like(2800, "tts"), "tts")
+    await b.add(mgpusim.ComfySim("comfyui", b.gpu, work_s=0.05, context_mib=0), comfy_like(), "image")
+    b.raw["auth"] = client_auth(a={}, b={})
+    b.raw["auth"]["token"] = TOKEN
+    b.raw["scheduler"].update(max_overtake_s=1.0, max_queue=100)
+    async with b.daemon() as daemon:
+        daemon.token = TOKEN
+        stop = asyncio.Event()
+
+        async def keep_40_queued() -> int:
+            sent = 0
+
+            async def one() -> None:
+                nonlocal sent
+                while not stop.is_set():
+                    status = (await post_as(b.session, daemon, "tts", "a-token-0123456789abc"))[0]
+                    assert status == 200
+                    sent += 1
+
+            await asyncio.gather(*(one() for _ in range(41)))  # one running, 40 waiting
+            return sent
+
+        a = asyncio.ensure_future(keep_40_queued())
+        await daemon.until(b.session, lambda st: st["clients"]["a"]["queued"] >= 35)
+        images = []
+        for _ in range(5):
+            images.append(asyncio.ensure_future(post_as(b.session, daemon, "image", "b-token-0123456789abc")))
+            await asyncio.sleep(1.5)
+        assert [i[0] for i in await asyncio.gather(*images)] == [200] * 5
+        stop.set()
+        assert await a > 100
+        events = await ring_events(b.session, daemon)
+    waits = _grants_while_waiting(events, "b")
+    assert len(waits) == 5
+    # a's jobs, which need no swap, went first while b's waited (the bound is what let each go) ...
+    assert all(len(grants) > 1 for grants in waits), [len(g) for g in waits]
+    # ... but, once b's had been passed over for max_overtake_s, one more at most (the boundary's).
+    late = [sum(t >= 1.0 for t in grants) for grants in waits]
+    assert max(late) <= 1, (late, [round(g[-1], 2) for g in waits])
+
+
+async def test_over_a_fair_window_of_saturation_neither_client_gets_more_than_two_thirds(bed):
+    """Issue 23, at equal priority: client a keeps 40 TTS jobs queued and b 5, on the same consumer. Over
+    the saturation (six fair windows, scaled down from 60 s to 1 s each), each gets about half of the GPU
+    time, neither more than two thirds, as the broker's own counters (client_gpu_seconds_total) measure it.
+    (In arrival order a would get some 40/45 of it.)"""
+    b = await bed(total_mib=16384)
+    await b.add(mgpusim.MvoiceSim("mvoice", b.gpu, loaded=True, work_s=0.01), mvoice_like(2800, "tts"), "tts")
+    b.raw["auth"] = client_auth(a={}, b={})
+    b.raw["auth"]["token"] = TOKEN
+    b.raw["scheduler"].update(fair_window_s=1.0, max_queue=100)
+    async with b.daemon() as daemon:
+        daemon.token = TOKEN
+        stop = asyncio.Event()
+
+        async def keep_queued(client: str, n: int) -> None:
+            async def one() -> None:
+                while not stop.is_set():
+                    status = (await post_as(b.session, daemon, "tts", f"{client}-token-0123456789abc"))[0]
+                    assert status == 200
+
+            await asyncio.gather(*(one() for _ in range(n)))
+
+        clients = [asyncio.ensure_future(keep_queued("a", 41)), asyncio.ensure_future(keep_queued("b", 6))]
+        await daemon.until(
+            b.session, lambda st: st["clients"]["a"]["queued"] >= 30 and st["clients"]["b"]["queued"] >= 4
+        )
+
+        async def gpu_seconds() -> dict[str, float]:
+            async with b.session.get(daemon.url("/metrics"), headers=bearer(TOKEN)) as resp:
+                families = _families(await resp.text())
+            return {c: _value(families, "mgpumanager_client_gpu_seconds_total", client=c) for c in "ab"}
+
+        before = await gpu_seconds()
+        await asyncio.sleep(6.0)  # six fair windows of saturation by both
+        after = await gpu_seconds()
+        st = await daemon.status(b.session)
+        stop.set()
+        await asyncio.gather(*clients)
+    held = {c: after[c] - before[c] for c in "ab"}
+    assert held["a"] > 0.5 and held["b"] > 0.5, held
+    assert max(held.values()) <= 2 / 3 * sum(held.values()), held
+    window = {c: st["clients"][c]["gpu_s_window"] for c in "ab"}  # the last window, as status shows it
+    assert max(window.values()) <= 2 / 3 * sum(window.values()), window
+
+
+async def test_max_queued_gives_client_queue_full_to_that_client_alone_end_to_end(bed):
+    """Issue 23: batch may queue 3; its next job gets client_queue_full (429, retryable, Retry-After), while
+    wa's still queue in the room max_queue has left, and are served."""
+    b = await bed(total_mib=16384)
+    mvoice = GatedMvoice("mvoice", b.gpu, loaded=True, work_s=0.005)
+    await b.add(mvoice, mvoice_like(2800, "tts"), "tts")
+    with_clients(b.raw, batch={"max_queued": 3}, wa={"priority": 0})
+    async with b.daemon() as daemon:
+        daemon.token = TOKEN
+        mvoice.gate.clear()
+        batch = [asyncio.ensure_future(post_as(b.session, daemon, "tts", BATCH_TOKEN)) for _ in range(4)]
+        await daemon.until(b.session, lambda st: st["clients"]["batch"]["queued"] == 3)
+        status, headers, body = await post_as(b.session, daemon, "tts", BATCH_TOKEN)
+        error = error_of(status, headers, body, "client_queue_full")
+        assert "client batch has 3 jobs waiting" in error["message"] and int(headers["Retry-After"]) >= 1
+        wa = [asyncio.ensure_future(post_as(b.session, daemon, "tts", WA_TOKEN)) for _ in range(3)]
+        st = await daemon.until(b.session, lambda st: st["clients"]["wa"]["queued"] == 3)
+        assert st["clients"]["batch"] | {"gpu_s_window": 0} == {
+            "queued": 3,
+            "running": 1,
+            "jobs_total": 1,  # the refused one
+            "gpu_s_window": 0,
+            "priority": 0,
+            "max_queued": 3,
+        }
+        mvoice.gate.set()
+        assert [r[0] for r in await asyncio.gather(*batch, *wa)] == [200] * 7
+        async with b.session.get(daemon.url("/metrics"), headers=bearer(TOKEN)) as resp:
+            families = _families(await resp.text())
+    jobs = "mgpumanager_client_jobs_total"
+    assert _value(families, jobs, client="batch", status="rejected") == 1
+    assert _value(families, jobs, client="batch", status="completed") == 4
+    assert _value(families, jobs, client="wa", status="completed") == 3
+    with pytest.raises(KeyError):
+        _value(families, jobs, client="wa", status="rejected")
 
 
 # =====================================================================================================
@@ -11691,6 +11925,154 @@ async def test_a_reload_that_replaces_the_token_closes_every_connection_authenti
             await ws.close()
     assert 'msg="token revoked: closing its connections" connections=7' in daemon.log
     assert TOKEN not in daemon.log and new_token not in daemon.log
+
+
+#: Every admin route, as (method, path, JSON body).
+ADMIN_ROUTES = (
+    ("POST", "/v1/consumers/mvoice/unload", None),
+    ("POST", "/v1/consumers/mvoice/load", None),
+    ("POST", "/v1/reload", None),
+    ("POST", "/v1/reserve", {"for_s": 60, "reason": "a client's"}),
+    ("DELETE", "/v1/reserve", None),
+)
+
+
+async def test_a_clients_token_runs_jobs_and_reads_status_but_opens_no_admin_route_end_to_end(
+    rig, capsys, tmp_path
+):
+    """Issue 23, end to end: once clients are configured, no route but /healthz, the page and its icon
+    answers without a token, on the broker's port and a consumer's; a client's token runs jobs (/v1/{kind}, a
+    mount, a consumer's port, a WebSocket through a mount, /audio/) and reads status, events and metrics,
+    and is refused on every admin route (403 forbidden, nothing done), which the admin's token opens. The
+    command line with a client's token file: ps shows the clients, unload says why it is refused."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    raw = copy.deepcopy(r.raw)
+    with_clients(raw)
+    mvoice_port = free_port()
+    raw["consumers"]["mvoice"]["listen"] = f"127.0.0.1:{mvoice_port}"
+    port = f"http://127.0.0.1:{mvoice_port}"
+    wa, admin = bearer(WA_TOKEN), bearer(TOKEN)
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        daemon.token = WA_TOKEN
+        for method, url in (
+            ("GET", daemon.url("/v1/status")),
+            ("GET", daemon.url("/v1/events")),
+            ("GET", daemon.url("/metrics")),
+            ("POST", daemon.url("/v1/tts")),
+            ("POST", daemon.url("/c/mvoice/api/synthesize")),
+            ("GET", daemon.url("/audio/x.wav")),
+            ("GET", daemon.url("/c/comfyui/ws")),
+            ("POST", daemon.url("/v1/reload")),
+            ("POST", f"{port}/api/synthesize"),
+            ("GET", f"{port}/health"),
+        ):
+            async with r.session.request(method, url, json={"text": "x"}) as resp:
+                error_of(resp.status, dict(resp.headers), await resp.read(), "unauthorized")
+        for path in ("/healthz", "/", "/favicon.ico"):
+            async with r.session.get(daemon.url(path)) as resp:
+                assert resp.status == 200, path
+        # A client's token: jobs, through every door.
+        status, headers, _ = await post_as(r.session, daemon, "tts", WA_TOKEN, {"text": "one"})
+        assert status == 200
+        async with r.session.get(daemon.url(headers["X-Audio-Path"]), headers=wa) as resp:
+            assert resp.status == 200 and (await resp.read()).startswith(b"RIFF")
+        for url in (daemon.url("/c/mvoice/api/synthesize"), f"{port}/api/synthesize"):
+            async with r.session.post(url, json={"text": "two"}, headers=wa) as resp:
+                assert resp.status == 200
+        ws = await r.session.ws_connect(daemon.url("/c/comfyui/ws"), headers=wa)
+        assert (await _ws_json(ws))["type"] == "status"
+        await ws.close()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await r.session.ws_connect(daemon.url("/c/comfyui/ws"))
+        assert refused.value.status == 401
+        # ... and reads.
+        st = await daemon.status(r.session)
+        assert st["clients"]["wa"]["jobs_total"] == 3 and st["clients"]["batch"]["jobs_total"] == 0
+        async with r.session.get(daemon.url("/metrics"), headers=wa) as resp:
+            families = _families(await resp.text())
+        assert _value(families, "mgpumanager_client_jobs_total", client="wa", status="completed") == 3
+        assert _value(families, "mgpumanager_client_gpu_seconds_total", client="wa") > 0
+        events = await ring_events(r.session, daemon)
+        jobs = [e for e in events if e["event"] in ("queued", "granted", "started", "finished")]
+        assert len(jobs) == 12 and {e["client"] for e in jobs} == {"wa"}
+        # Every admin route: forbidden for a client, and nothing done.
+        for method, path, body in ADMIN_ROUTES:
+            async with r.session.request(method, daemon.url(path), json=body, headers=wa) as resp:
+                error = error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
+            assert (
+                f"{method} {path} is an admin route" in error["message"] and "client wa's" in error["message"]
+            )
+        st = await daemon.status(r.session)
+        assert st["gpu"] and st["gpus"][0]["reservation"] is None and st["consumers"]["mvoice"]["loaded"]
+        assert r.sims["mvoice"].unloads == 0 and "msg=reload " not in daemon.log
+        async with r.session.post(daemon.url("/v1/consumers/mvoice/unload"), headers=admin) as resp:
+            assert resp.status == 200 and r.sims["mvoice"].unloads == 1  # the admin's token opens them
+        # The command line with a client's token: ps shows the clients; unload is refused, saying why.
+        token_file = tmp_path / "wa-token"
+        token_file.write_text(WA_TOKEN + "\n")
+        rc, out, err = await verb(capsys, "ps", "--url", daemon.url(""), "--token-file", str(token_file))
+        assert rc == 0, err
+        clients = out[out.index("CLIENT") :].splitlines()
+        assert re.split(r"  +", clients[0].strip()) == [
+            *("CLIENT", "PRIORITY", "MAX QUEUED", "RUNNING", "QUEUED", "JOBS", "GPU TIME")
+        ]
+        assert clients[1].split()[:6] == ["wa", "4", "-", "0", "0", "3"]
+        assert clients[2].split()[:6] == ["batch", "0", "-", "0", "0", "0"]
+        rc, out, err = await verb(
+            capsys, "unload", "mvoice", "--url", daemon.url(""), "--token-file", str(token_file)
+        )
+        assert (rc, out) == (2, "")
+        assert "is an admin route: it needs the admin's token (auth.token), and this is client wa's" in err
+        assert err.rstrip().endswith(
+            "(forbidden): give --token-file the admin's token (auth.token_file), not a client's"
+        )
+    for sim in r.sims.values():
+        assert all("Authorization" not in rec.headers for rec in sim.records)  # never forwarded
+    assert WA_TOKEN not in daemon.log and TOKEN not in daemon.log
+
+
+async def test_a_reload_adds_removes_and_rotates_clients_and_closes_what_a_gone_token_let_in(rig):
+    """Issue 23: a reload that removes client wa and gives batch a new token closes the connections those
+    tokens let in (an event stream each), before it answers; the admin's and kept's (whose token stays) go
+    on, and a new client's token is let in at once. The changes name the clients, never a token."""
+    r = await rig()
+    raw = copy.deepcopy(r.raw)
+    kept = "kept-token-0123456789abcd"
+    with_clients(raw, kept={"token": kept})
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        streams = {}
+        for name, token in (("wa", WA_TOKEN), ("batch", BATCH_TOKEN), ("admin", TOKEN), ("kept", kept)):
+            streams[name] = await r.session.get(daemon.url("/v1/events"), headers=bearer(token))
+            await streams[name].content.readline()
+        rotated, added = "batch-token-rotated-0123456789", "new-client-token-0123456789"
+        raw["auth"]["clients"] = {
+            "batch": {"token": rotated, "priority": 0},
+            "new": {"token": added},
+            "kept": {"token": kept},
+        }
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(daemon.url("/v1/reload"), headers=bearer(TOKEN)) as resp:
+            assert resp.status == 200
+            changes = (await resp.json())["changes"]
+        assert {"added client new", "removed client wa", "new token for client batch"} <= set(changes)
+        assert "closed 2 connections authenticated with a revoked token" in changes, changes
+        for name in ("wa", "batch"):
+            with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
+                await asyncio.wait_for(streams[name].content.read(), 10)
+            streams[name].release()
+        for token, expected in ((WA_TOKEN, 401), (BATCH_TOKEN, 401), (rotated, 200), (added, 200)):
+            async with r.session.get(daemon.url("/v1/status"), headers=bearer(token)) as resp:
+                assert resp.status == expected
+                if expected == 200:
+                    assert set((await resp.json())["clients"]) == {"batch", "new", "kept"}
+        for name in ("admin", "kept"):  # open still: their tokens stayed (they hear of the reload)
+            seen = b""
+            while not seen.startswith(b"event: reload"):
+                seen = await asyncio.wait_for(streams[name].content.readline(), 10)
+                assert seen, f"{name}'s stream was closed"
+            streams[name].close()
+    for token in (WA_TOKEN, BATCH_TOKEN, rotated, added):
+        assert token not in daemon.log and all(token not in change for change in changes)
 
 
 # =====================================================================================================
