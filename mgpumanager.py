@@ -9667,6 +9667,7 @@ h2 { font-size:.8rem; text-transform:uppercase; letter-spacing:.05em; color:var(
 table { width:100%; border-collapse:collapse; font-size:.9rem; }
 td, th { text-align:left; padding:.3rem .4rem; border-top:1px solid #2a313b; vertical-align:top; }
 th { color:var(--dim); font-weight:normal; border-top:none; }
+#queue-table td, #queue-table th { padding:.3rem .25rem; }
 .ok { color:var(--ok); } .bad { color:var(--bad); } .dim { color:var(--dim); }
 #holder { font-size:1.1rem; } .resv { color:#ffa198; font-size:.9rem; }
 #stats { display:grid; grid-template-columns:repeat(auto-fill, minmax(110px,1fr)); gap:.4rem; }
@@ -9722,7 +9723,7 @@ th { color:var(--dim); font-weight:normal; border-top:none; }
 <span><i style="background:rgba(248,81,73,.3);border:1px dashed #f85149"></i>reserved</span>
 <span><i style="background:#6e7681"></i>queue depth</span></div></section>
 <section><h2>Holder</h2><div id="holder">-</div><h2 style="margin-top:.8rem">Queue</h2>
-<table><thead id="queue-head"></thead>
+<table id="queue-table"><thead id="queue-head"></thead>
 <tbody id="queue"></tbody></table></section>
 <section><h2>Counters</h2><div id="stats"></div></section>
 <section class="wide"><h2>Consumers</h2><table><thead><tr><th>name</th><th>health</th><th>resident</th>

@@ -59,6 +59,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin
@@ -2861,15 +2862,21 @@ JOB_STEPS = {
 }
 
 
-async def _interleaved_burst(r: Rig, gate: asyncio.Event) -> list[str]:
-    """While an LLM job holds the GPU, 8 TTS and 4 image jobs queue interleaved (T T I T I T T I T I T T);
-    then the GPU is let go. The consumers their grants went to, in order, once all are done."""
-    llm = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "holds the GPU"}))
+async def _interleaved_burst(
+    r: Rig, gate: asyncio.Event, tokens: Mapping[str, str] | None = None, admin: str | None = None
+) -> list[str]:
+    """While an LLM job holds the GPU, 8 TTS and 4 image jobs queue interleaved (T T I T I T T I T I T T),
+    each kind sent with its token in ``tokens`` ("T", "I"; the LLM job with ``admin``'s); then the GPU is
+    let go. The consumers their grants went to, in order, once all are done."""
+    llm = asyncio.ensure_future(
+        r.post("llm", {"model": "m", "prompt": "holds the GPU"}, headers=bearer(admin))
+    )
     await until(lambda: r.broker.scheduler.holder == "ollama")
     jobs = []
     for i, kind in enumerate("TTITITTITITT"):
         path = ("tts", {"text": str(i)}) if kind == "T" else ("image", {"prompt": {}})
-        jobs.append(asyncio.ensure_future(r.post(*path)))
+        headers = bearer(tokens[kind] if tokens else None)
+        jobs.append(asyncio.ensure_future(r.post(*path, headers=headers)))
         await until(lambda i=i: len(r.broker.scheduler.queue()) == i + 1)
     gate.set()
     assert all(status == 200 for status, _, _ in await asyncio.gather(llm, *jobs))
@@ -3884,6 +3891,35 @@ async def test_an_interleaved_burst_is_served_in_batches_with_one_swap(rig, max_
     else:
         assert order == ["mvoice" if k == "T" else "comfyui" for k in "TTITITTITITT"] and swaps == 8
         assert r.stats.evictions == 8  # the issue's 8 evictions
+
+
+@no_overfill
+async def test_an_interleaved_burst_split_between_two_clients_keeps_its_one_swap(rig):
+    """Issue 23: fair share must not bring back the swap storm. The same burst split between two clients at
+    equal priority, a sending the TTS jobs and b the images: once a's first job has run, b has had less GPU
+    time, yet a's jobs, which need no swap, still go first: the TTS batch, one swap, the images (fairness
+    decides among what warmth leaves open, never for a swap at every turn)."""
+    gate = asyncio.Event()
+
+    def setup(raw: dict[str, Any]) -> None:
+        for name in ("mvoice", "comfyui"):
+            raw["consumers"][name]["priority"] = 2
+        raw["auth"] = client_auth(a={}, b={}) | {"token": TOKEN}
+
+    async with held_llm(gate) as ollama:
+        r = await rig(
+            **SMALL_CARD,
+            tweak=setup,
+            urls={"ollama": ollama.url},
+            sims={"mvoice": {"loaded": True, "work_s": 0.02}, "comfyui": {"work_s": 0.05}},
+        )
+        tokens = {"T": "a-token-0123456789abc", "I": "b-token-0123456789abc"}
+        order = await _interleaved_burst(r, gate, tokens, admin=TOKEN)
+    nothing_overfilled(r.gpu)
+    assert order == ["mvoice"] * 8 + ["comfyui"] * 4  # one swap, as for one client
+    assert (r.stats.evictions, r.sims["mvoice"].unloads) == (1, 1)
+    clients = r.broker.clients()
+    assert (clients["a"]["jobs_total"], clients["b"]["jobs_total"]) == (8, 4)
 
 
 async def test_a_job_held_back_by_a_stream_runs_once_overtaken_for_max_overtake_s(rig):
@@ -10391,6 +10427,49 @@ async def test_dashboard_shows_markup_in_a_reason_and_a_gpu_name_as_text(rig, tm
         assert await browser.evaluate("document.querySelector('.tl-resv').dataset.reason") == markup
         assert await browser.evaluate("document.querySelectorAll('main img, #tip img').length") == 0
         assert await browser.evaluate("window.xss === undefined")
+
+
+async def test_dashboard_with_clients_names_each_queued_jobs_client(rig, tmp_path):
+    """Issue 23: with auth.clients, the page (opened with a client's token: status and events are a
+    client's to read) shows whom each queued job is for, and whom the holder runs for."""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(tweak=with_clients, urls={"ollama": ollama.url}, sims={"mvoice": {"loaded": True}})
+        llm = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}, headers=bearer(BATCH_TOKEN)))
+        waiting = []
+        try:
+            await until(lambda: r.broker.scheduler.holder == "ollama")
+            for kind, token in (("tts", WA_TOKEN), ("tts", BATCH_TOKEN), ("image", TOKEN)):
+                body = {"prompt": {}, "text": "x"}
+                waiting.append(asyncio.ensure_future(r.post(kind, body, headers=bearer(token))))
+                count = len(waiting)
+                await until(lambda count=count: len(r.broker.scheduler.queue()) == count)
+            async with Browser(tmp_path) as browser:
+                # The token the page would ask for, kept in the tab as the page keeps it (for its origin).
+                await browser.call("Page.navigate", url=r.url("/healthz"))
+                await browser.wait_for("document.readyState === 'complete'")
+                await browser.evaluate(f"sessionStorage.setItem('mgpumanager-token', {json.dumps(WA_TOKEN)})")
+                await browser.call("Page.navigate", url=r.url("/"))
+                rows = await browser.wait_for(
+                    "document.querySelectorAll('#queue tr').length === 3 && [...document.querySelectorAll("
+                    "'#queue tr')].map(r => [...r.cells].map(c => c.textContent))"
+                )
+                head = await browser.evaluate(
+                    "[...document.querySelectorAll('#queue-head th')].map(c => c.textContent)"
+                )
+                assert head == ["consumer", "client", "kind", "prio", "waiting"]
+                assert [row[:4] for row in rows] == [
+                    ["mvoice", "wa", "tts", "4"],
+                    ["comfyui", "-", "image", "2"],  # the admin's: no client
+                    ["mvoice", "batch", "tts", "0"],
+                ]
+                assert "for batch" in await browser.evaluate("document.getElementById('holder').textContent")
+                await browser.screenshot(tmp_path / "clients.png")
+        finally:
+            gate.set()
+        assert [s for s, _, _ in await asyncio.gather(llm, *waiting)] == [200] * 4
+    if os.environ.get("MGPU_SCREENSHOT_DIR"):
+        shutil.copy(tmp_path / "clients.png", Path(os.environ["MGPU_SCREENSHOT_DIR"]) / "clients.png")
 
 
 async def test_dashboard_with_two_gpus_draws_each_with_its_own_holder(rig, tmp_path):
