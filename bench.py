@@ -12,7 +12,9 @@ proxy can reach. The client is this process: one aiohttp ClientSession with keep
 
 Measurement 8 (issue 12) plays mixed workloads, TTS and image jobs arriving together, to brokers of their
 own, side by side: one as configured by default, one with ``scheduler.max_overtake_s: 0`` (strict arrival
-order; where the loader does not know the key yet, the strict one alone, the other marked so).
+order; where the loader does not know the key yet, the strict one alone, the other marked so); issue 12's
+burst also a third time, split between two clients (issue 23's fair share: ``auth.clients``, where the loader
+knows them).
 
 Measurements 9 and 10 are issue 21's: admission (200, then 2,000 jobs sent at once behind a job that holds
 the GPU: how long until all are queued, per job, and /healthz's answers meanwhile, asked by a process of its
@@ -705,6 +707,22 @@ MIX_AGING_S = 60.0
 #: Issue 12's targets for trace 1: time to idle within 1.3x of the lower bound, TTS p95 under 5 s.
 MIX_RATIO_TARGET = 1.3
 MIX_TTS_P95_TARGET_S = 5.0
+#: Issue 23: the burst split between two clients (the trace's jobs taking turns), each with its token; the
+#: admin's token reads the status and the events.
+MIX_CLIENTS = ("a", "b")
+MIX_ADMIN_TOKEN = "bench-admin-token-0123456789"
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    """The Authorization header for ``token`` (none for None)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def mix_token(client: str) -> str:
+    """The bench's token for a client of the split burst."""
+    return f"bench-client-{client}-token-0123456789"
+
+
 #: Measurement 9 (issue 21): N jobs sent at once behind a job that holds the GPU, for each N; its broker's
 #: max_queue (the issue's largest); /healthz asked by a process of its own every so often meanwhile; the
 #: targets: per job, the larger N at most ADMISSION_RATIO_TARGET x the smaller's, /healthz p99 under 20 ms.
@@ -888,8 +906,10 @@ class MixRun:
     overtake: float | None
     #: The overtaking bound the run is held to (s).
     bound_s: float
-    #: False: this version's loader refuses max_overtake_s, so the run could not be made.
+    #: False: this version's loader refuses max_overtake_s (or auth.clients), so the run could not be made.
     available: bool
+    #: The clients the trace's jobs are split between, taking turns (none: no auth).
+    clients: tuple[str, ...] = ()
     url: str = ""
     children: list[Child] = field(default_factory=list)
     reader: asyncio.Task[None] | None = None
@@ -916,6 +936,15 @@ class MixRun:
 
     def ok(self) -> list[MixJob]:
         return [j for j in self.jobs if j.status == 200 and not math.isnan(j.latency)]
+
+    @property
+    def token(self) -> str | None:
+        """The admin's token, for the status and the events (None: no auth)."""
+        return MIX_ADMIN_TOKEN if self.clients else None
+
+    def client_of(self, job: MixJob) -> str | None:
+        """The client that sends ``job`` (they take turns), or None."""
+        return self.clients[job.index % len(self.clients)] if self.clients else None
 
     def latencies(self, kind: str) -> list[float]:
         return [j.latency for j in self.ok() if j.kind == kind]
@@ -1006,11 +1035,25 @@ def parse_ts(text: str) -> float:
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def mixed_config(port: int, smi: str, ports: dict[str, int], trace: Trace, overtake: float | None) -> str:
-    """The broker's config for a mixed-workload run: what matters here of consumers.yaml's mvoice, ComfyUI."""
+def mixed_config(
+    port: int,
+    smi: str,
+    ports: dict[str, int],
+    trace: Trace,
+    overtake: float | None,
+    clients: Sequence[str] = (),
+) -> str:
+    """The broker's config for a mixed-workload run: what matters here of consumers.yaml's mvoice, ComfyUI;
+    with ``clients``, the admin's token and one token per client."""
     q = json.dumps
     bound = "" if overtake is None else f", max_overtake_s: {overtake:g}"
-    return f"""\
+    auth = ""
+    if clients:
+        each = ", ".join(f"{c}: {{token: {mix_token(c)}}}" for c in clients)
+        auth = f"auth: {{token: {MIX_ADMIN_TOKEN}, clients: {{{each}}}}}\n"
+    return (
+        auth
+        + f"""\
 # Written by bench.py (measurement 8): mgpusim's mvoice and ComfyUI on a simulated 16 GiB GPU.
 listen: {LOOPBACK}:{port}
 gpu: {{nvidia_smi: {q(smi)}, reader: nvidia-smi, index: 0, cushion_mib: 256, query_timeout_s: 5}}
@@ -1041,6 +1084,7 @@ consumers:
     unload: {{method: POST, path: /free, body: {{free_memory: true}}}}
     priority: {trace.priority["comfyui"]}
 """
+    )
 
 
 # =====================================================================================================
@@ -1226,17 +1270,20 @@ class Bench:
 
     # ---- client helpers ----------------------------------------------------------------------------
 
-    async def post(self, url: str, body: bytes, *, timeout: float = 30) -> tuple[int, bytes]:
+    async def post(
+        self, url: str, body: bytes, *, timeout: float = 30, token: str | None = None
+    ) -> tuple[int, bytes]:
         assert self.session is not None
-        headers = {"Content-Type": "application/octet-stream"}
+        headers = {"Content-Type": "application/octet-stream"} | bearer(token)
         async with self.session.post(
             url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
         ) as r:
             return r.status, await r.read()
 
-    async def get_json(self, url: str) -> Any:
+    async def get_json(self, url: str, token: str | None = None) -> Any:
         assert self.session is not None
-        async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as r:
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with self.session.get(url, timeout=timeout, headers=bearer(token)) as r:
             return await r.json(content_type=None)
 
     async def status(self) -> dict[str, Any]:
@@ -2002,14 +2049,39 @@ class Bench:
             return False
         raise RuntimeError(f"mgpumanager --check refused the mixed-workload config:\n{out.decode()}")
 
+    async def clients_available(self) -> bool:
+        """Whether this version's loader knows auth.clients (issue 23); any other refusal is an error."""
+        path = self.workdir / "clients-check.yaml"
+        ports = dict(zip(("mvoice", "comfyui"), free_ports(2), strict=True))
+        path.write_text(mixed_config(free_ports(1)[0], "nvidia-smi", ports, trace_burst(), None, MIX_CLIENTS))
+        check = await asyncio.create_subprocess_exec(
+            PY, str(MANAGER), "--check", "--config", str(path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            out, _ = await asyncio.wait_for(check.communicate(), 30)
+        except asyncio.TimeoutError:
+            check.kill()
+            await check.wait()
+            raise RuntimeError("mgpumanager --check did not answer within 30 s") from None
+        if check.returncode == 0:
+            return True
+        if check.returncode == 2 and re.search(rb"auth\.clients\S*:? unknown key", out):
+            return False
+        raise RuntimeError(f"mgpumanager --check refused the two-client config:\n{out.decode()}")
+
     async def m8_mixed(self) -> None:
         available = await self.overtake_available()
+        with_clients = await self.clients_available()
         default = overtake_default()
         for trace in (trace_burst(), trace_stream(self.quick)):
             runs = [
                 MixRun(trace, "default", f"max_overtake_s {default:g} (default)", None, default, available),
                 MixRun(trace, "strict", "max_overtake_s 0 (strict order)", 0.0, 0.0, available),
             ]
+            if trace.name == "trace 1":  # issue 23: the burst split between two clients, taking turns
+                label = f"max_overtake_s {default:g}, split between clients {' and '.join(MIX_CLIENTS)}"
+                runs.append(MixRun(trace, "clients", label, None, default, with_clients, MIX_CLIENTS))
             if not available:  # the loader refuses the key: this version's only order is the strict one
                 runs[1] = MixRun(trace, "strict", "strict order (this version's only order)", None, 0.0, True)
             live = [r for r in runs if r.available]
@@ -2042,16 +2114,17 @@ class Bench:
         run.children.append(await self.children.spawn(f"{tag}-consumers", argv, ready_line=b"READY all"))
         smi = shlex.join([PY, str(MGPUSIM), "nvidia-smi", "--state", str(state)])
         config = work / "broker.yaml"
-        config.write_text(mixed_config(ports["broker"], smi, ports, run.trace, run.overtake))
+        config.write_text(mixed_config(ports["broker"], smi, ports, run.trace, run.overtake, run.clients))
         child = await self.children.spawn(f"{tag}-broker", [PY, str(MANAGER), "--config", str(config)])
         run.children.append(child)
         run.url = f"http://{LOOPBACK}:{ports['broker']}"
         await self.wait_http(run.url + "/healthz", f"{tag}-broker", child)
         # One TTS job first: mvoice is known resident and every connection is open when the trace starts.
-        status, data = await self.post(run.url + "/v1/tts", json.dumps({"text": "warm up"}).encode())
+        warm = json.dumps({"text": "warm up"}).encode()
+        status, data = await self.post(run.url + "/v1/tts", warm, token=run.token)
         assert status == 200, (status, data[:300])
         await self.mix_wait_idle(run, 30)
-        run.before = (await self.get_json(run.url + "/v1/status"))["scheduler"]["stats"]
+        run.before = (await self.get_json(run.url + "/v1/status", run.token))["scheduler"]["stats"]
         ready = asyncio.Event()
         run.reader = asyncio.create_task(self.mix_events(run, ready))
         await asyncio.wait_for(ready.wait(), 10)
@@ -2060,7 +2133,7 @@ class Bench:
         """Collect the broker's /v1/events into run.events until cancelled."""
         assert self.session is not None
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
-        async with self.session.get(run.url + "/v1/events", timeout=timeout) as r:
+        async with self.session.get(run.url + "/v1/events", timeout=timeout, headers=bearer(run.token)) as r:
             async for line in r.content:
                 ready.set()
                 if line.startswith(b"data: "):
@@ -2071,7 +2144,7 @@ class Bench:
         """Until the broker's GPU is free and nothing waits; then a moment for the trailing events."""
         deadline = time.monotonic() + timeout_s
         while True:
-            sched = (await self.get_json(run.url + "/v1/status"))["scheduler"]
+            sched = (await self.get_json(run.url + "/v1/status", run.token))["scheduler"]
             if sched["holder"] is None and not sched["queue"]:
                 break
             if time.monotonic() > deadline:
@@ -2090,7 +2163,7 @@ class Bench:
         await asyncio.gather(*(self.mix_send(run, job, start) for run in runs for job in run.jobs))
         for run in runs:
             await self.mix_wait_idle(run, MIX_JOB_TIMEOUT_S)
-            st = await self.get_json(run.url + "/v1/status")
+            st = await self.get_json(run.url + "/v1/status", run.token)
             run.after = st["scheduler"]["stats"]
             run.timings = {name: c.get("timings") for name, c in st["consumers"].items()}
 
@@ -2100,6 +2173,9 @@ class Bench:
         await asyncio.sleep(max(0.0, start + job.at - asyncio.get_running_loop().time()))
         body = {"text": f"job {job.index}"} if job.kind == "tts" else {"prompt": {}}
         headers = {"Content-Type": "application/json", "X-Request-ID": job.request_id}
+        client = run.client_of(job)
+        if client is not None:
+            headers |= bearer(mix_token(client))
         job.sent = time.time()
         try:
             async with self.session.post(
@@ -2127,8 +2203,9 @@ class Bench:
 
     def mix_report(self, available: bool) -> None:
         """Rows, targets, the mixed-workload section and its analysis, from the runs of measurement 8."""
-        runs1 = [r for r in self.mix_runs if r.trace.name == "trace 1"]
+        runs1 = [r for r in self.mix_runs if r.trace.name == "trace 1" and not r.clients]
         runs2 = [r for r in self.mix_runs if r.trace.name == "trace 2"]
+        split = next((r for r in self.mix_runs if r.clients), None)
         # The targets hold the broker as configured by default; without max_overtake_s that is strict order.
         main1, other1 = (runs1[0], runs1[1]) if available else (runs1[1], runs1[0])
         main2, other2 = (runs2[0], runs2[1]) if available else (runs2[1], runs2[0])
@@ -2147,6 +2224,7 @@ class Bench:
 
         live = [r for r in self.mix_runs if r.available]
         ratio_ok = clean(main1) and main1.ratio <= MIX_RATIO_TARGET
+        split_ok = split is not None and split.available and clean(split) and split.ratio <= MIX_RATIO_TARGET
         tts_ok = clean(main1) and tts95(main1) < MIX_TTS_P95_TARGET_S
         bound_ok = all(clean(r) and r.longest_s <= r.bound_s for r in live)
         self.rows += [
@@ -2156,6 +2234,15 @@ class Bench:
                 idle(other1),
                 f"<= {MIX_RATIO_TARGET:g}x the bound",
                 ratio_ok,
+            ),
+            Row(
+                "8 mixed, trace 1 split between two clients: first request -> GPU idle",
+                f"{idle(split)} the bound {secs(split.bound_lb_s)}; {counted(split.evictions, 'eviction')}"
+                if split is not None
+                else absent,
+                f"one client: {main1.ratio:.2f}x, {counted(main1.evictions, 'eviction')}",
+                f"<= {MIX_RATIO_TARGET:g}x the bound",
+                split_ok if split is not None and split.available else None,
             ),
             Row(
                 "8 mixed, trace 1: TTS p95",
@@ -2204,6 +2291,19 @@ class Bench:
                     f"{secs(other1.to_idle_s)}, {other1.ratio:.2f}x, {counted(other1.evictions, 'eviction')}"
                     f" and {counted(other1.loads, 'load')}, grant order {other1.grant_order()}",
                 ),
+            ),
+            (
+                "Mixed workload, trace 1 split between two clients (issue 23: fair share must not bring"
+                " back the swap storm): first request to GPU idle within"
+                f" {MIX_RATIO_TARGET:g}x of its lower bound",
+                split_ok,
+                f"{split.label}: {secs(split.to_idle_s)} against a bound of {secs(split.bound_lb_s)},"
+                f" {split.ratio:.2f}x, {counted(split.evictions, 'eviction')} and"
+                f" {counted(split.loads, 'load')},"
+                f" grant order {split.grant_order()}; beside it, one client: {main1.ratio:.2f}x,"
+                f" {counted(main1.evictions, 'eviction')}"
+                if split is not None and split.available
+                else f"{absent} (this version's loader does not know auth.clients)",
             ),
             (
                 f"Mixed workload, trace 1: TTS p95 under {MIX_TTS_P95_TARGET_S:g} s",

@@ -364,6 +364,8 @@ class Client:
         message = f"{data['message']} ({data.get('error')})"
         if data.get("error") == "unauthorized":
             message += ": set MGPUMANAGER_TOKEN or give --token-file"
+        elif data.get("error") == "forbidden" and "admin's token" in data["message"]:
+            message += ": give --token-file the admin's token (auth.token_file), not a client's"
         return CliError(2, message)
 
 
@@ -482,6 +484,9 @@ def gpu_lines(gpu: Mapping[str, Any], now: float) -> list[str]:
         text = f"held by {holder.get('consumer')}: {_plural(holder.get('jobs', 0), 'job')}"
         if holder.get("holds"):
             text += f", {_plural(holder['holds'], 'hold')}"
+        clients = sorted({str(s["client"]) for s in holder.get("slots") or [] if s.get("client") is not None})
+        if clients:
+            text += f" (for {', '.join(clients)})"
         text += f", for {_span(holder.get('held_s', 0))}"
     else:
         text = "idle"
@@ -562,6 +567,23 @@ def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
         rows = [row[:1] + row[2:] for row in rows]
         right = {i - 1 for i in right if i > 1}
     lines = _table(header, rows, right) + notes
+    clients = st.get("clients") or {}
+    if clients:
+        header = ["CLIENT", "PRIORITY", "MAX QUEUED", "RUNNING", "QUEUED", "JOBS", "GPU TIME"]
+        rows = [
+            [
+                name,
+                "consumer's" if c.get("priority") is None else str(c["priority"]),
+                "-" if c.get("max_queued") is None else str(c["max_queued"]),
+                str(c.get("running", 0)),
+                str(c.get("queued", 0)),
+                str(c.get("jobs_total", 0)),
+                f"{float(c.get('gpu_s_window') or 0):.1f} s",
+            ]
+            for name, c in clients.items()
+        ]
+        lines += ["", *_table(header, rows, {1, 2, 3, 4, 5, 6})]
+        lines += _wrap("GPU TIME: what each client's jobs held the GPU within scheduler.fair_window_s", "")
     for gpu in gpus:
         lines += ["", *gpu_lines(gpu, now)]
     return lines
@@ -888,6 +910,8 @@ MIN_TOKEN_LENGTH = 16
 #: Kinds that are (or will be) routes of their own under /v1/.
 RESERVED_KINDS = frozenset({"status", "consumers", "events", "reload", "reserve"})
 KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+#: What a consumer's (and a client's) name may be.
+CONSUMER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: The kind a mount job has when its method and path are none of its consumer's ``paths``.
 MOUNT_KIND = "mount"
 #: The kind of the job that starts a stopped consumer for an unscheduled call (``start_for_unscheduled``).
@@ -1002,6 +1026,7 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "request_timeout": (408, False),
     "payload_too_large": (413, False),
     "too_many_requests": (429, True),
+    "client_queue_full": (429, True),
     "bad_config": (422, False),
     "consumer_unreachable": (502, True),
     "consumer_stopped": (503, True),
@@ -1304,6 +1329,9 @@ class SchedulerConfig:
     #: How long a job that needs no swap may go before waiting jobs of equal effective priority that would
     #: need one, at most (0: strict arrival order within a priority level).
     max_overtake_s: float = 30.0
+    #: Fair share between clients (auth.clients): among waiting jobs of equal effective priority, the grant
+    #: favours the client with the least GPU time (held seconds) over the last this many seconds.
+    fair_window_s: float = 60.0
 
 
 #: scheduler.* settings that may be 0 (the others must be positive).
@@ -1328,10 +1356,64 @@ class HttpConfig:
     hosts: tuple[str, ...] = ()
 
 
+@functools.lru_cache(maxsize=64)
+def credential(token: str) -> str:
+    """What a connection authenticated with ``token`` is registered under: a fingerprint, never the token
+    (it may be logged)."""
+    return "token:" + hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """A program that calls the broker with a token of its own (``auth.clients.<name>``)."""
+
+    name: str
+    token: str = field(repr=False)
+    #: Replaces the consumer's priority for this client's jobs (None: the consumer's).
+    priority: int | None = None
+    #: Its jobs waiting at once, per GPU (None: only scheduler.max_queue bounds them).
+    max_queued: int | None = None
+
+
 @dataclass(frozen=True)
 class AuthConfig:
-    #: The bearer token every route but /healthz requires; None: no auth, admin routes loopback-only.
+    #: The admin's bearer token: every route but /healthz requires a token, admin routes this one; None: no
+    #: auth, admin routes loopback-only.
     token: str | None = field(default=None, repr=False)
+    #: The clients, each with a token of its own that runs jobs and reads status, events and metrics, never
+    #: the admin routes (only with ``token``: the loader refuses clients without it).
+    clients: dict[str, ClientConfig] = field(default_factory=dict)
+
+    @property
+    def required(self) -> bool:
+        """Whether every route but the public ones needs a token."""
+        return self.token is not None or bool(self.clients)
+
+    @functools.cached_property
+    def callers(self) -> tuple[tuple[bytes, Caller], ...]:
+        """Each accepted token (as bytes) and who presents it: the admin's first, then each client's."""
+        found = (
+            [] if self.token is None else [(self.token.encode(), Caller(None, True, credential(self.token)))]
+        )
+        found += [
+            (c.token.encode(), Caller(c.name, False, credential(c.token))) for c in self.clients.values()
+        ]
+        return tuple(found)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request came from, as its token says: a client (by name), the admin (``admin``), or nobody in
+    particular (no token needed: ``credential`` None)."""
+
+    client: str | None
+    admin: bool
+    #: What its connection is registered under for revocation (``credential``); None: it showed no token.
+    credential: str | None = None
+
+    @property
+    def who(self) -> str:
+        return f"client {self.client}" if self.client is not None else "the admin" if self.admin else "anyone"
 
 
 @dataclass(frozen=True)
@@ -2135,31 +2217,86 @@ def _parse_unscheduled(
     return tuple(out)
 
 
-def _parse_auth(ck: _Checker, raw: Any) -> AuthConfig:
-    """auth.token, or auth.token_file (read now, so a secret can live outside the config)."""
-    d = ck.mapping(raw, "auth", ("token", "token_file"))
+def _parse_token(ck: _Checker, d: dict, where: str) -> str | None:
+    """``token``, or ``token_file`` (read now, so a secret can live outside the config), under ``where``;
+    None when neither is set or it is unusable (reported). Never echoed in a message."""
     if "token" in d and "token_file" in d:
-        ck.problem("auth", "set token or token_file, not both")
-        return AuthConfig()
+        ck.problem(where, "set token or token_file, not both")
+        return None
     token = None
     if "token" in d:
-        token = d["token"] if isinstance(d["token"], str) else ""  # never echoed in a message
+        token = d["token"] if isinstance(d["token"], str) else ""
         if not token:
-            ck.problem("auth.token", "must be a non-empty string")
+            ck.problem(f"{where}.token", "must be a non-empty string")
+            return None
     elif "token_file" in d:
-        path = ck.string(d, "token_file", "auth")
+        path = ck.string(d, "token_file", where)
         try:
             token = read_token_file(path) if path else ""
         except OSError as e:
-            ck.problem("auth.token_file", f"cannot read {path}: {e.strerror or e}")
-            return AuthConfig()
+            ck.problem(f"{where}.token_file", f"cannot read {path}: {e.strerror or e}")
+            return None
         except ValueError as e:
-            ck.problem("auth.token_file", f"{path} {e}")
-            return AuthConfig()
+            ck.problem(f"{where}.token_file", f"{path} {e}")
+            return None
     if token is not None and (len(token) < MIN_TOKEN_LENGTH or not token.isprintable() or " " in token):
-        key = "auth.token" if "token" in d else "auth.token_file"
+        key = f"{where}.token" if "token" in d else f"{where}.token_file"
         ck.problem(key, f"the token must be at least {MIN_TOKEN_LENGTH} printable characters, without spaces")
-    return AuthConfig(token=token or None)
+        return None
+    return token or None
+
+
+def _token_key(d: dict, where: str) -> str:
+    """The key a token was given under: ``where.token`` or ``where.token_file``."""
+    return f"{where}.token" if "token" in d else f"{where}.token_file"
+
+
+def _parse_auth(ck: _Checker, raw: Any) -> AuthConfig:
+    """The admin's auth.token (or auth.token_file), and the clients' (auth.clients), each of their own."""
+    d = ck.mapping(raw, "auth", ("token", "token_file", "clients"))
+    token = _parse_token(ck, d, "auth")
+    raw_clients = ck.mapping(d.get("clients"), "auth.clients", None)
+    clients: dict[str, ClientConfig] = {}
+    #: Each token seen, and the key it was given under (to name both keys of a token given twice).
+    seen: list[tuple[str, str]] = [] if token is None else [(token, f"{_token_key(d, 'auth')} (the admin's)")]
+    for name, spec in raw_clients.items():
+        where = f"auth.clients.{name}"
+        if not isinstance(name, str) or not CONSUMER_NAME_RE.match(name):
+            ck.problem(where, "client names are letters, digits, '_', '.', '-'")
+            continue
+        c = ck.mapping(spec, where, ("token", "token_file", "priority", "max_queued"), required=True)
+        if not isinstance(spec, dict):
+            continue  # (reported)
+        if "token" not in c and "token_file" not in c:
+            ck.problem(where, "needs its token or token_file")
+            continue
+        client_token = _parse_token(ck, c, where)
+        priority = c.get("priority")
+        if priority is not None and (
+            isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= PRIORITY_MAX
+        ):
+            ck.problem(f"{where}.priority", f"must be an integer from 0 to {PRIORITY_MAX}, not {priority!r}")
+            priority = None
+        max_queued = ck.number(c, "max_queued", where, None, integer=True) if "max_queued" in c else None
+        if client_token is None:
+            continue
+        key = _token_key(c, where)
+        # Constant time each, and never the token in the message: only the keys that hold it.
+        same = next(
+            (other for t, other in seen if hmac.compare_digest(t.encode(), client_token.encode())), None
+        )
+        if same is not None:
+            ck.problem(key, f"the same token as {same}: each client needs a token of its own")
+            continue
+        seen.append((client_token, key))
+        clients[name] = ClientConfig(name, client_token, priority, max_queued)
+    if raw_clients and token is None and "token" not in d and "token_file" not in d:
+        ck.problem(
+            "auth.clients",
+            "needs the admin's auth.token or auth.token_file: once clients are configured, the admin routes"
+            " (unload, load, reload, reserve) answer the admin's token alone",
+        )
+    return AuthConfig(token=token, clients=clients)
 
 
 def _parse_http(ck: _Checker, raw: Any) -> HttpConfig:
@@ -2274,7 +2411,7 @@ def parse_config(raw: Any) -> Config:
         ck.problem("consumers", "must be a mapping with at least one consumer")
         raw_consumers = {}
     for name, spec in raw_consumers.items():
-        if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
+        if not isinstance(name, str) or not CONSUMER_NAME_RE.match(name):
             ck.problem(f"consumers.{name}", "names are letters, digits, '_', '.', '-'")
             continue
         if name == RESERVATION:
@@ -2596,6 +2733,12 @@ def summary(config: Config) -> str:
         ]
     if config.state_file is not None:
         lines += ["", f"state file: {config.state_file}"]
+    if config.auth.clients:
+        lines += ["", "clients (each with a token of its own; the admin's opens the admin routes):"]
+        for c in config.auth.clients.values():
+            priority = "the consumer's priority" if c.priority is None else f"priority {c.priority}"
+            queued = "" if c.max_queued is None else f", at most {c.max_queued} queued per GPU"
+            lines.append(f"  {c.name:<12} {priority}{queued}")
     return "\n".join(lines)
 
 
@@ -2872,6 +3015,15 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 METRIC_HELP = {
     "mgpumanager_info": ("gauge", "The running broker; its version is a label."),
     "mgpumanager_jobs_total": ("counter", "GPU jobs that ended, by consumer and outcome."),
+    "mgpumanager_client_jobs_total": (
+        "counter",
+        "GPU jobs of each client (auth.clients) that ended, by client and status (the job's outcome).",
+    ),
+    "mgpumanager_client_gpu_seconds_total": (
+        "counter",
+        "GPU time of each client's jobs: seconds from each grant to its slot's release, holds included (jobs"
+        " that ran at once count each their own), by client.",
+    ),
     "mgpumanager_queue_wait_seconds": ("histogram", "Time jobs waited for the GPU lock."),
     "mgpumanager_run_seconds": ("histogram", "Time jobs held the GPU lock, from grant to the last byte."),
     "mgpumanager_hold_seconds": ("histogram", "Time holds kept the GPU lock after the answer."),
@@ -4757,6 +4909,9 @@ class Job:
     exclusive: bool = False
     #: The client's X-Request-ID (or one made up), for the logs.
     request_id: str | None = None
+    #: The client it runs for (auth.clients), None for the admin's, the broker's own and, without clients,
+    #: everyone's: its priority, its limit and its share of the GPU are that client's.
+    client: str | None = None
     #: queued -> running -> ended
     state: str = "queued"
     started: float | None = None
@@ -4803,7 +4958,8 @@ class Job:
         return self.scheduler.finish(self, outcome, code, status, success, hold, hold_timeout_s)
 
     def __repr__(self) -> str:
-        return f"<Job {self.id} {self.consumer}/{self.kind} {self.state}>"
+        client = f" for {self.client}" if self.client is not None else ""
+        return f"<Job {self.id} {self.consumer}/{self.kind}{client} {self.state}>"
 
 
 @dataclass
@@ -4930,6 +5086,8 @@ class Recorder:
         self.events = events
         self.metrics = metrics
         self.stats = Stats()
+        #: Jobs of each client (auth.clients) that ended, whatever their outcome.
+        self.client_jobs: dict[str, int] = {}
 
     def record(self, name: str, /, level: int | None = None, **fields: Any) -> None:
         """One fact (a key of FACTS); ``consumer`` is among its fields. ``level`` overrides the fact's."""
@@ -4990,7 +5148,15 @@ class Recorder:
 
     def job_event(self, name: str, job: Job, **fields: Any) -> None:
         """A job's own events (queued, granted, started, and its end): /v1/events only."""
-        self.events.publish(name, job=job.id, consumer=job.consumer, kind=job.kind, gpu=self.gpu, **fields)
+        self.events.publish(
+            name, job=job.id, consumer=job.consumer, kind=job.kind, gpu=self.gpu, client=job.client, **fields
+        )
+
+    def gpu_time(self, job: Job, seconds: float) -> None:
+        """A job (or its hold) of a client gave its slot back after ``seconds`` held: that client's GPU time
+        (the lock's window keeps it for fair share; this counter keeps it for ever)."""
+        if job.client is not None:
+            self.metrics.inc("mgpumanager_client_gpu_seconds_total", seconds, client=job.client)
 
     def job_admitted(self) -> None:
         self.stats.jobs += 1
@@ -5000,6 +5166,8 @@ class Recorder:
         its log line once the GPU changed hands."""
         assert job.outcome is not None
         setattr(self.stats, job.outcome, getattr(self.stats, job.outcome) + 1)
+        if job.client is not None:
+            self.client_jobs[job.client] = self.client_jobs.get(job.client, 0) + 1
         _after_handover(functools.partial(self._account, job, log_now))
 
     def _account(self, job: Job, log_now: bool) -> None:
@@ -5013,6 +5181,8 @@ class Recorder:
     def _account_now(self, job: Job, log_now: bool) -> None:
         assert job.ended is not None and job.outcome is not None
         self.metrics.inc("mgpumanager_jobs_total", consumer=job.consumer, outcome=job.outcome)
+        if job.client is not None:
+            self.metrics.inc("mgpumanager_client_jobs_total", client=job.client, status=job.outcome)
         wait_end = job.started if job.started is not None else job.ended
         self.metrics.observe("mgpumanager_queue_wait_seconds", wait_end - job.arrived, consumer=job.consumer)
         if job.started is not None:
@@ -5040,6 +5210,7 @@ class Recorder:
                 hold_ms=hold_ms,
                 evictions=job.evictions,
                 request_id=job.request_id,
+                client=job.client,
             )
         )
 
@@ -5373,6 +5544,17 @@ class Holder:
     room: int
 
 
+#: Each client's GPU time (held seconds) over the last fair_window_s, by client (None: the jobs of no client),
+#: as the grant order reads it: a snapshot.
+Served = Mapping[str | None, float]
+
+
+def fair_key(job: Job, served: Served | None) -> tuple[float, float, int]:
+    """A job's place in the fair order: the GPU time of its client (the least served first), then its
+    arrival. Without ``served`` (or with one client alone) it is the arrival order."""
+    return (served.get(job.client, 0.0) if served else 0.0, job.arrived, job.id)
+
+
 def next_grant(
     waiting: Iterable[Job],
     holder: Holder | None,
@@ -5381,18 +5563,25 @@ def next_grant(
     aging_s: float,
     max_overtake_s: float,
     warm: Callable[[Job], bool],
+    served: Served | None = None,
 ) -> Job | None:
     """The job the lock goes to next (a further slot of the holder, while it holds it), or None. No I/O.
 
     The rules (docs/how-it-works.md, "In what order jobs run"):
     1. Only jobs of the highest effective priority among those waiting may be granted: a job of higher
        effective priority is never passed over.
-    2. Among them, the one that arrived first, except that a job that needs no swap (``warm``: its
-       consumer holds the GPU, or is resident and may stay beside the holder) may go before older ones,
-       unless one of those has been overtaken for ``max_overtake_s`` already (0: never). The earliest warm
-       job goes; admin operations, idle unloads and preloads never overtake.
-    3. While a consumer holds the lock, only its own jobs join, up to its max_concurrency, by the same
-       rules; none joins an exclusive holder, and an exclusive job never joins.
+    2. Among them, the fair order (``fair_key``): the client with the least GPU time over the window
+       (``served``) first, then arrival; without clients, arrival.
+    3. A job that needs no swap (``warm``: its consumer holds the GPU, or is resident and may stay beside
+       the holder) goes before those before it in the fair order that would need one: the first warm job
+       in the fair order. Admin operations, idle unloads and preloads never overtake.
+    4. But never past a job overtaken for ``max_overtake_s`` (0: every job counts as such): a job is
+       overtaken from the moment a job after it in the fair order is granted before it; once one has been
+       overtaken that long, only the jobs up to the first such job in the fair order may go (the first
+       warm one among them, else the first).
+    5. While a consumer holds the lock, only its own jobs join, up to its max_concurrency, by the same
+       rules (its first job in the fair order, if rule 4 lets it); none joins an exclusive holder, and an
+       exclusive job never joins.
     """
     if holder is not None and (holder.exclusive or holder.room <= 0):
         return None
@@ -5407,35 +5596,45 @@ def next_grant(
             candidates.append(job)
     if not candidates:
         return None
-    candidates.sort(key=_arrival)
-    overdue = max_overtake_s <= 0 or any(
-        j.overtaken_since is not None and now - j.overtaken_since >= max_overtake_s for j in candidates
-    )
+    if served:
+        candidates.sort(key=lambda j: (served.get(j.client, 0.0), j.arrived, j.id))
+    else:
+        candidates.sort(key=_arrival)
+    # Rule 4: the jobs that may go are those up to the first one overtaken for the bound, in the fair order.
+    allowed = len(candidates)
+    if max_overtake_s <= 0:
+        allowed = 1
+    else:
+        for i, j in enumerate(candidates):
+            if j.overtaken_since is not None and now - j.overtaken_since >= max_overtake_s:
+                allowed = i + 1
+                break
     if holder is None:
-        if not overdue:
-            for job in candidates:
-                if not job.exclusive and warm(job):
-                    return job
+        for job in itertools.islice(candidates, allowed):
+            if not job.exclusive and warm(job):
+                return job
         return candidates[0]
-    mine = [j for j in candidates if j.consumer == holder.consumer]
-    if not mine or mine[0].exclusive or (overdue and mine[0] is not candidates[0]):
-        return None
-    return mine[0]
+    for i, job in enumerate(candidates):
+        if job.consumer == holder.consumer:
+            return None if job.exclusive or i >= allowed else job
+    return None
 
 
 def _arrival(job: Job) -> tuple[float, int]:
     return (job.arrived, job.id)
 
 
-def overtaken_by(granted: Job, waiting: Iterable[Job], now: float, aging_s: float) -> list[Job]:
-    """The waiting jobs that ``granted`` went before: of its effective priority, and there first."""
+def overtaken_by(
+    granted: Job, waiting: Iterable[Job], now: float, aging_s: float, served: Served | None = None
+) -> list[Job]:
+    """The waiting jobs that ``granted`` went before: of its effective priority, and before it in the fair
+    order (``fair_key``)."""
     level = effective_priority(granted, now, aging_s)
+    key = fair_key(granted, served)
     return [
         j
         for j in waiting
-        if not j.granted.done()
-        and (j.arrived, j.id) < (granted.arrived, granted.id)
-        and effective_priority(j, now, aging_s) == level
+        if not j.granted.done() and fair_key(j, served) < key and effective_priority(j, now, aging_s) == level
     ]
 
 
@@ -5471,6 +5670,8 @@ class QueueSnapshot:
     max_evictions: int
     aging_s: float
     max_overtake_s: float
+    #: The GPU time of the waiting jobs' clients over the fair window (fair share's snapshot).
+    served: Mapping[str | None, float] = field(default_factory=dict)
 
 
 def queue_snapshot(lock: GpuLock, rooms: RoomMaker, config: Config) -> QueueSnapshot:
@@ -5499,6 +5700,7 @@ def queue_snapshot(lock: GpuLock, rooms: RoomMaker, config: Config) -> QueueSnap
         sched.max_evictions,
         sched.aging_s,
         sched.max_overtake_s,
+        lock.served(lock.waiting.clients(), now),
     )
 
 
@@ -5512,8 +5714,9 @@ def expected_waits(
     It plays the grant order forward (``next_grant``, with ``needs_no_swap``: the lock's own "warm"): the
     holder's remaining time (at least RUNNING_FLOOR_S), then job after job. A job that needs a swap pays
     what ``plan_room`` would unload for it on the GPU as played so far (its memory: the newest reading's
-    free MiB, none when there is no reading yet) and its own load when it is not resident. It stops once
-    ``until`` has its place, or after ``count`` jobs.
+    free MiB, none when there is no reading yet) and its own load when it is not resident. Each job played
+    adds what it takes to its client's GPU time (fair share). It stops once ``until`` has its place, or
+    after ``count`` jobs.
     """
     waiting = snap.waiting.copy()  # (taken out one by one as they are granted)
     views = {name: replace(view, jobs=0) for name, view in snap.consumers.items()}
@@ -5529,6 +5732,7 @@ def expected_waits(
         view = views.get(job.consumer)
         return needs_no_swap(job.target, view is not None and view.resident is True, current)
 
+    served = dict(snap.served)
     out: list[tuple[Job, float]] = []
     while waiting:
         job = next_grant(
@@ -5538,6 +5742,7 @@ def expected_waits(
             aging_s=snap.aging_s,
             max_overtake_s=snap.max_overtake_s,
             warm=warm,
+            served=served if len(served) > 1 else None,
         )
         if job is None:
             break
@@ -5545,6 +5750,7 @@ def expected_waits(
         out.append((job, round(t, 3)))
         if job is until or len(out) == count:
             break
+        granted_at = t
         name = job.consumer
         target = views.get(name) or ConsumerView(job.target, None)
         if not warm(job):  # a swap: what the planner would unload for it goes, then it loads
@@ -5560,6 +5766,8 @@ def expected_waits(
                 free -= target.size_mib
         views[name] = replace(target, resident=True, trusted=True, last_used=snap.now + t)
         t += snap.timings.get((name, "job"), 0.0)
+        if not job.exclusive and job.client in served:
+            served[job.client] += t - granted_at
         current = name
     return out
 
@@ -5568,65 +5776,143 @@ def expected_waits(
 
 
 class WaitQueue:
-    """Waiting jobs, one first-in-first-out list per base priority.
+    """Waiting jobs, one first-in-first-out list per base priority and client.
 
-    Within a level, the job that came first has waited longest, so it has the highest effective priority
-    (aging adds the same to all of a level), and it was overtaken no later than any other of its level (a
-    grant marks every older waiting job of its effective priority). Whoever ``next_grant`` picks is, in its
-    level, the first job, the first job that needs no swap, or the holder's first, and whether the bound
-    applies shows on the firsts: a grant looks at those few, not at every waiting one (``candidates``).
+    Within a list, the job that came first has waited longest, so it has the highest effective priority
+    (aging adds the same to all of a level), it comes first in the fair order (one client: one GPU time),
+    and it was overtaken no later than any other of its list (a grant marks every waiting job of its
+    effective priority before it in the fair order). Whoever ``next_grant`` picks is, in its list, the first
+    job, the first job that needs no swap, or the holder's first, and whether the bound applies shows on the
+    firsts: a grant looks at those few per list, not at every waiting one (``candidates``).
     """
 
     def __init__(self) -> None:
-        self._levels: list[list[Job]] = [[] for _ in range(PRIORITY_MAX + 1)]
+        #: Per base priority: client -> its jobs, in arrival order.
+        self._levels: list[dict[str | None, list[Job]]] = [{} for _ in range(PRIORITY_MAX + 1)]
+        #: Jobs waiting per client (a cancelled waiter counts until it takes itself out).
+        self._clients: dict[str | None, int] = {}
         self._count = 0
 
     def append(self, job: Job) -> None:
-        self._levels[job.priority].append(job)
+        self._levels[job.priority].setdefault(job.client, []).append(job)
+        self._clients[job.client] = self._clients.get(job.client, 0) + 1
         self._count += 1
 
     def remove(self, job: Job) -> None:
-        self._levels[job.priority].remove(job)
+        level = self._levels[job.priority]
+        jobs = level[job.client]
+        jobs.remove(job)
+        if not jobs:
+            del level[job.client]
+        left = self._clients[job.client] - 1
+        if left:
+            self._clients[job.client] = left
+        else:
+            del self._clients[job.client]
         self._count -= 1
 
     def __len__(self) -> int:
         return self._count
 
+    def of_client(self, client: str | None) -> int:
+        """How many jobs of ``client`` wait."""
+        return self._clients.get(client, 0)
+
+    def clients(self) -> set[str | None]:
+        """The clients of the waiting jobs."""
+        return set(self._clients)
+
     def __contains__(self, job: Job) -> bool:
-        return job in self._levels[job.priority]
+        return job in self._levels[job.priority].get(job.client, ())
 
     def __iter__(self) -> Iterator[Job]:
-        return itertools.chain.from_iterable(self._levels)
+        return itertools.chain.from_iterable(jobs for level in self._levels for jobs in level.values())
 
     def copy(self) -> WaitQueue:
         """Another queue of the same jobs (to play the grant order forward without granting)."""
         other = WaitQueue()
-        other._levels = [list(level) for level in self._levels]
+        other._levels = [{client: list(jobs) for client, jobs in level.items()} for level in self._levels]
+        other._clients = dict(self._clients)
         other._count = self._count
         return other
 
     def candidates(self, warm: Callable[[Job], bool], holder: str | None) -> list[Job]:
-        """Per level: the first waiting job, the first one that needs no swap, the holder's first."""
+        """Per level and client: the first waiting job, the first one that needs no swap, the holder's
+        first."""
         found: list[Job] = []
         for level in self._levels:
-            first = warm_one = mine = None
-            for job in level:
-                if job.granted.done():
-                    continue
-                if first is None:
-                    first = job
-                    found.append(job)
-                if mine is None and job.consumer == holder:
-                    mine = job
-                    if job is not first:
+            for jobs in level.values():
+                first = warm_one = mine = None
+                for job in jobs:
+                    if job.granted.done():
+                        continue
+                    if first is None:
+                        first = job
                         found.append(job)
-                if warm_one is None and not job.exclusive and warm(job):
-                    warm_one = job
-                    if job is not first and job is not mine:
-                        found.append(job)
-                if warm_one is not None and (holder is None or mine is not None):
-                    break
+                    if mine is None and job.consumer == holder:
+                        mine = job
+                        if job is not first:
+                            found.append(job)
+                    if warm_one is None and not job.exclusive and warm(job):
+                        warm_one = job
+                        if job is not first and job is not mine:
+                            found.append(job)
+                    if warm_one is not None and (holder is None or mine is not None):
+                        break
         return found
+
+
+class GpuTime:
+    """The GPU time (held seconds, from a grant to its slot's release, holds included) of each client on one
+    GPU, over a sliding window: what fair share reads. Jobs of one client that run at once count each their
+    own time; exclusive jobs (admin operations, idle unloads, preloads, reservations) count for nobody.
+
+    Per client, the running total as a function of time is kept as its breakpoints (time, total, slots
+    held from then on), one per grant and per release: the seconds within a window are the total now less
+    the total at the window's start, each read in constant time (breakpoints older than the window go).
+    """
+
+    def __init__(self) -> None:
+        #: client -> deque of (t, seconds held by then, slots held from t on).
+        self._books: dict[str | None, deque[tuple[float, float, int]]] = {}
+
+    def __repr__(self) -> str:
+        return f"<GpuTime clients:{len(self._books)}>"
+
+    def _step(self, client: str | None, now: float, slots: int, window_s: float) -> None:
+        book = self._books.setdefault(client, deque())
+        if book:
+            t, total, held = book[-1]
+            book.append((now, total + held * (now - t), held + slots))
+            _forget_before(book, now - window_s)
+        else:
+            book.append((now, 0.0, slots))
+
+    def granted(self, client: str | None, now: float, window_s: float) -> None:
+        """A job of ``client`` took a slot."""
+        self._step(client, now, 1, window_s)
+
+    def released(self, client: str | None, now: float, window_s: float) -> None:
+        """A job (or hold) of ``client`` gave its slot back."""
+        self._step(client, now, -1, window_s)
+
+    def seconds(self, client: str | None, now: float, window_s: float) -> float:
+        """``client``'s GPU time within the last ``window_s`` seconds."""
+        book = self._books.get(client)
+        if not book:
+            return 0.0
+        start = now - window_s
+        _forget_before(book, start)
+        t0, total0, held0 = book[0]
+        at_start = total0 + held0 * (start - t0) if t0 <= start else total0
+        t, total, held = book[-1]
+        return max(0.0, total + held * (now - t) - at_start)
+
+
+def _forget_before(book: deque[tuple[float, float, int]], start: float) -> None:
+    """Drop the breakpoints before ``start`` but the last one (it tells the total at ``start``)."""
+    while len(book) > 1 and book[1][0] <= start:
+        book.popleft()
 
 
 class GpuLock:
@@ -5636,8 +5922,10 @@ class GpuLock:
     of those, the holds, and the ones at work, past making room); everyone else asks the lock. Waiters are
     futures, as in asyncio's own Lock; a waiter cancelled while being woken passes its grant on (its end
     releases it).
+    It also keeps each client's GPU time on this GPU (``use``), which the grant order reads for fair share.
     ``resident`` tells whether a consumer is resident (for ``needs_no_swap``), ``eta`` a waiting job's
-    expected wait (None: the first one's), and ``on_grant`` is told of each grant before the waiter wakes.
+    expected wait (None: the first one's; a client's name: its first job's), and ``on_grant`` is told of
+    each grant before the waiter wakes.
     """
 
     def __init__(
@@ -5648,7 +5936,7 @@ class GpuLock:
         recorder: Recorder,
         *,
         resident: Callable[[str], bool],
-        eta: Callable[[Job | None], float | None],
+        eta: Callable[[Job | str | None], float | None],
         on_grant: Callable[[Job], None],
     ) -> None:
         self.shared = shared
@@ -5665,6 +5953,10 @@ class GpuLock:
         self.slots = 0
         self.holds = 0
         self.working = 0
+        #: The jobs holding the slots (at work, making room, or in a hold), in the order they were granted.
+        self.taken: dict[Job, None] = {}
+        #: Each client's GPU time on this GPU, for fair share (and /v1/status).
+        self.use = GpuTime()
         #: The holder is an admin operation (or an idle unload, a preload): it holds the lock alone.
         self.exclusive = False
         self.held_since = 0.0
@@ -5703,6 +5995,14 @@ class GpuLock:
         cfg = self.config.scheduler
         if self.closing:
             raise BrokerError("shutting_down", "the broker is shutting down", job.consumer)
+        client = self.config.auth.clients.get(job.client) if job.client is not None else None
+        if client is not None and client.max_queued is not None:
+            mine = self.waiting.of_client(client.name)
+            if mine >= client.max_queued:
+                # Before max_queue: the client that fills its own share is told so, whatever room is left.
+                message = f"client {client.name} has {mine} jobs waiting already (its max_queued)"
+                wait = retry_after(self.eta(client.name))
+                raise BrokerError("client_queue_full", message, job.consumer, retry_after=wait)
         if len(self.waiting) >= cfg.max_queue:
             message = f"{len(self.waiting)} jobs are waiting already"
             raise BrokerError("queue_full", message, job.consumer, retry_after=retry_after(self.eta(None)))
@@ -5744,6 +6044,11 @@ class GpuLock:
         room = (c.max_concurrency if c is not None else 0) - self.slots
         return Holder(self.holder, self.exclusive, room)
 
+    def served(self, clients: Iterable[str | None], now: float) -> dict[str | None, float]:
+        """The GPU time of each of ``clients`` over the last fair_window_s: the grant order's snapshot."""
+        window = self.config.scheduler.fair_window_s
+        return {client: self.use.seconds(client, now, window) for client in clients}
+
     def dispatch(self) -> bool:
         """Grant the lock (or further slots of the holder) as ``next_grant`` says; whether anyone got it."""
         granted = False
@@ -5753,6 +6058,9 @@ class GpuLock:
             # A waiter whose task was cancelled has a cancelled future; it stays queued (and counted)
             # until its task runs again and takes itself out.
             candidates = self.waiting.candidates(self.warm, self.holder)
+            clients = {j.client for j in candidates}
+            # (One client, or none: the fair order is the arrival order.)
+            served = self.served(clients, now) if len(clients) > 1 else None
             job = next_grant(
                 candidates,
                 self._holder(),
@@ -5760,18 +6068,22 @@ class GpuLock:
                 aging_s=sched.aging_s,
                 max_overtake_s=sched.max_overtake_s,
                 warm=self.warm,
+                served=served,
             )
             if job is None:
                 return granted
             self.waiting.remove(job)
-            if min(candidates, key=_arrival) is not job:
-                for passed in overtaken_by(job, self.waiting, now, sched.aging_s):
+            if min(candidates, key=lambda j: fair_key(j, served)) is not job:
+                for passed in overtaken_by(job, self.waiting, now, sched.aging_s, served):
                     if passed.overtaken_since is None:
                         passed.overtaken_since = now
             if self.holder is None:
                 self.held_since = now
             self.holder, self.exclusive = job.consumer, job.exclusive
             self.slots += 1
+            self.taken[job] = None
+            if not job.exclusive:
+                self.use.granted(job.client, now, sched.fair_window_s)
             self.idle.clear()
             job.state, job.started = "running", now
             self.on_grant(job)
@@ -5794,9 +6106,14 @@ class GpuLock:
         self.slots -= 1
         self.holds -= held
         self.working -= job.working
+        self.taken.pop(job, None)
         if self.slots == 0:
             self.holder, self.exclusive = None, False
             self.idle.set()
+        if not job.exclusive and job.started is not None:  # (after the count: a bug here frees the slot)
+            now = self.clock()
+            self.use.released(job.client, now, self.config.scheduler.fair_window_s)
+            self.recorder.gpu_time(job, now - job.started)
         return self.dispatch()
 
     def refuse(self, job: Job, error: BrokerError) -> None:
@@ -6648,15 +6965,19 @@ class JobLease:
         exclusive: bool = False,
         priority: int | None = None,
         step: Callable[[Job], Awaitable[None]] | None = None,
+        client: str | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.consumer, self.kind, self.request_id = consumer, kind, request_id
         self.exclusive, self.priority, self.step = exclusive, priority, step
+        self.client = client
         self.job: Job | None = None
 
     async def __aenter__(self) -> Job:
         s = self.scheduler
-        job = self.job = s.admit(self.consumer, self.kind, self.request_id, self.exclusive, self.priority)
+        job = self.job = s.admit(
+            self.consumer, self.kind, self.request_id, self.exclusive, self.priority, self.client
+        )
         await s.wait_for_grant(job)
         try:
             await self._prepare(job)
@@ -6819,16 +7140,27 @@ class Scheduler:
         exclusive: bool = False,
         priority: int | None = None,
         step: Callable[[Job], Awaitable[None]] | None = None,
+        client: str | None = None,
     ) -> JobLease:
-        """A job's lease: ``async with scheduler.job(consumer, kind) as job`` (see JobLease)."""
+        """A job's lease: ``async with scheduler.job(consumer, kind) as job`` (see JobLease); ``client``:
+        the auth.clients client it runs for."""
         return JobLease(
-            self, consumer, kind, request_id=request_id, exclusive=exclusive, priority=priority, step=step
+            self,
+            consumer,
+            kind,
+            request_id=request_id,
+            exclusive=exclusive,
+            priority=priority,
+            step=step,
+            client=client,
         )
 
-    async def acquire(self, consumer: str, kind: str, request_id: str | None = None) -> Job:
+    async def acquire(
+        self, consumer: str, kind: str, request_id: str | None = None, *, client: str | None = None
+    ) -> Job:
         """A lease's way in alone: the job, granted, room made and loaded; its caller ends it with
         ``job.release(...)``. Whatever raises on the way, the job has ended and holds no slot."""
-        return await self.job(consumer, kind, request_id=request_id).__aenter__()
+        return await self.job(consumer, kind, request_id=request_id, client=client).__aenter__()
 
     async def unload_now(self, name: str) -> Job:
         """Admin: unload a consumer through its route, holding the lock alone so no job races it."""
@@ -6853,20 +7185,31 @@ class Scheduler:
         request_id: str | None = None,
         exclusive: bool = False,
         priority: int | None = None,
+        client: str | None = None,
     ) -> Job:
         """A new job for a configured consumer of this GPU, while the GPU is not reserved; counted from
-        here on."""
+        here on. A client's priority, where it has one, replaces the consumer's."""
         target = self.config.consumers.get(consumer)
         if target is None:  # removed by a reload since the request was routed
             raise BrokerError("no_consumer", f"{consumer} is no longer configured", consumer)
         if target.gpu != self.index:  # moved to another GPU by a reload meanwhile
             raise BrokerError("no_consumer", f"{consumer} runs on GPU {target.gpu} now", consumer)
+        spec = None
+        if client is not None:
+            spec = self.config.auth.clients.get(client)
+            if spec is None:  # removed by a reload since its request was let in (its connection closes)
+                raise BrokerError("unauthorized", f"client {client} is no longer configured", consumer)
         if self.reservations.reservation is not None:
             raise self.reservations.refusal(consumer)
         if not exclusive and (refusal := self.beside_strangers(target)) is not None:
             raise refusal  # (as gpu_reserved: before it is a job, so it is not counted)
-        level = priority if priority is not None else PRIORITY_MAX if exclusive else target.priority
-        return self.new_job(target, kind, level, exclusive=exclusive, request_id=request_id)
+        if priority is not None:
+            level = priority
+        elif exclusive:
+            level = PRIORITY_MAX
+        else:
+            level = spec.priority if spec is not None and spec.priority is not None else target.priority
+        return self.new_job(target, kind, level, exclusive=exclusive, request_id=request_id, client=client)
 
     def beside_strangers(self, target: ConsumerConfig) -> BrokerError | None:
         """gpu_in_use when a stranger is present (gpu.yield) and a job of ``target`` could not fit beside it
@@ -6923,6 +7266,7 @@ class Scheduler:
         *,
         exclusive: bool = False,
         request_id: str | None = None,
+        client: str | None = None,
     ) -> Job:
         self.recorder.job_admitted()
         return Job(
@@ -6934,6 +7278,7 @@ class Scheduler:
             granted=asyncio.get_running_loop().create_future(),
             exclusive=exclusive,
             request_id=request_id,
+            client=client,
             scheduler=self,
         )
 
@@ -6977,7 +7322,8 @@ class Scheduler:
         if isinstance(exc, (asyncio.CancelledError, ConnectionResetError)):
             outcome, code = "cancelled", None
         elif isinstance(exc, BrokerError):
-            outcome, code = "rejected" if exc.code == "queue_full" else "failed", exc.code
+            outcome = "rejected" if exc.code in ("queue_full", "client_queue_full") else "failed"
+            code = exc.code
         else:
             self.recorder.internal_error("scheduler crashed", exc, consumer=job.consumer, job=job.id)
             outcome, code = "failed", "scheduler_error"
@@ -7089,11 +7435,26 @@ class Scheduler:
         ``count`` jobs."""
         return expected_waits(queue_snapshot(self.lock, self.rooms, self.config), until, count)
 
-    def eta(self, job: Job | None) -> float | None:
-        """The expected wait of a waiting ``job`` (None: of the first one to be granted)."""
+    def eta(self, job: Job | str | None) -> float | None:
+        """The expected wait of a waiting ``job`` (None: of the first one to be granted; a client's name: of
+        that client's first one)."""
         if job is None:
             return next((eta for _, eta in self.forecast(count=1)), None)
+        if isinstance(job, str):
+            return next((eta for j, eta in self.forecast() if j.client == job), None)
         return next((eta for j, eta in self.forecast(until=job) if j is job), None)
+
+    def client_use(self, name: str) -> dict[str, Any]:
+        """A client's jobs and GPU time on this GPU: waiting, holding slots, ended, held seconds over the
+        fair window."""
+        lock = self.lock
+        now = self.clock()
+        return {
+            "queued": lock.waiting.of_client(name),
+            "running": sum(j.client == name for j in lock.taken),
+            "jobs_total": self.recorder.client_jobs.get(name, 0),
+            "gpu_s_window": lock.use.seconds(name, now, self.config.scheduler.fair_window_s),
+        }
 
     def snapshot(self) -> dict[str, Any]:
         now = self.clock()
@@ -7108,11 +7469,17 @@ class Scheduler:
                 "jobs": self.running,
                 "holds": lock.holds,
                 "held_s": round(now - lock.held_since, 3),
+                # Each slot taken: its job, and the client it runs for.
+                "slots": [
+                    {"job": j.id, "kind": j.kind, "client": j.client, "hold": j.state == "ended"}
+                    for j in lock.taken
+                ],
             },
             "queue": [
                 {
                     "consumer": j.consumer,
                     "kind": j.kind,
+                    "client": j.client,
                     "priority": effective_priority(j, now, aging_s),
                     "waited_s": round(now - j.arrived, 3),
                     "eta_s": eta,
@@ -7916,7 +8283,7 @@ async def forward(
     """An unscheduled call (a mount's read, /audio/): sent to the consumer now, its answer streamed back.
     A failure raises: a BrokerError before the answer began, UpstreamBroke or ConnectionResetError (the
     client left) after."""
-    headers = request_headers(request, strip_auth=broker.config.auth.token is not None, consumer=consumer)
+    headers = request_headers(request, strip_auth=broker.config.auth.required, consumer=consumer)
     upstream = await open_answer(broker, consumer, method, path_qs, headers, body)
     try:
         return await relay(request, upstream, consumer)
@@ -8812,12 +9179,23 @@ class Broker:
         for part in ("gpu", "scheduler", "health", "routing", "audio_proxy", "auth", "http"):
             if getattr(new, part) != getattr(old, part):
                 changes.append(f"changed {part}")
+        changes += client_changes(old.auth, new.auth)
         self.shared.config = new  # the one place: every part's next decision uses it
         self.connections.configure(new)
         changes += [f"added GPU {index}" for index in self.add_gpus()]
         for scheduler in self.schedulers.values():
             scheduler.lock.forget()
         return changes
+
+    def clients(self) -> dict[str, dict[str, Any]]:
+        """Each client's jobs and GPU time, on every GPU together (/v1/status's ``clients``)."""
+        out = {}
+        for name, c in self.config.auth.clients.items():
+            use = [s.client_use(name) for _, s in sorted(self.schedulers.items())]
+            total = {key: sum(u[key] for u in use) for key in ("queued", "running", "jobs_total")}
+            gpu_s = round(sum(u["gpu_s_window"] for u in use), 3)
+            out[name] = {**total, "gpu_s_window": gpu_s, "priority": c.priority, "max_queued": c.max_queued}
+        return out
 
     def scheduler_for(self, name: str) -> Scheduler:
         """The scheduler (queue, lock, eviction) of the GPU that consumer ``name`` runs on."""
@@ -8840,7 +9218,9 @@ class Broker:
             message = f"upstream {name} last probe failed: {state.last_error}"
             raise BrokerError(state.last_error_code, message, name)
 
-    async def ensure_running(self, consumer: ConsumerConfig, request_id: str | None) -> None:
+    async def ensure_running(
+        self, consumer: ConsumerConfig, request_id: str | None, client: str | None = None
+    ) -> None:
         """Before an unscheduled call: a consumer that is stopped (started by a command, which the broker
         stopped or found not running) is refused with consumer_stopped, its Retry-After its learned load
         time (a job for it starts it), unless ``start_for_unscheduled``: then a job of kind ``start`` makes
@@ -8858,7 +9238,7 @@ class Broker:
                 name,
                 retry_after=max(1, math.ceil(load_s or 0)),
             )
-        async with self.scheduler_for(name).job(name, START_KIND, request_id=request_id):
+        async with self.scheduler_for(name).job(name, START_KIND, request_id=request_id, client=client):
             pass  # started: the unscheduled call goes on
 
     @contextlib.contextmanager
@@ -8891,6 +9271,19 @@ class Broker:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
+
+
+def client_changes(old: AuthConfig, new: AuthConfig) -> list[str]:
+    """What a reload changes of the clients, by name (never a token)."""
+    changes = [f"added client {name}" for name in new.clients if name not in old.clients]
+    changes += [f"removed client {name}" for name in old.clients if name not in new.clients]
+    for name, c in new.clients.items():
+        before = old.clients.get(name)
+        if before is not None and not hmac.compare_digest(before.token.encode(), c.token.encode()):
+            changes.append(f"new token for client {name}")
+        elif before is not None and before != c:
+            changes.append(f"changed client {name}")
+    return changes
 
 
 # =====================================================================================================
@@ -8931,16 +9324,9 @@ def raise_descriptor_limit() -> None:
     log.info(logfmt(msg="descriptors", soft=soft, hard=hard, **raised))
 
 
-@functools.lru_cache(maxsize=16)
-def credential(token: str) -> str:
-    """What a connection authenticated with ``token`` is registered under: a fingerprint, never the token
-    (it may be logged)."""
-    return "token:" + hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-
-
 def valid_credentials(auth: AuthConfig) -> frozenset[str]:
-    """The credentials ``auth`` accepts: auth.token's (per-client tokens would each add theirs)."""
-    return frozenset() if auth.token is None else frozenset({credential(auth.token)})
+    """The credentials ``auth`` accepts: the admin's token's and each client's."""
+    return frozenset(caller.credential for _, caller in auth.callers if caller.credential is not None)
 
 
 @dataclass(eq=False)
@@ -9435,6 +9821,10 @@ REQUEST_ID: Any = (
     web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "mgpumanager.request_id"
 )
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+#: Who the request came from, as its token says (``check_token``).
+CALLER: Any = web.RequestKey("caller", Caller) if hasattr(web, "RequestKey") else "mgpumanager.caller"
+#: A request that showed no token, where none was needed.
+ANYONE = Caller(None, False)
 
 
 @web.middleware
@@ -9461,9 +9851,9 @@ async def _front_door(
     request[REQUEST_ID] = given if _REQUEST_ID_RE.match(given) else os.urandom(16).hex()
     try:
         check_target(request)
-        key = check_token(request)
-        if key is not None:
-            request.app[BROKER].connections.authenticated(conn, key)
+        caller = request[CALLER] = check_token(request)
+        if caller.credential is not None:
+            request.app[BROKER].connections.authenticated(conn, caller.credential)
         return await handler(request)
     except BrokerError as e:
         return error_response(e)  # (one that came after its answer began is never sent: it was cut)
@@ -9502,25 +9892,44 @@ def check_target(request: web.Request) -> None:
         raise BrokerError("bad_request", "a request target must not carry a fragment ('#')")
 
 
-def check_token(request: web.Request) -> str | None:
-    """With auth.token set, every route but /healthz (and the static page at /, and its icon) needs the
-    bearer token. The credential it was let in with (see ``credential``), None when it needed none."""
-    token = request.app[BROKER].config.auth.token
-    if token is None or request.path in request.app.get(PUBLIC_PATHS, BROKER_PUBLIC_PATHS):
-        return None
+def check_token(request: web.Request) -> Caller:
+    """With auth.token or auth.clients set, every route but /healthz (and the static page at /, and its
+    icon) needs a bearer token: the admin's or a client's, each compared in constant time (all of them,
+    whichever matches). Who presents it (ANYONE when no token was needed)."""
+    auth = request.app[BROKER].config.auth
+    if not auth.required or request.path in request.app.get(PUBLIC_PATHS, BROKER_PUBLIC_PATHS):
+        return ANYONE
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     given_bytes = given.strip().encode("utf-8", "surrogateescape")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token.encode()):
+    found = None
+    for token, caller in auth.callers:
+        if hmac.compare_digest(given_bytes, token) and found is None:
+            found = caller
+    if scheme.lower() != "bearer" or found is None:
         challenge = {"WWW-Authenticate": 'Bearer realm="mgpumanager"'}
         raise BrokerError(
             "unauthorized", "a valid Authorization: Bearer token is required", headers=challenge
         )
-    return credential(token)
+    return found
+
+
+def client_of(request: web.Request) -> str | None:
+    """The client (auth.clients) a request came from; None: the admin, or anyone where no token is needed."""
+    return request.get(CALLER, ANYONE).client
 
 
 def require_admin(request: web.Request) -> None:
-    """Admin routes: with a token, the token is enough; without one, only clients on loopback."""
-    if request.app[BROKER].config.auth.token is not None:
+    """Admin routes: with tokens, the admin's (a client's is forbidden); without, only clients on
+    loopback."""
+    auth = request.app[BROKER].config.auth
+    if auth.required:
+        caller = request.get(CALLER, ANYONE)
+        if not caller.admin:
+            raise BrokerError(
+                "forbidden",
+                f"{request.method} {request.path} is an admin route: it needs the admin's token (auth.token),"
+                f" and this is {caller.who}'s, which runs jobs and reads status, events and metrics only",
+            )
         return
     try:
         address = ipaddress.ip_address(request.remote or "")
@@ -9725,8 +10134,11 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
     consumer = broker.config.consumers.get(name)
     if consumer is None or kind not in consumer.paths:  # a reload came while it was probed
         raise BrokerError("no_consumer", f"{name} no longer serves kind {kind!r}", name)
-    headers = request_headers(request, strip_auth=broker.config.auth.token is not None, consumer=consumer)
-    async with broker.scheduler_for(name).job(name, kind, request_id=request[REQUEST_ID]) as job:
+    headers = request_headers(request, strip_auth=broker.config.auth.required, consumer=consumer)
+    lease = broker.scheduler_for(name).job(
+        name, kind, request_id=request[REQUEST_ID], client=client_of(request)
+    )
+    async with lease as job:
         return await forward_job(request, broker, job, job.target.paths[kind], body, headers)
 
 
@@ -9762,7 +10174,7 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
     consumer = broker.config.consumers.get(name)
     if consumer is None:  # a reload removed it while it was probed
         raise BrokerError("no_consumer", f"{name} is no longer configured", name)
-    await broker.ensure_running(consumer, request[REQUEST_ID])
+    await broker.ensure_running(consumer, request[REQUEST_ID], client_of(request))
     with broker.unscheduled_slot(consumer):
         return await forward(request, broker, consumer, request.method, path, None)
 
@@ -9815,11 +10227,14 @@ async def serve_consumer_api(
     if kind == MOUNT_KIND and (
         method in UNSCHEDULED_METHODS or any(u.matches(method, upstream_path) for u in consumer.unscheduled)
     ):
-        await broker.ensure_running(consumer, request[REQUEST_ID])
+        await broker.ensure_running(consumer, request[REQUEST_ID], client_of(request))
         with broker.unscheduled_slot(consumer):
             return await forward(request, broker, consumer, method, path_qs, body or None)
-    headers = request_headers(request, strip_auth=broker.config.auth.token is not None, consumer=consumer)
-    async with broker.scheduler_for(name).job(name, kind, request_id=request[REQUEST_ID]) as job:
+    headers = request_headers(request, strip_auth=broker.config.auth.required, consumer=consumer)
+    lease = broker.scheduler_for(name).job(
+        name, kind, request_id=request[REQUEST_ID], client=client_of(request)
+    )
+    async with lease as job:
         _, path = mount_job_path(job.target, method, upstream_path)  # the config it was admitted with
         # The path the guards matched goes to the consumer (not the entry's spelling), with the query.
         return await forward_job(request, broker, job, replace(path, path=upstream_path), body, headers)
@@ -9880,7 +10295,7 @@ async def proxy_websocket(
     if not client.can_prepare(request).ok:  # not a valid upgrade: the consumer is never bothered
         raise BrokerError("bad_request", "not a valid WebSocket upgrade request", consumer.name)
     await broker.check_reachable(consumer.name)
-    await broker.ensure_running(consumer, request[REQUEST_ID])
+    await broker.ensure_running(consumer, request[REQUEST_ID], client_of(request))
     with broker.unscheduled_slot(consumer, websocket=True):
         return await _proxy_websocket(request, broker, consumer, path_qs)
 
@@ -9890,7 +10305,7 @@ async def _proxy_websocket(
 ) -> web.StreamResponse:
     """The WebSocket's both sides, from the consumer's handshake to the end of the relay."""
     metrics = broker.scheduler_for(consumer.name).metrics
-    headers = request_headers(request, strip_auth=broker.config.auth.token is not None, consumer=consumer)
+    headers = request_headers(request, strip_auth=broker.config.auth.required, consumer=consumer)
     # A message is held whole once it arrived: as large as max_ws_message_mib at most, either way. (aiohttp
     # refuses a message of max_msg_size bytes itself: one of exactly the limit passes.)
     max_size = broker.config.scheduler.max_ws_message_mib * MiB + 1
@@ -10049,6 +10464,7 @@ async def handle_status(request: web.Request) -> web.Response:
         "gpus": gpus,
         "internal_errors": internal_errors,
         "state_file": broker.state.describe(),
+        "clients": broker.clients(),
     }
     # Everything above is a snapshot of its own (and readings are immutable): the thread reads nothing
     # that changes meanwhile.
@@ -10377,6 +10793,7 @@ h2 { font-size:.8rem; text-transform:uppercase; letter-spacing:.05em; color:var(
 table { width:100%; border-collapse:collapse; font-size:.9rem; }
 td, th { text-align:left; padding:.3rem .4rem; border-top:1px solid #2a313b; vertical-align:top; }
 th { color:var(--dim); font-weight:normal; border-top:none; }
+#queue-table td, #queue-table th { padding:.3rem .25rem; }
 .ok { color:var(--ok); } .bad { color:var(--bad); } .dim { color:var(--dim); }
 #holder { font-size:1.1rem; } .resv { color:#ffa198; font-size:.9rem; }
 #stats { display:grid; grid-template-columns:repeat(auto-fill, minmax(110px,1fr)); gap:.4rem; }
@@ -10434,7 +10851,7 @@ th { color:var(--dim); font-weight:normal; border-top:none; }
 <span><i style="background:var(--stranger)"></i>stranger (memory no consumer claims)</span>
 <span><i style="background:#6e7681"></i>queue depth</span></div></section>
 <section><h2>Holder</h2><div id="holder">-</div><h2 style="margin-top:.8rem">Queue</h2>
-<table><thead><tr><th>consumer</th><th>kind</th><th>prio</th><th>waiting</th></tr></thead>
+<table id="queue-table"><thead id="queue-head"></thead>
 <tbody id="queue"></tbody></table></section>
 <section><h2>Counters</h2><div id="stats"></div></section>
 <section class="wide"><h2>Consumers</h2><table><thead><tr><th>name</th><th>health</th><th>resident</th>
@@ -10534,8 +10951,9 @@ function renderGpus(st, gpus) {
   $("gpus").innerHTML = gpus.map((g) => gpuHtml(st, g, gpus.length > 1)).join("");
 }
 function holderHtml(h) {
+  const clients = [...new Set((h?.slots || []).map((s) => s.client).filter((c) => c !== null))].sort();
   return !h ? '<span class="dim">idle</span>' : "<b>" + esc(h.consumer) + "</b> " + h.jobs + " job(s)" +
-    (h.holds ? ", " + h.holds + " hold(s)" : "") +
+    (h.holds ? ", " + h.holds + " hold(s)" : "") + (clients.length ? " for " + esc(clients.join(", ")) : "") +
     ' <span class="dim">for ' + h.held_s.toFixed(1) + " s</span>";
 }
 function reservationHtml(r) {
@@ -10545,15 +10963,22 @@ function reservationHtml(r) {
   return '<div class="resv">reserved: ' + esc(r.reason || "no reason given") + esc(left) +
     (not.length ? '<br><span class="dim">not unloaded: ' + esc(not.join(", ")) + "</span>" : "") + "</div>";
 }
-function renderScheduler(gpus, internalErrors) {
+function renderScheduler(gpus, internalErrors, clients) {
   // One GPU: as it always was. Several: each GPU's holder, one queue tagged by GPU, the counters summed.
+  // With clients (auth.clients), the queue names each job's client (none: the admin's, the broker's own).
   const several = gpus.length > 1, tag = (i) => (several ? '<span class="dim">GPU ' + i + "</span> " : "");
   $("holder").innerHTML = gpus.map((g) => tag(g.index) + holderHtml(g.scheduler.holder) +
     reservationHtml(g.reservation)).join("<br>");
+  const byClient = Object.keys(clients || {}).length > 0;
+  $("queue-head").innerHTML = "<tr><th>consumer</th>" + (byClient ? "<th>client</th>" : "") +
+    "<th>kind</th><th>prio</th><th>waiting</th></tr>";
   const queue = gpus.flatMap((g) => g.scheduler.queue.map((q) => Object.assign({gpu: g.index}, q)));
-  $("queue").innerHTML = queue.map((q) => "<tr><td>" + tag(q.gpu) + esc(q.consumer) + "</td><td>" +
-    esc(q.kind) + "</td><td>" + q.priority + "</td><td>" + q.waited_s.toFixed(1) + " s</td></tr>").join("") ||
-    '<tr><td colspan="4" class="dim">empty</td></tr>';
+  const clientCell = (q) => (!byClient ? "" : "<td>" + (q.client === null || q.client === undefined
+    ? '<span class="dim">-</span>' : esc(q.client)) + "</td>");
+  $("queue").innerHTML = queue.map((q) => "<tr><td>" + tag(q.gpu) + esc(q.consumer) + "</td>" +
+    clientCell(q) + "<td>" + esc(q.kind) + "</td><td>" + q.priority + "</td><td>" + q.waited_s.toFixed(1) +
+    " s</td></tr>").join("") ||
+    '<tr><td colspan="' + (byClient ? 5 : 4) + '" class="dim">empty</td></tr>';
   const stats = {};  // each GPU's counters summed; internal_errors is the broker's one figure
   gpus.forEach((g) => Object.entries(g.scheduler.stats).filter(([k]) => k !== "internal_errors")
     .forEach(([k, v]) => { stats[k] = (stats[k] || 0) + v; }));
@@ -10577,7 +11002,7 @@ async function refresh() {
     const st = await (await get("/v1/status")).json();
     const gpus = gpusOf(st);
     status = st;
-    renderGpus(st, gpus); renderScheduler(gpus, st.internal_errors);
+    renderGpus(st, gpus); renderScheduler(gpus, st.internal_errors, st.clients);
     renderConsumers(st.consumers, gpus.length > 1);
   } catch (e) { $("error").textContent = "status: " + e.message; }
   drawTimeline();

@@ -60,6 +60,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin
@@ -359,8 +360,8 @@ def crowd(gpu: FakeGpu, ops: FakeOps, used: dict[str, float]) -> None:
     ops.states["t"].unloaded()
 
 
-async def _queued(s: m.Scheduler, consumer: str) -> asyncio.Task[m.Job]:
-    task = asyncio.ensure_future(s.acquire(consumer, "k" + consumer))
+async def _queued(s: m.Scheduler, consumer: str, client: str | None = None) -> asyncio.Task[m.Job]:
+    task = asyncio.ensure_future(s.acquire(consumer, "k" + consumer, client=client))
     for _ in range(5):
         await asyncio.sleep(0)
     return task
@@ -618,6 +619,8 @@ SPEC_ERRORS = {
     "consumer_stopped": 503,
     # Issue 22 (a stranger holds what a job would need):
     "gpu_in_use": 503,
+    # Issue 23 (a client's own limit):
+    "client_queue_full": 429,
 }
 
 
@@ -625,7 +628,7 @@ SPEC_ERRORS = {
 SPEC_RETRYABLE = {c for c, st in SPEC_ERRORS.items() if st >= 500} - {"bad_consumer_url", "scheduler_error"}
 
 
-SPEC_RETRYABLE |= {"too_many_requests"}
+SPEC_RETRYABLE |= {"too_many_requests", "client_queue_full"}
 
 
 def error_of(status: int, headers: dict[str, str], body: bytes, code: str) -> dict[str, Any]:
@@ -681,12 +684,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def bearer(token: str | None) -> dict[str, str]:
+    """The Authorization header for ``token`` (none for None)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 class Daemon:
     """mgpumanager.py as its own process on a free port, for what only a real process shows."""
 
     #: Python run in the daemon's process before its ``main()`` ("": none). The mutation test of issue 18
     #: disables eviction there with it (``no_overfill``).
     prelude = ""
+    #: The bearer token ``status`` and ``until`` send (None: none).
+    token: str | None = None
 
     def __init__(
         self,
@@ -719,7 +729,7 @@ class Daemon:
         return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
 
     async def status(self, session: aiohttp.ClientSession) -> dict[str, Any]:
-        async with session.get(self.url("/v1/status")) as resp:
+        async with session.get(self.url("/v1/status"), headers=bearer(self.token)) as resp:
             return await resp.json()
 
     async def until(
@@ -1627,6 +1637,86 @@ def test_config_problems_never_echo_the_token(tmp_path):
         bad.write_text(yaml.safe_dump(base_raw()) + f'auth: {{token: "{TOKEN}\n')
         m.load_config(bad)
     assert TOKEN not in "\n".join(info.value.problems) and "line" in info.value.problems[0]
+
+
+WA_TOKEN = "wa-token-0123456789abcdef"
+BATCH_TOKEN = "batch-token-0123456789ab"
+
+
+def with_clients(raw: dict[str, Any], **clients: dict[str, Any]) -> None:
+    """The admin's TOKEN and clients wa and batch (each with its token; more settings per client given)."""
+    raw["auth"] = {
+        "token": TOKEN,
+        "clients": {"wa": {"token": WA_TOKEN, "priority": 4}, "batch": {"token": BATCH_TOKEN, "priority": 0}},
+    }
+    for name, extra in clients.items():
+        raw["auth"]["clients"].setdefault(name, {}).update(extra)
+
+
+def test_clients_parse_each_with_its_token_priority_and_limit(tmp_path):
+    raw = base_raw()
+    secret = tmp_path / "batch"
+    secret.write_text(BATCH_TOKEN + "\n")
+    with_clients(raw, batch={"token": None, "token_file": str(secret), "max_queued": 200})
+    del raw["auth"]["clients"]["batch"]["token"]
+    config = m.parse_config(raw)
+    wa, batch = config.auth.clients["wa"], config.auth.clients["batch"]
+    assert (wa.name, wa.token, wa.priority, wa.max_queued) == ("wa", WA_TOKEN, 4, None)
+    assert (batch.token, batch.priority, batch.max_queued) == (BATCH_TOKEN, 0, 200)
+    assert config.auth.required and config.auth.token == TOKEN
+    assert WA_TOKEN not in repr(config) and BATCH_TOKEN not in repr(config)  # never shown
+    text = m.summary(config)
+    assert "wa           priority 4" in text and "batch        priority 0, at most 200 queued" in text
+    assert WA_TOKEN not in text and TOKEN not in text
+    # A client without a priority of its own runs at its consumers' priorities.
+    raw["auth"]["clients"]["wa"] = {"token": WA_TOKEN}
+    assert m.parse_config(raw).auth.clients["wa"].priority is None
+    # Without auth.clients, none: everything as before.
+    assert m.parse_config(base_raw()).auth.clients == {} and not m.parse_config(base_raw()).auth.required
+
+
+@pytest.mark.parametrize(
+    ("client", "expected"),
+    [
+        ({"token": "short-one"}, "auth.clients.x.token: the token must be at least 16 printable"),
+        ({"token": "has a space in it, 16+"}, "auth.clients.x.token: the token must be at least 16"),
+        ({}, "auth.clients.x: needs its token or token_file"),
+        ({"token": "x-token-0123456789abc", "token_file": "/f"}, "auth.clients.x: set token or token_file"),
+        ({"token_file": "/nonexistent/x"}, "auth.clients.x.token_file: cannot read /nonexistent/x"),
+        ({"token": "x-token-0123456789abc", "priority": 5}, "auth.clients.x.priority: must be an integer"),
+        ({"token": "x-token-0123456789abc", "priority": True}, "auth.clients.x.priority: must be an integer"),
+        ({"token": "x-token-0123456789abc", "max_queued": 0}, "auth.clients.x.max_queued: must be positive"),
+        ({"token": "x-token-0123456789abc", "max_queued": 1.5}, "auth.clients.x.max_queued: must be an int"),
+        (
+            {"token": "x-token-0123456789abc", "max_queued": 10**6},
+            "auth.clients.x.max_queued: must be at most",
+        ),
+        ({"token": "x-token-0123456789abc", "weight": 2}, "auth.clients.x.weight: unknown key"),
+        ({"token": WA_TOKEN}, "auth.clients.x.token: the same token as auth.clients.wa.token: each client"),
+        ({"token": TOKEN}, "auth.clients.x.token: the same token as auth.token (the admin's): each client"),
+        ("x-token-0123456789abc", "auth.clients.x: must be a mapping"),
+    ],
+)
+def test_client_config_rules_name_the_key_and_never_the_token(client, expected):
+    raw = base_raw()
+    with_clients(raw)
+    raw["auth"]["clients"]["x"] = client
+    problems = problems_of(raw)
+    assert any(p.startswith(expected) for p in problems), problems
+    text = "\n".join(problems)
+    assert WA_TOKEN not in text and TOKEN not in text and "x-token-0123456789abc" not in text
+
+
+def test_clients_need_the_admins_token_and_names_like_consumers():
+    raw = base_raw()
+    raw["auth"] = {"clients": {"wa": {"token": WA_TOKEN}}}
+    assert problems_of(raw) == [
+        "auth.clients: needs the admin's auth.token or auth.token_file: once clients are configured, the"
+        " admin routes (unload, load, reload, reserve) answer the admin's token alone"
+    ]
+    with_clients(raw)
+    raw["auth"]["clients"]["no/slash"] = {"token": "x-token-0123456789abc"}
+    assert problems_of(raw) == ["auth.clients.no/slash: client names are letters, digits, '_', '.', '-'"]
 
 
 def test_a_consumer_cannot_be_named_like_the_reservation():
@@ -2796,15 +2886,21 @@ JOB_STEPS = {
 }
 
 
-async def _interleaved_burst(r: Rig, gate: asyncio.Event) -> list[str]:
-    """While an LLM job holds the GPU, 8 TTS and 4 image jobs queue interleaved (T T I T I T T I T I T T);
-    then the GPU is let go. The consumers their grants went to, in order, once all are done."""
-    llm = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "holds the GPU"}))
+async def _interleaved_burst(
+    r: Rig, gate: asyncio.Event, tokens: Mapping[str, str] | None = None, admin: str | None = None
+) -> list[str]:
+    """While an LLM job holds the GPU, 8 TTS and 4 image jobs queue interleaved (T T I T I T T I T I T T),
+    each kind sent with its token in ``tokens`` ("T", "I"; the LLM job with ``admin``'s); then the GPU is
+    let go. The consumers their grants went to, in order, once all are done."""
+    llm = asyncio.ensure_future(
+        r.post("llm", {"model": "m", "prompt": "holds the GPU"}, headers=bearer(admin))
+    )
     await until(lambda: r.broker.scheduler.holder == "ollama")
     jobs = []
     for i, kind in enumerate("TTITITTITITT"):
         path = ("tts", {"text": str(i)}) if kind == "T" else ("image", {"prompt": {}})
-        jobs.append(asyncio.ensure_future(r.post(*path)))
+        headers = bearer(tokens[kind] if tokens else None)
+        jobs.append(asyncio.ensure_future(r.post(*path, headers=headers)))
         await until(lambda i=i: len(r.broker.scheduler.queue()) == i + 1)
     gate.set()
     assert all(status == 200 for status, _, _ in await asyncio.gather(llm, *jobs))
@@ -2817,6 +2913,7 @@ INV_NAMES = ("a", "b", "c", "d", "e")
 
 END_CODES = {
     "queue_full",
+    "client_queue_full",
     "queue_timeout",
     "insufficient_vram",
     "gpu_unavailable",
@@ -2844,6 +2941,15 @@ def invariant_config(max_overtake_s: float = 30) -> m.Config:
                 "vram_wait_s": 1,
                 "aging_s": 10,
                 "max_overtake_s": max_overtake_s,
+                "fair_window_s": 8,
+            },
+            # Jobs of two clients and of none: p's priority replaces the consumer's; q may queue 2.
+            "auth": {
+                "token": "admin-token-0123456789",
+                "clients": {
+                    "p": {"token": "p-token-0123456789abc", "priority": 2},
+                    "q": {"token": "q-token-0123456789abc", "max_queued": 2},
+                },
             },
             "consumers": {
                 "a": consumer(
@@ -2879,6 +2985,9 @@ class CheckedScheduler(m.Scheduler):
         self.resetting: str | None = None
         #: Job id -> the consumers unloaded (or tried) for it.
         self.tried: dict[int, set[str]] = {}
+        #: Each slot a job of a client (or of none) held: job id -> (client, its grant, its release or
+        #: None); what its GPU time must add up to.
+        self.held: dict[int, tuple[str | None, float, float | None]] = {}
         self.lock.dispatch = self._checked_dispatch(self.lock.dispatch)  # type: ignore[method-assign]
         self.internal = internal_jobs(self)
         self._real_unload = self.rooms.unload
@@ -2931,11 +3040,14 @@ class CheckedScheduler(m.Scheduler):
             waiting = [j for j in lock.waiting if not j.granted.done()]
             holder, exclusive = lock.holder, lock.exclusive
             overtaken = {j.id: j.overtaken_since for j in waiting}
+            # The clients' GPU time the grant order reads (the fair order; one client: arrival).
+            served = lock.served({j.client for j in waiting}, now)
             result = dispatch()
             granted = [j for j in waiting if j.state == "running"]
             if result != bool(granted):
                 raise InvariantBroken(f"dispatch said {result} but granted {granted}")
             self.granted.update((j.id, j) for j in granted)
+            self.held.update((j.id, (j.client, now, None)) for j in granted if not j.exclusive)
 
             def eff(j: m.Job) -> int:
                 return m.effective_priority(j, now, aging_s)
@@ -2947,9 +3059,12 @@ class CheckedScheduler(m.Scheduler):
                     raise InvariantBroken(f"{g} granted while {higher[0]} of higher priority waited")
                 for w in left:
                     since = overtaken[w.id]
-                    passed = eff(w) == eff(g) and (w.arrived, w.id) < (g.arrived, g.id)
+                    # (Overtaking is against the fair order: the least-served client first, then arrival.)
+                    passed = eff(w) == eff(g) and m.fair_key(w, served) < m.fair_key(g, served)
                     if passed and (bound <= 0 or (since is not None and now - since >= bound)):
                         raise InvariantBroken(f"{g} overtook {w}, overtaken since {since} (bound {bound})")
+                    if passed and w.overtaken_since is None:  # (its bound runs from now on)
+                        raise InvariantBroken(f"{g} overtook {w}, which does not know it")
             consumers = {g.consumer for g in granted} | ({holder} if holder else set())
             if len(consumers) > 1:
                 raise InvariantBroken(f"{granted} granted beside {holder}")
@@ -2965,13 +3080,37 @@ class CheckedScheduler(m.Scheduler):
                 else m.Holder(lock.holder, lock.exclusive, (c.max_concurrency if c else 0) - lock.slots)
             )
             still = m.next_grant(
-                list(lock.waiting), holder_now, now, aging_s=aging_s, max_overtake_s=bound, warm=lock.warm
+                list(lock.waiting),
+                holder_now,
+                now,
+                aging_s=aging_s,
+                max_overtake_s=bound,
+                warm=lock.warm,
+                served=lock.served({j.client for j in lock.waiting}, now),
             )
             if still is not None:
                 raise InvariantBroken(f"{still} should have been granted too")
             return result
 
         return checked
+
+    def release_slot(self, job: m.Job, *, held: bool = False) -> bool:
+        if job.id in self.held:
+            client, start, end = self.held[job.id]
+            if end is not None:
+                raise InvariantBroken(f"{job}'s slot released twice")
+            self.held[job.id] = (client, start, self.clock())
+        return super().release_slot(job, held=held)
+
+    def gpu_time_adds_up(self) -> None:
+        """Each client's GPU time over the fair window is what its slots held in it, holds included."""
+        now, window = self.clock(), self.config.scheduler.fair_window_s
+        for client in (None, *self.config.auth.clients):
+            spans = [(a, b if b is not None else now) for c, a, b in self.held.values() if c == client]
+            expected = sum(max(0.0, min(b, now) - max(a, now - window)) for a, b in spans)
+            got = self.lock.use.seconds(client, now, window)
+            if abs(got - expected) > 1e-6:
+                raise InvariantBroken(f"client {client}: {got} s of GPU time, its slots held {expected} s")
 
     def end(
         self,
@@ -3073,7 +3212,8 @@ class InvariantDriver:
         kind, *args = op
         s = self.s
         if kind == "arrive":
-            self.tasks.append(asyncio.ensure_future(s.acquire(args[0], "k")))
+            client = args[1] if len(args) > 1 else None
+            self.tasks.append(asyncio.ensure_future(s.acquire(args[0], "k", client=client)))
         elif kind == "admin":
             name, action = args
             if action == "load" or self.config.consumers[name].unload is not None:
@@ -3171,6 +3311,7 @@ class InvariantDriver:
         for job in s.queue():
             if job.id in s.ended:
                 raise InvariantBroken(f"{job} ended but still queued")
+        s.gpu_time_adds_up()
         for t in self.tasks + self.admin:
             if t.done() and not t.cancelled() and t.exception() is not None:
                 e = t.exception()
@@ -3214,7 +3355,7 @@ class InvariantDriver:
         assert st.jobs >= len(became_jobs)
 
 
-_ARRIVE = st.tuples(st.just("arrive"), st.sampled_from(INV_NAMES))
+_ARRIVE = st.tuples(st.just("arrive"), st.sampled_from(INV_NAMES), st.sampled_from((None, "p", "q")))
 
 
 _FINISH = st.tuples(
@@ -3266,12 +3407,18 @@ class PolicyJob:
 
     def __init__(self, i: int, consumer: str, priority: int, arrived: float, **kw: Any) -> None:
         self.id, self.consumer, self.priority, self.arrived = i, consumer, priority, arrived
+        self.client = kw.get("client")
         self.exclusive = kw.get("exclusive", False)
         self.overtaken_since = kw.get("overtaken_since")
         self.granted = self._Granted(kw.get("cancelled", False))
 
     def __repr__(self) -> str:
-        return f"<{self.id} {self.consumer} p{self.priority} @{self.arrived}>"
+        client = f" for {self.client}" if self.client is not None else ""
+        return f"<{self.id} {self.consumer}{client} p{self.priority} @{self.arrived}>"
+
+
+#: The clients a job may run for (None: no client: the admin's, the broker's own).
+POLICY_CLIENTS = (None, "p", "q")
 
 
 _POLICY_JOB = st.tuples(
@@ -3281,6 +3428,13 @@ _POLICY_JOB = st.tuples(
     st.booleans(),  # exclusive
     st.one_of(st.none(), st.floats(0, 100)),  # overtaken since
     st.booleans(),  # cancelled
+    st.sampled_from(POLICY_CLIENTS),
+)
+
+#: Each client's GPU time over the window, as the lock hands the grant order a snapshot (None: none, as
+#: with one client or none).
+_SERVED = st.one_of(
+    st.none(), st.fixed_dictionaries({c: st.sampled_from([0.0, 1.5, 7.0, 30.0]) for c in POLICY_CLIENTS})
 )
 
 
@@ -3314,7 +3468,10 @@ async def test_aging_raises_a_waiting_jobs_priority():
     clock.now += 130  # two aging steps: x is at 3 now
     y = await _queued(s, "y")  # priority 3, arrived later
     # (eta_s: t's job, which holds the GPU, has no learned time; it counts as at least RUNNING_FLOOR_S.)
-    expected = {"consumer": "x", "kind": "kx", "priority": 3, "waited_s": 130.0, "eta_s": m.RUNNING_FLOOR_S}
+    expected = {
+        **{"consumer": "x", "kind": "kx", "priority": 3, "waited_s": 130.0, "eta_s": m.RUNNING_FLOOR_S},
+        "client": None,  # (issue 23: the client it runs for; none here)
+    }
     assert s.snapshot()["queue"][0] == expected
     first.release("completed")
     assert await _grants(s, [x, y]) == ["x", "y"]
@@ -3422,6 +3579,153 @@ async def test_a_higher_effective_priority_is_never_overtaken_and_aging_counts()
     t = await _queued(s, "t")
     order = [name for name, _ in await _run_in_turn(s, clock, running, [x, t], job_s=1)]
     assert order == ["x", "t"]
+
+
+#: auth with two clients, p and q (of no priority of their own), and the admin's token that clients need.
+CLIENT_AUTH = {
+    "token": "admin-token-0123456789",
+    "clients": {"p": {"token": "p-token-0123456789abc"}, "q": {"token": "q-token-0123456789abc"}},
+}
+
+
+def client_auth(**clients: dict[str, Any]) -> dict[str, Any]:
+    """CLIENT_AUTH with each client's settings (``p={"priority": 4}``) added."""
+    auth = copy.deepcopy(CLIENT_AUTH)
+    for name, extra in clients.items():
+        auth["clients"].setdefault(name, {"token": f"{name}-token-0123456789abc"}).update(extra)
+    return auth
+
+
+async def _granted_in_turn(s: m.Scheduler, clock: FakeClock, job: m.Job, job_s: float) -> list[m.Job]:
+    """Let ``job`` and each job granted after it run ``job_s`` on the fake clock, one at a time, until the
+    queue is empty; the jobs granted after it, in order."""
+    order: list[m.Job] = []
+    while True:
+        clock.now += job_s
+        job.release("completed", status=200, success=True)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        if s.holder is None:
+            return order
+        job = next(iter(s.lock.taken))
+        order.append(job)
+
+
+@pytest.mark.parametrize("clients", [True, False])
+async def test_among_equals_the_client_with_the_least_gpu_time_goes_first(clients):
+    """Fair share: p's job has held the GPU 5 s; q's job, which came after p's next one, goes first. It
+    passed p's in the fair order, not by overtaking it. Without clients: arrival order, as ever."""
+    s, _, ops, clock = make_scheduler(small_config(**({"auth": CLIENT_AUTH} if clients else {})))
+    ops.states["t"].loaded()
+    p, q = ("p", "q") if clients else (None, None)
+    running = await s.acquire("t", "kt", client=p)
+    p_next = await _queued(s, "t", p)
+    clock.now += 1
+    q_next = await _queued(s, "t", q)
+    clock.now += 4
+    assert s.client_use("p")["gpu_s_window"] == (5.0 if clients else 0.0)
+    order = await _granted_in_turn(s, clock, running, job_s=1)
+    expected = [q_next.result(), p_next.result()] if clients else [p_next.result(), q_next.result()]
+    assert order == expected
+    assert p_next.result().overtaken_since is None  # fairness is no overtaking: no bound runs for p's job
+    assert books_balance(s)
+
+
+async def test_a_warm_job_that_passes_a_less_served_clients_job_overtakes_it():
+    """p (served) and q (not): p's job that needs no swap goes before q's that needs one, though q's is
+    first in the fair order: q's is overtaken from then on (its max_overtake_s bound runs), although it
+    came later than p's."""
+    s, gpu, ops, clock = make_scheduler(swap_config(30, auth=CLIENT_AUTH))
+    gpu.total = 12000  # t and x do not fit together
+    for name in ("x", "y", "z"):
+        ops.states[name].unloaded()
+    ops.states["t"].loaded()
+    gpu.held["t"] = 6000
+    running = await s.acquire("t", "kt", client="p")
+    clock.now += 5
+    p_t = await _queued(s, "t", "p")
+    clock.now += 1
+    q_x = await _queued(s, "x", "q")
+    running.release("completed", status=200, success=True)
+    granted = await asyncio.wait_for(p_t, 5)
+    assert not q_x.done() and s.lock.queue()[0].overtaken_since == clock.now
+    granted.release("completed", status=200, success=True)
+    (await q_x).release("completed")
+    assert books_balance(s)
+
+
+async def test_fair_share_keeps_the_batches_of_a_bound_that_applies():
+    """The swap storm fairness must not bring back: p keeps t's jobs coming (t resident), q has ten x jobs
+    queued (each a swap away). Past max_overtake_s, q's jobs go; x then holds the GPU and q's overtaken jobs
+    need no swap: they all go, in one batch, even once q has had more GPU time than p. (Served in the fair
+    order alone while the bound applies, the two would alternate, a swap at every grant.)"""
+    s, gpu, ops, clock = make_scheduler(
+        swap_config(5, auth=CLIENT_AUTH, scheduler__fair_window_s=1000, scheduler__queue_timeout_s=10**5)
+    )
+    gpu.total = 12000
+    for name in ("x", "y", "z"):
+        ops.states[name].unloaded()
+    ops.states["t"].loaded()
+    gpu.held["t"] = 6000
+    job = await s.acquire("t", "kt", client="p")
+    xs = [await _queued(s, "x", "q") for _ in range(10)]
+    ts = [await _queued(s, "t", "p") for _ in range(2)]
+    granted: list[m.Job] = []
+    while not all(x.done() for x in xs):
+        clock.now += 1
+        job.release("completed", status=200, success=True)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        job = next(iter(s.lock.taken))
+        granted.append(job)
+        if job.consumer == "t":
+            ts.append(await _queued(s, "t", "p"))  # p keeps its jobs coming
+    consumers = "".join(j.consumer for j in granted)
+    assert consumers == "ttttt" + "x" * 10, consumers  # one swap, after 5 s of overtaking
+    assert s.client_use("q")["gpu_s_window"] > s.client_use("p")["gpu_s_window"]
+    job.release("completed")
+    for t in ts:
+        (await t).release("completed")
+
+
+async def test_a_clients_priority_replaces_the_consumers():
+    """batch (priority 0) has jobs queued for t (priority 2); wa (priority 4) sends one: it goes next."""
+    auth = client_auth(wa={"priority": 4}, batch={"priority": 0})
+    s, _, ops, clock = make_scheduler(small_config(auth=auth))
+    ops.states["t"].loaded()
+    running = await s.acquire("t", "kt", client="batch")
+    batch = [await _queued(s, "t", "batch") for _ in range(3)]
+    clock.now += 1
+    wa = await _queued(s, "t", "wa")
+    assert [(j.client, j.priority) for j in s.queue()] == [("wa", 4)] + [("batch", 0)] * 3
+    order = await _granted_in_turn(s, clock, running, job_s=1)
+    assert [j.client for j in order] == ["wa", "batch", "batch", "batch"] and order[0] is wa.result()
+    assert all(b.done() for b in batch) and books_balance(s)
+
+
+async def test_max_queued_refuses_that_client_alone_with_client_queue_full():
+    """q may queue 2: its third job gets client_queue_full (429, Retry-After when q's first is expected to
+    go); p still queues; max_queue still bounds everyone (queue_full)."""
+    cfg = small_config(auth=client_auth(q={"max_queued": 2}), scheduler__max_queue=4)
+    s, _, ops, clock = make_scheduler(cfg)
+    ops.states["t"].loaded()
+    ops.states["t"].learned("job", 10.0)
+    running = await s.acquire("t", "kt", client="p")
+    waiting = [await _queued(s, "t", "p"), await _queued(s, "t", "q"), await _queued(s, "t", "q")]
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt", client="q")
+    e = info.value
+    assert (e.code, e.status, e.retryable) == ("client_queue_full", 429, True)
+    # q's first job waits for the running one (10 s) and p's before it (10 s): a place of q's frees then.
+    assert e.retry_after == 20 and "client q has 2 jobs waiting" in e.message
+    waiting.append(await _queued(s, "t", "p"))  # p's room is untouched
+    assert not waiting[-1].done() and len(s.queue()) == 4
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt", client="p")
+    assert info.value.code == "queue_full"
+    assert s.stats.rejected == 2 and books_balance(s)
+    order = await _granted_in_turn(s, clock, running, job_s=0)
+    assert len(order) == 4
 
 
 async def test_queue_full_rejects_beyond_max_queue():
@@ -3613,6 +3917,35 @@ async def test_an_interleaved_burst_is_served_in_batches_with_one_swap(rig, max_
         assert r.stats.evictions == 8  # the issue's 8 evictions
 
 
+@no_overfill
+async def test_an_interleaved_burst_split_between_two_clients_keeps_its_one_swap(rig):
+    """Issue 23: fair share must not bring back the swap storm. The same burst split between two clients at
+    equal priority, a sending the TTS jobs and b the images: once a's first job has run, b has had less GPU
+    time, yet a's jobs, which need no swap, still go first: the TTS batch, one swap, the images (fairness
+    decides among what warmth leaves open, never for a swap at every turn)."""
+    gate = asyncio.Event()
+
+    def setup(raw: dict[str, Any]) -> None:
+        for name in ("mvoice", "comfyui"):
+            raw["consumers"][name]["priority"] = 2
+        raw["auth"] = client_auth(a={}, b={}) | {"token": TOKEN}
+
+    async with held_llm(gate) as ollama:
+        r = await rig(
+            **SMALL_CARD,
+            tweak=setup,
+            urls={"ollama": ollama.url},
+            sims={"mvoice": {"loaded": True, "work_s": 0.02}, "comfyui": {"work_s": 0.05}},
+        )
+        tokens = {"T": "a-token-0123456789abc", "I": "b-token-0123456789abc"}
+        order = await _interleaved_burst(r, gate, tokens, admin=TOKEN)
+    nothing_overfilled(r.gpu)
+    assert order == ["mvoice"] * 8 + ["comfyui"] * 4  # one swap, as for one client
+    assert (r.stats.evictions, r.sims["mvoice"].unloads) == (1, 1)
+    clients = r.broker.clients()
+    assert (clients["a"]["jobs_total"], clients["b"]["jobs_total"]) == (8, 4)
+
+
 async def test_a_job_held_back_by_a_stream_runs_once_overtaken_for_max_overtake_s(rig):
     """A steady stream of TTS jobs (resident: no swap) and one image job that needs a swap: the stream
     goes first, but only until the image has been overtaken for max_overtake_s."""
@@ -3714,24 +4047,42 @@ def test_scheduler_invariants_hold_under_any_interleaving(ops, bound):
     warm=st.sets(st.sampled_from("abcd")),
     bound=st.sampled_from([0, 5, 30]),
     aging_s=st.sampled_from([1, 10, 60]),
+    served=_SERVED,
 )
-def test_the_grant_order_keeps_its_rules(specs, holder, warm, bound, aging_s):
+def test_the_grant_order_keeps_its_rules(specs, holder, warm, bound, aging_s, served):
     """The pure grant order (next_grant), driven directly: never a higher effective priority passed
-    over; a job that needs a swap overtaken only by one that needs none, and not once it has been
-    overtaken for max_overtake_s (with 0, strict arrival order); only the holder's own jobs join; and the
-    few candidates the lock hands it (WaitQueue.candidates) give the same answer as every waiting job."""
+    over; among equals the fair order (the least-served client first, then arrival; arrival alone without
+    clients); a job that needs a swap overtaken only by one that needs none, and none past a job
+    overtaken for max_overtake_s (with 0, strict fair order); only the holder's own jobs join; and the few
+    candidates the lock hands it (WaitQueue.candidates) give the same answer as every waiting job.
+
+    (With fair share, "overtaken" and "once the bound applies" are stated against the fair order: then no
+    job after the first overdue one goes, and a warm job before it still may; the oldest no longer goes
+    regardless. Without clients and without aging across levels the two read the same.)"""
     now = 100.0
     jobs = [
-        PolicyJob(i, c, p, a, exclusive=x, overtaken_since=min(o, a) if o is not None else None, cancelled=k)
-        for i, (c, p, a, x, o, k) in enumerate(specs)
+        PolicyJob(
+            i,
+            c,
+            p,
+            a,
+            exclusive=x,
+            overtaken_since=min(o, a) if o is not None else None,
+            cancelled=k,
+            client=client,
+        )
+        for i, (c, p, a, x, o, k, client) in enumerate(specs)
     ]
-    # As the lock keeps them: a grant marks every older waiting job of its effective priority, so within
-    # a base priority an older job was overtaken no later than a younger one.
-    for level in range(m.PRIORITY_MAX + 1):
+
+    def fair(job: Any) -> tuple[float, float, int]:
+        return m.fair_key(job, served)
+
+    # As the lock keeps them: a grant marks every waiting job of its effective priority before it in the
+    # fair order, so within a base priority and client an older job was overtaken no later than a younger.
+    for level, client in itertools.product(range(m.PRIORITY_MAX + 1), POLICY_CLIENTS):
         earliest = math.inf
-        for job in sorted(
-            (j for j in jobs if j.priority == level), key=lambda j: (j.arrived, j.id), reverse=True
-        ):
+        mine = (j for j in jobs if j.priority == level and j.client == client)
+        for job in sorted(mine, key=lambda j: (j.arrived, j.id), reverse=True):
             if job.overtaken_since is not None:
                 earliest = min(earliest, job.overtaken_since)
             if earliest < math.inf:
@@ -3741,7 +4092,7 @@ def test_the_grant_order_keeps_its_rules(specs, holder, warm, bound, aging_s):
     def is_warm(job: Any) -> bool:
         return job.consumer in warm
 
-    kw = {"aging_s": aging_s, "max_overtake_s": bound, "warm": is_warm}
+    kw = {"aging_s": aging_s, "max_overtake_s": bound, "warm": is_warm, "served": served}
     got = m.next_grant(jobs, view, now, **kw)
     live = [j for j in jobs if not j.granted.done()]
     if got is None:
@@ -3751,24 +4102,66 @@ def test_the_grant_order_keeps_its_rules(specs, holder, warm, bound, aging_s):
     assert got in live
     eff = {j.id: m.effective_priority(j, now, aging_s) for j in live}  # type: ignore[arg-type]
     assert eff[got.id] == max(eff.values())  # never a higher effective priority passed over
-    top = sorted((j for j in live if eff[j.id] == eff[got.id]), key=lambda j: (j.arrived, j.id))
-    oldest = top[0]
-    overdue = bound == 0 or any(
-        j.overtaken_since is not None and now - j.overtaken_since >= bound for j in top
+    top = sorted((j for j in live if eff[j.id] == eff[got.id]), key=fair)
+    first = top[0]
+    # The first job overtaken for the bound, in the fair order (with 0: every job counts as such).
+    cut = (
+        0
+        if bound == 0
+        else next(
+            (
+                i
+                for i, j in enumerate(top)
+                if j.overtaken_since is not None and now - j.overtaken_since >= bound
+            ),
+            len(top),
+        )
     )
-    if got is not oldest:  # only a job that needs no swap (the holder's own, joining) overtakes, in time
-        assert not overdue and not got.exclusive and (is_warm(got) or view is not None)
+    if got is not first:  # only a job that needs no swap (the holder's own, joining) overtakes, in time
+        assert top.index(got) <= cut and not got.exclusive and (is_warm(got) or view is not None)
     if view is not None:
         assert not view.exclusive and view.room > 0 and got.consumer == view.consumer and not got.exclusive
-    elif not overdue:
-        firsts_warm = [j for j in top if is_warm(j) and not j.exclusive]
-        assert got is (firsts_warm[0] if firsts_warm else oldest)
+        assert got is next(j for j in top if j.consumer == view.consumer)  # its first, in the fair order
+    else:
+        warm_allowed = [j for j in top[: cut + 1] if is_warm(j) and not j.exclusive]
+        assert got is (warm_allowed[0] if warm_allowed else first)
     # The lock's few candidates decide alike (jobs in arrival order per level, as the queue keeps them).
     queue = m.WaitQueue()
     for job in sorted(jobs, key=lambda j: (j.arrived, j.id)):
         queue.append(job)  # type: ignore[arg-type]
     candidates = queue.candidates(is_warm, view.consumer if view else None)  # type: ignore[arg-type]
     assert m.next_grant(candidates, view, now, **kw) is got
+
+
+@settings(max_examples=int(os.environ.get("MGPU_FUZZ_EXAMPLES", "150")) * 2, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["grant", "release", "ask"]), st.sampled_from(POLICY_CLIENTS), st.floats(0, 4)
+        ),
+        max_size=60,
+    ),
+    window=st.sampled_from([0.5, 3.0, 10.0, 100.0]),
+)
+def test_gpu_time_is_the_seconds_each_clients_slots_held_within_the_window(steps, window):
+    """GpuTime (fair share's figure) against the plain sum: each slot's [grant, release] (or now, while held)
+    clipped to the last ``window`` seconds, per client, several slots at once each counting."""
+    use, now = m.GpuTime(), 0.0
+    held: dict[str | None, list[float]] = {c: [] for c in POLICY_CLIENTS}
+    spans: list[tuple[str | None, float, float]] = []
+    for op, client, dt in steps:
+        now += dt
+        if op == "grant":
+            use.granted(client, now, window)
+            held[client].append(now)
+        elif op == "release" and held[client]:
+            use.released(client, now, window)
+            spans.append((client, held[client].pop(0), now))
+        elif op == "ask":  # (only some steps ask: the breakpoints are also forgotten on grants and releases)
+            for c in POLICY_CLIENTS:
+                mine = [(a, b) for who, a, b in spans if who == c] + [(a, now) for a in held[c]]
+                expected = sum(max(0.0, b - max(a, now - window)) for a, b in mine)
+                assert use.seconds(c, now, window) == pytest.approx(expected, abs=1e-6), (c, now)
 
 
 @pytest.mark.skipif(not FUZZ_SECONDS, reason="`make fuzz` runs this for MGPU_FUZZ_SECONDS")
@@ -3919,6 +4312,233 @@ async def test_a_load_is_learned_as_the_load_alone_and_a_job_from_when_it_went_t
         await asyncio.sleep(0)
     assert (ops.states["x"].timing("load"), ops.states["x"].timing("job")) == (2.0, 1.0)  # not 6.0
     assert books_balance(s)
+
+
+# ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
+
+
+class GatedMvoice(mgpusim.MvoiceSim):
+    """mvoice whose jobs wait while ``gate`` is clear before they work: a job holds the GPU until the test
+    lets it go."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def run_work(self, request: web.Request) -> None:
+        await self.gate.wait()
+        await super().run_work(request)
+
+
+async def ring_events(session: aiohttp.ClientSession, daemon: Daemon) -> list[dict[str, Any]]:
+    """The daemon's event ring, replayed (``/v1/events?since=900``), up to its ``: replayed N`` comment."""
+    async with session.get(daemon.url("/v1/events?since=900"), headers=bearer(daemon.token)) as resp:
+        assert resp.status == 200
+        events = []
+        while not (line := await asyncio.wait_for(resp.content.readline(), 10)).startswith(b": replayed"):
+            if line.startswith(b"data: "):
+                events.append(json.loads(line[6:]))
+        return events
+
+
+async def post_as(
+    session: aiohttp.ClientSession, daemon: Daemon, kind: str, token: str | None, payload: Any = None
+) -> tuple[int, dict[str, str], bytes]:
+    """``POST /v1/{kind}`` with ``token``: the answer's status, headers and body."""
+    body = payload if payload is not None else ({"prompt": {}} if kind == "image" else {"text": kind})
+    async with session.post(daemon.url(f"/v1/{kind}"), json=body, headers=bearer(token)) as resp:
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+def comfy_like(mib: int = 13000) -> dict[str, Any]:
+    """A consumer's config for a ComfySim: images, held until /history tells (polled every 20 ms), /free."""
+    return {
+        "health": {"path": "/system_stats"},
+        "paths": {
+            "image": {
+                "path": "/prompt",
+                "hold_until": {"path": "/history/{prompt_id}", "poll_s": 0.02, "timeout_s": 30},
+            }
+        },
+        "vram_resident_mib": mib,
+        "unload": {"path": "/free", "body": {"free_memory": True}},
+    }
+
+
+async def test_a_clients_priority_puts_its_job_right_after_the_running_one_end_to_end(bed):
+    """Issue 23: client batch (priority 0) keeps 30 TTS jobs queued, client wa (priority 4) sends one:
+    wa's job is granted next, right after the running job. The job line and the events name the client."""
+    b = await bed(total_mib=16384)
+    mvoice = GatedMvoice("mvoice", b.gpu, loaded=True, work_s=0.005)
+    await b.add(mvoice, mvoice_like(2800, "tts"), "tts")
+    with_clients(b.raw)  # wa: priority 4, batch: priority 0; mvoice's own is 2
+    async with b.daemon() as daemon:
+        daemon.token = TOKEN
+        mvoice.gate.clear()  # batch's first job holds the GPU until the gate opens
+        batch = [asyncio.ensure_future(post_as(b.session, daemon, "tts", BATCH_TOKEN)) for _ in range(31)]
+        await daemon.until(b.session, lambda st: len(st["scheduler"]["queue"]) == 30)
+        wa = asyncio.ensure_future(post_as(b.session, daemon, "tts", WA_TOKEN))
+        st = await daemon.until(b.session, lambda st: len(st["scheduler"]["queue"]) == 31)
+        assert st["scheduler"]["queue"][0]["client"] == "wa" and st["scheduler"]["queue"][0]["priority"] == 4
+        assert st["clients"]["batch"]["queued"] == 30 and st["clients"]["batch"]["running"] == 1
+        assert st["scheduler"]["holder"]["slots"][0]["client"] == "batch"
+        mvoice.gate.set()
+        assert [a[0] for a in await asyncio.gather(wa, *batch)] == [200] * 32
+        events = await ring_events(b.session, daemon)
+    granted = [e["client"] for e in events if e["event"] == "granted"]
+    assert granted == ["batch", "wa"] + ["batch"] * 30
+    queued_at = next(i for i, e in enumerate(events) if e["event"] == "queued" and e["client"] == "wa")
+    assert next(e for e in events[queued_at:] if e["event"] == "granted")["client"] == "wa"
+    assert len(re.findall(r"msg=job .* client=wa$", daemon.log, re.M)) == 1
+    assert len(re.findall(r"msg=job .* client=batch$", daemon.log, re.M)) == 31
+
+
+def _grants_while_waiting(events: list[dict[str, Any]], client: str) -> list[list[float]]:
+    """For each job of ``client``: the grants of other jobs while it waited, each as seconds since the first
+    of them (by the broker's own timestamps): the job that ran when it came ended then, and it has been
+    passed over since."""
+    waits = []
+    for i, e in enumerate(events):
+        if e["event"] != "queued" or e["client"] != client:
+            continue
+        grants = []
+        for later in events[i + 1 :]:
+            if later["event"] == "granted" and later["job"] == e["job"]:
+                break
+            if later["event"] == "granted":
+                grants.append(bench.parse_ts(later["ts"]))
+        waits.append([t - grants[0] for t in grants])
+    return waits
+
+
+async def test_a_client_that_sends_a_few_jobs_waits_at_most_max_overtake_s_plus_one_job(bed):
+    """Issue 23, at equal priority: client a keeps 40 TTS jobs queued (mvoice, resident); client b sends 5
+    images over a few seconds (ComfyUI: each a swap away). Each of b's jobs is granted at the latest one job
+    after it has waited max_overtake_s (scaled down to 1 s): b has had the least GPU time, so the bound
+    counts against it, not a's 40 older jobs. (In arrival order, a's older jobs would all go first.)"""
+    b = await bed(total_mib=16384)  # mvoice's 2800 MiB and ComfyUI's 13000 do not fit together
+    await b.add(mgpusim.MvoiceSim("mvoice", b.gpu, loaded=True, work_s=0.02), mvoice_like(2800, "tts"), "tts")
+    await b.add(mgpusim.ComfySim("comfyui", b.gpu, work_s=0.05, context_mib=0), comfy_like(), "image")
+    b.raw["auth"] = client_auth(a={}, b={})
+    b.raw["auth"]["token"] = TOKEN
+    b.raw["scheduler"].update(max_overtake_s=1.0, max_queue=100)
+    async with b.daemon() as daemon:
+        daemon.token = TOKEN
+        stop = asyncio.Event()
+
+        async def keep_40_queued() -> int:
+            sent = 0
+
+            async def one() -> None:
+                nonlocal sent
+                while not stop.is_set():
+                    status = (await post_as(b.session, daemon, "tts", "a-token-0123456789abc"))[0]
+                    assert status == 200
+                    sent += 1
+
+            await asyncio.gather(*(one() for _ in range(41)))  # one running, 40 waiting
+            return sent
+
+        a = asyncio.ensure_future(keep_40_queued())
+        await daemon.until(b.session, lambda st: st["clients"]["a"]["queued"] >= 35)
+        images = []
+        for _ in range(5):
+            images.append(asyncio.ensure_future(post_as(b.session, daemon, "image", "b-token-0123456789abc")))
+            await asyncio.sleep(1.5)
+        assert [i[0] for i in await asyncio.gather(*images)] == [200] * 5
+        stop.set()
+        assert await a > 100
+        events = await ring_events(b.session, daemon)
+    waits = _grants_while_waiting(events, "b")
+    assert len(waits) == 5
+    # a's jobs, which need no swap, went first while b's waited (the bound is what let each go) ...
+    assert all(len(grants) > 1 for grants in waits), [len(g) for g in waits]
+    # ... but, once b's had been passed over for max_overtake_s, one more at most (the boundary's).
+    late = [sum(t >= 1.0 for t in grants) for grants in waits]
+    assert max(late) <= 1, (late, [round(g[-1], 2) for g in waits])
+
+
+async def test_over_a_fair_window_of_saturation_neither_client_gets_more_than_two_thirds(bed):
+    """Issue 23, at equal priority: client a keeps 40 TTS jobs queued and b 5, on the same consumer. Over
+    the saturation (six fair windows, scaled down from 60 s to 1 s each), each gets about half of the GPU
+    time, neither more than two thirds, as the broker's own counters (client_gpu_seconds_total) measure it.
+    (In arrival order a would get some 40/45 of it.)"""
+    b = await bed(total_mib=16384)
+    await b.add(mgpusim.MvoiceSim("mvoice", b.gpu, loaded=True, work_s=0.01), mvoice_like(2800, "tts"), "tts")
+    b.raw["auth"] = client_auth(a={}, b={})
+    b.raw["auth"]["token"] = TOKEN
+    b.raw["scheduler"].update(fair_window_s=1.0, max_queue=100)
+    async with b.daemon() as daemon:
+        daemon.token = TOKEN
+        stop = asyncio.Event()
+
+        async def keep_queued(client: str, n: int) -> None:
+            async def one() -> None:
+                while not stop.is_set():
+                    status = (await post_as(b.session, daemon, "tts", f"{client}-token-0123456789abc"))[0]
+                    assert status == 200
+
+            await asyncio.gather(*(one() for _ in range(n)))
+
+        clients = [asyncio.ensure_future(keep_queued("a", 41)), asyncio.ensure_future(keep_queued("b", 6))]
+        await daemon.until(
+            b.session, lambda st: st["clients"]["a"]["queued"] >= 30 and st["clients"]["b"]["queued"] >= 4
+        )
+
+        async def gpu_seconds() -> dict[str, float]:
+            async with b.session.get(daemon.url("/metrics"), headers=bearer(TOKEN)) as resp:
+                families = _families(await resp.text())
+            return {c: _value(families, "mgpumanager_client_gpu_seconds_total", client=c) for c in "ab"}
+
+        before = await gpu_seconds()
+        await asyncio.sleep(6.0)  # six fair windows of saturation by both
+        after = await gpu_seconds()
+        st = await daemon.status(b.session)
+        stop.set()
+        await asyncio.gather(*clients)
+    held = {c: after[c] - before[c] for c in "ab"}
+    assert held["a"] > 0.5 and held["b"] > 0.5, held
+    assert max(held.values()) <= 2 / 3 * sum(held.values()), held
+    window = {c: st["clients"][c]["gpu_s_window"] for c in "ab"}  # the last window, as status shows it
+    assert max(window.values()) <= 2 / 3 * sum(window.values()), window
+
+
+async def test_max_queued_gives_client_queue_full_to_that_client_alone_end_to_end(bed):
+    """Issue 23: batch may queue 3; its next job gets client_queue_full (429, retryable, Retry-After), while
+    wa's still queue in the room max_queue has left, and are served."""
+    b = await bed(total_mib=16384)
+    mvoice = GatedMvoice("mvoice", b.gpu, loaded=True, work_s=0.005)
+    await b.add(mvoice, mvoice_like(2800, "tts"), "tts")
+    with_clients(b.raw, batch={"max_queued": 3}, wa={"priority": 0})
+    async with b.daemon() as daemon:
+        daemon.token = TOKEN
+        mvoice.gate.clear()
+        batch = [asyncio.ensure_future(post_as(b.session, daemon, "tts", BATCH_TOKEN)) for _ in range(4)]
+        await daemon.until(b.session, lambda st: st["clients"]["batch"]["queued"] == 3)
+        status, headers, body = await post_as(b.session, daemon, "tts", BATCH_TOKEN)
+        error = error_of(status, headers, body, "client_queue_full")
+        assert "client batch has 3 jobs waiting" in error["message"] and int(headers["Retry-After"]) >= 1
+        wa = [asyncio.ensure_future(post_as(b.session, daemon, "tts", WA_TOKEN)) for _ in range(3)]
+        st = await daemon.until(b.session, lambda st: st["clients"]["wa"]["queued"] == 3)
+        assert st["clients"]["batch"] | {"gpu_s_window": 0} == {
+            "queued": 3,
+            "running": 1,
+            "jobs_total": 1,  # the refused one
+            "gpu_s_window": 0,
+            "priority": 0,
+            "max_queued": 3,
+        }
+        mvoice.gate.set()
+        assert [r[0] for r in await asyncio.gather(*batch, *wa)] == [200] * 7
+        async with b.session.get(daemon.url("/metrics"), headers=bearer(TOKEN)) as resp:
+            families = _families(await resp.text())
+    jobs = "mgpumanager_client_jobs_total"
+    assert _value(families, jobs, client="batch", status="rejected") == 1
+    assert _value(families, jobs, client="batch", status="completed") == 4
+    assert _value(families, jobs, client="wa", status="completed") == 3
+    with pytest.raises(KeyError):
+        _value(families, jobs, client="wa", status="rejected")
 
 
 # =====================================================================================================
@@ -8244,7 +8864,9 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
     # One reading (two nvidia-smi processes) per started second at most, however many requests.
     assert r.broker.gpu.queries <= 2 * (1 + int(elapsed))
     top = {"version", "uptime_s", "gpu", "consumers", "scheduler", "gpus", "internal_errors", "state_file"}
+    top.add("clients")  # issue 23: {} without auth.clients
     assert set(first) == top and first["state_file"] is None  # (no state_file configured)
+    assert first["clients"] == {}
     # The broker's one figure, shown again in each GPU's stats (as before it was a top-level field).
     assert first["internal_errors"] == first["scheduler"]["stats"]["internal_errors"] == 0
     gpu = first["gpu"]
@@ -8602,6 +9224,7 @@ async def test_the_job_log_line_has_every_field(rig, caplog):
         "evictions",
     ]
     assert fields["request_id"] == "img-1" and int(fields["hold_ms"]) >= 150 and fields["code"] == ""
+    assert list(fields)[11:] == ["request_id", "client"] and fields["client"] == ""  # (no auth.clients)
 
 
 def test_log_lines_carry_a_timestamp_or_journald_priority():
@@ -10520,6 +11143,49 @@ async def test_dashboard_shows_markup_in_a_reason_and_a_gpu_name_as_text(rig, tm
         assert await browser.evaluate("window.xss === undefined")
 
 
+async def test_dashboard_with_clients_names_each_queued_jobs_client(rig, tmp_path):
+    """Issue 23: with auth.clients, the page (opened with a client's token: status and events are a
+    client's to read) shows whom each queued job is for, and whom the holder runs for."""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(tweak=with_clients, urls={"ollama": ollama.url}, sims={"mvoice": {"loaded": True}})
+        llm = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}, headers=bearer(BATCH_TOKEN)))
+        waiting = []
+        try:
+            await until(lambda: r.broker.scheduler.holder == "ollama")
+            for kind, token in (("tts", WA_TOKEN), ("tts", BATCH_TOKEN), ("image", TOKEN)):
+                body = {"prompt": {}, "text": "x"}
+                waiting.append(asyncio.ensure_future(r.post(kind, body, headers=bearer(token))))
+                count = len(waiting)
+                await until(lambda count=count: len(r.broker.scheduler.queue()) == count)
+            async with Browser(tmp_path) as browser:
+                # The token the page would ask for, kept in the tab as the page keeps it (for its origin).
+                await browser.call("Page.navigate", url=r.url("/healthz"))
+                await browser.wait_for("document.readyState === 'complete'")
+                await browser.evaluate(f"sessionStorage.setItem('mgpumanager-token', {json.dumps(WA_TOKEN)})")
+                await browser.call("Page.navigate", url=r.url("/"))
+                rows = await browser.wait_for(
+                    "document.querySelectorAll('#queue tr').length === 3 && [...document.querySelectorAll("
+                    "'#queue tr')].map(r => [...r.cells].map(c => c.textContent))"
+                )
+                head = await browser.evaluate(
+                    "[...document.querySelectorAll('#queue-head th')].map(c => c.textContent)"
+                )
+                assert head == ["consumer", "client", "kind", "prio", "waiting"]
+                assert [row[:4] for row in rows] == [
+                    ["mvoice", "wa", "tts", "4"],
+                    ["comfyui", "-", "image", "2"],  # the admin's: no client
+                    ["mvoice", "batch", "tts", "0"],
+                ]
+                assert "for batch" in await browser.evaluate("document.getElementById('holder').textContent")
+                await browser.screenshot(tmp_path / "clients.png")
+        finally:
+            gate.set()
+        assert [s for s, _, _ in await asyncio.gather(llm, *waiting)] == [200] * 4
+    if os.environ.get("MGPU_SCREENSHOT_DIR"):
+        shutil.copy(tmp_path / "clients.png", Path(os.environ["MGPU_SCREENSHOT_DIR"]) / "clients.png")
+
+
 async def test_dashboard_with_two_gpus_draws_each_with_its_own_holder(rig, tmp_path):
     def two_gpus(raw: dict[str, Any]) -> None:
         raw["consumers"]["comfyui"]["gpu"] = 1
@@ -12052,6 +12718,154 @@ async def test_a_reload_that_replaces_the_token_closes_every_connection_authenti
             await ws.close()
     assert 'msg="token revoked: closing its connections" connections=7' in daemon.log
     assert TOKEN not in daemon.log and new_token not in daemon.log
+
+
+#: Every admin route, as (method, path, JSON body).
+ADMIN_ROUTES = (
+    ("POST", "/v1/consumers/mvoice/unload", None),
+    ("POST", "/v1/consumers/mvoice/load", None),
+    ("POST", "/v1/reload", None),
+    ("POST", "/v1/reserve", {"for_s": 60, "reason": "a client's"}),
+    ("DELETE", "/v1/reserve", None),
+)
+
+
+async def test_a_clients_token_runs_jobs_and_reads_status_but_opens_no_admin_route_end_to_end(
+    rig, capsys, tmp_path
+):
+    """Issue 23, end to end: once clients are configured, no route but /healthz, the page and its icon
+    answers without a token, on the broker's port and a consumer's; a client's token runs jobs (/v1/{kind}, a
+    mount, a consumer's port, a WebSocket through a mount, /audio/) and reads status, events and metrics,
+    and is refused on every admin route (403 forbidden, nothing done), which the admin's token opens. The
+    command line with a client's token file: ps shows the clients, unload says why it is refused."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    raw = copy.deepcopy(r.raw)
+    with_clients(raw)
+    mvoice_port = free_port()
+    raw["consumers"]["mvoice"]["listen"] = f"127.0.0.1:{mvoice_port}"
+    port = f"http://127.0.0.1:{mvoice_port}"
+    wa, admin = bearer(WA_TOKEN), bearer(TOKEN)
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        daemon.token = WA_TOKEN
+        for method, url in (
+            ("GET", daemon.url("/v1/status")),
+            ("GET", daemon.url("/v1/events")),
+            ("GET", daemon.url("/metrics")),
+            ("POST", daemon.url("/v1/tts")),
+            ("POST", daemon.url("/c/mvoice/api/synthesize")),
+            ("GET", daemon.url("/audio/x.wav")),
+            ("GET", daemon.url("/c/comfyui/ws")),
+            ("POST", daemon.url("/v1/reload")),
+            ("POST", f"{port}/api/synthesize"),
+            ("GET", f"{port}/health"),
+        ):
+            async with r.session.request(method, url, json={"text": "x"}) as resp:
+                error_of(resp.status, dict(resp.headers), await resp.read(), "unauthorized")
+        for path in ("/healthz", "/", "/favicon.ico"):
+            async with r.session.get(daemon.url(path)) as resp:
+                assert resp.status == 200, path
+        # A client's token: jobs, through every door.
+        status, headers, _ = await post_as(r.session, daemon, "tts", WA_TOKEN, {"text": "one"})
+        assert status == 200
+        async with r.session.get(daemon.url(headers["X-Audio-Path"]), headers=wa) as resp:
+            assert resp.status == 200 and (await resp.read()).startswith(b"RIFF")
+        for url in (daemon.url("/c/mvoice/api/synthesize"), f"{port}/api/synthesize"):
+            async with r.session.post(url, json={"text": "two"}, headers=wa) as resp:
+                assert resp.status == 200
+        ws = await r.session.ws_connect(daemon.url("/c/comfyui/ws"), headers=wa)
+        assert (await _ws_json(ws))["type"] == "status"
+        await ws.close()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await r.session.ws_connect(daemon.url("/c/comfyui/ws"))
+        assert refused.value.status == 401
+        # ... and reads.
+        st = await daemon.status(r.session)
+        assert st["clients"]["wa"]["jobs_total"] == 3 and st["clients"]["batch"]["jobs_total"] == 0
+        async with r.session.get(daemon.url("/metrics"), headers=wa) as resp:
+            families = _families(await resp.text())
+        assert _value(families, "mgpumanager_client_jobs_total", client="wa", status="completed") == 3
+        assert _value(families, "mgpumanager_client_gpu_seconds_total", client="wa") > 0
+        events = await ring_events(r.session, daemon)
+        jobs = [e for e in events if e["event"] in ("queued", "granted", "started", "finished")]
+        assert len(jobs) == 12 and {e["client"] for e in jobs} == {"wa"}
+        # Every admin route: forbidden for a client, and nothing done.
+        for method, path, body in ADMIN_ROUTES:
+            async with r.session.request(method, daemon.url(path), json=body, headers=wa) as resp:
+                error = error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
+            assert (
+                f"{method} {path} is an admin route" in error["message"] and "client wa's" in error["message"]
+            )
+        st = await daemon.status(r.session)
+        assert st["gpu"] and st["gpus"][0]["reservation"] is None and st["consumers"]["mvoice"]["loaded"]
+        assert r.sims["mvoice"].unloads == 0 and "msg=reload " not in daemon.log
+        async with r.session.post(daemon.url("/v1/consumers/mvoice/unload"), headers=admin) as resp:
+            assert resp.status == 200 and r.sims["mvoice"].unloads == 1  # the admin's token opens them
+        # The command line with a client's token: ps shows the clients; unload is refused, saying why.
+        token_file = tmp_path / "wa-token"
+        token_file.write_text(WA_TOKEN + "\n")
+        rc, out, err = await verb(capsys, "ps", "--url", daemon.url(""), "--token-file", str(token_file))
+        assert rc == 0, err
+        clients = out[out.index("CLIENT") :].splitlines()
+        assert re.split(r"  +", clients[0].strip()) == [
+            *("CLIENT", "PRIORITY", "MAX QUEUED", "RUNNING", "QUEUED", "JOBS", "GPU TIME")
+        ]
+        assert clients[1].split()[:6] == ["wa", "4", "-", "0", "0", "3"]
+        assert clients[2].split()[:6] == ["batch", "0", "-", "0", "0", "0"]
+        rc, out, err = await verb(
+            capsys, "unload", "mvoice", "--url", daemon.url(""), "--token-file", str(token_file)
+        )
+        assert (rc, out) == (2, "")
+        assert "is an admin route: it needs the admin's token (auth.token), and this is client wa's" in err
+        assert err.rstrip().endswith(
+            "(forbidden): give --token-file the admin's token (auth.token_file), not a client's"
+        )
+    for sim in r.sims.values():
+        assert all("Authorization" not in rec.headers for rec in sim.records)  # never forwarded
+    assert WA_TOKEN not in daemon.log and TOKEN not in daemon.log
+
+
+async def test_a_reload_adds_removes_and_rotates_clients_and_closes_what_a_gone_token_let_in(rig):
+    """Issue 23: a reload that removes client wa and gives batch a new token closes the connections those
+    tokens let in (an event stream each), before it answers; the admin's and kept's (whose token stays) go
+    on, and a new client's token is let in at once. The changes name the clients, never a token."""
+    r = await rig()
+    raw = copy.deepcopy(r.raw)
+    kept = "kept-token-0123456789abcd"
+    with_clients(raw, kept={"token": kept})
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        streams = {}
+        for name, token in (("wa", WA_TOKEN), ("batch", BATCH_TOKEN), ("admin", TOKEN), ("kept", kept)):
+            streams[name] = await r.session.get(daemon.url("/v1/events"), headers=bearer(token))
+            await streams[name].content.readline()
+        rotated, added = "batch-token-rotated-0123456789", "new-client-token-0123456789"
+        raw["auth"]["clients"] = {
+            "batch": {"token": rotated, "priority": 0},
+            "new": {"token": added},
+            "kept": {"token": kept},
+        }
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(daemon.url("/v1/reload"), headers=bearer(TOKEN)) as resp:
+            assert resp.status == 200
+            changes = (await resp.json())["changes"]
+        assert {"added client new", "removed client wa", "new token for client batch"} <= set(changes)
+        assert "closed 2 connections authenticated with a revoked token" in changes, changes
+        for name in ("wa", "batch"):
+            with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
+                await asyncio.wait_for(streams[name].content.read(), 10)
+            streams[name].release()
+        for token, expected in ((WA_TOKEN, 401), (BATCH_TOKEN, 401), (rotated, 200), (added, 200)):
+            async with r.session.get(daemon.url("/v1/status"), headers=bearer(token)) as resp:
+                assert resp.status == expected
+                if expected == 200:
+                    assert set((await resp.json())["clients"]) == {"batch", "new", "kept"}
+        for name in ("admin", "kept"):  # open still: their tokens stayed (they hear of the reload)
+            seen = b""
+            while not seen.startswith(b"event: reload"):
+                seen = await asyncio.wait_for(streams[name].content.readline(), 10)
+                assert seen, f"{name}'s stream was closed"
+            streams[name].close()
+    for token in (WA_TOKEN, BATCH_TOKEN, rotated, added):
+        assert token not in daemon.log and all(token not in change for change in changes)
 
 
 # =====================================================================================================
