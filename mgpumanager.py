@@ -2885,12 +2885,32 @@ def sse(event: dict[str, Any]) -> bytes:
     return f"event: {event['event']}\ndata: {json.dumps(event)}\n\n".encode()
 
 
+class Event:
+    """One published event: its fields as they were, and the frame /v1/events sends, made the first time
+    someone needs it (a subscriber, a replay of the ring) and kept: serialised once, or never."""
+
+    __slots__ = ("_frame", "fields", "name", "wall")
+
+    def __init__(self, name: str, wall: float, fields: dict[str, Any]) -> None:
+        self.name = name
+        #: When it was published (time.time(); ``ts`` in ISO 8601 once sent).
+        self.wall = wall
+        self.fields = fields
+        self._frame: bytes | None = None
+
+    def frame(self) -> bytes:
+        if self._frame is None:
+            self._frame = sse({"event": self.name, "ts": _iso(self.wall), **self.fields})
+        return self._frame
+
+
 class Events:
     """Fan-out of the broker's events to /v1/events subscribers and other listeners, and the ring of the
     recent ones (bounded by count and by age) that a subscriber may ask for first.
 
     Publishing never waits: a subscriber whose buffer is full is dropped (its stream ends) rather than
-    slowing the scheduler. Each event is serialised once, when it is published.
+    slowing the scheduler. An event is serialised once, when someone first needs it (``Event.frame``): at
+    once while anyone listens, else when the ring is replayed, if ever; nobody listening costs no JSON.
     """
 
     def __init__(
@@ -2904,30 +2924,30 @@ class Events:
         self.buffer = buffer
         self.subscribers: set[Subscription] = set()
         #: Called with every event (the systemd status line listens here).
-        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.listeners: list[Callable[[Event], None]] = []
         self.dropped = 0
-        #: The recent past, oldest first: (monotonic time, the event as sent); at most ``ring`` events of
-        #: ``ring_s``.
-        self.ring: deque[tuple[float, bytes]] = deque(maxlen=EVENT_RING if ring is None else ring)
+        #: The recent past, oldest first: (monotonic time, the event); at most ``ring`` events of ``ring_s``.
+        self.ring: deque[tuple[float, Event]] = deque(maxlen=EVENT_RING if ring is None else ring)
         self.ring_s = EVENT_RING_S if ring_s is None else ring_s
         self.clock = clock
 
     def publish(self, name: str, /, **fields: Any) -> None:
         now = self.clock()
-        event = {"event": name, "ts": _iso(time.time()), **fields}
-        sent = sse(event)
-        self.ring.append((now, sent))
+        event = Event(name, time.time(), fields)
+        self.ring.append((now, event))
         self._forget(now)
-        for queue in list(self.subscribers):
-            try:
-                queue.put_nowait(sent)
-            except asyncio.QueueFull:
-                self.subscribers.discard(queue)
-                self.dropped += 1
-                while not queue.empty():
-                    queue.get_nowait()
-                queue.put_nowait(None)
-                log.warning(logfmt(msg="event subscriber dropped", buffer=self.buffer))
+        if self.subscribers:
+            sent = event.frame()
+            for queue in list(self.subscribers):
+                try:
+                    queue.put_nowait(sent)
+                except asyncio.QueueFull:
+                    self.subscribers.discard(queue)
+                    self.dropped += 1
+                    while not queue.empty():
+                        queue.get_nowait()
+                    queue.put_nowait(None)
+                    log.warning(logfmt(msg="event subscriber dropped", buffer=self.buffer))
         for listener in self.listeners:
             listener(event)
 
@@ -2948,7 +2968,7 @@ class Events:
         self._forget(now)
         start = now - since_s
         past = list(itertools.takewhile(lambda entry: entry[0] >= start, reversed(self.ring)))
-        return [event for _, event in reversed(past)]
+        return [event.frame() for _, event in reversed(past)]
 
     def follow(self, since_s: float | None) -> tuple[Subscription, list[bytes]]:
         """Subscribe, and take the events of the last ``since_s`` seconds, in one step (nothing awaits in
@@ -11427,7 +11447,7 @@ async def serve(config: Config, source: ConfigSource) -> int:
             status_due = False
             notifier.set_status(broker.status_line())
 
-        def status_soon(_: dict[str, Any]) -> None:
+        def status_soon(_: Event) -> None:
             # Once per burst of events, after the burst: the line then shows a settled state.
             nonlocal status_due
             if not status_due:
