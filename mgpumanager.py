@@ -5944,8 +5944,13 @@ class GpuLock:
     releases it).
     It also keeps each client's GPU time on this GPU (``use``), which the grant order reads for fair share.
     ``resident`` tells whether a consumer is resident (for ``needs_no_swap``), ``eta`` a waiting job's
-    expected wait (None: the first one's; a client's name: its first job's), and ``on_grant`` is told of
-    each grant before the waiter wakes.
+    expected wait (None: the first one's; a client's name: its first job's), ``forecast`` every waiting
+    job's, and ``on_grant`` is told of each grant before the waiter wakes.
+
+    A job's ``queued`` event carries its expected wait: the jobs queued in one turn of the loop are
+    announced together after it, from one forecast (``announce``), so a burst of arrivals plays the queue
+    forward once per turn, not once per job. Before anything else can happen to such a job (its grant,
+    its refusal, its leaving) its announcement is made: its ``queued`` event always comes first.
     """
 
     def __init__(
@@ -5957,6 +5962,7 @@ class GpuLock:
         *,
         resident: Callable[[str], bool],
         eta: Callable[[Job | str | None], float | None],
+        forecast: Callable[[], list[tuple[Job, float]]],
         on_grant: Callable[[Job], None],
     ) -> None:
         self.shared = shared
@@ -5965,8 +5971,11 @@ class GpuLock:
         self.recorder = recorder
         self.resident = resident
         self.eta = eta
+        self.forecast = forecast
         self.on_grant = on_grant
         self.waiting = WaitQueue()
+        #: Jobs queued in this turn of the loop, whose ``queued`` event is still to come (``announce``).
+        self.unannounced: list[Job] = []
         #: The consumer holding the lock, its slots taken (jobs and holds), of those the holds, and the ones
         #: at work (past making room, holds too: a join's plan credits their work).
         self.holder: str | None = None
@@ -6029,18 +6038,38 @@ class GpuLock:
         timer = asyncio.get_running_loop().call_later(cfg.queue_timeout_s, self._expire, job)
         self.waiting.append(job)
         try:
-            # Its expected wait (0 when the lock is free: it goes at once, unless one of its betters waits).
-            queued = {"priority": job.priority, "request_id": job.request_id, "eta_s": self.eta(job)}
-            self.recorder.job_event("queued", job, **queued)
+            self.unannounced.append(job)
+            if len(self.unannounced) == 1:
+                asyncio.get_running_loop().call_soon(self._announce_turn)
             self.dispatch()
             await job.granted
         except BaseException:
             if job in self.waiting:
+                self.announce()
                 self.waiting.remove(job)
                 self.dispatch()  # a job that left may have been what kept a join of the holder out
             raise
         finally:
             timer.cancel()
+
+    def announce(self) -> None:
+        """Publish the ``queued`` event of every job not announced yet, each with its expected wait from one
+        forecast (0 when the lock is free: it goes at once, unless one of its betters waits)."""
+        if not self.unannounced:
+            return
+        jobs, self.unannounced = self.unannounced, []
+        etas = dict(self.forecast())
+        for job in jobs:
+            queued = {"priority": job.priority, "request_id": job.request_id, "eta_s": etas.get(job)}
+            self.recorder.job_event("queued", job, **queued)
+
+    def _announce_turn(self) -> None:
+        """``announce`` once the turn of the loop that queued the jobs is over (a callback of the loop's:
+        a bug is logged and counted, never lost)."""
+        try:
+            self.announce()
+        except Exception as e:
+            self.recorder.internal_error("queued events crashed", e)
 
     def _expire(self, job: Job) -> None:
         """The queue timer of a job ran out: answer it with queue_timeout unless it was granted. Its
@@ -6092,6 +6121,7 @@ class GpuLock:
             )
             if job is None:
                 return granted
+            self.announce()  # (its queued event, and its forecast, before its grant)
             self.waiting.remove(job)
             if min(candidates, key=lambda j: fair_key(j, served)) is not job:
                 for passed in overtaken_by(job, self.waiting, now, sched.aging_s, served):
@@ -6138,6 +6168,7 @@ class GpuLock:
 
     def refuse(self, job: Job, error: BrokerError) -> None:
         """Answer a waiting job with ``error`` (queue_timeout, no_consumer, shutting_down, gpu_reserved)."""
+        self.announce()
         self.waiting.remove(job)
         job.granted.set_exception(error)
 
@@ -7078,6 +7109,7 @@ class Scheduler:
             self.recorder,
             resident=lambda name: name in self.states and self.states[name].resident is True,
             eta=self.eta,
+            forecast=lambda: self.forecast(),  # noqa: PLW0108 (whatever self.forecast is then)
             on_grant=self._on_grant,
         )
         #: A consumer's jobs and holds holding a GPU lock: this one's, or (the broker's) every GPU's, for a
