@@ -5644,20 +5644,6 @@ def _arrival(job: Job) -> tuple[float, int]:
     return (job.arrived, job.id)
 
 
-def overtaken_by(
-    granted: Job, waiting: Iterable[Job], now: float, aging_s: float, served: Served | None = None
-) -> list[Job]:
-    """The waiting jobs that ``granted`` went before: of its effective priority, and before it in the fair
-    order (``fair_key``)."""
-    level = effective_priority(granted, now, aging_s)
-    key = fair_key(granted, served)
-    return [
-        j
-        for j in waiting
-        if not j.granted.done() and fair_key(j, served) < key and effective_priority(j, now, aging_s) == level
-    ]
-
-
 def needs_no_swap(target: ConsumerConfig, resident: bool, holder: str | None) -> bool:
     """Whether a job of ``target`` needs no swap (the grant order's "warm"): its memory is elsewhere, or it
     is resident and whoever holds the lock (if anyone) is itself or may stay beside it. One definition: the
@@ -5748,9 +5734,11 @@ def expected_waits(
         if current in views:
             views[current] = replace(views[current], resident=True, trusted=True)
 
-    def warm(job: Job) -> bool:
+    def warm(job: Job) -> bool:  # (the consumer's config as it is now, as the lock reads it)
         view = views.get(job.consumer)
-        return needs_no_swap(job.target, view is not None and view.resident is True, current)
+        if view is None:
+            return needs_no_swap(job.target, False, current)
+        return needs_no_swap(view.config, view.resident is True, current)
 
     served = dict(snap.served)
     out: list[tuple[Job, float]] = []
@@ -5795,44 +5783,93 @@ def expected_waits(
 # ---- the lock -------------------------------------------------------------------------------------
 
 
-class WaitQueue:
-    """Waiting jobs, one first-in-first-out list per base priority and client.
+class Lane:
+    """The waiting jobs of one base priority and one client, in arrival order, which is their fair order
+    too (one client: one GPU time), and the order of their effective priorities (aging adds the same to
+    all of them): whom a grant overtakes in a lane is always a first part of it. Jobs that left stay in
+    the lists until they reach the front (the queue's membership says who waits)."""
 
-    Within a list, the job that came first has waited longest, so it has the highest effective priority
-    (aging adds the same to all of a level), it comes first in the fair order (one client: one GPU time),
-    and it was overtaken no later than any other of its list (a grant marks every waiting job of its
-    effective priority before it in the fair order). Whoever ``next_grant`` picks is, in its list, the first
-    job, the first job that needs no swap, or the holder's first, and whether the bound applies shows on the
-    firsts: a grant looks at those few per list, not at every waiting one (``candidates``).
+    __slots__ = ("buckets", "head", "jobs", "marked")
+
+    def __init__(self) -> None:
+        #: Every job, in arrival order; those before ``head`` have left, those before ``marked`` have left
+        #: or were overtaken (``WaitQueue.overtaken``).
+        self.jobs: list[Job] = []
+        self.head = 0
+        self.marked = 0
+        #: The same jobs per consumer and exclusiveness: jobs of one bucket need a swap or none alike (the
+        #: lock reads the consumer's config as it is now: ``GpuLock.warm``), so a bucket's first waiting job
+        #: is the only one of it a grant can pick.
+        self.buckets: dict[tuple[str, bool], deque[Job]] = {}
+
+    def copy(self) -> Lane:
+        other = Lane()
+        other.jobs = self.jobs[self.head :]
+        other.marked = max(0, self.marked - self.head)
+        other.buckets = {key: deque(jobs) for key, jobs in self.buckets.items()}
+        return other
+
+
+class WaitQueue:
+    """Waiting jobs, in a lane per base priority and client (``Lane``), each lane in a bucket per consumer.
+
+    Whoever ``next_grant`` picks is the first job of some lane, its first job that needs no swap, or the
+    holder's first; each of those is the first job of a bucket. So a grant looks at the buckets' first jobs
+    (``candidates``: as many as priorities x clients x consumers, however many jobs wait), takes the one
+    granted off its bucket's front, and marks whom it overtook (``overtaken``) from where the last mark
+    stopped: a grant costs the same with 10 or 10,000 jobs waiting.
     """
 
     def __init__(self) -> None:
-        #: Per base priority: client -> its jobs, in arrival order.
-        self._levels: list[dict[str | None, list[Job]]] = [{} for _ in range(PRIORITY_MAX + 1)]
-        #: Jobs waiting per client (a cancelled waiter counts until it takes itself out).
+        #: Per base priority: client -> its lane.
+        self._levels: list[dict[str | None, Lane]] = [{} for _ in range(PRIORITY_MAX + 1)]
+        #: Who waits, in arrival order, and the bucket each is in (a cancelled waiter counts until it takes
+        #: itself out).
+        self._members: dict[Job, tuple[str, bool]] = {}
+        #: Jobs waiting per client.
         self._clients: dict[str | None, int] = {}
-        self._count = 0
 
     def append(self, job: Job) -> None:
-        self._levels[job.priority].setdefault(job.client, []).append(job)
+        lane = self._levels[job.priority].get(job.client)
+        if lane is None:
+            lane = self._levels[job.priority][job.client] = Lane()
+        lane.jobs.append(job)
+        key = (job.consumer, job.exclusive)
+        bucket = lane.buckets.get(key)
+        if bucket is None:
+            bucket = lane.buckets[key] = deque()
+        bucket.append(job)
+        self._members[job] = key
         self._clients[job.client] = self._clients.get(job.client, 0) + 1
-        self._count += 1
 
     def remove(self, job: Job) -> None:
-        level = self._levels[job.priority]
-        jobs = level[job.client]
-        jobs.remove(job)
-        if not jobs:
-            del level[job.client]
+        key = self._members.pop(job)
         left = self._clients[job.client] - 1
         if left:
             self._clients[job.client] = left
         else:
             del self._clients[job.client]
-        self._count -= 1
+        level = self._levels[job.priority]
+        lane = level[job.client]
+        members = self._members
+        bucket = lane.buckets[key]
+        while bucket and bucket[0] not in members:
+            bucket.popleft()
+        if not bucket:
+            del lane.buckets[key]
+        if not lane.buckets:
+            del level[job.client]
+            return
+        jobs = lane.jobs
+        while jobs[lane.head] not in members:
+            lane.head += 1
+        if lane.head > 64 and 2 * lane.head > len(jobs):  # (the front's departed, dropped now and then)
+            del jobs[: lane.head]
+            lane.marked = max(0, lane.marked - lane.head)
+            lane.head = 0
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._members)
 
     def of_client(self, client: str | None) -> int:
         """How many jobs of ``client`` wait."""
@@ -5843,43 +5880,63 @@ class WaitQueue:
         return set(self._clients)
 
     def __contains__(self, job: Job) -> bool:
-        return job in self._levels[job.priority].get(job.client, ())
+        return job in self._members
 
     def __iter__(self) -> Iterator[Job]:
-        return itertools.chain.from_iterable(jobs for level in self._levels for jobs in level.values())
+        return iter(self._members)
 
     def copy(self) -> WaitQueue:
         """Another queue of the same jobs (to play the grant order forward without granting)."""
         other = WaitQueue()
-        other._levels = [{client: list(jobs) for client, jobs in level.items()} for level in self._levels]
+        other._levels = [{client: lane.copy() for client, lane in level.items()} for level in self._levels]
+        other._members = dict(self._members)
         other._clients = dict(self._clients)
-        other._count = self._count
         return other
 
     def candidates(self, warm: Callable[[Job], bool], holder: str | None) -> list[Job]:
-        """Per level and client: the first waiting job, the first one that needs no swap, the holder's
-        first."""
+        """Per lane: its first waiting job, its first one that needs no swap, the holder's first."""
         found: list[Job] = []
+        members = self._members
         for level in self._levels:
-            for jobs in level.values():
+            for lane in level.values():
                 first = warm_one = mine = None
-                for job in jobs:
-                    if job.granted.done():
+                for bucket in lane.buckets.values():
+                    job = next((j for j in bucket if j in members and not j.granted.done()), None)
+                    if job is None:
                         continue
-                    if first is None:
+                    if first is None or _arrival(job) < _arrival(first):
                         first = job
-                        found.append(job)
-                    if mine is None and job.consumer == holder:
+                    if job.consumer == holder and (mine is None or _arrival(job) < _arrival(mine)):
                         mine = job
-                        if job is not first:
-                            found.append(job)
-                    if warm_one is None and not job.exclusive and warm(job):
+                    if (
+                        not job.exclusive
+                        and (warm_one is None or _arrival(job) < _arrival(warm_one))
+                        and warm(job)
+                    ):
                         warm_one = job
-                        if job is not first and job is not mine:
-                            found.append(job)
-                    if warm_one is not None and (holder is None or mine is not None):
-                        break
+                found += {j: None for j in (first, mine, warm_one) if j is not None}
         return found
+
+    def overtaken(self, granted: Job, now: float, aging_s: float, served: Served | None) -> None:
+        """Mark the waiting jobs that ``granted`` went before (of its effective priority, and before it in
+        the fair order, ``fair_key``): their bound (max_overtake_s) runs from ``now``, unless it ran
+        already. In each lane they are a first part of it, and a part marked once stays so: each mark
+        starts where the last one stopped."""
+        level = effective_priority(granted, now, aging_s)
+        key = fair_key(granted, served)
+        members = self._members
+        for lanes in self._levels:
+            for lane in lanes.values():
+                jobs, i = lane.jobs, max(lane.head, lane.marked)
+                while i < len(jobs):
+                    j = jobs[i]
+                    if j in members and not j.granted.done():
+                        if fair_key(j, served) >= key or effective_priority(j, now, aging_s) != level:
+                            break
+                        if j.overtaken_since is None:
+                            j.overtaken_since = now
+                    i += 1
+                lane.marked = i
 
 
 class GpuTime:
@@ -6012,8 +6069,10 @@ class GpuLock:
         return self.working if name == self.holder else 0
 
     def warm(self, job: Job) -> bool:
-        """Whether a job needs no swap now (``needs_no_swap``, with the holder as it is)."""
-        return needs_no_swap(job.target, self.resident(job.consumer), self.holder)
+        """Whether a job needs no swap now (``needs_no_swap``, with the holder and the consumer's config as
+        they are: alike for every job of a consumer, whenever it was queued)."""
+        target = self.config.consumers.get(job.consumer, job.target)
+        return needs_no_swap(target, self.resident(job.consumer), self.holder)
 
     async def wait(self, job: Job) -> None:
         """Admit ``job`` to the queue and wait for its grant. Refused at once: shutting_down, queue_full;
@@ -6124,9 +6183,7 @@ class GpuLock:
             self.announce()  # (its queued event, and its forecast, before its grant)
             self.waiting.remove(job)
             if min(candidates, key=lambda j: fair_key(j, served)) is not job:
-                for passed in overtaken_by(job, self.waiting, now, sched.aging_s, served):
-                    if passed.overtaken_since is None:
-                        passed.overtaken_since = now
+                self.waiting.overtaken(job, now, sched.aging_s, served)
             if self.holder is None:
                 self.held_since = now
             self.holder, self.exclusive = job.consumer, job.exclusive

@@ -4133,6 +4133,64 @@ def test_the_grant_order_keeps_its_rules(specs, holder, warm, bound, aging_s, se
     assert m.next_grant(candidates, view, now, **kw) is got
 
 
+def test_a_grant_looks_at_the_first_job_of_each_consumer_not_at_every_waiting_one():
+    """Issue 21: a grant costs the same with 10 or 10,000 jobs waiting. 5,000 image jobs wait (their
+    consumer not resident: each needs a swap), then one TTS job whose consumer is resident: the lock's
+    candidates find the TTS job (warm first) asking "does it need a swap?" once per consumer, where a scan
+    asked it of all 5,001."""
+    queue = m.WaitQueue()
+    for i in range(5000):
+        queue.append(PolicyJob(i, "comfyui", 2, i / 1000))  # type: ignore[arg-type]
+    tts = PolicyJob(5000, "mvoice", 2, 5.0)
+    queue.append(tts)  # type: ignore[arg-type]
+    asked: list[str] = []
+
+    def warm(job: Any) -> bool:
+        asked.append(job.consumer)
+        return job.consumer == "mvoice"
+
+    candidates = queue.candidates(warm, None)
+    assert sorted(asked) == ["comfyui", "mvoice"]
+    kw = {"aging_s": 60.0, "max_overtake_s": 30.0, "warm": warm}
+    assert m.next_grant(candidates, None, 5.5, **kw) is tts
+    # Taken off the front of its bucket, the next image job is the lane's first as before.
+    queue.remove(tts)  # type: ignore[arg-type]
+    assert [j.id for j in queue.candidates(warm, None)] == [0] and len(queue) == 5000
+
+
+def test_marking_whom_a_grant_overtook_starts_where_the_last_mark_stopped(monkeypatch):
+    """Issue 21: 2,000 jobs that need a swap wait while 50 warm ones overtake them one after the other.
+    The first grant marks all 2,000 (their bound runs from then); the next ones look at each lane where the
+    last mark stopped, not at the 2,000 again (the lock's dispatch once looked at every waiting job at each
+    grant). The marks are those a look at every job gives."""
+    queue = m.WaitQueue()
+    cold = [PolicyJob(i, "comfyui", 2, i / 1000) for i in range(2000)]
+    for job in cold:
+        queue.append(job)  # type: ignore[arg-type]
+    looked = 0
+    real = m.effective_priority
+
+    def counting(job: Any, now: float, aging_s: float) -> int:
+        nonlocal looked
+        looked += 1
+        return real(job, now, aging_s)
+
+    monkeypatch.setattr(m, "effective_priority", counting)
+    for n in range(50):
+        warm = PolicyJob(2000 + n, "mvoice", 2, 2.0 + n / 1000)
+        queue.append(warm)  # type: ignore[arg-type]
+        queue.remove(warm)  # type: ignore[arg-type]  (granted: off the queue, then the marks)
+        queue.overtaken(warm, 3.0 + n, 600.0, None)  # type: ignore[arg-type]
+    assert all(job.overtaken_since == 3.0 for job in cold)  # marked by the first, never moved
+    assert looked <= 2000 + 2 * 50, looked  # (a look at every job: 50 x 2,000)
+    # A younger cold job is marked by the next grant that overtakes it, from where the marks stopped.
+    late = PolicyJob(9000, "comfyui", 2, 2.1)
+    queue.append(late)  # type: ignore[arg-type]
+    warm = PolicyJob(9001, "mvoice", 2, 2.2)
+    queue.overtaken(warm, 60.0, 600.0, None)  # type: ignore[arg-type]
+    assert late.overtaken_since == 60.0 and cold[0].overtaken_since == 3.0
+
+
 @settings(max_examples=int(os.environ.get("MGPU_FUZZ_EXAMPLES", "150")) * 2, deadline=None)
 @given(
     steps=st.lists(
