@@ -6111,13 +6111,15 @@ class GpuLock:
         finally:
             timer.cancel()
 
-    def announce(self) -> None:
+    def announce(self, granted: Job | None = None) -> None:
         """Publish the ``queued`` event of every job not announced yet, each with its expected wait from one
-        forecast (0 when the lock is free: it goes at once, unless one of its betters waits)."""
+        forecast; ``granted``, about to be granted, waits 0 (alone, it needs no forecast)."""
         if not self.unannounced:
             return
         jobs, self.unannounced = self.unannounced, []
-        etas = dict(self.forecast())
+        etas = {granted: 0.0} if jobs == [granted] else dict(self.forecast())
+        if granted is not None:
+            etas[granted] = 0.0
         for job in jobs:
             queued = {"priority": job.priority, "request_id": job.request_id, "eta_s": etas.get(job)}
             self.recorder.job_event("queued", job, **queued)
@@ -6180,7 +6182,7 @@ class GpuLock:
             )
             if job is None:
                 return granted
-            self.announce()  # (its queued event, and its forecast, before its grant)
+            self.announce(job)  # (its queued event before its grant)
             self.waiting.remove(job)
             if min(candidates, key=lambda j: fair_key(j, served)) is not job:
                 self.waiting.overtaken(job, now, sched.aging_s, served)
