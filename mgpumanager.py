@@ -6163,7 +6163,7 @@ class GpuLock:
         """Grant the lock (or further slots of the holder) as ``next_grant`` says; whether anyone got it."""
         granted = False
         sched = self.config.scheduler
-        while True:
+        while self.waiting:
             now = self.clock()
             # A waiter whose task was cancelled has a cancelled future; it stays queued (and counted)
             # until its task runs again and takes itself out.
@@ -9501,6 +9501,23 @@ class _Watched(asyncio.Protocol):
         self.inner.resume_writing()
 
 
+class _CountingConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, telling ``exhausted`` of a connection that failed for want of a descriptor.
+    (Where the connection is made: a trace would do it too, but makes every request send its signals.)"""
+
+    def __init__(self, exhausted: Callable[[str], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._exhausted = exhausted
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
+        try:
+            return await super().connect(req, traces, timeout)
+        except OSError as e:  # (aiohttp's ClientConnectorError is one, with its errno)
+            if out_of_descriptors(e):
+                self._exhausted(f"{req.method} {req.url.origin()}")
+            raise
+
+
 class ClientConnections:
     """Every client connection of the broker's listeners (its own port and the consumers' ports), and the
     file descriptors they hold.
@@ -9703,17 +9720,10 @@ class ClientConnections:
         for conn in list(itertools.islice(self.idle, FD_SHED_BATCH)):
             self.close(conn, "descriptors")
 
-    def trace_config(self) -> aiohttp.TraceConfig:
-        """For the broker's client sessions: a connection to a consumer that failed for want of a descriptor
-        is the broker's shortage (see descriptors_exhausted), whoever made it."""
-        trace = aiohttp.TraceConfig()
-
-        async def failed(session: Any, context: Any, params: aiohttp.TraceRequestExceptionParams) -> None:
-            if out_of_descriptors(params.exception):
-                self.descriptors_exhausted(f"{params.method} {params.url.origin()}")
-
-        trace.on_request_exception.append(failed)
-        return trace
+    def connector(self) -> aiohttp.TCPConnector:
+        """For the broker's client sessions (no pool limit): a connection to a consumer that failed for want
+        of a descriptor is the broker's shortage (see descriptors_exhausted), whoever made it."""
+        return _CountingConnector(self.descriptors_exhausted, limit=0)
 
     def close_all(self) -> None:
         """On shutdown: stop watching (aiohttp closes the connections themselves); the last summary."""
@@ -10788,22 +10798,16 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     # consumer's max_concurrency (jobs), max_unscheduled and max_websockets.
     metrics = Metrics()
     connections = ClientConnections(config, metrics)
-    # (A connection to a consumer refused for want of a descriptor is the broker's shortage: the trace.)
-    traces = [connections.trace_config()]
+    # (A connection to a consumer refused for want of a descriptor is the broker's shortage: the connector
+    # tells.)
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0),
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trace_configs=traces,
+        connector=connections.connector(), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
     )
     # The broker's own calls (health probes, loads, unloads) on a session of their own: however busy the
     # consumers' traffic, a probe never queues behind it. Few: a probe per consumer per round, one load or
     # unload per GPU at a time.
     own = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0),
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trace_configs=traces,
+        connector=connections.connector(), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
     )
     broker = Broker(
         config,
@@ -11576,6 +11580,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter(journal="JOURNAL_STREAM" in os.environ))
+    # A record without what no line shows (the caller's file and line, found by walking the stack; its
+    # thread and process): a line per job, made cheaper. (_srcfile = None is logging's own switch for it.)
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.basicConfig(level=args.log_level, handlers=[handler], force=True)
     logging.getLogger("aiohttp.server").addFilter(OneLineBadRequests())
 

@@ -2869,7 +2869,9 @@ async def _raising_hold() -> None:
 
 #: Each step of a job's life, and how to make it raise once (a bug there): (scheduler, monkeypatch) -> None.
 JOB_STEPS = {
-    "queueing": lambda s, mp: mp.setattr(s, "forecast", _raising_once(s.forecast)),
+    "queueing": lambda s, mp: mp.setattr(  # (its queued event, with its eta: the queueing's own work)
+        s.recorder, "job_event", _raising_once(s.recorder.job_event, lambda name, job, **_: name == "queued")
+    ),
     "granting": lambda s, mp: mp.setattr(s.lock, "dispatch", _raising_once(s.lock.dispatch)),
     "grant bookkeeping": lambda s, mp: mp.setattr(s, "_touch_others", _raising_once(s._touch_others)),
     "making room": lambda s, mp: mp.setattr(m, "plan_room", _raising_once(m.plan_room)),
