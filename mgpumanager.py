@@ -6,8 +6,10 @@ nothing of each other. The broker is the only way in: clients call ``POST /v1/<k
 request to the consumer that ``routing`` names, and runs it as a *job* through one queue and one GPU lock.
 
 The model, in one paragraph: a GPU's lock is held by one consumer at a time, which may run up to its
-``max_concurrency`` jobs. Waiting jobs are ordered by effective priority (the consumer's priority plus one
-level per ``aging_s`` waited) and then by arrival. Before a job runs, the broker makes room: unless the target
+``max_concurrency`` jobs. Waiting jobs are ordered by effective priority (the client's priority, else the
+consumer's, plus one level per ``aging_s`` waited) and then in the fair order (with ``auth.clients``: the
+client with the least GPU time over ``fair_window_s`` first; else arrival), a job that needs no swap going
+first for at most ``max_overtake_s``. Before a job runs, the broker makes room: unless the target
 is known to be resident, it reads free VRAM (through NVML, or nvidia-smi) and, while the target does not fit,
 unloads the least recently used consumer that may not coexist with it, through that consumer's own unload
 route, then polls until the memory really shows up as free. Then it loads the target if it is known to be
@@ -30,6 +32,10 @@ consumers are unloaded for it (internal jobs of the highest priority), a job tha
 leaving ``keep_free_mib`` free is refused at once (gpu_in_use), and what was unloaded is loaded again once it
 has been gone ``restore_after_s``.
 
+Callers: with ``auth.token`` every route but /healthz and the page needs a token; with ``auth.clients``
+each program has a token of its own (its jobs carry its name, priority and ``max_queued``), and the admin
+routes take the admin's alone.
+
 Clients that speak a consumer's own API use its mount, ``/c/<name>/<path>``: reads (GET, HEAD, OPTIONS),
 the consumer's ``unscheduled`` calls and WebSockets are forwarded at once, every other request is a job.
 
@@ -48,7 +54,8 @@ Sections, in dependency order:
   exits there, before the daemon's imports.
 - Constants.
 - Errors: ``BrokerError``, the one root of the broker's errors (code, status, retryable), and its kinds.
-- Config: the dataclasses, the loader, the presets; ``Shared``, the config in force (a reload swaps it there,
+- Config: the dataclasses (``AuthConfig`` with its ``ClientConfig``s, and ``Caller``: who a token is), the
+  loader, the presets; ``Shared``, the config in force (a reload swaps it there,
   once) and the bugs caught anywhere, counted once.
 - Failures and log lines: what a failed call means (``describe``, ``gone_reason``); ``logfmt``.
 - Events and metrics: ``Events`` (/v1/events and its ring), ``Notifier`` (systemd), ``Metrics``.
@@ -59,17 +66,21 @@ Sections, in dependency order:
 - The scheduler, in parts: ``Job``; the ``Recorder`` (one record of each fact, four views); the pure
   decisions, each a function of a snapshot: ``plan_room`` (eviction, and what fits beside a stranger),
   ``plan_yield`` (whom to unload for a stranger), ``unclaimed_mib`` (what no consumer claims),
-  ``next_grant`` (the grant order), ``needs_no_swap`` (the "warm" both use), ``expected_waits`` (the
-  forecast); ``GpuLock`` (the lock core: admission to the queue, grants, release, each consumer's job
-  count); ``Strangers`` (what a GPU's readings show that no consumer claims); ``RoomMaker`` (carries a plan
-  out, loads); ``Holds``; ``Reservations``; ``JobLease`` and ``Scheduler`` (one per GPU: composes its parts
-  and hands out leases); ``InternalJobs`` (idle unloads, preloads, yields and restores, on every GPU);
-  ``Yielding`` (when to yield and restore: the poll of gpu.yield).
+  ``next_grant`` (the grant order, with ``fair_key``: fair share between clients), ``needs_no_swap`` (the
+  "warm" both use), ``expected_waits`` (the forecast); ``WaitQueue`` (the waiting jobs, a list per
+  priority and client), ``GpuTime`` (each client's held seconds over the fair window); ``GpuLock`` (the
+  lock core: admission to the queue, ``max_queued`` and ``max_queue``, grants, release, each consumer's
+  job count); ``Strangers`` (what a GPU's readings show that no consumer claims); ``RoomMaker`` (carries
+  a plan out, loads); ``Holds``; ``Reservations``; ``JobLease`` and ``Scheduler`` (one per GPU: composes
+  its parts and hands out leases); ``InternalJobs`` (idle unloads, preloads, yields and restores, on
+  every GPU); ``Yielding`` (when to yield and restore: the poll of gpu.yield).
 - The proxy: ``forward`` and ``forward_job`` (``relay``, streamed), the holds' polls, WebSockets.
 - The broker: ``StateFile`` (what a restart keeps: ``parse_state``, an atomic write), ``Broker``, the
-  composition root.
-- The HTTP app: the front door, the handlers, the client connections, the consumers' ports, ``create_app``,
-  the dashboard page.
+  composition root (its ``clients``: each client's use, for status), ``client_changes`` (what a reload
+  changes of the clients).
+- The HTTP app: the client connections (``ClientConnections``: limits, and what a revoked token let in),
+  the consumers' ports, the front door (``check_token``, ``client_of``, ``require_admin``), the handlers,
+  ``create_app``, the dashboard page.
 - Running the broker: logging, ``serve``, and ``main()`` (config, ``--check``, serve).
 """
 
