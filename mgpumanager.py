@@ -4213,6 +4213,8 @@ class ConsumerState:
         self.pids: frozenset[int] = frozenset()
         #: Recent load, unload and job times (seconds), for the running medians the scheduler plans with.
         self._samples: dict[str, deque[float]] = {}
+        #: Their medians, each made when first asked after a new sample (a job's end asks for all three).
+        self._medians: dict[str, float] = {}
         #: When the residency was last decided (a record or an observation); older observations lose.
         self._decided_at = float("-inf")
         #: The broker's own unload or load of it is under way: observations wait for its end.
@@ -4382,11 +4384,17 @@ class ConsumerState:
     def learned(self, what: str, seconds: float) -> None:
         """One more sample of what a ``load``, an ``unload`` or a ``job`` of it took (the scheduler's)."""
         self._samples.setdefault(what, deque(maxlen=TIMING_SAMPLES)).append(seconds)
+        self._medians.pop(what, None)
 
     def timing(self, what: str) -> float | None:
         """The running median of its recent ``load``, ``unload`` or ``job`` times; None until one is seen."""
-        samples = self._samples.get(what)
-        return statistics.median(samples) if samples else None
+        median = self._medians.get(what)
+        if median is None:
+            samples = self._samples.get(what)
+            if not samples:
+                return None
+            median = self._medians[what] = statistics.median(samples)
+        return median
 
     def samples(self) -> dict[str, list[float]]:
         """Its recent load, unload and job times, oldest first (for the state file)."""
@@ -4401,6 +4409,7 @@ class ConsumerState:
             self.last_used, self.last_used_at = self.clock() - used_ago_s, used_at
         for what, values in samples.items():
             self._samples[what] = deque(values, maxlen=TIMING_SAMPLES)
+            self._medians.pop(what, None)
 
     def timings(self) -> dict[str, float | None]:
         """Its learned figures as /v1/status and the ``learned`` event show them (seconds; None: not seen)."""
@@ -5817,7 +5826,7 @@ class Lane:
         other = Lane()
         other.jobs = self.jobs[self.head :]
         other.marked = max(0, self.marked - self.head)
-        other.buckets = {key: deque(jobs) for key, jobs in self.buckets.items()}
+        other.buckets = {key: deque(jobs) for key, jobs in self.buckets.items() if jobs}
         return other
 
 
@@ -5860,20 +5869,18 @@ class WaitQueue:
             self._clients[job.client] = left
         else:
             del self._clients[job.client]
-        level = self._levels[job.priority]
-        lane = level[job.client]
+        lane = self._levels[job.priority][job.client]
         members = self._members
         bucket = lane.buckets[key]
         while bucket and bucket[0] not in members:
             bucket.popleft()
-        if not bucket:
-            del lane.buckets[key]
-        if not lane.buckets:
-            del level[job.client]
-            return
         jobs = lane.jobs
-        while jobs[lane.head] not in members:
+        while lane.head < len(jobs) and jobs[lane.head] not in members:
             lane.head += 1
+        if lane.head == len(jobs):  # empty: kept for the next job (lanes and buckets are few)
+            jobs.clear()
+            lane.head = lane.marked = 0
+            return
         if lane.head > 64 and 2 * lane.head > len(jobs):  # (the front's departed, dropped now and then)
             del jobs[: lane.head]
             lane.marked = max(0, lane.marked - lane.head)
@@ -8214,7 +8221,11 @@ async def relay(
             await _hand_over(answered)
         whole = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
         await whole.prepare(request)
-        await _to_client(request, whole.write_eof(), consumer)
+        transport = request.transport
+        if transport is not None and _fits_unpaused(transport, len(body)):
+            await whole.write_eof()  # (under the high-water mark: it cannot stall, no timer needed)
+        else:
+            await _to_client(request, whole.write_eof(), consumer)
         return whole
     resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     await resp.prepare(request)
