@@ -6475,6 +6475,37 @@ class RoomMaker:
         no GPU reading, no eviction."""
         return self.states[job.consumer].known_resident() or job.target.vram_resident_mib == 0
 
+    def beside_strangers(self, target: ConsumerConfig) -> BrokerError | None:
+        """gpu_in_use when a stranger is present (gpu.yield) and a job of ``target`` could not fit beside it
+        even once every consumer that may be unloaded is (whoever works now is taken to be idle by then): as
+        ``plan_room`` decides, from the newest reading (no reading of its own). None when it may fit, when
+        no stranger is present, or when the target needs no room (it is known to be resident, or its memory
+        is elsewhere)."""
+        keep = self.strangers.keep_free_mib()
+        if not keep or target.vram_resident_mib == 0:
+            return None
+        reading = self.gpu.last_reading()
+        if reading is None or reading.free_mib is None:
+            return None
+        state = self.states.get(target.name)
+        if state is None or state.known_resident():
+            return None
+        views = {name: replace(view, jobs=0) for name, view in self.views().items()}
+        if target.name not in views:
+            return None
+        cfg = self.config
+        snap = RoomSnapshot(
+            target.name,
+            views,
+            reading.free_mib,
+            cfg.gpu.cushion_mib,
+            max_evictions=cfg.scheduler.max_evictions,
+            used_mib=reading.used_mib,
+            keep_free_mib=keep,
+        )
+        plan = plan_room(snap)
+        return self.strangers.refusal(target.name, plan, snap.cushion_mib) if plan.hopeless else None
+
     async def ready(self, job: Job, *, warm: bool = False) -> None:
         """Make the GPU ready for a granted job: room made for its target, and the target loaded. ``warm``
         (an admin load) also loads a target of unknown residency. A job whose caller left gets nothing more
@@ -7330,7 +7361,7 @@ class Scheduler:
                 raise BrokerError("unauthorized", f"client {client} is no longer configured", consumer)
         if self.reservations.reservation is not None:
             raise self.reservations.refusal(consumer)
-        if not exclusive and (refusal := self.beside_strangers(target)) is not None:
+        if not exclusive and (refusal := self.rooms.beside_strangers(target)) is not None:
             raise refusal  # (as gpu_reserved: before it is a job, so it is not counted)
         if priority is not None:
             level = priority
@@ -7339,53 +7370,6 @@ class Scheduler:
         else:
             level = spec.priority if spec is not None and spec.priority is not None else target.priority
         return self.new_job(target, kind, level, exclusive=exclusive, request_id=request_id, client=client)
-
-    def beside_strangers(self, target: ConsumerConfig) -> BrokerError | None:
-        """gpu_in_use when a stranger is present (gpu.yield) and a job of ``target`` could not fit beside it
-        even once every consumer that may be unloaded is (whoever works now is taken to be idle by then): as
-        ``plan_room`` decides, from the newest reading (no reading of its own). None when it may fit, when
-        no stranger is present, or when the target needs no room (it is known to be resident, or its memory
-        is elsewhere)."""
-        keep = self.strangers.keep_free_mib()
-        if not keep or target.vram_resident_mib == 0:
-            return None
-        reading = self.gpu.last_reading()
-        if reading is None or reading.free_mib is None:
-            return None
-        state = self.states.get(target.name)
-        if state is None or state.known_resident():
-            return None
-        views = {name: replace(view, jobs=0) for name, view in self.rooms.views().items()}
-        if target.name not in views:
-            return None
-        cfg = self.config
-        snap = RoomSnapshot(
-            target.name,
-            views,
-            reading.free_mib,
-            cfg.gpu.cushion_mib,
-            max_evictions=cfg.scheduler.max_evictions,
-            used_mib=reading.used_mib,
-            keep_free_mib=keep,
-        )
-        plan = plan_room(snap)
-        return self.strangers.refusal(target.name, plan, snap.cushion_mib) if plan.hopeless else None
-
-    def refuse_beside_strangers(self) -> int:
-        """Answer gpu_in_use, at once, the jobs waiting that could not fit beside a stranger present now
-        (``beside_strangers``): none waits for a stranger to leave. How many."""
-        refusals: dict[str, BrokerError | None] = {}
-        refused = 0
-        for job in [j for j in self.lock.waiting if not j.granted.done() and not j.exclusive]:
-            if job.consumer not in refusals:
-                refusals[job.consumer] = self.beside_strangers(job.target)
-            error = refusals[job.consumer]
-            if error is not None:
-                self.lock.refuse(job, error)  # (it ends failed, gpu_in_use: counted and logged)
-                refused += 1
-        if refused:
-            self.lock.dispatch()
-        return refused
 
     def new_job(
         self,
@@ -7960,9 +7944,26 @@ class Yielding:
             if not s.strangers.present:
                 self._failed.pop(index, None)
             elif reading is not None and s.reservation is None:
-                s.refuse_beside_strangers()
+                self.refuse_beside_strangers(s)
                 self._yield(index, reading, y)
         self._restore(index)
+
+    @staticmethod
+    def refuse_beside_strangers(s: Scheduler) -> int:
+        """Answer gpu_in_use, at once, the jobs waiting on ``s``'s GPU that could not fit beside a stranger
+        present now (``RoomMaker.beside_strangers``): none waits for a stranger to leave. How many."""
+        refusals: dict[str, BrokerError | None] = {}
+        refused = 0
+        for job in [j for j in s.lock.waiting if not j.granted.done() and not j.exclusive]:
+            if job.consumer not in refusals:
+                refusals[job.consumer] = s.rooms.beside_strangers(job.target)
+            error = refusals[job.consumer]
+            if error is not None:
+                s.lock.refuse(job, error)  # (it ends failed, gpu_in_use: counted and logged)
+                refused += 1
+        if refused:
+            s.lock.dispatch()
+        return refused
 
     def _yield(self, index: int, reading: GpuReading, y: YieldConfig) -> None:
         """Ask for the first victim's yield, unless one is under way on this GPU."""

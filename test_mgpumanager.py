@@ -4519,8 +4519,15 @@ async def test_a_client_that_sends_a_few_jobs_waits_at_most_max_overtake_s_plus_
         events = await ring_events(b.session, daemon)
     waits = _grants_while_waiting(events, "b")
     assert len(waits) == 5
-    # a's jobs, which need no swap, went first while b's waited (the bound is what let each go) ...
-    assert all(len(grants) > 1 for grants in waits), [len(g) for g in waits]
+    # a's jobs, which need no swap, went first while b's waited (the bound is what let each go), unless one
+    # of b's came while its previous one still had ComfyUI loaded (the last grant before it was b's): then
+    # it needed no swap either, and as the least served it went first (a loaded machine does that) ...
+    queued_b = [i for i, e in enumerate(events) if e["event"] == "queued" and e["client"] == "b"]
+    before = [next(e for e in reversed(events[:i]) if e["event"] == "granted") for i in queued_b]
+    assert all(len(g) > 1 or e["client"] == "b" for g, e in zip(waits, before, strict=True)), (
+        [len(g) for g in waits],
+        [e["client"] for e in before],
+    )
     # ... but, once b's had been passed over for max_overtake_s, one more at most (the boundary's).
     late = [sum(t >= 1.0 for t in grants) for grants in waits]
     assert max(late) <= 1, (late, [round(g[-1], 2) for g in waits])
