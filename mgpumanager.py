@@ -5800,6 +5800,24 @@ def expected_waits(
     return out
 
 
+def queue_entries(snap: QueueSnapshot) -> list[dict[str, Any]]:
+    """The waiting jobs as /v1/status lists them: in the expected grant order, each with its effective
+    priority, its wait so far and its expected wait (``expected_waits``), at the snapshot's moment. No I/O:
+    it may run off the loop (it reads the jobs, changes nothing)."""
+    now = snap.now
+    return [
+        {
+            "consumer": j.consumer,
+            "kind": j.kind,
+            "client": j.client,
+            "priority": effective_priority(j, now, snap.aging_s),
+            "waited_s": round(now - j.arrived, 3),
+            "eta_s": eta,
+        }
+        for j, eta in expected_waits(snap)
+    ]
+
+
 # ---- the lock -------------------------------------------------------------------------------------
 
 
@@ -7570,9 +7588,17 @@ class Scheduler:
         }
 
     def snapshot(self) -> dict[str, Any]:
-        now = self.clock()
+        """This GPU's holder, queue (with the forecast's eta_s), stats and reservation, as /v1/status shows
+        them."""
+        parts, snap = self.snapshot_parts()
+        return {**parts, "queue": queue_entries(snap)}
+
+    def snapshot_parts(self) -> tuple[dict[str, Any], QueueSnapshot]:
+        """``snapshot`` but its queue, and the copy of the queue to play forward for it (``queue_entries``,
+        a pure function: /v1/status runs it off the loop), both of one moment."""
+        snap = queue_snapshot(self.lock, self.rooms, self.config)
+        now = snap.now
         lock = self.lock
-        aging_s = self.config.scheduler.aging_s
         res = self.reservations.reservation
         return {
             "holder": None
@@ -7588,20 +7614,9 @@ class Scheduler:
                     for j in lock.taken
                 ],
             },
-            "queue": [
-                {
-                    "consumer": j.consumer,
-                    "kind": j.kind,
-                    "client": j.client,
-                    "priority": effective_priority(j, now, aging_s),
-                    "waited_s": round(now - j.arrived, 3),
-                    "eta_s": eta,
-                }
-                for j, eta in self.forecast()
-            ],
             "stats": {**self.stats.__dict__, "running": self.running, "queued": len(lock.waiting)},
             "reservation": None if res is None else res.describe(now),
-        }
+        }, snap
 
 
 # ---- internal jobs: idle unloads and preloads -------------------------------------------------------
@@ -10567,7 +10582,9 @@ async def handle_status(request: web.Request) -> web.Response:
     internal_errors = broker.internal_errors()
     for index, reading in zip(indexes, readings, strict=True):
         s = broker.schedulers[index]
-        scheduler = s.snapshot()
+        scheduler, snap = s.snapshot_parts()
+        # The forecast plays the whole queue (10,000 jobs at most): off the loop, from the copy of now.
+        scheduler["queue"] = await asyncio.to_thread(queue_entries, snap)
         scheduler["stats"]["internal_errors"] = internal_errors
         names = [name for name, c in cfg.consumers.items() if c.gpu == index]
         reservation = scheduler.pop("reservation")
