@@ -889,15 +889,28 @@ from collections import deque
 from pathlib import Path
 from queue import SimpleQueue
 
-import aiohttp
-import yaml
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict
-from yarl import URL
+try:
+    import aiohttp
+    import yaml
+    from aiohttp import web
+    from aiohttp.http_exceptions import HttpProcessingError
+    from multidict import CIMultiDict
+    from yarl import URL
+except ImportError as _missing:  # one line, not a traceback: the verbs above work without these
+    print(
+        f"mgpumanager: the broker needs the Python module {_missing.name or _missing}, which is not"
+        " installed: pip install -r requirements.txt (Debian 13: apt install python3-aiohttp python3-yaml)",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 if not hasattr(web, "AppKey"):  # handler_cancellation and AppKey came with aiohttp 3.9
-    sys.exit(f"mgpumanager needs aiohttp >= 3.9 (Debian 13's python3-aiohttp); this is {aiohttp.__version__}")
+    print(
+        f"mgpumanager: the broker needs aiohttp >= 3.9 (Debian 13's python3-aiohttp); this is"
+        f" {aiohttp.__version__}: pip install -r requirements.txt",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 # =====================================================================================================
 # Constants

@@ -13309,22 +13309,26 @@ async def test_attack_an_unknown_expect_is_refused_in_the_error_shape(rig):
         assert set(data) == {"error", "message", "consumer", "retryable"}
 
 
+@pytest.mark.parametrize("module", ["aiohttp", "yaml"])
 @pytest.mark.parametrize("args", [["--check"], []])
-def test_attack_the_daemon_without_aiohttp_says_so_in_one_line(tmp_path, args):
+def test_attack_the_daemon_without_aiohttp_says_so_in_one_line(tmp_path, args, module):
     """Issue 20 moved the daemon's imports after the command line's fast path, and a too old aiohttp is one
     line (sys.exit with what to install). Without aiohttp at all (a server without python3-aiohttp: `make
-    deploy` runs --check there first) the daemon and --check print a ModuleNotFoundError traceback."""
+    deploy` runs --check there first) the daemon and --check print a ModuleNotFoundError traceback. Now one
+    line names the module and how to install it, exit 2 (PyYAML the same). The verbs without either:
+    test_a_verb_and_help_start_on_the_standard_library_alone."""
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(base_raw()))
     run = (
-        "import sys, runpy; sys.modules['aiohttp'] = None; "
+        f"import sys, runpy; sys.modules[{module!r}] = None; "
         f"sys.argv = ['mgpumanager.py', '--config', {str(config)!r}, *{args!r}]; "
         f"runpy.run_path({str(HERE / 'mgpumanager.py')!r}, run_name='__main__')"
     )
     done = subprocess.run([PY, "-c", run], capture_output=True, text=True, timeout=60)
-    assert done.returncode != 0
+    assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
-    assert "aiohttp" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"module {module}," in done.stderr and "pip install -r requirements.txt" in done.stderr
 
 
 def _lan_address() -> str | None:
