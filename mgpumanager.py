@@ -1038,6 +1038,7 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "method_not_allowed": (405, False),
     "request_timeout": (408, False),
     "payload_too_large": (413, False),
+    "expectation_failed": (417, False),
     "too_many_requests": (429, True),
     "client_queue_full": (429, True),
     "bad_config": (422, False),
@@ -10104,11 +10105,13 @@ async def read_body(request: web.Request, broker: Broker, consumer: str) -> byte
 
 
 async def expect_body(request: web.Request) -> web.StreamResponse | None:
-    """``Expect: 100-continue`` on the routes that read a body: what would be refused anyway (a body over
-    max_body_mib, a fragment, a missing token) is answered before any ``100 Continue``, so the client never
-    sends the body; the rest gets ``100 Continue`` as aiohttp would send it."""
+    """An ``Expect`` header, on every route (aiohttp asks this before the front door): what would be refused
+    anyway (a body over max_body_mib, a fragment, a missing token) is answered before any ``100 Continue``,
+    so the client never sends the body; an expectation other than ``100-continue`` is refused in the error
+    shape (expectation_failed); the rest gets ``100 Continue`` as aiohttp would send it."""
     broker = request.app[BROKER]
     limit = broker.config.scheduler.max_body_mib
+    expect = request.headers.get("Expect", "")
     try:
         check_target(request)
         check_token(request)
@@ -10117,13 +10120,14 @@ async def expect_body(request: web.Request) -> web.StreamResponse | None:
             raise BrokerError(
                 "payload_too_large", f"request body of {length} bytes exceeds max_body_mib {limit}"
             )
+        if request.version == aiohttp.HttpVersion11 and expect.lower() != "100-continue":
+            shown = json.dumps(expect[:100])  # (quoted: what the client sent, however odd)
+            raise BrokerError("expectation_failed", f"unknown Expect: {shown} (only 100-continue is known)")
     except BrokerError as e:
         response = error_response(e)
         response.force_close()  # the client sends no body: no further request on this connection
         return response
     if request.version == aiohttp.HttpVersion11:
-        if request.headers.get("Expect", "").lower() != "100-continue":
-            raise web.HTTPExpectationFailed(text=f"unknown Expect: {request.headers.get('Expect', '')}")
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # (as aiohttp's own handler: the answer has not begun)
     return None
@@ -10762,20 +10766,22 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     app.on_shutdown.append(_close_websockets)
     app.on_shutdown.append(_drain)
     app.on_response_prepare.append(_add_request_id)
-    app.router.add_get("/", handle_dashboard)
-    app.router.add_get("/healthz", handle_healthz)
-    app.router.add_get("/favicon.ico", handle_favicon)
-    app.router.add_get("/metrics", handle_metrics)
-    app.router.add_get("/v1/status", handle_status)
-    app.router.add_get("/v1/events", handle_events)
-    app.router.add_post("/v1/reload", handle_reload)
-    app.router.add_post("/v1/reserve", handle_reserve)
-    app.router.add_delete("/v1/reserve", handle_release)
-    app.router.add_post("/v1/consumers/{name}/{action:unload|load}", handle_admin_consumer)
-    app.router.add_route("*", "/v1/{kind}", handle_job, expect_handler=expect_body)
-    app.router.add_get("/audio/{path:.+}", handle_audio)
-    app.router.add_route("*", "/c/{name}", handle_mount, expect_handler=expect_body)
-    app.router.add_route("*", "/c/{name}/{path:.*}", handle_mount, expect_handler=expect_body)
+    # Every route answers an Expect header through expect_body (aiohttp's own would answer plain text).
+    router, expect = app.router, {"expect_handler": expect_body}
+    router.add_get("/", handle_dashboard, **expect)
+    router.add_get("/healthz", handle_healthz, **expect)
+    router.add_get("/favicon.ico", handle_favicon, **expect)
+    router.add_get("/metrics", handle_metrics, **expect)
+    router.add_get("/v1/status", handle_status, **expect)
+    router.add_get("/v1/events", handle_events, **expect)
+    router.add_post("/v1/reload", handle_reload, **expect)
+    router.add_post("/v1/reserve", handle_reserve, **expect)
+    router.add_delete("/v1/reserve", handle_release, **expect)
+    router.add_post("/v1/consumers/{name}/{action:unload|load}", handle_admin_consumer, **expect)
+    router.add_route("*", "/v1/{kind}", handle_job, **expect)
+    router.add_get("/audio/{path:.+}", handle_audio, **expect)
+    router.add_route("*", "/c/{name}", handle_mount, **expect)
+    router.add_route("*", "/c/{name}/{path:.*}", handle_mount, **expect)
     return app
 
 
