@@ -9778,7 +9778,7 @@ class ConsumerPorts:
         app = web.Application(middlewares=[front_door])
         app[BROKER], app[PORT_CONSUMER], app[PUBLIC_PATHS] = broker, name, frozenset()
         app[WEBSOCKETS] = set()  # its own: closed with the port
-        app.on_response_prepare.append(_add_request_id)
+        app.on_response_prepare.append(_answer_prepared)
         app.router.add_route("*", "/{path:.*}", handle_consumer_port, expect_handler=expect_body)
         runner = make_runner(app)
         await runner.setup()
@@ -9839,6 +9839,10 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 CALLER: Any = web.RequestKey("caller", Caller) if hasattr(web, "RequestKey") else "mgpumanager.caller"
 #: A request that showed no token, where none was needed.
 ANYONE = Caller(None, False)
+#: Set once the request's answer began (its head was prepared): from then on no other answer can be sent.
+ANSWER_BEGAN: Any = (
+    web.RequestKey("answer_began", bool) if hasattr(web, "RequestKey") else "mgpumanager.answer_began"
+)
 
 
 @web.middleware
@@ -9870,7 +9874,9 @@ async def _front_door(
             request.app[BROKER].connections.authenticated(conn, caller.credential)
         return await handler(request)
     except BrokerError as e:
-        return error_response(e)  # (one that came after its answer began is never sent: it was cut)
+        if request.get(ANSWER_BEGAN):  # (UpstreamBroke: cut already)
+            return cut(request, e.status)
+        return error_response(e)
     except ConnectionResetError:
         # The client left (or was cut off) while its answer was written: nobody is there to answer. What is
         # returned is never sent; it is nginx's "client closed request", for whatever logs it.
@@ -9878,6 +9884,8 @@ async def _front_door(
     except web.HTTPException as e:
         if e.status < 400:
             raise
+        if request.get(ANSWER_BEGAN):
+            return cut(request, e.status)
         code = HTTP_ERROR_CODES.get(e.status, "bad_request")
         if code == "not_found":
             message = f"no route for {request.method} {request.path}"
@@ -9889,7 +9897,18 @@ async def _front_door(
         return error_response(BrokerError(code, message, headers=allow))
     except Exception as e:
         request.app[BROKER].shared.internal_error("internal error", path=request.path)
+        if request.get(ANSWER_BEGAN):
+            return cut(request, 500)
         return error_response(BrokerError("scheduler_error", f"internal error: {describe(e)}"))
+
+
+def cut(request: web.Request, status: int) -> web.Response:
+    """A failure after the answer began cannot become an error response (aiohttp would write it inside the
+    answer under way, and end it as if whole): the client's connection is cut, so it sees a truncated
+    answer. What is returned is never sent (its status is the failure's, for whatever logs it)."""
+    if request.transport is not None:
+        request.transport.abort()
+    return web.Response(status=status)
 
 
 def error_response(error: BrokerError) -> web.Response:
@@ -10489,7 +10508,9 @@ async def handle_status(request: web.Request) -> web.Response:
     return web.Response(text=text, content_type="application/json")
 
 
-async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+async def _answer_prepared(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer's head, as it is prepared: it carries the request id, and the answer has begun."""
+    request[ANSWER_BEGAN] = True
     if REQUEST_ID in request:
         response.headers["X-Request-ID"] = request[REQUEST_ID]
 
@@ -10765,7 +10786,7 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     app.on_shutdown.append(_stop_consumer_ports)
     app.on_shutdown.append(_close_websockets)
     app.on_shutdown.append(_drain)
-    app.on_response_prepare.append(_add_request_id)
+    app.on_response_prepare.append(_answer_prepared)
     # Every route answers an Expect header through expect_body (aiohttp's own would answer plain text).
     router, expect = app.router, {"expect_handler": expect_body}
     router.add_get("/", handle_dashboard, **expect)
