@@ -9105,6 +9105,7 @@ class Broker:
             try:
                 new = await self._read_config(self.source)
                 self._check_moves(new)
+                await self._check_loops(new)
             except ConfigError as e:
                 for problem in e.problems:
                     log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
@@ -9153,6 +9154,28 @@ class Broker:
         ]
         if problems:
             raise ConfigError(problems)
+
+    async def _check_loops(self, new: Config) -> None:
+        """A consumer URL that leads back to a port really listened on is a loop (ConfigError; the reload is
+        refused whole): the broker's own as it listens now, whatever the new ``listen`` says (that one waits
+        for a restart; the loader checked the URLs against it, so the config also starts), and each
+        consumer's port that stays open, as bound (port 0: the free one it got). Names are resolved in a
+        thread, as the loader's are."""
+        listeners: list[tuple[tuple[str, int], str]] = []
+        for listener, bound in self.connections.listening.values():
+            if listener != "listen":  # a consumer's port: it stays open if its listen does not change
+                c, opened = new.consumers.get(listener), self.ports.open.get(listener)
+                if c is None or opened is None or c.listen != opened[0]:
+                    continue
+            key = "listen" if listener == "listen" else f"consumers.{listener}.listen"
+            listeners += [(address, key) for address in bound]
+        if not listeners:
+            return
+        urls = {name: c.url for name, c in new.consumers.items()}
+        found = await asyncio.to_thread(loop_problems, urls, listeners)
+        if found:
+            now = " (the port listened on now: a new listen takes effect at a restart)"
+            raise ConfigError([f"consumers.{name}.url: {why}{now}" for name, why in sorted(found.items())])
 
     def internal_errors(self) -> int:
         """Bugs caught anywhere (each logged with its traceback), counted once."""
@@ -9432,6 +9455,10 @@ class ClientConnections:
         self.idle: dict[Connection, None] = {}
         #: credential -> the open connections authenticated with it.
         self.by_credential: dict[str, set[Connection]] = {}
+        #: Each listener started and not stopped (a ListenerSite) -> its name ("listen", or the consumer's)
+        #: and the addresses its sockets are bound to: the ports really listened on (port 0 bound to a free
+        #: one; a new ``listen`` waits for a restart), which a reload's loop check compares URLs with.
+        self.listening: dict[object, tuple[str, list[tuple[str, int]]]] = {}
         #: Closes since start, by reason; those not summed up in the log yet.
         self.closed: dict[str, int] = {}
         self._unlogged: dict[str, int] = {}
@@ -9707,6 +9734,12 @@ class ListenerSite(web.BaseSite):
             self.requested_port,
             backlog=LISTEN_BACKLOG,
         )
+        bound = [s.getsockname()[:2] for s in self._server.sockets]  # type: ignore[attr-defined]
+        self.connections.listening[self] = (self.listener, bound)
+
+    async def stop(self) -> None:
+        self.connections.listening.pop(self, None)
+        await super().stop()
 
 
 def make_runner(app: web.Application) -> web.AppRunner:

@@ -13404,3 +13404,32 @@ async def test_attack_a_reload_that_changes_listen_checks_loops_against_the_list
         finally:
             proc.terminate()
             await proc.wait()
+
+
+async def test_attack_a_reload_checks_loops_against_the_ports_bound_not_a_configured_port_0(rig):
+    """Port 0 (any free port) is no port the loader can compare a URL with: a reload that pointed a consumer
+    at the port the broker (or a consumer's port) really got was accepted, and its requests came back to
+    the broker. Now such a reload is refused, bad_config naming the URL, the old config staying; a consumer
+    port the same reload moves away no longer counts."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=with_ports)
+    own, ollama_port = r.server.port, r.broker.ports.address("ollama")
+    for url, key in (
+        (f"http://localhost:{own}", "listen"),
+        (f"http://{ollama_port}", "consumers.ollama.listen"),
+    ):
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["whisper"]["url"] = url
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+        assert f"consumers.whisper.url: is {key}'s own address" in data["message"], data
+        assert "listened on now" in data["message"]
+        assert r.broker.config.consumers["whisper"].url == r.raw["consumers"]["whisper"]["url"]
+    # The same URL, in a reload that gives ollama another port: that port closes, the URL is no loop.
+    raw = copy.deepcopy(r.raw)
+    raw["consumers"]["whisper"]["url"] = f"http://{ollama_port}"
+    raw["consumers"]["ollama"]["listen"] = f"127.0.0.1:{free_port()}"
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert resp.status == 200, await resp.text()
+    assert r.broker.ports.address("ollama") != ollama_port
