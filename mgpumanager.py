@@ -1422,7 +1422,8 @@ class Caller:
 
     client: str | None
     admin: bool
-    #: What its connection is registered under for revocation (``credential``); None: it showed no token.
+    #: What its connection is registered under for revocation (``credential``, or NO_TOKEN where none was
+    #: needed); None: a public path (never registered).
     credential: str | None = None
 
     @property
@@ -9114,9 +9115,13 @@ class Broker:
             finally:
                 self.notifier.send("READY=1")
             changes = self.apply(new)
-            revoked = self.connections.revoke(valid_credentials(new.auth), spare=spare)
+            revoked, tokenless = self.connections.revoke(valid_credentials(new.auth), spare=spare)
             if revoked:
                 changes.append(f"closed {_plural(revoked, 'connection')} authenticated with a revoked token")
+            if tokenless:
+                changes.append(
+                    f"closed {_plural(tokenless, 'connection')} let in without a token (one is required now)"
+                )
             changes += await self.ports.sync(self, strict=False)
         log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
         self.events.publish("reload", ok=True, changes=changes)
@@ -9361,9 +9366,16 @@ def raise_descriptor_limit() -> None:
     log.info(logfmt(msg="descriptors", soft=soft, hard=hard, **raised))
 
 
+#: What a connection let in without a token (none was needed) is registered under: a reload that makes a
+#: token required revokes it, as it revokes a token it replaces.
+NO_TOKEN = "no-token"
+
+
 def valid_credentials(auth: AuthConfig) -> frozenset[str]:
-    """The credentials ``auth`` accepts: the admin's token's and each client's."""
-    return frozenset(caller.credential for _, caller in auth.callers if caller.credential is not None)
+    """The credentials ``auth`` accepts: the admin's token's and each client's; none (NO_TOKEN) where no
+    token is required."""
+    found = {caller.credential for _, caller in auth.callers if caller.credential is not None}
+    return frozenset(found if auth.required else {*found, NO_TOKEN})
 
 
 @dataclass(eq=False)
@@ -9573,11 +9585,13 @@ class ClientConnections:
 
     # ---- closing -----------------------------------------------------------------------------------
 
-    def revoke(self, valid: frozenset[str], *, spare: Connection | None = None) -> int:
+    def revoke(self, valid: frozenset[str], *, spare: Connection | None = None) -> tuple[int, int]:
         """Close every connection authenticated with a credential not in ``valid`` (a reload replaced or
-        removed it), WebSockets with a close frame (1008), at once; ``spare`` (the reload's own) once its
-        answer is sent. How many."""
+        removed its token, or requires one where none was: NO_TOKEN), WebSockets with a close frame (1008),
+        at once; ``spare`` (the reload's own) once its answer is sent. How many showed a token, and how many
+        none."""
         doomed = {conn for key, conns in self.by_credential.items() if key not in valid for conn in conns}
+        tokenless = {conn for conn in self.by_credential.get(NO_TOKEN, ()) if NO_TOKEN not in valid}
         for conn in doomed:
             conn.revoked = True
             if conn is not spare:
@@ -9586,8 +9600,14 @@ class ClientConnections:
             self._count("token_revoked")  # closed after its answer
             self._forget(spare)  # (busy: a later revocation finds nothing of it to close)
         if doomed:
-            log.warning(logfmt(msg="token revoked: closing its connections", connections=len(doomed)))
-        return len(doomed)
+            log.warning(
+                logfmt(
+                    msg="token revoked: closing its connections",
+                    connections=len(doomed),
+                    **({"without_token": len(tokenless)} if tokenless else {}),
+                )
+            )
+        return len(doomed - tokenless), len(tokenless)
 
     def close(self, conn: Connection, reason: str) -> None:
         """Close a connection now, counted under ``reason``."""
@@ -9870,8 +9890,10 @@ REQUEST_ID: Any = (
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 #: Who the request came from, as its token says (``check_token``).
 CALLER: Any = web.RequestKey("caller", Caller) if hasattr(web, "RequestKey") else "mgpumanager.caller"
-#: A request that showed no token, where none was needed.
-ANYONE = Caller(None, False)
+#: A request that showed no token, where none was needed; on a public path (/healthz, the dashboard page),
+#: where none ever is (never registered: a reload that requires a token leaves it open).
+ANYONE = Caller(None, False, NO_TOKEN)
+PUBLIC = Caller(None, False)
 #: Set once the request's answer began (its head was prepared): from then on no other answer can be sent.
 ANSWER_BEGAN: Any = (
     web.RequestKey("answer_began", bool) if hasattr(web, "RequestKey") else "mgpumanager.answer_began"
@@ -9961,9 +9983,11 @@ def check_target(request: web.Request) -> None:
 def check_token(request: web.Request) -> Caller:
     """With auth.token or auth.clients set, every route but /healthz (and the static page at /, and its
     icon) needs a bearer token: the admin's or a client's, each compared in constant time (all of them,
-    whichever matches). Who presents it (ANYONE when no token was needed)."""
+    whichever matches). Who presents it (ANYONE when no token was needed, PUBLIC on a public path)."""
     auth = request.app[BROKER].config.auth
-    if not auth.required or request.path in request.app.get(PUBLIC_PATHS, BROKER_PUBLIC_PATHS):
+    if request.path in request.app.get(PUBLIC_PATHS, BROKER_PUBLIC_PATHS):
+        return PUBLIC
+    if not auth.required:
         return ANYONE
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     given_bytes = given.strip().encode("utf-8", "surrogateescape")

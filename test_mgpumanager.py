@@ -13224,6 +13224,11 @@ async def test_attack_a_reload_that_adds_a_token_closes_what_was_opened_without_
     stream = await r.session.get(r.url("/v1/events"))
     assert stream.status == 200
     ws = await r.session.ws_connect(r.url("/c/comfyui/ws"))
+    # A connection that asked only the public paths (the dashboard page, /healthz) stays open: still public.
+    public = await asyncio.open_connection("127.0.0.1", r.server.port)
+    for path in ("/", "/healthz"):
+        public[1].write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert (await whole_answer(public[0]))[0] == 200
     try:
         assert (await _ws_json(ws))["type"] == "status"
         raw = copy.deepcopy(r.raw)
@@ -13231,6 +13236,11 @@ async def test_attack_a_reload_that_adds_a_token_closes_what_was_opened_without_
         r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
         async with r.session.post(r.url("/v1/reload")) as resp:
             assert resp.status == 200
+            changes = (await resp.json())["changes"]
+        # the stream, the WebSocket and the reload's own connection (closed after its answer)
+        assert "closed 3 connections let in without a token (one is required now)" in changes, changes
+        public[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await whole_answer(public[0]))[0] == 200
         async with r.session.get(r.url("/v1/status")) as resp:
             assert resp.status == 401  # the token is in force for new requests
         auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -13247,6 +13257,7 @@ async def test_attack_a_reload_that_adds_a_token_closes_what_was_opened_without_
     finally:
         stream.release()
         await ws.close()
+        public[1].close()
 
 
 async def test_attack_a_bug_after_the_answer_began_cuts_the_connection(rig, monkeypatch):
