@@ -2643,6 +2643,14 @@ def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None)
     return parse_config(raw)
 
 
+def same_service(config: Config, target: ConsumerConfig) -> bool:
+    """Whether ``target`` (the config a job or call was made with) is still the service its consumer is in
+    ``config``: a reload that gave the consumer another URL (or GPU) made it a new service, whose state
+    starts afresh, and what a call to the old one found (an answer, a refusal) is none of the new one's."""
+    c = config.consumers.get(target.name)
+    return c is not None and c.url == target.url and c.gpu == target.gpu
+
+
 def gpu_indexes(config: Config) -> list[int]:
     """The GPUs the broker schedules: the default one and every one a consumer names."""
     return sorted({config.gpu.index, *(c.gpu for c in config.consumers.values())})
@@ -4695,11 +4703,18 @@ class Consumers:
         except (aiohttp.ClientError, ValueError) as e:
             raise CallError(f"{what} failed: {describe(e)}") from e
 
-    def job_failed(self, name: str, exc: BaseException | None, reason: str) -> None:
+    def job_failed(
+        self, name: str, exc: BaseException | None, reason: str, *, called: ConsumerConfig | None = None
+    ) -> None:
         """A job (or a WebSocket) could not reach the consumer or got no answer: unhealthy until a probe
-        started after now succeeds; gone (refused, reset) also ends its holds."""
+        started after now succeeds; gone (refused, reset) also ends its holds. ``called``: the config the
+        call was made with; if a reload made the consumer a new service since, the old one's failure is
+        not the new one's (logged, nothing recorded)."""
         c, state = self.config.consumers.get(name), self.states.get(name)
         if c is None or state is None:
+            return
+        if called is not None and not same_service(self.config, called):
+            log.info(logfmt(msg="not recorded: a reload made it a new service", consumer=name, failed=reason))
             return
         if exc is not None and gone_reason(exc) is not None:
             self.gone(name, reason)
@@ -4914,7 +4929,8 @@ class Job:
     """One GPU request, from admission to its end."""
 
     id: int
-    #: The consumer's config as it was at admission (a reload may change or remove it meanwhile).
+    #: The consumer's config as it was at admission (a reload may change or remove it meanwhile), or, for a
+    #: job still queued when a reload gave its consumer another URL, the new one's (``GpuLock.forget``).
     target: ConsumerConfig
     kind: str
     priority: int
@@ -5160,6 +5176,19 @@ class Recorder:
             self.events.publish("learned", **fields)
         except Exception as e:  # a bug of a callback of the loop's: logged and counted, never lost
             self.internal_error("learned event crashed", consumer=fields["consumer"], error=describe(e))
+
+    def not_recorded(self, job: Job) -> None:
+        """A job (or its hold) ended on a consumer a reload made a new service meanwhile (another URL): what
+        it found is the old service's, and the new one's state, timings and last use are left alone."""
+        log.info(
+            logfmt(
+                msg="not recorded: a reload made it a new service",
+                consumer=job.consumer,
+                gpu=self.gpu,
+                job=job.id,
+                url=job.target.url,
+            )
+        )
 
     def job_event(self, name: str, job: Job, **fields: Any) -> None:
         """A job's own events (queued, granted, started, and its end): /v1/events only."""
@@ -6137,10 +6166,20 @@ class GpuLock:
         job.granted.set_exception(error)
 
     def forget(self) -> None:
-        """After a reload: jobs waiting for a consumer gone (or on another GPU now) get no_consumer."""
+        """After a reload: jobs waiting for a consumer gone (or on another GPU now) get no_consumer. One whose
+        consumer got another URL (a new service) goes to the new one: its target is the config in force
+        from now on, unless that no longer serves its kind (no_consumer)."""
         for job in [j for j in self.waiting if not j.granted.done()]:
             now = self.config.consumers.get(job.consumer)
-            if (now is not None and now.gpu == self.index) or job.kind == RESERVATION:  # (no consumer's)
+            if job.kind == RESERVATION:  # (no consumer's)
+                continue
+            if now is not None and now.gpu == self.index:
+                if now.url != job.target.url:
+                    if job.kind in job.target.paths and job.kind not in now.paths:
+                        why = f"no longer serves kind {job.kind!r} at its new url"
+                        self.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
+                    else:
+                        job.target = now
                 continue
             why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
             self.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
@@ -6638,10 +6677,15 @@ class Holds:
         # A hold cancelled before it ever ran (abandoned, or the broker closing) runs no finally of its own.
         task.add_done_callback(lambda _: self._over(job, started, never_ran=True))
 
+    def current(self, job: Job) -> bool:
+        """Whether the job's consumer is still the service it ran on (``same_service``)."""
+        return same_service(self.recorder.shared.config, job.target)
+
     def abandon(self, name: str, reason: str) -> None:
-        """The consumer was seen down: its work died with it, so its holds end now (hold_abandoned)."""
+        """The consumer was seen down: its work died with it, so its holds end now (hold_abandoned). A hold
+        on the service it was before a reload gave it another URL is not its work."""
         for job, task in list(self.tasks.items()):
-            if job.consumer == name and job not in self._abandoned:
+            if job.consumer == name and job not in self._abandoned and self.current(job):
                 self._abandoned[job] = reason
                 task.cancel()  # a task cancelled before its first step ends through _over's callback
 
@@ -6660,7 +6704,8 @@ class Holds:
             )
         except ConsumerGone as e:
             self._abandoned.setdefault(job, e.reason)
-            self.ops.gone(job.consumer, e.reason)  # its other holds end too
+            if self.current(job):
+                self.ops.gone(job.consumer, e.reason)  # its other holds end too
             self._record_abandoned(job, fields, started)
         except asyncio.CancelledError:
             if job not in self._abandoned:
@@ -6689,10 +6734,13 @@ class Holds:
                     self._record_abandoned(job, fields, started)
                 else:
                     self.recorder.record("hold_cut", **fields, hold_s=round(ended - started, 3))
+            elif not self.current(job):
+                self.recorder.not_recorded(job)
             elif job.outcome == "completed" and job not in self._abandoned:
                 self.recorder.job_took(job, self.states[job.consumer], ended)
-            # The consumer worked until now: for idle unloads and the LRU order, this is its last use.
-            self.states[job.consumer].used()
+            if self.current(job):
+                # The consumer worked until now: for idle unloads and the LRU order, this is its last use.
+                self.states[job.consumer].used()
             held = ended - started
             self.recorder.metrics.observe("mgpumanager_hold_seconds", held, consumer=job.consumer)
             self.recorder.job_line(job, hold_ms=round(held * 1000))
@@ -7374,8 +7422,11 @@ class Scheduler:
         ``hold_timeout_s``; the job counts as one (for its run time) until then.
         """
         state = self.states[job.consumer]
+        recorded = same_service(self.config, job.target)  # (else its outcome is the old service's)
         try:
-            if job.kind == MOUNT_KIND and job.working:
+            if not recorded:
+                self.recorder.not_recorded(job)
+            elif job.kind == MOUNT_KIND and job.working:
                 state.touched("a mount call outside its paths")
             elif success:
                 state.served()
@@ -7392,7 +7443,7 @@ class Scheduler:
             # The slot first: the job granted next is woken before this one's event and log line.
             granted = self.release_slot(job)
             self.end(job, outcome, code, status)
-            if success:
+            if success and recorded:
                 self.recorder.job_took(job, state, self.clock())
             return granted
         self.end(job, outcome, code, status, log_now=False)
@@ -8277,13 +8328,14 @@ async def open_answer(
     except BrokerError as e:
         if e.code in ("consumer_unreachable", "consumer_timeout"):
             reason = describe(e.__cause__) if e.__cause__ else f"no answer within {consumer.timeout_s:g} s"
-            broker.consumers.job_failed(consumer.name, e.__cause__, reason)
+            broker.consumers.job_failed(consumer.name, e.__cause__, reason, called=consumer)
         raise
 
 
 def _broke(broker: Broker, consumer: ConsumerConfig, error: UpstreamBroke) -> None:
     """The consumer failed mid-answer: marked unhealthy, logged."""
-    broker.consumers.job_failed(consumer.name, error.__cause__, f"{describe(error.__cause__)} mid-answer")
+    reason = f"{describe(error.__cause__)} mid-answer"
+    broker.consumers.job_failed(consumer.name, error.__cause__, reason, called=consumer)
     log.warning(logfmt(msg="answer cut short", consumer=consumer.name, error=error.message))
 
 
@@ -10328,7 +10380,14 @@ async def serve_consumer_api(
         name, kind, request_id=request[REQUEST_ID], client=client_of(request)
     )
     async with lease as job:
-        _, path = mount_job_path(job.target, method, upstream_path)  # the config it was admitted with
+        # The config it was admitted with; or, queued when a reload gave the consumer another URL, the new
+        # one's, which must take this request as the old one did (its own routes refused, the same kind).
+        found, path = mount_job_path(job.target, method, upstream_path)
+        if job.target is not consumer:
+            _refuse_own_routes(job.target, method, upstream_path)
+            if found != job.kind:
+                why = f"takes {method} {upstream_path} otherwise at its new url (a reload): send it again"
+                raise BrokerError("no_consumer", f"{name} {why}", name)
         # The path the guards matched goes to the consumer (not the entry's spelling), with the query.
         return await forward_job(request, broker, job, replace(path, path=upstream_path), body, headers)
 
@@ -10410,7 +10469,8 @@ async def _proxy_websocket(
         metrics.inc("mgpumanager_websocket_failures_total", consumer=consumer.name)
         log.warning(logfmt(msg="websocket refused", consumer=consumer.name, error=e.message))
         if e.code == "consumer_unreachable" and not isinstance(e.__cause__, aiohttp.WSServerHandshakeError):
-            broker.consumers.job_failed(consumer.name, e.__cause__, describe(e.__cause__ or e))
+            reason = describe(e.__cause__ or e)
+            broker.consumers.job_failed(consumer.name, e.__cause__, reason, called=consumer)
         raise
     try:
         client = web.WebSocketResponse(

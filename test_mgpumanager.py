@@ -13444,3 +13444,36 @@ async def test_attack_a_reload_checks_loops_against_the_ports_bound_not_a_config
     async with r.session.post(r.url("/v1/reload")) as resp:
         assert resp.status == 200, await resp.text()
     assert r.broker.ports.address("ollama") != ollama_port
+
+
+async def test_attack_an_old_url_job_that_fails_after_a_reload_does_not_mark_the_new_service_down(rig):
+    """The other half of a job running on a consumer's old URL when a reload gives it a new one: the old
+    service resets the connection (it is being stopped), and Consumers.job_failed marked the consumer, by
+    name, unhealthy: the new, healthy service then refused every job until a probe came. Now a failure of
+    a call made to the old URL is the old service's: logged, not recorded on the new one."""
+    gate = asyncio.Event()
+
+    async def reset(request: web.Request) -> web.Response:
+        await gate.wait()
+        assert request.transport is not None
+        request.transport.abort()  # the old service goes away with the job's connection
+        return web.Response()
+
+    old = StandIn([("POST", "/api/generate", reset), ("GET", "/", _ok)])
+    new = StandIn([("POST", "/api/generate", _ok), ("GET", "/", _ok)])
+    async with old, new:
+        r = await rig(urls={"ollama": old.url})
+        running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+        await until(lambda: r.broker.scheduler.holder == "ollama")
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["ollama"]["url"] = new.url
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert "new url for ollama" in (await resp.json())["changes"]
+        await r.broker.consumers.probe_now("ollama")
+        assert r.broker.consumers.states["ollama"].healthy is True
+        gate.set()
+        status, _, body = await running
+        assert status == 502, body  # the job itself failed on the old service: its client is told
+        assert r.broker.consumers.states["ollama"].healthy is True
+        assert (await r.post("llm", {"model": "m", "prompt": "p"}))[0] == 200
