@@ -13477,3 +13477,38 @@ async def test_attack_an_old_url_job_that_fails_after_a_reload_does_not_mark_the
         assert status == 502, body  # the job itself failed on the old service: its client is told
         assert r.broker.consumers.states["ollama"].healthy is True
         assert (await r.post("llm", {"model": "m", "prompt": "p"}))[0] == 200
+
+
+async def test_a_queued_job_whose_kind_the_new_url_no_longer_serves_is_answered_no_consumer(rig):
+    """Beside test_attack_a_job_queued_before_a_reload_that_gives_its_consumer_a_new_url_goes_to_the_new_url:
+    a reload that gives mvoice a new URL and takes its stt path away answers a queued stt job no_consumer
+    (it is neither sent to the old service nor to a path the new one does not have); the queued tts beside
+    it goes to the new service."""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
+        new = mgpusim.MvoiceSim("mvoice-new", r.gpu, loaded=True)
+        server = TestServer(new.app, host="127.0.0.1", port=0)
+        await server.start_server()
+        try:
+            running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+            await until(lambda: r.broker.scheduler.holder == "ollama")
+            stt = asyncio.ensure_future(r.post("stt", {"audio": "x"}))
+            tts = asyncio.ensure_future(r.post("tts", {"text": "queued"}))
+            await until(lambda: len(r.broker.scheduler.queue()) == 2)
+            raw = copy.deepcopy(r.raw)
+            raw["consumers"]["mvoice"]["url"] = str(server.make_url("")).rstrip("/")
+            del raw["consumers"]["mvoice"]["paths"]["stt"]
+            del raw["routing"]["stt"]
+            r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+            async with r.session.post(r.url("/v1/reload")) as resp:
+                assert "new url for mvoice" in (await resp.json())["changes"]
+            status, headers, body = await asyncio.wait_for(stt, 10)  # at once: not after the llm job
+            assert "no longer serves kind 'stt'" in error_of(status, headers, body, "no_consumer")["message"]
+            gate.set()
+            assert (await running)[0] == 200
+            assert (await tts)[0] == 200
+            assert [x.path for x in new.records] == ["/api/synthesize"]
+            assert r.sims["mvoice"].records == []
+        finally:
+            await server.close()
