@@ -972,6 +972,10 @@ HOLD_ANSWER_LIMIT = 1 * MiB
 #: After the drain (scheduler.shutdown_timeout_s), how long aiohttp lets other answers (audio, event
 #: streams) finish; it applies it twice. The unit's TimeoutStopSec covers the drain plus twice this.
 SHUTDOWN_GRACE_S = 5.0
+#: At shutdown, the broker's background tasks are cancelled again every CANCEL_AGAIN_S while one goes on
+#: (a swallowed cancellation), CANCEL_ROUNDS times at most.
+CANCEL_AGAIN_S = 0.5
+CANCEL_ROUNDS = 10
 #: Connecting to a consumer must not take longer than this (or its timeout_s, if shorter).
 CONNECT_TIMEOUT_S = 10.0
 #: A proxied WebSocket pings both sides this often: a peer gone without a close (a laptop put to sleep) is
@@ -4714,7 +4718,8 @@ class Consumers:
         if c is None or state is None:
             return
         if called is not None and not same_service(self.config, called):
-            log.info(logfmt(msg="not recorded: a reload made it a new service", consumer=name, failed=reason))
+            msg = "not recorded: a reload replaced or removed the service"
+            log.info(logfmt(msg=msg, consumer=name, failed=reason))
             return
         if exc is not None and gone_reason(exc) is not None:
             self.gone(name, reason)
@@ -5182,7 +5187,7 @@ class Recorder:
         it found is the old service's, and the new one's state, timings and last use are left alone."""
         log.info(
             logfmt(
-                msg="not recorded: a reload made it a new service",
+                msg="not recorded: a reload replaced or removed the service",
                 consumer=job.consumer,
                 gpu=self.gpu,
                 job=job.id,
@@ -9942,9 +9947,10 @@ REQUEST_ID: Any = (
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 #: Who the request came from, as its token says (``check_token``).
 CALLER: Any = web.RequestKey("caller", Caller) if hasattr(web, "RequestKey") else "mgpumanager.caller"
-#: A request that showed no token, where none was needed; on a public path (/healthz, the dashboard page),
-#: where none ever is (never registered: a reload that requires a token leaves it open).
+#: A request that showed no token, where none was needed (registered under NO_TOKEN).
 ANYONE = Caller(None, False, NO_TOKEN)
+#: A request on a public path (/healthz, the dashboard page): never registered, so a reload that requires a
+#: token leaves its connection open.
 PUBLIC = Caller(None, False)
 #: Set once the request's answer began (its head was prepared): from then on no other answer can be sent.
 ANSWER_BEGAN: Any = (
@@ -10782,13 +10788,28 @@ async def handle_favicon(request: web.Request) -> web.Response:
     return web.Response(body=FAVICON_PNG, content_type="image/png", headers=headers)
 
 
+async def cancel_until_done(tasks: Collection[asyncio.Task[Any]], what: str) -> None:
+    """Cancel ``tasks`` and wait for them to end, cancelling again every CANCEL_AGAIN_S those that go on: a
+    task may swallow a cancellation (Python 3.11's asyncio.wait_for does, when what it waits for ends at
+    the same moment: the state file's writer then slept on, and shutdown waited for it for ever). After
+    CANCEL_ROUNDS, what still runs is logged and left."""
+    for _ in range(CANCEL_ROUNDS):
+        pending = [t for t in tasks if not t.done()]
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
+    names = sorted(t.get_name() for t in tasks if not t.done())
+    if names:
+        log.warning(logfmt(msg=f"{what} did not end when cancelled", tasks=",".join(names)))
+
+
 async def _drain(app: web.Application) -> None:
     """On shutdown: refuse new jobs, answer queued ones, let running jobs and holds finish (bounded)."""
     broker = app[BROKER]
     # Idle unloads and preloads first: nothing new starts (one running is cut short).
-    for task in list(broker.tasks):
-        task.cancel()
-    await asyncio.gather(*broker.tasks, return_exceptions=True)
+    await cancel_until_done(broker.tasks, "shutting down: background work")
     schedulers = list(broker.schedulers.values())
     for s in schedulers:
         s.reservations.release("shutdown")  # (kept in the state file: a restart holds the GPU again)

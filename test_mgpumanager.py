@@ -793,7 +793,13 @@ class Daemon:
     async def __aexit__(self, *exc: Any) -> None:
         if self.proc.returncode is None:
             self.terminate()
-        await asyncio.wait_for(self.proc.wait(), 60)
+        try:
+            await asyncio.wait_for(self.proc.wait(), 60)
+        except asyncio.TimeoutError:  # hung: killed, not left running after the test, and its log shown
+            self.proc.kill()
+            await self.proc.wait()
+            self.log_file.close()
+            raise AssertionError(f"the daemon did not stop:\n{self.log_path.read_text()}") from None
         self.log_file.close()
         self.log = self.log_path.read_text()
 
@@ -13512,3 +13518,26 @@ async def test_a_queued_job_whose_kind_the_new_url_no_longer_serves_is_answered_
             assert r.sims["mvoice"].records == []
         finally:
             await server.close()
+
+
+async def test_shutdown_cancels_again_a_background_task_that_swallowed_its_cancellation(rig, caplog):
+    """Found by the full suite under load: a daemon logged "stopping" and never stopped (the test's SIGTERM
+    waited 60 s, the process stayed). Its state file writer had swallowed the shutdown's cancellation
+    (Python 3.11's asyncio.wait_for returns the result when what it waits for ends at the moment it is
+    cancelled) and slept on, and the drain waited for it for ever. Now the drain cancels what goes on
+    again: a task that swallows one cancellation (as that writer did) ends at the next."""
+    r = await rig()
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()  # (as wait_for did)
+        await asyncio.sleep(3600)
+
+    task = r.broker.spawn(stubborn(), "stubborn")
+    await asyncio.sleep(0)  # it runs up to its first sleep
+    await asyncio.wait_for(r.server.close(), 20)  # the drain, as on SIGTERM
+    assert swallowed.is_set() and task.cancelled()
+    assert "did not end when cancelled" not in caplog.text
