@@ -900,15 +900,28 @@ from collections import deque
 from pathlib import Path
 from queue import SimpleQueue
 
-import aiohttp
-import yaml
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict
-from yarl import URL
+try:
+    import aiohttp
+    import yaml
+    from aiohttp import web
+    from aiohttp.http_exceptions import HttpProcessingError
+    from multidict import CIMultiDict
+    from yarl import URL
+except ImportError as _missing:  # one line, not a traceback: the verbs above work without these
+    print(
+        f"mgpumanager: the broker needs the Python module {_missing.name or _missing}, which is not"
+        " installed: pip install -r requirements.txt (Debian 13: apt install python3-aiohttp python3-yaml)",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 if not hasattr(web, "AppKey"):  # handler_cancellation and AppKey came with aiohttp 3.9
-    sys.exit(f"mgpumanager needs aiohttp >= 3.9 (Debian 13's python3-aiohttp); this is {aiohttp.__version__}")
+    print(
+        f"mgpumanager: the broker needs aiohttp >= 3.9 (Debian 13's python3-aiohttp); this is"
+        f" {aiohttp.__version__}: pip install -r requirements.txt",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 # =====================================================================================================
 # Constants
@@ -970,6 +983,10 @@ HOLD_ANSWER_LIMIT = 1 * MiB
 #: After the drain (scheduler.shutdown_timeout_s), how long aiohttp lets other answers (audio, event
 #: streams) finish; it applies it twice. The unit's TimeoutStopSec covers the drain plus twice this.
 SHUTDOWN_GRACE_S = 5.0
+#: At shutdown, the broker's background tasks are cancelled again every CANCEL_AGAIN_S while one goes on
+#: (a swallowed cancellation), CANCEL_ROUNDS times at most.
+CANCEL_AGAIN_S = 0.5
+CANCEL_ROUNDS = 10
 #: Connecting to a consumer must not take longer than this (or its timeout_s, if shorter).
 CONNECT_TIMEOUT_S = 10.0
 #: A proxied WebSocket pings both sides this often: a peer gone without a close (a laptop put to sleep) is
@@ -1036,6 +1053,7 @@ ERROR_CODES: dict[str, tuple[int, bool]] = {
     "method_not_allowed": (405, False),
     "request_timeout": (408, False),
     "payload_too_large": (413, False),
+    "expectation_failed": (417, False),
     "too_many_requests": (429, True),
     "client_queue_full": (429, True),
     "bad_config": (422, False),
@@ -1419,7 +1437,8 @@ class Caller:
 
     client: str | None
     admin: bool
-    #: What its connection is registered under for revocation (``credential``); None: it showed no token.
+    #: What its connection is registered under for revocation (``credential``, or NO_TOKEN where none was
+    #: needed); None: a public path (never registered).
     credential: str | None = None
 
     @property
@@ -2637,6 +2656,14 @@ def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None)
             node = node.setdefault(key, {}) if isinstance(node.get(key, {}), dict) else {}
         node[leaf] = value
     return parse_config(raw)
+
+
+def same_service(config: Config, target: ConsumerConfig) -> bool:
+    """Whether ``target`` (the config a job or call was made with) is still the service its consumer is in
+    ``config``: a reload that gave the consumer another URL (or GPU) made it a new service, whose state
+    starts afresh, and what a call to the old one found (an answer, a refusal) is none of the new one's."""
+    c = config.consumers.get(target.name)
+    return c is not None and c.url == target.url and c.gpu == target.gpu
 
 
 def gpu_indexes(config: Config) -> list[int]:
@@ -4720,11 +4747,19 @@ class Consumers:
         except (aiohttp.ClientError, ValueError) as e:
             raise CallError(f"{what} failed: {describe(e)}") from e
 
-    def job_failed(self, name: str, exc: BaseException | None, reason: str) -> None:
+    def job_failed(
+        self, name: str, exc: BaseException | None, reason: str, *, called: ConsumerConfig | None = None
+    ) -> None:
         """A job (or a WebSocket) could not reach the consumer or got no answer: unhealthy until a probe
-        started after now succeeds; gone (refused, reset) also ends its holds."""
+        started after now succeeds; gone (refused, reset) also ends its holds. ``called``: the config the
+        call was made with; if a reload made the consumer a new service since, the old one's failure is
+        not the new one's (logged, nothing recorded)."""
         c, state = self.config.consumers.get(name), self.states.get(name)
         if c is None or state is None:
+            return
+        if called is not None and not same_service(self.config, called):
+            msg = "not recorded: a reload replaced or removed the service"
+            log.info(logfmt(msg=msg, consumer=name, failed=reason))
             return
         if exc is not None and gone_reason(exc) is not None:
             self.gone(name, reason)
@@ -4939,7 +4974,8 @@ class Job:
     """One GPU request, from admission to its end."""
 
     id: int
-    #: The consumer's config as it was at admission (a reload may change or remove it meanwhile).
+    #: The consumer's config as it was at admission (a reload may change or remove it meanwhile), or, for a
+    #: job still queued when a reload gave its consumer another URL, the new one's (``GpuLock.forget``).
     target: ConsumerConfig
     kind: str
     priority: int
@@ -5185,6 +5221,19 @@ class Recorder:
             self.events.publish("learned", **fields)
         except Exception as e:  # a bug of a callback of the loop's: logged and counted, never lost
             self.internal_error("learned event crashed", consumer=fields["consumer"], error=describe(e))
+
+    def not_recorded(self, job: Job) -> None:
+        """A job (or its hold) ended on a consumer a reload made a new service meanwhile (another URL): what
+        it found is the old service's, and the new one's state, timings and last use are left alone."""
+        log.info(
+            logfmt(
+                msg="not recorded: a reload replaced or removed the service",
+                consumer=job.consumer,
+                gpu=self.gpu,
+                job=job.id,
+                url=job.target.url,
+            )
+        )
 
     def job_event(self, name: str, job: Job, **fields: Any) -> None:
         """A job's own events (queued, granted, started, and its end): /v1/events only."""
@@ -6268,10 +6317,20 @@ class GpuLock:
         job.granted.set_exception(error)
 
     def forget(self) -> None:
-        """After a reload: jobs waiting for a consumer gone (or on another GPU now) get no_consumer."""
+        """After a reload: jobs waiting for a consumer gone (or on another GPU now) get no_consumer. One whose
+        consumer got another URL (a new service) goes to the new one: its target is the config in force
+        from now on, unless that no longer serves its kind (no_consumer)."""
         for job in [j for j in self.waiting if not j.granted.done()]:
             now = self.config.consumers.get(job.consumer)
-            if (now is not None and now.gpu == self.index) or job.kind == RESERVATION:  # (no consumer's)
+            if job.kind == RESERVATION:  # (no consumer's)
+                continue
+            if now is not None and now.gpu == self.index:
+                if now.url != job.target.url:
+                    if job.kind in job.target.paths and job.kind not in now.paths:
+                        why = f"no longer serves kind {job.kind!r} at its new url"
+                        self.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
+                    else:
+                        job.target = now
                 continue
             why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
             self.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
@@ -6800,10 +6859,15 @@ class Holds:
         # A hold cancelled before it ever ran (abandoned, or the broker closing) runs no finally of its own.
         task.add_done_callback(lambda _: self._over(job, started, never_ran=True))
 
+    def current(self, job: Job) -> bool:
+        """Whether the job's consumer is still the service it ran on (``same_service``)."""
+        return same_service(self.recorder.shared.config, job.target)
+
     def abandon(self, name: str, reason: str) -> None:
-        """The consumer was seen down: its work died with it, so its holds end now (hold_abandoned)."""
+        """The consumer was seen down: its work died with it, so its holds end now (hold_abandoned). A hold
+        on the service it was before a reload gave it another URL is not its work."""
         for job, task in list(self.tasks.items()):
-            if job.consumer == name and job not in self._abandoned:
+            if job.consumer == name and job not in self._abandoned and self.current(job):
                 self._abandoned[job] = reason
                 task.cancel()  # a task cancelled before its first step ends through _over's callback
 
@@ -6822,7 +6886,8 @@ class Holds:
             )
         except ConsumerGone as e:
             self._abandoned.setdefault(job, e.reason)
-            self.ops.gone(job.consumer, e.reason)  # its other holds end too
+            if self.current(job):
+                self.ops.gone(job.consumer, e.reason)  # its other holds end too
             self._record_abandoned(job, fields, started)
         except asyncio.CancelledError:
             if job not in self._abandoned:
@@ -6851,10 +6916,13 @@ class Holds:
                     self._record_abandoned(job, fields, started)
                 else:
                     self.recorder.record("hold_cut", **fields, hold_s=round(ended - started, 3))
+            elif not self.current(job):
+                self.recorder.not_recorded(job)
             elif job.outcome == "completed" and job not in self._abandoned:
                 self.recorder.job_took(job, self.states[job.consumer], ended)
-            # The consumer worked until now: for idle unloads and the LRU order, this is its last use.
-            self.states[job.consumer].used()
+            if self.current(job):
+                # The consumer worked until now: for idle unloads and the LRU order, this is its last use.
+                self.states[job.consumer].used()
             held = ended - started
             self.recorder.metrics.observe("mgpumanager_hold_seconds", held, consumer=job.consumer)
             self.recorder.job_line(job, hold_ms=round(held * 1000))
@@ -7490,8 +7558,11 @@ class Scheduler:
         ``hold_timeout_s``; the job counts as one (for its run time) until then.
         """
         state = self.states[job.consumer]
+        recorded = same_service(self.config, job.target)  # (else its outcome is the old service's)
         try:
-            if job.kind == MOUNT_KIND and job.working:
+            if not recorded:
+                self.recorder.not_recorded(job)
+            elif job.kind == MOUNT_KIND and job.working:
                 state.touched("a mount call outside its paths")
             elif success:
                 state.served()
@@ -7508,7 +7579,7 @@ class Scheduler:
             # The slot first: the job granted next is woken before this one's event and log line.
             granted = self.release_slot(job)
             self.end(job, outcome, code, status)
-            if success:
+            if success and recorded:
                 self.recorder.job_took(job, state, self.clock())
             return granted
         self.end(job, outcome, code, status, log_now=False)
@@ -8411,13 +8482,14 @@ async def open_answer(
     except BrokerError as e:
         if e.code in ("consumer_unreachable", "consumer_timeout"):
             reason = describe(e.__cause__) if e.__cause__ else f"no answer within {consumer.timeout_s:g} s"
-            broker.consumers.job_failed(consumer.name, e.__cause__, reason)
+            broker.consumers.job_failed(consumer.name, e.__cause__, reason, called=consumer)
         raise
 
 
 def _broke(broker: Broker, consumer: ConsumerConfig, error: UpstreamBroke) -> None:
     """The consumer failed mid-answer: marked unhealthy, logged."""
-    broker.consumers.job_failed(consumer.name, error.__cause__, f"{describe(error.__cause__)} mid-answer")
+    reason = f"{describe(error.__cause__)} mid-answer"
+    broker.consumers.job_failed(consumer.name, error.__cause__, reason, called=consumer)
     log.warning(logfmt(msg="answer cut short", consumer=consumer.name, error=error.message))
 
 
@@ -9240,6 +9312,7 @@ class Broker:
             try:
                 new = await self._read_config(self.source)
                 self._check_moves(new)
+                await self._check_loops(new)
             except ConfigError as e:
                 for problem in e.problems:
                     log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
@@ -9248,9 +9321,13 @@ class Broker:
             finally:
                 self.notifier.send("READY=1")
             changes = self.apply(new)
-            revoked = self.connections.revoke(valid_credentials(new.auth), spare=spare)
+            revoked, tokenless = self.connections.revoke(valid_credentials(new.auth), spare=spare)
             if revoked:
                 changes.append(f"closed {_plural(revoked, 'connection')} authenticated with a revoked token")
+            if tokenless:
+                changes.append(
+                    f"closed {_plural(tokenless, 'connection')} let in without a token (one is required now)"
+                )
             changes += await self.ports.sync(self, strict=False)
         log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
         self.events.publish("reload", ok=True, changes=changes)
@@ -9288,6 +9365,28 @@ class Broker:
         ]
         if problems:
             raise ConfigError(problems)
+
+    async def _check_loops(self, new: Config) -> None:
+        """A consumer URL that leads back to a port really listened on is a loop (ConfigError; the reload is
+        refused whole): the broker's own as it listens now, whatever the new ``listen`` says (that one waits
+        for a restart; the loader checked the URLs against it, so the config also starts), and each
+        consumer's port that stays open, as bound (port 0: the free one it got). Names are resolved in a
+        thread, as the loader's are."""
+        listeners: list[tuple[tuple[str, int], str]] = []
+        for listener, bound in self.connections.listening.values():
+            if listener != "listen":  # a consumer's port: it stays open if its listen does not change
+                c, opened = new.consumers.get(listener), self.ports.open.get(listener)
+                if c is None or opened is None or c.listen != opened[0]:
+                    continue
+            key = "listen" if listener == "listen" else f"consumers.{listener}.listen"
+            listeners += [(address, key) for address in bound]
+        if not listeners:
+            return
+        urls = {name: c.url for name, c in new.consumers.items()}
+        found = await asyncio.to_thread(loop_problems, urls, listeners)
+        if found:
+            now = " (the port listened on now: a new listen takes effect at a restart)"
+            raise ConfigError([f"consumers.{name}.url: {why}{now}" for name, why in sorted(found.items())])
 
     def internal_errors(self) -> int:
         """Bugs caught anywhere (each logged with its traceback), counted once."""
@@ -9473,9 +9572,16 @@ def raise_descriptor_limit() -> None:
     log.info(logfmt(msg="descriptors", soft=soft, hard=hard, **raised))
 
 
+#: What a connection let in without a token (none was needed) is registered under: a reload that makes a
+#: token required revokes it, as it revokes a token it replaces.
+NO_TOKEN = "no-token"
+
+
 def valid_credentials(auth: AuthConfig) -> frozenset[str]:
-    """The credentials ``auth`` accepts: the admin's token's and each client's."""
-    return frozenset(caller.credential for _, caller in auth.callers if caller.credential is not None)
+    """The credentials ``auth`` accepts: the admin's token's and each client's; none (NO_TOKEN) where no
+    token is required."""
+    found = {caller.credential for _, caller in auth.callers if caller.credential is not None}
+    return frozenset(found if auth.required else {*found, NO_TOKEN})
 
 
 @dataclass(eq=False)
@@ -9584,6 +9690,10 @@ class ClientConnections:
         self.idle: dict[Connection, None] = {}
         #: credential -> the open connections authenticated with it.
         self.by_credential: dict[str, set[Connection]] = {}
+        #: Each listener started and not stopped (a ListenerSite) -> its name ("listen", or the consumer's)
+        #: and the addresses its sockets are bound to: the ports really listened on (port 0 bound to a free
+        #: one; a new ``listen`` waits for a restart), which a reload's loop check compares URLs with.
+        self.listening: dict[object, tuple[str, list[tuple[str, int]]]] = {}
         #: Closes since start, by reason; those not summed up in the log yet.
         self.closed: dict[str, int] = {}
         self._unlogged: dict[str, int] = {}
@@ -9698,11 +9808,13 @@ class ClientConnections:
 
     # ---- closing -----------------------------------------------------------------------------------
 
-    def revoke(self, valid: frozenset[str], *, spare: Connection | None = None) -> int:
+    def revoke(self, valid: frozenset[str], *, spare: Connection | None = None) -> tuple[int, int]:
         """Close every connection authenticated with a credential not in ``valid`` (a reload replaced or
-        removed it), WebSockets with a close frame (1008), at once; ``spare`` (the reload's own) once its
-        answer is sent. How many."""
+        removed its token, or requires one where none was: NO_TOKEN), WebSockets with a close frame (1008),
+        at once; ``spare`` (the reload's own) once its answer is sent. How many showed a token, and how many
+        none."""
         doomed = {conn for key, conns in self.by_credential.items() if key not in valid for conn in conns}
+        tokenless = {conn for conn in self.by_credential.get(NO_TOKEN, ()) if NO_TOKEN not in valid}
         for conn in doomed:
             conn.revoked = True
             if conn is not spare:
@@ -9711,8 +9823,14 @@ class ClientConnections:
             self._count("token_revoked")  # closed after its answer
             self._forget(spare)  # (busy: a later revocation finds nothing of it to close)
         if doomed:
-            log.warning(logfmt(msg="token revoked: closing its connections", connections=len(doomed)))
-        return len(doomed)
+            log.warning(
+                logfmt(
+                    msg="token revoked: closing its connections",
+                    connections=len(doomed),
+                    **({"without_token": len(tokenless)} if tokenless else {}),
+                )
+            )
+        return len(doomed - tokenless), len(tokenless)
 
     def close(self, conn: Connection, reason: str) -> None:
         """Close a connection now, counted under ``reason``."""
@@ -9852,6 +9970,12 @@ class ListenerSite(web.BaseSite):
             self.requested_port,
             backlog=LISTEN_BACKLOG,
         )
+        bound = [s.getsockname()[:2] for s in self._server.sockets]  # type: ignore[attr-defined]
+        self.connections.listening[self] = (self.listener, bound)
+
+    async def stop(self) -> None:
+        self.connections.listening.pop(self, None)
+        await super().stop()
 
 
 def make_runner(app: web.Application) -> web.AppRunner:
@@ -9923,7 +10047,7 @@ class ConsumerPorts:
         app = web.Application(middlewares=[front_door])
         app[BROKER], app[PORT_CONSUMER], app[PUBLIC_PATHS] = broker, name, frozenset()
         app[WEBSOCKETS] = set()  # its own: closed with the port
-        app.on_response_prepare.append(_add_request_id)
+        app.on_response_prepare.append(_answer_prepared)
         app.router.add_route("*", "/{path:.*}", handle_consumer_port, expect_handler=expect_body)
         runner = make_runner(app)
         await runner.setup()
@@ -9982,8 +10106,15 @@ REQUEST_ID: Any = (
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 #: Who the request came from, as its token says (``check_token``).
 CALLER: Any = web.RequestKey("caller", Caller) if hasattr(web, "RequestKey") else "mgpumanager.caller"
-#: A request that showed no token, where none was needed.
-ANYONE = Caller(None, False)
+#: A request that showed no token, where none was needed (registered under NO_TOKEN).
+ANYONE = Caller(None, False, NO_TOKEN)
+#: A request on a public path (/healthz, the dashboard page): never registered, so a reload that requires a
+#: token leaves its connection open.
+PUBLIC = Caller(None, False)
+#: Set once the request's answer began (its head was prepared): from then on no other answer can be sent.
+ANSWER_BEGAN: Any = (
+    web.RequestKey("answer_began", bool) if hasattr(web, "RequestKey") else "mgpumanager.answer_began"
+)
 
 
 @web.middleware
@@ -10015,7 +10146,9 @@ async def _front_door(
             request.app[BROKER].connections.authenticated(conn, caller.credential)
         return await handler(request)
     except BrokerError as e:
-        return error_response(e)  # (one that came after its answer began is never sent: it was cut)
+        if request.get(ANSWER_BEGAN):  # (UpstreamBroke: cut already)
+            return cut(request, e.status)
+        return error_response(e)
     except ConnectionResetError:
         # The client left (or was cut off) while its answer was written: nobody is there to answer. What is
         # returned is never sent; it is nginx's "client closed request", for whatever logs it.
@@ -10023,6 +10156,8 @@ async def _front_door(
     except web.HTTPException as e:
         if e.status < 400:
             raise
+        if request.get(ANSWER_BEGAN):
+            return cut(request, e.status)
         code = HTTP_ERROR_CODES.get(e.status, "bad_request")
         if code == "not_found":
             message = f"no route for {request.method} {request.path}"
@@ -10034,7 +10169,18 @@ async def _front_door(
         return error_response(BrokerError(code, message, headers=allow))
     except Exception as e:
         request.app[BROKER].shared.internal_error("internal error", path=request.path)
+        if request.get(ANSWER_BEGAN):
+            return cut(request, 500)
         return error_response(BrokerError("scheduler_error", f"internal error: {describe(e)}"))
+
+
+def cut(request: web.Request, status: int) -> web.Response:
+    """A failure after the answer began cannot become an error response (aiohttp would write it inside the
+    answer under way, and end it as if whole): the client's connection is cut, so it sees a truncated
+    answer. What is returned is never sent (its status is the failure's, for whatever logs it)."""
+    if request.transport is not None:
+        request.transport.abort()
+    return web.Response(status=status)
 
 
 def error_response(error: BrokerError) -> web.Response:
@@ -10054,9 +10200,11 @@ def check_target(request: web.Request) -> None:
 def check_token(request: web.Request) -> Caller:
     """With auth.token or auth.clients set, every route but /healthz (and the static page at /, and its
     icon) needs a bearer token: the admin's or a client's, each compared in constant time (all of them,
-    whichever matches). Who presents it (ANYONE when no token was needed)."""
+    whichever matches). Who presents it (ANYONE when no token was needed, PUBLIC on a public path)."""
     auth = request.app[BROKER].config.auth
-    if not auth.required or request.path in request.app.get(PUBLIC_PATHS, BROKER_PUBLIC_PATHS):
+    if request.path in request.app.get(PUBLIC_PATHS, BROKER_PUBLIC_PATHS):
+        return PUBLIC
+    if not auth.required:
         return ANYONE
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     given_bytes = given.strip().encode("utf-8", "surrogateescape")
@@ -10250,11 +10398,13 @@ async def read_body(request: web.Request, broker: Broker, consumer: str) -> byte
 
 
 async def expect_body(request: web.Request) -> web.StreamResponse | None:
-    """``Expect: 100-continue`` on the routes that read a body: what would be refused anyway (a body over
-    max_body_mib, a fragment, a missing token) is answered before any ``100 Continue``, so the client never
-    sends the body; the rest gets ``100 Continue`` as aiohttp would send it."""
+    """An ``Expect`` header, on every route (aiohttp asks this before the front door): what would be refused
+    anyway (a body over max_body_mib, a fragment, a missing token) is answered before any ``100 Continue``,
+    so the client never sends the body; an expectation other than ``100-continue`` is refused in the error
+    shape (expectation_failed); the rest gets ``100 Continue`` as aiohttp would send it."""
     broker = request.app[BROKER]
     limit = broker.config.scheduler.max_body_mib
+    expect = request.headers.get("Expect", "")
     try:
         check_target(request)
         check_token(request)
@@ -10263,13 +10413,14 @@ async def expect_body(request: web.Request) -> web.StreamResponse | None:
             raise BrokerError(
                 "payload_too_large", f"request body of {length} bytes exceeds max_body_mib {limit}"
             )
+        if request.version == aiohttp.HttpVersion11 and expect.lower() != "100-continue":
+            shown = json.dumps(expect[:100])  # (quoted: what the client sent, however odd)
+            raise BrokerError("expectation_failed", f"unknown Expect: {shown} (only 100-continue is known)")
     except BrokerError as e:
         response = error_response(e)
         response.force_close()  # the client sends no body: no further request on this connection
         return response
     if request.version == aiohttp.HttpVersion11:
-        if request.headers.get("Expect", "").lower() != "100-continue":
-            raise web.HTTPExpectationFailed(text=f"unknown Expect: {request.headers.get('Expect', '')}")
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # (as aiohttp's own handler: the answer has not begun)
     return None
@@ -10394,7 +10545,14 @@ async def serve_consumer_api(
         name, kind, request_id=request[REQUEST_ID], client=client_of(request)
     )
     async with lease as job:
-        _, path = mount_job_path(job.target, method, upstream_path)  # the config it was admitted with
+        # The config it was admitted with; or, queued when a reload gave the consumer another URL, the new
+        # one's, which must take this request as the old one did (its own routes refused, the same kind).
+        found, path = mount_job_path(job.target, method, upstream_path)
+        if job.target is not consumer:
+            _refuse_own_routes(job.target, method, upstream_path)
+            if found != job.kind:
+                why = f"takes {method} {upstream_path} otherwise at its new url (a reload): send it again"
+                raise BrokerError("no_consumer", f"{name} {why}", name)
         # The path the guards matched goes to the consumer (not the entry's spelling), with the query.
         return await forward_job(request, broker, job, replace(path, path=upstream_path), body, headers)
 
@@ -10476,7 +10634,8 @@ async def _proxy_websocket(
         metrics.inc("mgpumanager_websocket_failures_total", consumer=consumer.name)
         log.warning(logfmt(msg="websocket refused", consumer=consumer.name, error=e.message))
         if e.code == "consumer_unreachable" and not isinstance(e.__cause__, aiohttp.WSServerHandshakeError):
-            broker.consumers.job_failed(consumer.name, e.__cause__, describe(e.__cause__ or e))
+            reason = describe(e.__cause__ or e)
+            broker.consumers.job_failed(consumer.name, e.__cause__, reason, called=consumer)
         raise
     try:
         client = web.WebSocketResponse(
@@ -10633,7 +10792,9 @@ async def handle_status(request: web.Request) -> web.Response:
     return web.Response(text=text, content_type="application/json")
 
 
-async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+async def _answer_prepared(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer's head, as it is prepared: it carries the request id, and the answer has begun."""
+    request[ANSWER_BEGAN] = True
     if REQUEST_ID in request:
         response.headers["X-Request-ID"] = request[REQUEST_ID]
 
@@ -10788,13 +10949,28 @@ async def handle_favicon(request: web.Request) -> web.Response:
     return web.Response(body=FAVICON_PNG, content_type="image/png", headers=headers)
 
 
+async def cancel_until_done(tasks: Collection[asyncio.Task[Any]], what: str) -> None:
+    """Cancel ``tasks`` and wait for them to end, cancelling again every CANCEL_AGAIN_S those that go on: a
+    task may swallow a cancellation (Python 3.11's asyncio.wait_for does, when what it waits for ends at
+    the same moment: the state file's writer then slept on, and shutdown waited for it for ever). After
+    CANCEL_ROUNDS, what still runs is logged and left."""
+    for _ in range(CANCEL_ROUNDS):
+        pending = [t for t in tasks if not t.done()]
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
+    names = sorted(t.get_name() for t in tasks if not t.done())
+    if names:
+        log.warning(logfmt(msg=f"{what} did not end when cancelled", tasks=",".join(names)))
+
+
 async def _drain(app: web.Application) -> None:
     """On shutdown: refuse new jobs, answer queued ones, let running jobs and holds finish (bounded)."""
     broker = app[BROKER]
     # Idle unloads and preloads first: nothing new starts (one running is cut short).
-    for task in list(broker.tasks):
-        task.cancel()
-    await asyncio.gather(*broker.tasks, return_exceptions=True)
+    await cancel_until_done(broker.tasks, "shutting down: background work")
     schedulers = list(broker.schedulers.values())
     for s in schedulers:
         s.reservations.release("shutdown")  # (kept in the state file: a restart holds the GPU again)
@@ -10903,21 +11079,23 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     app.on_shutdown.append(_stop_consumer_ports)
     app.on_shutdown.append(_close_websockets)
     app.on_shutdown.append(_drain)
-    app.on_response_prepare.append(_add_request_id)
-    app.router.add_get("/", handle_dashboard)
-    app.router.add_get("/healthz", handle_healthz)
-    app.router.add_get("/favicon.ico", handle_favicon)
-    app.router.add_get("/metrics", handle_metrics)
-    app.router.add_get("/v1/status", handle_status)
-    app.router.add_get("/v1/events", handle_events)
-    app.router.add_post("/v1/reload", handle_reload)
-    app.router.add_post("/v1/reserve", handle_reserve)
-    app.router.add_delete("/v1/reserve", handle_release)
-    app.router.add_post("/v1/consumers/{name}/{action:unload|load}", handle_admin_consumer)
-    app.router.add_route("*", "/v1/{kind}", handle_job, expect_handler=expect_body)
-    app.router.add_get("/audio/{path:.+}", handle_audio)
-    app.router.add_route("*", "/c/{name}", handle_mount, expect_handler=expect_body)
-    app.router.add_route("*", "/c/{name}/{path:.*}", handle_mount, expect_handler=expect_body)
+    app.on_response_prepare.append(_answer_prepared)
+    # Every route answers an Expect header through expect_body (aiohttp's own would answer plain text).
+    router, expect = app.router, {"expect_handler": expect_body}
+    router.add_get("/", handle_dashboard, **expect)
+    router.add_get("/healthz", handle_healthz, **expect)
+    router.add_get("/favicon.ico", handle_favicon, **expect)
+    router.add_get("/metrics", handle_metrics, **expect)
+    router.add_get("/v1/status", handle_status, **expect)
+    router.add_get("/v1/events", handle_events, **expect)
+    router.add_post("/v1/reload", handle_reload, **expect)
+    router.add_post("/v1/reserve", handle_reserve, **expect)
+    router.add_delete("/v1/reserve", handle_release, **expect)
+    router.add_post("/v1/consumers/{name}/{action:unload|load}", handle_admin_consumer, **expect)
+    router.add_route("*", "/v1/{kind}", handle_job, **expect)
+    router.add_get("/audio/{path:.+}", handle_audio, **expect)
+    router.add_route("*", "/c/{name}", handle_mount, **expect)
+    router.add_route("*", "/c/{name}/{path:.*}", handle_mount, **expect)
     return app
 
 

@@ -28,6 +28,7 @@ Contents
 12. The benchmark's arithmetic: bench.py's lower bound and overtaking on made-up traces.
 13. The documentation: the README as a front door under 2,000 words, every link in it and docs/ resolving,
     every error code and config key (with its default) in the manual.
+14. Attack findings (branch attack): each test fails on main for the defect its docstring names.
 """
 
 from __future__ import annotations
@@ -621,6 +622,8 @@ SPEC_ERRORS = {
     "gpu_in_use": 503,
     # Issue 23 (a client's own limit):
     "client_queue_full": 429,
+    # An Expect other than 100-continue (the attack on issues 18-20: aiohttp's plain text before):
+    "expectation_failed": 417,
 }
 
 
@@ -790,7 +793,13 @@ class Daemon:
     async def __aexit__(self, *exc: Any) -> None:
         if self.proc.returncode is None:
             self.terminate()
-        await asyncio.wait_for(self.proc.wait(), 60)
+        try:
+            await asyncio.wait_for(self.proc.wait(), 60)
+        except asyncio.TimeoutError:  # hung: killed, not left running after the test, and its log shown
+            self.proc.kill()
+            await self.proc.wait()
+            self.log_file.close()
+            raise AssertionError(f"the daemon did not stop:\n{self.log_path.read_text()}") from None
         self.log_file.close()
         self.log = self.log_path.read_text()
 
@@ -13293,3 +13302,394 @@ def test_every_config_key_is_documented_with_the_default_the_loader_gives():
             assert float(shown) == value, (key, table[key][0], value)
         elif key == "listen":
             assert shown == value, (key, table[key][0], value)
+
+
+# =====================================================================================================
+# 14. Attack findings (branch attack)
+# Each test fails on main for the defect its docstring names; none is fixed here.
+# =====================================================================================================
+
+
+async def _reload_mvoice_to(r: Rig, url: str) -> None:
+    """Reload r's config with mvoice at ``url`` (a new service, as the docs call it)."""
+    raw = copy.deepcopy(r.raw)
+    raw["consumers"]["mvoice"]["url"] = url
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert "new url for mvoice" in (await resp.json())["changes"]
+
+
+async def test_attack_a_job_queued_before_a_reload_that_gives_its_consumer_a_new_url_goes_to_the_new_url(rig):
+    """A reload that gives a consumer a new URL makes it "a new service" (docs/operations.md, Reloading), but
+    a job queued before the reload is still sent to the old URL (Job.target is the config at admission):
+    the operator who moved mvoice to a new port and stopped the old one sees the queued job answered 502
+    consumer_unreachable, and the new, healthy service is marked unhealthy by the old URL's refusal."""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
+        new = mgpusim.MvoiceSim("mvoice-new", r.gpu, loaded=True)
+        server = TestServer(new.app, host="127.0.0.1", port=0)
+        await server.start_server()
+        try:
+            running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+            await until(lambda: r.broker.scheduler.holder == "ollama")
+            queued = asyncio.ensure_future(r.post("tts", {"text": "queued"}))
+            await until(lambda: len(r.broker.scheduler.queue()) == 1)
+            await _reload_mvoice_to(r, str(server.make_url("")).rstrip("/"))
+            await r.kill("mvoice")  # the old service is stopped once the new one runs
+            gate.set()
+            assert (await running)[0] == 200
+            status, _, body = await queued
+            assert r.broker.consumers.states["mvoice"].healthy is not False  # the new one is up
+            assert status == 200, body
+            assert [x.path for x in new.records] == ["/api/synthesize"]
+        finally:
+            await server.close()
+
+
+@no_overfill
+async def test_attack_an_old_url_job_that_ends_after_a_reload_does_not_vouch_for_the_new_service(rig):
+    """A job running on mvoice's old URL when a reload gives mvoice a new one ends with a 2xx answer, and
+    Scheduler.finish records it as ``served`` on the *new* service's state: resident and trusted, although
+    the new service holds nothing. The next job then skips the GPU reading (known resident), the new
+    service loads itself on it, and the GPU, which a stranger has mostly filled meanwhile, overfills. With
+    its state unknown, as a new URL's must be, the job reads the GPU first and is refused."""
+    r = await rig(sims={"mvoice": {"loaded": True, "work_s": 0.5}})
+    new = mgpusim.MvoiceSim("mvoice-new", r.gpu)  # the new service: nothing loaded
+    server = TestServer(new.app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        running = asyncio.ensure_future(r.post("tts", {"text": "old"}))
+        await until(lambda: r.sims["mvoice"].active == 1)
+        await _reload_mvoice_to(r, str(server.make_url("")).rstrip("/"))
+        assert r.broker.consumers.states["mvoice"].resident is None  # a new service: unknown
+        assert (await running)[0] == 200
+        r.sims["mvoice"].restart()  # the old service is stopped: its model is gone
+        r.gpu.allocate("game", 14000)  # a stranger takes most of the GPU
+        await r.post("tts", {"text": "new"})
+        nothing_overfilled(r.gpu)
+        assert not r.broker.consumers.states["mvoice"].known_resident()
+    finally:
+        await server.close()
+
+
+async def test_attack_a_reload_that_adds_a_token_closes_what_was_opened_without_one(rig):
+    """Issue 19, item 9's purpose: a reload that changes the token closes what the old credential let in.
+    A reload that sets a token where there was none (the operator locking the LAN out) closes nothing: an
+    event stream opened without a token keeps delivering every job's events (consumer, kind, request id),
+    and a WebSocket through a mount keeps relaying, although every new request now needs the token."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    stream = await r.session.get(r.url("/v1/events"))
+    assert stream.status == 200
+    ws = await r.session.ws_connect(r.url("/c/comfyui/ws"))
+    # A connection that asked only the public paths (the dashboard page, /healthz) stays open: still public.
+    public = await asyncio.open_connection("127.0.0.1", r.server.port)
+    for path in ("/", "/healthz"):
+        public[1].write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert (await whole_answer(public[0]))[0] == 200
+    try:
+        assert (await _ws_json(ws))["type"] == "status"
+        raw = copy.deepcopy(r.raw)
+        with_token(raw)
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert resp.status == 200
+            changes = (await resp.json())["changes"]
+        # the stream, the WebSocket and the reload's own connection (closed after its answer)
+        assert "closed 3 connections let in without a token (one is required now)" in changes, changes
+        public[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await whole_answer(public[0]))[0] == 200
+        async with r.session.get(r.url("/v1/status")) as resp:
+            assert resp.status == 401  # the token is in force for new requests
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert (await r.post("tts", {"text": "private"}, headers=auth))[0] == 200
+        await until(lambda: r.stats.completed == 1)
+        seen = b""
+        with contextlib.suppress(
+            asyncio.TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError
+        ):
+            while line := await asyncio.wait_for(stream.content.readline(), 2):
+                seen += line
+        assert b'"kind": "tts"' not in seen, "an event stream opened without a token still delivers"
+        assert (await ws.receive(timeout=3)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    finally:
+        stream.release()
+        await ws.close()
+        public[1].close()
+
+
+async def test_attack_a_bug_after_the_answer_began_cuts_the_connection(rig, monkeypatch):
+    """docs/how-it-works.md: a failure after the answer began cannot become an error response; the client's
+    connection is cut without the final chunk. A bug there (anything but UpstreamBroke or the client
+    leaving) goes to the front door, which returns a JSON 500: aiohttp writes that response's head and body
+    inside the chunked answer already under way and ends it with a final chunk, so the client gets a 200
+    whose body carries 'HTTP/1.1 500 ...' and ends as if complete."""
+
+    async def streamed(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_type = "application/x-ndjson"
+        await resp.prepare(request)
+        for i in range(5):
+            await resp.write(b'{"part": %d}\n' % i)
+            await asyncio.sleep(0.05)
+        await resp.write_eof()
+        return resp
+
+    async with StandIn([("POST", "/api/generate", streamed), ("GET", "/", _ok)]) as ollama:
+        r = await rig(urls={"ollama": ollama.url})
+        r.expected_internal_errors = 1
+        real, calls = m._fits_unpaused, []
+
+        def buggy(transport: Any, size: int) -> bool:
+            calls.append(size)
+            if len(calls) == 3:
+                raise RuntimeError("injected bug mid-answer")
+            return real(transport, size)
+
+        monkeypatch.setattr(m, "_fits_unpaused", buggy)
+        reader, writer = await asyncio.open_connection("127.0.0.1", r.server.port)
+        body = b'{"model": "m", "prompt": "p"}'
+        writer.write(
+            b"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        data = b""
+        with contextlib.suppress(ConnectionResetError, asyncio.TimeoutError):
+            while chunk := await asyncio.wait_for(reader.read(65536), 5):
+                data += chunk
+        writer.close()
+        await until(lambda: r.broker.scheduler.holder is None)
+        assert data.count(b"HTTP/1.1 ") == 1, data
+        assert not data.endswith(b"0\r\n\r\n"), data
+
+
+async def test_attack_an_unknown_expect_is_refused_in_the_error_shape(rig):
+    """Every failure of the broker's own is a JSON error {error, message, consumer, retryable}. An unknown
+    Expect on a route that reads a body is refused by expect_body with web.HTTPExpectationFailed, which
+    aiohttp answers before the front door (a middleware) sees it: a plain-text 417. The broker's other routes
+    (aiohttp's own expect handler) did the same. Now expectation_failed, on every route."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    for method, path in (
+        ("POST", "/v1/tts"),
+        ("POST", "/c/mvoice/api/synthesize"),
+        ("POST", "/v1/reload"),
+        ("GET", "/v1/status"),
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", r.server.port)
+        writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\nExpect: something\r\nContent-Length: 2\r\n\r\n".encode()
+        )
+        status, body = await whole_answer(reader)
+        writer.close()
+        error_of(status, {}, body, "expectation_failed")  # plain text on main: 'unknown Expect: something'
+    assert r.sims["mvoice"].records == []
+
+
+@pytest.mark.parametrize("module", ["aiohttp", "yaml"])
+@pytest.mark.parametrize("args", [["--check"], []])
+def test_attack_the_daemon_without_aiohttp_says_so_in_one_line(tmp_path, args, module):
+    """Issue 20 moved the daemon's imports after the command line's fast path, and a too old aiohttp is one
+    line (sys.exit with what to install). Without aiohttp at all (a server without python3-aiohttp: `make
+    deploy` runs --check there first) the daemon and --check print a ModuleNotFoundError traceback. Now one
+    line names the module and how to install it, exit 2 (PyYAML the same). The verbs without either:
+    test_a_verb_and_help_start_on_the_standard_library_alone."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(base_raw()))
+    run = (
+        f"import sys, runpy; sys.modules[{module!r}] = None; "
+        f"sys.argv = ['mgpumanager.py', '--config', {str(config)!r}, *{args!r}]; "
+        f"runpy.run_path({str(HERE / 'mgpumanager.py')!r}, run_name='__main__')"
+    )
+    done = subprocess.run([PY, "-c", run], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"module {module}," in done.stderr and "pip install -r requirements.txt" in done.stderr
+
+
+def _lan_address() -> str | None:
+    """This machine's address on its default route (not loopback), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+async def test_attack_a_reload_that_changes_listen_checks_loops_against_the_listener_in_force(rig, tmp_path):
+    """Issue 19, item 3 (a consumer URL that leads back to the broker opens the admin routes to the LAN),
+    through a reload: `listen` changes only with a restart, but the loader checks consumer URLs against the
+    config's new `listen`, not the listener in force. A reload that moves `listen` (for the next restart)
+    and gives the old port to a consumer is accepted, and a LAN client then unloads mvoice through that
+    consumer's mount, as a loopback client, on a broker with no token."""
+    lan = _lan_address()
+    if lan is None:
+        pytest.skip("no non-loopback address to come from")
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    raw = copy.deepcopy(r.raw)
+    port, other = free_port(), free_port()
+    raw["listen"] = f"0.0.0.0:{port}"
+    config = tmp_path / "loop.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with (tmp_path / "loop.log").open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            PY,
+            str(HERE / "mgpumanager.py"),
+            "--config",
+            str(config),
+            "--nvidia-smi",
+            " ".join(sim_smi(r.state)),
+            stderr=log_file,
+        )
+        try:
+            base, from_lan = f"http://127.0.0.1:{port}", f"http://{lan}:{port}"
+            deadline = time.monotonic() + 20
+            while True:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with r.session.get(base + "/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                assert time.monotonic() < deadline and proc.returncode is None
+                await asyncio.sleep(0.05)
+            async with r.session.post(from_lan + "/v1/consumers/mvoice/unload") as resp:
+                assert resp.status == 403  # no admin route for the LAN
+            raw["listen"] = f"0.0.0.0:{other}"
+            raw["consumers"]["f2"] = {
+                "url": f"http://127.0.0.1:{port}",
+                "health": {"path": "/healthz"},
+                "paths": {"f2": {"path": "/v1/nothing"}},
+                "vram_resident_mib": 0,
+                "gpu": 1,
+            }
+            config.write_text(yaml.safe_dump(raw, sort_keys=False))
+            async with r.session.post(base + "/v1/reload") as resp:
+                reloaded = await resp.json()
+            async with r.session.post(from_lan + "/c/f2/v1/consumers/mvoice/unload") as resp:
+                through_f2 = resp.status
+            assert through_f2 != 200, "a LAN client unloaded mvoice through the broker's own port"
+            assert reloaded.get("error") == "bad_config", reloaded
+        finally:
+            proc.terminate()
+            await proc.wait()
+
+
+async def test_attack_a_reload_checks_loops_against_the_ports_bound_not_a_configured_port_0(rig):
+    """Port 0 (any free port) is no port the loader can compare a URL with: a reload that pointed a consumer
+    at the port the broker (or a consumer's port) really got was accepted, and its requests came back to
+    the broker. Now such a reload is refused, bad_config naming the URL, the old config staying; a consumer
+    port the same reload moves away no longer counts."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=with_ports)
+    own, ollama_port = r.server.port, r.broker.ports.address("ollama")
+    for url, key in (
+        (f"http://localhost:{own}", "listen"),
+        (f"http://{ollama_port}", "consumers.ollama.listen"),
+    ):
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["whisper"]["url"] = url
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+        assert f"consumers.whisper.url: is {key}'s own address" in data["message"], data
+        assert "listened on now" in data["message"]
+        assert r.broker.config.consumers["whisper"].url == r.raw["consumers"]["whisper"]["url"]
+    # The same URL, in a reload that gives ollama another port: that port closes, the URL is no loop.
+    raw = copy.deepcopy(r.raw)
+    raw["consumers"]["whisper"]["url"] = f"http://{ollama_port}"
+    raw["consumers"]["ollama"]["listen"] = f"127.0.0.1:{free_port()}"
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert resp.status == 200, await resp.text()
+    assert r.broker.ports.address("ollama") != ollama_port
+
+
+async def test_attack_an_old_url_job_that_fails_after_a_reload_does_not_mark_the_new_service_down(rig):
+    """The other half of a job running on a consumer's old URL when a reload gives it a new one: the old
+    service resets the connection (it is being stopped), and Consumers.job_failed marked the consumer, by
+    name, unhealthy: the new, healthy service then refused every job until a probe came. Now a failure of
+    a call made to the old URL is the old service's: logged, not recorded on the new one."""
+    gate = asyncio.Event()
+
+    async def reset(request: web.Request) -> web.Response:
+        await gate.wait()
+        assert request.transport is not None
+        request.transport.abort()  # the old service goes away with the job's connection
+        return web.Response()
+
+    old = StandIn([("POST", "/api/generate", reset), ("GET", "/", _ok)])
+    new = StandIn([("POST", "/api/generate", _ok), ("GET", "/", _ok)])
+    async with old, new:
+        r = await rig(urls={"ollama": old.url})
+        running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+        await until(lambda: r.broker.scheduler.holder == "ollama")
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["ollama"]["url"] = new.url
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert "new url for ollama" in (await resp.json())["changes"]
+        await r.broker.consumers.probe_now("ollama")
+        assert r.broker.consumers.states["ollama"].healthy is True
+        gate.set()
+        status, _, body = await running
+        assert status == 502, body  # the job itself failed on the old service: its client is told
+        assert r.broker.consumers.states["ollama"].healthy is True
+        assert (await r.post("llm", {"model": "m", "prompt": "p"}))[0] == 200
+
+
+async def test_a_queued_job_whose_kind_the_new_url_no_longer_serves_is_answered_no_consumer(rig):
+    """Beside test_attack_a_job_queued_before_a_reload_that_gives_its_consumer_a_new_url_goes_to_the_new_url:
+    a reload that gives mvoice a new URL and takes its stt path away answers a queued stt job no_consumer
+    (it is neither sent to the old service nor to a path the new one does not have); the queued tts beside
+    it goes to the new service."""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
+        new = mgpusim.MvoiceSim("mvoice-new", r.gpu, loaded=True)
+        server = TestServer(new.app, host="127.0.0.1", port=0)
+        await server.start_server()
+        try:
+            running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+            await until(lambda: r.broker.scheduler.holder == "ollama")
+            stt = asyncio.ensure_future(r.post("stt", {"audio": "x"}))
+            tts = asyncio.ensure_future(r.post("tts", {"text": "queued"}))
+            await until(lambda: len(r.broker.scheduler.queue()) == 2)
+            raw = copy.deepcopy(r.raw)
+            raw["consumers"]["mvoice"]["url"] = str(server.make_url("")).rstrip("/")
+            del raw["consumers"]["mvoice"]["paths"]["stt"]
+            del raw["routing"]["stt"]
+            r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+            async with r.session.post(r.url("/v1/reload")) as resp:
+                assert "new url for mvoice" in (await resp.json())["changes"]
+            status, headers, body = await asyncio.wait_for(stt, 10)  # at once: not after the llm job
+            assert "no longer serves kind 'stt'" in error_of(status, headers, body, "no_consumer")["message"]
+            gate.set()
+            assert (await running)[0] == 200
+            assert (await tts)[0] == 200
+            assert [x.path for x in new.records] == ["/api/synthesize"]
+            assert r.sims["mvoice"].records == []
+        finally:
+            await server.close()
+
+
+async def test_shutdown_cancels_again_a_background_task_that_swallowed_its_cancellation(rig, caplog):
+    """Found by the full suite under load: a daemon logged "stopping" and never stopped (the test's SIGTERM
+    waited 60 s, the process stayed). Its state file writer had swallowed the shutdown's cancellation
+    (Python 3.11's asyncio.wait_for returns the result when what it waits for ends at the moment it is
+    cancelled) and slept on, and the drain waited for it for ever. Now the drain cancels what goes on
+    again: a task that swallows one cancellation (as that writer did) ends at the next."""
+    r = await rig()
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()  # (as wait_for did)
+        await asyncio.sleep(3600)
+
+    task = r.broker.spawn(stubborn(), "stubborn")
+    await asyncio.sleep(0)  # it runs up to its first sleep
+    await asyncio.wait_for(r.server.close(), 20)  # the drain, as on SIGTERM
+    assert swallowed.is_set() and task.cancelled()
+    assert "did not end when cancelled" not in caplog.text
