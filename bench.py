@@ -2036,12 +2036,12 @@ class Bench:
 
     # ---- 8: mixed workload (issue 12) ----------------------------------------------------------------
 
-    async def overtake_available(self) -> bool:
-        """Whether this version's loader knows scheduler.max_overtake_s (main's refused it as an unknown key
-        before issue 12); any other refusal of the config is an error."""
-        path = self.workdir / "overtake-check.yaml"
+    async def loader_knows(self, key: str, overtake: float | None, clients: Sequence[str] = ()) -> bool:
+        """Whether this version's loader knows ``key`` (a mixed-workload config with it passes --check; one
+        it refuses as an unknown key: an older version); any other refusal of the config is an error."""
+        path = self.workdir / "loader-check.yaml"
         ports = dict(zip(("mvoice", "comfyui"), free_ports(2), strict=True))
-        path.write_text(mixed_config(free_ports(1)[0], "nvidia-smi", ports, trace_burst(), 0))
+        path.write_text(mixed_config(free_ports(1)[0], "nvidia-smi", ports, trace_burst(), overtake, clients))
         check = await asyncio.create_subprocess_exec(
             PY, str(MANAGER), "--check", "--config", str(path),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -2054,34 +2054,14 @@ class Bench:
             raise RuntimeError("mgpumanager --check did not answer within 30 s") from None
         if check.returncode == 0:
             return True
-        if check.returncode == 2 and re.search(rb"max_overtake_s\S*:? unknown key", out):
+        if check.returncode == 2 and re.search(re.escape(key).encode() + rb"\S*:? unknown key", out):
             return False
         raise RuntimeError(f"mgpumanager --check refused the mixed-workload config:\n{out.decode()}")
 
-    async def clients_available(self) -> bool:
-        """Whether this version's loader knows auth.clients (issue 23); any other refusal is an error."""
-        path = self.workdir / "clients-check.yaml"
-        ports = dict(zip(("mvoice", "comfyui"), free_ports(2), strict=True))
-        path.write_text(mixed_config(free_ports(1)[0], "nvidia-smi", ports, trace_burst(), None, MIX_CLIENTS))
-        check = await asyncio.create_subprocess_exec(
-            PY, str(MANAGER), "--check", "--config", str(path),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            out, _ = await asyncio.wait_for(check.communicate(), 30)
-        except asyncio.TimeoutError:
-            check.kill()
-            await check.wait()
-            raise RuntimeError("mgpumanager --check did not answer within 30 s") from None
-        if check.returncode == 0:
-            return True
-        if check.returncode == 2 and re.search(rb"auth\.clients\S*:? unknown key", out):
-            return False
-        raise RuntimeError(f"mgpumanager --check refused the two-client config:\n{out.decode()}")
-
     async def m8_mixed(self) -> None:
-        available = await self.overtake_available()
-        with_clients = await self.clients_available()
+        # (main refused max_overtake_s before issue 12, auth.clients before issue 23)
+        available = await self.loader_knows("max_overtake_s", 0)
+        with_clients = await self.loader_knows("auth.clients", None, MIX_CLIENTS)
         default = overtake_default()
         for trace in (trace_burst(), trace_stream(self.quick)):
             runs = [
