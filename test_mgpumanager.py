@@ -574,6 +574,13 @@ class StandIn:
     def url(self) -> str:
         return str(self.server.make_url("")).rstrip("/")
 
+    @staticmethod
+    def serving(app: web.Application) -> StandIn:
+        """A stand-in that serves ``app`` (a simulated service's own) on a port of its own."""
+        stand_in = StandIn([])
+        stand_in.app, stand_in.server = app, TestServer(app, host="127.0.0.1", port=0)
+        return stand_in
+
 
 def held_llm(gate: asyncio.Event) -> StandIn:
     """A stand-in ollama whose /api/generate answers only once ``gate`` is set: it holds the GPU lock."""
@@ -13310,10 +13317,14 @@ def test_every_config_key_is_documented_with_the_default_the_loader_gives():
 # =====================================================================================================
 
 
-async def _reload_mvoice_to(r: Rig, url: str) -> None:
-    """Reload r's config with mvoice at ``url`` (a new service, as the docs call it)."""
+async def _reload_mvoice_to(r: Rig, url: str, without_stt: bool = False) -> None:
+    """Reload r's config with mvoice at ``url`` (a new service, as the docs call it); ``without_stt``: its
+    stt path (and the stt route) gone too."""
     raw = copy.deepcopy(r.raw)
     raw["consumers"]["mvoice"]["url"] = url
+    if without_stt:
+        del raw["consumers"]["mvoice"]["paths"]["stt"]
+        del raw["routing"]["stt"]
     r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     async with r.session.post(r.url("/v1/reload")) as resp:
         assert "new url for mvoice" in (await resp.json())["changes"]
@@ -13328,14 +13339,12 @@ async def test_attack_a_job_queued_before_a_reload_that_gives_its_consumer_a_new
     async with held_llm(gate) as ollama:
         r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
         new = mgpusim.MvoiceSim("mvoice-new", r.gpu, loaded=True)
-        server = TestServer(new.app, host="127.0.0.1", port=0)
-        await server.start_server()
-        try:
+        async with StandIn.serving(new.app) as service:
             running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
             await until(lambda: r.broker.scheduler.holder == "ollama")
             queued = asyncio.ensure_future(r.post("tts", {"text": "queued"}))
             await until(lambda: len(r.broker.scheduler.queue()) == 1)
-            await _reload_mvoice_to(r, str(server.make_url("")).rstrip("/"))
+            await _reload_mvoice_to(r, service.url)
             await r.kill("mvoice")  # the old service is stopped once the new one runs
             gate.set()
             assert (await running)[0] == 200
@@ -13343,8 +13352,6 @@ async def test_attack_a_job_queued_before_a_reload_that_gives_its_consumer_a_new
             assert r.broker.consumers.states["mvoice"].healthy is not False  # the new one is up
             assert status == 200, body
             assert [x.path for x in new.records] == ["/api/synthesize"]
-        finally:
-            await server.close()
 
 
 @no_overfill
@@ -13356,12 +13363,10 @@ async def test_attack_an_old_url_job_that_ends_after_a_reload_does_not_vouch_for
     its state unknown, as a new URL's must be, the job reads the GPU first and is refused."""
     r = await rig(sims={"mvoice": {"loaded": True, "work_s": 0.5}})
     new = mgpusim.MvoiceSim("mvoice-new", r.gpu)  # the new service: nothing loaded
-    server = TestServer(new.app, host="127.0.0.1", port=0)
-    await server.start_server()
-    try:
+    async with StandIn.serving(new.app) as service:
         running = asyncio.ensure_future(r.post("tts", {"text": "old"}))
         await until(lambda: r.sims["mvoice"].active == 1)
-        await _reload_mvoice_to(r, str(server.make_url("")).rstrip("/"))
+        await _reload_mvoice_to(r, service.url)
         assert r.broker.consumers.states["mvoice"].resident is None  # a new service: unknown
         assert (await running)[0] == 200
         r.sims["mvoice"].restart()  # the old service is stopped: its model is gone
@@ -13369,8 +13374,6 @@ async def test_attack_an_old_url_job_that_ends_after_a_reload_does_not_vouch_for
         await r.post("tts", {"text": "new"})
         nothing_overfilled(r.gpu)
         assert not r.broker.consumers.states["mvoice"].known_resident()
-    finally:
-        await server.close()
 
 
 async def test_attack_a_reload_that_adds_a_token_closes_what_was_opened_without_one(rig):
@@ -13646,21 +13649,13 @@ async def test_a_queued_job_whose_kind_the_new_url_no_longer_serves_is_answered_
     async with held_llm(gate) as ollama:
         r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
         new = mgpusim.MvoiceSim("mvoice-new", r.gpu, loaded=True)
-        server = TestServer(new.app, host="127.0.0.1", port=0)
-        await server.start_server()
-        try:
+        async with StandIn.serving(new.app) as service:
             running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
             await until(lambda: r.broker.scheduler.holder == "ollama")
             stt = asyncio.ensure_future(r.post("stt", {"audio": "x"}))
             tts = asyncio.ensure_future(r.post("tts", {"text": "queued"}))
             await until(lambda: len(r.broker.scheduler.queue()) == 2)
-            raw = copy.deepcopy(r.raw)
-            raw["consumers"]["mvoice"]["url"] = str(server.make_url("")).rstrip("/")
-            del raw["consumers"]["mvoice"]["paths"]["stt"]
-            del raw["routing"]["stt"]
-            r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-            async with r.session.post(r.url("/v1/reload")) as resp:
-                assert "new url for mvoice" in (await resp.json())["changes"]
+            await _reload_mvoice_to(r, service.url, without_stt=True)
             status, headers, body = await asyncio.wait_for(stt, 10)  # at once: not after the llm job
             assert "no longer serves kind 'stt'" in error_of(status, headers, body, "no_consumer")["message"]
             gate.set()
@@ -13668,8 +13663,6 @@ async def test_a_queued_job_whose_kind_the_new_url_no_longer_serves_is_answered_
             assert (await tts)[0] == 200
             assert [x.path for x in new.records] == ["/api/synthesize"]
             assert r.sims["mvoice"].records == []
-        finally:
-            await server.close()
 
 
 async def test_shutdown_cancels_again_a_background_task_that_swallowed_its_cancellation(rig, caplog):
