@@ -6077,6 +6077,46 @@ def _forget_before(book: deque[tuple[float, float, int]], start: float) -> None:
         book.popleft()
 
 
+class QueuedEvents:
+    """Each waiting job's ``queued`` event, with its expected wait: the jobs queued in one turn of the loop
+    are announced together after it, from one forecast, so a burst of arrivals plays the queue forward once
+    per turn, not once per job. The lock has them announced before anything else can happen to one of them
+    (its grant, its refusal, its leaving): a job's ``queued`` event always comes first."""
+
+    def __init__(self, recorder: Recorder, forecast: Callable[[], list[tuple[Job, float]]]) -> None:
+        self.recorder = recorder
+        self.forecast = forecast
+        #: Jobs queued in this turn of the loop, whose event is still to come.
+        self.pending: list[Job] = []
+
+    def add(self, job: Job) -> None:
+        """``job`` was queued: announced at the end of this turn of the loop, at the latest."""
+        self.pending.append(job)
+        if len(self.pending) == 1:
+            asyncio.get_running_loop().call_soon(self._turn)
+
+    def announce(self, granted: Job | None = None) -> None:
+        """Publish the ``queued`` event of every job not announced yet, each with its expected wait from one
+        forecast; ``granted``, about to be granted, waits 0 (alone, it needs no forecast)."""
+        if not self.pending:
+            return
+        jobs, self.pending = self.pending, []
+        etas = {granted: 0.0} if jobs == [granted] else dict(self.forecast())
+        if granted is not None:
+            etas[granted] = 0.0
+        for job in jobs:
+            queued = {"priority": job.priority, "request_id": job.request_id, "eta_s": etas.get(job)}
+            self.recorder.job_event("queued", job, **queued)
+
+    def _turn(self) -> None:
+        """``announce`` once the turn of the loop that queued the jobs is over (a callback of the loop's:
+        a bug is logged and counted, never lost)."""
+        try:
+            self.announce()
+        except Exception as e:
+            self.recorder.internal_error("queued events crashed", e)
+
+
 class GpuLock:
     """One GPU's lock, the scheduler's core: admission to its queue, grants by ``next_grant``, release.
 
@@ -6087,12 +6127,8 @@ class GpuLock:
     It also keeps each client's GPU time on this GPU (``use``), which the grant order reads for fair share.
     ``resident`` tells whether a consumer is resident (for ``needs_no_swap``), ``eta`` a waiting job's
     expected wait (None: the first one's; a client's name: its first job's), ``forecast`` every waiting
-    job's, and ``on_grant`` is told of each grant before the waiter wakes.
-
-    A job's ``queued`` event carries its expected wait: the jobs queued in one turn of the loop are
-    announced together after it, from one forecast (``announce``), so a burst of arrivals plays the queue
-    forward once per turn, not once per job. Before anything else can happen to such a job (its grant,
-    its refusal, its leaving) its announcement is made: its ``queued`` event always comes first.
+    job's (for the ``queued`` events: ``QueuedEvents``), and ``on_grant`` is told of each grant before the
+    waiter wakes.
     """
 
     def __init__(
@@ -6113,11 +6149,9 @@ class GpuLock:
         self.recorder = recorder
         self.resident = resident
         self.eta = eta
-        self.forecast = forecast
         self.on_grant = on_grant
         self.waiting = WaitQueue()
-        #: Jobs queued in this turn of the loop, whose ``queued`` event is still to come (``announce``).
-        self.unannounced: list[Job] = []
+        self.queued = QueuedEvents(recorder, forecast)
         #: The consumer holding the lock, its slots taken (jobs and holds), of those the holds, and the ones
         #: at work (past making room, holds too: a join's plan credits their work).
         self.holder: str | None = None
@@ -6182,40 +6216,17 @@ class GpuLock:
         timer = asyncio.get_running_loop().call_later(cfg.queue_timeout_s, self._expire, job)
         self.waiting.append(job)
         try:
-            self.unannounced.append(job)
-            if len(self.unannounced) == 1:
-                asyncio.get_running_loop().call_soon(self._announce_turn)
+            self.queued.add(job)
             self.dispatch()
             await job.granted
         except BaseException:
             if job in self.waiting:
-                self.announce()
+                self.queued.announce()
                 self.waiting.remove(job)
                 self.dispatch()  # a job that left may have been what kept a join of the holder out
             raise
         finally:
             timer.cancel()
-
-    def announce(self, granted: Job | None = None) -> None:
-        """Publish the ``queued`` event of every job not announced yet, each with its expected wait from one
-        forecast; ``granted``, about to be granted, waits 0 (alone, it needs no forecast)."""
-        if not self.unannounced:
-            return
-        jobs, self.unannounced = self.unannounced, []
-        etas = {granted: 0.0} if jobs == [granted] else dict(self.forecast())
-        if granted is not None:
-            etas[granted] = 0.0
-        for job in jobs:
-            queued = {"priority": job.priority, "request_id": job.request_id, "eta_s": etas.get(job)}
-            self.recorder.job_event("queued", job, **queued)
-
-    def _announce_turn(self) -> None:
-        """``announce`` once the turn of the loop that queued the jobs is over (a callback of the loop's:
-        a bug is logged and counted, never lost)."""
-        try:
-            self.announce()
-        except Exception as e:
-            self.recorder.internal_error("queued events crashed", e)
 
     def _expire(self, job: Job) -> None:
         """The queue timer of a job ran out: answer it with queue_timeout unless it was granted. Its
@@ -6267,7 +6278,7 @@ class GpuLock:
             )
             if job is None:
                 return granted
-            self.announce(job)  # (its queued event before its grant)
+            self.queued.announce(job)  # (its queued event before its grant)
             self.waiting.remove(job)
             if min(candidates, key=lambda j: fair_key(j, served)) is not job:
                 self.waiting.overtaken(job, now, sched.aging_s, served)
@@ -6312,7 +6323,7 @@ class GpuLock:
 
     def refuse(self, job: Job, error: BrokerError) -> None:
         """Answer a waiting job with ``error`` (queue_timeout, no_consumer, shutting_down, gpu_reserved)."""
-        self.announce()
+        self.queued.announce()
         self.waiting.remove(job)
         job.granted.set_exception(error)
 

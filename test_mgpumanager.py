@@ -4154,6 +4154,41 @@ def test_the_grant_order_keeps_its_rules(specs, holder, warm, bound, aging_s, se
     assert m.next_grant(candidates, view, now, **kw) is got
 
 
+async def test_the_jobs_queued_in_one_turn_of_the_loop_are_announced_from_one_forecast(monkeypatch):
+    """Issue 21: each job's queued event played the whole queue forward for its eta_s, so N jobs arriving
+    at once cost N plays of up to N jobs. The jobs queued in one turn of the loop are announced together
+    after it, from one forecast, each with its own eta; a job granted at once needs no forecast."""
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    ops.states["x"].learned("job", 2.0)
+    plays = []
+    real = m.expected_waits
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        plays.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(m, "expected_waits", counting)
+    stream = s.events.subscribe()
+    first = await s.acquire("t", "kt")  # granted at once
+    waiting = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(20)]  # one turn: all 20
+    await until(lambda: len(s.queue()) == 20)
+    await asyncio.sleep(0)  # (the turn after theirs: the announcement)
+    assert len(plays) == 1  # one forecast for the 20, none for the job granted at once
+    queued = []
+    while not stream.empty():
+        event = json.loads(stream.get_nowait().partition(b"data: ")[2])
+        queued += [event] if event["event"] == "queued" else []
+    assert [e["eta_s"] for e in queued[:1]] == [0.0]  # t's, granted at once
+    etas = [e["eta_s"] for e in queued[1:]]  # x's 20: each 2 s (x's learned job) after the one before
+    assert len(etas) == 20 and all(b - a == pytest.approx(2.0) for a, b in itertools.pairwise(etas))
+    first.release("completed")
+    for task in waiting:
+        (await task).release("completed")
+    assert books_balance(s)
+
+
 def test_a_grant_looks_at_the_first_job_of_each_consumer_not_at_every_waiting_one():
     """Issue 21: a grant costs the same with 10 or 10,000 jobs waiting. 5,000 image jobs wait (their
     consumer not resident: each needs a swap), then one TTS job whose consumer is resident: the lock's
