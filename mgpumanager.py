@@ -2900,6 +2900,26 @@ def logfmt(**fields: Any) -> str:
     return " ".join(out)
 
 
+async def cancel_until_done(tasks: Collection[asyncio.Task[Any]], what: str) -> None:
+    """Cancel ``tasks`` and wait for them to end, cancelling again every CANCEL_AGAIN_S those that go on: a
+    task may swallow a cancellation (Python 3.11's asyncio.wait_for does, when what it waits for ends at
+    the same moment: the state file's writer then slept on, and shutdown waited for it for ever). After
+    CANCEL_ROUNDS, what still runs is logged and left."""
+    for _ in range(CANCEL_ROUNDS):
+        pending = [t for t in tasks if not t.done()]
+        if not pending:
+            break
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
+    for task in tasks:  # (what ended with an error was its owner's to report: taken, not left to asyncio)
+        if task.done() and not task.cancelled():
+            task.exception()
+    names = sorted(t.get_name() for t in tasks if not t.done())
+    if names:
+        log.warning(logfmt(msg=f"{what} did not end when cancelled", tasks=",".join(names)))
+
+
 # =====================================================================================================
 # Events and metrics
 # =====================================================================================================
@@ -4149,9 +4169,8 @@ class GpuReader:
         return replace(reading, owners=owners)
 
     async def close(self) -> None:
-        for task in [*self._tasks, *filter(None, [self._choosing])]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *filter(None, [self._choosing]), return_exceptions=True)
+        tasks = [*self._tasks, *filter(None, [self._choosing])]
+        await cancel_until_done(tasks, f"shutting down: GPU {self.index}'s readings")
         if self._source is not None:
             await self._source.close(self.config.query_timeout_s)
 
@@ -5986,9 +6005,13 @@ class WaitQueue:
             for lane in level.values():
                 first = warm_one = mine = None
                 for bucket in lane.buckets.values():
-                    job = next((j for j in bucket if j in members and not j.granted.done()), None)
-                    if job is None:
+                    if not bucket:
                         continue
+                    job = bucket[0]  # (a member: remove() takes the departed off the front)
+                    if job.granted.done():  # a cancelled waiter, still taking itself out
+                        job = next((j for j in bucket if j in members and not j.granted.done()), None)
+                        if job is None:
+                            continue
                     if first is None or _arrival(job) < _arrival(first):
                         first = job
                     if job.consumer == holder and (mine is None or _arrival(job) < _arrival(mine)):
@@ -6101,7 +6124,12 @@ class QueuedEvents:
         if not self.pending:
             return
         jobs, self.pending = self.pending, []
-        etas = {granted: 0.0} if jobs == [granted] else dict(self.forecast())
+        etas: dict[Job, float] = {}
+        if jobs != [granted]:
+            try:
+                etas = dict(self.forecast())
+            except Exception as e:  # a bug: the events go out (eta_s null), the grant goes ahead
+                self.recorder.internal_error("forecast for queued events crashed", e)
         if granted is not None:
             etas[granted] = 0.0
         for job in jobs:
@@ -6221,8 +6249,7 @@ class GpuLock:
             await job.granted
         except BaseException:
             if job in self.waiting:
-                self.queued.announce()
-                self.waiting.remove(job)
+                self.take_out(job)
                 self.dispatch()  # a job that left may have been what kept a join of the holder out
             raise
         finally:
@@ -6321,10 +6348,14 @@ class GpuLock:
             self.recorder.gpu_time(job, now - job.started)
         return self.dispatch()
 
-    def refuse(self, job: Job, error: BrokerError) -> None:
-        """Answer a waiting job with ``error`` (queue_timeout, no_consumer, shutting_down, gpu_reserved)."""
+    def take_out(self, job: Job) -> None:
+        """Take a waiting job off the queue without a grant (its queued event first, as ever)."""
         self.queued.announce()
         self.waiting.remove(job)
+
+    def refuse(self, job: Job, error: BrokerError) -> None:
+        """Answer a waiting job with ``error`` (queue_timeout, no_consumer, shutting_down, gpu_reserved)."""
+        self.take_out(job)
         job.granted.set_exception(error)
 
     def forget(self) -> None:
@@ -7057,7 +7088,7 @@ class Reservations:
         try:
             for waiting in [j for j in s.lock.waiting if not j.granted.done()]:
                 if waiting.kind == RESERVATION:  # asked for while this one waited: it extends this one
-                    s.lock.waiting.remove(waiting)
+                    s.lock.take_out(waiting)
                     waiting.granted.set_result(None)
                 else:
                     s.lock.refuse(waiting, self.refusal(waiting.consumer))
@@ -7140,7 +7171,7 @@ class Reservations:
         pending, self._waiting = self._waiting, set()
         for job in pending:
             if job in s.lock.waiting:
-                s.lock.waiting.remove(job)
+                s.lock.take_out(job)
             if not job.granted.done():
                 job.granted.set_result(None)  # it wakes, finds itself cancelled and ends (see reserve)
         if pending:
@@ -7636,9 +7667,7 @@ class Scheduler:
 
     async def close(self) -> None:
         """Cancel the work the scheduler owns (holds, steps whose caller left)."""
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_until_done(list(self.tasks), f"shutting down: GPU {self.index}'s holds and steps")
 
     # ---- what comes next: the queue in grant order, with the waits to expect -----------------------
 
@@ -8319,15 +8348,12 @@ async def relay(
             await _hand_over(answered)
         whole = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
         await whole.prepare(request)
-        transport = request.transport
-        if transport is not None and _fits_unpaused(transport, len(body)):
-            await whole.write_eof()  # (under the high-water mark: it cannot stall, no timer needed)
-        else:
-            await _to_client(request, whole.write_eof(), consumer)
+        await _send(request, whole.write_eof(), _head_size(headers) + len(body), consumer)
         return whole
     resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     await resp.prepare(request)
     transport = request.transport
+    head = _head_size(headers)  # (aiohttp sends the head with the first chunk)
     while True:
         try:
             chunk = await upstream.content.readany()
@@ -8345,14 +8371,33 @@ async def relay(
             await _hand_over(answered)
         if not chunk:
             break
-        if transport is not None and _fits_unpaused(transport, len(chunk)):
-            await resp.write(chunk)  # stays under the transport's high-water mark: this write cannot stall
-        else:
-            await _to_client(request, resp.write(chunk), consumer)
+        await _send(request, resp.write(chunk), head + len(chunk) + CHUNK_FRAMING, consumer)
+        head = 0
         if whole:
             break
-    await resp.write_eof()
+    await _send(request, resp.write_eof(), head + CHUNK_FRAMING, consumer)
     return resp
+
+
+#: What aiohttp adds to an answer's head beyond the consumer's headers (its status line, Date, Server,
+#: Content-Length or Transfer-Encoding, the X-Request-ID), at most; and to each chunk (its size line).
+HEAD_EXTRA = 512
+CHUNK_FRAMING = 16
+
+
+def _head_size(headers: Mapping[str, str]) -> int:
+    """At most what an answer's head with ``headers`` takes on the wire."""
+    return HEAD_EXTRA + sum(len(k) + len(v) + 4 for k, v in headers.items())
+
+
+async def _send(request: web.Request, write: Awaitable[None], size: int, consumer: ConsumerConfig) -> None:
+    """A write to the client of ``size`` bytes at most on the wire: at once when they keep the transport
+    under its high-water mark (the write cannot stall then), else bounded as ``_to_client`` bounds it."""
+    transport = request.transport
+    if transport is not None and _fits_unpaused(transport, size):
+        await write
+    else:
+        await _to_client(request, write, consumer)
 
 
 def _fits_unpaused(transport: asyncio.BaseTransport, size: int) -> bool:
@@ -10928,7 +10973,8 @@ async def _to_reader(request: web.Request, resp: web.StreamResponse, data: bytes
     """A write to an event stream's reader: one that accepts nothing for EVENT_STALL_S is cut off
     (ConnectionResetError), so a reader that never reads holds the broker's memory for so long at most."""
     transport = request.transport
-    if transport is not None and _fits_unpaused(transport, len(data)):
+    # (The head, small, goes with the first write; each chunk carries its framing.)
+    if transport is not None and _fits_unpaused(transport, HEAD_EXTRA + CHUNK_FRAMING + len(data)):
         await resp.write(data)  # under the transport's high-water mark: this write cannot stall
         return
     try:
@@ -10958,23 +11004,6 @@ async def handle_favicon(request: web.Request) -> web.Response:
     """GET /favicon.ico: the broker's icon, public (a browser sends no token for it), cached for a day."""
     headers = {"Cache-Control": "public, max-age=86400"}
     return web.Response(body=FAVICON_PNG, content_type="image/png", headers=headers)
-
-
-async def cancel_until_done(tasks: Collection[asyncio.Task[Any]], what: str) -> None:
-    """Cancel ``tasks`` and wait for them to end, cancelling again every CANCEL_AGAIN_S those that go on: a
-    task may swallow a cancellation (Python 3.11's asyncio.wait_for does, when what it waits for ends at
-    the same moment: the state file's writer then slept on, and shutdown waited for it for ever). After
-    CANCEL_ROUNDS, what still runs is logged and left."""
-    for _ in range(CANCEL_ROUNDS):
-        pending = [t for t in tasks if not t.done()]
-        if not pending:
-            return
-        for task in pending:
-            task.cancel()
-        await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
-    names = sorted(t.get_name() for t in tasks if not t.done())
-    if names:
-        log.warning(logfmt(msg=f"{what} did not end when cancelled", tasks=",".join(names)))
 
 
 async def _drain(app: web.Application) -> None:
@@ -11065,11 +11094,8 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         await broker.ports.close()
         if health is not None:
-            health.cancel()
-            await asyncio.gather(health, return_exceptions=True)
-        for task in list(broker.tasks):
-            task.cancel()
-        await asyncio.gather(*broker.tasks, return_exceptions=True)
+            await cancel_until_done([health], "shutting down: health rounds")
+        await cancel_until_done(list(broker.tasks), "shutting down: background work")
         for scheduler in broker.schedulers.values():
             await scheduler.close()
         for reader in broker.gpus.values():
