@@ -65,15 +65,17 @@ Sections, in dependency order:
   measuring).
 - The scheduler, in parts: ``Job``; the ``Recorder`` (one record of each fact, four views); the pure
   decisions, each a function of a snapshot: ``plan_room`` (eviction, and what fits beside a stranger),
-  ``plan_yield`` (whom to unload for a stranger), ``unclaimed_mib`` (what no consumer claims),
-  ``next_grant`` (the grant order, with ``fair_key``: fair share between clients), ``needs_no_swap`` (the
-  "warm" both use), ``expected_waits`` (the forecast); ``WaitQueue`` (the waiting jobs, a list per
-  priority and client), ``GpuTime`` (each client's held seconds over the fair window); ``GpuLock`` (the
-  lock core: admission to the queue, ``max_queued`` and ``max_queue``, grants, release, each consumer's
-  job count); ``Strangers`` (what a GPU's readings show that no consumer claims); ``RoomMaker`` (carries
-  a plan out, loads); ``Holds``; ``Reservations``; ``JobLease`` and ``Scheduler`` (one per GPU: composes
-  its parts and hands out leases); ``InternalJobs`` (idle unloads, preloads, yields and restores, on
-  every GPU); ``Yielding`` (when to yield and restore: the poll of gpu.yield).
+  ``plan_yield`` (whom to unload for a stranger), ``unclaimed_mib`` (what no consumer claims), ``next_grant``
+  (the grant order, with ``fair_key``: fair share between clients), ``needs_no_swap`` (the "warm" both use),
+  ``expected_waits`` (the forecast, and ``queue_entries``, the queue as status shows it); ``WaitQueue`` (the
+  waiting jobs: a ``Lane`` per priority and client, a bucket per consumer in each), ``QueuedEvents`` (each
+  waiting job's ``queued`` event, one forecast per turn of the loop), ``GpuTime`` (each client's held seconds
+  over the fair window); ``GpuLock`` (the lock core: admission to the queue, ``max_queued`` and ``max_queue``,
+  grants, release, each consumer's job count); ``Strangers`` (what a GPU's readings show that no consumer
+  claims); ``RoomMaker`` (carries a plan out, loads); ``Holds``; ``Reservations``; ``JobLease`` and
+  ``Scheduler`` (one per GPU: composes its parts, hands out leases, sends a reload's queued jobs on:
+  ``forget``); ``InternalJobs`` (idle unloads, preloads, yields and restores, on every GPU); ``Yielding``
+  (when to yield and restore: the poll of gpu.yield).
 - The proxy: ``forward`` and ``forward_job`` (``relay``, streamed), the holds' polls, WebSockets.
 - The broker: ``StateFile`` (what a restart keeps: ``parse_state``, an atomic write), ``Broker``, the
   composition root (its ``clients``: each client's use, for status), ``client_changes`` (what a reload
@@ -4994,7 +4996,7 @@ class Job:
 
     id: int
     #: The consumer's config as it was at admission (a reload may change or remove it meanwhile), or, for a
-    #: job still queued when a reload gave its consumer another URL, the new one's (``GpuLock.forget``).
+    #: job still queued when a reload gave its consumer another URL, the new one's (``Scheduler.forget``).
     target: ConsumerConfig
     kind: str
     priority: int
@@ -6358,26 +6360,6 @@ class GpuLock:
         self.take_out(job)
         job.granted.set_exception(error)
 
-    def forget(self) -> None:
-        """After a reload: jobs waiting for a consumer gone (or on another GPU now) get no_consumer. One whose
-        consumer got another URL (a new service) goes to the new one: its target is the config in force
-        from now on, unless that no longer serves its kind (no_consumer)."""
-        for job in [j for j in self.waiting if not j.granted.done()]:
-            now = self.config.consumers.get(job.consumer)
-            if job.kind == RESERVATION:  # (no consumer's)
-                continue
-            if now is not None and now.gpu == self.index:
-                if now.url != job.target.url:
-                    if job.kind in job.target.paths and job.kind not in now.paths:
-                        why = f"no longer serves kind {job.kind!r} at its new url"
-                        self.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
-                    else:
-                        job.target = now
-                continue
-            why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
-            self.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
-        self.dispatch()
-
     def shut_down(self) -> None:
         """Queue nothing more, and answer every queued job with shutting_down."""
         self.closing = True
@@ -7665,6 +7647,26 @@ class Scheduler:
         task.add_done_callback(self.tasks.discard)
         return task
 
+    def forget(self) -> None:
+        """After a reload: jobs waiting for a consumer gone (or on another GPU now) get no_consumer. One whose
+        consumer got another URL (a new service) goes to the new one: its target is the config in force
+        from now on, unless that no longer serves its kind (no_consumer)."""
+        for job in [j for j in self.lock.waiting if not j.granted.done()]:
+            now = self.config.consumers.get(job.consumer)
+            if job.kind == RESERVATION:  # (no consumer's)
+                continue
+            if now is not None and now.gpu == self.index:
+                if now.url != job.target.url:
+                    if job.kind in job.target.paths and job.kind not in now.paths:
+                        why = f"{job.consumer} no longer serves kind {job.kind!r} at its new url"
+                        self.lock.refuse(job, BrokerError("no_consumer", why, job.consumer))
+                    else:
+                        job.target = now
+                continue
+            why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
+            self.lock.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
+        self.lock.dispatch()
+
     async def close(self) -> None:
         """Cancel the work the scheduler owns (holds, steps whose caller left)."""
         await cancel_until_done(list(self.tasks), f"shutting down: GPU {self.index}'s holds and steps")
@@ -7697,37 +7699,6 @@ class Scheduler:
             "jobs_total": self.recorder.client_jobs.get(name, 0),
             "gpu_s_window": lock.use.seconds(name, now, self.config.scheduler.fair_window_s),
         }
-
-    def snapshot(self) -> dict[str, Any]:
-        """This GPU's holder, queue (with the forecast's eta_s), stats and reservation, as /v1/status shows
-        them."""
-        parts, snap = self.snapshot_parts()
-        return {**parts, "queue": queue_entries(snap)}
-
-    def snapshot_parts(self) -> tuple[dict[str, Any], QueueSnapshot]:
-        """``snapshot`` but its queue, and the copy of the queue to play forward for it (``queue_entries``,
-        a pure function: /v1/status runs it off the loop), both of one moment."""
-        snap = queue_snapshot(self.lock, self.rooms, self.config)
-        now = snap.now
-        lock = self.lock
-        res = self.reservations.reservation
-        return {
-            "holder": None
-            if lock.holder is None
-            else {
-                "consumer": lock.holder,
-                "jobs": self.running,
-                "holds": lock.holds,
-                "held_s": round(now - lock.held_since, 3),
-                # Each slot taken: its job, and the client it runs for.
-                "slots": [
-                    {"job": j.id, "kind": j.kind, "client": j.client, "hold": j.state == "ended"}
-                    for j in lock.taken
-                ],
-            },
-            "stats": {**self.stats.__dict__, "running": self.running, "queued": len(lock.waiting)},
-            "reservation": None if res is None else res.describe(now),
-        }, snap
 
 
 # ---- internal jobs: idle unloads and preloads -------------------------------------------------------
@@ -9488,7 +9459,7 @@ class Broker:
         self.connections.configure(new)
         changes += [f"added GPU {index}" for index in self.add_gpus()]
         for scheduler in self.schedulers.values():
-            scheduler.lock.forget()
+            scheduler.forget()
         return changes
 
     def clients(self) -> dict[str, dict[str, Any]]:
@@ -10786,6 +10757,32 @@ async def _gpu_status(reader: GpuReader) -> dict[str, Any]:
         return gpu
 
 
+def scheduler_status(s: Scheduler) -> tuple[dict[str, Any], QueueSnapshot]:
+    """A GPU's holder, stats and reservation as /v1/status shows them, and the copy of its queue to play
+    forward for the queue's entries (``queue_entries``, a pure function: run off the loop), of one moment."""
+    snap = queue_snapshot(s.lock, s.rooms, s.config)
+    now = snap.now
+    lock = s.lock
+    res = s.reservations.reservation
+    return {
+        "holder": None
+        if lock.holder is None
+        else {
+            "consumer": lock.holder,
+            "jobs": s.running,
+            "holds": lock.holds,
+            "held_s": round(now - lock.held_since, 3),
+            # Each slot taken: its job, and the client it runs for.
+            "slots": [
+                {"job": j.id, "kind": j.kind, "client": j.client, "hold": j.state == "ended"}
+                for j in lock.taken
+            ],
+        },
+        "stats": {**s.stats.__dict__, "running": s.running, "queued": len(lock.waiting)},
+        "reservation": None if res is None else res.describe(now),
+    }, snap
+
+
 async def handle_status(request: web.Request) -> web.Response:
     """GET /v1/status: a live snapshot. ``gpu`` and ``scheduler`` are the default GPU's (gpu.index);
     ``gpus`` lists every GPU with its own reading, consumers and scheduler."""
@@ -10797,7 +10794,7 @@ async def handle_status(request: web.Request) -> web.Response:
     internal_errors = broker.internal_errors()
     for index, reading in zip(indexes, readings, strict=True):
         s = broker.schedulers[index]
-        scheduler, snap = s.snapshot_parts()
+        scheduler, snap = scheduler_status(s)
         # The forecast plays the whole queue (10,000 jobs at most): off the loop, from the copy of now.
         scheduler["queue"] = await asyncio.to_thread(queue_entries, snap)
         scheduler["stats"]["internal_errors"] = internal_errors

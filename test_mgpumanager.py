@@ -342,6 +342,12 @@ def make_scheduler(config: m.Config) -> tuple[m.Scheduler, FakeGpu, FakeOps, Fak
     return m.Scheduler(m.Shared(config), gpu, ops, clock=clock, sleep=clock.sleep), gpu, ops, clock
 
 
+def snapshot(s: m.Scheduler) -> dict[str, Any]:
+    """A GPU's part of /v1/status: holder, stats, reservation and its queue with the forecast's etas."""
+    parts, snap = m.scheduler_status(s)
+    return {**parts, "queue": m.queue_entries(snap)}
+
+
 def internal_jobs(s: m.Scheduler) -> m.InternalJobs:
     """Idle unloads and preloads on this scheduler's GPU, as the broker runs them on all of its GPUs."""
     return m.InternalJobs(s.shared, {s.index: s})
@@ -3506,7 +3512,7 @@ async def test_aging_raises_a_waiting_jobs_priority():
         **{"consumer": "x", "kind": "kx", "priority": 3, "waited_s": 130.0, "eta_s": m.RUNNING_FLOOR_S},
         "client": None,  # (issue 23: the client it runs for; none here)
     }
-    assert s.snapshot()["queue"][0] == expected
+    assert snapshot(s)["queue"][0] == expected
     first.release("completed")
     assert await _grants(s, [x, y]) == ["x", "y"]
 
@@ -3517,7 +3523,7 @@ async def test_aging_stops_at_priority_4():
     first = await s.acquire("t", "kt")
     x = await _queued(s, "x")
     clock.now += 3600
-    assert s.snapshot()["queue"][0]["priority"] == 4
+    assert snapshot(s)["queue"][0]["priority"] == 4
     first.release("completed")
     (await x).release("completed")
 
@@ -4373,7 +4379,7 @@ async def test_a_prompt_queued_behind_a_long_render_is_told_to_wait(rig):
     async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
         assert resp.status == 200
     await until(lambda: r.broker.scheduler.holds == 1)
-    await until(lambda: r.broker.scheduler.snapshot()["holder"]["held_s"] > learned)
+    await until(lambda: snapshot(r.broker.scheduler)["holder"]["held_s"] > learned)
     ui = asyncio.ensure_future(r.session.post(r.url("/c/comfyui/api/prompt"), json={"prompt": {}}))
     try:
         await until(lambda: len(r.broker.scheduler.queue()) == 1)
@@ -7039,7 +7045,7 @@ async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
     release = asyncio.Event()
     job.release("completed", status=200, success=True, hold=release.wait, hold_timeout_s=30)
     x = await _queued(s, "x")
-    assert not x.done() and s.snapshot()["holder"].items() >= {"consumer": "t", "jobs": 0, "holds": 1}.items()
+    assert not x.done() and snapshot(s)["holder"].items() >= {"consumer": "t", "jobs": 0, "holds": 1}.items()
     release.set()
     (await x).release("completed")
     job = await s.acquire("t", "kt")
@@ -7171,7 +7177,7 @@ async def test_a_client_leaving_mid_answer_still_starts_the_hold(rig):
         left.set()
         await until(lambda: r.broker.scheduler.holds == 1)
         assert (
-            r.broker.scheduler.snapshot()["holder"].items()
+            snapshot(r.broker.scheduler)["holder"].items()
             >= {"consumer": "comfyui", "jobs": 0, "holds": 1}.items()
         )
         rendered.set()
@@ -9795,7 +9801,7 @@ async def test_a_reload_while_a_reservation_waits_for_the_gpu_keeps_it_waiting()
     reserving = asyncio.ensure_future(s.reservations.reserve(60, "gaming"))
     await until(lambda: len(s.queue()) == 1)
     s.shared.config = small_config()  # a reload: the same consumers
-    s.lock.forget()
+    s.forget()
     holding.release("completed")
     res = await asyncio.wait_for(reserving, 5)
     assert s.reservation is res and s.holder == m.RESERVATION
