@@ -1001,7 +1001,7 @@ WEBSOCKET_CLOSE_S = 2.0
 #: loop may accept before the broker sees the first, which the descriptor reserve covers.
 LISTEN_BACKLOG = 128
 #: The descriptors kept for the broker's own work (see descriptor_reserve): a base (stdio, the event loop's,
-#: listeners, logs, config and /proc reads), per GPU (a reading's two nvidia-smi, a load or unload command),
+#: listeners, logs, config and /proc reads), per GPU (a reading's nvidia-smi, a load or unload command),
 #: and per consumer beyond its jobs, unscheduled calls and WebSockets (a probe, a load or unload call, a
 #: hold poll, a residency query).
 FD_RESERVE_BASE = 64
@@ -1321,7 +1321,7 @@ class YieldConfig:
     poll_s: float = 2.0
 
 
-#: gpu.yield.poll_s is at least this: a nvidia-smi reading is two processes (25 ms each on mrock).
+#: gpu.yield.poll_s is at least this: a nvidia-smi reading is three processes (25 ms each on mrock).
 MIN_YIELD_POLL_S = 0.1
 
 
@@ -3627,9 +3627,22 @@ class GpuSource(Protocol):
         ...
 
 
+def bracketed(reading: GpuReading, used_mib: int | None, free_mib: int | None) -> GpuReading:
+    """A whole reading whose GPU line was read before its process list, and ``used_mib``/``free_mib`` read
+    again after it: the line that shows less used. The GPU's line and its process list are two questions,
+    never one moment: a consumer freeing 13 GiB between them left 13 GiB used by no process listed (a
+    stranger that was not there), one allocating between them the same. Of the two lines around the list,
+    the one with less used has no memory the list cannot account for: what was freed is gone from it, what
+    was allocated is not in it yet (a stranger's allocation then shows in the next reading)."""
+    if used_mib is not None and (reading.used_mib is None or used_mib < reading.used_mib):
+        return replace(reading, used_mib=used_mib, free_mib=free_mib)
+    return reading
+
+
 class SmiSource:
-    """Readings from nvidia-smi: two processes for a whole reading (the GPU's line and its compute processes),
-    one for the GPU's line alone; their output parsed (and the processes attributed) in a worker thread."""
+    """Readings from nvidia-smi: three processes for a whole reading, one after the other (the GPU's line,
+    its compute processes, its line again: ``bracketed``), one for the GPU's line alone; their output parsed
+    (and the processes attributed) in a worker thread."""
 
     name = "nvidia-smi"
 
@@ -3658,17 +3671,14 @@ class SmiSource:
             text = await gpu_query
             # (In a worker thread too: a broken nvidia-smi may print its 8 MiB here as well.)
             return await asyncio.to_thread(self._parse, text, "", started, read_at, None)
-        self.queries += 2
-        results = await asyncio.gather(
-            gpu_query,
-            run_nvidia_smi([*base, f"--query-compute-apps={','.join(APP_FIELDS)}", fmt], limit_s, limit_mib),
-            return_exceptions=True,
-        )
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+        # The GPU's line before and after the process list, one after the other (``bracketed``).
+        self.queries += 3
+        before = await gpu_query
+        apps_query = [*base, f"--query-compute-apps={','.join(APP_FIELDS)}", fmt]
+        apps = await run_nvidia_smi(apps_query, limit_s, limit_mib)
+        after = await run_nvidia_smi([*base, f"--query-gpu={','.join(GPU_FIELDS)}", fmt], limit_s, limit_mib)
         # Off the event loop: 20,000 process lines (a hostile or broken nvidia-smi) take it a second.
-        return await asyncio.to_thread(self._parse, results[0], results[1], started, read_at, finish)
+        return await asyncio.to_thread(self._parse, before, apps, started, read_at, finish, after)
 
     def _parse(
         self,
@@ -3677,8 +3687,12 @@ class SmiSource:
         started: float,
         read_at: float,
         finish: Callable[[GpuReading], GpuReading] | None,
+        after_text: str | None = None,
     ) -> GpuReading:
         reading = parse_gpu_reading(gpu_text, apps_text, index=self.index, started=started, read_at=read_at)
+        if after_text is not None:
+            after = parse_gpu_reading(after_text, "", index=self.index, started=started, read_at=read_at)
+            reading = bracketed(reading, after.used_mib, after.free_mib)
         return reading if finish is None else finish(reading)
 
     async def close(self, timeout_s: float) -> None:
@@ -3945,12 +3959,7 @@ class NvmlSource:
         handle, name, uuid = self._device
         nv = self._nvml
         try:
-            if self._v2:
-                memory = self._call(
-                    "nvmlDeviceGetMemoryInfo", nv.nvmlDeviceGetMemoryInfo, handle, version=nv.nvmlMemory_v2
-                )
-            else:
-                memory = self._call("nvmlDeviceGetMemoryInfo", nv.nvmlDeviceGetMemoryInfo, handle)
+            memory = self._memory(handle)
             rates = self._optional("nvmlDeviceGetUtilizationRates", nv.nvmlDeviceGetUtilizationRates, handle)
             temperature = self._optional(
                 "nvmlDeviceGetTemperature", nv.nvmlDeviceGetTemperature, handle, nv.NVML_TEMPERATURE_GPU
@@ -3962,6 +3971,8 @@ class NvmlSource:
                 if whole
                 else []
             )
+            # (The memory again after the process list: ``bracketed``.)
+            after = self._memory(handle) if whole else memory
         except GpuError:
             self._device = None  # found again by the next reading (a GPU lost and back has a new handle)
             raise
@@ -3984,7 +3995,17 @@ class NvmlSource:
             read_at=read_at,
             started=started,
         )
+        reading = bracketed(reading, after.used // MiB, after.free // MiB)
         return reading if finish is None else finish(reading)
+
+    def _memory(self, handle: Any) -> Any:
+        """nvmlDeviceGetMemoryInfo (v2 where the binding has it: used without the driver's reserve)."""
+        nv = self._nvml
+        if self._v2:
+            return self._call(
+                "nvmlDeviceGetMemoryInfo", nv.nvmlDeviceGetMemoryInfo, handle, version=nv.nvmlMemory_v2
+            )
+        return self._call("nvmlDeviceGetMemoryInfo", nv.nvmlDeviceGetMemoryInfo, handle)
 
     async def close(self, timeout_s: float) -> None:
         """Let NVML go (shut down after its last user), after the calls under way; never waits on a hung
@@ -8319,7 +8340,7 @@ async def relay(
             await _hand_over(answered)
         whole = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
         await whole.prepare(request)
-        await _send(request, whole.write_eof(), _head_size(headers) + len(body), consumer)
+        await _send(request, whole.write_eof, _head_size(headers) + len(body), consumer)
         return whole
     resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     await resp.prepare(request)
@@ -8342,11 +8363,13 @@ async def relay(
             await _hand_over(answered)
         if not chunk:
             break
-        await _send(request, resp.write(chunk), head + len(chunk) + CHUNK_FRAMING, consumer)
+        await _send(
+            request, functools.partial(resp.write, chunk), head + len(chunk) + CHUNK_FRAMING, consumer
+        )
         head = 0
         if whole:
             break
-    await _send(request, resp.write_eof(), head + CHUNK_FRAMING, consumer)
+    await _send(request, resp.write_eof, head + CHUNK_FRAMING, consumer)
     return resp
 
 
@@ -8361,14 +8384,17 @@ def _head_size(headers: Mapping[str, str]) -> int:
     return HEAD_EXTRA + sum(len(k) + len(v) + 4 for k, v in headers.items())
 
 
-async def _send(request: web.Request, write: Awaitable[None], size: int, consumer: ConsumerConfig) -> None:
-    """A write to the client of ``size`` bytes at most on the wire: at once when they keep the transport
-    under its high-water mark (the write cannot stall then), else bounded as ``_to_client`` bounds it."""
+async def _send(
+    request: web.Request, write: Callable[[], Awaitable[None]], size: int, consumer: ConsumerConfig
+) -> None:
+    """``write()`` to the client, ``size`` bytes at most on the wire: at once when they keep the transport
+    under its high-water mark (the write cannot stall then), else bounded as ``_to_client`` bounds it.
+    (The write is made only here: whatever this raises first, no coroutine is left unawaited.)"""
     transport = request.transport
     if transport is not None and _fits_unpaused(transport, size):
-        await write
+        await write()
     else:
-        await _to_client(request, write, consumer)
+        await _to_client(request, write(), consumer)
 
 
 def _fits_unpaused(transport: asyncio.BaseTransport, size: int) -> bool:

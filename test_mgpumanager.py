@@ -1918,11 +1918,50 @@ async def test_reader_against_mgpusim_subprocess(tmp_path):
     assert r.processes[0].name == "mgpusim-comfyui"
 
 
+async def test_a_whole_reading_shows_no_memory_its_process_list_cannot_account_for(tmp_path):
+    """The GPU's line and its process list are two questions: a consumer that freed 13 GiB between them
+    left 13 GiB used by no process listed, a stranger that was not there (make demo's yield of nobody, found
+    by the full suite); one that allocated between them the same. The line is read again after the list,
+    and the one with less used counts: nothing unaccounted for in either case."""
+    state = tmp_path / "gpu.json"
+    gpu = mgpusim.SimGPU(state, total_mib=16384, reserved_mib=480)
+    gpu.allocate("comfyui", 13000)
+    calls = tmp_path / "calls"
+    smi = tmp_path / "nvidia-smi"
+
+    def changing_after_the_first_question(mib: int) -> None:
+        """An nvidia-smi that answers as mgpusim's, and makes comfyui hold ``mib`` once it answered its
+        first question (the GPU's line)."""
+        calls.write_text("")
+        smi.write_text(
+            "import subprocess, sys\n"
+            f"sys.path.insert(0, {str(HERE)!r})\n"
+            "import mgpusim\n"
+            f"with open({str(calls)!r}, 'a') as f: f.write('x')\n"
+            f"out = subprocess.run({list(sim_smi(state))!r} + sys.argv[1:], capture_output=True, text=True)\n"
+            "sys.stdout.write(out.stdout)\n"
+            f"if len(open({str(calls)!r}).read()) == 1:\n"
+            f"    mgpusim.SimGPU({str(state)!r}, create=False).allocate('comfyui', {mib})\n"
+        )
+
+    changing_after_the_first_question(610)
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=(PY, str(smi)), reader="nvidia-smi"))
+    freed = await reader.read()
+    assert [p.used_mib for p in freed.processes] == [610]  # the list, asked after the free
+    assert freed.used_mib == 610  # the line after the list: nobody's 12,390 MiB is not there
+    assert freed.free_mib == 16384 - 480 - 610
+    # Allocating between them: the line before the list, which has not got it yet, counts.
+    changing_after_the_first_question(13000)
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=(PY, str(smi)), reader="nvidia-smi"))
+    grown = await reader.read()
+    assert [p.used_mib for p in grown.processes] == [13000] and grown.used_mib == 610
+
+
 async def test_concurrent_readers_share_one_query_and_memory_readings_do_not(tmp_path):
     gpu = mgpusim.SimGPU(tmp_path / "gpu.json")
     reader = gpu_reader(m.GpuConfig(nvidia_smi=sim_smi(tmp_path / "gpu.json"), reader="nvidia-smi"))
     readings = await asyncio.gather(*(reader.read() for _ in range(10)))
-    assert reader.queries == 2  # one --query-gpu and one --query-compute-apps, shared by all ten
+    assert reader.queries == 3  # --query-gpu, --query-compute-apps, --query-gpu again: shared by all ten
     assert len({r.started for r in readings}) == 1
     # A memory reading started after the memory changed sees the change, even with one in flight, and
     # costs one nvidia-smi (the GPU line, no process list).
@@ -1932,10 +1971,10 @@ async def test_concurrent_readers_share_one_query_and_memory_readings_do_not(tmp
     memory = await reader.read_memory()
     older = await inflight
     assert memory.used_mib == 2800 and memory.processes == () and memory.started > older.started
-    assert reader.queries == 5
+    assert reader.queries == 7
     # max_age answers from the last whole reading (memory readings are not kept) without a new query.
     again = await reader.read(max_age=60)
-    assert again is older and reader.queries == 5
+    assert again is older and reader.queries == 7
 
 
 async def test_gpu_unavailable_when_nvidia_smi_fails_but_the_broker_serves(rig, tmp_path):
@@ -6465,11 +6504,12 @@ async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_th
     r.sims["mvoice"].faults["unload_no_release"] = True
     await status_until(r, lambda st: st["consumers"]["comfyui"]["vram_used_mib"] == 13000)
     r.gpu.allocate("game", 8000, graphics=True)  # 24096 - 15800 - 8000 = 296 free: both are asked
-    await until(lambda: r.sims["comfyui"].unloads == 1, timeout=30)
+    # comfyui's yield done (its memory seen free) before the game grows into that memory.
+    await until(lambda: r.sims["comfyui"].unloads == 1 and r.stats.yields == 1, timeout=30)
     assert r.sims["mvoice"].unloads == 1  # (never used, both: mvoice, listed first, was asked first)
     r.gpu.allocate("game", 20000, graphics=True)  # 24096 - 2800 - 20000 = 1296 free: short again
     queries = r.broker.gpus[0].queries
-    await until(lambda: r.broker.gpus[0].queries >= queries + 6, timeout=30)  # three polls and more
+    await until(lambda: r.broker.gpus[0].queries >= queries + 9, timeout=30)  # three polls and more
     assert r.sims["mvoice"].unloads == 1 and r.stats.unload_failures == 0
     jobs = [e for e in recent_events(r.broker.events) if e["event"] == "failed" and e["kind"] == "yield"]
     assert [(e["consumer"], e["code"]) for e in jobs] == [("mvoice", "unload_failed")]
@@ -6534,7 +6574,7 @@ async def test_the_gpu_is_read_once_per_poll_s_and_status_shows_that_reading(rig
         await asyncio.sleep(0.02)
     elapsed = time.monotonic() - t0
     polls = 1 + math.ceil(elapsed / 0.5)
-    assert len(seen) <= polls and r.broker.gpus[0].queries - queries <= 2 * polls  # (2 nvidia-smi each)
+    assert len(seen) <= polls and r.broker.gpus[0].queries - queries <= 3 * polls  # (3 nvidia-smi each)
 
 
 async def test_the_state_file_is_written_within_a_second_of_a_change_atomically_and_for_its_user_alone(
@@ -9110,8 +9150,8 @@ async def test_status_shape_and_gpu_read_at_most_once_per_second(rig):
     for _ in range(10):
         await r.status()
     elapsed = time.monotonic() - t0
-    # One reading (two nvidia-smi processes) per started second at most, however many requests.
-    assert r.broker.gpu.queries <= 2 * (1 + int(elapsed))
+    # One reading (three nvidia-smi processes) per started second at most, however many requests.
+    assert r.broker.gpu.queries <= 3 * (1 + int(elapsed))
     top = {"version", "uptime_s", "gpu", "consumers", "scheduler", "gpus", "internal_errors", "state_file"}
     top.add("clients")  # issue 23: {} without auth.clients
     assert set(first) == top and first["state_file"] is None  # (no state_file configured)
