@@ -6372,7 +6372,11 @@ async def test_a_stranger_gets_room_a_job_beside_it_gpu_in_use_and_what_yielded_
         assert "6144 MiB no consumer claims (no process listed: a graphics process" in error["message"]
         assert "c needs 10304 MiB free (8000 + cushion 256 + 2048 kept free for it)" in error["message"]
         b.gpu.release("game")
-        st = await daemon.until(b.session, lambda st: st["consumers"]["b"]["loaded"] is True, timeout=30)
+        st = await daemon.until(
+            b.session,  # (loaded, and the restore's end recorded: a moment after)
+            lambda st: st["consumers"]["b"]["loaded"] is True and st["scheduler"]["stats"]["restores"],
+            timeout=30,
+        )
         assert st["scheduler"]["stats"]["yields"] == 1 and st["scheduler"]["stats"]["restores"] == 1
         events = [
             e for e in await _events(daemon, b.session) if e["event"] in ("stranger", "yielded", "restored")
@@ -6513,6 +6517,7 @@ async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_th
     assert r.sims["mvoice"].unloads == 1 and r.stats.unload_failures == 0
     jobs = [e for e in recent_events(r.broker.events) if e["event"] == "failed" and e["kind"] == "yield"]
     assert [(e["consumer"], e["code"]) for e in jobs] == [("mvoice", "unload_failed")]
+    assert r.stats.yields == 1  # comfyui's: mvoice's, which freed nothing, is not counted as a yield
 
 
 async def test_status_metrics_events_and_ps_show_the_stranger_and_what_yielded_for_it(rig, capsys):
