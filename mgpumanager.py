@@ -67,11 +67,12 @@ Sections, in dependency order:
   decisions, each a function of a snapshot: ``plan_room`` (eviction, and what fits beside a stranger),
   ``plan_yield`` (whom to unload for a stranger), ``unclaimed_mib`` (what no consumer claims), ``next_grant``
   (the grant order, with ``fair_key``: fair share between clients), ``needs_no_swap`` (the "warm" both use),
-  ``expected_waits`` (the forecast, and ``queue_entries``, the queue as status shows it); ``WaitQueue`` (the
+  ``expected_waits`` (the forecast, and ``queue_entries``, the queue as status shows it),
+  ``admission_refusal`` (whom a queue turns away at its door); ``WaitQueue`` (the
   waiting jobs: a ``Lane`` per priority and client, a bucket per consumer in each), ``QueuedEvents`` (each
   waiting job's ``queued`` event, one forecast per turn of the loop), ``GpuTime`` (each client's held seconds
-  over the fair window); ``GpuLock`` (the lock core: admission to the queue, ``max_queued`` and ``max_queue``,
-  grants, release, each consumer's job count); ``Strangers`` (what a GPU's readings show that no consumer
+  over the fair window); ``GpuLock`` (the lock core: admission to the queue, grants,
+  release, each consumer's job count); ``Strangers`` (what a GPU's readings show that no consumer
   claims); ``RoomMaker`` (carries a plan out, loads); ``Holds``; ``Reservations``; ``JobLease`` and
   ``Scheduler`` (one per GPU: composes its parts, hands out leases, sends a reload's queued jobs on:
   ``forget``); ``InternalJobs`` (idle unloads, preloads, yields and restores, on every GPU); ``Yielding``
@@ -5817,7 +5818,7 @@ def queue_snapshot(lock: GpuLock, rooms: RoomMaker, config: Config) -> QueueSnap
         sched.max_evictions,
         sched.aging_s,
         sched.max_overtake_s,
-        lock.served(lock.waiting.clients(), now),
+        lock.use.served(lock.waiting.clients(), now, sched.fair_window_s),
     )
 
 
@@ -6104,6 +6105,10 @@ class GpuTime:
         """A job (or hold) of ``client`` gave its slot back."""
         self._step(client, now, -1, window_s)
 
+    def served(self, clients: Iterable[str | None], now: float, window_s: float) -> dict[str | None, float]:
+        """Each of ``clients``' GPU time within the last ``window_s`` seconds (the grant order's snapshot)."""
+        return {client: self.seconds(client, now, window_s) for client in clients}
+
     def seconds(self, client: str | None, now: float, window_s: float) -> float:
         """``client``'s GPU time within the last ``window_s`` seconds."""
         book = self._books.get(client)
@@ -6166,6 +6171,30 @@ class QueuedEvents:
             self.announce()
         except Exception as e:
             self.recorder.internal_error("queued events crashed", e)
+
+
+def retry_after(eta: float | None) -> int:
+    """Retry-After for a refused job: the seconds until the job it names is expected to run, at least 1."""
+    return max(1, math.ceil(eta)) if eta is not None else 1
+
+
+def admission_refusal(
+    job: Job, waiting: WaitQueue, config: Config, eta: Callable[[Job | str | None], float | None]
+) -> BrokerError | None:
+    """Whether a GPU's queue turns ``job`` away at its door: its client's ``max_queued`` first (the client
+    that fills its own share is told so, whatever room is left), then ``max_queue``. The Retry-After of a
+    refusal is the wait expected for the client's first waiting job (of a full queue: for the first one)."""
+    client = config.auth.clients.get(job.client) if job.client is not None else None
+    if client is not None and client.max_queued is not None:
+        mine = waiting.of_client(client.name)
+        if mine >= client.max_queued:
+            message = f"client {client.name} has {mine} jobs waiting already (its max_queued)"
+            wait = retry_after(eta(client.name))
+            return BrokerError("client_queue_full", message, job.consumer, retry_after=wait)
+    if len(waiting) >= config.scheduler.max_queue:
+        message = f"{len(waiting)} jobs are waiting already"
+        return BrokerError("queue_full", message, job.consumer, retry_after=retry_after(eta(None)))
+    return None
 
 
 class GpuLock:
@@ -6250,21 +6279,12 @@ class GpuLock:
         slot. Raised (a refusal, a cancellation, a bug), it waits no more; one granted meanwhile (a waiter
         cancelled while being woken) holds its slot until its end gives it back (``Scheduler.ended_by``,
         which its caller runs), and that release passes the grant on."""
-        cfg = self.config.scheduler
         if self.closing:
             raise BrokerError("shutting_down", "the broker is shutting down", job.consumer)
-        client = self.config.auth.clients.get(job.client) if job.client is not None else None
-        if client is not None and client.max_queued is not None:
-            mine = self.waiting.of_client(client.name)
-            if mine >= client.max_queued:
-                # Before max_queue: the client that fills its own share is told so, whatever room is left.
-                message = f"client {client.name} has {mine} jobs waiting already (its max_queued)"
-                wait = retry_after(self.eta(client.name))
-                raise BrokerError("client_queue_full", message, job.consumer, retry_after=wait)
-        if len(self.waiting) >= cfg.max_queue:
-            message = f"{len(self.waiting)} jobs are waiting already"
-            raise BrokerError("queue_full", message, job.consumer, retry_after=retry_after(self.eta(None)))
-        timer = asyncio.get_running_loop().call_later(cfg.queue_timeout_s, self._expire, job)
+        if (refusal := admission_refusal(job, self.waiting, self.config, self.eta)) is not None:
+            raise refusal
+        timeout_s = self.config.scheduler.queue_timeout_s
+        timer = asyncio.get_running_loop().call_later(timeout_s, self._expire, job)
         self.waiting.append(job)
         try:
             self.queued.add(job)
@@ -6300,11 +6320,6 @@ class GpuLock:
         room = (c.max_concurrency if c is not None else 0) - self.slots
         return Holder(self.holder, self.exclusive, room)
 
-    def served(self, clients: Iterable[str | None], now: float) -> dict[str | None, float]:
-        """The GPU time of each of ``clients`` over the last fair_window_s: the grant order's snapshot."""
-        window = self.config.scheduler.fair_window_s
-        return {client: self.use.seconds(client, now, window) for client in clients}
-
     def dispatch(self) -> bool:
         """Grant the lock (or further slots of the holder) as ``next_grant`` says; whether anyone got it."""
         granted = False
@@ -6316,7 +6331,7 @@ class GpuLock:
             candidates = self.waiting.candidates(self.warm, self.holder)
             clients = {j.client for j in candidates}
             # (One client, or none: the fair order is the arrival order.)
-            served = self.served(clients, now) if len(clients) > 1 else None
+            served = self.use.served(clients, now, sched.fair_window_s) if len(clients) > 1 else None
             job = next_grant(
                 candidates,
                 self._holder(),
@@ -6386,24 +6401,6 @@ class GpuLock:
         self.closing = True
         for job in [j for j in self.waiting if not j.granted.done()]:
             self.refuse(job, BrokerError("shutting_down", "the broker is shutting down", job.consumer))
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no job or hold holds the lock, at most ``timeout_s``; whether it got idle."""
-        try:
-            await asyncio.wait_for(self.idle.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            return False
-        return True
-
-    def queue(self) -> list[Job]:
-        """Waiting jobs, highest effective priority first, then by arrival."""
-        now, aging_s = self.clock(), self.config.scheduler.aging_s
-        return sorted(self.waiting, key=lambda j: (-effective_priority(j, now, aging_s), j.arrived, j.id))
-
-
-def retry_after(eta: float | None) -> int:
-    """Retry-After for a refused job: the seconds until the job it names is expected to run, at least 1."""
-    return max(1, math.ceil(eta)) if eta is not None else 1
 
 
 class UnloadOps(Protocol):
@@ -7418,7 +7415,10 @@ class Scheduler:
     def queue(self) -> list[Job]:
         """Waiting jobs, highest effective priority first, then by arrival (``forecast`` gives the order
         with overtaking and the expected waits)."""
-        return self.lock.queue()
+        now, aging_s = self.clock(), self.config.scheduler.aging_s
+        return sorted(
+            self.lock.waiting, key=lambda j: (-effective_priority(j, now, aging_s), j.arrived, j.id)
+        )
 
     # ---- jobs: admission, the lease, the end ---------------------------------------------------------
 
@@ -7494,13 +7494,10 @@ class Scheduler:
             raise self.reservations.refusal(consumer)
         if not exclusive and (refusal := self.rooms.beside_strangers(target)) is not None:
             raise refusal  # (as gpu_reserved: before it is a job, so it is not counted)
-        if priority is not None:
-            level = priority
-        elif exclusive:
-            level = PRIORITY_MAX
-        else:
-            level = spec.priority if spec is not None and spec.priority is not None else target.priority
-        return self.new_job(target, kind, level, exclusive=exclusive, request_id=request_id, client=client)
+        if priority is None:
+            own = spec.priority if spec is not None else None  # (the client's)
+            priority = PRIORITY_MAX if exclusive else own if own is not None else target.priority
+        return self.new_job(target, kind, priority, exclusive=exclusive, request_id=request_id, client=client)
 
     def new_job(
         self,
@@ -7709,17 +7706,17 @@ class Scheduler:
             return next((eta for j, eta in self.forecast() if j.client == job), None)
         return next((eta for j, eta in self.forecast(until=job) if j is job), None)
 
-    def client_use(self, name: str) -> dict[str, Any]:
-        """A client's jobs and GPU time on this GPU: waiting, holding slots, ended, held seconds over the
-        fair window."""
-        lock = self.lock
-        now = self.clock()
-        return {
-            "queued": lock.waiting.of_client(name),
-            "running": sum(j.client == name for j in lock.taken),
-            "jobs_total": self.recorder.client_jobs.get(name, 0),
-            "gpu_s_window": lock.use.seconds(name, now, self.config.scheduler.fair_window_s),
-        }
+
+def client_use(s: Scheduler, name: str) -> dict[str, Any]:
+    """A client's jobs and GPU time on one GPU, for status: waiting, holding slots, ended, held seconds over
+    the fair window."""
+    lock, now = s.lock, s.clock()
+    return {
+        "queued": lock.waiting.of_client(name),
+        "running": sum(j.client == name for j in lock.taken),
+        "jobs_total": s.recorder.client_jobs.get(name, 0),
+        "gpu_s_window": lock.use.seconds(name, now, s.config.scheduler.fair_window_s),
+    }
 
 
 # ---- internal jobs: idle unloads and preloads -------------------------------------------------------
@@ -9492,7 +9489,7 @@ class Broker:
         """Each client's jobs and GPU time, on every GPU together (/v1/status's ``clients``)."""
         out = {}
         for name, c in self.config.auth.clients.items():
-            use = [s.client_use(name) for _, s in sorted(self.schedulers.items())]
+            use = [client_use(s, name) for _, s in sorted(self.schedulers.items())]
             total = {key: sum(u[key] for u in use) for key in ("queued", "running", "jobs_total")}
             gpu_s = round(sum(u["gpu_s_window"] for u in use), 3)
             out[name] = {**total, "gpu_s_window": gpu_s, "priority": c.priority, "max_queued": c.max_queued}
@@ -11051,9 +11048,9 @@ async def _drain(app: web.Application) -> None:
                     holds=s.holds,
                 )
             )
-    idle = await asyncio.gather(*(s.lock.wait_idle(timeout) for s in schedulers))
-    for s, done in zip(schedulers, idle, strict=True):
-        if not done:
+    idle = [asyncio.wait_for(s.lock.idle.wait(), timeout) for s in schedulers]
+    for s, waited in zip(schedulers, await asyncio.gather(*idle, return_exceptions=True), strict=True):
+        if waited is not None:  # (asyncio.TimeoutError: it is not idle yet)
             log.warning(
                 logfmt(
                     msg="shutting down: cutting what still runs",

@@ -3116,11 +3116,12 @@ class CheckedScheduler(m.Scheduler):
         def checked() -> bool:
             lock, now = self.lock, self.clock()
             aging_s, bound = self.config.scheduler.aging_s, self.config.scheduler.max_overtake_s
+            window = self.config.scheduler.fair_window_s
             waiting = [j for j in lock.waiting if not j.granted.done()]
             holder, exclusive = lock.holder, lock.exclusive
             overtaken = {j.id: j.overtaken_since for j in waiting}
             # The clients' GPU time the grant order reads (the fair order; one client: arrival).
-            served = lock.served({j.client for j in waiting}, now)
+            served = lock.use.served({j.client for j in waiting}, now, window)
             result = dispatch()
             granted = [j for j in waiting if j.state == "running"]
             if result != bool(granted):
@@ -3165,7 +3166,7 @@ class CheckedScheduler(m.Scheduler):
                 aging_s=aging_s,
                 max_overtake_s=bound,
                 warm=lock.warm,
-                served=lock.served({j.client for j in lock.waiting}, now),
+                served=lock.use.served({j.client for j in lock.waiting}, now, window),
             )
             if still is not None:
                 raise InvariantBroken(f"{still} should have been granted too")
@@ -3702,7 +3703,7 @@ async def test_among_equals_the_client_with_the_least_gpu_time_goes_first(client
     clock.now += 1
     q_next = await _queued(s, "t", q)
     clock.now += 4
-    assert s.client_use("p")["gpu_s_window"] == (5.0 if clients else 0.0)
+    assert m.client_use(s, "p")["gpu_s_window"] == (5.0 if clients else 0.0)
     order = await _granted_in_turn(s, clock, running, job_s=1)
     expected = [q_next.result(), p_next.result()] if clients else [p_next.result(), q_next.result()]
     assert order == expected
@@ -3727,7 +3728,7 @@ async def test_a_warm_job_that_passes_a_less_served_clients_job_overtakes_it():
     q_x = await _queued(s, "x", "q")
     running.release("completed", status=200, success=True)
     granted = await asyncio.wait_for(p_t, 5)
-    assert not q_x.done() and s.lock.queue()[0].overtaken_since == clock.now
+    assert not q_x.done() and s.queue()[0].overtaken_since == clock.now
     granted.release("completed", status=200, success=True)
     (await q_x).release("completed")
     assert books_balance(s)
@@ -3761,7 +3762,7 @@ async def test_fair_share_keeps_the_batches_of_a_bound_that_applies():
             ts.append(await _queued(s, "t", "p"))  # p keeps its jobs coming
     consumers = "".join(j.consumer for j in granted)
     assert consumers == "ttttt" + "x" * 10, consumers  # one swap, after 5 s of overtaking
-    assert s.client_use("q")["gpu_s_window"] > s.client_use("p")["gpu_s_window"]
+    assert m.client_use(s, "q")["gpu_s_window"] > m.client_use(s, "p")["gpu_s_window"]
     job.release("completed")
     for t in ts:
         (await t).release("completed")
