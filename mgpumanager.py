@@ -5560,6 +5560,12 @@ def plan_yield(
     return tuple(victims)
 
 
+def held_mib(reading: GpuReading, name: str) -> int:
+    """MiB the processes a reading attributes to consumer ``name`` hold in it."""
+    owners = reading.owners
+    return sum(p.used_mib or 0 for p in reading.processes if p.pid is not None and owners.get(p.pid) == name)
+
+
 def _charged(
     consumers: Mapping[str, ConsumerView], used_mib: int | None, besides: str | None = None
 ) -> dict[str, int]:
@@ -6797,15 +6803,19 @@ class RoomMaker:
         self, job: Job, victim: str, size: int, before: int, need: int, *, by: str | None = None
     ) -> tuple[GpuReading, bool]:
         """After an eviction (or a yield: ``by``): poll until the target fits (``need`` MiB free), the
-        victim's memory (``size`` MiB) shows up as free, or ``vram_wait_s`` passed; the last reading, and
-        whether the memory came free. The victim is then not resident, or unknown if some but too little
-        came free."""
+        victim's memory (``size`` MiB) came free, or ``vram_wait_s`` passed; the last reading, and whether
+        the memory came free: what shows up as free, or for a victim measured by its processes, what they
+        no longer hold (a game that takes memory the moment it comes free leaves the free figure where
+        it was). The victim is then not resident, or unknown if some but too little came
+        free (a measured one whose processes still hold it: its next reading tells)."""
         freed = False
         wait_s = self.config.scheduler.vram_wait_s
         deadline = self.clock() + wait_s
         enough_freed = FREED_SHARE * size
         took: float | None = None
         state = self.states[victim]
+        c = self.config.consumers.get(victim)
+        measured = c is not None and c.processes is not None  # (its readings are whole: read)
         while True:
             started = self.clock()
             try:
@@ -6814,15 +6824,16 @@ class RoomMaker:
                 state.unconfirmed()
                 raise
             free = reading.free_mib if reading.free_mib is not None else before
-            if free >= need or free - before >= enough_freed:
+            released = max(free - before, size - held_mib(reading, victim) if measured else 0)
+            if free >= need or released >= enough_freed:
                 state.unloaded()
                 freed = True
                 took = self.clock() - self._unload_started.pop(victim)
                 break
             if self.clock() >= deadline:
-                # Nothing came free: it most likely held nothing (its residency was a guess). Some did:
-                # it may still be freeing the rest.
-                if free - before < NOTHING_FREED_SHARE * size:
+                # Nothing came free: unmeasured, it most likely held nothing (its residency was a guess).
+                # Some did, or its processes still hold it: it may still be freeing the rest.
+                if not measured and released < NOTHING_FREED_SHARE * size:
                     state.unloaded()
                 else:
                     state.unconfirmed()

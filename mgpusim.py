@@ -45,13 +45,15 @@ import time
 #  "processes": [{"pid": 41001, "name": "/opt/mvoice/.venv/bin/python3", "owner": "mvoice",
 #                  "used_mib": 2800, "gpu_uuid": "GPU-..."},
 #                 {"pid": 41002, "name": "/usr/games/game", "owner": "game", "used_mib": 8192,
-#                  "gpu_uuid": "GPU-...", "graphics": true}],
+#                  "gpu_uuid": "GPU-...", "graphics": true, "wants_mib": 12288}],
 #  "faults": {"smi": "hang" | "fail" | "garbage", "smi_delay_s": 0.2,
 #             "nvml": {"call": "nvmlDeviceGetMemoryInfo_v2", "error": 15} | {"hang": true}},
 #  "ooms": [{"owner": "comfyui", "wanted_mib": 13610, "free_mib": 9000}]}
 # memory.used = the GPU's processes' used_mib summed (null: unknown, nvidia-smi's [N/A], counted 0);
 # memory.free = total - reserved - used (at least 0). A "graphics" process (a game) counts in memory.used
 # but is not in --query-compute-apps' list (nor NVML's compute processes), as with the real tool.
+# A process with "wants_mib" (a greedy game) takes free memory towards it in every write, so memory freed
+# in a write is never seen free while it wants more.
 # "ooms" records every allocation that did not fit (a real service gets CUDA out-of-memory there).
 
 UUID_PREFIX = "GPU-5157a3c0-0000-4000-8000-"
@@ -72,6 +74,17 @@ def used_mib_on(state: dict[str, Any], gpu: dict[str, Any]) -> int:
 def free_mib_on(state: dict[str, Any], gpu: dict[str, Any]) -> int:
     """memory.free of one GPU: total - reserved - used, never below 0."""
     return max(0, gpu["total_mib"] - gpu["reserved_mib"] - used_mib_on(state, gpu))
+
+
+def feed_greedy(state: dict[str, Any]) -> None:
+    """Each process that wants more (``wants_mib``: a game streaming its textures in as fast as it can)
+    takes the free memory of its GPU towards what it wants."""
+    for p in state["processes"]:
+        if p.get("wants_mib") is None:
+            continue
+        gpu = next(g for g in state["gpus"] if g["uuid"] == p["gpu_uuid"])
+        held = p["used_mib"] or 0
+        p["used_mib"] = held + max(0, min(p["wants_mib"] - held, free_mib_on(state, gpu)))
 
 
 # ---- nvidia-smi ----
@@ -384,7 +397,9 @@ class SimGPU:
             yield
 
     def _write(self, state: dict[str, Any]) -> None:
-        """Write the state to a temporary file in the same directory, then rename it over the old one."""
+        """Write the state to a temporary file in the same directory, then rename it over the old one; a
+        greedy process has taken what it could first (``feed_greedy``)."""
+        feed_greedy(state)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, self.path)
@@ -478,6 +493,17 @@ class SimGPU:
                     }
                 )
             return held + take
+
+    def greedy(self, owner: str, mib: int, gpu: int = 0, *, process: str | None = None) -> None:
+        """A greedy graphics process (a game): it takes free memory towards `mib` now, and in every later
+        write that frees some (the one that frees it), so no reading sees that memory free while it
+        wants more."""
+        with self.edit() as state:
+            uuid = self._gpu(state, gpu)["uuid"]
+            name = process or PROCESS_PREFIX + owner
+            state["processes"] = [p for p in state["processes"] if p.get("owner", p["name"]) != owner]
+            entry = {"pid": fake_pid(name), "name": name, "owner": owner, "used_mib": 0, "gpu_uuid": uuid}
+            state["processes"].append(entry | {"graphics": True, "wants_mib": int(mib)})
 
     def release(self, owner: str) -> None:
         """Remove the owner's process entry (its memory becomes free)."""

@@ -6526,6 +6526,35 @@ async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_th
     assert [(e["consumer"], e["code"]) for e in jobs] == [("mvoice", "unload_failed")]
 
 
+async def test_a_yield_whose_memory_a_greedy_game_takes_at_once_still_freed_it(rig):
+    """A game that takes memory the moment it comes free leaves the free figure where it was: whether a
+    yield freed its memory is read from the victim's own processes, which no longer hold it. Both idle
+    consumers yield, each counted once, and none is an unload_failed job."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        _yielding()(raw)
+        raw["scheduler"]["vram_wait_s"] = 2
+
+    r = await rig(
+        total_mib=24576, sims={"mvoice": {"loaded": True}, "comfyui": {"loaded": True}}, tweak=tweak
+    )
+    await status_until(r, lambda st: st["consumers"]["comfyui"]["vram_used_mib"] == 13000)
+    r.gpu.greedy("game", 20000)  # takes the 8296 MiB free, and whatever comes free later
+    assert r.gpu.free_mib() == 0
+    await until(lambda: r.stats.yields == 2, timeout=30)
+    assert r.sims["mvoice"].unloads == 1 and r.sims["comfyui"].unloads == 1
+    assert r.gpu.used_mib("game") == 20000 and r.gpu.free_mib() == 4096
+    events = recent_events(r.broker.events)
+    ends = [
+        (e["event"], e["consumer"])
+        for e in events
+        if e["event"] in ("finished", "failed") and e["kind"] == "yield"
+    ]
+    assert sorted(ends) == [("finished", "comfyui"), ("finished", "mvoice")], ends
+    assert not [e for e in events if e["event"] == "memory_not_freed"]
+    assert r.broker.consumers.states["mvoice"].resident is False
+
+
 async def test_status_metrics_events_and_ps_show_the_stranger_and_what_yielded_for_it(rig, capsys):
     r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(restore_after_s=0.5))
     await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
