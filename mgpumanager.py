@@ -6792,7 +6792,7 @@ class RoomMaker:
     async def yield_to(self, job: Job, victim: str, reading: GpuReading, keep_free_mib: int) -> bool:
         """Unload an idle consumer for a stranger (``reading``: the one that chose it) and wait, as an
         eviction does, until its memory shows up free (or ``keep_free_mib`` is): the next decision reads
-        it free. Then ``yielded`` is recorded. Whether its memory came free."""
+        it free. Then, if it did, ``yielded`` is recorded. Whether its memory came free."""
         assert self.strangers is not None
         size = _charged(self.views(), reading.used_mib).get(victim, 0)
         await self.unload(job, victim, by="yield", fields=self.strangers.fields())
@@ -6847,7 +6847,7 @@ class RoomMaker:
             self.recorder.record(
                 "evicted", consumer=victim, for_consumer=job.consumer, free_mib=reading.free_mib
             )
-        else:
+        elif freed:  # (a yield that freed nothing is not one: its job fails, unload_failed)
             fields = self.strangers.fields() if self.strangers is not None else {}
             self.recorder.record(f"unloaded_{by}", consumer=victim, by=by, job=job.id, **fields)
         if took is not None:

@@ -6524,6 +6524,7 @@ async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_th
     assert r.sims["mvoice"].unloads == 1 and r.stats.unload_failures == 0
     jobs = [e for e in recent_events(r.broker.events) if e["event"] == "failed" and e["kind"] == "yield"]
     assert [(e["consumer"], e["code"]) for e in jobs] == [("mvoice", "unload_failed")]
+    assert r.stats.yields == 1  # comfyui's: mvoice's, which freed nothing, is not counted as a yield
 
 
 async def test_a_yield_whose_memory_a_greedy_game_takes_at_once_still_freed_it(rig):
