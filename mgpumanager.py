@@ -6351,7 +6351,7 @@ class GpuLock:
                 return granted
             self.queued.announce(job)  # (its queued event before its grant)
             self.waiting.remove(job)
-            if min(candidates, key=lambda j: fair_key(j, served)) is not job:
+            if len(candidates) > 1 and min(candidates, key=lambda j: fair_key(j, served)) is not job:
                 self.waiting.overtaken(job, now, sched.aging_s, served)
             if self.holder is None:
                 self.held_since = now

@@ -2348,6 +2348,36 @@ async def test_nvml_reader_gives_exactly_the_reading_nvidia_smis_parser_gives_fo
             await proc.wait()
 
 
+async def test_an_nvml_whole_reading_shows_no_memory_its_process_list_cannot_account_for(nvml):
+    """NVML's memory and its process list are two calls, as nvidia-smi's are two questions
+    (test_a_whole_reading_shows_no_memory_its_process_list_cannot_account_for): the memory is asked again
+    after the list and the one with less used counts. The stub holds the list's call (its hang fault)
+    while comfyui's memory changes, then answers it from the changed state."""
+    call = "nvmlDeviceGetComputeRunningProcesses_v3"
+    nvml.gpu.allocate("comfyui", 13000)
+
+    async def changing_during_the_list(mib: int) -> m.GpuReading:
+        nvml.gpu.set_nvml_fault(call, hang=True)
+        asked = len(nvml.calls(call))
+        reader = gpu_reader(nvml_config())
+        try:
+            reading = asyncio.ensure_future(reader.read())
+            await until(lambda: len(nvml.calls(call)) > asked)  # the memory answered, the list held
+            nvml.gpu.allocate("comfyui", mib)
+            nvml.gpu.set_nvml_fault(None)
+            return await asyncio.wait_for(reading, 10)
+        finally:
+            await reader.close()
+
+    freed = await changing_during_the_list(610)
+    assert [p.used_mib for p in freed.processes] == [610]  # the list, answered after the free
+    assert freed.used_mib == 610  # the memory after the list: nobody's 12,390 MiB is not there
+    assert freed.free_mib == 16384 - 480 - 610
+    # Allocating meanwhile: the memory before the list, which has not got it yet, counts.
+    grown = await changing_during_the_list(13000)
+    assert [p.used_mib for p in grown.processes] == [13000] and grown.used_mib == 610
+
+
 async def test_nvml_memory_info_v1_where_v2_is_missing_counts_the_reserved_memory_as_used(nvml, caplog):
     """A driver before R510 has no memory info v2: the reader says so once and reads v1, where the reserved
     memory counts as used (as that driver's nvidia-smi showed it); free is the same."""
