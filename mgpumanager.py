@@ -67,16 +67,15 @@ Sections, in dependency order:
   decisions, each a function of a snapshot: ``plan_room`` (eviction, and what fits beside a stranger),
   ``plan_yield`` (whom to unload for a stranger), ``unclaimed_mib`` (what no consumer claims), ``next_grant``
   (the grant order, with ``fair_key``: fair share between clients), ``needs_no_swap`` (the "warm" both use),
-  ``expected_waits`` (the forecast, and ``queue_entries``, the queue as status shows it),
-  ``admission_refusal`` (whom a queue turns away at its door); ``WaitQueue`` (the
+  ``expected_waits`` (the forecast, and ``queue_entries``, the queue as status shows it); ``WaitQueue`` (the
   waiting jobs: a ``Lane`` per priority and client, a bucket per consumer in each), ``QueuedEvents`` (each
   waiting job's ``queued`` event, one forecast per turn of the loop), ``GpuTime`` (each client's held seconds
-  over the fair window); ``GpuLock`` (the lock core: admission to the queue, grants,
-  release, each consumer's job count); ``Strangers`` (what a GPU's readings show that no consumer
-  claims); ``RoomMaker`` (carries a plan out, loads); ``Holds``; ``Reservations``; ``JobLease`` and
-  ``Scheduler`` (one per GPU: composes its parts, hands out leases, sends a reload's queued jobs on:
-  ``forget``); ``InternalJobs`` (idle unloads, preloads, yields and restores, on every GPU); ``Yielding``
-  (when to yield and restore: the poll of gpu.yield).
+  over the fair window); ``admission_refusal`` (whom a queue turns away at its door) and ``GpuLock`` (the
+  lock core: admission to the queue, grants, release, each consumer's job count); ``Strangers`` (what a
+  GPU's readings show that no consumer claims); ``RoomMaker`` (carries a plan out, loads); ``Holds``;
+  ``Reservations``; ``JobLease`` and ``Scheduler`` (one per GPU: composes its parts, hands out leases,
+  sends a reload's queued jobs on: ``forget``); ``InternalJobs`` (idle unloads, preloads, yields and
+  restores, on every GPU); ``Yielding`` (when to yield and restore: the poll of gpu.yield).
 - The proxy: ``forward`` and ``forward_job`` (``relay``, streamed), the holds' polls, WebSockets.
 - The broker: ``StateFile`` (what a restart keeps: ``parse_state``, an atomic write), ``Broker``, the
   composition root (its ``clients``: each client's use, for status), ``client_changes`` (what a reload
@@ -4247,8 +4246,9 @@ class ConsumerState:
     between readings (a restart), a health round missed.
     [4] A failed probe clears it. An observation that finds it resident sets it, unless something put it
     in doubt after that observation began.
-    [5] An eviction also waits for its memory to show up free; if some but not most does in vram_wait_s,
-    it is ``unconfirmed``.
+    [5] An eviction (or a yield) also waits for its memory to come free (free memory rising, or for one
+    measured by its processes, those no longer holding it); if some but not most does in vram_wait_s, or
+    a measured one's processes still hold it, it is ``unconfirmed``.
     While the broker unloads or loads it, observations change its memory figures but not its residency.
     """
 
@@ -5560,10 +5560,14 @@ def plan_yield(
     return tuple(victims)
 
 
-def held_mib(reading: GpuReading, name: str) -> int:
-    """MiB the processes a reading attributes to consumer ``name`` hold in it."""
+def held_mib(reading: GpuReading, name: str, pids: Collection[int] = ()) -> int:
+    """MiB a reading's processes of consumer ``name`` hold: those it attributes to it, and ``pids``."""
     owners = reading.owners
-    return sum(p.used_mib or 0 for p in reading.processes if p.pid is not None and owners.get(p.pid) == name)
+    return sum(
+        p.used_mib or 0
+        for p in reading.processes
+        if p.pid is not None and (p.pid in pids or owners.get(p.pid) == name)
+    )
 
 
 def _charged(
@@ -6557,7 +6561,7 @@ class Strangers:
 
 class RoomMaker:
     """Making room on one GPU for a granted job, as ``plan_room`` decides: the GPU readings, the victims'
-    unloads, waiting for their memory to show up free, then the target's load; a target in doubt is asked
+    unloads, waiting for their memory to come free, then the target's load; a target in doubt is asked
     first. Serialised (``lock``): two jobs never evict at once. A failure raises BrokerError."""
 
     def __init__(
@@ -6743,14 +6747,14 @@ class RoomMaker:
                 message = room_message(plan_room(snap), snap, whole.processes, self.ops.owners())
                 raise BrokerError("insufficient_vram", message, job.consumer)
             victim = plan.victims[0]
-            size = snap.consumers[victim].holds_mib
+            size, pids = snap.consumers[victim].holds_mib, self.states[victim].pids
             try:
                 await self.unload(job, victim)
             except BrokerError:
                 tried[victim] = "unload failed"
                 continue
             reading, freed = await self._wait_for_memory(
-                job, victim, size, reading.free_mib or 0, plan.need_mib
+                job, victim, size, pids, reading.free_mib or 0, plan.need_mib
             )
             waited = self.config.scheduler.vram_wait_s
             tried[victim] = "unloaded" if freed else f"unloaded, memory not freed within {waited:g} s"
@@ -6791,40 +6795,52 @@ class RoomMaker:
 
     async def yield_to(self, job: Job, victim: str, reading: GpuReading, keep_free_mib: int) -> bool:
         """Unload an idle consumer for a stranger (``reading``: the one that chose it) and wait, as an
-        eviction does, until its memory shows up free (or ``keep_free_mib`` is): the next decision reads
-        it free. Then, if it did, ``yielded`` is recorded. Whether its memory came free."""
+        eviction does, until its memory came free (or ``keep_free_mib`` is free): the next decision is
+        made from that reading. Then, if it did, ``yielded`` is recorded. Whether its memory came free."""
         assert self.strangers is not None
         size = _charged(self.views(), reading.used_mib).get(victim, 0)
+        pids = self.states[victim].pids
         await self.unload(job, victim, by="yield", fields=self.strangers.fields())
         before = reading.free_mib or 0
-        return (await self._wait_for_memory(job, victim, size, before, keep_free_mib, by="yield"))[1]
+        freed = await self._wait_for_memory(job, victim, size, pids, before, keep_free_mib, by="yield")
+        return freed[1]
 
     async def _wait_for_memory(
-        self, job: Job, victim: str, size: int, before: int, need: int, *, by: str | None = None
+        self,
+        job: Job,
+        victim: str,
+        size: int,
+        pids: frozenset[int],
+        before: int,
+        need: int,
+        *,
+        by: str | None = None,
     ) -> tuple[GpuReading, bool]:
         """After an eviction (or a yield: ``by``): poll until the target fits (``need`` MiB free), the
         victim's memory (``size`` MiB) came free, or ``vram_wait_s`` passed; the last reading, and whether
         the memory came free: what shows up as free, or for a victim measured by its processes, what they
-        no longer hold (a game that takes memory the moment it comes free leaves the free figure where
-        it was). The victim is then not resident, or unknown if some but too little came
-        free (a measured one whose processes still hold it: its next reading tells)."""
+        no longer hold (``pids``: its processes before the unload, counted whether or not a reading still
+        tells whose they are: a process that exits has no name any more before its memory goes; a game
+        that takes memory the moment it comes free leaves the free figure where it was). The victim is
+        then not resident, or unknown if some but too little came free (a measured one whose processes
+        still hold it: its next reading tells)."""
         freed = False
         wait_s = self.config.scheduler.vram_wait_s
         deadline = self.clock() + wait_s
         enough_freed = FREED_SHARE * size
         took: float | None = None
         state = self.states[victim]
-        c = self.config.consumers.get(victim)
-        measured = c is not None and c.processes is not None  # (its readings are whole: read)
         while True:
             started = self.clock()
+            c = self.config.consumers.get(victim)
+            measured = c is not None and c.processes is not None  # (then this reading is whole: read)
             try:
                 reading = await self.read(job)
             except BaseException:
                 state.unconfirmed()
                 raise
             free = reading.free_mib if reading.free_mib is not None else before
-            released = max(free - before, size - held_mib(reading, victim) if measured else 0)
+            released = max(free - before, size - held_mib(reading, victim, pids) if measured else 0)
             if free >= need or released >= enough_freed:
                 state.unloaded()
                 freed = True
@@ -7936,7 +7952,7 @@ class InternalJobs:
             if not freed:  # (not asked again while this stranger stays: its unload frees nothing)
                 waited = self.config.scheduler.vram_wait_s
                 raise BrokerError(
-                    "unload_failed", f"{name}'s memory did not show up free within {waited:g} s", name
+                    "unload_failed", f"{name}'s memory did not come free within {waited:g} s", name
                 )
 
     async def _restore_if_fits(self, job: Job) -> None:
@@ -11037,6 +11053,15 @@ async def handle_favicon(request: web.Request) -> web.Response:
     return web.Response(body=FAVICON_PNG, content_type="image/png", headers=headers)
 
 
+async def idle_within(lock: GpuLock, timeout_s: float) -> bool:
+    """Wait until no job or hold holds ``lock``, at most ``timeout_s``; whether it got idle."""
+    try:
+        await asyncio.wait_for(lock.idle.wait(), timeout_s)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
 async def _drain(app: web.Application) -> None:
     """On shutdown: refuse new jobs, answer queued ones, let running jobs and holds finish (bounded)."""
     broker = app[BROKER]
@@ -11059,9 +11084,9 @@ async def _drain(app: web.Application) -> None:
                     holds=s.holds,
                 )
             )
-    idle = [asyncio.wait_for(s.lock.idle.wait(), timeout) for s in schedulers]
-    for s, waited in zip(schedulers, await asyncio.gather(*idle, return_exceptions=True), strict=True):
-        if waited is not None:  # (asyncio.TimeoutError: it is not idle yet)
+    idle = await asyncio.gather(*(idle_within(s.lock, timeout) for s in schedulers))
+    for s, done in zip(schedulers, idle, strict=True):
+        if not done:
             log.warning(
                 logfmt(
                     msg="shutting down: cutting what still runs",

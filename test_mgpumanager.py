@@ -6586,6 +6586,36 @@ async def test_a_yield_whose_memory_a_greedy_game_takes_at_once_still_freed_it(r
     assert r.broker.consumers.states["mvoice"].resident is False
 
 
+@no_overfill
+async def test_a_victim_whose_process_loses_its_name_before_its_memory_is_waited_for_still(rig):
+    """A process that exits has no name any more (its /proc cmdline is empty) a moment before its memory
+    goes: the reading lists it, but no consumer's ``processes`` match it. What the victim's processes
+    before the unload still hold is its memory all the same: the eviction waits for it to come free, and
+    mvoice then runs (read from the attribution alone, comfyui's memory was gone at once, and there was no
+    room and no other victim: insufficient_vram)."""
+
+    def measured(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["processes"] = {"name": "*/ComfyUI/*"}
+        raw["consumers"]["mvoice"]["processes"] = {"name": "*/mvoice/*"}
+
+    sims = {"comfyui": {"loaded": True, "release_s": 0.5}, "mvoice": {"loaded": False}}
+    r = await rig(total_mib=15000, sims=sims, tweak=measured)  # the two do not fit together
+    await status_until(r, lambda st: st["consumers"]["comfyui"]["vram_used_mib"] == 13000)
+    sim = r.sims["comfyui"]
+    unload = sim.do_unload
+
+    async def exiting() -> None:
+        held = r.gpu.used_mib("comfyui")
+        await unload()  # (its memory goes release_s later)
+        r.gpu.allocate("comfyui", held, process="", pid=sim.pid)  # its name gone, its memory not yet
+
+    sim.do_unload = exiting  # type: ignore[method-assign]
+    status, _, body = await r.post("tts", {"text": "after the render"})
+    nothing_overfilled(r.gpu)
+    assert status == 200, body
+    assert r.stats.evictions == 1 and sim.unloads == 1 and r.sims["mvoice"].loads == 1
+
+
 async def test_status_metrics_events_and_ps_show_the_stranger_and_what_yielded_for_it(rig, capsys):
     r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(restore_after_s=0.5))
     await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
@@ -10284,6 +10314,7 @@ async def test_shutdown_waits_for_a_hold_but_not_longer_than_shutdown_timeout_s(
         r.sims["comfyui"].may_finish.set()
     assert daemon.proc.returncode == 0
     assert daemon.log.index('msg="hold released"') < daemon.log.index("msg=stopped")
+    assert "cutting what still runs" not in daemon.log  # (the hold ended in time)
 
     gate = asyncio.Event()  # never set: this job outlives shutdown_timeout_s
     async with held_llm(gate) as ollama:
