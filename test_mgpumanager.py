@@ -13325,7 +13325,7 @@ def test_bench_overtaking_counts_later_jobs_of_no_higher_effective_priority():
 
 
 def admission_round(
-    n: int, to_queue: float, healthz: list[float], served: int | None = None
+    n: int, to_queue: float, healthz: list[float], served: int | None = None, overflowed: int | None = 0
 ) -> dict[str, Any]:
     return {
         "n": n,
@@ -13337,6 +13337,7 @@ def admission_round(
         "quiet": [0.001],
         "served": n if served is None else served,
         "lost": 0 if served is None else n - served,
+        "overflowed": overflowed,
         "errors": ["200"],
     }
 
@@ -13365,6 +13366,20 @@ def test_bench_admission_compares_the_cost_per_job_and_healthz_p99_with_their_ta
     analysis = "\n".join(b.analysis())  # a target not met is explained there
     assert ("- Admission: queueing 200 jobs at once costs 1.00 ms per job" in analysis) == (not met[2])
     assert ("- /healthz while jobs are queued: p99" in analysis) == (healthz.count(0.5) > 1)
+
+
+def test_bench_admission_says_when_connects_overflowed_the_listen_backlog(tmp_path):
+    """A burst whose connects overflowed the broker's listen backlog (the kernel's ListenOverflows rose)
+    waits for their SYNs to be sent again, 1 s or more later: measurement 9 says how many, and puts a
+    ratio missed that way down to that, not to a cost growing with the queue."""
+    b = bench.Bench(quick=False, workdir=tmp_path, children=bench.Children(tmp_path))
+    b.report_admission(
+        [admission_round(200, 0.2, [0.001]), admission_round(2000, 8.0, [0.001], overflowed=94)]
+    )
+    assert "; 94 connects overflowed the listen backlog" in b.rows[1].broker and not b.rows[2].met
+    analysis = "\n".join(b.analysis())
+    assert "94 of the 2,000 connects overflowed the broker's listen backlog" in analysis
+    assert "the cost grows with the queue" not in analysis
 
 
 def test_bench_reading_cost_reads_through_the_reader_it_names_and_both_agree(nvml_stub, tmp_path):
