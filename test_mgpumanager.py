@@ -61,7 +61,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin
@@ -1088,9 +1088,9 @@ def _gated_unloads(ops: FakeOps, *names: str) -> tuple[asyncio.Event, list[str]]
 # =====================================================================================================
 
 
-def _mutated(path: str, value: Any) -> dict[str, Any]:
-    raw = base_raw()
-    *parents, leaf = path.split(".")
+def put(raw: dict[str, Any], keys: Sequence[str], value: Any) -> dict[str, Any]:
+    """``raw`` with the value at the path ``keys`` set to ``value`` (``KeyError``: the key deleted)."""
+    *parents, leaf = keys
     node = raw
     for key in parents:
         node = node[key]
@@ -1099,6 +1099,10 @@ def _mutated(path: str, value: Any) -> dict[str, Any]:
     else:
         node[leaf] = value
     return raw
+
+
+def _mutated(path: str, value: Any) -> dict[str, Any]:
+    return put(base_raw(), path.split("."), value)
 
 
 def _config_text(**extra: str) -> str:
@@ -6290,14 +6294,7 @@ def _state(**over: Any) -> dict[str, Any]:
         "consumers": {"mvoice": {"last_used_s": 999_000.0, "timings": {"load": [1.5, 2.5], "job": [0.2]}}},
     }
     for dotted, value in over.items():
-        *parents, leaf = dotted.split("__")
-        node = raw
-        for key in parents:
-            node = node[key]
-        if value is KeyError:
-            del node[leaf]
-        else:
-            node[leaf] = value
+        put(raw, dotted.split("__"), value)
     return raw
 
 
