@@ -2943,8 +2943,8 @@ class Bench:
             overflowed = self.facts["admission_overflowed"][1]
             if large > ADMISSION_RATIO_TARGET * small:
                 why = (
-                    f"{overflowed} of the {n_large:,.0f} connects overflowed the broker's listen backlog"
-                    " (128): the kernel dropped their SYN (its ListenOverflows count rose by as much) and"
+                    f"{overflowed} of the {n_large:,.0f} connects overflowed the broker's listen backlog:"
+                    " the kernel dropped their SYN (its ListenOverflows count rose by as much) and"
                     " each client sent it again 1 s or more later, which the time to queue includes; on"
                     " this machine the same burst queues in about a second when nothing overflows"
                     " (docs/development.md, From run to run)"
@@ -2963,7 +2963,7 @@ class Bench:
                     f" {ms(longest[1], 0)}). The admission itself no longer grows with the queue (the"
                     " forecast is played once per turn of the loop, a grant looks at each consumer's first"
                     " job); what stalls the loop is the burst: each turn admits what arrived meanwhile, up"
-                    " to the listen backlog (128) of new connections, at about a third of a millisecond"
+                    " to the listen backlog of new connections, at about a third of a millisecond"
                     " each (reading the body, the headers, admission, the queued event), and /healthz waits"
                     " for that turn. A bare aiohttp app whose handlers only read the body and wait shows"
                     " the floor: docs/development.md gives its figures."

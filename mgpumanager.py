@@ -997,9 +997,9 @@ WEBSOCKET_HEARTBEAT_S = 30.0
 #: Closing a proxied WebSocket waits this long for the other end's close frame: an end that is still sending
 #: a message the broker refused (too large) cannot answer one, and is cut off then.
 WEBSOCKET_CLOSE_S = 2.0
-#: A listening socket's backlog (aiohttp's default); also about how many connections one turn of the event
-#: loop may accept before the broker sees the first, which the descriptor reserve covers.
-LISTEN_BACKLOG = 128
+#: A listening socket's backlog (``listen_backlog``): a 32nd of the descriptor limit, from aiohttp's default
+#: to this many.
+LISTEN_BACKLOG_MIN, LISTEN_BACKLOG_MAX = 128, 1024
 #: The descriptors kept for the broker's own work (see descriptor_reserve): a base (stdio, the event loop's,
 #: listeners, logs, config and /proc reads), per GPU (a reading's nvidia-smi, a load or unload command),
 #: and per consumer beyond its jobs, unscheduled calls and WebSockets (a probe, a load or unload call, a
@@ -9616,16 +9616,27 @@ def client_changes(old: AuthConfig, new: AuthConfig) -> list[str]:
 # =====================================================================================================
 
 
-def descriptor_reserve(config: Config) -> int:
-    """The file descriptors kept for the broker's own work, out of reach of client connections: what its
-    config lets it hold at once (per consumer its jobs, unscheduled calls and WebSockets, each one connection
-    to the consumer, and FD_RESERVE_PER_CONSUMER more; per GPU its readings and commands), the connections
-    one turn of the loop may accept, and a base."""
+def listen_backlog(limit: int) -> int:
+    """A listening socket's backlog under the descriptor limit ``limit``: the connects the kernel holds until
+    the broker accepts them (one beyond it has its SYN dropped, and its client sends it again a second or
+    more later: a burst of 2,000 connects overflowed aiohttp's 128 now and then), and about how many
+    connections one turn of the loop may accept before the broker sees the first, which the descriptor
+    reserve covers: a 32nd of the limit, between LISTEN_BACKLOG_MIN and LISTEN_BACKLOG_MAX."""
+    return max(LISTEN_BACKLOG_MIN, min(LISTEN_BACKLOG_MAX, limit // 32))
+
+
+def descriptor_reserve(config: Config, limit: int) -> int:
+    """The file descriptors kept for the broker's own work, out of reach of client connections, under the
+    descriptor limit ``limit``: what its config lets it hold at once (per consumer its jobs, unscheduled
+    calls and WebSockets, each one connection to the consumer, and FD_RESERVE_PER_CONSUMER more; per GPU its
+    readings and commands), the connections one turn of the loop may accept (``listen_backlog``), and a
+    base."""
     consumers = sum(
         c.max_concurrency + c.max_unscheduled + c.max_websockets + FD_RESERVE_PER_CONSUMER
         for c in config.consumers.values()
     )
-    return FD_RESERVE_BASE + LISTEN_BACKLOG + consumers + FD_RESERVE_PER_GPU * len(gpu_indexes(config))
+    gpus = FD_RESERVE_PER_GPU * len(gpu_indexes(config))
+    return FD_RESERVE_BASE + listen_backlog(limit) + consumers + gpus
 
 
 def descriptor_limit() -> int:
@@ -9787,7 +9798,8 @@ class ClientConnections:
     def configure(self, config: Config) -> None:
         """Take a config's timeouts and the reserve it needs (at start and on each reload)."""
         self.http = config.http
-        limit, reserve = descriptor_limit(), descriptor_reserve(config)
+        limit = descriptor_limit()
+        reserve = descriptor_reserve(config, limit)
         if (limit, reserve) == (self.limit, self.reserve):
             return
         self.limit, self.reserve = limit, reserve
@@ -10022,7 +10034,7 @@ class ListenerSite(web.BaseSite):
     def __init__(
         self, runner: web.AppRunner, host: str, port: int, connections: ClientConnections, listener: str
     ) -> None:
-        super().__init__(runner, backlog=LISTEN_BACKLOG)
+        super().__init__(runner, backlog=listen_backlog(descriptor_limit()))
         self.app_runner = runner
         self.host, self.requested_port = host, port
         self.connections, self.listener = connections, listener
@@ -10045,7 +10057,7 @@ class ListenerSite(web.BaseSite):
             functools.partial(self.connections.protocol, server, self.listener),
             self.host,
             self.requested_port,
-            backlog=LISTEN_BACKLOG,
+            backlog=self._backlog,
         )
         bound = [s.getsockname()[:2] for s in self._server.sockets]  # type: ignore[attr-defined]
         self.connections.listening[self] = (self.listener, bound)

@@ -12914,6 +12914,36 @@ async def test_when_descriptors_run_short_event_streams_and_slow_uploads_go_by_a
     assert r.stats.jobs == 0 and r.broker.reading == 0
 
 
+def listening_backlog(port: int) -> tuple[int, int]:
+    """The backlog the kernel keeps for the socket listening on ``port`` (``ss``'s Send-Q for a listening
+    socket), and the most it allows (net.core.somaxconn)."""
+    ss = shutil.which("ss")
+    if ss is None:
+        pytest.skip("no ss (iproute2) to read a listening socket's backlog")
+    out = subprocess.run([ss, "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True)
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    return int(out.stdout.split()[2]), somaxconn
+
+
+@pytest.mark.parametrize(("nofile", "backlog"), [(1024, 128), (4096, 128), (16384, 512), (65536, 1024)])
+async def test_the_listen_backlog_is_a_32nd_of_the_descriptor_limit_between_128_and_1024(
+    rig, nofile, backlog
+):
+    """A burst of 2,000 connects at once overflowed aiohttp's backlog of 128 now and then: the kernel dropped
+    those SYNs, and their clients sent them again a second or more later. Under the unit's 65,536
+    descriptors the broker listens with 1024; where descriptors are few, with 128 as before (the reserve
+    keeps that many for the connections one turn of the loop may accept)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < nofile:
+        pytest.skip(f"the hard RLIMIT_NOFILE is {hard}")
+    r = await rig()
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state), nofile=nofile) as daemon:
+        kept, somaxconn = listening_backlog(daemon.port)
+        assert kept == min(backlog, somaxconn)
+    reserve = m.descriptor_reserve(m.parse_config(r.raw), nofile)
+    assert f"descriptors={nofile} reserve={reserve}" in daemon.log
+
+
 @pytest.mark.parametrize("uvloop", [True, False], ids=["uvloop", "asyncio"])
 async def test_idle_connections_never_take_the_descriptors_that_healthz_and_jobs_need(rig, uvloop):
     """Issue 19, item 1, end to end: under systemd's default soft limit of 1024 descriptors, 1,050 connections
