@@ -6802,8 +6802,8 @@ class RoomMaker:
         pids = self.states[victim].pids
         await self.unload(job, victim, by="yield", fields=self.strangers.fields())
         before = reading.free_mib or 0
-        freed = await self._wait_for_memory(job, victim, size, pids, before, keep_free_mib, by="yield")
-        return freed[1]
+        _, freed = await self._wait_for_memory(job, victim, size, pids, before, keep_free_mib, by="yield")
+        return freed
 
     async def _wait_for_memory(
         self,

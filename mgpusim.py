@@ -2636,8 +2636,10 @@ class DemoRun:
             check(time.monotonic() < deadline, "the game to get its 8192 MiB within 30 s")
             time.sleep(0.1)
         yields: list[str] = []
-        while len(yields) < 2:  # (the game may take the memory before the broker's reading shows it)
+        while True:  # (the game may take the memory before the broker's reading shows it)
             yields += [m for m in self.new_log("stranger appeared", "yielded") if m == "yielded"]
+            if len(yields) >= 2:
+                break
             check(time.monotonic() < deadline, "mvoice and ollama yielded within 30 s")
             time.sleep(0.1)
         while (st := self.status())["gpu"]["unclaimed_mib"] != 8192:  # (a status reading is up to 1 s old)
