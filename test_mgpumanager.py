@@ -61,7 +61,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin
@@ -13582,6 +13582,20 @@ def test_every_config_key_is_documented_with_the_default_the_loader_gives():
 # =====================================================================================================
 
 
+@contextlib.asynccontextmanager
+async def _ollama_at_work_and_a_new_mvoice(rig: Any) -> AsyncIterator[tuple[Any, ...]]:
+    """A rig whose GPU an llm job holds (until ``gate`` is set; ``running`` is its answer), with a second
+    mvoice service, model loaded, at a URL of its own: ``(r, new, service, gate, running)``."""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
+        new = mgpusim.MvoiceSim("mvoice-new", r.gpu, loaded=True)
+        async with StandIn.serving(new.app) as service:
+            running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+            await until(lambda: r.broker.scheduler.holder == "ollama")
+            yield r, new, service, gate, running
+
+
 async def _reload_mvoice_to(r: Rig, url: str, without_stt: bool = False) -> None:
     """Reload r's config with mvoice at ``url`` (a new service, as the docs call it); ``without_stt``: its
     stt path (and the stt route) gone too."""
@@ -13600,23 +13614,17 @@ async def test_attack_a_job_queued_before_a_reload_that_gives_its_consumer_a_new
     a job queued before the reload is still sent to the old URL (Job.target is the config at admission):
     the operator who moved mvoice to a new port and stopped the old one sees the queued job answered 502
     consumer_unreachable, and the new, healthy service is marked unhealthy by the old URL's refusal."""
-    gate = asyncio.Event()
-    async with held_llm(gate) as ollama:
-        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
-        new = mgpusim.MvoiceSim("mvoice-new", r.gpu, loaded=True)
-        async with StandIn.serving(new.app) as service:
-            running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
-            await until(lambda: r.broker.scheduler.holder == "ollama")
-            queued = asyncio.ensure_future(r.post("tts", {"text": "queued"}))
-            await until(lambda: len(r.broker.scheduler.queue()) == 1)
-            await _reload_mvoice_to(r, service.url)
-            await r.kill("mvoice")  # the old service is stopped once the new one runs
-            gate.set()
-            assert (await running)[0] == 200
-            status, _, body = await queued
-            assert r.broker.consumers.states["mvoice"].healthy is not False  # the new one is up
-            assert status == 200, body
-            assert [x.path for x in new.records] == ["/api/synthesize"]
+    async with _ollama_at_work_and_a_new_mvoice(rig) as (r, new, service, gate, running):
+        queued = asyncio.ensure_future(r.post("tts", {"text": "queued"}))
+        await until(lambda: len(r.broker.scheduler.queue()) == 1)
+        await _reload_mvoice_to(r, service.url)
+        await r.kill("mvoice")  # the old service is stopped once the new one runs
+        gate.set()
+        assert (await running)[0] == 200
+        status, _, body = await queued
+        assert r.broker.consumers.states["mvoice"].healthy is not False  # the new one is up
+        assert status == 200, body
+        assert [x.path for x in new.records] == ["/api/synthesize"]
 
 
 @no_overfill
@@ -13910,24 +13918,18 @@ async def test_a_queued_job_whose_kind_the_new_url_no_longer_serves_is_answered_
     a reload that gives mvoice a new URL and takes its stt path away answers a queued stt job no_consumer
     (it is neither sent to the old service nor to a path the new one does not have); the queued tts beside
     it goes to the new service."""
-    gate = asyncio.Event()
-    async with held_llm(gate) as ollama:
-        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
-        new = mgpusim.MvoiceSim("mvoice-new", r.gpu, loaded=True)
-        async with StandIn.serving(new.app) as service:
-            running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
-            await until(lambda: r.broker.scheduler.holder == "ollama")
-            stt = asyncio.ensure_future(r.post("stt", {"audio": "x"}))
-            tts = asyncio.ensure_future(r.post("tts", {"text": "queued"}))
-            await until(lambda: len(r.broker.scheduler.queue()) == 2)
-            await _reload_mvoice_to(r, service.url, without_stt=True)
-            status, headers, body = await asyncio.wait_for(stt, 10)  # at once: not after the llm job
-            assert "no longer serves kind 'stt'" in error_of(status, headers, body, "no_consumer")["message"]
-            gate.set()
-            assert (await running)[0] == 200
-            assert (await tts)[0] == 200
-            assert [x.path for x in new.records] == ["/api/synthesize"]
-            assert r.sims["mvoice"].records == []
+    async with _ollama_at_work_and_a_new_mvoice(rig) as (r, new, service, gate, running):
+        stt = asyncio.ensure_future(r.post("stt", {"audio": "x"}))
+        tts = asyncio.ensure_future(r.post("tts", {"text": "queued"}))
+        await until(lambda: len(r.broker.scheduler.queue()) == 2)
+        await _reload_mvoice_to(r, service.url, without_stt=True)
+        status, headers, body = await asyncio.wait_for(stt, 10)  # at once: not after the llm job
+        assert "no longer serves kind 'stt'" in error_of(status, headers, body, "no_consumer")["message"]
+        gate.set()
+        assert (await running)[0] == 200
+        assert (await tts)[0] == 200
+        assert [x.path for x in new.records] == ["/api/synthesize"]
+        assert r.sims["mvoice"].records == []
 
 
 async def test_shutdown_cancels_again_a_background_task_that_swallowed_its_cancellation(rig, caplog):
