@@ -8955,7 +8955,8 @@ class Remembered:
     reservations: Mapping[int, tuple[float, str, bool, tuple[str, ...], tuple[str, ...]]]
     #: GPU -> consumers waiting to be restored (a reservation that ended while the broker was down adds its).
     to_restore: Mapping[int, tuple[str, ...]]
-    #: consumer -> (last used that many seconds ago, and when, wall-clock) and its recent times by kind.
+    #: consumer -> (last used that many seconds ago, and when: wall-clock, on the clock of now) and its recent
+    #: times by kind.
     last_used: Mapping[str, tuple[float, float]]
     timings: Mapping[str, Mapping[str, tuple[float, ...]]]
 
@@ -8987,9 +8988,10 @@ def parse_state(raw: Any, now: float) -> Remembered:
 
     Wall-clock time may have been set back since the file was written: nothing is taken to have happened
     after ``max(now, written_at_s)``, so a reservation never gets longer than it had left when written, and
-    a last use is never in the future. A reservation that ended meanwhile is over (what it unloaded waits to
-    be restored, if it was to be); one with more than RESERVE_MAX_S left, or a last use after the file was
-    written, is absurd."""
+    a last use is never in the future (its wall-clock time is given on the clock of now, so that the next
+    file written holds no last use after its own writing). A reservation that ended meanwhile is over (what
+    it unloaded waits to be restored, if it was to be); one with more than RESERVE_MAX_S left, or a last use
+    after the file was written, is absurd."""
     top = _state_mapping(raw, "the file")
     version = top.get("version")
     if isinstance(version, int) and not isinstance(version, bool) and version > STATE_VERSION:
@@ -9031,7 +9033,9 @@ def parse_state(raw: Any, now: float) -> Remembered:
             used = _state_number(used, f"{where}.last_used_s")
             if used > written:
                 raise ValueError(f"{where}.last_used_s: after the file was written")
-            last_used[name] = (ref - used, used)
+            # When, on the clock of now: under a clock set back, the file's own time is in the future, and
+            # written back as it was it would be "after the file was written" at the next start.
+            last_used[name] = (ref - used, now - (ref - used))
         learned = _state_mapping(entry.get("timings", {}), f"{where}.timings")
         for what, values in learned.items():
             if what not in TIMED or not isinstance(values, list) or len(values) > TIMING_SAMPLES:

@@ -6316,6 +6316,7 @@ def test_a_wall_clock_set_back_never_lengthens_a_reservation_nor_puts_a_last_use
     rem = m.parse_state(_state(), 996_400.0)
     assert rem.reservations[0][0] == 3600.0  # what it had left when written, not 7200 s
     assert rem.last_used["mvoice"][0] == 1000.0  # as long before the writing as it was
+    assert rem.last_used["mvoice"][1] == 995_400.0  # and so, on the clock of now, 1000 s before now
 
 
 #: A state file set aside (a warning, a fresh start): what is wrong with it, and what the reason says.
@@ -6806,6 +6807,40 @@ async def test_a_state_file_that_is_not_right_gives_a_warning_and_a_working_brok
     assert json.loads(path.read_text())["version"] == 1
     line = next(x for x in daemon.log.splitlines() if "state file set aside" in x)
     assert "level=warning" in line and reason in line and "Traceback" not in daemon.log
+
+
+async def test_after_a_wall_clock_set_back_the_state_file_written_is_one_the_next_start_reads(rig, tmp_path):
+    """docs/operations.md, The clock: a wall clock set back since the file was written is not trusted
+    blindly, and "a last use is never in the future". The broker that started under the set-back clock
+    kept the file's last use as it was (an hour ahead of its own clock) and wrote it back beside its own
+    written_at_s: the next start found "a last use after the file was written" and set the whole file aside,
+    the reservation that the first start had resumed with it."""
+    r = await rig(sims={"mvoice": {"loaded": False}})
+    path = tmp_path / "state.json"
+    ahead = time.time() + 3600  # the file was written an hour "later" than this machine's clock says now
+    path.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "written_at_s": ahead,
+                "gpus": {
+                    "0": {"reservation": {"reason": "gaming", "until_s": ahead + 600, "restore": False}}
+                },
+                "consumers": {"mvoice": {"last_used_s": ahead - 60}},
+            }
+        )
+    )
+    raw = r.raw | {"state_file": str(path)}
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        st = await daemon.until(r.session, lambda st: st["gpu"]["reservation"] is not None)
+        assert 0 < st["gpu"]["reservation"]["left_s"] <= 600
+        used = datetime.datetime.fromisoformat(st["consumers"]["mvoice"]["last_used"].replace("Z", "+00:00"))
+        assert used.timestamp() <= time.time()  # a minute before now, not 59 minutes after
+        await until(lambda: json.loads(path.read_text())["written_at_s"] < ahead, timeout=10)
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as again:
+        st = await again.status(r.session)
+    assert "state file set aside" not in again.log, again.log
+    assert st["gpu"]["reservation"] is not None and st["gpu"]["reservation"]["reason"] == "gaming"
 
 
 # =====================================================================================================
