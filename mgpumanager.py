@@ -9321,11 +9321,14 @@ class Broker:
             if entry:
                 gpus[str(index)] = entry
         consumers: dict[str, Any] = {}
+        # (A last use is never after the file's own writing, which follows: a wall clock set back since the
+        # use would make it so, and the next start would set the whole file aside.)
+        now = time.time()
         for name in self.config.consumers:
             state = self.consumers.states[name]
             entry = {}
             if state.last_used_at is not None:
-                entry["last_used_s"] = round(state.last_used_at, 3)
+                entry["last_used_s"] = round(min(state.last_used_at, now), 3)
             samples = {what: [round(v, 3) for v in values] for what, values in state.samples().items()}
             if samples:
                 entry["timings"] = samples

@@ -6843,6 +6843,27 @@ async def test_after_a_wall_clock_set_back_the_state_file_written_is_one_the_nex
     assert st["gpu"]["reservation"] is not None and st["gpu"]["reservation"]["reason"] == "gaming"
 
 
+async def test_a_wall_clock_set_back_while_the_broker_runs_leaves_a_state_file_the_next_start_reads(
+    rig, tmp_path
+):
+    """The same, with the clock set back (an NTP step, a manual change) after a job while the broker runs:
+    the last use it recorded is then after the wall-clock time of the next write, and that file was set
+    aside as a whole at the next start (a reservation in it too). A last use is written no later than the
+    file itself."""
+    path = tmp_path / "state.json"
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=lambda raw: raw.update(state_file=str(path)))
+    assert (await r.post("tts", {"text": "hi"}))[0] == 200
+    state = r.broker.consumers.states["mvoice"]
+    await until(lambda: state.last_used_at is not None)
+    state.last_used_at += 3600  # used at what the clock, set back an hour since, calls an hour from now
+    async with r.session.post(r.url("/v1/reserve"), json={"for_s": 600, "reason": "gaming"}) as resp:
+        assert resp.status == 200
+    written = lambda: path.exists() and json.loads(path.read_text())["gpus"].get("0", {})  # noqa: E731
+    await until(lambda: "reservation" in (written() or {}), timeout=5)
+    remembered = m.parse_state(json.loads(path.read_text()), time.time())  # the next start reads it whole
+    assert remembered.reservations[0][1] == "gaming" and remembered.last_used["mvoice"][0] >= 0
+
+
 # =====================================================================================================
 # 6. Proxying and streaming
 # What reaches the consumer and what comes back, streamed; a consumer failing mid-answer.
