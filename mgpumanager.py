@@ -1388,10 +1388,13 @@ class HttpConfig:
 
 
 @functools.lru_cache(maxsize=64)
-def credential(token: str) -> str:
-    """What a connection authenticated with ``token`` is registered under: a fingerprint, never the token
-    (it may be logged)."""
-    return "token:" + hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+def credential(token: str, who: str = "admin") -> str:
+    """What a connection authenticated with ``token`` as ``who`` (the admin, or ``client:<name>``) is
+    registered under: a fingerprint, never the token (it may be logged). Who is part of it: a reload that
+    gives the token to someone else (the admin's old one to a client, a client renamed) revokes what it let
+    in as whom it was."""
+    digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{who}:token:{digest}"
 
 
 @dataclass(frozen=True)
@@ -1427,7 +1430,8 @@ class AuthConfig:
             [] if self.token is None else [(self.token.encode(), Caller(None, True, credential(self.token)))]
         )
         found += [
-            (c.token.encode(), Caller(c.name, False, credential(c.token))) for c in self.clients.values()
+            (c.token.encode(), Caller(c.name, False, credential(c.token, f"client:{c.name}")))
+            for c in self.clients.values()
         ]
         return tuple(found)
 

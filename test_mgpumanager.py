@@ -13348,6 +13348,48 @@ async def test_a_reload_adds_removes_and_rotates_clients_and_closes_what_a_gone_
         assert token not in daemon.log and all(token not in change for change in changes)
 
 
+async def test_a_token_that_a_reload_gives_to_someone_else_closes_what_it_let_in_as_whom_it_was(rig):
+    """Issue 19's rotated token and issue 23's removed client, where the token itself stays valid: a reload
+    that rotates the admin's token and gives the old one to a client (the admin's power is gone from it),
+    and one that renames client wa (wa is removed: "removed client wa") keeping its token. What each token
+    let in was let in as the admin, or as wa: it is closed, as for any rotated token or removed client. The
+    registry knew tokens alone, so both event streams stayed open (the admin's, let in with the admin's old
+    token, reading on after the rotation)."""
+    r = await rig()
+    raw = copy.deepcopy(r.raw)
+    with_clients(raw)
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        streams = {}
+        for name, token in (("admin", TOKEN), ("wa", WA_TOKEN), ("batch", BATCH_TOKEN)):
+            streams[name] = await r.session.get(daemon.url("/v1/events"), headers=bearer(token))
+            await streams[name].content.readline()
+        new_admin = "new-admin-token-0123456789"
+        raw["auth"]["token"] = new_admin
+        raw["auth"]["clients"] = {
+            "owner": {"token": TOKEN},  # the admin's old token, a client's now
+            "wb": {"token": WA_TOKEN, "priority": 4},  # wa, renamed
+            "batch": {"token": BATCH_TOKEN, "priority": 0},
+        }
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(daemon.url("/v1/reload"), headers=bearer(TOKEN)) as resp:
+            assert resp.status == 200
+            changes = (await resp.json())["changes"]
+        assert {"removed client wa", "added client wb", "added client owner"} <= set(changes), changes
+        # The two streams, and the connection that asked, after its answer (with the admin's old token).
+        assert "closed 3 connections authenticated with a revoked token" in changes, changes
+        for name in ("admin", "wa"):
+            with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
+                await asyncio.wait_for(streams[name].content.read(), 10)
+            streams[name].release()
+        seen = b""
+        while not seen.startswith(b"event: reload"):  # batch's stays: its token and name did
+            seen = await asyncio.wait_for(streams["batch"].content.readline(), 10)
+            assert seen, "batch's stream was closed"
+        streams["batch"].close()
+        async with r.session.post(daemon.url("/v1/reload"), headers=bearer(TOKEN)) as resp:
+            assert error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
+
+
 # =====================================================================================================
 # 12. The benchmark's arithmetic
 # Bench.py's lower bound and overtaking on made-up traces.
