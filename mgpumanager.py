@@ -4278,7 +4278,8 @@ class ConsumerState:
         #: its wall-clock twin (for people).
         self.last_used: float | None = None
         self.last_used_at: float | None = None
-        #: Monotonic time the broker last saw it become resident (for idleness).
+        #: Monotonic time the broker last saw it become resident (for idleness; found resident first after a
+        #: restart, its remembered last use).
         self.resident_at: float | None = None
         #: MiB its processes held at the last reading (None: not measured), and the most ever seen.
         self.used_mib: int | None = None
@@ -4315,7 +4316,10 @@ class ConsumerState:
         if resident == self.resident:
             return
         if resident is True:
-            self.resident_at = now
+            # First found resident, with a last use a restart kept (the state file): it has been resident
+            # since then as far as anyone knows, so its idle time runs from that use, not from this finding.
+            used = self.last_used if self.resident_at is None else None
+            self.resident_at = now if used is None else min(now, used)
         self.resident = resident
         log.info(logfmt(msg="residency", consumer=self.name, loaded=resident, source=source))
 

@@ -6864,6 +6864,30 @@ async def test_a_wall_clock_set_back_while_the_broker_runs_leaves_a_state_file_t
     assert remembered.reservations[0][1] == "gaming" and remembered.last_used["mvoice"][0] >= 0
 
 
+async def test_a_consumer_idle_past_its_idle_unload_s_before_a_restart_is_unloaded_soon_after_it(
+    rig, tmp_path
+):
+    """docs/decisions.md, "The last use survives, so a consumer idle for longer than its idle_unload_s
+    before a restart is unloaded soon after it" (and operations.md, The state file). mvoice, last used two
+    hours before the restart, idle_unload_s an hour: the first probe after the restart found it resident,
+    and that moment counted as its becoming resident, so its idle hour began again at the restart."""
+    path = tmp_path / "state.json"
+    now = time.time()
+    path.write_text(
+        json.dumps(
+            {"version": 1, "written_at_s": now - 60, "consumers": {"mvoice": {"last_used_s": now - 7200}}}
+        )
+    )
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["state_file"] = str(path)
+        raw["consumers"]["mvoice"]["idle_unload_s"] = 3600
+
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=tweak)
+    await until(lambda: r.stats.idle_unloads == 1, timeout=3 * m.IDLE_CHECK_S)
+    assert r.sims["mvoice"].unloads == 1 and r.broker.consumers.states["mvoice"].resident is False
+
+
 # =====================================================================================================
 # 6. Proxying and streaming
 # What reaches the consumer and what comes back, streamed; a consumer failing mid-answer.
