@@ -4309,16 +4309,20 @@ class ConsumerState:
 
     # ---- residency ----------------------------------------------------------------------------------
 
-    def _set_resident(self, resident: bool | None, source: str, at: float | None = None) -> None:
-        """The one place residency is written; a change is logged with what decided it."""
+    def _set_resident(
+        self, resident: bool | None, source: str, at: float | None = None, *, found: bool = False
+    ) -> None:
+        """The one place residency is written; a change is logged with what decided it. ``found``: seen
+        (a probe, a reading), not made so by the broker's own load or a job."""
         now = self.clock()
         self._decided_at = now if at is None else at
         if resident == self.resident:
             return
         if resident is True:
-            # First found resident, with a last use a restart kept (the state file): it has been resident
-            # since then as far as anyone knows, so its idle time runs from that use, not from this finding.
-            used = self.last_used if self.resident_at is None else None
+            # Found resident for the first time, with a last use a restart kept (the state file): it has been
+            # resident since then as far as anyone knows, so its idle time runs from that use, not from this
+            # finding. (One the broker loads, a restore's, gets its whole idle_unload_s, as ever.)
+            used = self.last_used if found and self.resident_at is None else None
             self.resident_at = now if used is None else min(now, used)
         self.resident = resident
         log.info(logfmt(msg="residency", consumer=self.name, loaded=resident, source=source))
@@ -4327,7 +4331,7 @@ class ConsumerState:
         """What the consumer said or a reading showed, as of when that began: resident or not, and (if
         nothing has put it in doubt since it began) to be trusted."""
         if started >= self._decided_at and not self._acting:
-            self._set_resident(resident, source, started)
+            self._set_resident(resident, source, started, found=True)
             if resident and started >= self._touched_at:
                 self.trusted = True
 

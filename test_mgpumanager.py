@@ -6888,6 +6888,40 @@ async def test_a_consumer_idle_past_its_idle_unload_s_before_a_restart_is_unload
     assert r.sims["mvoice"].unloads == 1 and r.broker.consumers.states["mvoice"].resident is False
 
 
+async def test_what_a_restart_restores_gets_its_whole_idle_unload_s(rig, tmp_path):
+    """The other side of the same rule: the remembered last use counts for a consumer found resident after
+    a restart, not for one the broker loads itself. A reservation resumed at start, released: its restore
+    loads mvoice (last used two hours ago), which then stays its idle_unload_s, as a restore does without a
+    restart, rather than being due for its idle unload the moment it is back."""
+    path = tmp_path / "state.json"
+    now = time.time()
+    reservation = {"reason": "gaming", "until_s": now + 600, "restore": True}
+    path.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "written_at_s": now - 60,
+                "gpus": {
+                    "0": {"reservation": reservation | {"unloaded": ["mvoice"], "to_restore": ["mvoice"]}}
+                },
+                "consumers": {"mvoice": {"last_used_s": now - 7200}},
+            }
+        )
+    )
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["state_file"] = str(path)
+        raw["consumers"]["mvoice"]["idle_unload_s"] = 3600
+
+    r = await rig(sims={"mvoice": {"loaded": False}}, tweak=tweak)
+    assert r.broker.scheduler.reservation is not None
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert (await resp.json())["released"] is True
+    await until(lambda: r.sims["mvoice"].loads == 1 and r.broker.consumers.states["mvoice"].resident, 20)
+    due = r.broker.internal.idle_deadline("mvoice")
+    assert due is not None and due - time.monotonic() > 3000
+
+
 # =====================================================================================================
 # 6. Proxying and streaming
 # What reaches the consumer and what comes back, streamed; a consumer failing mid-answer.
