@@ -4315,14 +4315,15 @@ class ConsumerState:
         """The one place residency is written; a change is logged with what decided it. ``found``: seen
         (a probe, a reading), not made so by the broker's own load or a job."""
         now = self.clock()
+        first = self._decided_at == float("-inf")
         self._decided_at = now if at is None else at
         if resident == self.resident:
             return
         if resident is True:
-            # Found resident for the first time, with a last use a restart kept (the state file): it has been
+            # Found resident when first seen, with a last use a restart kept (the state file): it has been
             # resident since then as far as anyone knows, so its idle time runs from that use, not from this
-            # finding. (One the broker loads, a restore's, gets its whole idle_unload_s, as ever.)
-            used = self.last_used if found and self.resident_at is None else None
+            # finding. (One loaded since, by the broker or by hand, gets its whole idle_unload_s, as ever.)
+            used = self.last_used if found and first else None
             self.resident_at = now if used is None else min(now, used)
         self.resident = resident
         log.info(logfmt(msg="residency", consumer=self.name, loaded=resident, source=source))
