@@ -1388,10 +1388,13 @@ class HttpConfig:
 
 
 @functools.lru_cache(maxsize=64)
-def credential(token: str) -> str:
-    """What a connection authenticated with ``token`` is registered under: a fingerprint, never the token
-    (it may be logged)."""
-    return "token:" + hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+def credential(token: str, who: str = "admin") -> str:
+    """What a connection authenticated with ``token`` as ``who`` (the admin, or ``client:<name>``) is
+    registered under: a fingerprint, never the token (it may be logged). Who is part of it: a reload that
+    gives the token to someone else (the admin's old one to a client, a client renamed) revokes what it let
+    in as whom it was."""
+    digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{who}:token:{digest}"
 
 
 @dataclass(frozen=True)
@@ -1427,7 +1430,8 @@ class AuthConfig:
             [] if self.token is None else [(self.token.encode(), Caller(None, True, credential(self.token)))]
         )
         found += [
-            (c.token.encode(), Caller(c.name, False, credential(c.token))) for c in self.clients.values()
+            (c.token.encode(), Caller(c.name, False, credential(c.token, f"client:{c.name}")))
+            for c in self.clients.values()
         ]
         return tuple(found)
 
@@ -4274,7 +4278,8 @@ class ConsumerState:
         #: its wall-clock twin (for people).
         self.last_used: float | None = None
         self.last_used_at: float | None = None
-        #: Monotonic time the broker last saw it become resident (for idleness).
+        #: Monotonic time the broker last saw it become resident (for idleness; found resident first after a
+        #: restart, its remembered last use).
         self.resident_at: float | None = None
         #: MiB its processes held at the last reading (None: not measured), and the most ever seen.
         self.used_mib: int | None = None
@@ -4304,14 +4309,22 @@ class ConsumerState:
 
     # ---- residency ----------------------------------------------------------------------------------
 
-    def _set_resident(self, resident: bool | None, source: str, at: float | None = None) -> None:
-        """The one place residency is written; a change is logged with what decided it."""
+    def _set_resident(
+        self, resident: bool | None, source: str, at: float | None = None, *, found: bool = False
+    ) -> None:
+        """The one place residency is written; a change is logged with what decided it. ``found``: seen
+        (a probe, a reading), not made so by the broker's own load or a job."""
         now = self.clock()
+        first = self._decided_at == float("-inf")
         self._decided_at = now if at is None else at
         if resident == self.resident:
             return
         if resident is True:
-            self.resident_at = now
+            # Found resident when first seen, with a last use a restart kept (the state file): it has been
+            # resident since then as far as anyone knows, so its idle time runs from that use, not from this
+            # finding. (One loaded since, by the broker or by hand, gets its whole idle_unload_s, as ever.)
+            used = self.last_used if found and first else None
+            self.resident_at = now if used is None else min(now, used)
         self.resident = resident
         log.info(logfmt(msg="residency", consumer=self.name, loaded=resident, source=source))
 
@@ -4319,7 +4332,7 @@ class ConsumerState:
         """What the consumer said or a reading showed, as of when that began: resident or not, and (if
         nothing has put it in doubt since it began) to be trusted."""
         if started >= self._decided_at and not self._acting:
-            self._set_resident(resident, source, started)
+            self._set_resident(resident, source, started, found=True)
             if resident and started >= self._touched_at:
                 self.trusted = True
 
@@ -8955,7 +8968,8 @@ class Remembered:
     reservations: Mapping[int, tuple[float, str, bool, tuple[str, ...], tuple[str, ...]]]
     #: GPU -> consumers waiting to be restored (a reservation that ended while the broker was down adds its).
     to_restore: Mapping[int, tuple[str, ...]]
-    #: consumer -> (last used that many seconds ago, and when, wall-clock) and its recent times by kind.
+    #: consumer -> (last used that many seconds ago, and when: wall-clock, on the clock of now) and its recent
+    #: times by kind.
     last_used: Mapping[str, tuple[float, float]]
     timings: Mapping[str, Mapping[str, tuple[float, ...]]]
 
@@ -8987,9 +9001,10 @@ def parse_state(raw: Any, now: float) -> Remembered:
 
     Wall-clock time may have been set back since the file was written: nothing is taken to have happened
     after ``max(now, written_at_s)``, so a reservation never gets longer than it had left when written, and
-    a last use is never in the future. A reservation that ended meanwhile is over (what it unloaded waits to
-    be restored, if it was to be); one with more than RESERVE_MAX_S left, or a last use after the file was
-    written, is absurd."""
+    a last use is never in the future (its wall-clock time is given on the clock of now, so that the next
+    file written holds no last use after its own writing). A reservation that ended meanwhile is over (what
+    it unloaded waits to be restored, if it was to be); one with more than RESERVE_MAX_S left, or a last use
+    after the file was written, is absurd."""
     top = _state_mapping(raw, "the file")
     version = top.get("version")
     if isinstance(version, int) and not isinstance(version, bool) and version > STATE_VERSION:
@@ -9031,7 +9046,9 @@ def parse_state(raw: Any, now: float) -> Remembered:
             used = _state_number(used, f"{where}.last_used_s")
             if used > written:
                 raise ValueError(f"{where}.last_used_s: after the file was written")
-            last_used[name] = (ref - used, used)
+            # When, on the clock of now: under a clock set back, the file's own time is in the future, and
+            # written back as it was it would be "after the file was written" at the next start.
+            last_used[name] = (ref - used, now - (ref - used))
         learned = _state_mapping(entry.get("timings", {}), f"{where}.timings")
         for what, values in learned.items():
             if what not in TIMED or not isinstance(values, list) or len(values) > TIMING_SAMPLES:
@@ -9317,11 +9334,14 @@ class Broker:
             if entry:
                 gpus[str(index)] = entry
         consumers: dict[str, Any] = {}
+        # (A last use is never after the file's own writing, which follows: a wall clock set back since the
+        # use would make it so, and the next start would set the whole file aside.)
+        now = time.time()
         for name in self.config.consumers:
             state = self.consumers.states[name]
             entry = {}
             if state.last_used_at is not None:
-                entry["last_used_s"] = round(state.last_used_at, 3)
+                entry["last_used_s"] = round(min(state.last_used_at, now), 3)
             samples = {what: [round(v, 3) for v in values] for what, values in state.samples().items()}
             if samples:
                 entry["timings"] = samples

@@ -6316,6 +6316,7 @@ def test_a_wall_clock_set_back_never_lengthens_a_reservation_nor_puts_a_last_use
     rem = m.parse_state(_state(), 996_400.0)
     assert rem.reservations[0][0] == 3600.0  # what it had left when written, not 7200 s
     assert rem.last_used["mvoice"][0] == 1000.0  # as long before the writing as it was
+    assert rem.last_used["mvoice"][1] == 995_400.0  # and so, on the clock of now, 1000 s before now
 
 
 #: A state file set aside (a warning, a fresh start): what is wrong with it, and what the reason says.
@@ -6806,6 +6807,119 @@ async def test_a_state_file_that_is_not_right_gives_a_warning_and_a_working_brok
     assert json.loads(path.read_text())["version"] == 1
     line = next(x for x in daemon.log.splitlines() if "state file set aside" in x)
     assert "level=warning" in line and reason in line and "Traceback" not in daemon.log
+
+
+async def test_after_a_wall_clock_set_back_the_state_file_written_is_one_the_next_start_reads(rig, tmp_path):
+    """docs/operations.md, The clock: a wall clock set back since the file was written is not trusted
+    blindly, and "a last use is never in the future". The broker that started under the set-back clock
+    kept the file's last use as it was (an hour ahead of its own clock) and wrote it back beside its own
+    written_at_s: the next start found "a last use after the file was written" and set the whole file aside,
+    the reservation that the first start had resumed with it."""
+    r = await rig(sims={"mvoice": {"loaded": False}})
+    path = tmp_path / "state.json"
+    ahead = time.time() + 3600  # the file was written an hour "later" than this machine's clock says now
+    path.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "written_at_s": ahead,
+                "gpus": {
+                    "0": {"reservation": {"reason": "gaming", "until_s": ahead + 600, "restore": False}}
+                },
+                "consumers": {"mvoice": {"last_used_s": ahead - 60}},
+            }
+        )
+    )
+    raw = r.raw | {"state_file": str(path)}
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        st = await daemon.until(r.session, lambda st: st["gpu"]["reservation"] is not None)
+        assert 0 < st["gpu"]["reservation"]["left_s"] <= 600
+        used = datetime.datetime.fromisoformat(st["consumers"]["mvoice"]["last_used"].replace("Z", "+00:00"))
+        assert used.timestamp() <= time.time()  # a minute before now, not 59 minutes after
+        await until(lambda: json.loads(path.read_text())["written_at_s"] < ahead, timeout=10)
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as again:
+        st = await again.status(r.session)
+    assert "state file set aside" not in again.log, again.log
+    assert st["gpu"]["reservation"] is not None and st["gpu"]["reservation"]["reason"] == "gaming"
+
+
+async def test_a_wall_clock_set_back_while_the_broker_runs_leaves_a_state_file_the_next_start_reads(
+    rig, tmp_path
+):
+    """The same, with the clock set back (an NTP step, a manual change) after a job while the broker runs:
+    the last use it recorded is then after the wall-clock time of the next write, and that file was set
+    aside as a whole at the next start (a reservation in it too). A last use is written no later than the
+    file itself."""
+    path = tmp_path / "state.json"
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=lambda raw: raw.update(state_file=str(path)))
+    assert (await r.post("tts", {"text": "hi"}))[0] == 200
+    state = r.broker.consumers.states["mvoice"]
+    await until(lambda: state.last_used_at is not None)
+    state.last_used_at += 3600  # used at what the clock, set back an hour since, calls an hour from now
+    async with r.session.post(r.url("/v1/reserve"), json={"for_s": 600, "reason": "gaming"}) as resp:
+        assert resp.status == 200
+    written = lambda: path.exists() and json.loads(path.read_text())["gpus"].get("0", {})  # noqa: E731
+    await until(lambda: "reservation" in (written() or {}), timeout=5)
+    remembered = m.parse_state(json.loads(path.read_text()), time.time())  # the next start reads it whole
+    assert remembered.reservations[0][1] == "gaming" and remembered.last_used["mvoice"][0] >= 0
+
+
+async def test_a_consumer_idle_past_its_idle_unload_s_before_a_restart_is_unloaded_soon_after_it(
+    rig, tmp_path
+):
+    """docs/decisions.md, "The last use survives, so a consumer idle for longer than its idle_unload_s
+    before a restart is unloaded soon after it" (and operations.md, The state file). mvoice, last used two
+    hours before the restart, idle_unload_s an hour: the first probe after the restart found it resident,
+    and that moment counted as its becoming resident, so its idle hour began again at the restart."""
+    path = tmp_path / "state.json"
+    now = time.time()
+    path.write_text(
+        json.dumps(
+            {"version": 1, "written_at_s": now - 60, "consumers": {"mvoice": {"last_used_s": now - 7200}}}
+        )
+    )
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["state_file"] = str(path)
+        raw["consumers"]["mvoice"]["idle_unload_s"] = 3600
+
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=tweak)
+    await until(lambda: r.stats.idle_unloads == 1, timeout=3 * m.IDLE_CHECK_S)
+    assert r.sims["mvoice"].unloads == 1 and r.broker.consumers.states["mvoice"].resident is False
+
+
+async def test_what_a_restart_restores_gets_its_whole_idle_unload_s(rig, tmp_path):
+    """The other side of the same rule: the remembered last use counts for a consumer found resident after
+    a restart, not for one the broker loads itself. A reservation resumed at start, released: its restore
+    loads mvoice (last used two hours ago), which then stays its idle_unload_s, as a restore does without a
+    restart, rather than being due for its idle unload the moment it is back."""
+    path = tmp_path / "state.json"
+    now = time.time()
+    reservation = {"reason": "gaming", "until_s": now + 600, "restore": True}
+    path.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "written_at_s": now - 60,
+                "gpus": {
+                    "0": {"reservation": reservation | {"unloaded": ["mvoice"], "to_restore": ["mvoice"]}}
+                },
+                "consumers": {"mvoice": {"last_used_s": now - 7200}},
+            }
+        )
+    )
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["state_file"] = str(path)
+        raw["consumers"]["mvoice"]["idle_unload_s"] = 3600
+
+    r = await rig(sims={"mvoice": {"loaded": False}}, tweak=tweak)
+    assert r.broker.scheduler.reservation is not None
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert (await resp.json())["released"] is True
+    await until(lambda: r.sims["mvoice"].loads == 1 and r.broker.consumers.states["mvoice"].resident, 20)
+    due = r.broker.internal.idle_deadline("mvoice")
+    assert due is not None and due - time.monotonic() > 3000
 
 
 # =====================================================================================================
@@ -13290,6 +13404,48 @@ async def test_a_reload_adds_removes_and_rotates_clients_and_closes_what_a_gone_
             streams[name].close()
     for token in (WA_TOKEN, BATCH_TOKEN, rotated, added):
         assert token not in daemon.log and all(token not in change for change in changes)
+
+
+async def test_a_token_that_a_reload_gives_to_someone_else_closes_what_it_let_in_as_whom_it_was(rig):
+    """Issue 19's rotated token and issue 23's removed client, where the token itself stays valid: a reload
+    that rotates the admin's token and gives the old one to a client (the admin's power is gone from it),
+    and one that renames client wa (wa is removed: "removed client wa") keeping its token. What each token
+    let in was let in as the admin, or as wa: it is closed, as for any rotated token or removed client. The
+    registry knew tokens alone, so both event streams stayed open (the admin's, let in with the admin's old
+    token, reading on after the rotation)."""
+    r = await rig()
+    raw = copy.deepcopy(r.raw)
+    with_clients(raw)
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        streams = {}
+        for name, token in (("admin", TOKEN), ("wa", WA_TOKEN), ("batch", BATCH_TOKEN)):
+            streams[name] = await r.session.get(daemon.url("/v1/events"), headers=bearer(token))
+            await streams[name].content.readline()
+        new_admin = "new-admin-token-0123456789"
+        raw["auth"]["token"] = new_admin
+        raw["auth"]["clients"] = {
+            "owner": {"token": TOKEN},  # the admin's old token, a client's now
+            "wb": {"token": WA_TOKEN, "priority": 4},  # wa, renamed
+            "batch": {"token": BATCH_TOKEN, "priority": 0},
+        }
+        daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(daemon.url("/v1/reload"), headers=bearer(TOKEN)) as resp:
+            assert resp.status == 200
+            changes = (await resp.json())["changes"]
+        assert {"removed client wa", "added client wb", "added client owner"} <= set(changes), changes
+        # The two streams, and the connection that asked, after its answer (with the admin's old token).
+        assert "closed 3 connections authenticated with a revoked token" in changes, changes
+        for name in ("admin", "wa"):
+            with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
+                await asyncio.wait_for(streams[name].content.read(), 10)
+            streams[name].release()
+        seen = b""
+        while not seen.startswith(b"event: reload"):  # batch's stays: its token and name did
+            seen = await asyncio.wait_for(streams["batch"].content.readline(), 10)
+            assert seen, "batch's stream was closed"
+        streams["batch"].close()
+        async with r.session.post(daemon.url("/v1/reload"), headers=bearer(TOKEN)) as resp:
+            assert error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
 
 
 # =====================================================================================================
