@@ -6204,18 +6204,24 @@ def retry_after(eta: float | None) -> int:
 def admission_refusal(
     job: Job, waiting: WaitQueue, config: Config, eta: Callable[[Job | str | None], float | None]
 ) -> BrokerError | None:
-    """Whether a GPU's queue turns ``job`` away at its door: its client's ``max_queued`` first (the client
-    that fills its own share is told so, whatever room is left), then ``max_queue``. The Retry-After of a
-    refusal is the wait expected for the client's first waiting job (of a full queue: for the first one)."""
-    client = config.auth.clients.get(job.client) if job.client is not None else None
+    """Whether a GPU's queue turns ``job`` away at its door. A client with ``max_queued`` has a room of its
+    own that size: it is told ``client_queue_full`` when that is full, and its jobs never take the others'
+    room. ``max_queue`` bounds everyone else's (the admin's, callers without a token, clients without
+    ``max_queued``). The Retry-After of a refusal is the wait expected for the client's first waiting job (of
+    a full queue: for the first one)."""
+    clients = config.auth.clients
+    client = clients.get(job.client) if job.client is not None else None
     if client is not None and client.max_queued is not None:
         mine = waiting.of_client(client.name)
-        if mine >= client.max_queued:
-            message = f"client {client.name} has {mine} jobs waiting already (its max_queued)"
-            wait = retry_after(eta(client.name))
-            return BrokerError("client_queue_full", message, job.consumer, retry_after=wait)
-    if len(waiting) >= config.scheduler.max_queue:
-        message = f"{len(waiting)} jobs are waiting already"
+        if mine < client.max_queued:
+            return None
+        message = f"client {client.name} has {mine} jobs waiting already (its max_queued)"
+        wait = retry_after(eta(client.name))
+        return BrokerError("client_queue_full", message, job.consumer, retry_after=wait)
+    own = sum(waiting.of_client(c.name) for c in clients.values() if c.max_queued is not None)
+    shared = len(waiting) - own
+    if shared >= config.scheduler.max_queue:
+        message = f"{shared} jobs are waiting already"
         return BrokerError("queue_full", message, job.consumer, retry_after=retry_after(eta(None)))
     return None
 

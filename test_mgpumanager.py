@@ -3819,8 +3819,8 @@ async def test_a_clients_priority_replaces_the_consumers():
 
 async def test_max_queued_refuses_that_client_alone_with_client_queue_full():
     """q may queue 2: its third job gets client_queue_full (429, Retry-After when q's first is expected to
-    go); p still queues; max_queue still bounds everyone (queue_full)."""
-    cfg = small_config(auth=client_auth(q={"max_queued": 2}), scheduler__max_queue=4)
+    go); p still queues; max_queue bounds the others' room (queue_full), which q's jobs do not take."""
+    cfg = small_config(auth=client_auth(q={"max_queued": 2}), scheduler__max_queue=2)
     s, _, ops, clock = make_scheduler(cfg)
     ops.states["t"].loaded()
     ops.states["t"].learned("job", 10.0)
@@ -3832,14 +3832,38 @@ async def test_max_queued_refuses_that_client_alone_with_client_queue_full():
     assert (e.code, e.status, e.retryable) == ("client_queue_full", 429, True)
     # q's first job waits for the running one (10 s) and p's before it (10 s): a place of q's frees then.
     assert e.retry_after == 20 and "client q has 2 jobs waiting" in e.message
-    waiting.append(await _queued(s, "t", "p"))  # p's room is untouched
+    waiting.append(await _queued(s, "t", "p"))  # p's room is untouched by q's two
     assert not waiting[-1].done() and len(s.queue()) == 4
     with pytest.raises(m.BrokerError) as info:
         await s.acquire("t", "kt", client="p")
-    assert info.value.code == "queue_full"
+    assert info.value.code == "queue_full" and "2 jobs are waiting already" in info.value.message
     assert s.stats.rejected == 2 and books_balance(s)
     order = await _granted_in_turn(s, clock, running, job_s=0)
     assert len(order) == 4
+
+
+async def test_a_client_with_max_queued_above_max_queue_cannot_fill_the_others_room():
+    """The issue's own example: batch may queue 200, max_queue is 64. batch's runaway script queues 70 and
+    is told client_queue_full only past its 200; wa, the admin and p (no max_queued) still queue, up to
+    max_queue of their own between them."""
+    cfg = small_config(
+        auth=client_auth(batch={"max_queued": 200}, wa={"max_queued": 8}), scheduler__max_queue=3
+    )
+    s, _, ops, clock = make_scheduler(cfg)
+    ops.states["t"].loaded()
+    running = await s.acquire("t", "kt", client="batch")
+    waiting = [await _queued(s, "t", "batch") for _ in range(70)]
+    waiting += [await _queued(s, "t", "wa"), await _queued(s, "t", None), await _queued(s, "t", "p")]
+    waiting.append(await _queued(s, "t", "p"))
+    assert not any(t.done() for t in waiting) and len(s.queue()) == 74
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")  # the shared room: the admin, p and p's second
+    assert info.value.code == "queue_full"
+    waiting.append(await _queued(s, "t", "wa"))  # wa's own room
+    assert not waiting[-1].done()
+    assert s.stats.rejected == 1 and books_balance(s)
+    order = await _granted_in_turn(s, clock, running, job_s=0)
+    assert len(order) == 75
 
 
 async def test_queue_full_rejects_beyond_max_queue():
