@@ -10997,9 +10997,13 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
     broker = request.app[BROKER]
     events = broker.events
     since = _since(request)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    if request.method == "HEAD":  # the stream's head alone: a HEAD answer has no body to stream into
+        await resp.prepare(request)
+        await resp.write_eof()
+        return resp
     broker.connections.waits_on_client(request)  # a reader, not a job: may go when descriptors run short
     queue, past = events.follow(since)
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     try:
         await resp.prepare(request)
         await _to_reader(request, resp, b": mgpumanager events\n\n")

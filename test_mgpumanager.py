@@ -9447,6 +9447,28 @@ async def test_event_stream_heartbeats_and_drops_a_reader_that_falls_behind(rig,
         assert b"event: test" not in body  # what it missed is gone: it reconnects and reads /v1/status
 
 
+async def test_head_of_the_event_stream_is_its_head_alone_and_its_connection_goes_on(rig):
+    """HEAD /v1/events (a monitor asking whether the stream is there) gets the stream's head and nothing
+    more. Found by the attack on issue 19's surfaces: the broker wrote the stream's opening comment (and its
+    heartbeats) after a HEAD answer, which has no body: a keep-alive client read ": mgpumanager events" as
+    the status line of its next answer, and the handler, subscribed, held the connection for as long as the
+    client kept it, so the next request on it was never answered."""
+    r = await rig()
+    reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
+    writer.write(
+        b"HEAD /v1/events HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    try:
+        data = await asyncio.wait_for(reader.read(), 10)  # to its end: closed after /healthz's answer
+    finally:
+        writer.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Type: text/event-stream" in head, data
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"\r\n\r\nok\n"), data
+    assert not r.broker.events.subscribers
+
+
 async def test_readers_of_a_full_ring_that_never_read_hold_little_and_are_cut_off(rig, monkeypatch):
     """Each ``?since=900`` reader got the whole ring (4 MB here) in one write, which sat in the broker's
     memory for as long as the reader kept its connection without reading: 10 such readers held 40 MB, for
