@@ -2353,10 +2353,24 @@ def _parse_http(ck: _Checker, raw: Any) -> HttpConfig:
 
 def _parse_listen(ck: _Checker, value: Any, where: str = "listen") -> tuple[str, int]:
     host, sep, port = str(value).rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535 or not _bindable(host):
         ck.problem(where, f"must be HOST:PORT, not {value!r}")
         return "127.0.0.1", 8770
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _bindable(host: str) -> bool:
+    """Whether a listen's HOST can be what a listener binds: none (every address), an address (an IPv6 one
+    between brackets, or bare), or a host name; not a URL or a typo (``http://...``, ``[::1``, a space),
+    which passed ``--check`` and then stopped the broker at start-up with exit 1 (restarted for ever)."""
+    if not host:
+        return True
+    if host.startswith("[") or host.endswith("]"):
+        return host.startswith("[") and host.endswith("]") and _is_ipv6(host[1:-1])
+    if _is_ipv6(host):
+        return True
+    labels = host.lower().removesuffix(".").split(".")
+    return len(host) <= 254 and all(_HOST_LABEL.match(label) for label in labels)
 
 
 def parse_config(raw: Any) -> Config:

@@ -1493,6 +1493,57 @@ def test_cli_check_exits_0_or_2_naming_the_key(tmp_path):
     assert res.returncode == 2 and "scheduler.max_queu: unknown key" in res.stderr
 
 
+@pytest.mark.parametrize(
+    "listen",
+    ["http://127.0.0.1:8770", "[::1:8770", "[::1]x:8770", "exa mple:8770", "[mrock]:8770", "a..b:8770"],
+)
+def test_a_listen_no_listener_can_bind_is_a_bad_config_exit_2_never_a_start_that_fails(tmp_path, listen):
+    """Found by the attack on issue 19's surfaces: ``--check`` accepted a ``listen`` whose HOST is no address
+    or name (a URL, a bracket left open, a space), and the broker then stopped at start-up with exit 1,
+    "cannot listen", which the unit restarts for ever (only exit 2, a bad config, is not restarted). Now the
+    loader refuses it, naming the key, for the broker's listen and a consumer's alike."""
+    raw = base_raw()
+    raw["listen"] = listen
+    assert f"listen: must be HOST:PORT, not {listen!r}" in problems_of(raw)
+    raw["listen"] = "127.0.0.1:0"
+    raw["consumers"]["ollama"]["listen"] = listen
+    assert f"consumers.ollama.listen: must be HOST:PORT, not {listen!r}" in problems_of(raw)
+    res = subprocess.run(
+        [
+            PY,
+            str(HERE / "mgpumanager.py"),
+            "--check",
+            "--config",
+            str(HERE / "consumers.yaml"),
+            "--listen",
+            listen,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 2 and f"listen: must be HOST:PORT, not {listen!r}" in res.stderr, res
+
+
+def test_every_spelling_of_a_listen_a_listener_can_bind_is_still_accepted():
+    """Beside the refusals above: none, an address (IPv6 bare or between brackets), a name."""
+    for listen, host in [
+        (":8770", "0.0.0.0"),
+        ("0.0.0.0:8770", "0.0.0.0"),
+        ("[::]:8770", "::"),
+        ("[::1]:8770", "::1"),
+        ("::1:8770", "::1"),
+        ("localhost:8770", "localhost"),
+        ("mrock.lan.:8770", "mrock.lan."),
+        ("127.1:8770", "127.1"),
+        ("192.168.1.5:0", "192.168.1.5"),
+    ]:
+        raw = base_raw()
+        raw["listen"] = listen
+        config = m.parse_config(raw)
+        assert (config.listen_host, config.listen_port) == (host, int(listen.rpartition(":")[2])), listen
+
+
 def test_cli_overrides_listen_and_nvidia_smi(tmp_path):
     config = m.load_config(
         HERE / "consumers.yaml",
