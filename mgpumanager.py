@@ -10240,8 +10240,7 @@ async def _front_door(
     handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     conn: Connection | None,
 ) -> web.StreamResponse:
-    given = request.headers.get("X-Request-ID", "")
-    request[REQUEST_ID] = given if _REQUEST_ID_RE.match(given) else os.urandom(16).hex()
+    request_id(request)
     try:
         check_target(request)
         caller = request[CALLER] = check_token(request)
@@ -10275,6 +10274,16 @@ async def _front_door(
         if request.get(ANSWER_BEGAN):
             return cut(request, 500)
         return error_response(BrokerError("scheduler_error", f"internal error: {describe(e)}"))
+
+
+def request_id(request: web.BaseRequest) -> str:
+    """The request's X-Request-ID: the client's (if sane), else one made up, once per request (an Expect
+    header is answered before the front door, with the same one)."""
+    found = request.get(REQUEST_ID)
+    if found is None:
+        given = request.headers.get("X-Request-ID", "")
+        found = request[REQUEST_ID] = given if _REQUEST_ID_RE.match(given) else os.urandom(16).hex()
+    return found
 
 
 def cut(request: web.Request, status: int) -> web.Response:
@@ -10508,6 +10517,7 @@ async def expect_body(request: web.Request) -> web.StreamResponse | None:
     broker = request.app[BROKER]
     limit = broker.config.scheduler.max_body_mib
     expect = request.headers.get("Expect", "")
+    request_id(request)  # (a refusal here is an answer too: it carries it)
     try:
         check_target(request)
         check_token(request)

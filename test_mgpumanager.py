@@ -9394,6 +9394,35 @@ async def test_request_id_is_taken_or_made_forwarded_returned_and_logged(rig, ca
     assert status == 404 and len(headers["X-Request-ID"]) == 32  # errors carry one too
 
 
+async def test_an_answer_given_before_the_body_carries_the_request_id_too(rig):
+    """Found by the attack on issue 19's surfaces: X-Request-ID is "returned on every answer" (api.md), but the
+    answers given to an Expect header before the body (413 to a body announced over max_body_mib, 417 to
+    an unknown expectation, 401 without the token) came from before the front door and carried none, not
+    even the one the client sent."""
+    r = await rig(tweak=with_token)
+    auth = f"Authorization: Bearer {TOKEN}\r\n"
+    for length, extra, code in (
+        (65 * m.MiB, auth + "Expect: 100-continue\r\n", "payload_too_large"),
+        (5, auth + "Expect: something\r\n", "expectation_failed"),
+        (5, "Expect: 100-continue\r\n", "unauthorized"),
+    ):
+        reader, writer = await _partial_post(
+            r.server.host,
+            r.server.port,
+            "/v1/stt",
+            length,
+            b"",
+            extra=f"X-Request-ID: early-{code}\r\n{extra}",
+        )
+        try:
+            head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
+        finally:
+            writer.close()
+        assert head.startswith(f"HTTP/1.1 {SPEC_ERRORS[code]} "), head
+        assert f"\r\nX-Request-ID: early-{code}\r\n" in head, head
+    assert r.sims["mvoice"].records == []
+
+
 async def test_metrics_after_a_scripted_sequence_of_jobs(rig):
     r = await rig(sims={"comfyui": {"loaded": True, "work_s": 0.05}, "mvoice": {"loaded": False}})
     assert (await r.post("tts", {"text": "a"}))[0] == 200  # evicts comfyui, loads mvoice
