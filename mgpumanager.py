@@ -10685,9 +10685,16 @@ def _refuse_own_routes(consumer: ConsumerConfig, method: str, path: str) -> None
         )
 
 
+def get_of(method: str) -> str:
+    """The method a server runs for ``method``: HEAD is GET to most (aiohttp's add_get, Starlette, Flask
+    run the GET handler and drop the body), so a guard on a GET route holds for a HEAD to it."""
+    return "GET" if method == "HEAD" else method
+
+
 def own_route(consumer: ConsumerConfig, method: str, path: str) -> str | None:
-    """Which of the consumer's own routes a request is ("unload", "load") or None: its method, and its path
-    as ``guard_key`` compares (any letter case, encoding, a trailing '/'). Whatever the query: a route
+    """Which of the consumer's own routes a request is ("unload", "load") or None: its method (a HEAD is
+    the GET: ``get_of``), and its path as ``guard_key`` compares (any letter case, encoding, a trailing
+    '/'). Whatever the query: a route
     configured with one (vLLM's /sleep?level=1) is the route with any other or none (/sleep?level=2 frees
     memory too). A for_each route's ``{field}`` stands for any text, '/' included (speaches takes
     DELETE /api/ps/Systran/faster-whisper-small, which the broker itself sends as one encoded segment)."""
@@ -10695,7 +10702,7 @@ def own_route(consumer: ConsumerConfig, method: str, path: str) -> str | None:
     for action, route in (("unload", consumer.unload), ("load", consumer.load)):
         if (
             isinstance(route, Route)
-            and route.method == method
+            and route.method in (method, get_of(method))
             and _route_pattern(route.path, route.for_each is not None).fullmatch(key)
         ):
             return action

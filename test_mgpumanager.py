@@ -12295,6 +12295,44 @@ async def test_every_own_route_of_a_preset_is_refused_through_mount_and_port_wha
         assert service not in mgpusim.MULTI_MODEL or list(sim.models) == ["sim-model"]
 
 
+async def test_a_head_to_an_own_get_route_is_that_route_and_refused(rig):
+    """Found by the attack on issue 19's surfaces: the own-route guard compared the method exactly, but HEAD
+    is GET to most servers (aiohttp's add_get, Starlette, Flask all run the GET handler for it): with
+    ``unload: {method: GET, path: /api/admin/unload}``, ``HEAD /c/mvoice/api/admin/unload`` went through
+    at once, as a read, and unloaded mvoice behind the broker's back. A HEAD to a configured GET route is
+    now refused as the GET is, through the mount and the port; a HEAD elsewhere is still a read."""
+    called: list[str] = []
+
+    async def unload(request: web.Request) -> web.Response:
+        called.append(request.method)
+        return web.json_response({"unloaded": True})
+
+    service = web.Application()
+    service.router.add_get("/health", _ok)  # (add_get: HEAD too, as aiohttp serves GET routes)
+    service.router.add_get("/api/admin/unload", unload)
+
+    def get_unload(raw: dict[str, Any]) -> None:
+        raw["consumers"]["mvoice"]["unload"] = {"method": "GET", "path": "/api/admin/unload"}
+        raw["consumers"]["mvoice"]["listen"] = "127.0.0.1:0"
+
+    async with StandIn.serving(service) as stand_in:
+        r = await rig(urls={"mvoice": stand_in.url}, tweak=get_unload)
+        port = int(r.broker.ports.address("mvoice").rpartition(":")[2])
+        for method in ("GET", "HEAD"):
+            for prefix, to in (("/c/mvoice", None), ("", port)):
+                reader, writer = await asyncio.open_connection(r.server.host, to or r.server.port)
+                target = prefix + "/api/admin/unload"
+                writer.write(f"{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                try:
+                    head = (await asyncio.wait_for(reader.read(), 10)).decode()
+                finally:
+                    writer.close()
+                assert head.startswith("HTTP/1.1 403 "), (method, prefix, head)
+        assert called == []
+        async with r.session.head(r.url("/c/mvoice/health")) as resp:  # another route: a read, at once
+            assert resp.status == 200
+
+
 async def test_ollamas_generate_is_its_job_and_its_unload_route_so_its_residency_is_in_doubt_after_it(
     rig, caplog
 ):
