@@ -10647,9 +10647,12 @@ async def serve_consumer_api(
         raise BrokerError("no_consumer", f"{name} is no longer configured", name)
     await broker.check_reachable(name)
     kind, _ = mount_job_path(consumer, method, upstream_path)
-    if kind == MOUNT_KIND and (
-        method in UNSCHEDULED_METHODS or any(u.matches(method, upstream_path) for u in consumer.unscheduled)
-    ):
+    # (A HEAD to a GET job path is that GPU work to the service, which runs the GET for it: a job too, of
+    # kind mount, forwarded as the HEAD it is.)
+    read = method in UNSCHEDULED_METHODS and (
+        method != "HEAD" or mount_job_path(consumer, get_of(method), upstream_path)[0] == MOUNT_KIND
+    )
+    if kind == MOUNT_KIND and (read or any(u.matches(method, upstream_path) for u in consumer.unscheduled)):
         await broker.ensure_running(consumer, request[REQUEST_ID], client_of(request))
         with broker.unscheduled_slot(consumer):
             return await forward(request, broker, consumer, method, path_qs, body or None)

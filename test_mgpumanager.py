@@ -12333,6 +12333,33 @@ async def test_a_head_to_an_own_get_route_is_that_route_and_refused(rig):
             assert resp.status == 200
 
 
+async def test_a_head_to_a_get_job_path_is_scheduled_as_gpu_work(rig):
+    """Beside the own routes: a ``paths`` entry with method GET is a GPU job even as a GET (api.md), but a
+    HEAD to it went through at once, as a read, and the service (which runs the GET handler for a HEAD) did
+    the GPU work beside whatever held the GPU. It is now a job (kind ``mount``: the broker reads the GPU
+    before it trusts its record again), forwarded as the HEAD it is."""
+    ran: list[tuple[str, str | None]] = []
+
+    async def generate(request: web.Request) -> web.Response:
+        ran.append((request.method, r.broker.scheduler.holder))
+        return web.json_response({"done": True})
+
+    service = web.Application()
+    service.router.add_get("/health", _ok)
+    service.router.add_get("/generate", generate)
+
+    def get_path(raw: dict[str, Any]) -> None:
+        raw["consumers"]["mvoice"]["paths"]["gen"] = {"method": "GET", "path": "/generate"}
+
+    async with StandIn.serving(service) as stand_in:
+        r = await rig(urls={"mvoice": stand_in.url}, tweak=get_path)
+        for method in ("GET", "HEAD"):
+            async with r.session.request(method, r.url("/c/mvoice/generate")) as resp:
+                assert resp.status == 200
+        assert ran == [("GET", "mvoice"), ("HEAD", "mvoice")]
+        assert r.stats.jobs == 2 and r.stats.completed == 2
+
+
 async def test_ollamas_generate_is_its_job_and_its_unload_route_so_its_residency_is_in_doubt_after_it(
     rig, caplog
 ):
