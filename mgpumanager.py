@@ -10402,6 +10402,8 @@ async def handle_reload(request: web.Request) -> web.Response:
 
 #: The longest a reservation may be asked for at once (a week; asking again extends it).
 RESERVE_MAX_S = 7 * 24 * 3600.0
+#: What a POST /v1/reserve body may hold.
+RESERVE_KEYS = frozenset({"for_s", "reason", "gpu", "restore"})
 
 
 def _reserved_gpu(broker: Broker, value: Any) -> int:
@@ -10424,6 +10426,10 @@ async def handle_reserve(request: web.Request) -> web.Response:
     body = parse_json(await read_body(request, broker, RESERVATION)) if request.body_exists else {}
     if not isinstance(body, dict):
         raise BrokerError("bad_request", 'the body must be a JSON object: {"for_s": 3600, "reason": "..."}')
+    unknown = sorted(set(body) - RESERVE_KEYS)
+    if unknown:  # a typo ("gpus": 1) would reserve another GPU than meant, or restore what was not to be
+        taken = ", ".join(sorted(RESERVE_KEYS))
+        raise BrokerError("bad_request", f"unknown key {unknown[0]!r}: a reservation takes {taken}")
     for_s, reason = body.get("for_s"), body.get("reason", "reserved")
     if isinstance(for_s, bool) or not isinstance(for_s, (int, float)) or not 0 < for_s <= RESERVE_MAX_S:
         raise BrokerError("bad_request", f"for_s must be a number of seconds, 0 < for_s <= {RESERVE_MAX_S:g}")

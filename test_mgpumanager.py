@@ -10656,6 +10656,21 @@ async def test_a_gpu_that_is_no_integer_of_the_brokers_is_refused_not_taken_for_
         assert await resp.json() == {"gpu": 0, "released": True, "gpus": [0], "cancelled": []}
 
 
+async def test_a_reserve_body_with_a_key_it_does_not_take_is_refused_not_half_taken(rig):
+    """Found by the attack on issue 19's surfaces: api.md says ``POST /v1/reserve`` takes for_s, reason, gpu
+    and restore, "anything else is bad_request", but a key of another name was ignored: ``{"for_s": 60,
+    "gpus": 1}`` reserved the default GPU 0 and left GPU 1 to the game, ``"restor": false`` restored all
+    the same. Such a body is refused, naming the key, and nothing is reserved."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    for body in ({"for_s": 60, "gpus": 1}, {"for_s": 60, "restor": False}, {"for_s": 60, "Reason": "x"}):
+        status, headers, data = await _reserve(r, **body)
+        assert status == 400 and data["error"] == "bad_request", (body, data)
+        (unknown,) = set(body) - {"for_s"}
+        assert repr(unknown) in data["message"], data
+    assert r.broker.scheduler.reservation is None and r.sims["mvoice"].records == []
+    assert (await _reserve(r, for_s=60, reason="x", gpu=0, restore=False))[0] == 200
+
+
 async def test_reservations_are_per_gpu_and_end_with_the_broker(rig):
     def two_gpus(raw: dict[str, Any]) -> None:
         raw["consumers"]["comfyui"]["gpu"] = 1
