@@ -8619,8 +8619,9 @@ async def forward_job(
     with the hold its path names after a 2xx answer, so the GPU goes on before the client has the last
     bytes; a client that left before then leaves the hold to read the rest. Any other end is its lease's."""
     consumer = job.target
-    _, sep, query = request.raw_path.partition("?")  # kept as the client encoded it
-    upstream = await open_answer(broker, consumer, path.method, path.path + sep + query, headers, body)
+    query = request.raw_path.partition("?")[2]  # kept as the client encoded it, after the entry's own
+    target = path.path + (("&" if "?" in path.path else "?") + query if query else "")
+    upstream = await open_answer(broker, consumer, path.method, target, headers, body)
     job.http = upstream.status
     took = 200 <= upstream.status < 300
     hold = path.hold_until if took else None
@@ -8757,11 +8758,12 @@ def mount_job_path(consumer: ConsumerConfig, method: str, path: str) -> tuple[st
     """The kind and JobPath of a scheduled mount request.
 
     A ``paths`` entry's (with its hold) when the method is its and the path is it as ``guard_key`` compares
-    (in any letter case, encoding or with a trailing '/'); else kind ``mount``, no hold.
+    (in any letter case, encoding or with a trailing '/'; the entry's query aside); else kind ``mount``, no
+    hold.
     """
     key = guard_key(path)
     for kind, p in consumer.paths.items():
-        if p.method == method and guard_key(p.path) == key:
+        if p.method == method and guard_key(p.path.partition("?")[0]) == key:  # (whatever its query)
             return kind, p
     return MOUNT_KIND, JobPath(method, path)
 

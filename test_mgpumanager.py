@@ -6957,6 +6957,31 @@ async def test_query_string_is_kept(rig):
     assert r.sims["mvoice"].records[-1].query == "lang=de&x=%20y"
 
 
+async def test_a_paths_entry_with_a_query_keeps_it_beside_the_clients_and_is_its_mount_job(rig, caplog):
+    """Found by the attack on issue 19's surfaces: a ``paths`` entry may carry a query (the loader takes
+    ``/api/synthesize?format=wav``), but the client's query was appended with a second '?', so mvoice got
+    ``format=wav?lang=de`` (its format "wav?lang=de"); and through the mount the same request was no tts job
+    (the entry's query made its path another), so it ran as kind mount. The client's query now follows the
+    entry's after '&', and the mount matches the entry by its path, as the own-route guard does."""
+
+    def with_query(raw: dict[str, Any]) -> None:
+        raw["consumers"]["mvoice"]["paths"]["tts"]["path"] = "/api/synthesize?format=wav"
+
+    r = await rig(tweak=with_query, sims={"mvoice": {"loaded": True}})
+    for target, query in (("/v1/tts?lang=de", "format=wav&lang=de"), ("/v1/tts", "format=wav")):
+        async with r.session.post(r.url(target), json={"text": "x"}) as resp:
+            assert resp.status == 200
+        assert (r.sims["mvoice"].records[-1].path, r.sims["mvoice"].records[-1].query) == (
+            "/api/synthesize",
+            query,
+        )
+    async with r.session.post(r.url("/c/mvoice/api/synthesize?lang=de"), json={"text": "x"}) as resp:
+        assert resp.status == 200
+    assert r.sims["mvoice"].records[-1].query == "lang=de"  # (a mount forwards what the client sent)
+    await until(lambda: len(job_lines(caplog)) == 3)
+    assert [" kind=tts " in line for line in job_lines(caplog)] == [True, True, True]
+
+
 async def test_streaming_first_line_arrives_before_the_last_is_produced(rig):
     r = await rig(sims={"ollama": {"lines": 6, "line_interval_s": 0.1}})
     async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as resp:
