@@ -9420,10 +9420,10 @@ async def test_request_id_is_taken_or_made_forwarded_returned_and_logged(rig, ca
 
 
 async def test_an_answer_given_before_the_body_carries_the_request_id_too(rig):
-    """Found by the attack on issue 19's surfaces: X-Request-ID is "returned on every answer" (api.md), but the
-    answers given to an Expect header before the body (413 to a body announced over max_body_mib, 417 to
-    an unknown expectation, 401 without the token) came from before the front door and carried none, not
-    even the one the client sent."""
+    """Found by the attack on issue 19's surfaces: X-Request-ID is "returned on every answer" (api.md), but
+    the answers given to an Expect header before the body (413 to a body announced over max_body_mib, 417
+    to an unknown expectation, 401 without the token) came from before the front door and carried none,
+    not even the one the client sent."""
     r = await rig(tweak=with_token)
     auth = f"Authorization: Bearer {TOKEN}\r\n"
     for length, extra, code in (
@@ -10688,7 +10688,7 @@ async def test_a_reserve_body_with_a_key_it_does_not_take_is_refused_not_half_ta
     the same. Such a body is refused, naming the key, and nothing is reserved."""
     r = await rig(sims={"mvoice": {"loaded": True}})
     for body in ({"for_s": 60, "gpus": 1}, {"for_s": 60, "restor": False}, {"for_s": 60, "Reason": "x"}):
-        status, headers, data = await _reserve(r, **body)
+        status, _, data = await _reserve(r, **body)
         assert status == 400 and data["error"] == "bad_request", (body, data)
         (unknown,) = set(body) - {"for_s"}
         assert repr(unknown) in data["message"], data
