@@ -9404,8 +9404,8 @@ class Broker:
             )
             try:
                 new = await self._read_config(self.source)
-                self._check_moves(new)
                 await self._check_loops(new)
+                self._check_moves(new)  # (last: no job may start between this check and ``apply``)
             except ConfigError as e:
                 for problem in e.problems:
                     log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))

@@ -9870,6 +9870,46 @@ async def test_a_consumer_moves_to_another_gpu_only_while_none_of_its_jobs_runs(
         assert r.broker.scheduler_for("ollama").index == 1
 
 
+async def test_a_job_that_starts_while_a_reload_checks_its_urls_keeps_its_consumer_on_its_gpu(
+    rig, monkeypatch
+):
+    """Found by the attack on issue 19's surfaces: a reload checked that no job of a consumer it moves to
+    another GPU runs, then awaited the loop check of the URLs against the ports listened on (issue 19: names
+    resolved in a thread, up to 2 s), then applied the move. A job that started in between ran on GPU 0
+    while the consumer moved to GPU 1, whose lock let the next job work beside it. The move is checked
+    after the URLs now, with nothing awaited before it is applied."""
+    gate = asyncio.Event()  # the llm job holds the GPU lock until it is set
+    checking, go_on = threading.Event(), threading.Event()
+    real = m.loop_problems
+
+    def slow(urls: Any, listeners: Any) -> Any:
+        if any(port for (_, port), _ in listeners):  # the reload's check, against the ports bound
+            checking.set()
+            go_on.wait(20)
+        return real(urls, listeners)
+
+    async with held_llm(gate) as ollama:
+        r = await rig(gpus=2, urls={"ollama": ollama.url})
+        monkeypatch.setattr(m, "loop_problems", slow)
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["ollama"]["gpu"] = 1
+        raw["consumers"]["mvoice"]["can_coexist_with"] = ["whisper"]
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        reload = asyncio.ensure_future(r.session.post(r.url("/v1/reload")))
+        try:
+            await until(checking.is_set)
+            running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+            await until(lambda: r.broker.scheduler.holder == "ollama")
+        finally:
+            go_on.set()
+        async with await reload as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+        assert "consumers.ollama.gpu: ollama has a job running on GPU 0" in data["message"]
+        assert r.broker.scheduler_for("ollama").index == 0
+        gate.set()
+        assert (await running)[0] == 200
+
+
 async def test_a_bad_config_is_refused_whole_and_the_old_one_stays(rig, caplog):
     r = await rig(sims={"mvoice": {"loaded": True}})
     raw = copy.deepcopy(r.raw)
