@@ -10538,8 +10538,13 @@ async def expect_body(request: web.Request) -> web.StreamResponse | None:
             shown = json.dumps(expect[:100])  # (quoted: what the client sent, however odd)
             raise BrokerError("expectation_failed", f"unknown Expect: {shown} (only 100-continue is known)")
     except BrokerError as e:
+        # The client sends no body: no further request on this connection, which closes once the answer is
+        # out (aiohttp would linger for the body that never comes, until the header timeout cut it).
         response = error_response(e)
-        response.force_close()  # the client sends no body: no further request on this connection
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()  # (closes the transport: what was written goes out first)
         return response
     if request.version == aiohttp.HttpVersion11:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")

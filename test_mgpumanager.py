@@ -12823,6 +12823,32 @@ async def test_expect_100_continue_is_refused_before_any_continue(rig, target, l
     assert r.stats.jobs == (1 if first.endswith(b"Continue") else 0)
 
 
+async def test_a_refused_expectation_closes_its_connection_as_its_answer_says(rig):
+    """Found by the attack on issue 19's surfaces: the answer to an Expect refused before the body (413 to
+    a body over max_body_mib, 417 to an unknown expectation) says ``Connection: close``, but the connection
+    stayed open: aiohttp lingered for the body that the client, told not to send it, never sent, until the
+    broker's header timeout cut it, counted and logged as a ``header_timeout`` (a warning: a client too slow
+    to send its head), which this client was not. It is closed once the answer is sent."""
+
+    def short_heads(raw: dict[str, Any]) -> None:
+        raw["http"] = {"header_timeout_s": 3}
+
+    r = await rig(tweak=short_heads)
+    for length, extra, status in (
+        (65 * m.MiB, "Expect: 100-continue\r\n", b"413"),
+        (5, "Expect: something\r\n", b"417"),
+    ):
+        reader, writer = await _partial_post(
+            r.server.host, r.server.port, "/v1/stt", length, b"", extra=extra
+        )
+        try:
+            answer = await asyncio.wait_for(reader.read(), 30)  # to its end: the connection closes
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 " + status) and b"\r\nConnection: close\r\n" in answer, answer
+    assert "header_timeout" not in r.broker.connections.closed, r.broker.connections.closed
+
+
 async def test_expect_100_continue_on_a_consumers_port_is_refused_before_any_continue(rig):
     """A consumer's port serves by its mount's rules, but its route had aiohttp's own Expect handler: a body
     over max_body_mib, or a request without the token, got `100 Continue` first, so the client sent it."""
