@@ -10542,8 +10542,9 @@ async def expect_body(request: web.Request) -> web.StreamResponse | None:
         # out (aiohttp would linger for the body that never comes, until the header timeout cut it).
         response = error_response(e)
         response.force_close()
-        await response.prepare(request)
-        await response.write_eof()
+        with contextlib.suppress(ConnectionResetError):  # (the client left already: nobody to answer)
+            await response.prepare(request)
+            await response.write_eof()
         request.protocol.force_close()  # (closes the transport: what was written goes out first)
         return response
     if request.version == aiohttp.HttpVersion11:
