@@ -10691,9 +10691,10 @@ def _refuse_own_routes(consumer: ConsumerConfig, method: str, path: str) -> None
     """The consumer's unload and load routes are the broker's to call: through the mount they would
     change residency behind its back. forbidden, pointing at the admin routes; unless the request is also
     one of its ``paths`` (Ollama's POST /api/generate, its for_each unload when it carries keep_alive 0):
-    then it is that kind's job, after which its residency is in doubt (``Scheduler.finish``)."""
+    then it is that kind's job, after which its residency is in doubt (``Scheduler.finish``); a HEAD to
+    such a GET path, a job of kind mount."""
     action = own_route(consumer, method, path)
-    if action is not None and mount_job_path(consumer, method, path)[0] == MOUNT_KIND:
+    if action is not None and mount_job_path(consumer, get_of(method), path)[0] == MOUNT_KIND:
         raise BrokerError(
             "forbidden",
             f"{method} {path} is {consumer.name}'s {action} route: use POST /v1/consumers/"

@@ -12440,6 +12440,35 @@ async def test_a_head_to_a_get_job_path_is_scheduled_as_gpu_work(rig):
         assert r.stats.jobs == 2 and r.stats.completed == 2
 
 
+async def test_a_head_to_a_get_route_that_is_a_path_and_an_unload_is_scheduled_as_the_get_is(rig):
+    """Issue 19, item 5: an own route that is also one of the consumer's ``paths`` is scheduled, not
+    refused, and the consumer's residency is in doubt after it (Ollama's POST /api/generate). A HEAD to such
+    a GET route is the GET to the service: scheduled too (kind mount), not refused as a bare unload route
+    is, and in doubt after it as well."""
+    ran: list[str] = []
+
+    async def generate(request: web.Request) -> web.Response:
+        ran.append(request.method)
+        return web.json_response({"done": True})
+
+    service = web.Application()
+    service.router.add_get("/health", _ok)
+    service.router.add_get("/generate", generate)
+
+    def both(raw: dict[str, Any]) -> None:
+        raw["consumers"]["mvoice"]["paths"]["gen"] = {"method": "GET", "path": "/generate"}
+        raw["consumers"]["mvoice"]["unload"] = {"method": "GET", "path": "/generate"}
+
+    async with StandIn.serving(service) as stand_in:
+        r = await rig(urls={"mvoice": stand_in.url}, tweak=both)
+        state = r.broker.consumers.states["mvoice"]
+        for method in ("GET", "HEAD"):
+            async with r.session.request(method, r.url("/c/mvoice/generate")) as resp:
+                assert resp.status == 200, (method, await resp.read())
+            assert state.trusted is False, method  # it may have unloaded itself: in doubt
+        assert ran == ["GET", "HEAD"] and r.stats.jobs == 2
+
+
 async def test_ollamas_generate_is_its_job_and_its_unload_route_so_its_residency_is_in_doubt_after_it(
     rig, caplog
 ):
