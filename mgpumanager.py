@@ -2357,10 +2357,24 @@ def _parse_http(ck: _Checker, raw: Any) -> HttpConfig:
 
 def _parse_listen(ck: _Checker, value: Any, where: str = "listen") -> tuple[str, int]:
     host, sep, port = str(value).rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535 or not _bindable(host):
         ck.problem(where, f"must be HOST:PORT, not {value!r}")
         return "127.0.0.1", 8770
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _bindable(host: str) -> bool:
+    """Whether a listen's HOST can be what a listener binds: none (every address), an address (an IPv6 one
+    between brackets, or bare), or a host name; not a URL or a typo (``http://...``, ``[::1``, a space),
+    which passed ``--check`` and then stopped the broker at start-up with exit 1 (restarted for ever)."""
+    if not host:
+        return True
+    if host.startswith("[") or host.endswith("]"):
+        return host.startswith("[") and host.endswith("]") and _is_ipv6(host[1:-1])
+    if _is_ipv6(host):
+        return True
+    labels = host.lower().removesuffix(".").split(".")
+    return len(host) <= 254 and all(_HOST_LABEL.match(label) for label in labels)
 
 
 def parse_config(raw: Any) -> Config:
@@ -8624,8 +8638,9 @@ async def forward_job(
     with the hold its path names after a 2xx answer, so the GPU goes on before the client has the last
     bytes; a client that left before then leaves the hold to read the rest. Any other end is its lease's."""
     consumer = job.target
-    _, sep, query = request.raw_path.partition("?")  # kept as the client encoded it
-    upstream = await open_answer(broker, consumer, path.method, path.path + sep + query, headers, body)
+    query = request.raw_path.partition("?")[2]  # kept as the client encoded it, after the entry's own
+    target = path.path + (("&" if "?" in path.path else "?") + query if query else "")
+    upstream = await open_answer(broker, consumer, path.method, target, headers, body)
     job.http = upstream.status
     took = 200 <= upstream.status < 300
     hold = path.hold_until if took else None
@@ -8762,11 +8777,12 @@ def mount_job_path(consumer: ConsumerConfig, method: str, path: str) -> tuple[st
     """The kind and JobPath of a scheduled mount request.
 
     A ``paths`` entry's (with its hold) when the method is its and the path is it as ``guard_key`` compares
-    (in any letter case, encoding or with a trailing '/'); else kind ``mount``, no hold.
+    (in any letter case, encoding or with a trailing '/'; the entry's query aside); else kind ``mount``, no
+    hold.
     """
     key = guard_key(path)
     for kind, p in consumer.paths.items():
-        if p.method == method and guard_key(p.path) == key:
+        if p.method == method and guard_key(p.path.partition("?")[0]) == key:  # (whatever its query)
             return kind, p
     return MOUNT_KIND, JobPath(method, path)
 
@@ -9414,8 +9430,8 @@ class Broker:
             )
             try:
                 new = await self._read_config(self.source)
-                self._check_moves(new)
                 await self._check_loops(new)
+                self._check_moves(new)  # (last: no job may start between this check and ``apply``)
             except ConfigError as e:
                 for problem in e.problems:
                     log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
@@ -10252,8 +10268,7 @@ async def _front_door(
     handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     conn: Connection | None,
 ) -> web.StreamResponse:
-    given = request.headers.get("X-Request-ID", "")
-    request[REQUEST_ID] = given if _REQUEST_ID_RE.match(given) else os.urandom(16).hex()
+    request_id(request)
     try:
         check_target(request)
         caller = request[CALLER] = check_token(request)
@@ -10287,6 +10302,16 @@ async def _front_door(
         if request.get(ANSWER_BEGAN):
             return cut(request, 500)
         return error_response(BrokerError("scheduler_error", f"internal error: {describe(e)}"))
+
+
+def request_id(request: web.BaseRequest) -> str:
+    """The request's X-Request-ID: the client's (if sane), else one made up, once per request (an Expect
+    header is answered before the front door, with the same one)."""
+    found = request.get(REQUEST_ID)
+    if found is None:
+        given = request.headers.get("X-Request-ID", "")
+        found = request[REQUEST_ID] = given if _REQUEST_ID_RE.match(given) else os.urandom(16).hex()
+    return found
 
 
 def cut(request: web.Request, status: int) -> web.Response:
@@ -10405,6 +10430,8 @@ async def handle_reload(request: web.Request) -> web.Response:
 
 #: The longest a reservation may be asked for at once (a week; asking again extends it).
 RESERVE_MAX_S = 7 * 24 * 3600.0
+#: What a POST /v1/reserve body may hold.
+RESERVE_KEYS = frozenset({"for_s", "reason", "gpu", "restore"})
 
 
 def _reserved_gpu(broker: Broker, value: Any) -> int:
@@ -10427,6 +10454,10 @@ async def handle_reserve(request: web.Request) -> web.Response:
     body = parse_json(await read_body(request, broker, RESERVATION)) if request.body_exists else {}
     if not isinstance(body, dict):
         raise BrokerError("bad_request", 'the body must be a JSON object: {"for_s": 3600, "reason": "..."}')
+    unknown = sorted(set(body) - RESERVE_KEYS)
+    if unknown:  # a typo ("gpus": 1) would reserve another GPU than meant, or restore what was not to be
+        taken = ", ".join(sorted(RESERVE_KEYS))
+        raise BrokerError("bad_request", f"unknown key {unknown[0]!r}: a reservation takes {taken}")
     for_s, reason = body.get("for_s"), body.get("reason", "reserved")
     if isinstance(for_s, bool) or not isinstance(for_s, (int, float)) or not 0 < for_s <= RESERVE_MAX_S:
         raise BrokerError("bad_request", f"for_s must be a number of seconds, 0 < for_s <= {RESERVE_MAX_S:g}")
@@ -10520,6 +10551,7 @@ async def expect_body(request: web.Request) -> web.StreamResponse | None:
     broker = request.app[BROKER]
     limit = broker.config.scheduler.max_body_mib
     expect = request.headers.get("Expect", "")
+    request_id(request)  # (a refusal here is an answer too: it carries it)
     try:
         check_target(request)
         check_token(request)
@@ -10532,8 +10564,14 @@ async def expect_body(request: web.Request) -> web.StreamResponse | None:
             shown = json.dumps(expect[:100])  # (quoted: what the client sent, however odd)
             raise BrokerError("expectation_failed", f"unknown Expect: {shown} (only 100-continue is known)")
     except BrokerError as e:
+        # The client sends no body: no further request on this connection, which closes once the answer is
+        # out (aiohttp would linger for the body that never comes, until the header timeout cut it).
         response = error_response(e)
-        response.force_close()  # the client sends no body: no further request on this connection
+        response.force_close()
+        with contextlib.suppress(ConnectionResetError):  # (the client left already: nobody to answer)
+            await response.prepare(request)
+            await response.write_eof()
+        request.protocol.force_close()  # (closes the transport: what was written goes out first)
         return response
     if request.version == aiohttp.HttpVersion11:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -10649,9 +10687,12 @@ async def serve_consumer_api(
         raise BrokerError("no_consumer", f"{name} is no longer configured", name)
     await broker.check_reachable(name)
     kind, _ = mount_job_path(consumer, method, upstream_path)
-    if kind == MOUNT_KIND and (
-        method in UNSCHEDULED_METHODS or any(u.matches(method, upstream_path) for u in consumer.unscheduled)
-    ):
+    # (A HEAD to a GET job path is that GPU work to the service, which runs the GET for it: a job too, of
+    # kind mount, forwarded as the HEAD it is.)
+    read = method in UNSCHEDULED_METHODS and (
+        method != "HEAD" or mount_job_path(consumer, get_of(method), upstream_path)[0] == MOUNT_KIND
+    )
+    if kind == MOUNT_KIND and (read or any(u.matches(method, upstream_path) for u in consumer.unscheduled)):
         await broker.ensure_running(consumer, request[REQUEST_ID], client_of(request))
         with broker.unscheduled_slot(consumer):
             return await forward(request, broker, consumer, method, path_qs, body or None)
@@ -10676,9 +10717,10 @@ def _refuse_own_routes(consumer: ConsumerConfig, method: str, path: str) -> None
     """The consumer's unload and load routes are the broker's to call: through the mount they would
     change residency behind its back. forbidden, pointing at the admin routes; unless the request is also
     one of its ``paths`` (Ollama's POST /api/generate, its for_each unload when it carries keep_alive 0):
-    then it is that kind's job, after which its residency is in doubt (``Scheduler.finish``)."""
+    then it is that kind's job, after which its residency is in doubt (``Scheduler.finish``); a HEAD to
+    such a GET path, a job of kind mount."""
     action = own_route(consumer, method, path)
-    if action is not None and mount_job_path(consumer, method, path)[0] == MOUNT_KIND:
+    if action is not None and mount_job_path(consumer, get_of(method), path)[0] == MOUNT_KIND:
         raise BrokerError(
             "forbidden",
             f"{method} {path} is {consumer.name}'s {action} route: use POST /v1/consumers/"
@@ -10687,9 +10729,16 @@ def _refuse_own_routes(consumer: ConsumerConfig, method: str, path: str) -> None
         )
 
 
+def get_of(method: str) -> str:
+    """The method a server runs for ``method``: HEAD is GET to most (aiohttp's add_get, Starlette, Flask
+    run the GET handler and drop the body), so a guard on a GET route holds for a HEAD to it."""
+    return "GET" if method == "HEAD" else method
+
+
 def own_route(consumer: ConsumerConfig, method: str, path: str) -> str | None:
-    """Which of the consumer's own routes a request is ("unload", "load") or None: its method, and its path
-    as ``guard_key`` compares (any letter case, encoding, a trailing '/'). Whatever the query: a route
+    """Which of the consumer's own routes a request is ("unload", "load") or None: its method (a HEAD is
+    the GET: ``get_of``), and its path as ``guard_key`` compares (any letter case, encoding, a trailing
+    '/'). Whatever the query: a route
     configured with one (vLLM's /sleep?level=1) is the route with any other or none (/sleep?level=2 frees
     memory too). A for_each route's ``{field}`` stands for any text, '/' included (speaches takes
     DELETE /api/ps/Systran/faster-whisper-small, which the broker itself sends as one encoded segment)."""
@@ -10697,7 +10746,7 @@ def own_route(consumer: ConsumerConfig, method: str, path: str) -> str | None:
     for action, route in (("unload", consumer.unload), ("load", consumer.load)):
         if (
             isinstance(route, Route)
-            and route.method == method
+            and route.method in (method, get_of(method))
             and _route_pattern(route.path, route.for_each is not None).fullmatch(key)
         ):
             return action
@@ -11023,9 +11072,13 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
     broker = request.app[BROKER]
     events = broker.events
     since = _since(request)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    if request.method == "HEAD":  # the stream's head alone: a HEAD answer has no body to stream into
+        await resp.prepare(request)
+        await resp.write_eof()
+        return resp
     broker.connections.waits_on_client(request)  # a reader, not a job: may go when descriptors run short
     queue, past = events.follow(since)
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     try:
         await resp.prepare(request)
         await _to_reader(request, resp, b": mgpumanager events\n\n")

@@ -1493,6 +1493,57 @@ def test_cli_check_exits_0_or_2_naming_the_key(tmp_path):
     assert res.returncode == 2 and "scheduler.max_queu: unknown key" in res.stderr
 
 
+@pytest.mark.parametrize(
+    "listen",
+    ["http://127.0.0.1:8770", "[::1:8770", "[::1]x:8770", "exa mple:8770", "[mrock]:8770", "a..b:8770"],
+)
+def test_a_listen_no_listener_can_bind_is_a_bad_config_exit_2_never_a_start_that_fails(tmp_path, listen):
+    """Found by the attack on issue 19's surfaces: ``--check`` accepted a ``listen`` whose HOST is no address
+    or name (a URL, a bracket left open, a space), and the broker then stopped at start-up with exit 1,
+    "cannot listen", which the unit restarts for ever (only exit 2, a bad config, is not restarted). Now the
+    loader refuses it, naming the key, for the broker's listen and a consumer's alike."""
+    raw = base_raw()
+    raw["listen"] = listen
+    assert f"listen: must be HOST:PORT, not {listen!r}" in problems_of(raw)
+    raw["listen"] = "127.0.0.1:0"
+    raw["consumers"]["ollama"]["listen"] = listen
+    assert f"consumers.ollama.listen: must be HOST:PORT, not {listen!r}" in problems_of(raw)
+    res = subprocess.run(
+        [
+            PY,
+            str(HERE / "mgpumanager.py"),
+            "--check",
+            "--config",
+            str(HERE / "consumers.yaml"),
+            "--listen",
+            listen,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 2 and f"listen: must be HOST:PORT, not {listen!r}" in res.stderr, res
+
+
+def test_every_spelling_of_a_listen_a_listener_can_bind_is_still_accepted():
+    """Beside the refusals above: none, an address (IPv6 bare or between brackets), a name."""
+    for listen, host in [
+        (":8770", "0.0.0.0"),
+        ("0.0.0.0:8770", "0.0.0.0"),
+        ("[::]:8770", "::"),
+        ("[::1]:8770", "::1"),
+        ("::1:8770", "::1"),
+        ("localhost:8770", "localhost"),
+        ("mrock.lan.:8770", "mrock.lan."),
+        ("127.1:8770", "127.1"),
+        ("192.168.1.5:0", "192.168.1.5"),
+    ]:
+        raw = base_raw()
+        raw["listen"] = listen
+        config = m.parse_config(raw)
+        assert (config.listen_host, config.listen_port) == (host, int(listen.rpartition(":")[2])), listen
+
+
 def test_cli_overrides_listen_and_nvidia_smi(tmp_path):
     config = m.load_config(
         HERE / "consumers.yaml",
@@ -7044,6 +7095,31 @@ async def test_query_string_is_kept(rig):
     assert r.sims["mvoice"].records[-1].query == "lang=de&x=%20y"
 
 
+async def test_a_paths_entry_with_a_query_keeps_it_beside_the_clients_and_is_its_mount_job(rig, caplog):
+    """Found by the attack on issue 19's surfaces: a ``paths`` entry may carry a query (the loader takes
+    ``/api/synthesize?format=wav``), but the client's query was appended with a second '?', so mvoice got
+    ``format=wav?lang=de`` (its format "wav?lang=de"); and through the mount the same request was no tts job
+    (the entry's query made its path another), so it ran as kind mount. The client's query now follows the
+    entry's after '&', and the mount matches the entry by its path, as the own-route guard does."""
+
+    def with_query(raw: dict[str, Any]) -> None:
+        raw["consumers"]["mvoice"]["paths"]["tts"]["path"] = "/api/synthesize?format=wav"
+
+    r = await rig(tweak=with_query, sims={"mvoice": {"loaded": True}})
+    for target, query in (("/v1/tts?lang=de", "format=wav&lang=de"), ("/v1/tts", "format=wav")):
+        async with r.session.post(r.url(target), json={"text": "x"}) as resp:
+            assert resp.status == 200
+        assert (r.sims["mvoice"].records[-1].path, r.sims["mvoice"].records[-1].query) == (
+            "/api/synthesize",
+            query,
+        )
+    async with r.session.post(r.url("/c/mvoice/api/synthesize?lang=de"), json={"text": "x"}) as resp:
+        assert resp.status == 200
+    assert r.sims["mvoice"].records[-1].query == "lang=de"  # (a mount forwards what the client sent)
+    await until(lambda: len(job_lines(caplog)) == 3)
+    assert [" kind=tts " in line for line in job_lines(caplog)] == [True, True, True]
+
+
 async def test_streaming_first_line_arrives_before_the_last_is_produced(rig):
     r = await rig(sims={"ollama": {"lines": 6, "line_interval_s": 0.1}})
     async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as resp:
@@ -9481,6 +9557,35 @@ async def test_request_id_is_taken_or_made_forwarded_returned_and_logged(rig, ca
     assert status == 404 and len(headers["X-Request-ID"]) == 32  # errors carry one too
 
 
+async def test_an_answer_given_before_the_body_carries_the_request_id_too(rig):
+    """Found by the attack on issue 19's surfaces: X-Request-ID is "returned on every answer" (api.md), but
+    the answers given to an Expect header before the body (413 to a body announced over max_body_mib, 417
+    to an unknown expectation, 401 without the token) came from before the front door and carried none,
+    not even the one the client sent."""
+    r = await rig(tweak=with_token)
+    auth = f"Authorization: Bearer {TOKEN}\r\n"
+    for length, extra, code in (
+        (65 * m.MiB, auth + "Expect: 100-continue\r\n", "payload_too_large"),
+        (5, auth + "Expect: something\r\n", "expectation_failed"),
+        (5, "Expect: 100-continue\r\n", "unauthorized"),
+    ):
+        reader, writer = await _partial_post(
+            r.server.host,
+            r.server.port,
+            "/v1/stt",
+            length,
+            b"",
+            extra=f"X-Request-ID: early-{code}\r\n{extra}",
+        )
+        try:
+            head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
+        finally:
+            writer.close()
+        assert head.startswith(f"HTTP/1.1 {SPEC_ERRORS[code]} "), head
+        assert f"\r\nX-Request-ID: early-{code}\r\n" in head, head
+    assert r.sims["mvoice"].records == []
+
+
 async def test_metrics_after_a_scripted_sequence_of_jobs(rig):
     r = await rig(sims={"comfyui": {"loaded": True, "work_s": 0.05}, "mvoice": {"loaded": False}})
     assert (await r.post("tts", {"text": "a"}))[0] == 200  # evicts comfyui, loads mvoice
@@ -9583,6 +9688,28 @@ async def test_event_stream_heartbeats_and_drops_a_reader_that_falls_behind(rig,
         assert events.dropped == 1 and not events.subscribers
         body = await asyncio.wait_for(stream.read(), 5)  # its stream ends instead of slowing anyone
         assert b"event: test" not in body  # what it missed is gone: it reconnects and reads /v1/status
+
+
+async def test_head_of_the_event_stream_is_its_head_alone_and_its_connection_goes_on(rig):
+    """HEAD /v1/events (a monitor asking whether the stream is there) gets the stream's head and nothing
+    more. Found by the attack on issue 19's surfaces: the broker wrote the stream's opening comment (and its
+    heartbeats) after a HEAD answer, which has no body: a keep-alive client read ": mgpumanager events" as
+    the status line of its next answer, and the handler, subscribed, held the connection for as long as the
+    client kept it, so the next request on it was never answered."""
+    r = await rig()
+    reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
+    writer.write(
+        b"HEAD /v1/events HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    try:
+        data = await asyncio.wait_for(reader.read(), 10)  # to its end: closed after /healthz's answer
+    finally:
+        writer.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Type: text/event-stream" in head, data
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"\r\n\r\nok\n"), data
+    assert not r.broker.events.subscribers
 
 
 async def test_readers_of_a_full_ring_that_never_read_hold_little_and_are_cut_off(rig, monkeypatch):
@@ -9879,6 +10006,46 @@ async def test_a_consumer_moves_to_another_gpu_only_while_none_of_its_jobs_runs(
         async with r.session.post(r.url("/v1/reload")) as resp:  # idle now: the move is taken
             assert "new GPU for ollama" in (await resp.json())["changes"]
         assert r.broker.scheduler_for("ollama").index == 1
+
+
+async def test_a_job_that_starts_while_a_reload_checks_its_urls_keeps_its_consumer_on_its_gpu(
+    rig, monkeypatch
+):
+    """Found by the attack on issue 19's surfaces: a reload checked that no job of a consumer it moves to
+    another GPU runs, then awaited the loop check of the URLs against the ports listened on (issue 19: names
+    resolved in a thread, up to 2 s), then applied the move. A job that started in between ran on GPU 0
+    while the consumer moved to GPU 1, whose lock let the next job work beside it. The move is checked
+    after the URLs now, with nothing awaited before it is applied."""
+    gate = asyncio.Event()  # the llm job holds the GPU lock until it is set
+    checking, go_on = threading.Event(), threading.Event()
+    real = m.loop_problems
+
+    def slow(urls: Any, listeners: Any) -> Any:
+        if any(port for (_, port), _ in listeners):  # the reload's check, against the ports bound
+            checking.set()
+            go_on.wait(20)
+        return real(urls, listeners)
+
+    async with held_llm(gate) as ollama:
+        r = await rig(gpus=2, urls={"ollama": ollama.url})
+        monkeypatch.setattr(m, "loop_problems", slow)
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["ollama"]["gpu"] = 1
+        raw["consumers"]["mvoice"]["can_coexist_with"] = ["whisper"]
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        reload = asyncio.ensure_future(r.session.post(r.url("/v1/reload")))
+        try:
+            await until(checking.is_set)
+            running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+            await until(lambda: r.broker.scheduler.holder == "ollama")
+        finally:
+            go_on.set()
+        async with await reload as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+        assert "consumers.ollama.gpu: ollama has a job running on GPU 0" in data["message"]
+        assert r.broker.scheduler_for("ollama").index == 0
+        gate.set()
+        assert (await running)[0] == 200
 
 
 async def test_a_bad_config_is_refused_whole_and_the_old_one_stays(rig, caplog):
@@ -10690,6 +10857,21 @@ async def test_a_gpu_that_is_no_integer_of_the_brokers_is_refused_not_taken_for_
     assert r.broker.scheduler.reservation is not None
     async with r.session.delete(r.url("/v1/reserve"), params={"gpu": "0"}) as resp:
         assert await resp.json() == {"gpu": 0, "released": True, "gpus": [0], "cancelled": []}
+
+
+async def test_a_reserve_body_with_a_key_it_does_not_take_is_refused_not_half_taken(rig):
+    """Found by the attack on issue 19's surfaces: api.md says ``POST /v1/reserve`` takes for_s, reason, gpu
+    and restore, "anything else is bad_request", but a key of another name was ignored: ``{"for_s": 60,
+    "gpus": 1}`` reserved the default GPU 0 and left GPU 1 to the game, ``"restor": false`` restored all
+    the same. Such a body is refused, naming the key, and nothing is reserved."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    for body in ({"for_s": 60, "gpus": 1}, {"for_s": 60, "restor": False}, {"for_s": 60, "Reason": "x"}):
+        status, _, data = await _reserve(r, **body)
+        assert status == 400 and data["error"] == "bad_request", (body, data)
+        (unknown,) = set(body) - {"for_s"}
+        assert repr(unknown) in data["message"], data
+    assert r.broker.scheduler.reservation is None and r.sims["mvoice"].records == []
+    assert (await _reserve(r, for_s=60, reason="x", gpu=0, restore=False))[0] == 200
 
 
 async def test_reservations_are_per_gpu_and_end_with_the_broker(rig):
@@ -12331,6 +12513,100 @@ async def test_every_own_route_of_a_preset_is_refused_through_mount_and_port_wha
         assert service not in mgpusim.MULTI_MODEL or list(sim.models) == ["sim-model"]
 
 
+async def test_a_head_to_an_own_get_route_is_that_route_and_refused(rig):
+    """Found by the attack on issue 19's surfaces: the own-route guard compared the method exactly, but HEAD
+    is GET to most servers (aiohttp's add_get, Starlette, Flask all run the GET handler for it): with
+    ``unload: {method: GET, path: /api/admin/unload}``, ``HEAD /c/mvoice/api/admin/unload`` went through
+    at once, as a read, and unloaded mvoice behind the broker's back. A HEAD to a configured GET route is
+    now refused as the GET is, through the mount and the port; a HEAD elsewhere is still a read."""
+    called: list[str] = []
+
+    async def unload(request: web.Request) -> web.Response:
+        called.append(request.method)
+        return web.json_response({"unloaded": True})
+
+    service = web.Application()
+    service.router.add_get("/health", _ok)  # (add_get: HEAD too, as aiohttp serves GET routes)
+    service.router.add_get("/api/admin/unload", unload)
+
+    def get_unload(raw: dict[str, Any]) -> None:
+        raw["consumers"]["mvoice"]["unload"] = {"method": "GET", "path": "/api/admin/unload"}
+        raw["consumers"]["mvoice"]["listen"] = "127.0.0.1:0"
+
+    async with StandIn.serving(service) as stand_in:
+        r = await rig(urls={"mvoice": stand_in.url}, tweak=get_unload)
+        port = int(r.broker.ports.address("mvoice").rpartition(":")[2])
+        for method in ("GET", "HEAD"):
+            for prefix, to in (("/c/mvoice", None), ("", port)):
+                reader, writer = await asyncio.open_connection(r.server.host, to or r.server.port)
+                target = prefix + "/api/admin/unload"
+                writer.write(f"{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                try:
+                    head = (await asyncio.wait_for(reader.read(), 10)).decode()
+                finally:
+                    writer.close()
+                assert head.startswith("HTTP/1.1 403 "), (method, prefix, head)
+        assert called == []
+        async with r.session.head(r.url("/c/mvoice/health")) as resp:  # another route: a read, at once
+            assert resp.status == 200
+
+
+async def test_a_head_to_a_get_job_path_is_scheduled_as_gpu_work(rig):
+    """Beside the own routes: a ``paths`` entry with method GET is a GPU job even as a GET (api.md), but a
+    HEAD to it went through at once, as a read, and the service (which runs the GET handler for a HEAD) did
+    the GPU work beside whatever held the GPU. It is now a job (kind ``mount``: the broker reads the GPU
+    before it trusts its record again), forwarded as the HEAD it is."""
+    ran: list[tuple[str, str | None]] = []
+
+    async def generate(request: web.Request) -> web.Response:
+        ran.append((request.method, r.broker.scheduler.holder))
+        return web.json_response({"done": True})
+
+    service = web.Application()
+    service.router.add_get("/health", _ok)
+    service.router.add_get("/generate", generate)
+
+    def get_path(raw: dict[str, Any]) -> None:
+        raw["consumers"]["mvoice"]["paths"]["gen"] = {"method": "GET", "path": "/generate"}
+
+    async with StandIn.serving(service) as stand_in:
+        r = await rig(urls={"mvoice": stand_in.url}, tweak=get_path)
+        for method in ("GET", "HEAD"):
+            async with r.session.request(method, r.url("/c/mvoice/generate")) as resp:
+                assert resp.status == 200
+        assert ran == [("GET", "mvoice"), ("HEAD", "mvoice")]
+        assert r.stats.jobs == 2 and r.stats.completed == 2
+
+
+async def test_a_head_to_a_get_route_that_is_a_path_and_an_unload_is_scheduled_as_the_get_is(rig):
+    """Issue 19, item 5: an own route that is also one of the consumer's ``paths`` is scheduled, not
+    refused, and the consumer's residency is in doubt after it (Ollama's POST /api/generate). A HEAD to such
+    a GET route is the GET to the service: scheduled too (kind mount), not refused as a bare unload route
+    is, and in doubt after it as well."""
+    ran: list[str] = []
+
+    async def generate(request: web.Request) -> web.Response:
+        ran.append(request.method)
+        return web.json_response({"done": True})
+
+    service = web.Application()
+    service.router.add_get("/health", _ok)
+    service.router.add_get("/generate", generate)
+
+    def both(raw: dict[str, Any]) -> None:
+        raw["consumers"]["mvoice"]["paths"]["gen"] = {"method": "GET", "path": "/generate"}
+        raw["consumers"]["mvoice"]["unload"] = {"method": "GET", "path": "/generate"}
+
+    async with StandIn.serving(service) as stand_in:
+        r = await rig(urls={"mvoice": stand_in.url}, tweak=both)
+        state = r.broker.consumers.states["mvoice"]
+        for method in ("GET", "HEAD"):
+            async with r.session.request(method, r.url("/c/mvoice/generate")) as resp:
+                assert resp.status == 200, (method, await resp.read())
+            assert state.trusted is False, method  # it may have unloaded itself: in doubt
+        assert ran == ["GET", "HEAD"] and r.stats.jobs == 2
+
+
 async def test_ollamas_generate_is_its_job_and_its_unload_route_so_its_residency_is_in_doubt_after_it(
     rig, caplog
 ):
@@ -12712,6 +12988,32 @@ async def test_expect_100_continue_is_refused_before_any_continue(rig, target, l
     finally:
         writer.close()
     assert r.stats.jobs == (1 if first.endswith(b"Continue") else 0)
+
+
+async def test_a_refused_expectation_closes_its_connection_as_its_answer_says(rig):
+    """Found by the attack on issue 19's surfaces: the answer to an Expect refused before the body (413 to
+    a body over max_body_mib, 417 to an unknown expectation) says ``Connection: close``, but the connection
+    stayed open: aiohttp lingered for the body that the client, told not to send it, never sent, until the
+    broker's header timeout cut it, counted and logged as a ``header_timeout`` (a warning: a client too slow
+    to send its head), which this client was not. It is closed once the answer is sent."""
+
+    def short_heads(raw: dict[str, Any]) -> None:
+        raw["http"] = {"header_timeout_s": 3}
+
+    r = await rig(tweak=short_heads)
+    for length, extra, status in (
+        (65 * m.MiB, "Expect: 100-continue\r\n", b"413"),
+        (5, "Expect: something\r\n", b"417"),
+    ):
+        reader, writer = await _partial_post(
+            r.server.host, r.server.port, "/v1/stt", length, b"", extra=extra
+        )
+        try:
+            answer = await asyncio.wait_for(reader.read(), 30)  # to its end: the connection closes
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 " + status) and b"\r\nConnection: close\r\n" in answer, answer
+    assert "header_timeout" not in r.broker.connections.closed, r.broker.connections.closed
 
 
 async def test_expect_100_continue_on_a_consumers_port_is_refused_before_any_continue(rig):
