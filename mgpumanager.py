@@ -105,6 +105,7 @@ import socket
 import stat
 import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -270,6 +271,29 @@ def cli_token(token_file: str | None, environ: Mapping[str, str]) -> str | None:
     return token
 
 
+def _within(call: Callable[[], http.client.HTTPResponse], timeout_s: float) -> http.client.HTTPResponse:
+    """``call()``'s answer, opened (its status line and headers read) within ``timeout_s`` of now, else
+    TimeoutError. The socket's timeout bounds each read alone: something at the URL that sends its head a
+    line at a time would hold the verb for ever. (A thread of its own, left to the process's exit: the verbs
+    run once and exit.)"""
+    done: list[http.client.HTTPResponse | BaseException] = []
+
+    def run() -> None:
+        try:
+            done.append(call())
+        except BaseException as e:  # the caller's to raise
+            done.append(e)
+
+    opener = threading.Thread(target=run, name="mgpumanager-cli-call", daemon=True)
+    opener.start()
+    opener.join(timeout_s)
+    if not done:
+        raise TimeoutError(f"no answer within {timeout_s:g} s")
+    if isinstance(done[0], BaseException):
+        raise done[0]
+    return done[0]
+
+
 def _why(exc: BaseException, timeout_s: float) -> str:
     """Why a call to the broker failed, in a few words."""
     reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
@@ -322,7 +346,7 @@ class Client:
         if self.token:  # UTF-8, as the broker reads it (http.client would send a str as Latin-1)
             request.add_header("Authorization", f"Bearer {self.token}".encode())  # type: ignore[arg-type]
         try:
-            return _OPENER.open(request, timeout=timeout)
+            return _within(lambda: _OPENER.open(request, timeout=timeout), timeout)
         except urllib.error.HTTPError as e:
             with e:
                 raise self._refused(e) from None
@@ -897,7 +921,6 @@ import shlex
 import statistics
 import subprocess
 import tempfile
-import threading
 from collections import deque
 from pathlib import Path
 from queue import SimpleQueue

@@ -11365,6 +11365,38 @@ async def test_cli_against_a_hostile_broker_exits_1_or_2_with_a_reason_never_a_t
         assert rc == 2 and "a token is printable characters without spaces" in err, (token, err)
 
 
+async def test_cli_timeout_bounds_an_answer_whose_head_comes_a_line_at_a_time(capsys):
+    """Something at the broker's URL that sends its status line and then one header line every 0.2 s: each
+    read gets something within the socket's timeout, so the verb waited for as long as the head went on
+    (operations.md promises a limit for the whole answer). Now exit 1 within --timeout."""
+    stop = asyncio.Event()
+    lines: list[int] = []
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\n")
+            for i in range(100):  # 20 s of head
+                if stop.is_set():
+                    break
+                writer.write(f"X-Line-{i}: x\r\n".encode())
+                lines.append(i)
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        rc, out, err = await verb(capsys, "ps", "--url", url, "--timeout", "1")
+    finally:
+        stop.set()
+        server.close()
+        await server.wait_closed()
+    assert (rc, out) == (1, "") and err.endswith(": no answer within 1 s\n"), err
+    assert len(lines) < 50  # (the head was still coming when the verb gave up)
+
+
 async def test_cli_url_comes_from_the_flag_else_the_environment_else_the_default(rig, capsys):
     assert m.cli_url(None, {}) == "http://127.0.0.1:8770"
     assert m.cli_url(None, {"MGPUMANAGER_URL": "http://mrock:8770/"}) == "http://mrock:8770"
