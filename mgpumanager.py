@@ -6739,7 +6739,9 @@ class RoomMaker:
             plan = plan_room(snap)
             if plan.fits or job.left:  # (nobody waits for it any more: unload nothing more for it)
                 return
-            if not plan.victims:
+            # Beside a stranger every consumer is measured: a plan that cannot fit whatever it unloads
+            # unloads nothing (gpu_in_use at once, not after needless evictions).
+            if not plan.victims or (snap.keep_free_mib and plan.hopeless):
                 whole = await self.read(job, whole=True)  # the processes, for the message
                 snap = self.snapshot(job, whole, tried)
                 if snap.keep_free_mib and self.strangers is not None:  # (it never waits for a stranger)

@@ -6490,6 +6490,22 @@ async def test_a_stranger_first_seen_by_the_jobs_own_reading_refuses_it_as_gpu_i
     assert r.stats.failed == 1 and r.broker.scheduler.holder is None and r.sims["comfyui"].work == []
 
 
+async def test_a_job_hopeless_beside_a_stranger_first_seen_by_its_own_reading_unloads_nothing(rig):
+    """Issue 22: a job that cannot fit beside a stranger even after unloading the idle consumers is
+    answered gpu_in_use at once. Seen first by the job's own reading, with mvoice resident and idle: even
+    with mvoice unloaded, comfyui's 13000 + 256 + 2048 could not fit beside the game's 8000 (7904 free at
+    most), so mvoice is not unloaded for nothing (a reload for its next job), and the job does not wait for
+    its memory holding the GPU."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(poll_s=3600))
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    r.gpu.allocate("game", 8000, graphics=True)  # 15904 - 2800 - 8000 = 5104 free: no yield needed
+    status, headers, body = await r.post("image", {"prompt": {}})
+    error = error_of(status, headers, body, "gpu_in_use")
+    assert "at most 7904 MiB can be made free" in error["message"]
+    assert r.sims["mvoice"].unloads == 0 and r.sims["mvoice"].loaded and r.stats.evictions == 0
+    assert r.sims["comfyui"].work == [] and r.broker.scheduler.holder is None
+
+
 async def test_a_reservations_end_loads_again_what_it_unloaded_unless_it_was_told_not_to(rig, capsys):
     """Issue 22: a reservation's end restores what it unloaded (and only what was resident: comfyui, not
     loaded before, is not loaded after), as an internal job of the lowest priority; ``restore: false``
