@@ -7959,7 +7959,8 @@ class InternalJobs:
 
     async def _restore_if_fits(self, job: Job) -> None:
         """A restore's step, once granted: a stranger present keeps it for later; else it is done with (no
-        longer waiting) and loaded if it is not resident and fits (``restored``)."""
+        longer waiting) and loaded if it is not resident and fits (``restored``), unless its own reading
+        found a stranger back (then it waits for that one to go, as if the poll had seen it)."""
         name, s = job.consumer, self.scheduler_for(job.consumer)
         async with s.rooms.lock:
             if s.strangers.present:
@@ -7972,6 +7973,8 @@ class InternalJobs:
                 pending.remove(name)
             if await self._fits_then_load(job, "restore"):
                 s.recorder.record("restored", consumer=name, job=job.id)
+            elif s.strangers.present:  # (its own reading found a stranger back: it waits for it to go)
+                self.restore_later(s.index, [name])
 
     def start_preloads(self) -> None:
         """Preload (in the background) every ``preload`` consumer that is not known to be resident."""

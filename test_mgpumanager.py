@@ -6537,6 +6537,36 @@ async def test_a_reservations_end_loads_again_what_it_unloaded_unless_it_was_tol
         assert (await resp.json())["error"] == "bad_request"
 
 
+async def test_a_restore_whose_own_reading_finds_a_stranger_back_waits_for_it_to_go_again(rig):
+    """Issue 22: a stranger that comes back stops the restores; they go on once it has been gone
+    restore_after_s again. The game comes back between the last poll and the restore's own reading (the
+    restore found no stranger, then its reading shows one, and mvoice does not fit beside it): mvoice is
+    not given up, and is loaded again once the game is gone."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(restore_after_s=0.5))
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    async with r.session.post(r.url("/v1/reserve"), json={"for_s": 60, "reason": "gaming"}) as resp:
+        assert (await resp.json())["unloaded"] == ["mvoice", "comfyui"]
+    real, came = r.broker.internal._fits_then_load, []
+
+    async def game_comes_back(job: m.Job, kind: str) -> bool:
+        if kind == "restore" and not came:  # (after the restore saw no stranger, before its reading)
+            came.append(job.id)
+            r.gpu.allocate("game", 12000, graphics=True)  # 15904 - 12000 = 3904 free < 2800 + 256 + 2048
+        return await real(job, kind)
+
+    r.broker.internal._fits_then_load = game_comes_back  # type: ignore[method-assign]
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert resp.status == 200
+    await until(
+        lambda: any(e["event"] == "restore_skipped" for e in recent_events(r.broker.events)), timeout=10
+    )
+    assert not r.sims["mvoice"].loaded and came
+    r.gpu.release("game")
+    await until(lambda: r.sims["mvoice"].loaded, timeout=15)
+    await until(lambda: r.stats.restores == 1)
+    assert r.sims["mvoice"].loads == 1 and r.broker.internal.to_restore[0] == []
+
+
 async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_the_stranger_stays(rig):
     """mvoice answers its unload but keeps its memory: its yield fails (unload_failed, after vram_wait_s),
     the next idle consumer goes instead, and mvoice is not asked again while this stranger stays, however
