@@ -6795,14 +6795,23 @@ class RoomMaker:
             self.recorder.record(f"unloaded_{by}", consumer=victim, by=by, job=job.id)
             self.recorder.learned(state, "unload", took, job.id)
 
-    async def yield_to(self, job: Job, victim: str, reading: GpuReading, keep_free_mib: int) -> bool:
+    async def yield_to(
+        self,
+        job: Job,
+        victim: str,
+        reading: GpuReading,
+        keep_free_mib: int,
+        answered: Callable[[], None] = lambda: None,
+    ) -> bool:
         """Unload an idle consumer for a stranger (``reading``: the one that chose it) and wait, as an
         eviction does, until its memory came free (or ``keep_free_mib`` is free): the next decision is
-        made from that reading. Then, if it did, ``yielded`` is recorded. Whether its memory came free."""
+        made from that reading. Then, if it did, ``yielded`` is recorded. ``answered`` is called once its
+        unload answered (before the wait, which a shutdown may cut). Whether its memory came free."""
         assert self.strangers is not None
         size = _charged(self.views(), reading.used_mib).get(victim, 0)
         pids = self.states[victim].pids
         await self.unload(job, victim, by="yield", fields=self.strangers.fields())
+        answered()
         before = reading.free_mib or 0
         _, freed = await self._wait_for_memory(job, victim, size, pids, before, keep_free_mib, by="yield")
         return freed
@@ -7948,9 +7957,10 @@ class InternalJobs:
                 rooms.recorder.record("yield_skipped", consumer=name, job=job.id, reason=why)
                 return
             resident = rooms.states[name].resident is True
-            freed = await rooms.yield_to(job, name, reading, y.keep_free_mib)
-            if resident:
-                self.restore_later(s.index, [name])
+            # It waits to be restored once its unload answered: a shutdown that cuts the wait for its
+            # memory leaves it in the state file, for the restarted broker to load again.
+            later = functools.partial(self.restore_later, s.index, [name] if resident else [])
+            freed = await rooms.yield_to(job, name, reading, y.keep_free_mib, later)
             if not freed:  # (not asked again while this stranger stays: its unload frees nothing)
                 waited = self.config.scheduler.vram_wait_s
                 raise BrokerError(

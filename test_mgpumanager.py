@@ -6567,6 +6567,30 @@ async def test_a_restore_whose_own_reading_finds_a_stranger_back_waits_for_it_to
     assert r.sims["mvoice"].loads == 1 and r.broker.internal.to_restore[0] == []
 
 
+async def test_a_yield_cut_by_shutdown_after_its_unload_answered_still_waits_to_be_restored(rig, tmp_path):
+    """Issue 22: the state file holds what waits to be restored. A yield whose unload answered (mvoice's
+    model is gone) while its memory is still being waited for (vram_wait_s), cut there by the broker's
+    shutdown (`make deploy` during a game; shutdown_timeout_s shorter than that wait): mvoice waits to be
+    restored in the state file all the same, so the restarted broker loads it again once the game is
+    gone."""
+    path = tmp_path / "state.json"
+
+    def tweak(raw: dict[str, Any]) -> None:
+        _yielding()(raw)
+        raw["state_file"] = str(path)
+        raw["scheduler"]["shutdown_timeout_s"] = 0.5
+
+    r = await rig(sims={"mvoice": {"loaded": True, "release_s": 30}}, tweak=tweak)
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    r.gpu.allocate("game", 12000, graphics=True)  # 15904 - 2800 - 12000 = 1104 free < 2048: mvoice yields
+    await until(lambda: r.sims["mvoice"].unloads == 1, timeout=10)
+    await asyncio.sleep(0.3)  # (its memory is being waited for: 30 s before the sim frees it)
+    assert r.stats.yields == 0
+    await r.server.close()  # SIGTERM's shutdown: the yield is cut
+    written = json.loads(path.read_text())
+    assert written["gpus"]["0"]["to_restore"] == ["mvoice"], written
+
+
 async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_the_stranger_stays(rig):
     """mvoice answers its unload but keeps its memory: its yield fails (unload_failed, after vram_wait_s),
     the next idle consumer goes instead, and mvoice is not asked again while this stranger stays, however
