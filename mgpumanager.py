@@ -6508,10 +6508,19 @@ class Strangers:
             self.present, self.since, self.since_at, self.absent_since = True, now, time.time(), None
             self.recorder.record("stranger_appeared", **self.fields())
         elif not present and self.present:
-            self.present, self.since, self.since_at, self.absent_since = False, None, None, now
-            self.recorder.record("stranger_gone", **self.fields())
+            self._gone(now)
         elif not present and self.absent_since is None:
             self.absent_since = now  # (the first reading: none since then)
+
+    def yield_off(self) -> None:
+        """gpu.yield is off (a reload turned it off): no stranger is present any more, whatever memory the
+        last reading showed unclaimed (it is then only memory that is not free)."""
+        if self.present and self.shared.config.gpu.yield_ is None:
+            self._gone(self.clock())
+
+    def _gone(self, now: float) -> None:
+        self.present, self.since, self.since_at, self.absent_since = False, None, None, now
+        self.recorder.record("stranger_gone", **self.fields())
 
     def fields(self) -> dict[str, Any]:
         """What events and log lines say of it: unclaimed and free MiB, the processes no consumer claims."""
@@ -8093,7 +8102,9 @@ class Yielding:
         stranger, ask for a yield, start restores when due."""
         y = self.config.gpu.yield_
         s = self.schedulers[index]
-        if y is not None:
+        if y is None:
+            s.strangers.yield_off()  # (a reload turned it off: no stranger keeps restores waiting)
+        else:
             try:
                 reading = await self.readers[index].read(max_age=y.poll_s)  # (its listeners tell Strangers)
             except GpuError:

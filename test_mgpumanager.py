@@ -6591,6 +6591,28 @@ async def test_a_yield_cut_by_shutdown_after_its_unload_answered_still_waits_to_
     assert written["gpus"]["0"]["to_restore"] == ["mvoice"], written
 
 
+async def test_a_reload_that_turns_gpu_yield_off_ends_the_stranger_and_restores_what_waits(rig):
+    """Issue 22: without gpu.yield there is no stranger, and what waits to be restored is restored at once,
+    each if it fits. A reload turns gpu.yield off while a game holds 12000 MiB and mvoice waits to be
+    restored for it: the stranger is gone (its event), and mvoice, which fits beside the game's memory, is
+    loaded again; not skipped every round as if a stranger were still present."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding())
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    r.gpu.allocate("game", 12000, graphics=True)  # 15904 - 2800 - 12000 = 1104 free < 2048: mvoice yields
+    await until(lambda: r.stats.yields == 1 and r.broker.internal.to_restore.get(0) == ["mvoice"], timeout=30)
+    del r.raw["gpu"]["yield"]
+    r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert resp.status == 200, await resp.read()
+    # 3904 MiB free beside the game: mvoice's 2800 + 256 fit.
+    await until(lambda: r.sims["mvoice"].loaded, timeout=15)
+    await until(lambda: r.stats.restores == 1)
+    events = recent_events(r.broker.events)
+    assert [e["present"] for e in events if e["event"] == "stranger"] == [True, False]
+    assert not [e for e in events if e["event"] == "restore_skipped"]
+    assert not r.broker.scheduler.strangers.present
+
+
 async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_the_stranger_stays(rig):
     """mvoice answers its unload but keeps its memory: its yield fails (unload_failed, after vram_wait_s),
     the next idle consumer goes instead, and mvoice is not asked again while this stranger stays, however
