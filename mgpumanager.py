@@ -7977,9 +7977,11 @@ class InternalJobs:
                 )
 
     async def _restore_if_fits(self, job: Job) -> None:
-        """A restore's step, once granted: a stranger present keeps it for later; else it is done with (no
-        longer waiting) and loaded if it is not resident and fits (``restored``), unless its own reading
-        found a stranger back (then it waits for that one to go, as if the poll had seen it)."""
+        """A restore's step, once granted: a stranger present keeps it for later; else it is loaded if it
+        is not resident and fits (``restored``), and then no longer waits: neither when it did not fit, nor
+        when its load failed, unless its own reading found a stranger back (then it waits for that one to
+        go, as if the poll had seen it). A load cut by the broker's shutdown leaves it waiting (the state
+        file keeps it for the restarted broker)."""
         name, s = job.consumer, self.scheduler_for(job.consumer)
         async with s.rooms.lock:
             if s.strangers.present:
@@ -7988,12 +7990,16 @@ class InternalJobs:
                 )
                 return
             pending = self.to_restore.get(s.index, [])
-            if name in pending:
-                pending.remove(name)
-            if await self._fits_then_load(job, "restore"):
+            try:
+                loaded = await self._fits_then_load(job, "restore")
+            except Exception:
+                if name in pending:  # (failed: given up)
+                    pending.remove(name)
+                raise
+            if loaded:
                 s.recorder.record("restored", consumer=name, job=job.id)
-            elif s.strangers.present:  # (its own reading found a stranger back: it waits for it to go)
-                self.restore_later(s.index, [name])
+            if (loaded or not s.strangers.present) and name in pending:
+                pending.remove(name)
 
     def start_preloads(self) -> None:
         """Preload (in the background) every ``preload`` consumer that is not known to be resident."""

@@ -6591,6 +6591,35 @@ async def test_a_yield_cut_by_shutdown_after_its_unload_answered_still_waits_to_
     assert written["gpus"]["0"]["to_restore"] == ["mvoice"], written
 
 
+async def test_a_restore_cut_by_shutdown_mid_load_still_waits_to_be_restored(rig, tmp_path):
+    """Issue 22: the state file holds what waits to be restored. The game is gone and mvoice's restore is
+    loading it (a slow load) when the broker shuts down and cuts it: the load did not end, so mvoice still
+    waits to be restored in the state file (the restarted broker loads it again), not forgotten."""
+    path = tmp_path / "state.json"
+
+    def tweak(raw: dict[str, Any]) -> None:
+        _yielding(restore_after_s=0)(raw)
+        raw["state_file"] = str(path)
+        raw["scheduler"]["shutdown_timeout_s"] = 0.5
+
+    r = await rig(sims={"mvoice": {"loaded": True, "load_s": 30}}, tweak=tweak)
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    r.gpu.allocate("game", 12000, graphics=True)  # 15904 - 2800 - 12000 = 1104 free < 2048: mvoice yields
+    await until(lambda: r.stats.yields == 1 and r.broker.internal.to_restore.get(0) == ["mvoice"], timeout=30)
+    r.gpu.release("game")
+
+    def restoring() -> bool:
+        return any(
+            e["event"] == "loading" and e["consumer"] == "mvoice" for e in recent_events(r.broker.events)
+        )
+
+    await until(restoring, timeout=15)
+    await r.server.close()  # SIGTERM's shutdown: the restore's load is cut
+    assert r.stats.restores == 0 and r.sims["mvoice"].loads == 0
+    written = json.loads(path.read_text())
+    assert written["gpus"].get("0", {}).get("to_restore") == ["mvoice"], written
+
+
 async def test_a_reload_that_turns_gpu_yield_off_ends_the_stranger_and_restores_what_waits(rig):
     """Issue 22: without gpu.yield there is no stranger, and what waits to be restored is restored at once,
     each if it fits. A reload turns gpu.yield off while a game holds 12000 MiB and mvoice waits to be
