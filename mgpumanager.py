@@ -4612,6 +4612,9 @@ class Consumers:
         #: the processes of that GPU's latest reading whose unit was looked at. Written by attribute(), in
         #: worker threads, under the lock.
         self._cgroups: dict[int, dict[int, tuple[str | None, float, list[str]]]] = {}
+        #: Per GPU: pid -> consumer, as attribute() gave it last (under the lock): a pid that loses its name
+        #: stays whose it was.
+        self._attributed: dict[int, dict[int, str]] = {}
         self._cgroups_lock = threading.Lock()
 
     @property
@@ -4926,6 +4929,14 @@ class Consumers:
                 return entry[2]
 
             owners = process_owners(reading.processes, measured, cgroups_of)
+            # A process that exits loses its name (its /proc cmdline is empty) a moment before its memory
+            # goes, and a pid is not reused while it is listed: one that was a consumer's and has no name
+            # now is still that consumer's (not a stranger's).
+            before, theirs = self._attributed.get(index, {}), {c.name for c in measured}
+            for pid, name in names.items():
+                if name is None and pid not in owners and before.get(pid) in theirs:
+                    owners[pid] = before[pid]
+            self._attributed[index] = owners
             self._cgroups[index] = seen  # a pid gone from the list is forgotten: reused, it is read anew
         return owners
 

@@ -452,7 +452,7 @@ class SimGPU:
                 )
                 self._write(state)  # (under edit's lock still)
                 raise SimOOM(f"CUDA out of memory: {owner} wanted {mib} MiB, {free} MiB free")
-            name = process or PROCESS_PREFIX + owner
+            name = PROCESS_PREFIX + owner if process is None else process  # ("": one that lost its name)
             wanted = pid if pid is not None else fake_pid(name)
             if mine and mine[0]["pid"] == wanted:
                 mine[0].update(used_mib=int(mib), gpu_uuid=uuid, name=name)

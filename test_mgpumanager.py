@@ -6642,6 +6642,29 @@ async def test_a_reload_that_turns_gpu_yield_off_ends_the_stranger_and_restores_
     assert not r.broker.scheduler.strangers.present
 
 
+async def test_a_consumers_exiting_process_that_lost_its_name_is_no_stranger_and_yields_nothing(rig):
+    """Issue 22: a stranger is memory that no consumer's processes hold. A process that exits has no name
+    any more (its /proc cmdline is empty) a moment before its memory goes: ComfyUI stopped (or Ollama's
+    runner ending at its keep_alive) leaves its 13000 MiB under its pid, nameless, for a few polls. That pid
+    was comfyui's at the last reading and still is: no stranger appears, and idle mvoice (with 104 MiB
+    free, below keep_free_mib) is not unloaded for nobody."""
+    sims = {"mvoice": {"loaded": True}, "comfyui": {"loaded": True}}
+    r = await rig(sims=sims, tweak=_yielding())  # 15904 - 2800 - 13000 = 104 MiB free
+    await status_until(r, lambda st: st["consumers"]["comfyui"]["vram_used_mib"] == 13000)
+    queries = r.broker.gpus[0].queries
+    await until(lambda: r.broker.gpus[0].queries >= queries + 3, timeout=10)  # a poll: no stranger
+    assert not r.broker.scheduler.strangers.present
+    comfy = r.sims["comfyui"]
+    r.gpu.allocate("comfyui", 13000, process="", pid=comfy.pid)  # exiting: its name gone, its memory not
+    queries = r.broker.gpus[0].queries
+    await until(lambda: r.broker.gpus[0].queries >= queries + 12, timeout=20)  # four polls and more
+    r.gpu.release("comfyui")  # its memory goes
+    await status_until(r, lambda st: st["consumers"]["comfyui"]["loaded"] is False, timeout=10)
+    events = recent_events(r.broker.events)
+    assert [e for e in events if e["event"] == "stranger"] == []
+    assert r.sims["mvoice"].unloads == 0 and r.stats.yields == 0
+
+
 async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_the_stranger_stays(rig):
     """mvoice answers its unload but keeps its memory: its yield fails (unload_failed, after vram_wait_s),
     the next idle consumer goes instead, and mvoice is not asked again while this stranger stays, however
