@@ -8164,7 +8164,11 @@ class Yielding:
         try:
             await self.internal.yield_unload(name, self._failed.get(index, set()))
         except BrokerError as e:
-            self._failed.setdefault(index, set()).add(name)
+            # Not asked again while this stranger stays: one whose unload failed or freed nothing (or hit a
+            # bug); one whose yield was only refused (gpu_reserved, shutting_down, no_consumer: the GPU or the
+            # consumer was not there to unload) is asked again when the next round finds it needed.
+            if e.code in ("unload_failed", "scheduler_error"):
+                self._failed.setdefault(index, set()).add(name)
             log.warning(logfmt(msg="yield failed", consumer=name, code=e.code, error=e.message))
         except Exception as e:  # a bug outside the scheduler's guarded steps
             self._failed.setdefault(index, set()).add(name)

@@ -6665,6 +6665,39 @@ async def test_a_consumers_exiting_process_that_lost_its_name_is_no_stranger_and
     assert r.sims["mvoice"].unloads == 0 and r.stats.yields == 0
 
 
+async def test_a_yield_refused_by_a_reservation_is_no_failed_unload_and_the_consumer_yields_later(rig):
+    """Issue 22: a consumer whose unload failed or freed nothing is not asked again while that stranger
+    stays; one whose yield was only refused (gpu_reserved: a reservation asked for first took the GPU) has
+    not failed. After the reservation, mvoice is loaded by a job beside the same game; when the game grows,
+    mvoice is yielded for it, not left to starve it."""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(), urls={"ollama": ollama.url})
+        await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+        s = r.broker.scheduler
+        llm = asyncio.ensure_future(r.post("llm", {"prompt": "hold"}))
+        await status_until(r, lambda st: st["scheduler"]["holder"] is not None)
+        reserve = asyncio.ensure_future(
+            r.session.post(r.url("/v1/reserve"), json={"for_s": 60, "reason": "gaming", "restore": False})
+        )
+        await until(lambda: len(s.lock.waiting) == 1)  # the reservation waits for the GPU
+        r.gpu.allocate("game", 12000, graphics=True)  # 15904 - 2800 - 12000 = 1104 free: mvoice must yield
+        await until(lambda: [j.kind for j in s.lock.waiting] == ["reservation", "yield"], timeout=10)
+        gate.set()
+        assert (await llm)[0] == 200
+        async with await reserve as resp:
+            assert resp.status == 200 and (await resp.json())["unloaded"][0] == "mvoice"
+        async with r.session.delete(r.url("/v1/reserve")) as resp:
+            assert resp.status == 200
+    r.gpu.allocate("game", 8000, graphics=True)  # the same game, smaller for a while: still a stranger
+    assert (await r.post("tts", {"text": "beside the game"}))[0] == 200  # 7904 free >= 2800 + 256 + 2048
+    unloads = r.sims["mvoice"].unloads
+    r.gpu.allocate("game", 12000, graphics=True)  # it grows again: 1104 free
+    await until(lambda: r.sims["mvoice"].unloads == unloads + 1, timeout=15)
+    await until(lambda: r.stats.yields == 1)  # (counted once its memory came free: a moment after)
+    assert r.gpu.free_mib() >= 2048
+
+
 async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_the_stranger_stays(rig):
     """mvoice answers its unload but keeps its memory: its yield fails (unload_failed, after vram_wait_s),
     the next idle consumer goes instead, and mvoice is not asked again while this stranger stays, however
