@@ -4931,8 +4931,9 @@ class Consumers:
             owners = process_owners(reading.processes, measured, cgroups_of)
             # A process that exits loses its name (its /proc cmdline is empty) a moment before its memory
             # goes, and a pid is not reused while it is listed: one that was a consumer's and has no name
-            # now is still that consumer's (not a stranger's).
-            before, theirs = self._attributed.get(index, {}), {c.name for c in measured}
+            # now is still that consumer's memory (not a stranger's).
+            before = self._attributed.get(index, {})
+            theirs = {c.name for c in measured if lingering(c.processes, None)}
             for pid, name in names.items():
                 if name is None and pid not in owners and before.get(pid) in theirs:
                     owners[pid] = before[pid]
@@ -4950,11 +4951,13 @@ class Consumers:
         self._owners[reading.index if reading.index is not None else -1] = dict(owners)
         mib_of = {c.name: 0 for c in measured}
         pids_of: dict[str, set[int]] = {c.name: set() for c in measured}
+        matches = {c.name: c.processes for c in measured}
         for p in reading.processes:  # one pass, however long the list
             name = owners.get(p.pid) if p.pid is not None else None
             if name is not None and name in mib_of:
                 mib_of[name] += p.used_mib or 0
-                pids_of[name].add(p.pid)  # type: ignore[arg-type] (not None: it has an owner)
+                if not lingering(matches[name], p.name):  # (its memory, but no live process of its)
+                    pids_of[name].add(p.pid)  # type: ignore[arg-type] (not None: it has an owner)
         for c in measured:
             mib = mib_of[c.name]
             if mib > c.vram_resident_mib and c.name not in self._over:
@@ -4987,6 +4990,18 @@ class Consumers:
         except OSError:
             return []
         return [line.split(":", 2)[2] for line in text.splitlines() if line.count(":") >= 2]
+
+
+def lingering(match: ProcessMatch | None, name: str | None) -> bool:
+    """Whether a process listed with this name can be the consumer's only as one that is exiting: it has
+    no name (its command line is gone a moment before its memory), and the consumer's ``processes.name``
+    cannot match that. Such a process stays whose it was (``Consumers.attribute``), but is no live one."""
+    return (
+        name is None
+        and match is not None
+        and match.name is not None
+        and not fnmatch.fnmatchcase("", match.name)
+    )
 
 
 def process_owners(

@@ -7445,6 +7445,30 @@ async def test_a_restart_seen_only_in_the_readings_ends_the_hold_on_the_lost_ren
     assert r.stats.hold_abandoned == 1 and r.broker.consumers.states["comfyui"].resident is False
 
 
+async def test_a_restart_whose_old_process_lingers_nameless_still_ends_the_hold(rig):
+    """As above, but the old process is still listed a moment, exiting: no name any more, its memory not
+    freed yet, while the new process already holds its context. The old pid is still ComfyUI's memory (no
+    stranger's), but no live process of ComfyUI's is left from before: it restarted, the hold ends."""
+
+    def measured_slow_polls(raw: dict[str, Any]) -> None:
+        comfy_measured(raw)
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["poll_s"] = 60
+
+    r = await rig(sims={"comfyui": {"context_mib": 610, "work_s": 60}}, tweak=measured_slow_polls)
+    async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+        assert resp.status == 200
+    await until(lambda: r.broker.scheduler.holds == 1 and r.gpu.used_mib("comfyui") == 13610)
+    await r.status()  # a reading: ComfyUI's process, rendering
+    old = r.sims["comfyui"].pid
+    await r.restart("comfyui")  # a new process: its context only, the prompt forgotten
+    r.gpu.allocate("comfyui-exiting", 13610, process="", pid=old)  # the old one, exiting
+    await asyncio.sleep(m.STATUS_MAX_AGE_S)
+    st = await r.status()  # the next reading
+    assert st["consumers"]["comfyui"]["vram_used_mib"] == 14220  # (the exiting one's memory is its own)
+    await until(lambda: r.broker.scheduler.holder is None)
+    assert r.stats.hold_abandoned == 1
+
+
 async def test_a_slow_but_alive_consumer_keeps_its_hold(rig, caplog):
     """Poll errors that are not a refusal (a reset, a slow answer) are retried; the first one is a warning."""
     caplog.set_level(logging.DEBUG, "mgpumanager")
