@@ -4662,6 +4662,9 @@ class Consumers:
         #: the processes of that GPU's latest reading whose unit was looked at. Written by attribute(), in
         #: worker threads, under the lock.
         self._cgroups: dict[int, dict[int, tuple[str | None, float, list[str]]]] = {}
+        #: Per GPU: pid -> consumer, as attribute() gave it last (under the lock): a pid that loses its name
+        #: stays whose it was.
+        self._attributed: dict[int, dict[int, str]] = {}
         self._cgroups_lock = threading.Lock()
 
     @property
@@ -4976,6 +4979,15 @@ class Consumers:
                 return entry[2]
 
             owners = process_owners(reading.processes, measured, cgroups_of)
+            # A process that exits loses its name (its /proc cmdline is empty) a moment before its memory
+            # goes, and a pid is not reused while it is listed: one that was a consumer's and has no name
+            # now is still that consumer's memory (not a stranger's).
+            before = self._attributed.get(index, {})
+            theirs = {c.name for c in measured if lingering(c.processes, None)}
+            for pid, name in names.items():
+                if name is None and pid not in owners and before.get(pid) in theirs:
+                    owners[pid] = before[pid]
+            self._attributed[index] = owners
             self._cgroups[index] = seen  # a pid gone from the list is forgotten: reused, it is read anew
         return owners
 
@@ -4989,11 +5001,13 @@ class Consumers:
         self._owners[reading.index if reading.index is not None else -1] = dict(owners)
         mib_of = {c.name: 0 for c in measured}
         pids_of: dict[str, set[int]] = {c.name: set() for c in measured}
+        matches = {c.name: c.processes for c in measured}
         for p in reading.processes:  # one pass, however long the list
             name = owners.get(p.pid) if p.pid is not None else None
             if name is not None and name in mib_of:
                 mib_of[name] += p.used_mib or 0
-                pids_of[name].add(p.pid)  # type: ignore[arg-type] (not None: it has an owner)
+                if not lingering(matches[name], p.name):  # (its memory, but no live process of its)
+                    pids_of[name].add(p.pid)  # type: ignore[arg-type] (not None: it has an owner)
         for c in measured:
             mib = mib_of[c.name]
             if mib > c.vram_resident_mib and c.name not in self._over:
@@ -5026,6 +5040,18 @@ class Consumers:
         except OSError:
             return []
         return [line.split(":", 2)[2] for line in text.splitlines() if line.count(":") >= 2]
+
+
+def lingering(match: ProcessMatch | None, name: str | None) -> bool:
+    """Whether a process listed with this name can be the consumer's only as one that is exiting: it has
+    no name (its command line is gone a moment before its memory), and the consumer's ``processes.name``
+    cannot match that. Such a process stays whose it was (``Consumers.attribute``), but is no live one."""
+    return (
+        name is None
+        and match is not None
+        and match.name is not None
+        and not fnmatch.fnmatchcase("", match.name)
+    )
 
 
 def process_owners(
@@ -6564,10 +6590,19 @@ class Strangers:
             self.present, self.since, self.since_at, self.absent_since = True, now, time.time(), None
             self.recorder.record("stranger_appeared", **self.fields())
         elif not present and self.present:
-            self.present, self.since, self.since_at, self.absent_since = False, None, None, now
-            self.recorder.record("stranger_gone", **self.fields())
+            self._gone(now)
         elif not present and self.absent_since is None:
             self.absent_since = now  # (the first reading: none since then)
+
+    def yield_off(self) -> None:
+        """gpu.yield is off (a reload turned it off): no stranger is present any more, whatever memory the
+        last reading showed unclaimed (it is then only memory that is not free)."""
+        if self.present and self.shared.config.gpu.yield_ is None:
+            self._gone(self.clock())
+
+    def _gone(self, now: float) -> None:
+        self.present, self.since, self.since_at, self.absent_since = False, None, None, now
+        self.recorder.record("stranger_gone", **self.fields())
 
     def fields(self) -> dict[str, Any]:
         """What events and log lines say of it: unclaimed and free MiB, the processes no consumer claims."""
@@ -6795,7 +6830,9 @@ class RoomMaker:
             plan = plan_room(snap)
             if plan.fits or job.left:  # (nobody waits for it any more: unload nothing more for it)
                 return
-            if not plan.victims:
+            # Beside a stranger every consumer is measured: a plan that cannot fit whatever it unloads
+            # unloads nothing (gpu_in_use at once, not after needless evictions).
+            if not plan.victims or (snap.keep_free_mib and plan.hopeless):
                 whole = await self.read(job, whole=True)  # the processes, for the message
                 snap = self.snapshot(job, whole, tried)
                 if snap.keep_free_mib and self.strangers is not None:  # (it never waits for a stranger)
@@ -6849,14 +6886,23 @@ class RoomMaker:
             self.recorder.record(f"unloaded_{by}", consumer=victim, by=by, job=job.id)
             self.recorder.learned(state, "unload", took, job.id)
 
-    async def yield_to(self, job: Job, victim: str, reading: GpuReading, keep_free_mib: int) -> bool:
+    async def yield_to(
+        self,
+        job: Job,
+        victim: str,
+        reading: GpuReading,
+        keep_free_mib: int,
+        answered: Callable[[], None] = lambda: None,
+    ) -> bool:
         """Unload an idle consumer for a stranger (``reading``: the one that chose it) and wait, as an
         eviction does, until its memory came free (or ``keep_free_mib`` is free): the next decision is
-        made from that reading. Then, if it did, ``yielded`` is recorded. Whether its memory came free."""
+        made from that reading. Then, if it did, ``yielded`` is recorded. ``answered`` is called once its
+        unload answered (before the wait, which a shutdown may cut). Whether its memory came free."""
         assert self.strangers is not None
         size = _charged(self.views(), reading.used_mib).get(victim, 0)
         pids = self.states[victim].pids
         await self.unload(job, victim, by="yield", fields=self.strangers.fields())
+        answered()
         before = reading.free_mib or 0
         _, freed = await self._wait_for_memory(job, victim, size, pids, before, keep_free_mib, by="yield")
         return freed
@@ -8002,9 +8048,10 @@ class InternalJobs:
                 rooms.recorder.record("yield_skipped", consumer=name, job=job.id, reason=why)
                 return
             resident = rooms.states[name].resident is True
-            freed = await rooms.yield_to(job, name, reading, y.keep_free_mib)
-            if resident:
-                self.restore_later(s.index, [name])
+            # It waits to be restored once its unload answered: a shutdown that cuts the wait for its
+            # memory leaves it in the state file, for the restarted broker to load again.
+            later = functools.partial(self.restore_later, s.index, [name] if resident else [])
+            freed = await rooms.yield_to(job, name, reading, y.keep_free_mib, later)
             if not freed:  # (not asked again while this stranger stays: its unload frees nothing)
                 waited = self.config.scheduler.vram_wait_s
                 raise BrokerError(
@@ -8012,8 +8059,11 @@ class InternalJobs:
                 )
 
     async def _restore_if_fits(self, job: Job) -> None:
-        """A restore's step, once granted: a stranger present keeps it for later; else it is done with (no
-        longer waiting) and loaded if it is not resident and fits (``restored``)."""
+        """A restore's step, once granted: a stranger present keeps it for later; else it is loaded if it
+        is not resident and fits (``restored``), and then no longer waits: neither when it did not fit, nor
+        when its load failed, unless its own reading found a stranger back (then it waits for that one to
+        go, as if the poll had seen it). A load cut by the broker's shutdown leaves it waiting (the state
+        file keeps it for the restarted broker)."""
         name, s = job.consumer, self.scheduler_for(job.consumer)
         async with s.rooms.lock:
             if s.strangers.present:
@@ -8022,10 +8072,16 @@ class InternalJobs:
                 )
                 return
             pending = self.to_restore.get(s.index, [])
-            if name in pending:
-                pending.remove(name)
-            if await self._fits_then_load(job, "restore"):
+            try:
+                loaded = await self._fits_then_load(job, "restore")
+            except Exception:
+                if name in pending:  # (failed: given up)
+                    pending.remove(name)
+                raise
+            if loaded:
                 s.recorder.record("restored", consumer=name, job=job.id)
+            if (loaded or not s.strangers.present) and name in pending:
+                pending.remove(name)
 
     def start_preloads(self) -> None:
         """Preload (in the background) every ``preload`` consumer that is not known to be resident."""
@@ -8134,7 +8190,9 @@ class Yielding:
         stranger, ask for a yield, start restores when due."""
         y = self.config.gpu.yield_
         s = self.schedulers[index]
-        if y is not None:
+        if y is None:
+            s.strangers.yield_off()  # (a reload turned it off: no stranger keeps restores waiting)
+        else:
             try:
                 reading = await self.readers[index].read(max_age=y.poll_s)  # (its listeners tell Strangers)
             except GpuError:
@@ -8177,7 +8235,11 @@ class Yielding:
         try:
             await self.internal.yield_unload(name, self._failed.get(index, set()))
         except BrokerError as e:
-            self._failed.setdefault(index, set()).add(name)
+            # Not asked again while this stranger stays: one whose unload failed or freed nothing (or hit a
+            # bug); one whose yield was only refused (gpu_reserved, shutting_down, no_consumer: the GPU or the
+            # consumer was not there to unload) is asked again when the next round finds it needed.
+            if e.code in ("unload_failed", "scheduler_error"):
+                self._failed.setdefault(index, set()).add(name)
             log.warning(logfmt(msg="yield failed", consumer=name, code=e.code, error=e.message))
         except Exception as e:  # a bug outside the scheduler's guarded steps
             self._failed.setdefault(index, set()).add(name)

@@ -435,8 +435,9 @@ class SimGPU:
         graphics: bool = False,
     ) -> None:
         """Make the owner's process hold `mib` MiB on GPU `gpu` (replacing what it held before); it is
-        listed as `process` (default `mgpusim-<owner>`) with `pid` (default a fixed one for the owner), in
-        the compute process list unless it is a `graphics` one (a game).
+        listed as `process` (default `mgpusim-<owner>`; "": no name, as a process that exits shows a moment
+        before its memory goes) with `pid` (default a fixed one for the owner), in the compute process list
+        unless it is a `graphics` one (a game).
 
         SimOOM, recorded in the state's "ooms", when that does not fit beside what the others hold."""
         # (The record is written before SimOOM leaves ``edit()``, which writes only when its block ends.)
@@ -452,7 +453,7 @@ class SimGPU:
                 )
                 self._write(state)  # (under edit's lock still)
                 raise SimOOM(f"CUDA out of memory: {owner} wanted {mib} MiB, {free} MiB free")
-            name = process or PROCESS_PREFIX + owner
+            name = PROCESS_PREFIX + owner if process is None else process  # ("": one that lost its name)
             wanted = pid if pid is not None else fake_pid(name)
             if mine and mine[0]["pid"] == wanted:
                 mine[0].update(used_mib=int(mib), gpu_uuid=uuid, name=name)

@@ -6566,6 +6566,22 @@ async def test_a_stranger_first_seen_by_the_jobs_own_reading_refuses_it_as_gpu_i
     assert r.stats.failed == 1 and r.broker.scheduler.holder is None and r.sims["comfyui"].work == []
 
 
+async def test_a_job_hopeless_beside_a_stranger_first_seen_by_its_own_reading_unloads_nothing(rig):
+    """Issue 22: a job that cannot fit beside a stranger even after unloading the idle consumers is
+    answered gpu_in_use at once. Seen first by the job's own reading, with mvoice resident and idle: even
+    with mvoice unloaded, comfyui's 13000 + 256 + 2048 could not fit beside the game's 8000 (7904 free at
+    most), so mvoice is not unloaded for nothing (a reload for its next job), and the job does not wait for
+    its memory holding the GPU."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(poll_s=3600))
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    r.gpu.allocate("game", 8000, graphics=True)  # 15904 - 2800 - 8000 = 5104 free: no yield needed
+    status, headers, body = await r.post("image", {"prompt": {}})
+    error = error_of(status, headers, body, "gpu_in_use")
+    assert "at most 7904 MiB can be made free" in error["message"]
+    assert r.sims["mvoice"].unloads == 0 and r.sims["mvoice"].loaded and r.stats.evictions == 0
+    assert r.sims["comfyui"].work == [] and r.broker.scheduler.holder is None
+
+
 async def test_a_reservations_end_loads_again_what_it_unloaded_unless_it_was_told_not_to(rig, capsys):
     """Issue 22: a reservation's end restores what it unloaded (and only what was resident: comfyui, not
     loaded before, is not loaded after), as an internal job of the lowest priority; ``restore: false``
@@ -6595,6 +6611,167 @@ async def test_a_reservations_end_loads_again_what_it_unloaded_unless_it_was_tol
     assert r.broker.internal.to_restore[0] == [] and r.stats.restores == 1
     async with r.session.post(r.url("/v1/reserve"), json={"for_s": 60, "restore": "no"}) as resp:
         assert (await resp.json())["error"] == "bad_request"
+
+
+async def test_a_restore_whose_own_reading_finds_a_stranger_back_waits_for_it_to_go_again(rig):
+    """Issue 22: a stranger that comes back stops the restores; they go on once it has been gone
+    restore_after_s again. The game comes back between the last poll and the restore's own reading (the
+    restore found no stranger, then its reading shows one, and mvoice does not fit beside it): mvoice is
+    not given up, and is loaded again once the game is gone."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(restore_after_s=0.5))
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    async with r.session.post(r.url("/v1/reserve"), json={"for_s": 60, "reason": "gaming"}) as resp:
+        assert (await resp.json())["unloaded"] == ["mvoice", "comfyui"]
+    real, came = r.broker.internal._fits_then_load, []
+
+    async def game_comes_back(job: m.Job, kind: str) -> bool:
+        if kind == "restore" and not came:  # (after the restore saw no stranger, before its reading)
+            came.append(job.id)
+            r.gpu.allocate("game", 12000, graphics=True)  # 15904 - 12000 = 3904 free < 2800 + 256 + 2048
+        return await real(job, kind)
+
+    r.broker.internal._fits_then_load = game_comes_back  # type: ignore[method-assign]
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert resp.status == 200
+    await until(
+        lambda: any(e["event"] == "restore_skipped" for e in recent_events(r.broker.events)), timeout=10
+    )
+    assert not r.sims["mvoice"].loaded and came
+    r.gpu.release("game")
+    await until(lambda: r.sims["mvoice"].loaded, timeout=15)
+    await until(lambda: r.stats.restores == 1)
+    assert r.sims["mvoice"].loads == 1 and r.broker.internal.to_restore[0] == []
+
+
+async def test_a_yield_cut_by_shutdown_after_its_unload_answered_still_waits_to_be_restored(rig, tmp_path):
+    """Issue 22: the state file holds what waits to be restored. A yield whose unload answered (mvoice's
+    model is gone) while its memory is still being waited for (vram_wait_s), cut there by the broker's
+    shutdown (`make deploy` during a game; shutdown_timeout_s shorter than that wait): mvoice waits to be
+    restored in the state file all the same, so the restarted broker loads it again once the game is
+    gone."""
+    path = tmp_path / "state.json"
+
+    def tweak(raw: dict[str, Any]) -> None:
+        _yielding()(raw)
+        raw["state_file"] = str(path)
+        raw["scheduler"]["shutdown_timeout_s"] = 0.5
+
+    r = await rig(sims={"mvoice": {"loaded": True, "release_s": 30}}, tweak=tweak)
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    r.gpu.allocate("game", 12000, graphics=True)  # 15904 - 2800 - 12000 = 1104 free < 2048: mvoice yields
+    await until(lambda: r.sims["mvoice"].unloads == 1, timeout=10)
+    await asyncio.sleep(0.3)  # (its memory is being waited for: 30 s before the sim frees it)
+    assert r.stats.yields == 0
+    await r.server.close()  # SIGTERM's shutdown: the yield is cut
+    written = json.loads(path.read_text())
+    assert written["gpus"]["0"]["to_restore"] == ["mvoice"], written
+
+
+async def test_a_restore_cut_by_shutdown_mid_load_still_waits_to_be_restored(rig, tmp_path):
+    """Issue 22: the state file holds what waits to be restored. The game is gone and mvoice's restore is
+    loading it (a slow load) when the broker shuts down and cuts it: the load did not end, so mvoice still
+    waits to be restored in the state file (the restarted broker loads it again), not forgotten."""
+    path = tmp_path / "state.json"
+
+    def tweak(raw: dict[str, Any]) -> None:
+        _yielding(restore_after_s=0)(raw)
+        raw["state_file"] = str(path)
+        raw["scheduler"]["shutdown_timeout_s"] = 0.5
+
+    r = await rig(sims={"mvoice": {"loaded": True, "load_s": 30}}, tweak=tweak)
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    r.gpu.allocate("game", 12000, graphics=True)  # 15904 - 2800 - 12000 = 1104 free < 2048: mvoice yields
+    await until(lambda: r.stats.yields == 1 and r.broker.internal.to_restore.get(0) == ["mvoice"], timeout=30)
+    r.gpu.release("game")
+
+    def restoring() -> bool:
+        return any(
+            e["event"] == "loading" and e["consumer"] == "mvoice" for e in recent_events(r.broker.events)
+        )
+
+    await until(restoring, timeout=15)
+    await r.server.close()  # SIGTERM's shutdown: the restore's load is cut
+    assert r.stats.restores == 0 and r.sims["mvoice"].loads == 0
+    written = json.loads(path.read_text())
+    assert written["gpus"].get("0", {}).get("to_restore") == ["mvoice"], written
+
+
+async def test_a_reload_that_turns_gpu_yield_off_ends_the_stranger_and_restores_what_waits(rig):
+    """Issue 22: without gpu.yield there is no stranger, and what waits to be restored is restored at once,
+    each if it fits. A reload turns gpu.yield off while a game holds 12000 MiB and mvoice waits to be
+    restored for it: the stranger is gone (its event), and mvoice, which fits beside the game's memory, is
+    loaded again; not skipped every round as if a stranger were still present."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding())
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    r.gpu.allocate("game", 12000, graphics=True)  # 15904 - 2800 - 12000 = 1104 free < 2048: mvoice yields
+    await until(lambda: r.stats.yields == 1 and r.broker.internal.to_restore.get(0) == ["mvoice"], timeout=30)
+    del r.raw["gpu"]["yield"]
+    r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert resp.status == 200, await resp.read()
+    # 3904 MiB free beside the game: mvoice's 2800 + 256 fit.
+    await until(lambda: r.sims["mvoice"].loaded, timeout=15)
+    await until(lambda: r.stats.restores == 1)
+    events = recent_events(r.broker.events)
+    assert [e["present"] for e in events if e["event"] == "stranger"] == [True, False]
+    assert not [e for e in events if e["event"] == "restore_skipped"]
+    assert not r.broker.scheduler.strangers.present
+
+
+async def test_a_consumers_exiting_process_that_lost_its_name_is_no_stranger_and_yields_nothing(rig):
+    """Issue 22: a stranger is memory that no consumer's processes hold. A process that exits has no name
+    any more (its /proc cmdline is empty) a moment before its memory goes: ComfyUI stopped (or Ollama's
+    runner ending at its keep_alive) leaves its 13000 MiB under its pid, nameless, for a few polls. That pid
+    was comfyui's at the last reading and still is: no stranger appears, and idle mvoice (with 104 MiB
+    free, below keep_free_mib) is not unloaded for nobody."""
+    sims = {"mvoice": {"loaded": True}, "comfyui": {"loaded": True}}
+    r = await rig(sims=sims, tweak=_yielding())  # 15904 - 2800 - 13000 = 104 MiB free
+    await status_until(r, lambda st: st["consumers"]["comfyui"]["vram_used_mib"] == 13000)
+    queries = r.broker.gpus[0].queries
+    await until(lambda: r.broker.gpus[0].queries >= queries + 3, timeout=10)  # a poll: no stranger
+    assert not r.broker.scheduler.strangers.present
+    comfy = r.sims["comfyui"]
+    r.gpu.allocate("comfyui", 13000, process="", pid=comfy.pid)  # exiting: its name gone, its memory not
+    queries = r.broker.gpus[0].queries
+    await until(lambda: r.broker.gpus[0].queries >= queries + 12, timeout=20)  # four polls and more
+    r.gpu.release("comfyui")  # its memory goes
+    await status_until(r, lambda st: st["consumers"]["comfyui"]["loaded"] is False, timeout=10)
+    events = recent_events(r.broker.events)
+    assert [e for e in events if e["event"] == "stranger"] == []
+    assert r.sims["mvoice"].unloads == 0 and r.stats.yields == 0
+
+
+async def test_a_yield_refused_by_a_reservation_is_no_failed_unload_and_the_consumer_yields_later(rig):
+    """Issue 22: a consumer whose unload failed or freed nothing is not asked again while that stranger
+    stays; one whose yield was only refused (gpu_reserved: a reservation asked for first took the GPU) has
+    not failed. After the reservation, mvoice is loaded by a job beside the same game; when the game grows,
+    mvoice is yielded for it, not left to starve it."""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(), urls={"ollama": ollama.url})
+        await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+        s = r.broker.scheduler
+        llm = asyncio.ensure_future(r.post("llm", {"prompt": "hold"}))
+        await status_until(r, lambda st: st["scheduler"]["holder"] is not None)
+        reserve = asyncio.ensure_future(
+            r.session.post(r.url("/v1/reserve"), json={"for_s": 60, "reason": "gaming", "restore": False})
+        )
+        await until(lambda: len(s.lock.waiting) == 1)  # the reservation waits for the GPU
+        r.gpu.allocate("game", 12000, graphics=True)  # 15904 - 2800 - 12000 = 1104 free: mvoice must yield
+        await until(lambda: [j.kind for j in s.lock.waiting] == ["reservation", "yield"], timeout=10)
+        gate.set()
+        assert (await llm)[0] == 200
+        async with await reserve as resp:
+            assert resp.status == 200 and (await resp.json())["unloaded"][0] == "mvoice"
+        async with r.session.delete(r.url("/v1/reserve")) as resp:
+            assert resp.status == 200
+    r.gpu.allocate("game", 8000, graphics=True)  # the same game, smaller for a while: still a stranger
+    assert (await r.post("tts", {"text": "beside the game"}))[0] == 200  # 7904 free >= 2800 + 256 + 2048
+    unloads = r.sims["mvoice"].unloads
+    r.gpu.allocate("game", 12000, graphics=True)  # it grows again: 1104 free
+    await until(lambda: r.sims["mvoice"].unloads == unloads + 1, timeout=15)
+    await until(lambda: r.stats.yields == 1)  # (counted once its memory came free: a moment after)
+    assert r.gpu.free_mib() >= 2048
 
 
 async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_the_stranger_stays(rig):
@@ -7480,6 +7657,30 @@ async def test_a_restart_seen_only_in_the_readings_ends_the_hold_on_the_lost_ren
     await r.status()  # the next reading
     await until(lambda: r.broker.scheduler.holder is None)
     assert r.stats.hold_abandoned == 1 and r.broker.consumers.states["comfyui"].resident is False
+
+
+async def test_a_restart_whose_old_process_lingers_nameless_still_ends_the_hold(rig):
+    """As above, but the old process is still listed a moment, exiting: no name any more, its memory not
+    freed yet, while the new process already holds its context. The old pid is still ComfyUI's memory (no
+    stranger's), but no live process of ComfyUI's is left from before: it restarted, the hold ends."""
+
+    def measured_slow_polls(raw: dict[str, Any]) -> None:
+        comfy_measured(raw)
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["poll_s"] = 60
+
+    r = await rig(sims={"comfyui": {"context_mib": 610, "work_s": 60}}, tweak=measured_slow_polls)
+    async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+        assert resp.status == 200
+    await until(lambda: r.broker.scheduler.holds == 1 and r.gpu.used_mib("comfyui") == 13610)
+    await r.status()  # a reading: ComfyUI's process, rendering
+    old = r.sims["comfyui"].pid
+    await r.restart("comfyui")  # a new process: its context only, the prompt forgotten
+    r.gpu.allocate("comfyui-exiting", 13610, process="", pid=old)  # the old one, exiting
+    await asyncio.sleep(m.STATUS_MAX_AGE_S)
+    st = await r.status()  # the next reading
+    assert st["consumers"]["comfyui"]["vram_used_mib"] == 14220  # (the exiting one's memory is its own)
+    await until(lambda: r.broker.scheduler.holder is None)
+    assert r.stats.hold_abandoned == 1
 
 
 async def test_a_slow_but_alive_consumer_keeps_its_hold(rig, caplog):
