@@ -61,8 +61,8 @@ Sections, in dependency order:
 - Events and metrics: ``Events`` (/v1/events and its ring), ``Notifier`` (systemd), ``Metrics``.
 - GPU reading: ``GpuReader`` (caching, sharing, attribution) over a ``GpuSource``: ``SmiSource``
   (nvidia-smi, parsed off the loop) or ``NvmlSource`` (NVML, each call bounded in a thread of its own).
-- Consumers and health: ``ConsumerState`` (its named transitions), ``Consumers`` (probes, loads, unloads,
-  measuring).
+- Consumers and health: ``ConsumerState`` (its named transitions), ``Consumers`` (probes, loads, unloads),
+  ``GpuProcesses`` (whose each GPU process is, what each measured consumer holds).
 - The scheduler, in parts: ``Job``; the ``Recorder`` (one record of each fact, four views); the pure
   decisions, each a function of a snapshot: ``plan_room`` (eviction, and what fits beside a stranger),
   ``plan_yield`` (whom to unload for a stranger), ``unclaimed_mib`` (what no consumer claims), ``next_grant``
@@ -4092,7 +4092,7 @@ class GpuReader:
         self._queries_before = 0
         #: Told of every whole reading (the broker measures its consumers' processes from it).
         self.listeners: list[Callable[[GpuReading], None]] = []
-        #: pid -> consumer for a whole reading's processes (the broker's Consumers.attribute): run off the
+        #: pid -> consumer for a whole reading's processes (the broker's GpuProcesses.attribute): run off the
         #: event loop with the parsing, its answer kept in the reading's ``owners``.
         self.attribute: Callable[[GpuReading], Mapping[int, str]] | None = None
 
@@ -4652,20 +4652,8 @@ class Consumers:
         self.busy: Callable[[str], bool] = lambda name: False
         #: On-demand probes under way, shared by the jobs that wait for them.
         self._probing: dict[str, asyncio.Task[None]] = {}
-        #: pid -> consumer, from each GPU's latest reading with a process list.
-        self._owners: dict[int, dict[int, str]] = {}
-        #: Consumers measured above their declared vram_resident_mib (warned once).
-        self._over: set[str] = set()
-        #: Where a process's cgroups are read (``/proc``; a test may point it elsewhere).
-        self.proc_root = Path("/proc")
-        #: Per GPU: pid -> (its name in nvidia-smi's list, when its cgroups were read, its cgroup paths), of
-        #: the processes of that GPU's latest reading whose unit was looked at. Written by attribute(), in
-        #: worker threads, under the lock.
-        self._cgroups: dict[int, dict[int, tuple[str | None, float, list[str]]]] = {}
-        #: Per GPU: pid -> consumer, as attribute() gave it last (under the lock): a pid that loses its name
-        #: stays whose it was.
-        self._attributed: dict[int, dict[int, str]] = {}
-        self._cgroups_lock = threading.Lock()
+        #: Whose each GPU process is, and what each measured consumer holds.
+        self.processes = GpuProcesses(shared, self.states, self.gone_listeners, clock)
 
     @property
     def config(self) -> Config:
@@ -4954,7 +4942,46 @@ class Consumers:
             except Exception as e:
                 self.shared.internal_error("health round crashed", error=describe(e))
 
-    # ---- measuring ----------------------------------------------------------------------------------
+    def owners(self) -> dict[int, str]:
+        """pid -> consumer, from the latest readings of every GPU (``GpuProcesses``)."""
+        return self.processes.owners()
+
+
+class GpuProcesses:
+    """Whose each process in a GPU's list is (the consumers' ``processes``: by name, and by the unit in its
+    cgroups), and what each measured consumer holds, from each whole reading."""
+
+    def __init__(
+        self,
+        shared: Shared,
+        states: Mapping[str, ConsumerState],
+        gone_listeners: list[Callable[[str, str], None]],
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.shared = shared
+        #: The consumers' states (``Consumers``'): what each holds is recorded there.
+        self.states = states
+        #: Told when a consumer's processes were all replaced (it restarted): (name, reason).
+        self.gone_listeners = gone_listeners
+        self.clock = clock
+        #: pid -> consumer, from each GPU's latest reading with a process list.
+        self._owners: dict[int, dict[int, str]] = {}
+        #: Consumers measured above their declared vram_resident_mib (warned once).
+        self._over: set[str] = set()
+        #: Where a process's cgroups are read (``/proc``; a test may point it elsewhere).
+        self.proc_root = Path("/proc")
+        #: Per GPU: pid -> (its name in nvidia-smi's list, when its cgroups were read, its cgroup paths), of
+        #: the processes of that GPU's latest reading whose unit was looked at. Written by attribute(), in
+        #: worker threads, under the lock.
+        self._cgroups: dict[int, dict[int, tuple[str | None, float, list[str]]]] = {}
+        #: Per GPU: pid -> consumer, as attribute() gave it last (under the lock): a pid that loses its name
+        #: stays whose it was.
+        self._attributed: dict[int, dict[int, str]] = {}
+        self._cgroups_lock = threading.Lock()
+
+    @property
+    def config(self) -> Config:
+        return self.shared.config
 
     def attribute(self, reading: GpuReading) -> dict[int, str]:
         """pid -> consumer for a reading's processes: the consumers of that GPU that say how to recognise
@@ -5045,7 +5072,7 @@ class Consumers:
 def lingering(match: ProcessMatch | None, name: str | None) -> bool:
     """Whether a process listed with this name can be the consumer's only as one that is exiting: it has
     no name (its command line is gone a moment before its memory), and the consumer's ``processes.name``
-    cannot match that. Such a process stays whose it was (``Consumers.attribute``), but is no live one."""
+    cannot match that. Such a process stays whose it was (``GpuProcesses.attribute``), but is no live one."""
     return (
         name is None
         and match is not None
@@ -9397,8 +9424,8 @@ class Broker:
         for index in gpu_indexes(self.config):
             if index not in self.schedulers:
                 reader = GpuReader(self.shared, index=index)
-                reader.attribute = self.consumers.attribute
-                reader.listeners.append(self.consumers.measure)
+                reader.attribute = self.consumers.processes.attribute
+                reader.listeners.append(self.consumers.processes.measure)
                 self.gpus[index] = reader
                 scheduler = self.schedulers[index] = Scheduler(
                     self.shared,

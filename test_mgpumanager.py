@@ -2066,7 +2066,7 @@ def test_processes_are_attributed_by_name_and_by_the_unit_in_their_cgroup(tmp_pa
         (tmp_path / str(pid)).mkdir()
         (tmp_path / str(pid) / "cgroup").write_text(text.replace("\\n", "\n"))
     consumers = m.Consumers(m.Shared(config), session=None)  # type: ignore[arg-type] (no call is made)
-    consumers.proc_root = tmp_path
+    consumers.processes.proc_root = tmp_path
     procs = [
         m.GpuProcess(10, "/opt/ComfyUI/.venv/bin/python3", 13610),
         m.GpuProcess(11, "/opt/mvoice/.venv/bin/python3", 2800),
@@ -2075,12 +2075,14 @@ def test_processes_are_attributed_by_name_and_by_the_unit_in_their_cgroup(tmp_pa
         m.GpuProcess(14, "/usr/local/bin/ollama", 8000),  # gone from /proc: name alone decides
     ]
     measured = list(config.consumers.values())
-    owners = m.process_owners(procs, measured, consumers.cgroups_of)
+    owners = m.process_owners(procs, measured, consumers.processes.cgroups_of)
     assert owners == {10: "comfyui", 11: "mvoice", 12: "whisper", 14: "ollama"}
     # mvoice needs both keys: a python3 in another unit is not its.
     assert (
         m.process_owners(
-            [m.GpuProcess(10, "/usr/bin/python3", 1)], [config.consumers["mvoice"]], consumers.cgroups_of
+            [m.GpuProcess(10, "/usr/bin/python3", 1)],
+            [config.consumers["mvoice"]],
+            consumers.processes.cgroups_of,
         )
         == {}
     )
@@ -2129,15 +2131,15 @@ def test_cgroups_are_read_once_per_process_while_it_stays_in_the_list_under_its_
         (tmp_path / str(pid) / "cgroup").write_text(f"0::/system.slice/{unit}.service\n")
     clock = FakeClock()
     consumers = m.Consumers(m.Shared(config), session=None, clock=clock)  # type: ignore[arg-type] (no call is made)
-    consumers.proc_root = tmp_path
+    consumers.processes.proc_root = tmp_path
     reads: list[int] = []
-    read_cgroups = consumers.cgroups_of
+    read_cgroups = consumers.processes.cgroups_of
 
     def counted(pid: int) -> list[str]:
         reads.append(pid)
         return read_cgroups(pid)
 
-    consumers.cgroups_of = counted  # type: ignore[method-assign]
+    consumers.processes.cgroups_of = counted  # type: ignore[method-assign]
 
     def attribute(*procs: tuple[int, str]) -> dict[int, str]:
         reading = m.parse_gpu_reading(
@@ -2148,7 +2150,7 @@ def test_cgroups_are_read_once_per_process_while_it_stays_in_the_list_under_its_
             read_at=0,
         )
         reads.clear()
-        return consumers.attribute(reading)
+        return consumers.processes.attribute(reading)
 
     comfy, sshd = (10, "/opt/ComfyUI/python3"), (11, "/usr/sbin/sshd")
     assert (attribute(comfy, sshd), reads) == ({10: "comfyui"}, [10, 11])
