@@ -7683,7 +7683,8 @@ class Scheduler:
         ``hold_timeout_s``; the job counts as one (for its run time) until then.
         """
         state = self.states[job.consumer]
-        recorded = same_service(self.config, job.target)  # (else its outcome is the old service's)
+        # (Else its outcome is the old service's; a reservation's job runs for no service: nothing to check.)
+        recorded = job.kind == RESERVATION or same_service(self.config, job.target)
         try:
             if not recorded:
                 self.recorder.not_recorded(job)

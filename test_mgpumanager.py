@@ -14482,3 +14482,19 @@ async def test_a_schedulers_close_cancels_again_a_task_that_swallowed_its_cancel
     await asyncio.sleep(0)
     await asyncio.wait_for(s.close(), 20)
     assert swallowed.is_set() and task.cancelled()
+
+
+async def test_a_reservations_end_is_no_service_a_reload_replaced(rig, caplog):
+    """Found by the attack on the observable surface: every reservation, at its end, logged
+    ``msg="not recorded: a reload replaced or removed the service" consumer=reservation url=""``, though
+    no reload had happened: its job runs for no consumer, and the check for a service a reload replaced
+    took "reservation", which no config names, for a service removed. A person reading the journal after a
+    game was told of a reload that never was."""
+    caplog.set_level(logging.INFO, logger="mgpumanager")
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    async with r.session.post(r.url("/v1/reserve"), json={"for_s": 60, "reason": "gaming"}) as resp:
+        assert resp.status == 200
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert (await resp.json())["released"] is True
+    await until(lambda: any("kind=reservation status=completed" in line for line in job_lines(caplog)))
+    assert "not recorded" not in caplog.text
