@@ -958,9 +958,10 @@ PRIORITY_MAX = 4
 MIN_TOKEN_LENGTH = 16
 #: Kinds that are (or will be) routes of their own under /v1/.
 RESERVED_KINDS = frozenset({"status", "consumers", "events", "reload", "reserve"})
-KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+#: (Each ends in ``\Z``: ``$`` also matches before a trailing newline, and let ``"mvoice\n"`` through.)
+KIND_RE = re.compile(r"^[a-z][a-z0-9_]*\Z")
 #: What a consumer's (and a client's) name may be.
-CONSUMER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+CONSUMER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 #: The kind a mount job has when its method and path are none of its consumer's ``paths``.
 MOUNT_KIND = "mount"
 #: The kind of the job that starts a stopped consumer for an unscheduled call (``start_for_unscheduled``).
@@ -1513,7 +1514,8 @@ class _Checker:
         self.problems: list[str] = []
 
     def problem(self, where: str, message: str) -> None:
-        self.problems.append(f"{where}: {message}")
+        """One problem, one line: what is not printable in a key (a name ``"mvoice\\n"``) is escaped."""
+        self.problems.append(_printable(f"{where}: {message}"))
 
     def mapping(
         self, value: Any, where: str, allowed: Sequence[str] | None, *, required: bool = False

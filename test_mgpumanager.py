@@ -14498,3 +14498,27 @@ async def test_a_reservations_end_is_no_service_a_reload_replaced(rig, caplog):
         assert (await resp.json())["released"] is True
     await until(lambda: any("kind=reservation status=completed" in line for line in job_lines(caplog)))
     assert "not recorded" not in caplog.text
+
+
+def test_a_name_or_kind_with_a_trailing_newline_is_refused():
+    """Found by the attack on the observable surface: consumer and client names are "letters, digits, `_`,
+    `.` and `-`" and kinds "lowercase words" (configuration.md), but the rules ended in ``$``, which Python
+    matches before a trailing newline: ``"mvoice\\n"``, a client ``"wa\\n"`` and a kind ``"tts\\n"`` were
+    taken, and went on into ps's table (a line break in its name), the metrics' labels, the log lines and
+    the events; a mount or route could never reach them."""
+    raw = base_raw()
+    raw["consumers"]["mvoice\n"] = raw["consumers"].pop("mvoice")
+    raw["routing"] = {"tts": "mvoice\n", "stt": "mvoice\n", "llm": "ollama", "image": "comfyui"}
+    raw["audio_proxy"] = "mvoice\n"
+    raw["consumers"]["ollama"]["can_coexist_with"] = ["mvoice\n", "whisper"]
+    raw["consumers"]["whisper"]["can_coexist_with"] = ["mvoice\n", "ollama"]
+    raw["consumers"]["ollama"]["paths"]["llm\n"] = raw["consumers"]["ollama"]["paths"].pop("llm")
+    raw["auth"] = {"token": TOKEN, "clients": {"wa\n": {"token": WA_TOKEN}}}
+    with pytest.raises(m.ConfigError) as refused:
+        m.parse_config(raw)
+    problems = refused.value.problems
+    # Each refused, in one line (a refusal is one line naming the key: the name's newline escaped).
+    assert "consumers.mvoice\\n: names are letters, digits, '_', '.', '-'" in problems, problems
+    assert "auth.clients.wa\\n: client names are letters, digits, '_', '.', '-'" in problems, problems
+    assert any(p.startswith("consumers.ollama.paths.llm\\n: kinds are lowercase words") for p in problems)
+    assert all("\n" not in p for p in problems), problems
