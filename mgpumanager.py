@@ -11902,7 +11902,10 @@ class LogfmtFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        text = f"level={record.levelname.lower()} {record.getMessage()}"
+        message = record.getMessage()
+        if not message.startswith("msg="):  # a library's record (asyncio's, aiohttp's): one logfmt line too
+            message = logfmt(msg=message, logger=record.name)
+        text = f"level={record.levelname.lower()} {message}"
         if record.exc_info:
             text += " traceback=" + json.dumps(self.formatException(record.exc_info))
         if self.journal:

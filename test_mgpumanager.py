@@ -14522,3 +14522,32 @@ def test_a_name_or_kind_with_a_trailing_newline_is_refused():
     assert "auth.clients.wa\\n: client names are letters, digits, '_', '.', '-'" in problems, problems
     assert any(p.startswith("consumers.ollama.paths.llm\\n: kinds are lowercase words") for p in problems)
     assert all("\n" not in p for p in problems), problems
+
+
+def test_a_librarys_log_line_is_logfmt_in_one_line_too():
+    """Found by the attack on the observable surface: the log is "logfmt on stderr" (operations.md), but a
+    record of another logger (asyncio's ``Task exception was never retrieved\\nfuture: <Task ...>``, its
+    ``socket.send() raised exception.``, aiohttp's ``Error handling request``) went out as its bare text:
+    no ``msg=``, and over several lines, so that under journald every line but the first was an entry of
+    its own without the record's priority (an error's details at info, hidden from ``-p warning``). Now
+    such a record is one logfmt line: its text as ``msg``, and the logger that wrote it."""
+    record = logging.LogRecord(
+        "asyncio",
+        logging.ERROR,
+        __file__,
+        1,
+        "Task exception was never retrieved\nfuture: <Task %s>",
+        ("x",),
+        None,
+    )
+    for journal, start in ((False, "ts="), (True, "<3>")):
+        line = m.LogfmtFormatter(journal=journal).format(record)
+        assert line.startswith(start) and "\n" not in line, line
+        assert line.endswith(
+            'level=error msg="Task exception was never retrieved\\nfuture: <Task x>" logger=asyncio'
+        ), line
+    # The broker's own lines (and aiohttp's bad requests, made logfmt by OneLineBadRequests) are as they were.
+    own = logging.LogRecord(
+        "aiohttp.server", logging.WARNING, __file__, 1, m.logfmt(msg="bad http request"), (), None
+    )
+    assert m.LogfmtFormatter(journal=True).format(own) == '<4>level=warning msg="bad http request"'
