@@ -724,6 +724,17 @@ def cli_release(client: Client, args: argparse.Namespace) -> int:
     path = "/v1/reserve" + (f"?gpu={args.gpu}" if args.gpu is not None else "")
     answer = client.call("DELETE", path)
     gpu = answer.get("gpu", args.gpu) if isinstance(answer, dict) else args.gpu
+    if gpu is None and isinstance(answer, dict) and isinstance(answer.get("gpus"), list):
+        # Without --gpu, several GPUs: what became of each one's reservation (ended, or cancelled waiting).
+        cancelled = answer.get("cancelled") or []
+        lines = [
+            f"GPU {g}: cancelled a pending reservation (it had not begun: nothing was unloaded)"
+            if g in cancelled
+            else f"GPU {g} released"
+            for g in answer["gpus"]
+        ]
+        say(*(lines or ["no GPU was reserved"]))
+        return 0
     what = f"GPU {gpu}" if gpu is not None else "the GPU"
     was_reserved = not (isinstance(answer, dict) and answer.get("released") is False)
     if isinstance(answer, dict) and answer.get("cancelled"):

@@ -14551,3 +14551,53 @@ def test_a_librarys_log_line_is_logfmt_in_one_line_too():
         "aiohttp.server", logging.WARNING, __file__, 1, m.logfmt(msg="bad http request"), (), None
     )
     assert m.LogfmtFormatter(journal=True).format(own) == '<4>level=warning msg="bad http request"'
+
+
+async def test_release_without_gpu_says_what_became_of_each_gpus_reservation(rig, capsys):
+    """Found by the attack on the observable surface: ``release`` without ``--gpu`` ends or cancels the
+    reservation of every GPU (``DELETE /v1/reserve`` answers ``gpus`` and ``cancelled``), but the verb read
+    the answer's single ``gpu`` (null for several): with GPU 1's reservation in force and GPU 0's still
+    waiting behind a job, it printed "the GPU: cancelled a pending reservation (it had not begun: nothing
+    was unloaded)", though GPU 1's had begun and unloaded mvoice and comfyui; with two ended, "the GPU
+    released". Now it says what became of each GPU's."""
+    gate = asyncio.Event()
+
+    def two_gpus(raw: dict[str, Any]) -> None:
+        for name in ("mvoice", "comfyui"):
+            raw["consumers"][name]["gpu"] = 1
+        raw["consumers"]["mvoice"]["can_coexist_with"] = []
+
+    async with held_llm(gate) as ollama:
+        r = await rig(
+            gpus=2, urls={"ollama": ollama.url}, sims={"mvoice": {"loaded": True, "gpu": 1}}, tweak=two_gpus
+        )
+        gpu0 = r.broker.schedulers[0]
+
+        async def reserve(gpu: int) -> tuple[int, bytes]:
+            async with r.session.post(r.url("/v1/reserve"), json={"for_s": 600, "gpu": gpu}) as resp:
+                return resp.status, await resp.read()
+
+        llm = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "holds GPU 0"}))
+        try:
+            await until(lambda: gpu0.holder == "ollama")
+            waiting = asyncio.ensure_future(reserve(0))
+            await until(lambda: len(gpu0.queue()) == 1)
+            assert (await reserve(1))[0] == 200  # GPU 1's begins at once: it unloads mvoice
+            rc, out, err = await verb(capsys, "release", "--url", r.url(""))
+            assert (rc, err) == (0, "")
+            assert out.splitlines() == [
+                "GPU 0: cancelled a pending reservation (it had not begun: nothing was unloaded)",
+                "GPU 1 released",
+            ], out
+            assert (await asyncio.wait_for(waiting, 10))[0] == 409
+            # Two in force, both ended: each GPU named.
+            gate.set()
+            assert (await llm)[0] == 200
+            assert [(await reserve(0))[0], (await reserve(1))[0]] == [200, 200]
+            rc, out, _ = await verb(capsys, "release", "--url", r.url(""))
+            assert out.splitlines() == ["GPU 0 released", "GPU 1 released"], out
+            rc, out, _ = await verb(capsys, "release", "--url", r.url(""))
+            assert out.splitlines() == ["no GPU was reserved"], out
+        finally:
+            gate.set()
+            await llm
