@@ -3172,7 +3172,8 @@ METRIC_HELP = {
     ),
     "mgpumanager_job_seconds": (
         "histogram",
-        "Time a job that the consumer took kept the GPU, from grant to the end of its answer or its hold.",
+        "Time a job that the consumer took kept the GPU, from when it went to work (after making room and"
+        " loading) to the end of its answer or its hold.",
     ),
     "mgpumanager_hold_timeouts_total": ("counter", "Holds released at their timeout."),
     "mgpumanager_websockets_total": ("counter", "WebSockets proxied through a mount, by consumer."),
@@ -3276,7 +3277,7 @@ METRIC_HELP = {
     "mgpumanager_running_jobs": ("gauge", "Jobs holding the GPU lock now, by GPU."),
     "mgpumanager_gpu_memory_total_bytes": (
         "gauge",
-        "GPU memory in all, by GPU (nvidia-smi, read at most once a second).",
+        "GPU memory in all, by GPU (NVML or nvidia-smi, read at most once a second).",
     ),
     "mgpumanager_gpu_memory_used_bytes": ("gauge", "GPU memory in use."),
     "mgpumanager_gpu_memory_free_bytes": ("gauge", "GPU memory free."),
