@@ -11038,8 +11038,11 @@ async def handle_metrics(request: web.Request) -> web.Response:
         ("mgpumanager_state_write_failures_total", (), broker.state.failures),
     ]
     for index, s in sorted(broker.schedulers.items()):
-        gauges.append(("mgpumanager_queue_length", (("gpu", str(index)),), len(s.queue())))
-        etas = [eta for _, eta in s.forecast()]
+        snap = queue_snapshot(s.lock, s.rooms, s.config)
+        gauges.append(("mgpumanager_queue_length", (("gpu", str(index)),), len(snap.waiting)))
+        # The forecast plays the whole queue (10,000 jobs at most): off the loop, from the copy of now, as
+        # /v1/status's (on the loop, 10,000 jobs held everything the broker serves for half a second).
+        etas = [eta for _, eta in await asyncio.to_thread(expected_waits, snap)] if len(snap.waiting) else []
         gauges.append(("mgpumanager_queue_eta_seconds", (("gpu", str(index)),), max(etas, default=0.0)))
         gauges.append(("mgpumanager_running_jobs", (("gpu", str(index)),), s.running))
         gauges.append(("mgpumanager_gpu_reserved", (("gpu", str(index)),), int(s.reservation is not None)))
