@@ -9555,7 +9555,7 @@ class Broker:
         for index, s in sorted(self.schedulers.items()):
             holder = f"{s.holder} holds the GPU" if s.holder else "GPU idle"
             free = self.gpus[index].last_free_mib()
-            text = f"{holder}, {len(s.queue())} queued, " + (
+            text = f"{holder}, {len(s.lock.waiting)} queued, " + (
                 f"{free} MiB free" if free is not None else "VRAM unknown"
             )
             parts.append(text if len(self.schedulers) == 1 else f"GPU {index}: {text}")
