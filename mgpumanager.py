@@ -724,6 +724,17 @@ def cli_release(client: Client, args: argparse.Namespace) -> int:
     path = "/v1/reserve" + (f"?gpu={args.gpu}" if args.gpu is not None else "")
     answer = client.call("DELETE", path)
     gpu = answer.get("gpu", args.gpu) if isinstance(answer, dict) else args.gpu
+    if gpu is None and isinstance(answer, dict) and isinstance(answer.get("gpus"), list):
+        # Without --gpu, several GPUs: what became of each one's reservation (ended, or cancelled waiting).
+        cancelled = answer.get("cancelled") or []
+        lines = [
+            f"GPU {g}: cancelled a pending reservation (it had not begun: nothing was unloaded)"
+            if g in cancelled
+            else f"GPU {g} released"
+            for g in answer["gpus"]
+        ]
+        say(*(lines or ["no GPU was reserved"]))
+        return 0
     what = f"GPU {gpu}" if gpu is not None else "the GPU"
     was_reserved = not (isinstance(answer, dict) and answer.get("released") is False)
     if isinstance(answer, dict) and answer.get("cancelled"):
@@ -958,9 +969,10 @@ PRIORITY_MAX = 4
 MIN_TOKEN_LENGTH = 16
 #: Kinds that are (or will be) routes of their own under /v1/.
 RESERVED_KINDS = frozenset({"status", "consumers", "events", "reload", "reserve"})
-KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+#: (Each ends in ``\Z``: ``$`` also matches before a trailing newline, and let ``"mvoice\n"`` through.)
+KIND_RE = re.compile(r"^[a-z][a-z0-9_]*\Z")
 #: What a consumer's (and a client's) name may be.
-CONSUMER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+CONSUMER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 #: The kind a mount job has when its method and path are none of its consumer's ``paths``.
 MOUNT_KIND = "mount"
 #: The kind of the job that starts a stopped consumer for an unscheduled call (``start_for_unscheduled``).
@@ -1513,7 +1525,8 @@ class _Checker:
         self.problems: list[str] = []
 
     def problem(self, where: str, message: str) -> None:
-        self.problems.append(f"{where}: {message}")
+        """One problem, one line: what is not printable in a key (a name ``"mvoice\\n"``) is escaped."""
+        self.problems.append(_printable(f"{where}: {message}"))
 
     def mapping(
         self, value: Any, where: str, allowed: Sequence[str] | None, *, required: bool = False
@@ -3159,7 +3172,8 @@ METRIC_HELP = {
     ),
     "mgpumanager_job_seconds": (
         "histogram",
-        "Time a job that the consumer took kept the GPU, from grant to the end of its answer or its hold.",
+        "Time a job that the consumer took kept the GPU, from when it went to work (after making room and"
+        " loading) to the end of its answer or its hold.",
     ),
     "mgpumanager_hold_timeouts_total": ("counter", "Holds released at their timeout."),
     "mgpumanager_websockets_total": ("counter", "WebSockets proxied through a mount, by consumer."),
@@ -3263,7 +3277,7 @@ METRIC_HELP = {
     "mgpumanager_running_jobs": ("gauge", "Jobs holding the GPU lock now, by GPU."),
     "mgpumanager_gpu_memory_total_bytes": (
         "gauge",
-        "GPU memory in all, by GPU (nvidia-smi, read at most once a second).",
+        "GPU memory in all, by GPU (NVML or nvidia-smi, read at most once a second).",
     ),
     "mgpumanager_gpu_memory_used_bytes": ("gauge", "GPU memory in use."),
     "mgpumanager_gpu_memory_free_bytes": ("gauge", "GPU memory free."),
@@ -7756,7 +7770,8 @@ class Scheduler:
         ``hold_timeout_s``; the job counts as one (for its run time) until then.
         """
         state = self.states[job.consumer]
-        recorded = same_service(self.config, job.target)  # (else its outcome is the old service's)
+        # (Else its outcome is the old service's; a reservation's job runs for no service: nothing to check.)
+        recorded = job.kind == RESERVATION or same_service(self.config, job.target)
         try:
             if not recorded:
                 self.recorder.not_recorded(job)
@@ -9629,7 +9644,7 @@ class Broker:
         for index, s in sorted(self.schedulers.items()):
             holder = f"{s.holder} holds the GPU" if s.holder else "GPU idle"
             free = self.gpus[index].last_free_mib()
-            text = f"{holder}, {len(s.queue())} queued, " + (
+            text = f"{holder}, {len(s.lock.waiting)} queued, " + (
                 f"{free} MiB free" if free is not None else "VRAM unknown"
             )
             parts.append(text if len(self.schedulers) == 1 else f"GPU {index}: {text}")
@@ -11112,8 +11127,11 @@ async def handle_metrics(request: web.Request) -> web.Response:
         ("mgpumanager_state_write_failures_total", (), broker.state.failures),
     ]
     for index, s in sorted(broker.schedulers.items()):
-        gauges.append(("mgpumanager_queue_length", (("gpu", str(index)),), len(s.queue())))
-        etas = [eta for _, eta in s.forecast()]
+        snap = queue_snapshot(s.lock, s.rooms, s.config)
+        gauges.append(("mgpumanager_queue_length", (("gpu", str(index)),), len(snap.waiting)))
+        # The forecast plays the whole queue (10,000 jobs at most): off the loop, from the copy of now, as
+        # /v1/status's (on the loop, 10,000 jobs held everything the broker serves for half a second).
+        etas = [eta for _, eta in await asyncio.to_thread(expected_waits, snap)] if len(snap.waiting) else []
         gauges.append(("mgpumanager_queue_eta_seconds", (("gpu", str(index)),), max(etas, default=0.0)))
         gauges.append(("mgpumanager_running_jobs", (("gpu", str(index)),), s.running))
         gauges.append(("mgpumanager_gpu_reserved", (("gpu", str(index)),), int(s.reservation is not None)))
@@ -11988,7 +12006,10 @@ class LogfmtFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        text = f"level={record.levelname.lower()} {record.getMessage()}"
+        message = record.getMessage()
+        if not message.startswith("msg="):  # a library's record (asyncio's, aiohttp's): one logfmt line too
+            message = logfmt(msg=message, logger=record.name)
+        text = f"level={record.levelname.lower()} {message}"
         if record.exc_info:
             text += " traceback=" + json.dumps(self.formatException(record.exc_info))
         if self.journal:
