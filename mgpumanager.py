@@ -989,6 +989,9 @@ TIMED = ("load", "unload", "job")
 #: A forecast counts the job running now as at least this much more, however long past its consumer's
 #: learned job time it has run already (it is not done: a render twice as long as usual is still running).
 RUNNING_FLOOR_S = 1.0
+#: How long a client's expected wait, played forward for the Retry-After of a refusal, is counted down
+#: before it is played again (Retry-After is whole seconds).
+CLIENT_ETA_S = 1.0
 #: How often free VRAM is polled after an unload (one nvidia-smi each, the GPU line alone), and which
 #: share of the victim's memory counts as "freed".
 VRAM_POLL_S = 0.05
@@ -5950,7 +5953,7 @@ def queue_snapshot(lock: GpuLock, rooms: RoomMaker, config: Config) -> QueueSnap
 
 
 def expected_waits(
-    snap: QueueSnapshot, until: Job | None = None, count: int | None = None
+    snap: QueueSnapshot, until: Job | str | None = None, count: int | None = None
 ) -> list[tuple[Job, float]]:
     """The waiting jobs in the order they are expected to be granted, each with its expected wait in seconds
     (``eta_s``), from the learned figures (a figure not seen yet counts as 0, so an eta is then a lower
@@ -5960,8 +5963,8 @@ def expected_waits(
     holder's remaining time (at least RUNNING_FLOOR_S), then job after job. A job that needs a swap pays
     what ``plan_room`` would unload for it on the GPU as played so far (its memory: the newest reading's
     free MiB, none when there is no reading yet) and its own load when it is not resident. Each job played
-    adds what it takes to its client's GPU time (fair share). It stops once ``until`` has its place, or
-    after ``count`` jobs.
+    adds what it takes to its client's GPU time (fair share). It stops once ``until`` (a job, or a client's
+    name: its first job) has its place, or after ``count`` jobs.
     """
     waiting = snap.waiting.copy()  # (taken out one by one as they are granted)
     views = {name: replace(view, jobs=0) for name, view in snap.consumers.items()}
@@ -5995,7 +5998,7 @@ def expected_waits(
             break
         waiting.remove(job)
         out.append((job, round(t, 3)))
-        if job is until or len(out) == count:
+        if (until is not None and (job is until or job.client == until)) or len(out) == count:
             break
         granted_at = t
         name = job.consumer
@@ -6303,6 +6306,28 @@ class QueuedEvents:
 def retry_after(eta: float | None) -> int:
     """Retry-After for a refused job: the seconds until the job it names is expected to run, at least 1."""
     return max(1, math.ceil(eta)) if eta is not None else 1
+
+
+class ClientEtas:
+    """A waiting job's expected wait (``eta``), but a client's (its first waiting job's: the Retry-After of
+    its ``client_queue_full``) played forward at most once per CLIENT_ETA_S, and counted down in between: a
+    script that retries in a loop would otherwise play the whole queue forward, on the event loop, at each
+    refusal."""
+
+    def __init__(self, eta: Callable[[Job | str | None], float | None], clock: Callable[[], float]) -> None:
+        self.eta, self.clock = eta, clock
+        #: client -> (when its eta was played, that eta).
+        self._played: dict[str, tuple[float, float | None]] = {}
+
+    def __call__(self, job: Job | str | None) -> float | None:
+        if not isinstance(job, str):
+            return self.eta(job)
+        now = self.clock()
+        played = self._played.get(job)
+        if played is None or not 0 <= now - played[0] < CLIENT_ETA_S:
+            played = self._played[job] = (now, self.eta(job))
+        at, eta = played
+        return None if eta is None else max(0.0, eta - (now - at))
 
 
 def admission_refusal(
@@ -7514,7 +7539,7 @@ class Scheduler:
             clock,
             self.recorder,
             resident=lambda name: name in self.states and self.states[name].resident is True,
-            eta=self.eta,
+            eta=ClientEtas(self.eta, clock),
             forecast=lambda: self.forecast(),  # noqa: PLW0108 (whatever self.forecast is then)
             on_grant=self._on_grant,
         )
@@ -7862,7 +7887,7 @@ class Scheduler:
 
     # ---- what comes next: the queue in grant order, with the waits to expect -----------------------
 
-    def forecast(self, until: Job | None = None, count: int | None = None) -> list[tuple[Job, float]]:
+    def forecast(self, until: Job | str | None = None, count: int | None = None) -> list[tuple[Job, float]]:
         """The waiting jobs in the order they are expected to be granted, each with its expected wait
         (``expected_waits``, from a snapshot of now); it stops once ``until`` has its place, or after
         ``count`` jobs."""
@@ -7874,7 +7899,7 @@ class Scheduler:
         if job is None:
             return next((eta for _, eta in self.forecast(count=1)), None)
         if isinstance(job, str):
-            return next((eta for j, eta in self.forecast() if j.client == job), None)
+            return next((eta for j, eta in self.forecast(until=job) if j.client == job), None)
         return next((eta for j, eta in self.forecast(until=job) if j is job), None)
 
 

@@ -3895,6 +3895,42 @@ async def test_max_queued_refuses_that_client_alone_with_client_queue_full():
     assert len(order) == 4
 
 
+async def test_a_client_refused_again_and_again_plays_the_queue_forward_once_a_second():
+    """The Retry-After of client_queue_full is its first waiting job's expected wait: a script retrying in a
+    loop played the whole queue forward at each refusal, on the event loop. Now once per CLIENT_ETA_S,
+    counted down in between; and the forecast stops at that client's first job."""
+    cfg = small_config(auth=client_auth(q={"max_queued": 1}), scheduler__max_queue=100)
+    s, _, ops, clock = make_scheduler(cfg)
+    ops.states["t"].loaded()
+    ops.states["t"].learned("job", 10.0)
+    running = await s.acquire("t", "kt")  # (nobody's: p and q equal in the fair order, which is arrival)
+    waiting = [await _queued(s, "t", "p") for _ in range(10)]
+    waiting += [await _queued(s, "t", "q")] + [await _queued(s, "t", "p") for _ in range(10)]
+    played: list[int] = []
+    real = s.forecast
+
+    def counted(until: Any = None, count: Any = None) -> list[tuple[m.Job, float]]:
+        out = real(until, count)
+        played.append(len(out))
+        return out
+
+    s.forecast = counted  # type: ignore[method-assign]
+    refusals = []
+    for step in range(30):
+        clock.now += 0.05 if step % 10 else 0  # 1.5 s in all
+        with pytest.raises(m.BrokerError) as info:
+            await s.acquire("t", "kt", client="q")
+        refusals.append(info.value)
+    assert {e.code for e in refusals} == {"client_queue_full"}
+    # Twice in 1.35 s, each stopped at q's first job: it goes second (after p's first, p has had GPU time
+    # in the fair order), and the 19 jobs of p's after it are not played.
+    assert played == [2, 2]
+    assert refusals[0].retry_after == 20  # q's job waits for the running one and p's first
+    assert refusals[19].retry_after == 20 and refusals[20].retry_after == 20  # 19.1 s: counted down
+    order = await _granted_in_turn(s, clock, running, job_s=0)
+    assert len(order) == len(waiting)
+
+
 async def test_a_client_with_max_queued_above_max_queue_cannot_fill_the_others_room():
     """The issue's own example: batch may queue 200, max_queue is 64. batch's runaway script queues 70 and
     is told client_queue_full only past its 200; wa, the admin and p (no max_queued) still queue, up to
