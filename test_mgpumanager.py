@@ -4042,15 +4042,21 @@ async def test_max_concurrency_two_overlaps_one_consumer_never_another(rig):
     def two(raw):
         raw["consumers"]["mvoice"]["max_concurrency"] = 2
 
-    r = await rig(sims={"mvoice": {"work_s": 0.2, "loaded": True}, "ollama": {"work_s": 0.05}}, tweak=two)
-    results = await asyncio.gather(
-        r.post("tts", {"text": "a"}),
-        r.post("tts", {"text": "b"}),
-        r.post("llm", {"model": "m", "prompt": "p"}),
-    )
-    assert [s for s, _, _ in results] == [200, 200, 200]
+    r = await rig(sims={"mvoice": {"work_s": 1.0, "loaded": True}, "ollama": {"work_s": 0.05}}, tweak=two)
     mvoice, ollama = r.sims["mvoice"], r.sims["ollama"]
-    assert mvoice.max_active == 2
+    # b joins a while nothing else waits, and works longer: the llm job, queued meanwhile, must wait for b
+    # too. (Sent together, a and b ended together: a grant to ollama on a's end, while b still held its
+    # slot, overlapped no work, and this test passed.)
+    calls = [asyncio.ensure_future(r.post("tts", {"text": "a"}))]
+    await until(lambda: mvoice.active == 1)
+    mvoice.work_s = 2.0
+    calls.append(asyncio.ensure_future(r.post("tts", {"text": "b"})))
+    await until(lambda: mvoice.active == 2)
+    calls.append(asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"})))
+    await until(lambda: len(r.broker.scheduler.queue()) == 1)
+    results = await asyncio.gather(*calls)
+    assert [s for s, _, _ in results] == [200, 200, 200]
+    assert mvoice.max_active == 2 and len(mvoice.work) == 2 and len(ollama.work) == 1
     for a in mvoice.work:
         for b in ollama.work:
             assert b.start >= a.end or a.start >= b.end
