@@ -6471,6 +6471,10 @@ async def test_a_stranger_gets_room_a_job_beside_it_gpu_in_use_and_what_yielded_
         await daemon.until(b.session, lambda st: st["consumers"]["a"]["vram_used_mib"] == 4000)
         b.gpu.allocate("game", 6144, graphics=True)  # free: 15904 - 8000 - 6144 = 1760
         st = await daemon.until(b.session, lambda st: st["consumers"]["b"]["loaded"] is False, timeout=30)
+        # Yield rounds go by with the stranger there (a reading every poll_s): a is never asked. (Checked at
+        # once, a broker that yielded a too passed, its second yield still under way.)
+        await _readings_later(daemon, b.session, 15)
+        st = await daemon.status(b.session)
         assert st["consumers"]["a"]["loaded"] is True and sims["a"].unloads == 0 and sims["b"].unloads == 1
         st = await daemon.until(b.session, lambda st: st["gpu"]["unclaimed_mib"] == 6144)
         assert st["gpu"]["strangers"]["present"] and st["gpu"]["strangers"]["processes"] == []
@@ -6500,6 +6504,20 @@ async def test_a_stranger_gets_room_a_job_beside_it_gpu_in_use_and_what_yielded_
     gone, restored = (datetime.datetime.fromisoformat(e["ts"].replace("Z", "+00:00")) for e in events[2:])
     assert (restored - gone).total_seconds() >= 1  # restore_after_s after the stranger was seen gone
     assert sims["b"].loads == 2 and sims["c"].loads == 0
+
+
+async def _readings_later(daemon: Daemon, session: aiohttp.ClientSession, more: int) -> None:
+    """Wait until the daemon has read its GPU ``more`` times more (its metrics' count): the yield loop reads
+    every poll_s, /metrics (asked every 0.05 s here) every STATUS_MAX_AGE_S at most."""
+
+    async def readings() -> float:
+        async with session.get(daemon.url("/metrics")) as resp:
+            return _value(_families(await resp.text()), "mgpumanager_gpu_readings_total", gpu="0")
+
+    deadline, target = time.monotonic() + 30, await readings() + more
+    while await readings() < target:
+        assert time.monotonic() < deadline, f"fewer than {more} readings in 30 s"
+        await asyncio.sleep(0.05)
 
 
 def _yielding(**y: Any) -> Any:
