@@ -6539,8 +6539,11 @@ def _yielding(**y: Any) -> Any:
 
 async def test_a_job_that_cannot_fit_beside_a_stranger_is_refused_at_once_and_one_that_can_runs(rig):
     """Issue 22: gpu_in_use comes at admission, before the job is queued (nobody sits in the queue behind a
-    game); a job that fits beside the stranger, leaving keep_free_mib free, runs."""
-    r = await rig(tweak=_yielding())
+    game), having unloaded nothing for it; a job that fits beside the stranger, leaving keep_free_mib free,
+    runs."""
+    # mvoice resident (so that an unload for the refused job would show: unloading what holds nothing does
+    # not count), and idle: 15904 - 2800 - 8000 = 5104 free leaves keep_free_mib free, so nothing yields.
+    r = await rig(tweak=_yielding(), sims={"mvoice": {"loaded": True}})
     r.gpu.allocate("game", 8000, process="/usr/bin/train.py")  # a training run: in the process list
     await status_until(r, lambda st: st["gpu"]["strangers"]["present"])
     jobs = r.stats.jobs
@@ -6552,9 +6555,11 @@ async def test_a_job_that_cannot_fit_beside_a_stranger_is_refused_at_once_and_on
         e for e in recent_events(r.broker.events) if e["event"] == "queued" and e["consumer"] == "comfyui"
     ]
     assert r.sims["comfyui"].work == [] and r.sims["mvoice"].unloads == 0
-    # mvoice's 2800 (+ 256) leave 15904 - 8000 - 3056 = 4848 >= 2048 free: it runs.
+    async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:
+        assert resp.status == 200 and r.sims["mvoice"].unloads == 1
+    # mvoice's 2800 (+ 256) leave 15904 - 8000 - 3056 = 4848 >= 2048 free: it loads and runs.
     status, _, _ = await r.post("tts", {"text": "hi"})
-    assert status == 200 and r.gpu.free_mib() >= 2048
+    assert status == 200 and r.sims["mvoice"].loads == 1 and r.gpu.free_mib() >= 2048
 
 
 async def test_jobs_waiting_when_a_stranger_comes_that_cannot_fit_beside_it_are_answered_at_once(rig):
