@@ -12824,6 +12824,9 @@ async def test_the_broker_has_an_icon_for_its_page_and_the_pages_of_its_mounts(r
 
 
 async def test_the_token_is_stripped_before_forwarding_and_never_logged(rig, caplog):
+    # At every level (--log-level debug too): the suite's caplog takes INFO and up, where a debug line that
+    # carried the token went unseen.
+    caplog.set_level(logging.DEBUG, logger="mgpumanager")
     r = await rig(tweak=with_token, sims={"mvoice": {"loaded": True}})
     headers = {"Authorization": f"bearer {TOKEN}"}
     status, _, _ = await r.post("tts", {"text": "x"}, headers=headers)
