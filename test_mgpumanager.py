@@ -4080,15 +4080,21 @@ async def test_max_concurrency_two_overlaps_one_consumer_never_another(rig):
     def two(raw):
         raw["consumers"]["mvoice"]["max_concurrency"] = 2
 
-    r = await rig(sims={"mvoice": {"work_s": 0.2, "loaded": True}, "ollama": {"work_s": 0.05}}, tweak=two)
-    results = await asyncio.gather(
-        r.post("tts", {"text": "a"}),
-        r.post("tts", {"text": "b"}),
-        r.post("llm", {"model": "m", "prompt": "p"}),
-    )
-    assert [s for s, _, _ in results] == [200, 200, 200]
+    r = await rig(sims={"mvoice": {"work_s": 1.0, "loaded": True}, "ollama": {"work_s": 0.05}}, tweak=two)
     mvoice, ollama = r.sims["mvoice"], r.sims["ollama"]
-    assert mvoice.max_active == 2
+    # b joins a while nothing else waits, and works longer: the llm job, queued meanwhile, must wait for b
+    # too. (Sent together, a and b ended together: a grant to ollama on a's end, while b still held its
+    # slot, overlapped no work, and this test passed.)
+    calls = [asyncio.ensure_future(r.post("tts", {"text": "a"}))]
+    await until(lambda: mvoice.active == 1)
+    mvoice.work_s = 2.0
+    calls.append(asyncio.ensure_future(r.post("tts", {"text": "b"})))
+    await until(lambda: mvoice.active == 2)
+    calls.append(asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"})))
+    await until(lambda: len(r.broker.scheduler.queue()) == 1)
+    results = await asyncio.gather(*calls)
+    assert [s for s, _, _ in results] == [200, 200, 200]
+    assert mvoice.max_active == 2 and len(mvoice.work) == 2 and len(ollama.work) == 1
     for a in mvoice.work:
         for b in ollama.work:
             assert b.start >= a.end or a.start >= b.end
@@ -6503,6 +6509,10 @@ async def test_a_stranger_gets_room_a_job_beside_it_gpu_in_use_and_what_yielded_
         await daemon.until(b.session, lambda st: st["consumers"]["a"]["vram_used_mib"] == 4000)
         b.gpu.allocate("game", 6144, graphics=True)  # free: 15904 - 8000 - 6144 = 1760
         st = await daemon.until(b.session, lambda st: st["consumers"]["b"]["loaded"] is False, timeout=30)
+        # Yield rounds go by with the stranger there (a reading every poll_s): a is never asked. (Checked at
+        # once, a broker that yielded a too passed, its second yield still under way.)
+        await _readings_later(daemon, b.session, 15)
+        st = await daemon.status(b.session)
         assert st["consumers"]["a"]["loaded"] is True and sims["a"].unloads == 0 and sims["b"].unloads == 1
         st = await daemon.until(b.session, lambda st: st["gpu"]["unclaimed_mib"] == 6144)
         assert st["gpu"]["strangers"]["present"] and st["gpu"]["strangers"]["processes"] == []
@@ -6534,6 +6544,20 @@ async def test_a_stranger_gets_room_a_job_beside_it_gpu_in_use_and_what_yielded_
     assert sims["b"].loads == 2 and sims["c"].loads == 0
 
 
+async def _readings_later(daemon: Daemon, session: aiohttp.ClientSession, more: int) -> None:
+    """Wait until the daemon has read its GPU ``more`` times more (its metrics' count): the yield loop reads
+    every poll_s, /metrics (asked every 0.05 s here) every STATUS_MAX_AGE_S at most."""
+
+    async def readings() -> float:
+        async with session.get(daemon.url("/metrics")) as resp:
+            return _value(_families(await resp.text()), "mgpumanager_gpu_readings_total", gpu="0")
+
+    deadline, target = time.monotonic() + 30, await readings() + more
+    while await readings() < target:
+        assert time.monotonic() < deadline, f"fewer than {more} readings in 30 s"
+        await asyncio.sleep(0.05)
+
+
 def _yielding(**y: Any) -> Any:
     """A rig tweak: gpu.yield on (short times), every consumer measured by its process name; ollama holds no
     memory of this GPU's (a stand-in may take its place)."""
@@ -6553,8 +6577,11 @@ def _yielding(**y: Any) -> Any:
 
 async def test_a_job_that_cannot_fit_beside_a_stranger_is_refused_at_once_and_one_that_can_runs(rig):
     """Issue 22: gpu_in_use comes at admission, before the job is queued (nobody sits in the queue behind a
-    game); a job that fits beside the stranger, leaving keep_free_mib free, runs."""
-    r = await rig(tweak=_yielding())
+    game), having unloaded nothing for it; a job that fits beside the stranger, leaving keep_free_mib free,
+    runs."""
+    # mvoice resident (so that an unload for the refused job would show: unloading what holds nothing does
+    # not count), and idle: 15904 - 2800 - 8000 = 5104 free leaves keep_free_mib free, so nothing yields.
+    r = await rig(tweak=_yielding(), sims={"mvoice": {"loaded": True}})
     r.gpu.allocate("game", 8000, process="/usr/bin/train.py")  # a training run: in the process list
     await status_until(r, lambda st: st["gpu"]["strangers"]["present"])
     jobs = r.stats.jobs
@@ -6566,9 +6593,11 @@ async def test_a_job_that_cannot_fit_beside_a_stranger_is_refused_at_once_and_on
         e for e in recent_events(r.broker.events) if e["event"] == "queued" and e["consumer"] == "comfyui"
     ]
     assert r.sims["comfyui"].work == [] and r.sims["mvoice"].unloads == 0
-    # mvoice's 2800 (+ 256) leave 15904 - 8000 - 3056 = 4848 >= 2048 free: it runs.
+    async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:
+        assert resp.status == 200 and r.sims["mvoice"].unloads == 1
+    # mvoice's 2800 (+ 256) leave 15904 - 8000 - 3056 = 4848 >= 2048 free: it loads and runs.
     status, _, _ = await r.post("tts", {"text": "hi"})
-    assert status == 200 and r.gpu.free_mib() >= 2048
+    assert status == 200 and r.sims["mvoice"].loads == 1 and r.gpu.free_mib() >= 2048
 
 
 async def test_jobs_waiting_when_a_stranger_comes_that_cannot_fit_beside_it_are_answered_at_once(rig):
@@ -13034,6 +13063,9 @@ async def test_the_broker_has_an_icon_for_its_page_and_the_pages_of_its_mounts(r
 
 
 async def test_the_token_is_stripped_before_forwarding_and_never_logged(rig, caplog):
+    # At every level (--log-level debug too): the suite's caplog takes INFO and up, where a debug line that
+    # carried the token went unseen.
+    caplog.set_level(logging.DEBUG, logger="mgpumanager")
     r = await rig(tweak=with_token, sims={"mvoice": {"loaded": True}})
     headers = {"Authorization": f"bearer {TOKEN}"}
     status, _, _ = await r.post("tts", {"text": "x"}, headers=headers)
