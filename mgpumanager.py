@@ -9626,13 +9626,14 @@ class Broker:
 
     def _check_moves(self, new: Config) -> None:
         """A consumer moves to another GPU only while none of its jobs runs: two GPUs' locks must never
-        both let it work (ConfigError otherwise; the reload is refused whole)."""
+        both let it work (ConfigError otherwise; the reload is refused whole). Its jobs are the locks'
+        to tell, not the config in force: one a reload removed while its job ran, added again on another
+        GPU, is a move too."""
         problems = [
-            f"consumers.{name}.gpu: {name} has a job running on GPU {old.gpu}; reload again once it is idle"
+            f"consumers.{name}.gpu: {name} has a job running on GPU {index}; reload again once it is idle"
             for name, c in new.consumers.items()
-            if (old := self.config.consumers.get(name)) is not None
-            and old.gpu != c.gpu
-            and self.jobs_of(name) > 0
+            for index, s in sorted(self.schedulers.items())
+            if index != c.gpu and s.lock.jobs_of(name) > 0
         ]
         if problems:
             raise ConfigError(problems)

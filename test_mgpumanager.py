@@ -14928,3 +14928,38 @@ async def test_systemds_status_line_counts_the_queue_without_sorting_it(rig, mon
         finally:
             gate.set()
             await asyncio.gather(llm, *queued)
+
+
+async def test_a_consumer_removed_and_added_again_on_another_gpu_waits_until_its_job_ends(rig):
+    """Found by the stress of the scheduler's invariant (issue 20 attack): a consumer moves to another GPU
+    only while none of its jobs runs, but the check compared the new config with the one in force, so
+    removing ollama while its job ran and adding it again with ``gpu: 1`` moved it all the same: a second
+    llm job ran on GPU 1 beside the first one still at work on GPU 0 (two locks let one service work, past
+    its max_concurrency of 1). Now the reload that adds it is refused while a job of it holds another
+    GPU's lock, as a move is."""
+    gate = asyncio.Event()  # the llm job holds GPU 0's lock until it is set
+    async with held_llm(gate) as ollama:
+        r = await rig(gpus=2, urls={"ollama": ollama.url})
+        running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+        await until(lambda: r.broker.scheduler.holder == "ollama")
+        removed = copy.deepcopy(r.raw)
+        del removed["consumers"]["ollama"], removed["routing"]["llm"]
+        removed["consumers"]["mvoice"]["can_coexist_with"] = ["whisper"]
+        r.config_path.write_text(yaml.safe_dump(removed, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert (await resp.json())["changes"] == ["changed mvoice", "removed ollama", "changed routing"]
+        back = copy.deepcopy(removed)
+        back["consumers"]["ollama"] = r.raw["consumers"]["ollama"] | {"gpu": 1}
+        back["routing"]["llm"] = "ollama"
+        r.config_path.write_text(yaml.safe_dump(back, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+        assert "consumers.ollama.gpu: ollama has a job running on GPU 0" in data["message"]
+        assert "ollama" not in r.broker.config.consumers and list(r.broker.schedulers) == [0]
+        error_of(*await r.post("llm", {"model": "m", "prompt": "q"}), "no_consumer")
+        gate.set()
+        assert (await running)[0] == 200
+        async with r.session.post(r.url("/v1/reload")) as resp:  # its job ended: it is added on GPU 1
+            assert "added ollama" in (await resp.json())["changes"]
+        assert r.broker.scheduler_for("ollama").index == 1
+        assert (await r.post("llm", {"model": "m", "prompt": "q"}))[0] == 200
