@@ -2852,13 +2852,16 @@ class ConfigSource:
 
 class Shared:
     """What every part of the broker reads, and counts, in one place: the config in force (a reload swaps it
-    here, once; each part's next decision uses it) and the bugs caught anywhere, counted once."""
+    here, once; each part's next decision uses it), the bugs caught anywhere, counted once, and the jobs'
+    ids."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         #: Bugs in the broker caught anywhere (schedulers, handlers, health rounds, GPU reads, reloads), each
         #: logged with its traceback: the one figure /v1/status, /metrics and the dashboard show.
         self.internal_errors = 0
+        #: Job ids, one sequence for every GPU: a job's id names it alone in the log lines and events.
+        self.job_ids = itertools.count(1)
 
     def internal_error(self, msg: str, exc: BaseException | None = None, **fields: Any) -> None:
         """A bug in the broker, caught: counted, and logged with its traceback (``exc``'s, else the one
@@ -7568,7 +7571,6 @@ class Scheduler:
             self.recorder, ops, clock, own=self.own, release=functools.partial(self.release_slot, held=True)
         )
         self.reservations = Reservations(self)
-        self._ids = itertools.count(1)
 
     def __repr__(self) -> str:
         return f"<Scheduler gpu={self.index} {self.lock!r}>"
@@ -7706,7 +7708,7 @@ class Scheduler:
     ) -> Job:
         self.recorder.job_admitted()
         return Job(
-            id=next(self._ids),
+            id=next(self.shared.job_ids),
             target=target,
             kind=kind,
             priority=priority,

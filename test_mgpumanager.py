@@ -5571,6 +5571,9 @@ async def test_two_gpus_run_jobs_in_parallel_and_evict_each_on_its_own(rig):
     }
     assert r.gpu.free_mib(1) == 16384 - 480 - 13000
     assert during["gpu"]["index"] == 0 and during["consumers"]["comfyui"]["gpu"] == 1
+    # One sequence of job ids for both GPUs: "job 1" in the log names one job (each GPU counted its own).
+    queued = [e.fields for _, e in r.broker.events.ring if e.name == "queued"]
+    assert sorted((q["gpu"], q["job"]) for q in queued) == [(0, 1), (1, 2)]
 
 
 @no_overfill
