@@ -8013,7 +8013,8 @@ class InternalJobs:
     async def restore_all(self, index: int, may: Callable[[], bool]) -> None:
         """Load again, one at a time, what waits to be restored on GPU ``index``, while ``may()`` says so: the
         most recently used first, each a ``restore`` job of the lowest priority (a job that arrives goes
-        first) that loads it only if it fits (never evicting). One whose restore failed is given up."""
+        first) that loads it only if it fits (never evicting). One whose restore failed is given up; one
+        refused at the queue's door (a reservation, a full queue) waits for the next round."""
         pending = self.to_restore.setdefault(index, [])
         states = self.schedulers[index].states
 
@@ -8030,8 +8031,8 @@ class InternalJobs:
             try:
                 job = await self._run("restore", name, self._restore_if_fits)
             except BrokerError as e:
-                if e.code in ("gpu_reserved", "shutting_down", "no_consumer"):
-                    return  # (it stays, for later; or the broker is going)
+                if e.code in ("gpu_reserved", "queue_full", "shutting_down", "no_consumer"):
+                    return  # (it stays, for later: the GPU or its queue is not free now; or the broker goes)
                 log.warning(logfmt(msg="restore failed", consumer=name, code=e.code, error=e.message))
                 if name in pending:
                     pending.remove(name)

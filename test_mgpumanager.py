@@ -6713,6 +6713,28 @@ async def test_a_restore_whose_own_reading_finds_a_stranger_back_waits_for_it_to
     assert r.sims["mvoice"].loads == 1 and r.broker.internal.to_restore[0] == []
 
 
+async def test_a_restore_refused_by_a_full_queue_waits_for_later_not_given_up(rig):
+    """Issue 22: what waits to be restored is loaded again once it may. A restore turned away at the queue's
+    door (queue_full: jobs fill max_queue) was logged "restore failed" and given up for good, as if its load
+    had failed; it now waits for the next round, as one refused by a reservation does."""
+    r = await rig(
+        sims={"ollama": {"lines": 40, "line_interval_s": 0.05}},
+        tweak=lambda raw: raw["scheduler"].update(max_queue=1),
+    )
+    internal = r.broker.internal
+    async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as stream:
+        await stream.content.readline()  # ollama holds the GPU
+        waiting = asyncio.create_task(r.post("llm", {"model": "m", "prompt": "q"}))
+        await until(lambda: len(r.broker.scheduler.queue()) == 1)  # max_queue: full
+        internal.to_restore[0] = ["mvoice"]
+        await internal.restore_all(0, lambda: True)
+        assert internal.to_restore[0] == ["mvoice"] and not r.sims["mvoice"].loaded
+        await stream.read()
+    assert (await waiting)[0] == 200
+    await internal.restore_all(0, lambda: True)
+    assert r.sims["mvoice"].loaded and internal.to_restore[0] == [] and r.stats.restores == 1
+
+
 async def test_a_yield_cut_by_shutdown_after_its_unload_answered_still_waits_to_be_restored(rig, tmp_path):
     """Issue 22: the state file holds what waits to be restored. A yield whose unload answered (mvoice's
     model is gone) while its memory is still being waited for (vram_wait_s), cut there by the broker's
