@@ -7731,9 +7731,9 @@ async def test_a_probe_that_finds_the_consumer_gone_abandons_its_hold_too(rig):
     assert r.stats.hold_abandoned == 1 and r.broker.consumers.states["comfyui"].healthy is False
 
 
-async def test_a_restart_seen_only_in_the_readings_ends_the_hold_on_the_lost_render(rig):
-    """ComfyUI restarts between two polls and two probes: nothing ever refuses a connection. Measured by
-    its processes, the next reading finds every process of it replaced: the render died, the hold ends."""
+async def _comfyui_rendering_under_a_hold_that_polls_slowly(rig: Any) -> Rig:
+    """ComfyUI measured by its processes, rendering (60 s) under a hold whose polls come once a minute; a
+    reading has seen its process at work."""
 
     def measured_slow_polls(raw: dict[str, Any]) -> None:
         comfy_measured(raw)
@@ -7744,6 +7744,13 @@ async def test_a_restart_seen_only_in_the_readings_ends_the_hold_on_the_lost_ren
         assert resp.status == 200
     await until(lambda: r.broker.scheduler.holds == 1 and r.gpu.used_mib("comfyui") == 13610)
     await r.status()  # a reading: ComfyUI's process, rendering
+    return r
+
+
+async def test_a_restart_seen_only_in_the_readings_ends_the_hold_on_the_lost_render(rig):
+    """ComfyUI restarts between two polls and two probes: nothing ever refuses a connection. Measured by
+    its processes, the next reading finds every process of it replaced: the render died, the hold ends."""
+    r = await _comfyui_rendering_under_a_hold_that_polls_slowly(rig)
     await r.restart("comfyui")  # a new process: its context only, the prompt forgotten
     await asyncio.sleep(m.STATUS_MAX_AGE_S)
     await r.status()  # the next reading
@@ -7755,16 +7762,7 @@ async def test_a_restart_whose_old_process_lingers_nameless_still_ends_the_hold(
     """As above, but the old process is still listed a moment, exiting: no name any more, its memory not
     freed yet, while the new process already holds its context. The old pid is still ComfyUI's memory (no
     stranger's), but no live process of ComfyUI's is left from before: it restarted, the hold ends."""
-
-    def measured_slow_polls(raw: dict[str, Any]) -> None:
-        comfy_measured(raw)
-        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["poll_s"] = 60
-
-    r = await rig(sims={"comfyui": {"context_mib": 610, "work_s": 60}}, tweak=measured_slow_polls)
-    async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
-        assert resp.status == 200
-    await until(lambda: r.broker.scheduler.holds == 1 and r.gpu.used_mib("comfyui") == 13610)
-    await r.status()  # a reading: ComfyUI's process, rendering
+    r = await _comfyui_rendering_under_a_hold_that_polls_slowly(rig)
     old = r.sims["comfyui"].pid
     await r.restart("comfyui")  # a new process: its context only, the prompt forgotten
     r.gpu.allocate("comfyui-exiting", 13610, process="", pid=old)  # the old one, exiting
