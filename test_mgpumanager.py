@@ -61,7 +61,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin
@@ -12874,20 +12874,28 @@ async def test_a_head_to_an_own_get_route_is_that_route_and_refused(rig):
             assert resp.status == 200
 
 
+def _a_service_of_get_generate(called: Callable[[web.Request], object]) -> web.Application:
+    """A service with GET /health and GET /generate (which tells ``called`` of each request it runs)."""
+
+    async def generate(request: web.Request) -> web.Response:
+        called(request)
+        return web.json_response({"done": True})
+
+    service = web.Application()
+    service.router.add_get("/health", _ok)
+    service.router.add_get("/generate", generate)
+    return service
+
+
 async def test_a_head_to_a_get_job_path_is_scheduled_as_gpu_work(rig):
     """Beside the own routes: a ``paths`` entry with method GET is a GPU job even as a GET (api.md), but a
     HEAD to it went through at once, as a read, and the service (which runs the GET handler for a HEAD) did
     the GPU work beside whatever held the GPU. It is now a job (kind ``mount``: the broker reads the GPU
     before it trusts its record again), forwarded as the HEAD it is."""
     ran: list[tuple[str, str | None]] = []
-
-    async def generate(request: web.Request) -> web.Response:
-        ran.append((request.method, r.broker.scheduler.holder))
-        return web.json_response({"done": True})
-
-    service = web.Application()
-    service.router.add_get("/health", _ok)
-    service.router.add_get("/generate", generate)
+    service = _a_service_of_get_generate(
+        lambda request: ran.append((request.method, r.broker.scheduler.holder))
+    )
 
     def get_path(raw: dict[str, Any]) -> None:
         raw["consumers"]["mvoice"]["paths"]["gen"] = {"method": "GET", "path": "/generate"}
@@ -12907,14 +12915,7 @@ async def test_a_head_to_a_get_route_that_is_a_path_and_an_unload_is_scheduled_a
     a GET route is the GET to the service: scheduled too (kind mount), not refused as a bare unload route
     is, and in doubt after it as well."""
     ran: list[str] = []
-
-    async def generate(request: web.Request) -> web.Response:
-        ran.append(request.method)
-        return web.json_response({"done": True})
-
-    service = web.Application()
-    service.router.add_get("/health", _ok)
-    service.router.add_get("/generate", generate)
+    service = _a_service_of_get_generate(lambda request: ran.append(request.method))
 
     def both(raw: dict[str, Any]) -> None:
         raw["consumers"]["mvoice"]["paths"]["gen"] = {"method": "GET", "path": "/generate"}
