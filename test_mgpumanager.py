@@ -14898,37 +14898,44 @@ async def test_release_without_gpu_says_what_became_of_each_gpus_reservation(rig
             await llm
 
 
+@contextlib.asynccontextmanager
+async def _three_llm_jobs_queued(rig: Any) -> AsyncIterator[Rig]:
+    """A rig whose ollama job holds the GPU (until the block ends) while three more llm jobs wait."""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(urls={"ollama": ollama.url})
+        llm = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "holds the GPU"}))
+        queued = [asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": str(i)})) for i in range(3)]
+        try:
+            await until(lambda: len(r.broker.scheduler.lock.waiting) == 3)
+            yield r
+        finally:
+            gate.set()
+            await asyncio.gather(llm, *queued)
+
+
 async def test_metrics_play_the_queue_forward_off_the_event_loop(rig, monkeypatch):
     """Found by the attack on the observable surface: /v1/status plays the queue forward for its etas in a
     thread (10,000 jobs at most), but /metrics played it on the event loop for mgpumanager_queue_eta_seconds:
     measured here, 144 ms with 2,000 jobs queued and 499 ms with 10,000, a stall of everything the broker
     serves at every scrape (issue 21: /healthz p99 under 20 ms while jobs are queued). Now /metrics plays it
     from a snapshot in a thread, as status does; the figure is the same."""
-    gate = asyncio.Event()
-    async with held_llm(gate) as ollama:
-        r = await rig(urls={"ollama": ollama.url})
+    async with _three_llm_jobs_queued(rig) as r:
         s = r.broker.scheduler
-        llm = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "holds the GPU"}))
-        queued = [asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": str(i)})) for i in range(3)]
-        try:
-            await until(lambda: len(s.queue()) == 3)
-            await asyncio.sleep(0.05)  # (their queued events announced, from a forecast of their own)
-            on_loop = []
-            real = m.expected_waits
+        await asyncio.sleep(0.05)  # (their queued events announced, from a forecast of their own)
+        on_loop = []
+        real = m.expected_waits
 
-            def where(*args: Any, **kwargs: Any) -> Any:
-                on_loop.append(threading.current_thread() is threading.main_thread())
-                return real(*args, **kwargs)
+        def where(*args: Any, **kwargs: Any) -> Any:
+            on_loop.append(threading.current_thread() is threading.main_thread())
+            return real(*args, **kwargs)
 
-            monkeypatch.setattr(m, "expected_waits", where)
-            async with r.session.get(r.url("/metrics")) as resp:
-                families = _families(await resp.text())
-            assert on_loop == [False]  # played once, in a thread
-            assert _value(families, "mgpumanager_queue_eta_seconds", gpu="0") == s.forecast()[-1][1]
-            assert _value(families, "mgpumanager_queue_length", gpu="0") == 3
-        finally:
-            gate.set()
-            await asyncio.gather(llm, *queued)
+        monkeypatch.setattr(m, "expected_waits", where)
+        async with r.session.get(r.url("/metrics")) as resp:
+            families = _families(await resp.text())
+        assert on_loop == [False]  # played once, in a thread
+        assert _value(families, "mgpumanager_queue_eta_seconds", gpu="0") == s.forecast()[-1][1]
+        assert _value(families, "mgpumanager_queue_length", gpu="0") == 3
 
 
 async def test_systemds_status_line_counts_the_queue_without_sorting_it(rig, monkeypatch):
@@ -14936,22 +14943,12 @@ async def test_systemds_status_line_counts_the_queue_without_sorting_it(rig, mon
     queued, ...") is made again after every burst of events (each job's end), and counted the queue by
     sorting all of it by effective priority (``Scheduler.queue``): 11.8 ms measured here with 10,000 jobs
     queued, on the event loop, at every job's end. Now it counts the lock's queue as it is."""
-    gate = asyncio.Event()
-    async with held_llm(gate) as ollama:
-        r = await rig(urls={"ollama": ollama.url})
-        s = r.broker.scheduler
-        llm = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "holds the GPU"}))
-        queued = [asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": str(i)})) for i in range(3)]
-        try:
-            await until(lambda: len(s.lock.waiting) == 3)
-            sorted_ = []
-            real = m.Scheduler.queue
-            monkeypatch.setattr(m.Scheduler, "queue", lambda self: sorted_.append(1) or real(self))
-            assert r.broker.status_line().startswith("ollama holds the GPU, 3 queued, ")
-            assert sorted_ == []
-        finally:
-            gate.set()
-            await asyncio.gather(llm, *queued)
+    async with _three_llm_jobs_queued(rig) as r:
+        sorted_ = []
+        real = m.Scheduler.queue
+        monkeypatch.setattr(m.Scheduler, "queue", lambda self: sorted_.append(1) or real(self))
+        assert r.broker.status_line().startswith("ollama holds the GPU, 3 queued, ")
+        assert sorted_ == []
 
 
 async def test_a_consumer_removed_and_added_again_on_another_gpu_waits_until_its_job_ends(rig):
