@@ -70,7 +70,8 @@ Sections, in dependency order:
   ``expected_waits`` (the forecast, and ``queue_entries``, the queue as status shows it); ``WaitQueue`` (the
   waiting jobs: a ``Lane`` per priority and client, a bucket per consumer in each), ``QueuedEvents`` (each
   waiting job's ``queued`` event, one forecast per turn of the loop), ``GpuTime`` (each client's held seconds
-  over the fair window); ``admission_refusal`` (whom a queue turns away at its door) and ``GpuLock`` (the
+  over the fair window); ``admission_refusal`` (whom a queue turns away at its door: a client's own room,
+  or the others'), ``ClientEtas`` (a refused client's Retry-After, played once a second) and ``GpuLock`` (the
   lock core: admission to the queue, grants, release, each consumer's job count); ``Strangers`` (what a
   GPU's readings show that no consumer claims); ``RoomMaker`` (carries a plan out, loads); ``Holds``;
   ``Reservations``; ``JobLease`` and ``Scheduler`` (one per GPU: composes its parts, hands out leases,
