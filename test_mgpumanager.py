@@ -1421,7 +1421,7 @@ def test_every_parser_failure_is_one_config_error(tmp_path, text, expected):
     with pytest.raises(m.ConfigError) as info:
         m.load_config(path)
     [problem] = info.value.problems
-    assert problem.startswith(f"{path}: ") and expected in problem, problem
+    assert expected in problem and str(path) not in problem, problem  # (whoever shows it names the file)
     assert "\n" not in problem
 
 
@@ -1468,6 +1468,22 @@ def test_check_exits_2_with_one_line_whatever_the_parser_finds(tmp_path, name, t
     )
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
     assert "not valid YAML" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    # The file is named once, as for a key's problem (it was "bad.yaml: bad.yaml: not valid YAML ...").
+    assert res.stderr.startswith(f"{bad}: not valid YAML") and res.stderr.count(str(bad)) == 1, res.stderr
+
+
+def test_check_of_a_config_it_cannot_read_names_the_file_once(tmp_path):
+    """Found walking the README: ``--check --config FILE`` of a missing file printed ``FILE: FILE: No such
+    file or directory``, the loader's message naming the file and --check naming it again."""
+    missing = tmp_path / "missing.yaml"
+    res = subprocess.run(
+        [PY, str(HERE / "mgpumanager.py"), "--check", "--config", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2 and res.stdout == "", res
+    assert res.stderr == f"{missing}: cannot read it: No such file or directory\n", res.stderr
 
 
 def test_cli_check_exits_0_or_2_naming_the_key(tmp_path):
