@@ -2809,7 +2809,7 @@ def summary(config: Config) -> str:
         hold = f"  (holds until {p.hold_until.method} {p.hold_until.path})" if p.hold_until else ""
         lines.append(f"  POST /v1/{kind:<8} -> {name} {p.method} {p.path}{hold}")
     if config.audio_proxy:
-        lines.append(f"  GET  /audio/*    -> {config.audio_proxy} GET /audio/*")
+        lines.append(f"  GET  /audio/*     -> {config.audio_proxy} GET /audio/*")
     pairs = sorted(
         {tuple(sorted((c.name, o))) for c in config.consumers.values() for o in c.can_coexist_with}
     )

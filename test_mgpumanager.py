@@ -1492,6 +1492,11 @@ def test_cli_check_exits_0_or_2_naming_the_key(tmp_path):
     )
     assert ok.returncode == 0, ok.stderr
     assert "routing:" in ok.stdout and "comfyui" in ok.stdout
+    # The routing lines, /audio/* among them, are one table: their arrows in one column.
+    routes = ok.stdout.partition("routing:\n")[2].partition("\n\n")[0].splitlines()
+    assert any("/audio/*" in line for line in routes) and len({line.index(" -> ") for line in routes}) == 1, (
+        routes
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text((HERE / "consumers.yaml").read_text().replace("max_queue:", "max_queu:"))
     res = subprocess.run(
