@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 HOST   ?= mrock
+# The staging folder on HOST (the tests point it elsewhere).
+STAGE  ?= /tmp/mgpumanager-deploy
 CONFIG ?= consumers.yaml
 
 .PHONY: demo test test-real lint fuzz bench run check deploy clean
@@ -59,17 +61,18 @@ export CLI_LAUNCHER
 # Copies the daemon, the config ($(CONFIG), as consumers.yaml), the unit, the README and the manual (docs/,
 # beside the daemon: the unit's Documentation=), and the command line's launcher; creates the service's system user if it is missing; validates
 # the config there, as that user (so a token file it cannot read is refused before anything is installed),
-# before restarting (docs/operations.md, "Deploying").
+# before restarting; then waits for /healthz at the config's own listen address, as --check printed it
+# (docs/operations.md, "Deploying").
 deploy:
-	ssh $(HOST) 'rm -rf /tmp/mgpumanager-deploy && mkdir -p -m 0700 /tmp/mgpumanager-deploy'
-	scp -r mgpumanager.py mgpumanager.service README.md docs $(HOST):/tmp/mgpumanager-deploy/
-	scp $(CONFIG) $(HOST):/tmp/mgpumanager-deploy/consumers.yaml
-	printf '%s\n' "$$CLI_LAUNCHER" | ssh $(HOST) 'cat > /tmp/mgpumanager-deploy/mgpumanager-cli'
-	ssh $(HOST) 'cd /tmp/mgpumanager-deploy \
+	ssh $(HOST) 'rm -rf $(STAGE) && mkdir -p -m 0700 $(STAGE)'
+	scp -r mgpumanager.py mgpumanager.service README.md docs $(HOST):$(STAGE)/
+	scp $(CONFIG) $(HOST):$(STAGE)/consumers.yaml
+	printf '%s\n' "$$CLI_LAUNCHER" | ssh $(HOST) 'cat > $(STAGE)/mgpumanager-cli'
+	ssh $(HOST) 'cd $(STAGE) \
 	  && { id -u mgpumanager >/dev/null 2>&1 || sudo useradd --system --no-create-home \
 	       --home-dir /nonexistent --shell /usr/sbin/nologin mgpumanager; } \
 	  && sudo chgrp -R mgpumanager . && chmod -R g+rX,o-rwx . \
-	  && sudo -u mgpumanager python3 mgpumanager.py --check --config consumers.yaml >/dev/null \
+	  && sudo -u mgpumanager python3 mgpumanager.py --check --config consumers.yaml > check.out \
 	  && sudo install -D -m 0644 mgpumanager.py /opt/mgpumanager/mgpumanager.py \
 	  && sudo /usr/bin/python3 -m py_compile /opt/mgpumanager/mgpumanager.py \
 	  && sudo install -m 0755 mgpumanager-cli /usr/local/bin/mgpumanager \
@@ -80,7 +83,9 @@ deploy:
 	  && sudo install -D -m 0644 mgpumanager.service /etc/systemd/system/mgpumanager.service \
 	  && sudo systemctl daemon-reload && sudo systemctl enable --quiet mgpumanager \
 	  && sudo systemctl restart mgpumanager'
-	ssh $(HOST) 'for i in 1 2 3 4 5 6 7 8 9 10; do curl -fsS http://127.0.0.1:8770/healthz && exit 0; sleep 1; done; \
+	ssh $(HOST) 'listen=$$(sed -n "s/^listen //p" $(STAGE)/check.out); host=$${listen%:*}; port=$${listen##*:}; \
+	  case $$host in 0.0.0.0) host=127.0.0.1;; ::) host="[::1]";; *:*) host="[$$host]";; esac; \
+	  for i in 1 2 3 4 5 6 7 8 9 10; do curl -fsS "http://$$host:$$port/healthz" && exit 0; sleep 1; done; \
 	  sudo journalctl -u mgpumanager -n 30 --no-pager; exit 1'
 
 clean:

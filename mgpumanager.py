@@ -2680,14 +2680,17 @@ def check_nodes(root: yaml.Node) -> None:
 
 
 def read_config(path: str | Path) -> Any:
-    """The YAML document in ``path`` (at most MAX_CONFIG_BYTES); every failure is a one-line ConfigError."""
+    """The YAML document in ``path`` (at most MAX_CONFIG_BYTES); every failure is a one-line ConfigError.
+
+    Its problems do not name the file: whoever shows them does, once (``--check``'s ``FILE: problem``, the
+    reload's log line), as for a key's problem."""
     try:
         with open(path, "rb") as file:
             data = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
-        raise ConfigError([f"{path}: {e.strerror or e}"]) from e
+        raise ConfigError([f"cannot read it: {e.strerror or e}"]) from e
     if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES} bytes: not read (is it the config?)"])
+        raise ConfigError([f"larger than {MAX_CONFIG_BYTES} bytes: not read (is it the config?)"])
     try:
         return yaml.load(data, Loader=ConfigLoader)  # a SafeLoader
     except yaml.YAMLError as e:
@@ -2697,11 +2700,11 @@ def read_config(path: str | Path) -> Any:
         if mark is None and isinstance(getattr(e, "position", None), int):
             where = f" at byte {e.position}"  # type: ignore[attr-defined] (a ReaderError: not UTF-8, say)
         problem = getattr(e, "problem", None) or getattr(e, "reason", None) or "syntax error"
-        raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from e
+        raise ConfigError([f"not valid YAML{where}: {problem}"]) from e
     except RecursionError as e:
-        raise ConfigError([f"{path}: not valid YAML: nested too deeply"]) from e
+        raise ConfigError(["not valid YAML: nested too deeply"]) from e
     except Exception as e:  # a value PyYAML cannot build (a 5,000-digit number, February 30th, ...)
-        raise ConfigError([f"{path}: not valid YAML: {type(e).__name__}: {str(e)[:200]}"]) from e
+        raise ConfigError([f"not valid YAML: {type(e).__name__}: {str(e)[:200]}"]) from e
 
 
 def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -2807,7 +2810,7 @@ def summary(config: Config) -> str:
         hold = f"  (holds until {p.hold_until.method} {p.hold_until.path})" if p.hold_until else ""
         lines.append(f"  POST /v1/{kind:<8} -> {name} {p.method} {p.path}{hold}")
     if config.audio_proxy:
-        lines.append(f"  GET  /audio/*    -> {config.audio_proxy} GET /audio/*")
+        lines.append(f"  GET  /audio/*     -> {config.audio_proxy} GET /audio/*")
     pairs = sorted(
         {tuple(sorted((c.name, o))) for c in config.consumers.values() for o in c.can_coexist_with}
     )

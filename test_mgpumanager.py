@@ -1421,7 +1421,7 @@ def test_every_parser_failure_is_one_config_error(tmp_path, text, expected):
     with pytest.raises(m.ConfigError) as info:
         m.load_config(path)
     [problem] = info.value.problems
-    assert problem.startswith(f"{path}: ") and expected in problem, problem
+    assert expected in problem and str(path) not in problem, problem  # (whoever shows it names the file)
     assert "\n" not in problem
 
 
@@ -1468,6 +1468,22 @@ def test_check_exits_2_with_one_line_whatever_the_parser_finds(tmp_path, name, t
     )
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
     assert "not valid YAML" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    # The file is named once, as for a key's problem (it was "bad.yaml: bad.yaml: not valid YAML ...").
+    assert res.stderr.startswith(f"{bad}: not valid YAML") and res.stderr.count(str(bad)) == 1, res.stderr
+
+
+def test_check_of_a_config_it_cannot_read_names_the_file_once(tmp_path):
+    """Found walking the README: ``--check --config FILE`` of a missing file printed ``FILE: FILE: No such
+    file or directory``, the loader's message naming the file and --check naming it again."""
+    missing = tmp_path / "missing.yaml"
+    res = subprocess.run(
+        [PY, str(HERE / "mgpumanager.py"), "--check", "--config", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2 and res.stdout == "", res
+    assert res.stderr == f"{missing}: cannot read it: No such file or directory\n", res.stderr
 
 
 def test_cli_check_exits_0_or_2_naming_the_key(tmp_path):
@@ -1476,6 +1492,11 @@ def test_cli_check_exits_0_or_2_naming_the_key(tmp_path):
     )
     assert ok.returncode == 0, ok.stderr
     assert "routing:" in ok.stdout and "comfyui" in ok.stdout
+    # The routing lines, /audio/* among them, are one table: their arrows in one column.
+    routes = ok.stdout.partition("routing:\n")[2].partition("\n\n")[0].splitlines()
+    assert any("/audio/*" in line for line in routes) and len({line.index(" -> ") for line in routes}) == 1, (
+        routes
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text((HERE / "consumers.yaml").read_text().replace("max_queue:", "max_queu:"))
     res = subprocess.run(
@@ -14319,6 +14340,58 @@ def test_the_readme_is_a_front_door_that_links_every_file_of_the_manual():
     assert example is not None
     config = m.parse_config(yaml.safe_load(example.group(1)))
     assert set(config.routing) == {"tts", "stt", "llm", "image"} and len(config.consumers) == 4
+
+
+DEPLOY_SHIMS = {
+    # ssh HOST CMD: runs CMD here; scp: copies, HOST: dropped; sudo: -u USER runs the rest (the config check),
+    # anything else is only written down; curl: writes down its URL and answers as /healthz does.
+    "ssh": 'shift; echo "ssh $*" >> "$LOG"; exec bash -c "$*"',
+    "scp": 'args=(); for a; do args+=("${a#*:}"); done; exec cp "${args[@]}"',
+    "sudo": 'echo "sudo $*" >> "$LOG"; if [ "$1" = -u ]; then shift 2; exec "$@"; fi',
+    "id": "exit 0",
+    "curl": 'echo "curl $*" >> "$LOG"; echo ok',
+}
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize(
+    ("listen", "healthz"),
+    [("127.0.0.1:18999", "http://127.0.0.1:18999/healthz"), ("[::]:8771", "http://[::1]:8771/healthz")],
+)
+def test_make_deploy_checks_on_the_host_before_installing_and_waits_for_the_configs_own_port(
+    tmp_path, listen, healthz
+):
+    """Found walking the README: ``make deploy CONFIG=other.yaml`` waited for /healthz on 127.0.0.1:8770
+    whatever the config's ``listen``, so a broker deployed on another port was reported as not coming up
+    (exit 1, the journal shown). It asks the address --check printed on the host now. ssh, scp, sudo and
+    curl are stand-ins that run or write down what the target asks the host."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for name, body in {**DEPLOY_SHIMS, "python3": f'exec {shlex.quote(PY)} "$@"'}.items():
+        (shims / name).write_text(f"#!/bin/bash\n{body}\n")
+        (shims / name).chmod(0o755)
+    config = tmp_path / "other.yaml"
+    text = (HERE / "consumers.yaml").read_text()
+    config.write_text(re.sub(r"^listen: .*$", f'listen: "{listen}"', text, count=1, flags=re.M))
+    log, stage = tmp_path / "host.log", tmp_path / "stage"
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "LOG": str(log)}
+    res = subprocess.run(
+        ["make", "-s", "deploy", "HOST=mrock", f"STAGE={stage}", f"CONFIG={config}"],
+        cwd=HERE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    asked = log.read_text().splitlines()
+    check = asked.index("sudo -u mgpumanager python3 mgpumanager.py --check --config consumers.yaml")
+    installs = [i for i, line in enumerate(asked) if line.startswith("sudo install ")]
+    assert installs and check < min(installs), asked  # checked on the host, as its user, before installing
+    assert "sudo install -D -m 0640 -g mgpumanager consumers.yaml /etc/mgpumanager/consumers.yaml" in asked
+    assert asked[-1] == f"curl -fsS {healthz}", asked
+    assert (stage / "consumers.yaml").read_text() == config.read_text()
+    assert '"$@"' in (stage / "mgpumanager-cli").read_text()  # the launcher passes the verb's arguments on
 
 
 def test_every_relative_link_in_the_readme_and_the_manual_resolves():
