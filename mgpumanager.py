@@ -2955,6 +2955,9 @@ def logfmt(**fields: Any) -> str:
         if value is None:
             out.append(f"{key}=")  # absent: an empty value, as logfmt readers expect
             continue
+        if type(value) is int:  # (most of a job's line: nothing to quote)
+            out.append(f"{key}={value}")
+            continue
         text = (
             json.dumps(value, separators=(",", ":"), default=str)
             if isinstance(value, (list, tuple, dict))
@@ -5352,12 +5355,9 @@ class Recorder:
         """A bug in the broker, caught: counted once for the broker, logged with its traceback."""
         self.shared.internal_error(msg, exc, gpu=self.gpu, **fields)
 
-    def learned(
-        self, state: ConsumerState, what: str, seconds: float, job: int, *, after_handover: bool = False
-    ) -> None:
+    def learned(self, state: ConsumerState, what: str, seconds: float, job: int) -> None:
         """A consumer's load, unload or job took ``seconds`` (for or by job ``job``): one more sample of its
-        running median (status), its histogram, and the ``learned`` event with its figures as they are now
-        (``after_handover``: once the GPU changed hands, as a job's end event is)."""
+        running median (status), its histogram, and the ``learned`` event with its figures as they are now."""
         state.learned(what, seconds)
         self.metrics.observe(f"mgpumanager_{what}_seconds", seconds, consumer=state.name)
         fields = {
@@ -5368,29 +5368,25 @@ class Recorder:
             "seconds": round(seconds, 3),
             "timings": state.timings(),
         }
-        if after_handover:
-            _after_handover(functools.partial(self._publish_learned, fields))
-        else:
-            self._publish_learned(fields)
+        self.events.publish("learned", **fields)
 
     def job_took(self, job: Job, state: ConsumerState, ended: float) -> None:
         """What a job that took the work took from the moment it went to work (the evictions and the load
         before it are learned on their own, so a forecast counts each once): its consumer's job time, or, a
         cold start (the consumer loads itself on its first request), a load time (what it took beyond a
-        usual job). Learned after its end event."""
+        usual job). Learned after its end event, once the GPU changed hands, as that event is."""
         began = job.working_at if job.working_at is not None else job.started
         if began is None or job.exclusive:
             return
-        took = max(0.0, ended - began)
-        if job.cold:
-            took = max(0.0, took - (state.timing("job") or 0.0))
-        self.learned(state, "load" if job.cold else "job", took, job.id, after_handover=True)
+        _after_handover(functools.partial(self._learn_took, job, state, max(0.0, ended - began)))
 
-    def _publish_learned(self, fields: dict[str, Any]) -> None:
+    def _learn_took(self, job: Job, state: ConsumerState, took: float) -> None:
         try:
-            self.events.publish("learned", **fields)
+            if job.cold:
+                took = max(0.0, took - (state.timing("job") or 0.0))
+            self.learned(state, "load" if job.cold else "job", took, job.id)
         except Exception as e:  # a bug of a callback of the loop's: logged and counted, never lost
-            self.internal_error("learned event crashed", consumer=fields["consumer"], error=describe(e))
+            self.internal_error("learning a job's time crashed", consumer=state.name, error=describe(e))
 
     def not_recorded(self, job: Job) -> None:
         """A job (or its hold) ended on a consumer a reload made a new service meanwhile (another URL): what
@@ -6448,12 +6444,16 @@ class GpuLock:
             raise BrokerError("shutting_down", "the broker is shutting down", job.consumer)
         if (refusal := admission_refusal(job, self.waiting, self.config, self.eta)) is not None:
             raise refusal
-        timeout_s = self.config.scheduler.queue_timeout_s
-        timer = asyncio.get_running_loop().call_later(timeout_s, self._expire, job)
         self.waiting.append(job)
+        timer = None
         try:
             self.queued.add(job)
             self.dispatch()
+            if job.granted.done():  # at once (the common case: no timer to start and cancel)
+                job.granted.result()
+                return
+            timeout_s = self.config.scheduler.queue_timeout_s
+            timer = asyncio.get_running_loop().call_later(timeout_s, self._expire, job)
             await job.granted
         except BaseException:
             if job in self.waiting:
@@ -6461,7 +6461,8 @@ class GpuLock:
                 self.dispatch()  # a job that left may have been what kept a join of the holder out
             raise
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
 
     def _expire(self, job: Job) -> None:
         """The queue timer of a job ran out: answer it with queue_timeout unless it was granted. Its
@@ -8378,14 +8379,25 @@ SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 def _pass_headers(headers: Mapping[str, str], drop: frozenset[str]) -> CIMultiDict[str]:
-    named = {
-        token.strip().lower() for value in headers.getall("Connection", []) for token in value.split(",")
-    }  # type: ignore[attr-defined]
-    return CIMultiDict(
-        (key, value)
-        for key, value in headers.items()
-        if (k := key.lower()) not in HOP_BY_HOP and k not in named and k not in drop
-    )
+    """``headers`` without those in ``drop`` (lower case; hop-by-hop ones among them) and those that
+    ``Connection`` names."""
+    if "Connection" in headers:
+        values = headers.getall("Connection")  # type: ignore[attr-defined]
+        drop = drop | {token.strip().lower() for value in values for token in value.split(",")}
+    return CIMultiDict([(key, value) for key, value in headers.items() if key.lower() not in drop])
+
+
+#: What the consumer never gets of the client's headers: hop-by-hop ones, Host, Content-Length and Expect
+#: (the broker holds the whole body already), and what a proxy sets itself; with tokens, the bearer token.
+_NOT_FORWARDED = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "expect",
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-host",
+}
+_NOT_FORWARDED_WITH_AUTH = _NOT_FORWARDED | {"authorization"}
 
 
 def request_headers(
@@ -8397,12 +8409,11 @@ def request_headers(
     nor the broker's own bearer token; with X-Forwarded-For (appended to) and X-Forwarded-Proto. A page of
     the broker's own origin is presented to ``consumer`` as one of the consumer's (see consumer_origin).
     """
-    drop = {"host", "content-length", "expect", "forwarded", "x-real-ip", "x-forwarded-host"}
-    headers = _pass_headers(request.headers, frozenset(drop | ({"authorization"} if strip_auth else set())))
+    headers = _pass_headers(request.headers, _NOT_FORWARDED_WITH_AUTH if strip_auth else _NOT_FORWARDED)
     if consumer is not None and (origin := consumer_origin(request, consumer)) is not None:
         headers["Origin"] = origin
     headers.popall("X-Forwarded-For", None)
-    before = ", ".join(request.headers.getall("X-Forwarded-For", []))
+    before = ", ".join(request.headers.getall("X-Forwarded-For", ()))
     remote = request.remote or "unknown"
     headers["X-Forwarded-For"] = f"{before}, {remote}" if before else remote
     headers["X-Forwarded-Proto"] = request.scheme
@@ -8461,7 +8472,7 @@ def own_host(request: web.Request, host: str) -> bool:
 
 def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
     """The consumer's headers as the client gets them: without hop-by-hop ones."""
-    return _pass_headers(upstream.headers, frozenset())
+    return _pass_headers(upstream.headers, HOP_BY_HOP)
 
 
 @functools.lru_cache(maxsize=64)
@@ -10665,25 +10676,24 @@ async def read_body(request: web.Request, broker: Broker, consumer: str) -> byte
         )
     body = bytearray()
 
+    def take(chunk: bytes) -> None:
+        if len(body) + len(chunk) > limit:
+            raise BrokerError("payload_too_large", f"request body exceeds max_body_mib {cfg.max_body_mib}")
+        if broker.reading + len(chunk) > budget:
+            broker.metrics.inc("mgpumanager_refused_total", consumer=consumer, limit="max_bodies_mib")
+            log.warning(logfmt(msg="limit reached: body refused", consumer=consumer, limit="max_bodies_mib"))
+            message = f"the bodies being read hold {cfg.max_bodies_mib} MiB already (max_bodies_mib)"
+            raise BrokerError("too_many_requests", message, consumer)
+        broker.reading += len(chunk)
+        body.extend(chunk)
+
     async def fill() -> None:
         async for chunk in request.content.iter_any():
-            if len(body) + len(chunk) > limit:
-                raise BrokerError(
-                    "payload_too_large", f"request body exceeds max_body_mib {cfg.max_body_mib}"
-                )
-            if broker.reading + len(chunk) > budget:
-                broker.metrics.inc("mgpumanager_refused_total", consumer=consumer, limit="max_bodies_mib")
-                log.warning(
-                    logfmt(msg="limit reached: body refused", consumer=consumer, limit="max_bodies_mib")
-                )
-                message = f"the bodies being read hold {cfg.max_bodies_mib} MiB already (max_bodies_mib)"
-                raise BrokerError("too_many_requests", message, consumer)
-            broker.reading += len(chunk)
-            body.extend(chunk)
+            take(chunk)
 
     try:
         if request.content.is_eof():
-            await fill()  # it came whole with its headers (a small job's): nothing to wait for
+            take(request.content.read_nowait())  # it came whole with its head (a small job's): no wait
         else:
             broker.connections.waits_on_client(request)  # (may go when descriptors run short)
             await asyncio.wait_for(fill(), cfg.body_timeout_s)
