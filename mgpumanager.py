@@ -5357,8 +5357,13 @@ class Recorder:
 
     def learned(self, state: ConsumerState, what: str, seconds: float, job: int) -> None:
         """A consumer's load, unload or job took ``seconds`` (for or by job ``job``): one more sample of its
-        running median (status), its histogram, and the ``learned`` event with its figures as they are now."""
+        running median (status, the forecast), its histogram, and the ``learned`` event with its figures as
+        they are now."""
         state.learned(what, seconds)
+        self.show_learned(state, what, seconds, job)
+
+    def show_learned(self, state: ConsumerState, what: str, seconds: float, job: int) -> None:
+        """A sample ``state`` took in already: its histogram and its ``learned`` event."""
         self.metrics.observe(f"mgpumanager_{what}_seconds", seconds, consumer=state.name)
         fields = {
             "consumer": state.name,
@@ -5374,19 +5379,23 @@ class Recorder:
         """What a job that took the work took from the moment it went to work (the evictions and the load
         before it are learned on their own, so a forecast counts each once): its consumer's job time, or, a
         cold start (the consumer loads itself on its first request), a load time (what it took beyond a
-        usual job). Learned after its end event, once the GPU changed hands, as that event is."""
+        usual job). Learned at once (the next forecast counts it); its histogram and ``learned`` event come
+        after its end event, once the GPU changed hands, as that event does."""
         began = job.working_at if job.working_at is not None else job.started
         if began is None or job.exclusive:
             return
-        _after_handover(functools.partial(self._learn_took, job, state, max(0.0, ended - began)))
+        took = max(0.0, ended - began)
+        if job.cold:
+            took = max(0.0, took - (state.timing("job") or 0.0))
+        what = "load" if job.cold else "job"
+        state.learned(what, took)  # (now: the next forecast counts it)
+        _after_handover(functools.partial(self._show_learned, state, what, took, job.id))
 
-    def _learn_took(self, job: Job, state: ConsumerState, took: float) -> None:
+    def _show_learned(self, state: ConsumerState, what: str, seconds: float, job: int) -> None:
         try:
-            if job.cold:
-                took = max(0.0, took - (state.timing("job") or 0.0))
-            self.learned(state, "load" if job.cold else "job", took, job.id)
+            self.show_learned(state, what, seconds, job)
         except Exception as e:  # a bug of a callback of the loop's: logged and counted, never lost
-            self.internal_error("learning a job's time crashed", consumer=state.name, error=describe(e))
+            self.internal_error("learned event crashed", consumer=state.name, error=describe(e))
 
     def not_recorded(self, job: Job) -> None:
         """A job (or its hold) ended on a consumer a reload made a new service meanwhile (another URL): what
@@ -10693,7 +10702,8 @@ async def read_body(request: web.Request, broker: Broker, consumer: str) -> byte
 
     try:
         if request.content.is_eof():
-            take(request.content.read_nowait())  # it came whole with its head (a small job's): no wait
+            if chunk := request.content.read_nowait():  # it came whole with its head (a small job's)
+                take(chunk)
         else:
             broker.connections.waits_on_client(request)  # (may go when descriptors run short)
             await asyncio.wait_for(fill(), cfg.body_timeout_s)

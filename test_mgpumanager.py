@@ -4687,6 +4687,24 @@ async def test_a_load_is_learned_as_the_load_alone_and_a_job_from_when_it_went_t
     assert books_balance(s)
 
 
+async def test_a_jobs_time_counts_at_its_release_and_is_shown_after_the_hand_over():
+    """The next forecast (and status) counts a job's time from its release on; its histogram and learned
+    event, like the job's other metrics and its end event, come once the GPU changed hands."""
+    s, _, ops, clock = make_scheduler(small_config())
+    seen: list[str] = []
+    s.recorder.events.listeners.append(lambda event: seen.append(event.name))
+    job = await s.acquire("x", "kx")
+    clock.now += 1.0
+    job.release("completed", status=200, success=True)
+    assert ops.states["x"].timing("job") == 1.0
+    assert "mgpumanager_job_seconds_count" not in s.recorder.metrics.render([])
+    assert "learned" not in seen and "finished" not in seen
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert 'mgpumanager_job_seconds_count{consumer="x"} 1' in s.recorder.metrics.render([])
+    assert seen[-2:] == ["finished", "learned"]
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
@@ -13305,6 +13323,32 @@ async def test_bodies_being_read_at_once_hold_at_most_max_bodies_mib(rig):
         writer.close()
     assert [len(rec.body) for rec in r.sims["mvoice"].records] == [len(big)]
     assert r.broker.reading == 0 and r.stats.jobs == 1
+
+
+async def test_an_empty_body_is_never_refused_for_the_bodies_being_read(rig):
+    """An empty body holds nothing: even while the bodies being read hold more than max_bodies_mib (a
+    reload lowered it), it is no too_many_requests. (The fast path for a body that came whole with its
+    head first took an empty one through the budget's check: 0 more bytes than a budget already passed.)"""
+
+    def two(raw: dict[str, Any]) -> None:
+        raw["scheduler"] |= {"max_body_mib": 1, "max_bodies_mib": 2}
+
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=two)
+    big = b"a" * m.MiB
+    conns = [
+        await _partial_post(r.server.host, r.server.port, "/v1/stt", len(big), big[:-1000]) for _ in range(2)
+    ]
+    try:
+        await until(lambda: r.broker.reading == 2 * (len(big) - 1000))
+        r.raw["scheduler"]["max_bodies_mib"] = 1
+        r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert resp.status == 200
+        async with r.session.post(r.url("/v1/tts"), data=b"") as resp:
+            assert resp.status == 200, await resp.read()
+    finally:
+        for _, writer in conns:
+            writer.close()
 
 
 @pytest.mark.parametrize(
