@@ -13327,8 +13327,8 @@ async def test_bodies_being_read_at_once_hold_at_most_max_bodies_mib(rig):
 
 async def test_an_empty_body_is_never_refused_for_the_bodies_being_read(rig):
     """An empty body holds nothing: even while the bodies being read hold more than max_bodies_mib (a
-    reload lowered it), it is no too_many_requests. (The fast path for a body that came whole with its
-    head first took an empty one through the budget's check: 0 more bytes than a budget already passed.)"""
+    reload lowered it), it is no too_many_requests. (A body that came whole with its head is taken at once;
+    an empty one must not meet the budget's check, which 0 more bytes than a budget already passed fail.)"""
 
     def two(raw: dict[str, Any]) -> None:
         raw["scheduler"] |= {"max_body_mib": 1, "max_bodies_mib": 2}
