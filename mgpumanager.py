@@ -119,6 +119,7 @@ from collections.abc import (
     Iterator,
     Mapping,
     Sequence,
+    Sized,
 )
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -933,7 +934,7 @@ import shlex
 import statistics
 import subprocess
 import tempfile
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from queue import SimpleQueue
 
@@ -5838,8 +5839,11 @@ def next_grant(
     max_overtake_s: float,
     warm: Callable[[Job], bool],
     served: Served | None = None,
+    live: bool = True,
 ) -> Job | None:
     """The job the lock goes to next (a further slot of the holder, while it holds it), or None. No I/O.
+    A job whose future is settled (a cancelled waiter) is skipped, unless ``waiting`` are not ``live``: a
+    snapshot's (``WaitQueue.copy``), every one of them waiting then, whatever the loop settled since.
 
     The rules (docs/how-it-works.md, "In what order jobs run"):
     1. Only jobs of the highest effective priority among those waiting may be granted: a job of higher
@@ -5861,7 +5865,7 @@ def next_grant(
         return None
     top, candidates = -1, []  # the jobs of the highest effective priority (computed inline: a hot path)
     for job in waiting:
-        if job.granted.done():
+        if live and job.granted.done():
             continue
         level = min(PRIORITY_MAX, job.priority + int((now - job.arrived) // aging_s))
         if level > top:
@@ -6005,6 +6009,7 @@ def expected_waits(
             max_overtake_s=snap.max_overtake_s,
             warm=warm,
             served=served if len(served) > 1 else None,
+            live=False,
         )
         if job is None:
             break
@@ -6100,6 +6105,9 @@ class WaitQueue:
         self._members: dict[Job, tuple[str, bool]] = {}
         #: Jobs waiting per client.
         self._clients: dict[str | None, int] = {}
+        #: False for a copy (``copy``): who waits is what its members say, not the jobs' futures, which the
+        #: loop goes on resolving.
+        self.live = True
 
     def append(self, job: Job) -> None:
         lane = self._levels[job.priority].get(job.client)
@@ -6156,17 +6164,31 @@ class WaitQueue:
         return iter(self._members)
 
     def copy(self) -> WaitQueue:
-        """Another queue of the same jobs (to play the grant order forward without granting)."""
+        """The jobs that wait now, in a queue of their own, to play the grant order forward without
+        granting (``expected_waits``): a snapshot that no later grant, arrival or cancellation changes, so
+        it may play off the loop. (A cancelled waiter still taking itself out is not in it.)"""
         other = WaitQueue()
+        other.live = False
         other._levels = [{client: lane.copy() for client, lane in level.items()} for level in self._levels]
-        other._members = dict(self._members)
-        other._clients = dict(self._clients)
+        members = dict(self._members)
+        if self.live:
+            members = {job: key for job, key in members.items() if not job.granted.done()}
+        other._members = members
+        if len(members) == len(self._members):
+            other._clients = dict(self._clients)
+        else:
+            other._clients = dict(Counter(job.client for job in members))
+            for level in other._levels:  # (a bucket's first job is a member, as remove() keeps them)
+                for lane in level.values():
+                    for bucket in lane.buckets.values():
+                        while bucket and bucket[0] not in members:
+                            bucket.popleft()
         return other
 
     def candidates(self, warm: Callable[[Job], bool], holder: str | None) -> list[Job]:
         """Per lane: its first waiting job, its first one that needs no swap, the holder's first."""
         found: list[Job] = []
-        members = self._members
+        members, live = self._members, self.live
         for level in self._levels:
             for lane in level.values():
                 first = warm_one = mine = None
@@ -6174,7 +6196,7 @@ class WaitQueue:
                     if not bucket:
                         continue
                     job = bucket[0]  # (a member: remove() takes the departed off the front)
-                    if job.granted.done():  # a cancelled waiter, still taking itself out
+                    if live and job.granted.done():  # a cancelled waiter, still taking itself out
                         job = next((j for j in bucket if j in members and not j.granted.done()), None)
                         if job is None:
                             continue
@@ -6270,30 +6292,67 @@ def _forget_before(book: deque[tuple[float, float, int]], start: float) -> None:
         book.popleft()
 
 
+#: From this many waiting jobs on, a turn's ``queued`` events are played off the loop, in a worker thread,
+#: from a snapshot (as /v1/status plays the queue): the forecast walks the whole queue, about 10 us a job
+#: here, so at 2,000 jobs it would hold the event loop 20 ms at each turn of a burst.
+FORECAST_OFF_LOOP = 256
+
+
 class QueuedEvents:
     """Each waiting job's ``queued`` event, with its expected wait: the jobs queued in one turn of the loop
     are announced together after it, from one forecast, so a burst of arrivals plays the queue forward once
-    per turn, not once per job. The lock has them announced before anything else can happen to one of them
-    (its grant, its refusal, its leaving): a job's ``queued`` event always comes first."""
+    per turn, not once per job. While FORECAST_OFF_LOOP jobs or more wait, that forecast plays in a worker
+    thread from a snapshot of the turn's end (one at a time: the jobs queued meanwhile go with the next).
 
-    def __init__(self, recorder: Recorder, forecast: Callable[[], list[tuple[Job, float]]]) -> None:
+    A job's ``queued`` event always comes first: the lock calls ``before`` before it grants a job or takes
+    one off the queue. While the queue is short, that announces every job still to come, from one forecast;
+    while it is long, that job alone, without the forecast (eta_s 0 for a job granted, null for one that
+    leaves: nobody played the queue for it), so no grant waits for a play of the whole queue."""
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        forecast: Callable[[], list[tuple[Job, float]]],
+        waiting: Sized,
+        snapshot: Callable[[], QueueSnapshot] | None = None,
+        own: Callable[[asyncio.Task[Any]], asyncio.Task[Any]] | None = None,
+    ) -> None:
         self.recorder = recorder
         self.forecast = forecast
-        #: Jobs queued in this turn of the loop, whose event is still to come.
-        self.pending: list[Job] = []
+        self.waiting = waiting
+        self.snapshot = snapshot
+        self.own = own or (lambda task: task)
+        #: Jobs queued in this turn of the loop (or while a play was under way), whose event is still to come.
+        self.pending: dict[Job, None] = {}
+        #: Jobs whose forecast plays in a worker thread now (``play``), their event still to come.
+        self.playing: dict[Job, None] = {}
+        self.play: asyncio.Task[list[tuple[Job, float]]] | None = None
 
     def add(self, job: Job) -> None:
-        """``job`` was queued: announced at the end of this turn of the loop, at the latest."""
-        self.pending.append(job)
-        if len(self.pending) == 1:
+        """``job`` was queued: announced at the end of this turn of the loop, or from the play after it."""
+        self.pending[job] = None
+        if len(self.pending) == 1 and self.play is None:
             asyncio.get_running_loop().call_soon(self._turn)
+
+    def before(self, job: Job, *, granted: bool) -> None:
+        """``job`` is about to be granted (``granted``) or to leave the queue: its ``queued`` event goes out
+        now, if it has not yet."""
+        if job not in self.pending and job not in self.playing:
+            return
+        if len(self.waiting) < FORECAST_OFF_LOOP:
+            self.announce(job if granted else None)
+            return
+        self.pending.pop(job, None)
+        self.playing.pop(job, None)
+        self._publish([job], {job: 0.0} if granted else {})
 
     def announce(self, granted: Job | None = None) -> None:
         """Publish the ``queued`` event of every job not announced yet, each with its expected wait from one
-        forecast; ``granted``, about to be granted, waits 0 (alone, it needs no forecast)."""
-        if not self.pending:
+        forecast on the loop; ``granted``, about to be granted, waits 0 (alone, it needs no forecast)."""
+        jobs = [*self.playing, *self.pending]
+        self.playing, self.pending = {}, {}  # (a play under way finds none of them when it is done)
+        if not jobs:
             return
-        jobs, self.pending = self.pending, []
         etas: dict[Job, float] = {}
         if jobs != [granted]:
             try:
@@ -6302,17 +6361,50 @@ class QueuedEvents:
                 self.recorder.internal_error("forecast for queued events crashed", e)
         if granted is not None:
             etas[granted] = 0.0
+        self._publish(jobs, etas)
+
+    def _publish(self, jobs: Iterable[Job], etas: Mapping[Job, float]) -> None:
         for job in jobs:
             queued = {"priority": job.priority, "request_id": job.request_id, "eta_s": etas.get(job)}
             self.recorder.job_event("queued", job, **queued)
 
     def _turn(self) -> None:
-        """``announce`` once the turn of the loop that queued the jobs is over (a callback of the loop's:
-        a bug is logged and counted, never lost)."""
+        """The turn of the loop that queued the jobs is over (or the last play is done): announce them, or
+        start a play for them while the queue is long (a callback of the loop's: a bug is logged and
+        counted, never lost)."""
         try:
-            self.announce()
+            if not self.pending or self.play is not None:  # (the play under way takes them up when done)
+                return
+            if self.snapshot is None or len(self.waiting) < FORECAST_OFF_LOOP:
+                self.announce()
+                return
+            snap = self.snapshot()
+            self.playing, self.pending = self.pending, {}
+            self.play = self.own(asyncio.ensure_future(asyncio.to_thread(expected_waits, snap)))
+            self.play.add_done_callback(self._played)
         except Exception as e:
             self.recorder.internal_error("queued events crashed", e)
+
+    def _played(self, play: asyncio.Task[list[tuple[Job, float]]]) -> None:
+        """A play is done: the events of its jobs still to come (those announced meanwhile went out then),
+        with its forecast (eta_s null if it failed or was cancelled, at shutdown); then the next play (at
+        shutdown, none: those queued meanwhile are announced at once)."""
+        self.play = None
+        jobs, self.playing = list(self.playing), {}
+        etas: dict[Job, float] = {}
+        try:
+            if not play.cancelled():
+                if (e := play.exception()) is not None:
+                    self.recorder.internal_error("forecast for queued events crashed", e)
+                else:
+                    etas = dict(play.result())
+            self._publish(jobs, etas)
+        except Exception as e:
+            self.recorder.internal_error("queued events crashed", e)
+        if play.cancelled():
+            self.announce()
+        else:
+            self._turn()
 
 
 def retry_after(eta: float | None) -> int:
@@ -6392,6 +6484,8 @@ class GpuLock:
         eta: Callable[[Job | str | None], float | None],
         forecast: Callable[[], list[tuple[Job, float]]],
         on_grant: Callable[[Job], None],
+        snapshot: Callable[[], QueueSnapshot] | None = None,
+        own: Callable[[asyncio.Task[Any]], asyncio.Task[Any]] | None = None,
     ) -> None:
         self.shared = shared
         self.index = index
@@ -6401,7 +6495,7 @@ class GpuLock:
         self.eta = eta
         self.on_grant = on_grant
         self.waiting = WaitQueue()
-        self.queued = QueuedEvents(recorder, forecast)
+        self.queued = QueuedEvents(recorder, forecast, self.waiting, snapshot, own)
         #: The consumer holding the lock, its slots taken (jobs and holds), of those the holds, and the ones
         #: at work (past making room, holds too: a join's plan credits their work).
         self.holder: str | None = None
@@ -6518,7 +6612,7 @@ class GpuLock:
             )
             if job is None:
                 return granted
-            self.queued.announce(job)  # (its queued event before its grant)
+            self.queued.before(job, granted=True)
             self.waiting.remove(job)
             if len(candidates) > 1 and min(candidates, key=lambda j: fair_key(j, served)) is not job:
                 self.waiting.overtaken(job, now, sched.aging_s, served)
@@ -6563,7 +6657,7 @@ class GpuLock:
 
     def take_out(self, job: Job) -> None:
         """Take a waiting job off the queue without a grant (its queued event first, as ever)."""
-        self.queued.announce()
+        self.queued.before(job, granted=False)
         self.waiting.remove(job)
 
     def refuse(self, job: Job, error: BrokerError) -> None:
@@ -7559,6 +7653,8 @@ class Scheduler:
             eta=ClientEtas(self.eta, clock),
             forecast=lambda: self.forecast(),  # noqa: PLW0108 (whatever self.forecast is then)
             on_grant=self._on_grant,
+            snapshot=lambda: queue_snapshot(self.lock, self.rooms, self.config),
+            own=self.own,
         )
         #: A consumer's jobs and holds holding a GPU lock: this one's, or (the broker's) every GPU's, for a
         #: consumer a reload moved.
@@ -12083,6 +12179,11 @@ class OneLineBadRequests(logging.Filter):
         return True
 
 
+#: Collections of the garbage collector's middle generation between two full ones (Python's default: 10).
+#: A full one frees only cycles that outlived two collections (reference counting frees the rest at once).
+GC_FULL_AFTER = 100
+
+
 async def serve(config: Config, source: ConfigSource) -> int:
     """Run the broker until SIGTERM or SIGINT; SIGHUP reloads. Speaks systemd's notify protocol."""
     app = create_app(config, source)
@@ -12096,7 +12197,14 @@ async def serve(config: Config, source: ConfigSource) -> int:
     # collection, which a reading of 20,000 processes sets off, walks only what came after (it holds the
     # event loop that long: 36 ms against 16 ms for such readings here).
     gc.freeze()
-    log.info(logfmt(msg="start-up objects frozen", objects=gc.get_freeze_count()))
+    # A full collection walks every object the broker holds, about 70 per waiting request (68 ms with
+    # 2,000 waiting here), and Python starts one after every 10 collections of the middle generation, which
+    # a burst of 2,000 requests makes twice in a second: after GC_FULL_AFTER of them, ten times rarer.
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, GC_FULL_AFTER)
+    log.info(
+        logfmt(msg="start-up objects frozen", objects=gc.get_freeze_count(), full_gc_after=GC_FULL_AFTER)
+    )
     broker = app[BROKER]
     notifier = broker.notifier
     loop = asyncio.get_running_loop()

@@ -2278,7 +2278,7 @@ async def test_a_reading_of_20000_processes_serves_jobs_and_status_and_beyond_ma
                 "message"
             ]
         assert "more than 1 MiB (gpu.max_output_mib)" in message
-    assert 'msg="start-up objects frozen"' in daemon.log
+    assert 'msg="start-up objects frozen"' in daemon.log and f"full_gc_after={m.GC_FULL_AFTER}" in daemon.log
 
 
 @pytest.mark.parametrize("fault", ["fail", "garbage", "hang"])
@@ -4422,6 +4422,85 @@ async def test_the_jobs_queued_in_one_turn_of_the_loop_are_announced_from_one_fo
     first.release("completed")
     for task in waiting:
         (await task).release("completed")
+    assert books_balance(s)
+
+
+async def test_a_long_queues_queued_events_are_played_off_the_loop_and_each_still_comes_first(monkeypatch):
+    """Issue 21: with 2,000 jobs waiting, the forecast for a turn's queued events held the event loop about
+    20 ms at each turn of a burst, and /healthz with it. From FORECAST_OFF_LOOP waiting jobs on, it plays in
+    a worker thread from a snapshot of the turn's end, with the etas the loop would have given; jobs queued
+    meanwhile go with the next play; a job granted or leaving before its play is done gets its queued event
+    first, alone (eta_s 0, or null: nobody played the queue for it), and once."""
+    monkeypatch.setattr(m, "FORECAST_OFF_LOOP", 6)
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    ops.states["x"].learned("job", 2.0)
+    gate, plays, real = threading.Event(), [], m.expected_waits
+
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():  # (the loop's own plays run through)
+            plays.append(threading.current_thread().name)
+            assert gate.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(m, "expected_waits", gated)
+    stream = s.events.subscribe()
+    first = await s.acquire("t", "kt")  # granted at once: the x jobs wait behind it
+    batch = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(8)]
+    await until(lambda: len(plays) == 1)  # the turn's 8 play off the loop; the loop goes on meanwhile
+    expected = dict(s.forecast())  # what the loop would give (the clock stands still)
+    later = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(2)]
+    await until(lambda: len(s.queue()) == 10)
+    batch[3].cancel()  # leaves while its play is under way
+    with pytest.raises(asyncio.CancelledError):
+        await batch[3]
+    first.release("completed")  # batch[0] is granted while its play is under way
+    head = await asyncio.wait_for(batch[0], 5)
+    gate.set()
+    await until(lambda: len(plays) == 2 and s.lock.queued.play is None and not s.lock.queued.pending)
+    events = []
+    while not stream.empty():
+        events.append(json.loads(stream.get_nowait().partition(b"data: ")[2]))
+    queued = {e["job"]: e for e in events if e["event"] == "queued"}
+    assert len(queued) == len([e for e in events if e["event"] == "queued"]) == 11  # each once
+    ids = [j.id for j in expected]
+    for job_id, then in ((ids[0], "granted"), (ids[3], "cancelled")):  # its queued event first
+        assert [e["event"] for e in events if e["job"] == job_id][:2] == ["queued", then]
+    assert queued[ids[0]]["eta_s"] == 0.0 and queued[ids[3]]["eta_s"] is None
+    for job, eta in expected.items():  # the others: from the play, as the loop would have said
+        if job.id not in (ids[0], ids[3]):
+            assert queued[job.id]["eta_s"] == eta
+    assert all(queued[j.id]["eta_s"] is not None for j in s.queue()[-2:])  # later's: from the second play
+    assert all(name != threading.main_thread().name for name in plays)
+    head.release("completed")
+    for task in [*batch[1:3], *batch[4:], *later]:
+        (await asyncio.wait_for(task, 5)).release("completed")
+    assert books_balance(s)
+
+
+async def test_the_forecast_plays_a_snapshot_of_who_waits_without_a_waiter_cancelled_before_it():
+    """A waiter whose task was cancelled stays in the queue until its task runs again; a snapshot taken
+    meanwhile is not to count it, and a play of that snapshot is not to change with what the loop settles
+    afterwards (a grant), since it may run in a thread."""
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    ops.states["x"].learned("job", 2.0)
+    first = await s.acquire("t", "kt")
+    tasks = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(3)]
+    await until(lambda: len(s.queue()) == 3)
+    a, b, c = s.queue()
+    tasks[0].cancel()  # (its future now; its task takes it off the queue at its next step)
+    assert a in s.lock.waiting
+    snap = m.queue_snapshot(s.lock, s.rooms, s.config)
+    assert [(j, eta) for j, eta in m.expected_waits(snap)] == [(b, 1.0), (c, 3.0)]
+    first.release("completed")  # b is granted: the snapshot still has it waiting
+    assert b.granted.done() and [j for j, _ in m.expected_waits(snap)] == [b, c]
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[0]
+    (await tasks[1]).release("completed")
+    (await asyncio.wait_for(tasks[2], 5)).release("completed")
     assert books_balance(s)
 
 
