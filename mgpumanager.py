@@ -5839,11 +5839,13 @@ def next_grant(
     max_overtake_s: float,
     warm: Callable[[Job], bool],
     served: Served | None = None,
-    live: bool = True,
+    frozen: Mapping[Job, float | None] | None = None,
 ) -> Job | None:
     """The job the lock goes to next (a further slot of the holder, while it holds it), or None. No I/O.
-    A job whose future is settled (a cancelled waiter) is skipped, unless ``waiting`` are not ``live``: a
-    snapshot's (``WaitQueue.copy``), every one of them waiting then, whatever the loop settled since.
+    A job whose future is settled (a cancelled waiter) is skipped, and rule 4 reads each job's
+    ``overtaken_since``; unless ``waiting`` come from a snapshot (``WaitQueue.copy``): then ``frozen``
+    gives each one's ``overtaken_since`` as it was, and every one of them waited, whatever the loop
+    settled since.
 
     The rules (docs/how-it-works.md, "In what order jobs run"):
     1. Only jobs of the highest effective priority among those waiting may be granted: a job of higher
@@ -5864,6 +5866,7 @@ def next_grant(
     if holder is not None and (holder.exclusive or holder.room <= 0):
         return None
     top, candidates = -1, []  # the jobs of the highest effective priority (computed inline: a hot path)
+    live = frozen is None
     for job in waiting:
         if live and job.granted.done():
             continue
@@ -5884,7 +5887,8 @@ def next_grant(
         allowed = 1
     else:
         for i, j in enumerate(candidates):
-            if j.overtaken_since is not None and now - j.overtaken_since >= max_overtake_s:
+            since = j.overtaken_since if frozen is None else frozen[j]
+            if since is not None and now - since >= max_overtake_s:
                 allowed = i + 1
                 break
     if holder is None:
@@ -6009,7 +6013,7 @@ def expected_waits(
             max_overtake_s=snap.max_overtake_s,
             warm=warm,
             served=served if len(served) > 1 else None,
-            live=False,
+            frozen=waiting.frozen,
         )
         if job is None:
             break
@@ -6105,9 +6109,9 @@ class WaitQueue:
         self._members: dict[Job, tuple[str, bool]] = {}
         #: Jobs waiting per client.
         self._clients: dict[str | None, int] = {}
-        #: False for a copy (``copy``): who waits is what its members say, not the jobs' futures, which the
-        #: loop goes on resolving.
-        self.live = True
+        #: A copy's (``copy``): each member's ``overtaken_since`` as it was then. In a copy, who waits is what
+        #: its members say, not the jobs' futures, which the loop goes on settling.
+        self.frozen: dict[Job, float | None] | None = None
 
     def append(self, job: Job) -> None:
         lane = self._levels[job.priority].get(job.client)
@@ -6165,15 +6169,19 @@ class WaitQueue:
 
     def copy(self) -> WaitQueue:
         """The jobs that wait now, in a queue of their own, to play the grant order forward without
-        granting (``expected_waits``): a snapshot that no later grant, arrival or cancellation changes, so
-        it may play off the loop. (A cancelled waiter still taking itself out is not in it.)"""
+        granting (``expected_waits``): a snapshot that no later grant, arrival, cancellation or overtaking
+        changes (``frozen``), so it may play off the loop. (A cancelled waiter still taking itself out is not
+        in it.)"""
         other = WaitQueue()
-        other.live = False
         other._levels = [{client: lane.copy() for client, lane in level.items()} for level in self._levels]
-        members = dict(self._members)
-        if self.live:
-            members = {job: key for job, key in members.items() if not job.granted.done()}
-        other._members = members
+        if self.frozen is None:
+            members, frozen = {}, {}
+            for job, key in self._members.items():
+                if not job.granted.done():
+                    members[job], frozen[job] = key, job.overtaken_since
+        else:
+            members, frozen = dict(self._members), dict(self.frozen)
+        other._members, other.frozen = members, frozen
         if len(members) == len(self._members):
             other._clients = dict(self._clients)
         else:
@@ -6188,7 +6196,7 @@ class WaitQueue:
     def candidates(self, warm: Callable[[Job], bool], holder: str | None) -> list[Job]:
         """Per lane: its first waiting job, its first one that needs no swap, the holder's first."""
         found: list[Job] = []
-        members, live = self._members, self.live
+        members, live = self._members, self.frozen is None
         for level in self._levels:
             for lane in level.values():
                 first = warm_one = mine = None
@@ -6378,12 +6386,16 @@ class QueuedEvents:
             if self.snapshot is None or len(self.waiting) < FORECAST_OFF_LOOP:
                 self.announce()
                 return
-            snap = self.snapshot()
-            self.playing, self.pending = self.pending, {}
-            self.play = self.own(asyncio.ensure_future(asyncio.to_thread(expected_waits, snap)))
-            self.play.add_done_callback(self._played)
-        except Exception as e:
+            play = self.own(asyncio.ensure_future(asyncio.to_thread(expected_waits, self.snapshot())))
+            play.add_done_callback(self._played)
+            self.play = play
+            self.playing.update(self.pending)
+            self.pending = {}
+        except Exception as e:  # a bug: the events go out now (eta_s null), none is left waiting for a turn
             self.recorder.internal_error("queued events crashed", e)
+            if self.play is None:
+                jobs, self.pending = list(self.pending), {}
+                self._publish(jobs, {})
 
     def _played(self, play: asyncio.Task[list[tuple[Job, float]]]) -> None:
         """A play is done: the events of its jobs still to come (those announced meanwhile went out then),
@@ -6399,11 +6411,11 @@ class QueuedEvents:
                 else:
                     etas = dict(play.result())
             self._publish(jobs, etas)
+            if play.cancelled():
+                self.announce()
         except Exception as e:
             self.recorder.internal_error("queued events crashed", e)
-        if play.cancelled():
-            self.announce()
-        else:
+        if not play.cancelled():
             self._turn()
 
 
@@ -12200,10 +12212,13 @@ async def serve(config: Config, source: ConfigSource) -> int:
     # A full collection walks every object the broker holds, about 70 per waiting request (68 ms with
     # 2,000 waiting here), and Python starts one after every 10 collections of the middle generation, which
     # a burst of 2,000 requests makes twice in a second: after GC_FULL_AFTER of them, ten times rarer.
-    young, middle, _ = gc.get_threshold()
-    gc.set_threshold(young, middle, GC_FULL_AFTER)
+    # (An incremental collector, whose third threshold is 0, has no full passes to space out.)
+    young, middle, full = gc.get_threshold()
+    if full:
+        gc.set_threshold(young, middle, GC_FULL_AFTER)
+    frozen = gc.get_freeze_count()
     log.info(
-        logfmt(msg="start-up objects frozen", objects=gc.get_freeze_count(), full_gc_after=GC_FULL_AFTER)
+        logfmt(msg="start-up objects frozen", objects=frozen, full_gc_after=gc.get_threshold()[2] or None)
     )
     broker = app[BROKER]
     notifier = broker.notifier
