@@ -47,7 +47,6 @@ import select
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -120,20 +119,6 @@ def component(filename: str) -> str:
         if marker in filename:
             return name
     return "other (stdlib, C calls)"
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on loopback."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((LOOPBACK, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -1167,7 +1152,7 @@ class Bench:
             "bare_stream",
         ]
         names += ["nginx", "profiled"]
-        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
+        self.ports = dict(zip(names, mgpusim.free_ports(len(names)), strict=True))
         state = self.workdir / "gpu.json"
         self.counter = self.workdir / "nvidia-smi.count"
         wrapper = self.workdir / "nvidia-smi"
@@ -2054,8 +2039,10 @@ class Bench:
         """Whether this version's loader knows ``key`` (a mixed-workload config with it passes --check; one
         it refuses as an unknown key: an older version); any other refusal of the config is an error."""
         path = self.workdir / "loader-check.yaml"
-        ports = dict(zip(("mvoice", "comfyui"), free_ports(2), strict=True))
-        path.write_text(mixed_config(free_ports(1)[0], "nvidia-smi", ports, trace_burst(), overtake, clients))
+        ports = dict(zip(("mvoice", "comfyui"), mgpusim.free_ports(2), strict=True))
+        path.write_text(
+            mixed_config(mgpusim.free_ports(1)[0], "nvidia-smi", ports, trace_burst(), overtake, clients)
+        )
         check = await asyncio.create_subprocess_exec(
             PY, str(MANAGER), "--check", "--config", str(path),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -2105,7 +2092,7 @@ class Bench:
         tag = f"mix{run.trace.name[-1]}-{run.name}"
         work = self.workdir / tag
         work.mkdir()
-        ports = dict(zip(("mvoice", "comfyui", "broker"), free_ports(3), strict=True))
+        ports = dict(zip(("mvoice", "comfyui", "broker"), mgpusim.free_ports(3), strict=True))
         state = work / "gpu.json"
         specs = []
         for name, kind in (("mvoice", "mvoice"), ("comfyui", "comfyui")):
@@ -2475,7 +2462,7 @@ class Bench:
     async def m9_admission(self) -> None:
         """N jobs sent at once behind a job that holds the GPU, for each N: how long until every one is
         queued, and /healthz's answers meanwhile, on a broker of its own (max_queue 10,000)."""
-        port = free_ports(1)[0]
+        port = mgpusim.free_ports(1)[0]
         config = self.workdir / "admission.yaml"
         config.write_text(broker_config(port, self.smi, self.ports, max_queue=ADMISSION_MAX_QUEUE))
         argv = [PY, str(MANAGER), "--config", str(config), "--nvidia-smi", self.smi]

@@ -308,6 +308,7 @@ import fcntl
 import functools
 import io
 import ipaddress
+import random
 import re
 import select
 import shlex
@@ -2370,16 +2371,42 @@ def check(ok: bool, claim: str) -> None:
         raise DemoError(f"expected {claim}")
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (bind port 0, read it, close)."""
-    socks = [socket.socket() for _ in range(n)]
+#: The kernel's range for outgoing connections' own ports, where it is not readable (Linux's default).
+EPHEMERAL_PORTS = (32768, 60999)
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel takes outgoing connections' own ports from."""
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return EPHEMERAL_PORTS
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct TCP ports free on 127.0.0.1 now, for servers that bind them later, outside the kernel's
+    range for outgoing connections: a port from there (bind port 0) can be taken in between by any
+    connection made meanwhile (a broker's first health probes run before it listens; a CI run once failed
+    with "address already in use"). Picked at random, so two test processes picking at once rarely meet."""
+    low, high = ephemeral_ports()
+    below, above = range(10000, max(10000, low)), range(max(10000, high + 1), 65536)
+    ports: list[int] = []
+    while len(ports) < n:
+        if below or above:
+            i = random.randrange(len(below) + len(above))
+            port = below[i] if i < len(below) else above[i - len(below)]
+        else:  # (no port outside the range: the kernel's choice)
+            port = 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                continue
+            port = s.getsockname()[1]
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def http(url: str, body: Any = None, timeout: float = 15.0) -> tuple[Any, bytes]:

@@ -696,9 +696,7 @@ async def _render(r: Rig, path: str = "/v1/image") -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return mgpusim.free_ports(1)[0]
 
 
 def bearer(token: str | None) -> dict[str, str]:

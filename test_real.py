@@ -28,7 +28,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -351,10 +350,8 @@ NODE_CLASS_MAPPINGS = {}
 
 
 def free_port() -> int:
-    """A port nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now (outside the kernel's range for outgoing connections)."""
+    return mgpusim.free_ports(1)[0]
 
 
 def get_json(url: str, timeout: float = 5.0) -> Any:
