@@ -6322,14 +6322,14 @@ class QueuedEvents:
         recorder: Recorder,
         forecast: Callable[[], list[tuple[Job, float]]],
         waiting: Sized,
-        snapshot: Callable[[], QueueSnapshot] | None = None,
-        own: Callable[[asyncio.Task[Any]], asyncio.Task[Any]] | None = None,
+        play: Callable[[], asyncio.Task[list[tuple[Job, float]]]] | None = None,
     ) -> None:
         self.recorder = recorder
         self.forecast = forecast
         self.waiting = waiting
-        self.snapshot = snapshot
-        self.own = own or (lambda task: task)
+        #: Starts the forecast in a worker thread, from a snapshot of now, as a task its owner cancels on
+        #: close (None: always on the loop).
+        self.start_play = play
         #: Jobs queued in this turn of the loop (or while a play was under way), whose event is still to come.
         self.pending: dict[Job, None] = {}
         #: Jobs whose forecast plays in a worker thread now (``play``), their event still to come.
@@ -6383,10 +6383,10 @@ class QueuedEvents:
         try:
             if not self.pending or self.play is not None:  # (the play under way takes them up when done)
                 return
-            if self.snapshot is None or len(self.waiting) < FORECAST_OFF_LOOP:
+            if self.start_play is None or len(self.waiting) < FORECAST_OFF_LOOP:
                 self.announce()
                 return
-            play = self.own(asyncio.ensure_future(asyncio.to_thread(expected_waits, self.snapshot())))
+            play = self.start_play()
             play.add_done_callback(self._played)
             self.play = play
             self.playing.update(self.pending)
@@ -6496,8 +6496,7 @@ class GpuLock:
         eta: Callable[[Job | str | None], float | None],
         forecast: Callable[[], list[tuple[Job, float]]],
         on_grant: Callable[[Job], None],
-        snapshot: Callable[[], QueueSnapshot] | None = None,
-        own: Callable[[asyncio.Task[Any]], asyncio.Task[Any]] | None = None,
+        play: Callable[[], asyncio.Task[list[tuple[Job, float]]]] | None = None,
     ) -> None:
         self.shared = shared
         self.index = index
@@ -6507,7 +6506,7 @@ class GpuLock:
         self.eta = eta
         self.on_grant = on_grant
         self.waiting = WaitQueue()
-        self.queued = QueuedEvents(recorder, forecast, self.waiting, snapshot, own)
+        self.queued = QueuedEvents(recorder, forecast, self.waiting, play)
         #: The consumer holding the lock, its slots taken (jobs and holds), of those the holds, and the ones
         #: at work (past making room, holds too: a join's plan credits their work).
         self.holder: str | None = None
@@ -7665,8 +7664,7 @@ class Scheduler:
             eta=ClientEtas(self.eta, clock),
             forecast=lambda: self.forecast(),  # noqa: PLW0108 (whatever self.forecast is then)
             on_grant=self._on_grant,
-            snapshot=lambda: queue_snapshot(self.lock, self.rooms, self.config),
-            own=self.own,
+            play=self._play_off_loop,
         )
         #: A consumer's jobs and holds holding a GPU lock: this one's, or (the broker's) every GPU's, for a
         #: consumer a reload moved.
@@ -8016,6 +8014,11 @@ class Scheduler:
         (``expected_waits``, from a snapshot of now); it stops once ``until`` has its place, or after
         ``count`` jobs."""
         return expected_waits(queue_snapshot(self.lock, self.rooms, self.config), until, count)
+
+    def _play_off_loop(self) -> asyncio.Task[list[tuple[Job, float]]]:
+        """``forecast`` in a worker thread, from a snapshot of now, as work this scheduler owns."""
+        snap = queue_snapshot(self.lock, self.rooms, self.config)
+        return self.own(asyncio.ensure_future(asyncio.to_thread(expected_waits, snap)))
 
     def eta(self, job: Job | str | None) -> float | None:
         """The expected wait of a waiting ``job`` (None: of the first one to be granted; a client's name: of

@@ -4504,10 +4504,10 @@ async def test_the_forecast_plays_a_snapshot_of_who_waits_without_a_waiter_cance
     assert books_balance(s)
 
 
-async def test_a_snapshot_bug_while_the_queue_is_long_strands_no_queued_event(monkeypatch):
-    """The snapshot for a play off the loop raising (a bug): the turn's jobs are announced at once (eta_s
-    null) and counted, and the jobs queued after them are played as ever, not left to wait for a turn that
-    nothing would schedule any more."""
+async def test_a_bug_starting_a_play_off_the_loop_strands_no_queued_event(monkeypatch):
+    """Starting a play off the loop (its snapshot, its task) raising (a bug): the turn's jobs are announced
+    at once (eta_s null) and counted, and the jobs queued after them are played as ever, not left to wait
+    for a turn that nothing would schedule any more."""
     monkeypatch.setattr(m, "FORECAST_OFF_LOOP", 3)
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
@@ -4515,7 +4515,7 @@ async def test_a_snapshot_bug_while_the_queue_is_long_strands_no_queued_event(mo
     ops.states["x"].learned("job", 2.0)
     stream = s.events.subscribe()
     first = await s.acquire("t", "kt")
-    monkeypatch.setattr(s.lock.queued, "snapshot", _raising_once(s.lock.queued.snapshot))
+    monkeypatch.setattr(s.lock.queued, "start_play", _raising_once(s.lock.queued.start_play))
     batch = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(4)]
     await until(lambda: s.shared.internal_errors == 1)
     more = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(4)]
