@@ -1151,7 +1151,7 @@ class Bench:
             "bare_lock",
             "bare_stream",
         ]
-        names += ["nginx", "profiled"]
+        names += ["nginx", "profiled", "fresh"]
         self.ports = dict(zip(names, mgpusim.free_ports(len(names)), strict=True))
         state = self.workdir / "gpu.json"
         self.counter = self.workdir / "nvidia-smi.count"
@@ -1192,8 +1192,9 @@ class Bench:
         if check.returncode != 0:
             raise RuntimeError(f"mgpumanager --check refused the generated config:\n{out.decode()}")
 
-        # The broker as the daemon runs itself (uvloop when it is installed), and once with the other loop.
-        self.broker_log = await self.start_broker("broker", [PY, str(MANAGER)])
+        # The broker as the unit runs it (the launcher: the byte-compiled file run as a module; uvloop when it
+        # is installed), and once with the other loop.
+        self.broker_log = await self.start_broker("broker", [PY, "-c", self.launcher()])
         have_uv = have_module("uvloop")
         if have_uv:
             other = "asyncio" if self.loops["broker"] == "uvloop" else "uvloop"
@@ -1250,6 +1251,19 @@ class Bench:
             "--nvidia-smi",
             self.smi,
         ]
+
+    def launcher(self) -> str:
+        """The code of the launcher `make deploy` installs (the unit's and the command line's), for a copy of
+        the file byte-compiled as `make deploy` compiles it: ``python -c`` runs it."""
+        home = self.workdir / "opt"
+        if not (home / "mgpumanager.py").exists():
+            home.mkdir(exist_ok=True)
+            shutil.copy(MANAGER, home / "mgpumanager.py")
+            py_compile.compile(str(home / "mgpumanager.py"), doraise=True)
+        return (
+            f"import runpy, sys; sys.path.insert(0, {str(home)!r});"
+            " runpy.run_module('mgpumanager', run_name='__main__')"
+        )
 
     async def start_broker(self, name: str, argv: list[str], extra: Sequence[str] = ()) -> Path:
         port = self.ports[name]
@@ -1862,7 +1876,34 @@ class Bench:
 
     # ---- 5: memory ----------------------------------------------------------------------------------
 
+    async def fresh_rss_mib(self, argv: list[str]) -> float:
+        """VmRSS of a broker started anew with ``argv`` (as the other, on the same config), a second after
+        it answered /healthz; stopped again."""
+        port = self.ports["fresh"]
+        child = await self.children.spawn("fresh", self.broker_argv(argv, port))
+        try:
+            await self.wait_http(f"http://{LOOPBACK}:{port}/healthz", "fresh", child)
+            await asyncio.sleep(1.0)
+            return proc_status_kib(child.pid, "VmRSS") / KiB
+        finally:
+            await self.children.stop(child)
+
     async def m5_memory(self) -> None:
+        # How it is started: as the unit starts it (the launcher) against the file's path, each anew, twice.
+        starts: dict[str, list[float]] = {"launcher": [], "path": []}
+        for _ in range(2):
+            starts["launcher"].append(await self.fresh_rss_mib([PY, "-c", self.launcher()]))
+            starts["path"].append(await self.fresh_rss_mib([PY, str(MANAGER)]))
+        launched, by_path = med(starts["launcher"]), med(starts["path"])
+        self.rows.append(
+            Row(
+                "5 RSS just started, as the unit starts it",
+                f"{launched:.1f} MiB",
+                f"by the file's path {by_path:.1f} MiB",
+                "-",
+                None,
+            )
+        )
         pid = self.pids["broker"]
         await asyncio.sleep(1.0)
         idle = proc_status_kib(pid, "VmRSS")
@@ -1920,7 +1961,10 @@ class Bench:
             (
                 "RSS <= 80 MiB with 1,000 clients queued",
                 ok_q,
-                f"VmRSS {queued_rss:.1f} MiB with {peak_queued} jobs queued behind a lock-holding job (idle:"
+                "the broker as the unit runs it (the launcher: the byte-compiled file run as a module; by the"
+                f" file's path a broker just started holds {by_path - launched:.1f} MiB more: {by_path:.1f}"
+                f" against {launched:.1f} MiB, a second after it answered, medians of two starts each):"
+                f" VmRSS {queued_rss:.1f} MiB with {peak_queued} jobs queued behind a lock-holding job (idle:"
                 f" {idle / KiB:.1f} MiB; {served} of {clients} answered 200 once the lock was released; VmRSS"
                 f" {drained:.1f} MiB after they drained)",
             )
@@ -2781,18 +2825,11 @@ class Bench:
         """A verb (``ps`` against the running broker) started as `make deploy` installs it (the launcher: the
         byte-compiled file run as a module) and by the file's path, beside the issue's baseline, `python3
         -c 'import json, urllib.request'`; the same interpreter, each started anew, alternating."""
-        home = self.workdir / "cli"
-        home.mkdir(exist_ok=True)
-        shutil.copy(MANAGER, home / "mgpumanager.py")
-        py_compile.compile(str(home / "mgpumanager.py"), doraise=True)
+        home = self.workdir / "opt"
         url = ["--url", self.urls["broker"]]
-        launcher = (
-            f"import runpy, sys; sys.path.insert(0, {str(home)!r});"
-            " runpy.run_module('mgpumanager', run_name='__main__')"
-        )
         commands = {
             "baseline": [PY, "-c", "import json, urllib.request"],
-            "launcher": [PY, "-c", launcher, "ps", *url],
+            "launcher": [PY, "-c", self.launcher(), "ps", *url],
             "script": [PY, str(home / "mgpumanager.py"), "ps", *url],
         }
         times: dict[str, list[float]] = {name: [] for name in commands}

@@ -50,6 +50,7 @@ import json
 import logging
 import math
 import os
+import py_compile
 import re
 import resource
 import shlex
@@ -10992,12 +10993,57 @@ def test_the_unit_file_verifies_where_systemd_is_present():
     res = subprocess.run(
         [analyze, "verify", str(HERE / "mgpumanager.service")], capture_output=True, text=True
     )
+    deployed = ("/opt/", "/usr/local/bin/mgpumanager ")  # (what make deploy installs is not here)
     problems = [
-        line for line in res.stderr.splitlines() if "mgpumanager.service" in line and "/opt/" not in line
+        line
+        for line in res.stderr.splitlines()
+        if "mgpumanager.service" in line and not any(path in line for path in deployed)
     ]
     assert res.returncode == 0 or not problems, res.stderr
     directives = [line.split("=")[0] for line in (HERE / "mgpumanager.service").read_text().splitlines()]
     assert "PrivateDevices" not in directives and "DevicePolicy" not in directives  # /dev/nvidia* stays
+
+
+def test_the_unit_runs_the_byte_compiled_file_through_the_launcher(tmp_path):
+    # By its path, Python compiles the file anew at every start, and the broker stays some 24 MiB larger
+    # for its life: the unit runs the launcher make deploy installs, as the command line does.
+    unit = (HERE / "mgpumanager.service").read_text().splitlines()
+    assert "ExecStart=/usr/local/bin/mgpumanager --config /etc/mgpumanager/consumers.yaml" in unit
+    makefile = (HERE / "Makefile").read_text()
+    assert "install -m 0755 mgpumanager-cli /usr/local/bin/mgpumanager" in makefile
+    launcher = makefile.split("define CLI_LAUNCHER\n", 1)[1].split("endef\n", 1)[0].replace("$$", "$")
+    # make deploy's install, here: the file, then its byte code (as py_compile writes it under sudo).
+    opt = tmp_path / "opt"
+    opt.mkdir()
+    source = opt / "mgpumanager.py"
+    shutil.copy(HERE / "mgpumanager.py", source)
+    py_compile.compile(str(source), doraise=True, invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+    # The source, made unrunnable without changing what the byte code's check compares (size, mtime): only
+    # the byte code can start the broker now.
+    st = source.stat()
+    source.write_bytes(b"(" * st.st_size)
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+    script = tmp_path / "mgpumanager"
+    script.write_text(
+        launcher.replace("/opt/mgpumanager", str(opt)).replace("/usr/bin/python3", sys.executable)
+    )
+    script.chmod(0o755)
+    res = subprocess.run(
+        [str(script), "--check", "--config", str(HERE / "consumers.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("listen 0.0.0.0:8770\n")
+    by_path = subprocess.run(
+        [sys.executable, str(source), "--check", "--config", str(HERE / "consumers.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert by_path.returncode == 1 and "SyntaxError" in by_path.stderr  # (the source really is unrunnable)
 
 
 async def test_systemd_notify_ready_status_reload_watchdog_stopping_in_order(rig, tmp_path):
