@@ -3432,7 +3432,7 @@ def _int(row: Mapping[str, str | None], key: str) -> int | None:
         return None
     try:
         return round(float(value))
-    except ValueError:
+    except (ValueError, OverflowError):  # (not a number; nan; inf, or beyond a float: 1e999)
         raise GpuError(f"unexpected nvidia-smi value for {key}: {value!r}") from None
 
 
@@ -8553,16 +8553,18 @@ def consumer_origin(request: web.Request, consumer: ConsumerConfig) -> str | Non
     its Host, evil.example's).
     """
     origin, host = request.headers.get("Origin"), request.headers.get("Host")
-    if not origin or not host:
-        return None
-    try:
-        same = urlsplit(origin).netloc.lower() == host.lower()
-    except ValueError:  # "http://[": no origin the broker served
-        return None
-    if not same or not own_host(request, host):
+    if not origin or not host or not same_origin(origin, host) or not own_host(request, host):
         return None
     url = urlsplit(consumer.url)
     return f"{url.scheme}://{url.netloc.rpartition('@')[2]}"
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """Whether a page's Origin names the host and port its request asked for (its Host)."""
+    try:
+        return urlsplit(origin).netloc.lower() == host.lower()
+    except ValueError:  # "http://[": no origin the broker served
+        return False
 
 
 def own_host(request: web.Request, host: str) -> bool:
@@ -10657,8 +10659,14 @@ def client_of(request: web.Request) -> str | None:
 
 
 def require_admin(request: web.Request) -> None:
-    """Admin routes: with tokens, the admin's (a client's is forbidden); without, only clients on
-    loopback."""
+    """Admin routes: with tokens, the admin's (a client's is forbidden); without, only clients on loopback,
+    and of those no web page but the broker's own.
+
+    Loopback is not enough where a browser runs: any page it shows may send a request to 127.0.0.1 that
+    needs no preflight (a form's POST), and a name made to point at 127.0.0.1 makes a page's requests its
+    own (DNS rebinding). A browser names the page in Origin on every POST and DELETE, and the name it asked
+    in Host; a script sends no Origin. (With a token, a page cannot send it: the Authorization header needs
+    a preflight, which the broker never allows.)"""
     auth = request.app[BROKER].config.auth
     if auth.required:
         caller = request.get(CALLER, ANYONE)
@@ -10678,6 +10686,19 @@ def require_admin(request: web.Request) -> None:
         local = address.is_loopback or (mapped is not None and mapped.is_loopback)
     if not local:
         raise BrokerError("forbidden", "admin routes answer only loopback clients unless auth.token is set")
+    host, origin = request.headers.get("Host"), request.headers.get("Origin")
+    if host is not None and not own_host(request, host):
+        raise BrokerError(
+            "forbidden",
+            f"admin routes answer only requests for the broker's own names unless auth.token is set: {host!r}"
+            " is not one (a name made to point at this machine?)",
+        )
+    if origin is not None and (host is None or not same_origin(origin, host)):
+        raise BrokerError(
+            "forbidden",
+            f"admin routes refuse requests from web pages of other origins unless auth.token is set:"
+            f" {origin!r}",
+        )
 
 
 async def handle_admin_consumer(request: web.Request) -> web.Response:

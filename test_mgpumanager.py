@@ -1932,6 +1932,22 @@ def test_na_values_become_none():
     assert r.utilization_pct is None and r.temperature_c is None and r.free_mib == 16000
 
 
+@pytest.mark.parametrize("value", ["abc", "nan", "inf", "-inf", "1e999"])
+def test_a_figure_that_is_no_whole_number_is_a_gpu_error(value):
+    # (inf and 1e999 raised OverflowError: a broker bug, a job's scheduler_error, instead of gpu_unavailable.)
+    line = f"0, GPU-x, Some GPU, 16384, {value}, 8000, 0, 40\n"
+    with pytest.raises(m.GpuError, match=f"unexpected nvidia-smi value for memory.used: '{value}'"):
+        m.parse_gpu_reading(line, "", index=0, started=0, read_at=0)
+    with pytest.raises(m.GpuError, match=f"unexpected nvidia-smi value for used_memory: '{value}'"):
+        m.parse_gpu_reading(
+            "0, GPU-x, Some GPU, 16384, 100, 8000, 0, 40\n",
+            f"42, python, {value}, GPU-x\n",
+            index=0,
+            started=0,
+            read_at=0,
+        )
+
+
 @pytest.mark.parametrize(
     "name", ["q_memory_idle.txt", "smi_plain_two_procs.txt", "smi_dash_version.txt", "err_bad_field.txt"]
 )
@@ -11184,6 +11200,47 @@ async def test_admin_routes_answer_only_loopback_without_a_token(rig):
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with r2.session.post(r2.url("/v1/consumers/mvoice/unload"), headers=headers) as resp:
         assert resp.status == 200 and (await resp.json())["loaded"] is False
+
+
+async def test_admin_routes_without_a_token_refuse_pages_of_other_origins_and_names_not_the_brokers(rig):
+    """Loopback is not enough where a browser runs on the broker's machine: any page it shows could POST to
+    127.0.0.1 (a form's text/plain POST needs no preflight), and a page of a name made to point at
+    127.0.0.1 (DNS rebinding) sends its own Host and Origin. Both reserved the GPU for a week, unloading
+    every consumer, and reloaded the config."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    own = r.url("/").split("/")[2]  # 127.0.0.1:port
+    port = own.rpartition(":")[2]
+    cases = [
+        ({"Origin": "https://attacker.example", "Content-Type": "text/plain"}, "web pages of other origins"),
+        ({"Origin": "null"}, "web pages of other origins"),  # a sandboxed frame, a file
+        ({"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}, "own names"),
+        ({"Host": "evil.example"}, "own names"),
+    ]
+    routes = [
+        ("POST", "/v1/consumers/mvoice/unload"),
+        ("POST", "/v1/reload"),
+        ("POST", "/v1/reserve"),
+        ("DELETE", "/v1/reserve"),
+    ]
+    for headers, why in cases:
+        for method, path in routes:
+            body = b'{"for_s": 604800, "reason": "csrf"}'
+            async with r.session.request(method, r.url(path), headers=headers, data=body) as resp:
+                error = error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
+                assert why in error["message"], (method, path, error)
+    assert r.sims["mvoice"].unloads == 0 and r.broker.scheduler.reservation is None
+    # The broker's own page, a script (no Origin) and a name of the broker's own are let in.
+    async with r.session.post(
+        r.url("/v1/consumers/mvoice/unload"), headers={"Origin": f"http://{own}"}
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+    async with r.session.post(
+        r.url("/v1/consumers/mvoice/load"), headers={"Host": f"localhost:{port}"}
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert resp.status == 200, await resp.text()
+    assert r.sims["mvoice"].unloads == 1 and r.sims["mvoice"].loads == 1
 
 
 async def test_admin_unload_and_load_go_through_the_lock(rig):
