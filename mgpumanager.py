@@ -8058,6 +8058,11 @@ def client_use(s: Scheduler, name: str) -> dict[str, Any]:
 # ---- internal jobs: idle unloads and preloads -------------------------------------------------------
 
 
+#: Why a restore may fail and still wait for the next round: the GPU or its queue is not free now, or its
+#: reading failed (whether it fits is not known); or the broker goes (the state file keeps it).
+RESTORE_LATER = frozenset({"gpu_reserved", "queue_full", "shutting_down", "no_consumer", "gpu_unavailable"})
+
+
 class InternalJobs:
     """The broker's own jobs on its consumers, on every GPU: idle unloads (a resident consumer unused for its
     ``idle_unload_s``), preloads (a ``preload`` consumer loaded when it fits, never evicting), yields (an
@@ -8152,7 +8157,8 @@ class InternalJobs:
         """Load again, one at a time, what waits to be restored on GPU ``index``, while ``may()`` says so: the
         most recently used first, each a ``restore`` job of the lowest priority (a job that arrives goes
         first) that loads it only if it fits (never evicting). One whose restore failed is given up; one
-        refused at the queue's door (a reservation, a full queue) waits for the next round."""
+        refused at the queue's door (a reservation, a full queue), or whose GPU could not be read (whether
+        it fits is not known), waits for the next round."""
         pending = self.to_restore.setdefault(index, [])
         states = self.schedulers[index].states
 
@@ -8169,8 +8175,11 @@ class InternalJobs:
             try:
                 job = await self._run("restore", name, self._restore_if_fits)
             except BrokerError as e:
-                if e.code in ("gpu_reserved", "queue_full", "shutting_down", "no_consumer"):
-                    return  # (it stays, for later: the GPU or its queue is not free now; or the broker goes)
+                if e.code in RESTORE_LATER:
+                    # (It stays, for later: the GPU or its queue is not free now, or could not be read; or
+                    # the broker goes.)
+                    log.info(logfmt(msg="restore put off", consumer=name, code=e.code, error=e.message))
+                    return
                 log.warning(logfmt(msg="restore failed", consumer=name, code=e.code, error=e.message))
                 if name in pending:
                     pending.remove(name)
@@ -8282,8 +8291,9 @@ class InternalJobs:
             pending = self.to_restore.get(s.index, [])
             try:
                 loaded = await self._fits_then_load(job, "restore")
-            except Exception:
-                if name in pending:  # (failed: given up)
+            except Exception as e:
+                later = isinstance(e, BrokerError) and e.code in RESTORE_LATER  # (a reading that failed)
+                if name in pending and not later:  # (failed: given up)
                     pending.remove(name)
                 raise
             if loaded:
@@ -9390,17 +9400,15 @@ def parse_state(raw: Any, now: float) -> Remembered:
 
 
 def read_state_file(path: str) -> Any:
-    """The JSON in the state file (None: there is none): a regular file of at most MAX_STATE_BYTES; OSError
-    or ValueError otherwise. Temporary files a crash left beside it go. Run in a worker thread."""
+    """The JSON in the state file (FileNotFoundError: there is none): a regular file of at most
+    MAX_STATE_BYTES; OSError or ValueError otherwise. Temporary files a crash left beside it go. Run in a
+    worker thread."""
     directory = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
     with contextlib.suppress(OSError):
         for leftover in Path(directory).glob(f".{base}.*.tmp"):
             leftover.unlink()
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError("not a regular file")
@@ -9471,12 +9479,12 @@ class StateFile:
             raw = await asyncio.wait_for(asyncio.to_thread(read_state_file, path), STATE_IO_TIMEOUT_S)
         except asyncio.TimeoutError:
             why = f"not read within {STATE_IO_TIMEOUT_S:g} s"
+        except FileNotFoundError:
+            log.info(logfmt(msg="no state file yet: a fresh start", path=path))
+            return None
         except (OSError, ValueError) as e:
             why = (e.strerror or str(e)) if isinstance(e, OSError) else f"not valid: {e}"
         else:
-            if raw is None:
-                log.info(logfmt(msg="no state file yet: a fresh start", path=path))
-                return None
             try:
                 return parse_state(raw, time.time())
             except ValueError as e:
@@ -9858,6 +9866,7 @@ class Broker:
         changes += [f"added GPU {index}" for index in self.add_gpus()]
         for scheduler in self.schedulers.values():
             scheduler.forget()
+        self.yielding.wake.set()  # (its next round under the new config now: not after the old poll_s)
         return changes
 
     def clients(self) -> dict[str, dict[str, Any]]:

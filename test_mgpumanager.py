@@ -6956,6 +6956,21 @@ async def test_a_restore_refused_by_a_full_queue_waits_for_later_not_given_up(ri
     assert r.sims["mvoice"].loaded and internal.to_restore[0] == [] and r.stats.restores == 1
 
 
+async def test_a_restore_whose_reading_fails_waits_for_the_next_round_not_given_up(rig):
+    """Found by an attack on issue 22: a GPU reading that failed when a restore was due (gpu_unavailable:
+    whether it fits is not known) gave the consumer up for good, and the state file forgot it; it now waits
+    for the next round, and is loaded once the GPU can be read again."""
+    r = await rig()
+    internal = r.broker.internal
+    internal.to_restore[0] = ["mvoice"]
+    r.gpu.set_fault("fail")
+    await internal.restore_all(0, lambda: True)
+    assert internal.to_restore[0] == ["mvoice"] and not r.sims["mvoice"].loaded
+    r.gpu.set_fault(None)
+    await internal.restore_all(0, lambda: True)
+    assert r.sims["mvoice"].loaded and internal.to_restore[0] == [] and r.stats.restores == 1
+
+
 async def test_a_yield_cut_by_shutdown_after_its_unload_answered_still_waits_to_be_restored(rig, tmp_path):
     """Issue 22: the state file holds what waits to be restored. A yield whose unload answered (mvoice's
     model is gone) while its memory is still being waited for (vram_wait_s), cut there by the broker's
@@ -7007,6 +7022,20 @@ async def test_a_restore_cut_by_shutdown_mid_load_still_waits_to_be_restored(rig
     assert r.stats.restores == 0 and r.sims["mvoice"].loads == 0
     written = json.loads(path.read_text())
     assert written["gpus"].get("0", {}).get("to_restore") == ["mvoice"], written
+
+
+async def test_a_reload_of_gpu_yield_takes_effect_at_once_not_after_the_old_poll_s(rig):
+    """Found by an attack on issue 22: the yield's rounds slept the old poll_s (an hour here) or 5 s without
+    gpu.yield whatever a reload said meanwhile, so a game already present was seen only then. A reload
+    wakes them: the game is seen, and mvoice yields, at once."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(poll_s=3600))
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    r.gpu.allocate("game", 12000, graphics=True)  # 1104 free < keep_free_mib 2048: mvoice should yield
+    r.raw["gpu"]["yield"]["poll_s"] = 0.2
+    r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert resp.status == 200, await resp.read()
+    await until(lambda: r.stats.yields == 1 and not r.sims["mvoice"].loaded, timeout=30)
 
 
 async def test_a_reload_that_turns_gpu_yield_off_ends_the_stranger_and_restores_what_waits(rig):
@@ -7356,8 +7385,9 @@ async def test_a_reservation_survives_sigterm_and_a_fresh_start_and_its_end_then
             b'{"version": 1, "written_at_s": 1, "gpus": {"0": {"reservation": {"until_s": 1e300}}}}',
             "no number",
         ),
+        (b"null", "not a JSON object"),  # (was taken for no file at all: an info line, no warning)
     ],
-    ids=["corrupt", "a later version", "not text", "absurd"],
+    ids=["corrupt", "a later version", "not text", "absurd", "null"],
 )
 async def test_a_state_file_that_is_not_right_gives_a_warning_and_a_working_broker(
     rig, tmp_path, content, reason
