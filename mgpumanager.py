@@ -3388,6 +3388,9 @@ class GpuReading:
     #: pid -> consumer, for the consumers measured by their processes, as the broker attributed them when
     #: the reading was taken (off the event loop, with the parsing).
     owners: Mapping[int, str] = field(default_factory=dict)
+    #: MiB the GPU's used memory moved while its process list was read (a whole reading: the two lines
+    #: around the list differ by this, ``bracketed``): what the list claims may be off by up to this much.
+    moved_mib: int = 0
 
 
 _UNITS = (" MiB", " %", " W")
@@ -3702,10 +3705,15 @@ def bracketed(reading: GpuReading, used_mib: int | None, free_mib: int | None) -
     never one moment: a consumer freeing 13 GiB between them left 13 GiB used by no process listed (a
     stranger that was not there), one allocating between them the same. Of the two lines around the list,
     the one with less used has no memory the list cannot account for: what was freed is gone from it, what
-    was allocated is not in it yet (a stranger's allocation then shows in the next reading)."""
-    if used_mib is not None and (reading.used_mib is None or used_mib < reading.used_mib):
-        return replace(reading, used_mib=used_mib, free_mib=free_mib)
-    return reading
+    was allocated is not in it yet (a stranger's allocation then shows in the next reading). How far the
+    two lines differ is kept (``moved_mib``): the other line is what a stranger is not taken to be gone
+    against (``Strangers.seen``)."""
+    if used_mib is None or reading.used_mib is None:
+        return reading if used_mib is None else replace(reading, used_mib=used_mib, free_mib=free_mib)
+    moved = abs(used_mib - reading.used_mib)
+    if used_mib < reading.used_mib:
+        return replace(reading, used_mib=used_mib, free_mib=free_mib, moved_mib=moved)
+    return replace(reading, moved_mib=moved)
 
 
 class SmiSource:
@@ -6774,18 +6782,28 @@ class Strangers:
 
     def seen(self, reading: GpuReading) -> None:
         """A whole reading of this GPU (a reader's listener): its unclaimed memory, and a stranger appearing
-        or gone. A reading that started before the newest one seen is ignored."""
+        or gone. A reading that started before the newest one seen is ignored.
+
+        Memory that moved while the process list was read (``moved_mib``) leaves the unclaimed figure in
+        doubt by that much: the reading's own line (the lower, ``bracketed``) may miss what a consumer in
+        the list freed meanwhile (a yield's victim), the other line may hold what one allocated. A stranger
+        appears only by the lower figure and is gone only by the higher one: a doubt changes nothing. The
+        figure kept (shown, and in events) is the one that decided."""
         if reading.index not in (self.index, None) or reading.started < self._started:
             return
         self._started = reading.started
         owners = reading.owners
-        self.unclaimed_mib = (
-            None if reading.used_mib is None else unclaimed_mib(self.views(), reading.used_mib)
-        )
+        views = self.views()
+        low = high = None
+        if reading.used_mib is not None:
+            low = unclaimed_mib(views, reading.used_mib)
+            high = unclaimed_mib(views, reading.used_mib + reading.moved_mib) if reading.moved_mib else low
         self.free_mib = reading.free_mib
         self.processes = tuple(p for p in reading.processes if p.pid is None or p.pid not in owners)
         y = self.shared.config.gpu.yield_
-        present = y is not None and self.unclaimed_mib is not None and self.unclaimed_mib > y.ignore_mib
+        figure = high if self.present else low
+        present = y is not None and figure is not None and figure > y.ignore_mib
+        self.unclaimed_mib = figure
         now = self.clock()
         if present and not self.present:
             self.present, self.since, self.since_at, self.absent_since = True, now, time.time(), None

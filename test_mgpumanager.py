@@ -2042,11 +2042,13 @@ async def test_a_whole_reading_shows_no_memory_its_process_list_cannot_account_f
     assert [p.used_mib for p in freed.processes] == [610]  # the list, asked after the free
     assert freed.used_mib == 610  # the line after the list: nobody's 12,390 MiB is not there
     assert freed.free_mib == 16384 - 480 - 610
+    assert freed.moved_mib == 12390  # (what the list may be off by: Strangers.seen)
     # Allocating between them: the line before the list, which has not got it yet, counts.
     changing_after_the_first_question(13000)
     reader = gpu_reader(m.GpuConfig(nvidia_smi=(PY, str(smi)), reader="nvidia-smi"))
     grown = await reader.read()
     assert [p.used_mib for p in grown.processes] == [13000] and grown.used_mib == 610
+    assert grown.moved_mib == 12390
 
 
 async def test_concurrent_readers_share_one_query_and_memory_readings_do_not(tmp_path):
@@ -6607,6 +6609,42 @@ def test_a_stranger_is_present_while_unclaimed_memory_exceeds_ignore_mib_and_eac
     s, _, _, clock = make_scheduler(small_config())
     s.strangers.seen(_reading(s, held, {4242: 6144}, clock()))
     assert s.strangers.unclaimed_mib == 6144 and not s.strangers.present and s.strangers.describe() is None
+
+
+def test_a_stranger_is_not_taken_for_gone_by_a_reading_during_which_memory_moved():
+    """Found by an attack on issue 22: a yield's victim that freed its memory after the process list was
+    read and before the line after it (the reading's, the lower) left the list claiming the victim's 4000
+    MiB of a line without them: a 4400 MiB game was seen as 400, gone, and back a reading later (events,
+    restores started, jobs let in without keep_free_mib meanwhile). A stranger appears only by the lower
+    figure and is gone only by the higher one."""
+    s, _, _, clock = make_scheduler(_yield_config(ignore=512))
+    held = {"x": 4000, "y": 4000, "z": 0, "t": 0}
+    s.strangers.seen(_reading(s, held, {-1: 4400}, clock()))
+    assert s.strangers.present and s.strangers.unclaimed_mib == 4400
+    # x frees its 4000 between the list (which still shows them) and the line after it.
+    clock.now += 1
+    during = _reading(s, held, {-1: 4400}, clock())
+    during = dataclasses.replace(during, used_mib=during.used_mib - 4000, moved_mib=4000)
+    s.strangers.seen(during)
+    assert s.strangers.present and s.strangers.unclaimed_mib == 4400  # not 400
+    # The next reading, steady: x holds nothing; the game is still there.
+    clock.now += 1
+    s.strangers.seen(_reading(s, {**held, "x": 0}, {-1: 4400}, clock()))
+    assert s.strangers.present and s.strangers.unclaimed_mib == 4400
+    # The game goes while memory moves: gone only once the higher figure says so.
+    clock.now += 1
+    moving = dataclasses.replace(_reading(s, {**held, "x": 0}, {-1: 100}, clock()), moved_mib=4300)
+    s.strangers.seen(moving)
+    assert s.strangers.present  # 100 or 4400: in doubt, nothing changes
+    clock.now += 1
+    s.strangers.seen(_reading(s, {**held, "x": 0}, {-1: 100}, clock()))
+    assert not s.strangers.present and s.strangers.unclaimed_mib == 100
+    # And one that comes while memory moves appears only by the lower figure.
+    clock.now += 1
+    s.strangers.seen(dataclasses.replace(_reading(s, {**held, "x": 0}, {-1: 100}, clock()), moved_mib=6000))
+    assert not s.strangers.present and s.strangers.unclaimed_mib == 100
+    events = [(e["present"], e["unclaimed_mib"]) for e in recent_events(s.events) if e["event"] == "stranger"]
+    assert events == [(True, 4400), (False, 100)]
 
 
 def test_a_strangers_processes_are_named_the_largest_first_and_the_rest_counted():
