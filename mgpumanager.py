@@ -4934,6 +4934,10 @@ class Consumers:
                 # A consumer busy with a GPU job may answer its health route slowly: not a failure.
                 log.debug(logfmt(msg="health probe timed out while busy", consumer=name))
                 return
+        if self.states.get(name) is not state:  # a reload made it a new service meanwhile: not its finding
+            msg = "not recorded: a reload replaced or removed the service"
+            log.info(logfmt(msg=msg, consumer=name, probe=reason or "healthy"))
+            return
         if c.started_by_command and not isinstance(loaded, bool):
             # A service started by command holds its model while it runs: up is resident, down is not.
             loaded = ok
@@ -4948,13 +4952,24 @@ class Consumers:
 
     async def probe_now(self, name: str) -> None:
         """Probe once more right away (a job for a consumer marked unhealthy asks before refusing it);
-        jobs that ask at once share one probe. Bounded by health.timeout_s, like every probe."""
+        jobs that ask at once share one probe, which goes on if they leave (``close`` ends it). Bounded by
+        health.timeout_s, like every probe."""
         task = self._probing.get(name)
         if task is None:
-            task = asyncio.ensure_future(self.probe(name))
+            task = asyncio.ensure_future(self._probe_counted(name))
             self._probing[name] = task
             task.add_done_callback(lambda _: self._probing.pop(name, None))
         await asyncio.shield(task)
+
+    async def _probe_counted(self, name: str) -> None:
+        try:
+            await self.probe(name)
+        except Exception as e:  # a bug: counted once, whoever waits for it (or nobody does); its record stays
+            self.shared.internal_error("health probe crashed", e, consumer=name)
+
+    async def close(self) -> None:
+        """The broker's shutdown: the probes on demand under way end."""
+        await cancel_until_done(list(self._probing.values()), "shutting down: probes")
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self.probe(name) for name in self.config.consumers))
@@ -11597,6 +11612,7 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         await broker.ports.close()
         if health is not None:
             await cancel_until_done([health], "shutting down: health rounds")
+        await consumers.close()
         await cancel_until_done(list(broker.tasks), "shutting down: background work")
         for scheduler in broker.schedulers.values():
             await scheduler.close()

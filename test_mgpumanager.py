@@ -15170,6 +15170,69 @@ async def test_attack_an_old_url_job_that_fails_after_a_reload_does_not_mark_the
         assert (await r.post("llm", {"model": "m", "prompt": "p"}))[0] == 200
 
 
+async def test_a_probe_of_the_old_url_refused_after_a_reload_does_not_mark_the_new_service_down(rig):
+    """Found by a review: a health probe keeps the config it started with, but a refusal (the service gone)
+    was recorded by name, on whatever service the consumer is by then: one whose connect straddled a
+    reload that gave the consumer a new URL marked the new, healthy service down and ended its holds. The
+    old service's connect is made to wait for real: its listener's queue is full, so the kernel drops the
+    probe's SYN; once the listener closes, the SYN sent again is refused."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    new_url = r.raw["consumers"]["mvoice"]["url"]
+    old = socket.socket()
+    old.bind(("127.0.0.1", 0))
+    old.listen(0)
+    filler = socket.create_connection(old.getsockname())  # (a queue of 0 holds one: full)
+    try:
+        await _reload_mvoice_to(r, f"http://127.0.0.1:{old.getsockname()[1]}")
+        probing = asyncio.ensure_future(r.broker.consumers.probe("mvoice"))
+        await asyncio.sleep(0.2)
+        assert not probing.done()  # (its connect waits)
+        await _reload_mvoice_to(r, new_url)
+        await r.broker.consumers.probe("mvoice")
+        assert r.broker.consumers.states["mvoice"].healthy is True
+        old.close()
+        await asyncio.wait_for(probing, 10)  # refused, about a second after its first SYN
+    finally:
+        old.close()
+        filler.close()
+    assert r.broker.consumers.states["mvoice"].healthy is True
+    assert (await r.post("tts", {"text": "hi"}))[0] == 200
+
+
+async def test_a_probe_on_demand_whose_callers_left_ends_with_the_broker_and_a_crash_is_counted(rig):
+    """Found by a review: a probe on demand goes on when the jobs waiting for it leave, and nothing owned it:
+    the broker's shutdown left it running (and its exception, a bug, was nobody's)."""
+    gate = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.json_response({})
+
+    async with StandIn([("GET", "/health", slow)]) as hung:
+        r = await rig(tweak=lambda raw: raw["health"].update(timeout_s=60))
+        consumers = r.broker.consumers
+        real = consumers.probe
+
+        async def crashing(name: str) -> None:
+            raise RuntimeError("a bug")
+
+        consumers.probe = crashing  # type: ignore[method-assign]
+        await consumers.probe_now("mvoice")  # (counted; the job asking goes on as if it had failed)
+        assert r.broker.shared.internal_errors == 1
+        r.expected_internal_errors = 1
+        consumers.probe = real  # type: ignore[method-assign]
+        await _reload_mvoice_to(r, hung.url)
+        asking = asyncio.ensure_future(consumers.probe_now("mvoice"))
+        await until(lambda: "mvoice" in consumers._probing)
+        probe = consumers._probing["mvoice"]
+        asking.cancel()
+        await asyncio.sleep(0.05)
+        assert not probe.done()  # the caller left: the probe goes on
+        await r.server.close()  # the broker's shutdown
+        assert probe.cancelled()
+        gate.set()
+
+
 async def test_a_queued_job_whose_kind_the_new_url_no_longer_serves_is_answered_no_consumer(rig):
     """Beside test_attack_a_job_queued_before_a_reload_that_gives_its_consumer_a_new_url_goes_to_the_new_url:
     a reload that gives mvoice a new URL and takes its stt path away answers a queued stt job no_consumer
