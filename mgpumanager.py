@@ -3236,6 +3236,14 @@ METRIC_HELP = {
         "counter",
         "Writes of the state file (state_file) that failed or did not finish in time (each logged).",
     ),
+    "mgpumanager_event_subscribers_dropped_total": (
+        "counter",
+        "Event streams (/v1/events) ended because their reader fell too far behind (each logged).",
+    ),
+    "mgpumanager_sd_notify_failures_total": (
+        "counter",
+        "Messages to systemd (readiness, status, watchdog) that could not be sent (each logged).",
+    ),
     "mgpumanager_hold_abandoned_total": (
         "counter",
         "Holds ended because their consumer was seen down (its work died with it), by consumer.",
@@ -11365,6 +11373,8 @@ async def handle_metrics(request: web.Request) -> web.Response:
         ("mgpumanager_client_connections", (), len(broker.connections.open)),
         ("mgpumanager_client_connections_limit", (), broker.connections.allowed),
         ("mgpumanager_state_write_failures_total", (), broker.state.failures),
+        ("mgpumanager_event_subscribers_dropped_total", (), broker.events.dropped),
+        ("mgpumanager_sd_notify_failures_total", (), broker.notifier.errors),
     ]
     for index, s in sorted(broker.schedulers.items()):
         snap = queue_snapshot(s.lock, s.rooms, s.config)

@@ -10268,6 +10268,17 @@ async def test_event_stream_heartbeats_and_drops_a_reader_that_falls_behind(rig,
         assert events.dropped == 1 and not events.subscribers
         body = await asyncio.wait_for(stream.read(), 5)  # its stream ends instead of slowing anyone
         assert b"event: test" not in body  # what it missed is gone: it reconnects and reads /v1/status
+    # Counted where people look (it was kept and shown nowhere).
+    async with r.session.get(r.url("/metrics")) as resp:
+        assert "\nmgpumanager_event_subscribers_dropped_total 1\n" in await resp.text()
+
+
+async def test_a_message_systemd_did_not_get_is_counted_in_the_metrics(rig):
+    r = await rig()
+    r.broker.notifier = m.Notifier({"NOTIFY_SOCKET": "/nonexistent/socket"})
+    assert r.broker.notifier.send("STATUS=x") is False
+    async with r.session.get(r.url("/metrics")) as resp:
+        assert "\nmgpumanager_sd_notify_failures_total 1\n" in await resp.text()
 
 
 async def test_head_of_the_event_stream_is_its_head_alone_and_its_connection_goes_on(rig):
