@@ -4770,7 +4770,7 @@ class Consumers:
                 status = resp.status
         except asyncio.TimeoutError:
             raise CallError(f"{where} did not answer within {timeout_s:g} s") from None
-        except (aiohttp.ClientError, ValueError) as e:
+        except (aiohttp.ClientError, OSError, ValueError) as e:
             raise CallError(f"{where} failed: {describe(e)}") from e
         if not 200 <= status < 300:
             raise CallError(f"{where} answered {status}: {body[:200].decode(errors='replace').strip()}")
@@ -4872,7 +4872,7 @@ class Consumers:
                     raise CallError(f"{what} answered {resp.status}: {text}")
         except asyncio.TimeoutError:
             raise CallError(f"{what} did not answer within {route.timeout_s:g} s") from None
-        except (aiohttp.ClientError, ValueError) as e:
+        except (aiohttp.ClientError, OSError, ValueError) as e:
             raise CallError(f"{what} failed: {describe(e)}") from e
 
     def job_failed(
@@ -7113,13 +7113,15 @@ class RoomMaker:
         self._unload_started[victim] = self.clock()
         try:
             await self.ops.unload(victim)
-        except Exception as e:
+        except BrokerError as e:  # (the consumer's failure: its answer, its command, no answer in time)
             state.unload_failed()
             self._unload_started.pop(victim, None)
             self.recorder.record("unload_failed", consumer=victim, **why, job=job.id, error=str(e))
             raise BrokerError("unload_failed", f"{victim} {e}", victim) from e
         except BaseException:
-            state.unload_failed()  # cut (the broker is closing): it may or may not have freed anything
+            # Cut (the broker is closing), or a bug (its job ends as scheduler_error, counted once): it may
+            # or may not have freed anything.
+            state.unload_failed()
             self._unload_started.pop(victim, None)
             raise
         if by is not None and by != "yield":
@@ -7223,11 +7225,11 @@ class RoomMaker:
         started = self.clock()
         try:
             await self.ops.load(name)
-        except Exception as e:
+        except BrokerError as e:  # (the consumer's failure)
             state.load_failed()
             self.recorder.record("load_failed", consumer=name, job=job.id, error=str(e))
             raise BrokerError("load_failed", f"{name} {e}", name) from e
-        except BaseException:
+        except BaseException:  # cut, or a bug (its job ends as scheduler_error, counted once)
             state.load_failed()
             raise
         state.loaded()

@@ -277,6 +277,8 @@ class FakeOps:
             await self.gate.wait()
         if how == "fail":
             raise m.CallError("unload answered 500: boom")
+        if how == "bug":
+            raise TypeError("a bug in the broker's own call")
         if how == "hang":  # the unload takes effect, but its answer never comes
             self.gpu.held.pop(name, None)
             await asyncio.Event().wait()
@@ -5480,6 +5482,22 @@ async def test_failing_unload_moves_on_to_the_next_candidate():
     assert (s.stats.unload_failures, s.stats.evictions) == (1, 1)
     assert ops.states["x"].resident is None  # unknown after a failed unload
     job.release("completed")
+
+
+async def test_a_bug_in_an_unload_is_a_counted_scheduler_error_not_the_consumers_unload_failed():
+    """Found by a review: a bug in the broker's own unload or load call was taken for the consumer's
+    failure (unload_failed, its message the exception's), with no traceback and no count. It is one bug
+    now, counted once: the job ends as scheduler_error; the victim's residency is unknown, as after any
+    unload that may or may not have freed anything."""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    ops.unload_behaviour["x"] = "bug"
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")
+    assert info.value.code == "scheduler_error" and "a bug in the broker's own call" in info.value.message
+    assert s.shared.internal_errors == 1 and s.stats.unload_failures == 0
+    assert ops.calls == [("unload", "x")] and ops.states["x"].resident is None
+    assert s.holder is None and books_balance(s)
 
 
 async def test_nothing_evictable_is_insufficient_vram_naming_processes_and_reasons():
