@@ -12362,6 +12362,11 @@ async def serve(config: Config, source: ConfigSource) -> int:
             logfmt(msg="listening", listen=f"{config.listen_host}:{config.listen_port}", version=VERSION)
         )
         await stop.wait()
+        # A reload now would apply a config to what shutdown is closing: a SIGHUP is only logged (without
+        # a handler it would end the process at once, cutting the drain).
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: log.info(logfmt(msg="reload ignored: the broker is stopping"))
+        )
         notifier.send("STOPPING=1")
         log.info(logfmt(msg="stopping", timeout_s=config.scheduler.shutdown_timeout_s))
     finally:

@@ -11248,6 +11248,9 @@ async def test_sigterm_drains_the_queue_lets_the_running_job_finish_and_exits_0(
             daemon.terminate()
             resp = await asyncio.wait_for(queued, 10)
             error_of(resp.status, dict(resp.headers), await resp.read(), "shutting_down")
+            # A SIGHUP while it drains reloads nothing (it reloaded what shutdown was closing).
+            daemon.proc.send_signal(signal.SIGHUP)
+            await until(lambda: "reload ignored" in daemon.log_path.read_text())
             with pytest.raises(aiohttp.ClientConnectionError):  # it no longer accepts connections
                 async with aiohttp.ClientSession() as fresh:
                     await fresh.get(daemon.url("/healthz"))
@@ -11258,6 +11261,9 @@ async def test_sigterm_drains_the_queue_lets_the_running_job_finish_and_exits_0(
         assert daemon.proc.returncode == 0
         assert "msg=stopping" in daemon.log and "msg=stopped" in daemon.log
         assert "code=shutting_down" in daemon.log
+        assert (
+            "msg=reload " not in daemon.log and 'msg="reload ignored: the broker is stopping"' in daemon.log
+        )
 
 
 async def test_shutdown_waits_for_a_hold_but_not_longer_than_shutdown_timeout_s(rig):
