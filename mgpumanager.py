@@ -4980,7 +4980,12 @@ class Consumers:
         await cancel_until_done(list(self._probing.values()), "shutting down: probes")
 
     async def probe_all(self) -> None:
-        await asyncio.gather(*(self.probe(name) for name in self.config.consumers))
+        """A probe of every consumer, each to its end whatever another's does; a bug in one is counted."""
+        names = list(self.config.consumers)
+        done = await asyncio.gather(*(self.probe(name) for name in names), return_exceptions=True)
+        for name, result in zip(names, done, strict=True):
+            if isinstance(result, Exception):
+                self.shared.internal_error("health probe crashed", result, consumer=name)
 
     async def run_health(self) -> None:
         """After the first round, probe every consumer every ``health.interval_s``; owned by the app.
@@ -8438,10 +8443,13 @@ class Yielding:
         by the broker."""
         while True:
             self.wake.clear()
-            try:
-                await asyncio.gather(*(self.round(index) for index in sorted(self.schedulers)))
-            except Exception as e:
-                self.shared.internal_error("yield round crashed", error=describe(e))
+            # Each GPU's round to its end, whatever another's does (a round that raised left the others
+            # running unowned, and a second bug went uncounted): each bug counted.
+            indexes = sorted(self.schedulers)
+            done = await asyncio.gather(*(self.round(index) for index in indexes), return_exceptions=True)
+            for index, result in zip(indexes, done, strict=True):
+                if isinstance(result, Exception):
+                    self.shared.internal_error("yield round crashed", result, gpu=index)
             y = self.config.gpu.yield_
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), y.poll_s if y is not None else IDLE_CHECK_S)

@@ -15268,6 +15268,53 @@ async def test_a_probe_on_demand_whose_callers_left_ends_with_the_broker_and_a_c
         gate.set()
 
 
+async def test_a_bug_in_one_probe_of_a_round_leaves_the_others_to_end_and_is_counted(rig):
+    """Found by a review: a health round gathered its probes and stopped at the first that raised, leaving
+    the others running unowned (and a second bug uncounted). Each probe ends now, each bug counted."""
+    r = await rig()
+    consumers = r.broker.consumers
+    real, ended = consumers.probe, []
+
+    async def probe(name: str) -> None:
+        if name in ("mvoice", "whisper"):
+            raise RuntimeError(f"a bug probing {name}")
+        await real(name)
+        ended.append(name)
+
+    consumers.probe = probe  # type: ignore[method-assign]
+    await consumers.probe_all()
+    assert sorted(ended) == sorted(set(r.raw["consumers"]) - {"mvoice", "whisper"})
+    assert r.broker.shared.internal_errors == 2
+    r.expected_internal_errors = 2
+
+
+async def test_a_bug_in_one_gpus_yield_round_leaves_the_other_gpus_round_to_end_and_is_counted(rig):
+    """As for the health probes: the yield's rounds of several GPUs, gathered, stopped at the first that
+    raised and left the others running unowned."""
+
+    def two_gpus(raw: dict[str, Any]) -> None:
+        _yielding(poll_s=3600)(raw)
+        raw["consumers"]["comfyui"]["gpu"] = 1
+
+    r = await rig(gpus=2, sims={"comfyui": {"gpu": 1}}, tweak=two_gpus)
+    yielding = r.broker.yielding
+    real, ended = yielding.round, []
+
+    async def round_(index: int) -> None:
+        if index == 0:
+            raise RuntimeError("a bug in GPU 0's round")
+        await asyncio.sleep(0.05)  # (still going when GPU 0's raised)
+        await real(index)
+        ended.append(index)
+        raise RuntimeError("a bug at the end of GPU 1's round")
+
+    yielding.round = round_  # type: ignore[method-assign]
+    yielding.wake.set()
+    await until(lambda: ended == [1])
+    await until(lambda: r.broker.shared.internal_errors == 2)  # (the second was nobody's)
+    r.expected_internal_errors = 2
+
+
 async def test_a_queued_job_whose_kind_the_new_url_no_longer_serves_is_answered_no_consumer(rig):
     """Beside test_attack_a_job_queued_before_a_reload_that_gives_its_consumer_a_new_url_goes_to_the_new_url:
     a reload that gives mvoice a new URL and takes its stt path away answers a queued stt job no_consumer
