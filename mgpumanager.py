@@ -5713,13 +5713,16 @@ def plan_yield(
     used_mib: int | None,
     keep_free_mib: int,
     tried: Collection[str] = (),
+    awaited: Collection[str] = (),
 ) -> tuple[str, ...]:
     """Whom to unload for a stranger, in order, until ``keep_free_mib`` is expected free (nobody when it
     is free already). No I/O: the same figures always give the same answer.
 
     The victims are the idle consumers: an unload route or command, resident or of unknown residency, no
     job or hold of theirs holding the lock, memory charged to them, not ``tried`` while this stranger
-    stays; least recently used first, ``vram_managed`` last (``_least_recently_used``, as eviction)."""
+    stays; least recently used first, ``vram_managed`` last (``_least_recently_used``, as eviction); and
+    the ``awaited`` ones (a job waits for them: unloaded, each would be loaded again for it, evicting
+    another) after all the others."""
     if free_mib >= keep_free_mib:
         return ()
     charged = _charged(consumers, used_mib)
@@ -5734,7 +5737,8 @@ def plan_yield(
         )
 
     victims, expected = [], free_mib
-    for name in _least_recently_used(consumers, idle):
+    order = _least_recently_used(consumers, idle)
+    for name in [n for n in order if n not in awaited] + [n for n in order if n in awaited]:
         victims.append(name)
         expected += charged[name]
         if expected >= keep_free_mib:
@@ -6590,6 +6594,10 @@ class GpuLock:
     def working_of(self, name: str) -> int:
         """Jobs and holds of ``name`` at work under this lock (past making room)."""
         return self.working if name == self.holder else 0
+
+    def awaited(self) -> frozenset[str]:
+        """The consumers a waiting job is for (the broker's own exclusive jobs, and reservations, aside)."""
+        return frozenset(job.consumer for job in self.waiting if not job.exclusive)
 
     def warm(self, job: Job) -> bool:
         """Whether a job needs no swap now (``needs_no_swap``, with the holder and the consumer's config as
@@ -8304,7 +8312,9 @@ class InternalJobs:
             else:
                 # (This yield holds the lock alone, in the consumer's name: its slot is no job of it.)
                 views = {n: replace(v, jobs=0) if n == name else v for n, v in rooms.views().items()}
-                victims = plan_yield(views, reading.free_mib, reading.used_mib, y.keep_free_mib, tried)
+                victims = plan_yield(
+                    views, reading.free_mib, reading.used_mib, y.keep_free_mib, tried, s.lock.awaited()
+                )
                 if not victims:
                     why = f"{reading.free_mib} MiB free"
                 elif victims[0] != name:
@@ -8495,8 +8505,11 @@ class Yielding:
         if reading.free_mib is None or not self._done(self._yielding.get(index)):
             return
         tried = self._failed.setdefault(index, set())
-        views = self.schedulers[index].rooms.views()
-        victims = plan_yield(views, reading.free_mib, reading.used_mib, y.keep_free_mib, tried)
+        s = self.schedulers[index]
+        awaited = s.lock.awaited()
+        victims = plan_yield(
+            s.rooms.views(), reading.free_mib, reading.used_mib, y.keep_free_mib, tried, awaited
+        )
         if victims:
             self._yielding[index] = self.spawn(self._yield_one(index, victims[0]), f"yield {victims[0]}")
 

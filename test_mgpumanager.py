@@ -6521,6 +6521,32 @@ def test_plan_yield_unloads_idle_consumers_least_recently_used_first(views, free
     assert m.plan_yield(figures, free, held + 3000, keep, tried) == victims
 
 
+def test_plan_yield_takes_a_consumer_a_job_waits_for_after_every_other():
+    """Found by an attack on issue 22: a consumer a job waits for was yielded like any idle one, and then
+    loaded again for that job, evicting another: three operations where one would do."""
+    cfg = small_config()
+    figures = _measured(cfg, x={"last_used": 3.0}, y={"last_used": 1.0}, z={"last_used": 2.0})
+    assert m.plan_yield(figures, 0, 12000, 2048) == ("y",)
+    assert m.plan_yield(figures, 0, 12000, 2048, awaited={"y"}) == ("z",)
+    assert m.plan_yield(figures, 0, 12000, 6000, awaited={"y", "z"}) == ("x", "y")  # still, when needed
+
+
+async def test_the_consumers_waiting_jobs_are_for_are_the_lock_s_awaited_ones():
+    """What the yield takes last (plan_yield's ``awaited``): the consumers of waiting jobs, but the broker's
+    own exclusive ones (a yield or restore waiting in a consumer's name is not a job for it)."""
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    first = await s.acquire("t", "kt")
+    x = await _queued(s, "x")
+    own = asyncio.ensure_future(s.unload_now("y"))  # exclusive: an admin's, like the broker's own
+    await until(lambda: len(s.lock.waiting) == 2)
+    assert s.lock.awaited() == {"x"}
+    first.release("completed")
+    (await x).release("completed")
+    await own
+
+
 def test_plan_yield_takes_vram_managed_ones_last_and_never_one_without_an_unload():
     cfg = _without_unload(_managed(small_config(), "y"), "x")
     figures = _measured(cfg, x={"last_used": 1.0}, y={"last_used": 2.0}, z={"last_used": 3.0})
