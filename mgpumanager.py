@@ -5566,18 +5566,6 @@ class ConsumerView:
         """What unloading it is expected to free: what it was measured holding, else its size."""
         return self.used_mib if self.used_mib is not None else self.size_mib
 
-    @property
-    def counted_mib(self) -> int:
-        """What its processes hold now that counts as part of its size: all of it where the size is known to
-        be theirs in all (it is resident, or it was measured holding its declared size once), else nothing.
-        A size declared and never seen may leave out what they hold without a model (ComfyUI's CUDA context,
-        610 MiB): credited, it would be loaded on top of a free figure short by that much."""
-        if self.used_mib is None:
-            return 0
-        if self.resident is True or (self.peak_mib or 0) >= self.config.vram_resident_mib:
-            return self.used_mib
-        return 0
-
 
 @dataclass(frozen=True)
 class RoomSnapshot:
@@ -5636,17 +5624,16 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
 
     The rules (docs/how-it-works.md, "How eviction decides"): the target needs its size
     (``vram_resident_mib``, or the most it was measured holding if more) plus the cushion, less what its
-    processes hold already where that is known to be part of its size (``counted_mib``). Victims are the other
-    consumers of the GPU that are resident or of unknown residency, have an unload, may not coexist with the
-    target, run no job and were not tried for this job yet: least recently used first (never used first, ties
-    in config order); ``vram_managed`` ones (Ollama) only after every other, as the last resort; and after
-    them the target itself when nothing measures it and its residency is unknown or in doubt (recorded
-    resident, not trusted: the scheduler asked it and it could not tell): it may be what fills the GPU. Memory
-    that no consumer's record or measurement accounts for is nobody's: a target in doubt is planned at its
-    full size, never credited with it (a needless eviction is possible, an overfill is not). Only a target
-    that another job of it is at work on already (past making room for its whole size: a consumer that loads
-    itself may have loaded its model for that one) is credited with it (see _credit), and never when the
-    broker loads the target itself.
+    processes hold already. Victims are the other consumers of the GPU that are resident or of unknown
+    residency, have an unload, may not coexist with the target, run no job and were not tried for this job
+    yet: least recently used first (never used first, ties in config order); ``vram_managed`` ones (Ollama)
+    only after every other, as the last resort; and after them the target itself when nothing measures it
+    and its residency is unknown or in doubt (recorded resident, not trusted: the scheduler asked it and it
+    could not tell): it may be what fills the GPU. Memory that no consumer's record or measurement accounts
+    for is nobody's: a target in doubt is planned at its full size, never credited with it (a needless
+    eviction is possible, an overfill is not). Only a target that another job of it is at work on already
+    (past making room for its whole size: a consumer that loads itself may have loaded its model for that
+    one) is credited with it (see _credit), and never when the broker loads the target itself.
 
     While a stranger is present (``keep_free_mib``), a target that must load anything needs that much
     free besides, and consumers that may coexist with it are victims like the others.
@@ -5654,7 +5641,7 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
     target = snap.consumers[snap.target]
     cushion = snap.cushion_mib
     if target.used_mib is not None:
-        load = max(0, target.size_mib - target.counted_mib)
+        load = max(0, target.size_mib - target.used_mib)
         need = load + cushion
     elif target.resident is True and target.trusted:
         load = need = 0
