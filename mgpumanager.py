@@ -4854,7 +4854,7 @@ class Consumers:
                         self.states[c.name].came_up()
                         return
                     reason = f"health answered {resp.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
                 reason = describe(e)
             await asyncio.sleep(max(0.0, min(HEALTH_WAIT_POLL_S - (self.clock() - started), left)))
 
@@ -4931,7 +4931,7 @@ class Consumers:
             left = started + self.config.health.timeout_s - self.clock()
             if ok and (reported := await self.read_residency(c, left)) is not None:
                 loaded = reported  # its residency query outranks its health's "loaded"
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
             ok, reason, code, error = False, describe(e), failure_code(e), e
             if out_of_descriptors(e):
                 # The broker's own shortage (counted and logged where the connection failed): it tells
@@ -6583,8 +6583,9 @@ class GpuLock:
         return self.working if name == self.holder else 0
 
     def awaited(self) -> frozenset[str]:
-        """The consumers a waiting job is for (the broker's own exclusive jobs, and reservations, aside)."""
-        return frozenset(job.consumer for job in self.waiting if not job.exclusive)
+        """The consumers a waiting job wants loaded: every job's but those that only unload (an admin's,
+        an idle unload, a reservation, a yield)."""
+        return frozenset(j.consumer for j in self.waiting if j.kind not in UNLOAD_KINDS and j.kind != "yield")
 
     def warm(self, job: Job) -> bool:
         """Whether a job needs no swap now (``needs_no_swap``, with the holder and the consumer's config as
@@ -8642,8 +8643,9 @@ def same_origin(origin: str, host: str) -> bool:
 
 
 def own_host(request: web.Request, host: str) -> bool:
-    """Whether a request's Host names the broker itself: a loopback address or localhost, the address the
-    client connected to, a listen address, the machine's host name or FQDN, or one of ``http.hosts``."""
+    """Whether a request's Host names the broker itself: a loopback address, localhost or 0.0.0.0/[::]
+    (which connect to loopback), the address the client connected to, a listen address, the machine's host
+    name or FQDN, or one of ``http.hosts``."""
     try:
         name = host_key(urlsplit("//" + host).hostname or "")
     except ValueError:
@@ -8656,7 +8658,7 @@ def own_host(request: web.Request, host: str) -> bool:
         if is_localhost(name):
             return True
     else:
-        if address.is_loopback:
+        if address.is_loopback or address.is_unspecified:  # (0.0.0.0 and [::] connect to loopback)
             return True
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
         if isinstance(sockname, tuple) and host_key(str(sockname[0]).partition("%")[0]) == name:

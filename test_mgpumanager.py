@@ -5488,6 +5488,24 @@ async def test_a_bug_in_an_unload_is_a_counted_scheduler_error_not_the_consumers
     assert s.holder is None and books_balance(s)
 
 
+async def test_a_bug_in_a_load_is_a_counted_scheduler_error_not_the_consumers_load_failed():
+    """The load's side of the test above."""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {})
+
+    async def load(name: str) -> None:
+        raise TypeError("a bug in the broker's own load call")
+
+    ops.load = load  # type: ignore[method-assign]
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")
+    assert (
+        info.value.code == "scheduler_error" and "a bug in the broker's own load call" in info.value.message
+    )
+    assert s.shared.internal_errors == 1 and s.stats.load_failures == 0
+    assert ops.states["t"].resident is None and s.holder is None and books_balance(s)
+
+
 async def test_nothing_evictable_is_insufficient_vram_naming_processes_and_reasons():
     cfg = small_config(consumers__x__vram_managed=True, consumers__t__can_coexist_with=["y"])
     cfg.consumers["x"] = m.replace(cfg.consumers["x"], unload=None)  # Ollama without its unload
@@ -6518,20 +6536,22 @@ def test_plan_yield_takes_a_consumer_a_job_waits_for_after_every_other():
     assert m.plan_yield(figures, 0, 12000, 6000, awaited={"y", "z"}) == ("x", "y")  # still, when needed
 
 
-async def test_the_consumers_waiting_jobs_are_for_are_the_lock_s_awaited_ones():
-    """What the yield takes last (plan_yield's ``awaited``): the consumers of waiting jobs, but the broker's
-    own exclusive ones (a yield or restore waiting in a consumer's name is not a job for it)."""
+async def test_the_consumers_waiting_jobs_want_loaded_are_the_lock_s_awaited_ones():
+    """What the yield takes last (plan_yield's ``awaited``): the consumers of waiting jobs, an admin's load
+    among them, but not of those that only unload (an admin's unload, a yield's, an idle unload's)."""
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
         ops.states[name].loaded()
     first = await s.acquire("t", "kt")
     x = await _queued(s, "x")
-    own = asyncio.ensure_future(s.unload_now("y"))  # exclusive: an admin's, like the broker's own
-    await until(lambda: len(s.lock.waiting) == 2)
-    assert s.lock.awaited() == {"x"}
+    unloading = asyncio.ensure_future(s.unload_now("y"))
+    loading = asyncio.ensure_future(s.load_now("z"))
+    await until(lambda: len(s.lock.waiting) == 3)
+    assert s.lock.awaited() == {"x", "z"}
     first.release("completed")
     (await x).release("completed")
-    await own
+    await unloading
+    await loading
 
 
 def test_plan_yield_takes_vram_managed_ones_last_and_never_one_without_an_unload():
@@ -11380,7 +11400,11 @@ async def test_admin_routes_without_a_token_refuse_pages_of_other_origins_and_na
                 error = error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
                 assert why in error["message"], (method, path, error)
     assert r.sims["mvoice"].unloads == 0 and r.broker.scheduler.reservation is None
-    # The broker's own page, a script (no Origin) and a name of the broker's own are let in.
+    # The broker's own page, a script (no Origin) and a name of the broker's own are let in (0.0.0.0 and
+    # [::] among them: they connect to loopback).
+    for host in (f"0.0.0.0:{port}", f"[::]:{port}", f"127.0.0.1.:{port}", f"[::1]:{port}"):
+        async with r.session.post(r.url("/v1/reload"), headers={"Host": host}) as resp:
+            assert resp.status == 200, (host, await resp.text())
     async with r.session.post(
         r.url("/v1/consumers/mvoice/unload"), headers={"Origin": f"http://{own}"}
     ) as resp:
