@@ -6201,6 +6201,13 @@ class WaitQueue:
         """The clients of the waiting jobs."""
         return set(self._clients)
 
+    def awaited(self) -> frozenset[str]:
+        """The consumers a waiting job wants loaded: every job's but those that only unload (an admin's,
+        an idle unload, a reservation, a yield)."""
+        return frozenset(
+            j.consumer for j in self._members if j.kind not in UNLOAD_KINDS and j.kind != "yield"
+        )
+
     def __contains__(self, job: Job) -> bool:
         return job in self._members
 
@@ -6581,11 +6588,6 @@ class GpuLock:
     def working_of(self, name: str) -> int:
         """Jobs and holds of ``name`` at work under this lock (past making room)."""
         return self.working if name == self.holder else 0
-
-    def awaited(self) -> frozenset[str]:
-        """The consumers a waiting job wants loaded: every job's but those that only unload (an admin's,
-        an idle unload, a reservation, a yield)."""
-        return frozenset(j.consumer for j in self.waiting if j.kind not in UNLOAD_KINDS and j.kind != "yield")
 
     def warm(self, job: Job) -> bool:
         """Whether a job needs no swap now (``needs_no_swap``, with the holder and the consumer's config as
@@ -8301,7 +8303,12 @@ class InternalJobs:
                 # (This yield holds the lock alone, in the consumer's name: its slot is no job of it.)
                 views = {n: replace(v, jobs=0) if n == name else v for n, v in rooms.views().items()}
                 victims = plan_yield(
-                    views, reading.free_mib, reading.used_mib, y.keep_free_mib, tried, s.lock.awaited()
+                    views,
+                    reading.free_mib,
+                    reading.used_mib,
+                    y.keep_free_mib,
+                    tried,
+                    s.lock.waiting.awaited(),
                 )
                 if not victims:
                     why = f"{reading.free_mib} MiB free"
@@ -8494,7 +8501,7 @@ class Yielding:
             return
         tried = self._failed.setdefault(index, set())
         s = self.schedulers[index]
-        awaited = s.lock.awaited()
+        awaited = s.lock.waiting.awaited()
         victims = plan_yield(
             s.rooms.views(), reading.free_mib, reading.used_mib, y.keep_free_mib, tried, awaited
         )

@@ -6536,7 +6536,7 @@ def test_plan_yield_takes_a_consumer_a_job_waits_for_after_every_other():
     assert m.plan_yield(figures, 0, 12000, 6000, awaited={"y", "z"}) == ("x", "y")  # still, when needed
 
 
-async def test_the_consumers_waiting_jobs_want_loaded_are_the_lock_s_awaited_ones():
+async def test_the_consumers_waiting_jobs_want_loaded_are_the_queue_s_awaited_ones():
     """What the yield takes last (plan_yield's ``awaited``): the consumers of waiting jobs, an admin's load
     among them, but not of those that only unload (an admin's unload, a yield's, an idle unload's)."""
     s, _, ops, _ = make_scheduler(small_config())
@@ -6547,7 +6547,7 @@ async def test_the_consumers_waiting_jobs_want_loaded_are_the_lock_s_awaited_one
     unloading = asyncio.ensure_future(s.unload_now("y"))
     loading = asyncio.ensure_future(s.load_now("z"))
     await until(lambda: len(s.lock.waiting) == 3)
-    assert s.lock.awaited() == {"x", "z"}
+    assert s.lock.waiting.awaited() == {"x", "z"}
     first.release("completed")
     (await x).release("completed")
     await unloading
