@@ -2994,8 +2994,11 @@ async def cancel_until_done(tasks: Collection[asyncio.Task[Any]], what: str) -> 
 # Events and metrics
 # =====================================================================================================
 
-#: What /v1/events sends, and what a subscriber that falls this far behind is dropped for.
+#: /v1/events: a subscriber this many events behind, that has not caught up for EVENT_BEHIND_S, is dropped;
+#: one that reads on keeps a burst (a thousand refusals in one turn of the loop) up to EVENT_BUFFER_MAX.
 EVENT_BUFFER = 256
+EVENT_BEHIND_S = 1.0
+EVENT_BUFFER_MAX = 10000
 # (EVENT_RING, EVENT_RING_S and HEARTBEAT_S are defined with the command line, which uses them.)
 #: A reader of /v1/events that accepts nothing for this long is cut off: what is written to it waits in the
 #: broker's memory until it reads.
@@ -3003,9 +3006,23 @@ EVENT_STALL_S = 60.0
 #: The replay (``?since=``) is written in pieces of at most this many bytes, each after the reader took the
 #: last (a full ring is 3.5 MiB: written at once, it sat whole in memory for each reader that did not read).
 EVENT_REPLAY_PIECE = 64 * 1024
-#: A subscriber's stream: the events as the stream sends them, then None once it was dropped or the broker
-#: closes.
-Subscription = asyncio.Queue[bytes | None]
+
+
+class Subscription(asyncio.Queue[bytes | None]):
+    """A subscriber's stream: the events as the stream sends them, then None once it was dropped or the
+    broker closes; and when its reader last had taken everything (``caught_up``)."""
+
+    def __init__(self, maxsize: int, now: float) -> None:
+        super().__init__(maxsize)
+        self.caught_up_at = now
+
+    def take_all(self, now: float) -> list[bytes | None]:
+        """Everything queued, at once (a reader takes a burst in one write); it has caught up."""
+        taken = []
+        while not self.empty():
+            taken.append(self.get_nowait())
+        self.caught_up_at = now
+        return taken
 
 
 def sse(event: dict[str, Any]) -> bytes:
@@ -3036,9 +3053,12 @@ class Events:
     """Fan-out of the broker's events to /v1/events subscribers and other listeners, and the ring of the
     recent ones (bounded by count and by age) that a subscriber may ask for first.
 
-    Publishing never waits: a subscriber whose buffer is full is dropped (its stream ends) rather than
-    slowing the scheduler. An event is serialised once, when someone first needs it (``Event.frame``): at
-    once while anyone listens, else when the ring is replayed, if ever; nobody listening costs no JSON.
+    Publishing never waits: a subscriber ``buffer`` events behind that has not caught up for
+    EVENT_BEHIND_S (or EVENT_BUFFER_MAX behind, whatever it does) is dropped (its stream ends) rather than
+    slowing the scheduler or holding its memory; a burst published in one turn of the loop, before any
+    reader could run, drops nobody. An event is serialised once, when someone first needs it
+    (``Event.frame``): at once while anyone listens, else when the ring is replayed, if ever; nobody
+    listening costs no JSON.
     """
 
     def __init__(
@@ -3067,20 +3087,20 @@ class Events:
         if self.subscribers:
             sent = event.frame()
             for queue in list(self.subscribers):
-                try:
+                behind = queue.qsize() >= self.buffer and now - queue.caught_up_at > EVENT_BEHIND_S
+                if not behind and not queue.full():
                     queue.put_nowait(sent)
-                except asyncio.QueueFull:
-                    self.subscribers.discard(queue)
-                    self.dropped += 1
-                    while not queue.empty():
-                        queue.get_nowait()
-                    queue.put_nowait(None)
-                    log.warning(logfmt(msg="event subscriber dropped", buffer=self.buffer))
+                    continue
+                self.subscribers.discard(queue)
+                self.dropped += 1
+                log.warning(logfmt(msg="event subscriber dropped", behind=queue.qsize()))
+                queue.take_all(now)
+                queue.put_nowait(None)
         for listener in self.listeners:
             listener(event)
 
     def subscribe(self) -> Subscription:
-        queue: Subscription = asyncio.Queue(self.buffer)
+        queue = Subscription(max(self.buffer, EVENT_BUFFER_MAX), self.clock())
         self.subscribers.add(queue)
         return queue
 
@@ -3110,8 +3130,7 @@ class Events:
         """End every stream (on shutdown)."""
         for queue in list(self.subscribers):
             self.subscribers.discard(queue)
-            while not queue.empty():
-                queue.get_nowait()
+            queue.take_all(self.clock())
             queue.put_nowait(None)
 
 
@@ -11492,13 +11511,17 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
             del past
         while True:
             try:
-                event = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
+                first = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
             except asyncio.TimeoutError:
+                queue.caught_up_at = events.clock()  # (nothing came: nothing to catch up with)
                 await _to_reader(request, resp, b": heartbeat\n\n")
                 continue
-            if event is None:
+            taken = [first, *queue.take_all(events.clock())]  # (a burst: one write)
+            frames = [frame for frame in taken if frame is not None]
+            if frames:
+                await _to_reader(request, resp, b"".join(frames))
+            if len(frames) < len(taken):
                 break  # it fell behind: the client reconnects and reads /v1/status again
-            await _to_reader(request, resp, event)
     except ConnectionResetError:
         pass  # the client left, or was cut off
     finally:

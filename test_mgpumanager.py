@@ -10308,6 +10308,7 @@ async def test_event_stream_tells_a_job_with_eviction_and_load_in_order(rig):
 
 async def test_event_stream_heartbeats_and_drops_a_reader_that_falls_behind(rig, monkeypatch):
     monkeypatch.setattr(m, "HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(m, "EVENT_BEHIND_S", 0)  # (behind at once: no time to catch up)
     r = await rig()
     async with r.session.get(r.url("/v1/events")) as stream:
         assert await stream.content.readline() == b": mgpumanager events\n"
@@ -10322,6 +10323,34 @@ async def test_event_stream_heartbeats_and_drops_a_reader_that_falls_behind(rig,
     # Counted where people look (it was kept and shown nowhere).
     async with r.session.get(r.url("/metrics")) as resp:
         assert "\nmgpumanager_event_subscribers_dropped_total 1\n" in await resp.text()
+
+
+async def test_a_burst_of_events_in_one_turn_drops_no_reader_that_reads_on(rig, monkeypatch):
+    """Found by an attack: 300 refusals at once (a client at its max_queued) published more than 256 events
+    before any stream could run, and every reader was dropped, however fast it read. A reader is dropped
+    only once it has not caught up for EVENT_BEHIND_S, or at EVENT_BUFFER_MAX whatever it does; each wake
+    takes all that waits, in one write."""
+    r = await rig()
+    events = r.broker.events
+    async with r.session.get(r.url("/v1/events")) as stream:
+        assert await stream.content.readline() == b": mgpumanager events\n"
+        await stream.content.readline()
+        await until(lambda: len(events.subscribers) == 1)
+        for i in range(1000):  # in one turn of the loop: no reader runs in between
+            events.publish("burst", n=i)
+        got = []
+        while len(got) < 1000:
+            line = await asyncio.wait_for(stream.content.readline(), 5)
+            if line.startswith(b"data: "):
+                got.append(json.loads(line[6:])["n"])
+        assert got == list(range(1000)) and events.dropped == 0
+        # A burst beyond what a reader may hold drops it all the same.
+        monkeypatch.setattr(m, "EVENT_BUFFER_MAX", 300)
+        queue = next(iter(events.subscribers))
+        queue._maxsize = 300  # (as a subscription made now would be)
+        for i in range(301):
+            events.publish("burst", n=i)
+        assert events.dropped == 1 and not events.subscribers
 
 
 async def test_a_message_systemd_did_not_get_is_counted_in_the_metrics(rig):
