@@ -921,6 +921,7 @@ import concurrent.futures
 import contextlib
 import copy
 import errno
+import fcntl
 import fnmatch
 import functools
 import gc
@@ -932,8 +933,10 @@ import itertools
 import resource
 import shlex
 import statistics
+import struct
 import subprocess
 import tempfile
+import termios
 from collections import Counter, deque
 from pathlib import Path
 from queue import SimpleQueue
@@ -8842,10 +8845,15 @@ async def _send(
     under its high-water mark (the write cannot stall then), else bounded as ``_to_client`` bounds it.
     (The write is made only here: whatever this raises first, no coroutine is left unawaited.)"""
     transport = request.transport
-    if transport is not None and _fits_unpaused(transport, size):
-        await write()
-    else:
-        await _to_client(request, write(), consumer)
+    try:
+        if transport is not None and _fits_unpaused(transport, size):
+            await write()
+        else:
+            await _to_client(request, write(), consumer)
+    except ConnectionResetError:
+        raise
+    except ConnectionError as e:  # (aiohttp's "Connection lost": the client reset it while a write waited)
+        raise ConnectionResetError(f"the client left: {describe(e)}") from e
 
 
 def _fits_unpaused(transport: asyncio.BaseTransport, size: int) -> bool:
@@ -8859,16 +8867,41 @@ def _fits_unpaused(transport: asyncio.BaseTransport, size: int) -> bool:
 
 async def _to_client(request: web.Request, write: Awaitable[None], consumer: ConsumerConfig) -> None:
     """A write to a client that may stall: a client that accepts nothing for the consumer's ``timeout_s`` is
-    cut off (ConnectionResetError)."""
+    cut off (ConnectionResetError). One that reads, however slowly, is not: the write's time is not
+    bounded, only a ``timeout_s`` in which the client took nothing of what waits for it."""
+    transport = request.transport
+
+    def waiting() -> int:
+        """What the client has yet to take: the transport's buffer, and what the kernel holds unsent (the
+        transport's buffer alone moves only when the kernel has room for a third of its own, seconds apart
+        for a slow reader)."""
+        if transport is None:
+            return 0
+        held = transport.get_write_buffer_size()  # type: ignore[attr-defined]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                held += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        return held
+
+    task = asyncio.ensure_future(write)
     try:
-        await asyncio.wait_for(write, consumer.timeout_s)
-    except asyncio.TimeoutError:
-        if request.transport is not None:
-            request.transport.abort()
-        log.warning(
-            logfmt(msg="client stopped reading", consumer=consumer.name, timeout_s=consumer.timeout_s)
-        )
-        raise ConnectionResetError("client stopped reading") from None
+        await asyncio.sleep(0)  # (the write puts its bytes in the buffer, then waits for the client)
+        before = waiting()
+        while True:
+            done, _ = await asyncio.wait((task,), timeout=consumer.timeout_s)
+            if done:
+                return task.result()
+            if waiting() >= before:  # it took nothing for timeout_s
+                break
+            before = waiting()
+    finally:
+        if not task.done():
+            task.cancel()
+    if transport is not None:
+        transport.abort()
+    log.warning(logfmt(msg="client stopped reading", consumer=consumer.name, timeout_s=consumer.timeout_s))
+    raise ConnectionResetError("client stopped reading")
 
 
 async def _hand_over(answered: Callable[[], bool]) -> None:

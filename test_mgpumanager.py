@@ -58,6 +58,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -7884,6 +7885,72 @@ async def test_a_client_that_stops_reading_cannot_keep_the_gpu(rig):
         assert r.broker.scheduler.holder is None
         writer.close()
         assert (await r.post("tts", {"text": "next"}))[0] == 200
+
+
+async def test_a_client_that_reads_slowly_but_steadily_is_not_cut_off(rig):
+    """Found by an attack: each write to the client was bounded by the consumer's timeout_s as a whole, so
+    a client reading steadily, but slower than a chunk per timeout_s, was cut off as if it had stopped
+    (docs/decisions.md: one that accepts nothing for timeout_s is). A client that takes something within
+    each timeout_s reads on."""
+
+    async def firehose(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await resp.prepare(request)
+        for _ in range(64):
+            await resp.write(b"x" * m.MiB)
+        return resp
+
+    async with StandIn([("POST", "/api/generate", firehose), ("GET", "/", _ok)]) as ollama:
+        r = await rig(
+            urls={"ollama": ollama.url}, tweak=lambda raw: raw["consumers"]["ollama"].update(timeout_s=1)
+        )
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (r.server.host, r.server.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        body = b'{"model": "m", "prompt": "p"}'
+        head = f"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        writer.write(head.encode() + body)
+        await writer.drain()
+        got, started = 0, time.monotonic()
+        while time.monotonic() - started < 4:  # about 800 KB/s: a MiB chunk takes longer than timeout_s
+            data = await asyncio.wait_for(reader.read(16 * 1024), 5)
+            assert data, f"cut off after {got} bytes"
+            got += len(data)
+            await asyncio.sleep(0.02)
+        assert r.stats.cancelled == 0 and r.broker.scheduler.holder == "ollama"
+        writer.close()
+        await until(lambda: r.stats.cancelled == 1, timeout=20)  # it left: the job ends, the GPU is free
+
+
+async def test_a_client_that_resets_its_connection_mid_answer_is_a_client_that_left(rig):
+    """Found by an attack: a client that closed its socket with data unread (a reset, as Ctrl-C on curl
+    does) while the broker waited to write raised aiohttp's ConnectionError("Connection lost"), not a
+    ConnectionResetError: the job failed as scheduler_error, counted as a bug, and a hold path lost its
+    hold. It is a client that left: cancelled, nothing counted."""
+
+    async def firehose(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await resp.prepare(request)
+        for _ in range(256):
+            await resp.write(b"x" * m.MiB)
+        return resp
+
+    async with StandIn([("POST", "/api/generate", firehose), ("GET", "/", _ok)]) as ollama:
+        r = await rig(urls={"ollama": ollama.url})
+        sock = socket.create_connection((r.server.host, r.server.port))
+        body = b'{"model": "m", "prompt": "p"}'
+        sock.sendall(
+            f"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        await asyncio.to_thread(sock.recv, 1 << 20)  # the answer began
+        await asyncio.sleep(0.3)  # the broker waits to write (the client's buffers full)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset
+        await until(lambda: r.stats.cancelled == 1, timeout=20)
+        assert r.stats.failed == 0 and r.broker.shared.internal_errors == 0
+        assert r.broker.scheduler.holder is None
 
 
 async def test_forwarding_adds_x_forwarded_and_never_follows_redirects_or_keeps_cookies(rig):
