@@ -928,6 +928,7 @@ import gc
 import hashlib
 import hmac
 import importlib
+import inspect
 import ipaddress
 import itertools
 import resource
@@ -10536,10 +10537,21 @@ class ListenerSite(web.BaseSite):
         await super().stop()
 
 
+#: A request body is forwarded as it came: a gzip body with its Content-Encoding (aiohttp's server
+#: decompresses it by default; an aiohttp too old to be told not to still does).
+_KEEP_ENCODED: dict[str, bool] = (
+    {"auto_decompress": False}
+    if "auto_decompress" in inspect.signature(web.RequestHandler.__init__).parameters
+    else {}
+)
+
+
 def make_runner(app: web.Application) -> web.AppRunner:
     """How each of the broker's apps is run: handlers cancelled when their client leaves, no access log,
-    SHUTDOWN_GRACE_S for what is still answering at shutdown."""
-    return web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+    SHUTDOWN_GRACE_S for what is still answering at shutdown, request bodies as they came."""
+    return web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S, **_KEEP_ENCODED
+    )
 
 
 class ListenError(BrokerError):

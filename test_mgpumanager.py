@@ -7953,6 +7953,32 @@ async def test_a_client_that_resets_its_connection_mid_answer_is_a_client_that_l
         assert r.broker.scheduler.holder is None
 
 
+async def test_a_compressed_request_body_reaches_the_consumer_as_it_came(rig):
+    """Found by an attack: aiohttp's server decompressed a gzip request body, so one sent with its length
+    was refused (bad_request: it ended before its Content-Length) and one sent chunked reached the consumer
+    plain while still labelled Content-Encoding: gzip."""
+    seen: list[tuple[str | None, bytes]] = []
+
+    async def synthesize(request: web.Request) -> web.Response:
+        seen.append((request.headers.get("Content-Encoding"), await request.content.read()))
+        return web.json_response({"ok": True})
+
+    async with StandIn([("POST", "/api/synthesize", synthesize), ("GET", "/health", _ok)]) as mvoice:
+        r = await rig(urls={"mvoice": mvoice.url})
+        packed = gzip.compress(b'{"text": "hi"}')
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        async with r.session.post(r.url("/v1/tts"), data=packed, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield packed
+
+        async with r.session.post(r.url("/v1/tts"), data=chunks(), headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+    # (The consumer's own aiohttp server decompresses what came compressed, as it would from the client.)
+    assert seen == [("gzip", b'{"text": "hi"}'), ("gzip", b'{"text": "hi"}')]
+
+
 async def test_forwarding_adds_x_forwarded_and_never_follows_redirects_or_keeps_cookies(rig):
     seen: list[dict[str, str]] = []
 
