@@ -10546,6 +10546,16 @@ _KEEP_ENCODED: dict[str, bool] = (
 )
 
 
+#: What a consumer's answer head may hold: a header line, a header (aiohttp's 8190 bytes each turned a
+#: big Set-Cookie into 502 consumer_unreachable, and the consumer into an unhealthy one), and headers
+#: (where aiohttp can be told: its default is 128).
+ANSWER_HEAD_LIMITS: dict[str, int] = {"max_line_size": 64 * 1024, "max_field_size": 64 * 1024} | (
+    {"max_headers": 1024}
+    if "max_headers" in inspect.signature(aiohttp.ClientSession.__init__).parameters
+    else {}
+)
+
+
 def make_runner(app: web.Application) -> web.AppRunner:
     """How each of the broker's apps is run: handlers cancelled when their client leaves, no access log,
     SHUTDOWN_GRACE_S for what is still answering at shutdown, request bodies as they came."""
@@ -11671,13 +11681,19 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     # (A connection to a consumer refused for want of a descriptor is the broker's shortage: the connector
     # tells.)
     session = aiohttp.ClientSession(
-        connector=connections.connector(), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+        connector=connections.connector(),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        **ANSWER_HEAD_LIMITS,
     )
     # The broker's own calls (health probes, loads, unloads) on a session of their own: however busy the
     # consumers' traffic, a probe never queues behind it. Few: a probe per consumer per round, one load or
     # unload per GPU at a time.
     own = aiohttp.ClientSession(
-        connector=connections.connector(), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+        connector=connections.connector(),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        **ANSWER_HEAD_LIMITS,
     )
     broker = Broker(
         config,

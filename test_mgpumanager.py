@@ -7979,6 +7979,25 @@ async def test_a_compressed_request_body_reaches_the_consumer_as_it_came(rig):
     assert seen == [("gzip", b'{"text": "hi"}'), ("gzip", b'{"text": "hi"}')]
 
 
+async def test_an_answer_with_a_large_head_passes_through(rig):
+    """Found by an attack: a header over 8190 bytes (a large Set-Cookie), or more than 128 headers, in a
+    consumer's answer became 502 consumer_unreachable, retryable, and the consumer unhealthy."""
+
+    async def synthesize(request: web.Request) -> web.Response:
+        headers = {f"X-Many-{i}": str(i) for i in range(200)}
+        return web.Response(body=b"audio", headers={"X-Big": "b" * 20000, **headers})
+
+    async with StandIn([("POST", "/api/synthesize", synthesize), ("GET", "/health", _ok)]) as mvoice:
+        r = await rig(urls={"mvoice": mvoice.url})
+        async with (
+            aiohttp.ClientSession(max_line_size=1 << 16, max_field_size=1 << 16, max_headers=1024) as client,
+            client.post(r.url("/v1/tts"), json={"text": "hi"}) as resp,
+        ):
+            assert resp.status == 200 and await resp.read() == b"audio"
+            assert resp.headers["X-Big"] == "b" * 20000 and resp.headers["X-Many-199"] == "199"
+        assert r.broker.consumers.states["mvoice"].healthy is True
+
+
 async def test_forwarding_adds_x_forwarded_and_never_follows_redirects_or_keeps_cookies(rig):
     seen: list[dict[str, str]] = []
 
