@@ -8698,9 +8698,20 @@ def own_host(request: web.Request, host: str) -> bool:
     return name in machine_names() or name in {host_key(h) for h in (*listens, *cfg.http.hosts)}
 
 
-def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    """The consumer's headers as the client gets them: without hop-by-hop ones."""
-    return _pass_headers(upstream.headers, HOP_BY_HOP)
+#: What no header may hold, aiohttp's writer refusing it (RFC 9110, section 5.5): control characters but tab.
+_UNSENDABLE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def response_headers(upstream: aiohttp.ClientResponse, consumer: str) -> CIMultiDict[str]:
+    """The consumer's headers as the client gets them: without hop-by-hop ones, and without one that holds a
+    control character (aiohttp would refuse to write the answer's head, and the client get nothing: it
+    gets the answer, and the log names what was left out)."""
+    headers = _pass_headers(upstream.headers, HOP_BY_HOP)
+    if any(_UNSENDABLE_RE.search(k) or _UNSENDABLE_RE.search(v) for k, v in headers.items()):
+        bad = [k for k, v in headers.items() if _UNSENDABLE_RE.search(k) or _UNSENDABLE_RE.search(v)]
+        log.warning(logfmt(msg="consumer header left out: a control character", consumer=consumer, names=bad))
+        headers = CIMultiDict((k, v) for k, v in headers.items() if k not in bad)
+    return headers
 
 
 @functools.lru_cache(maxsize=64)
@@ -8785,7 +8796,8 @@ async def relay(
     accepts nothing for the consumer's ``timeout_s`` is cut off too (ConnectionResetError), so it cannot
     hold the GPU by not reading.
     """
-    headers = response_headers(upstream)
+    headers = response_headers(upstream, consumer.name)
+    reason = upstream.reason if not _UNSENDABLE_RE.search(upstream.reason or "") else None  # (the usual one)
     if upstream.content.is_eof() and request.method != "HEAD":
         # The whole answer came with its headers (a small one): headers and body go out in one write.
         body = await upstream.content.read()
@@ -8793,11 +8805,11 @@ async def relay(
             capture += body
         if answered is not None:
             await _hand_over(answered)
-        whole = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+        whole = web.Response(status=upstream.status, reason=reason, headers=headers, body=body)
         await whole.prepare(request)
         await _send(request, whole.write_eof, _head_size(headers) + len(body), consumer)
         return whole
-    resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    resp = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
     await resp.prepare(request)
     transport = request.transport
     head = _head_size(headers)  # (aiohttp sends the head with the first chunk)

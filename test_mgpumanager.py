@@ -7998,6 +7998,30 @@ async def test_an_answer_with_a_large_head_passes_through(rig):
         assert r.broker.consumers.states["mvoice"].healthy is True
 
 
+async def test_an_answer_with_a_control_character_in_a_header_reaches_the_client_without_that_header(rig):
+    """Found by an attack: aiohttp refuses to write a head with a control character (a header injection,
+    RFC 9110 section 5.5), so the client got nothing at all, neither the answer nor an error, and a bug was
+    counted. The answer goes out without that header, and the log names it."""
+
+    async def consumer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # (Raw: an aiohttp server would refuse to write such a head too.)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Ctl: a\x01b\r\nX-Fine: ok\r\nContent-Length: 5\r\n\r\naudio")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(consumer, "127.0.0.1", 0)
+    async with server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        r = await rig(urls={"mvoice": url})
+        async with r.session.post(r.url("/v1/tts"), json={"text": "hi"}) as resp:
+            assert resp.status == 200 and await resp.read() == b"audio"
+            assert resp.headers["X-Fine"] == "ok" and "X-Ctl" not in resp.headers
+        assert r.broker.shared.internal_errors == 0 and r.stats.completed == 1
+
+
 async def test_forwarding_adds_x_forwarded_and_never_follows_redirects_or_keeps_cookies(rig):
     seen: list[dict[str, str]] = []
 
