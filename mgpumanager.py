@@ -3979,6 +3979,9 @@ class NvmlSource:
         #: Memory info v2 (nvidia-smi's figures); False on a driver older than R510 (reserved counts as used).
         self._v2 = True
         self._closed = False
+        #: A reading answered since NVML was (re)loaded: "NVML loaded" is said at the first (not at a load
+        #: whose first reading fails, nor missed when a load that hung finished later).
+        self._answered = False
 
     async def open(self, timeout_s: float) -> str:
         """Load NVML and find the GPU (NvmlUnavailable when that fails); the driver's version."""
@@ -4062,7 +4065,6 @@ class NvmlSource:
     ) -> GpuReading:
         if self._device is None:
             self._open()
-            log.info(logfmt(msg="NVML loaded", gpu=self.index))
         assert self._device is not None
         handle, name, uuid = self._device
         nv = self._nvml
@@ -4083,7 +4085,11 @@ class NvmlSource:
             after = self._memory(handle) if whole else memory
         except GpuError:
             self._device = None  # found again by the next reading (a GPU lost and back has a new handle)
+            self._answered = False
             raise
+        if not self._answered:
+            self._answered = True
+            log.info(logfmt(msg="NVML loaded", gpu=self.index))
         processes = tuple(
             GpuProcess(
                 p.pid, process_name(p.pid), None if p.usedGpuMemory is None else p.usedGpuMemory // MiB

@@ -2494,24 +2494,30 @@ async def test_nvml_memory_info_v1_where_v2_is_missing_counts_the_reserved_memor
     assert len(nvml.calls("nvmlDeviceGetMemoryInfo")) == 2
 
 
-async def test_nvml_errors_are_gpu_unavailable_and_a_reading_after_them_finds_the_gpu_again(rig, nvml):
+async def test_nvml_errors_are_gpu_unavailable_and_a_reading_after_them_finds_the_gpu_again(
+    rig, nvml, caplog
+):
     """An NVML error code is a GpuError naming the call (gpu_unavailable for a job), never a crash; a figure
     the GPU does not have (NVML_ERROR_NOT_SUPPORTED) is None, as nvidia-smi's [N/A]; once the fault is gone
-    the next reading finds the GPU again (a new handle) and answers."""
+    the next reading finds the GPU again (a new handle) and answers. "NVML loaded" is said at the first
+    reading that answers (it was said at each that failed, found by an attack)."""
     reader = gpu_reader(nvml_config())
     try:
         nvml.gpu.set_nvml_fault("nvmlDeviceGetMemoryInfo_v2", error=15)  # NVML_ERROR_GPU_IS_LOST
-        with pytest.raises(m.GpuError, match="NVML nvmlDeviceGetMemoryInfo: GPU is lost"):
-            await reader.read()
+        for _ in range(2):
+            with pytest.raises(m.GpuError, match="NVML nvmlDeviceGetMemoryInfo: GPU is lost"):
+                await reader.read()
+        assert 'msg="NVML loaded"' not in caplog.text
         nvml.gpu.set_nvml_fault("nvmlDeviceGetComputeRunningProcesses_v3", error=999)
         with pytest.raises(m.GpuError, match="NVML nvmlDeviceGetComputeRunningProcesses: Unknown Error"):
             await reader.read()
         nvml.gpu.set_nvml_fault("nvmlDeviceGetUtilizationRates", error=3)  # NVML_ERROR_NOT_SUPPORTED
         r = await reader.read()
         assert r.utilization_pct is None and r.temperature_c == 35 and r.free_mib == 16384 - 480
+        assert caplog.text.count('msg="NVML loaded"') == 1
         nvml.gpu.set_nvml_fault(None)
         assert (await reader.read()).utilization_pct == 0
-        assert len(nvml.calls("nvmlDeviceGetHandleByIndex_v2")) == 3  # at the start and after each error
+        assert len(nvml.calls("nvmlDeviceGetHandleByIndex_v2")) == 4  # at the start and after each error
         assert reader.shared.internal_errors == 0  # no bug caught
     finally:
         await reader.close()
