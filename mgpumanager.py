@@ -3319,7 +3319,7 @@ METRIC_HELP = {
         "The expected wait of the job queued last, by GPU, from the learned timings (0: nothing queued).",
     ),
     "mgpumanager_gpu_reserved": ("gauge", "1 while the GPU is reserved (POST /v1/reserve), else 0, by GPU."),
-    "mgpumanager_running_jobs": ("gauge", "Jobs holding the GPU lock now, by GPU."),
+    "mgpumanager_running_jobs": ("gauge", "Jobs at work under the GPU lock now (holds apart), by GPU."),
     "mgpumanager_gpu_memory_total_bytes": (
         "gauge",
         "GPU memory in all, by GPU (NVML or nvidia-smi, read at most once a second).",
