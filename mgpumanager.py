@@ -2974,6 +2974,34 @@ def logfmt(**fields: Any) -> str:
     return " ".join(out)
 
 
+def in_own_thread(fn: Callable[..., Any], *args: Any, name: str) -> asyncio.Future[Any]:
+    """``fn(*args)`` in a daemon thread of its own, as a future of the running loop: for a call that may
+    never return (a file on a hung network mount, a FIFO). The loop's own executor is joined when the
+    broker exits, so one such call there kept a stopped broker alive for good; a daemon thread is left
+    behind. Its caller bounds the wait (``asyncio.wait_for``); what the call returns after that is unused."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # (its caller stopped waiting)
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        try:
+            outcome, error = fn(*args), None
+        except BaseException as e:
+            outcome, error = None, e
+        with contextlib.suppress(RuntimeError):  # (the loop is closed: nobody waits any more)
+            loop.call_soon_threadsafe(settle, outcome, error)
+
+    threading.Thread(target=run, name=f"mgpumanager {name}", daemon=True).start()
+    return future
+
+
 async def cancel_until_done(tasks: Collection[asyncio.Task[Any]], what: str) -> None:
     """Cancel ``tasks`` and wait for them to end, cancelling again every CANCEL_AGAIN_S those that go on: a
     task may swallow a cancellation (Python 3.11's asyncio.wait_for does, when what it waits for ends at
@@ -9607,7 +9635,8 @@ class StateFile:
         if path is None:
             return None
         try:
-            raw = await asyncio.wait_for(asyncio.to_thread(read_state_file, path), STATE_IO_TIMEOUT_S)
+            reading = in_own_thread(read_state_file, path, name="state file read")
+            raw = await asyncio.wait_for(reading, STATE_IO_TIMEOUT_S)
         except asyncio.TimeoutError:
             why = f"not read within {STATE_IO_TIMEOUT_S:g} s"
         except FileNotFoundError:
@@ -9653,7 +9682,7 @@ class StateFile:
         now = time.time()
         head = {"version": STATE_VERSION, "written_at": _iso(now), "written_at_s": round(now, 3)}
         data = json.dumps({**head, **collected}, indent=1).encode() + b"\n"
-        self._inflight = inflight = asyncio.ensure_future(asyncio.to_thread(write_state_file, path, data))
+        self._inflight = inflight = in_own_thread(write_state_file, path, data, name="state file write")
         inflight.add_done_callback(lambda f: f.cancelled() or f.exception())  # (its error is read below)
         try:
             await asyncio.wait_for(asyncio.shield(inflight), STATE_IO_TIMEOUT_S)
@@ -9912,7 +9941,9 @@ class Broker:
         """``source.load()`` in a thread, bounded by CONFIG_READ_TIMEOUT_S (a file on a hung network mount:
         the thread is left to end on its own, its result unused)."""
         try:
-            return await asyncio.wait_for(asyncio.to_thread(source.load), CONFIG_READ_TIMEOUT_S)
+            return await asyncio.wait_for(
+                in_own_thread(source.load, name="config read"), CONFIG_READ_TIMEOUT_S
+            )
         except asyncio.TimeoutError:
             raise ConfigError([f"not read within {CONFIG_READ_TIMEOUT_S:g} s"]) from None
 

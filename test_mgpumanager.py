@@ -15542,6 +15542,25 @@ async def test_a_queued_job_whose_kind_the_new_url_no_longer_serves_is_answered_
         assert r.sims["mvoice"].records == []
 
 
+async def test_a_config_read_that_hangs_leaves_no_thread_the_broker_waits_for_at_exit(rig, monkeypatch):
+    """Found by an attack: a reload whose config never came (a FIFO, a hung network mount) was refused in
+    time, but its read went on in the event loop's executor, which the broker joins when it exits: stopped,
+    it stayed alive for good (systemd would kill it after TimeoutStopSec). Such reads (the config, the
+    state file) run in daemon threads of their own, left behind at exit."""
+    monkeypatch.setattr(m, "CONFIG_READ_TIMEOUT_S", 0.3)
+    r = await rig()
+    r.config_path.unlink()
+    os.mkfifo(r.config_path)  # (opening it for reading waits for a writer: for ever)
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        error = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+    assert "not read within 0.3 s" in json.dumps(error)
+    hung = [t for t in threading.enumerate() if t.name == "mgpumanager config read"]
+    assert len(hung) == 1 and hung[0].is_alive() and hung[0].daemon
+    os.close(os.open(r.config_path, os.O_WRONLY | os.O_NONBLOCK))  # (the reader gets its end: it ends)
+    await asyncio.to_thread(hung[0].join, 5)
+    assert not hung[0].is_alive()
+
+
 async def test_shutdown_cancels_again_a_background_task_that_swallowed_its_cancellation(rig, caplog):
     """Found by the full suite under load: a daemon logged "stopping" and never stopped (the test's SIGTERM
     waited 60 s, the process stayed). Its state file writer had swallowed the shutdown's cancellation
