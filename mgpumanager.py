@@ -355,17 +355,30 @@ class Client:
         except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
             raise self.unreachable(e, timeout) from None
 
-    def call(self, method: str, path: str, body: Any = None, *, timeout_s: float = CLI_TIMEOUT_S) -> Any:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        shape: Mapping[str, type | tuple[type, ...]],
+        timeout_s: float = CLI_TIMEOUT_S,
+    ) -> dict[str, Any]:
         """The broker's JSON answer, whole within the call's timeout (from its start) and at most
-        CLI_ANSWER_LIMIT bytes: something else at the URL may send for ever."""
+        CLI_ANSWER_LIMIT bytes: something else at the URL may send for ever. ``shape``: the keys the
+        broker's answer has, and their types: a JSON object of another shape is something else at that URL
+        (exit 1), not an answer to print as if it were the broker's."""
         timeout = self.timeout_s or timeout_s
         deadline = time.monotonic() + timeout
         with self.open(method, path, body, timeout_s=timeout_s) as resp:
             raw = self._read(resp, deadline, timeout, CLI_ANSWER_LIMIT)
         try:
-            return json.loads(raw)
+            answer = json.loads(raw, parse_constant=_no_constant)
         except (ValueError, RecursionError):
             raise CliError(1, f"{self.url}{path} did not answer JSON: is it a mgpumanager broker?") from None
+        if not isinstance(answer, dict) or not all(isinstance(answer.get(k), t) for k, t in shape.items()):
+            raise CliError(1, f"{self.url}{path} answered JSON of another shape: is it a mgpumanager broker?")
+        return answer
 
     def _read(self, resp: Any, deadline: float, timeout_s: float, limit: int) -> bytes:
         """An answer's body, read as it comes (one read at a time, each within the socket's timeout), until
@@ -406,6 +419,11 @@ class Client:
         elif data.get("error") == "forbidden" and "admin's token" in data["message"]:
             message += ": give --token-file the admin's token (auth.token_file), not a client's"
         return CliError(2, message)
+
+
+def _no_constant(name: str) -> None:
+    """NaN and Infinity: JSON to Python's json module, never to the broker (which writes none)."""
+    raise ValueError(name)
 
 
 def _span(seconds: float) -> str:
@@ -672,13 +690,21 @@ def say(*texts: str, file: Any = None) -> None:
     print("\n".join(lines), file=file or sys.stdout, flush=True)
 
 
+#: What every /v1/status has: its consumers.
+STATUS_SHAPE: dict[str, type | tuple[type, ...]] = {"consumers": dict}
+
+
+def _status(client: Client) -> dict[str, Any]:
+    return client.call("GET", "/v1/status", shape=STATUS_SHAPE)
+
+
 def cli_ps(client: Client, args: argparse.Namespace) -> int:
-    say(*render_ps(client.call("GET", "/v1/status"), time.time()))
+    say(*render_ps(_status(client), time.time()))
     return 0
 
 
 def cli_status(client: Client, args: argparse.Namespace) -> int:
-    st = client.call("GET", "/v1/status")
+    st = _status(client)
     say(json.dumps(st, indent=2) if args.json else "\n".join(render_status(st, client.url, time.time())))
     return 0
 
@@ -686,7 +712,7 @@ def cli_status(client: Client, args: argparse.Namespace) -> int:
 def cli_consumer(client: Client, args: argparse.Namespace) -> int:
     """``unload NAME`` and ``load NAME``."""
     path = f"/v1/consumers/{quote(args.name, safe='')}/{args.verb}"
-    answer = client.call("POST", path, timeout_s=CLI_ADMIN_TIMEOUT_S)
+    answer = client.call("POST", path, shape={"consumer": str, "action": str}, timeout_s=CLI_ADMIN_TIMEOUT_S)
     loaded = answer.get("loaded")
     if args.verb == "unload" or loaded is True:
         text = f"{args.verb}ed {args.name}"
@@ -702,8 +728,9 @@ def cli_consumer(client: Client, args: argparse.Namespace) -> int:
 
 
 def cli_reload(client: Client, args: argparse.Namespace) -> int:
-    changes = client.call("POST", "/v1/reload", timeout_s=CLI_RELOAD_TIMEOUT_S).get("changes") or []
-    say("reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
+    shape = {"reloaded": bool, "changes": list}
+    changes = client.call("POST", "/v1/reload", shape=shape, timeout_s=CLI_RELOAD_TIMEOUT_S)["changes"]
+    say("reloaded: " + ("; ".join(map(str, changes)) if changes else "nothing changed"))
     return 0
 
 
@@ -716,7 +743,8 @@ def cli_reserve(client: Client, args: argparse.Namespace) -> int:
         body["gpu"] = args.gpu
     if args.no_restore:
         body["restore"] = False
-    answer = client.call("POST", "/v1/reserve", body, timeout_s=CLI_ADMIN_TIMEOUT_S)
+    shape = {"unloaded": list, "not_unloaded": dict}
+    answer = client.call("POST", "/v1/reserve", body, shape=shape, timeout_s=CLI_ADMIN_TIMEOUT_S)
     gpu = answer.get("gpu", args.gpu)
     say(f"GPU {gpu} reserved" if gpu is not None else "reserved", *reservation_lines(answer, time.time()))
     return 0
@@ -724,9 +752,9 @@ def cli_reserve(client: Client, args: argparse.Namespace) -> int:
 
 def cli_release(client: Client, args: argparse.Namespace) -> int:
     path = "/v1/reserve" + (f"?gpu={args.gpu}" if args.gpu is not None else "")
-    answer = client.call("DELETE", path)
-    gpu = answer.get("gpu", args.gpu) if isinstance(answer, dict) else args.gpu
-    if gpu is None and isinstance(answer, dict) and isinstance(answer.get("gpus"), list):
+    answer = client.call("DELETE", path, shape={"released": bool})
+    gpu = answer.get("gpu", args.gpu)
+    if gpu is None and isinstance(answer.get("gpus"), list):
         # Without --gpu, several GPUs: what became of each one's reservation (ended, or cancelled waiting).
         cancelled = answer.get("cancelled") or []
         lines = [
@@ -738,8 +766,8 @@ def cli_release(client: Client, args: argparse.Namespace) -> int:
         say(*(lines or ["no GPU was reserved"]))
         return 0
     what = f"GPU {gpu}" if gpu is not None else "the GPU"
-    was_reserved = not (isinstance(answer, dict) and answer.get("released") is False)
-    if isinstance(answer, dict) and answer.get("cancelled"):
+    was_reserved = answer["released"]
+    if answer.get("cancelled"):
         say(f"{what}: cancelled a pending reservation (it had not begun: nothing was unloaded)")
     else:
         say(f"{what} released" if was_reserved else f"{what} was not reserved")
@@ -749,7 +777,7 @@ def cli_release(client: Client, args: argparse.Namespace) -> int:
 def cli_events(client: Client, args: argparse.Namespace) -> int:
     """Follow /v1/events, one line per event, until Ctrl-C (exit 0) or the broker ends the stream."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
-    query = "" if args.since is None else f"?since={args.since:g}"
+    query = "" if args.since is None else f"?since={quote(f'{args.since:g}')}"  # (1e+06: its + escaped)
     timeout = client.timeout_s or CLI_EVENTS_TIMEOUT_S
     try:
         with client.open("GET", "/v1/events" + query, timeout_s=CLI_EVENTS_TIMEOUT_S) as resp:

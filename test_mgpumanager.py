@@ -12241,12 +12241,27 @@ async def test_cli_against_a_hostile_broker_exits_1_or_2_with_a_reason_never_a_t
     escape = {"error": "unload_failed", "message": "unload answered 500: \x1b]0;owned\x07\x1b[2Jboom"}
     infinite = answer('{"gpus": [{"scheduler": {"holder": {"consumer": "x", "held_s": Infinity}}}]}')
     cases: list[tuple[tuple[str, ...], Any, int, str]] = [
-        (("ps",), answer("[]"), 1, "answered what no broker does (AttributeError: "),
-        (("status",), answer('{"uptime_s": "soon"}'), 1, "answered what no broker does (TypeError: "),
-        (("ps",), infinite, 1, "answered what no broker does (OverflowError: "),
-        (("ps",), answer('{"uptime_s": NaN, "gpus": [5]}'), 1, "answered what no broker does"),
-        (("reload",), answer('{"changes": 5}'), 1, "answered what no broker does (TypeError: "),
-        (("unload", "x"), answer('"unloaded"'), 1, "answered what no broker does (AttributeError: "),
+        # JSON of another shape than the broker's answer is something else at the URL, and so is any JSON
+        # object that lacks what the broker's has (an attack: '{"ok": true}' was "reloaded", exit 0).
+        (("ps",), answer("[]"), 1, "answered JSON of another shape: is it a mgpumanager broker?"),
+        (("status",), answer('{"uptime_s": "soon"}'), 1, "answered JSON of another shape"),
+        (("reload",), answer('{"changes": 5}'), 1, "answered JSON of another shape"),
+        (("reload",), answer('{"ok": true}'), 1, "answered JSON of another shape"),
+        (("release",), answer('{"ok": true}'), 1, "answered JSON of another shape"),
+        (("reserve", "1h"), answer('{"ok": true}'), 1, "answered JSON of another shape"),
+        (("unload", "x"), answer('"unloaded"'), 1, "answered JSON of another shape"),
+        (("unload", "x"), answer('{"ok": true}'), 1, "answered JSON of another shape"),
+        # NaN and Infinity are no JSON the broker writes.
+        (("ps",), infinite, 1, "did not answer JSON"),
+        (("ps",), answer('{"consumers": {}, "uptime_s": NaN}'), 1, "did not answer JSON"),
+        # Of the right shape, and still not the broker's: what no broker does, never a traceback.
+        (
+            ("ps",),
+            answer('{"consumers": {}, "gpus": [5]}'),
+            1,
+            "answered what no broker does (AttributeError: ",
+        ),
+        (("status",), answer('{"consumers": {}, "uptime_s": "soon"}'), 1, "answered what no broker does"),
         (("ps",), answer("[" * 100_000), 1, "did not answer JSON"),
         (("ps", "--timeout", "1"), endless, 1, "did not finish its answer within 1 s"),
         (("ps",), huge, 1, "answered more than 16 MiB: not a broker?"),
@@ -12473,8 +12488,9 @@ async def test_cli_events_prints_one_line_per_event_and_stops_on_sigint(rig):
             proc.send_signal(signal.SIGINT)
             assert await asyncio.wait_for(proc.wait(), 10) == 0
         assert await proc.stderr.read() == b""  # no traceback
-        # The broker going away ends the stream: exit 1, saying so.
-        proc = await events("--since", "900")
+        # The broker going away ends the stream: exit 1, saying so. (--since 1000000: all the ring has; it
+        # went out as 1e+06, whose + the broker read as a space: bad_request, found by an attack.)
+        proc = await events("--since", "1000000")
         await lines_until(proc, "finished job=2 ")  # it follows the stream now
         daemon.terminate()
         assert await asyncio.wait_for(proc.wait(), 30) == 1
