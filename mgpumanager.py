@@ -10047,6 +10047,7 @@ class Broker:
         if (new.listen_host, new.listen_port) != (old.listen_host, old.listen_port):
             listen = f"{old.listen_host}:{old.listen_port}"
             log.warning(logfmt(msg="reload: listen changes only with a restart", listen=listen))
+            changes.append(f"listen {new.listen_host}:{new.listen_port} only after a restart (now {listen})")
         for part in ("gpu", "scheduler", "health", "routing", "audio_proxy", "auth", "http"):
             if getattr(new, part) != getattr(old, part):
                 changes.append(f"changed {part}")

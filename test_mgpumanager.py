@@ -15310,6 +15310,18 @@ def test_attack_the_daemon_without_aiohttp_says_so_in_one_line(tmp_path, args, m
     assert f"module {module}," in done.stderr and "pip install -r requirements.txt" in done.stderr
 
 
+async def test_a_reload_that_changes_listen_says_so_in_its_answer(rig):
+    """Found by an attack: a reload that changed only `listen` answered "nothing changed" (the log alone
+    said it waits for a restart)."""
+    r = await rig()
+    raw = copy.deepcopy(r.raw)
+    raw["listen"] = "127.0.0.1:1"
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        changes = (await resp.json())["changes"]
+    assert [c for c in changes if c.startswith("listen 127.0.0.1:1 only after a restart (now ")] == changes
+
+
 async def test_attack_a_reload_that_changes_listen_checks_loops_against_the_listener_in_force(rig, tmp_path):
     """Issue 19, item 3 (a consumer URL that leads back to the broker opens the admin routes to the LAN),
     through a reload: `listen` changes only with a restart, but the loader checks consumer URLs against the
