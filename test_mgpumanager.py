@@ -64,7 +64,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin
@@ -7867,13 +7867,21 @@ async def test_connect_timeout_is_consumer_unreachable(rig):
         listener.close()
 
 
-async def test_a_client_that_stops_reading_cannot_keep_the_gpu(rig):
+def _firehose(mib: int) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A consumer's handler that streams ``mib`` MiB, a MiB a write, as fast as its client takes them."""
+
     async def firehose(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         await resp.prepare(request)
-        for _ in range(256):
+        for _ in range(mib):
             await resp.write(b"x" * m.MiB)
         return resp
+
+    return firehose
+
+
+async def test_a_client_that_stops_reading_cannot_keep_the_gpu(rig):
+    firehose = _firehose(256)
 
     async with StandIn([("POST", "/api/generate", firehose), ("GET", "/", _ok)]) as ollama:
 
@@ -7899,12 +7907,7 @@ async def test_a_client_that_reads_slowly_but_steadily_is_not_cut_off(rig):
     (docs/decisions.md: one that accepts nothing for timeout_s is). A client that takes something within
     each timeout_s reads on."""
 
-    async def firehose(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        await resp.prepare(request)
-        for _ in range(64):
-            await resp.write(b"x" * m.MiB)
-        return resp
+    firehose = _firehose(64)
 
     async with StandIn([("POST", "/api/generate", firehose), ("GET", "/", _ok)]) as ollama:
         r = await rig(
@@ -7936,12 +7939,7 @@ async def test_a_client_that_resets_its_connection_mid_answer_is_a_client_that_l
     ConnectionResetError: the job failed as scheduler_error, counted as a bug, and a hold path lost its
     hold. It is a client that left: cancelled, nothing counted."""
 
-    async def firehose(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        await resp.prepare(request)
-        for _ in range(256):
-            await resp.write(b"x" * m.MiB)
-        return resp
+    firehose = _firehose(256)
 
     async with StandIn([("POST", "/api/generate", firehose), ("GET", "/", _ok)]) as ollama:
         r = await rig(urls={"ollama": ollama.url})
