@@ -3070,7 +3070,7 @@ EVENT_REPLAY_PIECE = 64 * 1024
 
 class Subscription(asyncio.Queue[bytes | None]):
     """A subscriber's stream: the events as the stream sends them, then None once it was dropped or the
-    broker closes; and when its reader last had taken everything (``caught_up``)."""
+    broker closes; and when its reader last had taken everything (``caught_up_at``)."""
 
     def __init__(self, maxsize: int, now: float) -> None:
         super().__init__(maxsize)
