@@ -8810,7 +8810,6 @@ async def open_upstream(
             data=data,
             timeout=timeout,
             allow_redirects=False,
-            skip_auto_headers=SKIP_AUTO_HEADERS,
         )
     except _ConnectTimeout as e:  # before the answer began: unreachable, not slow
         raise BrokerError(
@@ -11762,6 +11761,7 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         connector=connections.connector(),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=SKIP_AUTO_HEADERS,  # (a WebSocket's handshake too: ws_connect takes no such flag)
         **ANSWER_HEAD_LIMITS,
     )
     # The broker's own calls (health probes, loads, unloads) on a session of their own: however busy the

@@ -8701,10 +8701,20 @@ async def test_mount_websocket_passes_subprotocol_and_headers_but_not_the_token(
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await _ws_open(r, "/c/comfyui/ws")
         assert refused.value.status == 401
-    (headers,) = seen
+        # A client that sends no User-Agent, Accept or Accept-Encoding: the consumer gets none either (the
+        # broker's aiohttp added its own, found by an attack).
+        bare = ("User-Agent", "Accept", "Accept-Encoding")
+        async with aiohttp.ClientSession(skip_auto_headers=bare) as client:
+            url = URL(r.url("/").rstrip("/") + "/c/comfyui/ws", encoded=True)
+            async with client.ws_connect(
+                url, headers=auth, timeout=aiohttp.ClientWSTimeout(ws_close=5)
+            ) as ws:
+                await ws.receive(timeout=10)
+    headers, plain = seen
     assert "Authorization" not in headers and headers["X-Custom"] == "1"
     assert headers["Sec-WebSocket-Protocol"] == "comfy.v1,comfy.v2"
     assert headers["X-Forwarded-For"] == "127.0.0.1" and headers["Host"] == host
+    assert not set(bare) & set(plain), plain
 
 
 async def test_mount_websocket_to_a_consumer_that_is_down_is_a_json_error(rig):
