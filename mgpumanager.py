@@ -238,6 +238,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _timeout(text: str) -> float:
+    """--timeout: a wait of no time is none (0 was taken for the default)."""
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds, more than 0")
+    return value
+
+
 def cli_url(flag: str | None, environ: Mapping[str, str]) -> str:
     """The broker's base URL: --url, else MGPUMANAGER_URL, else DEFAULT_URL (``host:port`` means http)."""
     url = (flag or environ.get("MGPUMANAGER_URL") or DEFAULT_URL).strip().rstrip("/")
@@ -831,7 +839,7 @@ VERB_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
     (
         "--timeout",
         {
-            "type": _seconds,
+            "type": _timeout,
             "metavar": "SECONDS",
             "help": f"wait at most this long for each answer (default {CLI_TIMEOUT_S:g} s;"
             f" {CLI_ADMIN_TIMEOUT_S:g} s for load, unload and reserve,"

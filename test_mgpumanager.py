@@ -12295,6 +12295,9 @@ async def test_cli_against_a_hostile_broker_exits_1_or_2_with_a_reason_never_a_t
     for token in ("line\nbreak-0123456789", "with space-0123456789", "bell\x07-0123456789"):
         rc, _, err = await verb(capsys, "ps", "--url", "http://127.0.0.1:9", env={"MGPUMANAGER_TOKEN": token})
         assert rc == 2 and "a token is printable characters without spaces" in err, (token, err)
+    # --timeout 0 waited the default (found by an attack): no wait at all is no timeout to give.
+    rc, _, err = await verb(capsys, "ps", "--url", "http://127.0.0.1:9", "--timeout", "0")
+    assert rc == 2 and "'0': give a number of seconds, more than 0" in err, err
 
 
 async def test_cli_timeout_bounds_an_answer_whose_head_comes_a_line_at_a_time(capsys):
