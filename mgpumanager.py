@@ -3843,11 +3843,14 @@ class SmiSource:
             text = await gpu_query
             # (In a worker thread too: a broken nvidia-smi may print its 8 MiB here as well.)
             return await asyncio.to_thread(self._parse, text, "", started, read_at, None)
-        # The GPU's line before and after the process list, one after the other (``bracketed``).
-        self.queries += 3
+        # The GPU's line before and after the process list, one after the other (``bracketed``); each
+        # process counted as it starts (one that failed starts no next).
+        self.queries += 1
         before = await gpu_query
         apps_query = [*base, f"--query-compute-apps={','.join(APP_FIELDS)}", fmt]
+        self.queries += 1
         apps = await run_nvidia_smi(apps_query, limit_s, limit_mib)
+        self.queries += 1
         after = await run_nvidia_smi([*base, f"--query-gpu={','.join(GPU_FIELDS)}", fmt], limit_s, limit_mib)
         # Off the event loop: 20,000 process lines (a hostile or broken nvidia-smi) take it a second.
         return await asyncio.to_thread(self._parse, before, apps, started, read_at, finish, after)
@@ -4103,8 +4106,8 @@ class NvmlSource:
         read_at: float,
         finish: Callable[[GpuReading], GpuReading] | None,
     ) -> GpuReading:
-        """A reading started at ``started``, as SmiSource.read's; all of it (``finish`` too) in the thread."""
-        self.queries += 1
+        """A reading started at ``started``, as SmiSource.read's; all of it (``finish`` too) in the thread
+        (counted there, once NVML is asked: not one refused at once while a call hangs)."""
         work = functools.partial(self._read, whole, started, read_at, finish)
         return await self.thread.call(work, cfg.query_timeout_s)
 
@@ -4130,6 +4133,7 @@ class NvmlSource:
         if self._device is None:
             self._open()
         assert self._device is not None
+        self.queries += 1  # (NVML is asked for a reading)
         handle, name, uuid = self._device
         nv = self._nvml
         try:

@@ -1968,6 +1968,15 @@ async def test_nvidia_smi_error_exit_carries_its_own_message(tmp_path):
         await m.run_nvidia_smi(argv, 5)
 
 
+async def test_a_reading_counts_the_nvidia_smi_processes_it_started(tmp_path):
+    """mgpumanager_gpu_readings_total is nvidia-smi processes started plus NVML readings: a whole reading
+    whose first process failed counted 3, the two it never started among them (found by an attack)."""
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=_smi_script(tmp_path, "exit 6"), reader="nvidia-smi"))
+    with pytest.raises(m.GpuError, match="exited with status 6"):
+        await reader.read()
+    assert reader.queries == 1
+
+
 async def test_nvidia_smi_missing_is_a_gpu_error(tmp_path):
     with pytest.raises(m.GpuError, match="cannot run"):
         await m.run_nvidia_smi([str(tmp_path / "no-such-nvidia-smi")], 5)
@@ -2554,13 +2563,14 @@ async def test_a_hung_nvml_call_is_left_to_its_thread_and_readings_fail_at_once_
         nvml.gpu.set_nvml_fault("nvmlDeviceGetMemoryInfo_v2", hang=True)
         with pytest.raises(m.GpuError, match=r"NVML did not answer within 1 s"):
             await reader.read()
-        asked = len(nvml.calls())
+        asked, counted = len(nvml.calls()), reader.queries
         for _ in range(5):
             with pytest.raises(m.GpuError, match="not asked again until it answers"):
                 await reader.read_memory()
             with pytest.raises(m.GpuError, match="NVML has not answered for"):
                 await reader.read(own=True)
         assert len(nvml.calls()) == asked  # nothing more was asked of NVML
+        assert reader.queries == counted  # (and no reading counted: mgpumanager_gpu_readings_total)
         assert len(nvml_threads()) == len(before) + 1  # and no thread more started
         assert "NVML call hung: left to its thread" in caplog.text
         nvml.gpu.set_nvml_fault(None)  # the driver recovers: the hung call returns
