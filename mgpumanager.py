@@ -11057,14 +11057,14 @@ async def read_body(request: web.Request, broker: Broker, consumer: str) -> byte
     limit, budget = cfg.max_body_mib * MiB, cfg.max_bodies_mib * MiB
     length = request.content_length
     if length is not None and length > limit:
-        raise BrokerError(
-            "payload_too_large", f"request body of {length} bytes exceeds max_body_mib {cfg.max_body_mib}"
-        )
+        message = f"request body of {length} bytes exceeds max_body_mib {cfg.max_body_mib}"
+        raise BrokerError("payload_too_large", message, consumer)
     body = bytearray()
 
     def take(chunk: bytes) -> None:
         if len(body) + len(chunk) > limit:
-            raise BrokerError("payload_too_large", f"request body exceeds max_body_mib {cfg.max_body_mib}")
+            message = f"request body exceeds max_body_mib {cfg.max_body_mib}"
+            raise BrokerError("payload_too_large", message, consumer)
         if broker.reading + len(chunk) > budget:
             broker.metrics.inc("mgpumanager_refused_total", consumer=consumer, limit="max_bodies_mib")
             log.warning(logfmt(msg="limit reached: body refused", consumer=consumer, limit="max_bodies_mib"))

@@ -13234,14 +13234,16 @@ async def test_payload_too_large_by_length_and_by_chunked_body(rig):
 
     r = await rig(tweak=small)
     async with r.session.post(r.url("/v1/stt"), data=b"x" * (m.MiB + 1)) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "payload_too_large")
+        error = error_of(resp.status, dict(resp.headers), await resp.read(), "payload_too_large")
+        assert error["consumer"] == "mvoice"  # (it was null: the consumer is known by then)
 
     async def chunks():
         for _ in range(20):
             yield b"y" * 100_000
 
     async with r.session.post(r.url("/v1/stt"), data=chunks()) as resp:
-        error_of(resp.status, dict(resp.headers), await resp.read(), "payload_too_large")
+        error = error_of(resp.status, dict(resp.headers), await resp.read(), "payload_too_large")
+        assert error["consumer"] == "mvoice"
     async with r.session.post(r.url("/v1/stt"), data=b"z" * m.MiB) as resp:
         assert resp.status == 200 and (await resp.json())["bytes"] == m.MiB
     transcribed = [rec.body for rec in r.sims["mvoice"].records if rec.path == "/api/transcribe"]
