@@ -9250,7 +9250,7 @@ def audio_upstream_path(raw_path: str) -> str:
 UNSCHEDULED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def mount_upstream_path(raw_path: str, name: str) -> tuple[str, str]:
+def mount_upstream_path(raw_path: str, name: str, *, port: bool = False) -> tuple[str, str]:
     """For ``/c/{name}/{path}``: the consumer's path in normal form with the query as the client encoded it,
     and the path alone (what every guard looks at: exactly what is forwarded).
 
@@ -9277,10 +9277,11 @@ def mount_upstream_path(raw_path: str, name: str) -> tuple[str, str]:
         or "\\" in decoded
         or not decoded.isprintable()
     ):
+        where = f"a path on {name}'s port" if port else f"a mount path must stay below /c/{name}/, and"
         raise BrokerError(
             "bad_request",
-            f"a mount path must stay below /c/{name}/, without '.', '..' or empty segments, ';', '\\',"
-            " control characters or malformed percent-encoding",
+            f"{where} must have no '.', '..' or empty segments, ';', '\\', control characters or malformed"
+            " percent-encoding",
             name,
         )
     return upstream + sep + query, upstream
@@ -11223,7 +11224,7 @@ async def handle_consumer_port(request: web.Request) -> web.StreamResponse:
     if consumer is None:
         raise BrokerError("no_consumer", f"{name} is no longer configured", name)
     # The mount's path rules, applied to the path as if it came through the mount.
-    path_qs, upstream_path = mount_upstream_path(f"/c/{name}{request.raw_path}", name)
+    path_qs, upstream_path = mount_upstream_path(f"/c/{name}{request.raw_path}", name, port=True)
     return await serve_consumer_api(request, broker, consumer, path_qs, upstream_path)
 
 

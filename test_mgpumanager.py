@@ -9491,6 +9491,17 @@ def test_every_preset_fills_in_its_service_and_check_says_what():
     assert "residency GET /is_sleeping where is_sleeping=false" in text
 
 
+def test_a_path_refused_on_a_consumers_port_is_named_as_the_ports_not_the_mounts():
+    """A consumer's port serves its API at the root: its refusal spoke of a mount path below /c/<name>/,
+    which the client never used (an attack noticed)."""
+    with pytest.raises(m.BrokerError) as refused:
+        m.mount_upstream_path("/c/raw/a/../b", "raw", port=True)
+    assert refused.value.message.startswith("a path on raw's port must have no '.', '..'")
+    with pytest.raises(m.BrokerError) as refused:
+        m.mount_upstream_path("/c/raw/a/../b", "raw")
+    assert refused.value.message.startswith("a mount path must stay below /c/raw/, and must have no")
+
+
 def test_the_shipped_config_uses_the_presets_and_gives_two_consumers_a_port(tmp_path):
     done = subprocess.run(
         [PY, str(HERE / "mgpumanager.py"), "--check", "--config", str(HERE / "consumers.yaml")],
