@@ -3071,8 +3071,9 @@ EVENT_BUFFER_MAX = 10000
 #: A reader of /v1/events that accepts nothing for this long is cut off: what is written to it waits in the
 #: broker's memory until it reads.
 EVENT_STALL_S = 60.0
-#: The replay (``?since=``) is written in pieces of at most this many bytes, each after the reader took the
-#: last (a full ring is 3.5 MiB: written at once, it sat whole in memory for each reader that did not read).
+#: The replay (``?since=``), and a burst, are written in pieces of at most this many bytes, each after the
+#: reader took the last (a full ring is 3.5 MiB: written at once, it sat whole in memory for each reader
+#: that did not read).
 EVENT_REPLAY_PIECE = 64 * 1024
 
 
@@ -3155,6 +3156,8 @@ class Events:
         if self.subscribers:
             sent = event.frame()
             for queue in list(self.subscribers):
+                if queue.empty():  # (it had taken everything: caught up until this event)
+                    queue.caught_up_at = now
                 behind = queue.qsize() >= self.buffer and now - queue.caught_up_at > EVENT_BEHIND_S
                 if not behind and not queue.full():
                     queue.put_nowait(sent)
@@ -11661,11 +11664,18 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
                 queue.caught_up_at = events.clock()  # (nothing came: nothing to catch up with)
                 await _to_reader(request, resp, b": heartbeat\n\n")
                 continue
-            taken = [first, *queue.take_all(events.clock())]  # (a burst: one write)
-            frames = [frame for frame in taken if frame is not None]
-            if frames:
-                await _to_reader(request, resp, b"".join(frames))
-            if len(frames) < len(taken):
+            taken = [first, *queue.take_all(events.clock())]  # (a burst: taken at once, written in pieces)
+            piece = bytearray()
+            for frame in taken:
+                if frame is None:
+                    break
+                if piece and len(piece) + len(frame) > EVENT_REPLAY_PIECE:
+                    await _to_reader(request, resp, bytes(piece))
+                    piece.clear()
+                piece += frame
+            if piece:
+                await _to_reader(request, resp, bytes(piece))
+            if taken[-1] is None:
                 break  # it fell behind: the client reconnects and reads /v1/status again
     except ConnectionResetError:
         pass  # the client left, or was cut off

@@ -10501,17 +10501,22 @@ async def test_a_burst_of_events_in_one_turn_drops_no_reader_that_reads_on(rig, 
     before any stream could run, and every reader was dropped, however fast it read. A reader is dropped
     only once it has not caught up for EVENT_BEHIND_S, or at EVENT_BUFFER_MAX whatever it does; each wake
     takes all that waits, in one write."""
+    monkeypatch.setattr(m, "EVENT_BEHIND_S", 0.2)
     r = await rig()
     events = r.broker.events
     async with r.session.get(r.url("/v1/events")) as stream:
         assert await stream.content.readline() == b": mgpumanager events\n"
         await stream.content.readline()
         await until(lambda: len(events.subscribers) == 1)
+        # Idle longer than EVENT_BEHIND_S first: caught up all along, not behind since it last took one
+        # (a review found the fix dropping a reader that had been idle for a second).
+        await asyncio.sleep(0.3)
         for i in range(1000):  # in one turn of the loop: no reader runs in between
             events.publish("burst", n=i)
         got = []
         while len(got) < 1000:
             line = await asyncio.wait_for(stream.content.readline(), 5)
+            assert line, f"the stream ended after {len(got)} events (dropped: {events.dropped})"
             if line.startswith(b"data: "):
                 got.append(json.loads(line[6:])["n"])
         assert got == list(range(1000)) and events.dropped == 0
