@@ -8954,10 +8954,15 @@ def _fits_unpaused(transport: asyncio.BaseTransport, size: int) -> bool:
     return transport.get_write_buffer_size() + size <= high  # type: ignore[attr-defined]
 
 
+#: What a client must take of an answer in each of its consumer's ``timeout_s`` (all that waits, if less):
+#: one that trickles a window's worth a minute would hold the GPU for days with a large answer.
+CLIENT_MIN_TAKEN = 64 * 1024
+
+
 async def _to_client(request: web.Request, write: Awaitable[None], consumer: ConsumerConfig) -> None:
-    """A write to a client that may stall: a client that accepts nothing for the consumer's ``timeout_s`` is
-    cut off (ConnectionResetError). One that reads, however slowly, is not: the write's time is not
-    bounded, only a ``timeout_s`` in which the client took nothing of what waits for it."""
+    """A write to a client that may stall: a client that takes less than CLIENT_MIN_TAKEN of what waits for
+    it (or all of it, if less waits) in the consumer's ``timeout_s`` is cut off (ConnectionResetError): it
+    holds the GPU while it reads. One that reads steadily is not, however large the write."""
     transport = request.transport
 
     def waiting() -> int:
@@ -8981,9 +8986,10 @@ async def _to_client(request: web.Request, write: Awaitable[None], consumer: Con
             done, _ = await asyncio.wait((task,), timeout=consumer.timeout_s)
             if done:
                 return task.result()
-            if waiting() >= before:  # it took nothing for timeout_s
+            left = waiting()
+            if before - left < min(before, CLIENT_MIN_TAKEN):  # it took (next to) nothing for timeout_s
                 break
-            before = waiting()
+            before = left
     finally:
         if not task.done():
             task.cancel()

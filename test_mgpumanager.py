@@ -7943,6 +7943,40 @@ async def test_a_client_that_reads_slowly_but_steadily_is_not_cut_off(rig):
         await until(lambda: r.stats.cancelled == 1, timeout=20)  # it left: the job ends, the GPU is free
 
 
+async def test_a_client_that_trickles_is_cut_off_as_one_that_stopped(rig):
+    """Found by a review of the test above's fix: taking anything at all in each timeout_s (a window's worth,
+    a few KiB) kept the write going, so a client could hold the GPU for days with a large answer. One that
+    takes less than CLIENT_MIN_TAKEN (64 KiB) in a timeout_s is cut off."""
+    firehose = _firehose(64)
+    async with StandIn([("POST", "/api/generate", firehose), ("GET", "/", _ok)]) as ollama:
+        r = await rig(
+            urls={"ollama": ollama.url}, tweak=lambda raw: raw["consumers"]["ollama"].update(timeout_s=1)
+        )
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, (r.server.host, r.server.port))
+        body = b'{"model": "m", "prompt": "p"}'
+        head = f"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        await loop.sock_sendall(sock, head.encode() + body)
+
+        async def trickle() -> None:  # 16 KiB every half second: about 32 KiB a timeout_s
+            with contextlib.suppress(OSError):
+                for _ in range(100):
+                    if not await loop.sock_recv(sock, 16 * 1024):
+                        return
+                    await asyncio.sleep(0.5)
+
+        reading = asyncio.ensure_future(trickle())
+        try:
+            await until(lambda: r.stats.cancelled == 1, timeout=20)
+            assert r.broker.scheduler.holder is None
+        finally:
+            reading.cancel()
+            sock.close()
+
+
 async def test_a_client_that_resets_its_connection_mid_answer_is_a_client_that_left(rig):
     """Found by an attack: a client that closed its socket with data unread (a reset, as Ctrl-C on curl
     does) while the broker waited to write raised aiohttp's ConnectionError("Connection lost"), not a
