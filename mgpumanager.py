@@ -9792,6 +9792,8 @@ class Broker:
         self.ports = ports
         #: Where a reload reads the config again; None for an app made from a Config alone.
         self.source = source
+        #: The config's read on reload (one at a time: a hung one is not joined by another).
+        self._config_read: asyncio.Future[Any] | None = None
         self.notifier = Notifier()
         self.started = time.monotonic()
         #: One reader and one scheduler (queue, lock, eviction) per GPU, by nvidia-smi index.
@@ -9985,14 +9987,16 @@ class Broker:
         except Exception:
             self.shared.internal_error("internal error", during="reload")
 
-    @staticmethod
-    async def _read_config(source: ConfigSource) -> Config:
+    async def _read_config(self, source: ConfigSource) -> Config:
         """``source.load()`` in a thread, bounded by CONFIG_READ_TIMEOUT_S (a file on a hung network mount:
-        the thread is left to end on its own, its result unused)."""
+        the thread is left to end on its own, its result unused). One at a time: while a read that timed
+        out still hangs, a reload is refused at once (each started one more thread that never ends)."""
+        if self._config_read is not None and not self._config_read.done():
+            raise ConfigError(["the last read of it has not ended yet (a hung mount?)"])
+        self._config_read = reading = in_own_thread(source.load, name="config read")
+        reading.add_done_callback(lambda f: f.cancelled() or f.exception())  # (read, if it ends late)
         try:
-            return await asyncio.wait_for(
-                in_own_thread(source.load, name="config read"), CONFIG_READ_TIMEOUT_S
-            )
+            return await asyncio.wait_for(asyncio.shield(reading), CONFIG_READ_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise ConfigError([f"not read within {CONFIG_READ_TIMEOUT_S:g} s"]) from None
 
@@ -10647,9 +10651,9 @@ _KEEP_ENCODED: dict[str, bool] = (
 
 #: What a consumer's answer head may hold: a header line, a header (aiohttp's 8190 bytes each turned a
 #: big Set-Cookie into 502 consumer_unreachable, and the consumer into an unhealthy one), and headers
-#: (where aiohttp can be told: its default is 128).
+#: (where aiohttp can be told: its default is 128); 16 MiB a head at the most.
 ANSWER_HEAD_LIMITS: dict[str, int] = {"max_line_size": 64 * 1024, "max_field_size": 64 * 1024} | (
-    {"max_headers": 1024}
+    {"max_headers": 256}
     if "max_headers" in inspect.signature(aiohttp.ClientSession.__init__).parameters
     else {}
 )

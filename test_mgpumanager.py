@@ -15659,6 +15659,11 @@ async def test_a_config_read_that_hangs_leaves_no_thread_the_broker_waits_for_at
     assert "not read within 0.3 s" in json.dumps(error)
     hung = [t for t in threading.enumerate() if t.name == "mgpumanager config read"]
     assert len(hung) == 1 and hung[0].is_alive() and hung[0].daemon
+    # While it hangs, a reload is refused at once, starting no thread more (a review: each did).
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        error = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+    assert "the last read of it has not ended yet" in json.dumps(error)
+    assert [t for t in threading.enumerate() if t.name == "mgpumanager config read"] == hung
     os.close(os.open(r.config_path, os.O_WRONLY | os.O_NONBLOCK))  # (the reader gets its end: it ends)
     await asyncio.to_thread(hung[0].join, 5)
     assert not hung[0].is_alive()
