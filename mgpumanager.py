@@ -3086,7 +3086,7 @@ class Subscription(asyncio.Queue[bytes | None]):
         self.caught_up_at = now
 
     def take_all(self, now: float) -> list[bytes | None]:
-        """Everything queued, at once (a reader takes a burst in one write); it has caught up."""
+        """Everything queued, at once (a reader takes a burst in one wake); it has caught up."""
         taken = []
         while not self.empty():
             taken.append(self.get_nowait())
@@ -8784,8 +8784,8 @@ def response_headers(upstream: aiohttp.ClientResponse, consumer: str) -> CIMulti
     control character (aiohttp would refuse to write the answer's head, and the client get nothing: it
     gets the answer, and the log names what was left out)."""
     headers = _pass_headers(upstream.headers, HOP_BY_HOP)
-    if any(_UNSENDABLE_RE.search(k) or _UNSENDABLE_RE.search(v) for k, v in headers.items()):
-        bad = [k for k, v in headers.items() if _UNSENDABLE_RE.search(k) or _UNSENDABLE_RE.search(v)]
+    bad = [k for k, v in headers.items() if _UNSENDABLE_RE.search(k) or _UNSENDABLE_RE.search(v)]
+    if bad:
         log.warning(logfmt(msg="consumer header left out: a control character", consumer=consumer, names=bad))
         headers = CIMultiDict((k, v) for k, v in headers.items() if k not in bad)
     return headers

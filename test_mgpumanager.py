@@ -7911,35 +7911,42 @@ async def test_a_client_that_stops_reading_cannot_keep_the_gpu(rig):
         assert (await r.post("tts", {"text": "next"}))[0] == 200
 
 
+async def _llm_through_a_small_window(r: Rig, window: int) -> socket.socket:
+    """A client's socket with a receive buffer of ``window`` bytes, its /v1/llm request sent (non-blocking,
+    for the loop's sock_recv): how fast the broker's answer goes is how fast the test reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (r.server.host, r.server.port))
+    body = b'{"model": "m", "prompt": "p"}'
+    head = f"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    await loop.sock_sendall(sock, head.encode() + body)
+    return sock
+
+
 async def test_a_client_that_reads_slowly_but_steadily_is_not_cut_off(rig):
     """Found by an attack: each write to the client was bounded by the consumer's timeout_s as a whole, so
     a client reading steadily, but slower than a chunk per timeout_s, was cut off as if it had stopped
-    (docs/decisions.md: one that accepts nothing for timeout_s is). A client that takes something within
-    each timeout_s reads on."""
-
+    (docs/decisions.md: one that accepts nothing for timeout_s is). A client that takes CLIENT_MIN_TAKEN
+    (64 KiB) within each timeout_s reads on."""
     firehose = _firehose(64)
-
     async with StandIn([("POST", "/api/generate", firehose), ("GET", "/", _ok)]) as ollama:
         r = await rig(
             urls={"ollama": ollama.url}, tweak=lambda raw: raw["consumers"]["ollama"].update(timeout_s=1)
         )
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (r.server.host, r.server.port))
-        reader, writer = await asyncio.open_connection(sock=sock)
-        body = b'{"model": "m", "prompt": "p"}'
-        head = f"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
-        writer.write(head.encode() + body)
-        await writer.drain()
+        sock = await _llm_through_a_small_window(r, 16 * 1024)
+        loop = asyncio.get_running_loop()
         got, started = 0, time.monotonic()
-        while time.monotonic() - started < 4:  # about 800 KB/s: a MiB chunk takes longer than timeout_s
-            data = await asyncio.wait_for(reader.read(16 * 1024), 5)
-            assert data, f"cut off after {got} bytes"
-            got += len(data)
-            await asyncio.sleep(0.02)
-        assert r.stats.cancelled == 0 and r.broker.scheduler.holder == "ollama"
-        writer.close()
+        try:
+            while time.monotonic() - started < 4:  # about 800 KB/s: a MiB chunk takes longer than timeout_s
+                data = await asyncio.wait_for(loop.sock_recv(sock, 16 * 1024), 5)
+                assert data, f"cut off after {got} bytes"
+                got += len(data)
+                await asyncio.sleep(0.02)
+            assert r.stats.cancelled == 0 and r.broker.scheduler.holder == "ollama"
+        finally:
+            sock.close()
         await until(lambda: r.stats.cancelled == 1, timeout=20)  # it left: the job ends, the GPU is free
 
 
@@ -7952,14 +7959,8 @@ async def test_a_client_that_trickles_is_cut_off_as_one_that_stopped(rig):
         r = await rig(
             urls={"ollama": ollama.url}, tweak=lambda raw: raw["consumers"]["ollama"].update(timeout_s=1)
         )
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024)
-        sock.setblocking(False)
+        sock = await _llm_through_a_small_window(r, 4 * 1024)
         loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, (r.server.host, r.server.port))
-        body = b'{"model": "m", "prompt": "p"}'
-        head = f"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
-        await loop.sock_sendall(sock, head.encode() + body)
 
         async def trickle() -> None:  # 16 KiB every half second: about 32 KiB a timeout_s
             with contextlib.suppress(OSError):
