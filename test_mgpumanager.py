@@ -7911,6 +7911,15 @@ async def test_a_client_that_stops_reading_cannot_keep_the_gpu(rig):
         assert (await r.post("tts", {"text": "next"}))[0] == 200
 
 
+@contextlib.asynccontextmanager
+async def _firehose_rig(rig: Any) -> AsyncIterator[Rig]:
+    """A rig whose ollama streams 64 MiB as fast as its client takes them, its timeout_s 1 s."""
+    async with StandIn([("POST", "/api/generate", _firehose(64)), ("GET", "/", _ok)]) as ollama:
+        yield await rig(
+            urls={"ollama": ollama.url}, tweak=lambda raw: raw["consumers"]["ollama"].update(timeout_s=1)
+        )
+
+
 async def _llm_through_a_small_window(r: Rig, window: int) -> socket.socket:
     """A client's socket with a receive buffer of ``window`` bytes, its /v1/llm request sent (non-blocking,
     for the loop's sock_recv): how fast the broker's answer goes is how fast the test reads."""
@@ -7930,11 +7939,7 @@ async def test_a_client_that_reads_slowly_but_steadily_is_not_cut_off(rig):
     a client reading steadily, but slower than a chunk per timeout_s, was cut off as if it had stopped
     (docs/decisions.md: one that accepts nothing for timeout_s is). A client that takes CLIENT_MIN_TAKEN
     (64 KiB) within each timeout_s reads on."""
-    firehose = _firehose(64)
-    async with StandIn([("POST", "/api/generate", firehose), ("GET", "/", _ok)]) as ollama:
-        r = await rig(
-            urls={"ollama": ollama.url}, tweak=lambda raw: raw["consumers"]["ollama"].update(timeout_s=1)
-        )
+    async with _firehose_rig(rig) as r:
         sock = await _llm_through_a_small_window(r, 16 * 1024)
         loop = asyncio.get_running_loop()
         got, started = 0, time.monotonic()
@@ -7954,11 +7959,7 @@ async def test_a_client_that_trickles_is_cut_off_as_one_that_stopped(rig):
     """Found by a review of the test above's fix: taking anything at all in each timeout_s (a window's worth,
     a few KiB) kept the write going, so a client could hold the GPU for days with a large answer. One that
     takes less than CLIENT_MIN_TAKEN (64 KiB) in a timeout_s is cut off."""
-    firehose = _firehose(64)
-    async with StandIn([("POST", "/api/generate", firehose), ("GET", "/", _ok)]) as ollama:
-        r = await rig(
-            urls={"ollama": ollama.url}, tweak=lambda raw: raw["consumers"]["ollama"].update(timeout_s=1)
-        )
+    async with _firehose_rig(rig) as r:
         sock = await _llm_through_a_small_window(r, 4 * 1024)
         loop = asyncio.get_running_loop()
 
