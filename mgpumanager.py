@@ -151,6 +151,12 @@ HEARTBEAT_S = 15.0
 _LOGFMT_QUOTE = re.compile(r'[ "=\\]')
 
 
+def token_path_shown(path: str) -> str:
+    """A token file's path as messages show it: a value with no "/" in it is not shown, for it may be the
+    token itself, written where its file's path belongs (a path that names no directory is rare)."""
+    return path if "/" in path else "(the value, not shown: no '/' in it, so perhaps the token itself)"
+
+
 def read_token_file(path: str, *, warn_if_shared: bool = True) -> str:
     """The token in a regular file of at most MAX_TOKEN_FILE_BYTES (never a FIFO or a device, which could
     hang or never end); ValueError otherwise. A file others may read is accepted with a warning (the
@@ -267,15 +273,15 @@ def cli_token(token_file: str | None, environ: Mapping[str, str]) -> str | None:
         token = environ.get("MGPUMANAGER_TOKEN", "").strip() or None
         where = "MGPUMANAGER_TOKEN"
     else:
+        where = f"--token-file {token_path_shown(token_file)}"
         try:
             token = read_token_file(token_file, warn_if_shared=False)
         except OSError as e:
-            raise CliError(2, f"cannot read --token-file {token_file}: {e.strerror or e}") from e
+            raise CliError(2, f"cannot read {where}: {e.strerror or e}") from e
         except ValueError as e:
-            raise CliError(2, f"--token-file {token_file} {e}") from e
+            raise CliError(2, f"{where} {e}") from e
         if not token:
-            raise CliError(2, f"--token-file {token_file} is empty")
-        where = f"--token-file {token_file}"
+            raise CliError(2, f"{where} is empty")
     if token is not None and (not token.isprintable() or " " in token):  # as the broker's own rule
         raise CliError(2, f"{where}: a token is printable characters without spaces")
     return token
@@ -2351,10 +2357,10 @@ def _parse_token(ck: _Checker, d: dict, where: str) -> str | None:
         try:
             token = read_token_file(path) if path else ""
         except OSError as e:
-            ck.problem(f"{where}.token_file", f"cannot read {path}: {e.strerror or e}")
+            ck.problem(f"{where}.token_file", f"cannot read {token_path_shown(path)}: {e.strerror or e}")
             return None
         except ValueError as e:
-            ck.problem(f"{where}.token_file", f"{path} {e}")
+            ck.problem(f"{where}.token_file", f"{token_path_shown(path)} {e}")
             return None
     if token is not None and (len(token) < MIN_TOKEN_LENGTH or not token.isprintable() or " " in token):
         key = f"{where}.token" if "token" in d else f"{where}.token_file"

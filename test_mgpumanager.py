@@ -1651,6 +1651,27 @@ def test_token_file_and_token_rules(tmp_path):
     assert any("not both" in p for p in problems_of(raw))
 
 
+def test_a_token_written_where_its_files_path_belongs_is_not_shown_back(tmp_path, monkeypatch):
+    """A secret pasted as ``token_file`` (or given to --token-file) is named in no message: a path shows,
+    a value without a '/' does not (it may be the token itself)."""
+    monkeypatch.chdir(tmp_path)  # (the token is no file here)
+    raw = base_raw()
+    raw["auth"] = {"token_file": TOKEN}
+    problems = problems_of(raw)
+    assert any(p.startswith("auth.token_file: cannot read (the value, not shown") for p in problems), problems
+    with_clients(raw, wa={"token": None, "token_file": WA_TOKEN})
+    del raw["auth"]["clients"]["wa"]["token"], raw["auth"]["token"]
+    raw["auth"]["token_file"] = str(tmp_path / "missing")
+    problems = problems_of(raw)
+    assert any(p.startswith("auth.clients.wa.token_file: cannot read (the value") for p in problems), problems
+    assert any(f"cannot read {tmp_path / 'missing'}: " in p for p in problems), problems  # a path shows
+    assert not any(TOKEN in p or WA_TOKEN in p for p in problems), problems
+    with pytest.raises(m.CliError) as refused:
+        m.cli_token(TOKEN, {})
+    assert refused.value.code == 2 and "cannot read --token-file (the value, not shown" in str(refused.value)
+    assert TOKEN not in str(refused.value)
+
+
 def test_a_token_file_is_read_bounded_from_a_regular_file_only(tmp_path, caplog):
     """Item 7 of issue 10: /dev/zero hung start-up; a token file others may read was accepted silently."""
     raw = base_raw()
