@@ -2948,7 +2948,9 @@ class Bench:
                 " 7), and on 2 CPUs shared by the client, the broker and the consumer, that CPU delays the"
                 " consumer's next request. It buys what the bare proxy does not do: a log line per job, an"
                 " X-Request-ID, hop-by-hop and auth filtering and X-Forwarded-* both ways, admission, health"
-                " and residency checks, metrics and events."
+                ' and residency checks, metrics and events. docs/development.md ("The hand-over gap: where'
+                " it goes\") times each step of a hand-over: the broker's own is the shorter; it reads the"
+                " consumer's answer later, busy with the previous job's tail."
             )
         if "swap" in self.facts and self.facts["swap"][0] > RELEASE_S + SWAP_SLACK_S:
             swap, reading = self.facts["swap"]
