@@ -840,7 +840,10 @@ VERB_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--url", {"help": f"the broker (default: $MGPUMANAGER_URL, else {DEFAULT_URL})"}),
     (
         "--token-file",
-        {"metavar": "FILE", "help": "read the bearer token from FILE (default: $MGPUMANAGER_TOKEN)"},
+        {
+            "metavar": "FILE",
+            "help": "read the bearer token from FILE (default: the token in $MGPUMANAGER_TOKEN)",
+        },
     ),
     (
         "--timeout",
