@@ -152,9 +152,13 @@ _LOGFMT_QUOTE = re.compile(r'[ "=\\]')
 
 
 def token_path_shown(path: str) -> str:
-    """A token file's path as messages show it: a value with no "/" in it is not shown, for it may be the
-    token itself, written where its file's path belongs (a path that names no directory is rare)."""
-    return path if "/" in path else "(the value, not shown: no '/' in it, so perhaps the token itself)"
+    """A token file's path as messages show it: only a path in a directory that exists (``./token``,
+    ``/etc/mgpumanager/token``). Any other value may be the token itself, written where its file's path
+    belongs (a base64 token has '/' in it too), and is not shown."""
+    directory = os.path.dirname(path)
+    if directory and os.path.isdir(directory):
+        return path
+    return "(the value, not shown: no directory of it exists, so it may be the token itself)"
 
 
 def read_token_file(path: str, *, warn_if_shared: bool = True) -> str:

@@ -1659,6 +1659,9 @@ def test_a_token_written_where_its_files_path_belongs_is_not_shown_back(tmp_path
     raw["auth"] = {"token_file": TOKEN}
     problems = problems_of(raw)
     assert any(p.startswith("auth.token_file: cannot read (the value, not shown") for p in problems), problems
+    base64ish = "Zm9v/YmFy+YmF6/cXV4cXV1eA=="  # (openssl rand -base64 makes such tokens)
+    raw["auth"] = {"token_file": base64ish}
+    assert not any(base64ish in p or "Zm9v" in p for p in problems_of(raw))
     with_clients(raw, wa={"token": None, "token_file": WA_TOKEN})
     del raw["auth"]["clients"]["wa"]["token"], raw["auth"]["token"]
     raw["auth"]["token_file"] = str(tmp_path / "missing")
@@ -1804,7 +1807,8 @@ def test_clients_parse_each_with_its_token_priority_and_limit(tmp_path):
         ({"token": "has a space in it, 16+"}, "auth.clients.x.token: the token must be at least 16"),
         ({}, "auth.clients.x: needs its token or token_file"),
         ({"token": "x-token-0123456789abc", "token_file": "/f"}, "auth.clients.x: set token or token_file"),
-        ({"token_file": "/nonexistent/x"}, "auth.clients.x.token_file: cannot read /nonexistent/x"),
+        ({"token_file": "/nonexistent/x"}, "auth.clients.x.token_file: cannot read (the value, not shown"),
+        ({"token_file": "/etc/nonexistent"}, "auth.clients.x.token_file: cannot read /etc/nonexistent: "),
         ({"token": "x-token-0123456789abc", "priority": 5}, "auth.clients.x.priority: must be an integer"),
         ({"token": "x-token-0123456789abc", "priority": True}, "auth.clients.x.priority: must be an integer"),
         ({"token": "x-token-0123456789abc", "max_queued": 0}, "auth.clients.x.max_queued: must be positive"),
