@@ -7717,6 +7717,47 @@ async def test_answer_bytes_and_headers_pass_unchanged_but_hop_by_hop(rig):
         assert headers["Content-Length"] == str(len(body)) and "Keep-Alive" not in headers
 
 
+async def test_no_hop_by_hop_header_crosses_the_broker_either_way(rig):
+    """RFC 9110's hop-by-hop headers (and those a Connection header names) are the two ends' own: a
+    client's Proxy-Authorization never reaches the consumer, a consumer's Proxy-Authenticate, Upgrade or
+    Trailer never reaches the client; every other header passes."""
+    seen: list[Mapping[str, str]] = []
+
+    async def hop_by_hop_answer(request: web.Request) -> web.Response:
+        seen.append(request.headers.copy())
+        hops = {
+            "Proxy-Authenticate": 'Basic realm="consumer"',
+            "Upgrade": "h2c",
+            "TE": "trailers",
+            "Trailer": "X-Checksum",
+            "Keep-Alive": "timeout=5",
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "1",
+            "X-End": "1",
+        }
+        return web.Response(body=b'{"text": "ok"}', content_type="application/json", headers=hops)
+
+    async with StandIn([("POST", "/inference", hop_by_hop_answer), ("GET", "/health", _ok)]) as whisper:
+
+        def whisper_stt(raw):
+            raw["routing"]["stt"] = "whisper"
+
+        r = await rig(urls={"whisper": whisper.url}, tweak=whisper_stt)
+        sent = {
+            "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Trailer": "X-Checksum",
+            "Upgrade": "h2c",
+            "X-Custom": "1",
+        }
+        status, headers, _ = await r.post("stt", None, data=b"audio", headers=sent)
+        assert status == 200 and headers["X-End"] == "1"
+        hops = ("Proxy-Authenticate", "Upgrade", "TE", "Trailer", "Keep-Alive", "X-Hop")
+        assert [h for h in hops if h in headers] == [], headers
+        assert [h for h in sent if h in seen[-1]] == ["X-Custom"], seen[-1]
+
+
 async def test_audio_is_served_while_the_gpu_is_busy(rig):
     r = await rig(sims={"mvoice": {"loaded": True}, "ollama": {"lines": 40, "line_interval_s": 0.05}})
     (r.sims["mvoice"].audio_dir / "old.wav").write_bytes(b"RIFFold")
