@@ -5378,6 +5378,10 @@ def test_plan_the_target_itself_last_when_its_residency_is_unknown_or_in_doubt()
     assert m.plan_room(_room_snapshot(cfg, 0, doubt, used_mib=15000)).victims == ("t",)
     trusted = {**views, "t": {"resident": True, "trusted": True}}
     assert m.plan_room(_room_snapshot(cfg, 0, trusted, used_mib=15000)).fits
+    # Never while another job of it is at work (jobs counts this one too): that job uses what it holds.
+    for doubtful in ({"resident": None}, {"resident": True}):
+        busy = {**views, "t": {**doubtful, "jobs": 2}}
+        assert m.plan_room(_room_snapshot(cfg, 0, busy, used_mib=15000, target_working=1)).victims == ()
 
 
 def test_plan_stops_after_max_evictions():
