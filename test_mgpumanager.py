@@ -5947,6 +5947,32 @@ async def test_a_job_queued_while_the_idle_unload_waits_goes_first_and_cancels_i
     assert s.stats.idle_unloads == 0 and books_balance(s)
 
 
+async def test_an_idle_unload_granted_ahead_of_a_job_for_its_consumer_leaves_it_loaded():
+    """An idle unload that aged past a job for its consumer (priority 0, queued after it) is granted first,
+    finds that job waiting for the consumer and skips: the job needs no load again."""
+    s, gpu, ops, clock = make_scheduler(
+        small_config(consumers__x__idle_unload_s=10, consumers__x__priority=0)
+    )
+    jobs = internal_jobs(s)
+    crowd(gpu, ops, {"x": clock.now})
+    ops.states["t"].loaded()
+    clock.now += 11
+    running = await s.acquire("t", "kt")  # the lock is busy: the idle unload has to queue
+    idle = asyncio.ensure_future(jobs.idle_unload("x"))
+    await asyncio.sleep(0)
+    clock.now += 61  # aging_s 60: the idle unload is of effective priority 1 now
+    job_for_x = await _queued(s, "x")
+    assert [j.kind for j in s.queue()] == ["idle_unload", "kx"]
+    running.release("completed", status=200, success=True)
+    skipped = await asyncio.wait_for(idle, 5)
+    assert skipped is not None and skipped.outcome == "completed"
+    job = await asyncio.wait_for(job_for_x, 5)
+    assert ("unload", "x") not in ops.calls and ("load", "x") not in ops.calls  # nor loaded again
+    assert ops.states["x"].resident is True
+    job.release("completed", status=200, success=True)
+    assert s.stats.idle_unloads == 0 and books_balance(s)
+
+
 async def test_a_job_arriving_while_the_idle_unload_runs_waits_and_loads_the_consumer_again():
     s, gpu, ops, clock = make_scheduler(small_config(consumers__x__idle_unload_s=10))
     jobs = internal_jobs(s)
