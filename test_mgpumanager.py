@@ -262,7 +262,7 @@ class FakeOps:
         #: (name, reason) of every consumer the scheduler reported gone.
         self.gone_calls: list[tuple[str, str]] = []
         #: name -> "fail" | "hang" | "keep" (answers ok, never frees) | int (frees after that many reads)
-        #: | "gated" (takes effect once ``gate`` is set)
+        #: | "gated" (takes effect once ``gate`` is set) | ("keep_mib", n) (frees all but n MiB)
         self.unload_behaviour: dict[str, Any] = {}
         self.gate = asyncio.Event()
         self.load_fails: set[str] = set()
@@ -285,6 +285,8 @@ class FakeOps:
             await asyncio.Event().wait()
         if isinstance(how, int):
             self.gpu.releasing[name] = how
+        elif isinstance(how, tuple):
+            self.gpu.held[name] = how[1]
         elif how != "keep":
             self.gpu.held.pop(name, None)
 
@@ -5667,6 +5669,31 @@ async def test_unload_that_never_frees_waits_vram_wait_s_then_tries_the_next():
     job = await s.acquire("t", "kt")
     assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
     assert 1.0 <= clock.now - t0 < 1.2
+    job.release("completed")
+
+
+async def test_an_unload_that_frees_part_of_its_memory_leaves_its_residency_unknown():
+    """Within vram_wait_s a victim freed some of its memory, too little to call it unloaded: it may still be
+    freeing the rest, or hold it for good, so its residency is unknown (a later reading or probe tells),
+    never "not resident", which would make it no victim again. One that freed nothing was most likely not
+    resident (unmeasured, its residency was a guess)."""
+    s, gpu, ops, _ = make_scheduler(
+        small_config(scheduler__vram_wait_s=1, consumers__t__vram_resident_mib=8000)
+    )
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    ops.unload_behaviour["x"] = ("keep_mib", 2000)  # half of its 4000 MiB comes free: t still does not fit
+    job = await s.acquire("t", "kt")
+    assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
+    assert ops.states["x"].resident is None and ops.states["y"].resident is False
+    job.release("completed")
+    s, gpu, ops, _ = make_scheduler(
+        small_config(scheduler__vram_wait_s=1, consumers__t__vram_resident_mib=8000)
+    )
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    ops.unload_behaviour["x"] = "keep"
+    job = await s.acquire("t", "kt")
+    assert ops.states["x"].resident is False  # (and FakeGpu still counts its 4000 MiB: y and z went)
+    assert ops.calls == [("unload", "x"), ("unload", "y"), ("unload", "z"), ("load", "t")]
     job.release("completed")
 
 
