@@ -11934,6 +11934,7 @@ async def test_a_reservation_that_cannot_unload_something_says_so_and_still_hold
     status, _, answer = await _reserve(r, for_s=60, reason="training")
     assert status == 200 and answer["unloaded"] == ["comfyui"]
     assert answer["not_unloaded"]["mvoice"].startswith("unload failed: unload answered 500")
+    assert r.broker.scheduler.reservation.to_restore == []  # mvoice never went: its end loads nothing
     error_of(*await r.post("tts", {"text": "x"}), "gpu_reserved")
     # Asking again extends it (from now, with the new reason); no second wait, no second unload.
     status, _, again = await _reserve(r, for_s=7200, reason="a longer run")
