@@ -5126,6 +5126,14 @@ async def test_max_queued_gives_client_queue_full_to_that_client_alone_end_to_en
             "priority": 0,
             "max_queued": 3,
         }
+        # ps shows it so: whom the holder works for, and each client's running and queued jobs apart.
+        shown = m.render_ps(st, time.time())
+        assert re.search(r"held by mvoice: 1 job \(for batch\), for ", "\n".join(shown)), shown
+        table = [
+            line.split() for line in shown[shown.index(next(x for x in shown if x.startswith("CLIENT"))) :]
+        ]
+        rows = {row[0]: row for row in table[1:] if row}
+        assert rows["batch"][3:5] == ["1", "3"] and rows["wa"][3:5] == ["0", "3"], rows
         mvoice.gate.set()
         assert [r[0] for r in await asyncio.gather(*batch, *wa)] == [200] * 7
         async with b.session.get(daemon.url("/metrics"), headers=bearer(TOKEN)) as resp:
@@ -6048,6 +6056,7 @@ async def test_idle_consumer_is_unloaded_by_the_broker_and_loaded_again_by_the_n
     assert r.sims["mvoice"].loads == 1  # (its VRAM may be gone again by now: the clock runs)
     await until(lambda: r.stats.idle_unloads == 1)
     assert r.sims["mvoice"].unloads == 1 and r.gpu.used_mib("mvoice") == 0  # its VRAM is released
+    await until(lambda: not [t for t in r.broker.tasks if t.get_name() == "idle unload mvoice"])  # (ended)
     st = await r.status()
     assert st["consumers"]["mvoice"]["loaded"] is False and st["scheduler"]["stats"]["idle_unloads"] == 1
     async with r.session.get(r.url("/metrics")) as resp:
@@ -6361,8 +6370,10 @@ async def test_a_hold_counts_as_use_for_the_idle_unload():
     release = asyncio.Event()
     job.release("completed", status=200, success=True, hold=release.wait, hold_timeout_s=600)
     clock.now += 60  # a render far longer than idle_unload_s
+    assert len(s.tasks) == 1  # the hold: a task the scheduler owns ...
     release.set()
     await until(lambda: s.holder is None)
+    await until(lambda: not s.tasks)  # ... until it ends
     assert not jobs.idle_due("t")  # unused for 0 s, not 60
     clock.now += 10
     assert jobs.idle_due("t")
@@ -12296,6 +12307,10 @@ async def test_cli_ps_and_status_against_a_running_broker(rig, capsys):
     assert (rc, err) == (0, "")
     st = json.loads(out)
     assert st["scheduler"]["holder"]["consumer"] == "comfyui" and set(st["consumers"]) == set(rows)
+    direct = await r.status()  # the broker's own answer, every key in its order: --json prints it whole
+    assert list(st) == list(direct) and list(st["consumers"]) == list(direct["consumers"])
+    for name, c in direct["consumers"].items():  # (probes and readings may move the rest meanwhile)
+        assert list(st["consumers"][name]) == list(c) and st["consumers"][name]["url"] == c["url"]
     rc, out, err = await verb(capsys, "status", "--url", url)
     assert (rc, err) == (0, "")
     assert re.match(rf"mgpumanager {m.VERSION} at {re.escape(url.rstrip('/'))}, up \d+ s\n", out)
