@@ -40,6 +40,7 @@ import copy
 import ctypes
 import dataclasses
 import datetime
+import errno
 import functools
 import gc
 import gzip
@@ -7493,6 +7494,22 @@ async def test_the_state_file_is_written_within_a_second_of_a_change_atomically_
     assert st["state_file"]["path"] == str(path) and st["state_file"]["write_failures"] == 0
 
 
+def test_a_state_file_write_that_fails_midway_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    """Written whole or not at all: a write that fails before its end (here its fsync: a full disk, an I/O
+    error, power lost) leaves the file as it was, and no temporary beside it."""
+    path = tmp_path / "state.json"
+    m.write_state_file(str(path), b'{"version": 1, "old": true}\n')
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(m.os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        m.write_state_file(str(path), b'{"version": 1, "new": true}\n')
+    assert path.read_bytes() == b'{"version": 1, "old": true}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
 async def test_a_state_file_that_cannot_be_written_is_logged_once_counted_and_never_fatal(
     rig, caplog, tmp_path
 ):
@@ -7680,6 +7697,36 @@ async def test_a_consumer_idle_past_its_idle_unload_s_before_a_restart_is_unload
     r = await rig(sims={"mvoice": {"loaded": True}}, tweak=tweak)
     await until(lambda: r.stats.idle_unloads == 1, timeout=3 * m.IDLE_CHECK_S)
     assert r.sims["mvoice"].unloads == 1 and r.broker.consumers.states["mvoice"].resident is False
+
+
+async def test_a_restart_resumes_what_waits_to_be_restored_and_the_learned_timings(rig, tmp_path):
+    """Issue 22: what the state file kept is what the restarted broker goes on with. mvoice waited to be
+    restored when the broker stopped (a game had it unloaded; the game is gone now): the restarted broker
+    loads it again. Its learned times come back too (the forecast and Retry-After use them)."""
+    path = tmp_path / "state.json"
+    now = time.time()
+    path.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "written_at_s": now - 60,
+                "gpus": {"0": {"to_restore": ["mvoice"]}},
+                "consumers": {"mvoice": {"last_used_s": now - 600, "timings": {"job": [0.4, 0.2, 0.3]}}},
+            }
+        )
+    )
+
+    def tweak(raw: dict[str, Any]) -> None:
+        _yielding(restore_after_s=0)(raw)
+        raw["state_file"] = str(path)
+
+    r = await rig(sims={"mvoice": {"loaded": False}}, tweak=tweak)
+    assert r.broker.consumers.states["mvoice"].timing("job") == 0.3  # the median of the kept samples
+    await until(lambda: r.sims["mvoice"].loads == 1 and r.stats.restores == 1, timeout=15)
+    assert r.broker.consumers.states["mvoice"].resident is True and r.broker.internal.to_restore.get(0) in (
+        None,
+        [],
+    )
 
 
 async def test_what_a_restart_restores_gets_its_whole_idle_unload_s(rig, tmp_path):
