@@ -6799,6 +6799,7 @@ class GpuLock:
             self.on_grant(job)
             job.granted.set_result(None)
             granted = True
+        return granted
 
     def started(self, job: Job) -> None:
         """A granted job made room and loaded (or needed neither): it goes to work on its consumer."""

@@ -3546,6 +3546,8 @@ class InvariantDriver:
         s, cfg = self.s, self.config
         if self.ops.violations:
             raise InvariantBroken(self.ops.violations[0])
+        if s.shared.internal_errors:  # (a check raised inside the scheduler is caught there, as a bug)
+            raise InvariantBroken(f"{s.shared.internal_errors} bugs caught inside the scheduler")
         if (s.holder is None) != (s.slots == 0):
             raise InvariantBroken(f"holder {s.holder} with {s.slots} slots")
         if s.holder is not None and s.slots > cfg.consumers[s.holder].max_concurrency:
