@@ -5960,8 +5960,11 @@ async def test_idle_unload_waits_for_idle_unload_s_since_the_last_use_then_unloa
     assert s.holder is None and books_balance(s)
 
 
-async def test_a_job_queued_while_the_idle_unload_waits_goes_first_and_cancels_it():
-    s, gpu, ops, clock = make_scheduler(small_config(consumers__x__idle_unload_s=10))
+async def _idle_unload_queued(
+    **tweaks: Any,
+) -> tuple[m.Scheduler, FakeOps, FakeClock, m.InternalJobs, m.Job, asyncio.Future[m.Job | None]]:
+    """x due for its idle unload (idle_unload_s 10, unused for 11 s), which queues behind t's running job."""
+    s, gpu, ops, clock = make_scheduler(small_config(consumers__x__idle_unload_s=10, **tweaks))
     jobs = internal_jobs(s)
     crowd(gpu, ops, {"x": clock.now})
     ops.states["t"].loaded()
@@ -5969,6 +5972,11 @@ async def test_a_job_queued_while_the_idle_unload_waits_goes_first_and_cancels_i
     running = await s.acquire("t", "kt")  # the lock is busy: the idle unload has to queue
     idle = asyncio.ensure_future(jobs.idle_unload("x"))
     await asyncio.sleep(0)
+    return s, ops, clock, jobs, running, idle
+
+
+async def test_a_job_queued_while_the_idle_unload_waits_goes_first_and_cancels_it():
+    s, ops, _, jobs, running, idle = await _idle_unload_queued()
     assert [j.kind for j in s.queue()] == ["idle_unload"]
     assert await jobs.idle_unload("x") is None  # never two pending for one consumer
     job_for_x = await _queued(s, "x")
@@ -5986,16 +5994,7 @@ async def test_a_job_queued_while_the_idle_unload_waits_goes_first_and_cancels_i
 async def test_an_idle_unload_granted_ahead_of_a_job_for_its_consumer_leaves_it_loaded():
     """An idle unload that aged past a job for its consumer (priority 0, queued after it) is granted first,
     finds that job waiting for the consumer and skips: the job needs no load again."""
-    s, gpu, ops, clock = make_scheduler(
-        small_config(consumers__x__idle_unload_s=10, consumers__x__priority=0)
-    )
-    jobs = internal_jobs(s)
-    crowd(gpu, ops, {"x": clock.now})
-    ops.states["t"].loaded()
-    clock.now += 11
-    running = await s.acquire("t", "kt")  # the lock is busy: the idle unload has to queue
-    idle = asyncio.ensure_future(jobs.idle_unload("x"))
-    await asyncio.sleep(0)
+    s, ops, clock, _, running, idle = await _idle_unload_queued(consumers__x__priority=0)
     clock.now += 61  # aging_s 60: the idle unload is of effective priority 1 now
     job_for_x = await _queued(s, "x")
     assert [j.kind for j in s.queue()] == ["idle_unload", "kx"]
