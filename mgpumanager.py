@@ -12497,15 +12497,22 @@ class LogfmtFormatter(logging.Formatter):
 
 
 class OneLineBadRequests(logging.Filter):
-    """aiohttp logs an unparsable request with a traceback; one logfmt line says it (and cannot flood)."""
+    """aiohttp logs an unparsable request with a traceback, as an "Unhandled exception" too where a body
+    broke after the handler answered it (aiohttp reads the rest of a body to keep the connection); one
+    logfmt line says it (and cannot flood)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            # Only the reason: aiohttp quotes the offending line, which may carry a token.
+        # Only the reason: aiohttp quotes the offending line, which may carry a token; a broken chunk of a
+        # body it quotes whole, so its kind is all that is said of it.
+        if isinstance(exc, web.RequestPayloadError) and isinstance(exc.__cause__, HttpProcessingError):
+            reason = type(exc.__cause__).__name__
+        elif isinstance(exc, HttpProcessingError):
             reason = str(exc.message).split(":", 1)[0]
-            record.msg, record.args, record.exc_info = logfmt(msg="bad http request", error=reason), (), None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        else:
+            return True
+        record.msg, record.args, record.exc_info = logfmt(msg="bad http request", error=reason), (), None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 
