@@ -529,6 +529,25 @@ class Rig:
             await server.close()
 
 
+@pytest.fixture(autouse=True)
+def no_bug_caught(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Every test fails on a bug the broker caught in itself. The broker counts and logs such a bug, then
+    goes on, so a test's own checks can pass over it: a check of the invariant fuzz test that raised inside
+    the scheduler was caught there as a bug, 36 times in one run, and the test passed. A test marked
+    ``catches_bug`` makes one on purpose and counts it itself."""
+    caught: list[str] = []
+    internal_error = m.Shared.internal_error
+
+    def recorded(self: m.Shared, msg: str, exc: BaseException | None = None, **fields: Any) -> None:
+        caught.append(m.logfmt(msg=msg, **fields))
+        internal_error(self, msg, exc, **fields)
+
+    monkeypatch.setattr(m.Shared, "internal_error", recorded)
+    yield
+    if request.node.get_closest_marker("catches_bug") is None:
+        assert caught == [], "the broker caught bugs of its own (each logged with its traceback above)"
+
+
 @pytest.fixture
 async def rig(tmp_path):
     rigs: list[Rig] = []
@@ -821,6 +840,9 @@ class Daemon:
             raise AssertionError(f"the daemon did not stop:\n{self.log_path.read_text()}") from None
         self.log_file.close()
         self.log = self.log_path.read_text()
+        # A bug the daemon caught in itself is logged with its traceback (no_bug_caught, in a process).
+        if not exc or exc[0] is None:
+            assert "traceback=" not in self.log, f"the daemon caught a bug of its own:\n{self.log}"
 
 
 def nothing_overfilled(gpu: mgpusim.SimGPU) -> None:
@@ -4125,6 +4147,7 @@ async def test_max_concurrency_lets_the_holder_join_but_never_another_consumer()
     assert books_balance(s)
 
 
+@pytest.mark.catches_bug
 @pytest.mark.parametrize("step", list(JOB_STEPS))
 async def test_whatever_raises_while_a_job_is_granted_or_running_it_ends_and_frees_its_slot(
     step, monkeypatch
@@ -4572,6 +4595,7 @@ async def test_the_forecast_plays_a_snapshot_of_who_waits_without_a_waiter_cance
     assert books_balance(s)
 
 
+@pytest.mark.catches_bug
 async def test_a_bug_starting_a_play_off_the_loop_strands_no_queued_event(monkeypatch):
     """Starting a play off the loop (its snapshot, its task) raising (a bug): the turn's jobs are announced
     at once (eta_s null) and counted, and the jobs queued after them are played as ever, not left to wait
@@ -4623,6 +4647,7 @@ async def test_a_play_of_a_snapshot_does_not_change_with_an_overtaking_after_it(
     assert books_balance(s)
 
 
+@pytest.mark.catches_bug
 async def test_a_forecast_bug_while_announcing_loses_no_queued_event_and_stops_no_grant(monkeypatch):
     """The forecast for a turn's queued events raising (a bug): each job's queued event still goes out
     (eta_s null), the bug is counted, and the jobs are granted as ever."""
@@ -5529,6 +5554,7 @@ async def test_failing_unload_moves_on_to_the_next_candidate():
     job.release("completed")
 
 
+@pytest.mark.catches_bug
 async def test_a_bug_in_an_unload_is_a_counted_scheduler_error_not_the_consumers_unload_failed():
     """Found by a review: a bug in the broker's own unload or load call was taken for the consumer's
     failure (unload_failed, its message the exception's), with no traceback and no count. It is one bug
@@ -5545,6 +5571,7 @@ async def test_a_bug_in_an_unload_is_a_counted_scheduler_error_not_the_consumers
     assert s.holder is None and books_balance(s)
 
 
+@pytest.mark.catches_bug
 async def test_a_bug_in_a_load_is_a_counted_scheduler_error_not_the_consumers_load_failed():
     """The load's side of the test above."""
     s, gpu, ops, _ = make_scheduler(small_config())
@@ -11244,6 +11271,7 @@ async def test_a_reload_or_sighup_meeting_such_a_url_is_bad_config_never_a_crash
     assert "Traceback" not in daemon.log and "never retrieved" not in daemon.log, daemon.log
 
 
+@pytest.mark.catches_bug
 async def test_a_bug_in_a_sighup_reload_is_logged_and_counted_never_left_in_its_task(rig, caplog):
     """A reload that crashes (a bug, not a refused config) is what POST /v1/reload answers scheduler_error
     for; on SIGHUP nobody awaits the task, so it is logged and counted there, not left for asyncio to
@@ -12091,6 +12119,7 @@ async def test_a_reservation_extended_while_it_unloads_leaves_no_timer_behind_to
     assert s.reservations.release() and s.holder is None and books_balance(s)
 
 
+@pytest.mark.catches_bug
 @pytest.mark.parametrize("step", list(RESERVATION_STEPS))
 async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_frees_its_slot(
     step, monkeypatch
@@ -13495,6 +13524,7 @@ def test_every_code_has_the_specified_status_and_one_shape():
         assert ("Retry-After" in resp.headers) == (status in (429, 503))
 
 
+@pytest.mark.catches_bug
 async def test_a_crash_in_a_handler_is_scheduler_error_in_the_shape_and_counted(rig):
     r = await rig()
 
@@ -13508,6 +13538,7 @@ async def test_a_crash_in_a_handler_is_scheduler_error_in_the_shape_and_counted(
     r.expected_internal_errors = 1
 
 
+@pytest.mark.catches_bug
 async def test_a_lease_ends_its_job_exactly_once_on_every_path():
     """``async with scheduler.job(...)``: its exit ends the job once, as the block ended: completed;
     failed with a BrokerError's code; cancelled by a cancellation or by a client that left; a bug failed
@@ -13551,6 +13582,7 @@ async def test_a_lease_ends_its_job_exactly_once_on_every_path():
     assert s.stats.jobs == 6 and s.stats.completed == 2 and books_balance(s)
 
 
+@pytest.mark.catches_bug
 async def test_a_bug_while_a_job_is_forwarded_is_scheduler_error_counted_once_and_frees_the_gpu(
     rig, monkeypatch
 ):
@@ -13570,6 +13602,7 @@ async def test_a_bug_while_a_job_is_forwarded_is_scheduler_error_counted_once_an
     assert (await r.post("tts", {"text": "b"}))[0] == 200  # the GPU is free
 
 
+@pytest.mark.catches_bug
 async def test_crash_inside_the_scheduler_is_scheduler_error_and_counted():
     s, gpu, _, _ = make_scheduler(small_config())
 
@@ -15481,6 +15514,7 @@ async def test_attack_a_reload_that_adds_a_token_closes_what_was_opened_without_
         public[1].close()
 
 
+@pytest.mark.catches_bug
 async def test_attack_a_bug_after_the_answer_began_cuts_the_connection(rig, monkeypatch):
     """docs/how-it-works.md: a failure after the answer began cannot become an error response; the client's
     connection is cut without the final chunk. A bug there (anything but UpstreamBroke or the client
@@ -15732,6 +15766,7 @@ async def test_a_probe_of_the_old_url_refused_after_a_reload_does_not_mark_the_n
     assert (await r.post("tts", {"text": "hi"}))[0] == 200
 
 
+@pytest.mark.catches_bug
 async def test_a_probe_on_demand_whose_callers_left_ends_with_the_broker_and_a_crash_is_counted(rig):
     """Found by a review: a probe on demand goes on when the jobs waiting for it leave, and nothing owned it:
     the broker's shutdown left it running (and its exception, a bug, was nobody's)."""
@@ -15766,6 +15801,7 @@ async def test_a_probe_on_demand_whose_callers_left_ends_with_the_broker_and_a_c
         gate.set()
 
 
+@pytest.mark.catches_bug
 async def test_a_bug_in_one_probe_of_a_round_leaves_the_others_to_end_and_is_counted(rig):
     """Found by a review: a health round gathered its probes and stopped at the first that raised, leaving
     the others running unowned (and a second bug uncounted). Each probe ends now, each bug counted."""
@@ -15786,6 +15822,7 @@ async def test_a_bug_in_one_probe_of_a_round_leaves_the_others_to_end_and_is_cou
     r.expected_internal_errors = 2
 
 
+@pytest.mark.catches_bug
 async def test_a_bug_in_one_gpus_yield_round_leaves_the_other_gpus_round_to_end_and_is_counted(rig):
     """As for the health probes: the yield's rounds of several GPUs, gathered, stopped at the first that
     raised and left the others running unowned."""
