@@ -18,7 +18,8 @@ is a JSON error ``{error, message, consumer, retryable}``; whatever a consumer a
 untouched.
 
 Known limits: one broker per machine (residency is in memory and a restart forgets it; with ``state_file``,
-reservations, what waits to be restored, learned timings and last use survive one); without ``gpu.yield``,
+reservations, what waits to be restored, learned timings and last use survive one, and a second broker with
+the same file does not start); without ``gpu.yield``,
 memory held by processes outside the broker is seen only as "not free" (with it, such a *stranger* gets room:
 idle consumers are unloaded for it, and come back once it left); a consumer that allocates more than its
 ``vram_resident_mib`` can still run the GPU out of memory; consumers without an unload route or command are
@@ -9667,6 +9668,33 @@ def write_state_file(path: str, data: bytes) -> None:
         os.close(dirfd)
 
 
+class StateFileHeld(BrokerError):
+    """Another broker holds the state file (bad_config): one broker per state file, and per machine."""
+
+    def __init__(self, message: str):
+        super().__init__("bad_config", message)
+
+
+def lock_state_file(path: str) -> int:
+    """Hold ``<path>.lock`` (flock, for as long as the descriptor returned is open) with this process's pid in
+    it; StateFileHeld where another process holds it, OSError where it cannot be opened or locked. Run in a
+    worker thread."""
+    lock_path = path + ".lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            raise StateFileHeld(f"{path} is another broker's (pid {holder}, holding {lock_path})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class StateFile:
     """What a restart keeps, in ``state_file``: each GPU's reservation (its end in wall-clock time) and what
     waits to be restored, each consumer's learned timings and last use; never a token, and nothing that
@@ -9674,11 +9702,15 @@ class StateFile:
     it within a second of a change (``write``: atomically, mode 0600, in a worker thread bounded by
     STATE_IO_TIMEOUT_S; one write at a time). A failed write is logged (once until one succeeds) and
     counted, never fatal; ``read`` at start gives what the file holds, or None for a fresh start (a
-    missing, unreadable, corrupt, later or absurd file: a warning)."""
+    missing, unreadable, corrupt, later or absurd file: a warning). Only one broker keeps a state file: it
+    holds ``<state_file>.lock`` (``claim``) from before it reads the file until after its last write; a
+    broker that finds it held does not start, and one whose reload names a held file writes none."""
 
     def __init__(self, shared: Shared, collect: Callable[[], dict[str, Any]]) -> None:
         self.shared = shared
         self.collect = collect
+        #: The state file whose lock this broker holds, and the lock's descriptor.
+        self._lock: tuple[str, int] | None = None
         #: What was written last (the state, without its time), and where; when (wall-clock).
         self._written: tuple[str, bytes] | None = None
         self.written_at: float | None = None
@@ -9692,11 +9724,41 @@ class StateFile:
     def path(self) -> str | None:
         return self.shared.config.state_file
 
+    async def claim(self) -> None:
+        """Hold the lock of the state file in force, letting go of the one held before (a reload named
+        another); StateFileHeld where another broker holds it, OSError or TimeoutError where it cannot be
+        taken."""
+        path = self.path
+        if path is None or (self._lock is not None and self._lock[0] == path):
+            return
+        locking = in_own_thread(lock_state_file, path, name="state file lock")
+        fd = await asyncio.wait_for(locking, STATE_IO_TIMEOUT_S)
+        self.release()
+        self._lock = (path, fd)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock[1])
+            self._lock = None
+
+    async def close(self) -> None:
+        """At shutdown: the last write, where this broker holds a state file's lock (never where another
+        broker holds it: a start refused), then the lock let go."""
+        if self._lock is not None:
+            await self.write(last=True)
+        self.release()
+
     async def read(self) -> Remembered | None:
-        """The state file's content, checked; None (and why, logged) for a fresh start."""
+        """The state file's content, checked; None (and why, logged) for a fresh start. Its lock is taken
+        first: StateFileHeld where another broker holds it (the broker does not start)."""
         path = self.path
         if path is None:
             return None
+        try:
+            await self.claim()
+        except (OSError, asyncio.TimeoutError) as e:  # (its writes will try again, and say so)
+            why = e.strerror if isinstance(e, OSError) else f"not locked within {STATE_IO_TIMEOUT_S:g} s"
+            log.warning(logfmt(msg="state file not locked", path=path, reason=why or str(e)))
         try:
             reading = in_own_thread(read_state_file, path, name="state file read")
             raw = await asyncio.wait_for(reading, STATE_IO_TIMEOUT_S)
@@ -9742,6 +9804,15 @@ class StateFile:
             return False
         if self._written == (path, state):
             return True
+        try:
+            await self.claim()
+        except StateFileHeld as e:
+            self._failed(path, e.message)
+            return False
+        except (OSError, asyncio.TimeoutError) as e:
+            why = e.strerror if isinstance(e, OSError) else f"not locked within {STATE_IO_TIMEOUT_S:g} s"
+            self._failed(path, why or str(e))
+            return False
         now = time.time()
         head = {"version": STATE_VERSION, "written_at": _iso(now), "written_at_s": round(now, 3)}
         data = json.dumps({**head, **collected}, indent=1).encode() + b"\n"
@@ -11856,7 +11927,7 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
             await scheduler.close()
         for reader in broker.gpus.values():
             await reader.close()
-        await broker.state.write(last=True)  # (a reservation shutdown ended is kept: a restart resumes it)
+        await broker.state.close()  # (a reservation shutdown ended is kept: a restart resumes it)
         await session.close()
         await own.close()
         connections.close_all()
@@ -12529,6 +12600,9 @@ async def serve(config: Config, source: ConfigSource) -> int:
         await runner.setup()  # the first health round runs here, and the consumers' ports open
     except ListenError as e:
         log.error(logfmt(msg="cannot listen", error=str(e)))
+        return 1
+    except StateFileHeld as e:
+        log.error(logfmt(msg="another broker runs: not starting", error=e.message))
         return 1
     # What start-up made (modules, config, app: most of the objects there are) stays for good: a full
     # collection, which a reading of 20,000 processes sets off, walks only what came after (it holds the

@@ -7579,6 +7579,64 @@ async def test_a_state_file_write_that_hangs_is_given_up_in_time_and_no_second_o
     assert json.loads((tmp_path / "state.json").read_text())["version"] == 1
 
 
+async def test_a_second_broker_on_the_same_state_file_does_not_start_nor_touch_anything(rig, tmp_path):
+    """A second broker started by mistake (a manual run beside the unit, another port) read the state file,
+    probed the consumers, started its preloads and idle unloads, and wrote the state file at its exit: two
+    brokers over one GPU, each blind to the other's loads. The first holds ``<state_file>.lock`` now; the
+    second exits 1 before it reads or asks anything, naming the first's pid, and starts once it is gone."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    path = tmp_path / "state.json"
+    raw = r.raw | {"state_file": str(path)}
+    (tmp_path / "second").mkdir()
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as first:
+        async with r.session.post(first.url("/v1/tts"), json={"text": "x"}) as resp:
+            assert resp.status == 200
+        st = await first.until(r.session, lambda st: st["state_file"]["written"] is not None)
+        await asyncio.sleep(2 * m.STATE_CHECK_S)  # (the job's learned timing written too)
+        state, asked = path.read_bytes(), {name: len(sim.records) for name, sim in r.sims.items()}
+        second = Daemon(raw, tmp_path / "second", sim_smi(r.state))
+        with pytest.raises(AssertionError, match="the daemon did not start"):
+            async with second:
+                pass
+        assert second.proc.returncode == 1
+        assert (
+            f'msg="another broker runs: not starting" error="{path} is another broker\'s'
+            f" (pid {first.proc.pid}" in second.log
+        )
+        assert path.read_bytes() == state and {n: len(s.records) for n, s in r.sims.items()} == asked
+        assert (await first.status(r.session))["state_file"] | {"written": None} == st["state_file"] | {
+            "written": None
+        }  # (the first's writes go on, none failed)
+    async with Daemon(raw, tmp_path / "second", sim_smi(r.state)) as again:  # the first is gone: it starts
+        assert (await again.status(r.session))["state_file"]["error"] is None
+        assert (tmp_path / "state.json.lock").read_text() == f"{again.proc.pid}\n"
+
+
+async def test_a_reload_to_a_state_file_another_broker_holds_writes_none_and_says_so(rig, tmp_path):
+    """The lock follows ``state_file`` through a reload: a file another broker holds is not written (a
+    failed write, counted, its reason in /v1/status), the file before goes on being this broker's until
+    the new one is, and a reload back writes again."""
+    path, theirs = tmp_path / "state.json", tmp_path / "theirs.json"
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=lambda raw: raw.update(state_file=str(path)))
+    await status_until(r, lambda st: st["state_file"]["written"] is not None)
+    held = m.lock_state_file(str(theirs))  # (another broker's: a lock of its own, on another descriptor)
+    try:
+        r.raw["state_file"] = str(theirs)
+        r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+        await r.broker.reload()
+        assert (await r.post("tts", {"text": "a change to write"}))[0] == 200
+        st = await status_until(r, lambda st: st["state_file"]["write_failures"] >= 1)
+        assert "is another broker's" in st["state_file"]["error"] and not theirs.exists()
+        with pytest.raises(m.StateFileHeld):  # the file before is still this broker's
+            m.lock_state_file(str(path))
+    finally:
+        os.close(held)
+    r.raw["state_file"] = str(path)
+    r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+    await r.broker.reload()
+    await status_until(r, lambda st: st["state_file"]["error"] is None)
+
+
 async def test_a_reservation_survives_sigterm_and_a_fresh_start_and_its_end_then_restores(rig, tmp_path):
     """Issue 22, done when: `make deploy` restarts the broker in the middle of a game. The reservation
     survives SIGTERM (the state file, mode 0600, holding no token) and the fresh start holds the GPU again at
