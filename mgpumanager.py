@@ -8889,8 +8889,9 @@ async def relay(
     """
     headers = response_headers(upstream, consumer.name)
     reason = upstream.reason if not _UNSENDABLE_RE.search(upstream.reason or "") else None  # (the usual one)
-    if upstream.content.is_eof() and request.method != "HEAD":
-        # The whole answer came with its headers (a small one): headers and body go out in one write.
+    if upstream.content.is_eof() and upstream.content_length is not None and request.method != "HEAD":
+        # The whole answer came with its headers (a small one): headers and body go out in one write. Only
+        # one framed by its length: a chunked one (a stream that ended before it was read) stays chunked.
         body = await upstream.content.read()
         if capture is not None and len(body) <= HOLD_ANSWER_LIMIT:
             capture += body

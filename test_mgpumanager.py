@@ -8334,6 +8334,42 @@ async def test_an_answer_with_a_control_character_in_a_header_reaches_the_client
         assert r.broker.shared.internal_errors == 0 and r.stats.completed == 1
 
 
+async def test_a_chunked_answer_stays_chunked_even_when_it_came_whole(rig):
+    """Found by make test-real: a streamed chat that llama-server had finished before the broker read its
+    head (16 tokens on a quiet machine) reached the client with a Content-Length, not chunked: the broker
+    writes an answer that came whole with its head in one write, and took a chunked one for such. The
+    consumer's framing is kept: a chunked answer goes out chunked (a client may take that for a stream),
+    one framed by its Content-Length keeps it."""
+    events = b'data: {"n": 1}\n\ndata: [DONE]\n\n'
+
+    async def consumer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # (Raw: head and body in one write, so the broker finds the answer whole with its head.)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        if b"x-framing: length" in head.lower():
+            framed = b"Content-Length: %d\r\n\r\n%s" % (len(events), events)
+        else:
+            framed = b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(events), events)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + framed)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(consumer, "127.0.0.1", 0)
+    async with server:
+        r = await rig(urls={"mvoice": f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"})
+        async with r.session.post(r.url("/v1/tts"), json={"text": "hi"}) as resp:
+            assert resp.headers.get("Transfer-Encoding") == "chunked" and "Content-Length" not in resp.headers
+            assert resp.status == 200 and await resp.read() == events
+        headers = {"X-Framing": "length"}
+        async with r.session.post(r.url("/v1/tts"), json={"text": "hi"}, headers=headers) as resp:
+            assert (
+                resp.headers["Content-Length"] == str(len(events)) and "Transfer-Encoding" not in resp.headers
+            )
+            assert resp.status == 200 and await resp.read() == events
+        assert r.stats.completed == 2
+
+
 async def test_forwarding_adds_x_forwarded_and_never_follows_redirects_or_keeps_cookies(rig):
     seen: list[dict[str, str]] = []
 
