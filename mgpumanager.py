@@ -9696,6 +9696,13 @@ def lock_state_file(path: str) -> int:
     return fd
 
 
+def _unlocked(e: OSError | asyncio.TimeoutError) -> str:
+    """Why the state file's lock could not be taken (but for another broker's holding it)."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return f"not locked within {STATE_IO_TIMEOUT_S:g} s"
+
+
 class StateFile:
     """What a restart keeps, in ``state_file``: each GPU's reservation (its end in wall-clock time) and what
     waits to be restored, each consumer's learned timings and last use; never a token, and nothing that
@@ -9758,8 +9765,7 @@ class StateFile:
         try:
             await self.claim()
         except (OSError, asyncio.TimeoutError) as e:  # (its writes will try again, and say so)
-            why = e.strerror if isinstance(e, OSError) else f"not locked within {STATE_IO_TIMEOUT_S:g} s"
-            log.warning(logfmt(msg="state file not locked", path=path, reason=why or str(e)))
+            log.warning(logfmt(msg="state file not locked", path=path, reason=_unlocked(e)))
         try:
             reading = in_own_thread(read_state_file, path, name="state file read")
             raw = await asyncio.wait_for(reading, STATE_IO_TIMEOUT_S)
@@ -9811,8 +9817,7 @@ class StateFile:
             self._failed(path, e.message)
             return False
         except (OSError, asyncio.TimeoutError) as e:
-            why = e.strerror if isinstance(e, OSError) else f"not locked within {STATE_IO_TIMEOUT_S:g} s"
-            self._failed(path, why or str(e))
+            self._failed(path, _unlocked(e))
             return False
         now = time.time()
         head = {"version": STATE_VERSION, "written_at": _iso(now), "written_at_s": round(now, 3)}
