@@ -4044,6 +4044,84 @@ async def test_a_client_with_max_queued_above_max_queue_cannot_fill_the_others_r
     assert len(order) == 75
 
 
+async def test_a_refused_clients_retry_after_counts_down_between_two_plays_of_the_queue():
+    """Between two plays (CLIENT_ETA_S apart), client_queue_full's Retry-After is the wait played last,
+    less the time since: q's first job, expected in 20.6 s, is expected in 19.9 s 0.7 s later (Retry-After
+    20, as a play then would say), not still in 20.6 s (21)."""
+    cfg = small_config(auth=client_auth(q={"max_queued": 1}))
+    s, _, ops, clock = make_scheduler(cfg)
+    ops.states["t"].loaded()
+    ops.states["t"].learned("job", 10.3)
+    running = await s.acquire("t", "kt")
+    waiting = [await _queued(s, "t", "p"), await _queued(s, "t", "q")]  # q's waits for two jobs: 20.6 s
+    after, start = {}, clock.now
+    for at in (0.0, 0.7, 1.2):  # played at 0, counted down at 0.7, played again at 1.2 (19.4 s)
+        clock.now = start + at
+        with pytest.raises(m.BrokerError) as info:
+            await s.acquire("t", "kt", client="q")
+        assert info.value.code == "client_queue_full"
+        after[at] = info.value.retry_after
+    assert after == {0.0: 21, 0.7: 20, 1.2: 20}
+    order = await _granted_in_turn(s, clock, running, job_s=0)
+    assert order == [w.result() for w in waiting]
+
+
+async def test_an_exclusive_job_is_nobodys_gpu_time():
+    """Admin operations, idle unloads and preloads count for nobody in fair share: the admin's unload that
+    held the GPU 5 s does not count against the jobs of no client (the admin's own), whose next one still
+    goes before p's (p has had 1 s). (Counted as the jobs of no client, it would go after p's.)"""
+    s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
+    ops.states["t"].loaded()
+    p = await s.acquire("t", "kt", client="p")
+    clock.now += 1
+    p.release("completed", status=200, success=True)
+
+    async def nothing(job: m.Job) -> None:
+        pass
+
+    unload = await s.job("x", "unload", exclusive=True, step=nothing).__aenter__()  # the lock, alone
+    p_next = await _queued(s, "t", "p")
+    clock.now += 0.1
+    admins = await _queued(s, "t", None)
+    order = await _granted_in_turn(s, clock, unload, job_s=5)
+    assert order == [admins.result(), p_next.result()]
+    assert books_balance(s)
+
+
+async def test_a_clients_gpu_time_in_status_is_what_it_held_within_the_fair_window():
+    """/v1/status's gpu_s_window is the window's (fair_window_s, 60 s): p's job held the GPU from 0 to 5 s;
+    at 63 s, 2 s of it fall within the window; at 66 s, none (not the 5 s p ever had)."""
+    s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
+    ops.states["t"].loaded()
+    job, start = await s.acquire("t", "kt", client="p"), clock.now
+    clock.now = start + 5
+    assert m.client_use(s, "p")["gpu_s_window"] == 5.0  # (held still: counted up to now)
+    job.release("completed", status=200, success=True)
+    clock.now = start + 63
+    assert m.client_use(s, "p")["gpu_s_window"] == pytest.approx(2.0)
+    clock.now = start + 66
+    assert m.client_use(s, "p") == {"queued": 0, "running": 0, "jobs_total": 1, "gpu_s_window": 0.0}
+
+
+async def test_a_job_of_a_client_that_a_reload_removed_meanwhile_is_refused_not_queued():
+    """A request let in with q's token, whose job comes to be admitted after a reload removed q (its
+    connection is being closed), gets unauthorized: never queued or counted, nor run as nobody's with the
+    consumer's priority in place of q's."""
+    s, _, ops, _ = make_scheduler(small_config(auth=client_auth(q={"priority": 0})))
+    ops.states["t"].loaded()
+    running = await s.acquire("t", "kt", client="p")
+    auth = copy.deepcopy(CLIENT_AUTH)
+    del auth["clients"]["q"]
+    s.shared.config = small_config(auth=auth)  # (as Broker.apply swaps it)
+    refused = await _queued(s, "t", "q")
+    assert refused.done() and s.queue() == [], "q's job was queued"
+    error = refused.exception()
+    assert isinstance(error, m.BrokerError)
+    assert (error.code, error.status) == ("unauthorized", 401) and "client q" in error.message
+    assert s.stats.jobs == 1 and books_balance(s)
+    running.release("completed")
+
+
 async def test_queue_full_rejects_beyond_max_queue():
     s, _, ops, _ = make_scheduler(small_config(scheduler__max_queue=2))
     ops.states["t"].loaded()
