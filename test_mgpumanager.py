@@ -15012,8 +15012,9 @@ async def test_a_clients_token_runs_jobs_and_reads_status_but_opens_no_admin_rou
 
 async def test_a_reload_adds_removes_and_rotates_clients_and_closes_what_a_gone_token_let_in(rig):
     """Issue 23: a reload that removes client wa and gives batch a new token closes the connections those
-    tokens let in (an event stream each), before it answers; the admin's and kept's (whose token stays) go
-    on, and a new client's token is let in at once. The changes name the clients, never a token."""
+    tokens let in (an event stream each, and a keep-alive connection that showed kept's token and then
+    batch's: it showed a token that is gone), before it answers; the admin's and kept's (whose token stays)
+    go on, and a new client's token is let in at once. The changes name the clients, never a token."""
     r = await rig()
     raw = copy.deepcopy(r.raw)
     kept = "kept-token-0123456789abcd"
@@ -15023,6 +15024,12 @@ async def test_a_reload_adds_removes_and_rotates_clients_and_closes_what_a_gone_
         for name, token in (("wa", WA_TOKEN), ("batch", BATCH_TOKEN), ("admin", TOKEN), ("kept", kept)):
             streams[name] = await r.session.get(daemon.url("/v1/events"), headers=bearer(token))
             await streams[name].content.readline()
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        for token in (kept, BATCH_TOKEN):
+            writer.write(
+                f"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+            )
+            assert (await whole_answer(reader))[0] == 200
         rotated, added = "batch-token-rotated-0123456789", "new-client-token-0123456789"
         raw["auth"]["clients"] = {
             "batch": {"token": rotated, "priority": 0},
@@ -15034,7 +15041,9 @@ async def test_a_reload_adds_removes_and_rotates_clients_and_closes_what_a_gone_
             assert resp.status == 200
             changes = (await resp.json())["changes"]
         assert {"added client new", "removed client wa", "new token for client batch"} <= set(changes)
-        assert "closed 2 connections authenticated with a revoked token" in changes, changes
+        assert "closed 3 connections authenticated with a revoked token" in changes, changes
+        await closed_by_peer(reader)
+        writer.close()
         for name in ("wa", "batch"):
             with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
                 await asyncio.wait_for(streams[name].content.read(), 10)
