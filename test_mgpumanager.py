@@ -10735,6 +10735,38 @@ async def test_metrics_for_holds_unload_failures_and_the_gpu(rig):
     assert _value(families, "mgpumanager_gpu_utilization_ratio") == 0
 
 
+async def test_a_clients_use_sums_every_gpu_and_its_gpu_time_counts_its_holds_in_status_and_metrics(rig):
+    """Issue 23's visibility: a client's line in /v1/status is its use on every GPU together, and its GPU
+    time runs until its slot is given back, a hold's end included (ComfyUI's render, which the hold waits
+    for), in the fair window and in mgpumanager_client_gpu_seconds_total alike: wa's TTS job on GPU 0 and
+    its image on GPU 1 make jobs_total 2, and gpu_s_window the seconds the counter has, the hold's in it."""
+
+    def two_gpus_and_clients(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["gpu"] = 1
+        with_clients(raw)
+
+    r = await rig(gpus=2, sims={"comfyui": {"gpu": 1, "work_s": 0.2}}, tweak=two_gpus_and_clients)
+    wa = bearer(WA_TOKEN)
+    assert (await r.post("tts", {"text": "x"}, headers=wa))[0] == 200
+    assert (await r.post("image", {"prompt": {}}, headers=wa))[0] == 200
+    await until(lambda: all(s.holder is None for s in r.broker.schedulers.values()))  # the hold ended
+    async with r.session.get(r.url("/v1/status"), headers=wa) as resp:
+        clients = (await resp.json())["clients"]
+    async with r.session.get(r.url("/metrics"), headers=wa) as resp:
+        families = _families(await resp.text())
+    held = _value(families, "mgpumanager_client_gpu_seconds_total", client="wa")
+    assert held >= _value(families, "mgpumanager_hold_seconds_sum", consumer="comfyui") > 0
+    assert clients["wa"] | {"gpu_s_window": 0} == {
+        "queued": 0,
+        "running": 0,
+        "jobs_total": 2,
+        "gpu_s_window": 0,
+        "priority": 4,
+        "max_queued": None,
+    }
+    assert clients["wa"]["gpu_s_window"] == pytest.approx(held, abs=1e-3)
+
+
 async def test_event_stream_tells_a_job_with_eviction_and_load_in_order(rig):
     r = await rig(sims={"comfyui": {"loaded": True}, "mvoice": {"loaded": False}})
     async with r.session.get(r.url("/v1/events")) as stream:
