@@ -15045,8 +15045,9 @@ async def test_a_clients_token_runs_jobs_and_reads_status_but_opens_no_admin_rou
 async def test_a_reload_adds_removes_and_rotates_clients_and_closes_what_a_gone_token_let_in(rig):
     """Issue 23: a reload that removes client wa and gives batch a new token closes the connections those
     tokens let in (an event stream each, and a keep-alive connection that showed kept's token and then
-    batch's: it showed a token that is gone), before it answers; the admin's and kept's (whose token stays)
-    go on, and a new client's token is let in at once. The changes name the clients, never a token."""
+    batch's: it showed a token that is gone), before it answers; the admin's and kept's (whose token stays,
+    its max_queued changed) go on, and a new client's token is let in at once. The changes name the clients,
+    never a token."""
     r = await rig()
     raw = copy.deepcopy(r.raw)
     kept = "kept-token-0123456789abcd"
@@ -15066,13 +15067,18 @@ async def test_a_reload_adds_removes_and_rotates_clients_and_closes_what_a_gone_
         raw["auth"]["clients"] = {
             "batch": {"token": rotated, "priority": 0},
             "new": {"token": added},
-            "kept": {"token": kept},
+            "kept": {"token": kept, "max_queued": 5},
         }
         daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
         async with r.session.post(daemon.url("/v1/reload"), headers=bearer(TOKEN)) as resp:
             assert resp.status == 200
             changes = (await resp.json())["changes"]
-        assert {"added client new", "removed client wa", "new token for client batch"} <= set(changes)
+        assert {
+            "added client new",
+            "removed client wa",
+            "new token for client batch",
+            "changed client kept",
+        } <= set(changes)
         assert "closed 3 connections authenticated with a revoked token" in changes, changes
         await closed_by_peer(reader)
         writer.close()
