@@ -4066,6 +4066,84 @@ async def test_a_client_with_max_queued_above_max_queue_cannot_fill_the_others_r
     assert len(order) == 75
 
 
+async def test_a_refused_clients_retry_after_counts_down_between_two_plays_of_the_queue():
+    """Between two plays (CLIENT_ETA_S apart), client_queue_full's Retry-After is the wait played last,
+    less the time since: q's first job, expected in 20.6 s, is expected in 19.9 s 0.7 s later (Retry-After
+    20, as a play then would say), not still in 20.6 s (21)."""
+    cfg = small_config(auth=client_auth(q={"max_queued": 1}))
+    s, _, ops, clock = make_scheduler(cfg)
+    ops.states["t"].loaded()
+    ops.states["t"].learned("job", 10.3)
+    running = await s.acquire("t", "kt")
+    waiting = [await _queued(s, "t", "p"), await _queued(s, "t", "q")]  # q's waits for two jobs: 20.6 s
+    after, start = {}, clock.now
+    for at in (0.0, 0.7, 1.2):  # played at 0, counted down at 0.7, played again at 1.2 (19.4 s)
+        clock.now = start + at
+        with pytest.raises(m.BrokerError) as info:
+            await s.acquire("t", "kt", client="q")
+        assert info.value.code == "client_queue_full"
+        after[at] = info.value.retry_after
+    assert after == {0.0: 21, 0.7: 20, 1.2: 20}
+    order = await _granted_in_turn(s, clock, running, job_s=0)
+    assert order == [w.result() for w in waiting]
+
+
+async def test_an_exclusive_job_is_nobodys_gpu_time():
+    """Admin operations, idle unloads and preloads count for nobody in fair share: the admin's unload that
+    held the GPU 5 s does not count against the jobs of no client (the admin's own), whose next one still
+    goes before p's (p has had 1 s). (Counted as the jobs of no client, it would go after p's.)"""
+    s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
+    ops.states["t"].loaded()
+    p = await s.acquire("t", "kt", client="p")
+    clock.now += 1
+    p.release("completed", status=200, success=True)
+
+    async def nothing(job: m.Job) -> None:
+        pass
+
+    unload = await s.job("x", "unload", exclusive=True, step=nothing).__aenter__()  # the lock, alone
+    p_next = await _queued(s, "t", "p")
+    clock.now += 0.1
+    admins = await _queued(s, "t", None)
+    order = await _granted_in_turn(s, clock, unload, job_s=5)
+    assert order == [admins.result(), p_next.result()]
+    assert books_balance(s)
+
+
+async def test_a_clients_gpu_time_in_status_is_what_it_held_within_the_fair_window():
+    """/v1/status's gpu_s_window is the window's (fair_window_s, 60 s): p's job held the GPU from 0 to 5 s;
+    at 63 s, 2 s of it fall within the window; at 66 s, none (not the 5 s p ever had)."""
+    s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
+    ops.states["t"].loaded()
+    job, start = await s.acquire("t", "kt", client="p"), clock.now
+    clock.now = start + 5
+    assert m.client_use(s, "p")["gpu_s_window"] == 5.0  # (held still: counted up to now)
+    job.release("completed", status=200, success=True)
+    clock.now = start + 63
+    assert m.client_use(s, "p")["gpu_s_window"] == pytest.approx(2.0)
+    clock.now = start + 66
+    assert m.client_use(s, "p") == {"queued": 0, "running": 0, "jobs_total": 1, "gpu_s_window": 0.0}
+
+
+async def test_a_job_of_a_client_that_a_reload_removed_meanwhile_is_refused_not_queued():
+    """A request let in with q's token, whose job comes to be admitted after a reload removed q (its
+    connection is being closed), gets unauthorized: never queued or counted, nor run as nobody's with the
+    consumer's priority in place of q's."""
+    s, _, ops, _ = make_scheduler(small_config(auth=client_auth(q={"priority": 0})))
+    ops.states["t"].loaded()
+    running = await s.acquire("t", "kt", client="p")
+    auth = copy.deepcopy(CLIENT_AUTH)
+    del auth["clients"]["q"]
+    s.shared.config = small_config(auth=auth)  # (as Broker.apply swaps it)
+    refused = await _queued(s, "t", "q")
+    assert refused.done() and s.queue() == [], "q's job was queued"
+    error = refused.exception()
+    assert isinstance(error, m.BrokerError)
+    assert (error.code, error.status) == ("unauthorized", 401) and "client q" in error.message
+    assert s.stats.jobs == 1 and books_balance(s)
+    running.release("completed")
+
+
 async def test_queue_full_rejects_beyond_max_queue():
     s, _, ops, _ = make_scheduler(small_config(scheduler__max_queue=2))
     ops.states["t"].loaded()
@@ -10778,6 +10856,38 @@ async def test_metrics_for_holds_unload_failures_and_the_gpu(rig):
     assert _value(families, "mgpumanager_gpu_utilization_ratio") == 0
 
 
+async def test_a_clients_use_sums_every_gpu_and_its_gpu_time_counts_its_holds_in_status_and_metrics(rig):
+    """Issue 23's visibility: a client's line in /v1/status is its use on every GPU together, and its GPU
+    time runs until its slot is given back, a hold's end included (ComfyUI's render, which the hold waits
+    for), in the fair window and in mgpumanager_client_gpu_seconds_total alike: wa's TTS job on GPU 0 and
+    its image on GPU 1 make jobs_total 2, and gpu_s_window the seconds the counter has, the hold's in it."""
+
+    def two_gpus_and_clients(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["gpu"] = 1
+        with_clients(raw)
+
+    r = await rig(gpus=2, sims={"comfyui": {"gpu": 1, "work_s": 0.2}}, tweak=two_gpus_and_clients)
+    wa = bearer(WA_TOKEN)
+    assert (await r.post("tts", {"text": "x"}, headers=wa))[0] == 200
+    assert (await r.post("image", {"prompt": {}}, headers=wa))[0] == 200
+    await until(lambda: all(s.holder is None for s in r.broker.schedulers.values()))  # the hold ended
+    async with r.session.get(r.url("/v1/status"), headers=wa) as resp:
+        clients = (await resp.json())["clients"]
+    async with r.session.get(r.url("/metrics"), headers=wa) as resp:
+        families = _families(await resp.text())
+    held = _value(families, "mgpumanager_client_gpu_seconds_total", client="wa")
+    assert held >= _value(families, "mgpumanager_hold_seconds_sum", consumer="comfyui") > 0
+    assert clients["wa"] | {"gpu_s_window": 0} == {
+        "queued": 0,
+        "running": 0,
+        "jobs_total": 2,
+        "gpu_s_window": 0,
+        "priority": 4,
+        "max_queued": None,
+    }
+    assert clients["wa"]["gpu_s_window"] == pytest.approx(held, abs=1e-3)
+
+
 async def test_event_stream_tells_a_job_with_eviction_and_load_in_order(rig):
     r = await rig(sims={"comfyui": {"loaded": True}, "mvoice": {"loaded": False}})
     async with r.session.get(r.url("/v1/events")) as stream:
@@ -15064,8 +15174,10 @@ async def test_a_clients_token_runs_jobs_and_reads_status_but_opens_no_admin_rou
 
 async def test_a_reload_adds_removes_and_rotates_clients_and_closes_what_a_gone_token_let_in(rig):
     """Issue 23: a reload that removes client wa and gives batch a new token closes the connections those
-    tokens let in (an event stream each), before it answers; the admin's and kept's (whose token stays) go
-    on, and a new client's token is let in at once. The changes name the clients, never a token."""
+    tokens let in (an event stream each, and a keep-alive connection that showed kept's token and then
+    batch's: it showed a token that is gone), before it answers; the admin's and kept's (whose token stays,
+    its max_queued changed) go on, and a new client's token is let in at once. The changes name the clients,
+    never a token."""
     r = await rig()
     raw = copy.deepcopy(r.raw)
     kept = "kept-token-0123456789abcd"
@@ -15075,18 +15187,31 @@ async def test_a_reload_adds_removes_and_rotates_clients_and_closes_what_a_gone_
         for name, token in (("wa", WA_TOKEN), ("batch", BATCH_TOKEN), ("admin", TOKEN), ("kept", kept)):
             streams[name] = await r.session.get(daemon.url("/v1/events"), headers=bearer(token))
             await streams[name].content.readline()
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        for token in (kept, BATCH_TOKEN):
+            writer.write(
+                f"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+            )
+            assert (await whole_answer(reader))[0] == 200
         rotated, added = "batch-token-rotated-0123456789", "new-client-token-0123456789"
         raw["auth"]["clients"] = {
             "batch": {"token": rotated, "priority": 0},
             "new": {"token": added},
-            "kept": {"token": kept},
+            "kept": {"token": kept, "max_queued": 5},
         }
         daemon.config.write_text(yaml.safe_dump(raw, sort_keys=False))
         async with r.session.post(daemon.url("/v1/reload"), headers=bearer(TOKEN)) as resp:
             assert resp.status == 200
             changes = (await resp.json())["changes"]
-        assert {"added client new", "removed client wa", "new token for client batch"} <= set(changes)
-        assert "closed 2 connections authenticated with a revoked token" in changes, changes
+        assert {
+            "added client new",
+            "removed client wa",
+            "new token for client batch",
+            "changed client kept",
+        } <= set(changes)
+        assert "closed 3 connections authenticated with a revoked token" in changes, changes
+        await closed_by_peer(reader)
+        writer.close()
         for name in ("wa", "batch"):
             with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
                 await asyncio.wait_for(streams[name].content.read(), 10)
