@@ -2040,6 +2040,25 @@ async def test_nvidia_smi_timeout_kills_what_it_started_too(tmp_path):
     await until(lambda: [pid for pid in map(int, pids.read_text().split()) if running(pid)] == [], 5)
 
 
+async def test_a_reader_closed_while_nvidia_smi_hangs_leaves_no_process(tmp_path):
+    """Shutdown (or a reload that drops a GPU) cancels a reading under way: its nvidia-smi and whatever that
+    started are killed then, not left to run out query_timeout_s, or for ever behind a hung driver."""
+    pids = tmp_path / "pids"
+    argv = _smi_script(tmp_path, f"sleep 300 & echo $! >> {pids}; echo $$ >> {pids}; wait")
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=argv, reader="nvidia-smi", query_timeout_s=300))
+    reading = asyncio.ensure_future(reader.read())
+    try:
+        await until(lambda: pids.exists() and len(pids.read_text().split()) == 2)
+        await reader.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        await until(lambda: [pid for pid in map(int, pids.read_text().split()) if running(pid)] == [], 5)
+    finally:
+        for pid in map(int, pids.read_text().split()) if pids.exists() else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 async def test_reader_against_mgpusim_subprocess(tmp_path):
     gpu = mgpusim.SimGPU(tmp_path / "gpu.json", total_mib=16384, reserved_mib=480)
     gpu.allocate("comfyui", 13000)
@@ -2109,6 +2128,38 @@ async def test_concurrent_readers_share_one_query_and_memory_readings_do_not(tmp
     # max_age answers from the last whole reading (memory readings are not kept) without a new query.
     again = await reader.read(max_age=60)
     assert again is older and reader.queries == 7
+
+
+async def test_a_reading_is_its_own_gpus_line_and_processes_and_a_name_with_a_comma_is_read_whole(tmp_path):
+    """nvidia-smi lists every GPU, and every GPU's processes, where it is not given ``-i``: a reading is its
+    own GPU's line and its own processes alone, whatever it is given. A process name may itself hold ", ",
+    the csv's separator (a game's folder): it is read whole, not a line refused (which made every reading
+    gpu_unavailable for as long as that process ran)."""
+    state = tmp_path / "gpu.json"
+    gpu = mgpusim.SimGPU(state, total_mib=16384, reserved_mib=480, gpus=2)
+    game = "/opt/Games/Hollow, Knight/game.x86_64"
+    gpu.allocate("game", 3000, 0, process=game)
+    gpu.allocate("comfyui", 13000, 1, process="/opt/ComfyUI/.venv/bin/python3")
+    fmt = "--format=csv,noheader,nounits"
+
+    def smi(query: str) -> str:
+        return subprocess.run(
+            [*sim_smi(state), query, fmt], capture_output=True, text=True, check=True
+        ).stdout
+
+    lines = smi(f"--query-gpu={','.join(m.GPU_FIELDS)}")
+    apps = smi(f"--query-compute-apps={','.join(m.APP_FIELDS)}")
+    assert (len(lines.splitlines()), len(apps.splitlines())) == (2, 2)  # both GPUs', as without -i
+    for index, used, processes in (
+        (0, 3000, [(game, 3000)]),
+        (1, 13000, [("/opt/ComfyUI/.venv/bin/python3", 13000)]),
+    ):
+        r = m.parse_gpu_reading(lines, apps, index=index, started=0, read_at=0)
+        assert (r.index, r.uuid, r.used_mib) == (index, mgpusim.gpu_uuid(index), used)
+        assert [(p.name, p.used_mib) for p in r.processes] == processes
+    # Through the reader (with -i, as the broker asks): the name whole.
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=sim_smi(state), reader="nvidia-smi"))
+    assert [p.name for p in (await reader.read()).processes] == [game]
 
 
 async def test_gpu_unavailable_when_nvidia_smi_fails_but_the_broker_serves(rig, tmp_path):
