@@ -2162,6 +2162,56 @@ async def test_a_reading_is_its_own_gpus_line_and_processes_and_a_name_with_a_co
     assert [p.name for p in (await reader.read()).processes] == [game]
 
 
+async def test_a_reading_of_its_own_is_never_an_older_one_and_the_newest_is_the_one_kept(tmp_path):
+    """read(own=True) (making room, waiting for an eviction's memory, a restore) starts a reading after the
+    call: one already under way began before the eviction freed its memory, or before a stranger took some,
+    and is not its answer. Readings may end out of order: the one kept for max_age readers (status, metrics,
+    gpu_in_use's check) is the newest begun, not the last to end. Here the first nvidia-smi's answer (the
+    GPU line, read before mvoice allocated) is held back until a reading of its own has ended."""
+    state = tmp_path / "gpu.json"
+    gpu = mgpusim.SimGPU(state, total_mib=16384, reserved_mib=480)
+    calls, held, release = tmp_path / "calls", tmp_path / "held", tmp_path / "release"
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(
+        "import os, subprocess, sys, time\n"
+        f"with open({str(calls)!r}, 'a') as f: f.write('x')\n"
+        f"out = subprocess.run({list(sim_smi(state))!r} + sys.argv[1:], capture_output=True, text=True)\n"
+        f"if len(open({str(calls)!r}).read()) == 1:\n"
+        f"    open({str(held)!r}, 'w').close()\n"
+        f"    while not os.path.exists({str(release)!r}): time.sleep(0.01)\n"
+        "sys.stdout.write(out.stdout)\n"
+    )
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=(PY, str(smi)), reader="nvidia-smi", query_timeout_s=60))
+    try:
+        under_way = asyncio.ensure_future(reader.read())
+        await until(held.exists)  # its GPU line is read: nothing used yet
+        gpu.allocate("mvoice", 2800)
+        own = await asyncio.wait_for(reader.read(own=True), 10)
+        assert own.used_mib == 2800
+        release.touch()
+        older = await under_way
+        assert older.used_mib == 0 and older.started < own.started
+        assert await reader.read(max_age=60) is own
+    finally:
+        release.touch()
+        await reader.close()
+
+
+async def test_a_failed_reading_answers_max_age_readers_without_asking_again(tmp_path):
+    """A broken nvidia-smi (or a hung one, each reading waiting out query_timeout_s): /v1/status, metrics
+    and the dashboard (max_age readers) get the newest reading's error, as they would its reading, instead
+    of each starting nvidia-smi again."""
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=_smi_script(tmp_path, "exit 6"), reader="nvidia-smi"))
+    with pytest.raises(m.GpuError, match="exited with status 6"):
+        await reader.read()
+    with pytest.raises(m.GpuError, match="exited with status 6"):
+        await reader.read(max_age=60)
+    assert reader.queries == 1 and reader.last_reading() is None
+    with pytest.raises(m.GpuError, match="exited with status 6"):
+        await reader.read()  # (max_age 0: asked again)
+    assert reader.queries == 2
+
+
 async def test_gpu_unavailable_when_nvidia_smi_fails_but_the_broker_serves(rig, tmp_path):
     def broken(raw):
         raw["gpu"]["nvidia_smi"] = str(tmp_path / "no-nvidia-smi")
