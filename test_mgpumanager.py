@@ -2257,6 +2257,13 @@ def test_processes_are_attributed_by_name_and_by_the_unit_in_their_cgroup(tmp_pa
     measured = list(config.consumers.values())
     owners = m.process_owners(procs, measured, consumers.processes.cgroups_of)
     assert owners == {10: "comfyui", 11: "mvoice", 12: "whisper", 14: "ollama"}
+    # Two consumers whose processes both match one: the first listed wins.
+    both = [
+        m.replace(config.consumers[name], processes=m.ProcessMatch(name="*/python3"))
+        for name in ("mvoice", "comfyui")
+    ]
+    notebook = [m.GpuProcess(13, "/usr/bin/python3", 4000)]
+    assert m.process_owners(notebook, both, consumers.processes.cgroups_of) == {13: "mvoice"}
     # mvoice needs both keys: a python3 in another unit is not its.
     assert (
         m.process_owners(
@@ -2275,6 +2282,42 @@ def test_processes_are_attributed_by_name_and_by_the_unit_in_their_cgroup(tmp_pa
             }
         }
     )
+
+
+async def test_each_gpus_processes_are_attributed_and_measured_among_that_gpus_consumers_alone(tmp_path):
+    """Two GPUs, one ComfyUI-like service on each, both recognised by the same process name: a reading of a
+    GPU attributes its processes to that GPU's consumers only (the first listed, on the other GPU, took
+    them), measures only them (a reading of the other GPU, where its processes are not, measured it 0 MiB:
+    not resident), and the owners of every GPU's newest reading are kept side by side (status and
+    insufficient_vram name them)."""
+    state = tmp_path / "gpu.json"
+    gpu = mgpusim.SimGPU(state, total_mib=16384, reserved_mib=480, gpus=2)
+    gpu.allocate("comfyui", 13000, 0, process="/opt/ComfyUI/.venv/bin/python3")
+    gpu.allocate("mvoice", 2800, 1, process="/opt/mvoice/.venv/bin/python3")
+    raw = base_raw()
+    raw["gpu"]["nvidia_smi"] = list(sim_smi(state))
+    raw["consumers"]["mvoice"] |= {"gpu": 1, "processes": {"name": "*/python3"}, "can_coexist_with": []}
+    raw["consumers"]["comfyui"] |= {"processes": {"name": "*/python3"}}
+    shared = m.Shared(m.parse_config(raw))
+    consumers = m.Consumers(shared, session=None)  # type: ignore[arg-type] (no call is made)
+    readers = []
+    for index in (0, 1):  # wired as the broker wires each GPU's reader
+        reader = m.GpuReader(shared, index=index)
+        reader.attribute = consumers.processes.attribute
+        reader.listeners.append(consumers.processes.measure)
+        readers.append(reader)
+    try:
+        for order in ((0, 1), (1, 0)):  # each GPU's reading measured after the other's
+            readings = {index: await readers[index].read(own=True) for index in order}
+            assert set(readings[0].owners.values()) == {"comfyui"}
+            assert set(readings[1].owners.values()) == {"mvoice"}
+            comfyui, mvoice = consumers.states["comfyui"], consumers.states["mvoice"]
+            assert (comfyui.used_mib, comfyui.resident) == (13000, True)
+            assert (mvoice.used_mib, mvoice.resident) == (2800, True)
+            assert consumers.processes.owners() == {**readings[0].owners, **readings[1].owners}
+    finally:
+        for reader in readers:
+            await reader.close()
 
 
 def strangers(gpu: mgpusim.SimGPU, count: int) -> None:
