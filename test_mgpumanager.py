@@ -2494,7 +2494,11 @@ async def test_nvidia_smi_failing_is_gpu_unavailable_and_leaves_no_process(rig, 
     r.gpu.set_fault(fault)
     status, headers, body = await r.post("tts", {"text": "x"})
     message = error_of(status, headers, body, "gpu_unavailable")["message"]
-    expected = {"fail": "exited with status 15", "garbage": "unexpected nvidia-smi output", "hang": "killed"}
+    expected = {
+        "fail": "exited with status 15",
+        "garbage": "unexpected nvidia-smi output",
+        "hang": "did not answer within 0.5 s (killed)",  # gpu.query_timeout_s, not a limit of its own
+    }
     assert expected[fault] in message
     await until(lambda: children() <= before)  # every nvidia-smi reaped: no zombie left
     r.gpu.set_fault(None)
@@ -2692,13 +2696,17 @@ async def test_nvml_errors_are_gpu_unavailable_and_a_reading_after_them_finds_th
         nvml.gpu.set_nvml_fault("nvmlDeviceGetComputeRunningProcesses_v3", error=999)
         with pytest.raises(m.GpuError, match="NVML nvmlDeviceGetComputeRunningProcesses: Unknown Error"):
             await reader.read()
+        # A figure a GPU has, failing, is an error as any other (not taken for one it does not have).
+        nvml.gpu.set_nvml_fault("nvmlDeviceGetTemperature", error=999)
+        with pytest.raises(m.GpuError, match="NVML nvmlDeviceGetTemperature: Unknown Error"):
+            await reader.read()
         nvml.gpu.set_nvml_fault("nvmlDeviceGetUtilizationRates", error=3)  # NVML_ERROR_NOT_SUPPORTED
         r = await reader.read()
         assert r.utilization_pct is None and r.temperature_c == 35 and r.free_mib == 16384 - 480
         assert caplog.text.count('msg="NVML loaded"') == 1
         nvml.gpu.set_nvml_fault(None)
         assert (await reader.read()).utilization_pct == 0
-        assert len(nvml.calls("nvmlDeviceGetHandleByIndex_v2")) == 4  # at the start and after each error
+        assert len(nvml.calls("nvmlDeviceGetHandleByIndex_v2")) == 5  # at the start and after each error
         assert reader.shared.internal_errors == 0  # no bug caught
     finally:
         await reader.close()
