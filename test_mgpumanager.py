@@ -2958,6 +2958,34 @@ def test_observations_override_the_brokers_record_only_when_they_started_after_i
     assert state.resident is True and not state.known_resident()
 
 
+def test_a_failed_probe_a_job_timing_out_and_replaced_processes_each_put_a_resident_record_in_doubt():
+    """Each may mean the service restarted behind the broker's back, its model gone: a resident record is
+    then acted on only after a reading ([3] and [4] of ConsumerState's table). Trusted, a job would go in
+    without one, and the model it loads again could overfill the GPU."""
+    clock = FakeClock()
+
+    def probe_fails(state: m.ConsumerState) -> None:
+        state.probed(False, "timed out", "consumer_unreachable", clock.now)
+
+    def job_times_out(state: m.ConsumerState) -> None:
+        state.timed_out("no answer within 60 s")
+
+    def processes_replaced(state: m.ConsumerState) -> None:
+        # A reading (begun before it ends) finds another process holding its memory: restarted, reloaded.
+        state.measured(3000, frozenset({8}), True, clock.now - 0.5)
+
+    for doubt in (probe_fails, job_times_out, processes_replaced):
+        state = m.ConsumerState("x", clock)
+        state.measured(3000, frozenset({7}), True, clock.now)
+        assert state.known_resident()
+        clock.now += 1
+        doubt(state)
+        assert state.resident is True and not state.known_resident(), doubt.__name__
+    clock.now += 1
+    state.measured(3000, frozenset({8}), True, clock.now)  # the next reading vouches for it again
+    assert state.known_resident()
+
+
 @no_overfill
 async def test_a_restart_behind_the_brokers_back_never_overfills_the_gpu(rig):
     """Issue 11, case 1: ComfyUI restarts unseen (its model gone), mvoice loads, then an image job: the
