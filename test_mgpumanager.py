@@ -3094,6 +3094,33 @@ async def test_measured_memory_in_status_metrics_and_the_warning_when_above_the_
     assert (await r.status())["consumers"]["comfyui"]["loaded"] is False  # measured: 610 < 6000
 
 
+async def test_a_consumer_measured_by_its_processes_is_resident_exactly_when_they_hold_half_its_size(
+    tmp_path,
+):
+    """A consumer with ``processes`` is resident when a reading finds them holding at least half its
+    vram_resident_mib: a CUDA context, or a model partly loaded, is not. Resident, and trusted by the
+    reading, a job for it would go in without making room for the rest of its model."""
+    state = tmp_path / "gpu.json"
+    gpu = mgpusim.SimGPU(state, total_mib=16384, reserved_mib=480)
+    raw = base_raw()
+    raw["gpu"]["nvidia_smi"] = list(sim_smi(state))
+    comfy_measured(raw)
+    shared = m.Shared(m.parse_config(raw))
+    consumers = m.Consumers(shared, session=None)  # type: ignore[arg-type] (no call is made)
+    reader = m.GpuReader(shared)  # wired as the broker wires it
+    reader.attribute = consumers.processes.attribute
+    reader.listeners.append(consumers.processes.measure)
+    comfyui = consumers.states["comfyui"]
+    half = (shared.config.consumers["comfyui"].vram_resident_mib + 1) // 2
+    try:
+        for mib, resident in ((half - 1, False), (half, True), (610, False)):
+            gpu.allocate("comfyui", mib, process="/opt/ComfyUI/.venv/bin/python3")
+            await reader.read(own=True)
+            assert (comfyui.used_mib, comfyui.resident, comfyui.known_resident()) == (mib, resident, resident)
+    finally:
+        await reader.close()
+
+
 async def test_health_is_probed_periodically_and_a_consumer_that_comes_back_is_served(rig):
     def often(raw):
         raw["health"]["interval_s"] = 0.05
