@@ -6964,7 +6964,17 @@ def test_a_stranger_is_present_while_unclaimed_memory_exceeds_ignore_mib_and_eac
     assert s.strangers.present and s.strangers.since == clock() and s.strangers.unclaimed_mib == 6744
     assert [p.pid for p in s.strangers.processes] == [4242]  # the game (graphics) is not in the list
     assert s.strangers.keep_free_mib() == 2048
-    s.strangers.seen(_reading(s, held, {-1: 600, 4242: 6144}, clock() - 1))  # an older reading: ignored
+    # A reading begun earlier, ending later (a status reading and a yield's own overlap), is ignored.
+    s.strangers.seen(_reading(s, held, {-1: 500}, clock() - 1))
+    assert s.strangers.present and s.strangers.unclaimed_mib == 6744
+    # gpu_in_use's Retry-After: GPU_IN_USE_RETRY_S, or gpu.yield.poll_s where that is longer.
+    plan = m.RoomPlan(8000, 1000, expected_mib=3000)
+    assert s.strangers.refusal("x", plan, 256).retry_after == m.GPU_IN_USE_RETRY_S == 10
+    slow = _yield_config(ignore=512)
+    slow = dataclasses.replace(
+        slow, gpu=dataclasses.replace(slow.gpu, yield_=dataclasses.replace(slow.gpu.yield_, poll_s=30))
+    )
+    assert make_scheduler(slow)[0].strangers.refusal("x", plan, 256).retry_after == 30
     clock.now += 5
     s.strangers.seen(_reading(s, held, {-1: 500}, clock()))
     assert (
