@@ -6667,6 +6667,21 @@ async def test_the_broker_never_loads_a_target_it_credited_with_a_strangers_memo
     assert s.holder is None and books_balance(s)
 
 
+async def test_only_a_target_no_reading_measures_is_asked_its_residency():
+    """Issue 18: a target recorded resident but in doubt is asked before room is made for it (one health
+    probe, up to health.timeout_s: a busy service answers it late) only where no reading measures it; one
+    with ``processes`` is decided by the reading that making room takes anyway, and is not asked."""
+    for processes in (None, m.ProcessMatch(name="/usr/bin/t")):
+        cfg = small_config()
+        t = dataclasses.replace(cfg.consumers["t"], processes=processes)
+        s, _, ops, _ = make_scheduler(dataclasses.replace(cfg, consumers={**cfg.consumers, "t": t}))
+        ops.states["t"].loaded()
+        ops.states["t"].touched("another consumer was granted the GPU")
+        job = await s.acquire("t", "kt")
+        job.release("completed", success=True)
+        assert ops.probes == (["t"] if processes is None else []), processes
+
+
 # ---- deciding from facts (issue 18): the broker as a process, consumers on sockets, mgpusim's nvidia-smi
 
 
