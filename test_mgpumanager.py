@@ -6670,16 +6670,26 @@ async def test_the_broker_never_loads_a_target_it_credited_with_a_strangers_memo
 async def test_only_a_target_no_reading_measures_is_asked_its_residency():
     """Issue 18: a target recorded resident but in doubt is asked before room is made for it (one health
     probe, up to health.timeout_s: a busy service answers it late) only where no reading measures it; one
-    with ``processes`` is decided by the reading that making room takes anyway, and is not asked."""
-    for processes in (None, m.ProcessMatch(name="/usr/bin/t")):
+    with ``processes`` is decided by the reading that making room takes anyway, and is not asked. A fresh
+    "resident" needs no room: no reading either (nvidia-smi is broken here: the job is served all the
+    same)."""
+    measured = m.ProcessMatch(name="/usr/bin/t")
+    for processes, reports, asked, reads in (
+        (None, None, ["t"], ["memory"]),  # it cannot tell: room is made from a reading
+        (None, True, ["t"], []),
+        (measured, None, [], ["whole"]),
+    ):
         cfg = small_config()
         t = dataclasses.replace(cfg.consumers["t"], processes=processes)
-        s, _, ops, _ = make_scheduler(dataclasses.replace(cfg, consumers={**cfg.consumers, "t": t}))
+        s, gpu, ops, _ = make_scheduler(dataclasses.replace(cfg, consumers={**cfg.consumers, "t": t}))
+        if reports is not None:
+            ops.reports["t"] = reports
+            gpu.error = "nvidia-smi broken"
         ops.states["t"].loaded()
         ops.states["t"].touched("another consumer was granted the GPU")
         job = await s.acquire("t", "kt")
         job.release("completed", success=True)
-        assert ops.probes == (["t"] if processes is None else []), processes
+        assert (ops.probes, gpu.reads) == (asked, reads), (processes, reports)
 
 
 # ---- deciding from facts (issue 18): the broker as a process, consumers on sockets, mgpusim's nvidia-smi
