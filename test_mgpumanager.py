@@ -2062,6 +2062,25 @@ async def test_nvidia_smi_timeout_kills_what_it_started_too(tmp_path):
     await until(lambda: [pid for pid in map(int, pids.read_text().split()) if running(pid)] == [], 5)
 
 
+async def test_a_reader_closed_while_nvidia_smi_hangs_leaves_no_process(tmp_path):
+    """Shutdown (or a reload that drops a GPU) cancels a reading under way: its nvidia-smi and whatever that
+    started are killed then, not left to run out query_timeout_s, or for ever behind a hung driver."""
+    pids = tmp_path / "pids"
+    argv = _smi_script(tmp_path, f"sleep 300 & echo $! >> {pids}; echo $$ >> {pids}; wait")
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=argv, reader="nvidia-smi", query_timeout_s=300))
+    reading = asyncio.ensure_future(reader.read())
+    try:
+        await until(lambda: pids.exists() and len(pids.read_text().split()) == 2)
+        await reader.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        await until(lambda: [pid for pid in map(int, pids.read_text().split()) if running(pid)] == [], 5)
+    finally:
+        for pid in map(int, pids.read_text().split()) if pids.exists() else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 async def test_reader_against_mgpusim_subprocess(tmp_path):
     gpu = mgpusim.SimGPU(tmp_path / "gpu.json", total_mib=16384, reserved_mib=480)
     gpu.allocate("comfyui", 13000)
@@ -2133,6 +2152,88 @@ async def test_concurrent_readers_share_one_query_and_memory_readings_do_not(tmp
     assert again is older and reader.queries == 7
 
 
+async def test_a_reading_is_its_own_gpus_line_and_processes_and_a_name_with_a_comma_is_read_whole(tmp_path):
+    """nvidia-smi lists every GPU, and every GPU's processes, where it is not given ``-i``: a reading is its
+    own GPU's line and its own processes alone, whatever it is given. A process name may itself hold ", ",
+    the csv's separator (a game's folder): it is read whole, not a line refused (which made every reading
+    gpu_unavailable for as long as that process ran)."""
+    state = tmp_path / "gpu.json"
+    gpu = mgpusim.SimGPU(state, total_mib=16384, reserved_mib=480, gpus=2)
+    game = "/opt/Games/Hollow, Knight/game.x86_64"
+    gpu.allocate("game", 3000, 0, process=game)
+    gpu.allocate("comfyui", 13000, 1, process="/opt/ComfyUI/.venv/bin/python3")
+    fmt = "--format=csv,noheader,nounits"
+
+    def smi(query: str) -> str:
+        return subprocess.run(
+            [*sim_smi(state), query, fmt], capture_output=True, text=True, check=True
+        ).stdout
+
+    lines = smi(f"--query-gpu={','.join(m.GPU_FIELDS)}")
+    apps = smi(f"--query-compute-apps={','.join(m.APP_FIELDS)}")
+    assert (len(lines.splitlines()), len(apps.splitlines())) == (2, 2)  # both GPUs', as without -i
+    for index, used, processes in (
+        (0, 3000, [(game, 3000)]),
+        (1, 13000, [("/opt/ComfyUI/.venv/bin/python3", 13000)]),
+    ):
+        r = m.parse_gpu_reading(lines, apps, index=index, started=0, read_at=0)
+        assert (r.index, r.uuid, r.used_mib) == (index, mgpusim.gpu_uuid(index), used)
+        assert [(p.name, p.used_mib) for p in r.processes] == processes
+    # Through the reader (with -i, as the broker asks): the name whole.
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=sim_smi(state), reader="nvidia-smi"))
+    assert [p.name for p in (await reader.read()).processes] == [game]
+
+
+async def test_a_reading_of_its_own_is_never_an_older_one_and_the_newest_is_the_one_kept(tmp_path):
+    """read(own=True) (making room, waiting for an eviction's memory, a restore) starts a reading after the
+    call: one already under way began before the eviction freed its memory, or before a stranger took some,
+    and is not its answer. Readings may end out of order: the one kept for max_age readers (status, metrics,
+    gpu_in_use's check) is the newest begun, not the last to end. Here the first nvidia-smi's answer (the
+    GPU line, read before mvoice allocated) is held back until a reading of its own has ended."""
+    state = tmp_path / "gpu.json"
+    gpu = mgpusim.SimGPU(state, total_mib=16384, reserved_mib=480)
+    calls, held, release = tmp_path / "calls", tmp_path / "held", tmp_path / "release"
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(
+        "import os, subprocess, sys, time\n"
+        f"with open({str(calls)!r}, 'a') as f: f.write('x')\n"
+        f"out = subprocess.run({list(sim_smi(state))!r} + sys.argv[1:], capture_output=True, text=True)\n"
+        f"if len(open({str(calls)!r}).read()) == 1:\n"
+        f"    open({str(held)!r}, 'w').close()\n"
+        f"    while not os.path.exists({str(release)!r}): time.sleep(0.01)\n"
+        "sys.stdout.write(out.stdout)\n"
+    )
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=(PY, str(smi)), reader="nvidia-smi", query_timeout_s=60))
+    try:
+        under_way = asyncio.ensure_future(reader.read())
+        await until(held.exists)  # its GPU line is read: nothing used yet
+        gpu.allocate("mvoice", 2800)
+        own = await asyncio.wait_for(reader.read(own=True), 10)
+        assert own.used_mib == 2800
+        release.touch()
+        older = await under_way
+        assert older.used_mib == 0 and older.started < own.started
+        assert await reader.read(max_age=60) is own
+    finally:
+        release.touch()
+        await reader.close()
+
+
+async def test_a_failed_reading_answers_max_age_readers_without_asking_again(tmp_path):
+    """A broken nvidia-smi (or a hung one, each reading waiting out query_timeout_s): /v1/status, metrics
+    and the dashboard (max_age readers) get the newest reading's error, as they would its reading, instead
+    of each starting nvidia-smi again."""
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=_smi_script(tmp_path, "exit 6"), reader="nvidia-smi"))
+    with pytest.raises(m.GpuError, match="exited with status 6"):
+        await reader.read()
+    with pytest.raises(m.GpuError, match="exited with status 6"):
+        await reader.read(max_age=60)
+    assert reader.queries == 1 and reader.last_reading() is None
+    with pytest.raises(m.GpuError, match="exited with status 6"):
+        await reader.read()  # (max_age 0: asked again)
+    assert reader.queries == 2
+
+
 async def test_gpu_unavailable_when_nvidia_smi_fails_but_the_broker_serves(rig, tmp_path):
     def broken(raw):
         raw["gpu"]["nvidia_smi"] = str(tmp_path / "no-nvidia-smi")
@@ -2178,6 +2279,13 @@ def test_processes_are_attributed_by_name_and_by_the_unit_in_their_cgroup(tmp_pa
     measured = list(config.consumers.values())
     owners = m.process_owners(procs, measured, consumers.processes.cgroups_of)
     assert owners == {10: "comfyui", 11: "mvoice", 12: "whisper", 14: "ollama"}
+    # Two consumers whose processes both match one: the first listed wins.
+    both = [
+        m.replace(config.consumers[name], processes=m.ProcessMatch(name="*/python3"))
+        for name in ("mvoice", "comfyui")
+    ]
+    notebook = [m.GpuProcess(13, "/usr/bin/python3", 4000)]
+    assert m.process_owners(notebook, both, consumers.processes.cgroups_of) == {13: "mvoice"}
     # mvoice needs both keys: a python3 in another unit is not its.
     assert (
         m.process_owners(
@@ -2196,6 +2304,42 @@ def test_processes_are_attributed_by_name_and_by_the_unit_in_their_cgroup(tmp_pa
             }
         }
     )
+
+
+async def test_each_gpus_processes_are_attributed_and_measured_among_that_gpus_consumers_alone(tmp_path):
+    """Two GPUs, one ComfyUI-like service on each, both recognised by the same process name: a reading of a
+    GPU attributes its processes to that GPU's consumers only (the first listed, on the other GPU, took
+    them), measures only them (a reading of the other GPU, where its processes are not, measured it 0 MiB:
+    not resident), and the owners of every GPU's newest reading are kept side by side (status and
+    insufficient_vram name them)."""
+    state = tmp_path / "gpu.json"
+    gpu = mgpusim.SimGPU(state, total_mib=16384, reserved_mib=480, gpus=2)
+    gpu.allocate("comfyui", 13000, 0, process="/opt/ComfyUI/.venv/bin/python3")
+    gpu.allocate("mvoice", 2800, 1, process="/opt/mvoice/.venv/bin/python3")
+    raw = base_raw()
+    raw["gpu"]["nvidia_smi"] = list(sim_smi(state))
+    raw["consumers"]["mvoice"] |= {"gpu": 1, "processes": {"name": "*/python3"}, "can_coexist_with": []}
+    raw["consumers"]["comfyui"] |= {"processes": {"name": "*/python3"}}
+    shared = m.Shared(m.parse_config(raw))
+    consumers = m.Consumers(shared, session=None)  # type: ignore[arg-type] (no call is made)
+    readers = []
+    for index in (0, 1):  # wired as the broker wires each GPU's reader
+        reader = m.GpuReader(shared, index=index)
+        reader.attribute = consumers.processes.attribute
+        reader.listeners.append(consumers.processes.measure)
+        readers.append(reader)
+    try:
+        for order in ((0, 1), (1, 0)):  # each GPU's reading measured after the other's
+            readings = {index: await readers[index].read(own=True) for index in order}
+            assert set(readings[0].owners.values()) == {"comfyui"}
+            assert set(readings[1].owners.values()) == {"mvoice"}
+            comfyui, mvoice = consumers.states["comfyui"], consumers.states["mvoice"]
+            assert (comfyui.used_mib, comfyui.resident) == (13000, True)
+            assert (mvoice.used_mib, mvoice.resident) == (2800, True)
+            assert consumers.processes.owners() == {**readings[0].owners, **readings[1].owners}
+    finally:
+        for reader in readers:
+            await reader.close()
 
 
 def strangers(gpu: mgpusim.SimGPU, count: int) -> None:
@@ -2372,7 +2516,11 @@ async def test_nvidia_smi_failing_is_gpu_unavailable_and_leaves_no_process(rig, 
     r.gpu.set_fault(fault)
     status, headers, body = await r.post("tts", {"text": "x"})
     message = error_of(status, headers, body, "gpu_unavailable")["message"]
-    expected = {"fail": "exited with status 15", "garbage": "unexpected nvidia-smi output", "hang": "killed"}
+    expected = {
+        "fail": "exited with status 15",
+        "garbage": "unexpected nvidia-smi output",
+        "hang": "did not answer within 0.5 s (killed)",  # gpu.query_timeout_s, not a limit of its own
+    }
     assert expected[fault] in message
     await until(lambda: children() <= before)  # every nvidia-smi reaped: no zombie left
     r.gpu.set_fault(None)
@@ -2570,13 +2718,17 @@ async def test_nvml_errors_are_gpu_unavailable_and_a_reading_after_them_finds_th
         nvml.gpu.set_nvml_fault("nvmlDeviceGetComputeRunningProcesses_v3", error=999)
         with pytest.raises(m.GpuError, match="NVML nvmlDeviceGetComputeRunningProcesses: Unknown Error"):
             await reader.read()
+        # A figure a GPU has, failing, is an error as any other (not taken for one it does not have).
+        nvml.gpu.set_nvml_fault("nvmlDeviceGetTemperature", error=999)
+        with pytest.raises(m.GpuError, match="NVML nvmlDeviceGetTemperature: Unknown Error"):
+            await reader.read()
         nvml.gpu.set_nvml_fault("nvmlDeviceGetUtilizationRates", error=3)  # NVML_ERROR_NOT_SUPPORTED
         r = await reader.read()
         assert r.utilization_pct is None and r.temperature_c == 35 and r.free_mib == 16384 - 480
         assert caplog.text.count('msg="NVML loaded"') == 1
         nvml.gpu.set_nvml_fault(None)
         assert (await reader.read()).utilization_pct == 0
-        assert len(nvml.calls("nvmlDeviceGetHandleByIndex_v2")) == 4  # at the start and after each error
+        assert len(nvml.calls("nvmlDeviceGetHandleByIndex_v2")) == 5  # at the start and after each error
         assert reader.shared.internal_errors == 0  # no bug caught
     finally:
         await reader.close()
@@ -2828,6 +2980,34 @@ def test_observations_override_the_brokers_record_only_when_they_started_after_i
     assert state.resident is True and not state.known_resident()
 
 
+def test_a_failed_probe_a_job_timing_out_and_replaced_processes_each_put_a_resident_record_in_doubt():
+    """Each may mean the service restarted behind the broker's back, its model gone: a resident record is
+    then acted on only after a reading ([3] and [4] of ConsumerState's table). Trusted, a job would go in
+    without one, and the model it loads again could overfill the GPU."""
+    clock = FakeClock()
+
+    def probe_fails(state: m.ConsumerState) -> None:
+        state.probed(False, "timed out", "consumer_unreachable", clock.now)
+
+    def job_times_out(state: m.ConsumerState) -> None:
+        state.timed_out("no answer within 60 s")
+
+    def processes_replaced(state: m.ConsumerState) -> None:
+        # A reading (begun before it ends) finds another process holding its memory: restarted, reloaded.
+        state.measured(3000, frozenset({8}), True, clock.now - 0.5)
+
+    for doubt in (probe_fails, job_times_out, processes_replaced):
+        state = m.ConsumerState("x", clock)
+        state.measured(3000, frozenset({7}), True, clock.now)
+        assert state.known_resident()
+        clock.now += 1
+        doubt(state)
+        assert state.resident is True and not state.known_resident(), doubt.__name__
+    clock.now += 1
+    state.measured(3000, frozenset({8}), True, clock.now)  # the next reading vouches for it again
+    assert state.known_resident()
+
+
 @no_overfill
 async def test_a_restart_behind_the_brokers_back_never_overfills_the_gpu(rig):
     """Issue 11, case 1: ComfyUI restarts unseen (its model gone), mvoice loads, then an image job: the
@@ -2934,6 +3114,33 @@ async def test_measured_memory_in_status_metrics_and_the_warning_when_above_the_
     await r.sims["comfyui"].do_unload()
     await asyncio.sleep(m.STATUS_MAX_AGE_S)
     assert (await r.status())["consumers"]["comfyui"]["loaded"] is False  # measured: 610 < 6000
+
+
+async def test_a_consumer_measured_by_its_processes_is_resident_exactly_when_they_hold_half_its_size(
+    tmp_path,
+):
+    """A consumer with ``processes`` is resident when a reading finds them holding at least half its
+    vram_resident_mib: a CUDA context, or a model partly loaded, is not. Resident, and trusted by the
+    reading, a job for it would go in without making room for the rest of its model."""
+    state = tmp_path / "gpu.json"
+    gpu = mgpusim.SimGPU(state, total_mib=16384, reserved_mib=480)
+    raw = base_raw()
+    raw["gpu"]["nvidia_smi"] = list(sim_smi(state))
+    comfy_measured(raw)
+    shared = m.Shared(m.parse_config(raw))
+    consumers = m.Consumers(shared, session=None)  # type: ignore[arg-type] (no call is made)
+    reader = m.GpuReader(shared)  # wired as the broker wires it
+    reader.attribute = consumers.processes.attribute
+    reader.listeners.append(consumers.processes.measure)
+    comfyui = consumers.states["comfyui"]
+    half = (shared.config.consumers["comfyui"].vram_resident_mib + 1) // 2
+    try:
+        for mib, resident in ((half - 1, False), (half, True), (610, False)):
+            gpu.allocate("comfyui", mib, process="/opt/ComfyUI/.venv/bin/python3")
+            await reader.read(own=True)
+            assert (comfyui.used_mib, comfyui.resident, comfyui.known_resident()) == (mib, resident, resident)
+    finally:
+        await reader.close()
 
 
 async def test_health_is_probed_periodically_and_a_consumer_that_comes_back_is_served(rig):
@@ -6565,6 +6772,31 @@ async def test_the_broker_never_loads_a_target_it_credited_with_a_strangers_memo
     assert s.holder is None and books_balance(s)
 
 
+async def test_only_a_target_no_reading_measures_is_asked_its_residency():
+    """Issue 18: a target recorded resident but in doubt is asked before room is made for it (one health
+    probe, up to health.timeout_s: a busy service answers it late) only where no reading measures it; one
+    with ``processes`` is decided by the reading that making room takes anyway, and is not asked. A fresh
+    "resident" needs no room: no reading either (nvidia-smi is broken here: the job is served all the
+    same)."""
+    measured = m.ProcessMatch(name="/usr/bin/t")
+    for processes, reports, asked, reads in (
+        (None, None, ["t"], ["memory"]),  # it cannot tell: room is made from a reading
+        (None, True, ["t"], []),
+        (measured, None, [], ["whole"]),
+    ):
+        cfg = small_config()
+        t = dataclasses.replace(cfg.consumers["t"], processes=processes)
+        s, gpu, ops, _ = make_scheduler(dataclasses.replace(cfg, consumers={**cfg.consumers, "t": t}))
+        if reports is not None:
+            ops.reports["t"] = reports
+            gpu.error = "nvidia-smi broken"
+        ops.states["t"].loaded()
+        ops.states["t"].touched("another consumer was granted the GPU")
+        job = await s.acquire("t", "kt")
+        job.release("completed", success=True)
+        assert (ops.probes, gpu.reads) == (asked, reads), (processes, reports)
+
+
 # ---- deciding from facts (issue 18): the broker as a process, consumers on sockets, mgpusim's nvidia-smi
 
 
@@ -6862,7 +7094,17 @@ def test_a_stranger_is_present_while_unclaimed_memory_exceeds_ignore_mib_and_eac
     assert s.strangers.present and s.strangers.since == clock() and s.strangers.unclaimed_mib == 6744
     assert [p.pid for p in s.strangers.processes] == [4242]  # the game (graphics) is not in the list
     assert s.strangers.keep_free_mib() == 2048
-    s.strangers.seen(_reading(s, held, {-1: 600, 4242: 6144}, clock() - 1))  # an older reading: ignored
+    # A reading begun earlier, ending later (a status reading and a yield's own overlap), is ignored.
+    s.strangers.seen(_reading(s, held, {-1: 500}, clock() - 1))
+    assert s.strangers.present and s.strangers.unclaimed_mib == 6744
+    # gpu_in_use's Retry-After: GPU_IN_USE_RETRY_S, or gpu.yield.poll_s where that is longer.
+    plan = m.RoomPlan(8000, 1000, expected_mib=3000)
+    assert s.strangers.refusal("x", plan, 256).retry_after == m.GPU_IN_USE_RETRY_S == 10
+    slow = _yield_config(ignore=512)
+    slow = dataclasses.replace(
+        slow, gpu=dataclasses.replace(slow.gpu, yield_=dataclasses.replace(slow.gpu.yield_, poll_s=30))
+    )
+    assert make_scheduler(slow)[0].strangers.refusal("x", plan, 256).retry_after == 30
     clock.now += 5
     s.strangers.seen(_reading(s, held, {-1: 500}, clock()))
     assert (
