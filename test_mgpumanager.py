@@ -1356,6 +1356,11 @@ def test_every_problem_is_reported_at_once():
             "consumers.mvoice.unload.body: cannot be sent as JSON",
         ),
         ("consumers.mvoice.load.body", {"x": math.inf}, "consumers.mvoice.load.body: cannot be sent as JSON"),
+        # (A mutation audit: none of these three was tested.) YAML's true is no count; gpu.max_output_mib is a
+        # body size (16 GiB), not a memory size (1 TiB); max_bodies_mib holds at least one whole body.
+        ("scheduler.max_queue", True, "scheduler.max_queue: must be an integer, not True"),
+        ("gpu.max_output_mib", 16385, "gpu.max_output_mib: must be at most 16384 MiB"),
+        ("scheduler.max_bodies_mib", 32, "scheduler.max_bodies_mib: must be at least max_body_mib (64)"),
     ],
 )
 def test_every_number_is_finite_and_sane_naming_the_key(path, value, expected):
@@ -1417,6 +1422,8 @@ def test_credentials_in_a_consumer_url_are_refused_and_never_echoed(url):
         ("# " + "x" * (300 * 1024) + "\n", "larger than 262144 bytes"),
         ("listen: 1" + "0" * 5000 + "\n", "not valid YAML: ValueError"),
         ("when: 2001-02-30\n", "not valid YAML: ValueError"),
+        # A value PyYAML cannot build that is no ValueError (a mutation audit: only ValueErrors were tested).
+        ("x: !!bool maybe\n", "not valid YAML: KeyError"),
         ("consumers: {\n", "not valid YAML at line"),
     ],
 )
