@@ -8423,6 +8423,9 @@ async def test_a_render_lost_in_a_crash_releases_the_gpu_when_a_poll_finds_the_c
     assert r.broker.consumers.states["comfyui"].resident is None  # its memory died with it, or not: read
     text = await (await r.session.get(r.url("/metrics"))).text()
     assert 'mgpumanager_hold_abandoned_total{consumer="comfyui"} 1' in text
+    # Its event says so (a mutation audit: an abandoned hold's event said "timeout" and no test failed).
+    [ended] = [e for e in recent_events(r.broker.events) if e["event"] == "hold_ended"]
+    assert ended["outcome"] == "abandoned" and "connection refused" in ended["reason"], ended
 
 
 async def test_a_probe_that_finds_the_consumer_gone_abandons_its_hold_too(rig):
@@ -11852,6 +11855,15 @@ def test_notify_speaks_the_abstract_socket_form_and_is_silent_without_a_socket()
         notifier = m.Notifier({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"})
         assert notifier.send("READY=1") and sock.recv(100) == b"READY=1"
         assert notifier.watchdog_s is None  # WATCHDOG_PID names another process
+        # (A mutation audit: neither was tested.) STATUS= goes only when it changed, and the watchdog is
+        # pinged at half its interval, as sd_watchdog_enabled(3) asks.
+        notifier.set_status("GPU idle")
+        notifier.set_status("GPU idle")
+        sock.setblocking(False)
+        assert sock.recv(100) == b"STATUS=GPU idle"
+        with pytest.raises(BlockingIOError):
+            sock.recv(100)
+    assert m.Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "30000000"}).watchdog_s == 15
     silent = m.Notifier({})
     assert not silent.send("READY=1") and silent.errors == 0 and silent.watchdog_s is None
     assert m.Notifier({"NOTIFY_SOCKET": "/nonexistent/socket"}).send("READY=1") is False
