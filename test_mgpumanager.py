@@ -8563,6 +8563,9 @@ async def test_hold_poll_errors_are_retried_and_counted(rig):
         await until(lambda: r.broker.scheduler.holder is None)
         # aiohttp itself retries a GET once on a dropped pooled connection, so 4 drops are 2+ errors.
         assert len(polls) == 5 and r.stats.hold_poll_errors >= 2 and r.stats.hold_timeouts == 0
+        # Counted in /metrics too, from the same record (a mutation audit: the metric was untested).
+        text = await (await r.session.get(r.url("/metrics"))).text()
+        assert f'mgpumanager_hold_poll_errors_total{{consumer="comfyui"}} {r.stats.hold_poll_errors}' in text
 
 
 async def test_a_hold_poll_answered_without_end_is_read_no_further_than_its_limit(rig):
@@ -11292,6 +11295,9 @@ async def test_a_bad_config_is_refused_whole_and_the_old_one_stays(rig, caplog):
         data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
     assert "scheduler.max_queu: unknown key" in data["message"] and "routing.image" in data["message"]
     assert 'msg="reload refused"' in caplog.text and "scheduler.max_queu: unknown key" in caplog.text
+    # And on /v1/events (a mutation audit: the refusal's event was untested).
+    [event] = [e for e in recent_events(r.broker.events) if e["event"] == "reload"]
+    assert event["ok"] is False and any("scheduler.max_queu: unknown key" in p for p in event["problems"])
     assert r.broker.config is r.config
     assert (await r.post("tts", {"text": "still served"}))[0] == 200
 
@@ -12110,6 +12116,10 @@ async def test_a_reservation_unloads_everything_refuses_gpu_jobs_and_ends_when_r
     assert st["scheduler"]["holder"]["consumer"] == "reservation"
     text = await (await r.session.get(r.url("/metrics"))).text()
     assert 'mgpumanager_gpu_reserved{gpu="0"} 1' in text
+    # A reservation's unloads are admin unloads, not idle ones (a mutation audit: counting them as idle
+    # failed no test).
+    assert 'mgpumanager_admin_unloads_total{consumer="mvoice"} 1' in text
+    assert "mgpumanager_idle_unloads_total{" not in text
     reserved = (await _read_events(events, "reserved"))[-1]
     assert reserved["reason"] == "gaming" and reserved["for_s"] == 3600 and reserved["gpu"] == 0
     async with r.session.delete(r.url("/v1/reserve")) as resp:
