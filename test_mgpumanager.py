@@ -1378,6 +1378,11 @@ def test_every_problem_is_reported_at_once():
             "consumers.mvoice.unload.body: cannot be sent as JSON",
         ),
         ("consumers.mvoice.load.body", {"x": math.inf}, "consumers.mvoice.load.body: cannot be sent as JSON"),
+        # (A mutation audit: none of these three was tested.) YAML's true is no count; gpu.max_output_mib is a
+        # body size (16 GiB), not a memory size (1 TiB); max_bodies_mib holds at least one whole body.
+        ("scheduler.max_queue", True, "scheduler.max_queue: must be an integer, not True"),
+        ("gpu.max_output_mib", 16385, "gpu.max_output_mib: must be at most 16384 MiB"),
+        ("scheduler.max_bodies_mib", 32, "scheduler.max_bodies_mib: must be at least max_body_mib (64)"),
     ],
 )
 def test_every_number_is_finite_and_sane_naming_the_key(path, value, expected):
@@ -1439,6 +1444,8 @@ def test_credentials_in_a_consumer_url_are_refused_and_never_echoed(url):
         ("# " + "x" * (300 * 1024) + "\n", "larger than 262144 bytes"),
         ("listen: 1" + "0" * 5000 + "\n", "not valid YAML: ValueError"),
         ("when: 2001-02-30\n", "not valid YAML: ValueError"),
+        # A value PyYAML cannot build that is no ValueError (a mutation audit: only ValueErrors were tested).
+        ("x: !!bool maybe\n", "not valid YAML: KeyError"),
         ("consumers: {\n", "not valid YAML at line"),
     ],
 )
@@ -8857,6 +8864,9 @@ async def test_a_render_lost_in_a_crash_releases_the_gpu_when_a_poll_finds_the_c
     assert r.broker.consumers.states["comfyui"].resident is None  # its memory died with it, or not: read
     text = await (await r.session.get(r.url("/metrics"))).text()
     assert 'mgpumanager_hold_abandoned_total{consumer="comfyui"} 1' in text
+    # Its event says so (a mutation audit: an abandoned hold's event said "timeout" and no test failed).
+    [ended] = [e for e in recent_events(r.broker.events) if e["event"] == "hold_ended"]
+    assert ended["outcome"] == "abandoned" and "connection refused" in ended["reason"], ended
 
 
 async def test_a_probe_that_finds_the_consumer_gone_abandons_its_hold_too(rig):
@@ -8994,6 +9004,9 @@ async def test_hold_poll_errors_are_retried_and_counted(rig):
         await until(lambda: r.broker.scheduler.holder is None)
         # aiohttp itself retries a GET once on a dropped pooled connection, so 4 drops are 2+ errors.
         assert len(polls) == 5 and r.stats.hold_poll_errors >= 2 and r.stats.hold_timeouts == 0
+        # Counted in /metrics too, from the same record (a mutation audit: the metric was untested).
+        text = await (await r.session.get(r.url("/metrics"))).text()
+        assert f'mgpumanager_hold_poll_errors_total{{consumer="comfyui"}} {r.stats.hold_poll_errors}' in text
 
 
 async def test_a_hold_poll_answered_without_end_is_read_no_further_than_its_limit(rig):
@@ -11426,6 +11439,12 @@ def test_log_lines_carry_a_timestamp_or_journald_priority():
     journal = m.LogfmtFormatter(journal=True).format(record)
     assert journal == "<4>level=warning msg=x a="  # journald adds the time itself
     assert m.logfmt(reason="connection refused", n=3, q='a"b') == 'reason="connection refused" n=3 q="a\\"b"'
+    # (A mutation audit: none of these was tested.) A value that holds a line break stays on its line, one
+    # that holds "=" stays one value, and an empty text is told apart from an absent value.
+    assert m.logfmt(reason="refused\nlevel=error") == 'reason="refused\\nlevel=error"'
+    assert m.logfmt(name="mvoice\nforged") == 'name="mvoice\\nforged"'
+    assert m.logfmt(path="/x?a=b") == 'path="/x?a=b"'
+    assert m.logfmt(reason="", code=None) == 'reason="" code='
 
 
 async def test_under_journald_the_daemon_logs_without_timestamps(rig):
@@ -11436,6 +11455,164 @@ async def test_under_journald_the_daemon_logs_without_timestamps(rig):
     lines = [line for line in daemon.log.splitlines() if line]
     assert lines and all(re.match(r"^<[0-7]>level=", line) for line in lines), lines[:3]
     assert any(line.startswith("<6>level=info msg=job ") for line in lines)
+
+
+def test_every_metric_is_in_the_manuals_table_with_its_type():
+    """Found by a mutation audit: a counter exported as a gauge (``rate()`` and ``increase()`` then read
+    it wrong) failed no test. /metrics' ``# TYPE`` lines are operations.md's table, name for name."""
+    section = (HERE / "docs" / "operations.md").read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    documented: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.split("|")]
+        if len(cells) < 4 or not cells[1].startswith("`mgpumanager_"):
+            continue
+        for name in re.findall(r"`(mgpumanager_[^`]+)`", cells[1]):
+            braces = re.fullmatch(r"(.*)\{(.*)\}(.*)", name)  # mgpumanager_gpu_memory_{total,used,free}_bytes
+            for each in [braces[1] + part + braces[3] for part in braces[2].split(",")] if braces else [name]:
+                documented[each] = cells[2]
+    text = m.Metrics().render([])
+    exported = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE))
+    assert exported == documented
+    assert {family.name: family.type for family in _families(text).values()} == {
+        re.sub(r"_total$", "", name) if kind == "counter" else name: kind for name, kind in documented.items()
+    }
+
+
+def test_histogram_buckets_are_cumulative_and_a_sample_on_a_bound_counts_in_its_bucket():
+    """Found by a mutation audit: buckets written per bucket rather than cumulative, or a sample equal to a
+    bound counted in the next one (Prometheus' ``le`` is "less than or equal"), failed no test."""
+    metrics = m.Metrics()
+    for seconds in (0.003, 0.5, 0.5, 0.7, 700.0):
+        metrics.observe("mgpumanager_job_seconds", seconds, consumer="mvoice")
+    families = _families(metrics.render([]))
+    buckets = {
+        s.labels["le"]: s.value
+        for s in families["mgpumanager_job_seconds"].samples
+        if s.name.endswith("_bucket")
+    }
+    assert [buckets[le] for le in ("0.005", "0.25", "0.5", "1", "600", "+Inf")] == [1, 1, 3, 4, 4, 5]
+    assert _value(families, "mgpumanager_job_seconds_count", consumer="mvoice") == 5
+
+
+async def test_the_metrics_gauges_say_what_the_broker_sees_now(rig, monkeypatch):
+    """Found by a mutation audit of /metrics (each of these was changed and no test failed): a bug caught
+    is mgpumanager_internal_errors_total; running_jobs counts the jobs answering now, not a hold; a consumer
+    not probed yet is NaN, neither healthy nor unhealthy; an unhealthy consumer is not a stopped one (the
+    alert rule of operations.md tells them apart); utilisation is a ratio; a reading that fails is gpu_up 0,
+    and the memory it could not read is absent."""
+
+    async def metrics() -> dict[str, Any]:
+        async with r.session.get(r.url("/metrics")) as resp:
+            assert resp.status == 200
+            return _families(await resp.text())
+
+    async def metrics_until(predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        deadline = time.monotonic() + 10  # (a reading is kept up to a second)
+        while not predicate(families := await metrics()):
+            assert time.monotonic() < deadline, "condition not reached"
+            await asyncio.sleep(0.05)
+        return families
+
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(total_mib=40000, sims={"comfyui": {"work_s": 3600}}, urls={"ollama": ollama.url})
+
+        async def broken_relay(*args: Any, **kw: Any) -> web.StreamResponse:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(m, "relay", broken_relay)
+        error_of(*await r.post("tts", {"text": "a"}), "scheduler_error")
+        monkeypatch.undo()
+        r.expected_internal_errors = 1
+        assert _value(await metrics(), "mgpumanager_internal_errors_total") == 1
+
+        running = asyncio.ensure_future(r.post("llm", {"model": "m"}))
+        await until(lambda: r.broker.scheduler.running == 1)
+        assert _value(await metrics(), "mgpumanager_running_jobs", gpu="0") == 1
+        gate.set()
+        assert (await running)[0] == 200
+
+        r.sims["whisper"].faults["health_status"] = 503
+        await r.broker.consumers.probe("whisper")
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["mvoice"]["url"] = raw["consumers"]["mvoice"]["url"].replace(
+            "127.0.0.1", "localhost"
+        )
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        assert await r.broker.reload() == ["new url for mvoice"]  # a new service: not probed yet
+        families = await metrics()
+        assert math.isnan(_value(families, "mgpumanager_consumer_healthy", consumer="mvoice"))
+        assert math.isnan(_value(families, "mgpumanager_consumer_resident", consumer="mvoice"))
+        assert _value(families, "mgpumanager_consumer_healthy", consumer="whisper") == 0
+        assert _value(families, "mgpumanager_consumer_stopped", consumer="whisper") == 0
+        assert _value(families, "mgpumanager_consumer_healthy", consumer="ollama") == 1
+
+        with r.gpu.edit() as state:
+            state["gpus"][0].update(utilization_pct=37)
+        families = await metrics_until(lambda f: _value(f, "mgpumanager_gpu_utilization_ratio", gpu="0") != 0)
+        assert _value(families, "mgpumanager_gpu_utilization_ratio", gpu="0") == 0.37
+        r.gpu.set_fault("fail")
+        families = await metrics_until(lambda f: _value(f, "mgpumanager_gpu_up", gpu="0") != 1)
+        assert _value(families, "mgpumanager_gpu_up", gpu="0") == 0
+        with pytest.raises(KeyError):
+            _value(families, "mgpumanager_gpu_memory_free_bytes", gpu="0")
+        r.gpu.set_fault(None)
+
+        # A render after its answer: comfyui holds the GPU, and no job is answering.
+        assert (await r.post("image", {"prompt": {}}))[0] == 200
+        assert (r.broker.scheduler.holder, r.broker.scheduler.holds) == ("comfyui", 1)
+        assert _value(await metrics(), "mgpumanager_running_jobs", gpu="0") == 0
+        await r.broker.scheduler.close()  # (the hold cut short, as at shutdown)
+
+
+async def test_events_are_serialised_once_and_only_for_someone_and_a_reader_that_left_is_forgotten(
+    rig, monkeypatch
+):
+    """Found by a mutation audit (each change failed no test): events serialised at once with nobody
+    listening (issue 21 asks for JSON only when someone listens or the ring is read); a reader that left
+    still subscribed (each event then queued for nobody, until the reader was counted as dropped)."""
+    made: list[str] = []
+    real_sse = m.sse
+
+    def counted(event: dict[str, Any]) -> bytes:
+        made.append(event["event"])
+        return real_sse(event)
+
+    monkeypatch.setattr(m, "sse", counted)
+    r = await rig()
+    events = r.broker.events
+    for i in range(100):
+        events.publish("quiet", n=i)
+    assert made == []  # nobody listens: no JSON
+    assert len([f for f in events.recent(900) if b"event: quiet" in f]) == 100
+    assert made.count("quiet") == 100
+    events.recent(900)
+    assert made.count("quiet") == 100  # made once, kept
+    async with r.session.get(r.url("/v1/events")) as one, r.session.get(r.url("/v1/events")) as two:
+        for stream in (one, two):
+            assert await stream.content.readline() == b": mgpumanager events\n"
+        await until(lambda: len(events.subscribers) == 2)
+        events.publish("heard", n=1)
+        for stream in (one, two):
+            assert (await _read_events(stream, "heard"))[-1]["n"] == 1
+        assert made.count("heard") == 1  # one JSON for every reader
+    await until(lambda: not events.subscribers)  # both readers left: nobody is written to any more
+    for i in range(events.buffer + 1):
+        events.publish("after", n=i)
+    assert events.dropped == 0 and "after" not in made
+
+
+async def test_shutdown_ends_every_event_stream_cleanly(rig):
+    """Found by a mutation audit: with the end of each stream at shutdown taken out, no test failed; the
+    reader (``mgpumanager.py events``, the dashboard) was then cut off at the end of the grace period, its
+    answer broken off mid-stream, instead of ending as a stream ends."""
+    r = await rig()
+    async with r.session.get(r.url("/v1/events")) as stream:
+        assert await stream.content.readline() == b": mgpumanager events\n"
+        await until(lambda: len(r.broker.events.subscribers) == 1)
+        await r.server.close()
+        await asyncio.wait_for(stream.read(), 30)  # the whole chunked answer: no ClientPayloadError
+        assert stream.content.at_eof()
 
 
 # =====================================================================================================
@@ -11591,6 +11768,9 @@ async def test_a_bad_config_is_refused_whole_and_the_old_one_stays(rig, caplog):
         data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
     assert "scheduler.max_queu: unknown key" in data["message"] and "routing.image" in data["message"]
     assert 'msg="reload refused"' in caplog.text and "scheduler.max_queu: unknown key" in caplog.text
+    # And on /v1/events (a mutation audit: the refusal's event was untested).
+    [event] = [e for e in recent_events(r.broker.events) if e["event"] == "reload"]
+    assert event["ok"] is False and any("scheduler.max_queu: unknown key" in p for p in event["problems"])
     assert r.broker.config is r.config
     assert (await r.post("tts", {"text": "still served"}))[0] == 200
 
@@ -12155,6 +12335,15 @@ def test_notify_speaks_the_abstract_socket_form_and_is_silent_without_a_socket()
         notifier = m.Notifier({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"})
         assert notifier.send("READY=1") and sock.recv(100) == b"READY=1"
         assert notifier.watchdog_s is None  # WATCHDOG_PID names another process
+        # (A mutation audit: neither was tested.) STATUS= goes only when it changed, and the watchdog is
+        # pinged at half its interval, as sd_watchdog_enabled(3) asks.
+        notifier.set_status("GPU idle")
+        notifier.set_status("GPU idle")
+        sock.setblocking(False)
+        assert sock.recv(100) == b"STATUS=GPU idle"
+        with pytest.raises(BlockingIOError):
+            sock.recv(100)
+    assert m.Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "30000000"}).watchdog_s == 15
     silent = m.Notifier({})
     assert not silent.send("READY=1") and silent.errors == 0 and silent.watchdog_s is None
     assert m.Notifier({"NOTIFY_SOCKET": "/nonexistent/socket"}).send("READY=1") is False
@@ -12401,6 +12590,10 @@ async def test_a_reservation_unloads_everything_refuses_gpu_jobs_and_ends_when_r
     assert st["scheduler"]["holder"]["consumer"] == "reservation"
     text = await (await r.session.get(r.url("/metrics"))).text()
     assert 'mgpumanager_gpu_reserved{gpu="0"} 1' in text
+    # A reservation's unloads are admin unloads, not idle ones (a mutation audit: counting them as idle
+    # failed no test).
+    assert 'mgpumanager_admin_unloads_total{consumer="mvoice"} 1' in text
+    assert "mgpumanager_idle_unloads_total{" not in text
     reserved = (await _read_events(events, "reserved"))[-1]
     assert reserved["reason"] == "gaming" and reserved["for_s"] == 3600 and reserved["gpu"] == 0
     async with r.session.delete(r.url("/v1/reserve")) as resp:
