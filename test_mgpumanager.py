@@ -11494,6 +11494,7 @@ def test_histogram_buckets_are_cumulative_and_a_sample_on_a_bound_counts_in_its_
     assert _value(families, "mgpumanager_job_seconds_count", consumer="mvoice") == 5
 
 
+@pytest.mark.catches_bug
 async def test_the_metrics_gauges_say_what_the_broker_sees_now(rig, monkeypatch):
     """Found by a mutation audit of /metrics (each of these was changed and no test failed): a bug caught
     is mgpumanager_internal_errors_total; running_jobs counts the jobs answering now, not a hold; a consumer
