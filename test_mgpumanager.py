@@ -8463,7 +8463,9 @@ async def test_forwarding_adds_x_forwarded_and_never_follows_redirects_or_keeps_
             raw["routing"]["stt"] = "whisper"
 
         r = await rig(urls={"whisper": whisper.url}, tweak=whisper_stt)
-        headers = {"X-Forwarded-For": "203.0.113.9"}
+        # What a proxy sets itself is the broker's to set: the client's own are dropped.
+        spoofed = {"Forwarded": "for=10.0.0.1", "X-Real-IP": "10.0.0.1", "X-Forwarded-Host": "evil.example"}
+        headers = {"X-Forwarded-For": "203.0.113.9", **spoofed}
         async with r.session.post(
             r.url("/v1/stt"), data=b"x", headers=headers, allow_redirects=False
         ) as resp:
@@ -8476,6 +8478,7 @@ async def test_forwarding_adds_x_forwarded_and_never_follows_redirects_or_keeps_
             assert resp.status == 302
     assert len(seen) == 2  # the redirect was not followed by the broker
     assert seen[0]["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1" and seen[0]["X-Forwarded-Proto"] == "http"
+    assert not {h.lower() for h in spoofed} & {h.lower() for h in seen[0]}, seen[0]
     assert seen[1]["X-Forwarded-For"] == "127.0.0.1"
     assert "Cookie" not in seen[1]  # the first client's cookie was never kept for the second
 
@@ -13664,6 +13667,8 @@ def peak_rss_mib(pid: int) -> float:
         "http://evil.example/audio/%2e%2e/api/admin/secret",
         "//audio/../api/admin/secret",
         "/audio/%u002e%u002e/api/admin/secret",
+        "/audio/sub%2fx.wav",  # an encoded slash, even one that stays below /audio/
+        "/audio/x.wav%3bv=1",  # an encoded ';'
     ],
 )
 async def test_audio_traversal_is_refused_and_never_reaches_the_consumer(rig, target):
