@@ -14179,6 +14179,44 @@ async def test_idle_websockets_and_hanging_reads_never_starve_probes_or_jobs():
         assert broker.unscheduled == {"a": 0, "b": 0} and broker.websockets == {"a": 0}
 
 
+async def test_audio_files_count_toward_their_consumers_max_unscheduled(rig):
+    """docs/api.md, Unscheduled: at most max_unscheduled of a consumer's unscheduled calls are in flight at
+    once, its /audio/ files too: an /audio/ file that never ends takes mvoice's one slot, and its mount's
+    reads and another file are refused at once (429, naming the key) while it is out; then the slot is
+    free again."""
+    gate = asyncio.Event()
+    files: list[str] = []
+
+    async def audio(request: web.Request) -> web.Response:
+        files.append(request.path)
+        await gate.wait()
+        return web.Response(body=b"RIFF")
+
+    async def voices(request: web.Request) -> web.Response:
+        return web.json_response(["anna"])
+
+    def one(raw: dict[str, Any]) -> None:
+        raw["consumers"]["mvoice"]["max_unscheduled"] = 1
+
+    routes = [("GET", "/audio/{name}", audio), ("GET", "/api/voices", voices), ("GET", "/health", _ok)]
+    async with StandIn(routes) as mvoice:
+        r = await rig(urls={"mvoice": mvoice.url}, tweak=one)
+        first = asyncio.ensure_future(r.session.get(r.url("/audio/a.wav")))
+        try:
+            await until(lambda: files == ["/audio/a.wav"])
+            for path in ("/c/mvoice/api/voices", "/audio/b.wav"):
+                async with r.session.get(r.url(path)) as resp:
+                    data = error_of(resp.status, dict(resp.headers), await resp.read(), "too_many_requests")
+                assert "consumers.mvoice.max_unscheduled" in data["message"], path
+        finally:
+            gate.set()
+            async with await first as resp:
+                assert resp.status == 200 and await resp.read() == b"RIFF"
+        async with r.session.get(r.url("/c/mvoice/api/voices")) as resp:
+            assert resp.status == 200 and await resp.json() == ["anna"]
+    assert files == ["/audio/a.wav"] and r.broker.unscheduled == {"mvoice": 0}
+
+
 async def test_with_a_token_every_route_but_healthz_needs_it(rig):
     r = await rig(tweak=with_token)
     for method, path in [
