@@ -14517,6 +14517,35 @@ async def test_expect_100_continue_is_refused_before_any_continue(rig, target, l
     assert r.stats.jobs == (1 if first.endswith(b"Continue") else 0)
 
 
+async def test_expect_100_continue_takes_a_body_of_exactly_max_body_mib(rig):
+    """The limit is on a body *over* max_body_mib: one of exactly 1 MiB under max_body_mib 1 gets its
+    100 Continue and runs, as it does without Expect; one byte more is refused before any Continue."""
+
+    def small(raw: dict[str, Any]) -> None:
+        raw["scheduler"]["max_body_mib"] = 1
+
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=small)
+    expect = "Expect: 100-continue\r\n"
+    reader, writer = await _partial_post(
+        r.server.host, r.server.port, "/v1/stt", m.MiB + 1, b"", extra=expect
+    )
+    try:
+        status, body = await read_answer(reader)
+        assert status.startswith(b"HTTP/1.1 413") and body["error"] == "payload_too_large"
+    finally:
+        writer.close()
+    reader, writer = await _partial_post(r.server.host, r.server.port, "/v1/stt", m.MiB, b"", extra=expect)
+    try:
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 100 Continue")
+        await asyncio.wait_for(reader.readline(), 10)  # the blank line after 100 Continue
+        writer.write(b"a" * m.MiB)
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+    assert [len(rec.body) for rec in r.sims["mvoice"].records if rec.path == "/api/transcribe"] == [m.MiB]
+
+
 async def test_a_refused_expectation_closes_its_connection_as_its_answer_says(rig):
     """Found by the attack on issue 19's surfaces: the answer to an Expect refused before the body (413 to
     a body over max_body_mib, 417 to an unknown expectation) says ``Connection: close``, but the connection
