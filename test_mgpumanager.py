@@ -9096,9 +9096,15 @@ async def test_mount_websocket_relays_both_ways_and_close_codes(rig):
     await _ws_json(ws2)
     await ws2.close(code=4002)
     await until(lambda: 4002 in sim.ws_closes)
+    # The Upgrade token is case-insensitive (RFC 9110, 7.8): "WebSocket" is a WebSocket too, not a read.
+    ws3 = await _ws_open(r, "/c/comfyui/ws", headers={"Upgrade": "WebSocket"})
+    await _ws_json(ws3)
+    await ws3.send_str("again")
+    assert (await ws3.receive(timeout=10)).data == "again"
+    await ws3.close()
     await until(lambda: not list(r.app[m.WEBSOCKETS]) and not sim.sockets)
     assert r.stats.jobs == 1  # the prompt; WebSockets are not jobs
-    assert [rec.path for rec in sim.records].count("/ws") == 2
+    assert [rec.path for rec in sim.records].count("/ws") == 3
 
 
 async def test_mount_websocket_passes_subprotocol_and_headers_but_not_the_token(rig):
