@@ -11620,6 +11620,45 @@ async def test_a_reload_during_the_probe_that_takes_the_kind_from_the_consumer_d
     assert (await r.post("stt", None, data=b"x"))[0] == 200  # the GPU is not wedged
 
 
+async def test_a_mount_job_queued_before_a_reload_that_moves_its_consumer_is_taken_by_the_new_urls_rules(rig):
+    """A mount job waiting for the GPU when a reload gives its consumer a new URL (a new service) goes to
+    the new URL (``forget``), but only as the new config takes it: a path that is the new service's unload
+    route is refused (403, nothing reaches it: it would free its model behind the broker's back), one that
+    is a paths entry there (another kind, with its own hold) is no_consumer, to be sent again, and one the
+    same to both goes on."""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
+        new = mgpusim.MvoiceSim("mvoice-new", r.gpu, loaded=True)
+        async with StandIn.serving(new.app) as service:
+            running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+            await until(lambda: r.broker.scheduler.holder == "ollama")
+            paths = ["/api/admin/shutdown", "/api/clone", "/api/synthesize"]
+            queued = [asyncio.ensure_future(r.session.post(r.url("/c/mvoice" + p), json={})) for p in paths]
+            await until(lambda: len(r.broker.scheduler.queue()) == 3)
+            raw = copy.deepcopy(r.raw)
+            mvoice = raw["consumers"]["mvoice"]
+            mvoice["url"] = service.url
+            mvoice["unload"] = {"method": "POST", "path": "/api/admin/shutdown"}
+            mvoice["paths"]["clone"] = {"method": "POST", "path": "/api/clone"}
+            r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+            async with r.session.post(r.url("/v1/reload")) as resp:
+                assert "new url for mvoice" in (await resp.json())["changes"]
+            gate.set()
+            assert (await running)[0] == 200
+            answers = []
+            for answer in queued:
+                async with await answer as resp:
+                    answers.append((resp.status, dict(resp.headers), await resp.read()))
+    refused = error_of(*answers[0], "forbidden")
+    assert "/api/admin/shutdown is mvoice's unload route" in refused["message"]
+    again = error_of(*answers[1], "no_consumer")
+    assert "takes POST /api/clone otherwise at its new url" in again["message"]
+    assert answers[2][0] == 200
+    assert [rec.path for rec in new.records if rec.path in paths] == ["/api/synthesize"]
+    assert not [rec.path for rec in r.sims["mvoice"].records if rec.path in paths]
+
+
 # =====================================================================================================
 # 10.3 Operations: the daemon, systemd and shutdown
 # The daemon as a subprocess, notify, SIGTERM, the unit, make demo.
