@@ -9242,6 +9242,36 @@ async def test_broker_shutting_down_closes_open_websockets_going_away(rig):
     await until(lambda: 1001 in r.sims["comfyui"].ws_closes)
 
 
+async def test_shutting_down_closes_the_websockets_of_consumer_ports_at_once_too(rig, caplog):
+    """On shutdown every open WebSocket is closed at once with 1001, those through a consumer's port as well
+    as the mount's: not only once running jobs have drained (here one holds the GPU until after both
+    closed), and the log counts them all."""
+    gate = asyncio.Event()
+
+    def comfyui_port(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["listen"] = "127.0.0.1:0"
+
+    async with held_llm(gate) as ollama:
+        r = await rig(urls={"ollama": ollama.url}, tweak=comfyui_port)
+        port = r.broker.ports.address("comfyui")
+        sockets = [await _ws_open(r, "/c/comfyui/ws"), await r.session.ws_connect(f"http://{port}/ws")]
+        for ws in sockets:
+            await _ws_json(ws)
+        running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+        await until(lambda: r.broker.scheduler.holder == "ollama")
+        closing = asyncio.create_task(r.server.close())
+        try:
+            for ws in sockets:
+                msg = await ws.receive(timeout=20)
+                assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY
+            assert not running.done()  # the job still runs: closed at once, not after the drain
+        finally:
+            gate.set()
+        assert (await running)[0] == 200
+        await asyncio.wait_for(closing, 20)
+    assert 'msg="shutting down: closing websockets" websockets=2' in caplog.text
+
+
 async def test_daemon_with_an_open_websocket_exits_on_sigterm(rig):
     r = await rig()
     daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
