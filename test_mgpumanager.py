@@ -8712,7 +8712,9 @@ async def test_forwarding_adds_x_forwarded_and_never_follows_redirects_or_keeps_
             raw["routing"]["stt"] = "whisper"
 
         r = await rig(urls={"whisper": whisper.url}, tweak=whisper_stt)
-        headers = {"X-Forwarded-For": "203.0.113.9"}
+        # What a proxy sets itself is the broker's to set: the client's own are dropped.
+        spoofed = {"Forwarded": "for=10.0.0.1", "X-Real-IP": "10.0.0.1", "X-Forwarded-Host": "evil.example"}
+        headers = {"X-Forwarded-For": "203.0.113.9", **spoofed}
         async with r.session.post(
             r.url("/v1/stt"), data=b"x", headers=headers, allow_redirects=False
         ) as resp:
@@ -8725,6 +8727,7 @@ async def test_forwarding_adds_x_forwarded_and_never_follows_redirects_or_keeps_
             assert resp.status == 302
     assert len(seen) == 2  # the redirect was not followed by the broker
     assert seen[0]["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1" and seen[0]["X-Forwarded-Proto"] == "http"
+    assert not {h.lower() for h in spoofed} & {h.lower() for h in seen[0]}, seen[0]
     assert seen[1]["X-Forwarded-For"] == "127.0.0.1"
     assert "Cookie" not in seen[1]  # the first client's cookie was never kept for the second
 
@@ -9348,9 +9351,15 @@ async def test_mount_websocket_relays_both_ways_and_close_codes(rig):
     await _ws_json(ws2)
     await ws2.close(code=4002)
     await until(lambda: 4002 in sim.ws_closes)
+    # The Upgrade token is case-insensitive (RFC 9110, 7.8): "WebSocket" is a WebSocket too, not a read.
+    ws3 = await _ws_open(r, "/c/comfyui/ws", headers={"Upgrade": "WebSocket"})
+    await _ws_json(ws3)
+    await ws3.send_str("again")
+    assert (await ws3.receive(timeout=10)).data == "again"
+    await ws3.close()
     await until(lambda: not list(r.app[m.WEBSOCKETS]) and not sim.sockets)
     assert r.stats.jobs == 1  # the prompt; WebSockets are not jobs
-    assert [rec.path for rec in sim.records].count("/ws") == 2
+    assert [rec.path for rec in sim.records].count("/ws") == 3
 
 
 async def test_mount_websocket_passes_subprotocol_and_headers_but_not_the_token(rig):
@@ -9486,6 +9495,36 @@ async def test_broker_shutting_down_closes_open_websockets_going_away(rig):
     assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY
     await asyncio.wait_for(closing, 20)
     await until(lambda: 1001 in r.sims["comfyui"].ws_closes)
+
+
+async def test_shutting_down_closes_the_websockets_of_consumer_ports_at_once_too(rig, caplog):
+    """On shutdown every open WebSocket is closed at once with 1001, those through a consumer's port as well
+    as the mount's: not only once running jobs have drained (here one holds the GPU until after both
+    closed), and the log counts them all."""
+    gate = asyncio.Event()
+
+    def comfyui_port(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["listen"] = "127.0.0.1:0"
+
+    async with held_llm(gate) as ollama:
+        r = await rig(urls={"ollama": ollama.url}, tweak=comfyui_port)
+        port = r.broker.ports.address("comfyui")
+        sockets = [await _ws_open(r, "/c/comfyui/ws"), await r.session.ws_connect(f"http://{port}/ws")]
+        for ws in sockets:
+            await _ws_json(ws)
+        running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+        await until(lambda: r.broker.scheduler.holder == "ollama")
+        closing = asyncio.create_task(r.server.close())
+        try:
+            for ws in sockets:
+                msg = await ws.receive(timeout=20)
+                assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY
+            assert not running.done()  # the job still runs: closed at once, not after the drain
+        finally:
+            gate.set()
+        assert (await running)[0] == 200
+        await asyncio.wait_for(closing, 20)
+    assert 'msg="shutting down: closing websockets" websockets=2' in caplog.text
 
 
 async def test_daemon_with_an_open_websocket_exits_on_sigterm(rig):
@@ -12034,6 +12073,45 @@ async def test_a_reload_during_the_probe_that_takes_the_kind_from_the_consumer_d
     assert (await r.post("stt", None, data=b"x"))[0] == 200  # the GPU is not wedged
 
 
+async def test_a_mount_job_queued_before_a_reload_that_moves_its_consumer_is_taken_by_the_new_urls_rules(rig):
+    """A mount job waiting for the GPU when a reload gives its consumer a new URL (a new service) goes to
+    the new URL (``forget``), but only as the new config takes it: a path that is the new service's unload
+    route is refused (403, nothing reaches it: it would free its model behind the broker's back), one that
+    is a paths entry there (another kind, with its own hold) is no_consumer, to be sent again, and one the
+    same to both goes on."""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
+        new = mgpusim.MvoiceSim("mvoice-new", r.gpu, loaded=True)
+        async with StandIn.serving(new.app) as service:
+            running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+            await until(lambda: r.broker.scheduler.holder == "ollama")
+            paths = ["/api/admin/shutdown", "/api/clone", "/api/synthesize"]
+            queued = [asyncio.ensure_future(r.session.post(r.url("/c/mvoice" + p), json={})) for p in paths]
+            await until(lambda: len(r.broker.scheduler.queue()) == 3)
+            raw = copy.deepcopy(r.raw)
+            mvoice = raw["consumers"]["mvoice"]
+            mvoice["url"] = service.url
+            mvoice["unload"] = {"method": "POST", "path": "/api/admin/shutdown"}
+            mvoice["paths"]["clone"] = {"method": "POST", "path": "/api/clone"}
+            r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+            async with r.session.post(r.url("/v1/reload")) as resp:
+                assert "new url for mvoice" in (await resp.json())["changes"]
+            gate.set()
+            assert (await running)[0] == 200
+            answers = []
+            for answer in queued:
+                async with await answer as resp:
+                    answers.append((resp.status, dict(resp.headers), await resp.read()))
+    refused = error_of(*answers[0], "forbidden")
+    assert "/api/admin/shutdown is mvoice's unload route" in refused["message"]
+    again = error_of(*answers[1], "no_consumer")
+    assert "takes POST /api/clone otherwise at its new url" in again["message"]
+    assert answers[2][0] == 200
+    assert [rec.path for rec in new.records if rec.path in paths] == ["/api/synthesize"]
+    assert not [rec.path for rec in r.sims["mvoice"].records if rec.path in paths]
+
+
 # =====================================================================================================
 # 10.3 Operations: the daemon, systemd and shutdown
 # The daemon as a subprocess, notify, SIGTERM, the unit, make demo.
@@ -14100,6 +14178,8 @@ def peak_rss_mib(pid: int) -> float:
         "http://evil.example/audio/%2e%2e/api/admin/secret",
         "//audio/../api/admin/secret",
         "/audio/%u002e%u002e/api/admin/secret",
+        "/audio/sub%2fx.wav",  # an encoded slash, even one that stays below /audio/
+        "/audio/x.wav%3bv=1",  # an encoded ';'
     ],
 )
 async def test_audio_traversal_is_refused_and_never_reaches_the_consumer(rig, target):
@@ -14610,6 +14690,44 @@ async def test_idle_websockets_and_hanging_reads_never_starve_probes_or_jobs():
         assert broker.unscheduled == {"a": 0, "b": 0} and broker.websockets == {"a": 0}
 
 
+async def test_audio_files_count_toward_their_consumers_max_unscheduled(rig):
+    """docs/api.md, Unscheduled: at most max_unscheduled of a consumer's unscheduled calls are in flight at
+    once, its /audio/ files too: an /audio/ file that never ends takes mvoice's one slot, and its mount's
+    reads and another file are refused at once (429, naming the key) while it is out; then the slot is
+    free again."""
+    gate = asyncio.Event()
+    files: list[str] = []
+
+    async def audio(request: web.Request) -> web.Response:
+        files.append(request.path)
+        await gate.wait()
+        return web.Response(body=b"RIFF")
+
+    async def voices(request: web.Request) -> web.Response:
+        return web.json_response(["anna"])
+
+    def one(raw: dict[str, Any]) -> None:
+        raw["consumers"]["mvoice"]["max_unscheduled"] = 1
+
+    routes = [("GET", "/audio/{name}", audio), ("GET", "/api/voices", voices), ("GET", "/health", _ok)]
+    async with StandIn(routes) as mvoice:
+        r = await rig(urls={"mvoice": mvoice.url}, tweak=one)
+        first = asyncio.ensure_future(r.session.get(r.url("/audio/a.wav")))
+        try:
+            await until(lambda: files == ["/audio/a.wav"])
+            for path in ("/c/mvoice/api/voices", "/audio/b.wav"):
+                async with r.session.get(r.url(path)) as resp:
+                    data = error_of(resp.status, dict(resp.headers), await resp.read(), "too_many_requests")
+                assert "consumers.mvoice.max_unscheduled" in data["message"], path
+        finally:
+            gate.set()
+            async with await first as resp:
+                assert resp.status == 200 and await resp.read() == b"RIFF"
+        async with r.session.get(r.url("/c/mvoice/api/voices")) as resp:
+            assert resp.status == 200 and await resp.json() == ["anna"]
+    assert files == ["/audio/a.wav"] and r.broker.unscheduled == {"mvoice": 0}
+
+
 async def test_with_a_token_every_route_but_healthz_needs_it(rig):
     r = await rig(tweak=with_token)
     for method, path in [
@@ -14908,6 +15026,35 @@ async def test_expect_100_continue_is_refused_before_any_continue(rig, target, l
     finally:
         writer.close()
     assert r.stats.jobs == (1 if first.endswith(b"Continue") else 0)
+
+
+async def test_expect_100_continue_takes_a_body_of_exactly_max_body_mib(rig):
+    """The limit is on a body *over* max_body_mib: one of exactly 1 MiB under max_body_mib 1 gets its
+    100 Continue and runs, as it does without Expect; one byte more is refused before any Continue."""
+
+    def small(raw: dict[str, Any]) -> None:
+        raw["scheduler"]["max_body_mib"] = 1
+
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=small)
+    expect = "Expect: 100-continue\r\n"
+    reader, writer = await _partial_post(
+        r.server.host, r.server.port, "/v1/stt", m.MiB + 1, b"", extra=expect
+    )
+    try:
+        status, body = await read_answer(reader)
+        assert status.startswith(b"HTTP/1.1 413") and body["error"] == "payload_too_large"
+    finally:
+        writer.close()
+    reader, writer = await _partial_post(r.server.host, r.server.port, "/v1/stt", m.MiB, b"", extra=expect)
+    try:
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 100 Continue")
+        await asyncio.wait_for(reader.readline(), 10)  # the blank line after 100 Continue
+        writer.write(b"a" * m.MiB)
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+    assert [len(rec.body) for rec in r.sims["mvoice"].records if rec.path == "/api/transcribe"] == [m.MiB]
 
 
 async def test_a_refused_expectation_closes_its_connection_as_its_answer_says(rig):
