@@ -3024,16 +3024,21 @@ def logfmt(**fields: Any) -> str:
     return " ".join(out)
 
 
-def in_own_thread(fn: Callable[..., Any], *args: Any, name: str) -> asyncio.Future[Any]:
+def in_own_thread(
+    fn: Callable[..., Any], *args: Any, name: str, discard: Callable[[Any], Any] | None = None
+) -> asyncio.Future[Any]:
     """``fn(*args)`` in a daemon thread of its own, as a future of the running loop: for a call that may
     never return (a file on a hung network mount, a FIFO). The loop's own executor is joined when the
     broker exits, so one such call there kept a stopped broker alive for good; a daemon thread is left
-    behind. Its caller bounds the wait (``asyncio.wait_for``); what the call returns after that is unused."""
+    behind. Its caller bounds the wait (``asyncio.wait_for``); what the call returns after that is unused,
+    but given to ``discard`` (a descriptor the call opened, closed)."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
 
     def settle(result: Any, error: BaseException | None) -> None:
         if future.done():  # (its caller stopped waiting)
+            if error is None and discard is not None:
+                discard(result)
             return
         if error is None:
             future.set_result(result)
@@ -9698,9 +9703,9 @@ def lock_state_file(path: str) -> int:
 
 def _unlocked(e: OSError | asyncio.TimeoutError) -> str:
     """Why the state file's lock could not be taken (but for another broker's holding it)."""
-    if isinstance(e, OSError):
-        return e.strerror or str(e)
-    return f"not locked within {STATE_IO_TIMEOUT_S:g} s"
+    if isinstance(e, TimeoutError):  # (an OSError too, since Python 3.11)
+        return f"not locked within {STATE_IO_TIMEOUT_S:g} s"
+    return e.strerror or str(e)
 
 
 class StateFile:
@@ -9719,6 +9724,8 @@ class StateFile:
         self.collect = collect
         #: The state file whose lock this broker holds, and the lock's descriptor.
         self._lock: tuple[str, int] | None = None
+        #: Why the lock could not be taken last (said once until it is taken; the state is written anyway).
+        self._unlocked_why: str | None = None
         #: What was written last (the state, without its time), and where; when (wall-clock).
         self._written: tuple[str, bytes] | None = None
         self.written_at: float | None = None
@@ -9739,10 +9746,10 @@ class StateFile:
         path = self.path
         if path is None or (self._lock is not None and self._lock[0] == path):
             return
-        locking = in_own_thread(lock_state_file, path, name="state file lock")
+        locking = in_own_thread(lock_state_file, path, name="state file lock", discard=os.close)
         fd = await asyncio.wait_for(locking, STATE_IO_TIMEOUT_S)
         self.release()
-        self._lock = (path, fd)
+        self._lock, self._unlocked_why = (path, fd), None
 
     def release(self) -> None:
         if self._lock is not None:
@@ -9754,7 +9761,8 @@ class StateFile:
         broker holds it: a start refused), then the lock let go."""
         if self._lock is not None:
             await self.write(last=True)
-        self.release()
+        if self._inflight is None or self._inflight.done():  # (else the kernel lets go at the exit)
+            self.release()
 
     async def read(self) -> Remembered | None:
         """The state file's content, checked; None (and why, logged) for a fresh start. Its lock is taken
@@ -9764,8 +9772,8 @@ class StateFile:
             return None
         try:
             await self.claim()
-        except (OSError, asyncio.TimeoutError) as e:  # (its writes will try again, and say so)
-            log.warning(logfmt(msg="state file not locked", path=path, reason=_unlocked(e)))
+        except (OSError, asyncio.TimeoutError) as e:  # (its writes try again)
+            self._not_locked(path, e)
         try:
             reading = in_own_thread(read_state_file, path, name="state file read")
             raw = await asyncio.wait_for(reading, STATE_IO_TIMEOUT_S)
@@ -9795,6 +9803,7 @@ class StateFile:
         waits for a write under way first (bounded)."""
         path = self.path
         if path is None:
+            self.release()
             return True
         if self._inflight is not None and not self._inflight.done():
             if not last:
@@ -9816,9 +9825,8 @@ class StateFile:
         except StateFileHeld as e:
             self._failed(path, e.message)
             return False
-        except (OSError, asyncio.TimeoutError) as e:
-            self._failed(path, _unlocked(e))
-            return False
+        except (OSError, asyncio.TimeoutError) as e:  # (written all the same: no other broker is seen)
+            self._not_locked(path, e)
         now = time.time()
         head = {"version": STATE_VERSION, "written_at": _iso(now), "written_at_s": round(now, 3)}
         data = json.dumps({**head, **collected}, indent=1).encode() + b"\n"
@@ -9836,6 +9844,12 @@ class StateFile:
             log.info(logfmt(msg="state file written again", path=path))
         self._written, self.written_at, self.error = (path, state), now, None
         return True
+
+    def _not_locked(self, path: str, e: OSError | asyncio.TimeoutError) -> None:
+        why = _unlocked(e)
+        if why != self._unlocked_why:
+            log.warning(logfmt(msg="state file not locked", path=path, reason=why))
+        self._unlocked_why = why
 
     def _failed(self, path: str, why: str) -> None:
         self.failures += 1

@@ -7964,6 +7964,112 @@ async def test_a_reload_to_a_state_file_another_broker_holds_writes_none_and_say
     await status_until(r, lambda st: st["state_file"]["error"] is None)
 
 
+def _lock_descriptors(path: Path) -> int:
+    """How many of this process's descriptors are open on ``path``."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+    return count
+
+
+async def test_a_lock_taken_after_its_claim_gave_up_is_let_go_not_kept_for_good(
+    rig, tmp_path, monkeypatch, caplog
+):
+    """Found by a review: a lock taken in its thread after the claim had stopped waiting stayed held by a
+    descriptor nobody knew of, so every later claim met it (flock refuses a second descriptor, in one
+    process too) and the broker wrote no state file again, calling itself "another broker". The late
+    descriptor is closed; the timeout is said as such (on Python 3.11 it is an OSError, whose empty
+    strerror the log line showed)."""
+    path = tmp_path / "state.json"
+    first, locked, real = threading.Event(), threading.Event(), m.lock_state_file
+
+    def slow_once(where: str) -> int:
+        if not first.is_set():  # the claim at start: locked after its claim stopped waiting (0.2 s)
+            first.set()
+            time.sleep(1.0)
+            fd = real(where)
+            locked.set()
+            return fd
+        locked.wait(10)  # (the writes' claims: only once that late lock is taken)
+        return real(where)
+
+    monkeypatch.setattr(m, "lock_state_file", slow_once)
+    monkeypatch.setattr(m, "STATE_IO_TIMEOUT_S", 0.2)
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=lambda raw: raw.update(state_file=str(path)))
+    assert 'msg="state file not locked"' in caplog.text and 'reason="not locked within 0.2 s"' in caplog.text
+    await until(locked.is_set)  # the late lock is taken (and let go)
+    assert (await r.post("tts", {"text": "a change to write"}))[0] == 200  # (a write claims the lock again)
+    await until(lambda: r.broker.state._lock is not None)
+    st = await r.status()
+    assert st["state_file"]["error"] is None and _lock_descriptors(tmp_path / "state.json.lock") == 1
+
+
+async def test_a_lock_that_cannot_be_taken_still_lets_the_state_file_be_written(rig, tmp_path, caplog):
+    """Found by a review: a lock file the broker cannot open (left by a run as root, mode 0600; here a
+    directory in its place) made every write fail, where the state file itself could be written: the lock
+    guards against another broker, and none is seen. It is a warning, said once, and the file is written."""
+    path = tmp_path / "state.json"
+    (tmp_path / "state.json.lock").mkdir()
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=lambda raw: raw.update(state_file=str(path)))
+    assert (await r.post("tts", {"text": "x"}))[0] == 200
+    st = await status_until(r, lambda st: st["state_file"]["written"] is not None)
+    assert st["state_file"]["write_failures"] == 0 and json.loads(path.read_text())["version"] == 1
+    assert caplog.text.count('msg="state file not locked"') == 1
+
+
+async def test_a_reload_that_drops_the_state_file_lets_its_lock_go(rig, tmp_path):
+    """Found by a review: a reload that removed ``state_file`` kept the old file's lock for the life of the
+    broker, so another broker given that file was refused as if this one still kept it."""
+    path = tmp_path / "state.json"
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=lambda raw: raw.update(state_file=str(path)))
+    await status_until(r, lambda st: st["state_file"]["written"] is not None)
+    with pytest.raises(m.StateFileHeld):
+        m.lock_state_file(str(path))
+    del r.raw["state_file"]
+    r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+    await r.broker.reload()
+    free: list[int] = []
+
+    def taken() -> bool:
+        with contextlib.suppress(m.StateFileHeld):
+            free.append(m.lock_state_file(str(path)))
+        return bool(free)
+
+    await until(taken)
+    os.close(free[0])
+
+
+async def test_a_write_hung_at_shutdown_keeps_the_lock_until_the_process_ends(rig, tmp_path, monkeypatch):
+    """Found by a review: shutdown let go of the lock while the last write still hung in its thread, so a
+    broker started next could write its file and then have it replaced by the hung write's. The lock stays
+    while a write is under way (the kernel lets go of it when the process ends)."""
+    path = tmp_path / "state.json"
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=lambda raw: raw.update(state_file=str(path)))
+    await status_until(r, lambda st: st["state_file"]["written"] is not None)
+    for task in [t for t in r.broker.tasks if t.get_name() == "state file"]:
+        task.cancel()  # (this test writes it itself)
+    hung, real = threading.Event(), m.write_state_file
+
+    def hanging(where: str, data: bytes) -> None:
+        hung.wait(30)
+        real(where, data)
+
+    monkeypatch.setattr(m, "write_state_file", hanging)
+    monkeypatch.setattr(m, "STATE_IO_TIMEOUT_S", 0.2)
+    assert (await r.post("tts", {"text": "a change to write"}))[0] == 200
+    state = r.broker.state
+    await state.close()  # its last write hangs
+    with pytest.raises(m.StateFileHeld):
+        m.lock_state_file(str(path))
+    hung.set()
+    inflight = state._inflight
+    assert inflight is not None
+    await until(inflight.done)
+    await state.close()  # (nothing under way now: let go)
+    os.close(m.lock_state_file(str(path)))
+
+
 async def test_a_reservation_survives_sigterm_and_a_fresh_start_and_its_end_then_restores(rig, tmp_path):
     """Issue 22, done when: `make deploy` restarts the broker in the middle of a game. The reservation
     survives SIGTERM (the state file, mode 0600, holding no token) and the fresh start holds the GPU again at
