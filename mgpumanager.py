@@ -996,7 +996,7 @@ try:
     import aiohttp
     import yaml
     from aiohttp import web
-    from aiohttp.http_exceptions import HttpProcessingError
+    from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError, PayloadEncodingError
     from multidict import CIMultiDict
     from yarl import URL
 except ImportError as _missing:  # one line, not a traceback: the verbs above work without these
@@ -12587,6 +12587,10 @@ class LogfmtFormatter(logging.Formatter):
         return f"ts={_iso(record.created)} {text}"
 
 
+#: aiohttp's parse errors whose message is the client's bytes themselves.
+_CLIENTS_BYTES = (InvalidURLError, PayloadEncodingError)
+
+
 class OneLineBadRequests(logging.Filter):
     """aiohttp logs an unparsable request with a traceback, as an "Unhandled exception" too where a body
     broke after the handler answered it (aiohttp reads the rest of a body to keep the connection); one
@@ -12594,14 +12598,17 @@ class OneLineBadRequests(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        # Only the reason: aiohttp quotes the offending line, which may carry a token; a broken chunk of a
-        # body it quotes whole, so its kind is all that is said of it.
         if isinstance(exc, web.RequestPayloadError) and isinstance(exc.__cause__, HttpProcessingError):
-            reason = type(exc.__cause__).__name__
-        elif isinstance(exc, HttpProcessingError):
-            reason = str(exc.message).split(":", 1)[0]
-        else:
+            exc = exc.__cause__
+        if not isinstance(exc, HttpProcessingError):
             return True
+        # Only aiohttp's own words, never the client's bytes, which may carry a token: what comes before a
+        # colon (where aiohttp quotes the offending line), unless it quotes some of it there too; the kind
+        # alone where the message is the client's bytes themselves (a path, a chunk's size line, with
+        # aiohttp's pure-Python parser).
+        reason = str(exc.message).split(":", 1)[0]
+        if isinstance(exc, _CLIENTS_BYTES) or "'" in reason or '"' in reason:
+            reason = type(exc).__name__
         record.msg, record.args, record.exc_info = logfmt(msg="bad http request", error=reason), (), None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
