@@ -15175,6 +15175,28 @@ async def test_connections_without_a_request_head_or_idle_after_an_answer_are_cl
     assert _value(families, closed, reason="keepalive") == 2
 
 
+async def test_a_reload_gives_the_connections_deadlines_set_from_then_on_its_new_http_times(rig):
+    """docs/operations.md, on reload: http.header_timeout_s and http.keepalive_s apply to the deadlines set
+    from then on. A broker started with an hour for each, reloaded to 0.3 s: a connection opened after the
+    reload that sends nothing, and one idle after its answer, are closed (under the hour they would wait)."""
+
+    def patient(raw: dict[str, Any]) -> None:
+        raw["http"] = {"header_timeout_s": 3600, "keepalive_s": 3600}
+
+    r = await rig(tweak=patient)
+    r.raw["http"] = {"header_timeout_s": 0.3, "keepalive_s": 0.3}
+    r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+    assert "changed http" in await r.broker.reload()
+    silent = await asyncio.open_connection("127.0.0.1", r.server.port)
+    kept = await asyncio.open_connection("127.0.0.1", r.server.port)
+    kept[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await whole_answer(kept[0]))[0] == 200
+    for reader, writer in (silent, kept):
+        assert await closed_by_peer(reader) == b""
+        writer.close()
+    assert r.broker.connections.closed == {"header_timeout": 1, "keepalive": 1}
+
+
 @pytest.mark.parametrize("uvloop", [True, False], ids=["uvloop", "asyncio"])
 async def test_the_daemon_times_connections_out_under_either_event_loop(rig, uvloop):
     """Issue 19, item 1: the connections' timeouts hold under uvloop and asyncio alike (the broker wraps the
