@@ -11293,6 +11293,44 @@ async def test_readers_of_a_full_ring_that_never_read_hold_little_and_are_cut_of
     assert [e["n"] for e in past] == list(range(10_000))
 
 
+async def test_a_live_event_reader_that_stops_reading_has_its_connection_aborted(rig, monkeypatch):
+    """A reader of the live stream that never reads, flooded with events, is cut off EVENT_STALL_S after its
+    socket took nothing more: its connection is aborted, so the socket and what waited in the broker's
+    buffer for it go (not only its subscription, with the connection left open and full)."""
+    monkeypatch.setattr(m, "EVENT_STALL_S", 1.0, raising=False)
+    r = await rig()
+    events = r.broker.events
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, (r.server.host, r.server.port))
+        sock.send(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
+        await until(lambda: len(events.subscribers) == 1)
+        mine = sock.getsockname()
+        (theirs,) = [
+            c for c in r.broker.connections.open.values() if c.transport.get_extra_info("peername") == mine
+        ]
+        n = 0
+        while events.subscribers:  # a flood, a little at a time: the stream writes until its socket is full
+            for _ in range(50):
+                events.publish("test", n=n, pad="x" * 400)
+                n += 1
+            await asyncio.sleep(0.01)
+        assert n > 50  # (it was subscribed, and written to, while the flood went on)
+        await until(lambda: theirs.protocol not in r.broker.connections.open)  # closed: aborted
+        assert theirs.transport.is_closing()
+        # The reader, reading at last, finds its connection gone: what was not sent never comes.
+        got = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), 10):
+                got += len(chunk)
+        assert got < n * 400
+    finally:
+        sock.close()
+
+
 def test_the_event_ring_keeps_the_last_events_by_count_and_by_age():
     clock = FakeClock()
     events = m.Events(ring=5, ring_s=900, clock=clock)
