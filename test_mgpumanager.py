@@ -7352,6 +7352,22 @@ def _yielding(**y: Any) -> Any:
     return tweak
 
 
+async def test_status_shows_no_unclaimed_memory_beside_a_gpu_reading_that_failed(rig):
+    """docs/api.md: ``gpu.unclaimed_mib`` (and each ``gpus[].unclaimed_mib``) is null when the GPU could not
+    be read. The figure of the last good reading is kept for the strangers' record, but /v1/status shows it
+    only beside the reading it came from, never beside an error; a good reading again shows it again."""
+    r = await rig(tweak=_yielding())  # (every consumer measured by its processes: the game is nobody's)
+    r.gpu.allocate("game", 8000, process="/usr/bin/train.py")  # nobody's: unclaimed
+    st = await status_until(r, lambda st: (st["gpu"]["unclaimed_mib"] or 0) >= 8000)
+    assert st["gpu"]["error"] is None
+    r.gpu.set_fault("fail")
+    st = await status_until(r, lambda st: st["gpu"]["error"] is not None)
+    assert r.broker.scheduler.strangers.unclaimed_mib >= 8000  # (still known: the last good reading's)
+    assert st["gpu"]["unclaimed_mib"] is None and st["gpus"][0]["unclaimed_mib"] is None
+    r.gpu.set_fault(None)
+    await status_until(r, lambda st: st["gpu"]["error"] is None and st["gpu"]["unclaimed_mib"] >= 8000)
+
+
 async def test_a_job_that_cannot_fit_beside_a_stranger_is_refused_at_once_and_one_that_can_runs(rig):
     """Issue 22: gpu_in_use comes at admission, before the job is queued (nobody sits in the queue behind a
     game), having unloaded nothing for it; a job that fits beside the stranger, leaving keep_free_mib free,
