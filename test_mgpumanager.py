@@ -5292,7 +5292,8 @@ async def test_a_clients_priority_puts_its_job_right_after_the_running_one_end_t
         st = await daemon.until(b.session, lambda st: len(st["scheduler"]["queue"]) == 31)
         assert st["scheduler"]["queue"][0]["client"] == "wa" and st["scheduler"]["queue"][0]["priority"] == 4
         assert st["clients"]["batch"]["queued"] == 30 and st["clients"]["batch"]["running"] == 1
-        assert st["scheduler"]["holder"]["slots"][0]["client"] == "batch"
+        (slot,) = st["scheduler"]["holder"]["slots"]
+        assert (slot["client"], slot["hold"]) == ("batch", False)  # running: not a hold
         mvoice.gate.set()
         assert [a[0] for a in await asyncio.gather(wa, *batch)] == [200] * 32
         events = await ring_events(b.session, daemon)
@@ -6106,6 +6107,9 @@ async def test_image_job_evicts_mvoice_and_holds_until_history(rig, caplog, path
     # The client has its answer; the render goes on and the hold keeps the next job out.
     st = await r.status()
     assert st["scheduler"]["holder"].items() >= {"consumer": "comfyui", "jobs": 0, "holds": 1}.items()
+    # Its slot is the hold's (answered, the GPU still taken), not a running job's.
+    slots = st["scheduler"]["holder"]["slots"]
+    assert [(slot["kind"], slot["client"], slot["hold"]) for slot in slots] == [("image", None, True)]
     tts = asyncio.ensure_future(r.post("tts", {"text": "after"}))
     await status_until(r, lambda st: len(st["scheduler"]["queue"]) == 1)  # it waits for the render
     await until(lambda: any(rec.path == f"/history/{prompt_id}" for rec in r.sims["comfyui"].records))
