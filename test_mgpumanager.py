@@ -3120,7 +3120,13 @@ async def test_measured_memory_in_status_metrics_and_the_warning_when_above_the_
     # Making room uses the larger figure: mvoice (2800) after ComfyUI's 13610 needs ComfyUI gone.
     await r.sims["comfyui"].do_unload()
     await asyncio.sleep(m.STATUS_MAX_AGE_S)
-    assert (await r.status())["consumers"]["comfyui"]["loaded"] is False  # measured: 610 < 6000
+    comfy = (await r.status())["consumers"]["comfyui"]
+    assert comfy["loaded"] is False  # measured: 610 < 6000
+    # Used is now; the peak is the most it was seen holding, in status and metrics alike.
+    assert (comfy["vram_used_mib"], comfy["vram_peak_mib"]) == (610, 13610)
+    text = await (await r.session.get(r.url("/metrics"))).text()
+    assert f'mgpumanager_consumer_vram_used_bytes{{consumer="comfyui"}} {610 * m.MiB}' in text
+    assert f'mgpumanager_consumer_vram_peak_bytes{{consumer="comfyui"}} {13610 * m.MiB}' in text
 
 
 async def test_a_consumer_measured_by_its_processes_is_resident_exactly_when_they_hold_half_its_size(
