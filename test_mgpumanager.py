@@ -15338,6 +15338,36 @@ async def test_a_slow_reader_of_a_large_answer_keeps_its_connection_while_it_rea
         writer.close()
 
 
+async def test_metrics_show_the_client_connections_open_and_how_many_may_be(rig, caplog):
+    """docs/operations.md: ``mgpumanager_client_connections`` is the client connections open now and
+    ``mgpumanager_client_connections_limit`` how many may be (RLIMIT_NOFILE less the reserve): the figure
+    the start's ``msg="client connections" allowed=...`` line gives, which connections opening leave alone."""
+    caplog.set_level(logging.INFO)
+    r = await rig()
+
+    async def gauges() -> tuple[float, float]:
+        async with r.session.get(r.url("/metrics")) as resp:
+            families = _families(await resp.text())
+        return (
+            _value(families, "mgpumanager_client_connections"),
+            _value(families, "mgpumanager_client_connections_limit"),
+        )
+
+    limit = m.descriptor_limit()
+    reserve = m.descriptor_reserve(r.broker.config, limit)
+    allowed = max(limit - reserve, limit // 4)
+    assert f'msg="client connections" allowed={allowed} descriptors={limit} reserve={reserve}' in caplog.text
+    before, shown = await gauges()
+    assert shown == allowed
+    idle = [await asyncio.open_connection("127.0.0.1", r.server.port) for _ in range(5)]
+    try:
+        await until(lambda: len(r.broker.connections.open) >= before + 5)
+        assert await gauges() == (before + 5, allowed)
+    finally:
+        for _, writer in idle:
+            writer.close()
+
+
 async def test_when_descriptors_run_short_event_streams_and_slow_uploads_go_by_age_before_a_new_client(rig):
     """Issue 19, item 1, attacked: connections that sent a whole head and then wait on their client (an event
     stream, a body trickling in) hold descriptors as idle ones do. When descriptors run short they go too,
