@@ -11338,8 +11338,9 @@ async def test_a_live_event_reader_that_stops_reading_has_its_connection_aborted
         (theirs,) = [
             c for c in r.broker.connections.open.values() if c.transport.get_extra_info("peername") == mine
         ]
-        n = 0
+        n, deadline = 0, time.monotonic() + 20
         while events.subscribers:  # a flood, a little at a time: the stream writes until its socket is full
+            assert time.monotonic() < deadline, "the reader was never cut off"
             for _ in range(50):
                 events.publish("test", n=n, pad="x" * 400)
                 n += 1
