@@ -3120,7 +3120,13 @@ async def test_measured_memory_in_status_metrics_and_the_warning_when_above_the_
     # Making room uses the larger figure: mvoice (2800) after ComfyUI's 13610 needs ComfyUI gone.
     await r.sims["comfyui"].do_unload()
     await asyncio.sleep(m.STATUS_MAX_AGE_S)
-    assert (await r.status())["consumers"]["comfyui"]["loaded"] is False  # measured: 610 < 6000
+    comfy = (await r.status())["consumers"]["comfyui"]
+    assert comfy["loaded"] is False  # measured: 610 < 6000
+    # Used is now; the peak is the most it was seen holding, in status and metrics alike.
+    assert (comfy["vram_used_mib"], comfy["vram_peak_mib"]) == (610, 13610)
+    text = await (await r.session.get(r.url("/metrics"))).text()
+    assert f'mgpumanager_consumer_vram_used_bytes{{consumer="comfyui"}} {610 * m.MiB}' in text
+    assert f'mgpumanager_consumer_vram_peak_bytes{{consumer="comfyui"}} {13610 * m.MiB}' in text
 
 
 async def test_a_consumer_measured_by_its_processes_is_resident_exactly_when_they_hold_half_its_size(
@@ -5292,7 +5298,8 @@ async def test_a_clients_priority_puts_its_job_right_after_the_running_one_end_t
         st = await daemon.until(b.session, lambda st: len(st["scheduler"]["queue"]) == 31)
         assert st["scheduler"]["queue"][0]["client"] == "wa" and st["scheduler"]["queue"][0]["priority"] == 4
         assert st["clients"]["batch"]["queued"] == 30 and st["clients"]["batch"]["running"] == 1
-        assert st["scheduler"]["holder"]["slots"][0]["client"] == "batch"
+        (slot,) = st["scheduler"]["holder"]["slots"]
+        assert (slot["client"], slot["hold"]) == ("batch", False)  # running: not a hold
         mvoice.gate.set()
         assert [a[0] for a in await asyncio.gather(wa, *batch)] == [200] * 32
         events = await ring_events(b.session, daemon)
@@ -6106,6 +6113,9 @@ async def test_image_job_evicts_mvoice_and_holds_until_history(rig, caplog, path
     # The client has its answer; the render goes on and the hold keeps the next job out.
     st = await r.status()
     assert st["scheduler"]["holder"].items() >= {"consumer": "comfyui", "jobs": 0, "holds": 1}.items()
+    # Its slot is the hold's (answered, the GPU still taken), not a running job's.
+    slots = st["scheduler"]["holder"]["slots"]
+    assert [(slot["kind"], slot["client"], slot["hold"]) for slot in slots] == [("image", None, True)]
     tts = asyncio.ensure_future(r.post("tts", {"text": "after"}))
     await status_until(r, lambda st: len(st["scheduler"]["queue"]) == 1)  # it waits for the render
     await until(lambda: any(rec.path == f"/history/{prompt_id}" for rec in r.sims["comfyui"].records))
@@ -7350,6 +7360,22 @@ def _yielding(**y: Any) -> Any:
         raw["consumers"]["ollama"]["vram_resident_mib"] = 0
 
     return tweak
+
+
+async def test_status_shows_no_unclaimed_memory_beside_a_gpu_reading_that_failed(rig):
+    """docs/api.md: ``gpu.unclaimed_mib`` (and each ``gpus[].unclaimed_mib``) is null when the GPU could not
+    be read. The figure of the last good reading is kept for the strangers' record, but /v1/status shows it
+    only beside the reading it came from, never beside an error; a good reading again shows it again."""
+    r = await rig(tweak=_yielding())  # (every consumer measured by its processes: the game is nobody's)
+    r.gpu.allocate("game", 8000, process="/usr/bin/train.py")  # nobody's: unclaimed
+    st = await status_until(r, lambda st: (st["gpu"]["unclaimed_mib"] or 0) >= 8000)
+    assert st["gpu"]["error"] is None
+    r.gpu.set_fault("fail")
+    st = await status_until(r, lambda st: st["gpu"]["error"] is not None)
+    assert r.broker.scheduler.strangers.unclaimed_mib >= 8000  # (still known: the last good reading's)
+    assert st["gpu"]["unclaimed_mib"] is None and st["gpus"][0]["unclaimed_mib"] is None
+    r.gpu.set_fault(None)
+    await status_until(r, lambda st: st["gpu"]["error"] is None and st["gpu"]["unclaimed_mib"] >= 8000)
 
 
 async def test_a_job_that_cannot_fit_beside_a_stranger_is_refused_at_once_and_one_that_can_runs(rig):
@@ -11438,6 +11464,45 @@ async def test_readers_of_a_full_ring_that_never_read_hold_little_and_are_cut_of
     assert [e["n"] for e in past] == list(range(10_000))
 
 
+async def test_a_live_event_reader_that_stops_reading_has_its_connection_aborted(rig, monkeypatch):
+    """A reader of the live stream that never reads, flooded with events, is cut off EVENT_STALL_S after its
+    socket took nothing more: its connection is aborted, so the socket and what waited in the broker's
+    buffer for it go (not only its subscription, with the connection left open and full)."""
+    monkeypatch.setattr(m, "EVENT_STALL_S", 1.0, raising=False)
+    r = await rig()
+    events = r.broker.events
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, (r.server.host, r.server.port))
+        sock.send(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
+        await until(lambda: len(events.subscribers) == 1)
+        mine = sock.getsockname()
+        (theirs,) = [
+            c for c in r.broker.connections.open.values() if c.transport.get_extra_info("peername") == mine
+        ]
+        n, deadline = 0, time.monotonic() + 20
+        while events.subscribers:  # a flood, a little at a time: the stream writes until its socket is full
+            assert time.monotonic() < deadline, "the reader was never cut off"
+            for _ in range(50):
+                events.publish("test", n=n, pad="x" * 400)
+                n += 1
+            await asyncio.sleep(0.01)
+        assert n > 50  # (it was subscribed, and written to, while the flood went on)
+        await until(lambda: theirs.protocol not in r.broker.connections.open)  # closed: aborted
+        assert theirs.transport.is_closing()
+        # The reader, reading at last, finds its connection gone: what was not sent never comes.
+        got = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), 10):
+                got += len(chunk)
+        assert got < n * 400
+    finally:
+        sock.close()
+
+
 def test_the_event_ring_keeps_the_last_events_by_count_and_by_age():
     clock = FakeClock()
     events = m.Events(ring=5, ring_s=900, clock=clock)
@@ -15457,6 +15522,28 @@ async def test_connections_without_a_request_head_or_idle_after_an_answer_are_cl
     assert _value(families, closed, reason="keepalive") == 2
 
 
+async def test_a_reload_gives_the_connections_deadlines_set_from_then_on_its_new_http_times(rig):
+    """docs/operations.md, on reload: http.header_timeout_s and http.keepalive_s apply to the deadlines set
+    from then on. A broker started with an hour for each, reloaded to 0.3 s: a connection opened after the
+    reload that sends nothing, and one idle after its answer, are closed (under the hour they would wait)."""
+
+    def patient(raw: dict[str, Any]) -> None:
+        raw["http"] = {"header_timeout_s": 3600, "keepalive_s": 3600}
+
+    r = await rig(tweak=patient)
+    r.raw["http"] = {"header_timeout_s": 0.3, "keepalive_s": 0.3}
+    r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+    assert "changed http" in await r.broker.reload()
+    silent = await asyncio.open_connection("127.0.0.1", r.server.port)
+    kept = await asyncio.open_connection("127.0.0.1", r.server.port)
+    kept[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await whole_answer(kept[0]))[0] == 200
+    for reader, writer in (silent, kept):
+        assert await closed_by_peer(reader) == b""
+        writer.close()
+    assert r.broker.connections.closed == {"header_timeout": 1, "keepalive": 1}
+
+
 @pytest.mark.parametrize("uvloop", [True, False], ids=["uvloop", "asyncio"])
 async def test_the_daemon_times_connections_out_under_either_event_loop(rig, uvloop):
     """Issue 19, item 1: the connections' timeouts hold under uvloop and asyncio alike (the broker wraps the
@@ -15532,6 +15619,36 @@ async def test_a_slow_reader_of_a_large_answer_keeps_its_connection_while_it_rea
     assert len(head) + len(await closed_by_peer(stopped)) < length  # the rest was never sent
     for _, writer in conns:
         writer.close()
+
+
+async def test_metrics_show_the_client_connections_open_and_how_many_may_be(rig, caplog):
+    """docs/operations.md: ``mgpumanager_client_connections`` is the client connections open now and
+    ``mgpumanager_client_connections_limit`` how many may be (RLIMIT_NOFILE less the reserve): the figure
+    the start's ``msg="client connections" allowed=...`` line gives, which connections opening leave alone."""
+    caplog.set_level(logging.INFO)
+    r = await rig()
+
+    async def gauges() -> tuple[float, float]:
+        async with r.session.get(r.url("/metrics")) as resp:
+            families = _families(await resp.text())
+        return (
+            _value(families, "mgpumanager_client_connections"),
+            _value(families, "mgpumanager_client_connections_limit"),
+        )
+
+    limit = m.descriptor_limit()
+    reserve = m.descriptor_reserve(r.broker.config, limit)
+    allowed = max(limit - reserve, limit // 4)
+    assert f'msg="client connections" allowed={allowed} descriptors={limit} reserve={reserve}' in caplog.text
+    before, shown = await gauges()
+    assert shown == allowed
+    idle = [await asyncio.open_connection("127.0.0.1", r.server.port) for _ in range(5)]
+    try:
+        await until(lambda: len(r.broker.connections.open) >= before + 5)
+        assert await gauges() == (before + 5, allowed)
+    finally:
+        for _, writer in idle:
+            writer.close()
 
 
 async def test_when_descriptors_run_short_event_streams_and_slow_uploads_go_by_age_before_a_new_client(rig):
