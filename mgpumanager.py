@@ -9000,6 +9000,9 @@ async def _to_client(request: web.Request, write: Awaitable[None], consumer: Con
         return held
 
     task = asyncio.ensure_future(write)
+    # (Its error read whatever ends first: a client that resets as its handler is cancelled ends the write
+    # with "Connection lost", which asyncio would log as a task exception never retrieved.)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
     try:
         await asyncio.sleep(0)  # (the write puts its bytes in the buffer, then waits for the client)
         before = waiting()
@@ -10374,6 +10377,8 @@ class Connection:
     closer: Callable[[], None] | None = None
     #: Its credential was revoked: it is closed once its answer is sent (the reload's own).
     revoked: bool = False
+    #: It is gone (either side closed it).
+    lost: bool = False
 
 
 class _Watched(asyncio.Protocol):
@@ -10569,6 +10574,7 @@ class ClientConnections:
 
     def lost(self, conn: Connection) -> None:
         """It closed (either side)."""
+        conn.lost = True
         if self.open.get(conn.protocol) is conn:
             del self.open[conn.protocol]
             self._forget(conn)
@@ -10621,11 +10627,18 @@ class ClientConnections:
             # Its last answer may still be on its way (a large one to a slow reader): it goes out whole
             # before the connection closes; one that is not taken within keepalive_s more is cut.
             conn.transport.close()
-            loop.call_later(self.http.keepalive_s, conn.transport.abort)
+            loop.call_later(self.http.keepalive_s, self._cut, conn)
         elif conn.closer is not None and reason == "token_revoked":
             conn.closer()
-            loop.call_later(REVOKE_GRACE_S, conn.transport.abort)
+            loop.call_later(REVOKE_GRACE_S, self._cut, conn)
         else:
+            conn.transport.abort()
+
+    @staticmethod
+    def _cut(conn: Connection) -> None:
+        """Abort a connection asked to close that has not gone yet (asyncio's own transports raise on an
+        abort after their end: a traceback in the journal for each keep-alive connection that closed)."""
+        if not conn.lost:
             conn.transport.abort()
 
     def descriptors_exhausted(self, what: str) -> None:
