@@ -2112,6 +2112,30 @@ async def test_a_reader_closed_while_nvidia_smi_hangs_leaves_no_process(tmp_path
                 os.kill(pid, signal.SIGKILL)
 
 
+async def test_a_process_whose_caller_is_cancelled_before_it_waits_is_killed_too(tmp_path):
+    """Found by a fresh clone's CI: a cancellation that came between the process's start and the wait for
+    its exit (while the pipes of its output were being connected) left it running: nvidia-smi behind a hung
+    driver for good. Whenever the caller is cancelled, its process group is killed."""
+    pids = tmp_path / "pids"
+    argv = _smi_script(tmp_path, f"sleep 300 & echo $! >> {pids}; echo $$ >> {pids}; wait")
+    before = children()
+    running_now = asyncio.ensure_future(m.run_process(argv, 300, kill_group=True))
+    await asyncio.sleep(0)  # it starts the process, then waits to connect its output
+    started = children() - before
+    running_now.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running_now
+    try:
+        assert len(started) == 1  # (the script: whatever it started is in the pids file)
+        await until(lambda: not any(map(running, started)), 5)
+        written = map(int, pids.read_text().split()) if pids.exists() else ()
+        assert not any(map(running, written))
+    finally:
+        for pid in map(int, pids.read_text().split()) if pids.exists() else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 async def test_reader_against_mgpusim_subprocess(tmp_path):
     gpu = mgpusim.SimGPU(tmp_path / "gpu.json", total_mib=16384, reserved_mib=480)
     gpu.allocate("comfyui", 13000)
