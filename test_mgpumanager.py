@@ -12298,30 +12298,24 @@ async def test_a_mount_job_queued_before_a_reload_that_moves_its_consumer_is_tak
     route is refused (403, nothing reaches it: it would free its model behind the broker's back), one that
     is a paths entry there (another kind, with its own hold) is no_consumer, to be sent again, and one the
     same to both goes on."""
-    gate = asyncio.Event()
-    async with held_llm(gate) as ollama:
-        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
-        new = mgpusim.MvoiceSim("mvoice-new", r.gpu, loaded=True)
-        async with StandIn.serving(new.app) as service:
-            running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
-            await until(lambda: r.broker.scheduler.holder == "ollama")
-            paths = ["/api/admin/shutdown", "/api/clone", "/api/synthesize"]
-            queued = [asyncio.ensure_future(r.session.post(r.url("/c/mvoice" + p), json={})) for p in paths]
-            await until(lambda: len(r.broker.scheduler.queue()) == 3)
-            raw = copy.deepcopy(r.raw)
-            mvoice = raw["consumers"]["mvoice"]
-            mvoice["url"] = service.url
-            mvoice["unload"] = {"method": "POST", "path": "/api/admin/shutdown"}
-            mvoice["paths"]["clone"] = {"method": "POST", "path": "/api/clone"}
-            r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-            async with r.session.post(r.url("/v1/reload")) as resp:
-                assert "new url for mvoice" in (await resp.json())["changes"]
-            gate.set()
-            assert (await running)[0] == 200
-            answers = []
-            for answer in queued:
-                async with await answer as resp:
-                    answers.append((resp.status, dict(resp.headers), await resp.read()))
+    async with _ollama_at_work_and_a_new_mvoice(rig) as (r, new, service, gate, running):
+        paths = ["/api/admin/shutdown", "/api/clone", "/api/synthesize"]
+        queued = [asyncio.ensure_future(r.session.post(r.url("/c/mvoice" + p), json={})) for p in paths]
+        await until(lambda: len(r.broker.scheduler.queue()) == 3)
+        raw = copy.deepcopy(r.raw)
+        mvoice = raw["consumers"]["mvoice"]
+        mvoice["url"] = service.url
+        mvoice["unload"] = {"method": "POST", "path": "/api/admin/shutdown"}
+        mvoice["paths"]["clone"] = {"method": "POST", "path": "/api/clone"}
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert "new url for mvoice" in (await resp.json())["changes"]
+        gate.set()
+        assert (await running)[0] == 200
+        answers = []
+        for answer in queued:
+            async with await answer as resp:
+                answers.append((resp.status, dict(resp.headers), await resp.read()))
     refused = error_of(*answers[0], "forbidden")
     assert "/api/admin/shutdown is mvoice's unload route" in refused["message"]
     again = error_of(*answers[1], "no_consumer")
