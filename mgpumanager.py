@@ -3744,9 +3744,8 @@ async def run_process(
             log.info(logfmt(msg="process left its output open", argv=shlex.join(argv), pid=proc.pid))
         return Finished(returncode, bytes(tails[0].data), bytes(tails[1].data), tails[0].cut)
     finally:
-        if (
-            not watch.exited.done()
-        ):  # cancelled before its wait (its output not yet read): killed all the same
+        # Cancelled before its wait (while its output was being connected): killed all the same.
+        if not watch.exited.done():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
         watch.close()
