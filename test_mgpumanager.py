@@ -15135,8 +15135,10 @@ async def test_no_byte_of_a_malformed_request_reaches_the_log(rig, parser):
                 await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
                 writer.write(later)
                 await writer.drain()
-            with contextlib.suppress(ConnectionResetError):
-                await asyncio.wait_for(reader.read(), 10)
+            # (aiohttp's C parser takes no notice of a chunk that breaks after the answer: it reads on for
+            # its lingering time, 10 s, before it closes; the Python one closes at once, the line logged.)
+            with contextlib.suppress(ConnectionResetError, asyncio.TimeoutError):
+                await asyncio.wait_for(reader.read(), 2 if later else 10)
             writer.close()
     assert daemon.log.count('msg="bad http request"') >= 3 and "SECRET" not in daemon.log, daemon.log
 
