@@ -3024,21 +3024,23 @@ def logfmt(**fields: Any) -> str:
     return " ".join(out)
 
 
-def in_own_thread(
-    fn: Callable[..., Any], *args: Any, name: str, discard: Callable[[Any], Any] | None = None
-) -> asyncio.Future[Any]:
+def error_read(future: asyncio.Future[Any]) -> None:
+    """A done callback: the future's error counts as read, whoever waits for it or stopped waiting (asyncio
+    logs an error never read, with its traceback, when the future goes)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def in_own_thread(fn: Callable[..., Any], *args: Any, name: str) -> asyncio.Future[Any]:
     """``fn(*args)`` in a daemon thread of its own, as a future of the running loop: for a call that may
     never return (a file on a hung network mount, a FIFO). The loop's own executor is joined when the
     broker exits, so one such call there kept a stopped broker alive for good; a daemon thread is left
-    behind. Its caller bounds the wait (``asyncio.wait_for``); what the call returns after that is unused,
-    but given to ``discard`` (a descriptor the call opened, closed)."""
+    behind. Its caller bounds the wait (``asyncio.wait_for``); what the call returns after that is unused."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
 
     def settle(result: Any, error: BaseException | None) -> None:
         if future.done():  # (its caller stopped waiting)
-            if error is None and discard is not None:
-                discard(result)
             return
         if error is None:
             future.set_result(result)
@@ -9004,9 +9006,8 @@ async def _to_client(request: web.Request, write: Awaitable[None], consumer: Con
         return held
 
     task = asyncio.ensure_future(write)
-    # (Its error read whatever ends first: a client that resets as its handler is cancelled ends the write
-    # with "Connection lost", which asyncio would log as a task exception never retrieved.)
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    # (A client that resets as its handler is cancelled ends the write with "Connection lost".)
+    task.add_done_callback(error_read)
     try:
         await asyncio.sleep(0)  # (the write puts its bytes in the buffer, then waits for the client)
         before = waiting()
@@ -9715,6 +9716,11 @@ def _unlocked(e: OSError | asyncio.TimeoutError) -> str:
     return e.strerror or str(e)
 
 
+def _lock_unused(locking: asyncio.Future[int]) -> None:
+    if not locking.cancelled() and locking.exception() is None:
+        os.close(locking.result())
+
+
 class StateFile:
     """What a restart keeps, in ``state_file``: each GPU's reservation (its end in wall-clock time) and what
     waits to be restored, each consumer's learned timings and last use; never a token, and nothing that
@@ -9733,6 +9739,8 @@ class StateFile:
         self._lock: tuple[str, int] | None = None
         #: Why the lock could not be taken last (said once until it is taken; the state is written anyway).
         self._unlocked_why: str | None = None
+        #: The last try to take it (its thread may outlive a timeout: no second try starts meanwhile).
+        self._locking: asyncio.Future[int] | None = None
         #: What was written last (the state, without its time), and where; when (wall-clock).
         self._written: tuple[str, bytes] | None = None
         self.written_at: float | None = None
@@ -9753,8 +9761,14 @@ class StateFile:
         path = self.path
         if path is None or (self._lock is not None and self._lock[0] == path):
             return
-        locking = in_own_thread(lock_state_file, path, name="state file lock", discard=os.close)
-        fd = await asyncio.wait_for(locking, STATE_IO_TIMEOUT_S)
+        if self._locking is not None and not self._locking.done():
+            raise asyncio.TimeoutError  # (the last try hangs still: one thread, not one a write)
+        self._locking = locking = in_own_thread(lock_state_file, path, name="state file lock")
+        try:
+            fd = await asyncio.wait_for(asyncio.shield(locking), STATE_IO_TIMEOUT_S)
+        except BaseException:
+            locking.add_done_callback(_lock_unused)  # (a lock taken after its claim gave up is let go)
+            raise
         self.release()
         self._lock, self._unlocked_why = (path, fd), None
 
@@ -9838,7 +9852,7 @@ class StateFile:
         head = {"version": STATE_VERSION, "written_at": _iso(now), "written_at_s": round(now, 3)}
         data = json.dumps({**head, **collected}, indent=1).encode() + b"\n"
         self._inflight = inflight = in_own_thread(write_state_file, path, data, name="state file write")
-        inflight.add_done_callback(lambda f: f.cancelled() or f.exception())  # (its error is read below)
+        inflight.add_done_callback(error_read)  # (its error is read below, unless a timeout came first)
         try:
             await asyncio.wait_for(asyncio.shield(inflight), STATE_IO_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -10106,7 +10120,7 @@ class Broker:
         if self._config_read is not None and not self._config_read.done():
             raise ConfigError(["the last read of it has not ended yet (a hung mount?)"])
         self._config_read = reading = in_own_thread(source.load, name="config read")
-        reading.add_done_callback(lambda f: f.cancelled() or f.exception())  # (read, if it ends late)
+        reading.add_done_callback(error_read)  # (if it ends late)
         try:
             return await asyncio.wait_for(asyncio.shield(reading), CONFIG_READ_TIMEOUT_S)
         except asyncio.TimeoutError:

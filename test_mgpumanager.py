@@ -8079,6 +8079,35 @@ async def test_a_lock_taken_after_its_claim_gave_up_is_let_go_not_kept_for_good(
     assert st["state_file"]["error"] is None and _lock_descriptors(tmp_path / "state.json.lock") == 1
 
 
+async def test_a_lock_that_hangs_is_tried_once_until_it_ends_not_once_a_write(rig, tmp_path, monkeypatch):
+    """Found by a reading of the change: a lock whose open hung (a dead network mount) was tried again at
+    every write, each try a thread that never ends. While one hangs, no other starts; the state file is
+    written all the same (here the file system hangs for the lock alone), and once the try ends the lock
+    it took is let go, and the next write takes it."""
+    path = tmp_path / "state.json"
+    hung, tries, real = threading.Event(), [], m.lock_state_file
+
+    def hanging(where: str) -> int:
+        tries.append(where)
+        hung.wait(30)
+        return real(where)
+
+    monkeypatch.setattr(m, "lock_state_file", hanging)
+    monkeypatch.setattr(m, "STATE_IO_TIMEOUT_S", 0.2)
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=lambda raw: raw.update(state_file=str(path)))
+    for text in ("one", "two", "three"):  # each a change to write
+        assert (await r.post("tts", {"text": text}))[0] == 200
+        written = (await r.status())["state_file"]["written"]
+        await status_until(r, lambda st, before=written: st["state_file"]["written"] != before)
+    assert len(tries) == 1 and r.broker.state._lock is None
+    hung.set()
+    await until(lambda: r.broker.state._locking is not None and r.broker.state._locking.done())
+    assert _lock_descriptors(tmp_path / "state.json.lock") == 0  # (taken late: let go)
+    assert (await r.post("tts", {"text": "four"}))[0] == 200
+    await until(lambda: r.broker.state._lock is not None)
+    assert len(tries) == 2 and _lock_descriptors(tmp_path / "state.json.lock") == 1
+
+
 async def test_a_lock_that_cannot_be_taken_still_lets_the_state_file_be_written(rig, tmp_path, caplog):
     """Found by a review: a lock file the broker cannot open (left by a run as root, mode 0600; here a
     directory in its place) made every write fail, where the state file itself could be written: the lock
