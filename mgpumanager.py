@@ -11238,9 +11238,16 @@ async def read_body(request: web.Request, broker: Broker, consumer: str) -> byte
         raise BrokerError(
             "request_timeout", f"the request body did not arrive within body_timeout_s {cfg.body_timeout_s:g}"
         ) from None
-    except (ConnectionResetError, HttpProcessingError) as e:
-        # The client left mid-body, or its chunked encoding broke: its fault, not a bug of the broker's.
-        why = "the client closed its connection" if isinstance(e, ConnectionResetError) else type(e).__name__
+    except (ConnectionResetError, HttpProcessingError, web.RequestPayloadError) as e:
+        # The client left mid-body, or its chunked encoding broke: its fault, not a bug of the broker's. (How
+        # a broken chunk comes depends on aiohttp's parser: its Python one wraps it in a RequestPayloadError.
+        # Its message may quote the client's bytes: only its kind is said.)
+        broken = e.__cause__ if isinstance(e, web.RequestPayloadError) and e.__cause__ is not None else e
+        why = (
+            "the client closed its connection"
+            if isinstance(e, ConnectionResetError)
+            else type(broken).__name__
+        )
         raise BrokerError("bad_request", f"the request body did not arrive whole: {why}") from None
     finally:
         broker.reading -= len(body)

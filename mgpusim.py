@@ -630,7 +630,7 @@ class Record:
 
 
 #: Where the recording middleware leaves a request's Record for its handler.
-RECORD = web.RequestKey("record", Record)
+RECORD: Any = web.RequestKey("record", Record) if hasattr(web, "RequestKey") else "mgpusim.record"
 
 
 def error_response(status: int) -> web.Response:

@@ -8837,8 +8837,10 @@ async def test_an_answer_with_a_large_head_passes_through(rig):
 
     async with StandIn([("POST", "/api/synthesize", synthesize), ("GET", "/health", _ok)]) as mvoice:
         r = await rig(urls={"mvoice": mvoice.url})
+        # (Before aiohttp 3.13.4 a client took any number of headers, and could not be told a number.)
+        many = {"max_headers": 1024} if "max_headers" in m.ANSWER_HEAD_LIMITS else {}
         async with (
-            aiohttp.ClientSession(max_line_size=1 << 16, max_field_size=1 << 16, max_headers=1024) as client,
+            aiohttp.ClientSession(max_line_size=1 << 16, max_field_size=1 << 16, **many) as client,
             client.post(r.url("/v1/tts"), json={"text": "hi"}) as resp,
         ):
             assert resp.status == 200 and await resp.read() == b"audio"
@@ -9970,8 +9972,7 @@ def test_any_url_the_loader_accepts_is_one_the_http_client_can_use(host, port):
     host_seen = parsed.raw_host
     assert host_seen and parsed.port not in (None, 0)
     if aiohttp.helpers.is_ip_address(host_seen):
-        assert ":" in host_seen or aiohttp.helpers.is_canonical_ipv4_address(host_seen), url
-        ipaddress.ip_address(host_seen)
+        assert ":" in host_seen or str(ipaddress.ip_address(host_seen)) == host_seen, url  # (canonical)
     else:
         host_seen.encode("idna")  # what the resolver is handed
 
@@ -15172,6 +15173,30 @@ async def test_no_byte_of_a_malformed_request_reaches_the_log(rig, parser):
     assert daemon.log.count('msg="bad http request"') >= 3 and "SECRET" not in daemon.log, daemon.log
 
 
+async def test_a_body_whose_chunks_break_while_it_is_read_is_a_bad_request(rig):
+    """Found by running the suite on Debian 13's aiohttp (3.11): with aiohttp's pure-Python parser
+    (AIOHTTP_NO_EXTENSIONS, or no C extension built; the pinned aiohttp's too), a chunk that breaks while a
+    job's body is read comes as a RequestPayloadError, which the body's reading did not take for the
+    client's fault: the job was the broker's own bug, answered 500 internal_error with the client's bytes in
+    its message and a traceback quoting them in the journal. It is 400 bad_request, the bytes never said."""
+    r = await rig()
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state), env={"AIOHTTP_NO_EXTENSIONS": "1"}) as daemon:
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        writer.write(b"POST /v1/stt HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)  # (the break comes apart from the head: in a read of the body)
+        writer.write(b"5\r\nhello\r\nzz SECRET5\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        status = await daemon.status(r.session)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    error = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert error["error"] == "bad_request" and "did not arrive whole" in error["message"], error
+    assert status["internal_errors"] == 0 and r.sims["mvoice"].records == []
+    assert "SECRET" not in daemon.log, daemon.log
+
+
 async def test_the_token_stays_out_of_the_log_even_in_a_malformed_request(rig):
     r = await rig()
     raw = copy.deepcopy(r.raw)
@@ -15624,6 +15649,8 @@ async def test_the_daemon_times_connections_out_under_either_event_loop(rig, uvl
     """Issue 19, item 1: the connections' timeouts hold under uvloop and asyncio alike (the broker wraps the
     protocol of each, a plain protocol to either loop): a silent connection, and an idle one after its
     answer, on the broker's port and a consumer's."""
+    if uvloop:
+        pytest.importorskip("uvloop")
     r = await rig()
     raw = copy.deepcopy(r.raw)
     comfy_port = free_port()
@@ -15791,6 +15818,8 @@ async def test_idle_connections_never_take_the_descriptors_that_healthz_and_jobs
     consumer's port and to the broker's), /healthz and a job on the main port answer 200 within 15 s: the
     longest-idle connections were closed, keeping descriptors for the broker's own work (its connection to
     the consumer, nvidia-smi). http.header_timeout_s is 60 here, so that only this can have freed them."""
+    if uvloop:
+        pytest.importorskip("uvloop")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1500:
         pytest.skip(f"this test opens 1,100 connections: its hard RLIMIT_NOFILE is {hard}")
