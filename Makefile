@@ -8,11 +8,21 @@ HOST   ?= mrock
 STAGE  ?= /tmp/mgpumanager-deploy
 CONFIG ?= consumers.yaml
 
-.PHONY: demo test test-real lint fuzz bench run check deploy clean
+.PHONY: demo test test-debian test-real lint fuzz bench run check deploy clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+# The tests on what Debian 13 ships (requirements-debian13.txt), as the server runs the broker: its Python
+# 3.13 (DEBIAN_PYTHON), its aiohttp 3.11, no uvloop. In .venv-debian13, made on first use.
+DEBIAN_PYTHON ?= python3.13
+DEBIAN_VENV   := .venv-debian13
+$(DEBIAN_VENV)/.installed: requirements-debian13.txt requirements-dev.txt
+	test -x $(DEBIAN_VENV)/bin/python || $(DEBIAN_PYTHON) -m venv $(DEBIAN_VENV)
+	$(DEBIAN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+	  -r requirements-debian13.txt -r requirements-dev.txt
 	touch $@
 
 demo: $(STAMP)
@@ -23,6 +33,9 @@ demo: $(STAMP)
 TEST_WORKERS ?= 4
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+
+test-debian: $(DEBIAN_VENV)/.installed
+	$(DEBIAN_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # mgpumanager in front of real ComfyUI, whisper.cpp and llama.cpp servers on the CPU (docs/development.md):
 # builds them into $$MGPU_REAL_CACHE on first use, then runs test_real.py. One scenario: ARGS="-k held".
@@ -91,4 +104,4 @@ deploy:
 	  sudo journalctl -u mgpumanager -n 30 --no-pager; exit 1'
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache __pycache__
+	rm -rf $(VENV) $(DEBIAN_VENV) .pytest_cache .ruff_cache __pycache__

@@ -1007,9 +1007,12 @@ except ImportError as _missing:  # one line, not a traceback: the verbs above wo
     )
     sys.exit(2)
 
-if not hasattr(web, "AppKey"):  # handler_cancellation and AppKey came with aiohttp 3.9
+#: The oldest aiohttp the broker runs on: Debian 13's python3-aiohttp (3.11.16), on which ``make test-debian``
+#: runs the tests. (Ubuntu 24.04's 3.9 lacks what WebSockets through a mount need.)
+OLDEST_AIOHTTP = (3, 11)
+if tuple(int(n) for n in re.findall(r"\d+", aiohttp.__version__)[:2]) < OLDEST_AIOHTTP:
     print(
-        f"mgpumanager: the broker needs aiohttp >= 3.9 (Debian 13's python3-aiohttp); this is"
+        f"mgpumanager: the broker needs aiohttp >= 3.11 (Debian 13's python3-aiohttp); this is"
         f" {aiohttp.__version__}: pip install -r requirements.txt",
         file=sys.stderr,
     )
@@ -1957,6 +1960,10 @@ def _shown(url: str) -> str:
     return repr(url) if "@" not in url else "this one (not shown: it has an '@')"
 
 
+#: A bracketed host as the whole of a URL's host and port: ``[::1]``, ``[::1]:8188``.
+_BRACKETED = re.compile(r"\[[^\[\]]*\](?::[0-9]*)?")
+
+
 def url_host(url: str) -> tuple[Address | str, int]:
     """Where a consumer URL leads the HTTP client: an address, or a host name (lower case, IDNA, without a
     trailing '.'), and the port. ValueError (its message a refusal) when the client could not use it: a
@@ -1972,10 +1979,14 @@ def url_host(url: str) -> tuple[Address | str, int]:
         raise ValueError(f"must be an http(s) URL the HTTP client can use, not {shown} ({e})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or not host:
         raise ValueError(f"must be an http(s) URL with a host, not {shown}")
+    hostport = parts.netloc.rpartition("@")[2]
+    if hostport.startswith("[") and not _BRACKETED.fullmatch(hostport):
+        # Text between ']' and the port: an older yarl (Debian 13's 1.19) drops it, a newer one refuses it.
+        raise ValueError(f"must be an http(s) URL the HTTP client can use, not {shown} (Invalid IPv6 URL)")
     if port == 0:
         raise ValueError(f"port 0 is no port to connect to: {shown}")
     port = port or (443 if parts.scheme == "https" else 80)
-    if parts.netloc.rpartition("@")[2].startswith("["):
+    if hostport.startswith("["):
         if "%" in host:  # aiohttp hands "fe80::1%25eth0" to the resolver as it is: never found
             raise ValueError(f"an IPv6 zone ('%25...') cannot be used by the HTTP client: {shown}")
         try:
@@ -2933,10 +2944,6 @@ class Shared:
 # Failures and log lines
 # =====================================================================================================
 
-#: aiohttp >= 3.10 tells a failed name lookup and a connect timeout apart; older ones do not.
-_DNSError: Any = getattr(aiohttp, "ClientConnectorDNSError", ())
-_ConnectTimeout: Any = getattr(aiohttp, "ConnectionTimeoutError", ())
-
 
 def out_of_descriptors(exc: BaseException | None) -> bool:
     """Whether a failure is the broker's own lack of file descriptors (EMFILE, ENFILE: RLIMIT_NOFILE or the
@@ -2948,11 +2955,11 @@ def describe(exc: BaseException) -> str:
     """A short human reason for a failed connection: 'connection refused', 'timed out', ..."""
     if out_of_descriptors(exc):
         return "the broker is out of file descriptors (RLIMIT_NOFILE)"
-    if isinstance(exc, _ConnectTimeout):
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return "connect timed out"
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return "timed out"
-    if isinstance(exc, _DNSError):
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return f"cannot resolve host {exc.host}"
     if isinstance(exc, aiohttp.ClientConnectorError):
         if isinstance(exc.os_error, ConnectionRefusedError):
@@ -2972,7 +2979,9 @@ def gone_reason(exc: BaseException, *, refused_only: bool = False) -> str | None
     the URL is wrong (a name that does not resolve), or the broker itself had no descriptor to connect with.
     Gone: nothing accepts the connection, or (unless ``refused_only``) the one it had was reset or closed on
     it."""
-    if isinstance(exc, (_DNSError, aiohttp.InvalidURL, TimeoutError, asyncio.TimeoutError)):
+    if isinstance(
+        exc, (aiohttp.ClientConnectorDNSError, aiohttp.InvalidURL, TimeoutError, asyncio.TimeoutError)
+    ):
         return None
     if out_of_descriptors(exc):
         return None
@@ -2990,7 +2999,7 @@ def failure_code(exc: BaseException) -> str:
     had no file descriptor to connect with."""
     if out_of_descriptors(exc):
         return "out_of_descriptors"
-    if isinstance(exc, (_DNSError, aiohttp.InvalidURL, ValueError)):
+    if isinstance(exc, (aiohttp.ClientConnectorDNSError, aiohttp.InvalidURL, ValueError)):
         return "bad_consumer_url"
     return "consumer_unreachable"
 
@@ -8852,7 +8861,7 @@ async def open_upstream(
             timeout=timeout,
             allow_redirects=False,
         )
-    except _ConnectTimeout as e:  # before the answer began: unreachable, not slow
+    except aiohttp.ConnectionTimeoutError as e:  # before the answer began: unreachable, not slow
         raise BrokerError(
             "consumer_unreachable", f"upstream {consumer.name} {describe(e)}", consumer.name
         ) from e
@@ -10776,15 +10785,6 @@ class ListenerSite(web.BaseSite):
         await super().stop()
 
 
-#: A request body is forwarded as it came: a gzip body with its Content-Encoding (aiohttp's server
-#: decompresses it by default; an aiohttp too old to be told not to still does).
-_KEEP_ENCODED: dict[str, bool] = (
-    {"auto_decompress": False}
-    if "auto_decompress" in inspect.signature(web.RequestHandler.__init__).parameters
-    else {}
-)
-
-
 #: What a consumer's answer head may hold: a header line, a header (aiohttp's 8190 bytes each turned a
 #: big Set-Cookie into 502 consumer_unreachable, and the consumer into an unhealthy one), and headers
 #: (where aiohttp can be told: its default is 128); 16 MiB a head at the most.
@@ -10799,7 +10799,11 @@ def make_runner(app: web.Application) -> web.AppRunner:
     """How each of the broker's apps is run: handlers cancelled when their client leaves, no access log,
     SHUTDOWN_GRACE_S for what is still answering at shutdown, request bodies as they came."""
     return web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S, **_KEEP_ENCODED
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+        auto_decompress=False,  # (a gzip body goes on as it came, with its Content-Encoding)
     )
 
 
