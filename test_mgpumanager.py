@@ -2239,6 +2239,20 @@ async def test_a_reading_is_its_own_gpus_line_and_processes_and_a_name_with_a_co
     assert [p.name for p in (await reader.read()).processes] == [game]
 
 
+def test_a_reading_of_a_gpu_without_a_line_of_its_own_is_refused_not_another_gpus():
+    """Of several GPUs' lines none is GPU 2's (gone, or renumbered): the reading is refused, naming GPU 2,
+    never the first line taken for it (GPU 0's memory and processes read as GPU 2's would let the broker
+    load into a GPU it never measured). Taking the first line where several are printed failed no test."""
+    lines = "".join(
+        f"{i}, {mgpusim.gpu_uuid(i)}, NVIDIA GeForce RTX 4090, 24564, {used}, {24564 - used}, 0, 40\n"
+        for i, used in ((0, 3000), (1, 13000))
+    )
+    # (The lines are well formed: GPU 1's is read.)
+    assert m.parse_gpu_reading(lines, "", index=1, started=0, read_at=0).used_mib == 13000
+    with pytest.raises(m.GpuError, match="nvidia-smi printed no line for GPU 2: "):
+        m.parse_gpu_reading(lines, "", index=2, started=0, read_at=0)
+
+
 async def test_a_reading_of_its_own_is_never_an_older_one_and_the_newest_is_the_one_kept(tmp_path):
     """read(own=True) (making room, waiting for an eviction's memory, a restore) starts a reading after the
     call: one already under way began before the eviction freed its memory, or before a stranger took some,
@@ -13037,6 +13051,36 @@ async def test_reservations_are_per_gpu_and_end_with_the_broker(rig):
     assert r.broker.schedulers[1].reservation is None
     ended = [e for e in recent_events(r.broker.events) if e["event"] == "reservation_ended"]
     assert [e["why"] for e in ended] == ["shutdown"]
+
+
+async def test_the_default_gpu_is_gpu_index_where_that_is_not_the_lowest(rig):
+    """gpu.index 1 with comfyui on GPU 0: the default GPU is GPU 1, not the lowest index. Status's
+    single-GPU fields ``gpu`` and ``scheduler`` are GPU 1's (its reading, its jobs), and a reservation
+    that names no GPU reserves GPU 1: mvoice's, not comfyui's. (Every other test's default GPU was GPU 0,
+    the lowest: status showing the lowest GPU's, or reserve defaulting to it, failed no test.)"""
+
+    def default_gpu_1(raw: dict[str, Any]) -> None:
+        raw["gpu"]["index"] = 1
+        raw["consumers"]["comfyui"]["gpu"] = 0
+
+    sims = {name: {"gpu": 1} for name in ("ollama", "whisper")} | {"mvoice": {"gpu": 1, "loaded": True}}
+    r = await rig(gpus=2, tweak=default_gpu_1, sims=sims | {"comfyui": {"gpu": 0}})
+    assert (await r.post("tts", {"text": "x"}))[0] == 200  # mvoice, on GPU 1
+    await until(lambda: r.broker.schedulers[1].holder is None)
+    st = await r.status()
+    by_index = {g["index"]: g for g in st["gpus"]}
+    assert (st["gpu"]["index"], st["gpu"]["uuid"]) == (1, mgpusim.gpu_uuid(1))
+    assert (st["gpu"]["used_mib"], by_index[0]["used_mib"]) == (2800, 0)  # GPU 1's reading: mvoice's
+    assert [p["name"] for p in st["gpu"]["processes"]] == [mgpusim.MvoiceSim.process_name]
+    assert by_index[0]["consumers"] == ["comfyui"]
+    assert st["scheduler"] == by_index[1]["scheduler"]
+    assert (st["scheduler"]["stats"]["completed"], by_index[0]["scheduler"]["stats"]["completed"]) == (1, 0)
+    status, _, answer = await _reserve(r, for_s=60)
+    assert status == 200 and answer["gpu"] == 1 and answer["unloaded"] == ["mvoice"]
+    assert r.broker.schedulers[0].reservation is None and r.broker.schedulers[1].reservation is not None
+    assert r.sims["comfyui"].unloads == 0
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert (await resp.json())["gpus"] == [1]
 
 
 async def test_a_release_while_the_reservation_unloads_unloads_nothing_more():
