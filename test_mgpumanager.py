@@ -11867,6 +11867,32 @@ async def test_the_metrics_gauges_say_what_the_broker_sees_now(rig, monkeypatch)
         await r.broker.scheduler.close()  # (the hold cut short, as at shutdown)
 
 
+async def test_the_queue_eta_gauge_is_the_longest_expected_wait_in_the_queue(rig):
+    """mgpumanager_queue_eta_seconds is how far behind the GPU is: the eta_s of the job expected last, the
+    longest of the queue's, not the first's (or the least). Three TTS jobs wait behind an LLM job, mvoice's
+    job time learned (0.3 s or more): each waits longer than the one before it. (Found by a mutation audit:
+    the gauge showing the first waiting job's eta, or the least, failed no test; every test's etas were
+    equal or only said to be above 0.)"""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(urls={"ollama": ollama.url}, sims={"mvoice": {"work_s": 0.3}})
+        assert (await r.post("tts", {"text": "its job time learned"}))[0] == 200
+        llm = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "holds the GPU"}))
+        await until(lambda: r.broker.scheduler.holder == "ollama")
+        queued = [asyncio.ensure_future(r.post("tts", {"text": str(i)})) for i in range(3)]
+        try:
+            await until(lambda: len(r.broker.scheduler.lock.waiting) == 3)
+            # (The holder's time left is RUNNING_FLOOR_S, ollama's job time unknown: the etas stay put.)
+            etas = [q["eta_s"] for q in (await r.status())["scheduler"]["queue"]]
+            async with r.session.get(r.url("/metrics")) as resp:
+                families = _families(await resp.text())
+        finally:
+            gate.set()
+            assert [status for status, _, _ in await asyncio.gather(llm, *queued)] == [200] * 4
+    assert etas[0] < etas[1] < etas[2]
+    assert _value(families, "mgpumanager_queue_eta_seconds", gpu="0") == etas[2]
+
+
 async def test_events_are_serialised_once_and_only_for_someone_and_a_reader_that_left_is_forgotten(
     rig, monkeypatch
 ):
