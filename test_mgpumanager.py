@@ -5288,6 +5288,35 @@ async def test_a_jobs_time_counts_at_its_release_and_is_shown_after_the_hand_ove
     assert seen[-2:] == ["finished", "learned"]
 
 
+async def test_a_jobs_queue_wait_ends_at_its_grant_or_at_its_end_where_it_was_never_granted():
+    """mgpumanager_queue_wait_seconds measures a job from its arrival to its grant: y waits the 2 s x holds
+    the GPU, then runs 5 s, and waited 2 s (not 7). z, whose caller leaves after 3 s in the queue, was never
+    granted: it waited until it left. (Found by a mutation audit: measuring every wait to the job's end
+    failed no test.)"""
+    s, _, _, clock = make_scheduler(small_config())
+    x = await s.acquire("x", "kx")
+    y_granted = asyncio.ensure_future(s.acquire("y", "ky"))
+    await until(lambda: len(s.lock.waiting) == 1)
+    clock.now += 2.0
+    x.release("completed", status=200, success=True)
+    y = await asyncio.wait_for(y_granted, 5)
+    z_waiting = asyncio.ensure_future(s.acquire("z", "kz"))
+    await until(lambda: len(s.lock.waiting) == 1)
+    clock.now += 3.0
+    z_waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await z_waiting
+    clock.now += 2.0
+    y.release("completed", status=200, success=True)
+    metrics = s.recorder.metrics
+    # (Its metrics come after the hand-over.)
+    await until(lambda: 'mgpumanager_run_seconds_count{consumer="y"}' in metrics.render([]))
+    families = _families(metrics.render([]))
+    waits = {n: _value(families, "mgpumanager_queue_wait_seconds_sum", consumer=n) for n in "xyz"}
+    assert waits == {"x": 0.0, "y": 2.0, "z": 3.0}
+    assert _value(families, "mgpumanager_run_seconds_sum", consumer="y") == 5.0
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
