@@ -1503,6 +1503,26 @@ def test_an_alias_bomb_in_an_unload_body_is_refused_but_merge_keys_and_small_ali
     assert consumers["ollama"].health == m.Route("GET", "/")
 
 
+def test_aliases_may_expand_a_config_to_max_config_expansion_and_not_one_more(tmp_path):
+    """MAX_CONFIG_EXPANSION (1 Mi nodes and scalar characters, every alias expanded) is the bound itself: a
+    5 KiB document whose aliases expand it to exactly that many loads whole, one character more is refused.
+    (Found by a mutation audit: the bombs tested expand to 10**8 strings and more, so a bound up to 100
+    times higher, or one that left the characters uncounted, failed no test.)"""
+    # The root mapping (1), its keys (1 + length each), the string (1 + 969) and the list (1) of 1,080
+    # aliases to it: 1 + 2 + 970 + 2 + 1 + 1080 * 970 = 1,048,576 with a key of one character.
+    text = '{key}: &s "' + "s" * 969 + '"\ny: [' + ", ".join(["*s"] * 1080) + "]\n"
+    path = tmp_path / "consumers.yaml"
+    path.write_text(text.format(key="x"))
+    doc = m.read_config(path)
+    assert len(doc["y"]) == 1080 and doc["y"][-1] == doc["x"] == "s" * 969
+    path.write_text(text.format(key="xx"))
+    with pytest.raises(m.ConfigError) as info:
+        m.read_config(path)
+    assert info.value.problems == [
+        "not valid YAML at line 1, column 1: its aliases expand it beyond 1048576 nodes and characters"
+    ]
+
+
 def test_unload_and_load_bodies_are_serialised_once_when_the_config_is_loaded():
     config = m.parse_config(base_raw())
     assert config.consumers["comfyui"].unload.data == b'{"free_memory": true}'
