@@ -9849,6 +9849,35 @@ def test_a_consumer_url_on_one_of_the_brokers_own_listeners_is_refused():
     assert m.parse_config(raw).consumers["ollama"].listen == ("192.168.1.5", 11434)
 
 
+def test_a_consumers_port_on_a_host_name_is_where_that_name_leads_for_the_loop_check():
+    """A consumer's ``listen`` may name its host: ``localhost`` is loopback in either family whatever the
+    resolver says (RFC 6761; here it gives 127.0.0.1 alone), and another name (the machine's own) is
+    resolved, so a URL of the address it resolves to, or of the name itself, comes back to the broker and
+    is refused. (Found by a mutation audit: the broker's loop check against a consumer's port was tested
+    with addresses alone; resolving localhost instead, or leaving a listen's name unresolved, failed no
+    test.)"""
+    raw = base_raw()
+    raw["listen"] = "127.0.0.1:8771"
+    raw["consumers"]["ollama"]["listen"] = "localhost:11434"
+    loop = "is consumers.ollama.listen's own address ({}:11434): its requests would come back to the broker"
+    for url in ("http://127.0.0.1:11434", "http://[::1]:11434"):
+        raw["consumers"]["ollama"]["url"] = url
+        assert problems_of(raw) == ["consumers.ollama.url: " + loop.format("localhost")], url
+    name = socket.gethostname()
+    try:
+        infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        pytest.skip(f"{name} does not resolve here")
+    address = ipaddress.ip_address(infos[0][4][0].partition("%")[0])
+    raw["consumers"]["ollama"]["listen"] = f"{name}:11434"
+    shown = f"[{address}]" if address.version == 6 else str(address)
+    for url in (f"http://{shown}:11434", f"http://{name}:11434"):
+        raw["consumers"]["ollama"]["url"] = url
+        assert problems_of(raw) == ["consumers.ollama.url: " + loop.format(name)], url
+    raw["consumers"]["ollama"]["url"] = "http://127.0.0.1:11435"  # another port: no loop
+    assert m.parse_config(raw).consumers["ollama"].listen == (name, 11434)
+
+
 #: Issue 19, items 3 and 6: spellings of the broker's own listener (0.0.0.0:8770) the loader let through,
 #: and URLs aiohttp then refused for ever (bad_consumer_url); each refused in one line naming the key.
 LISTENER_SPELLINGS = [
