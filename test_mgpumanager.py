@@ -11836,6 +11836,52 @@ async def test_under_journald_the_daemon_logs_without_timestamps(rig):
     assert any(line.startswith("<6>level=info msg=job ") for line in lines)
 
 
+async def test_what_the_operator_must_look_at_is_logged_as_a_warning_and_the_routine_as_info(caplog):
+    """``journalctl -p warning`` shows what went wrong: an unload that failed, an unload whose memory was
+    not freed in time, a load that failed, a preload that did not fit, a hold that timed out; the
+    scheduler's routine (evicting, evicted, loading, loaded, a hold released) is info. (Found by
+    a mutation audit: the level of each of these facts but the abandoned hold's could change and no test
+    failed.)"""
+    caplog.set_level(logging.DEBUG, logger="mgpumanager")
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    ops.unload_behaviour |= {"x": "fail", "y": "keep"}  # x's unload fails, y's answers but frees nothing
+    job = await s.acquire("t", "kt")  # ... and z's frees it: t loads
+    job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=0.05)
+    await until(lambda: s.holder is None)
+    job = await s.acquire("t", "kt")
+    done = asyncio.Event()
+    job.release("completed", status=200, success=True, hold=done.wait, hold_timeout_s=30)
+    done.set()
+    await until(lambda: s.holder is None)
+    await internal_jobs(s).preload("z")  # 3904 MiB free beside x, y and t: z's 4256 do not fit
+    ops.load_fails.add("z")
+    ops.states["z"].unloaded()
+    gpu.held.pop("t")
+    with pytest.raises(m.BrokerError, match="load answered 503"):
+        await s.acquire("z", "kz")
+    levels: dict[str, set[str]] = {}
+    for record in caplog.records:
+        fields = re.match(r'msg=("[^"]*"|\S+)', record.getMessage())
+        if record.name == "mgpumanager" and fields is not None:
+            levels.setdefault(fields[1].strip('"'), set()).add(record.levelname)
+    assert {msg: levels.get(msg) for msg in WARNINGS + INFOS} == {
+        **{msg: {"WARNING"} for msg in WARNINGS},
+        **{msg: {"INFO"} for msg in INFOS},
+    }
+
+
+#: What the scheduler logs as a warning (the operator must look) and as info (its routine), by ``msg``.
+WARNINGS = [
+    "unload failed",
+    "memory not freed in time",
+    "hold timed out",
+    "preload skipped: it does not fit",
+    "load failed",
+]
+INFOS = ["evicting", "evicted", "loading", "loaded", "hold released"]
+
+
 def test_every_metric_is_in_the_manuals_table_with_its_type():
     """Found by a mutation audit: a counter exported as a gauge (``rate()`` and ``increase()`` then read
     it wrong) failed no test. /metrics' ``# TYPE`` lines are operations.md's table, name for name."""
