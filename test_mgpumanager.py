@@ -8158,9 +8158,11 @@ async def test_a_lock_that_hangs_is_tried_once_until_it_ends_not_once_a_write(ri
     monkeypatch.setattr(m, "lock_state_file", hanging)
     monkeypatch.setattr(m, "STATE_IO_TIMEOUT_S", 0.2)
     r = await rig(sims={"mvoice": {"loaded": True}}, tweak=lambda raw: raw.update(state_file=str(path)))
+    await status_until(r, lambda st: st["state_file"]["written"] is not None)  # (the first, at start)
     for text in ("one", "two", "three"):  # each a change to write
-        assert (await r.post("tts", {"text": text}))[0] == 200
+        # (Read before the job: the change may be written before a status read after it answers.)
         written = (await r.status())["state_file"]["written"]
+        assert (await r.post("tts", {"text": text}))[0] == 200
         await status_until(r, lambda st, before=written: st["state_file"]["written"] != before)
     assert len(tries) == 1 and r.broker.state._lock is None
     hung.set()
