@@ -3413,7 +3413,7 @@ METRIC_HELP = {
     "mgpumanager_queue_length": ("gauge", "Jobs waiting for the GPU lock, by GPU."),
     "mgpumanager_queue_eta_seconds": (
         "gauge",
-        "The expected wait of the job queued last, by GPU, from the learned timings (0: nothing queued).",
+        "The longest expected wait in the queue, by GPU, from the learned timings (0: nothing queued).",
     ),
     "mgpumanager_gpu_reserved": ("gauge", "1 while the GPU is reserved (POST /v1/reserve), else 0, by GPU."),
     "mgpumanager_running_jobs": ("gauge", "Jobs at work under the GPU lock now (holds apart), by GPU."),

@@ -1503,6 +1503,26 @@ def test_an_alias_bomb_in_an_unload_body_is_refused_but_merge_keys_and_small_ali
     assert consumers["ollama"].health == m.Route("GET", "/")
 
 
+def test_aliases_may_expand_a_config_to_max_config_expansion_and_not_one_more(tmp_path):
+    """MAX_CONFIG_EXPANSION (1 Mi nodes and scalar characters, every alias expanded) is the bound itself: a
+    5 KiB document whose aliases expand it to exactly that many loads whole, one character more is refused.
+    (Found by a mutation audit: the bombs tested expand to 10**8 strings and more, so a bound up to 100
+    times higher, or one that left the characters uncounted, failed no test.)"""
+    # The root mapping (1), its keys (1 + length each), the string (1 + 969) and the list (1) of 1,080
+    # aliases to it: 1 + 2 + 970 + 2 + 1 + 1080 * 970 = 1,048,576 with a key of one character.
+    text = '{key}: &s "' + "s" * 969 + '"\ny: [' + ", ".join(["*s"] * 1080) + "]\n"
+    path = tmp_path / "consumers.yaml"
+    path.write_text(text.format(key="x"))
+    doc = m.read_config(path)
+    assert len(doc["y"]) == 1080 and doc["y"][-1] == doc["x"] == "s" * 969
+    path.write_text(text.format(key="xx"))
+    with pytest.raises(m.ConfigError) as info:
+        m.read_config(path)
+    assert info.value.problems == [
+        "not valid YAML at line 1, column 1: its aliases expand it beyond 1048576 nodes and characters"
+    ]
+
+
 def test_unload_and_load_bodies_are_serialised_once_when_the_config_is_loaded():
     config = m.parse_config(base_raw())
     assert config.consumers["comfyui"].unload.data == b'{"free_memory": true}'
@@ -2237,6 +2257,20 @@ async def test_a_reading_is_its_own_gpus_line_and_processes_and_a_name_with_a_co
     # Through the reader (with -i, as the broker asks): the name whole.
     reader = gpu_reader(m.GpuConfig(nvidia_smi=sim_smi(state), reader="nvidia-smi"))
     assert [p.name for p in (await reader.read()).processes] == [game]
+
+
+def test_a_reading_of_a_gpu_without_a_line_of_its_own_is_refused_not_another_gpus():
+    """Of several GPUs' lines none is GPU 2's (gone, or renumbered): the reading is refused, naming GPU 2,
+    never the first line taken for it (GPU 0's memory and processes read as GPU 2's would let the broker
+    load into a GPU it never measured). Taking the first line where several are printed failed no test."""
+    lines = "".join(
+        f"{i}, {mgpusim.gpu_uuid(i)}, NVIDIA GeForce RTX 4090, 24564, {used}, {24564 - used}, 0, 40\n"
+        for i, used in ((0, 3000), (1, 13000))
+    )
+    # (The lines are well formed: GPU 1's is read.)
+    assert m.parse_gpu_reading(lines, "", index=1, started=0, read_at=0).used_mib == 13000
+    with pytest.raises(m.GpuError, match="nvidia-smi printed no line for GPU 2: "):
+        m.parse_gpu_reading(lines, "", index=2, started=0, read_at=0)
 
 
 async def test_a_reading_of_its_own_is_never_an_older_one_and_the_newest_is_the_one_kept(tmp_path):
@@ -5274,6 +5308,35 @@ async def test_a_jobs_time_counts_at_its_release_and_is_shown_after_the_hand_ove
     assert seen[-2:] == ["finished", "learned"]
 
 
+async def test_a_jobs_queue_wait_ends_at_its_grant_or_at_its_end_where_it_was_never_granted():
+    """mgpumanager_queue_wait_seconds measures a job from its arrival to its grant: y waits the 2 s x holds
+    the GPU, then runs 5 s, and waited 2 s (not 7). z, whose caller leaves after 3 s in the queue, was never
+    granted: it waited until it left. (Found by a mutation audit: measuring every wait to the job's end
+    failed no test.)"""
+    s, _, _, clock = make_scheduler(small_config())
+    x = await s.acquire("x", "kx")
+    y_granted = asyncio.ensure_future(s.acquire("y", "ky"))
+    await until(lambda: len(s.lock.waiting) == 1)
+    clock.now += 2.0
+    x.release("completed", status=200, success=True)
+    y = await asyncio.wait_for(y_granted, 5)
+    z_waiting = asyncio.ensure_future(s.acquire("z", "kz"))
+    await until(lambda: len(s.lock.waiting) == 1)
+    clock.now += 3.0
+    z_waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await z_waiting
+    clock.now += 2.0
+    y.release("completed", status=200, success=True)
+    metrics = s.recorder.metrics
+    # (Its metrics come after the hand-over.)
+    await until(lambda: 'mgpumanager_run_seconds_count{consumer="y"}' in metrics.render([]))
+    families = _families(metrics.render([]))
+    waits = {n: _value(families, "mgpumanager_queue_wait_seconds_sum", consumer=n) for n in "xyz"}
+    assert waits == {"x": 0.0, "y": 2.0, "z": 3.0}
+    assert _value(families, "mgpumanager_run_seconds_sum", consumer="y") == 5.0
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
@@ -8095,6 +8158,7 @@ async def test_a_lock_that_hangs_is_tried_once_until_it_ends_not_once_a_write(ri
     monkeypatch.setattr(m, "lock_state_file", hanging)
     monkeypatch.setattr(m, "STATE_IO_TIMEOUT_S", 0.2)
     r = await rig(sims={"mvoice": {"loaded": True}}, tweak=lambda raw: raw.update(state_file=str(path)))
+    await status_until(r, lambda st: st["state_file"]["written"] is not None)  # (the first, at start)
     for text in ("one", "two", "three"):  # each a change to write
         written = (await r.status())["state_file"]["written"]  # (before the job: its write may be quick)
         assert (await r.post("tts", {"text": text}))[0] == 200
@@ -9786,6 +9850,35 @@ def test_a_consumer_url_on_one_of_the_brokers_own_listeners_is_refused():
     raw["consumers"]["ollama"]["listen"] = "192.168.1.5:11434"  # beside Ollama's own 127.0.0.1:11434
     raw["consumers"]["mvoice"]["url"] = "http://192.168.1.7:8771"  # another machine's broker
     assert m.parse_config(raw).consumers["ollama"].listen == ("192.168.1.5", 11434)
+
+
+def test_a_consumers_port_on_a_host_name_is_where_that_name_leads_for_the_loop_check():
+    """A consumer's ``listen`` may name its host: ``localhost`` is loopback in either family whatever the
+    resolver says (RFC 6761; here it gives 127.0.0.1 alone), and another name (the machine's own) is
+    resolved, so a URL of the address it resolves to, or of the name itself, comes back to the broker and
+    is refused. (Found by a mutation audit: the broker's loop check against a consumer's port was tested
+    with addresses alone; resolving localhost instead, or leaving a listen's name unresolved, failed no
+    test.)"""
+    raw = base_raw()
+    raw["listen"] = "127.0.0.1:8771"
+    raw["consumers"]["ollama"]["listen"] = "localhost:11434"
+    loop = "is consumers.ollama.listen's own address ({}:11434): its requests would come back to the broker"
+    for url in ("http://127.0.0.1:11434", "http://[::1]:11434"):
+        raw["consumers"]["ollama"]["url"] = url
+        assert problems_of(raw) == ["consumers.ollama.url: " + loop.format("localhost")], url
+    name = socket.gethostname()
+    try:
+        infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        pytest.skip(f"{name} does not resolve here")
+    address = ipaddress.ip_address(infos[0][4][0].partition("%")[0])
+    raw["consumers"]["ollama"]["listen"] = f"{name}:11434"
+    shown = f"[{address}]" if address.version == 6 else str(address)
+    for url in (f"http://{shown}:11434", f"http://{name}:11434"):
+        raw["consumers"]["ollama"]["url"] = url
+        assert problems_of(raw) == ["consumers.ollama.url: " + loop.format(name)], url
+    raw["consumers"]["ollama"]["url"] = "http://127.0.0.1:11435"  # another port: no loop
+    assert m.parse_config(raw).consumers["ollama"].listen == (name, 11434)
 
 
 #: Issue 19, items 3 and 6: spellings of the broker's own listener (0.0.0.0:8770) the loader let through,
@@ -11745,6 +11838,52 @@ async def test_under_journald_the_daemon_logs_without_timestamps(rig):
     assert any(line.startswith("<6>level=info msg=job ") for line in lines)
 
 
+async def test_what_the_operator_must_look_at_is_logged_as_a_warning_and_the_routine_as_info(caplog):
+    """``journalctl -p warning`` shows what went wrong: an unload that failed, an unload whose memory was
+    not freed in time, a load that failed, a preload that did not fit, a hold that timed out; the
+    scheduler's routine (evicting, evicted, loading, loaded, a hold released) is info. (Found by
+    a mutation audit: the level of each of these facts but the abandoned hold's could change and no test
+    failed.)"""
+    caplog.set_level(logging.DEBUG, logger="mgpumanager")
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    ops.unload_behaviour |= {"x": "fail", "y": "keep"}  # x's unload fails, y's answers but frees nothing
+    job = await s.acquire("t", "kt")  # ... and z's frees it: t loads
+    job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=0.05)
+    await until(lambda: s.holder is None)
+    job = await s.acquire("t", "kt")
+    done = asyncio.Event()
+    job.release("completed", status=200, success=True, hold=done.wait, hold_timeout_s=30)
+    done.set()
+    await until(lambda: s.holder is None)
+    await internal_jobs(s).preload("z")  # 3904 MiB free beside x, y and t: z's 4256 do not fit
+    ops.load_fails.add("z")
+    ops.states["z"].unloaded()
+    gpu.held.pop("t")
+    with pytest.raises(m.BrokerError, match="load answered 503"):
+        await s.acquire("z", "kz")
+    levels: dict[str, set[str]] = {}
+    for record in caplog.records:
+        fields = re.match(r'msg=("[^"]*"|\S+)', record.getMessage())
+        if record.name == "mgpumanager" and fields is not None:
+            levels.setdefault(fields[1].strip('"'), set()).add(record.levelname)
+    assert {msg: levels.get(msg) for msg in WARNINGS + INFOS} == {
+        **{msg: {"WARNING"} for msg in WARNINGS},
+        **{msg: {"INFO"} for msg in INFOS},
+    }
+
+
+#: What the scheduler logs as a warning (the operator must look) and as info (its routine), by ``msg``.
+WARNINGS = [
+    "unload failed",
+    "memory not freed in time",
+    "hold timed out",
+    "preload skipped: it does not fit",
+    "load failed",
+]
+INFOS = ["evicting", "evicted", "loading", "loaded", "hold released"]
+
+
 def test_every_metric_is_in_the_manuals_table_with_its_type():
     """Found by a mutation audit: a counter exported as a gauge (``rate()`` and ``increase()`` then read
     it wrong) failed no test. /metrics' ``# TYPE`` lines are operations.md's table, name for name."""
@@ -11852,6 +11991,32 @@ async def test_the_metrics_gauges_say_what_the_broker_sees_now(rig, monkeypatch)
         assert (r.broker.scheduler.holder, r.broker.scheduler.holds) == ("comfyui", 1)
         assert _value(await metrics(), "mgpumanager_running_jobs", gpu="0") == 0
         await r.broker.scheduler.close()  # (the hold cut short, as at shutdown)
+
+
+async def test_the_queue_eta_gauge_is_the_longest_expected_wait_in_the_queue(rig):
+    """mgpumanager_queue_eta_seconds is how far behind the GPU is: the eta_s of the job expected last, the
+    longest of the queue's, not the first's (or the least). Three TTS jobs wait behind an LLM job, mvoice's
+    job time learned (0.3 s or more): each waits longer than the one before it. (Found by a mutation audit:
+    the gauge showing the first waiting job's eta, or the least, failed no test; every test's etas were
+    equal or only said to be above 0.)"""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(urls={"ollama": ollama.url}, sims={"mvoice": {"work_s": 0.3}})
+        assert (await r.post("tts", {"text": "its job time learned"}))[0] == 200
+        llm = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "holds the GPU"}))
+        await until(lambda: r.broker.scheduler.holder == "ollama")
+        queued = [asyncio.ensure_future(r.post("tts", {"text": str(i)})) for i in range(3)]
+        try:
+            await until(lambda: len(r.broker.scheduler.lock.waiting) == 3)
+            # (The holder's time left is RUNNING_FLOOR_S, ollama's job time unknown: the etas stay put.)
+            etas = [q["eta_s"] for q in (await r.status())["scheduler"]["queue"]]
+            async with r.session.get(r.url("/metrics")) as resp:
+                families = _families(await resp.text())
+        finally:
+            gate.set()
+            assert [status for status, _, _ in await asyncio.gather(llm, *queued)] == [200] * 4
+    assert etas[0] < etas[1] < etas[2]
+    assert _value(families, "mgpumanager_queue_eta_seconds", gpu="0") == etas[2]
 
 
 async def test_events_are_serialised_once_and_only_for_someone_and_a_reader_that_left_is_forgotten(
@@ -13038,6 +13203,36 @@ async def test_reservations_are_per_gpu_and_end_with_the_broker(rig):
     assert r.broker.schedulers[1].reservation is None
     ended = [e for e in recent_events(r.broker.events) if e["event"] == "reservation_ended"]
     assert [e["why"] for e in ended] == ["shutdown"]
+
+
+async def test_the_default_gpu_is_gpu_index_where_that_is_not_the_lowest(rig):
+    """gpu.index 1 with comfyui on GPU 0: the default GPU is GPU 1, not the lowest index. Status's
+    single-GPU fields ``gpu`` and ``scheduler`` are GPU 1's (its reading, its jobs), and a reservation
+    that names no GPU reserves GPU 1: mvoice's, not comfyui's. (Every other test's default GPU was GPU 0,
+    the lowest: status showing the lowest GPU's, or reserve defaulting to it, failed no test.)"""
+
+    def default_gpu_1(raw: dict[str, Any]) -> None:
+        raw["gpu"]["index"] = 1
+        raw["consumers"]["comfyui"]["gpu"] = 0
+
+    sims = {name: {"gpu": 1} for name in ("ollama", "whisper")} | {"mvoice": {"gpu": 1, "loaded": True}}
+    r = await rig(gpus=2, tweak=default_gpu_1, sims=sims | {"comfyui": {"gpu": 0}})
+    assert (await r.post("tts", {"text": "x"}))[0] == 200  # mvoice, on GPU 1
+    await until(lambda: r.broker.schedulers[1].holder is None)
+    st = await r.status()
+    by_index = {g["index"]: g for g in st["gpus"]}
+    assert (st["gpu"]["index"], st["gpu"]["uuid"]) == (1, mgpusim.gpu_uuid(1))
+    assert (st["gpu"]["used_mib"], by_index[0]["used_mib"]) == (2800, 0)  # GPU 1's reading: mvoice's
+    assert [p["name"] for p in st["gpu"]["processes"]] == [mgpusim.MvoiceSim.process_name]
+    assert by_index[0]["consumers"] == ["comfyui"]
+    assert st["scheduler"] == by_index[1]["scheduler"]
+    assert (st["scheduler"]["stats"]["completed"], by_index[0]["scheduler"]["stats"]["completed"]) == (1, 0)
+    status, _, answer = await _reserve(r, for_s=60)
+    assert status == 200 and answer["gpu"] == 1 and answer["unloaded"] == ["mvoice"]
+    assert r.broker.schedulers[0].reservation is None and r.broker.schedulers[1].reservation is not None
+    assert r.sims["comfyui"].unloads == 0
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert (await resp.json())["gpus"] == [1]
 
 
 async def test_a_release_while_the_reservation_unloads_unloads_nothing_more():
