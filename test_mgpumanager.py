@@ -7013,6 +7013,7 @@ YIELD_ROWS = {
     "keep_free_mib free already: nobody": ({}, 2048, 2048, (), ()),
     "least recently used first, and only as many as needed": ({}, 0, 2048, (), ("y",)),
     "as many as needed": ({}, 0, 6000, (), ("y", "z")),
+    "one that frees exactly keep_free_mib is enough alone": ({}, 0, 4000, (), ("y",)),
     "all there is, when even that is not enough": ({}, 0, 20000, (), ("y", "z", "x")),
     "never used counts as oldest": ({"x": {"last_used": None}}, 0, 2048, (), ("x",)),
     "one at work is not idle": ({"y": {"jobs": 1}}, 0, 2048, (), ("z",)),
