@@ -7747,7 +7747,8 @@ async def test_a_yield_refused_by_a_reservation_is_no_failed_unload_and_the_cons
 async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_the_stranger_stays(rig):
     """mvoice answers its unload but keeps its memory: its yield fails (unload_failed, after vram_wait_s),
     the next idle consumer goes instead, and mvoice is not asked again while this stranger stays, however
-    many polls find free memory short."""
+    many polls find free memory short. Once that stranger is gone, the next one asks it again (a mutation
+    audit found forgetting the failure untested: mvoice was never asked again, for any stranger)."""
 
     def tweak(raw: dict[str, Any]) -> None:
         _yielding()(raw)
@@ -7775,6 +7776,15 @@ async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_th
     jobs = [e for e in recent_events(r.broker.events) if e["event"] == "failed" and e["kind"] == "yield"]
     assert [(e["consumer"], e["code"]) for e in jobs] == [("mvoice", "unload_failed")]
     assert r.stats.yields == 1  # comfyui's: mvoice's, which freed nothing, is not counted as a yield
+    r.gpu.release("game")
+    await until(lambda: not r.broker.scheduler.strangers.present, timeout=10)
+    r.gpu.allocate("game", 20000, graphics=True)  # another game, as short of memory
+
+    def mvoice_yields() -> int:
+        jobs = [(e["event"], e.get("kind"), e.get("consumer")) for e in recent_events(r.broker.events)]
+        return jobs.count(("failed", "yield", "mvoice"))
+
+    await until(lambda: mvoice_yields() == 2, timeout=15)
 
 
 async def test_a_yield_whose_memory_a_greedy_game_takes_at_once_still_freed_it(rig):
