@@ -7562,6 +7562,35 @@ async def test_a_restore_whose_own_reading_finds_a_stranger_back_waits_for_it_to
     assert r.sims["mvoice"].loads == 1 and r.broker.internal.to_restore[0] == []
 
 
+async def test_a_restore_waiting_for_the_gpu_when_a_stranger_comes_is_not_refused_and_loads_once_it_goes(rig):
+    """Issue 22: gpu_in_use answers the client jobs waiting that could not fit beside a stranger, never the
+    broker's own exclusive ones. A restore waiting behind a running job when a game comes that mvoice could
+    not fit beside stays queued through the polls, and loads mvoice once the game is gone. (A mutation
+    audit: a poll that refused exclusive jobs too gave the restore gpu_in_use, and mvoice was given up for
+    good, never loaded again; no test saw it.)"""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(tweak=_yielding(restore_after_s=0.2), urls={"ollama": ollama.url})
+        s = r.broker.scheduler
+        llm = asyncio.ensure_future(r.post("llm", {"prompt": "hold"}))
+        await status_until(r, lambda st: st["scheduler"]["holder"] is not None)
+        try:
+            r.broker.internal.to_restore[0] = ["mvoice"]  # (as a yield leaves it)
+            await until(lambda: [j.kind for j in s.lock.waiting] == ["restore"], timeout=10)
+            r.gpu.allocate("game", 12000, graphics=True)  # 15904 - 12000 = 3904 free < 2800 + 256 + 2048
+            await until(lambda: s.strangers.present, timeout=10)
+            queries = r.broker.gpus[0].queries
+            await until(lambda: r.broker.gpus[0].queries >= queries + 3, timeout=10)  # polls beside it
+            assert [j.kind for j in s.lock.waiting] == ["restore"]
+            r.gpu.release("game")
+            await until(lambda: not s.strangers.present, timeout=10)
+        finally:
+            gate.set()
+        assert (await llm)[0] == 200
+    await until(lambda: r.stats.restores == 1, timeout=15)
+    assert r.sims["mvoice"].loads == 1 and r.broker.internal.to_restore[0] == []
+
+
 async def test_a_restore_refused_by_a_full_queue_waits_for_later_not_given_up(rig):
     """Issue 22: what waits to be restored is loaded again once it may. A restore turned away at the queue's
     door (queue_full: jobs fill max_queue) was logged "restore failed" and given up for good, as if its load
