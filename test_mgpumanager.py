@@ -7773,6 +7773,26 @@ async def test_a_yield_refused_by_a_reservation_is_no_failed_unload_and_the_cons
     assert r.gpu.free_mib() >= 2048
 
 
+async def test_a_reserved_gpu_asks_no_yield_of_what_its_reservation_could_not_unload(rig, caplog):
+    """Issue 22: while the GPU is reserved, the reservation has it, strangers included: the polls ask no
+    yield. mvoice's unload failed when the GPU was reserved, so it stays resident beside a game that leaves
+    too little free; poll after poll asks nothing of it (each ask would be refused gpu_reserved and logged
+    "yield failed", every poll_s for the whole game). A mutation audit found the poll's reservation check
+    untested."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding())
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    r.sims["mvoice"].faults["unload_status"] = 500
+    status, _, answer = await _reserve(r, for_s=60, reason="gaming")
+    assert status == 200 and "mvoice" in answer["not_unloaded"]
+    r.gpu.allocate("game", 12000, graphics=True)  # 15904 - 2800 - 12000 = 1104 free < 2048
+    s = r.broker.scheduler
+    await until(lambda: s.strangers.present, timeout=10)
+    queries = r.broker.gpus[0].queries
+    await until(lambda: r.broker.gpus[0].queries >= queries + 5, timeout=10)  # polls beside the game
+    assert not [rec.getMessage() for rec in caplog.records if "yield" in rec.getMessage()]
+    assert r.stats.yields == 0 and s.reservation is not None
+
+
 async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_the_stranger_stays(rig):
     """mvoice answers its unload but keeps its memory: its yield fails (unload_failed, after vram_wait_s),
     the next idle consumer goes instead, and mvoice is not asked again while this stranger stays, however
