@@ -9084,6 +9084,27 @@ async def test_a_hold_abandoned_or_cut_before_it_ever_ran_still_frees_its_slot()
     assert (s.holder, s.slots, s.holds) == (None, 0, 0) and books_balance(s)
 
 
+async def test_a_hold_on_the_service_a_reload_replaced_is_not_abandoned_when_the_new_one_is_seen_down():
+    """A reload gave t another URL (a new service) while a hold on the old one ran: the new service seen
+    down says nothing of the old one's work, so that hold goes on until it returns, and ends released, not
+    abandoned. (A mutation audit: ``Holds.abandon`` without its same-service check went unseen.)"""
+    cfg = small_config()
+    s, _, ops, _ = make_scheduler(cfg)
+    ops.states["t"].loaded()
+    job = await s.acquire("t", "kt")
+    done = asyncio.Event()
+    job.release("completed", status=200, success=True, hold=done.wait, hold_timeout_s=60)
+    new = dataclasses.replace(cfg.consumers["t"], url="http://127.0.0.1:9/t-new")
+    s.shared.config = dataclasses.replace(cfg, consumers={**cfg.consumers, "t": new})
+    s.holding.abandon("t", "hold poll: connection refused")  # (the new service's)
+    for _ in range(3):
+        await asyncio.sleep(0)  # (an abandoned hold ends in these turns)
+    assert (s.holds, s.holder, s.stats.hold_abandoned) == (1, "t", 0)
+    done.set()
+    await until(lambda: s.holder is None)
+    assert (s.stats.hold_abandoned, s.holds, s.slots) == (0, 0, 0) and books_balance(s)
+
+
 async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
