@@ -9105,6 +9105,29 @@ async def test_a_hold_on_the_service_a_reload_replaced_is_not_abandoned_when_the
     assert (s.stats.hold_abandoned, s.holds, s.slots) == (0, 0, 0) and books_balance(s)
 
 
+async def test_a_hold_abandoned_teaches_no_job_time_and_one_released_does():
+    """A render lost with its consumer says nothing of how long t's jobs take: a hold that ran 100 s and
+    ended abandoned leaves t's learned job time unknown; one released after 5 s teaches 5 s. (A mutation
+    audit: learning from an abandoned hold too went unseen.)"""
+    s, _, ops, clock = make_scheduler(small_config())
+    ops.states["t"].loaded()
+    job = await s.acquire("t", "kt")
+    job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=600)
+    await asyncio.sleep(0)  # (the hold runs)
+    clock.now += 100
+    s.holding.abandon("t", "hold poll: connection refused")
+    await until(lambda: s.holder is None)
+    assert s.stats.hold_abandoned == 1 and ops.states["t"].timing("job") is None
+    job = await s.acquire("t", "kt")
+    done = asyncio.Event()
+    job.release("completed", status=200, success=True, hold=done.wait, hold_timeout_s=600)
+    await asyncio.sleep(0)
+    clock.now += 5
+    done.set()
+    await until(lambda: s.holder is None)
+    assert ops.states["t"].timing("job") == 5 and books_balance(s)
+
+
 async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
