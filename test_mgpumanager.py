@@ -7793,6 +7793,34 @@ async def test_a_reserved_gpu_asks_no_yield_of_what_its_reservation_could_not_un
     assert r.stats.yields == 0 and s.reservation is not None
 
 
+async def test_a_reserved_gpu_tries_no_restore_until_its_reservation_ends(rig, caplog):
+    """Issue 22: what waits to be restored (mvoice, yielded for a game that has gone) is not tried while the
+    GPU is reserved: poll after poll asks nothing (each try would be refused gpu_reserved at the queue's
+    door and put off, every poll_s for the whole reservation); once the reservation ends, mvoice is loaded
+    again. (A mutation audit: the restores' reservation check in ``Yielding._may`` went unseen.)"""
+    r = await rig(tweak=_yielding(restore_after_s=0.2))
+    status, _, _ = await _reserve(r, for_s=60, reason="gaming", restore=False)
+    assert status == 200
+    r.broker.internal.to_restore[0] = ["mvoice"]  # (as a yield before the reservation left it)
+    strangers, gpu = r.broker.scheduler.strangers, r.broker.gpus[0]
+
+    def read_since(t: float | None) -> bool:
+        reading = gpu.last_reading()
+        return t is not None and reading is not None and reading.started > t
+
+    # A poll when no stranger has been present for restore_after_s (the restores would be due), and the
+    # next one: nothing tried.
+    await until(lambda: read_since((strangers.absent_since or math.inf) + 0.2), timeout=10)
+    mark = gpu.last_reading().started
+    await until(lambda: read_since(mark), timeout=10)
+    assert not [rec.getMessage() for rec in caplog.records if "restore" in rec.getMessage()]
+    assert r.broker.internal.to_restore[0] == ["mvoice"] and not r.sims["mvoice"].loaded
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert resp.status == 200
+    await until(lambda: r.stats.restores == 1, timeout=15)
+    assert r.sims["mvoice"].loads == 1 and r.broker.internal.to_restore[0] == []
+
+
 async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_the_stranger_stays(rig):
     """mvoice answers its unload but keeps its memory: its yield fails (unload_failed, after vram_wait_s),
     the next idle consumer goes instead, and mvoice is not asked again while this stranger stays, however
