@@ -9156,6 +9156,25 @@ async def test_a_hold_abandoned_teaches_no_job_time_and_one_released_does():
     assert ops.states["t"].timing("job") == 5 and books_balance(s)
 
 
+async def test_a_held_job_has_one_log_line_written_when_its_hold_ends(caplog):
+    """A job with a hold is logged once, when the hold ends, with its length (hold_ms): not once at its
+    answer and again after its hold. (A mutation audit: logging it at its answer as well went unseen.)"""
+    s, _, ops, clock = make_scheduler(small_config())
+    ops.states["t"].loaded()
+    job = await s.acquire("t", "kt")
+    done = asyncio.Event()
+    job.release("completed", status=200, success=True, hold=done.wait, hold_timeout_s=600)
+    for _ in range(5):
+        await asyncio.sleep(0)  # (what follows the answer's handover)
+    clock.now += 2
+    done.set()
+    await until(lambda: s.holder is None)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    lines = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("msg=job ")]
+    assert len(lines) == 1 and f"id={job.id} " in lines[0] and "hold_ms=2000" in lines[0], lines
+
+
 async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
