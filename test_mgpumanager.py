@@ -9175,6 +9175,27 @@ async def test_a_held_job_has_one_log_line_written_when_its_hold_ends(caplog):
     assert len(lines) == 1 and f"id={job.id} " in lines[0] and "hold_ms=2000" in lines[0], lines
 
 
+def _hold_poll(
+    session: aiohttp.ClientSession, url: str, path: str, answer: dict[str, Any]
+) -> Callable[[], Awaitable[None]] | None:
+    """``hold_poller`` for a consumer at ``url`` whose job answered ``answer``, its hold at ``path``."""
+    cfg = small_config()
+    consumer = dataclasses.replace(cfg.consumers["t"], url=url)
+    hold = m.Hold("GET", path, poll_s=0.05, timeout_s=10)
+    s, _, _, _ = make_scheduler(cfg)
+    return m.hold_poller(session, consumer, hold, json.dumps(answer).encode(), s.recorder)
+
+
+async def test_a_hold_path_with_two_placeholders_and_an_answer_with_one_starts_no_hold(caplog):
+    """Every placeholder of a hold's path must be in the answer, or no hold starts (logged): an answer with
+    one of two has no path to poll. (A mutation audit: asking only for one of them went unseen; the fill
+    then raised KeyError in the job's end.)"""
+    async with aiohttp.ClientSession() as session:
+        assert _hold_poll(session, "http://127.0.0.1:9", "/history/{a}/{b}", {"a": 1}) is None
+        assert "no hold: answer lacks the placeholder fields" in caplog.text
+        assert _hold_poll(session, "http://127.0.0.1:9", "/history/{a}/{b}", {"a": 1, "b": 2}) is not None
+
+
 async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
