@@ -9196,6 +9196,26 @@ async def test_a_hold_path_with_two_placeholders_and_an_answer_with_one_starts_n
         assert _hold_poll(session, "http://127.0.0.1:9", "/history/{a}/{b}", {"a": 1, "b": 2}) is not None
 
 
+async def test_a_hold_paths_placeholder_is_filled_percent_encoded():
+    """A placeholder's value goes into the hold's path percent-encoded: an id with '/', '?' or '#' names one
+    path segment, and cannot point the poll at another path or add a query. (A mutation audit: filling it
+    raw went unseen.)"""
+    seen: list[str] = []
+
+    async def history(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.json_response({"done": True})
+
+    async with (
+        StandIn([("GET", "/history/{id:.*}", history)]) as consumer,
+        aiohttp.ClientSession() as session,
+    ):
+        poll = _hold_poll(session, consumer.url, "/history/{prompt_id}", {"prompt_id": "../free?x=1#y"})
+        assert poll is not None
+        await asyncio.wait_for(poll(), 10)
+    assert seen == ["/history/..%2Ffree%3Fx%3D1%23y"]
+
+
 async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
