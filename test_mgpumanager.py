@@ -7613,6 +7613,21 @@ async def test_a_restore_refused_by_a_full_queue_waits_for_later_not_given_up(ri
     assert r.sims["mvoice"].loaded and internal.to_restore[0] == [] and r.stats.restores == 1
 
 
+async def test_a_restore_that_does_not_fit_with_no_stranger_is_given_up_not_tried_every_round(rig):
+    """Issue 22: a restore never evicts. One that does not fit when no stranger is present (memory the broker
+    does not count as a stranger's: gpu.yield off) is skipped once and given up, not tried again each round;
+    one already resident is done with likewise. (A mutation audit: keeping either to be tried again went
+    unseen.)"""
+    r = await rig(sims={"comfyui": {"loaded": True}})
+    internal = r.broker.internal
+    r.gpu.allocate("other", 1000)  # 15904 - 13000 - 1000 = 1904 free < mvoice's 2800 + 256
+    internal.to_restore[0] = ["mvoice", "comfyui"]
+    await internal.restore_all(0, lambda: True)
+    assert internal.to_restore[0] == [] and not r.sims["mvoice"].loaded and r.stats.restores == 0
+    events = [(e["event"], e.get("consumer")) for e in recent_events(r.broker.events)]
+    assert ("restore_skipped", "mvoice") in events
+
+
 async def test_a_restore_whose_reading_fails_waits_for_the_next_round_not_given_up(rig):
     """Found by an attack on issue 22: a GPU reading that failed when a restore was due (gpu_unavailable:
     whether it fits is not known) gave the consumer up for good, and the state file forgot it; it now waits
