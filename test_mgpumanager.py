@@ -9231,6 +9231,26 @@ async def test_a_hold_paths_placeholder_is_filled_percent_encoded():
     assert seen == ["/history/..%2Ffree%3Fx%3D1%23y"]
 
 
+async def test_a_hold_poll_answered_an_error_over_the_limit_polls_again():
+    """Only a 2xx answer over HOLD_ANSWER_LIMIT ends a hold unread: an error page that long (a 500 with a
+    traceback) says nothing of the work, and the hold polls again. (A mutation audit: ending the hold on
+    any status went unseen.)"""
+    polls: list[int] = []
+
+    async def history(request: web.Request) -> web.Response:
+        polls.append(len(polls))
+        if len(polls) == 1:
+            return web.Response(status=500, body=b"x" * (m.HOLD_ANSWER_LIMIT + 10))
+        return web.json_response({"done": True})
+
+    standin = StandIn([("GET", "/history/{id}", history)])
+    async with standin as consumer, aiohttp.ClientSession() as session:
+        poll = _hold_poll(session, consumer.url, "/history/{prompt_id}", {"prompt_id": "p"})
+        assert poll is not None
+        await asyncio.wait_for(poll(), 10)
+    assert polls == [0, 1]
+
+
 async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
