@@ -7836,6 +7836,38 @@ async def test_a_reserved_gpu_tries_no_restore_until_its_reservation_ends(rig, c
     assert r.sims["mvoice"].loads == 1 and r.broker.internal.to_restore[0] == []
 
 
+async def test_a_yield_granted_after_a_job_came_for_its_consumer_leaves_it_and_takes_another(rig):
+    """Issue 22: a yield decides again once granted. mvoice's yield waits behind a running job; meanwhile a
+    tts job comes for mvoice: once granted, the yield leaves mvoice (unloaded, it would be loaded again at
+    once for that job) and comfyui goes instead. (A mutation audit: a yield that unloaded its consumer
+    whoever the plan put first by then went unseen.)"""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(
+            total_mib=24576,
+            sims={"mvoice": {"loaded": True}, "comfyui": {"loaded": True}},
+            tweak=_yielding(),
+            urls={"ollama": ollama.url},
+        )
+        await status_until(r, lambda st: st["consumers"]["comfyui"]["vram_used_mib"] == 13000)
+        await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+        s = r.broker.scheduler
+        llm = asyncio.ensure_future(r.post("llm", {"prompt": "hold"}))
+        try:
+            await status_until(r, lambda st: st["scheduler"]["holder"] is not None)
+            r.gpu.allocate("game", 8000, graphics=True)  # 24096 - 15800 - 8000 = 296 free
+            await until(lambda: [(j.kind, j.consumer) for j in s.lock.waiting] == [("yield", "mvoice")])
+            tts = asyncio.ensure_future(r.post("tts", {"text": "beside the game"}))
+            await until(lambda: [j.consumer for j in s.lock.waiting] == ["mvoice", "mvoice"])
+        finally:
+            gate.set()
+        assert (await llm)[0] == 200 and (await tts)[0] == 200
+    await until(lambda: r.sims["comfyui"].unloads == 1, timeout=15)
+    assert r.sims["mvoice"].unloads == 0 and r.sims["mvoice"].loads == 0
+    skipped = [e for e in recent_events(r.broker.events) if e["event"] == "yield_skipped"]
+    assert [(e["consumer"], e["reason"]) for e in skipped] == [("mvoice", "comfyui goes first")]
+
+
 async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_the_stranger_stays(rig):
     """mvoice answers its unload but keeps its memory: its yield fails (unload_failed, after vram_wait_s),
     the next idle consumer goes instead, and mvoice is not asked again while this stranger stays, however
