@@ -8744,6 +8744,40 @@ async def test_consumer_dying_mid_stream_truncates_the_answer_and_frees_the_lock
         assert (await r.post("tts", {"text": "next"}))[0] == 200
 
 
+def _ollama_timeout(timeout_s: float) -> Callable[[dict[str, Any]], None]:
+    """A rig tweak: ollama's timeout_s."""
+    return lambda raw: raw["consumers"]["ollama"].update(timeout_s=timeout_s)
+
+
+async def test_a_consumer_silent_mid_answer_cuts_the_answer_and_ends_its_job_as_consumer_timeout(rig):
+    """A consumer that sends the start of its answer and then nothing for its timeout_s: the client's answer
+    is cut (no final chunk), and the job fails as consumer_timeout, not consumer_unreachable (it was
+    reachable, and slow). (A mutation audit: every mid-answer failure named consumer_unreachable went
+    unseen.)"""
+    gate = asyncio.Event()
+
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b'{"response": "tok", "done": false}\n')
+        await gate.wait()
+        return resp
+
+    async with StandIn([("POST", "/api/generate", stalls), ("GET", "/", _ok)]) as silent:
+        try:
+            r = await rig(urls={"ollama": silent.url}, tweak=_ollama_timeout(0.5))
+            async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as resp:
+                assert resp.status == 200
+                assert await resp.content.readline() == b'{"response": "tok", "done": false}\n'
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.read()
+        finally:
+            gate.set()
+    await until(lambda: r.stats.failed == 1 and r.broker.scheduler.holder is None)
+    (failed,) = [e for e in recent_events(r.broker.events) if e["event"] == "failed"]
+    assert failed["consumer"] == "ollama" and failed["code"] == "consumer_timeout"
+
+
 async def test_connection_refused_during_a_job_is_consumer_unreachable(rig):
     r = await rig()
     await r.sim_servers["ollama"].close()  # dies between probes
