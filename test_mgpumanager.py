@@ -14764,6 +14764,13 @@ async def test_payload_too_large_by_length_and_by_chunked_body(rig):
     async with r.session.post(r.url("/v1/stt"), data=chunks()) as resp:
         error = error_of(resp.status, dict(resp.headers), await resp.read(), "payload_too_large")
         assert error["consumer"] == "mvoice"
+
+    async def one_byte_over():  # (a mutation audit: a chunked body one byte over went through)
+        yield b"w" * m.MiB
+        yield b"w"
+
+    async with r.session.post(r.url("/v1/stt"), data=one_byte_over()) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "payload_too_large")
     async with r.session.post(r.url("/v1/stt"), data=b"z" * m.MiB) as resp:
         assert resp.status == 200 and (await resp.json())["bytes"] == m.MiB
     transcribed = [rec.body for rec in r.sims["mvoice"].records if rec.path == "/api/transcribe"]
