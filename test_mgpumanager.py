@@ -7076,6 +7076,7 @@ YIELD_ROWS = {
     "keep_free_mib free already: nobody": ({}, 2048, 2048, (), ()),
     "least recently used first, and only as many as needed": ({}, 0, 2048, (), ("y",)),
     "as many as needed": ({}, 0, 6000, (), ("y", "z")),
+    "one that frees exactly keep_free_mib is enough alone": ({}, 0, 4000, (), ("y",)),
     "all there is, when even that is not enough": ({}, 0, 20000, (), ("y", "z", "x")),
     "never used counts as oldest": ({"x": {"last_used": None}}, 0, 2048, (), ("x",)),
     "one at work is not idle": ({"y": {"jobs": 1}}, 0, 2048, (), ("z",)),
@@ -7624,6 +7625,35 @@ async def test_a_restore_whose_own_reading_finds_a_stranger_back_waits_for_it_to
     assert r.sims["mvoice"].loads == 1 and r.broker.internal.to_restore[0] == []
 
 
+async def test_a_restore_waiting_for_the_gpu_when_a_stranger_comes_is_not_refused_and_loads_once_it_goes(rig):
+    """Issue 22: gpu_in_use answers the client jobs waiting that could not fit beside a stranger, never the
+    broker's own exclusive ones. A restore waiting behind a running job when a game comes that mvoice could
+    not fit beside stays queued through the polls, and loads mvoice once the game is gone. (A mutation
+    audit: a poll that refused exclusive jobs too gave the restore gpu_in_use, and mvoice was given up for
+    good, never loaded again; no test saw it.)"""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(tweak=_yielding(restore_after_s=0.2), urls={"ollama": ollama.url})
+        s = r.broker.scheduler
+        llm = asyncio.ensure_future(r.post("llm", {"prompt": "hold"}))
+        await status_until(r, lambda st: st["scheduler"]["holder"] is not None)
+        try:
+            r.broker.internal.to_restore[0] = ["mvoice"]  # (as a yield leaves it)
+            await until(lambda: [j.kind for j in s.lock.waiting] == ["restore"], timeout=10)
+            r.gpu.allocate("game", 12000, graphics=True)  # 15904 - 12000 = 3904 free < 2800 + 256 + 2048
+            await until(lambda: s.strangers.present, timeout=10)
+            queries = r.broker.gpus[0].queries
+            await until(lambda: r.broker.gpus[0].queries >= queries + 3, timeout=10)  # polls beside it
+            assert [j.kind for j in s.lock.waiting] == ["restore"]
+            r.gpu.release("game")
+            await until(lambda: not s.strangers.present, timeout=10)
+        finally:
+            gate.set()
+        assert (await llm)[0] == 200
+    await until(lambda: r.stats.restores == 1, timeout=15)
+    assert r.sims["mvoice"].loads == 1 and r.broker.internal.to_restore[0] == []
+
+
 async def test_a_restore_refused_by_a_full_queue_waits_for_later_not_given_up(rig):
     """Issue 22: what waits to be restored is loaded again once it may. A restore turned away at the queue's
     door (queue_full: jobs fill max_queue) was logged "restore failed" and given up for good, as if its load
@@ -7644,6 +7674,21 @@ async def test_a_restore_refused_by_a_full_queue_waits_for_later_not_given_up(ri
     assert (await waiting)[0] == 200
     await internal.restore_all(0, lambda: True)
     assert r.sims["mvoice"].loaded and internal.to_restore[0] == [] and r.stats.restores == 1
+
+
+async def test_a_restore_that_does_not_fit_with_no_stranger_is_given_up_not_tried_every_round(rig):
+    """Issue 22: a restore never evicts. One that does not fit when no stranger is present (memory the broker
+    does not count as a stranger's: gpu.yield off) is skipped once and given up, not tried again each round;
+    one already resident is done with likewise. (A mutation audit: keeping either to be tried again went
+    unseen.)"""
+    r = await rig(sims={"comfyui": {"loaded": True}})
+    internal = r.broker.internal
+    r.gpu.allocate("other", 1000)  # 15904 - 13000 - 1000 = 1904 free < mvoice's 2800 + 256
+    internal.to_restore[0] = ["mvoice", "comfyui"]
+    await internal.restore_all(0, lambda: True)
+    assert internal.to_restore[0] == [] and not r.sims["mvoice"].loaded and r.stats.restores == 0
+    events = [(e["event"], e.get("consumer")) for e in recent_events(r.broker.events)]
+    assert ("restore_skipped", "mvoice") in events
 
 
 async def test_a_restore_whose_reading_fails_waits_for_the_next_round_not_given_up(rig):
@@ -7806,10 +7851,91 @@ async def test_a_yield_refused_by_a_reservation_is_no_failed_unload_and_the_cons
     assert r.gpu.free_mib() >= 2048
 
 
+async def test_a_reserved_gpu_asks_no_yield_of_what_its_reservation_could_not_unload(rig, caplog):
+    """Issue 22: while the GPU is reserved, the reservation has it, strangers included: the polls ask no
+    yield. mvoice's unload failed when the GPU was reserved, so it stays resident beside a game that leaves
+    too little free; poll after poll asks nothing of it (each ask would be refused gpu_reserved and logged
+    "yield failed", every poll_s for the whole game). A mutation audit found the poll's reservation check
+    untested."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding())
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    r.sims["mvoice"].faults["unload_status"] = 500
+    status, _, answer = await _reserve(r, for_s=60, reason="gaming")
+    assert status == 200 and "mvoice" in answer["not_unloaded"]
+    r.gpu.allocate("game", 12000, graphics=True)  # 15904 - 2800 - 12000 = 1104 free < 2048
+    s = r.broker.scheduler
+    await until(lambda: s.strangers.present, timeout=10)
+    queries = r.broker.gpus[0].queries
+    await until(lambda: r.broker.gpus[0].queries >= queries + 5, timeout=10)  # polls beside the game
+    assert not [rec.getMessage() for rec in caplog.records if "yield" in rec.getMessage()]
+    assert r.stats.yields == 0 and s.reservation is not None
+
+
+async def test_a_reserved_gpu_tries_no_restore_until_its_reservation_ends(rig, caplog):
+    """Issue 22: what waits to be restored (mvoice, yielded for a game that has gone) is not tried while the
+    GPU is reserved: poll after poll asks nothing (each try would be refused gpu_reserved at the queue's
+    door and put off, every poll_s for the whole reservation); once the reservation ends, mvoice is loaded
+    again. (A mutation audit: the restores' reservation check in ``Yielding._may`` went unseen.)"""
+    r = await rig(tweak=_yielding(restore_after_s=0.2))
+    status, _, _ = await _reserve(r, for_s=60, reason="gaming", restore=False)
+    assert status == 200
+    r.broker.internal.to_restore[0] = ["mvoice"]  # (as a yield before the reservation left it)
+    strangers, gpu = r.broker.scheduler.strangers, r.broker.gpus[0]
+
+    def read_since(t: float | None) -> bool:
+        reading = gpu.last_reading()
+        return t is not None and reading is not None and reading.started > t
+
+    # A poll when no stranger has been present for restore_after_s (the restores would be due), and the
+    # next one: nothing tried.
+    await until(lambda: read_since((strangers.absent_since or math.inf) + 0.2), timeout=10)
+    mark = gpu.last_reading().started
+    await until(lambda: read_since(mark), timeout=10)
+    assert not [rec.getMessage() for rec in caplog.records if "restore" in rec.getMessage()]
+    assert r.broker.internal.to_restore[0] == ["mvoice"] and not r.sims["mvoice"].loaded
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert resp.status == 200
+    await until(lambda: r.stats.restores == 1, timeout=15)
+    assert r.sims["mvoice"].loads == 1 and r.broker.internal.to_restore[0] == []
+
+
+async def test_a_yield_granted_after_a_job_came_for_its_consumer_leaves_it_and_takes_another(rig):
+    """Issue 22: a yield decides again once granted. mvoice's yield waits behind a running job; meanwhile a
+    tts job comes for mvoice: once granted, the yield leaves mvoice (unloaded, it would be loaded again at
+    once for that job) and comfyui goes instead. (A mutation audit: a yield that unloaded its consumer
+    whoever the plan put first by then went unseen.)"""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(
+            total_mib=24576,
+            sims={"mvoice": {"loaded": True}, "comfyui": {"loaded": True}},
+            tweak=_yielding(),
+            urls={"ollama": ollama.url},
+        )
+        await status_until(r, lambda st: st["consumers"]["comfyui"]["vram_used_mib"] == 13000)
+        await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+        s = r.broker.scheduler
+        llm = asyncio.ensure_future(r.post("llm", {"prompt": "hold"}))
+        try:
+            await status_until(r, lambda st: st["scheduler"]["holder"] is not None)
+            r.gpu.allocate("game", 8000, graphics=True)  # 24096 - 15800 - 8000 = 296 free
+            await until(lambda: [(j.kind, j.consumer) for j in s.lock.waiting] == [("yield", "mvoice")])
+            tts = asyncio.ensure_future(r.post("tts", {"text": "beside the game"}))
+            await until(lambda: [j.consumer for j in s.lock.waiting] == ["mvoice", "mvoice"])
+        finally:
+            gate.set()
+        assert (await llm)[0] == 200 and (await tts)[0] == 200
+    await until(lambda: r.sims["comfyui"].unloads == 1, timeout=15)
+    assert r.sims["mvoice"].unloads == 0 and r.sims["mvoice"].loads == 0
+    skipped = [e for e in recent_events(r.broker.events) if e["event"] == "yield_skipped"]
+    assert [(e["consumer"], e["reason"]) for e in skipped] == [("mvoice", "comfyui goes first")]
+
+
 async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_the_stranger_stays(rig):
     """mvoice answers its unload but keeps its memory: its yield fails (unload_failed, after vram_wait_s),
     the next idle consumer goes instead, and mvoice is not asked again while this stranger stays, however
-    many polls find free memory short."""
+    many polls find free memory short. Once that stranger is gone, the next one asks it again (a mutation
+    audit found forgetting the failure untested: mvoice was never asked again, for any stranger)."""
 
     def tweak(raw: dict[str, Any]) -> None:
         _yielding()(raw)
@@ -7837,6 +7963,15 @@ async def test_a_consumer_whose_unload_frees_nothing_is_not_asked_again_while_th
     jobs = [e for e in recent_events(r.broker.events) if e["event"] == "failed" and e["kind"] == "yield"]
     assert [(e["consumer"], e["code"]) for e in jobs] == [("mvoice", "unload_failed")]
     assert r.stats.yields == 1  # comfyui's: mvoice's, which freed nothing, is not counted as a yield
+    r.gpu.release("game")
+    await until(lambda: not r.broker.scheduler.strangers.present, timeout=10)
+    r.gpu.allocate("game", 20000, graphics=True)  # another game, as short of memory
+
+    def mvoice_yields() -> int:
+        jobs = [(e["event"], e.get("kind"), e.get("consumer")) for e in recent_events(r.broker.events)]
+        return jobs.count(("failed", "yield", "mvoice"))
+
+    await until(lambda: mvoice_yields() == 2, timeout=15)
 
 
 async def test_a_yield_whose_memory_a_greedy_game_takes_at_once_still_freed_it(rig):
@@ -8673,6 +8808,40 @@ async def test_consumer_dying_mid_stream_truncates_the_answer_and_frees_the_lock
         assert (await r.post("tts", {"text": "next"}))[0] == 200
 
 
+def _ollama_timeout(timeout_s: float) -> Callable[[dict[str, Any]], None]:
+    """A rig tweak: ollama's timeout_s."""
+    return lambda raw: raw["consumers"]["ollama"].update(timeout_s=timeout_s)
+
+
+async def test_a_consumer_silent_mid_answer_cuts_the_answer_and_ends_its_job_as_consumer_timeout(rig):
+    """A consumer that sends the start of its answer and then nothing for its timeout_s: the client's answer
+    is cut (no final chunk), and the job fails as consumer_timeout, not consumer_unreachable (it was
+    reachable, and slow). (A mutation audit: every mid-answer failure named consumer_unreachable went
+    unseen.)"""
+    gate = asyncio.Event()
+
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b'{"response": "tok", "done": false}\n')
+        await gate.wait()
+        return resp
+
+    async with StandIn([("POST", "/api/generate", stalls), ("GET", "/", _ok)]) as silent:
+        try:
+            r = await rig(urls={"ollama": silent.url}, tweak=_ollama_timeout(0.5))
+            async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as resp:
+                assert resp.status == 200
+                assert await resp.content.readline() == b'{"response": "tok", "done": false}\n'
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.read()
+        finally:
+            gate.set()
+    await until(lambda: r.stats.failed == 1 and r.broker.scheduler.holder is None)
+    (failed,) = [e for e in recent_events(r.broker.events) if e["event"] == "failed"]
+    assert failed["consumer"] == "ollama" and failed["code"] == "consumer_timeout"
+
+
 async def test_connection_refused_during_a_job_is_consumer_unreachable(rig):
     r = await rig()
     await r.sim_servers["ollama"].close()  # dies between probes
@@ -9088,6 +9257,130 @@ async def test_a_hold_abandoned_or_cut_before_it_ever_ran_still_frees_its_slot()
     job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=60)
     await s.close()  # the broker closing, likewise
     assert (s.holder, s.slots, s.holds) == (None, 0, 0) and books_balance(s)
+
+
+async def test_a_hold_on_the_service_a_reload_replaced_is_not_abandoned_when_the_new_one_is_seen_down():
+    """A reload gave t another URL (a new service) while a hold on the old one ran: the new service seen
+    down says nothing of the old one's work, so that hold goes on until it returns, and ends released, not
+    abandoned. (A mutation audit: ``Holds.abandon`` without its same-service check went unseen.)"""
+    cfg = small_config()
+    s, _, ops, _ = make_scheduler(cfg)
+    ops.states["t"].loaded()
+    job = await s.acquire("t", "kt")
+    done = asyncio.Event()
+    job.release("completed", status=200, success=True, hold=done.wait, hold_timeout_s=60)
+    new = dataclasses.replace(cfg.consumers["t"], url="http://127.0.0.1:9/t-new")
+    s.shared.config = dataclasses.replace(cfg, consumers={**cfg.consumers, "t": new})
+    s.holding.abandon("t", "hold poll: connection refused")  # (the new service's)
+    for _ in range(3):
+        await asyncio.sleep(0)  # (an abandoned hold ends in these turns)
+    assert (s.holds, s.holder, s.stats.hold_abandoned) == (1, "t", 0)
+    done.set()
+    await until(lambda: s.holder is None)
+    assert (s.stats.hold_abandoned, s.holds, s.slots) == (0, 0, 0) and books_balance(s)
+
+
+async def test_a_hold_abandoned_teaches_no_job_time_and_one_released_does():
+    """A render lost with its consumer says nothing of how long t's jobs take: a hold that ran 100 s and
+    ended abandoned leaves t's learned job time unknown; one released after 5 s teaches 5 s. (A mutation
+    audit: learning from an abandoned hold too went unseen.)"""
+    s, _, ops, clock = make_scheduler(small_config())
+    ops.states["t"].loaded()
+    job = await s.acquire("t", "kt")
+    job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=600)
+    await asyncio.sleep(0)  # (the hold runs)
+    clock.now += 100
+    s.holding.abandon("t", "hold poll: connection refused")
+    await until(lambda: s.holder is None)
+    assert s.stats.hold_abandoned == 1 and ops.states["t"].timing("job") is None
+    job = await s.acquire("t", "kt")
+    done = asyncio.Event()
+    job.release("completed", status=200, success=True, hold=done.wait, hold_timeout_s=600)
+    await asyncio.sleep(0)
+    clock.now += 5
+    done.set()
+    await until(lambda: s.holder is None)
+    assert ops.states["t"].timing("job") == 5 and books_balance(s)
+
+
+async def test_a_held_job_has_one_log_line_written_when_its_hold_ends(caplog):
+    """A job with a hold is logged once, when the hold ends, with its length (hold_ms): not once at its
+    answer and again after its hold. (A mutation audit: logging it at its answer as well went unseen.)"""
+    s, _, ops, clock = make_scheduler(small_config())
+    ops.states["t"].loaded()
+    job = await s.acquire("t", "kt")
+    done = asyncio.Event()
+    job.release("completed", status=200, success=True, hold=done.wait, hold_timeout_s=600)
+    for _ in range(5):
+        await asyncio.sleep(0)  # (what follows the answer's handover)
+    clock.now += 2
+    done.set()
+    await until(lambda: s.holder is None)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    lines = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("msg=job ")]
+    assert len(lines) == 1 and f"id={job.id} " in lines[0] and "hold_ms=2000" in lines[0], lines
+
+
+def _hold_poll(
+    session: aiohttp.ClientSession, url: str, path: str, answer: dict[str, Any]
+) -> Callable[[], Awaitable[None]] | None:
+    """``hold_poller`` for a consumer at ``url`` whose job answered ``answer``, its hold at ``path``."""
+    cfg = small_config()
+    consumer = dataclasses.replace(cfg.consumers["t"], url=url)
+    hold = m.Hold("GET", path, poll_s=0.05, timeout_s=10)
+    s, _, _, _ = make_scheduler(cfg)
+    return m.hold_poller(session, consumer, hold, json.dumps(answer).encode(), s.recorder)
+
+
+async def test_a_hold_path_with_two_placeholders_and_an_answer_with_one_starts_no_hold(caplog):
+    """Every placeholder of a hold's path must be in the answer, or no hold starts (logged): an answer with
+    one of two has no path to poll. (A mutation audit: asking only for one of them went unseen; the fill
+    then raised KeyError in the job's end.)"""
+    async with aiohttp.ClientSession() as session:
+        assert _hold_poll(session, "http://127.0.0.1:9", "/history/{a}/{b}", {"a": 1}) is None
+        assert "no hold: answer lacks the placeholder fields" in caplog.text
+        assert _hold_poll(session, "http://127.0.0.1:9", "/history/{a}/{b}", {"a": 1, "b": 2}) is not None
+
+
+async def test_a_hold_paths_placeholder_is_filled_percent_encoded():
+    """A placeholder's value goes into the hold's path percent-encoded: an id with '/', '?' or '#' names one
+    path segment, and cannot point the poll at another path or add a query. (A mutation audit: filling it
+    raw went unseen.)"""
+    seen: list[str] = []
+
+    async def history(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.json_response({"done": True})
+
+    async with (
+        StandIn([("GET", "/history/{id:.*}", history)]) as consumer,
+        aiohttp.ClientSession() as session,
+    ):
+        poll = _hold_poll(session, consumer.url, "/history/{prompt_id}", {"prompt_id": "../free?x=1#y"})
+        assert poll is not None
+        await asyncio.wait_for(poll(), 10)
+    assert seen == ["/history/..%2Ffree%3Fx%3D1%23y"]
+
+
+async def test_a_hold_poll_answered_an_error_over_the_limit_polls_again():
+    """Only a 2xx answer over HOLD_ANSWER_LIMIT ends a hold unread: an error page that long (a 500 with a
+    traceback) says nothing of the work, and the hold polls again. (A mutation audit: ending the hold on
+    any status went unseen.)"""
+    polls: list[int] = []
+
+    async def history(request: web.Request) -> web.Response:
+        polls.append(len(polls))
+        if len(polls) == 1:
+            return web.Response(status=500, body=b"x" * (m.HOLD_ANSWER_LIMIT + 10))
+        return web.json_response({"done": True})
+
+    standin = StandIn([("GET", "/history/{id}", history)])
+    async with standin as consumer, aiohttp.ClientSession() as session:
+        poll = _hold_poll(session, consumer.url, "/history/{prompt_id}", {"prompt_id": "p"})
+        assert poll is not None
+        await asyncio.wait_for(poll(), 10)
+    assert polls == [0, 1]
 
 
 async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
@@ -14667,6 +14960,13 @@ async def test_payload_too_large_by_length_and_by_chunked_body(rig):
     async with r.session.post(r.url("/v1/stt"), data=chunks()) as resp:
         error = error_of(resp.status, dict(resp.headers), await resp.read(), "payload_too_large")
         assert error["consumer"] == "mvoice"
+
+    async def one_byte_over():  # (a mutation audit: a chunked body one byte over went through)
+        yield b"w" * m.MiB
+        yield b"w"
+
+    async with r.session.post(r.url("/v1/stt"), data=one_byte_over()) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "payload_too_large")
     async with r.session.post(r.url("/v1/stt"), data=b"z" * m.MiB) as resp:
         assert resp.status == 200 and (await resp.json())["bytes"] == m.MiB
     transcribed = [rec.body for rec in r.sims["mvoice"].records if rec.path == "/api/transcribe"]
