@@ -5274,6 +5274,34 @@ async def test_a_jobs_time_counts_at_its_release_and_is_shown_after_the_hand_ove
     assert seen[-2:] == ["finished", "learned"]
 
 
+# ---- found by a mutation audit of the lock core: each fails under a change that failed no test before --
+
+
+def test_a_grant_marks_as_overtaken_only_the_jobs_of_its_own_effective_priority():
+    """Found by a mutation audit of the lock core: marking whom a grant overtook without looking at their
+    effective priority (a job of a lower one, before the granted job in the fair order, marked too) failed
+    no test. Rule 1 put that job behind, nobody overtook it: its bound must not run from then. Marked, it
+    counted as overtaken for max_overtake_s as soon as aging lifted it to the others' level, and a job
+    that needs no swap could no longer go before it."""
+    queue = m.WaitQueue()
+    low = PolicyJob(0, "comfyui", 1, 0.0)  # needs a swap
+    queue.append(low)  # type: ignore[arg-type]
+    high = PolicyJob(1, "mvoice", 2, 1.0)
+    queue.append(high)  # type: ignore[arg-type]
+    queue.remove(high)  # type: ignore[arg-type]  (granted at 2 s: off the queue, then the marks)
+    queue.overtaken(high, 2.0, 10.0, None)  # type: ignore[arg-type]
+    assert low.overtaken_since is None
+    # At 10 s aging lifts low to 2: a warm job of 2 still goes before it (low's bound starts then).
+    warm = PolicyJob(2, "mvoice", 2, 9.0)
+    queue.append(warm)  # type: ignore[arg-type]
+
+    def is_warm(job: Any) -> bool:
+        return job.consumer == "mvoice"
+
+    kw = {"aging_s": 10.0, "max_overtake_s": 5.0, "warm": is_warm}
+    assert m.next_grant(queue.candidates(is_warm, None), None, 10.0, **kw) is warm
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
