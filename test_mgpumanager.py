@@ -5302,6 +5302,27 @@ def test_a_grant_marks_as_overtaken_only_the_jobs_of_its_own_effective_priority(
     assert m.next_grant(queue.candidates(is_warm, None), None, 10.0, **kw) is warm
 
 
+async def test_a_job_of_the_holder_never_joins_past_an_exclusive_job_of_its_consumer():
+    """Found by a mutation audit of the lock core: letting a later job of the holder's consumer join when
+    that consumer's first waiting job is exclusive (the admin's unload of it) failed no test (the grant
+    order's property test states it; its random examples seldom meet it). A join is the holder's first
+    waiting job in the fair order or none (next_grant's rule 5): while t's unload waits, t's next job does
+    not take t's free slot. (t's jobs have priority 4, an admin operation's, so the unload is not simply
+    above them. Once the GPU is free, t's job, warm, goes before the unload, within max_overtake_s.)"""
+    s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=2, consumers__t__priority=4))
+    ops.states["t"].loaded()
+    first = await s.acquire("t", "kt")
+    unload = asyncio.ensure_future(s.unload_now("t"))
+    await until(lambda: len(s.queue()) == 1)
+    second = await _queued(s, "t")
+    assert not second.done() and s.slots == 1  # room for one more of t's, but t's first waiting is the unload
+    first.release("completed")
+    (await second).release("completed")
+    await unload
+    assert ops.calls == [("unload", "t")]
+    assert books_balance(s)
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
