@@ -5323,6 +5323,22 @@ async def test_a_job_of_the_holder_never_joins_past_an_exclusive_job_of_its_cons
     assert books_balance(s)
 
 
+async def test_a_job_of_a_consumer_without_gpu_memory_needs_no_swap_even_unloaded():
+    """Found by a mutation audit of the lock core: needs_no_swap without its first case (a consumer of
+    vram_resident_mib 0 counted as needing no swap only while resident) failed no test. Such a consumer
+    (whisper.cpp on the CPU) costs no swap, loaded or not: its job goes before an earlier one that needs
+    a swap, as a resident consumer's does."""
+    s, _, ops, clock = make_scheduler(small_config(consumers__z__vram_resident_mib=0))
+    ops.states["t"].loaded()
+    for name in ("y", "z"):
+        ops.states[name].unloaded()
+    running = await s.acquire("t", "kt")
+    await _queued(s, "y")
+    await _queued(s, "z")
+    order = await _granted_in_turn(s, clock, running, job_s=1)
+    assert [j.consumer for j in order] == ["z", "y"]
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
