@@ -5339,6 +5339,23 @@ async def test_a_job_of_a_consumer_without_gpu_memory_needs_no_swap_even_unloade
     assert [j.consumer for j in order] == ["z", "y"]
 
 
+async def test_the_forecast_counts_a_job_that_may_stay_beside_the_holder_as_needing_no_swap():
+    """Found by a mutation audit of the lock core: needs_no_swap without can_coexist_with (only the holder's
+    own consumer warm beside it) failed no test: the lock grants with nobody holding, so only the forecast
+    reads it. x, resident and allowed beside t, needs no swap while t holds: the forecast puts its job
+    before y's earlier one that needs a swap, as the grants then go."""
+    s, _, ops, clock = make_scheduler(small_config(consumers__x__can_coexist_with=["t"]))
+    for name in ("t", "x"):
+        ops.states[name].loaded()
+    ops.states["y"].unloaded()
+    running = await s.acquire("t", "kt")
+    await _queued(s, "y")
+    await _queued(s, "x")
+    assert [j.consumer for j, _ in s.forecast()] == ["x", "y"]
+    order = await _granted_in_turn(s, clock, running, job_s=1)
+    assert [j.consumer for j in order] == ["x", "y"]
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
