@@ -5356,6 +5356,24 @@ async def test_the_forecast_counts_a_job_that_may_stay_beside_the_holder_as_need
     assert [j.consumer for j in order] == ["x", "y"]
 
 
+async def test_queue_full_tells_when_the_first_waiting_job_is_expected_to_run():
+    """Found by a mutation audit of the lock core: queue_full answered with Retry-After 1, whatever the
+    queue, failed no test. It is the wait expected for the first waiting job: t's jobs take 10.3 s and the
+    running one started 3 s ago, so the next is expected in 7.3 s: Retry-After 8."""
+    s, _, ops, clock = make_scheduler(small_config(scheduler__max_queue=1))
+    ops.states["t"].loaded()
+    ops.states["t"].learned("job", 10.3)
+    first = await s.acquire("t", "kt")
+    waiting = await _queued(s, "t")
+    clock.now += 3
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")
+    assert (info.value.code, info.value.retry_after) == ("queue_full", 8)
+    first.release("completed")
+    (await waiting).release("completed")
+    assert books_balance(s)
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
