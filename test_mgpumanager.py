@@ -5356,6 +5356,29 @@ async def test_the_forecast_counts_a_job_that_may_stay_beside_the_holder_as_need
     assert [j.consumer for j in order] == ["x", "y"]
 
 
+async def test_held_s_counts_from_when_the_holder_took_the_gpu_not_from_its_last_join():
+    """Found by a mutation audit of the lock core: taking the lock's held_since at every grant (a join too),
+    not when the holder took the free GPU, failed no test. /v1/status's holder.held_s is how long the
+    holder has held the GPU (api.md), and the forecast counts the holder's time left from it: t, whose
+    jobs take 10 s, took the GPU 5 s ago and was joined 1 s ago; x's job is expected in 5 s, not 9 s."""
+    s, _, ops, clock = make_scheduler(small_config(consumers__t__max_concurrency=2))
+    for name in ("t", "x"):
+        ops.states[name].loaded()
+    ops.states["t"].learned("job", 10.0)
+    first = await s.acquire("t", "kt")
+    clock.now += 4
+    second = await s.acquire("t", "kt")  # joins
+    clock.now += 1
+    x = await _queued(s, "x")
+    status = snapshot(s)
+    assert status["holder"]["held_s"] == 5.0
+    assert [(e["consumer"], e["eta_s"]) for e in status["queue"]] == [("x", 5.0)]
+    first.release("completed")
+    second.release("completed")
+    (await x).release("completed")
+    assert books_balance(s)
+
+
 async def test_queue_full_tells_when_the_first_waiting_job_is_expected_to_run():
     """Found by a mutation audit of the lock core: queue_full answered with Retry-After 1, whatever the
     queue, failed no test. It is the wait expected for the first waiting job: t's jobs take 10.3 s and the
