@@ -5379,6 +5379,24 @@ async def test_held_s_counts_from_when_the_holder_took_the_gpu_not_from_its_last
     assert books_balance(s)
 
 
+async def test_whether_a_waiting_job_needs_a_swap_follows_its_consumers_config_as_it_is_now():
+    """Found by a mutation audit of the lock core: GpuLock.warm reading a waiting job's consumer config as it
+    was when the job was queued (job.target), not as it is now, failed no test. A reload that moves z's
+    model off the GPU (vram_resident_mib 0) makes z's waiting job one that needs no swap: it goes before
+    y's earlier one, as a job of z queued after the reload would (jobs of one consumer alike, whenever
+    queued: the queue's buckets rely on it)."""
+    s, _, ops, clock = make_scheduler(small_config())
+    ops.states["t"].loaded()
+    for name in ("y", "z"):
+        ops.states[name].unloaded()
+    running = await s.acquire("t", "kt")
+    await _queued(s, "y")
+    await _queued(s, "z")
+    s.shared.config = small_config(consumers__z__vram_resident_mib=0)  # a reload (as Broker.apply swaps it)
+    order = await _granted_in_turn(s, clock, running, job_s=1)
+    assert [j.consumer for j in order] == ["z", "y"]
+
+
 async def test_queue_full_tells_when_the_first_waiting_job_is_expected_to_run():
     """Found by a mutation audit of the lock core: queue_full answered with Retry-After 1, whatever the
     queue, failed no test. It is the wait expected for the first waiting job: t's jobs take 10.3 s and the
