@@ -5415,6 +5415,26 @@ async def test_queue_full_tells_when_the_first_waiting_job_is_expected_to_run():
     assert books_balance(s)
 
 
+async def test_the_forecast_keeps_to_a_job_overtaken_for_max_overtake_s_as_the_grants_do():
+    """Found by a mutation audit of the lock core: the queue's snapshot forgetting since when each job was
+    overtaken (the forecast then let a warm job overtake without a bound) failed no test. y's job, overtaken
+    by t's 31 s ago, goes next, before t's newer job that needs no swap; the forecast (/v1/status's queue,
+    the queued events' eta_s, Retry-After) says so too."""
+    s, _, ops, clock = make_scheduler(small_config(scheduler__max_overtake_s=30))
+    ops.states["t"].loaded()
+    ops.states["y"].unloaded()
+    first = await s.acquire("t", "kt")
+    await _queued(s, "y")
+    second = await _queued(s, "t")
+    first.release("completed")
+    running = await second  # warm, it went before y's: y's is overtaken from now on
+    clock.now += 31
+    await _queued(s, "t")
+    assert [j.consumer for j, _ in s.forecast()] == ["y", "t"]
+    order = await _granted_in_turn(s, clock, running, job_s=1)
+    assert [j.consumer for j in order] == ["y", "t"]
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
