@@ -5435,6 +5435,28 @@ async def test_the_forecast_keeps_to_a_job_overtaken_for_max_overtake_s_as_the_g
     assert [j.consumer for j in order] == ["y", "t"]
 
 
+async def test_a_warm_job_goes_before_an_earlier_exclusive_job_whose_consumer_is_resident():
+    """Found by a mutation audit of the lock core: the queue's candidates taking as a lane's first warm job
+    an exclusive one too (the admin's unload of a resident consumer, which never overtakes) failed no test:
+    it hid the lane's warm job behind it, and the grant went by arrival. t's job (priority 4, an admin
+    operation's: the same lane) needs no swap and goes before the earlier unload of y (rule 3, within
+    max_overtake_s)."""
+    s, _, ops, _ = make_scheduler(small_config(consumers__t__priority=4))
+    for name in ("t", "x", "y"):
+        ops.states[name].loaded()
+    running = await s.acquire("x", "kx")
+    unload = asyncio.ensure_future(s.unload_now("y"))
+    await until(lambda: len(s.queue()) == 1)
+    waiting = await _queued(s, "t")
+    running.release("completed")
+    job = await waiting
+    assert ops.calls == [] and not unload.done()  # t's went first
+    job.release("completed")
+    await unload
+    assert ops.calls == [("unload", "y")]
+    assert books_balance(s)
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
