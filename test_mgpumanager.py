@@ -5337,6 +5337,189 @@ async def test_a_jobs_queue_wait_ends_at_its_grant_or_at_its_end_where_it_was_ne
     assert _value(families, "mgpumanager_run_seconds_sum", consumer="y") == 5.0
 
 
+# ---- found by a mutation audit of the lock core: each fails under a change that failed no test before --
+
+
+def test_a_grant_marks_as_overtaken_only_the_jobs_of_its_own_effective_priority():
+    """Found by a mutation audit of the lock core: marking whom a grant overtook without looking at their
+    effective priority (a job of a lower one, before the granted job in the fair order, marked too) failed
+    no test. Rule 1 put that job behind, nobody overtook it: its bound must not run from then. Marked, it
+    counted as overtaken for max_overtake_s as soon as aging lifted it to the others' level, and a job
+    that needs no swap could no longer go before it."""
+    queue = m.WaitQueue()
+    low = PolicyJob(0, "comfyui", 1, 0.0)  # needs a swap
+    queue.append(low)  # type: ignore[arg-type]
+    high = PolicyJob(1, "mvoice", 2, 1.0)
+    queue.append(high)  # type: ignore[arg-type]
+    queue.remove(high)  # type: ignore[arg-type]  (granted at 2 s: off the queue, then the marks)
+    queue.overtaken(high, 2.0, 10.0, None)  # type: ignore[arg-type]
+    assert low.overtaken_since is None
+    # At 10 s aging lifts low to 2: a warm job of 2 still goes before it (low's bound starts then).
+    warm = PolicyJob(2, "mvoice", 2, 9.0)
+    queue.append(warm)  # type: ignore[arg-type]
+
+    def is_warm(job: Any) -> bool:
+        return job.consumer == "mvoice"
+
+    kw = {"aging_s": 10.0, "max_overtake_s": 5.0, "warm": is_warm}
+    assert m.next_grant(queue.candidates(is_warm, None), None, 10.0, **kw) is warm
+
+
+async def test_a_job_of_the_holder_never_joins_past_an_exclusive_job_of_its_consumer():
+    """Found by a mutation audit of the lock core: letting a later job of the holder's consumer join when
+    that consumer's first waiting job is exclusive (the admin's unload of it) failed no test (the grant
+    order's property test states it; its random examples seldom meet it). A join is the holder's first
+    waiting job in the fair order or none (next_grant's rule 5): while t's unload waits, t's next job does
+    not take t's free slot. (t's jobs have priority 4, an admin operation's, so the unload is not simply
+    above them. Once the GPU is free, t's job, warm, goes before the unload, within max_overtake_s.)"""
+    s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=2, consumers__t__priority=4))
+    ops.states["t"].loaded()
+    first = await s.acquire("t", "kt")
+    unload = asyncio.ensure_future(s.unload_now("t"))
+    await until(lambda: len(s.queue()) == 1)
+    second = await _queued(s, "t")
+    assert not second.done() and s.slots == 1  # room for one more of t's, but t's first waiting is the unload
+    first.release("completed")
+    (await second).release("completed")
+    await unload
+    assert ops.calls == [("unload", "t")]
+    assert books_balance(s)
+
+
+async def test_a_job_of_a_consumer_without_gpu_memory_needs_no_swap_even_unloaded():
+    """Found by a mutation audit of the lock core: needs_no_swap without its first case (a consumer of
+    vram_resident_mib 0 counted as needing no swap only while resident) failed no test. Such a consumer
+    (whisper.cpp on the CPU) costs no swap, loaded or not: its job goes before an earlier one that needs
+    a swap, as a resident consumer's does."""
+    s, _, ops, clock = make_scheduler(small_config(consumers__z__vram_resident_mib=0))
+    ops.states["t"].loaded()
+    for name in ("y", "z"):
+        ops.states[name].unloaded()
+    running = await s.acquire("t", "kt")
+    await _queued(s, "y")
+    await _queued(s, "z")
+    order = await _granted_in_turn(s, clock, running, job_s=1)
+    assert [j.consumer for j in order] == ["z", "y"]
+
+
+async def test_the_forecast_counts_a_job_that_may_stay_beside_the_holder_as_needing_no_swap():
+    """Found by a mutation audit of the lock core: needs_no_swap without can_coexist_with (only the holder's
+    own consumer warm beside it) failed no test: the lock grants with nobody holding, so only the forecast
+    reads it. x, resident and allowed beside t, needs no swap while t holds: the forecast puts its job
+    before y's earlier one that needs a swap, as the grants then go."""
+    s, _, ops, clock = make_scheduler(small_config(consumers__x__can_coexist_with=["t"]))
+    for name in ("t", "x"):
+        ops.states[name].loaded()
+    ops.states["y"].unloaded()
+    running = await s.acquire("t", "kt")
+    await _queued(s, "y")
+    await _queued(s, "x")
+    assert [j.consumer for j, _ in s.forecast()] == ["x", "y"]
+    order = await _granted_in_turn(s, clock, running, job_s=1)
+    assert [j.consumer for j in order] == ["x", "y"]
+
+
+async def test_held_s_counts_from_when_the_holder_took_the_gpu_not_from_its_last_join():
+    """Found by a mutation audit of the lock core: taking the lock's held_since at every grant (a join too),
+    not when the holder took the free GPU, failed no test. /v1/status's holder.held_s is how long the
+    holder has held the GPU (api.md), and the forecast counts the holder's time left from it: t, whose
+    jobs take 10 s, took the GPU 5 s ago and was joined 1 s ago; x's job is expected in 5 s, not 9 s."""
+    s, _, ops, clock = make_scheduler(small_config(consumers__t__max_concurrency=2))
+    for name in ("t", "x"):
+        ops.states[name].loaded()
+    ops.states["t"].learned("job", 10.0)
+    first = await s.acquire("t", "kt")
+    clock.now += 4
+    second = await s.acquire("t", "kt")  # joins
+    clock.now += 1
+    x = await _queued(s, "x")
+    status = snapshot(s)
+    assert status["holder"]["held_s"] == 5.0
+    assert [(e["consumer"], e["eta_s"]) for e in status["queue"]] == [("x", 5.0)]
+    first.release("completed")
+    second.release("completed")
+    (await x).release("completed")
+    assert books_balance(s)
+
+
+async def test_whether_a_waiting_job_needs_a_swap_follows_its_consumers_config_as_it_is_now():
+    """Found by a mutation audit of the lock core: GpuLock.warm reading a waiting job's consumer config as it
+    was when the job was queued (job.target), not as it is now, failed no test. A reload that moves z's
+    model off the GPU (vram_resident_mib 0) makes z's waiting job one that needs no swap: it goes before
+    y's earlier one, as a job of z queued after the reload would (jobs of one consumer alike, whenever
+    queued: the queue's buckets rely on it)."""
+    s, _, ops, clock = make_scheduler(small_config())
+    ops.states["t"].loaded()
+    for name in ("y", "z"):
+        ops.states[name].unloaded()
+    running = await s.acquire("t", "kt")
+    await _queued(s, "y")
+    await _queued(s, "z")
+    s.shared.config = small_config(consumers__z__vram_resident_mib=0)  # a reload (as Broker.apply swaps it)
+    order = await _granted_in_turn(s, clock, running, job_s=1)
+    assert [j.consumer for j in order] == ["z", "y"]
+
+
+async def test_queue_full_tells_when_the_first_waiting_job_is_expected_to_run():
+    """Found by a mutation audit of the lock core: queue_full answered with Retry-After 1, whatever the
+    queue, failed no test. It is the wait expected for the first waiting job: t's jobs take 10.3 s and the
+    running one started 3 s ago, so the next is expected in 7.3 s: Retry-After 8."""
+    s, _, ops, clock = make_scheduler(small_config(scheduler__max_queue=1))
+    ops.states["t"].loaded()
+    ops.states["t"].learned("job", 10.3)
+    first = await s.acquire("t", "kt")
+    waiting = await _queued(s, "t")
+    clock.now += 3
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("t", "kt")
+    assert (info.value.code, info.value.retry_after) == ("queue_full", 8)
+    first.release("completed")
+    (await waiting).release("completed")
+    assert books_balance(s)
+
+
+async def test_the_forecast_keeps_to_a_job_overtaken_for_max_overtake_s_as_the_grants_do():
+    """Found by a mutation audit of the lock core: the queue's snapshot forgetting since when each job was
+    overtaken (the forecast then let a warm job overtake without a bound) failed no test. y's job, overtaken
+    by t's 31 s ago, goes next, before t's newer job that needs no swap; the forecast (/v1/status's queue,
+    the queued events' eta_s, Retry-After) says so too."""
+    s, _, ops, clock = make_scheduler(small_config(scheduler__max_overtake_s=30))
+    ops.states["t"].loaded()
+    ops.states["y"].unloaded()
+    first = await s.acquire("t", "kt")
+    await _queued(s, "y")
+    second = await _queued(s, "t")
+    first.release("completed")
+    running = await second  # warm, it went before y's: y's is overtaken from now on
+    clock.now += 31
+    await _queued(s, "t")
+    assert [j.consumer for j, _ in s.forecast()] == ["y", "t"]
+    order = await _granted_in_turn(s, clock, running, job_s=1)
+    assert [j.consumer for j in order] == ["y", "t"]
+
+
+async def test_a_warm_job_goes_before_an_earlier_exclusive_job_whose_consumer_is_resident():
+    """Found by a mutation audit of the lock core: the queue's candidates taking as a lane's first warm job
+    an exclusive one too (the admin's unload of a resident consumer, which never overtakes) failed no test:
+    it hid the lane's warm job behind it, and the grant went by arrival. t's job (priority 4, an admin
+    operation's: the same lane) needs no swap and goes before the earlier unload of y (rule 3, within
+    max_overtake_s)."""
+    s, _, ops, _ = make_scheduler(small_config(consumers__t__priority=4))
+    for name in ("t", "x", "y"):
+        ops.states[name].loaded()
+    running = await s.acquire("x", "kx")
+    unload = asyncio.ensure_future(s.unload_now("y"))
+    await until(lambda: len(s.queue()) == 1)
+    waiting = await _queued(s, "t")
+    running.release("completed")
+    job = await waiting
+    assert ops.calls == [] and not unload.done()  # t's went first
+    job.release("completed")
+    await unload
+    assert ops.calls == [("unload", "y")]
+    assert books_balance(s)
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
