@@ -17417,6 +17417,19 @@ async def test_attack_an_unknown_expect_is_refused_in_the_error_shape(rig):
     assert r.sims["mvoice"].records == []
 
 
+def _daemon_after(tmp_path: Path, prelude: str, args: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    """The daemon run as its own process on a base config after ``prelude`` (Python, run first), expected to
+    exit at once: its exit status and output."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(base_raw()))
+    run = (
+        f"import sys, runpy; {prelude}; "
+        f"sys.argv = ['mgpumanager.py', '--config', {str(config)!r}, *{list(args)!r}]; "
+        f"runpy.run_path({str(HERE / 'mgpumanager.py')!r}, run_name='__main__')"
+    )
+    return subprocess.run([PY, "-c", run], capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.parametrize("module", ["aiohttp", "yaml"])
 @pytest.mark.parametrize("args", [["--check"], []])
 def test_attack_the_daemon_without_aiohttp_says_so_in_one_line(tmp_path, args, module):
@@ -17425,14 +17438,7 @@ def test_attack_the_daemon_without_aiohttp_says_so_in_one_line(tmp_path, args, m
     deploy` runs --check there first) the daemon and --check print a ModuleNotFoundError traceback. Now one
     line names the module and how to install it, exit 2 (PyYAML the same). The verbs without either:
     test_a_verb_and_help_start_on_the_standard_library_alone."""
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(base_raw()))
-    run = (
-        f"import sys, runpy; sys.modules[{module!r}] = None; "
-        f"sys.argv = ['mgpumanager.py', '--config', {str(config)!r}, *{args!r}]; "
-        f"runpy.run_path({str(HERE / 'mgpumanager.py')!r}, run_name='__main__')"
-    )
-    done = subprocess.run([PY, "-c", run], capture_output=True, text=True, timeout=60)
+    done = _daemon_after(tmp_path, f"sys.modules[{module!r}] = None", args)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
@@ -17445,14 +17451,7 @@ def test_the_daemon_on_an_aiohttp_older_than_debian_13s_says_so_in_one_line(tmp_
     WebSocket through a mount failed there (aiohttp.ClientWSTimeout came later), an internal error each. The
     oldest aiohttp is now the one tested, Debian 13's 3.11 (make test-debian): an older one is one line,
     naming it and what to install, exit 2, before anything starts."""
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(base_raw()))
-    run = (
-        f"import sys, runpy, aiohttp; aiohttp.__version__ = {version!r}; "
-        f"sys.argv = ['mgpumanager.py', '--config', {str(config)!r}]; "
-        f"runpy.run_path({str(HERE / 'mgpumanager.py')!r}, run_name='__main__')"
-    )
-    done = subprocess.run([PY, "-c", run], capture_output=True, text=True, timeout=60)
+    done = _daemon_after(tmp_path, f"import aiohttp; aiohttp.__version__ = {version!r}")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert f"needs aiohttp >= 3.11 (Debian 13's python3-aiohttp); this is {version}" in done.stderr
 
