@@ -5386,18 +5386,24 @@ async def test_a_job_of_the_holder_never_joins_past_an_exclusive_job_of_its_cons
     assert books_balance(s)
 
 
-async def test_a_job_of_a_consumer_without_gpu_memory_needs_no_swap_even_unloaded():
-    """Found by a mutation audit of the lock core: needs_no_swap without its first case (a consumer of
-    vram_resident_mib 0 counted as needing no swap only while resident) failed no test. Such a consumer
-    (whisper.cpp on the CPU) costs no swap, loaded or not: its job goes before an earlier one that needs
-    a swap, as a resident consumer's does."""
-    s, _, ops, clock = make_scheduler(small_config(consumers__z__vram_resident_mib=0))
+async def _t_at_work_unloaded_y_then_z_waiting(s: m.Scheduler, ops: Any) -> m.Job:
+    """t resident and at work (its job, returned); y's job, then z's, waiting, neither consumer resident."""
     ops.states["t"].loaded()
     for name in ("y", "z"):
         ops.states[name].unloaded()
     running = await s.acquire("t", "kt")
     await _queued(s, "y")
     await _queued(s, "z")
+    return running
+
+
+async def test_a_job_of_a_consumer_without_gpu_memory_needs_no_swap_even_unloaded():
+    """Found by a mutation audit of the lock core: needs_no_swap without its first case (a consumer of
+    vram_resident_mib 0 counted as needing no swap only while resident) failed no test. Such a consumer
+    (whisper.cpp on the CPU) costs no swap, loaded or not: its job goes before an earlier one that needs
+    a swap, as a resident consumer's does."""
+    s, _, ops, clock = make_scheduler(small_config(consumers__z__vram_resident_mib=0))
+    running = await _t_at_work_unloaded_y_then_z_waiting(s, ops)
     order = await _granted_in_turn(s, clock, running, job_s=1)
     assert [j.consumer for j in order] == ["z", "y"]
 
@@ -5449,12 +5455,7 @@ async def test_whether_a_waiting_job_needs_a_swap_follows_its_consumers_config_a
     y's earlier one, as a job of z queued after the reload would (jobs of one consumer alike, whenever
     queued: the queue's buckets rely on it)."""
     s, _, ops, clock = make_scheduler(small_config())
-    ops.states["t"].loaded()
-    for name in ("y", "z"):
-        ops.states[name].unloaded()
-    running = await s.acquire("t", "kt")
-    await _queued(s, "y")
-    await _queued(s, "z")
+    running = await _t_at_work_unloaded_y_then_z_waiting(s, ops)
     s.shared.config = small_config(consumers__z__vram_resident_mib=0)  # a reload (as Broker.apply swaps it)
     order = await _granted_in_turn(s, clock, running, job_s=1)
     assert [j.consumer for j in order] == ["z", "y"]
