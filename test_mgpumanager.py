@@ -64,6 +64,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -9554,6 +9555,126 @@ async def test_a_client_leaving_mid_answer_still_starts_the_hold(rig):
         rendered.set()
         await until(lambda: r.broker.scheduler.holder is None)
         assert r.broker.consumers.states["comfyui"].resident is True
+
+
+def _padded_prompt_answer(size: int) -> list[bytes]:
+    """A ComfyUI /prompt answer that names its prompt p1 and is padded to ``size`` bytes, in 64 KiB writes but
+    a last short one: a capture that skipped a write it had no room for, then kept a later one, would still
+    hold valid JSON naming p1."""
+    head, tail = b'{"prompt_id": "p1", "pad": "', b'"}'
+    body = head + b"x" * (size - len(head) - len(tail)) + tail
+    step = 64 * 1024
+    return [body[i : min(i + step, len(body) - len(tail))] for i in range(0, len(body) - len(tail), step)] + [
+        tail
+    ]
+
+
+async def test_a_2xx_answer_over_the_hold_answer_limit_starts_no_hold(rig):
+    """A hold's placeholders come from the answer only while it is at most HOLD_ANSWER_LIMIT (the capture is
+    bounded, so a consumer cannot fill the broker's memory): a longer one starts no hold, even one whose
+    every byte is JSON naming its prompt, and no poll is made. (A mutation audit: the relay's capture
+    unbounded, which started the hold from the whole answer, went unseen.)"""
+    polls: list[str] = []
+
+    async def prompt(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for part in _padded_prompt_answer(m.HOLD_ANSWER_LIMIT + 256 * 1024):
+            await resp.write(part)
+        return resp
+
+    async def history(request: web.Request) -> web.Response:
+        polls.append(request.match_info["id"])
+        return web.json_response({"p1": {}})
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        status, _, body = await r.post("image", {"prompt": {}})
+        assert status == 200 and len(body) == m.HOLD_ANSWER_LIMIT + 256 * 1024
+        await until(lambda: r.broker.scheduler.holder is None)
+    assert polls == [] and r.stats.completed == 1
+
+
+@pytest.mark.parametrize("client_leaves", [False, True], ids=["relayed", "read by the hold"])
+async def test_a_long_2xx_answer_on_a_hold_path_is_kept_in_memory_no_further_than_its_limit(
+    rig, client_leaves
+):
+    """The capture of a hold's answer (for its placeholders) keeps HOLD_ANSWER_LIMIT of it and a byte more,
+    whether the relay reads it or, the client gone, the hold itself: a 64 MiB answer streams through the
+    broker without its memory growing by the answer's size (the most allocated at once, as tracemalloc
+    counts it, stays far under it). (A mutation audit: the relay's capture unbounded, and hold_after_rest's,
+    went unseen.)"""
+    left = asyncio.Event()
+    size = 64 * m.MiB
+
+    async def prompt(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"prompt_id": "p1", "pad": "')
+        if client_leaves:
+            await left.wait()  # the rest once the client has left
+        for _ in range(size // m.MiB):
+            await resp.write(b"x" * m.MiB)
+        await resp.write(b'"}')
+        return resp
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", _ok), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        tracemalloc.start()
+        try:
+            async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+                assert resp.status == 200
+                if client_leaves:
+                    assert await resp.content.readexactly(14) == b'{"prompt_id": '
+                    resp.close()  # the client leaves before the answer ended: its hold reads the rest
+                    await until(lambda: r.stats.cancelled == 1)
+                    left.set()
+                else:
+                    got = 0
+                    while chunk := await resp.content.readany():  # (read and let go)
+                        got += len(chunk)
+                    assert got > size
+            await until(lambda: r.broker.scheduler.holder is None, timeout=60)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < size // 4, f"{peak / m.MiB:.0f} MiB at once for a {size // m.MiB} MiB answer"
+
+
+async def test_a_client_leaving_an_answer_over_the_hold_answer_limit_starts_no_hold(rig):
+    """The hold of a client that left reads the rest of the answer itself, keeping at most HOLD_ANSWER_LIMIT
+    of it: a longer answer starts no hold, even one whose every byte is JSON naming its prompt. (A mutation
+    audit: hold_after_rest's capture unbounded, which started the hold from the whole answer, went
+    unseen.)"""
+    left = asyncio.Event()
+    polls: list[str] = []
+
+    async def prompt(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        first, *rest = _padded_prompt_answer(m.HOLD_ANSWER_LIMIT + 256 * 1024)
+        await resp.write(first)
+        await left.wait()  # the rest once the client has left
+        for part in rest:
+            await resp.write(part)
+        return resp
+
+    async def history(request: web.Request) -> web.Response:
+        polls.append(request.match_info["id"])
+        return web.json_response({"p1": {}})
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        resp = await r.session.post(r.url("/v1/image"), json={"prompt": {}})
+        assert await resp.content.readexactly(14) == b'{"prompt_id": '
+        resp.close()  # the client leaves before the answer ended
+        await until(lambda: r.stats.cancelled == 1)
+        left.set()
+        await until(lambda: r.broker.scheduler.holder is None)
+    assert polls == [] and r.stats.hold_timeouts == 0
 
 
 async def test_hold_poll_errors_are_retried_and_counted(rig):
