@@ -9677,6 +9677,40 @@ async def test_a_client_leaving_an_answer_over_the_hold_answer_limit_starts_no_h
     assert polls == [] and r.stats.hold_timeouts == 0
 
 
+async def test_a_hold_that_times_out_reading_the_rest_of_an_answer_closes_the_consumers_connection(rig):
+    """The hold of a client that left reads the rest of the answer itself; when the hold ends before the rest
+    came (its timeout_s), the connection to the consumer is closed, not left open with the consumer still
+    sending into it. (A mutation audit: hold_after_rest never closing the upstream connection went
+    unseen.)"""
+    requests: list[web.Request] = []
+    gate = asyncio.Event()
+
+    async def prompt(request: web.Request) -> web.StreamResponse:
+        requests.append(request)
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"prompt_id": ')
+        await gate.wait()  # the rest never comes while the test runs
+        return resp
+
+    def short(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 0.5
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", _ok), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        try:
+            r = await rig(total_mib=40000, urls={"comfyui": comfy.url}, tweak=short)
+            resp = await r.session.post(r.url("/v1/image"), json={"prompt": {}})
+            assert await resp.content.readexactly(14) == b'{"prompt_id": '
+            resp.close()  # the client leaves before the answer ended: its hold reads the rest
+            await until(lambda: r.stats.cancelled == 1 and r.broker.scheduler.holder is None)
+            assert r.stats.hold_timeouts == 1
+            (request,) = requests
+            await until(lambda: request.transport is None)  # the consumer saw its connection closed
+        finally:
+            gate.set()
+
+
 async def test_hold_poll_errors_are_retried_and_counted(rig):
     polls = []
 
