@@ -8923,6 +8923,10 @@ def _firehose(mib: int) -> Callable[[web.Request], Awaitable[web.StreamResponse]
 
 
 async def test_a_client_that_stops_reading_cannot_keep_the_gpu(rig):
+    """A client that reads nothing of a long answer for the consumer's timeout_s: its job ends (cancelled),
+    the GPU goes on, and its connection is cut: it sees its answer end (a reset, or EOF once what was on
+    the way is read), not a connection left open for ever, and the broker holds it open no more. (A
+    mutation audit: _to_client not aborting the transport went unseen.)"""
     firehose = _firehose(256)
 
     async with StandIn([("POST", "/api/generate", firehose), ("GET", "/", _ok)]) as ollama:
@@ -8939,6 +8943,14 @@ async def test_a_client_that_stops_reading_cannot_keep_the_gpu(rig):
         await reader.read(1000)  # the answer begins ... and the client reads no more
         await until(lambda: r.stats.cancelled == 1, timeout=20)
         assert r.broker.scheduler.holder is None
+
+        async def to_the_end() -> None:
+            with contextlib.suppress(ConnectionResetError):
+                while await reader.read(1 << 20):
+                    pass
+
+        await asyncio.wait_for(to_the_end(), 20)  # (under load: MiBs on the way)
+        await until(lambda: not r.broker.connections.open)
         writer.close()
         assert (await r.post("tts", {"text": "next"}))[0] == 200
 
