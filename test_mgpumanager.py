@@ -9023,6 +9023,29 @@ async def test_a_client_that_trickles_is_cut_off_as_one_that_stopped(rig):
             sock.close()
 
 
+async def test_a_client_that_reads_fast_then_stops_is_cut_off_after_a_timeout_s(rig):
+    """What a client must take is counted in each timeout_s, not since the write began: one that read
+    quickly (far more than CLIENT_MIN_TAKEN) and then stops reading, in the middle of a write, is cut off
+    once a timeout_s passes with nothing taken; the job ends and the GPU goes on. (A mutation audit:
+    _to_client counting what was taken since the write began, which let such a client hold the GPU for
+    ever, went unseen.)"""
+    async with _firehose_rig(rig) as r:
+        sock = await _llm_through_a_small_window(r, 16 * 1024)
+        loop = asyncio.get_running_loop()
+        await until(lambda: r.broker.scheduler.holder == "ollama")
+        await asyncio.sleep(0.3)  # the broker waits to write (the client's buffers full)
+        got = 0
+        try:
+            while got < 512 * 1024:  # then half a MiB as fast as it comes, within the write that waits
+                data = await asyncio.wait_for(loop.sock_recv(sock, 16 * 1024), 5)
+                assert data, f"cut off after {got} bytes"
+                got += len(data)
+            await until(lambda: r.stats.cancelled == 1, timeout=20)  # ... and no more
+            assert r.broker.scheduler.holder is None
+        finally:
+            sock.close()
+
+
 async def test_a_client_that_resets_its_connection_mid_answer_is_a_client_that_left(rig):
     """Found by an attack: a client that closed its socket with data unread (a reset, as Ctrl-C on curl
     does) while the broker waited to write raised aiohttp's ConnectionError("Connection lost"), not a
