@@ -9046,6 +9046,35 @@ async def test_a_client_that_reads_fast_then_stops_is_cut_off_after_a_timeout_s(
             sock.close()
 
 
+async def test_only_a_connection_error_writing_to_a_client_is_the_client_leaving():
+    """_send turns a ConnectionError of a write (aiohttp's "Connection lost", a broken pipe) into the
+    client leaving (ConnectionResetError: the job is cancelled, no bug); any other OSError (EIO, EBADF: the
+    broker's own trouble) goes on as itself, to be counted as one. (A mutation audit: catching OSError
+    there, which hid such errors as clients that left, went unseen.)"""
+    consumer = m.load_config(HERE / "consumers.yaml").consumers["ollama"]
+    seen: list[type[BaseException]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        for error in (BrokenPipeError(errno.EPIPE, "pipe"), OSError(errno.EIO, "i/o error")):
+
+            async def write(error: BaseException = error) -> None:
+                raise error
+
+            try:
+                await m._send(request, write, 1, consumer)  # (1 byte: written at once, not bounded)
+            except OSError as e:
+                seen.append(type(e))
+        return web.Response()
+
+    async with (
+        StandIn([("GET", "/", handler)]) as server,
+        aiohttp.ClientSession() as session,
+        session.get(server.url + "/") as resp,
+    ):
+        assert resp.status == 200
+    assert seen == [ConnectionResetError, OSError]
+
+
 async def test_a_client_that_resets_its_connection_mid_answer_is_a_client_that_left(rig):
     """Found by an attack: a client that closed its socket with data unread (a reset, as Ctrl-C on curl
     does) while the broker waited to write raised aiohttp's ConnectionError("Connection lost"), not a
