@@ -8955,6 +8955,36 @@ async def test_a_client_that_stops_reading_cannot_keep_the_gpu(rig):
         assert (await r.post("tts", {"text": "next"}))[0] == 200
 
 
+async def test_a_client_that_stops_reading_an_answer_of_small_chunks_cannot_keep_the_gpu(rig):
+    """An answer streamed in small writes (a few KiB, as token streams are): each chunk is small, but once
+    the client stops reading and the broker's buffer to it is past its high-water mark, every write is
+    bounded by the consumer's timeout_s as a large one is: the job ends, the GPU goes on. (A mutation
+    audit: a write let through unbounded while it fit four times the high-water mark, which waited for
+    ever on such a client, went unseen.)"""
+
+    async def lines(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionResetError):
+            for _ in range(64 * 1024):  # 256 MiB, as fast as the broker takes them
+                await resp.write(b"x" * 4095 + b"\n")
+        return resp
+
+    async with StandIn([("POST", "/api/generate", lines), ("GET", "/", _ok)]) as ollama:
+        r = await rig(urls={"ollama": ollama.url}, tweak=_ollama_timeout(0.5))
+        reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
+        body = b'{"model": "m", "prompt": "p"}'
+        head = f"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        writer.write(head.encode() + body)
+        await writer.drain()
+        try:
+            await reader.read(1000)  # the answer begins ... and the client reads no more
+            await until(lambda: r.stats.cancelled == 1, timeout=20)
+            assert r.broker.scheduler.holder is None
+        finally:
+            writer.close()
+
+
 @contextlib.asynccontextmanager
 async def _firehose_rig(rig: Any) -> AsyncIterator[Rig]:
     """A rig whose ollama streams 64 MiB as fast as its client takes them, its timeout_s 1 s."""
