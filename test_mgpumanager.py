@@ -9510,6 +9510,29 @@ async def test_an_answer_without_the_placeholder_field_starts_no_hold(rig, fault
     assert r.broker.scheduler.holder is None and r.broker.scheduler.holds == 0
 
 
+async def test_a_3xx_answer_on_a_hold_path_starts_no_hold_and_is_no_work_taken(rig):
+    """Only a 2xx answer means the consumer took the work: a redirect (which the broker passes on, never
+    follows) starts no hold, even one whose body names a prompt, and does not mark the consumer resident.
+    (A mutation audit: a 3xx answer taken for the work taken went unseen.)"""
+    polls: list[str] = []
+
+    async def prompt(request: web.Request) -> web.Response:
+        return web.json_response({"prompt_id": "p1"}, status=303, headers={"Location": "/elsewhere"})
+
+    async def history(request: web.Request) -> web.Response:
+        polls.append(request.match_info["id"])
+        return web.json_response({"p1": {}})
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        async with r.session.post(r.url("/v1/image"), json={"prompt": {}}, allow_redirects=False) as resp:
+            assert resp.status == 303 and resp.headers["Location"] == "/elsewhere"
+            assert await resp.json() == {"prompt_id": "p1"}
+        await until(lambda: r.broker.scheduler.holder is None)
+    assert polls == [] and r.broker.consumers.states["comfyui"].resident is not True
+
+
 async def test_a_render_lost_in_a_crash_releases_the_gpu_when_a_poll_finds_the_consumer_gone(rig, caplog):
     """Issue 11, case 3: ComfyUI killed mid-render and restarted forgets the prompt; the hold does not
     wait for its timeout: the first poll that finds ComfyUI refusing ends it (hold_abandoned)."""
