@@ -8924,9 +8924,10 @@ def _firehose(mib: int) -> Callable[[web.Request], Awaitable[web.StreamResponse]
 
 async def test_a_client_that_stops_reading_cannot_keep_the_gpu(rig):
     """A client that reads nothing of a long answer for the consumer's timeout_s: its job ends (cancelled),
-    the GPU goes on, and its connection is cut: it sees its answer end (a reset, or EOF once what was on
-    the way is read), not a connection left open for ever, and the broker holds it open no more. (A
-    mutation audit: _to_client not aborting the transport went unseen.)"""
+    the GPU goes on, and its connection is cut: it sees its answer end truncated (a reset, or EOF once what
+    was on the way is read), and the broker holds it open no more. (A mutation audit: _to_client not
+    aborting the transport went unseen: aiohttp then wrote the broker's 499, head and final chunk, into the
+    answer under way, so it ended like a whole one, before closing the connection itself.)"""
     firehose = _firehose(256)
 
     async with StandIn([("POST", "/api/generate", firehose), ("GET", "/", _ok)]) as ollama:
@@ -8944,13 +8945,17 @@ async def test_a_client_that_stops_reading_cannot_keep_the_gpu(rig):
         await until(lambda: r.stats.cancelled == 1, timeout=20)
         assert r.broker.scheduler.holder is None
 
+        tail = bytearray()  # the last bytes the client gets
+
         async def to_the_end() -> None:
             with contextlib.suppress(ConnectionResetError):
-                while await reader.read(1 << 20):
-                    pass
+                while data := await reader.read(1 << 20):
+                    tail[:] = (tail + data)[-4096:]
 
         await asyncio.wait_for(to_the_end(), 20)  # (under load: MiBs on the way)
         await until(lambda: not r.broker.connections.open)
+        # Cut: no second head written into the answer under way, and no final chunk to make it look whole.
+        assert b"HTTP/1.1" not in tail and not tail.endswith(b"0\r\n\r\n"), bytes(tail[-200:])
         writer.close()
         assert (await r.post("tts", {"text": "next"}))[0] == 200
 
