@@ -10065,6 +10065,33 @@ async def test_mount_openai_client_streams_chat_completions_with_the_brokers_tok
     assert r.stats.jobs == 3  # the /v1 job and the two completions; the model list is a read
 
 
+async def test_a_mount_read_whose_client_leaves_mid_answer_closes_the_consumers_connection(rig):
+    """An unscheduled mount read (forward) streams the consumer's answer; a client that leaves in the middle
+    of it gets its connection to the consumer closed too, not left open with the consumer still sending
+    into it. (A mutation audit: forward not closing the upstream connection went unseen: it stayed open.)"""
+    requests: list[web.Request] = []
+    gate = asyncio.Event()
+
+    async def tags(request: web.Request) -> web.StreamResponse:
+        requests.append(request)
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b"x" * 1000)
+        await gate.wait()  # the rest never comes while the test runs
+        return resp
+
+    async with StandIn([("GET", "/api/tags", tags), ("GET", "/", _ok)]) as ollama:
+        try:
+            r = await rig(urls={"ollama": ollama.url})
+            resp = await r.session.get(r.url("/c/ollama/api/tags"))
+            assert resp.status == 200 and await resp.content.readexactly(1000) == b"x" * 1000
+            resp.close()  # the client leaves
+            (request,) = requests
+            await until(lambda: request.transport is None)  # the consumer saw its connection closed
+        finally:
+            gate.set()
+
+
 async def test_mount_jobs_wait_for_the_lock_but_reads_and_unscheduled_calls_do_not(rig):
     import ollama  # noqa: PLC0415
 
