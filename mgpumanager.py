@@ -8913,8 +8913,8 @@ async def relay(
         # The whole answer came with its headers (a small one): headers and body go out in one write. Only
         # one framed by its length: a chunked one (a stream that ended before it was read) stays chunked.
         body = await upstream.content.read()
-        if capture is not None and len(body) <= HOLD_ANSWER_LIMIT:
-            capture += body
+        if capture is not None:
+            keep_head(capture, body)
         if answered is not None:
             await _hand_over(answered)
         whole = web.Response(status=upstream.status, reason=reason, headers=headers, body=body)
@@ -8935,8 +8935,8 @@ async def relay(
             raise UpstreamBroke(
                 code, f"upstream {consumer.name} failed mid-answer: {describe(e)}", consumer.name
             ) from e
-        if capture is not None and len(capture) + len(chunk) <= HOLD_ANSWER_LIMIT:
-            capture += chunk
+        if capture is not None:
+            keep_head(capture, chunk)
         whole = not chunk or upstream.content.at_eof()
         if whole and answered is not None:
             await _hand_over(answered)
@@ -9048,6 +9048,14 @@ async def _hand_over(answered: Callable[[], bool]) -> None:
         await asyncio.sleep(0)
 
 
+def keep_head(capture: bytearray, chunk: bytes | bytearray) -> None:
+    """Add ``chunk`` to the capture of a hold's answer, which keeps its first HOLD_ANSWER_LIMIT + 1 bytes
+    and no more: one that long is over the limit (it starts no hold). Always the answer's head: a chunk
+    with no room is cut, never skipped for a later one (which could leave well-formed JSON with a hole)."""
+    if len(capture) <= HOLD_ANSWER_LIMIT:
+        capture += chunk[: HOLD_ANSWER_LIMIT + 1 - len(capture)]
+
+
 def hold_poller(
     session: aiohttp.ClientSession, consumer: ConsumerConfig, hold: Hold, answer: bytes, recorder: Recorder
 ) -> Callable[[], Awaitable[None]] | None:
@@ -9055,9 +9063,13 @@ def hold_poller(
     2xx answer over HOLD_ANSWER_LIMIT, read no further), and raises ConsumerGone once the consumer refuses
     (or resets) the poll: the work died with it.
 
-    None (logged) when the consumer's answer cannot fill the path's placeholders.
+    None (logged) when the consumer's answer cannot fill the path's placeholders (or, where it has some, is
+    over HOLD_ANSWER_LIMIT).
     """
     names = re.findall(r"{(\w+)}", hold.path)
+    if names and len(answer) > HOLD_ANSWER_LIMIT:  # (its head only was kept: no placeholders from it)
+        log.warning(logfmt(msg="no hold: answer over HOLD_ANSWER_LIMIT", consumer=consumer.name))
+        return None
     data = parse_json(answer)
     if names and (not isinstance(data, dict) or any(n not in data for n in names)):
         log.warning(
@@ -9114,8 +9126,7 @@ def hold_after_rest(
     async def read_rest_then_poll() -> None:
         try:
             while chunk := await upstream.content.readany():
-                if len(captured) + len(chunk) <= HOLD_ANSWER_LIMIT:
-                    captured.extend(chunk)
+                keep_head(captured, chunk)
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             recorder.record("hold_poll_failed", logging.WARNING, consumer=consumer.name, error=describe(e))
             log.warning(logfmt(msg="no hold: answer cut short", consumer=consumer.name, error=describe(e)))

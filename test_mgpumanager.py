@@ -64,6 +64,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -9106,6 +9107,11 @@ def _firehose(mib: int) -> Callable[[web.Request], Awaitable[web.StreamResponse]
 
 
 async def test_a_client_that_stops_reading_cannot_keep_the_gpu(rig):
+    """A client that reads nothing of a long answer for the consumer's timeout_s: its job ends (cancelled),
+    the GPU goes on, and its connection is cut: it sees its answer end truncated (a reset, or EOF once what
+    was on the way is read), and the broker holds it open no more. (A mutation audit: _to_client not
+    aborting the transport went unseen: aiohttp then wrote the broker's 499, head and final chunk, into the
+    answer under way, so it ended like a whole one, before closing the connection itself.)"""
     firehose = _firehose(256)
 
     async with StandIn([("POST", "/api/generate", firehose), ("GET", "/", _ok)]) as ollama:
@@ -9122,8 +9128,50 @@ async def test_a_client_that_stops_reading_cannot_keep_the_gpu(rig):
         await reader.read(1000)  # the answer begins ... and the client reads no more
         await until(lambda: r.stats.cancelled == 1, timeout=20)
         assert r.broker.scheduler.holder is None
+
+        tail = bytearray()  # the last bytes the client gets
+
+        async def to_the_end() -> None:
+            with contextlib.suppress(ConnectionResetError):
+                while data := await reader.read(1 << 20):
+                    tail[:] = (tail + data)[-4096:]
+
+        await asyncio.wait_for(to_the_end(), 20)  # (under load: MiBs on the way)
+        await until(lambda: not r.broker.connections.open)
+        # Cut: no second head written into the answer under way, and no final chunk to make it look whole.
+        assert b"HTTP/1.1" not in tail and not tail.endswith(b"0\r\n\r\n"), bytes(tail[-200:])
         writer.close()
         assert (await r.post("tts", {"text": "next"}))[0] == 200
+
+
+async def test_a_client_that_stops_reading_an_answer_of_small_chunks_cannot_keep_the_gpu(rig):
+    """An answer streamed in small writes (a few KiB, as token streams are): each chunk is small, but once
+    the client stops reading and the broker's buffer to it is past its high-water mark, every write is
+    bounded by the consumer's timeout_s as a large one is: the job ends, the GPU goes on. (A mutation
+    audit: a write let through unbounded while it fit four times the high-water mark, which waited for
+    ever on such a client, went unseen.)"""
+
+    async def lines(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionResetError):
+            for _ in range(64 * 1024):  # 256 MiB, as fast as the broker takes them
+                await resp.write(b"x" * 4095 + b"\n")
+        return resp
+
+    async with StandIn([("POST", "/api/generate", lines), ("GET", "/", _ok)]) as ollama:
+        r = await rig(urls={"ollama": ollama.url}, tweak=_ollama_timeout(0.5))
+        reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
+        body = b'{"model": "m", "prompt": "p"}'
+        head = f"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        writer.write(head.encode() + body)
+        await writer.drain()
+        try:
+            await reader.read(1000)  # the answer begins ... and the client reads no more
+            await until(lambda: r.stats.cancelled == 1, timeout=20)
+            assert r.broker.scheduler.holder is None
+        finally:
+            writer.close()
 
 
 @contextlib.asynccontextmanager
@@ -9192,6 +9240,58 @@ async def test_a_client_that_trickles_is_cut_off_as_one_that_stopped(rig):
         finally:
             reading.cancel()
             sock.close()
+
+
+async def test_a_client_that_reads_fast_then_stops_is_cut_off_after_a_timeout_s(rig):
+    """What a client must take is counted in each timeout_s, not since the write began: one that read
+    quickly (far more than CLIENT_MIN_TAKEN) and then stops reading, in the middle of a write, is cut off
+    once a timeout_s passes with nothing taken; the job ends and the GPU goes on. (A mutation audit:
+    _to_client counting what was taken since the write began, which let such a client hold the GPU for
+    ever, went unseen.)"""
+    async with _firehose_rig(rig) as r:
+        sock = await _llm_through_a_small_window(r, 16 * 1024)
+        loop = asyncio.get_running_loop()
+        await until(lambda: r.broker.scheduler.holder == "ollama")
+        await asyncio.sleep(0.3)  # the broker waits to write (the client's buffers full)
+        got = 0
+        try:
+            while got < 512 * 1024:  # then half a MiB as fast as it comes, within the write that waits
+                data = await asyncio.wait_for(loop.sock_recv(sock, 16 * 1024), 5)
+                assert data, f"cut off after {got} bytes"
+                got += len(data)
+            await until(lambda: r.stats.cancelled == 1, timeout=20)  # ... and no more
+            assert r.broker.scheduler.holder is None
+        finally:
+            sock.close()
+
+
+async def test_only_a_connection_error_writing_to_a_client_is_the_client_leaving():
+    """_send turns a ConnectionError of a write (aiohttp's "Connection lost", a broken pipe) into the
+    client leaving (ConnectionResetError: the job is cancelled, no bug); any other OSError (EIO, EBADF: the
+    broker's own trouble) goes on as itself, to be counted as one. (A mutation audit: catching OSError
+    there, which hid such errors as clients that left, went unseen.)"""
+    consumer = m.load_config(HERE / "consumers.yaml").consumers["ollama"]
+    seen: list[type[BaseException]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        for error in (BrokenPipeError(errno.EPIPE, "pipe"), OSError(errno.EIO, "i/o error")):
+
+            async def write(error: BaseException = error) -> None:
+                raise error
+
+            try:
+                await m._send(request, write, 1, consumer)  # (1 byte: written at once, not bounded)
+            except OSError as e:
+                seen.append(type(e))
+        return web.Response()
+
+    async with (
+        StandIn([("GET", "/", handler)]) as server,
+        aiohttp.ClientSession() as session,
+        session.get(server.url + "/") as resp,
+    ):
+        assert resp.status == 200
+    assert seen == [ConnectionResetError, OSError]
 
 
 async def test_a_client_that_resets_its_connection_mid_answer_is_a_client_that_left(rig):
@@ -9599,6 +9699,29 @@ async def test_an_answer_without_the_placeholder_field_starts_no_hold(rig, fault
     assert r.broker.scheduler.holder is None and r.broker.scheduler.holds == 0
 
 
+async def test_a_3xx_answer_on_a_hold_path_starts_no_hold_and_is_no_work_taken(rig):
+    """Only a 2xx answer means the consumer took the work: a redirect (which the broker passes on, never
+    follows) starts no hold, even one whose body names a prompt, and does not mark the consumer resident.
+    (A mutation audit: a 3xx answer taken for the work taken went unseen.)"""
+    polls: list[str] = []
+
+    async def prompt(request: web.Request) -> web.Response:
+        return web.json_response({"prompt_id": "p1"}, status=303, headers={"Location": "/elsewhere"})
+
+    async def history(request: web.Request) -> web.Response:
+        polls.append(request.match_info["id"])
+        return web.json_response({"p1": {}})
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        async with r.session.post(r.url("/v1/image"), json={"prompt": {}}, allow_redirects=False) as resp:
+            assert resp.status == 303 and resp.headers["Location"] == "/elsewhere"
+            assert await resp.json() == {"prompt_id": "p1"}
+        await until(lambda: r.broker.scheduler.holder is None)
+    assert polls == [] and r.broker.consumers.states["comfyui"].resident is not True
+
+
 async def test_a_render_lost_in_a_crash_releases_the_gpu_when_a_poll_finds_the_consumer_gone(rig, caplog):
     """Issue 11, case 3: ComfyUI killed mid-render and restarted forgets the prompt; the hold does not
     wait for its timeout: the first poll that finds ComfyUI refusing ends it (hold_abandoned)."""
@@ -9738,6 +9861,160 @@ async def test_a_client_leaving_mid_answer_still_starts_the_hold(rig):
         rendered.set()
         await until(lambda: r.broker.scheduler.holder is None)
         assert r.broker.consumers.states["comfyui"].resident is True
+
+
+def _padded_prompt_answer(size: int) -> list[bytes]:
+    """A ComfyUI /prompt answer that names its prompt p1 and is padded to ``size`` bytes, in 64 KiB writes but
+    a last short one: a capture that skipped a write it had no room for, then kept a later one, would still
+    hold valid JSON naming p1."""
+    head, tail = b'{"prompt_id": "p1", "pad": "', b'"}'
+    body = head + b"x" * (size - len(head) - len(tail)) + tail
+    step = 64 * 1024
+    return [body[i : min(i + step, len(body) - len(tail))] for i in range(0, len(body) - len(tail), step)] + [
+        tail
+    ]
+
+
+async def test_a_2xx_answer_over_the_hold_answer_limit_starts_no_hold(rig):
+    """A hold's placeholders come from the answer only while it is at most HOLD_ANSWER_LIMIT (the capture is
+    bounded, so a consumer cannot fill the broker's memory): a longer one starts no hold, even one whose
+    every byte is JSON naming its prompt, and no poll is made. (A mutation audit: the relay's capture
+    unbounded, which started the hold from the whole answer, went unseen.)"""
+    polls: list[str] = []
+
+    async def prompt(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for part in _padded_prompt_answer(m.HOLD_ANSWER_LIMIT + 256 * 1024):
+            await resp.write(part)
+        return resp
+
+    async def history(request: web.Request) -> web.Response:
+        polls.append(request.match_info["id"])
+        return web.json_response({"p1": {}})
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        status, _, body = await r.post("image", {"prompt": {}})
+        assert status == 200 and len(body) == m.HOLD_ANSWER_LIMIT + 256 * 1024
+        await until(lambda: r.broker.scheduler.holder is None)
+    assert polls == [] and r.stats.completed == 1
+
+
+@pytest.mark.parametrize("client_leaves", [False, True], ids=["relayed", "read by the hold"])
+async def test_a_long_2xx_answer_on_a_hold_path_is_kept_in_memory_no_further_than_its_limit(
+    rig, client_leaves
+):
+    """The capture of a hold's answer (for its placeholders) keeps HOLD_ANSWER_LIMIT of it and a byte more,
+    whether the relay reads it or, the client gone, the hold itself: a 64 MiB answer streams through the
+    broker without its memory growing by the answer's size (the most allocated at once, as tracemalloc
+    counts it, stays far under it). (A mutation audit: the relay's capture unbounded, and hold_after_rest's,
+    went unseen.)"""
+    left = asyncio.Event()
+    size = 64 * m.MiB
+
+    async def prompt(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"prompt_id": "p1", "pad": "')
+        if client_leaves:
+            await left.wait()  # the rest once the client has left
+        for _ in range(size // m.MiB):
+            await resp.write(b"x" * m.MiB)
+        await resp.write(b'"}')
+        return resp
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", _ok), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        tracemalloc.start()
+        try:
+            async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+                assert resp.status == 200
+                if client_leaves:
+                    assert await resp.content.readexactly(14) == b'{"prompt_id": '
+                    resp.close()  # the client leaves before the answer ended: its hold reads the rest
+                    await until(lambda: r.stats.cancelled == 1)
+                    left.set()
+                else:
+                    got = 0
+                    while chunk := await resp.content.readany():  # (read and let go)
+                        got += len(chunk)
+                    assert got > size
+            await until(lambda: r.broker.scheduler.holder is None, timeout=60)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < size // 4, f"{peak / m.MiB:.0f} MiB at once for a {size // m.MiB} MiB answer"
+
+
+async def test_a_client_leaving_an_answer_over_the_hold_answer_limit_starts_no_hold(rig):
+    """The hold of a client that left reads the rest of the answer itself, keeping at most HOLD_ANSWER_LIMIT
+    of it: a longer answer starts no hold, even one whose every byte is JSON naming its prompt. (A mutation
+    audit: hold_after_rest's capture unbounded, which started the hold from the whole answer, went
+    unseen.)"""
+    left = asyncio.Event()
+    polls: list[str] = []
+
+    async def prompt(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        first, *rest = _padded_prompt_answer(m.HOLD_ANSWER_LIMIT + 256 * 1024)
+        await resp.write(first)
+        await left.wait()  # the rest once the client has left
+        for part in rest:
+            await resp.write(part)
+        return resp
+
+    async def history(request: web.Request) -> web.Response:
+        polls.append(request.match_info["id"])
+        return web.json_response({"p1": {}})
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        resp = await r.session.post(r.url("/v1/image"), json={"prompt": {}})
+        assert await resp.content.readexactly(14) == b'{"prompt_id": '
+        resp.close()  # the client leaves before the answer ended
+        await until(lambda: r.stats.cancelled == 1)
+        left.set()
+        await until(lambda: r.broker.scheduler.holder is None)
+    assert polls == [] and r.stats.hold_timeouts == 0
+
+
+async def test_a_hold_that_times_out_reading_the_rest_of_an_answer_closes_the_consumers_connection(rig):
+    """The hold of a client that left reads the rest of the answer itself; when the hold ends before the rest
+    came (its timeout_s), the connection to the consumer is closed, not left open with the consumer still
+    sending into it. (A mutation audit: hold_after_rest never closing the upstream connection went
+    unseen.)"""
+    requests: list[web.Request] = []
+    gate = asyncio.Event()
+
+    async def prompt(request: web.Request) -> web.StreamResponse:
+        requests.append(request)
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"prompt_id": ')
+        await gate.wait()  # the rest never comes while the test runs
+        return resp
+
+    def short(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 0.5
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", _ok), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        try:
+            r = await rig(total_mib=40000, urls={"comfyui": comfy.url}, tweak=short)
+            resp = await r.session.post(r.url("/v1/image"), json={"prompt": {}})
+            assert await resp.content.readexactly(14) == b'{"prompt_id": '
+            resp.close()  # the client leaves before the answer ended: its hold reads the rest
+            await until(lambda: r.stats.cancelled == 1 and r.broker.scheduler.holder is None)
+            assert r.stats.hold_timeouts == 1
+            (request,) = requests
+            await until(lambda: request.transport is None)  # the consumer saw its connection closed
+        finally:
+            gate.set()
 
 
 async def test_hold_poll_errors_are_retried_and_counted(rig):
@@ -9970,6 +10247,33 @@ async def test_mount_openai_client_streams_chat_completions_with_the_brokers_tok
     assert all("Authorization" not in rec.headers for rec in sim.records)  # the token stays at the broker
     assert sim.records[1].headers["X-Forwarded-For"] == "127.0.0.1"
     assert r.stats.jobs == 3  # the /v1 job and the two completions; the model list is a read
+
+
+async def test_a_mount_read_whose_client_leaves_mid_answer_closes_the_consumers_connection(rig):
+    """An unscheduled mount read (forward) streams the consumer's answer; a client that leaves in the middle
+    of it gets its connection to the consumer closed too, not left open with the consumer still sending
+    into it. (A mutation audit: forward not closing the upstream connection went unseen: it stayed open.)"""
+    requests: list[web.Request] = []
+    gate = asyncio.Event()
+
+    async def tags(request: web.Request) -> web.StreamResponse:
+        requests.append(request)
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b"x" * 1000)
+        await gate.wait()  # the rest never comes while the test runs
+        return resp
+
+    async with StandIn([("GET", "/api/tags", tags), ("GET", "/", _ok)]) as ollama:
+        try:
+            r = await rig(urls={"ollama": ollama.url})
+            resp = await r.session.get(r.url("/c/ollama/api/tags"))
+            assert resp.status == 200 and await resp.content.readexactly(1000) == b"x" * 1000
+            resp.close()  # the client leaves
+            (request,) = requests
+            await until(lambda: request.transport is None)  # the consumer saw its connection closed
+        finally:
+            gate.set()
 
 
 async def test_mount_jobs_wait_for_the_lock_but_reads_and_unscheduled_calls_do_not(rig):
