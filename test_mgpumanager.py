@@ -9708,12 +9708,7 @@ async def test_a_3xx_answer_on_a_hold_path_starts_no_hold_and_is_no_work_taken(r
     async def prompt(request: web.Request) -> web.Response:
         return web.json_response({"prompt_id": "p1"}, status=303, headers={"Location": "/elsewhere"})
 
-    async def history(request: web.Request) -> web.Response:
-        polls.append(request.match_info["id"])
-        return web.json_response({"p1": {}})
-
-    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
-    async with StandIn(routes) as comfy:
+    async with StandIn(_comfy_routes(prompt, polls)) as comfy:
         r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
         async with r.session.post(r.url("/v1/image"), json={"prompt": {}}, allow_redirects=False) as resp:
             assert resp.status == 303 and resp.headers["Location"] == "/elsewhere"
@@ -9829,6 +9824,29 @@ async def test_a_slow_but_alive_consumer_keeps_its_hold(rig, caplog):
     assert levels[0] == logging.WARNING and set(levels[1:]) == {logging.DEBUG}
 
 
+async def _leave_mid_answer(r: Rig, left: asyncio.Event) -> None:
+    """An image job whose client leaves after its answer's first bytes, its job ended as cancelled; then
+    ``left`` is set (the stand-in sends the rest of its answer)."""
+    resp = await r.session.post(r.url("/v1/image"), json={"prompt": {}})
+    assert await resp.content.readexactly(14) == b'{"prompt_id": '
+    resp.close()
+    await until(lambda: r.stats.cancelled == 1)
+    left.set()
+
+
+def _comfy_routes(
+    prompt: Callable[[web.Request], Awaitable[web.StreamResponse]], polls: list[str]
+) -> list[Any]:
+    """A ComfyUI stand-in's routes: ``prompt`` at /prompt, /history/{id} noting each poll's id in ``polls``
+    and answering every prompt done, and /system_stats."""
+
+    async def history(request: web.Request) -> web.Response:
+        polls.append(request.match_info["id"])
+        return web.json_response({"p1": {}})
+
+    return [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
+
+
 async def test_a_client_leaving_mid_answer_still_starts_the_hold(rig):
     rendered, left = asyncio.Event(), asyncio.Event()
 
@@ -9848,11 +9866,7 @@ async def test_a_client_leaving_mid_answer_still_starts_the_hold(rig):
     routes.append(("GET", "/system_stats", _ok))
     async with StandIn(routes) as comfy:
         r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
-        resp = await r.session.post(r.url("/v1/image"), json={"prompt": {}})
-        assert await resp.content.readexactly(14) == b'{"prompt_id": '
-        resp.close()  # the client leaves before the answer ended
-        await until(lambda: r.stats.cancelled == 1)
-        left.set()
+        await _leave_mid_answer(r, left)
         await until(lambda: r.broker.scheduler.holds == 1)
         assert (
             snapshot(r.broker.scheduler)["holder"].items()
@@ -9889,12 +9903,7 @@ async def test_a_2xx_answer_over_the_hold_answer_limit_starts_no_hold(rig):
             await resp.write(part)
         return resp
 
-    async def history(request: web.Request) -> web.Response:
-        polls.append(request.match_info["id"])
-        return web.json_response({"p1": {}})
-
-    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
-    async with StandIn(routes) as comfy:
+    async with StandIn(_comfy_routes(prompt, polls)) as comfy:
         r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
         status, _, body = await r.post("image", {"prompt": {}})
         assert status == 200 and len(body) == m.HOLD_ANSWER_LIMIT + 256 * 1024
@@ -9967,18 +9976,9 @@ async def test_a_client_leaving_an_answer_over_the_hold_answer_limit_starts_no_h
             await resp.write(part)
         return resp
 
-    async def history(request: web.Request) -> web.Response:
-        polls.append(request.match_info["id"])
-        return web.json_response({"p1": {}})
-
-    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
-    async with StandIn(routes) as comfy:
+    async with StandIn(_comfy_routes(prompt, polls)) as comfy:
         r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
-        resp = await r.session.post(r.url("/v1/image"), json={"prompt": {}})
-        assert await resp.content.readexactly(14) == b'{"prompt_id": '
-        resp.close()  # the client leaves before the answer ended
-        await until(lambda: r.stats.cancelled == 1)
-        left.set()
+        await _leave_mid_answer(r, left)
         await until(lambda: r.broker.scheduler.holder is None)
     assert polls == [] and r.stats.hold_timeouts == 0
 
