@@ -5500,6 +5500,31 @@ async def test_the_forecast_keeps_to_a_job_overtaken_for_max_overtake_s_as_the_g
     assert [j.consumer for j in order] == ["y", "t"]
 
 
+async def test_a_job_that_ended_is_off_the_count_at_work_and_lends_its_consumer_no_credit():
+    """Found by a mutation audit of the lock core: GpuLock.release not taking a job off the count of jobs at
+    work failed no test. That count lets the planner credit a target another job of it is at work on with
+    the memory nobody accounts for (what that job has loaded since). Left over from t's first job, ended
+    long ago, it made t's next job (t restarted unseen meanwhile, and a stranger came) take the stranger's
+    8000 MiB for t's own: nothing was evicted, and t loaded itself where it did not fit."""
+    cfg = small_config()
+    t = dataclasses.replace(cfg.consumers["t"], load=None)  # t loads itself on its first request
+    s, gpu, ops, _ = make_scheduler(dataclasses.replace(cfg, consumers={**cfg.consumers, "t": t}))
+    gpu.held["x"] = 4000
+    ops.states["x"].loaded()
+    for name in ("t", "y", "z"):
+        ops.states[name].unloaded()
+    first = await s.acquire("t", "kt")  # 11,904 MiB free: nothing to evict
+    gpu.held["t"] = 4000  # what it loaded for its request
+    first.release("completed", status=200, success=True)
+    del gpu.held["t"]  # it restarted behind the broker's back (its record in doubt); a stranger came
+    ops.states["t"].touched("a health round was missed")
+    gpu.held["someone's notebook"] = 8000  # 3,904 MiB free: t's 4000 do not fit beside x
+    second = await s.acquire("t", "kt")
+    assert ops.calls == [("unload", "x")]
+    second.release("completed", status=200, success=True)
+    assert s.holder is None and books_balance(s)
+
+
 async def test_a_warm_job_goes_before_an_earlier_exclusive_job_whose_consumer_is_resident():
     """Found by a mutation audit of the lock core: the queue's candidates taking as a lane's first warm job
     an exclusive one too (the admin's unload of a resident consumer, which never overtakes) failed no test:
