@@ -16195,9 +16195,13 @@ async def test_a_body_whose_chunks_break_while_it_is_read_is_a_bad_request(rig):
     r = await rig()
     async with Daemon(r.raw, r.tmp_path, sim_smi(r.state), env={"AIOHTTP_NO_EXTENSIONS": "1"}) as daemon:
         reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
-        writer.write(b"POST /v1/stt HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        head = (
+            b"POST /v1/stt HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+        )
+        writer.write(head)
         await writer.drain()
-        await asyncio.sleep(0.2)  # (the break comes apart from the head: in a read of the body)
+        # The head is read (its 100 Continue came): the break comes apart from it, in a read of the body.
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == b"HTTP/1.1 100 Continue\r\n\r\n"
         writer.write(b"5\r\nhello\r\nzz SECRET5\r\n\r\n")
         await writer.drain()
         answer = await asyncio.wait_for(reader.read(), 10)
