@@ -1118,8 +1118,9 @@ MAX_CONFIG_BYTES = 256 * 1024
 #: "bomb" of 1 KiB can stand for gigabytes once expanded, say in an unload body sent as JSON).
 MAX_CONFIG_EXPANSION = 1024 * 1024
 #: The largest value of every number the loader reads, by kind: durations (keys ending in ``_s``; also at
-#: least a millisecond when not 0), body sizes (``max_body_mib``, ``max_bodies_mib``), memory sizes (other
-#: ``_mib`` keys), GPU indexes (``index``, ``gpu``) and counts (every other number).
+#: least a millisecond when not 0), body sizes (``max_body_mib``, ``max_bodies_mib``,
+#: ``max_ws_message_mib``, ``max_output_mib``), memory sizes (other ``_mib`` keys), GPU indexes (``index``,
+#: ``gpu``) and counts (every other number).
 NUMBER_LIMITS = {"duration": 7 * 86400, "body": 16384, "memory": 1024 * 1024, "gpu": 255, "count": 10000}
 NUMBER_UNITS = {"duration": " s", "body": " MiB", "memory": " MiB", "gpu": "", "count": ""}
 MIN_DURATION_S = 0.001
@@ -10219,7 +10220,7 @@ class Broker:
             listen = f"{old.listen_host}:{old.listen_port}"
             log.warning(logfmt(msg="reload: listen changes only with a restart", listen=listen))
             changes.append(f"listen {new.listen_host}:{new.listen_port} only after a restart (now {listen})")
-        for part in ("gpu", "scheduler", "health", "routing", "audio_proxy", "auth", "http"):
+        for part in ("gpu", "scheduler", "health", "routing", "audio_proxy", "auth", "http", "state_file"):
             if getattr(new, part) != getattr(old, part):
                 changes.append(f"changed {part}")
         changes += client_changes(old.auth, new.auth)

@@ -8442,7 +8442,7 @@ async def test_a_reload_to_a_state_file_another_broker_holds_writes_none_and_say
     try:
         r.raw["state_file"] = str(theirs)
         r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
-        await r.broker.reload()
+        assert await r.broker.reload() == ["changed state_file"]  # (a reload's answer lists it)
         assert (await r.post("tts", {"text": "a change to write"}))[0] == 200
         st = await status_until(r, lambda st: st["state_file"]["write_failures"] >= 1)
         assert "is another broker's" in st["state_file"]["error"] and not theirs.exists()
