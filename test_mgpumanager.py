@@ -7911,6 +7911,26 @@ async def test_a_restore_that_does_not_fit_with_no_stranger_is_given_up_not_trie
     assert ("restore_skipped", "mvoice") in events
 
 
+async def test_restores_load_the_most_recently_used_first_when_room_runs_out_before_the_rest():
+    """docs/decisions.md: restores go the most recently used first (the likeliest to be asked for next, and
+    room may run out before the rest). t and z wait to be restored, t added first but z used last; there
+    is room for one of them: z is loaded, t skipped and given up. (A mutation audit: restoring in the
+    order they were added, or the least recently used first, went unseen.)"""
+    s, gpu, ops, clock = make_scheduler(small_config())
+    jobs = internal_jobs(s)
+    crowd(gpu, ops, {"x": clock.now - 50, "y": clock.now - 40})
+    gpu.held.pop("z")  # x and y resident: 15904 - 8000 = 7904 free, room for one of 4000 + 256
+    ops.states["z"].unloaded()
+    ops.states["t"].last_used, ops.states["z"].last_used = clock.now - 20, clock.now - 10
+    jobs.to_restore[0] = ["t", "z"]
+    await jobs.restore_all(0, lambda: True)
+    assert ops.calls == [("load", "z")] and s.stats.restores == 1 and jobs.to_restore[0] == []
+    assert ops.states["z"].resident is True and ops.states["t"].resident is False
+    events = [(e["event"], e["consumer"]) for e in recent_events(s.events) if "restore" in e["event"]]
+    assert events == [("restored", "z"), ("restore_skipped", "t")]
+    assert s.holder is None and books_balance(s)
+
+
 async def test_a_restore_whose_reading_fails_waits_for_the_next_round_not_given_up(rig):
     """Found by an attack on issue 22: a GPU reading that failed when a restore was due (gpu_unavailable:
     whether it fits is not known) gave the consumer up for good, and the state file forgot it; it now waits
