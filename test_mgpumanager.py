@@ -7931,6 +7931,40 @@ async def test_restores_load_the_most_recently_used_first_when_room_runs_out_bef
     assert s.holder is None and books_balance(s)
 
 
+async def test_a_restore_granted_beside_a_stranger_that_came_while_it_waited_loads_nothing_and_waits():
+    """docs/how-it-works.md: a stranger that comes back stops the restores; they go on once it is gone. t's
+    restore waits behind x's job when a stranger comes (the poll sees it); granted, it loads nothing, though
+    t would fit beside the stranger and keep_free_mib (8904 MiB free, 4000 + 256 + 2048 needed): restore
+    skipped, "a stranger is present", and t still waits. Once the stranger is gone it is loaded. (A
+    mutation audit: a restore that did not look for a stranger once granted went unseen; the tests' games
+    left no room for the consumer, which was then skipped as not fitting.)"""
+    s, gpu, ops, clock = make_scheduler(_yield_config())
+    jobs = internal_jobs(s)
+    gpu.held["x"] = 4000
+    ops.states["x"].loaded()
+    for name in ("t", "y", "z"):
+        ops.states[name].unloaded()
+    s.strangers.seen(_reading(s, {"x": 4000}, {}, clock()))  # the last poll: no stranger
+    jobs.to_restore[0] = ["t"]
+    running = await s.acquire("x", "kx")
+    restore = asyncio.ensure_future(jobs.restore_all(0, lambda: True))
+    await until(lambda: [j.kind for j in s.queue()] == ["restore"])
+    gpu.held["game"] = 3000
+    s.strangers.seen(_reading(s, {"x": 4000}, {4242: 3000}, clock()))  # a poll while it waits
+    assert s.strangers.present
+    running.release("completed", status=200, success=True)
+    await asyncio.wait_for(restore, 5)
+    assert ops.calls == [] and jobs.to_restore[0] == ["t"] and s.stats.restores == 0
+    skipped = [e for e in recent_events(s.events) if e["event"] == "restore_skipped"]
+    assert [(e["consumer"], e["reason"]) for e in skipped] == [("t", "a stranger is present")]
+    gpu.held.pop("game")
+    s.strangers.seen(_reading(s, {"x": 4000}, {}, clock()))
+    assert not s.strangers.present
+    await jobs.restore_all(0, lambda: True)
+    assert ops.calls == [("load", "t")] and jobs.to_restore[0] == [] and s.stats.restores == 1
+    assert s.holder is None and books_balance(s)
+
+
 async def test_a_restore_whose_reading_fails_waits_for_the_next_round_not_given_up(rig):
     """Found by an attack on issue 22: a GPU reading that failed when a restore was due (gpu_unavailable:
     whether it fits is not known) gave the consumer up for good, and the state file forgot it; it now waits
