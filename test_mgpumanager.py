@@ -7965,6 +7965,32 @@ async def test_a_restore_granted_beside_a_stranger_that_came_while_it_waited_loa
     assert s.holder is None and books_balance(s)
 
 
+async def test_only_what_was_resident_when_it_yielded_is_restored_not_one_of_unknown_residency():
+    """docs/decisions.md: only what was resident when it yielded is restored (loading afterwards what was
+    not loaded before would be a change, not a restore). A game leaves 904 MiB free (keep_free_mib 6000):
+    z (of unknown residency: its last unload failed) and then y (resident) yield, the least recently used
+    first. Once the game is gone, y is loaded again and z is not. (A mutation audit: restoring every
+    consumer that yielded went unseen.)"""
+    s, gpu, ops, clock = make_scheduler(_yield_config(keep=6000))
+    jobs = internal_jobs(s)
+    crowd(gpu, ops, {"x": clock.now - 10, "y": clock.now - 20, "z": clock.now - 30})
+    gpu.reserved += 3000  # the game's memory (a graphics process: in no process list)
+    held = {"x": 4000, "y": 4000, "z": 4000}
+    s.strangers.seen(_reading(s, held, {-1: 3000}, clock()))
+    assert s.strangers.present
+    ops.states["z"].unload_failed()  # (its memory still measured: 4000 MiB)
+    assert ops.states["z"].resident is None and ops.states["y"].resident is True
+    await jobs.yield_unload("z")
+    await jobs.yield_unload("y")
+    assert ops.calls == [("unload", "z"), ("unload", "y")] and s.stats.yields == 2
+    assert jobs.to_restore[0] == ["y"]
+    gpu.reserved -= 3000
+    s.strangers.seen(_reading(s, {"x": 4000}, {}, clock()))  # the game is gone
+    await jobs.restore_all(0, lambda: True)
+    assert ops.calls[2:] == [("load", "y")] and s.stats.restores == 1 and jobs.to_restore[0] == []
+    assert ops.states["z"].resident is False and s.holder is None and books_balance(s)
+
+
 async def test_a_restore_whose_reading_fails_waits_for_the_next_round_not_given_up(rig):
     """Found by an attack on issue 22: a GPU reading that failed when a restore was due (gpu_unavailable:
     whether it fits is not known) gave the consumer up for good, and the state file forgot it; it now waits
