@@ -4567,6 +4567,36 @@ async def test_whatever_raises_while_a_job_is_granted_or_running_it_ends_and_fre
     assert s.holder is None and books_balance(s)
 
 
+@pytest.mark.catches_bug
+async def test_a_bug_in_the_books_of_a_jobs_end_starts_no_hold_and_the_slot_goes_at_once(monkeypatch):
+    """The invariant above, for a job that ends with a hold (ComfyUI's render): a bug while its end is
+    accounted (its consumer's residency record raising) ends it and gives its slot to the job waiting at
+    once; the hold never starts (it would keep the GPU until the render or its hold_timeout_s ended). (A
+    mutation audit: a hold that still started after that bug went unseen, the test above ending that step
+    with no hold.)"""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {})
+    gpu.held.pop("z")  # t fits beside x and y: 7904 MiB free
+    ops.states["z"].unloaded()
+    JOB_STEPS["release"](s, monkeypatch)  # t's served() raises once
+    job = await s.acquire("t", "kt")
+    waiting = await _queued(s, "x")
+    started: list[int] = []
+
+    async def render() -> None:
+        started.append(job.id)
+        await asyncio.Event().wait()
+
+    assert job.release("completed", status=200, success=True, hold=render, hold_timeout_s=3600) is True
+    assert job.state == "ended" and job.outcome == "completed" and s.holds == 0
+    after = await asyncio.wait_for(waiting, 5)
+    for _ in range(3):
+        await asyncio.sleep(0)  # (a hold's task would have begun by now)
+    assert started == [] and s.shared.internal_errors == 1
+    after.release("completed", status=200, success=True)
+    assert (s.holder, s.slots, s.holds) == (None, 0, 0) and books_balance(s)
+
+
 async def test_jobs_of_different_consumers_never_overlap(rig):
     r = await rig(sims={"mvoice": {"work_s": 0.03}, "ollama": {"work_s": 0.03, "line_interval_s": 0.005}})
     calls = [r.post("tts", {"text": "a"}) for _ in range(3)] + [
