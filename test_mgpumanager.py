@@ -4567,6 +4567,36 @@ async def test_whatever_raises_while_a_job_is_granted_or_running_it_ends_and_fre
     assert s.holder is None and books_balance(s)
 
 
+@pytest.mark.catches_bug
+async def test_a_bug_in_the_books_of_a_jobs_end_starts_no_hold_and_the_slot_goes_at_once(monkeypatch):
+    """The invariant above, for a job that ends with a hold (ComfyUI's render): a bug while its end is
+    accounted (its consumer's residency record raising) ends it and gives its slot to the job waiting at
+    once; the hold never starts (it would keep the GPU until the render or its hold_timeout_s ended). (A
+    mutation audit: a hold that still started after that bug went unseen, the test above ending that step
+    with no hold.)"""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {})
+    gpu.held.pop("z")  # t fits beside x and y: 7904 MiB free
+    ops.states["z"].unloaded()
+    JOB_STEPS["release"](s, monkeypatch)  # t's served() raises once
+    job = await s.acquire("t", "kt")
+    waiting = await _queued(s, "x")
+    started: list[int] = []
+
+    async def render() -> None:
+        started.append(job.id)
+        await asyncio.Event().wait()
+
+    assert job.release("completed", status=200, success=True, hold=render, hold_timeout_s=3600) is True
+    assert job.state == "ended" and job.outcome == "completed" and s.holds == 0
+    after = await asyncio.wait_for(waiting, 5)
+    for _ in range(3):
+        await asyncio.sleep(0)  # (a hold's task would have begun by now)
+    assert started == [] and s.shared.internal_errors == 1
+    after.release("completed", status=200, success=True)
+    assert (s.holder, s.slots, s.holds) == (None, 0, 0) and books_balance(s)
+
+
 async def test_jobs_of_different_consumers_never_overlap(rig):
     r = await rig(sims={"mvoice": {"work_s": 0.03}, "ollama": {"work_s": 0.03, "line_interval_s": 0.005}})
     calls = [r.post("tts", {"text": "a"}) for _ in range(3)] + [
@@ -7909,6 +7939,86 @@ async def test_a_restore_that_does_not_fit_with_no_stranger_is_given_up_not_trie
     assert internal.to_restore[0] == [] and not r.sims["mvoice"].loaded and r.stats.restores == 0
     events = [(e["event"], e.get("consumer")) for e in recent_events(r.broker.events)]
     assert ("restore_skipped", "mvoice") in events
+
+
+async def test_restores_load_the_most_recently_used_first_when_room_runs_out_before_the_rest():
+    """docs/decisions.md: restores go the most recently used first (the likeliest to be asked for next, and
+    room may run out before the rest). t and z wait to be restored, t added first but z used last; there
+    is room for one of them: z is loaded, t skipped and given up. (A mutation audit: restoring in the
+    order they were added, or the least recently used first, went unseen.)"""
+    s, gpu, ops, clock = make_scheduler(small_config())
+    jobs = internal_jobs(s)
+    crowd(gpu, ops, {"x": clock.now - 50, "y": clock.now - 40})
+    gpu.held.pop("z")  # x and y resident: 15904 - 8000 = 7904 free, room for one of 4000 + 256
+    ops.states["z"].unloaded()
+    ops.states["t"].last_used, ops.states["z"].last_used = clock.now - 20, clock.now - 10
+    jobs.to_restore[0] = ["t", "z"]
+    await jobs.restore_all(0, lambda: True)
+    assert ops.calls == [("load", "z")] and s.stats.restores == 1 and jobs.to_restore[0] == []
+    assert ops.states["z"].resident is True and ops.states["t"].resident is False
+    events = [(e["event"], e["consumer"]) for e in recent_events(s.events) if "restore" in e["event"]]
+    assert events == [("restored", "z"), ("restore_skipped", "t")]
+    assert s.holder is None and books_balance(s)
+
+
+async def test_a_restore_granted_beside_a_stranger_that_came_while_it_waited_loads_nothing_and_waits():
+    """docs/how-it-works.md: a stranger that comes back stops the restores; they go on once it is gone. t's
+    restore waits behind x's job when a stranger comes (the poll sees it); granted, it loads nothing, though
+    t would fit beside the stranger and keep_free_mib (8904 MiB free, 4000 + 256 + 2048 needed): restore
+    skipped, "a stranger is present", and t still waits. Once the stranger is gone it is loaded. (A
+    mutation audit: a restore that did not look for a stranger once granted went unseen; the tests' games
+    left no room for the consumer, which was then skipped as not fitting.)"""
+    s, gpu, ops, clock = make_scheduler(_yield_config())
+    jobs = internal_jobs(s)
+    gpu.held["x"] = 4000
+    ops.states["x"].loaded()
+    for name in ("t", "y", "z"):
+        ops.states[name].unloaded()
+    s.strangers.seen(_reading(s, {"x": 4000}, {}, clock()))  # the last poll: no stranger
+    jobs.to_restore[0] = ["t"]
+    running = await s.acquire("x", "kx")
+    restore = asyncio.ensure_future(jobs.restore_all(0, lambda: True))
+    await until(lambda: [j.kind for j in s.queue()] == ["restore"])
+    gpu.held["game"] = 3000
+    s.strangers.seen(_reading(s, {"x": 4000}, {4242: 3000}, clock()))  # a poll while it waits
+    assert s.strangers.present
+    running.release("completed", status=200, success=True)
+    await asyncio.wait_for(restore, 5)
+    assert ops.calls == [] and jobs.to_restore[0] == ["t"] and s.stats.restores == 0
+    skipped = [e for e in recent_events(s.events) if e["event"] == "restore_skipped"]
+    assert [(e["consumer"], e["reason"]) for e in skipped] == [("t", "a stranger is present")]
+    gpu.held.pop("game")
+    s.strangers.seen(_reading(s, {"x": 4000}, {}, clock()))
+    assert not s.strangers.present
+    await jobs.restore_all(0, lambda: True)
+    assert ops.calls == [("load", "t")] and jobs.to_restore[0] == [] and s.stats.restores == 1
+    assert s.holder is None and books_balance(s)
+
+
+async def test_only_what_was_resident_when_it_yielded_is_restored_not_one_of_unknown_residency():
+    """docs/decisions.md: only what was resident when it yielded is restored (loading afterwards what was
+    not loaded before would be a change, not a restore). A game leaves 904 MiB free (keep_free_mib 6000):
+    z (of unknown residency: its last unload failed) and then y (resident) yield, the least recently used
+    first. Once the game is gone, y is loaded again and z is not. (A mutation audit: restoring every
+    consumer that yielded went unseen.)"""
+    s, gpu, ops, clock = make_scheduler(_yield_config(keep=6000))
+    jobs = internal_jobs(s)
+    crowd(gpu, ops, {"x": clock.now - 10, "y": clock.now - 20, "z": clock.now - 30})
+    gpu.reserved += 3000  # the game's memory (a graphics process: in no process list)
+    held = {"x": 4000, "y": 4000, "z": 4000}
+    s.strangers.seen(_reading(s, held, {-1: 3000}, clock()))
+    assert s.strangers.present
+    ops.states["z"].unload_failed()  # (its memory still measured: 4000 MiB)
+    assert ops.states["z"].resident is None and ops.states["y"].resident is True
+    await jobs.yield_unload("z")
+    await jobs.yield_unload("y")
+    assert ops.calls == [("unload", "z"), ("unload", "y")] and s.stats.yields == 2
+    assert jobs.to_restore[0] == ["y"]
+    gpu.reserved -= 3000
+    s.strangers.seen(_reading(s, {"x": 4000}, {}, clock()))  # the game is gone
+    await jobs.restore_all(0, lambda: True)
+    assert ops.calls[2:] == [("load", "y")] and s.stats.restores == 1 and jobs.to_restore[0] == []
+    assert ops.states["z"].resident is False and s.holder is None and books_balance(s)
 
 
 async def test_a_restore_whose_reading_fails_waits_for_the_next_round_not_given_up(rig):
