@@ -5587,6 +5587,31 @@ async def test_a_warm_job_goes_before_an_earlier_exclusive_job_whose_consumer_is
     assert books_balance(s)
 
 
+def test_a_lane_that_drops_its_departed_front_still_marks_whom_a_grant_overtakes():
+    """Found by a mutation audit of the lock core: WaitQueue.remove dropping a lane's departed front (past 64
+    jobs) without moving its mark back by as many failed no test. The mark, left where it was, pointed past
+    the lane's end: a job queued after that was never marked as overtaken, so a stream of warm jobs could
+    pass it for ever (max_overtake_s never ran for it)."""
+    queue = m.WaitQueue()
+    early = [PolicyJob(i, "x", 2, float(i)) for i in range(65)]
+    image = PolicyJob(65, "comfyui", 2, 65.0)  # needs a swap
+    tts = [PolicyJob(66 + i, "mvoice", 2, 66.0 + i) for i in range(2)]
+    for job in [*early, image, *tts]:
+        queue.append(job)  # type: ignore[arg-type]
+    queue.remove(tts[0])  # type: ignore[arg-type]  (granted at 100 s, before all the others)
+    queue.overtaken(tts[0], 100.0, 1000.0, None)  # type: ignore[arg-type]
+    assert all(j.overtaken_since == 100.0 for j in [*early, image])
+    for job in early:  # granted in turn: 65 gone from the lane's front, which is dropped then
+        queue.remove(job)  # type: ignore[arg-type]
+    later = PolicyJob(67, "comfyui", 2, 67.0)
+    last = PolicyJob(68, "mvoice", 2, 68.0)
+    queue.append(later)  # type: ignore[arg-type]
+    queue.append(last)  # type: ignore[arg-type]
+    queue.remove(last)  # type: ignore[arg-type]  (granted at 101 s, before tts[1] and later)
+    queue.overtaken(last, 101.0, 1000.0, None)  # type: ignore[arg-type]
+    assert (image.overtaken_since, tts[1].overtaken_since, later.overtaken_since) == (100.0, 101.0, 101.0)
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
