@@ -5633,6 +5633,22 @@ async def test_a_job_of_the_holder_that_needs_a_swap_joins_it_like_any_of_its_jo
     assert books_balance(s)
 
 
+async def test_of_two_warm_jobs_after_one_that_needs_a_swap_the_earlier_goes_first():
+    """Found by a mutation audit of the lock core: WaitQueue.candidates taking a lane's last warm job (of its
+    consumers' first ones) instead of its earliest failed no test. y's job needs a swap; x's and t's that
+    came after it need none: x's goes first (rule 3: the first warm job in the fair order), then t's, then
+    y's."""
+    s, _, ops, clock = make_scheduler(small_config())
+    for name in ("x", "t", "z"):
+        ops.states[name].loaded()
+    ops.states["y"].unloaded()
+    running = await s.acquire("z", "kz")
+    for name in ("y", "x", "t"):
+        await _queued(s, name)
+    assert [j.consumer for j in await _granted_in_turn(s, clock, running, job_s=1)] == ["x", "t", "y"]
+    assert books_balance(s)
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
