@@ -5649,6 +5649,29 @@ async def test_of_two_warm_jobs_after_one_that_needs_a_swap_the_earlier_goes_fir
     assert books_balance(s)
 
 
+async def test_a_waiter_that_leaves_lets_the_holders_next_job_join_at_once():
+    """Found by a mutation audit of the lock core: GpuLock.wait not dispatching after a waiter left failed no
+    test. The admin's unload of t (exclusive), waiting, keeps t's next job from joining t (rule 5: t's first
+    waiting job is the unload); when the admin gives up (the request cancelled), t's job joins at once, not
+    when t's running job ends."""
+    s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=2, consumers__t__priority=4))
+    ops.states["t"].loaded()
+    first = await s.acquire("t", "kt")
+    unload = asyncio.ensure_future(s.unload_now("t"))
+    await until(lambda: len(s.queue()) == 1)
+    second = await _queued(s, "t")
+    assert not second.done()
+    unload.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await unload
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert second.done() and s.slots == 2
+    (await second).release("completed")
+    first.release("completed")
+    assert ops.calls == [] and books_balance(s)
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
