@@ -5672,6 +5672,31 @@ async def test_a_waiter_that_leaves_lets_the_holders_next_job_join_at_once():
     assert ops.calls == [] and books_balance(s)
 
 
+async def test_a_queue_timeout_lets_the_holders_next_job_join_at_once():
+    """Found by a mutation audit of the lock core: GpuLock._expire not dispatching after it refused a job
+    failed no test. The admin's unload of t (exclusive), waiting, keeps t's next job from joining t; when
+    the unload's queue_timeout_s runs out, t's job joins at once, not when t's running job ends (by then its
+    own queue_timeout_s has run out too)."""
+    config = small_config(
+        consumers__t__max_concurrency=2, consumers__t__priority=4, scheduler__queue_timeout_s=0.5
+    )
+    s, _, ops, _ = make_scheduler(config)
+    ops.states["t"].loaded()
+    first = await s.acquire("t", "kt")
+    unload = asyncio.ensure_future(s.unload_now("t"))
+    await until(lambda: len(s.queue()) == 1)
+    second = await _queued(s, "t")  # (its queue timer starts after the unload's)
+    with pytest.raises(m.BrokerError) as info:
+        await asyncio.wait_for(unload, 5)
+    assert info.value.code == "queue_timeout"
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert second.done() and s.slots == 2
+    (await second).release("completed")
+    first.release("completed")
+    assert ops.calls == [] and books_balance(s)
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
