@@ -5697,6 +5697,29 @@ async def test_a_queue_timeout_lets_the_holders_next_job_join_at_once():
     assert ops.calls == [] and books_balance(s)
 
 
+async def test_an_admin_operations_gpu_time_counts_for_no_client():
+    """Found by a mutation audit of the lock core: GpuLock.dispatch counting an exclusive job's GPU time too
+    failed no test. An admin operation holds the GPU for no client (GpuTime: exclusive jobs count for
+    nobody); counted, it went to the callers without a token (client None), whose next job then went after
+    a client's later one. Here the unload holds the GPU 50 s; the tokenless job, first, still goes first."""
+    s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
+    for name in ("t", "y"):
+        ops.states[name].loaded()
+    ops.unload_behaviour["y"] = "gated"
+    unload = asyncio.ensure_future(s.unload_now("y"))
+    await until(lambda: ops.calls == [("unload", "y")])
+    await _queued(s, "t")  # no client's
+    await _queued(s, "t", "p")
+    clock.now += 50
+    ops.gate.set()
+    await unload
+    assert m.client_use(s, "p")["gpu_s_window"] == 0.0
+    first = next(iter(s.lock.taken))
+    order = [first, *await _granted_in_turn(s, clock, first, job_s=1)]
+    assert [j.client for j in order] == [None, "p"]
+    assert books_balance(s)
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
