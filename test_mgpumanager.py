@@ -5720,6 +5720,45 @@ async def test_an_admin_operations_gpu_time_counts_for_no_client():
     assert books_balance(s)
 
 
+async def test_a_play_cancelled_at_shutdown_announces_the_jobs_queued_meanwhile(monkeypatch):
+    """Found by a mutation audit of the lock core: QueuedEvents._played not announcing, after a play
+    cancelled (the scheduler closing), the jobs queued while it was under way failed no test. Those jobs
+    waited for the play's end to be announced; no play comes after a cancelled one, so they are announced
+    then, from a forecast on the loop (the play's own jobs get theirs with eta_s null)."""
+    monkeypatch.setattr(m, "FORECAST_OFF_LOOP", 3)
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    gate, real = threading.Event(), m.expected_waits
+
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            assert gate.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(m, "expected_waits", gated)
+    stream = s.events.subscribe()
+    first = await s.acquire("t", "kt")
+    batch = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(4)]
+    await until(lambda: s.lock.queued.play is not None)
+    more = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(2)]
+    await until(lambda: len(s.queue()) == 6 and len(s.lock.queued.pending) == 2)
+    try:
+        await s.close()  # cancels the play under way, as at shutdown
+        assert s.lock.queued.play is None and not s.lock.queued.pending
+        events = []
+        while not stream.empty():
+            events.append(json.loads(stream.get_nowait().partition(b"data: ")[2]))
+        etas = [e["eta_s"] for e in events if e["event"] == "queued"]
+        assert etas[:5] == [0.0, None, None, None, None] and len(etas) == 7 and None not in etas[5:]
+    finally:
+        gate.set()
+    first.release("completed")
+    for task in [*batch, *more]:
+        (await asyncio.wait_for(task, 5)).release("completed")
+    assert books_balance(s)
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
