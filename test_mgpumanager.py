@@ -5759,6 +5759,39 @@ async def test_a_play_cancelled_at_shutdown_announces_the_jobs_queued_meanwhile(
     assert books_balance(s)
 
 
+@pytest.mark.catches_bug
+async def test_a_play_off_the_loop_that_crashes_is_counted_and_its_jobs_announced(monkeypatch):
+    """Found by a mutation audit of the lock core: QueuedEvents._played not recording a play that raised (a
+    bug in the forecast, in its worker thread) failed no test. Its jobs get their queued events (eta_s
+    null), and the bug is logged and counted, as one in a forecast on the loop is."""
+    monkeypatch.setattr(m, "FORECAST_OFF_LOOP", 3)
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    real, plays = m.expected_waits, []
+
+    def crashing(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            plays.append(1)
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(m, "expected_waits", crashing)
+    stream = s.events.subscribe()
+    first = await s.acquire("t", "kt")
+    batch = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(4)]
+    await until(lambda: plays and s.lock.queued.play is None)
+    events = []
+    while not stream.empty():
+        events.append(json.loads(stream.get_nowait().partition(b"data: ")[2]))
+    assert [e["eta_s"] for e in events if e["event"] == "queued"] == [0.0, None, None, None, None]
+    assert s.shared.internal_errors == 1
+    first.release("completed")
+    for task in batch:
+        (await asyncio.wait_for(task, 5)).release("completed")
+    assert books_balance(s)
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
