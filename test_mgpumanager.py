@@ -5792,6 +5792,26 @@ async def test_a_play_off_the_loop_that_crashes_is_counted_and_its_jobs_announce
     assert books_balance(s)
 
 
+async def test_the_forecast_counts_the_holders_consumer_as_loaded_during_its_cold_start():
+    """Found by a mutation audit of the lock core: expected_waits not counting the holder's consumer as
+    resident failed no test. During a cold start (t loads itself on its first request) the broker does not
+    know t resident yet; t's next job will find it loaded all the same, so it costs no load (5 s learned):
+    x's job, after it (max_overtake_s 0: the fair order), is expected when t's running job ends."""
+    config = small_config(scheduler__max_overtake_s=0)
+    t = m.replace(config.consumers["t"], load=None)  # t loads itself on its first request
+    s, _, ops, clock = make_scheduler(m.replace(config, consumers={**config.consumers, "t": t}))
+    ops.states["t"].unloaded()
+    ops.states["t"].learned("load", 5.0)
+    ops.states["x"].loaded()
+    holding = await s.acquire("t", "kt")
+    await _queued(s, "t")
+    await _queued(s, "x")
+    assert ops.states["t"].resident is not True
+    assert [(j.consumer, eta) for j, eta in s.forecast()] == [("t", 1.0), ("x", 1.0)]
+    await _granted_in_turn(s, clock, holding, job_s=1)
+    assert books_balance(s)
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
