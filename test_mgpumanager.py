@@ -5812,6 +5812,32 @@ async def test_the_forecast_counts_the_holders_consumer_as_loaded_during_its_col
     assert books_balance(s)
 
 
+async def test_the_forecast_plays_the_gpus_memory_forward_swap_after_swap():
+    """Found by a mutation audit of the lock core: expected_waits not taking a load's memory off the free
+    MiB, not giving a victim's back, not counting a victim as unloaded, or not stamping each consumer it
+    plays as just used, each failed no test (its tests played one swap at most). Five jobs in the fair order
+    (max_overtake_s 0) on a GPU with 11,904 MiB free beside t: x and y fit (1 s load each), z needs an
+    eviction (t, the least recently used: 10 s unload), then t needs one (x: 20 s), then x (y: 30 s)."""
+    s, gpu, ops, clock = make_scheduler(small_config(scheduler__max_overtake_s=0))
+    gpu.held["t"] = 4000
+    for i, name in enumerate(("t", "x", "y", "z")):
+        if name != "t":
+            ops.states[name].unloaded()
+        ops.states[name].learned("unload", 10.0 * (i + 1))
+        ops.states[name].learned("load", 1.0)
+    ops.states["t"].loaded()
+    ops.states["t"].last_used = clock.now
+    holding = await s.acquire("t", "kt")
+    await gpu.read_memory()
+    for name in ("x", "y", "z", "t", "x"):
+        await _queued(s, name)
+    # Each eta: the holder's 1 s (RUNNING_FLOOR_S), then what each job before it paid (jobs take 0 s).
+    expected = [("x", 1.0), ("y", 2.0), ("z", 3.0), ("t", 14.0), ("x", 35.0)]
+    assert [(j.consumer, eta) for j, eta in s.forecast()] == expected
+    await _granted_in_turn(s, clock, holding, job_s=1)
+    assert books_balance(s)
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
