@@ -5838,6 +5838,22 @@ async def test_the_forecast_plays_the_gpus_memory_forward_swap_after_swap():
     assert books_balance(s)
 
 
+async def test_the_forecast_counts_a_job_of_the_consumer_it_played_last_as_needing_no_swap():
+    """Found by a mutation audit of the lock core: expected_waits keeping the holder it started from for
+    every job it plays (``current`` never moved on) failed no test. Once x's first job is played, x holds
+    the GPU: x's second job needs no swap and goes before y's earlier one, as the grants then go."""
+    s, _, ops, clock = make_scheduler(small_config())
+    ops.states["t"].loaded()
+    for name in ("x", "y"):
+        ops.states[name].unloaded()
+    holding = await s.acquire("t", "kt")
+    for name in ("x", "y", "x"):
+        await _queued(s, name)
+    assert [j.consumer for j, _ in s.forecast()] == ["x", "x", "y"]
+    assert [j.consumer for j in await _granted_in_turn(s, clock, holding, job_s=1)] == ["x", "x", "y"]
+    assert books_balance(s)
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
