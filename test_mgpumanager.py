@@ -5854,6 +5854,26 @@ async def test_the_forecast_counts_a_job_of_the_consumer_it_played_last_as_needi
     assert books_balance(s)
 
 
+async def test_the_forecast_counts_an_admin_operations_time_for_no_client():
+    """Found by a mutation audit of the lock core: expected_waits adding an exclusive job's time to its
+    client's GPU time failed no test. The admin's unload of y (y's jobs take 5 s) counts for nobody, as the
+    lock counts it: the tokenless job that came after it still goes before p's later one."""
+    s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
+    for name in ops.states:
+        ops.states[name].loaded()
+    ops.states["y"].learned("job", 5.0)
+    holding = await s.acquire("t", "kt", client="q")  # (q's: the tokenless callers have had no GPU time)
+    unload = asyncio.ensure_future(s.unload_now("y"))
+    await until(lambda: len(s.queue()) == 1)
+    await _queued(s, "x")  # no client's
+    await _queued(s, "x", "p")
+    assert [(j.kind, j.client) for j, _ in s.forecast()] == [("unload", None), ("kx", None), ("kx", "p")]
+    order = await _granted_in_turn(s, clock, holding, job_s=1)
+    await unload
+    assert [j.client for j in order if j.kind == "kx"] == [None, "p"]
+    assert books_balance(s)
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
