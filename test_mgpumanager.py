@@ -5874,6 +5874,19 @@ async def test_the_forecast_counts_an_admin_operations_time_for_no_client():
     assert books_balance(s)
 
 
+async def test_a_job_that_comes_after_the_lock_shut_down_is_refused_at_once():
+    """Found by a mutation audit of the lock core: GpuLock.wait admitting a job after shut_down failed no
+    test. While the broker drains (running jobs finish, bounded), a job that arrives then is answered
+    shutting_down at once, even with the GPU free, and counted as refused: it never runs."""
+    s, _, ops, _ = make_scheduler(small_config())
+    s.lock.shut_down()
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("x", "kx")
+    assert info.value.code == "shutting_down"
+    assert s.holder is None and not s.queue() and ops.calls == []
+    assert books_balance(s)
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
