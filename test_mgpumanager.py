@@ -5587,6 +5587,306 @@ async def test_a_warm_job_goes_before_an_earlier_exclusive_job_whose_consumer_is
     assert books_balance(s)
 
 
+def test_a_lane_that_drops_its_departed_front_still_marks_whom_a_grant_overtakes():
+    """Found by a mutation audit of the lock core: WaitQueue.remove dropping a lane's departed front (past 64
+    jobs) without moving its mark back by as many failed no test. The mark, left where it was, pointed past
+    the lane's end: a job queued after that was never marked as overtaken, so a stream of warm jobs could
+    pass it for ever (max_overtake_s never ran for it)."""
+    queue = m.WaitQueue()
+    early = [PolicyJob(i, "x", 2, float(i)) for i in range(65)]
+    image = PolicyJob(65, "comfyui", 2, 65.0)  # needs a swap
+    tts = [PolicyJob(66 + i, "mvoice", 2, 66.0 + i) for i in range(2)]
+    for job in [*early, image, *tts]:
+        queue.append(job)  # type: ignore[arg-type]
+    queue.remove(tts[0])  # type: ignore[arg-type]  (granted at 100 s, before all the others)
+    queue.overtaken(tts[0], 100.0, 1000.0, None)  # type: ignore[arg-type]
+    assert all(j.overtaken_since == 100.0 for j in [*early, image])
+    for job in early:  # granted in turn: 65 gone from the lane's front, which is dropped then
+        queue.remove(job)  # type: ignore[arg-type]
+    later = PolicyJob(67, "comfyui", 2, 67.0)
+    last = PolicyJob(68, "mvoice", 2, 68.0)
+    queue.append(later)  # type: ignore[arg-type]
+    queue.append(last)  # type: ignore[arg-type]
+    queue.remove(last)  # type: ignore[arg-type]  (granted at 101 s, before tts[1] and later)
+    queue.overtaken(last, 101.0, 1000.0, None)  # type: ignore[arg-type]
+    assert (image.overtaken_since, tts[1].overtaken_since, later.overtaken_since) == (100.0, 101.0, 101.0)
+
+
+async def test_a_job_of_the_holder_that_needs_a_swap_joins_it_like_any_of_its_jobs():
+    """Found by a mutation audit of the lock core: WaitQueue.candidates leaving out the holder's first job
+    in each lane failed no test, as the holder's job is nearly always warm (found as the lane's first warm
+    one). It is not while the holder's consumer is not known to be resident: t, loading itself on its first
+    request (a cold start), has room for one more job; t's next one joins at once, before y's earlier one
+    (rule 5), as next_grant over every waiting job says."""
+    cfg = small_config(consumers__t__max_concurrency=2)
+    t = m.replace(cfg.consumers["t"], load=None)  # t loads itself on its first request
+    s, _, ops, clock = make_scheduler(m.replace(cfg, consumers={**cfg.consumers, "t": t}))
+    for name in ("t", "y"):
+        ops.states[name].unloaded()
+    first = await s.acquire("t", "kt")
+    y = await _queued(s, "y")
+    second = await _queued(s, "t")
+    assert ops.states["t"].resident is not True  # (so t's job needs a swap, as the lock sees it)
+    assert second.done() and not y.done() and s.slots == 2
+    (await second).release("completed")
+    assert [j.consumer for j in await _granted_in_turn(s, clock, first, job_s=1)] == ["y"]
+    assert books_balance(s)
+
+
+async def test_of_two_warm_jobs_after_one_that_needs_a_swap_the_earlier_goes_first():
+    """Found by a mutation audit of the lock core: WaitQueue.candidates taking a lane's last warm job (of its
+    consumers' first ones) instead of its earliest failed no test. y's job needs a swap; x's and t's that
+    came after it need none: x's goes first (rule 3: the first warm job in the fair order), then t's, then
+    y's."""
+    s, _, ops, clock = make_scheduler(small_config())
+    for name in ("x", "t", "z"):
+        ops.states[name].loaded()
+    ops.states["y"].unloaded()
+    running = await s.acquire("z", "kz")
+    for name in ("y", "x", "t"):
+        await _queued(s, name)
+    assert [j.consumer for j in await _granted_in_turn(s, clock, running, job_s=1)] == ["x", "t", "y"]
+    assert books_balance(s)
+
+
+async def test_a_waiter_that_leaves_lets_the_holders_next_job_join_at_once():
+    """Found by a mutation audit of the lock core: GpuLock.wait not dispatching after a waiter left failed no
+    test. The admin's unload of t (exclusive), waiting, keeps t's next job from joining t (rule 5: t's first
+    waiting job is the unload); when the admin gives up (the request cancelled), t's job joins at once, not
+    when t's running job ends."""
+    s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=2, consumers__t__priority=4))
+    ops.states["t"].loaded()
+    first = await s.acquire("t", "kt")
+    unload = asyncio.ensure_future(s.unload_now("t"))
+    await until(lambda: len(s.queue()) == 1)
+    second = await _queued(s, "t")
+    assert not second.done()
+    unload.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await unload
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert second.done() and s.slots == 2
+    (await second).release("completed")
+    first.release("completed")
+    assert ops.calls == [] and books_balance(s)
+
+
+async def test_a_queue_timeout_lets_the_holders_next_job_join_at_once():
+    """Found by a mutation audit of the lock core: GpuLock._expire not dispatching after it refused a job
+    failed no test. The admin's unload of t (exclusive), waiting, keeps t's next job from joining t; when
+    the unload's queue_timeout_s runs out, t's job joins at once, not when t's running job ends (by then its
+    own queue_timeout_s has run out too)."""
+    config = small_config(
+        consumers__t__max_concurrency=2, consumers__t__priority=4, scheduler__queue_timeout_s=0.5
+    )
+    s, _, ops, _ = make_scheduler(config)
+    ops.states["t"].loaded()
+    first = await s.acquire("t", "kt")
+    unload = asyncio.ensure_future(s.unload_now("t"))
+    await until(lambda: len(s.queue()) == 1)
+    second = await _queued(s, "t")  # (its queue timer starts after the unload's)
+    with pytest.raises(m.BrokerError) as info:
+        await asyncio.wait_for(unload, 5)
+    assert info.value.code == "queue_timeout"
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert second.done() and s.slots == 2
+    (await second).release("completed")
+    first.release("completed")
+    assert ops.calls == [] and books_balance(s)
+
+
+async def test_an_admin_operations_gpu_time_counts_for_no_client():
+    """Found by a mutation audit of the lock core: GpuLock.dispatch counting an exclusive job's GPU time too
+    failed no test. An admin operation holds the GPU for no client (GpuTime: exclusive jobs count for
+    nobody); counted, it went to the callers without a token (client None), whose next job then went after
+    a client's later one. Here the unload holds the GPU 50 s; the tokenless job, first, still goes first."""
+    s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
+    for name in ("t", "y"):
+        ops.states[name].loaded()
+    ops.unload_behaviour["y"] = "gated"
+    unload = asyncio.ensure_future(s.unload_now("y"))
+    await until(lambda: ops.calls == [("unload", "y")])
+    await _queued(s, "t")  # no client's
+    await _queued(s, "t", "p")
+    clock.now += 50
+    ops.gate.set()
+    await unload
+    assert m.client_use(s, "p")["gpu_s_window"] == 0.0
+    first = next(iter(s.lock.taken))
+    order = [first, *await _granted_in_turn(s, clock, first, job_s=1)]
+    assert [j.client for j in order] == [None, "p"]
+    assert books_balance(s)
+
+
+async def test_a_play_cancelled_at_shutdown_announces_the_jobs_queued_meanwhile(monkeypatch):
+    """Found by a mutation audit of the lock core: QueuedEvents._played not announcing, after a play
+    cancelled (the scheduler closing), the jobs queued while it was under way failed no test. Those jobs
+    waited for the play's end to be announced; no play comes after a cancelled one, so they are announced
+    then, from a forecast on the loop (the play's own jobs get theirs with eta_s null)."""
+    monkeypatch.setattr(m, "FORECAST_OFF_LOOP", 3)
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    gate, real = threading.Event(), m.expected_waits
+
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            assert gate.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(m, "expected_waits", gated)
+    stream = s.events.subscribe()
+    first = await s.acquire("t", "kt")
+    batch = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(4)]
+    await until(lambda: s.lock.queued.play is not None)
+    more = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(2)]
+    await until(lambda: len(s.queue()) == 6 and len(s.lock.queued.pending) == 2)
+    try:
+        await s.close()  # cancels the play under way, as at shutdown
+        assert s.lock.queued.play is None and not s.lock.queued.pending
+        events = []
+        while not stream.empty():
+            events.append(json.loads(stream.get_nowait().partition(b"data: ")[2]))
+        etas = [e["eta_s"] for e in events if e["event"] == "queued"]
+        assert etas[:5] == [0.0, None, None, None, None] and len(etas) == 7 and None not in etas[5:]
+    finally:
+        gate.set()
+    first.release("completed")
+    for task in [*batch, *more]:
+        (await asyncio.wait_for(task, 5)).release("completed")
+    assert books_balance(s)
+
+
+@pytest.mark.catches_bug
+async def test_a_play_off_the_loop_that_crashes_is_counted_and_its_jobs_announced(monkeypatch):
+    """Found by a mutation audit of the lock core: QueuedEvents._played not recording a play that raised (a
+    bug in the forecast, in its worker thread) failed no test. Its jobs get their queued events (eta_s
+    null), and the bug is logged and counted, as one in a forecast on the loop is."""
+    monkeypatch.setattr(m, "FORECAST_OFF_LOOP", 3)
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+    real, plays = m.expected_waits, []
+
+    def crashing(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            plays.append(1)
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(m, "expected_waits", crashing)
+    stream = s.events.subscribe()
+    first = await s.acquire("t", "kt")
+    batch = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(4)]
+    await until(lambda: plays and s.lock.queued.play is None)
+    events = []
+    while not stream.empty():
+        events.append(json.loads(stream.get_nowait().partition(b"data: ")[2]))
+    assert [e["eta_s"] for e in events if e["event"] == "queued"] == [0.0, None, None, None, None]
+    assert s.shared.internal_errors == 1
+    first.release("completed")
+    for task in batch:
+        (await asyncio.wait_for(task, 5)).release("completed")
+    assert books_balance(s)
+
+
+async def test_the_forecast_counts_the_holders_consumer_as_loaded_during_its_cold_start():
+    """Found by a mutation audit of the lock core: expected_waits not counting the holder's consumer as
+    resident failed no test. During a cold start (t loads itself on its first request) the broker does not
+    know t resident yet; t's next job will find it loaded all the same, so it costs no load (5 s learned):
+    x's job, after it (max_overtake_s 0: the fair order), is expected when t's running job ends."""
+    config = small_config(scheduler__max_overtake_s=0)
+    t = m.replace(config.consumers["t"], load=None)  # t loads itself on its first request
+    s, _, ops, clock = make_scheduler(m.replace(config, consumers={**config.consumers, "t": t}))
+    ops.states["t"].unloaded()
+    ops.states["t"].learned("load", 5.0)
+    ops.states["x"].loaded()
+    holding = await s.acquire("t", "kt")
+    await _queued(s, "t")
+    await _queued(s, "x")
+    assert ops.states["t"].resident is not True
+    assert [(j.consumer, eta) for j, eta in s.forecast()] == [("t", 1.0), ("x", 1.0)]
+    await _granted_in_turn(s, clock, holding, job_s=1)
+    assert books_balance(s)
+
+
+async def test_the_forecast_plays_the_gpus_memory_forward_swap_after_swap():
+    """Found by a mutation audit of the lock core: expected_waits not taking a load's memory off the free
+    MiB, not giving a victim's back, not counting a victim as unloaded, or not stamping each consumer it
+    plays as just used, each failed no test (its tests played one swap at most). Five jobs in the fair order
+    (max_overtake_s 0) on a GPU with 11,904 MiB free beside t: x and y fit (1 s load each), z needs an
+    eviction (t, the least recently used: 10 s unload), then t needs one (x: 20 s), then x (y: 30 s)."""
+    s, gpu, ops, clock = make_scheduler(small_config(scheduler__max_overtake_s=0))
+    gpu.held["t"] = 4000
+    for i, name in enumerate(("t", "x", "y", "z")):
+        if name != "t":
+            ops.states[name].unloaded()
+        ops.states[name].learned("unload", 10.0 * (i + 1))
+        ops.states[name].learned("load", 1.0)
+    ops.states["t"].loaded()
+    ops.states["t"].last_used = clock.now
+    holding = await s.acquire("t", "kt")
+    await gpu.read_memory()
+    for name in ("x", "y", "z", "t", "x"):
+        await _queued(s, name)
+    # Each eta: the holder's 1 s (RUNNING_FLOOR_S), then what each job before it paid (jobs take 0 s).
+    expected = [("x", 1.0), ("y", 2.0), ("z", 3.0), ("t", 14.0), ("x", 35.0)]
+    assert [(j.consumer, eta) for j, eta in s.forecast()] == expected
+    await _granted_in_turn(s, clock, holding, job_s=1)
+    assert books_balance(s)
+
+
+async def test_the_forecast_counts_a_job_of_the_consumer_it_played_last_as_needing_no_swap():
+    """Found by a mutation audit of the lock core: expected_waits keeping the holder it started from for
+    every job it plays (``current`` never moved on) failed no test. Once x's first job is played, x holds
+    the GPU: x's second job needs no swap and goes before y's earlier one, as the grants then go."""
+    s, _, ops, clock = make_scheduler(small_config())
+    ops.states["t"].loaded()
+    for name in ("x", "y"):
+        ops.states[name].unloaded()
+    holding = await s.acquire("t", "kt")
+    for name in ("x", "y", "x"):
+        await _queued(s, name)
+    assert [j.consumer for j, _ in s.forecast()] == ["x", "x", "y"]
+    assert [j.consumer for j in await _granted_in_turn(s, clock, holding, job_s=1)] == ["x", "x", "y"]
+    assert books_balance(s)
+
+
+async def test_the_forecast_counts_an_admin_operations_time_for_no_client():
+    """Found by a mutation audit of the lock core: expected_waits adding an exclusive job's time to its
+    client's GPU time failed no test. The admin's unload of y (y's jobs take 5 s) counts for nobody, as the
+    lock counts it: the tokenless job that came after it still goes before p's later one."""
+    s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
+    for name in ops.states:
+        ops.states[name].loaded()
+    ops.states["y"].learned("job", 5.0)
+    holding = await s.acquire("t", "kt", client="q")  # (q's: the tokenless callers have had no GPU time)
+    unload = asyncio.ensure_future(s.unload_now("y"))
+    await until(lambda: len(s.queue()) == 1)
+    await _queued(s, "x")  # no client's
+    await _queued(s, "x", "p")
+    assert [(j.kind, j.client) for j, _ in s.forecast()] == [("unload", None), ("kx", None), ("kx", "p")]
+    order = await _granted_in_turn(s, clock, holding, job_s=1)
+    await unload
+    assert [j.client for j in order if j.kind == "kx"] == [None, "p"]
+    assert books_balance(s)
+
+
+async def test_a_job_that_comes_after_the_lock_shut_down_is_refused_at_once():
+    """Found by a mutation audit of the lock core: GpuLock.wait admitting a job after shut_down failed no
+    test. While the broker drains (running jobs finish, bounded), a job that arrives then is answered
+    shutting_down at once, even with the GPU free, and counted as refused: it never runs."""
+    s, _, ops, _ = make_scheduler(small_config())
+    s.lock.shut_down()
+    with pytest.raises(m.BrokerError) as info:
+        await s.acquire("x", "kx")
+    assert info.value.code == "shutting_down"
+    assert s.holder is None and not s.queue() and ops.calls == []
+    assert books_balance(s)
+
+
 # ---- clients, end to end: the broker as a process, simulated consumers (issue 23) ----------------------
 
 
