@@ -7841,6 +7841,27 @@ def test_a_strangers_processes_are_named_the_largest_first_and_the_rest_counted(
     assert "graphics" in m.describe_processes([])
 
 
+def test_a_process_listed_without_a_pid_is_a_strangers_and_named_as_one():
+    """nvidia-smi may list a process whose pid it shows as [N/A]: no consumer can
+    claim it, so it is a stranger's, named in the stranger event and /v1/status (a mutation audit: dropping
+    such processes from the strangers' failed no test)."""
+    s, _, _, clock = make_scheduler(_yield_config(ignore=512))
+    held = {"x": 4000, "y": 4000, "z": 0, "t": 0}
+    reading = _reading(s, held, {}, clock())
+    unnamed = m.GpuProcess(None, "/usr/bin/game", 6144)
+    reading = dataclasses.replace(
+        reading,
+        processes=(*reading.processes, unnamed),
+        used_mib=reading.used_mib + 6144,
+        free_mib=reading.free_mib - 6144,
+    )
+    s.strangers.seen(reading)
+    assert s.strangers.present and s.strangers.processes == (unnamed,)
+    assert s.strangers.describe()["processes"] == [{"pid": None, "name": "/usr/bin/game", "used_mib": 6144}]
+    event = next(e for e in recent_events(s.events) if e["event"] == "stranger")
+    assert event["processes"] == [{"pid": None, "name": "/usr/bin/game", "used_mib": 6144}]
+
+
 def _state(**over: Any) -> dict[str, Any]:
     """A state file's content as the broker writes it, written at 1,000,000 s (wall-clock)."""
     raw: dict[str, Any] = {
