@@ -8687,6 +8687,25 @@ async def test_a_victim_whose_process_loses_its_name_before_its_memory_is_waited
     assert r.stats.evictions == 1 and sim.unloads == 1 and r.sims["mvoice"].loads == 1
 
 
+def test_what_a_victim_holds_is_what_its_processes_from_before_and_those_attributed_to_it_hold():
+    """``held_mib``, what an unload waits to see gone: the victim's processes from before the unload, whose
+    ever the reading says they are (one that exits loses its name, and a consumer recognised by its unit
+    alone then by its cgroup too), and any the reading attributes to it (one it started meanwhile); never
+    another's or a stranger's (a mutation audit: either half dropped failed no test)."""
+    procs = (
+        m.GpuProcess(10, "", 3000),  # the victim's, exiting: nobody's by the reading
+        m.GpuProcess(11, "/opt/ComfyUI/python3", 500),  # the victim's, new
+        m.GpuProcess(12, "/opt/mvoice/python3", 2800),  # another consumer's
+        m.GpuProcess(13, "/usr/bin/game", 6000),  # a stranger's
+        m.GpuProcess(None, "/usr/bin/other", 700),  # no pid: nobody's
+    )
+    reading = m.GpuReading(0, "GPU-x", "sim", 16384, 13000, 2904, 0, 40, procs, 0, 0)
+    reading = dataclasses.replace(reading, owners={11: "comfyui", 12: "mvoice"})
+    assert m.held_mib(reading, "comfyui", frozenset({10})) == 3500
+    assert m.held_mib(reading, "comfyui") == 500
+    assert m.held_mib(reading, "mvoice", frozenset({99})) == 2800
+
+
 async def test_status_metrics_events_and_ps_show_the_stranger_and_what_yielded_for_it(rig, capsys):
     r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(restore_after_s=0.5))
     await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
