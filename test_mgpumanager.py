@@ -6368,6 +6368,17 @@ def test_memory_no_record_accounts_for_is_nobodys(records, used, unclaimed, cred
     assert m.plan_room(snap).need_mib == 4256 - credit
 
 
+def test_plan_charges_two_of_unknown_residency_only_what_the_reading_leaves_between_them():
+    """Two victims of unknown residency (nothing measures them) share the 3000 MiB that the reading's used
+    memory leaves once x's 4000 are counted: unloading y is expected to free 3000, z nothing, so x goes
+    too (a mutation audit: each of them charged all that is left, the plan counting on 6000 from y and z and
+    stopping short, failed no test)."""
+    views = {**_all_resident(x=3.0, y=1.0, z=2.0), "t": {"resident": False}}
+    views["y"]["resident"] = views["z"]["resident"] = None
+    plan = m.plan_room(_room_snapshot(small_config(), 0, views, used_mib=7000))
+    assert plan.victims == ("y", "z", "x") and plan.expected_mib == 7000
+
+
 def test_plan_the_target_itself_last_when_its_residency_is_unknown_or_in_doubt():
     cfg = _without_unload(small_config(), "x", "y", "z")
     views = {**_all_resident(), "t": {"resident": None}}
