@@ -2442,6 +2442,36 @@ async def test_each_gpus_processes_are_attributed_and_measured_among_that_gpus_c
             await reader.close()
 
 
+def test_a_consumer_whose_processes_all_leave_the_list_did_not_restart_and_several_are_summed():
+    """What each measured consumer holds is the sum of its processes' memory (Ollama runs a runner per
+    model); a consumer whose processes all leave the GPU's list (Ollama's runner exits when its model is
+    unloaded) is not resident and did not restart: only processes replaced by others are a restart (a
+    mutation audit: the first process's memory alone, and every process gone taken for a restart, failed
+    no test)."""
+    raw = base_raw()
+    raw["consumers"]["ollama"]["processes"] = {"name": "*/ollama*"}
+    consumers = m.Consumers(m.Shared(m.parse_config(raw)), session=None)  # type: ignore[arg-type] (no call)
+    gone: list[tuple[str, str]] = []
+    consumers.gone_listeners.append(lambda name, reason: gone.append((name, reason)))
+    state = consumers.states["ollama"]
+
+    def measure(*procs: tuple[int, int], started: float) -> None:
+        listed = tuple(m.GpuProcess(pid, "/usr/local/bin/ollama", mib) for pid, mib in procs)
+        used = sum(mib for _, mib in procs)
+        reading = m.GpuReading(0, "GPU-x", "sim", 16384, used, 16384 - used, 0, 40, listed, 0, started)
+        consumers.processes.measure(dataclasses.replace(reading, owners={p.pid: "ollama" for p in listed}))
+
+    measure((20, 5000), (21, 3000), started=1)  # two models, two runners
+    assert (state.used_mib, state.pids, state.resident) == (8000, {20, 21}, True)
+    measure(started=2)  # both unloaded: the runners exit, Ollama itself holds nothing on the GPU
+    assert (state.used_mib, state.pids, state.resident) == (0, frozenset(), False)
+    assert gone == []
+    measure((22, 5000), started=3)  # a model loaded again: a new runner, no restart either
+    assert (state.used_mib, state.resident, gone) == (5000, True, [])
+    measure((23, 5000), started=4)  # its runner replaced while it held memory: that is a restart
+    assert gone == [("ollama", "its processes were replaced (restarted)")]
+
+
 def strangers(gpu: mgpusim.SimGPU, count: int) -> None:
     """``count`` processes of nobody's on the simulated GPU (pids from 100000, holding nothing)."""
     uuid = mgpusim.gpu_uuid(0)
