@@ -2541,6 +2541,42 @@ def test_cgroups_are_read_once_per_process_while_it_stays_in_the_list_under_its_
     assert (attribute(comfy, (11, "/opt/ComfyUI/python3")), reads) == ({11: "comfyui"}, [10, 11])
 
 
+def test_a_unit_recognised_consumer_whose_old_process_exits_nameless_beside_its_new_one_restarted(tmp_path):
+    """A consumer recognised by its unit alone (``processes.unit``) restarts: its old process, exiting, is
+    still listed without a name and its cgroups can no longer be read, while the new one holds its context.
+    The old pid is not carried over as the consumer's (only a consumer recognised by a name the nameless
+    process cannot match keeps it, as memory of its that is no live process): the new process alone is
+    its, and the restart is seen (a mutation audit: carrying the old pid over for every consumer, the
+    restart never seen while the old one lingered nor after it, failed no test)."""
+    raw = base_raw()
+    raw["consumers"]["comfyui"]["processes"] = {"unit": "comfyui.service"}
+    consumers = m.Consumers(m.Shared(m.parse_config(raw)), session=None)  # type: ignore[arg-type] (no call)
+    consumers.processes.proc_root = tmp_path
+    gone: list[tuple[str, str]] = []
+    consumers.gone_listeners.append(lambda name, reason: gone.append((name, reason)))
+    for pid in (10, 11):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cgroup").write_text("0::/system.slice/comfyui.service\n")
+
+    def reading(*procs: tuple[int, str, int], started: float) -> None:
+        whole = m.parse_gpu_reading(
+            "0, GPU-x, sim, 16384, 0, 16384, 0, 30\n",
+            "".join(f"{pid}, {name}, {mib}, GPU-x\n" for pid, name, mib in procs),
+            index=0,
+            started=started,
+            read_at=0,
+        )
+        whole = dataclasses.replace(whole, owners=consumers.processes.attribute(whole))
+        consumers.processes.measure(whole)
+
+    reading((10, "/opt/ComfyUI/python3", 13610), started=1)
+    assert consumers.states["comfyui"].pids == {10} and gone == []
+    (tmp_path / "10" / "cgroup").unlink()  # exiting: its /proc entry goes with its name
+    reading((10, "", 13610), (11, "/opt/ComfyUI/python3", 610), started=2)
+    assert consumers.states["comfyui"].pids == {11}
+    assert gone == [("comfyui", "its processes were replaced (restarted)")]
+
+
 async def test_a_huge_reading_is_parsed_attributed_and_written_out_off_the_event_loop(rig, monkeypatch):
     """Issue 19, item 10: with 8,000 process lines and a processes.unit consumer, each reading took 1.3 s of
     the event loop (parsing, a cgroup read per process, 2.7 MB of status JSON) and /healthz stalled. Now
