@@ -3272,6 +3272,8 @@ async def test_measured_memory_in_status_metrics_and_the_warning_when_above_the_
     text = await (await r.session.get(r.url("/metrics"))).text()
     assert f'mgpumanager_consumer_vram_used_bytes{{consumer="comfyui"}} {13610 * m.MiB}' in text
     assert 'mgpumanager_consumer_vram_used_bytes{consumer="mvoice"}' not in text
+    await asyncio.sleep(m.STATUS_MAX_AGE_S)
+    assert (await r.status())["consumers"]["comfyui"]["vram_used_mib"] == 13610  # read again, still above
     warnings = [
         rec.getMessage() for rec in caplog.records if "holds 13610 MiB, declared 12000" in rec.getMessage()
     ]
