@@ -14690,6 +14690,27 @@ async def test_two_reservations_asked_for_while_the_gpu_is_busy_make_one_that_th
     assert s.stats.failed == 0
 
 
+async def test_a_reservation_asked_for_again_takes_the_new_restore_and_records_its_new_end():
+    """Asking again while reserved extends the reservation from now, with the new reason and the new
+    ``restore`` (``reserve --no-restore`` on a reservation in force), and records ``reserved`` again (a
+    mutation audit: an extension that kept the old restore, or recorded nothing, failed no test)."""
+    s, _, ops, clock = make_scheduler(small_config())
+    ops.states["x"].loaded()
+    first = await s.reservations.reserve(60, "gaming")
+    assert first.restore and first.to_restore == ["x"]
+    clock.now += 30
+    again = await s.reservations.reserve(600, "a longer game", restore=False)
+    assert again is first and s.reservation is first
+    assert (first.reason, first.restore, first.describe(clock())["left_s"]) == ("a longer game", False, 600)
+    reserved = [e for e in recent_events(s.events) if e["event"] == "reserved"]
+    assert [(e["reason"], e["for_s"], e["job"]) for e in reserved] == [
+        ("gaming", 60, first.job.id),
+        ("a longer game", 600, first.job.id),
+    ]
+    assert ops.calls.count(("unload", "x")) == 1  # unloaded once
+    assert s.reservations.release() and s.holder is None and books_balance(s)
+
+
 def _unloads(r: Rig) -> list[tuple[str, str]]:
     """Every unload call the simulated consumers got (mvoice's route, ComfyUI's /free)."""
     own = {"mvoice": "/api/admin/unload", "comfyui": "/free"}
