@@ -14632,6 +14632,40 @@ async def test_a_reservation_extended_while_it_unloads_leaves_no_timer_behind_to
     assert s.reservations.release() and s.holder is None and books_balance(s)
 
 
+async def test_no_timer_of_a_reservation_extended_or_released_ends_the_one_in_force_later():
+    """A reservation's expiry timer is the one for the end it has now, and none outlives it: extended, its
+    old timer is cancelled; released (after its unloads, or while they ran), no timer is left to fire later
+    and end the next reservation (a mutation audit: an extension or a release that left the old timer, and
+    a reservation released while it unloaded that still set one, failed no test)."""
+    s, _, ops, _ = make_scheduler(small_config())
+    short = 0.05  # each timer left behind would fire within it
+
+    async def still_in_force(res: m.Reservation) -> None:
+        await asyncio.sleep(4 * short)  # (past every short timer: what is asserted is that none fired)
+        assert s.reservation is res and s.holder == m.RESERVATION
+
+    first = await s.reservations.reserve(short, "a short one")
+    assert await s.reservations.reserve(3600, "extended") is first
+    await still_in_force(first)
+    assert s.reservations.release()
+    await s.reservations.reserve(short, "released at once")
+    assert s.reservations.release()
+    second = await s.reservations.reserve(3600, "the next one")
+    await still_in_force(second)
+    assert s.reservations.release()
+    gate, started = _gated_unloads(ops)
+    unloading = asyncio.ensure_future(s.reservations.reserve(short, "released while it unloads"))
+    await until(lambda: started)
+    assert s.reservations.release()
+    gate.set()
+    await unloading
+    third = await s.reservations.reserve(3600, "the one after")
+    await still_in_force(third)
+    ended = [e["why"] for e in recent_events(s.events) if e["event"] == "reservation_ended"]
+    assert ended == ["released"] * 4
+    assert s.reservations.release() and s.holder is None and books_balance(s)
+
+
 @pytest.mark.catches_bug
 @pytest.mark.parametrize("step", list(RESERVATION_STEPS))
 async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_frees_its_slot(
