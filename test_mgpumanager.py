@@ -14666,6 +14666,23 @@ async def test_no_timer_of_a_reservation_extended_or_released_ends_the_one_in_fo
     assert s.reservations.release() and s.holder is None and books_balance(s)
 
 
+async def test_a_reservation_shortened_while_it_unloads_ends_when_its_new_end_says():
+    """Asked again while its unloads run, for less time than first asked: the timer set once the unloads
+    are done is for the end the reservation has now, not the one it was first asked for (a mutation audit:
+    a timer for the first ``for_s`` failed no test)."""
+    s, _, ops, _ = make_scheduler(small_config())
+    gate, started = _gated_unloads(ops)
+    reserving = asyncio.ensure_future(s.reservations.reserve(3600, "a long backup"))
+    await until(lambda: started)
+    assert await s.reservations.reserve(0.05, "only a short one") is s.reservation
+    gate.set()
+    res = await reserving
+    assert res.reason == "only a short one"
+    await until(lambda: s.reservation is None)  # it expires on its own, 0.05 s after it was asked again
+    ended = [e["why"] for e in recent_events(s.events) if e["event"] == "reservation_ended"]
+    assert ended == ["expired"] and s.holder is None and books_balance(s)
+
+
 @pytest.mark.catches_bug
 @pytest.mark.parametrize("step", list(RESERVATION_STEPS))
 async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_frees_its_slot(
