@@ -14721,6 +14721,29 @@ async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_fre
     assert s.holder is None and books_balance(s)
 
 
+@pytest.mark.catches_bug
+async def test_a_bug_in_a_reservations_unloads_is_counted_said_and_the_reservation_stands():
+    """A bug while a reservation unloads (an unload that raises what no unload should): counted once, the
+    reservation stands with what it did unload, and its answer and event say that the rest was not, and why
+    (a mutation audit: nothing said of the rest failed no test)."""
+    s, _, ops, _ = make_scheduler(small_config())
+    real = s.rooms.unload
+
+    async def buggy(job: m.Job, name: str, **kwargs: Any) -> None:
+        if name == "y":
+            raise RuntimeError("a bug")
+        await real(job, name, **kwargs)
+
+    s.rooms.unload = buggy  # type: ignore[method-assign]
+    res = await s.reservations.reserve(60, "gaming")
+    assert s.reservation is res and s.holder == m.RESERVATION and s.shared.internal_errors == 1
+    assert res.unloaded == ["t", "x"] and ops.calls == [("unload", "t"), ("unload", "x")]
+    assert res.not_unloaded == {"(the rest)": "internal error: RuntimeError: a bug"}
+    reserved = next(e for e in recent_events(s.events) if e["event"] == "reserved")
+    assert reserved["not_unloaded"] == res.not_unloaded == res.describe(0)["not_unloaded"]
+    assert s.reservations.release() and s.holder is None and books_balance(s)
+
+
 async def test_two_reservations_asked_for_while_the_gpu_is_busy_make_one_that_the_second_extends():
     """A second reserve while the first waits for the GPU (a Steam launch and a timer at once) was
     answered gpu_reserved by the first once it held the GPU, though the docs say asking again extends
