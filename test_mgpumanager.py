@@ -14722,6 +14722,27 @@ async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_fre
 
 
 @pytest.mark.catches_bug
+async def test_a_reservation_answered_by_one_that_then_failed_to_begin_reserves_the_gpu_itself(monkeypatch):
+    """Two reservations wait for the GPU; the first, granted, lets the second in (it would extend it), then
+    fails to begin (a bug): the second, waking to find no reservation in force, reserves the GPU itself
+    rather than extending none (a mutation audit: that path removed failed no test)."""
+    s, _, ops, _ = make_scheduler(small_config())
+    holding = await s.acquire("t", "kt")
+    first = asyncio.ensure_future(s.reservations.reserve(60, "gaming"))
+    second = asyncio.ensure_future(s.reservations.reserve(7200, "training"))
+    await until(lambda: len(s.queue()) == 2)
+    monkeypatch.setattr(s, "own", _raising_once(s.own))  # the first one's unloads cannot start
+    holding.release("completed")
+    with pytest.raises(m.BrokerError) as info:
+        await asyncio.wait_for(first, 5)
+    assert info.value.code == "scheduler_error" and s.shared.internal_errors == 1
+    res = await asyncio.wait_for(second, 5)
+    assert s.reservation is res and res.reason == "training" and s.holder == m.RESERVATION
+    assert res.unloaded == ["t", "x", "y", "z"] and ops.calls == [("unload", n) for n in res.unloaded]
+    assert s.reservations.release() and s.holder is None and books_balance(s)
+
+
+@pytest.mark.catches_bug
 async def test_a_bug_in_a_reservations_unloads_is_counted_said_and_the_reservation_stands():
     """A bug while a reservation unloads (an unload that raises what no unload should): counted once, the
     reservation stands with what it did unload, and its answer and event say that the rest was not, and why
