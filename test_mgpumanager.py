@@ -2159,8 +2159,8 @@ async def test_a_process_whose_caller_is_cancelled_before_it_waits_is_killed_too
     try:
         assert len(started) == 1  # (the script: whatever it started is in the pids file)
         await until(lambda: not any(map(running, started)), 5)
-        written = map(int, pids.read_text().split()) if pids.exists() else ()
-        assert not any(map(running, written))
+        written = [int(pid) for pid in pids.read_text().split()] if pids.exists() else []
+        await until(lambda: not any(map(running, written)), 5)  # (a SIGKILL takes effect when it is run)
     finally:
         for pid in map(int, pids.read_text().split()) if pids.exists() else ():
             with contextlib.suppress(ProcessLookupError):
