@@ -8252,6 +8252,21 @@ async def test_a_reservations_end_loads_again_what_it_unloaded_unless_it_was_tol
         assert (await resp.json())["error"] == "bad_request"
 
 
+async def test_a_reservations_end_starts_its_restores_at_once_not_at_the_next_yield_round(rig):
+    """With gpu.yield polling seldom (poll_s 600), a reservation's end still loads again what it unloaded at
+    once: its end wakes the yield loop (a mutation audit: an end that did not, the restore left for the next
+    round up to poll_s later, failed no test)."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(restore_after_s=0, poll_s=600))
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    status, _, answer = await _reserve(r, for_s=60, reason="gaming")
+    assert status == 200 and "mvoice" in answer["unloaded"] and not r.sims["mvoice"].loaded
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 0)  # (no stranger since)
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert resp.status == 200
+    await until(lambda: r.stats.restores == 1, timeout=30)  # (not 600 s)
+    assert r.sims["mvoice"].loaded
+
+
 async def test_a_restore_whose_own_reading_finds_a_stranger_back_waits_for_it_to_go_again(rig):
     """Issue 22: a stranger that comes back stops the restores; they go on once it has been gone
     restore_after_s again. The game comes back between the last poll and the restore's own reading (the
