@@ -2406,6 +2406,30 @@ def test_processes_are_attributed_by_name_and_by_the_unit_in_their_cgroup(tmp_pa
     )
 
 
+def test_a_process_that_loses_its_name_stays_its_consumers_one_that_shows_another_is_not():
+    """Between two readings a consumer's process may lose its name (it exits: still the consumer's memory)
+    or show another one (the pid exec'd another program): only the nameless one stays the consumer's; one
+    whose name no longer matches is whose its name says (a mutation audit: carrying every such pid over
+    failed no test)."""
+    raw = base_raw()
+    raw["consumers"]["comfyui"]["processes"] = {"name": "*/ComfyUI/*"}
+    consumers = m.Consumers(m.Shared(m.parse_config(raw)), session=None)  # type: ignore[arg-type] (no call)
+
+    def attribute(*procs: tuple[int, str]) -> dict[int, str]:
+        reading = m.parse_gpu_reading(
+            "0, GPU-x, sim, 16384, 0, 16384, 0, 30\n",
+            "".join(f"{pid}, {name}, 100, GPU-x\n" for pid, name in procs),
+            index=0,
+            started=0,
+            read_at=0,
+        )
+        return consumers.processes.attribute(reading)
+
+    comfy = "/opt/ComfyUI/.venv/bin/python3"
+    assert attribute((10, comfy), (11, comfy)) == {10: "comfyui", 11: "comfyui"}
+    assert attribute((10, ""), (11, "/usr/bin/game")) == {10: "comfyui"}
+
+
 async def test_each_gpus_processes_are_attributed_and_measured_among_that_gpus_consumers_alone(tmp_path):
     """Two GPUs, one ComfyUI-like service on each, both recognised by the same process name: a reading of a
     GPU attributes its processes to that GPU's consumers only (the first listed, on the other GPU, took
