@@ -5741,27 +5741,42 @@ async def test_of_two_warm_jobs_after_one_that_needs_a_swap_the_earlier_goes_fir
     assert books_balance(s)
 
 
-async def test_a_waiter_that_leaves_lets_the_holders_next_job_join_at_once():
-    """Found by a mutation audit of the lock core: GpuLock.wait not dispatching after a waiter left failed no
-    test. The admin's unload of t (exclusive), waiting, keeps t's next job from joining t (rule 5: t's first
-    waiting job is the unload); when the admin gives up (the request cancelled), t's job joins at once, not
-    when t's running job ends."""
-    s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=2, consumers__t__priority=4))
+async def _t_behind_its_unload(
+    config: m.Config,
+) -> tuple[m.Scheduler, Any, m.Job, asyncio.Future[m.Job], asyncio.Task[m.Job]]:
+    """t runs one job (of the two it may run); the admin's unload of t (exclusive) waits, and keeps t's next
+    job, queued after it, from joining t (rule 5: t's first waiting job is the unload)."""
+    s, _, ops, _ = make_scheduler(config)
     ops.states["t"].loaded()
     first = await s.acquire("t", "kt")
     unload = asyncio.ensure_future(s.unload_now("t"))
     await until(lambda: len(s.queue()) == 1)
-    second = await _queued(s, "t")
-    assert not second.done()
-    unload.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await unload
+    return s, ops, first, unload, await _queued(s, "t")
+
+
+async def _joined_at_once(s: m.Scheduler, ops: Any, first: m.Job, second: asyncio.Task[m.Job]) -> None:
+    """Once the unload is gone, t's next job has joined t within a few turns of the loop, not when its
+    first job ends; then both end and nothing was unloaded."""
     for _ in range(5):
         await asyncio.sleep(0)
     assert second.done() and s.slots == 2
     (await second).release("completed")
     first.release("completed")
     assert ops.calls == [] and books_balance(s)
+
+
+async def test_a_waiter_that_leaves_lets_the_holders_next_job_join_at_once():
+    """Found by a mutation audit of the lock core: GpuLock.wait not dispatching after a waiter left failed no
+    test. The admin's unload of t (exclusive), waiting, keeps t's next job from joining t (rule 5: t's first
+    waiting job is the unload); when the admin gives up (the request cancelled), t's job joins at once, not
+    when t's running job ends."""
+    config = small_config(consumers__t__max_concurrency=2, consumers__t__priority=4)
+    s, ops, first, unload, second = await _t_behind_its_unload(config)
+    assert not second.done()
+    unload.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await unload
+    await _joined_at_once(s, ops, first, second)
 
 
 async def test_a_queue_timeout_lets_the_holders_next_job_join_at_once():
@@ -5772,21 +5787,11 @@ async def test_a_queue_timeout_lets_the_holders_next_job_join_at_once():
     config = small_config(
         consumers__t__max_concurrency=2, consumers__t__priority=4, scheduler__queue_timeout_s=0.5
     )
-    s, _, ops, _ = make_scheduler(config)
-    ops.states["t"].loaded()
-    first = await s.acquire("t", "kt")
-    unload = asyncio.ensure_future(s.unload_now("t"))
-    await until(lambda: len(s.queue()) == 1)
-    second = await _queued(s, "t")  # (its queue timer starts after the unload's)
+    s, ops, first, unload, second = await _t_behind_its_unload(config)  # (t's queue timer starts later)
     with pytest.raises(m.BrokerError) as info:
         await asyncio.wait_for(unload, 5)
     assert info.value.code == "queue_timeout"
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert second.done() and s.slots == 2
-    (await second).release("completed")
-    first.release("completed")
-    assert ops.calls == [] and books_balance(s)
+    await _joined_at_once(s, ops, first, second)
 
 
 async def test_an_admin_operations_gpu_time_counts_for_no_client():
