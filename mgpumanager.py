@@ -4846,9 +4846,10 @@ class Consumers:
         if c is None or c.unload is None:
             raise CallError("unload: no unload route (any more)")
         if isinstance(c.unload, Command):
+            state = self.states[name]  # (the service it stops: a reload meanwhile may make another)
             await self._run(c, c.unload, "unload")
             if c.started_by_command:  # (its load starts it again: stopped, not failing)
-                self.states[name].was_stopped("stopped by its unload command")
+                state.was_stopped("stopped by its unload command")
         elif c.unload.for_each is not None:
             await self._unload_each(c, c.unload, c.unload.for_each)
         else:
@@ -4944,8 +4945,9 @@ class Consumers:
             await self._call(c, c.load, "load")
             return
         deadline = self.clock() + c.load.timeout_s
+        state = self.states[name]  # (the service it starts: a reload meanwhile may make another)
         await self._run(c, c.load, "load")
-        await self._wait_healthy(c, deadline, c.load.timeout_s)
+        await self._wait_healthy(c, state, deadline, c.load.timeout_s)
 
     async def _run(self, c: ConsumerConfig, command: Command, what: str) -> None:
         """Run a load or unload command; anything but exit 0 in time is a CallError with its stderr."""
@@ -4971,8 +4973,11 @@ class Consumers:
         if done.returncode != 0:
             raise CallError(f"{what} command exited with status {done.returncode}: {done.stderr_tail()}")
 
-    async def _wait_healthy(self, c: ConsumerConfig, deadline: float, timeout_s: float) -> None:
-        """Poll the health route every HEALTH_WAIT_POLL_S until it answers 2xx, at most until ``deadline``."""
+    async def _wait_healthy(
+        self, c: ConsumerConfig, state: ConsumerState, deadline: float, timeout_s: float
+    ) -> None:
+        """Poll the health route every HEALTH_WAIT_POLL_S until it answers 2xx (``state`` came up), at most
+        until ``deadline``."""
         reason = "not asked"
         while True:
             left = deadline - self.clock()
@@ -4986,7 +4991,7 @@ class Consumers:
                 ) as resp:
                     await resp.content.read(64 * 1024)
                     if 200 <= resp.status < 300:
-                        self.states[c.name].came_up()
+                        state.came_up()
                         return
                     reason = f"health answered {resp.status}"
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:

@@ -7420,6 +7420,70 @@ async def test_a_failing_command_is_unload_failed_or_load_failed_with_its_stderr
     assert r.broker.consumers.states["whisper"].resident is None  # unknown after a failed call
 
 
+async def test_an_unload_command_under_way_when_a_reload_gives_a_new_url_stops_only_the_old_service(
+    rig, tmp_path
+):
+    """docs/operations.md, Reloading: a consumer given another URL is a new service, and what the broker
+    learns of the old one is never recorded on it. An unload command that ends after such a reload stopped
+    the old service: the new one is not marked stopped (its next job would run the load command first)."""
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    script = f"touch {started}; while [ ! -e {gate} ]; do sleep 0.01; done"
+
+    def stopping(raw: dict[str, Any]) -> None:
+        raw["consumers"]["whisper"]["unload"] = {"command": ["sh", "-c", script], "timeout_s": 30}
+        raw["consumers"]["whisper"]["load"] = {"command": ["true"]}
+
+    r = await rig(tweak=stopping)
+    old = r.broker.consumers.states["whisper"]
+    async with StandIn([("GET", "/health", _ok)]) as service:
+        unloading = asyncio.ensure_future(r.session.post(r.url("/v1/consumers/whisper/unload")))
+        await until(started.exists)
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["whisper"]["url"] = service.url
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert "new url for whisper" in (await resp.json())["changes"]
+        new = r.broker.consumers.states["whisper"]
+        assert new is not old
+        gate.touch()
+        async with await unloading as resp:
+            assert resp.status == 200, await resp.text()
+    assert old.stopped and old.resident is False  # the old service: stopped by its command
+    assert not new.stopped and new.healthy is not False, (new.healthy, new.last_error)
+
+
+async def test_a_load_command_under_way_when_a_reload_gives_a_new_url_brings_up_only_the_old_service(
+    rig, tmp_path
+):
+    """The same for a load command: the old service's health answering after it is the old service's, not
+    a finding about the new one, which nothing started (here nothing even listens at its URL)."""
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    script = f"touch {started}; while [ ! -e {gate} ]; do sleep 0.01; done"
+
+    def starting(raw: dict[str, Any]) -> None:
+        raw["consumers"]["whisper"]["unload"] = {"command": ["true"]}
+        raw["consumers"]["whisper"]["load"] = {"command": ["sh", "-c", script], "timeout_s": 30}
+
+    r = await rig(tweak=starting)
+    async with r.session.post(r.url("/v1/consumers/whisper/unload")) as resp:
+        assert resp.status == 200, await resp.text()
+    old = r.broker.consumers.states["whisper"]
+    assert old.stopped
+    loading = asyncio.ensure_future(r.session.post(r.url("/v1/consumers/whisper/load")))
+    await until(started.exists)
+    raw = copy.deepcopy(r.raw)
+    raw["consumers"]["whisper"]["url"] = f"http://127.0.0.1:{free_port()}"  # (nothing listens)
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert "new url for whisper" in (await resp.json())["changes"]
+    new = r.broker.consumers.states["whisper"]
+    gate.touch()
+    async with await loading as resp:
+        assert resp.status == 200, await resp.text()
+    assert old.healthy is True and not old.stopped  # the old service came up
+    assert new is not old and new.healthy is not True, (new.healthy, new.last_error)
+
+
 async def test_a_hanging_command_is_killed_at_its_timeout_with_everything_it_started(rig, tmp_path):
     pids = tmp_path / "pids"
 
