@@ -5602,6 +5602,12 @@ class Recorder:
     def job_admitted(self) -> None:
         self.stats.jobs += 1
 
+    def forget_clients(self, kept: Collection[str]) -> None:
+        """Drop the job counts of the clients not ``kept`` (a reload removed them): one added again starts
+        at zero, as a new one does (its counters in /metrics stay)."""
+        for client in self.client_jobs.keys() - set(kept):
+            del self.client_jobs[client]
+
     def job_ended(self, job: Job, log_now: bool) -> None:
         """Count the job's outcome now; its metrics, end event and (``log_now``, else when its hold ends)
         its log line once the GPU changed hands."""
@@ -6341,6 +6347,16 @@ class WaitQueue:
         """The clients of the waiting jobs."""
         return set(self._clients)
 
+    def prune(self) -> None:
+        """Drop the lanes and buckets no job waits in. They are kept between jobs (few, and each grant looks
+        at them), but those of a client or consumer a reload removed would stay for good: after a reload
+        they all go, and the next job of each makes its own again."""
+        for level in self._levels:
+            for client, lane in list(level.items()):
+                lane.buckets = {key: bucket for key, bucket in lane.buckets.items() if bucket}
+                if not lane.buckets:  # (no member left in it: remove() cleared its list)
+                    del level[client]
+
     def awaited(self) -> frozenset[str]:
         """The consumers a waiting job wants loaded: every job's but those that only unload (an admin's,
         an idle unload, a reservation, a yield)."""
@@ -6455,6 +6471,11 @@ class GpuTime:
             _forget_before(book, now - window_s)
         else:
             book.append((now, 0.0, slots))
+
+    def forget(self, kept: Collection[str | None]) -> None:
+        """Drop the books of the clients not ``kept`` (a reload removed them) that hold no slot now."""
+        for client in [c for c, book in self._books.items() if c not in kept and book[-1][2] == 0]:
+            del self._books[client]
 
     def granted(self, client: str | None, now: float, window_s: float) -> None:
         """A job of ``client`` took a slot."""
@@ -8186,7 +8207,8 @@ class Scheduler:
     def forget(self) -> None:
         """After a reload: jobs waiting for a consumer gone (or on another GPU now) get no_consumer. One whose
         consumer got another URL (a new service) goes to the new one: its target is the config in force
-        from now on, unless that no longer serves its kind (no_consumer)."""
+        from now on, unless that no longer serves its kind (no_consumer). The wait queue's empty lanes and
+        buckets go, and the GPU time and job count of each client removed (once it holds no slot)."""
         for job in [j for j in self.lock.waiting if not j.granted.done()]:
             now = self.config.consumers.get(job.consumer)
             if job.kind == RESERVATION:  # (no consumer's)
@@ -8201,6 +8223,11 @@ class Scheduler:
                 continue
             why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
             self.lock.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
+        # What is kept per client or consumer between jobs goes with the ones the reload removed.
+        clients = self.config.auth.clients
+        self.lock.waiting.prune()
+        self.lock.use.forget({None, *clients})
+        self.recorder.forget_clients(clients)
         self.lock.dispatch()
 
     async def close(self) -> None:

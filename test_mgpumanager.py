@@ -17963,6 +17963,56 @@ async def test_a_reload_adds_removes_and_rotates_clients_and_closes_what_a_gone_
         assert token not in daemon.log and all(token not in change for change in changes)
 
 
+async def test_reloads_that_rename_clients_and_consumers_leave_nothing_of_the_removed_ones_in_the_lock(rig):
+    """A broker runs for months, reloaded again and again. What the lock keeps per client or consumer
+    between jobs (the wait queue's lanes and buckets, which each grant looks at, and each client's GPU
+    time) and each client's job count go with the ones a reload removed: twenty reloads that each rename a
+    consumer and a client leave only the last ones'. And a client removed and added again starts at zero,
+    as docs/api.md says an added one does."""
+    r = await rig()
+    raw = copy.deepcopy(r.raw)
+    with_clients(raw)
+    raw["consumers"]["mvoice"]["can_coexist_with"] = ["ollama"]
+    old = "whisper"
+
+    async def reload_and_run(name: str, client: str, token: str) -> None:
+        raw["auth"]["clients"] = {client: {"token": token}}
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload"), headers=bearer(TOKEN)) as resp:
+            assert resp.status == 200, await resp.text()
+        async with r.session.post(r.url(f"/c/{name}/inference"), data=b"x", headers=bearer(token)) as resp:
+            assert resp.status == 200, await resp.text()
+            await resp.read()
+        await until(lambda: r.broker.scheduler.holder is None)
+
+    for i in range(20):
+        raw["consumers"][f"w{i}"] = raw["consumers"].pop(old)
+        old = f"w{i}"
+        await reload_and_run(old, f"c{i}", f"client-token-{i:04d}-0123456789")
+    lock, recorder = r.broker.scheduler.lock, r.broker.scheduler.recorder
+    lanes = {client for level in lock.waiting._levels for client in level}
+    buckets = {key[0] for level in lock.waiting._levels for lane in level.values() for key in lane.buckets}
+    assert lanes == {"c19"} and buckets == {"w19"}
+    assert set(lock.use._books) == {"c19"} and set(recorder.client_jobs) == {"c19"}
+    # c0 again: all zero, as a client never seen (its counter in /metrics stays).
+    raw["auth"]["clients"] = {"c0": {"token": "client-token-0000-0123456789"}}
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload"), headers=bearer(TOKEN)) as resp:
+        assert resp.status == 200
+    async with r.session.get(r.url("/v1/status"), headers=bearer(TOKEN)) as resp:
+        clients = (await resp.json())["clients"]
+    assert clients == {
+        "c0": {
+            "queued": 0,
+            "running": 0,
+            "jobs_total": 0,
+            "gpu_s_window": 0,
+            "priority": None,
+            "max_queued": None,
+        }
+    }
+
+
 async def test_a_token_that_a_reload_gives_to_someone_else_closes_what_it_let_in_as_whom_it_was(rig):
     """Issue 19's rotated token and issue 23's removed client, where the token itself stays valid: a reload
     that rotates the admin's token and gives the old one to a client (the admin's power is gone from it),
