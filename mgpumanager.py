@@ -4557,6 +4557,12 @@ class ConsumerState:
         self._acting = False
         self._set_resident(resident, source)
 
+    @property
+    def acting(self) -> bool:
+        """The broker's own unload or load of it is under way (an eviction's or a yield's until its memory
+        came free, or not in time)."""
+        return self._acting
+
     def unloading(self) -> None:
         self.trusted = False
         self._set_resident(None, "unloading")
@@ -10180,16 +10186,27 @@ class Broker:
             raise ConfigError([f"not read within {CONFIG_READ_TIMEOUT_S:g} s"]) from None
 
     def _check_moves(self, new: Config) -> None:
-        """A consumer moves to another GPU only while none of its jobs runs: two GPUs' locks must never
-        both let it work (ConfigError otherwise; the reload is refused whole). Its jobs are the locks'
-        to tell, not the config in force: one a reload removed while its job ran, added again on another
-        GPU, is a move too."""
+        """A consumer moves to another GPU only while none of its jobs runs, nor an unload of it for
+        another's job (an eviction, a reservation's): two GPUs' locks must never both let it work
+        (ConfigError otherwise; the reload is refused whole). Its jobs are the locks' to tell, not the
+        config in force: one a reload removed while its job ran, added again on another GPU, is a move
+        too."""
         problems = [
             f"consumers.{name}.gpu: {name} has a job running on GPU {index}; reload again once it is idle"
             for name, c in new.consumers.items()
             for index, s in sorted(self.schedulers.items())
             if index != c.gpu and s.lock.jobs_of(name) > 0
         ]
+        for name, c in new.consumers.items():
+            old, state = self.config.consumers.get(name), self.consumers.states.get(name)
+            named = any(p.startswith(f"consumers.{name}.gpu:") for p in problems)
+            if state is None or not state.acting or named or (old is not None and old.gpu == c.gpu):
+                continue
+            where = f"GPU {old.gpu}" if old is not None else "the GPU it was removed from"
+            problems.append(
+                f"consumers.{name}.gpu: {name} is being unloaded or loaded on {where}; reload again once"
+                " it is idle"
+            )
         if problems:
             raise ConfigError(problems)
 

@@ -13644,6 +13644,27 @@ async def test_a_consumer_moves_to_another_gpu_only_while_none_of_its_jobs_runs(
         assert r.broker.scheduler_for("ollama").index == 1
 
 
+async def test_a_consumer_being_evicted_moves_to_another_gpu_only_once_its_unload_is_done(rig):
+    """Found by an attack on reload interplay: the move check counted a consumer's own jobs only. One being
+    unloaded on GPU 0 for another's job (its unload called, its memory waited for) could be moved to GPU 1
+    and given a job there while GPU 0's unload of it was still under way. Its unload counts as its work."""
+    # 14000 MiB: comfyui (13000) does not fit beside mvoice (2800), whose memory goes 2 s after its unload.
+    r = await rig(gpus=2, total_mib=14000, sims={"mvoice": {"loaded": True, "release_s": 2}})
+    image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+    await until(lambda: r.sims["mvoice"].unloads == 1)
+    raw = copy.deepcopy(r.raw)
+    raw["consumers"]["mvoice"]["gpu"] = 1
+    raw["consumers"]["mvoice"]["can_coexist_with"] = []
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+    assert "consumers.mvoice.gpu: mvoice is being unloaded or loaded on GPU 0" in data["message"]
+    assert r.broker.scheduler_for("mvoice").index == 0
+    assert (await image)[0] == 200
+    async with r.session.post(r.url("/v1/reload")) as resp:  # unloaded now: the move is taken
+        assert "new GPU for mvoice" in (await resp.json())["changes"]
+
+
 async def test_a_job_that_starts_while_a_reload_checks_its_urls_keeps_its_consumer_on_its_gpu(
     rig, monkeypatch
 ):
