@@ -80,8 +80,8 @@ Sections, in dependency order:
   restores, on every GPU); ``Yielding`` (when to yield and restore: the poll of gpu.yield).
 - The proxy: ``forward`` and ``forward_job`` (``relay``, streamed), the holds' polls, WebSockets.
 - The broker: ``StateFile`` (what a restart keeps: ``parse_state``, an atomic write), ``Broker``, the
-  composition root (its ``clients``: each client's use, for status), ``client_changes`` (what a reload
-  changes of the clients).
+  composition root (its ``clients``: each client's use, for status), ``move_problems`` (why a reload may
+  not move a consumer to another GPU now), ``client_changes`` (what a reload changes of the clients).
 - The HTTP app: the client connections (``ClientConnections``: limits, and what a revoked token let in),
   the consumers' ports, the front door (``check_token``, ``client_of``, ``require_admin``), the handlers,
   ``create_app``, the dashboard page.
@@ -10140,7 +10140,8 @@ class Broker:
             try:
                 new = await self._read_config(self.source)
                 await self._check_loops(new)
-                self._check_moves(new)  # (last: no job may start between this check and ``apply``)
+                if problems := move_problems(new, self.config, self.schedulers, self.consumers.states):
+                    raise ConfigError(problems)  # (last: no job may start between this check and ``apply``)
             except ConfigError as e:
                 for problem in e.problems:
                     log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
@@ -10184,31 +10185,6 @@ class Broker:
             return await asyncio.wait_for(asyncio.shield(reading), CONFIG_READ_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise ConfigError([f"not read within {CONFIG_READ_TIMEOUT_S:g} s"]) from None
-
-    def _check_moves(self, new: Config) -> None:
-        """A consumer moves to another GPU only while none of its jobs runs, nor an unload of it for
-        another's job (an eviction, a reservation's): two GPUs' locks must never both let it work
-        (ConfigError otherwise; the reload is refused whole). Its jobs are the locks' to tell, not the
-        config in force: one a reload removed while its job ran, added again on another GPU, is a move
-        too."""
-        problems = [
-            f"consumers.{name}.gpu: {name} has a job running on GPU {index}; reload again once it is idle"
-            for name, c in new.consumers.items()
-            for index, s in sorted(self.schedulers.items())
-            if index != c.gpu and s.lock.jobs_of(name) > 0
-        ]
-        for name, c in new.consumers.items():
-            old, state = self.config.consumers.get(name), self.consumers.states.get(name)
-            named = any(p.startswith(f"consumers.{name}.gpu:") for p in problems)
-            if state is None or not state.acting or named or (old is not None and old.gpu == c.gpu):
-                continue
-            where = f"GPU {old.gpu}" if old is not None else "the GPU it was removed from"
-            problems.append(
-                f"consumers.{name}.gpu: {name} is being unloaded or loaded on {where}; reload again once"
-                " it is idle"
-            )
-        if problems:
-            raise ConfigError(problems)
 
     async def _check_loops(self, new: Config) -> None:
         """A consumer URL that leads back to a port really listened on is a loop (ConfigError; the reload is
@@ -10365,6 +10341,29 @@ class Broker:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
+
+
+def move_problems(
+    new: Config, old: Config, schedulers: Mapping[int, Scheduler], states: Mapping[str, ConsumerState]
+) -> list[str]:
+    """Why a reload may not move a consumer to another GPU now (ConfigError's problems; the reload is
+    refused whole): one of its jobs runs there, or the broker unloads (or loads) it for another's job, an
+    eviction or a reservation's unload. Two GPUs' locks must never both let it work. Its jobs are the
+    locks' to tell, not the config in force: one a reload removed while its job ran, added again on
+    another GPU, is a move too."""
+    problems = []
+    for name, c in new.consumers.items():
+        why = [
+            f"has a job running on GPU {index}"
+            for index, s in sorted(schedulers.items())
+            if index != c.gpu and s.lock.jobs_of(name) > 0
+        ]
+        before, state = old.consumers.get(name), states.get(name)
+        if not why and state is not None and state.acting and (before is None or before.gpu != c.gpu):
+            where = f"GPU {before.gpu}" if before is not None else "the GPU it was removed from"
+            why.append(f"is being unloaded or loaded on {where}")
+        problems += [f"consumers.{name}.gpu: {name} {w}; reload again once it is idle" for w in why]
+    return problems
 
 
 def client_changes(old: AuthConfig, new: AuthConfig) -> list[str]:
