@@ -4557,12 +4557,6 @@ class ConsumerState:
         self._acting = False
         self._set_resident(resident, source)
 
-    @property
-    def acting(self) -> bool:
-        """The broker's own unload or load of it is under way (an eviction's or a yield's until its memory
-        came free, or not in time)."""
-        return self._acting
-
     def unloading(self) -> None:
         self.trusted = False
         self._set_resident(None, "unloading")
@@ -5609,8 +5603,9 @@ class Recorder:
         self.stats.jobs += 1
 
     def forget_clients(self, kept: Collection[str]) -> None:
-        """Drop the job counts of the clients not ``kept`` (a reload removed them): one added again starts
-        at zero, as a new one does (its counters in /metrics stay)."""
+        """Drop the job counts of the clients not ``kept`` (a reload removed them; their jobs that end
+        later are not counted): one added again starts at zero, as a new one does (its counters in /metrics
+        stay)."""
         for client in self.client_jobs.keys() - set(kept):
             del self.client_jobs[client]
 
@@ -5619,7 +5614,7 @@ class Recorder:
         its log line once the GPU changed hands."""
         assert job.outcome is not None
         setattr(self.stats, job.outcome, getattr(self.stats, job.outcome) + 1)
-        if job.client is not None:
+        if job.client in self.shared.config.auth.clients:  # (not one a reload removed meanwhile)
             self.client_jobs[job.client] = self.client_jobs.get(job.client, 0) + 1
         _after_handover(functools.partial(self._account, job, log_now))
 
@@ -6465,6 +6460,8 @@ class GpuTime:
     def __init__(self) -> None:
         #: client -> deque of (t, seconds held by then, slots held from t on).
         self._books: dict[str | None, deque[tuple[float, float, int]]] = {}
+        #: Clients a reload removed while they held a slot: their book goes with their last slot.
+        self._gone: set[str | None] = set()
 
     def __repr__(self) -> str:
         return f"<GpuTime clients:{len(self._books)}>"
@@ -6479,9 +6476,14 @@ class GpuTime:
             book.append((now, 0.0, slots))
 
     def forget(self, kept: Collection[str | None]) -> None:
-        """Drop the books of the clients not ``kept`` (a reload removed them) that hold no slot now."""
-        for client in [c for c, book in self._books.items() if c not in kept and book[-1][2] == 0]:
-            del self._books[client]
+        """Drop the books of the clients not ``kept`` (a reload removed them), each once it holds no slot."""
+        self._gone = {client for client in self._books if client not in kept}
+        for client in [c for c in self._gone if self._books[c][-1][2] == 0]:
+            self._drop(client)
+
+    def _drop(self, client: str | None) -> None:
+        del self._books[client]
+        self._gone.discard(client)
 
     def granted(self, client: str | None, now: float, window_s: float) -> None:
         """A job of ``client`` took a slot."""
@@ -6490,6 +6492,8 @@ class GpuTime:
     def released(self, client: str | None, now: float, window_s: float) -> None:
         """A job (or hold) of ``client`` gave its slot back."""
         self._step(client, now, -1, window_s)
+        if client in self._gone and self._books[client][-1][2] == 0:
+            self._drop(client)
 
     def served(self, clients: Iterable[str | None], now: float, window_s: float) -> dict[str | None, float]:
         """Each of ``clients``' GPU time within the last ``window_s`` seconds (the grant order's snapshot)."""
@@ -7253,17 +7257,23 @@ class RoomMaker:
                 message = room_message(plan_room(snap), snap, whole.processes, self.ops.owners())
                 raise BrokerError("insufficient_vram", message, job.consumer)
             victim = plan.victims[0]
-            size, pids = snap.consumers[victim].holds_mib, self.states[victim].pids
+            state = self.states[victim]  # (the service it unloads: a reload meanwhile may make another)
+            size, pids = snap.consumers[victim].holds_mib, state.pids
             try:
                 await self.unload(job, victim)
             except BrokerError:
                 tried[victim] = "unload failed"
                 continue
             reading, freed = await self._wait_for_memory(
-                job, victim, size, pids, reading.free_mib or 0, plan.need_mib
+                job, victim, state, size, pids, reading.free_mib or 0, plan.need_mib
             )
             waited = self.config.scheduler.vram_wait_s
             tried[victim] = "unloaded" if freed else f"unloaded, memory not freed within {waited:g} s"
+
+    def unloading(self, name: str) -> bool:
+        """An unload of ``name`` is under way on this GPU (an eviction's or a yield's until its memory came
+        free, or not in time), whatever service the name is now."""
+        return name in self._unload_started
 
     async def unload(
         self, job: Job, victim: str, *, by: str | None = None, fields: Mapping[str, Any] | None = None
@@ -7315,17 +7325,21 @@ class RoomMaker:
         unload answered (before the wait, which a shutdown may cut). Whether its memory came free."""
         assert self.strangers is not None
         size = _charged(self.views(), reading.used_mib).get(victim, 0)
-        pids = self.states[victim].pids
+        state = self.states[victim]  # (the service it unloads: a reload meanwhile may make another)
+        pids = state.pids
         await self.unload(job, victim, by="yield", fields=self.strangers.fields())
         answered()
         before = reading.free_mib or 0
-        _, freed = await self._wait_for_memory(job, victim, size, pids, before, keep_free_mib, by="yield")
+        _, freed = await self._wait_for_memory(
+            job, victim, state, size, pids, before, keep_free_mib, by="yield"
+        )
         return freed
 
     async def _wait_for_memory(
         self,
         job: Job,
         victim: str,
+        state: ConsumerState,
         size: int,
         pids: frozenset[int],
         before: int,
@@ -7340,13 +7354,13 @@ class RoomMaker:
         tells whose they are: a process that exits has no name any more before its memory goes; a game
         that takes memory the moment it comes free leaves the free figure where it was). The victim is
         then not resident, or unknown if some but too little came free (a measured one whose processes
-        still hold it: its next reading tells)."""
+        still hold it: its next reading tells), in ``state``: the victim's as its unload began (a reload
+        meanwhile may have made it another service, which the wait leaves alone)."""
         freed = False
         wait_s = self.config.scheduler.vram_wait_s
         deadline = self.clock() + wait_s
         enough_freed = FREED_SHARE * size
         took: float | None = None
-        state = self.states[victim]
         while True:
             started = self.clock()
             c = self.config.consumers.get(victim)
@@ -7355,6 +7369,7 @@ class RoomMaker:
                 reading = await self.read(job)
             except BaseException:
                 state.unconfirmed()
+                self._unload_started.pop(victim, None)
                 raise
             free = reading.free_mib if reading.free_mib is not None else before
             released = max(free - before, size - held_mib(reading, victim, pids) if measured else 0)
@@ -10140,7 +10155,7 @@ class Broker:
             try:
                 new = await self._read_config(self.source)
                 await self._check_loops(new)
-                if problems := move_problems(new, self.config, self.schedulers, self.consumers.states):
+                if problems := move_problems(new, self.schedulers):
                     raise ConfigError(problems)  # (last: no job may start between this check and ``apply``)
             except ConfigError as e:
                 for problem in e.problems:
@@ -10343,26 +10358,23 @@ class Broker:
         return task
 
 
-def move_problems(
-    new: Config, old: Config, schedulers: Mapping[int, Scheduler], states: Mapping[str, ConsumerState]
-) -> list[str]:
+def move_problems(new: Config, schedulers: Mapping[int, Scheduler]) -> list[str]:
     """Why a reload may not move a consumer to another GPU now (ConfigError's problems; the reload is
-    refused whole): one of its jobs runs there, or the broker unloads (or loads) it for another's job, an
-    eviction or a reservation's unload. Two GPUs' locks must never both let it work. Its jobs are the
-    locks' to tell, not the config in force: one a reload removed while its job ran, added again on
-    another GPU, is a move too."""
+    refused whole): one of its jobs runs on another GPU, or an unload of it for another's job does there
+    (an eviction, a reservation's). Two GPUs' locks must never both let it work. The GPUs tell, not the
+    config in force: one a reload removed while its job ran, added again on another GPU, is a move too."""
     problems = []
     for name, c in new.consumers.items():
-        why = [
-            f"has a job running on GPU {index}"
-            for index, s in sorted(schedulers.items())
-            if index != c.gpu and s.lock.jobs_of(name) > 0
-        ]
-        before, state = old.consumers.get(name), states.get(name)
-        if not why and state is not None and state.acting and (before is None or before.gpu != c.gpu):
-            where = f"GPU {before.gpu}" if before is not None else "the GPU it was removed from"
-            why.append(f"is being unloaded or loaded on {where}")
-        problems += [f"consumers.{name}.gpu: {name} {w}; reload again once it is idle" for w in why]
+        for index, s in sorted(schedulers.items()):
+            if index == c.gpu:
+                continue
+            if s.lock.jobs_of(name) > 0:
+                why = f"has a job running on GPU {index}"
+            elif s.rooms.unloading(name):
+                why = f"is being unloaded on GPU {index}"
+            else:
+                continue
+            problems.append(f"consumers.{name}.gpu: {name} {why}; reload again once it is idle")
     return problems
 
 

@@ -7484,6 +7484,39 @@ async def test_a_load_command_under_way_when_a_reload_gives_a_new_url_brings_up_
     assert new is not old and new.healthy is not True, (new.healthy, new.last_error)
 
 
+async def test_an_eviction_under_way_when_a_reload_gives_a_new_url_decides_only_the_old_services_residency(
+    rig, tmp_path
+):
+    """The same for an eviction: its wait for the memory, after its unload call, finds what the old service
+    freed; the new service's residency stays unknown (found by the review of the fix above, which first
+    left the wait reading the consumer's record anew)."""
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    script = f"touch {started}; while [ ! -e {gate} ]; do sleep 0.01; done"
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["consumers"]["mvoice"]["unload"] = {"command": ["sh", "-c", script], "timeout_s": 30}
+        raw["consumers"]["mvoice"]["load"] = {"command": ["true"]}
+        raw["scheduler"]["vram_wait_s"] = 1
+
+    r = await rig(total_mib=14000, sims={"mvoice": {"loaded": True}}, tweak=tweak)
+    old = r.broker.consumers.states["mvoice"]
+    async with StandIn([("GET", "/health", _ok)]) as service:
+        image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+        await until(started.exists)
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["mvoice"]["url"] = service.url
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert "new url for mvoice" in (await resp.json())["changes"]
+        new = r.broker.consumers.states["mvoice"]
+        assert new is not old and new.resident is None
+        gate.touch()
+        await image
+    assert new.resident is None, "the old service's eviction decided the new service's residency"
+    assert old.resident is not True  # (its eviction's end was recorded there)
+    assert not r.broker.scheduler.rooms.unloading("mvoice")
+
+
 async def test_a_hanging_command_is_killed_at_its_timeout_with_everything_it_started(rig, tmp_path):
     pids = tmp_path / "pids"
 
@@ -13658,11 +13691,57 @@ async def test_a_consumer_being_evicted_moves_to_another_gpu_only_once_its_unloa
     r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     async with r.session.post(r.url("/v1/reload")) as resp:
         data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
-    assert "consumers.mvoice.gpu: mvoice is being unloaded or loaded on GPU 0" in data["message"]
+    assert "consumers.mvoice.gpu: mvoice is being unloaded on GPU 0" in data["message"]
     assert r.broker.scheduler_for("mvoice").index == 0
     assert (await image)[0] == 200
     async with r.session.post(r.url("/v1/reload")) as resp:  # unloaded now: the move is taken
         assert "new GPU for mvoice" in (await resp.json())["changes"]
+
+
+async def test_a_consumer_removed_while_evicted_may_come_back_on_the_same_gpu_at_once(rig):
+    """Only a move waits for an unload under way on another GPU: a consumer a reload removed while it was
+    being evicted, added again on its GPU, is no move (found by the review of the move check, which first
+    asked the consumer's state and so could not tell on which GPU it was being unloaded)."""
+    r = await rig(gpus=2, total_mib=14000, sims={"mvoice": {"loaded": True, "release_s": 3}})
+    image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+    await until(lambda: r.sims["mvoice"].unloads == 1)
+    removed = copy.deepcopy(r.raw)
+    del removed["consumers"]["mvoice"]
+    removed["routing"] = {k: v for k, v in removed["routing"].items() if v != "mvoice"}
+    removed.pop("audio_proxy", None)
+    for c in removed["consumers"].values():
+        c["can_coexist_with"] = [n for n in c.get("can_coexist_with", []) if n != "mvoice"]
+    r.config_path.write_text(yaml.safe_dump(removed, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert "removed mvoice" in (await resp.json())["changes"], await resp.text()
+    r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))  # the same again, on GPU 0
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        status, text = resp.status, await resp.text()
+    assert not image.done()  # (the unload was still under way)
+    assert status == 200 and "added mvoice" in text, text
+    assert (await image)[0] == 200
+
+
+async def test_a_consumer_given_a_new_url_while_evicted_still_waits_for_that_unload_to_move(rig):
+    """The move check goes by the GPUs' unloads under way, by name: a reload that gives the consumer a new
+    URL (a new service, a new record) while it is being evicted does not let the next reload move it to
+    another GPU before that unload is done (found by the review of the move check)."""
+    r = await rig(gpus=2, total_mib=14000, sims={"mvoice": {"loaded": True, "release_s": 3}})
+    image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+    await until(lambda: r.sims["mvoice"].unloads == 1)
+    raw = copy.deepcopy(r.raw)
+    raw["consumers"]["mvoice"]["url"] = raw["consumers"]["mvoice"]["url"].replace("127.0.0.1", "localhost")
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert "new url for mvoice" in (await resp.json())["changes"], await resp.text()
+    raw["consumers"]["mvoice"]["gpu"] = 1
+    raw["consumers"]["mvoice"]["can_coexist_with"] = []
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+    assert not image.done()
+    assert "consumers.mvoice.gpu: mvoice is being unloaded on GPU 0" in data["message"]
+    assert (await image)[0] == 200
 
 
 async def test_a_job_that_starts_while_a_reload_checks_its_urls_keeps_its_consumer_on_its_gpu(
@@ -18032,6 +18111,35 @@ async def test_reloads_that_rename_clients_and_consumers_leave_nothing_of_the_re
             "max_queued": None,
         }
     }
+
+
+async def test_a_client_removed_while_its_job_runs_starts_at_zero_when_added_again(rig):
+    """docs/api.md: a client added shows all zero. One removed while its job ran, whose job ended after
+    that, and added again later: neither that job nor its GPU time counts for it (found by the review of
+    the clean-up above, which kept the book of a client holding a slot, and counted its job's end)."""
+    r = await rig(sims={"whisper": {"work_s": 1.0}})
+    raw = copy.deepcopy(r.raw)
+    raw["auth"] = {"token": TOKEN, "clients": {}}
+    c1, c2 = "client-token-c1-0123456789", "client-token-c2-0123456789"
+
+    async def reload(clients: dict[str, Any]) -> None:
+        raw["auth"]["clients"] = clients
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload"), headers=bearer(TOKEN)) as resp:
+            assert resp.status == 200, await resp.text()
+
+    await reload({"c1": {"token": c1}})
+    job = asyncio.ensure_future(r.session.post(r.url("/c/whisper/inference"), data=b"x", headers=bearer(c1)))
+    await until(lambda: r.broker.scheduler.holder == "whisper")
+    await reload({"c2": {"token": c2}})  # c1 removed while its job runs
+    with contextlib.suppress(aiohttp.ClientError):  # (its connection is closed: its token is gone)
+        (await job).release()
+    await until(lambda: r.broker.scheduler.holder is None and not r.broker.scheduler.lock.taken)
+    assert "c1" not in r.broker.scheduler.lock.use._books
+    await reload({"c1": {"token": c1}, "c2": {"token": c2}})  # c1 added again
+    async with r.session.get(r.url("/v1/status"), headers=bearer(TOKEN)) as resp:
+        clients = (await resp.json())["clients"]
+    assert clients["c1"]["jobs_total"] == 0 and clients["c1"]["gpu_s_window"] == 0, clients["c1"]
 
 
 async def test_a_token_that_a_reload_gives_to_someone_else_closes_what_it_let_in_as_whom_it_was(rig):
