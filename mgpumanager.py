@@ -7661,11 +7661,7 @@ class Reservations:
 
     async def _start(self, res: Reservation, for_s: float) -> None:
         s = self.scheduler
-        try:
-            await self._unload_all(res)
-        except Exception as e:  # a bug: the reservation stands, it unloaded what it could
-            s.recorder.internal_error("reservation's unloads crashed", error=describe(e))
-            res.not_unloaded.setdefault("(the rest)", f"internal error: {describe(e)}")
+        await self._unloads(res)
         if self.reservation is not res:  # released while it unloaded
             return
         left = max(0.0, res.until - s.clock())
@@ -7700,15 +7696,24 @@ class Reservations:
         )
         return res
 
+    async def _unloads(self, res: Reservation) -> None:
+        """``_unload_all``; a bug there leaves the reservation standing, with what it unloaded."""
+        try:
+            await self._unload_all(res)
+        except Exception as e:
+            self.scheduler.recorder.internal_error("reservation's unloads crashed", error=describe(e))
+            res.not_unloaded.setdefault("(the rest)", f"internal error: {describe(e)}")
+
     async def _unload_all(self, res: Reservation) -> None:
         """Ask each consumer of the GPU that has an unload to unload, known resident or not (the broker's
-        record may be stale; unloading what holds nothing costs nothing); say why the others stay."""
+        record may be stale; unloading what holds nothing costs nothing), but those it unloaded already (a
+        reservation resumed after a restart); say why the others stay."""
         s = self.scheduler
         async with s.rooms.lock:
             for name, c in s.config.consumers.items():
                 if self.reservation is not res:  # released (or expired) meanwhile: the GPU is given back
                     break
-                if c.gpu != s.index:
+                if c.gpu != s.index or name in res.unloaded:
                     continue
                 if c.unload is None:
                     res.not_unloaded[name] = "no unload route"
@@ -7763,8 +7768,9 @@ class Reservations:
         self, left_s: float, reason: str, restore: bool, unloaded: Sequence[str], to_restore: Sequence[str]
     ) -> Reservation:
         """A reservation read from the state file, still in force for ``left_s``: it holds the GPU again at
-        once (before any job is admitted); nothing is unloaded again (the broker's clients could load
-        nothing while it was down: they go through it)."""
+        once (before any job is admitted), and asks what it had not unloaded yet to unload (a restart may
+        have cut its unloads short), as the broker's own work; what it had unloaded is not asked again (the
+        broker's clients could load nothing while it was down: they go through it)."""
         s = self.scheduler
         assert self.reservation is None and s.lock.holder is None and not s.lock.waiting
         job = self._job()
@@ -7785,6 +7791,7 @@ class Reservations:
             job=job.id,
             resumed=True,
         )
+        s.own(asyncio.ensure_future(self._unloads(res)))
         return res
 
 
@@ -8582,6 +8589,8 @@ class InternalJobs:
         for name in self.config.consumers:
             due = self.idle_deadline(name)
             if due is None:
+                continue
+            if self.scheduler_for(name).reservation is not None:  # (asked once the reservation ended)
                 continue
             if due <= now and self.idle_due(name):
                 # One idle unload per consumer is kept pending; a second ask returns at once.

@@ -9314,6 +9314,78 @@ async def test_a_reservation_survives_sigterm_and_a_fresh_start_and_its_end_then
     assert "reservation" not in json.loads(path.read_text())["gpus"].get("0", {})
 
 
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+async def test_a_reservation_cut_by_a_restart_while_it_unloads_finishes_its_unloads_when_resumed(
+    rig, tmp_path, stop
+):
+    """Found by an attack on restarts: a reservation "asks every consumer on that GPU that has an unload to
+    unload", and a restart with state_file keeps it. The broker stops (make deploy's SIGTERM, or a crash)
+    while the reservation still unloads (mvoice's unload hangs, comfyui's turn has not come): the broker
+    started again held the GPU for it but asked nobody to unload, so comfyui kept its 13000 MiB for the
+    whole reservation and the game it was made for ran out of memory. A resumed reservation asks what it
+    had not unloaded yet."""
+    r = await rig(sims={"mvoice": {"loaded": True}, "comfyui": {"loaded": True}})
+    path = tmp_path / "state.json"
+    raw = copy.deepcopy(r.raw) | {"state_file": str(path)}
+    r.sims["mvoice"].faults["unload_hang"] = True
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        reserve = asyncio.ensure_future(
+            r.session.post(daemon.url("/v1/reserve"), json={"for_s": 3600, "reason": "gaming"})
+        )
+        await until(lambda: any(rec.path == "/api/admin/unload" for rec in r.sims["mvoice"].records))
+
+        def kept() -> bool:  # the state file holds the reservation: a crash now keeps it
+            return path.exists() and "reservation" in json.loads(path.read_text())["gpus"].get("0", {})
+
+        await until(kept)
+        if stop == "sigkill":
+            daemon.proc.kill()
+        else:
+            daemon.terminate()
+        await daemon.proc.wait()
+        with contextlib.suppress(aiohttp.ClientError):  # (its connection goes with the broker)
+            (await reserve).close()
+    assert r.sims["comfyui"].loaded  # never asked
+    r.sims["mvoice"].faults.pop("unload_hang")
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as again:
+        await until(lambda: not r.sims["comfyui"].loaded and not r.sims["mvoice"].loaded, 20)
+        res = (await again.status(r.session))["gpu"]["reservation"]
+        assert res["reason"] == "gaming" and set(res["unloaded"]) >= {"mvoice", "comfyui"}, res
+        r.gpu.allocate("game", 12000, graphics=True)  # (SimOOM if the GPU were still full)
+
+
+async def test_a_reserved_gpu_asks_no_idle_unload_of_what_its_reservation_could_not_unload(rig, caplog):
+    """Found by an attack on restarts: the rule for yields and restores holds for idle unloads too. mvoice's
+    unload failed when the GPU was reserved, and a probe finds it resident. Its idle_unload_s passed, so an
+    idle unload was asked every IDLE_CHECK_S, refused gpu_reserved at the queue's door and logged as a
+    warning ("idle_unload failed") for the whole reservation: hours of them for a game. It is asked once
+    the reservation ended."""
+    r = await rig(
+        sims={"mvoice": {"loaded": True}},
+        tweak=lambda raw: raw["consumers"]["mvoice"].update(idle_unload_s=0.5),
+    )
+    r.sims["mvoice"].faults["unload_status"] = 500
+    status, _, answer = await _reserve(r, for_s=600, reason="gaming")
+    assert status == 200 and "mvoice" in answer["not_unloaded"]
+    await r.broker.consumers.probe_now("mvoice")  # a health round: it is resident
+    assert r.broker.consumers.states["mvoice"].resident is True
+    internal = r.broker.internal
+    asked = []
+    real = internal._logged
+
+    async def logged(kind: str, name: str) -> None:
+        asked.append((kind, name))
+        await real(kind, name)
+
+    internal._logged = logged  # type: ignore[method-assign]
+    await asyncio.sleep(2)  # (the idle check comes every idle_unload_s here: four rounds go by)
+    assert asked == [] and "idle_unload failed" not in caplog.text
+    r.sims["mvoice"].faults.pop("unload_status")
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert resp.status == 200
+    await until(lambda: r.stats.idle_unloads == 1, 3 * m.IDLE_CHECK_S)  # asked once the reservation ended
+
+
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
