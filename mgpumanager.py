@@ -7710,6 +7710,11 @@ class Reservations:
         reservation resumed after a restart); say why the others stay."""
         s = self.scheduler
         async with s.rooms.lock:
+            if any(c.processes is not None for c in s.config.consumers.values() if c.gpu == s.index):
+                try:  # what the measured ones hold decides what its end restores: a reading says
+                    await s.rooms.read(res.job)
+                except BrokerError as e:
+                    log.warning(logfmt(msg="reservation: residency from the records", gpu=s.index, error=e))
             for name, c in s.config.consumers.items():
                 if self.reservation is not res:  # released (or expired) meanwhile: the GPU is given back
                     break

@@ -9354,6 +9354,25 @@ async def test_a_reservation_cut_by_a_restart_while_it_unloads_finishes_its_unlo
         r.gpu.allocate("game", 12000, graphics=True)  # (SimOOM if the GPU were still full)
 
 
+async def test_a_reservations_end_restores_a_measured_consumer_it_unloaded_before_any_reading(rig):
+    """Found by an attack on restarts (issue 18: decide from facts): its end "loads again what it unloaded
+    that was resident and has a load". mvoice is measured by its processes, so its residency is what
+    readings show; without gpu.yield nothing had read the GPU yet (no job, no status), so its record said
+    unknown, and the reservation unloaded it but left it out of what its end restores, though it held 2800
+    MiB. The reservation reads the GPU first where a consumer is measured."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["consumers"]["mvoice"]["processes"] = {"name": "*/mvoice/*"}
+
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=tweak)
+    assert r.broker.consumers.states["mvoice"].resident is not True  # (no reading yet)
+    status, _, answer = await _reserve(r, for_s=60, reason="nightly-training")
+    assert status == 200 and "mvoice" in answer["unloaded"] and not r.sims["mvoice"].loaded
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert resp.status == 200
+    await until(lambda: r.sims["mvoice"].loaded and r.stats.restores == 1)
+
+
 async def test_a_reserved_gpu_asks_no_idle_unload_of_what_its_reservation_could_not_unload(rig, caplog):
     """Found by an attack on restarts: the rule for yields and restores holds for idle unloads too. mvoice's
     unload failed when the GPU was reserved, and a probe finds it resident. Its idle_unload_s passed, so an
