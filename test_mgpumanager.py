@@ -7420,14 +7420,29 @@ async def test_a_failing_command_is_unload_failed_or_load_failed_with_its_stderr
     assert r.broker.consumers.states["whisper"].resident is None  # unknown after a failed call
 
 
+def _gated(tmp_path: Path) -> tuple[Path, Path, str]:
+    """A command's script that says it began (``started``) and then waits until ``gate`` exists."""
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    return started, gate, f"touch {started}; while [ ! -e {gate} ]; do sleep 0.01; done"
+
+
+async def _new_url(r: Rig, name: str, url: str) -> m.ConsumerState:
+    """Reload r's config with consumer ``name`` at ``url`` (a new service); the new service's record."""
+    raw = copy.deepcopy(r.raw)
+    raw["consumers"][name]["url"] = url
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert f"new url for {name}" in (await resp.json())["changes"]
+    return r.broker.consumers.states[name]
+
+
 async def test_an_unload_command_under_way_when_a_reload_gives_a_new_url_stops_only_the_old_service(
     rig, tmp_path
 ):
     """docs/operations.md, Reloading: a consumer given another URL is a new service, and what the broker
     learns of the old one is never recorded on it. An unload command that ends after such a reload stopped
     the old service: the new one is not marked stopped (its next job would run the load command first)."""
-    started, gate = tmp_path / "started", tmp_path / "gate"
-    script = f"touch {started}; while [ ! -e {gate} ]; do sleep 0.01; done"
+    started, gate, script = _gated(tmp_path)
 
     def stopping(raw: dict[str, Any]) -> None:
         raw["consumers"]["whisper"]["unload"] = {"command": ["sh", "-c", script], "timeout_s": 30}
@@ -7438,12 +7453,7 @@ async def test_an_unload_command_under_way_when_a_reload_gives_a_new_url_stops_o
     async with StandIn([("GET", "/health", _ok)]) as service:
         unloading = asyncio.ensure_future(r.session.post(r.url("/v1/consumers/whisper/unload")))
         await until(started.exists)
-        raw = copy.deepcopy(r.raw)
-        raw["consumers"]["whisper"]["url"] = service.url
-        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        async with r.session.post(r.url("/v1/reload")) as resp:
-            assert "new url for whisper" in (await resp.json())["changes"]
-        new = r.broker.consumers.states["whisper"]
+        new = await _new_url(r, "whisper", service.url)
         assert new is not old
         gate.touch()
         async with await unloading as resp:
@@ -7457,8 +7467,7 @@ async def test_a_load_command_under_way_when_a_reload_gives_a_new_url_brings_up_
 ):
     """The same for a load command: the old service's health answering after it is the old service's, not
     a finding about the new one, which nothing started (here nothing even listens at its URL)."""
-    started, gate = tmp_path / "started", tmp_path / "gate"
-    script = f"touch {started}; while [ ! -e {gate} ]; do sleep 0.01; done"
+    started, gate, script = _gated(tmp_path)
 
     def starting(raw: dict[str, Any]) -> None:
         raw["consumers"]["whisper"]["unload"] = {"command": ["true"]}
@@ -7471,12 +7480,7 @@ async def test_a_load_command_under_way_when_a_reload_gives_a_new_url_brings_up_
     assert old.stopped
     loading = asyncio.ensure_future(r.session.post(r.url("/v1/consumers/whisper/load")))
     await until(started.exists)
-    raw = copy.deepcopy(r.raw)
-    raw["consumers"]["whisper"]["url"] = f"http://127.0.0.1:{free_port()}"  # (nothing listens)
-    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    async with r.session.post(r.url("/v1/reload")) as resp:
-        assert "new url for whisper" in (await resp.json())["changes"]
-    new = r.broker.consumers.states["whisper"]
+    new = await _new_url(r, "whisper", f"http://127.0.0.1:{free_port()}")  # (nothing listens)
     gate.touch()
     async with await loading as resp:
         assert resp.status == 200, await resp.text()
@@ -7490,8 +7494,7 @@ async def test_an_eviction_under_way_when_a_reload_gives_a_new_url_decides_only_
     """The same for an eviction: its wait for the memory, after its unload call, finds what the old service
     freed; the new service's residency stays unknown (found by the review of the fix above, which first
     left the wait reading the consumer's record anew)."""
-    started, gate = tmp_path / "started", tmp_path / "gate"
-    script = f"touch {started}; while [ ! -e {gate} ]; do sleep 0.01; done"
+    started, gate, script = _gated(tmp_path)
 
     def tweak(raw: dict[str, Any]) -> None:
         raw["consumers"]["mvoice"]["unload"] = {"command": ["sh", "-c", script], "timeout_s": 30}
@@ -7503,12 +7506,7 @@ async def test_an_eviction_under_way_when_a_reload_gives_a_new_url_decides_only_
     async with StandIn([("GET", "/health", _ok)]) as service:
         image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
         await until(started.exists)
-        raw = copy.deepcopy(r.raw)
-        raw["consumers"]["mvoice"]["url"] = service.url
-        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        async with r.session.post(r.url("/v1/reload")) as resp:
-            assert "new url for mvoice" in (await resp.json())["changes"]
-        new = r.broker.consumers.states["mvoice"]
+        new = await _new_url(r, "mvoice", service.url)
         assert new is not old and new.resident is None
         gate.touch()
         await image
