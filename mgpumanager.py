@@ -7271,8 +7271,8 @@ class RoomMaker:
             tried[victim] = "unloaded" if freed else f"unloaded, memory not freed within {waited:g} s"
 
     def unloading(self, name: str) -> bool:
-        """An unload of ``name`` is under way on this GPU (an eviction's or a yield's until its memory came
-        free, or not in time), whatever service the name is now."""
+        """An unload of ``name`` is under way on this GPU (its call, and for an eviction or a yield the wait
+        for its memory), whatever service the name is now."""
         return name in self._unload_started
 
     async def unload(
@@ -7714,7 +7714,9 @@ class Reservations:
                 try:  # what the measured ones hold decides what its end restores: a reading says
                     await s.rooms.read(res.job)
                 except BrokerError as e:
-                    log.warning(logfmt(msg="reservation: residency from the records", gpu=s.index, error=e))
+                    log.warning(
+                        logfmt(msg="reservation: residency from the records", gpu=s.index, error=str(e))
+                    )
             for name, c in s.config.consumers.items():
                 if self.reservation is not res:  # released (or expired) meanwhile: the GPU is given back
                     break
