@@ -8458,6 +8458,9 @@ class InternalJobs:
                 rooms.recorder.record("idle_unload_skipped", consumer=name, reason=why, job=job.id)
                 return
             await rooms.unload(job, name, by="idle")
+            pending = self.to_restore.get(rooms.index, [])
+            if name in pending:  # (a job loaded it again since it yielded: unused since, it stays unloaded)
+                pending.remove(name)
 
     async def _load_if_fits(self, job: Job) -> None:
         async with self.scheduler_for(job.consumer).rooms.lock:

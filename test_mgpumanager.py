@@ -8734,6 +8734,31 @@ async def test_a_yield_refused_by_a_reservation_is_no_failed_unload_and_the_cons
     assert r.gpu.free_mib() >= 2048
 
 
+async def test_a_consumer_unloaded_as_idle_after_its_yield_is_not_restored(rig):
+    """Found by an attack on restarts: mvoice yields for a game; a job loads it again beside the game; unused
+    for its idle_unload_s, the broker unloads it as idle. When the game went, the yield's restore loaded it
+    all the same: for nobody, against the broker's own newer decision (and unloaded again as idle later).
+    An idle unload takes it off what waits to be restored."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        _yielding(restore_after_s=0.5)(raw)
+        raw["consumers"]["mvoice"]["idle_unload_s"] = 1
+
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=tweak)
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    r.gpu.allocate("game", 12000, graphics=True)  # 1104 free < 2048: mvoice yields
+    await until(lambda: r.stats.yields == 1, timeout=30)
+    r.gpu.allocate("game", 8000, graphics=True)  # the same game, smaller: still a stranger
+    await status_until(r, lambda st: st["gpu"]["unclaimed_mib"] == 8000)
+    answer = await r.post("tts", {"text": "beside the game"})
+    assert answer[0] == 200, answer  # 7904 free >= 2800 + 256 + 2048
+    await until(lambda: r.stats.idle_unloads == 1, timeout=3 * m.IDLE_CHECK_S)  # unused: unloaded as idle
+    assert not r.broker.internal.to_restore.get(0)
+    r.gpu.release("game")
+    await asyncio.sleep(2)  # (a restore would come restore_after_s after the game left, polled every 0.2 s)
+    assert r.stats.restores == 0 and not r.sims["mvoice"].loaded
+
+
 async def test_a_reserved_gpu_asks_no_yield_of_what_its_reservation_could_not_unload(rig, caplog):
     """Issue 22: while the GPU is reserved, the reservation has it, strangers included: the polls ask no
     yield. mvoice's unload failed when the GPU was reserved, so it stays resident beside a game that leaves
@@ -9369,6 +9394,26 @@ async def test_a_reservations_end_restores_a_measured_consumer_it_unloaded_befor
     async with r.session.delete(r.url("/v1/reserve")) as resp:
         assert resp.status == 200
     await until(lambda: r.sims["mvoice"].loaded and r.stats.restores == 1)
+
+
+async def test_a_restarted_reservation_still_says_what_it_could_not_unload(rig, tmp_path):
+    """Found by an attack on restarts: a reservation's answer, status and ps say what it could not unload
+    ("what stays resident is the person's to judge"). Kept over a restart, it came back saying nothing
+    (`not_unloaded` is not in the state file) while mvoice still held its memory. A resumed reservation asks
+    again what it had not unloaded, and says anew what it could not."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    raw = copy.deepcopy(r.raw) | {"state_file": str(tmp_path / "state.json")}
+    r.sims["mvoice"].faults["unload_status"] = 500
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        async with r.session.post(
+            daemon.url("/v1/reserve"), json={"for_s": 3600, "reason": "gaming"}
+        ) as resp:
+            before = (await resp.json())["not_unloaded"]
+        assert set(before) == {"mvoice", "ollama", "whisper"}, before
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as again:
+        st = await again.until(r.session, lambda st: len(st["gpu"]["reservation"]["not_unloaded"]) == 3)
+    assert r.sims["mvoice"].loaded  # (still holding its memory under the reservation)
+    assert st["gpu"]["reservation"]["not_unloaded"] == before
 
 
 async def test_a_reserved_gpu_asks_no_idle_unload_of_what_its_reservation_could_not_unload(rig, caplog):
