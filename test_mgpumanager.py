@@ -7426,10 +7426,13 @@ def _gated(tmp_path: Path) -> tuple[Path, Path, str]:
     return started, gate, f"touch {started}; while [ ! -e {gate} ]; do sleep 0.01; done"
 
 
-async def _new_url(r: Rig, name: str, url: str) -> m.ConsumerState:
-    """Reload r's config with consumer ``name`` at ``url`` (a new service); the new service's record."""
+async def _new_url(r: Rig, name: str, url: str, *, without: str | None = None) -> m.ConsumerState:
+    """Reload r's config with consumer ``name`` at ``url`` (a new service, as the docs call it; ``without``:
+    a kind its paths and the routing no longer have); the new service's record."""
     raw = copy.deepcopy(r.raw)
     raw["consumers"][name]["url"] = url
+    if without is not None:
+        del raw["consumers"][name]["paths"][without], raw["routing"][without]
     r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     async with r.session.post(r.url("/v1/reload")) as resp:
         assert f"new url for {name}" in (await resp.json())["changes"]
@@ -18680,19 +18683,6 @@ async def _ollama_at_work_and_a_new_mvoice(rig: Any) -> AsyncIterator[tuple[Any,
             yield r, new, service, gate, running
 
 
-async def _reload_mvoice_to(r: Rig, url: str, without_stt: bool = False) -> None:
-    """Reload r's config with mvoice at ``url`` (a new service, as the docs call it); ``without_stt``: its
-    stt path (and the stt route) gone too."""
-    raw = copy.deepcopy(r.raw)
-    raw["consumers"]["mvoice"]["url"] = url
-    if without_stt:
-        del raw["consumers"]["mvoice"]["paths"]["stt"]
-        del raw["routing"]["stt"]
-    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    async with r.session.post(r.url("/v1/reload")) as resp:
-        assert "new url for mvoice" in (await resp.json())["changes"]
-
-
 async def test_attack_a_job_queued_before_a_reload_that_gives_its_consumer_a_new_url_goes_to_the_new_url(rig):
     """A reload that gives a consumer a new URL makes it "a new service" (docs/operations.md, Reloading), but
     a job queued before the reload is still sent to the old URL (Job.target is the config at admission):
@@ -18701,7 +18691,7 @@ async def test_attack_a_job_queued_before_a_reload_that_gives_its_consumer_a_new
     async with _ollama_at_work_and_a_new_mvoice(rig) as (r, new, service, gate, running):
         queued = asyncio.ensure_future(r.post("tts", {"text": "queued"}))
         await until(lambda: len(r.broker.scheduler.queue()) == 1)
-        await _reload_mvoice_to(r, service.url)
+        await _new_url(r, "mvoice", service.url)
         await r.kill("mvoice")  # the old service is stopped once the new one runs
         gate.set()
         assert (await running)[0] == 200
@@ -18727,7 +18717,7 @@ async def test_attack_an_old_url_job_that_ends_after_a_reload_does_not_vouch_for
     async with StandIn.serving(new.app) as service:
         running = asyncio.ensure_future(r.post("tts", {"text": "old"}))
         await until(lambda: r.sims["mvoice"].active == 1)
-        await _reload_mvoice_to(r, service.url)
+        await _new_url(r, "mvoice", service.url)
         assert r.broker.consumers.states["mvoice"].resident is None  # a new service: unknown
         assert (await running)[0] == 200
         r.sims["mvoice"].restart()  # the old service is stopped: its model is gone
@@ -19035,11 +19025,11 @@ async def test_a_probe_of_the_old_url_refused_after_a_reload_does_not_mark_the_n
     old.listen(0)
     filler = socket.create_connection(old.getsockname())  # (a queue of 0 holds one: full)
     try:
-        await _reload_mvoice_to(r, f"http://127.0.0.1:{old.getsockname()[1]}")
+        await _new_url(r, "mvoice", f"http://127.0.0.1:{old.getsockname()[1]}")
         probing = asyncio.ensure_future(r.broker.consumers.probe("mvoice"))
         await asyncio.sleep(0.2)
         assert not probing.done()  # (its connect waits)
-        await _reload_mvoice_to(r, new_url)
+        await _new_url(r, "mvoice", new_url)
         await r.broker.consumers.probe("mvoice")
         assert r.broker.consumers.states["mvoice"].healthy is True
         old.close()
@@ -19074,7 +19064,7 @@ async def test_a_probe_on_demand_whose_callers_left_ends_with_the_broker_and_a_c
         assert r.broker.shared.internal_errors == 1
         r.expected_internal_errors = 1
         consumers.probe = real  # type: ignore[method-assign]
-        await _reload_mvoice_to(r, hung.url)
+        await _new_url(r, "mvoice", hung.url)
         asking = asyncio.ensure_future(consumers.probe_now("mvoice"))
         await until(lambda: "mvoice" in consumers._probing)
         probe = consumers._probing["mvoice"]
@@ -19144,7 +19134,7 @@ async def test_a_queued_job_whose_kind_the_new_url_no_longer_serves_is_answered_
         stt = asyncio.ensure_future(r.post("stt", {"audio": "x"}))
         tts = asyncio.ensure_future(r.post("tts", {"text": "queued"}))
         await until(lambda: len(r.broker.scheduler.queue()) == 2)
-        await _reload_mvoice_to(r, service.url, without_stt=True)
+        await _new_url(r, "mvoice", service.url, without="stt")
         status, headers, body = await asyncio.wait_for(stt, 10)  # at once: not after the llm job
         assert "no longer serves kind 'stt'" in error_of(status, headers, body, "no_consumer")["message"]
         gate.set()
