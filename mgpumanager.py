@@ -7707,8 +7707,10 @@ class Reservations:
     async def _unload_all(self, res: Reservation) -> None:
         """Ask each consumer of the GPU that has an unload to unload, known resident or not (the broker's
         record may be stale; unloading what holds nothing costs nothing), but those it unloaded already (a
-        reservation resumed after a restart); say why the others stay."""
+        reservation resumed after a restart); say why the others stay. The consumers are those on the GPU
+        as each turn comes (a reload meanwhile may move one away, or one here), each asked once."""
         s = self.scheduler
+        asked: set[str] = set()
         async with s.rooms.lock:
             if any(c.processes is not None for c in s.config.consumers.values() if c.gpu == s.index):
                 try:  # what the measured ones hold decides what its end restores: a reading says
@@ -7717,11 +7719,16 @@ class Reservations:
                     log.warning(
                         logfmt(msg="reservation: residency from the records", gpu=s.index, error=str(e))
                     )
-            for name, c in s.config.consumers.items():
-                if self.reservation is not res:  # released (or expired) meanwhile: the GPU is given back
+            while self.reservation is res:  # (released or expired meanwhile: the GPU is given back)
+                todo = [
+                    (name, c)
+                    for name, c in s.config.consumers.items()
+                    if c.gpu == s.index and name not in res.unloaded and name not in asked
+                ]
+                if not todo:
                     break
-                if c.gpu != s.index or name in res.unloaded:
-                    continue
+                name, c = todo[0]
+                asked.add(name)
                 if c.unload is None:
                     res.not_unloaded[name] = "no unload route"
                     continue

@@ -14920,6 +14920,44 @@ async def test_reservations_are_per_gpu_and_end_with_the_broker(rig):
     assert [e["why"] for e in ended] == ["shutdown"]
 
 
+async def test_a_reservation_asks_the_consumers_on_its_gpu_as_a_reload_meanwhile_leaves_them(rig, tmp_path):
+    """docs/operations.md: a reservation "asks every consumer on that GPU" to unload, one after the other. A
+    reload during those unloads moves comfyui off the reserved GPU 1 (allowed: its unload has not begun) and
+    whisper onto it. comfyui's render then runs on GPU 0; the reservation must not unload it there (two
+    GPUs' locks would both let it work: decisions.md), and it must ask whisper, now on its GPU. (It went on
+    through the consumers of the config it began with: it freed comfyui under its render, and left whisper.)
+    Found by an attack on several GPUs."""
+    started, gate, script = _gated(tmp_path)
+
+    def two_gpus(raw: dict[str, Any]) -> None:
+        for name in ("mvoice", "comfyui"):
+            raw["consumers"][name]["gpu"] = 1
+        raw["consumers"]["mvoice"]["can_coexist_with"] = []
+        raw["consumers"]["mvoice"]["unload"] = {"command": ["sh", "-c", script], "timeout_s": 30}
+        raw["consumers"]["mvoice"]["load"] = {"command": ["true"]}
+
+    r = await rig(gpus=2, tweak=two_gpus, sims={"mvoice": {"gpu": 1}, "comfyui": {"work_s": 3.0}})
+    reserving = asyncio.ensure_future(_reserve(r, for_s=60, reason="gaming", gpu=1))
+    await until(started.exists)  # the reservation unloads mvoice first; comfyui's turn has not come
+    raw = copy.deepcopy(r.raw)
+    raw["consumers"]["comfyui"]["gpu"] = 0
+    raw["consumers"]["whisper"]["gpu"] = 1
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        changes = (await resp.json())["changes"]
+        assert "new GPU for comfyui" in changes and "new GPU for whisper" in changes, changes
+    image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+    await until(lambda: r.broker.schedulers[0].holder == "comfyui" and r.sims["comfyui"].active == 1)
+    gate.touch()
+    status, _, answer = await reserving
+    assert status == 200, answer
+    assert r.broker.schedulers[0].holder == "comfyui"  # (its render still holds GPU 0)
+    assert [rec.path for rec in r.sims["comfyui"].records].count("/free") == 0
+    assert answer["unloaded"] == ["mvoice"]
+    assert answer["not_unloaded"] == {"whisper": "no unload route"}, answer
+    assert (await image)[0] == 200
+
+
 async def test_the_default_gpu_is_gpu_index_where_that_is_not_the_lowest(rig):
     """gpu.index 1 with comfyui on GPU 0: the default GPU is GPU 1, not the lowest index. Status's
     single-GPU fields ``gpu`` and ``scheduler`` are GPU 1's (its reading, its jobs), and a reservation
