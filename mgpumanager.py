@@ -666,13 +666,17 @@ def render_ps(st: Mapping[str, Any], now: float) -> list[str]:
 
 
 def render_status(st: Mapping[str, Any], url: str, now: float) -> list[str]:
-    """``status``: the broker, then each GPU with its counters."""
+    """``status``: the broker with its own counter (internal errors: one figure, which each GPU's counters
+    repeat), then each GPU with its counters."""
     lines = [f"mgpumanager {st.get('version')} at {url}, up {_span(st.get('uptime_s') or 0)}"]
+    if "internal_errors" in st:
+        lines.append(f"internal errors {st['internal_errors']}")
     for gpu in _gpus_of(st):
         stats = (gpu.get("scheduler") or {}).get("stats") or {}
+        counters = [f"{k.replace('_', ' ')} {v}" for k, v in stats.items() if k != "internal_errors"]
         lines += ["", *gpu_lines(gpu, now)]
-        if stats:
-            lines += _wrap("counters: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stats.items()))
+        if counters:
+            lines += _wrap("counters: " + ", ".join(counters))
     return lines
 
 

@@ -15962,6 +15962,28 @@ async def test_cli_ps_shows_measured_memory_reservations_and_several_gpus(rig, c
     ]
 
 
+@pytest.mark.catches_bug
+async def test_cli_status_shows_the_brokers_internal_errors_once_with_several_gpus(rig, capsys):
+    """Internal errors are the broker's one count; /v1/status repeats it in each GPU's counters (api.md).
+    ``status`` printed it in every GPU's counters line: with two GPUs and one bug caught, "internal errors
+    1" twice, as if there had been two (found by an attack on several GPUs). It prints it once, under the
+    broker's line, and each GPU its own counters."""
+
+    def two_gpus(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["gpu"] = 1
+
+    r = await rig(gpus=2, sims={"comfyui": {"gpu": 1}}, tweak=two_gpus)
+    r.broker.shared.internal_error("a bug, on purpose")
+    r.expected_internal_errors = 1
+    assert [g["scheduler"]["stats"]["internal_errors"] for g in (await r.status())["gpus"]] == [1, 1]
+    rc, out, err = await verb(capsys, "status", "--url", r.url(""))
+    assert (rc, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[1] == "internal errors 1" and out.count("internal errors") == 1, out
+    counters = [line for line in lines if line.startswith("  counters: ")]
+    assert len(counters) == 2 and all(line.startswith("  counters: jobs 0, ") for line in counters), out
+
+
 def test_a_verb_and_help_start_on_the_standard_library_alone():
     """Every verb imported aiohttp, yaml, multidict and yarl first (most of its start). A verb and --help are
     now answered before the daemon's imports: under ``-S`` (no site-packages, so no third-party module can be
