@@ -3233,10 +3233,12 @@ class Events:
         self.subscribers.discard(queue)
 
     def close(self) -> None:
-        """End every stream (on shutdown)."""
+        """End every stream (on shutdown) after what it has not yet sent; a reader so far behind that its
+        end does not fit loses that, as a reader dropped for falling behind does."""
         for queue in list(self.subscribers):
             self.subscribers.discard(queue)
-            queue.take_all(self.clock())
+            if queue.full():
+                queue.take_all(self.clock())
             queue.put_nowait(None)
 
 
@@ -5677,6 +5679,13 @@ def _after_handover(step: Callable[[], None]) -> None:
     loop.call_soon(loop.call_soon, step)
 
 
+async def books_written() -> None:
+    """Wait until the books that ``_after_handover`` had been given before this call are written."""
+    written = asyncio.get_running_loop().create_future()
+    _after_handover(functools.partial(written.set_result, None))
+    await written
+
+
 # ---- making room: the decision, a pure function of a snapshot ---------------------------------------
 
 
@@ -7482,43 +7491,48 @@ class Holds:
         """Keep the job's slot while ``hold`` runs (at most ``timeout_s``), unless the consumer is seen down
         meanwhile; then write the job's log line."""
         fields: dict[str, Any] = {"consumer": job.consumer, "job": job.id, "kind": job.kind}
+        ended = None  # (the clock read once at its end: its event, its line and its histogram say the same)
         try:
             await asyncio.wait_for(hold(), timeout_s)
-            self.recorder.record("hold_released", **fields, hold_s=round(self.clock() - started, 3))
+            ended = self.clock()
+            self.recorder.record("hold_released", **fields, hold_s=round(ended - started, 3))
         except asyncio.TimeoutError:
+            ended = self.clock()
             self.recorder.record(
-                "hold_timed_out", **fields, hold_s=round(self.clock() - started, 3), timeout_s=timeout_s
+                "hold_timed_out", **fields, hold_s=round(ended - started, 3), timeout_s=timeout_s
             )
         except ConsumerGone as e:
+            ended = self.clock()
             self._abandoned.setdefault(job, e.reason)
             if self.current(job):
                 self.ops.gone(job.consumer, e.reason)  # its other holds end too
-            self._record_abandoned(job, fields, started)
+            self._record_abandoned(job, fields, started, ended)
         except asyncio.CancelledError:
+            ended = self.clock()
             if job not in self._abandoned:
                 # Cut short: the broker is closing (its drain timed out).
-                self.recorder.record("hold_cut", **fields, hold_s=round(self.clock() - started, 3))
+                self.recorder.record("hold_cut", **fields, hold_s=round(ended - started, 3))
                 raise
-            self._record_abandoned(job, fields, started)
+            self._record_abandoned(job, fields, started, ended)
         except Exception as e:
+            ended = self.clock()
             self.recorder.internal_error("hold crashed", consumer=job.consumer, job=job.id, error=describe(e))
-            self.recorder.record(
-                "hold_cut", **fields, hold_s=round(self.clock() - started, 3), error=describe(e)
-            )
+            self.recorder.record("hold_cut", **fields, hold_s=round(ended - started, 3), error=describe(e))
         finally:
-            self._over(job, started)
+            self._over(job, started, ended)
 
-    def _over(self, job: Job, started: float, *, never_ran: bool = False) -> None:
-        """The hold ended (once: from its own finally, or, cancelled before it ever ran, from its task's
-        end): the job's last use, log line and metrics, then its slot."""
+    def _over(self, job: Job, started: float, ended: float | None = None, *, never_ran: bool = False) -> None:
+        """The hold ended at ``ended`` (once: from its own finally, or, cancelled before it ever ran, from
+        its task's end, now): the job's last use, log line and metrics, then its slot."""
         if self.tasks.pop(job, None) is None:
             return
         try:
-            ended = self.clock()
+            if ended is None:
+                ended = self.clock()
             if never_ran:
                 fields = {"consumer": job.consumer, "job": job.id, "kind": job.kind}
                 if job in self._abandoned:
-                    self._record_abandoned(job, fields, started)
+                    self._record_abandoned(job, fields, started, ended)
                 else:
                     self.recorder.record("hold_cut", **fields, hold_s=round(ended - started, 3))
             elif not self.current(job):
@@ -7537,11 +7551,9 @@ class Holds:
             self._abandoned.pop(job, None)
             self.release(job)
 
-    def _record_abandoned(self, job: Job, fields: dict[str, Any], started: float) -> None:
+    def _record_abandoned(self, job: Job, fields: dict[str, Any], started: float, ended: float) -> None:
         reason = self._abandoned[job]
-        self.recorder.record(
-            "hold_abandoned", **fields, hold_s=round(self.clock() - started, 3), reason=reason
-        )
+        self.recorder.record("hold_abandoned", **fields, hold_s=round(ended - started, 3), reason=reason)
 
 
 # ---- reservations: the GPU given to something else for a while --------------------------------------
@@ -8123,7 +8135,8 @@ class Scheduler:
         try:
             if self.lock.slots == 1 and job.kind not in UNLOAD_KINDS:
                 self._touch_others(job)
-            self.recorder.job_event("granted", job, waited_s=round(self.clock() - job.arrived, 3))
+            # (Its wait ended at the grant's moment, job.started, as its line and histogram say.)
+            self.recorder.job_event("granted", job, waited_s=round(job.started - job.arrived, 3))
         except Exception as e:
             self.recorder.internal_error(
                 "grant bookkeeping crashed", consumer=job.consumer, error=describe(e)
@@ -11998,7 +12011,6 @@ async def _drain(app: web.Application) -> None:
     for s in schedulers:
         s.reservations.release("shutdown")  # (kept in the state file: a restart holds the GPU again)
         s.lock.shut_down()
-    broker.events.close()
     timeout = broker.config.scheduler.shutdown_timeout_s
     for s in schedulers:
         if s.holder is not None:
@@ -12023,6 +12035,12 @@ async def _drain(app: web.Application) -> None:
                     holds=s.holds,
                 )
             )
+    # The event streams end last, with every end the drain saw: the refused jobs end in their tasks' next
+    # turn, and their books (their end events) follow, as those of what finished meanwhile. (What the
+    # timeout cuts after this is in the log alone.)
+    await asyncio.sleep(0)
+    await books_written()
+    broker.events.close()
 
 
 async def handle_healthz(request: web.Request) -> web.Response:

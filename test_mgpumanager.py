@@ -10468,6 +10468,63 @@ async def test_a_held_job_has_one_log_line_written_when_its_hold_ends(caplog):
     assert len(lines) == 1 and f"id={job.id} " in lines[0] and "hold_ms=2000" in lines[0], lines
 
 
+async def test_a_holds_length_is_one_figure_in_its_event_its_line_and_its_histogram(caplog, monkeypatch):
+    """One record, four views (operations.md, Events): a hold's length is its hold_ended event's hold_s,
+    its job line's hold_ms and mgpumanager_hold_seconds. They were two readings of the clock, on either side
+    of the hold_ended record's own log write and event: a slow write (stderr to a busy journald) went into
+    one view and not the others. (An audit of the views found it.)"""
+    caplog.set_level(logging.INFO, logger="mgpumanager")
+    s, _, ops, clock = make_scheduler(small_config())
+    ops.states["t"].loaded()
+    record = s.recorder.record
+
+    def slow_write(name: str, /, level: int | None = None, **fields: Any) -> None:
+        record(name, level, **fields)
+        if name == "hold_released":
+            clock.now += 0.02  # its log line took 20 ms to write
+
+    monkeypatch.setattr(s.recorder, "record", slow_write)
+    job = await s.acquire("t", "kt")
+    done = asyncio.Event()
+    job.release("completed", status=200, success=True, hold=done.wait, hold_timeout_s=600)
+    for _ in range(5):
+        await asyncio.sleep(0)  # (what follows the answer's handover)
+    clock.now += 2
+    done.set()
+    await until(lambda: s.holder is None)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    (ended,) = [e for e in recent_events(s.events) if e["event"] == "hold_ended"]
+    (line,) = job_lines(caplog)
+    (held,) = [h for (name, _), h in s.metrics.histograms.items() if name == "mgpumanager_hold_seconds"]
+    assert (ended["hold_s"], held[1]) == (2.0, 2.0) and " hold_ms=2000 " in line, (ended, held, line)
+
+
+async def test_a_grants_waited_s_is_the_wait_its_line_and_histogram_show(caplog, monkeypatch):
+    """One record, four views: a job's wait is its granted event's waited_s, its line's wait_ms and
+    mgpumanager_queue_wait_seconds. The line and the histogram take the grant's moment (job.started); the
+    event read the clock again after ``next_grant`` chose the job, so the time of the decision (over a long
+    queue) was a wait in the event and a run in the others. (An audit of the views found it.)"""
+    caplog.set_level(logging.INFO, logger="mgpumanager")
+    s, _, ops, clock = make_scheduler(small_config())
+    ops.states["t"].loaded()
+    deciding = m.next_grant
+
+    def slow_decision(*args: Any, **kw: Any) -> Any:
+        clock.now += 0.05  # 50 ms deciding
+        return deciding(*args, **kw)
+
+    monkeypatch.setattr(m, "next_grant", slow_decision)
+    async with s.job("t", "kt"):
+        pass
+    for _ in range(3):
+        await asyncio.sleep(0)  # (its line and end event follow the handover)
+    (granted,) = [e for e in recent_events(s.events) if e["event"] == "granted"]
+    (line,) = job_lines(caplog)
+    (wait,) = [h for (name, _), h in s.metrics.histograms.items() if name == "mgpumanager_queue_wait_seconds"]
+    assert (granted["waited_s"], wait[1]) == (0.0, 0.0) and " wait_ms=0 " in line, (granted, wait, line)
+
+
 def _hold_poll(
     session: aiohttp.ClientSession, url: str, path: str, answer: dict[str, Any]
 ) -> Callable[[], Awaitable[None]] | None:
@@ -14611,6 +14668,41 @@ async def test_shutdown_waits_for_a_hold_but_not_longer_than_shutdown_timeout_s(
         assert "shutting down: cutting what still runs" in daemon.log
         with contextlib.suppress(aiohttp.ClientError):
             await stuck
+
+
+async def test_what_ends_while_the_broker_drains_reaches_an_open_event_stream(rig):
+    """docs/operations.md, Events: one record, four views. On SIGTERM the broker ended every event stream
+    first, then answered the queued jobs (their ``failed`` events come two turns of the loop later) and let
+    the running hold finish: the log had each end, a reader following /v1/events none (the ring that holds
+    them dies with the process). The streams now end last. (An audit of the views found it.)"""
+    r = await rig(sims={"comfyui": {"work_s": 1.5}})
+    raw = copy.deepcopy(r.raw)
+    raw["scheduler"]["shutdown_timeout_s"] = 20
+    events: list[dict[str, Any]] = []
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+
+        async def follow() -> None:
+            async with r.session.get(daemon.url("/v1/events")) as resp:
+                async for line in resp.content:
+                    if line.startswith(b"data: "):
+                        events.append(json.loads(line[6:]))
+
+        stream = asyncio.ensure_future(follow())
+        image = asyncio.ensure_future(r.session.post(daemon.url("/v1/image"), json={"prompt": {}}))
+        await daemon.until(r.session, lambda st: (st["scheduler"]["holder"] or {}).get("holds") == 1)
+        tts = asyncio.ensure_future(r.session.post(daemon.url("/v1/tts"), json={"text": "x"}))
+        await daemon.until(r.session, lambda st: len(st["scheduler"]["queue"]) == 1)
+        await until(lambda: any(e["event"] == "queued" and e["job"] == 2 for e in events))
+        daemon.terminate()
+        await daemon.proc.wait()
+        answers = await asyncio.gather(image, tts, return_exceptions=True)
+        await asyncio.wait_for(stream, 10)
+    assert [getattr(a, "status", a) for a in answers] == [200, 503]
+    # The log has both ends: the queued job refused, the hold released (it finished within the drain).
+    assert "msg=job id=2 consumer=mvoice kind=tts status=failed code=shutting_down" in daemon.log
+    assert 'msg="hold released" consumer=comfyui job=1' in daemon.log
+    ends = [(e["event"], e["job"]) for e in events if e["event"] in ("failed", "hold_ended")]
+    assert ends == [("failed", 2), ("hold_ended", 1)], [(e["event"], e.get("job")) for e in events]
 
 
 # =====================================================================================================
