@@ -11513,6 +11513,13 @@ async def serve_consumer_api(
     method = request.method
     _refuse_own_routes(consumer, method, upstream_path)
     if method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
+        if mount_job_path(consumer, method, upstream_path)[0] != MOUNT_KIND:
+            # (A WebSocket is unscheduled; the GPU work at one of its paths must take the lock.)
+            raise BrokerError(
+                "bad_request",
+                f"GET {upstream_path} is GPU work of {name} (one of its paths): no WebSocket there",
+                name,
+            )
         return await proxy_websocket(request, broker, consumer, path_qs)
     body = await read_body(request, broker, name) if request.body_exists else b""
     consumer = broker.config.consumers.get(name)  # a reload may have come while the body was read

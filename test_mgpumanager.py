@@ -11447,6 +11447,49 @@ async def test_mount_schedules_every_paths_entry_and_refuses_the_brokers_own_rou
     assert r.sims["comfyui"].records == [] and r.sims["mvoice"].unloads == 0 and r.stats.jobs == 1
 
 
+async def test_a_websocket_upgrade_to_a_get_paths_entry_is_refused_not_relayed_without_the_lock(rig):
+    """A GET on one of a consumer's ``paths`` is GPU work, through its mount and its port (api.md, Mounts:
+    "even a GET"); WebSockets are unscheduled. The same GET with WebSocket upgrade headers was relayed at
+    once: a service with no WebSocket there ran the GET (the GPU work) without the lock, no room made, and
+    answered 200, not 101. It is refused bad_request, the service never asked; the plain GET stays a job
+    (found by an attack on mounts and ports)."""
+    seen: list[str | None] = []
+    r: Rig | None = None
+
+    async def synthesize(request: web.Request) -> web.Response:
+        assert r is not None
+        seen.append(r.broker.scheduler.holder)  # who holds the GPU lock while the GPU work runs
+        return web.Response(text="audio")
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "loaded": True})
+
+    def tweak(raw: dict[str, Any]) -> None:
+        mvoice = raw["consumers"]["mvoice"]
+        mvoice["url"] = stand_in.url
+        mvoice["paths"]["tts"] = {"method": "GET", "path": "/api/synthesize"}
+        mvoice["listen"] = "127.0.0.1:0"
+
+    routes = [("GET", "/api/synthesize", synthesize), ("GET", "/health", health)]
+    routes += [("POST", "/api/admin/unload", _ok), ("POST", "/api/admin/load", _ok)]
+    async with StandIn(routes) as stand_in:
+        r = await rig(tweak=tweak)
+        port = r.broker.ports.address("mvoice")
+        for url in (r.url("/c/mvoice/api/synthesize"), f"http://{port}/api/synthesize"):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await r.session.ws_connect(url)
+            assert refused.value.status == 400
+            upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"}
+            upgrade["Sec-WebSocket-Key"] = "dGhlIHNhbXBsZSBub25jZQ=="
+            async with r.session.get(url, headers=upgrade) as resp:
+                data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_request")
+            assert "GPU work of mvoice" in data["message"]
+        assert seen == [] and r.stats.jobs == 0
+        async with r.session.get(r.url("/c/mvoice/api/synthesize")) as resp:  # the plain GET: a job
+            assert resp.status == 200
+        assert seen == ["mvoice"] and r.stats.jobs == 1
+
+
 async def test_mount_unscheduled_calls_match_decoded_paths_and_respect_known_failures(rig):
     r = await rig(tweak=_unscheduled_show)
     async with r.session.post(r.url("/c/ollama/api/%73how"), json={"model": "sim"}) as resp:
