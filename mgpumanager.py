@@ -6138,8 +6138,12 @@ class QueueSnapshot:
     max_evictions: int
     aging_s: float
     max_overtake_s: float
-    #: The GPU time of the waiting jobs' clients over the fair window (fair share's snapshot).
-    served: Mapping[str | None, float] = field(default_factory=dict)
+    #: Fair share's figures, to play forward: a copy of the lock's GPU time (``GpuTime.copy``) of the waiting
+    #: jobs' clients and the holder's, the client of each slot the holder's non-exclusive jobs hold (each
+    #: charged until the holder's end, as the lock charges it at their release), and the window.
+    use: GpuTime
+    holding: tuple[str | None, ...]
+    fair_window_s: float
 
 
 def queue_snapshot(lock: GpuLock, rooms: RoomMaker, config: Config) -> QueueSnapshot:
@@ -6156,6 +6160,7 @@ def queue_snapshot(lock: GpuLock, rooms: RoomMaker, config: Config) -> QueueSnap
     }
     now = lock.clock()
     sched = config.scheduler
+    holding = tuple(j.client for j in lock.taken if not j.exclusive)  # (as dispatch and release count them)
     return QueueSnapshot(
         lock.waiting.copy(),
         lock.holder,
@@ -6168,7 +6173,9 @@ def queue_snapshot(lock: GpuLock, rooms: RoomMaker, config: Config) -> QueueSnap
         sched.max_evictions,
         sched.aging_s,
         sched.max_overtake_s,
-        lock.use.served(lock.waiting.clients(), now, sched.fair_window_s),
+        lock.use.copy(lock.waiting.clients() | set(holding)),
+        holding,
+        sched.fair_window_s,
     )
 
 
@@ -6182,19 +6189,25 @@ def expected_waits(
     It plays the grant order forward (``next_grant``, with ``needs_no_swap``: the lock's own "warm"): the
     holder's remaining time (at least RUNNING_FLOOR_S), then job after job. A job that needs a swap pays
     what ``plan_room`` would unload for it on the GPU as played so far (its memory: the newest reading's
-    free MiB, none when there is no reading yet) and its own load when it is not resident. Each job played
-    adds what it takes to its client's GPU time (fair share). It stops once ``until`` (a job, or a client's
-    name: its first job) has its place, or after ``count`` jobs.
+    free MiB, none when there is no reading yet) and its own load when it is not resident. Fair share is
+    played as the lock counts it (``GpuTime``, on a copy of the snapshot's): the holder's remaining time goes
+    to the client of each of its non-exclusive slots, each job played adds what it takes (from its grant,
+    its swap included) to its client's, and each grant reads every client's GPU time over the window as it
+    will be then (the window slides as the play goes). It stops once ``until`` (a job, or a client's name:
+    its first job) has its place, or after ``count`` jobs.
     """
     waiting = snap.waiting.copy()  # (taken out one by one as they are granted)
     views = {name: replace(view, jobs=0) for name, view in snap.consumers.items()}
     free = snap.free_mib or 0
     t = 0.0
     current = snap.holder
+    use, window = snap.use.copy(), snap.fair_window_s  # (the snapshot's own stays as it is: played again)
     if current is not None:  # what it still takes (at least RUNNING_FLOOR_S); its consumer is loaded
         t = max(RUNNING_FLOOR_S, snap.timings.get((current, "job"), 0.0) - snap.held_s)
         if current in views:
             views[current] = replace(views[current], resident=True, trusted=True)
+        for client in snap.holding:  # its slots are released then, each charged until then
+            use.released(client, snap.now + t, window)
 
     def warm(job: Job) -> bool:  # (the consumer's config as it is now, as the lock reads it)
         view = views.get(job.consumer)
@@ -6202,17 +6215,21 @@ def expected_waits(
             return needs_no_swap(job.target, False, current)
         return needs_no_swap(view.config, view.resident is True, current)
 
-    served = dict(snap.served)
     out: list[tuple[Job, float]] = []
     while waiting:
+        now = snap.now + t
+        candidates = waiting.candidates(warm, None)
+        clients = {j.client for j in candidates}
+        # (As dispatch reads it: one client, or none, the fair order is the arrival order.)
+        served = use.served(clients, now, window) if len(clients) > 1 else None
         job = next_grant(
-            waiting.candidates(warm, None),
+            candidates,
             None,
-            snap.now + t,
+            now,
             aging_s=snap.aging_s,
             max_overtake_s=snap.max_overtake_s,
             warm=warm,
-            served=served if len(served) > 1 else None,
+            served=served,
             frozen=waiting.frozen,
         )
         if job is None:
@@ -6237,8 +6254,9 @@ def expected_waits(
                 free -= target.size_mib
         views[name] = replace(target, resident=True, trusted=True, last_used=snap.now + t)
         t += snap.timings.get((name, "job"), 0.0)
-        if not job.exclusive and job.client in served:
-            served[job.client] += t - granted_at
+        if not job.exclusive:  # its slot, from its grant to its release (exclusive jobs: nobody's)
+            use.granted(job.client, snap.now + granted_at, window)
+            use.released(job.client, snap.now + t, window)
         current = name
     return out
 
@@ -6478,6 +6496,17 @@ class GpuTime:
 
     def __repr__(self) -> str:
         return f"<GpuTime clients:{len(self._books)}>"
+
+    def copy(self, clients: Iterable[str | None] | None = None) -> GpuTime:
+        """The books of ``clients`` (None: of all), in a GpuTime of their own that no later grant or release
+        changes (nor this one its): what the forecast plays forward, maybe off the loop (``QueueSnapshot``).
+        A client without a book reads 0 in the copy as here."""
+        other = GpuTime()
+        books = self._books
+        names = books if clients is None else [c for c in clients if c in books]
+        other._books = {client: deque(books[client]) for client in names}
+        other._gone = {client for client in self._gone if client in other._books}
+        return other
 
     def _step(self, client: str | None, now: float, slots: int, window_s: float) -> None:
         book = self._books.setdefault(client, deque())

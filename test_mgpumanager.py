@@ -4412,8 +4412,10 @@ async def test_max_queued_refuses_that_client_alone_with_client_queue_full():
         await s.acquire("t", "kt", client="q")
     e = info.value
     assert (e.code, e.status, e.retryable) == ("client_queue_full", 429, True)
-    # q's first job waits for the running one (10 s) and p's before it (10 s): a place of q's frees then.
-    assert e.retry_after == 20 and "client q has 2 jobs waiting" in e.message
+    # q's first job waits for the running one alone (10 s): a place of q's frees then. (Not also for p's
+    # before it: by the next grant p's running job will have given p 10 s of GPU time and q none, so fair
+    # share grants q's first, as the forecast now plays it; it once said 20, leaving p's running job out.)
+    assert e.retry_after == 10 and "client q has 2 jobs waiting" in e.message
     waiting.append(await _queued(s, "t", "p"))  # p's room is untouched by q's two
     assert not waiting[-1].done() and len(s.queue()) == 4
     with pytest.raises(m.BrokerError) as info:
@@ -5982,6 +5984,79 @@ async def test_the_forecast_counts_an_admin_operations_time_for_no_client():
     await unload
     assert [j.client for j in order if j.kind == "kx"] == [None, "p"]
     assert books_balance(s)
+
+
+async def test_the_forecast_charges_the_running_jobs_rest_to_its_client():
+    """The forecast lists the queue in the order the lock will grant it (api.md), fair share included: it
+    plays the running job's remaining time as GPU time of its client, as the lock counts it at the next
+    grant, and no more once it has ended. Found by an attack on callers: p, served 2 s at the snapshot,
+    less than q's 5 s, was listed first, though its running job will have given p 10 s by the time the lock
+    chooses, and the lock grants q's."""
+    s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
+    ops.states["t"].loaded()
+    q_first = await s.acquire("t", "kt", client="q")
+    clock.now += 5
+    q_first.release("completed", status=200, success=True)
+    for _ in range(3):
+        ops.states["t"].learned("job", 10.0)  # t's jobs take 10 s (the median of 5, 10, 10, 10)
+    running = await s.acquire("t", "kt", client="p")
+    clock.now += 2
+    p_next = await _queued(s, "t", "p")
+    clock.now += 0.1
+    q_next = await _queued(s, "t", "q")
+    q_again = await _queued(s, "t", "q")
+    listed = [(e["client"], e["eta_s"]) for e in snapshot(s)["queue"]]
+    assert listed[0][1] == 7.9
+    order = await _granted_in_turn(s, clock, running, job_s=7.9)  # p's job ends at its learned 10 s
+    # At 15 s p has had 10 s, q 5 s; once q's first has run, q has had more: p's (had p's running job
+    # still been counted after its end, q's second would have been listed before it).
+    assert [j.client for j in order] == ["q", "p", "q"]
+    assert [c for c, _ in listed] == ["q", "p", "q"], listed
+    assert p_next.done() and q_next.done() and q_again.done()
+    assert books_balance(s)
+
+
+async def test_the_forecast_lets_the_fair_window_slide_as_it_plays_forward():
+    """The forecast reads each client's GPU time over the fair window as it will be at each grant it plays,
+    as the lock reads it then (how-it-works.md: "The window slides"). Found by an attack on callers: q's
+    30 s, which will have left the 60 s window by the next grant, still counted, so p's job was listed
+    first, and the lock grants q's."""
+    s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
+    ops.states["t"].loaded()
+    for client, held in (("q", 30), ("p", 20)):
+        job = await s.acquire("t", "kt", client=client)
+        clock.now += held
+        job.release("completed", status=200, success=True)
+    for _ in range(5):
+        ops.states["t"].learned("job", 40.0)  # t's jobs take 40 s (the median of 30, 20 and five 40s)
+    running = await s.acquire("t", "kt")  # the admin's
+    clock.now += 5
+    p_next = await _queued(s, "t", "p")
+    q_next = await _queued(s, "t", "q")
+    listed = [e["client"] for e in snapshot(s)["queue"]]
+    assert s.forecast()[0][1] == 35
+    order = await _granted_in_turn(s, clock, running, job_s=35)  # it ends at its learned 40 s
+    assert [j.client for j in order] == ["q", "p"]
+    assert listed == ["q", "p"], listed
+    assert p_next.done() and q_next.done()
+    assert books_balance(s)
+
+
+def test_the_forecasts_copy_of_the_gpu_time_is_its_own():
+    """The forecast plays fair share forward on a copy of the lock's GpuTime (QueueSnapshot), maybe in a
+    worker thread: the lock's grants and releases after the copy change none of it, and what the play
+    records changes none of the lock's. A client without a book reads 0 in the copy too."""
+    use = m.GpuTime()
+    use.granted("p", 0.0, 60)
+    use.released("p", 5.0, 60)
+    use.granted("q", 5.0, 60)
+    copy = use.copy({"p", "q", "r"})
+    use.released("q", 8.0, 60)
+    use.granted("p", 8.0, 60)
+    copy.released("q", 20.0, 60)
+    copy.granted("r", 20.0, 60)
+    assert use.served({"p", "q", "r"}, 10.0, 60) == {"p": 7.0, "q": 3.0, "r": 0.0}
+    assert copy.served({"p", "q", "r"}, 20.0, 60) == {"p": 5.0, "q": 15.0, "r": 0.0}
 
 
 async def test_a_job_that_comes_after_the_lock_shut_down_is_refused_at_once():
