@@ -5344,6 +5344,9 @@ class Job:
     #: The client it runs for (auth.clients), None for the admin's, the broker's own and, without clients,
     #: everyone's: its priority, its limit and its share of the GPU are that client's.
     client: str | None = None
+    #: Its client was removed by a reload since its admission (``Scheduler.forget``): its GPU time and its
+    #: end count for nobody from then on (one added again under that name starts at zero).
+    client_removed: bool = False
     #: queued -> running -> ended
     state: str = "queued"
     started: float | None = None
@@ -5370,6 +5373,12 @@ class Job:
     @property
     def consumer(self) -> str:
         return self.target.name
+
+    @property
+    def charged(self) -> bool:
+        """Whether its GPU time counts for its client's fair share: not an exclusive job (the broker's own,
+        nobody's), nor one of a client a reload removed."""
+        return not self.exclusive and not self.client_removed
 
     def release(
         self,
@@ -5620,7 +5629,7 @@ class Recorder:
         its log line once the GPU changed hands."""
         assert job.outcome is not None
         setattr(self.stats, job.outcome, getattr(self.stats, job.outcome) + 1)
-        if job.client in self.shared.config.auth.clients:  # (not one a reload removed meanwhile)
+        if job.client is not None and not job.client_removed:
             self.client_jobs[job.client] = self.client_jobs.get(job.client, 0) + 1
         _after_handover(functools.partial(self._account, job, log_now))
 
@@ -6160,7 +6169,7 @@ def queue_snapshot(lock: GpuLock, rooms: RoomMaker, config: Config) -> QueueSnap
     }
     now = lock.clock()
     sched = config.scheduler
-    holding = tuple(j.client for j in lock.taken if not j.exclusive)  # (as dispatch and release count them)
+    holding = tuple(j.client for j in lock.taken if j.charged)  # (as dispatch and release count them)
     return QueueSnapshot(
         lock.waiting.copy(),
         lock.holder,
@@ -6491,8 +6500,6 @@ class GpuTime:
     def __init__(self) -> None:
         #: client -> deque of (t, seconds held by then, slots held from t on).
         self._books: dict[str | None, deque[tuple[float, float, int]]] = {}
-        #: Clients a reload removed while they held a slot: their book goes with their last slot.
-        self._gone: set[str | None] = set()
 
     def __repr__(self) -> str:
         return f"<GpuTime clients:{len(self._books)}>"
@@ -6505,7 +6512,6 @@ class GpuTime:
         books = self._books
         names = books if clients is None else [c for c in clients if c in books]
         other._books = {client: deque(books[client]) for client in names}
-        other._gone = {client for client in self._gone if client in other._books}
         return other
 
     def _step(self, client: str | None, now: float, slots: int, window_s: float) -> None:
@@ -6518,14 +6524,10 @@ class GpuTime:
             book.append((now, 0.0, slots))
 
     def forget(self, kept: Collection[str | None]) -> None:
-        """Drop the books of the clients not ``kept`` (a reload removed them), each once it holds no slot."""
-        self._gone = {client for client in self._books if client not in kept}
-        for client in [c for c in self._gone if self._books[c][-1][2] == 0]:
-            self._drop(client)
-
-    def _drop(self, client: str | None) -> None:
-        del self._books[client]
-        self._gone.discard(client)
+        """Drop the books of the clients not ``kept`` (a reload removed them; the slots they still hold are
+        charged to nobody: ``Job.charged``)."""
+        for client in [c for c in self._books if c not in kept]:
+            del self._books[client]
 
     def granted(self, client: str | None, now: float, window_s: float) -> None:
         """A job of ``client`` took a slot."""
@@ -6534,8 +6536,6 @@ class GpuTime:
     def released(self, client: str | None, now: float, window_s: float) -> None:
         """A job (or hold) of ``client`` gave its slot back."""
         self._step(client, now, -1, window_s)
-        if client in self._gone and self._books[client][-1][2] == 0:
-            self._drop(client)
 
     def served(self, clients: Iterable[str | None], now: float, window_s: float) -> dict[str | None, float]:
         """Each of ``clients``' GPU time within the last ``window_s`` seconds (the grant order's snapshot)."""
@@ -6892,7 +6892,7 @@ class GpuLock:
             self.holder, self.exclusive = job.consumer, job.exclusive
             self.slots += 1
             self.taken[job] = None
-            if not job.exclusive:
+            if job.charged:
                 self.use.granted(job.client, now, sched.fair_window_s)
             self.idle.clear()
             job.state, job.started = "running", now
@@ -6923,7 +6923,8 @@ class GpuLock:
             self.idle.set()
         if not job.exclusive and job.started is not None:  # (after the count: a bug here frees the slot)
             now = self.clock()
-            self.use.released(job.client, now, self.config.scheduler.fair_window_s)
+            if job.charged:
+                self.use.released(job.client, now, self.config.scheduler.fair_window_s)
             self.recorder.gpu_time(job, now - job.started)
         return self.dispatch()
 
@@ -8296,7 +8297,8 @@ class Scheduler:
         """After a reload: jobs waiting for a consumer gone (or on another GPU now) get no_consumer. One whose
         consumer got another URL (a new service) goes to the new one: its target is the config in force
         from now on, unless that no longer serves its kind (no_consumer). The wait queue's empty lanes and
-        buckets go, and the GPU time and job count of each client removed (once it holds no slot)."""
+        buckets go, and the GPU time and job count of each client removed (its jobs under way count for
+        nobody from then on)."""
         for job in [j for j in self.lock.waiting if not j.granted.done()]:
             now = self.config.consumers.get(job.consumer)
             if job.kind == RESERVATION:  # (no consumer's)
@@ -8311,8 +8313,12 @@ class Scheduler:
                 continue
             why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
             self.lock.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
-        # What is kept per client or consumer between jobs goes with the ones the reload removed.
+        # What is kept per client or consumer between jobs goes with the ones the reload removed; their jobs
+        # still under way are theirs no more (a client added again under that name starts at zero).
         clients = self.config.auth.clients
+        for job in itertools.chain(self.lock.taken, self.lock.waiting):
+            if job.client is not None and job.client not in clients:
+                job.client_removed = True
         self.lock.waiting.prune()
         self.lock.use.forget({None, *clients})
         self.recorder.forget_clients(clients)
@@ -8351,7 +8357,7 @@ def client_use(s: Scheduler, name: str) -> dict[str, Any]:
     lock, now = s.lock, s.clock()
     return {
         "queued": lock.waiting.of_client(name),
-        "running": sum(j.client == name for j in lock.taken),
+        "running": sum(j.client == name and not j.client_removed for j in lock.taken),
         "jobs_total": s.recorder.client_jobs.get(name, 0),
         "gpu_s_window": lock.use.seconds(name, now, s.config.scheduler.fair_window_s),
     }

@@ -18555,6 +18555,40 @@ async def test_a_client_removed_while_its_job_runs_starts_at_zero_when_added_aga
     assert clients["c1"]["jobs_total"] == 0 and clients["c1"]["gpu_s_window"] == 0, clients["c1"]
 
 
+async def test_a_client_removed_and_added_again_before_its_old_job_ends_starts_at_zero():
+    """The same promise (operations.md, Reloading: a removed client "added again, even before that job
+    ends, starts at zero"), where the old job's slot outlives both reloads (a ComfyUI hold, or a load
+    whose caller left). p is removed while its job runs and added again (a new token) before that job ends:
+    the old job counted as p's running job, then its end and its 30 s as p's (found by an attack on
+    callers: the second reload took p off the removed ones, and its old book, open slot and all, became the
+    new p's)."""
+    s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
+    ops.states["t"].loaded()
+    old = await s.acquire("t", "kt", client="p")
+    clock.now += 10
+    without = copy.deepcopy(CLIENT_AUTH)
+    del without["clients"]["p"]
+    s.shared.config = small_config(auth=without)  # a reload removes p (as Broker.apply swaps it) ...
+    s.forget()
+    again = copy.deepcopy(CLIENT_AUTH)
+    again["clients"]["p"] = {"token": "p-new-token-0123456789"}
+    s.shared.config = small_config(auth=again)  # ... and the next one adds it again
+    s.forget()
+    assert m.client_use(s, "p") == {"queued": 0, "running": 0, "jobs_total": 0, "gpu_s_window": 0.0}
+    clock.now += 20
+    old.release("completed", status=200, success=True)
+    for _ in range(5):
+        await asyncio.sleep(0)  # (its books follow the hand-over)
+    assert m.client_use(s, "p") == {"queued": 0, "running": 0, "jobs_total": 0, "gpu_s_window": 0.0}
+    new = await s.acquire("t", "kt", client="p")  # the new p's own job counts, from zero
+    clock.now += 5
+    new.release("completed", status=200, success=True)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert m.client_use(s, "p") == {"queued": 0, "running": 0, "jobs_total": 1, "gpu_s_window": 5.0}
+    assert books_balance(s)
+
+
 async def test_a_token_that_a_reload_gives_to_someone_else_closes_what_it_let_in_as_whom_it_was(rig):
     """Issue 19's rotated token and issue 23's removed client, where the token itself stays valid: a reload
     that rotates the admin's token and gives the old one to a client (the admin's power is gone from it),
