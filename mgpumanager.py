@@ -6928,6 +6928,16 @@ class GpuLock:
             self.recorder.gpu_time(job, now - job.started)
         return self.dispatch()
 
+    def forget(self, clients: Collection[str]) -> None:
+        """After a reload: the wait queue's empty lanes and buckets go, and what it keeps of each client not
+        in ``clients`` (removed): its GPU time, and its jobs under way are its no more (their time and end
+        count for nobody: one added again under that name starts at zero)."""
+        for job in itertools.chain(self.taken, self.waiting):
+            if job.client is not None and job.client not in clients:
+                job.client_removed = True
+        self.waiting.prune()
+        self.use.forget({None, *clients})
+
     def take_out(self, job: Job) -> None:
         """Take a waiting job off the queue without a grant (its queued event first, as ever)."""
         self.queued.before(job, granted=False)
@@ -8313,14 +8323,9 @@ class Scheduler:
                 continue
             why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
             self.lock.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
-        # What is kept per client or consumer between jobs goes with the ones the reload removed; their jobs
-        # still under way are theirs no more (a client added again under that name starts at zero).
+        # What is kept per client or consumer between jobs goes with the ones the reload removed.
         clients = self.config.auth.clients
-        for job in itertools.chain(self.lock.taken, self.lock.waiting):
-            if job.client is not None and job.client not in clients:
-                job.client_removed = True
-        self.lock.waiting.prune()
-        self.lock.use.forget({None, *clients})
+        self.lock.forget(clients)
         self.recorder.forget_clients(clients)
         self.lock.dispatch()
 
