@@ -6149,8 +6149,9 @@ class QueueSnapshot:
     max_overtake_s: float
     #: Fair share's figures, to play forward: a copy of the lock's GPU time (``GpuTime.copy``) of the waiting
     #: jobs' clients and the holder's, the client of each slot the holder's non-exclusive jobs hold (each
-    #: charged until the holder's end, as the lock charges it at their release), and the window.
-    use: GpuTime
+    #: charged until the holder's end, as the lock charges it at their release), and the window. None where
+    #: the waiting jobs are of one client (or none): no grant reads it then, as none does in ``dispatch``.
+    use: GpuTime | None
     holding: tuple[str | None, ...]
     fair_window_s: float
 
@@ -6170,6 +6171,7 @@ def queue_snapshot(lock: GpuLock, rooms: RoomMaker, config: Config) -> QueueSnap
     now = lock.clock()
     sched = config.scheduler
     holding = tuple(j.client for j in lock.taken if j.charged)  # (as dispatch and release count them)
+    clients = lock.waiting.clients()
     return QueueSnapshot(
         lock.waiting.copy(),
         lock.holder,
@@ -6182,7 +6184,7 @@ def queue_snapshot(lock: GpuLock, rooms: RoomMaker, config: Config) -> QueueSnap
         sched.max_evictions,
         sched.aging_s,
         sched.max_overtake_s,
-        lock.use.copy(lock.waiting.clients() | set(holding)),
+        lock.use.copy(clients | set(holding)) if len(clients) > 1 else None,
         holding,
         sched.fair_window_s,
     )
@@ -6210,12 +6212,13 @@ def expected_waits(
     free = snap.free_mib or 0
     t = 0.0
     current = snap.holder
-    use, window = snap.use.copy(), snap.fair_window_s  # (the snapshot's own stays as it is: played again)
+    # (A copy: the snapshot's own stays as it is, to be played again; none where no grant reads it.)
+    use, window = None if snap.use is None else snap.use.copy(), snap.fair_window_s
     if current is not None:  # what it still takes (at least RUNNING_FLOOR_S); its consumer is loaded
         t = max(RUNNING_FLOOR_S, snap.timings.get((current, "job"), 0.0) - snap.held_s)
         if current in views:
             views[current] = replace(views[current], resident=True, trusted=True)
-        for client in snap.holding:  # its slots are released then, each charged until then
+        for client in snap.holding if use is not None else ():  # its slots are released then
             use.released(client, snap.now + t, window)
 
     def warm(job: Job) -> bool:  # (the consumer's config as it is now, as the lock reads it)
@@ -6230,7 +6233,7 @@ def expected_waits(
         candidates = waiting.candidates(warm, None)
         clients = {j.client for j in candidates}
         # (As dispatch reads it: one client, or none, the fair order is the arrival order.)
-        served = use.served(clients, now, window) if len(clients) > 1 else None
+        served = use.served(clients, now, window) if use is not None and len(clients) > 1 else None
         job = next_grant(
             candidates,
             None,
@@ -6263,7 +6266,7 @@ def expected_waits(
                 free -= target.size_mib
         views[name] = replace(target, resident=True, trusted=True, last_used=snap.now + t)
         t += snap.timings.get((name, "job"), 0.0)
-        if not job.exclusive:  # its slot, from its grant to its release (exclusive jobs: nobody's)
+        if use is not None and job.charged:  # its slot, from its grant to its release
             use.granted(job.client, snap.now + granted_at, window)
             use.released(job.client, snap.now + t, window)
         current = name
@@ -6930,8 +6933,9 @@ class GpuLock:
 
     def forget(self, clients: Collection[str]) -> None:
         """After a reload: the wait queue's empty lanes and buckets go, and what it keeps of each client not
-        in ``clients`` (removed): its GPU time, and its jobs under way are its no more (their time and end
-        count for nobody: one added again under that name starts at zero)."""
+        in ``clients`` (removed): its GPU time, and its jobs under way (waiting or holding a slot) are its no
+        more: their time and end count for nobody (one added again under that name starts at zero). (The
+        reload closes the connections of a removed client's jobs, so a waiting one leaves the queue.)"""
         for job in itertools.chain(self.taken, self.waiting):
             if job.client is not None and job.client not in clients:
                 job.client_removed = True

@@ -6059,6 +6059,30 @@ def test_the_forecasts_copy_of_the_gpu_time_is_its_own():
     assert copy.served({"p", "q", "r"}, 20.0, 60) == {"p": 5.0, "q": 15.0, "r": 0.0}
 
 
+async def test_the_forecast_copies_no_gpu_time_where_no_grant_reads_it():
+    """Fair share decides a grant only between two clients or more (the admin's jobs and, without clients,
+    everyone's are one: None); the lock then reads no GPU time, and nor does the forecast. It copied the
+    lock's books at every play all the same (twice: the snapshot's, then the play's own), and they hold two
+    breakpoints per grant of the window: a queued event's forecast cost as much more as jobs had run in
+    fair_window_s, with no client configured (found by a review: 145x after 60,000 grants)."""
+    s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
+    ops.states["t"].loaded()
+    for client in ("p", "q"):
+        job = await s.acquire("t", "kt", client=client)
+        clock.now += 1
+        job.release("completed", status=200, success=True)
+    running = await s.acquire("t", "kt")
+    waiting = [await _queued(s, "t"), await _queued(s, "t")]  # the admin's: one client
+    assert m.queue_snapshot(s.lock, s.rooms, s.config).use is None
+    waiting.append(await _queued(s, "t", "p"))  # two: fair share may decide, from the books of both
+    snap = m.queue_snapshot(s.lock, s.rooms, s.config)
+    assert snap.use is not None and snap.use.served({None, "p", "q"}, clock.now, 60)["p"] == 1.0
+    running.release("completed", status=200, success=True)
+    for task in waiting:
+        (await task).release("completed", status=200, success=True)
+    assert books_balance(s)
+
+
 async def test_a_job_that_comes_after_the_lock_shut_down_is_refused_at_once():
     """Found by a mutation audit of the lock core: GpuLock.wait admitting a job after shut_down failed no
     test. While the broker drains (running jobs finish, bounded), a job that arrives then is answered
@@ -18586,6 +18610,32 @@ async def test_a_client_removed_and_added_again_before_its_old_job_ends_starts_a
     for _ in range(5):
         await asyncio.sleep(0)
     assert m.client_use(s, "p") == {"queued": 0, "running": 0, "jobs_total": 1, "gpu_s_window": 5.0}
+    assert books_balance(s)
+
+
+async def test_a_removed_clients_queued_job_counts_for_nobody_should_it_be_granted():
+    """The same promise, for a removed client's job still queued: the reload closes its connection, so it
+    leaves the queue when its task next runs; should it be granted before (a reload that adds p again
+    first), it is the old p's: its time and end count for nobody, not for the new p."""
+    s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
+    ops.states["t"].loaded()
+    running = await s.acquire("t", "kt")  # the admin's
+    old = await _queued(s, "t", "p")
+    without = copy.deepcopy(CLIENT_AUTH)
+    del without["clients"]["p"]
+    s.shared.config = small_config(auth=without)
+    s.forget()
+    again = copy.deepcopy(CLIENT_AUTH)
+    again["clients"]["p"] = {"token": "p-new-token-0123456789"}
+    s.shared.config = small_config(auth=again)
+    s.forget()
+    running.release("completed", status=200, success=True)
+    job = await old
+    clock.now += 10
+    job.release("completed", status=200, success=True)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert m.client_use(s, "p") == {"queued": 0, "running": 0, "jobs_total": 0, "gpu_s_window": 0.0}
     assert books_balance(s)
 
 
