@@ -4659,14 +4659,13 @@ class ConsumerState:
         if not self._acting:  # (a service the broker is starting refuses until it listens: expected)
             self._set_resident(False if stopped else None, "seen down")
 
-    def timed_out(self, reason: str, *, stopped: bool = False) -> None:
-        """A job got no answer in time: unhealthy until a later probe succeeds; alive perhaps, so its
-        residency stays (``stopped``: not resident, a service started by command)."""
+    def timed_out(self, reason: str) -> None:
+        """A job got no answer in time: unhealthy until a later probe succeeds; alive perhaps (it took the
+        connection), so its residency stays, in doubt: a service started by command still runs, holding
+        its memory."""
         self._down_at = self.clock()
         self._set_health(False, reason, "consumer_unreachable")
         self.trusted = False
-        if stopped:
-            self._set_resident(False, "timed out")
 
     def _set_health(self, ok: bool, reason: str | None, code: str, *, stopped: bool = False) -> None:
         """The one place health is written; a change is logged and published (a consumer stopped, not
@@ -5038,7 +5037,7 @@ class Consumers:
         if exc is not None and gone_reason(exc) is not None:
             self.gone(name, reason)
         else:
-            state.timed_out(reason, stopped=c.started_by_command)
+            state.timed_out(reason)
 
     def gone(self, name: str, reason: str, *, seen_by: str | None = None) -> None:
         """The consumer was seen gone: its state says so, and whoever waits on its work is told (``seen_by``
@@ -5093,8 +5092,10 @@ class Consumers:
             log.info(logfmt(msg=msg, consumer=name, probe=reason or "healthy"))
             return
         if c.started_by_command and not isinstance(loaded, bool):
-            # A service started by command holds its model while it runs: up is resident, down is not.
-            loaded = ok
+            # A service started by command holds its model while it runs: up is resident, not running
+            # (refused) is not; one that did not answer in time still runs: that tells nothing.
+            refused = error is not None and gone_reason(error, refused_only=True) is not None
+            loaded = True if ok else (False if refused else None)
         reported = loaded if isinstance(loaded, bool) and c.processes is None else None
         # A service started by command that accepts no connection is not running: stopped, not failing.
         stopped = (

@@ -7378,6 +7378,40 @@ async def _stop_service(pidfile: Path) -> None:
     assert await asyncio.wait_for(stop.wait(), 30) == 0
 
 
+@no_overfill
+async def test_a_command_started_service_that_timed_out_still_holds_its_memory_and_is_stopped_for_room(
+    rig, tmp_path
+):
+    """Decide from facts (an attack on issue 18 found it): whisper, started and stopped by command, is alive
+    but too slow, and its job gets no answer within its timeout_s. It took the connection, so its process
+    runs and holds its 1500 MiB; the broker recorded it not resident (as if stopped), so an image job that
+    needs that memory was refused insufficient_vram, naming whisper-server's 1500 MiB "(no consumer)",
+    instead of stopping whisper to make room."""
+    port, home = free_port(), tmp_path / "rig0"
+    service = _whisper_as_a_service(home, port)
+
+    def tweak(raw: dict[str, Any]) -> None:
+        service(raw)
+        start = raw["consumers"]["whisper"]["load"]["command"]
+        start[-1] = f"whisper=whisper:{port},loaded=true,work_s=5"
+        raw["consumers"]["whisper"]["timeout_s"] = 1
+
+    r = await rig(total_mib=14000, tweak=tweak)  # comfyui (13000) and whisper (1500) do not fit together
+    pidfile = home / "whisper.pid"
+    try:
+        status, _, body = await r.post("stt", None, data=b"audio")
+        assert status == 504, body  # consumer_timeout: alive, but slow
+        pid = int(pidfile.read_text())
+        assert mgpusim.alive(pid) and r.gpu.used_mib("whisper") == 1500
+        await until(lambda: r.broker.scheduler.holder is None)
+        status, _, body = await r.post("image", {"prompt": {}})
+        nothing_overfilled(r.gpu)
+        assert status == 200, json.loads(body)["message"]
+        assert not mgpusim.alive(pid) and r.gpu.used_mib("whisper") == 0  # stopped for the room
+    finally:
+        await _stop_service(pidfile)
+
+
 def _no_health_warning(caplog: Any, name: str) -> None:
     warned = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING]
     assert not [line for line in warned if f"consumer={name} " in line], warned
