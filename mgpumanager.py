@@ -7342,11 +7342,26 @@ class RoomMaker:
         fails, its cause the consumer's error. ``fields``: more for its records.
 
         While the call is under way the victim's residency is unknown, and it stays so unless the call
-        succeeds (a failed or interrupted unload may or may not have freed anything).
+        succeeds (a failed or interrupted unload may or may not have freed anything). An admin, idle or
+        reservation unload then waits for its memory, as an eviction does (a service frees it after its
+        answer: ComfyUI's worker, Ollama's runner), from a reading before the call: the next job must not
+        find it gone from the records and its memory still in use. Without that reading (it failed), its
+        residency stays unknown.
         """
         state = self.states[victim]
         why: dict[str, Any] = {"for_consumer": job.consumer} if by is None else {"by": by}
         why |= fields or {}
+        waits = by is not None and by != "yield"
+        before: GpuReading | None = None
+        if waits:
+            try:
+                before = await self.read(job)
+            except BrokerError as e:
+                log.warning(logfmt(msg="unload: no reading before it", consumer=victim, error=str(e)))
+            # (What it is charged with, but never more than the reading shows in use.)
+            size = 0 if before is None else _charged(self.views(), before.used_mib).get(victim, 0)
+            size = min(size, before.used_mib) if before is not None and before.used_mib is not None else size
+            pids = state.pids
         self.recorder.record("evicting" if by is None else "unloading", consumer=victim, **why, job=job.id)
         state.unloading()
         self._unload_started[victim] = self.clock()
@@ -7363,11 +7378,14 @@ class RoomMaker:
             state.unload_failed()
             self._unload_started.pop(victim, None)
             raise
-        if by is not None and by != "yield":
-            state.unloaded()
-            took = self.clock() - self._unload_started.pop(victim)
+        if not waits:
+            return
+        if before is None or before.free_mib is None:  # (nothing to wait from: the safe side)
+            state.unconfirmed()
+            self._unload_started.pop(victim, None)
             self.recorder.record(f"unloaded_{by}", consumer=victim, by=by, job=job.id)
-            self.recorder.learned(state, "unload", took, job.id)
+            return
+        await self._wait_for_memory(job, victim, state, size, pids, before.free_mib, math.inf, by=by)
 
     async def yield_to(
         self,
@@ -7405,8 +7423,9 @@ class RoomMaker:
         *,
         by: str | None = None,
     ) -> tuple[GpuReading, bool]:
-        """After an eviction (or a yield: ``by``): poll until the target fits (``need`` MiB free), the
-        victim's memory (``size`` MiB) came free, or ``vram_wait_s`` passed; the last reading, and whether
+        """After an eviction (or an unload ``by`` a yield, an admin, idleness or a reservation): poll until
+        the target fits (``need`` MiB free), the victim's memory (``size`` MiB) came free, or
+        ``vram_wait_s`` passed; the last reading, and whether
         the memory came free: what shows up as free, or for a victim measured by its processes, what they
         no longer hold (``pids``: its processes before the unload, counted whether or not a reading still
         tells whose they are: a process that exits has no name any more before its memory goes; a game
@@ -7453,8 +7472,8 @@ class RoomMaker:
             self.recorder.record(
                 "evicted", consumer=victim, for_consumer=job.consumer, free_mib=reading.free_mib
             )
-        elif freed:  # (a yield that freed nothing is not one: its job fails, unload_failed)
-            fields = self.strangers.fields() if self.strangers is not None else {}
+        elif freed or by != "yield":  # (a yield that freed nothing is not one: its job fails)
+            fields = self.strangers.fields() if by == "yield" and self.strangers is not None else {}
             self.recorder.record(f"unloaded_{by}", consumer=victim, by=by, job=job.id, **fields)
         if took is not None:
             self.recorder.learned(state, "unload", took, job.id)

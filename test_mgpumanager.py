@@ -8868,6 +8868,8 @@ async def test_a_yield_refused_by_a_reservation_is_no_failed_unload_and_the_cons
         async with r.session.delete(r.url("/v1/reserve")) as resp:
             assert resp.status == 200
     r.gpu.allocate("game", 8000, graphics=True)  # the same game, smaller for a while: still a stranger
+    # (Whether a job fits beside it is decided from the newest reading: once the poll has seen it smaller.)
+    await until(lambda: r.broker.scheduler.strangers.unclaimed_mib == 8000)
     assert (await r.post("tts", {"text": "beside the game"}))[0] == 200  # 7904 free >= 2800 + 256 + 2048
     unloads = r.sims["mvoice"].unloads
     r.gpu.allocate("game", 12000, graphics=True)  # it grows again: 1104 free
@@ -15022,6 +15024,40 @@ async def test_an_admin_operation_holds_the_lock_alone():
     assert s.stats.admin_unloads == 1 and s.stats.cancelled == 1
     job.release("completed")
     assert books_balance(s)
+
+
+async def test_a_job_right_after_an_admin_unload_finds_its_memory_free_not_refused(rig):
+    """Decide from facts (an attack on issue 18 found it): ComfyUI's admin unload answers at once and its
+    memory goes a second later (its worker frees it, as Ollama's runner does). The broker recorded it not
+    resident at the answer, so a TTS job right after found 13000 MiB in use that no consumer accounted for,
+    nothing to evict, and was refused insufficient_vram. The unload now answers once its memory came free,
+    as an eviction waits for it."""
+    sims = {"comfyui": {"loaded": True, "release_s": 1.0}, "mvoice": {"loaded": False}}
+    r = await rig(total_mib=15000, sims=sims)  # 14520 usable: comfyui 13000 and mvoice 2800 do not fit
+    async with r.session.post(r.url("/v1/consumers/comfyui/unload")) as resp:
+        assert resp.status == 200, await resp.read()
+        assert (await resp.json())["loaded"] is False
+    assert r.gpu.used_mib("comfyui") == 0  # (it answered once the memory was free)
+    status, _, body = await r.post("tts", {"text": "right after the unload"})
+    assert status == 200, json.loads(body)["message"]
+    assert r.stats.admin_unloads == 1 and r.stats.evictions == 0
+
+
+async def test_a_job_right_after_an_idle_unload_finds_its_memory_free_not_refused(rig):
+    """The same with the broker's own idle unload: it holds the GPU lock until comfyui's memory came free,
+    so the job that comes next finds it free."""
+
+    def idle(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["idle_unload_s"] = 0.5
+
+    sims = {"comfyui": {"loaded": False, "release_s": 3.0}, "mvoice": {"loaded": False}}
+    r = await rig(total_mib=15000, sims=sims, tweak=idle)
+    await _render(r)
+    await until(lambda: r.sims["comfyui"].unloads == 1, timeout=20)  # the idle unload was asked
+    assert r.gpu.used_mib("comfyui") == 13000  # its memory is still on its way out
+    status, _, body = await r.post("tts", {"text": "right after the idle unload"})
+    assert status == 200, json.loads(body)["message"]
+    assert r.gpu.used_mib("comfyui") == 0 and r.stats.idle_unloads == 1 and r.stats.evictions == 0
 
 
 async def test_an_admin_unload_never_joins_its_consumers_running_job():
