@@ -7230,10 +7230,14 @@ class RoomMaker:
         return job.target.load is not None and (state.resident is False or warm or stopped)
 
     def _in_doubt(self, job: Job) -> bool:
-        """Recorded resident, but something may have changed that since, and no reading measures it: the
-        target is asked before any room is planned for it."""
+        """Recorded resident, but something may have changed that since, or of unknown residency (a failed
+        unload or load, a restart), and no reading measures it: the target is asked before any room is
+        planned for it (a service started by command that is seen not running is not: it is stopped)."""
         state = self.states[job.consumer]
-        return state.resident is True and not state.trusted and job.target.processes is None
+        stopped = job.target.started_by_command and state.healthy is False
+        return (
+            state.resident is not False and not state.trusted and job.target.processes is None and not stopped
+        )
 
     async def _ask(self, job: Job) -> None:
         """Ask a target in doubt: one health probe with its residency report (health's ``loaded``, its

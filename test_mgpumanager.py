@@ -7837,6 +7837,40 @@ async def test_only_a_target_no_reading_measures_is_asked_its_residency():
 # ---- deciding from facts (issue 18): the broker as a process, consumers on sockets, mgpusim's nvidia-smi
 
 
+async def test_a_target_whose_unload_failed_is_asked_before_others_are_evicted_for_it(rig):
+    """Decide from facts (an attack on issue 18 found it): mvoice's unload failed (500), so its residency is
+    unknown, though its health says ``loaded: true`` and its process holds its model. Its next job evicted
+    comfyui to make room for a model that was already there: a target of unknown residency was never asked,
+    only one recorded resident and in doubt. It is asked first (one probe)."""
+    sims = {"comfyui": {"loaded": True}, "mvoice": {"loaded": True}}
+    r = await rig(sims=sims)  # 15904 usable: 13000 + 2800 held, 104 free
+    r.sims["mvoice"].faults["unload_status"] = 500
+    async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:
+        assert resp.status == 502, await resp.read()
+    assert r.sims["mvoice"].loaded and r.broker.consumers.states["mvoice"].resident is None
+    status, _, body = await r.post("tts", {"text": "after the failed unload"})
+    assert status == 200, body
+    assert r.sims["comfyui"].unloads == 0 and r.stats.evictions == 0
+
+
+async def test_after_a_failed_wake_up_vllm_is_asked_and_woken_for_the_next_job(rig):
+    """The same (an attack on issue 18): vLLM asleep (evicted); its wake-up fails once (load_failed: its
+    residency is now unknown, though its /is_sleeping would say). The client's retry went to the sleeping
+    vLLM without a wake-up and got 503 "No models are currently loaded". It is asked, then woken."""
+    vllm = functools.partial(mgpusim.ServiceSim, service="vllm", vram_mib=1000, loaded=False)
+    r = await rig(
+        extra={"v": (vllm, {"preset": "vllm", "vram_resident_mib": 1000})},
+        tweak=lambda raw: raw["routing"].update({"chat": "v"}),
+    )
+    assert r.broker.consumers.states["v"].resident is False  # /is_sleeping says so
+    r.sims["v"].faults["load_status"] = 500
+    status, _, body = await r.post("chat", {"model": "m", "messages": []})
+    assert status == 502 and json.loads(body)["error"] == "load_failed", body
+    r.sims["v"].faults.clear()
+    status, _, body = await r.post("chat", {"model": "m", "messages": []})  # the retry
+    assert status == 200, body
+
+
 async def test_a_resident_target_in_doubt_is_asked_and_nothing_is_evicted_for_it(bed):
     """Issue 18, case 1: a, b and c hold 6000 MiB each of 20,000 and say so in their health; t (6000
     declared) tells nothing and was never used. A job on b puts a's record in doubt; a's job then evicted c
