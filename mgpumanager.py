@@ -7234,7 +7234,7 @@ class RoomMaker:
         unload or load, a restart), and no reading measures it: the target is asked before any room is
         planned for it (a service started by command that is seen not running is not: it is stopped)."""
         state = self.states[job.consumer]
-        stopped = job.target.started_by_command and state.healthy is False
+        stopped = job.target.started_by_command and state.stopped  # (refused: not one that was slow)
         return (
             state.resident is not False and not state.trusted and job.target.processes is None and not stopped
         )
@@ -7349,14 +7349,15 @@ class RoomMaker:
         succeeds (a failed or interrupted unload may or may not have freed anything). An admin, idle or
         reservation unload then waits for its memory, as an eviction does (a service frees it after its
         answer: ComfyUI's worker, Ollama's runner), from a reading before the call: the next job must not
-        find it gone from the records and its memory still in use. Without that reading (it failed), its
-        residency stays unknown.
+        find it gone from the records and its memory still in use. One of unknown residency (nothing tells
+        what it holds), or without a reading (one failed), stays unknown.
         """
         state = self.states[victim]
         why: dict[str, Any] = {"for_consumer": job.consumer} if by is None else {"by": by}
         why |= fields or {}
         waits = by is not None and by != "yield"
         before: GpuReading | None = None
+        was = state.resident
         if waits:
             try:
                 before = await self.read(job)
@@ -7384,12 +7385,20 @@ class RoomMaker:
             raise
         if not waits:
             return
-        if before is None or before.free_mib is None:  # (nothing to wait from: the safe side)
-            state.unconfirmed()
-            self._unload_started.pop(victim, None)
-            self.recorder.record(f"unloaded_{by}", consumer=victim, by=by, job=job.id)
-            return
-        await self._wait_for_memory(job, victim, state, size, pids, before.free_mib, math.inf, by=by)
+        c = self.config.consumers.get(victim)
+        known = was is True or (c is not None and c.processes is not None)  # (what it holds is known)
+        if known and before is not None and before.free_mib is not None:
+            try:
+                await self._wait_for_memory(job, victim, state, size, pids, before.free_mib, math.inf, by=by)
+                return
+            except BrokerError as e:  # (a reading failed: it was unloaded, whether its memory went unknown)
+                log.warning(logfmt(msg="unload: no reading after it", consumer=victim, error=str(e)))
+        elif was is False:  # (it held nothing by its record, and holds nothing)
+            state.unloaded()
+        else:  # nothing to wait from, or for (its residency was unknown): unknown, the safe side (a job's
+            state.unconfirmed()  # plan charges it with what no one else holds, and unloads it again)
+        self._unload_started.pop(victim, None)
+        self.recorder.record(f"unloaded_{by}", consumer=victim, by=by, job=job.id)
 
     async def yield_to(
         self,
