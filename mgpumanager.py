@@ -7349,8 +7349,9 @@ class RoomMaker:
         succeeds (a failed or interrupted unload may or may not have freed anything). An admin, idle or
         reservation unload then waits for its memory, as an eviction does (a service frees it after its
         answer: ComfyUI's worker, Ollama's runner), from a reading before the call: the next job must not
-        find it gone from the records and its memory still in use. One of unknown residency (nothing tells
-        what it holds), or without a reading (one failed), stays unknown.
+        find it gone from the records and its memory still in use; one of unknown residency too, unless the
+        reading left too little unaccounted for to hold its model. Without a reading (one failed), its
+        residency stays unknown.
         """
         state = self.states[victim]
         why: dict[str, Any] = {"for_consumer": job.consumer} if by is None else {"by": by}
@@ -7386,17 +7387,20 @@ class RoomMaker:
         if not waits:
             return
         c = self.config.consumers.get(victim)
-        known = was is True or (c is not None and c.processes is not None)  # (what it holds is known)
-        if known and before is not None and before.free_mib is not None:
+        measured = c is not None and c.processes is not None
+        # One of unknown residency held at most what the reading left unaccounted for: too little for its
+        # model (under NOTHING_FREED_SHARE of it, as an eviction judges), it held none of it.
+        could = was is None and c is not None and size >= NOTHING_FREED_SHARE * c.vram_resident_mib
+        if (was is True or measured or could) and before is not None and before.free_mib is not None:
             try:
                 await self._wait_for_memory(job, victim, state, size, pids, before.free_mib, math.inf, by=by)
                 return
-            except BrokerError as e:  # (a reading failed: it was unloaded, whether its memory went unknown)
+            except BrokerError as e:  # (a reading failed: it was unloaded; its residency is left unknown)
                 log.warning(logfmt(msg="unload: no reading after it", consumer=victim, error=str(e)))
-        elif was is False:  # (it held nothing by its record, and holds nothing)
+        elif was is False or (was is None and before is not None):  # (it held no model: it holds none)
             state.unloaded()
-        else:  # nothing to wait from, or for (its residency was unknown): unknown, the safe side (a job's
-            state.unconfirmed()  # plan charges it with what no one else holds, and unloads it again)
+        else:  # (no reading to wait from: unknown, the safe side)
+            state.unconfirmed()
         self._unload_started.pop(victim, None)
         self.recorder.record(f"unloaded_{by}", consumer=victim, by=by, job=job.id)
 
