@@ -5345,7 +5345,7 @@ class Job:
     #: The client it runs for (auth.clients), None for the admin's, the broker's own and, without clients,
     #: everyone's: its priority, its limit and its share of the GPU are that client's.
     client: str | None = None
-    #: Its client was removed by a reload since its admission (``Scheduler.forget``): its GPU time and its
+    #: Its client was removed by a reload since its admission (``GpuLock.forget``): its GPU time and its
     #: end count for nobody from then on (one added again under that name starts at zero).
     client_removed: bool = False
     #: queued -> running -> ended
@@ -7442,8 +7442,8 @@ class RoomMaker:
     ) -> tuple[GpuReading, bool]:
         """After an eviction (or an unload ``by`` a yield, an admin, idleness or a reservation): poll until
         the target fits (``need`` MiB free), the victim's memory (``size`` MiB) came free, or
-        ``vram_wait_s`` passed; the last reading, and whether
-        the memory came free: what shows up as free, or for a victim measured by its processes, what they
+        ``vram_wait_s`` passed; the last reading, and whether the memory came free: what shows up as
+        free, or for a victim measured by its processes, what they
         no longer hold (``pids``: its processes before the unload, counted whether or not a reading still
         tells whose they are: a process that exits has no name any more before its memory goes; a game
         that takes memory the moment it comes free leaves the free figure where it was). The victim is
