@@ -3073,6 +3073,24 @@ def in_own_thread(fn: Callable[..., Any], *args: Any, name: str) -> asyncio.Futu
     return future
 
 
+async def to_its_end(work: Awaitable[Any]) -> Any:
+    """Await ``work`` to its end even if the caller is cancelled meanwhile, then pass the cancellation on:
+    for short, bounded work that must not stop half way (a reload's apply)."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
+
+
 async def cancel_until_done(tasks: Collection[asyncio.Task[Any]], what: str) -> None:
     """Cancel ``tasks`` and wait for them to end, cancelling again every CANCEL_AGAIN_S those that go on: a
     task may swallow a cancellation (Python 3.11's asyncio.wait_for does, when what it waits for ends at
@@ -3242,6 +3260,10 @@ class Events:
             queue.put_nowait(None)
 
 
+#: What systemd is no longer told once the broker is stopping.
+NOT_WHILE_STOPPING = ("READY=", "RELOADING=", "MONOTONIC_USEC=")
+
+
 class Notifier:
     """systemd's notify protocol: datagrams to NOTIFY_SOCKET (also its abstract ``@`` form), else silent."""
 
@@ -3255,9 +3277,16 @@ class Notifier:
         self.status: str | None = None
         #: Datagrams that could not be sent (logged, never fatal).
         self.errors = 0
+        #: STOPPING=1 was sent: from then on the broker is never READY=1 again (a reload the drain cut ends
+        #: with one), and RELOADING=1 no longer holds.
+        self.stopping = False
 
     def send(self, *lines: str) -> bool:
-        if self.address is None:
+        if "STOPPING=1" in lines:
+            self.stopping = True
+        elif self.stopping:
+            lines = tuple(line for line in lines if not line.startswith(NOT_WHILE_STOPPING))
+        if self.address is None or not lines:
             return False
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
@@ -10127,6 +10156,9 @@ class Broker:
         self.tasks: set[asyncio.Task[Any]] = set()
         #: Held while a reload reads and applies the config: one at a time.
         self.reloading = asyncio.Lock()
+        #: Set as shutdown begins: no reload applies from then on (the drain goes on under the config it
+        #: began with), and no consumer port opens.
+        self.stopping = False
         #: In flight now, by consumer: unscheduled calls (mounts, /audio/) and WebSockets through mounts.
         self.unscheduled: dict[str, int] = {}
         self.websockets: dict[str, int] = {}
@@ -10269,9 +10301,14 @@ class Broker:
         serving meanwhile. Reloads run one at a time, in the order they were asked for. A token it replaces
         or removes closes every connection authenticated with it at once (``spare``, the connection that
         asked for the reload, once it is answered).
+
+        Once read and checked, the config is applied whole: a caller that leaves meanwhile (the admin's
+        client, the drain cutting a SIGHUP's reload) does not stop it half way. Once the broker is stopping,
+        nothing is applied (``shutting_down``): the drain goes on under the config it began with.
         """
         if self.source is None:
             raise ConfigError(["this broker was not started from a config file"])
+        self._refuse_while_stopping()
         async with self.reloading:
             self.notifier.send(
                 "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
@@ -10286,17 +10323,30 @@ class Broker:
                     log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
                 self.events.publish("reload", ok=False, problems=e.problems)
                 raise
+            except asyncio.CancelledError:  # (its caller left, or the drain cut a SIGHUP's)
+                log.info(logfmt(msg="reload cut: nothing of it applied"))
+                raise
             finally:
-                self.notifier.send("READY=1")
-            changes = self.apply(new)
-            revoked, tokenless = self.connections.revoke(valid_credentials(new.auth), spare=spare)
-            if revoked:
-                changes.append(f"closed {_plural(revoked, 'connection')} authenticated with a revoked token")
-            if tokenless:
-                changes.append(
-                    f"closed {_plural(tokenless, 'connection')} let in without a token (one is required now)"
-                )
-            changes += await self.ports.sync(self, strict=False)
+                self.notifier.send("READY=1")  # (dropped once stopping: the notifier tells no READY then)
+            self._refuse_while_stopping()  # (a read that ended during the drain)
+            return await to_its_end(self._apply(new, spare))
+
+    def _refuse_while_stopping(self) -> None:
+        if self.stopping:
+            log.info(logfmt(msg="reload ignored: the broker is stopping"))
+            raise BrokerError("shutting_down", "the broker is shutting down: the config it began with stays")
+
+    async def _apply(self, new: Config, spare: Connection | None) -> list[str]:
+        """Apply a read and checked config: the parts, the tokens' connections, the consumers' ports."""
+        changes = self.apply(new)
+        revoked, tokenless = self.connections.revoke(valid_credentials(new.auth), spare=spare)
+        if revoked:
+            changes.append(f"closed {_plural(revoked, 'connection')} authenticated with a revoked token")
+        if tokenless:
+            changes.append(
+                f"closed {_plural(tokenless, 'connection')} let in without a token (one is required now)"
+            )
+        changes += await self.ports.sync(self, strict=False)
         log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
         self.events.publish("reload", ok=True, changes=changes)
         self.internal.start_preloads()
@@ -10307,7 +10357,7 @@ class Broker:
         logged and counted as POST /v1/reload's would be, never left in the task for asyncio to find."""
         try:
             await self.reload()
-        except ConfigError:
+        except BrokerError:  # (a refused config, or the broker stopping: logged by ``reload``)
             pass
         except Exception:
             self.shared.internal_error("internal error", during="reload")
@@ -11018,6 +11068,8 @@ class ConsumerPorts:
         #: name -> (its ``listen`` as configured, the runner serving it, its site).
         self.open: dict[str, tuple[tuple[str, int], web.AppRunner, ListenerSite]] = {}
         self._lock = asyncio.Lock()
+        #: Closing them all, once shutdown's drain is over (``start_closing``).
+        self._closing: asyncio.Future[None] | None = None
 
     def websockets(self) -> list[ProxiedWebSocket]:
         """The WebSockets open through every consumer's port (each port's app keeps its own)."""
@@ -11045,7 +11097,7 @@ class ConsumerPorts:
                     changes.append(f"{name} no longer listens on {address}")
                     log.info(logfmt(msg="consumer port closed", consumer=name, listen=address))
             for name, (host, port) in wanted.items():
-                if name in self.open:
+                if name in self.open or broker.stopping:  # (none opens while the broker stops)
                     continue
                 try:
                     await self._open(broker, name, host, port)
@@ -11084,11 +11136,24 @@ class ConsumerPorts:
             with contextlib.suppress(RuntimeError):  # stopped already
                 await site.stop()
 
+    def start_closing(self) -> None:
+        """Close every consumer's port, together (after a sync under way): open answers get
+        SHUTDOWN_GRACE_S, each port's at the same time (one after another, two ports reached the unit's
+        TimeoutStopSec); ``close`` waits for it."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close_all())
+
     async def close(self) -> None:
-        """Close every consumer's port (after a sync under way): open answers get SHUTDOWN_GRACE_S."""
+        self.start_closing()
+        assert self._closing is not None
+        await self._closing
+
+    async def _close_all(self) -> None:
         async with self._lock:
-            for name in list(self.open):
-                await self._close(name)
+            closed = await asyncio.gather(*map(self._close, list(self.open)), return_exceptions=True)
+        for outcome in closed:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _close(self, name: str) -> None:
         """Close a port: its WebSockets at once (going away: they never end by themselves, and cut at the
@@ -11748,9 +11813,18 @@ async def _proxy_websocket(
     return client
 
 
-async def _stop_consumer_ports(app: web.Application) -> None:
-    """On shutdown: the consumers' ports stop accepting connections, as the broker's own port does."""
-    await app[BROKER].ports.stop_listening()
+async def _stop_listening(app: web.Application) -> None:
+    """On shutdown, first: no reload applies from now on, and the consumers' ports stop accepting
+    connections, as the broker's own port does."""
+    broker = app[BROKER]
+    broker.stopping = True
+    await broker.ports.stop_listening()
+
+
+async def _close_consumer_ports(app: web.Application) -> None:
+    """On shutdown, once the drain is over: the consumers' ports close while the broker's own port gives
+    what is still answering its grace, so that both graces run at once."""
+    app[BROKER].ports.start_closing()
 
 
 async def _close_websockets(app: web.Application) -> None:
@@ -12210,9 +12284,10 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     app[SOURCE] = source
     app[WEBSOCKETS] = set()
     app.cleanup_ctx.append(_broker_ctx)
-    app.on_shutdown.append(_stop_consumer_ports)
+    app.on_shutdown.append(_stop_listening)
     app.on_shutdown.append(_close_websockets)
     app.on_shutdown.append(_drain)
+    app.on_shutdown.append(_close_consumer_ports)
     app.on_response_prepare.append(_answer_prepared)
     # Every route answers an Expect header through expect_body (aiohttp's own would answer plain text).
     router, expect = app.router, {"expect_handler": expect_body}

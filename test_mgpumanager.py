@@ -14819,6 +14819,153 @@ async def test_systemd_notify_ready_status_reload_watchdog_stopping_in_order(rig
         notify.close()
 
 
+async def test_a_reload_asked_before_sigterm_and_read_during_the_drain_applies_nothing(rig):
+    """operations.md, Reloading: once the broker is stopping, the drain goes on under the config it began
+    with. That held for a SIGHUP, not for a POST /v1/reload asked before SIGTERM whose read of the file
+    ended during the drain: it applied its config (here a port of mvoice's own, opened while the broker
+    drained) and answered reloaded. It is now refused, shutting_down, and logged."""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(sims={"mvoice": {"loaded": True}}, urls={"ollama": ollama.url})
+        daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
+        async with daemon:
+            running = asyncio.ensure_future(r.session.post(daemon.url("/v1/llm"), json={"model": "m"}))
+            await daemon.until(r.session, lambda st: st["scheduler"]["holder"])
+            new = copy.deepcopy(r.raw)
+            port = free_port()
+            new["consumers"]["mvoice"]["listen"] = f"127.0.0.1:{port}"
+            daemon.config.unlink()
+            os.mkfifo(daemon.config)  # the reload's read waits until the test writes the file
+            reload = asyncio.ensure_future(r.session.post(daemon.url("/v1/reload")))
+            await asyncio.sleep(1.0)  # (the read is under way)
+            daemon.terminate()
+            await until(lambda: "msg=stopping" in daemon.log_path.read_text())
+            text = yaml.safe_dump(new, sort_keys=False)
+            await asyncio.to_thread(daemon.config.write_text, text)  # the read ends, during the drain
+            resp = await asyncio.wait_for(reload, 10)
+            error_of(resp.status, dict(resp.headers), await resp.read(), "shutting_down")
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.1", port)
+            gate.set()
+            assert (await asyncio.wait_for(running, 10)).status == 200
+        assert daemon.proc.returncode == 0
+        assert 'msg="reload ignored: the broker is stopping"' in daemon.log
+        assert "msg=reload " not in daemon.log and f":{port}" not in daemon.log
+
+
+async def test_a_sighup_reload_cut_by_sigterm_is_logged_and_tells_systemd_no_ready_after_stopping(
+    rig, tmp_path
+):
+    """operations.md, systemd: RELOADING=1/READY=1 around a reload and STOPPING=1 on shutdown. A SIGHUP's
+    reload still reading the file when SIGTERM came was cut by the drain, silently, and told systemd
+    READY=1 after STOPPING=1. The cut is logged, and nothing tells systemd the broker is ready once it
+    stops."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        env = {"NOTIFY_SOCKET": notify.address}
+        async with Daemon(r.raw, r.tmp_path, sim_smi(r.state), env=env) as daemon:
+            await until(lambda: "READY=1" in "".join(notify.without_watchdog()))
+            daemon.config.unlink()
+            os.mkfifo(daemon.config)  # the reload's read hangs (a dead mount)
+            daemon.proc.send_signal(signal.SIGHUP)
+            await until(lambda: any(msg.startswith("RELOADING=1") for msg in notify.without_watchdog()))
+            daemon.terminate()
+        sent = notify.without_watchdog()
+        assert "STOPPING=1" in sent and not any("READY=1" in msg for msg in sent[sent.index("STOPPING=1") :])
+        assert 'msg="reload cut: nothing of it applied"' in daemon.log and daemon.proc.returncode == 0
+    finally:
+        notify.close()
+
+
+async def test_at_shutdown_the_consumer_ports_close_together_beside_the_broker_port(rig, monkeypatch):
+    """operations.md, Stopping: after the drain, what is still answering (an audio file, a model list)
+    gets 2 x 5 s more, "all under the unit's TimeoutStopSec=60". Each consumer port gave its own answers
+    that grace after the broker port's, one port after another: with the shipped config's two ports, a
+    drain that used its 30 s reached the unit's 60 s, and systemd killed the broker before its last write
+    of the state file. The graces now run at once: three reads left hanging, one through the mount and
+    one through each port, are cut together, not a grace or more apart."""
+    grace = 2.0
+    monkeypatch.setattr(m, "SHUTDOWN_GRACE_S", grace)  # (each runner is made with it)
+    stuck, arrived = asyncio.Event(), []
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.append(request.path)
+        await stuck.wait()
+        return web.Response(text="late")
+
+    names = ("comfyui", "ollama")
+    stand_ins = [StandIn([("GET", "/slow", slow), ("GET", "/{tail:.*}", _ok)]) for _ in names]
+    cut: list[float] = []
+
+    async def read(url: str) -> None:
+        with contextlib.suppress(aiohttp.ClientError):
+            async with r.session.get(url) as resp:
+                await resp.read()
+        cut.append(time.monotonic())
+
+    def own_ports(raw: dict[str, Any]) -> None:
+        for name in names:
+            raw["consumers"][name]["listen"] = "127.0.0.1:0"
+
+    async with contextlib.AsyncExitStack() as stack:
+        for stand_in in stand_ins:
+            await stack.enter_async_context(stand_in)
+        r = await rig(urls={n: s.url for n, s in zip(names, stand_ins, strict=True)}, tweak=own_ports)
+        urls = [r.url("/c/comfyui/slow")] + [f"http://{r.broker.ports.address(n)}/slow" for n in names]
+        reads = [asyncio.ensure_future(read(str(url))) for url in urls]
+        try:
+            await until(lambda: len(arrived) == 3)
+            await asyncio.wait_for(r.server.close(), 30)
+            await asyncio.wait_for(asyncio.gather(*reads), 10)
+        finally:
+            stuck.set()
+    assert len(cut) == 3 and r.broker.ports.open == {}
+    assert max(cut) - min(cut) < grace, [t - min(cut) for t in cut]
+
+
+async def test_a_reload_whose_caller_leaves_while_it_applies_is_applied_whole_and_logged(
+    rig, monkeypatch, caplog
+):
+    """A reload's apply may take a while: closing a consumer's port gives what it still answers a grace.
+    An admin's client that left meanwhile (curl -m 1) cut the reload half way: the new config in force,
+    its port changes half done, no log line, no event. Once read and checked, a config is applied whole."""
+    monkeypatch.setattr(m, "SHUTDOWN_GRACE_S", 2.0)  # (each runner is made with it)
+    stuck, arrived = asyncio.Event(), []
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.append(request.path)
+        await stuck.wait()
+        return web.Response(text="late")
+
+    def own_port(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["listen"] = "127.0.0.1:0"
+
+    async with StandIn([("GET", "/slow", slow), ("GET", "/{tail:.*}", _ok)]) as comfyui:
+        r = await rig(urls={"comfyui": comfyui.url}, tweak=own_port)
+        reading = asyncio.ensure_future(r.session.get(f"http://{r.broker.ports.address('comfyui')}/slow"))
+        try:
+            await until(lambda: arrived == ["/slow"])
+            raw = copy.deepcopy(r.raw)
+            del raw["consumers"]["comfyui"]["listen"]
+            raw["consumers"]["ollama"]["listen"] = f"127.0.0.1:{free_port()}"
+            r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+            events = await r.session.get(r.url("/v1/events"))
+            with pytest.raises(asyncio.TimeoutError):  # it leaves while the closing port's grace runs
+                await r.session.post(r.url("/v1/reload"), timeout=aiohttp.ClientTimeout(total=0.5))
+            await until(lambda: "msg=reload " in caplog.text)
+            assert 'changes="changed comfyui; changed ollama; comfyui no longer listens' in caplog.text
+            assert r.broker.ports.address("ollama") == raw["consumers"]["ollama"]["listen"]
+            assert "comfyui" not in r.broker.ports.open
+            reload = (await _read_events(events, "reload"))[-1]
+            assert reload["ok"] is True and "changed ollama" in reload["changes"]
+            events.close()
+        finally:
+            stuck.set()
+            with contextlib.suppress(aiohttp.ClientError):
+                (await reading).close()
+
+
 def test_notify_speaks_the_abstract_socket_form_and_is_silent_without_a_socket():
     name = f"mgpumanager-test-{os.getpid()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
