@@ -6328,9 +6328,10 @@ class Lane:
     """The waiting jobs of one base priority and one client, in arrival order, which is their fair order
     too (one client: one GPU time), and the order of their effective priorities (aging adds the same to
     all of them): whom a grant overtakes in a lane is always a first part of it. Jobs that left stay in
-    the lists until they reach the front (the queue's membership says who waits)."""
+    the lists until they reach the front, or until they are most of them (the queue's membership says who
+    waits)."""
 
-    __slots__ = ("buckets", "head", "jobs", "marked")
+    __slots__ = ("buckets", "gone", "head", "jobs", "marked")
 
     def __init__(self) -> None:
         #: Every job, in arrival order; those before ``head`` have left, those before ``marked`` have left
@@ -6338,6 +6339,9 @@ class Lane:
         self.jobs: list[Job] = []
         self.head = 0
         self.marked = 0
+        #: About how many of ``jobs[head:]`` have left: behind one that waits (for up to queue_timeout_s),
+        #: callers that queue and leave would pile up without end; once they are most, they are dropped.
+        self.gone = 0
         #: The same jobs per consumer and exclusiveness: jobs of one bucket need a swap or none alike (the
         #: lock reads the consumer's config as it is now: ``GpuLock.warm``), so a bucket's first waiting job
         #: is the only one of it a grant can pick.
@@ -6347,6 +6351,7 @@ class Lane:
         other = Lane()
         other.jobs = self.jobs[self.head :]
         other.marked = max(0, self.marked - self.head)
+        other.gone = self.gone
         other.buckets = {key: deque(jobs) for key, jobs in self.buckets.items() if jobs}
         return other
 
@@ -6399,13 +6404,20 @@ class WaitQueue:
         while bucket and bucket[0] not in members:
             bucket.popleft()
         jobs = lane.jobs
+        lane.gone += 1
         while lane.head < len(jobs) and jobs[lane.head] not in members:
             lane.head += 1
+            lane.gone = max(0, lane.gone - 1)
         if lane.head == len(jobs):  # empty: kept for the next job (lanes and buckets are few)
             jobs.clear()
-            lane.head = lane.marked = 0
+            lane.head = lane.marked = lane.gone = 0
             return
-        if lane.head > 64 and 2 * lane.head > len(jobs):  # (the front's departed, dropped now and then)
+        if lane.gone > 64 and 2 * lane.gone > len(jobs) - lane.head:  # (most left, behind one that waits)
+            lane.marked = sum(j in members for j in jobs[lane.head : lane.marked])
+            lane.jobs = [j for j in jobs[lane.head :] if j in members]
+            lane.head = lane.gone = 0
+            lane.buckets = {key: deque(j for j in b if j in members) for key, b in lane.buckets.items()}
+        elif lane.head > 64 and 2 * lane.head > len(jobs):  # (the front's departed, dropped now and then)
             del jobs[: lane.head]
             lane.marked = max(0, lane.marked - lane.head)
             lane.head = 0

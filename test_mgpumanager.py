@@ -5720,6 +5720,39 @@ def test_a_lane_that_drops_its_departed_front_still_marks_whom_a_grant_overtakes
     assert (image.overtaken_since, tts[1].overtaken_since, later.overtaken_since) == (100.0, 101.0, 101.0)
 
 
+def test_jobs_that_leave_behind_one_that_waits_do_not_pile_up_in_its_lane():
+    """Found by a growth attack: a job whose caller left stayed in its lane's lists until the lane's first
+    job left too. While one job waits (up to queue_timeout_s), each caller that queued and left kept its
+    Job: memory without end (max_queue counts only who waits), and every copy of the queue (/v1/status,
+    the queued events) copied them all. Once most of a lane has left, what left is dropped; the lane then
+    offers a grant the jobs a lane made of the waiting ones alone offers, and marks whom a grant overtakes
+    as it does."""
+    queue = m.WaitQueue()
+    waiting = [PolicyJob(0, "comfyui", 2, 0.0)]  # the lane's first: it waits throughout
+    queue.append(waiting[0])  # type: ignore[arg-type]
+    for i in range(1, 3001):  # 3,000 callers queue and leave; one in 500 stays
+        job = PolicyJob(i, "mvoice" if i % 3 else "x", 2, float(i))
+        queue.append(job)  # type: ignore[arg-type]
+        if i % 500:
+            queue.remove(job)  # type: ignore[arg-type]
+        else:
+            waiting.append(job)
+    lane = queue._levels[2][None]
+    held = len(lane.jobs) - lane.head + sum(len(b) for b in lane.buckets.values())
+    assert len(queue) == len(waiting) == 7 and held <= 4 * (len(waiting) + 64), held
+    fresh = m.WaitQueue()
+    for job in waiting:
+        fresh.append(job)  # type: ignore[arg-type]
+    for holder in (None, "mvoice", "x", "comfyui"):
+        for warm in (lambda j: True, lambda j: j.consumer == "x", lambda j: False):
+            assert queue.candidates(warm, holder) == fresh.candidates(warm, holder)
+    last = PolicyJob(3001, "mvoice", 2, 3001.0)
+    queue.append(last)  # type: ignore[arg-type]
+    queue.remove(last)  # type: ignore[arg-type]  (granted at 4,000 s, before every waiting job)
+    queue.overtaken(last, 4000.0, 10_000.0, None)  # type: ignore[arg-type]
+    assert [j.overtaken_since for j in waiting] == [4000.0] * 7
+
+
 async def test_a_job_of_the_holder_that_needs_a_swap_joins_it_like_any_of_its_jobs():
     """Found by a mutation audit of the lock core: WaitQueue.candidates leaving out the holder's first job
     in each lane failed no test, as the holder's job is nearly always warm (found as the lane's first warm
