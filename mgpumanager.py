@@ -6930,17 +6930,22 @@ class GpuLock:
                 return granted
             self.queued.before(job, granted=True)
             self.waiting.remove(job)
-            if len(candidates) > 1 and min(candidates, key=lambda j: fair_key(j, served)) is not job:
-                self.waiting.overtaken(job, now, sched.aging_s, served)
             if self.holder is None:
                 self.held_since = now
             self.holder, self.exclusive = job.consumer, job.exclusive
             self.slots += 1
             self.taken[job] = None
-            if job.charged:
-                self.use.granted(job.client, now, sched.fair_window_s)
             self.idle.clear()
             job.state, job.started = "running", now
+            try:  # (the books, after the count: a bug here is logged and counted, the grant stands)
+                if len(candidates) > 1 and min(candidates, key=lambda j: fair_key(j, served)) is not job:
+                    self.waiting.overtaken(job, now, sched.aging_s, served)
+                if job.charged:
+                    self.use.granted(job.client, now, sched.fair_window_s)
+            except Exception as e:
+                self.recorder.internal_error(
+                    "grant bookkeeping crashed", consumer=job.consumer, job=job.id, error=describe(e)
+                )
             self.on_grant(job)
             job.granted.set_result(None)
             granted = True
@@ -6966,11 +6971,16 @@ class GpuLock:
         if self.slots == 0:
             self.holder, self.exclusive = None, False
             self.idle.set()
-        if not job.exclusive and job.started is not None:  # (after the count: a bug here frees the slot)
-            now = self.clock()
-            if job.charged:
-                self.use.released(job.client, now, self.config.scheduler.fair_window_s)
-            self.recorder.gpu_time(job, now - job.started)
+        if not job.exclusive and job.started is not None:
+            try:  # (the books, after the count: a bug here still frees the slot, and grants it)
+                now = self.clock()
+                if job.charged:
+                    self.use.released(job.client, now, self.config.scheduler.fair_window_s)
+                self.recorder.gpu_time(job, now - job.started)
+            except Exception as e:
+                self.recorder.internal_error(
+                    "release bookkeeping crashed", consumer=job.consumer, job=job.id, error=describe(e)
+                )
         return self.dispatch()
 
     def forget(self, clients: Collection[str]) -> None:
@@ -7590,10 +7600,11 @@ class Holds:
     def start(self, job: Job, hold: Callable[[], Awaitable[None]], timeout_s: float) -> None:
         """Keep the ended job's slot while ``hold`` runs, at most ``timeout_s``."""
         started = self.clock()
-        task = self.own(asyncio.get_running_loop().create_task(self._hold(job, hold, timeout_s, started)))
-        self.tasks[job] = task
+        task = asyncio.get_running_loop().create_task(self._hold(job, hold, timeout_s, started))
+        self.tasks[job] = task  # (first: once the task exists, its end gives the slot back, whatever follows)
         # A hold cancelled before it ever ran (abandoned, or the broker closing) runs no finally of its own.
         task.add_done_callback(lambda _: self._over(job, started, never_ran=True))
+        self.own(task)
 
     def current(self, job: Job) -> bool:
         """Whether the job's consumer is still the service it ran on (``same_service``)."""
@@ -8344,9 +8355,22 @@ class Scheduler:
             if success and recorded:
                 self.recorder.job_took(job, state, self.clock())
             return granted
-        self.end(job, outcome, code, status, log_now=False)
+        try:
+            self.end(job, outcome, code, status, log_now=False)
+        except Exception as e:  # a bug in its books: as above, no hold starts and the slot goes at once
+            self.recorder.internal_error(
+                "job end crashed", consumer=job.consumer, job=job.id, error=describe(e)
+            )
+            return self.release_slot(job)
         self.lock.hold(job)
-        self.holding.start(job, hold, hold_timeout_s)
+        try:
+            self.holding.start(job, hold, hold_timeout_s)
+        except Exception as e:
+            self.recorder.internal_error(
+                "hold start crashed", consumer=job.consumer, job=job.id, error=describe(e)
+            )
+            if job not in self.holding.tasks:  # (no hold runs to give the slot back: it goes now)
+                return self.release_slot(job, held=True)
         return False
 
     def release_slot(self, job: Job, *, held: bool = False) -> bool:
@@ -10053,10 +10077,14 @@ class StateFile:
         return None
 
     async def run(self) -> None:
-        """Write the state whenever it changed, checking every STATE_CHECK_S; owned by the broker."""
+        """Write the state whenever it changed, checking every STATE_CHECK_S; owned by the broker. A bug in a
+        round is logged and counted, and the next round tries again."""
         while True:
             await asyncio.sleep(STATE_CHECK_S)
-            await self.write()
+            try:
+                await self.write()
+            except Exception as e:
+                self.shared.internal_error("state file round crashed", e, path=self.path)
 
     async def write(self, *, last: bool = False) -> bool:
         """Write the state if it changed since the last write; whether it is written. ``last`` (at shutdown)

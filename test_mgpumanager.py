@@ -3566,6 +3566,9 @@ JOB_STEPS = {
     ),
     "granting": lambda s, mp: mp.setattr(s.lock, "dispatch", _raising_once(s.lock.dispatch)),
     "grant bookkeeping": lambda s, mp: mp.setattr(s, "_touch_others", _raising_once(s._touch_others)),
+    # (The lock's own books of a grant: its client's GPU time. Raising after the slot was counted, it had
+    # left the job neither granted nor ended, and the slot taken for good.)
+    "grant's books": lambda s, mp: mp.setattr(s.lock.use, "granted", _raising_once(s.lock.use.granted)),
     "making room": lambda s, mp: mp.setattr(m, "plan_room", _raising_once(m.plan_room)),
     "loading": lambda s, mp: mp.setattr(s.ops, "load", _raising_once(s.ops.load)),
     "started": lambda s, mp: mp.setattr(
@@ -3574,6 +3577,15 @@ JOB_STEPS = {
     "release": lambda s, mp: mp.setattr(s.states["t"], "served", _raising_once(s.states["t"].served)),
     "hold": lambda s, mp: None,  # the hold itself raises: see below
     "hold's end": lambda s, mp: mp.setattr(s.recorder, "job_line", _raising_once(s.recorder.job_line)),
+    # (The end of a job a hold follows: it had ended the job, started no hold and kept the slot for good.)
+    "end before a hold": lambda s, mp: mp.setattr(  # (its outcome counted, what follows raises)
+        m,
+        "_after_handover",
+        _raising_once(m._after_handover, lambda step: getattr(step, "func", None) == s.recorder._account),
+    ),
+    # (A hold's start: after its task exists, whose end gives the slot back, and before.)
+    "hold's start": lambda s, mp: mp.setattr(s.holding, "own", _raising_once(s.holding.own)),
+    "hold's task": lambda s, mp: mp.setattr(s.holding, "_hold", _raising_once(s.holding._hold)),
     "accounting": lambda s, mp: mp.setattr(
         s.recorder, "_account_now", _raising_once(s.recorder._account_now)
     ),
@@ -4661,7 +4673,8 @@ async def test_whatever_raises_while_a_job_is_granted_or_running_it_ends_and_fre
     except m.BrokerError as e:
         assert e.code in ("scheduler_error", "load_failed"), e.code
     else:
-        hold = _raising_hold if step == "hold" else asyncio.Event().wait if step == "hold's end" else None
+        held = step in ("hold's end", "end before a hold", "hold's start", "hold's task")
+        hold = _raising_hold if step == "hold" else asyncio.Event().wait if held else None
         job.release("completed", status=200, success=True, hold=hold, hold_timeout_s=0.01 if hold else 0)
         assert job.release("completed") is False  # released once: a second call does nothing
         await until(lambda: s.holder is None)
@@ -4703,6 +4716,42 @@ async def test_a_bug_in_the_books_of_a_jobs_end_starts_no_hold_and_the_slot_goes
     assert started == [] and s.shared.internal_errors == 1
     after.release("completed", status=200, success=True)
     assert (s.holder, s.slots, s.holds) == (None, 0, 0) and books_balance(s)
+
+
+@pytest.mark.catches_bug
+async def test_a_bug_in_the_books_of_a_release_still_grants_the_gpu_to_the_job_waiting(monkeypatch):
+    """Found by fault injection: a bug in a release's books (the job's GPU time) after its slot was counted
+    back skipped the grant, so the job waiting sat beside an idle GPU until its queue_timeout_s (300 s),
+    unless another job came. The books are logged and counted; the grant follows."""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {})
+    gpu.held.pop("z")  # t fits beside x and y
+    ops.states["z"].unloaded()
+    first = await s.acquire("t", "kt")
+    waiting = await _queued(s, "x")
+    monkeypatch.setattr(s.recorder, "gpu_time", _raising_once(s.recorder.gpu_time))
+    first.release("completed", status=200, success=True)
+    after = await asyncio.wait_for(waiting, 5)
+    assert after.consumer == "x" and s.shared.internal_errors == 1
+    after.release("completed", status=200, success=True)
+    assert (s.holder, s.slots, s.holds) == (None, 0, 0) and books_balance(s)
+
+
+@pytest.mark.catches_bug
+async def test_a_bug_in_a_round_of_the_state_files_writer_is_counted_and_the_next_round_writes(
+    rig, tmp_path, monkeypatch
+):
+    """Found by fault injection: a bug in one round of the state file's writer (a thread that could not
+    start) ended its task for good: the file was never written again, and nothing was counted (asyncio's
+    "Task exception was never retrieved", at best). The round is logged and counted; the next one writes."""
+    path = tmp_path / "state.json"
+    r = await rig(tweak=lambda raw: raw.update(state_file=str(path)))
+    await until(path.exists)
+    monkeypatch.setattr(r.broker.state, "write", _raising_once(r.broker.state.write))
+    assert (await r.post("tts", {"text": "a change to keep"}))[0] == 200
+    await until(lambda: "mvoice" in json.loads(path.read_text())["consumers"])
+    assert r.broker.internal_errors() == 1
+    r.expected_internal_errors = 1
 
 
 async def test_jobs_of_different_consumers_never_overlap(rig):
