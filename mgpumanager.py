@@ -7506,34 +7506,36 @@ class RoomMaker:
         deadline = self.clock() + wait_s
         enough_freed = FREED_SHARE * size
         took: float | None = None
-        while True:
-            started = self.clock()
-            c = self.config.consumers.get(victim)
-            measured = c is not None and c.processes is not None  # (then this reading is whole: read)
-            try:
+        try:
+            while True:
+                started = self.clock()
+                c = self.config.consumers.get(victim)
+                measured = c is not None and c.processes is not None  # (then this reading is whole: read)
                 reading = await self.read(job)
-            except BaseException:
-                state.unconfirmed()
-                self._unload_started.pop(victim, None)
-                raise
-            free = reading.free_mib if reading.free_mib is not None else before
-            released = max(free - before, size - held_mib(reading, victim, pids) if measured else 0)
-            if free >= need or released >= enough_freed:
-                state.unloaded()
-                freed = True
-                took = self.clock() - self._unload_started.pop(victim)
-                break
-            if self.clock() >= deadline:
-                # Nothing came free: unmeasured, it most likely held nothing (its residency was a guess).
-                # Some did, or its processes still hold it: it may still be freeing the rest.
-                if not measured and released < NOTHING_FREED_SHARE * size:
+                free = reading.free_mib if reading.free_mib is not None else before
+                released = max(free - before, size - held_mib(reading, victim, pids) if measured else 0)
+                if free >= need or released >= enough_freed:
                     state.unloaded()
-                else:
-                    state.unconfirmed()
-                self.recorder.record("memory_not_freed", consumer=victim, free_mib=free, waited_s=wait_s)
-                break
-            # A reading starts every VRAM_POLL_S (not VRAM_POLL_S after the last one ended).
-            await self.sleep(max(0.0, VRAM_POLL_S - (self.clock() - started)))
+                    freed = True
+                    took = self.clock() - self._unload_started.pop(victim)
+                    break
+                if self.clock() >= deadline:
+                    # Nothing came free: unmeasured, it most likely held nothing (its residency was a guess).
+                    # Some did, or its processes still hold it: it may still be freeing the rest.
+                    if not measured and released < NOTHING_FREED_SHARE * size:
+                        state.unloaded()
+                    else:
+                        state.unconfirmed()
+                    self.recorder.record("memory_not_freed", consumer=victim, free_mib=free, waited_s=wait_s)
+                    break
+                # A reading starts every VRAM_POLL_S (not VRAM_POLL_S after the last one ended).
+                await self.sleep(max(0.0, VRAM_POLL_S - (self.clock() - started)))
+        except BaseException:
+            # A reading failed, the wait was cut (the broker closing), or a bug: its memory may or may not
+            # have come free; what the broker does to it is over (a probe may tell again).
+            state.unconfirmed()
+            self._unload_started.pop(victim, None)
+            raise
         self._unload_started.pop(victim, None)  # (not freed in time: no figure to learn)
         if by is None:
             job.evictions += 1

@@ -4738,6 +4738,29 @@ async def test_a_bug_in_the_books_of_a_release_still_grants_the_gpu_to_the_job_w
 
 
 @pytest.mark.catches_bug
+async def test_a_bug_while_an_evictions_memory_is_awaited_leaves_the_victim_unknown_not_being_unloaded(
+    monkeypatch,
+):
+    """Found by fault injection: a bug in the wait for an evicted consumer's memory (its poll) ended the
+    job, but left the victim as being unloaded for good: no probe could correct its residency any more,
+    and a reload moving it to another GPU was refused ("is being unloaded"). Its memory may or may not
+    have come free: its residency is unknown, and the broker's unload of it is over."""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    crowd(gpu, ops, {"x": 1.0})  # t needs room: y goes (x was used, y never)
+    ops.unload_behaviour["y"] = 2  # its memory comes free two readings later: the wait polls
+    monkeypatch.setattr(s.rooms, "sleep", _raising_once(s.rooms.sleep))
+    with pytest.raises(m.BrokerError) as caught:
+        await s.acquire("t", "kt")
+    assert caught.value.code == "scheduler_error" and s.shared.internal_errors == 1
+    assert ops.calls == [("unload", "y")] and not s.rooms.unloading("y")
+    assert ops.states["y"].resident is None
+    ops.reports["y"] = False
+    await ops.probe_now("y")  # what the consumer says counts again
+    assert ops.states["y"].resident is False
+    assert (s.holder, s.slots) == (None, 0) and books_balance(s)
+
+
+@pytest.mark.catches_bug
 async def test_a_bug_in_a_round_of_the_state_files_writer_is_counted_and_the_next_round_writes(
     rig, tmp_path, monkeypatch
 ):
