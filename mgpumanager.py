@@ -432,7 +432,8 @@ class Client:
             data = None
         if not isinstance(data, dict) or not isinstance(data.get("message"), str):
             return CliError(1, f"{self.url} answered {error.code} {error.reason}, not a mgpumanager broker?")
-        message = f"{data['message']} ({data.get('error')})"
+        # (One line: a consumer's answer in it, or a command's output, is escaped, its line breaks too.)
+        message = _printable(f"{data['message']} ({data.get('error')})")
         if data.get("error") == "unauthorized":
             message += ": set MGPUMANAGER_TOKEN or give --token-file"
         elif data.get("error") == "forbidden" and "admin's token" in data["message"]:
@@ -3564,10 +3565,12 @@ def parse_smi_csv(text: str, fields: Sequence[str]) -> list[dict[str, str | None
     """Rows of nvidia-smi's ``--format=csv[,noheader][,nounits]`` output, keyed by the fields asked for.
 
     ``[N/A]``-style values become None; a header line and unit suffixes are tolerated; anything else that
-    does not fit the fields is a GpuError quoting the output.
+    does not fit the fields is a GpuError quoting the output. Rows end at "\n" alone, as nvidia-smi ends
+    them: a process's name (anyone's) may hold the other breaks ``splitlines`` knows (U+2028), and a row
+    cut there read as a broken reading, or two rows, one of them forged.
     """
     rows = []
-    for number, line in enumerate(text.splitlines()):
+    for number, line in enumerate(text.split("\n")):
         if not line.strip():
             continue
         cells = [cell.strip() for cell in line.split(", ")]
@@ -4086,6 +4089,16 @@ class NvmlThread:
         self._stopped = True
         if self._thread is not None:
             self._queue.put(None)
+
+
+#: The most of a process's name that a message, an event or a log line shows: a name is anyone's to choose,
+#: and ten of 4 KiB in one line split it into several journal entries (journald's LineMax, 48K).
+NAME_SHOWN_MAX = 256
+
+
+def shown_name(name: str | None) -> str | None:
+    """A process's name as messages, events and log lines show it: at most NAME_SHOWN_MAX characters."""
+    return name if name is None or len(name) <= NAME_SHOWN_MAX else name[:NAME_SHOWN_MAX] + "…"
 
 
 def process_name(pid: int) -> str | None:
@@ -6033,7 +6046,8 @@ def room_message(
     if plan.why_not:
         parts.append("not evictable: " + ", ".join(f"{n} ({why})" for n, why in plan.why_not.items()))
     procs = ", ".join(
-        f"pid {p.pid} {p.name} {p.used_mib} MiB ({owners.get(p.pid or -1, 'no consumer')})" for p in processes
+        f"pid {p.pid} {shown_name(p.name)} {p.used_mib} MiB ({owners.get(p.pid or -1, 'no consumer')})"
+        for p in processes
     )
     parts.append(f"GPU processes: {procs or 'none listed'}")
     return "; ".join(parts)
@@ -7042,7 +7056,7 @@ def describe_processes(processes: Sequence[GpuProcess]) -> str:
     """``pid 4242 /usr/bin/game 6144 MiB, ...`` (the largest STRANGERS_NAMED), or what a list without them
     means: a game is a graphics process, which the compute process list does not show."""
     named = sorted(processes, key=lambda p: -(p.used_mib or 0))[:STRANGERS_NAMED]
-    text = ", ".join(f"pid {p.pid} {p.name} {_mib(p.used_mib)}" for p in named)
+    text = ", ".join(f"pid {p.pid} {shown_name(p.name)} {_mib(p.used_mib)}" for p in named)
     more = len(processes) - len(named)
     if more > 0:
         text += f" and {more} more"
@@ -7136,7 +7150,7 @@ class Strangers:
         return {
             "unclaimed_mib": self.unclaimed_mib,
             "free_mib": self.free_mib,
-            "processes": [{"pid": p.pid, "name": p.name, "used_mib": p.used_mib} for p in named],
+            "processes": [{"pid": p.pid, "name": shown_name(p.name), "used_mib": p.used_mib} for p in named],
             "more_processes": len(self.processes) - len(named),
         }
 
@@ -12727,14 +12741,17 @@ function opTip(op, now) {
   return op.consumer + what + (isNum(op.freeMib) ? "\\n" + op.freeMib + " MiB free after" : "") +
     "\\n" + clock(op.from);
 }
+// Text from outside (a process's name, a reservation's reason) on one line of a tooltip: its breaks escaped.
+function oneLine(text) { return JSON.stringify(String(text)).slice(1, -1); }
 function strangerTip(x, several) {
-  const procs = x.processes.map((p) => "pid " + p.pid + " " + p.name + " " + p.used_mib + " MiB");
+  const procs = x.processes.map((p) => "pid " + p.pid + " " + oneLine(p.name) + " " + p.used_mib + " MiB");
   return "stranger" + (several ? " on GPU " + x.gpu : "") + ": " + x.mib + " MiB no consumer claims" +
     "\\n" + (procs.length ? procs.join("\\n") : "no process listed (a graphics process: a game?)") +
     "\\nfrom " + clock(x.from) + (x.to === undefined ? ", still there" : " to " + clock(x.to));
 }
 function resvTip(r, several) {
-  return (several ? "GPU " + r.gpu + " reserved" : "reserved") + ": " + (r.reason || "no reason given") +
+  return (several ? "GPU " + r.gpu + " reserved" : "reserved") + ": " +
+    oneLine(r.reason || "no reason given") +
     "\\nfrom " + clock(r.from) + (isNum(r.forS) ? " for " + secs(r.forS) : "") +
     " (until " + clock(r.until) + ")" +
     "\\n" + (r.to === undefined ? "still reserved" : "ended at " + clock(r.to) + (r.why ? ": " + r.why : ""));
@@ -12883,7 +12900,7 @@ function soon() {
 }
 function logEvent(ev) {
   const fields = Object.entries(ev).filter(([k, v]) => k !== "event" && k !== "ts" && v !== null)
-    .map(([k, v]) => k + "=" + (typeof v === "object" ? JSON.stringify(v) : v));
+    .map(([k, v]) => k + "=" + (typeof v === "object" || /[\\s"=\\\\]/.test(v) ? JSON.stringify(v) : v));
   logLines.push(ev.ts.slice(11, 23) + " " + ev.event + " " + fields.join(" "));
   if (logLines.length > 400) logLines = logLines.slice(-200);
 }

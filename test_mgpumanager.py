@@ -8979,6 +8979,52 @@ async def test_a_reload_that_turns_gpu_yield_off_ends_the_stranger_and_restores_
     assert not r.broker.scheduler.strangers.present
 
 
+async def test_a_process_named_with_a_unicode_line_break_does_not_break_the_reading(rig):
+    """Found by an attack with hostile names: anyone may name a process. nvidia-smi ends its rows at "\n"
+    alone, but the parser split them wherever Python's ``splitlines`` does, U+2028 too: one such name made
+    every whole reading fail, and jobs that needed one were refused gpu_unavailable."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding())
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    r.gpu.allocate("odd", 100, process="/usr/bin/game\u2028", pid=200000)
+    status, _, body = await r.post("image", {"prompt": {}})
+    assert status == 200, body
+    assert not (await r.status())["gpu"].get("error")
+
+
+async def test_a_process_named_with_a_unicode_line_break_cannot_forge_a_consumers_row(rig):
+    """The same, crafted: the name became two well-formed rows, a stranger's 9000 MiB charged to mvoice
+    (measured by its processes' name), and hidden from gpu.yield."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        _yielding()(raw)
+        raw["consumers"]["mvoice"]["processes"] = {"name": "/opt/mvoice/.venv/bin/python3"}
+
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=tweak)
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    forged = f"/usr/bin/game, 1, {mgpusim.gpu_uuid(0)}\u20284242, /opt/mvoice/.venv/bin/python3"
+    r.gpu.allocate("game", 9000, process=forged, pid=200001)
+    st = await status_until(r, lambda st: (st["gpu"].get("used_mib") or 0) > 9000, timeout=30)
+    assert st["consumers"]["mvoice"]["vram_used_mib"] == 2800, st["consumers"]["mvoice"]
+    assert st["gpu"]["unclaimed_mib"] >= 9000 and st["gpu"]["strangers"]["present"], st["gpu"]
+
+
+async def test_a_strangers_long_names_keep_its_log_line_one_journal_entry(rig, caplog):
+    """Found by an attack with hostile names: the NVML reader takes 4 KiB of a command line, and its bytes
+    that are not UTF-8 are each written 7 bytes long in a log line. Three strangers so named made an
+    86 KB "stranger appeared" line, which journald (LineMax 48K) splits into entries of their own, one
+    beginning where the names' owner chose. A name is shown at most 256 characters long."""
+    caplog.set_level(logging.INFO, "mgpumanager")
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding())
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    for i in range(3):
+        r.gpu.allocate(f"s{i}", 4000, process="\ufffd" * 4096, pid=200000 + i)
+    await status_until(r, lambda st: (st["gpu"].get("strangers") or {}).get("present"), timeout=30)
+    formatter = m.LogfmtFormatter(journal=True)
+    lines = [formatter.format(rec) for rec in caplog.records if rec.name == "mgpumanager"]
+    appeared = [line for line in lines if 'msg="stranger appeared"' in line]
+    assert appeared and max(len(line.encode()) for line in lines) <= 48 * 1024
+
+
 async def test_a_consumers_exiting_process_that_lost_its_name_is_no_stranger_and_yields_nothing(rig):
     """Issue 22: a stranger is memory that no consumer's processes hold. A process that exits has no name
     any more (its /proc cmdline is empty) a moment before its memory goes: ComfyUI stopped (or Ollama's
@@ -15982,6 +16028,31 @@ async def verb(capsys: Any, *args: str, env: dict[str, str] | None = None) -> tu
     code = await asyncio.to_thread(run)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+async def test_a_consumers_line_break_cannot_forge_a_line_of_the_command_line_or_the_page(
+    rig, capsys, tmp_path
+):
+    """Found by an attack with hostile strings: a consumer's error with a line break in it (an unload route
+    answering "busy\nunloaded mvoice") printed two lines from `mgpumanager unload`, the second the verb's
+    own success; and the page's Events panel showed a line no event made. Both views keep it on one line
+    (escaped, quoted)."""
+    forged = "00:00:00.000 unloaded consumer=mvoice gpu=0 by=admin job=1"
+
+    async def unload(request: web.Request) -> web.Response:
+        return web.Response(status=500, text="busy\nunloaded mvoice\n" + forged)
+
+    async with StandIn([("GET", "/health", _ok), ("POST", "/api/admin/unload", unload)]) as mvoice:
+        r = await rig(urls={"mvoice": mvoice.url})
+        rc, out, err = await verb(capsys, "unload", "mvoice", "--url", r.url(""))
+        assert (rc, out) == (2, "") and "busy" in err and err.count("\n") == 1, err
+        async with Browser(tmp_path) as browser:
+            await browser.call("Page.navigate", url=r.url("/"))
+            text = await browser.wait_for(
+                "document.getElementById('log').textContent.includes('unload_failed')"
+                " && document.getElementById('log').textContent"
+            )
+    assert not any(line.startswith(("00:00:00.000", "unloaded")) for line in text.split("\n")), text
 
 
 def ps_rows(out: str) -> dict[str, list[str]]:
