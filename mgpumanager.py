@@ -10215,6 +10215,9 @@ class Broker:
         #: Set as shutdown begins: no reload applies from then on (the drain goes on under the config it
         #: began with), and no consumer port opens.
         self.stopping = False
+        #: SIGHUP's reloads under way: the drain cuts one still reading and waits for none (one applying
+        #: runs to its end, which the consumers' ports' closing waits for).
+        self.reloads: set[asyncio.Task[None]] = set()
         #: In flight now, by consumer: unscheduled calls (mounts, /audio/) and WebSockets through mounts.
         self.unscheduled: dict[str, int] = {}
         self.websockets: dict[str, int] = {}
@@ -10405,8 +10408,16 @@ class Broker:
         changes += await self.ports.sync(self, strict=False)
         log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
         self.events.publish("reload", ok=True, changes=changes)
-        self.internal.start_preloads()
+        if not self.stopping:  # (an apply the drain began meanwhile loads nothing more)
+            self.internal.start_preloads()
         return changes
+
+    def reload_in_background(self) -> None:
+        """A reload for SIGHUP (``reload_logged``), owned by the broker until it ends or the broker closes."""
+        task = asyncio.ensure_future(self.reload_logged())
+        task.set_name("reload")
+        self.reloads.add(task)
+        task.add_done_callback(self.reloads.discard)
 
     async def reload_logged(self) -> None:
         """A reload for SIGHUP: a refused config is logged (by ``reload``), nobody is answered; a bug is
@@ -11185,6 +11196,9 @@ class ConsumerPorts:
             await runner.cleanup()
             raise
         self.open[name] = ((host, port), runner, site)
+        if broker.stopping:  # (shutdown began while it opened: its ``stop_listening`` did not see it)
+            with contextlib.suppress(RuntimeError):
+                await site.stop()
 
     async def stop_listening(self) -> None:
         """Refuse new connections on every consumer port (shutting down); open ones are served on."""
@@ -12223,6 +12237,8 @@ async def idle_within(lock: GpuLock, timeout_s: float) -> bool:
 async def _drain(app: web.Application) -> None:
     """On shutdown: refuse new jobs, answer queued ones, let running jobs and holds finish (bounded)."""
     broker = app[BROKER]
+    for reload in broker.reloads:  # (cut if still reading; one applying ends on its own, not waited for)
+        reload.cancel()
     # Idle unloads and preloads first: nothing new starts (one running is cut short).
     await cancel_until_done(broker.tasks, "shutting down: background work")
     schedulers = list(broker.schedulers.values())
@@ -12318,7 +12334,8 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         broker.internal.start_preloads()  # in the background: serving is not delayed
         yield
     finally:
-        await broker.ports.close()
+        await broker.ports.close()  # (after a reload's apply under way, which ends then)
+        await cancel_until_done(list(broker.reloads), "shutting down: reloads")
         if health is not None:
             await cancel_until_done([health], "shutting down: health rounds")
         await consumers.close()
@@ -13037,7 +13054,7 @@ async def serve(config: Config, source: ConfigSource) -> int:
     watchdog: asyncio.Task[None] | None = None
 
     def reload() -> None:
-        broker.spawn(broker.reload_logged(), "reload")  # a refused config is logged; the old one stays
+        broker.reload_in_background()  # a refused config is logged; the old one stays
 
     try:
         try:

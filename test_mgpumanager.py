@@ -14520,7 +14520,8 @@ async def test_a_bug_in_a_sighup_reload_is_logged_and_counted_never_left_in_its_
 
     r = await rig()
     r.broker.source = Crashing()  # type: ignore[assignment]
-    task = r.broker.spawn(r.broker.reload_logged(), "reload")
+    r.broker.reload_in_background()  # (as SIGHUP does)
+    (task,) = r.broker.reloads
     await asyncio.wait_for(task, 10)
     assert task.exception() is None
     assert 'msg="internal error" during=reload' in caplog.text and "a bug in the loader" in caplog.text
@@ -15073,6 +15074,98 @@ async def test_at_shutdown_the_consumer_ports_close_together_beside_the_broker_p
             stuck.set()
     assert len(cut) == 3 and r.broker.ports.open == {}
     assert max(cut) - min(cut) < grace, [t - min(cut) for t in cut]
+
+
+async def test_a_sighup_reload_applying_at_sigterm_holds_back_neither_the_queues_refusal_nor_the_drain(
+    rig, monkeypatch
+):
+    """Found by a review: a SIGHUP's reload whose apply is closing a consumer's port (its grace) when
+    SIGTERM comes runs to its end (the last commits made it so), and the drain's first step waited for it
+    (up to 5 s) before it refused the queue: meanwhile the holder ended and the queued job was granted and
+    served after SIGTERM. The drain cuts such a reload only if it still reads, and waits for none."""
+    monkeypatch.setattr(m, "SHUTDOWN_GRACE_S", 3.0)
+    stuck, arrived = asyncio.Event(), []
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.append(request.path)
+        await stuck.wait()
+        return web.Response(text="late")
+
+    def own_port(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["listen"] = "127.0.0.1:0"
+
+    gate = asyncio.Event()
+    stand_in = StandIn([("GET", "/slow", slow), ("GET", "/{tail:.*}", _ok)])
+    async with stand_in as comfyui, held_llm(gate) as ollama:
+        r = await rig(urls={"comfyui": comfyui.url, "ollama": ollama.url}, tweak=own_port)
+        reading = asyncio.ensure_future(r.session.get(f"http://{r.broker.ports.address('comfyui')}/slow"))
+        try:
+            await until(lambda: arrived == ["/slow"])
+            running = asyncio.ensure_future(r.post("llm", {"model": "m"}))
+            await until(lambda: r.broker.scheduler.holder == "ollama")
+            queued = asyncio.ensure_future(r.post("llm", {"model": "m"}))
+            await until(lambda: len(r.broker.scheduler.lock.waiting) == 1)
+            raw = copy.deepcopy(r.raw)
+            del raw["consumers"]["comfyui"]["listen"]
+            r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+            r.broker.reload_in_background()  # (as SIGHUP does)
+            await until(lambda: "comfyui" not in r.broker.ports.open)  # its apply closes that port
+            closing = asyncio.ensure_future(r.server.close())  # SIGTERM
+            await until(lambda: r.broker.stopping)
+            await asyncio.sleep(0.5)
+            gate.set()  # the running job ends after SIGTERM
+            assert (await asyncio.wait_for(running, 30))[0] == 200
+            error_of(*await asyncio.wait_for(queued, 30), "shutting_down")
+            await asyncio.wait_for(closing, 30)
+        finally:
+            stuck.set()
+            gate.set()
+            with contextlib.suppress(aiohttp.ClientError):
+                (await reading).close()
+
+
+async def test_a_consumer_port_a_reload_was_opening_at_sigterm_does_not_listen_through_the_drain(
+    rig, monkeypatch
+):
+    """Found by a review: a reload's apply whose consumer port was opening (its address resolved, its
+    socket bound) when SIGTERM came opened it after the broker stopped listening: it accepted connections
+    for the whole drain."""
+    entered, release = asyncio.Event(), asyncio.Event()
+    start = m.ListenerSite.start
+
+    async def slow_start(self: m.ListenerSite) -> None:
+        if self.listener == "ollama":
+            entered.set()
+            await release.wait()
+        await start(self)
+
+    monkeypatch.setattr(m.ListenerSite, "start", slow_start)
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(urls={"ollama": ollama.url})
+        try:
+            running = asyncio.ensure_future(r.post("llm", {"model": "m"}))
+            await until(lambda: r.broker.scheduler.holder == "ollama")
+            raw = copy.deepcopy(r.raw)
+            port = free_port()
+            raw["consumers"]["ollama"]["listen"] = f"127.0.0.1:{port}"
+            r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+            reload = asyncio.ensure_future(r.post("reload"))
+            await asyncio.wait_for(entered.wait(), 10)
+            closing = asyncio.ensure_future(r.server.close())  # SIGTERM: the drain waits for the running job
+            await until(lambda: r.broker.stopping)
+            release.set()
+            await asyncio.wait_for(reload, 10)
+            await asyncio.sleep(0.2)
+            assert not closing.done()  # (the drain goes on)
+            with pytest.raises(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+        finally:
+            release.set()
+            gate.set()
+        assert (await asyncio.wait_for(running, 30))[0] == 200
+        await asyncio.wait_for(closing, 30)
 
 
 async def test_a_reload_whose_caller_leaves_while_it_applies_is_applied_whole_and_logged(
