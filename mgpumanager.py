@@ -81,7 +81,8 @@ Sections, in dependency order:
 - The proxy: ``forward`` and ``forward_job`` (``relay``, streamed), the holds' polls, WebSockets.
 - The broker: ``StateFile`` (what a restart keeps: ``parse_state``, an atomic write), ``Broker``, the
   composition root (its ``clients``: each client's use, for status), ``move_problems`` (why a reload may
-  not move a consumer to another GPU now), ``client_changes`` (what a reload changes of the clients).
+  not move a consumer to another GPU now), ``client_changes`` (what a reload changes of the clients),
+  ``Reloads`` (the config read again, checked, and applied whole, one reload at a time).
 - The HTTP app: the client connections (``ClientConnections``: limits, and what a revoked token let in),
   the consumers' ports, the front door (``check_token``, ``client_of``, ``require_admin``), the handlers,
   ``create_app``, the dashboard page.
@@ -7614,13 +7615,21 @@ class Holds:
         self._abandoned: dict[Job, str] = {}
 
     def start(self, job: Job, hold: Callable[[], Awaitable[None]], timeout_s: float) -> None:
-        """Keep the ended job's slot while ``hold`` runs, at most ``timeout_s``."""
+        """Keep the ended job's slot while ``hold`` runs, at most ``timeout_s``. A bug as it starts is logged
+        and counted: before its task exists, the slot goes at once; after, the task's end gives it back."""
         started = self.clock()
-        task = asyncio.get_running_loop().create_task(self._hold(job, hold, timeout_s, started))
-        self.tasks[job] = task  # (first: once the task exists, its end gives the slot back, whatever follows)
-        # A hold cancelled before it ever ran (abandoned, or the broker closing) runs no finally of its own.
-        task.add_done_callback(lambda _: self._over(job, started, never_ran=True))
-        self.own(task)
+        try:
+            task = asyncio.get_running_loop().create_task(self._hold(job, hold, timeout_s, started))
+            self.tasks[job] = task
+            # A hold cancelled before it ever ran (abandoned, the broker closing) runs no finally of its own.
+            task.add_done_callback(lambda _: self._over(job, started, never_ran=True))
+            self.own(task)
+        except Exception as e:
+            self.recorder.internal_error(
+                "hold start crashed", consumer=job.consumer, job=job.id, error=describe(e)
+            )
+            if job not in self.tasks:
+                self.release(job)
 
     def current(self, job: Job) -> bool:
         """Whether the job's consumer is still the service it ran on (``same_service``)."""
@@ -8379,14 +8388,7 @@ class Scheduler:
             )
             return self.release_slot(job)
         self.lock.hold(job)
-        try:
-            self.holding.start(job, hold, hold_timeout_s)
-        except Exception as e:
-            self.recorder.internal_error(
-                "hold start crashed", consumer=job.consumer, job=job.id, error=describe(e)
-            )
-            if job not in self.holding.tasks:  # (no hold runs to give the slot back: it goes now)
-                return self.release_slot(job, held=True)
+        self.holding.start(job, hold, hold_timeout_s)
         return False
 
     def release_slot(self, job: Job, *, held: bool = False) -> bool:
@@ -10199,10 +10201,6 @@ class Broker:
         self.connections = connections
         #: The consumers' own ports (``listen`` on a consumer).
         self.ports = ports
-        #: Where a reload reads the config again; None for an app made from a Config alone.
-        self.source = source
-        #: The config's read on reload (one at a time: a hung one is not joined by another).
-        self._config_read: asyncio.Future[Any] | None = None
         self.notifier = Notifier()
         self.started = time.monotonic()
         #: One reader and one scheduler (queue, lock, eviction) per GPU, by nvidia-smi index.
@@ -10210,14 +10208,11 @@ class Broker:
         self.schedulers: dict[int, Scheduler] = {}
         #: Background work the broker owns (idle unloads, preloads); cancelled and awaited on cleanup.
         self.tasks: set[asyncio.Task[Any]] = set()
-        #: Held while a reload reads and applies the config: one at a time.
-        self.reloading = asyncio.Lock()
         #: Set as shutdown begins: no reload applies from then on (the drain goes on under the config it
         #: began with), and no consumer port opens.
         self.stopping = False
-        #: SIGHUP's reloads under way: the drain cuts one still reading and waits for none (one applying
-        #: runs to its end, which the consumers' ports' closing waits for).
-        self.reloads: set[asyncio.Task[None]] = set()
+        #: Reading and applying the config again (``source``, where it was read).
+        self.reloads = Reloads(self, source)
         #: In flight now, by consumer: unscheduled calls (mounts, /audio/) and WebSockets through mounts.
         self.unscheduled: dict[str, int] = {}
         self.websockets: dict[str, int] = {}
@@ -10352,117 +10347,6 @@ class Broker:
     def scheduler(self) -> Scheduler:
         """The default GPU's scheduler."""
         return self.schedulers[self.config.gpu.index]
-
-    async def reload(self, *, spare: Connection | None = None) -> list[str]:
-        """Read the config again and apply it in place; ConfigError (logged) leaves the old one.
-
-        The file is read and checked in a thread (at most CONFIG_READ_TIMEOUT_S): the event loop goes on
-        serving meanwhile. Reloads run one at a time, in the order they were asked for. A token it replaces
-        or removes closes every connection authenticated with it at once (``spare``, the connection that
-        asked for the reload, once it is answered).
-
-        Once read and checked, the config is applied whole: a caller that leaves meanwhile (the admin's
-        client, the drain cutting a SIGHUP's reload) does not stop it half way. Once the broker is stopping,
-        nothing is applied (``shutting_down``): the drain goes on under the config it began with.
-        """
-        if self.source is None:
-            raise ConfigError(["this broker was not started from a config file"])
-        self._refuse_while_stopping()
-        async with self.reloading:
-            self.notifier.send(
-                "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
-            )
-            try:
-                new = await self._read_config(self.source)
-                await self._check_loops(new)
-                if problems := move_problems(new, self.schedulers):
-                    raise ConfigError(problems)  # (last: no job may start between this check and ``apply``)
-            except ConfigError as e:
-                for problem in e.problems:
-                    log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
-                self.events.publish("reload", ok=False, problems=e.problems)
-                raise
-            except asyncio.CancelledError:  # (its caller left, or the drain cut a SIGHUP's)
-                log.info(logfmt(msg="reload cut: nothing of it applied"))
-                raise
-            finally:
-                self.notifier.send("READY=1")  # (dropped once stopping: the notifier tells no READY then)
-            self._refuse_while_stopping()  # (a read that ended during the drain)
-            return await to_its_end(self._apply(new, spare))
-
-    def _refuse_while_stopping(self) -> None:
-        if self.stopping:
-            log.info(logfmt(msg="reload ignored: the broker is stopping"))
-            raise BrokerError("shutting_down", "the broker is shutting down: the config it began with stays")
-
-    async def _apply(self, new: Config, spare: Connection | None) -> list[str]:
-        """Apply a read and checked config: the parts, the tokens' connections, the consumers' ports."""
-        changes = self.apply(new)
-        revoked, tokenless = self.connections.revoke(valid_credentials(new.auth), spare=spare)
-        if revoked:
-            changes.append(f"closed {_plural(revoked, 'connection')} authenticated with a revoked token")
-        if tokenless:
-            changes.append(
-                f"closed {_plural(tokenless, 'connection')} let in without a token (one is required now)"
-            )
-        changes += await self.ports.sync(self, strict=False)
-        log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
-        self.events.publish("reload", ok=True, changes=changes)
-        if not self.stopping:  # (an apply the drain began meanwhile loads nothing more)
-            self.internal.start_preloads()
-        return changes
-
-    def reload_in_background(self) -> None:
-        """A reload for SIGHUP (``reload_logged``), owned by the broker until it ends or the broker closes."""
-        task = asyncio.ensure_future(self.reload_logged())
-        task.set_name("reload")
-        self.reloads.add(task)
-        task.add_done_callback(self.reloads.discard)
-
-    async def reload_logged(self) -> None:
-        """A reload for SIGHUP: a refused config is logged (by ``reload``), nobody is answered; a bug is
-        logged and counted as POST /v1/reload's would be, never left in the task for asyncio to find."""
-        try:
-            await self.reload()
-        except BrokerError:  # (a refused config, or the broker stopping: logged by ``reload``)
-            pass
-        except Exception:
-            self.shared.internal_error("internal error", during="reload")
-
-    async def _read_config(self, source: ConfigSource) -> Config:
-        """``source.load()`` in a thread, bounded by CONFIG_READ_TIMEOUT_S (a file on a hung network mount:
-        the thread is left to end on its own, its result unused). One at a time: while a read that timed
-        out still hangs, a reload is refused at once (each started one more thread that never ends)."""
-        if self._config_read is not None and not self._config_read.done():
-            raise ConfigError(["the last read of it has not ended yet (a hung mount?)"])
-        self._config_read = reading = in_own_thread(source.load, name="config read")
-        reading.add_done_callback(error_read)  # (if it ends late)
-        try:
-            return await asyncio.wait_for(asyncio.shield(reading), CONFIG_READ_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise ConfigError([f"not read within {CONFIG_READ_TIMEOUT_S:g} s"]) from None
-
-    async def _check_loops(self, new: Config) -> None:
-        """A consumer URL that leads back to a port really listened on is a loop (ConfigError; the reload is
-        refused whole): the broker's own as it listens now, whatever the new ``listen`` says (that one waits
-        for a restart; the loader checked the URLs against it, so the config also starts), and each
-        consumer's port that stays open, as bound (port 0: the free one it got). Names are resolved in a
-        thread, as the loader's are."""
-        listeners: list[tuple[tuple[str, int], str]] = []
-        for listener, bound in self.connections.listening.values():
-            if listener != "listen":  # a consumer's port: it stays open if its listen does not change
-                c, opened = new.consumers.get(listener), self.ports.open.get(listener)
-                if c is None or opened is None or c.listen != opened[0]:
-                    continue
-            key = "listen" if listener == "listen" else f"consumers.{listener}.listen"
-            listeners += [(address, key) for address in bound]
-        if not listeners:
-            return
-        urls = {name: c.url for name, c in new.consumers.items()}
-        found = await asyncio.to_thread(loop_problems, urls, listeners)
-        if found:
-            now = " (the port listened on now: a new listen takes effect at a restart)"
-            raise ConfigError([f"consumers.{name}.url: {why}{now}" for name, why in sorted(found.items())])
 
     def internal_errors(self) -> int:
         """Bugs caught anywhere (each logged with its traceback), counted once."""
@@ -10630,6 +10514,136 @@ def client_changes(old: AuthConfig, new: AuthConfig) -> list[str]:
         elif before is not None and before != c:
             changes.append(f"changed client {name}")
     return changes
+
+
+class Reloads:
+    """The config read again and applied in place (SIGHUP, ``POST /v1/reload``): one reload at a time, each
+    read and checked in a thread, then applied whole by the composition root (``Broker.apply``)."""
+
+    def __init__(self, broker: Broker, source: ConfigSource | None) -> None:
+        self.broker = broker
+        #: Where a reload reads the config again; None for an app made from a Config alone.
+        self.source = source
+        #: Held while a reload reads and applies the config: one at a time.
+        self.lock = asyncio.Lock()
+        #: The config's read (one at a time: a hung one is not joined by another).
+        self._config_read: asyncio.Future[Any] | None = None
+        #: SIGHUP's reloads under way: the drain cuts one still reading and waits for none (one applying
+        #: runs to its end, which the consumers' ports' closing waits for).
+        self.background: set[asyncio.Task[None]] = set()
+
+    async def reload(self, *, spare: Connection | None = None) -> list[str]:
+        """Read the config again and apply it in place; ConfigError (logged) leaves the old one.
+
+        The file is read and checked in a thread (at most CONFIG_READ_TIMEOUT_S): the event loop goes on
+        serving meanwhile. Reloads run one at a time, in the order they were asked for. A token it replaces
+        or removes closes every connection authenticated with it at once (``spare``, the connection that
+        asked for the reload, once it is answered).
+
+        Once read and checked, the config is applied whole: a caller that leaves meanwhile (the admin's
+        client, the drain cutting a SIGHUP's reload) does not stop it half way. Once the broker is stopping,
+        nothing is applied (``shutting_down``): the drain goes on under the config it began with.
+        """
+        if self.source is None:
+            raise ConfigError(["this broker was not started from a config file"])
+        self._refuse_while_stopping()
+        broker = self.broker
+        async with self.lock:
+            broker.notifier.send(
+                "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+            )
+            try:
+                new = await self._read_config(self.source)
+                await self._check_loops(new)
+                if problems := move_problems(new, broker.schedulers):
+                    raise ConfigError(problems)  # (last: no job may start between this check and ``apply``)
+            except ConfigError as e:
+                for problem in e.problems:
+                    log.error(logfmt(msg="reload refused", problem=f"{self.source.path}: {problem}"))
+                broker.events.publish("reload", ok=False, problems=e.problems)
+                raise
+            except asyncio.CancelledError:  # (its caller left, or the drain cut a SIGHUP's)
+                log.info(logfmt(msg="reload cut: nothing of it applied"))
+                raise
+            finally:
+                broker.notifier.send("READY=1")  # (dropped once stopping: the notifier tells no READY then)
+            self._refuse_while_stopping()  # (a read that ended during the drain)
+            return await to_its_end(self._apply(new, spare))
+
+    def _refuse_while_stopping(self) -> None:
+        if self.broker.stopping:
+            log.info(logfmt(msg="reload ignored: the broker is stopping"))
+            raise BrokerError("shutting_down", "the broker is shutting down: the config it began with stays")
+
+    async def _apply(self, new: Config, spare: Connection | None) -> list[str]:
+        """Apply a read and checked config: the parts, the tokens' connections, the consumers' ports."""
+        broker = self.broker
+        changes = broker.apply(new)
+        revoked, tokenless = broker.connections.revoke(valid_credentials(new.auth), spare=spare)
+        if revoked:
+            changes.append(f"closed {_plural(revoked, 'connection')} authenticated with a revoked token")
+        if tokenless:
+            changes.append(
+                f"closed {_plural(tokenless, 'connection')} let in without a token (one is required now)"
+            )
+        changes += await broker.ports.sync(broker, strict=False)
+        log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
+        broker.events.publish("reload", ok=True, changes=changes)
+        if not broker.stopping:  # (an apply the drain began meanwhile loads nothing more)
+            broker.internal.start_preloads()
+        return changes
+
+    def in_background(self) -> None:
+        """A reload for SIGHUP (``reload_logged``), owned until it ends or the broker closes."""
+        task = asyncio.ensure_future(self.reload_logged())
+        task.set_name("reload")
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def reload_logged(self) -> None:
+        """A reload for SIGHUP: a refused config is logged (by ``reload``), nobody is answered; a bug is
+        logged and counted as POST /v1/reload's would be, never left in the task for asyncio to find."""
+        try:
+            await self.reload()
+        except BrokerError:  # (a refused config, or the broker stopping: logged by ``reload``)
+            pass
+        except Exception:
+            self.broker.shared.internal_error("internal error", during="reload")
+
+    async def _read_config(self, source: ConfigSource) -> Config:
+        """``source.load()`` in a thread, bounded by CONFIG_READ_TIMEOUT_S (a file on a hung network mount:
+        the thread is left to end on its own, its result unused). One at a time: while a read that timed
+        out still hangs, a reload is refused at once (each started one more thread that never ends)."""
+        if self._config_read is not None and not self._config_read.done():
+            raise ConfigError(["the last read of it has not ended yet (a hung mount?)"])
+        self._config_read = reading = in_own_thread(source.load, name="config read")
+        reading.add_done_callback(error_read)  # (if it ends late)
+        try:
+            return await asyncio.wait_for(asyncio.shield(reading), CONFIG_READ_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ConfigError([f"not read within {CONFIG_READ_TIMEOUT_S:g} s"]) from None
+
+    async def _check_loops(self, new: Config) -> None:
+        """A consumer URL that leads back to a port really listened on is a loop (ConfigError; the reload is
+        refused whole): the broker's own as it listens now, whatever the new ``listen`` says (that one waits
+        for a restart; the loader checked the URLs against it, so the config also starts), and each
+        consumer's port that stays open, as bound (port 0: the free one it got). Names are resolved in a
+        thread, as the loader's are."""
+        listeners: list[tuple[tuple[str, int], str]] = []
+        for listener, bound in self.broker.connections.listening.values():
+            if listener != "listen":  # a consumer's port: it stays open if its listen does not change
+                c, opened = new.consumers.get(listener), self.broker.ports.open.get(listener)
+                if c is None or opened is None or c.listen != opened[0]:
+                    continue
+            key = "listen" if listener == "listen" else f"consumers.{listener}.listen"
+            listeners += [(address, key) for address in bound]
+        if not listeners:
+            return
+        urls = {name: c.url for name, c in new.consumers.items()}
+        found = await asyncio.to_thread(loop_problems, urls, listeners)
+        if found:
+            now = " (the port listened on now: a new listen takes effect at a restart)"
+            raise ConfigError([f"consumers.{name}.url: {why}{now}" for name, why in sorted(found.items())])
 
 
 # =====================================================================================================
@@ -11461,7 +11475,7 @@ async def handle_reload(request: web.Request) -> web.Response:
     broker = request.app[BROKER]
     conn = broker.connections.of(request)
     try:
-        changes = await broker.reload(spare=conn)
+        changes = await broker.reloads.reload(spare=conn)
     except ConfigError as e:
         raise BrokerError("bad_config", "config refused, the old one stays: " + "; ".join(e.problems)) from e
     response = web.json_response({"reloaded": True, "changes": changes})
@@ -12237,7 +12251,7 @@ async def idle_within(lock: GpuLock, timeout_s: float) -> bool:
 async def _drain(app: web.Application) -> None:
     """On shutdown: refuse new jobs, answer queued ones, let running jobs and holds finish (bounded)."""
     broker = app[BROKER]
-    for reload in broker.reloads:  # (cut if still reading; one applying ends on its own, not waited for)
+    for reload in broker.reloads.background:  # (cut if reading; one applying ends on its own, unwaited)
         reload.cancel()
     # Idle unloads and preloads first: nothing new starts (one running is cut short).
     await cancel_until_done(broker.tasks, "shutting down: background work")
@@ -12335,7 +12349,7 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await broker.ports.close()  # (after a reload's apply under way, which ends then)
-        await cancel_until_done(list(broker.reloads), "shutting down: reloads")
+        await cancel_until_done(list(broker.reloads.background), "shutting down: reloads")
         if health is not None:
             await cancel_until_done([health], "shutting down: health rounds")
         await consumers.close()
@@ -13054,7 +13068,7 @@ async def serve(config: Config, source: ConfigSource) -> int:
     watchdog: asyncio.Task[None] | None = None
 
     def reload() -> None:
-        broker.reload_in_background()  # a refused config is logged; the old one stays
+        broker.reloads.in_background()  # a refused config is logged; the old one stays
 
     try:
         try:

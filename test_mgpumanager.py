@@ -9498,7 +9498,7 @@ async def test_a_reload_to_a_state_file_another_broker_holds_writes_none_and_say
     try:
         r.raw["state_file"] = str(theirs)
         r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
-        assert await r.broker.reload() == ["changed state_file"]  # (a reload's answer lists it)
+        assert await r.broker.reloads.reload() == ["changed state_file"]  # (a reload's answer lists it)
         assert (await r.post("tts", {"text": "a change to write"}))[0] == 200
         st = await status_until(r, lambda st: st["state_file"]["write_failures"] >= 1)
         assert "is another broker's" in st["state_file"]["error"] and not theirs.exists()
@@ -9508,7 +9508,7 @@ async def test_a_reload_to_a_state_file_another_broker_holds_writes_none_and_say
         os.close(held)
     r.raw["state_file"] = str(path)
     r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
-    await r.broker.reload()
+    await r.broker.reloads.reload()
     await status_until(r, lambda st: st["state_file"]["error"] is None)
 
 
@@ -9606,7 +9606,7 @@ async def test_a_reload_that_drops_the_state_file_lets_its_lock_go(rig, tmp_path
         m.lock_state_file(str(path))
     del r.raw["state_file"]
     r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
-    await r.broker.reload()
+    await r.broker.reloads.reload()
     free: list[int] = []
 
     def taken() -> bool:
@@ -14055,7 +14055,7 @@ async def test_the_metrics_gauges_say_what_the_broker_sees_now(rig, monkeypatch)
             "127.0.0.1", "localhost"
         )
         r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        assert await r.broker.reload() == ["new url for mvoice"]  # a new service: not probed yet
+        assert await r.broker.reloads.reload() == ["new url for mvoice"]  # a new service: not probed yet
         families = await metrics()
         assert math.isnan(_value(families, "mgpumanager_consumer_healthy", consumer="mvoice"))
         assert math.isnan(_value(families, "mgpumanager_consumer_resident", consumer="mvoice"))
@@ -14407,8 +14407,8 @@ async def test_a_reload_that_meets_any_parser_failure_is_bad_config(rig, name, t
 async def test_a_reload_reads_the_config_without_blocking_the_loop_and_within_a_bound(rig, monkeypatch):
     """Item 6 of issue 10: the reload parsed in the event loop, while the watchdog allows 30 s."""
     r = await rig(sims={"mvoice": {"loaded": True}})
-    slow = _BlockingSource(r.broker.source)
-    r.broker.source = slow
+    slow = _BlockingSource(r.broker.reloads.source)
+    r.broker.reloads.source = slow
     reload = asyncio.ensure_future(r.session.post(r.url("/v1/reload")))
     await until(slow.entered.is_set)
     async with r.session.get(r.url("/healthz")) as resp:  # served while the config is being read
@@ -14419,8 +14419,8 @@ async def test_a_reload_reads_the_config_without_blocking_the_loop_and_within_a_
     assert slow.released == [True]  # released by the test, after /healthz: the loop was never blocked
     # A read that does not end is refused at CONFIG_READ_TIMEOUT_S, and the old config stays.
     monkeypatch.setattr(m, "CONFIG_READ_TIMEOUT_S", 0.2)
-    stuck = _BlockingSource(r.broker.source.source)
-    r.broker.source = stuck
+    stuck = _BlockingSource(r.broker.reloads.source.source)
+    r.broker.reloads.source = stuck
     config = r.broker.config
     async with r.session.post(r.url("/v1/reload")) as resp:
         data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
@@ -14519,9 +14519,9 @@ async def test_a_bug_in_a_sighup_reload_is_logged_and_counted_never_left_in_its_
             raise RuntimeError("a bug in the loader")
 
     r = await rig()
-    r.broker.source = Crashing()  # type: ignore[assignment]
-    r.broker.reload_in_background()  # (as SIGHUP does)
-    (task,) = r.broker.reloads
+    r.broker.reloads.source = Crashing()  # type: ignore[assignment]
+    r.broker.reloads.in_background()  # (as SIGHUP does)
+    (task,) = r.broker.reloads.background
     await asyncio.wait_for(task, 10)
     assert task.exception() is None
     assert 'msg="internal error" during=reload' in caplog.text and "a bug in the loader" in caplog.text
@@ -14536,7 +14536,7 @@ async def test_reload_gives_a_consumer_with_a_new_url_a_fresh_state(rig):
     raw = copy.deepcopy(r.raw)
     raw["consumers"]["mvoice"]["url"] = raw["consumers"]["mvoice"]["url"].replace("127.0.0.1", "localhost")
     r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    assert await r.broker.reload() == ["new url for mvoice"]
+    assert await r.broker.reloads.reload() == ["new url for mvoice"]
     state = r.broker.consumers.states["mvoice"]
     assert (state.resident, state.healthy, state.last_used) == (None, None, None)
 
@@ -14553,7 +14553,7 @@ async def test_a_reload_during_an_upload_is_no_consumer_and_the_books_balance(ri
     raw = copy.deepcopy(r.raw)
     del raw["consumers"]["comfyui"], raw["routing"]["image"]
     r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    await r.broker.reload()
+    await r.broker.reloads.reload()
     writer.write(body[3:])
     await writer.drain()
     head = await asyncio.wait_for(reader.readline(), 10)
@@ -14608,7 +14608,7 @@ async def test_a_reload_during_the_probe_of_an_unhealthy_consumer_is_no_consumer
     )
     raw["routing"]["stt"], raw["audio_proxy"] = "whisper", None
     r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    await r.broker.reload()
+    await r.broker.reloads.reload()
     gate.set()
     error_of(*await image, "no_consumer")
     async with await audio as resp:
@@ -14636,7 +14636,7 @@ async def test_a_reload_during_the_probe_that_takes_the_kind_from_the_consumer_d
     raw = copy.deepcopy(r.raw)
     del raw["consumers"]["mvoice"]["paths"]["tts"], raw["routing"]["tts"]
     r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    await r.broker.reload()
+    await r.broker.reloads.reload()
     gate.set()
     error_of(*await tts, "no_consumer")
     assert r.broker.scheduler.holder is None and books_balance(r.broker.scheduler)
@@ -15108,7 +15108,7 @@ async def test_a_sighup_reload_applying_at_sigterm_holds_back_neither_the_queues
             raw = copy.deepcopy(r.raw)
             del raw["consumers"]["comfyui"]["listen"]
             r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-            r.broker.reload_in_background()  # (as SIGHUP does)
+            r.broker.reloads.in_background()  # (as SIGHUP does)
             await until(lambda: "comfyui" not in r.broker.ports.open)  # its apply closes that port
             closing = asyncio.ensure_future(r.server.close())  # SIGTERM
             await until(lambda: r.broker.stopping)
@@ -18556,7 +18556,7 @@ async def test_a_reload_gives_the_connections_deadlines_set_from_then_on_its_new
     r = await rig(tweak=patient)
     r.raw["http"] = {"header_timeout_s": 0.3, "keepalive_s": 0.3}
     r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
-    assert "changed http" in await r.broker.reload()
+    assert "changed http" in await r.broker.reloads.reload()
     silent = await asyncio.open_connection("127.0.0.1", r.server.port)
     kept = await asyncio.open_connection("127.0.0.1", r.server.port)
     kept[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
