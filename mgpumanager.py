@@ -6976,8 +6976,7 @@ class GpuLock:
         self.holds += 1
 
     def release(self, job: Job, *, held: bool = False) -> bool:
-        """A job (or its hold: ``held``) gives its slot back; the last one frees the lock. Whether another
-        job got it."""
+        """A job (or its hold: ``held``) gives its slot back, the last frees the lock; whether one got it."""
         assert job.consumer == self.holder, (job, self.holder)
         self.slots -= 1
         self.holds -= held
