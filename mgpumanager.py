@@ -6578,16 +6578,22 @@ class GpuTime:
         book = self._books.setdefault(client, deque())
         if book:
             t, total, held = book[-1]
-            book.append((now, total + held * (now - t), held + slots))
+            book.append((now, total + held * (now - t), max(0, held + slots)))
             _forget_before(book, now - window_s)
         else:
-            book.append((now, 0.0, slots))
+            book.append((now, 0.0, max(0, slots)))
 
     def forget(self, kept: Collection[str | None]) -> None:
         """Drop the books of the clients not ``kept`` (a reload removed them; the slots they still hold are
         charged to nobody: ``Job.charged``)."""
         for client in [c for c in self._books if c not in kept]:
             del self._books[client]
+
+    def drop(self, client: str | None) -> None:
+        """After a bug in ``client``'s book, which may then count a slot wrong for good (its time reading 0,
+        or growing while it holds none): it goes, and starts anew (a release of a slot taken before it
+        counts none: a book never holds fewer than none)."""
+        self._books.pop(client, None)
 
     def granted(self, client: str | None, now: float, window_s: float) -> None:
         """A job of ``client`` took a slot."""
@@ -6797,13 +6803,11 @@ class GpuLock:
     The one record of each consumer's job count: only the holder has jobs here (its slots: jobs and holds;
     of those, the holds, and the ones at work, past making room); everyone else asks the lock. Waiters are
     futures, as in asyncio's own Lock; a waiter cancelled while being woken passes its grant on (its end
-    releases it).
-    It also keeps each client's GPU time on this GPU (``use``), which the grant order reads for fair share.
+    releases it). It keeps each client's GPU time on this GPU (``use``), which fair share reads.
     ``resident`` tells whether a consumer is resident (for ``needs_no_swap``), ``eta`` a waiting job's
     expected wait (None: the first one's; a client's name: its first job's), ``forecast`` every waiting
-    job's (for the ``queued`` events: ``QueuedEvents``), and ``on_grant`` is told of each grant before the
-    waiter wakes.
-    """
+    job's (for the ``queued`` events: ``QueuedEvents``); ``on_grant`` hears of each grant before its waiter
+    wakes."""
 
     def __init__(
         self,
@@ -6953,14 +6957,15 @@ class GpuLock:
             self.idle.clear()
             job.state, job.started = "running", now
             try:  # (the books, after the count: a bug here is logged and counted, the grant stands)
-                if len(candidates) > 1 and min(candidates, key=lambda j: fair_key(j, served)) is not job:
-                    self.waiting.overtaken(job, now, sched.aging_s, served)
                 if job.charged:
                     self.use.granted(job.client, now, sched.fair_window_s)
+                if len(candidates) > 1 and min(candidates, key=lambda j: fair_key(j, served)) is not job:
+                    self.waiting.overtaken(job, now, sched.aging_s, served)
             except Exception as e:
                 self.recorder.internal_error(
                     "grant bookkeeping crashed", consumer=job.consumer, job=job.id, error=describe(e)
                 )
+                self.use.drop(job.client)  # (its book may count a slot wrong for good: it starts anew)
             self.on_grant(job)
             job.granted.set_result(None)
             granted = True
@@ -6995,6 +7000,7 @@ class GpuLock:
                 self.recorder.internal_error(
                     "release bookkeeping crashed", consumer=job.consumer, job=job.id, error=describe(e)
                 )
+                self.use.drop(job.client)  # (as above)
         return self.dispatch()
 
     def forget(self, clients: Collection[str]) -> None:
@@ -12546,7 +12552,8 @@ function memoryParts(st, gpu) {
   const unclaimed = isNum(gpu.unclaimed_mib) ? gpu.unclaimed_mib : 0;
   if (unclaimed > 0) {
     const s = gpu.strangers, present = !!(s && s.present);
-    const procs = s ? s.processes.map((p) => "pid " + p.pid + " " + p.name + " " + p.used_mib + " MiB") : [];
+    const procs = !s ? [] : s.processes.map((p) => "pid " + p.pid + " " + oneLine(p.name) + " " + p.used_mib +
+      " MiB");
     parts.push({label: present ? "stranger" : "unclaimed", mib: unclaimed, color: "var(--stranger)",
                 stranger: present, title: procs.length ? procs.join(", ") : "no process listed"});
   }
@@ -12772,7 +12779,10 @@ function opTip(op, now) {
     "\\n" + clock(op.from);
 }
 // Text from outside (a process's name, a reservation's reason) on one line of a tooltip: its breaks escaped.
-function oneLine(text) { return JSON.stringify(String(text)).slice(1, -1); }
+function oneLine(text) {
+  return JSON.stringify(String(text)).slice(1, -1)
+    .replace(/[\\u0085\\u2028\\u2029]/g, (c) => "\\\\u" + c.charCodeAt(0).toString(16).padStart(4, "0"));
+}
 function strangerTip(x, several) {
   const procs = x.processes.map((p) => "pid " + p.pid + " " + oneLine(p.name) + " " + p.used_mib + " MiB");
   return "stranger" + (several ? " on GPU " + x.gpu : "") + ": " + x.mib + " MiB no consumer claims" +

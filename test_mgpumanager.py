@@ -4738,6 +4738,31 @@ async def test_a_bug_in_the_books_of_a_release_still_grants_the_gpu_to_the_job_w
 
 
 @pytest.mark.catches_bug
+@pytest.mark.parametrize("books", ["granted", "released"])
+async def test_a_bug_in_a_grants_or_releases_gpu_time_does_not_skew_the_clients_share_for_good(
+    monkeypatch, books
+):
+    """Found by a review of the fixes above: a bug in a grant's (or a release's) GPU time, logged with the
+    slot handed on, left the client's book a slot short (its time read 0 whatever it ran: always first in
+    the fair order) or a slot over (its time grew while it held nothing: always last), until a reload
+    removed the client. Its book starts anew; the jobs after count for what they hold."""
+    s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
+    ops.states["t"].loaded()
+    monkeypatch.setattr(s.lock.use, books, _raising_once(getattr(s.lock.use, books)))
+    first = await s.acquire("t", "kt", client="p")
+    clock.now += 5
+    first.release("completed", status=200, success=True)
+    assert s.shared.internal_errors == 1
+    clock.now += 100  # (the fault's 5 s are out of the 60 s window)
+    later = await s.acquire("t", "kt", client="p")
+    clock.now += 5
+    assert m.client_use(s, "p")["gpu_s_window"] == 5.0  # p's later job held the GPU 5 s
+    later.release("completed", status=200, success=True)
+    clock.now += 10
+    assert m.client_use(s, "p")["gpu_s_window"] == 5.0
+
+
+@pytest.mark.catches_bug
 async def test_a_bug_while_an_evictions_memory_is_awaited_leaves_the_victim_unknown_not_being_unloaded(
     monkeypatch,
 ):
@@ -9006,6 +9031,31 @@ async def test_a_process_named_with_a_unicode_line_break_cannot_forge_a_consumer
     st = await status_until(r, lambda st: (st["gpu"].get("used_mib") or 0) > 9000, timeout=30)
     assert st["consumers"]["mvoice"]["vram_used_mib"] == 2800, st["consumers"]["mvoice"]
     assert st["gpu"]["unclaimed_mib"] >= 9000 and st["gpu"]["strangers"]["present"], st["gpu"]
+
+
+async def test_the_memory_bars_stranger_tooltip_keeps_a_process_name_on_one_line(rig, tmp_path):
+    """Found by a review: the page's tooltips escaped the line breaks of process names, but for the memory
+    bar's stranger segment (the NVML reader takes a name from /proc/<pid>/cmdline, whose first word anyone
+    may set, line feeds included)."""
+    r = await rig()
+    name = "/usr/bin/game\nmvoice 9000 MiB (measured)\u2028x"
+    gpu = {
+        "index": 0,
+        "total_mib": 24000,
+        "free_mib": 10000,
+        "unclaimed_mib": 9000,
+        "strangers": {"present": True, "processes": [{"pid": 4242, "name": name, "used_mib": 9000}]},
+    }
+    async with Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=r.url("/"))
+        await browser.wait_for("typeof gpuHtml === 'function'")
+        title = await browser.evaluate(
+            "(() => { const d = document.createElement('div');"
+            f" d.innerHTML = gpuHtml({{consumers: {{}}}}, {json.dumps(gpu)}, false);"
+            " return d.querySelector('[data-part=stranger]').title; })()"
+        )
+    assert title.startswith("stranger") and "\n" not in title and "\u2028" not in title, title
+    assert "/usr/bin/game\\nmvoice" in title and "\\u2028x" in title
 
 
 async def test_a_strangers_long_names_keep_its_log_line_one_journal_entry(rig, caplog):
