@@ -10730,7 +10730,7 @@ class Connection:
     head_begun: bool = False
     #: The deadline watched while it is not busy.
     timer: asyncio.TimerHandle | None = None
-    #: The credentials it was authenticated with.
+    #: The credential its current (or last) request was let in with (a set: none, or one).
     credentials: set[str] = field(default_factory=set)
     #: How to end it politely when its credential is revoked (a WebSocket's close frame); else it is cut.
     closer: Callable[[], None] | None = None
@@ -10906,9 +10906,12 @@ class ClientConnections:
         self._watch(conn, self.http.keepalive_s, "keepalive")
 
     def authenticated(self, conn: Connection | None, key: str) -> None:
-        """Its request was let in with credential ``key``."""
-        if conn is not None and key not in conn.credentials and conn.protocol in self.open:
-            conn.credentials.add(key)
+        """Its request was let in with credential ``key``. Its earlier requests have ended (a connection
+        serves one at a time), and what they were let in with is over: a reload that revokes one of those
+        closes no job this one lets in (a proxy's connection carries several clients' requests in turn)."""
+        if conn is not None and conn.credentials != {key} and conn.protocol in self.open:
+            self._drop_credentials(conn)
+            conn.credentials = {key}
             self.by_credential.setdefault(key, set()).add(conn)
 
     def waits_on_client(self, request: web.BaseRequest, waits: bool = True) -> None:
@@ -11046,6 +11049,9 @@ class ClientConnections:
         if conn.timer is not None:
             conn.timer.cancel()
             conn.timer = None
+        self._drop_credentials(conn)
+
+    def _drop_credentials(self, conn: Connection) -> None:
         for key in conn.credentials:
             conns = self.by_credential.get(key)
             if conns is not None:

@@ -19281,6 +19281,40 @@ async def test_a_removed_clients_queued_job_counts_for_nobody_should_it_be_grant
     assert books_balance(s)
 
 
+async def test_revoking_one_clients_token_cuts_no_job_of_another_client_on_the_same_connection(rig):
+    """Found by a chaos test: a keep-alive connection (a proxy's, or one program's pool) carried a request
+    with cx's token, then carries wa's job. A reload that removed cx cut wa's running job (no answer,
+    counted cancelled): the connection was taken as authenticated with every token it ever showed. What its
+    earlier request was let in with is over; wa's job goes on (operations.md: "the others go on")."""
+    gate = asyncio.Event()
+    cx = "cx-token-0123456789abcdef"
+
+    def setup(raw: dict[str, Any]) -> None:
+        with_clients(raw)
+        raw["auth"]["clients"]["cx"] = {"token": cx}
+
+    async with held_llm(gate) as ollama:
+        r = await rig(tweak=setup, urls={"ollama": ollama.url})
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as shared:
+            async with shared.get(r.url("/v1/status"), headers=bearer(cx)) as resp:
+                assert resp.status == 200
+                await resp.read()
+            job = asyncio.ensure_future(
+                shared.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}, headers=bearer(WA_TOKEN))
+            )
+            await until(lambda: r.broker.scheduler.holder == "ollama")
+            del r.raw["auth"]["clients"]["cx"]
+            r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+            async with r.session.post(r.url("/v1/reload"), headers=bearer(TOKEN)) as resp:
+                assert resp.status == 200
+                assert not any("revoked" in change for change in (await resp.json())["changes"])
+            gate.set()
+            resp = await asyncio.wait_for(job, 10)
+            assert resp.status == 200 and await resp.json() == {"response": "done"}
+            async with shared.get(r.url("/v1/status"), headers=bearer(cx)) as resp:
+                assert resp.status == 401  # (cx's token lets nothing in any more)
+
+
 async def test_a_token_that_a_reload_gives_to_someone_else_closes_what_it_let_in_as_whom_it_was(rig):
     """Issue 19's rotated token and issue 23's removed client, where the token itself stays valid: a reload
     that rotates the admin's token and gives the old one to a client (the admin's power is gone from it),
