@@ -6578,10 +6578,10 @@ class GpuTime:
         book = self._books.setdefault(client, deque())
         if book:
             t, total, held = book[-1]
-            book.append((now, total + held * (now - t), max(0, held + slots)))
+            book.append((now, total + held * (now - t), held + slots))
             _forget_before(book, now - window_s)
         else:
-            book.append((now, 0.0, max(0, slots)))
+            book.append((now, 0.0, slots))
 
     def forget(self, kept: Collection[str | None]) -> None:
         """Drop the books of the clients not ``kept`` (a reload removed them; the slots they still hold are
@@ -6589,11 +6589,11 @@ class GpuTime:
         for client in [c for c in self._books if c not in kept]:
             del self._books[client]
 
-    def drop(self, client: str | None) -> None:
+    def restart(self, client: str | None, now: float, holding: Iterable[str | None]) -> None:
         """After a bug in ``client``'s book, which may then count a slot wrong for good (its time reading 0,
-        or growing while it holds none): it goes, and starts anew (a release of a slot taken before it
-        counts none: a book never holds fewer than none)."""
-        self._books.pop(client, None)
+        or growing while it holds none): it starts anew, from the slots it holds now (``holding``: the client
+        of each slot that counts), so that their releases pair up with them."""
+        self._books[client] = deque([(now, 0.0, sum(1 for c in holding if c == client))])
 
     def granted(self, client: str | None, now: float, window_s: float) -> None:
         """A job of ``client`` took a slot."""
@@ -6965,7 +6965,7 @@ class GpuLock:
                 self.recorder.internal_error(
                     "grant bookkeeping crashed", consumer=job.consumer, job=job.id, error=describe(e)
                 )
-                self.use.drop(job.client)  # (its book may count a slot wrong for good: it starts anew)
+                self.use.restart(job.client, now, [j.client for j in self.taken if j.charged])
             self.on_grant(job)
             job.granted.set_result(None)
             granted = True
@@ -7000,7 +7000,7 @@ class GpuLock:
                 self.recorder.internal_error(
                     "release bookkeeping crashed", consumer=job.consumer, job=job.id, error=describe(e)
                 )
-                self.use.drop(job.client)  # (as above)
+                self.use.restart(job.client, self.clock(), [j.client for j in self.taken if j.charged])
         return self.dispatch()
 
     def forget(self, clients: Collection[str]) -> None:

@@ -4763,6 +4763,33 @@ async def test_a_bug_in_a_grants_or_releases_gpu_time_does_not_skew_the_clients_
 
 
 @pytest.mark.catches_bug
+@pytest.mark.parametrize("books", ["granted", "released"])
+async def test_after_a_bug_in_its_gpu_time_a_busy_clients_book_counts_its_running_jobs(monkeypatch, books):
+    """Found by a review of the fix above, which first dropped the book: a client that always has a job
+    running (two at a time) never holds no slot, so the release of a slot taken before its book started
+    anew took a slot off the new one, which then read 0 for as long as the client stayed busy. The book
+    starts anew from the slots the client holds."""
+    s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH, consumers__t__max_concurrency=2))
+    ops.states["t"].loaded()
+    monkeypatch.setattr(s.lock.use, books, _raising_once(getattr(s.lock.use, books)))
+    a = await s.acquire("t", "kt", client="p")  # (books == "granted": its grant's time raises)
+    clock.now += 1
+    b = await s.acquire("t", "kt", client="p")
+    clock.now += 1
+    a.release("completed", status=200, success=True)  # (books == "released": its release's raises)
+    assert s.shared.internal_errors == 1
+    for _ in range(6):  # p keeps two jobs running, one after the other, for 120 s
+        clock.now += 10
+        after = await s.acquire("t", "kt", client="p")
+        clock.now += 10
+        b.release("completed", status=200, success=True)
+        b = after
+    clock.now += 100  # (the fault's seconds are out of the 60 s window)
+    assert m.client_use(s, "p")["gpu_s_window"] == 60.0  # one slot held throughout the last 60 s
+    b.release("completed", status=200, success=True)
+
+
+@pytest.mark.catches_bug
 async def test_a_bug_while_an_evictions_memory_is_awaited_leaves_the_victim_unknown_not_being_unloaded(
     monkeypatch,
 ):
