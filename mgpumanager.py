@@ -7385,9 +7385,12 @@ class RoomMaker:
             if not plan.victims or (snap.keep_free_mib and plan.hopeless):
                 whole = await self.read(job, whole=True)  # the processes, for the message
                 snap = self.snapshot(job, whole, tried)
+                plan = plan_room(snap)
+                if plan.fits:  # (memory came free since the reading it was refused on: the newest decides)
+                    return
                 if snap.keep_free_mib and self.strangers is not None:  # (it never waits for a stranger)
-                    raise self.strangers.refusal(job.consumer, plan_room(snap), snap.cushion_mib)
-                message = room_message(plan_room(snap), snap, whole.processes, self.ops.owners())
+                    raise self.strangers.refusal(job.consumer, plan, snap.cushion_mib)
+                message = room_message(plan, snap, whole.processes, self.ops.owners())
                 raise BrokerError("insufficient_vram", message, job.consumer)
             victim = plan.victims[0]
             state = self.states[victim]  # (the service it unloads: a reload meanwhile may make another)

@@ -6952,6 +6952,21 @@ async def test_nothing_evictable_is_insufficient_vram_naming_processes_and_reaso
     assert ops.calls == [] and s.holder is None and s.stats.failed == 1 and books_balance(s)
 
 
+async def test_memory_that_came_free_before_the_refusals_reading_lets_the_job_run():
+    """Found by a chaos test: a job found nothing to evict, took a whole reading for its refusal's message,
+    and was refused insufficient_vram even where that newer reading showed room ("14404 MiB free, 13256 MiB
+    needed": a process had just exited). The newest reading decides: the job runs."""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].unloaded()  # nothing to evict
+    gpu.held.update(other=11000, game=1000)  # no consumer's: 3904 MiB free, t needs 4256
+    gpu.releasing["game"] = 1  # it exits: the reading after the first no longer shows it
+    job = await s.acquire("t", "kt")
+    assert ops.calls == [("load", "t")] and gpu.reads[:2] == ["memory", "whole"]
+    job.release("completed", status=200, success=True)
+    assert s.stats.completed == 1 and books_balance(s)
+
+
 async def test_a_vram_managed_consumer_with_an_unload_goes_last_and_only_if_the_others_are_not_enough():
     """Ollama (vram_managed) with its unload: evicted only as the last resort, after every other candidate."""
     cfg = small_config(consumers__x__vram_managed=True)
