@@ -3568,7 +3568,7 @@ def parse_smi_csv(text: str, fields: Sequence[str]) -> list[dict[str, str | None
     ``[N/A]``-style values become None; a header line and unit suffixes are tolerated; anything else that
     does not fit the fields is a GpuError quoting the output. Rows end at "\n" alone, as nvidia-smi ends
     them: a process's name (anyone's) may hold the other breaks ``splitlines`` knows (U+2028), and a row
-    cut there read as a broken reading, or two rows, one of them forged.
+    cut there would read as a broken reading, or as two rows, one of them forged.
     """
     rows = []
     for number, line in enumerate(text.split("\n")):
@@ -11236,12 +11236,13 @@ class ConsumerPorts:
 
     def start_closing(self) -> None:
         """Close every consumer's port, together (after a sync under way): open answers get
-        SHUTDOWN_GRACE_S, each port's at the same time (one after another, two ports reached the unit's
-        TimeoutStopSec); ``close`` waits for it."""
+        SHUTDOWN_GRACE_S, every port's at the same time (one port after another, two would take a full
+        drain past the unit's TimeoutStopSec); ``close`` waits for it."""
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._close_all())
 
     async def close(self) -> None:
+        """Close every consumer's port (``start_closing``, if shutdown has not begun it) and wait for it."""
         self.start_closing()
         assert self._closing is not None
         await self._closing
