@@ -8733,9 +8733,10 @@ class InternalJobs:
     async def _restore_if_fits(self, job: Job) -> None:
         """A restore's step, once granted: a stranger present keeps it for later; else it is loaded if it
         is not resident and fits (``restored``), and then no longer waits: neither when it did not fit, nor
-        when its load failed, unless its own reading found a stranger back (then it waits for that one to
-        go, as if the poll had seen it). A load cut by the broker's shutdown leaves it waiting (the state
-        file keeps it for the restarted broker)."""
+        when its load failed, unless a reading found a stranger back, its own before the load or one taken
+        when the load failed (then it waits for that one to go, as if the poll had seen it: a game that came
+        back during the load is what made it fail). A load cut by the broker's shutdown leaves it waiting
+        (the state file keeps it for the restarted broker)."""
         name, s = job.consumer, self.scheduler_for(job.consumer)
         async with s.rooms.lock:
             if s.strangers.present:
@@ -8748,6 +8749,13 @@ class InternalJobs:
                 loaded = await self._fits_then_load(job, "restore")
             except Exception as e:
                 later = isinstance(e, BrokerError) and e.code in RESTORE_LATER  # (a reading that failed)
+                if isinstance(e, BrokerError) and not later:
+                    with contextlib.suppress(BrokerError):  # (the strangers' record is told of it)
+                        await s.rooms.read(job, whole=True)
+                    if s.strangers.present:
+                        why = f"its load failed beside a stranger that came back: {e.message}"
+                        s.recorder.record("restore_skipped", consumer=name, job=job.id, reason=why)
+                        return
                 if name in pending and not later:  # (failed: given up)
                     pending.remove(name)
                 raise

@@ -8796,6 +8796,39 @@ async def test_a_restore_whose_own_reading_finds_a_stranger_back_waits_for_it_to
     assert r.sims["mvoice"].loads == 1 and r.broker.internal.to_restore[0] == []
 
 
+async def test_a_restore_whose_load_fails_beside_a_stranger_that_came_back_waits_for_it_to_go(rig):
+    """Issue 22: a stranger that comes back stops the restores; they go on once it has been gone. The game
+    comes back while the restore loads mvoice (after its fit was checked): the load runs out of memory and
+    fails, and mvoice is not given up as broken but waits, and is loaded once the game is gone. (An attack:
+    it was given up for good, "restore failed".)"""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(restore_after_s=0.5))
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    async with r.session.post(r.url("/v1/reserve"), json={"for_s": 60, "reason": "gaming"}) as resp:
+        assert (await resp.json())["unloaded"] == ["mvoice", "comfyui"]
+    rooms = r.broker.scheduler.rooms
+    real, came = rooms.load, []
+
+    async def game_comes_back(job: m.Job) -> None:
+        if job.kind == "restore" and not came:  # (its fit checked, the game takes all but 904 MiB)
+            came.append(job.id)
+            r.gpu.allocate("game", 15000, graphics=True)
+        await real(job)
+
+    rooms.load = game_comes_back  # type: ignore[method-assign]
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert resp.status == 200
+    await until(
+        lambda: any(e["event"] == "restore_skipped" for e in recent_events(r.broker.events)), timeout=10
+    )
+    events = [(e["event"], e.get("reason")) for e in recent_events(r.broker.events)]
+    assert ("load_failed", None) in events and not r.sims["mvoice"].loaded and came
+    assert r.broker.internal.to_restore[0] == ["mvoice"]
+    r.gpu.release("game")
+    await until(lambda: r.sims["mvoice"].loaded, timeout=15)
+    await until(lambda: r.stats.restores == 1)
+    assert r.broker.internal.to_restore[0] == [] and [o["owner"] for o in r.gpu.ooms()] == ["mvoice"]
+
+
 async def test_a_restore_waiting_for_the_gpu_when_a_stranger_comes_is_not_refused_and_loads_once_it_goes(rig):
     """Issue 22: gpu_in_use answers the client jobs waiting that could not fit beside a stranger, never the
     broker's own exclusive ones. A restore waiting behind a running job when a game comes that mvoice could
