@@ -9991,7 +9991,7 @@ def lock_state_file(path: str) -> int:
     it; StateFileHeld where another process holds it, OSError where it cannot be opened or locked. Run in a
     worker thread."""
     lock_path = path + ".lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

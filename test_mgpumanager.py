@@ -9721,6 +9721,20 @@ async def test_a_lock_that_cannot_be_taken_still_lets_the_state_file_be_written(
     assert caplog.text.count('msg="state file not locked"') == 1
 
 
+def test_the_state_files_lock_does_not_follow_a_link_planted_in_its_place(tmp_path):
+    """security.md: the state file never writes through a link. A link planted at ``<state_file>.lock``
+    (to a file of the service user's) is not followed: the lock is not taken there (a warning, the state
+    written all the same) and the file it names is left whole. (An attack: it was truncated, the broker's
+    pid written in it.)"""
+    target = tmp_path / "precious.txt"
+    target.write_text("not the broker's\n")
+    path = tmp_path / "state.json"
+    (tmp_path / "state.json.lock").symlink_to(target)
+    with pytest.raises(OSError):
+        m.lock_state_file(str(path))
+    assert target.read_text() == "not the broker's\n"
+
+
 async def test_a_reload_that_drops_the_state_file_lets_its_lock_go(rig, tmp_path):
     """Found by a review: a reload that removed ``state_file`` kept the old file's lock for the life of the
     broker, so another broker given that file was refused as if this one still kept it."""
