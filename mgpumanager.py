@@ -56,8 +56,8 @@ Sections, in dependency order:
 - Constants.
 - Errors: ``BrokerError``, the one root of the broker's errors (code, status, retryable), and its kinds.
 - Config: the dataclasses (``AuthConfig`` with its ``ClientConfig``s, and ``Caller``: who a token is), the
-  loader, the presets; ``Shared``, the config in force (a reload swaps it there,
-  once) and the bugs caught anywhere, counted once.
+  loader, the presets; ``Shared``, the config in force (a reload swaps it there, once), the bugs caught
+  anywhere, counted once, and the ``WallClock`` (the wall-clock time of a monotonic moment, for people).
 - Failures and log lines: what a failed call means (``describe``, ``gone_reason``); ``logfmt``.
 - Events and metrics: ``Events`` (/v1/events and its ring), ``Notifier`` (systemd), ``Metrics``.
 - GPU reading: ``GpuReader`` (caching, sharing, attribution) over a ``GpuSource``: ``SmiSource``
@@ -1049,6 +1049,9 @@ UNLOAD_KINDS = frozenset({"unload", "idle_unload", RESERVATION})
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 #: How many recent loads, unloads and jobs of a consumer its learned times are the median of.
 TIMING_SAMPLES = 15
+#: A move of the wall clock against the monotonic one larger than this is a step (NTP, by hand), which the
+#: wall-clock times shown and written follow (``WallClock``); a smaller one is a slew, which they do not.
+WALL_STEP_S = 1.0
 #: What the broker times per consumer: its loads, its unloads and its jobs.
 TIMED = ("load", "unload", "job")
 #: A forecast counts the job running now as at least this much more, however long past its consumer's
@@ -2939,12 +2942,39 @@ class Shared:
         self.internal_errors = 0
         #: Job ids, one sequence for every GPU: a job's id names it alone in the log lines and events.
         self.job_ids = itertools.count(1)
+        #: The wall-clock time of a monotonic moment, for people and the state file.
+        self.wall = WallClock()
 
     def internal_error(self, msg: str, exc: BaseException | None = None, **fields: Any) -> None:
         """A bug in the broker, caught: counted, and logged with its traceback (``exc``'s, else the one
         being handled)."""
         self.internal_errors += 1
         log.error(logfmt(msg=msg, **fields), exc_info=exc if exc is not None else True)
+
+
+class WallClock:
+    """The wall-clock time of a moment on the monotonic clock (a last use, a reservation's end), for people
+    and the state file. The broker keeps its times on the monotonic clock, which no one sets; a moment's
+    wall-clock time is its distance from now on the wall clock of now, so a wall clock stepped while the
+    broker runs (NTP correcting a clock a bad RTC left hours off, a change by hand) moves no reservation's
+    end and no last use's age, in the file or on the page. The offset between the clocks is taken anew only
+    when the wall clock moved against the monotonic one by more than WALL_STEP_S: a clock NTP slews does not
+    change what the file says, and so does not make it written again."""
+
+    def __init__(
+        self, monotonic: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time
+    ) -> None:
+        self.monotonic, self.wall = monotonic, wall
+        self.offset: float | None = None
+
+    def at(self, moment: float) -> float:
+        offset = self.wall() - self.monotonic()
+        if self.offset is None or abs(offset - self.offset) > WALL_STEP_S:
+            self.offset = offset
+        return moment + self.offset
+
+    def now(self) -> float:
+        return self.at(self.monotonic())
 
 
 # =====================================================================================================
@@ -4539,10 +4569,8 @@ class ConsumerState:
         self.last_probe: float | None = None
         self.last_error: str | None = None
         self.last_error_code = "consumer_unreachable"
-        #: Monotonic time of the last use (a job's 2xx answer or a hold's end: for LRU and idleness), and
-        #: its wall-clock twin (for people).
+        #: Monotonic time of the last use (a job's 2xx answer or a hold's end: for LRU and idleness).
         self.last_used: float | None = None
-        self.last_used_at: float | None = None
         #: Monotonic time the broker last saw it become resident (for idleness; found resident first after a
         #: restart, its remembered last use).
         self.resident_at: float | None = None
@@ -4639,7 +4667,7 @@ class ConsumerState:
         self.used()
 
     def used(self) -> None:
-        self.last_used, self.last_used_at = self.clock(), time.time()
+        self.last_used = self.clock()
 
     def touched(self, why: str) -> None:
         """Something may have changed its memory unseen: act on its residency only after a reading."""
@@ -4747,13 +4775,11 @@ class ConsumerState:
         """Its recent load, unload and job times, oldest first (for the state file)."""
         return {what: list(samples) for what, samples in self._samples.items() if samples}
 
-    def remembered(
-        self, used_ago_s: float | None, used_at: float | None, samples: Mapping[str, Sequence[float]]
-    ) -> None:
-        """What the state file kept of it, read at start: its last use (``used_ago_s`` seconds ago; wall-clock
-        ``used_at`` for people) and its recent times, as if this broker had seen them."""
+    def remembered(self, used_ago_s: float | None, samples: Mapping[str, Sequence[float]]) -> None:
+        """What the state file kept of it, read at start: its last use (``used_ago_s`` seconds ago) and its
+        recent times, as if this broker had seen them."""
         if used_ago_s is not None:
-            self.last_used, self.last_used_at = self.clock() - used_ago_s, used_at
+            self.last_used = self.clock() - used_ago_s
         for what, values in samples.items():
             self._samples[what] = deque(values, maxlen=TIMING_SAMPLES)
             self._medians.pop(what, None)
@@ -7732,9 +7758,8 @@ class Reservation:
 
     job: Job
     reason: str
-    #: When it ends on its own: monotonic (for the timer) and wall-clock (for people).
+    #: When it ends on its own (monotonic: its timer's; ``WallClock`` gives it to people).
     until: float
-    until_at: float
     #: The consumers it unloaded, and why the others were not.
     unloaded: list[str] = field(default_factory=list)
     not_unloaded: dict[str, str] = field(default_factory=dict)
@@ -7744,11 +7769,11 @@ class Reservation:
     restore: bool = True
     to_restore: list[str] = field(default_factory=list)
 
-    def describe(self, now: float) -> dict[str, Any]:
+    def describe(self, now: float, wall: WallClock) -> dict[str, Any]:
         """What /v1/status, the reserve answer and `ps` show of it."""
         return {
             "reason": self.reason,
-            "until": _iso(self.until_at),
+            "until": _iso(wall.at(self.until)),
             "left_s": round(max(0.0, self.until - now), 1),
             "unloaded": list(self.unloaded),
             "not_unloaded": dict(self.not_unloaded),
@@ -7824,7 +7849,7 @@ class Reservations:
         if self.reservation is not None:  # another request reserved it meanwhile: this one extends it
             job.release()
             return self._extend(self.reservation, for_s, reason, restore)
-        res = Reservation(job, reason, s.clock() + for_s, time.time() + for_s, restore=restore)
+        res = Reservation(job, reason, s.clock() + for_s, restore=restore)
         self.reservation = res
         try:
             for waiting in [j for j in s.lock.waiting if not j.granted.done()]:
@@ -7855,7 +7880,7 @@ class Reservations:
             consumer=RESERVATION,
             reason=res.reason,
             for_s=for_s,
-            until=_iso(res.until_at),
+            until=_iso(s.shared.wall.at(res.until)),
             job=res.job.id,
             unloaded=res.unloaded,
             not_unloaded=res.not_unloaded,
@@ -7863,7 +7888,7 @@ class Reservations:
 
     def _extend(self, res: Reservation, for_s: float, reason: str, restore: bool) -> Reservation:
         s = self.scheduler
-        res.reason, res.until, res.until_at = reason, s.clock() + for_s, time.time() + for_s
+        res.reason, res.until = reason, s.clock() + for_s
         res.restore = restore
         if res.timer is not None:
             res.timer.cancel()
@@ -7873,7 +7898,7 @@ class Reservations:
             consumer=RESERVATION,
             reason=reason,
             for_s=for_s,
-            until=_iso(res.until_at),
+            until=_iso(s.shared.wall.at(res.until)),
             job=res.job.id,
         )
         return res
@@ -7973,8 +7998,7 @@ class Reservations:
         s.lock.waiting.append(job)
         s.lock.dispatch()  # (the lock is free and nothing else waits: granted at once)
         left = max(0.0, left_s)
-        until_at = time.time() + left
-        res = Reservation(job, reason, s.clock() + left, until_at, restore=restore)
+        res = Reservation(job, reason, s.clock() + left, restore=restore)
         res.unloaded, res.to_restore = list(unloaded), list(to_restore)
         self.reservation = res
         res.timer = asyncio.get_running_loop().call_later(left, self.release, "expired")
@@ -7983,7 +8007,7 @@ class Reservations:
             consumer=RESERVATION,
             reason=reason,
             for_s=round(left, 1),
-            until=_iso(until_at),
+            until=_iso(s.shared.wall.at(res.until)),
             job=job.id,
             resumed=True,
         )
@@ -9839,9 +9863,8 @@ class Remembered:
     reservations: Mapping[int, tuple[float, str, bool, tuple[str, ...], tuple[str, ...]]]
     #: GPU -> consumers waiting to be restored (a reservation that ended while the broker was down adds its).
     to_restore: Mapping[int, tuple[str, ...]]
-    #: consumer -> (last used that many seconds ago, and when: wall-clock, on the clock of now) and its recent
-    #: times by kind.
-    last_used: Mapping[str, tuple[float, float]]
+    #: consumer -> last used that many seconds ago, and its recent times by kind.
+    last_used: Mapping[str, float]
     timings: Mapping[str, Mapping[str, tuple[float, ...]]]
 
 
@@ -9872,10 +9895,9 @@ def parse_state(raw: Any, now: float) -> Remembered:
 
     Wall-clock time may have been set back since the file was written: nothing is taken to have happened
     after ``max(now, written_at_s)``, so a reservation never gets longer than it had left when written, and
-    a last use is never in the future (its wall-clock time is given on the clock of now, so that the next
-    file written holds no last use after its own writing). A reservation that ended meanwhile is over (what
-    it unloaded waits to be restored, if it was to be); one with more than RESERVE_MAX_S left, or a last use
-    after the file was written, is absurd."""
+    a last use is never in the future. A reservation that ended meanwhile is over (what it unloaded waits to
+    be restored, if it was to be); one with more than RESERVE_MAX_S left, or a last use after the file was
+    written, is absurd."""
     top = _state_mapping(raw, "the file")
     version = top.get("version")
     if isinstance(version, int) and not isinstance(version, bool) and version > STATE_VERSION:
@@ -9908,7 +9930,7 @@ def parse_state(raw: Any, now: float) -> Remembered:
                 names += tuple(n for n in theirs if n not in names)
         if names:
             to_restore[index] = names
-    last_used: dict[str, tuple[float, float]] = {}
+    last_used: dict[str, float] = {}
     timings: dict[str, dict[str, tuple[float, ...]]] = {}
     for name, raw_entry in _state_mapping(top.get("consumers", {}), "consumers").items():
         where = f"consumers.{name}"
@@ -9917,9 +9939,7 @@ def parse_state(raw: Any, now: float) -> Remembered:
             used = _state_number(used, f"{where}.last_used_s")
             if used > written:
                 raise ValueError(f"{where}.last_used_s: after the file was written")
-            # When, on the clock of now: under a clock set back, the file's own time is in the future, and
-            # written back as it was it would be "after the file was written" at the next start.
-            last_used[name] = (ref - used, now - (ref - used))
+            last_used[name] = ref - used
         learned = _state_mapping(entry.get("timings", {}), f"{where}.timings")
         for what, values in learned.items():
             if what not in TIMED or not isinstance(values, list) or len(values) > TIMING_SAMPLES:
@@ -10135,7 +10155,11 @@ class StateFile:
             if not self._inflight.done():
                 return False
         try:
+            # (The file's own time is on the wall clock its times were read with, before or after a step
+            # between them: so no last use in it is after it.)
+            before = self.shared.wall.now()
             collected = self.collect()
+            now = max(before, self.shared.wall.now())
             state = json.dumps(collected, sort_keys=True, separators=(",", ":")).encode()
         except Exception as e:
             self.shared.internal_error("collecting the state crashed", error=describe(e))
@@ -10149,7 +10173,6 @@ class StateFile:
             return False
         except (OSError, asyncio.TimeoutError) as e:  # (written all the same: no other broker is seen)
             self._not_locked(path, e)
-        now = time.time()
         head = {"version": STATE_VERSION, "written_at": _iso(now), "written_at_s": round(now, 3)}
         data = json.dumps({**head, **collected}, indent=1).encode() + b"\n"
         self._inflight = inflight = in_own_thread(write_state_file, path, data, name="state file write")
@@ -10288,7 +10311,8 @@ class Broker:
     def remembered(self) -> dict[str, Any]:
         """What the state file keeps, as it is now: per GPU its reservation (one that shutdown ended too: a
         restart holds the GPU again) and what waits to be restored; per consumer its last use and recent
-        times. Wall-clock seconds."""
+        times. Wall-clock seconds, each its distance from now on the wall clock of now (``WallClock``)."""
+        wall = self.shared.wall
         gpus: dict[str, Any] = {}
         for index, s in sorted(self.schedulers.items()):
             entry: dict[str, Any] = {}
@@ -10296,7 +10320,7 @@ class Broker:
             if res is not None:
                 entry["reservation"] = {
                     "reason": res.reason,
-                    "until_s": round(res.until_at, 3),
+                    "until_s": round(wall.at(res.until), 3),
                     "restore": res.restore,
                     "unloaded": list(res.unloaded),
                     "to_restore": list(res.to_restore),
@@ -10306,14 +10330,11 @@ class Broker:
             if entry:
                 gpus[str(index)] = entry
         consumers: dict[str, Any] = {}
-        # (A last use is never after the file's own writing, which follows: a wall clock set back since the
-        # use would make it so, and the next start would set the whole file aside.)
-        now = time.time()
         for name in self.config.consumers:
             state = self.consumers.states[name]
             entry = {}
-            if state.last_used_at is not None:
-                entry["last_used_s"] = round(min(state.last_used_at, now), 3)
+            if state.last_used is not None:  # (a wall clock just started near 1970 may put it before 0)
+                entry["last_used_s"] = round(max(0.0, wall.at(state.last_used)), 3)
             samples = {what: [round(v, 3) for v in values] for what, values in state.samples().items()}
             if samples:
                 entry["timings"] = samples
@@ -10329,10 +10350,10 @@ class Broker:
             return
         for name, samples in remembered.timings.items():
             if name in self.consumers.states and name in self.config.consumers:
-                self.consumers.states[name].remembered(None, None, samples)
-        for name, (ago, at) in remembered.last_used.items():
+                self.consumers.states[name].remembered(None, samples)
+        for name, ago in remembered.last_used.items():
             if name in self.consumers.states and name in self.config.consumers:
-                self.consumers.states[name].remembered(ago, at, {})
+                self.consumers.states[name].remembered(ago, {})
         for index, names in remembered.to_restore.items():
             if index in self.schedulers:
                 mine = [
@@ -11548,7 +11569,7 @@ async def handle_reserve(request: web.Request) -> web.Response:
     index = _reserved_gpu(broker, body.get("gpu"))
     scheduler = broker.schedulers[index]
     res = await scheduler.reservations.reserve(float(for_s), reason or "reserved", restore=restore)
-    return web.json_response({"gpu": index, **res.describe(scheduler.clock())})
+    return web.json_response({"gpu": index, **res.describe(scheduler.clock(), scheduler.shared.wall)})
 
 
 async def handle_release(request: web.Request) -> web.Response:
@@ -12018,7 +12039,7 @@ def scheduler_status(s: Scheduler) -> tuple[dict[str, Any], QueueSnapshot]:
             ],
         },
         "stats": {**s.stats.__dict__, "running": s.running, "queued": len(lock.waiting)},
-        "reservation": None if res is None else res.describe(now),
+        "reservation": None if res is None else res.describe(now, s.shared.wall),
     }, snap
 
 
@@ -12057,7 +12078,7 @@ async def handle_status(request: web.Request) -> web.Response:
             "vram_peak_mib": state.peak_mib,
             "last_probe": _iso(state.last_probe),
             "last_error": state.last_error,
-            "last_used": _iso(state.last_used_at),
+            "last_used": None if state.last_used is None else _iso(broker.shared.wall.at(state.last_used)),
             "vram_resident_mib": c.vram_resident_mib,
             "vram_managed": c.vram_managed,
             "priority": c.priority,
