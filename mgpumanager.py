@@ -7121,10 +7121,9 @@ class Strangers:
         self.unclaimed_mib: int | None = None
         self.free_mib: int | None = None
         self.processes: tuple[GpuProcess, ...] = ()
-        #: A stranger is present (only with gpu.yield), since (monotonic, and wall-clock for people).
+        #: A stranger is present (only with gpu.yield), since (monotonic).
         self.present = False
         self.since: float | None = None
-        self.since_at: float | None = None
         #: Since when no stranger has been present (monotonic; None: one is, or no reading yet).
         self.absent_since: float | None = None
         self._started = -math.inf
@@ -7141,25 +7140,29 @@ class Strangers:
         doubt by that much: the reading's own line (the lower, ``bracketed``) may miss what a consumer in
         the list freed meanwhile (a yield's victim), the other line may hold what one allocated. A stranger
         appears only by the lower figure and is gone only by the higher one: a doubt changes nothing. The
-        figure kept (shown, and in events) is the one that decided."""
+        figure kept (shown, and in events) is the one that decided.
+
+        A reading without a used figure (nvidia-smi's ``[N/A]``, ``[GPU requires reset]``) says nothing of
+        the unclaimed memory: like a reading that failed, it leaves the presence as it was."""
         if reading.index not in (self.index, None) or reading.started < self._started:
             return
         self._started = reading.started
         owners = reading.owners
         views = self.views()
-        low = high = None
-        if reading.used_mib is not None:
-            low = unclaimed_mib(views, reading.used_mib)
-            high = unclaimed_mib(views, reading.used_mib + reading.moved_mib) if reading.moved_mib else low
         self.free_mib = reading.free_mib
         self.processes = tuple(p for p in reading.processes if p.pid is None or p.pid not in owners)
+        if reading.used_mib is None:
+            self.unclaimed_mib = None
+            return
+        low = unclaimed_mib(views, reading.used_mib)
+        high = unclaimed_mib(views, reading.used_mib + reading.moved_mib) if reading.moved_mib else low
         y = self.shared.config.gpu.yield_
         figure = high if self.present else low
-        present = y is not None and figure is not None and figure > y.ignore_mib
+        present = y is not None and figure > y.ignore_mib
         self.unclaimed_mib = figure
         now = self.clock()
         if present and not self.present:
-            self.present, self.since, self.since_at, self.absent_since = True, now, time.time(), None
+            self.present, self.since, self.absent_since = True, now, None
             self.recorder.record("stranger_appeared", **self.fields())
         elif not present and self.present:
             self._gone(now)
@@ -7173,7 +7176,7 @@ class Strangers:
             self._gone(self.clock())
 
     def _gone(self, now: float) -> None:
-        self.present, self.since, self.since_at, self.absent_since = False, None, None, now
+        self.present, self.since, self.absent_since = False, None, now
         self.recorder.record("stranger_gone", **self.fields())
 
     def fields(self) -> dict[str, Any]:
@@ -7193,7 +7196,7 @@ class Strangers:
         fields = self.fields()
         return {
             "present": self.present,
-            "since": _iso(self.since_at),
+            "since": None if self.since is None else _iso(self.shared.wall.at(self.since)),
             "processes": fields["processes"],
             "more_processes": fields["more_processes"],
         }

@@ -8419,6 +8419,29 @@ def test_a_stranger_is_not_taken_for_gone_by_a_reading_during_which_memory_moved
     assert events == [(True, 4400), (False, 100)]
 
 
+def test_a_reading_without_a_used_figure_leaves_a_stranger_as_it_was():
+    """decisions.md: "Readings that fail leave the last presence standing until one succeeds". A GPU in
+    trouble prints its line with bracketed values (``[GPU requires reset]``), which the parser takes as
+    unknown: such a reading tells nothing of the game, which is still there; nor does it start the absence
+    that restores wait for. (Two attacks: it ended the stranger, an event and its restore_after_s clock
+    started, jobs let in without keep_free_mib.)"""
+    s, _, _, clock = make_scheduler(_yield_config(ignore=512))
+    line = "0, GPU-x, Fake, 16384, [GPU requires reset], [GPU requires reset], [N/A], [N/A]\n"
+    blind = lambda: m.parse_gpu_reading(line, "", index=0, started=clock(), read_at=0.0)  # noqa: E731
+    s.strangers.seen(blind())  # the first reading, without a figure: no absence begins
+    assert not s.strangers.present and s.strangers.absent_since is None
+    clock.now += 1
+    held = {"x": 4000, "y": 0, "z": 0, "t": 0}
+    s.strangers.seen(_reading(s, held, {-1: 8000}, clock()))  # a game: 8000 MiB no consumer claims
+    assert s.strangers.present
+    clock.now += 2
+    reading = blind()
+    assert reading.used_mib is None and reading.free_mib is None  # (the parser's part: no figure)
+    s.strangers.seen(reading)
+    assert s.strangers.present and s.strangers.unclaimed_mib is None and s.strangers.free_mib is None
+    assert [e["present"] for e in recent_events(s.events) if e["event"] == "stranger"] == [True]
+
+
 def test_a_strangers_processes_are_named_the_largest_first_and_the_rest_counted():
     processes = [m.GpuProcess(pid, f"p{pid}", pid) for pid in range(1, 26)]
     text = m.describe_processes(processes)
