@@ -8883,20 +8883,32 @@ class Yielding:
         return self.shared.config
 
     async def run(self) -> None:
-        """A round every gpu.yield.poll_s (IDLE_CHECK_S without gpu.yield), or at once when woken; owned
-        by the broker."""
-        while True:
-            self.wake.clear()
-            # Each GPU's round to its end, whatever another's does (a round that raised left the others
-            # running unowned, and a second bug went uncounted): each bug counted.
-            indexes = sorted(self.schedulers)
-            done = await asyncio.gather(*(self.round(index) for index in indexes), return_exceptions=True)
-            for index, result in zip(indexes, done, strict=True):
-                if isinstance(result, Exception):
-                    self.shared.internal_error("yield round crashed", result, gpu=index)
-            y = self.config.gpu.yield_
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), y.poll_s if y is not None else IDLE_CHECK_S)
+        """A round of each GPU every gpu.yield.poll_s (IDLE_CHECK_S without gpu.yield), or at once when
+        woken; owned by the broker. Each GPU's round is a task of its own, waited for at most one poll: a
+        GPU whose reading hangs (up to query_timeout_s: one fallen off the bus) holds up no other's rounds,
+        and gets its next round once its last has ended. Each round's bug is counted."""
+        rounds: dict[int, asyncio.Task[None]] = {}
+        try:
+            while True:
+                self.wake.clear()
+                y = self.config.gpu.yield_
+                poll = y.poll_s if y is not None else IDLE_CHECK_S
+                started = []
+                for index in sorted(self.schedulers):
+                    if index not in rounds:
+                        rounds[index] = asyncio.ensure_future(self.round(index))
+                        started.append(rounds[index])
+                if started:
+                    await asyncio.wait(started, timeout=poll)
+                for index, task in list(rounds.items()):
+                    if task.done():
+                        del rounds[index]
+                        if not task.cancelled() and task.exception() is not None:
+                            self.shared.internal_error("yield round crashed", task.exception(), gpu=index)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), poll)
+        finally:
+            await cancel_until_done(list(rounds.values()), "shutting down: yield rounds")
 
     async def round(self, index: int) -> None:
         """One GPU: read it (unless a reading started less than poll_s ago), refuse what cannot fit beside a

@@ -20308,6 +20308,30 @@ async def test_a_bug_in_one_gpus_yield_round_leaves_the_other_gpus_round_to_end_
     r.expected_internal_errors = 2
 
 
+async def test_a_gpu_whose_reading_hangs_holds_up_no_other_gpus_yield_rounds(rig):
+    """how-it-works.md, Several GPUs: each GPU has its own reader; a stranger is seen at the latest poll_s
+    after it came. GPU 1's nvidia-smi hangs (a GPU fallen off the bus: nothing until query_timeout_s kills
+    it); GPU 0 is read every poll_s meanwhile, and a game that comes there is seen. (An attack: the rounds
+    of all GPUs were waited for together, so GPU 0 was not read until GPU 1's reading timed out.)"""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        _yielding(poll_s=0.2)(raw)
+        raw["consumers"]["comfyui"]["gpu"] = 1
+        raw["gpu"]["query_timeout_s"] = 8
+        smi = " ".join(shlex.quote(a) for a in raw["gpu"]["nvidia_smi"])
+        script = f'case " $* " in *" -i 1 "*) sleep 30;; esac; exec {smi} "$@"'
+        raw["gpu"]["nvidia_smi"] = ["sh", "-c", script, "sh"]
+
+    r = await rig(gpus=2, tweak=tweak, sims={"comfyui": {"gpu": 1}})
+    reader0, strangers0 = r.broker.gpus[0], r.broker.schedulers[0].strangers
+    await until(lambda: strangers0.absent_since is not None, 20)  # GPU 0 read once: no stranger
+    await asyncio.sleep(1)  # GPU 1's reading hangs now
+    before = reader0.queries
+    r.gpu.allocate("game", 8000, graphics=True)  # on GPU 0
+    await until(lambda: strangers0.present, timeout=4)
+    await until(lambda: reader0.queries - before >= 5, timeout=4)  # (every poll_s: some 20 in 4 s)
+
+
 async def test_a_queued_job_whose_kind_the_new_url_no_longer_serves_is_answered_no_consumer(rig):
     """Beside test_attack_a_job_queued_before_a_reload_that_gives_its_consumer_a_new_url_goes_to_the_new_url:
     a reload that gives mvoice a new URL and takes its stt path away answers a queued stt job no_consumer
