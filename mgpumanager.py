@@ -7491,10 +7491,13 @@ class RoomMaker:
             return
         c = self.config.consumers.get(victim)
         measured = c is not None and c.processes is not None
-        # One of unknown residency held at most what the reading left unaccounted for: too little for its
-        # model (under NOTHING_FREED_SHARE of it, as an eviction judges), it held none of it.
-        could = was is None and c is not None and size >= NOTHING_FREED_SHARE * c.vram_resident_mib
-        if (was is True or measured or could) and before is not None and before.free_mib is not None:
+        # One of unknown residency held at most what the reading left unaccounted for, one measured what
+        # its processes held: too little for its model (under NOTHING_FREED_SHARE of it, as an eviction
+        # judges: an idle ComfyUI's CUDA context, which /free never frees), it held none of it. (One measured
+        # holding more than its record says was loaded behind the broker's back: it is waited for.)
+        could = c is not None and size >= NOTHING_FREED_SHARE * c.vram_resident_mib
+        held = was is True or (could and (was is None or measured))
+        if held and before is not None and before.free_mib is not None:
             try:
                 await self._wait_for_memory(job, victim, state, size, pids, before.free_mib, math.inf, by=by)
                 return

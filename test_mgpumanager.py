@@ -15709,6 +15709,39 @@ async def test_an_unload_of_one_that_cannot_hold_its_model_waits_for_no_memory()
     assert ops.calls == [("unload", "t"), ("unload", "x")] and s.stats.admin_unloads == 2
 
 
+@pytest.mark.parametrize("loaded", [False, True], ids=["idle", "loaded-behind-its-back"])
+async def test_an_unload_of_a_measured_consumer_recorded_not_resident_waits_only_for_a_model_it_holds(
+    rig, loaded
+):
+    """api.md, The admin routes' answers: an unload waits for the memory "not at all for one recorded not
+    resident"; operations.md: a reservation's unloading what holds nothing costs nothing. ComfyUI measured
+    by its processes (as consumers.yaml has it), idle: its processes hold the 610 MiB CUDA context that
+    /free never frees, too little for its model, and it is recorded not resident: its unload waits for no
+    memory and it stays not resident. (A docs audit: it waited the whole vram_wait_s for that context,
+    answered loaded null and left it unknown; a reservation lost that time.) One whose processes hold its
+    model though (loaded by someone beside the broker since) is waited for."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        comfy_measured(raw)
+        raw["scheduler"]["vram_wait_s"] = 3
+
+    r = await rig(sims={"comfyui": {**REAL_COMFY, "loaded": False, "release_s": 0.5}}, tweak=tweak)
+    await r.broker.consumers.probe_all()
+    st = await status_until(r, lambda st: st["consumers"]["comfyui"]["vram_used_mib"] == 610)
+    assert st["consumers"]["comfyui"]["loaded"] is False  # recorded not resident (measured)
+    if loaded:
+        async with r.session.post(r.config.consumers["comfyui"].url + "/prompt", json={"prompt": {}}) as resp:
+            assert resp.status == 200  # (beside the broker: its model loads)
+        await until(lambda: r.gpu.used_mib("comfyui") > 610)
+    async with r.session.post(r.url("/v1/consumers/comfyui/unload")) as resp:
+        assert resp.status == 200, await resp.read()
+        assert (await resp.json())["loaded"] is False
+    events = [e["event"] for e in recent_events(r.broker.events) if e.get("consumer") == "comfyui"]
+    assert "memory_not_freed" not in events
+    assert r.broker.consumers.states["comfyui"].resident is False
+    assert r.gpu.used_mib("comfyui") == 610  # (a loaded one's answer came once its model was freed)
+
+
 @pytest.mark.parametrize("known", [True, False], ids=["resident", "unknown"])
 async def test_a_job_right_after_an_admin_unload_finds_its_memory_free_not_refused(rig, known):
     """Decide from facts (an attack on issue 18 found it): ComfyUI's admin unload answers at once and its
