@@ -10260,6 +10260,8 @@ class Broker:
         self.ports = ports
         self.notifier = Notifier()
         self.started = time.monotonic()
+        #: The broker's own address as it started (a reload's new ``listen`` waits for a restart).
+        self.listen = f"{config.listen_host}:{config.listen_port}"
         #: One reader and one scheduler (queue, lock, eviction) per GPU, by nvidia-smi index.
         self.gpus: dict[int, GpuReader] = {}
         self.schedulers: dict[int, Scheduler] = {}
@@ -10436,10 +10438,9 @@ class Broker:
                 changes.append(f"changed {name}")
         removed = set(old.consumers) - set(new.consumers)
         changes += [f"removed {name}" for name in sorted(removed)]
-        if (new.listen_host, new.listen_port) != (old.listen_host, old.listen_port):
-            listen = f"{old.listen_host}:{old.listen_port}"
-            log.warning(logfmt(msg="reload: listen changes only with a restart", listen=listen))
-            changes.append(f"listen {new.listen_host}:{new.listen_port} only after a restart (now {listen})")
+        if (listen := f"{new.listen_host}:{new.listen_port}") != self.listen:
+            log.warning(logfmt(msg="reload: listen changes only with a restart", listen=self.listen))
+            changes.append(f"listen {listen} only after a restart (now {self.listen})")
         for part in ("gpu", "scheduler", "health", "routing", "audio_proxy", "auth", "http", "state_file"):
             if getattr(new, part) != getattr(old, part):
                 changes.append(f"changed {part}")
