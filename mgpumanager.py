@@ -4148,9 +4148,12 @@ class NvmlSource:
     the GPU's own NvmlThread: no process per reading. They are nvidia-smi's: the memory from memory info v2
     (where the reserved memory is neither used nor free, as nvidia-smi shows it since R510), the compute
     processes with each one's memory and its name from ``/proc/<pid>/cmdline``; bytes in MiB, rounded
-    down."""
+    down. The process list is v3's (what the binding's unversioned call asks), else v2's: the same list in
+    the same struct (a driver before R510 has no v3, nor has 535.98); with neither, NVML is unavailable."""
 
     name = "nvml"
+    #: The process lists that the reader can use, newest first.
+    PROCESS_LISTS = ("nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetComputeRunningProcesses_v2")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -4162,6 +4165,9 @@ class NvmlSource:
         self._device: tuple[Any, str, str] | None = None
         #: Memory info v2 (nvidia-smi's figures); False on a driver older than R510 (reserved counts as used).
         self._v2 = True
+        #: The binding's function for the process list, of PROCESS_LISTS the newest the driver has; None
+        #: until NVML first loads (it is asked once: a driver has the function or not for good).
+        self._processes: Callable[[Any], Any] | None = None
         self._closed = False
         #: A reading answered since NVML was (re)loaded: "NVML loaded" is said at the first (not at a load
         #: whose first reading fails, nor missed when a load that hung finished later).
@@ -4211,8 +4217,38 @@ class NvmlSource:
                 )
             elif nvml_failure(e, "") is None:
                 raise
+        if self._processes is None:
+            self._processes = self._process_list(handle)
         self._device = (handle, name, uuid)
         return str(version)
+
+    def _process_list(self, handle: Any) -> Callable[[Any], Any]:
+        """Of PROCESS_LISTS, the newest the driver has (asked once each: one it lacks is "Function Not
+        Found"); NvmlUnavailable with none of them."""
+        nv = self._nvml
+        names = ("NVMLError_FunctionNotFound", "NVMLLibraryMismatchError")
+        missing = tuple(getattr(nv, name) for name in names if hasattr(nv, name))
+        for call in self.PROCESS_LISTS:
+            fn = getattr(nv, call, None)
+            if fn is None:  # (a binding older than it)
+                continue
+            try:
+                fn(handle)
+            except Exception as e:
+                if isinstance(e, missing):
+                    continue
+                if nvml_failure(e, call) is None:
+                    raise
+                # Any other error (the GPU lost meanwhile): the driver has the call; a reading says the rest.
+            if call != self.PROCESS_LISTS[0]:
+                log.warning(
+                    logfmt(
+                        msg="NVML has no v3 process list (a driver before R510, or 535.98): it reads v2",
+                        gpu=self.index,
+                    )
+                )
+            return fn
+        raise NvmlUnavailable(f"NVML has no process list (none of {', '.join(self.PROCESS_LISTS)})")
 
     async def read(
         self,
@@ -4249,7 +4285,7 @@ class NvmlSource:
     ) -> GpuReading:
         if self._device is None:
             self._open()
-        assert self._device is not None
+        assert self._device is not None and self._processes is not None
         self.queries += 1  # (NVML is asked for a reading)
         handle, name, uuid = self._device
         nv = self._nvml
@@ -4260,11 +4296,7 @@ class NvmlSource:
                 "nvmlDeviceGetTemperature", nv.nvmlDeviceGetTemperature, handle, nv.NVML_TEMPERATURE_GPU
             )
             procs = (
-                self._call(
-                    "nvmlDeviceGetComputeRunningProcesses", nv.nvmlDeviceGetComputeRunningProcesses, handle
-                )
-                if whole
-                else []
+                self._call("nvmlDeviceGetComputeRunningProcesses", self._processes, handle) if whole else []
             )
             # (The memory again after the process list: ``bracketed``.)
             after = self._memory(handle) if whole else memory

@@ -47,7 +47,7 @@ import time
 #                 {"pid": 41002, "name": "/usr/games/game", "owner": "game", "used_mib": 8192,
 #                  "gpu_uuid": "GPU-...", "graphics": true, "wants_mib": 12288}],
 #  "faults": {"smi": "hang" | "fail" | "garbage", "smi_delay_s": 0.2,
-#             "nvml": {"call": "nvmlDeviceGetMemoryInfo_v2", "error": 15} | {"hang": true}},
+#             "nvml": {"call": "nvmlDeviceGetMemoryInfo_v2" | [names], "error": 15} | {"hang": true}},
 #  "ooms": [{"owner": "comfyui", "wanted_mib": 13610, "free_mib": 9000}]}
 # memory.used = the GPU's processes' used_mib summed (null: unknown, nvidia-smi's [N/A], counted 0);
 # memory.free = total - reserved - used (at least 0). A "graphics" process (a game) counts in memory.used
@@ -325,7 +325,7 @@ import uuid
 import wave
 import weakref
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
@@ -540,13 +540,13 @@ class SimGPU:
             state["faults"] = faults
 
     def set_nvml_fault(
-        self, call: str | None = None, *, error: int | None = None, hang: bool = False
+        self, call: str | Sequence[str] | None = None, *, error: int | None = None, hang: bool = False
     ) -> None:
-        """Set the NVML stub's fault: NVML function ``call`` (every one when None) returns ``error`` (an
-        nvmlReturn_t), or blocks while ``hang`` is set; neither: no fault."""
+        """Set the NVML stub's fault: NVML function ``call`` (each of them, given several; every one when
+        None) returns ``error`` (an nvmlReturn_t), or blocks while ``hang`` is set; neither: no fault."""
         fault: dict[str, Any] = {}
         if call is not None:
-            fault["call"] = call
+            fault["call"] = call if isinstance(call, str) else list(call)
         if error is not None:
             fault["error"] = error
         if hang:

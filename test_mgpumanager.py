@@ -2867,10 +2867,11 @@ async def test_an_nvml_whole_reading_shows_no_memory_its_process_list_cannot_acc
     nvml.gpu.allocate("comfyui", 13000)
 
     async def changing_during_the_list(mib: int) -> m.GpuReading:
-        nvml.gpu.set_nvml_fault(call, hang=True)
-        asked = len(nvml.calls(call))
         reader = gpu_reader(nvml_config())
         try:
+            await reader.read_memory()  # NVML loaded (its process list asked once) before the list is held
+            nvml.gpu.set_nvml_fault(call, hang=True)
+            asked = len(nvml.calls(call))
             reading = asyncio.ensure_future(reader.read())
             await until(lambda: len(nvml.calls(call)) > asked)  # the memory answered, the list held
             nvml.gpu.allocate("comfyui", mib)
@@ -2902,6 +2903,85 @@ async def test_nvml_memory_info_v1_where_v2_is_missing_counts_the_reserved_memor
         await reader.close()
     assert caplog.text.count("NVML has no memory info v2") == 1
     assert len(nvml.calls("nvmlDeviceGetMemoryInfo")) == 2
+
+
+#: NVML's process lists, newest first: a driver before R510, and 535.98, has no v3 (found by an attack).
+PROCESS_LIST_V3, PROCESS_LIST_V2 = (
+    "nvmlDeviceGetComputeRunningProcesses_v3",
+    "nvmlDeviceGetComputeRunningProcesses_v2",
+)
+NVML_ERROR_FUNCTION_NOT_FOUND = 13
+
+
+async def test_nvml_without_the_v3_process_list_reads_v2_and_gives_nvidia_smis_reading(nvml, caplog):
+    """A driver before R510 (and 535.98) has no nvmlDeviceGetComputeRunningProcesses_v3, which the binding's
+    unversioned call is: auto still reads through NVML, its process list from v2 (said once), and a whole
+    reading is what the nvidia-smi parser makes of the same state. v3 is asked once, when NVML loads."""
+    me = os.getpid()
+    with nvml.gpu.edit() as state:
+        state["processes"] = [
+            {"pid": me, "name": cmdline0(me), "used_mib": 13000, "gpu_uuid": mgpusim.gpu_uuid(0)},
+            {"pid": me, "name": cmdline0(me), "used_mib": None, "gpu_uuid": mgpusim.gpu_uuid(0)},
+        ]
+    nvml.gpu.set_nvml_fault(PROCESS_LIST_V3, error=NVML_ERROR_FUNCTION_NOT_FOUND)
+    smi = gpu_reader(m.GpuConfig(nvidia_smi=sim_smi(nvml.state), reader="nvidia-smi"))
+    nv = gpu_reader(m.GpuConfig(nvidia_smi=sim_smi(nvml.state), reader="auto"))
+    try:
+        for _ in range(2):
+            by_smi, by_nvml = await smi.read(own=True), await nv.read(own=True)
+            assert nv.reader == "nvml" and unstamped(by_nvml) == unstamped(by_smi)
+        assert by_nvml.processes == (
+            m.GpuProcess(me, cmdline0(me), 13000),
+            m.GpuProcess(me, cmdline0(me), None),
+        )
+    finally:
+        await smi.close()
+        await nv.close()
+    assert caplog.text.count("NVML has no v3 process list") == 1
+    # v2: asked when NVML loaded and at each reading, each time for the count, then the list.
+    assert (len(nvml.calls(PROCESS_LIST_V3)), len(nvml.calls(PROCESS_LIST_V2))) == (1, 3 * 2)
+
+
+async def test_nvml_without_the_v3_process_list_still_serves_jobs_that_need_a_whole_reading(rig, nvml):
+    """The attack's case through the broker: gpu.reader auto chose NVML, and every whole reading (the
+    process list, which a measured consumer's job needs) failed as gpu_unavailable for good, though
+    nvidia-smi would have read that GPU."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["gpu"]["reader"] = "auto"
+        comfy_measured(raw)
+
+    r = await rig(tweak=tweak)
+    os.environ["MGPUSIM_STATE"] = str(r.state)  # (monkeypatched by the nvml fixture: restored after)
+    r.gpu.set_nvml_fault(PROCESS_LIST_V3, error=NVML_ERROR_FUNCTION_NOT_FOUND)
+    try:
+        for _ in range(2):
+            status, _, body = await r.post("image", {"prompt": {}})
+            assert status == 200, body
+            await until(lambda: r.broker.scheduler.holder is None)
+        assert (await r.status())["gpu"]["reader"] == "nvml"
+    finally:
+        await r.close()  # (its reader lets NVML go before the fixture checks)
+
+
+async def test_nvml_with_no_v3_nor_v2_process_list_is_unavailable_and_auto_reads_nvidia_smi(nvml, caplog):
+    """A driver with neither process list: NVML does not load for the broker, and says why. auto reads
+    through nvidia-smi; gpu.reader nvml is gpu_unavailable at each reading, naming what is missing."""
+    nvml.gpu.set_nvml_fault([PROCESS_LIST_V3, PROCESS_LIST_V2], error=NVML_ERROR_FUNCTION_NOT_FOUND)
+    strict = gpu_reader(nvml_config())
+    auto = gpu_reader(m.GpuConfig(nvidia_smi=sim_smi(nvml.state), reader="auto"))
+    try:
+        r = await auto.read()
+        assert auto.reader == "nvidia-smi" and r.free_mib == 16384 - 480
+        assert 'msg="gpu reader" gpu=0 reader=nvidia-smi nvml="NVML has no process list' in caplog.text
+        for _ in range(2):
+            with pytest.raises(m.GpuError, match="NVML has no process list"):
+                await strict.read()
+        assert strict.reader == "nvml" and 'msg="gpu reader nvml did not load"' in caplog.text
+        assert strict.shared.internal_errors == auto.shared.internal_errors == 0
+    finally:
+        await strict.close()
+        await auto.close()
 
 
 async def test_nvml_errors_are_gpu_unavailable_and_a_reading_after_them_finds_the_gpu_again(
