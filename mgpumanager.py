@@ -97,6 +97,7 @@ Sections, in dependency order:
 from __future__ import annotations
 
 import argparse
+import email.utils
 import http.client
 import json
 import logging
@@ -206,6 +207,8 @@ CLI_WIDTH = 100
 #: line of the event stream (one event): more is not a broker.
 CLI_ANSWER_LIMIT = 16 * MiB
 CLI_EVENT_LINE_LIMIT = 1 * MiB
+#: A broker whose clock differs from this machine's by more than this: ``ps`` counts "ago" on the broker's.
+CLOCK_SKEW_S = 1.5
 
 
 class CliError(Exception):
@@ -353,6 +356,8 @@ class Client:
     token: str | None = None
     #: --timeout: replaces every verb's own.
     timeout_s: float | None = None
+    #: The Date of the broker's last answer (its clock, to the second).
+    date: str | None = None
 
     def open(
         self, method: str, path: str, body: Any = None, *, timeout_s: float = CLI_TIMEOUT_S
@@ -391,6 +396,7 @@ class Client:
         timeout = self.timeout_s or timeout_s
         deadline = time.monotonic() + timeout
         with self.open(method, path, body, timeout_s=timeout_s) as resp:
+            self.date = resp.headers.get("Date")
             raw = self._read(resp, deadline, timeout, CLI_ANSWER_LIMIT)
         try:
             answer = json.loads(raw, parse_constant=_no_constant)
@@ -723,14 +729,28 @@ def _status(client: Client) -> dict[str, Any]:
     return client.call("GET", "/v1/status", shape=STATUS_SHAPE)
 
 
+def broker_now(date: str | None) -> float:
+    """Now on the broker's clock, from its answer's ``Date`` (to the second), where this machine's differs
+    from it by more than CLOCK_SKEW_S: ``ps --url`` from a desktop whose clock is off shows each "ago" as the
+    broker counts it (the page does the same). Else, or without a Date, this machine's clock."""
+    now = time.time()
+    try:
+        theirs = email.utils.parsedate_to_datetime(date).timestamp() + 0.5 if date else None
+    except (TypeError, ValueError):
+        theirs = None
+    return theirs if theirs is not None and abs(theirs - now) > CLOCK_SKEW_S else now
+
+
 def cli_ps(client: Client, args: argparse.Namespace) -> int:
-    say(*render_ps(_status(client), time.time()))
+    st = _status(client)
+    say(*render_ps(st, broker_now(client.date)))
     return 0
 
 
 def cli_status(client: Client, args: argparse.Namespace) -> int:
     st = _status(client)
-    say(json.dumps(st, indent=2) if args.json else "\n".join(render_status(st, client.url, time.time())))
+    now = broker_now(client.date)
+    say(json.dumps(st, indent=2) if args.json else "\n".join(render_status(st, client.url, now)))
     return 0
 
 

@@ -40,6 +40,7 @@ import copy
 import ctypes
 import dataclasses
 import datetime
+import email.utils
 import errno
 import functools
 import gc
@@ -16431,6 +16432,33 @@ async def verb(capsys: Any, *args: str, env: dict[str, str] | None = None) -> tu
     code = await asyncio.to_thread(run)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@pytest.mark.parametrize("off_s", [-7200, 7200], ids=["desktop-behind", "desktop-ahead"])
+async def test_cli_ps_counts_ago_on_the_brokers_clock_not_the_desktops(capsys, off_s):
+    """operations.md runs the verbs from a desktop (`--url http://mrock:8770`): where its clock differs from
+    the broker's, "last use" was counted on the desktop's (a use 5 s ago shown as "2 h ago", or clamped to
+    "0 s ago"). It is counted on the broker's, from its answer's Date (as the page does). A real server on
+    port 0, its clock `off_s` away from this machine's."""
+    theirs = time.time() - off_s
+    used = (
+        datetime.datetime.fromtimestamp(theirs - 300, datetime.timezone.utc)
+        .isoformat()
+        .replace("+00:00", "Z")
+    )
+
+    async def status(request: web.Request) -> web.Response:
+        body = {"consumers": {"mvoice": {"gpu": 0, "healthy": True, "loaded": True, "last_used": used}}}
+        date = email.utils.formatdate(time.time() - off_s, usegmt=True)
+        return web.json_response(body, headers={"Date": date})
+
+    app = web.Application()
+    app.router.add_get("/v1/status", status)
+    async with TestServer(app, host="127.0.0.1", port=0) as server:
+        rc, out, err = await verb(capsys, "ps", "--url", str(server.make_url("")).rstrip("/"))
+    assert rc == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("mvoice"))
+    assert "5 min ago" in line, line
 
 
 async def test_a_consumers_line_break_cannot_forge_a_line_of_the_command_line_or_the_page(
