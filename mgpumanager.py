@@ -4628,6 +4628,10 @@ class ConsumerState:
         self.resident_at: float | None = None
         #: MiB its processes held at the last reading (None: not measured), and the most ever seen.
         self.used_mib: int | None = None
+        #: Measured by its processes (``processes``) and its last reading showed what they hold: False while
+        #: one of its processes' memory is not shown (``[N/A]``: a GPU under WDDM or WSL2); it is then known
+        #: as an unmeasured one is, by what it says and what the broker did.
+        self.measurable = True
         self.peak_mib: int | None = None
         #: The pids seen holding its memory at the last reading (a change is a restart).
         self.pids: frozenset[int] = frozenset()
@@ -4728,13 +4732,16 @@ class ConsumerState:
         self.trusted = False
         self._touched_at = self.clock()
 
-    def measured(self, mib: int, pids: frozenset[int], resident: bool, started: float) -> None:
-        """A reading (started at ``started``) found its processes holding ``mib`` MiB."""
+    def measured(self, mib: int | None, pids: frozenset[int], resident: bool | None, started: float) -> None:
+        """A reading (started at ``started``) found its processes holding ``mib`` MiB (None: the memory of
+        one of them is not shown), which is ``resident`` (None: the reading cannot tell)."""
         if self.pids and not self.pids <= pids:
             self.touched("its processes changed (restarted?)")
-        self.used_mib, self.pids = mib, pids
-        self.peak_mib = max(self.peak_mib or 0, mib)
-        self._observed(resident, "measured", started)
+        self.used_mib, self.pids, self.measurable = mib, pids, mib is not None
+        if mib is not None:
+            self.peak_mib = max(self.peak_mib or 0, mib)
+        if resident is not None:
+            self._observed(resident, "measured", started)
 
     # ---- health -------------------------------------------------------------------------------------
 
@@ -5217,7 +5224,9 @@ class Consumers:
             # (refused) is not; one that did not answer in time still runs: that tells nothing.
             refused = error is not None and gone_reason(error, refused_only=True) is not None
             loaded = True if ok else (False if refused else None)
-        reported = loaded if isinstance(loaded, bool) and c.processes is None else None
+        reported = (
+            loaded if isinstance(loaded, bool) and (c.processes is None or not state.measurable) else None
+        )
         # A service started by command that accepts no connection is not running: stopped, not failing.
         stopped = (
             c.started_by_command and error is not None and gone_reason(error, refused_only=True) is not None
@@ -5360,10 +5369,13 @@ class GpuProcesses:
         self._owners[reading.index if reading.index is not None else -1] = dict(owners)
         mib_of = {c.name: 0 for c in measured}
         pids_of: dict[str, set[int]] = {c.name: set() for c in measured}
+        unknown: set[str] = set()  # (one of its processes' memory not shown: what it holds is not known)
         matches = {c.name: c.processes for c in measured}
         for p in reading.processes:  # one pass, however long the list
             name = owners.get(p.pid) if p.pid is not None else None
             if name is not None and name in mib_of:
+                if p.used_mib is None:
+                    unknown.add(name)
                 mib_of[name] += p.used_mib or 0
                 if not lingering(matches[name], p.name):  # (its memory, but no live process of its)
                     pids_of[name].add(p.pid)  # type: ignore[arg-type] (not None: it has an owner)
@@ -5386,7 +5398,11 @@ class GpuProcesses:
                 # it was doing (a render a hold waits for) died with the old ones.
                 for listener in self.gone_listeners:
                     listener(c.name, "its processes were replaced (restarted)")
-            state.measured(mib, pids, mib * 2 >= c.vram_resident_mib, reading.started)
+            if c.name in unknown:  # (what is shown may be enough to tell it resident: never that it is not)
+                resident = True if mib * 2 >= c.vram_resident_mib else None
+                state.measured(None, pids, resident, reading.started)
+            else:
+                state.measured(mib, pids, mib * 2 >= c.vram_resident_mib, reading.started)
 
     def owners(self) -> dict[int, str]:
         """pid -> consumer, from the latest readings of every GPU."""
@@ -7387,9 +7403,8 @@ class RoomMaker:
         planned for it (a service started by command that is seen not running is not: it is stopped)."""
         state = self.states[job.consumer]
         stopped = job.target.started_by_command and state.stopped  # (refused: not one that was slow)
-        return (
-            state.resident is not False and not state.trusted and job.target.processes is None and not stopped
-        )
+        measured = job.target.processes is not None and state.measurable
+        return state.resident is not False and not state.trusted and not measured and not stopped
 
     async def _ask(self, job: Job) -> None:
         """Ask a target in doubt: one health probe with its residency report (health's ``loaded``, its
@@ -7542,7 +7557,7 @@ class RoomMaker:
         if not waits:
             return
         c = self.config.consumers.get(victim)
-        measured = c is not None and c.processes is not None
+        measured = c is not None and c.processes is not None and state.measurable
         # One of unknown residency held at most what the reading left unaccounted for, one measured what
         # its processes held: too little for its model (under NOTHING_FREED_SHARE of it, as an eviction
         # judges: an idle ComfyUI's CUDA context, which /free never frees), it held none of it. (One measured
@@ -7617,7 +7632,8 @@ class RoomMaker:
             while True:
                 started = self.clock()
                 c = self.config.consumers.get(victim)
-                measured = c is not None and c.processes is not None  # (then this reading is whole: read)
+                # (Measured, this reading is whole; one whose memory a process did not show: the free alone.)
+                measured = c is not None and c.processes is not None and state.measurable
                 reading = await self.read(job)
                 free = reading.free_mib if reading.free_mib is not None else before
                 released = max(free - before, size - held_mib(reading, victim, pids) if measured else 0)

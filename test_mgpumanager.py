@@ -15790,6 +15790,85 @@ async def test_an_unload_of_one_that_cannot_hold_its_model_waits_for_no_memory()
     assert ops.calls == [("unload", "t"), ("unload", "x")] and s.stats.admin_unloads == 2
 
 
+def memory_unknown(gpu: mgpusim.SimGPU, owner: str) -> None:
+    """From now on nvidia-smi lists ``owner``'s process with its memory unknown (``[N/A]``: what nvidia-smi
+    and NVML show for every process under WDDM, WSL2 included) while the GPU's memory.used still counts
+    what it holds (an unlisted twin of the same owner holds it, released with it)."""
+    allocate = gpu.allocate
+
+    def hide() -> None:
+        with gpu.edit() as state:
+            for p in [p for p in state["processes"] if p.get("owner") == owner and not p.get("graphics")]:
+                state["processes"].append({**p, "pid": p["pid"] + 100000, "graphics": True})
+                p["used_mib"] = None
+
+    def allocating(who: str, mib: int, index: int = 0, **kw: Any) -> None:
+        if who == owner:
+            gpu.release(owner)  # (what it held before is replaced, as allocate does)
+        allocate(who, mib, index, **kw)
+        if who == owner:
+            hide()
+
+    gpu.allocate = allocating  # type: ignore[method-assign]
+    hide()
+
+
+async def test_a_measured_consumer_whose_memory_is_not_shown_is_not_recorded_as_holding_nothing(tmp_path):
+    """Decide from facts: ComfyUI (measured by its processes) holds 13000 MiB; nvidia-smi lists its process
+    with its memory [N/A] (WDDM, WSL2), the GPU's used figure counting it. No fact says it holds less than
+    half its size: it is not recorded not resident, nor as holding 0 MiB. (An attack: it was, from a
+    figure the reading did not have.)"""
+    state = tmp_path / "gpu.json"
+    gpu = mgpusim.SimGPU(state, total_mib=16384, reserved_mib=480)
+    raw = base_raw()
+    raw["gpu"]["nvidia_smi"] = list(sim_smi(state))
+    comfy_measured(raw)
+    shared = m.Shared(m.parse_config(raw))
+    consumers = m.Consumers(shared, session=None)  # type: ignore[arg-type] (no call is made)
+    reader = m.GpuReader(shared)  # wired as the broker wires it
+    reader.attribute = consumers.processes.attribute
+    reader.listeners.append(consumers.processes.measure)
+    comfyui = consumers.states["comfyui"]
+    try:
+        gpu.allocate("comfyui", 13000, process="/opt/ComfyUI/.venv/bin/python3")
+        memory_unknown(gpu, "comfyui")
+        reading = await reader.read(own=True)
+        assert reading.used_mib == 13000 and [p.used_mib for p in reading.processes] == [None]
+        assert reading.owners  # its process is recognised as ComfyUI's
+        assert comfyui.resident is None and comfyui.used_mib is None and not comfyui.measurable
+    finally:
+        await reader.close()
+
+
+async def test_a_resident_measured_consumer_whose_memory_is_not_shown_gets_its_job(rig):
+    """ComfyUI is loaded (13000 MiB) and idle, alone on the GPU; nvidia-smi shows its process's memory as
+    [N/A]. The broker measured it at 0 MiB, planned its whole size again and refused insufficient_vram,
+    every time. Now its residency is unknown, as an unmeasured one's at start: the first job unloads it (a
+    target in doubt that cannot tell may be what fills the GPU: how-it-works.md) and runs; its answer makes
+    it resident, and the next needs no room."""
+    r = await rig(sims={"comfyui": {"loaded": True}}, tweak=comfy_measured)
+    memory_unknown(r.gpu, "comfyui")
+    for _ in range(2):
+        async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+            body = await resp.read()
+            assert resp.status == 200, body
+        await until(lambda: r.broker.scheduler.holder is None)
+    assert r.sims["comfyui"].unloads == 1
+
+
+@no_overfill
+async def test_a_measured_victim_whose_memory_is_not_shown_is_evicted_not_a_refusal(rig):
+    """ComfyUI (measured) holds 13500 MiB, its memory [N/A] in nvidia-smi's list; a tts job for mvoice
+    (2800 + cushion) does not fit beside it. Unloading ComfyUI makes room; the broker had recorded it not
+    resident from a figure it did not have, evicted nothing and refused insufficient_vram."""
+    r = await rig(sims={"comfyui": {"loaded": True, "vram_mib": 13500}}, tweak=comfy_measured)
+    memory_unknown(r.gpu, "comfyui")
+    status, _, body = await r.post("tts", {"text": "hi"})
+    nothing_overfilled(r.gpu)
+    assert status == 200, body
+    assert r.sims["comfyui"].unloads == 1
+
+
 @pytest.mark.parametrize("loaded", [False, True], ids=["idle", "loaded-behind-its-back"])
 async def test_an_unload_of_a_measured_consumer_recorded_not_resident_waits_only_for_a_model_it_holds(
     rig, loaded
