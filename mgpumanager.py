@@ -1740,6 +1740,12 @@ def _parse_query(ck: _Checker, raw: Any, where: str, *, list_only: bool) -> Json
     return JsonQuery(ck.method(d, where, "GET"), ck.path(d, where), items or None, tuple(matches))
 
 
+def _argument(a: Any) -> bool:
+    """Whether ``a`` can be one argument of a command: a non-empty string without a NUL (which no argv can
+    hold: the command would fail at its first run, not at the config's check)."""
+    return isinstance(a, str) and bool(a) and "\0" not in a
+
+
 def _parse_action(ck: _Checker, raw: Any, where: str, *, for_each: bool = False) -> Route | Command | None:
     """``load``/``unload``: an HTTP call ``{method, path, body, timeout_s}`` or ``{command, timeout_s}``;
     an unload's HTTP call may walk a list (``for_each``)."""
@@ -1750,7 +1756,7 @@ def _parse_action(ck: _Checker, raw: Any, where: str, *, for_each: bool = False)
     if both:
         ck.problem(where, f"set command or an HTTP call ({', '.join(both)}), not both")
     argv = d["command"]
-    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) and a for a in argv):
+    if not isinstance(argv, list) or not argv or not all(_argument(a) for a in argv):
         ck.problem(f"{where}.command", f"must be a list of non-empty strings (argv, no shell), not {argv!r}")
         argv = []
     timeout_s = ck.number(d, "timeout_s", where, 60.0, integer=False)
@@ -2546,12 +2552,12 @@ def parse_config(raw: Any) -> Config:
         reader = "auto"
     smi = g.get("nvidia_smi", "nvidia-smi")
     argv: tuple[str, ...] = ()
-    if isinstance(smi, str) and smi.strip():
+    if isinstance(smi, str) and smi.strip() and "\0" not in smi:
         try:
             argv = tuple(shlex.split(smi))
         except ValueError as e:
             ck.problem("gpu.nvidia_smi", f"cannot split {smi!r} like a shell would: {e}")
-    elif isinstance(smi, list) and smi and all(isinstance(a, str) and a for a in smi):
+    elif isinstance(smi, list) and smi and all(_argument(a) for a in smi):
         argv = tuple(smi)
     else:
         ck.problem("gpu.nvidia_smi", f"must be a command (a string or a list of strings), not {smi!r}")

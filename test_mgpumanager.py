@@ -1809,6 +1809,14 @@ def test_a_token_file_is_read_bounded_from_a_regular_file_only(tmp_path, caplog)
         ),
         ("consumers.whisper.unload", {"command": []}, "consumers.whisper.unload.command: must be a list"),
         ("consumers.whisper.load", {"command": ["systemctl", ""]}, "consumers.whisper.load.command: must be"),
+        # (A NUL no argv can hold: it failed at the first job, a ValueError taken for a broker bug.)
+        (
+            "consumers.whisper.load",
+            {"command": ["systemctl", "start", "w\0"]},
+            "whisper.load.command: must be",
+        ),
+        ("gpu.nvidia_smi", ["nvidia-smi", "-i\0"], "gpu.nvidia_smi: must be a command"),
+        ("gpu.nvidia_smi", "nvidia-smi -i\0", "gpu.nvidia_smi: must be a command"),
         ("consumers.whisper.unload", {"command": ["x"], "path": "/u"}, "whisper.unload: set command or an"),
         (
             "consumers.whisper.unload",
