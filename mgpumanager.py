@@ -10547,14 +10547,15 @@ class Broker:
         failed connection) and one more probe, right now, still finds it failing: one that is back is
         served at once, without waiting for the next health round.
 
-        Not for a consumer started by a load command: failing health means it is stopped (by the broker,
-        or before the broker started), and the job starts it.
+        Not for one that is stopped (started by a load command, and not running: stopped by the broker, or
+        before the broker started): the job starts it. One started by command that runs but fails its health
+        (an error status, no answer in time) is down, as any other.
         """
         state = self.consumers.states[name]
-        if state.healthy is not False or self.config.consumers[name].started_by_command:
+        if state.healthy is not False or state.stopped:
             return
         await self.consumers.probe_now(name)
-        if state.healthy is False:
+        if state.healthy is False and not state.stopped:
             message = f"upstream {name} last probe failed: {state.last_error}"
             raise BrokerError(state.last_error_code, message, name)
 

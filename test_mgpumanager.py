@@ -7640,6 +7640,57 @@ async def _stop_service(pidfile: Path) -> None:
     assert await asyncio.wait_for(stop.wait(), 30) == 0
 
 
+async def test_a_command_started_service_that_is_down_is_refused_as_any_consumer_not_started(rig):
+    """docs/how-it-works.md, Health: "A command-started service that answers with an error or times out is
+    down, as any other" (and configuration.md: "... is down, as any consumer"); "a job for an unhealthy
+    consumer probes it once more before refusing it". whisper, loaded and unloaded by command, is running
+    but its health answers 500 (not stopped: it accepts connections). Its job must be refused
+    consumer_unreachable after one more probe; it must not evict comfyui for it, nor run its load command
+    and wait out the load's timeout_s for a health that never comes. (An attack: it did both.)"""
+
+    def tweak(raw):
+        raw["consumers"]["whisper"]["load"] = {"command": ["true"], "timeout_s": 2}
+        raw["consumers"]["whisper"]["unload"] = {"command": ["true"], "timeout_s": 2}
+        raw["routing"]["stt"] = "whisper"
+
+    r = await rig(total_mib=14000, tweak=tweak)
+    assert (await r.post("image", {"prompt": {}}))[0] == 200  # comfyui resident: 13000 of 14000 MiB
+    await until(lambda: r.broker.scheduler.holder is None)
+    r.sims["whisper"].faults["health_status"] = 500
+    await r.broker.consumers.probe("whisper")
+    whisper = r.broker.consumers.states["whisper"]
+    assert whisper.healthy is False and not whisper.stopped  # down, not stopped
+    status, headers, body = await r.post("stt", None, data=b"audio")
+    data = error_of(status, headers, body, "consumer_unreachable")
+    assert "health answered 500" in data["message"]
+    assert r.sims["comfyui"].unloads == 0  # nothing evicted for a consumer that is down
+
+
+async def test_a_down_command_started_service_of_unknown_residency_is_refused_not_started(rig):
+    """The same, its residency unknown (its unload command failed): the job evicts comfyui, runs the load
+    command of a service that runs, waits out the load's timeout_s for its health, and ends load_failed,
+    where any other consumer that is down is refused consumer_unreachable at once."""
+
+    def tweak(raw):
+        raw["consumers"]["whisper"]["load"] = {"command": ["true"], "timeout_s": 2}
+        raw["consumers"]["whisper"]["unload"] = {"command": ["false"], "timeout_s": 2}
+        raw["routing"]["stt"] = "whisper"
+
+    r = await rig(total_mib=14000, tweak=tweak)
+    async with r.session.post(r.url("/v1/consumers/whisper/unload")) as resp:
+        assert resp.status == 502  # unload_failed: whisper's residency is unknown now
+    assert (await r.post("image", {"prompt": {}}))[0] == 200  # comfyui resident: 13000 of 14000 MiB
+    await until(lambda: r.broker.scheduler.holder is None)
+    r.sims["whisper"].faults["health_status"] = 500
+    await r.broker.consumers.probe("whisper")
+    whisper = r.broker.consumers.states["whisper"]
+    assert whisper.healthy is False and not whisper.stopped and whisper.resident is None
+    status, headers, body = await r.post("stt", None, data=b"audio")
+    data = error_of(status, headers, body, "consumer_unreachable")
+    assert "health answered 500" in data["message"]
+    assert r.sims["comfyui"].unloads == 0
+
+
 @no_overfill
 async def test_a_command_started_service_that_timed_out_still_holds_its_memory_and_is_stopped_for_room(
     rig, tmp_path
