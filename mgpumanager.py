@@ -9808,6 +9808,28 @@ async def open_websocket(
 WebSocketSide = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
+class ClientWebSocket(web.WebSocketResponse):
+    """The client's side of a proxied WebSocket, whose close (aiohttp's own too, when it refuses a message)
+    ends within 2 x WEBSOCKET_CLOSE_S: a client that reads nothing would hold it for ever in the drain of
+    the close frame (its heartbeat stops as closing begins), and the relay and its max_websockets slot with
+    it. It is then cut off."""
+
+    def __init__(self, request: web.Request, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.client_request = request
+
+    async def close(
+        self, *, code: int = aiohttp.WSCloseCode.OK, message: bytes = b"", drain: bool = True
+    ) -> bool:
+        try:
+            async with asyncio.timeout(2 * WEBSOCKET_CLOSE_S):
+                return await super().close(code=code, message=message, drain=drain)
+        except TimeoutError:
+            if (transport := self.client_request.transport) is not None:
+                transport.abort()
+            return True
+
+
 class WebSocketRefused(BrokerError):
     """One side sent what the broker does not relay: a message larger than max_ws_message_mib (1009,
     payload_too_large), or a frame that breaks the protocol (1002, bad_request: a compressed one, say, which
@@ -12010,7 +12032,8 @@ async def _proxy_websocket(
             broker.consumers.job_failed(consumer.name, e.__cause__, reason, called=consumer)
         raise
     try:
-        client = web.WebSocketResponse(
+        client = ClientWebSocket(
+            request,
             protocols=[upstream.protocol] if upstream.protocol else (),
             max_msg_size=max_size,
             heartbeat=WEBSOCKET_HEARTBEAT_S,

@@ -18953,6 +18953,63 @@ async def test_websocket_messages_are_bounded_either_way_and_compression_refused
     assert 'msg="websocket message refused" consumer=comfyui sender=client code=1002' in daemon.log
 
 
+@pytest.mark.parametrize("fault", ["too_big", "compressed"])
+async def test_a_websocket_refused_while_its_client_reads_nothing_is_cut_off_not_held(rig, fault):
+    """docs/api.md, WebSockets: "Closing waits 2 s at most for the other end's close frame: an end still
+    sending the refused message cannot answer, and is cut off then." A client that sends a message larger
+    than max_ws_message_mib (1009), or a compressed frame (1002), while it reads nothing of what the
+    consumer sends it (its window full): the relay ends and the max_websockets slot comes back within
+    seconds. (An attack: aiohttp's own close, from its receive, waited in the drain of its close frame for
+    ever, the heartbeat stopped by that close.)"""
+    sent: list[int] = []
+
+    async def previews(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        with contextlib.suppress(Exception):
+            for i in range(256):  # previews, 64 KiB each, until the broker takes no more
+                await asyncio.wait_for(ws.send_bytes(b"p" * 65536), 2)
+                sent.append(i)
+        with contextlib.suppress(Exception):
+            async for _ in ws:
+                pass
+        return ws
+
+    def small(raw: dict[str, Any]) -> None:
+        raw["scheduler"]["max_ws_message_mib"] = 1
+
+    async with StandIn([("GET", "/system_stats", _ok), ("GET", "/ws", previews)]) as comfy:
+        r = await rig(urls={"comfyui": comfy.url}, tweak=small)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that reads nothing
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (r.server.host, r.server.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            key = base64.b64encode(os.urandom(16)).decode()
+            writer.write(
+                f"GET /c/comfyui/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 101"), head
+            writer.transport.pause_reading()  # ... and from now on it reads nothing
+            await until(lambda: len(r.app[m.WEBSOCKETS]) == 1)
+            await until(lambda: len(sent) > 2, timeout=10)
+            await asyncio.sleep(2)  # the consumer's previews fill every buffer on the way
+            assert len(sent) < 256
+            if fault == "too_big":  # the head of a 2 MiB message, then the client goes on sending it
+                writer.write(bytes([0x82, 0x80 | 127]) + (2 * m.MiB).to_bytes(8, "big") + os.urandom(4))
+            else:
+                writer.write(ws_frame(b"x" * 16, rsv1=True))
+            await writer.drain()
+            await until(lambda: not r.app[m.WEBSOCKETS], timeout=15)  # (4 s at most: 2 x WEBSOCKET_CLOSE_S)
+            assert r.broker.websockets.get("comfyui", 0) == 0
+        finally:
+            writer.transport.abort()
+
+
 async def whole_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     """One HTTP answer from a raw connection: its status and its body (by its Content-Length)."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
