@@ -9533,6 +9533,35 @@ def hold_after_rest(
     return read_rest_then_poll
 
 
+def hold_after_answer(
+    session: aiohttp.ClientSession,
+    consumer: ConsumerConfig,
+    hold: Hold,
+    opening: asyncio.Future[aiohttp.ClientResponse],
+    recorder: Recorder,
+) -> Callable[[], Awaitable[None]]:
+    """The hold of a job on a hold path whose client left before the answer began: the consumer may have
+    taken the work all the same (ComfyUI queues a prompt whatever becomes of its client, and renders it), so
+    the GPU stays held while the answer comes (``opening``, within the consumer's timeout_s) and, a 2xx
+    one, as ``hold_after_rest``. Another answer, or none, holds nothing more."""
+
+    async def answer_then_hold() -> None:
+        try:
+            upstream = await opening  # (the hold cut, by its timeout or the shutdown: the request with it)
+        except BrokerError as e:
+            log.info(logfmt(msg="no hold: no answer", consumer=consumer.name, error=e.message))
+            return
+        if not 200 <= upstream.status < 300:
+            close_upstream(upstream)
+            log.info(
+                logfmt(msg="no hold: the answer was not 2xx", consumer=consumer.name, http=upstream.status)
+            )
+            return
+        await hold_after_rest(session, consumer, hold, upstream, bytearray(), recorder)()
+
+    return answer_then_hold
+
+
 def close_upstream(upstream: aiohttp.ClientResponse) -> None:
     """Give the upstream connection back to the pool when its answer was read whole, else drop it."""
     if upstream.content.at_eof():
@@ -9604,15 +9633,29 @@ async def forward_job(
     consumer = job.target
     query = request.raw_path.partition("?")[2]  # kept as the client encoded it, after the entry's own
     target = path.path + (("&" if "?" in path.path else "?") + query if query else "")
-    upstream = await open_answer(broker, consumer, path.method, target, headers, body)
+    assert job.scheduler is not None
+    recorder = job.scheduler.recorder
+    if path.hold_until is None:
+        upstream = await open_answer(broker, consumer, path.method, target, headers, body)
+    else:
+        # (A client that leaves before the answer begins leaves its hold to wait for it: hold_after_answer.)
+        opening = asyncio.ensure_future(open_answer(broker, consumer, path.method, target, headers, body))
+        opening.add_done_callback(error_read)
+        try:
+            upstream = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            if job.state == "running":
+                rest = hold_after_answer(broker.session, consumer, path.hold_until, opening, recorder)
+                job.release("cancelled", hold=rest, hold_timeout_s=path.hold_until.timeout_s)
+            else:
+                opening.cancel()
+            raise
     job.http = upstream.status
     took = 200 <= upstream.status < 300
     hold = path.hold_until if took else None
     if path.hold_until is not None and not took:
         log.info(logfmt(msg="no hold: the answer was not 2xx", consumer=consumer.name, http=upstream.status))
     captured = bytearray()  # (a 2xx answer's, for its hold's placeholders)
-    assert job.scheduler is not None
-    recorder = job.scheduler.recorder
 
     def whole() -> bool:
         poll = hold_poller(broker.session, consumer, hold, bytes(captured), recorder) if hold else None

@@ -11469,6 +11469,53 @@ async def test_a_client_leaving_mid_answer_still_starts_the_hold(rig):
         assert r.broker.consumers.states["comfyui"].resident is True
 
 
+@pytest.mark.parametrize("answer", [200, 500])
+async def test_a_client_leaving_a_hold_path_before_its_answer_began_leaves_the_hold_to_wait_for_it(
+    rig, answer
+):
+    """how-it-works.md: the hold belongs to the broker, not to the client's request. ComfyUI's /prompt
+    validates the workflow (seconds, for a large one), queues it, then answers; its aiohttp server does not
+    cancel a handler whose client left. A client that leaves during the validation: the prompt renders all
+    the same, and the GPU stays held for it until its history fills (an attack: the job ended with its
+    client, the lock went free while the render ran). An answer that is not 2xx holds nothing more."""
+    rendered, queued = asyncio.Event(), asyncio.Event()
+    work: dict[str, asyncio.Future[None]] = {}
+
+    async def validate_and_queue() -> None:
+        await asyncio.sleep(1)  # validating
+        queued.set()  # queued: it renders, whoever still listens
+
+    async def prompt(request: web.Request) -> web.Response:
+        await request.read()
+        # (ComfyUI's server runs with aiohttp's default: a handler goes on when its client left. The test
+        # server cancels it, so the work is shielded as ComfyUI's is.)
+        await asyncio.shield(work.setdefault("task", asyncio.ensure_future(validate_and_queue())))
+        if answer != 200:
+            return web.json_response({"error": "invalid prompt"}, status=answer)
+        return web.json_response({"prompt_id": "p1", "number": 0})
+
+    async def history(request: web.Request) -> web.Response:
+        return web.json_response({"p1": {}} if rendered.is_set() else {})
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        task = asyncio.ensure_future(r.post("image", {"prompt": {}}))
+        await until(lambda: r.broker.scheduler.holder == "comfyui")
+        await asyncio.sleep(0.3)
+        task.cancel()  # the client leaves before the answer's head
+        await until(lambda: r.stats.cancelled == 1)
+        assert r.broker.scheduler.holder == "comfyui"  # the answer is awaited, the GPU held meanwhile
+        await asyncio.wait_for(queued.wait(), 10)
+        if answer != 200:
+            await until(lambda: r.broker.scheduler.holder is None)  # no 2xx: nothing more is held
+            return
+        await asyncio.sleep(0.5)
+        assert r.broker.scheduler.holder == "comfyui"  # the render runs: the GPU is comfyui's
+        rendered.set()
+        await until(lambda: r.broker.scheduler.holder is None)
+
+
 def _padded_prompt_answer(size: int) -> list[bytes]:
     """A ComfyUI /prompt answer that names its prompt p1 and is padded to ``size`` bytes, in 64 KiB writes but
     a last short one: a capture that skipped a write it had no room for, then kept a later one, would still
