@@ -1111,6 +1111,8 @@ HOLD_ANSWER_LIMIT = 1 * MiB
 #: After the drain (scheduler.shutdown_timeout_s), how long aiohttp lets other answers (audio, event
 #: streams) finish; it applies it twice. The unit's TimeoutStopSec covers the drain plus twice this.
 SHUTDOWN_GRACE_S = 5.0
+#: The shipped unit's TimeoutStopSec: systemd kills the broker after it, whatever its drain still does.
+UNIT_STOP_S = 60.0
 #: At shutdown, the broker's background tasks are cancelled again every CANCEL_AGAIN_S while one goes on
 #: (a swallowed cancellation), CANCEL_ROUNDS times at most.
 CANCEL_AGAIN_S = 0.5
@@ -2927,6 +2929,13 @@ def summary(config: Config) -> str:
     ]
     if ports:
         lines += ["", "consumer ports:", *ports]
+    stop = config.scheduler.shutdown_timeout_s + 2 * SHUTDOWN_GRACE_S + STATE_IO_TIMEOUT_S
+    if stop > UNIT_STOP_S:  # (the drain, the other answers' two graces, the state file's last write)
+        lines += [
+            "",
+            f"note: a stop may take {stop:g} s, more than the unit's TimeoutStopSec={UNIT_STOP_S:g},"
+            " after which systemd kills the broker: raise it (systemctl edit mgpumanager)",
+        ]
     y = config.gpu.yield_
     if y is not None:
         lines += [

@@ -15322,6 +15322,18 @@ def test_the_unit_runs_the_byte_compiled_file_through_the_launcher(tmp_path):
     assert by_path.returncode == 1 and "SyntaxError" in by_path.stderr  # (the source really is unrunnable)
 
 
+def test_check_says_when_a_stop_may_outlast_the_units_timeout_stop_sec():
+    """operations.md, Stopping: all under the unit's TimeoutStopSec=60. A shutdown_timeout_s of 300 passed
+    --check silently, and systemd killed the broker in its drain, before the state file's last write (an
+    attack on the deploy path). --check says so; the default does not."""
+    unit = (HERE / "mgpumanager.service").read_text().splitlines()
+    assert f"TimeoutStopSec={m.UNIT_STOP_S:g}" in unit
+    raw = base_raw()
+    assert "TimeoutStopSec" not in m.summary(m.parse_config(raw))
+    raw["scheduler"]["shutdown_timeout_s"] = 300
+    assert "a stop may take 315 s, more than the unit's TimeoutStopSec=60" in m.summary(m.parse_config(raw))
+
+
 async def test_systemd_notify_ready_status_reload_watchdog_stopping_in_order(rig, tmp_path):
     r = await rig(sims={"mvoice": {"loaded": True, "work_s": 0.2}})
     notify = NotifySocket(tmp_path / "notify.sock")
