@@ -4,14 +4,17 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 HOST   ?= mrock
+# The server's Python, as the launcher, the config check and the byte-compile there run it.
+HOST_PYTHON ?= /usr/bin/python3
 # The staging folder on HOST (the tests point it elsewhere).
 STAGE  ?= /tmp/mgpumanager-deploy
 CONFIG ?= consumers.yaml
 
 .PHONY: demo test test-debian test-real lint fuzz bench run check deploy clean
 
+# (A venv that venv left half made, without pip: Debian without python3-venv, is made anew.)
 $(STAMP): requirements.txt requirements-dev.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	touch $@
 
@@ -20,7 +23,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 DEBIAN_PYTHON ?= python3.13
 DEBIAN_VENV   := .venv-debian13
 $(DEBIAN_VENV)/.installed: requirements-debian13.txt requirements-dev.txt
-	test -x $(DEBIAN_VENV)/bin/python || $(DEBIAN_PYTHON) -m venv $(DEBIAN_VENV)
+	$(DEBIAN_VENV)/bin/python -m pip --version >/dev/null 2>&1 \
+	  || { rm -rf $(DEBIAN_VENV) && $(DEBIAN_PYTHON) -m venv $(DEBIAN_VENV); }
 	$(DEBIAN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
 	  -r requirements-debian13.txt -r requirements-dev.txt
 	touch $@
@@ -64,12 +68,13 @@ check: $(STAMP)
 
 # The launcher on the server (/usr/local/bin/mgpumanager), for the command line and the unit alike: it runs
 # the daemon's file as make deploy byte-compiled it. A script given by its path is compiled anew at every
-# run: a verb starts twice as slowly, and the broker stays some 24 MiB larger for the rest of its life.
+# run: a verb starts twice as slowly, and the broker stays some 24 MiB larger for the rest of its life. (-P:
+# no module is taken from the directory it is run in, as root under sudo too.)
 define CLI_LAUNCHER
 #!/bin/sh
 # mgpumanager: the broker (the unit's ExecStart) and its command line, written by make deploy
 # (docs/operations.md, "Deploying" and "The command line").
-exec /usr/bin/python3 -c 'import runpy, sys; sys.path.insert(0, "/opt/mgpumanager"); runpy.run_module("mgpumanager", run_name="__main__")' "$$@"
+exec $(HOST_PYTHON) -P -c 'import runpy, sys; sys.path.insert(0, "/opt/mgpumanager"); runpy.run_module("mgpumanager", run_name="__main__")' "$$@"
 endef
 export CLI_LAUNCHER
 
@@ -78,18 +83,19 @@ export CLI_LAUNCHER
 # the config there, as that user (so a token file it cannot read is refused before anything is installed),
 # before restarting; then waits for /healthz at the config's own listen address, as --check printed it
 # (docs/operations.md, "Deploying").
+# ssh -t: sudo on HOST may ask for its password.
 deploy:
 	ssh $(HOST) 'rm -rf $(STAGE) && mkdir -p -m 0700 $(STAGE)'
 	scp -r mgpumanager.py mgpumanager.service README.md docs $(HOST):$(STAGE)/
 	scp $(CONFIG) $(HOST):$(STAGE)/consumers.yaml
 	printf '%s\n' "$$CLI_LAUNCHER" | ssh $(HOST) 'cat > $(STAGE)/mgpumanager-cli'
-	ssh $(HOST) 'cd $(STAGE) \
+	ssh -t $(HOST) 'cd $(STAGE) \
 	  && { id -u mgpumanager >/dev/null 2>&1 || sudo useradd --system --no-create-home \
 	       --home-dir /nonexistent --shell /usr/sbin/nologin mgpumanager; } \
 	  && sudo chgrp -R mgpumanager . && chmod -R g+rX,o-rwx . \
-	  && sudo -u mgpumanager python3 mgpumanager.py --check --config consumers.yaml > check.out \
+	  && sudo -u mgpumanager $(HOST_PYTHON) mgpumanager.py --check --config consumers.yaml > check.out \
 	  && sudo install -D -m 0644 mgpumanager.py /opt/mgpumanager/mgpumanager.py \
-	  && sudo /usr/bin/python3 -m py_compile /opt/mgpumanager/mgpumanager.py \
+	  && sudo $(HOST_PYTHON) -m py_compile /opt/mgpumanager/mgpumanager.py \
 	  && sudo install -m 0755 mgpumanager-cli /usr/local/bin/mgpumanager \
 	  && sudo install -D -m 0644 README.md /opt/mgpumanager/README.md \
 	  && sudo rm -rf /opt/mgpumanager/docs && sudo install -d -m 0755 /opt/mgpumanager/docs \
@@ -98,7 +104,7 @@ deploy:
 	  && sudo install -D -m 0644 mgpumanager.service /etc/systemd/system/mgpumanager.service \
 	  && sudo systemctl daemon-reload && sudo systemctl enable --quiet mgpumanager \
 	  && sudo systemctl restart mgpumanager'
-	ssh $(HOST) 'listen=$$(sed -n "s/^listen //p" $(STAGE)/check.out); host=$${listen%:*}; port=$${listen##*:}; \
+	ssh -t $(HOST) 'listen=$$(sed -n "s/^listen //p" $(STAGE)/check.out); host=$${listen%:*}; port=$${listen##*:}; \
 	  case $$host in 0.0.0.0) host=127.0.0.1;; ::) host="[::1]";; *:*) host="[$$host]";; esac; \
 	  for i in 1 2 3 4 5 6 7 8 9 10; do curl -fsS "http://$$host:$$port/healthz" && exit 0; sleep 1; done; \
 	  sudo journalctl -u mgpumanager -n 30 --no-pager; exit 1'

@@ -15301,7 +15301,7 @@ def test_the_unit_runs_the_byte_compiled_file_through_the_launcher(tmp_path):
     os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
     script = tmp_path / "mgpumanager"
     script.write_text(
-        launcher.replace("/opt/mgpumanager", str(opt)).replace("/usr/bin/python3", sys.executable)
+        launcher.replace("/opt/mgpumanager", str(opt)).replace("$(HOST_PYTHON)", sys.executable)
     )
     script.chmod(0o755)
     res = subprocess.run(
@@ -15332,6 +15332,28 @@ def test_check_says_when_a_stop_may_outlast_the_units_timeout_stop_sec():
     assert "TimeoutStopSec" not in m.summary(m.parse_config(raw))
     raw["scheduler"]["shutdown_timeout_s"] = 300
     assert "a stop may take 315 s, more than the unit's TimeoutStopSec=60" in m.summary(m.parse_config(raw))
+
+
+def test_the_launcher_takes_no_module_from_the_directory_it_is_run_in(tmp_path):
+    """operations.md: the launcher puts /opt/mgpumanager first, "so a mgpumanager.py in the current
+    directory is never taken for it". Nor is any other module: `python3 -c` put the directory it is run in
+    first on the path, so a json.py there ran, as root under `sudo mgpumanager ps` (an attack on the deploy
+    path). The launcher runs Python with -P."""
+    makefile = (HERE / "Makefile").read_text()
+    launcher = makefile.split("define CLI_LAUNCHER\n", 1)[1].split("endef\n", 1)[0].replace("$$", "$")
+    script = tmp_path / "mgpumanager"
+    script.write_text(launcher.replace("/opt/mgpumanager", str(HERE)).replace("$(HOST_PYTHON)", PY))
+    script.chmod(0o755)
+    cwd = tmp_path / "somewhere"
+    cwd.mkdir()
+    (cwd / "json.py").write_text("print('TAKEN FROM THE CURRENT DIRECTORY')\nraise SystemExit(9)\n")
+    with closed_port() as closed:
+        url = f"127.0.0.1:{closed.getsockname()[1]}"
+        res = subprocess.run(
+            [str(script), "--url", url, "ps"], capture_output=True, text=True, timeout=60, cwd=cwd
+        )
+    assert "TAKEN FROM THE CURRENT DIRECTORY" not in res.stdout, (res.returncode, res.stdout)
+    assert res.returncode == 1 and "cannot reach the broker" in res.stderr, res.stderr
 
 
 async def test_systemd_notify_ready_status_reload_watchdog_stopping_in_order(rig, tmp_path):
@@ -20122,7 +20144,7 @@ def test_the_readme_is_a_front_door_that_links_every_file_of_the_manual():
 DEPLOY_SHIMS = {
     # ssh HOST CMD: runs CMD here; scp: copies, HOST: dropped; sudo: -u USER runs the rest (the config check),
     # anything else is only written down; curl: writes down its URL and answers as /healthz does.
-    "ssh": 'shift; echo "ssh $*" >> "$LOG"; exec bash -c "$*"',
+    "ssh": 'while [ "${1#-}" != "$1" ]; do shift; done; shift; echo "ssh $*" >> "$LOG"; exec bash -c "$*"',
     "scp": 'args=(); for a; do args+=("${a#*:}"); done; exec cp "${args[@]}"',
     "sudo": 'echo "sudo $*" >> "$LOG"; if [ "$1" = -u ]; then shift 2; exec "$@"; fi',
     "id": "exit 0",
@@ -20153,7 +20175,7 @@ def test_make_deploy_checks_on_the_host_before_installing_and_waits_for_the_conf
     log, stage = tmp_path / "host.log", tmp_path / "stage"
     env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "LOG": str(log)}
     res = subprocess.run(
-        ["make", "-s", "deploy", "HOST=mrock", f"STAGE={stage}", f"CONFIG={config}"],
+        ["make", "-s", "deploy", "HOST=mrock", f"STAGE={stage}", f"CONFIG={config}", "HOST_PYTHON=python3"],
         cwd=HERE,
         env=env,
         capture_output=True,
