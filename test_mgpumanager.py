@@ -19080,11 +19080,13 @@ async def test_a_websocket_refused_while_its_client_reads_nothing_is_cut_off_not
             await until(lambda: len(sent) > 2, timeout=10)
             await asyncio.sleep(2)  # the consumer's previews fill every buffer on the way
             assert len(sent) < 256
-            if fault == "too_big":  # the head of a 2 MiB message, then the client goes on sending it
-                writer.write(bytes([0x82, 0x80 | 127]) + (2 * m.MiB).to_bytes(8, "big") + os.urandom(4))
+            if fault == "too_big":  # a 2 MiB message (aiohttp 3.11 refuses it once it came whole)
+                head = bytes([0x82, 0x80 | 127]) + (2 * m.MiB).to_bytes(8, "big") + os.urandom(4)
+                writer.write(head + os.urandom(2 * m.MiB))
             else:
                 writer.write(ws_frame(b"x" * 16, rsv1=True))
-            await writer.drain()
+            with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+                await asyncio.wait_for(writer.drain(), 15)
             await until(lambda: not r.app[m.WEBSOCKETS], timeout=15)  # (4 s at most: 2 x WEBSOCKET_CLOSE_S)
             assert r.broker.websockets.get("comfyui", 0) == 0
         finally:
