@@ -12725,16 +12725,25 @@ function yesno(v, yes, no) {
   return v ? '<span class="ok">' + yes + "</span>" : '<span class="bad">' + no + "</span>";
 }
 async function get(path) {
+  const sent = token;
   const resp = await fetch(path, {headers: auth(), cache: "no-store"});
-  if (resp.status === 401) { askToken(); throw new Error("unauthorized"); }
+  if (resp.status === 401) {
+    // One prompt for all: a request sent before the token was given tries that token, never asks again.
+    if (token === sent) askToken();
+    if (token !== sent) return get(path);  // (a token given meanwhile, or now: tried)
+    throw new Error("unauthorized");
+  }
   // The broker's Date (to the second) against this device's clock: only a real difference counts.
   const date = Date.parse(resp.headers.get("Date") || "");
   if (Number.isFinite(date)) { const d = date + 500 - Date.now(); skew = Math.abs(d) > 1500 ? d : 0; }
   return resp;
 }
+let declined = false;
 function askToken() {
+  if (declined) return;  // cancelled: asked again on the next load of the page, not every second
   const given = prompt("This broker needs its bearer token (auth.token):");
   if (given) { token = given.trim(); sessionStorage.setItem("mgpumanager-token", token); }
+  else declined = true;
 }
 const isNum = (v) => typeof v === "number";
 const colorOf = (st, name) => {
@@ -12762,6 +12771,7 @@ function memoryParts(st, gpu) {
     const s = gpu.strangers, present = !!(s && s.present);
     const procs = !s ? [] : s.processes.map((p) => "pid " + p.pid + " " + oneLine(p.name) + " " + p.used_mib +
       " MiB");
+    if (s && s.more_processes > 0) procs.push("and " + s.more_processes + " more");
     parts.push({label: present ? "stranger" : "unclaimed", mib: unclaimed, color: "var(--stranger)",
                 stranger: present, title: procs.length ? procs.join(", ") : "no process listed"});
   }
@@ -12907,7 +12917,7 @@ function buildTimeline(evs, st) {
       continue;
     }
     if (name === "evicting" || name === "unloading") {
-      const gpu = gpuOf(ev.consumer);
+      const gpu = isNum(ev.gpu) ? ev.gpu : gpuOf(ev.consumer);
       for (const op of unfinished) {  // the job moved on to another victim: the last one's unload failed
         if (op.type === "unload" && op.gpu === gpu && op.job === ev.job) close(op, t, false);
       }
@@ -12917,7 +12927,8 @@ function buildTimeline(evs, st) {
       const op = open[ev.consumer];
       if (op && op.type === "unload") { op.freeMib = ev.free_mib; close(op, t, true); }
     } else if (name === "loading") {
-      const gpu = gpuOf(ev.consumer);  // the job holding the lock for it: its failure ends the load
+      // (The job holding the lock for it: its failure ends the load.)
+      const gpu = isNum(ev.gpu) ? ev.gpu : gpuOf(ev.consumer);
       start({type: "load", consumer: ev.consumer, gpu, job: running[gpu + ":" + ev.consumer], from: t});
     } else if (name === "loaded") {
       const op = open[ev.consumer];
@@ -12934,7 +12945,10 @@ function buildTimeline(evs, st) {
     } else if (name === "stranger") {  // memory no consumer claims, beyond gpu.yield.ignore_mib
       const gpu = isNum(ev.gpu) ? ev.gpu : defaultGpu;
       for (const x of strangers) if (x.gpu === gpu && x.to === undefined) x.to = t;
-      if (ev.present) strangers.push({gpu, from: t, mib: ev.unclaimed_mib, processes: ev.processes || []});
+      if (ev.present) {
+        strangers.push({gpu, from: t, mib: ev.unclaimed_mib, processes: ev.processes || [],
+                        more: ev.more_processes || 0});
+      }
     }
   }
   // A hold has no event at its start: the status says which holder holds, and the latest answers are it.
@@ -12993,6 +13007,7 @@ function oneLine(text) {
 }
 function strangerTip(x, several) {
   const procs = x.processes.map((p) => "pid " + p.pid + " " + oneLine(p.name) + " " + p.used_mib + " MiB");
+  if (x.more > 0) procs.push("and " + x.more + " more");
   return "stranger" + (several ? " on GPU " + x.gpu : "") + ": " + x.mib + " MiB no consumer claims" +
     "\\n" + (procs.length ? procs.join("\\n") : "no process listed (a graphics process: a game?)") +
     "\\nfrom " + clock(x.from) + (x.to === undefined ? ", still there" : " to " + clock(x.to));
@@ -13149,7 +13164,9 @@ function soon() {
 function logEvent(ev) {
   const fields = Object.entries(ev).filter(([k, v]) => k !== "event" && k !== "ts" && v !== null)
     .map(([k, v]) => k + "=" + (typeof v === "object" || /[\\s"=\\\\]/.test(v) ? JSON.stringify(v) : v));
-  logLines.push(ev.ts.slice(11, 23) + " " + ev.event + " " + fields.join(" "));
+  const t = Date.parse(ev.ts);  // the viewer's local time, as the timeline and `events` show it
+  const when = Number.isFinite(t) ? clock(t) + "." + ev.ts.slice(20, 23) : "?";
+  logLines.push(when + " " + ev.event + " " + fields.join(" "));
   if (logLines.length > 400) logLines = logLines.slice(-200);
 }
 function renderLog() { $("log").textContent = logLines.slice(-200).reverse().join("\\n"); }

@@ -17436,6 +17436,124 @@ async def point_at(browser: Browser, selector: str, *, tap: bool = False) -> str
     )
 
 
+async def test_dashboard_asks_for_the_token_once(rig, tmp_path):
+    """docs/security.md: "The dashboard page loads without the token and asks for it once, keeping it in the
+    tab" (operations.md: "asks for it once"). Its first status read and its event stream each got a 401 and
+    each asked: the person typed the token twice (an attack in a browser; and, cancelled, it asked every
+    second)."""
+    r = await rig(tweak=with_token)
+    async with Browser(tmp_path) as browser:
+        # The person answers every prompt with the right token; the page counts how often it asked.
+        await browser.call("Page.enable")
+        await browser.call(
+            "Page.addScriptToEvaluateOnNewDocument",
+            source="window.asked = 0;"
+            f" window.prompt = () => {{ window.asked += 1; return {json.dumps(TOKEN)}; }};",
+        )
+        await browser.call("Page.navigate", url=r.url("/"))
+        await browser.wait_for("document.querySelectorAll('#consumers tr').length === 4", timeout=30)
+        await browser.wait_for("document.getElementById('log').textContent !== ''", timeout=30)
+        await asyncio.sleep(3)  # a few more status reads and the stream well under way
+        assert await browser.evaluate("window.asked") == 1
+
+
+async def test_dashboard_asks_no_more_once_the_token_prompt_was_cancelled(rig, tmp_path):
+    """The same promise: a person who cancels the prompt is not asked again every second (it asked 11 times
+    in 10 s); the page says it is not authorized, and reloading it asks again."""
+    r = await rig(tweak=with_token)
+    async with Browser(tmp_path) as browser:
+        await browser.call("Page.enable")
+        await browser.call(
+            "Page.addScriptToEvaluateOnNewDocument",
+            source="window.asked = 0; window.prompt = () => { window.asked += 1; return null; };",
+        )
+        await browser.call("Page.navigate", url=r.url("/"))
+        await browser.wait_for("window.asked === 1", timeout=30)
+        await asyncio.sleep(4)  # two status reads and four stream tries later
+        assert await browser.evaluate("window.asked") == 1
+
+
+async def test_dashboard_events_panel_shows_the_viewers_local_time_as_the_timeline_does(rig, tmp_path):
+    """operations.md (the timeline): "Times are the viewer's local time"; security.md: the Events panel
+    writes values "as `events` does", and `events` prints local time. The panel printed the event's UTC
+    time (ts.slice(11, 23)): in Tokyo the panel said 09:00:16 where the timeline's tooltip said 18:00:16."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    async with Browser(tmp_path) as browser:
+        await browser.call("Emulation.setTimezoneOverride", timezoneId="Asia/Tokyo")
+        await browser.call("Page.navigate", url=r.url("/"))
+        await browser.wait_for("document.querySelectorAll('#consumers tr').length === 4", timeout=30)
+        assert (await r.post("tts", {"text": "x"}))[0] == 200
+        await browser.wait_for("document.getElementById('log').textContent.includes(' finished ')")
+        await asyncio.sleep(1)  # (the panel redraws 150 ms after the last event)
+        shown, local = await browser.evaluate(
+            "[document.getElementById('log').textContent.split('\\n')[0].slice(0, 8),"
+            " clock(Date.parse(events[events.length - 1].ts))]"
+        )
+        assert shown == local
+
+
+async def test_dashboard_counts_the_strangers_processes_it_does_not_name(rig, tmp_path):
+    """decisions.md: "The processes named are the 10 largest [...] the rest counted (`more_processes`): in
+    events, status, `ps`, the dashboard and `gpu_in_use`'s message alike." The page's memory bar and its
+    strangers lane name the 10 and never say that 5 more exist (`ps` says "and 5 more")."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding())
+    r.gpu.allocate("game", 6000, process="/usr/bin/train.py")
+    with r.gpu.edit() as state:
+        state["processes"] += [
+            {
+                "pid": 100000 + i,
+                "name": f"/usr/bin/helper-{i}",
+                "used_mib": 10,
+                "gpu_uuid": mgpusim.gpu_uuid(0),
+            }
+            for i in range(14)
+        ]
+    st = await status_until(r, lambda st: (st["gpu"]["strangers"] or {}).get("present"), timeout=30)
+    assert st["gpu"]["strangers"]["more_processes"] == 5
+    async with Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=r.url("/"))
+        title = await browser.wait_for(
+            "(document.querySelector('.bar [data-part=stranger]') || {}).title", timeout=30
+        )
+        await browser.wait_for("document.querySelectorAll('#timeline .tl-stranger').length === 1", timeout=30)
+        tip = await browser.evaluate("tips[document.querySelector('#timeline .tl-stranger').dataset.tip]")
+        assert "5 more" in title, title
+        assert "5 more" in tip, tip
+
+
+async def test_timeline_keeps_a_removed_consumers_unload_on_its_own_gpu(rig, tmp_path):
+    """operations.md: "Each GPU has a lane per consumer"; decisions.md: events carry their GPU. The page
+    placed unloads and loads by the consumer's GPU in the *current* status (jobs by the event's `gpu`):
+    once a reload removed comfyui (GPU 1), its past unload moved to a new comfyui lane on GPU 0, away from
+    its jobs (an attack in a browser)."""
+
+    def two_gpus(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["gpu"] = 1
+
+    r = await rig(gpus=2, sims={"comfyui": {"gpu": 1}}, tweak=two_gpus)
+    assert (await r.post("image", {"prompt": {}}))[0] == 200
+    async with r.session.post(r.url("/v1/consumers/comfyui/unload")) as resp:
+        assert resp.status == 200
+    lanes = (
+        "[...document.querySelectorAll('.tl-gpu')].map((g) => [g.dataset.gpu, [...g.querySelectorAll("
+        "'.tl-row[data-consumer=comfyui] .tl-span')].map((s) => s.dataset.state)])"
+    )
+    async with Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=r.url("/"))
+        await browser.wait_for("document.querySelectorAll('#timeline .tl-unload').length === 1", timeout=30)
+        before = await browser.evaluate(lanes)
+        assert before[0] == ["0", []] and before[1][0] == "1" and "unload" in before[1][1], before
+        raw = copy.deepcopy(r.raw)
+        del raw["consumers"]["comfyui"]
+        del raw["routing"]["image"]
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert resp.status == 200
+        await browser.wait_for("document.querySelectorAll('#consumers tr').length === 3", timeout=30)
+        await asyncio.sleep(1.5)  # (the timeline redraws every second)
+        assert await browser.evaluate(lanes) == before
+
+
 async def test_dashboard_in_a_real_browser_shows_consumers_holder_and_evictions(rig, tmp_path):
     r = await rig(sims={"mvoice": {"loaded": True}, "comfyui": {"work_s": 4.0}})
     assert (await r.post("tts", {"text": "warm"}))[0] == 200
