@@ -12852,7 +12852,10 @@ function renderConsumers(consumers, several) {
 }
 async function refresh() {
   try {
-    const st = await (await get("/v1/status")).json();
+    const resp = await get("/v1/status");
+    const st = await resp.json();
+    // (An error of the broker's, JSON too: shown, never drawn as a status.)
+    if (!resp.ok) throw new Error(resp.status + " " + (st.error || "") + ": " + (st.message || ""));
     const gpus = gpusOf(st);
     status = st;
     renderGpus(st, gpus); renderScheduler(gpus, st.internal_errors, st.clients);

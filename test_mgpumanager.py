@@ -17473,6 +17473,44 @@ async def test_dashboard_asks_no_more_once_the_token_prompt_was_cancelled(rig, t
         assert await browser.evaluate("window.asked") == 1
 
 
+async def test_dashboard_shows_an_error_answer_to_its_status_read_not_a_broken_page(rig, tmp_path):
+    """A /v1/status answered with the broker's JSON error (500 scheduler_error: a bug caught) was drawn as a
+    status: "GPU #undefined", "up NaN s", then an exception (an attack in a browser). The page shows the
+    error, as it does a broker that cannot be reached. (The page, served by a stand-in that answers so.)"""
+    r = await rig()
+    async with r.session.get(r.url("/")) as resp:
+        page = await resp.text()
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html")
+
+    async def status(request: web.Request) -> web.Response:
+        body = {
+            "error": "scheduler_error",
+            "message": "internal error: boom",
+            "consumer": None,
+            "retryable": True,
+        }
+        return web.json_response(body, status=500)
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        stream = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await stream.prepare(request)
+        await asyncio.sleep(60)  # (a stream with nothing in it: its errors are not the test's)
+        return stream
+
+    routes = [("GET", "/", index), ("GET", "/v1/status", status), ("GET", "/v1/events", events)]
+    async with StandIn(routes) as broker, Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=broker.url + "/")
+        shown = await browser.wait_for(
+            "document.getElementById('error').textContent.includes('status: 500')"
+            " && document.getElementById('error').textContent",
+            timeout=30,
+        )
+        assert "scheduler_error: internal error: boom" in shown, shown
+        assert "undefined" not in await browser.evaluate("document.body.innerText")
+
+
 async def test_dashboard_events_panel_shows_the_viewers_local_time_as_the_timeline_does(rig, tmp_path):
     """operations.md (the timeline): "Times are the viewer's local time"; security.md: the Events panel
     writes values "as `events` does", and `events` prints local time. The panel printed the event's UTC
