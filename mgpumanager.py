@@ -2677,7 +2677,9 @@ def parse_config(raw: Any) -> Config:
                     f" {name} holds would look like a stranger's",
                 )
     state_file = top.get("state_file")
-    if state_file is not None and (not isinstance(state_file, str) or not state_file.strip()):
+    if state_file is not None and (
+        not isinstance(state_file, str) or not state_file.strip() or "\0" in state_file
+    ):
         ck.problem("state_file", f"must be a path (a non-empty string), not {state_file!r}")
         state_file = None
 
@@ -4656,8 +4658,10 @@ class ConsumerState:
         self._medians: dict[str, float] = {}
         #: When the residency was last decided (a record or an observation); older observations lose.
         self._decided_at = float("-inf")
-        #: The broker's own unload or load of it is under way: observations wait for its end.
+        #: The broker's own unload or load of it is under way: observations wait for its end; of those, a
+        #: load (its health is that load's to wait for: a job that comes meanwhile is not refused for it).
         self._acting = False
+        self.being_loaded = False
         #: When something last put its residency in doubt: older observations do not restore trust.
         self._touched_at = float("-inf")
         #: A job found it failing at this time: only probes started later may make it healthy again.
@@ -4702,7 +4706,7 @@ class ConsumerState:
 
     def _acted(self, resident: bool | None, source: str) -> None:
         """The broker's own unload or load ended: it decides residency (as of now)."""
-        self._acting = False
+        self._acting = self.being_loaded = False
         self._set_resident(resident, source)
 
     def unloading(self) -> None:
@@ -4722,7 +4726,7 @@ class ConsumerState:
     def loading(self) -> None:
         self.trusted = False
         self._set_resident(None, "loading")
-        self._acting = True
+        self._acting = self.being_loaded = True
 
     def loaded(self) -> None:
         self._acted(True, "loaded")
@@ -7646,10 +7650,11 @@ class RoomMaker:
         try:
             while True:
                 started = self.clock()
-                c = self.config.consumers.get(victim)
-                # (Measured, this reading is whole; one whose memory a process did not show: the free alone.)
-                measured = c is not None and c.processes is not None and state.measurable
                 reading = await self.read(job)
+                c = self.config.consumers.get(victim)
+                # (Measured, this reading is whole, and told its state whether it shows the victim's memory:
+                # one whose memory a process did not show is judged by the free memory alone.)
+                measured = c is not None and c.processes is not None and state.measurable
                 free = reading.free_mib if reading.free_mib is not None else before
                 released = max(free - before, size - held_mib(reading, victim, pids) if measured else 0)
                 if free >= need or released >= enough_freed:
@@ -8974,9 +8979,18 @@ class Yielding:
         GPU whose reading hangs (up to query_timeout_s: one fallen off the bus) holds up no other's rounds,
         and gets its next round once its last has ended. Each round's bug is counted."""
         rounds: dict[int, asyncio.Task[None]] = {}
+
+        def ended() -> None:
+            for index, task in list(rounds.items()):
+                if task.done():
+                    del rounds[index]
+                    if not task.cancelled() and task.exception() is not None:
+                        self.shared.internal_error("yield round crashed", task.exception(), gpu=index)
+
         try:
             while True:
                 self.wake.clear()
+                ended()
                 y = self.config.gpu.yield_
                 poll = y.poll_s if y is not None else IDLE_CHECK_S
                 started = []
@@ -8986,11 +9000,7 @@ class Yielding:
                         started.append(rounds[index])
                 if started:
                     await asyncio.wait(started, timeout=poll)
-                for index, task in list(rounds.items()):
-                    if task.done():
-                        del rounds[index]
-                        if not task.cancelled() and task.exception() is not None:
-                            self.shared.internal_error("yield round crashed", task.exception(), gpu=index)
+                ended()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), poll)
         finally:
@@ -10622,14 +10632,16 @@ class Broker:
         served at once, without waiting for the next health round.
 
         Not for one that is stopped (started by a load command, and not running: stopped by the broker, or
-        before the broker started): the job starts it. One started by command that runs but fails its health
-        (an error status, no answer in time) is down, as any other.
+        before the broker started): the job starts it; nor for one the broker is loading now (a service
+        started by command fails its health while it loads its model: the load waits for it). One started
+        by command that runs but fails its health otherwise (an error status, no answer in time) is down, as
+        any other.
         """
         state = self.consumers.states[name]
-        if state.healthy is not False or state.stopped:
+        if state.healthy is not False or state.stopped or state.being_loaded:
             return
         await self.consumers.probe_now(name)
-        if state.healthy is False and not state.stopped:
+        if state.healthy is False and not state.stopped and not state.being_loaded:
             message = f"upstream {name} last probe failed: {state.last_error}"
             raise BrokerError(state.last_error_code, message, name)
 

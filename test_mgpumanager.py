@@ -1817,6 +1817,7 @@ def test_a_token_file_is_read_bounded_from_a_regular_file_only(tmp_path, caplog)
         ),
         ("gpu.nvidia_smi", ["nvidia-smi", "-i\0"], "gpu.nvidia_smi: must be a command"),
         ("gpu.nvidia_smi", "nvidia-smi -i\0", "gpu.nvidia_smi: must be a command"),
+        ("state_file", "/var/lib/mgpumanager/state\0.json", "state_file: must be a path"),  # (no start)
         ("consumers.whisper.unload", {"command": ["x"], "path": "/u"}, "whisper.unload: set command or an"),
         (
             "consumers.whisper.unload",
@@ -7664,6 +7665,35 @@ async def test_a_command_started_service_that_is_down_is_refused_as_any_consumer
     data = error_of(status, headers, body, "consumer_unreachable")
     assert "health answered 500" in data["message"]
     assert r.sims["comfyui"].unloads == 0  # nothing evicted for a consumer that is down
+
+
+async def test_a_job_that_comes_while_the_broker_starts_a_command_started_service_is_not_refused(rig):
+    """configuration.md, Stopped is not unreachable: jobs for it are never refused consumer_unreachable at
+    once: the job starts it with the load command, waits for its health, then is served. A health round
+    that probes it while it boots (llama-server answers 503 while it loads its model) records it down, not
+    stopped: a second job that comes then waits for the start under way. (A review found the fix above
+    refusing it.)"""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["consumers"]["whisper"]["load"] = {"command": ["true"], "timeout_s": 20}
+        raw["consumers"]["whisper"]["unload"] = {"command": ["true"], "timeout_s": 2}
+        raw["routing"]["stt"] = "whisper"
+
+    r = await rig(tweak=tweak)
+    async with r.session.post(r.url("/v1/consumers/whisper/unload")) as resp:
+        assert resp.status == 200
+    whisper = r.broker.consumers.states["whisper"]
+    assert whisper.stopped
+    r.sims["whisper"].faults["health_status"] = 503  # booting after its load command
+    first = asyncio.ensure_future(r.post("stt", None, data=b"audio"))
+    await until(lambda: whisper.being_loaded)
+    await r.broker.consumers.probe("whisper")  # the health round, meanwhile
+    assert whisper.healthy is False and not whisper.stopped
+    second = asyncio.ensure_future(r.post("stt", None, data=b"audio"))
+    await asyncio.sleep(0.5)
+    del r.sims["whisper"].faults["health_status"]  # its model is loaded: healthy
+    (s1, _, b1), (s2, _, b2) = await first, await second
+    assert (s1, s2) == (200, 200), (b1, b2)
 
 
 async def test_a_down_command_started_service_of_unknown_residency_is_refused_not_started(rig):
