@@ -7396,6 +7396,13 @@ class RoomMaker:
             state = self.states[job.consumer]
             if self.needs_no_room(job) or job.left:
                 return
+            if job.target.started_by_command and state.healthy is False and not state.stopped:
+                # Let in while the broker started it, and that start failed: it runs and fails its health.
+                # One more probe decides, as at the door (Broker.check_reachable): no second start.
+                await self.ops.probe_now(job.consumer)
+                if state.healthy is False and not state.stopped:
+                    message = f"upstream {job.consumer} last probe failed: {state.last_error}"
+                    raise BrokerError(state.last_error_code, message, job.consumer)
             if self._in_doubt(job):
                 await self._ask(job)
                 if self.needs_no_room(job) or job.left:
@@ -10632,16 +10639,18 @@ class Broker:
         served at once, without waiting for the next health round.
 
         Not for one that is stopped (started by a load command, and not running: stopped by the broker, or
-        before the broker started): the job starts it; nor for one the broker is loading now (a service
-        started by command fails its health while it loads its model: the load waits for it). One started
-        by command that runs but fails its health otherwise (an error status, no answer in time) is down, as
-        any other.
+        before the broker started): the job starts it; nor for one the broker is starting now (a service
+        started by command fails its health while it loads its model: the start waits for it; should it
+        fail, the job is refused at its grant: ``RoomMaker.ready``). One started by command that runs but
+        fails its health otherwise (an error status, no answer in time) is down, as any other.
         """
         state = self.consumers.states[name]
-        if state.healthy is not False or state.stopped or state.being_loaded:
+        starting = state.being_loaded and self.config.consumers[name].started_by_command
+        if state.healthy is not False or state.stopped or starting:
             return
         await self.consumers.probe_now(name)
-        if state.healthy is False and not state.stopped and not state.being_loaded:
+        starting = state.being_loaded and self.config.consumers[name].started_by_command
+        if state.healthy is False and not state.stopped and not starting:
             message = f"upstream {name} last probe failed: {state.last_error}"
             raise BrokerError(state.last_error_code, message, name)
 

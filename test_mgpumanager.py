@@ -7696,6 +7696,35 @@ async def test_a_job_that_comes_while_the_broker_starts_a_command_started_servic
     assert (s1, s2) == (200, 200), (b1, b2)
 
 
+async def test_a_job_let_in_during_a_start_that_fails_does_not_start_it_again(rig, tmp_path):
+    """The same, its start failing: whisper runs but its health answers 500. The first job starts it and
+    waits out the load's timeout_s (load_failed); a second that came meanwhile was let in to wait for that
+    start, and then ran the load command again, and a third during that one, for as long as jobs came (a
+    review). At its grant, one more probe decides, as at the door: it is refused, and the command ran
+    once."""
+    runs = tmp_path / "runs"
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["consumers"]["whisper"]["load"] = {"command": ["sh", "-c", f"echo x >> {runs}"], "timeout_s": 3}
+        raw["consumers"]["whisper"]["unload"] = {"command": ["true"], "timeout_s": 2}
+        raw["routing"]["stt"] = "whisper"
+
+    r = await rig(tweak=tweak)
+    async with r.session.post(r.url("/v1/consumers/whisper/unload")) as resp:
+        assert resp.status == 200
+    whisper = r.broker.consumers.states["whisper"]
+    r.sims["whisper"].faults["health_status"] = 500  # runs, but broken: never healthy
+    first = asyncio.ensure_future(r.post("stt", None, data=b"audio"))
+    await until(lambda: whisper.being_loaded)
+    await r.broker.consumers.probe("whisper")
+    assert whisper.healthy is False and not whisper.stopped
+    second = asyncio.ensure_future(r.post("stt", None, data=b"audio"))
+    (s1, h1, b1), (s2, h2, b2) = await first, await second
+    assert error_of(s1, h1, b1, "load_failed")
+    assert "health answered 500" in error_of(s2, h2, b2, "consumer_unreachable")["message"]
+    assert runs.read_text().count("x") == 1
+
+
 async def test_a_down_command_started_service_of_unknown_residency_is_refused_not_started(rig):
     """The same, its residency unknown (its unload command failed): the job evicts comfyui, runs the load
     command of a service that runs, waits out the load's timeout_s for its health, and ends load_failed,
