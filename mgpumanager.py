@@ -8889,10 +8889,17 @@ class InternalJobs:
             if (loaded or not s.strangers.present) and name in pending:
                 pending.remove(name)
 
-    def start_preloads(self) -> None:
-        """Preload (in the background) every ``preload`` consumer that is not known to be resident."""
+    def start_preloads(self, index: int | None = None) -> None:
+        """Preload (in the background) every ``preload`` consumer (of GPU ``index``, else of every GPU) that
+        is not known to be resident. A reserved GPU's wait for its reservation's end, which starts them."""
         for name, c in self.config.consumers.items():
-            if c.preload and self.scheduler_for(name).states[name].resident is not True:
+            s = self.scheduler_for(name)
+            if (
+                c.preload
+                and index in (None, c.gpu)
+                and s.reservation is None
+                and s.states[name].resident is not True
+            ):
                 self.spawn(self._logged("preload", name), f"preload {name}")
 
     async def _logged(self, kind: str, name: str) -> None:
@@ -9111,10 +9118,12 @@ class Yielding:
             self.shared.internal_error("restores crashed", gpu=index, error=describe(e))
 
     def reservation_ended(self, index: int, res: Reservation) -> None:
-        """A reservation's end (but at shutdown): what it unloaded waits to be restored (``restore``)."""
+        """A reservation's end (but at shutdown): what it unloaded waits to be restored (``restore``), and the
+        GPU's ``preload`` consumers get the preloads its reservation kept from them."""
         if res.restore:
             self.internal.restore_later(index, res.to_restore)
             self.wake.set()
+        self.internal.start_preloads(index)
 
     @staticmethod
     def _done(task: asyncio.Task[Any] | None) -> bool:

@@ -10008,6 +10008,36 @@ async def test_a_write_hung_at_shutdown_keeps_the_lock_until_the_process_ends(ri
     os.close(m.lock_state_file(str(path)))
 
 
+async def test_a_preload_kept_off_by_a_resumed_reservation_comes_at_its_end(rig, tmp_path, caplog):
+    """configuration.md, preload: a reserved GPU's preloads wait for the reservation's end. A restart that
+    resumed a reservation turned the preload away (gpu_reserved, logged as a failure) and nothing asked
+    again, so the preload consumer stayed unloaded after the game (an attack on the broker's own work)."""
+    path = tmp_path / "state.json"
+    now = time.time()
+    reservation = {
+        "reason": "gaming",
+        "until_s": now + 600,
+        "restore": True,
+        "unloaded": [],
+        "to_restore": [],
+    }
+    path.write_text(
+        json.dumps({"version": 1, "written_at_s": now - 60, "gpus": {"0": {"reservation": reservation}}})
+    )
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["state_file"] = str(path)
+        raw["consumers"]["mvoice"]["preload"] = True
+
+    r = await rig(sims={"mvoice": {"loaded": False}}, tweak=tweak)
+    assert r.broker.scheduler.reservation is not None
+    await asyncio.sleep(1)
+    assert r.sims["mvoice"].loads == 0 and "preload failed" not in caplog.text
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert (await resp.json())["released"] is True
+    await until(lambda: r.sims["mvoice"].loads == 1, timeout=10)
+
+
 async def test_a_reservation_survives_sigterm_and_a_fresh_start_and_its_end_then_restores(rig, tmp_path):
     """Issue 22, done when: `make deploy` restarts the broker in the middle of a game. The reservation
     survives SIGTERM (the state file, mode 0600, holding no token) and the fresh start holds the GPU again at
