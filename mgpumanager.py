@@ -27,11 +27,11 @@ never evicted; request bodies are held in memory (bounded by ``max_body_mib``) b
 
 Load and unload are HTTP calls or commands (``systemctl stop whisper-server``: a consumer loaded by a command
 whose health fails is stopped, not unreachable, and a job starts it). Consumers may be unloaded after
-``idle_unload_s`` unused and preloaded when they fit; both are internal jobs of the lowest priority. With
-``gpu.yield``, memory that no consumer's processes hold beyond ``ignore_mib`` is a stranger's (a game): idle
-consumers are unloaded for it (internal jobs of the highest priority), a job that could not fit beside it
-leaving ``keep_free_mib`` free is refused at once (gpu_in_use), and what was unloaded is loaded again once it
-has been gone ``restore_after_s``.
+``idle_unload_s`` unused and preloaded when they fit (at start, after a reload, at a reservation's end); both
+are internal jobs of the lowest priority. With ``gpu.yield``, memory that no consumer's processes hold beyond
+``ignore_mib`` is a stranger's (a game): idle consumers are unloaded for it (internal jobs of the highest
+priority), a job that could not fit beside it leaving ``keep_free_mib`` free is refused at once (gpu_in_use),
+and what was unloaded is loaded again once it has been gone ``restore_after_s``.
 
 Callers: with ``auth.token`` every route but /healthz and the page needs a token; with ``auth.clients``
 each program has a token of its own (its jobs carry its name, priority and ``max_queued``), and the admin
