@@ -5657,6 +5657,7 @@ FACTS: dict[str, Fact] = {
         (("outcome", "abandoned"),),
     ),
     "hold_cut": Fact("hold_ended", "hold cut short", extra=(("outcome", "cut"),)),
+    "hold_none": Fact("hold_ended", "no hold", extra=(("outcome", "none"),)),
     "hold_poll_failed": Fact(
         "hold_poll_failed",
         "hold poll failed",
@@ -7724,6 +7725,11 @@ class RoomMaker:
 # ---- holds: the GPU kept after an answer until the consumer's work is done --------------------------
 
 
+class NoHold(Exception):
+    """A hold whose client left found no work to wait for: the answer, which it read itself, broke off, did
+    not come, was not 2xx, or names nothing to poll. Its hold ends at once (``hold_ended``, ``none``)."""
+
+
 class Holds:
     """The holds of one GPU's jobs: after its answer, a job (ComfyUI's render) keeps its slot in a task the
     scheduler owns, until the consumer says the work is done, the hold's timeout, or the consumer is seen
@@ -7789,6 +7795,9 @@ class Holds:
             await asyncio.wait_for(hold(), timeout_s)
             ended = self.clock()
             self.recorder.record("hold_released", **fields, hold_s=round(ended - started, 3))
+        except NoHold as e:
+            ended = self.clock()
+            self.recorder.record("hold_none", **fields, hold_s=round(ended - started, 3), reason=str(e))
         except asyncio.TimeoutError:
             ended = self.clock()
             self.recorder.record(
@@ -9549,21 +9558,21 @@ def hold_after_rest(
     recorder: Recorder,
 ) -> Callable[[], Awaitable[None]]:
     """The hold after a 2xx answer whose client left before it ended: it reads the rest of the answer itself
-    (for the hold's placeholders), gives the connection back, then polls as ``hold_poller``."""
+    (for the hold's placeholders), gives the connection back, then polls as ``hold_poller``. NoHold where
+    the answer breaks off or names nothing to poll."""
 
     async def read_rest_then_poll() -> None:
         try:
             while chunk := await upstream.content.readany():
                 keep_head(captured, chunk)
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            recorder.record("hold_poll_failed", logging.WARNING, consumer=consumer.name, error=describe(e))
-            log.warning(logfmt(msg="no hold: answer cut short", consumer=consumer.name, error=describe(e)))
-            return
+            raise NoHold(f"its answer broke off: {describe(e)}") from e
         finally:
             close_upstream(upstream)
         poll = hold_poller(session, consumer, hold, bytes(captured), recorder)
-        if poll is not None:
-            await poll()
+        if poll is None:
+            raise NoHold("its answer names no work to wait for")
+        await poll()
 
     return read_rest_then_poll
 
@@ -9578,20 +9587,16 @@ def hold_after_answer(
     """The hold of a job on a hold path whose client left before the answer began: the consumer may have
     taken the work all the same (ComfyUI queues a prompt whatever becomes of its client, and renders it), so
     the GPU stays held while the answer comes (``opening``, within the consumer's timeout_s) and, a 2xx
-    one, as ``hold_after_rest``. Another answer, or none, holds nothing more."""
+    one, as ``hold_after_rest``. Another answer, or none, holds nothing more (NoHold)."""
 
     async def answer_then_hold() -> None:
         try:
             upstream = await opening  # (the hold cut, by its timeout or the shutdown: the request with it)
         except BrokerError as e:
-            log.info(logfmt(msg="no hold: no answer", consumer=consumer.name, error=e.message))
-            return
+            raise NoHold(f"no answer: {e.message}") from e
         if not 200 <= upstream.status < 300:
             close_upstream(upstream)
-            log.info(
-                logfmt(msg="no hold: the answer was not 2xx", consumer=consumer.name, http=upstream.status)
-            )
-            return
+            raise NoHold(f"its answer was {upstream.status}, not 2xx")
         await hold_after_rest(session, consumer, hold, upstream, bytearray(), recorder)()
 
     return answer_then_hold

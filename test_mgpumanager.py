@@ -11528,6 +11528,34 @@ def _comfy_routes(
     return [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
 
 
+async def test_an_answer_cut_after_its_client_left_is_no_hold_poll_error_nor_a_released_hold(rig):
+    """api.md: hold_poll_errors counts hold polls that failed and were retried; operations.md: a hold_ended's
+    outcome is released when the consumer said it was done. A client leaves mid-answer of a hold path, then
+    the consumer's answer breaks off: no poll was made, and the consumer never said anything was done. It
+    ends as no hold (outcome none, with its reason). (An attack comparing the four views: it was counted a
+    poll error and a released hold, in all four.)"""
+    left = asyncio.Event()
+    polls: list[str] = []
+
+    async def prompt_cut(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"prompt_id": ')
+        await left.wait()
+        assert request.transport is not None
+        request.transport.abort()  # the rest never comes
+        return resp
+
+    async with StandIn(_comfy_routes(prompt_cut, polls)) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        await _leave_mid_answer(r, left)
+        await until(lambda: r.broker.scheduler.holder is None)
+        await m.books_written()
+    ended = [e for e in recent_events(r.broker.events) if e["event"] == "hold_ended"]
+    assert polls == [] and r.stats.hold_poll_errors == 0
+    assert [e["outcome"] for e in ended] == ["none"] and "broke off" in ended[0]["reason"], ended
+
+
 async def test_a_client_leaving_mid_answer_still_starts_the_hold(rig):
     rendered, left = asyncio.Event(), asyncio.Event()
 
