@@ -8898,14 +8898,16 @@ class InternalJobs:
             if (loaded or not s.strangers.present) and name in pending:
                 pending.remove(name)
 
-    def start_preloads(self, index: int | None = None) -> None:
-        """Preload (in the background) every ``preload`` consumer (of GPU ``index``, else of every GPU) that
-        is not known to be resident. A reserved GPU's wait for its reservation's end, which starts them."""
+    def start_preloads(self, index: int | None = None, *, but: Collection[str] = ()) -> None:
+        """Preload (in the background) every ``preload`` consumer (of GPU ``index``, else of every GPU; but
+        those named in ``but``) that is not known to be resident. A reserved GPU's wait for its reservation's
+        end, which starts them."""
         for name, c in self.config.consumers.items():
             s = self.scheduler_for(name)
             if (
                 c.preload
                 and index in (None, c.gpu)
+                and name not in but
                 and s.reservation is None
                 and s.states[name].resident is not True
             ):
@@ -9128,11 +9130,12 @@ class Yielding:
 
     def reservation_ended(self, index: int, res: Reservation) -> None:
         """A reservation's end (but at shutdown): what it unloaded waits to be restored (``restore``), and the
-        GPU's ``preload`` consumers get the preloads its reservation kept from them."""
+        GPU's ``preload`` consumers get the preloads its reservation kept from them (but, without
+        ``restore``, those it unloaded: its end leaves them unloaded)."""
         if res.restore:
             self.internal.restore_later(index, res.to_restore)
             self.wake.set()
-        self.internal.start_preloads(index)
+        self.internal.start_preloads(index, but=() if res.restore else res.unloaded)
 
     @staticmethod
     def _done(task: asyncio.Task[Any] | None) -> bool:

@@ -10038,6 +10038,24 @@ async def test_a_preload_kept_off_by_a_resumed_reservation_comes_at_its_end(rig,
     await until(lambda: r.sims["mvoice"].loads == 1, timeout=10)
 
 
+async def test_a_no_restore_reservations_end_preloads_nothing_it_unloaded(rig):
+    """operations.md, --no-restore: its end leaves unloaded what it unloaded. A preload consumer it unloaded
+    got a preload at its end (a review of the fix above)."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["consumers"]["mvoice"]["preload"] = True
+
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=tweak)
+    body = {"for_s": 60, "reason": "gaming", "restore": False}
+    async with r.session.post(r.url("/v1/reserve"), json=body) as resp:
+        assert "mvoice" in (await resp.json())["unloaded"] and not r.sims["mvoice"].loaded
+    loads = r.sims["mvoice"].loads
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert resp.status == 200
+    await asyncio.sleep(2)
+    assert r.sims["mvoice"].loads == loads and not r.sims["mvoice"].loaded
+
+
 async def test_a_reservation_survives_sigterm_and_a_fresh_start_and_its_end_then_restores(rig, tmp_path):
     """Issue 22, done when: `make deploy` restarts the broker in the middle of a game. The reservation
     survives SIGTERM (the state file, mode 0600, holding no token) and the fresh start holds the GPU again at
