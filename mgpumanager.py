@@ -4874,6 +4874,14 @@ class ConsumerState:
         """Resident by a record nothing has put in doubt since: a job may go without a GPU reading."""
         return self.resident is True and self.trusted
 
+    def failing(self) -> BrokerError | None:
+        """What a job for it is refused while it is marked failing (by a probe or a failed connection) and is
+        not stopped (a job starts a stopped one): consumer_unreachable, or bad_consumer_url; else None."""
+        if self.healthy is not False or self.stopped:
+            return None
+        message = f"upstream {self.name} last probe failed: {self.last_error}"
+        return BrokerError(self.last_error_code, message, self.name)
+
     def idle_since(self) -> float | None:
         """Since when a resident consumer has not been used: its last use or its becoming resident."""
         times = [t for t in (self.last_used, self.resident_at) if t is not None]
@@ -7397,13 +7405,12 @@ class RoomMaker:
             state = self.states[job.consumer]
             if self.needs_no_room(job) or job.left:
                 return
-            if job.target.started_by_command and state.healthy is False and not state.stopped:
+            if job.target.started_by_command and state.failing() is not None:
                 # Let in while the broker started it, and that start failed: it runs and fails its health.
                 # One more probe decides, as at the door (Broker.check_reachable): no second start.
                 await self.ops.probe_now(job.consumer)
-                if state.healthy is False and not state.stopped:
-                    message = f"upstream {job.consumer} last probe failed: {state.last_error}"
-                    raise BrokerError(state.last_error_code, message, job.consumer)
+                if (error := state.failing()) is not None:
+                    raise error
             if self._in_doubt(job):
                 await self._ask(job)
                 if self.needs_no_room(job) or job.left:
@@ -10662,14 +10669,16 @@ class Broker:
         fails its health otherwise (an error status, no answer in time) is down, as any other.
         """
         state = self.consumers.states[name]
-        starting = state.being_loaded and self.config.consumers[name].started_by_command
-        if state.healthy is not False or state.stopped or starting:
+
+        def refusal() -> BrokerError | None:
+            starting = state.being_loaded and self.config.consumers[name].started_by_command
+            return None if starting else state.failing()
+
+        if refusal() is None:
             return
         await self.consumers.probe_now(name)
-        starting = state.being_loaded and self.config.consumers[name].started_by_command
-        if state.healthy is False and not state.stopped and not starting:
-            message = f"upstream {name} last probe failed: {state.last_error}"
-            raise BrokerError(state.last_error_code, message, name)
+        if (error := refusal()) is not None:
+            raise error
 
     async def ensure_running(
         self, consumer: ConsumerConfig, request_id: str | None, client: str | None = None
