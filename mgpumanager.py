@@ -1892,9 +1892,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "residency": {"method": "GET", "path": "/is_sleeping", "where": {"is_sleeping": False}},
         "unscheduled": _calls("POST", "/tokenize", "/detokenize"),
     },
-    # SGLang (commit 9c0549b) python/sglang/srt/entrypoints/http_server.py: with --enable-memory-saver.
+    # SGLang (commit 9c0549b) python/sglang/srt/entrypoints/http_server.py: with --enable-memory-saver, and
+    # where SGLang has it --enable-weights-cpu-backup (without it the weights come back undefined on resume).
+    # Health asks /v1/models (the tokenizer manager answers): a newer SGLang's /health runs a one-token
+    # generation (SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION, default true), GPU work outside the lock.
     "sglang": {
-        "health": {"method": "GET", "path": "/health"},
+        "health": {"method": "GET", "path": "/v1/models"},
         "paths": OPENAI_PATHS,
         "unload": {"method": "POST", "path": "/release_memory_occupation", "body": {}},
         "load": {"method": "POST", "path": "/resume_memory_occupation", "body": {}},

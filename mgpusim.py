@@ -1724,7 +1724,7 @@ SERVICES: dict[str, dict[str, Any]] = {
         ],
     },
     "sglang": {
-        "health": "/health",
+        "health": "/v1/models",
         "work": OPENAI_LLM,
         "routes": [
             ("POST", "/release_memory_occupation", "sleep"),

@@ -13082,6 +13082,8 @@ def test_every_preset_fills_in_its_service_and_check_says_what():
     assert vllm.residency == m.JsonQuery("GET", "/is_sleeping", None, (("is_sleeping", (False,)),))
     assert (vllm.unload.path, vllm.load.path) == ("/sleep?level=1", "/wake_up")
     assert config.consumers["whisper-cpp"].from_preset == ("health", "paths.stt")
+    # (A newer SGLang's /health runs a one-token generation: GPU work outside the lock, even released.)
+    assert config.consumers["sglang"].health == m.Route("GET", "/v1/models")
     comfy = config.consumers["comfyui"]
     assert comfy.paths["image_ui"].hold_until == m.Hold("GET", "/api/history/{prompt_id}", 0.5, 900)
     text = m.summary(config)
