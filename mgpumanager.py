@@ -10328,7 +10328,7 @@ class StateFile:
         except asyncio.TimeoutError:
             why = f"not read within {STATE_IO_TIMEOUT_S:g} s"
         except FileNotFoundError:
-            log.info(logfmt(msg="no state file yet: a fresh start", path=path))
+            log.warning(logfmt(msg="no state file yet: a fresh start", path=path))
             return None
         except (OSError, ValueError) as e:
             why = (e.strerror or str(e)) if isinstance(e, OSError) else f"not valid: {e}"

@@ -8750,6 +8750,21 @@ def test_a_state_file_that_is_not_right_is_set_aside_naming_why(raw, reason):
         m.parse_state(raw, 1_000_100.0)
 
 
+async def test_a_missing_state_file_is_a_warning_and_a_fresh_start(rig, tmp_path, caplog):
+    # Issue 22: "A missing, unreadable or corrupt file is a warning and a fresh start" (a wiped state
+    # directory is then seen in journalctl -p warning).
+    caplog.set_level(logging.INFO, logger="mgpumanager")
+    path = tmp_path / "state.json"
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["state_file"] = str(path)
+
+    r = await rig(tweak=tweak)
+    assert (await r.status())["state_file"]["path"] == str(path)
+    missing = [rec for rec in caplog.records if "no state file yet" in rec.getMessage()]
+    assert [rec.levelno for rec in missing] == [logging.WARNING]
+
+
 def _own_process(sim: mgpusim.SimConsumer) -> dict[str, Any]:
     """The sim's process gets a name of its own (``/opt/<name>/python3``); its ``processes`` to match it."""
     sim.process_name = f"/opt/{sim.name}/python3"
