@@ -9530,26 +9530,14 @@ def hold_poller(
             )
         )
         return None
-    fill = {name: quote(str(data[name]), safe="") for name in names}  # type: ignore[index]
-    path = re.sub(r"{(\w+)}", lambda m: fill[m.group(1)], hold.path)
-    url = URL(consumer.url + path, encoded=True)
-    timeout = aiohttp.ClientTimeout(total=min(consumer.timeout_s, hold.timeout_s))
+    url = hold_url(consumer, hold, {name: str(data[name]) for name in names})  # type: ignore[index]
 
     async def poll() -> None:
         errors = 0
         while True:
             try:
-                async with session.request(hold.method, url, timeout=timeout, allow_redirects=False) as resp:
-                    body = bytearray()  # at most HOLD_ANSWER_LIMIT + 1: a consumer may send for ever
-                    while len(body) <= HOLD_ANSWER_LIMIT and (
-                        chunk := await resp.content.read(HOLD_ANSWER_LIMIT + 1 - len(body))
-                    ):
-                        body += chunk
-                    if 200 <= resp.status < 300 and len(body) > HOLD_ANSWER_LIMIT:
-                        return  # so long an answer is no empty one (a finished ComfyUI workflow can be long)
-                    result = parse_json(body) if 200 <= resp.status < 300 else None
-                    if isinstance(result, (dict, list)) and result:
-                        return
+                if await hold_done(session, consumer, hold, url):
+                    return
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 if (gone := gone_reason(e, refused_only=True)) is not None:
                     raise ConsumerGone(f"hold poll: {gone}") from e
@@ -9560,6 +9548,71 @@ def hold_poller(
             await asyncio.sleep(hold.poll_s)
 
     return poll
+
+
+def hold_url(consumer: ConsumerConfig, hold: Hold, fill: Mapping[str, str]) -> URL:
+    """The URL a hold polls: its path with each placeholder filled (percent-encoded whole)."""
+    path = re.sub(r"{(\w+)}", lambda m: quote(fill[m.group(1)], safe=""), hold.path)
+    return URL(consumer.url + path, encoded=True)
+
+
+async def hold_done(session: aiohttp.ClientSession, consumer: ConsumerConfig, hold: Hold, url: URL) -> bool:
+    """One poll of a hold: whether ``url`` answers 2xx with a non-empty JSON object or list (or more than
+    HOLD_ANSWER_LIMIT, read no further: so long an answer is no empty one, and a finished ComfyUI workflow
+    can be long). A failure to ask raises (aiohttp.ClientError, asyncio.TimeoutError)."""
+    timeout = aiohttp.ClientTimeout(total=min(consumer.timeout_s, hold.timeout_s))
+    async with session.request(hold.method, url, timeout=timeout, allow_redirects=False) as resp:
+        body = bytearray()  # at most HOLD_ANSWER_LIMIT + 1: a consumer may send for ever
+        while len(body) <= HOLD_ANSWER_LIMIT and (
+            chunk := await resp.content.read(HOLD_ANSWER_LIMIT + 1 - len(body))
+        ):
+            body += chunk
+        if not 200 <= resp.status < 300:
+            return False
+        if len(body) > HOLD_ANSWER_LIMIT:
+            return True
+        result = parse_json(body)
+        return isinstance(result, (dict, list)) and bool(result)
+
+
+#: The longest value a client may choose for a hold's placeholder (ComfyUI makes its prompt ids 36 long).
+HOLD_ID_MAX = 256
+
+
+async def check_chosen_ids(
+    session: aiohttp.ClientSession, consumer: ConsumerConfig, hold: Hold, body: bytes | bytearray
+) -> None:
+    """A consumer may take the client's own id for the work (ComfyUI takes a ``prompt_id`` from the body)
+    and echo it, and the hold polls what it echoes. So an id the client chose (a top-level field of its JSON
+    body named like a placeholder of the hold's path) is refused (bad_request) when it is longer than
+    HOLD_ID_MAX (the echo could pass HOLD_ANSWER_LIMIT: no hold) or names work the consumer has finished
+    already (asked once, now that the job holds the GPU): either way the hold would end at once and the GPU
+    go on while the work runs."""
+    names = re.findall(r"{(\w+)}", hold.path)
+    # (Parsed only where it may name one: a field's name may also come \u-escaped.)
+    data = parse_json(body) if any(f'"{n}"'.encode() in body for n in names) or b"\\u" in body else None
+    if not isinstance(data, dict) or not (chosen := {n: str(data[n]) for n in names if n in data}):
+        return
+    for name, value in chosen.items():
+        if len(value) > HOLD_ID_MAX:
+            raise BrokerError("bad_request", f"{name} is longer than {HOLD_ID_MAX} characters", consumer.name)
+    url = hold_url(consumer, hold, chosen)
+    try:
+        done = await hold_done(session, consumer, hold, url)
+    except asyncio.TimeoutError:
+        raise BrokerError(
+            "consumer_timeout", f"upstream {consumer.name} did not answer {url.path} in time", consumer.name
+        ) from None
+    except aiohttp.ClientError as e:
+        raise BrokerError(failure_code(e), f"upstream {consumer.name} {describe(e)}", consumer.name) from e
+    if done:
+        what = ", ".join(f"{name} {value!r}" for name, value in chosen.items())
+        raise BrokerError(
+            "bad_request",
+            f"{what} names work {consumer.name} has finished already ({hold.method} {url.path} answers it):"
+            " its hold would end at once, the GPU given up while the work runs; send a new one, or none",
+            consumer.name,
+        )
 
 
 def hold_after_rest(
@@ -9691,6 +9744,7 @@ async def forward_job(
     if path.hold_until is None:
         upstream = await open_answer(broker, consumer, path.method, target, headers, body)
     else:
+        await check_chosen_ids(broker.session, consumer, path.hold_until, body)
         # (A client that leaves before the answer begins leaves its hold to wait for it: hold_after_answer.)
         opening = asyncio.ensure_future(open_answer(broker, consumer, path.method, target, headers, body))
         opening.add_done_callback(error_read)

@@ -1426,12 +1426,14 @@ class ComfySim(SimConsumer):
         return web.json_response({"system": system, "devices": [device]})
 
     async def prompt(self, request: web.Request) -> web.Response:
-        """POST /prompt: queue the render and answer at once (the sim takes any prompt, even {})."""
+        """POST /prompt: queue the render and answer at once (the sim takes any prompt, even {}). A client's
+        own ``prompt_id`` is taken, as ComfyUI takes it (server.py: ``str(json_data.get("prompt_id",
+        uuid.uuid4()))``), and its /history entry stays the last render's until this one ends."""
         if (fault := await self.inference_fault()) is not None:
             return fault
         data = await read_json(request)
         prompt = data.get("prompt") if isinstance(data.get("prompt"), dict) else {}
-        prompt_id = str(uuid.uuid4())
+        prompt_id = str(data.get("prompt_id", uuid.uuid4()))
         number = self.number
         self.number += 1
         extra = dict(data["extra_data"]) if isinstance(data.get("extra_data"), dict) else {}

@@ -7282,6 +7282,46 @@ async def test_image_job_evicts_mvoice_and_holds_until_history(rig, caplog, path
     assert " kind=image " in job_lines(caplog)[0] and "hold_ms=" in job_lines(caplog)[0]
 
 
+@pytest.mark.parametrize("path", ["/v1/image", "/c/comfyui/prompt"])
+async def test_a_prompt_id_the_client_chose_cannot_end_its_hold_at_once(rig, path):
+    """ComfyUI takes a client's own prompt_id, and its /history keeps that id's last entry until the new
+    render ends: naming a finished prompt, the hold's first poll would find that entry and give the GPU up
+    while the render runs. Such an id, or one too long to echo within HOLD_ANSWER_LIMIT, is refused before
+    the consumer gets the prompt; an id of its own holds the GPU as ComfyUI's do."""
+    r = await rig(sims={"mvoice": {"loaded": False}})
+    comfy = r.sims["comfyui"]
+    first = {"prompt": {"1": {}}, "prompt_id": "mine-0001"}
+    async with r.session.post(r.url(path), json=first) as resp:
+        assert resp.status == 200 and (await resp.json())["prompt_id"] == "mine-0001"
+    await status_until(r, lambda st: st["scheduler"]["holder"] is None)  # rendered: its history is filled
+    prompts = sum(rec.path.endswith("/prompt") for rec in comfy.records)
+    again = b'{"prompt": {"1": {}}, "\\u0070rompt_id": "mine-0001"}'  # (the same field, its name escaped)
+    for body in (again, json.dumps({**first, "prompt_id": "x" * 257}).encode()):
+        async with r.session.post(r.url(path), data=body) as resp:
+            error = error_of(resp.status, resp.headers, await resp.read(), "bad_request")
+    assert "mine-0001" not in error["message"] and "longer than 256" in error["message"]
+    assert sum(rec.path.endswith("/prompt") for rec in comfy.records) == prompts  # neither was sent
+    comfy.may_finish.clear()  # the next render goes on until the test has looked
+    async with r.session.post(r.url(path), json={**first, "prompt_id": "mine-0002"}) as resp:
+        assert resp.status == 200
+    await until(lambda: comfy.running == "mine-0002")
+    await until(lambda: sum(rec.path == "/history/mine-0002" for rec in comfy.records) >= 2)
+    st = await r.status()
+    assert st["scheduler"]["holder"] is not None and st["scheduler"]["holder"]["holds"] == 1
+    comfy.may_finish.set()
+    await status_until(r, lambda st: st["scheduler"]["holder"] is None)
+
+
+async def test_a_finished_prompt_id_is_refused_naming_it(rig):
+    r = await rig(sims={"mvoice": {"loaded": False}})
+    body = {"prompt": {"1": {}}, "prompt_id": "mine-0001"}
+    assert (await r.post("image", body))[0] == 200
+    await status_until(r, lambda st: st["scheduler"]["holder"] is None)
+    error = error_of(*await r.post("image", body), "bad_request")
+    assert "prompt_id 'mine-0001' names work comfyui has finished already" in error["message"]
+    assert error["consumer"] == "comfyui" and error["retryable"] is False
+
+
 async def test_failing_load_route_is_load_failed(rig):
     r = await rig(sims={"comfyui": {"loaded": True}, "mvoice": {"loaded": False}})
     r.sims["mvoice"].faults["load_status"] = 500
