@@ -8059,6 +8059,8 @@ class Reservations:
                 if c.unload is None:
                     res.not_unloaded[name] = "no unload route"
                     continue
+                if s.states[name].resident is None:  # (resumed before the first health round, say): asked
+                    await s.rooms.ops.probe_now(name)
                 resident = s.states[name].resident is True  # (what it held is what its end restores)
                 try:
                     await s.rooms.unload(res.job, name, by="reservation")

@@ -10158,7 +10158,8 @@ async def test_a_reservation_cut_by_a_restart_while_it_unloads_finishes_its_unlo
     while the reservation still unloads (mvoice's unload hangs, comfyui's turn has not come): the broker
     started again held the GPU for it but asked nobody to unload, so comfyui kept its 13000 MiB for the
     whole reservation and the game it was made for ran out of memory. A resumed reservation asks what it
-    had not unloaded yet."""
+    had not unloaded yet, and asks one of unknown residency before it unloads it, so that its end restores it
+    if it was resident (it restored none: a broker started again knows nothing before its first probe)."""
     r = await rig(sims={"mvoice": {"loaded": True}, "comfyui": {"loaded": True}})
     path = tmp_path / "state.json"
     raw = copy.deepcopy(r.raw) | {"state_file": str(path)}
@@ -10187,6 +10188,12 @@ async def test_a_reservation_cut_by_a_restart_while_it_unloads_finishes_its_unlo
         res = (await again.status(r.session))["gpu"]["reservation"]
         assert res["reason"] == "gaming" and set(res["unloaded"]) >= {"mvoice", "comfyui"}, res
         r.gpu.allocate("game", 12000, graphics=True)  # (SimOOM if the GPU were still full)
+        r.gpu.release("game")
+        # Its end loads again what it unloaded that was resident and has a load: mvoice, though the broker
+        # started again knew nothing of it yet when it unloaded it (it asks first: a fact, not a guess).
+        async with r.session.delete(again.url("/v1/reserve")) as resp:
+            assert resp.status == 200
+        await until(lambda: r.sims["mvoice"].loaded, 20)
 
 
 async def test_a_reservations_end_restores_a_measured_consumer_it_unloaded_before_any_reading(rig):
