@@ -732,6 +732,34 @@ async def test_a_held_render_keeps_a_whisper_job_out(bed, mark, client):
     assert "hold_ms=" in hold and "hold_ms= " not in hold, hold
 
 
+async def test_a_prompt_id_of_a_finished_render_is_refused_and_a_new_one_holds(bed, mark, client):
+    """ComfyUI takes a client's own prompt_id, and /history keeps that id's entry until a new render of it
+    ends: a hold on it would end at its first poll, the GPU given up mid-render. The broker refuses such an
+    id before ComfyUI gets the prompt, and holds the GPU for a new one as for ComfyUI's own."""
+    bed.comfy(cors=False)
+    mine = f"bed-{random.getrandbits(64):016x}"
+    async with client.post(bed.url + "/v1/image", json={"prompt": workflow(), "prompt_id": mine}) as resp:
+        assert resp.status == 200 and (await resp.json())["prompt_id"] == mine
+    await history(bed, client, mine)
+    async with client.post(bed.url + "/v1/image", json={"prompt": workflow(), "prompt_id": mine}) as resp:
+        body = await resp.json()
+        assert resp.status == 400 and body["error"] == "bad_request" and mine in body["message"], body
+    async with client.get(bed.comfy_url + "/queue") as resp:
+        queue = await resp.json()
+        assert queue["queue_running"] == [] and queue["queue_pending"] == []  # ComfyUI never got it
+    fresh = f"bed-{random.getrandbits(64):016x}"
+    wf = workflow(images=8, size=2048)
+    async with client.post(bed.url + "/v1/image", json={"prompt": wf, "prompt_id": fresh}) as resp:
+        assert resp.status == 200 and (await resp.json())["prompt_id"] == fresh
+    await comfy_running(bed, client, fresh)
+    stt = asyncio.ensure_future(transcribe(bed, client))  # queued while the render runs
+    queued = await bed.wait_event(mark, "queued", consumer="whisper")
+    await stt
+    done = finished_ms(await history(bed, client, fresh))
+    granted = bed.since(mark, "granted", consumer="whisper")[0]
+    assert epoch_ms(queued) < done < epoch_ms(granted), (queued, done, granted)
+
+
 async def test_eviction_through_comfyuis_real_free(bed, mark, client):
     bed.comfy(cors=False)
     await history(bed, client, await render(bed, client, workflow()))
