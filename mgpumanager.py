@@ -9582,17 +9582,32 @@ HOLD_ID_MAX = 256
 
 
 async def check_chosen_ids(
-    session: aiohttp.ClientSession, consumer: ConsumerConfig, hold: Hold, body: bytes | bytearray
+    session: aiohttp.ClientSession,
+    consumer: ConsumerConfig,
+    hold: Hold,
+    request: web.Request,
+    body: bytes | bytearray,
 ) -> None:
     """A consumer may take the client's own id for the work (ComfyUI takes a ``prompt_id`` from the body)
     and echo it, and the hold polls what it echoes. So an id the client chose (a top-level field of its JSON
-    body named like a placeholder of the hold's path) is refused (bad_request) when it is longer than
-    HOLD_ID_MAX (the echo could pass HOLD_ANSWER_LIMIT: no hold) or names work the consumer has finished
-    already (asked once, now that the job holds the GPU): either way the hold would end at once and the GPU
-    go on while the work runs."""
+    body named like a placeholder of the hold's path, read as the consumer reads it: in the charset its
+    Content-Type names, else UTF-8) is refused (bad_request) when it is longer than HOLD_ID_MAX (the echo
+    could pass HOLD_ANSWER_LIMIT: no hold) or names work the consumer has finished already (asked once, now
+    that the job holds the GPU): either way the hold would end at once and the GPU go on while the work
+    runs. A compressed body, which the broker cannot read so, is refused where the path has placeholders."""
     names = re.findall(r"{(\w+)}", hold.path)
-    # (Parsed only where it may name one: a field's name may also come \u-escaped.)
-    data = parse_json(body) if any(f'"{n}"'.encode() in body for n in names) or b"\\u" in body else None
+    if not names or not body:
+        return
+    if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        raise BrokerError(
+            "bad_request",
+            f"a compressed body (Content-Encoding) to {request.path} is refused: the broker reads its ids",
+            consumer.name,
+        )
+    try:
+        data = json.loads(body.decode(request.charset or "utf-8"))
+    except (LookupError, ValueError, RecursionError):  # (nor can the consumer read it: nothing is chosen)
+        return
     if not isinstance(data, dict) or not (chosen := {n: str(data[n]) for n in names if n in data}):
         return
     for name, value in chosen.items():
@@ -9746,7 +9761,7 @@ async def forward_job(
     if path.hold_until is None:
         upstream = await open_answer(broker, consumer, path.method, target, headers, body)
     else:
-        await check_chosen_ids(broker.session, consumer, path.hold_until, body)
+        await check_chosen_ids(broker.session, consumer, path.hold_until, request, body)
         # (A client that leaves before the answer begins leaves its hold to wait for it: hold_after_answer.)
         opening = asyncio.ensure_future(open_answer(broker, consumer, path.method, target, headers, body))
         opening.add_done_callback(error_read)

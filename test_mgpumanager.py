@@ -7295,11 +7295,21 @@ async def test_a_prompt_id_the_client_chose_cannot_end_its_hold_at_once(rig, pat
         assert resp.status == 200 and (await resp.json())["prompt_id"] == "mine-0001"
     await status_until(r, lambda st: st["scheduler"]["holder"] is None)  # rendered: its history is filled
     prompts = sum(rec.path.endswith("/prompt") for rec in comfy.records)
-    again = b'{"prompt": {"1": {}}, "\\u0070rompt_id": "mine-0001"}'  # (the same field, its name escaped)
-    for body in (again, json.dumps({**first, "prompt_id": "x" * 257}).encode()):
-        async with r.session.post(r.url(path), data=body) as resp:
+    # The same id, as the consumer would read it whatever the spelling: a field name escaped, another
+    # charset; a compressed body, which the broker cannot read so; one too long to echo.
+    ways = {
+        "mine-0001": (b'{"prompt": {"1": {}}, "\\u0070rompt_id": "mine-0001"}', None, None),
+        "has finished": (json.dumps(first).encode("utf-16"), "application/json; charset=utf-16", None),
+        "Content-Encoding": (gzip.compress(json.dumps(first).encode()), "application/json", "gzip"),
+        "longer than 256": (json.dumps({**first, "prompt_id": "x" * 257}).encode(), None, None),
+    }
+    for said, (body, ctype, encoding) in ways.items():
+        headers = {"Content-Type": ctype or "application/json"}
+        if encoding is not None:
+            headers["Content-Encoding"] = encoding
+        async with r.session.post(r.url(path), data=body, headers=headers) as resp:
             error = error_of(resp.status, resp.headers, await resp.read(), "bad_request")
-    assert "mine-0001" not in error["message"] and "longer than 256" in error["message"]
+        assert said in error["message"], (said, error)
     assert sum(rec.path.endswith("/prompt") for rec in comfy.records) == prompts  # neither was sent
     comfy.may_finish.clear()  # the next render goes on until the test has looked
     async with r.session.post(r.url(path), json={**first, "prompt_id": "mine-0002"}) as resp:
