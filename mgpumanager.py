@@ -9515,14 +9515,18 @@ def hold_poller(
     2xx answer over HOLD_ANSWER_LIMIT, read no further), and raises ConsumerGone once the consumer refuses
     (or resets) the poll: the work died with it.
 
-    None (logged) when the consumer's answer cannot fill the path's placeholders (or, where it has some, is
-    over HOLD_ANSWER_LIMIT).
+    None (logged) when the consumer's answer cannot fill the path's placeholders (of one over
+    HOLD_ANSWER_LIMIT, the fields whole in its head: ComfyUI names its prompt first, and what follows,
+    ``node_errors``, echoes what the client sent).
     """
     names = re.findall(r"{(\w+)}", hold.path)
-    if names and len(answer) > HOLD_ANSWER_LIMIT:  # (its head only was kept: no placeholders from it)
-        log.warning(logfmt(msg="no hold: answer over HOLD_ANSWER_LIMIT", consumer=consumer.name))
-        return None
-    data = parse_json(answer)
+    if names and len(answer) > HOLD_ANSWER_LIMIT:  # (its head only was kept)
+        data: Any = head_fields(answer)
+        if any(n not in data for n in names):
+            log.warning(logfmt(msg="no hold: answer over HOLD_ANSWER_LIMIT", consumer=consumer.name))
+            return None
+    else:
+        data = parse_json(answer)
     if names and (not isinstance(data, dict) or any(n not in data for n in names)):
         log.warning(
             logfmt(
@@ -9552,9 +9556,36 @@ def hold_poller(
     return poll
 
 
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def head_fields(head: bytes) -> dict[str, Any]:
+    """The top-level fields of a JSON object that come whole in ``head``, the start of a longer answer (a
+    value is whole once the comma after it came)."""
+    text, decode = head.decode("utf-8", "ignore"), json.JSONDecoder().raw_decode
+    fields: dict[str, Any] = {}
+    i = _JSON_SPACE.match(text).end()  # type: ignore[union-attr]
+    if not text.startswith("{", i):
+        return fields
+    try:
+        while True:
+            key, i = decode(text, _JSON_SPACE.match(text, i + 1).end())  # type: ignore[union-attr]
+            i = _JSON_SPACE.match(text, i).end()  # type: ignore[union-attr]
+            if not isinstance(key, str) or not text.startswith(":", i):
+                return fields
+            value, i = decode(text, _JSON_SPACE.match(text, i + 1).end())  # type: ignore[union-attr]
+            i = _JSON_SPACE.match(text, i).end()  # type: ignore[union-attr]
+            if not text.startswith(",", i):  # (the last, or one cut at the head's end: not known whole)
+                return fields
+            fields[key] = value
+    except (ValueError, RecursionError):
+        return fields
+
+
 def hold_url(consumer: ConsumerConfig, hold: Hold, fill: Mapping[str, str]) -> URL:
-    """The URL a hold polls: its path with each placeholder filled (percent-encoded whole)."""
-    path = re.sub(r"{(\w+)}", lambda m: quote(fill[m.group(1)], safe=""), hold.path)
+    """The URL a hold polls: its path with each placeholder filled (percent-encoded whole; a lone surrogate
+    as Python's UTF-8 writes it, so that no id stops the poll)."""
+    path = re.sub(r"{(\w+)}", lambda m: quote(fill[m.group(1)], safe="", errors="surrogatepass"), hold.path)
     return URL(consumer.url + path, encoded=True)
 
 
@@ -9598,7 +9629,8 @@ async def check_chosen_ids(
     names = re.findall(r"{(\w+)}", hold.path)
     if not names or not body:
         return
-    if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+    encodings = request.headers.getall("Content-Encoding", ())  # (aiohttp decompresses by the last)
+    if any(value.strip().lower() != "identity" for value in encodings):
         raise BrokerError(
             "bad_request",
             f"a compressed body (Content-Encoding) to {request.path} is refused: the broker reads its ids",
@@ -9613,6 +9645,10 @@ async def check_chosen_ids(
     for name, value in chosen.items():
         if len(value) > HOLD_ID_MAX:
             raise BrokerError("bad_request", f"{name} is longer than {HOLD_ID_MAX} characters", consumer.name)
+        if any("\ud800" <= ch <= "\udfff" for ch in value):
+            raise BrokerError("bad_request", f"{name} holds a lone surrogate", consumer.name)
+    if chosen.keys() != set(names):  # (the others come from the answer: nothing to ask before it)
+        return
     url = hold_url(consumer, hold, chosen)
     try:
         done = await hold_done(session, consumer, hold, url)

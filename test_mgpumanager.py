@@ -79,6 +79,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
@@ -7298,15 +7299,16 @@ async def test_a_prompt_id_the_client_chose_cannot_end_its_hold_at_once(rig, pat
     # The same id, as the consumer would read it whatever the spelling: a field name escaped, another
     # charset; a compressed body, which the broker cannot read so; one too long to echo.
     ways = {
-        "mine-0001": (b'{"prompt": {"1": {}}, "\\u0070rompt_id": "mine-0001"}', None, None),
-        "has finished": (json.dumps(first).encode("utf-16"), "application/json; charset=utf-16", None),
-        "Content-Encoding": (gzip.compress(json.dumps(first).encode()), "application/json", "gzip"),
-        "longer than 256": (json.dumps({**first, "prompt_id": "x" * 257}).encode(), None, None),
+        "mine-0001": (b'{"prompt": {"1": {}}, "\\u0070rompt_id": "mine-0001"}', None, ()),
+        "has finished": (json.dumps(first).encode("utf-16"), "application/json; charset=utf-16", ()),
+        "Content-Encoding": (gzip.compress(json.dumps(first).encode()), None, ("identity", "gzip")),
+        "longer than 256": (json.dumps({**first, "prompt_id": "x" * 257}).encode(), None, ()),
+        "lone surrogate": (b'{"prompt": {}, "prompt_id": "mine-\\ud800"}', None, ()),
     }
-    for said, (body, ctype, encoding) in ways.items():
-        headers = {"Content-Type": ctype or "application/json"}
-        if encoding is not None:
-            headers["Content-Encoding"] = encoding
+    for said, (body, ctype, encodings) in ways.items():
+        headers = CIMultiDict({"Content-Type": ctype or "application/json"})
+        for encoding in encodings:  # (aiohttp decompresses by the last)
+            headers.add("Content-Encoding", encoding)
         async with r.session.post(r.url(path), data=body, headers=headers) as resp:
             error = error_of(resp.status, resp.headers, await resp.read(), "bad_request")
         assert said in error["message"], (said, error)
@@ -7320,6 +7322,21 @@ async def test_a_prompt_id_the_client_chose_cannot_end_its_hold_at_once(rig, pat
     assert st["scheduler"]["holder"] is not None and st["scheduler"]["holder"]["holds"] == 1
     comfy.may_finish.set()
     await status_until(r, lambda st: st["scheduler"]["holder"] is None)
+
+
+async def test_a_hold_path_of_two_placeholders_the_client_chose_one_of_holds(rig):
+    """A hold path with two placeholders and a body that names one: the other comes from the answer, so
+    there is nothing to ask before it (the check tried to fill the path and crashed: scheduler_error)."""
+
+    def two(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["path"] = (
+            "/history/{prompt_id}?n={number}"
+        )
+
+    r = await rig(sims={"mvoice": {"loaded": False}}, tweak=two)
+    status, _, body = await r.post("image", {"prompt": {"1": {}}, "prompt_id": "mine-0001"})
+    assert status == 200, body
+    await until(lambda: any(rec.path == "/history/mine-0001" for rec in r.sims["comfyui"].records))
 
 
 async def test_a_finished_prompt_id_is_refused_naming_it(rig):
@@ -11599,7 +11616,7 @@ async def _leave_mid_answer(r: Rig, left: asyncio.Event) -> None:
     """An image job whose client leaves after its answer's first bytes, its job ended as cancelled; then
     ``left`` is set (the stand-in sends the rest of its answer)."""
     resp = await r.session.post(r.url("/v1/image"), json={"prompt": {}})
-    assert await resp.content.readexactly(14) == b'{"prompt_id": '
+    assert (await resp.content.readexactly(2))[:1] == b"{"  # (its answer began)
     resp.close()
     await until(lambda: r.stats.cancelled == 1)
     left.set()
@@ -11724,10 +11741,10 @@ async def test_a_client_leaving_a_hold_path_before_its_answer_began_leaves_the_h
 
 
 def _padded_prompt_answer(size: int) -> list[bytes]:
-    """A ComfyUI /prompt answer that names its prompt p1 and is padded to ``size`` bytes, in 64 KiB writes but
-    a last short one: a capture that skipped a write it had no room for, then kept a later one, would still
-    hold valid JSON naming p1."""
-    head, tail = b'{"prompt_id": "p1", "pad": "', b'"}'
+    """A /prompt answer padded to ``size`` bytes that names its prompt p1 at its end (so not in the head the
+    broker keeps), in 64 KiB writes but a last short one: a capture that skipped a write it had no room for,
+    then kept a later one, would still hold valid JSON naming p1."""
+    head, tail = b'{"pad": "', b'", "prompt_id": "p1"}'
     body = head + b"x" * (size - len(head) - len(tail)) + tail
     step = 64 * 1024
     return [body[i : min(i + step, len(body) - len(tail))] for i in range(0, len(body) - len(tail), step)] + [
@@ -11737,9 +11754,10 @@ def _padded_prompt_answer(size: int) -> list[bytes]:
 
 async def test_a_2xx_answer_over_the_hold_answer_limit_starts_no_hold(rig):
     """A hold's placeholders come from the answer only while it is at most HOLD_ANSWER_LIMIT (the capture is
-    bounded, so a consumer cannot fill the broker's memory): a longer one starts no hold, even one whose
-    every byte is JSON naming its prompt, and no poll is made. (A mutation audit: the relay's capture
-    unbounded, which started the hold from the whole answer, went unseen.)"""
+    bounded, so a consumer cannot fill the broker's memory): a longer one starts no hold where its head does
+    not name the prompt, even one whose every byte is JSON naming it at its end, and no poll is made. (A
+    mutation audit: the relay's capture unbounded, which started the hold from the whole answer, went
+    unseen.)"""
     polls: list[str] = []
 
     async def prompt(request: web.Request) -> web.StreamResponse:
@@ -11755,6 +11773,28 @@ async def test_a_2xx_answer_over_the_hold_answer_limit_starts_no_hold(rig):
         assert status == 200 and len(body) == m.HOLD_ANSWER_LIMIT + 256 * 1024
         await until(lambda: r.broker.scheduler.holder is None)
     assert polls == [] and r.stats.completed == 1
+
+
+async def test_an_answer_over_the_hold_answer_limit_that_names_its_prompt_first_holds(rig):
+    """ComfyUI answers a prompt with some invalid outputs 200 and renders the valid ones; its node_errors echo
+    each bad input's value twice, so a client's long value makes the answer pass HOLD_ANSWER_LIMIT. The
+    prompt_id comes first, whole in the head the broker keeps: the hold starts from it, and the render is
+    not left to run with the GPU given up."""
+    polls: list[str] = []
+    value = "x" * (m.HOLD_ANSWER_LIMIT // 2)
+
+    async def prompt(request: web.Request) -> web.Response:
+        errors = {"8": {"errors": [{"details": f"ckpt_name: '{value}'", "received_value": value}]}}
+        return web.json_response({"prompt_id": "p1", "number": 1, "node_errors": errors})
+
+    async with StandIn(_comfy_routes(prompt, polls)) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        status, _, body = await r.post("image", {"prompt": {}})
+        assert status == 200 and len(body) > m.HOLD_ANSWER_LIMIT
+        await until(lambda: r.broker.scheduler.holder is None)
+    assert polls == ["p1"] and r.stats.completed == 1
+    assert m.head_fields(b'{"a": 1, "b": [2, "x"], "c": "cut') == {"a": 1, "b": [2, "x"]}
+    assert m.head_fields(b' { "a" : 1 , "b": 2') == {"a": 1} and m.head_fields(b"[1, 2") == {}
 
 
 @pytest.mark.parametrize("client_leaves", [False, True], ids=["relayed", "read by the hold"])
@@ -11806,7 +11846,8 @@ async def test_a_long_2xx_answer_on_a_hold_path_is_kept_in_memory_no_further_tha
 
 async def test_a_client_leaving_an_answer_over_the_hold_answer_limit_starts_no_hold(rig):
     """The hold of a client that left reads the rest of the answer itself, keeping at most HOLD_ANSWER_LIMIT
-    of it: a longer answer starts no hold, even one whose every byte is JSON naming its prompt. (A mutation
+    of it: a longer answer starts no hold where its head does not name the prompt, even one whose every byte
+    is JSON naming it at its end. (A mutation
     audit: hold_after_rest's capture unbounded, which started the hold from the whole answer, went
     unseen.)"""
     left = asyncio.Event()
