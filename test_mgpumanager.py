@@ -11820,8 +11820,8 @@ async def test_a_long_2xx_answer_on_a_hold_path_is_kept_in_memory_no_further_tha
         await resp.write(b'"}')
         return resp
 
-    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", _ok), ("GET", "/system_stats", _ok)]
-    async with StandIn(routes) as comfy:
+    polls: list[str] = []
+    async with StandIn(_comfy_routes(prompt, polls)) as comfy:  # (its hold, from the head: done at once)
         r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
         tracemalloc.start()
         try:
@@ -11842,6 +11842,7 @@ async def test_a_long_2xx_answer_on_a_hold_path_is_kept_in_memory_no_further_tha
         finally:
             tracemalloc.stop()
     assert peak < size // 4, f"{peak / m.MiB:.0f} MiB at once for a {size // m.MiB} MiB answer"
+    assert polls == ["p1"]
 
 
 async def test_a_client_leaving_an_answer_over_the_hold_answer_limit_starts_no_hold(rig):
