@@ -7339,6 +7339,115 @@ async def test_a_hold_path_of_two_placeholders_the_client_chose_one_of_holds(rig
     await until(lambda: any(rec.path == "/history/mine-0001" for rec in r.sims["comfyui"].records))
 
 
+async def test_a_body_whose_chosen_ids_cannot_be_read_so_goes_to_the_consumer_unasked(rig):
+    """The check of a prompt_id the client chose asks nothing of a body it cannot read as an object of ids
+    (an unknown charset, a JSON list, nesting deeper than Python's JSON reads): the consumer gets it as it
+    would without the check, and answers it; the broker does not crash on it (scheduler_error)."""
+    polls: list[str] = []
+    got: list[bytes] = []
+
+    async def prompt(request: web.Request) -> web.Response:
+        got.append(await request.read())
+        return web.json_response({"error": "invalid prompt"}, status=400)
+
+    bodies = [
+        (json.dumps({"prompt": {}, "prompt_id": "p1"}).encode(), "application/json; charset=no-such"),
+        (b'["prompt_id"]', "application/json"),
+        (b"[" * 100_000 + b"]" * 100_000, "application/json"),
+    ]
+    async with StandIn(_comfy_routes(prompt, polls)) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
+        for body, ctype in bodies:
+            async with r.session.post(
+                r.url("/c/comfyui/prompt"), data=body, headers={"Content-Type": ctype}
+            ) as resp:
+                assert resp.status == 400 and (await resp.json()) == {"error": "invalid prompt"}
+    assert got == [body for body, _ in bodies] and polls == []
+
+
+async def test_a_chosen_prompt_id_of_256_characters_or_a_number_holds(rig):
+    """api.md: a prompt_id "over 256 characters" is refused; one of 256 is not. A number is the id
+    ComfyUI makes of it (str()), asked as such."""
+    r = await rig(sims={"mvoice": {"loaded": False}})
+    for chosen in ("x" * 256, 12345):
+        status, _, body = await r.post("image", {"prompt": {"1": {}}, "prompt_id": chosen})
+        assert status == 200, body
+        await status_until(r, lambda st: st["scheduler"]["holder"] is None)
+        assert any(rec.path == f"/history/{chosen}" for rec in r.sims["comfyui"].records)
+
+
+@pytest.mark.parametrize("fault", ["slow", "gone"])
+async def test_a_consumer_failing_the_chosen_id_check_is_its_own_error_not_the_brokers(rig, fault):
+    """The check of a chosen prompt_id asks the consumer once before it gets the prompt: a consumer that does
+    not answer that in time is consumer_timeout, one that hangs up is consumer_unreachable, as any other call
+    to it; the prompt is not sent, and the broker does not crash (scheduler_error)."""
+    got: list[str] = []
+
+    async def prompt(request: web.Request) -> web.Response:
+        got.append("prompt")
+        return web.json_response({"prompt_id": "p1", "number": 1, "node_errors": {}})
+
+    async def history(request: web.Request) -> web.Response:
+        if fault == "slow":
+            await asyncio.sleep(5)
+        else:
+            assert request.transport is not None
+            request.transport.close()  # (hung up before any answer)
+        return web.json_response({})
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 0.5
+
+    routes = [("POST", "/prompt", prompt), ("GET", "/history/{id}", history), ("GET", "/system_stats", _ok)]
+    async with StandIn(routes) as comfy:
+        r = await rig(total_mib=40000, urls={"comfyui": comfy.url}, tweak=tweak)
+        code = "consumer_timeout" if fault == "slow" else "consumer_unreachable"
+        error = error_of(*await r.post("image", {"prompt": {}, "prompt_id": "mine-0001"}), code)
+        assert error["consumer"] == "comfyui"
+    assert got == []
+
+
+async def test_an_answer_over_the_hold_answer_limit_is_read_from_its_head_whatever_it_echoes(caplog):
+    """how-it-works.md: an answer over 1 MiB fills the placeholders from the fields whole in its first MiB,
+    and where they are not there it starts no hold, "logged: `no hold: answer over HOLD_ANSWER_LIMIT`".
+    ComfyUI's node_errors echo what the client sent, non-ASCII text or not: a head cut inside a character,
+    or nested deeper than Python's JSON reads, still names the prompt that came first."""
+    cfg = small_config()
+    hold = m.Hold("GET", "/history/{prompt_id}", poll_s=0.05, timeout_s=10)
+    s, _, _, _ = make_scheduler(cfg)
+    async with aiohttp.ClientSession() as session:
+        unnamed = b'{"pad": "' + b"x" * m.HOLD_ANSWER_LIMIT
+        assert m.hold_poller(session, cfg.consumers["t"], hold, unnamed, s.recorder) is None
+        assert [r.getMessage() for r in caplog.records if "no hold" in r.getMessage()] == [
+            'msg="no hold: answer over HOLD_ANSWER_LIMIT" consumer=t'
+        ]
+        for pad in (b"", b"x"):  # (one of the two cuts the last character in half)
+            echo = b'{"prompt_id": "p1", "node_errors": "' + pad + "é".encode() * m.HOLD_ANSWER_LIMIT
+            answer = echo[: m.HOLD_ANSWER_LIMIT + 1]
+            assert m.hold_poller(session, cfg.consumers["t"], hold, answer, s.recorder) is not None
+    assert m.head_fields(b'{"prompt_id": "p1", "node_errors": ' + b"[" * 100_000) == {"prompt_id": "p1"}
+
+
+async def test_a_hold_ends_on_a_non_empty_list_and_polls_a_lone_surrogate_id():
+    """how-it-works.md: a hold keeps the lock "until GET hold_until.path returns a non-empty JSON object or
+    list" (an empty one is polled again). An id the consumer answered with a lone surrogate (JSON lets it
+    escape one) is polled as Python's UTF-8 writes it (hold_url), not a crash filling the path."""
+    seen: list[str] = []
+
+    async def history(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.json_response([] if len(seen) == 1 else [{"outputs": {}}])
+
+    async with (
+        StandIn([("GET", "/history/{id:.*}", history)]) as consumer,
+        aiohttp.ClientSession() as session,
+    ):
+        poll = _hold_poll(session, consumer.url, "/history/{prompt_id}", {"prompt_id": "p\ud800"})
+        assert poll is not None
+        await asyncio.wait_for(poll(), 10)
+    assert seen == ["/history/p%ED%A0%80"] * 2
+
+
 async def test_a_finished_prompt_id_is_refused_naming_it(rig):
     r = await rig(sims={"mvoice": {"loaded": False}})
     body = {"prompt": {"1": {}}, "prompt_id": "mine-0001"}
