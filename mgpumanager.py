@@ -9738,14 +9738,21 @@ async def open_answer(
     body: bytes | bytearray | None,
 ) -> aiohttp.ClientResponse:
     """``open_upstream``, and a consumer that could not be reached or sent nothing in time is marked
-    unhealthy (a job, or a WebSocket, found it failing)."""
+    unhealthy (``found_failing``)."""
     try:
         return await open_upstream(broker.session, consumer, method, path_qs, headers, body)
     except BrokerError as e:
-        if e.code in ("consumer_unreachable", "consumer_timeout"):
-            reason = describe(e.__cause__) if e.__cause__ else f"no answer within {consumer.timeout_s:g} s"
-            broker.consumers.job_failed(consumer.name, e.__cause__, reason, called=consumer)
+        found_failing(broker, consumer, e)
         raise
+
+
+def found_failing(broker: Broker, consumer: ConsumerConfig, error: BrokerError) -> None:
+    """A call for a job (or a WebSocket) that could not reach the consumer or got nothing in time: the
+    consumer is marked unhealthy, so that the next job is refused at the door, not made room for."""
+    if error.code in ("consumer_unreachable", "consumer_timeout"):
+        cause = error.__cause__
+        reason = describe(cause) if cause else f"no answer within {consumer.timeout_s:g} s"
+        broker.consumers.job_failed(consumer.name, cause, reason, called=consumer)
 
 
 def _broke(broker: Broker, consumer: ConsumerConfig, error: UpstreamBroke) -> None:
@@ -9797,7 +9804,11 @@ async def forward_job(
     if path.hold_until is None:
         upstream = await open_answer(broker, consumer, path.method, target, headers, body)
     else:
-        await check_chosen_ids(broker.session, consumer, path.hold_until, request, body)
+        try:
+            await check_chosen_ids(broker.session, consumer, path.hold_until, request, body)
+        except BrokerError as e:
+            found_failing(broker, consumer, e)
+            raise
         # (A client that leaves before the answer begins leaves its hold to wait for it: hold_after_answer.)
         opening = asyncio.ensure_future(open_answer(broker, consumer, path.method, target, headers, body))
         opening.add_done_callback(error_read)

@@ -7404,6 +7404,8 @@ async def test_a_consumer_failing_the_chosen_id_check_is_its_own_error_not_the_b
         code = "consumer_timeout" if fault == "slow" else "consumer_unreachable"
         error = error_of(*await r.post("image", {"prompt": {}, "prompt_id": "mine-0001"}), code)
         assert error["consumer"] == "comfyui"
+        # Found failing, as a job's own call finds it: the next job is refused at the door.
+        assert (await r.status())["consumers"]["comfyui"]["healthy"] is False
     assert got == []
 
 
