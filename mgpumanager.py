@@ -9747,8 +9747,8 @@ async def open_answer(
 
 
 def found_failing(broker: Broker, consumer: ConsumerConfig, error: BrokerError) -> None:
-    """A call for a job (or a WebSocket) that could not reach the consumer or got nothing in time: the
-    consumer is marked unhealthy, so that the next job is refused at the door, not made room for."""
+    """A call for a job, or an unscheduled one, that could not reach the consumer or got nothing in time:
+    the consumer is marked unhealthy, so that the next job is refused at the door, not made room for."""
     if error.code in ("consumer_unreachable", "consumer_timeout"):
         cause = error.__cause__
         reason = describe(cause) if cause else f"no answer within {consumer.timeout_s:g} s"
