@@ -6018,6 +6018,19 @@ def plan_room(snap: RoomSnapshot) -> RoomPlan:
     return RoomPlan(need, snap.free_mib, tuple(enough), _why_not(snap), expected_mib=expected)
 
 
+def absent_to_ask(snap: RoomSnapshot) -> list[str]:
+    """Whom to ask before a target is refused for want of room: the consumers recorded not resident that
+    readings do not measure and that have an unload (not the target, none tried). One may have loaded its
+    model behind the broker's back (a restart that preloads, a client on its own port): its memory is then
+    in the reading, but its record keeps it from the plan."""
+    return [
+        name
+        for name, view in snap.consumers.items()
+        if name != snap.target and name not in snap.tried
+        if view.resident is False and view.used_mib is None and view.config.unload is not None
+    ]
+
+
 def _least_recently_used(
     consumers: Mapping[str, ConsumerView], eligible: Callable[[str, ConsumerView], bool]
 ) -> list[str]:
@@ -7507,12 +7520,21 @@ class RoomMaker:
     async def _make_room(self, job: Job, warm: bool = False) -> None:
         """While the plan says the target does not fit, unload its first victim and wait for the memory."""
         tried: dict[str, str] = {}
+        asked = False
         reading = await self.read(job)
         while True:
             snap = self.snapshot(job, reading, tried, loads=self._loads(job, warm))
             plan = plan_room(snap)
             if plan.fits or job.left:  # (nobody waits for it any more: unload nothing more for it)
                 return
+            # Nobody left to unload but the target itself: those recorded absent are asked first.
+            last_resort = all(victim == job.consumer for victim in plan.victims)
+            if last_resort and not asked and (absent := absent_to_ask(snap)):
+                asked = True  # (once a job: a probe each, at once; one found resident is planned anew)
+                await asyncio.gather(*(self.ops.probe_now(name) for name in absent))
+                if any(self.states[name].resident is not False for name in absent):
+                    reading = await self.read(job)
+                    continue
             # Beside a stranger every consumer is measured: a plan that cannot fit whatever it unloads
             # unloads nothing (gpu_in_use at once, not after needless evictions).
             if not plan.victims or (snap.keep_free_mib and plan.hopeless):

@@ -7239,6 +7239,74 @@ async def test_a_client_leaving_during_an_eviction_does_not_cut_the_unload():
     assert s.holder is None and books_balance(s)
 
 
+def _mvoice_preloads_at_boot(r: Rig) -> None:
+    """mvoice restarts (a new process) and loads its model as it starts, as many TTS servers do."""
+    sim = r.sims["mvoice"]
+    sim.restart()
+    sim.loaded = True
+    sim.hold_memory()
+
+
+@pytest.mark.parametrize("how", ["health_loaded", "health_silent_probed", "measured"])
+async def test_a_consumer_that_loaded_itself_after_its_eviction_is_asked_and_evicted_again(rig, how):
+    """Found by an attack on consumers changing behind the broker's back (how-it-works.md: "a decision that
+    depends on a record in doubt gets the fact first"): mvoice, evicted for ComfyUI, restarts and loads its
+    model at boot; ComfyUI's UI unloads FLUX. The next render needs mvoice's memory. Recorded not resident,
+    mvoice was never asked, though its health says it is loaded: the render was refused insufficient_vram,
+    after the broker had unloaded ComfyUI itself as the last resort. Those recorded absent are asked before
+    that."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        if how == "measured":
+            raw["consumers"]["mvoice"]["processes"] = {"name": "/opt/mvoice/*"}
+
+    sims = {"comfyui": REAL_COMFY, "mvoice": {"loaded": False}}
+    r = await rig(**SMALL_CARD, sims=sims, tweak=tweak)
+    assert (await r.post("tts", {"text": "hi"}))[0] == 200
+    await _render(r)  # evicts mvoice
+    assert r.sims["mvoice"].unloads == 1
+    async with r.session.post(r.url("/c/comfyui/api/free"), json={"unload_models": True}) as resp:
+        assert resp.status == 200
+    if how != "health_loaded":
+        r.sims["mvoice"].faults["health_loaded"] = None  # its health says nothing of its model
+    await r.kill("mvoice")
+    if how == "health_silent_probed":
+        await r.broker.consumers.probe("mvoice")  # a health round sees it down
+    await r.revive("mvoice")
+    _mvoice_preloads_at_boot(r)
+    if how == "health_silent_probed":
+        await r.broker.consumers.probe("mvoice")  # ... and back up
+    assert r.gpu.used_mib("mvoice") == 2800
+    async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+        body = await resp.read()
+    nothing_overfilled(r.gpu)
+    assert resp.status == 200, body
+    assert r.sims["mvoice"].unloads == 2
+
+
+async def test_ollama_loaded_by_a_client_on_its_own_port_is_asked_and_evicted_for_a_render(rig):
+    """Ollama's keep_alive expired (a health round saw /api/ps empty); then a client calls Ollama on its own
+    port, and it loads its model again. The next render needs that memory: Ollama (the last resort) is
+    asked to let go, the render is not refused (it was refused insufficient_vram, naming Ollama's own
+    process as no consumer's)."""
+    r = await rig(**SMALL_CARD, sims={"comfyui": REAL_COMFY}, tweak=use_presets)
+    assert (await r.post("llm", {"model": "m", "prompt": "hi", "stream": False}))[0] == 200
+    async with r.session.post(
+        sim_url(r, "ollama", "/api/generate"), json={"model": "m", "keep_alive": 0}
+    ) as resp:
+        assert resp.status == 200  # its keep_alive ran out
+    await r.broker.consumers.probe("ollama")
+    assert r.broker.consumers.states["ollama"].resident is False and r.gpu.used_mib("ollama") == 0
+    body = {"model": "m", "prompt": "direct", "stream": False}
+    async with r.session.post(sim_url(r, "ollama", "/api/generate"), json=body) as resp:
+        assert resp.status == 200  # a client on Ollama's own port: the broker sees nothing
+    assert r.gpu.used_mib("ollama") == 8000
+    async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+        answer = await resp.read()
+    nothing_overfilled(r.gpu)
+    assert resp.status == 200, answer
+
+
 async def test_comfyui_evicted_to_fit_mvoice_one_unload_one_load(rig):
     r = await rig(sims={"comfyui": {"loaded": True, "release_s": 0.05}, "mvoice": {"loaded": False}})
     assert r.gpu.free_mib() == 16384 - 480 - 13000  # 2904 MiB: mvoice's 2800 + 256 do not fit
