@@ -9541,7 +9541,7 @@ def hold_poller(
     HOLD_ANSWER_LIMIT, the fields whole in its head: ComfyUI names its prompt first, and what follows,
     ``node_errors``, echoes what the client sent).
     """
-    names = re.findall(r"{(\w+)}", hold.path)
+    names = PLACEHOLDER.findall(hold.path)
     if names and len(answer) > HOLD_ANSWER_LIMIT:  # (its head only was kept)
         data: Any = head_fields(answer)
         if any(n not in data for n in names):
@@ -9607,7 +9607,7 @@ def head_fields(head: bytes) -> dict[str, Any]:
 def hold_url(consumer: ConsumerConfig, hold: Hold, fill: Mapping[str, str]) -> URL:
     """The URL a hold polls: its path with each placeholder filled (percent-encoded whole; a lone surrogate
     as Python's UTF-8 writes it, so that no id stops the poll)."""
-    path = re.sub(r"{(\w+)}", lambda m: quote(fill[m.group(1)], safe="", errors="surrogatepass"), hold.path)
+    path = PLACEHOLDER.sub(lambda m: quote(fill[m.group(1)], safe="", errors="surrogatepass"), hold.path)
     return URL(consumer.url + path, encoded=True)
 
 
@@ -9648,7 +9648,7 @@ async def check_chosen_ids(
     could pass HOLD_ANSWER_LIMIT: no hold) or names work the consumer has finished already (asked once, now
     that the job holds the GPU): either way the hold would end at once and the GPU go on while the work
     runs. A compressed body, which the broker cannot read so, is refused where the path has placeholders."""
-    names = re.findall(r"{(\w+)}", hold.path)
+    names = PLACEHOLDER.findall(hold.path)
     if not names or not body:
         return
     encodings = request.headers.getall("Content-Encoding", ())  # (aiohttp decompresses by the last)
