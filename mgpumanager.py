@@ -74,10 +74,11 @@ Sections, in dependency order:
   over the fair window); ``admission_refusal`` (whom a queue turns away at its door: a client's own room,
   or the others'), ``ClientEtas`` (a refused client's Retry-After, played once a second) and ``GpuLock`` (the
   lock core: admission to the queue, grants, release, each consumer's job count); ``Strangers`` (what a
-  GPU's readings show that no consumer claims); ``RoomMaker`` (carries a plan out, loads); ``Holds``;
-  ``Reservations``; ``JobLease`` and ``Scheduler`` (one per GPU: composes its parts, hands out leases,
-  sends a reload's queued jobs on: ``forget``); ``InternalJobs`` (idle unloads, preloads, yields and
-  restores, on every GPU); ``Yielding`` (when to yield and restore: the poll of gpu.yield).
+  GPU's readings show that no consumer claims, and whether a job fits beside a stranger); ``RoomMaker``
+  (carries a plan out, loads); ``Holds``; ``Reservations``; ``JobLease`` and ``Scheduler`` (one per GPU:
+  composes its parts, hands out leases, sends a reload's queued jobs on: ``forget``, as ``reload_fate``
+  decides); ``InternalJobs`` (idle unloads, preloads, yields and restores, on every GPU); ``Yielding``
+  (when to yield and restore: the poll of gpu.yield).
 - The proxy: ``forward`` and ``forward_job`` (``relay``, streamed), the holds' polls, WebSockets.
 - The broker: ``StateFile`` (what a restart keeps: ``parse_state``, an atomic write), ``Broker``, the
   composition root (its ``clients``: each client's use, for status), ``move_problems`` (why a reload may
@@ -7318,6 +7319,32 @@ class Strangers:
         y = self.shared.config.gpu.yield_
         return y.keep_free_mib if y is not None and self.present else 0
 
+    def refuses(self, target: ConsumerConfig, reading: GpuReading | None) -> BrokerError | None:
+        """gpu_in_use when a stranger is present and a job of ``target`` could not fit beside it even once
+        every consumer that may be unloaded is (whoever works now is taken to be idle by then): as
+        ``plan_room`` decides, from ``reading`` (the GPU's newest; no reading of its own). None when it may
+        fit, when no stranger is present, or when the target needs no room (it is known to be resident, or
+        its memory is elsewhere)."""
+        keep = self.keep_free_mib()
+        if not keep or target.vram_resident_mib == 0 or reading is None or reading.free_mib is None:
+            return None
+        views = {name: replace(view, jobs=0) for name, view in self.views().items()}
+        view = views.get(target.name)
+        if view is None or (view.resident is True and view.trusted):  # (known to be resident)
+            return None
+        cfg = self.shared.config
+        snap = RoomSnapshot(
+            target.name,
+            views,
+            reading.free_mib,
+            cfg.gpu.cushion_mib,
+            max_evictions=cfg.scheduler.max_evictions,
+            used_mib=reading.used_mib,
+            keep_free_mib=keep,
+        )
+        plan = plan_room(snap)
+        return self.refusal(target.name, plan, snap.cushion_mib) if plan.hopeless else None
+
     def refusal(self, target: str, plan: RoomPlan, cushion_mib: int) -> BrokerError:
         """gpu_in_use for ``target``: the unclaimed MiB and the strangers' processes, what it needs, at most
         what could be made free; Retry-After GPU_IN_USE_RETRY_S (or poll_s, if longer)."""
@@ -7381,37 +7408,6 @@ class RoomMaker:
         """Resident by a record nothing has put in doubt, or its memory is elsewhere (a remote broker):
         no GPU reading, no eviction."""
         return self.states[job.consumer].known_resident() or job.target.vram_resident_mib == 0
-
-    def beside_strangers(self, target: ConsumerConfig) -> BrokerError | None:
-        """gpu_in_use when a stranger is present (gpu.yield) and a job of ``target`` could not fit beside it
-        even once every consumer that may be unloaded is (whoever works now is taken to be idle by then): as
-        ``plan_room`` decides, from the newest reading (no reading of its own). None when it may fit, when
-        no stranger is present, or when the target needs no room (it is known to be resident, or its memory
-        is elsewhere)."""
-        keep = self.strangers.keep_free_mib()
-        if not keep or target.vram_resident_mib == 0:
-            return None
-        reading = self.gpu.last_reading()
-        if reading is None or reading.free_mib is None:
-            return None
-        state = self.states.get(target.name)
-        if state is None or state.known_resident():
-            return None
-        views = {name: replace(view, jobs=0) for name, view in self.views().items()}
-        if target.name not in views:
-            return None
-        cfg = self.config
-        snap = RoomSnapshot(
-            target.name,
-            views,
-            reading.free_mib,
-            cfg.gpu.cushion_mib,
-            max_evictions=cfg.scheduler.max_evictions,
-            used_mib=reading.used_mib,
-            keep_free_mib=keep,
-        )
-        plan = plan_room(snap)
-        return self.strangers.refusal(target.name, plan, snap.cushion_mib) if plan.hopeless else None
 
     async def ready(self, job: Job, *, warm: bool = False) -> None:
         """Make the GPU ready for a granted job: room made for its target, and the target loaded. ``warm``
@@ -8162,6 +8158,22 @@ class Reservations:
 # ---- a job's lease, and the scheduler that hands leases out -----------------------------------------
 
 
+def reload_fate(job: Job, now: ConsumerConfig | None, index: int) -> ConsumerConfig | BrokerError:
+    """What a reload makes of a job waiting on GPU ``index``, its consumer's config now being ``now``: the
+    target it goes to (the config in force from now on; a new URL is a new service), or no_consumer, where
+    that consumer is gone, moved to another GPU, or at its new URL no longer serves the job's kind. (A
+    reservation's job is no consumer's: it stays as it is.)"""
+    if job.kind == RESERVATION:
+        return job.target
+    if now is None or now.gpu != index:
+        why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
+        return BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer)
+    if now.url != job.target.url and job.kind in job.target.paths and job.kind not in now.paths:
+        why = f"{job.consumer} no longer serves kind {job.kind!r} at its new url"
+        return BrokerError("no_consumer", why, job.consumer)
+    return now if now.url != job.target.url else job.target
+
+
 class JobLease:
     """A job as its caller holds it: ``async with scheduler.job(consumer, kind) as job`` admits it, waits for
     the GPU's lock, makes room and loads (or runs ``step``: the whole work of an admin or internal job),
@@ -8232,8 +8244,17 @@ class JobLease:
         except asyncio.CancelledError:
             if not task.done():  # the caller left: the step under way runs on, and the job ends with it
                 job.left = True
-                task.add_done_callback(functools.partial(s.ended_after, job))
+                task.add_done_callback(functools.partial(self._ended_after, job))
             raise
+
+    def _ended_after(self, job: Job, task: asyncio.Task[Any]) -> None:
+        """The step a job's caller left during is done: the job ends as cancelled (a crash is still one)."""
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None and not isinstance(exc, BrokerError):
+            self.scheduler.recorder.internal_error(
+                "scheduler crashed", exc, consumer=job.consumer, job=job.id
+            )
+        job.release("cancelled")
 
 
 class Scheduler:
@@ -8376,13 +8397,6 @@ class Scheduler:
             client=client,
         )
 
-    async def acquire(
-        self, consumer: str, kind: str, request_id: str | None = None, *, client: str | None = None
-    ) -> Job:
-        """A lease's way in alone: the job, granted, room made and loaded; its caller ends it with
-        ``job.release(...)``. Whatever raises on the way, the job has ended and holds no slot."""
-        return await self.job(consumer, kind, request_id=request_id, client=client).__aenter__()
-
     async def unload_now(self, name: str) -> Job:
         """Admin: unload a consumer through its route, holding the lock alone so no job races it."""
 
@@ -8422,7 +8436,7 @@ class Scheduler:
                 raise BrokerError("unauthorized", f"client {client} is no longer configured", consumer)
         if self.reservations.reservation is not None:
             raise self.reservations.refusal(consumer)
-        if not exclusive and (refusal := self.rooms.beside_strangers(target)) is not None:
+        if not exclusive and (refusal := self.strangers.refuses(target, self.gpu.last_reading())):
             raise refusal  # (as gpu_reserved: before it is a job, so it is not counted)
         if priority is None:
             own = spec.priority if spec is not None else None  # (the client's)
@@ -8486,8 +8500,8 @@ class Scheduler:
         """End ``job`` once, as the exception that stopped it says: cancelled (its caller left, or the
         client did), failed with a BrokerError's code (queue_full: rejected), or, a bug, failed as
         scheduler_error, counted and logged with its traceback; its slot, if it holds one, goes. A job whose
-        step its caller left ends when that step does (``ended_after``). What its caller is to get: ``exc``,
-        or for a bug scheduler_error."""
+        step its caller left ends when that step does (``JobLease._ended_after``). What its caller is to
+        get: ``exc``, or for a bug scheduler_error."""
         if job.state == "ended" or job.left:
             return exc
         error = exc
@@ -8505,13 +8519,6 @@ class Scheduler:
         else:
             self.end(job, outcome, code)
         return error
-
-    def ended_after(self, job: Job, task: asyncio.Task[Any]) -> None:
-        """The step a job's caller left during is done: the job ends as cancelled (a crash is still one)."""
-        exc = None if task.cancelled() else task.exception()
-        if exc is not None and not isinstance(exc, BrokerError):
-            self.recorder.internal_error("scheduler crashed", exc, consumer=job.consumer, job=job.id)
-        job.release("cancelled")
 
     def finish(
         self,
@@ -8610,19 +8617,11 @@ class Scheduler:
         buckets go, and the GPU time and job count of each client removed (its jobs under way count for
         nobody from then on)."""
         for job in [j for j in self.lock.waiting if not j.granted.done()]:
-            now = self.config.consumers.get(job.consumer)
-            if job.kind == RESERVATION:  # (no consumer's)
-                continue
-            if now is not None and now.gpu == self.index:
-                if now.url != job.target.url:
-                    if job.kind in job.target.paths and job.kind not in now.paths:
-                        why = f"{job.consumer} no longer serves kind {job.kind!r} at its new url"
-                        self.lock.refuse(job, BrokerError("no_consumer", why, job.consumer))
-                    else:
-                        job.target = now
-                continue
-            why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
-            self.lock.refuse(job, BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer))
+            fate = reload_fate(job, self.config.consumers.get(job.consumer), self.index)
+            if isinstance(fate, BrokerError):
+                self.lock.refuse(job, fate)
+            else:
+                job.target = fate
         # What is kept per client or consumer between jobs goes with the ones the reload removed.
         clients = self.config.auth.clients
         self.lock.forget(clients)
@@ -9087,12 +9086,12 @@ class Yielding:
     @staticmethod
     def refuse_beside_strangers(s: Scheduler) -> int:
         """Answer gpu_in_use, at once, the jobs waiting on ``s``'s GPU that could not fit beside a stranger
-        present now (``RoomMaker.beside_strangers``): none waits for a stranger to leave. How many."""
+        present now (``Strangers.refuses``): none waits for a stranger to leave. How many."""
         refusals: dict[str, BrokerError | None] = {}
         refused = 0
         for job in [j for j in s.lock.waiting if not j.granted.done() and not j.exclusive]:
             if job.consumer not in refusals:
-                refusals[job.consumer] = s.rooms.beside_strangers(job.target)
+                refusals[job.consumer] = s.strangers.refuses(job.target, s.gpu.last_reading())
             error = refusals[job.consumer]
             if error is not None:
                 s.lock.refuse(job, error)  # (it ends failed, gpu_in_use: counted and logged)

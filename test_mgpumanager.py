@@ -364,6 +364,14 @@ def make_scheduler(config: m.Config) -> tuple[m.Scheduler, FakeGpu, FakeOps, Fak
     return m.Scheduler(m.Shared(config), gpu, ops, clock=clock, sleep=clock.sleep), gpu, ops, clock
 
 
+async def acquire(
+    s: m.Scheduler, consumer: str, kind: str, request_id: str | None = None, *, client: str | None = None
+) -> m.Job:
+    """A lease's way in alone: the job, granted, room made and loaded; the test ends it with
+    ``job.release(...)``. Whatever raises on the way, the job has ended and holds no slot."""
+    return await s.job(consumer, kind, request_id=request_id, client=client).__aenter__()
+
+
 def snapshot(s: m.Scheduler) -> dict[str, Any]:
     """A GPU's part of /v1/status: holder, stats, reservation and its queue with the forecast's etas."""
     parts, snap = m.scheduler_status(s)
@@ -390,7 +398,7 @@ def crowd(gpu: FakeGpu, ops: FakeOps, used: dict[str, float]) -> None:
 
 
 async def _queued(s: m.Scheduler, consumer: str, client: str | None = None) -> asyncio.Task[m.Job]:
-    task = asyncio.ensure_future(s.acquire(consumer, "k" + consumer, client=client))
+    task = asyncio.ensure_future(acquire(s, consumer, "k" + consumer, client=client))
     for _ in range(5):
         await asyncio.sleep(0)
     return task
@@ -3555,11 +3563,11 @@ async def test_a_stopped_service_of_unknown_residency_is_started_before_its_job(
     state.unload_failed()
     # (As Consumers.probe records a service started by command that refuses connections: stopped.)
     state.probed(False, "connection refused", "consumer_unreachable", clock.now, stopped=True)
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert ops.calls == [("load", "t")]
     job.release("completed", success=True)
     ops.states["t"] = state = m.ConsumerState("t", clock)  # unknown and never probed: a cold start, no load
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert ops.calls == [("load", "t")]
     job.release("completed")
 
@@ -4011,7 +4019,7 @@ class InvariantDriver:
         s = self.s
         if kind == "arrive":
             client = args[1] if len(args) > 1 else None
-            self.tasks.append(asyncio.ensure_future(s.acquire(args[0], "k", client=client)))
+            self.tasks.append(asyncio.ensure_future(acquire(s, args[0], "k", client=client)))
         elif kind == "admin":
             name, action = args
             if action == "load" or self.config.consumers[name].unload is not None:
@@ -4020,9 +4028,9 @@ class InvariantDriver:
         elif kind == "idle_race":
             # A job of e takes the lock if it is free; behind it an idle unload, and a job for the same
             # consumer right behind that: the unload must find it wanted when its turn comes.
-            self.tasks.append(asyncio.ensure_future(s.acquire("e", "k")))
+            self.tasks.append(asyncio.ensure_future(acquire(s, "e", "k")))
             self.admin.append(asyncio.ensure_future(s.internal.idle_unload(args[0])))
-            self.tasks.append(asyncio.ensure_future(s.acquire(args[0], "k")))
+            self.tasks.append(asyncio.ensure_future(acquire(s, args[0], "k")))
         elif kind == "internal":
             name, what = args
             op = s.internal.idle_unload(name) if what == "idle_unload" else s.internal.preload(name)
@@ -4246,7 +4254,7 @@ async def test_grant_order_is_effective_priority_then_arrival():
     s, _, ops, clock = make_scheduler(cfg)
     for name in ops.states:
         ops.states[name].loaded()
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     x = await _queued(s, "x")
     clock.now += 1
     z = await _queued(s, "z")
@@ -4263,7 +4271,7 @@ async def test_aging_raises_a_waiting_jobs_priority():
     s, _, ops, clock = make_scheduler(cfg)
     for name in ops.states:
         ops.states[name].loaded()
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     x = await _queued(s, "x")  # priority 1
     clock.now += 130  # two aging steps: x is at 3 now
     y = await _queued(s, "y")  # priority 3, arrived later
@@ -4280,7 +4288,7 @@ async def test_aging_raises_a_waiting_jobs_priority():
 async def test_aging_stops_at_priority_4():
     s, _, ops, clock = make_scheduler(small_config(consumers__x__priority=1))
     ops.states["t"].loaded()
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     x = await _queued(s, "x")
     clock.now += 3600
     assert snapshot(s)["queue"][0]["priority"] == 4
@@ -4297,7 +4305,7 @@ async def test_a_holder_job_joins_as_soon_as_the_job_that_kept_it_out_leaves(lea
     s, _, ops, _ = make_scheduler(cfg)
     for name in ops.states:
         ops.states[name].loaded()
-    a = await s.acquire("t", "kt")
+    a = await acquire(s, "t", "kt")
     x = await _queued(s, "x")  # same priority as t: t may not join while x waits
     c = await _queued(s, "t")
     assert not c.done()
@@ -4321,7 +4329,7 @@ async def test_jobs_that_need_no_swap_go_before_those_that_would_need_one(max_ov
         ops.states[name].unloaded()
     ops.states["t"].loaded()
     gpu.held["t"] = 6000
-    running = await s.acquire("t", "kt")
+    running = await acquire(s, "t", "kt")
     tasks = []
     for name in ("x", "t", "x", "t", "t"):
         clock.now += 0.1
@@ -4343,7 +4351,7 @@ async def test_no_job_is_overtaken_beyond_max_overtake_s():
         ops.states[name].unloaded()
     ops.states["t"].loaded()
     gpu.held["t"] = 6000
-    running = await s.acquire("t", "kt")
+    running = await acquire(s, "t", "kt")
     x = await _queued(s, "x")
     granted = []
     while not x.done():
@@ -4373,7 +4381,7 @@ async def test_a_higher_effective_priority_is_never_overtaken_and_aging_counts()
         ops.states[name].unloaded()
     ops.states["t"].loaded()
     gpu.held["t"] = 6000
-    running = await s.acquire("t", "kt")
+    running = await acquire(s, "t", "kt")
     x = await _queued(s, "x")
     clock.now += 0.1
     t = await _queued(s, "t")
@@ -4418,7 +4426,7 @@ async def test_among_equals_the_client_with_the_least_gpu_time_goes_first(client
     s, _, ops, clock = make_scheduler(small_config(**({"auth": CLIENT_AUTH} if clients else {})))
     ops.states["t"].loaded()
     p, q = ("p", "q") if clients else (None, None)
-    running = await s.acquire("t", "kt", client=p)
+    running = await acquire(s, "t", "kt", client=p)
     p_next = await _queued(s, "t", p)
     clock.now += 1
     q_next = await _queued(s, "t", q)
@@ -4441,7 +4449,7 @@ async def test_a_warm_job_that_passes_a_less_served_clients_job_overtakes_it():
         ops.states[name].unloaded()
     ops.states["t"].loaded()
     gpu.held["t"] = 6000
-    running = await s.acquire("t", "kt", client="p")
+    running = await acquire(s, "t", "kt", client="p")
     clock.now += 5
     p_t = await _queued(s, "t", "p")
     clock.now += 1
@@ -4467,7 +4475,7 @@ async def test_fair_share_keeps_the_batches_of_a_bound_that_applies():
         ops.states[name].unloaded()
     ops.states["t"].loaded()
     gpu.held["t"] = 6000
-    job = await s.acquire("t", "kt", client="p")
+    job = await acquire(s, "t", "kt", client="p")
     xs = [await _queued(s, "x", "q") for _ in range(10)]
     ts = [await _queued(s, "t", "p") for _ in range(2)]
     granted: list[m.Job] = []
@@ -4493,7 +4501,7 @@ async def test_a_clients_priority_replaces_the_consumers():
     auth = client_auth(wa={"priority": 4}, batch={"priority": 0})
     s, _, ops, clock = make_scheduler(small_config(auth=auth))
     ops.states["t"].loaded()
-    running = await s.acquire("t", "kt", client="batch")
+    running = await acquire(s, "t", "kt", client="batch")
     batch = [await _queued(s, "t", "batch") for _ in range(3)]
     clock.now += 1
     wa = await _queued(s, "t", "wa")
@@ -4510,10 +4518,10 @@ async def test_max_queued_refuses_that_client_alone_with_client_queue_full():
     s, _, ops, clock = make_scheduler(cfg)
     ops.states["t"].loaded()
     ops.states["t"].learned("job", 10.0)
-    running = await s.acquire("t", "kt", client="p")
+    running = await acquire(s, "t", "kt", client="p")
     waiting = [await _queued(s, "t", "p"), await _queued(s, "t", "q"), await _queued(s, "t", "q")]
     with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt", client="q")
+        await acquire(s, "t", "kt", client="q")
     e = info.value
     assert (e.code, e.status, e.retryable) == ("client_queue_full", 429, True)
     # q's first job waits for the running one alone (10 s): a place of q's frees then. (Not also for p's
@@ -4523,7 +4531,7 @@ async def test_max_queued_refuses_that_client_alone_with_client_queue_full():
     waiting.append(await _queued(s, "t", "p"))  # p's room is untouched by q's two
     assert not waiting[-1].done() and len(s.queue()) == 4
     with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt", client="p")
+        await acquire(s, "t", "kt", client="p")
     assert info.value.code == "queue_full" and "2 jobs are waiting already" in info.value.message
     assert s.stats.rejected == 2 and books_balance(s)
     order = await _granted_in_turn(s, clock, running, job_s=0)
@@ -4538,7 +4546,7 @@ async def test_a_client_refused_again_and_again_plays_the_queue_forward_once_a_s
     s, _, ops, clock = make_scheduler(cfg)
     ops.states["t"].loaded()
     ops.states["t"].learned("job", 10.0)
-    running = await s.acquire("t", "kt")  # (nobody's: p and q equal in the fair order, which is arrival)
+    running = await acquire(s, "t", "kt")  # (nobody's: p and q equal in the fair order, which is arrival)
     waiting = [await _queued(s, "t", "p") for _ in range(10)]
     waiting += [await _queued(s, "t", "q")] + [await _queued(s, "t", "p") for _ in range(10)]
     played: list[int] = []
@@ -4554,7 +4562,7 @@ async def test_a_client_refused_again_and_again_plays_the_queue_forward_once_a_s
     for step in range(30):
         clock.now += 0.05 if step % 10 else 0  # 1.5 s in all
         with pytest.raises(m.BrokerError) as info:
-            await s.acquire("t", "kt", client="q")
+            await acquire(s, "t", "kt", client="q")
         refusals.append(info.value)
     assert {e.code for e in refusals} == {"client_queue_full"}
     # Twice in 1.35 s, each stopped at q's first job: it goes second (after p's first, p has had GPU time
@@ -4575,13 +4583,13 @@ async def test_a_client_with_max_queued_above_max_queue_cannot_fill_the_others_r
     )
     s, _, ops, clock = make_scheduler(cfg)
     ops.states["t"].loaded()
-    running = await s.acquire("t", "kt", client="batch")
+    running = await acquire(s, "t", "kt", client="batch")
     waiting = [await _queued(s, "t", "batch") for _ in range(70)]
     waiting += [await _queued(s, "t", "wa"), await _queued(s, "t", None), await _queued(s, "t", "p")]
     waiting.append(await _queued(s, "t", "p"))
     assert not any(t.done() for t in waiting) and len(s.queue()) == 74
     with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt")  # the shared room: the admin, p and p's second
+        await acquire(s, "t", "kt")  # the shared room: the admin, p and p's second
     assert info.value.code == "queue_full"
     waiting.append(await _queued(s, "t", "wa"))  # wa's own room
     assert not waiting[-1].done()
@@ -4598,13 +4606,13 @@ async def test_a_refused_clients_retry_after_counts_down_between_two_plays_of_th
     s, _, ops, clock = make_scheduler(cfg)
     ops.states["t"].loaded()
     ops.states["t"].learned("job", 10.3)
-    running = await s.acquire("t", "kt")
+    running = await acquire(s, "t", "kt")
     waiting = [await _queued(s, "t", "p"), await _queued(s, "t", "q")]  # q's waits for two jobs: 20.6 s
     after, start = {}, clock.now
     for at in (0.0, 0.7, 1.2):  # played at 0, counted down at 0.7, played again at 1.2 (19.4 s)
         clock.now = start + at
         with pytest.raises(m.BrokerError) as info:
-            await s.acquire("t", "kt", client="q")
+            await acquire(s, "t", "kt", client="q")
         assert info.value.code == "client_queue_full"
         after[at] = info.value.retry_after
     assert after == {0.0: 21, 0.7: 20, 1.2: 20}
@@ -4618,7 +4626,7 @@ async def test_an_exclusive_job_is_nobodys_gpu_time():
     goes before p's (p has had 1 s). (Counted as the jobs of no client, it would go after p's.)"""
     s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
     ops.states["t"].loaded()
-    p = await s.acquire("t", "kt", client="p")
+    p = await acquire(s, "t", "kt", client="p")
     clock.now += 1
     p.release("completed", status=200, success=True)
 
@@ -4639,7 +4647,7 @@ async def test_a_clients_gpu_time_in_status_is_what_it_held_within_the_fair_wind
     at 63 s, 2 s of it fall within the window; at 66 s, none (not the 5 s p ever had)."""
     s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
     ops.states["t"].loaded()
-    job, start = await s.acquire("t", "kt", client="p"), clock.now
+    job, start = await acquire(s, "t", "kt", client="p"), clock.now
     clock.now = start + 5
     assert m.client_use(s, "p")["gpu_s_window"] == 5.0  # (held still: counted up to now)
     job.release("completed", status=200, success=True)
@@ -4655,7 +4663,7 @@ async def test_a_job_of_a_client_that_a_reload_removed_meanwhile_is_refused_not_
     consumer's priority in place of q's."""
     s, _, ops, _ = make_scheduler(small_config(auth=client_auth(q={"priority": 0})))
     ops.states["t"].loaded()
-    running = await s.acquire("t", "kt", client="p")
+    running = await acquire(s, "t", "kt", client="p")
     auth = copy.deepcopy(CLIENT_AUTH)
     del auth["clients"]["q"]
     s.shared.config = small_config(auth=auth)  # (as Broker.apply swaps it)
@@ -4671,10 +4679,10 @@ async def test_a_job_of_a_client_that_a_reload_removed_meanwhile_is_refused_not_
 async def test_queue_full_rejects_beyond_max_queue():
     s, _, ops, _ = make_scheduler(small_config(scheduler__max_queue=2))
     ops.states["t"].loaded()
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     waiting = [await _queued(s, "t"), await _queued(s, "t")]
     with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt")
+        await acquire(s, "t", "kt")
     assert (info.value.code, info.value.status, info.value.retryable) == ("queue_full", 503, True)
     assert s.stats.rejected == 1 and books_balance(s)
     first.release("completed")
@@ -4685,16 +4693,16 @@ async def test_queue_full_rejects_beyond_max_queue():
 async def test_queue_timeout_answers_a_job_that_waited_too_long():
     s, _, ops, _ = make_scheduler(small_config(scheduler__queue_timeout_s=0.05))
     ops.states["t"].loaded()
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt")
+        await acquire(s, "t", "kt")
     assert info.value.code == "queue_timeout" and s.stats.failed == 1
     assert s.queue() == [] and books_balance(s)
     assert info.value.retry_after == 1  # nothing learned yet: at least 1
     # With t's jobs known to take 40 s, the one refused now is told to come back when the holder is done.
     ops.states["t"].learned("job", 40.0)
     with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt")
+        await acquire(s, "t", "kt")
     assert info.value.code == "queue_timeout" and info.value.retry_after == 40
     first.release("completed")
 
@@ -4703,7 +4711,7 @@ async def test_cancelled_waiter_leaves_no_trace_and_the_lock_passes_on():
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
         ops.states[name].loaded()
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     x = await _queued(s, "x")
     y = await _queued(s, "y")
     x.cancel()
@@ -4719,7 +4727,7 @@ async def test_waiter_cancelled_while_being_granted_passes_the_grant_on():
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
         ops.states[name].loaded()
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     x = await _queued(s, "x")
     y = await _queued(s, "y")
     first.release("completed")  # grants x ...
@@ -4734,8 +4742,8 @@ async def test_max_concurrency_lets_the_holder_join_but_never_another_consumer()
     s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=2, scheduler__max_overtake_s=0))
     for name in ops.states:
         ops.states[name].loaded()
-    a = await s.acquire("t", "kt")
-    b = await s.acquire("t", "kt")  # joins: nobody else waits
+    a = await acquire(s, "t", "kt")
+    b = await acquire(s, "t", "kt")  # joins: nobody else waits
     assert (s.holder, s.running) == ("t", 2)
     x = await _queued(s, "x")
     c = await _queued(s, "t")  # x waits with equal priority: t may not join any more
@@ -4760,7 +4768,7 @@ async def test_whatever_raises_while_a_job_is_granted_or_running_it_ends_and_fre
     crowd(gpu, ops, {"x": 1.0})  # t needs room: x is unloaded, t loaded
     JOB_STEPS[step](s, monkeypatch)
     try:
-        job = await s.acquire("t", "kt")
+        job = await acquire(s, "t", "kt")
     except m.BrokerError as e:
         assert e.code in ("scheduler_error", "load_failed"), e.code
     else:
@@ -4774,7 +4782,7 @@ async def test_whatever_raises_while_a_job_is_granted_or_running_it_ends_and_fre
     assert (s.holder, s.slots, s.holds) == (None, 0, 0)
     assert all(s.jobs_of(name) == 0 for name in ops.states) and books_balance(s)
     assert s.shared.internal_errors + s.stats.load_failures >= 1 or step == "hold's end"
-    again = await s.acquire("t", "kt")  # the GPU is not wedged
+    again = await acquire(s, "t", "kt")  # the GPU is not wedged
     again.release("completed", status=200, success=True)
     assert s.holder is None and books_balance(s)
 
@@ -4791,7 +4799,7 @@ async def test_a_bug_in_the_books_of_a_jobs_end_starts_no_hold_and_the_slot_goes
     gpu.held.pop("z")  # t fits beside x and y: 7904 MiB free
     ops.states["z"].unloaded()
     JOB_STEPS["release"](s, monkeypatch)  # t's served() raises once
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     waiting = await _queued(s, "x")
     started: list[int] = []
 
@@ -4818,7 +4826,7 @@ async def test_a_bug_in_the_books_of_a_release_still_grants_the_gpu_to_the_job_w
     crowd(gpu, ops, {})
     gpu.held.pop("z")  # t fits beside x and y
     ops.states["z"].unloaded()
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     waiting = await _queued(s, "x")
     monkeypatch.setattr(s.recorder, "gpu_time", _raising_once(s.recorder.gpu_time))
     first.release("completed", status=200, success=True)
@@ -4840,12 +4848,12 @@ async def test_a_bug_in_a_grants_or_releases_gpu_time_does_not_skew_the_clients_
     s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
     ops.states["t"].loaded()
     monkeypatch.setattr(s.lock.use, books, _raising_once(getattr(s.lock.use, books)))
-    first = await s.acquire("t", "kt", client="p")
+    first = await acquire(s, "t", "kt", client="p")
     clock.now += 5
     first.release("completed", status=200, success=True)
     assert s.shared.internal_errors == 1
     clock.now += 100  # (the fault's 5 s are out of the 60 s window)
-    later = await s.acquire("t", "kt", client="p")
+    later = await acquire(s, "t", "kt", client="p")
     clock.now += 5
     assert m.client_use(s, "p")["gpu_s_window"] == 5.0  # p's later job held the GPU 5 s
     later.release("completed", status=200, success=True)
@@ -4863,15 +4871,15 @@ async def test_after_a_bug_in_its_gpu_time_a_busy_clients_book_counts_its_runnin
     s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH, consumers__t__max_concurrency=2))
     ops.states["t"].loaded()
     monkeypatch.setattr(s.lock.use, books, _raising_once(getattr(s.lock.use, books)))
-    a = await s.acquire("t", "kt", client="p")  # (books == "granted": its grant's time raises)
+    a = await acquire(s, "t", "kt", client="p")  # (books == "granted": its grant's time raises)
     clock.now += 1
-    b = await s.acquire("t", "kt", client="p")
+    b = await acquire(s, "t", "kt", client="p")
     clock.now += 1
     a.release("completed", status=200, success=True)  # (books == "released": its release's raises)
     assert s.shared.internal_errors == 1
     for _ in range(6):  # p keeps two jobs running, one after the other, for 120 s
         clock.now += 10
-        after = await s.acquire("t", "kt", client="p")
+        after = await acquire(s, "t", "kt", client="p")
         clock.now += 10
         b.release("completed", status=200, success=True)
         b = after
@@ -4893,7 +4901,7 @@ async def test_a_bug_while_an_evictions_memory_is_awaited_leaves_the_victim_unkn
     ops.unload_behaviour["y"] = 2  # its memory comes free two readings later: the wait polls
     monkeypatch.setattr(s.rooms, "sleep", _raising_once(s.rooms.sleep))
     with pytest.raises(m.BrokerError) as caught:
-        await s.acquire("t", "kt")
+        await acquire(s, "t", "kt")
     assert caught.value.code == "scheduler_error" and s.shared.internal_errors == 1
     assert ops.calls == [("unload", "y")] and not s.rooms.unloading("y")
     assert ops.states["y"].resident is None
@@ -5242,8 +5250,8 @@ async def test_the_jobs_queued_in_one_turn_of_the_loop_are_announced_from_one_fo
 
     monkeypatch.setattr(m, "expected_waits", counting)
     stream = s.events.subscribe()
-    first = await s.acquire("t", "kt")  # granted at once
-    waiting = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(20)]  # one turn: all 20
+    first = await acquire(s, "t", "kt")  # granted at once
+    waiting = [asyncio.ensure_future(acquire(s, "x", "kx")) for _ in range(20)]  # one turn: all 20
     await until(lambda: len(s.queue()) == 20)
     await asyncio.sleep(0)  # (the turn after theirs: the announcement)
     assert len(plays) == 1  # one forecast for the 20, none for the job granted at once
@@ -5281,11 +5289,11 @@ async def test_a_long_queues_queued_events_are_played_off_the_loop_and_each_stil
 
     monkeypatch.setattr(m, "expected_waits", gated)
     stream = s.events.subscribe()
-    first = await s.acquire("t", "kt")  # granted at once: the x jobs wait behind it
-    batch = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(8)]
+    first = await acquire(s, "t", "kt")  # granted at once: the x jobs wait behind it
+    batch = [asyncio.ensure_future(acquire(s, "x", "kx")) for _ in range(8)]
     await until(lambda: len(plays) == 1)  # the turn's 8 play off the loop; the loop goes on meanwhile
     expected = dict(s.forecast())  # what the loop would give (the clock stands still)
-    later = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(2)]
+    later = [asyncio.ensure_future(acquire(s, "x", "kx")) for _ in range(2)]
     await until(lambda: len(s.queue()) == 10)
     batch[3].cancel()  # leaves while its play is under way
     with pytest.raises(asyncio.CancelledError):
@@ -5322,8 +5330,8 @@ async def test_the_forecast_plays_a_snapshot_of_who_waits_without_a_waiter_cance
     for name in ops.states:
         ops.states[name].loaded()
     ops.states["x"].learned("job", 2.0)
-    first = await s.acquire("t", "kt")
-    tasks = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(3)]
+    first = await acquire(s, "t", "kt")
+    tasks = [asyncio.ensure_future(acquire(s, "x", "kx")) for _ in range(3)]
     await until(lambda: len(s.queue()) == 3)
     a, b, c = s.queue()
     tasks[0].cancel()  # (its future now; its task takes it off the queue at its next step)
@@ -5350,11 +5358,11 @@ async def test_a_bug_starting_a_play_off_the_loop_strands_no_queued_event(monkey
         ops.states[name].loaded()
     ops.states["x"].learned("job", 2.0)
     stream = s.events.subscribe()
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     monkeypatch.setattr(s.lock.queued, "start_play", _raising_once(s.lock.queued.start_play))
-    batch = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(4)]
+    batch = [asyncio.ensure_future(acquire(s, "x", "kx")) for _ in range(4)]
     await until(lambda: s.shared.internal_errors == 1)
-    more = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(4)]
+    more = [asyncio.ensure_future(acquire(s, "x", "kx")) for _ in range(4)]
     await until(lambda: len(s.queue()) == 8 and not s.lock.queued.pending and s.lock.queued.play is None)
     events = []
     while not stream.empty():
@@ -5376,10 +5384,10 @@ async def test_a_play_of_a_snapshot_does_not_change_with_an_overtaking_after_it(
     ops.states["z"].unloaded()
     ops.states["x"].learned("job", 2.0)
     ops.states["z"].learned("job", 2.0)
-    first = await s.acquire("x", "kx")
-    z = asyncio.ensure_future(s.acquire("z", "kz"))  # needs a swap: x's jobs, warm, overtake it
+    first = await acquire(s, "x", "kx")
+    z = asyncio.ensure_future(acquire(s, "z", "kz"))  # needs a swap: x's jobs, warm, overtake it
     await until(lambda: len(s.queue()) == 1)
-    xs = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(30)]
+    xs = [asyncio.ensure_future(acquire(s, "x", "kx")) for _ in range(30)]
     await until(lambda: len(s.queue()) == 31)
     snap = m.queue_snapshot(s.lock, s.rooms, s.config)
     before = m.expected_waits(snap)
@@ -5399,9 +5407,9 @@ async def test_a_forecast_bug_while_announcing_loses_no_queued_event_and_stops_n
     for name in ops.states:
         ops.states[name].loaded()
     stream = s.events.subscribe()
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     monkeypatch.setattr(s, "forecast", _raising_once(s.forecast))
-    waiting = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(3)]
+    waiting = [asyncio.ensure_future(acquire(s, "x", "kx")) for _ in range(3)]
     await until(lambda: len(s.queue()) == 3)
     await asyncio.sleep(0)
     events = []
@@ -5536,7 +5544,7 @@ async def test_an_eta_counts_only_the_unloads_of_consumers_on_its_own_gpu():
         ops.states[name].learned("unload", 10.0)
     ops.states["x"].unloaded()
     ops.states["x"].learned("load", 1.0)
-    holding = await s.acquire("t", "kt")
+    holding = await acquire(s, "t", "kt")
     first, second = await _queued(s, "x"), await _queued(s, "x")
     # The second waits for the first's swap: t's unload and x's load, not z's unload on GPU 1. (Both wait
     # for t's job, which has no learned time: at least m.RUNNING_FLOOR_S, never 0: issue 18.)
@@ -5585,7 +5593,7 @@ async def test_the_forecast_charges_a_swap_what_plan_room_would_unload_and_no_mo
     for name in ("x", "y", "z"):
         ops.states[name].unloaded()
     ops.states["x"].learned("load", 1.0)
-    holding = await s.acquire("t", "kt")
+    holding = await acquire(s, "t", "kt")
     first, second = await _queued(s, "x"), await _queued(s, "x")
     # Both wait for t's job (no learned time: at least RUNNING_FLOOR_S); the second also for x's swap.
     assert [eta for _, eta in s.forecast()] == [1.0, 12.0]  # nothing read yet: none free
@@ -5604,7 +5612,7 @@ async def test_a_running_job_counts_as_at_least_what_it_has_run_plus_a_floor():
     s, _, ops, clock = make_scheduler(small_config())
     ops.states["t"].loaded()
     ops.states["t"].learned("job", 5.0)
-    holding = await s.acquire("t", "kt")
+    holding = await acquire(s, "t", "kt")
     waiting = await _queued(s, "t")
     clock.now += 2
     assert [eta for _, eta in s.forecast()] == [3.0]  # the rest of its learned 5 s
@@ -5637,7 +5645,7 @@ async def test_a_load_is_learned_as_the_load_alone_and_a_job_from_when_it_went_t
         await real_load(name)
 
     ops.unload, ops.load = slow_unload, slow_load  # type: ignore[method-assign]
-    cold = await s.acquire("t", "kt")
+    cold = await acquire(s, "t", "kt")
     assert cold.cold and ops.calls == [("unload", "x")]
     clock.now += 5.0  # t loads its model and answers
     cold.release("completed", status=200, success=True)
@@ -5645,7 +5653,7 @@ async def test_a_load_is_learned_as_the_load_alone_and_a_job_from_when_it_went_t
         await asyncio.sleep(0)
     assert (ops.states["x"].timing("unload"), ops.states["t"].timing("load")) == (3.0, 5.0)  # not 8.0
     # x comes back through its load route (2 s), after t's unload (3 s), then works for 1 s.
-    job = await s.acquire("x", "kx")
+    job = await acquire(s, "x", "kx")
     clock.now += 1.0
     job.release("completed", status=200, success=True)
     for _ in range(3):
@@ -5660,7 +5668,7 @@ async def test_a_jobs_time_counts_at_its_release_and_is_shown_after_the_hand_ove
     s, _, ops, clock = make_scheduler(small_config())
     seen: list[str] = []
     s.recorder.events.listeners.append(lambda event: seen.append(event.name))
-    job = await s.acquire("x", "kx")
+    job = await acquire(s, "x", "kx")
     clock.now += 1.0
     job.release("completed", status=200, success=True)
     assert ops.states["x"].timing("job") == 1.0
@@ -5678,13 +5686,13 @@ async def test_a_jobs_queue_wait_ends_at_its_grant_or_at_its_end_where_it_was_ne
     granted: it waited until it left. (Found by a mutation audit: measuring every wait to the job's end
     failed no test.)"""
     s, _, _, clock = make_scheduler(small_config())
-    x = await s.acquire("x", "kx")
-    y_granted = asyncio.ensure_future(s.acquire("y", "ky"))
+    x = await acquire(s, "x", "kx")
+    y_granted = asyncio.ensure_future(acquire(s, "y", "ky"))
     await until(lambda: len(s.lock.waiting) == 1)
     clock.now += 2.0
     x.release("completed", status=200, success=True)
     y = await asyncio.wait_for(y_granted, 5)
-    z_waiting = asyncio.ensure_future(s.acquire("z", "kz"))
+    z_waiting = asyncio.ensure_future(acquire(s, "z", "kz"))
     await until(lambda: len(s.lock.waiting) == 1)
     clock.now += 3.0
     z_waiting.cancel()
@@ -5738,7 +5746,7 @@ async def test_a_job_of_the_holder_never_joins_past_an_exclusive_job_of_its_cons
     above them. Once the GPU is free, t's job, warm, goes before the unload, within max_overtake_s.)"""
     s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=2, consumers__t__priority=4))
     ops.states["t"].loaded()
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     unload = asyncio.ensure_future(s.unload_now("t"))
     await until(lambda: len(s.queue()) == 1)
     second = await _queued(s, "t")
@@ -5755,7 +5763,7 @@ async def _t_at_work_unloaded_y_then_z_waiting(s: m.Scheduler, ops: Any) -> m.Jo
     ops.states["t"].loaded()
     for name in ("y", "z"):
         ops.states[name].unloaded()
-    running = await s.acquire("t", "kt")
+    running = await acquire(s, "t", "kt")
     await _queued(s, "y")
     await _queued(s, "z")
     return running
@@ -5781,7 +5789,7 @@ async def test_the_forecast_counts_a_job_that_may_stay_beside_the_holder_as_need
     for name in ("t", "x"):
         ops.states[name].loaded()
     ops.states["y"].unloaded()
-    running = await s.acquire("t", "kt")
+    running = await acquire(s, "t", "kt")
     await _queued(s, "y")
     await _queued(s, "x")
     assert [j.consumer for j, _ in s.forecast()] == ["x", "y"]
@@ -5798,9 +5806,9 @@ async def test_held_s_counts_from_when_the_holder_took_the_gpu_not_from_its_last
     for name in ("t", "x"):
         ops.states[name].loaded()
     ops.states["t"].learned("job", 10.0)
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     clock.now += 4
-    second = await s.acquire("t", "kt")  # joins
+    second = await acquire(s, "t", "kt")  # joins
     clock.now += 1
     x = await _queued(s, "x")
     status = snapshot(s)
@@ -5832,11 +5840,11 @@ async def test_queue_full_tells_when_the_first_waiting_job_is_expected_to_run():
     s, _, ops, clock = make_scheduler(small_config(scheduler__max_queue=1))
     ops.states["t"].loaded()
     ops.states["t"].learned("job", 10.3)
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     waiting = await _queued(s, "t")
     clock.now += 3
     with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt")
+        await acquire(s, "t", "kt")
     assert (info.value.code, info.value.retry_after) == ("queue_full", 8)
     first.release("completed")
     (await waiting).release("completed")
@@ -5851,7 +5859,7 @@ async def test_the_forecast_keeps_to_a_job_overtaken_for_max_overtake_s_as_the_g
     s, _, ops, clock = make_scheduler(small_config(scheduler__max_overtake_s=30))
     ops.states["t"].loaded()
     ops.states["y"].unloaded()
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     await _queued(s, "y")
     second = await _queued(s, "t")
     first.release("completed")
@@ -5876,13 +5884,13 @@ async def test_a_job_that_ended_is_off_the_count_at_work_and_lends_its_consumer_
     ops.states["x"].loaded()
     for name in ("t", "y", "z"):
         ops.states[name].unloaded()
-    first = await s.acquire("t", "kt")  # 11,904 MiB free: nothing to evict
+    first = await acquire(s, "t", "kt")  # 11,904 MiB free: nothing to evict
     gpu.held["t"] = 4000  # what it loaded for its request
     first.release("completed", status=200, success=True)
     del gpu.held["t"]  # it restarted behind the broker's back (its record in doubt); a stranger came
     ops.states["t"].touched("a health round was missed")
     gpu.held["someone's notebook"] = 8000  # 3,904 MiB free: t's 4000 do not fit beside x
-    second = await s.acquire("t", "kt")
+    second = await acquire(s, "t", "kt")
     assert ops.calls == [("unload", "x")]
     second.release("completed", status=200, success=True)
     assert s.holder is None and books_balance(s)
@@ -5897,7 +5905,7 @@ async def test_a_warm_job_goes_before_an_earlier_exclusive_job_whose_consumer_is
     s, _, ops, _ = make_scheduler(small_config(consumers__t__priority=4))
     for name in ("t", "x", "y"):
         ops.states[name].loaded()
-    running = await s.acquire("x", "kx")
+    running = await acquire(s, "x", "kx")
     unload = asyncio.ensure_future(s.unload_now("y"))
     await until(lambda: len(s.queue()) == 1)
     waiting = await _queued(s, "t")
@@ -5979,7 +5987,7 @@ async def test_a_job_of_the_holder_that_needs_a_swap_joins_it_like_any_of_its_jo
     s, _, ops, clock = make_scheduler(m.replace(cfg, consumers={**cfg.consumers, "t": t}))
     for name in ("t", "y"):
         ops.states[name].unloaded()
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     y = await _queued(s, "y")
     second = await _queued(s, "t")
     assert ops.states["t"].resident is not True  # (so t's job needs a swap, as the lock sees it)
@@ -5998,7 +6006,7 @@ async def test_of_two_warm_jobs_after_one_that_needs_a_swap_the_earlier_goes_fir
     for name in ("x", "t", "z"):
         ops.states[name].loaded()
     ops.states["y"].unloaded()
-    running = await s.acquire("z", "kz")
+    running = await acquire(s, "z", "kz")
     for name in ("y", "x", "t"):
         await _queued(s, name)
     assert [j.consumer for j in await _granted_in_turn(s, clock, running, job_s=1)] == ["x", "t", "y"]
@@ -6012,7 +6020,7 @@ async def _t_behind_its_unload(
     job, queued after it, from joining t (rule 5: t's first waiting job is the unload)."""
     s, _, ops, _ = make_scheduler(config)
     ops.states["t"].loaded()
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     unload = asyncio.ensure_future(s.unload_now("t"))
     await until(lambda: len(s.queue()) == 1)
     return s, ops, first, unload, await _queued(s, "t")
@@ -6099,10 +6107,10 @@ async def test_a_play_cancelled_at_shutdown_announces_the_jobs_queued_meanwhile(
 
     monkeypatch.setattr(m, "expected_waits", gated)
     stream = s.events.subscribe()
-    first = await s.acquire("t", "kt")
-    batch = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(4)]
+    first = await acquire(s, "t", "kt")
+    batch = [asyncio.ensure_future(acquire(s, "x", "kx")) for _ in range(4)]
     await until(lambda: s.lock.queued.play is not None)
-    more = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(2)]
+    more = [asyncio.ensure_future(acquire(s, "x", "kx")) for _ in range(2)]
     await until(lambda: len(s.queue()) == 6 and len(s.lock.queued.pending) == 2)
     try:
         await s.close()  # cancels the play under way, as at shutdown
@@ -6139,8 +6147,8 @@ async def test_a_play_off_the_loop_that_crashes_is_counted_and_its_jobs_announce
 
     monkeypatch.setattr(m, "expected_waits", crashing)
     stream = s.events.subscribe()
-    first = await s.acquire("t", "kt")
-    batch = [asyncio.ensure_future(s.acquire("x", "kx")) for _ in range(4)]
+    first = await acquire(s, "t", "kt")
+    batch = [asyncio.ensure_future(acquire(s, "x", "kx")) for _ in range(4)]
     await until(lambda: plays and s.lock.queued.play is None)
     events = []
     while not stream.empty():
@@ -6164,7 +6172,7 @@ async def test_the_forecast_counts_the_holders_consumer_as_loaded_during_its_col
     ops.states["t"].unloaded()
     ops.states["t"].learned("load", 5.0)
     ops.states["x"].loaded()
-    holding = await s.acquire("t", "kt")
+    holding = await acquire(s, "t", "kt")
     await _queued(s, "t")
     await _queued(s, "x")
     assert ops.states["t"].resident is not True
@@ -6188,7 +6196,7 @@ async def test_the_forecast_plays_the_gpus_memory_forward_swap_after_swap():
         ops.states[name].learned("load", 1.0)
     ops.states["t"].loaded()
     ops.states["t"].last_used = clock.now
-    holding = await s.acquire("t", "kt")
+    holding = await acquire(s, "t", "kt")
     await gpu.read_memory()
     for name in ("x", "y", "z", "t", "x"):
         await _queued(s, name)
@@ -6207,7 +6215,7 @@ async def test_the_forecast_counts_a_job_of_the_consumer_it_played_last_as_needi
     ops.states["t"].loaded()
     for name in ("x", "y"):
         ops.states[name].unloaded()
-    holding = await s.acquire("t", "kt")
+    holding = await acquire(s, "t", "kt")
     for name in ("x", "y", "x"):
         await _queued(s, name)
     assert [j.consumer for j, _ in s.forecast()] == ["x", "x", "y"]
@@ -6223,7 +6231,7 @@ async def test_the_forecast_counts_an_admin_operations_time_for_no_client():
     for name in ops.states:
         ops.states[name].loaded()
     ops.states["y"].learned("job", 5.0)
-    holding = await s.acquire("t", "kt", client="q")  # (q's: the tokenless callers have had no GPU time)
+    holding = await acquire(s, "t", "kt", client="q")  # (q's: the tokenless callers have had no GPU time)
     unload = asyncio.ensure_future(s.unload_now("y"))
     await until(lambda: len(s.queue()) == 1)
     await _queued(s, "x")  # no client's
@@ -6243,12 +6251,12 @@ async def test_the_forecast_charges_the_running_jobs_rest_to_its_client():
     chooses, and the lock grants q's."""
     s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
     ops.states["t"].loaded()
-    q_first = await s.acquire("t", "kt", client="q")
+    q_first = await acquire(s, "t", "kt", client="q")
     clock.now += 5
     q_first.release("completed", status=200, success=True)
     for _ in range(3):
         ops.states["t"].learned("job", 10.0)  # t's jobs take 10 s (the median of 5, 10, 10, 10)
-    running = await s.acquire("t", "kt", client="p")
+    running = await acquire(s, "t", "kt", client="p")
     clock.now += 2
     p_next = await _queued(s, "t", "p")
     clock.now += 0.1
@@ -6273,12 +6281,12 @@ async def test_the_forecast_lets_the_fair_window_slide_as_it_plays_forward():
     s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
     ops.states["t"].loaded()
     for client, held in (("q", 30), ("p", 20)):
-        job = await s.acquire("t", "kt", client=client)
+        job = await acquire(s, "t", "kt", client=client)
         clock.now += held
         job.release("completed", status=200, success=True)
     for _ in range(5):
         ops.states["t"].learned("job", 40.0)  # t's jobs take 40 s (the median of 30, 20 and five 40s)
-    running = await s.acquire("t", "kt")  # the admin's
+    running = await acquire(s, "t", "kt")  # the admin's
     clock.now += 5
     p_next = await _queued(s, "t", "p")
     q_next = await _queued(s, "t", "q")
@@ -6317,10 +6325,10 @@ async def test_the_forecast_copies_no_gpu_time_where_no_grant_reads_it():
     s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
     ops.states["t"].loaded()
     for client in ("p", "q"):
-        job = await s.acquire("t", "kt", client=client)
+        job = await acquire(s, "t", "kt", client=client)
         clock.now += 1
         job.release("completed", status=200, success=True)
-    running = await s.acquire("t", "kt")
+    running = await acquire(s, "t", "kt")
     waiting = [await _queued(s, "t"), await _queued(s, "t")]  # the admin's: one client
     assert m.queue_snapshot(s.lock, s.rooms, s.config).use is None
     waiting.append(await _queued(s, "t", "p"))  # two: fair share may decide, from the books of both
@@ -6339,7 +6347,7 @@ async def test_a_job_that_comes_after_the_lock_shut_down_is_refused_at_once():
     s, _, ops, _ = make_scheduler(small_config())
     s.lock.shut_down()
     with pytest.raises(m.BrokerError) as info:
-        await s.acquire("x", "kx")
+        await acquire(s, "x", "kx")
     assert info.value.code == "shutting_down"
     assert s.holder is None and not s.queue() and ops.calls == []
     assert books_balance(s)
@@ -6919,7 +6927,7 @@ async def test_resident_target_reads_no_gpu_and_unloads_nothing():
     s, gpu, ops, _ = make_scheduler(small_config())
     crowd(gpu, ops, {})
     ops.states["t"].loaded()
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert gpu.reads == [] and ops.calls == []
     job.release("completed", status=200, success=True)
     assert s.holder is None and books_balance(s)
@@ -6928,7 +6936,7 @@ async def test_resident_target_reads_no_gpu_and_unloads_nothing():
 async def test_lru_victim_is_unloaded_then_target_loaded():
     s, gpu, ops, _ = make_scheduler(small_config())
     crowd(gpu, ops, {"x": 3.0, "y": 1.0, "z": 2.0})
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert ops.calls == [("unload", "y"), ("load", "t")]
     assert (s.stats.evictions, s.stats.loads, job.evictions) == (1, 1, 1)
     assert ops.states["y"].resident is False and ops.states["t"].resident is True
@@ -6939,7 +6947,7 @@ async def test_lru_victim_is_unloaded_then_target_loaded():
 async def test_never_used_loses_first_and_ties_go_to_config_order():
     s, gpu, ops, _ = make_scheduler(small_config())
     crowd(gpu, ops, {"x": 5.0})  # y and z never used: y is listed first
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert ops.calls[0] == ("unload", "y")
     job.release("completed")
 
@@ -6947,7 +6955,7 @@ async def test_never_used_loses_first_and_ties_go_to_config_order():
 async def test_coexistent_consumer_is_never_picked_even_when_least_recently_used():
     s, gpu, ops, _ = make_scheduler(small_config(consumers__t__can_coexist_with=["x"]))
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert ops.calls[0] == ("unload", "y")
     job.release("completed")
 
@@ -6955,7 +6963,7 @@ async def test_coexistent_consumer_is_never_picked_even_when_least_recently_used
 async def test_a_vram_managed_consumer_is_not_picked_while_another_can_go():
     s, gpu, ops, _ = make_scheduler(small_config(consumers__x__vram_managed=True))
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert ops.calls[0] == ("unload", "y")
     job.release("completed")
 
@@ -6966,7 +6974,7 @@ async def test_a_target_of_unknown_residency_is_unloaded_itself_when_nothing_els
     gpu.held["t"] = 12000
     for name in ("x", "y", "z"):
         ops.states[name].unloaded()
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert ops.calls == [("unload", "t"), ("load", "t")] and s.stats.evictions == 1
     job.release("completed")
     # Known not resident, it is not unloaded again: the job waits for room as usual.
@@ -6974,7 +6982,7 @@ async def test_a_target_of_unknown_residency_is_unloaded_itself_when_nothing_els
     del gpu.held["t"]
     gpu.held["x"] = 8000
     ops.states["x"].loaded()
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert ops.calls[2:] == [("unload", "x"), ("load", "t")]
     job.release("completed")
 
@@ -6983,7 +6991,7 @@ async def test_failing_unload_moves_on_to_the_next_candidate():
     s, gpu, ops, _ = make_scheduler(small_config())
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
     ops.unload_behaviour["x"] = "fail"
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
     assert (s.stats.unload_failures, s.stats.evictions) == (1, 1)
     assert ops.states["x"].resident is None  # unknown after a failed unload
@@ -7000,7 +7008,7 @@ async def test_a_bug_in_an_unload_is_a_counted_scheduler_error_not_the_consumers
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
     ops.unload_behaviour["x"] = "bug"
     with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt")
+        await acquire(s, "t", "kt")
     assert info.value.code == "scheduler_error" and "a bug in the broker's own call" in info.value.message
     assert s.shared.internal_errors == 1 and s.stats.unload_failures == 0
     assert ops.calls == [("unload", "x")] and ops.states["x"].resident is None
@@ -7018,7 +7026,7 @@ async def test_a_bug_in_a_load_is_a_counted_scheduler_error_not_the_consumers_lo
 
     ops.load = load  # type: ignore[method-assign]
     with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt")
+        await acquire(s, "t", "kt")
     assert (
         info.value.code == "scheduler_error" and "a bug in the broker's own load call" in info.value.message
     )
@@ -7033,7 +7041,7 @@ async def test_nothing_evictable_is_insufficient_vram_naming_processes_and_reaso
     s, gpu, ops, _ = make_scheduler(cfg)
     crowd(gpu, ops, {})
     with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt")
+        await acquire(s, "t", "kt")
     e = info.value
     assert (e.code, e.status, e.retryable, e.consumer) == ("insufficient_vram", 503, True, "t")
     assert "3904 MiB free, 4256 MiB needed" in e.message
@@ -7052,7 +7060,7 @@ async def test_memory_that_came_free_before_the_refusals_reading_lets_the_job_ru
         ops.states[name].unloaded()  # nothing to evict
     gpu.held.update(other=11000, game=1000)  # no consumer's: 3904 MiB free, t needs 4256
     gpu.releasing["game"] = 1  # it exits: the reading after the first no longer shows it
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert ops.calls == [("load", "t")] and gpu.reads[:2] == ["memory", "whole"]
     job.release("completed", status=200, success=True)
     assert s.stats.completed == 1 and books_balance(s)
@@ -7063,14 +7071,14 @@ async def test_a_vram_managed_consumer_with_an_unload_goes_last_and_only_if_the_
     cfg = small_config(consumers__x__vram_managed=True)
     s, gpu, ops, _ = make_scheduler(cfg)
     crowd(gpu, ops, {"y": 5.0, "z": 6.0})  # x was never used: plain LRU would pick it first
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert ops.calls == [("unload", "y"), ("load", "t")]  # y was enough; x kept its models
     job.release("completed", success=True)
     # Now t needs more than y and z together can give: x goes too, and last.
     cfg2 = small_config(consumers__x__vram_managed=True, consumers__t__vram_resident_mib=12000)
     s, gpu, ops, _ = make_scheduler(cfg2)
     crowd(gpu, ops, {"y": 5.0, "z": 6.0})
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert ops.calls == [("unload", "y"), ("unload", "z"), ("unload", "x"), ("load", "t")]
     job.release("completed", success=True)
 
@@ -7092,13 +7100,13 @@ async def test_a_scheduler_evicts_only_on_its_own_gpu():
     assert list(snap.consumers) == ["t", "y"]  # x and z are not even considered
     assert m.plan_room(snap).victims == ("y",)
     s1.end(job0, "cancelled")
-    job = await s1.acquire("t", "kt")
+    job = await acquire(s1, "t", "kt")
     assert ops.calls == [("unload", "y"), ("load", "t")] and job.evictions == 1
     assert ops.states["x"].resident is True and ops.states["z"].resident is True
     job.release("completed", success=True)
     # A job for a consumer of GPU 0 is not this scheduler's to run.
     with pytest.raises(m.BrokerError, match="x runs on GPU 0 now") as info:
-        await s1.acquire("x", "kx")
+        await acquire(s1, "x", "kx")
     assert info.value.code == "no_consumer" and books_balance(s1)
 
 
@@ -7106,11 +7114,11 @@ async def test_a_consumer_of_zero_mib_needs_no_room_and_no_gpu_reading():
     """A consumer whose memory is elsewhere (another host's broker) is served even without a GPU here."""
     s, gpu, ops, _ = make_scheduler(small_config(consumers__t__vram_resident_mib=0))
     gpu.error = "nvidia-smi: not found"
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert gpu.reads == [] and ops.calls == [] and s.holder == "t"
     job.release("completed", success=True)
     with pytest.raises(m.BrokerError, match="cannot read the GPU"):
-        await s.acquire("x", "kx")  # the others still need the GPU read
+        await acquire(s, "x", "kx")  # the others still need the GPU read
 
 
 async def test_max_evictions_bounds_the_attempts():
@@ -7119,7 +7127,7 @@ async def test_max_evictions_bounds_the_attempts():
     for name in ("x", "y", "z"):
         ops.unload_behaviour[name] = "fail"
     with pytest.raises(m.BrokerError, match="gave up after 2 unload attempts"):
-        await s.acquire("t", "kt")
+        await acquire(s, "t", "kt")
     assert len(ops.calls) == 2 and s.stats.unload_failures == 2 and s.holder is None
 
 
@@ -7128,7 +7136,7 @@ async def test_memory_is_polled_with_readings_of_its_own_until_it_shows_up_free(
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
     ops.unload_behaviour["x"] = 3  # frees its memory on the fourth reading after the unload
     t0 = clock.now
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert gpu.reads == ["memory"] * 5  # one reading before, four after: the GPU line alone
     assert ops.calls == [("unload", "x"), ("load", "t")]
     assert clock.now - t0 == pytest.approx(3 * m.VRAM_POLL_S)  # polled every 50 ms, no fixed sleep
@@ -7141,7 +7149,7 @@ async def test_polling_stops_once_most_of_the_victims_memory_is_free_then_evicts
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
     gpu.held["x"] = 3500  # x frees 3500 of its declared 4000: 87% counts as freed
     t0 = clock.now
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
     assert clock.now - t0 < s.config.scheduler.vram_wait_s  # did not wait for the full fit
     assert s.stats.evictions == 2
@@ -7153,7 +7161,7 @@ async def test_unload_that_never_frees_waits_vram_wait_s_then_tries_the_next():
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
     ops.unload_behaviour["x"] = "keep"
     t0 = clock.now
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
     assert 1.0 <= clock.now - t0 < 1.2
     job.release("completed")
@@ -7169,7 +7177,7 @@ async def test_an_unload_that_frees_part_of_its_memory_leaves_its_residency_unkn
     )
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
     ops.unload_behaviour["x"] = ("keep_mib", 2000)  # half of its 4000 MiB comes free: t still does not fit
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert ops.calls == [("unload", "x"), ("unload", "y"), ("load", "t")]
     assert ops.states["x"].resident is None and ops.states["y"].resident is False
     job.release("completed")
@@ -7178,7 +7186,7 @@ async def test_an_unload_that_frees_part_of_its_memory_leaves_its_residency_unkn
     )
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
     ops.unload_behaviour["x"] = "keep"
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert ops.states["x"].resident is False  # (and FakeGpu still counts its 4000 MiB: y and z went)
     assert ops.calls == [("unload", "x"), ("unload", "y"), ("unload", "z"), ("load", "t")]
     job.release("completed")
@@ -7188,7 +7196,7 @@ async def test_gpu_error_is_gpu_unavailable():
     s, gpu, _, _ = make_scheduler(small_config())
     gpu.error = "nvidia-smi exited with status 15: Unknown Error"
     with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt")
+        await acquire(s, "t", "kt")
     assert info.value.code == "gpu_unavailable" and "Unknown Error" in info.value.message
     assert s.holder is None and books_balance(s)
 
@@ -7198,14 +7206,14 @@ async def test_failing_load_is_load_failed_and_state_unknown():
     ops.states["t"].unloaded()
     ops.load_fails.add("t")
     with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt")
+        await acquire(s, "t", "kt")
     assert (info.value.code, info.value.status) == ("load_failed", 502)
     assert ops.states["t"].resident is None and s.holder is None and s.stats.failed == 1
 
 
 async def test_target_of_unknown_state_without_pressure_is_not_loaded():
     s, gpu, ops, _ = make_scheduler(small_config())
-    job = await s.acquire("t", "kt")  # unknown residency, plenty of room: cold start on first request
+    job = await acquire(s, "t", "kt")  # unknown residency, plenty of room: cold start on first request
     assert ops.calls == [] and gpu.reads == ["memory"]
     job.release("completed", status=200, success=True)
     assert ops.states["t"].resident is True
@@ -7215,7 +7223,7 @@ async def test_a_known_unloaded_consumer_is_never_a_victim():
     s, gpu, ops, _ = make_scheduler(small_config())
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
     ops.states["x"].unloaded()  # the broker unloaded it; its memory is something else's now
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     assert ops.calls[0] == ("unload", "y")
     job.release("completed")
 
@@ -7667,7 +7675,7 @@ async def test_idle_unload_waits_for_idle_unload_s_since_the_last_use_then_unloa
     assert jobs.idle_deadline("x") == clock.now + 10 and jobs.idle_deadline("y") is None
     clock.now += 9
     assert await jobs.idle_unload("x") is None and ops.calls == []  # not due yet
-    job = await s.acquire("x", "kx")
+    job = await acquire(s, "x", "kx")
     clock.now += 5
     assert await jobs.idle_unload("x") is None  # never while it has a job
     job.release("completed", status=200, success=True)
@@ -7693,7 +7701,7 @@ async def _idle_unload_queued(
     crowd(gpu, ops, {"x": clock.now})
     ops.states["t"].loaded()
     clock.now += 11
-    running = await s.acquire("t", "kt")  # the lock is busy: the idle unload has to queue
+    running = await acquire(s, "t", "kt")  # the lock is busy: the idle unload has to queue
     idle = asyncio.ensure_future(jobs.idle_unload("x"))
     await asyncio.sleep(0)
     return s, ops, clock, jobs, running, idle
@@ -8331,7 +8339,7 @@ async def test_a_hold_counts_as_use_for_the_idle_unload():
     s, _, ops, clock = make_scheduler(small_config(consumers__t__idle_unload_s=10))
     jobs = internal_jobs(s)
     ops.states["t"].loaded()
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     release = asyncio.Event()
     job.release("completed", status=200, success=True, hold=release.wait, hold_timeout_s=600)
     clock.now += 60  # a render far longer than idle_unload_s
@@ -8364,10 +8372,10 @@ async def test_a_job_joining_its_consumers_first_job_counts_what_that_job_loaded
     ops.states["x"].loaded()
     for name in ("t", "y", "z"):
         ops.states[name].unloaded()
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     assert first.cold and ops.calls == []
     gpu.held["t"] = 8000  # it loads itself for its first job, which runs on
-    second = await asyncio.wait_for(s.acquire("t", "kt"), 5)
+    second = await asyncio.wait_for(acquire(s, "t", "kt"), 5)
     assert ops.calls == [] and gpu.held == {"x": 3000, "t": 8000}  # x stays, nothing is loaded twice
     second.release("completed", status=200, success=True)
     first.release("completed", status=200, success=True)
@@ -8385,11 +8393,11 @@ async def test_a_join_whose_first_job_left_before_working_credits_it_nothing():
     for name in ("t", "y", "z"):
         ops.states[name].unloaded()
     gate, started = _gated_unloads(ops, "x")
-    first = asyncio.ensure_future(s.acquire("t", "kt"))
+    first = asyncio.ensure_future(acquire(s, "t", "kt"))
     await until(lambda: started == ["x"])
     first.cancel()  # its client leaves while x is unloaded for it
     await asyncio.gather(first, return_exceptions=True)
-    second = asyncio.ensure_future(s.acquire("t", "kt"))  # joins t, waits for the room being made
+    second = asyncio.ensure_future(acquire(s, "t", "kt"))  # joins t, waits for the room being made
     await until(lambda: s.jobs_of("t") == 2)
     gate.set()
     with pytest.raises(m.BrokerError) as refused:
@@ -8445,7 +8453,7 @@ async def test_only_a_target_no_reading_measures_is_asked_its_residency():
             gpu.error = "nvidia-smi broken"
         ops.states["t"].loaded()
         ops.states["t"].touched("another consumer was granted the GPU")
-        job = await s.acquire("t", "kt")
+        job = await acquire(s, "t", "kt")
         job.release("completed", success=True)
         assert (ops.probes, gpu.reads) == (asked, reads), (processes, reports)
 
@@ -8467,7 +8475,7 @@ async def test_a_command_started_target_that_timed_out_is_asked_not_evicted_for(
     ops.states["t"].timed_out("no answer within 1 s")
     assert ops.states["t"].resident is True and ops.states["t"].healthy is False
     ops.reports["t"] = True  # up: a service started by command that answers is resident
-    job = await asyncio.wait_for(s.acquire("t", "kt"), 10)
+    job = await asyncio.wait_for(acquire(s, "t", "kt"), 10)
     job.release("completed", status=200, success=True)
     assert ops.probes == ["t"] and ("unload", "x") not in ops.calls, ops.calls
 
@@ -8696,7 +8704,7 @@ async def test_the_consumers_waiting_jobs_want_loaded_are_the_queue_s_awaited_on
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
         ops.states[name].loaded()
-    first = await s.acquire("t", "kt")
+    first = await acquire(s, "t", "kt")
     x = await _queued(s, "x")
     unloading = asyncio.ensure_future(s.unload_now("y"))
     loading = asyncio.ensure_future(s.load_now("z"))
@@ -9410,7 +9418,7 @@ async def test_a_restore_granted_beside_a_stranger_that_came_while_it_waited_loa
         ops.states[name].unloaded()
     s.strangers.seen(_reading(s, {"x": 4000}, {}, clock()))  # the last poll: no stranger
     jobs.to_restore[0] = ["t"]
-    running = await s.acquire("x", "kx")
+    running = await acquire(s, "x", "kx")
     restore = asyncio.ensure_future(jobs.restore_all(0, lambda: True))
     await until(lambda: [j.kind for j in s.queue()] == ["restore"])
     gpu.held["game"] = 3000
@@ -11440,12 +11448,12 @@ async def test_a_hold_abandoned_or_cut_before_it_ever_ran_still_frees_its_slot()
     is cancelled before its first step, so no finally of its runs; the slot is freed all the same."""
     s, _, ops, _ = make_scheduler(small_config())
     ops.states["t"].loaded()
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=60)
     s.holding.abandon("t", "hold poll: connection refused")  # at once: the hold never ran
     await until(lambda: s.holder is None)
     assert (s.stats.hold_abandoned, s.slots, s.holds) == (1, 0, 0) and s.jobs_of("t") == 0
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=60)
     await s.close()  # the broker closing, likewise
     assert (s.holder, s.slots, s.holds) == (None, 0, 0) and books_balance(s)
@@ -11458,7 +11466,7 @@ async def test_a_hold_on_the_service_a_reload_replaced_is_not_abandoned_when_the
     cfg = small_config()
     s, _, ops, _ = make_scheduler(cfg)
     ops.states["t"].loaded()
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     done = asyncio.Event()
     job.release("completed", status=200, success=True, hold=done.wait, hold_timeout_s=60)
     new = dataclasses.replace(cfg.consumers["t"], url="http://127.0.0.1:9/t-new")
@@ -11478,14 +11486,14 @@ async def test_a_hold_abandoned_teaches_no_job_time_and_one_released_does():
     audit: learning from an abandoned hold too went unseen.)"""
     s, _, ops, clock = make_scheduler(small_config())
     ops.states["t"].loaded()
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=600)
     await asyncio.sleep(0)  # (the hold runs)
     clock.now += 100
     s.holding.abandon("t", "hold poll: connection refused")
     await until(lambda: s.holder is None)
     assert s.stats.hold_abandoned == 1 and ops.states["t"].timing("job") is None
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     done = asyncio.Event()
     job.release("completed", status=200, success=True, hold=done.wait, hold_timeout_s=600)
     await asyncio.sleep(0)
@@ -11500,7 +11508,7 @@ async def test_a_held_job_has_one_log_line_written_when_its_hold_ends(caplog):
     answer and again after its hold. (A mutation audit: logging it at its answer as well went unseen.)"""
     s, _, ops, clock = make_scheduler(small_config())
     ops.states["t"].loaded()
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     done = asyncio.Event()
     job.release("completed", status=200, success=True, hold=done.wait, hold_timeout_s=600)
     for _ in range(5):
@@ -11530,7 +11538,7 @@ async def test_a_holds_length_is_one_figure_in_its_event_its_line_and_its_histog
             clock.now += 0.02  # its log line took 20 ms to write
 
     monkeypatch.setattr(s.recorder, "record", slow_write)
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     done = asyncio.Event()
     job.release("completed", status=200, success=True, hold=done.wait, hold_timeout_s=600)
     for _ in range(5):
@@ -11636,14 +11644,14 @@ async def test_hold_keeps_the_lock_until_it_returns_and_times_out_counted():
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
         ops.states[name].loaded()
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     release = asyncio.Event()
     job.release("completed", status=200, success=True, hold=release.wait, hold_timeout_s=30)
     x = await _queued(s, "x")
     assert not x.done() and snapshot(s)["holder"].items() >= {"consumer": "t", "jobs": 0, "holds": 1}.items()
     release.set()
     (await x).release("completed")
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     job.release("completed", hold=asyncio.Event().wait, hold_timeout_s=0.05)
     y = await _queued(s, "y")
     (await asyncio.wait_for(y, 5)).release("completed")
@@ -12195,7 +12203,7 @@ async def test_a_hold_abandoned_in_the_turn_it_was_made_still_frees_the_gpu():
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
         ops.states[name].loaded()
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=30)
     s.holding.abandon("t", "health probe: connection refused")  # before the hold's first step
     await until(lambda: s.holder is None, 5)
@@ -14744,10 +14752,10 @@ async def test_what_the_operator_must_look_at_is_logged_as_a_warning_and_the_rou
     s, gpu, ops, _ = make_scheduler(small_config())
     crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
     ops.unload_behaviour |= {"x": "fail", "y": "keep"}  # x's unload fails, y's answers but frees nothing
-    job = await s.acquire("t", "kt")  # ... and z's frees it: t loads
+    job = await acquire(s, "t", "kt")  # ... and z's frees it: t loads
     job.release("completed", status=200, success=True, hold=asyncio.Event().wait, hold_timeout_s=0.05)
     await until(lambda: s.holder is None)
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     done = asyncio.Event()
     job.release("completed", status=200, success=True, hold=done.wait, hold_timeout_s=30)
     done.set()
@@ -14757,7 +14765,7 @@ async def test_what_the_operator_must_look_at_is_logged_as_a_warning_and_the_rou
     ops.states["z"].unloaded()
     gpu.held.pop("t")
     with pytest.raises(m.BrokerError, match="load answered 503"):
-        await s.acquire("z", "kz")
+        await acquire(s, "z", "kz")
     levels: dict[str, set[str]] = {}
     for record in caplog.records:
         fields = re.match(r'msg=("[^"]*"|\S+)', record.getMessage())
@@ -15377,7 +15385,7 @@ async def test_a_reload_while_a_reservation_waits_for_the_gpu_keeps_it_waiting()
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
         ops.states[name].loaded()
-    holding = await s.acquire("t", "kt")
+    holding = await acquire(s, "t", "kt")
     reserving = asyncio.ensure_future(s.reservations.reserve(60, "gaming"))
     await until(lambda: len(s.queue()) == 1)
     s.shared.config = small_config()  # a reload: the same consumers
@@ -16515,7 +16523,7 @@ async def test_an_admin_unload_never_joins_its_consumers_running_job():
     s, _, ops, _ = make_scheduler(small_config(consumers__t__max_concurrency=3))
     for name in ops.states:
         ops.states[name].loaded()
-    job = await s.acquire("t", "kt")
+    job = await acquire(s, "t", "kt")
     unload = asyncio.ensure_future(s.unload_now("t"))
     for _ in range(10):
         await asyncio.sleep(0)
@@ -16754,7 +16762,7 @@ async def test_a_release_while_the_reservation_unloads_unloads_nothing_more():
     reserving = asyncio.ensure_future(s.reservations.reserve(60, "gaming"))
     await until(lambda: started == ["t"])  # t's unload is under way
     assert s.reservations.release()
-    job = await asyncio.wait_for(s.acquire("x", "kx"), 5)  # x is known resident: it runs at once
+    job = await asyncio.wait_for(acquire(s, "x", "kx"), 5)  # x is known resident: it runs at once
     gate.set()
     await reserving
     assert ops.calls == [("unload", "t")] and gpu.held.get("x") == 3000
@@ -16845,7 +16853,7 @@ async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_fre
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
         ops.states[name].loaded()
-    holding = await s.acquire("t", "kt")
+    holding = await acquire(s, "t", "kt")
     reserving = asyncio.ensure_future(
         s.reservations.reserve(0.05 if step == "its end, expired" else 60, "gaming")
     )
@@ -16867,7 +16875,7 @@ async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_fre
         await asyncio.sleep(0)  # the accounting runs after the hand-over
     assert (s.holder, s.slots, s.holds) == (None, 0, 0)
     assert all(s.jobs_of(name) == 0 for name in ops.states) and books_balance(s)
-    again = await s.acquire("y", "ky")  # the GPU is not wedged
+    again = await acquire(s, "y", "ky")  # the GPU is not wedged
     again.release("completed")
     assert s.holder is None and books_balance(s)
 
@@ -16878,7 +16886,7 @@ async def test_a_reservation_answered_by_one_that_then_failed_to_begin_reserves_
     fails to begin (a bug): the second, waking to find no reservation in force, reserves the GPU itself
     rather than extending none (a mutation audit: that path removed failed no test)."""
     s, _, ops, _ = make_scheduler(small_config())
-    holding = await s.acquire("t", "kt")
+    holding = await acquire(s, "t", "kt")
     first = asyncio.ensure_future(s.reservations.reserve(60, "gaming"))
     second = asyncio.ensure_future(s.reservations.reserve(7200, "training"))
     await until(lambda: len(s.queue()) == 2)
@@ -16923,7 +16931,7 @@ async def test_two_reservations_asked_for_while_the_gpu_is_busy_make_one_that_th
     s, _, ops, clock = make_scheduler(small_config())
     for name in ops.states:
         ops.states[name].loaded()
-    holding = await s.acquire("t", "kt")
+    holding = await acquire(s, "t", "kt")
     first = asyncio.ensure_future(s.reservations.reserve(60, "gaming"))
     second = asyncio.ensure_future(s.reservations.reserve(7200, "training"))
     await until(lambda: len(s.queue()) == 2)
@@ -17023,7 +17031,7 @@ async def test_a_reservation_granted_but_not_yet_begun_when_released_gives_the_g
     nothing is unloaded."""
     s, _, ops, _ = make_scheduler(small_config())
     ops.states["x"].loaded()
-    job = await asyncio.wait_for(s.acquire("x", "kx"), 5)
+    job = await asyncio.wait_for(acquire(s, "x", "kx"), 5)
     reserving = asyncio.ensure_future(s.reservations.reserve(600, "gaming"))
     await until(lambda: len(s.queue()) == 1)
     job.release("completed", status=200, success=True)  # the lock goes to the reservation at once...
@@ -18636,7 +18644,7 @@ async def test_crash_inside_the_scheduler_is_scheduler_error_and_counted():
 
     gpu.read_memory = broken_read  # type: ignore[method-assign]
     with pytest.raises(m.BrokerError) as info:
-        await s.acquire("t", "kt")
+        await acquire(s, "t", "kt")
     assert info.value.code == "scheduler_error" and s.shared.internal_errors == 1 and s.holder is None
 
 
@@ -20380,7 +20388,7 @@ async def test_a_client_removed_and_added_again_before_its_old_job_ends_starts_a
     new p's)."""
     s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
     ops.states["t"].loaded()
-    old = await s.acquire("t", "kt", client="p")
+    old = await acquire(s, "t", "kt", client="p")
     clock.now += 10
     without = copy.deepcopy(CLIENT_AUTH)
     del without["clients"]["p"]
@@ -20396,7 +20404,7 @@ async def test_a_client_removed_and_added_again_before_its_old_job_ends_starts_a
     for _ in range(5):
         await asyncio.sleep(0)  # (its books follow the hand-over)
     assert m.client_use(s, "p") == {"queued": 0, "running": 0, "jobs_total": 0, "gpu_s_window": 0.0}
-    new = await s.acquire("t", "kt", client="p")  # the new p's own job counts, from zero
+    new = await acquire(s, "t", "kt", client="p")  # the new p's own job counts, from zero
     clock.now += 5
     new.release("completed", status=200, success=True)
     for _ in range(5):
@@ -20411,7 +20419,7 @@ async def test_a_removed_clients_queued_job_counts_for_nobody_should_it_be_grant
     first), it is the old p's: its time and end count for nobody, not for the new p."""
     s, _, ops, clock = make_scheduler(small_config(auth=CLIENT_AUTH))
     ops.states["t"].loaded()
-    running = await s.acquire("t", "kt")  # the admin's
+    running = await acquire(s, "t", "kt")  # the admin's
     old = await _queued(s, "t", "p")
     without = copy.deepcopy(CLIENT_AUTH)
     del without["clients"]["p"]
