@@ -5523,6 +5523,8 @@ class Job:
     evictions: int = 0
     #: Its caller (the client's request) went away while a step of it ran on (see JobLease._prepare).
     left: bool = False
+    #: The task its lease was entered in (its request's handler): cut once a shutdown's wait is over.
+    caller: asyncio.Task[Any] | None = field(default=None, repr=False)
     #: Since when a job that came after it, of the same effective priority, was granted before it.
     overtaken_since: float | None = None
     #: Granted to a consumer that was not resident and has no load of its own: its run includes loading.
@@ -8207,6 +8209,7 @@ class JobLease:
         job = self.job = s.admit(
             self.consumer, self.kind, self.request_id, self.exclusive, self.priority, self.client
         )
+        job.caller = asyncio.current_task()
         await s.wait_for_grant(job)
         try:
             await self._prepare(job)
@@ -12650,6 +12653,14 @@ async def idle_within(lock: GpuLock, timeout_s: float) -> bool:
     return True
 
 
+async def cut_what_runs(s: Scheduler) -> None:
+    """Once the drain's wait is over, what still holds ``s``'s GPU, and the work it owns, are cut: each
+    running job's request (the job ends cancelled; its client's connection closes), the holds, steps whose
+    caller left, and a released reservation's unloads under way (a restart resumes it: it asks first)."""
+    callers = [job.caller for job in s.lock.taken if job.state == "running" and job.caller is not None]
+    await cancel_until_done([*callers, *s.tasks], f"shutting down: GPU {s.index}'s jobs, holds and steps")
+
+
 async def _drain(app: web.Application) -> None:
     """On shutdown: refuse new jobs, answer queued ones, let running jobs and holds finish (bounded)."""
     broker = app[BROKER]
@@ -12685,9 +12696,9 @@ async def _drain(app: web.Application) -> None:
                     holds=s.holds,
                 )
             )
+    await asyncio.gather(*(cut_what_runs(s) for s in schedulers))
     # The event streams end last, with every end the drain saw: the refused jobs end in their tasks' next
-    # turn, and their books (their end events) follow, as those of what finished meanwhile. (What the
-    # timeout cuts after this is in the log alone.)
+    # turn, and their books (their end events) follow, as those of what finished meanwhile or was cut.
     await asyncio.sleep(0)
     await books_written()
     broker.events.close()
