@@ -33,13 +33,17 @@ demo: $(STAMP)
 	$(BIN)/python mgpusim.py demo
 
 # The tests mostly wait (on sockets, subprocesses, a browser): TEST_WORKERS processes share them out
-# (pytest-xdist), each taking the next test when it is free (docs/development.md, "Tests").
-TEST_WORKERS ?= 4
+# (pytest-xdist), each taking the next test when it is free (docs/development.md, "Tests"). pytest keeps
+# the test file as it rewrote it for its asserts (7 s of CPU, in every worker), even where the environment
+# sets PYTHONDONTWRITEBYTECODE; one collection first rewrites it once (its errors show in the run after it).
+TEST_WORKERS ?= 6
+TESTS = PYTHONDONTWRITEBYTECODE= $(1)/python -m pytest -q --collect-only >/dev/null 2>&1; \
+	PYTHONDONTWRITEBYTECODE= $(1)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(call TESTS,$(BIN))
 
 test-debian: $(DEBIAN_VENV)/.installed
-	$(DEBIAN_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(call TESTS,$(DEBIAN_VENV)/bin)
 
 # mgpumanager in front of real ComfyUI, whisper.cpp and llama.cpp servers on the CPU (docs/development.md):
 # builds them into $$MGPU_REAL_CACHE on first use, then runs test_real.py. One scenario: ARGS="-k held".
