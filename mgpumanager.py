@@ -7528,11 +7528,12 @@ class RoomMaker:
             # Nobody left to unload but the target itself: those recorded absent are asked first.
             last_resort = all(victim == job.consumer for victim in plan.victims)
             if last_resort and not asked and (absent := absent_to_ask(snap)):
-                asked = True  # (once a job: a probe each, at once; one found resident is planned anew)
+                asked = True  # (once a job: a probe each, at once)
                 await asyncio.gather(*(self.ops.probe_now(name) for name in absent))
-                if any(self.states[name].resident is not False for name in absent):
-                    reading = await self.read(job)
-                    continue
+                # Planned anew, from a new reading: while they answered, anything may have changed (the
+                # target itself, found not resident, is no victim any more).
+                reading = await self.read(job)
+                continue
             # Beside a stranger every consumer is measured: a plan that cannot fit whatever it unloads
             # unloads nothing (gpu_in_use at once, not after needless evictions).
             if not plan.victims or (snap.keep_free_mib and plan.hopeless):

@@ -7059,9 +7059,12 @@ async def test_memory_that_came_free_before_the_refusals_reading_lets_the_job_ru
     for name in ops.states:
         ops.states[name].unloaded()  # nothing to evict
     gpu.held.update(other=11000, game=1000)  # no consumer's: 3904 MiB free, t needs 4256
-    gpu.releasing["game"] = 1  # it exits: the reading after the first no longer shows it
+    # It exits: the third reading no longer shows it. (The second is the one planned anew from, once those
+    # recorded absent were asked: it still does; the third is the refusal's.)
+    gpu.releasing["game"] = 2
     job = await acquire(s, "t", "kt")
-    assert ops.calls == [("load", "t")] and gpu.reads[:2] == ["memory", "whole"]
+    assert ops.calls == [("load", "t")] and gpu.reads == ["memory", "memory", "whole"]
+    assert ops.probes == ["x", "y", "z"]
     job.release("completed", status=200, success=True)
     assert s.stats.completed == 1 and books_balance(s)
 
@@ -8456,6 +8459,32 @@ async def test_only_a_target_no_reading_measures_is_asked_its_residency():
         job = await acquire(s, "t", "kt")
         job.release("completed", success=True)
         assert (ops.probes, gpu.reads) == (asked, reads), (processes, reports)
+
+
+async def test_a_target_found_not_resident_while_the_absent_were_asked_is_not_unloaded():
+    """Found by the scheduler's property test: t, of unknown residency, was its own last victim; before
+    unloading it, x, y and z, recorded not resident, were asked (absent_to_ask). Meanwhile t's own probe
+    answered: not resident. None of the three had changed, so the plan made before they were asked went on,
+    and t was unloaded, known to hold nothing. After they answer, the room is planned anew, from a reading
+    of then: t is no victim any more."""
+    s, gpu, ops, clock = make_scheduler(small_config())
+    gpu.held["game"] = 12000  # nobody's: 16384 - 480 - 12000 = 3904 free < 4256
+    for name in ("x", "y", "z"):
+        ops.reports[name] = False
+        await ops.probe_now(name)
+    probe = ops.probe_now
+
+    async def probe_now(name: str) -> None:
+        if name == "x":  # (t's health round answers meanwhile: not resident)
+            ops.states["t"].probed(True, None, "consumer_unreachable", clock(), False)
+        await probe(name)
+
+    ops.probe_now = probe_now  # type: ignore[method-assign]
+    with pytest.raises(m.BrokerError) as refused:
+        await asyncio.wait_for(acquire(s, "t", "kt"), 10)
+    assert refused.value.code == "insufficient_vram"
+    assert ops.probes[-3:] == ["x", "y", "z"] and ops.states["t"].resident is False
+    assert ("unload", "t") not in ops.calls, ops.calls
 
 
 # ---- deciding from facts (issue 18): the broker as a process, consumers on sockets, mgpusim's nvidia-smi
