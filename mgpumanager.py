@@ -8440,7 +8440,8 @@ class Scheduler:
                 raise BrokerError("unauthorized", f"client {client} is no longer configured", consumer)
         if self.reservations.reservation is not None:
             raise self.reservations.refusal(consumer)
-        if not exclusive and (refusal := self.strangers.refuses(target, self.gpu.last_reading())):
+        refusal = None if exclusive else self.strangers.refuses(target, self.gpu.last_reading())
+        if refusal is not None:
             raise refusal  # (as gpu_reserved: before it is a job, so it is not counted)
         if priority is None:
             own = spec.priority if spec is not None else None  # (the client's)
@@ -8603,6 +8604,7 @@ class Scheduler:
         the consumer's HTTP status, when not recorded already."""
         assert job.state != "ended", job
         job.state, job.ended = "ended", self.clock()
+        job.caller = None  # (nothing of it is cut any more: its task, done, is not kept with it)
         job.outcome, job.code = outcome, code
         if status is not None:
             job.http = status

@@ -8461,6 +8461,17 @@ async def test_only_a_target_no_reading_measures_is_asked_its_residency():
         assert (ops.probes, gpu.reads) == (asked, reads), (processes, reports)
 
 
+async def test_a_running_job_knows_its_callers_task_and_forgets_it_at_its_end():
+    """A shutdown cuts a running job through the task its lease was entered in (``Job.caller``); once the
+    job ended that task is not kept with it (a failed one holds its traceback, and the request's body)."""
+    s, _, _, _ = make_scheduler(small_config())
+    task = asyncio.ensure_future(acquire(s, "t", "kt"))
+    job = await task
+    assert job.caller is task and job.state == "running"
+    job.release("completed", status=200, success=True)
+    assert job.caller is None
+
+
 async def test_a_target_found_not_resident_while_the_absent_were_asked_is_not_unloaded():
     """Found by the scheduler's property test: t, of unknown residency, was its own last victim; before
     unloading it, x, y and z, recorded not resident, were asked (absent_to_ask). Meanwhile t's own probe
