@@ -7566,12 +7566,19 @@ class RoomMaker:
         return name in self._unload_started
 
     async def unload(
-        self, job: Job, victim: str, *, by: str | None = None, fields: Mapping[str, Any] | None = None
+        self,
+        job: Job,
+        victim: str,
+        *,
+        by: str | None = None,
+        fields: Mapping[str, Any] | None = None,
+        answered: Callable[[], None] | None = None,
     ) -> None:
         """Unload one consumer through its route or command: for ``job``'s room (``by`` None: an eviction,
         whose memory _wait_for_memory then waits for), or ``by`` an admin, idleness, a reservation or a
         stranger (``yield``: its memory is waited for too: ``yield_to``). unload_failed (recorded) when it
-        fails, its cause the consumer's error. ``fields``: more for its records.
+        fails, its cause the consumer's error. ``fields``: more for its records. ``answered`` is called once
+        its call answered (before any wait for its memory, which a shutdown may cut).
 
         While the call is under way the victim's residency is unknown, and it stays so unless the call
         succeeds (a failed or interrupted unload may or may not have freed anything). An admin, idle or
@@ -7612,6 +7619,8 @@ class RoomMaker:
             state.unload_failed()
             self._unload_started.pop(victim, None)
             raise
+        if answered is not None:
+            answered()
         if not waits:
             return
         c = self.config.consumers.get(victim)
@@ -7651,8 +7660,7 @@ class RoomMaker:
         size = _charged(self.views(), reading.used_mib).get(victim, 0)
         state = self.states[victim]  # (the service it unloads: a reload meanwhile may make another)
         pids = state.pids
-        await self.unload(job, victim, by="yield", fields=self.strangers.fields())
-        answered()
+        await self.unload(job, victim, by="yield", fields=self.strangers.fields(), answered=answered)
         before = reading.free_mib or 0
         _, freed = await self._wait_for_memory(
             job, victim, state, size, pids, before, keep_free_mib, by="yield"
@@ -8082,15 +8090,19 @@ class Reservations:
                     continue
                 if s.states[name].resident is None:  # (resumed before the first health round, say): asked
                     await s.rooms.ops.probe_now(name)
+                    if self.reservation is not res:  # (released while it answered)
+                        break
                 resident = s.states[name].resident is True  # (what it held is what its end restores)
-                try:
-                    await s.rooms.unload(res.job, name, by="reservation")
-                except BrokerError as e:
-                    res.not_unloaded[name] = f"unload failed: {e.__cause__}"
-                else:
-                    res.unloaded.append(name)
+
+                def answered(name: str = name, resident: bool = resident) -> None:
+                    res.unloaded.append(name)  # (from its answer on: a wait for its memory may be cut)
                     if resident:
                         res.to_restore.append(name)
+
+                try:
+                    await s.rooms.unload(res.job, name, by="reservation", answered=answered)
+                except BrokerError as e:
+                    res.not_unloaded[name] = f"unload failed: {e.__cause__}"
 
     def cancel_waiting(self) -> bool:
         """DELETE /v1/reserve while reservations wait for the lock: each is cancelled (its POST answered
@@ -12647,12 +12659,20 @@ async def handle_favicon(request: web.Request) -> web.Response:
     return web.Response(body=FAVICON_PNG, content_type="image/png", headers=headers)
 
 
-async def idle_within(lock: GpuLock, timeout_s: float) -> bool:
-    """Wait until no job or hold holds ``lock``, at most ``timeout_s``; whether it got idle."""
+async def idle_within(s: Scheduler, timeout_s: float) -> bool:
+    """Wait until no job or hold holds ``s``'s lock and the work it owns has ended (a released reservation's
+    unloads go on), at most ``timeout_s``; whether it got there."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
     try:
-        await asyncio.wait_for(lock.idle.wait(), timeout_s)
+        await asyncio.wait_for(s.lock.idle.wait(), timeout_s)
     except asyncio.TimeoutError:
         return False
+    while pending := [t for t in s.tasks if not t.done()]:
+        left = deadline - loop.time()
+        if left <= 0:
+            return False
+        await asyncio.wait(pending, timeout=left)
     return True
 
 
@@ -12661,7 +12681,9 @@ async def cut_what_runs(s: Scheduler) -> None:
     running job's request (the job ends cancelled; its client's connection closes), the holds, steps whose
     caller left, and a released reservation's unloads under way (a restart resumes it: it asks first)."""
     callers = [job.caller for job in s.lock.taken if job.state == "running" and job.caller is not None]
-    await cancel_until_done([*callers, *s.tasks], f"shutting down: GPU {s.index}'s jobs, holds and steps")
+    what = f"shutting down: GPU {s.index}'s jobs, holds and steps"
+    await cancel_until_done([*callers, *s.tasks], what)
+    await cancel_until_done(list(s.tasks), what)  # (the hold a cut job started, its prompt sent)
 
 
 async def _drain(app: web.Application) -> None:
@@ -12687,7 +12709,7 @@ async def _drain(app: web.Application) -> None:
                     holds=s.holds,
                 )
             )
-    idle = await asyncio.gather(*(idle_within(s.lock, timeout) for s in schedulers))
+    idle = await asyncio.gather(*(idle_within(s, timeout) for s in schedulers))
     for s, done in zip(schedulers, idle, strict=True):
         if not done:
             log.warning(

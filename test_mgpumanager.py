@@ -8472,6 +8472,25 @@ async def test_a_running_job_knows_its_callers_task_and_forgets_it_at_its_end():
     assert job.caller is None
 
 
+async def test_a_resumed_reservation_released_while_it_asks_a_consumer_unloads_it_no_more():
+    """A reservation resumed after a restart asks a consumer of unknown residency before it unloads it; one
+    released while that probe answered still unloaded it, after the GPU had been given back (an attack on
+    the shutdown's cut saw it in passing). It unloads nothing more once released."""
+    s, _, ops, _ = make_scheduler(small_config())
+    probe = ops.probe_now
+
+    async def probe_now(name: str) -> None:
+        await probe(name)
+        if name == "t":  # (DELETE /v1/reserve meanwhile)
+            s.reservations.release()
+
+    ops.probe_now = probe_now  # type: ignore[method-assign]
+    s.reservations.resume(3600, "gaming", True, [], [])
+    await asyncio.wait_for(asyncio.gather(*s.tasks), 10)
+    assert s.reservations.reservation is None and ops.probes[:1] == ["t"]
+    assert [call for call in ops.calls if call[0] == "unload"] == [], ops.calls
+
+
 async def test_a_target_found_not_resident_while_the_absent_were_asked_is_not_unloaded():
     """Found by the scheduler's property test: t, of unknown residency, was its own last victim; before
     unloading it, x, y and z, recorded not resident, were asked (absent_to_ask). Meanwhile t's own probe
@@ -16206,6 +16225,89 @@ async def test_shutdown_waits_for_a_hold_but_not_longer_than_shutdown_timeout_s(
     outcomes = ("started", "finished", "failed", "cancelled")
     ends = [e["event"] for e in events if e.get("job") == 1 and e["event"] in outcomes]
     assert ends == ["started", "cancelled"], ends
+
+
+async def test_a_reservations_unload_under_way_at_sigterm_is_waited_for_and_its_restore_kept(rig, tmp_path):
+    """operations.md, Stopping: running work gets up to shutdown_timeout_s, then what still runs is cut. A
+    reservation's unload under way at SIGTERM (mvoice answered; its memory, freed 2 s later, is being waited
+    for) was cut at once (found by an attack on the cut): the reservation's release left the lock idle, so
+    the drain waited for nothing. POST /v1/reserve got no answer, the state file forgot that mvoice was
+    unloaded and is to be restored, and the restarted broker's release left it unloaded. The drain now waits
+    for the work the scheduler owns too; and a consumer counts as unloaded, to be restored, from its
+    unload's answer on."""
+    r = await rig(sims={"mvoice": {"loaded": True, "release_s": 2}})
+    raw = copy.deepcopy(r.raw) | {"state_file": str(tmp_path / "state.json")}
+    with_token(raw)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        body = {"for_s": 3600, "reason": "gaming"}
+        reserving = asyncio.ensure_future(r.session.post(daemon.url("/v1/reserve"), json=body, headers=auth))
+        await until(lambda: r.sims["mvoice"].unloads == 1, timeout=20)
+        daemon.terminate()
+    resp = await asyncio.wait_for(reserving, 10)
+    assert resp.status == 200 and "mvoice" in (await resp.json())["unloaded"]
+    saved = json.loads((tmp_path / "state.json").read_text())["gpus"]["0"]["reservation"]
+    assert saved["to_restore"] == ["mvoice"], saved
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as again:
+        async with r.session.delete(again.url("/v1/reserve"), headers=auth) as resp:
+            assert (await resp.json())["released"] is True
+        await until(lambda: r.sims["mvoice"].loaded, timeout=20)  # restored at the reservation's end
+
+
+async def test_a_reservations_unload_cut_while_its_memory_is_waited_for_keeps_its_restore(rig, tmp_path):
+    """The same unload, its memory freed only after shutdown_timeout_s: the wait for it is cut. mvoice
+    answered its unload, so it counts as unloaded, to be restored, from then on: the state file keeps its
+    restore (a restart's release loads it again)."""
+    r = await rig(sims={"mvoice": {"loaded": True, "release_s": 5}})
+    raw = copy.deepcopy(r.raw) | {"state_file": str(tmp_path / "state.json")}
+    raw["scheduler"]["shutdown_timeout_s"] = 0.5
+    with_token(raw)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        body = {"for_s": 3600, "reason": "gaming"}
+        reserving = asyncio.ensure_future(r.session.post(daemon.url("/v1/reserve"), json=body, headers=auth))
+        await until(lambda: r.sims["mvoice"].unloads == 1, timeout=20)
+        daemon.terminate()
+    with contextlib.suppress(aiohttp.ClientError):  # (cut: its connection goes with the broker)
+        (await reserving).release()
+    assert "shutting down: cutting what still runs" in daemon.log
+    saved = json.loads((tmp_path / "state.json").read_text())["gpus"]["0"]["reservation"]
+    assert saved["unloaded"] == ["mvoice"] and saved["to_restore"] == ["mvoice"], saved
+
+
+async def test_a_hold_that_the_shutdowns_cut_starts_ends_before_the_event_streams_do(rig):
+    """operations.md, Stopping: once shutdown_timeout_s is over, what still runs is cut, and the event streams
+    end after every end, what was cut included. A ComfyUI job whose /prompt had not answered is cut as a
+    client that left: its handler starts a hold for the render it may have begun (found by an attack on
+    the cut). That hold was not among what the cut had cancelled: it ran on past the drain, its hold_ended
+    in the log alone."""
+
+    def quick(raw: dict[str, Any]) -> None:
+        raw["scheduler"]["shutdown_timeout_s"] = 1.0
+
+    r = await rig(total_mib=40000, tweak=quick)
+    r.sims["comfyui"].faults["hang"] = True  # its /prompt never answers
+    events: list[dict[str, Any]] = []
+    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
+    async with daemon:
+
+        async def follow() -> None:
+            async with r.session.get(daemon.url("/v1/events")) as resp:
+                async for line in resp.content:
+                    if line.startswith(b"data: "):
+                        events.append(json.loads(line[6:]))
+
+        stream = asyncio.ensure_future(follow())
+        stuck = asyncio.ensure_future(r.session.post(daemon.url("/v1/image"), json={"prompt": {}}))
+        await until(lambda: any(e["event"] == "started" for e in events), timeout=20)
+        daemon.terminate()
+    assert daemon.proc.returncode == 0
+    await asyncio.wait_for(stream, 10)
+    with contextlib.suppress(aiohttp.ClientError):
+        (await stuck).release()
+    assert 'msg="hold cut short" consumer=comfyui job=1' in daemon.log
+    mine = [e["event"] for e in events if e.get("job") == 1]
+    assert "hold_ended" in mine, mine
 
 
 async def test_what_ends_while_the_broker_drains_reaches_an_open_event_stream(rig):
