@@ -10980,17 +10980,19 @@ class Reloads:
             finally:
                 broker.notifier.send("READY=1")  # (dropped once stopping: the notifier tells no READY then)
             self._refuse_while_stopping()  # (a read that ended during the drain)
-            return await to_its_end(self._apply(new, spare))
+            # Applied in the turn of the move check (``apply`` awaits nothing): no job is granted between.
+            changes = broker.apply(new)
+            return await to_its_end(self._apply(new, spare, changes))
 
     def _refuse_while_stopping(self) -> None:
         if self.broker.stopping:
             log.info(logfmt(msg="reload ignored: the broker is stopping"))
             raise BrokerError("shutting_down", "the broker is shutting down: the config it began with stays")
 
-    async def _apply(self, new: Config, spare: Connection | None) -> list[str]:
-        """Apply a read and checked config: the parts, the tokens' connections, the consumers' ports."""
+    async def _apply(self, new: Config, spare: Connection | None, changes: list[str]) -> list[str]:
+        """The rest of a reload, once the broker's parts have the new config (``changes``): the tokens'
+        connections, the consumers' ports, the log line, the event and the preloads."""
         broker = self.broker
-        changes = broker.apply(new)
         revoked, tokenless = broker.connections.revoke(valid_credentials(new.auth), spare=spare)
         if revoked:
             changes.append(f"closed {_plural(revoked, 'connection')} authenticated with a revoked token")

@@ -15161,6 +15161,51 @@ async def test_a_consumer_being_evicted_moves_to_another_gpu_only_once_its_unloa
         assert "new GPU for mvoice" in (await resp.json())["changes"]
 
 
+async def test_a_job_granted_in_the_turn_after_the_move_check_does_not_leave_its_consumer_on_two_gpus(
+    rig, monkeypatch
+):
+    """operations.md, Reloading, several GPUs: a reload that would move a consumer while one of its jobs runs
+    is refused whole. The check (move_problems) and the apply ran a turn of the loop apart (the apply in a
+    task of its own), so whatever was ready in that turn ran between them (found by an attack on two
+    GPUs): here ollama's job on GPU 0 ends then (its handler's release), mvoice's queued job is granted GPU
+    0, and the apply moved mvoice to GPU 1 all the same, its job still at work on GPU 0. The config is now
+    applied in the turn of the check: the queued job is answered no_consumer, or the move refused."""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(gpus=2, urls={"ollama": ollama.url}, sims={"mvoice": {"work_s": 2.0}})
+        gpu0 = r.broker.schedulers[0]
+        llm = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
+        await until(lambda: gpu0.holder == "ollama")
+        # mvoice may not join ollama's slots here: its job waits on GPU 0.
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["mvoice"]["can_coexist_with"] = []
+        raw["consumers"]["ollama"]["can_coexist_with"] = []
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert resp.status == 200
+        tts = asyncio.ensure_future(r.post("tts", {"text": "first"}))
+        await until(lambda: any(j.consumer == "mvoice" for j in gpu0.lock.waiting))
+        real = m.move_problems
+
+        def checked_then_ollama_ends(new: m.Config, schedulers: Any) -> list[str]:
+            problems = real(new, schedulers)
+            held = next(j for j in schedulers[0].lock.taken if j.consumer == "ollama")
+            asyncio.get_running_loop().call_soon(held.release)  # (in the next turn, as after its answer)
+            return problems
+
+        monkeypatch.setattr(m, "move_problems", checked_then_ollama_ends)
+        raw["consumers"]["mvoice"]["gpu"] = 1
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            answer = resp.status, await resp.read()
+        moved, on_gpu0 = answer[0] == 200, gpu0.lock.jobs_of("mvoice")
+        gate.set()
+        await llm
+        tts_status = (await tts)[0]
+    assert moved and on_gpu0 == 0, (answer, on_gpu0)
+    assert tts_status == 404  # (no_consumer: it was queued on GPU 0 when mvoice moved)
+
+
 async def test_a_consumer_removed_while_evicted_may_come_back_on_the_same_gpu_at_once(rig):
     """Only a move waits for an unload under way on another GPU: a consumer a reload removed while it was
     being evicted, added again on its GPU, is no move (found by the review of the move check, which first
