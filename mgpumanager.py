@@ -12689,7 +12689,8 @@ async def cut_what_runs(s: Scheduler) -> None:
 
 
 async def _drain(app: web.Application) -> None:
-    """On shutdown: refuse new jobs, answer queued ones, let running jobs and holds finish (bounded)."""
+    """On shutdown: refuse new jobs, answer queued ones, let running jobs, holds and the schedulers' own work
+    finish (bounded), then cut what still runs."""
     broker = app[BROKER]
     for reload in broker.reloads.background:  # (cut if reading; one applying ends on its own, unwaited)
         reload.cancel()
