@@ -8175,9 +8175,9 @@ class Reservations:
 
 def reload_fate(job: Job, now: ConsumerConfig | None, index: int) -> ConsumerConfig | BrokerError:
     """What a reload makes of a job waiting on GPU ``index``, its consumer's config now being ``now``: the
-    target it goes to (the config in force from now on; a new URL is a new service), or no_consumer, where
-    that consumer is gone, moved to another GPU, or at its new URL no longer serves the job's kind. (A
-    reservation's job is no consumer's: it stays as it is.)"""
+    target it goes to (at a new URL, a new service, the config in force from now on; at its URL, the config
+    it was admitted with), or no_consumer, where that consumer is gone, moved to another GPU, or at its new
+    URL no longer serves the job's kind. (A reservation's job is no consumer's: it stays as it is.)"""
     if job.kind == RESERVATION:
         return job.target
     if now is None or now.gpu != index:

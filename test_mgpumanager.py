@@ -21852,3 +21852,165 @@ async def test_a_consumer_removed_and_added_again_on_another_gpu_waits_until_its
             assert "added ollama" in (await resp.json())["changes"]
         assert r.broker.scheduler_for("ollama").index == 1
         assert (await r.post("llm", {"model": "m", "prompt": "q"}))[0] == 200
+
+
+# ---- the mutation audit of the shutdown cut, the reservation's records, the plan after asking the absent,
+# the reload's apply and the rooms moved at this stop: one test for each mutant a user would notice
+
+
+async def test_a_loaded_target_beside_a_stranger_that_left_no_room_runs_and_one_in_doubt_is_refused_at_once():
+    """docs/how-it-works.md: a job that could not fit beside a stranger is refused gpu_in_use at once, one
+    of a consumer known to be resident needs no room (Strangers.refuses). A game leaves 104 MiB free; t is
+    loaded (trusted): its job runs, unloading nothing. Once its record is put in doubt (touched), a job of it
+    could not fit even were every other consumer unloaded (x has no unload; y and z hold nothing): it is
+    refused at the door, before it is a job (no reading of its own, nothing counted). (A mutation audit:
+    dropping either half of the known-resident check went unseen.)"""
+    s, gpu, ops, clock = make_scheduler(_without_unload(_yield_config(), "x"))
+    for name in ("y", "z"):
+        ops.states[name].unloaded()
+    gpu.held |= {"t": 4000, "x": 4000}
+    gpu.reserved += 7800  # the game's memory (a graphics process: in no process list)
+    gpu.last = _reading(s, {"t": 4000, "x": 4000}, {-1: 7800}, clock())
+    s.strangers.seen(gpu.last)
+    ops.states["t"].loaded()
+    ops.states["x"].loaded()
+    assert s.strangers.present and gpu.last.free_mib == 104 and ops.states["t"].known_resident()
+    job = await asyncio.wait_for(acquire(s, "t", "kt"), 5)  # loaded: it needs no room
+    job.release("completed", status=200, success=True)
+    assert ops.calls == []
+    ops.states["t"].touched("a test")
+    assert ops.states["t"].resident is True and not ops.states["t"].known_resident()
+    reads, ended = list(gpu.reads), [e for e in recent_events(s.events) if e["event"] == "failed"]
+    with pytest.raises(m.BrokerError) as refused:
+        await asyncio.wait_for(acquire(s, "t", "kt"), 5)
+    assert refused.value.code == "gpu_in_use"
+    # At the door, from the newest reading: no reading of its own, and no job (none counted, none ended).
+    assert gpu.reads == reads and [e for e in recent_events(s.events) if e["event"] == "failed"] == ended
+    assert ops.calls == [] and s.holder is None and books_balance(s)
+
+
+async def test_a_job_that_fits_beside_a_stranger_once_a_working_consumer_is_unloaded_waits_for_it():
+    """Strangers.refuses: whoever works now is taken to be idle by then. A game leaves 2904 MiB free; t
+    needs 4000 + 256 + 2048 (keep_free_mib) and fits once x, at work, is unloaded: its job is queued, not
+    refused gpu_in_use, and once x's job ends x is evicted and t loaded. (A mutation audit: counting x's
+    running job, which makes x no victim, went unseen.)"""
+    s, gpu, ops, clock = make_scheduler(_yield_config())
+    for name in ("t", "y", "z"):
+        ops.states[name].unloaded()
+    gpu.held["x"] = 4000
+    gpu.reserved += 9000  # the game
+    ops.states["x"].loaded()
+    running = await acquire(s, "x", "kx")
+    gpu.last = _reading(s, {"x": 4000}, {-1: 9000}, clock())
+    s.strangers.seen(gpu.last)
+    ops.states["x"].loaded()
+    assert s.strangers.present and gpu.last.free_mib == 2904
+    queued = asyncio.ensure_future(acquire(s, "t", "kt"))
+    await until(lambda: [j.consumer for j in s.queue()] == ["t"] or queued.done())
+    assert not queued.done()  # (not refused gpu_in_use)
+    running.release("completed", status=200, success=True)
+    job = await asyncio.wait_for(queued, 10)
+    assert ops.calls == [("unload", "x"), ("load", "t")]
+    job.release("completed", status=200, success=True)
+    assert s.holder is None and books_balance(s)
+
+
+async def test_a_queued_job_whose_kind_a_reload_at_the_same_url_takes_away_is_kept(rig):
+    """docs/operations.md, Reloading: queued and running jobs are kept; only those sent on to a new URL are
+    checked against the new config's paths (no_consumer where it no longer serves their kind). A reload that
+    takes mvoice's stt path away, its URL unchanged, leaves an stt job queued behind an llm job as it was:
+    it runs, on the service it was routed to. (A mutation audit: reload_fate without its URL comparison
+    answered it no_consumer, unseen.)"""
+    async with _ollama_at_work_and_a_new_mvoice(rig) as (r, _, _, gate, running):
+        stt = asyncio.ensure_future(r.post("stt", {"audio": "x"}))
+        await until(lambda: len(r.broker.scheduler.queue()) == 1)
+        raw = copy.deepcopy(r.raw)
+        del raw["consumers"]["mvoice"]["paths"]["stt"], raw["routing"]["stt"]
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        try:
+            async with r.session.post(r.url("/v1/reload")) as resp:
+                assert resp.status == 200, await resp.text()
+        finally:
+            gate.set()
+        assert (await running)[0] == 200
+        status, _, body = await asyncio.wait_for(stt, 10)
+        assert status == 200, body
+
+
+@pytest.mark.catches_bug
+async def test_a_crash_in_a_step_its_caller_left_is_counted_and_the_job_ends_cancelled():
+    """JobLease._ended_after: the step a job's caller left during runs on, and the job ends cancelled once it
+    is done; a crash is still one (counted and logged, as scheduler_error would be). The client leaves while
+    x is evicted for t; the reading after the unload then hits a bug."""
+    s, gpu, ops, _ = make_scheduler(small_config(consumers__t__vram_resident_mib=9000))
+    crowd(gpu, ops, {"x": 1.0, "y": 2.0, "z": 3.0})
+    ops.unload_behaviour["x"] = "gated"
+    task = await _queued(s, "t")
+    task.cancel()  # the client leaves while x is being unloaded
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled() and s.holder == "t"
+
+    async def broken_read(**_: Any) -> m.GpuReading:
+        raise RuntimeError("bug")
+
+    gpu.read_memory = gpu.read = broken_read  # type: ignore[method-assign]
+    ops.gate.set()
+    await until(lambda: s.holder is None)
+    assert s.shared.internal_errors == 1 and s.stats.cancelled == 1 and books_balance(s)
+
+
+async def test_an_admin_unload_beside_a_stranger_is_never_refused_gpu_in_use():
+    """docs: an admin unload frees memory, it needs none: a stranger present that leaves no room for its
+    consumer's load does not refuse it (an exclusive job is not weighed beside strangers at the door). t's
+    last unload failed (residency unknown) and a game leaves 1904 MiB free: mgpumanager.py unload t still
+    unloads it. (A mutation audit: weighing exclusive jobs too refused it gpu_in_use, unseen.)"""
+    s, gpu, ops, clock = make_scheduler(_without_unload(_yield_config(), "x", "y"))
+    gpu.held |= {"t": 0, "x": 4000, "y": 4000}
+    gpu.reserved += 6000  # the game
+    ops.states["z"].unloaded()
+    gpu.last = _reading(s, {"x": 4000, "y": 4000}, {-1: 6000}, clock())
+    s.strangers.seen(gpu.last)
+    ops.states["t"].unload_failed()
+    assert s.strangers.present and ops.states["t"].resident is None
+    job = await asyncio.wait_for(s.unload_now("t"), 5)
+    assert job.outcome == "completed" and ops.calls == [("unload", "t")]
+    assert s.holder is None and books_balance(s)
+
+
+async def test_a_consumer_of_zero_mib_is_never_refused_beside_a_stranger():
+    """A consumer whose memory is elsewhere (vram_resident_mib 0) needs no room: a stranger that leaves no
+    room for anything does not refuse its jobs gpu_in_use (Strangers.refuses: the target needs no room).
+    A game leaves 104 MiB free and nothing may be unloaded. (A mutation audit: dropping that check in
+    refuses refused it, unseen.)"""
+    cfg = _without_unload(_yield_config(consumers__t__vram_resident_mib=0), "x", "y", "z")
+    s, gpu, ops, clock = make_scheduler(cfg)
+    gpu.held |= {"x": 4000, "y": 4000}
+    gpu.reserved += 7800  # the game
+    gpu.last = _reading(s, {"x": 4000, "y": 4000}, {-1: 7800}, clock())
+    s.strangers.seen(gpu.last)
+    assert s.strangers.present and gpu.last.free_mib == 104
+    job = await asyncio.wait_for(acquire(s, "t", "kt"), 5)
+    job.release("completed", status=200, success=True)
+    assert ops.calls == [] and s.holder is None and books_balance(s)
+
+
+async def test_memory_that_came_free_while_the_absent_were_asked_spares_the_one_found_resident():
+    """docs/how-it-works.md: after those recorded absent were asked, the room is planned anew from a new
+    reading. x, y and z are recorded not resident, a game leaves 3904 MiB free (t needs 4256): nobody to
+    evict, so they are asked; x answers resident (it loaded itself), and meanwhile the game exits. The new
+    reading shows room: t is loaded and x, found resident, is not evicted for memory that is already free.
+    (A mutation audit: planning anew from the reading taken before the probes unloaded x, unseen but for a
+    count of readings.)"""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    gpu.held.update(game=8000, x=4000)  # 16384 - 480 - 12000 = 3904 free < 4256
+    for name in ("x", "y", "z"):
+        ops.reports[name] = False
+        await ops.probe_now(name)
+    ops.states["t"].unloaded()
+    ops.reports["x"] = True  # asked again, it answers resident
+    gpu.releasing["game"] = 1  # gone from the second reading on (the one after the probes)
+    job = await asyncio.wait_for(acquire(s, "t", "kt"), 10)
+    assert ops.calls == [("load", "t")], ops.calls
+    assert ops.probes[-3:] == ["x", "y", "z"] and ops.states["x"].resident is True
+    job.release("completed", status=200, success=True)
+    assert s.holder is None and books_balance(s)
