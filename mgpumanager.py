@@ -7351,13 +7351,14 @@ class Strangers:
         """gpu_in_use for ``target``: the unclaimed MiB and the strangers' processes, what it needs, at most
         what could be made free; Retry-After GPU_IN_USE_RETRY_S (or poll_s, if longer)."""
         y = self.shared.config.gpu.yield_
-        keep = y.keep_free_mib if y is not None else 0
+        # (A target with nothing to load, its model in its processes already, needs the cushion alone.)
+        keep = y.keep_free_mib if y is not None and plan.need_mib > cushion_mib else 0
         load = max(0, plan.need_mib - cushion_mib - keep)
+        kept = f" + {keep} kept free for it" if keep else ""
         message = (
             f"GPU {self.index} is in use by something else: {self.unclaimed_mib} MiB no consumer claims"
             f" ({describe_processes(self.processes)}); {target} needs {plan.need_mib} MiB free ({load}"
-            f" + cushion {cushion_mib} + {keep} kept free for it), at most {plan.expected_mib} MiB can be"
-            " made free"
+            f" + cushion {cushion_mib}{kept}), at most {plan.expected_mib} MiB can be made free"
         )
         wait = max(GPU_IN_USE_RETRY_S, math.ceil(y.poll_s) if y is not None else 0)
         return BrokerError("gpu_in_use", message, target, retry_after=wait)

@@ -21884,6 +21884,9 @@ async def test_a_loaded_target_beside_a_stranger_that_left_no_room_runs_and_one_
     with pytest.raises(m.BrokerError) as refused:
         await asyncio.wait_for(acquire(s, "t", "kt"), 5)
     assert refused.value.code == "gpu_in_use"
+    # Measured holding its model, it needs the cushion alone: nothing more is kept free for it. (The message
+    # said "256 MiB free (0 + cushion 256 + 2048 kept free for it)".)
+    assert "t needs 256 MiB free (0 + cushion 256), at most 104 MiB" in str(refused.value), refused.value
     # At the door, from the newest reading: no reading of its own, and no job (none counted, none ended).
     assert gpu.reads == reads and [e for e in recent_events(s.events) if e["event"] == "failed"] == ended
     assert ops.calls == [] and s.holder is None and books_balance(s)
