@@ -8784,6 +8784,13 @@ class InternalJobs:
             if c is not None and c.load is not None and name not in pending:
                 pending.append(name)
 
+    def unloaded_by_hand(self, index: int, name: str) -> None:
+        """An admin unloaded ``name`` on GPU ``index``: it no longer waits to be restored (the person's
+        decision is the newer, as an idle unload's is)."""
+        pending = self.to_restore.get(index, [])
+        if name in pending:
+            pending.remove(name)
+
     async def restore_all(self, index: int, may: Callable[[], bool]) -> None:
         """Load again, one at a time, what waits to be restored on GPU ``index``, while ``may()`` says so: the
         most recently used first, each a ``restore`` job of the lowest priority (a job that arrives goes
@@ -8931,6 +8938,10 @@ class InternalJobs:
                 )
                 return
             pending = self.to_restore.get(s.index, [])
+            if name not in pending:  # (unloaded since, by an admin or as idle: the newer decision stands)
+                why = "it no longer waits to be restored"
+                s.recorder.record("restore_skipped", consumer=name, job=job.id, reason=why)
+                return
             try:
                 loaded = await self._fits_then_load(job, "restore")
             except Exception as e:
@@ -11880,6 +11891,7 @@ async def handle_admin_consumer(request: web.Request) -> web.Response:
     scheduler = broker.scheduler_for(name)
     if action == "unload":
         job = await scheduler.unload_now(name)
+        broker.internal.unloaded_by_hand(scheduler.index, name)
     else:
         job = await scheduler.load_now(name)
     body = {

@@ -9496,6 +9496,29 @@ async def test_a_restore_granted_beside_a_stranger_that_came_while_it_waited_loa
     assert s.holder is None and books_balance(s)
 
 
+async def test_a_restore_queued_when_an_admin_unloaded_its_consumer_loads_nothing():
+    """how-it-works.md, Restore: one an admin unloaded is not restored, even where its restore job was queued
+    already (behind x's job) when the admin's unload went first: granted, it loads nothing
+    (restore_skipped, "it no longer waits to be restored"). (Found with an attack on internal jobs.)"""
+    s, gpu, ops, _ = make_scheduler(small_config())
+    jobs = internal_jobs(s)
+    gpu.held["x"] = 4000
+    ops.states["x"].loaded()
+    for name in ("t", "y", "z"):
+        ops.states[name].unloaded()
+    jobs.to_restore[0] = ["t"]
+    running = await acquire(s, "x", "kx")
+    restore = asyncio.ensure_future(jobs.restore_all(0, lambda: True))
+    await until(lambda: [j.kind for j in s.queue()] == ["restore"])
+    jobs.unloaded_by_hand(0, "t")  # (POST /v1/consumers/t/unload, granted first: an admin's priority)
+    running.release("completed", status=200, success=True)
+    await asyncio.wait_for(restore, 5)
+    assert ops.calls == [] and jobs.to_restore[0] == [] and s.stats.restores == 0
+    skipped = [e for e in recent_events(s.events) if e["event"] == "restore_skipped"]
+    assert [(e["consumer"], e["reason"]) for e in skipped] == [("t", "it no longer waits to be restored")]
+    assert s.holder is None and books_balance(s)
+
+
 async def test_only_what_was_resident_when_it_yielded_is_restored_not_one_of_unknown_residency():
     """docs/decisions.md: only what was resident when it yielded is restored (loading afterwards what was
     not loaded before would be a change, not a restore). A game leaves 904 MiB free (keep_free_mib 6000):
@@ -9777,6 +9800,30 @@ async def test_a_consumer_unloaded_as_idle_after_its_yield_is_not_restored(rig):
     assert not r.broker.internal.to_restore.get(0)
     r.gpu.release("game")
     await asyncio.sleep(2)  # (a restore would come restore_after_s after the game left, polled every 0.2 s)
+    assert r.stats.restores == 0 and not r.sims["mvoice"].loaded
+
+
+@pytest.mark.parametrize("used", ["used beside the game", "still yielded"])
+async def test_a_consumer_the_admin_unloaded_after_its_yield_is_not_restored(rig, used):
+    """how-it-works.md, Restore: one unloaded since by a newer decision is not restored. mvoice yields for a
+    game (and, in one case, a job loads it again beside the game); the admin then unloads it by hand. When
+    the game went, the yield's restore loaded it all the same (found by an attack on internal jobs): the
+    admin's unload, like an idle one, now takes it off the list."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(restore_after_s=0.5))
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    r.gpu.allocate("game", 12000, graphics=True)  # 1104 free < 2048: mvoice yields
+    await until(lambda: r.stats.yields == 1, timeout=30)
+    if used == "used beside the game":
+        r.gpu.allocate("game", 8000, graphics=True)  # the same game, smaller: still a stranger
+        await status_until(r, lambda st: st["gpu"]["unclaimed_mib"] == 8000)
+        answer = await r.post("tts", {"text": "beside the game"})
+        assert answer[0] == 200, answer
+    async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:
+        assert resp.status == 200, await resp.text()
+    assert not r.sims["mvoice"].loaded
+    r.gpu.release("game")
+    await status_until(r, lambda st: not st["gpu"]["strangers"]["present"])
+    await asyncio.sleep(2)  # (a timer that must not fire: a restore comes 0.5 s after the game left)
     assert r.stats.restores == 0 and not r.sims["mvoice"].loaded
 
 
