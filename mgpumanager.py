@@ -8784,9 +8784,9 @@ class InternalJobs:
             if c is not None and c.load is not None and name not in pending:
                 pending.append(name)
 
-    def unloaded_by_hand(self, index: int, name: str) -> None:
-        """An admin unloaded ``name`` on GPU ``index``: it no longer waits to be restored (the person's
-        decision is the newer, as an idle unload's is)."""
+    def not_to_restore(self, index: int, name: str) -> None:
+        """A newer decision unloaded ``name`` on GPU ``index`` (an admin's, or an idle unload after a job
+        loaded it again since it yielded): it no longer waits to be restored."""
         pending = self.to_restore.get(index, [])
         if name in pending:
             pending.remove(name)
@@ -8847,9 +8847,7 @@ class InternalJobs:
                 rooms.recorder.record("idle_unload_skipped", consumer=name, reason=why, job=job.id)
                 return
             await rooms.unload(job, name, by="idle")
-            pending = self.to_restore.get(rooms.index, [])
-            if name in pending:  # (a job loaded it again since it yielded: unused since, it stays unloaded)
-                pending.remove(name)
+            self.not_to_restore(rooms.index, name)  # (used since it yielded, then idle: it stays unloaded)
 
     async def _load_if_fits(self, job: Job) -> None:
         async with self.scheduler_for(job.consumer).rooms.lock:
@@ -11891,7 +11889,7 @@ async def handle_admin_consumer(request: web.Request) -> web.Response:
     scheduler = broker.scheduler_for(name)
     if action == "unload":
         job = await scheduler.unload_now(name)
-        broker.internal.unloaded_by_hand(scheduler.index, name)
+        broker.internal.not_to_restore(scheduler.index, name)
     else:
         job = await scheduler.load_now(name)
     body = {

@@ -9510,7 +9510,7 @@ async def test_a_restore_queued_when_an_admin_unloaded_its_consumer_loads_nothin
     running = await acquire(s, "x", "kx")
     restore = asyncio.ensure_future(jobs.restore_all(0, lambda: True))
     await until(lambda: [j.kind for j in s.queue()] == ["restore"])
-    jobs.unloaded_by_hand(0, "t")  # (POST /v1/consumers/t/unload, granted first: an admin's priority)
+    jobs.not_to_restore(0, "t")  # (POST /v1/consumers/t/unload, granted first: an admin's priority)
     running.release("completed", status=200, success=True)
     await asyncio.wait_for(restore, 5)
     assert ops.calls == [] and jobs.to_restore[0] == [] and s.stats.restores == 0
