@@ -3892,18 +3892,22 @@ async def _kill_group(
         proc.wait(0)
 
 
-async def run_nvidia_smi(argv: Sequence[str], timeout_s: float, max_output_mib: int = 8) -> str:
+async def run_nvidia_smi(
+    argv: Sequence[str], timeout_s: float, max_output_mib: int = 8, *, reading_s: float | None = None
+) -> str:
     """Run one nvidia-smi query as a subprocess; kill it (and anything it started) past ``timeout_s``, and
     whatever it left in its process group once it has exited (a wrapper's child holding its output would
     cost every reading PIPE_GRACE_S, and stay behind). Its output is read whole up to ``max_output_mib``
-    (gpu.max_output_mib); more is a GpuError that says so, never a part of it parsed."""
+    (gpu.max_output_mib); more is a GpuError that says so, never a part of it parsed. ``reading_s``: the
+    whole reading's limit, which its timeout is what is left of (the message names it)."""
     limit = max_output_mib * MiB
     try:
         done = await run_process(argv, timeout_s, limit=limit, kill_group=True, head=True)
     except OSError as e:
         raise GpuError(f"cannot run {argv[0]}: {e.strerror or e}") from e
     except ProcessTimeout:
-        raise GpuError(f"nvidia-smi did not answer within {timeout_s:g} s (killed)") from None
+        said = timeout_s if reading_s is None else reading_s
+        raise GpuError(f"nvidia-smi did not answer within {said:g} s (killed)") from None
     if done.returncode != 0:
         # nvidia-smi writes its errors to stdout.
         text = done.stdout.decode(errors="replace").strip() or done.stderr.decode(errors="replace").strip()
@@ -3950,13 +3954,16 @@ def bracketed(reading: GpuReading, used_mib: int | None, free_mib: int | None) -
     the one with less used has no memory the list cannot account for: what was freed is gone from it, what
     was allocated is not in it yet (a stranger's allocation then shows in the next reading). How far the
     two lines differ is kept (``moved_mib``): the other line is what a stranger is not taken to be gone
-    against (``Strangers.seen``)."""
+    against (``Strangers.seen``). Free memory is the later line's whatever the used: the newest fact, and
+    what room is made from (the earlier line's, kept with its used, granted a job into memory that a game
+    took while the list was read)."""
     if used_mib is None or reading.used_mib is None:
         return reading if used_mib is None else replace(reading, used_mib=used_mib, free_mib=free_mib)
     moved = abs(used_mib - reading.used_mib)
+    free = reading.free_mib if free_mib is None else free_mib
     if used_mib < reading.used_mib:
-        return replace(reading, used_mib=used_mib, free_mib=free_mib, moved_mib=moved)
-    return replace(reading, moved_mib=moved)
+        return replace(reading, used_mib=used_mib, free_mib=free, moved_mib=moved)
+    return replace(reading, free_mib=free, moved_mib=moved)
 
 
 class SmiSource:
@@ -3984,22 +3991,26 @@ class SmiSource:
         ``finish``, in the worker thread)."""
         fmt = "--format=csv,noheader,nounits"
         base = [*cfg.nvidia_smi, "-i", str(self.index)]
-        limit_s, limit_mib = cfg.query_timeout_s, cfg.max_output_mib
-        gpu_query = run_nvidia_smi([*base, f"--query-gpu={','.join(GPU_FIELDS)}", fmt], limit_s, limit_mib)
-        if not whole:
+        limit_s, deadline = cfg.query_timeout_s, time.monotonic() + cfg.query_timeout_s
+
+        async def ask(query: str) -> str:
+            """One nvidia-smi process, counted as it starts (one that failed starts no next), within what
+            is left of the reading's query_timeout_s (a whole reading's three together answer within it)."""
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GpuError(f"nvidia-smi did not answer within {limit_s:g} s (a whole reading: 3 runs)")
             self.queries += 1
-            text = await gpu_query
+            return await run_nvidia_smi([*base, query, fmt], left, cfg.max_output_mib, reading_s=limit_s)
+
+        gpu_query = f"--query-gpu={','.join(GPU_FIELDS)}"
+        if not whole:
+            text = await ask(gpu_query)
             # (In a worker thread too: a broken nvidia-smi may print its 8 MiB here as well.)
             return await asyncio.to_thread(self._parse, text, "", started, read_at, None)
-        # The GPU's line before and after the process list, one after the other (``bracketed``); each
-        # process counted as it starts (one that failed starts no next).
-        self.queries += 1
-        before = await gpu_query
-        apps_query = [*base, f"--query-compute-apps={','.join(APP_FIELDS)}", fmt]
-        self.queries += 1
-        apps = await run_nvidia_smi(apps_query, limit_s, limit_mib)
-        self.queries += 1
-        after = await run_nvidia_smi([*base, f"--query-gpu={','.join(GPU_FIELDS)}", fmt], limit_s, limit_mib)
+        # The GPU's line before and after the process list, one after the other (``bracketed``).
+        before = await ask(gpu_query)
+        apps = await ask(f"--query-compute-apps={','.join(APP_FIELDS)}")
+        after = await ask(gpu_query)
         # Off the event loop: 20,000 process lines (a hostile or broken nvidia-smi) take it a second.
         return await asyncio.to_thread(self._parse, before, apps, started, read_at, finish, after)
 

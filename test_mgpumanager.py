@@ -2146,6 +2146,22 @@ async def test_nvidia_smi_timeout_kills_the_process(tmp_path):
         os.kill(pid, 0)
 
 
+async def test_a_whole_nvidia_smi_reading_answers_within_query_timeout_s_not_each_of_its_runs(tmp_path):
+    """configuration.md: a reading must answer within gpu.query_timeout_s. A whole reading is three
+    nvidia-smi runs; each was given the whole limit, so a slow (not hung) nvidia-smi held room-making,
+    status and the yield's poll for nearly three times it. Each run now has what is left."""
+    state = tmp_path / "gpu.json"
+    gpu = mgpusim.SimGPU(state, total_mib=16384, reserved_mib=480)
+    gpu.set_fault(None, smi_delay_s=1.5)
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=sim_smi(state), reader="nvidia-smi", query_timeout_s=2.5))
+    try:
+        with pytest.raises(m.GpuError, match=r"did not answer within 2\.5 s"):  # the reading's limit
+            await reader.read()
+        assert reader.queries < 3  # (three runs of 1.5 s each do not fit: the third never starts)
+    finally:
+        await reader.close()
+
+
 async def test_nvidia_smi_timeout_kills_what_it_started_too(tmp_path):
     # A wrapper whose child keeps the output pipe open must not keep the read waiting.
     pids = tmp_path / "pids"
@@ -2248,6 +2264,44 @@ async def test_a_whole_reading_shows_no_memory_its_process_list_cannot_account_f
     grown = await reader.read()
     assert [p.used_mib for p in grown.processes] == [13000] and grown.used_mib == 610
     assert grown.moved_mib == 12390
+    assert grown.free_mib == 16384 - 480 - 13000  # free: the newest line's, what room is made from
+
+
+@no_overfill
+async def test_memory_taken_while_a_whole_reading_runs_is_not_granted_from_its_older_line(rig, tmp_path):
+    """A game that takes 6,000 MiB while the job's own reading reads the process list: the line read after
+    the list shows it, and room is made from that line's free memory (from the line before it, ComfyUI was
+    granted into memory the game held, and mgpusim recorded the out-of-memory)."""
+    state = tmp_path / "rig0" / "gpu.json"
+    arm = tmp_path / "arm"
+    smi = tmp_path / "taking-smi.py"
+    smi.write_text(
+        "import os, subprocess, sys\n"
+        f"sys.path.insert(0, {str(HERE)!r})\n"
+        f"out = subprocess.run({list(sim_smi(state))!r} + sys.argv[1:], capture_output=True, text=True)\n"
+        "if any(a.startswith('--query-compute-apps') for a in sys.argv[1:]):\n"
+        "    try:\n"
+        f"        os.rename({str(arm)!r}, {str(arm)!r} + '.taken')\n"
+        "    except FileNotFoundError:\n"
+        "        pass\n"
+        "    else:\n"
+        "        import mgpusim\n"
+        f"        mgpusim.SimGPU({str(state)!r}, create=False).allocate('game', 6000, graphics=True)\n"
+        "sys.stdout.write(out.stdout)\n"
+        "sys.exit(out.returncode)\n"
+    )
+
+    def measured(raw: dict[str, Any]) -> None:
+        comfy_measured(raw)
+        raw["gpu"]["nvidia_smi"] = [PY, str(smi)]
+
+    r = await rig(sims={"comfyui": {"context_mib": 0}}, tweak=measured)
+    assert r.gpu.free_mib() == 16384 - 480
+    arm.touch()  # the game comes while the next whole reading (the job's own) reads the process list
+    status, headers, body = await r.post("image", {"prompt": {}})
+    assert not arm.exists(), "the game did not come during the job's reading"
+    nothing_overfilled(r.gpu)
+    error_of(status, headers, body, "insufficient_vram")
 
 
 async def test_concurrent_readers_share_one_query_and_memory_readings_do_not(tmp_path):
