@@ -3461,6 +3461,11 @@ METRIC_HELP = {
         "GPU readings made, by GPU: nvidia-smi processes started plus NVML readings (with gpu.yield, one per"
         " poll_s at most, shared with /v1/status).",
     ),
+    "mgpumanager_gpu_reading_failures_total": (
+        "counter",
+        "GPU readings that failed (gpu_unavailable), by GPU: nvidia-smi or NVML did not answer, or answered"
+        " what cannot be read.",
+    ),
     "mgpumanager_state_write_failures_total": (
         "counter",
         "Writes of the state file (state_file) that failed or did not finish in time (each logged).",
@@ -4432,6 +4437,9 @@ class GpuReader:
         self._source_for: str | None = None
         self._choosing: asyncio.Task[GpuSource] | None = None
         self._queries_before = 0
+        #: Readings that failed (gpu_unavailable), and how many in a row since the last that answered.
+        self.failures = 0
+        self._failed_since_ok = 0
         #: Told of every whole reading (the broker measures its consumers' processes from it).
         self.listeners: list[Callable[[GpuReading], None]] = []
         #: pid -> consumer for a whole reading's processes (the broker's GpuProcesses.attribute): run off the
@@ -4516,7 +4524,9 @@ class GpuReader:
         return task
 
     def _done(self, started: float, task: asyncio.Task[GpuReading]) -> None:
-        """Keep the newest finished reading (or its error) for ``max_age`` readers."""
+        """Keep the newest finished reading (or its error) for ``max_age`` readers, and tell the listeners
+        of it. One begun before the newest and ending after it is not told: it is older news (it had the
+        replaced process of a restarted consumer, and ended a hold on the new one's work)."""
         self._tasks.discard(task)
         if self._inflight is task:
             self._inflight = None
@@ -4524,9 +4534,10 @@ class GpuReader:
             return
         result: GpuReading | GpuError
         exc = task.exception()
+        newest = self._last is None or started >= self._last[0]
         if exc is None:
             result = task.result()
-            for listener in self.listeners:
+            for listener in self.listeners if newest else ():
                 try:
                     listener(result)
                 except Exception as e:
@@ -4536,15 +4547,36 @@ class GpuReader:
         else:
             self.shared.internal_error("gpu read crashed", exc, error=describe(exc))
             result = GpuError(describe(exc))
-        if self._last is None or started >= self._last[0]:
+        self._judge(result)
+        if newest:
             self._last = (started, result)
+
+    def _judge(self, result: GpuReading | GpuError) -> None:
+        """Count a failed reading, and say in the log when readings begin to fail and when they answer
+        again (once each: a poll every second would repeat it)."""
+        if isinstance(result, GpuError):
+            self.failures += 1
+            self._failed_since_ok += 1
+            if self._failed_since_ok == 1:
+                log.warning(logfmt(msg="gpu readings failing", gpu=self.index, error=str(result)))
+        elif self._failed_since_ok:
+            log.info(logfmt(msg="gpu readings answer again", gpu=self.index, failed=self._failed_since_ok))
+            self._failed_since_ok = 0
 
     async def read_memory(self) -> GpuReading:
         """A reading of its own of the GPU's line alone (no process list), not shared or kept: what making
         room needs (one nvidia-smi instead of two)."""
         started, read_at = self.clock(), time.time()
-        source = await self._current()
-        return await source.read(self.config, whole=False, started=started, read_at=read_at, finish=None)
+        try:
+            source = await self._current()
+            reading = await source.read(
+                self.config, whole=False, started=started, read_at=read_at, finish=None
+            )
+        except GpuError as e:
+            self._judge(e)
+            raise
+        self._judge(reading)
+        return reading
 
     def last_free_mib(self) -> int | None:
         """Free MiB from the newest finished reading, without reading again."""
@@ -12540,6 +12572,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
     for index, r in zip(indexes, readings, strict=True):
         gpu: Labels = (("gpu", str(index)),)
         gauges.append(("mgpumanager_gpu_readings_total", gpu, broker.gpus[index].queries))
+        gauges.append(("mgpumanager_gpu_reading_failures_total", gpu, broker.gpus[index].failures))
         if isinstance(r, GpuError):
             gauges.append(("mgpumanager_gpu_up", gpu, 0))
             continue

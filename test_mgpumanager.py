@@ -2803,6 +2803,87 @@ async def test_nvidia_smi_failing_is_gpu_unavailable_and_leaves_no_process(rig, 
     assert (await r.post("tts", {"text": "x"}))[0] == 200
 
 
+async def test_failed_gpu_readings_are_counted_and_logged_once_a_run(rig, caplog):
+    """A reading that fails answers gpu_unavailable where it is asked for; with gpu.yield polling every
+    second, failures asked for by no job said nothing anywhere (gpu_up is a gauge). Each failed reading,
+    whole or of the memory alone, is counted; the log says when a run of them begins and when they answer
+    again, once each."""
+    r = await rig(sims={"mvoice": {"loaded": False}})
+    reader = r.broker.gpus[0]
+    r.gpu.set_fault("fail")
+    for _ in range(3):
+        with pytest.raises(m.GpuError):
+            await reader.read(own=True)
+    status, headers, body = await r.post("tts", {"text": "x"})  # making room reads the memory: fails too
+    error_of(status, headers, body, "gpu_unavailable")
+    async with r.session.get(r.url("/metrics")) as resp:  # (answered from the newest failed reading)
+        families = _families(await resp.text())
+    assert _value(families, "mgpumanager_gpu_reading_failures_total", gpu="0") == reader.failures >= 4
+    failing = [rec.getMessage() for rec in caplog.records if "gpu readings failing" in rec.getMessage()]
+    assert len(failing) == 1 and "exited with status 15" in failing[0]
+    assert "gpu readings answer again" not in caplog.text
+    r.gpu.set_fault(None)
+    await reader.read(own=True)
+    again = [rec.getMessage() for rec in caplog.records if "gpu readings answer again" in rec.getMessage()]
+    assert again == [f'msg="gpu readings answer again" gpu=0 failed={reader.failures}']
+
+
+async def test_a_reading_begun_before_the_newest_and_ending_after_it_is_not_told(rig, tmp_path):
+    """Readings may end out of order. One begun before a restart of ComfyUI and held back until after a
+    newer reading saw the new process was still told to the listeners: it put the old pid back, and the
+    hold on the new process's render ended (its processes "replaced"). Only the newest begun is told."""
+    arm, held, release = tmp_path / "arm", tmp_path / "held", tmp_path / "release"
+    state = tmp_path / "rig0" / "gpu.json"
+    smi = tmp_path / "holding-smi.py"
+    smi.write_text(
+        "import os, subprocess, sys, time\n"
+        f"out = subprocess.run({list(sim_smi(state))!r} + sys.argv[1:], capture_output=True, text=True)\n"
+        "if any(a.startswith('--query-compute-apps') for a in sys.argv[1:]):\n"
+        "    try:\n"
+        f"        os.rename({str(arm)!r}, {str(arm)!r} + '.taken')\n"
+        "    except FileNotFoundError:\n"
+        "        pass\n"
+        "    else:\n"
+        f"        open({str(held)!r}, 'w').close()\n"
+        f"        while not os.path.exists({str(release)!r}): time.sleep(0.01)\n"
+        "sys.stdout.write(out.stdout)\n"
+        "sys.exit(out.returncode)\n"
+    )
+
+    def measured_slow_polls(raw: dict[str, Any]) -> None:
+        comfy_measured(raw)
+        raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["poll_s"] = 60
+        raw["gpu"]["query_timeout_s"] = 60
+        raw["gpu"]["nvidia_smi"] = [PY, str(smi)]
+
+    r = await rig(sims={"comfyui": {"context_mib": 610, "work_s": 60}}, tweak=measured_slow_polls)
+    reader = r.broker.gpus[0]
+    state_of = r.broker.consumers.states["comfyui"]
+    await reader.read(own=True)
+    assert state_of.pids == {r.sims["comfyui"].pid}
+    arm.touch()
+    stale = asyncio.ensure_future(reader.read(own=True))  # lists the old process, then is held back
+    try:
+        await until(held.exists, 30)
+        await r.restart("comfyui")  # a new process: its context only
+        new = r.sims["comfyui"].pid
+        await reader.read(own=True)  # a newer reading sees the restart (no hold yet: nothing to end)
+        assert state_of.pids == {new}
+        async with r.session.post(r.url("/v1/image"), json={"prompt": {}}) as resp:
+            assert resp.status == 200
+        await until(lambda: r.broker.scheduler.holds == 1 and r.gpu.used_mib("comfyui") == 13610)
+        release.touch()
+        await stale  # the old reading ends last
+        await asyncio.sleep(0.2)
+        assert r.stats.hold_abandoned == 0, "a stale reading ended the hold on the new process's render"
+        assert r.broker.scheduler.holds == 1
+        assert state_of.pids == {new}
+    finally:
+        release.touch()
+        with contextlib.suppress(BaseException):
+            await stale
+
+
 async def test_nvidia_smi_leaving_a_child_behind_has_it_killed_once_it_exited(tmp_path, caplog):
     """Item 9 of issue 10: a wrapper whose child keeps the output open cost every reading 0.5 s and left an
     orphan per reading. A load command's service, by contrast, is left running (test above)."""
