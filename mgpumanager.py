@@ -3688,7 +3688,9 @@ def parse_gpu_reading(
 ) -> GpuReading:
     """One GpuReading from the outputs of the --query-gpu and --query-compute-apps queries."""
     rows = parse_smi_csv(gpu_text, GPU_FIELDS)
-    row = next((r for r in rows if _int(r, "index") == index), rows[0] if len(rows) == 1 else None)
+    # (A lone line without an index is the GPU asked for, as -i asks; one with another index is not.)
+    lone = rows[0] if len(rows) == 1 and _int(rows[0], "index") is None else None
+    row = next((r for r in rows if _int(r, "index") == index), lone)
     if row is None:
         raise GpuError(f"nvidia-smi printed no line for GPU {index}: {gpu_text.strip()[:300]!r}")
     apps = parse_smi_csv(apps_text, APP_FIELDS)
@@ -3969,6 +3971,18 @@ def bracketed(reading: GpuReading, used_mib: int | None, free_mib: int | None) -
     if used_mib < reading.used_mib:
         return replace(reading, used_mib=used_mib, free_mib=free, moved_mib=moved)
     return replace(reading, free_mib=free, moved_mib=moved)
+
+
+def possible(reading: GpuReading) -> GpuReading:
+    """The reading, unless its memory figures cannot be (below 0, or more used or free than the GPU has): a
+    reader that says so is broken or lying, and room made from more free memory than there is overfills."""
+    total = reading.total_mib
+    for what, mib in (("total", total), ("used", reading.used_mib), ("free", reading.free_mib)):
+        if mib is not None and (mib < 0 or (total is not None and mib > total)):
+            raise GpuError(
+                f"GPU {reading.index} reads {what} {mib} MiB of {total} MiB: not a possible reading"
+            )
+    return reading
 
 
 class SmiSource:
@@ -4569,8 +4583,8 @@ class GpuReader:
         started, read_at = self.clock(), time.time()
         try:
             source = await self._current()
-            reading = await source.read(
-                self.config, whole=False, started=started, read_at=read_at, finish=None
+            reading = possible(
+                await source.read(self.config, whole=False, started=started, read_at=read_at, finish=None)
             )
         except GpuError as e:
             self._judge(e)
@@ -4591,8 +4605,10 @@ class GpuReader:
     async def _query(self, started: float) -> GpuReading:
         read_at = time.time()
         source = await self._current()
-        return await source.read(
-            self.config, whole=True, started=started, read_at=read_at, finish=self._attributed
+        return possible(
+            await source.read(
+                self.config, whole=True, started=started, read_at=read_at, finish=self._attributed
+            )
         )
 
     def _attributed(self, reading: GpuReading) -> GpuReading:

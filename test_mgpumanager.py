@@ -2357,9 +2357,10 @@ async def test_a_reading_is_its_own_gpus_line_and_processes_and_a_name_with_a_co
 
 
 def test_a_reading_of_a_gpu_without_a_line_of_its_own_is_refused_not_another_gpus():
-    """Of several GPUs' lines none is GPU 2's (gone, or renumbered): the reading is refused, naming GPU 2,
-    never the first line taken for it (GPU 0's memory and processes read as GPU 2's would let the broker
-    load into a GPU it never measured). Taking the first line where several are printed failed no test."""
+    """Of several GPUs' lines (or a lone one) none is GPU 2's (gone, or renumbered): the reading is refused,
+    naming GPU 2, never another's line taken for it (GPU 0's memory and processes read as GPU 2's would let
+    the broker load into a GPU it never measured). Taking the first line where several are printed failed no
+    test."""
     lines = "".join(
         f"{i}, {mgpusim.gpu_uuid(i)}, NVIDIA GeForce RTX 4090, 24564, {used}, {24564 - used}, 0, 40\n"
         for i, used in ((0, 3000), (1, 13000))
@@ -2368,6 +2369,27 @@ def test_a_reading_of_a_gpu_without_a_line_of_its_own_is_refused_not_another_gpu
     assert m.parse_gpu_reading(lines, "", index=1, started=0, read_at=0).used_mib == 13000
     with pytest.raises(m.GpuError, match="nvidia-smi printed no line for GPU 2: "):
         m.parse_gpu_reading(lines, "", index=2, started=0, read_at=0)
+    # Nor a lone line of another GPU's (a wrapper that ignores -i): GPU 1's read as GPU 0's.
+    with pytest.raises(m.GpuError, match="nvidia-smi printed no line for GPU 0: "):
+        m.parse_gpu_reading(lines.splitlines()[1], "", index=0, started=0, read_at=0)
+
+
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        ("16384, 100, 99999", "free 99999 MiB of 16384 MiB"),  # more free than the GPU has
+        ("16384, 20000, 0", "used 20000 MiB of 16384 MiB"),
+        ("16384, 100, -5", "free -5 MiB of 16384 MiB"),
+    ],
+)
+async def test_a_reading_whose_memory_cannot_be_is_gpu_unavailable_not_room(tmp_path, line, said):
+    """A reader that says a GPU of 16 GiB has 98 GiB free (a broken wrapper, a driver fault) would have room
+    made from it: what it cannot be is refused, as a reading that failed, never granted from."""
+    smi = _smi_script(tmp_path, f"echo '0, {mgpusim.gpu_uuid(0)}, NVIDIA GeForce RTX 4090, {line}, 0, 40'")
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=smi, reader="nvidia-smi"))
+    with pytest.raises(m.GpuError, match=f"GPU 0 reads {said}: not a possible reading"):
+        await reader.read_memory()
+    assert reader.failures == 1
 
 
 async def test_a_reading_of_its_own_is_never_an_older_one_and_the_newest_is_the_one_kept(tmp_path):
