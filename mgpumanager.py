@@ -7977,6 +7977,10 @@ class Reservation:
     #: consumers it unloaded that were resident (``to_restore``).
     restore: bool = True
     to_restore: list[str] = field(default_factory=list)
+    #: Its length as last asked for; whether a ``reserved`` event said it; why it ended (None: in force).
+    for_s: float = 0.0
+    announced: bool = False
+    ended: str | None = None
 
     def describe(self, now: float, wall: WallClock) -> dict[str, Any]:
         """What /v1/status, the reserve answer and `ps` show of it."""
@@ -8058,9 +8062,11 @@ class Reservations:
         if self.reservation is not None:  # another request reserved it meanwhile: this one extends it
             job.release()
             return self._extend(self.reservation, for_s, reason, restore)
-        res = Reservation(job, reason, s.clock() + for_s, restore=restore)
+        res = Reservation(job, reason, s.clock() + for_s, restore=restore, for_s=for_s)
         self.reservation = res
         try:
+            # Its time runs from now: expired while it still unloads, it unloads nothing more.
+            res.timer = asyncio.get_running_loop().call_later(for_s, self.release, "expired")
             for waiting in [j for j in s.lock.waiting if not j.granted.done()]:
                 if waiting.kind == RESERVATION:  # asked for while this one waited: it extends this one
                     s.lock.take_out(waiting)
@@ -8071,45 +8077,46 @@ class Reservations:
             start = s.own(asyncio.ensure_future(self._start(res, for_s)))
         except Exception as e:  # a bug before its unloads began: no reservation, the GPU is free again
             self.reservation = None
+            if res.timer is not None:
+                res.timer.cancel()
             raise s.ended_by(job, e) from e
         await asyncio.shield(start)
+        if res.ended in ("released", "expired"):  # while it unloaded: the GPU is not reserved (at a
+            # shutdown it is: kept for the next start)
+            unloaded = f"unloaded {', '.join(res.unloaded)}" if res.unloaded else "nothing was unloaded"
+            message = f"GPU {s.index}'s reservation ended ({res.ended}) while it still unloaded: {unloaded}"
+            raise BrokerError("reservation_released", message)
         return res
 
     async def _start(self, res: Reservation, for_s: float) -> None:
-        s = self.scheduler
         await self._unloads(res)
-        if self.reservation is not res:  # released while it unloaded
-            return
-        left = max(0.0, res.until - s.clock())
-        if res.timer is not None:  # extended while it unloaded: one timer, for the end it has now
-            res.timer.cancel()
-        res.timer = asyncio.get_running_loop().call_later(left, self.release, "expired")
+        if self.reservation is res:  # (not released or expired while it unloaded)
+            self._announce(res, for_s, unloaded=res.unloaded, not_unloaded=res.not_unloaded)
+
+    def _announce(self, res: Reservation, for_s: float, **more: Any) -> None:
+        """The ``reserved`` event of a reservation in force: once its unloads are done, when it is extended,
+        resumed after a restart, or ended before its unloads were (never a ``reservation_ended`` alone)."""
+        s = self.scheduler
+        until = _iso(s.shared.wall.at(res.until))
         s.recorder.record(
             "reserved",
             consumer=RESERVATION,
             reason=res.reason,
             for_s=for_s,
-            until=_iso(s.shared.wall.at(res.until)),
+            until=until,
             job=res.job.id,
-            unloaded=res.unloaded,
-            not_unloaded=res.not_unloaded,
+            **more,
         )
+        res.announced = True
 
     def _extend(self, res: Reservation, for_s: float, reason: str, restore: bool) -> Reservation:
         s = self.scheduler
-        res.reason, res.until = reason, s.clock() + for_s
+        res.reason, res.until, res.for_s = reason, s.clock() + for_s, for_s
         res.restore = restore
         if res.timer is not None:
             res.timer.cancel()
         res.timer = asyncio.get_running_loop().call_later(for_s, self.release, "expired")
-        s.recorder.record(
-            "reserved",
-            consumer=RESERVATION,
-            reason=reason,
-            for_s=for_s,
-            until=_iso(s.shared.wall.at(res.until)),
-            job=res.job.id,
-        )
+        self._announce(res, for_s)
         return res
 
     async def _unloads(self, res: Reservation) -> None:
@@ -8185,10 +8192,12 @@ class Reservations:
         res = self.reservation
         if res is None:
             return False
-        self.reservation = None
+        self.reservation, res.ended = None, why
         try:
             if res.timer is not None:
                 res.timer.cancel()
+            if not res.announced:  # ended while it unloaded: said first, with what it unloaded so far
+                self._announce(res, res.for_s, unloaded=res.unloaded, not_unloaded=res.not_unloaded)
             self.scheduler.recorder.record("reservation_ended", consumer=RESERVATION, why=why, job=res.job.id)
             if why == "shutdown":
                 self.kept = res
@@ -8213,19 +8222,11 @@ class Reservations:
         s.lock.waiting.append(job)
         s.lock.dispatch()  # (the lock is free and nothing else waits: granted at once)
         left = max(0.0, left_s)
-        res = Reservation(job, reason, s.clock() + left, restore=restore)
+        res = Reservation(job, reason, s.clock() + left, restore=restore, for_s=round(left, 1))
         res.unloaded, res.to_restore = list(unloaded), list(to_restore)
         self.reservation = res
         res.timer = asyncio.get_running_loop().call_later(left, self.release, "expired")
-        s.recorder.record(
-            "reserved",
-            consumer=RESERVATION,
-            reason=reason,
-            for_s=round(left, 1),
-            until=_iso(s.shared.wall.at(res.until)),
-            job=job.id,
-            resumed=True,
-        )
+        self._announce(res, res.for_s, resumed=True)
         s.own(asyncio.ensure_future(self._unloads(res)))
         return res
 

@@ -17180,7 +17180,8 @@ async def test_a_release_while_the_reservation_unloads_unloads_nothing_more():
     assert s.reservations.release()
     job = await asyncio.wait_for(acquire(s, "x", "kx"), 5)  # x is known resident: it runs at once
     gate.set()
-    await reserving
+    with pytest.raises(m.BrokerError, match=r"ended \(released\) while it still unloaded: unloaded t$"):
+        await reserving  # (its POST says it holds no GPU)
     assert ops.calls == [("unload", "t")] and gpu.held.get("x") == 3000
     assert ops.states["x"].resident is True and s.holder == "x"
     job.release("completed", status=200, success=True)
@@ -17233,7 +17234,8 @@ async def test_no_timer_of_a_reservation_extended_or_released_ends_the_one_in_fo
     await until(lambda: started)
     assert s.reservations.release()
     gate.set()
-    await unloading
+    with pytest.raises(m.BrokerError, match="ended"):
+        await unloading
     third = await s.reservations.reserve(3600, "the one after")
     await still_in_force(third)
     ended = [e["why"] for e in recent_events(s.events) if e["event"] == "reservation_ended"]
@@ -17391,6 +17393,51 @@ def _unloads(r: Rig) -> list[tuple[str, str]]:
     return [
         (name, rec.path) for name, path in own.items() for rec in r.sims[name].records if rec.path == path
     ]
+
+
+async def test_a_reservation_released_while_it_unloads_was_announced_before_its_end(rig):
+    """While a reservation unloads, /v1/status shows it (holder `reservation`) and jobs are refused
+    gpu_reserved, but its `reserved` event came only once the unloads were done: released meanwhile, the
+    streams got `reservation_ended` of a reservation they never saw (the dashboard drew nothing), and its
+    POST was answered 200, "597.9 s left", for a GPU no longer reserved. Now `reserved` comes first, with
+    what it had unloaded, and the POST says it ended (found by an attack on the views)."""
+    r = await rig(sims={"comfyui": {"loaded": True, "release_s": 2.0}})  # comfyui frees its memory late
+    async with r.session.get(r.url("/v1/events")) as stream:
+        await stream.content.readline()  # (the stream's opening comment)
+        reserving = asyncio.ensure_future(r.session.post(r.url("/v1/reserve"), json={"for_s": 600}))
+        await until(lambda: r.sims["comfyui"].unloads == 1)
+        st = await r.status()
+        assert st["scheduler"]["holder"]["consumer"] == "reservation"
+        async with r.session.delete(r.url("/v1/reserve")) as resp:
+            assert (await resp.json())["released"] is True
+        async with await asyncio.wait_for(reserving, 20) as resp:
+            assert resp.status == 409, await resp.text()
+            answer = await resp.json()
+        assert answer["error"] == "reservation_released"
+        assert "ended (released) while it still unloaded: unloaded " in answer["message"]
+        events = await _read_events(stream, "reservation_ended")
+    names = [e["event"] for e in events]
+    assert names.index("reserved") < names.index("reservation_ended"), names
+    reserved = next(e for e in events if e["event"] == "reserved")
+    assert reserved["for_s"] == 600 and "comfyui" in reserved["unloaded"]
+
+
+async def test_a_reservation_that_expires_while_it_unloads_unloads_nothing_more(rig):
+    """operations.md: "Released (or expired) while it still unloads, it unloads nothing more: the GPU is the
+    services' again at once". Its expiry timer was set only once every unload was done: a reservation of
+    0.3 s whose first unload takes 2 s went on to unload the next consumer, and refused jobs gpu_reserved
+    "for 0 s more" meanwhile (found by an attack on the views)."""
+    r = await rig(sims={"mvoice": {"loaded": True, "release_s": 2.0}, "comfyui": {"loaded": True}})
+    s = r.broker.scheduler
+    reserving = asyncio.ensure_future(r.session.post(r.url("/v1/reserve"), json={"for_s": 0.3}))
+    await until(lambda: r.sims["mvoice"].unloads == 1)
+    await until(
+        lambda: s.reservation is None, timeout=1.5
+    )  # expired 0.3 s after it began; mvoice still frees
+    async with await asyncio.wait_for(reserving, 20) as resp:
+        assert resp.status == 409 and "ended (expired)" in (await resp.json())["message"]
+    await until(lambda: s.holder is None, timeout=20)
+    assert r.sims["comfyui"].unloads == 0 and r.sims["comfyui"].loaded
 
 
 async def test_a_release_while_a_reservation_waits_cancels_it_and_nothing_is_unloaded(rig):
