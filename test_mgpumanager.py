@@ -19704,14 +19704,21 @@ async def test_no_byte_of_a_malformed_request_reaches_the_log(rig, parser):
     assert daemon.log.count('msg="bad http request"') >= 3 and "SECRET" not in daemon.log, daemon.log
 
 
-async def test_a_body_whose_chunks_break_while_it_is_read_is_a_bad_request(rig):
+@pytest.mark.parametrize("parser", ["python", "c"])
+async def test_a_body_whose_chunks_break_while_it_is_read_is_a_bad_request(rig, parser):
     """Found by running the suite on Debian 13's aiohttp (3.11): with aiohttp's pure-Python parser
     (AIOHTTP_NO_EXTENSIONS, or no C extension built; the pinned aiohttp's too), a chunk that breaks while a
     job's body is read comes as a RequestPayloadError, which the body's reading did not take for the
     client's fault: the job was the broker's own bug, answered 500 internal_error with the client's bytes in
-    its message and a traceback quoting them in the journal. It is 400 bad_request, the bytes never said."""
+    its message and a traceback quoting them in the journal. It is 400 bad_request, the bytes never said.
+    With its C parser (the one a pip install brings), the break never ended the body at all: the job waited
+    out body_timeout_s (300 s) and was answered 408 (found by a hostile-HTTP attack; ``queued_parse_error``
+    reads aiohttp's own queue, and this test is what says when an aiohttp upgrade changes it)."""
+    if parser == "c" and aiohttp.http_parser.HttpRequestParser is aiohttp.http_parser.HttpRequestParserPy:
+        pytest.skip("aiohttp has no C parser here")
     r = await rig()
-    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state), env={"AIOHTTP_NO_EXTENSIONS": "1"}) as daemon:
+    env = {"AIOHTTP_NO_EXTENSIONS": "1"} if parser == "python" else {}
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state), env=env) as daemon:
         reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
         head = (
             b"POST /v1/stt HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
