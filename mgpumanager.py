@@ -6525,6 +6525,7 @@ def queue_entries(snap: QueueSnapshot) -> list[dict[str, Any]]:
     now = snap.now
     return [
         {
+            "job": j.id,
             "consumer": j.consumer,
             "kind": j.kind,
             "client": j.client,

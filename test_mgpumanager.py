@@ -4436,7 +4436,10 @@ async def test_aging_raises_a_waiting_jobs_priority():
     expected = {
         **{"consumer": "x", "kind": "kx", "priority": 3, "waited_s": 130.0, "eta_s": m.RUNNING_FLOOR_S},
         "client": None,  # (issue 23: the client it runs for; none here)
+        "job": next(j.id for j in s.lock.waiting if j.consumer == "x"),  # (its queued event's number)
     }
+    queued = [e for e in recent_events(s.events) if e["event"] == "queued" and e["consumer"] == "x"]
+    assert [e["job"] for e in queued] == [expected["job"]]
     assert snapshot(s)["queue"][0] == expected
     first.release("completed")
     assert await _grants(s, [x, y]) == ["x", "y"]
