@@ -7982,6 +7982,8 @@ class Reservation:
     for_s: float = 0.0
     announced: bool = False
     ended: str | None = None
+    #: Its unloads are under way (its end is told to the listeners once they are done).
+    unloading: bool = False
 
     def describe(self, now: float, wall: WallClock) -> dict[str, Any]:
         """What /v1/status, the reserve answer and `ps` show of it."""
@@ -8092,7 +8094,7 @@ class Reservations:
     async def _start(self, res: Reservation, for_s: float) -> None:
         await self._unloads(res)
         if self.reservation is res:  # (not released or expired while it unloaded)
-            self._announce(res, for_s, unloaded=res.unloaded, not_unloaded=res.not_unloaded)
+            self._announce(res, for_s, unloaded=list(res.unloaded), not_unloaded=dict(res.not_unloaded))
 
     def _announce(self, res: Reservation, for_s: float, **more: Any) -> None:
         """The ``reserved`` event of a reservation in force: once its unloads are done, when it is extended,
@@ -8122,11 +8124,16 @@ class Reservations:
 
     async def _unloads(self, res: Reservation) -> None:
         """``_unload_all``; a bug there leaves the reservation standing, with what it unloaded."""
+        res.unloading = True
         try:
             await self._unload_all(res)
         except Exception as e:
             self.scheduler.recorder.internal_error("reservation's unloads crashed", error=describe(e))
             res.not_unloaded.setdefault("(the rest)", f"internal error: {describe(e)}")
+        finally:
+            res.unloading = False
+            if res.ended in ("released", "expired"):  # ended meanwhile: its end told now, the unload done
+                self._tell_ended(res)
 
     async def _unload_all(self, res: Reservation) -> None:
         """Ask each consumer of the GPU that has an unload to unload, known resident or not (the broker's
@@ -8198,17 +8205,27 @@ class Reservations:
             if res.timer is not None:
                 res.timer.cancel()
             if not res.announced:  # ended while it unloaded: said first, with what it unloaded so far
-                self._announce(res, res.for_s, unloaded=res.unloaded, not_unloaded=res.not_unloaded)
+                self._announce(
+                    res, res.for_s, unloaded=list(res.unloaded), not_unloaded=dict(res.not_unloaded)
+                )
             self.scheduler.recorder.record("reservation_ended", consumer=RESERVATION, why=why, job=res.job.id)
             if why == "shutdown":
                 self.kept = res
-            else:
-                for listener in self.ended:
-                    listener(res)
+            elif not res.unloading:
+                self._tell_ended(res)
         except Exception as e:  # a bug in the books: the GPU is given back all the same
             self.scheduler.recorder.internal_error("reservation's end crashed", error=describe(e))
         res.job.release()
         return True
+
+    def _tell_ended(self, res: Reservation) -> None:
+        """Tell the ``ended`` listeners (what to restore): at its end, or, where an unload of its was under
+        way then, once that unload has answered (a consumer counts as unloaded from its answer on)."""
+        try:
+            for listener in self.ended:
+                listener(res)
+        except Exception as e:
+            self.scheduler.recorder.internal_error("reservation's end crashed", error=describe(e))
 
     def resume(
         self, left_s: float, reason: str, restore: bool, unloaded: Sequence[str], to_restore: Sequence[str]
@@ -12098,6 +12115,8 @@ async def read_body(request: web.Request, broker: Broker, consumer: str) -> byte
         else:
             broker.connections.waits_on_client(request)  # (may go when descriptors run short)
             broker.connections.reading(request, request.content)
+            if not request.content.is_eof() and (broken := queued_parse_error(request.protocol)) is not None:
+                request.content.set_exception(broken)
             await asyncio.wait_for(fill(), cfg.body_timeout_s)
     except asyncio.TimeoutError:
         raise BrokerError(

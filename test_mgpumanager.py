@@ -2385,11 +2385,14 @@ def test_a_reading_of_a_gpu_without_a_line_of_its_own_is_refused_not_another_gpu
 async def test_a_reading_whose_memory_cannot_be_is_gpu_unavailable_not_room(tmp_path, line, said):
     """A reader that says a GPU of 16 GiB has 98 GiB free (a broken wrapper, a driver fault) would have room
     made from it: what it cannot be is refused, as a reading that failed, never granted from."""
-    smi = _smi_script(tmp_path, f"echo '0, {mgpusim.gpu_uuid(0)}, NVIDIA GeForce RTX 4090, {line}, 0, 40'")
+    gpu_line = f"echo '0, {mgpusim.gpu_uuid(0)}, NVIDIA GeForce RTX 4090, {line}, 0, 40'"
+    smi = _smi_script(tmp_path, f'case "$*" in *query-compute-apps*) ;; *) {gpu_line} ;; esac')
     reader = gpu_reader(m.GpuConfig(nvidia_smi=smi, reader="nvidia-smi"))
     with pytest.raises(m.GpuError, match=f"GPU 0 reads {said}: not a possible reading"):
-        await reader.read_memory()
-    assert reader.failures == 1
+        await reader.read_memory()  # (what making room reads)
+    with pytest.raises(m.GpuError, match=f"GPU 0 reads {said}: not a possible reading"):
+        await reader.read(own=True)  # (a whole one: with a consumer's processes, room is made from it)
+    assert reader.failures == 2 and reader.last_reading() is None
 
 
 async def test_a_reading_of_its_own_is_never_an_older_one_and_the_newest_is_the_one_kept(tmp_path):
@@ -17443,6 +17446,33 @@ async def test_a_reservation_that_expires_while_it_unloads_unloads_nothing_more(
     assert r.sims["comfyui"].unloads == 0 and r.sims["comfyui"].loaded
 
 
+async def test_a_reservation_that_ends_before_an_unload_answers_restores_what_it_names(rig):
+    """operations.md: its POST is answered 409 reservation_released, "naming what it had unloaded (which
+    its end restores as usual)". mvoice answers its unload after a 0.3 s reservation expired: the 409 named
+    it, but the end had already taken what to restore (nothing then), and mvoice stayed unloaded; the
+    `reserved` event, serialised later, showed the list as it was changed after. The end is told once the
+    unload under way has answered (found by a review of the change that arms the timer at the grant)."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    sim = r.sims["mvoice"]
+    real = sim.do_unload
+
+    async def slow() -> None:
+        await asyncio.sleep(1.5)
+        await real()
+
+    sim.do_unload = slow  # type: ignore[method-assign]
+    async with r.session.get(r.url("/v1/events")) as stream:
+        await stream.content.readline()  # (the stream's opening comment)
+        async with r.session.post(r.url("/v1/reserve"), json={"for_s": 0.3}) as resp:
+            assert resp.status == 409, await resp.text()
+            message = (await resp.json())["message"]
+        events = await _read_events(stream, "reservation_ended")
+    assert "ended (expired) while it still unloaded: unloaded mvoice" in message and not sim.loaded
+    reserved = next(e for e in events if e["event"] == "reserved")
+    assert reserved["unloaded"] == []  # (as it was when said: mvoice had not answered yet)
+    await until(lambda: sim.loaded, timeout=20)  # what it names is restored
+
+
 async def test_a_release_while_a_reservation_waits_cancels_it_and_nothing_is_unloaded(rig):
     """Issue 19, item 8: reserve waited behind a job, release said "GPU 0 was not reserved", and the
     reservation was granted later, unloaded everything and held the GPU for its whole 600 s. Now the
@@ -19740,6 +19770,35 @@ async def test_a_body_whose_chunks_break_while_it_is_read_is_a_bad_request(rig, 
     assert error["error"] == "bad_request" and "did not arrive whole" in error["message"], error
     assert status["internal_errors"] == 0 and r.sims["mvoice"].records == []
     assert "SECRET" not in daemon.log, daemon.log
+
+
+async def test_a_chunk_that_broke_before_its_body_was_read_is_a_bad_request_at_once(rig):
+    """The same break with aiohttp's C parser, in a request pipelined behind a job that still runs: its head
+    and its broken chunk were parsed before its handler began to read the body, so nothing ended the body
+    and it waited out body_timeout_s for a 408 (found by a review of the fix above). The body's reading looks
+    for an error already queued as it begins."""
+    if aiohttp.http_parser.HttpRequestParser is aiohttp.http_parser.HttpRequestParserPy:
+        pytest.skip("aiohttp has no C parser here")
+    r = await rig(sims={"mvoice": {"work_s": 2.0}})
+    raw = copy.deepcopy(r.raw)
+    raw["scheduler"]["body_timeout_s"] = 4
+    async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        body = b'{"text": "x"}'
+        slow = b"POST /v1/tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        slow += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        head = b"POST /v1/stt HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        writer.write(slow + head)
+        await writer.drain()
+        await until(lambda: r.sims["mvoice"].records, timeout=20)  # the tts job runs; the stt body waits
+        writer.write(b"5\r\nhello\r\nzz SECRET5\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    last = answer[answer.rfind(b"HTTP/1.1 ") :]
+    assert last.startswith(b"HTTP/1.1 400") and b"bad_request" in last, answer
+    assert b"SECRET" not in answer
 
 
 async def test_the_token_stays_out_of_the_log_even_in_a_malformed_request(rig):
