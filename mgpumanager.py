@@ -10213,6 +10213,8 @@ class ProxiedWebSocket:
     upstream: aiohttp.ClientWebSocketResponse
     consumer: str
     metrics: Metrics
+    #: The consumer's config it was opened with: a reload that removes or replaces that service closes it.
+    called: ConsumerConfig
     #: Set to a close code to end the relay from outside (the broker shutting down).
     stop: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -10231,7 +10233,14 @@ class ProxiedWebSocket:
         for pump in pumps:
             pump.add_done_callback(ended.append)
         try:
-            await asyncio.wait([*pumps, self.stop], return_when=asyncio.FIRST_COMPLETED)
+            try:
+                await asyncio.wait([*pumps, self.stop], return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                # The client's connection was lost (aiohttp cancels its handler): the pumps are given a
+                # moment to take what already came, so that a client gone without a close frame is a side
+                # that broke (1011, logged, counted), not the broker going away (1001).
+                await asyncio.wait(pumps, timeout=WEBSOCKET_CLOSE_S, return_when=asyncio.FIRST_COMPLETED)
+                raise
         finally:
             # Also when the handler is cancelled (the client's connection closed right after its close
             # frame): what a pump already got still decides the code.
@@ -10255,9 +10264,10 @@ class ProxiedWebSocket:
             for pump in pumps:
                 pump.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
-            closed = await asyncio.gather(
-                self.upstream.close(code=code), self.client.close(code=code), return_exceptions=True
-            )
+            # (aiohttp bounds each read of the consumer's close, not the whole: one that keeps sending
+            # would keep it reading. The client's side is bounded by its own timeout.)
+            upstream = asyncio.wait_for(self.upstream.close(code=code), 2 * WEBSOCKET_CLOSE_S)
+            closed = await asyncio.gather(upstream, self.client.close(code=code), return_exceptions=True)
             for result in closed:
                 if isinstance(result, Exception):
                     log.warning(logfmt(msg="websocket close failed", error=describe(result)))
@@ -10681,6 +10691,7 @@ class Broker:
         connections: ClientConnections,
         ports: ConsumerPorts,
         source: ConfigSource | None = None,
+        websockets: set[ProxiedWebSocket] | None = None,
     ) -> None:
         #: The config in force and the bugs caught: every part reads and counts there.
         self.shared = Shared(config)
@@ -10693,8 +10704,9 @@ class Broker:
         self.consumers.busy = lambda name: self.jobs_of(name) > 0
         #: Every client connection of its listeners: timeouts, descriptors, credentials.
         self.connections = connections
-        #: The consumers' own ports (``listen`` on a consumer).
+        #: The consumers' own ports (``listen`` on a consumer), and the WebSockets open through mounts.
         self.ports = ports
+        self.mount_websockets = set() if websockets is None else websockets
         self.notifier = Notifier()
         self.started = time.monotonic()
         #: The broker's own address as it started (a reload's new ``listen`` waits for a restart).
@@ -10951,6 +10963,10 @@ class Broker:
         async with self.scheduler_for(name).job(name, START_KIND, request_id=request_id, client=client):
             pass  # started: the unscheduled call goes on
 
+    def open_websockets(self) -> list[ProxiedWebSocket]:
+        """The WebSockets relayed now, through mounts and consumer ports."""
+        return [*self.mount_websockets, *self.ports.websockets()]
+
     @contextlib.contextmanager
     def unscheduled_slot(self, consumer: ConsumerConfig, *, websocket: bool = False) -> Iterator[None]:
         """Hold one of the consumer's ``max_unscheduled`` (or ``max_websockets``) slots while an unscheduled
@@ -11088,6 +11104,10 @@ class Reloads:
             changes.append(
                 f"closed {_plural(tokenless, 'connection')} let in without a token (one is required now)"
             )
+        # (Unscheduled, they would relay on to a service the broker no longer has, in its max_websockets.)
+        stale = [p for p in broker.open_websockets() if not same_service(new, p.called)]
+        if closed := going_away(stale):
+            changes.append(f"closed {_plural(closed, 'WebSocket')} to a removed or replaced service")
         changes += await broker.ports.sync(broker, strict=False)
         log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
         broker.events.publish("reload", ok=True, changes=changes)
@@ -12423,7 +12443,7 @@ async def _proxy_websocket(
         await upstream.close()
         raise
     metrics.inc("mgpumanager_websockets_total", consumer=consumer.name)
-    proxied = ProxiedWebSocket(client, upstream, consumer.name, metrics)
+    proxied = ProxiedWebSocket(client, upstream, consumer.name, metrics, consumer)
     broker.connections.closer(request, proxied.revoked)
     sockets = request.app[WEBSOCKETS]
     sockets.add(proxied)
@@ -12451,7 +12471,7 @@ async def _close_consumer_ports(app: web.Application) -> None:
 async def _close_websockets(app: web.Application) -> None:
     """On shutdown: close the open WebSockets of mounts and consumer ports (going away), so that none keeps
     the broker up."""
-    closed = going_away([*app[WEBSOCKETS], *app[BROKER].ports.websockets()])
+    closed = going_away(app[BROKER].open_websockets())
     if closed:
         log.info(logfmt(msg="shutting down: closing websockets", websockets=closed))
 
@@ -12886,6 +12906,7 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         connections=connections,
         ports=ConsumerPorts(),
         source=app[SOURCE],
+        websockets=app[WEBSOCKETS],
     )
     consumers = broker.consumers
     app[BROKER] = broker

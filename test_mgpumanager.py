@@ -12851,6 +12851,79 @@ async def test_mount_websocket_that_breaks_is_logged_counted_and_closed_1011(rig
         assert r.app[m.WEBSOCKETS] == set()
 
 
+async def test_a_mount_websocket_whose_client_breaks_closes_the_consumers_side_1011_logged_counted(
+    rig, caplog
+):
+    """The other direction (api.md: "A side that breaks closes the other with 1011, logged, counted"). A
+    client gone without a close frame (its connection reset, or cut in the middle of a frame: a killed tab,
+    a laptop off the network) made aiohttp cancel the relay's handler before a pump saw the break: the
+    consumer was told 1001, going away, as at a shutdown, and nothing was logged or counted (found by an
+    attack on WebSockets)."""
+    closes: list[int | None] = []
+
+    async def comfy_ws(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        closes.append(ws.close_code)
+        return ws
+
+    async with StandIn([("GET", "/system_stats", _ok), ("GET", "/ws", comfy_ws)]) as comfy:
+        r = await rig(urls={"comfyui": comfy.url})
+        for cut in (b"", b"\x82\xfe\x01\x00" + b"\x00" * 4 + b"q" * 10):  # nothing; a frame cut short
+            reader, writer = await asyncio.open_connection(r.server.host, r.server.port)
+            key = base64.b64encode(os.urandom(16)).decode()
+            writer.write(
+                f"GET /c/comfyui/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+                + cut
+            )
+            assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
+            await until(lambda: r.broker.websockets == {"comfyui": 1})
+            writer.transport.abort()  # gone without a close frame
+            await until(lambda: r.broker.websockets == {"comfyui": 0})
+        await until(lambda: len(closes) == 2)
+        assert closes == [1011, 1011]
+        assert caplog.text.count('msg="websocket broke" consumer=comfyui') == 2
+        async with r.session.get(r.url("/metrics")) as resp:
+            families = _families(await resp.text())
+        assert _value(families, "mgpumanager_websocket_failures_total", consumer="comfyui") == 2
+
+
+async def test_a_reload_that_removes_or_replaces_a_consumer_closes_its_mount_websockets_1001(rig):
+    """A WebSocket open through a mount kept relaying to a service the reload had removed (or replaced, at a
+    new URL), and counted in the max_websockets of a consumer added again by that name; the same reload
+    closed those of the consumer's own port with 1001. Mounts' now go the same way, and the answer says so;
+    a reload that leaves the service as it was leaves them open (found by an attack on WebSockets)."""
+
+    async def comfy_ws(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        return ws
+
+    async with StandIn([("GET", "/system_stats", _ok), ("GET", "/ws", comfy_ws)]) as comfy:
+        r = await rig(urls={"comfyui": comfy.url})
+        raw = copy.deepcopy(r.raw)
+        ws = await _ws_open(r, "/c/comfyui/ws")
+        await until(lambda: r.broker.websockets == {"comfyui": 1})
+        raw["scheduler"]["queue_timeout_s"] = 123  # the service as it was
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        assert await r.broker.reloads.reload() == ["changed scheduler"]
+        assert not ws.closed and r.broker.websockets == {"comfyui": 1}
+        for name in [n for n, kind in raw["routing"].items() if kind == "comfyui"]:
+            del raw["routing"][name]
+        del raw["consumers"]["comfyui"]
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        changes = await r.broker.reloads.reload()
+        assert "closed 1 WebSocket to a removed or replaced service" in changes, changes
+        closing = await ws.receive(timeout=10)
+        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1001
+        await until(lambda: r.broker.websockets == {"comfyui": 0})
+
+
 async def test_mount_websocket_upgrade_without_a_key_never_reaches_the_consumer(rig):
     r = await rig()
     upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"}
