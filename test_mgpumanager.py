@@ -16716,7 +16716,7 @@ async def test_admin_routes_answer_only_loopback_without_a_token(rig):
         assert resp.status == 200 and (await resp.json())["loaded"] is False
 
 
-async def test_admin_routes_without_a_token_refuse_pages_of_other_origins_and_names_not_the_brokers(rig):
+async def test_admin_routes_without_a_token_refuse_web_pages_and_names_not_the_brokers(rig):
     """Loopback is not enough where a browser runs on the broker's machine: any page it shows could POST to
     127.0.0.1 (a form's text/plain POST needs no preflight), and a page of a name made to point at
     127.0.0.1 (DNS rebinding) sends its own Host and Origin. Both reserved the GPU for a week, unloading
@@ -16725,8 +16725,11 @@ async def test_admin_routes_without_a_token_refuse_pages_of_other_origins_and_na
     own = r.url("/").split("/")[2]  # 127.0.0.1:port
     port = own.rpartition(":")[2]
     cases = [
-        ({"Origin": "https://attacker.example", "Content-Type": "text/plain"}, "web pages of other origins"),
-        ({"Origin": "null"}, "web pages of other origins"),  # a sandboxed frame, a file
+        ({"Origin": "https://attacker.example", "Content-Type": "text/plain"}, "from web pages"),
+        ({"Origin": "null"}, "from web pages"),  # a sandboxed frame, a file
+        # The broker's own origin too: a consumer's page served through its mount is at it (found by an
+        # attack on what the broker carries: ComfyUI's custom nodes' scripts, an SVG a service serves).
+        ({"Origin": f"http://{own}"}, "from web pages"),
         ({"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}, "own names"),
         ({"Host": "evil.example"}, "own names"),
     ]
@@ -16743,14 +16746,12 @@ async def test_admin_routes_without_a_token_refuse_pages_of_other_origins_and_na
                 error = error_of(resp.status, dict(resp.headers), await resp.read(), "forbidden")
                 assert why in error["message"], (method, path, error)
     assert r.sims["mvoice"].unloads == 0 and r.broker.scheduler.reservation is None
-    # The broker's own page, a script (no Origin) and a name of the broker's own are let in (0.0.0.0 and
-    # [::] among them: they connect to loopback).
+    # A script (no Origin) with a name of the broker's own is let in (0.0.0.0 and [::] among them: they
+    # connect to loopback).
     for host in (f"0.0.0.0:{port}", f"[::]:{port}", f"127.0.0.1.:{port}", f"[::1]:{port}"):
         async with r.session.post(r.url("/v1/reload"), headers={"Host": host}) as resp:
             assert resp.status == 200, (host, await resp.text())
-    async with r.session.post(
-        r.url("/v1/consumers/mvoice/unload"), headers={"Origin": f"http://{own}"}
-    ) as resp:
+    async with r.session.post(r.url("/v1/consumers/mvoice/unload")) as resp:
         assert resp.status == 200, await resp.text()
     async with r.session.post(
         r.url("/v1/consumers/mvoice/load"), headers={"Host": f"localhost:{port}"}
@@ -16759,6 +16760,27 @@ async def test_admin_routes_without_a_token_refuse_pages_of_other_origins_and_na
     async with r.session.post(r.url("/v1/reload")) as resp:
         assert resp.status == 200, await resp.text()
     assert r.sims["mvoice"].unloads == 1 and r.sims["mvoice"].loads == 1
+
+
+async def test_a_page_a_consumer_serves_through_its_mount_cannot_call_the_admin_routes(rig, tmp_path):
+    """In a real browser: a page a consumer serves (here mvoice's; ComfyUI's custom nodes bring scripts of
+    their own) is at the broker's origin through its mount, so Origin equalled Host and its fetch reserved
+    the GPU for ten minutes, unloading comfyui (found by an attack on what the broker carries)."""
+    page = (
+        "<!doctype html><script>fetch('/v1/reserve', {method: 'POST', body: JSON.stringify("
+        "{for_s: 600, reason: 'from a consumer page'})}).then(r => { document.title = 'sent ' + r.status; });"
+        "</script>"
+    )
+
+    async def html(request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html")
+
+    async with StandIn([("GET", "/health", _ok), ("GET", "/page.html", html)]) as mvoice:
+        r = await rig(urls={"mvoice": mvoice.url})
+        async with Browser(tmp_path) as browser:
+            await browser.call("Page.navigate", url=r.url("/c/mvoice/page.html"))
+            title = await browser.wait_for("document.title.startsWith('sent') && document.title")
+    assert title == "sent 403" and r.broker.scheduler.reservation is None, title
 
 
 async def test_admin_unload_and_load_go_through_the_lock(rig):
