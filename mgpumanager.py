@@ -6228,6 +6228,11 @@ def _why_not(snap: RoomSnapshot) -> dict[str, str]:
     }
 
 
+#: The GPU processes an event, /v1/status or a refusal names: the largest this many (a reading may list
+#: 20,000, each named as a local user likes); the others are counted.
+STRANGERS_NAMED = 10
+
+
 def room_message(
     plan: RoomPlan, snap: RoomSnapshot, processes: Sequence[GpuProcess], owners: Mapping[int, str]
 ) -> str:
@@ -6246,10 +6251,13 @@ def room_message(
         parts.append(f"gave up after {snap.max_evictions} unload attempts")
     if plan.why_not:
         parts.append("not evictable: " + ", ".join(f"{n} ({why})" for n, why in plan.why_not.items()))
+    named = sorted(processes, key=lambda p: -(p.used_mib or 0))[:STRANGERS_NAMED]
     procs = ", ".join(
         f"pid {p.pid} {shown_name(p.name)} {p.used_mib} MiB ({owners.get(p.pid or -1, 'no consumer')})"
-        for p in processes
+        for p in named
     )
+    if len(processes) > len(named):
+        procs += f" and {len(processes) - len(named)} more"
     parts.append(f"GPU processes: {procs or 'none listed'}")
     return "; ".join(parts)
 
@@ -7250,9 +7258,6 @@ class UnloadOps(Protocol):
 
 # ---- strangers: memory in use that no consumer claims ------------------------------------------------
 
-#: The processes no consumer claims that an event, /v1/status or a refusal names: the largest this many (a
-#: reading may list 20,000); the others are counted.
-STRANGERS_NAMED = 10
 #: gpu_in_use's Retry-After, at least (or gpu.yield.poll_s, if longer): a stranger (a game) stays for as
 #: long as it likes, and the broker sees it gone within poll_s; a refusal is cheap, a retry every few
 #: seconds for hours is not.

@@ -16783,6 +16783,30 @@ async def test_a_page_a_consumer_serves_through_its_mount_cannot_call_the_admin_
     assert title == "sent 403" and r.broker.scheduler.reservation is None, title
 
 
+async def test_insufficient_vram_names_the_largest_gpu_processes_and_counts_the_others(rig, capsys):
+    """insufficient_vram named every GPU process, each name cut at 256 characters but all of them: forty
+    processes a local user named made the refusal some 120 KB, and `mgpumanager load` (which reads 64 KiB of
+    an error) called the broker "not a mgpumanager broker" (found by an attack on what the broker carries).
+    It names the largest STRANGERS_NAMED, with their owners, as gpu_in_use does, and counts the rest."""
+
+    def short_wait(raw: dict[str, Any]) -> None:
+        raw["scheduler"]["vram_wait_s"] = 0.2
+
+    r = await rig(
+        sims={"whisper": {"loaded": True, "vram_mib": 5000}, "ollama": {"loaded": True}}, tweak=short_wait
+    )
+    for i in range(40):
+        r.gpu.allocate(f"odd{i}", 10 + i, process="\U0001f600" * 300, pid=300000 + i)
+    rc, _out, err = await verb(capsys, "load", "comfyui", "--url", r.url(""))
+    assert rc == 2 and "insufficient_vram" in err, err[:300]
+    status, headers, body = await r.post("image", {"prompt": {}})
+    message = error_of(status, headers, body, "insufficient_vram")["message"]
+    odd = re.findall(r"pid (3000\d\d) ", message)
+    assert len(odd) <= m.STRANGERS_NAMED and "pid 300039 " in message  # (the largest of them named)
+    assert re.search(r" and \d+ more$", message), message[-200:]
+    assert len(body) < 64 * 1024
+
+
 async def test_admin_unload_and_load_go_through_the_lock(rig):
     r = await rig(sims={"mvoice": {"loaded": True}, "ollama": {"lines": 20, "line_interval_s": 0.03}})
     async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as stream:
