@@ -498,7 +498,12 @@ def _plural(n: int, what: str) -> str:
 
 
 def _wrap(text: str, indent: str = "  ") -> list[str]:
-    return textwrap.wrap(text, CLI_WIDTH, initial_indent=indent, subsequent_indent=indent + "  ") or [indent]
+    """``text`` in lines of CLI_WIDTH, what is not printable escaped first (textwrap would make a line
+    break in a reason or a process name a space: escaped, it is seen)."""
+    wrapped = textwrap.wrap(
+        _printable(text), CLI_WIDTH, initial_indent=indent, subsequent_indent=indent + "  "
+    )
+    return wrapped or [indent]
 
 
 def _gpus_of(st: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -16807,6 +16807,19 @@ async def test_insufficient_vram_names_the_largest_gpu_processes_and_counts_the_
     assert len(body) < 64 * 1024
 
 
+async def test_ps_escapes_a_line_break_in_a_reason_rather_than_making_it_a_space(rig, capsys):
+    """security.md: what the broker passes on cannot add a line to what a verb prints, "a line break in it
+    is escaped too". Wrapped text (a reason, a stranger's name, an unload's error) went through textwrap
+    first, which made each break a space: nothing forged, but nothing seen either (found by an attack on
+    what the broker carries)."""
+    r = await rig()
+    assert (await _reserve(r, for_s=600, reason="gaming\n12:00:00 released\tby\x0badmin"))[0] == 200
+    rc, out, err = await verb(capsys, "ps", "--url", r.url(""))
+    assert rc == 0, err
+    line = next(x for x in out.splitlines() if "reserved:" in x)
+    assert "gaming\\n12:00:00 released\\tby\\x0badmin" in line, line
+
+
 async def test_admin_unload_and_load_go_through_the_lock(rig):
     r = await rig(sims={"mvoice": {"loaded": True}, "ollama": {"lines": 20, "line_interval_s": 0.03}})
     async with r.session.post(r.url("/v1/llm"), json={"model": "m", "prompt": "p"}) as stream:
