@@ -11265,8 +11265,8 @@ class Connection:
     revoked: bool = False
     #: It is gone (either side closed it).
     lost: bool = False
-    #: The body of its request being read now (``read_body``): ended with the error, should its chunked
-    #: encoding break (``_Watched.data_received``).
+    #: The body of its request being read now (``read_body``, through ``waits_on_client``): ended with the
+    #: error, should its chunked encoding break (``_Watched.data_received``).
     reading: aiohttp.StreamReader | None = None
 
 
@@ -11457,22 +11457,20 @@ class ClientConnections:
             conn.credentials = {key}
             self.by_credential.setdefault(key, set()).add(conn)
 
-    def waits_on_client(self, request: web.BaseRequest, waits: bool = True) -> None:
-        """The request waits on its client (an event stream; a body still arriving), or no longer does: while
-        it does, its connection counts as idle since then when descriptors run short."""
+    def waits_on_client(
+        self, request: web.BaseRequest, waits: bool = True, *, body: aiohttp.StreamReader | None = None
+    ) -> None:
+        """The request waits on its client (an event stream; a body still arriving: ``body``, which its
+        connection ends should its chunked encoding break), or no longer does: while it does, its
+        connection counts as idle since then when descriptors run short."""
         conn = self.open.get(request.protocol)
         if conn is None or not conn.busy:
             return
+        conn.reading = body if waits else None
         self.idle.pop(conn, None)
         if waits:
             conn.idle_since = self.clock()
             self.idle[conn] = None
-
-    def reading(self, request: web.BaseRequest, body: aiohttp.StreamReader | None) -> None:
-        """The request's body is being read (``body``), or no longer is (None)."""
-        conn = self.open.get(request.protocol)
-        if conn is not None:
-            conn.reading = body
 
     def closer(self, request: web.BaseRequest, close: Callable[[], None]) -> None:
         """How to end the request's connection politely if its credential is revoked."""
@@ -12143,8 +12141,8 @@ async def read_body(request: web.Request, broker: Broker, consumer: str) -> byte
             if chunk := request.content.read_nowait():  # it came whole with its head (a small job's)
                 take(chunk)
         else:
-            broker.connections.waits_on_client(request)  # (may go when descriptors run short)
-            broker.connections.reading(request, request.content)
+            # (It may go when descriptors run short; a broken chunk ends its body: _Watched.)
+            broker.connections.waits_on_client(request, body=request.content)
             if not request.content.is_eof() and (broken := queued_parse_error(request.protocol)) is not None:
                 request.content.set_exception(broken)
             await asyncio.wait_for(fill(), cfg.body_timeout_s)
@@ -12166,7 +12164,6 @@ async def read_body(request: web.Request, broker: Broker, consumer: str) -> byte
     finally:
         broker.reading -= len(body)
         broker.connections.waits_on_client(request, False)
-        broker.connections.reading(request, None)
     if length is not None and len(body) != length:
         raise BrokerError("bad_request", "request body ended before its Content-Length")
     return body
