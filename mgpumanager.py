@@ -13326,6 +13326,21 @@ function buildTimeline(evs, st) {
       }
     }
   }
+  if (st) {
+    // What began before the oldest event kept (a reservation of two hours, a game of one: the ring keeps
+    // 15 minutes) is drawn from the status, from the left edge or from when it came.
+    for (const g of gpusOf(st)) {
+      const r = g.reservation, x = g.strangers;
+      if (r && !resv.some((b) => b.gpu === g.index && b.to === undefined)) {
+        resv.push({gpu: g.index, from: -Infinity, until: Date.parse(r.until || ""), reason: r.reason});
+      }
+      if (x && x.present && !strangers.some((b) => b.gpu === g.index && b.to === undefined)) {
+        const since = Date.parse(x.since || "");
+        strangers.push({gpu: g.index, from: Number.isFinite(since) ? since : -Infinity, mib: g.unclaimed_mib,
+                        processes: x.processes || [], more: x.more_processes || 0});
+      }
+    }
+  }
   // A hold has no event at its start: the status says which holder holds, and the latest answers are it.
   if (st) {
     for (const g of gpusOf(st)) {
@@ -13385,12 +13400,14 @@ function strangerTip(x, several) {
   if (x.more > 0) procs.push("and " + x.more + " more");
   return "stranger" + (several ? " on GPU " + x.gpu : "") + ": " + x.mib + " MiB no consumer claims" +
     "\\n" + (procs.length ? procs.join("\\n") : "no process listed (a graphics process: a game?)") +
-    "\\nfrom " + clock(x.from) + (x.to === undefined ? ", still there" : " to " + clock(x.to));
+    "\\nfrom " + (Number.isFinite(x.from) ? clock(x.from) : "before the events this page has") +
+    (x.to === undefined ? ", still there" : " to " + clock(x.to));
 }
 function resvTip(r, several) {
   return (several ? "GPU " + r.gpu + " reserved" : "reserved") + ": " +
     oneLine(r.reason || "no reason given") +
-    "\\nfrom " + clock(r.from) + (isNum(r.forS) ? " for " + secs(r.forS) : "") +
+    "\\nfrom " + (Number.isFinite(r.from) ? clock(r.from) : "before the events this page has") +
+    (isNum(r.forS) ? " for " + secs(r.forS) : "") +
     " (until " + clock(r.until) + ")" +
     "\\n" + (r.to === undefined ? "still reserved" : "ended at " + clock(r.to) + (r.why ? ": " + r.why : ""));
 }

@@ -18477,6 +18477,43 @@ TIMELINE_RESERVATIONS = """[...document.querySelectorAll('#timeline .tl-resv')]
   .map((r) => [r.closest('.tl-gpu').dataset.gpu, r.dataset.reason, r.dataset.why, r.dataset.open])"""
 
 
+async def test_the_timeline_draws_a_reservation_that_began_before_the_events_it_has(rig, tmp_path):
+    """operations.md: a reservation "shows in ... the dashboard (its timeline draws it across the GPU's
+    lanes)". A page opened 16 minutes into `reserve 2h` (the ring keeps 15 minutes: its `reserved` event is
+    gone; the ring is shortened here to stand for that) showed it in the holder line and no band: drawn only
+    from events. What is in force now is drawn from the status (found by an attack on time)."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    assert (await _reserve(r, for_s=7200, reason="gaming"))[0] == 200
+    r.broker.events.ring_s = 0.5  # (16 minutes later: the ring forgot the reservation's start)
+    await asyncio.sleep(1)
+    assert (await r.status())["gpu"]["reservation"]["reason"] == "gaming"
+    async with Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=r.url("/"))
+        await browser.wait_for("document.getElementById('holder').textContent.includes('gaming')", timeout=30)
+        await browser.wait_for("document.querySelector('#timeline .tl-resv') !== null", timeout=10)
+        assert await browser.evaluate(TIMELINE_RESERVATIONS) == [["0", "gaming", "", "true"]]
+
+
+async def test_the_timeline_draws_a_stranger_that_came_before_the_events_it_has(rig, tmp_path):
+    """The same for a stranger (operations.md: "a hatched span for each stranger's stay, from its `stranger`
+    event to the one that says it is gone"): a game that has run for 16 minutes was in the memory bar and in
+    no span; it is drawn from the status's `strangers.since`."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(restore_after_s=0.5))
+    r.gpu.allocate("game", 12000, graphics=True)
+    await status_until(r, lambda st: st["gpu"]["strangers"]["present"], timeout=30)
+    r.broker.events.ring_s = 0.5  # (16 minutes later: the ring forgot the stranger's coming)
+    await asyncio.sleep(1)
+    async with Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=r.url("/"))
+        await browser.wait_for("document.querySelector('.bar [data-part=stranger]') !== null", timeout=30)
+        await browser.wait_for("document.querySelector('#timeline .tl-stranger') !== null", timeout=10)
+        stay = await browser.evaluate(
+            "[...document.querySelectorAll('#timeline [data-lane=strangers] .tl-span')]"
+            ".map(s => s.dataset.open)"
+        )
+        assert stay == ["true"]
+
+
 async def point_at(browser: Browser, selector: str, *, tap: bool = False) -> str:
     """Move the mouse onto (or tap, as a finger would) the middle of the element; the tooltip's text."""
     for kind in ("mouseMoved", "mousePressed", "mouseReleased"):  # a click elsewhere hides the last one
