@@ -10414,7 +10414,7 @@ def parse_state(raw: Any, now: float) -> Remembered:
             used = _state_number(used, f"{where}.last_used_s")
             if used > written:
                 raise ValueError(f"{where}.last_used_s: after the file was written")
-            last_used[name] = ref - used
+            last_used[name] = min(ref - used, now)  # (seconds ago: never before 1970, a file from year 5000)
         learned = _state_mapping(entry.get("timings", {}), f"{where}.timings")
         for what, values in learned.items():
             if what not in TIMED or not isinstance(values, list) or len(values) > TIMING_SAMPLES:

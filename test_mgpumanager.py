@@ -18477,6 +18477,21 @@ TIMELINE_RESERVATIONS = """[...document.querySelectorAll('#timeline .tl-resv')]
   .map((r) => [r.closest('.tl-gpu').dataset.gpu, r.dataset.reason, r.dataset.why, r.dataset.open])"""
 
 
+async def test_a_state_file_written_far_in_the_future_never_breaks_the_status(rig, tmp_path):
+    """operations.md, The state file: a file holding what it could not hold is set aside. A file written at a
+    clock far ahead (a bad RTC: the year 5138) with a last use long before it was read as valid, and that
+    last use, shown as a date before the year 1, made every /v1/status a 500, `ps` and the page with it
+    (found by an attack on time). A last use is never taken to be before 1970."""
+    path = tmp_path / "state.json"
+    path.write_text(
+        json.dumps({"version": 1, "written_at_s": 1e11, "consumers": {"mvoice": {"last_used_s": 1.0}}})
+    )
+    r = await rig(tweak=lambda raw: raw.update(state_file=str(path)))
+    async with r.session.get(r.url("/v1/status")) as resp:
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["consumers"]["mvoice"]["last_used"].startswith("1970-01-01")
+
+
 async def test_the_timeline_draws_a_reservation_that_began_before_the_events_it_has(rig, tmp_path):
     """operations.md: a reservation "shows in ... the dashboard (its timeline draws it across the GPU's
     lanes)". A page opened 16 minutes into `reserve 2h` (the ring keeps 15 minutes: its `reserved` event is
