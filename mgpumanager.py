@@ -2998,6 +2998,13 @@ class Shared:
         log.error(logfmt(msg=msg, **fields), exc_info=exc if exc is not None else True)
 
 
+def boot_clock() -> float:
+    """Seconds since boot, time asleep included (Linux's CLOCK_BOOTTIME), where the monotonic clock stands
+    still while the machine is suspended; the monotonic clock where there is none."""
+    clock_id = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(clock_id) if clock_id is not None else time.monotonic()
+
+
 class WallClock:
     """The wall-clock time of a moment on the monotonic clock (a last use, a reservation's end), for people
     and the state file. The broker keeps its times on the monotonic clock, which no one sets; a moment's
@@ -5363,12 +5370,14 @@ class Consumers:
         """After the first round, probe every consumer every ``health.interval_s``; owned by the app.
 
         A round that starts much later than due (the event loop stalled, the machine slept) may have missed
-        a restart: every resident record then needs a reading before it is acted on.
+        a restart: every resident record then needs a reading before it is acted on. (Sleep shows on the
+        boot clock only: the monotonic one, which the loop's timers follow, stands still meanwhile.)
         """
         while True:
-            due = self.clock() + self.config.health.interval_s
-            await asyncio.sleep(self.config.health.interval_s)
-            late = self.clock() - due
+            interval = self.config.health.interval_s
+            due, boot_due = self.clock() + interval, boot_clock() + interval
+            await asyncio.sleep(interval)
+            late = max(self.clock() - due, boot_clock() - boot_due)
             try:
                 if late > self.config.health.interval_s + self.config.health.timeout_s:
                     log.warning(logfmt(msg="health round late", late_s=round(late, 1)))

@@ -3356,6 +3356,43 @@ async def test_a_health_round_much_later_than_due_puts_every_resident_record_in_
                 await health
 
 
+@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="no CLOCK_BOOTTIME here")
+async def test_a_health_round_after_the_machine_slept_puts_resident_records_in_doubt(monkeypatch, caplog):
+    """how-it-works.md: "a health round that came late (the event loop stalled, the machine slept)". The
+    lateness was measured on the monotonic clock, which stands still while the machine is suspended: after
+    8 h asleep the next round was on time by it, and every resident record stayed trusted (found by an
+    attack on time). Here the machine sleeps 8 h between two rounds, as under Linux: CLOCK_BOOTTIME moves on,
+    the monotonic clock does not."""
+    routes = [("GET", f"/{name}/health", _ok) for name in "txyz"]
+    async with StandIn(routes) as svc, aiohttp.ClientSession() as session:
+        urls = {f"consumers__{name}__url": f"{svc.url}/{name}" for name in "txyz"}
+        cfg = small_config(health={"interval_s": 0.2, "timeout_s": 5}, **urls)
+        consumers = m.Consumers(m.Shared(cfg), session)  # (the clocks production uses)
+        x = consumers.states["x"]
+        x.loaded()
+        health = asyncio.ensure_future(consumers.run_health())
+        try:
+            await until(lambda: x.last_probe is not None)  # a round on time
+            assert x.trusted and x.resident is True
+            real, slept = time.clock_gettime, [0.0]
+
+            def sleeping(clk: int) -> float:
+                # Asleep 8 h between any two looks at the boot clock (whichever step of its round the
+                # health loop is at: a single step of 8 h could fall between a round's lateness and the
+                # next round's due time, and no round would be late).
+                if clk == time.CLOCK_BOOTTIME:
+                    slept[0] += 8 * 3600.0
+                return real(clk) + (slept[0] if clk == time.CLOCK_BOOTTIME else 0.0)
+
+            monkeypatch.setattr(time, "clock_gettime", sleeping)
+            await until(lambda: not x.trusted, timeout=5)  # the round after the sleep
+            assert "health round late" in caplog.text
+        finally:
+            health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await health
+
+
 async def test_unreachable_consumer_is_refused_at_once_and_served_again_after_a_good_probe(rig):
     r = await rig()
     await r.sim_servers["mvoice"].close()
