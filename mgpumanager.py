@@ -6267,7 +6267,7 @@ def room_message(
         parts.append("not evictable: " + ", ".join(f"{n} ({why})" for n, why in plan.why_not.items()))
     named = sorted(processes, key=lambda p: -(p.used_mib or 0))[:STRANGERS_NAMED]
     procs = ", ".join(
-        f"pid {p.pid} {shown_name(p.name)} {p.used_mib} MiB ({owners.get(p.pid or -1, 'no consumer')})"
+        f"pid {p.pid} {shown_name(p.name)} {_mib(p.used_mib)} ({owners.get(p.pid or -1, 'no consumer')})"
         for p in named
     )
     if len(processes) > len(named):
@@ -12463,6 +12463,8 @@ async def _proxy_websocket(
     broker.connections.closer(request, proxied.revoked)
     sockets = request.app[WEBSOCKETS]
     sockets.add(proxied)
+    if not same_service(broker.config, consumer):  # a reload removed or replaced it during the handshake
+        going_away([proxied])
     try:
         await proxied.relay()
     finally:
