@@ -8227,7 +8227,9 @@ class Reservations:
                 self._announce(
                     res, res.for_s, unloaded=list(res.unloaded), not_unloaded=dict(res.not_unloaded)
                 )
-            self.scheduler.recorder.record("reservation_ended", consumer=RESERVATION, why=why, job=res.job.id)
+            self.scheduler.recorder.record(
+                "reservation_ended", consumer=RESERVATION, why=why, job=res.job.id, reason=res.reason
+            )
             if why == "shutdown":
                 self.kept = res
             elif not res.unloading:
@@ -12463,7 +12465,11 @@ async def _proxy_websocket(
     broker.connections.closer(request, proxied.revoked)
     sockets = request.app[WEBSOCKETS]
     sockets.add(proxied)
-    if not same_service(broker.config, consumer):  # a reload removed or replaced it during the handshake
+    # (Overtaken in its handshake: a reload removed or replaced its consumer or closed its port; shutdown.)
+    port = request.app.get(PORT_CONSUMER)
+    entry = broker.ports.open.get(port) if port is not None else None
+    port_closed = port is not None and (entry is None or entry[1].app is not request.app)
+    if not same_service(broker.config, consumer) or port_closed or broker.stopping:
         going_away([proxied])
     try:
         await proxied.relay()
@@ -13321,16 +13327,28 @@ function buildTimeline(evs, st) {
       if (op && op.type === "load") close(op, t, true);
     } else if (name === "reserved") {
       const gpu = isNum(ev.gpu) ? ev.gpu : defaultGpu;
+      // (Extended, it began before the events where they hold neither an earlier band nor its grant.)
+      const before = !resv.some((b) => b.gpu === gpu) &&
+        (jobs.get(gpu + ":" + ev.job) || {}).granted === undefined;
       for (const r of resv) if (r.gpu === gpu && r.to === undefined) r.to = t;
       const until = Date.parse(ev.until || "");
-      resv.push({gpu, from: t, until: Number.isFinite(until) ? until : t + (ev.for_s || 0) * 1000,
+      resv.push({gpu, from: before ? -Infinity : t,
+                 until: Number.isFinite(until) ? until : t + (ev.for_s || 0) * 1000,
                  reason: ev.reason, forS: ev.for_s});
     } else if (name === "reservation_ended") {
       const gpu = isNum(ev.gpu) ? ev.gpu : defaultGpu;
-      for (const r of resv) if (r.gpu === gpu && r.to === undefined) { r.to = t; r.why = ev.why; }
+      const r = resv.find((b) => b.gpu === gpu && b.to === undefined);
+      if (r) { r.to = t; r.why = ev.why; }
+      // (Without a band open, it began before the events: drawn from the left edge to its end.)
+      else resv.push({gpu, from: -Infinity, until: t, to: t, why: ev.why, reason: ev.reason});
     } else if (name === "stranger") {  // memory no consumer claims, beyond gpu.yield.ignore_mib
       const gpu = isNum(ev.gpu) ? ev.gpu : defaultGpu;
-      for (const x of strangers) if (x.gpu === gpu && x.to === undefined) x.to = t;
+      const x = strangers.find((b) => b.gpu === gpu && b.to === undefined);
+      if (x) x.to = t;
+      else if (!ev.present) {  // (it came before the events)
+        strangers.push({gpu, from: -Infinity, to: t, mib: ev.unclaimed_mib, processes: ev.processes || [],
+                        more: ev.more_processes || 0});
+      }
       if (ev.present) {
         strangers.push({gpu, from: t, mib: ev.unclaimed_mib, processes: ev.processes || [],
                         more: ev.more_processes || 0});
@@ -13342,10 +13360,14 @@ function buildTimeline(evs, st) {
     // 15 minutes) is drawn from the status, from the left edge or from when it came.
     for (const g of gpusOf(st)) {
       const r = g.reservation, x = g.strangers;
-      if (r && !resv.some((b) => b.gpu === g.index && b.to === undefined)) {
+      // (Only where the events say nothing of it: they come before the next status, and a reservation is
+      // in the status from its grant, its `reserved` event after its unloads.)
+      const told = resv.some((b) => b.gpu === g.index) ||
+        [...jobs.values()].some((j) => j.gpu === g.index && j.kind === "reservation");
+      if (r && !told) {
         resv.push({gpu: g.index, from: -Infinity, until: Date.parse(r.until || ""), reason: r.reason});
       }
-      if (x && x.present && !strangers.some((b) => b.gpu === g.index && b.to === undefined)) {
+      if (x && x.present && !strangers.some((b) => b.gpu === g.index)) {
         const since = Date.parse(x.since || "");
         strangers.push({gpu: g.index, from: Number.isFinite(since) ? since : -Infinity, mib: g.unclaimed_mib,
                         processes: x.processes || [], more: x.more_processes || 0});

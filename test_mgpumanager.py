@@ -13016,6 +13016,67 @@ async def test_a_consumer_that_keeps_sending_after_the_close_is_cut_off(rig, cap
         ws._response.close()
 
 
+async def test_a_websocket_whose_handshake_a_port_close_overtook_is_closed_at_once(rig):
+    """The handshake race of test_a_websocket_whose_handshake_a_reload_overtook_is_closed_too, for a port
+    a reload closes (its consumer unchanged: same_service holds): the port closes its WebSockets at once,
+    going away (test_a_reload_that_closes_a_port_closes_its_websockets_going_away_on_both_sides); one
+    still in its handshake was not among them, and relays on through the closed port until its grace."""
+    handshaking = asyncio.Event()
+
+    async def comfy_ws(request: web.Request) -> web.WebSocketResponse:
+        handshaking.set()
+        await asyncio.sleep(1.5)  # a consumer slow to answer the upgrade
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        return ws
+
+    async with StandIn([("GET", "/system_stats", _ok), ("GET", "/ws", comfy_ws)]) as comfy:
+        r = await rig(urls={"comfyui": comfy.url}, tweak=with_ports)
+        raw = copy.deepcopy(r.raw)
+        url = URL(port_url(r, "comfyui", "/ws"), encoded=True)
+        opening = asyncio.ensure_future(
+            r.session.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=5))
+        )
+        await asyncio.wait_for(handshaking.wait(), 10)
+        del raw["consumers"]["comfyui"]["listen"]
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        reloading = asyncio.ensure_future(r.broker.reloads.reload())
+        ws = await asyncio.wait_for(opening, 20)
+        started = time.monotonic()
+        closing = await ws.receive(timeout=10)
+        waited = time.monotonic() - started
+        assert any("no longer listens" in c for c in await reloading)
+        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1001, (closing, waited)
+
+
+async def test_a_websocket_whose_handshake_shutdown_overtook_is_closed_going_away(rig):
+    """The same handshake race at shutdown: "On shutdown every open WebSocket is closed at once with 1001"
+    (test_shutting_down_closes_the_websockets_of_consumer_ports_at_once_too); one still in its handshake
+    when they were closed relays on until the grace cuts it off (no close frame)."""
+    handshaking = asyncio.Event()
+
+    async def comfy_ws(request: web.Request) -> web.WebSocketResponse:
+        handshaking.set()
+        await asyncio.sleep(1.5)  # a consumer slow to answer the upgrade
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        return ws
+
+    async with StandIn([("GET", "/system_stats", _ok), ("GET", "/ws", comfy_ws)]) as comfy:
+        r = await rig(urls={"comfyui": comfy.url})
+        opening = asyncio.ensure_future(_ws_open(r, "/c/comfyui/ws"))
+        await asyncio.wait_for(handshaking.wait(), 10)
+        closing = asyncio.create_task(r.server.close())
+        ws = await asyncio.wait_for(opening, 20)
+        msg = await ws.receive(timeout=20)
+        await asyncio.wait_for(closing, 30)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY, msg
+
+
 async def test_mount_websocket_upgrade_without_a_key_never_reaches_the_consumer(rig):
     r = await rig()
     upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"}
@@ -18567,6 +18628,118 @@ TIMELINE_SPANS = """[...document.querySelectorAll('#timeline .tl-span')].map((s)
 
 TIMELINE_RESERVATIONS = """[...document.querySelectorAll('#timeline .tl-resv')]
   .map((r) => [r.closest('.tl-gpu').dataset.gpu, r.dataset.reason, r.dataset.why, r.dataset.open])"""
+
+
+async def test_a_reservation_drawn_from_the_status_stays_drawn_when_it_ends(rig, tmp_path):
+    """operations.md: the timeline "shows the last 15 minutes"; a reservation that began before the oldest
+    event the page has "is drawn from /v1/status: from the left edge". When it ends, the page gets its
+    `reservation_ended` and the status no longer has it: the band it drew for minutes vanishes, though the
+    reservation held the GPU for the whole window up to then."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    assert (await _reserve(r, for_s=7200, reason="gaming"))[0] == 200
+    r.broker.events.ring_s = 0.5  # (16 minutes later: the ring forgot the reservation's start)
+    await asyncio.sleep(1)
+    async with Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=r.url("/"))
+        await browser.wait_for("document.getElementById('holder').textContent.includes('gaming')", timeout=30)
+        await browser.wait_for("document.querySelector('#timeline .tl-resv') !== null", timeout=10)
+        assert await browser.evaluate(TIMELINE_RESERVATIONS) == [["0", "gaming", "", "true"]]
+        async with r.session.delete(r.url("/v1/reserve")) as resp:
+            assert resp.status == 200, await resp.text()
+        await browser.wait_for(
+            "!document.getElementById('holder').textContent.includes('gaming')", timeout=30
+        )
+        await asyncio.sleep(2.5)  # (a status and a redraw after it)
+        assert await browser.evaluate(TIMELINE_RESERVATIONS) == [["0", "gaming", "released", "false"]]
+
+
+async def test_a_reservation_that_ended_is_not_drawn_again_from_a_stale_status(rig, tmp_path):
+    """operations.md: a reservation "that began before the oldest event the page has" is drawn from the
+    status. One whose `reserved` the page has began after its oldest event; its `reservation_ended` comes in
+    up to 2 s (the status's refresh) before the status says it ended: meanwhile the stale status draws a
+    second, open band over the whole window (from the left edge, "still reserved")."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    async with Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=r.url("/"))
+        await browser.wait_for("document.getElementById('holder') !== null", timeout=30)
+        assert (await _reserve(r, for_s=7200, reason="gaming"))[0] == 200
+        await browser.wait_for("document.getElementById('holder').textContent.includes('gaming')", timeout=30)
+        # The page's model as of an ended reservation, before its next status (the one it has says reserved).
+        model = await browser.evaluate(
+            """(() => {
+              const st = status, t0 = Date.now();
+              const evs = [...events, {ts: new Date(t0).toISOString(), event: "reservation_ended",
+                                       gpu: st.gpu.index, why: "released"}];
+              return buildTimeline(evs, st).resv.map((b) => [Number.isFinite(b.from), b.to === undefined]);
+            })()"""
+        )
+        assert model == [[True, False]], model
+
+
+async def test_a_reservation_still_unloading_is_not_drawn_as_one_from_before_the_events(rig, tmp_path):
+    """operations.md: "A reservation ... that began before the oldest event the page has ... is drawn from
+    /v1/status: from the left edge". A reservation granted now shows in the status at once, while its
+    unloads run; its `reserved` event comes after them (how-it-works: once its unloads are done). Meanwhile
+    the page, which has every event since long before, drew it from the left edge: reserved for 15 minutes
+    (found by a review of the timeline's seeding, as the four tests beside it)."""
+    r = await rig(sims={"mvoice": {"loaded": True, "release_s": 6}})
+    async with Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=r.url("/"))
+        await browser.wait_for("document.getElementById('holder') !== null && status !== null", timeout=30)
+        reserving = asyncio.ensure_future(_reserve(r, for_s=7200, reason="gaming"))
+        try:
+            await browser.wait_for(
+                "document.getElementById('holder').textContent.includes('gaming')", timeout=30
+            )
+            assert not any(b"reserved" in f for f in r.broker.events.recent(900)), "too late to see it"
+            model = await browser.evaluate(
+                "buildTimeline(events, status).resv.map((b) => Number.isFinite(b.from))"
+            )
+            assert model == [], model  # (none yet, or one from when it began)
+        finally:
+            assert (await reserving)[0] == 200
+
+
+async def test_a_reservation_extended_is_drawn_from_before_the_events_it_has(rig, tmp_path):
+    """operations.md: a reservation "that began before the oldest event the page has ... is drawn from
+    /v1/status: from the left edge". Extended since (`reserved` again: operations.md "when it is extended"),
+    the page has that `reserved` and draws it from the extension only: reserved for 16 minutes, drawn as
+    reserved for the last one."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    assert (await _reserve(r, for_s=7200, reason="gaming"))[0] == 200
+    r.broker.events.ring_s = 0.5  # (16 minutes later: the ring forgot the reservation's start)
+    await asyncio.sleep(1)
+    r.broker.events.recent(900)  # (forgotten now)
+    r.broker.events.ring_s = 900
+    assert (await _reserve(r, for_s=7200, reason="gaming"))[0] == 200  # extended
+    async with Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=r.url("/"))
+        await browser.wait_for("document.getElementById('holder').textContent.includes('gaming')", timeout=30)
+        await browser.wait_for("document.querySelector('#timeline .tl-resv') !== null", timeout=10)
+        froms = await browser.evaluate(
+            "buildTimeline(events, status).resv.map((b) => Number.isFinite(b.from))"
+        )
+        assert False in froms, froms  # (a band from the left edge, up to the extension or on)
+
+
+async def test_a_stranger_gone_is_not_drawn_again_from_a_stale_status(rig, tmp_path):
+    """The stranger's span as the page builds it between the `stranger` event that says it left and the
+    next status (every 2 s), which still has it present: a second span, "still there", from its `since`."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(restore_after_s=0.5))
+    r.gpu.allocate("game", 12000, graphics=True)
+    await status_until(r, lambda st: st["gpu"]["strangers"]["present"], timeout=30)
+    async with Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=r.url("/"))
+        await browser.wait_for("status !== null && gpusOf(status)[0].strangers.present", timeout=30)
+        await browser.wait_for("document.querySelector('#timeline .tl-stranger') !== null", timeout=10)
+        spans = await browser.evaluate(
+            """(() => {
+              const gone = {ts: new Date().toISOString(), event: "stranger", gpu: gpusOf(status)[0].index,
+                            present: false, unclaimed_mib: 0};
+              return buildTimeline([...events, gone], status).strangers.map((x) => x.to === undefined);
+            })()"""
+        )
+        assert spans == [False], spans
 
 
 async def test_a_state_file_written_far_in_the_future_never_breaks_the_status(rig, tmp_path):
