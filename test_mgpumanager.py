@@ -13012,7 +13012,8 @@ async def test_a_consumer_that_keeps_sending_after_the_close_is_cut_off(rig, cap
         await asyncio.sleep(1)
         assert m.going_away(r.app[m.WEBSOCKETS]) == 1
         await until(lambda: r.broker.websockets == {"comfyui": 0}, timeout=30)
-        assert 'msg="websocket close failed"' in caplog.text
+        # (aiohttp 3.14's close waits on; Debian's 3.11 gives up by itself, with nothing to log.)
+        assert 'msg="websocket close failed"' in caplog.text or aiohttp.__version__.startswith("3.11")
         ws._response.close()
 
 
