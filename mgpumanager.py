@@ -8096,7 +8096,7 @@ class Reservations:
                 else:
                     s.lock.refuse(waiting, self.refusal(waiting.consumer))
             # The broker's from here on, like a hold: a client that leaves does not cut the unloads short.
-            start = s.own(asyncio.ensure_future(self._start(res, for_s)))
+            start = s.own(asyncio.ensure_future(self._start(res)))
         except Exception as e:  # a bug before its unloads began: no reservation, the GPU is free again
             self.reservation = None
             if res.timer is not None:
@@ -8110,10 +8110,10 @@ class Reservations:
             raise BrokerError("reservation_released", message)
         return res
 
-    async def _start(self, res: Reservation, for_s: float) -> None:
+    async def _start(self, res: Reservation) -> None:
         await self._unloads(res)
         if self.reservation is res:  # (not released or expired while it unloaded)
-            self._announce(res, for_s, unloaded=list(res.unloaded), not_unloaded=dict(res.not_unloaded))
+            self._announce(res, res.for_s, unloaded=list(res.unloaded), not_unloaded=dict(res.not_unloaded))
 
     def _announce(self, res: Reservation, for_s: float, **more: Any) -> None:
         """The ``reserved`` event of a reservation in force: once its unloads are done, when it is extended,
