@@ -3000,9 +3000,14 @@ class Shared:
 
 def boot_clock() -> float:
     """Seconds since boot, time asleep included (Linux's CLOCK_BOOTTIME), where the monotonic clock stands
-    still while the machine is suspended; the monotonic clock where there is none."""
+    still while the machine is suspended; the monotonic clock where there is none, or it cannot be read
+    (the health loop reads it: an error there would end it for good; a round then seen late costs a
+    reading)."""
     clock_id = getattr(time, "CLOCK_BOOTTIME", None)
-    return time.clock_gettime(clock_id) if clock_id is not None else time.monotonic()
+    try:
+        return time.clock_gettime(clock_id) if clock_id is not None else time.monotonic()
+    except OSError:
+        return time.monotonic()
 
 
 class WallClock:

@@ -3393,6 +3393,18 @@ async def test_a_health_round_after_the_machine_slept_puts_resident_records_in_d
                 await health
 
 
+def test_the_boot_clock_falls_back_to_the_monotonic_clock_when_it_cannot_be_read(monkeypatch):
+    """The health loop reads the boot clock every round: an OSError from it would end the loop for good
+    (found by a review). It is the monotonic clock then, as where there is no CLOCK_BOOTTIME."""
+
+    def broken(clk: int) -> float:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(time, "clock_gettime", broken)
+    before = time.monotonic()
+    assert before <= m.boot_clock() <= time.monotonic()
+
+
 async def test_unreachable_consumer_is_refused_at_once_and_served_again_after_a_good_probe(rig):
     r = await rig()
     await r.sim_servers["mvoice"].close()
