@@ -8118,18 +8118,22 @@ class Reservations:
     async def _start(self, res: Reservation) -> None:
         await self._unloads(res)
         if self.reservation is res:  # (not released or expired while it unloaded)
-            self._announce(res, res.for_s, unloaded=list(res.unloaded), not_unloaded=dict(res.not_unloaded))
+            self._announce(res, lists=True)
 
-    def _announce(self, res: Reservation, for_s: float, **more: Any) -> None:
+    def _announce(self, res: Reservation, *, lists: bool = False, **more: Any) -> None:
         """The ``reserved`` event of a reservation in force: once its unloads are done, when it is extended,
-        resumed after a restart, or ended before its unloads were (never a ``reservation_ended`` alone)."""
+        resumed after a restart, or ended before its unloads were (never a ``reservation_ended`` alone).
+        ``lists``: with what it unloaded and why not the others, as they are now (the event is serialised
+        later)."""
+        if lists:
+            more.update(unloaded=list(res.unloaded), not_unloaded=dict(res.not_unloaded))
         s = self.scheduler
         until = _iso(s.shared.wall.at(res.until))
         s.recorder.record(
             "reserved",
             consumer=RESERVATION,
             reason=res.reason,
-            for_s=for_s,
+            for_s=res.for_s,
             until=until,
             job=res.job.id,
             **more,
@@ -8143,7 +8147,7 @@ class Reservations:
         if res.timer is not None:
             res.timer.cancel()
         res.timer = asyncio.get_running_loop().call_later(for_s, self.release, "expired")
-        self._announce(res, for_s)
+        self._announce(res)
         return res
 
     async def _unloads(self, res: Reservation) -> None:
@@ -8229,9 +8233,7 @@ class Reservations:
             if res.timer is not None:
                 res.timer.cancel()
             if not res.announced:  # ended while it unloaded: said first, with what it unloaded so far
-                self._announce(
-                    res, res.for_s, unloaded=list(res.unloaded), not_unloaded=dict(res.not_unloaded)
-                )
+                self._announce(res, lists=True)
             self.scheduler.recorder.record(
                 "reservation_ended", consumer=RESERVATION, why=why, job=res.job.id, reason=res.reason
             )
@@ -8270,7 +8272,7 @@ class Reservations:
         res.unloaded, res.to_restore = list(unloaded), list(to_restore)
         self.reservation = res
         res.timer = asyncio.get_running_loop().call_later(left, self.release, "expired")
-        self._announce(res, res.for_s, resumed=True)
+        self._announce(res, resumed=True)
         s.own(asyncio.ensure_future(self._unloads(res)))
         return res
 
