@@ -10699,6 +10699,8 @@ async def test_a_reservation_cut_by_a_restart_while_it_unloads_finishes_its_unlo
     r = await rig(sims={"mvoice": {"loaded": True}, "comfyui": {"loaded": True}})
     path = tmp_path / "state.json"
     raw = copy.deepcopy(r.raw) | {"state_file": str(path)}
+    # (The hung unload holds a SIGTERM's drain for shutdown_timeout_s: 30 s by default, 1 s is enough here.)
+    raw["scheduler"]["shutdown_timeout_s"] = 1.0
     r.sims["mvoice"].faults["unload_hang"] = True
     async with Daemon(raw, r.tmp_path, sim_smi(r.state)) as daemon:
         reserve = asyncio.ensure_future(
