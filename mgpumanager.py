@@ -10588,9 +10588,10 @@ class StateFile:
             self._lock = None
 
     async def close(self) -> None:
-        """At shutdown: the last write, where this broker holds a state file's lock (never where another
-        broker holds it: a start refused), then the lock let go."""
-        if self._lock is not None:
+        """At shutdown: the last write, where this broker holds a state file's lock or could not take it for
+        a reason other than another broker (never where another broker holds it: a start refused), then
+        the lock let go."""
+        if self._lock is not None or self._unlocked_why is not None:
             await self.write(last=True)
         if self._inflight is None or self._inflight.done():  # (else the kernel lets go at the exit)
             self.release()

@@ -10533,6 +10533,28 @@ async def test_a_lock_that_cannot_be_taken_still_lets_the_state_file_be_written(
     assert caplog.text.count('msg="state file not locked"') == 1
 
 
+async def test_a_state_file_whose_lock_cannot_be_taken_is_still_written_a_last_time_at_shutdown(
+    rig, tmp_path
+):
+    """Found by an attack on restarts: a lock that cannot be taken "is a warning, said once, and the file is
+    written all the same", and "on systemctl stop it is written a last time after the drain". Without the
+    lock the last write was skipped: a reservation released just before the stop came back at the next
+    start. (The periodic writer is stopped first, so that only the last write can record the release.)"""
+    path = tmp_path / "state.json"
+    (tmp_path / "state.json.lock").mkdir()
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=lambda raw: raw.update(state_file=str(path)))
+    assert (await _reserve(r, for_s=3600, reason="gaming"))[0] == 200
+    read = lambda: json.loads(path.read_text()) if path.exists() else {}  # noqa: E731
+    await until(lambda: "reservation" in read().get("gpus", {}).get("0", {}), timeout=10)
+    for task in [t for t in r.broker.tasks if t.get_name() == "state file"]:
+        task.cancel()
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert (await resp.json())["released"] is True
+    await r.server.close()  # systemctl stop: the drain, then the last write
+    assert "reservation" not in read().get("gpus", {}).get("0", {}), read()
+    assert m.parse_state(read(), time.time()).reservations == {}  # (the next start holds no GPU)
+
+
 def test_the_state_files_lock_does_not_follow_a_link_planted_in_its_place(tmp_path):
     """security.md: the state file never writes through a link. A link planted at ``<state_file>.lock``
     (to a file of the service user's) is not followed: the lock is not taken there (a warning, the state
