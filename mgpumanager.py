@@ -1062,8 +1062,9 @@ MIN_TOKEN_LENGTH = 16
 RESERVED_KINDS = frozenset({"status", "consumers", "events", "reload", "reserve"})
 #: (Each ends in ``\Z``: ``$`` also matches before a trailing newline, and let ``"mvoice\n"`` through.)
 KIND_RE = re.compile(r"^[a-z][a-z0-9_]*\Z")
-#: What a consumer's (and a client's) name may be.
+#: What a consumer's (and a client's) name may be, and its length at most (the state file keeps names).
 CONSUMER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+MAX_NAME_CHARS = 200
 #: The kind a mount job has when its method and path are none of its consumer's ``paths``.
 MOUNT_KIND = "mount"
 #: The kind of the job that starts a stopped consumer for an unscheduled call (``start_for_unscheduled``).
@@ -2440,6 +2441,15 @@ def _token_key(d: dict, where: str) -> str:
     return f"{where}.token" if "token" in d else f"{where}.token_file"
 
 
+def name_problem(name: Any) -> str | None:
+    """Why ``name`` may not name a consumer or a client (CONSUMER_NAME_RE, MAX_NAME_CHARS), or None."""
+    if not isinstance(name, str) or not CONSUMER_NAME_RE.match(name):
+        return "names are letters, digits, '_', '.', '-'"
+    if len(name) > MAX_NAME_CHARS:
+        return f"names are at most {MAX_NAME_CHARS} characters"
+    return None
+
+
 def _parse_auth(ck: _Checker, raw: Any) -> AuthConfig:
     """The admin's auth.token (or auth.token_file), and the clients' (auth.clients), each of their own."""
     d = ck.mapping(raw, "auth", ("token", "token_file", "clients"))
@@ -2450,8 +2460,8 @@ def _parse_auth(ck: _Checker, raw: Any) -> AuthConfig:
     seen: list[tuple[str, str]] = [] if token is None else [(token, f"{_token_key(d, 'auth')} (the admin's)")]
     for name, spec in raw_clients.items():
         where = f"auth.clients.{name}"
-        if not isinstance(name, str) or not CONSUMER_NAME_RE.match(name):
-            ck.problem(where, "client names are letters, digits, '_', '.', '-'")
+        if (problem := name_problem(name)) is not None:
+            ck.problem(where, f"client {problem}")
             continue
         c = ck.mapping(spec, where, ("token", "token_file", "priority", "max_queued"), required=True)
         if not isinstance(spec, dict):
@@ -2614,8 +2624,8 @@ def parse_config(raw: Any) -> Config:
         ck.problem("consumers", "must be a mapping with at least one consumer")
         raw_consumers = {}
     for name, spec in raw_consumers.items():
-        if not isinstance(name, str) or not CONSUMER_NAME_RE.match(name):
-            ck.problem(f"consumers.{name}", "names are letters, digits, '_', '.', '-'")
+        if (problem := name_problem(name)) is not None:
+            ck.problem(f"consumers.{name}", problem)
             continue
         if name == RESERVATION:
             ck.problem(f"consumers.{name}", f"{name!r} is reserved (the GPU's reservation)")
@@ -10371,7 +10381,7 @@ def _state_number(value: Any, where: str, high: float = 1e12) -> float:
 def _state_names(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or len(value) > MAX_STATE_ITEMS:
         raise ValueError(f"{where}: not a list of at most {MAX_STATE_ITEMS} names")
-    if not all(isinstance(name, str) and 0 < len(name) <= 200 for name in value):
+    if not all(isinstance(name, str) and 0 < len(name) <= MAX_NAME_CHARS for name in value):
         raise ValueError(f"{where}: not a list of names")
     return tuple(value)
 

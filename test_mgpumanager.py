@@ -10555,6 +10555,39 @@ async def test_a_state_file_whose_lock_cannot_be_taken_is_still_written_a_last_t
     assert m.parse_state(read(), time.time()).reservations == {}  # (the next start holds no GPU)
 
 
+def _renamed(raw: dict[str, Any], old: str, new: str) -> None:
+    """Rename consumer ``old`` to ``new`` everywhere the config names it."""
+    raw["consumers"][new] = raw["consumers"].pop(old)
+    rest = json.dumps({k: v for k, v in raw.items() if k != "consumers"})
+    raw.update(json.loads(rest.replace(json.dumps(old), json.dumps(new))))
+
+
+async def test_the_longest_name_the_config_takes_is_one_the_state_file_keeps(rig, tmp_path):
+    """Found by an attack on restarts: the config took consumer names of any length, the state file's reader
+    names of at most 200 characters. A reservation that unloaded a consumer named with more was written in
+    a file the next start set aside whole ("not valid: gpus.0.reservation.unloaded: not a list of names"):
+    a fresh start, the reservation lost. Names are at most MAX_NAME_CHARS in both."""
+    too_long = base_raw()
+    _renamed(too_long, "mvoice", "v" * (m.MAX_NAME_CHARS + 1))
+    assert f"consumers.{'v' * 201}: names are at most 200 characters" in problems_of(too_long)
+    clients = base_raw() | {"auth": {"token": TOKEN, "clients": {"c" * 201: {"token": "t" * 32}}}}
+    assert problems_of(clients) == [f"auth.clients.{'c' * 201}: client names are at most 200 characters"]
+    path = tmp_path / "state.json"
+    longest = "voice-" + "x" * (m.MAX_NAME_CHARS - 6)
+
+    def tweak(raw: dict[str, Any]) -> None:
+        _renamed(raw, "mvoice", longest)
+        raw["state_file"] = str(path)
+
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=tweak)
+    status, _, answer = await _reserve(r, for_s=3600, reason="gaming")
+    assert status == 200 and longest in answer["unloaded"], answer
+    read = lambda: json.loads(path.read_text()) if path.exists() else {}  # noqa: E731
+    await until(lambda: "reservation" in read().get("gpus", {}).get("0", {}), timeout=10)
+    kept = m.parse_state(read(), time.time())  # what the next start reads
+    assert kept.reservations[0][1] == "gaming" and longest in kept.reservations[0][3]
+
+
 def test_the_state_files_lock_does_not_follow_a_link_planted_in_its_place(tmp_path):
     """security.md: the state file never writes through a link. A link planted at ``<state_file>.lock``
     (to a file of the service user's) is not followed: the lock is not taken there (a warning, the state
