@@ -11466,6 +11466,14 @@ class ClientConnections:
             conn.timer = None
         return conn
 
+    def refused_early(self, request: web.BaseRequest) -> None:
+        """Its request was refused before its body (an Expect answered): it ends once the client closes or
+        aiohttp's lingering is over, not at a head's deadline (none is due: its client, told, sends none)."""
+        conn = self.open.get(request.protocol)
+        if conn is not None and conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+
     def ended(self, conn: Connection | None) -> None:
         """Its request was handled: idle, it may stay keepalive_s."""
         if conn is None:
@@ -12219,14 +12227,18 @@ async def expect_body(request: web.Request) -> web.StreamResponse | None:
             shown = json.dumps(expect[:100])  # (quoted: what the client sent, however odd)
             raise BrokerError("expectation_failed", f"unknown Expect: {shown} (only 100-continue is known)")
     except BrokerError as e:
-        # The client sends no body: no further request on this connection, which closes once the answer is
-        # out (aiohttp would linger for the body that never comes, until the header timeout cut it).
+        # No further request on this connection. A staged close (RFC 9112 9.6): the answer and a FIN go out,
+        # and what the client still sends (a body it did not wait to send, as RFC 9110 10.1.1 lets it) is
+        # read and dropped by aiohttp's lingering (10 s at most) until the client closes. (Closing at once,
+        # with those bytes unread, made the kernel reset the connection, which destroyed the answer.)
         response = error_response(e)
         response.force_close()
         with contextlib.suppress(ConnectionResetError):  # (the client left already: nobody to answer)
             await response.prepare(request)
             await response.write_eof()
-        request.protocol.force_close()  # (closes the transport: what was written goes out first)
+        request.app[BROKER].connections.refused_early(request)
+        if request.transport is not None and request.transport.can_write_eof():
+            request.transport.write_eof()
         return response
     if request.version == aiohttp.HttpVersion11:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -12240,11 +12252,7 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
     kind = request.match_info["kind"]
     if kind in RESERVED_KINDS or request.method != "POST":
         # A reserved kind is a route of its own (or will be); other methods are not jobs.
-        allowed = _methods_of(request.app, request.path) if kind in RESERVED_KINDS else ["POST"]
-        if not allowed:
-            raise BrokerError("not_found", f"no route for {request.method} {request.path}")
-        message = f"{request.method} is not allowed on {request.path}"
-        raise BrokerError("method_not_allowed", message, headers={"Allow": ", ".join(allowed)})
+        raise no_route(request, await allowed_methods(request) if kind in RESERVED_KINDS else ["POST"])
     first = route(broker.config, kind)  # refuse early what cannot be served ...
     body = await read_body(request, broker, first)
     name = route(broker.config, kind)  # ... and route for real after the body: a reload may have come
@@ -12268,17 +12276,27 @@ def route(config: Config, kind: str) -> str:
     return name
 
 
-def _methods_of(app: web.Application, path: str) -> list[str]:
-    """The methods a fixed route (not the /v1/{kind} catch-all) answers at ``path``."""
-    return sorted(
-        {
-            route.method
-            for r in app.router.resources()
-            if r.canonical == path
-            for route in r
-            if route.method != "*"
-        }
-    )
+async def allowed_methods(request: web.Request) -> list[str]:
+    """The methods the routes at the request's path answer, the catch-alls (any method) aside: what a 405's
+    ``Allow`` names, as aiohttp's own router would."""
+    allowed: set[str] = set()
+    for res in request.app.router.resources():
+        allowed |= (await res.resolve(request))[1]
+    return sorted(allowed - {"*"})
+
+
+def no_route(request: web.BaseRequest, allowed: list[str]) -> BrokerError:
+    """``not_found``, or ``method_not_allowed`` with ``Allow`` where other methods are ``allowed`` there."""
+    if not allowed:
+        return BrokerError("not_found", f"no route for {request.method} {request.path}")
+    message = f"{request.method} is not allowed on {request.path}"
+    return BrokerError("method_not_allowed", message, headers={"Allow": ", ".join(allowed)})
+
+
+async def handle_unrouted(request: web.Request) -> web.StreamResponse:
+    """Any other path or method, last of the routes. (A route of its own, so that an Expect header is
+    answered by expect_body there too: a request without its token is refused before any 100 Continue.)"""
+    raise no_route(request, await allowed_methods(request))
 
 
 async def handle_audio(request: web.Request) -> web.StreamResponse:
@@ -13012,6 +13030,7 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     router.add_get("/audio/{path:.+}", handle_audio, **expect)
     router.add_route("*", "/c/{name}", handle_mount, **expect)
     router.add_route("*", "/c/{name}/{path:.*}", handle_mount, **expect)
+    router.add_route("*", "/{path:.*}", handle_unrouted, **expect)
     return app
 
 

@@ -45,6 +45,7 @@ import errno
 import functools
 import gc
 import gzip
+import http.client
 import inspect
 import ipaddress
 import itertools
@@ -20504,6 +20505,84 @@ async def test_a_refused_expectation_closes_its_connection_as_its_answer_says(ri
             writer.close()
         assert answer.startswith(b"HTTP/1.1 " + status) and b"\r\nConnection: close\r\n" in answer, answer
     assert "header_timeout" not in r.broker.connections.closed, r.broker.connections.closed
+
+
+def _post_like_http_client(
+    host: str, port: int, target: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, dict[str, Any]] | str:
+    """A POST as Python's http.client (and requests) sends it: the whole body written, then the answer read,
+    even with ``Expect: 100-continue`` (RFC 9110 10.1.1: a client MAY send the content without waiting for
+    the 100). The status and JSON body, or the error the client met instead of an answer."""
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    try:
+        conn.request("POST", target, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("auth", "code"),
+    [({"Authorization": f"Bearer {TOKEN}"}, "payload_too_large"), ({}, "unauthorized")],
+)
+async def test_a_refused_expectation_reaches_a_client_that_sends_its_body_at_once(rig, auth, code):
+    """Found by an attack on HTTP's edges: a refusal answered to an Expect before the body (413 for a body
+    announced over max_body_mib, 401 without the token) closed the connection at once, its body's bytes
+    unread: the kernel reset it, and a client that sends its body without waiting for the 100 (as RFC 9110
+    10.1.1 lets it: Python's http.client, requests) met "connection reset" instead of the JSON error, which
+    the same request without Expect got. The close is staged: the answer and a FIN, the rest read and
+    dropped. And a client that reads its answer and then neither sends nor closes is no late head."""
+
+    def small(raw: dict[str, Any]) -> None:
+        with_token(raw)
+        raw["scheduler"]["max_body_mib"] = 1
+        raw["http"] = {"header_timeout_s": 2}
+
+    r = await rig(tweak=small)
+    body = b"\0" * (16 * m.MiB)
+    host, port = r.server.host, r.server.port
+    plain = await asyncio.to_thread(_post_like_http_client, host, port, "/v1/stt", body, auth)
+    assert plain[0] == SPEC_ERRORS[code] and plain[1]["error"] == code, plain
+    expect = auth | {"Expect": "100-continue"}
+    got = await asyncio.to_thread(_post_like_http_client, host, port, "/v1/stt", body, expect)
+    assert not isinstance(got, str), got
+    assert got[0] == SPEC_ERRORS[code] and got[1]["error"] == code, got
+    reader, writer = await _partial_post(
+        host, port, "/v1/stt", 65 * m.MiB, b"", extra="Expect: 100-continue\r\n"
+    )
+    try:
+        assert (await asyncio.wait_for(reader.read(), 30)).startswith(b"HTTP/1.1 4")  # (then the FIN)
+        await asyncio.sleep(3)  # (past header_timeout_s, the connection still open on the client's side)
+    finally:
+        writer.close()
+    assert "header_timeout" not in r.broker.connections.closed, r.broker.connections.closed
+
+
+@pytest.mark.parametrize("target", ["/nope", "/v2/tts", "/c", "/v1/status", "/audio/x.wav"])
+async def test_a_request_with_no_route_refuses_an_expect_before_any_continue(rig, target):
+    """Found by an attack on HTTP's edges: expect_body answers what would be refused anyway (a missing token,
+    a body over max_body_mib) before any 100 Continue "on every route"; a path with no route (or a method
+    none of its routes takes) had aiohttp's own Expect handler, which sent 100 Continue at once: the client,
+    told to go on, uploaded its body (here 65 MiB, without the token), only to be refused 401 after it. With
+    the token, its answer is the usual JSON 404 or 405 (with Allow)."""
+    r = await rig(tweak=with_token)
+    reader, writer = await _partial_post(
+        r.server.host, r.server.port, target, 65 * m.MiB, b"", extra="Expect: 100-continue\r\n"
+    )
+    try:
+        first = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 401"), first
+    async with r.session.post(r.url(target), data=b"x", headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+        allow = {"/v1/status": "GET, HEAD", "/audio/x.wav": "GET, HEAD"}.get(target)
+        error_of(
+            resp.status, dict(resp.headers), await resp.read(), "method_not_allowed" if allow else "not_found"
+        )
+        assert resp.headers.get("Allow") == allow
 
 
 async def test_expect_100_continue_on_a_consumers_port_is_refused_before_any_continue(rig):
