@@ -12208,9 +12208,10 @@ async def read_body(request: web.Request, broker: Broker, consumer: str) -> byte
 
 async def expect_body(request: web.Request) -> web.StreamResponse | None:
     """An ``Expect`` header, on every route (aiohttp asks this before the front door): what would be refused
-    anyway (a body over max_body_mib, a fragment, a missing token) is answered before any ``100 Continue``,
-    so the client never sends the body; an expectation other than ``100-continue`` is refused in the error
-    shape (expectation_failed); the rest gets ``100 Continue`` as aiohttp would send it."""
+    anyway (a body over max_body_mib, a fragment, a missing token, a path or method with no route) is
+    answered before any ``100 Continue``, so the client never sends the body; an expectation other than
+    ``100-continue`` is refused in the error shape (expectation_failed); the rest gets ``100 Continue`` as
+    aiohttp would send it."""
     broker = request.app[BROKER]
     limit = broker.config.scheduler.max_body_mib
     expect = request.headers.get("Expect", "")
@@ -12218,6 +12219,8 @@ async def expect_body(request: web.Request) -> web.StreamResponse | None:
     try:
         check_target(request)
         check_token(request)
+        if request.match_info.handler is handle_unrouted:  # (refused whatever the body)
+            raise no_route(request, await allowed_methods(request))
         length = request.content_length
         if length is not None and length > limit * MiB:
             raise BrokerError(

@@ -20577,12 +20577,26 @@ async def test_a_request_with_no_route_refuses_an_expect_before_any_continue(rig
     finally:
         writer.close()
     assert first.startswith(b"HTTP/1.1 401"), first
-    async with r.session.post(r.url(target), data=b"x", headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
-        allow = {"/v1/status": "GET, HEAD", "/audio/x.wav": "GET, HEAD"}.get(target)
-        error_of(
-            resp.status, dict(resp.headers), await resp.read(), "method_not_allowed" if allow else "not_found"
-        )
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    allow = {"/v1/status": "GET, HEAD", "/audio/x.wav": "GET, HEAD"}.get(target)
+    async with r.session.post(r.url(target), data=b"x", headers=auth) as resp:
+        code = "method_not_allowed" if allow else "not_found"
+        error_of(resp.status, dict(resp.headers), await resp.read(), code)
         assert resp.headers.get("Allow") == allow
+    if target != "/v1/status":  # (with its token too, no route is refused before any 100 Continue)
+        reader, writer = await _partial_post(
+            r.server.host,
+            r.server.port,
+            target,
+            65,
+            b"",
+            extra=f"Expect: 100-continue\r\nAuthorization: Bearer {TOKEN}\r\n",
+        )
+        try:
+            first = await asyncio.wait_for(reader.readline(), 10)
+        finally:
+            writer.close()
+        assert first.startswith(b"HTTP/1.1 405" if allow else b"HTTP/1.1 404"), first
 
 
 async def test_expect_100_continue_on_a_consumers_port_is_refused_before_any_continue(rig):
