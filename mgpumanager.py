@@ -11970,6 +11970,18 @@ def check_target(request: web.Request) -> None:
         raise BrokerError("bad_request", "a request target must not carry a fragment ('#')")
 
 
+def origin_form(request: web.BaseRequest) -> str:
+    """The request's target as the client encoded it, in origin form (``/path?query``): an absolute-form
+    target (``http://host:port/path?query``, which a server must accept: RFC 9112 3.2.2) less its scheme
+    and authority. (aiohttp routes by its path; ``raw_path`` keeps the whole target.)"""
+    raw = request.raw_path
+    if raw.startswith("/"):
+        return raw
+    rest = raw.partition("://")[2]
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    return "/" + rest[cut:].removeprefix("/")
+
+
 def check_token(request: web.Request) -> Caller:
     """With auth.token or auth.clients set, every route but /healthz (and the static page at /, and its
     icon) needs a bearer token: the admin's or a client's, each compared in constant time (all of them,
@@ -12308,7 +12320,7 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
     name = broker.config.audio_proxy
     if name is None:
         raise BrokerError("no_consumer", "no audio_proxy consumer is configured")
-    path = audio_upstream_path(request.raw_path)
+    path = audio_upstream_path(origin_form(request))
     await broker.check_reachable(name)
     consumer = broker.config.consumers.get(name)
     if consumer is None:  # a reload removed it while it was probed
@@ -12329,7 +12341,7 @@ async def handle_mount(request: web.Request) -> web.StreamResponse:
     consumer = broker.config.consumers.get(name)
     if consumer is None:
         raise BrokerError("no_consumer", f"no consumer named {name!r}")
-    path_qs, upstream_path = mount_upstream_path(request.raw_path, name)
+    path_qs, upstream_path = mount_upstream_path(origin_form(request), name)
     return await serve_consumer_api(request, broker, consumer, path_qs, upstream_path)
 
 
@@ -12342,7 +12354,7 @@ async def handle_consumer_port(request: web.Request) -> web.StreamResponse:
     if consumer is None:
         raise BrokerError("no_consumer", f"{name} is no longer configured", name)
     # The mount's path rules, applied to the path as if it came through the mount.
-    path_qs, upstream_path = mount_upstream_path(f"/c/{name}{request.raw_path}", name, port=True)
+    path_qs, upstream_path = mount_upstream_path(f"/c/{name}{origin_form(request)}", name, port=True)
     return await serve_consumer_api(request, broker, consumer, path_qs, upstream_path)
 
 

@@ -19515,6 +19515,26 @@ async def test_audio_traversal_is_refused_and_never_reaches_the_consumer(rig, ta
     assert r.sims["mvoice"].records == []
 
 
+async def test_a_target_in_absolute_form_is_served_as_its_origin_form_on_mounts_audio_and_ports(rig):
+    """Found by an attack on HTTP's edges: RFC 9112 3.2.2, a server "MUST accept the absolute-form"
+    (``GET http://host:port/path``). The broker served it on its own routes but refused it on every mount,
+    on /audio/ and on a consumer's port with 400 bad_request ("a mount path must stay below /c/mvoice/"):
+    what it forwards was cut out of the whole target, not its path. Its path rules still hold (the
+    traversal test above sends absolute-form targets too)."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=with_ports)
+    status, headers, _ = await r.post("tts", {"text": "hallo"})
+    assert status == 200
+    base = f"http://{r.server.host}:{r.server.port}"
+    for target in ("/c/mvoice/health", "/c/ollama/api/tags?x=1", headers["X-Audio-Path"]):
+        assert (await raw_get(r, target))[0] == 200, target  # (origin form: served)
+        status, body = await raw_get(r, base + target)
+        assert status == 200, (target, body)
+    assert (r.sims["ollama"].records[-1].path, r.sims["ollama"].records[-1].query) == ("/api/tags", "x=1")
+    port = int(r.broker.ports.address("ollama").rsplit(":", 1)[1])
+    status, body = await raw_get(r, f"http://{r.server.host}:{port}/api/tags", port=port)
+    assert status == 200, body
+
+
 async def test_unknown_routes_and_methods_have_the_error_shape(rig):
     r = await rig()
     async with r.session.get(r.url("/nope")) as resp:
