@@ -12265,9 +12265,6 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
     """POST /v1/{kind}: a GPU job for the consumer that routing.{kind} names."""
     broker = request.app[BROKER]
     kind = request.match_info["kind"]
-    if kind in RESERVED_KINDS or request.method != "POST":
-        # A reserved kind is a route of its own (or will be); other methods are not jobs.
-        raise no_route(request, await allowed_methods(request) if kind in RESERVED_KINDS else ["POST"])
     first = route(broker.config, kind)  # refuse early what cannot be served ...
     body = await read_body(request, broker, first)
     name = route(broker.config, kind)  # ... and route for real after the body: a reload may have come
@@ -12309,8 +12306,8 @@ def no_route(request: web.BaseRequest, allowed: list[str]) -> BrokerError:
 
 
 async def handle_unrouted(request: web.Request) -> web.StreamResponse:
-    """Any other path or method, last of the routes. (A route of its own, so that an Expect header is
-    answered by expect_body there too: a request without its token is refused before any 100 Continue.)"""
+    """Any other path or method, last of the routes (``GET /v1/tts`` too). (A route of its own, so that an
+    Expect header is answered by expect_body there too: refused before any 100 Continue.)"""
     raise no_route(request, await allowed_methods(request))
 
 
@@ -13041,7 +13038,9 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     router.add_post("/v1/reserve", handle_reserve, **expect)
     router.add_delete("/v1/reserve", handle_release, **expect)
     router.add_post("/v1/consumers/{name}/{action:unload|load}", handle_admin_consumer, **expect)
-    router.add_route("*", "/v1/{kind}", handle_job, **expect)
+    # A job is a POST to a kind; a reserved kind is a route of its own (or will be), never a job's.
+    not_reserved = "".join(f"(?!{k}\\Z)" for k in sorted(RESERVED_KINDS))
+    router.add_post(f"/v1/{{kind:{not_reserved}[^/]+}}", handle_job, **expect)
     router.add_get("/audio/{path:.+}", handle_audio, **expect)
     router.add_route("*", "/c/{name}", handle_mount, **expect)
     router.add_route("*", "/c/{name}/{path:.*}", handle_mount, **expect)
