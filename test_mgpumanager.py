@@ -19410,7 +19410,9 @@ TARGET_TRICKS: list[tuple[str, str, Any]] = [
     ("POST", "/c/mvoice/api/admin/unload%", 400),
     ("POST", "/c/mvoice/api/admin/unload%zz", 400),
     ("POST", "/c/mvoice/api/admin/unl%C0%AFoad", 400),
-    ("POST", "http://evil.example/c/mvoice/api/admin/unload", 400),
+    # (Absolute form is its path, RFC 9112 3.2.2: refused as the broker's own route, as the origin form is.)
+    ("POST", "http://evil.example/c/mvoice/api/admin/unload", 403),
+    ("POST", "http://evil.example/c/mvoice/api/admin/../admin/unload", 400),
     ("POST", "//c/mvoice/api/admin/unload", 404),
     ("POST", "/c/mvoice%2Fapi/admin/unload", 404),
     # Not the route: forwarded (as a job), exactly as matched.
