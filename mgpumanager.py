@@ -259,7 +259,7 @@ def _timeout(text: str) -> float:
     value = _seconds(text)
     if value == 0:
         raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds, more than 0")
-    return value
+    return min(value, threading.TIMEOUT_MAX)  # (a thread's join, and a socket, take no longer a wait)
 
 
 def cli_url(flag: str | None, environ: Mapping[str, str]) -> str:
@@ -274,6 +274,11 @@ def cli_url(flag: str | None, environ: Mapping[str, str]) -> str:
         raise CliError(2, f"{url!r} is not a broker's URL (http://host:port): {e}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or not url.isprintable() or " " in url:
         raise CliError(2, f"{url!r} is not a broker's URL (http://host:port)")
+    try:  # what urllib would fail on later: a label empty or over 63 characters, a path beyond ASCII
+        parts.hostname.encode("idna")
+        url.removeprefix(f"{parts.scheme}://{parts.netloc}").encode("ascii")
+    except UnicodeError as e:
+        raise CliError(2, f"{url!r} is not a broker's URL (http://host:port): {e}") from None
     return url
 
 
@@ -333,7 +338,7 @@ def _why(exc: BaseException, timeout_s: float) -> str:
         return "the connection was closed"
     if isinstance(reason, OSError) and reason.strerror:
         return reason.strerror
-    return str(reason) or type(reason).__name__
+    return _printable(str(reason).strip()) or type(reason).__name__
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -872,6 +877,9 @@ VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
 }
 
 
+#: The broker's own flags, refused with a verb (which asks the broker at --url, not the one they name).
+DAEMON_FLAGS = ("--config", "--listen", "--nvidia-smi", "--check", "--log-level")
+
 #: The verbs' own flags, accepted before the verb as after it: (flag, argparse keywords).
 VERB_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--url", {"help": f"the broker (default: $MGPUMANAGER_URL, else {DEFAULT_URL})"}),
@@ -951,7 +959,15 @@ NOT_A_BROKERS_ANSWER = (
 
 def run_verb(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
     """Run a verb: 0 done, 1 the broker could not be reached, 2 it refused; the reason on stderr."""
+    # A terminal whose encoding lacks a character the broker passes on (a reason's en dash, on Latin-1)
+    # shows it escaped, as stderr does.
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="backslashreplace")
     try:
+        given = [flag for flag in DAEMON_FLAGS if getattr(args, flag[2:].replace("-", "_"), None) is not None]
+        if given:  # (they were dropped without a word: the verb asked the broker at --url)
+            raise CliError(2, f"{', '.join(given)}: the broker's own flags; a verb asks the broker at --url")
         client = Client(cli_url(args.url, environ), cli_token(args.token_file, environ), args.timeout)
         try:
             return VERBS[args.verb](client, args)
@@ -966,6 +982,10 @@ def run_verb(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) 
     except BrokenPipeError:  # `mgpumanager.py events | head`: the reader left, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # the output could not be written (a full disk): the broker's calls raise CliError
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        say(f"mgpumanager {args.verb}: cannot write its output: {e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 def command_line() -> argparse.ArgumentParser:
@@ -975,14 +995,17 @@ def command_line() -> argparse.ArgumentParser:
         description="GPU-inference broker: one door to one GPU. Without a VERB it runs the broker;"
         " a VERB talks to a running one.",
     )
-    parser.add_argument("--config", default="consumers.yaml", help="YAML config (default: ./consumers.yaml)")
+    # (The broker's own flags are None unless given: a verb refuses them, and main() gives the defaults.)
+    parser.add_argument("--config", help="YAML config (default: ./consumers.yaml)")
     parser.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen")
     parser.add_argument(
         "--nvidia-smi", metavar="CMD", help="override gpu.nvidia_smi (split like a shell would)"
     )
-    parser.add_argument("--check", action="store_true", help="validate the config, print a summary, exit")
     parser.add_argument(
-        "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--check", action="store_true", default=None, help="validate the config, print a summary, exit"
+    )
+    parser.add_argument(
+        "--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(default: INFO)"
     )
     add_verbs(parser)
     return parser
@@ -13851,7 +13874,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # thread and process): a line per job, made cheaper. (_srcfile = None is logging's own switch for it.)
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    logging.basicConfig(level=args.log_level, handlers=[handler], force=True)
+    logging.basicConfig(level=args.log_level or "INFO", handlers=[handler], force=True)
     logging.getLogger("aiohttp.server").addFilter(OneLineBadRequests())
 
     overrides: dict[str, Any] = {}
@@ -13859,12 +13882,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["listen"] = args.listen
     if args.nvidia_smi is not None:
         overrides["gpu.nvidia_smi"] = args.nvidia_smi
-    source = ConfigSource(Path(args.config), overrides)
+    config_path = args.config or "consumers.yaml"
+    source = ConfigSource(Path(config_path), overrides)
     try:
         config = source.load()
     except ConfigError as e:
         for problem in e.problems:
-            print(f"{args.config}: {problem}", file=sys.stderr)
+            print(f"{config_path}: {problem}", file=sys.stderr)
         return 2
     if args.check:
         print(summary(config))

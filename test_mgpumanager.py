@@ -18656,6 +18656,161 @@ async def test_cli_status_shows_the_brokers_internal_errors_once_with_several_gp
     assert len(counters) == 2 and all(line.startswith("  counters: jobs 0, ") for line in counters), out
 
 
+async def _verb_process(
+    args: list[str], env: dict[str, str], stdout: Any = asyncio.subprocess.PIPE
+) -> tuple[int, str, str]:
+    """``mgpumanager.py ARGS`` as its own process with exactly ``env`` (and PATH); its status, out, err."""
+    proc = await asyncio.create_subprocess_exec(
+        PY,
+        str(HERE / "mgpumanager.py"),
+        *args,
+        stdout=stdout,
+        stderr=asyncio.subprocess.PIPE,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, (out or b"").decode("latin-1"), err.decode("latin-1")
+
+
+async def test_cli_prints_a_reason_it_cannot_encode_on_a_latin1_terminal_instead_of_blaming_the_broker(
+    rig, tmp_path
+):
+    """Found by an attack on the command line. operations.md: exit 1 means "the broker could not be reached
+    (... something answering at that URL that is not a broker)"; decisions.md: "1 always means 'could not talk
+    to the broker' (worth retrying)". On a terminal whose locale is not UTF-8 (here en_US.ISO-8859-1,
+    PYTHONIOENCODING unset), a reservation whose reason has a character Latin-1 lacks (an en dash, an emoji)
+    made ``ps`` (and ``status``) print nothing and exit 1, "answered what no broker does (UnicodeEncodeError
+    ...)": the real broker, answering as it should; and ``events`` printed that event as its raw JSON (the
+    UnicodeEncodeError taken for an event that is not JSON). The lines are printed, what the terminal cannot
+    show escaped, exit 0."""
+    locales = tmp_path / "locales"
+    locales.mkdir()
+    made = (
+        await asyncio.to_thread(
+            subprocess.run,
+            ["localedef", "-i", "en_US", "-f", "ISO-8859-1", str(locales / "en_US.ISO-8859-1")],
+            capture_output=True,
+        )
+        if shutil.which("localedef")
+        else None
+    )
+    if made is not None and (locales / "en_US.ISO-8859-1").exists():
+        env = {"LOCPATH": str(locales), "LANG": "en_US.ISO-8859-1"}
+    else:  # (no localedef: an ASCII terminal, the same failure)
+        env = {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    assert (await _reserve(r, for_s=3600, reason="gaming\u2013tonight"))[0] == 200
+    rc, out, err = await _verb_process(["ps", "--url", r.url("")], env)
+    assert (rc, err) == (0, ""), err
+    assert "reserved: gaming" in out
+    rc, out, err = await _verb_process(
+        ["events", "--since", "900", "--timeout", "3", "--url", r.url("")], env
+    )
+    assert "UnicodeEncodeError" not in err and "answered what no broker does" not in err, err
+    assert " reserved " in out, out
+
+
+async def test_cli_a_timeout_too_long_for_a_thread_is_not_blamed_on_the_broker(capsys):
+    """Found by an attack on the command line. operations.md: "`--timeout SECONDS` (more than 0) replaces them
+    all"; exit 2 is a command line that is wrong, exit 1 a broker that could not be reached or is none ("worth
+    retrying", decisions.md). A timeout past threading.TIMEOUT_MAX (--timeout 1e10, some 317 years: "wait for
+    ever") made every verb exit 1, "answered what no broker does (OverflowError: timestamp out of range for
+    platform time_t)", whatever answered, a real broker too. The verb runs (the wait clamped), or the command
+    line is refused, exit 2."""
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response({"consumers": {}})
+
+    async with StandIn([("GET", "/v1/status", status)]) as broker:
+        rc, out, err = await verb(capsys, "ps", "--url", broker.url, "--timeout", "1e10")
+    assert "answered what no broker does" not in err, err
+    assert (rc == 0 and out.startswith("CONSUMER")) or (rc == 2 and "--timeout" in err), (rc, out, err)
+
+
+async def test_cli_output_that_cannot_be_written_is_one_line_not_a_traceback():
+    """Found by an attack on the command line. operations.md: each failure is one line on stderr and an exit
+    status (never a traceback, as the hostile-broker tests hold). Output that cannot be written (stdout on a
+    full disk: here /dev/full, ENOSPC) was a Python traceback, exit 120 (the failed flush at exit). A broken
+    pipe is handled (exit 0); other write errors are one line."""
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response({"consumers": {"mvoice": {"gpu": 0, "healthy": True, "loaded": True}}})
+
+    async with StandIn([("GET", "/v1/status", status)]) as broker:
+        full = os.open("/dev/full", os.O_WRONLY)
+        try:
+            rc, _, err = await _verb_process(["ps", "--url", broker.url], {}, stdout=full)
+        finally:
+            os.close(full)
+    assert rc != 0 and "Traceback" not in err and err.count("\n") == 1, err
+
+
+async def test_cli_something_that_speaks_no_http_gets_one_line_not_two(capsys):
+    """Found by an attack on the command line. operations.md: exit 1 when what answers is not a broker, with a
+    reason; the hostile-broker test holds every such reason to one line. Something at the URL that speaks
+    another protocol (an SSH server: its banner ends in CRLF) printed the reason and then an empty line:
+    http.client's BadStatusLine carries the line with its line break, say() escapes the \\r and breaks the
+    line at the \\n."""
+
+    ended = asyncio.Event()
+
+    async def banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.read(65536)
+            writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+            await writer.drain()
+        writer.close()
+        ended.set()
+
+    server = await asyncio.start_server(banner, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        rc, out, err = await verb(capsys, "ps", "--url", url)
+    finally:
+        server.close()
+        await server.wait_closed()
+        await asyncio.wait_for(ended.wait(), 5)  # (its handler ends, not cancelled with the test's loop)
+    assert (rc, out) == (1, "") and "SSH-2.0" in err, err
+    assert err.count("\n") == 1, repr(err)
+
+
+async def test_cli_the_daemons_flags_with_a_verb_are_refused_not_ignored(capsys):
+    """Found by an attack on the command line. operations.md: "(`--config`, `--listen`, `--nvidia-smi`,
+    `--check` and `--log-level` are the daemon's)"; the daemon refuses the verbs' --url without a verb ("go
+    with a VERB"). The other way round, `mgpumanager --listen 127.0.0.1:PORT ps` (or --config naming a config
+    that listens there) was accepted and dropped without a word: the verb asked http://127.0.0.1:8770, the
+    default, not the broker at PORT. (Judgement call: refuse it, exit 2, as here; or take the broker's address
+    from it.)"""
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response({"consumers": {}})
+
+    async with StandIn([("GET", "/v1/status", status)]) as broker:
+        listen = broker.url.removeprefix("http://")
+        rc, out, err = await verb(capsys, "--listen", listen, "ps")
+    assert rc == 2 and "--listen" in err, (rc, out, err)
+
+
+async def test_cli_a_url_that_cannot_be_one_is_exit_2_not_an_answer_of_no_broker(capsys):
+    """Found by an attack on the command line. operations.md, exit 2: "the command line is wrong (... a URL or
+    token that cannot be one)"; exit 1 is a broker that could not be reached or something at the URL that is
+    not one. A host name with an empty label (the typo `mrock..lan`) or a label over 63 characters, and a path
+    beyond ASCII, passed cli_url and failed in urllib (the host's IDNA encoding, the request line's ASCII):
+    exit 1, "http://mrock..lan:8770 answered what no broker does (UnicodeError: ...)", though nothing was
+    asked, or even listens there."""
+    with closed_port() as closed:
+        port = closed.getsockname()[1]
+        for url in (
+            f"http://mrock..lan:{port}",
+            f"http://{'a' * 64}.lan:{port}",
+            f"http://127.0.0.1:{port}/mgpu\u00e4",
+        ):
+            rc, out, err = await verb(capsys, "ps", "--url", url)
+            assert "answered" not in err, (url, err)
+            assert (rc, out) == (2, "") and "is not a broker's URL" in err, (url, rc, err)
+
+
 def test_a_verb_and_help_start_on_the_standard_library_alone():
     """Every verb imported aiohttp, yaml, multidict and yarl first (most of its start). A verb and --help are
     now answered before the daemon's imports: under ``-S`` (no site-packages, so no third-party module can be
