@@ -272,6 +272,10 @@ def cli_url(flag: str | None, environ: Mapping[str, str]) -> str:
         parts.port  # noqa: B018 (a port that is no number, or out of range, raises ValueError here)
     except ValueError as e:
         raise CliError(2, f"{url!r} is not a broker's URL (http://host:port): {e}") from None
+    if "@" in parts.netloc:  # (not echoed: what is before the @ may be a password)
+        raise CliError(
+            2, "a broker's URL has no user@ part: the token goes in --token-file or MGPUMANAGER_TOKEN"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname or not url.isprintable() or " " in url:
         raise CliError(2, f"{url!r} is not a broker's URL (http://host:port)")
     try:  # what urllib would fail on later: a label empty or over 63 characters, a path beyond ASCII

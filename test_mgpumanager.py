@@ -18809,6 +18809,9 @@ async def test_cli_a_url_that_cannot_be_one_is_exit_2_not_an_answer_of_no_broker
             rc, out, err = await verb(capsys, "ps", "--url", url)
             assert "answered" not in err, (url, err)
             assert (rc, out) == (2, "") and "is not a broker's URL" in err, (url, rc, err)
+        # A user:password@ part (urllib took it for the host, "cannot resolve", and echoed the password).
+        rc, out, err = await verb(capsys, "ps", "--url", f"http://admin:hunter2@127.0.0.1:{port}")
+        assert (rc, out) == (2, "") and "no user@ part" in err and "hunter2" not in err, (rc, err)
 
 
 def test_a_verb_and_help_start_on_the_standard_library_alone():
