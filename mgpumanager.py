@@ -11324,6 +11324,9 @@ class Connection:
     #: The body of its request being read now (``read_body``, through ``waits_on_client``): ended with the
     #: error, should its chunked encoding break (``_Watched.data_received``).
     reading: aiohttp.StreamReader | None = None
+    #: Its request was refused before its body arrived whole (``refused_unread``): no further request comes
+    #: on it, what it still sends is that body (aiohttp reads and drops it, then closes), no head is due.
+    refused: bool = False
 
 
 def queued_parse_error(protocol: asyncio.BaseProtocol) -> HttpProcessingError | None:
@@ -11352,8 +11355,9 @@ class _Watched(asyncio.Protocol):
         self.connections.make_room()
 
     def data_received(self, data: bytes) -> None:
-        if self.conn is not None and not self.conn.busy and self.conn.requests and not self.conn.head_begun:
-            self.connections.head_begun(self.conn)
+        conn = self.conn
+        if conn is not None and not conn.busy and conn.requests and not conn.head_begun and not conn.refused:
+            self.connections.head_begun(conn)
         self.inner.data_received(data)
         body = self.conn.reading if self.conn is not None else None
         if body is not None and not body.is_eof() and (broken := queued_parse_error(self.inner)) is not None:
@@ -11493,13 +11497,24 @@ class ClientConnections:
             conn.timer = None
         return conn
 
-    def refused_early(self, request: web.BaseRequest) -> None:
-        """Its request was refused before its body (an Expect answered): it ends once the client closes or
-        aiohttp's lingering is over, not at a head's deadline (none is due: its client, told, sends none)."""
+    def refused_unread(self, request: web.BaseRequest) -> None:
+        """Its request was refused before its body arrived whole (an Expect answered, a body too large or
+        too slow), its answer saying ``Connection: close``: it ends once the client closes or aiohttp's
+        lingering (reading and dropping the rest, 10 s at most) is over, not at a head's deadline (none is
+        due), nor at keepalive_s. Closed at once at shutdown (``close_refused``)."""
         conn = self.open.get(request.protocol)
-        if conn is not None and conn.timer is not None:
+        if conn is None:
+            return
+        conn.refused = True
+        if conn.timer is not None:
             conn.timer.cancel()
             conn.timer = None
+
+    def close_refused(self) -> None:
+        """At shutdown: the refused connections still lingering go now (they would hold the stop for
+        aiohttp's grace); their answers were sent."""
+        for conn in [conn for conn in self.open.values() if conn.refused]:
+            conn.transport.close()
 
     def ended(self, conn: Connection | None) -> None:
         """Its request was handled: idle, it may stay keepalive_s."""
@@ -11510,7 +11525,8 @@ class ClientConnections:
             return
         conn.idle_since, conn.closer = self.clock(), None
         self.idle[conn] = None  # the most recently idle, last
-        self._watch(conn, self.http.keepalive_s, "keepalive")
+        if not conn.refused:
+            self._watch(conn, self.http.keepalive_s, "keepalive")
 
     def authenticated(self, conn: Connection | None, key: str) -> None:
         """Its request was let in with credential ``key``. Its earlier requests have ended (a connection
@@ -11822,7 +11838,7 @@ class ConsumerPorts:
         app[BROKER], app[PORT_CONSUMER], app[PUBLIC_PATHS] = broker, name, frozenset()
         app[WEBSOCKETS] = set()  # its own: closed with the port
         app.on_response_prepare.append(_answer_prepared)
-        app.router.add_route("*", "/{path:.*}", handle_consumer_port, expect_handler=expect_body)
+        app.router.add_route("*", "/{path:[\\s\\S]*}", handle_consumer_port, expect_handler=expect_body)
         runner = make_runner(app)
         await runner.setup()
         site = ListenerSite(runner, host, port, broker.connections, name)
@@ -11938,7 +11954,11 @@ async def _front_door(
     except BrokerError as e:
         if request.get(ANSWER_BEGAN):  # (UpstreamBroke: cut already)
             return cut(request, e.status)
-        return error_response(e)
+        response = error_response(e)
+        if not request.content.is_eof():  # (refused before its body arrived whole: what comes is that body)
+            response.force_close()
+            request.app[BROKER].connections.refused_unread(request)
+        return response
     except ConnectionResetError:
         # The client left (or was cut off) while its answer was written: nobody is there to answer. What is
         # returned is never sent; it is nginx's "client closed request", for whatever logs it.
@@ -12278,7 +12298,7 @@ async def expect_body(request: web.Request) -> web.StreamResponse | None:
         with contextlib.suppress(ConnectionResetError):  # (the client left already: nobody to answer)
             await response.prepare(request)
             await response.write_eof()
-        request.app[BROKER].connections.refused_early(request)
+        request.app[BROKER].connections.refused_unread(request)
         if request.transport is not None and request.transport.can_write_eof():
             request.transport.write_eof()
         return response
@@ -12558,12 +12578,14 @@ async def _stop_listening(app: web.Application) -> None:
     connections, as the broker's own port does."""
     broker = app[BROKER]
     broker.stopping = True
+    broker.connections.close_refused()
     await broker.ports.stop_listening()
 
 
 async def _close_consumer_ports(app: web.Application) -> None:
     """On shutdown, once the drain is over: the consumers' ports close while the broker's own port gives
     what is still answering its grace, so that both graces run at once."""
+    app[BROKER].connections.close_refused()  # (refused during the drain)
     app[BROKER].ports.start_closing()
 
 
@@ -13071,7 +13093,7 @@ def create_app(config: Config, source: ConfigSource | None = None) -> web.Applic
     router.add_get("/audio/{path:.+}", handle_audio, **expect)
     router.add_route("*", "/c/{name}", handle_mount, **expect)
     router.add_route("*", "/c/{name}/{path:.*}", handle_mount, **expect)
-    router.add_route("*", "/{path:.*}", handle_unrouted, **expect)
+    router.add_route("*", "/{path:[\\s\\S]*}", handle_unrouted, **expect)  # ([\s\S]: a decoded %0A too)
     return app
 
 

@@ -20779,6 +20779,103 @@ async def test_a_request_with_no_route_refuses_an_expect_before_any_continue(rig
     assert first.startswith(b"HTTP/1.1 405" if allow else b"HTTP/1.1 404"), first
 
 
+@pytest.mark.parametrize("target", ["/x%0Ay", "/c/mvoice/a%0Ab"])
+async def test_a_path_with_a_newline_refuses_an_expect_before_any_continue_too(rig, target):
+    """Found by a review of the fix above: a path whose decoding holds a newline (%0A) matched no route
+    (``{path:.*}`` stops at it), so aiohttp's own Expect handler sent 100 Continue before the 401 (the
+    client uploads its 65 MiB), and an unknown expectation got its plain-text 417. The last routes take
+    any character."""
+    r = await rig(tweak=with_token)
+    reader, writer = await _partial_post(
+        r.server.host, r.server.port, target, 65 * m.MiB, b"", extra="Expect: 100-continue\r\n"
+    )
+    try:
+        first = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 401"), first
+    odd = f"Expect: odd\r\nAuthorization: Bearer {TOKEN}\r\n"
+    reader, writer = await _partial_post(r.server.host, r.server.port, target, 5, b"", extra=odd)
+    try:
+        answer = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    assert b"application/json" in answer.partition(b"\r\n\r\n")[0], answer  # (the 404, before the 417)
+
+
+async def test_a_consumers_port_refuses_an_expect_before_any_continue_on_a_path_with_a_newline(rig):
+    """The same on a consumer's port: its one route was ``/{path:.*}``, which a decoded newline escaped."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        with_token(raw)
+        with_ports(raw)
+
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=tweak)
+    port = int(r.broker.ports.address("ollama").rsplit(":", 1)[1])
+    reader, writer = await _partial_post(
+        r.server.host, port, "/api/a%0Ab", 65 * m.MiB, b"", extra="Expect: 100-continue\r\n"
+    )
+    try:
+        first = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 401"), first
+
+
+async def test_a_refused_expectation_that_lingers_does_not_hold_up_a_stop(rig):
+    """Found by a review: a refused Expect's connection is read and dropped "for up to 10 s". A client that
+    read its answer and neither sends nor closes held a SIGTERM's stop for aiohttp's shutdown grace (5 s of a
+    restart's outage), where an idle keep-alive connection holds it for nothing. Such connections are
+    closed at the stop's start. The broker's own log brackets the stop."""
+    r = await rig(tweak=with_token)
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        reader, writer = await _partial_post(
+            "127.0.0.1", daemon.port, "/v1/stt", 65 * m.MiB, b"", extra="Expect: 100-continue\r\n"
+        )
+        try:
+            assert (await asyncio.wait_for(reader.read(), 30)).startswith(b"HTTP/1.1 401")  # (and the FIN)
+            daemon.terminate()
+            await asyncio.wait_for(daemon.proc.wait(), 60)
+        finally:
+            writer.close()
+    stamps = {
+        what: datetime.datetime.fromisoformat(line.split()[0].removeprefix("ts=").replace("Z", "+00:00"))
+        for line in daemon.log_path.read_text().splitlines()
+        for what in ("stopping", "stopped")
+        if f"msg={what}" in line.split()
+    }
+    assert (stamps["stopped"] - stamps["stopping"]).total_seconds() < m.SHUTDOWN_GRACE_S * 0.8, stamps
+
+
+async def test_the_rest_of_a_body_over_max_body_mib_is_read_and_dropped_not_cut_as_a_late_head(rig):
+    """Found by a review: a body over max_body_mib: "after the answer the rest is read and dropped for up to
+    10 s". The rest of the body, arriving after the answer, was taken for the head of a next request: with
+    http.header_timeout_s under 10 s the connection was cut then, counted and logged as a header_timeout ("a
+    client too slow to send its head"). A refusal before the body arrived whole says Connection: close,
+    and what follows is that body."""
+
+    def small(raw: dict[str, Any]) -> None:
+        raw["scheduler"]["max_body_mib"] = 1
+        raw["http"] = {"header_timeout_s": 2}
+
+    r = await rig(tweak=small)
+    reader, writer = await _partial_post(
+        r.server.host, r.server.port, "/v1/stt", 65 * m.MiB, b"\0" * (2 * m.MiB)
+    )
+    try:
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 413")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert b"\r\nConnection: close\r\n" in head, head
+        with contextlib.suppress(OSError):
+            for _ in range(8):  # the client still uploads the rest of its body, slowly (4 s)
+                writer.write(b"\0" * 1024)
+                await writer.drain()
+                await asyncio.sleep(0.5)
+    finally:
+        writer.close()
+    assert "header_timeout" not in r.broker.connections.closed, r.broker.connections.closed
+
+
 async def test_expect_100_continue_on_a_consumers_port_is_refused_before_any_continue(rig):
     """A consumer's port serves by its mount's rules, but its route had aiohttp's own Expect handler: a body
     over max_body_mib, or a request without the token, got `100 Continue` first, so the client sent it."""
