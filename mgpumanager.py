@@ -13742,8 +13742,19 @@ SYSLOG_PRIORITIES = {
 }
 
 
+def stderr_is_journal() -> bool:
+    """Whether stderr is journald's stream: the device and inode JOURNAL_STREAM names are stderr's (as
+    systemd.exec says to check: the variable is inherited by whatever a service starts, a shell too)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # (no stderr, or one without a descriptor)
+        return False
+    return f"{st.st_dev}:{st.st_ino}" == f"{device}:{inode}"
+
+
 class LogfmtFormatter(logging.Formatter):
-    """logfmt lines; under journald (JOURNAL_STREAM set) the ``<N>`` priority prefix, not a timestamp."""
+    """logfmt lines; under journald (stderr_is_journal) the ``<N>`` priority prefix, not a timestamp."""
 
     def __init__(self, journal: bool):
         super().__init__()
@@ -13895,7 +13906,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--url, --token-file and --timeout go with a VERB (the broker itself takes --listen)")
 
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogfmtFormatter(journal="JOURNAL_STREAM" in os.environ))
+    handler.setFormatter(LogfmtFormatter(journal=stderr_is_journal()))
     # A record without what no line shows (the caller's file and line, found by walking the stack; its
     # thread and process): a line per job, made cheaper. (_srcfile = None is logging's own switch for it.)
     logging._srcfile = None  # type: ignore[attr-defined]
@@ -13914,7 +13925,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = source.load()
     except ConfigError as e:
         for problem in e.problems:
-            print(f"{config_path}: {problem}", file=sys.stderr)
+            if args.check:
+                print(f"{config_path}: {problem}", file=sys.stderr)
+            else:  # the broker: a log line (an error, so `journalctl -p warning` says why it is down)
+                log.error(logfmt(msg="bad config: not starting", problem=f"{config_path}: {problem}"))
         return 2
     if args.check:
         print(summary(config))

@@ -15306,12 +15306,54 @@ def test_log_lines_carry_a_timestamp_or_journald_priority():
 
 async def test_under_journald_the_daemon_logs_without_timestamps(rig):
     r = await rig(sims={"mvoice": {"loaded": True}})
-    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state), env={"JOURNAL_STREAM": "8:12345"})
+    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state))
+    daemon.log_path.touch()  # (its stderr, reopened in place: journald's stream, as JOURNAL_STREAM names it)
+    st = daemon.log_path.stat()
+    daemon.env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
     async with daemon, r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
         assert resp.status == 200
     lines = [line for line in daemon.log.splitlines() if line]
     assert lines and all(re.match(r"^<[0-7]>level=", line) for line in lines), lines[:3]
     assert any(line.startswith("<6>level=info msg=job ") for line in lines)
+
+
+async def test_journal_format_only_where_stderr_is_the_journals_stream(rig):
+    """Found by an attack on the service: systemd.exec says to compare JOURNAL_STREAM's device and inode
+    with stderr's ("it is generally not sufficient to only check whether $JOURNAL_STREAM is set at all": a
+    shell, tmux or CI runner a service started inherits it). A broker started from one, its stderr in a
+    file, wrote lines with neither a timestamp nor anything journald would read."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    daemon = Daemon(r.raw, r.tmp_path, sim_smi(r.state), env={"JOURNAL_STREAM": "8:12345"})
+    async with daemon, r.session.post(daemon.url("/v1/tts"), json={"text": "x"}) as resp:
+        assert resp.status == 200
+    lines = [line for line in daemon.log.splitlines() if line]
+    assert lines and all(line.startswith("ts=") for line in lines), lines[:3]
+
+
+async def test_a_bad_config_at_start_is_an_error_line_journald_files_as_one(tmp_path):
+    """Found by an attack on the service: a bad config stops the broker, exit 2, and the unit does not restart
+    it (RestartPreventExitStatus=2). Its reason was printed as plain lines, which journald files at info:
+    `journalctl -u mgpumanager -p warning` did not say why the service was down. It is an error line, with
+    journald's <3> (``--check`` still prints it plainly, for a terminal)."""
+    raw = _mutated("scheduler.max_queu", 3)
+    config = tmp_path / "consumers.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    journal = tmp_path / "journal"
+    with journal.open("w") as stderr:
+        st = os.fstat(stderr.fileno())
+        res = await asyncio.to_thread(
+            subprocess.run,
+            [PY, str(HERE / "mgpumanager.py"), "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            timeout=60,
+            env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+        )
+    lines = [line for line in journal.read_text().splitlines() if line]
+    assert res.returncode == 2 and res.stdout == "", (res.returncode, res.stdout)
+    assert lines and all(line.startswith("<3>level=error ") for line in lines), lines
+    assert any("scheduler.max_queu: unknown key" in line for line in lines), lines
 
 
 async def test_what_the_operator_must_look_at_is_logged_as_a_warning_and_the_routine_as_info(caplog):
