@@ -11359,7 +11359,7 @@ class _Watched(asyncio.Protocol):
         if conn is not None and not conn.busy and conn.requests and not conn.head_begun and not conn.refused:
             self.connections.head_begun(conn)
         self.inner.data_received(data)
-        body = self.conn.reading if self.conn is not None else None
+        body = conn.reading if conn is not None else None
         if body is not None and not body.is_eof() and (broken := queued_parse_error(self.inner)) is not None:
             body.set_exception(broken)
 
