@@ -2074,6 +2074,50 @@ def test_gpu_reading_from_fixtures():
     )
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"gpus": [{"total_mib": 16384, "name": "NVIDIA SIM \\u00e9"}], "processes": []}',
+        '  \n{"a": NaN, "b": [1, 2.5e3, -Infinity, true, false, null]}\n ',
+        "[]",
+        '"x"',
+        "",
+        "   ",
+        '{"a": ',
+        '{"a": 1} {"b": 2}',
+        '{"a": 1}x',
+        "{'a': 1}",
+        '{"a": 01}',
+    ],
+)
+def test_the_stand_ins_json_reading_is_json_loads(text):
+    """mgpusim's nvidia-smi stand-in reads its state with json.loads' own C scanner, without the json package
+    (importing it was half of the stand-in's CPU, some 2,800 starts in make test): it gives what json.loads
+    gives, and refuses (ValueError) what json.loads refuses."""
+    try:
+        expected = json.loads(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            mgpusim.loads(text)
+        return
+    got = mgpusim.loads(text)
+    assert json.dumps(got) == json.dumps(expected), (got, expected)  # (NaN != NaN: compared as text)
+
+
+def test_the_stand_in_answers_without_importing_the_json_package(tmp_path):
+    """Its fast path imports neither json nor re (what made half its start): Python's own list of what it
+    imported (-X importtime) says so."""
+    state = tmp_path / "gpu.json"
+    mgpusim.SimGPU(state, total_mib=16384, reserved_mib=480)
+    query = ["--query-gpu=memory.used,memory.total", "--format=csv,noheader,nounits"]
+    res = subprocess.run(
+        [PY, "-X", "importtime", *sim_smi(state)[1:], *query], capture_output=True, text=True, timeout=30
+    )
+    imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if "|" in line}
+    assert res.stdout == "0, 16384\n" and "_json" in imported, (res.stdout, res.stderr)
+    assert not imported & {"json", "json.decoder", "re", "enum"}, sorted(imported)
+
+
 def test_na_values_become_none():
     line = "0, GPU-x, Some GPU, 16384, 100, 16000, [N/A], [Not Supported]\n"
     r = m.parse_gpu_reading(line, "", index=0, started=0, read_at=0)
