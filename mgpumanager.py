@@ -11896,8 +11896,8 @@ PORT_CONSUMER = web.AppKey("port_consumer", str)
 PUBLIC_PATHS = web.AppKey("public_paths", frozenset)
 #: The broker's own paths that need no token: its health, its static page and the page's icon.
 BROKER_PUBLIC_PATHS = frozenset({"/healthz", "/", "/favicon.ico"})
-#: HTTP statuses aiohttp raises on its own (unknown route, wrong method, ...) -> our error codes.
-HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+#: HTTP statuses aiohttp raises on its own, beside 404 and 405 (no_route) -> our error codes.
+HTTP_ERROR_CODES = {413: "payload_too_large"}
 
 
 def _iso(t: float | None) -> str | None:
@@ -11968,15 +11968,10 @@ async def _front_door(
             raise
         if request.get(ANSWER_BEGAN):
             return cut(request, e.status)
-        code = HTTP_ERROR_CODES.get(e.status, "bad_request")
-        if code == "not_found":
-            message = f"no route for {request.method} {request.path}"
-        elif code == "method_not_allowed":
-            message = f"{request.method} is not allowed on {request.path}"
-        else:
-            message = e.reason
-        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
-        return error_response(BrokerError(code, message, headers=allow))
+        if e.status in (404, 405):  # (aiohttp's router: a target no route can take, as the last route's)
+            allowed = [m.strip() for m in e.headers.get("Allow", "").split(",") if m.strip()]
+            return error_response(no_route(request, allowed))
+        return error_response(BrokerError(HTTP_ERROR_CODES.get(e.status, "bad_request"), e.reason))
     except Exception as e:
         request.app[BROKER].shared.internal_error("internal error", path=request.path)
         if request.get(ANSWER_BEGAN):

@@ -19782,6 +19782,17 @@ async def test_a_target_in_absolute_form_is_served_as_its_origin_form_on_mounts_
     assert status == 200, body
 
 
+async def test_a_target_aiohttps_router_finds_no_route_for_is_answered_as_the_last_route_answers(rig):
+    """An absolute-form target with an empty path (``GET http://host:port``) matches no route in aiohttp's
+    router, the last route neither: aiohttp's own 404 is answered in the error shape, as no_route says it."""
+    r = await rig()
+    status, body = await raw_get(r, f"http://{r.server.host}:{r.server.port}")
+    assert (status, json.loads(body)) == (
+        404,
+        {"error": "not_found", "message": "no route for GET ", "consumer": None, "retryable": False},
+    )
+
+
 async def test_unknown_routes_and_methods_have_the_error_shape(rig):
     r = await rig()
     async with r.session.get(r.url("/nope")) as resp:
