@@ -2287,17 +2287,17 @@ async def test_a_whole_reading_shows_no_memory_its_process_list_cannot_account_f
         calls.write_text("")
         smi.write_text(
             "import subprocess, sys\n"
-            f"sys.path.insert(0, {str(HERE)!r})\n"
-            "import mgpusim\n"
             f"with open({str(calls)!r}, 'a') as f: f.write('x')\n"
             f"out = subprocess.run({list(sim_smi(state))!r} + sys.argv[1:], capture_output=True, text=True)\n"
             "sys.stdout.write(out.stdout)\n"
             f"if len(open({str(calls)!r}).read()) == 1:\n"
+            f"    sys.path.insert(0, {str(HERE)!r})\n"
+            "    import mgpusim\n"  # (here only: its whole import is slow, and is not what is tested)
             f"    mgpusim.SimGPU({str(state)!r}, create=False).allocate('comfyui', {mib})\n"
         )
 
     changing_after_the_first_question(610)
-    reader = gpu_reader(m.GpuConfig(nvidia_smi=(PY, str(smi)), reader="nvidia-smi"))
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=(PY, str(smi)), reader="nvidia-smi", query_timeout_s=60))
     freed = await reader.read()
     assert [p.used_mib for p in freed.processes] == [610]  # the list, asked after the free
     assert freed.used_mib == 610  # the line after the list: nobody's 12,390 MiB is not there
@@ -2305,7 +2305,7 @@ async def test_a_whole_reading_shows_no_memory_its_process_list_cannot_account_f
     assert freed.moved_mib == 12390  # (what the list may be off by: Strangers.seen)
     # Allocating between them: the line before the list, which has not got it yet, counts.
     changing_after_the_first_question(13000)
-    reader = gpu_reader(m.GpuConfig(nvidia_smi=(PY, str(smi)), reader="nvidia-smi"))
+    reader = gpu_reader(m.GpuConfig(nvidia_smi=(PY, str(smi)), reader="nvidia-smi", query_timeout_s=60))
     grown = await reader.read()
     assert [p.used_mib for p in grown.processes] == [13000] and grown.used_mib == 610
     assert grown.moved_mib == 12390
