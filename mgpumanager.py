@@ -5118,6 +5118,13 @@ class Consumers:
     def new_state(self, name: str) -> ConsumerState:
         return ConsumerState(name, self.clock, self.events)
 
+    def forget(self, name: str) -> None:
+        """What is known of ``name``, a consumer a reload removed and of which nothing runs any more (no job,
+        no unload): its state, its last residency error, its warning of memory over its declared size."""
+        del self.states[name]
+        self.residency_errors.pop(name, None)
+        self.processes.forget(name)
+
     async def unload(self, name: str) -> None:
         c = self.config.consumers.get(name)
         if c is None or c.unload is None:
@@ -5549,6 +5556,10 @@ class GpuProcesses:
                 state.measured(None, pids, resident, reading.started)
             else:
                 state.measured(mib, pids, mib * 2 >= c.vram_resident_mib, reading.started)
+
+    def forget(self, name: str) -> None:
+        """A consumer a reload removed: warned of again should a consumer of that name come back."""
+        self._over.discard(name)
 
     def owners(self) -> dict[int, str]:
         """pid -> consumer, from the latest readings of every GPU."""
@@ -8232,6 +8243,9 @@ class Reservations:
                     await s.rooms.ops.probe_now(name)
                     if self.reservation is not res:  # (released while it answered)
                         break
+                    if s.config.consumers.get(name) is not c:  # (a reload meanwhile: its config decides)
+                        asked.discard(name)
+                        continue
                 resident = s.states[name].resident is True  # (what it held is what its end restores)
 
                 def answered(name: str = name, resident: bool = resident) -> None:
@@ -10965,6 +10979,9 @@ class Broker:
         changes += [f"added GPU {index}" for index in self.add_gpus()]
         for scheduler in self.schedulers.values():
             scheduler.forget()
+        for name in [n for n in states if n not in new.consumers and n != RESERVATION]:
+            if not self.jobs_of(name) and not any(s.rooms.unloading(name) for s in self.schedulers.values()):
+                self.consumers.forget(name)  # (one at work: at a later reload)
         self.yielding.wake.set()  # (its next round under the new config now: not after the old poll_s)
         return changes
 
@@ -11054,6 +11071,8 @@ class Broker:
             yield
         finally:
             counts[name] -= 1
+            if not counts[name]:  # (kept for those in flight only: names come and go with reloads)
+                del counts[name]
             self.full.discard((name, key))
 
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
@@ -12111,10 +12130,11 @@ async def handle_admin_consumer(request: web.Request) -> web.Response:
         broker.internal.not_to_restore(scheduler.index, name)
     else:
         job = await scheduler.load_now(name)
+    state = broker.consumers.states.get(name)  # (None: a reload removed it meanwhile)
     body = {
         "consumer": name,
         "action": action,
-        "loaded": broker.consumers.states[name].resident,
+        "loaded": None if state is None else state.resident,
         "evictions": job.evictions,
     }
     return web.json_response(body)
@@ -12676,16 +12696,19 @@ async def handle_status(request: web.Request) -> web.Response:
     """GET /v1/status: a live snapshot. ``gpu`` and ``scheduler`` are the default GPU's (gpu.index);
     ``gpus`` lists every GPU with its own reading, consumers and scheduler."""
     broker = request.app[BROKER]
-    cfg = broker.config
-    indexes = sorted(broker.schedulers)
+    indexes, default_index = sorted(broker.schedulers), broker.config.gpu.index
     readings = await asyncio.gather(*(_gpu_status(broker.gpus[i]) for i in indexes))
+    parts = [scheduler_status(broker.schedulers[i]) for i in indexes]
+    # The forecast plays the whole queue (10,000 jobs at most): off the loop, from the copy of now.
+    queues = [await asyncio.to_thread(queue_entries, snap) for _, snap in parts]
+    # The rest after the last wait, from the config in force now (a reload meanwhile may have removed a
+    # consumer, and what the broker knew of it with it) and without a wait: one moment's picture.
+    cfg = broker.config
     gpus = []
     internal_errors = broker.internal_errors()
-    for index, reading in zip(indexes, readings, strict=True):
+    for index, reading, (scheduler, _), queue in zip(indexes, readings, parts, queues, strict=True):
         s = broker.schedulers[index]
-        scheduler, snap = scheduler_status(s)
-        # The forecast plays the whole queue (10,000 jobs at most): off the loop, from the copy of now.
-        scheduler["queue"] = await asyncio.to_thread(queue_entries, snap)
+        scheduler["queue"] = queue
         scheduler["stats"]["internal_errors"] = internal_errors
         names = [name for name, c in cfg.consumers.items() if c.gpu == index]
         reservation = scheduler.pop("reservation")
@@ -12693,7 +12716,7 @@ async def handle_status(request: web.Request) -> web.Response:
         reading["unclaimed_mib"] = s.strangers.unclaimed_mib if reading["error"] is None else None
         reading["strangers"] = s.strangers.describe()
         gpus.append({**reading, "consumers": names, "reservation": reservation, "scheduler": scheduler})
-    default = gpus[indexes.index(cfg.gpu.index)]
+    default = gpus[indexes.index(default_index)]
     consumers = {}
     for name, c in cfg.consumers.items():
         state = broker.consumers.states[name]

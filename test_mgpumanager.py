@@ -8749,6 +8749,36 @@ async def test_a_resumed_reservation_released_while_it_asks_a_consumer_unloads_i
     assert [call for call in ops.calls if call[0] == "unload"] == [], ops.calls
 
 
+async def test_a_reservation_skips_a_consumer_a_reload_removed_while_it_was_asked():
+    """A reservation asks a consumer of unknown residency before unloading it; a reload during that probe
+    that removes it also drops what the broker knew of it (``Consumers.forget``: nothing of it runs). The
+    reservation goes on with the config in force: it neither unloads the removed one (no longer the
+    broker's) nor fails on its missing state; the others are asked as before."""
+    config = small_config()
+    s, gpu, ops, _ = make_scheduler(config)
+    for name in ("x", "y", "z"):
+        ops.states[name].loaded()
+        gpu.held[name] = 4000
+    probe = ops.probe_now
+
+    async def probe_now(name: str) -> None:
+        await probe(name)
+        if name == "t":  # (POST /v1/reload meanwhile, removing t)
+            s.shared.config = m.replace(
+                config, consumers={n: c for n, c in config.consumers.items() if n != "t"}
+            )
+            del ops.states["t"]
+
+    ops.probe_now = probe_now  # type: ignore[method-assign]
+    s.reservations.resume(3600, "gaming", True, [], [])
+    await asyncio.wait_for(asyncio.gather(*s.tasks), 10)
+    assert ops.probes[:1] == ["t"]
+    assert [call for call in ops.calls if call[0] == "unload"] == [("unload", n) for n in ("x", "y", "z")]
+    res = s.reservations.reservation
+    assert res is not None and res.unloaded == ["x", "y", "z"] and "t" not in res.not_unloaded
+    assert s.shared.internal_errors == 0
+
+
 async def test_a_target_found_not_resident_while_the_absent_were_asked_is_not_unloaded():
     """Found by the scheduler's property test: t, of unknown residency, was its own last victim; before
     unloading it, x, y and z, recorded not resident, were asked (absent_to_ask). Meanwhile t's own probe
@@ -13034,7 +13064,7 @@ async def test_a_mount_websocket_whose_client_breaks_closes_the_consumers_side_1
             assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
             await until(lambda: r.broker.websockets == {"comfyui": 1})
             writer.transport.abort()  # gone without a close frame
-            await until(lambda: r.broker.websockets == {"comfyui": 0})
+            await until(lambda: r.broker.websockets == {})
         await until(lambda: len(closes) == 2)
         assert closes == [1011, 1011]
         assert caplog.text.count('msg="websocket broke" consumer=comfyui') == 2
@@ -13073,7 +13103,7 @@ async def test_a_reload_that_removes_or_replaces_a_consumer_closes_its_mount_web
         assert "closed 1 WebSocket to a removed or replaced service" in changes, changes
         closing = await ws.receive(timeout=10)
         assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1001
-        await until(lambda: r.broker.websockets == {"comfyui": 0})
+        await until(lambda: r.broker.websockets == {})
 
 
 async def test_a_websocket_whose_handshake_a_reload_overtook_is_closed_too(rig):
@@ -13126,7 +13156,7 @@ async def test_a_consumer_that_keeps_sending_after_the_close_is_cut_off(rig, cap
         await until(lambda: r.broker.websockets == {"comfyui": 1})
         await asyncio.sleep(1)
         assert m.going_away(r.app[m.WEBSOCKETS]) == 1
-        await until(lambda: r.broker.websockets == {"comfyui": 0}, timeout=30)
+        await until(lambda: r.broker.websockets == {}, timeout=30)
         # (aiohttp 3.14's close waits on; Debian's 3.11 gives up by itself, with nothing to log.)
         assert 'msg="websocket close failed"' in caplog.text or aiohttp.__version__.startswith("3.11")
         ws._response.close()
@@ -13756,7 +13786,7 @@ async def test_a_reload_that_closes_a_port_closes_its_websockets_going_away_on_b
     assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY
     await ws.close()
     await until(lambda: upstream.closed)
-    assert upstream.close_code == aiohttp.WSCloseCode.GOING_AWAY and r.broker.websockets == {"comfyui": 0}
+    assert upstream.close_code == aiohttp.WSCloseCode.GOING_AWAY and r.broker.websockets == {}
 
 
 async def test_a_port_that_cannot_be_had_at_start_up_stops_the_broker(tmp_path):
@@ -20295,7 +20325,7 @@ async def test_idle_websockets_and_hanging_reads_never_starve_probes_or_jobs():
         text = broker.metrics.render([])
         assert 'mgpumanager_refused_total{consumer="a",limit="max_unscheduled"} 1' in text
         assert 'mgpumanager_refused_total{consumer="a",limit="max_websockets"} 1' in text
-        assert broker.unscheduled == {"a": 0, "b": 0} and broker.websockets == {"a": 0}
+        assert broker.unscheduled == {} and broker.websockets == {}
 
 
 async def test_audio_files_count_toward_their_consumers_max_unscheduled(rig):
@@ -20333,7 +20363,7 @@ async def test_audio_files_count_toward_their_consumers_max_unscheduled(rig):
                 assert resp.status == 200 and await resp.read() == b"RIFF"
         async with r.session.get(r.url("/c/mvoice/api/voices")) as resp:
             assert resp.status == 200 and await resp.json() == ["anna"]
-    assert files == ["/audio/a.wav"] and r.broker.unscheduled == {"mvoice": 0}
+    assert files == ["/audio/a.wav"] and r.broker.unscheduled == {}
 
 
 async def test_with_a_token_every_route_but_healthz_needs_it(rig):
@@ -21868,6 +21898,68 @@ async def test_reloads_that_rename_clients_and_consumers_leave_nothing_of_the_re
             "max_queued": None,
         }
     }
+
+
+async def test_reloads_that_add_and_remove_consumers_keep_no_state_of_the_removed_ones(rig):
+    """A broker reloaded for months, each reload adding a consumer and removing the last one added (a test
+    instance, a service renamed), kept the state of every consumer it ever had (its timings, pids and flags:
+    found by a hunt for what grows), and a count of unscheduled calls in flight for each: what it knew of a
+    removed consumer goes with it, at the reload, once nothing of it runs; one at work then keeps its state
+    for its job (which records nothing on it) and loses it at a later reload."""
+    r = await rig(sims={"whisper": {"work_s": 1.0}})
+    raw = copy.deepcopy(r.raw)
+    configured = set(raw["consumers"])
+
+    async def reload(extra: str | None) -> None:
+        raw["consumers"] = {**r.raw["consumers"], **({extra: r.raw["consumers"]["whisper"]} if extra else {})}
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert resp.status == 200, await resp.text()
+
+    for i in range(30):
+        await reload(f"extra{i}")
+        async with r.session.get(r.url(f"/c/extra{i}/")) as resp:  # (an unscheduled call: counted in flight)
+            await resp.read()
+    assert set(r.broker.consumers.states) == configured | {"extra29"}
+    assert r.broker.unscheduled == {}  # (nothing in flight: no count of any name kept)
+    # One removed while its job runs: its job ends well, and its state goes at the next reload.
+    job = asyncio.ensure_future(r.session.post(r.url("/c/extra29/inference"), data=b"x"))
+    await until(lambda: r.broker.scheduler.holder == "extra29")
+    await reload(None)
+    assert "extra29" in r.broker.consumers.states
+    async with await job as resp:
+        assert resp.status == 200, await resp.text()
+    await until(lambda: r.broker.scheduler.holder is None)
+    await reload(None)
+    assert set(r.broker.consumers.states) == configured
+    assert r.broker.internal_errors() == 0
+
+
+async def test_a_status_asked_while_a_reload_removes_a_consumer_answers_with_the_config_in_force(rig):
+    """/v1/status waits for the GPU's reading (and plays the queue in a thread) before it lists the
+    consumers. A reload meanwhile that removes one drops what the broker knew of it; the status answers
+    with the config in force once it has waited, which no longer has it (it listed the config it began
+    with, and would have failed on the removed one's missing state)."""
+    r = await rig()
+    reader = r.broker.gpus[0]
+    queries = reader.queries
+    await asyncio.sleep(1.1)  # (the last reading is older than what a status takes as it is)
+    assert reader.queries == queries and reader._inflight is None  # (nothing reads the GPU but the status)
+    r.gpu.set_fault(None, smi_delay_s=1.5)
+    asked = asyncio.ensure_future(r.session.get(r.url("/v1/status")))
+    await until(lambda: r.broker.gpus[0]._inflight is not None)  # (the status's: the rig reads no more alone)
+    raw = copy.deepcopy(r.raw)
+    del raw["consumers"]["whisper"], raw["routing"]["stt"]
+    for c in raw["consumers"].values():
+        c["can_coexist_with"] = [n for n in c.get("can_coexist_with", []) if n != "whisper"]
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert resp.status == 200, await resp.text()
+    assert "whisper" not in r.broker.consumers.states
+    async with await asked as resp:
+        assert resp.status == 200, await resp.text()
+        st = await resp.json()
+    assert set(st["consumers"]) == set(raw["consumers"]) and "whisper" not in st["gpus"][0]["consumers"]
 
 
 async def test_a_client_removed_while_its_job_runs_starts_at_zero_when_added_again(rig):
