@@ -12868,9 +12868,11 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
             for frame in past:
                 if len(piece) + len(frame) > EVENT_REPLAY_PIECE:
                     await _to_reader(request, resp, bytes(piece))
+                    queue.caught_up_at = events.clock()  # (it reads on: the replay is no falling behind)
                     piece.clear()
                 piece += frame
             await _to_reader(request, resp, bytes(piece + f": replayed {len(past)}\n\n".encode()))
+            queue.caught_up_at = events.clock()
             del past
         while True:
             try:

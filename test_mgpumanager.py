@@ -15293,6 +15293,58 @@ async def test_events_since_replays_the_recent_past_then_goes_live(rig, monkeypa
             assert "since" in error["message"]
 
 
+async def test_a_reader_that_reads_a_long_replay_steadily_is_not_dropped_for_the_live_events_meanwhile(
+    rig, monkeypatch
+):
+    """A dashboard over a link of 1 MiB/s opens /v1/events?since=900 (as it does on every (re)connect) while
+    the ring is full (3.9 MiB: 4 s to send) and the broker publishes two events per 16 KiB sent. The reader
+    reads on steadily; it must get the replay, then the live events that came meanwhile, and stay:
+    operations.md drops only "a reader that falls 256 events behind and has not caught up for a second", and
+    taking the replay is catching up. (It was dropped at the replay's end, and the page, reconnecting a
+    second later with the same replay, never went live. Found by an attack on the observability routes.
+    Loopback lets the broker's send buffer grow to 4 MiB, which takes a whole replay at once: the link's
+    buffers are set as TCP sizes them for 1 MiB/s.)"""
+    r = await rig()
+    events = r.broker.events
+    events.ring.clear()
+    for n in range(10_000):
+        events.publish("test", n=n, pad="x" * 300)
+    to_reader = m._to_reader
+
+    async def over_a_real_link(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
+        request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        await to_reader(request, resp, data)
+
+    monkeypatch.setattr(m, "_to_reader", over_a_real_link)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (r.server.host, r.server.port))
+    sock.send(b"GET /v1/events?since=900 HTTP/1.1\r\nHost: x\r\n\r\n")
+    data, live = bytearray(), 10_000
+    try:
+        while b'"n": -1' not in data:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 16384), 20)
+            data += chunk
+            if not chunk or data.endswith(b"\r\n0\r\n\r\n"):
+                break  # the broker ended the stream (its last chunk)
+            if b": replayed " not in data:  # the broker goes on meanwhile: two events per piece read
+                for _ in range(2):
+                    events.publish("test", n=live, pad="x" * 300)
+                    live += 1
+            elif live >= 0:
+                events.publish("test", n=-1)
+                live = -1
+            await asyncio.sleep(len(chunk) / (1024 * 1024))  # 1 MiB/s
+    finally:
+        sock.close()
+    assert b": replayed 10000\n" in data
+    assert events.dropped == 0, "a reader that read on was dropped when its replay ended"
+    after = data[data.index(b": replayed ") :]
+    assert after.count(b"event: test\n") > 256  # every live event that came during the replay
+
+
 async def test_the_switch_from_replay_to_live_loses_and_repeats_no_event(rig):
     r = await rig()
     events = r.broker.events
