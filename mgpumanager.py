@@ -13359,7 +13359,20 @@ function renderConsumers(consumers, several) {
     "</td><td>" + (isNum(c.vram_used_mib) ? c.vram_used_mib + " MiB used, " : "") + c.vram_resident_mib +
     (isNum(c.vram_used_mib) ? " declared" : " MiB") + "</td><td>" + ago(c.last_used) + "</td></tr>").join("");
 }
-async function refresh() {
+// /v1/status is asked one at a time and at most once a second, however fast events come (a status of
+// thousands of queued jobs is megabytes: a page asking 150 ms after each event, its last answer not yet in,
+// slowed the broker's jobs threefold); a wish meanwhile is one more read once it is due.
+let asking = false, wanted = false, lastAsked = -Infinity;
+function refresh() {
+  wanted = true;
+  if (asking) return;
+  const wait = lastAsked + 1000 - Date.now();
+  asking = true;
+  if (wait > 0) { setTimeout(() => { asking = false; refresh(); }, wait); return; }
+  wanted = false; lastAsked = Date.now();
+  readStatus().finally(() => { asking = false; if (wanted) refresh(); });
+}
+async function readStatus() {
   try {
     const resp = await get("/v1/status");
     const st = await resp.json();

@@ -19291,6 +19291,55 @@ async def test_dashboard_shows_an_error_answer_to_its_status_read_not_a_broken_p
         assert "undefined" not in await browser.evaluate("document.body.innerText")
 
 
+async def test_dashboard_reads_the_status_one_at_a_time_and_at_most_once_a_second(rig, tmp_path):
+    """The page read /v1/status 150 ms after any event, not waiting for its last answer: with jobs flowing,
+    some 7 reads a second, overlapping, each of thousands of queued jobs at once (megabytes, played and
+    serialised by the broker), which slowed its jobs threefold (found by an attack on the observability
+    routes). It reads one at a time, at most once a second, while events come every 50 ms and each status
+    takes 0.3 s to answer. (The page, served by a stand-in with the rig's status.)"""
+    r = await rig()
+    async with r.session.get(r.url("/")) as resp:
+        page = await resp.text()
+    body = await r.status()
+    asked: list[float] = []
+    at_once = most = 0
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html")
+
+    async def status(request: web.Request) -> web.Response:
+        nonlocal at_once, most
+        asked.append(time.monotonic())
+        at_once += 1
+        most = max(most, at_once)
+        try:
+            await asyncio.sleep(0.3)
+        finally:
+            at_once -= 1
+        return web.json_response(body)
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await stream.prepare(request)
+        for n in range(10_000):
+            event = {"event": "test", "ts": m._iso(time.time()), "n": n}
+            await stream.write(f"event: test\ndata: {json.dumps(event)}\n\n".encode())
+            await asyncio.sleep(0.05)
+        return stream
+
+    routes = [("GET", "/", index), ("GET", "/v1/status", status), ("GET", "/v1/events", events)]
+    async with StandIn(routes) as broker, Browser(tmp_path) as browser:
+        await browser.call("Page.navigate", url=broker.url + "/")
+        await browser.wait_for("document.getElementById('log').textContent.includes(' test n=')", timeout=30)
+        first = len(asked)
+        began = time.monotonic()
+        await asyncio.sleep(6)
+        during = [t for t in asked[first:] if t <= began + 6]
+    assert most == 1, f"{most} status reads at once"
+    assert 2 <= len(during) <= 7, f"{len(during)} status reads in 6 s"  # (at most one a second, and some)
+    assert all(b - a >= 0.5 for a, b in itertools.pairwise(asked)), asked  # (1 s apart, as sent)
+
+
 async def test_dashboard_events_panel_shows_the_viewers_local_time_as_the_timeline_does(rig, tmp_path):
     """operations.md (the timeline): "Times are the viewer's local time"; security.md: the Events panel
     writes values "as `events` does", and `events` prints local time. The panel printed the event's UTC
