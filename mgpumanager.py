@@ -6856,6 +6856,8 @@ class GpuTime:
             t, total, held = book[-1]
             book.append((now, total + held * (now - t), held + slots))
             _forget_before(book, now - window_s)
+            if len(book) > BOOK_MAX:
+                self._books[client] = _coarsened(book, window_s / BOOK_GRAINS)
         else:
             book.append((now, 0.0, slots))
 
@@ -6894,6 +6896,27 @@ class GpuTime:
         at_start = total0 + held0 * (start - t0) if t0 <= start else total0
         t, total, held = book[-1]
         return max(0.0, total + held * (now - t) - at_start)
+
+
+#: A client's book keeps its breakpoints exact up to this many (two per job within the window: 4,096 jobs);
+#: past it, those closer than fair_window_s / BOOK_GRAINS go (``_coarsened``), so that a long window and a
+#: busy client (a week, a job a second: 1.2 million) hold neither memory nor each forecast's copy.
+BOOK_MAX = 8192
+BOOK_GRAINS = 2048
+
+
+def _coarsened(book: deque[tuple[float, float, int]], grain: float) -> deque[tuple[float, float, int]]:
+    """The book without the breakpoints that lie, with the next one, within ``grain`` of the last kept:
+    every kept one still carries its exact total, and a total read between two kept ones (where a window
+    starts) is off by at most the slots held times ``grain`` (a span that lost breakpoints is shorter than
+    a grain). A kept one and the one two after it lie a grain apart at least: at most 2 * BOOK_GRAINS + 2
+    of a window's stay."""
+    kept = [book[0]]
+    for point, after in itertools.pairwise(list(book)[1:]):
+        if after[0] - kept[-1][0] >= grain:
+            kept.append(point)
+    kept.append(book[-1])
+    return deque(kept)
 
 
 def _forget_before(book: deque[tuple[float, float, int]], start: float) -> None:
