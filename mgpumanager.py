@@ -12303,12 +12303,24 @@ async def read_body(request: web.Request, broker: Broker, consumer: str) -> byte
     return body
 
 
+def refuse_early(request: web.Request) -> None:
+    """What the request's route refuses whatever its body, as its handler's first checks do (it makes them
+    too): asked before a ``100 Continue``, so that no client uploads a body to be refused after it."""
+    handler, config = request.match_info.handler, request.app[BROKER].config
+    if handler in (handle_reload, handle_reserve, handle_release, handle_admin_consumer):
+        require_admin(request)
+    elif handler is handle_job:
+        route(config, request.match_info["kind"])
+    elif handler is handle_mount:
+        mounted(config, request.match_info["name"])
+
+
 async def expect_body(request: web.Request) -> web.StreamResponse | None:
     """An ``Expect`` header, on every route (aiohttp asks this before the front door): what would be refused
-    anyway (a body over max_body_mib, a fragment, a missing token, a path or method with no route) is
-    answered before any ``100 Continue``, so the client never sends the body; an expectation other than
-    ``100-continue`` is refused in the error shape (expectation_failed); the rest gets ``100 Continue`` as
-    aiohttp would send it."""
+    anyway (a body over max_body_mib, a fragment, a missing token, a path or method with no route, what the
+    route refuses whatever the body: ``refuse_early``) is answered before any ``100 Continue``, so the
+    client never sends the body; an expectation other than ``100-continue`` is refused in the error shape
+    (expectation_failed); the rest gets ``100 Continue`` as aiohttp would send it."""
     broker = request.app[BROKER]
     limit = broker.config.scheduler.max_body_mib
     expect = request.headers.get("Expect", "")
@@ -12326,6 +12338,7 @@ async def expect_body(request: web.Request) -> web.StreamResponse | None:
         if request.version == aiohttp.HttpVersion11 and expect.lower() != "100-continue":
             shown = json.dumps(expect[:100])  # (quoted: what the client sent, however odd)
             raise BrokerError("expectation_failed", f"unknown Expect: {shown} (only 100-continue is known)")
+        refuse_early(request)
     except BrokerError as e:
         # No further request on this connection. A staged close (RFC 9112 9.6): the answer and a FIN go out,
         # and what the client still sends (a body it did not wait to send, as RFC 9110 10.1.1 lets it) is
@@ -12412,6 +12425,14 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
         return await forward(request, broker, consumer, request.method, path, None)
 
 
+def mounted(config: Config, name: str) -> ConsumerConfig:
+    """The consumer mounted at ``/c/{name}/``, or no_consumer."""
+    consumer = config.consumers.get(name)
+    if consumer is None:
+        raise BrokerError("no_consumer", f"no consumer named {name!r}")
+    return consumer
+
+
 async def handle_mount(request: web.Request) -> web.StreamResponse:
     """Any method on /c/{name}/{path}: the consumer's own API, its GPU work scheduled like /v1 jobs.
 
@@ -12420,9 +12441,7 @@ async def handle_mount(request: web.Request) -> web.StreamResponse:
     """
     broker = request.app[BROKER]
     name = request.match_info["name"]
-    consumer = broker.config.consumers.get(name)
-    if consumer is None:
-        raise BrokerError("no_consumer", f"no consumer named {name!r}")
+    consumer = mounted(broker.config, name)
     path_qs, upstream_path = mount_upstream_path(origin_form(request), name)
     return await serve_consumer_api(request, broker, consumer, path_qs, upstream_path)
 

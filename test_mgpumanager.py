@@ -21041,6 +21041,40 @@ async def test_a_request_with_no_route_refuses_an_expect_before_any_continue(rig
     assert first.startswith(b"HTTP/1.1 405" if allow else b"HTTP/1.1 404"), first
 
 
+@pytest.mark.parametrize(
+    ("target", "token", "first", "code"),
+    [
+        ("/v1/sttt", None, b"HTTP/1.1 404", "no_consumer"),  # a kind no routing names (curl, a typo)
+        ("/c/nobody/inference", None, b"HTTP/1.1 404", "no_consumer"),  # a mount of no consumer
+        ("/v1/reload", "client", b"HTTP/1.1 403", "forbidden"),  # an admin route, a client's token
+        ("/v1/consumers/mvoice/unload", "client", b"HTTP/1.1 403", "forbidden"),
+        ("/v1/stt", "client", b"HTTP/1.1 100 Continue", None),  # (the same token, where it may go on)
+    ],
+)
+async def test_what_a_routes_handler_refuses_whatever_the_body_is_refused_before_any_continue(
+    rig, target, token, first, code
+):
+    """curl sends ``Expect: 100-continue`` with a body over 1 MiB (an audio file to /v1/stt). What a route's
+    handler refuses whatever the body (a kind nothing serves, a mount of no consumer, a client's token on an
+    admin route) got 100 Continue first: the client uploaded its body, only to be refused after it (left
+    alone at the last stop). Each is refused before any Continue, as a missing token is; a request its route
+    takes still gets its 100."""
+    r = await rig(tweak=with_clients)
+    auth = f"Authorization: Bearer {WA_TOKEN if token else TOKEN}\r\n"
+    reader, writer = await _partial_post(
+        r.server.host, r.server.port, target, 60 * m.MiB, b"", extra=f"Expect: 100-continue\r\n{auth}"
+    )
+    try:
+        if code is None:
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(first)
+        else:
+            status, body = await read_answer(reader)
+            assert status.startswith(first), status
+            assert body["error"] == code, body
+    finally:
+        writer.close()
+
+
 @pytest.mark.parametrize("target", ["/x%0Ay", "/c/mvoice/a%0Ab"])
 async def test_a_path_with_a_newline_refuses_an_expect_before_any_continue_too(rig, target):
     """Found by a review of the fix above: a path whose decoding holds a newline (%0A) matched no route
