@@ -5199,9 +5199,10 @@ class Consumers:
             raise CallError(f"{where} answered no JSON (or more than {QUERY_ANSWER_LIMIT // MiB} MiB)")
         return answer
 
-    async def read_residency(self, c: ConsumerConfig, timeout_s: float) -> bool | None:
+    async def read_residency(self, c: ConsumerConfig, state: ConsumerState, timeout_s: float) -> bool | None:
         """What its residency query (``residency``, else its for_each listing) says, within ``timeout_s``;
-        None when it has none or the answer cannot tell (logged when that changes)."""
+        None when it has none or the answer cannot tell (logged when that changes, unless a reload made
+        ``state`` another service's, or nobody's, meanwhile: then it is not its finding)."""
         query = c.residency_query
         if query is None:
             return None
@@ -5211,11 +5212,13 @@ class Consumers:
             answer = await self._query(c, query, timeout_s, "residency")
             resident = query_resident(query, answer)
         except CallError as e:
+            if self.states.get(c.name) is not state:
+                return None
             if self.residency_errors.get(c.name) != str(e):
                 log.warning(logfmt(msg="residency unknown", consumer=c.name, error=str(e)))
             self.residency_errors[c.name] = str(e)
             return None
-        if self.residency_errors.pop(c.name, None) is not None:
+        if self.states.get(c.name) is state and self.residency_errors.pop(c.name, None) is not None:
             log.info(logfmt(msg="residency readable again", consumer=c.name))
         return resident
 
@@ -5353,7 +5356,7 @@ class Consumers:
                     data = parse_json(body)
                     loaded = data.get("loaded") if isinstance(data, dict) else None
             left = started + self.config.health.timeout_s - self.clock()
-            if ok and (reported := await self.read_residency(c, left)) is not None:
+            if ok and (reported := await self.read_residency(c, state, left)) is not None:
                 loaded = reported  # its residency query outranks its health's "loaded"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
             ok, reason, code, error = False, describe(e), failure_code(e), e

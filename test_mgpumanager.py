@@ -22103,6 +22103,32 @@ async def test_reloads_that_add_and_remove_consumers_keep_no_state_of_the_remove
     assert r.broker.internal_errors() == 0
 
 
+async def test_a_probe_under_way_keeps_no_residency_error_of_a_consumer_a_reload_removed(rig, monkeypatch):
+    """A reload forgets what the broker knew of a removed consumer, its last residency error too; a probe
+    under way (its residency query not yet answered) wrote that error back once it failed, and no later
+    reload looked at the name again (found by a review of the forgetting): a probe's finding of a service a
+    reload removed or replaced meanwhile is not recorded, that one included."""
+    vllm = functools.partial(mgpusim.ServiceSim, service="vllm", vram_mib=1000, loaded=True)
+    r = await rig(extra={"v": (vllm, {"preset": "vllm", "vram_resident_mib": 1000})})
+    consumers = r.broker.consumers
+    query = consumers._query
+
+    async def reload_meanwhile(c: m.ConsumerConfig, q: m.JsonQuery, timeout_s: float, what: str) -> Any:
+        if what == "residency" and c.name == "v":
+            raw = copy.deepcopy(r.raw)
+            del raw["consumers"]["v"]
+            r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+            async with r.session.post(r.url("/v1/reload")) as resp:
+                assert resp.status == 200, await resp.text()
+            assert "v" not in consumers.states  # (forgotten: nothing of it runs)
+            raise m.CallError("residency: GET /is_sleeping answered 404")
+        return await query(c, q, timeout_s, what)
+
+    monkeypatch.setattr(consumers, "_query", reload_meanwhile)
+    await consumers.probe("v")
+    assert "v" not in consumers.residency_errors, consumers.residency_errors
+
+
 async def test_a_status_asked_while_a_reload_removes_a_consumer_answers_with_the_config_in_force(rig):
     """/v1/status waits for the GPU's reading (and plays the queue in a thread) before it lists the
     consumers. A reload meanwhile that removes one drops what the broker knew of it; the status answers
