@@ -12741,13 +12741,15 @@ async def handle_status(request: web.Request) -> web.Response:
     """GET /v1/status: a live snapshot. ``gpu`` and ``scheduler`` are the default GPU's (gpu.index);
     ``gpus`` lists every GPU with its own reading, consumers and scheduler."""
     broker = request.app[BROKER]
-    indexes, default_index = sorted(broker.schedulers), broker.config.gpu.index
-    readings = await asyncio.gather(*(_gpu_status(broker.gpus[i]) for i in indexes))
-    parts = [scheduler_status(broker.schedulers[i]) for i in indexes]
-    # The forecast plays the whole queue (10,000 jobs at most): off the loop, from the copy of now.
-    queues = [await asyncio.to_thread(queue_entries, snap) for _, snap in parts]
+    indexes: list[int] = []
+    while indexes != sorted(broker.schedulers):  # (a reload that added a GPU meanwhile: read it too)
+        indexes = sorted(broker.schedulers)
+        readings = await asyncio.gather(*(_gpu_status(broker.gpus[i]) for i in indexes))
+        parts = [scheduler_status(broker.schedulers[i]) for i in indexes]
+        # The forecast plays the whole queue (10,000 jobs at most): off the loop, from the copy of now.
+        queues = [await asyncio.to_thread(queue_entries, snap) for _, snap in parts]
     # The rest after the last wait, from the config in force now (a reload meanwhile may have removed a
-    # consumer, and what the broker knew of it with it) and without a wait: one moment's picture.
+    # consumer, and what the broker knew of it with it, or moved one to a GPU it added).
     cfg = broker.config
     gpus = []
     internal_errors = broker.internal_errors()
@@ -12761,7 +12763,7 @@ async def handle_status(request: web.Request) -> web.Response:
         reading["unclaimed_mib"] = s.strangers.unclaimed_mib if reading["error"] is None else None
         reading["strangers"] = s.strangers.describe()
         gpus.append({**reading, "consumers": names, "reservation": reservation, "scheduler": scheduler})
-    default = gpus[indexes.index(default_index)]
+    default = gpus[indexes.index(cfg.gpu.index)]
     consumers = {}
     for name, c in cfg.consumers.items():
         state = broker.consumers.states[name]

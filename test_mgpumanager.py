@@ -22150,10 +22150,36 @@ async def test_a_status_asked_while_a_reload_removes_a_consumer_answers_with_the
     async with r.session.post(r.url("/v1/reload")) as resp:
         assert resp.status == 200, await resp.text()
     assert "whisper" not in r.broker.consumers.states
+    r.gpu.set_fault(None)  # (what is left of the status's reading answers at once)
     async with await asked as resp:
         assert resp.status == 200, await resp.text()
         st = await resp.json()
     assert set(st["consumers"]) == set(raw["consumers"]) and "whisper" not in st["gpus"][0]["consumers"]
+
+
+async def test_a_status_asked_while_a_reload_adds_a_gpu_lists_every_consumers_gpu(rig):
+    """The same wait, and a reload meanwhile that moves comfyui to a GPU it adds: the status listed the
+    GPUs it began with and the consumers of the config after its wait, so comfyui named GPU 1 and was in
+    no GPU's list (found by a review of the status above). It reads the GPU added meanwhile too."""
+    r = await rig(gpus=2)
+    reader = r.broker.gpus[0]
+    await asyncio.sleep(1.1)  # (the last reading is older than what a status takes as it is)
+    assert list(r.broker.schedulers) == [0] and reader._inflight is None
+    r.gpu.set_fault(None, smi_delay_s=1.5)
+    asked = asyncio.ensure_future(r.session.get(r.url("/v1/status")))
+    await until(lambda: reader._inflight is not None)  # (the status's: nothing else reads the GPU here)
+    raw = copy.deepcopy(r.raw)
+    raw["consumers"]["comfyui"]["gpu"] = 1
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert "added GPU 1" in (await resp.json())["changes"]
+    r.gpu.set_fault(None)  # (what is left of the status's reading answers at once)
+    async with await asked as resp:
+        assert resp.status == 200, await resp.text()
+        st = await resp.json()
+    assert [g["index"] for g in st["gpus"]] == [0, 1] and st["consumers"]["comfyui"]["gpu"] == 1
+    assert {gpu["index"]: gpu["consumers"] for gpu in st["gpus"]}[1] == ["comfyui"]
+    assert set(st["consumers"]) == {name for gpu in st["gpus"] for name in gpu["consumers"]}
 
 
 async def test_a_client_removed_while_its_job_runs_starts_at_zero_when_added_again(rig):
