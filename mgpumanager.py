@@ -13280,13 +13280,13 @@ function yesno(v, yes, no) {
   if (v === null || v === undefined) return '<span class="dim">unknown</span>';
   return v ? '<span class="ok">' + yes + "</span>" : '<span class="bad">' + no + "</span>";
 }
-async function get(path) {
+async function get(path, signal) {
   const sent = token;
-  const resp = await fetch(path, {headers: auth(), cache: "no-store"});
+  const resp = await fetch(path, {headers: auth(), cache: "no-store", signal});
   if (resp.status === 401) {
     // One prompt for all: a request sent before the token was given tries that token, never asks again.
     if (token === sent) askToken();
-    if (token !== sent) return get(path);  // (a token given meanwhile, or now: tried)
+    if (token !== sent) return get(path, signal);  // (a token given meanwhile, or now: tried)
     throw new Error("unauthorized");
   }
   // The broker's Date (to the second) against this device's clock: only a real difference counts.
@@ -13408,20 +13408,22 @@ function renderConsumers(consumers, several) {
 }
 // /v1/status is asked one at a time and at most once a second, however fast events come (a status of
 // thousands of queued jobs is megabytes: a page asking 150 ms after each event, its last answer not yet in,
-// slowed the broker's jobs threefold); a wish meanwhile is one more read once it is due.
+// slowed the broker's jobs threefold); a wish meanwhile is one more read once it is due. A read gives up
+// after 10 s (a connection that died without a word would hold the next for good), and the second is
+// counted by a clock the wall clock's steps do not move.
 let asking = false, wanted = false, lastAsked = -Infinity;
 function refresh() {
   wanted = true;
   if (asking) return;
-  const wait = lastAsked + 1000 - Date.now();
+  const wait = lastAsked + 1000 - performance.now();
   asking = true;
   if (wait > 0) { setTimeout(() => { asking = false; refresh(); }, wait); return; }
-  wanted = false; lastAsked = Date.now();
+  wanted = false; lastAsked = performance.now();
   readStatus().finally(() => { asking = false; if (wanted) refresh(); });
 }
 async function readStatus() {
   try {
-    const resp = await get("/v1/status");
+    const resp = await get("/v1/status", AbortSignal.timeout(10000));
     const st = await resp.json();
     // (An error of the broker's, JSON too: shown, never drawn as a status.)
     if (!resp.ok) throw new Error(resp.status + " " + (st.error || "") + ": " + (st.message || ""));

@@ -19324,32 +19324,17 @@ async def test_dashboard_shows_an_error_answer_to_its_status_read_not_a_broken_p
         assert "undefined" not in await browser.evaluate("document.body.innerText")
 
 
-async def test_dashboard_reads_the_status_one_at_a_time_and_at_most_once_a_second(rig, tmp_path):
-    """The page read /v1/status 150 ms after any event, not waiting for its last answer: with jobs flowing,
-    some 7 reads a second, overlapping, each of thousands of queued jobs at once (megabytes, played and
-    serialised by the broker), which slowed its jobs threefold (found by an attack on the observability
-    routes). It reads one at a time, at most once a second, while events come every 50 ms and each status
-    takes 0.3 s to answer. (The page, served by a stand-in with the rig's status.)"""
-    r = await rig()
+@contextlib.asynccontextmanager
+async def _dashboard_reading(
+    r: Any, tmp_path: Path, status: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> AsyncIterator[Browser]:
+    """The rig's dashboard page, served by a stand-in that answers /v1/status with ``status`` and streams
+    an event every 50 ms; the browser showing it, once its events panel shows the first."""
     async with r.session.get(r.url("/")) as resp:
         page = await resp.text()
-    body = await r.status()
-    asked: list[float] = []
-    at_once = most = 0
 
     async def index(request: web.Request) -> web.Response:
         return web.Response(text=page, content_type="text/html")
-
-    async def status(request: web.Request) -> web.Response:
-        nonlocal at_once, most
-        asked.append(time.monotonic())
-        at_once += 1
-        most = max(most, at_once)
-        try:
-            await asyncio.sleep(0.3)
-        finally:
-            at_once -= 1
-        return web.json_response(body)
 
     async def events(request: web.Request) -> web.StreamResponse:
         stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -19364,6 +19349,32 @@ async def test_dashboard_reads_the_status_one_at_a_time_and_at_most_once_a_secon
     async with StandIn(routes) as broker, Browser(tmp_path) as browser:
         await browser.call("Page.navigate", url=broker.url + "/")
         await browser.wait_for("document.getElementById('log').textContent.includes(' test n=')", timeout=30)
+        yield browser
+
+
+async def test_dashboard_reads_the_status_one_at_a_time_and_at_most_once_a_second(rig, tmp_path):
+    """The page read /v1/status 150 ms after any event, not waiting for its last answer: with jobs flowing,
+    some 7 reads a second, overlapping, each of thousands of queued jobs at once (megabytes, played and
+    serialised by the broker), which slowed its jobs threefold (found by an attack on the observability
+    routes). It reads one at a time, at most once a second, while events come every 50 ms and each status
+    takes 0.3 s to answer."""
+    r = await rig()
+    body = await r.status()
+    asked: list[float] = []
+    at_once = most = 0
+
+    async def status(request: web.Request) -> web.Response:
+        nonlocal at_once, most
+        asked.append(time.monotonic())
+        at_once += 1
+        most = max(most, at_once)
+        try:
+            await asyncio.sleep(0.3)
+        finally:
+            at_once -= 1
+        return web.json_response(body)
+
+    async with _dashboard_reading(r, tmp_path, status):
         first = len(asked)
         began = time.monotonic()
         await asyncio.sleep(6)
@@ -19371,6 +19382,48 @@ async def test_dashboard_reads_the_status_one_at_a_time_and_at_most_once_a_secon
     assert most == 1, f"{most} status reads at once"
     assert 2 <= len(during) <= 7, f"{len(during)} status reads in 6 s"  # (at most one a second, and some)
     assert all(b - a >= 0.5 for a, b in itertools.pairwise(asked)), asked  # (1 s apart, as sent)
+
+
+async def test_dashboard_reads_the_status_again_after_one_that_never_answers(rig, tmp_path):
+    """One read at a time (above): a read whose connection died without a word (no reset: a laptop's
+    Wi-Fi gone, a proxy holding it) never settled, and held every later read for good while the events
+    went on (found by a review of that change). A read gives up after 10 s; the next comes."""
+    r = await rig()
+    body = await r.status()
+    asked: list[float] = []
+    gate = asyncio.Event()
+
+    async def status(request: web.Request) -> web.Response:
+        asked.append(time.monotonic())
+        if len(asked) == 2:
+            await gate.wait()  # (this one is lost)
+        return web.json_response(body)
+
+    try:
+        async with _dashboard_reading(r, tmp_path, status):
+            await until(lambda: len(asked) >= 4, timeout=40)
+    finally:
+        gate.set()
+    assert asked[2] - asked[1] >= 9  # (given up after 10 s, not at once)
+
+
+async def test_dashboard_reads_the_status_on_after_the_wall_clock_steps_back(rig, tmp_path):
+    """The once-a-second spacing was counted on the wall clock: after a step back of an hour (NTP, a
+    suspended laptop's clock set right), the page read no status for an hour (found by a review). It counts
+    on a clock that only goes forward."""
+    r = await rig()
+    body = await r.status()
+    asked: list[float] = []
+
+    async def status(request: web.Request) -> web.Response:
+        asked.append(time.monotonic())
+        return web.json_response(body)
+
+    async with _dashboard_reading(r, tmp_path, status) as browser:
+        back = "(() => { const real = Date.now; Date.now = () => real() - 3600e3; return 1; })()"
+        await browser.evaluate(back)  # (an hour back, as the page's clock sees it)
+        stepped = len(asked)
+        await until(lambda: len(asked) >= stepped + 4, timeout=30)
 
 
 async def test_dashboard_events_panel_shows_the_viewers_local_time_as_the_timeline_does(rig, tmp_path):
