@@ -11040,8 +11040,10 @@ class Broker:
         state = self.consumers.states[name]
 
         def refusal() -> BrokerError | None:
-            starting = state.being_loaded and self.config.consumers[name].started_by_command
-            return None if starting else state.failing()
+            c = self.config.consumers.get(name)
+            if c is None:  # (a reload removed it while it was probed)
+                return BrokerError("no_consumer", f"{name} is no longer configured", name)
+            return None if state.being_loaded and c.started_by_command else state.failing()
 
         if refusal() is None:
             return

@@ -8242,6 +8242,38 @@ async def test_a_job_that_comes_while_the_broker_starts_a_command_started_servic
     assert (s1, s2) == (200, 200), (b1, b2)
 
 
+async def test_a_job_whose_consumer_a_reload_removes_during_its_doors_probe_is_no_consumer(rig, monkeypatch):
+    """The door's check of a consumer marked down asks it once more; it then spares a command-started one
+    the broker is starting (above). A reload that removed it during that probe, while a start began, made
+    that check look the consumer up in a config without it: a KeyError, answered 500 scheduler_error
+    (found by a review). The job is answered no_consumer, as any job whose consumer a reload removed."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["consumers"]["whisper"]["load"] = {"command": ["true"], "timeout_s": 20}
+        raw["routing"]["stt"] = "whisper"
+
+    r = await rig(tweak=tweak)
+    r.sims["whisper"].faults["health_status"] = 500
+    await r.broker.consumers.probe("whisper")
+    whisper = r.broker.consumers.states["whisper"]
+    assert whisper.healthy is False and not whisper.being_loaded
+    probe_now = r.broker.consumers.probe_now
+
+    async def removed_meanwhile(name: str) -> None:
+        await probe_now(name)
+        whisper.loading()  # (a start under way: a job of it, granted meanwhile)
+        raw = copy.deepcopy(r.raw)
+        del raw["consumers"]["whisper"], raw["routing"]["stt"]
+        for c in raw["consumers"].values():
+            c["can_coexist_with"] = [n for n in c.get("can_coexist_with", []) if n != "whisper"]
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        assert "removed whisper" in await r.broker.reloads.reload()
+
+    monkeypatch.setattr(r.broker.consumers, "probe_now", removed_meanwhile)
+    status, headers, body = await r.post("stt", None, data=b"audio")
+    error_of(status, headers, body, "no_consumer")
+
+
 async def test_a_job_let_in_during_a_start_that_fails_does_not_start_it_again(rig, tmp_path):
     """The same, its start failing: whisper runs but its health answers 500. The first job starts it and
     waits out the load's timeout_s (load_failed); a second that came meanwhile was let in to wait for that
