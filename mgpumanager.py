@@ -1460,6 +1460,13 @@ class ConsumerConfig:
         return isinstance(self.load, Command)
 
     @property
+    def process_is_model(self) -> bool:
+        """Started by command and never unloaded but by a command (or not at all): while its process runs
+        it holds its model. (One with an HTTP unload beside its load command, SGLang's release, runs on
+        without its weights.)"""
+        return self.started_by_command and not isinstance(self.unload, Route)
+
+    @property
     def residency_query(self) -> JsonQuery | None:
         """What tells its residency: ``residency``, else the list its for_each unload walks."""
         if self.residency is not None:
@@ -5374,10 +5381,12 @@ class Consumers:
             log.info(logfmt(msg=msg, consumer=name, probe=reason or "healthy"))
             return
         if c.started_by_command and not isinstance(loaded, bool):
-            # A service started by command holds its model while it runs: up is resident, not running
-            # (refused) is not; one that did not answer in time still runs: that tells nothing.
+            # A service started by command holds its model while it runs (unless an HTTP unload let it go:
+            # ``process_is_model``): up is resident, not running (refused) is not; one that did not answer
+            # in time still runs: that tells nothing.
             refused = error is not None and gone_reason(error, refused_only=True) is not None
-            loaded = True if ok else (False if refused else None)
+            up = True if c.process_is_model else None
+            loaded = up if ok else (False if refused else None)
         reported = (
             loaded if isinstance(loaded, bool) and (c.processes is None or not state.measurable) else None
         )

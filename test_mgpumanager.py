@@ -8274,6 +8274,36 @@ async def test_a_job_whose_consumer_a_reload_removes_during_its_doors_probe_is_n
     error_of(status, headers, body, "no_consumer")
 
 
+async def test_an_http_unload_beside_a_load_command_is_not_undone_by_the_next_health_probe(rig):
+    """configuration.md, sglang: "an SGLang without the flag needs POST /update_weights_from_disk after
+    resume: write `load` as a command" (the preset's HTTP unload, /release_memory_occupation, stays), and
+    decisions.md: "an HTTP unload may pair with a load command". After the broker's HTTP unload SGLang still
+    runs and answers its health, but holds no weights. The next health probe took "up" for "resident" (the
+    rule for a service whose process is its model), so the next job was forwarded without the load command
+    and SGLang answered it 503 (found by an attack on command-started services)."""
+    factory = functools.partial(mgpusim.ServiceSim, service="sglang", vram_mib=1000, loaded=True)
+    resume = (
+        "import sys, urllib.request as u; u.urlopen(u.Request(sys.argv[1], data=b'{}', method='POST',"
+        " headers={'Content-Type': 'application/json'}), timeout=10)"
+    )
+
+    def tweak(raw: dict[str, Any]) -> None:
+        svc = raw["consumers"]["svc"]
+        url = svc["url"] + "/resume_memory_occupation"
+        svc["load"] = {"command": [PY, "-c", resume, url], "timeout_s": 20}  # resume (+ update weights)
+
+    r = await rig(extra={"svc": (factory, {"preset": "sglang", "vram_resident_mib": 1000})}, tweak=tweak)
+    sim, state = r.sims["svc"], r.broker.consumers.states["svc"]
+    async with r.session.post(r.url("/v1/consumers/svc/unload")) as resp:
+        assert resp.status == 200, await resp.text()
+    assert not sim.loaded and r.gpu.used_mib("svc") == 0 and state.resident is False
+    await r.broker.consumers.probe("svc")  # the health round (every health.interval_s)
+    assert state.resident is not True, "a health probe made an unloaded service resident"
+    async with r.session.post(r.url("/c/svc/v1/chat/completions"), json={"model": "m"}) as resp:
+        assert resp.status == 200, await resp.text()
+    assert sim.loaded and r.gpu.used_mib("svc") == 1000
+
+
 async def test_a_job_let_in_during_a_start_that_fails_does_not_start_it_again(rig, tmp_path):
     """The same, its start failing: whisper runs but its health answers 500. The first job starts it and
     waits out the load's timeout_s (load_failed); a second that came meanwhile was let in to wait for that
