@@ -4792,6 +4792,8 @@ class ConsumerState:
         self._down_at = float("-inf")
         #: A health wait found it up at this time: failing probes started earlier do not mark it down.
         self._up_at = float("-inf")
+        #: When the broker's last load of it failed, and why (None: none since it last loaded).
+        self._load_failed: tuple[float, str] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -4855,9 +4857,17 @@ class ConsumerState:
     def loaded(self) -> None:
         self._acted(True, "loaded")
         self.trusted = True
+        self._load_failed = None
 
-    def load_failed(self) -> None:
+    def load_failed(self, why: str) -> None:
         self._acted(None, "load failed")
+        self._load_failed = (self.clock(), why)
+
+    def start_failed_since(self, arrived: float) -> str | None:
+        """Why the broker's start of it failed after ``arrived`` (a job's arrival), while it is still
+        stopped: a job let in to wait for that start is answered so, not given one more start."""
+        failed = self._load_failed
+        return failed[1] if failed is not None and failed[0] >= arrived and self.stopped else None
 
     def served(self) -> None:
         """A job on one of its paths answered 2xx: it is resident (it just worked) and was used now."""
@@ -7593,6 +7603,11 @@ class RoomMaker:
                 await self.ops.probe_now(job.consumer)
                 if (error := state.failing()) is not None:
                     raise error
+            if job.target.started_by_command and (why := state.start_failed_since(job.arrived)):
+                # Let in to wait for a start under way, which failed, and it is still not running: refused
+                # as that start was, not started once more for each job that waited (each would hold the
+                # GPU for the load's timeout_s). A job that comes after the failure tries again.
+                raise BrokerError("load_failed", f"{why} (the start this job waited for)", job.consumer)
             if self._in_doubt(job):
                 await self._ask(job)
                 if self.needs_no_room(job) or job.left:
@@ -7917,11 +7932,11 @@ class RoomMaker:
         try:
             await self.ops.load(name)
         except BrokerError as e:  # (the consumer's failure)
-            state.load_failed()
+            state.load_failed(f"{name} {e}")
             self.recorder.record("load_failed", consumer=name, job=job.id, error=str(e))
             raise BrokerError("load_failed", f"{name} {e}", name) from e
-        except BaseException:  # cut, or a bug (its job ends as scheduler_error, counted once)
-            state.load_failed()
+        except BaseException as e:  # cut, or a bug (its job ends as scheduler_error, counted once)
+            state.load_failed(f"{name}: its load was cut ({describe(e)})")
             raise
         state.loaded()
         took = self.clock() - started

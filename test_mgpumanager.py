@@ -8304,6 +8304,40 @@ async def test_an_http_unload_beside_a_load_command_is_not_undone_by_the_next_he
     assert sim.loaded and r.gpu.used_mib("svc") == 1000
 
 
+async def test_jobs_that_waited_for_a_start_that_failed_do_not_start_it_again_each(rig, tmp_path):
+    """configuration.md, Stopped is not unreachable: a job for a stopped service "starts it with the load
+    command (or waits for the start under way)". whisper's start fails (its command exits 0, the server dies
+    at start: nothing ever listens). Three jobs that came during that start were each granted in turn, each
+    ran the load command again and held the GPU lock for another whole timeout_s (the review behind
+    test_a_job_let_in_during_a_start_that_fails_does_not_start_it_again fixed this for a service that runs
+    and answers errors; one that is refused is still stopped, so it is let through to start it again). Found
+    by an attack on command-started services. Each is refused as the start was; a job that comes after the
+    failure tries again."""
+    runs = tmp_path / "runs"
+
+    def tweak(raw: dict[str, Any]) -> None:
+        whisper = raw["consumers"]["whisper"]
+        whisper["url"] = f"http://127.0.0.1:{free_port()}"  # nothing ever listens there
+        whisper["load"] = {"command": ["sh", "-c", f"echo x >> {runs}"], "timeout_s": 2}
+        whisper["unload"] = {"command": ["true"]}
+        raw["routing"]["stt"] = "whisper"
+
+    r = await rig(tweak=tweak)
+    whisper = r.broker.consumers.states["whisper"]
+    assert whisper.stopped
+    first = asyncio.ensure_future(r.post("stt", None, data=b"audio"))
+    await until(lambda: whisper.being_loaded)
+    others = [asyncio.ensure_future(r.post("stt", None, data=b"audio")) for _ in range(3)]
+    for status, headers, body in [await first] + [await o for o in others]:
+        error_of(status, headers, body, "load_failed")
+    assert runs.read_text().count("x") == 1, f"the load command ran {runs.read_text().count('x')} times"
+    first_message = json.loads((await first)[2])["message"]
+    for o in others:
+        assert json.loads((await o)[2])["message"] == first_message + " (the start this job waited for)"
+    error_of(*await r.post("stt", None, data=b"audio"), "load_failed")  # (one that came after: a new start)
+    assert runs.read_text().count("x") == 2
+
+
 async def test_a_job_let_in_during_a_start_that_fails_does_not_start_it_again(rig, tmp_path):
     """The same, its start failing: whisper runs but its health answers 500. The first job starts it and
     waits out the load's timeout_s (load_failed); a second that came meanwhile was let in to wait for that
