@@ -5264,6 +5264,12 @@ class Consumers:
             raise CallError(
                 f"{what} command did not finish within {command.timeout_s:g} s (killed)"
             ) from None
+        except asyncio.CancelledError:  # (only the broker's stop cuts a command: run_process killed it)
+            ms = round((self.clock() - started) * 1000)
+            log.warning(
+                logfmt(msg="command cut", consumer=c.name, action=what, argv=shlex.join(command.argv), ms=ms)
+            )
+            raise
         log.info(
             logfmt(
                 msg="command",

@@ -8338,6 +8338,37 @@ async def test_jobs_that_waited_for_a_start_that_failed_do_not_start_it_again_ea
     assert runs.read_text().count("x") == 2
 
 
+async def test_a_load_command_cut_at_shutdown_is_killed_and_logged(rig, tmp_path):
+    """operations.md, Stopping: running jobs get shutdown_timeout_s, "then cuts what still runs"; and
+    configuration.md, Running it: "Every run that exits logs msg=command ...; one killed at its timeout, or
+    one that cannot start, shows in the msg="load failed" line". A load command still running at the cut
+    is SIGKILLed with its process group (a start script killed half-way), and no line says so: the job's
+    line says cancelled, nothing named the command (found by an attack on command-started services). A
+    line says it now: `msg="command cut"`."""
+    started, gate, pidfile = tmp_path / "started", tmp_path / "gate", tmp_path / "pid"
+    script = f"echo $$ > {pidfile}; touch {started}; while [ ! -e {gate} ]; do sleep 0.05; done"
+
+    def tweak(raw: dict[str, Any]) -> None:
+        whisper = raw["consumers"]["whisper"]
+        whisper["url"] = f"http://127.0.0.1:{free_port()}"  # stopped
+        whisper["load"] = {"command": ["sh", "-c", script], "timeout_s": 30}
+        whisper["unload"] = {"command": ["true"]}
+        raw["routing"]["stt"] = "whisper"
+        raw["scheduler"]["shutdown_timeout_s"] = 1.0
+
+    r = await rig(tweak=tweak)
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        job = asyncio.ensure_future(r.session.post(daemon.url("/v1/stt"), data=b"audio"))
+        await until(started.exists, 20)
+        daemon.terminate()
+    with contextlib.suppress(aiohttp.ClientError):
+        (await job).release()
+    assert not running(int(pidfile.read_text()))  # killed at the cut, 29 s before its timeout_s
+    assert "cutting what still runs" in daemon.log
+    cut = [line for line in daemon.log.splitlines() if 'msg="command cut"' in line]
+    assert len(cut) == 1 and "consumer=whisper action=load" in cut[0] and "level=warning" in cut[0], cut
+
+
 async def test_a_job_let_in_during_a_start_that_fails_does_not_start_it_again(rig, tmp_path):
     """The same, its start failing: whisper runs but its health answers 500. The first job starts it and
     waits out the load's timeout_s (load_failed); a second that came meanwhile was let in to wait for that
