@@ -4943,9 +4943,9 @@ class ConsumerState:
             self._set_resident(False if stopped else None, "seen down")
 
     def timed_out(self, reason: str) -> None:
-        """A job got no answer in time: unhealthy until a later probe succeeds; alive perhaps (it took the
-        connection), so its residency stays, in doubt: a service started by command still runs, holding
-        its memory."""
+        """A job got no answer in time, or a start's health wait gave up on one that runs (an error status,
+        no answer): unhealthy until a later probe succeeds; alive (it took the connection), so its residency
+        stays, in doubt: a service started by command still runs, holding its memory."""
         self._down_at = self.clock()
         self._set_health(False, reason, "consumer_unreachable")
         self.trusted = False
@@ -5287,11 +5287,14 @@ class Consumers:
         self, c: ConsumerConfig, state: ConsumerState, deadline: float, timeout_s: float
     ) -> None:
         """Poll the health route every HEALTH_WAIT_POLL_S until it answers 2xx (``state`` came up), at most
-        until ``deadline``."""
-        reason = "not asked"
+        until ``deadline``. One whose last try found it running (an error status, no answer in time: not a
+        refused connection) is down, not stopped: the next job is refused as any down consumer's is."""
+        reason, running = "not asked", False
         while True:
             left = deadline - self.clock()
             if left <= 0:
+                if running and self.states.get(c.name) is state:
+                    state.timed_out(reason)
                 raise CallError(f"load: not healthy within {timeout_s:g} s of the command's start ({reason})")
             started = self.clock()
             try:
@@ -5303,9 +5306,9 @@ class Consumers:
                     if 200 <= resp.status < 300:
                         state.came_up()
                         return
-                    reason = f"health answered {resp.status}"
+                    reason, running = f"health answered {resp.status}", True
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
-                reason = describe(e)
+                reason, running = describe(e), gone_reason(e, refused_only=True) is None
             await asyncio.sleep(max(0.0, min(HEALTH_WAIT_POLL_S - (self.clock() - started), left)))
 
     async def _call(self, c: ConsumerConfig, route: Route, what: str) -> None:

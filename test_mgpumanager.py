@@ -8369,6 +8369,34 @@ async def test_a_load_command_cut_at_shutdown_is_killed_and_logged(rig, tmp_path
     assert len(cut) == 1 and "consumer=whisper action=load" in cut[0] and "level=warning" in cut[0], cut
 
 
+async def test_a_start_whose_health_answered_errors_leaves_it_down_not_stopped(rig, tmp_path):
+    """configuration.md, Stopped is not unreachable: "A command-started service that answers with an error
+    or does not answer in time is down, as any consumer"; "One that runs and fails its health otherwise is
+    refused as any down consumer is (after one more probe)". whisper, stopped by its unload command, is
+    started by a job; it runs but its health answers 500 until the load's timeout_s (load_failed). What the
+    health wait saw is not recorded: status still says stopped ("stopped by its unload command"), and each
+    next job runs the load command again and waits out its timeout_s, unless a periodic probe happened to
+    land during the start (health.interval_s here is the rig's 3600 s). Found by an attack on command-started
+    services."""
+    runs = tmp_path / "runs"
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["consumers"]["whisper"]["load"] = {"command": ["sh", "-c", f"echo x >> {runs}"], "timeout_s": 2}
+        raw["consumers"]["whisper"]["unload"] = {"command": ["true"], "timeout_s": 2}
+        raw["routing"]["stt"] = "whisper"
+
+    r = await rig(tweak=tweak)
+    async with r.session.post(r.url("/v1/consumers/whisper/unload")) as resp:
+        assert resp.status == 200
+    r.sims["whisper"].faults["health_status"] = 500  # runs, but broken: never healthy
+    error_of(*await r.post("stt", None, data=b"audio"), "load_failed")
+    st = (await r.status())["consumers"]["whisper"]
+    assert st["stopped"] is False, st  # it answered: down, not stopped
+    status, headers, body = await r.post("stt", None, data=b"audio")
+    assert "health answered 500" in error_of(status, headers, body, "consumer_unreachable")["message"]
+    assert runs.read_text().count("x") == 1
+
+
 async def test_a_job_let_in_during_a_start_that_fails_does_not_start_it_again(rig, tmp_path):
     """The same, its start failing: whisper runs but its health answers 500. The first job starts it and
     waits out the load's timeout_s (load_failed); a second that came meanwhile was let in to wait for that
