@@ -11070,11 +11070,11 @@ class Broker:
         fail, the job is refused at its grant: ``RoomMaker.ready``). One started by command that runs but
         fails its health otherwise (an error status, no answer in time) is down, as any other.
         """
-        state = self.consumers.states[name]
 
         def refusal() -> BrokerError | None:
-            c = self.config.consumers.get(name)
-            if c is None:  # (a reload removed it while it was probed)
+            # (Looked up each time: a reload while it was probed may have made it a new service, or none.)
+            c, state = self.config.consumers.get(name), self.consumers.states.get(name)
+            if c is None or state is None:
                 return BrokerError("no_consumer", f"{name} is no longer configured", name)
             return None if state.being_loaded and c.started_by_command else state.failing()
 
@@ -12416,6 +12416,14 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
         return await forward_job(request, broker, job, job.target.paths[kind], body, headers)
 
 
+def configured(config: Config, name: str) -> ConsumerConfig:
+    """Consumer ``name`` as the config has it now, or no_consumer (a reload removed it meanwhile)."""
+    consumer = config.consumers.get(name)
+    if consumer is None:
+        raise BrokerError("no_consumer", f"{name} is no longer configured", name)
+    return consumer
+
+
 def route(config: Config, kind: str) -> str:
     """The consumer routed for ``kind``, or no_consumer."""
     name = config.routing.get(kind)
@@ -12455,10 +12463,9 @@ async def handle_audio(request: web.Request) -> web.StreamResponse:
         raise BrokerError("no_consumer", "no audio_proxy consumer is configured")
     path = audio_upstream_path(origin_form(request))
     await broker.check_reachable(name)
-    consumer = broker.config.consumers.get(name)
-    if consumer is None:  # a reload removed it while it was probed
-        raise BrokerError("no_consumer", f"{name} is no longer configured", name)
+    consumer = configured(broker.config, name)  # (a reload while it was probed)
     await broker.ensure_running(consumer, request[REQUEST_ID], client_of(request))
+    consumer = configured(broker.config, name)  # (a reload while it was started: a new url, say)
     with broker.unscheduled_slot(consumer):
         return await forward(request, broker, consumer, request.method, path, None)
 
@@ -12489,9 +12496,7 @@ async def handle_consumer_port(request: web.Request) -> web.StreamResponse:
     exactly as its mount ``/c/{name}/`` serves it (the same path rules, scheduling, holds and refusals)."""
     broker = request.app[BROKER]
     name = request.app[PORT_CONSUMER]
-    consumer = broker.config.consumers.get(name)
-    if consumer is None:
-        raise BrokerError("no_consumer", f"{name} is no longer configured", name)
+    consumer = configured(broker.config, name)
     # The mount's path rules, applied to the path as if it came through the mount.
     path_qs, upstream_path = mount_upstream_path(f"/c/{name}{origin_form(request)}", name, port=True)
     return await serve_consumer_api(request, broker, consumer, path_qs, upstream_path)
@@ -12516,10 +12521,8 @@ async def serve_consumer_api(
             )
         return await proxy_websocket(request, broker, consumer, path_qs)
     body = await read_body(request, broker, name) if request.body_exists else b""
-    consumer = broker.config.consumers.get(name)  # a reload may have come while the body was read
-    if consumer is None:
-        raise BrokerError("no_consumer", f"{name} is no longer configured", name)
     await broker.check_reachable(name)
+    consumer = configured(broker.config, name)  # (a reload while the body was read or it was probed)
     kind, _ = mount_job_path(consumer, method, upstream_path)
     # (A HEAD to a GET job path is that GPU work to the service, which runs the GET for it: a job too, of
     # kind mount, forwarded as the HEAD it is.)
@@ -12528,6 +12531,7 @@ async def serve_consumer_api(
     )
     if kind == MOUNT_KIND and (read or any(u.matches(method, upstream_path) for u in consumer.unscheduled)):
         await broker.ensure_running(consumer, request[REQUEST_ID], client_of(request))
+        consumer = configured(broker.config, name)  # (a reload while it was started: a new url, say)
         with broker.unscheduled_slot(consumer):
             return await forward(request, broker, consumer, method, path_qs, body or None)
     headers = request_headers(request, strip_auth=broker.config.auth.required, consumer=consumer)

@@ -22390,6 +22390,90 @@ async def test_a_status_asked_while_a_reload_adds_a_gpu_lists_every_consumers_gp
     assert set(st["consumers"]) == {name for gpu in st["gpus"] for name in gpu["consumers"]}
 
 
+async def test_the_doors_probe_judges_the_new_service_a_reload_gave_a_new_url_meanwhile(rig, monkeypatch):
+    """A job for a consumer marked failing is probed once more at the door (check_reachable). A
+    reload during that probe gives the consumer a new URL: a new service, which starts unknown (and here,
+    probed, is healthy). The door judged it by the OLD service's state, taken before the probe, and
+    refused the job consumer_unreachable (found by a hunt for reloads during a wait)."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    r.sims["mvoice"].faults["health_status"] = 503
+    await r.broker.consumers.probe("mvoice")
+    assert r.broker.consumers.states["mvoice"].failing() is not None
+    consumers = r.broker.consumers
+    probe_now = consumers.probe_now
+
+    async def reload_first(name: str) -> None:
+        if name == "mvoice":
+            del r.sims["mvoice"].faults["health_status"]  # (the service at the new URL is healthy)
+            raw = copy.deepcopy(r.raw)
+            raw["consumers"]["mvoice"]["url"] = raw["consumers"]["mvoice"]["url"].replace(
+                "127.0.0.1", "localhost"
+            )
+            r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+            assert await r.broker.reloads.reload() == ["new url for mvoice"]
+        await probe_now(name)
+
+    monkeypatch.setattr(consumers, "probe_now", reload_first)
+    status, _, body = await r.post("tts", {"text": "x"})
+    assert consumers.states["mvoice"].failing() is None  # (the new service: probed healthy)
+    assert status == 200, body
+
+
+async def test_a_mount_read_goes_to_the_new_url_a_reload_gave_during_the_doors_probe(rig, monkeypatch):
+    """An unscheduled GET through a mount: serve_consumer_api took the consumer's config before
+    the door's check (check_reachable, which may await a probe) and forwarded to that config's URL after
+    it; a reload meanwhile that gave the consumer a new URL (a new service) still got the call at the old
+    one (found by a hunt for reloads during a wait)."""
+    r = await rig()
+
+    async def new_health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "new": True})
+
+    async with StandIn([("GET", "/health", new_health)]) as new:
+        check = r.broker.check_reachable
+
+        async def reload_first(name: str) -> None:
+            if name == "mvoice":
+                raw = copy.deepcopy(r.raw)
+                raw["consumers"]["mvoice"]["url"] = new.url
+                r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+                assert await r.broker.reloads.reload() == ["new url for mvoice"]
+            await check(name)
+
+        monkeypatch.setattr(r.broker, "check_reachable", reload_first)
+        async with r.session.get(r.url("/c/mvoice/health")) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json()).get("new") is True, "forwarded to the old URL"
+
+
+async def test_an_audio_read_goes_to_the_new_url_a_reload_gave_during_its_start(rig, monkeypatch):
+    """GET /audio/: handle_audio took the consumer's config, then awaited ensure_running (which,
+    for a stopped consumer with start_for_unscheduled, waits for a start job through the lock); a reload
+    meanwhile that gave the audio consumer a new URL still got the call at the old one (found by a hunt for
+    reloads during a wait)."""
+    r = await rig()
+
+    async def new_audio(request: web.Request) -> web.Response:
+        return web.Response(body=b"NEW", content_type="audio/wav")
+
+    async with StandIn([("GET", "/audio/{file}", new_audio), ("GET", "/health", _ok)]) as new:
+        ensure = r.broker.ensure_running
+
+        async def reload_first(consumer: m.ConsumerConfig, *args: Any) -> None:
+            if consumer.name == "mvoice":
+                raw = copy.deepcopy(r.raw)
+                raw["consumers"]["mvoice"]["url"] = new.url
+                r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+                assert await r.broker.reloads.reload() == ["new url for mvoice"]
+            await ensure(consumer, *args)
+
+        monkeypatch.setattr(r.broker, "ensure_running", reload_first)
+        file = r.sims["mvoice"].save_audio(b"OLD")  # (the old service has it too: it answers OLD)
+        async with r.session.get(r.url(f"/audio/{file}")) as resp:
+            body = await resp.read()
+        assert body == b"NEW", (resp.status, body[:200])
+
+
 async def test_a_client_removed_while_its_job_runs_starts_at_zero_when_added_again(rig):
     """docs/api.md: a client added shows all zero. One removed while its job ran, whose job ended after
     that, and added again later: neither that job nor its GPU time counts for it (found by the review of
