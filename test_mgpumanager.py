@@ -19534,8 +19534,8 @@ async def test_dashboard_reads_the_status_one_at_a_time_and_at_most_once_a_secon
         began = time.monotonic()
         await asyncio.sleep(6)
         during = [t for t in asked[first:] if t <= began + 6]
-    assert most == 1, f"{most} status reads at once"
-    assert 2 <= len(during) <= 7, f"{len(during)} status reads in 6 s"  # (at most one a second, and some)
+    assert most == 1, f"{most} status reads at once"  # (1: it did read)
+    assert len(during) <= 7, f"{len(during)} status reads in 6 s"  # (at most one a second; slower: fewer)
     assert all(b - a >= 0.5 for a, b in itertools.pairwise(asked)), asked  # (1 s apart, as sent)
 
 
