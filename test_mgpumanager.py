@@ -17916,12 +17916,14 @@ async def test_a_reservation_extended_while_it_unloads_leaves_no_timer_behind_to
     gate, _ = _gated_unloads(ops)
     first = asyncio.ensure_future(s.reservations.reserve(60, "backup"))
     await until(lambda: s.reservation is not None)
-    await s.reservations.reserve(0.05, "a short one")  # extended while it unloads
+    loop = asyncio.get_running_loop()
+    await s.reservations.reserve(1, "a short one")  # extended while it unloads
+    extended_end = loop.time() + 1  # (the extension's timer, were it left, fires by then)
     gate.set()
     await first
-    assert s.reservations.release()
+    assert s.reservations.release()  # (well within the second: released, not expired)
     second = await s.reservations.reserve(3600, "gaming")
-    await asyncio.sleep(0.2)  # the extension's timer would have fired by now
+    await asyncio.sleep(extended_end - loop.time() + 0.2)  # past the extension's end, however late
     assert s.reservation is second and s.holder == m.RESERVATION
     ended = [e for e in recent_events(s.events) if e["event"] == "reservation_ended"]
     assert [e["why"] for e in ended] == ["released"]
