@@ -17936,17 +17936,24 @@ async def test_no_timer_of_a_reservation_extended_or_released_ends_the_one_in_fo
     and end the next reservation (a mutation audit: an extension or a release that left the old timer, and
     a reservation released while it unloaded that still set one, failed no test)."""
     s, _, ops, _ = make_scheduler(small_config())
-    short = 0.05  # each timer left behind would fire within it
+    # Each timer left behind would fire within it; long enough that what the test does before its end (an
+    # extension, a release) comes first on a loaded machine too.
+    short = 1.0
+    loop = asyncio.get_running_loop()
+    ends: list[float] = []  # (by when each short timer fires: set after the timer was)
 
     async def still_in_force(res: m.Reservation) -> None:
-        await asyncio.sleep(4 * short)  # (past every short timer: what is asserted is that none fired)
+        # Past every short timer, however late the test got there: what is asserted is that none fired.
+        await asyncio.sleep(max(ends) - loop.time() + 0.2)
         assert s.reservation is res and s.holder == m.RESERVATION
 
     first = await s.reservations.reserve(short, "a short one")
+    ends.append(loop.time() + short)
     assert await s.reservations.reserve(3600, "extended") is first
     await still_in_force(first)
     assert s.reservations.release()
     await s.reservations.reserve(short, "released at once")
+    ends.append(loop.time() + short)
     assert s.reservations.release()
     second = await s.reservations.reserve(3600, "the next one")
     await still_in_force(second)
@@ -17954,6 +17961,7 @@ async def test_no_timer_of_a_reservation_extended_or_released_ends_the_one_in_fo
     gate, started = _gated_unloads(ops)
     unloading = asyncio.ensure_future(s.reservations.reserve(short, "released while it unloads"))
     await until(lambda: started)
+    ends.append(loop.time() + short)  # (its timer set at its grant, before its unloads began)
     assert s.reservations.release()
     gate.set()
     with pytest.raises(m.BrokerError, match="ended"):
