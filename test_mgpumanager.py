@@ -5233,9 +5233,18 @@ async def test_max_concurrency_two_overlaps_one_consumer_never_another(rig):
 async def test_queue_full_and_queue_timeout_end_to_end(rig):
     def tight(raw):
         raw["scheduler"]["max_queue"] = 1
-        raw["scheduler"]["queue_timeout_s"] = 0.3
+        # Long enough for the next request to come while the first waits, on a loaded machine too.
+        raw["scheduler"]["queue_timeout_s"] = 2
 
-    r = await rig(tweak=tight, sims={"mvoice": {"work_s": 1.0, "loaded": True}})
+    r = await rig(tweak=tight, sims={"mvoice": {"work_s": 0.01, "loaded": True}})
+    gate, sim = asyncio.Event(), r.sims["mvoice"]
+    real_work = sim.run_work
+
+    async def gated_work(request: web.Request) -> None:  # the GPU held until the waiting job timed out
+        await gate.wait()
+        await real_work(request)
+
+    sim.run_work = gated_work  # type: ignore[method-assign]
     busy = asyncio.ensure_future(r.post("tts", {"text": "long"}))
     await until(lambda: r.broker.scheduler.holder is not None)
     waiting = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
@@ -5243,6 +5252,7 @@ async def test_queue_full_and_queue_timeout_end_to_end(rig):
     status, headers, body = await r.post("llm", {"model": "m", "prompt": "p"})
     error_of(status, headers, body, "queue_full")
     error_of(*await waiting, "queue_timeout")
+    gate.set()
     assert (await busy)[0] == 200
     st = (await r.status())["scheduler"]["stats"]
     assert (st["jobs"], st["completed"], st["rejected"], st["failed"]) == (3, 1, 1, 1)
