@@ -12841,6 +12841,10 @@ async def test_a_hold_ends_with_an_event_released_timeout_abandoned_or_cut(rig):
     assert (await r.post("image", {"prompt": {}}))[0] == 200
     await until(lambda: len(ended()) == 1)
     assert ended()[0]["outcome"] == "timeout"
+    # The next hold has an hour (a reload): cut at once or later, it ends by the cut, not its 0.3 s.
+    r.raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 3600
+    r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+    await r.broker.reloads.reload()
     assert (await r.post("image", {"prompt": {}}))[0] == 200
     await r.broker.scheduler.close()  # as at shutdown: the hold is cut short
     assert [e["outcome"] for e in ended()] == ["timeout", "cut"]
