@@ -2855,8 +2855,12 @@ async def test_a_reading_of_20000_processes_serves_jobs_and_status_and_beyond_ma
 
 @pytest.mark.parametrize("fault", ["fail", "garbage", "hang"])
 async def test_nvidia_smi_failing_is_gpu_unavailable_and_leaves_no_process(rig, fault):
+    # A short limit where it is what is tested (a hang); elsewhere one that a reading (three runs of the
+    # stand-in, a Python each) never reaches on a loaded machine, where it would be a timeout, not the fault.
+    limit = 0.5 if fault == "hang" else 60
+
     def quick_smi(raw):
-        raw["gpu"]["query_timeout_s"] = 0.5
+        raw["gpu"]["query_timeout_s"] = limit
 
     r = await rig(sims={"mvoice": {"loaded": False}}, tweak=quick_smi)
     before = children()
@@ -2871,6 +2875,9 @@ async def test_nvidia_smi_failing_is_gpu_unavailable_and_leaves_no_process(rig, 
     assert expected[fault] in message
     await until(lambda: children() <= before)  # every nvidia-smi reaped: no zombie left
     r.gpu.set_fault(None)
+    r.raw["gpu"]["query_timeout_s"] = 60  # (the readings that serve it: not raced against a short limit)
+    r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+    await r.broker.reloads.reload()
     assert (await r.post("tts", {"text": "x"}))[0] == 200
 
 
@@ -5226,9 +5233,18 @@ async def test_max_concurrency_two_overlaps_one_consumer_never_another(rig):
 async def test_queue_full_and_queue_timeout_end_to_end(rig):
     def tight(raw):
         raw["scheduler"]["max_queue"] = 1
-        raw["scheduler"]["queue_timeout_s"] = 0.3
+        # Long enough for the next request to come while the first waits, on a loaded machine too.
+        raw["scheduler"]["queue_timeout_s"] = 2
 
-    r = await rig(tweak=tight, sims={"mvoice": {"work_s": 1.0, "loaded": True}})
+    r = await rig(tweak=tight, sims={"mvoice": {"work_s": 0.01, "loaded": True}})
+    gate, sim = asyncio.Event(), r.sims["mvoice"]
+    real_work = sim.run_work
+
+    async def gated_work(request: web.Request) -> None:  # the GPU held until the waiting job timed out
+        await gate.wait()
+        await real_work(request)
+
+    sim.run_work = gated_work  # type: ignore[method-assign]
     busy = asyncio.ensure_future(r.post("tts", {"text": "long"}))
     await until(lambda: r.broker.scheduler.holder is not None)
     waiting = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
@@ -5236,6 +5252,7 @@ async def test_queue_full_and_queue_timeout_end_to_end(rig):
     status, headers, body = await r.post("llm", {"model": "m", "prompt": "p"})
     error_of(status, headers, body, "queue_full")
     error_of(*await waiting, "queue_timeout")
+    gate.set()
     assert (await busy)[0] == 200
     st = (await r.status())["scheduler"]["stats"]
     assert (st["jobs"], st["completed"], st["rejected"], st["failed"]) == (3, 1, 1, 1)
@@ -5342,7 +5359,9 @@ async def test_learned_timings_and_the_expected_waits_in_status_events_and_retry
 
     def tight(raw):
         raw["scheduler"]["max_queue"] = 2
-        raw["scheduler"]["queue_timeout_s"] = 2
+        # (The jobs queued behind a swap are all served: never raced against a short queue timer, which a
+        # loaded machine's readings and loads could outlast.)
+        raw["scheduler"]["queue_timeout_s"] = 60
 
     r = await rig(tweak=tight, sims={"mvoice": {"work_s": 0.3, "load_s": 0.2}, "comfyui": {"work_s": 0.1}})
     assert (await r.post("tts", {"text": "a"}))[0] == 200  # loads mvoice (0.2 s), then works
@@ -12824,6 +12843,10 @@ async def test_a_hold_ends_with_an_event_released_timeout_abandoned_or_cut(rig):
     assert (await r.post("image", {"prompt": {}}))[0] == 200
     await until(lambda: len(ended()) == 1)
     assert ended()[0]["outcome"] == "timeout"
+    # The next hold has an hour (a reload): cut at once or later, it ends by the cut, not its 0.3 s.
+    r.raw["consumers"]["comfyui"]["paths"]["image"]["hold_until"]["timeout_s"] = 3600
+    r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+    await r.broker.reloads.reload()
     assert (await r.post("image", {"prompt": {}}))[0] == 200
     await r.broker.scheduler.close()  # as at shutdown: the hold is cut short
     assert [e["outcome"] for e in ended()] == ["timeout", "cut"]
@@ -17918,12 +17941,14 @@ async def test_a_reservation_extended_while_it_unloads_leaves_no_timer_behind_to
     gate, _ = _gated_unloads(ops)
     first = asyncio.ensure_future(s.reservations.reserve(60, "backup"))
     await until(lambda: s.reservation is not None)
-    await s.reservations.reserve(0.05, "a short one")  # extended while it unloads
+    loop = asyncio.get_running_loop()
+    await s.reservations.reserve(1, "a short one")  # extended while it unloads
+    extended_end = loop.time() + 1  # (the extension's timer, were it left, fires by then)
     gate.set()
     await first
-    assert s.reservations.release()
+    assert s.reservations.release()  # (well within the second: released, not expired)
     second = await s.reservations.reserve(3600, "gaming")
-    await asyncio.sleep(0.2)  # the extension's timer would have fired by now
+    await asyncio.sleep(extended_end - loop.time() + 0.2)  # past the extension's end, however late
     assert s.reservation is second and s.holder == m.RESERVATION
     ended = [e for e in recent_events(s.events) if e["event"] == "reservation_ended"]
     assert [e["why"] for e in ended] == ["released"]
@@ -17936,17 +17961,24 @@ async def test_no_timer_of_a_reservation_extended_or_released_ends_the_one_in_fo
     and end the next reservation (a mutation audit: an extension or a release that left the old timer, and
     a reservation released while it unloaded that still set one, failed no test)."""
     s, _, ops, _ = make_scheduler(small_config())
-    short = 0.05  # each timer left behind would fire within it
+    # Each timer left behind would fire within it; long enough that what the test does before its end (an
+    # extension, a release) comes first on a loaded machine too.
+    short = 1.0
+    loop = asyncio.get_running_loop()
+    ends: list[float] = []  # (by when each short timer fires: set after the timer was)
 
     async def still_in_force(res: m.Reservation) -> None:
-        await asyncio.sleep(4 * short)  # (past every short timer: what is asserted is that none fired)
+        # Past every short timer, however late the test got there: what is asserted is that none fired.
+        await asyncio.sleep(max(ends) - loop.time() + 0.2)
         assert s.reservation is res and s.holder == m.RESERVATION
 
     first = await s.reservations.reserve(short, "a short one")
+    ends.append(loop.time() + short)
     assert await s.reservations.reserve(3600, "extended") is first
     await still_in_force(first)
     assert s.reservations.release()
     await s.reservations.reserve(short, "released at once")
+    ends.append(loop.time() + short)
     assert s.reservations.release()
     second = await s.reservations.reserve(3600, "the next one")
     await still_in_force(second)
@@ -17954,6 +17986,7 @@ async def test_no_timer_of_a_reservation_extended_or_released_ends_the_one_in_fo
     gate, started = _gated_unloads(ops)
     unloading = asyncio.ensure_future(s.reservations.reserve(short, "released while it unloads"))
     await until(lambda: started)
+    ends.append(loop.time() + short)  # (its timer set at its grant, before its unloads began)
     assert s.reservations.release()
     gate.set()
     with pytest.raises(m.BrokerError, match="ended"):
@@ -17973,11 +18006,12 @@ async def test_a_reservation_shortened_while_it_unloads_ends_when_its_new_end_sa
     gate, started = _gated_unloads(ops)
     reserving = asyncio.ensure_future(s.reservations.reserve(3600, "a long backup"))
     await until(lambda: started)
-    assert await s.reservations.reserve(0.05, "only a short one") is s.reservation
+    # (1 s: its unloads end well within it on a loaded machine too; ended before them, it raises instead.)
+    assert await s.reservations.reserve(1, "only a short one") is s.reservation
     gate.set()
     res = await reserving
     assert res.reason == "only a short one"
-    await until(lambda: s.reservation is None)  # it expires on its own, 0.05 s after it was asked again
+    await until(lambda: s.reservation is None)  # it expires on its own, 1 s after it was asked again
     ended = [e["why"] for e in recent_events(s.events) if e["event"] == "reservation_ended"]
     assert ended == ["expired"] and s.holder is None and books_balance(s)
 
@@ -17995,7 +18029,8 @@ async def test_whatever_raises_while_a_reservation_holds_the_gpu_it_ends_and_fre
         ops.states[name].loaded()
     holding = await acquire(s, "t", "kt")
     reserving = asyncio.ensure_future(
-        s.reservations.reserve(0.05 if step == "its end, expired" else 60, "gaming")
+        # (1 s: its grant and its unloads end within it on a loaded machine too, as the steps expect.)
+        s.reservations.reserve(1 if step == "its end, expired" else 60, "gaming")
     )
     waiting = await _queued(s, "x")  # answered gpu_reserved by the reservation, or served after it
     RESERVATION_STEPS[step](s, monkeypatch)
