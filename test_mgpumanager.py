@@ -2175,7 +2175,7 @@ async def test_nvidia_smi_missing_is_a_gpu_error(tmp_path):
 async def test_nvidia_smi_garbage_is_a_gpu_error(tmp_path):
     reader = gpu_reader(
         m.GpuConfig(
-            nvidia_smi=_smi_script(tmp_path, "echo 'hello, world'"), query_timeout_s=5, reader="nvidia-smi"
+            nvidia_smi=_smi_script(tmp_path, "echo 'hello, world'"), query_timeout_s=60, reader="nvidia-smi"
         )
     )
     with pytest.raises(m.GpuError, match="unexpected nvidia-smi output"):
