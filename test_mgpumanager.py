@@ -2183,13 +2183,13 @@ async def test_nvidia_smi_garbage_is_a_gpu_error(tmp_path):
 
 
 async def test_nvidia_smi_timeout_kills_the_process(tmp_path):
-    pidfile = tmp_path / "pid"
-    argv = _smi_script(tmp_path, f"echo $$ > {pidfile}; exec sleep 30")
+    argv = _smi_script(tmp_path, "exec sleep 30")
+    before = children()
     with pytest.raises(m.GpuError, match=r"did not answer within 0\.3 s"):
         await m.run_nvidia_smi(argv, 0.3)
-    pid = int(pidfile.read_text())
-    with pytest.raises(ProcessLookupError):  # killed and reaped: no zombie left behind
-        os.kill(pid, 0)
+    # Killed and reaped: no child of ours left, running or a zombie (whether the limit came before or after
+    # the script began: a pid file it writes, read here, raced the 0.3 s on a loaded machine).
+    assert children() <= before
 
 
 async def test_a_whole_nvidia_smi_reading_answers_within_query_timeout_s_not_each_of_its_runs(tmp_path):
