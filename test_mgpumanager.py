@@ -21675,15 +21675,30 @@ async def test_connections_without_a_request_head_or_idle_after_an_answer_are_cl
     A connection whose request is being handled (an event stream) is left alone. The broker's port and a
     consumer's alike; each close counted by reason."""
 
-    def quick(raw: dict[str, Any]) -> None:
-        with_ports(raw)
-        raw["http"] = {"header_timeout_s": 0.3, "keepalive_s": 0.6}
+    async def http_times(header_timeout_s: float, keepalive_s: float) -> None:
+        """Reload with these http times: they apply to the deadlines set from then on."""
+        r.raw["http"] = {"header_timeout_s": header_timeout_s, "keepalive_s": keepalive_s}
+        r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+        await r.broker.reloads.reload()
+        assert (r.broker.connections.http.header_timeout_s, r.broker.connections.http.keepalive_s) == (
+            header_timeout_s,
+            keepalive_s,
+        )
 
-    r = await rig(tweak=quick)
+    # The short times (0.3 s for a head, 0.6 s idle) are in force only where the test waits for them to end:
+    # kept sends its first head, and resumed gets its first answer and begins its next head, under deadlines
+    # of an hour (set while they were in force), not raced against the short ones on a loaded machine.
+    r = await rig(tweak=with_ports)
     ports = [r.server.port, int(r.broker.ports.address("ollama").rpartition(":")[2])]
     async with r.session.get(r.url("/v1/events")) as stream:
         await stream.content.readline()  # ": mgpumanager events"
         for port in ports:
+            await http_times(3600, 3600)
+            kept = await asyncio.open_connection("127.0.0.1", port)  # (its head due within the hour)
+            resumed = await asyncio.open_connection("127.0.0.1", port)
+            resumed[1].write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await whole_answer(resumed[0]))[0] == 200  # (idle, it may stay the hour)
+            await http_times(0.3, 0.6)
             silent = await asyncio.open_connection("127.0.0.1", port)
             trickling = await asyncio.open_connection("127.0.0.1", port)
             trickling[1].write(b"GET / HTTP/1.1\r\n")
@@ -21696,24 +21711,22 @@ async def test_connections_without_a_request_head_or_idle_after_an_answer_are_cl
                         await writer.drain()
 
             trickler = asyncio.create_task(trickle())
-            kept = await asyncio.open_connection("127.0.0.1", port)
-            resumed = await asyncio.open_connection("127.0.0.1", port)
-            for _, writer in (kept, resumed):
-                writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert (await whole_answer(kept[0]))[0] == 200
-            assert (await whole_answer(resumed[0]))[0] == 200
-            resumed[1].write(b"GET / HTTP/1.1\r\nHo")  # another head, never finished
+            kept[1].write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await whole_answer(kept[0]))[0] == 200  # idle from its answer: 0.6 s
+            resumed[1].write(b"GET / HTTP/1.1\r\nHo")  # another head, never finished: due in 0.3 s
             for reader, _ in (silent, trickling, kept, resumed):
                 await closed_by_peer(reader)
             trickler.cancel()
             for _, writer in (silent, trickling, kept, resumed):
                 writer.close()
         assert r.broker.connections.closed == {"header_timeout": 6, "keepalive": 2}
-        # The event stream, busy all along, is still open and live.
+        # The event stream, busy all along, is still open and live (past the reloads' events).
         r.broker.events.publish("test", n=1)
-        while not (line := await asyncio.wait_for(stream.content.readline(), 10)).startswith(b"data:"):
-            pass
-        assert json.loads(line[5:])["n"] == 1
+        while True:
+            line = await asyncio.wait_for(stream.content.readline(), 10)
+            if line.startswith(b"data:") and (event := json.loads(line[5:]))["event"] == "test":
+                break
+        assert event["n"] == 1
     async with r.session.get(r.url("/metrics")) as resp:
         families = _families(await resp.text())
     closed = "mgpumanager_connections_closed_total"
