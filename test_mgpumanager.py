@@ -2213,9 +2213,11 @@ async def test_nvidia_smi_timeout_kills_what_it_started_too(tmp_path):
     pids = tmp_path / "pids"
     argv = _smi_script(tmp_path, f"sleep 30 & echo $! >> {pids}; echo $$ >> {pids}; wait")
     with pytest.raises(m.GpuError, match="did not answer"):
-        await m.run_nvidia_smi(argv, 0.3)
+        await m.run_nvidia_smi(argv, 2)  # (2 s: both pids written before the kill, on a loaded machine too)
+    started = [int(pid) for pid in pids.read_text().split()]
+    assert len(started) == 2
     # SIGKILL is delivered at once but acted on when each process next runs: gone within moments.
-    await until(lambda: [pid for pid in map(int, pids.read_text().split()) if running(pid)] == [], 5)
+    await until(lambda: [pid for pid in started if running(pid)] == [], 5)
 
 
 async def test_a_reader_closed_while_nvidia_smi_hangs_leaves_no_process(tmp_path):
