@@ -3740,7 +3740,7 @@ async def test_a_probe_timing_out_while_the_consumer_works_does_not_mark_it_unhe
     async def health(request: web.Request) -> web.Response:
         if busy.is_set():
             probed_while_busy.append(1)
-            await asyncio.sleep(1)  # a single-threaded service answers late while it renders
+            await asyncio.sleep(2)  # a single-threaded service answers late while it renders
         return web.json_response({"ok": True})
 
     async def work(request: web.Request) -> web.Response:
@@ -3753,7 +3753,9 @@ async def test_a_probe_timing_out_while_the_consumer_works_does_not_mark_it_unhe
         raw = base_raw(whisper=whisper.url)
         raw["routing"] = {"stt": "whisper"}
         raw["gpu"]["nvidia_smi"] = str(tmp_path / "none")  # never read: whisper fits, and it is resident
-        raw["health"] = {"interval_s": 0.05, "timeout_s": 0.1}
+        # (0.5 s: a probe of the idle stand-in answers within it on a loaded machine too; one while it is
+        # busy, 2 s late, never does.)
+        raw["health"] = {"interval_s": 0.05, "timeout_s": 0.5}
         app = m.create_app(m.parse_config(raw))
         async with TestServer(app, host="127.0.0.1", port=0) as server, aiohttp.ClientSession() as session:
             broker = app[m.BROKER]
