@@ -18208,22 +18208,28 @@ async def test_a_reservation_that_expires_while_it_unloads_unloads_nothing_more(
 
 async def test_a_reservation_that_ends_before_an_unload_answers_restores_what_it_names(rig):
     """operations.md: its POST is answered 409 reservation_released, "naming what it had unloaded (which
-    its end restores as usual)". mvoice answers its unload after a 0.3 s reservation expired: the 409 named
+    its end restores as usual)". mvoice answers its unload after its reservation expired: the 409 named
     it, but the end had already taken what to restore (nothing then), and mvoice stayed unloaded; the
     `reserved` event, serialised later, showed the list as it was changed after. The end is told once the
     unload under way has answered (found by a review of the change that arms the timer at the grant)."""
     r = await rig(sims={"mvoice": {"loaded": True}})
     sim = r.sims["mvoice"]
-    real = sim.do_unload
+    real, asked, gate = sim.do_unload, asyncio.Event(), asyncio.Event()
 
-    async def slow() -> None:
-        await asyncio.sleep(1.5)
+    async def slow() -> None:  # answers once the reservation has expired
+        asked.set()
+        await gate.wait()
         await real()
 
     sim.do_unload = slow  # type: ignore[method-assign]
     async with r.session.get(r.url("/v1/events")) as stream:
         await stream.content.readline()  # (the stream's opening comment)
-        async with r.session.post(r.url("/v1/reserve"), json={"for_s": 0.3}) as resp:
+        # 2 s: mvoice's unload (after a probe of it, maybe) is asked before it ends, on a loaded machine too.
+        reserving = asyncio.ensure_future(r.session.post(r.url("/v1/reserve"), json={"for_s": 2}))
+        await asyncio.wait_for(asked.wait(), 10)
+        await until(lambda: r.broker.scheduler.reservation is None)  # expired while mvoice's unload waits
+        gate.set()
+        async with await asyncio.wait_for(reserving, 20) as resp:
             assert resp.status == 409, await resp.text()
             message = (await resp.json())["message"]
         events = await _read_events(stream, "reservation_ended")
