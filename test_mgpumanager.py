@@ -12561,10 +12561,12 @@ async def test_a_client_leaving_a_hold_path_before_its_answer_began_leaves_the_h
     the same, and the GPU stays held for it until its history fills (an attack: the job ended with its
     client, the lock went free while the render ran). An answer that is not 2xx holds nothing more."""
     rendered, queued = asyncio.Event(), asyncio.Event()
+    validating, validated = asyncio.Event(), asyncio.Event()
     work: dict[str, asyncio.Future[None]] = {}
 
     async def validate_and_queue() -> None:
-        await asyncio.sleep(1)  # validating
+        validating.set()
+        await validated.wait()  # validating (until the test has seen its client leave)
         queued.set()  # queued: it renders, whoever still listens
 
     async def prompt(request: web.Request) -> web.Response:
@@ -12584,10 +12586,11 @@ async def test_a_client_leaving_a_hold_path_before_its_answer_began_leaves_the_h
         r = await rig(total_mib=40000, urls={"comfyui": comfy.url})
         task = asyncio.ensure_future(r.post("image", {"prompt": {}}))
         await until(lambda: r.broker.scheduler.holder == "comfyui")
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(validating.wait(), 10)
         task.cancel()  # the client leaves before the answer's head
         await until(lambda: r.stats.cancelled == 1)
         assert r.broker.scheduler.holder == "comfyui"  # the answer is awaited, the GPU held meanwhile
+        validated.set()
         await asyncio.wait_for(queued.wait(), 10)
         if answer != 200:
             await until(lambda: r.broker.scheduler.holder is None)  # no 2xx: nothing more is held
