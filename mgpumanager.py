@@ -5657,7 +5657,8 @@ class Job:
 
     id: int
     #: The consumer's config as it was at admission (a reload may change or remove it meanwhile), or, for a
-    #: job still queued when a reload gave its consumer another URL, the new one's (``Scheduler.forget``).
+    #: job still queued (``Scheduler.forget``) or being made ready (``RoomMaker.ready``) when a reload gave
+    #: its consumer another URL, the new one's.
     target: ConsumerConfig
     kind: str
     priority: int
@@ -7553,6 +7554,39 @@ class Strangers:
 # ---- making room: carrying the plan out -------------------------------------------------------------
 
 
+def reload_fate(job: Job, now: ConsumerConfig | None, index: int) -> ConsumerConfig | BrokerError:
+    """What a reload makes of a job waiting on GPU ``index``, its consumer's config now being ``now``: the
+    target it goes to (at a new URL, a new service, the config in force from now on; at its URL, the config
+    it was admitted with), or no_consumer, where that consumer is gone, moved to another GPU, or at its new
+    URL no longer serves the job's kind. (A reservation's job is no consumer's: it stays as it is.)"""
+    if job.kind == RESERVATION:
+        return job.target
+    if now is None or now.gpu != index:
+        why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
+        return BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer)
+    if now.url != job.target.url and job.kind in job.target.paths and job.kind not in now.paths:
+        why = f"{job.consumer} no longer serves kind {job.kind!r} at its new url"
+        return BrokerError("no_consumer", why, job.consumer)
+    return now if now.url != job.target.url else job.target
+
+
+def loads_first(target: ConsumerConfig, state: ConsumerState, warm: bool) -> bool:
+    """Whether the broker loads a job's target itself once it fits: it has a load and is known not to be
+    resident, or an admin load asks (``warm``), or it is a service started by command whose health fails
+    (stopped, even when an unload command failed half-way and left its residency unknown)."""
+    stopped = target.started_by_command and state.resident is None and state.healthy is False
+    return target.load is not None and (state.resident is False or warm or stopped)
+
+
+def in_doubt(target: ConsumerConfig, state: ConsumerState) -> bool:
+    """Recorded resident, but something may have changed that since, or of unknown residency (a failed
+    unload or load, a restart), and no reading measures it: the target is asked before any room is
+    planned for it (a service started by command that is seen not running is not: it is stopped)."""
+    stopped = target.started_by_command and state.stopped  # (refused: not one that was slow)
+    measured = target.processes is not None and state.measurable
+    return state.resident is not False and not state.trusted and not measured and not stopped
+
+
 class RoomMaker:
     """Making room on one GPU for a granted job, as ``plan_room`` decides: the GPU readings, the victims'
     unloads, waiting for their memory to come free, then the target's load; a target in doubt is asked
@@ -7601,50 +7635,45 @@ class RoomMaker:
     async def ready(self, job: Job, *, warm: bool = False) -> None:
         """Make the GPU ready for a granted job: room made for its target, and the target loaded. ``warm``
         (an admin load) also loads a target of unknown residency. A job whose caller left gets nothing more
-        unloaded or loaded for it."""
+        unloaded or loaded for it. A reload that gives its consumer a new URL meanwhile (a new service)
+        sends a job with a request to make there, as it does a waiting one (``reload_fate``): it is made
+        ready anew, for that one. (An admin or internal operation's load is the old service's.)"""
         async with self.lock:
-            state = self.states[job.consumer]
+            while True:
+                target = job.target
+                await self._ready(job, warm)
+                fate = reload_fate(job, self.config.consumers.get(job.consumer), self.index)
+                if job.left or job.exclusive or not isinstance(fate, ConsumerConfig) or fate is target:
+                    return  # (else, gone or moved meanwhile, it goes on as the service it was granted)
+                job.target, job.cold = fate, False
+
+    async def _ready(self, job: Job, warm: bool) -> None:
+        """One pass of ``ready`` for the job's target as it is now."""
+        state = self.states[job.consumer]
+        if self.needs_no_room(job) or job.left:
+            return
+        if job.target.started_by_command and state.failing() is not None:
+            # Let in while the broker started it, and that start failed: it runs and fails its health.
+            # One more probe decides, as at the door (Broker.check_reachable): no second start.
+            await self.ops.probe_now(job.consumer)
+            if (error := state.failing()) is not None:
+                raise error
+        if job.target.started_by_command and (why := state.start_failed_since(job.arrived)):
+            # Let in to wait for a start under way, which failed, and it is still not running: refused
+            # as that start was, not started once more for each job that waited (each would hold the
+            # GPU for the load's timeout_s). A job that comes after the failure tries again.
+            raise BrokerError("load_failed", f"{why} (the start this job waited for)", job.consumer)
+        if in_doubt(job.target, state):
+            await self._ask(job)
             if self.needs_no_room(job) or job.left:
                 return
-            if job.target.started_by_command and state.failing() is not None:
-                # Let in while the broker started it, and that start failed: it runs and fails its health.
-                # One more probe decides, as at the door (Broker.check_reachable): no second start.
-                await self.ops.probe_now(job.consumer)
-                if (error := state.failing()) is not None:
-                    raise error
-            if job.target.started_by_command and (why := state.start_failed_since(job.arrived)):
-                # Let in to wait for a start under way, which failed, and it is still not running: refused
-                # as that start was, not started once more for each job that waited (each would hold the
-                # GPU for the load's timeout_s). A job that comes after the failure tries again.
-                raise BrokerError("load_failed", f"{why} (the start this job waited for)", job.consumer)
-            if self._in_doubt(job):
-                await self._ask(job)
-                if self.needs_no_room(job) or job.left:
-                    return
-            await self._make_room(job, warm)
-            if job.left:
-                return
-            if self._loads(job, warm):
-                await self.load(job)
-            elif job.target.load is None and state.resident is not True:
-                job.cold = True  # it loads itself on this request: its time tells its load
-
-    def _loads(self, job: Job, warm: bool) -> bool:
-        """Whether the broker loads the target itself once it fits: it has a load and is known not to be
-        resident, or an admin load asks, or it is a service started by command whose health fails (stopped,
-        even when an unload command failed half-way and left its residency unknown)."""
-        state = self.states[job.consumer]
-        stopped = job.target.started_by_command and state.resident is None and state.healthy is False
-        return job.target.load is not None and (state.resident is False or warm or stopped)
-
-    def _in_doubt(self, job: Job) -> bool:
-        """Recorded resident, but something may have changed that since, or of unknown residency (a failed
-        unload or load, a restart), and no reading measures it: the target is asked before any room is
-        planned for it (a service started by command that is seen not running is not: it is stopped)."""
-        state = self.states[job.consumer]
-        stopped = job.target.started_by_command and state.stopped  # (refused: not one that was slow)
-        measured = job.target.processes is not None and state.measurable
-        return state.resident is not False and not state.trusted and not measured and not stopped
+        await self._make_room(job, warm)
+        if job.left:
+            return
+        if loads_first(job.target, self.states[job.consumer], warm):
+            await self.load(job)
+        elif job.target.load is None and state.resident is not True:
+            job.cold = True  # it loads itself on this request: its time tells its load
 
     async def _ask(self, job: Job) -> None:
         """Ask a target in doubt: one health probe with its residency report (health's ``loaded``, its
@@ -7713,7 +7742,8 @@ class RoomMaker:
         asked = False
         reading = await self.read(job)
         while True:
-            snap = self.snapshot(job, reading, tried, loads=self._loads(job, warm))
+            loads = loads_first(job.target, self.states[job.consumer], warm)
+            snap = self.snapshot(job, reading, tried, loads=loads)
             plan = plan_room(snap)
             if plan.fits or job.left:  # (nobody waits for it any more: unload nothing more for it)
                 return
@@ -7785,16 +7815,18 @@ class RoomMaker:
         why |= fields or {}
         waits = by is not None and by != "yield"
         before: GpuReading | None = None
-        was = state.resident
         if waits:
             try:
                 before = await self.read(job)
             except BrokerError as e:
                 log.warning(logfmt(msg="unload: no reading before it", consumer=victim, error=str(e)))
+            # The service its call goes to: a reload during the reading may have made it another.
+            state = self.states.get(victim, state)
             # (What it is charged with, but never more than the reading shows in use.)
             size = 0 if before is None else _charged(self.views(), before.used_mib).get(victim, 0)
             size = min(size, before.used_mib) if before is not None and before.used_mib is not None else size
             pids = state.pids
+        was = state.resident
         self.recorder.record("evicting" if by is None else "unloading", consumer=victim, **why, job=job.id)
         state.unloading()
         self._unload_started[victim] = self.clock()
@@ -8390,22 +8422,6 @@ class Reservations:
 # ---- a job's lease, and the scheduler that hands leases out -----------------------------------------
 
 
-def reload_fate(job: Job, now: ConsumerConfig | None, index: int) -> ConsumerConfig | BrokerError:
-    """What a reload makes of a job waiting on GPU ``index``, its consumer's config now being ``now``: the
-    target it goes to (at a new URL, a new service, the config in force from now on; at its URL, the config
-    it was admitted with), or no_consumer, where that consumer is gone, moved to another GPU, or at its new
-    URL no longer serves the job's kind. (A reservation's job is no consumer's: it stays as it is.)"""
-    if job.kind == RESERVATION:
-        return job.target
-    if now is None or now.gpu != index:
-        why = "was removed from the config" if now is None else f"was moved to GPU {now.gpu}"
-        return BrokerError("no_consumer", f"{job.consumer} {why}", job.consumer)
-    if now.url != job.target.url and job.kind in job.target.paths and job.kind not in now.paths:
-        why = f"{job.consumer} no longer serves kind {job.kind!r} at its new url"
-        return BrokerError("no_consumer", why, job.consumer)
-    return now if now.url != job.target.url else job.target
-
-
 class JobLease:
     """A job as its caller holds it: ``async with scheduler.job(consumer, kind) as job`` admits it, waits for
     the GPU's lock, makes room and loads (or runs ``step``: the whole work of an admin or internal job),
@@ -8856,7 +8872,7 @@ class Scheduler:
             if isinstance(fate, BrokerError):
                 self.lock.refuse(job, fate)
             else:
-                job.target = fate
+                job.target, job.cold = fate, False
         # What is kept per client or consumer between jobs goes with the ones the reload removed.
         clients = self.config.auth.clients
         self.lock.forget(clients)

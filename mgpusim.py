@@ -49,7 +49,7 @@ from _json import make_scanner
 #                  "used_mib": 2800, "gpu_uuid": "GPU-..."},
 #                 {"pid": 41002, "name": "/usr/games/game", "owner": "game", "used_mib": 8192,
 #                  "gpu_uuid": "GPU-...", "graphics": true, "wants_mib": 12288}],
-#  "faults": {"smi": "hang" | "fail" | "garbage", "smi_delay_s": 0.2,
+#  "faults": {"smi": "hang" | "fail" | "garbage", "smi_delay_s": 0.2, "smi_gate": "/tmp/.../gate",
 #             "nvml": {"call": "nvmlDeviceGetMemoryInfo_v2" | [names], "error": 15} | {"hang": true}},
 #  "ooms": [{"owner": "comfyui", "wanted_mib": 13610, "free_mib": 9000}]}
 # memory.used = the GPU's processes' used_mib summed (null: unknown, nvidia-smi's [N/A], counted 0);
@@ -213,6 +213,8 @@ def apply_smi_faults(faults: dict[str, Any]) -> None:
         raise SmiExit("\x00\x01garbage output\n", 0)
     if faults.get("smi_delay_s"):
         time.sleep(float(faults["smi_delay_s"]))
+    while faults.get("smi_gate") and os.path.exists(faults["smi_gate"]):  # held until a test removes it
+        time.sleep(0.01)
 
 
 def check_fields(fields: list[str], known: dict[str, str]) -> None:
@@ -557,14 +559,17 @@ class SimGPU:
         """memory.total of GPU `gpu`."""
         return self._gpu(self.read(), gpu)["total_mib"]
 
-    def set_fault(self, name: str | None, *, smi_delay_s: float = 0.0) -> None:
-        """Set the nvidia-smi fault ("hang", "fail", "garbage" or None) and an answer delay."""
+    def set_fault(self, name: str | None, *, smi_delay_s: float = 0.0, smi_gate: str | None = None) -> None:
+        """Set the nvidia-smi fault ("hang", "fail", "garbage" or None), an answer delay, and a gate: a file
+        while which exists each answer waits."""
         with self.edit() as state:
             faults = {k: v for k, v in (state.get("faults") or {}).items() if k == "nvml"}
             if name:
                 faults["smi"] = name
             if smi_delay_s:
                 faults["smi_delay_s"] = smi_delay_s
+            if smi_gate:
+                faults["smi_gate"] = smi_gate
             state["faults"] = faults
 
     def set_nvml_fault(

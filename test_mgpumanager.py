@@ -23092,6 +23092,52 @@ async def test_attack_a_job_queued_before_a_reload_that_gives_its_consumer_a_new
         assert [x.path for x in new.records] == ["/api/synthesize"]
 
 
+async def test_a_job_granted_while_a_reload_gives_its_consumer_a_new_url_is_made_ready_on_the_new_one(rig):
+    """Found by a hunt for reloads during a wait: a reload gave mvoice a new URL (a new service) while room
+    was made for a granted job of it. The job went on as the old service's: it asked the new service's
+    record whether to load (unknown: no load) and sent its request to the old URL, whose model the broker
+    had not loaded. A job still being made ready goes to the new service, as a waiting job does
+    (``reload_fate``): room is made and the load done for the new one, and its request goes there."""
+    r = await rig(sims={"comfyui": {"loaded": True, "release_s": 1.0}})
+    new = mgpusim.MvoiceSim("mvoice-new", r.gpu)  # the new service: nothing loaded
+    async with StandIn.serving(new.app) as service:
+        tts = asyncio.ensure_future(r.post("tts", {"text": "x"}))
+        await until(lambda: r.sims["comfyui"].unloads == 1)  # room is made for it: comfyui frees (1 s)
+        await _new_url(r, "mvoice", service.url)
+        assert r.broker.scheduler.holder == "mvoice"  # (granted before the reload)
+        status, _, body = await tts
+        assert status == 200, body
+        assert [x.path for x in new.records] == ["/api/admin/load", "/api/synthesize"]
+        assert [x.path for x in r.sims["mvoice"].records] == []  # the old service: nothing
+        assert r.broker.consumers.states["mvoice"].resident is True and new.loaded
+
+
+async def test_an_admin_unload_while_a_reload_gives_its_consumer_a_new_url_records_the_service_it_called(
+    rig, tmp_path
+):
+    """Found by a hunt for reloads during a wait: an admin unload reads the GPU before its call (to wait
+    for the memory after it). A reload during that reading gave mvoice a new URL: the call went to the
+    new service (the config in force), but the old service's record was marked unloaded, and the new
+    one's stayed as it was. The record the unload keeps is the one of the service it calls."""
+    r = await rig(sims={"mvoice": {"loaded": True}})
+    new = mgpusim.MvoiceSim("mvoice-new", r.gpu, loaded=True)  # the new service: its model loaded
+    async with StandIn.serving(new.app) as service:
+        await asyncio.sleep(1.1)  # (the last reading is older than what the unload takes as it is)
+        gate = tmp_path / "gate"
+        gate.touch()
+        r.gpu.set_fault(None, smi_gate=str(gate))  # (nvidia-smi answers once the gate is gone)
+        queries = r.broker.gpus[0].queries
+        unloading = asyncio.ensure_future(r.session.post(r.url("/v1/consumers/mvoice/unload")))
+        await until(lambda: r.broker.gpus[0].queries > queries)  # its reading before the call is under way
+        state = await _new_url(r, "mvoice", service.url)
+        gate.unlink()
+        async with await unloading as resp:
+            assert resp.status == 200, await resp.text()
+        assert [x.path for x in new.records if x.path.startswith("/api/admin")] == ["/api/admin/unload"]
+        assert r.sims["mvoice"].loaded and not new.loaded  # the call went to the new service,
+        assert state.resident is False and r.broker.consumers.states["mvoice"] is state  # its record too
+
+
 @no_overfill
 async def test_attack_an_old_url_job_that_ends_after_a_reload_does_not_vouch_for_the_new_service(rig):
     """A job running on mvoice's old URL when a reload gives mvoice a new one ends with a 2xx answer, and
@@ -23381,9 +23427,10 @@ async def test_attack_an_old_url_job_that_fails_after_a_reload_does_not_mark_the
     service resets the connection (it is being stopped), and Consumers.job_failed marked the consumer, by
     name, unhealthy: the new, healthy service then refused every job until a probe came. Now a failure of
     a call made to the old URL is the old service's: logged, not recorded on the new one."""
-    gate = asyncio.Event()
+    gate, arrived = asyncio.Event(), asyncio.Event()
 
     async def reset(request: web.Request) -> web.Response:
+        arrived.set()
         await gate.wait()
         assert request.transport is not None
         request.transport.abort()  # the old service goes away with the job's connection
@@ -23394,7 +23441,8 @@ async def test_attack_an_old_url_job_that_fails_after_a_reload_does_not_mark_the
     async with old, new:
         r = await rig(urls={"ollama": old.url})
         running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
-        await until(lambda: r.broker.scheduler.holder == "ollama")
+        # (Running on the old URL: its request made. One still being made ready would go to the new one.)
+        await asyncio.wait_for(arrived.wait(), 10)
         raw = copy.deepcopy(r.raw)
         raw["consumers"]["ollama"]["url"] = new.url
         r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
