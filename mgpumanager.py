@@ -8872,7 +8872,7 @@ class Scheduler:
             if isinstance(fate, BrokerError):
                 self.lock.refuse(job, fate)
             else:
-                job.target, job.cold = fate, False
+                job.target = fate
         # What is kept per client or consumer between jobs goes with the ones the reload removed.
         clients = self.config.auth.clients
         self.lock.forget(clients)
