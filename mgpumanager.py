@@ -5008,6 +5008,14 @@ class ConsumerState:
         """Resident by a record nothing has put in doubt since: a job may go without a GPU reading."""
         return self.resident is True and self.trusted
 
+    def residency_answer(self) -> str:
+        """What its record says of its residency, as the ``residency_asked`` event words it."""
+        if self.known_resident():
+            return "resident"
+        if self.resident is False:
+            return "not resident"
+        return f"no answer ({self.last_error})" if self.healthy is False else "cannot tell"
+
     def failing(self) -> BrokerError | None:
         """What a job for it is refused while it is marked failing (by a probe or a failed connection) and is
         not stopped (a job starts a stopped one): consumer_unreachable, or bad_consumer_url; else None."""
@@ -7570,6 +7578,20 @@ def reload_fate(job: Job, now: ConsumerConfig | None, index: int) -> ConsumerCon
     return now if now.url != job.target.url else job.target
 
 
+def made_ready_anew(
+    job: Job, target: ConsumerConfig, now: ConsumerConfig | None, index: int
+) -> ConsumerConfig | BrokerError | None:
+    """After a pass of ``RoomMaker.ready`` for ``target``, the job's consumer being ``now``: the new service a
+    reload put in its place, to make the job ready anew for (its request is not under way), or its
+    refusal (the new URL no longer serves its kind), or None: it goes on as it is (the same service; one
+    removed, as the service it was granted; an admin or internal operation, whose call was that
+    service's; a job whose caller left)."""
+    if job.left or job.exclusive or now is None:
+        return None
+    fate = reload_fate(job, now, index)
+    return None if fate is target else fate
+
+
 def loads_first(target: ConsumerConfig, state: ConsumerState, warm: bool) -> bool:
     """Whether the broker loads a job's target itself once it fits: it has a load and is known not to be
     resident, or an admin load asks (``warm``), or it is a service started by command whose health fails
@@ -7640,12 +7662,20 @@ class RoomMaker:
         ready anew, for that one. (An admin or internal operation's load is the old service's.)"""
         async with self.lock:
             while True:
-                target = job.target
-                await self._ready(job, warm)
-                fate = reload_fate(job, self.config.consumers.get(job.consumer), self.index)
-                if job.left or job.exclusive or not isinstance(fate, ConsumerConfig) or fate is target:
-                    return  # (else, gone or moved meanwhile, it goes on as the service it was granted)
-                job.target, job.cold = fate, False
+                target, failed = job.target, None
+                try:
+                    await self._ready(job, warm)
+                except BrokerError as e:  # (the old service's failure: the new one is tried all the same)
+                    failed = e
+                fate = made_ready_anew(job, target, self.config.consumers.get(job.consumer), self.index)
+                if isinstance(fate, ConsumerConfig):
+                    job.target, job.cold = fate, False
+                    continue
+                if fate is not None:  # (its new URL no longer serves its kind)
+                    raise fate
+                if failed is not None:
+                    raise failed
+                return
 
     async def _ready(self, job: Job, warm: bool) -> None:
         """One pass of ``ready`` for the job's target as it is now."""
@@ -7682,15 +7712,9 @@ class RoomMaker:
         cannot tell, or does not answer, stays in doubt (then it is planned at its full size)."""
         state = self.states[job.consumer]
         await self.ops.probe_now(job.consumer)
-        if state.known_resident():
-            answer = "resident"
-        elif state.resident is False:
-            answer = "not resident"
-        elif state.healthy is False:
-            answer = f"no answer ({state.last_error})"
-        else:
-            answer = "cannot tell"
-        self.recorder.record("residency_asked", consumer=job.consumer, answer=answer, job=job.id)
+        self.recorder.record(
+            "residency_asked", consumer=job.consumer, answer=state.residency_answer(), job=job.id
+        )
 
     def views(self) -> dict[str, ConsumerView]:
         """This GPU's consumers as the planner sees them now, in config order."""
@@ -12424,11 +12448,12 @@ async def handle_job(request: web.Request) -> web.StreamResponse:
     consumer = broker.config.consumers.get(name)
     if consumer is None or kind not in consumer.paths:  # a reload came while it was probed
         raise BrokerError("no_consumer", f"{name} no longer serves kind {kind!r}", name)
-    headers = request_headers(request, strip_auth=broker.config.auth.required, consumer=consumer)
     lease = broker.scheduler_for(name).job(
         name, kind, request_id=request[REQUEST_ID], client=client_of(request)
     )
     async with lease as job:
+        # (For the service it goes to: a reload while it waited may have sent it to another URL.)
+        headers = request_headers(request, strip_auth=broker.config.auth.required, consumer=job.target)
         return await forward_job(request, broker, job, job.target.paths[kind], body, headers)
 
 
@@ -12550,13 +12575,14 @@ async def serve_consumer_api(
         consumer = configured(broker.config, name)  # (a reload while it was started: a new url, say)
         with broker.unscheduled_slot(consumer):
             return await forward(request, broker, consumer, method, path_qs, body or None)
-    headers = request_headers(request, strip_auth=broker.config.auth.required, consumer=consumer)
     lease = broker.scheduler_for(name).job(
         name, kind, request_id=request[REQUEST_ID], client=client_of(request)
     )
     async with lease as job:
-        # The config it was admitted with; or, queued when a reload gave the consumer another URL, the new
-        # one's, which must take this request as the old one did (its own routes refused, the same kind).
+        # The config it was admitted with; or, when a reload gave the consumer another URL before its
+        # request was made, the new one's, which must take this request as the old one did (its own routes
+        # refused, the same kind), and gets the headers of its own origin.
+        headers = request_headers(request, strip_auth=broker.config.auth.required, consumer=job.target)
         found, path = mount_job_path(job.target, method, upstream_path)
         if job.target is not consumer:
             _refuse_own_routes(job.target, method, upstream_path)

@@ -24050,3 +24050,81 @@ async def test_memory_that_came_free_while_the_absent_were_asked_spares_the_one_
     assert ops.probes[-3:] == ["x", "y", "z"] and ops.states["x"].resident is True
     job.release("completed", status=200, success=True)
     assert s.holder is None and books_balance(s)
+
+
+async def test_attack_a_job_made_ready_when_a_reload_drops_its_kind_at_a_new_url_is_not_sent_unloaded(rig):
+    """The review of 041e875: a reload gave mvoice a new URL that no longer serves tts while room was made
+    for a granted tts job. A queued job is answered no_consumer (``reload_fate``), and operations.md says a
+    job still being made ready goes as a queued one does; RoomMaker.ready let it go on as the old service's
+    instead, having decided its load from the new service's record (unknown: no load): its request went to
+    the old URL, whose model the broker had not loaded, the very split 041e875 names."""
+    r = await rig(sims={"comfyui": {"loaded": True, "release_s": 1.0}})
+    new = mgpusim.MvoiceSim("mvoice-new", r.gpu)  # the new service: nothing loaded, no tts any more
+    async with StandIn.serving(new.app) as service:
+        tts = asyncio.ensure_future(r.post("tts", {"text": "x"}))
+        await until(lambda: r.sims["comfyui"].unloads == 1)  # room is made for it: comfyui frees (1 s)
+        await _new_url(r, "mvoice", service.url, without="tts")
+        assert r.broker.scheduler.holder == "mvoice"  # (granted before the reload)
+        status, headers, body = await tts
+        # (Not sent to the old URL with no load of the broker's: the old service loaded itself, unseen.)
+        assert [x.path for x in r.sims["mvoice"].records] == []
+        error_of(status, headers, body, "no_consumer")
+
+
+async def test_attack_a_job_whose_old_service_fails_its_load_after_a_reload_gave_a_new_url_goes_to_the_new(
+    rig,
+):
+    """The review of 041e875: decisions.md says a job granted but still being made ready when a reload
+    gives its consumer a new URL is made ready anew for the new service ("a load under way finishes
+    first"). The operator who moved mvoice stops the old service, and the old service's load, under way
+    at the reload, fails: RoomMaker.ready raised that failure (load_failed) and the job was refused, the
+    old service's failure, though the new service, healthy, was never tried."""
+    gate, arrived = asyncio.Event(), asyncio.Event()
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "loaded": False})
+
+    async def load(request: web.Request) -> web.Response:
+        arrived.set()
+        await gate.wait()
+        return web.json_response({"error": "shutting down"}, status=503)  # (the old one is being stopped)
+
+    old = StandIn([("GET", "/health", health), ("POST", "/api/admin/load", load)])
+    async with old:
+        r = await rig(urls={"mvoice": old.url})
+        new = mgpusim.MvoiceSim("mvoice-new", r.gpu)  # the new service: healthy, nothing loaded
+        async with StandIn.serving(new.app) as service:
+            tts = asyncio.ensure_future(r.post("tts", {"text": "x"}))
+            await asyncio.wait_for(arrived.wait(), 10)  # the old service's load is under way
+            await _new_url(r, "mvoice", service.url)
+            gate.set()
+            status, _, body = await tts
+            assert status == 200, body
+            assert [x.path for x in new.records if x.path.startswith("/api")] == [
+                "/api/admin/load",
+                "/api/synthesize",
+            ]
+            assert r.broker.consumers.states["mvoice"].resident is True and new.loaded
+
+
+async def test_attack_a_mount_job_sent_to_a_new_url_presents_the_new_services_origin(rig):
+    """The review of 041e875: a mount job of a page of the broker's own origin, granted while room is made
+    for it, is sent to comfyui's new URL by a reload (RoomMaker.ready, as Scheduler.forget sends a queued
+    one). Its headers were made before its lease, from the config it was routed with: ComfyUI's origin
+    check got the old service's origin (consumer_origin) and refused the page's request with 403, where
+    the same request sent after the reload passes."""
+    r = await rig(sims={"mvoice": {"loaded": True, "release_s": 1.0}})
+    new = mgpusim.ComfySim("comfyui-new", r.gpu, context_mib=0)
+    async with StandIn.serving(new.app) as service:
+        base = r.url("/c/comfyui/")
+        own = f"http://{URL(base).host}:{URL(base).port}"  # what a browser that loaded `base` sends
+        prompt = asyncio.ensure_future(
+            r.session.post(base + "api/prompt", json={"prompt": {}}, headers={"Origin": own})
+        )
+        await until(lambda: r.sims["mvoice"].unloads == 1)  # room is made for it: mvoice frees (1 s)
+        await _new_url(r, "comfyui", service.url)
+        assert r.broker.scheduler.holder == "comfyui"  # (granted before the reload)
+        async with await prompt as resp:
+            status, body = resp.status, await resp.text()
+        assert new.refused_origins == [] and status == 200, (status, body)
+        assert [x.headers.get("Origin") for x in new.records if x.path == "/api/prompt"] == [service.url]
