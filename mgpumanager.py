@@ -75,9 +75,11 @@ Sections, in dependency order:
   or the others'), ``ClientEtas`` (a refused client's Retry-After, played once a second) and ``GpuLock`` (the
   lock core: admission to the queue, grants, release, each consumer's job count); ``Strangers`` (what a
   GPU's readings show that no consumer claims, and whether a job fits beside a stranger); ``RoomMaker``
-  (carries a plan out, loads); ``Holds``; ``Reservations``; ``JobLease`` and ``Scheduler`` (one per GPU:
-  composes its parts, hands out leases, sends a reload's queued jobs on: ``forget``, as ``reload_fate``
-  decides); ``InternalJobs`` (idle unloads, preloads, yields and restores, on every GPU); ``Yielding``
+  (carries a plan out, loads; whether it loads first, ``loads_first``, and asks a target in doubt,
+  ``in_doubt``, and where a reload sends a job, ``reload_fate``, and one being made ready,
+  ``made_ready_anew``, are functions beside it); ``Holds``; ``Reservations``; ``JobLease`` and ``Scheduler``
+  (one per GPU: composes its parts, hands out leases, sends a reload's queued jobs on: ``forget``);
+  ``InternalJobs`` (idle unloads, preloads, yields and restores, on every GPU); ``Yielding``
   (when to yield and restore: the poll of gpu.yield).
 - The proxy: ``forward`` and ``forward_job`` (``relay``, streamed), the holds' polls, WebSockets.
 - The broker: ``StateFile`` (what a restart keeps: ``parse_state``, an atomic write), ``Broker``, the
