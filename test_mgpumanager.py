@@ -1066,10 +1066,17 @@ class Browser:
         self.home = home
         self.ids = itertools.count(1)
 
-    async def __aenter__(self) -> Browser:
+    @staticmethod
+    def chromium() -> str:
+        """The browser's path; the test is skipped where there is none (ask before a test starts work that
+        the skip would leave running)."""
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
         if chromium is None:
             pytest.skip("chromium is not installed (.ci/run installs it)")
+        return chromium
+
+    async def __aenter__(self) -> Browser:
+        chromium = self.chromium()
         self.log = (self.home / "chromium.log").open("wb")
         self.proc = await asyncio.create_subprocess_exec(
             chromium,
@@ -19816,6 +19823,7 @@ async def test_dashboard_shows_markup_in_a_reason_and_a_gpu_name_as_text(rig, tm
 async def test_dashboard_with_clients_names_each_queued_jobs_client(rig, tmp_path):
     """Issue 23: with auth.clients, the page (opened with a client's token: status and events are a
     client's to read) shows whom each queued job is for, and whom the holder runs for."""
+    Browser.chromium()  # (skipped before its jobs start: they would be left to the rig's close)
     gate = asyncio.Event()
     async with held_llm(gate) as ollama:
         r = await rig(tweak=with_clients, urls={"ollama": ollama.url}, sims={"mvoice": {"loaded": True}})
