@@ -7583,12 +7583,12 @@ def reload_fate(job: Job, now: ConsumerConfig | None, index: int) -> ConsumerCon
 def made_ready_anew(
     job: Job, target: ConsumerConfig, now: ConsumerConfig | None, index: int
 ) -> ConsumerConfig | BrokerError | None:
-    """After a pass of ``RoomMaker.ready`` for ``target``, the job's consumer being ``now``: the new service a
-    reload put in its place, to make the job ready anew for (its request is not under way), or its
-    refusal (the new URL no longer serves its kind), or None: it goes on as it is (the same service; one
-    removed, as the service it was granted; an admin or internal operation, whose call was that
-    service's; a job whose caller left)."""
-    if job.left or job.exclusive or now is None:
+    """After a pass of ``RoomMaker.ready`` for ``target``, the job's consumer being ``now``: as a queued job
+    (``reload_fate``; its request is not under way), the new service a reload put in its place, to make
+    the job ready anew for, or its refusal (its consumer removed, or at its new URL no longer serving its
+    kind); or None: it goes on as it is (the same service; an admin or internal operation, whose call was
+    that service's; a job whose caller left)."""
+    if job.left or job.exclusive:
         return None
     fate = reload_fate(job, now, index)
     return None if fate is target else fate
@@ -7673,7 +7673,7 @@ class RoomMaker:
                 if isinstance(fate, ConsumerConfig):
                     job.target, job.cold = fate, False
                     continue
-                if fate is not None:  # (its new URL no longer serves its kind)
+                if fate is not None:  # (removed meanwhile, or its new URL no longer serves its kind)
                     raise fate
                 if failed is not None:
                     raise failed

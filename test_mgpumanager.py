@@ -23100,6 +23100,27 @@ async def test_attack_a_job_queued_before_a_reload_that_gives_its_consumer_a_new
         assert [x.path for x in new.records] == ["/api/synthesize"]
 
 
+async def test_a_job_being_made_ready_when_a_reload_removes_its_consumer_is_answered_as_a_queued_one(rig):
+    """A job still being made ready goes as a queued one does (operations.md): one whose consumer a reload
+    removed meanwhile is answered no_consumer, its request never made. It went on as the removed service's,
+    and its load (by name, in a config without it) failed: 502 load_failed, "no load route (any more)"."""
+    r = await rig(sims={"comfyui": {"loaded": True, "release_s": 1.0}})
+    tts = asyncio.ensure_future(r.post("tts", {"text": "x"}))
+    await until(lambda: r.sims["comfyui"].unloads == 1)  # room is made for it: comfyui frees (1 s)
+    raw = copy.deepcopy(r.raw)
+    del raw["consumers"]["mvoice"], raw["routing"]["tts"], raw["routing"]["stt"], raw["audio_proxy"]
+    for c in raw["consumers"].values():
+        c["can_coexist_with"] = [n for n in c.get("can_coexist_with", []) if n != "mvoice"]
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert "removed mvoice" in (await resp.json())["changes"]
+    assert r.broker.scheduler.holder == "mvoice"  # (granted before the reload)
+    status, headers, body = await tts
+    error_of(status, headers, body, "no_consumer")
+    assert "removed" in json.loads(body)["message"]
+    assert [x.path for x in r.sims["mvoice"].records] == []  # neither loaded nor asked
+
+
 async def test_a_job_granted_while_a_reload_gives_its_consumer_a_new_url_is_made_ready_on_the_new_one(rig):
     """Found by a hunt for reloads during a wait: a reload gave mvoice a new URL (a new service) while room
     was made for a granted job of it. The job went on as the old service's: it asked the new service's
