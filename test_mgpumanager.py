@@ -14438,7 +14438,7 @@ def test_where_matches_dotted_fields_missing_ones_as_null_and_true_is_not_one():
 async def test_ollama_sim_lists_what_it_holds_like_ollama_and_keeps_it_for_keep_alive(rig):
     import ollama  # noqa: PLC0415 (a dev dependency, needed here only)
 
-    r = await rig(sims={"ollama": {"vram_mib": 3000, "keep_alive_s": 2}})
+    r = await rig(sims={"ollama": {"vram_mib": 3000, "keep_alive_s": 600}})
     sim = r.sims["ollama"]
     client = ollama.AsyncClient(host=str(r.sim_servers["ollama"].make_url("")))
     try:
@@ -14446,9 +14446,14 @@ async def test_ollama_sim_lists_what_it_holds_like_ollama_and_keeps_it_for_keep_
         await client.generate(model="b", prompt="hi", stream=False, keep_alive="1h")
         await client.generate(model="c", prompt="", keep_alive="1m")  # an empty prompt only loads it
         listed = (await client.ps()).models
-        assert [p.model for p in listed] == ["b", "c", "a"]  # the longest left to live first, as ollama
+        # The longest left to live first, as ollama: b's hour, a's 10 minutes (the default), c's minute.
+        assert [p.model for p in listed] == ["b", "a", "c"]
         assert all(p.size_vram == 3000 * 2**20 and p.expires_at.tzinfo is not None for p in listed)
         assert r.gpu.used_mib("ollama") == 9000
+        # A shorter default, now that the listing is read (its 0.2 s would have raced the three loads):
+        # a's next request (an empty prompt, already loaded) keeps it for that, and it runs out.
+        sim.keep_alive_s = 0.2
+        await client.generate(model="a", prompt="")
         await until(lambda: "a" not in sim.models)  # its keep_alive ran out
         assert list(sim.models) == ["b", "c"] and r.gpu.used_mib("ollama") == 6000
         for model in ("b", "c"):
