@@ -1851,6 +1851,8 @@ class ServiceSim(SimConsumer):
         self.loading: dict[str, int] = {}
         #: A router's loads that its /models/load started (an unload stops them).
         self._router_loads: dict[str, asyncio.Task[None]] = {}
+        #: A router's model instance exits only once this is free (a test holds it: listed loaded until then).
+        self._exit_lock = asyncio.Lock()
         #: llama-server loading its model as its process starts: every route answers 503.
         self.starting = False
         self.loads_at_start = "while_listening" if service == "llama-cpp" else ""
@@ -2092,6 +2094,8 @@ class ServiceSim(SimConsumer):
     async def _router_stop(self, model: str) -> None:
         """A router's model instance exiting release_s after its unload: listed loaded until then."""
         await asyncio.sleep(self.release_s)
+        async with self._exit_lock:
+            pass
         if model in self.models:
             del self.models[model]
             self.loaded = bool(self.models)

@@ -14948,8 +14948,12 @@ async def test_llama_router_sim_loads_in_the_background_and_refuses_like_llama_s
     # As the real one, its model's instance may exit after the unload's answer: listed loaded until then.
     sim.release_s = 0.2
     assert (await call("/v1/chat/completions", {"model": "m0"}))[0] == 200
-    assert await call("/models/unload", {"model": "m0"}) == (200, {"success": True})
-    assert await listed() == {"m0": "loaded"} and r.gpu.used_mib("router") == 1000
+    await sim._exit_lock.acquire()  # its instance exits once the test has read the listing, not 0.2 s later
+    try:
+        assert await call("/models/unload", {"model": "m0"}) == (200, {"success": True})
+        assert await listed() == {"m0": "loaded"} and r.gpu.used_mib("router") == 1000
+    finally:
+        sim._exit_lock.release()
     await until(lambda: not sim.models)
     assert await listed() == {"m0": "unloaded"} and r.gpu.used_mib("router") == 0
     # A restart forgets what it had loaded.
