@@ -19312,7 +19312,12 @@ async def test_a_reservation_drawn_from_the_status_stays_drawn_when_it_ends(rig,
         await browser.wait_for(
             "!document.getElementById('holder').textContent.includes('gaming')", timeout=30
         )
-        await asyncio.sleep(2.5)  # (a status and a redraw after it)
+        # Its reservation_ended in the page's events, then a status read after that one (each read draws
+        # the timeline at once): the drawing asserted is made from both, however long they took to come.
+        await browser.wait_for(
+            "events.some((e) => e.event === 'reservation_ended') && (window.seen = status, true)", timeout=30
+        )
+        await browser.wait_for("status !== window.seen", timeout=30)
         assert await browser.evaluate(TIMELINE_RESERVATIONS) == [["0", "gaming", "released", "false"]]
 
 
