@@ -14948,12 +14948,12 @@ async def test_llama_router_sim_loads_in_the_background_and_refuses_like_llama_s
     # As the real one, its model's instance may exit after the unload's answer: listed loaded until then.
     sim.release_s = 0.2
     assert (await call("/v1/chat/completions", {"model": "m0"}))[0] == 200
-    await sim._exit_lock.acquire()  # its instance exits once the test has read the listing, not 0.2 s later
+    await sim._release_lock.acquire()  # its instance exits once the listing is read, not 0.2 s later
     try:
         assert await call("/models/unload", {"model": "m0"}) == (200, {"success": True})
         assert await listed() == {"m0": "loaded"} and r.gpu.used_mib("router") == 1000
     finally:
-        sim._exit_lock.release()
+        sim._release_lock.release()
     await until(lambda: not sim.models)
     assert await listed() == {"m0": "unloaded"} and r.gpu.used_mib("router") == 0
     # A restart forgets what it had loaded.
@@ -19350,10 +19350,12 @@ async def test_a_reservation_still_unloading_is_not_drawn_as_one_from_before_the
     unloads run; its `reserved` event comes after them (how-it-works: once its unloads are done). Meanwhile
     the page, which has every event since long before, drew it from the left edge: reserved for 15 minutes
     (found by a review of the timeline's seeding, as the four tests beside it)."""
-    r = await rig(sims={"mvoice": {"loaded": True, "release_s": 6}})
+    r = await rig(sims={"mvoice": {"loaded": True, "release_s": 0.1}})
+    sim = r.sims["mvoice"]
     async with Browser(tmp_path) as browser:
         await browser.call("Page.navigate", url=r.url("/"))
         await browser.wait_for("document.getElementById('holder') !== null && status !== null", timeout=30)
+        await sim._release_lock.acquire()  # mvoice frees its memory once the page has been read, not 6 s on
         reserving = asyncio.ensure_future(_reserve(r, for_s=7200, reason="gaming"))
         try:
             await browser.wait_for(
@@ -19365,6 +19367,7 @@ async def test_a_reservation_still_unloading_is_not_drawn_as_one_from_before_the
             )
             assert model == [], model  # (none yet, or one from when it began)
         finally:
+            sim._release_lock.release()
             assert (await reserving)[0] == 200
 
 
