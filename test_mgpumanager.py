@@ -22446,7 +22446,9 @@ async def test_a_probe_under_way_keeps_no_residency_error_of_a_consumer_a_reload
     assert "v" not in consumers.residency_errors, consumers.residency_errors
 
 
-async def test_a_status_asked_while_a_reload_removes_a_consumer_answers_with_the_config_in_force(rig):
+async def test_a_status_asked_while_a_reload_removes_a_consumer_answers_with_the_config_in_force(
+    rig, tmp_path
+):
     """/v1/status waits for the GPU's reading (and plays the queue in a thread) before it lists the
     consumers. A reload meanwhile that removes one drops what the broker knew of it; the status answers
     with the config in force once it has waited, which no longer has it (it listed the config it began
@@ -22456,7 +22458,9 @@ async def test_a_status_asked_while_a_reload_removes_a_consumer_answers_with_the
     queries = reader.queries
     await asyncio.sleep(1.1)  # (the last reading is older than what a status takes as it is)
     assert reader.queries == queries and reader._inflight is None  # (nothing reads the GPU but the status)
-    r.gpu.set_fault(None, smi_delay_s=1.5)
+    gate = tmp_path / "gate"
+    gate.touch()
+    r.gpu.set_fault(None, smi_gate=str(gate))  # (nvidia-smi answers once the reload is in: the gate gone)
     asked = asyncio.ensure_future(r.session.get(r.url("/v1/status")))
     await until(lambda: r.broker.gpus[0]._inflight is not None)  # (the status's: the rig reads no more alone)
     raw = copy.deepcopy(r.raw)
@@ -22467,14 +22471,14 @@ async def test_a_status_asked_while_a_reload_removes_a_consumer_answers_with_the
     async with r.session.post(r.url("/v1/reload")) as resp:
         assert resp.status == 200, await resp.text()
     assert "whisper" not in r.broker.consumers.states
-    r.gpu.set_fault(None)  # (what is left of the status's reading answers at once)
+    gate.unlink()  # (what is left of the status's reading answers at once)
     async with await asked as resp:
         assert resp.status == 200, await resp.text()
         st = await resp.json()
     assert set(st["consumers"]) == set(raw["consumers"]) and "whisper" not in st["gpus"][0]["consumers"]
 
 
-async def test_a_status_asked_while_a_reload_adds_a_gpu_lists_every_consumers_gpu(rig):
+async def test_a_status_asked_while_a_reload_adds_a_gpu_lists_every_consumers_gpu(rig, tmp_path):
     """The same wait, and a reload meanwhile that moves comfyui to a GPU it adds: the status listed the
     GPUs it began with and the consumers of the config after its wait, so comfyui named GPU 1 and was in
     no GPU's list (found by a review of the status above). It reads the GPU added meanwhile too."""
@@ -22482,7 +22486,9 @@ async def test_a_status_asked_while_a_reload_adds_a_gpu_lists_every_consumers_gp
     reader = r.broker.gpus[0]
     await asyncio.sleep(1.1)  # (the last reading is older than what a status takes as it is)
     assert list(r.broker.schedulers) == [0] and reader._inflight is None
-    r.gpu.set_fault(None, smi_delay_s=1.5)
+    gate = tmp_path / "gate"
+    gate.touch()
+    r.gpu.set_fault(None, smi_gate=str(gate))  # (nvidia-smi answers once the reload is in: the gate gone)
     asked = asyncio.ensure_future(r.session.get(r.url("/v1/status")))
     await until(lambda: reader._inflight is not None)  # (the status's: nothing else reads the GPU here)
     raw = copy.deepcopy(r.raw)
@@ -22490,7 +22496,7 @@ async def test_a_status_asked_while_a_reload_adds_a_gpu_lists_every_consumers_gp
     r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     async with r.session.post(r.url("/v1/reload")) as resp:
         assert "added GPU 1" in (await resp.json())["changes"]
-    r.gpu.set_fault(None)  # (what is left of the status's reading answers at once)
+    gate.unlink()  # (what is left of the status's reading answers at once)
     async with await asked as resp:
         assert resp.status == 200, await resp.text()
         st = await resp.json()
