@@ -18194,15 +18194,20 @@ async def test_a_reservation_released_while_it_unloads_was_announced_before_its_
     streams got `reservation_ended` of a reservation they never saw (the dashboard drew nothing), and its
     POST was answered 200, "597.9 s left", for a GPU no longer reserved. Now `reserved` comes first, with
     what it had unloaded, and the POST says it ended (found by an attack on the views)."""
-    r = await rig(sims={"comfyui": {"loaded": True, "release_s": 2.0}})  # comfyui frees its memory late
+    r = await rig(sims={"comfyui": {"loaded": True, "release_s": 0.1}})  # comfyui frees its memory late:
+    comfyui = r.sims["comfyui"]
+    await comfyui._release_lock.acquire()  # once the reservation is released (not 2 s on, whatever came)
     async with r.session.get(r.url("/v1/events")) as stream:
         await stream.content.readline()  # (the stream's opening comment)
         reserving = asyncio.ensure_future(r.session.post(r.url("/v1/reserve"), json={"for_s": 600}))
-        await until(lambda: r.sims["comfyui"].unloads == 1)
-        st = await r.status()
-        assert st["scheduler"]["holder"]["consumer"] == "reservation"
-        async with r.session.delete(r.url("/v1/reserve")) as resp:
-            assert (await resp.json())["released"] is True
+        try:
+            await until(lambda: comfyui.unloads == 1)
+            st = await r.status()
+            assert st["scheduler"]["holder"]["consumer"] == "reservation"
+            async with r.session.delete(r.url("/v1/reserve")) as resp:
+                assert (await resp.json())["released"] is True
+        finally:
+            comfyui._release_lock.release()
         async with await asyncio.wait_for(reserving, 20) as resp:
             assert resp.status == 409, await resp.text()
             answer = await resp.json()
@@ -18220,12 +18225,17 @@ async def test_a_reservation_that_expires_while_it_unloads_unloads_nothing_more(
     services' again at once". Its expiry timer was set only once every unload was done: a reservation of
     0.3 s whose first unload takes 2 s went on to unload the next consumer, and refused jobs gpu_reserved
     "for 0 s more" meanwhile (found by an attack on the views)."""
-    r = await rig(sims={"mvoice": {"loaded": True, "release_s": 2.0}, "comfyui": {"loaded": True}})
-    s = r.broker.scheduler
-    reserving = asyncio.ensure_future(r.session.post(r.url("/v1/reserve"), json={"for_s": 0.3}))
-    await until(lambda: r.sims["mvoice"].unloads == 1)
-    await until(lambda: s.reservation is None)  # expired 0.3 s after it began,
-    assert r.gpu.used_mib("mvoice") > 0  # while mvoice still frees (2 s): its timer ran from the grant
+    r = await rig(sims={"mvoice": {"loaded": True, "release_s": 0.1}, "comfyui": {"loaded": True}})
+    s, mvoice = r.broker.scheduler, r.sims["mvoice"]
+    await mvoice._release_lock.acquire()  # mvoice frees its memory once the test has seen the expiry
+    # 2 s: mvoice's unload (after a probe of it, maybe) is asked before it ends, on a loaded machine too.
+    reserving = asyncio.ensure_future(r.session.post(r.url("/v1/reserve"), json={"for_s": 2}))
+    try:
+        await until(lambda: mvoice.unloads == 1)
+        await until(lambda: s.reservation is None)  # expired 2 s after it began,
+        assert r.gpu.used_mib("mvoice") > 0  # while mvoice still frees: its timer ran from the grant
+    finally:
+        mvoice._release_lock.release()
     async with await asyncio.wait_for(reserving, 20) as resp:
         assert resp.status == 409 and "ended (expired)" in (await resp.json())["message"]
     await until(lambda: s.holder is None, timeout=20)
