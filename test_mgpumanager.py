@@ -16067,18 +16067,24 @@ async def test_a_consumer_being_evicted_moves_to_another_gpu_only_once_its_unloa
     """Found by an attack on reload interplay: the move check counted a consumer's own jobs only. One being
     unloaded on GPU 0 for another's job (its unload called, its memory waited for) could be moved to GPU 1
     and given a job there while GPU 0's unload of it was still under way. Its unload counts as its work."""
-    # 14000 MiB: comfyui (13000) does not fit beside mvoice (2800), whose memory goes 2 s after its unload.
-    r = await rig(gpus=2, total_mib=14000, sims={"mvoice": {"loaded": True, "release_s": 2}})
+    # 14000 MiB: comfyui (13000) does not fit beside mvoice (2800), whose memory goes after its unload: once
+    # the test lets it (its release held), not 2 s on, which the reload had to beat on a loaded machine.
+    r = await rig(gpus=2, total_mib=14000, sims={"mvoice": {"loaded": True, "release_s": 0.1}})
+    mvoice = r.sims["mvoice"]
+    await mvoice._release_lock.acquire()
     image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
-    await until(lambda: r.sims["mvoice"].unloads == 1)
-    raw = copy.deepcopy(r.raw)
-    raw["consumers"]["mvoice"]["gpu"] = 1
-    raw["consumers"]["mvoice"]["can_coexist_with"] = []
-    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    async with r.session.post(r.url("/v1/reload")) as resp:
-        data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
-    assert "consumers.mvoice.gpu: mvoice is being unloaded on GPU 0" in data["message"]
-    assert r.broker.scheduler_for("mvoice").index == 0
+    try:
+        await until(lambda: mvoice.unloads == 1)
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["mvoice"]["gpu"] = 1
+        raw["consumers"]["mvoice"]["can_coexist_with"] = []
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+        assert "consumers.mvoice.gpu: mvoice is being unloaded on GPU 0" in data["message"]
+        assert r.broker.scheduler_for("mvoice").index == 0
+    finally:
+        mvoice._release_lock.release()
     assert (await image)[0] == 200
     async with r.session.post(r.url("/v1/reload")) as resp:  # unloaded now: the move is taken
         assert "new GPU for mvoice" in (await resp.json())["changes"]
@@ -16133,22 +16139,27 @@ async def test_a_consumer_removed_while_evicted_may_come_back_on_the_same_gpu_at
     """Only a move waits for an unload under way on another GPU: a consumer a reload removed while it was
     being evicted, added again on its GPU, is no move (found by the review of the move check, which first
     asked the consumer's state and so could not tell on which GPU it was being unloaded)."""
-    r = await rig(gpus=2, total_mib=14000, sims={"mvoice": {"loaded": True, "release_s": 3}})
+    r = await rig(gpus=2, total_mib=14000, sims={"mvoice": {"loaded": True, "release_s": 0.1}})
+    mvoice = r.sims["mvoice"]
+    await mvoice._release_lock.acquire()  # its memory goes once the test lets it (not 3 s on, however slow)
     image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
-    await until(lambda: r.sims["mvoice"].unloads == 1)
-    removed = copy.deepcopy(r.raw)
-    del removed["consumers"]["mvoice"]
-    removed["routing"] = {k: v for k, v in removed["routing"].items() if v != "mvoice"}
-    removed.pop("audio_proxy", None)
-    for c in removed["consumers"].values():
-        c["can_coexist_with"] = [n for n in c.get("can_coexist_with", []) if n != "mvoice"]
-    r.config_path.write_text(yaml.safe_dump(removed, sort_keys=False))
-    async with r.session.post(r.url("/v1/reload")) as resp:
-        assert "removed mvoice" in (await resp.json())["changes"], await resp.text()
-    r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))  # the same again, on GPU 0
-    async with r.session.post(r.url("/v1/reload")) as resp:
-        status, text = resp.status, await resp.text()
-    assert not image.done()  # (the unload was still under way)
+    try:
+        await until(lambda: mvoice.unloads == 1)
+        removed = copy.deepcopy(r.raw)
+        del removed["consumers"]["mvoice"]
+        removed["routing"] = {k: v for k, v in removed["routing"].items() if v != "mvoice"}
+        removed.pop("audio_proxy", None)
+        for c in removed["consumers"].values():
+            c["can_coexist_with"] = [n for n in c.get("can_coexist_with", []) if n != "mvoice"]
+        r.config_path.write_text(yaml.safe_dump(removed, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert "removed mvoice" in (await resp.json())["changes"], await resp.text()
+        r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))  # the same again, on GPU 0
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            status, text = resp.status, await resp.text()
+        assert not image.done()  # (the unload was still under way)
+    finally:
+        mvoice._release_lock.release()
     assert status == 200 and "added mvoice" in text, text
     assert (await image)[0] == 200
 
@@ -16157,20 +16168,27 @@ async def test_a_consumer_given_a_new_url_while_evicted_still_waits_for_that_unl
     """The move check goes by the GPUs' unloads under way, by name: a reload that gives the consumer a new
     URL (a new service, a new record) while it is being evicted does not let the next reload move it to
     another GPU before that unload is done (found by the review of the move check)."""
-    r = await rig(gpus=2, total_mib=14000, sims={"mvoice": {"loaded": True, "release_s": 3}})
+    r = await rig(gpus=2, total_mib=14000, sims={"mvoice": {"loaded": True, "release_s": 0.1}})
+    mvoice = r.sims["mvoice"]
+    await mvoice._release_lock.acquire()  # its memory goes once the test lets it (not 3 s on, however slow)
     image = asyncio.ensure_future(r.post("image", {"prompt": {}}))
-    await until(lambda: r.sims["mvoice"].unloads == 1)
-    raw = copy.deepcopy(r.raw)
-    raw["consumers"]["mvoice"]["url"] = raw["consumers"]["mvoice"]["url"].replace("127.0.0.1", "localhost")
-    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    async with r.session.post(r.url("/v1/reload")) as resp:
-        assert "new url for mvoice" in (await resp.json())["changes"], await resp.text()
-    raw["consumers"]["mvoice"]["gpu"] = 1
-    raw["consumers"]["mvoice"]["can_coexist_with"] = []
-    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    async with r.session.post(r.url("/v1/reload")) as resp:
-        data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
-    assert not image.done()
+    try:
+        await until(lambda: mvoice.unloads == 1)
+        raw = copy.deepcopy(r.raw)
+        raw["consumers"]["mvoice"]["url"] = raw["consumers"]["mvoice"]["url"].replace(
+            "127.0.0.1", "localhost"
+        )
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            assert "new url for mvoice" in (await resp.json())["changes"], await resp.text()
+        raw["consumers"]["mvoice"]["gpu"] = 1
+        raw["consumers"]["mvoice"]["can_coexist_with"] = []
+        r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+        assert not image.done()
+    finally:
+        mvoice._release_lock.release()
     assert "consumers.mvoice.gpu: mvoice is being unloaded on GPU 0" in data["message"]
     assert (await image)[0] == 200
 
