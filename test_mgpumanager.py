@@ -17722,12 +17722,21 @@ async def test_a_job_right_after_an_idle_unload_finds_its_memory_free_not_refuse
     def idle(raw: dict[str, Any]) -> None:
         raw["consumers"]["comfyui"]["idle_unload_s"] = 0.5
 
-    sims = {"comfyui": {"loaded": False, "release_s": 3.0}, "mvoice": {"loaded": False}}
+    sims = {"comfyui": {"loaded": False, "release_s": 0.1}, "mvoice": {"loaded": False}}
     r = await rig(total_mib=15000, sims=sims, tweak=idle)
-    await _render(r)
-    await until(lambda: r.sims["comfyui"].unloads == 1, timeout=20)  # the idle unload was asked
-    assert r.gpu.used_mib("comfyui") == 13000  # its memory is still on its way out
-    status, _, body = await r.post("tts", {"text": "right after the idle unload"})
+    comfyui = r.sims["comfyui"]
+    # Its memory goes once the TTS job waits behind the idle unload (its release held), not 3 s after the
+    # unload: the check and the job had to come within those 3 s, or the job found the memory free anyway.
+    await comfyui._release_lock.acquire()
+    try:
+        await _render(r)
+        await until(lambda: comfyui.unloads == 1, timeout=20)  # the idle unload was asked
+        assert r.gpu.used_mib("comfyui") == 13000  # its memory is still on its way out
+        tts = asyncio.ensure_future(r.post("tts", {"text": "right after the idle unload"}))
+        await until(lambda: any(j.consumer == "mvoice" for j in r.broker.scheduler.lock.waiting))
+    finally:
+        comfyui._release_lock.release()
+    status, _, body = await tts
     assert status == 200, json.loads(body)["message"]
     assert r.gpu.used_mib("comfyui") == 0 and r.stats.idle_unloads == 1 and r.stats.evictions == 0
 
