@@ -10290,6 +10290,12 @@ async def test_a_yield_refused_by_a_reservation_is_no_failed_unload_and_the_cons
     assert r.gpu.free_mib() >= 2048
 
 
+async def _polls_later(r: Rig, more: int) -> None:
+    """Wait until GPU 0 was read ``more`` times more, as gpu.yield polls it (3 nvidia-smi runs a reading)."""
+    queries = r.broker.gpus[0].queries
+    await until(lambda: r.broker.gpus[0].queries >= queries + 3 * more, timeout=30)
+
+
 async def test_a_consumer_unloaded_as_idle_after_its_yield_is_not_restored(rig):
     """Found by an attack on restarts: mvoice yields for a game; a job loads it again beside the game; unused
     for its idle_unload_s, the broker unloads it as idle. When the game went, the yield's restore loaded it
@@ -10312,6 +10318,7 @@ async def test_a_consumer_unloaded_as_idle_after_its_yield_is_not_restored(rig):
     assert not r.broker.internal.to_restore.get(0)
     r.gpu.release("game")
     await asyncio.sleep(2)  # (a restore would come restore_after_s after the game left, polled every 0.2 s)
+    await _polls_later(r, 3)  # (and the polls that would have seen to it came, however slow the machine)
     assert r.stats.restores == 0 and not r.sims["mvoice"].loaded
 
 
@@ -10336,6 +10343,7 @@ async def test_a_consumer_the_admin_unloaded_after_its_yield_is_not_restored(rig
     r.gpu.release("game")
     await status_until(r, lambda st: not st["gpu"]["strangers"]["present"])
     await asyncio.sleep(2)  # (a timer that must not fire: a restore comes 0.5 s after the game left)
+    await _polls_later(r, 3)  # (and the polls that would have seen to it came, however slow the machine)
     assert r.stats.restores == 0 and not r.sims["mvoice"].loaded
 
 
