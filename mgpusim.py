@@ -738,6 +738,8 @@ class SimConsumer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._release_task: asyncio.Task[None] | None = None
         self._load_lock = asyncio.Lock()
+        #: What an unload frees release_s later is freed only once this is free too (a test holds it).
+        self._release_lock = asyncio.Lock()
         self._shutting_down = asyncio.Event()
         self.hold_memory()
         self.app = self.make_app()
@@ -893,6 +895,8 @@ class SimConsumer:
     async def _release_later(self) -> None:
         """Free the memory release_s after an unload (its CUDA context stays)."""
         await asyncio.sleep(self.release_s)
+        async with self._release_lock:
+            pass
         self.hold_memory()
         self._release_task = None
 
@@ -2092,6 +2096,8 @@ class ServiceSim(SimConsumer):
     async def _router_stop(self, model: str) -> None:
         """A router's model instance exiting release_s after its unload: listed loaded until then."""
         await asyncio.sleep(self.release_s)
+        async with self._release_lock:
+            pass
         if model in self.models:
             del self.models[model]
             self.loaded = bool(self.models)
