@@ -662,10 +662,13 @@ class StandIn:
         return stand_in
 
 
-def held_llm(gate: asyncio.Event) -> StandIn:
-    """A stand-in ollama whose /api/generate answers only once ``gate`` is set: it holds the GPU lock."""
+def held_llm(gate: asyncio.Event, arrived: asyncio.Event | None = None) -> StandIn:
+    """A stand-in ollama whose /api/generate answers only once ``gate`` is set: it holds the GPU lock
+    (``arrived`` is set once a request came: the job's request is made)."""
 
     async def held(request: web.Request) -> web.Response:
+        if arrived is not None:
+            arrived.set()
         await gate.wait()
         return web.json_response({"response": "done"})
 
@@ -22485,7 +22488,9 @@ async def test_reloads_that_add_and_remove_consumers_keep_no_state_of_the_remove
     assert r.broker.unscheduled == {}  # (nothing in flight: no count of any name kept)
     # One removed while its job runs: its job ends well, and its state goes at the next reload.
     job = asyncio.ensure_future(r.session.post(r.url("/c/extra29/inference"), data=b"x"))
-    await until(lambda: r.broker.scheduler.holder == "extra29")
+    # (Its request made: whisper's sim, at the same URL, works on it. One still being made ready would be
+    # answered no_consumer, as a queued one is.)
+    await until(lambda: r.sims["whisper"].active == 1)
     await reload(None)
     assert "extra29" in r.broker.consumers.states
     async with await job as resp:
@@ -23215,8 +23220,10 @@ async def test_a_job_being_made_ready_when_a_reload_removes_its_consumer_is_answ
     removed meanwhile is answered no_consumer, its request never made. It went on as the removed service's,
     and its load (by name, in a config without it) failed: 502 load_failed, "no load route (any more)"."""
     r = await rig(sims={"comfyui": {"loaded": True, "release_s": 1.0}})
+    release = r.sims["comfyui"]._release_lock
+    await release.acquire()  # its memory goes once the reload is in (not 1 s on, however slow)
     tts = asyncio.ensure_future(r.post("tts", {"text": "x"}))
-    await until(lambda: r.sims["comfyui"].unloads == 1)  # room is made for it: comfyui frees (1 s)
+    await until(lambda: r.sims["comfyui"].unloads == 1)  # room is made for it: comfyui frees
     raw = copy.deepcopy(r.raw)
     del raw["consumers"]["mvoice"], raw["routing"]["tts"], raw["routing"]["stt"], raw["audio_proxy"]
     for c in raw["consumers"].values():
@@ -23224,6 +23231,7 @@ async def test_a_job_being_made_ready_when_a_reload_removes_its_consumer_is_answ
     r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     async with r.session.post(r.url("/v1/reload")) as resp:
         assert "removed mvoice" in (await resp.json())["changes"]
+    release.release()
     assert r.broker.scheduler.holder == "mvoice"  # (granted before the reload)
     status, headers, body = await tts
     error_of(status, headers, body, "no_consumer")
@@ -23238,11 +23246,14 @@ async def test_a_job_granted_while_a_reload_gives_its_consumer_a_new_url_is_made
     had not loaded. A job still being made ready goes to the new service, as a waiting job does
     (``reload_fate``): room is made and the load done for the new one, and its request goes there."""
     r = await rig(sims={"comfyui": {"loaded": True, "release_s": 1.0}})
+    release = r.sims["comfyui"]._release_lock
+    await release.acquire()  # its memory goes once the reload is in (not 1 s on, however slow)
     new = mgpusim.MvoiceSim("mvoice-new", r.gpu)  # the new service: nothing loaded
     async with StandIn.serving(new.app) as service:
         tts = asyncio.ensure_future(r.post("tts", {"text": "x"}))
-        await until(lambda: r.sims["comfyui"].unloads == 1)  # room is made for it: comfyui frees (1 s)
+        await until(lambda: r.sims["comfyui"].unloads == 1)  # room is made for it: comfyui frees
         await _new_url(r, "mvoice", service.url)
+        release.release()
         assert r.broker.scheduler.holder == "mvoice"  # (granted before the reload)
         status, _, body = await tts
         assert status == 200, body
@@ -23998,11 +24009,13 @@ async def test_a_consumer_removed_and_added_again_on_another_gpu_waits_until_its
     llm job ran on GPU 1 beside the first one still at work on GPU 0 (two locks let one service work, past
     its max_concurrency of 1). Now the reload that adds it is refused while a job of it holds another
     GPU's lock, as a move is."""
-    gate = asyncio.Event()  # the llm job holds GPU 0's lock until it is set
-    async with held_llm(gate) as ollama:
+    gate, arrived = asyncio.Event(), asyncio.Event()  # the llm job holds GPU 0's lock until gate is set
+    async with held_llm(gate, arrived) as ollama:
         r = await rig(gpus=2, urls={"ollama": ollama.url})
         running = asyncio.ensure_future(r.post("llm", {"model": "m", "prompt": "p"}))
-        await until(lambda: r.broker.scheduler.holder == "ollama")
+        # (At work: its request made. One still being made ready would be answered no_consumer at the
+        # removal, as a queued one is.)
+        await asyncio.wait_for(arrived.wait(), 10)
         removed = copy.deepcopy(r.raw)
         del removed["consumers"]["ollama"], removed["routing"]["llm"]
         removed["consumers"]["mvoice"]["can_coexist_with"] = ["whisper"]
@@ -24198,11 +24211,14 @@ async def test_attack_a_job_made_ready_when_a_reload_drops_its_kind_at_a_new_url
     instead, having decided its load from the new service's record (unknown: no load): its request went to
     the old URL, whose model the broker had not loaded, the very split 041e875 names."""
     r = await rig(sims={"comfyui": {"loaded": True, "release_s": 1.0}})
+    release = r.sims["comfyui"]._release_lock
+    await release.acquire()  # its memory goes once the reload is in (not 1 s on, however slow)
     new = mgpusim.MvoiceSim("mvoice-new", r.gpu)  # the new service: nothing loaded, no tts any more
     async with StandIn.serving(new.app) as service:
         tts = asyncio.ensure_future(r.post("tts", {"text": "x"}))
-        await until(lambda: r.sims["comfyui"].unloads == 1)  # room is made for it: comfyui frees (1 s)
+        await until(lambda: r.sims["comfyui"].unloads == 1)  # room is made for it: comfyui frees
         await _new_url(r, "mvoice", service.url, without="tts")
+        release.release()
         assert r.broker.scheduler.holder == "mvoice"  # (granted before the reload)
         status, headers, body = await tts
         # (Not sent to the old URL with no load of the broker's: the old service loaded itself, unseen.)
@@ -24253,6 +24269,8 @@ async def test_attack_a_mount_job_sent_to_a_new_url_presents_the_new_services_or
     check got the old service's origin (consumer_origin) and refused the page's request with 403, where
     the same request sent after the reload passes."""
     r = await rig(sims={"mvoice": {"loaded": True, "release_s": 1.0}})
+    release = r.sims["mvoice"]._release_lock
+    await release.acquire()  # its memory goes once the reload is in (not 1 s on, however slow)
     new = mgpusim.ComfySim("comfyui-new", r.gpu, context_mib=0)
     async with StandIn.serving(new.app) as service:
         base = r.url("/c/comfyui/")
@@ -24260,8 +24278,9 @@ async def test_attack_a_mount_job_sent_to_a_new_url_presents_the_new_services_or
         prompt = asyncio.ensure_future(
             r.session.post(base + "api/prompt", json={"prompt": {}}, headers={"Origin": own})
         )
-        await until(lambda: r.sims["mvoice"].unloads == 1)  # room is made for it: mvoice frees (1 s)
+        await until(lambda: r.sims["mvoice"].unloads == 1)  # room is made for it: mvoice frees
         await _new_url(r, "comfyui", service.url)
+        release.release()
         assert r.broker.scheduler.holder == "comfyui"  # (granted before the reload)
         async with await prompt as resp:
             status, body = resp.status, await resp.text()
