@@ -19705,7 +19705,9 @@ async def test_dashboard_reads_the_status_one_at_a_time_and_at_most_once_a_secon
         sent = await browser.wait_for(f"{fetched('/v1/status')}.length >= 3 && {fetched('/v1/status')}", 30)
     assert most == 1, f"{most} status reads at once"  # (1: it did read)
     assert len(during) <= 7, f"{len(during)} status reads in 6 s"  # (at most one a second; slower: fewer)
-    assert all(b - a >= 990 for a, b in itertools.pairwise(sent)), sent  # (1 s apart, as sent)
+    # 1 s apart, as sent: the page takes its time when it decides to read, a moment before its fetch, and
+    # at its first read, while it loads, that moment may be tens of ms (a loaded machine: 20 ms).
+    assert sent[1] - sent[0] >= 900 and all(b - a >= 990 for a, b in itertools.pairwise(sent[1:])), sent
 
 
 async def test_dashboard_reads_the_status_again_after_one_that_never_answers(rig, tmp_path):
