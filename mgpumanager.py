@@ -7661,7 +7661,8 @@ class RoomMaker:
         (an admin load) also loads a target of unknown residency. A job whose caller left gets nothing more
         unloaded or loaded for it. A reload that gives its consumer a new URL meanwhile (a new service)
         sends a job with a request to make there, as it does a waiting one (``reload_fate``): it is made
-        ready anew, for that one. (An admin or internal operation's load is the old service's.)"""
+        ready anew, for that one, or refused as it (``made_ready_anew``). An admin or internal operation is
+        not sent on: its call, made by name, went to the service in force when it was made."""
         async with self.lock:
             while True:
                 target, failed = job.target, None
