@@ -1307,10 +1307,12 @@ class ConsumerGone(BrokerError):
 
 
 class ProcessTimeout(BrokerError):
-    """A subprocess ran past its time and was killed, with its process group."""
+    """A subprocess ran past its time and was killed, with its process group; ``stderr``: the tail of what
+    it wrote there before (why a start script hung, often)."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, stderr: bytes = b""):
         super().__init__("consumer_timeout", message)
+        self.stderr = stderr
 
 
 # =====================================================================================================
@@ -3788,8 +3790,13 @@ class Finished:
     stdout_cut: bool = False
 
     def stderr_tail(self) -> str:
-        text = self.stderr.decode(errors="replace").strip()
-        return text[-STDERR_TAIL:] or "(no output on stderr)"
+        return stderr_tail(self.stderr)
+
+
+def stderr_tail(stderr: bytes) -> str:
+    """The last STDERR_TAIL characters a program wrote to stderr, for a message."""
+    text = stderr.decode(errors="replace").strip()
+    return text[-STDERR_TAIL:] or "(no output on stderr)"
 
 
 class _Tail(asyncio.Protocol):
@@ -3924,7 +3931,11 @@ async def run_process(
             await _kill_group(proc, watch.exited, argv)
             if isinstance(e, asyncio.CancelledError):
                 raise
-            raise ProcessTimeout(f"{argv[0]} did not finish within {timeout_s:g} s (killed)") from None
+            # (What it wrote before the kill: its group is dead, so its stderr ends at once, unless
+            # something that left the group holds it.)
+            await asyncio.wait([tails[1].closed], timeout=PIPE_GRACE_S)
+            message = f"{argv[0]} did not finish within {timeout_s:g} s (killed)"
+            raise ProcessTimeout(message, bytes(tails[1].data)) from None
         if kill_group:
             # Its leader exited but is not reaped yet: the group is still its own to kill.
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -5270,9 +5281,10 @@ class Consumers:
             done = await run_process(command.argv, command.timeout_s)
         except OSError as e:
             raise CallError(f"{what} command cannot run {command.argv[0]}: {e.strerror or e}") from e
-        except ProcessTimeout:
+        except ProcessTimeout as e:
             raise CallError(
-                f"{what} command did not finish within {command.timeout_s:g} s (killed)"
+                f"{what} command did not finish within {command.timeout_s:g} s (killed):"
+                f" {stderr_tail(e.stderr)}"
             ) from None
         except asyncio.CancelledError:  # (only the broker's stop cuts a command: run_process killed it)
             ms = round((self.clock() - started) * 1000)

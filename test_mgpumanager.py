@@ -8769,10 +8769,12 @@ async def test_an_eviction_under_way_when_a_reload_gives_a_new_url_decides_only_
 
 
 async def test_a_hanging_command_is_killed_at_its_timeout_with_everything_it_started(rig, tmp_path):
+    """Its message ends with the tail of what it wrote to stderr before the kill, as a command that exits
+    non-zero's does (why a start script hangs; it was left out)."""
     pids = tmp_path / "pids"
 
     def hanging(raw):
-        script = f"sleep 30 & echo $! >> {pids}; echo $$ >> {pids}; wait"
+        script = f"sleep 30 & echo $! >> {pids}; echo $$ >> {pids}; echo waiting for the lock >&2; wait"
         # (2 s: both pids are written before the kill, on a loaded machine too.)
         raw["consumers"]["whisper"]["unload"] = {"command": ["sh", "-c", script], "timeout_s": 2}
         raw["consumers"]["whisper"]["load"] = {"command": ["true"]}
@@ -8780,7 +8782,7 @@ async def test_a_hanging_command_is_killed_at_its_timeout_with_everything_it_sta
     r = await rig(tweak=hanging)
     async with r.session.post(r.url("/v1/consumers/whisper/unload")) as resp:
         data = error_of(resp.status, dict(resp.headers), await resp.read(), "unload_failed")
-    assert "did not finish within 2 s (killed)" in data["message"]
+    assert data["message"].endswith("did not finish within 2 s (killed): waiting for the lock"), data
     started = [int(pid) for pid in pids.read_text().split()]
     assert len(started) == 2
     await until(lambda: [pid for pid in started if running(pid)] == [], 5)  # (SIGKILL acts when each runs)
