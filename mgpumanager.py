@@ -1044,6 +1044,7 @@ import ipaddress
 import itertools
 import resource
 import shlex
+import shutil
 import statistics
 import struct
 import subprocess
@@ -2944,6 +2945,23 @@ def describe_preset(c: ConsumerConfig) -> str:
     return f"preset {c.preset}: " + ", ".join(parts) + (f" (yours: {', '.join(own)})" if own else "")
 
 
+def missing_programs(config: Config) -> list[str]:
+    """Load and unload commands whose program this process cannot find on its ``PATH`` or run: each would
+    fail every time it runs (``load_failed``: retryable, as the code always is). Not a problem of the config
+    (the program may be installed later): ``--check`` notes them, a start or reload warns of them."""
+    missing = []
+    for c in config.consumers.values():
+        for what, action in (("unload", c.unload), ("load", c.load)):
+            if isinstance(action, Command) and shutil.which(action.argv[0]) is None:
+                missing.append(f"{c.name}'s {what} command: no program {action.argv[0]!r} to run")
+    return missing
+
+
+def warn_missing_programs(config: Config) -> None:
+    for problem in missing_programs(config):
+        log.warning(logfmt(msg="command cannot run", problem=problem))
+
+
 def summary(config: Config) -> str:
     """The one-screen overview that ``--check`` prints."""
     lines = [f"listen {config.listen_host}:{config.listen_port}", ""]
@@ -2988,6 +3006,8 @@ def summary(config: Config) -> str:
     ]
     if ports:
         lines += ["", "consumer ports:", *ports]
+    for problem in missing_programs(config):
+        lines += ["", f"note: {problem} (as this user and PATH see it; the unit's may differ)"]
     stop = config.scheduler.shutdown_timeout_s + 2 * SHUTDOWN_GRACE_S + STATE_IO_TIMEOUT_S
     if stop > UNIT_STOP_S:  # (the drain, the other answers' two graces, the state file's last write)
         lines += [
@@ -11311,6 +11331,7 @@ class Reloads:
             changes.append(f"closed {_plural(closed, 'WebSocket')} to a removed or replaced service")
         changes += await broker.ports.sync(broker, strict=False)
         log.info(logfmt(msg="reload", changes="; ".join(changes) or "none"))
+        warn_missing_programs(new)
         broker.events.publish("reload", ok=True, changes=changes)
         if not broker.stopping:  # (an apply the drain began meanwhile loads nothing more)
             broker.internal.start_preloads()
@@ -14112,6 +14133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(summary(config))
         return 0
     log.info(logfmt(msg="starting", version=VERSION, listen=f"{config.listen_host}:{config.listen_port}"))
+    warn_missing_programs(config)
     raise_descriptor_limit()
     try:
         import uvloop  # noqa: PLC0415 (optional: Debian's python3-uvloop makes the loop faster)

@@ -16834,6 +16834,54 @@ def test_check_says_when_a_stop_may_outlast_the_units_timeout_stop_sec():
     assert "a stop may take 315 s, more than the unit's TimeoutStopSec=60" in m.summary(m.parse_config(raw))
 
 
+async def test_a_command_whose_program_cannot_run_is_noted_by_check_and_warned_of_at_start_and_reload(
+    rig, tmp_path, caplog
+):
+    """configuration.md, Running it: a load or unload command whose program cannot be found or run fails
+    every time it runs (load_failed, retryable as the code always is), and nothing said so before a job
+    failed (left alone at an earlier stop). --check notes each such command, and a start or a reload warns
+    of it: a program missing from PATH, a path that does not exist, a file that is not executable. A
+    command that can run is not named."""
+    not_executable = tmp_path / "start.sh"
+    not_executable.write_text("#!/bin/sh\n")
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["consumers"]["whisper"]["load"] = {"command": [str(tmp_path / "no-such-start")]}
+        raw["consumers"]["whisper"]["unload"] = {"command": ["no-such-program-on-path", "stop"]}
+        raw["consumers"]["mvoice"]["load"] = {"command": [str(not_executable)]}
+        raw["consumers"]["mvoice"]["unload"] = {"command": ["true"]}
+
+    raw = base_raw()
+    tweak(raw)
+    notes = [line for line in m.summary(m.parse_config(raw)).splitlines() if line.startswith("note: ")]
+    seen = " (as this user and PATH see it; the unit's may differ)"
+    assert notes == [
+        f"note: mvoice's load command: no program '{not_executable}' to run" + seen,
+        "note: whisper's unload command: no program 'no-such-program-on-path' to run" + seen,
+        f"note: whisper's load command: no program '{tmp_path / 'no-such-start'}' to run" + seen,
+    ], notes
+    assert not [line for line in m.summary(m.parse_config(base_raw())).splitlines() if "no program" in line]
+    # A start (serve's main) warns as --check notes; so does a reload that brings such a command.
+    r = await rig()
+    assert "command cannot run" not in caplog.text
+    tweak(r.raw)
+    r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert resp.status == 200, await resp.text()
+    warned = [rec for rec in caplog.records if 'msg="command cannot run"' in rec.getMessage()]
+    assert [rec.levelname for rec in warned] == ["WARNING"] * 3, warned
+    assert "whisper's unload command: no program 'no-such-program-on-path'" in warned[1].getMessage()
+    # (The daemon's start, on a port already taken: it warns, then stops at its listen.)
+    config = tmp_path / "bad-commands.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        argv = [PY, str(HERE / "mgpumanager.py"), "--config", str(config), "--listen", listen]
+        run = functools.partial(subprocess.run, argv, capture_output=True, text=True, timeout=60)
+        done = await asyncio.to_thread(run)
+    assert done.returncode != 0 and done.stderr.count('msg="command cannot run"') == 3, done.stderr
+
+
 def test_the_launcher_takes_no_module_from_the_directory_it_is_run_in(tmp_path):
     """operations.md: the launcher puts /opt/mgpumanager first, "so a mgpumanager.py in the current
     directory is never taken for it". Nor is any other module: `python3 -c` put the directory it is run in
