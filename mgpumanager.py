@@ -7264,7 +7264,7 @@ class GpuLock:
                 job.granted.result()
                 return
             timeout_s = self.config.scheduler.queue_timeout_s
-            timer = asyncio.get_running_loop().call_later(timeout_s, self._expire, job)
+            timer = asyncio.get_running_loop().call_later(timeout_s, self._expire, job, timeout_s)
             await job.granted
         except BaseException:
             if job in self.waiting:
@@ -7275,12 +7275,12 @@ class GpuLock:
             if timer is not None:
                 timer.cancel()
 
-    def _expire(self, job: Job) -> None:
-        """The queue timer of a job ran out: answer it with queue_timeout unless it was granted. Its
+    def _expire(self, job: Job, waited: float) -> None:
+        """The queue timer of a job ran out after ``waited`` (the queue_timeout_s it was queued with: a
+        reload since does not change it): answer it with queue_timeout unless it was granted. Its
         Retry-After is the wait still expected for it."""
         if job.state != "queued" or job.granted.done():
             return
-        waited = self.config.scheduler.queue_timeout_s
         error = BrokerError(
             "queue_timeout",
             f"waited {waited:g} s for the GPU",

@@ -4988,6 +4988,22 @@ async def test_queue_timeout_answers_a_job_that_waited_too_long():
     first.release("completed")
 
 
+async def test_a_queue_timeout_names_the_time_the_job_was_queued_with_not_a_reloads():
+    """configuration.md: a reload's queue_timeout_s applies to jobs queued after it; one queued before keeps
+    its timer. Its message named the value in force when it expired: "waited 300 s" after 0.5 s (left alone
+    at an earlier stop)."""
+    s, _, ops, _ = make_scheduler(small_config(scheduler__queue_timeout_s=0.5))
+    ops.states["t"].loaded()
+    first = await acquire(s, "t", "kt")
+    waiting = asyncio.ensure_future(acquire(s, "t", "kt"))
+    await until(lambda: len(s.queue()) == 1)
+    s.shared.config = small_config(scheduler__queue_timeout_s=300)  # a reload (as Broker.apply swaps it)
+    with pytest.raises(m.BrokerError) as info:
+        await waiting
+    assert info.value.code == "queue_timeout" and info.value.message == "waited 0.5 s for the GPU"
+    first.release("completed")
+
+
 async def test_cancelled_waiter_leaves_no_trace_and_the_lock_passes_on():
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
