@@ -3433,8 +3433,11 @@ class Notifier:
         #: Ping the watchdog this often (half of WATCHDOG_USEC), or None.
         self.watchdog_s = int(usec) / 2e6 if mine and usec else None
         self.status: str | None = None
-        #: Datagrams that could not be sent (logged, never fatal).
+        #: Datagrams that could not be sent (never fatal): all counted; the first of a run of them logged (a
+        #: socket that went away would fail every send, the watchdog's ping twice a minute), and the send
+        #: that works again says how many failed since.
         self.errors = 0
+        self.failing = 0
         #: STOPPING=1 was sent: from then on the broker is never READY=1 again (a reload the drain cut ends
         #: with one), and RELOADING=1 no longer holds.
         self.stopping = False
@@ -3452,8 +3455,13 @@ class Notifier:
                 sock.sendto("\n".join(lines).encode(), self.address)
         except OSError as e:
             self.errors += 1
-            log.warning(logfmt(msg="sd_notify failed", error=describe(e)))
+            self.failing += 1
+            if self.failing == 1:
+                log.warning(logfmt(msg="sd_notify failed", error=describe(e)))
             return False
+        if self.failing:
+            log.info(logfmt(msg="sd_notify works again", failed=self.failing))
+            self.failing = 0
         return True
 
     def set_status(self, text: str) -> None:
