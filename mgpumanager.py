@@ -4973,6 +4973,13 @@ class ConsumerState:
         self._down_at = self.clock()
         self._set_health(False, reason, "consumer_unreachable", stopped=True)
 
+    def cannot_be_started(self) -> None:
+        """A reload took the load command of a stopped service away: nothing starts it any more, so it is
+        down, as a consumer that is not running is (a job asks a probe before its refusal), until a probe
+        finds it up."""
+        if self.stopped:
+            self._set_health(False, f"{self.last_error}; no load command starts it", "consumer_unreachable")
+
     def seen_down(self, reason: str, *, stopped: bool = False) -> None:
         """A job, a hold or a WebSocket found it gone (refused, reset): unhealthy until a probe started
         after now succeeds; its residency unknown (``stopped``: not resident, a service started by
@@ -11107,6 +11114,8 @@ class Broker:
                 changes.append(f"{what} {name}")
             elif before != c:
                 changes.append(f"changed {name}")
+                if before.started_by_command and not c.started_by_command:
+                    states[name].cannot_be_started()
         removed = set(old.consumers) - set(new.consumers)
         changes += [f"removed {name}" for name in sorted(removed)]
         if (listen := f"{new.listen_host}:{new.listen_port}") != self.listen:

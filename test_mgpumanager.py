@@ -8584,6 +8584,37 @@ async def test_a_consumer_the_broker_stopped_is_stopped_and_a_model_list_starts_
     ]
 
 
+async def test_a_reload_that_takes_a_stopped_services_commands_away_leaves_it_down_not_stopped(rig):
+    """configuration.md, Stopped is not unreachable: "stopped" means a job starts it with the load command.
+    A reload that removes the commands of a stopped service (its URL the same: the operator runs it now)
+    left it recorded stopped until a probe: an unscheduled call was refused `consumer_stopped`, "a job for
+    it starts it again", which nothing could any more (left alone at an earlier stop). It is down now, as
+    any consumer that is not running: what it answers decides (here nothing listens: consumer_unreachable),
+    and a probe that finds it up ends that."""
+    port = free_port()
+
+    def commands(raw: dict[str, Any]) -> None:
+        raw["consumers"]["whisper"]["url"] = f"http://127.0.0.1:{port}"  # nothing listens: stopped
+        raw["consumers"]["whisper"]["load"] = {"command": ["true"], "timeout_s": 2}
+        raw["consumers"]["whisper"]["unload"] = {"command": ["true"]}
+        raw["routing"]["stt"] = "whisper"
+
+    r = await rig(tweak=commands)
+    whisper = r.broker.consumers.states["whisper"]
+    assert whisper.stopped
+    del r.raw["consumers"]["whisper"]["load"], r.raw["consumers"]["whisper"]["unload"]
+    r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+    async with r.session.post(r.url("/v1/reload")) as resp:
+        assert resp.status == 200, await resp.text()
+    assert r.broker.consumers.states["whisper"] is whisper  # (the same service: its URL did not change)
+    st = (await r.status())["consumers"]["whisper"]
+    assert st["stopped"] is False and st["healthy"] is False, st
+    assert st["last_error"] == "connection refused; no load command starts it", st
+    async with r.session.get(r.url("/c/whisper/health")) as resp:
+        error_of(resp.status, dict(resp.headers), await resp.read(), "consumer_unreachable")
+    error_of(*await r.post("stt", None, data=b"audio"), "consumer_unreachable")
+
+
 async def test_an_unscheduled_call_to_a_stopped_consumer_gets_consumer_stopped(rig, tmp_path, caplog):
     """Issue 18: where the consumer's calls do not need its model (whisper-server's, the default), an
     unscheduled call that finds it stopped is refused with ``503 consumer_stopped``, retryable, its
