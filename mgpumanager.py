@@ -7709,12 +7709,14 @@ class RoomMaker:
         unloaded or loaded for it. A reload that gives its consumer a new URL meanwhile (a new service)
         sends a job with a request to make there, as it does a waiting one (``reload_fate``): it is made
         ready anew, for that one, or refused as it (``made_ready_anew``). An admin or internal operation is
-        not sent on: its call, made by name, went to the service in force when it was made."""
+        not sent on: its call, made by name, went to the service in force when it was made. Its unloads
+        tried count towards one max_evictions, whichever service they made room for."""
+        tried: dict[str, str] = {}  # victim -> why it was tried
         async with self.lock:
             while True:
                 target, failed = job.target, None
                 try:
-                    await self._ready(job, warm)
+                    await self._ready(job, warm, tried)
                 except BrokerError as e:  # (the old service's failure: the new one is tried all the same)
                     failed = e
                 fate = made_ready_anew(job, target, self.config.consumers.get(job.consumer), self.index)
@@ -7727,7 +7729,7 @@ class RoomMaker:
                     raise failed
                 return
 
-    async def _ready(self, job: Job, warm: bool) -> None:
+    async def _ready(self, job: Job, warm: bool, tried: dict[str, str]) -> None:
         """One pass of ``ready`` for the job's target as it is now."""
         state = self.states[job.consumer]
         if self.needs_no_room(job) or job.left:
@@ -7747,7 +7749,7 @@ class RoomMaker:
             await self._ask(job)
             if self.needs_no_room(job) or job.left:
                 return
-        await self._make_room(job, warm)
+        await self._make_room(job, warm, tried)
         if job.left:
             return
         if loads_first(job.target, self.states[job.consumer], warm):
@@ -7810,9 +7812,8 @@ class RoomMaker:
         except GpuError as e:
             raise BrokerError("gpu_unavailable", f"cannot read the GPU: {e}", job.consumer) from e
 
-    async def _make_room(self, job: Job, warm: bool = False) -> None:
+    async def _make_room(self, job: Job, warm: bool, tried: dict[str, str]) -> None:
         """While the plan says the target does not fit, unload its first victim and wait for the memory."""
-        tried: dict[str, str] = {}
         asked = False
         reading = await self.read(job)
         while True:

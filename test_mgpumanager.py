@@ -5004,6 +5004,36 @@ async def test_a_queue_timeout_names_the_time_the_job_was_queued_with_not_a_relo
     first.release("completed")
 
 
+async def test_a_job_made_ready_anew_for_a_new_service_tries_at_most_max_evictions_unloads_in_all():
+    """configuration.md: max_evictions is "at most this many unloads for one job". A job made ready anew
+    for the new service a reload put in place (RoomMaker.ready) began a new count: up to twice as many
+    unloads for one job (left alone at an earlier stop). t's room is made by unloading x (max_evictions 1);
+    a reload gives t a new URL meanwhile, and the old service, still running, takes 4000 MiB (a request
+    sent to it before the reload made it load). The old service's pass gives up (a second unload would be
+    needed), and so does the new one's, instead of unloading y."""
+
+    def config(url: str) -> m.Config:
+        return small_config(scheduler__max_evictions=1, consumers__t__url=url)
+
+    s, gpu, ops, clock = make_scheduler(config("http://127.0.0.1:9/t"))
+    for name in ("x", "y", "z"):
+        ops.states[name].loaded()
+        gpu.held[name] = 4000  # 3904 MiB free: t (4000 and the cushion) needs one of them unloaded
+    ops.unload_behaviour = {name: "gated" for name in ("x", "y", "z")}
+    job = asyncio.ensure_future(acquire(s, "t", "kt"))
+    await until(lambda: ("unload", "x") in ops.calls)
+    s.shared.config = config("http://127.0.0.1:9/t-new")  # a reload (as Broker.apply swaps it) ...
+    ops.states["t"] = m.ConsumerState("t", clock)  # ... and the new service's record
+    gpu.held["the old t"] = 4000
+    ops.gate.set()
+    with pytest.raises(m.BrokerError) as info:
+        await job
+    assert info.value.code == "insufficient_vram", info.value.message
+    assert "gave up after 1 unload attempts" in info.value.message
+    assert [c for c in ops.calls if c[0] == "unload"] == [("unload", "x")], ops.calls
+    assert books_balance(s)
+
+
 async def test_cancelled_waiter_leaves_no_trace_and_the_lock_passes_on():
     s, _, ops, _ = make_scheduler(small_config())
     for name in ops.states:
