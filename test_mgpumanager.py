@@ -15656,12 +15656,17 @@ async def test_a_reader_that_reads_a_long_replay_steadily_is_not_dropped_for_the
     taking the replay is catching up. (It was dropped at the replay's end, and the page, reconnecting a
     second later with the same replay, never went live. Found by an attack on the observability routes.
     Loopback lets the broker's send buffer grow to 4 MiB, which takes a whole replay at once: the link's
-    buffers are set as TCP sizes them for 1 MiB/s.)"""
+    buffers are set as TCP sizes them for 1 MiB/s. The broker's events clock is the link's: it moves by the
+    time each piece read takes at 1 MiB/s, not by the wall clock, since the reader shares the broker's loop
+    and process: a stall of a loaded machine would stop the reading a second and be taken for falling
+    behind.)"""
     r = await rig()
     events = r.broker.events
     events.ring.clear()
     for n in range(10_000):
         events.publish("test", n=n, pad="x" * 300)
+    link = [events.clock()]  # (seconds of the link: what has been read, at 1 MiB/s)
+    monkeypatch.setattr(events, "clock", lambda: link[0])
     to_reader = m._to_reader
 
     async def over_a_real_link(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
@@ -15680,6 +15685,7 @@ async def test_a_reader_that_reads_a_long_replay_steadily_is_not_dropped_for_the
         while b'"n": -1' not in data:
             chunk = await asyncio.wait_for(loop.sock_recv(sock, 16384), 20)
             data += chunk
+            link[0] += len(chunk) / (1024 * 1024)  # 1 MiB/s
             if not chunk or data.endswith(b"\r\n0\r\n\r\n"):
                 break  # the broker ended the stream (its last chunk)
             if b": replayed " not in data:  # the broker goes on meanwhile: two events per piece read
@@ -15689,7 +15695,7 @@ async def test_a_reader_that_reads_a_long_replay_steadily_is_not_dropped_for_the
             elif live >= 0:
                 events.publish("test", n=-1)
                 live = -1
-            await asyncio.sleep(len(chunk) / (1024 * 1024))  # 1 MiB/s
+            await asyncio.sleep(len(chunk) / (1024 * 1024))  # (paced as the link goes)
     finally:
         sock.close()
     assert b": replayed 10000\n" in data
