@@ -17143,8 +17143,12 @@ async def test_a_sighup_reload_applying_at_sigterm_holds_back_neither_the_queues
     """Found by a review: a SIGHUP's reload whose apply is closing a consumer's port (its grace) when
     SIGTERM comes runs to its end (the last commits made it so), and the drain's first step waited for it
     (up to 5 s) before it refused the queue: meanwhile the holder ended and the queued job was granted and
-    served after SIGTERM. The drain cuts such a reload only if it still reads, and waits for none."""
-    monkeypatch.setattr(m, "SHUTDOWN_GRACE_S", 3.0)
+    served after SIGTERM. The drain cuts such a reload only if it still reads, and waits for none.
+    (Told by order, not by a window: the queue must be refused while the running job is held and the
+    apply's port closing is held too, by the test's events. The grace, and the rounds a drain that waited
+    would cancel the reload again, outlast the test's wait: such a drain never refuses the queue in it.)"""
+    monkeypatch.setattr(m, "SHUTDOWN_GRACE_S", 60.0)  # (the apply's port closing ends when `stuck` is set)
+    monkeypatch.setattr(m, "CANCEL_ROUNDS", 200)  # (100 s: a drain that waited for the reload waits it out)
     stuck, arrived = asyncio.Event(), []
 
     async def slow(request: web.Request) -> web.Response:
@@ -17173,10 +17177,12 @@ async def test_a_sighup_reload_applying_at_sigterm_holds_back_neither_the_queues
             await until(lambda: "comfyui" not in r.broker.ports.open)  # its apply closes that port
             closing = asyncio.ensure_future(r.server.close())  # SIGTERM
             await until(lambda: r.broker.stopping)
-            await asyncio.sleep(0.5)
+            # Refused while the job runs on and the apply still closes the port (neither ends before).
+            error_of(*await asyncio.wait_for(queued, 30), "shutting_down")
+            assert not running.done() and not reading.done() and r.broker.reloads.background
             gate.set()  # the running job ends after SIGTERM
             assert (await asyncio.wait_for(running, 30))[0] == 200
-            error_of(*await asyncio.wait_for(queued, 30), "shutting_down")
+            stuck.set()  # the apply's port closing ends: the reload, then the broker's close
             await asyncio.wait_for(closing, 30)
         finally:
             stuck.set()
