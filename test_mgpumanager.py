@@ -17032,6 +17032,24 @@ async def test_systemd_notify_ready_status_reload_watchdog_stopping_in_order(rig
         notify.close()
 
 
+async def _writer_of_a_fifo_being_read(fifo: Path, timeout: float = 20) -> int:
+    """A blocking descriptor writing into ``fifo`` once someone opened it to read (until then, opening it
+    to write without waiting fails: ENXIO); the reader's open ends then, and its read waits for what the
+    descriptor writes, and its close. (A write that waited for a reader waited for ever where none came.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            assert time.monotonic() < deadline, f"nobody opened {fifo} to read"
+            await asyncio.sleep(0.02)
+            continue
+        os.set_blocking(fd, True)
+        return fd
+
+
 async def test_a_reload_asked_before_sigterm_and_read_during_the_drain_applies_nothing(rig):
     """operations.md, Reloading: once the broker is stopping, the drain goes on under the config it began
     with. That held for a SIGHUP, not for a POST /v1/reload asked before SIGTERM whose read of the file
@@ -17050,11 +17068,13 @@ async def test_a_reload_asked_before_sigterm_and_read_during_the_drain_applies_n
             daemon.config.unlink()
             os.mkfifo(daemon.config)  # the reload's read waits until the test writes the file
             reload = asyncio.ensure_future(r.session.post(daemon.url("/v1/reload")))
-            await asyncio.sleep(1.0)  # (the read is under way)
-            daemon.terminate()
-            await until(lambda: "msg=stopping" in daemon.log_path.read_text())
-            text = yaml.safe_dump(new, sort_keys=False)
-            await asyncio.to_thread(daemon.config.write_text, text)  # the read ends, during the drain
+            writer = await _writer_of_a_fifo_being_read(daemon.config)  # (the read is under way)
+            try:
+                daemon.terminate()
+                await until(lambda: "msg=stopping" in daemon.log_path.read_text())
+                os.write(writer, yaml.safe_dump(new, sort_keys=False).encode())
+            finally:
+                os.close(writer)  # the read ends, during the drain
             resp = await asyncio.wait_for(reload, 10)
             error_of(resp.status, dict(resp.headers), await resp.read(), "shutting_down")
             with pytest.raises(OSError):
