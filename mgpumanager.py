@@ -9118,7 +9118,7 @@ class InternalJobs:
                 pending.remove(name)
                 continue
             try:
-                job = await self._run("restore", name, self._restore_if_fits)
+                job = await self._run("restore", name, functools.partial(self._restore_if_fits, may=may))
             except BrokerError as e:
                 if e.code in RESTORE_LATER:
                     # (It stays, for later: the GPU or its queue is not free now, or could not be read; or
@@ -9228,19 +9228,23 @@ class InternalJobs:
                     "unload_failed", f"{name}'s memory did not come free within {waited:g} s", name
                 )
 
-    async def _restore_if_fits(self, job: Job) -> None:
-        """A restore's step, once granted: a stranger present keeps it for later; else it is loaded if it
-        is not resident and fits (``restored``), and then no longer waits: neither when it did not fit, nor
-        when its load failed, unless a reading found a stranger back, its own before the load or one taken
-        when the load failed (then it waits for that one to go, as if the poll had seen it: a game that came
-        back during the load is what made it fail). A load cut by the broker's shutdown leaves it waiting
-        (the state file keeps it for the restarted broker)."""
+    async def _restore_if_fits(self, job: Job, *, may: Callable[[], bool] = lambda: True) -> None:
+        """A restore's step, once granted: a stranger present, or one gone less than restore_after_s ago
+        (``may``, asked again: a stranger may have come and gone while it waited), keeps it for later; else
+        it is loaded if it is not resident and fits (``restored``), and then no longer waits: neither when
+        it did not fit, nor when its load failed, unless a reading found a stranger back, its own before the
+        load or one taken when the load failed (then it waits for that one to go, as if the poll had seen
+        it: a game that came back during the load is what made it fail). A load cut by the broker's shutdown
+        leaves it waiting (the state file keeps it for the restarted broker)."""
         name, s = job.consumer, self.scheduler_for(job.consumer)
         async with s.rooms.lock:
-            if s.strangers.present:
-                s.recorder.record(
-                    "restore_skipped", consumer=name, job=job.id, reason="a stranger is present"
+            if s.strangers.present or not may():
+                why = (
+                    "a stranger is present"
+                    if s.strangers.present
+                    else "a stranger left within restore_after_s"
                 )
+                s.recorder.record("restore_skipped", consumer=name, job=job.id, reason=why)
                 return
             pending = self.to_restore.get(s.index, [])
             if name not in pending:  # (unloaded since, by an admin or as idle: the newer decision stands)

@@ -9999,6 +9999,45 @@ async def test_a_restore_waiting_for_the_gpu_when_a_stranger_comes_is_not_refuse
     assert r.sims["mvoice"].loads == 1 and r.broker.internal.to_restore[0] == []
 
 
+async def test_a_restore_granted_soon_after_a_stranger_came_and_went_while_it_waited_waits_restore_after_s(
+    rig,
+):
+    """how-it-works.md, Restore: a stranger that comes back stops the restores; they go on once it has been
+    gone restore_after_s again. mvoice's restore waits behind a running job when a game comes, and goes
+    before the job ends (restore_after_s is now an hour: a game that comes and goes, a loading screen's
+    dip); granted, it loaded mvoice at once, the moment the game had left, into the memory the game takes
+    back at its next level (found by an attack on yields: it only asked whether a stranger was present
+    now). It now waits, restore_skipped, and is still due."""
+    gate = asyncio.Event()
+    async with held_llm(gate) as ollama:
+        r = await rig(tweak=_yielding(restore_after_s=0.2), urls={"ollama": ollama.url})
+        s = r.broker.scheduler
+        llm = asyncio.ensure_future(r.post("llm", {"prompt": "hold"}))
+        await status_until(r, lambda st: st["scheduler"]["holder"] is not None)
+        try:
+            r.broker.internal.to_restore[0] = ["mvoice"]  # (as a yield leaves it)
+            await until(lambda: [j.kind for j in s.lock.waiting] == ["restore"], timeout=10)
+            r.gpu.allocate("game", 8000, graphics=True)
+            await until(lambda: s.strangers.present, timeout=10)
+            r.raw["gpu"]["yield"]["restore_after_s"] = 3600
+            r.config_path.write_text(yaml.safe_dump(r.raw, sort_keys=False))
+            async with r.session.post(r.url("/v1/reload")) as resp:
+                assert resp.status == 200, await resp.read()
+            r.gpu.release("game")
+            await until(lambda: not s.strangers.present, timeout=10)
+        finally:
+            gate.set()
+        assert (await llm)[0] == 200
+    await until(lambda: not s.lock.waiting and s.holder is None, timeout=10)
+    await _polls_later(r, 3)
+    assert r.stats.restores == 0 and not r.sims["mvoice"].loaded and r.sims["mvoice"].loads == 0
+    assert r.broker.internal.to_restore[0] == ["mvoice"]
+    skipped = [e for e in recent_events(r.broker.events) if e["event"] == "restore_skipped"]
+    assert [(e["consumer"], e["reason"]) for e in skipped] == [
+        ("mvoice", "a stranger left within restore_after_s")
+    ]
+
+
 async def test_a_restore_refused_by_a_full_queue_waits_for_later_not_given_up(rig):
     """Issue 22: what waits to be restored is loaded again once it may. A restore turned away at the queue's
     door (queue_full: jobs fill max_queue) was logged "restore failed" and given up for good, as if its load
