@@ -9162,14 +9162,21 @@ class InternalJobs:
 
     async def _fits_then_load(self, job: Job, kind: str) -> bool:
         """Load the job's consumer (under its GPU's room lock) if it is not resident and fits as things are,
-        evicting nothing (``{kind}_skipped`` recorded when it does not fit); whether it was loaded."""
-        name, rooms = job.consumer, self.scheduler_for(job.consumer).rooms
+        evicting nothing (``{kind}_skipped`` recorded when it does not fit, or, for a restore, when its
+        reading shows a stranger: it waits for it to go, fitting beside it or not); whether it was loaded."""
+        name, s = job.consumer, self.scheduler_for(job.consumer)
+        rooms = s.rooms
         if rooms.states[name].resident is True:
             log.info(logfmt(msg=f"{kind}: already resident", consumer=name, job=job.id))
             return False
         # (A consumer whose memory is elsewhere fits whatever this GPU holds.)
         if job.target.vram_resident_mib:
             plan = plan_room(rooms.snapshot(job, await rooms.read(job), {}))
+            if kind == "restore" and s.strangers.present:  # (come after the last poll: its reading tells)
+                rooms.recorder.record(
+                    "restore_skipped", consumer=name, job=job.id, reason="a stranger is present"
+                )
+                return False
             if not plan.fits:
                 rooms.recorder.record(
                     f"{kind}_skipped",

@@ -9937,6 +9937,45 @@ async def test_a_restore_whose_own_reading_finds_a_stranger_back_waits_for_it_to
     assert r.sims["mvoice"].loads == 1 and r.broker.internal.to_restore[0] == []
 
 
+async def test_a_restore_whose_own_reading_finds_a_stranger_back_loads_nothing_even_where_it_would_fit(rig):
+    """decisions.md: a restore that its own reading finds a stranger back beside (come after the last poll)
+    waits for that stranger to go, as the poll would have made it. The game comes back between the last
+    poll and the restore's own reading, and leaves room for mvoice and keep_free_mib (15904 - 8000 = 7904 >=
+    2800 + 256 + 2048): the restore loaded mvoice beside it all the same (found by an attack on yields: only
+    a stranger that left it no room kept it waiting). It loads nothing and waits; once the game is gone,
+    mvoice is loaded."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(restore_after_s=0.5))
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    async with r.session.post(r.url("/v1/reserve"), json={"for_s": 60, "reason": "gaming"}) as resp:
+        assert (await resp.json())["unloaded"] == ["mvoice", "comfyui"]
+    real, came = r.broker.internal._fits_then_load, []
+
+    async def game_comes_back(job: m.Job, kind: str) -> bool:
+        if kind == "restore" and not came:  # (after the restore saw no stranger, before its reading)
+            came.append(job.id)
+            r.gpu.allocate("game", 8000, graphics=True)
+        return await real(job, kind)
+
+    r.broker.internal._fits_then_load = game_comes_back  # type: ignore[method-assign]
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert resp.status == 200
+    await until(
+        lambda: any(
+            e["event"] in ("finished", "failed") and e["kind"] == "restore"
+            for e in recent_events(r.broker.events)
+        ),
+        timeout=10,
+    )
+    assert came and not r.sims["mvoice"].loaded and r.sims["mvoice"].loads == 0 and r.stats.restores == 0
+    assert r.broker.internal.to_restore[0] == ["mvoice"]
+    skipped = [e for e in recent_events(r.broker.events) if e["event"] == "restore_skipped"]
+    assert [(e["consumer"], e["reason"]) for e in skipped] == [("mvoice", "a stranger is present")]
+    r.gpu.release("game")
+    await until(lambda: r.sims["mvoice"].loaded, timeout=15)
+    await until(lambda: r.stats.restores == 1)
+    assert r.sims["mvoice"].loads == 1 and r.broker.internal.to_restore[0] == []
+
+
 async def test_a_restore_whose_load_fails_beside_a_stranger_that_came_back_waits_for_it_to_go(rig):
     """Issue 22: a stranger that comes back stops the restores; they go on once it has been gone. The game
     comes back while the restore loads mvoice (after its fit was checked): the load runs out of memory and
