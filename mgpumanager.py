@@ -9510,10 +9510,14 @@ class Yielding:
     def reservation_ended(self, index: int, res: Reservation) -> None:
         """A reservation's end (but at shutdown): what it unloaded waits to be restored (``restore``), and the
         GPU's ``preload`` consumers get the preloads its reservation kept from them (but, without
-        ``restore``, those it unloaded: its end leaves them unloaded)."""
+        ``restore``, those it unloaded: its end leaves them unloaded, and those it found resident no longer
+        wait for an older yield's restore either: its unload is the newer decision)."""
         if res.restore:
             self.internal.restore_later(index, res.to_restore)
             self.wake.set()
+        else:
+            for name in res.to_restore:
+                self.internal.not_to_restore(index, name)
         self.internal.start_preloads(index, but=() if res.restore else res.unloaded)
 
     @staticmethod
@@ -10633,6 +10637,8 @@ def parse_state(raw: Any, now: float) -> Remembered:
                 reservations[index] = (left, reason, restore, unloaded, theirs)
             elif restore:
                 names += tuple(n for n in theirs if n not in names)
+            else:  # (what it unloaded resident stays unloaded: an older yield's restore too)
+                names = tuple(n for n in names if n not in theirs)
         if names:
             to_restore[index] = names
     last_used: dict[str, float] = {}

@@ -9612,6 +9612,14 @@ def test_the_state_file_is_read_as_of_now():
     assert rem.to_restore == {0: ("ollama",)}
 
 
+def test_a_no_restore_reservation_that_ended_while_the_broker_was_down_leaves_what_it_unloaded_unloaded():
+    """The same for a --no-restore reservation that ended while the broker was down: mvoice, resident when
+    it unloaded it, waited to be restored for an older yield too; the restarted broker restored it."""
+    raw = _state(gpus__0__reservation__restore=False, gpus__0__to_restore=["ollama", "mvoice"])
+    assert m.parse_state(raw, 1_004_000.0).to_restore == {0: ("ollama",)}
+    assert m.parse_state(raw, 1_000_100.0).to_restore == {0: ("ollama", "mvoice")}  # (still in force)
+
+
 def test_a_wall_clock_set_back_never_lengthens_a_reservation_nor_puts_a_last_use_in_the_future():
     # The clock now says an hour before the file was written: nothing is taken to have happened since.
     rem = m.parse_state(_state(), 996_400.0)
@@ -10505,6 +10513,33 @@ async def test_a_consumer_the_admin_unloaded_after_its_yield_is_not_restored(rig
     await asyncio.sleep(2)  # (a timer that must not fire: a restore comes 0.5 s after the game left)
     await _polls_later(r, 3)  # (and the polls that would have seen to it came, however slow the machine)
     assert r.stats.restores == 0 and not r.sims["mvoice"].loaded
+
+
+async def test_a_consumer_used_since_its_yield_that_a_no_restore_reservation_unloaded_is_not_restored(rig):
+    """configuration.md, preload: a --no-restore reservation's end leaves what it unloaded unloaded. mvoice
+    yields for a game; a job loads it again beside the game; the admin reserves the GPU --no-restore, which
+    unloads it (resident: its to_restore, which its end skips), and releases it; the game leaves. The yield's
+    old restore loaded mvoice all the same (found by an attack on yields): the reservation's unload, the
+    newer decision, like an admin's or an idle one, now takes it off what waits to be restored."""
+    r = await rig(sims={"mvoice": {"loaded": True}}, tweak=_yielding(restore_after_s=0.5))
+    await status_until(r, lambda st: st["consumers"]["mvoice"]["vram_used_mib"] == 2800)
+    r.gpu.allocate("game", 12000, graphics=True)  # 1104 free < 2048: mvoice yields
+    await until(lambda: r.stats.yields == 1, timeout=30)
+    r.gpu.allocate("game", 8000, graphics=True)  # the same game, smaller: still a stranger
+    await status_until(r, lambda st: st["gpu"]["unclaimed_mib"] == 8000)
+    answer = await r.post("tts", {"text": "beside the game"})
+    assert answer[0] == 200, answer
+    status, _, reserved = await _reserve(r, for_s=60, reason="gaming", restore=False)
+    assert status == 200 and "mvoice" in reserved["unloaded"] and not r.sims["mvoice"].loaded
+    assert r.broker.scheduler.reservation.to_restore == ["mvoice"]  # (resident when it unloaded it)
+    async with r.session.delete(r.url("/v1/reserve")) as resp:
+        assert resp.status == 200
+    r.gpu.release("game")
+    await status_until(r, lambda st: not st["gpu"]["strangers"]["present"])
+    await asyncio.sleep(2)  # (a timer that must not fire: a restore comes 0.5 s after the game left)
+    await _polls_later(r, 3)  # (and the polls that would have seen to it came, however slow the machine)
+    assert r.stats.restores == 0 and not r.sims["mvoice"].loaded and r.sims["mvoice"].loads == 1
+    assert not r.broker.internal.to_restore.get(0)
 
 
 async def test_a_reserved_gpu_asks_no_yield_of_what_its_reservation_could_not_unload(rig, caplog):
