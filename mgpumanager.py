@@ -8252,6 +8252,9 @@ class Reservations:
         self.kept: Reservation | None = None
         #: Told of each reservation's end but at shutdown (what it unloaded is restored from there).
         self.ended: list[Callable[[Reservation], None]] = []
+        #: The consumer a reservation's unload is under way for, from before its reading (a reload may not
+        #: move it to another GPU meanwhile: ``move_problems``), whether or not the reservation ended since.
+        self.unloading: str | None = None
 
     def refusal(self, consumer: str | None) -> BrokerError:
         """gpu_reserved, with the time left."""
@@ -8419,10 +8422,13 @@ class Reservations:
                     if resident:
                         res.to_restore.append(name)
 
+                self.unloading = name
                 try:
                     await s.rooms.unload(res.job, name, by="reservation", answered=answered)
                 except BrokerError as e:
                     res.not_unloaded[name] = f"unload failed: {e.__cause__}"
+                finally:
+                    self.unloading = None
 
     def cancel_waiting(self) -> bool:
         """DELETE /v1/reserve while reservations wait for the lock: each is cancelled (its POST answered
@@ -11267,7 +11273,8 @@ def move_problems(new: Config, schedulers: Mapping[int, Scheduler]) -> list[str]
                 continue
             if s.lock.jobs_of(name) > 0:
                 why = f"has a job running on GPU {index}"
-            elif s.rooms.unloading(name):
+            elif s.rooms.unloading(name) or s.reservations.unloading == name:
+                # (A reservation's from its reading on, which comes before its call: not the config's.)
                 why = f"is being unloaded on GPU {index}"
             else:
                 continue

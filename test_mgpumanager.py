@@ -16315,6 +16315,43 @@ async def test_a_consumer_being_evicted_moves_to_another_gpu_only_once_its_unloa
         assert "new GPU for mvoice" in (await resp.json())["changes"]
 
 
+async def test_a_consumer_a_reservation_is_unloading_moves_to_another_gpu_only_once_that_unload_is_done(
+    rig, tmp_path
+):
+    """decisions.md: a reload that would move a consumer while the broker unloads it for another's job ("a
+    reservation's unload") is refused. A reservation's unload reads the GPU before its call; the move check
+    saw nothing of it then (the reservation's job is no consumer's, and the unload counted from its call).
+    Found by an attack on several GPUs: mvoice, moved to GPU 1 during GPU 0's reservation's reading, got a
+    job there, and GPU 0's reservation called its unload in the middle of that job (two GPUs' locks both
+    let it work), and listed it as unloaded."""
+    r = await rig(gpus=2, sims={"mvoice": {"loaded": True}})
+    reader = r.broker.gpus[0]
+    await asyncio.sleep(1.1)  # (the last reading is older than what a status takes as it is)
+    gate = tmp_path / "gate"
+    gate.touch()
+    r.gpu.set_fault(None, smi_gate=str(gate))  # (nvidia-smi answers once the gate is gone)
+    queries = reader.queries
+    reserving = asyncio.ensure_future(_reserve(r, for_s=60, reason="gaming", gpu=0))
+    await until(lambda: reader.queries > queries)  # mvoice's unload (the first) reads GPU 0 before its call
+    raw = copy.deepcopy(r.raw)
+    raw["consumers"]["mvoice"]["gpu"] = 1
+    raw["consumers"]["mvoice"]["can_coexist_with"] = []
+    r.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        async with r.session.post(r.url("/v1/reload")) as resp:
+            data = error_of(resp.status, dict(resp.headers), await resp.read(), "bad_config")
+        assert "consumers.mvoice.gpu: mvoice is being unloaded on GPU 0" in data["message"]
+        assert r.broker.scheduler_for("mvoice").index == 0 and r.sims["mvoice"].unloads == 0
+    finally:
+        gate.unlink()
+    status, _, answer = await reserving
+    assert status == 200 and answer["unloaded"][0] == "mvoice" and r.sims["mvoice"].unloads == 1
+    async with r.session.post(r.url("/v1/reload")) as resp:  # unloaded now: the move is taken
+        assert "new GPU for mvoice" in (await resp.json())["changes"]
+    assert (await r.post("tts", {"text": "x"}))[0] == 200  # on GPU 1, which is not reserved
+    assert [rec.path for rec in r.sims["mvoice"].records].count("/api/admin/unload") == 1
+
+
 async def test_a_job_granted_in_the_turn_after_the_move_check_does_not_leave_its_consumer_on_two_gpus(
     rig, monkeypatch
 ):
