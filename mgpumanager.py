@@ -7709,9 +7709,8 @@ class RoomMaker:
         unloaded or loaded for it. A reload that gives its consumer a new URL meanwhile (a new service)
         sends a job with a request to make there, as it does a waiting one (``reload_fate``): it is made
         ready anew, for that one, or refused as it (``made_ready_anew``). An admin or internal operation is
-        not sent on: its call, made by name, went to the service in force when it was made. Its unloads
-        tried count towards one max_evictions, whichever service they made room for."""
-        tried: dict[str, str] = {}  # victim -> why it was tried
+        not sent on: its call, made by name, went to the service in force when it was made."""
+        tried: dict[str, str] = {}  # victim -> how it went: one max_evictions, whichever service it was for
         async with self.lock:
             while True:
                 target, failed = job.target, None
@@ -7858,8 +7857,9 @@ class RoomMaker:
             tried[victim] = "unloaded" if freed else f"unloaded, memory not freed within {waited:g} s"
 
     def unloading(self, name: str) -> bool:
-        """An unload of ``name`` is under way on this GPU (its call, and for an eviction or a yield the wait
-        for its memory), whatever service the name is now."""
+        """An unload of ``name`` is under way on this GPU, whatever service the name is now: its call, an
+        admin, idle or reservation unload from its reading before that (a reload may not move it to another
+        GPU then), an eviction or a yield until its memory came free."""
         return name in self._unload_started
 
     async def unload(
@@ -7891,10 +7891,14 @@ class RoomMaker:
         waits = by is not None and by != "yield"
         before: GpuReading | None = None
         if waits:
+            self._unload_started[victim] = self.clock()  # (from its reading on: ``unloading``)
             try:
                 before = await self.read(job)
             except BrokerError as e:
                 log.warning(logfmt(msg="unload: no reading before it", consumer=victim, error=str(e)))
+            except BaseException:
+                self._unload_started.pop(victim, None)
+                raise
             # The service its call goes to: a reload during the reading may have made it another.
             state = self.states.get(victim, state)
             # (What it is charged with, but never more than the reading shows in use.)
@@ -7907,17 +7911,13 @@ class RoomMaker:
         self._unload_started[victim] = self.clock()
         try:
             await self.ops.unload(victim)
-        except BrokerError as e:  # (the consumer's failure: its answer, its command, no answer in time)
+        except BaseException as e:  # it may or may not have freed anything
             state.unload_failed()
             self._unload_started.pop(victim, None)
-            self.recorder.record("unload_failed", consumer=victim, **why, job=job.id, error=str(e))
-            raise BrokerError("unload_failed", f"{victim} {e}", victim) from e
-        except BaseException:
-            # Cut (the broker is closing), or a bug (its job ends as scheduler_error, counted once): it may
-            # or may not have freed anything.
-            state.unload_failed()
-            self._unload_started.pop(victim, None)
-            raise
+            if isinstance(e, BrokerError):  # (the consumer's failure: its answer, its command, no answer)
+                self.recorder.record("unload_failed", consumer=victim, **why, job=job.id, error=str(e))
+                raise BrokerError("unload_failed", f"{victim} {e}", victim) from e
+            raise  # (cut: the broker is closing; or a bug: its job ends as scheduler_error, counted once)
         if answered is not None:
             answered()
         if not waits:
@@ -7981,10 +7981,10 @@ class RoomMaker:
         """After an eviction (or an unload ``by`` a yield, an admin, idleness or a reservation): poll until
         the target fits (``need`` MiB free), the victim's memory (``size`` MiB) came free, or
         ``vram_wait_s`` passed; the last reading, and whether the memory came free: what shows up as
-        free, or for a victim measured by its processes, what they
-        no longer hold (``pids``: its processes before the unload, counted whether or not a reading still
-        tells whose they are: a process that exits has no name any more before its memory goes; a game
-        that takes memory the moment it comes free leaves the free figure where it was). The victim is
+        free, or for a victim measured by its processes, what they no longer hold (``pids``: its processes
+        before the unload, counted whether or not a reading still tells whose they are: a process that
+        exits has no name any more before its memory goes; a game that takes memory the moment it comes
+        free leaves the free figure where it was). The victim is
         then not resident, or unknown if some but too little came free (a measured one whose processes
         still hold it: its next reading tells), in ``state``: the victim's as its unload began (a reload
         meanwhile may have made it another service, which the wait leaves alone)."""
@@ -8252,9 +8252,6 @@ class Reservations:
         self.kept: Reservation | None = None
         #: Told of each reservation's end but at shutdown (what it unloaded is restored from there).
         self.ended: list[Callable[[Reservation], None]] = []
-        #: The consumer a reservation's unload is under way for, from before its reading (a reload may not
-        #: move it to another GPU meanwhile: ``move_problems``), whether or not the reservation ended since.
-        self.unloading: str | None = None
 
     def refusal(self, consumer: str | None) -> BrokerError:
         """gpu_reserved, with the time left."""
@@ -8422,13 +8419,10 @@ class Reservations:
                     if resident:
                         res.to_restore.append(name)
 
-                self.unloading = name
                 try:
                     await s.rooms.unload(res.job, name, by="reservation", answered=answered)
                 except BrokerError as e:
                     res.not_unloaded[name] = f"unload failed: {e.__cause__}"
-                finally:
-                    self.unloading = None
 
     def cancel_waiting(self) -> bool:
         """DELETE /v1/reserve while reservations wait for the lock: each is cancelled (its POST answered
@@ -11273,8 +11267,7 @@ def move_problems(new: Config, schedulers: Mapping[int, Scheduler]) -> list[str]
                 continue
             if s.lock.jobs_of(name) > 0:
                 why = f"has a job running on GPU {index}"
-            elif s.rooms.unloading(name) or s.reservations.unloading == name:
-                # (A reservation's from its reading on, which comes before its call: not the config's.)
+            elif s.rooms.unloading(name):
                 why = f"is being unloaded on GPU {index}"
             else:
                 continue
