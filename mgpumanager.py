@@ -12476,7 +12476,7 @@ async def expect_body(request: web.Request) -> web.StreamResponse | None:
     request_id(request)  # (a refusal here is an answer too: it carries it)
     try:
         check_target(request)
-        check_token(request)
+        request[CALLER] = check_token(request)  # (whom ``refuse_early``'s require_admin asks after)
         if request.match_info.handler is handle_unrouted:  # (refused whatever the body)
             raise no_route(request, await allowed_methods(request))
         length = request.content_length

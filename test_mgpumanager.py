@@ -24613,3 +24613,40 @@ async def test_attack_a_mount_job_sent_to_a_new_url_presents_the_new_services_or
             status, body = resp.status, await resp.text()
         assert new.refused_origins == [] and status == 200, (status, body)
         assert [x.headers.get("Origin") for x in new.records if x.path == "/api/prompt"] == [service.url]
+
+
+@pytest.mark.parametrize("target", ["/v1/reload", "/v1/reserve", "/v1/consumers/mvoice/load"])
+async def test_the_admins_token_with_an_expect_gets_its_continue_on_an_admin_route(rig, target):
+    """Found by the attack on callers: the answer to an Expect is decided before the front door, which
+    records who the token is; ``refuse_early`` then asked ``require_admin`` with nobody recorded, so the
+    admin's own token on an admin route was refused 403 ("this is anyone's") before any 100 Continue, and a
+    client's was refused without its name, which the docs promise. The admin's gets its 100 Continue; a
+    client's 403 names the client."""
+    r = await rig(tweak=with_clients)
+    reader, writer = await _partial_post(
+        r.server.host,
+        r.server.port,
+        target,
+        2 * m.MiB,
+        b"",
+        extra=f"Expect: 100-continue\r\nAuthorization: Bearer {TOKEN}\r\n",
+    )
+    try:
+        first = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 100 Continue"), first
+    reader, writer = await _partial_post(
+        r.server.host,
+        r.server.port,
+        target,
+        2 * m.MiB,
+        b"",
+        extra=f"Expect: 100-continue\r\nAuthorization: Bearer {WA_TOKEN}\r\n",
+    )
+    try:
+        status, body = await read_answer(reader)
+    finally:
+        writer.close()
+    assert status.startswith(b"HTTP/1.1 403") and body["error"] == "forbidden", (status, body)
+    assert "this is client wa's" in body["message"], body
