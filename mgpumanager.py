@@ -9235,7 +9235,7 @@ class InternalJobs:
                     "unload_failed", f"{name}'s memory did not come free within {waited:g} s", name
                 )
 
-    async def _restore_if_fits(self, job: Job, *, may: Callable[[], bool] = lambda: True) -> None:
+    async def _restore_if_fits(self, job: Job, *, may: Callable[[], bool]) -> None:
         """A restore's step, once granted: a stranger present, or one gone less than restore_after_s ago
         (``may``, asked again: a stranger may have come and gone while it waited), keeps it for later; else
         it is loaded if it is not resident and fits (``restored``), and then no longer waits: neither when
