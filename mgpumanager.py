@@ -12460,8 +12460,9 @@ def refuse_early(request: web.Request) -> None:
         require_admin(request)
     elif handler is handle_job:
         route(config, request.match_info["kind"])
-    elif handler is handle_mount:
-        mounted(config, request.match_info["name"])
+    elif handler in (handle_mount, handle_consumer_port):
+        consumer, _, upstream_path = consumer_api_target(request, config)
+        _refuse_own_routes(consumer, request.method, upstream_path)
 
 
 async def expect_body(request: web.Request) -> web.StreamResponse | None:
@@ -12597,21 +12598,25 @@ async def handle_mount(request: web.Request) -> web.StreamResponse:
     are proxied both ways, unscheduled; every other request is a job of that consumer.
     """
     broker = request.app[BROKER]
-    name = request.match_info["name"]
-    consumer = mounted(broker.config, name)
-    path_qs, upstream_path = mount_upstream_path(origin_form(request), name)
-    return await serve_consumer_api(request, broker, consumer, path_qs, upstream_path)
+    return await serve_consumer_api(request, broker, *consumer_api_target(request, broker.config))
 
 
 async def handle_consumer_port(request: web.Request) -> web.StreamResponse:
     """Any method on any path of a consumer's own port (``listen``): its API at the root path, served
     exactly as its mount ``/c/{name}/`` serves it (the same path rules, scheduling, holds and refusals)."""
     broker = request.app[BROKER]
-    name = request.app[PORT_CONSUMER]
-    consumer = configured(broker.config, name)
-    # The mount's path rules, applied to the path as if it came through the mount.
-    path_qs, upstream_path = mount_upstream_path(f"/c/{name}{origin_form(request)}", name, port=True)
-    return await serve_consumer_api(request, broker, consumer, path_qs, upstream_path)
+    return await serve_consumer_api(request, broker, *consumer_api_target(request, broker.config))
+
+
+def consumer_api_target(request: web.Request, config: Config) -> tuple[ConsumerConfig, str, str]:
+    """The consumer whose API a mount or a consumer's port serves, and the request's upstream path with the
+    query as the client encoded it, and alone (``mount_upstream_path``); no_consumer, or bad_request."""
+    if PORT_CONSUMER in request.app:  # (the mount's path rules, applied as if it came through the mount)
+        name = request.app[PORT_CONSUMER]
+        consumer = configured(config, name)
+        return consumer, *mount_upstream_path(f"/c/{name}{origin_form(request)}", name, port=True)
+    consumer = mounted(config, request.match_info["name"])
+    return consumer, *mount_upstream_path(origin_form(request), consumer.name)
 
 
 async def serve_consumer_api(

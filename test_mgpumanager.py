@@ -21757,6 +21757,10 @@ async def test_a_request_with_no_route_refuses_an_expect_before_any_continue(rig
         ("/v1/reload", "client", b"HTTP/1.1 403", "forbidden"),  # an admin route, a client's token
         ("/v1/consumers/mvoice/unload", "client", b"HTTP/1.1 403", "forbidden"),
         ("/v1/stt", "client", b"HTTP/1.1 100 Continue", None),  # (the same token, where it may go on)
+        ("/c/mvoice/api/admin/unload", None, b"HTTP/1.1 403", "forbidden"),  # its own route, by its mount
+        ("/c/mvoice/API/admin/load/", None, b"HTTP/1.1 403", "forbidden"),  # (as the guard compares it)
+        ("/c/mvoice/a/../api/admin/unload", None, b"HTTP/1.1 400", "bad_request"),  # a path it refuses
+        ("/c/mvoice/api/transcribe", None, b"HTTP/1.1 100 Continue", None),  # (a job of its mount)
     ],
 )
 async def test_what_a_routes_handler_refuses_whatever_the_body_is_refused_before_any_continue(
@@ -21766,7 +21770,8 @@ async def test_what_a_routes_handler_refuses_whatever_the_body_is_refused_before
     handler refuses whatever the body (a kind nothing serves, a mount of no consumer, a client's token on an
     admin route) got 100 Continue first: the client uploaded its body, only to be refused after it (left
     alone at the last stop). Each is refused before any Continue, as a missing token is; a request its route
-    takes still gets its 100."""
+    takes still gets its 100. So is a consumer's own load or unload route through its mount (left alone
+    three stops later), which the admin's token does not open either, and a mount path it refuses."""
     r = await rig(tweak=with_clients)
     auth = f"Authorization: Bearer {WA_TOKEN if token else TOKEN}\r\n"
     reader, writer = await _partial_post(
@@ -21901,6 +21906,17 @@ async def test_expect_100_continue_on_a_consumers_port_is_refused_before_any_con
         finally:
             writer.close()
     assert [rec.path for rec in r.sims["ollama"].records] == ["/api/ps"]  # its probe, no chat
+    # The consumer's own unload route (ComfyUI's POST /free) is refused before any Continue too, as on its
+    # mount: the admin's token does not open it.
+    host, port = r.broker.ports.address("comfyui").rsplit(":", 1)
+    reader, writer = await _partial_post(
+        host, int(port), "/free", 60 * m.MiB, b"", extra="Expect: 100-continue\r\n" + auth
+    )
+    try:
+        status, body = await read_answer(reader)
+    finally:
+        writer.close()
+    assert status.startswith(b"HTTP/1.1 403") and body["error"] == "forbidden", (status, body)
 
 
 async def test_a_large_body_is_held_once_not_copied(rig):
