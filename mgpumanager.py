@@ -11495,8 +11495,6 @@ class Connection:
     transport: asyncio.Transport
     #: "listen" (the broker's own port), else the consumer whose port it came to.
     listener: str
-    #: Since when it has had no request being handled: its opening, or its last request's end.
-    idle_since: float
     #: Requests of it being handled now, and how many it sent.
     busy: int = 0
     requests: int = 0
@@ -11602,11 +11600,8 @@ class ClientConnections:
     Every close is counted by reason (mgpumanager_connections_closed_total) and summed up in the log.
     """
 
-    def __init__(
-        self, config: Config, metrics: Metrics, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, config: Config, metrics: Metrics) -> None:
         self.metrics = metrics
-        self.clock = clock
         #: By aiohttp's protocol for each (what a request knows as ``request.protocol``).
         self.open: dict[asyncio.BaseProtocol, Connection] = {}
         #: What may be closed when descriptors run short, the longest idle first: the connections without a
@@ -11658,7 +11653,7 @@ class ClientConnections:
         self, protocol: asyncio.BaseProtocol, transport: asyncio.Transport, listener: str
     ) -> Connection:
         """A connection was accepted: its request head is due within header_timeout_s."""
-        conn = Connection(protocol, transport, listener, self.clock())
+        conn = Connection(protocol, transport, listener)
         self.open[protocol] = conn
         self.idle[conn] = None
         self._watch(conn, self.http.header_timeout_s, "header_timeout")
@@ -11714,7 +11709,7 @@ class ClientConnections:
         conn.busy -= 1
         if conn.busy or conn.protocol not in self.open:
             return
-        conn.idle_since, conn.closer = self.clock(), None
+        conn.closer = None
         self.idle[conn] = None  # the most recently idle, last
         if not conn.refused:
             self._watch(conn, self.http.keepalive_s, "keepalive")
@@ -11740,7 +11735,6 @@ class ClientConnections:
         conn.reading = body if waits else None
         self.idle.pop(conn, None)
         if waits:
-            conn.idle_since = self.clock()
             self.idle[conn] = None
 
     def closer(self, request: web.BaseRequest, close: Callable[[], None]) -> None:
