@@ -11493,8 +11493,6 @@ class Connection:
     #: aiohttp's protocol for it (``request.protocol``) and its transport.
     protocol: asyncio.BaseProtocol
     transport: asyncio.Transport
-    #: "listen" (the broker's own port), else the consumer whose port it came to.
-    listener: str
     #: Requests of it being handled now, and how many it sent.
     busy: int = 0
     requests: int = 0
@@ -11532,14 +11530,13 @@ class _Watched(asyncio.Protocol):
     """aiohttp's protocol for one client connection, wrapped so that ClientConnections sees it open, get
     bytes and close (under asyncio and uvloop alike: it is a plain protocol to either)."""
 
-    def __init__(self, connections: ClientConnections, inner: asyncio.Protocol, listener: str) -> None:
+    def __init__(self, connections: ClientConnections, inner: asyncio.Protocol) -> None:
         self.connections = connections
         self.inner = inner
-        self.listener = listener
         self.conn: Connection | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.conn = self.connections.opened(self.inner, transport, self.listener)  # type: ignore[arg-type]
+        self.conn = self.connections.opened(self.inner, transport)  # type: ignore[arg-type]
         self.inner.connection_made(transport)
         self.connections.make_room()
 
@@ -11643,17 +11640,15 @@ class ClientConnections:
         log.log(logging.WARNING if few else logging.INFO, line)
         self.make_room()  # (a reload may keep more for the broker's own work)
 
-    def protocol(self, server: Callable[[], asyncio.Protocol], listener: str) -> asyncio.Protocol:
+    def protocol(self, server: Callable[[], asyncio.Protocol]) -> asyncio.Protocol:
         """A new connection's protocol: aiohttp's (``server()``), watched."""
-        return _Watched(self, server(), listener)
+        return _Watched(self, server())
 
     # ---- what the connections do -------------------------------------------------------------------
 
-    def opened(
-        self, protocol: asyncio.BaseProtocol, transport: asyncio.Transport, listener: str
-    ) -> Connection:
+    def opened(self, protocol: asyncio.BaseProtocol, transport: asyncio.Transport) -> Connection:
         """A connection was accepted: its request head is due within header_timeout_s."""
-        conn = Connection(protocol, transport, listener)
+        conn = Connection(protocol, transport)
         self.open[protocol] = conn
         self.idle[conn] = None
         self._watch(conn, self.http.header_timeout_s, "header_timeout")
@@ -11922,7 +11917,7 @@ class ListenerSite(web.BaseSite):
         server = self.app_runner.server
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
-            functools.partial(self.connections.protocol, server, self.listener),
+            functools.partial(self.connections.protocol, server),
             self.host,
             self.requested_port,
             backlog=self._backlog,
