@@ -545,7 +545,7 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
     return ["  ".join(cell(text, i) for i, text in enumerate(row)).rstrip() for row in [header, *rows]]
 
 
-def reservation_lines(res: Mapping[str, Any], now: float, indent: str = "  ") -> list[str]:
+def reservation_lines(res: Mapping[str, Any], now: float) -> list[str]:
     """A reservation ({reason, until, left_s, unloaded, not_unloaded}) for people."""
     text = f"reserved: {res.get('reason') or 'no reason given'}"
     if isinstance(res.get("left_s"), (int, float)):
@@ -554,16 +554,16 @@ def reservation_lines(res: Mapping[str, Any], now: float, indent: str = "  ") ->
         text += f" (until {_local(res['until'], now)})"
     if res.get("restore") is False:
         text += "; nothing is loaded again at its end"
-    lines = _wrap(text, indent)
+    lines = _wrap(text)
     if res.get("unloaded"):
-        lines += _wrap("unloaded: " + ", ".join(map(str, res["unloaded"])), indent + "  ")
+        lines += _wrap("unloaded: " + ", ".join(map(str, res["unloaded"])), "    ")
     not_unloaded = res.get("not_unloaded")
     if not_unloaded:
         items = (
             not_unloaded.items() if isinstance(not_unloaded, Mapping) else [(n, None) for n in not_unloaded]
         )
         text = ", ".join(f"{name} ({why})" if why else str(name) for name, why in items)
-        lines += _wrap("not unloaded: " + text, indent + "  ")
+        lines += _wrap("not unloaded: " + text, "    ")
     return lines
 
 
