@@ -7949,7 +7949,7 @@ class RoomMaker:
         victim: str,
         reading: GpuReading,
         keep_free_mib: int,
-        answered: Callable[[], None] = lambda: None,
+        answered: Callable[[], None],
     ) -> bool:
         """Unload an idle consumer for a stranger (``reading``: the one that chose it) and wait, as an
         eviction does, until its memory came free (or ``keep_free_mib`` is free): the next decision is
@@ -11195,7 +11195,7 @@ class Broker:
             raise error
 
     async def ensure_running(
-        self, consumer: ConsumerConfig, request_id: str | None, client: str | None = None
+        self, consumer: ConsumerConfig, request_id: str | None, client: str | None
     ) -> None:
         """Before an unscheduled call: a consumer that is stopped (started by a command, which the broker
         stopped or found not running) is refused with consumer_stopped, its Retry-After its learned load
@@ -11750,7 +11750,7 @@ class ClientConnections:
 
     # ---- closing -----------------------------------------------------------------------------------
 
-    def revoke(self, valid: frozenset[str], *, spare: Connection | None = None) -> tuple[int, int]:
+    def revoke(self, valid: frozenset[str], *, spare: Connection | None) -> tuple[int, int]:
         """Close every connection authenticated with a credential not in ``valid`` (a reload replaced or
         removed its token, or requires one where none was: NO_TOKEN), WebSockets with a close frame (1008),
         at once; ``spare`` (the reload's own) once its answer is sent. How many showed a token, and how many
