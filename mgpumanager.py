@@ -56,8 +56,9 @@ Sections, in dependency order:
 - Constants.
 - Errors: ``BrokerError``, the one root of the broker's errors (code, status, retryable), and its kinds.
 - Config: the dataclasses (``AuthConfig`` with its ``ClientConfig``s, and ``Caller``: who a token is), the
-  loader, the presets; ``Shared``, the config in force (a reload swaps it there, once), the bugs caught
-  anywhere, counted once, and the ``WallClock`` (the wall-clock time of a monotonic moment, for people).
+  presets, where a consumer URL leads (``url_problem``; ``loop_problems``: not back to the broker), the
+  loader; ``Shared``, the config in force (a reload swaps it there, once), the bugs caught anywhere, counted
+  once, and the ``WallClock`` (the wall-clock time of a monotonic moment, for people).
 - Failures and log lines: what a failed call means (``describe``, ``gone_reason``); ``logfmt``.
 - Events and metrics: ``Events`` (/v1/events and its ring), ``Notifier`` (systemd), ``Metrics``.
 - GPU reading: ``GpuReader`` (caching, sharing, attribution) over a ``GpuSource``: ``SmiSource``
@@ -69,18 +70,18 @@ Sections, in dependency order:
   ``plan_yield`` (whom to unload for a stranger), ``unclaimed_mib`` (what no consumer claims), ``next_grant``
   (the grant order, with ``fair_key``: fair share between clients), ``needs_no_swap`` (the "warm" both use),
   ``expected_waits`` (the forecast, and ``queue_entries``, the queue as status shows it); ``WaitQueue`` (the
-  waiting jobs: a ``Lane`` per priority and client, a bucket per consumer in each), ``QueuedEvents`` (each
-  waiting job's ``queued`` event, one forecast per turn of the loop), ``GpuTime`` (each client's held seconds
-  over the fair window); ``admission_refusal`` (whom a queue turns away at its door: a client's own room,
-  or the others'), ``ClientEtas`` (a refused client's Retry-After, played once a second) and ``GpuLock`` (the
-  lock core: admission to the queue, grants, release, each consumer's job count); ``Strangers`` (what a
-  GPU's readings show that no consumer claims, and whether a job fits beside a stranger); ``RoomMaker``
-  (carries a plan out, loads; whether it loads first, ``loads_first``, and asks a target in doubt,
-  ``in_doubt``, and where a reload sends a job, ``reload_fate``, and one being made ready,
+  waiting jobs: a ``Lane`` per priority and client, a bucket per consumer in each), ``GpuTime`` (each
+  client's held seconds over the fair window), ``QueuedEvents`` (each waiting job's ``queued`` event, one
+  forecast per turn of the loop); ``ClientEtas`` (a refused client's Retry-After, played once a second),
+  ``admission_refusal`` (whom a queue turns away at its door: a client's own room, or the others') and
+  ``GpuLock`` (the lock core: admission to the queue, grants, release, each consumer's job count);
+  ``Strangers`` (what a GPU's readings show that no consumer claims, and whether a job fits beside a
+  stranger); ``RoomMaker`` (carries a plan out, loads; whether it loads first, ``loads_first``, and asks a
+  target in doubt, ``in_doubt``, and where a reload sends a job, ``reload_fate``, and one being made ready,
   ``made_ready_anew``, are functions beside it); ``Holds``; ``Reservations``; ``JobLease`` and ``Scheduler``
   (one per GPU: composes its parts, hands out leases, sends a reload's queued jobs on: ``forget``);
-  ``InternalJobs`` (idle unloads, preloads, yields and restores, on every GPU); ``Yielding``
-  (when to yield and restore: the poll of gpu.yield).
+  ``InternalJobs`` (idle unloads, preloads, yields and restores, on every GPU); ``Yielding`` (when to yield
+  and restore: the poll of gpu.yield).
 - The proxy: ``forward`` and ``forward_job`` (``relay``, streamed), the holds' polls, WebSockets.
 - The broker: ``StateFile`` (what a restart keeps: ``parse_state``, an atomic write), ``Broker``, the
   composition root (its ``clients``: each client's use, for status), ``move_problems`` (why a reload may
