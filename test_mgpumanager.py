@@ -450,7 +450,6 @@ class Rig:
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
-        self.servers: list[TestServer] = []
         self.sims: dict[str, mgpusim.SimConsumer] = {}
         self.sim_servers: dict[str, TestServer] = {}
         #: The ports of killed consumers, for their revival.
