@@ -366,12 +366,10 @@ def make_scheduler(config: m.Config) -> tuple[m.Scheduler, FakeGpu, FakeOps, Fak
     return m.Scheduler(m.Shared(config), gpu, ops, clock=clock, sleep=clock.sleep), gpu, ops, clock
 
 
-async def acquire(
-    s: m.Scheduler, consumer: str, kind: str, request_id: str | None = None, *, client: str | None = None
-) -> m.Job:
+async def acquire(s: m.Scheduler, consumer: str, kind: str, *, client: str | None = None) -> m.Job:
     """A lease's way in alone: the job, granted, room made and loaded; the test ends it with
     ``job.release(...)``. Whatever raises on the way, the job has ended and holds no slot."""
-    return await s.job(consumer, kind, request_id=request_id, client=client).__aenter__()
+    return await s.job(consumer, kind, client=client).__aenter__()
 
 
 def snapshot(s: m.Scheduler) -> dict[str, Any]:
