@@ -9431,7 +9431,7 @@ def _yield_config(keep: int = 2048, ignore: int = 512, **tweaks: Any) -> m.Confi
 
 
 def _reading(s: m.Scheduler, used: dict[str, int], strangers: dict[int, int], started: float) -> m.GpuReading:
-    """A whole reading: the consumers' processes (measured, as Consumers.measure would) and strangers' ones
+    """A whole reading: the consumers' processes (measured, as GpuProcesses.measure would) and strangers' ones
     (pid -> MiB; a graphics process shows only in the used figure: a negative pid here)."""
     procs = [m.GpuProcess(100 + i, f"/usr/bin/{n}", mib) for i, (n, mib) in enumerate(used.items())]
     owners = {p.pid: n for p, n in zip(procs, used, strict=True)}
