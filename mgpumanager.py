@@ -9589,7 +9589,7 @@ def consumer_origin(request: web.Request, consumer: ConsumerConfig) -> str | Non
 
     A consumer's same-origin check (ComfyUI compares Origin with the Host it gets, the consumer URL's) then
     passes for pages the broker served, through a mount or a consumer's port, as a reverse proxy that
-    forwards Host would make it; a page of any other origin keeps its Origin and meets the check as before.
+    forwards Host would make it; a page of any other origin keeps its Origin and meets the check unchanged.
     So does a page of a name that was made to point at the broker (DNS rebinding: its Origin always equals
     its Host, evil.example's).
     """
@@ -11521,7 +11521,7 @@ def queued_parse_error(protocol: asyncio.BaseProtocol) -> HttpProcessingError | 
     """The error aiohttp's C parser met in the middle of a request body, where there is one. That parser
     queues its 400 for after the request under way and never ends that request's body (its Python parser
     ends it with the error), so the handler would wait out body_timeout_s and answer 408. It is found in
-    aiohttp's own queue (a private one: where it has none, the 408 comes as before; a test guards it)."""
+    aiohttp's own queue (a private one: where it has none, the handler answers 408; a test guards it)."""
     queued = getattr(protocol, "_messages", None)
     exc = getattr(queued[-1][0], "exc", None) if queued else None
     return exc if isinstance(exc, HttpProcessingError) else None
