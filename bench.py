@@ -1265,9 +1265,9 @@ class Bench:
             " runpy.run_module('mgpumanager', run_name='__main__')"
         )
 
-    async def start_broker(self, name: str, argv: list[str], extra: Sequence[str] = ()) -> Path:
+    async def start_broker(self, name: str, argv: list[str]) -> Path:
         port = self.ports[name]
-        child = await self.children.spawn(name, [*self.broker_argv(argv, port), *extra])
+        child = await self.children.spawn(name, self.broker_argv(argv, port))
         self.urls[name] = f"http://{LOOPBACK}:{port}"
         await self.wait_http(self.urls[name] + "/healthz", name, child)
         self.pids[name] = child.pid
