@@ -3883,7 +3883,7 @@ async def test_a_residency_query_outranks_health_and_an_unreadable_one_is_logged
 # =====================================================================================================
 
 
-async def _grants(s: m.Scheduler, tasks: list[asyncio.Task[m.Job]]) -> list[str]:
+async def _grants(tasks: list[asyncio.Task[m.Job]]) -> list[str]:
     """Finish jobs one at a time as they are granted; the order in which tasks got the lock."""
     order = []
     pending = list(tasks)
@@ -3909,7 +3909,7 @@ def swap_config(max_overtake_s: float, **tweaks: Any) -> m.Config:
 
 
 async def _run_in_turn(
-    s: m.Scheduler, clock: FakeClock, job: m.Job, tasks: list[asyncio.Task[m.Job]], job_s: float
+    clock: FakeClock, job: m.Job, tasks: list[asyncio.Task[m.Job]], job_s: float
 ) -> list[tuple[str, float]]:
     """Let ``job`` and then each job granted after it run ``job_s`` on the fake clock, one at a time, each
     answering 2xx; (consumer, grant time) of the ones granted after it, in order."""
@@ -4536,7 +4536,7 @@ async def test_grant_order_is_effective_priority_then_arrival():
     y = await _queued(s, "y")
     assert [j.consumer for j in s.queue()] == ["z", "y", "x"]
     first.release("completed")
-    assert await _grants(s, [x, y, z]) == ["z", "y", "x"]
+    assert await _grants([x, y, z]) == ["z", "y", "x"]
     assert books_balance(s)
 
 
@@ -4559,7 +4559,7 @@ async def test_aging_raises_a_waiting_jobs_priority():
     assert [e["job"] for e in queued] == [expected["job"]]
     assert snapshot(s)["queue"][0] == expected
     first.release("completed")
-    assert await _grants(s, [x, y]) == ["x", "y"]
+    assert await _grants([x, y]) == ["x", "y"]
 
 
 async def test_aging_stops_at_priority_4():
@@ -4612,7 +4612,7 @@ async def test_jobs_that_need_no_swap_go_before_those_that_would_need_one(max_ov
     for name in ("x", "t", "x", "t", "t"):
         clock.now += 0.1
         tasks.append(await _queued(s, name))
-    order = [name for name, _ in await _run_in_turn(s, clock, running, tasks, job_s=1)]
+    order = [name for name, _ in await _run_in_turn(clock, running, tasks, job_s=1)]
     if max_overtake_s:
         assert order == ["t", "t", "t", "x", "x"] and ops.calls == [("unload", "t"), ("load", "x")]
     else:
@@ -4645,7 +4645,7 @@ async def test_no_job_is_overtaken_beyond_max_overtake_s():
     assert len([g for g in granted if g[0] == "t"]) >= 3
     # Overtaken from its first overtaking grant on; granted at the first grant once that lasted 10 s.
     assert granted[-1][1] - job.overtaken_since >= 10 > granted[-2][1] - job.overtaken_since
-    last = await _run_in_turn(s, clock, job, [t_next], job_s=1)  # the stream's last job
+    last = await _run_in_turn(clock, job, [t_next], job_s=1)  # the stream's last job
     assert [name for name, _ in last] == ["t"]
     assert books_balance(s)
 
@@ -4663,7 +4663,7 @@ async def test_a_higher_effective_priority_is_never_overtaken_and_aging_counts()
     x = await _queued(s, "x")
     clock.now += 0.1
     t = await _queued(s, "t")
-    order = [name for name, _ in await _run_in_turn(s, clock, running, [x, t], job_s=1)]
+    order = [name for name, _ in await _run_in_turn(clock, running, [x, t], job_s=1)]
     assert order == ["x", "t"]
 
 
@@ -4964,7 +4964,7 @@ async def test_queue_full_rejects_beyond_max_queue():
     assert (info.value.code, info.value.status, info.value.retryable) == ("queue_full", 503, True)
     assert s.stats.rejected == 1 and books_balance(s)
     first.release("completed")
-    assert await _grants(s, waiting) == ["t", "t"]
+    assert await _grants(waiting) == ["t", "t"]
     assert books_balance(s) and s.stats.jobs == 4
 
 
