@@ -50,9 +50,9 @@ file is a command line for a running broker.
 
 Sections, in dependency order:
 
-- The command line: the verbs, ``Client``, the renderers, and the few constants and ``read_token_file`` it
-  shares with the daemon, on the standard library alone; then its fast path: a verb (or ``--help``) runs and
-  exits there, before the daemon's imports.
+- The command line, on the standard library alone: the few constants and ``read_token_file`` it shares with
+  the daemon, ``Client``, the renderers, the verbs; then its fast path: a verb (or ``--help``) runs and exits
+  there, before the daemon's imports.
 - Constants.
 - Errors: ``BrokerError``, the one root of the broker's errors (code, status, retryable), and its kinds.
 - Config: the dataclasses (``AuthConfig`` with its ``ClientConfig``s, and ``Caller``: who a token is), the
