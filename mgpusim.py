@@ -23,6 +23,9 @@ One file, three parts:
   such a process detached and stop it again, the way ``systemctl start/stop`` treat a service (for the
   broker's command eviction); the process gives its simulated VRAM back when it exits.
 
+Besides, ``mgpusim.py game`` is a graphics process (a game) that takes simulated memory until SIGTERM, and
+``mgpusim.py demo`` (``make demo``) runs a broker and simulated consumers end to end.
+
 The nvidia-smi mode runs as a subprocess on every GPU reading, so it must start fast: it is answered
 before asyncio and aiohttp are imported (see "Fast path" below).
 """
