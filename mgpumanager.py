@@ -7365,7 +7365,7 @@ class GpuLock:
         job.working, job.working_at = True, self.clock()
         self.working += 1
 
-    def hold(self, job: Job) -> None:
+    def hold(self) -> None:
         """A job answered and keeps its slot in a hold (ComfyUI's render): ``release(job, held=True)``."""
         self.holds += 1
 
@@ -8896,7 +8896,7 @@ class Scheduler:
                 "job end crashed", consumer=job.consumer, job=job.id, error=describe(e)
             )
             return self.release_slot(job)
-        self.lock.hold(job)
+        self.lock.hold()
         self.holding.start(job, hold, hold_timeout_s)
         return False
 
