@@ -1103,7 +1103,7 @@ START_KIND = "start"
 #: The pseudo-consumer that holds a GPU's lock while it is reserved (``POST /v1/reserve``), and its kind.
 RESERVATION = "reservation"
 #: Kinds of job that only unload: granting one changes nothing another consumer's record relies on.
-UNLOAD_KINDS = frozenset({"unload", "idle_unload", RESERVATION})
+UNLOAD_KINDS = frozenset({"unload", "idle_unload", "yield", RESERVATION})
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 #: How many recent loads, unloads and jobs of a consumer its learned times are the median of.
 TIMING_SAMPLES = 15
@@ -6827,9 +6827,7 @@ class WaitQueue:
     def awaited(self) -> frozenset[str]:
         """The consumers a waiting job wants loaded: every job's but those that only unload (an admin's,
         an idle unload, a reservation, a yield)."""
-        return frozenset(
-            j.consumer for j in self._members if j.kind not in UNLOAD_KINDS and j.kind != "yield"
-        )
+        return frozenset(j.consumer for j in self._members if j.kind not in UNLOAD_KINDS)
 
     def __contains__(self, job: Job) -> bool:
         return job in self._members

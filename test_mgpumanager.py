@@ -9348,6 +9348,27 @@ def test_plan_yield_takes_a_consumer_a_job_waits_for_after_every_other():
     assert m.plan_yield(figures, 0, 12000, 6000, awaited={"y", "z"}) == ("x", "y")  # still, when needed
 
 
+async def test_a_granted_job_that_only_unloads_puts_no_other_consumers_record_in_doubt():
+    """A consumer granted the GPU may load, so the others' resident records are put in doubt (touched):
+    but not by a job that only unloads (how-it-works.md, Residency, note 4). An admin's unload, an idle
+    unload and a yield only unload: x, resident and trusted, stays trusted through each of them (its next
+    job needs no reading); a job of t, which may load, puts it in doubt."""
+    s, _, ops, _ = make_scheduler(small_config())
+    for name in ops.states:
+        ops.states[name].loaded()
+
+    async def nothing(job: m.Job) -> None:
+        pass
+
+    for kind in ("unload", "idle_unload", "yield"):
+        async with s.job("t", kind, exclusive=True, step=nothing):
+            pass
+        assert ops.states["x"].trusted, kind
+    job = await acquire(s, "t", "kt")
+    job.release("completed", status=200, success=True)
+    assert not ops.states["x"].trusted  # (the test can fail: a job that may load does touch it)
+
+
 async def test_the_consumers_waiting_jobs_want_loaded_are_the_queue_s_awaited_ones():
     """What the yield takes last (plan_yield's ``awaited``): the consumers of waiting jobs, an admin's load
     among them, but not of those that only unload (an admin's unload, a yield's, an idle unload's)."""
