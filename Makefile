@@ -72,7 +72,7 @@ check: $(STAMP)
 
 # The launcher on the server (/usr/local/bin/mgpumanager), for the command line and the unit alike: it runs
 # the daemon's file as make deploy byte-compiled it. A script given by its path is compiled anew at every
-# run: a verb starts twice as slowly, and the broker stays some 24 MiB larger for the rest of its life. (-P:
+# run: a verb starts twice as slowly, and the broker stays some 27 MiB larger for the rest of its life. (-P:
 # no module is taken from the directory it is run in, as root under sudo too.)
 define CLI_LAUNCHER
 #!/bin/sh

@@ -6432,7 +6432,8 @@ class Holder:
     """Who holds a GPU's lock, as the grant order sees it."""
 
     consumer: str
-    #: An admin operation, an idle unload or a preload: it holds the lock alone.
+    #: A job that holds the lock alone (an admin's unload or load, an idle unload, a preload, a yield, a
+    #: restore, a reservation).
     exclusive: bool
     #: How many more of its jobs may join (its max_concurrency less the jobs and holds it runs).
     room: int
@@ -6473,7 +6474,8 @@ def next_grant(
        (``served``) first, then arrival; without clients, arrival.
     3. A job that needs no swap (``warm``: its consumer holds the GPU, or is resident and may stay beside
        the holder) goes before those before it in the fair order that would need one: the first warm job
-       in the fair order. Admin operations, idle unloads and preloads never overtake.
+       in the fair order. An exclusive job (an admin's unload or load, the broker's own jobs, a
+       reservation) never overtakes.
     4. But never past a job overtaken for ``max_overtake_s`` (0: every job counts as such): a job is
        overtaken from the moment a job after it in the fair order is granted before it; once one has been
        overtaken that long, only the jobs up to the first such job in the fair order may go (the first
@@ -9339,14 +9341,14 @@ class InternalJobs:
 
 
 class Yielding:
-    """The GPUs yield to strangers (gpu.yield) and take back afterwards. Every ``poll_s`` each GPU is read
-    (the reading /v1/status shares: one per poll_s at most); while a stranger is present (``Strangers``),
-    the jobs waiting that could not fit beside it are answered gpu_in_use, and while free memory is below
-    ``keep_free_mib`` the idle consumers ``plan_yield`` picks are unloaded one by one (``InternalJobs``'
-    yields, each decided again from a fresh reading). Once no stranger has been present for
-    ``restore_after_s`` (at once without gpu.yield), and the GPU is not reserved, what waits to be restored
-    (unloaded for strangers, or by a reservation that ended) is loaded again (``InternalJobs.restore_all``).
-    This class decides when; InternalJobs does the work."""
+    """The GPUs yield to strangers (gpu.yield) and take back afterwards. Every ``poll_s`` each GPU's latest
+    reading is looked at, read anew only when it is older than poll_s (one /v1/status took serves); while a
+    stranger is present (``Strangers``), the jobs waiting that could not fit beside it are answered
+    gpu_in_use, and while free memory is below ``keep_free_mib`` the idle consumers ``plan_yield`` picks are
+    unloaded one by one (``InternalJobs``' yields, each decided again from a fresh reading). Once no stranger
+    has been present for ``restore_after_s`` (at once without gpu.yield), and the GPU is not reserved, what
+    waits to be restored (unloaded for strangers, or by a reservation that ended) is loaded again
+    (``InternalJobs.restore_all``). This class decides when; InternalJobs does the work."""
 
     def __init__(
         self,
@@ -11255,10 +11257,11 @@ class Broker:
 
 
 def move_problems(new: Config, schedulers: Mapping[int, Scheduler]) -> list[str]:
-    """Why a reload may not move a consumer to another GPU now (ConfigError's problems; the reload is
-    refused whole): one of its jobs runs on another GPU, or an unload of it for another's job does there
-    (an eviction, a reservation's). Two GPUs' locks must never both let it work. The GPUs tell, not the
-    config in force: one a reload removed while its job ran, added again on another GPU, is a move too."""
+    """Why a reload may not move a consumer to another GPU now (ConfigError's problems; the reload is refused
+    whole): one of its jobs runs on another GPU, or an unload of it does there (an eviction, a yield, an
+    admin's, idle or reservation unload: ``RoomMaker.unloading``). Two GPUs' locks must never both let it
+    work. The GPUs tell, not the config in force: one a reload removed while its job ran, added again on
+    another GPU, is a move too."""
     problems = []
     for name, c in new.consumers.items():
         for index, s in sorted(schedulers.items()):

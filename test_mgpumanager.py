@@ -17048,7 +17048,7 @@ def test_the_unit_file_verifies_where_systemd_is_present():
 
 
 def test_the_unit_runs_the_byte_compiled_file_through_the_launcher(tmp_path):
-    # By its path, Python compiles the file anew at every start, and the broker stays some 24 MiB larger
+    # By its path, Python compiles the file anew at every start, and the broker stays some 27 MiB larger
     # for its life: the unit runs the launcher make deploy installs, as the command line does.
     unit = (HERE / "mgpumanager.service").read_text().splitlines()
     assert "ExecStart=/usr/local/bin/mgpumanager --config /etc/mgpumanager/consumers.yaml" in unit
