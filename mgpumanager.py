@@ -1178,6 +1178,11 @@ FD_SHED_BATCH = 64
 #: A connection whose credential a reload revoked gets this long to take a WebSocket's close frame (1008),
 #: then it is cut.
 REVOKE_GRACE_S = 0.5
+#: What a client connection may send while no request of it is being handled (its next request's head, and
+#: what aiohttp reads of its body before the handler starts); one that sends more is cut (head_too_large).
+#: aiohttp's own parser refuses a head over 128 lines of 8,190 bytes (some 1 MiB); Debian 13's aiohttp 3.11
+#: counts no lines, and held every header a client sent (gigabytes within header_timeout_s).
+MAX_HEAD_BYTES = 2 * MiB
 #: The client connections the broker closed are summed up in the log at most this often (each is counted
 #: in mgpumanager_connections_closed_total at once).
 CLOSED_LOG_S = 10.0
@@ -3591,8 +3596,9 @@ METRIC_HELP = {
     "mgpumanager_connections_closed_total": (
         "counter",
         "Client connections the broker closed, by reason: header_timeout (no whole request head within "
-        "http.header_timeout_s), keepalive (idle http.keepalive_s), descriptors (the longest-idle ones, when "
-        "descriptors ran short), token_revoked (authenticated with a token a reload replaced).",
+        "http.header_timeout_s), head_too_large (more than 2 MiB sent before its request was handled), "
+        "keepalive (idle http.keepalive_s), descriptors (the longest-idle ones, when descriptors ran short), "
+        "token_revoked (authenticated with a token a reload replaced).",
     ),
     "mgpumanager_descriptors_exhausted_total": (
         "counter",
@@ -11500,6 +11506,8 @@ class Connection:
     requests: int = 0
     #: It began another request head after an answer (which must then arrive within header_timeout_s).
     head_begun: bool = False
+    #: Bytes it sent since its last request began to be handled (or since it opened): MAX_HEAD_BYTES at most.
+    head_bytes: int = 0
     #: The deadline watched while it is not busy.
     timer: asyncio.TimerHandle | None = None
     #: The credential its current (or last) request was let in with (a set: none, or one).
@@ -11544,8 +11552,13 @@ class _Watched(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
-        if conn is not None and not conn.busy and conn.requests and not conn.head_begun and not conn.refused:
-            self.connections.head_begun(conn)
+        if conn is not None and not conn.busy and not conn.refused:
+            if conn.requests and not conn.head_begun:
+                self.connections.head_begun(conn)
+            conn.head_bytes += len(data)
+            if conn.head_bytes > MAX_HEAD_BYTES:
+                self.connections.close(conn, "head_too_large")  # (nothing more of it is parsed)
+                return
         self.inner.data_received(data)
         body = conn.reading if conn is not None else None
         if body is not None and not body.is_eof() and (broken := queued_parse_error(self.inner)) is not None:
@@ -11588,8 +11601,9 @@ class ClientConnections:
     file descriptors they hold.
 
     A connection that has not sent a whole request head within http.header_timeout_s of its opening (or of
-    its first byte after an answer) is closed, and so is one idle http.keepalive_s after its last answer; a
-    connection whose request is being handled (a job, an event stream, a WebSocket) is never timed out here.
+    its first byte after an answer), or sends more than MAX_HEAD_BYTES before its request is handled, is
+    closed, and so is one idle http.keepalive_s after its last answer; a connection whose request is being
+    handled (a job, an event stream, a WebSocket) is never timed out here.
     Client connections may hold what RLIMIT_NOFILE allows less a reserve for the broker's own work
     (descriptor_reserve): one more closes the longest-idle connection first, and so does the broker's own
     work finding no descriptor. Idle here is also a request that waits on its client (an event stream, a body
@@ -11673,7 +11687,7 @@ class ClientConnections:
             return None  # (a server of another kind: aiohttp's test servers)
         conn.busy += 1
         conn.requests += 1
-        conn.head_begun = False
+        conn.head_begun, conn.head_bytes = False, 0
         self.idle.pop(conn, None)
         if conn.timer is not None:
             conn.timer.cancel()

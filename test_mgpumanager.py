@@ -21937,6 +21937,40 @@ async def test_expect_100_continue_on_a_consumers_port_is_refused_before_any_con
     assert status.startswith(b"HTTP/1.1 403") and body["error"] == "forbidden", (status, body)
 
 
+async def test_a_request_head_that_never_ends_is_cut_before_it_fills_the_broker(rig):
+    """Found by the docs audit: Debian 13's aiohttp (3.11) counts no header lines. A client that sent header
+    lines for header_timeout_s made the broker hold every one (586 MiB of them in 8 s: 2.7 GiB resident),
+    before any token was asked. A connection that sends more than MAX_HEAD_BYTES before its request is
+    handled is cut (head_too_large); the aiohttp of requirements.txt refuses 128 lines before that, so it
+    is under `make test-debian` that this test fails without the broker's own bound."""
+
+    def long_heads(raw: dict[str, Any]) -> None:
+        raw["http"] = {"header_timeout_s": 60}  # (the cut is the bound's, not the head's deadline)
+
+    r = await rig(tweak=long_heads)
+    async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+        before = peak_rss_mib(daemon.proc.pid)
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        sent = 0
+        try:
+            while sent < 64 * m.MiB:
+                lines = [b"X-Pad-%08d: %s\r\n" % (sent + i, b"a" * 100) for i in range(1000)]
+                writer.write(b"".join(lines))
+                sent += sum(map(len, lines))
+                await asyncio.wait_for(writer.drain(), 10)
+        except (ConnectionError, asyncio.TimeoutError):  # (cut; or a broker too busy to read: asserted)
+            pass
+        with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+            await asyncio.wait_for(reader.read(), 10)  # its end (aiohttp's 400 first, where it refused)
+        writer.close()
+        grown = peak_rss_mib(daemon.proc.pid) - before
+    assert sent < 32 * m.MiB, sent  # cut long before (what the sockets' buffers took aside)
+    assert grown < 32, grown
+    if "Too many headers" not in daemon.log:  # (this aiohttp counts none: the broker's bound cut it)
+        assert "head_too_large=1" in daemon.log, daemon.log
+
+
 async def test_a_large_body_is_held_once_not_copied(rig):
     """Memory, not speed: a 48 MiB body raises the broker's peak RSS by well under twice its size."""
     r = await rig(sims={"mvoice": {"loaded": True}})
