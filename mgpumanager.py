@@ -1183,6 +1183,11 @@ REVOKE_GRACE_S = 0.5
 #: aiohttp's own parser refuses a head over 128 lines of 8,190 bytes (some 1 MiB); Debian 13's aiohttp 3.11
 #: counts no lines, and held every header a client sent (gigabytes within header_timeout_s).
 MAX_HEAD_BYTES = 2 * MiB
+#: What a client connection may send behind a request being handled once its body arrived whole (the heads of
+#: requests it pipelines); one that sends more is cut (head_too_large). aiohttp queues the requests it
+#: parses there until the one handled is answered: the aiohttp of requirements.txt stops reading at 32;
+#: Debian 13's aiohttp 3.11 queued every one (some 50 bytes of a client's made 1.6 KiB of the broker's).
+MAX_PIPELINED_BYTES = 64 * 1024
 #: The client connections the broker closed are summed up in the log at most this often (each is counted
 #: in mgpumanager_connections_closed_total at once).
 CLOSED_LOG_S = 10.0
@@ -3596,7 +3601,8 @@ METRIC_HELP = {
     "mgpumanager_connections_closed_total": (
         "counter",
         "Client connections the broker closed, by reason: header_timeout (no whole request head within "
-        "http.header_timeout_s), head_too_large (more than 2 MiB sent before its request was handled), "
+        "http.header_timeout_s), head_too_large (more than 2 MiB sent before its request was handled, or "
+        "beside its body; 64 KiB behind it), "
         "keepalive (idle http.keepalive_s), descriptors (the longest-idle ones, when descriptors ran short), "
         "token_revoked (authenticated with a token a reload replaced).",
     ),
@@ -11506,8 +11512,16 @@ class Connection:
     requests: int = 0
     #: It began another request head after an answer (which must then arrive within header_timeout_s).
     head_begun: bool = False
-    #: Bytes it sent since its last request began to be handled (or since it opened): MAX_HEAD_BYTES at most.
+    #: Bytes it sent since its last request began to be handled (or since it opened; or since that request's
+    #: body arrived whole): MAX_HEAD_BYTES at most, besides its body's own bytes twice while they arrive.
     head_bytes: int = 0
+    #: The body of its current (or last) request, as aiohttp reads it, and how much of it aiohttp had read
+    #: before the request began to be handled; whether it has arrived whole.
+    body: aiohttp.StreamReader | None = None
+    body_base: int = 0
+    body_done: bool = False
+    #: It became a WebSocket (``upgraded``): what it sends now are frames, not the next request's head.
+    upgraded: bool = False
     #: The deadline watched while it is not busy.
     timer: asyncio.TimerHandle | None = None
     #: The credential its current (or last) request was let in with (a set: none, or one).
@@ -11552,11 +11566,10 @@ class _Watched(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
-        if conn is not None and not conn.busy and not conn.refused:
-            if conn.requests and not conn.head_begun:
+        if conn is not None and not conn.upgraded:
+            if not conn.busy and not conn.refused and conn.requests and not conn.head_begun:
                 self.connections.head_begun(conn)
-            conn.head_bytes += len(data)
-            if conn.head_bytes > MAX_HEAD_BYTES:
+            if self.connections.head_too_large(conn, len(data)):
                 self.connections.close(conn, "head_too_large")  # (nothing more of it is parsed)
                 return
         self.inner.data_received(data)
@@ -11601,9 +11614,10 @@ class ClientConnections:
     file descriptors they hold.
 
     A connection that has not sent a whole request head within http.header_timeout_s of its opening (or of
-    its first byte after an answer), or sends more than MAX_HEAD_BYTES before its request is handled, is
-    closed, and so is one idle http.keepalive_s after its last answer; a connection whose request is being
-    handled (a job, an event stream, a WebSocket) is never timed out here.
+    its first byte after an answer), or sends more than MAX_HEAD_BYTES before its request is handled (or
+    than ``head_too_large`` allows while it is), is closed, and so is one idle http.keepalive_s after its
+    last answer; a connection whose request is being handled (a job, an event stream, a WebSocket) is
+    never timed out here.
     Client connections may hold what RLIMIT_NOFILE allows less a reserve for the broker's own work
     (descriptor_reserve): one more closes the longest-idle connection first, and so does the broker's own
     work finding no descriptor. Idle here is also a request that waits on its client (an event stream, a body
@@ -11688,11 +11702,36 @@ class ClientConnections:
         conn.busy += 1
         conn.requests += 1
         conn.head_begun, conn.head_bytes = False, 0
+        conn.body, conn.body_base, conn.body_done = request.content, request.content.total_bytes, False
         self.idle.pop(conn, None)
         if conn.timer is not None:
             conn.timer.cancel()
             conn.timer = None
         return conn
+
+    def head_too_large(self, conn: Connection, size: int) -> bool:
+        """``size`` more bytes of the connection arrived (counted in ``head_bytes``): more than it may send?
+
+        Before its request is handled: MAX_HEAD_BYTES (its head). While it is (and after, while aiohttp
+        reads and drops a refused body), what it sends is its body, its chunked framing and its trailers:
+        MAX_HEAD_BYTES besides twice the body's bytes; then the heads of requests it pipelines behind the
+        one handled: MAX_PIPELINED_BYTES. The aiohttp of requirements.txt bounds these itself (128 header
+        lines, trailers too; 32 requests queued, then it stops reading); Debian 13's aiohttp 3.11 held every
+        trailer, every request and header line sent behind a request being handled, and everything sent
+        after a head asking to upgrade that was not upgraded (an event stream's): gigabytes."""
+        body = conn.body
+        if body is not None and not conn.body_done and body.is_eof():
+            conn.body_done, conn.head_bytes = True, 0  # (what follows: the next request's head)
+        conn.head_bytes += size
+        if body is None or conn.body_done:
+            return conn.head_bytes > (MAX_PIPELINED_BYTES if conn.busy else MAX_HEAD_BYTES)
+        return conn.head_bytes > MAX_HEAD_BYTES + 2 * (body.total_bytes - conn.body_base)
+
+    def upgraded(self, request: web.BaseRequest) -> None:
+        """The request's connection becomes a WebSocket: what it sends from now on is no request head."""
+        conn = self.open.get(request.protocol)
+        if conn is not None:
+            conn.upgraded = True
 
     def refused_unread(self, request: web.BaseRequest) -> None:
         """Its request was refused before its body arrived whole (an Expect answered, a body too large or
@@ -11703,6 +11742,8 @@ class ClientConnections:
         if conn is None:
             return
         conn.refused = True
+        conn.body, conn.body_base, conn.body_done = request.content, request.content.total_bytes, False
+        conn.head_bytes = 0  # (what it still sends is that body: head_too_large counts it so)
         if conn.timer is not None:
             conn.timer.cancel()
             conn.timer = None
@@ -12773,6 +12814,7 @@ async def _proxy_websocket(
             # memory. A client that compresses anyway breaks the protocol (closed, 1002).
             compress=False,
         )
+        broker.connections.upgraded(request)
         await client.prepare(request)
     except BaseException:
         await upstream.close()
