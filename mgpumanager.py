@@ -11701,7 +11701,7 @@ class ClientConnections:
             return None  # (a server of another kind: aiohttp's test servers)
         conn.busy += 1
         conn.requests += 1
-        conn.head_begun, conn.head_bytes = False, 0
+        conn.head_begun, conn.head_bytes, conn.upgraded = False, 0, False
         conn.body, conn.body_base, conn.body_done = request.content, request.content.total_bytes, False
         self.idle.pop(conn, None)
         if conn.timer is not None:
