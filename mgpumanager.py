@@ -3602,7 +3602,8 @@ METRIC_HELP = {
         "counter",
         "Client connections the broker closed, by reason: header_timeout (no whole request head within "
         "http.header_timeout_s), head_too_large (more than 2 MiB sent before its request was handled, or "
-        "beside its body; 64 KiB behind it), "
+        "beside its body; 64 KiB behind it), websocket_too_large (more than max_ws_message_mib and 2 MiB "
+        "sent between two WebSocket messages relayed), "
         "keepalive (idle http.keepalive_s), descriptors (the longest-idle ones, when descriptors ran short), "
         "token_revoked (authenticated with a token a reload replaced).",
     ),
@@ -10443,11 +10444,15 @@ class WebSocketRefused(BrokerError):
         self.sender = sender
 
 
-async def _pump(source: WebSocketSide, sink: WebSocketSide, sender: str) -> int:
+async def _pump(
+    source: WebSocketSide, sink: WebSocketSide, sender: str, conn: Connection | None = None
+) -> int:
     """Copy text and binary messages from ``source`` (the ``sender``'s side) to ``sink`` until ``source``
     closes; return the code to close the other side with. WebSocketRefused when ``source`` sent what is not
-    relayed; ConnectionResetError when either side broke instead."""
+    relayed; ConnectionResetError when either side broke instead. ``conn``: the client's connection, told
+    of each message taken (``ClientConnections.ws_message``)."""
     async for msg in source:  # ends at CLOSE, CLOSING and CLOSED
+        ClientConnections.ws_message(conn)
         if msg.type == aiohttp.WSMsgType.TEXT:
             await sink.send_str(msg.data)
         elif msg.type == aiohttp.WSMsgType.BINARY:
@@ -10472,6 +10477,8 @@ class ProxiedWebSocket:
     metrics: Metrics
     #: The consumer's config it was opened with: a reload that removes or replaces that service closes it.
     called: ConsumerConfig
+    #: The client's connection (``ClientConnections.upgraded``), where it is one of the broker's listeners'.
+    conn: Connection | None = None
     #: Set to a close code to end the relay from outside (the broker shutting down).
     stop: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -10484,7 +10491,9 @@ class ProxiedWebSocket:
         """
         ended: list[asyncio.Task[int]] = []
         pumps = [
-            asyncio.create_task(_pump(self.client, self.upstream, "client"), name="ws client->consumer"),
+            asyncio.create_task(
+                _pump(self.client, self.upstream, "client", self.conn), name="ws client->consumer"
+            ),
             asyncio.create_task(_pump(self.upstream, self.client, "consumer"), name="ws consumer->client"),
         ]
         for pump in pumps:
@@ -11520,8 +11529,10 @@ class Connection:
     body: aiohttp.StreamReader | None = None
     body_base: int = 0
     body_done: bool = False
-    #: It became a WebSocket (``upgraded``): what it sends now are frames, not the next request's head.
+    #: It became a WebSocket (``upgraded``): what it sends now are frames, not the next request's head;
+    #: ``head_bytes`` then counts what it sent since the relay last took a message of it, ``ws_room`` at most.
     upgraded: bool = False
+    ws_room: int = 0
     #: The deadline watched while it is not busy.
     timer: asyncio.TimerHandle | None = None
     #: The credential its current (or last) request was let in with (a set: none, or one).
@@ -11571,6 +11582,11 @@ class _Watched(asyncio.Protocol):
                 self.connections.head_begun(conn)
             if self.connections.head_too_large(conn, len(data)):
                 self.connections.close(conn, "head_too_large")  # (nothing more of it is parsed)
+                return
+        elif conn is not None:
+            conn.head_bytes += len(data)
+            if conn.head_bytes > conn.ws_room:
+                self.connections.close(conn, "websocket_too_large")
                 return
         self.inner.data_received(data)
         body = conn.reading if conn is not None else None
@@ -11727,11 +11743,24 @@ class ClientConnections:
             return conn.head_bytes > (MAX_PIPELINED_BYTES if conn.busy else MAX_HEAD_BYTES)
         return conn.head_bytes > MAX_HEAD_BYTES + 2 * (body.total_bytes - conn.body_base)
 
-    def upgraded(self, request: web.BaseRequest) -> None:
-        """The request's connection becomes a WebSocket: what it sends from now on is no request head."""
+    def upgraded(self, request: web.BaseRequest, max_message: int) -> Connection | None:
+        """The request's connection becomes a WebSocket: what it sends from now on is no request head. Between
+        two messages the relay takes of it (``ws_message``), it may send ``max_message`` bytes and
+        MAX_HEAD_BYTES (frame heads, control frames, what aiohttp read ahead); more is cut
+        (websocket_too_large). aiohttp 3.14 refuses a frame whose length says it is too large, and stops
+        reading with 64 KiB of messages queued; Debian 13's aiohttp 3.11 read a frame whole before it
+        looked at its length (a client that said 1 TiB was held as long as it sent), and counted an empty
+        message as nothing (empty frames to a consumer that read none: 32 MiB of them held as 685 MiB)."""
         conn = self.open.get(request.protocol)
         if conn is not None:
-            conn.upgraded = True
+            conn.upgraded, conn.ws_room, conn.head_bytes = True, max_message + MAX_HEAD_BYTES, 0
+        return conn
+
+    @staticmethod
+    def ws_message(conn: Connection | None) -> None:
+        """The relay took a message of the connection's WebSocket (``upgraded``)."""
+        if conn is not None:
+            conn.head_bytes = 0
 
     def refused_unread(self, request: web.BaseRequest) -> None:
         """Its request was refused before its body arrived whole (an Expect answered, a body too large or
@@ -12814,13 +12843,13 @@ async def _proxy_websocket(
             # memory. A client that compresses anyway breaks the protocol (closed, 1002).
             compress=False,
         )
-        broker.connections.upgraded(request)
+        conn = broker.connections.upgraded(request, max_size)
         await client.prepare(request)
     except BaseException:
         await upstream.close()
         raise
     metrics.inc("mgpumanager_websockets_total", consumer=consumer.name)
-    proxied = ProxiedWebSocket(client, upstream, consumer.name, metrics, consumer)
+    proxied = ProxiedWebSocket(client, upstream, consumer.name, metrics, consumer, conn)
     broker.connections.closer(request, proxied.revoked)
     sockets = request.app[WEBSOCKETS]
     sockets.add(proxied)

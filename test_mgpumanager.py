@@ -45,6 +45,7 @@ import errno
 import functools
 import gc
 import gzip
+import hashlib
 import http.client
 import inspect
 import ipaddress
@@ -22036,6 +22037,93 @@ async def test_what_a_client_sends_behind_a_request_being_handled_is_bounded(rig
     assert grown < 32, grown
     if how == "cut" and 'msg="bad http request"' not in daemon.log:  # (not aiohttp's refusal: the broker's)
         assert "head_too_large=1" in daemon.log, daemon.log
+
+
+def never_reading_websocket(stop: asyncio.Event) -> Callable[[Any, Any], Awaitable[None]]:
+    """A consumer (raw) that answers its probes, accepts a WebSocket and then reads nothing of it until
+    ``stop`` is set."""
+
+    async def consumer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await _never_reading(reader, writer, stop)
+        writer.close()
+
+    return consumer
+
+
+async def _never_reading(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stop: asyncio.Event
+) -> None:
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"upgrade: websocket" not in head.lower():
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+            continue
+        key = re.search(rb"(?i)sec-websocket-key: *([^\r]+)", head).group(1).strip()  # type: ignore[union-attr]
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept
+        )
+        await writer.drain()
+        await stop.wait()  # (reading nothing: its socket fills)
+        return
+
+
+@pytest.mark.parametrize("flood", ["one_endless_frame", "empty_frames"])
+async def test_what_a_websocket_client_sends_between_two_messages_is_bounded(rig, flood):
+    """Found checking what the broker relies on aiohttp for: Debian 13's aiohttp (3.11) reads a frame whole
+    before it compares its length with max_msg_size (a frame that says it is 1 TiB was held as long as the
+    client sent it: max_ws_message_mib did not hold), and counts an empty message as nothing in its queue
+    (a client sending empty frames to a consumer that reads none: 32 MiB of them held as 685 MiB). Between
+    two messages the relay takes, a client may send max_ws_message_mib and MAX_HEAD_BYTES; more is cut
+    (websocket_too_large). The aiohttp of requirements.txt refuses the frame (1009), and stops reading."""
+    stop = asyncio.Event()
+    server = await asyncio.start_server(never_reading_websocket(stop), "127.0.0.1", 0)
+    server_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    def small_messages(raw: dict[str, Any]) -> None:
+        raw["scheduler"]["max_ws_message_mib"] = 1
+
+    r = await rig(urls={"comfyui": server_url}, tweak=small_messages)
+    try:
+        async with Daemon(r.raw, r.tmp_path, sim_smi(r.state)) as daemon:
+            before = peak_rss_mib(daemon.proc.pid)
+            reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+            writer.write(
+                b"GET /c/comfyui/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 101"), head
+            if flood == "one_endless_frame":  # (binary, masked with zeros, 1 TiB long)
+                writer.write(b"\x82\xff" + (1 << 40).to_bytes(8, "big") + bytes(4))
+                chunk = bytes(60000)
+            else:
+                chunk = b"\x81\x80" + bytes(4)  # an empty text frame, masked
+                chunk *= 10000
+            sent, how = 0, "all sent"
+            try:
+                while sent < 24 * m.MiB:
+                    writer.write(chunk)
+                    sent += len(chunk)
+                    await asyncio.wait_for(writer.drain(), 15)
+            except ConnectionError:
+                how = "cut"
+            except asyncio.TimeoutError:
+                how = "no longer read"  # (the aiohttp of requirements.txt, its queue full)
+            writer.close()
+            grown = peak_rss_mib(daemon.proc.pid) - before
+    finally:
+        stop.set()
+        server.close()
+    assert how != "all sent", (how, sent)  # (what the sockets' buffers took aside: some 10 MiB)
+    assert grown < 100, grown
+    if (
+        how == "cut" and "websocket message refused" not in daemon.log
+    ):  # (not aiohttp's refusal: the broker's)
+        assert "websocket_too_large=1" in daemon.log, daemon.log
 
 
 async def test_a_large_body_is_held_once_not_copied(rig):
