@@ -1081,6 +1081,27 @@ if tuple(int(n) for n in re.findall(r"\d+", aiohttp.__version__)[:2]) < OLDEST_A
     )
     sys.exit(2)
 
+#: The oldest aiohttp with the fixes the broker leaves to it against a hostile client or consumer: header
+#: and trailer counts (CVE-2026-22815, 3.13.4), a WebSocket frame's length checked before it is read (3.14.1),
+#: request smuggling through a WebSocket upgrade (CVE-2026-69243, 3.14.3). On an older one the broker bounds
+#: what a client sends itself (``ClientConnections``: a head, what follows it, a WebSocket's messages), not
+#: what a consumer answers: ``old_aiohttp`` warns at start and ``--check`` notes it.
+FIXED_AIOHTTP = (3, 14, 3)
+
+
+def old_aiohttp() -> str | None:
+    """Why this aiohttp is older than FIXED_AIOHTTP, or None."""
+    version = tuple(int(n) for n in re.findall(r"\d+", aiohttp.__version__)[:3])
+    if version >= FIXED_AIOHTTP:
+        return None
+    return (
+        f"aiohttp {aiohttp.__version__} lacks fixes of 3.13.4 to 3.14.3 against hostile clients and consumers"
+        " (CVE-2026-22815, CVE-2026-69243, WebSocket frame lengths): the broker bounds what a client sends"
+        " itself, not a consumer's answer head; unless the distribution patched them, install"
+        " requirements.txt's aiohttp"
+    )
+
+
 # =====================================================================================================
 # Constants
 # =====================================================================================================
@@ -3019,6 +3040,8 @@ def summary(config: Config) -> str:
         lines += ["", "consumer ports:", *ports]
     for problem in missing_programs(config):
         lines += ["", f"note: {problem} (as this user and PATH see it; the unit's may differ)"]
+    if (old := old_aiohttp()) is not None:
+        lines += ["", f"note: {old}"]
     stop = config.scheduler.shutdown_timeout_s + 2 * SHUTDOWN_GRACE_S + STATE_IO_TIMEOUT_S
     if stop > UNIT_STOP_S:  # (the drain, the other answers' two graces, the state file's last write)
         lines += [
@@ -14250,6 +14273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     log.info(logfmt(msg="starting", version=VERSION, listen=f"{config.listen_host}:{config.listen_port}"))
     warn_missing_programs(config)
+    if (old := old_aiohttp()) is not None:
+        log.warning(logfmt(msg="aiohttp too old", problem=old))
     raise_descriptor_limit()
     try:
         import uvloop  # noqa: PLC0415 (optional: Debian's python3-uvloop makes the loop faster)
