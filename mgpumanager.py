@@ -59,7 +59,9 @@ Sections, in dependency order:
   presets, where a consumer URL leads (``url_problem``; ``loop_problems``: not back to the broker), the
   loader; ``Shared``, the config in force (a reload swaps it there, once), the bugs caught anywhere, counted
   once, and the ``WallClock`` (the wall-clock time of a monotonic moment, for people).
-- Failures and log lines: what a failed call means (``describe``, ``gone_reason``); ``logfmt``.
+- Failures and log lines: what a failed call means (``describe``, ``gone_reason``); ``logfmt``; calls that
+  may hang, must not stop half way, or swallow a cancellation (``in_own_thread``, ``to_its_end``,
+  ``cancel_until_done``).
 - Events and metrics: ``Events`` (/v1/events and its ring), ``Notifier`` (systemd), ``Metrics``.
 - GPU reading: ``GpuReader`` (caching, sharing, attribution) over a ``GpuSource``: ``SmiSource``
   (nvidia-smi, parsed off the loop) or ``NvmlSource`` (NVML, each call bounded in a thread of its own).
