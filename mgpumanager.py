@@ -1084,22 +1084,29 @@ if tuple(int(n) for n in re.findall(r"\d+", aiohttp.__version__)[:2]) < OLDEST_A
     sys.exit(2)
 
 #: The oldest aiohttp with the fixes the broker leaves to it against a hostile client or consumer: header
-#: and trailer counts (CVE-2026-22815, 3.13.4), a WebSocket frame's length checked before it is read (3.14.1),
-#: request smuggling through a WebSocket upgrade (CVE-2026-69243, 3.14.3). On an older one the broker bounds
-#: what a client sends itself (``ClientConnections``: a head, what follows it, a WebSocket's messages), not
-#: what a consumer answers: ``old_aiohttp`` warns at start and ``--check`` notes it.
+#: and trailer counts (CVE-2026-22815, 3.13.4; the count of a consumer's answer head, ``max_headers``, with
+#: it), a WebSocket frame's length checked before it is read and empty messages counted in its queue
+#: (3.14.1), request smuggling through a WebSocket upgrade (CVE-2026-69243, 3.14.3). On an older one the
+#: broker bounds what a client sends itself (``ClientConnections``: a head, what follows it, a body's
+#: trailers, a WebSocket's messages), not a consumer's answer head before 3.13.4: ``old_aiohttp`` warns at
+#: start and ``--check`` notes it.
 FIXED_AIOHTTP = (3, 14, 3)
+AIOHTTP_VERSION = tuple(int(n) for n in re.findall(r"\d+", aiohttp.__version__)[:3])
+#: Whether aiohttp bounds a request body's trailers and a WebSocket's frames itself: where it does, the
+#: broker's own bounds on them are left out (they would cut a chunked body of 1-byte chunks, and a
+#: WebSocket that pings for hours without sending a message).
+AIOHTTP_BOUNDS_STREAMS = AIOHTTP_VERSION >= FIXED_AIOHTTP
 
 
 def old_aiohttp() -> str | None:
     """Why this aiohttp is older than FIXED_AIOHTTP, or None."""
-    version = tuple(int(n) for n in re.findall(r"\d+", aiohttp.__version__)[:3])
-    if version >= FIXED_AIOHTTP:
+    if AIOHTTP_BOUNDS_STREAMS:
         return None
+    answers = ", not a consumer's answer head" if AIOHTTP_VERSION < (3, 13, 4) else ""
     return (
-        f"aiohttp {aiohttp.__version__} lacks fixes of 3.13.4 to 3.14.3 against hostile clients and consumers"
-        " (CVE-2026-22815, CVE-2026-69243, WebSocket frame lengths): the broker bounds what a client sends"
-        " itself, not a consumer's answer head; unless the distribution patched them, install"
+        f"aiohttp {aiohttp.__version__} is older than 3.14.3, which fixed what a hostile client or"
+        " consumer can make it hold (CVE-2026-22815, CVE-2026-69243, WebSocket frame lengths): the broker"
+        f" bounds what a client sends itself{answers}; unless the distribution patched them, install"
         " requirements.txt's aiohttp"
     )
 
@@ -11608,7 +11615,7 @@ class _Watched(asyncio.Protocol):
             if self.connections.head_too_large(conn, len(data)):
                 self.connections.close(conn, "head_too_large")  # (nothing more of it is parsed)
                 return
-        elif conn is not None:
+        elif conn is not None and not AIOHTTP_BOUNDS_STREAMS:  # (a WebSocket's frames)
             conn.head_bytes += len(data)
             if conn.head_bytes > conn.ws_room:
                 self.connections.close(conn, "websocket_too_large")
@@ -11755,9 +11762,10 @@ class ClientConnections:
 
         Before its request is handled: MAX_HEAD_BYTES (its head). While it is (and after, while aiohttp
         reads and drops a refused body), what it sends is its body, its chunked framing and its trailers:
-        MAX_HEAD_BYTES besides twice the body's bytes; then the heads of requests it pipelines behind the
-        one handled: MAX_PIPELINED_BYTES. The aiohttp of requirements.txt bounds these itself (128 header
-        lines, trailers too; 32 requests queued, then it stops reading); Debian 13's aiohttp 3.11 held every
+        MAX_HEAD_BYTES besides twice the body's bytes (where aiohttp does not bound trailers itself:
+        ``AIOHTTP_BOUNDS_STREAMS``); then the heads of requests it pipelines behind the one handled:
+        MAX_PIPELINED_BYTES. The aiohttp of requirements.txt bounds these itself (128 header lines, trailers
+        too; 32 requests queued, then it stops reading); Debian 13's aiohttp 3.11 held every
         trailer, every request and header line sent behind a request being handled, and everything sent
         after a head asking to upgrade that was not upgraded (an event stream's): gigabytes."""
         body = conn.body
@@ -11766,16 +11774,21 @@ class ClientConnections:
         conn.head_bytes += size
         if body is None or conn.body_done:
             return conn.head_bytes > (MAX_PIPELINED_BYTES if conn.busy else MAX_HEAD_BYTES)
-        return conn.head_bytes > MAX_HEAD_BYTES + 2 * (body.total_bytes - conn.body_base)
+        # (Its trailers: counted by an aiohttp that bounds them, not by the broker.)
+        return not AIOHTTP_BOUNDS_STREAMS and conn.head_bytes > MAX_HEAD_BYTES + 2 * (
+            body.total_bytes - conn.body_base
+        )
 
     def upgraded(self, request: web.BaseRequest, max_message: int) -> Connection | None:
         """The request's connection becomes a WebSocket: what it sends from now on is no request head. Between
         two messages the relay takes of it (``ws_message``), it may send ``max_message`` bytes and
         MAX_HEAD_BYTES (frame heads, control frames, what aiohttp read ahead); more is cut
-        (websocket_too_large). aiohttp 3.14 refuses a frame whose length says it is too large, and stops
-        reading with 64 KiB of messages queued; Debian 13's aiohttp 3.11 read a frame whole before it
-        looked at its length (a client that said 1 TiB was held as long as it sent), and counted an empty
-        message as nothing (empty frames to a consumer that read none: 32 MiB of them held as 685 MiB)."""
+        (websocket_too_large), where aiohttp does not bound frames itself (``AIOHTTP_BOUNDS_STREAMS``: a
+        client that pings for hours without a message would be cut). aiohttp 3.14 refuses a frame whose length
+        says it is too large, and stops reading with 64 KiB of messages queued; Debian 13's aiohttp 3.11 read
+        a frame whole before it looked at its length (a client that said 1 TiB was held as long as it sent),
+        and counted an empty message as nothing (empty frames to a consumer that read none: 32 MiB of them
+        held as 685 MiB)."""
         conn = self.open.get(request.protocol)
         if conn is not None:
             conn.upgraded, conn.ws_room, conn.head_bytes = True, max_message + MAX_HEAD_BYTES, 0
