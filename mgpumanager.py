@@ -3634,8 +3634,9 @@ METRIC_HELP = {
         "counter",
         "Client connections the broker closed, by reason: header_timeout (no whole request head within "
         "http.header_timeout_s), head_too_large (more than 2 MiB sent before its request was handled, or "
-        "beside its body; 64 KiB behind it), websocket_too_large (more than max_ws_message_mib and 2 MiB "
-        "sent between two WebSocket messages relayed), "
+        "64 KiB behind it; with an aiohttp older than 3.14.3, more than 2 MiB beside its body), "
+        "websocket_too_large (with such an aiohttp, more than max_ws_message_mib and 2 MiB sent between two "
+        "WebSocket messages relayed), "
         "keepalive (idle http.keepalive_s), descriptors (the longest-idle ones, when descriptors ran short), "
         "token_revoked (authenticated with a token a reload replaced).",
     ),
