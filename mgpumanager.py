@@ -11555,7 +11555,8 @@ class Connection:
     #: It began another request head after an answer (which must then arrive within header_timeout_s).
     head_begun: bool = False
     #: Bytes it sent since its last request began to be handled (or since it opened; or since that request's
-    #: body arrived whole): MAX_HEAD_BYTES at most, besides its body's own bytes twice while they arrive.
+    #: body arrived whole; or, a WebSocket, since the relay last took a message of it): ``head_too_large``
+    #: and ``ws_room`` say how many it may.
     head_bytes: int = 0
     #: The body of its current (or last) request, as aiohttp reads it, and how much of it aiohttp had read
     #: before the request began to be handled; whether it has arrived whole.
